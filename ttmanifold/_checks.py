@@ -1,0 +1,153 @@
+"""Input validation shared by the modules of ttmanifold.
+
+Every public entry point validates its arguments here, *before* any torch kernel runs,
+so that bad input gives a clear error naming the argument instead of a shape error from
+deep inside torch.
+"""
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_dtype(dtype: torch.dtype, name: str) -> None:
+    """Raise ``TypeError`` unless ``dtype`` is a supported real floating dtype."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name}: expected a real floating dtype (float32 or float64), got {dtype}"
+        )
+
+
+def check_shape(shape, name: str = "shape") -> Tuple[int, ...]:
+    """Validate a tensor shape (a non-empty sequence of positive ints)."""
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if isinstance(shape, numbers.Integral):
+        shape = (int(shape),)
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise TypeError(f"{name}: expected a sequence of positive ints, got {shape!r}") from None
+    if len(shape) == 0:
+        raise ValueError(f"{name}: expected at least one mode, got an empty shape")
+    out = []
+    for n in shape:
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{name}: every mode size must be a positive int, got {shape!r}")
+        out.append(int(n))
+    return tuple(out)
+
+
+def feasible_ranks(shape: Sequence[int]) -> Tuple[int, ...]:
+    """The largest TT-ranks a tensor of ``shape`` can have.
+
+    ``r_k^max = min(n_1 ... n_k, n_{k+1} ... n_d)``, returned as ``(1, r_1^max, ..., 1)``.
+    Products are capped to avoid overflow for large d.
+    """
+    shape = check_shape(shape)
+    d = len(shape)
+    cap = 1 << 62
+    left = [1]
+    for n in shape:
+        left.append(min(left[-1] * n, cap))
+    right = [1]
+    for n in reversed(shape):
+        right.append(min(right[-1] * n, cap))
+    right = right[::-1]
+    return tuple(min(left[k], right[k]) for k in range(d + 1))
+
+
+def normalize_ranks(
+    shape: Sequence[int],
+    ranks=None,
+    max_rank=None,
+    *,
+    name: str = "ranks",
+    clip: bool = True,
+    stacklevel: int = 3,
+) -> Tuple[int, ...]:
+    """Turn a rank request into a full tuple ``(1, r_1, ..., r_{d-1}, 1)``.
+
+    ``ranks`` may be an int (every inner rank), a sequence of length ``d - 1`` (inner ranks)
+    or of length ``d + 1`` (with boundary ranks, which must be 1). ``max_rank`` caps every
+    inner rank. Ranks beyond the feasible bound ``min(n_1..n_k, n_{k+1}..n_d)`` are clipped
+    with a ``UserWarning`` when ``clip`` is true, rejected with ``ValueError`` otherwise.
+    """
+    shape = check_shape(shape)
+    d = len(shape)
+    feas = feasible_ranks(shape)
+    if ranks is None and max_rank is None:
+        raise ValueError(f"{name}: give ranks or max_rank")
+    if ranks is None:
+        req = [1] + [None] * (d - 1) + [1]
+    elif isinstance(ranks, numbers.Integral) and not isinstance(ranks, bool):
+        if ranks < 1:
+            raise ValueError(f"{name}: ranks must be positive, got {ranks}")
+        req = [1] + [int(ranks)] * (d - 1) + [1]
+    else:
+        try:
+            ranks = [int(r) if isinstance(r, numbers.Integral) and not isinstance(r, bool)
+                     else r for r in ranks]
+        except TypeError:
+            raise TypeError(f"{name}: expected an int or a sequence of ints, got {ranks!r}") from None
+        if not all(isinstance(r, int) for r in ranks):
+            raise TypeError(f"{name}: expected ints, got {ranks!r}")
+        if len(ranks) == d + 1:
+            if ranks[0] != 1 or ranks[-1] != 1:
+                raise ValueError(
+                    f"{name}: boundary ranks r_0 and r_d must be 1, got {tuple(ranks)}"
+                )
+            req = list(ranks)
+        elif len(ranks) == d - 1:
+            req = [1] + list(ranks) + [1]
+        else:
+            raise ValueError(
+                f"{name}: expected {d - 1} inner ranks or {d + 1} ranks with r_0 = r_d = 1 "
+                f"for a tensor of order {d}, got {len(ranks)}"
+            )
+        if any(r < 1 for r in req):
+            raise ValueError(f"{name}: ranks must be positive, got {tuple(req)}")
+    if max_rank is not None:
+        if not isinstance(max_rank, numbers.Integral) or isinstance(max_rank, bool) or max_rank < 1:
+            raise ValueError(f"max_rank: expected a positive int, got {max_rank!r}")
+        req = [1] + [min(int(max_rank), r) if r is not None else int(max_rank)
+                     for r in req[1:-1]] + [1]
+    out = tuple(min(r, f) for r, f in zip(req, feas))
+    if out != tuple(req):
+        if ranks is not None and not clip:
+            raise ValueError(
+                f"{name}: ranks {tuple(req)} are infeasible for shape {shape}; each r_k must "
+                f"be at most min(n_1..n_k, n_(k+1)..n_d), i.e. {feas}"
+            )
+        if ranks is not None:
+            warnings.warn(
+                f"{name}: requested ranks {tuple(req)} exceed the feasible bound {feas} for "
+                f"shape {shape}; clipped to {out}",
+                UserWarning,
+                stacklevel=stacklevel,
+            )
+    return out
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or Inf (skipped on the meta device).
+
+    This synchronizes with the device; call it only on entry points, never in hot loops.
+    """
+    if x.device.type == "meta":
+        return
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: contains NaN or Inf values")
+
+
+def check_positive_float(value, name: str, *, allow_none: bool = True) -> Optional[float]:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
+        raise ValueError(f"{name}: expected a non-negative number, got {value!r}")
+    return float(value)

@@ -1,0 +1,555 @@
+"""Tensor-train algebra in PyTorch.
+
+A tensor train (TT) of shape ``(n_1, ..., n_d)`` and ranks ``(r_0, ..., r_d)`` with
+``r_0 = r_d = 1`` is stored as ``d`` cores ``G_k`` of shape ``(r_{k-1}, n_k, r_k)``:
+
+    X[i_1, ..., i_d] = G_1[:, i_1, :] G_2[:, i_2, :] ... G_d[:, i_d, :].
+
+Every operation here works on the cores only (cost polynomial in d, n, r; see each
+docstring) and never forms the ``n^d`` dense tensor unless asked (:meth:`TT.full`,
+:meth:`TT.from_dense`). Everything is device- and dtype-agnostic and differentiable with
+autograd, except that gradients through :func:`round` and :meth:`TT.from_dense` are those
+of the truncated SVDs (defined when the kept singular values are distinct and nonzero;
+not guaranteed otherwise).
+
+Conventions (``../shared/MATH.md`` section 1):
+
+- QR sweeps fix the sign convention ``diag(R) >= 0``, so orthogonalization is a
+  deterministic function of the input cores, and re-orthogonalizing an orthogonal TT
+  returns the same cores (to rounding).
+- Core indices in the Python API are 0-based: ``center=k`` means cores ``0..k-1`` are
+  left-orthogonal and cores ``k+1..d-1`` right-orthogonal.
+- Explicitly given cores may carry redundant ranks (sums of TTs do), but they must be
+  structurally consistent. Functions that take a rank *request* (:meth:`TT.random`,
+  :meth:`TT.zeros`, :meth:`TT.from_dense`, :func:`round`) clip infeasible requests to
+  ``min(n_1..n_k, n_{k+1}..n_d)`` with a warning.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ._checks import (
+    check_finite,
+    check_float_dtype,
+    check_positive_float,
+    check_shape,
+    feasible_ranks,
+    normalize_ranks,
+)
+
+__all__ = ["TT", "inner", "orthogonalize", "round", "feasible_ranks", "qr_pos", "lq_pos"]
+
+
+# ---------------------------------------------------------------------------------------
+# small dense kernels
+# ---------------------------------------------------------------------------------------
+
+def qr_pos(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reduced QR ``a = q r`` with the sign convention ``diag(r) >= 0``.
+
+    ``a`` has shape ``(..., m, n)``; ``q`` is ``(..., m, k)``, ``r`` is ``(..., k, n)``,
+    ``k = min(m, n)``. Cost O(m n k). Deterministic: the QR of a matrix with orthonormal
+    columns returns that matrix (to rounding).
+    """
+    q, r = torch.linalg.qr(a, mode="reduced")
+    diag = torch.diagonal(r, dim1=-2, dim2=-1)
+    # sign(0) is taken as +1
+    s = torch.where(diag < 0, -torch.ones_like(diag), torch.ones_like(diag))
+    return q * s.unsqueeze(-2), r * s.unsqueeze(-1)
+
+
+def lq_pos(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reduced LQ ``a = l q`` (``q`` with orthonormal rows), ``diag(l) >= 0``.
+
+    Computed as the transpose of :func:`qr_pos` of ``a^T``. ``a``: ``(..., m, n)``,
+    ``l``: ``(..., m, k)``, ``q``: ``(..., k, n)``.
+    """
+    q, r = qr_pos(a.transpose(-2, -1))
+    return r.transpose(-2, -1), q.transpose(-2, -1)
+
+
+def _choose_rank(s: torch.Tensor, max_rank: Optional[int], delta: Optional[torch.Tensor]) -> int:
+    """Smallest rank whose discarded singular values have 2-norm <= delta, capped."""
+    k = s.shape[-1]
+    if max_rank is not None:
+        k = min(k, max_rank)
+    if delta is None or s.shape[-1] == 0:
+        return max(k, 1)
+    sq = s * s
+    # tail[j] = sum_{i >= j} s_i^2, j = 0..len-1
+    tail = torch.flip(torch.cumsum(torch.flip(sq, (0,)), 0), (0,))
+    # number of j with tail[j] > delta^2 is the rank needed (tail is non-increasing)
+    needed = int((tail > delta * delta).sum())  # host sync: data-dependent rank
+    return max(1, min(k, needed))
+
+
+# ---------------------------------------------------------------------------------------
+# the TT class
+# ---------------------------------------------------------------------------------------
+
+def _check_cores(cores, name: str = "cores") -> List[torch.Tensor]:
+    if isinstance(cores, torch.Tensor) or not isinstance(cores, (list, tuple)):
+        raise TypeError(f"{name}: expected a list of 3-D tensors, got {type(cores).__name__}")
+    if len(cores) == 0:
+        raise ValueError(f"{name}: expected at least one core")
+    cores = list(cores)
+    for k, c in enumerate(cores):
+        if not isinstance(c, torch.Tensor):
+            raise TypeError(f"{name}[{k}]: expected a torch.Tensor, got {type(c).__name__}")
+        if c.dim() != 3:
+            raise ValueError(
+                f"{name}[{k}]: expected a 3-D core of shape (r_{k}, n_{k + 1}, r_{k + 1}), "
+                f"got shape {tuple(c.shape)}"
+            )
+    dtype, device = cores[0].dtype, cores[0].device
+    if dtype.is_complex:
+        raise TypeError(f"{name}: complex dtypes are not supported, got {dtype}")
+    check_float_dtype(dtype, f"{name}[0]")
+    for k, c in enumerate(cores):
+        if c.dtype != dtype:
+            raise TypeError(f"{name}[{k}]: dtype {c.dtype} differs from {name}[0]'s {dtype}")
+        if c.device != device:
+            raise ValueError(f"{name}[{k}]: device {c.device} differs from {name}[0]'s {device}")
+    if cores[0].shape[0] != 1:
+        raise ValueError(f"{name}[0]: boundary rank r_0 must be 1, got shape {tuple(cores[0].shape)}")
+    if cores[-1].shape[2] != 1:
+        raise ValueError(
+            f"{name}[{len(cores) - 1}]: boundary rank r_d must be 1, got shape "
+            f"{tuple(cores[-1].shape)}"
+        )
+    for k in range(len(cores) - 1):
+        if cores[k].shape[2] != cores[k + 1].shape[0]:
+            raise ValueError(
+                f"{name}[{k}] and {name}[{k + 1}]: ranks do not match "
+                f"({tuple(cores[k].shape)} then {tuple(cores[k + 1].shape)})"
+            )
+    for k, c in enumerate(cores):
+        if c.shape[1] < 1 or c.shape[0] < 1 or c.shape[2] < 1:
+            raise ValueError(f"{name}[{k}]: every dimension must be positive, got {tuple(c.shape)}")
+    return cores
+
+
+class TT:
+    """A tensor in tensor-train format.
+
+    Parameters
+    ----------
+    cores : list of tensors
+        ``d`` cores, the k-th of shape ``(r_{k-1}, n_k, r_k)``, ``r_0 = r_d = 1``, all of
+        one real floating dtype and one device.
+    check : bool
+        Validate the cores (default). Internal callers that build consistent cores may skip.
+
+    Attributes
+    ----------
+    cores, shape, ranks, ndim, dtype, device
+
+    Arithmetic: ``x + y``, ``x - y``, ``-x``, ``a * x``, ``x * a``, ``x / a`` for scalars
+    ``a`` (numbers or 0-d tensors). Ranks add under ``+`` and ``-``.
+    """
+
+    __slots__ = ("_cores",)
+
+    def __init__(self, cores: Sequence[torch.Tensor], *, check: bool = True):
+        self._cores = _check_cores(cores) if check else list(cores)
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def cores(self) -> List[torch.Tensor]:
+        """The list of cores (the list is a copy, the tensors are shared)."""
+        return list(self._cores)
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(int(c.shape[1]) for c in self._cores)
+
+    @property
+    def ranks(self) -> Tuple[int, ...]:
+        return (1,) + tuple(int(c.shape[2]) for c in self._cores)
+
+    @property
+    def ndim(self) -> int:
+        return len(self._cores)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._cores[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._cores[0].device
+
+    @property
+    def requires_grad(self) -> bool:
+        return any(c.requires_grad for c in self._cores)
+
+    @property
+    def num_params(self) -> int:
+        """Number of stored entries, ``sum_k r_{k-1} n_k r_k``."""
+        return sum(c.numel() for c in self._cores)
+
+    def is_feasible(self) -> bool:
+        """Whether every rank is within ``min(n_1..n_k, n_{k+1}..n_d)``."""
+        return all(r <= f for r, f in zip(self.ranks, feasible_ranks(self.shape)))
+
+    # -- conversions --------------------------------------------------------------------
+    def to(self, *args, **kwargs) -> "TT":
+        """Like :meth:`torch.Tensor.to`, applied to every core."""
+        return TT([c.to(*args, **kwargs) for c in self._cores])
+
+    def clone(self) -> "TT":
+        return TT([c.clone() for c in self._cores], check=False)
+
+    def detach(self) -> "TT":
+        return TT([c.detach() for c in self._cores], check=False)
+
+    def requires_grad_(self, flag: bool = True) -> "TT":
+        for c in self._cores:
+            c.requires_grad_(flag)
+        return self
+
+    def __repr__(self) -> str:
+        dev = "" if self.device.type == "cpu" else f", device={self.device}"
+        return (
+            f"TT(shape={self.shape}, ranks={self.ranks}, dtype={self.dtype}{dev}, "
+            f"params={self.num_params})"
+        )
+
+    def __len__(self) -> int:
+        return self.ndim
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def random(
+        cls,
+        shape: Sequence[int],
+        ranks,
+        *,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+        generator: Optional[torch.Generator] = None,
+        normalize: bool = True,
+    ) -> "TT":
+        """A random TT of exactly the given ranks (generically), well conditioned.
+
+        Cores ``0..d-2`` are random left-orthogonal frames (QR of Gaussian matrices), the
+        last core is Gaussian; with ``normalize`` (default) the result has unit norm.
+        Orthonormal frames keep the interface matrices well conditioned, unlike products
+        of plain Gaussian cores whose norm grows or decays exponentially in d.
+
+        ``ranks``: an int, ``d - 1`` inner ranks or ``d + 1`` ranks; clipped to the feasible
+        bound with a warning. Cost O(d n r^3).
+        """
+        shape = check_shape(shape)
+        ranks = normalize_ranks(shape, ranks)
+        dtype = dtype or torch.get_default_dtype()
+        check_float_dtype(dtype, "dtype")
+        d = len(shape)
+        cores = []
+        for k in range(d):
+            m, r = ranks[k] * shape[k], ranks[k + 1]
+            g = torch.randn(m, r, dtype=dtype, device=device, generator=generator)
+            if k < d - 1:
+                g, _ = qr_pos(g)
+            cores.append(g.reshape(ranks[k], shape[k], r))
+        if normalize:
+            cores[-1] = cores[-1] / torch.linalg.vector_norm(cores[-1])
+        return cls(cores, check=False)
+
+    @classmethod
+    def zeros(cls, shape: Sequence[int], ranks=1, *, dtype=None, device=None) -> "TT":
+        """The zero tensor as a TT with the given ranks (default 1)."""
+        shape = check_shape(shape)
+        ranks = normalize_ranks(shape, ranks)
+        dtype = dtype or torch.get_default_dtype()
+        check_float_dtype(dtype, "dtype")
+        return cls(
+            [torch.zeros(ranks[k], n, ranks[k + 1], dtype=dtype, device=device)
+             for k, n in enumerate(shape)],
+            check=False,
+        )
+
+    @classmethod
+    def from_dense(
+        cls,
+        x: torch.Tensor,
+        *,
+        max_rank: Optional[int] = None,
+        ranks=None,
+        rel_eps: Optional[float] = None,
+    ) -> "TT":
+        """TT-SVD of a dense tensor (Oseledets 2011, Alg. 1).
+
+        Left-to-right sweep of truncated SVDs. With ``rel_eps`` each of the ``d - 1``
+        truncations discards at most ``rel_eps ||x|| / sqrt(d - 1)`` in Frobenius norm, so
+        ``||x - TT|| <= rel_eps ||x||``. ``max_rank`` and ``ranks`` cap the ranks (both may
+        be combined with ``rel_eps``; then the error bound holds only if no cap binds).
+        With none of them the decomposition is exact (ranks are the unfolding ranks up to
+        the feasible bound). Cost O(n^{d+1}) for the first SVD. Choosing ranks from
+        ``rel_eps`` reads singular values on the host.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype.is_complex or not x.dtype.is_floating_point:
+            raise TypeError(f"x: expected a real floating tensor, got dtype {x.dtype}")
+        check_float_dtype(x.dtype, "x")
+        if x.dim() == 0:
+            raise ValueError("x: expected a tensor with at least one dimension")
+        shape = check_shape(tuple(x.shape), "x.shape")
+        check_finite(x, "x")
+        rel_eps = check_positive_float(rel_eps, "rel_eps")
+        d = len(shape)
+        if ranks is None and max_rank is None:
+            caps = feasible_ranks(shape)
+        else:
+            caps = normalize_ranks(shape, ranks, max_rank, stacklevel=3)
+        delta = None
+        if rel_eps is not None and d > 1:
+            delta = rel_eps * torch.linalg.vector_norm(x) / math.sqrt(d - 1)
+        cores = []
+        c = x.reshape(shape[0], -1)
+        r_prev = 1
+        for k in range(d - 1):
+            c = c.reshape(r_prev * shape[k], -1)
+            u, s, vh = torch.linalg.svd(c, full_matrices=False)
+            r = _choose_rank(s, caps[k + 1], delta)
+            cores.append(u[:, :r].reshape(r_prev, shape[k], r))
+            c = s[:r, None] * vh[:r]
+            r_prev = r
+        cores.append(c.reshape(r_prev, shape[-1], 1))
+        return cls(cores, check=False)
+
+    # -- evaluation ---------------------------------------------------------------------
+    def full(self) -> torch.Tensor:
+        """The dense tensor of shape ``self.shape``. Cost O(n^d r): small tensors only."""
+        res = self._cores[0].reshape(self.shape[0], -1)
+        for c in self._cores[1:]:
+            res = (res @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[2])
+        return res.reshape(self.shape)
+
+    def norm(self) -> torch.Tensor:
+        """Frobenius norm, computed stably by a QR sweep (no squaring). Cost O(d n r^3)."""
+        c = self._cores[0].reshape(-1, self._cores[0].shape[2])
+        for k in range(1, self.ndim):
+            # only the R factor matters: ||X|| = ||R_k G_{k+1} ... ||
+            r = torch.linalg.qr(c, mode="reduced")[1] if c.shape[0] > c.shape[1] else c
+            nxt = self._cores[k]
+            c = (r @ nxt.reshape(nxt.shape[0], -1)).reshape(-1, nxt.shape[2])
+        return torch.linalg.vector_norm(c)
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """Entries at ``N`` multi-indices.
+
+        ``indices``: integer tensor of shape ``(N, d)`` on the TT's device. Returns the
+        ``N`` entries as a 1-D tensor. Cost O(N d r^2) (batched vector-matrix products),
+        memory O(N r^2); the dense tensor is never formed.
+        """
+        idx = self._check_indices(indices)
+        v = self._cores[0][0].index_select(0, idx[:, 0])  # (N, r_1)
+        for k in range(1, self.ndim):
+            c = self._cores[k]
+            m = c.permute(1, 0, 2).index_select(0, idx[:, k])  # (N, r_{k-1}, r_k)
+            v = torch.bmm(v.unsqueeze(1), m).squeeze(1)
+        return v[:, 0]
+
+    def _check_indices(self, indices) -> torch.Tensor:
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"indices: expected a torch.Tensor of shape (N, {self.ndim}), "
+                            f"got {type(indices).__name__}")
+        if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"indices: expected an integer tensor, got dtype {indices.dtype}")
+        if indices.dim() != 2 or indices.shape[1] != self.ndim:
+            raise ValueError(
+                f"indices: expected shape (N, {self.ndim}), got {tuple(indices.shape)}"
+            )
+        if indices.device != self.device:
+            raise ValueError(f"indices: on device {indices.device}, the TT is on {self.device}")
+        indices = indices.long()
+        if indices.device.type != "meta" and indices.numel() > 0:
+            bound = torch.tensor(self.shape, device=indices.device)
+            if bool(((indices < 0) | (indices >= bound)).any()):
+                raise ValueError(f"indices: out of range for shape {self.shape}")
+        return indices
+
+    # -- arithmetic ---------------------------------------------------------------------
+    def __add__(self, other):
+        if isinstance(other, TT):
+            return add(self, other)
+        return NotImplemented
+
+    def __sub__(self, other):
+        if isinstance(other, TT):
+            return add(self, -other)
+        return NotImplemented
+
+    def __neg__(self):
+        return self._scale(-1.0)
+
+    def __mul__(self, a):
+        if _is_scalar(a):
+            return self._scale(a)
+        return NotImplemented
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, a):
+        if _is_scalar(a):
+            return self._scale(1.0 / a)
+        return NotImplemented
+
+    def _scale(self, a) -> "TT":
+        cores = list(self._cores)
+        cores[0] = cores[0] * a
+        return TT(cores, check=False)
+
+
+def _is_scalar(a) -> bool:
+    if isinstance(a, torch.Tensor):
+        return a.dim() == 0 and not a.dtype.is_complex
+    return isinstance(a, numbers.Real)
+
+
+def _check_pair(a, b, op: str) -> None:
+    if not isinstance(a, TT) or not isinstance(b, TT):
+        raise TypeError(f"{op}: expected two TT objects, got {type(a).__name__} and "
+                        f"{type(b).__name__}")
+    if a.shape != b.shape:
+        raise ValueError(f"{op}: shapes differ, {a.shape} and {b.shape}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{op}: dtypes differ, {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{op}: devices differ, {a.device} and {b.device}")
+
+
+def add(a: TT, b: TT) -> TT:
+    """``a + b`` with block cores; ranks add (except r_0 = r_d = 1). Cost O(d n r^2)."""
+    _check_pair(a, b, "add")
+    d = a.ndim
+    if d == 1:
+        return TT([a._cores[0] + b._cores[0]], check=False)
+    cores = []
+    for k, (x, y) in enumerate(zip(a._cores, b._cores)):
+        if k == 0:
+            cores.append(torch.cat([x, y], dim=2))
+        elif k == d - 1:
+            cores.append(torch.cat([x, y], dim=0))
+        else:
+            top = torch.nn.functional.pad(x, (0, y.shape[2]))
+            bot = torch.nn.functional.pad(y, (x.shape[2], 0))
+            cores.append(torch.cat([top, bot], dim=0))
+    return TT(cores, check=False)
+
+
+def inner(a: TT, b: TT) -> torch.Tensor:
+    """Frobenius inner product ``<a, b>`` by a sweep of ``r_a x r_b`` matrices.
+
+    Cost O(d n r_a r_b (r_a + r_b)). Returns a 0-d tensor.
+    """
+    _check_pair(a, b, "inner")
+    w = None
+    for x, y in zip(a._cores, b._cores):
+        ra, n, rc = x.shape
+        rb, _, rd = y.shape
+        if w is None:
+            t = x.reshape(n, rc)  # ra == rb == 1
+            w = t.transpose(0, 1) @ y.reshape(n, rd)
+            continue
+        t = (w.transpose(0, 1) @ x.reshape(ra, n * rc)).reshape(rb * n, rc)
+        w = t.transpose(0, 1) @ y.reshape(rb * n, rd)
+    return w.reshape(())
+
+
+def orthogonalize(x: TT, side: str = "left", *, center: Optional[int] = None) -> TT:
+    """Orthogonal form of a TT by QR sweeps (sign convention ``diag(R) >= 0``).
+
+    - ``side="left"``: cores ``0..d-2`` left-orthogonal (``(G^L)^T G^L = I``), the norm in
+      the last core.
+    - ``side="right"``: cores ``1..d-1`` right-orthogonal, the norm in the first core.
+    - ``center=k`` (0-based, overrides ``side``): cores ``< k`` left-, ``> k`` right-
+      orthogonal; core ``k`` carries the norm.
+
+    Redundant ranks (``r_k > r_{k-1} n_k``) shrink to the QR's rank. Re-orthogonalizing an
+    orthogonal TT returns the same cores (to rounding). Cost O(d n r^3).
+    """
+    if not isinstance(x, TT):
+        raise TypeError(f"x: expected a TT, got {type(x).__name__}")
+    d = x.ndim
+    if center is None:
+        if side == "left":
+            center = d - 1
+        elif side == "right":
+            center = 0
+        else:
+            raise ValueError(f"side: expected 'left' or 'right', got {side!r}")
+    if not isinstance(center, numbers.Integral) or not 0 <= center < d:
+        raise ValueError(f"center: expected an int in [0, {d - 1}], got {center!r}")
+    cores = list(x._cores)
+    for k in range(center):
+        c = cores[k]
+        q, r = qr_pos(c.reshape(-1, c.shape[2]))
+        cores[k] = q.reshape(c.shape[0], c.shape[1], q.shape[1])
+        nxt = cores[k + 1]
+        cores[k + 1] = (r @ nxt.reshape(nxt.shape[0], -1)).reshape(r.shape[0], nxt.shape[1], -1)
+    for k in range(d - 1, center, -1):
+        c = cores[k]
+        l, q = lq_pos(c.reshape(c.shape[0], -1))
+        cores[k] = q.reshape(q.shape[0], c.shape[1], c.shape[2])
+        prv = cores[k - 1]
+        cores[k - 1] = (prv.reshape(-1, prv.shape[2]) @ l).reshape(prv.shape[0], prv.shape[1], -1)
+    return TT(cores, check=False)
+
+
+def round(
+    x: TT,
+    *,
+    max_rank: Optional[int] = None,
+    ranks=None,
+    rel_eps: Optional[float] = None,
+) -> TT:
+    """TT rounding (Oseledets 2011, Alg. 2): left-orthogonalize, then truncated SVDs
+    from right to left.
+
+    - ``max_rank``: cap on every inner rank; ``ranks``: per-bond caps (int, ``d - 1`` or
+      ``d + 1`` values); ``rel_eps``: relative accuracy. All given arguments are honoured:
+      each bond keeps the smallest rank meeting ``rel_eps`` and no cap is exceeded.
+    - Error bound: with ``rel_eps`` alone, ``||x - round(x)|| <= rel_eps ||x||`` (each of the
+      ``d - 1`` truncations discards at most ``rel_eps ||x|| / sqrt(d-1)``). With caps only,
+      ``||x - round(x)||^2 <= sum_k eps_k^2`` where ``eps_k`` is the best rank-``r_k``
+      error of the k-th unfolding (quasi-optimal: at most ``sqrt(d-1)`` times the best TT
+      approximation of those ranks).
+    - With no argument, the ranks are reduced to the exact TT-ranks up to rounding
+      (``rel_eps`` defaults to a few machine epsilons).
+
+    The output has cores ``1..d-1`` right-orthogonal and the norm in core 0. Cost O(d n R^3) for input rank R.
+    Choosing ranks from ``rel_eps`` reads singular values on the host (one sync per bond).
+    Gradients flow through the SVDs where torch defines them.
+    """
+    if not isinstance(x, TT):
+        raise TypeError(f"x: expected a TT, got {type(x).__name__}")
+    rel_eps = check_positive_float(rel_eps, "rel_eps")
+    d = x.ndim
+    if ranks is None and max_rank is None and rel_eps is None:
+        rel_eps = 16 * torch.finfo(x.dtype).eps * math.sqrt(max(d - 1, 1))
+    if ranks is None and max_rank is None:
+        caps = feasible_ranks(x.shape)
+    else:
+        caps = normalize_ranks(x.shape, ranks, max_rank, stacklevel=3)
+    x = orthogonalize(x, "left")
+    cores = list(x._cores)
+    delta = None
+    if rel_eps is not None and d > 1:
+        delta = rel_eps * torch.linalg.vector_norm(cores[-1]) / math.sqrt(d - 1)
+    for k in range(d - 1, 0, -1):
+        c = cores[k]
+        mat = c.reshape(c.shape[0], -1)
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        r = _choose_rank(s, caps[k], delta)
+        cores[k] = vh[:r].reshape(r, c.shape[1], c.shape[2])
+        prv = cores[k - 1]
+        us = u[:, :r] * s[:r]
+        cores[k - 1] = (prv.reshape(-1, prv.shape[2]) @ us).reshape(prv.shape[0], prv.shape[1], r)
+    return TT(cores, check=False)
