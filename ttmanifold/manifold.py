@@ -1,0 +1,643 @@
+"""The manifold of tensors of fixed TT-rank, as a :class:`geoopt.Manifold`.
+
+``M_r = {X of shape (n_1..n_d) : TT-rank(X) = r}`` is a smooth embedded submanifold of
+dimension ``sum_k r_{k-1} n_k r_k - sum_{k<d} r_k^2`` (Holtz, Rohwedder, Schneider 2012).
+Formulas and costs: ``../shared/MATH.md`` sections 2 and 5.
+
+Representation (what geoopt stores in a :class:`geoopt.ManifoldParameter`):
+
+- a **point** ``p`` is one flat tensor of ``sum_k r_{k-1} n_k r_k`` entries packing the cores
+  ``U_1..U_d`` of X in left-orthogonal form (``U_k^L`` orthonormal columns for ``k < d``,
+  the norm in ``U_d``);
+- a **tangent vector** at p is a flat tensor of the same size packing delta cores
+  ``dU_1..dU_d``, representing ``xi = sum_k U_1..U_{k-1} dU_k V_{k+1}..V_d`` where ``V_k``
+  are right-orthogonal cores of the same X. Under the gauge conditions
+  ``(U_k^L)^T dU_k^L = 0`` (``k < d``) the deltas are unique and the map is an isometry, so
+  the Riemannian metric is the Euclidean inner product of packed gauged deltas.
+  :meth:`FixedTTRank.retr` and :meth:`FixedTTRank.transp` also accept non-gauged deltas
+  (they represent the tangent vector given by the formula above).
+
+The gradient path: :meth:`FixedTTRank.unpack_tensor` returns a TT whose value is X and
+whose gradient with respect to ``p`` is the packed, gauge-projected
+``D_k = X_{<k}^T (df/dX) X_{>k}^T`` (the Riemannian autodiff of Novikov, Rakhuba and
+Oseledets 2021). So after ``loss(M.unpack_tensor(p)).backward()``, ``p.grad`` already is
+the Riemannian gradient, and :meth:`FixedTTRank.egrad2rgrad` (a gauge projection) leaves
+it unchanged (it is still applied by geoopt, e.g. after weight decay). No interface matrix
+is ever inverted, so this is accurate in float32 at badly conditioned points.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import geoopt
+import torch
+
+from ._checks import check_float_dtype, check_shape, feasible_ranks, normalize_ranks
+from .sparse import IndexSet
+from .tt import TT, lq_pos, orthogonalize, qr_pos
+
+__all__ = ["FixedTTRank"]
+
+
+def _gauge_project(U: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """``D - U (U^T D)`` on left unfoldings, cores of shape (r_{k-1}, n_k, r_k)."""
+    ul = U.reshape(-1, U.shape[2])
+    dl = D.reshape(-1, D.shape[2])
+    return (dl - ul @ (ul.transpose(0, 1) @ dl)).reshape(D.shape)
+
+
+class _GaugeGrad(torch.autograd.Function):
+    """Identity forward; gauge projection of the incoming gradient in backward."""
+
+    @staticmethod
+    def forward(ctx, delta, U):
+        ctx.save_for_backward(U)
+        return delta.view_as(delta)
+
+    @staticmethod
+    def backward(ctx, g):
+        (U,) = ctx.saved_tensors
+        return _gauge_project(U, g), None
+
+
+class FixedTTRank(geoopt.Manifold):
+    """The manifold of tensors of shape ``shape`` with TT-rank exactly ``ranks``.
+
+    Parameters
+    ----------
+    shape : sequence of ints ``(n_1, ..., n_d)``
+    ranks : int, or ``d - 1`` inner ranks, or ``d + 1`` ranks with ``r_0 = r_d = 1``.
+        Infeasible ranks (``r_k > min(n_1..n_k, n_{k+1}..n_d)``) raise ``ValueError``.
+
+    Attributes
+    ----------
+    shape, ranks, d, dim (manifold dimension), size (packed length),
+    core_shapes, name = "FixedTTRank", ndim = 1, reversible = False.
+
+    Costs below: ``n = max n_k``, ``r = max r_k``; every method is O(d n r^3) or better
+    unless stated, and no method forms the dense tensor (except :meth:`project` of a dense
+    ``Z``, which must read it).
+    """
+
+    name = "FixedTTRank"
+    ndim = 1
+    reversible = False
+
+    def __init__(self, shape: Sequence[int], ranks):
+        super().__init__()
+        self.shape = check_shape(shape)
+        if isinstance(ranks, (list, tuple)) and len(ranks) not in (len(self.shape) - 1,
+                                                                    len(self.shape) + 1):
+            raise ValueError(
+                f"ranks: expected {len(self.shape) - 1} inner ranks or {len(self.shape) + 1} "
+                f"ranks for shape {self.shape}, got {len(ranks)}"
+            )
+        self.ranks = normalize_ranks(self.shape, ranks, clip=False)
+        self.d = len(self.shape)
+        self.core_shapes = [(self.ranks[k], n, self.ranks[k + 1]) for k, n in enumerate(self.shape)]
+        self._sizes = [a * b * c for a, b, c in self.core_shapes]
+        self.size = sum(self._sizes)
+        self.dim = self.size - sum(r * r for r in self.ranks[1:-1])
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, ranks={self.ranks}, dim={self.dim}"
+
+    # ------------------------------------------------------------------------------------
+    # packing
+    # ------------------------------------------------------------------------------------
+    def _split(self, x: torch.Tensor, name: str = "x") -> List[torch.Tensor]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a packed torch.Tensor of size {self.size}")
+        if x.dim() != 1 or x.shape[0] != self.size:
+            raise ValueError(
+                f"{name}: expected a flat tensor of size {self.size} (packed cores of shapes "
+                f"{self.core_shapes}), got shape {tuple(x.shape)}"
+            )
+        check_float_dtype(x.dtype, name)
+        return [c.view(s) for c, s in zip(torch.split(x, self._sizes), self.core_shapes)]
+
+    @staticmethod
+    def _cat(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([c.reshape(-1) for c in cores])
+
+    def pack_point(self, *tensors) -> torch.Tensor:
+        """Pack a :class:`TT` (or its cores) into a point.
+
+        The TT is brought to left-orthogonal form (QR sweep, ``diag(R) >= 0``). A TT of
+        higher ranks is first rounded to the manifold's ranks; lower ranks or another
+        shape raise ``ValueError``. Cost O(d n r^3).
+        """
+        if len(tensors) == 1 and isinstance(tensors[0], TT):
+            x = tensors[0]
+        elif len(tensors) == 1 and isinstance(tensors[0], (list, tuple)):
+            x = TT(tensors[0])
+        else:
+            x = TT(list(tensors))
+        if x.shape != self.shape:
+            raise ValueError(f"tt: shape {x.shape} differs from the manifold's {self.shape}")
+        if x.ranks != self.ranks:
+            if any(a < b for a, b in zip(x.ranks, self.ranks)):
+                raise ValueError(
+                    f"tt: ranks {x.ranks} are below the manifold's {self.ranks}; such a TT is "
+                    f"not a point of M_r"
+                )
+            from .tt import round as tt_round
+
+            x = tt_round(x, ranks=self.ranks)
+        x = orthogonalize(x, "left")
+        return self._cat(x.cores)
+
+    def to_tt(self, p: torch.Tensor) -> TT:
+        """The rank-r TT of a point (a view of its cores; no copy)."""
+        return TT(self._split(p, "p"), check=False)
+
+    def unpack_tensor(self, p: torch.Tensor) -> TT:
+        """The TT of a point, to be used in a differentiable loss (the gradient path).
+
+        When ``p`` requires grad (and grad mode is on) the result is the rank-2r TT
+        ``sum_k U_<k delta_k V_>k`` evaluated at ``delta = (0, ..., 0, U_d)`` (its value is
+        X) with ``delta_k`` tied to ``p``'s k-th core: backpropagating a loss ``f`` gives
+        ``p.grad`` = packed gauge-projected ``X_{<k}^T grad f X_{>k}^T``, the Riemannian
+        gradient in this manifold's tangent representation. Cost: one LQ sweep
+        (O(d n r^3)) plus evaluating ``f`` and its backward on a TT of rank 2r instead of r
+        (for a loss built from inner products this is about 4x the cost of ``f`` at rank
+        r, 8x for terms cubic in the rank). Otherwise the plain rank-r TT is returned.
+        """
+        cores = self._split(p, "p")
+        if not (torch.is_grad_enabled() and p.requires_grad):
+            return TT(cores, check=False)
+        U = [c.detach() for c in cores]
+        V = self._right_cores(U)
+        deltas = [
+            _GaugeGrad.apply(c - c.detach(), u) for c, u in zip(cores[:-1], U[:-1])
+        ] + [cores[-1]]
+        return self._tangent_tt(U, V, deltas, add_point=False)
+
+    # ------------------------------------------------------------------------------------
+    # internal helpers
+    # ------------------------------------------------------------------------------------
+    def _right_cores(self, U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        """Right-orthogonal cores V_2..V_d of the TT with left-orthogonal cores U (LQ
+        sweep, no inversion). V[0] is None."""
+        d = self.d
+        V: List[Optional[torch.Tensor]] = [None] * d
+        c = U[-1]
+        for k in range(d - 1, 0, -1):
+            l, q = lq_pos(c.reshape(c.shape[0], -1))
+            V[k] = q.reshape(c.shape)
+            prv = U[k - 1]
+            c = (prv.reshape(-1, prv.shape[2]) @ l).reshape(prv.shape)
+        return V
+
+    def _tangent_tt(self, U, V, deltas, *, add_point: bool) -> TT:
+        """The rank-2r TT of ``sum_k U_<k delta_k V_>k`` (plus X if ``add_point``)."""
+        d = self.d
+        if d == 1:
+            last = deltas[0] + U[0] if add_point else deltas[0]
+            return TT([last], check=False)
+        cores = []
+        for k in range(d):
+            if k == 0:
+                cores.append(torch.cat([deltas[0], U[0]], dim=2))
+            elif k == d - 1:
+                last = deltas[k] + U[k] if add_point else deltas[k]
+                cores.append(torch.cat([V[k], last], dim=0))
+            else:
+                top = torch.cat([V[k], V[k].new_zeros(V[k].shape[0], V[k].shape[1],
+                                                      U[k].shape[2])], dim=2)
+                bot = torch.cat([deltas[k], U[k]], dim=2)
+                cores.append(torch.cat([top, bot], dim=0))
+        return TT(cores, check=False)
+
+    def _deltas_from_D(self, U, D) -> List[torch.Tensor]:
+        return [_gauge_project(u, g) for u, g in zip(U[:-1], D[:-1])] + [D[-1]]
+
+    def _check_vector(self, u: torch.Tensor, p: torch.Tensor, name: str = "u") -> List[torch.Tensor]:
+        parts = self._split(u, name)
+        if u.dtype != p.dtype:
+            raise TypeError(f"{name}: dtype {u.dtype} differs from the point's {p.dtype}")
+        if u.device != p.device:
+            raise ValueError(f"{name}: device {u.device} differs from the point's {p.device}")
+        return parts
+
+    # ------------------------------------------------------------------------------------
+    # projections
+    # ------------------------------------------------------------------------------------
+    def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Gauge projection: ``dU_k - U_k (U_k^T dU_k)`` for ``k < d``. O(d n r^2).
+
+        Applied to packed ``D_k`` (the adjoint of the delta map applied to an ambient
+        gradient), it returns the Riemannian gradient; on a gauged tangent vector it is the
+        identity. Returns a new tensor.
+        """
+        U = self._split(x, "x")
+        D = self._check_vector(u, x)
+        return self._cat(self._deltas_from_D(U, D))
+
+    def egrad2rgrad(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Riemannian gradient from ``p.grad`` as produced through :meth:`unpack_tensor`
+        (the gauge projection :meth:`proju`; never an alias of ``u``)."""
+        return self.proju(x, u)
+
+    def project(self, p: torch.Tensor, Z) -> torch.Tensor:
+        """Orthogonal projection of an ambient tensor onto the tangent space at ``p``.
+
+        ``Z``: a dense tensor of the manifold's shape (cost O(n^d r)), a :class:`TT` of rank
+        R (O(d n r R (r + R))) or a ``torch.sparse_coo_tensor`` of the manifold's shape with
+        N stored entries (O(N d r^2); duplicates are summed; for repeated projections on one
+        sampling pattern use :meth:`project_sampled` with a reusable
+        :class:`~ttmanifold.IndexSet`). Returns packed gauged deltas.
+        """
+        U = self._split(p, "p")
+        if isinstance(Z, TT):
+            self._check_ambient(Z, p, "Z")
+            V = self._right_cores(U)
+            return self._cat(self._deltas_from_D(U, self._project_tt_D(U, V, Z)))
+        if isinstance(Z, torch.Tensor) and Z.is_sparse:
+            if tuple(Z.shape) != self.shape:
+                raise ValueError(f"Z: sparse shape {tuple(Z.shape)} differs from {self.shape}")
+            self._check_ambient(Z, p, "Z")
+            idx = IndexSet.from_sparse(Z)
+            return self.project_sampled(p, idx, Z._values())
+        if isinstance(Z, torch.Tensor):
+            if tuple(Z.shape) != self.shape:
+                raise ValueError(f"Z: shape {tuple(Z.shape)} differs from the manifold's {self.shape}")
+            self._check_ambient(Z, p, "Z")
+            V = self._right_cores(U)
+            return self._cat(self._deltas_from_D(U, self._project_dense_D(U, V, Z)))
+        raise TypeError(f"Z: expected a dense tensor, a TT or a sparse COO tensor, got "
+                        f"{type(Z).__name__}")
+
+    def _check_ambient(self, Z, p, name):
+        if Z.dtype != p.dtype:
+            raise TypeError(f"{name}: dtype {Z.dtype} differs from the point's {p.dtype}")
+        if Z.device != p.device:
+            raise ValueError(f"{name}: device {Z.device} differs from the point's {p.device}")
+        if isinstance(Z, TT) and Z.shape != self.shape:
+            raise ValueError(f"{name}: shape {Z.shape} differs from the manifold's {self.shape}")
+
+    def project_sampled(self, p: torch.Tensor, index_set: IndexSet, values: torch.Tensor,
+                        *, V=None) -> torch.Tensor:
+        """Projection of the sparse tensor with ``values`` at ``index_set``. O(N d r^2)."""
+        U = self._split(p, "p")
+        if values.shape != (len(index_set),):
+            raise ValueError(f"values: expected shape ({len(index_set)},), got {tuple(values.shape)}")
+        if tuple(index_set.shape) != self.shape:
+            raise ValueError(f"index_set: shape {index_set.shape} differs from {self.shape}")
+        V = self._right_cores(U) if V is None else V
+        return self._cat(self._deltas_from_D(U, self._project_sparse_D(U, V, index_set, values)))
+
+    def _project_sparse_D(self, U, V, index_set, values, left=None):
+        d = self.d
+        left = index_set.left_vectors(U) if left is None else left
+        N = len(index_set)
+        D = []
+        rho = values.new_ones(N, 1)
+        rights = [None] * d
+        rights[d - 1] = rho
+        for k in range(d - 1, 0, -1):
+            rights[k - 1] = index_set._right_step(k, rights[k], V[k])
+        for k in range(d):
+            D.append(index_set.scatter(k, left[k] * values.unsqueeze(1), rights[k]))
+        return D
+
+    def _project_tt_D(self, U, V, Z: TT) -> List[torch.Tensor]:
+        d = self.d
+        zc = Z.cores
+        # left interfaces P_k = U_{<k}^T Z_{<k}: (r_k, R_k), P_0 = 1
+        P = [zc[0].new_ones(1, 1)]
+        for k in range(d - 1):
+            u, z = U[k], zc[k]
+            t = (P[-1] @ z.reshape(z.shape[0], -1)).reshape(-1, z.shape[2])  # (r n, R)
+            P.append(u.reshape(-1, u.shape[2]).transpose(0, 1) @ t)
+        # right interfaces Q_k = Z_{>k} V_{>k}^T: (R_k, r_k) for the bond right of core k
+        Q = [None] * d
+        Q[d - 1] = zc[0].new_ones(1, 1)
+        for k in range(d - 1, 0, -1):
+            v, z = V[k], zc[k]
+            t = (z.reshape(-1, z.shape[2]) @ Q[k]).reshape(z.shape[0], -1)  # (R, n r)
+            Q[k - 1] = t @ v.reshape(v.shape[0], -1).transpose(0, 1)
+        D = []
+        for k in range(d):
+            z = zc[k]
+            t = (P[k] @ z.reshape(z.shape[0], -1)).reshape(-1, z.shape[2]) @ Q[k]
+            D.append(t.reshape(self.core_shapes[k]))
+        return D
+
+    def _project_dense_D(self, U, V, Z: torch.Tensor) -> List[torch.Tensor]:
+        d = self.d
+        # right interfaces as dense (r_k, n_{k+1} ... n_d) matrices
+        right = [None] * d
+        right[d - 1] = Z.new_ones(1, 1)
+        for k in range(d - 1, 0, -1):
+            v = V[k]
+            right[k - 1] = (v.reshape(-1, v.shape[2]) @ right[k]).reshape(v.shape[0], -1)
+        D = []
+        left = Z.reshape(1, -1)  # U_{<k}^T Z as (r_{k-1}, n_k ... n_d)
+        for k in range(d):
+            n, r = self.shape[k], self.ranks[k]
+            lk = left.reshape(r * n, -1)
+            D.append((lk @ right[k].transpose(0, 1)).reshape(self.core_shapes[k]))
+            if k < d - 1:
+                u = U[k]
+                left = u.reshape(-1, u.shape[2]).transpose(0, 1) @ lk
+        return D
+
+    # ------------------------------------------------------------------------------------
+    # tangent vectors
+    # ------------------------------------------------------------------------------------
+    def tangent_to_tt(self, p: torch.Tensor, u: torch.Tensor) -> TT:
+        """The rank-2r TT of the tangent vector ``u`` at ``p`` (gauged or not)."""
+        U = self._split(p, "p")
+        du = self._check_vector(u, p)
+        return self._tangent_tt(U, self._right_cores(U), du, add_point=False)
+
+    def gauge(self, p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Gauged deltas of the tangent vector represented by arbitrary deltas ``u``.
+
+        Unlike :meth:`proju` (which drops the non-gauged parts, the right thing for
+        gradients), this moves ``U_k (U_k^T dU_k)`` into core ``k+1`` so that the tangent
+        vector is unchanged. O(d n r^3).
+        """
+        U = self._split(p, "p")
+        du = list(self._check_vector(u, p))
+        V = self._right_cores(U)
+        for k in range(self.d - 1):
+            ul = U[k].reshape(-1, U[k].shape[2])
+            dl = du[k].reshape(-1, du[k].shape[2])
+            a = ul.transpose(0, 1) @ dl
+            du[k] = (dl - ul @ a).reshape(du[k].shape)
+            v = V[k + 1]
+            du[k + 1] = du[k + 1] + (a @ v.reshape(v.shape[0], -1)).reshape(v.shape)
+        return self._cat(du)
+
+    def inner(self, x: torch.Tensor, u: torch.Tensor, v: Optional[torch.Tensor] = None, *,
+              keepdim: bool = False) -> torch.Tensor:
+        """Riemannian metric: Euclidean inner product of packed gauged deltas."""
+        if v is None:
+            v = u
+        out = (u * v).sum(-1, keepdim=keepdim)
+        return out
+
+    def component_inner(self, x: torch.Tensor, u: torch.Tensor,
+                        v: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-core inner products ``<dU_k, dV_k>`` broadcast over each core's block.
+
+        Constant on each core, so scaling a gauged tangent vector by (a function of) it
+        keeps the gauge: RiemannianAdam's direction stays tangent.
+        """
+        if v is None:
+            v = u
+        prod = u * v
+        parts = torch.split(prod, self._sizes, dim=-1)
+        return torch.cat([q.sum(-1, keepdim=True).expand(q.shape) for q in parts], -1)
+
+    def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
+        return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
+
+    # ------------------------------------------------------------------------------------
+    # retraction and transport
+    # ------------------------------------------------------------------------------------
+    def _truncate_left(self, x: TT) -> List[torch.Tensor]:
+        """Round a TT to this manifold's ranks with left-orthogonal output cores:
+        right-orthogonalize, then truncated SVDs from left to right. O(d n R^3)."""
+        x = orthogonalize(x, "right")
+        cores = x.cores
+        d = self.d
+        for k in range(d - 1):
+            c = cores[k]
+            u, s, vh = torch.linalg.svd(c.reshape(-1, c.shape[2]), full_matrices=False)
+            r = self.ranks[k + 1]
+            if u.shape[1] < r:  # rank collapsed below r: pad with an orthonormal complement
+                u, s, vh = self._pad_svd(u, s, vh, r)
+            cores[k] = u[:, :r].reshape(c.shape[0], c.shape[1], r)
+            nxt = cores[k + 1]
+            cores[k + 1] = ((s[:r, None] * vh[:r]) @ nxt.reshape(nxt.shape[0], -1)).reshape(
+                r, nxt.shape[1], nxt.shape[2])
+        return cores
+
+    @staticmethod
+    def _pad_svd(u, s, vh, r):
+        m, k = u.shape
+        extra = torch.eye(m, r - k, dtype=u.dtype, device=u.device)
+        q, _ = qr_pos(torch.cat([u, extra], 1))
+        u = torch.cat([u, q[:, k:r]], 1)
+        s = torch.cat([s, s.new_zeros(r - k)])
+        vh = torch.cat([vh, vh.new_zeros(r - k, vh.shape[1])], 0)
+        return u, s, vh
+
+    def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Retraction ``R_X(xi) = round_r(X + xi)`` (TT-SVD of the rank-2r TT). O(d n r^3).
+
+        ``u`` may be non-gauged deltas. The result is left-orthogonal.
+        """
+        U = self._split(x, "x")
+        du = self._check_vector(u, x)
+        V = self._right_cores(U)
+        y = self._tangent_tt(U, V, du, add_point=True)
+        return self._cat(self._truncate_left(y))
+
+    def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Not the exponential map: the retraction :meth:`retr` (second order)."""
+        return self.retr(x, u)
+
+    def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Vector transport by projection ``P_Y(xi)`` of ``v`` at ``x`` to ``y``.
+        ``v`` may be non-gauged. O(d n r^3)."""
+        Ux = self._split(x, "x")
+        dv = self._check_vector(v, x, "v")
+        Uy = self._split(y, "y")
+        xi = self._tangent_tt(Ux, self._right_cores(Ux), dv, add_point=False)
+        Vy = self._right_cores(Uy)
+        return self._cat(self._deltas_from_D(Uy, self._project_tt_D(Uy, Vy, xi)))
+
+    def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
+        """``(retr(x, u), transp(x, retr(x, u), v))`` sharing the work at ``x``."""
+        U = self._split(x, "x")
+        du = self._check_vector(u, x)
+        dv = self._check_vector(v, x, "v")
+        V = self._right_cores(U)
+        ycores = self._truncate_left(self._tangent_tt(U, V, du, add_point=True))
+        xi = self._tangent_tt(U, V, dv, add_point=False)
+        Vy = self._right_cores(ycores)
+        w = self._cat(self._deltas_from_D(ycores, self._project_tt_D(ycores, Vy, xi)))
+        return self._cat(ycores), w
+
+    def transp_follow_retr(self, x, u, v):
+        return self.retr_transp(x, u, v)[1]
+
+    def expmap_transp(self, x, u, v):
+        return self.retr_transp(x, u, v)
+
+    def transp_follow_expmap(self, x, u, v):
+        return self.retr_transp(x, u, v)[1]
+
+    def logmap(self, x, y):
+        raise NotImplementedError("FixedTTRank has no closed-form logarithmic map")
+
+    def dist(self, x, y, *, keepdim=False):
+        """Euclidean (chordal) distance ``||X - Y||_F`` of the embedded tensors."""
+        out = (self.to_tt(x) - self.to_tt(y)).norm()
+        return out.reshape((1,)) if keepdim else out
+
+    # ------------------------------------------------------------------------------------
+    # points
+    # ------------------------------------------------------------------------------------
+    def _orth_defect(self, U: Sequence[torch.Tensor]) -> torch.Tensor:
+        """max_k ||U_k^T U_k - I||_max over k < d (0-d tensor)."""
+        out = U[-1].new_zeros(())
+        for u in U[:-1]:
+            ul = u.reshape(-1, u.shape[2])
+            g = ul.transpose(0, 1) @ ul
+            out = torch.maximum(out, (g - torch.eye(g.shape[0], dtype=g.dtype, device=g.device)).abs().max())
+        return out
+
+    def _orth_tol(self, dtype) -> float:
+        return 64 * torch.finfo(dtype).eps * math.sqrt(max(self.ranks) * max(self.shape))
+
+    def projx(self, x: torch.Tensor) -> torch.Tensor:
+        """Put a packed tensor on the manifold (left-orthogonal QR sweep).
+
+        A point that already is left-orthogonal to a dtype-dependent tolerance is returned
+        unchanged bit for bit (``torch.where`` on the device, no host sync), so calling
+        ``projx`` on every step, as recent geoopt optimizers do, costs one Gram matrix
+        per core and never perturbs valid points. A tensor whose cores are rank
+        deficient stays rank deficient: projx does not restore the rank.
+        """
+        U = self._split(x, "x")
+        reorth = self._cat(orthogonalize(TT(U, check=False), "left").cores)
+        ok = self._orth_defect(U) <= self._orth_tol(x.dtype)
+        return torch.where(ok, x, reorth)
+
+    def _check_shape(self, shape, name):
+        if len(shape) != 1 or shape[0] != self.size:
+            return False, (
+                f"`{name}` should be a flat tensor of size {self.size} (packed cores "
+                f"{self.core_shapes}), got shape {tuple(shape)}"
+            )
+        return True, None
+
+    def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
+        U = self._split(x, "x")
+        if x.device.type == "meta":
+            return True, None
+        if not bool(torch.isfinite(x).all()):
+            return False, "point has non-finite entries"
+        defect = float(self._orth_defect(U))
+        if defect > max(atol, self._orth_tol(x.dtype)):
+            return False, f"cores 1..d-1 are not left-orthogonal (defect {defect:.3g})"
+        # exact rank: the interface factors L_k of the right sweep must be nonsingular
+        c = U[-1]
+        for k in range(self.d - 1, 0, -1):
+            l, q = lq_pos(c.reshape(c.shape[0], -1))
+            sv = torch.linalg.svdvals(l)
+            if float(sv.min()) <= rtol * float(sv.max()) or float(sv.max()) == 0:
+                return False, f"TT-rank at bond {k} is below {self.ranks[k]}"
+            prv = U[k - 1]
+            c = (prv.reshape(-1, prv.shape[2]) @ l).reshape(prv.shape)
+        return True, None
+
+    def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
+        U = self._split(x, "x")
+        du = self._split(u, "u")
+        if u.device.type == "meta":
+            return True, None
+        if not bool(torch.isfinite(u).all()):
+            return False, "vector has non-finite entries"
+        scale = max(float(u.abs().max()), 1.0)
+        for k in range(self.d - 1):
+            ul = U[k].reshape(-1, U[k].shape[2])
+            g = ul.transpose(0, 1) @ du[k].reshape(-1, du[k].shape[2])
+            err = float(g.abs().max()) if g.numel() else 0.0
+            if err > atol + rtol * scale:
+                return False, f"core {k} violates the gauge condition U^T dU = 0 (max {err:.3g})"
+        return True, None
+
+    def random(self, *size, dtype=None, device=None, generator=None, **kwargs) -> torch.Tensor:
+        """A random point: :meth:`TT.random` (unit norm, well conditioned), packed.
+
+        ``size`` is accepted for geoopt compatibility and must be empty or ``(self.size,)``.
+        """
+        if size not in ((), (self.size,)) and not (len(size) == 1 and tuple(size[0]) in ((), (self.size,))):
+            raise ValueError(f"size: a point of {self.name} is a flat tensor of size {self.size}")
+        x = TT.random(self.shape, self.ranks, dtype=dtype, device=device, generator=generator)
+        return self._cat(x.cores)
+
+    random_normal = random
+
+    def origin(self, *size, dtype=None, device=None, seed=None) -> torch.Tensor:
+        """A fixed, deterministic point: the cores are the leading columns of DCT-II bases
+        (orthonormal frames), the last core the matching DCT rows; unit norm."""
+        dtype = dtype or torch.get_default_dtype()
+        check_float_dtype(dtype, "dtype")
+        cores = []
+        for k, (a, n, b) in enumerate(self.core_shapes):
+            if k < self.d - 1:
+                m = a * n
+                j = torch.arange(m, dtype=dtype, device=device).unsqueeze(1)
+                c = torch.arange(b, dtype=dtype, device=device).unsqueeze(0)
+                # a shifted DCT-II frame (shift mixes the rows so every unfolding is full rank)
+                f = torch.cos(math.pi * (j + 0.5) * (c + 0.5 + 0.37 * c * c / max(b, 1)) / m)
+                q, _ = qr_pos(f)
+                cores.append(q.reshape(a, n, b))
+            else:
+                j = torch.arange(a, dtype=dtype, device=device).unsqueeze(1)
+                c = torch.arange(n, dtype=dtype, device=device).unsqueeze(0)
+                f = torch.cos(math.pi * (j + 0.5 + 0.21 * j * j) * (c + 0.5) / n)
+                f = f / torch.linalg.vector_norm(f)
+                cores.append(f.reshape(a, n, 1))
+        return self._cat(cores)
+
+    # ------------------------------------------------------------------------------------
+    # Riemannian autodiff
+    # ------------------------------------------------------------------------------------
+    def riemannian_grad(self, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torch.Tensor:
+        """Riemannian gradient of ``f`` (a differentiable function of a TT) at ``p``.
+
+        One reverse pass of ``g(delta) = f(sum_k U_<k delta_k V_>k)`` at
+        ``delta = (0, .., 0, U_d)`` gives all ``D_k``; the gauge projection finishes it
+        (Novikov, Rakhuba, Oseledets 2021). Cost: ``f`` and its backward on a rank-2r TT
+        plus O(d n r^3). Returns packed gauged deltas (detached).
+        """
+        U = [c.detach() for c in self._split(p, "p")]
+        V = self._right_cores(U)
+        with torch.enable_grad():
+            deltas = [torch.zeros_like(u).requires_grad_() for u in U[:-1]] + [
+                U[-1].clone().requires_grad_()]
+            val = f(self._tangent_tt(U, V, deltas, add_point=False))
+            _check_loss(val)
+            D = torch.autograd.grad(val, deltas, allow_unused=True)
+        D = [torch.zeros_like(u) if g is None else g for g, u in zip(D, U)]
+        return self._cat(self._deltas_from_D(U, D))
+
+    def riemannian_hvp(self, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
+                       u: torch.Tensor) -> torch.Tensor:
+        """Projected Hessian-vector product ``P_X (nabla^2 f) [xi]`` at ``p``.
+
+        Second reverse pass through the delta map (linear in delta), so this is the
+        Euclidean Hessian of ``f`` restricted to the tangent space. The curvature term of
+        the Riemannian Hessian (``P_X D_xi P_X (nabla f)``, which vanishes at critical points)
+        is **not** included. Returns packed gauged deltas. Cost: about twice
+        :meth:`riemannian_grad`.
+        """
+        U = [c.detach() for c in self._split(p, "p")]
+        du = self._check_vector(u, p)
+        V = self._right_cores(U)
+        with torch.enable_grad():
+            deltas = [torch.zeros_like(c).requires_grad_() for c in U[:-1]] + [
+                U[-1].clone().requires_grad_()]
+            val = f(self._tangent_tt(U, V, deltas, add_point=False))
+            _check_loss(val)
+            D = torch.autograd.grad(val, deltas, create_graph=True, allow_unused=True)
+            s = sum((g * v).sum() for g, v in zip(D, du) if g is not None)
+            H = torch.autograd.grad(s, deltas, allow_unused=True)
+        H = [torch.zeros_like(c) if h is None else h for h, c in zip(H, U)]
+        return self._cat(self._deltas_from_D(U, H))
+
+
+def _check_loss(val):
+    if not isinstance(val, torch.Tensor) or val.numel() != 1:
+        raise ValueError("f: expected a function returning a scalar tensor")
+    if not val.requires_grad:
+        raise ValueError("f: the returned scalar does not depend on the TT (no grad)")
