@@ -1,0 +1,439 @@
+r"""Householder parameterization of orthonormal frames (Shepard, Brozell, Gidofalvi 2015).
+
+A *frame* is a tensor ``Q`` of shape ``(..., m, r)`` with ``m >= r >= 1`` and
+``Q^T Q = I_r`` (batched over the leading dimensions).  This module writes frames as
+products of Householder reflections,
+
+.. math::
+
+    Q = H_1 H_2 \cdots H_r \, I_{m \times r}, \qquad
+    H_i = I_m - \tau_i v_i v_i^T, \qquad \tau_i = 2 / \lVert v_i \rVert^2 ,
+
+where the reflector vectors are stored LAPACK-style as the columns of an ``m x r``
+*reflector matrix* ``V``: unit diagonal (``V[i, i] = 1``), zeros above the diagonal
+(``V[k, i] = 0`` for ``k < i``), free entries below.  Because ``tau_i = 2 / |v_i|^2``
+each ``H_i`` is a true reflection (orthogonal, symmetric, ``H_i^2 = I``), so ``Q`` is
+orthonormal for *every* parameter vector; the product is evaluated with
+:func:`torch.linalg.householder_product` (LAPACK ``orgqr``), cost ``O(m r^2)`` per frame.
+
+Two parameterizations
+---------------------
+*Full form* (:func:`frame_from_full`): all strictly-below-diagonal entries of ``V`` are
+free, ``full_dim(m, r) = m r - r (r + 1) / 2 = dim St(m, r)`` parameters, packed
+**column by column**: ``params[..., off_j + t] = V[..., j + 1 + t, j]`` for
+``t = 0 .. m - j - 2``, where ``off_j = sum_{k<j} (m - 1 - k)``.
+
+*Reduced form* (:func:`frame_from_reduced`): the leading ``r x r`` block of ``V`` is the
+identity, only rows ``r .. m-1`` (0-based) are free, ``reduced_dim(m, r) = r (m - r)``
+parameters (= dim of the Grassmannian Gr(m, r)), packed column by column as well:
+``params[..., j (m - r) + t] = V[..., r + t, j]``.  Reduced parameters are exactly the full
+parameters with the entries of rows ``j+1 .. r-1`` of column ``j`` fixed to zero.
+
+One column at a time.  Column ``j`` of ``Q`` is ``H_1 ... H_j e_j`` (``H_k e_j = e_j`` for
+``k > j``).  Writing ``w_j`` for the free part of ``v_j`` (the entries below the diagonal),
+``H_j e_j = e_j - tau_j v_j`` is the inverse stereographic projection of ``w_j`` onto the
+unit sphere of rows ``j .. m-1``: its diagonal entry is
+
+.. math::
+
+    1 - \tau_j = (\lVert w_j \rVert^2 - 1) / (\lVert w_j \rVert^2 + 1) \in [-1, 1) .
+
+Consequences (all are tested in ``tests/test_householder.py``):
+
+* ``params = 0`` gives ``Q = -I_{m x r}`` (every reflector is ``v_i = e_i``).
+* The parameter-to-frame map is smooth on all of ``R^n`` and injective, with image the
+  frames that (after peeling off the earlier reflections) never have a column equal to
+  ``+e_j``; ``w_j`` and ``-w_j / |w_j|^2`` give the same column ``j`` up to its sign (the
+  parameters of the later columns then differ).  A frame
+  with column ``+e_j`` (e.g. ``I_{m x r}`` itself) is therefore only reachable *with a
+  sign*, which is why the inverses return ``signs``.
+* Reduced frames have an **exactly upper-triangular** leading ``r x r`` block (the
+  strictly-lower entries are exact zeros in floating point, not just small), with
+  diagonal ``(|w_j|^2 - 1) / (|w_j|^2 + 1)``: negative iff ``|w_j| < 1``, zero iff
+  ``|w_j| = 1`` (singular leading block).  They are the frames ``St_U(m, r)`` of MATH.md
+  section 3.
+
+Inverses
+--------
+:func:`full_from_frame` runs Householder QR (``torch.geqrf``) on ``Q``:
+``Q = H_1 ... H_r R`` and, ``Q`` being orthonormal, ``R = diag(+-1)`` up to rounding.
+LAPACK's ``dlarfg`` builds each reflector with ``beta = -sign(alpha) |x|`` and
+``v = x / (alpha - beta)`` (unit first entry), which in exact arithmetic gives
+``tau = (beta - alpha) / beta = 2 / |v|^2``: a true reflection, matching our forward.  The
+one exception is a column that is already ``alpha e_j`` (zero below the diagonal): then
+LAPACK returns ``tau = 0`` (``H_j = I``), which the unit-diagonal parameterization with
+``tau = 2 / |v|^2`` cannot represent.  We then use the reflection ``v = e_j`` instead; it
+flips the sign of coordinate ``j`` and commutes with ``H_{j+1} ... H_r`` (their vectors
+vanish at row ``j``), so its effect is a sign flip of column ``j`` that is folded into
+``signs``.  In all cases::
+
+    frame_from_full(params, m, r) * signs.unsqueeze(-2) == Q      (to rounding)
+
+and LAPACK's sign choice means that ``full_from_frame(frame_from_full(p))`` returns
+``(p, +1)`` exactly when every column block satisfies ``|w_j| < 1``; otherwise the
+returned parameters differ but still reproduce the frame with the returned signs.
+For a general full-column-rank matrix ``A`` (not orthonormal) the result reproduces the
+Q-factor of ``A`` whose ``R`` has a positive diagonal.
+
+:func:`reduced_from_frame` first rotates ``Q`` into ``St_U``: with ``B = Q[:r, :r]`` it
+computes the RQ decomposition ``B = T O^T`` (``T`` upper triangular, ``O`` orthogonal)
+through a QR of the doubly flipped transpose ``J B^T J = Q_1 R_1`` (``J`` the reversal
+permutation): ``O = J Q_1 J`` and ``T = J R_1^T J``.  The signs are fixed so that
+``diag(T) < 0`` (strictly, when ``B`` is nonsingular); with that choice the reduced
+parameters of ``Q O`` all satisfy ``|w_j| < 1`` and the returned ``signs`` are all ``+1``.
+Callers absorb ``O^T`` into the neighbouring TT core (gauge freedom).  The chart domain is
+``B`` nonsingular; a singular (below ``tol``) leading block raises ``ValueError``.
+
+Autograd, devices, dtypes
+-------------------------
+Forwards are differentiable in their parameters (``householder_product`` has a backward)
+and run on any device including ``meta``.  ``torch.geqrf`` has neither a derivative nor a
+meta kernel, so the inverses switch to an equivalent differentiable Householder QR written
+with plain torch ops (``r`` sequential steps, same ``O(m r^2)`` flops) when ``Q`` requires
+grad (with grad mode on) or lives on the ``meta`` device.  Supported dtypes: ``float32`` and
+``float64`` (real arithmetic only).  Every tensor is created on the device/dtype of the
+inputs; no host synchronisation except the optional singularity check of
+:func:`reduced_from_frame`.
+
+Optional backend: if the package ``torch_householder`` (Obukhov) imports, its
+``torch_householder_orgqr`` is used by the forwards when ``backend="auto"`` (CPU/CUDA
+tensors) or ``backend="torch_householder"``; ``HAVE_TORCH_HOUSEHOLDER`` tells whether it did.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = [
+    "HAVE_TORCH_HOUSEHOLDER",
+    "full_dim",
+    "reduced_dim",
+    "frame_from_full",
+    "frame_from_reduced",
+    "full_from_frame",
+    "reduced_from_frame",
+]
+
+try:  # optional accelerated orgqr; never required
+    from torch_householder import torch_householder_orgqr as _th_orgqr  # type: ignore
+
+    HAVE_TORCH_HOUSEHOLDER = True
+except Exception:  # ImportError, or a failing JIT build inside the package  # pragma: no cover
+    _th_orgqr = None
+    HAVE_TORCH_HOUSEHOLDER = False
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64)
+_BACKENDS = ("auto", "torch", "torch_householder")
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_int(value, name: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+
+
+def _check_sizes(m, r) -> Tuple[int, int]:
+    m = _check_int(m, "m")
+    r = _check_int(r, "r")
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got r={r}")
+    if m < r:
+        raise ValueError(f"m must be >= r (a frame has at least as many rows as columns), got m={m}, r={r}")
+    return m, r
+
+
+def _check_float_tensor(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must have dtype torch.float32 or torch.float64, got {x.dtype}")
+
+
+def _check_params(params, n: int, form: str, m: int, r: int) -> None:
+    _check_float_tensor(params, "params")
+    if params.dim() < 1 or params.shape[-1] != n:
+        raise ValueError(
+            f"params must have shape (..., {n}) for the {form} form with m={m}, r={r}, "
+            f"got shape {tuple(params.shape)}"
+        )
+
+
+def _check_frame(Q) -> Tuple[int, int]:
+    _check_float_tensor(Q, "Q")
+    if Q.dim() < 2:
+        raise ValueError(f"Q must have shape (..., m, r) with m >= r >= 1, got shape {tuple(Q.shape)}")
+    m, r = Q.shape[-2], Q.shape[-1]
+    if r < 1 or m < r:
+        raise ValueError(f"Q must have shape (..., m, r) with m >= r >= 1, got shape {tuple(Q.shape)}")
+    return m, r
+
+
+def _check_backend(backend) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch_householder" and not HAVE_TORCH_HOUSEHOLDER:
+        raise ImportError("backend='torch_householder' requested but the package torch_householder is not importable")
+    return backend
+
+
+# ----------------------------------------------------------------------------- dimensions
+def full_dim(m: int, r: int) -> int:
+    """Number of full-form parameters, ``m r - r (r + 1) / 2`` = dim St(m, r).
+
+    ``m``, ``r``: ints with ``m >= r >= 1`` (``TypeError`` / ``ValueError`` otherwise).
+    """
+    m, r = _check_sizes(m, r)
+    return m * r - r * (r + 1) // 2
+
+
+def reduced_dim(m: int, r: int) -> int:
+    """Number of reduced-form parameters, ``r (m - r)`` = dim of the Grassmannian Gr(m, r).
+
+    ``m``, ``r``: ints with ``m >= r >= 1`` (``TypeError`` / ``ValueError`` otherwise).
+    """
+    m, r = _check_sizes(m, r)
+    return r * (m - r)
+
+
+# ----------------------------------------------------------------------------- packing
+def _packing_positions(m: int, r: int, reduced: bool, device) -> torch.Tensor:
+    """Flat positions ``i * r + j`` in an ``m x r`` matrix of the packed parameters, in
+    packing order (column by column, top to bottom).  int64 tensor on ``device``."""
+    if reduced:
+        j = torch.arange(r, device=device).repeat_interleave(m - r)
+        i = torch.arange(r, m, device=device).repeat(r)
+    else:
+        # strictly upper part of an r x m matrix in row-major order = strictly lower
+        # part of the m x r matrix column by column.
+        j, i = torch.triu_indices(r, m, offset=1, device=device)
+    return i * r + j
+
+
+def _reflector_matrix(params: torch.Tensor, m: int, r: int, reduced: bool) -> torch.Tensor:
+    """Scatter packed parameters into the ``(..., m, r)`` reflector matrix (unit diagonal)."""
+    pos = _packing_positions(m, r, reduced, params.device)
+    flat = params.new_zeros(params.shape[:-1] + (m * r,)).index_copy(-1, pos, params)
+    eye = torch.eye(m, r, dtype=params.dtype, device=params.device)
+    return flat.reshape(params.shape[:-1] + (m, r)) + eye
+
+
+def _orgqr(V: torch.Tensor, backend: str) -> torch.Tensor:
+    """``H_1 ... H_r I_{m x r}`` with ``H_i = I - 2 v_i v_i^T / |v_i|^2``, ``v_i = V[..., i]``."""
+    m, r = V.shape[-2], V.shape[-1]
+    batch = V.shape[:-2]
+    use_th = backend == "torch_householder" or (
+        backend == "auto" and HAVE_TORCH_HOUSEHOLDER and V.device.type in ("cpu", "cuda")
+    )
+    if use_th and V.numel() > 0:
+        # torch_householder takes (B, m, r) and normalizes the columns itself, which is
+        # the same reflection as tau = 2 / |v|^2.
+        out = _th_orgqr(V.reshape((-1, m, r)))
+        return out.reshape(batch + (m, r))
+    tau = 2.0 / (V * V).sum(dim=-2)
+    return torch.linalg.householder_product(V, tau)
+
+
+# ----------------------------------------------------------------------------- forwards
+def frame_from_full(params: torch.Tensor, m: int, r: int, *, backend: str = "auto") -> torch.Tensor:
+    """Frame ``Q = H_1 ... H_r I_{m x r}`` from full-form Householder parameters.
+
+    Args:
+        params: ``(..., full_dim(m, r))`` float32/float64 tensor, the strictly-below-diagonal
+            entries of the unit-lower-trapezoidal ``m x r`` reflector matrix packed column by
+            column (column ``j`` contributes rows ``j+1 .. m-1``, in order).
+        m, r: frame size, ``m >= r >= 1``.
+        backend: ``"auto"`` (torch_householder if importable and the tensor is on CPU/CUDA,
+            else torch), ``"torch"`` (:func:`torch.linalg.householder_product`) or
+            ``"torch_householder"`` (``ImportError`` if unavailable).
+
+    Returns:
+        ``Q`` of shape ``(..., m, r)``, same dtype/device as ``params``, ``Q^T Q = I`` to
+        rounding for every ``params``.  ``params = 0`` gives ``-I_{m x r}``.
+        Differentiable in ``params``.
+
+    Cost: ``O(m r^2)`` flops per frame (plus an ``O(m r)`` scatter).
+    """
+    m, r = _check_sizes(m, r)
+    _check_params(params, full_dim(m, r), "full", m, r)
+    backend = _check_backend(backend)
+    return _orgqr(_reflector_matrix(params, m, r, reduced=False), backend)
+
+
+def frame_from_reduced(params: torch.Tensor, m: int, r: int, *, backend: str = "auto") -> torch.Tensor:
+    """Frame from reduced-form parameters (leading ``r x r`` block of the reflectors = I).
+
+    Args:
+        params: ``(..., reduced_dim(m, r))`` float32/float64 tensor, rows ``r .. m-1`` (0-based)
+            of the reflector matrix packed column by column:
+            ``params[..., j * (m - r) + t] = V[..., r + t, j]``.
+        m, r: frame size, ``m >= r >= 1``; for ``m == r`` there are no parameters and the
+            result is ``-I_r``.
+        backend: as in :func:`frame_from_full`.
+
+    Returns:
+        ``Q`` of shape ``(..., m, r)`` with ``Q^T Q = I`` and an exactly upper-triangular
+        leading ``r x r`` block whose diagonal is ``(|w_j|^2 - 1) / (|w_j|^2 + 1)``, ``w_j``
+        the parameters of column ``j``.  Differentiable in ``params``.
+
+    Cost: ``O(m r^2)`` flops per frame.
+    """
+    m, r = _check_sizes(m, r)
+    _check_params(params, reduced_dim(m, r), "reduced", m, r)
+    backend = _check_backend(backend)
+    return _orgqr(_reflector_matrix(params, m, r, reduced=True), backend)
+
+
+# ----------------------------------------------------------------------------- inverses
+def _householder_qr_differentiable(Q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Householder QR of ``Q`` with LAPACK's sign choice, written with differentiable torch
+    ops.  Returns ``(params, signs)`` in full-form packing; always uses true reflections (a
+    column already equal to ``alpha e_j`` gets ``v = e_j`` and sign ``-sign(alpha)``), so it
+    agrees with the geqrf path of :func:`full_from_frame`."""
+    r = Q.shape[-1]
+    Y = Q  # trailing block still to be reduced
+    ws, signs = [], []
+    for _ in range(r):
+        x = Y[..., :, 0]
+        alpha = x[..., 0]
+        positive = alpha >= 0
+        norm = torch.linalg.vector_norm(x, dim=-1)
+        beta = torch.where(positive, -norm, norm)  # -sign(alpha) |x|
+        w = x[..., 1:] / (alpha - beta).unsqueeze(-1)  # |alpha - beta| = |alpha| + |x| > 0
+        ws.append(w)
+        signs.append(torch.where(positive, -torch.ones_like(alpha), torch.ones_like(alpha)))
+        rest = Y[..., :, 1:]
+        if rest.shape[-1] == 0:
+            break
+        v = torch.cat([torch.ones_like(alpha).unsqueeze(-1), w], dim=-1)
+        tau = 2.0 / (v * v).sum(dim=-1)
+        proj = (v.unsqueeze(-2) @ rest) * tau[..., None, None]  # (..., 1, cols)
+        Y = (rest - v.unsqueeze(-1) * proj)[..., 1:, :]
+    return torch.cat(ws, dim=-1), torch.stack(signs, dim=-1)
+
+
+def _use_differentiable_path(Q: torch.Tensor) -> bool:
+    return Q.device.type == "meta" or (torch.is_grad_enabled() and Q.requires_grad)
+
+
+def _householder_qr(Q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(params, signs)`` in full-form packing for any ``(..., m, r)`` full-rank ``Q``."""
+    m, r = Q.shape[-2], Q.shape[-1]
+    if _use_differentiable_path(Q):
+        return _householder_qr_differentiable(Q)
+    a, tau = torch.geqrf(Q)
+    pos = _packing_positions(m, r, False, Q.device)
+    params = a.flatten(-2).index_select(-1, pos)
+    # LAPACK returns tau = 0 (H_j = I) for a column that is already alpha e_j. Replace it
+    # by the reflection v = e_j: its below-diagonal entries are zero (they are zero in
+    # ``a`` already, we make it explicit) and it flips the sign of column j.
+    identity = tau == 0
+    col_of_param = pos % r  # column index j of each packed entry
+    params = torch.where(identity.index_select(-1, col_of_param), torch.zeros_like(params), params)
+    diag = a.diagonal(dim1=-2, dim2=-1)
+    one = torch.ones_like(diag)
+    sign_r = torch.where(diag < 0, -one, one)
+    signs = torch.where(identity, -sign_r, sign_r)
+    return params, signs
+
+
+def full_from_frame(Q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`frame_from_full` up to column signs.
+
+    Args:
+        Q: ``(..., m, r)`` float32/float64 frame, ``m >= r >= 1``, ``Q^T Q = I``.
+
+    Returns:
+        ``(params, signs)``: ``params`` of shape ``(..., full_dim(m, r))`` (packing of
+        :func:`frame_from_full`) and ``signs`` of shape ``(..., r)`` with entries ``+1.``/``-1.``
+        (dtype of ``Q``) such that ``frame_from_full(params, m, r) * signs.unsqueeze(-2) == Q``
+        to rounding.  ``signs[j] = sign(R_jj)`` for the ``geqrf`` factor ``R``, negated where
+        LAPACK returned ``tau_j = 0`` (column already ``+-e_j``; see the module docstring).
+        E.g. ``Q = I_{m x r}`` gives ``params = 0``, ``signs = -1``; ``Q = -I`` gives ``signs = +1``.
+        For ``Q = frame_from_full(p)`` with every column block ``|w_j| < 1`` the result is
+        exactly ``(p, +1)`` (to rounding).  For a non-orthonormal full-column-rank ``Q`` it
+        parameterizes the Q-factor of ``Q`` with positive ``diag(R)``.
+
+    Differentiable only through the fallback path used when ``Q.requires_grad`` (grad mode
+    on) or on the meta device (``torch.geqrf`` has no derivative / meta kernel).
+    Cost: ``O(m r^2)`` flops (one Householder QR).
+    """
+    _check_frame(Q)
+    return _householder_qr(Q)
+
+
+def reduced_from_frame(
+    Q: torch.Tensor, *, tol: Optional[float] = None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduced-form parameters of ``Q`` after a right rotation into ``St_U``.
+
+    Args:
+        Q: ``(..., m, r)`` float32/float64 frame (``Q^T Q = I``), ``m >= r >= 1``, whose leading
+            ``r x r`` block ``B = Q[..., :r, :r]`` is nonsingular (the chart's domain).
+        tol: singularity threshold on the smallest singular value of ``B``; ``None`` means
+            ``100 * eps(dtype)``.  ``tol=0`` skips the check (and its host synchronisation).
+
+    Returns:
+        ``(params, signs, rotation)`` with ``params`` ``(..., reduced_dim(m, r))``, ``signs``
+        ``(..., r)`` and ``rotation`` ``(..., r, r)`` orthogonal, such that
+        ``frame_from_reduced(params, m, r) * signs.unsqueeze(-2) == Q @ rotation`` to rounding.
+
+        ``rotation`` is the unique orthogonal ``O`` for which ``B O`` is upper triangular with
+        a strictly **negative** diagonal (RQ decomposition of ``B``, computed by a QR of the
+        doubly flipped ``B^T``).  Hence, for ``Q`` already in ``St_U`` (``B`` upper
+        triangular), ``rotation = diag(-sign(B_jj))``: the identity iff ``diag(B) < 0``, which
+        is the case for ``frame_from_reduced(p)`` when every ``|w_j| < 1``; for such ``p`` the
+        output is ``(p, +1, I)``.  With the negative-diagonal convention ``signs`` is always
+        all ``+1`` when the check passes (it is kept for symmetry with
+        :func:`full_from_frame` and for the unchecked ``tol=0`` singular case).
+        Callers absorb ``rotation^T`` into the neighbouring core.
+
+    Raises:
+        ValueError: if ``sigma_min(B) < tol`` for some batch element (``Q`` outside St_U's
+            chart domain: the rotation is then not unique and the chart degenerates).
+
+    Differentiable under the same conditions as :func:`full_from_frame` (the rotation always
+    is, through :func:`torch.linalg.qr`).  Cost: ``O(m r^2 + r^3)``.
+    """
+    m, r = _check_frame(Q)
+    if tol is None:
+        tol = 100.0 * torch.finfo(Q.dtype).eps
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or tol < 0:
+        raise ValueError(f"tol must be a non-negative float or None, got {tol!r}")
+    B = Q[..., :r, :r]
+    if tol > 0 and Q.device.type != "meta":
+        with torch.no_grad():
+            smin = torch.linalg.svdvals(B)[..., -1]
+            bad = smin < tol
+            if bool(bad.any()):
+                worst = float(smin.min())
+                raise ValueError(
+                    f"Q's leading {r}x{r} block is singular (smallest singular value {worst:.3e} "
+                    f"< tol={tol:.3e}): Q is outside the domain of the reduced Householder chart"
+                )
+    # RQ of B via QR of A = J B^T J (upper triangular when B is): B = (J R1^T J)(J Q1 J)^T.
+    A = B.transpose(-2, -1).flip(-2, -1)
+    Q1, R1 = torch.linalg.qr(A)
+    d = R1.diagonal(dim1=-2, dim2=-1)
+    one = torch.ones_like(d)
+    fix = torch.where(d > 0, -one, one)  # make diag(R1) (= reversed diag(T)) non-positive
+    rotation = (Q1 * fix.unsqueeze(-2)).flip(-2, -1)
+    params_full, signs = _householder_qr(Q @ rotation)
+    # keep only rows r..m-1 of each reflector (rows j+1..r-1 vanish up to rounding)
+    keep = _reduced_in_full(m, r, Q.device)
+    return params_full.index_select(-1, keep), signs, rotation
+
+
+def _reduced_in_full(m: int, r: int, device) -> torch.Tensor:
+    """Indices into the full packing of the reduced-form entries (rows >= r), in reduced order."""
+    # full packing: column j starts at off_j = j (m - 1) - j (j - 1) / 2 and holds rows j+1..m-1
+    j = torch.arange(r, device=device).repeat_interleave(m - r)
+    i = torch.arange(r, m, device=device).repeat(r)
+    off = j * (m - 1) - torch.div(j * (j - 1), 2, rounding_mode="floor")
+    return off + (i - j - 1)
