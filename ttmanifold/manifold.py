@@ -95,6 +95,17 @@ class FixedTTRank(geoopt.Manifold):
             )
         self.ranks = normalize_ranks(self.shape, ranks, clip=False)
         self.d = len(self.shape)
+        # Within the feasible bound, neighbouring ranks must also be attainable
+        # (r_k <= r_{k-1} n_k and r_k <= n_{k+1} r_{k+1}); otherwise M_r is empty.
+        for k in range(1, self.d):
+            r, lo, hi = self.ranks[k], self.ranks[k - 1] * self.shape[k - 1], \
+                self.shape[k] * self.ranks[k + 1]
+            if r > lo or r > hi:
+                raise ValueError(
+                    f"ranks: {self.ranks} cannot be attained by shape {self.shape}: r_{k} = {r} "
+                    f"exceeds r_{k - 1} n_{k} = {lo} or n_{k + 1} r_{k + 1} = {hi}, so no "
+                    f"tensor has exactly these TT-ranks"
+                )
         self.core_shapes = [(self.ranks[k], n, self.ranks[k + 1]) for k, n in enumerate(self.shape)]
         self._sizes = [a * b * c for a, b, c in self.core_shapes]
         self.size = sum(self._sizes)
@@ -237,7 +248,13 @@ class FixedTTRank(geoopt.Manifold):
 
     def egrad2rgrad(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Riemannian gradient from ``p.grad`` as produced through :meth:`unpack_tensor`
-        (the gauge projection :meth:`proju`; never an alias of ``u``)."""
+        (the gauge projection :meth:`proju`; never an alias of ``u``).
+
+        Non-finite gradients raise ``RuntimeError`` ("u: gradient contains NaN or Inf")
+        through ``torch._assert_async``: no host sync, asynchronous on CUDA."""
+        self._split(u, "u")
+        if u.device.type != "meta":
+            torch._assert_async(torch.isfinite(u).all(), "u: gradient contains NaN or Inf")
         return self.proju(x, u)
 
     def project(self, p: torch.Tensor, Z) -> torch.Tensor:
@@ -382,16 +399,19 @@ class FixedTTRank(geoopt.Manifold):
 
     def component_inner(self, x: torch.Tensor, u: torch.Tensor,
                         v: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Per-core inner products ``<dU_k, dV_k>`` broadcast over each core's block.
+        """Second-moment statistic for RiemannianAdam: ``<u, v>`` broadcast over the whole
+        packed vector (constant on every core, so Adam's direction stays tangent).
 
-        Constant on each core, so scaling a gauged tangent vector by (a function of) it
-        keeps the gauge: RiemannianAdam's direction stays tangent.
+        Why not one value per core: geoopt transports Adam's first moment but not its
+        second; how a tangent vector's mass splits among the cores depends on the point's
+        gauge, so per-core second moments go stale and transported momentum that leaks
+        into a core with a tiny second moment takes a huge step (observed: divergence on
+        a rank-4 approximation). A single value per point is gauge invariant.
         """
         if v is None:
             v = u
-        prod = u * v
-        parts = torch.split(prod, self._sizes, dim=-1)
-        return torch.cat([q.sum(-1, keepdim=True).expand(q.shape) for q in parts], -1)
+        val = (u * v).sum(-1, keepdim=True)
+        return val.expand(u.shape).clone()
 
     def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
         return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
@@ -567,27 +587,19 @@ class FixedTTRank(geoopt.Manifold):
     random_normal = random
 
     def origin(self, *size, dtype=None, device=None, seed=None) -> torch.Tensor:
-        """A fixed, deterministic point: the cores are the leading columns of DCT-II bases
-        (orthonormal frames), the last core the matching DCT rows; unit norm."""
+        """A fixed, deterministic point: :meth:`TT.random` (orthonormal frames, unit norm)
+        drawn in float64 on the CPU from a generator seeded with ``seed`` (default 0), then
+        cast to ``dtype`` and moved to ``device``. Same point for every dtype and device.
+
+        (Structured frames such as DCT columns are not used: reshaped into cores they can
+        have low-rank unfoldings, e.g. a cosine of a linear phase is a rank-2 matrix, which
+        gave tensors of lower TT-rank, i.e. not points of M_r.)
+        """
         dtype = dtype or torch.get_default_dtype()
         check_float_dtype(dtype, "dtype")
-        cores = []
-        for k, (a, n, b) in enumerate(self.core_shapes):
-            if k < self.d - 1:
-                m = a * n
-                j = torch.arange(m, dtype=dtype, device=device).unsqueeze(1)
-                c = torch.arange(b, dtype=dtype, device=device).unsqueeze(0)
-                # a shifted DCT-II frame (shift mixes the rows so every unfolding is full rank)
-                f = torch.cos(math.pi * (j + 0.5) * (c + 0.5 + 0.37 * c * c / max(b, 1)) / m)
-                q, _ = qr_pos(f)
-                cores.append(q.reshape(a, n, b))
-            else:
-                j = torch.arange(a, dtype=dtype, device=device).unsqueeze(1)
-                c = torch.arange(n, dtype=dtype, device=device).unsqueeze(0)
-                f = torch.cos(math.pi * (j + 0.5 + 0.21 * j * j) * (c + 0.5) / n)
-                f = f / torch.linalg.vector_norm(f)
-                cores.append(f.reshape(a, n, 1))
-        return self._cat(cores)
+        gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        x = TT.random(self.shape, self.ranks, dtype=torch.float64, generator=gen)
+        return self._cat(x.cores).to(dtype=dtype, device=device)
 
     # ------------------------------------------------------------------------------------
     # Riemannian autodiff
@@ -609,7 +621,10 @@ class FixedTTRank(geoopt.Manifold):
             _check_loss(val)
             D = torch.autograd.grad(val, deltas, allow_unused=True)
         D = [torch.zeros_like(u) if g is None else g for g, u in zip(D, U)]
-        return self._cat(self._deltas_from_D(U, D))
+        out = self._cat(self._deltas_from_D(U, D))
+        if out.device.type != "meta":
+            torch._assert_async(torch.isfinite(out).all(), "f: gradient contains NaN or Inf")
+        return out
 
     def riemannian_hvp(self, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
                        u: torch.Tensor) -> torch.Tensor:
