@@ -1,0 +1,750 @@
+"""Tests of :class:`ttmanifold.FixedTTRank` against independent dense references.
+
+The reference ("oracle") for everything tangent-space related is built from first
+principles, without any of the manifold's own projection code: the tangent space of M_r at
+X is the range of the Jacobian of the core map ``cores -> dense tensor`` (evaluated here with
+a plain einsum contraction written in this file), so ``P = Q Q^T`` with ``Q`` the leading
+``dim M_r`` left singular vectors of that Jacobian is the orthogonal tangent projector.
+
+Only gauge-invariant quantities are compared between different computations: assembled
+dense tangent vectors, inner products, dense points. Raw packed deltas are compared only
+when both sides live at the same point and the gauge makes them unique.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import ttmanifold as tm
+from ttmanifold import TT, FixedTTRank, IndexSet
+
+F64 = torch.float64
+F32 = torch.float32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """These tensors are tiny: intra-op threading only adds contention (several times
+    slower on a loaded machine). Restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------
+# independent helpers (no ttmanifold code)
+# ---------------------------------------------------------------------------------------
+
+def split(M, x):
+    """Packed flat tensor -> list of cores (the documented layout: cores concatenated)."""
+    sizes = [a * b * c for a, b, c in M.core_shapes]
+    return [c.reshape(s) for c, s in zip(torch.split(x, sizes), M.core_shapes)]
+
+
+def full(cores):
+    """Dense tensor of a list of TT cores by plain einsum contraction."""
+    res = cores[0].reshape(cores[0].shape[1], cores[0].shape[2])
+    for c in cores[1:]:
+        res = torch.einsum("ia,ajb->ijb", res, c).reshape(-1, c.shape[2])
+    return res.reshape([int(c.shape[1]) for c in cores])
+
+
+def dense_point(M, p):
+    return full(split(M, p))
+
+
+def dense_tangent(M, p, u):
+    """Assembled dense tangent vector (tangent_to_tt is itself checked against the oracle)."""
+    return full(M.tangent_to_tt(p, u).cores)
+
+
+def formula_dim(shape, ranks):
+    return (sum(ranks[k] * n * ranks[k + 1] for k, n in enumerate(shape))
+            - sum(r * r for r in ranks[1:-1]))
+
+
+def jacobian_svd(M, p):
+    p64 = p.detach().to(F64)
+    J = torch.autograd.functional.jacobian(
+        lambda v: full(split(M, v)).reshape(-1), p64, vectorize=True)
+    Uj, S, _ = torch.linalg.svd(J, full_matrices=False)
+    return Uj, S
+
+
+def oracle(M, p, *, check_rank=True):
+    """Orthogonal projector (N x N, float64) onto the tangent space at p."""
+    Uj, S = jacobian_svd(M, p)
+    if check_rank:
+        tol = 1e-10 * float(S[0])
+        rank = int((S > tol).sum())
+        assert rank == M.dim == formula_dim(M.shape, M.ranks), (rank, M.dim)
+    Q = Uj[:, : M.dim]
+    return Q @ Q.T
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / max(float(b.norm()), 1e-300))
+
+
+def close(a, b, tol=1e-10):
+    """||a - b|| <= tol * max(1, ||b||)."""
+    a, b = a.detach().to(F64), b.detach().to(F64)
+    return float((a - b).norm()) <= tol * max(1.0, float(b.norm()))
+
+
+def random_tt_cores(shape, R, gen, dtype=F64):
+    """Gaussian cores with inner ranks R (redundant ranks are fine for a TT)."""
+    d = len(shape)
+    ranks = [1] + [R] * (d - 1) + [1]
+    return [torch.randn(ranks[k], n, ranks[k + 1], dtype=dtype, generator=gen)
+            for k, n in enumerate(shape)]
+
+
+def uncoalesced_sparse(shape, gen, n_samples, dtype=F64):
+    """Sparse COO tensor with duplicate indices (not coalesced) and its dense sum."""
+    numel = math.prod(shape)
+    flat = torch.randint(0, numel, (n_samples,), generator=gen)
+    flat = torch.cat([flat, flat[: max(1, n_samples // 3)]])  # guaranteed duplicates
+    idx = torch.stack(torch.unravel_index(flat, shape), 0) if len(shape) > 1 else flat[None]
+    vals = torch.randn(flat.shape[0], dtype=dtype, generator=gen)
+    Z = torch.sparse_coo_tensor(idx, vals, shape, check_invariants=True)
+    dense = torch.zeros(numel, dtype=dtype).index_add_(0, flat, vals).reshape(shape)
+    return Z, dense, idx.t().contiguous(), vals
+
+
+def slope(ts, errs):
+    x = torch.log(torch.tensor(ts, dtype=F64))
+    y = torch.log(torch.tensor(errs, dtype=F64))
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / (x * x).sum())
+
+
+@st.composite
+def manifolds(draw, max_d=5, max_n=4, max_numel=128):
+    d = draw(st.integers(1, max_d))
+    shape = tuple(draw(st.lists(st.integers(1, max_n), min_size=d, max_size=d)))
+    assume(math.prod(shape) <= max_numel)
+    feas = tm.feasible_ranks(shape)
+    ranks = [1]
+    for k in range(1, d):
+        ranks.append(draw(st.integers(1, min(feas[k], ranks[-1] * shape[k - 1]))))
+    ranks.append(1)
+    for k in range(d - 1, 0, -1):  # attainable from the right as well
+        ranks[k] = min(ranks[k], shape[k] * ranks[k + 1])
+    seed = draw(st.integers(0, 2**31 - 1))
+    return shape, tuple(ranks), seed
+
+
+def fixed_case(shape=(3, 4, 3, 2), ranks=(1, 2, 3, 2, 1), seed=0, dtype=F64):
+    M = FixedTTRank(shape, ranks)
+    gen = torch.Generator().manual_seed(seed)
+    return M, M.random(dtype=dtype, generator=gen), gen
+
+
+# ---------------------------------------------------------------------------------------
+# projection and gradients against the Jacobian oracle (property based)
+# ---------------------------------------------------------------------------------------
+
+# 25 examples by default; a profile asking for more (HYPOTHESIS_PROFILE=thorough) gets more
+_N_EXAMPLES = max(25, settings().max_examples) if settings().max_examples > 30 else 25
+
+
+@settings(max_examples=_N_EXAMPLES, deadline=None)
+@given(manifolds())
+def test_projection_and_gradients_match_oracle(case):
+    shape, ranks, seed = case
+    M = FixedTTRank(shape, ranks)
+    assert M.dim == formula_dim(shape, ranks)
+    gen = torch.Generator().manual_seed(seed)
+    p = M.random(dtype=F64, generator=gen)
+    assert M._check_point_on_manifold(p)[0]
+    assert unfolding_ranks(dense_point(M, p)) == M.ranks
+    o = M.origin(dtype=F64)
+    assert torch.equal(o, M.origin(dtype=F64))  # deterministic
+    assert M._check_point_on_manifold(o)[0]
+    assert unfolding_ranks(dense_point(M, o)) == M.ranks
+    P = oracle(M, p)  # also checks rank(J) == M.dim
+    X = dense_point(M, p)
+    assert close(M.to_tt(p).full(), X, 1e-14)
+
+    def ref(G):
+        return (P @ G.reshape(-1)).reshape(shape)
+
+    # tangent_to_tt of arbitrary (non-gauged) deltas lies in the tangent space
+    t = dense_tangent(M, p, torch.randn(M.size, dtype=F64, generator=gen))
+    assert close(ref(t), t)
+
+    # project: dense, TT, sparse (duplicates, uncoalesced)
+    Z = torch.randn(shape, dtype=F64, generator=gen)
+    u = M.project(p, Z)
+    assert close(dense_tangent(M, p, u), ref(Z))
+    Zc = random_tt_cores(shape, 3, gen)
+    assert close(dense_tangent(M, p, M.project(p, TT(Zc))), ref(full(Zc)))
+    Zs, Zs_dense, idx, vals = uncoalesced_sparse(shape, gen, 2 * math.prod(shape))
+    assert not Zs.is_coalesced()
+    us = M.project(p, Zs)
+    assert close(dense_tangent(M, p, us), ref(Zs_dense))
+    assert close(us, M.project(p, Zs.coalesce()), 1e-12)  # same point: gauge unique
+
+    # proju / egrad2rgrad of packed D_k = adjoint of the delta map applied to Z
+    delta = torch.zeros(M.size, dtype=F64, requires_grad=True)
+    inner_z = (dense_tangent(M, p, delta) * Z).sum()
+    (D,) = torch.autograd.grad(inner_z, delta)
+    assert close(dense_tangent(M, p, M.proju(p, D)), ref(Z))
+    assert close(dense_tangent(M, p, M.egrad2rgrad(p, D)), ref(Z))
+
+    # inner products, norm, idempotency, identity of proju on tangent vectors
+    v = M.project(p, torch.randn(shape, dtype=F64, generator=gen))
+    du, dv = dense_tangent(M, p, u), dense_tangent(M, p, v)
+    assert abs(float(M.inner(p, u, v)) - float((du * dv).sum())) <= 1e-10 * max(
+        1.0, float(du.norm() * dv.norm()))
+    assert abs(float(M.norm(p, u)) - float(du.norm())) <= 1e-10 * max(1.0, float(du.norm()))
+    assert close(M.project(p, du), u, 1e-10)
+    assert close(M.proju(p, u), u, 1e-12)
+    assert M._check_vector_on_tangent(p, u)[0]
+
+    # the gradient path: unpack_tensor's backward gives the Riemannian gradient
+    A = torch.randn(shape, dtype=F64, generator=gen)
+    pp = p.clone().requires_grad_()
+    T = M.unpack_tensor(pp)
+    assert close(full(T.cores), X, 1e-13)
+    (0.5 * (full(T.cores) - A).pow(2).sum()).backward()
+    assert close(dense_tangent(M, p, pp.grad), ref(X - A))
+    assert close(dense_tangent(M, p, M.egrad2rgrad(p, pp.grad)), ref(X - A))
+
+    # riemannian_grad: quadratic, non-quadratic, sampled entries
+    g = M.riemannian_grad(p, lambda T: 0.5 * (T.full() - A).pow(2).sum())
+    assert close(dense_tangent(M, p, g), ref(X - A))
+    g = M.riemannian_grad(p, lambda T: torch.sin(3 * T.full()).sum())
+    assert close(dense_tangent(M, p, g), ref(3 * torch.cos(3 * X)))
+    iset = IndexSet(idx, shape)
+    a = torch.randn(idx.shape[0], dtype=F64, generator=gen)
+    g = M.riemannian_grad(p, lambda T: 0.5 * (iset.gather(T) - a).pow(2).sum())
+    resid = X[tuple(idx.t())] - a
+    G = torch.zeros(shape, dtype=F64).index_put_(tuple(idx.t()), resid, accumulate=True)
+    assert close(dense_tangent(M, p, g), ref(G))
+
+    # gauge: same tangent vector, gauged deltas
+    nu = torch.randn(M.size, dtype=F64, generator=gen)
+    gu = M.gauge(p, nu)
+    assert close(dense_tangent(M, p, gu), dense_tangent(M, p, nu))
+    for Uk, dk in zip(split(M, p)[:-1], split(M, gu)[:-1]):
+        ul, dl = Uk.reshape(-1, Uk.shape[2]), dk.reshape(-1, dk.shape[2])
+        assert float((ul.T @ dl).abs().max()) <= 1e-12 * max(1.0, float(nu.abs().max()))
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_sparse_projection_unbalanced_groups(chunk, monkeypatch):
+    """Skewed samples: IndexSet falls back from padded groups to per-sample products
+    (optionally in several chunks); still the oracle projection, duplicates summed."""
+    import ttmanifold.sparse as sparse_mod
+
+    if chunk is not None:
+        monkeypatch.setattr(sparse_mod, "_CHUNK", chunk)
+    M, p, gen = fixed_case((8, 3, 7), (1, 3, 3, 1), seed=14)
+    N = 40
+    idx = torch.stack([torch.zeros(N, dtype=torch.long),  # every sample in one group
+                       torch.randint(0, 3, (N,), generator=gen),
+                       torch.where(torch.arange(N) < N - 3, 6, torch.arange(N) % 7)], 1)
+    idx[-1] = torch.tensor([5, 1, 2])
+    idx[1] = idx[0]  # a duplicate
+    vals = torch.randn(N, dtype=F64, generator=gen)
+    iset = IndexSet(idx, M.shape)
+    assert not iset.plan(0).padded and not iset.plan(2).padded  # the fallback path
+    Zs = torch.sparse_coo_tensor(idx.t(), vals, M.shape, check_invariants=True)
+    dense = torch.zeros(M.shape, dtype=F64).index_put_(tuple(idx.t()), vals, accumulate=True)
+    P = oracle(M, p)
+    ref = (P @ dense.reshape(-1)).reshape(M.shape)
+    assert close(dense_tangent(M, p, M.project(p, Zs)), ref)
+    assert close(dense_tangent(M, p, M.project_sampled(p, iset, vals)), ref)
+    X = dense_point(M, p)
+    assert close(iset.gather(M.to_tt(p)), X[tuple(idx.t())], 1e-13)
+    g = M.riemannian_grad(p, lambda T: 0.5 * (iset.gather(T) - vals).pow(2).sum())
+    G = torch.zeros(M.shape, dtype=F64).index_put_(tuple(idx.t()), X[tuple(idx.t())] - vals,
+                                                    accumulate=True)
+    assert close(dense_tangent(M, p, g), (P @ G.reshape(-1)).reshape(M.shape))
+
+
+@pytest.mark.parametrize("shape,ranks", [((5, 5, 2), (1, 3, 1, 1)), ((3, 3, 4, 1), (1, 1, 3, 1, 1)),
+                                         ((2, 1, 5, 4, 2), (1, 2, 2, 8, 2, 1)),
+                                         ((3, 4, 3, 2), (1, 2, 3, 2, 1))])
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_origin_is_a_point_of_exact_rank(shape, ranks, dtype):
+    M = FixedTTRank(shape, ranks)
+    o = M.origin(dtype=dtype)
+    assert o.dtype == dtype and torch.equal(o, M.origin(dtype=dtype))
+    ok, msg = M._check_point_on_manifold(o)
+    assert ok, msg
+    assert unfolding_ranks(dense_point(M, o.to(F64)), 1e-6) == M.ranks
+    assert abs(float(dense_point(M, o.to(F64)).norm()) - 1) < 1e-6
+
+
+def tt_svd_right_to_left(X, ranks):
+    """Dense TT-SVD sweeping from the last mode (truncated SVDs), as a dense tensor."""
+    shape = X.shape
+    d = len(shape)
+    c, right = X.reshape(-1, shape[-1]), []
+    r_next = 1
+    for k in range(d - 1, 0, -1):
+        c = c.reshape(-1, shape[k] * r_next)
+        u, s, vh = torch.linalg.svd(c, full_matrices=False)
+        r = ranks[k]
+        right.insert(0, vh[:r].reshape(r, shape[k], r_next))
+        c = u[:, :r] * s[:r]
+        r_next = r
+    return full([c.reshape(1, shape[0], r_next)] + right)
+
+
+def test_pack_point_rounds_higher_ranks():
+    M = FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1))
+    gen = torch.Generator().manual_seed(15)
+    x = TT.random(M.shape, (1, 3, 4, 2, 1), dtype=F64, generator=gen)
+    p = M.pack_point(x)
+    assert M._check_point_on_manifold(p)[0]
+    assert close(dense_point(M, p), tt_svd_right_to_left(full(x.cores), M.ranks), 1e-12)
+    # cores given as a list, same rank: same tensor
+    y = TT.random(M.shape, M.ranks, dtype=F64, generator=gen)
+    assert close(dense_point(M, M.pack_point(y.cores)), full(y.cores), 1e-13)
+    assert close(dense_point(M, M.pack_point(*y.cores)), full(y.cores), 1e-13)
+
+
+def test_dim_formula_examples():
+    assert FixedTTRank((5, 4), 2).dim == 2 * (5 + 4 - 2)  # fixed-rank matrices
+    assert FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1)).dim == 6 + 24 + 18 + 4 - (4 + 9 + 4)
+    assert FixedTTRank((7,), (1, 1)).dim == 7
+
+
+def test_component_inner_keeps_the_gauge():
+    """RiemannianAdam divides by sqrt(component_inner): it must be constant on every core
+    block (so the direction stays gauged) and, as documented, equal <u, v>."""
+    M, p, gen = fixed_case(seed=16)
+    u = M.project(p, torch.randn(M.shape, dtype=F64, generator=gen))
+    v = M.project(p, torch.randn(M.shape, dtype=F64, generator=gen))
+    c = M.component_inner(p, u, v)
+    assert c.shape == u.shape and c.data_ptr() != u.data_ptr()
+    for block in split(M, c):
+        assert torch.all(block == block.reshape(-1)[0])
+    assert torch.allclose(c, M.inner(p, u, v).expand(c.shape), rtol=1e-13, atol=0)
+    cu = M.component_inner(p, u)
+    assert bool((cu >= 0).all())
+    ok, msg = M._check_vector_on_tangent(p, u / (cu.sqrt() + 1e-8), atol=1e-12, rtol=1e-12)
+    assert ok, msg
+
+
+def test_egrad2rgrad_returns_no_alias():
+    for shape, ranks in [((3, 4, 3, 2), (1, 2, 3, 2, 1)), ((5,), (1, 1)), ((1, 1), (1, 1, 1))]:
+        M = FixedTTRank(shape, ranks)
+        p = M.random(dtype=F64)
+        gvec = M.project(p, torch.randn(shape, dtype=F64))  # already gauged: a no-op projection
+        keep = gvec.clone()
+        out = M.egrad2rgrad(p, gvec)
+        assert out.data_ptr() != gvec.data_ptr()
+        out.add_(1.0)
+        assert torch.equal(gvec, keep)
+        out2 = M.proju(p, gvec)
+        assert out2.data_ptr() != gvec.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------
+# retraction and transport
+# ---------------------------------------------------------------------------------------
+
+def unfolding_ranks(X, tol=1e-9):
+    shape = X.shape
+    out = [1]
+    for k in range(1, len(shape)):
+        out.append(int(torch.linalg.matrix_rank(X.reshape(math.prod(shape[:k]), -1),
+                                                rtol=tol)))
+    return tuple(out + [1])
+
+
+@pytest.mark.parametrize("shape,ranks", [((3, 4, 3, 2), (1, 2, 3, 2, 1)),
+                                         ((4, 3, 4), (1, 3, 3, 1)),
+                                         ((2, 3, 2, 3, 2), (1, 2, 3, 3, 2, 1))])
+def test_retraction_second_order_and_on_manifold(shape, ranks):
+    M, p, gen = fixed_case(shape, ranks, seed=3)
+    X = dense_point(M, p)
+    u = M.project(p, torch.randn(shape, dtype=F64, generator=gen))
+    U = dense_tangent(M, p, u)
+    u = u / U.norm()
+    U = U / U.norm()
+    y = M.retr(p, u)
+    ok, msg = M._check_point_on_manifold(y)
+    assert ok, msg
+    assert unfolding_ranks(dense_point(M, y)) == M.ranks
+    # R(x, 0) is x (possibly in another gauge: compare dense tensors); dist is chordal
+    assert close(dense_point(M, M.retr(p, torch.zeros_like(p))), X, 1e-13)
+    assert abs(float(M.dist(p, y)) - float((dense_point(M, y) - X).norm())) < 1e-12
+    ts = [10.0 ** (-e) for e in (1, 1.5, 2, 2.5, 3, 3.5, 4)]
+    errs = [float((dense_point(M, M.retr(p, t * u)) - (X + t * U)).norm()) for t in ts]
+    assert 1.8 < slope(ts, errs) < 2.2, errs
+
+    # Taylor remainder of a (non-quadratic) loss along the retraction curve
+    A = torch.randn(shape, dtype=F64, generator=gen)
+
+    def f_dense(Xd):
+        return 0.5 * (Xd - A).pow(2).sum() + torch.sin(2 * Xd).sum()
+
+    g = M.riemannian_grad(p, lambda T: f_dense(T.full()))
+    f0 = f_dense(X)
+    gu = float(M.inner(p, g, u))
+    # (t <= 1e-2: at larger t the third-order term still competes with the second)
+    ts = [10.0 ** (-e) for e in (2, 2.5, 3, 3.5, 4)]
+    rem = [abs(float(f_dense(dense_point(M, M.retr(p, t * u))) - f0) - t * gu) for t in ts]
+    assert 1.8 < slope(ts, rem) < 2.2, rem
+
+
+def test_retraction_d1_is_exact():
+    M = FixedTTRank((5,), (1, 1))
+    p = M.random(dtype=F64)
+    u = torch.randn(M.size, dtype=F64)
+    assert close(dense_point(M, M.retr(p, u)), dense_point(M, p) + dense_tangent(M, p, u), 1e-14)
+
+
+def test_transport_matches_oracle():
+    M, p, gen = fixed_case(seed=5)
+    u = M.project(p, torch.randn(M.shape, dtype=F64, generator=gen))
+    v = M.project(p, torch.randn(M.shape, dtype=F64, generator=gen))
+    assert torch.allclose(M.transp(p, p, v), v, atol=1e-13, rtol=0)
+    y = M.retr(p, 0.3 * u)
+    w = M.transp(p, y, v)
+    assert M._check_vector_on_tangent(y, w)[0]
+    Py = oracle(M, y)
+    ref = (Py @ dense_tangent(M, p, v).reshape(-1)).reshape(M.shape)
+    assert close(dense_tangent(M, y, w), ref)
+    # retr_transp == (retr, transp)
+    y2, w2 = M.retr_transp(p, 0.3 * u, v)
+    assert close(dense_point(M, y2), dense_point(M, y), 1e-13)
+    assert close(dense_tangent(M, y2, w2), ref)
+    # transport by orthogonal projection is non-expansive
+    assert float(M.norm(y, w)) <= float(M.norm(p, v)) * (1 + 1e-12)
+
+
+def test_retr_and_transp_accept_non_gauged_deltas():
+    M, p, gen = fixed_case(seed=6)
+    nu = 0.3 * torch.randn(M.size, dtype=F64, generator=gen)
+    nv = torch.randn(M.size, dtype=F64, generator=gen)
+    gu, gv = M.gauge(p, nu), M.gauge(p, nv)
+    # non-gauged input really is non-gauged
+    assert not M._check_vector_on_tangent(p, nu)[0]
+    assert close(dense_point(M, M.retr(p, nu)), dense_point(M, M.retr(p, gu)), 1e-12)
+    y = M.retr(p, gu)
+    assert close(dense_tangent(M, y, M.transp(p, y, nv)),
+                 dense_tangent(M, y, M.transp(p, y, gv)), 1e-12)
+    y1, w1 = M.retr_transp(p, nu, nv)
+    y2, w2 = M.retr_transp(p, gu, gv)
+    assert close(dense_point(M, y1), dense_point(M, y2), 1e-12)
+    assert close(dense_tangent(M, y1, w1), dense_tangent(M, y2, w2), 1e-12)
+    assert M._check_point_on_manifold(M.retr(p, nu))[0]
+
+
+# ---------------------------------------------------------------------------------------
+# d = 2: the fixed-rank matrix manifold
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,n,r", [(5, 4, 2), (6, 3, 3), (4, 4, 1)])
+def test_matrix_case(m, n, r):
+    M, p, gen = fixed_case((m, n), (1, r, 1), seed=7)
+    X = dense_point(M, p)
+    U, S, Vh = torch.linalg.svd(X)
+    PU = U[:, :r] @ U[:, :r].T
+    PV = Vh[:r].T @ Vh[:r]
+    Z = torch.randn(m, n, dtype=F64, generator=gen)
+    ref = PU @ Z + Z @ PV - PU @ Z @ PV
+    u = M.project(p, Z)
+    assert close(dense_tangent(M, p, u), ref)
+    assert abs(float(M.inner(p, u, u)) - float((ref * ref).sum())) < 1e-10
+    xi = dense_tangent(M, p, u)
+    for t in (1.0, 0.3, 1e-3):
+        Y = X + t * xi
+        Uy, Sy, Vhy = torch.linalg.svd(Y)
+        best = (Uy[:, :r] * Sy[:r]) @ Vhy[:r]
+        assert close(dense_point(M, M.retr(p, t * u)), best, 1e-11)
+
+
+# ---------------------------------------------------------------------------------------
+# projx
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_projx_idempotent_bitwise(dtype):
+    M = FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1))
+    gen = torch.Generator().manual_seed(8)
+    p = M.random(dtype=dtype, generator=gen)
+    assert torch.equal(M.projx(p), p)
+    o = M.origin(dtype=dtype)
+    assert torch.equal(M.projx(o), o)
+    q = M.projx(M.random(dtype=F64, generator=gen).to(dtype))  # cast point
+    assert torch.equal(M.projx(q), q)
+    for _ in range(10):
+        u = M.project(q, torch.randn(M.shape, dtype=dtype, generator=gen))
+        q = M.retr(q, 0.5 * u / M.norm(q, u))
+        assert torch.equal(M.projx(q), q)
+        assert torch.equal(M.projx(M.projx(q)), q)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_projx_of_off_manifold_tensor(dtype):
+    M = FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1))
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(M.size, dtype=F64, generator=gen).to(dtype)
+    assert not M._check_point_on_manifold(x)[0]
+    y = M.projx(x)
+    ok, msg = M._check_point_on_manifold(y)
+    assert ok, msg
+    tol = 1e-12 if dtype == F64 else 1e-5
+    assert rel_err(dense_point(M, y).to(F64), dense_point(M, x).to(F64)) < tol
+    assert torch.equal(M.projx(y), y)
+
+
+# ---------------------------------------------------------------------------------------
+# Hessian-vector product
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,ranks", [((3, 4, 3, 2), (1, 2, 3, 2, 1)), ((4, 3), (1, 2, 1))])
+def test_riemannian_hvp_matches_projected_dense_hessian(shape, ranks):
+    M, p, gen = fixed_case(shape, ranks, seed=10)
+    A = torch.randn(shape, dtype=F64, generator=gen)
+
+    def fd(Xd):
+        return torch.sin(3 * Xd).sum() + 0.25 * (Xd - A).pow(2).sum().pow(2)
+
+    X = dense_point(M, p)
+    H = torch.autograd.functional.hessian(lambda v: fd(v.reshape(shape)), X.reshape(-1))
+    P = oracle(M, p)
+    u = M.project(p, torch.randn(shape, dtype=F64, generator=gen))
+    xi = dense_tangent(M, p, u).reshape(-1)
+    ref = (P @ (H @ (P @ xi))).reshape(shape)
+    hv = M.riemannian_hvp(p, lambda T: fd(T.full()), u)
+    assert close(dense_tangent(M, p, hv), ref)
+    # symmetric bilinear form on the tangent space
+    v = M.project(p, torch.randn(shape, dtype=F64, generator=gen))
+    hvv = M.riemannian_hvp(p, lambda T: fd(T.full()), v)
+    assert abs(float(M.inner(p, hv, v) - M.inner(p, u, hvv))) < 1e-10
+
+
+# ---------------------------------------------------------------------------------------
+# float32 accuracy at a badly conditioned point
+# ---------------------------------------------------------------------------------------
+
+def ill_conditioned_point(M, gen):
+    x = TT.random(M.shape, M.ranks, dtype=F64, generator=gen)
+    cores = x.cores
+    for k in range(M.d - 1):  # insert diag(logspace(0, -6, r_k)) at every bond
+        s = torch.logspace(0, -6, M.ranks[k + 1], dtype=F64)
+        cores[k] = cores[k] * s
+    return M.pack_point(TT(cores))
+
+
+@pytest.mark.parametrize("loss", ["quadratic", "cubic"])
+def test_float32_gradient_accuracy_ill_conditioned(loss):
+    M = FixedTTRank((4, 5, 4, 3), (1, 3, 4, 3, 1))
+    gen = torch.Generator().manual_seed(11)
+    p64 = ill_conditioned_point(M, gen)
+    p32 = M.projx(p64.to(F32))
+    # (the default rtol=1e-5 of the rank check would call this point numerically rank
+    # deficient: that is the point of the test)
+    ok, msg = M._check_point_on_manifold(p32, rtol=1e-10)
+    assert ok, msg
+    X = dense_point(M, p32.to(F64))  # the float32 point, evaluated exactly
+    spreads = []
+    for k in range(1, M.d):
+        sv = torch.linalg.svdvals(X.reshape(math.prod(M.shape[:k]), -1))[: M.ranks[k]]
+        spreads.append(float(sv[0] / sv[-1]))
+    assert max(spreads) > 1e6, spreads  # six orders of magnitude (and more)
+    A = torch.randn(M.shape, dtype=F64, generator=gen)
+
+    def f(Xd, Ad):
+        return 0.5 * (Xd - Ad).pow(2).sum() if loss == "quadratic" else Xd.pow(3).sum()
+
+    Xr = X.clone().requires_grad_()
+    (G,) = torch.autograd.grad(f(Xr, A), Xr)
+    Uj, S = jacobian_svd(M, p32)
+    assert float(S[M.dim] / S[M.dim - 1]) < 1e-5  # clear rank gap even here
+    Q = Uj[:, : M.dim]
+    ref = (Q @ (Q.T @ G.reshape(-1))).reshape(M.shape)
+
+    q = p32.clone().requires_grad_()
+    f(M.unpack_tensor(q).full(), A.to(F32)).backward()
+    assert q.grad.dtype == F32
+    got = dense_tangent(M, p32.to(F64), q.grad.to(F64))
+    assert rel_err(got, ref) < 1e-4
+    g2 = M.riemannian_grad(p32, lambda T: f(T.full(), A.to(F32)))
+    assert rel_err(dense_tangent(M, p32.to(F64), g2.to(F64)), ref) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# meta (and cuda) devices
+# ---------------------------------------------------------------------------------------
+
+_SHAPE, _RANKS = (3, 4, 3, 2), (1, 2, 3, 2, 1)
+
+
+def _device_calls(M, p, u, dtype, device):
+    """name -> (callable, expected output shape); outputs are tensors or tuples."""
+    def unpack():
+        pp = p.clone().requires_grad_()
+        T = M.unpack_tensor(pp)
+        T.full().pow(2).sum().backward()
+        return (T.full(), pp.grad)
+
+    def f(T):
+        return T.full().pow(2).sum()
+
+    Zt = TT.random(M.shape, 2, dtype=dtype, device=device)
+    Zd = torch.ones(M.shape, dtype=dtype, device=device)
+    s = (M.size,)
+    return {
+        "random": (lambda: M.random(dtype=dtype, device=device), s),
+        "origin": (lambda: M.origin(dtype=dtype, device=device), s),
+        "proju": (lambda: M.proju(p, u), s),
+        "egrad2rgrad": (lambda: M.egrad2rgrad(p, u), s),
+        "retr": (lambda: M.retr(p, u), s),
+        "transp": (lambda: M.transp(p, p, u), s),
+        "retr_transp": (lambda: M.retr_transp(p, u, u), [s, s]),
+        "inner": (lambda: M.inner(p, u, u), ()),
+        "component_inner": (lambda: M.component_inner(p, u, u), s),
+        "norm": (lambda: M.norm(p, u), ()),
+        "projx": (lambda: M.projx(p), s),
+        "project_tt": (lambda: M.project(p, Zt), s),
+        "project_dense": (lambda: M.project(p, Zd), s),
+        "tangent_to_tt": (lambda: tuple(M.tangent_to_tt(p, u).cores),
+                          [(a if k == 0 else 2 * a, n, b if k == M.d - 1 else 2 * b)
+                           for k, (a, n, b) in enumerate(M.core_shapes)]),
+        "unpack_tensor": (unpack, [M.shape, s]),
+        "riemannian_grad": (lambda: M.riemannian_grad(p, f), s),
+        "riemannian_hvp": (lambda: M.riemannian_hvp(p, f, u), s),
+        "gauge": (lambda: M.gauge(p, u), s),
+    }
+
+
+_METHODS = ["random", "origin", "proju", "egrad2rgrad", "retr", "transp", "retr_transp",
+            "inner", "component_inner", "norm", "projx", "project_tt", "project_dense",
+            "tangent_to_tt", "unpack_tensor", "riemannian_grad", "riemannian_hvp", "gauge"]
+
+_DEVICES = ["meta", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA not available"))]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("method", _METHODS)
+def test_methods_on_device(method, dtype, device):
+    M = FixedTTRank(_SHAPE, _RANKS)
+    p = M.random(dtype=dtype, device=device)
+    u = M.project(p, torch.ones(M.shape, dtype=dtype, device=device))
+    fn, expected = _device_calls(M, p, u, dtype, device)[method]
+    out = fn()
+    outs = list(out) if isinstance(out, tuple) else [out]
+    exp = expected if isinstance(expected, list) else [expected]
+    assert len(outs) == len(exp)
+    for o, e in zip(outs, exp):
+        assert tuple(o.shape) == tuple(e)
+        assert o.device.type == torch.device(device).type
+        assert o.dtype == dtype
+    if device != "meta":  # on a real device also check the values are usable
+        for o in outs:
+            assert bool(torch.isfinite(o).all())
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.xfail(raises=NotImplementedError, strict=True,
+                   reason="IndexSet groups samples with torch.bincount (no Meta kernel: "
+                          "'aten::bincount ... no fake impl or Meta kernel registered') and "
+                          "reads the largest group size on the host, so a sparse projection "
+                          "cannot run on the meta device")
+def test_project_sparse_on_meta(dtype):
+    M = FixedTTRank(_SHAPE, _RANKS)
+    p = M.random(dtype=dtype, device="meta")
+    idx = torch.zeros(len(_SHAPE), 3, dtype=torch.long, device="meta")
+    Z = torch.sparse_coo_tensor(idx, torch.empty(3, dtype=dtype, device="meta"), _SHAPE,
+                                check_invariants=False)
+    M.project(p, Z)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_cuda_matches_cpu():
+    M, p, gen = fixed_case(seed=12)
+    Z = torch.randn(M.shape, dtype=F64, generator=gen)
+    u = M.project(p, Z)
+    uc = M.project(p.cuda(), Z.cuda())
+    assert close(dense_tangent(M, p, uc.cpu()), dense_tangent(M, p, u), 1e-12)
+    assert close(dense_point(M, M.retr(p.cuda(), uc).cpu()), dense_point(M, M.retr(p, u)), 1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------
+
+def test_bad_input_errors():
+    M, p, gen = fixed_case(seed=13)
+    u = M.project(p, torch.randn(M.shape, dtype=F64, generator=gen))
+    with pytest.raises(ValueError, match=r"x: expected a flat tensor of size 52"):
+        M.proju(p[:-1], u)
+    with pytest.raises(ValueError, match=r"x: expected a flat tensor of size 52"):
+        M.retr(p.reshape(4, 13), u)
+    with pytest.raises(ValueError, match=r"u: expected a flat tensor of size 52"):
+        M.proju(p, torch.cat([u, u[:1]]))
+    with pytest.raises(ValueError, match=r"v: expected a flat tensor of size 52"):
+        M.transp(p, p, u[:-2])
+    with pytest.raises(ValueError, match=r"p: expected a flat tensor of size 52"):
+        M.to_tt(p[:3])
+    with pytest.raises(TypeError, match=r"u: dtype torch.float32 differs from the point's "
+                                        r"torch.float64"):
+        M.proju(p, u.to(F32))
+    with pytest.raises(TypeError, match=r"v: dtype torch.float32 differs"):
+        M.retr_transp(p, u, u.to(F32))
+    with pytest.raises(ValueError, match=r"u: device meta differs from the point's cpu"):
+        M.retr(p, u.to("meta"))
+    with pytest.raises(TypeError, match=r"Z: dtype torch.float32 differs"):
+        M.project(p, torch.zeros(M.shape, dtype=F32))
+    with pytest.raises(TypeError, match=r"expected a real floating dtype"):
+        M.proju(p, u.to(torch.int64))
+    # infeasible and unattainable ranks
+    with pytest.raises(ValueError, match=r"infeasible for shape \(2, 2, 2, 2\)"):
+        FixedTTRank((2, 2, 2, 2), (1, 2, 5, 2, 1))
+    with pytest.raises(ValueError, match=r"infeasible"):
+        FixedTTRank((2, 3), 3)
+    with pytest.raises(ValueError, match=r"cannot be attained"):
+        FixedTTRank((2, 2, 2, 2), (1, 1, 4, 1, 1))
+    with pytest.raises(ValueError, match=r"expected 3 inner ranks or 5 ranks"):
+        FixedTTRank((3, 4, 3, 2), (2, 2))
+    # non-finite gradients
+    bad = u.clone()
+    bad[3] = float("nan")
+    with pytest.raises(RuntimeError, match=r"NaN or Inf"):
+        M.egrad2rgrad(p, bad)
+    bad[3] = float("inf")
+    with pytest.raises(RuntimeError, match=r"NaN or Inf"):
+        M.egrad2rgrad(p, bad)
+    # pack_point of a TT of lower ranks / another shape
+    with pytest.raises(ValueError, match=r"ranks \(1, 1, 1, 1, 1\) are below"):
+        M.pack_point(TT.random(M.shape, 1, dtype=F64))
+    with pytest.raises(ValueError, match=r"shape \(3, 4, 3, 3\) differs"):
+        M.pack_point(TT.random((3, 4, 3, 3), (1, 2, 3, 2, 1), dtype=F64))
+    # pack_point of higher ranks rounds; same-rank TT gives the same dense tensor
+    X = TT.random(M.shape, M.ranks, dtype=F64, generator=gen)
+    assert close(dense_point(M, M.pack_point(X)), full(X.cores), 1e-13)
+    # project of a sparse tensor of the wrong shape
+    Zs = torch.sparse_coo_tensor(torch.zeros(4, 1, dtype=torch.long), torch.ones(1, dtype=F64),
+                                 (3, 4, 3, 3), check_invariants=True)
+    with pytest.raises(ValueError, match=r"Z: sparse shape \(3, 4, 3, 3\) differs"):
+        M.project(p, Zs)
+    with pytest.raises(ValueError, match=r"Z: shape \(3, 4, 3\) differs"):
+        M.project(p, torch.zeros(3, 4, 3, dtype=F64))
+    with pytest.raises(TypeError, match=r"expected a dense tensor, a TT or a sparse COO"):
+        M.project(p, [1.0, 2.0])
+    # f returning a non-scalar / not depending on the TT
+    with pytest.raises(ValueError, match=r"f: expected a function returning a scalar"):
+        M.riemannian_grad(p, lambda T: T.full())
+    with pytest.raises(ValueError, match=r"f: expected a function returning a scalar"):
+        M.riemannian_hvp(p, lambda T: T.full().sum(0), u)
+    with pytest.raises(ValueError, match=r"does not depend on the TT"):
+        M.riemannian_grad(p, lambda T: torch.tensor(1.0, dtype=F64))
+    with pytest.raises(ValueError, match=r"size: a point of FixedTTRank is a flat tensor"):
+        M.random(3, 4)
