@@ -274,6 +274,12 @@ class FixedTTRank(geoopt.Manifold):
         if isinstance(Z, torch.Tensor) and Z.is_sparse:
             if tuple(Z.shape) != self.shape:
                 raise ValueError(f"Z: sparse shape {tuple(Z.shape)} differs from {self.shape}")
+            if Z.layout != torch.sparse_coo or Z.sparse_dim() != self.d:
+                raise ValueError(
+                    f"Z: expected a torch.sparse_coo_tensor with all {self.d} dimensions sparse "
+                    f"(no hybrid dense dimensions), got layout {Z.layout} with sparse_dim "
+                    f"{Z.sparse_dim() if Z.layout == torch.sparse_coo else 'n/a'}"
+                )
             self._check_ambient(Z, p, "Z")
             idx = IndexSet.from_sparse(Z)
             return self.project_sampled(p, idx, Z._values())
@@ -394,6 +400,11 @@ class FixedTTRank(geoopt.Manifold):
         """Riemannian metric: Euclidean inner product of packed gauged deltas."""
         if v is None:
             v = u
+        if u.shape[-1:] != (self.size,) or v.shape[-1:] != (self.size,):
+            raise ValueError(
+                f"u, v: expected packed tangent vectors of size {self.size}, got shapes "
+                f"{tuple(u.shape)} and {tuple(v.shape)}"
+            )
         out = (u * v).sum(-1, keepdim=keepdim)
         return out
 
@@ -539,6 +550,7 @@ class FixedTTRank(geoopt.Manifold):
         return True, None
 
     def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
+        x = x.detach()
         U = self._split(x, "x")
         if x.device.type == "meta":
             return True, None
