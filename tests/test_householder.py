@@ -165,21 +165,24 @@ def test_forward_orthonormal_batched(m, r, dtype, device):
         assert err(fwd(p[1, 2], m, r), Q[1, 2]) < TOL[dtype]
 
 
+@pytest.mark.parametrize("backend", ["auto", "wy", "torch"])
 @pytest.mark.parametrize("m,r", SHAPES)
-def test_forward_matches_dense_reference(m, r):
+def test_forward_matches_dense_reference(m, r, backend):
     for seed in range(3):
         p = randn(full_dim(m, r), seed=seed) * (0.3 + seed)
-        assert err(frame_from_full(p, m, r), reference_frame(p, m, r, reduced=False)) < 1e-12
+        Q = frame_from_full(p, m, r, backend=backend)
+        assert err(Q, reference_frame(p, m, r, reduced=False)) < 1e-12
         q = randn(reduced_dim(m, r), seed=seed + 100) * (0.3 + seed)
-        assert err(frame_from_reduced(q, m, r), reference_frame(q, m, r, reduced=True)) < 1e-12
+        Q = frame_from_reduced(q, m, r, backend=backend)
+        assert err(Q, reference_frame(q, m, r, reduced=True)) < 1e-12
 
 
+@pytest.mark.parametrize("backend", ["wy", "torch"])
 @pytest.mark.parametrize("m,r", SHAPES)
-def test_zero_params_give_minus_identity(m, r):
-    assert torch.equal(frame_from_full(torch.zeros(full_dim(m, r), dtype=F64), m, r), -torch.eye(m, r, dtype=F64))
-    assert torch.equal(
-        frame_from_reduced(torch.zeros(reduced_dim(m, r), dtype=F64), m, r), -torch.eye(m, r, dtype=F64)
-    )
+def test_zero_params_give_minus_identity(m, r, backend):
+    zf, zr = torch.zeros(full_dim(m, r), dtype=F64), torch.zeros(reduced_dim(m, r), dtype=F64)
+    assert torch.equal(frame_from_full(zf, m, r, backend=backend), -torch.eye(m, r, dtype=F64))
+    assert torch.equal(frame_from_reduced(zr, m, r, backend=backend), -torch.eye(m, r, dtype=F64))
 
 
 @pytest.mark.parametrize("m,r", SHAPES)
@@ -189,12 +192,13 @@ def test_reduced_is_full_with_zero_block(m, r):
     assert err(frame_from_reduced(q, m, r), frame_from_full(full, m, r)) < 1e-14
 
 
+@pytest.mark.parametrize("backend", ["wy", "torch"])
 @pytest.mark.parametrize("m,r", SHAPES)
-def test_reduced_frames_have_upper_triangular_leading_block(m, r):
+def test_reduced_frames_have_upper_triangular_leading_block(m, r, backend):
     # Precise claim: the strictly-lower part of the leading r x r block is exactly zero and
     # its diagonal is (|w_j|^2 - 1) / (|w_j|^2 + 1) (negative iff |w_j| < 1, zero iff = 1).
     q = randn(5, reduced_dim(m, r), seed=3) * torch.tensor([0.1, 0.5, 1.0, 2.0, 10.0], dtype=F64)[:, None]
-    Q = frame_from_reduced(q, m, r)
+    Q = frame_from_reduced(q, m, r, backend=backend)
     B = Q[..., :r, :r]
     assert torch.count_nonzero(B.tril(-1)) == 0
     w2 = torch.stack([b.pow(2).sum(-1) for b in column_blocks(q, m, r, reduced=True)], dim=-1)
@@ -441,13 +445,15 @@ def test_reduced_jacobian_has_full_rank_and_is_transversal_to_gauge(m, r):
 
 
 # ----------------------------------------------------------------------------- autograd
-@pytest.mark.parametrize("m,r", [(1, 1), (3, 1), (4, 2), (5, 3), (3, 3)])
-def test_gradcheck_forwards(m, r):
+@pytest.mark.parametrize("backend", ["wy", "torch"])
+@pytest.mark.parametrize("m,r", [(1, 1), (3, 1), (4, 2), (5, 3), (3, 3), (9, 4)])
+def test_gradcheck_forwards(m, r, backend):
     for fwd, dim, seed in ((frame_from_full, full_dim, 0), (frame_from_reduced, reduced_dim, 1)):
-        p = randn(2, dim(m, r), seed=seed).requires_grad_()
-        if p.shape[-1] == 0:
-            continue
-        assert torch.autograd.gradcheck(lambda x: fwd(x, m, r), (p,))
+        for scale in (1.0, 30.0):  # large params: ill-conditioned T^{-1} in the WY backend
+            p = (randn(2, dim(m, r), seed=seed) * scale).requires_grad_()
+            if p.shape[-1] == 0:
+                continue
+            assert torch.autograd.gradcheck(lambda x: fwd(x, m, r, backend=backend), (p,))
 
 
 @pytest.mark.parametrize("m,r", [(3, 1), (4, 2), (5, 3), (3, 3)])
@@ -466,13 +472,19 @@ def test_inverse_no_grad_path_returns_plain_tensors():
 
 
 # ----------------------------------------------------------------------------- meta / cuda
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("m,r", [(1, 1), (5, 3), (4, 4)])
-def test_meta_device(m, r):
-    # householder_product has a meta kernel in this torch (checked on 2.13); torch.geqrf
-    # does not, so the inverses use the torch-op fallback on meta.
+def test_meta_device(m, r, backend):
+    # householder_product, matmul and solve_triangular (the WY backend) have meta kernels in
+    # this torch (checked on 2.13), backward included; torch.geqrf does not, so the
+    # inverses use the torch-op fallback on meta.
     for fwd, dim in ((frame_from_full, full_dim), (frame_from_reduced, reduced_dim)):
-        Q = fwd(torch.empty(2, dim(m, r), device="meta", dtype=F32), m, r)
+        p = torch.empty(2, dim(m, r), device="meta", dtype=F32, requires_grad=True)
+        Q = fwd(p, m, r, backend=backend)
         assert Q.device.type == "meta" and Q.shape == (2, m, r) and Q.dtype == F32
+        if p.shape[-1] > 0:
+            Q.sum().backward()
+            assert p.grad.device.type == "meta" and p.grad.shape == p.shape
     Q = torch.empty(3, m, r, device="meta", dtype=F64)
     p, s = full_from_frame(Q)
     assert p.device.type == "meta" and p.shape == (3, full_dim(m, r)) and s.shape == (3, r)
@@ -505,11 +517,43 @@ def test_backend_dispatch_to_torch_householder(monkeypatch):
     p = randn(2, 3, full_dim(m, r), seed=2)
     ref = frame_from_full(p, m, r, backend="torch")
     assert calls == []
-    out = frame_from_full(p, m, r)  # auto -> torch_householder
+    # auto picks the compact-WY backend even when torch_householder is importable
+    frame_from_full(p, m, r)
+    assert calls == []
+    out = frame_from_full(p, m, r, backend="torch_householder")
     assert calls == [(6, m, r)] and out.shape == (2, 3, m, r)
     assert err(out, ref) < 1e-14
     frame_from_reduced(randn(reduced_dim(m, r), seed=3), m, r, backend="torch_householder")
     assert calls[-1] == (1, m, r)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_backend_selection(monkeypatch, device):
+    # auto -> compact WY on every device; "torch" -> householder_product; "wy" explicit.
+    seen = []
+    real_wy, real_hp = hh._wy_product, torch.linalg.householder_product
+
+    def spy_wy(W):
+        seen.append("wy")
+        return real_wy(W)
+
+    def spy_hp(V, tau):
+        seen.append("torch")
+        return real_hp(V, tau)
+
+    monkeypatch.setattr(hh, "_wy_product", spy_wy)
+    monkeypatch.setattr(torch.linalg, "householder_product", spy_hp)
+    m, r = 6, 3
+    p = torch.zeros(2, full_dim(m, r), dtype=F64, device=device)
+    q = torch.zeros(2, reduced_dim(m, r), dtype=F64, device=device)
+    for backend, expected in (("auto", "wy"), ("wy", "wy"), ("torch", "torch")):
+        seen.clear()
+        frame_from_full(p, m, r, backend=backend)
+        frame_from_reduced(q, m, r, backend=backend)
+        assert seen == [expected, expected], backend
+    seen.clear()
+    frame_from_full(p, m, r)  # default argument is auto
+    assert seen == ["wy"]
 
 
 def test_backend_errors(monkeypatch):
@@ -526,6 +570,104 @@ def test_real_torch_householder_backend():
     m, r = 6, 3
     p = randn(4, full_dim(m, r), seed=3)
     assert err(frame_from_full(p, m, r, backend="torch_householder"), frame_from_full(p, m, r, backend="torch")) < 1e-10
+
+
+# ----------------------------------------------------------------------------- compact WY
+# Shapes for the WY backend: m == r, r == 1, m == 1, near-square and tall frames.
+WY_SHAPES = [(1, 1), (2, 1), (9, 1), (2, 2), (6, 6), (5, 3), (17, 16), (40, 5), (64, 8), (130, 12)]
+SCALES = [1e-3, 1e-1, 1.0, 10.0, 1e3]
+
+
+def _params(form, m, r, batch, seed, scale, dtype=F64):
+    n = full_dim(m, r) if form == "full" else reduced_dim(m, r)
+    return (randn(*batch, n, seed=seed) * scale).to(dtype)
+
+
+def _forward(form):
+    return frame_from_full if form == "full" else frame_from_reduced
+
+
+@pytest.mark.parametrize("form", ["full", "reduced"])
+@pytest.mark.parametrize("m,r", WY_SHAPES)
+def test_wy_matches_dense_product_of_reflections(m, r, form):
+    # independent reference: explicit m x m reflections multiplied in a Python loop
+    for k, scale in enumerate(SCALES):
+        p = _params(form, m, r, (3,), seed=100 * m + r + k, scale=scale)
+        Q = _forward(form)(p, m, r, backend="wy")
+        assert Q.shape == (3, m, r)
+        for b in range(3):
+            ref = reference_frame(p[b], m, r, reduced=form == "reduced")
+            assert err(Q[b], ref) < 1e-13, (scale, b)
+        assert orth_err(Q) < 1e-13
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("form", ["full", "reduced"])
+@pytest.mark.parametrize("m,r", WY_SHAPES)
+def test_wy_matches_householder_product(m, r, form, dtype):
+    # float64 to ~1e-15, float32 to ~1e-6 (but see the near-square test below)
+    tol = {F64: 1e-14, F32: 2e-6}[dtype]
+    for k, scale in enumerate(SCALES):
+        if dtype == F32 and form == "reduced" and m - r <= 2 and r >= 8 and scale >= 10:
+            continue  # ill-conditioned T^{-1}: covered by test_wy_float32_near_square_large_params
+        p = _params(form, m, r, (2, 3), seed=7 * m + r + k, scale=scale, dtype=dtype)
+        wy = _forward(form)(p, m, r, backend="wy")
+        ref = _forward(form)(p, m, r, backend="torch")
+        assert wy.shape == ref.shape == (2, 3, m, r) and wy.dtype == dtype
+        assert err(wy, ref) < tol, scale
+
+
+@pytest.mark.parametrize("form", ["full", "reduced"])
+@pytest.mark.parametrize("m,r", [(1, 1), (2, 1), (6, 6), (17, 16), (40, 5)])
+def test_wy_gradients_match_householder_product(m, r, form):
+    C = randn(2, m, r, seed=5)
+    for scale in (1e-2, 1.0, 30.0):
+        p0 = _params(form, m, r, (2,), seed=m + r, scale=scale)
+        grads = []
+        for backend in ("wy", "torch"):
+            p = p0.clone().requires_grad_()
+            (_forward(form)(p, m, r, backend=backend) * C).sum().backward()
+            grads.append(p.grad)
+        scale_g = max(1.0, grads[1].abs().max().item()) if grads[1].numel() else 1.0
+        assert err(grads[0], grads[1]) < 1e-12 * scale_g, scale
+
+
+def test_wy_float32_small_params_accuracy():
+    # |v_i|^2 = 1 + |w_i|^2 is summed without the unit entry: with V^T V computed naively in
+    # float32 the unit entry swallows |w_i|^2 ~ 1e-3 and the error on a 1024 x 16 frame
+    # is ~3e-6; split, WY is more accurate than householder_product here.
+    m, r = 1024, 16
+    p = randn(4, full_dim(m, r), seed=1, dtype=F32) * 1e-3
+    exact = frame_from_full(p.to(F64), m, r, backend="torch")  # same (rounded) parameters
+    e_wy = err(frame_from_full(p, m, r, backend="wy").to(F64), exact)
+    e_hp = err(frame_from_full(p, m, r, backend="torch").to(F64), exact)
+    assert e_wy < 6e-7 and e_wy <= 2 * e_hp
+
+
+@pytest.mark.parametrize("m,r", [(17, 16), (33, 32)])
+def test_wy_float32_near_square_large_params(m, r):
+    # Reduced frames with m - r small and |w| >> 1: all reflectors share the few bottom rows,
+    # T^{-1} is ill-conditioned (cond ~1e3..1e7) and float32 WY loses about one digit against
+    # householder_product at r <= 32 (householder_product reaches the same level at r >= 64).
+    # Documented bound: still orthonormal and accurate to ~1e-5.
+    for scale in (10.0, 100.0, 1e3):
+        q = randn(8, reduced_dim(m, r), seed=int(scale), dtype=F32) * scale
+        exact = frame_from_reduced(q.to(F64), m, r, backend="torch")
+        Q = frame_from_reduced(q, m, r, backend="wy")
+        assert err(Q.to(F64), exact) < 5e-5 and orth_err(Q.to(F64)) < 1e-4, scale
+    # float64 is unaffected at the 1e-13 level
+    q = randn(8, reduced_dim(m, r), seed=3) * 100.0
+    wy, ref = (frame_from_reduced(q, m, r, backend=b) for b in ("wy", "torch"))
+    assert err(wy, ref) < 1e-13
+
+
+@pytest.mark.parametrize("backend", ["wy", "torch"])
+def test_empty_batch(backend):
+    m, r = 5, 3
+    Q = frame_from_full(torch.zeros(0, full_dim(m, r), dtype=F64), m, r, backend=backend)
+    assert Q.shape == (0, m, r)
+    Q = frame_from_reduced(torch.zeros(2, 0, reduced_dim(m, r), dtype=F32), m, r, backend=backend)
+    assert Q.shape == (2, 0, m, r) and Q.dtype == F32
 
 
 # ----------------------------------------------------------------------------- bad input

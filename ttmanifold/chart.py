@@ -87,12 +87,13 @@ Devices, dtypes, autograd
 -------------------------
 float32 and float64 (the Householder kernels' dtypes); every tensor is created on the
 device/dtype of the input. Forwards are differentiable. Everything runs on the ``meta``
-device (``householder_product``, ``qr`` and ``svd`` have meta kernels; the inverse's
+device (the compact-WY frame evaluation's matmuls and ``solve_triangular``, ``qr`` and
+``svd`` have meta kernels; the inverse's
 Householder QR switches to a pure-torch path there); value checks that need a host
 synchronisation are skipped on ``meta``.
 
-Costs: with ``n = max n_k``, ``r = max r_k``: forward ``O(d n r^3)`` (one ``orgqr`` per
-core), inverse ``O(d n r^3)`` (a QR sweep, one Householder QR per core, one ``r x r``-ish
+Costs: with ``n = max n_k``, ``r = max r_k``: forward ``O(d n r^3)`` (one compact-WY frame
+evaluation per core), inverse ``O(d n r^3)`` (a QR sweep, one Householder QR per core, one ``r x r``-ish
 SVD), :meth:`STTPParametrization.forward` additionally ``O(n^d r)`` for the dense tensor.
 """
 from __future__ import annotations
