@@ -12,14 +12,16 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# half precisions are rejected: torch's QR/SVD kernels (the sweeps) do not support them
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 def check_float_dtype(dtype: torch.dtype, name: str) -> None:
     """Raise ``TypeError`` unless ``dtype`` is a supported real floating dtype."""
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"{name}: expected a real floating dtype (float32 or float64), got {dtype}"
+            f"{name}: expected a real floating dtype (float32 or float64), got {dtype} "
+            f"(half precisions and complex dtypes are not supported)"
         )
 
 

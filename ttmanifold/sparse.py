@@ -80,8 +80,12 @@ class IndexSet:
         The tensor's mode sizes.
     """
 
-    def __init__(self, indices: torch.Tensor, shape: Sequence[int]):
+    def __init__(self, indices: torch.Tensor, shape: Sequence[int], *, check: bool = True):
         shape = check_shape(shape)
+        if not check:  # trusted caller (already validated)
+            self.indices, self.shape = indices.long(), shape
+            self._plans = [None] * len(shape)
+            return
         if not isinstance(indices, torch.Tensor):
             raise TypeError(f"indices: expected a LongTensor of shape (N, {len(shape)})")
         if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:

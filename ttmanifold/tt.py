@@ -49,6 +49,14 @@ __all__ = ["TT", "inner", "orthogonalize", "round", "feasible_ranks", "qr_pos", 
 # small dense kernels
 # ---------------------------------------------------------------------------------------
 
+_GROUPED_GATHER_MIN = 4096
+# default relative accuracy of round/from_dense, in machine epsilons (times sqrt(d-1)):
+# each bond discards singular values below ~256 eps ||x||, above the rounding noise of
+# QR/SVD sweeps over redundant sums (observed up to ~40 eps ||x||)
+_DEFAULT_EPS_FACTOR = 256
+_GATHER_CHUNK = 1 << 14
+
+
 def qr_pos(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reduced QR ``a = q r`` with the sign convention ``diag(r) >= 0``.
 
@@ -332,8 +340,8 @@ class TT:
         truncations discards at most ``rel_eps ||x|| / sqrt(d - 1)`` in Frobenius norm, so
         ``||x - TT|| <= rel_eps ||x||``. ``max_rank`` and ``ranks`` cap the ranks (both may
         be combined with ``rel_eps``; then the error bound holds only if no cap binds).
-        With none of them the decomposition is exact to rounding: ``rel_eps`` defaults to a
-        few machine epsilons, so the ranks are the numerical ranks of the unfoldings. Cost O(n^{d+1}) for the first SVD. Choosing ranks from
+        With none of them the decomposition is exact to rounding: ``rel_eps`` defaults to
+        ``256 eps sqrt(d-1)``, so the ranks are the numerical ranks of the unfoldings. Cost O(n^{d+1}) for the first SVD. Choosing ranks from
         ``rel_eps`` reads singular values on the host.
         """
         if not isinstance(x, torch.Tensor):
@@ -348,7 +356,7 @@ class TT:
         rel_eps = check_positive_float(rel_eps, "rel_eps")
         d = len(shape)
         if ranks is None and max_rank is None and rel_eps is None:
-            rel_eps = 16 * torch.finfo(x.dtype).eps * math.sqrt(max(d - 1, 1))
+            rel_eps = _DEFAULT_EPS_FACTOR * torch.finfo(x.dtype).eps * math.sqrt(max(d - 1, 1))
         if ranks is None and max_rank is None:
             caps = feasible_ranks(shape)
         else:
@@ -391,16 +399,28 @@ class TT:
         """Entries at ``N`` multi-indices.
 
         ``indices``: integer tensor of shape ``(N, d)`` on the TT's device. Returns the
-        ``N`` entries as a 1-D tensor. Cost O(N d r^2) (batched vector-matrix products),
-        memory O(N r^2); the dense tensor is never formed.
+        ``N`` entries as a 1-D tensor. Cost O(N d r^2); the dense tensor is never formed.
+        For large ``N`` the samples are grouped by their index in each mode
+        (:class:`ttmanifold.IndexSet`) so that every step is one batched matrix product per
+        mode with O(N r) memory; small ``N`` (and the meta device) use per-sample products
+        in chunks. Reuse an :class:`~ttmanifold.IndexSet` to gather many TTs at the same
+        indices.
         """
         idx = self._check_indices(indices)
-        v = self._cores[0][0].index_select(0, idx[:, 0])  # (N, r_1)
-        for k in range(1, self.ndim):
-            c = self._cores[k]
-            m = c.permute(1, 0, 2).index_select(0, idx[:, k])  # (N, r_{k-1}, r_k)
-            v = torch.bmm(v.unsqueeze(1), m).squeeze(1)
-        return v[:, 0]
+        if idx.shape[0] >= _GROUPED_GATHER_MIN and idx.device.type != "meta":
+            from .sparse import IndexSet
+
+            return IndexSet(idx, self.shape, check=False).gather(self)
+        outs = []
+        for s in range(0, max(idx.shape[0], 1), _GATHER_CHUNK):
+            part = idx[s:s + _GATHER_CHUNK]
+            v = self._cores[0][0].index_select(0, part[:, 0])  # (N, r_1)
+            for k in range(1, self.ndim):
+                c = self._cores[k]
+                m = c.permute(1, 0, 2).index_select(0, part[:, k])  # (N, r_{k-1}, r_k)
+                v = torch.bmm(v.unsqueeze(1), m).squeeze(1)
+            outs.append(v[:, 0])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _check_indices(self, indices) -> torch.Tensor:
         if not isinstance(indices, torch.Tensor):
@@ -533,7 +553,7 @@ def orthogonalize(x: TT, side: str = "left", *, center: Optional[int] = None) ->
             center = 0
         else:
             raise ValueError(f"side: expected 'left' or 'right', got {side!r}")
-    if not isinstance(center, numbers.Integral) or not 0 <= center < d:
+    if not isinstance(center, numbers.Integral) or isinstance(center, bool) or not 0 <= center < d:
         raise ValueError(f"center: expected an int in [0, {d - 1}], got {center!r}")
     cores = list(x._cores)
     for k in range(center):
@@ -570,7 +590,8 @@ def round(
       error of the k-th unfolding (quasi-optimal: at most ``sqrt(d-1)`` times the best TT
       approximation of those ranks).
     - With no argument, the ranks are reduced to the exact TT-ranks up to rounding
-      (``rel_eps`` defaults to a few machine epsilons).
+      (``rel_eps`` defaults to ``256 eps sqrt(d-1)``: each bond drops singular values
+      below ``256 eps ||x||``).
 
     The output has cores ``1..d-1`` right-orthogonal and the norm in core 0. Cost O(d n R^3) for input rank R.
     Choosing ranks from ``rel_eps`` reads singular values on the host (one sync per bond).
@@ -581,7 +602,7 @@ def round(
     rel_eps = check_positive_float(rel_eps, "rel_eps")
     d = x.ndim
     if ranks is None and max_rank is None and rel_eps is None:
-        rel_eps = 16 * torch.finfo(x.dtype).eps * math.sqrt(max(d - 1, 1))
+        rel_eps = _DEFAULT_EPS_FACTOR * torch.finfo(x.dtype).eps * math.sqrt(max(d - 1, 1))
     if ranks is None and max_rank is None:
         caps = feasible_ranks(x.shape)
     else:
