@@ -1,0 +1,193 @@
+"""Chart vs Riemannian benchmark (issue 5).
+
+Part 1 - the full default comparison on tensor completion, d = 10, n = 20, r = 6,
+|Omega| = 10 dim M, float64: every method of :mod:`ttmanifold.solvers` with the common
+step-size rule (log grid 1e-3..1, 7 values, 10 tuning iterations) from one start; reports
+iterations and seconds to test error 1e-6. The start is ``kind="perturbed"`` (the target
+plus 30% noise, rounded: an oracle start inside the basin of attraction) because from a
+random start no method recovers the tensor at this sampling rate (shown by one
+random-start CG run, also reported).
+
+Part 2 - seconds per Riemannian CG iteration at d = 20, n = 50, r = 10, |Omega| = 10^6
+(target < 0.5 s), with a per-phase profile (left sweep, right sweep, scatters, gauge,
+tangent evaluation for the line search, retraction + transports).
+
+Run:  python benchmarks/bench_compare.py [--skip-part1] [--skip-part2] [--threads T]
+      [--dtype float64|float32] [--budget SECONDS_PER_RUN]
+Total runtime about 5 minutes on a 2-core CPU (RESULTS.md numbers: ``--threads 1``; on a
+shared machine torch's OpenMP threads contend and slow everything down several-fold).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import time
+
+import torch
+
+from ttmanifold.problems import Completion
+from ttmanifold.solvers import METHODS, run
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def part1(args):
+    print("\n## Part 1: completion d=10, n=20, r=6, |Omega| = 10 dim M, "
+          f"{args.dtype}, start = perturbed(0.3)")
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    P = Completion((20,) * 10, 6, oversampling=10, seed=0, dtype=dtype)
+    x0 = P.initial_point(0, kind="perturbed", distance=0.3)
+    print(P.describe(), f"(built in {time.perf_counter() - t0:.1f} s); start test_err "
+          f"{P.metrics(x0)['test_err']:.3f}")
+    rows = []
+    for method in METHODS:
+        t = time.perf_counter()
+        h = run(P, method, x0, iters=args.iters, time_budget=args.budget, metrics_every=1,
+                stop_metric="test_err", stop_tol=1e-6, seed=0)
+        wall = time.perf_counter() - t
+        r = h.reach("test_err", 1e-6)
+        m = h.final_metrics()
+        rows.append((method, h.lr, r, h.n_iters, h.time_per_iter, m["train_err"],
+                     m["test_err"], h.status, h.info.get("tune_seconds", 0.0), wall))
+        print(f"  {method:15s} lr={h.lr!s:8.8s} reach={r} iters={h.n_iters} "
+              f"{1e3 * h.time_per_iter:.1f} ms/it test_err={m['test_err']:.2e} "
+              f"status={h.status} (tuning {h.info.get('tune_seconds', 0.0):.1f} s, "
+              f"wall {wall:.1f} s)", flush=True)
+    # the random start, for the record
+    t = time.perf_counter()
+    h = run(P, "rcg", P.initial_point(0), iters=args.random_iters, metrics_every=10,
+            stop_metric="test_err", stop_tol=1e-6)
+    print(f"  rcg from a random start: {h.n_iters} iterations, final test_err "
+          f"{h.final_metrics()['test_err']:.2e}, train_err {h.final_metrics()['train_err']:.2e} "
+          f"({time.perf_counter() - t:.1f} s)")
+    print("\n| method | lr | iters to test_err<=1e-6 | s to 1e-6 | ms/iter | final test_err | status |")
+    print("|---|---|---|---|---|---|---|")
+    for method, lr, r, n, tpi, tr, te, st, tune, wall in rows:
+        print(f"| {method} | {'-' if lr is None else f'{lr:.3g}'} | {r[0] if r else '-'} | "
+              f"{f'{r[1]:.2f}' if r else '-'} | {1e3 * tpi:.1f} | {te:.2e} | {st} |")
+
+
+def part2(args):
+    print(f"\n## Part 2: RCG iteration at d=20, n=50, r=10, |Omega|=1e6, {args.dtype}, "
+          f"{torch.get_num_threads()} threads")
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    P = Completion((50,) * 20, 10, train_size=10 ** 6, test_size=10 ** 4, seed=0, dtype=dtype)
+    t_build = time.perf_counter() - t0
+    M, I = P.manifold, P.train
+    print(f"{P.describe()}; built in {t_build:.1f} s (sampling, IndexSet plans, gathers)")
+    p = P.initial_point(0)
+    # warm up: plans are built lazily on first use
+    t = time.perf_counter()
+    h = run(P, "rcg", p, iters=1, metrics_every=0, measure_memory=False)
+    print(f"first iteration (incl. lazy plan construction): {time.perf_counter() - t:.2f} s")
+    h = run(P, "rcg", h.x, iters=args.cg_iters, metrics_every=0)
+    print(f"RCG: {1e3 * h.time_per_iter:.0f} ms per iteration over {h.n_iters} iterations "
+          f"(peak RSS increase {h.info['peak_mem_mb']:.0f} MB)")
+    # profile of one iteration by phase (same kernels as cg_grad / exact_step / CG step)
+    p = h.x
+    d = M.d
+    tm = {}
+
+    def tick(name, t):
+        tm[name] = tm.get(name, 0.0) + time.perf_counter() - t
+
+    reps = 2
+    with torch.no_grad():
+        for _ in range(reps):
+            t = time.perf_counter()
+            U = M._split(p)
+            V = M._right_cores(U)
+            tick("right-orthogonal cores (LQ sweep)", t)
+            t = time.perf_counter()
+            left = I.left_vectors(U)
+            vals = I._left_step(d - 1, left[-1], U[-1])[:, 0]
+            tick("left sweep (d grouped steps)", t)
+            t = time.perf_counter()
+            rights = [None] * d
+            rights[d - 1] = vals.new_ones(len(I), 1)
+            for k in range(d - 1, 0, -1):
+                rights[k - 1] = I._right_step(k, rights[k], V[k])
+            tick("right sweep (d-1 grouped steps)", t)
+            t = time.perf_counter()
+            z = (vals - P.a_train) * P.weight
+            D = [I.scatter(k, left[k] * z.unsqueeze(1), rights[k]) for k in range(d)]
+            tick("scatters (d)", t)
+            t = time.perf_counter()
+            g = M._cat(M._deltas_from_D(U, D))
+            tick("gauge projection", t)
+            t = time.perf_counter()
+            ctx = (left, rights, z * P._sw / P.weight, None)
+            alpha = P.exact_step(p, -g, ctx)
+            tick("line search: tangent on Omega (d grouped steps)", t)
+            t = time.perf_counter()
+            q, eta_tr = M.retr_transp(p, -alpha * g, -g)
+            M.transp(p, q, g)
+            tick("retraction + 2 transports", t)
+            del left, rights, D
+    total = sum(tm.values()) / reps
+    print(f"\nper-phase profile (mean of {reps}; total {1e3 * total:.0f} ms):")
+    print("| phase | ms | share |")
+    print("|---|---|---|")
+    for k, v in tm.items():
+        print(f"| {k} | {1e3 * v / reps:.0f} | {100 * v / reps / total:.0f}% |")
+    # the raw kernels
+    N = len(I)
+    r = M.ranks[5]
+    a = torch.randn(N, r, dtype=dtype)
+    core = torch.randn(r, 50, r, dtype=dtype)
+    plan = I.plan(5)
+    for name, fn in [("pad (index_select)", lambda: plan.pad(a)),
+                     ("bmm (n x maxc x r) @ (n x r x r)",
+                      lambda: torch.bmm(padded, core.permute(1, 0, 2))),
+                     ("unpad (index_select)", lambda: plan.unpad(out))]:
+        if name.startswith("pad"):
+            padded = fn()
+        reps_k = 5
+        t = time.perf_counter()
+        for _ in range(reps_k):
+            res = fn()
+        dt = (time.perf_counter() - t) / reps_k
+        if name.startswith("bmm"):
+            out = res
+        print(f"  one grouped step, {name}: {1e3 * dt:.1f} ms")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--skip-part1", action="store_true")
+    ap.add_argument("--skip-part2", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", default="float64", choices=("float64", "float32"))
+    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--budget", type=float, default=40.0, help="seconds per run (part 1)")
+    ap.add_argument("--random-iters", type=int, default=150)
+    ap.add_argument("--cg-iters", type=int, default=3)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# bench_compare: {datetime.datetime.now().isoformat(timespec='seconds')}, "
+          f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()}")
+    t = time.perf_counter()
+    if not args.skip_part1:
+        part1(args)
+    if not args.skip_part2:
+        part2(args)
+    print(f"\ntotal {time.perf_counter() - t:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Tests of the command line: ``python -m ttmanifold`` and ``ttmanifold compare``."""
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ttmanifold.__main__ import main
+from ttmanifold.solvers import METHODS
+
+HAS_NN = importlib.util.find_spec("ttmanifold.nn") is not None
+HAS_CHART = importlib.util.find_spec("ttmanifold.chart") is not None
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+def _read_csv(path):
+    with open(path) as f:
+        lines = f.read().splitlines()
+    header = [ln for ln in lines if ln.startswith("#")]
+    rows = list(csv.DictReader([ln for ln in lines if not ln.startswith("#")]))
+    return header, rows
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tour_runs(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "round(x, rel_eps=0.05): ranks (1, 7, 7, 7, 7, 1) -> (1, 3, 3, 3, 3, 1)" in out
+    assert "True" in out and "riemannian_grad" in out and "retr" in out
+
+
+@pytest.mark.skipif(not HAS_CHART, reason="ttmanifold.chart not available yet")
+def test_compare_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    problems = "approximation,completion" + (",layer" if HAS_NN else "")
+    main(["compare", "--quick", "--out", str(out), "--iters", "3", "--grid-size", "2",
+          "--tune-iters", "2", "--no-progress", "--problems", problems, "--hidden", "16",
+          "--seed", "1"])
+    stdout = capsys.readouterr().out
+    for name in ("results.csv", "summary.md", "loss_vs_iter.png", "loss_vs_time.png"):
+        assert (out / name).exists() and (out / name).stat().st_size > 0, name
+    assert _is_png(out / "loss_vs_iter.png") and _is_png(out / "loss_vs_time.png")
+    header, rows = _read_csv(out / "results.csv")
+    keys = {h.split(":")[0] for h in header}
+    assert {"# device", "# torch", "# dtype", "# seed"} <= keys
+    runs = {(r["problem"], r["method"]) for r in rows}
+    for problem in problems.split(","):
+        for method in METHODS:
+            if method == "rcg" and problem == "layer":
+                assert (problem, method) not in runs
+            else:
+                assert (problem, method) in runs
+                its = [int(r["iter"]) for r in rows if (r["problem"], r["method"]) == (problem, method)]
+                assert its == [0, 1, 2, 3]
+    summary = (out / "summary.md").read_text()
+    assert "| method | lr | final loss |" in summary and "test_err" in summary
+    assert "seed: 1" in summary and f"torch: {torch.__version__}" in summary
+    assert "| method | lr | final loss |" in stdout  # the table is printed
+
+
+def test_compare_single_method(tmp_path):
+    out = tmp_path / "one"
+    main(["compare", "--problems", "approximation", "--methods", "rcg,rsgd", "--shape", "4,5,4",
+          "--rank", "2", "--iters", "4", "--grid-size", "2", "--tune-iters", "1", "--out",
+          str(out), "--no-progress", "--dtype", "float32", "--tol", "0.5"])
+    header, rows = _read_csv(out / "results.csv")
+    assert {r["method"] for r in rows} == {"rcg", "rsgd"}
+    assert any("float32" in h for h in header)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--methods", "sgd,lbfgs"], "unknown method"),
+        (["--problems", "regression"], "unknown problem"),
+        (["--shape", "2,2", "--rank", "5", "--problems", "approximation"], "infeasible"),
+        (["--iters", "-3"], "non-negative"),
+        (["--dtype", "float16"], "invalid choice"),
+        (["--device", "tpu"], "invalid choice"),
+        (["--shape", "3,a"], "comma-separated ints"),
+        (["--oversampling", "0"], "positive"),
+        (["--problems", "completion", "--shape", "3,3,3", "--rank", "2", "--oversampling",
+          "20"], "exceeds"),
+        (["--problems", "layer", "--methods", "rcg"], "quadratic"),
+    ],
+)
+def test_bad_options_give_clear_errors(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--out", str(tmp_path / "x")] + argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+def test_cuda_absent_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--device", "cuda", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_unknown_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert "unknown command" in str(exc.value)
+
+
+def test_python_dash_m_help():
+    r = subprocess.run([sys.executable, "-m", "ttmanifold", "compare", "--help"],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0 and "--time-budget" in r.stdout and "--core-dist" in r.stdout

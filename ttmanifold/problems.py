@@ -1,0 +1,814 @@
+"""Benchmark problems for comparing chart-based and Riemannian descent (MATH.md section 5).
+
+Each problem is a loss of a tensor train plus its data, reusable from notebooks:
+
+- :class:`Approximation`: ``0.5 ||X - A||^2`` for a target TT ``A`` of higher rank;
+- :class:`Completion`: ``(w/2) ||P_Omega(X - A)||^2`` for a random rank-r TT ``A`` sampled on
+  a set ``Omega`` of distinct entries (Steinlechner 2016);
+- :class:`LayerTraining`: an MLP on scikit-learn's bundled digits with one STTP layer
+  (imports :mod:`ttmanifold.nn` lazily).
+
+The common interface (:class:`Problem`): ``manifold`` (a :class:`~ttmanifold.FixedTTRank`),
+``loss(x)`` (differentiable, ``x`` a :class:`~ttmanifold.TT`; never dense), ``metrics(x)``
+(a dict of floats), ``initial_point(generator)`` (a packed point of ``manifold``),
+``target_metric`` / ``default_tol`` (what "reaching the tolerance" means).
+
+The quadratic problems also provide what Riemannian CG with exact line search needs
+(:meth:`QuadraticProblem.cg_grad`, :meth:`QuadraticProblem.exact_step`), see
+:func:`ttmanifold.solvers.riemannian_cg`.
+
+Scaling conventions (so that one step-size rule fits every problem): the targets are
+normalized to ``||A||_F = 1`` and the initial points are random unit-norm points, so the
+chart coordinates (Householder vectors and the spectrum) are O(1); the completion loss is
+weighted by ``w = n_1...n_d / |Omega|`` so that it is an unbiased estimate of
+``0.5 ||X - A||^2`` and its Riemannian Hessian is close to the identity (a step of 1 is the
+natural gradient step for every quadratic problem here).
+
+Data are generated on the CPU from ``seed`` (float64) and then moved to ``device`` and cast
+to ``dtype``: the same seed gives the same problem on every device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ._checks import check_float_dtype, check_shape, normalize_ranks
+from .manifold import FixedTTRank
+from .sparse import IndexSet
+from .tt import TT, inner
+from .tt import round as tt_round
+
+__all__ = [
+    "Problem",
+    "QuadraticProblem",
+    "Approximation",
+    "Completion",
+    "LayerTraining",
+    "sample_distinct_indices",
+    "inverse_sum_tt",
+    "random_tt",
+]
+
+
+def _as_generator(seed_or_gen) -> torch.Generator:
+    if isinstance(seed_or_gen, torch.Generator):
+        return seed_or_gen
+    g = torch.Generator(device="cpu")
+    g.manual_seed(0 if seed_or_gen is None else int(seed_or_gen))
+    return g
+
+
+def _resolve_dtype(dtype) -> torch.dtype:
+    dtype = dtype or torch.float64
+    check_float_dtype(dtype, "dtype")
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------
+# data generators
+# ---------------------------------------------------------------------------------------
+
+def random_tt(shape, ranks, *, core_dist: str = "gaussian", generator=None,
+              dtype=torch.float64, device=None) -> TT:
+    """A TT with i.i.d. cores (Steinlechner 2016's test tensors), normalized to unit norm.
+
+    ``core_dist="gaussian"``: standard normal entries; ``"uniform"``: uniform on [0, 1]
+    (a tensor dominated by its rank-one mean part, harder to complete). Cores are drawn in
+    float64 on the CPU, each divided by ``sqrt(r_{k-1} n_k)`` (gaussian) or ``r_{k-1} n_k / 2``
+    (uniform) to keep intermediate norms O(1) for large ``d``, the tensor is scaled to
+    ``||A|| = 1`` (spread evenly over the cores), then cast and moved. Ranks are clipped to
+    the feasible bound with a warning. Cost O(d n r^3).
+    """
+    shape = check_shape(shape)
+    ranks = normalize_ranks(shape, ranks, stacklevel=3)
+    if core_dist not in ("gaussian", "uniform"):
+        raise ValueError(f"core_dist: expected 'gaussian' or 'uniform', got {core_dist!r}")
+    g = _as_generator(generator)
+    cores = []
+    for k, n in enumerate(shape):
+        size = (ranks[k], n, ranks[k + 1])
+        if core_dist == "gaussian":
+            c = torch.randn(size, generator=g, dtype=torch.float64)
+            c = c / math.sqrt(ranks[k] * n)
+        else:
+            c = torch.rand(size, generator=g, dtype=torch.float64)
+            c = c / (0.5 * ranks[k] * n)
+        cores.append(c)
+    x = TT(cores, check=False)
+    nrm = float(x.norm())
+    if not math.isfinite(nrm) or nrm == 0.0:
+        raise FloatingPointError("random_tt: the generated tensor has zero or non-finite norm")
+    s = nrm ** (-1.0 / len(shape))
+    return TT([(c * s).to(dtype=dtype, device=device) for c in cores], check=False)
+
+
+def inverse_sum_tt(shape, *, rel_eps: float = 1e-12, h: float = 0.3,
+                   dtype=torch.float64, device=None) -> TT:
+    """The function-related tensor ``A[i] = 1 / (1 + x_1(i_1) + ... + x_d(i_d))`` in TT form,
+    ``x_k(i) = i / (n_k - 1)`` a uniform grid on [0, 1], built without the dense tensor.
+
+    Uses the exponential sum ``1/s = int_R exp(u - e^u s) du`` discretized by the trapezoidal
+    rule with step ``h`` on ``u in [log(1e-14 / (1 + d)), log 45]``: a sum of about 110
+    separable (rank-one) terms, assembled as a TT with diagonal cores and rounded with
+    ``rel_eps``. Relative accuracy about 1e-10 for ``h = 0.3`` (checked against the dense
+    tensor at small sizes in the tests); the TT-ranks after rounding grow slowly with d
+    (roughly 6-12 for d <= 20, n <= 50). Cost O(d n R^3) with R ~ 110; the dense tensor is
+    never formed, so any size works (e.g. d = 20, n = 50).
+    """
+    shape = check_shape(shape)
+    d = len(shape)
+    u_min = math.log(1e-14 / (1 + d))
+    u_max = math.log(45.0)
+    u = torch.arange(u_min, u_max + h, h, dtype=torch.float64)
+    t = torch.exp(u)  # exponents
+    w = h * t * torch.exp(-t)  # includes the constant 1 of s
+    R = t.numel()
+    cores = []
+    for k, n in enumerate(shape):
+        x = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
+        f = torch.exp(-t.unsqueeze(1) * x.unsqueeze(0))  # (R, n)
+        if k == 0:
+            f = f * w.unsqueeze(1)
+        if d == 1:
+            cores.append(f.sum(0).reshape(1, n, 1))
+        elif k == 0:
+            cores.append(f.t().reshape(1, n, R))
+        elif k == d - 1:
+            cores.append(f.reshape(R, n, 1))
+        else:
+            c = torch.zeros(R, n, R, dtype=torch.float64)
+            idx = torch.arange(R)
+            c[idx, :, idx] = f
+            cores.append(c)
+    x = TT(cores, check=False)
+    if d > 1:
+        x = tt_round(x, rel_eps=rel_eps)
+    return x.to(dtype=dtype, device=device)
+
+
+def _num_entries(shape) -> int:
+    out = 1
+    for n in shape:
+        out *= int(n)
+    return out
+
+
+_P1, _B1 = 2147483647, 1000003  # 2^31 - 1 and a multiplier below 2^31
+_P2, _B2 = 2147483629, 999983
+
+
+def _hash_rows(idx: torch.Tensor) -> torch.Tensor:
+    """A 62-bit key of each row: two polynomial hashes mod primes below 2^31 (no int64
+    overflow: every product stays below 2^62)."""
+    h1 = torch.zeros(idx.shape[0], dtype=torch.int64)
+    h2 = torch.zeros(idx.shape[0], dtype=torch.int64)
+    for k in range(idx.shape[1]):
+        h1 = (h1 * _B1 + idx[:, k] + 1) % _P1
+        h2 = (h2 * _B2 + idx[:, k] + 1) % _P2
+    return h1 * (1 << 31) + h2
+
+
+def _dedupe(idx: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """Distinct rows of ``idx`` (N, d) (sorted by key). Exact: linear indices when the
+    tensor has fewer than 2^62 entries, else a 62-bit hash whose collisions (equal keys
+    of different rows) are resolved by an exact ``unique(dim=0)`` on the few rows involved."""
+    total = _num_entries(shape)
+    if total < (1 << 62):
+        strides = []
+        s = 1
+        for n in reversed(shape):
+            strides.append(s)
+            s *= n
+        strides = torch.tensor(strides[::-1], dtype=torch.int64)
+        key = (idx * strides).sum(1)
+        _, first = _unique_first(key)
+        return idx[first]
+    key = _hash_rows(idx)
+    uniq, first, counts = _unique_first(key, return_counts=True)
+    shared = counts > 1
+    if not bool(shared.any()):
+        return idx[first]
+    # rows whose key is shared: duplicates or genuine collisions; resolve exactly
+    keep = idx[first[~shared]]
+    in_shared = torch.isin(key, uniq[shared])
+    exact = torch.unique(idx[in_shared], dim=0)
+    return torch.cat([keep, exact], 0)
+
+
+def _unique_first(key: torch.Tensor, return_counts: bool = False):
+    uniq, inv, counts = torch.unique(key, sorted=True, return_inverse=True, return_counts=True)
+    first = torch.full((uniq.numel(),), key.numel(), dtype=torch.int64)
+    first.scatter_reduce_(0, inv, torch.arange(key.numel()), reduce="amin")
+    if return_counts:
+        return uniq, first, counts
+    return uniq, first
+
+
+def sample_distinct_indices(shape, count: int, *, generator=None) -> torch.Tensor:
+    """``count`` distinct multi-indices drawn uniformly at random (an int64 tensor
+    ``(count, d)`` on the CPU, in random order), without forming the ``n^d`` tensor.
+
+    Draws i.i.d. uniform multi-indices, removes duplicates (:func:`_dedupe`: exact linear
+    indices when ``n^d < 2^62``, else a 62-bit hash with an exact collision check), tops up
+    until there are enough, and keeps a random subset of size ``count``. The result is a
+    uniformly random ``count``-subset. When ``count`` is more than a third of all entries
+    (small tensors) it takes the first ``count`` of a random permutation instead.
+    Cost O(count d log count).
+    """
+    shape = check_shape(shape)
+    g = _as_generator(generator)
+    total = _num_entries(shape)
+    count = int(count)
+    if count < 0:
+        raise ValueError(f"count: expected a non-negative int, got {count}")
+    if count > total:
+        raise ValueError(
+            f"count: cannot draw {count} distinct entries from a tensor of shape {shape} "
+            f"({total} entries)"
+        )
+    d = len(shape)
+    if count == 0:
+        return torch.zeros(0, d, dtype=torch.int64)
+    if 3 * count > total:
+        lin = torch.randperm(total, generator=g)[:count]
+        out = torch.empty(count, d, dtype=torch.int64)
+        for k in range(d - 1, -1, -1):
+            out[:, k] = lin % shape[k]
+            lin = lin // shape[k]
+        return out
+    sizes = torch.tensor(shape, dtype=torch.float64)
+    have = torch.zeros(0, d, dtype=torch.int64)
+    while have.shape[0] < count:
+        missing = count - have.shape[0]
+        # expected duplicates are about m^2 / (2 total); ask a little more than missing
+        m = int(missing * (1.0 + 2.0 * count / total)) + 16
+        new = (torch.rand(m, d, generator=g, dtype=torch.float64) * sizes).long()
+        new = torch.minimum(new, torch.tensor(shape, dtype=torch.int64) - 1)
+        have = _dedupe(torch.cat([have, new], 0), shape)
+    perm = torch.randperm(have.shape[0], generator=g)[:count]
+    return have[perm]
+
+
+# ---------------------------------------------------------------------------------------
+# base classes
+# ---------------------------------------------------------------------------------------
+
+class Problem:
+    """A loss of a fixed-TT-rank tensor plus its data.
+
+    Attributes
+    ----------
+    name : str
+    manifold : FixedTTRank
+    target_metric : str
+        Key of :meth:`metrics` compared with a tolerance ("iterations to tol").
+    default_tol : float
+    quadratic : bool
+        Whether :meth:`cg_grad` / :meth:`exact_step` are available (Riemannian CG).
+    """
+
+    name = "problem"
+    target_metric = "loss"
+    default_tol = 1e-6
+    quadratic = False
+
+    manifold: FixedTTRank
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def loss(self, x: TT) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def metrics(self, x) -> Dict[str, float]:
+        return {}
+
+    def initial_point(self, generator=None) -> torch.Tensor:
+        """A random unit-norm point of :attr:`manifold` (:meth:`FixedTTRank.random`, drawn
+        in float64 on the CPU from ``generator`` (a torch.Generator, or a seed mapped to a
+        stream independent of the data's), then cast)."""
+        if not isinstance(generator, torch.Generator):
+            # a stream distinct from the data's (which use ``seed`` directly)
+            generator = _as_generator(1_000_003 * (0 if generator is None else int(generator))
+                                      + 7919)
+        p = self.manifold.random(dtype=torch.float64, generator=generator)
+        return p.to(dtype=self.dtype, device=self.device)
+
+    def _tt(self, x) -> TT:
+        if isinstance(x, TT):
+            return x
+        if isinstance(x, torch.Tensor):
+            return self.manifold.to_tt(x)
+        raise TypeError(f"x: expected a TT or a packed point, got {type(x).__name__}")
+
+    def dense_loss(self, full: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """The loss of a dense tensor (small sizes only; a test oracle)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        M = self.manifold
+        return f"{self.name}: shape={M.shape}, ranks={M.ranks}, dim={M.dim}"
+
+
+class QuadraticProblem(Problem):
+    """A problem whose loss is quadratic in the ambient tensor, ``0.5 ||L(X) - b||^2``;
+    provides the pieces of Riemannian CG with exact line search."""
+
+    quadratic = True
+
+    def cg_grad(self, p: torch.Tensor):
+        """``(loss, rgrad, ctx)`` at the packed point ``p``: the loss value (0-d tensor), the
+        Riemannian gradient (packed gauged deltas) computed without autodiff, and a context
+        reused by :meth:`exact_step` at the same point."""
+        raise NotImplementedError  # pragma: no cover
+
+    def exact_step(self, p: torch.Tensor, eta: torch.Tensor, ctx) -> torch.Tensor:
+        """The minimizer ``alpha`` of ``t -> loss(X + t eta)`` on the tangent line."""
+        raise NotImplementedError  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------
+# 1. approximation
+# ---------------------------------------------------------------------------------------
+
+class Approximation(QuadraticProblem):
+    """``min 0.5 ||X - A||_F^2`` over TT-rank-``ranks`` tensors X, for a target TT ``A``.
+
+    Parameters
+    ----------
+    target : TT
+        The tensor to approximate (any ranks; normalized by the constructors below, not
+        here). Its dtype and device are the problem's.
+    ranks : int or sequence
+        The manifold's ranks (infeasible ranks raise ``ValueError``).
+
+    Metrics: ``rel_err = ||X - A|| / ||A||``; ``rel_err_svd``, the same for the TT-SVD
+    truncation ``round(A, ranks=r)`` (computed once; quasi-optimal); ``gap = rel_err -
+    rel_err_svd`` (the target metric; can be slightly negative: TT-SVD is not optimal).
+    Loss: ``0.5 (||X||^2 - 2 <X, A> + ||A||^2)`` by TT inner products, O(d n r R (r + R)).
+    """
+
+    name = "approximation"
+    target_metric = "gap"
+    default_tol = 1e-4
+
+    def __init__(self, target: TT, ranks):
+        if not isinstance(target, TT):
+            raise TypeError(f"target: expected a TT, got {type(target).__name__}")
+        self.target = target
+        self.manifold = FixedTTRank(target.shape, ranks)
+        self._dtype = target.dtype
+        self._device = target.device
+        self.target_sq = inner(target, target).detach()
+        self.target_norm = float(target.norm())
+        best = tt_round(target, ranks=self.manifold.ranks)
+        self.rel_err_svd = float((best - target).norm()) / self.target_norm
+        self.svd_point = best
+
+    @classmethod
+    def random(cls, shape, target_rank, rank, *, noise: float = 0.1, seed=0,
+               dtype=None, device=None) -> "Approximation":
+        """``A = (B + noise * C) / ||.||`` with ``B`` a random unit-norm TT of rank ``rank``
+        and ``C`` one of rank ``target_rank - rank`` (so A has rank ``target_rank``; the
+        best rank-``rank`` error is about ``noise``). Drawn with :meth:`TT.random` in
+        float64 on the CPU from ``seed``."""
+        dtype = _resolve_dtype(dtype)
+        shape = check_shape(shape)
+        ranks = normalize_ranks(shape, rank, clip=False)
+        tr = normalize_ranks(shape, target_rank, stacklevel=3)
+        extra = [max(a - b, 1) for a, b in zip(tr, ranks)]
+        extra[0] = extra[-1] = 1
+        g = _as_generator(seed)
+        B = TT.random(shape, ranks, dtype=torch.float64, generator=g)
+        C = TT.random(shape, extra, dtype=torch.float64, generator=g)
+        A = B + float(noise) * C
+        A = A / float(A.norm())
+        return cls(A.to(dtype=dtype, device=device), ranks)
+
+    @classmethod
+    def function(cls, shape, rank, *, dtype=None, device=None, rel_eps: float = 1e-12
+                 ) -> "Approximation":
+        """Approximate ``A[i] = 1 / (1 + sum_k x_k(i_k))`` (:func:`inverse_sum_tt`,
+        normalized to ``||A|| = 1``) at rank ``rank``. Any size (no dense tensor)."""
+        dtype = _resolve_dtype(dtype)
+        A = inverse_sum_tt(shape, rel_eps=rel_eps, dtype=torch.float64)
+        A = A / float(A.norm())
+        return cls(A.to(dtype=dtype, device=device), rank)
+
+    def loss(self, x: TT) -> torch.Tensor:
+        x = self._tt(x)
+        return 0.5 * (inner(x, x) - 2.0 * inner(x, self.target) + self.target_sq)
+
+    def dense_loss(self, full: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((full - self.target.full()) ** 2).sum()
+
+    def metrics(self, x) -> Dict[str, float]:
+        x = self._tt(x)
+        with torch.no_grad():
+            rel = float((x.detach() - self.target).norm()) / self.target_norm
+        return {"rel_err": rel, "rel_err_svd": self.rel_err_svd, "gap": rel - self.rel_err_svd}
+
+    # -- CG pieces ------------------------------------------------------------------------
+    def cg_grad(self, p: torch.Tensor):
+        """``P_X(X - A) = X - P_X(A)``: X is the tangent vector with deltas
+        ``(0, ..., 0, U_d)``; ``P_X(A)`` by two interface sweeps, O(d n r R (r + R))."""
+        M = self.manifold
+        with torch.no_grad():
+            U = M._split(p, "p")
+            x_as_tangent = torch.zeros_like(p)
+            x_as_tangent[-M._sizes[-1]:] = U[-1].reshape(-1)
+            grad = x_as_tangent - M.project(p, self.target)
+            x_sq = (U[-1] * U[-1]).sum()  # ||X||^2, U_1..U_{d-1} left-orthogonal
+            loss = 0.5 * (x_sq - 2.0 * inner(M.to_tt(p), self.target) + self.target_sq)
+        return loss, grad, grad
+
+    def exact_step(self, p, eta, ctx) -> torch.Tensor:
+        """``alpha = -<X - A, eta> / ||eta||^2 = -<grad, eta> / ||eta||^2`` (eta tangent; the
+        gauged deltas are an isometry, so both inner products are of packed vectors)."""
+        grad = ctx
+        return -(grad * eta).sum() / (eta * eta).sum().clamp_min(torch.finfo(eta.dtype).tiny)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. completion
+# ---------------------------------------------------------------------------------------
+
+class Completion(QuadraticProblem):
+    """Tensor completion (Steinlechner 2016): recover a random rank-r TT ``A`` from its
+    entries on a random set ``Omega`` of distinct indices.
+
+    Parameters
+    ----------
+    shape, rank : the tensor's shape and the TT-rank (of A and of the manifold).
+    core_dist : "gaussian" or "uniform" (:func:`random_tt`); A is normalized to unit norm.
+    oversampling : float
+        ``|Omega| = ceil(oversampling * dim M_r)``.
+    train_size : int, optional
+        Overrides ``|Omega|`` (e.g. ``10**6``).
+    test_size : int, optional
+        ``|Gamma|``, a disjoint random test set; default ``min(|Omega|, 10000)``.
+    seed : int
+        Seeds A, Omega and Gamma (drawn on the CPU).
+    dtype, device : of the problem's tensors (default float64, CPU).
+
+    Loss ``(w/2) ||P_Omega(X - A)||^2`` with ``w = n_1...n_d / |Omega|`` (an unbiased estimate
+    of ``0.5 ||X - A||^2``; the weight only rescales, the minimizers and CG's steps are
+    those of the unweighted loss), evaluated by :meth:`IndexSet.gather` in O(|Omega| d r^2);
+    with the Riemannian autodiff path (:meth:`FixedTTRank.unpack_tensor`, rank 2r) it is
+    about 4x that. Metrics: ``train_err = ||P_Omega(X - A)|| / ||P_Omega A||`` and
+    ``test_err`` the same on Gamma (the target metric).
+
+    ``reg`` (default 0): an optional Tikhonov term ``(reg/2) ||X||^2`` added to the loss,
+    its gradient and the exact line search (used by :meth:`homotopy_point`).
+    """
+
+    name = "completion"
+    target_metric = "test_err"
+    default_tol = 1e-6
+
+    def __init__(self, shape, rank, *, core_dist: str = "gaussian", oversampling: float = 10,
+                 train_size: Optional[int] = None, test_size: Optional[int] = None, seed=0,
+                 dtype=None, device=None):
+        dtype = _resolve_dtype(dtype)
+        shape = check_shape(shape)
+        self.manifold = FixedTTRank(shape, rank)
+        self._dtype = dtype
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        if train_size is None:
+            if not oversampling > 0:
+                raise ValueError(f"oversampling: expected a positive number, got {oversampling!r}")
+            train_size = int(math.ceil(oversampling * self.manifold.dim))
+        train_size = int(train_size)
+        if train_size < 1:
+            raise ValueError(f"train_size: expected a positive int, got {train_size}")
+        if test_size is None:
+            test_size = min(train_size, 10000)
+        test_size = int(test_size)
+        total = _num_entries(shape)
+        if train_size + test_size > total:
+            raise ValueError(
+                f"Completion: |Omega| + |Gamma| = {train_size} + {test_size} exceeds the "
+                f"{total} entries of a tensor of shape {shape}; lower oversampling or test_size"
+            )
+        self.core_dist = core_dist
+        self.oversampling = train_size / self.manifold.dim
+        g = _as_generator(seed)
+        self.target = random_tt(shape, self.manifold.ranks, core_dist=core_dist, generator=g,
+                                dtype=dtype, device=self._device)
+        idx = sample_distinct_indices(shape, train_size + test_size, generator=g)
+        self.train = IndexSet(idx[:train_size].to(self._device), shape)
+        self.test = IndexSet(idx[train_size:].to(self._device), shape)
+        with torch.no_grad():
+            self.a_train = self.train.gather(self.target)
+            self.a_test = self.test.gather(self.target)
+        self.reg = 0.0  # optional Tikhonov weight: + (reg/2) ||X||^2 (homotopy_point)
+        self.weight = total / train_size
+        self._sw = math.sqrt(self.weight)
+        self._a_train_norm = float(torch.linalg.vector_norm(self.a_train))
+        self._a_test_norm = float(torch.linalg.vector_norm(self.a_test))
+
+    def describe(self) -> str:
+        return (super().describe() + f", |Omega|={len(self.train)} "
+                f"({self.oversampling:.3g} x dim), |Gamma|={len(self.test)}, "
+                f"cores={self.core_dist}")
+
+    def loss(self, x: TT) -> torch.Tensor:
+        x = self._tt(x)
+        z = (self.train.gather(x) - self.a_train) * self._sw
+        out = 0.5 * (z * z).sum()
+        if self.reg:
+            out = out + 0.5 * self.reg * inner(x, x)
+        return out
+
+    def dense_loss(self, full: torch.Tensor) -> torch.Tensor:
+        idx = self.train.indices
+        z = (full[tuple(idx.t())] - self.a_train) * self._sw
+        out = 0.5 * (z * z).sum()
+        if self.reg:
+            out = out + 0.5 * self.reg * (full * full).sum()
+        return out
+
+    # -- initial points -------------------------------------------------------------------
+    def initial_point(self, generator=None, kind: str = "random", **kwargs) -> torch.Tensor:
+        """A starting point.
+
+        - ``"random"``: a random unit-norm point (:meth:`Problem.initial_point`); ``||A|| = 1``.
+        - ``"spectral"``: the TT-SVD truncation to rank r of the zero-filled, rescaled data
+          ``w P_Omega(A)`` (whose expectation is A). Dense: only for tensors with at most
+          ``2e7`` entries.
+        - ``"homotopy"``: :meth:`homotopy_point` from the random point (scalable; only sampled
+          operations).
+        - ``"perturbed"``: ``A + distance * ||A|| R / ||R||`` (``R`` a random rank-r TT,
+          ``distance`` default 0.3) rounded to rank r (which removes part of the noise: the
+          start's relative error is below ``distance``): an *oracle* start inside the basin
+          of attraction, for local-convergence comparisons (uses the unknown A; say so).
+
+        At 10 x dim M samples the random start is below the phase transition of Riemannian
+        CG (d = 5, n = 10, r = 3: 1 seed in 8 recovers A, 8 in 8 at 40 x dim; d = 10,
+        n = 20, r = 6: none of 3 seeds, even at 30 x dim within 300 iterations), the
+        spectral start recovers A for every seed we tried at d = 5 (see the tests); the
+        homotopy start recovers 6 of 8 at d = 5 and none at d = 10, n = 20 (there the
+        sampled unfoldings carry almost no spectral information). From a start at relative
+        distance 0.3 (``"perturbed"``) CG converges to 1e-6 in about 50 iterations at
+        d = 10, n = 20, r = 6.
+        """
+        if kind == "random":
+            return super().initial_point(generator)
+        if kind == "spectral":
+            total = _num_entries(self.manifold.shape)
+            if total > 2 * 10 ** 7:
+                raise ValueError(
+                    f"kind='spectral' forms the dense {self.manifold.shape} tensor "
+                    f"({total} entries > 2e7); use kind='homotopy' or 'random'"
+                )
+            Z = torch.zeros(self.manifold.shape, dtype=self.dtype, device=self.device)
+            Z[tuple(self.train.indices.t())] = self.a_train * self.weight
+            x = TT.from_dense(Z, ranks=self.manifold.ranks)
+            return self.manifold.pack_point(x)
+        if kind == "homotopy":
+            return self.homotopy_point(super().initial_point(generator), **kwargs)
+        if kind == "perturbed":
+            distance = float(kwargs.pop("distance", 0.3))
+            if kwargs:
+                raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+            R = self.manifold.to_tt(super().initial_point(generator))
+            x = self.target + (distance * float(self.target.norm()) / float(R.norm())) * R
+            return self.manifold.pack_point(x)
+        raise ValueError(f"kind: expected 'random', 'spectral', 'homotopy' or 'perturbed', "
+                         f"got {kind!r}")
+
+    def homotopy_point(self, x0: torch.Tensor, *, lam0: float = 100.0, factor: float = 0.5,
+                       iters_per_stage: int = 5, lam_min: float = 1e-6) -> torch.Tensor:
+        """Regularization homotopy: Riemannian CG on ``loss + (lam/2) ||X||^2`` for
+        ``iters_per_stage`` iterations per stage, ``lam = lam0, lam0 factor, ...`` down to
+        ``lam_min``. For large ``lam`` the minimizer is the best rank-r approximation of the
+        rescaled zero-filled data (the spectral start); no dense tensor is formed.
+        Returns the final packed point (the problem's ``reg`` is left unchanged)."""
+        from .solvers import run
+
+        old = self.reg
+        x = x0
+        lam = float(lam0)
+        try:
+            while lam >= lam_min:
+                self.reg = lam
+                x = run(self, "rcg", x, iters=iters_per_stage, metrics_every=0,
+                        measure_memory=False).x
+                lam *= factor
+        finally:
+            self.reg = old
+        return x
+
+    def metrics(self, x) -> Dict[str, float]:
+        x = self._tt(x).detach()
+        with torch.no_grad():
+            tr = float(torch.linalg.vector_norm(self.train.gather(x) - self.a_train))
+            te = float(torch.linalg.vector_norm(self.test.gather(x) - self.a_test))
+        return {"train_err": tr / self._a_train_norm, "test_err": te / self._a_test_norm}
+
+    # -- CG pieces ------------------------------------------------------------------------
+    def cg_grad(self, p: torch.Tensor):
+        """Loss and Riemannian gradient by the sparse projection (Steinlechner 2016), with
+        the per-sample left vectors ``l_k`` (of the left-orthogonal cores U) and right
+        vectors ``rho_k`` (of the right-orthogonal cores V) kept for :meth:`exact_step`.
+
+        Kernels (:class:`IndexSet`, grouped, O(|Omega| d r^2) each sweep): d left steps (the
+        last gives the values of X), d - 1 right steps, d scatters. Memory: the kept
+        vectors, ``2 |Omega| sum_k r_k`` numbers."""
+        M = self.manifold
+        I = self.train
+        with torch.no_grad():
+            U = M._split(p, "p")
+            V = M._right_cores(U)
+            d = M.d
+            left = I.left_vectors(U)  # l_0 .. l_{d-1}
+            vals = I._left_step(d - 1, left[-1], U[-1])[:, 0]
+            z = (vals - self.a_train) * self._sw  # weighted residual
+            rights = [None] * d
+            rights[d - 1] = vals.new_ones(len(I), 1)
+            for k in range(d - 1, 0, -1):
+                rights[k - 1] = I._right_step(k, rights[k], V[k])
+            zw = (z * self._sw).unsqueeze(1)  # d loss / d X_Omega
+            D = [I.scatter(k, left[k] * zw, rights[k]) for k in range(d)]
+            grad = M._cat(M._deltas_from_D(U, D))
+            loss = 0.5 * (z * z).sum()
+            xt = None
+            if self.reg:
+                xt = torch.zeros_like(p)  # X as a tangent vector: deltas (0, .., 0, U_d)
+                xt[-M._sizes[-1]:] = p[-M._sizes[-1]:]
+                loss = loss + 0.5 * self.reg * (xt * xt).sum()
+                grad = grad + self.reg * xt
+        return loss, grad, (left, rights, z, xt)
+
+    def eval_tangent(self, p: torch.Tensor, eta: torch.Tensor, ctx) -> torch.Tensor:
+        """The weighted values ``sqrt(w) eta[i]``, ``i`` in Omega, of the tangent vector
+        ``eta`` (packed deltas) at ``p``: ``sum_k l_{k-1} dU_k[i_k] rho_{k+1}``, d grouped
+        left steps on the kept vectors, O(|Omega| d r^2)."""
+        M = self.manifold
+        I = self.train
+        left, rights = ctx[0], ctx[1]
+        dU = M._split(eta, "eta")
+        out = None
+        for k in range(M.d):
+            t = (I._left_step(k, left[k], dU[k]) * rights[k]).sum(1)
+            out = t if out is None else out + t
+        return out * self._sw
+
+    def exact_step(self, p, eta, ctx) -> torch.Tensor:
+        """``alpha = -<P_Omega(X - A), P_Omega eta> / ||P_Omega eta||^2`` (weighted)."""
+        with torch.no_grad():
+            e = self.eval_tangent(p, eta, ctx)
+            z, xt = ctx[2], ctx[3]
+            num = (z * e).sum()
+            den = (e * e).sum()
+            if xt is not None:  # regularized: + lam <X, eta>, + lam ||eta||^2
+                num = num + self.reg * (xt * eta).sum()
+                den = den + self.reg * (eta * eta).sum()
+            return -num / den.clamp_min(torch.finfo(e.dtype).tiny)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. layer training (digits)
+# ---------------------------------------------------------------------------------------
+
+class LayerTraining(Problem):
+    """An MLP ``64 -> hidden (STTP layer) -> ReLU -> 10`` on scikit-learn's bundled 8x8
+    digits (``load_digits``, no download; pixels standardized with the training split's
+    statistics), full-batch cross-entropy.
+
+    The STTP layer (:class:`ttmanifold.nn.STTPLinear`, imported lazily: constructing this
+    problem raises ``ImportError`` if :mod:`ttmanifold.nn` is absent) is trained through the
+    chart (``param="chart"``, ``theta``) or on the manifold (``param="manifold"``, a geoopt
+    ``ManifoldParameter``); its bias and the dense output layer are Euclidean parameters
+    trained by the same optimizer. Every run starts from the same model state
+    (:meth:`build_model`; the chart model is the manifold model converted by
+    ``to_chart()``, the same weight).
+
+    ``manifold`` is the layer's :class:`FixedTTRank` (the tensorized 256 x 64 weight);
+    ``loss(x)`` is the training cross-entropy with the weight given by the TT ``x`` and the
+    bias and output layer at their initial values; the solvers train the whole model
+    (:meth:`model_loss`). Metrics: ``train_loss``, ``test_acc`` and ``test_err = 1 -
+    test_acc`` (the target metric).
+    """
+
+    name = "layer"
+    target_metric = "test_err"
+    default_tol = 0.05
+
+    def __init__(self, hidden: int = 256, rank: int = 4, *, test_fraction: float = 0.25,
+                 spectrum: str = "learned", init: str = "random", seed=0, dtype=None,
+                 device=None):
+        from . import nn as ttnn  # lazy: ImportError if the module is absent
+
+        self._nn = ttnn
+        dtype = _resolve_dtype(dtype or torch.float32)
+        self._dtype = dtype
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self.hidden = int(hidden)
+        self.rank = int(rank)
+        self.spectrum = spectrum
+        self.init = init
+        self.seed = 0 if seed is None else int(seed)
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        X = torch.tensor(data.data, dtype=torch.float64)
+        y = torch.tensor(data.target, dtype=torch.int64)
+        g = _as_generator(self.seed)
+        perm = torch.randperm(X.shape[0], generator=g)
+        n_test = int(round(test_fraction * X.shape[0]))
+        te, tr = perm[:n_test], perm[n_test:]
+        mean = X[tr].mean(0)
+        std = X[tr].std(0).clamp_min(1.0)
+        X = (X - mean) / std
+        self.X_train = X[tr].to(dtype=dtype, device=self._device)
+        self.y_train = y[tr].to(self._device)
+        self.X_test = X[te].to(dtype=dtype, device=self._device)
+        self.y_test = y[te].to(self._device)
+        # the reference model fixes the initial state (manifold mode)
+        torch.manual_seed(self.seed)
+        layer = ttnn.STTPLinear(64, self.hidden, bias=True, rank=self.rank,
+                                spectrum=spectrum, param="manifold", init=init,
+                                dtype=dtype, device=self._device)
+        head = torch.nn.Linear(self.hidden, 10, dtype=dtype, device=self._device)
+        self._ref = torch.nn.Sequential(layer, torch.nn.ReLU(), head)
+        self._init_state = {k: v.detach().clone() for k, v in self._ref.state_dict().items()}
+        self.manifold = layer.manifold
+
+    # -- models -----------------------------------------------------------------------------
+    def build_model(self, param: str = "manifold") -> torch.nn.Module:
+        """A fresh ``Sequential(STTPLinear(64, hidden, rank, param=param), ReLU,
+        Linear(hidden, 10))`` at the initial state (the same function for both
+        parameterizations)."""
+        if param not in ("chart", "manifold"):
+            raise ValueError(f"param: expected 'chart' or 'manifold', got {param!r}")
+        layer = self._nn.STTPLinear(64, self.hidden, bias=True, rank=self.rank,
+                                    spectrum=self.spectrum, param="manifold", init=self.init,
+                                    dtype=self._dtype, device=self._device)
+        head = torch.nn.Linear(self.hidden, 10, dtype=self._dtype, device=self._device)
+        model = torch.nn.Sequential(layer, torch.nn.ReLU(), head)
+        model.load_state_dict(self._init_state)
+        if param == "chart":
+            model[0].to_chart()
+        return model
+
+    def initial_point(self, generator=None) -> torch.Tensor:
+        """The packed point of the STTP layer's initial weight (``generator`` is ignored:
+        the initialization is fixed by the problem's seed)."""
+        return self._init_state["0.point"].clone()
+
+    def model_loss(self, model, split: str = "train") -> torch.Tensor:
+        X, y = (self.X_train, self.y_train) if split == "train" else (self.X_test, self.y_test)
+        return torch.nn.functional.cross_entropy(model(X), y)
+
+    def _head(self, W: torch.Tensor) -> torch.Tensor:
+        st = self._init_state
+        h = torch.relu(torch.nn.functional.linear(self.X_train, W, st["0.bias"]))
+        out = torch.nn.functional.linear(h, st["2.weight"], st["2.bias"])
+        return torch.nn.functional.cross_entropy(out, self.y_train)
+
+    def weight_of(self, x) -> torch.Tensor:
+        """The ``hidden x 64`` weight matrix of a TT (or packed point) of the layer's
+        tensorization (differentiable)."""
+        return self._ref[0]._matrix_from_cores(self._tt(x).cores)
+
+    def loss(self, x: TT) -> torch.Tensor:
+        """Training cross-entropy with the layer's weight given by the TT ``x``
+        (differentiable in x), the bias and the output layer at their initial values."""
+        return self._head(self.weight_of(x))
+
+    def dense_loss(self, full: torch.Tensor) -> torch.Tensor:
+        """:meth:`loss` of the dense tensorized weight (``out_modes + reversed(in_modes)``)."""
+        layer = self._ref[0]
+        D, e = len(layer.out_modes), len(layer.in_modes)
+        perm = tuple(range(D)) + tuple(range(D + e - 1, D - 1, -1))  # an involution
+        W = full.permute(perm).reshape(self.hidden, 64)
+        return self._head(W)
+
+    def metrics(self, x) -> Dict[str, float]:
+        """``train_loss``, ``test_acc``, ``test_err`` of a model, or of a TT weight (with the
+        initial bias and head)."""
+        with torch.no_grad():
+            if isinstance(x, torch.nn.Module):
+                train_loss = float(self.model_loss(x, "train"))
+                logits = x(self.X_test)
+            else:
+                W = self.weight_of(x)
+                train_loss = float(self._head(W))
+                st = self._init_state
+                h = torch.relu(torch.nn.functional.linear(self.X_test, W, st["0.bias"]))
+                logits = torch.nn.functional.linear(h, st["2.weight"], st["2.bias"])
+            acc = float((logits.argmax(1) == self.y_test).to(torch.float64).mean())
+        return {"train_loss": train_loss, "test_acc": acc, "test_err": 1.0 - acc}
+
+    def describe(self) -> str:
+        return (f"{self.name}: digits MLP 64 -> {self.hidden} (STTP rank {self.rank}, "
+                f"TT ranks {self.manifold.ranks}, dim {self.manifold.dim}) -> 10, "
+                f"{len(self.y_train)} train / {len(self.y_test)} test")

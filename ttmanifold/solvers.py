@@ -1,0 +1,629 @@
+"""Chart-based and Riemannian solvers with one interface (MATH.md section 5).
+
+:func:`run` ``(problem, method, x0, *, iters, time_budget, lr, callback) -> History``.
+
+Methods (:data:`METHODS`):
+
+=================  ====================================================================
+``chart_sgd``      ``torch.optim.SGD`` on the STTP chart coordinates ``theta``,
+                   loss ``problem.loss(chart(theta))``, ``theta_0 = chart.inverse(x0)``
+``chart_momentum`` ``torch.optim.SGD(momentum=0.9)`` on ``theta``
+``chart_adam``     ``torch.optim.Adam`` on ``theta``
+``rsgd``           ``geoopt.optim.RiemannianSGD`` on a ``ManifoldParameter`` at ``x0``, loss
+                   ``problem.loss(manifold.unpack_tensor(p))`` (so ``p.grad`` is the
+                   Riemannian gradient), retraction ``manifold.retr``
+``rsgd_momentum``  ``RiemannianSGD(momentum=0.9)`` (momentum transported by projection)
+``radam``          ``geoopt.optim.RiemannianAdam``
+``rcg``            :func:`riemannian_cg`: Riemannian conjugate gradient with exact line
+                   search (quadratic problems only), as in Steinlechner's RTTC
+=================  ====================================================================
+
+Step-size rule (the same for every method, never tuned per method by hand): unless ``lr``
+is given, :func:`tune_lr` runs the method for ``tune_iters`` (default 10) iterations from
+``x0`` for every ``lr`` of a log-spaced grid ``lr_grid(grid_size)`` = ``{10^-3, ..., 1}``
+(default 7 values, i.e. half-decades), and keeps the ``lr`` with the smallest loss after
+those iterations (non-finite losses and errors count as +inf; ties go to the smaller lr).
+Riemannian CG has no step size: it uses the exact line search. The problems are scaled so
+that a step of 1 is the natural gradient step (see :mod:`ttmanifold.problems`), so this
+grid brackets the useful steps of every method.
+
+Timing: ``History.time[t]`` is the wall time spent in the steps that led from ``x0`` to
+``x_t`` (CUDA-synchronized on cuda); evaluating metrics and recording is not timed. The
+loss recorded at ``t`` is the one the step computed at ``x_t`` (the loss of the final point
+is evaluated separately, untimed). Runs are deterministic on the CPU for a given problem,
+``x0`` and ``seed``.
+
+Peak memory (``History.info["peak_mem_mb"]``): on cuda ``torch.cuda.max_memory_allocated``
+over the run minus the allocation at its start; on the CPU the peak resident set size
+(``/proc/self/statm``, sampled every 5 ms by a thread) minus the RSS at the start of the
+run (approximate: memory that the allocator reuses from earlier runs is not counted).
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .manifold import FixedTTRank
+from .problems import Problem
+from .tt import TT
+
+__all__ = [
+    "METHODS",
+    "CHART_METHODS",
+    "RIEMANNIAN_METHODS",
+    "History",
+    "run",
+    "tune_lr",
+    "lr_grid",
+    "riemannian_cg",
+]
+
+CHART_METHODS = ("chart_sgd", "chart_momentum", "chart_adam")
+RIEMANNIAN_METHODS = ("rsgd", "rsgd_momentum", "radam", "rcg")
+METHODS = CHART_METHODS + RIEMANNIAN_METHODS
+MOMENTUM = 0.9
+
+
+def lr_grid(size: int = 7, low: float = 1e-3, high: float = 1.0) -> List[float]:
+    """``size`` log-spaced step sizes from ``low`` to ``high`` (inclusive)."""
+    size = int(size)
+    if size < 1:
+        raise ValueError(f"grid size: expected a positive int, got {size}")
+    if size == 1:
+        return [float(high)]
+    a, b = math.log10(low), math.log10(high)
+    return [float(10 ** (a + (b - a) * i / (size - 1))) for i in range(size)]
+
+
+# ---------------------------------------------------------------------------------------
+# history
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class History:
+    """Per-iteration record of one run.
+
+    ``iters[j]``, ``loss[j]``, ``time[j]`` (seconds spent reaching that iterate),
+    ``metrics[j]`` (a dict, possibly empty when metrics are thinned). ``status`` is "ok",
+    "budget" (stopped by the time budget), "stopped" (by the callback) or "diverged"
+    (non-finite loss). ``info``: the chosen ``lr``, the tuning scores, ``peak_mem_mb``, etc.
+    """
+
+    problem: str
+    method: str
+    lr: Optional[float] = None
+    iters: List[int] = field(default_factory=list)
+    loss: List[float] = field(default_factory=list)
+    time: List[float] = field(default_factory=list)
+    metrics: List[Dict[str, float]] = field(default_factory=list)
+    status: str = "ok"
+    info: Dict[str, object] = field(default_factory=dict)
+    x: object = field(default=None, repr=False)  # the final iterate (TT, point or model)
+
+    def record(self, t: int, loss: float, elapsed: float, metrics: Dict[str, float]):
+        self.iters.append(int(t))
+        self.loss.append(float(loss))
+        self.time.append(float(elapsed))
+        self.metrics.append(dict(metrics))
+
+    @property
+    def n_iters(self) -> int:
+        """Number of steps taken."""
+        return self.iters[-1] if self.iters else 0
+
+    @property
+    def total_time(self) -> float:
+        return self.time[-1] if self.time else 0.0
+
+    @property
+    def time_per_iter(self) -> float:
+        return self.total_time / self.n_iters if self.n_iters else float("nan")
+
+    @property
+    def final_loss(self) -> float:
+        return self.loss[-1] if self.loss else float("nan")
+
+    def final_metrics(self) -> Dict[str, float]:
+        for m in reversed(self.metrics):
+            if m:
+                return m
+        return {}
+
+    def reach(self, key: str, tol: float):
+        """``(iteration, seconds)`` of the first record with ``metrics[key] <= tol`` (or
+        ``loss`` if ``key == "loss"``), or ``None``."""
+        for t, l, s, m in zip(self.iters, self.loss, self.time, self.metrics):
+            v = l if key == "loss" else m.get(key)
+            if v is not None and math.isfinite(v) and v <= tol:
+                return t, s
+        return None
+
+    def rows(self) -> List[Dict[str, object]]:
+        out = []
+        for t, l, s, m in zip(self.iters, self.loss, self.time, self.metrics):
+            row = {"problem": self.problem, "method": self.method, "lr": self.lr,
+                   "iter": t, "time": s, "loss": l}
+            row.update(m)
+            out.append(row)
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes() -> Optional[int]:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Context manager measuring the peak memory increase (MB) of a block; see the module
+    docstring. ``.peak_mb`` after exit."""
+
+    def __init__(self, device, interval: float = 0.005):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak_mb = float("nan")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = _rss_bytes()
+        self._peak = self._base or 0
+        self._stop = threading.Event()
+        if self._base is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            v = _rss_bytes()
+            if v is not None and v > self._peak:
+                self._peak = v
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2 ** 20
+            return False
+        if self._base is None:
+            import resource
+
+            self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+            return False
+        self._stop.set()
+        self._thread.join()
+        v = _rss_bytes()
+        if v is not None:
+            self._peak = max(self._peak, v)
+        self.peak_mb = max(self._peak - self._base, 0) / 2 ** 20
+        return False
+
+
+def _is_model_problem(problem) -> bool:
+    return hasattr(problem, "build_model") and hasattr(problem, "model_loss")
+
+
+def _check_method(problem, method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method: unknown method {method!r}; expected one of {METHODS}")
+    if method == "rcg" and not getattr(problem, "quadratic", False):
+        raise ValueError(
+            f"method 'rcg' (Riemannian CG with exact line search) needs a quadratic problem; "
+            f"{getattr(problem, 'name', type(problem).__name__)!r} is not"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# steppers: each builds (step, evaluate, final_loss) closures
+# ---------------------------------------------------------------------------------------
+
+class _Stepper:
+    """``step()`` performs one iteration and returns the loss at the point it started
+    from; ``current()`` is what ``problem.metrics`` takes; ``loss_now()`` evaluates the loss
+    at the current point (untimed)."""
+
+    info: Dict[str, object]
+
+    def step(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def current(self):
+        raise NotImplementedError
+
+    def loss_now(self) -> float:
+        raise NotImplementedError
+
+    def final(self):
+        """The final iterate: a packed point for manifold methods, the chart's TT for chart
+        methods, the model for model problems."""
+        return self.current()
+
+
+class _ChartStepper(_Stepper):
+    def __init__(self, problem, method, x0, lr, chart_kwargs):
+        from .chart import STTPChart  # lazy: another module
+
+        self.problem = problem
+        self.chart = STTPChart(problem.manifold, **(chart_kwargs or {}))
+        with torch.no_grad():
+            theta0 = self.chart.inverse(x0)
+        self.theta = theta0.detach().clone().requires_grad_(True)
+        with torch.no_grad():
+            x_start = self.chart(self.theta)
+            x_ref = problem.manifold.to_tt(x0)
+            err = float((x_start - x_ref).norm() / x_ref.norm())
+        self.info = {"chart_start_rel_err": err, "chart_dim": self.chart.dim}
+        if method == "chart_sgd":
+            self.opt = torch.optim.SGD([self.theta], lr=lr)
+        elif method == "chart_momentum":
+            self.opt = torch.optim.SGD([self.theta], lr=lr, momentum=MOMENTUM)
+        else:
+            self.opt = torch.optim.Adam([self.theta], lr=lr)
+
+    def step(self):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.problem.loss(self.chart(self.theta))
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def current(self):
+        with torch.no_grad():
+            return self.chart(self.theta.detach())
+
+    def loss_now(self):
+        with torch.no_grad():
+            return float(self.problem.loss(self.chart(self.theta.detach())))
+
+
+class _GeooptStepper(_Stepper):
+    def __init__(self, problem, method, x0, lr):
+        import geoopt
+
+        self.problem = problem
+        self.M: FixedTTRank = problem.manifold
+        self.p = geoopt.ManifoldParameter(x0.detach().clone(), manifold=self.M)
+        if method == "rsgd":
+            self.opt = geoopt.optim.RiemannianSGD([self.p], lr=lr)
+        elif method == "rsgd_momentum":
+            self.opt = geoopt.optim.RiemannianSGD([self.p], lr=lr, momentum=MOMENTUM)
+        else:
+            self.opt = geoopt.optim.RiemannianAdam([self.p], lr=lr)
+        self.info = {}
+
+    def step(self):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.problem.loss(self.M.unpack_tensor(self.p))
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def current(self):
+        return self.M.to_tt(self.p.detach())
+
+    def final(self):
+        return self.p.detach().clone()
+
+    def loss_now(self):
+        with torch.no_grad():
+            return float(self.problem.loss(self.M.to_tt(self.p.detach())))
+
+
+class _CGStepper(_Stepper):
+    """Riemannian CG (see :func:`riemannian_cg`)."""
+
+    def __init__(self, problem, x0, *, beta: str = "pr+", restart_every: Optional[int] = None,
+                 restart_tol: float = 0.1):
+        if beta not in ("pr+", "fr"):
+            raise ValueError(f"beta: expected 'pr+' or 'fr', got {beta!r}")
+        self.problem = problem
+        self.M: FixedTTRank = problem.manifold
+        self.p = x0.detach().clone()
+        self.beta_rule = beta
+        self.restart_every = restart_every
+        self.restart_tol = restart_tol
+        self.state = None  # (loss, grad, ctx) at p
+        self.eta = None
+        self.k = 0  # iterations since the last restart
+        self.info = {"restarts": 0}
+
+    def step(self):
+        M = self.M
+        with torch.no_grad():
+            if self.state is None:
+                self.state = self.problem.cg_grad(self.p)
+            loss, g, ctx = self.state
+            if self.eta is None:
+                eta = -g
+            else:
+                eta = self.eta
+            alpha = self.problem.exact_step(self.p, eta, ctx)
+            p_new, eta_tr = M.retr_transp(self.p, alpha * eta, eta)
+            g_tr = M.transp(self.p, p_new, g)
+            del ctx, self.state
+            loss_new, g_new, ctx_new = self.problem.cg_grad(p_new)
+            gg_old = (g * g).sum()
+            gg = (g_new * g_new).sum()
+            self.k += 1
+            if self.beta_rule == "fr":
+                beta = gg / gg_old
+            else:
+                beta = torch.clamp((g_new * (g_new - g_tr)).sum() / gg_old, min=0.0)
+            # Powell-type restart: consecutive gradients far from orthogonal
+            restart = bool((g_new * g_tr).sum().abs() >= self.restart_tol * gg)
+            if self.restart_every and self.k >= self.restart_every:
+                restart = True
+            if restart:
+                beta = torch.zeros_like(beta)
+                self.k = 0
+                self.info["restarts"] = int(self.info["restarts"]) + 1
+            eta_new = -g_new + beta * eta_tr
+            if bool((eta_new * g_new).sum() >= 0):  # not a descent direction: restart
+                eta_new = -g_new
+            self.p, self.eta = p_new, eta_new
+            self.state = (loss_new, g_new, ctx_new)
+        return loss
+
+    def current(self):
+        return self.M.to_tt(self.p)
+
+    def final(self):
+        return self.p
+
+    def loss_now(self):
+        if self.state is not None:
+            return float(self.state[0])
+        with torch.no_grad():
+            return float(self.problem.loss(self.M.to_tt(self.p)))
+
+
+class _ModelStepper(_Stepper):
+    """Full-batch training of a model problem (:class:`~ttmanifold.problems.LayerTraining`)."""
+
+    def __init__(self, problem, method, lr):
+        param = "chart" if method in CHART_METHODS else "manifold"
+        self.problem = problem
+        self.model = problem.build_model(param)
+        params = list(self.model.parameters())
+        if method in CHART_METHODS:
+            if method == "chart_sgd":
+                self.opt = torch.optim.SGD(params, lr=lr)
+            elif method == "chart_momentum":
+                self.opt = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM)
+            else:
+                self.opt = torch.optim.Adam(params, lr=lr)
+        else:
+            import geoopt
+
+            if method == "rsgd":
+                self.opt = geoopt.optim.RiemannianSGD(params, lr=lr)
+            elif method == "rsgd_momentum":
+                self.opt = geoopt.optim.RiemannianSGD(params, lr=lr, momentum=MOMENTUM)
+            else:
+                self.opt = geoopt.optim.RiemannianAdam(params, lr=lr)
+        self.info = {"param": param}
+
+    def step(self):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.problem.model_loss(self.model)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def current(self):
+        return self.model
+
+    def loss_now(self):
+        with torch.no_grad():
+            return float(self.problem.model_loss(self.model))
+
+
+def _make_stepper(problem, method, x0, lr, opts) -> _Stepper:
+    if _is_model_problem(problem):
+        if method == "rcg":
+            raise ValueError("method 'rcg' needs a quadratic problem")
+        return _ModelStepper(problem, method, lr)
+    if method in CHART_METHODS:
+        return _ChartStepper(problem, method, x0, lr, opts.get("chart_kwargs"))
+    if method == "rcg":
+        return _CGStepper(problem, x0, beta=opts.get("beta", "pr+"),
+                          restart_every=opts.get("restart_every"),
+                          restart_tol=opts.get("restart_tol", 0.1))
+    return _GeooptStepper(problem, method, x0, lr)
+
+
+# ---------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------
+
+def _loop(hist: History, stepper: _Stepper, problem, *, iters, time_budget, callback,
+          metrics_every, progress, device, stop_metric=None, stop_tol=None):
+    elapsed = 0.0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=iters, desc=f"{problem.name}/{hist.method}", leave=False,
+                   dynamic_ncols=True)
+    try:
+        for t in range(iters + 1):
+            want = metrics_every and (t % metrics_every == 0 or t == iters)
+            out_of_time = time_budget is not None and elapsed >= time_budget
+            m = problem.metrics(stepper.current()) if (want or out_of_time) else {}
+            reached = (stop_metric is not None and bool(m)
+                       and m.get(stop_metric, math.inf) <= stop_tol)
+            if t == iters or out_of_time or reached:
+                if not m and metrics_every:
+                    m = problem.metrics(stepper.current())
+                hist.record(t, stepper.loss_now(), elapsed, m)
+                if reached and t < iters:
+                    hist.status = "converged"
+                elif out_of_time and t < iters:
+                    hist.status = "budget"
+                break
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = stepper.step()
+            loss_f = float(loss)  # host sync
+            _sync(device)
+            dt = time.perf_counter() - t0
+            hist.record(t, loss_f, elapsed, m)
+            elapsed += dt
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_f:.3e}", refresh=False)
+            if not math.isfinite(loss_f):
+                hist.status = "diverged"
+                break
+            if callback is not None and callback(t, hist):
+                hist.status = "stopped"
+                m = problem.metrics(stepper.current()) if metrics_every else {}
+                hist.record(t + 1, stepper.loss_now(), elapsed, m)
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    return hist
+
+
+def _final_score(loss: float) -> float:
+    return loss if math.isfinite(loss) else math.inf
+
+
+def tune_lr(problem, method: str, x0=None, *, grid: Optional[Sequence[float]] = None,
+            grid_size: int = 7, tune_iters: int = 10, **opts):
+    """The step-size rule: the ``lr`` of ``grid`` (default :func:`lr_grid` (grid_size))
+    with the smallest loss after ``tune_iters`` iterations from ``x0`` (ties: the smaller
+    lr; non-finite losses and exceptions score +inf). Returns ``(lr, {lr: score})``."""
+    _check_method(problem, method)
+    if method == "rcg":
+        return None, {}
+    grid = list(grid) if grid is not None else lr_grid(grid_size)
+    scores = {}
+    for lr in grid:
+        try:
+            h = run(problem, method, x0, iters=tune_iters, lr=lr, metrics_every=0,
+                    progress=False, measure_memory=False, **opts)
+            scores[lr] = _final_score(h.final_loss) if h.status != "diverged" else math.inf
+        except (RuntimeError, ValueError, FloatingPointError, torch.linalg.LinAlgError):
+            scores[lr] = math.inf
+    best = min(grid, key=lambda a: (scores[a], a))
+    return best, scores
+
+
+def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, iters: int = 100,
+        time_budget: Optional[float] = None, lr="auto", callback: Optional[Callable] = None,
+        metrics_every: int = 1, progress: bool = False, seed: int = 0, grid_size: int = 7,
+        tune_iters: int = 10, lr_grid_values: Optional[Sequence[float]] = None,
+        measure_memory: bool = True, stop_metric: Optional[str] = None,
+        stop_tol: Optional[float] = None, **opts) -> History:
+    """Run ``method`` on ``problem`` from the packed point ``x0``.
+
+    Parameters
+    ----------
+    problem : a :class:`~ttmanifold.problems.Problem`
+    method : one of :data:`METHODS`
+    x0 : packed point of ``problem.manifold`` (default ``problem.initial_point(seed)``);
+        chart methods start at ``chart.inverse(x0)``. Ignored by model problems (they start
+        from ``problem.initial_state()``).
+    iters : maximum number of iterations.
+    time_budget : seconds of (timed) optimization after which the run stops.
+    lr : a float, or ``"auto"`` (default) for the step-size rule :func:`tune_lr` with
+        ``grid_size`` / ``tune_iters`` / ``lr_grid_values``. Ignored by ``rcg``.
+    callback : ``callback(t, history) -> bool``; returning True stops the run.
+    metrics_every : evaluate ``problem.metrics`` every k iterations (0: never).
+    progress : show a tqdm progress bar.
+    seed : ``torch.manual_seed`` before the run (and the default ``x0``).
+    stop_metric, stop_tol : stop once ``metrics[stop_metric] <= stop_tol``.
+    opts : ``chart_kwargs`` (dict for :class:`~ttmanifold.chart.STTPChart`), and for
+        ``rcg``: ``beta`` ("pr+" or "fr"), ``restart_every``, ``restart_tol``.
+
+    Returns a :class:`History`.
+    """
+    _check_method(problem, method)
+    if not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
+    model_problem = _is_model_problem(problem)
+    if x0 is None and not model_problem:
+        x0 = problem.initial_point(seed)
+    device = problem.device
+    hist = History(problem=problem.name, method=method)
+    if method != "rcg":
+        if isinstance(lr, str):
+            if lr != "auto":
+                raise ValueError(f"lr: expected a positive float or 'auto', got {lr!r}")
+            t0 = time.perf_counter()
+            lr, scores = tune_lr(problem, method, x0, grid=lr_grid_values, grid_size=grid_size,
+                                 tune_iters=tune_iters, seed=seed, **opts)
+            hist.info["tune_scores"] = scores
+            hist.info["tune_seconds"] = time.perf_counter() - t0
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr: expected a positive float, got {lr!r}")
+        hist.lr = float(lr)
+    torch.manual_seed(seed)
+    stepper = _make_stepper(problem, method, x0, hist.lr, opts)
+    hist.info.update(stepper.info)
+    mem = PeakMemory(device) if measure_memory else None
+    if mem is not None:
+        mem.__enter__()
+    try:
+        _loop(hist, stepper, problem, iters=iters, time_budget=time_budget, callback=callback,
+              metrics_every=metrics_every, progress=progress, device=device,
+              stop_metric=stop_metric, stop_tol=stop_tol)
+    finally:
+        if mem is not None:
+            mem.__exit__(None, None, None)
+            hist.info["peak_mem_mb"] = mem.peak_mb
+    hist.info.update(stepper.info)
+    hist.x = stepper.final()
+    return hist
+
+
+def riemannian_cg(problem, x0=None, *, iters: int = 100, time_budget=None, beta: str = "pr+",
+                  restart_every: Optional[int] = None, restart_tol: float = 0.1,
+                  callback=None, **kwargs) -> History:
+    """Riemannian conjugate gradient with exact line search (Steinlechner's RTTC).
+
+    For a quadratic problem (:class:`~ttmanifold.problems.QuadraticProblem`): at ``X_t``
+    with Riemannian gradient ``g_t`` (``problem.cg_grad``: the sparse projection of
+    ``P_Omega(X - A)`` for completion, O(|Omega| d r^2), never dense; ``X - P_X A`` for
+    approximation) and search direction ``eta_t``,
+
+    - ``alpha_t = -<X_t - A, eta_t> / ||eta_t||^2`` on Omega (``problem.exact_step``: the
+      tangent vector evaluated at the samples from the kept left/right vectors), the exact
+      minimizer along the tangent line;
+    - ``X_{t+1} = R_{X_t}(alpha_t eta_t)`` (``manifold.retr``, TT-SVD of the rank-2r TT);
+    - vector transport by projection onto the new tangent space (``manifold.transp``) of
+      ``eta_t`` and ``g_t``;
+    - ``beta = max(0, <g_{t+1}, g_{t+1} - T g_t> / ||g_t||^2)`` (Polak-Ribiere+, default) or
+      ``||g_{t+1}||^2 / ||g_t||^2`` (``beta="fr"``, Fletcher-Reeves);
+    - restart (``beta = 0``) when ``|<g_{t+1}, T g_t>| >= restart_tol ||g_{t+1}||^2``
+      (Powell's test, default 0.1), every ``restart_every`` iterations if given, and
+      whenever the new direction is not a descent direction.
+
+    Per iteration: one ``cg_grad`` and one ``exact_step`` (O(|Omega| d r^2)) plus
+    O(d n r^3) for the retraction and the two transports. Returns a :class:`History`.
+    """
+    return run(problem, "rcg", x0, iters=iters, time_budget=time_budget, callback=callback,
+               beta=beta, restart_every=restart_every, restart_tol=restart_tol, **kwargs)
