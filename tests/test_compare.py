@@ -123,3 +123,50 @@ def test_python_dash_m_help():
                        capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0 and "--time-budget" in r.stdout and "--core-dist" in r.stdout
+
+
+def _tiny_approximation():
+    from ttmanifold.problems import Approximation
+
+    return Approximation.random((4, 5, 4), 4, 2, dtype=torch.float64, seed=0)
+
+
+def test_run_reports_chart_domain_error_instead_of_crashing(monkeypatch):
+    from ttmanifold import solvers
+
+    def outside(problem, method, x0, lr, opts):
+        raise ValueError("frame U1: singular leading block (outside the chart's domain)")
+
+    monkeypatch.setattr(solvers, "_make_stepper", outside)
+    prob = _tiny_approximation()
+    hist = solvers.run(prob, "chart_sgd", iters=3, lr=0.1)
+    assert hist.status == "outside chart domain"
+    assert "singular" in hist.info["error"]
+    # Riemannian methods have no chart: the same error is not swallowed there
+    with pytest.raises(ValueError, match="singular"):
+        solvers.run(prob, "rsgd", iters=3, lr=0.1)
+
+
+def test_run_reports_divergence_from_on_device_asserts(monkeypatch):
+    from ttmanifold import solvers
+
+    real = solvers._make_stepper
+
+    def exploding(problem, method, x0, lr, opts):
+        st = real(problem, method, x0, lr, opts)
+        calls = {"n": 0}
+        step = st.step
+
+        def step_then_fail():
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise RuntimeError("u: gradient contains NaN or Inf")
+            return step()
+
+        st.step = step_then_fail
+        return st
+
+    monkeypatch.setattr(solvers, "_make_stepper", exploding)
+    hist = solvers.run(_tiny_approximation(), "rsgd", iters=10, lr=0.1)
+    assert hist.status == "diverged"
+    assert len(hist.loss) >= 2

@@ -484,7 +484,14 @@ def _loop(hist: History, stepper: _Stepper, problem, *, iters, time_budget, call
                 break
             _sync(device)
             t0 = time.perf_counter()
-            loss = stepper.step()
+            try:
+                loss = stepper.step()
+            except RuntimeError as exc:  # on-device finiteness asserts (egrad2rgrad etc.)
+                if "NaN or Inf" not in str(exc):
+                    raise
+                hist.record(t, math.nan, elapsed, m)
+                hist.status = "diverged"
+                break
             loss_f = float(loss)  # host sync
             _sync(device)
             dt = time.perf_counter() - t0
@@ -582,7 +589,15 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
             raise ValueError(f"lr: expected a positive float, got {lr!r}")
         hist.lr = float(lr)
     torch.manual_seed(seed)
-    stepper = _make_stepper(problem, method, x0, hist.lr, opts)
+    try:
+        stepper = _make_stepper(problem, method, x0, hist.lr, opts)
+    except ValueError as exc:
+        if not method.startswith("chart_"):
+            raise
+        # the start is outside the STTP chart's domain (a singular leading block)
+        hist.status = "outside chart domain"
+        hist.info["error"] = str(exc)
+        return hist
     hist.info.update(stepper.info)
     mem = PeakMemory(device) if measure_memory else None
     if mem is not None:
