@@ -312,7 +312,19 @@ class FixedTTRank(geoopt.Manifold):
         return self._cat(self._deltas_from_D(U, self._project_sparse_D(U, V, index_set, values)))
 
     def _project_sparse_D(self, U, V, index_set, values, left=None):
+        """``D_k`` of the projection of the sparse tensor (before the gauge projection).
+
+        Without ``left`` (per-sample left vectors in sample order) and without autograd:
+        the blocked layouts of the index set with reused buffers, the values folded into
+        the right sweep (one grouped product per block for the scatter). Otherwise the
+        per-mode sample-order kernels."""
         d = self.d
+        if left is None and not (torch.is_grad_enabled() and (
+                values.requires_grad or any(u.requires_grad for u in U)
+                or any(v is not None and v.requires_grad for v in V))):
+            if values.device.type != "meta":
+                with torch.no_grad():
+                    return index_set._project_blocked(U, V, values)
         left = index_set.left_vectors(U) if left is None else left
         N = len(index_set)
         D = []

@@ -614,29 +614,35 @@ class Completion(QuadraticProblem):
         return {"train_err": tr / self._a_train_norm, "test_err": te / self._a_test_norm}
 
     # -- CG pieces ------------------------------------------------------------------------
+    def _a_train_layout(self, point) -> torch.Tensor:
+        """The data ``A`` on Omega in the last layout of ``point`` (cached per layout)."""
+        blk = point.part.blocks[-1]
+        cache = getattr(self, "_a_layout", None)
+        if cache is None or cache[0] is not blk or cache[1] is not self.a_train:
+            cache = (blk, self.a_train, point.from_samples(self.a_train))
+            self._a_layout = cache
+        return cache[2]
+
     def cg_grad(self, p: torch.Tensor):
         """Loss and Riemannian gradient by the sparse projection (Steinlechner 2016), with
         the per-sample left vectors ``l_k`` (of the left-orthogonal cores U) and right
         vectors ``rho_k`` (of the right-orthogonal cores V) kept for :meth:`exact_step`.
 
-        Kernels (:class:`IndexSet`, grouped, O(|Omega| d r^2) each sweep): d left steps (the
-        last gives the values of X), d - 1 right steps, d scatters. Memory: the kept
-        vectors, ``2 |Omega| sum_k r_k`` numbers."""
+        Kernels (:class:`~ttmanifold.sparse.SampledPoint`, blocked layouts, O(|Omega| d r^2)
+        each sweep): one left sweep (the last step gives the values of X), one right sweep,
+        one grouped scatter per block of merged modes. Memory: the kept vectors,
+        ``2 |Omega| sum_b r_b`` numbers over the blocks (plus padding), in buffers reused
+        from one iteration to the next once the returned context is released."""
         M = self.manifold
         I = self.train
         with torch.no_grad():
             U = M._split(p, "p")
             V = M._right_cores(U)
-            d = M.d
-            left = I.left_vectors(U)  # l_0 .. l_{d-1}
-            vals = I._left_step(d - 1, left[-1], U[-1])[:, 0]
-            z = (vals - self.a_train) * self._sw  # weighted residual
-            rights = [None] * d
-            rights[d - 1] = vals.new_ones(len(I), 1)
-            for k in range(d - 1, 0, -1):
-                rights[k - 1] = I._right_step(k, rights[k], V[k])
-            zw = (z * self._sw).unsqueeze(1)  # d loss / d X_Omega
-            D = [I.scatter(k, left[k] * zw, rights[k]) for k in range(d)]
+            point = I.sampled_point(U, V)
+            a = self._a_train_layout(point)
+            # weighted residual in the last layout; padding slots forced to 0
+            z = torch.where(point.mask, point.values - a, 0.0) * self._sw
+            D = point.project(z * self._sw)  # d loss / d X_Omega = w (X - A)
             grad = M._cat(M._deltas_from_D(U, D))
             loss = 0.5 * (z * z).sum()
             xt = None
@@ -645,26 +651,34 @@ class Completion(QuadraticProblem):
                 xt[-M._sizes[-1]:] = p[-M._sizes[-1]:]
                 loss = loss + 0.5 * self.reg * (xt * xt).sum()
                 grad = grad + self.reg * xt
-        return loss, grad, (left, rights, z, xt)
+        return loss, grad, _CompletionContext(point, z, xt)
 
     def eval_tangent(self, p: torch.Tensor, eta: torch.Tensor, ctx) -> torch.Tensor:
-        """The weighted values ``sqrt(w) eta[i]``, ``i`` in Omega, of the tangent vector
-        ``eta`` (packed deltas) at ``p``: ``sum_k l_{k-1} dU_k[i_k] rho_{k+1}``, d grouped
-        left steps on the kept vectors, O(|Omega| d r^2)."""
+        """The weighted values ``sqrt(w) eta[i]``, ``i`` in Omega (in the order of
+        ``train.indices``), of the tangent vector ``eta`` (packed deltas) at ``p``:
+        ``sum_k l_{k-1} dU_k[i_k] rho_{k+1}`` from the kept vectors, O(|Omega| d r^2).
+        ``ctx`` is the context of :meth:`cg_grad` at ``p`` (or a legacy tuple
+        ``(left, rights, z, xt)`` of per-sample vector lists in sample order)."""
         M = self.manifold
-        I = self.train
-        left, rights = ctx[0], ctx[1]
         dU = M._split(eta, "eta")
-        out = None
-        for k in range(M.d):
-            t = (I._left_step(k, left[k], dU[k]) * rights[k]).sum(1)
-            out = t if out is None else out + t
-        return out * self._sw
+        with torch.no_grad():
+            if isinstance(ctx, _CompletionContext):
+                return ctx.point.to_samples(ctx.point.tangent(dU)) * self._sw
+            I = self.train
+            left, rights = ctx[0], ctx[1]
+            out = None
+            for k in range(M.d):
+                t = (I._left_step(k, left[k], dU[k]) * rights[k]).sum(1)
+                out = t if out is None else out + t
+            return out * self._sw
 
     def exact_step(self, p, eta, ctx) -> torch.Tensor:
         """``alpha = -<P_Omega(X - A), P_Omega eta> / ||P_Omega eta||^2`` (weighted)."""
         with torch.no_grad():
-            e = self.eval_tangent(p, eta, ctx)
+            if isinstance(ctx, _CompletionContext):
+                e = ctx.point.tangent(self.manifold._split(eta, "eta")) * self._sw
+            else:
+                e = self.eval_tangent(p, eta, ctx)
             z, xt = ctx[2], ctx[3]
             num = (z * e).sum()
             den = (e * e).sum()
@@ -672,6 +686,21 @@ class Completion(QuadraticProblem):
                 num = num + self.reg * (xt * eta).sum()
                 den = den + self.reg * (eta * eta).sum()
             return -num / den.clamp_min(torch.finfo(e.dtype).tiny)
+
+
+class _CompletionContext:
+    """What :meth:`Completion.exact_step` reuses at a point: the sampled vectors
+    (:class:`~ttmanifold.sparse.SampledPoint`), the weighted residual ``z`` (in the
+    point's last layout) and ``X`` as a tangent vector (regularized problems). Indexable
+    like the former tuple: ``ctx[2]`` is ``z``, ``ctx[3]`` is ``xt``."""
+
+    __slots__ = ("point", "z", "xt")
+
+    def __init__(self, point, z, xt):
+        self.point, self.z, self.xt = point, z, xt
+
+    def __getitem__(self, i):
+        return (self.point, self.point, self.z, self.xt)[i]
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Sampled entries of tensor trains: the kernels of tensor completion.
 
-:class:`IndexSet` holds ``N`` multi-indices of a tensor of shape ``(n_1, ..., n_d)`` and
-precomputes, once, a per-mode grouping of the samples by their k-th index. With it
+:class:`IndexSet` holds ``N`` multi-indices of a tensor of shape ``(n_1, ..., n_d)``. With it
 
 - the values of a TT at the samples (:meth:`IndexSet.gather`),
 - the left row vectors ``l_k = G_1[i_1] ... G_k[i_k]`` and right column vectors
@@ -11,28 +10,65 @@ precomputes, once, a per-mode grouping of the samples by their k-th index. With 
   (:meth:`IndexSet.scatter`), the kernel of the Riemannian projection of a sparse tensor
   (Steinlechner 2016),
 
-all cost O(N d r^2) flops and run as batched matrix products (``torch.bmm``) over the
-``n_k`` groups, with the samples of each group padded to the largest group size. When the
-groups are very unbalanced (padding would more than quadruple the work) a mode falls back to
-per-sample batched products, processed in chunks to bound memory.
+all cost O(N d r^2) flops and run as batched matrix products (``torch.bmm``).
 
-Building an :class:`IndexSet` sorts the indices once per mode (O(N d log N)) and reads the
-largest group size on the host; reuse it across iterations.
+Two implementations share the index set:
+
+**Blocked layouts** (the fast path of :meth:`gather` without autograd, of
+:meth:`~ttmanifold.FixedTTRank.project_sampled` and of Riemannian CG for completion,
+:class:`SampledPoint`). Consecutive modes are merged into *blocks* while the mean number of
+samples per merged index stays at least ``_MIN_GROUP`` (64): for ``n = 50`` and
+``N = 10^6`` pairs of modes (2500 merged indices, ~400 samples each), which halves the
+number of grouped products, because a product over a block uses the merged core
+``G_k[i_k] G_{k+1}[i_{k+1}]`` (``P r^2`` numbers, P = merged indices). Per block the samples
+are grouped by the merged index and stored in *segments* of a fixed width ``w`` (a group of
+``c`` samples fills ``ceil(c / w)`` segments; ``w`` minimizes the padding plus a
+per-segment cost), so any distribution of the indices, however unbalanced, pads at most
+``w - 1`` rows per group. Per-sample vectors live in these layouts as ``(slots + 1, r)``
+buffers (row-major, float64) or ``(r, slots + 1)`` (feature-major, float32, where
+``torch.bmm`` is faster on that orientation) whose extra slot is zero (padding slots point
+to it); going from one block's layout to the next is one ``index_select`` with a
+precomputed map (one per feature in feature-major buffers, spread over Python threads
+when torch may use several), a step is one ``bmm`` with the per-segment merged cores, and
+the gradient scatter of a block is one ``bmm`` followed by small core contractions that
+split it into the block's modes. The first left step and the first right step start from
+ones, so they are a gather of merged-core rows straight into the next layout. Buffers are
+allocated once and reused (``out=``; :class:`SampledPoint` takes them from a pool on the
+index set), because fresh multi-hundred-megabyte tensors cost page faults that exceeded
+the arithmetic.
+
+**Per-mode sample-order kernels** (:meth:`left_vectors`, :meth:`right_vectors`,
+:meth:`scatter`, and :meth:`gather` under autograd): samples grouped by their k-th index,
+padded to the largest group, with a per-sample fallback (in chunks) when the groups are
+very unbalanced.
+
+Building the layouts sorts the indices once per block (a radix sort, O(N) per block) and
+reads a few sizes on the host; reuse an :class:`IndexSet` across iterations.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ._checks import check_shape
 
-__all__ = ["IndexSet"]
+__all__ = ["IndexSet", "SampledPoint"]
 
 _CHUNK = 1 << 16
+_MIN_GROUP = 64  # merge consecutive modes while N / (merged index count) >= this
+_SEG_COST = 64  # per-segment overhead in row equivalents (choice of the segment width)
+
+
+def _index_dtype(bound: int) -> torch.dtype:
+    return torch.int32 if bound < 2 ** 31 - 1 else torch.int64
 
 
 class _ModePlan:
+    """Per-mode grouping of the samples in sample order (the per-mode kernels)."""
+
     __slots__ = ("n", "maxc", "pad_map", "slot_of", "idx", "padded")
 
     def __init__(self, idx: torch.Tensor, n: int):
@@ -47,15 +83,16 @@ class _ModePlan:
             self.pad_map = None
             self.slot_of = None
             return
-        order = torch.argsort(idx, stable=True)
+        order = torch.argsort(idx, stable=True)  # a radix sort for integer keys
         sorted_idx = idx[order]
         offsets = torch.cumsum(counts, 0) - counts
         pos = torch.arange(N, device=idx.device) - offsets[sorted_idx]
         slot = sorted_idx * maxc + pos
-        pad_map = torch.full((n * maxc,), N, dtype=torch.long, device=idx.device)
-        pad_map[slot] = order
-        slot_of = torch.empty(N, dtype=torch.long, device=idx.device)
-        slot_of[order] = slot
+        itype = _index_dtype(max(N, n * maxc))
+        pad_map = torch.full((n * maxc,), N, dtype=itype, device=idx.device)
+        pad_map[slot] = order.to(itype)
+        slot_of = torch.empty(N, dtype=itype, device=idx.device)
+        slot_of[order] = slot.to(itype)
         self.pad_map = pad_map  # slot -> sample (N = padding)
         self.slot_of = slot_of  # sample -> slot
 
@@ -69,6 +106,364 @@ class _ModePlan:
         return a.reshape(-1, a.shape[-1]).index_select(0, self.slot_of)
 
 
+# ---------------------------------------------------------------------------------------
+# blocked layouts
+# ---------------------------------------------------------------------------------------
+
+class _Block:
+    """The samples grouped by the merged index of modes ``lo..hi-1`` (row-major, ``P``
+    values), in ``S`` segments of width ``w`` (``slots = S w``; slot ``slots`` is the zero
+    row of the buffers)."""
+
+    __slots__ = ("lo", "hi", "P", "w", "S", "slots", "seg_group", "identity", "slot_of",
+                 "sample_of", "mask", "ext_slot_of")
+
+    def __init__(self, key: torch.Tensor, lo: int, hi: int, P: int):
+        N = key.shape[0]
+        dev = key.device
+        self.lo, self.hi, self.P = lo, hi, P
+        counts = torch.bincount(key, minlength=P)
+        if N == 0:
+            w, S = 1, 0
+        else:
+            maxc = int(counts.max())  # host reads: once per block
+            cands = [maxc] + [1 << j for j in range(3, 40) if (1 << j) < maxc]
+            segs = torch.stack([torch.div(counts + (c - 1), c, rounding_mode="floor").sum()
+                                for c in cands]).tolist()
+            costs = [s * (c + _SEG_COST) for s, c in zip(segs, cands)]
+            best = min(range(len(cands)), key=lambda j: (costs[j], -cands[j]))
+            w, S = cands[best], int(segs[best])
+        self.w, self.S, self.slots = w, S, S * w
+        itype = _index_dtype(max(N, self.slots) + 1)
+        per_group = torch.div(counts + (w - 1), w, rounding_mode="floor")
+        order = torch.argsort(key, stable=True)
+        sorted_key = key[order]
+        start = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(N, device=dev) - start[sorted_key]
+        seg_start = torch.cumsum(per_group, 0) - per_group
+        slot = (seg_start[sorted_key] + torch.div(pos, w, rounding_mode="floor")) * w + pos % w
+        sample_of = torch.full((self.slots,), N, dtype=itype, device=dev)
+        sample_of[slot] = order.to(itype)
+        slot_of = torch.empty(N, dtype=itype, device=dev)
+        slot_of[order] = slot.to(itype)
+        self.sample_of = sample_of  # slot -> sample (N = padding)
+        self.slot_of = slot_of  # sample -> slot
+        self.ext_slot_of = torch.cat([slot_of, torch.full((1,), self.slots, dtype=itype,
+                                                          device=dev)])
+        self.seg_group = torch.repeat_interleave(torch.arange(P, device=dev), per_group)
+        # every group is exactly one segment, in group order
+        self.identity = S == P and bool((per_group == 1).all())
+        self.mask = sample_of < N  # real slots
+
+    def layout_vector(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) per sample -> (slots,) in this layout, zero padding."""
+        return torch.cat([x, x.new_zeros(1)]).index_select(0, self.sample_of)
+
+    def to_samples(self, y: torch.Tensor) -> torch.Tensor:
+        """(slots,) in this layout -> (N,) in sample order."""
+        return y.index_select(0, self.slot_of)
+
+    def seg(self, m: torch.Tensor) -> torch.Tensor:
+        """(P, a, b) per merged index -> (S, a, b) per segment (contiguous)."""
+        if self.identity:
+            return m.contiguous()
+        return m.index_select(0, self.seg_group)
+
+    def seg_sum(self, c: torch.Tensor) -> torch.Tensor:
+        """(S, a, b) per segment -> (P, a, b) summed per merged index."""
+        if self.identity:
+            return c
+        out = c.new_zeros((self.P,) + tuple(c.shape[1:]))
+        return out.index_add_(0, self.seg_group, c)
+
+
+class _Orient:
+    """Storage of per-sample vectors in a block layout: row-major ``(slots + 1, r)``
+    buffers (a sample's vector is a row) or feature-major ``(r, slots + 1)`` (a column).
+    The extra row (column) is zero: padding slots of the maps point to it. Feature-major
+    is used for float32 (``torch.bmm`` on the (S, r, w) segment views is ~1.7x faster than
+    on row-major (S, w, r) there; for float64 it is not, and its per-feature transitions
+    are slower)."""
+
+    def __init__(self, fm: bool):
+        self.fm = fm
+        self.fdim = 0 if fm else 1  # the feature dimension of a buffer
+
+    def shape(self, slots: int, r: int) -> Tuple[int, int]:
+        return (r, slots + 1) if self.fm else (slots + 1, r)
+
+    def zero_last(self, t: torch.Tensor, slots: int) -> None:
+        (t[:, slots] if self.fm else t[slots]).zero_()
+
+    def col(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """The first ``n`` slots of a width-1 buffer as a 1-D view."""
+        return t[0, :n] if self.fm else t[:n, 0]
+
+    def _seg_view(self, blk: _Block, t: torch.Tensor) -> torch.Tensor:
+        """(S, w, r) (row-major) or (S, r, w) (feature-major) view of a buffer's slots."""
+        if self.fm:
+            return t[:, :blk.slots].unflatten(1, (blk.S, blk.w)).permute(1, 0, 2)
+        return t[:blk.slots].view(blk.S, blk.w, t.shape[1])
+
+    def step_out(self, ws: "_Workspace", blk: _Block, rb: int, name="scratch") -> torch.Tensor:
+        """The output buffer of :meth:`step`: ``(slots + 1, rb)`` (row-major) or a
+        contiguous ``(S + 1, rb, w)`` (feature-major: torch's batched ``bmm`` path needs a
+        contiguous output, a strided one falls back to a serial per-matrix loop). The extra
+        slot / segment is zeroed by :meth:`step`."""
+        if self.fm:
+            return ws._flat(name, (blk.S + 1) * rb * blk.w).view(blk.S + 1, rb, blk.w)
+        return ws._flat(name, (blk.slots + 1) * rb).view(blk.slots + 1, rb)
+
+    def step(self, blk: _Block, a: torch.Tensor, mats: torch.Tensor,
+             out: torch.Tensor) -> torch.Tensor:
+        """``out[s] = a[s] @ mats[segment(s)]`` for every slot of buffer ``a`` (padding
+        slots give 0), ``out`` from :meth:`step_out`."""
+        if self.fm:
+            if blk.S:
+                torch.bmm(mats.transpose(1, 2).contiguous(), self._seg_view(blk, a),
+                          out=out[:blk.S])
+            out[blk.S].zero_()
+        else:
+            if blk.S:
+                torch.bmm(self._seg_view(blk, a), mats,
+                          out=out[:blk.slots].view(blk.S, blk.w, mats.shape[2]))
+            out[blk.slots].zero_()
+        return out
+
+    def step_col(self, blk: _Block, out: torch.Tensor) -> torch.Tensor:
+        """A width-1 :meth:`step` result as a 1-D (slots,) view."""
+        return out[:blk.S].reshape(-1) if self.fm else out[:blk.slots, 0]
+
+    def move_step(self, part: "_Partition", kind: str, b: int, out: torch.Tensor,
+                  dst: torch.Tensor) -> torch.Tensor:
+        """:meth:`move` with map ``part.fwd[b]`` / ``part.bwd[b]`` from a :meth:`step`
+        result ``out`` of block ``b``."""
+        if not self.fm:
+            return self.move(getattr(part, kind)[b], out, dst)
+        rb, w = out.shape[1], out.shape[2]
+        off = part.offset_map(kind, b, rb, w)
+        n = off.numel()
+        if n:
+            flat = out.view(-1)  # feature f of slot (seg, j) is at seg*rb*w + f*w + j
+            _per_feature(lambda f: torch.index_select(flat[f * w:], 0, off, out=dst[f, :n]),
+                         rb, n, dst.device)
+        return dst
+
+    def rowdot(self, blk: _Block, t: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """``sum_f t[s, f] R[s, f]`` for every slot, ``t`` from :meth:`step` (overwritten),
+        ``R`` a buffer; returns (slots,)."""
+        if self.fm:
+            tv = t[:blk.S]
+            torch.mul(tv, self._seg_view(blk, R), out=tv)
+            return tv.sum(1).view(-1)
+        torch.mul(t, R, out=t)
+        return t[:blk.slots].sum(1)
+
+    def outer(self, blk: _Block, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """``C[g] = sum_{slots s of group g} left[s]^T right[s]``, (P, a, b)."""
+        a, b = left.shape[self.fdim], right.shape[self.fdim]
+        if not blk.S:
+            return left.new_zeros(blk.P, a, b)
+        lv, rv = self._seg_view(blk, left), self._seg_view(blk, right)
+        if self.fm:
+            c = torch.bmm(lv, rv.transpose(1, 2))
+        else:
+            c = torch.bmm(lv.transpose(1, 2), rv)
+        return blk.seg_sum(c)
+
+    def table(self, rows: torch.Tensor) -> torch.Tensor:
+        """(P, r) rows -> a source buffer for :meth:`move` (a zero row appended)."""
+        t = torch.cat([rows, rows.new_zeros(1, rows.shape[1])], 0)
+        return t.t().contiguous() if self.fm else t
+
+    def move(self, m: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        """``dst[s] = src[m[s]]`` for the first ``len(m)`` slots of ``dst`` (``src``'s zero
+        slot is the target of padding). One ``index_select`` (row-major) or one per
+        feature (feature-major: each a 1-D gather)."""
+        n = m.numel()
+        if n:
+            if self.fm:
+                _per_feature(lambda f: torch.index_select(src[f], 0, m, out=dst[f, :n]),
+                             src.shape[0], n, dst.device)
+            else:
+                torch.index_select(src, 0, m, out=dst[:n])
+        return dst
+
+
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_SIZE = 0
+_POOL_MIN = 1 << 17  # gathers of fewer elements per feature stay on the calling thread
+
+
+def _per_feature(fn, nfeat: int, numel: int, device: torch.device) -> None:
+    """``fn(f)`` for every feature ``f``. The feature-major transitions are one 1-D
+    ``index_select`` per feature, which torch runs on one thread; when torch may use
+    several CPU threads (``torch.get_num_threads()``), the features are spread over that
+    many Python threads (torch releases the GIL inside the op): about 2x faster
+    transitions on 2 idle cores."""
+    global _POOL, _POOL_SIZE
+    k = min(torch.get_num_threads(), nfeat)
+    if device.type != "cpu" or k < 2 or numel < _POOL_MIN:
+        for f in range(nfeat):
+            fn(f)
+        return
+    if _POOL is None or _POOL_SIZE < k - 1:
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(max_workers=k - 1,
+                                               thread_name_prefix="ttmanifold"), k - 1
+
+    def share(j):
+        for f in range(j, nfeat, k):
+            fn(f)
+
+    futures = [_POOL.submit(share, j) for j in range(1, k)]
+    try:
+        share(0)
+    finally:
+        for fut in futures:
+            fut.result()
+
+
+_RM, _FM = _Orient(False), _Orient(True)
+_FEATURE_MAJOR_DTYPES = (torch.float32,)
+
+
+def _orient(dtype: torch.dtype) -> _Orient:
+    return _FM if dtype in _FEATURE_MAJOR_DTYPES else _RM
+
+
+class _Partition:
+    """Blocks of consecutive modes and the maps between their layouts.
+
+    ``fwd[b]`` (b < B-1): for every slot of block b+1 the row of block b's buffer holding
+    the same sample (padding -> block b's zero row); ``bwd[b]`` (b > 0): the same from
+    block b to block b-1. ``first_map`` (``last_map``): for every slot of block 1 (B-2) the
+    merged index of its sample in block 0 (B-1), ``P`` for padding: the first left (right)
+    step starts from ones, so its result is a row of the merged core, gathered directly
+    into the next layout."""
+
+    def __init__(self, blocks: List[_Block], keys):
+        self.blocks = blocks
+        B = len(blocks)
+        self.fwd: List[Optional[torch.Tensor]] = [None] * B
+        self.bwd: List[Optional[torch.Tensor]] = [None] * B
+        for b in range(B - 1):
+            self.fwd[b] = blocks[b].ext_slot_of.index_select(0, blocks[b + 1].sample_of)
+        for b in range(1, B):
+            self.bwd[b] = blocks[b].ext_slot_of.index_select(0, blocks[b - 1].sample_of)
+        self.first_map = self.last_map = None
+        if B > 1:
+            for j, nb in ((0, 1), (B - 1, B - 2)):
+                key = keys(blocks[j].lo, blocks[j].hi)
+                ext = torch.cat([key, key.new_full((1,), blocks[j].P)])
+                ext = ext.to(_index_dtype(blocks[j].P + 1))
+                m = ext.index_select(0, blocks[nb].sample_of)
+                if j == 0:
+                    self.first_map = m
+                else:
+                    self.last_map = m
+        self._offsets: Dict[tuple, torch.Tensor] = {}
+
+    def offset_map(self, kind: str, b: int, rb: int, w: int) -> torch.Tensor:
+        """Map ``kind`` ("fwd" or "bwd") of block ``b`` as element offsets into a
+        feature-major step result (S + 1, rb, w) of block b: slot ``s = seg w + j`` ->
+        ``seg rb w + j`` (the zero slot -> the zeroed extra segment). Cached."""
+        key = (kind, b, rb)
+        off = self._offsets.get(key)
+        if off is None:
+            m = getattr(self, kind)[b].long()
+            S = self.blocks[b].S
+            off = (m + torch.div(m, w, rounding_mode="floor") * ((rb - 1) * w))
+            off = off.to(_index_dtype((S + 1) * rb * w))
+            self._offsets[key] = off
+        return off
+
+
+def _merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(ra, n1, rb) x (rb, n2, rc) -> (ra, n1 n2, rc), the merged core (row-major index)."""
+    ra, n1, rb = a.shape
+    n2, rc = b.shape[1], b.shape[2]
+    return (a.reshape(ra * n1, rb) @ b.reshape(rb, n2 * rc)).reshape(ra, n1 * n2, rc)
+
+
+def _merged(cores: Sequence[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+    c = cores[lo]
+    for k in range(lo + 1, hi):
+        c = _merge(c, cores[k])
+    return c
+
+
+def _tangent_block(U, V, dU, lo: int, hi: int) -> torch.Tensor:
+    """Merged core of ``sum_{k in lo..hi-1} U_lo..U_{k-1} dU_k V_{k+1}..V_{hi-1}``."""
+    s, pu = dU[lo], U[lo]
+    for k in range(lo + 1, hi):
+        s = _merge(s, V[k]) + _merge(pu, dU[k])
+        pu = _merge(pu, U[k])
+    return s
+
+
+def _split_block_grad(C: torch.Tensor, U, V, lo: int, hi: int, shape) -> List[torch.Tensor]:
+    """``D_k`` for k in lo..hi-1 from the block scatter ``C`` (r_lo, P, r_hi):
+    contract C with ``U_lo..U_{k-1}`` on the left and ``V_{k+1}..V_{hi-1}`` on the right."""
+    if hi - lo == 1:
+        return [C]
+    out = []
+    r_hi = C.shape[2]
+    for k in range(lo, hi):
+        X = C
+        a = C.shape[0]
+        for j in range(lo, k):
+            u = U[j]
+            X = u.reshape(a * shape[j], u.shape[2]).transpose(0, 1) @ X.reshape(a * shape[j], -1)
+            a = u.shape[2]
+        bdim = r_hi
+        for j in range(hi - 1, k, -1):
+            v = V[j]
+            X = X.reshape(-1, shape[j] * bdim) @ v.reshape(v.shape[0], -1).transpose(0, 1)
+            bdim = v.shape[0]
+        out.append(X.reshape(a, shape[k], bdim))
+    return out
+
+
+class _Workspace:
+    """Reusable buffers of one dtype and device (allocated once, reused with ``out=``),
+    oriented by :func:`_orient`."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.o = _orient(dtype)
+        self.bufs: Dict[object, torch.Tensor] = {}
+
+    def ext(self, name, slots: int, r: int) -> torch.Tensor:
+        """A persistent buffer for ``slots`` slots of width ``r`` plus the zero slot."""
+        shape = self.o.shape(slots, r)
+        t = self.bufs.get(name)
+        if t is None or tuple(t.shape) != shape:
+            t = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.o.zero_last(t, slots)
+            self.bufs[name] = t
+        return t
+
+    def _flat(self, name, numel: int) -> torch.Tensor:
+        t = self.bufs.get(name)
+        if t is None or t.numel() < numel:
+            t = torch.empty(numel, dtype=self.dtype, device=self.device)
+            self.bufs[name] = t
+        return t[:numel]
+
+    def scratch(self, slots: int, r: int) -> torch.Tensor:
+        """A view of the shared scratch buffer (zero slot NOT zeroed)."""
+        return self._flat("scratch", (slots + 1) * r).view(self.o.shape(slots, r))
+
+    def view(self, name, slots: int, r: int) -> torch.Tensor:
+        """A view of a flat buffer shared by all sizes, with the zero slot zeroed."""
+        t = self._flat(name, (slots + 1) * r).view(self.o.shape(slots, r))
+        self.o.zero_last(t, slots)
+        return t
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.bufs.values())
+
+
 class IndexSet:
     """``N`` multi-indices into a tensor of shape ``shape``, grouped per mode.
 
@@ -78,31 +473,37 @@ class IndexSet:
         The multi-indices (duplicates allowed; they are summed in :meth:`scatter`).
     shape : sequence of ints
         The tensor's mode sizes.
+
+    The blocked layouts and reusable buffers are built lazily on first use and kept;
+    :meth:`release_buffers` frees the buffers.
     """
 
     def __init__(self, indices: torch.Tensor, shape: Sequence[int], *, check: bool = True):
         shape = check_shape(shape)
-        if not check:  # trusted caller (already validated)
-            self.indices, self.shape = indices.long(), shape
-            self._plans = [None] * len(shape)
-            return
-        if not isinstance(indices, torch.Tensor):
-            raise TypeError(f"indices: expected a LongTensor of shape (N, {len(shape)})")
-        if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-            raise TypeError(f"indices: expected an integer tensor, got dtype {indices.dtype}")
-        if indices.dim() != 2 or indices.shape[1] != len(shape):
-            raise ValueError(
-                f"indices: expected shape (N, {len(shape)}) for a tensor of order "
-                f"{len(shape)}, got {tuple(indices.shape)}"
-            )
-        indices = indices.long()
-        if indices.device.type != "meta" and indices.numel() > 0:
-            bound = torch.tensor(shape, device=indices.device)
-            if bool(((indices < 0) | (indices >= bound)).any()):
-                raise ValueError(f"indices: out of range for shape {shape}")
-        self.indices = indices
+        if check:
+            if not isinstance(indices, torch.Tensor):
+                raise TypeError(f"indices: expected a LongTensor of shape (N, {len(shape)})")
+            if indices.dtype.is_floating_point or indices.dtype.is_complex or \
+                    indices.dtype == torch.bool:
+                raise TypeError(f"indices: expected an integer tensor, got dtype {indices.dtype}")
+            if indices.dim() != 2 or indices.shape[1] != len(shape):
+                raise ValueError(
+                    f"indices: expected shape (N, {len(shape)}) for a tensor of order "
+                    f"{len(shape)}, got {tuple(indices.shape)}"
+                )
+            indices = indices.long()
+            if indices.device.type != "meta" and indices.numel() > 0:
+                bound = torch.tensor(shape, device=indices.device)
+                if bool(((indices < 0) | (indices >= bound)).any()):
+                    raise ValueError(f"indices: out of range for shape {shape}")
+        self.indices = indices.long()
         self.shape = shape
         self._plans: List[Optional[_ModePlan]] = [None] * len(shape)
+        self._blocks: Dict[Tuple[int, int], _Block] = {}
+        self._partitions: Dict[tuple, _Partition] = {}
+        self._free: List[_Workspace] = []  # idle workspaces of SampledPoint contexts
+        self._tmp: Dict[tuple, _Workspace] = {}  # workspaces of synchronous kernels
+        self.min_group = _MIN_GROUP
 
     @classmethod
     def from_sparse(cls, z: torch.Tensor) -> "IndexSet":
@@ -121,6 +522,11 @@ class IndexSet:
             self._plans[k] = _ModePlan(self.indices[:, k], self.shape[k])
         return self._plans[k]
 
+    def release_buffers(self) -> None:
+        """Free the cached work buffers (the index layouts are kept)."""
+        self._free.clear()
+        self._tmp.clear()
+
     def _check_cores(self, cores: Sequence[torch.Tensor]) -> None:
         if len(cores) != len(self.shape) or any(
             int(c.shape[1]) != n for c, n in zip(cores, self.shape)
@@ -132,7 +538,126 @@ class IndexSet:
         if cores[0].device != self.device:
             raise ValueError(f"tt: on device {cores[0].device}, indices on {self.device}")
 
-    # -- grouped kernels ----------------------------------------------------------------
+    # -- blocked layouts ------------------------------------------------------------------
+    def _block_key(self, lo: int, hi: int) -> torch.Tensor:
+        """The merged index of modes lo..hi-1 of every sample (row-major)."""
+        key = self.indices[:, lo]
+        for k in range(lo + 1, hi):
+            key = key * self.shape[k] + self.indices[:, k]
+        return key
+
+    def _block(self, lo: int, hi: int) -> _Block:
+        blk = self._blocks.get((lo, hi))
+        if blk is None:
+            P = 1
+            for k in range(lo, hi):
+                P *= self.shape[k]
+            blk = _Block(self._block_key(lo, hi), lo, hi, P)
+            self._blocks[(lo, hi)] = blk
+        return blk
+
+    def _partition(self, ranks: Sequence[int]) -> _Partition:
+        """Blocks for TT-ranks ``ranks`` (``d + 1`` values): modes are merged while the
+        merged index count ``P`` satisfies ``P * max(min_group, 4 r) <= N`` (``r`` the
+        largest rank involved), so the merged cores stay small next to the samples."""
+        N, d = len(self), len(self.shape)
+        bounds = []
+        k = 0
+        while k < d:
+            hi, P, r = k + 1, self.shape[k], max(ranks[k], ranks[k + 1])
+            while hi < d:
+                P2, r2 = P * self.shape[hi], max(r, ranks[hi + 1])
+                if P2 * max(self.min_group, 4 * r2) > N:
+                    break
+                P, r, hi = P2, r2, hi + 1
+            bounds.append((k, hi))
+            k = hi
+        key = tuple(bounds)
+        part = self._partitions.get(key)
+        if part is None:
+            part = _Partition([self._block(lo, hi) for lo, hi in bounds], self._block_key)
+            self._partitions[key] = part
+        return part
+
+    def _tmp_workspace(self, dtype, device) -> _Workspace:
+        ws = self._tmp.get((dtype, str(device)))
+        if ws is None:
+            ws = _Workspace(dtype, device)
+            self._tmp[(dtype, str(device))] = ws
+        return ws
+
+    def _acquire(self, dtype, device) -> _Workspace:
+        for j, ws in enumerate(self._free):
+            if ws.dtype == dtype and ws.device == device:
+                return self._free.pop(j)
+        return _Workspace(dtype, device)
+
+    def _release(self, ws: _Workspace) -> None:
+        """Keep one idle workspace per dtype and device (the last released)."""
+        self._free = [w for w in self._free
+                      if (w.dtype, w.device) != (ws.dtype, ws.device)] + [ws]
+
+    @staticmethod
+    def _ranks(cores) -> List[int]:
+        return [int(c.shape[0]) for c in cores] + [int(cores[-1].shape[2])]
+
+    def _gather_blocked(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Values at the samples, blocked layouts with reused buffers (no autograd)."""
+        N = len(self)
+        if N == 0:
+            return cores[0].new_zeros(0)
+        part = self._partition(self._ranks(cores))
+        blocks = part.blocks
+        ws = self._tmp_workspace(cores[0].dtype, cores[0].device)
+        o = ws.o
+        if len(blocks) == 1:
+            a, b0 = _ones(ws, blocks[0], "ones"), 0
+        else:  # first step from ones: rows of the first merged core
+            w0 = _merged(cores, blocks[0].lo, blocks[0].hi)[0]
+            a = o.move(part.first_map, o.table(w0), ws.view(("pingpong", 1), blocks[1].slots,
+                                                            w0.shape[1]))
+            b0 = 1
+        for b in range(b0, len(blocks)):
+            blk = blocks[b]
+            mats = blk.seg(_merged(cores, blk.lo, blk.hi).permute(1, 0, 2))
+            out = o.step(blk, a, mats, o.step_out(ws, blk, mats.shape[2]))
+            if b + 1 < len(blocks):
+                a = o.move_step(part, "fwd", b, out, ws.view(("pingpong", (b + 1) % 2),
+                                                             blocks[b + 1].slots, mats.shape[2]))
+        return blocks[-1].to_samples(o.step_col(blocks[-1], out))
+
+    def _project_blocked(self, U, V, values: torch.Tensor) -> List[torch.Tensor]:
+        """``D_k`` of the sparse projection (before the gauge projection), blocked: one
+        left sweep (kept), then the right sweep started from the values (so the right
+        vectors are ``values * rho``) with one grouped scatter per block."""
+        part = self._partition(self._ranks(U))
+        blocks = part.blocks
+        B = len(blocks)
+        ws = self._tmp_workspace(values.dtype, values.device)
+        o = ws.o
+        L = _left_sweep(part, U, ws, "L")
+        last = blocks[-1]
+        rt = ws.view(("rt", (B - 1) % 2), last.slots, 1)
+        o.col(rt, last.slots).copy_(last.layout_vector(values))
+        D: List[Optional[torch.Tensor]] = [None] * len(self.shape)
+        for b in range(B - 1, -1, -1):
+            blk = blocks[b]
+            C = o.outer(blk, L[b], rt).permute(1, 0, 2)
+            D[blk.lo:blk.hi] = _split_block_grad(C, U, V, blk.lo, blk.hi, self.shape)
+            if b > 0:
+                mats = blk.seg(_merged(V, blk.lo, blk.hi).permute(1, 2, 0))
+                out = o.step(blk, rt, mats, o.step_out(ws, blk, mats.shape[2]))
+                rt = o.move_step(part, "bwd", b, out, ws.view(("rt", (b - 1) % 2),
+                                                              blocks[b - 1].slots, mats.shape[2]))
+        return D
+
+    def sampled_point(self, U: Sequence[torch.Tensor], V: Sequence[torch.Tensor]) -> "SampledPoint":
+        """The per-sample left and right vectors of the TT with left-orthogonal cores ``U``
+        and right-orthogonal cores ``V`` (``V[0]`` unused), see :class:`SampledPoint`."""
+        self._check_cores(U)
+        return SampledPoint(self, U, V)
+
+    # -- per-mode kernels (sample order) ------------------------------------------------
     def _left_step(self, k: int, a: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
         """a (N, r_{k-1}) -> a_e @ core[:, i_k(e), :]  (N, r_k)."""
         p = self.plan(k)
@@ -176,9 +701,15 @@ class IndexSet:
         return out
 
     def gather(self, tt) -> torch.Tensor:
-        """The ``N`` entries of a TT (or list of cores) at the samples. O(N d r^2)."""
+        """The ``N`` entries of a TT (or list of cores) at the samples. O(N d r^2).
+
+        Without autograd (no core requires grad, or grad mode off) this runs on the blocked
+        layouts with reused buffers; otherwise on the differentiable per-mode kernels."""
         cores = tt.cores if hasattr(tt, "cores") else list(tt)
         self._check_cores(cores)
+        if not (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
+            if cores[0].device.type != "meta":
+                return self._gather_blocked(cores)
         a = cores[0].new_ones(len(self), 1)
         for k in range(len(cores)):
             a = self._left_step(k, a, cores[k])
@@ -201,6 +732,147 @@ class IndexSet:
             outer = (l.unsqueeze(2) * r.unsqueeze(1)).reshape(l.shape[0], -1)
             out.index_add_(0, p.idx[s:s + _CHUNK], outer)
         return out.view(n, left.shape[1], right.shape[1]).permute(1, 0, 2)
+
+
+def _ones(ws: _Workspace, blk: _Block, name) -> torch.Tensor:
+    """A width-1 buffer holding 1 at the real slots of ``blk`` and 0 elsewhere."""
+    t = ws.ext((name, blk.lo, blk.hi), blk.slots, 1)
+    ws.o.col(t, blk.slots).copy_(blk.mask)
+    return t
+
+
+def _left_sweep(part: _Partition, U, ws: _Workspace, tag) -> List[torch.Tensor]:
+    """Left vectors ``l_lo`` of every block in its layout (kept in ``ws``); the values of
+    the TT at the samples are left in ``ws`` under ``(tag, "values")`` (last layout, a
+    :meth:`_Orient.step_out` buffer)."""
+    blocks = part.blocks
+    o = ws.o
+    L = [_ones(ws, blocks[0], "ones")]
+    if len(blocks) > 1:  # first step from ones: rows of the first merged core
+        w0 = _merged(U, blocks[0].lo, blocks[0].hi)[0]
+        L.append(o.move(part.first_map, o.table(w0), ws.ext((tag, 1), blocks[1].slots,
+                                                             w0.shape[1])))
+    for b in range(len(L) - 1, len(blocks)):
+        blk = blocks[b]
+        mats = blk.seg(_merged(U, blk.lo, blk.hi).permute(1, 0, 2))
+        if b + 1 < len(blocks):
+            out = o.step(blk, L[b], mats, o.step_out(ws, blk, mats.shape[2]))
+            L.append(o.move_step(part, "fwd", b, out, ws.ext((tag, b + 1), blocks[b + 1].slots,
+                                                             mats.shape[2])))
+        else:
+            o.step(blk, L[b], mats, o.step_out(ws, blk, 1, (tag, "values")))
+    return L
+
+
+class SampledPoint:
+    """The per-sample left and right vectors of one TT point ``X`` (left-orthogonal cores
+    ``U``, right-orthogonal cores ``V``) at an :class:`IndexSet`, in the blocked layouts:
+    what Riemannian CG for completion needs at ``X``.
+
+    Built by :meth:`IndexSet.sampled_point` with one left and one right sweep
+    (O(N d r^2), one grouped product and one layout change per block); then
+
+    - :attr:`values`: ``X`` at the samples (in the last block's layout, zero padding; a
+      view of the point's buffers, valid while the point lives);
+    - :meth:`project` ``(z)``: the ``D_k`` of the Riemannian projection of the sparse tensor
+      with values ``z`` (given in the last layout), one grouped product per block;
+    - :meth:`tangent` ``(dU)``: the tangent vector ``sum_k U_<k dU_k V_>k`` at the samples
+      (last layout), one grouped product per block with the kept vectors;
+    - :meth:`to_samples` / :meth:`from_samples`: last layout <-> sample order.
+
+    The buffers (``2 sum_b slots_b r_b`` numbers, ``slots_b`` about ``1.1-1.2 N``) come
+    from a pool on the index set and go back to it when this object is garbage collected,
+    so a CG iteration allocates nothing large once the pool is warm. Runs without autograd.
+    """
+
+    def __init__(self, iset: IndexSet, U: Sequence[torch.Tensor], V: Sequence[torch.Tensor]):
+        self.iset = iset
+        self.U, self.V = list(U), list(V)
+        dtype, device = U[0].dtype, U[0].device
+        self.part = part = iset._partition(iset._ranks(U))
+        blocks = part.blocks
+        B = len(blocks)
+        ws = iset._acquire(dtype, device)
+        self._ws = ws
+        weakref.finalize(self, iset._release, ws)
+        o = ws.o
+        with torch.no_grad():
+            self.L = _left_sweep(part, U, ws, "L")
+            last = blocks[-1]
+            self.values = o.step_col(last, o.step_out(ws, last, 1, ("L", "values")))
+            R: List[Optional[torch.Tensor]] = [None] * B
+            R[B - 1] = _ones(ws, last, "onesR")
+            top = B - 1
+            if B > 1:  # first right step from ones: columns of the last merged core
+                wl = _merged(V, last.lo, last.hi)[:, :, 0].t()
+                R[B - 2] = o.move(part.last_map, o.table(wl),
+                                  ws.ext(("R", B - 2), blocks[B - 2].slots, wl.shape[1]))
+                top = B - 2
+            for b in range(top, 0, -1):
+                blk = blocks[b]
+                mats = blk.seg(_merged(V, blk.lo, blk.hi).permute(1, 2, 0))
+                out = o.step(blk, R[b], mats, o.step_out(ws, blk, mats.shape[2]))
+                R[b - 1] = o.move_step(part, "bwd", b, out, ws.ext(("R", b - 1),
+                                                                   blocks[b - 1].slots,
+                                                                   mats.shape[2]))
+            self.R = R
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """Real (non-padding) slots of the last layout."""
+        return self.part.blocks[-1].mask
+
+    def to_samples(self, v: torch.Tensor) -> torch.Tensor:
+        """Last-layout values (slots,) -> (N,) in sample order."""
+        return self.part.blocks[-1].to_samples(v)
+
+    def from_samples(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) in sample order -> (slots,) in the last layout (zero padding)."""
+        return self.part.blocks[-1].layout_vector(x)
+
+    def project(self, z: torch.Tensor) -> List[torch.Tensor]:
+        """``D_k[:, i, :] = sum_{e: i_k(e) = i} z_e l_k(e)^T rho_{k+1}(e)^T`` for every k,
+        ``z`` in the last layout (slots,) with zero padding. Gauge projection not applied."""
+        iset, part, ws = self.iset, self.part, self._ws
+        o = ws.o
+        blocks = part.blocks
+        B = len(blocks)
+        D: List[Optional[torch.Tensor]] = [None] * len(iset.shape)
+        with torch.no_grad():
+            zb = ws.view(("z", (B - 1) % 2), blocks[-1].slots, 1)
+            o.col(zb, blocks[-1].slots).copy_(z)
+            for b in range(B - 1, -1, -1):
+                blk = blocks[b]
+                if b < B - 1:
+                    zb = o.move(part.bwd[b + 1], zb, ws.view(("z", b % 2), blk.slots, 1))
+                wgt = ws.scratch(blk.slots, self.R[b].shape[o.fdim])
+                torch.mul(self.R[b], zb, out=wgt)
+                C = o.outer(blk, self.L[b], wgt).permute(1, 0, 2)
+                D[blk.lo:blk.hi] = _split_block_grad(C, self.U, self.V, blk.lo, blk.hi,
+                                                     iset.shape)
+        return D
+
+    def tangent(self, dU: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``xi(i_e) = sum_k l_k(e)^T dU_k[i_k(e)] rho_{k+1}(e)`` (the tangent vector with
+        deltas ``dU`` at the samples), in the last layout (slots,), zero padding."""
+        part, ws = self.part, self._ws
+        o = ws.o
+        blocks = part.blocks
+        with torch.no_grad():
+            acc = None
+            for b, blk in enumerate(blocks):
+                mats = blk.seg(_tangent_block(self.U, self.V, dU, blk.lo, blk.hi)
+                               .permute(1, 0, 2))
+                t = o.step(blk, self.L[b], mats, o.step_out(ws, blk, mats.shape[2]))
+                eb = o.rowdot(blk, t, self.R[b])  # (slots,)
+                e = ws.view(("e", b % 2), blk.slots, 1)
+                if acc is None:
+                    o.col(e, blk.slots).copy_(eb)
+                else:
+                    o.move(part.fwd[b - 1], acc, e)
+                    o.col(e, blk.slots).add_(eb)
+                acc = e
+            return o.col(acc, blocks[-1].slots).clone()
 
 
 def _chunked(a: torch.Tensor, mats: torch.Tensor, idx: torch.Tensor, left: bool) -> torch.Tensor:

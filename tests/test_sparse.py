@@ -1,0 +1,437 @@
+"""Tests of the sampled-entry kernels of :mod:`ttmanifold.sparse` against independent
+float64 references: dense tensors indexed at the samples, and explicit per-sample loops of
+small matrix products written in this file (no ttmanifold code in the references).
+
+Both implementations are covered: the per-mode sample-order kernels (``left_vectors``,
+``right_vectors``, ``scatter``, ``gather`` under autograd) and the blocked layouts
+(``gather`` without autograd, ``project_sampled``, :class:`SampledPoint`), the latter with
+and without merged modes (``min_group`` lowered so that small index sets merge), with one or
+several segments per group (``_SEG_COST``), row- and feature-major buffers
+(``_FEATURE_MAJOR_DTYPES``), unbalanced groups, duplicates, N = 0 and N = 1, d = 1.
+"""
+from __future__ import annotations
+
+import gc
+import math
+
+import pytest
+import torch
+
+import ttmanifold.sparse as sparse_mod
+from ttmanifold import FixedTTRank, IndexSet
+from ttmanifold.problems import Completion
+from ttmanifold.solvers import run
+
+F64 = torch.float64
+F32 = torch.float32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------
+# independent references
+# ---------------------------------------------------------------------------------------
+
+def rand_cores(shape, ranks, gen, dtype=F64):
+    return [torch.randn(ranks[k], n, ranks[k + 1], generator=gen, dtype=F64).to(dtype)
+            for k, n in enumerate(shape)]
+
+
+def dense(cores):
+    """Dense tensor of TT cores by plain einsum."""
+    res = cores[0].reshape(cores[0].shape[1], cores[0].shape[2])
+    for c in cores[1:]:
+        res = torch.einsum("ia,ajb->ijb", res, c).reshape(-1, c.shape[2])
+    return res.reshape([int(c.shape[1]) for c in cores])
+
+
+def ref_left(cores, idx, k):
+    """l_k(e) = G_0[i_0] ... G_{k-1}[i_{k-1}] (row vector), explicit loop per sample."""
+    out = []
+    for e in range(idx.shape[0]):
+        v = torch.ones(1, 1, dtype=F64)
+        for j in range(k):
+            v = v @ cores[j][:, int(idx[e, j]), :].double()
+        out.append(v[0])
+    return torch.stack(out) if out else torch.zeros(0, cores[k].shape[0] if k < len(cores)
+                                                     else 1, dtype=F64)
+
+
+def ref_right(cores, idx, k):
+    """rho_k(e) = G_k[i_k] ... G_{d-1}[i_{d-1}] (column), explicit loop per sample."""
+    d = len(cores)
+    out = []
+    for e in range(idx.shape[0]):
+        v = torch.ones(1, 1, dtype=F64)
+        for j in range(d - 1, k - 1, -1):
+            v = cores[j][:, int(idx[e, j]), :].double() @ v
+        out.append(v[:, 0])
+    return torch.stack(out) if out else torch.zeros(0, 1, dtype=F64)
+
+
+def ref_project(U, V, idx, z):
+    """D_k[:, i, :] = sum_{e: i_k(e) = i} z_e l_k(e; U)^T rho_{k+1}(e; V)^T."""
+    d = len(U)
+    D = [torch.zeros(u.shape, dtype=F64) for u in U]
+    for k in range(d):
+        L, R = ref_left(U, idx, k), ref_right(V, idx, k + 1)
+        for e in range(idx.shape[0]):
+            D[k][:, int(idx[e, k]), :] += float(z[e]) * torch.outer(L[e], R[e])
+    return D
+
+
+def ref_tangent(U, V, dU, idx):
+    """sum_k l_k(e; U) dU_k[i_k(e)] rho_{k+1}(e; V) per sample."""
+    d = len(U)
+    out = torch.zeros(idx.shape[0], dtype=F64)
+    for k in range(d):
+        L, R = ref_left(U, idx, k), ref_right(V, idx, k + 1)
+        for e in range(idx.shape[0]):
+            out[e] += L[e] @ dU[k][:, int(idx[e, k]), :].double() @ R[e]
+    return out
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm()) / max(float(b.norm()), 1e-300)
+
+
+def random_indices(shape, N, gen, dup=True):
+    idx = torch.stack([torch.randint(0, n, (N,), generator=gen) for n in shape], 1)
+    if dup and N > 3:
+        idx[1] = idx[0]
+        idx[N - 1] = idx[2]
+    return idx
+
+
+def skewed_indices(shape, N, gen):
+    """Very unbalanced groups: mode 0 mostly 0, the last mode mostly n-1."""
+    idx = random_indices(shape, N, gen)
+    idx[: (9 * N) // 10, 0] = 0
+    idx[N // 8:, -1] = shape[-1] - 1
+    return idx
+
+
+@pytest.fixture(params=["rm", "fm"])
+def orientation(request, monkeypatch):
+    """Row-major or feature-major buffers for every dtype."""
+    dts = () if request.param == "rm" else (F32, F64)
+    monkeypatch.setattr(sparse_mod, "_FEATURE_MAJOR_DTYPES", dts)
+    return request.param
+
+
+@pytest.fixture(params=[64, 0])
+def seg_cost(request, monkeypatch):
+    """64: one segment per group when balanced; 0: narrow segments (several per group)."""
+    monkeypatch.setattr(sparse_mod, "_SEG_COST", request.param)
+    return request.param
+
+
+CASES = [
+    # shape, ranks, N, min_group, kind
+    ((3, 4, 3, 2), (1, 2, 3, 2, 1), 50, 64, "random"),  # single modes
+    ((3, 4, 3, 2), (1, 2, 3, 2, 1), 150, 2, "random"),  # merged pairs
+    ((2, 3, 2, 2, 3), (1, 2, 2, 3, 2, 1), 70, 1, "random"),  # pairs and a single mode
+    ((2, 2, 2, 3), (1, 2, 1, 2, 1), 80, 1, "random"),  # a block of three modes
+    ((9, 3, 4), (1, 3, 2, 1), 40, 2, "skewed"),  # unbalanced groups
+    ((6,), (1, 1), 9, 1, "random"),  # d = 1
+    ((3, 4, 3), (1, 2, 2, 1), 1, 1, "random"),  # N = 1
+]
+
+
+def make_set(shape, N, min_group, kind, seed):
+    gen = torch.Generator().manual_seed(seed)
+    idx = (skewed_indices if kind == "skewed" else random_indices)(shape, N, gen)
+    iset = IndexSet(idx, shape)
+    iset.min_group = min_group
+    return iset, idx, gen
+
+
+# ---------------------------------------------------------------------------------------
+# per-mode sample-order kernels
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_per_mode_kernels(case):
+    shape, ranks, N, _, kind = CASES[case]
+    iset, idx, gen = make_set(shape, N, 64, kind, seed=case)
+    cores = rand_cores(shape, ranks, gen)
+    d = len(shape)
+    left = iset.left_vectors(cores)
+    for k in range(d):
+        assert rel(left[k], ref_left(cores, idx, k)) < 1e-12
+    right = iset.right_vectors(cores, downto=1)
+    for k in range(1, d + 1):
+        assert rel(right[k], ref_right(cores, idx, k)) < 1e-12
+    z = torch.randn(N, generator=gen, dtype=F64)
+    U, V = cores, rand_cores(shape, ranks, gen)
+    ref = ref_project(U, V, idx, z)
+    for k in range(d):
+        lk = ref_left(U, idx, k) * z.unsqueeze(1)
+        rk = ref_right(V, idx, k + 1)
+        assert rel(iset.scatter(k, lk, rk), ref[k]) < 1e-12
+
+
+def test_per_mode_fallback_is_used_for_skewed_groups():
+    iset, _, _ = make_set((9, 3, 4), 40, 64, "skewed", seed=3)
+    assert not iset.plan(0).padded
+
+
+# ---------------------------------------------------------------------------------------
+# gather (blocked without autograd, per-mode with autograd)
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_gather_matches_dense(case, dtype, orientation, seg_cost):
+    shape, ranks, N, min_group, kind = CASES[case]
+    iset, idx, gen = make_set(shape, N, min_group, kind, seed=10 + case)
+    cores = rand_cores(shape, ranks, gen, dtype)
+    ref = dense([c.double() for c in cores])[tuple(idx.t())]
+    tol = 1e-12 if dtype == F64 else 1e-5
+    vals = iset.gather(cores)
+    assert vals.dtype == dtype and vals.shape == (N,)
+    assert rel(vals, ref) < tol
+    assert rel(iset.gather(cores), ref) < tol  # reused buffers
+    # autograd path (per-mode kernels): same values, gradient of a sampled loss
+    cg = [c.double().clone().requires_grad_() for c in cores]
+    w = torch.randn(N, generator=gen, dtype=F64)
+    (iset.gather(cg) * w).sum().backward()
+    cd = [c.double().clone().requires_grad_() for c in cores]
+    (dense(cd)[tuple(idx.t())] * w).sum().backward()
+    for a, b in zip(cg, cd):
+        assert rel(a.grad, b.grad) < 1e-12
+
+
+def test_gather_empty_and_merged_partition():
+    shape = (3, 3, 3, 3)
+    iset = IndexSet(torch.zeros(0, 4, dtype=torch.long), shape)
+    cores = rand_cores(shape, (1, 2, 2, 2, 1), torch.Generator().manual_seed(0))
+    assert iset.gather(cores).shape == (0,)
+    gen = torch.Generator().manual_seed(1)
+    iset = IndexSet(random_indices(shape, 200, gen), shape)
+    iset.min_group = 8  # merge while N >= P * max(min_group, 4 r)
+    part = iset._partition((1, 1, 1, 1, 1))
+    assert [(b.lo, b.hi) for b in part.blocks] == [(0, 2), (2, 4)]  # 27 * 8 > 200
+    iset.min_group = 4
+    assert [(b.lo, b.hi) for b in iset._partition((1, 1, 1, 1, 1)).blocks] == [(0, 3), (3, 4)]
+    # larger ranks bound the merge (27 * 4 * 3 > 200)
+    assert [(b.lo, b.hi) for b in iset._partition((1, 3, 3, 3, 1)).blocks] == [(0, 2), (2, 4)]
+    cores = rand_cores(shape, (1, 3, 3, 3, 1), gen)
+    assert rel(iset.gather(cores), dense(cores)[tuple(iset.indices.t())]) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------
+# layouts and the maps between them
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_layout_maps(case, orientation, seg_cost):
+    shape, ranks, N, min_group, kind = CASES[case]
+    iset, idx, gen = make_set(shape, N, min_group, kind, seed=20 + case)
+    part = iset._partition(ranks)
+    ids = torch.arange(N, dtype=F64) + 1.0  # sample ids, 0 = padding
+    o = sparse_mod._orient(F64)
+    for b, blk in enumerate(part.blocks):
+        assert blk.slots == blk.S * blk.w and blk.S >= min(1, N)
+        lay = blk.layout_vector(ids)
+        assert lay.shape == (blk.slots,)
+        assert torch.equal(lay != 0, blk.mask)
+        assert int(blk.mask.sum()) == N
+        assert torch.equal(blk.to_samples(lay), ids)  # round trip
+        # every segment holds samples of one merged index only
+        key = torch.zeros(N, dtype=torch.long)
+        for k in range(blk.lo, blk.hi):
+            key = key * shape[k] + idx[:, k]
+        segs = torch.arange(blk.slots) // blk.w
+        real = blk.mask
+        assert torch.equal(blk.seg_group[segs[real]], key[(lay[real] - 1).long()])
+        # moves between consecutive layouts carry every sample to its slot
+        for kind_, nb in (("fwd", b + 1), ("bwd", b - 1)):
+            if not 0 <= nb < len(part.blocks):
+                continue
+            m = getattr(part, kind_)[b if kind_ == "fwd" else b]
+            src = torch.zeros(o.shape(blk.slots, 1), dtype=F64)
+            o.col(src, blk.slots).copy_(lay)
+            nxt = part.blocks[nb]
+            dst = torch.full(o.shape(nxt.slots, 1), -1.0, dtype=F64)
+            o.move(m, src, dst)
+            assert torch.equal(o.col(dst, nxt.slots), nxt.layout_vector(ids))
+            # from a step result (the feature-major offset maps)
+            r = 3
+            step_src = torch.arange(N * r, dtype=F64).view(N, r) + 1.0
+            buf = torch.zeros(o.shape(blk.slots, r), dtype=F64)
+            for f in range(r):
+                col = blk.layout_vector(step_src[:, f])
+                (buf[f, :blk.slots] if o.fm else buf[:blk.slots, f]).copy_(col)
+            ws = sparse_mod._Workspace(F64, torch.device("cpu"))
+            eye = torch.eye(r, dtype=F64).expand(blk.S, r, r)
+            out = o.step(blk, buf, eye, o.step_out(ws, blk, r))
+            dst = torch.full(o.shape(nxt.slots, r), -1.0, dtype=F64)
+            o.move_step(part, kind_, b, out, dst)
+            for f in range(r):
+                got = dst[f, :nxt.slots] if o.fm else dst[:nxt.slots, f]
+                assert torch.equal(got, nxt.layout_vector(step_src[:, f]))
+    if len(part.blocks) > 1:
+        first, last = part.blocks[0], part.blocks[-1]
+        for m, src_blk, dst_blk in ((part.first_map, first, part.blocks[1]),
+                                    (part.last_map, last, part.blocks[-2])):
+            key = torch.zeros(N, dtype=torch.long)
+            for k in range(src_blk.lo, src_blk.hi):
+                key = key * shape[k] + idx[:, k]
+            want = torch.cat([key, torch.tensor([src_blk.P])])[
+                torch.cat([dst_blk.sample_of.long()])]
+            assert torch.equal(m.long(), want)
+
+
+# ---------------------------------------------------------------------------------------
+# SampledPoint and the blocked projection
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_sampled_point(case, dtype, orientation, seg_cost):
+    shape, ranks, N, min_group, kind = CASES[case]
+    iset, idx, gen = make_set(shape, N, min_group, kind, seed=30 + case)
+    U = rand_cores(shape, ranks, gen, dtype)
+    V = rand_cores(shape, ranks, gen, dtype)  # any cores: the kernels are identities
+    dU = rand_cores(shape, ranks, gen, dtype)
+    z = torch.randn(N, generator=gen, dtype=F64)
+    tol = 1e-12 if dtype == F64 else 2e-5
+    pt = iset.sampled_point(U, V)
+    vals = pt.to_samples(pt.values)
+    assert rel(vals, dense([u.double() for u in U])[tuple(idx.t())]) < tol
+    assert torch.equal(pt.values[~pt.mask], torch.zeros_like(pt.values[~pt.mask]))
+    zl = pt.from_samples(z.to(dtype))
+    assert torch.equal(pt.to_samples(zl), z.to(dtype))
+    D = pt.project(zl)
+    ref = ref_project(U, V, idx, z)
+    for k in range(len(shape)):
+        assert D[k].shape == U[k].shape
+        assert rel(D[k], ref[k]) < tol
+    e = pt.tangent(dU)
+    assert rel(pt.to_samples(e), ref_tangent(U, V, dU, idx)) < tol
+    # blocked projection with the values folded into the right sweep
+    D2 = iset._project_blocked(U, V, z.to(dtype))
+    for k in range(len(shape)):
+        assert rel(D2[k], ref[k]) < tol
+
+
+def test_sampled_point_empty():
+    shape, ranks = (3, 4, 3), (1, 2, 2, 1)
+    gen = torch.Generator().manual_seed(0)
+    iset = IndexSet(torch.zeros(0, 3, dtype=torch.long), shape)
+    U, V, dU = (rand_cores(shape, ranks, gen) for _ in range(3))
+    pt = iset.sampled_point(U, V)
+    assert pt.values.shape == (0,) and pt.tangent(dU).shape == (0,)
+    for Dk, u in zip(pt.project(pt.values), U):
+        assert Dk.shape == u.shape and float(Dk.abs().max()) == 0.0
+
+
+def test_workspace_pool_reuse_and_independence():
+    shape, ranks = (3, 4, 3, 2), (1, 2, 3, 2, 1)
+    iset, idx, gen = make_set(shape, 60, 2, "random", seed=5)
+    U1, V1, U2, V2 = (rand_cores(shape, ranks, gen) for _ in range(4))
+    a = iset.sampled_point(U1, V1)
+    b = iset.sampled_point(U2, V2)  # a is alive: a second workspace
+    assert a._ws is not b._ws
+    assert rel(a.to_samples(a.values), dense(U1)[tuple(idx.t())]) < 1e-12
+    assert rel(b.to_samples(b.values), dense(U2)[tuple(idx.t())]) < 1e-12
+    ws_a = a._ws
+    del a
+    gc.collect()
+    assert any(w is ws_a for w in iset._free)
+    c = iset.sampled_point(U1, V1)  # reuses the released buffers
+    assert c._ws is ws_a
+    assert rel(c.to_samples(c.values), dense(U1)[tuple(idx.t())]) < 1e-12
+    assert rel(b.to_samples(b.values), dense(U2)[tuple(idx.t())]) < 1e-12  # untouched
+    iset.release_buffers()
+    assert not iset._free
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_parallel_feature_gathers(threads, monkeypatch):
+    """The feature-major transitions spread over Python threads (forced at a tiny size)."""
+    monkeypatch.setattr(sparse_mod, "_POOL_MIN", 1)
+    monkeypatch.setattr(sparse_mod, "_FEATURE_MAJOR_DTYPES", (F32, F64))
+    torch.set_num_threads(threads)
+    try:
+        iset, idx, gen = make_set((3, 4, 3, 2), 60, 2, "random", seed=8)
+        U = rand_cores((3, 4, 3, 2), (1, 2, 3, 2, 1), gen)
+        assert rel(iset.gather(U), dense(U)[tuple(idx.t())]) < 1e-12
+    finally:
+        torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------
+# the manifold and the completion problem on top of the blocked kernels
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("min_group", [64, 2])
+def test_project_sampled_blocked_matches_per_mode(min_group, orientation):
+    M = FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1))
+    gen = torch.Generator().manual_seed(3)
+    p = M.random(dtype=F64, generator=gen)
+    idx = random_indices(M.shape, 80, gen)
+    vals = torch.randn(80, generator=gen, dtype=F64)
+    iset = IndexSet(idx, M.shape)
+    iset.min_group = min_group
+    got = M.project_sampled(p, iset, vals)
+    U = M._split(p)
+    legacy = M._project_sparse_D(U, M._right_cores(U), iset, vals,
+                                 left=iset.left_vectors(U))
+    ref = M._cat(M._deltas_from_D(U, legacy))
+    assert rel(got, ref) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_completion_cg_pieces_with_merged_modes(dtype, orientation):
+    P = Completion((4, 5, 4, 5), 2, train_size=300, test_size=50, seed=2, dtype=dtype)
+    P.train.min_group = 2  # merge pairs of modes at this small size
+    assert len(P.train._partition(P.manifold.ranks).blocks) == 2
+    M = P.manifold
+    p = P.initial_point(1)
+    loss, g, ctx = P.cg_grad(p)
+    tol = 1e-11 if dtype == F64 else 1e-4
+    # reference: per-sample kernels in sample order (the former implementation)
+    U = M._split(p)
+    V = M._right_cores(U)
+    I = P.train
+    left = I.left_vectors(U)
+    vals = I._left_step(M.d - 1, left[-1], U[-1])[:, 0]
+    z = (vals - P.a_train) * P._sw
+    rights = [None] * M.d
+    rights[-1] = vals.new_ones(len(I), 1)
+    for k in range(M.d - 1, 0, -1):
+        rights[k - 1] = I._right_step(k, rights[k], V[k])
+    D = [I.scatter(k, left[k] * (z * P._sw).unsqueeze(1), rights[k]) for k in range(M.d)]
+    g_ref = M._cat(M._deltas_from_D(U, D))
+    assert rel(g, g_ref) < tol
+    assert abs(float(loss) - float(0.5 * (z * z).sum())) <= tol * float(loss)
+    eta = -g
+    legacy = (left, rights, z, None)
+    assert rel(P.eval_tangent(p, eta, ctx), P.eval_tangent(p, eta, legacy)) < tol
+    a_new, a_old = float(P.exact_step(p, eta, ctx)), float(P.exact_step(p, eta, legacy))
+    assert abs(a_new - a_old) <= tol * abs(a_old)
+    # dense check of the tangent values
+    dense_eta = dense([c.double() for c in M.tangent_to_tt(p, eta).cores])
+    ref_e = dense_eta[tuple(I.indices.t())] * math.sqrt(P.weight)
+    assert rel(P.eval_tangent(p, eta, ctx), ref_e) < (1e-11 if dtype == F64 else 1e-4)
+
+
+def test_cg_run_merged_matches_single_modes():
+    """A few CG iterations give the same iterates with and without merged modes."""
+    out = []
+    for mg in (10 ** 9, 2):
+        P = Completion((4, 5, 4, 5), 2, train_size=300, test_size=50, seed=4)
+        P.train.min_group = mg
+        h = run(P, "rcg", P.initial_point(0), iters=5, metrics_every=0,
+                measure_memory=False)
+        out.append(h.x)
+    assert rel(out[1], out[0]) < 1e-9
