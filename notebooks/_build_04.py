@@ -16,25 +16,15 @@ script does not depend on the state of ``_build.py``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 NAME = "04_chart_vs_riemannian.ipynb"
 
-KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
-
-
-def md(src: str):
-    return ("markdown", src.strip("\n"))
-
-
-def code(src: str):
-    return ("code", src.strip("\n"))
+sys.path.insert(0, str(HERE))
+from _build import build, code, execute, md  # noqa: E402  (shared cell builders and runner)
 
 
 # =======================================================================================
@@ -797,60 +787,6 @@ from a shared CPU):
 # =======================================================================================
 
 
-def build(cells):
-    import nbformat
-
-    nb = nbformat.v4.new_notebook()
-    for i, (kind, src) in enumerate(cells):
-        make = nbformat.v4.new_markdown_cell if kind == "markdown" else nbformat.v4.new_code_cell
-        cell = make(src)
-        cell["id"] = f"nb04-{i:02d}"  # fixed ids: stable diffs when regenerating
-        nb.cells.append(cell)
-    nb.metadata["kernelspec"] = dict(KERNELSPEC)
-    nb.metadata["language_info"] = {"name": "python"}
-    return nb
-
-
-def _kernel_manager(kernel_dir: Path):
-    """An AsyncKernelManager whose kernel runs ``sys.executable -m ipykernel_launcher``."""
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import AsyncKernelManager
-
-    spec_dir = kernel_dir / "ttmanifold-python"
-    spec_dir.mkdir(parents=True, exist_ok=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (ipykernel)",
-        "language": "python",
-    }))
-    ksm = KernelSpecManager(kernel_dirs=[str(kernel_dir)])
-    return AsyncKernelManager(kernel_name="ttmanifold-python", kernel_spec_manager=ksm)
-
-
-def execute(nb, *, quick: bool, timeout: int = 600):
-    from nbclient import NotebookClient
-
-    env = dict(os.environ)
-    env.pop("TTMANIFOLD_NB_QUICK", None)
-    if quick:
-        env["TTMANIFOLD_NB_QUICK"] = "1"
-    with tempfile.TemporaryDirectory() as tmp:
-        km = _kernel_manager(Path(tmp))
-        client = NotebookClient(nb, km=km, timeout=timeout, record_timing=False,
-                                resources={"metadata": {"path": str(HERE)}})
-        try:
-            client.execute(env=env)
-        finally:
-            if client.kc is not None:
-                client.kc.stop_channels()
-            if km.has_kernel:
-                from nbclient.util import run_sync
-
-                run_sync(km.shutdown_kernel)(now=True)
-    nb.metadata["kernelspec"] = dict(KERNELSPEC)
-    return nb
-
-
 def main(argv=None):
     import nbformat
 
@@ -859,7 +795,7 @@ def main(argv=None):
     ap.add_argument("--no-execute", action="store_true", help="write without outputs")
     ap.add_argument("--out", default=str(HERE / NAME), help="output path (default notebooks/" + NAME + ")")
     args = ap.parse_args(argv)
-    nb = build(NB04)
+    nb = build(NAME, NB04)
     if not args.no_execute:
         t0 = time.perf_counter()
         nb = execute(nb, quick=args.quick)

@@ -108,6 +108,7 @@ from torch import Tensor
 
 from ._checks import check_shape, normalize_ranks
 from .householder import (
+    _reduced_in_full,
     frame_from_full,
     frame_from_reduced,
     full_dim,
@@ -212,15 +213,6 @@ def _full_from_frame_unsigned(Q: Tensor) -> Tuple[Tensor, Tensor]:
         Y = (rest - v.unsqueeze(-1) * proj)[..., 1:, :]
     params = torch.cat(ws, dim=-1)
     return params, ok & torch.isfinite(params).all(dim=-1)
-
-
-def _reduced_positions(m: int, r: int, device) -> Tensor:
-    """Indices into the full-form packing of the reduced-form entries (rows ``r..m-1`` of
-    each column), in reduced packing order."""
-    j = torch.arange(r, device=device).repeat_interleave(m - r)
-    i = torch.arange(r, m, device=device).repeat(r)
-    off = j * (m - 1) - torch.div(j * (j - 1), 2, rounding_mode="floor")
-    return off + (i - j - 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -517,7 +509,7 @@ class STTPChart(torch.nn.Module):
         F = (Q @ O) * sg.unsqueeze(-2)
         m, rr = F.shape[-2], F.shape[-1]
         pfull, ok = _full_from_frame_unsigned(F)
-        return pfull.index_select(-1, _reduced_positions(m, rr, F.device)), sg, O, ok
+        return pfull.index_select(-1, _reduced_in_full(m, rr, F.device)), sg, O, ok
 
     def _outer_sweeps(self, cores: List[Tensor], flip: Optional[str]):
         """Reduced inversions of the outer cores (left ``0..c-2``, right ``d-1..c+1``) with
