@@ -503,6 +503,126 @@ def test_projx_of_off_manifold_tensor(dtype):
 
 
 # ---------------------------------------------------------------------------------------
+# structured tangent TTs: inner / norm / scaling without the rank-2r cores
+# ---------------------------------------------------------------------------------------
+
+def _structured_losses(A_tt):
+    """Losses written with inner/norm/scaling (the structured paths) and their dense
+    gradients (independent: plain autograd on the dense tensor)."""
+    Ad = full(A_tt.cores)
+    return [
+        ("quadratic", lambda T: 0.5 * tm.inner(T, T) - tm.inner(T, A_tt) + 0.5 * tm.inner(A_tt, A_tt),
+         lambda X: X - Ad),
+        ("norm", lambda T: T.norm(), lambda X: X / X.norm()),
+        ("scaled", lambda T: tm.inner(A_tt, 2.0 * T) ** 2, lambda X: 8 * (X * Ad).sum() * Ad),
+        ("cubic", lambda T: tm.inner(T, T) * tm.inner(T, A_tt),
+         lambda X: 2 * (X * Ad).sum() * X + (X * X).sum() * Ad),
+        ("mixed", lambda T: tm.inner(T, T + A_tt) - (-T).norm() ** 2,  # = <X, A>
+         lambda X: Ad),
+    ]
+
+
+@settings(max_examples=max(10, _N_EXAMPLES // 2), deadline=None)
+@given(manifolds())
+def test_structured_tangent_tt_matches_dense(case):
+    shape, ranks, seed = case
+    assume(len(shape) >= 2)
+    M = FixedTTRank(shape, ranks)
+    gen = torch.Generator().manual_seed(seed)
+    p = M.random(dtype=F64, generator=gen)
+    P = oracle(M, p)
+    X = dense_point(M, p)
+    A_tt = TT(random_tt_cores(shape, 2, gen))
+    Ad = full(A_tt.cores)
+    u = M.project(p, torch.randn(shape, dtype=F64, generator=gen))   # gauged
+    w = torch.randn(M.size, dtype=F64, generator=gen)                  # not gauged
+    for vec in (u, w):
+        T = M.tangent_to_tt(p, vec)
+        val = tm.inner(T, A_tt)
+        assert T._dense is None  # <T, A> never built the rank-2r cores
+        Td = full(TT(T.cores).cores)  # the rank-2r block cores, assembled independently
+        assert T.ranks == (1,) + tuple(2 * r for r in M.ranks[1:-1]) + (1,)
+        assert T.ranks == TT(T.cores).ranks and T.shape == M.shape
+        assert abs(float(val) - float((Td * Ad).sum())) <= 1e-11 * max(1.0, float(Td.norm() * Ad.norm()))
+        assert abs(float(tm.inner(A_tt, T)) - float(val)) <= 1e-12 * max(1.0, abs(float(val)))
+        assert abs(float(tm.inner(T, T)) - float((Td * Td).sum())) <= 1e-11 * max(1.0, float((Td * Td).sum()))
+        assert abs(float(T.norm()) - float(Td.norm())) <= 1e-11 * max(1.0, float(Td.norm()))
+        assert close(full((3.0 * T).cores), 3.0 * Td, 1e-12)
+
+    # gradients through the structured paths agree with the oracle-projected dense ones
+    for name, f, grad in _structured_losses(A_tt):
+        ref = (P @ grad(X).reshape(-1)).reshape(shape)
+        g = M.riemannian_grad(p, f)
+        assert close(dense_tangent(M, p, g), ref, 1e-9), name
+        pp = p.clone().requires_grad_()
+        f(M.unpack_tensor(pp)).backward()
+        assert close(dense_tangent(M, p, pp.grad), ref, 1e-9), name
+
+
+@pytest.mark.parametrize("shape,ranks,R", [((3,) * 5, 2, 3), ((2,) * 6, 2, 2),
+                                           ((4, 3, 3, 3, 4), (1, 3, 3, 3, 3, 1), 3)])
+def test_uniform_cores_batched_paths_match_oracle(shape, ranks, R):
+    """Runs of equal core shapes take the batched products (project_D, gauge projection)."""
+    M = FixedTTRank(shape, ranks)
+    gen = torch.Generator().manual_seed(5)
+    p = M.random(dtype=F64, generator=gen)
+    P = oracle(M, p)
+    Zc = random_tt_cores(shape, R, gen)
+    ref = (P @ full(Zc).reshape(-1)).reshape(shape)
+    assert close(dense_tangent(M, p, M.project(p, TT(Zc))), ref)
+    G = torch.randn(shape, dtype=F64, generator=gen)
+    refG = (P @ G.reshape(-1)).reshape(shape)
+    delta = torch.zeros(M.size, dtype=F64, requires_grad=True)
+    (D,) = torch.autograd.grad((dense_tangent(M, p, delta) * G).sum(), delta)
+    assert close(dense_tangent(M, p, M.proju(p, D)), refG)
+    T = M.tangent_to_tt(p, M.project(p, G))
+    assert abs(float(tm.inner(T, TT(Zc))) - float((refG * full(Zc)).sum())) < 1e-10
+    for name, f, grad in _structured_losses(TT(Zc)):
+        g = M.riemannian_grad(p, f)
+        assert close(dense_tangent(M, p, g), (P @ grad(dense_point(M, p)).reshape(-1)).reshape(shape), 1e-9), name
+
+
+def test_structured_hvp_matches_projected_dense_hessian():
+    M, p, gen = fixed_case((3, 4, 3, 2), (1, 2, 3, 2, 1), seed=21)
+    A_tt = TT(random_tt_cores(M.shape, 2, gen))
+    Ad = full(A_tt.cores)
+    X = dense_point(M, p)
+    P = oracle(M, p)
+
+    def fd(Xd):
+        return (Xd * Xd).sum() * (Xd * Ad).sum()
+
+    def ft(T):
+        return tm.inner(T, T) * tm.inner(T, A_tt)
+
+    H = torch.autograd.functional.hessian(lambda v: fd(v.reshape(M.shape)), X.reshape(-1))
+    u = M.project(p, torch.randn(M.shape, dtype=F64, generator=gen))
+    ref = (P @ (H @ (P @ dense_tangent(M, p, u).reshape(-1)))).reshape(M.shape)
+    assert close(dense_tangent(M, p, M.riemannian_hvp(p, ft, u)), ref, 1e-9)
+    # a loss linear in X has zero Hessian
+    assert torch.equal(M.riemannian_hvp(p, lambda T: tm.inner(T, A_tt), u), torch.zeros_like(u))
+
+
+def test_structured_gradient_float32_ill_conditioned():
+    M = FixedTTRank((4, 5, 4, 3), (1, 3, 4, 3, 1))
+    gen = torch.Generator().manual_seed(12)
+    p32 = M.projx(ill_conditioned_point(M, gen).to(F32))
+    X = dense_point(M, p32.to(F64))
+    A_tt = TT(random_tt_cores(M.shape, 2, gen))
+    Uj, S = jacobian_svd(M, p32)
+    Q = Uj[:, : M.dim]
+    ref = (Q @ (Q.T @ (X - full(A_tt.cores)).reshape(-1))).reshape(M.shape)
+    A32 = A_tt.to(F32)
+    f = _structured_losses(A32)[0][1]
+    g = M.riemannian_grad(p32, f)
+    assert g.dtype == F32
+    assert rel_err(dense_tangent(M, p32.to(F64), g.to(F64)), ref) < 1e-4
+    q = p32.clone().requires_grad_()
+    f(M.unpack_tensor(q)).backward()
+    assert rel_err(dense_tangent(M, p32.to(F64), q.grad.to(F64)), ref) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------
 # Hessian-vector product
 # ---------------------------------------------------------------------------------------
 
@@ -597,6 +717,10 @@ def _device_calls(M, p, u, dtype, device):
         return T.full().pow(2).sum()
 
     Zt = TT.random(M.shape, 2, dtype=dtype, device=device)
+
+    def f_inner(T):  # the structured tangent-TT paths
+        return tm.inner(T, T) * tm.inner(T, Zt) + T.norm()
+
     Zd = torch.ones(M.shape, dtype=dtype, device=device)
     s = (M.size,)
     return {
@@ -619,13 +743,16 @@ def _device_calls(M, p, u, dtype, device):
         "unpack_tensor": (unpack, [M.shape, s]),
         "riemannian_grad": (lambda: M.riemannian_grad(p, f), s),
         "riemannian_hvp": (lambda: M.riemannian_hvp(p, f, u), s),
+        "riemannian_grad_structured": (lambda: M.riemannian_grad(p, f_inner), s),
+        "riemannian_hvp_structured": (lambda: M.riemannian_hvp(p, f_inner, u), s),
         "gauge": (lambda: M.gauge(p, u), s),
     }
 
 
 _METHODS = ["random", "origin", "proju", "egrad2rgrad", "retr", "transp", "retr_transp",
             "inner", "component_inner", "norm", "projx", "project_tt", "project_dense",
-            "tangent_to_tt", "unpack_tensor", "riemannian_grad", "riemannian_hvp", "gauge"]
+            "tangent_to_tt", "unpack_tensor", "riemannian_grad", "riemannian_hvp", "gauge",
+            "riemannian_grad_structured", "riemannian_hvp_structured"]
 
 _DEVICES = ["meta", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA not available"))]

@@ -35,6 +35,7 @@ import torch
 
 from ._checks import check_float_dtype, check_shape, feasible_ranks, normalize_ranks
 from .sparse import IndexSet
+from .tangent import TangentTT, core_runs, gauge_project_flat, project_D
 from .tt import TT, lq_pos, orthogonalize, qr_pos
 
 __all__ = ["FixedTTRank"]
@@ -47,18 +48,24 @@ def _gauge_project(U: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     return (dl - ul @ (ul.transpose(0, 1) @ dl)).reshape(D.shape)
 
 
-class _GaugeGrad(torch.autograd.Function):
-    """Identity forward; gauge projection of the incoming gradient in backward."""
+class _DeltaFromPoint(torch.autograd.Function):
+    """The packed deltas ``(0, ..., 0, U_d)`` of the point ``p`` (value X), with the
+    gradient path of ``dU_k = p_k - p_k.detach()``: the incoming gradient, gauge
+    projected on the cores ``k < d``, goes to ``p``."""
 
     @staticmethod
-    def forward(ctx, delta, U):
-        ctx.save_for_backward(U)
-        return delta.view_as(delta)
+    def forward(ctx, p, runs):
+        ctx.runs = runs
+        ctx.save_for_backward(p)
+        out = torch.zeros_like(p)
+        last = runs[1]
+        out[last:] = p[last:]
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        (U,) = ctx.saved_tensors
-        return _gauge_project(U, g), None
+        (p,) = ctx.saved_tensors
+        return gauge_project_flat(ctx.runs, p.detach(), g), None
 
 
 class FixedTTRank(geoopt.Manifold):
@@ -108,6 +115,15 @@ class FixedTTRank(geoopt.Manifold):
                 )
         self.core_shapes = [(self.ranks[k], n, self.ranks[k + 1]) for k, n in enumerate(self.shape)]
         self._sizes = [a * b * c for a, b, c in self.core_shapes]
+        offsets = [0]
+        for sz in self._sizes:
+            offsets.append(offsets[-1] + sz)
+        # runs of equal core shapes among cores 0..d-2 for the batched gauge projection
+        self._gauge_runs = (
+            [(offsets[k0], k1 - k0, self.core_shapes[k0][0] * self.core_shapes[k0][1],
+              self.core_shapes[k0][2]) for k0, k1 in core_runs(self.core_shapes[:-1])],
+            offsets[-2],
+        )
         self.size = sum(self._sizes)
         self.dim = self.size - sum(r * r for r in self.ranks[1:-1])
 
@@ -176,14 +192,12 @@ class FixedTTRank(geoopt.Manifold):
         r, 8x for terms cubic in the rank). Otherwise the plain rank-r TT is returned.
         """
         cores = self._split(p, "p")
-        if not (torch.is_grad_enabled() and p.requires_grad):
+        if not (torch.is_grad_enabled() and p.requires_grad) or self.d == 1:
             return TT(cores, check=False)
         U = [c.detach() for c in cores]
         V = self._right_cores(U)
-        deltas = [
-            _GaugeGrad.apply(c - c.detach(), u) for c, u in zip(cores[:-1], U[:-1])
-        ] + [cores[-1]]
-        return self._tangent_tt(U, V, deltas, add_point=False)
+        flat = _DeltaFromPoint.apply(p, self._gauge_runs)
+        return TangentTT(U, V, self._split(flat, "p"), flat=flat, gauged=True)
 
     # ------------------------------------------------------------------------------------
     # internal helpers
@@ -201,28 +215,27 @@ class FixedTTRank(geoopt.Manifold):
             c = (prv.reshape(-1, prv.shape[2]) @ l).reshape(prv.shape)
         return V
 
-    def _tangent_tt(self, U, V, deltas, *, add_point: bool) -> TT:
-        """The rank-2r TT of ``sum_k U_<k delta_k V_>k`` (plus X if ``add_point``)."""
-        d = self.d
-        if d == 1:
-            last = deltas[0] + U[0] if add_point else deltas[0]
-            return TT([last], check=False)
-        cores = []
-        for k in range(d):
-            if k == 0:
-                cores.append(torch.cat([deltas[0], U[0]], dim=2))
-            elif k == d - 1:
-                last = deltas[k] + U[k] if add_point else deltas[k]
-                cores.append(torch.cat([V[k], last], dim=0))
-            else:
-                top = torch.cat([V[k], V[k].new_zeros(V[k].shape[0], V[k].shape[1],
-                                                      U[k].shape[2])], dim=2)
-                bot = torch.cat([deltas[k], U[k]], dim=2)
-                cores.append(torch.cat([top, bot], dim=0))
-        return TT(cores, check=False)
+    def _tangent_tt(self, U, V, deltas, *, add_point: bool, gauged: bool = False) -> TT:
+        """The rank-2r TT of ``sum_k U_<k delta_k V_>k`` (plus X if ``add_point``), as a
+        :class:`~ttmanifold.tangent.TangentTT` (a plain TT for d = 1)."""
+        deltas = list(deltas)
+        if add_point:
+            deltas[-1] = deltas[-1] + U[-1]
+        if self.d == 1:
+            return TT(deltas, check=False)
+        return TangentTT(U, V, deltas, gauged=gauged)
 
     def _deltas_from_D(self, U, D) -> List[torch.Tensor]:
         return [_gauge_project(u, g) for u, g in zip(U[:-1], D[:-1])] + [D[-1]]
+
+    def _gauge_packed(self, x: torch.Tensor, D) -> torch.Tensor:
+        """Packed gauge projection of ``D`` (a flat tensor or a list of cores) at the
+        packed point ``x`` (batched over runs of equal core shapes)."""
+        if not isinstance(D, torch.Tensor):
+            D = self._cat(D)
+        if self.d == 1:
+            return D.clone()
+        return gauge_project_flat(self._gauge_runs, x, D)
 
     def _check_vector(self, u: torch.Tensor, p: torch.Tensor, name: str = "u") -> List[torch.Tensor]:
         parts = self._split(u, name)
@@ -242,9 +255,9 @@ class FixedTTRank(geoopt.Manifold):
         gradient), it returns the Riemannian gradient; on a gauged tangent vector it is the
         identity. Returns a new tensor.
         """
-        U = self._split(x, "x")
-        D = self._check_vector(u, x)
-        return self._cat(self._deltas_from_D(U, D))
+        self._split(x, "x")
+        self._check_vector(u, x)
+        return self._gauge_packed(x, u)
 
     def egrad2rgrad(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Riemannian gradient from ``p.grad`` as produced through :meth:`unpack_tensor`
@@ -270,7 +283,7 @@ class FixedTTRank(geoopt.Manifold):
         if isinstance(Z, TT):
             self._check_ambient(Z, p, "Z")
             V = self._right_cores(U)
-            return self._cat(self._deltas_from_D(U, self._project_tt_D(U, V, Z)))
+            return self._gauge_packed(p, project_D(U, V, Z._cores))
         if isinstance(Z, torch.Tensor) and Z.is_sparse:
             if tuple(Z.shape) != self.shape:
                 raise ValueError(f"Z: sparse shape {tuple(Z.shape)} differs from {self.shape}")
@@ -288,7 +301,7 @@ class FixedTTRank(geoopt.Manifold):
                 raise ValueError(f"Z: shape {tuple(Z.shape)} differs from the manifold's {self.shape}")
             self._check_ambient(Z, p, "Z")
             V = self._right_cores(U)
-            return self._cat(self._deltas_from_D(U, self._project_dense_D(U, V, Z)))
+            return self._gauge_packed(p, self._project_dense_D(U, V, Z))
         raise TypeError(f"Z: expected a dense tensor, a TT or a sparse COO tensor, got "
                         f"{type(Z).__name__}")
 
@@ -309,7 +322,7 @@ class FixedTTRank(geoopt.Manifold):
         if tuple(index_set.shape) != self.shape:
             raise ValueError(f"index_set: shape {index_set.shape} differs from {self.shape}")
         V = self._right_cores(U) if V is None else V
-        return self._cat(self._deltas_from_D(U, self._project_sparse_D(U, V, index_set, values)))
+        return self._gauge_packed(p, self._project_sparse_D(U, V, index_set, values))
 
     def _project_sparse_D(self, U, V, index_set, values, left=None):
         """``D_k`` of the projection of the sparse tensor (before the gauge projection).
@@ -335,29 +348,6 @@ class FixedTTRank(geoopt.Manifold):
             rights[k - 1] = index_set._right_step(k, rights[k], V[k])
         for k in range(d):
             D.append(index_set.scatter(k, left[k] * values.unsqueeze(1), rights[k]))
-        return D
-
-    def _project_tt_D(self, U, V, Z: TT) -> List[torch.Tensor]:
-        d = self.d
-        zc = Z.cores
-        # left interfaces P_k = U_{<k}^T Z_{<k}: (r_k, R_k), P_0 = 1
-        P = [zc[0].new_ones(1, 1)]
-        for k in range(d - 1):
-            u, z = U[k], zc[k]
-            t = (P[-1] @ z.reshape(z.shape[0], -1)).reshape(-1, z.shape[2])  # (r n, R)
-            P.append(u.reshape(-1, u.shape[2]).transpose(0, 1) @ t)
-        # right interfaces Q_k = Z_{>k} V_{>k}^T: (R_k, r_k) for the bond right of core k
-        Q = [None] * d
-        Q[d - 1] = zc[0].new_ones(1, 1)
-        for k in range(d - 1, 0, -1):
-            v, z = V[k], zc[k]
-            t = (z.reshape(-1, z.shape[2]) @ Q[k]).reshape(z.shape[0], -1)  # (R, n r)
-            Q[k - 1] = t @ v.reshape(v.shape[0], -1).transpose(0, 1)
-        D = []
-        for k in range(d):
-            z = zc[k]
-            t = (P[k] @ z.reshape(z.shape[0], -1)).reshape(-1, z.shape[2]) @ Q[k]
-            D.append(t.reshape(self.core_shapes[k]))
         return D
 
     def _project_dense_D(self, U, V, Z: torch.Tensor) -> List[torch.Tensor]:
@@ -502,7 +492,7 @@ class FixedTTRank(geoopt.Manifold):
         Uy = self._split(y, "y")
         xi = self._tangent_tt(Ux, self._right_cores(Ux), dv, add_point=False)
         Vy = self._right_cores(Uy)
-        return self._cat(self._deltas_from_D(Uy, self._project_tt_D(Uy, Vy, xi)))
+        return self._gauge_packed(y, project_D(Uy, Vy, xi._cores))
 
     def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
         """``(retr(x, u), transp(x, retr(x, u), v))`` sharing the work at ``x``."""
@@ -513,8 +503,8 @@ class FixedTTRank(geoopt.Manifold):
         ycores = self._truncate_left(self._tangent_tt(U, V, du, add_point=True))
         xi = self._tangent_tt(U, V, dv, add_point=False)
         Vy = self._right_cores(ycores)
-        w = self._cat(self._deltas_from_D(ycores, self._project_tt_D(ycores, Vy, xi)))
-        return self._cat(ycores), w
+        y = self._cat(ycores)
+        return y, self._gauge_packed(y, project_D(ycores, Vy, xi._cores))
 
     def transp_follow_retr(self, x, u, v):
         return self.retr_transp(x, u, v)[1]
@@ -645,16 +635,15 @@ class FixedTTRank(geoopt.Manifold):
         (Novikov, Rakhuba, Oseledets 2021). Cost: ``f`` and its backward on a rank-2r TT
         plus O(d n r^3). Returns packed gauged deltas (detached).
         """
-        U = [c.detach() for c in self._split(p, "p")]
+        p = p.detach()
+        U = self._split(p, "p")
         V = self._right_cores(U)
         with torch.enable_grad():
-            deltas = [torch.zeros_like(u).requires_grad_() for u in U[:-1]] + [
-                U[-1].clone().requires_grad_()]
-            val = f(self._tangent_tt(U, V, deltas, add_point=False))
+            flat, T = self._delta_tt(p, U, V)
+            val = f(T)
             _check_loss(val)
-            D = torch.autograd.grad(val, deltas, allow_unused=True)
-        D = [torch.zeros_like(u) if g is None else g for g, u in zip(D, U)]
-        out = self._cat(self._deltas_from_D(U, D))
+            (D,) = torch.autograd.grad(val, flat, allow_unused=True)
+        out = torch.zeros_like(p) if D is None else self._gauge_packed(p, D)
         if out.device.type != "meta":
             torch._assert_async(torch.isfinite(out).all(), "f: gradient contains NaN or Inf")
         return out
@@ -669,19 +658,30 @@ class FixedTTRank(geoopt.Manifold):
         is **not** included. Returns packed gauged deltas. Cost: about twice
         :meth:`riemannian_grad`.
         """
-        U = [c.detach() for c in self._split(p, "p")]
-        du = self._check_vector(u, p)
+        p = p.detach()
+        U = self._split(p, "p")
+        self._check_vector(u, p)
         V = self._right_cores(U)
         with torch.enable_grad():
-            deltas = [torch.zeros_like(c).requires_grad_() for c in U[:-1]] + [
-                U[-1].clone().requires_grad_()]
-            val = f(self._tangent_tt(U, V, deltas, add_point=False))
+            flat, T = self._delta_tt(p, U, V)
+            val = f(T)
             _check_loss(val)
-            D = torch.autograd.grad(val, deltas, create_graph=True, allow_unused=True)
-            s = sum((g * v).sum() for g, v in zip(D, du) if g is not None)
-            H = torch.autograd.grad(s, deltas, allow_unused=True)
-        H = [torch.zeros_like(c) if h is None else h for h, c in zip(H, U)]
-        return self._cat(self._deltas_from_D(U, H))
+            (D,) = torch.autograd.grad(val, flat, create_graph=True, allow_unused=True)
+            if D is None or not D.requires_grad:  # f at most linear in X
+                return torch.zeros_like(p)
+            (H,) = torch.autograd.grad(torch.dot(D, u), flat, allow_unused=True)
+        return torch.zeros_like(p) if H is None else self._gauge_packed(p, H)
+
+    def _delta_tt(self, p, U, V):
+        """Packed deltas ``(0, .., 0, U_d)`` requiring grad, and the TT they define (X)."""
+        flat = torch.zeros_like(p)
+        last = self._gauge_runs[1]
+        flat[last:] = p[last:]
+        flat.requires_grad_()
+        deltas = self._split(flat, "p")
+        if self.d == 1:
+            return flat, TT(deltas, check=False)
+        return flat, TangentTT(U, V, deltas, flat=flat, gauged=True)
 
 
 def _check_loss(val):

@@ -467,6 +467,10 @@ class TT:
             return self._scale(1.0 / a)
         return NotImplemented
 
+    def _inner_special(self, other: "TT") -> Optional[torch.Tensor]:
+        """Hook for structured subclasses (``TangentTT``): ``<self, other>`` or None."""
+        return None
+
     def _scale(self, a) -> "TT":
         cores = list(self._cores)
         cores[0] = cores[0] * a
@@ -516,6 +520,12 @@ def inner(a: TT, b: TT) -> torch.Tensor:
     Cost O(d n r_a r_b (r_a + r_b)). Returns a 0-d tensor.
     """
     _check_pair(a, b, "inner")
+    if type(a) is not TT or type(b) is not TT:  # structured TTs (tangent vectors)
+        res = a._inner_special(b)
+        if res is None:
+            res = b._inner_special(a)
+        if res is not None:
+            return res.reshape(())
     w = None
     for x, y in zip(a._cores, b._cores):
         ra, n, rc = x.shape

@@ -1,0 +1,214 @@
+"""Tangent vectors of the fixed-TT-rank manifold as structured TTs, and the sweeps behind
+the tangent-space projection (Riemannian autodiff, ``../shared/MATH.md`` section 2).
+
+A tangent vector at ``X`` (left-orthogonal cores ``U_k``, right-orthogonal cores ``V_k``)
+is ``xi = sum_k U_<k dU_k V_>k``; as a TT it has rank ``2r`` and block cores
+``[dU_1, U_1]``, ``[[V_k, 0], [dU_k, U_k]]``, ``[[V_d], [dU_d]]``.
+:class:`TangentTT` keeps the factors ``(U, V, dU)`` and builds those block cores only when
+an operation needs them, so that the operations which know the structure run at rank r:
+
+- ``inner(xi, eta)`` of two gauged tangent TTs of one point is ``sum_k <dU_k, dV_k>``
+  (the tangent map is an isometry), O(d n r^2) instead of O(d n r^3) at rank 2r;
+- ``inner(xi, A)`` with any other TT ``A`` of rank R is ``sum_k <dU_k, P_k A_k Q_k>``
+  with the interfaces ``P_k = U_<k^T A_<k`` and ``Q_k = A_>k V_>k^T`` (the projection
+  sweeps, O(d n r R (r + R))), instead of a rank-2r by rank-R sweep and its backward;
+- ``norm`` of a gauged tangent TT is the norm of its packed deltas; ``a * xi`` stays
+  structured.
+
+Everything else (``full``, ``gather``, ``+`` with a plain TT, ...) uses the rank-2r block
+cores. All of it is differentiable (autograd) in the deltas and in the other operand.
+
+The Riemannian gradient of a loss ``f(TT)`` built from ``inner``/``norm`` (e.g.
+``0.5 ||X - A||^2`` written with inner products, or any quadratic form in X given by TTs)
+therefore costs about one tangent-space projection, no matter that ``f`` is evaluated at
+the rank-2r TT of the autodiff scheme.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .tt import TT
+
+__all__ = ["TangentTT", "core_runs", "project_D", "gauge_project_flat"]
+
+
+def core_runs(shapes: Sequence[Tuple[int, ...]]) -> List[Tuple[int, int]]:
+    """Maximal runs ``[k0, k1)`` of consecutive equal shapes (for batched products)."""
+    runs: List[Tuple[int, int]] = []
+    k0 = 0
+    for k in range(1, len(shapes) + 1):
+        if k == len(shapes) or tuple(shapes[k]) != tuple(shapes[k0]):
+            runs.append((k0, k))
+            k0 = k
+    return runs
+
+
+def project_D(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+              Z: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """``D_k = U_<k^T Z V_>k^T`` (cores of shape ``U[k].shape``) for a TT ``Z``.
+
+    Left interfaces ``P_k = U_<k^T Z_<k`` (``r_{k-1} x R_{k-1}``), right interfaces
+    ``Q_k = Z_>k V_>k^T`` (``R_k x r_k``), then ``D_k = P_k Z_k Q_k``, batched over runs of
+    cores of equal shapes. Cost O(d n r R (r + R)); differentiable.
+    """
+    d = len(U)
+    one = Z[0].new_ones(1, 1)
+    P: List[torch.Tensor] = [one]
+    for k in range(d - 1):
+        u, z = U[k], Z[k]
+        t = (P[-1] @ z.reshape(z.shape[0], -1)).reshape(-1, z.shape[2])  # (r n, R)
+        P.append(u.reshape(-1, u.shape[2]).transpose(0, 1) @ t)
+    Q: List[Optional[torch.Tensor]] = [None] * d
+    Q[d - 1] = one
+    for k in range(d - 1, 0, -1):
+        v, z = V[k], Z[k]
+        t = (z.reshape(-1, z.shape[2]) @ Q[k]).reshape(z.shape[0], -1)  # (R, n r)
+        Q[k - 1] = t @ v.reshape(v.shape[0], -1).transpose(0, 1)
+    D: List[torch.Tensor] = []
+    for k0, k1 in core_runs([tuple(U[k].shape) + tuple(Z[k].shape) for k in range(d)]):
+        if k1 - k0 == 1:
+            z = Z[k0]
+            t = (P[k0] @ z.reshape(z.shape[0], -1)).reshape(-1, z.shape[2]) @ Q[k0]
+            D.append(t.reshape(U[k0].shape))
+            continue
+        m = k1 - k0
+        z0 = Z[k0]
+        Zs = torch.stack(Z[k0:k1]).reshape(m, z0.shape[0], -1)
+        t = torch.bmm(torch.stack(P[k0:k1]), Zs).reshape(m, -1, z0.shape[2])
+        G = torch.bmm(t, torch.stack(Q[k0:k1]))
+        D.extend(G.reshape((m,) + tuple(U[k0].shape)).unbind(0))
+    return D
+
+
+def gauge_project_flat(runs, U_flat: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``g_k - U_k (U_k^T g_k)`` on the left unfoldings of the packed cores ``k < d``; the
+    last core unchanged. ``runs``: ``(offset, m, rows, cols)`` per run of equal core shapes
+    (cores ``0..d-2``), then the offset of the last core. One batched product pair per
+    run; differentiable. Returns a new flat tensor."""
+    blocks, last = runs
+    pieces = []
+    for off, m, rows, cols in blocks:
+        sz = m * rows * cols
+        Ub = U_flat[off:off + sz].view(m, rows, cols)
+        Gb = g[off:off + sz].view(m, rows, cols)
+        pieces.append(torch.baddbmm(Gb, Ub, Ub.transpose(1, 2) @ Gb, alpha=-1).reshape(-1))
+    pieces.append(g[last:])
+    return torch.cat(pieces)
+
+
+class TangentTT(TT):
+    """The rank-2r TT of a tangent vector ``sum_k U_<k dU_k V_>k``, kept as its factors.
+
+    Built by :class:`~ttmanifold.FixedTTRank` (``unpack_tensor``, ``riemannian_grad``,
+    ``tangent_to_tt``); it is a :class:`~ttmanifold.TT` (shape, ranks ``2r``, cores), and
+    :func:`~ttmanifold.inner`, :meth:`norm` and scalar multiples use the structure (see
+    the module docstring). ``gauged=True`` promises that the deltas satisfy the gauge
+    conditions ``(U_k^L)^T dU_k^L = 0`` (k < d) in value, and that gradients with respect
+    to them are used only after the gauge projection (as the manifold does); then inner
+    products of two such TTs of one point reduce to the packed deltas.
+    """
+
+    __slots__ = ("_U", "_V", "_deltas", "_flat", "_gauged", "_dense")
+
+    def __init__(self, U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+                 deltas: Sequence[torch.Tensor], *, flat: Optional[torch.Tensor] = None,
+                 gauged: bool = False):
+        if len(U) < 2:
+            raise ValueError("TangentTT needs d >= 2 cores")
+        self._U = U
+        self._V = V
+        self._deltas = list(deltas)
+        self._flat = flat
+        self._gauged = bool(gauged)
+        self._dense: Optional[List[torch.Tensor]] = None
+
+    # the block cores, built on first use ----------------------------------------------
+    @property
+    def _cores(self) -> List[torch.Tensor]:  # type: ignore[override]
+        if self._dense is None:
+            self._dense = self._block_cores()
+        return self._dense
+
+    def _block_cores(self) -> List[torch.Tensor]:
+        U, V, dU = self._U, self._V, self._deltas
+        d = len(U)
+        cores = [torch.cat([dU[0], U[0]], dim=2)]
+        for k in range(1, d - 1):
+            a, n, b = V[k].shape
+            c = U[k].new_zeros(a + U[k].shape[0], n, b + U[k].shape[2])
+            c[:a, :, :b] = V[k]
+            c[a:, :, :b] = dU[k]
+            c[a:, :, b:] = U[k]
+            cores.append(c)
+        cores.append(torch.cat([V[d - 1], dU[d - 1]], dim=0))
+        return cores
+
+    # metadata without building the cores ----------------------------------------------
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(int(u.shape[1]) for u in self._U)
+
+    @property
+    def ranks(self) -> Tuple[int, ...]:
+        return (1,) + tuple(2 * int(u.shape[2]) for u in self._U[:-1]) + (1,)
+
+    @property
+    def ndim(self) -> int:
+        return len(self._U)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._U[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._U[0].device
+
+    @property
+    def requires_grad(self) -> bool:
+        return any(c.requires_grad for c in self._deltas) or any(u.requires_grad for u in self._U)
+
+    @property
+    def deltas(self) -> List[torch.Tensor]:
+        """The delta cores ``dU_k`` (shapes of the point's cores)."""
+        return list(self._deltas)
+
+    def __repr__(self) -> str:
+        return "Tangent" + super().__repr__()
+
+    # structure-aware operations -------------------------------------------------------
+    def _same_gauged_point(self, other) -> bool:
+        return (isinstance(other, TangentTT) and self._gauged and other._gauged
+                and (other._U is self._U or all(a is b for a, b in zip(other._U, self._U))))
+
+    def _delta_dot(self, other: "TangentTT") -> torch.Tensor:
+        if self._flat is not None and other._flat is not None:
+            return torch.dot(self._flat, other._flat)
+        return sum((a * b).sum() for a, b in zip(self._deltas, other._deltas))
+
+    def _inner_special(self, other: TT) -> Optional[torch.Tensor]:
+        if self._same_gauged_point(other):
+            return self._delta_dot(other)
+        D = project_D(self._U, self._V, other._cores)
+        if self._flat is not None:
+            return torch.dot(self._flat, torch.cat([g.reshape(-1) for g in D]))
+        return sum((a * b).sum() for a, b in zip(self._deltas, D))
+
+    def norm(self) -> torch.Tensor:
+        """Frobenius norm; for a gauged tangent TT, the norm of the deltas."""
+        if not self._gauged:
+            return super().norm()
+        if self._flat is not None:
+            return torch.linalg.vector_norm(self._flat)
+        return torch.linalg.vector_norm(torch.cat([c.reshape(-1) for c in self._deltas]))
+
+    def _scale(self, a) -> TT:
+        flat = None if self._flat is None else self._flat * a
+        if flat is not None:
+            sizes = [c.numel() for c in self._deltas]
+            deltas = [c.view(s.shape) for c, s in zip(torch.split(flat, sizes), self._deltas)]
+        else:
+            deltas = [c * a for c in self._deltas]
+        return TangentTT(self._U, self._V, deltas, flat=flat, gauged=self._gauged)
