@@ -211,8 +211,9 @@ class FixedTTRank(geoopt.Manifold):
         for k in range(d - 1, 0, -1):
             l, q = lq_pos(c.reshape(c.shape[0], -1))
             V[k] = q.reshape(c.shape)
-            prv = U[k - 1]
-            c = (prv.reshape(-1, prv.shape[2]) @ l).reshape(prv.shape)
+            if k > 1:  # (V_0 is not needed)
+                prv = U[k - 1]
+                c = (prv.reshape(-1, prv.shape[2]) @ l).reshape(prv.shape)
         return V
 
     def _tangent_tt(self, U, V, deltas, *, add_point: bool, gauged: bool = False) -> TT:
@@ -283,7 +284,7 @@ class FixedTTRank(geoopt.Manifold):
         if isinstance(Z, TT):
             self._check_ambient(Z, p, "Z")
             V = self._right_cores(U)
-            return self._gauge_packed(p, project_D(U, V, Z._cores))
+            return self._gauge_packed(p, project_D(U, V, Z._cores, packed=True))
         if isinstance(Z, torch.Tensor) and Z.is_sparse:
             if tuple(Z.shape) != self.shape:
                 raise ValueError(f"Z: sparse shape {tuple(Z.shape)} differs from {self.shape}")
@@ -492,7 +493,7 @@ class FixedTTRank(geoopt.Manifold):
         Uy = self._split(y, "y")
         xi = self._tangent_tt(Ux, self._right_cores(Ux), dv, add_point=False)
         Vy = self._right_cores(Uy)
-        return self._gauge_packed(y, project_D(Uy, Vy, xi._cores))
+        return self._gauge_packed(y, project_D(Uy, Vy, xi._cores, packed=True))
 
     def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
         """``(retr(x, u), transp(x, retr(x, u), v))`` sharing the work at ``x``."""
@@ -504,7 +505,7 @@ class FixedTTRank(geoopt.Manifold):
         xi = self._tangent_tt(U, V, dv, add_point=False)
         Vy = self._right_cores(ycores)
         y = self._cat(ycores)
-        return y, self._gauge_packed(y, project_D(ycores, Vy, xi._cores))
+        return y, self._gauge_packed(y, project_D(ycores, Vy, xi._cores, packed=True))
 
     def transp_follow_retr(self, x, u, v):
         return self.retr_transp(x, u, v)[1]

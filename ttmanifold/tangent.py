@@ -46,39 +46,51 @@ def core_runs(shapes: Sequence[Tuple[int, ...]]) -> List[Tuple[int, int]]:
 
 
 def project_D(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
-              Z: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+              Z: Sequence[torch.Tensor], *, packed: bool = False):
     """``D_k = U_<k^T Z V_>k^T`` (cores of shape ``U[k].shape``) for a TT ``Z``.
 
-    Left interfaces ``P_k = U_<k^T Z_<k`` (``r_{k-1} x R_{k-1}``), right interfaces
-    ``Q_k = Z_>k V_>k^T`` (``R_k x r_k``), then ``D_k = P_k Z_k Q_k``, batched over runs of
-    cores of equal shapes. Cost O(d n r R (r + R)); differentiable.
+    Left sweep ``t_k = P_k Z_k`` with ``P_k = U_<k^T Z_<k`` (``r_{k-1} x R_{k-1}``), right
+    sweep ``Q_k = Z_>k V_>k^T`` (``R_k x r_k``), then ``D_k = t_k Q_k``, batched over runs
+    of cores of equal shapes. Cost O(d n r R (r + R)); differentiable. Returns the list of
+    cores, or with ``packed=True`` one flat tensor (cores concatenated).
     """
     d = len(U)
-    one = Z[0].new_ones(1, 1)
-    P: List[torch.Tensor] = [one]
-    for k in range(d - 1):
-        u, z = U[k], Z[k]
-        t = (P[-1] @ z.reshape(z.shape[0], -1)).reshape(-1, z.shape[2])  # (r n, R)
-        P.append(u.reshape(-1, u.shape[2]).transpose(0, 1) @ t)
-    Q: List[Optional[torch.Tensor]] = [None] * d
-    Q[d - 1] = one
+    T: List[torch.Tensor] = []
+    P: Optional[torch.Tensor] = None
+    for k in range(d):
+        z = Z[k]
+        if P is None:  # P_0 = 1
+            t = z.reshape(-1, z.shape[2])
+        else:
+            t = (P @ z.reshape(z.shape[0], -1)).reshape(-1, z.shape[2])  # (r n, R)
+        T.append(t)
+        if k < d - 1:
+            P = U[k].reshape(-1, U[k].shape[2]).transpose(0, 1) @ t
+    Q: List[Optional[torch.Tensor]] = [None] * d  # Q[d-1] = 1
     for k in range(d - 1, 0, -1):
         v, z = V[k], Z[k]
-        t = (z.reshape(-1, z.shape[2]) @ Q[k]).reshape(z.shape[0], -1)  # (R, n r)
-        Q[k - 1] = t @ v.reshape(v.shape[0], -1).transpose(0, 1)
-    D: List[torch.Tensor] = []
+        if Q[k] is None:
+            s = z.reshape(z.shape[0], -1)
+        else:
+            s = (z.reshape(-1, z.shape[2]) @ Q[k]).reshape(z.shape[0], -1)  # (R, n r)
+        Q[k - 1] = s @ v.reshape(v.shape[0], -1).transpose(0, 1)
+    pieces: List[torch.Tensor] = []
     for k0, k1 in core_runs([tuple(U[k].shape) + tuple(Z[k].shape) for k in range(d)]):
         if k1 - k0 == 1:
-            z = Z[k0]
-            t = (P[k0] @ z.reshape(z.shape[0], -1)).reshape(-1, z.shape[2]) @ Q[k0]
-            D.append(t.reshape(U[k0].shape))
-            continue
-        m = k1 - k0
-        z0 = Z[k0]
-        Zs = torch.stack(Z[k0:k1]).reshape(m, z0.shape[0], -1)
-        t = torch.bmm(torch.stack(P[k0:k1]), Zs).reshape(m, -1, z0.shape[2])
-        G = torch.bmm(t, torch.stack(Q[k0:k1]))
-        D.extend(G.reshape((m,) + tuple(U[k0].shape)).unbind(0))
+            pieces.append(T[k0] if Q[k0] is None else T[k0] @ Q[k0])
+        else:
+            pieces.append(torch.bmm(torch.stack(T[k0:k1]), torch.stack(Q[k0:k1])))
+    if packed:
+        return torch.cat([g.reshape(-1) for g in pieces])
+    D: List[torch.Tensor] = []
+    k = 0
+    for g in pieces:
+        if g.dim() == 2:
+            D.append(g.reshape(U[k].shape))
+            k += 1
+        else:
+            D.extend(g.reshape((g.shape[0],) + tuple(U[k].shape)).unbind(0))
+            k += g.shape[0]
     return D
 
 
@@ -91,6 +103,11 @@ def gauge_project_flat(runs, U_flat: torch.Tensor, g: torch.Tensor) -> torch.Ten
     pieces = []
     for off, m, rows, cols in blocks:
         sz = m * rows * cols
+        if m == 1:
+            Ub = U_flat[off:off + sz].view(rows, cols)
+            Gb = g[off:off + sz].view(rows, cols)
+            pieces.append(torch.addmm(Gb, Ub, Ub.transpose(0, 1) @ Gb, alpha=-1).reshape(-1))
+            continue
         Ub = U_flat[off:off + sz].view(m, rows, cols)
         Gb = g[off:off + sz].view(m, rows, cols)
         pieces.append(torch.baddbmm(Gb, Ub, Ub.transpose(1, 2) @ Gb, alpha=-1).reshape(-1))
@@ -191,9 +208,9 @@ class TangentTT(TT):
     def _inner_special(self, other: TT) -> Optional[torch.Tensor]:
         if self._same_gauged_point(other):
             return self._delta_dot(other)
-        D = project_D(self._U, self._V, other._cores)
         if self._flat is not None:
-            return torch.dot(self._flat, torch.cat([g.reshape(-1) for g in D]))
+            return torch.dot(self._flat, project_D(self._U, self._V, other._cores, packed=True))
+        D = project_D(self._U, self._V, other._cores)
         return sum((a * b).sum() for a, b in zip(self._deltas, D))
 
     def norm(self) -> torch.Tensor:

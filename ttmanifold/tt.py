@@ -66,8 +66,8 @@ def qr_pos(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     q, r = torch.linalg.qr(a, mode="reduced")
     diag = torch.diagonal(r, dim1=-2, dim2=-1)
-    # sign(0) is taken as +1
-    s = torch.where(diag < 0, -torch.ones_like(diag), torch.ones_like(diag))
+    # s = +-1 with the sign bit of diag(r) (so +0 -> +1); one fused kernel
+    s = torch.ones_like(diag).copysign_(diag)
     return q * s.unsqueeze(-2), r * s.unsqueeze(-1)
 
 
