@@ -399,6 +399,97 @@ def test_retraction_second_order_and_on_manifold(shape, ranks):
     assert 1.8 < slope(ts, rem) < 2.2, rem
 
 
+def tt_svd_left_to_right(X, ranks):
+    """Dense TT-SVD sweeping from the first mode (truncated SVDs), as a dense tensor."""
+    shape = X.shape
+    cores, c, r_prev = [], X.reshape(1, -1), 1
+    for k in range(len(shape) - 1):
+        u, s, vh = torch.linalg.svd(c.reshape(r_prev * shape[k], -1), full_matrices=False)
+        r = ranks[k + 1]
+        cores.append(u[:, :r].reshape(r_prev, shape[k], r))
+        c, r_prev = s[:r, None] * vh[:r], r
+    return full(cores + [c.reshape(r_prev, shape[-1], 1)])
+
+
+@settings(max_examples=max(10, _N_EXAMPLES // 2), deadline=None)
+@given(manifolds(), st.booleans(), st.floats(0.05, 2.0))
+def test_retraction_is_tt_svd_of_x_plus_xi(case, gauged, scale):
+    """retr = TT-SVD (left to right) of the dense X + xi, for gauged and non-gauged deltas."""
+    shape, ranks, seed = case
+    M = FixedTTRank(shape, ranks)
+    gen = torch.Generator().manual_seed(seed)
+    p = M.random(dtype=F64, generator=gen)
+    u = torch.randn(M.size, dtype=F64, generator=gen)
+    if gauged:
+        u = M.proju(p, u)
+    xi = dense_tangent(M, p, u)
+    assume(float(xi.norm()) > 1e-8)
+    u = u * (scale / float(xi.norm()))
+    Y = dense_point(M, p) + scale * xi / xi.norm()
+    for k in range(1, len(shape)):  # a clear gap at the truncation rank (unique TT-SVD)
+        sv = torch.linalg.svdvals(Y.reshape(math.prod(shape[:k]), -1))
+        if sv.shape[0] > ranks[k]:
+            assume(float(sv[ranks[k] - 1] - sv[ranks[k]]) > 1e-6 * float(sv[0]))
+    y = M.retr(p, u)
+    assert close(dense_point(M, y), tt_svd_left_to_right(Y, M.ranks), 1e-8)
+    U = split(M, y)
+    for c in U[:-1]:  # left-orthogonal output
+        cl = c.reshape(-1, c.shape[2])
+        assert close(cl.T @ cl, torch.eye(cl.shape[1], dtype=F64), 1e-12)
+    # the shared work of retr_transp gives the same point
+    y2, _ = M.retr_transp(p, u, u)
+    assert close(y2, y, 1e-12)
+
+
+def test_retraction_rank_collapse_gives_a_finite_padded_point():
+    M, p, gen = fixed_case((3, 4, 3, 2), (1, 2, 3, 2, 1), seed=8)
+    u = torch.zeros_like(p)
+    last = M.size - math.prod(M.core_shapes[-1])
+    u[last:] = -p[last:]  # xi = -X: X + xi = 0
+    y = M.retr(p, u)
+    assert torch.isfinite(y).all()
+    assert close(dense_point(M, y), torch.zeros(M.shape, dtype=F64), 1e-12)
+    for c in split(M, y)[:-1]:
+        cl = c.reshape(-1, c.shape[2])
+        assert close(cl.T @ cl, torch.eye(cl.shape[1], dtype=F64), 1e-12)
+
+
+def test_no_autograd_fast_path_and_differentiable_path():
+    """Without gradients the sweeps run in inference mode but return ordinary tensors;
+    with an input requiring grad, the same call is differentiable (checked against
+    central differences of gauge-invariant dense tensors)."""
+    M, p, gen = fixed_case((3, 4, 3, 2), (1, 2, 3, 2, 1), seed=9)
+    u = M.project(p, torch.randn(M.shape, dtype=F64, generator=gen))
+    Zt = TT(random_tt_cores(M.shape, 2, gen))
+    outs = [M.retr(p, u), M.project(p, Zt), M.proju(p, u), M.transp(p, M.retr(p, u), u),
+            *M.retr_transp(p, u, u), M.projx(p), M.gauge(p, u), M.egrad2rgrad(p, u)]
+    for o in outs:
+        assert not o.is_inference() and not o.requires_grad
+        w = o.clone().requires_grad_()
+        (w * o).sum().backward()  # usable in autograd afterwards
+    with torch.inference_mode():
+        assert M.retr(p, u).is_inference()
+
+    t0, h = 0.3, 1e-6
+    t = torch.tensor(t0, dtype=F64, requires_grad=True)
+    Y = dense_point(M, M.retr(p, t * u))
+    W = torch.randn(M.shape, dtype=F64, generator=gen)
+    (g,) = torch.autograd.grad((Y * W).sum(), t)
+    fd = ((dense_point(M, M.retr(p, (t0 + h) * u)) - dense_point(M, M.retr(p, (t0 - h) * u)))
+          * W).sum() / (2 * h)
+    assert abs(float(g) - float(fd)) < 1e-6 * max(1.0, abs(float(fd)))
+    # projection of a TT whose cores require grad
+    Zg = TT([c.clone().requires_grad_() for c in Zt.cores])
+    pr = M.project(p, Zg)
+    assert pr.requires_grad
+    (gz,) = torch.autograd.grad((dense_tangent(M, p, pr) * W).sum(), Zg.cores[1])
+    P = oracle(M, p)
+    PW = (P @ W.reshape(-1)).reshape(M.shape)  # <P Z, W> = <Z, P W>
+    zc = [c.detach().clone().requires_grad_(k == 1) for k, c in enumerate(Zt.cores)]
+    (ref,) = torch.autograd.grad((full(zc) * PW).sum(), zc[1])
+    assert close(gz, ref, 1e-10)
+
+
 def test_retraction_d1_is_exact():
     M = FixedTTRank((5,), (1, 1))
     p = M.random(dtype=F64)

@@ -27,6 +27,7 @@ is ever inverted, so this is accurate in float32 at badly conditioned points.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -46,6 +47,31 @@ def _gauge_project(U: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     ul = U.reshape(-1, U.shape[2])
     dl = D.reshape(-1, D.shape[2])
     return (dl - ul @ (ul.transpose(0, 1) @ dl)).reshape(D.shape)
+
+
+def _needs_grad(a) -> bool:
+    return isinstance(a, (torch.Tensor, TT)) and a.requires_grad
+
+
+def _no_autograd_fast_path(fn):
+    """Run ``fn`` under ``torch.inference_mode`` when no gradient can flow through it
+    (grad mode off, or no argument requires grad), then return ordinary tensors (one
+    copy of each output). Skipping autograd and version-counter bookkeeping saves about
+    10-15 % of these overhead-bound small-matrix sweeps; with gradients the plain
+    (differentiable) path runs."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args):
+        if torch.is_inference_mode_enabled() or (
+                torch.is_grad_enabled() and any(_needs_grad(a) for a in args)):
+            return fn(self, *args)
+        with torch.inference_mode():
+            out = fn(self, *args)
+        if isinstance(out, tuple):
+            return tuple(o.clone() for o in out)
+        return out.clone()
+
+    return wrapper
 
 
 class _DeltaFromPoint(torch.autograd.Function):
@@ -249,6 +275,7 @@ class FixedTTRank(geoopt.Manifold):
     # ------------------------------------------------------------------------------------
     # projections
     # ------------------------------------------------------------------------------------
+    @_no_autograd_fast_path
     def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Gauge projection: ``dU_k - U_k (U_k^T dU_k)`` for ``k < d``. O(d n r^2).
 
@@ -260,6 +287,7 @@ class FixedTTRank(geoopt.Manifold):
         self._check_vector(u, x)
         return self._gauge_packed(x, u)
 
+    @_no_autograd_fast_path
     def egrad2rgrad(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Riemannian gradient from ``p.grad`` as produced through :meth:`unpack_tensor`
         (the gauge projection :meth:`proju`; never an alias of ``u``).
@@ -280,11 +308,10 @@ class FixedTTRank(geoopt.Manifold):
         sampling pattern use :meth:`project_sampled` with a reusable
         :class:`~ttmanifold.IndexSet`). Returns packed gauged deltas.
         """
-        U = self._split(p, "p")
+        self._split(p, "p")
         if isinstance(Z, TT):
             self._check_ambient(Z, p, "Z")
-            V = self._right_cores(U)
-            return self._gauge_packed(p, project_D(U, V, Z._cores, packed=True))
+            return self._project_nonsparse(p, Z)
         if isinstance(Z, torch.Tensor) and Z.is_sparse:
             if tuple(Z.shape) != self.shape:
                 raise ValueError(f"Z: sparse shape {tuple(Z.shape)} differs from {self.shape}")
@@ -301,10 +328,17 @@ class FixedTTRank(geoopt.Manifold):
             if tuple(Z.shape) != self.shape:
                 raise ValueError(f"Z: shape {tuple(Z.shape)} differs from the manifold's {self.shape}")
             self._check_ambient(Z, p, "Z")
-            V = self._right_cores(U)
-            return self._gauge_packed(p, self._project_dense_D(U, V, Z))
+            return self._project_nonsparse(p, Z)
         raise TypeError(f"Z: expected a dense tensor, a TT or a sparse COO tensor, got "
                         f"{type(Z).__name__}")
+
+    @_no_autograd_fast_path
+    def _project_nonsparse(self, p: torch.Tensor, Z) -> torch.Tensor:
+        U = self._split(p, "p")
+        V = self._right_cores(U)
+        if isinstance(Z, TT):
+            return self._gauge_packed(p, project_D(U, V, Z._cores, packed=True))
+        return self._gauge_packed(p, self._project_dense_D(U, V, Z))
 
     def _check_ambient(self, Z, p, name):
         if Z.dtype != p.dtype:
@@ -379,6 +413,7 @@ class FixedTTRank(geoopt.Manifold):
         du = self._check_vector(u, p)
         return self._tangent_tt(U, self._right_cores(U), du, add_point=False)
 
+    @_no_autograd_fast_path
     def gauge(self, p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Gauged deltas of the tangent vector represented by arbitrary deltas ``u``.
 
@@ -433,32 +468,60 @@ class FixedTTRank(geoopt.Manifold):
     # ------------------------------------------------------------------------------------
     # retraction and transport
     # ------------------------------------------------------------------------------------
-    def _truncate_left(self, x: TT) -> List[torch.Tensor]:
-        """Round a TT to this manifold's ranks with left-orthogonal output cores:
-        right-orthogonalize, then truncated SVDs from left to right. O(d n R^3).
+    def _retract(self, U, V, du) -> torch.Tensor:
+        """Packed left-orthogonal cores of ``round_r(X + xi)``, ``xi = sum_k U_<k du_k V_>k``.
 
-        The right sweep skips the QR sign convention: the SVD sweep fixes the gauge of
-        the result anyway, and this saves a dozen small kernels per core."""
-        cores = x.cores
+        TT-SVD of the rank-2r TT with block cores ``[[V_k, 0], [du_k, U_k]]`` (last core
+        ``[[V_d], [U_d + du_d]]``), using the structure: the rows ``[V_k, 0]`` already are
+        right-orthonormal, so the right-to-left orthogonalization only removes their
+        component from the bottom block ``B_k`` and QR-factorizes what is left,
+        ``B_k - C_k [V_k, 0] = L_k Q_k`` (an ``r x n (r + r')`` LQ instead of a
+        ``2r x 2 n r`` one); ``[[I, 0], [C_k, L_k]]`` is merged into core ``k - 1``, whose
+        bottom block becomes ``[du_{k-1} + U_{k-1} C_k, U_{k-1} L_k]``. The columns of
+        ``B_k`` are kept as two blocks (the V part and the rest), which an orthogonal
+        column permutation does not change. Then truncated SVDs from left to right.
+        O(d n r^3); no sign conventions in the sweep (the SVD sweep fixes the gauge)."""
         d = self.d
+        if d == 1:
+            return (U[0] + du[0]).reshape(-1)
+        QV: List[Optional[torch.Tensor]] = [None] * d
+        QW: List[Optional[torch.Tensor]] = [None] * d
+        rows = U[-1].shape[0]
+        left = (U[-1] + du[-1]).reshape(rows, -1)  # bottom block, columns of the V part
+        right = None  # bottom block, the other columns
         for k in range(d - 1, 0, -1):
-            c = cores[k]
-            q, r = torch.linalg.qr(c.reshape(c.shape[0], -1).transpose(0, 1))
-            cores[k] = q.transpose(0, 1).reshape(q.shape[1], c.shape[1], c.shape[2])
-            prv = cores[k - 1]
-            cores[k - 1] = (prv.reshape(-1, prv.shape[2]) @ r.transpose(0, 1)).reshape(
-                prv.shape[0], prv.shape[1], r.shape[0])
+            vm = V[k].reshape(V[k].shape[0], -1)
+            C = left @ vm.transpose(0, 1)
+            w = torch.addmm(left, C, vm, alpha=-1)
+            W = w if right is None else torch.cat([w, right], 1)
+            q, r = torch.linalg.qr(W.transpose(0, 1))
+            qt = q.transpose(0, 1)
+            QV[k] = qt[:, :w.shape[1]]
+            QW[k] = None if right is None else qt[:, w.shape[1]:]
+            ul = U[k - 1].reshape(-1, U[k - 1].shape[2])
+            rows = U[k - 1].shape[0]
+            left = torch.addmm(du[k - 1].reshape(ul.shape), ul, C).reshape(rows, -1)
+            right = (ul @ r.transpose(0, 1)).reshape(rows, -1)
+        n = self.shape[0]
+        c = torch.cat([left.reshape(n, -1), right.reshape(n, -1)], 1)
+        out = U[0].new_empty(self.size)
+        off = 0
         for k in range(d - 1):
-            c = cores[k]
-            u, s, vh = torch.linalg.svd(c.reshape(-1, c.shape[2]), full_matrices=False)
+            u, s, vh = torch.linalg.svd(c, full_matrices=False)
             r = self.ranks[k + 1]
             if u.shape[1] < r:  # rank collapsed below r: pad with an orthonormal complement
                 u, s, vh = self._pad_svd(u, s, vh, r)
-            cores[k] = u[:, :r].reshape(c.shape[0], c.shape[1], r)
-            nxt = cores[k + 1]
-            cores[k + 1] = ((s[:r, None] * vh[:r]) @ nxt.reshape(nxt.shape[0], -1)).reshape(
-                r, nxt.shape[1], nxt.shape[2])
-        return cores
+            out[off:off + u.shape[0] * r].view(u.shape[0], r).copy_(u[:, :r])
+            off += u.shape[0] * r
+            sv = s[:r, None] * vh[:r]
+            a, nk, b = V[k + 1].shape
+            top = torch.addmm(sv[:, a:] @ QV[k + 1], sv[:, :a], V[k + 1].reshape(a, -1))
+            if QW[k + 1] is None:
+                c = top
+            else:
+                c = torch.cat([top.reshape(r * nk, b), (sv[:, a:] @ QW[k + 1]).reshape(r * nk, -1)], 1)
+        out[off:].view(c.shape).copy_(c)
+        return out
 
     @staticmethod
     def _pad_svd(u, s, vh, r):
@@ -470,6 +533,7 @@ class FixedTTRank(geoopt.Manifold):
         vh = torch.cat([vh, vh.new_zeros(r - k, vh.shape[1])], 0)
         return u, s, vh
 
+    @_no_autograd_fast_path
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Retraction ``R_X(xi) = round_r(X + xi)`` (TT-SVD of the rank-2r TT). O(d n r^3).
 
@@ -477,14 +541,13 @@ class FixedTTRank(geoopt.Manifold):
         """
         U = self._split(x, "x")
         du = self._check_vector(u, x)
-        V = self._right_cores(U)
-        y = self._tangent_tt(U, V, du, add_point=True)
-        return self._cat(self._truncate_left(y))
+        return self._retract(U, self._right_cores(U), du)
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Not the exponential map: the retraction :meth:`retr` (second order)."""
         return self.retr(x, u)
 
+    @_no_autograd_fast_path
     def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Vector transport by projection ``P_Y(xi)`` of ``v`` at ``x`` to ``y``.
         ``v`` may be non-gauged. O(d n r^3)."""
@@ -495,16 +558,17 @@ class FixedTTRank(geoopt.Manifold):
         Vy = self._right_cores(Uy)
         return self._gauge_packed(y, project_D(Uy, Vy, xi._cores, packed=True))
 
+    @_no_autograd_fast_path
     def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
         """``(retr(x, u), transp(x, retr(x, u), v))`` sharing the work at ``x``."""
         U = self._split(x, "x")
         du = self._check_vector(u, x)
         dv = self._check_vector(v, x, "v")
         V = self._right_cores(U)
-        ycores = self._truncate_left(self._tangent_tt(U, V, du, add_point=True))
+        y = self._retract(U, V, du)
+        ycores = self._split(y, "y")
         xi = self._tangent_tt(U, V, dv, add_point=False)
         Vy = self._right_cores(ycores)
-        y = self._cat(ycores)
         return y, self._gauge_packed(y, project_D(ycores, Vy, xi._cores, packed=True))
 
     def transp_follow_retr(self, x, u, v):
@@ -539,6 +603,7 @@ class FixedTTRank(geoopt.Manifold):
     def _orth_tol(self, dtype) -> float:
         return 64 * torch.finfo(dtype).eps * math.sqrt(max(self.ranks) * max(self.shape))
 
+    @_no_autograd_fast_path
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         """Put a packed tensor on the manifold (left-orthogonal QR sweep).
 
