@@ -7,6 +7,8 @@ Modules (one per concept):
 - :mod:`ttmanifold.sparse` - sampled entries (:class:`IndexSet`), the completion kernels;
 - :mod:`ttmanifold.manifold` - :class:`FixedTTRank`, a ``geoopt.Manifold`` with Riemannian
   autodiff;
+- :mod:`ttmanifold.tangent` - :class:`TangentTT`, the structured rank-2r TT of a tangent
+  vector (inner products at rank r), and the projection sweeps;
 - :mod:`ttmanifold.householder` - Householder parameterizations of orthonormal frames;
 - :mod:`ttmanifold.chart` - the STTP chart (:class:`STTPChart`) and ``nn.utils.parametrize``
   integration;
@@ -17,6 +19,7 @@ Modules (one per concept):
 from .tt import TT, feasible_ranks, inner, orthogonalize, round
 from .sparse import IndexSet
 from .manifold import FixedTTRank
+from .tangent import TangentTT
 from .chart import (
     STTPChart,
     STTPParametrization,
@@ -35,6 +38,7 @@ __all__ = [
     "feasible_ranks",
     "IndexSet",
     "FixedTTRank",
+    "TangentTT",
     "STTPChart",
     "STTPParametrization",
     "register_sttp",

@@ -212,10 +212,13 @@ class FixedTTRank(geoopt.Manifold):
         ``sum_k U_<k delta_k V_>k`` evaluated at ``delta = (0, ..., 0, U_d)`` (its value is
         X) with ``delta_k`` tied to ``p``'s k-th core: backpropagating a loss ``f`` gives
         ``p.grad`` = packed gauge-projected ``X_{<k}^T grad f X_{>k}^T``, the Riemannian
-        gradient in this manifold's tangent representation. Cost: one LQ sweep
-        (O(d n r^3)) plus evaluating ``f`` and its backward on a TT of rank 2r instead of r
-        (for a loss built from inner products this is about 4x the cost of ``f`` at rank
-        r, 8x for terms cubic in the rank). Otherwise the plain rank-r TT is returned.
+        gradient in this manifold's tangent representation. The result is a
+        :class:`~ttmanifold.tangent.TangentTT`: ``inner`` with itself is the dot product
+        of the packed deltas, ``inner`` with a TT of rank R one projection sweep
+        (O(d n r R (r + R))), ``norm`` and scalar multiples stay structured; any other
+        operation runs on the rank-2r block cores (about 4x the rank-r cost of a sweep,
+        8x for terms cubic in the rank). Plus one LQ sweep (O(d n r^3)). Otherwise (no
+        gradient needed, or d = 1) the plain rank-r TT is returned.
         """
         cores = self._split(p, "p")
         if not (torch.is_grad_enabled() and p.requires_grad) or self.d == 1:
@@ -698,8 +701,10 @@ class FixedTTRank(geoopt.Manifold):
 
         One reverse pass of ``g(delta) = f(sum_k U_<k delta_k V_>k)`` at
         ``delta = (0, .., 0, U_d)`` gives all ``D_k``; the gauge projection finishes it
-        (Novikov, Rakhuba, Oseledets 2021). Cost: ``f`` and its backward on a rank-2r TT
-        plus O(d n r^3). Returns packed gauged deltas (detached).
+        (Novikov, Rakhuba, Oseledets 2021). ``f`` receives a
+        :class:`~ttmanifold.tangent.TangentTT` (inner products and norms at rank r, other
+        operations on the rank-2r cores). Cost: ``f`` and its backward on it plus
+        O(d n r^3). Returns packed gauged deltas (detached).
         """
         p = p.detach()
         U = self._split(p, "p")
