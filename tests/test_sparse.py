@@ -290,6 +290,43 @@ def test_layout_maps(case, orientation, seg_cost):
             assert torch.equal(m.long(), want)
 
 
+def test_layout_order_follows_neighbour_modes():
+    """Groups laid out by their last mode first; inside a group the samples sorted by the
+    last mode of the next block, then of the previous block, then by sample number (the
+    cache-friendly order of the layout changes), checked slot by slot from the indices."""
+    shape = (4, 3, 5, 2, 3, 4)
+    gen = torch.Generator().manual_seed(5)
+    idx = random_indices(shape, 1000, gen)
+    iset = IndexSet(idx, shape)
+    iset.min_group = 2
+    part = iset._partition((1, 6, 6, 6, 6, 6, 1))
+    bounds = [(b.lo, b.hi) for b in part.blocks]
+    assert bounds == [(0, 2), (2, 5), (5, 6)]
+    for j, blk in enumerate(part.blocks):
+        real = blk.mask
+        samples = blk.sample_of[real].long()  # in slot order
+        assert torch.equal(samples.sort()[0], torch.arange(len(idx)))
+        # sort key built by hand: (last mode, other modes row-major, next, prev, sample)
+        cols = [blk.hi - 1] + list(range(blk.lo, blk.hi - 1))
+        if j + 1 < len(bounds):
+            cols.append(bounds[j + 1][1] - 1)
+        if j > 0:
+            cols.append(bounds[j - 1][1] - 1)
+        key = torch.arange(len(idx))
+        scale = len(idx)
+        for m in reversed(cols):
+            key = key + idx[:, m] * scale
+            scale *= shape[m]
+        got = key[samples]
+        assert bool((got[1:] > got[:-1]).all()), f"block {j}: slots not in the expected order"
+        # and each segment still holds one merged index (row-major) = seg_group
+        mkey = torch.zeros(len(idx), dtype=torch.long)
+        for m in range(blk.lo, blk.hi):
+            mkey = mkey * shape[m] + idx[:, m]
+        segs = (torch.arange(blk.slots) // blk.w)[real]
+        assert torch.equal(blk.seg_group[segs], mkey[samples])
+
+
 # ---------------------------------------------------------------------------------------
 # SampledPoint and the blocked projection
 # ---------------------------------------------------------------------------------------

@@ -118,7 +118,12 @@ class _Block:
     __slots__ = ("lo", "hi", "P", "w", "S", "slots", "seg_group", "identity", "slot_of",
                  "sample_of", "mask", "ext_slot_of")
 
-    def __init__(self, key: torch.Tensor, lo: int, hi: int, P: int):
+    def __init__(self, key: torch.Tensor, lo: int, hi: int, P: int,
+                 gmap: Optional[torch.Tensor] = None, sec: Sequence[torch.Tensor] = ()):
+        """``key``: the *order key* of every sample (values in ``[0, P)``; groups are laid
+        out in increasing key); ``gmap[key]`` is the group's row-major merged index (the
+        row of the merged core; ``None``: the key is that index). ``sec``: secondary sort
+        keys inside a group (most significant first; then sample order)."""
         N = key.shape[0]
         dev = key.device
         self.lo, self.hi, self.P = lo, hi, P
@@ -136,7 +141,10 @@ class _Block:
         self.w, self.S, self.slots = w, S, S * w
         itype = _index_dtype(max(N, self.slots) + 1)
         per_group = torch.div(counts + (w - 1), w, rounding_mode="floor")
-        order = torch.argsort(key, stable=True)
+        order = None  # stable radix sorts, least significant key first
+        for k in list(sec)[::-1] + [key]:
+            order = (torch.argsort(k, stable=True) if order is None
+                     else order[torch.argsort(k[order], stable=True)])
         sorted_key = key[order]
         start = torch.cumsum(counts, 0) - counts
         pos = torch.arange(N, device=dev) - start[sorted_key]
@@ -150,9 +158,10 @@ class _Block:
         self.slot_of = slot_of  # sample -> slot
         self.ext_slot_of = torch.cat([slot_of, torch.full((1,), self.slots, dtype=itype,
                                                           device=dev)])
-        self.seg_group = torch.repeat_interleave(torch.arange(P, device=dev), per_group)
-        # every group is exactly one segment, in group order
-        self.identity = S == P and bool((per_group == 1).all())
+        groups = torch.arange(P, device=dev) if gmap is None else gmap
+        self.seg_group = torch.repeat_interleave(groups, per_group)
+        # every group is exactly one segment, in merged-index order
+        self.identity = gmap is None and S == P and bool((per_group == 1).all())
         self.mask = sample_of < N  # real slots
 
     def layout_vector(self, x: torch.Tensor) -> torch.Tensor:
@@ -251,13 +260,14 @@ class _Orient:
 
     def rowdot(self, blk: _Block, t: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """``sum_f t[s, f] R[s, f]`` for every slot, ``t`` from :meth:`step` (overwritten),
-        ``R`` a buffer; returns (slots,)."""
+        ``R`` a buffer; returns (slots,). Row-major: one fused ``einsum`` pass (it reduces
+        the products without writing them, ~1.3x faster than mul + sum); feature-major:
+        mul + sum (``einsum`` is several times slower on that layout)."""
         if self.fm:
             tv = t[:blk.S]
             torch.mul(tv, self._seg_view(blk, R), out=tv)
             return tv.sum(1).view(-1)
-        torch.mul(t, R, out=t)
-        return t[:blk.slots].sum(1)
+        return torch.einsum("sf,sf->s", t[:blk.slots], R[:blk.slots])
 
     def outer(self, blk: _Block, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """``C[g] = sum_{slots s of group g} left[s]^T right[s]``, (P, a, b)."""
@@ -546,14 +556,38 @@ class IndexSet:
             key = key * self.shape[k] + self.indices[:, k]
         return key
 
-    def _block(self, lo: int, hi: int) -> _Block:
-        blk = self._blocks.get((lo, hi))
+    def _block(self, lo: int, hi: int, prev: Optional[int] = None,
+               nxt: Optional[int] = None) -> _Block:
+        """The layout of block ``lo..hi-1`` whose neighbours in the partition end with
+        modes ``prev`` and ``nxt`` (``None``: no neighbour).
+
+        Orders chosen for the cache behaviour of the layout changes (a gather of every
+        slot of one layout from the other): groups are ordered by their *last* mode
+        first, and inside a group the samples are sorted by mode ``nxt``, then by mode
+        ``prev``. A change to the next layout then reads, for a run of consecutive
+        destination groups (same last mode ``nxt``), one short run of rows per source
+        group (the rows are fetched from memory about once instead of once per slot);
+        a change to the previous layout reads positions that advance monotonically
+        inside each (group, ``nxt``) run. Any order is correct: only speed depends on
+        it."""
+        ck = (lo, hi, prev, nxt)
+        blk = self._blocks.get(ck)
         if blk is None:
             P = 1
             for k in range(lo, hi):
                 P *= self.shape[k]
-            blk = _Block(self._block_key(lo, hi), lo, hi, P)
-            self._blocks[(lo, hi)] = blk
+            idx = self.indices
+            gmap = None
+            key = self._block_key(lo, hi)
+            if hi - lo > 1:  # order key: last mode major, then modes lo..hi-2 row-major
+                n_last = self.shape[hi - 1]
+                Q = P // n_last
+                key = idx[:, hi - 1] * Q + torch.div(key, n_last, rounding_mode="floor")
+                o = torch.arange(P, device=idx.device)
+                gmap = (o % Q) * n_last + torch.div(o, Q, rounding_mode="floor")
+            sec = [idx[:, m] for m in (nxt, prev) if m is not None]
+            blk = _Block(key, lo, hi, P, gmap, sec)
+            self._blocks[ck] = blk
         return blk
 
     def _partition(self, ranks: Sequence[int]) -> _Partition:
@@ -575,7 +609,11 @@ class IndexSet:
         key = tuple(bounds)
         part = self._partitions.get(key)
         if part is None:
-            part = _Partition([self._block(lo, hi) for lo, hi in bounds], self._block_key)
+            B = len(bounds)
+            blocks = [self._block(lo, hi, bounds[j - 1][1] - 1 if j > 0 else None,
+                                  bounds[j + 1][1] - 1 if j + 1 < B else None)
+                      for j, (lo, hi) in enumerate(bounds)]
+            part = _Partition(blocks, self._block_key)
             self._partitions[key] = part
         return part
 
