@@ -160,6 +160,10 @@ class FixedTTRank(geoopt.Manifold):
     # packing
     # ------------------------------------------------------------------------------------
     def _split(self, x: torch.Tensor, name: str = "x") -> List[torch.Tensor]:
+        self._check_flat(x, name)
+        return [c.view(s) for c, s in zip(torch.split(x, self._sizes), self.core_shapes)]
+
+    def _check_flat(self, x: torch.Tensor, name: str) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a packed torch.Tensor of size {self.size}")
         if x.dim() != 1 or x.shape[0] != self.size:
@@ -168,7 +172,6 @@ class FixedTTRank(geoopt.Manifold):
                 f"{self.core_shapes}), got shape {tuple(x.shape)}"
             )
         check_float_dtype(x.dtype, name)
-        return [c.view(s) for c, s in zip(torch.split(x, self._sizes), self.core_shapes)]
 
     @staticmethod
     def _cat(cores: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -311,7 +314,7 @@ class FixedTTRank(geoopt.Manifold):
         sampling pattern use :meth:`project_sampled` with a reusable
         :class:`~ttmanifold.IndexSet`). Returns packed gauged deltas.
         """
-        self._split(p, "p")
+        self._check_flat(p, "p")
         if isinstance(Z, TT):
             self._check_ambient(Z, p, "Z")
             return self._project_nonsparse(p, Z)
