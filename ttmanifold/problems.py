@@ -643,7 +643,7 @@ class Completion(QuadraticProblem):
             # weighted residual in the last layout; padding slots forced to 0
             z = torch.where(point.mask, point.values - a, 0.0) * self._sw
             D = point.project(z * self._sw)  # d loss / d X_Omega = w (X - A)
-            grad = M._cat(M._deltas_from_D(U, D))
+            grad = M._gauge_packed(p, D)
             loss = 0.5 * (z * z).sum()
             xt = None
             if self.reg:
