@@ -133,6 +133,17 @@ def seg_cost(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["one", "many"])
+def widths(request, monkeypatch):
+    """One segment width per block, or several width classes (row-major layouts) forced
+    at these tiny sizes (no minimum size or saving, at most 3 widths)."""
+    if request.param == "many":
+        monkeypatch.setattr(sparse_mod, "_CLASS_MIN_SLOTS", 0)
+        monkeypatch.setattr(sparse_mod, "_CLASS_MIN_SAVING", -1.0)
+        monkeypatch.setattr(sparse_mod, "_CLASSES", 3)
+    return request.param
+
+
 CASES = [
     # shape, ranks, N, min_group, kind
     ((3, 4, 3, 2), (1, 2, 3, 2, 1), 50, 64, "random"),  # single modes
@@ -189,7 +200,7 @@ def test_per_mode_fallback_is_used_for_skewed_groups():
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("dtype", [F64, F32])
-def test_gather_matches_dense(case, dtype, orientation, seg_cost):
+def test_gather_matches_dense(case, dtype, orientation, seg_cost, widths):
     shape, ranks, N, min_group, kind = CASES[case]
     iset, idx, gen = make_set(shape, N, min_group, kind, seed=10 + case)
     cores = rand_cores(shape, ranks, gen, dtype)
@@ -232,14 +243,20 @@ def test_gather_empty_and_merged_partition():
 # ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_layout_maps(case, orientation, seg_cost):
+def test_layout_maps(case, orientation, seg_cost, widths):
     shape, ranks, N, min_group, kind = CASES[case]
     iset, idx, gen = make_set(shape, N, min_group, kind, seed=20 + case)
-    part = iset._partition(ranks)
-    ids = torch.arange(N, dtype=F64) + 1.0  # sample ids, 0 = padding
     o = sparse_mod._orient(F64)
+    part = iset._partition(ranks, not o.fm)
+    ids = torch.arange(N, dtype=F64) + 1.0  # sample ids, 0 = padding
     for b, blk in enumerate(part.blocks):
-        assert blk.slots == blk.S * blk.w and blk.S >= min(1, N)
+        if blk.w is not None:
+            assert len(blk.classes) == 1 and blk.slots == blk.S * blk.w
+        else:
+            assert not o.fm and widths == "many" and len(blk.classes) > 1
+            assert blk.slots == sum(n * wj for _, n, wj, _ in blk.classes)
+            assert blk.S == sum(n for _, n, _, _ in blk.classes)
+        assert blk.S >= min(1, N)
         lay = blk.layout_vector(ids)
         assert lay.shape == (blk.slots,)
         assert torch.equal(lay != 0, blk.mask)
@@ -249,7 +266,8 @@ def test_layout_maps(case, orientation, seg_cost):
         key = torch.zeros(N, dtype=torch.long)
         for k in range(blk.lo, blk.hi):
             key = key * shape[k] + idx[:, k]
-        segs = torch.arange(blk.slots) // blk.w
+        segs = blk.slot_segment()
+        assert segs.shape == (blk.slots,) and bool((segs[1:] >= segs[:-1]).all())
         real = blk.mask
         assert torch.equal(blk.seg_group[segs[real]], key[(lay[real] - 1).long()])
         # moves between consecutive layouts carry every sample to its slot
@@ -271,7 +289,7 @@ def test_layout_maps(case, orientation, seg_cost):
                 col = blk.layout_vector(step_src[:, f])
                 (buf[f, :blk.slots] if o.fm else buf[:blk.slots, f]).copy_(col)
             ws = sparse_mod._Workspace(F64, torch.device("cpu"))
-            eye = torch.eye(r, dtype=F64).expand(blk.S, r, r)
+            eye = blk.seg(torch.eye(r, dtype=F64).expand(blk.P, r, r))
             out = o.step(blk, buf, eye, o.step_out(ws, blk, r))
             dst = torch.full(o.shape(nxt.slots, r), -1.0, dtype=F64)
             o.move_step(part, kind_, b, out, dst)
@@ -323,7 +341,7 @@ def test_layout_order_follows_neighbour_modes():
         mkey = torch.zeros(len(idx), dtype=torch.long)
         for m in range(blk.lo, blk.hi):
             mkey = mkey * shape[m] + idx[:, m]
-        segs = (torch.arange(blk.slots) // blk.w)[real]
+        segs = blk.slot_segment()[real]
         assert torch.equal(blk.seg_group[segs], mkey[samples])
 
 
@@ -333,7 +351,7 @@ def test_layout_order_follows_neighbour_modes():
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("dtype", [F64, F32])
-def test_sampled_point(case, dtype, orientation, seg_cost):
+def test_sampled_point(case, dtype, orientation, seg_cost, widths):
     shape, ranks, N, min_group, kind = CASES[case]
     iset, idx, gen = make_set(shape, N, min_group, kind, seed=30 + case)
     U = rand_cores(shape, ranks, gen, dtype)
@@ -358,6 +376,55 @@ def test_sampled_point(case, dtype, orientation, seg_cost):
     D2 = iset._project_blocked(U, V, z.to(dtype))
     for k in range(len(shape)):
         assert rel(D2[k], ref[k]) < tol
+
+
+def test_width_classes(monkeypatch, seg_cost):
+    """Several segment widths: fewer padded slots than one width, each segment holds
+    samples of one merged index and no more than its width, and the kernels (row-major,
+    float64 and float32) match the references. ``seg_cost`` 0: narrow full segments, so
+    groups span several full segments plus a last one in a width class."""
+    monkeypatch.setattr(sparse_mod, "_CLASS_MIN_SLOTS", 0)
+    if seg_cost == 0:
+        monkeypatch.setattr(sparse_mod, "_CLASS_MIN_SAVING", -1.0)
+    monkeypatch.setattr(sparse_mod, "_FEATURE_MAJOR_DTYPES", ())
+    shape, ranks = (5, 6, 5, 4), (1, 3, 3, 2, 1)
+    gen = torch.Generator().manual_seed(11)
+    idx = random_indices(shape, 2000, gen)
+    iset = IndexSet(idx, shape)
+    iset.min_group = 64  # pairs of modes: 30 and 20 merged indices, ~67 and ~100 samples
+    single = iset._partition(ranks, False)
+    part = iset._partition(ranks, True)
+    assert [(b.lo, b.hi) for b in part.blocks] == [(0, 2), (2, 4)]
+    for blk, one in zip(part.blocks, single.blocks):
+        assert len(blk.classes) > 1 and blk.w is None
+        if seg_cost:
+            assert blk.slots < 0.97 * one.slots
+        else:  # several full segments per group (the widest class)
+            assert int(blk.classes[-1][1]) > 2 * blk.P
+        segs = blk.slot_segment()
+        sample = blk.sample_of.long()
+        real = blk.mask
+        key = torch.zeros(len(idx), dtype=torch.long)
+        for k in range(blk.lo, blk.hi):
+            key = key * shape[k] + idx[:, k]
+        assert torch.equal(blk.seg_group[segs[real]], key[sample[real]])
+        # every class: segments of its width, in slot order
+        o0 = 0
+        for first, n, wj, grp in blk.classes:
+            assert first == o0 and grp.shape == (n,)
+            o0 += n * wj
+    for dtype, tol in ((F64, 1e-12), (F32, 2e-5)):
+        U, V, dU = (rand_cores(shape, ranks, gen, dtype) for _ in range(3))
+        z = torch.randn(len(idx), generator=gen, dtype=F64)
+        pt = iset.sampled_point(U, V)
+        assert pt.part is part
+        assert rel(pt.to_samples(pt.values), dense([u.double() for u in U])[tuple(idx.t())]) < tol
+        D = pt.project(pt.from_samples(z.to(dtype)))
+        ref = ref_project(U, V, idx, z)
+        for k in range(len(shape)):
+            assert rel(D[k], ref[k]) < tol
+        assert rel(pt.to_samples(pt.tangent(dU)), ref_tangent(U, V, dU, idx)) < tol
+        assert rel(iset.gather(U), dense([u.double() for u in U])[tuple(idx.t())]) < tol
 
 
 def test_sampled_point_empty():
@@ -411,7 +478,7 @@ def test_parallel_feature_gathers(threads, monkeypatch):
 # ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("min_group", [64, 2])
-def test_project_sampled_blocked_matches_per_mode(min_group, orientation):
+def test_project_sampled_blocked_matches_per_mode(min_group, orientation, widths):
     M = FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1))
     gen = torch.Generator().manual_seed(3)
     p = M.random(dtype=F64, generator=gen)
@@ -428,7 +495,7 @@ def test_project_sampled_blocked_matches_per_mode(min_group, orientation):
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
-def test_completion_cg_pieces_with_merged_modes(dtype, orientation):
+def test_completion_cg_pieces_with_merged_modes(dtype, orientation, widths):
     P = Completion((4, 5, 4, 5), 2, train_size=300, test_size=50, seed=2, dtype=dtype)
     P.train.min_group = 2  # merge pairs of modes at this small size
     assert len(P.train._partition(P.manifold.ranks).blocks) == 2
