@@ -6,9 +6,9 @@ Both implementations are covered: the per-mode sample-order kernels (``left_vect
 ``right_vectors``, ``scatter``, ``gather`` under autograd) and the blocked layouts
 (``gather`` without autograd, ``project_sampled``, :class:`SampledPoint`), the latter with
 and without merged modes (``min_group`` lowered so that small index sets merge), with one or
-several segments per group (``_SEG_COST``), row- and feature-major buffers
-(``_FEATURE_MAJOR_DTYPES``), unbalanced groups, duplicates, N = 0 and N = 1, d = 1.
-"""
+several segments per group (``_SEG_COST``), one or several segment widths per block
+(``_CLASSES``), row- and feature-major buffers (``_FEATURE_MAJOR_DTYPES``), unbalanced
+groups, duplicates, N = 0 and N = 1, d = 1; and the neighbour-mode order of the layouts."""
 from __future__ import annotations
 
 import gc
