@@ -427,7 +427,7 @@ def test_width_classes(monkeypatch, seg_cost):
         assert rel(iset.gather(U), dense([u.double() for u in U])[tuple(idx.t())]) < tol
 
 
-def test_sampled_point_empty():
+def test_sampled_point_empty(widths):
     shape, ranks = (3, 4, 3), (1, 2, 2, 1)
     gen = torch.Generator().manual_seed(0)
     iset = IndexSet(torch.zeros(0, 3, dtype=torch.long), shape)

@@ -177,7 +177,7 @@ class _Block:
             w, S = cands[best], int(segs[best])
         per_group = torch.div(counts + (w - 1), w, rounding_mode="floor")
         widths, jg = [w], None
-        if multi and S * w >= _CLASS_MIN_SLOTS:
+        if multi and S and S * w >= _CLASS_MIN_SLOTS:
             widths, jg = _widths(counts, per_group, w, S * w)
         K = len(widths)
         # segments of every group in every width class (the full ones have width w)
