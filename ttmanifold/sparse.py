@@ -658,13 +658,14 @@ class IndexSet:
 
         Orders chosen for the cache behaviour of the layout changes (a gather of every
         slot of one layout from the other): groups are ordered by their *last* mode
-        first, and inside a group the samples are sorted by mode ``nxt``, then by mode
-        ``prev``. A change to the next layout then reads, for a run of consecutive
-        destination groups (same last mode ``nxt``), one short run of rows per source
-        group (the rows are fetched from memory about once instead of once per slot);
-        a change to the previous layout reads positions that advance monotonically
-        inside each (group, ``nxt``) run. Any order is correct: only speed depends on
-        it."""
+        first (within a width class), and inside a group the samples are sorted by mode
+        ``nxt``, then by mode ``prev``. A change to the next layout then reads, for a run
+        of consecutive destination groups (same last mode ``nxt``), one short run of rows
+        per source group; a change to the previous layout reads positions that advance
+        monotonically inside each (group, ``nxt``) run. Measured gain: ~10% on the
+        row gathers at n = 50, 1e6 samples (they stay latency-bound: even a gather in
+        the destination's order of the source groups is only ~15% faster than a random
+        one). Any order is correct: only speed depends on it."""
         ck = (lo, hi, prev, nxt, bool(multi))
         blk = self._blocks.get(ck)
         if blk is None:
