@@ -123,6 +123,7 @@ def orientation(request, monkeypatch):
     """Row-major or feature-major buffers for every dtype."""
     dts = () if request.param == "rm" else (F32, F64)
     monkeypatch.setattr(sparse_mod, "_FEATURE_MAJOR_DTYPES", dts)
+    monkeypatch.setattr(sparse_mod, "_FEATURE_MAJOR_1T_DTYPES", ())
     return request.param
 
 
@@ -387,6 +388,7 @@ def test_width_classes(monkeypatch, seg_cost):
     if seg_cost == 0:
         monkeypatch.setattr(sparse_mod, "_CLASS_MIN_SAVING", -1.0)
     monkeypatch.setattr(sparse_mod, "_FEATURE_MAJOR_DTYPES", ())
+    monkeypatch.setattr(sparse_mod, "_FEATURE_MAJOR_1T_DTYPES", ())
     shape, ranks = (5, 6, 5, 4), (1, 3, 3, 2, 1)
     gen = torch.Generator().manual_seed(11)
     idx = random_indices(shape, 2000, gen)
@@ -425,6 +427,54 @@ def test_width_classes(monkeypatch, seg_cost):
             assert rel(D[k], ref[k]) < tol
         assert rel(pt.to_samples(pt.tangent(dU)), ref_tangent(U, V, dU, idx)) < tol
         assert rel(iset.gather(U), dense([u.double() for u in U])[tuple(idx.t())]) < tol
+
+
+def test_orientation_follows_threads(monkeypatch):
+    """Default orientation: float32 feature-major on one CPU thread, row-major (with width
+    classes) on two, float64 row-major; a point keeps its workspace's orientation when the
+    thread count changes, and all results match the references."""
+    monkeypatch.setattr(sparse_mod, "_FEATURE_MAJOR_DTYPES", ())
+    monkeypatch.setattr(sparse_mod, "_FEATURE_MAJOR_1T_DTYPES", (F32,))
+    monkeypatch.setattr(sparse_mod, "_CLASS_MIN_SLOTS", 0)
+    monkeypatch.setattr(sparse_mod, "_CLASS_MIN_SAVING", -1.0)
+    shape, ranks = (4, 5, 4, 5), (1, 2, 3, 2, 1)
+    gen = torch.Generator().manual_seed(12)
+    idx = random_indices(shape, 400, gen)
+    iset = IndexSet(idx, shape)
+    iset.min_group = 8
+    U, V, dU = (rand_cores(shape, ranks, gen, F32) for _ in range(3))
+    z = torch.randn(len(idx), generator=gen, dtype=F64)
+    ref_v = dense([u.double() for u in U])[tuple(idx.t())]
+    ref_D = ref_project(U, V, idx, z)
+    ref_e = ref_tangent(U, V, dU, idx)
+
+    def check(pt):
+        assert rel(pt.to_samples(pt.values), ref_v) < 2e-5
+        D = pt.project(pt.from_samples(z.float()))
+        assert all(rel(D[k], ref_D[k]) < 2e-5 for k in range(len(shape)))
+        assert rel(pt.to_samples(pt.tangent(dU)), ref_e) < 2e-5
+
+    try:
+        torch.set_num_threads(1)
+        assert sparse_mod._orient(F32).fm and not sparse_mod._orient(F64).fm
+        p1 = iset.sampled_point(U, V)
+        assert p1._ws.o.fm and all(len(b.classes) == 1 for b in p1.part.blocks)
+        assert rel(iset.gather(U), ref_v) < 2e-5
+        torch.set_num_threads(2)
+        assert not sparse_mod._orient(F32).fm
+        p2 = iset.sampled_point(U, V)
+        assert not p2._ws.o.fm and any(len(b.classes) > 1 for b in p2.part.blocks)
+        assert rel(iset.gather(U), ref_v) < 2e-5
+        check(p1)  # created on one thread, used on two
+        check(p2)
+        ws1 = p1._ws
+        del p1
+        gc.collect()
+        p3 = iset.sampled_point(U, V)  # two threads: not the feature-major workspace
+        assert p3._ws is not ws1 and not p3._ws.o.fm
+        check(p3)
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_sampled_point_empty(widths):

@@ -29,10 +29,9 @@ to ``_CLASSES`` widths (one ``bmm`` per width), which cuts the padding of balanc
 from ~18% to ~2% of the slots. Groups are ordered by their last mode and the samples of a
 group by the neighbouring blocks' last modes, which makes the layout changes more
 cache-local. Per-sample vectors live in these layouts as ``(slots + 1, r)`` buffers
-(row-major, the default for every dtype) or ``(r, slots + 1)`` (feature-major, opt-in via
-``_FEATURE_MAJOR_DTYPES``: its ``bmm`` is faster for float32, but its per-feature layout
-changes are slower with two threads) whose extra slot is zero (padding slots point to
-it); going from one block's layout to the next is one ``index_select`` with a
+(row-major) or ``(r, slots + 1)`` (feature-major: float32 on one CPU thread, where its
+faster ``bmm`` wins; with two threads its per-feature layout changes are slower, see
+``_FEATURE_MAJOR_DTYPES``) whose extra slot is zero (padding slots point to it); going from one block's layout to the next is one ``index_select`` with a
 precomputed map (one per feature in feature-major buffers, spread over Python threads
 when torch may use several), a step is one ``bmm`` with the per-segment merged cores, and
 the gradient scatter of a block is one ``bmm`` followed by small core contractions that
@@ -421,14 +420,24 @@ def _per_feature(fn, nfeat: int, numel: int, device: torch.device) -> None:
 
 
 _RM, _FM = _Orient(False), _Orient(True)
-# Feature-major buffers: 2 threads, d=20, n=50, r=10, 1e6 samples, float32: sweeps +
-# projection + tangent 0.60 s feature-major vs 0.50 s row-major (with the width classes,
-# which are row-major only); 1 thread: 0.89 s vs 0.95 s. Row-major for every dtype.
+# Orientation (measured at d=20, n=50, r=10, 1e6 samples; sweeps + projection + tangent):
+# float32 with 2 threads 0.60 s feature-major vs 0.50 s row-major (the per-feature
+# gathers are slow there; the width classes are row-major only), with 1 thread 0.89 s vs
+# 0.95 s; float64 row-major in both cases. Feature-major for the dtypes of
+# _FEATURE_MAJOR_DTYPES, and on the CPU for those of _FEATURE_MAJOR_1T_DTYPES when torch
+# uses one thread (read when a workspace is created: a workspace keeps its orientation,
+# and the layouts follow the workspace's).
 _FEATURE_MAJOR_DTYPES: Tuple[torch.dtype, ...] = ()
+_FEATURE_MAJOR_1T_DTYPES: Tuple[torch.dtype, ...] = (torch.float32,)
 
 
-def _orient(dtype: torch.dtype) -> _Orient:
-    return _FM if dtype in _FEATURE_MAJOR_DTYPES else _RM
+def _orient(dtype: torch.dtype, device: Optional[torch.device] = None) -> _Orient:
+    if dtype in _FEATURE_MAJOR_DTYPES:
+        return _FM
+    if (dtype in _FEATURE_MAJOR_1T_DTYPES and torch.get_num_threads() == 1
+            and (device is None or torch.device(device).type == "cpu")):
+        return _FM
+    return _RM
 
 
 class _Partition:
@@ -535,7 +544,7 @@ class _Workspace:
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.dtype, self.device = dtype, device
-        self.o = _orient(dtype)
+        self.o = _orient(dtype, device)
         self.bufs: Dict[object, torch.Tensor] = {}
 
     def ext(self, name, slots: int, r: int) -> torch.Tensor:
@@ -716,22 +725,24 @@ class IndexSet:
         return part
 
     def _tmp_workspace(self, dtype, device) -> _Workspace:
-        ws = self._tmp.get((dtype, str(device)))
+        key = (dtype, str(device), _orient(dtype, device).fm)
+        ws = self._tmp.get(key)
         if ws is None:
             ws = _Workspace(dtype, device)
-            self._tmp[(dtype, str(device))] = ws
+            self._tmp[key] = ws
         return ws
 
     def _acquire(self, dtype, device) -> _Workspace:
+        o = _orient(dtype, device)
         for j, ws in enumerate(self._free):
-            if ws.dtype == dtype and ws.device == device:
+            if ws.dtype == dtype and ws.device == device and ws.o is o:
                 return self._free.pop(j)
         return _Workspace(dtype, device)
 
     def _release(self, ws: _Workspace) -> None:
-        """Keep one idle workspace per dtype and device (the last released)."""
+        """Keep one idle workspace per dtype, device and orientation (the last released)."""
         self._free = [w for w in self._free
-                      if (w.dtype, w.device) != (ws.dtype, ws.device)] + [ws]
+                      if (w.dtype, w.device, w.o) != (ws.dtype, ws.device, ws.o)] + [ws]
 
     @staticmethod
     def _ranks(cores) -> List[int]:
@@ -742,10 +753,10 @@ class IndexSet:
         N = len(self)
         if N == 0:
             return cores[0].new_zeros(0)
-        part = self._partition(self._ranks(cores), not _orient(cores[0].dtype).fm)
-        blocks = part.blocks
         ws = self._tmp_workspace(cores[0].dtype, cores[0].device)
         o = ws.o
+        part = self._partition(self._ranks(cores), not o.fm)
+        blocks = part.blocks
         if len(blocks) == 1:
             a, b0 = _ones(ws, blocks[0], "ones"), 0
         else:  # first step from ones: rows of the first merged core
@@ -766,11 +777,11 @@ class IndexSet:
         """``D_k`` of the sparse projection (before the gauge projection), blocked: one
         left sweep (kept), then the right sweep started from the values (so the right
         vectors are ``values * rho``) with one grouped scatter per block."""
-        part = self._partition(self._ranks(U), not _orient(values.dtype).fm)
-        blocks = part.blocks
-        B = len(blocks)
         ws = self._tmp_workspace(values.dtype, values.device)
         o = ws.o
+        part = self._partition(self._ranks(U), not o.fm)
+        blocks = part.blocks
+        B = len(blocks)
         L = _left_sweep(part, U, ws, "L")
         last = blocks[-1]
         rt = ws.view(("rt", (B - 1) % 2), last.slots, 1)
@@ -925,13 +936,13 @@ class SampledPoint:
         self.iset = iset
         self.U, self.V = list(U), list(V)
         dtype, device = U[0].dtype, U[0].device
-        self.part = part = iset._partition(iset._ranks(U), not _orient(dtype).fm)
-        blocks = part.blocks
-        B = len(blocks)
         ws = iset._acquire(dtype, device)
         self._ws = ws
         weakref.finalize(self, iset._release, ws)
         o = ws.o
+        self.part = part = iset._partition(iset._ranks(U), not o.fm)
+        blocks = part.blocks
+        B = len(blocks)
         with torch.no_grad():
             self.L = _left_sweep(part, U, ws, "L")
             last = blocks[-1]
