@@ -341,10 +341,9 @@ class FixedTTRank(geoopt.Manifold):
     @_no_autograd_fast_path
     def _project_nonsparse(self, p: torch.Tensor, Z) -> torch.Tensor:
         U = self._split(p, "p")
-        V = self._right_cores(U)
         if isinstance(Z, TT):
-            return self._gauge_packed(p, project_D(U, V, Z._cores, packed=True))
-        return self._gauge_packed(p, self._project_dense_D(U, V, Z))
+            return self._gauge_packed(p, project_D(U, None, Z._cores, packed=True))
+        return self._gauge_packed(p, self._project_dense_D(U, self._right_cores(U), Z))
 
     def _check_ambient(self, Z, p, name):
         if Z.dtype != p.dtype:

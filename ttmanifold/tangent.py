@@ -29,7 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .tt import TT
+from .tt import TT, lq_pos
 
 __all__ = ["TangentTT", "core_runs", "project_D", "gauge_project_flat"]
 
@@ -45,9 +45,13 @@ def core_runs(shapes: Sequence[Tuple[int, ...]]) -> List[Tuple[int, int]]:
     return runs
 
 
-def project_D(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+def project_D(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Tensor]]],
               Z: Sequence[torch.Tensor], *, packed: bool = False):
     """``D_k = U_<k^T Z V_>k^T`` (cores of shape ``U[k].shape``) for a TT ``Z``.
+
+    ``U``: left-orthogonal cores of the point; ``V``: its right-orthogonal cores
+    (``V[0]`` unused), or None to compute them here (the LQ sweep with ``diag(L) >= 0`` of
+    :meth:`FixedTTRank._right_cores`, interleaved with the right sweep below).
 
     Left sweep ``t_k = P_k Z_k`` with ``P_k = U_<k^T Z_<k`` (``r_{k-1} x R_{k-1}``), right
     sweep ``Q_k = Z_>k V_>k^T`` (``R_k x r_k``), then ``D_k = t_k Q_k``, batched over runs
@@ -67,8 +71,16 @@ def project_D(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
         if k < d - 1:
             P = U[k].reshape(-1, U[k].shape[2]).transpose(0, 1) @ t
     Q: List[Optional[torch.Tensor]] = [None] * d  # Q[d-1] = 1
+    c = U[d - 1]
     for k in range(d - 1, 0, -1):
-        v, z = V[k], Z[k]
+        z = Z[k]
+        if V is None:  # the LQ sweep of right_cores, fused (V_k used while in cache)
+            l, q = lq_pos(c.reshape(c.shape[0], -1))
+            v = q.reshape(c.shape)
+            if k > 1:
+                c = (U[k - 1].reshape(-1, U[k - 1].shape[2]) @ l).reshape(U[k - 1].shape)
+        else:
+            v = V[k]
         if Q[k] is None:
             s = z.reshape(z.shape[0], -1)
         else:
