@@ -181,12 +181,14 @@ class Worker:
         self.ops["sgd_step"] = lambda: step(A)
 
     # -- requests ------------------------------------------------------------------------
-    def time(self, op, clock="wall"):
+    def time(self, op, clock="wall", reps=1):
+        """Seconds per call, averaged over ``reps`` back-to-back calls."""
         fn = self.ops[op]
         timer = time.process_time if clock == "cpu" else time.perf_counter
         s = timer()
-        out = fn()
-        dt = timer() - s
+        for _ in range(max(1, int(reps))):
+            out = fn()
+        dt = (timer() - s) / max(1, int(reps))
         self.last[op] = out
         return dt
 
@@ -201,7 +203,7 @@ class Worker:
             return self.load(req["case"], int(req.get("warmup", 1)),
                              float(req.get("mem_budget_gib", 8)))
         if cmd == "time":
-            return dict(s=self.time(req["op"], req.get("clock", "wall")))
+            return dict(s=self.time(req["op"], req.get("clock", "wall"), req.get("reps", 1)))
         if cmd == "check":
             return dict(check=self.check(req["op"]))
         raise ValueError(f"unknown request {cmd!r}")
