@@ -45,7 +45,7 @@ def gen(seed):
 
 
 def rel(a, b):
-    return float((a - b).norm() / b.norm())
+    return float(((a - b).norm() / b.norm()).detach())
 
 
 def attainable(shape, ranks):
