@@ -456,7 +456,7 @@ def test_parametrize_linear(device):
         loss = ((lin(x) - y) ** 2).mean()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert not torch.allclose(theta.detach(), before)
     assert losses[-1] < losses[0]
 
