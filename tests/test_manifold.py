@@ -940,6 +940,14 @@ def test_bad_input_errors():
     bad[3] = float("inf")
     with pytest.raises(RuntimeError, match=r"NaN or Inf"):
         M.egrad2rgrad(p, bad)
+    bad[3] = -float("inf")
+    with pytest.raises(RuntimeError, match=r"NaN or Inf"):
+        M.egrad2rgrad(p, bad)
+    huge = torch.full_like(u, torch.finfo(u.dtype).max)  # finite: no overflow false alarm
+    M.egrad2rgrad(p, huge)  # finite entries whose sum overflows: no error
+    for val in (float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match=r"f: gradient contains NaN or Inf"):
+            M.riemannian_grad(p, lambda T: (T.full() * val).sum())
     # pack_point of a TT of lower ranks / another shape
     with pytest.raises(ValueError, match=r"ranks \(1, 1, 1, 1, 1\) are below"):
         M.pack_point(TT.random(M.shape, 1, dtype=F64))
