@@ -650,6 +650,25 @@ def test_structured_tangent_tt_matches_dense(case):
         assert close(dense_tangent(M, p, pp.grad), ref, 1e-9), name
 
 
+def test_tangent_tt_copy_and_pickle():
+    import copy
+    import pickle
+
+    M, p, gen = fixed_case(seed=22)
+    u = M.project(p, torch.randn(M.shape, dtype=F64, generator=gen))
+    A_tt = TT(random_tt_cores(M.shape, 2, gen))
+    T = M.tangent_to_tt(p, u)
+    for clone in (copy.copy(T), copy.deepcopy(T), pickle.loads(pickle.dumps(T))):
+        assert isinstance(clone, tm.TangentTT)
+        assert close(clone.full(), T.full(), 0)
+        assert float(tm.inner(clone, A_tt)) == float(tm.inner(T, A_tt))
+    pp = p.clone().requires_grad_()
+    X = M.unpack_tensor(pp)  # flat deltas, gauged
+    X2 = copy.copy(X)
+    assert X2._flat is X._flat and X2._gauged
+    assert float(tm.inner(X2, X2)) == float(tm.inner(X, X))
+
+
 @pytest.mark.parametrize("shape,ranks,R", [((3,) * 5, 2, 3), ((2,) * 6, 2, 2),
                                            ((4, 3, 3, 3, 4), (1, 3, 3, 3, 3, 1), 3)])
 def test_uniform_cores_batched_paths_match_oracle(shape, ranks, R):

@@ -153,6 +153,11 @@ class TangentTT(TT):
         self._gauged = bool(gauged)
         self._dense: Optional[List[torch.Tensor]] = None
 
+    def __reduce__(self):  # copy / deepcopy / pickle (deltas stay views of the flat tensor)
+        if self._flat is not None:
+            return (_rebuild_tangent, (list(self._U), list(self._V), None, self._flat, self._gauged))
+        return (_rebuild_tangent, (list(self._U), list(self._V), self._deltas, None, self._gauged))
+
     # the block cores, built on first use ----------------------------------------------
     @property
     def _cores(self) -> List[torch.Tensor]:  # type: ignore[override]
@@ -241,3 +246,10 @@ class TangentTT(TT):
         else:
             deltas = [c * a for c in self._deltas]
         return TangentTT(self._U, self._V, deltas, flat=flat, gauged=self._gauged)
+
+
+def _rebuild_tangent(U, V, deltas, flat, gauged):
+    if deltas is None:
+        sizes = [u.numel() for u in U]
+        deltas = [c.view(u.shape) for c, u in zip(torch.split(flat, sizes), U)]
+    return TangentTT(U, V, deltas, flat=flat, gauged=gauged)
