@@ -650,6 +650,47 @@ def test_structured_tangent_tt_matches_dense(case):
         assert close(dense_tangent(M, p, pp.grad), ref, 1e-9), name
 
 
+@pytest.mark.parametrize("shape,ranks", [((3, 4, 3, 2), (1, 2, 3, 2, 1)), ((3,) * 5, 2)])
+def test_sampled_entries_of_tangent_tt_gradient_and_hvp(shape, ranks):
+    """IndexSet.gather of the autodiff TangentTT runs at rank r (left/right vectors of U
+    and V, one grouped product per mode); gradient and Hessian-vector product of a
+    completion-type loss against the dense oracle."""
+    M = FixedTTRank(shape, ranks)
+    gen = torch.Generator().manual_seed(23)
+    p = M.random(dtype=F64, generator=gen)
+    N = 2 * math.prod(shape) // 3
+    flat = torch.randperm(math.prod(shape), generator=gen)[:N]
+    idx = torch.stack(torch.unravel_index(flat, shape), 1)
+    iset = IndexSet(idx, shape)
+    a = torch.randn(N, dtype=F64, generator=gen)
+
+    def f(T):
+        v = iset.gather(T)
+        return 0.5 * (v - a).pow(2).sum() + 0.1 * v.pow(3).sum()
+
+    def fd(Xd):
+        v = Xd[tuple(idx.t())]
+        return 0.5 * (v - a).pow(2).sum() + 0.1 * v.pow(3).sum()
+
+    X = dense_point(M, p)
+    P = oracle(M, p)
+    Xr = X.clone().requires_grad_()
+    (G,) = torch.autograd.grad(fd(Xr), Xr)
+    ref = (P @ G.reshape(-1)).reshape(shape)
+    T = M.tangent_to_tt(p, torch.zeros_like(p))
+    assert torch.equal(iset.gather(T), iset.gather(TT(T.cores)))  # no grad: block cores
+    assert close(dense_tangent(M, p, M.riemannian_grad(p, f)), ref)
+    pp = p.clone().requires_grad_()
+    X_t = M.unpack_tensor(pp)
+    assert close(iset.gather(X_t).detach(), X[tuple(idx.t())], 1e-13)
+    f(X_t).backward()
+    assert close(dense_tangent(M, p, pp.grad), ref)
+    H = torch.autograd.functional.hessian(lambda v: fd(v.reshape(shape)), X.reshape(-1))
+    u = M.project(p, torch.randn(shape, dtype=F64, generator=gen))
+    refH = (P @ (H @ (P @ dense_tangent(M, p, u).reshape(-1)))).reshape(shape)
+    assert close(dense_tangent(M, p, M.riemannian_hvp(p, f, u)), refH)
+
+
 def test_tangent_tt_copy_and_pickle():
     import copy
     import pickle

@@ -461,8 +461,9 @@ class Completion(QuadraticProblem):
     Loss ``(w/2) ||P_Omega(X - A)||^2`` with ``w = n_1...n_d / |Omega|`` (an unbiased estimate
     of ``0.5 ||X - A||^2``; the weight only rescales, the minimizers and CG's steps are
     those of the unweighted loss), evaluated by :meth:`IndexSet.gather` in O(|Omega| d r^2);
-    with the Riemannian autodiff path (:meth:`FixedTTRank.unpack_tensor`, rank 2r) it is
-    about 4x that. Metrics: ``train_err = ||P_Omega(X - A)|| / ||P_Omega A||`` and
+    with the Riemannian autodiff path (:meth:`FixedTTRank.unpack_tensor`) the gather of the
+    tangent TT also runs at rank r (left and right sample vectors, one grouped product per
+    mode), forward and backward about 4 sweeps. Metrics: ``train_err = ||P_Omega(X - A)|| / ||P_Omega A||`` and
     ``test_err`` the same on Gamma (the target metric).
 
     ``reg`` (default 0): an optional Tikhonov term ``(reg/2) ||X||^2`` added to the loss,

@@ -852,6 +852,11 @@ class IndexSet:
 
         Without autograd (no core requires grad, or grad mode off) this runs on the blocked
         layouts with reused buffers; otherwise on the differentiable per-mode kernels."""
+        from .tangent import TangentTT
+
+        if isinstance(tt, TangentTT) and torch.is_grad_enabled() and any(
+                c.requires_grad for c in tt._deltas) and tt.device.type != "meta":
+            return self._gather_tangent(tt)
         cores = tt.cores if hasattr(tt, "cores") else list(tt)
         self._check_cores(cores)
         if not (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
@@ -861,6 +866,25 @@ class IndexSet:
         for k in range(len(cores)):
             a = self._left_step(k, a, cores[k])
         return a[:, 0]
+
+    def _gather_tangent(self, tt) -> torch.Tensor:
+        """Entries of a tangent TT ``sum_k U_<k dU_k V_>k`` (Riemannian autodiff), at rank r:
+        ``sum_k l_k(e) dU_k[:, i_k(e), :] rho_{k+1}(e)`` with the left vectors of ``U`` and
+        the right vectors of ``V`` (constants), differentiable in the deltas. About half the
+        work of gathering the rank-2r block cores and differentiating through them: two
+        rank-r sweeps without autograd, then one grouped product per mode whose backward
+        is one grouped product per mode."""
+        U, V, dU = tt._U, tt._V, tt._deltas
+        self._check_cores(U)
+        d = len(U)
+        with torch.no_grad():
+            left = self.left_vectors(U)
+            rights = self.right_vectors([U[0]] + list(V[1:]), downto=1)
+        out = None
+        for k in range(d):
+            t = (self._left_step(k, left[k], dU[k]) * rights[k + 1]).sum(1)
+            out = t if out is None else out + t
+        return out
 
     def scatter(self, k: int, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """``D[:, i, :] = sum_{e: i_k(e) = i} left_e^T right_e`` of shape ``(a, n_k, b)``.

@@ -13,7 +13,10 @@ an operation needs them, so that the operations which know the structure run at 
   with the interfaces ``P_k = U_<k^T A_<k`` and ``Q_k = A_>k V_>k^T`` (the projection
   sweeps, O(d n r R (r + R))), instead of a rank-2r by rank-R sweep and its backward;
 - ``norm`` of a gauged tangent TT is the norm of its packed deltas; ``a * xi`` stays
-  structured.
+  structured;
+- :meth:`IndexSet.gather <ttmanifold.IndexSet.gather>` (entries at sampled indices, the
+  tensor-completion loss) uses the left vectors of ``U`` and the right vectors of ``V`` at
+  rank r and one grouped product per mode with the deltas, when gradients are needed.
 
 Everything else (``full``, ``gather``, ``+`` with a plain TT, ...) uses the rank-2r block
 cores. All of it is differentiable (autograd) in the deltas and in the other operand.
@@ -21,7 +24,8 @@ cores. All of it is differentiable (autograd) in the deltas and in the other ope
 The Riemannian gradient of a loss ``f(TT)`` built from ``inner``/``norm`` (e.g.
 ``0.5 ||X - A||^2`` written with inner products, or any quadratic form in X given by TTs)
 therefore costs about one tangent-space projection, no matter that ``f`` is evaluated at
-the rank-2r TT of the autodiff scheme.
+the rank-2r TT of the autodiff scheme; a loss of sampled entries costs about what one
+Riemannian CG iteration of tensor completion costs.
 """
 from __future__ import annotations
 
