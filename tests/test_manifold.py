@@ -690,6 +690,30 @@ def test_sampled_entries_of_tangent_tt_gradient_and_hvp(shape, ranks):
     refH = (P @ (H @ (P @ dense_tangent(M, p, u).reshape(-1)))).reshape(shape)
     assert close(dense_tangent(M, p, M.riemannian_hvp(p, f, u)), refH)
 
+    # backward twice with retain_graph; double backward needs twice_differentiable()
+    pp = p.clone().requires_grad_()
+    loss = f(M.unpack_tensor(pp))
+    loss.backward(retain_graph=True)
+    g1 = pp.grad.clone()
+    loss.backward()
+    assert close(pp.grad, 2 * g1, 1e-14)
+    # double backward by hand (create_graph) through unpack_tensor + gather
+    delta = torch.zeros_like(p).requires_grad_()
+    xi = M.tangent_to_tt(p, delta)
+    last = [c + u0 if k == M.d - 1 else c  # X + xi(delta): the last delta carries U_d
+            for k, (c, u0) in enumerate(zip(xi.deltas, split(M, p)))]
+    T = tm.TangentTT(xi._U, xi._V, last)
+    (g,) = torch.autograd.grad(f(T), delta, create_graph=True)
+    (hv,) = torch.autograd.grad((g * u).sum(), delta)
+    assert close(dense_tangent(M, p, M.proju(p, hv)), refH)
+    # and a TangentTT whose U requires grad takes the generic (block cores) path
+    q = p.clone().requires_grad_()
+    Tq = M.tangent_to_tt(q, u)
+    (gq,) = torch.autograd.grad(iset.gather(Tq).sum(), q)
+    q2 = p.clone().requires_grad_()
+    (gq2,) = torch.autograd.grad(iset.gather(TT(M.tangent_to_tt(q2, u).cores)).sum(), q2)
+    assert close(gq, gq2, 1e-13)
+
 
 def test_tangent_tt_copy_and_pickle():
     import copy

@@ -462,8 +462,9 @@ class Completion(QuadraticProblem):
     of ``0.5 ||X - A||^2``; the weight only rescales, the minimizers and CG's steps are
     those of the unweighted loss), evaluated by :meth:`IndexSet.gather` in O(|Omega| d r^2);
     with the Riemannian autodiff path (:meth:`FixedTTRank.unpack_tensor`) the gather of the
-    tangent TT also runs at rank r (left and right sample vectors, one grouped product per
-    mode), forward and backward about 4 sweeps. Metrics: ``train_err = ||P_Omega(X - A)|| / ||P_Omega A||`` and
+    tangent TT also runs at rank r on the blocked kernels of :meth:`cg_grad` (forward: left
+    and right sweeps and the tangent values; backward: the scatter), about one Riemannian
+    CG iteration. Metrics: ``train_err = ||P_Omega(X - A)|| / ||P_Omega A||`` and
     ``test_err`` the same on Gamma (the target metric).
 
     ``reg`` (default 0): an optional Tikhonov term ``(reg/2) ||X||^2`` added to the loss,

@@ -854,9 +854,11 @@ class IndexSet:
         layouts with reused buffers; otherwise on the differentiable per-mode kernels."""
         from .tangent import TangentTT
 
-        if isinstance(tt, TangentTT) and torch.is_grad_enabled() and any(
-                c.requires_grad for c in tt._deltas) and tt.device.type != "meta":
-            return self._gather_tangent(tt)
+        if (isinstance(tt, TangentTT) and torch.is_grad_enabled()
+                and any(c.requires_grad for c in tt._deltas) and tt.device.type != "meta"
+                and not any(c is not None and c.requires_grad for c in tt._U + tt._V)):
+            self._check_cores(tt._U)
+            return _TangentGather.apply(self, tt._U, tt._V, *tt._deltas)
         cores = tt.cores if hasattr(tt, "cores") else list(tt)
         self._check_cores(cores)
         if not (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
@@ -866,25 +868,6 @@ class IndexSet:
         for k in range(len(cores)):
             a = self._left_step(k, a, cores[k])
         return a[:, 0]
-
-    def _gather_tangent(self, tt) -> torch.Tensor:
-        """Entries of a tangent TT ``sum_k U_<k dU_k V_>k`` (Riemannian autodiff), at rank r:
-        ``sum_k l_k(e) dU_k[:, i_k(e), :] rho_{k+1}(e)`` with the left vectors of ``U`` and
-        the right vectors of ``V`` (constants), differentiable in the deltas. About half the
-        work of gathering the rank-2r block cores and differentiating through them: two
-        rank-r sweeps without autograd, then one grouped product per mode whose backward
-        is one grouped product per mode."""
-        U, V, dU = tt._U, tt._V, tt._deltas
-        self._check_cores(U)
-        d = len(U)
-        with torch.no_grad():
-            left = self.left_vectors(U)
-            rights = self.right_vectors([U[0]] + list(V[1:]), downto=1)
-        out = None
-        for k in range(d):
-            t = (self._left_step(k, left[k], dU[k]) * rights[k + 1]).sum(1)
-            out = t if out is None else out + t
-        return out
 
     def scatter(self, k: int, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """``D[:, i, :] = sum_{e: i_k(e) = i} left_e^T right_e`` of shape ``(a, n_k, b)``.
@@ -903,6 +886,39 @@ class IndexSet:
             outer = (l.unsqueeze(2) * r.unsqueeze(1)).reshape(l.shape[0], -1)
             out.index_add_(0, p.idx[s:s + _CHUNK], outer)
         return out.view(n, left.shape[1], right.shape[1]).permute(1, 0, 2)
+
+
+class _TangentGather(torch.autograd.Function):
+    """Entries of the tangent TT ``sum_k U_<k dU_k V_>k`` at the samples, as a function
+    of the deltas (``U``, ``V`` constant), at rank r: ``sum_k l_k(e) dU_k[:, i_k(e), :]
+    rho_{k+1}(e)`` with the left vectors of ``U`` and the right vectors of ``V``.
+
+    Forward: one :class:`SampledPoint` (left and right sweeps on the blocked layouts) and
+    its tangent evaluation; backward: its scatter (``SampledPoint.project``), i.e. the
+    kernels of one Riemannian CG iteration. The map is linear in the deltas, so a backward
+    with ``create_graph=True`` (Hessian-vector products) only needs to be differentiable in
+    the incoming gradient: then the per-mode scatters of :meth:`IndexSet.scatter` are used."""
+
+    @staticmethod
+    def forward(ctx, iset, U, V, *dU):
+        point = iset.sampled_point(list(U), list(V))
+        ctx.iset, ctx.U, ctx.V = iset, list(U), list(V)
+        ctx.point = point  # (its buffers go back to the pool when the graph is freed)
+        return point.to_samples(point.tangent(dU))
+
+    @staticmethod
+    def backward(ctx, g):
+        if torch.is_grad_enabled():  # create_graph=True: differentiable in g
+            iset, U, V = ctx.iset, ctx.U, ctx.V
+            with torch.no_grad():
+                left = iset.left_vectors(U)
+                rights = iset.right_vectors([U[0]] + V[1:], downto=1)
+            D = [iset.scatter(k, left[k] * g.unsqueeze(1), rights[k + 1])
+                 for k in range(len(U))]
+        else:
+            point = ctx.point
+            D = point.project(point.from_samples(g.contiguous()))
+        return (None, None, None, *D)
 
 
 def _ones(ws: _Workspace, blk: _Block, name) -> torch.Tensor:

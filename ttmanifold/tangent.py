@@ -16,7 +16,9 @@ an operation needs them, so that the operations which know the structure run at 
   structured;
 - :meth:`IndexSet.gather <ttmanifold.IndexSet.gather>` (entries at sampled indices, the
   tensor-completion loss) uses the left vectors of ``U`` and the right vectors of ``V`` at
-  rank r and one grouped product per mode with the deltas, when gradients are needed.
+  rank r and one grouped product per block of modes with the deltas, when gradients are
+  needed (the kernels of one Riemannian CG iteration: forward = sweeps + tangent values,
+  backward = the scatter).
 
 Everything else (``full``, ``gather``, ``+`` with a plain TT, ...) uses the rank-2r block
 cores. All of it is differentiable (autograd) in the deltas and in the other operand.
