@@ -211,14 +211,27 @@ def test_gather_matches_dense(case, dtype, orientation, seg_cost, widths):
     assert vals.dtype == dtype and vals.shape == (N,)
     assert rel(vals, ref) < tol
     assert rel(iset.gather(cores), ref) < tol  # reused buffers
-    # autograd path (per-mode kernels): same values, gradient of a sampled loss
-    cg = [c.double().clone().requires_grad_() for c in cores]
+    # autograd (blocked forward, scatter backward): same values, gradient of a sampled loss
+    cg = [c.clone().requires_grad_() for c in cores]
     w = torch.randn(N, generator=gen, dtype=F64)
-    (iset.gather(cg) * w).sum().backward()
+    vg = iset.gather(cg)
+    assert rel(vg.detach(), ref) < tol
+    (vg * w.to(dtype)).sum().backward()
     cd = [c.double().clone().requires_grad_() for c in cores]
     (dense(cd)[tuple(idx.t())] * w).sum().backward()
     for a, b in zip(cg, cd):
-        assert rel(a.grad, b.grad) < 1e-12
+        assert a.grad.dtype == dtype and rel(a.grad, b.grad) < tol
+    if dtype == F64:  # double backward (create_graph): Hessian-vector product vs dense
+        cg = [c.clone().requires_grad_() for c in cores]
+        v = [torch.randn(c.shape, generator=gen, dtype=F64) for c in cores]
+        grads = torch.autograd.grad((iset.gather(cg) * w).pow(2).sum(), cg, create_graph=True)
+        hv = torch.autograd.grad(sum((g * t).sum() for g, t in zip(grads, v)), cg)
+        cd = [c.clone().requires_grad_() for c in cores]
+        gd = torch.autograd.grad((dense(cd)[tuple(idx.t())] * w).pow(2).sum(), cd,
+                                 create_graph=True)
+        hd = torch.autograd.grad(sum((g * t).sum() for g, t in zip(gd, v)), cd)
+        for a, b in zip(hv, hd):
+            assert rel(a, b) < 1e-11
 
 
 def test_gather_empty_and_merged_partition():
@@ -226,6 +239,9 @@ def test_gather_empty_and_merged_partition():
     iset = IndexSet(torch.zeros(0, 4, dtype=torch.long), shape)
     cores = rand_cores(shape, (1, 2, 2, 2, 1), torch.Generator().manual_seed(0))
     assert iset.gather(cores).shape == (0,)
+    cg = [c.clone().requires_grad_() for c in cores]
+    iset.gather(cg).sum().backward()  # empty sample set under autograd: zero gradients
+    assert all(c.grad is None or not c.grad.any() for c in cg)
     gen = torch.Generator().manual_seed(1)
     iset = IndexSet(random_indices(shape, 200, gen), shape)
     iset.min_group = 8  # merge while N >= P * max(min_group, 4 r)
@@ -589,3 +605,30 @@ def test_cg_run_merged_matches_single_modes():
                 measure_memory=False)
         out.append(h.x)
     assert rel(out[1], out[0]) < 1e-9
+
+
+def test_gather_jacobian_vectorized_matches_loop():
+    """Batched backward (jacobian(vectorize=True): legacy-vmapped gradients) takes the
+    per-mode kernels; the blocked backward cannot take batched gradients."""
+    import ttmanifold as tm
+
+    shape = (3, 4, 3, 2)
+    gen = torch.Generator().manual_seed(31)
+    iset = IndexSet(random_indices(shape, 15, gen), shape)
+    cores = tuple(rand_cores(shape, (1, 2, 3, 2, 1), gen, F64))
+    f = lambda *cs: iset.gather(list(cs))  # noqa: E731
+    Jv = torch.autograd.functional.jacobian(f, cores, vectorize=True)
+    Jl = torch.autograd.functional.jacobian(f, cores, vectorize=False)
+    Jd = torch.autograd.functional.jacobian(
+        lambda *cs: dense(list(cs))[tuple(iset.indices.t())], cores)
+    for a, b, c in zip(Jv, Jl, Jd):
+        assert rel(a, c) < 1e-12 and rel(b, c) < 1e-12
+    M = tm.FixedTTRank(shape, (1, 2, 3, 2, 1))
+    p = M.random(dtype=F64, generator=gen)
+    g = lambda u: iset.gather(M.tangent_to_tt(p, u))  # noqa: E731
+    u0 = torch.zeros(M.size, dtype=F64)
+    Jv = torch.autograd.functional.jacobian(g, u0, vectorize=True)
+    Jl = torch.autograd.functional.jacobian(g, u0, vectorize=False)
+    Jd = torch.autograd.functional.jacobian(
+        lambda u: iset.gather(tm.TT(M.tangent_to_tt(p, u).cores)), u0)
+    assert rel(Jv, Jd) < 1e-12 and rel(Jl, Jd) < 1e-12

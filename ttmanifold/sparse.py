@@ -861,9 +861,10 @@ class IndexSet:
             return _TangentGather.apply(self, tt._U, tt._V, *tt._deltas)
         cores = tt.cores if hasattr(tt, "cores") else list(tt)
         self._check_cores(cores)
-        if not (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
-            if cores[0].device.type != "meta":
+        if cores[0].device.type != "meta":
+            if not (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
                 return self._gather_blocked(cores)
+            return _TTGather.apply(self, *cores)
         a = cores[0].new_ones(len(self), 1)
         for k in range(len(cores)):
             a = self._left_step(k, a, cores[k])
@@ -888,6 +889,57 @@ class IndexSet:
         return out.view(n, left.shape[1], right.shape[1]).permute(1, 0, 2)
 
 
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a functorch (vmap/grad) wrapper or a legacy batched tensor (the
+    batched gradients of ``torch.autograd.functional.jacobian(..., vectorize=True)``):
+    those cannot be written into the reused buffers of the blocked kernels."""
+    ft = getattr(torch._C, "_functorch", None)
+    for name in ("is_functorch_wrapped_tensor", "is_legacy_batchedtensor"):
+        fn = getattr(ft, name, None)
+        if fn is not None and fn(t):
+            return True
+    return False
+
+
+def _per_mode_values(iset, cores) -> torch.Tensor:
+    """Entries of the TT ``cores`` by the per-mode kernels (autograd-friendly)."""
+    a = cores[0].new_ones(len(iset), 1)
+    for k in range(len(cores)):
+        a = iset._left_step(k, a, cores[k])
+    return a[:, 0]
+
+
+class _TTGather(torch.autograd.Function):
+    """Entries of a TT at the samples, differentiable in its cores, on the blocked kernels:
+    forward = a :class:`SampledPoint` with ``U = V = cores`` (its left sweep gives the
+    values), backward = its scatter, ``dL/dG_k[:, i, :] = sum_{e: i_k(e) = i} g_e
+    l_k(e)^T rho_{k+1}(e)^T``. A backward with ``create_graph=True`` (or with batched
+    gradients from functorch) differentiates the per-mode kernels instead."""
+
+    @staticmethod
+    def forward(ctx, iset, *cores):
+        point = iset.sampled_point(list(cores), list(cores))
+        ctx.iset = iset
+        ctx.point = point  # (its buffers go back to the pool when the graph is freed)
+        ctx.save_for_backward(*cores)
+        return point.to_samples(point.values)
+
+    @staticmethod
+    def backward(ctx, g):
+        cores = ctx.saved_tensors
+        create = torch.is_grad_enabled()
+        if create or _functorch_wrapped(g):
+            with torch.enable_grad():
+                cs = list(cores) if create else [c.detach().requires_grad_() for c in cores]
+                vals = _per_mode_values(ctx.iset, cs)
+                D = torch.autograd.grad(vals, cs, g, create_graph=create, allow_unused=True)
+            D = [torch.zeros_like(c) if d is None else d for d, c in zip(D, cores)]
+        else:
+            point = ctx.point
+            D = point.project(point.from_samples(g.contiguous()))
+        return (None, *D)
+
+
 class _TangentGather(torch.autograd.Function):
     """Entries of the tangent TT ``sum_k U_<k dU_k V_>k`` at the samples, as a function
     of the deltas (``U``, ``V`` constant), at rank r: ``sum_k l_k(e) dU_k[:, i_k(e), :]
@@ -897,7 +949,8 @@ class _TangentGather(torch.autograd.Function):
     its tangent evaluation; backward: its scatter (``SampledPoint.project``), i.e. the
     kernels of one Riemannian CG iteration. The map is linear in the deltas, so a backward
     with ``create_graph=True`` (Hessian-vector products) only needs to be differentiable in
-    the incoming gradient: then the per-mode scatters of :meth:`IndexSet.scatter` are used."""
+    the incoming gradient: then (and for batched functorch gradients) the per-mode kernels
+    are differentiated."""
 
     @staticmethod
     def forward(ctx, iset, U, V, *dU):
@@ -908,13 +961,17 @@ class _TangentGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if torch.is_grad_enabled():  # create_graph=True: differentiable in g
+        create = torch.is_grad_enabled()
+        if create or _functorch_wrapped(g):  # differentiable in g / batched g
             iset, U, V = ctx.iset, ctx.U, ctx.V
             with torch.no_grad():
                 left = iset.left_vectors(U)
                 rights = iset.right_vectors([U[0]] + V[1:], downto=1)
-            D = [iset.scatter(k, left[k] * g.unsqueeze(1), rights[k + 1])
-                 for k in range(len(U))]
+            with torch.enable_grad():
+                dU = [u.new_zeros(u.shape).requires_grad_() for u in U]
+                e = sum((iset._left_step(k, left[k], dU[k]) * rights[k + 1]).sum(1)
+                        for k in range(len(U)))
+                D = torch.autograd.grad(e, dU, g, create_graph=create)
         else:
             point = ctx.point
             D = point.project(point.from_samples(g.contiguous()))
