@@ -850,8 +850,12 @@ class IndexSet:
     def gather(self, tt) -> torch.Tensor:
         """The ``N`` entries of a TT (or list of cores) at the samples. O(N d r^2).
 
-        Without autograd (no core requires grad, or grad mode off) this runs on the blocked
-        layouts with reused buffers; otherwise on the differentiable per-mode kernels."""
+        Runs on the blocked layouts with reused buffers. Under autograd the backward is the
+        blocked scatter (``dL/dG_k[:, i, :] = sum_{e: i_k(e) = i} g_e l_k(e)^T
+        rho_{k+1}(e)^T``); a backward with ``create_graph=True`` or with batched (functorch)
+        gradients differentiates the per-mode kernels instead. For the tangent TT of
+        Riemannian autodiff (:class:`~ttmanifold.tangent.TangentTT`) the entries are
+        evaluated at rank r from the point's left and right sample vectors."""
         from .tangent import TangentTT
 
         if (isinstance(tt, TangentTT) and torch.is_grad_enabled()
