@@ -168,37 +168,18 @@ $\{10^{-3}, 10^{-2.5}, \dots, 1\}$ (7 values) and keep the one with the smallest
 `rcg` has no step size (exact line search). Times (`History.time`) count only the
 optimization steps, not the tuning and not the evaluation of the metrics.
 
-One practical detail: a run whose loss blows up *after* the 10 tuning iterations makes
-geoopt's optimizers raise (`egrad2rgrad` asserts a finite gradient) instead of ending with
-status `"diverged"`. `run_safe` below keeps the history recorded so far (through the
-`callback`, which is called after every step) and marks such a run `diverged`.
+A run whose loss blows up *after* the 10 tuning iterations ends with status `"diverged"`
+(geoopt's step raises on the non-finite gradient that `egrad2rgrad` asserts against, and
+`solvers.run` records it), keeping the history up to that point.
 """),
     code(r"""
-def run_safe(problem, method, x0, **kw):
-    # solvers.run, but a run that raises after its tuning phase (e.g. a NaN gradient in
-    # geoopt) is returned with the history recorded so far and status "diverged"
-    box = {}
-
-    def keep(t, hist):
-        box["hist"] = hist
-        return False  # never stop the run
-
-    try:
-        return S.run(problem, method, x0, callback=keep, **kw)
-    except (RuntimeError, ValueError) as e:
-        hist = box.get("hist") or S.History(problem=problem.name, method=method)
-        hist.status = "diverged"
-        hist.info["error"] = str(e).splitlines()[0][:100]
-        return hist
-
-
 TOL = {name: (pr.target_metric, pr.default_tol) for name, pr in problems.items()}
 results = {}
 wall = time.perf_counter()
 for name, pr in problems.items():
     results[name] = {}
     for method in S.METHODS:
-        results[name][method] = run_safe(pr, method, starts[name], iters=ITERS, lr="auto",
+        results[name][method] = S.run(pr, method, starts[name], iters=ITERS, lr="auto",
                                          seed=SEED, metrics_every=1, measure_memory=False,
                                          **RULE)
 print(f"all runs (tuning included): {time.perf_counter() - wall:.1f} s")
@@ -284,9 +265,9 @@ plt.show()
   is $1.7\cdot10^{-11}$), $6.4\cdot10^{-3}$ on the random target (optimum
   $4.95\cdot10^{-3}$), and its test error on completion is $7.6\cdot10^{-2}$. All three
   curves flatten out.
-* **Per second.** On the approximation problems a chart iteration is somewhat cheaper (the
-  `ms/iter` column; section 8 measures it more carefully), but that does not change the
-  ordering: per second, as per iteration, the Riemannian curves are far ahead.
+* **Per second.** At these sizes an iteration costs about the same for every method (the
+  `ms/iter` column; section 8 measures it more carefully), so per second, as per iteration,
+  the Riemannian curves are far ahead.
 """),
     md(r"""
 ## 4. Why: the chart gradient at the start
@@ -564,7 +545,7 @@ for name, pr in problems.items():
     for method in CHART:
         finals = {}
         for lr in grid:
-            h = run_safe(pr, method, starts[name], iters=ITERS, lr=lr, seed=SEED, metrics_every=0,
+            h = S.run(pr, method, starts[name], iters=ITERS, lr=lr, seed=SEED, metrics_every=0,
                          measure_memory=False)
             ok = h.status != "diverged" and h.loss and math.isfinite(h.final_loss)
             finals[lr] = h.final_loss - f_min if ok else math.inf
@@ -622,10 +603,10 @@ spectral start lies outside the chart's domain for every choice of the center. T
 the last core printed above consists of two coordinate vectors, and for the centers 6 and 7
 an inner left frame fails instead.
 
-`solvers.run` with a chart method cannot start from such a point. Its tuning phase catches
-the `ValueError` for every step size, and then the run itself raises, so
-`ttmanifold compare` stops with this error on such a problem (e.g. `--problems completion
---d 8 --n 5 --rank 2`). The Riemannian methods need no domain and run from any point of
+`solvers.run` with a chart method cannot start from such a point: it returns at once with
+status `"outside chart domain"` (and the reason in `History.info["error"]`), which is what
+`ttmanifold compare` then reports for the chart methods on such a problem (e.g.
+`--problems completion --d 8 --n 5 --rank 2`). The Riemannian methods need no domain and run from any point of
 $\mathcal M_r$. That `rcg` makes no progress from this particular start in 20 iterations is
 a property of the start: at 10 samples per degree of freedom of so sparse a tensor, the
 spectral initialization carries little information. For these reasons the comparison above
@@ -702,20 +683,20 @@ from a shared CPU):
   approximation. No chart method reaches any of the tolerances. The best chart method,
   `chart_adam`, stops at $f - f_{\min}$ between $5\cdot10^{-4}$ and $3\cdot10^{-3}$,
   where the Riemannian runs reach rounding level.
-* **Cost per iteration: chart.** A chart step is one forward and backward pass through
-  compact-WY Householder products. `rsgd`, `rsgd_momentum` and `radam` differentiate the
-  loss through a rank-$2r$ TT (Riemannian autodiff) and retract with a TT-SVD. `rcg`
-  computes its gradient and step without autograd (`cg_grad`, `exact_step`). Measured in
-  section 8, a chart step is about 10 to 30% cheaper than a Riemannian one on the
-  approximation problems. On completion, the cost of every method is dominated by the
-  kernels on the sampled entries, which the methods use differently (autograd through
-  `IndexSet.gather`, or `rcg`'s dedicated sweeps), so the ordering there is a property of
-  those kernels; the table gives it for the version that produced this notebook. On the
-  random-target problem with $d = 10$, $n = 20$ a chart step costs about 2.0 against 2.1
-  to 2.7 ms at rank 2, and 3.4 against 9 to 12 ms at rank 16. So at rank 16 a chart iteration costs about a third of a
-  Riemannian one, and the gap grows with $r$. That pays off only if a chart method needs
-  fewer than about three times as many iterations, which is not the case for any problem
-  here.
+* **Cost per iteration: similar at small rank, chart cheaper at larger rank.** A chart
+  step is one forward and backward pass through compact-WY Householder products.
+  `rsgd`, `rsgd_momentum` and `radam` differentiate the loss through the tangent TT of
+  Riemannian autodiff (inner products and sampled entries at rank $r$, see notebook 02)
+  and retract with a TT-SVD; `rcg` computes its gradient and step without autograd
+  (`cg_grad`, `exact_step`). Measured in section 8, on the approximation problems of
+  sections 1-3 `rsgd` is the cheapest step and the other Riemannian methods cost at most
+  about as much as a chart step; on completion every method runs the same blocked kernels on the sampled
+  entries and a chart step is about 20% cheaper. On the random-target problem with
+  $d = 10$, $n = 20$ a chart step costs about 2 ms against 1.4 to 2 ms at rank 2, and about
+  4 ms against 6 to 9 ms at rank 16 (the TT-SVD of the retraction grows like $r^3$). So at
+  rank 16 a chart iteration costs about half of a Riemannian one. That pays off only if a
+  chart method needs fewer than about twice as many iterations, which is not the case for
+  any problem here.
 * **Conditioning: Riemannian.** The chart's local conditioning is that of $J^\top H J$,
   i.e. up to $\kappa(J)^2$ worse than the Riemannian Hessian $H$. $\kappa(J)$ grows with
   small singular values of the iterate (function problem: $\kappa(J)^2 = 4.75\cdot10^{12}$
@@ -775,10 +756,9 @@ from a shared CPU):
 * **Cost and domain.** A chart iteration is cheaper on approximation: about 10 to 30% at
   these sizes, and about 3 times at rank 16 with $d = 10$, $n = 20$. The chart needs its domain, though: a
   spectral completion start was outside it for every center.
-* **Practicalities.** With this version, `solvers.run` raises instead of returning in two
-  cases. One is a geoopt run that diverges after the tuning look-ahead (`run_safe`
-  records it as diverged). The other is a chart method started outside the chart's
-  domain.
+* **Practicalities.** `solvers.run` reports a run that diverges after the tuning
+  look-ahead (status `"diverged"`) and a chart method started outside the chart's domain
+  (status `"outside chart domain"`) instead of raising.
 """),
 ]
 
