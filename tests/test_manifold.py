@@ -715,6 +715,23 @@ def test_sampled_entries_of_tangent_tt_gradient_and_hvp(shape, ranks):
     assert close(gq, gq2, 1e-13)
 
 
+def test_tangent_tt_constructor_checks():
+    M, p, gen = fixed_case(seed=24)
+    U = split(M, p)
+    V = M._right_cores(M._split(p))
+    dU = [torch.zeros_like(u) for u in U]
+    T = tm.TangentTT(U, V, dU)  # valid factors (V[0] is None)
+    assert T.ranks == (1, 4, 6, 4, 1) and T.shape == M.shape
+    with pytest.raises(ValueError, match="expected 4 cores"):
+        tm.TangentTT(U, V[:-1], dU)
+    with pytest.raises(ValueError, match=r"deltas\[2\] has shape"):
+        tm.TangentTT(U, V, dU[:2] + [torch.zeros(3, 3, 3, dtype=F64)] + dU[3:])
+    with pytest.raises(TypeError, match=r"V\[1\] is torch.float32"):
+        tm.TangentTT(U, [None, V[1].float()] + V[2:], dU)
+    with pytest.raises(ValueError, match="at least|d >= 2"):
+        tm.TangentTT(U[:1], V[:1], dU[:1])
+
+
 def test_tangent_tt_copy_and_pickle():
     import copy
     import pickle

@@ -236,7 +236,7 @@ class FixedTTRank(geoopt.Manifold):
         U = [c.detach() for c in cores]
         V = self._right_cores(U)
         flat = _DeltaFromPoint.apply(p, self._gauge_runs)
-        return TangentTT(U, V, self._split(flat, "p"), flat=flat, gauged=True)
+        return TangentTT(U, V, self._split(flat, "p"), flat=flat, gauged=True, check=False)
 
     # ------------------------------------------------------------------------------------
     # internal helpers
@@ -263,7 +263,7 @@ class FixedTTRank(geoopt.Manifold):
             deltas[-1] = deltas[-1] + U[-1]
         if self.d == 1:
             return TT(deltas, check=False)
-        return TangentTT(U, V, deltas, gauged=gauged)
+        return TangentTT(U, V, deltas, gauged=gauged, check=False)
 
     def _deltas_from_D(self, U, D) -> List[torch.Tensor]:
         return [_gauge_project(u, g) for u, g in zip(U[:-1], D[:-1])] + [D[-1]]
@@ -761,7 +761,7 @@ class FixedTTRank(geoopt.Manifold):
         deltas = self._split(flat, "p")
         if self.d == 1:
             return flat, TT(deltas, check=False)
-        return flat, TangentTT(U, V, deltas, flat=flat, gauged=True)
+        return flat, TangentTT(U, V, deltas, flat=flat, gauged=True, check=False)
 
 
 def _check_loss(val):

@@ -149,9 +149,11 @@ class TangentTT(TT):
 
     def __init__(self, U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
                  deltas: Sequence[torch.Tensor], *, flat: Optional[torch.Tensor] = None,
-                 gauged: bool = False):
+                 gauged: bool = False, check: bool = True):
         if len(U) < 2:
             raise ValueError("TangentTT needs d >= 2 cores")
+        if check:
+            _check_factors(U, V, deltas)
         self._U = U
         self._V = V
         self._deltas = list(deltas)
@@ -251,11 +253,35 @@ class TangentTT(TT):
             deltas = [c.view(s.shape) for c, s in zip(torch.split(flat, sizes), self._deltas)]
         else:
             deltas = [c * a for c in self._deltas]
-        return TangentTT(self._U, self._V, deltas, flat=flat, gauged=self._gauged)
+        return TangentTT(self._U, self._V, deltas, flat=flat, gauged=self._gauged, check=False)
 
 
 def _rebuild_tangent(U, V, deltas, flat, gauged):
     if deltas is None:
         sizes = [u.numel() for u in U]
         deltas = [c.view(u.shape) for c, u in zip(torch.split(flat, sizes), U)]
-    return TangentTT(U, V, deltas, flat=flat, gauged=gauged)
+    return TangentTT(U, V, deltas, flat=flat, gauged=gauged, check=False)
+
+
+def _check_factors(U, V, deltas) -> None:
+    """U: TT cores (left-orthogonal for the meaning), V: cores of the same shapes from
+    index 1 on (V[0] unused, may be None), deltas: cores of U's shapes; one dtype/device."""
+    d = len(U)
+    if len(V) != d or len(deltas) != d:
+        raise ValueError(f"TangentTT: expected {d} cores in U, V and deltas, got "
+                         f"{len(U)}, {len(V)} and {len(deltas)}")
+    ref = U[0]
+    for name, cores, first in (("U", U, 0), ("V", V, 1), ("deltas", deltas, 0)):
+        for k in range(first, d):
+            c = cores[k]
+            if not isinstance(c, torch.Tensor) or c.dim() != 3:
+                raise ValueError(f"TangentTT: {name}[{k}] must be a 3-D tensor")
+            if tuple(c.shape) != tuple(U[k].shape):
+                raise ValueError(f"TangentTT: {name}[{k}] has shape {tuple(c.shape)}, "
+                                 f"expected U[{k}]'s {tuple(U[k].shape)}")
+            if c.dtype != ref.dtype or c.device != ref.device:
+                raise TypeError(f"TangentTT: {name}[{k}] is {c.dtype} on {c.device}, "
+                                f"expected {ref.dtype} on {ref.device}")
+    if U[0].shape[0] != 1 or U[-1].shape[2] != 1 or any(
+            U[k].shape[2] != U[k + 1].shape[0] for k in range(d - 1)):
+        raise ValueError("TangentTT: U's ranks must chain with r_0 = r_d = 1")
