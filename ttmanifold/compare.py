@@ -78,34 +78,23 @@ def _shape_type(value: str):
     return shape
 
 
-def _positive_int(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {value!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {value!r}")
-    return v
+def _checked(cast, ok, what: str):
+    """An argparse ``type``: ``cast(value)`` that must satisfy ``ok``, else "expected {what}"."""
+    def parse(value: str):
+        try:
+            v = cast(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative int, got {value!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative int, got {value!r}")
-    return v
-
-
-def _positive_float(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if not v > 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return v
+_positive_int = _checked(int, lambda v: v >= 1, "a positive int")
+_nonneg_int = _checked(int, lambda v: v >= 0, "a non-negative int")
+_positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 
 
 def build_parser(prog: str = "ttmanifold compare") -> argparse.ArgumentParser:

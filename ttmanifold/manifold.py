@@ -36,17 +36,10 @@ import torch
 
 from ._checks import check_float_dtype, check_shape, feasible_ranks, normalize_ranks
 from .sparse import IndexSet
-from .tangent import TangentTT, core_runs, gauge_project_flat, project_D
-from .tt import TT, lq_pos, orthogonalize, qr_pos
+from .tangent import TangentTT, core_runs, gauge_project_flat, project_D, right_sweep
+from .tt import TT, orthogonalize, qr_pos
 
 __all__ = ["FixedTTRank"]
-
-
-def _gauge_project(U: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-    """``D - U (U^T D)`` on left unfoldings, cores of shape (r_{k-1}, n_k, r_k)."""
-    ul = U.reshape(-1, U.shape[2])
-    dl = D.reshape(-1, D.shape[2])
-    return (dl - ul @ (ul.transpose(0, 1) @ dl)).reshape(D.shape)
 
 
 def _all_finite(u: torch.Tensor) -> torch.Tensor:
@@ -244,15 +237,9 @@ class FixedTTRank(geoopt.Manifold):
     def _right_cores(self, U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         """Right-orthogonal cores V_2..V_d of the TT with left-orthogonal cores U (LQ
         sweep, no inversion). V[0] is None."""
-        d = self.d
-        V: List[Optional[torch.Tensor]] = [None] * d
-        c = U[-1]
-        for k in range(d - 1, 0, -1):
-            l, q = lq_pos(c.reshape(c.shape[0], -1))
-            V[k] = q.reshape(c.shape)
-            if k > 1:  # (V_0 is not needed)
-                prv = U[k - 1]
-                c = (prv.reshape(-1, prv.shape[2]) @ l).reshape(prv.shape)
+        V: List[Optional[torch.Tensor]] = [None] * self.d
+        for k, v, _ in right_sweep(U):
+            V[k] = v
         return V
 
     def _tangent_tt(self, U, V, deltas, *, add_point: bool, gauged: bool = False) -> TT:
@@ -264,9 +251,6 @@ class FixedTTRank(geoopt.Manifold):
         if self.d == 1:
             return TT(deltas, check=False)
         return TangentTT(U, V, deltas, gauged=gauged, check=False)
-
-    def _deltas_from_D(self, U, D) -> List[torch.Tensor]:
-        return [_gauge_project(u, g) for u, g in zip(U[:-1], D[:-1])] + [D[-1]]
 
     def _gauge_packed(self, x: torch.Tensor, D) -> torch.Tensor:
         """Packed gauge projection of ``D`` (a flat tensor or a list of cores) at the
@@ -649,14 +633,10 @@ class FixedTTRank(geoopt.Manifold):
         if defect > max(atol, self._orth_tol(x.dtype)):
             return False, f"cores 1..d-1 are not left-orthogonal (defect {defect:.3g})"
         # exact rank: the interface factors L_k of the right sweep must be nonsingular
-        c = U[-1]
-        for k in range(self.d - 1, 0, -1):
-            l, q = lq_pos(c.reshape(c.shape[0], -1))
+        for k, _, l in right_sweep(U):
             sv = torch.linalg.svdvals(l)
             if float(sv.min()) <= rtol * float(sv.max()) or float(sv.max()) == 0:
                 return False, f"TT-rank at bond {k} is below {self.ranks[k]}"
-            prv = U[k - 1]
-            c = (prv.reshape(-1, prv.shape[2]) @ l).reshape(prv.shape)
         return True, None
 
     def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):

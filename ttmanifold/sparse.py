@@ -869,10 +869,7 @@ class IndexSet:
             if not (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
                 return self._gather_blocked(cores)
             return _TTGather.apply(self, *cores)
-        a = cores[0].new_ones(len(self), 1)
-        for k in range(len(cores)):
-            a = self._left_step(k, a, cores[k])
-        return a[:, 0]
+        return _per_mode_values(self, cores)
 
     def scatter(self, k: int, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """``D[:, i, :] = sum_{e: i_k(e) = i} left_e^T right_e`` of shape ``(a, n_k, b)``.

@@ -37,7 +37,7 @@ import torch
 
 from .tt import TT, lq_pos
 
-__all__ = ["TangentTT", "core_runs", "project_D", "gauge_project_flat"]
+__all__ = ["TangentTT", "core_runs", "right_sweep", "project_D", "gauge_project_flat"]
 
 
 def core_runs(shapes: Sequence[Tuple[int, ...]]) -> List[Tuple[int, int]]:
@@ -51,13 +51,27 @@ def core_runs(shapes: Sequence[Tuple[int, ...]]) -> List[Tuple[int, int]]:
     return runs
 
 
+def right_sweep(U: Sequence[torch.Tensor]):
+    """The LQ sweep of the TT with left-orthogonal cores ``U``: yields ``(k, V_k, L_k)`` for
+    ``k = d-1, ..., 1``, where ``V_k`` are the right-orthogonal cores of the same tensor and
+    ``L_k`` the factors with ``diag(L_k) >= 0`` (:func:`~ttmanifold.tt.lq_pos`) of
+    ``U_k L_{k+1} = L_k V_k``. No inversion; O(d n r^3)."""
+    c = U[-1]
+    for k in range(len(U) - 1, 0, -1):
+        l, q = lq_pos(c.reshape(c.shape[0], -1))
+        yield k, q.reshape(c.shape), l
+        if k > 1:
+            prv = U[k - 1]
+            c = (prv.reshape(-1, prv.shape[2]) @ l).reshape(prv.shape)
+
+
 def project_D(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Tensor]]],
               Z: Sequence[torch.Tensor], *, packed: bool = False):
     """``D_k = U_<k^T Z V_>k^T`` (cores of shape ``U[k].shape``) for a TT ``Z``.
 
     ``U``: left-orthogonal cores of the point; ``V``: its right-orthogonal cores
-    (``V[0]`` unused), or None to compute them here (the LQ sweep with ``diag(L) >= 0`` of
-    :meth:`FixedTTRank._right_cores`, interleaved with the right sweep below).
+    (``V[0]`` unused), or None to compute them here (:func:`right_sweep`, interleaved
+    with the right interface sweep below).
 
     Left sweep ``t_k = P_k Z_k`` with ``P_k = U_<k^T Z_<k`` (``r_{k-1} x R_{k-1}``), right
     sweep ``Q_k = Z_>k V_>k^T`` (``R_k x r_k``), then ``D_k = t_k Q_k``, batched over runs
@@ -77,16 +91,10 @@ def project_D(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Ten
         if k < d - 1:
             P = U[k].reshape(-1, U[k].shape[2]).transpose(0, 1) @ t
     Q: List[Optional[torch.Tensor]] = [None] * d  # Q[d-1] = 1
-    c = U[d - 1]
+    sweep = right_sweep(U) if V is None else None  # V_k computed while in cache
     for k in range(d - 1, 0, -1):
         z = Z[k]
-        if V is None:  # the LQ sweep of right_cores, fused (V_k used while in cache)
-            l, q = lq_pos(c.reshape(c.shape[0], -1))
-            v = q.reshape(c.shape)
-            if k > 1:
-                c = (U[k - 1].reshape(-1, U[k - 1].shape[2]) @ l).reshape(U[k - 1].shape)
-        else:
-            v = V[k]
+        v = next(sweep)[1] if sweep is not None else V[k]
         if Q[k] is None:
             s = z.reshape(z.shape[0], -1)
         else:
