@@ -333,7 +333,7 @@ class FixedTTRank(geoopt.Manifold):
     def _project_nonsparse(self, p: torch.Tensor, Z) -> torch.Tensor:
         U = self._split(p, "p")
         if isinstance(Z, TT):
-            return self._gauge_packed(p, project_D(U, None, Z._cores, packed=True))
+            return project_D(U, None, Z._cores, packed=True, gauge=True)
         return self._gauge_packed(p, self._project_dense_D(U, self._right_cores(U), Z))
 
     def _check_ambient(self, Z, p, name):
@@ -552,7 +552,7 @@ class FixedTTRank(geoopt.Manifold):
         Uy = self._split(y, "y")
         xi = self._tangent_tt(Ux, self._right_cores(Ux), dv, add_point=False)
         Vy = self._right_cores(Uy)
-        return self._gauge_packed(y, project_D(Uy, Vy, xi._cores, packed=True))
+        return project_D(Uy, Vy, xi._cores, packed=True, gauge=True)
 
     @_no_autograd_fast_path
     def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
@@ -565,7 +565,7 @@ class FixedTTRank(geoopt.Manifold):
         ycores = self._split(y, "y")
         xi = self._tangent_tt(U, V, dv, add_point=False)
         Vy = self._right_cores(ycores)
-        return y, self._gauge_packed(y, project_D(ycores, Vy, xi._cores, packed=True))
+        return y, project_D(ycores, Vy, xi._cores, packed=True, gauge=True)
 
     def transp_follow_retr(self, x, u, v):
         return self.retr_transp(x, u, v)[1]

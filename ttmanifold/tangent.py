@@ -66,7 +66,7 @@ def right_sweep(U: Sequence[torch.Tensor]):
 
 
 def project_D(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Tensor]]],
-              Z: Sequence[torch.Tensor], *, packed: bool = False):
+              Z: Sequence[torch.Tensor], *, packed: bool = False, gauge: bool = False):
     """``D_k = U_<k^T Z V_>k^T`` (cores of shape ``U[k].shape``) for a TT ``Z``.
 
     ``U``: left-orthogonal cores of the point; ``V``: its right-orthogonal cores
@@ -77,9 +77,14 @@ def project_D(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Ten
     sweep ``Q_k = Z_>k V_>k^T`` (``R_k x r_k``), then ``D_k = t_k Q_k``, batched over runs
     of cores of equal shapes. Cost O(d n r R (r + R)); differentiable. Returns the list of
     cores, or with ``packed=True`` one flat tensor (cores concatenated).
+
+    ``gauge=True`` returns the gauge-projected ``D_k - U_k (U_k^T D_k)`` (k < d) instead, at
+    almost no extra cost: ``U_k^T t_k = P_{k+1}`` is a product of the left sweep, so the
+    projection is ``(t_k - U_k P_{k+1}) Q_k``, one batched product per run.
     """
     d = len(U)
     T: List[torch.Tensor] = []
+    Ps: List[Optional[torch.Tensor]] = [None] * d  # P_k; P_0 = 1
     P: Optional[torch.Tensor] = None
     for k in range(d):
         z = Z[k]
@@ -90,6 +95,7 @@ def project_D(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Ten
         T.append(t)
         if k < d - 1:
             P = U[k].reshape(-1, U[k].shape[2]).transpose(0, 1) @ t
+            Ps[k + 1] = P
     Q: List[Optional[torch.Tensor]] = [None] * d  # Q[d-1] = 1
     sweep = right_sweep(U) if V is None else None  # V_k computed while in cache
     for k in range(d - 1, 0, -1):
@@ -101,11 +107,19 @@ def project_D(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Ten
             s = (z.reshape(-1, z.shape[2]) @ Q[k]).reshape(z.shape[0], -1)  # (R, n r)
         Q[k - 1] = s @ v.reshape(v.shape[0], -1).transpose(0, 1)
     pieces: List[torch.Tensor] = []
-    for k0, k1 in core_runs([tuple(U[k].shape) + tuple(Z[k].shape) for k in range(d)]):
+    for k0, k1 in core_runs([tuple(U[k].shape) + tuple(Z[k].shape) + (k == d - 1,)
+                             for k in range(d)]):
         if k1 - k0 == 1:
-            pieces.append(T[k0] if Q[k0] is None else T[k0] @ Q[k0])
+            t = T[k0]
+            if gauge and k0 < d - 1:
+                t = torch.addmm(t, U[k0].reshape(t.shape[0], -1), Ps[k0 + 1], alpha=-1)
+            pieces.append(t if Q[k0] is None else t @ Q[k0])
         else:
-            pieces.append(torch.bmm(torch.stack(T[k0:k1]), torch.stack(Q[k0:k1])))
+            t = torch.stack(T[k0:k1])
+            if gauge:  # the run holds no last core
+                us = torch.stack([U[k].reshape(t.shape[1], -1) for k in range(k0, k1)])
+                t = torch.baddbmm(t, us, torch.stack(Ps[k0 + 1:k1 + 1]), alpha=-1)
+            pieces.append(torch.bmm(t, torch.stack(Q[k0:k1])))
     if packed:
         return torch.cat([g.reshape(-1) for g in pieces])
     D: List[torch.Tensor] = []
