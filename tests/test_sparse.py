@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import gc
 import math
+import os
+import shutil
+import warnings
 
 import pytest
 import torch
 
 import ttmanifold.sparse as sparse_mod
+from hypothesis import given, strategies as st
+from ttmanifold import _native
+from ttmanifold._sampled_native import NativeSampledPoint
 from ttmanifold import FixedTTRank, IndexSet
 from ttmanifold.problems import Completion
 from ttmanifold.solvers import run
@@ -32,6 +38,26 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _torch_kernels():
+    """The tests of this file exercise the torch kernels (SampledPoint and its layouts);
+    the compiled kernels are switched on explicitly by the tests at the end (``native``)."""
+    was = _native.enabled()
+    _native.set_enabled(False)
+    yield
+    _native.set_enabled(was)
+
+
+@pytest.fixture
+def native():
+    """Switch the compiled kernels on; they must build where a C++ compiler exists."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the compiled kernels cannot be built here")
+    _native.set_enabled(True)
+    assert _native.get() is not None, "the compiled sampled-entry kernels failed to build"
+    return _native.get()
 
 
 # ---------------------------------------------------------------------------------------
@@ -632,3 +658,139 @@ def test_gather_jacobian_vectorized_matches_loop():
     Jd = torch.autograd.functional.jacobian(
         lambda u: iset.gather(tm.TT(M.tangent_to_tt(p, u).cores)), u0)
     assert rel(Jv, Jd) < 1e-12 and rel(Jl, Jd) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------
+# the compiled kernels (ttmanifold._native, NativeSampledPoint)
+# ---------------------------------------------------------------------------------------
+
+def _check_point(pt, U, V, dU, idx, z, tol):
+    assert isinstance(pt, NativeSampledPoint)
+    assert rel(pt.to_samples(pt.values), dense([u.double() for u in U])[tuple(idx.t())]) < tol
+    D = pt.project(pt.from_samples(z.to(U[0].dtype)))
+    ref = ref_project(U, V, idx, z)
+    for k in range(len(U)):
+        assert D[k].shape == U[k].shape and D[k].dtype == U[0].dtype
+        assert rel(D[k], ref[k]) < tol
+    assert rel(pt.to_samples(pt.tangent(dU)), ref_tangent(U, V, dU, idx)) < tol
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_native_sampled_point(native, case, dtype):
+    shape, ranks, N, min_group, kind = CASES[case]
+    iset, idx, gen = make_set(shape, N, min_group, kind, seed=30 + case)
+    U, V, dU = (rand_cores(shape, ranks, gen, dtype) for _ in range(3))
+    z = torch.randn(N, generator=gen, dtype=F64)
+    pt = iset.sampled_point(U, V)
+    if N == 0:
+        assert not isinstance(pt, NativeSampledPoint)  # nothing to compile for
+        return
+    _check_point(pt, U, V, dU, idx, z, 1e-12 if dtype == F64 else 2e-5)
+    assert bool(pt.mask.all())
+
+
+@given(data=st.data())
+def test_native_kernels_random_shapes_and_ranks(data):
+    """Ranks above the 16-column register chunk and not multiples of the 4-row tiles, empty
+    groups (few samples), merged and single modes."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    _native.set_enabled(True)
+    assert _native.get() is not None
+    d = data.draw(st.integers(2, 4))
+    shape = tuple(data.draw(st.lists(st.integers(2, 6), min_size=d, max_size=d)))
+    inner = data.draw(st.lists(st.integers(1, 21), min_size=d - 1, max_size=d - 1))
+    ranks = [1] + inner + [1]
+    N = data.draw(st.integers(1, 120))
+    min_group = data.draw(st.sampled_from([1, 2, 64]))
+    seed = data.draw(st.integers(0, 10 ** 6))
+    gen = torch.Generator().manual_seed(seed)
+    idx = random_indices(shape, N, gen)
+    iset = IndexSet(idx, shape)
+    iset.min_group = min_group
+    dtype = data.draw(st.sampled_from([F64, F32]))
+    U, V, dU = (rand_cores(shape, ranks, gen, dtype) for _ in range(3))
+    z = torch.randn(N, generator=gen, dtype=F64)
+    _check_point(iset.sampled_point(U, V), U, V, dU, idx, z, 1e-11 if dtype == F64 else 5e-5)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_native_completion_cg_pieces(native, dtype):
+    """cg_grad / exact_step on the compiled kernels agree with the torch kernels."""
+    P = Completion((4, 5, 4, 5), 2, train_size=300, test_size=50, seed=2, dtype=dtype)
+    P.train.min_group = 2
+    p = P.initial_point(1)
+    loss_n, g_n, ctx_n = P.cg_grad(p)
+    assert isinstance(ctx_n.point, NativeSampledPoint)
+    eta = -g_n
+    a_n = float(P.exact_step(p, eta, ctx_n))
+    e_n = P.eval_tangent(p, eta, ctx_n)
+    _native.set_enabled(False)
+    loss_t, g_t, ctx_t = P.cg_grad(p)
+    assert not isinstance(ctx_t.point, NativeSampledPoint)
+    tol = 1e-11 if dtype == F64 else 1e-4
+    assert rel(g_n, g_t) < tol
+    assert abs(float(loss_n) - float(loss_t)) <= tol * float(loss_t)
+    assert abs(a_n - float(P.exact_step(p, eta, ctx_t))) <= tol * abs(a_n)
+    assert rel(e_n, P.eval_tangent(p, eta, ctx_t)) < tol
+
+
+def test_native_cg_run_matches_torch_kernels(native):
+    out = []
+    for on in (True, False):
+        _native.set_enabled(on)
+        P = Completion((4, 5, 4, 5), 2, train_size=300, test_size=50, seed=4)
+        P.train.min_group = 2
+        h = run(P, "rcg", P.initial_point(0), iters=5, metrics_every=0, measure_memory=False)
+        out.append(h.x)
+    assert rel(out[0], out[1]) < 1e-9
+
+
+def test_native_workspace_reuse_and_independence(native):
+    shape, ranks = (3, 4, 3, 2), (1, 2, 3, 2, 1)
+    iset, idx, gen = make_set(shape, 60, 2, "random", seed=5)
+    U1, V1, U2, V2 = (rand_cores(shape, ranks, gen) for _ in range(4))
+    a = iset.sampled_point(U1, V1)
+    b = iset.sampled_point(U2, V2)  # a is alive: a second workspace
+    assert a._ws is not b._ws
+    ws_a = a._ws
+    del a
+    gc.collect()
+    c = iset.sampled_point(U1, V1)  # reuses the released buffers
+    assert c._ws is ws_a
+    assert rel(c.to_samples(c.values), dense(U1)[tuple(idx.t())]) < 1e-12
+    assert rel(b.to_samples(b.values), dense(U2)[tuple(idx.t())]) < 1e-12  # untouched
+    iset.release_buffers()
+    assert all(not plan.free for plan in iset._native_plans.values())
+
+
+def test_native_not_used_when_disabled_or_unsupported(native):
+    shape, ranks = (3, 4, 3), (1, 2, 2, 1)
+    iset, idx, gen = make_set(shape, 40, 64, "random", seed=1)
+    U, V = (rand_cores(shape, ranks, gen) for _ in range(2))
+    assert isinstance(iset.sampled_point(U, V), NativeSampledPoint)
+    Uh = [u.to(torch.bfloat16) for u in U]  # not a dtype of the kernels
+    assert not _native.usable(Uh[0])
+    _native.set_enabled(False)
+    assert not isinstance(iset.sampled_point(U, V), NativeSampledPoint)
+
+
+def test_native_build_failure_falls_back_with_one_warning(monkeypatch):
+    def boom():
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(_native, "_build", boom)
+    monkeypatch.setitem(_native._state, "module", None)
+    monkeypatch.setitem(_native._state, "tried", False)
+    _native.set_enabled(True)
+    shape, ranks = (3, 4, 3), (1, 2, 2, 1)
+    iset, idx, gen = make_set(shape, 40, 64, "random", seed=1)
+    U, V = (rand_cores(shape, ranks, gen) for _ in range(2))
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        pt = iset.sampled_point(U, V)
+    assert not isinstance(pt, NativeSampledPoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pt = iset.sampled_point(U, V)  # no second warning, no second build attempt
+    assert rel(pt.to_samples(pt.values), dense(U)[tuple(idx.t())]) < 1e-12

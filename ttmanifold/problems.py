@@ -618,7 +618,7 @@ class Completion(QuadraticProblem):
     # -- CG pieces ------------------------------------------------------------------------
     def _a_train_layout(self, point) -> torch.Tensor:
         """The data ``A`` on Omega in the last layout of ``point`` (cached per layout)."""
-        blk = point.part.blocks[-1]
+        blk = point.layout
         cache = getattr(self, "_a_layout", None)
         if cache is None or cache[0] is not blk or cache[1] is not self.a_train:
             cache = (blk, self.a_train, point.from_samples(self.a_train))

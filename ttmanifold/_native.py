@@ -1,0 +1,81 @@
+"""Optional compiled CPU kernels of the sampled-entry sweeps (``_sampled_kernels.cpp``).
+
+Built on first use with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja
+are needed; about 20 s once, then cached in torch's extension directory, by default
+``~/.cache/torch_extensions``). When the build is not possible, :func:`get` returns None
+(with one warning) and :mod:`ttmanifold.sparse` uses its torch kernels, which compute the
+same values. Set the environment variable ``TTMANIFOLD_NATIVE=0`` (or call
+``set_enabled(False)``) to never build or use them.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import warnings
+from typing import Optional
+
+import torch
+
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sampled_kernels.cpp")
+_state = {"module": None, "tried": False,
+          "enabled": os.environ.get("TTMANIFOLD_NATIVE", "1").strip().lower()
+          not in ("0", "false", "no", "off")}
+
+
+def set_enabled(flag: bool) -> None:
+    """Use (``True``, the default) or never use (``False``) the compiled kernels."""
+    _state["enabled"] = bool(flag)
+
+
+def enabled() -> bool:
+    return bool(_state["enabled"])
+
+
+def _cpu_tag() -> str:
+    """The CPU features the build targets (-march=native): part of the build's name, so a
+    cache directory shared between different machines never serves a foreign build."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    with open(_SRC, "rb") as fh:
+        src = fh.read()
+    h = hashlib.sha1(src + _cpu_tag().encode() + torch.__version__.encode()).hexdigest()[:12]
+    flags = ["-O3", "-fopenmp"]
+    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+        flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64")
+                     else "-mcpu=native")
+    return cpp_extension.load(name=f"ttmanifold_sampled_{h}", sources=[_SRC],
+                              extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def get() -> Optional[object]:
+    """The compiled module, or None (disabled, or the build failed: warned once)."""
+    if not _state["enabled"]:
+        return None
+    if not _state["tried"]:
+        _state["tried"] = True
+        try:
+            _state["module"] = _build()
+        except Exception as exc:  # no compiler, no ninja, ...: the torch kernels serve
+            warnings.warn(f"ttmanifold: compiled sampled-entry kernels unavailable ({exc!s:.300}); "
+                          "using the torch kernels", RuntimeWarning, stacklevel=2)
+    return _state["module"]
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether the compiled kernels serve tensors like ``t`` (CPU, float32/float64)."""
+    return (_state["enabled"] and t.device.type == "cpu"
+            and t.dtype in (torch.float32, torch.float64) and get() is not None)

@@ -1,0 +1,168 @@
+"""The sampled-entry sweeps of Riemannian CG for completion on the compiled CPU kernels
+(:mod:`ttmanifold._native`): the same interface and values as
+:class:`ttmanifold.sparse.SampledPoint`, different layouts.
+
+Layouts: per block of merged modes (the partition of :meth:`IndexSet._partition`) the
+samples sorted by their merged index, no padding. A sweep step reads the rows of one block
+in order, multiplies each by its group's merged core and writes the result straight into
+the next block's order (a scatter), one fused pass instead of a grouped ``bmm`` plus a
+gather; the gradient scatter and the tangent values are one fused pass per block each.
+Per-sample scalars (values, residuals, tangent values) are in sample order.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _native
+from .sparse import _merged, _split_block_grad, _tangent_block
+
+
+class NativePlan:
+    """Sorted-group layouts of the samples of an index set for one block partition."""
+
+    def __init__(self, iset, bounds: Tuple[Tuple[int, int], ...]):
+        self.iset = iset
+        self.bounds = bounds
+        N = len(iset)
+        dev = iset.indices.device
+        B = len(bounds)
+        self.off: List[torch.Tensor] = []
+        self.perm: List[torch.Tensor] = []  # order position -> sample
+        inv: List[torch.Tensor] = []  # sample -> order position
+        ar = torch.arange(N, device=dev, dtype=torch.int32)
+        for lo, hi in bounds:
+            P = 1
+            for k in range(lo, hi):
+                P *= iset.shape[k]
+            key = iset._block_key(lo, hi)
+            order = torch.argsort(key, stable=True)
+            counts = torch.bincount(key, minlength=P)
+            self.off.append(torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]))
+            self.perm.append(order.to(torch.int32))
+            iv = torch.empty(N, dtype=torch.int32, device=dev)
+            iv[order] = ar
+            inv.append(iv)
+        # left sweep: block b's rows go to block b+1's order; the last step to sample order
+        self.dst_left = [inv[b + 1].index_select(0, self.perm[b]) for b in range(B - 1)]
+        self.dst_left.append(self.perm[B - 1])
+        # right sweep: block b's rows go to block b-1's order
+        self.dst_right: List[Optional[torch.Tensor]] = [None] + [
+            inv[b - 1].index_select(0, self.perm[b]) for b in range(1, B)]
+        self.inv = inv
+        self.mask = torch.ones(N, dtype=torch.bool, device=dev)
+        self.free: List[Dict] = []  # idle workspaces
+        self._ones: Dict[torch.dtype, torch.Tensor] = {}
+
+    def ones(self, dtype) -> torch.Tensor:
+        t = self._ones.get(dtype)
+        if t is None:
+            t = torch.ones(len(self.iset), 1, dtype=dtype, device=self.iset.indices.device)
+            self._ones[dtype] = t
+        return t
+
+    def acquire(self, dtype, ranks) -> Dict:
+        key = (dtype, tuple(ranks))
+        for j, ws in enumerate(self.free):
+            if ws["key"] == key:
+                return self.free.pop(j)
+        return {"key": key}
+
+    def release(self, ws: Dict) -> None:
+        """Keep one idle workspace per dtype and ranks (the last released)."""
+        self.free = [w for w in self.free if w["key"] != ws["key"]] + [ws]
+
+
+def _buf(ws: Dict, name, rows: int, cols: int, dtype, device) -> torch.Tensor:
+    """A persistent (rows, cols) buffer of the workspace (fresh large tensors cost page
+    faults that exceed the arithmetic)."""
+    t = ws.get(name)
+    if t is None or tuple(t.shape) != (rows, cols):
+        t = torch.empty(rows, cols, dtype=dtype, device=device)
+        ws[name] = t
+    return t
+
+
+class NativeSampledPoint:
+    """:class:`~ttmanifold.sparse.SampledPoint` on the compiled kernels (CPU, float32 or
+    float64). Per-sample scalars are in sample order: :meth:`to_samples` and
+    :meth:`from_samples` are the identity and :attr:`mask` is all true."""
+
+    def __init__(self, plan: NativePlan, U: Sequence[torch.Tensor], V: Sequence[torch.Tensor]):
+        nat = _native.get()
+        self.plan = plan
+        self.U, self.V = list(U), list(V)
+        iset = plan.iset
+        N = len(iset)
+        dtype, device = U[0].dtype, U[0].device
+        ranks = iset._ranks(U)
+        ws = plan.acquire(dtype, ranks)
+        self._ws = ws
+        weakref.finalize(self, plan.release, ws)
+        B = len(plan.bounds)
+        with torch.no_grad():
+            L: List[torch.Tensor] = [plan.ones(dtype)]
+            for b, (lo, hi) in enumerate(plan.bounds):
+                M = _merged(self.U, lo, hi).permute(1, 0, 2).contiguous()
+                out = (_buf(ws, ("L", b + 1), N, ranks[hi], dtype, device) if b + 1 < B
+                       else _buf(ws, "values", N, 1, dtype, device))
+                nat.step(L[b], M, plan.off[b], plan.dst_left[b], out)
+                if b + 1 < B:
+                    L.append(out)
+            self.values = out.view(-1)
+            R: List[Optional[torch.Tensor]] = [None] * B
+            R[B - 1] = plan.ones(dtype)
+            for b in range(B - 1, 0, -1):
+                lo, hi = plan.bounds[b]
+                Mt = _merged(self.V, lo, hi).permute(1, 2, 0).contiguous()
+                R[b - 1] = _buf(ws, ("R", b - 1), N, ranks[lo], dtype, device)
+                nat.step(R[b], Mt, plan.off[b], plan.dst_right[b], R[b - 1])
+        self.L, self.R = L, R
+
+    @property
+    def layout(self):
+        """Identifies the order of :attr:`values` (here: sample order, per plan)."""
+        return self.plan
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.plan.mask
+
+    def to_samples(self, v: torch.Tensor) -> torch.Tensor:
+        return v
+
+    def from_samples(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def project(self, z: torch.Tensor) -> List[torch.Tensor]:
+        """``D_k`` of the projection of the sparse tensor with values ``z`` (sample order),
+        before the gauge projection."""
+        nat = _native.get()
+        plan = self.plan
+        shape = plan.iset.shape
+        D: List[Optional[torch.Tensor]] = [None] * len(shape)
+        z = z.contiguous()
+        with torch.no_grad():
+            for b, (lo, hi) in enumerate(plan.bounds):
+                P = plan.off[b].numel() - 1
+                C = z.new_empty(P, self.L[b].shape[1], self.R[b].shape[1])
+                nat.outer(self.L[b], self.R[b], z, plan.off[b], plan.perm[b], C)
+                D[lo:hi] = _split_block_grad(C.permute(1, 0, 2), self.U, self.V, lo, hi, shape)
+        return D
+
+    def tangent(self, dU: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The tangent vector with deltas ``dU`` at the samples (sample order)."""
+        nat = _native.get()
+        plan = self.plan
+        N = len(plan.iset)
+        with torch.no_grad():
+            e = None
+            t = _buf(self._ws, "t", N, 1, self.values.dtype, self.values.device).view(-1)
+            for b, (lo, hi) in enumerate(plan.bounds):
+                T = _tangent_block(self.U, self.V, dU, lo, hi).permute(1, 0, 2).contiguous()
+                nat.rowdot(self.L[b], T, self.R[b], plan.off[b], t)  # block order
+                tb = t.index_select(0, plan.inv[b])  # sample order
+                e = tb if e is None else e.add_(tb)
+        return e
