@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import ttmanifold.sparse as sparse_mod
-from hypothesis import given, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from ttmanifold import _native
 from ttmanifold._sampled_native import NativeSampledPoint
 from ttmanifold import FixedTTRank, IndexSet
@@ -51,10 +51,12 @@ def _torch_kernels():
 
 
 @pytest.fixture
-def native():
-    """Switch the compiled kernels on; they must build where a C++ compiler exists."""
+def native(monkeypatch):
+    """Switch the compiled kernels on, for index sets of any size; they must build where a
+    C++ compiler exists."""
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler: the compiled kernels cannot be built here")
+    monkeypatch.setattr(_native, "MIN_SAMPLES", 0)
     _native.set_enabled(True)
     assert _native.get() is not None, "the compiled sampled-entry kernels failed to build"
     return _native.get()
@@ -690,14 +692,11 @@ def test_native_sampled_point(native, case, dtype):
     assert bool(pt.mask.all())
 
 
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # set-up only
 @given(data=st.data())
-def test_native_kernels_random_shapes_and_ranks(data):
+def test_native_kernels_random_shapes_and_ranks(native, data):
     """Ranks above the 16-column register chunk and not multiples of the 4-row tiles, empty
     groups (few samples), merged and single modes."""
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler")
-    _native.set_enabled(True)
-    assert _native.get() is not None
     d = data.draw(st.integers(2, 4))
     shape = tuple(data.draw(st.lists(st.integers(2, 6), min_size=d, max_size=d)))
     inner = data.draw(st.lists(st.integers(1, 21), min_size=d - 1, max_size=d - 1))
@@ -776,7 +775,19 @@ def test_native_not_used_when_disabled_or_unsupported(native):
     assert not isinstance(iset.sampled_point(U, V), NativeSampledPoint)
 
 
+def test_native_only_for_large_index_sets(native, monkeypatch):
+    shape, ranks = (3, 4, 3), (1, 2, 2, 1)
+    iset, idx, gen = make_set(shape, 40, 64, "random", seed=1)
+    U, V = (rand_cores(shape, ranks, gen) for _ in range(2))
+    monkeypatch.setattr(_native, "MIN_SAMPLES", 41)
+    assert not isinstance(iset.sampled_point(U, V), NativeSampledPoint)
+    monkeypatch.setattr(_native, "MIN_SAMPLES", 40)
+    assert isinstance(iset.sampled_point(U, V), NativeSampledPoint)
+
+
 def test_native_build_failure_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_native, "MIN_SAMPLES", 0)
+
     def boom():
         raise RuntimeError("no compiler here")
 

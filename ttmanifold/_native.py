@@ -4,8 +4,9 @@ Built on first use with :func:`torch.utils.cpp_extension.load` (a C++ compiler a
 are needed; about 20 s once, then cached in torch's extension directory, by default
 ``~/.cache/torch_extensions``). When the build is not possible, :func:`get` returns None
 (with one warning) and :mod:`ttmanifold.sparse` uses its torch kernels, which compute the
-same values. Set the environment variable ``TTMANIFOLD_NATIVE=0`` (or call
-``set_enabled(False)``) to never build or use them.
+same values. They serve index sets of at least ``MIN_SAMPLES`` samples. Set the
+environment variable ``TTMANIFOLD_NATIVE=0`` (or call ``set_enabled(False)``) to never
+build or use them.
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ import warnings
 from typing import Optional
 
 import torch
+
+# Index sets smaller than this stay on the torch kernels: there the build (about 20 s, once)
+# would not pay off, and small runs (tests, ``ttmanifold compare --quick``) never start it.
+MIN_SAMPLES = 1 << 14
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sampled_kernels.cpp")
 _state = {"module": None, "tried": False,

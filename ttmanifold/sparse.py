@@ -827,9 +827,10 @@ class IndexSet:
         On the CPU in float32/float64 this is a
         :class:`~ttmanifold._sampled_native.NativeSampledPoint` (same interface and values,
         compiled fused kernels, about 2x faster; see :mod:`ttmanifold._native`) when the
-        kernels could be built; otherwise a :class:`SampledPoint` (torch kernels)."""
+        index set has at least ``_native.MIN_SAMPLES`` samples and the kernels could be
+        built; otherwise a :class:`SampledPoint` (torch kernels)."""
         self._check_cores(U)
-        if 0 < len(self) < 2 ** 31 - 1 and _native.usable(U[0]):
+        if max(1, _native.MIN_SAMPLES) <= len(self) < 2 ** 31 - 1 and _native.usable(U[0]):
             from ._sampled_native import NativeSampledPoint
 
             return NativeSampledPoint(self._native_plan(self._ranks(U)), U, V)
