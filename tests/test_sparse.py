@@ -805,3 +805,40 @@ def test_native_build_failure_falls_back_with_one_warning(monkeypatch):
         warnings.simplefilter("error")
         pt = iset.sampled_point(U, V)  # no second warning, no second build attempt
     assert rel(pt.to_samples(pt.values), dense(U)[tuple(idx.t())]) < 1e-12
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_native_gather_and_blocked_projection(native, case, dtype):
+    """``gather`` without autograd and the projection of ``project_sampled`` on the
+    compiled kernels."""
+    shape, ranks, N, min_group, kind = CASES[case]
+    iset, idx, gen = make_set(shape, N, min_group, kind, seed=60 + case)
+    U, V = (rand_cores(shape, ranks, gen, dtype) for _ in range(2))
+    z = torch.randn(N, generator=gen, dtype=F64)
+    tol = 1e-12 if dtype == F64 else 2e-5
+    vals = iset.gather(U)
+    assert vals.shape == (N,) and vals.dtype == dtype
+    if N:
+        assert rel(vals, dense([u.double() for u in U])[tuple(idx.t())]) < tol
+    D = iset._project_blocked(U, V, z.to(dtype))
+    ref = ref_project(U, V, idx, z)
+    for k in range(len(shape)):
+        assert D[k].shape == U[k].shape
+        if N:
+            assert rel(D[k], ref[k]) < tol
+    if N:  # the pool got its workspace back
+        assert all(plan.free for plan in iset._native_plans.values())
+
+
+def test_native_project_sampled_matches_torch_kernels(native):
+    M = FixedTTRank((4, 5, 3, 4), (1, 3, 4, 3, 1))
+    gen = torch.Generator().manual_seed(3)
+    p = M.random(dtype=F64, generator=gen)
+    idx = random_indices(M.shape, 150, gen)
+    iset = IndexSet(idx, M.shape)
+    vals = torch.randn(150, generator=gen, dtype=F64)
+    a = M.project_sampled(p, iset, vals)
+    _native.set_enabled(False)
+    b = M.project_sampled(p, IndexSet(idx, M.shape), vals)
+    assert rel(a, b) < 1e-12

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import time
 import warnings
 from typing import Optional
 
@@ -62,8 +63,17 @@ def _build():
     if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
         flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64")
                      else "-mcpu=native")
-    return cpp_extension.load(name=f"ttmanifold_sampled_{h}", sources=[_SRC],
-                              extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    name = f"ttmanifold_sampled_{h}"
+    # a build killed half-way leaves its lock file behind, and torch would wait for it
+    # forever: drop a lock older than any build takes
+    lock = os.path.join(cpp_extension._get_build_directory(name, verbose=False), "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > 600:
+            os.remove(lock)
+    except OSError:
+        pass
+    return cpp_extension.load(name=name, sources=[_SRC], extra_cflags=flags,
+                              extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def get() -> Optional[object]:

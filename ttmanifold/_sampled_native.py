@@ -85,6 +85,30 @@ def _buf(ws: Dict, name, rows: int, cols: int, dtype, device) -> torch.Tensor:
     return t
 
 
+def native_values(plan: NativePlan, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The entries of the TT with ``cores`` at the samples (sample order): the left sweep
+    alone, on a pooled workspace. Returns a new tensor."""
+    nat = _native.get()
+    iset = plan.iset
+    N = len(iset)
+    dtype, device = cores[0].dtype, cores[0].device
+    ranks = iset._ranks(cores)
+    ws = plan.acquire(dtype, ranks)
+    try:
+        with torch.no_grad():
+            a = plan.ones(dtype)
+            B = len(plan.bounds)
+            for b, (lo, hi) in enumerate(plan.bounds):
+                M = _merged(cores, lo, hi).permute(1, 0, 2).contiguous()
+                out = (_buf(ws, ("L", b + 1), N, ranks[hi], dtype, device) if b + 1 < B
+                       else torch.empty(N, 1, dtype=dtype, device=device))
+                nat.step(a, M, plan.off[b], plan.dst_left[b], out)
+                a = out
+        return out.view(-1)
+    finally:
+        plan.release(ws)
+
+
 class NativeSampledPoint:
     """:class:`~ttmanifold.sparse.SampledPoint` on the compiled kernels (CPU, float32 or
     float64). Per-sample scalars are in sample order: :meth:`to_samples` and

@@ -770,11 +770,19 @@ class IndexSet:
     def _ranks(cores) -> List[int]:
         return [int(c.shape[0]) for c in cores] + [int(cores[-1].shape[2])]
 
+    def _use_native(self, t: torch.Tensor) -> bool:
+        """Whether the compiled kernels serve this index set for tensors like ``t``."""
+        return max(1, _native.MIN_SAMPLES) <= len(self) < 2 ** 31 - 1 and _native.usable(t)
+
     def _gather_blocked(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
         """Values at the samples, blocked layouts with reused buffers (no autograd)."""
         N = len(self)
         if N == 0:
             return cores[0].new_zeros(0)
+        if self._use_native(cores[0]):
+            from ._sampled_native import native_values
+
+            return native_values(self._native_plan(self._ranks(cores)), cores)
         ws = self._tmp_workspace(cores[0].dtype, cores[0].device)
         o = ws.o
         part = self._partition(self._ranks(cores), not o.fm)
@@ -799,6 +807,11 @@ class IndexSet:
         """``D_k`` of the sparse projection (before the gauge projection), blocked: one
         left sweep (kept), then the right sweep started from the values (so the right
         vectors are ``values * rho``) with one grouped scatter per block."""
+        if self._use_native(values):
+            from ._sampled_native import NativeSampledPoint
+
+            pt = NativeSampledPoint(self._native_plan(self._ranks(U)), U, V)
+            return pt.project(values)
         ws = self._tmp_workspace(values.dtype, values.device)
         o = ws.o
         part = self._partition(self._ranks(U), not o.fm)
@@ -830,7 +843,7 @@ class IndexSet:
         index set has at least ``_native.MIN_SAMPLES`` samples and the kernels could be
         built; otherwise a :class:`SampledPoint` (torch kernels)."""
         self._check_cores(U)
-        if max(1, _native.MIN_SAMPLES) <= len(self) < 2 ** 31 - 1 and _native.usable(U[0]):
+        if self._use_native(U[0]):
             from ._sampled_native import NativeSampledPoint
 
             return NativeSampledPoint(self._native_plan(self._ranks(U)), U, V)
