@@ -842,3 +842,25 @@ def test_native_project_sampled_matches_torch_kernels(native):
     _native.set_enabled(False)
     b = M.project_sampled(p, IndexSet(idx, M.shape), vals)
     assert rel(a, b) < 1e-12
+
+
+def test_native_gather_results_are_not_workspace_views(native):
+    """Values returned by gather (with and without autograd) stay valid when the index set
+    serves later calls (the pooled buffers are reused)."""
+    shape, ranks = (3, 4, 3, 2), (1, 2, 3, 2, 1)
+    iset, idx, gen = make_set(shape, 60, 2, "random", seed=8)
+    U1, U2 = (rand_cores(shape, ranks, gen) for _ in range(2))
+    ref1 = dense(U1)[tuple(idx.t())]
+    c1 = [u.clone().requires_grad_() for u in U1]
+    v1 = iset.gather(c1)  # autograd: the values of a NativeSampledPoint
+    v1.sum().backward()
+    v1 = v1.detach()  # drops the graph (and the point): its workspace goes back to the pool
+    del c1
+    gc.collect()
+    w1 = iset.gather(U1)  # no autograd: left sweep only
+    for _ in range(2):
+        c2 = [u.clone().requires_grad_() for u in U2]
+        iset.gather(c2).sum().backward()
+        iset.gather(U2)
+        gc.collect()
+    assert rel(v1, ref1) < 1e-12 and rel(w1, ref1) < 1e-12

@@ -130,8 +130,10 @@ class NativeSampledPoint:
             L: List[torch.Tensor] = [plan.ones(dtype)]
             for b, (lo, hi) in enumerate(plan.bounds):
                 M = _merged(self.U, lo, hi).permute(1, 0, 2).contiguous()
+                # the values are the point's own tensor (callers may keep them, e.g. the
+                # output of IndexSet.gather), the other vectors live in the pooled workspace
                 out = (_buf(ws, ("L", b + 1), N, ranks[hi], dtype, device) if b + 1 < B
-                       else _buf(ws, "values", N, 1, dtype, device))
+                       else torch.empty(N, 1, dtype=dtype, device=device))
                 nat.step(L[b], M, plan.off[b], plan.dst_left[b], out)
                 if b + 1 < B:
                     L.append(out)
