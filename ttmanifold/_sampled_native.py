@@ -33,12 +33,17 @@ class NativePlan:
         self.perm: List[torch.Tensor] = []  # order position -> sample
         inv: List[torch.Tensor] = []  # sample -> order position
         ar = torch.arange(N, device=dev, dtype=torch.int32)
+        prev_key, prev_P = None, 1
         for lo, hi in bounds:
             P = 1
             for k in range(lo, hi):
                 P *= iset.shape[k]
             key = iset._block_key(lo, hi)
-            order = torch.argsort(key, stable=True)
+            # inside a group, samples in the order of their previous block's group: a left
+            # step then fills every destination group front to back (cache-friendly writes)
+            order = torch.argsort(key if prev_key is None else key * prev_P + prev_key,
+                                  stable=True)
+            prev_key, prev_P = key, P
             counts = torch.bincount(key, minlength=P)
             self.off.append(torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]))
             self.perm.append(order.to(torch.int32))
