@@ -1075,3 +1075,35 @@ def test_bad_input_errors():
         M.riemannian_grad(p, lambda T: torch.tensor(1.0, dtype=F64))
     with pytest.raises(ValueError, match=r"size: a point of FixedTTRank is a flat tensor"):
         M.random(3, 4)
+
+
+@given(d=st.integers(1, 6), data=st.data())
+def test_right_cores_batched_signs_match_the_signed_sweep(d, data):
+    """``right_cores`` (unsigned LQs, one batched sign fix per run) and the projection's
+    unsigned interleaved sweep give the canonical gauge of the signed sweep ``right_sweep``
+    (``diag(L_k) >= 0``), including runs of equal cores and ragged ranks."""
+    from ttmanifold.tangent import project_D, right_cores, right_sweep
+
+    shape = tuple(data.draw(st.lists(st.integers(2, 4), min_size=d, max_size=d)))
+    ranks = [1]
+    for k in range(1, d):  # ragged or equal, each feasible
+        bound = min(math.prod(shape[:k]), math.prod(shape[k:]))
+        ranks.append(min(bound, data.draw(st.sampled_from([2, 3, 4]))))
+    M = FixedTTRank(shape, tuple(ranks) + (1,))
+    dtype = data.draw(st.sampled_from([F64, torch.float32]))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 10 ** 6)))
+    p = M.random(dtype=dtype, generator=gen)
+    U = M._split(p)
+    ref = [None] * d
+    for k, v, _ in right_sweep(U):
+        ref[k] = v
+    V = right_cores(U)
+    assert V[0] is None
+    tol = 1e-13 if dtype == F64 else 1e-5
+    for k in range(1, d):
+        assert V[k].shape == ref[k].shape and V[k].is_contiguous()
+        assert float((V[k] - ref[k]).abs().max()) <= tol
+    Z = TT([c.to(dtype) for c in random_tt_cores(shape, 2, gen)])
+    a = project_D(U, None, Z.cores, packed=True, gauge=True)
+    b = project_D(U, ref, Z.cores, packed=True, gauge=True)
+    assert float((a - b).norm()) <= tol * max(1.0, float(b.norm()))

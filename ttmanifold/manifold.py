@@ -36,7 +36,8 @@ import torch
 
 from ._checks import check_float_dtype, check_shape, feasible_ranks, normalize_ranks
 from .sparse import IndexSet
-from .tangent import TangentTT, core_runs, gauge_project_flat, project_D, right_sweep
+from .tangent import (TangentTT, core_runs, gauge_project_flat, project_D, right_cores,
+                      right_sweep)
 from .tt import TT, orthogonalize, qr_pos
 
 __all__ = ["FixedTTRank"]
@@ -237,10 +238,7 @@ class FixedTTRank(geoopt.Manifold):
     def _right_cores(self, U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         """Right-orthogonal cores V_2..V_d of the TT with left-orthogonal cores U (LQ
         sweep, no inversion). V[0] is None."""
-        V: List[Optional[torch.Tensor]] = [None] * self.d
-        for k, v, _ in right_sweep(U):
-            V[k] = v
-        return V
+        return right_cores(U)
 
     def _tangent_tt(self, U, V, deltas, *, add_point: bool, gauged: bool = False) -> TT:
         """The rank-2r TT of ``sum_k U_<k delta_k V_>k`` (plus X if ``add_point``), as a

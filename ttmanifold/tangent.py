@@ -37,7 +37,8 @@ import torch
 
 from .tt import TT, lq_pos
 
-__all__ = ["TangentTT", "core_runs", "right_sweep", "project_D", "gauge_project_flat"]
+__all__ = ["TangentTT", "core_runs", "right_sweep", "right_cores", "project_D",
+           "gauge_project_flat"]
 
 
 def core_runs(shapes: Sequence[Tuple[int, ...]]) -> List[Tuple[int, int]]:
@@ -63,6 +64,60 @@ def right_sweep(U: Sequence[torch.Tensor]):
         if k > 1:
             prv = U[k - 1]
             c = (prv.reshape(-1, prv.shape[2]) @ l).reshape(prv.shape)
+
+
+def _unsigned_lq_sweep(U: Sequence[torch.Tensor]):
+    """The LQ sweep of :func:`right_sweep` without the sign convention: yields ``(k, q_k,
+    dg_k)`` for ``k = d-1, ..., 1`` where ``q_k`` (``n_k r_k x r_{k-1}``, the transposed
+    right unfolding) holds ``V'_k`` and ``dg_k`` the diagonal of ``L'_k`` (LAPACK's
+    Householder signs). With ``S_k = sign(dg_k)`` (``+0 -> +1``) the canonical factors are
+    ``L_k = L'_k S_k`` and ``V_k = S_k V'_k (I (x) S_{k+1})``: by induction, the input of
+    step k is the canonical one times ``I (x) S_{k+1}`` on its columns, and an LQ of
+    ``A D`` (D diagonal, orthogonal) is ``(L S) (S Q D)``. So the interfaces satisfy
+    ``V'_>k = S_k V_>k``, which lets callers fix all signs at the end, batched."""
+    c = U[-1]
+    for k in range(len(U) - 1, 0, -1):
+        q, r = torch.linalg.qr(c.reshape(c.shape[0], -1).transpose(0, 1))
+        yield k, q, torch.diagonal(r)
+        if k > 1:
+            prv = U[k - 1]
+            c = (prv.reshape(-1, prv.shape[2]) @ r.transpose(0, 1)).reshape(prv.shape)
+
+
+def _signs(dg: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``copysign(1, .)`` of the concatenated diagonals (one kernel each way)."""
+    g = torch.cat(list(dg)) if len(dg) > 1 else dg[0]
+    return torch.ones_like(g).copysign_(g)
+
+
+def right_cores(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """The right-orthogonal cores ``V_1..V_{d-1}`` (``V[0]`` is None) of the TT with
+    left-orthogonal cores ``U``, in the canonical gauge of :func:`right_sweep`
+    (``diag(L_k) >= 0``), computed by the unsigned sweep :func:`_unsigned_lq_sweep` and one
+    batched sign fix per run of equal core shapes (instead of four small kernels per core).
+    No inversion; O(d n r^3)."""
+    d = len(U)
+    V: List[Optional[torch.Tensor]] = [None] * d
+    if d == 1:
+        return V
+    Q: List[Optional[torch.Tensor]] = [None] * d
+    dg: List[Optional[torch.Tensor]] = [None] * d
+    for k, q, g in _unsigned_lq_sweep(U):
+        Q[k], dg[k] = q, g
+    S = _signs(dg[1:]).split([g.shape[0] for g in dg[1:]])  # S[k-1]: signs of bond k-1
+    for k0, k1 in core_runs([tuple(U[k].shape) + (k == d - 1,) for k in range(1, d)]):
+        k0, k1 = k0 + 1, k1 + 1
+        a, n, b = U[k0].shape
+        if k1 - k0 == 1:
+            q = Q[k0].reshape(n, b, a)
+            q = q * S[k0 - 1] if k0 == d - 1 else q * S[k0 - 1] * S[k0].unsqueeze(1)
+            V[k0] = q.permute(2, 0, 1).contiguous()
+            continue
+        q = torch.stack(Q[k0:k1]).reshape(k1 - k0, n, b, a)
+        rs = torch.stack(S[k0 - 1:k1 - 1]).unsqueeze(1).unsqueeze(1)  # (m, 1, 1, a)
+        cs = torch.stack(S[k0:k1]).unsqueeze(1).unsqueeze(3)  # (m, 1, b, 1)
+        V[k0:k1] = (q * rs * cs).permute(0, 3, 1, 2).contiguous().unbind(0)
+    return V
 
 
 def project_D(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Tensor]]],
@@ -97,15 +152,26 @@ def project_D(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Ten
             P = U[k].reshape(-1, U[k].shape[2]).transpose(0, 1) @ t
             Ps[k + 1] = P
     Q: List[Optional[torch.Tensor]] = [None] * d  # Q[d-1] = 1
-    sweep = right_sweep(U) if V is None else None  # V_k computed while in cache
+    # without V: the unsigned LQ sweep, interleaved (V'_k computed while in cache); its
+    # interfaces are Q'_k = Q_k S_{k+1}, fixed below with one product per run
+    sweep = _unsigned_lq_sweep(U) if V is None else None
+    dg: List[torch.Tensor] = []
     for k in range(d - 1, 0, -1):
         z = Z[k]
-        v = next(sweep)[1] if sweep is not None else V[k]
         if Q[k] is None:
             s = z.reshape(z.shape[0], -1)
         else:
             s = (z.reshape(-1, z.shape[2]) @ Q[k]).reshape(z.shape[0], -1)  # (R, n r)
-        Q[k - 1] = s @ v.reshape(v.shape[0], -1).transpose(0, 1)
+        if sweep is not None:
+            _, q, g = next(sweep)
+            dg.append(g)
+            Q[k - 1] = s @ q  # (R, r) with the unsigned V'_k (q = V'_k^T)
+        else:
+            v = V[k]
+            Q[k - 1] = s @ v.reshape(v.shape[0], -1).transpose(0, 1)
+    S: Optional[List[torch.Tensor]] = None
+    if sweep is not None and dg:
+        S = list(_signs(dg[::-1]).split([g.shape[0] for g in dg[::-1]]))  # S[k]: bond k
     pieces: List[torch.Tensor] = []
     for k0, k1 in core_runs([tuple(U[k].shape) + tuple(Z[k].shape) + (k == d - 1,)
                              for k in range(d)]):
@@ -113,13 +179,19 @@ def project_D(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Ten
             t = T[k0]
             if gauge and k0 < d - 1:
                 t = torch.addmm(t, U[k0].reshape(t.shape[0], -1), Ps[k0 + 1], alpha=-1)
-            pieces.append(t if Q[k0] is None else t @ Q[k0])
+            if Q[k0] is None:
+                pieces.append(t)
+            else:
+                pieces.append(t @ (Q[k0] if S is None else Q[k0] * S[k0]))
         else:
             t = torch.stack(T[k0:k1])
             if gauge:  # the run holds no last core
                 us = torch.stack([U[k].reshape(t.shape[1], -1) for k in range(k0, k1)])
                 t = torch.baddbmm(t, us, torch.stack(Ps[k0 + 1:k1 + 1]), alpha=-1)
-            pieces.append(torch.bmm(t, torch.stack(Q[k0:k1])))
+            qs = torch.stack(Q[k0:k1])
+            if S is not None:
+                qs = qs * torch.stack(S[k0:k1]).unsqueeze(1)
+            pieces.append(torch.bmm(t, qs))
     if packed:
         return torch.cat([g.reshape(-1) for g in pieces])
     D: List[torch.Tensor] = []
