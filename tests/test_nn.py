@@ -1,7 +1,6 @@
 """Tests of ttmanifold.nn: STTP / SVDP layers, their forward paths, conversions and
 model-level utilities."""
 import math
-import warnings
 
 import geoopt
 import pytest

@@ -6,7 +6,6 @@ import time
 import pytest
 import torch
 
-from ttmanifold import TT, FixedTTRank
 from ttmanifold.problems import (
     Approximation,
     Completion,
@@ -15,7 +14,7 @@ from ttmanifold.problems import (
     random_tt,
     sample_distinct_indices,
 )
-from ttmanifold.solvers import METHODS, History, lr_grid, riemannian_cg, run, tune_lr
+from ttmanifold.solvers import METHODS, History, lr_grid, riemannian_cg, run
 
 HAS_CHART = importlib.util.find_spec("ttmanifold.chart") is not None
 HAS_NN = importlib.util.find_spec("ttmanifold.nn") is not None

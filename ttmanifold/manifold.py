@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence
 
 import geoopt
 import torch
 
-from ._checks import check_float_dtype, check_shape, feasible_ranks, normalize_ranks
+from ._checks import check_float_dtype, check_shape, normalize_ranks
 from .sparse import IndexSet
 from .tangent import (TangentTT, core_runs, gauge_project_flat, project_D, right_cores,
                       right_sweep)

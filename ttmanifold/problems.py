@@ -30,7 +30,7 @@ to ``dtype``: the same seed gives the same problem on every device.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Tuple
 
 import torch
 

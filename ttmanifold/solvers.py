@@ -51,7 +51,6 @@ import torch
 
 from .manifold import FixedTTRank
 from .problems import Problem
-from .tt import TT
 
 __all__ = [
     "METHODS",
