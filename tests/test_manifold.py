@@ -1077,6 +1077,17 @@ def test_bad_input_errors():
         M.random(3, 4)
 
 
+def _attainable(shape, inner):
+    """Clip drawn inner ranks to TT-ranks that a tensor of this shape can have exactly."""
+    d = len(shape)
+    r = [1] + list(inner) + [1]
+    for k in range(1, d):
+        r[k] = min(r[k], r[k - 1] * shape[k - 1])
+    for k in range(d - 1, 0, -1):
+        r[k] = min(r[k], shape[k] * r[k + 1])
+    return tuple(r)
+
+
 @given(d=st.integers(1, 6), data=st.data())
 def test_right_cores_batched_signs_match_the_signed_sweep(d, data):
     """``right_cores`` (unsigned LQs, one batched sign fix per run) and the projection's
@@ -1085,11 +1096,8 @@ def test_right_cores_batched_signs_match_the_signed_sweep(d, data):
     from ttmanifold.tangent import project_D, right_cores, right_sweep
 
     shape = tuple(data.draw(st.lists(st.integers(2, 4), min_size=d, max_size=d)))
-    ranks = [1]
-    for k in range(1, d):  # ragged or equal, each feasible
-        bound = min(math.prod(shape[:k]), math.prod(shape[k:]))
-        ranks.append(min(bound, data.draw(st.sampled_from([2, 3, 4]))))
-    M = FixedTTRank(shape, tuple(ranks) + (1,))
+    inner = [data.draw(st.sampled_from([2, 3, 4])) for _ in range(d - 1)]  # ragged or equal
+    M = FixedTTRank(shape, _attainable(shape, inner))
     dtype = data.draw(st.sampled_from([F64, torch.float32]))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 10 ** 6)))
     p = M.random(dtype=dtype, generator=gen)
@@ -1107,3 +1115,110 @@ def test_right_cores_batched_signs_match_the_signed_sweep(d, data):
     a = project_D(U, None, Z.cores, packed=True, gauge=True)
     b = project_D(U, ref, Z.cores, packed=True, gauge=True)
     assert float((a - b).norm()) <= tol * max(1.0, float(b.norm()))
+
+
+# ---------------------------------------------------------------------------------------
+# compiled dense sweeps (ttmanifold._native.get_dense)
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def dense_native():
+    import shutil
+
+    from ttmanifold import _native
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: the compiled sweeps cannot be built here")
+    was = _native.enabled()
+    _native.set_enabled(True)
+    mod = _native.get_dense(wait=True)
+    assert mod is not None, "the compiled dense sweeps failed to build"
+    yield mod
+    _native.set_enabled(was)
+
+
+def _torch_path(fn, *args, **kw):
+    from ttmanifold import _native
+
+    was = _native.enabled()
+    _native.set_enabled(False)
+    try:
+        return fn(*args, **kw)
+    finally:
+        _native.set_enabled(was)
+
+
+@settings(suppress_health_check=[__import__("hypothesis").HealthCheck.function_scoped_fixture])
+@given(d=st.integers(1, 6), data=st.data())
+def test_dense_native_sweeps_match_torch(dense_native, d, data):
+    """right_cores and project_D (packed, with and without V, gauged or not) on the compiled
+    sweeps agree with the torch implementation, for ragged ranks and any rank R of Z."""
+    from ttmanifold.tangent import project_D, right_cores
+
+    shape = tuple(data.draw(st.lists(st.integers(2, 5), min_size=d, max_size=d)))
+    M = FixedTTRank(shape, _attainable(shape, [data.draw(st.integers(1, 5)) for _ in range(d - 1)]))
+    dtype = data.draw(st.sampled_from([F64, torch.float32]))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 10 ** 6)))
+    p = M.random(dtype=dtype, generator=gen)
+    U = M._split(p)
+    tol = 1e-12 if dtype == F64 else 1e-5
+    Vn = right_cores(U)
+    Vt = _torch_path(right_cores, U)
+    for a, b in zip(Vn[1:], Vt[1:]):
+        assert float((a - b).abs().max()) <= tol
+    R = data.draw(st.integers(1, 4))
+    Zc = [c.to(dtype) for c in random_tt_cores(shape, R, gen)]
+    for V in (None, Vt):
+        for gauge in (False, True):
+            a = project_D(U, V, Zc, packed=True, gauge=gauge)
+            b = _torch_path(project_D, U, V, Zc, packed=True, gauge=gauge)
+            assert a.shape == b.shape == (M.size,) and a.dtype == dtype
+            assert float((a - b).norm()) <= tol * max(1.0, float(b.norm()))
+
+
+def test_dense_native_used_and_bypassed(dense_native, monkeypatch):
+    """The compiled sweeps serve CPU calls without gradients; with a gradient to propagate
+    the differentiable torch path runs."""
+    from ttmanifold import _native
+    from ttmanifold.tangent import project_D
+
+    calls = []
+    real = _native.get_dense
+
+    def spy(wait=False):
+        calls.append(1)
+        return real(wait)
+
+    monkeypatch.setattr(_native, "get_dense", spy)
+    M, p, gen = fixed_case()
+    U = M._split(p)
+    Zc = random_tt_cores(M.shape, 2, gen)
+    project_D(U, None, Zc, packed=True, gauge=True)
+    assert calls
+    calls.clear()
+    Zg = [c.clone().requires_grad_() for c in Zc]
+    out = project_D(U, None, Zg, packed=True, gauge=True)
+    assert out.requires_grad and not calls
+    out.sum().backward()
+    assert all(z.grad is not None for z in Zg)
+
+
+def test_dense_native_build_failure_falls_back(monkeypatch):
+    from ttmanifold import _native
+    from ttmanifold.tangent import right_cores
+
+    def boom(*args, **kw):
+        raise RuntimeError("no LAPACK symbols here")
+
+    monkeypatch.setattr(_native, "_build", boom)
+    monkeypatch.setattr(_native, "_dense", {"module": None, "thread": None, "failed": False})
+    monkeypatch.setitem(_native._state, "enabled", True)
+    with pytest.warns(RuntimeWarning, match="no LAPACK symbols here"):
+        assert _native.get_dense(wait=True) is None
+    M, p, gen = fixed_case()
+    U = M._split(p)
+    assert not _native.dense_usable(U)
+    V = right_cores(U)  # the torch implementation
+    for k in range(1, M.d):
+        v = V[k].reshape(V[k].shape[0], -1)
+        assert torch.allclose(v @ v.T, torch.eye(v.shape[0], dtype=F64), atol=1e-12)

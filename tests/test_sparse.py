@@ -788,7 +788,7 @@ def test_native_only_for_large_index_sets(native, monkeypatch):
 def test_native_build_failure_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(_native, "MIN_SAMPLES", 0)
 
-    def boom():
+    def boom(*args, **kw):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(_native, "_build", boom)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import threading
 import time
 import warnings
 from typing import Optional
@@ -53,31 +54,32 @@ def _cpu_tag() -> str:
     return platform.machine() + flags
 
 
-def _build():
+def _build(src_path: str = _SRC, prefix: str = "ttmanifold_sampled", openmp: bool = True):
     from torch.utils import cpp_extension
 
-    with open(_SRC, "rb") as fh:
+    with open(src_path, "rb") as fh:
         src = fh.read()
     h = hashlib.sha1(src + _cpu_tag().encode() + torch.__version__.encode()).hexdigest()[:12]
-    flags = ["-O3", "-fopenmp"]
+    flags = ["-O3"] + (["-fopenmp"] if openmp else [])
     if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
         flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64")
                      else "-mcpu=native")
-    name = f"ttmanifold_sampled_{h}"
+    name = f"{prefix}_{h}"
     # a build killed half-way leaves its lock file behind, and torch would wait for it
     # forever: drop a lock older than any build takes
     lock = os.path.join(cpp_extension._get_build_directory(name, verbose=False), "lock")
     try:
-        if time.time() - os.path.getmtime(lock) > 600:
+        if time.time() - os.path.getmtime(lock) > 120:
             os.remove(lock)
     except OSError:
         pass
-    return cpp_extension.load(name=name, sources=[_SRC], extra_cflags=flags,
-                              extra_ldflags=["-fopenmp"], verbose=False)
+    return cpp_extension.load(name=name, sources=[src_path], extra_cflags=flags,
+                              extra_ldflags=["-fopenmp"] if openmp else [], verbose=False)
 
 
 def get() -> Optional[object]:
-    """The compiled module, or None (disabled, or the build failed: warned once)."""
+    """The compiled sampled-entry module, or None (disabled, or the build failed: warned
+    once). Builds on first call (blocking)."""
     if not _state["enabled"]:
         return None
     if not _state["tried"]:
@@ -88,6 +90,60 @@ def get() -> Optional[object]:
             warnings.warn(f"ttmanifold: compiled sampled-entry kernels unavailable ({exc!s:.300}); "
                           "using the torch kernels", RuntimeWarning, stacklevel=2)
     return _state["module"]
+
+
+_DENSE_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_dense_kernels.cpp")
+_dense = {"module": None, "thread": None, "failed": False}
+_dense_lock = threading.Lock()
+
+
+def _build_dense() -> None:
+    try:
+        _dense["module"] = _build(_DENSE_SRC, "ttmanifold_dense", openmp=False)
+    except Exception as exc:  # no compiler, LAPACK symbols not exported by this torch, ...
+        _dense["failed"] = True
+        warnings.warn(f"ttmanifold: compiled dense sweeps unavailable ({exc!s:.300}); using "
+                      "the torch implementation", RuntimeWarning, stacklevel=2)
+
+
+def get_dense(wait: bool = False) -> Optional[object]:
+    """The compiled dense-sweep module (``_dense_kernels.cpp``: the right-orthogonal cores
+    and the tangent projection of a TT, calling LAPACK/BLAS directly), or None.
+
+    The first call starts the build in a background thread and returns None until it is
+    done (the torch implementation serves meanwhile), so no manifold operation ever waits
+    for the compiler; ``wait=True`` waits for the build (benchmarks, tests)."""
+    if not _state["enabled"]:
+        return None
+    mod = _dense["module"]
+    if mod is not None or _dense["failed"]:
+        return mod
+    with _dense_lock:
+        if _dense["thread"] is None:
+            t = threading.Thread(target=_build_dense, name="ttmanifold-build", daemon=False)
+            _dense["thread"] = t
+            t.start()
+    if wait:
+        _dense["thread"].join()
+    return _dense["module"]
+
+
+def dense_usable(*groups) -> bool:
+    """Whether the compiled dense sweeps serve these cores: CPU, float32/float64, all of one
+    dtype, no gradient needed, and the module is built (callers pass contiguous copies)."""
+    if not _state["enabled"]:
+        return False
+    ref = groups[0][0]
+    if ref.device.type != "cpu" or ref.dtype not in (torch.float32, torch.float64):
+        return False
+    grad = torch.is_grad_enabled()
+    for g in groups:
+        for c in g:
+            if c is None:
+                continue
+            if c.dtype != ref.dtype or c.device.type != "cpu" or (grad and c.requires_grad):
+                return False
+    return get_dense() is not None
 
 
 def usable(t: torch.Tensor) -> bool:

@@ -35,6 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _native
 from .tt import TT, lq_pos
 
 __all__ = ["TangentTT", "core_runs", "right_sweep", "right_cores", "project_D",
@@ -95,10 +96,15 @@ def right_cores(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     left-orthogonal cores ``U``, in the canonical gauge of :func:`right_sweep`
     (``diag(L_k) >= 0``), computed by the unsigned sweep :func:`_unsigned_lq_sweep` and one
     batched sign fix per run of equal core shapes (instead of four small kernels per core).
-    No inversion; O(d n r^3)."""
+    No inversion; O(d n r^3). On the CPU without autograd, the compiled sweep of
+    :func:`ttmanifold._native.get_dense` (the same LAPACK calls, bitwise equal) when built."""
     d = len(U)
     V: List[Optional[torch.Tensor]] = [None] * d
     if d == 1:
+        return V
+    if _native.dense_usable(U):
+        V = list(_native.get_dense().right_cores([u.contiguous() for u in U]))
+        V[0] = None
         return V
     Q: List[Optional[torch.Tensor]] = [None] * d
     dg: List[Optional[torch.Tensor]] = [None] * d
@@ -128,6 +134,10 @@ def project_D(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Ten
     (``V[0]`` unused), or None to compute them here (:func:`right_sweep`, interleaved
     with the right interface sweep below).
 
+    On the CPU without autograd and with ``packed=True`` this runs the compiled sweeps of
+    :func:`ttmanifold._native.get_dense` (the same products, direct BLAS/LAPACK calls) once
+    they are built.
+
     Left sweep ``t_k = P_k Z_k`` with ``P_k = U_<k^T Z_<k`` (``r_{k-1} x R_{k-1}``), right
     sweep ``Q_k = Z_>k V_>k^T`` (``R_k x r_k``), then ``D_k = t_k Q_k``, batched over runs
     of cores of equal shapes. Cost O(d n r R (r + R)); differentiable. Returns the list of
@@ -138,6 +148,12 @@ def project_D(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Ten
     projection is ``(t_k - U_k P_{k+1}) Q_k``, one batched product per run.
     """
     d = len(U)
+    if packed and _native.dense_usable(U, Z, [v for v in (V or []) if v is not None]):
+        mod = _native.get_dense()
+        Uc = [u.contiguous() for u in U]
+        Vc = mod.right_cores(Uc) if V is None else (
+            [U[0].new_empty(0)] + [v.contiguous() for v in V[1:]])
+        return mod.project(Uc, list(Vc), [z.contiguous() for z in Z], bool(gauge))
     T: List[torch.Tensor] = []
     Ps: List[Optional[torch.Tensor]] = [None] * d  # P_k; P_0 = 1
     P: Optional[torch.Tensor] = None
