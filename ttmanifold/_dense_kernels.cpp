@@ -26,6 +26,10 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
             const float*, const int*, const float*, const int*, const float*, float*,
             const int*);
+void dgesdd_(const char*, const int*, const int*, double*, const int*, double*, double*,
+             const int*, double*, const int*, double*, const int*, int*, int*);
+void sgesdd_(const char*, const int*, const int*, float*, const int*, float*, float*,
+             const int*, float*, const int*, float*, const int*, int*, int*);
 }
 
 namespace {
@@ -52,6 +56,27 @@ inline void gemm(char ta, char tb, int m, int n, int k, double alpha, const doub
 inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
                  const float* b, int ldb, float beta, float* c, int ldc) {
   sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+inline void gesdd(int m, int n, double* a, double* s, double* u, double* vt, double* w, int lw,
+                  int* iw, int* info) {
+  const char j = 'S';
+  const int mn = std::min(m, n);
+  dgesdd_(&j, &m, &n, a, &m, s, u, &m, vt, &mn, w, &lw, iw, info);
+}
+inline void gesdd(int m, int n, float* a, float* s, float* u, float* vt, float* w, int lw,
+                  int* iw, int* info) {
+  const char j = 'S';
+  const int mn = std::min(m, n);
+  sgesdd_(&j, &m, &n, a, &m, s, u, &m, vt, &mn, w, &lw, iw, info);
+}
+
+// Row-major Z (p x s) = alpha op(X) op(Y) + beta Z, op(X) (p x q), op(Y) (q x s); ld* are
+// the row strides of the stored (row-major) matrices. Column-major BLAS on the transposes.
+template <typename T>
+inline void mm(bool tx, bool ty, int p, int s, int q, T alpha, const T* X, int ldx,
+               const T* Y, int ldy, T beta, T* Z, int ldz) {
+  gemm(ty ? 'T' : 'N', tx ? 'T' : 'N', s, p, q, alpha, Y, ldy, X, ldx, beta, Z, ldz);
 }
 
 template <typename T>
@@ -188,6 +213,143 @@ void project_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::
   }
 }
 
+// Packed left-orthogonal cores of round_r(X + xi), xi = sum_k U_<k du_k V_>k: the
+// algorithm of FixedTTRank._retract (structured right-to-left orthogonalization of the
+// rank-2r TT, then truncated SVDs from left to right), with direct LAPACK/BLAS calls.
+template <typename T>
+void retract_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::Tensor>& V,
+                  const std::vector<torch::Tensor>& du, const std::vector<int64_t>& ranks,
+                  T* out) {
+  const int64_t d = static_cast<int64_t>(U.size());
+  std::vector<std::vector<T>> Qs(d);  // column-major q (N_k x a_k) of the QR of W_k^T
+  std::vector<int> Nk(d, 0), nbk(d, 0);
+  std::vector<T> left, right, C, W, R, nleft, nright, tau, work;
+  std::vector<int> iwork;
+  int info = 0;
+  auto lapack_ws = [&](int m, int n) {  // geqrf + orgqr workspace for an (m x n) matrix
+    int lw = -1;
+    T q1 = 0, q2 = 0;
+    tau.resize(n);
+    geqrf(m, n, static_cast<T*>(nullptr), m, tau.data(), &q1, lw, &info);
+    orgqr(m, n, static_cast<T*>(nullptr), m, tau.data(), &q2, lw, &info);
+    const size_t need = static_cast<size_t>(std::max<T>(std::max(q1, q2), T(1)));
+    if (work.size() < need) work.resize(need);
+  };
+  {  // left = U_{d-1} + du_{d-1} (a x n), no right part
+    const T* u = U[d - 1].data_ptr<T>();
+    const T* e = du[d - 1].data_ptr<T>();
+    left.assign(u, u + U[d - 1].numel());
+    for (int64_t i = 0; i < U[d - 1].numel(); ++i) left[i] += e[i];
+  }
+  int nbr = 0;  // columns of the right part (n b')
+  for (int64_t k = d - 1; k >= 1; --k) {
+    const int a = static_cast<int>(V[k].size(0));
+    const int nb = static_cast<int>(V[k].size(1) * V[k].size(2));
+    const T* vm = V[k].data_ptr<T>();
+    C.resize(static_cast<size_t>(a) * a);
+    mm<T>(false, true, a, a, nb, T(1), left.data(), nb, vm, nb, T(0), C.data(), a);
+    mm<T>(false, false, a, nb, a, T(-1), C.data(), a, vm, nb, T(1), left.data(), nb);
+    const int N = nb + nbr;
+    TORCH_CHECK(N >= a, "retract: infeasible ranks");
+    W.resize(static_cast<size_t>(a) * N);  // row-major (a x N) = column-major W^T (N x a)
+    for (int al = 0; al < a; ++al) {
+      std::copy(left.data() + static_cast<size_t>(al) * nb,
+                left.data() + static_cast<size_t>(al + 1) * nb, W.data() + static_cast<size_t>(al) * N);
+      if (nbr)
+        std::copy(right.data() + static_cast<size_t>(al) * nbr,
+                  right.data() + static_cast<size_t>(al + 1) * nbr,
+                  W.data() + static_cast<size_t>(al) * N + nb);
+    }
+    lapack_ws(N, a);
+    geqrf(N, a, W.data(), N, tau.data(), work.data(), static_cast<int>(work.size()), &info);
+    TORCH_CHECK(info == 0, "retract: geqrf failed (info ", info, ")");
+    R.assign(static_cast<size_t>(a) * a, T(0));  // row-major upper triangle
+    for (int i = 0; i < a; ++i)
+      for (int j = i; j < a; ++j) R[static_cast<size_t>(i) * a + j] = W[i + static_cast<size_t>(j) * N];
+    orgqr(N, a, W.data(), N, tau.data(), work.data(), static_cast<int>(work.size()), &info);
+    TORCH_CHECK(info == 0, "retract: orgqr failed (info ", info, ")");
+    Qs[k] = W;
+    Nk[k] = N;
+    nbk[k] = nb;
+    // core k-1: left = du_{k-1} + U_{k-1} C, right = U_{k-1} R^T  ((a' n) x a each)
+    const int rows = static_cast<int>(U[k - 1].size(0) * U[k - 1].size(1));
+    const T* ul = U[k - 1].data_ptr<T>();
+    const T* e = du[k - 1].data_ptr<T>();
+    nleft.assign(e, e + static_cast<size_t>(rows) * a);
+    mm<T>(false, false, rows, a, a, T(1), ul, a, C.data(), a, T(1), nleft.data(), a);
+    nright.resize(static_cast<size_t>(rows) * a);
+    mm<T>(false, true, rows, a, a, T(1), ul, a, R.data(), a, T(0), nright.data(), a);
+    std::swap(left, nleft);
+    std::swap(right, nright);
+    nbr = static_cast<int>(U[k - 1].size(1)) * a;  // next step: right is (a'' x n a)
+  }
+  // first core: c = [left (n x a1) | right (n x a1)], column-major (m x K)
+  int m = static_cast<int>(U[0].size(1));
+  int K = 2 * static_cast<int>(U[0].size(2));
+  std::vector<T> c(static_cast<size_t>(m) * K), s, Ub, VT, sv, top, W2;
+  {
+    const int a1 = static_cast<int>(U[0].size(2));
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < a1; ++j) {
+        c[i + static_cast<size_t>(j) * m] = left[static_cast<size_t>(i) * a1 + j];
+        c[i + static_cast<size_t>(j + a1) * m] = right[static_cast<size_t>(i) * a1 + j];
+      }
+  }
+  int64_t off = 0;
+  for (int64_t k = 0; k + 1 < d; ++k) {
+    const int mn = std::min(m, K);
+    const int r = static_cast<int>(ranks[k + 1]);
+    TORCH_CHECK(mn >= r, "retract: rank ", r, " exceeds the unfolding's size");
+    s.resize(mn);
+    Ub.resize(static_cast<size_t>(m) * mn);
+    VT.resize(static_cast<size_t>(mn) * K);
+    iwork.resize(static_cast<size_t>(8) * mn);
+    int lw = -1;
+    T q = 0;
+    gesdd(m, K, c.data(), s.data(), Ub.data(), VT.data(), &q, lw, iwork.data(), &info);
+    const size_t need = static_cast<size_t>(std::max<T>(q, T(1)));
+    if (work.size() < need) work.resize(need);
+    gesdd(m, K, c.data(), s.data(), Ub.data(), VT.data(), work.data(),
+          static_cast<int>(work.size()), iwork.data(), &info);
+    TORCH_CHECK(info == 0, "retract: gesdd failed (info ", info, ")");
+    for (int i = 0; i < m; ++i)  // core k = U[:, :r], row-major (m x r)
+      for (int j = 0; j < r; ++j) out[off + static_cast<int64_t>(i) * r + j] = Ub[i + static_cast<size_t>(j) * m];
+    off += static_cast<int64_t>(m) * r;
+    sv.resize(static_cast<size_t>(r) * K);  // row-major diag(s) VT[:r]
+    for (int j = 0; j < r; ++j)
+      for (int l = 0; l < K; ++l) sv[static_cast<size_t>(j) * K + l] = s[j] * VT[j + static_cast<size_t>(l) * mn];
+    const int a = static_cast<int>(V[k + 1].size(0));
+    const int n = static_cast<int>(V[k + 1].size(1)), b = static_cast<int>(V[k + 1].size(2));
+    const int nb = n * b, N = Nk[k + 1], ap = K - a;  // ap: columns of the right part
+    const T* q1 = Qs[k + 1].data();  // row-major qt (ap x N): QV = [:, :nb], QW = [:, nb:]
+    top.resize(static_cast<size_t>(r) * nb);
+    mm<T>(false, false, r, nb, ap, T(1), sv.data() + a, K, q1, N, T(0), top.data(), nb);
+    mm<T>(false, false, r, nb, a, T(1), sv.data(), K, V[k + 1].data_ptr<T>(), nb, T(1),
+          top.data(), nb);
+    if (k + 2 == d) {  // the last core (r x n x 1)
+      std::copy(top.begin(), top.end(), out + off);
+      off += static_cast<int64_t>(r) * nb;
+      break;
+    }
+    const int nbp = N - nb, bp = nbp / n;
+    W2.resize(static_cast<size_t>(r) * nbp);
+    mm<T>(false, false, r, nbp, ap, T(1), sv.data() + a, K, q1 + nb, N, T(0), W2.data(), nbp);
+    // next c: rows (al, i), columns [top (b) | W2 (b')], column-major (r n x (b + b'))
+    const int m2 = r * n, K2 = b + bp;
+    c.assign(static_cast<size_t>(m2) * K2, T(0));
+    for (int al = 0; al < r; ++al)
+      for (int i = 0; i < n; ++i) {
+        const int row = al * n + i;
+        for (int be = 0; be < b; ++be)
+          c[row + static_cast<size_t>(be) * m2] = top[static_cast<size_t>(al) * nb + i * b + be];
+        for (int be = 0; be < bp; ++be)
+          c[row + static_cast<size_t>(b + be) * m2] = W2[static_cast<size_t>(al) * nbp + i * bp + be];
+      }
+    m = m2;
+    K = K2;
+  }
+}
+
 void check_cores(const std::vector<torch::Tensor>& cs, const char* name, torch::ScalarType t,
                  int64_t from = 0) {
   for (size_t k = static_cast<size_t>(from); k < cs.size(); ++k) {
@@ -227,7 +389,25 @@ torch::Tensor project(std::vector<torch::Tensor> U, std::vector<torch::Tensor> V
   return out;
 }
 
+torch::Tensor retract(std::vector<torch::Tensor> U, std::vector<torch::Tensor> V,
+                      std::vector<torch::Tensor> du, std::vector<int64_t> ranks) {
+  TORCH_CHECK(U.size() >= 2 && U.size() == V.size() && U.size() == du.size() &&
+              ranks.size() == U.size() + 1, "retract: inconsistent lengths");
+  const auto t = U[0].scalar_type();
+  check_cores(U, "U", t);
+  check_cores(V, "V", t, 1);
+  check_cores(du, "du", t);
+  int64_t total = 0;
+  for (const auto& u : U) total += u.numel();
+  auto out = torch::empty({total}, U[0].options());
+  AT_DISPATCH_FLOATING_TYPES(t, "ttm_retract", [&] {
+    retract_impl<scalar_t>(U, V, du, ranks, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("retract", &retract, "packed TT-SVD of X + xi (structured rank-2r rounding)");
   m.def("right_cores", &right_cores, "canonical right-orthogonal cores of a left-orthogonal TT");
   m.def("project", &project, "packed projection D_k = U_<k^T Z V_>k^T (optionally gauged)");
 }

@@ -34,6 +34,7 @@ from typing import Callable, List, Optional, Sequence
 import geoopt
 import torch
 
+from . import _native
 from ._checks import check_float_dtype, check_shape, normalize_ranks
 from .sparse import IndexSet
 from .tangent import (TangentTT, core_runs, gauge_project_flat, project_D, right_cores,
@@ -478,6 +479,10 @@ class FixedTTRank(geoopt.Manifold):
         d = self.d
         if d == 1:
             return (U[0] + du[0]).reshape(-1)
+        if _native.dense_usable(U, V[1:], du):  # the same algorithm, direct LAPACK calls
+            return _native.get_dense().retract(
+                [u.contiguous() for u in U], [U[0].new_empty(0)] + [v.contiguous() for v in V[1:]],
+                [e.contiguous() for e in du], list(self.ranks))
         QV: List[Optional[torch.Tensor]] = [None] * d
         QW: List[Optional[torch.Tensor]] = [None] * d
         rows = U[-1].shape[0]
