@@ -568,9 +568,18 @@ def main(argv=None):
         rs = tuple(int(x) for x in args.ranks.split(","))
     t_start = time.perf_counter()
     load0 = os.getloadavg()[0]
+    notes: List[str] = []
 
     def log(msg):
         print(f"# [{time.perf_counter() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    # the compiled dense sweeps are built in the background on first use: wait for them, so
+    # that every timed call runs the same code (TTMANIFOLD_NATIVE=0: the torch path)
+    from ttmanifold import _native
+    native = _native.get_dense(wait=True) is not None
+    log(f"compiled dense sweeps: {'in use' if native else 'not in use (torch path)'}")
+    notes.append(f"ttmanifold's compiled dense sweeps (right_cores, project of a TT, retr): "
+                 f"{'in use' if native else 'not in use (torch implementation)'}.")
 
     t3f_python = os.environ.get("T3F_PYTHON", DEFAULT_T3F_PYTHON)
     peer, peer_info, peer_note = None, None, None
@@ -590,7 +599,7 @@ def main(argv=None):
             peer = None
     ttmod = None if args.no_torchtt else torchtt_module()
 
-    rows, notes, sgd_rows = [], [], []
+    rows, sgd_rows = [], []
     try:
         with tempfile.TemporaryDirectory(prefix="bench_manifold_") as tmp:
             for dtype in dtypes:

@@ -406,8 +406,15 @@ torch::Tensor retract(std::vector<torch::Tensor> U, std::vector<torch::Tensor> V
   return out;
 }
 
+// retract with the right-orthogonal cores of the point computed here (one call per retr)
+torch::Tensor retract_point(std::vector<torch::Tensor> U, std::vector<torch::Tensor> du,
+                            std::vector<int64_t> ranks) {
+  return retract(U, right_cores(U), du, ranks);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("retract", &retract, "packed TT-SVD of X + xi (structured rank-2r rounding)");
+  m.def("retract_point", &retract_point, "retract, V computed from U");
   m.def("right_cores", &right_cores, "canonical right-orthogonal cores of a left-orthogonal TT");
   m.def("project", &project, "packed projection D_k = U_<k^T Z V_>k^T (optionally gauged)");
 }

@@ -475,7 +475,9 @@ class FixedTTRank(geoopt.Manifold):
         bottom block becomes ``[du_{k-1} + U_{k-1} C_k, U_{k-1} L_k]``. The columns of
         ``B_k`` are kept as two blocks (the V part and the rest), which an orthogonal
         column permutation does not change. Then truncated SVDs from left to right.
-        O(d n r^3); no sign conventions in the sweep (the SVD sweep fixes the gauge)."""
+        O(d n r^3); no sign conventions in the sweep (the SVD sweep fixes the gauge). On the
+        CPU without autograd the same algorithm runs in the compiled dense sweeps
+        (:func:`ttmanifold._native.get_dense`) once they are built."""
         d = self.d
         if d == 1:
             return (U[0] + du[0]).reshape(-1)
@@ -540,6 +542,9 @@ class FixedTTRank(geoopt.Manifold):
         """
         U = self._split(x, "x")
         du = self._check_vector(u, x)
+        if self.d > 1 and _native.dense_usable(U, du):  # one compiled call: V and the sweeps
+            return _native.get_dense().retract_point(
+                [c.contiguous() for c in U], [e.contiguous() for e in du], list(self.ranks))
         return self._retract(U, self._right_cores(U), du)
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
