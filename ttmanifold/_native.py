@@ -69,7 +69,7 @@ def _build(src_path: str = _SRC, prefix: str = "ttmanifold_sampled", openmp: boo
     # forever: drop a lock older than any build takes
     lock = os.path.join(cpp_extension._get_build_directory(name, verbose=False), "lock")
     try:
-        if time.time() - os.path.getmtime(lock) > 120:
+        if time.time() - os.path.getmtime(lock) > 300:
             os.remove(lock)
     except OSError:
         pass
