@@ -1255,3 +1255,11 @@ def test_dense_native_retract_matches_torch(dense_native, d, data):
     if kind != "cancel":  # a valid point: left-orthogonal cores of full TT-rank
         ok, why = M._check_point_on_manifold(a)
         assert ok, why
+
+
+def test_dense_native_retract_non_finite_step_is_a_clear_error(dense_native):
+    M, p, gen = fixed_case()
+    u = M.proju(p, torch.randn(M.size, dtype=F64, generator=gen))
+    u[3] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        M.retr(p, u)

@@ -311,7 +311,8 @@ void retract_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::
     if (work.size() < need) work.resize(need);
     gesdd(m, K, c.data(), s.data(), Ub.data(), VT.data(), work.data(),
           static_cast<int>(work.size()), iwork.data(), &info);
-    TORCH_CHECK(info == 0, "retract: gesdd failed (info ", info, ")");
+    TORCH_CHECK(info == 0, "retr: the SVD of X + u failed (LAPACK gesdd info ", info,
+                "): X or u contains NaN or Inf, or the SVD did not converge");
     for (int i = 0; i < m; ++i)  // core k = U[:, :r], row-major (m x r)
       for (int j = 0; j < r; ++j) out[off + static_cast<int64_t>(i) * r + j] = Ub[i + static_cast<size_t>(j) * m];
     off += static_cast<int64_t>(m) * r;
