@@ -1,12 +1,19 @@
-"""Optional compiled CPU kernels of the sampled-entry sweeps (``_sampled_kernels.cpp``).
+"""Optional compiled CPU kernels, two small C++ extensions built on first use with
+:func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja are needed; about 20 s
+each, once, then cached in torch's extension directory, by default
+``~/.cache/torch_extensions``):
 
-Built on first use with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja
-are needed; about 20 s once, then cached in torch's extension directory, by default
-``~/.cache/torch_extensions``). When the build is not possible, :func:`get` returns None
-(with one warning) and :mod:`ttmanifold.sparse` uses its torch kernels, which compute the
-same values. They serve index sets of at least ``MIN_SAMPLES`` samples. Set the
-environment variable ``TTMANIFOLD_NATIVE=0`` (or call ``set_enabled(False)``) to never
-build or use them.
+- :func:`get`: the sampled-entry sweeps (``_sampled_kernels.cpp``, used by
+  :mod:`ttmanifold.sparse` for index sets of at least ``MIN_SAMPLES`` samples; built
+  synchronously on first use);
+- :func:`get_dense`: the dense sweeps of the manifold (``_dense_kernels.cpp``: the
+  right-orthogonal cores, the projection of a TT, the retraction; used by
+  :mod:`ttmanifold.tangent` and :class:`~ttmanifold.FixedTTRank` on the CPU when no gradient
+  must flow; built in a background thread).
+
+Both compute what the torch implementations compute; those serve every other case and any
+machine where a build fails (one warning each). Set the environment variable
+``TTMANIFOLD_NATIVE=0`` (or call ``set_enabled(False)``) to never build or use them.
 """
 from __future__ import annotations
 
