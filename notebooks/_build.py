@@ -696,7 +696,10 @@ assert rel_err(g_auto, g_dense) < 1e-10 and rel_err(g_unpack, g_dense) < 1e-10
 kept as its factors $U, V, \delta$. Operations that know the structure stay at rank $r$:
 `inner(X, X)` is the dot product of the packed deltas (the tangent map is an isometry) and
 `inner(X, A)` is one projection sweep, so a loss written with inner products costs about one
-tangent-space projection. Any other operation sees the rank-$2r$ block cores. Below, the
+tangent-space projection, plus the loss's other terms (here $\langle A, A\rangle$) and
+autograd's bookkeeping: about twice `project` below. Any other operation sees the rank-$2r$
+block cores. (On the CPU, the projection sweeps and the retraction run in compiled kernels
+once they are built in the background; see the README.) Below, the
 same loss $\tfrac12\|X - A\|^2$ at $d = 10$, $n = 20$, $r = 10$ three ways: with inner
 products, forced onto the block cores (`TT(x.cores)`), and the projection `M.project(p, A)`
 for scale (timings on this machine, one thread, set above; they vary between runs).
