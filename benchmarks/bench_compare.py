@@ -164,6 +164,11 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # the compiled dense sweeps build in the background on first use: wait for them, so that
+    # no timed iteration shares the CPU with the compiler
+    from ttmanifold import _native
+    print(f"compiled dense sweeps: "
+          f"{'in use' if _native.get_dense(wait=True) is not None else 'not in use'}")
     print(f"# bench_compare: {datetime.datetime.now().isoformat(timespec='seconds')}, "
           f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()}")

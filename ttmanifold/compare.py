@@ -338,6 +338,13 @@ def compare(args, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str,
     settings = _settings(args)
     _validate(args, settings, parser)
     os.makedirs(args.out, exist_ok=True)
+    compiled = "n/a (CUDA)"
+    if device.type == "cpu":
+        # the compiled CPU sweeps build in the background on first use (once per machine);
+        # wait for them so that no timed iteration shares the CPU with the compiler
+        from . import _native
+
+        compiled = "in use" if _native.get_dense(wait=True) is not None else "not in use"
     started = time.perf_counter()
     header = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -348,6 +355,7 @@ def compare(args, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str,
                  f"{str(layer_dtype).replace('torch.', '')})",
         "seed": args.seed,
         "quick": args.quick,
+        "compiled_cpu_sweeps": compiled,
         "command": "ttmanifold compare " + " ".join(getattr(args, "_argv", [])),
     }
     results: Dict[str, object] = {}
