@@ -1919,8 +1919,22 @@ def execute(nb, *, quick: bool, timeout: int = 600):
     return nb
 
 
-def main(argv=None):
+def write(nb, path, *, quick: bool, execute_it: bool = True) -> None:
+    """Execute ``nb`` (unless ``execute_it`` is false), validate it and write it to ``path``."""
     import nbformat
+
+    if execute_it:
+        t0 = time.perf_counter()
+        nb = execute(nb, quick=quick)
+        print(f"{Path(path).name}: executed in {time.perf_counter() - t0:.1f} s"
+              f" ({'quick' if quick else 'full'} mode)")
+    nbformat.validate(nb)
+    with open(path, "w", encoding="utf-8") as fh:
+        nbformat.write(nb, fh)
+        fh.write("\n")  # nbformat.write adds no trailing newline
+
+
+def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("only", nargs="*", help="substrings selecting notebooks (default: all)")
@@ -1930,17 +1944,7 @@ def main(argv=None):
     for name, cells in NOTEBOOKS.items():
         if args.only and not any(s in name for s in args.only):
             continue
-        nb = build(name, cells)
-        if not args.no_execute:
-            t0 = time.perf_counter()
-            nb = execute(nb, quick=args.quick)
-            print(f"{name}: executed in {time.perf_counter() - t0:.1f} s"
-                  f" ({'quick' if args.quick else 'full'} mode)")
-        nbformat.validate(nb)
-        with open(HERE / name, "w", encoding="utf-8") as fh:
-            nbformat.write(nb, fh)
-            # nbformat.write adds no trailing newline
-            fh.write("\n")
+        write(build(name, cells), HERE / name, quick=args.quick, execute_it=not args.no_execute)
 
 
 if __name__ == "__main__":

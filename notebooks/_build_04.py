@@ -10,21 +10,19 @@ Same conventions as ``notebooks/_build.py`` (which builds the other notebooks): 
 notebook is the output of the full run, the kernel is the interpreter running this script
 (a temporary kernelspec pointing at ``sys.executable``), the working directory is
 ``notebooks/``, and cell ids are fixed (``nb04-XX``) so that regenerating only changes what
-really changed. The few helpers are replicated here rather than imported, so that this
-script does not depend on the state of ``_build.py``.
+really changed. The cell builders, the runner and the writer are imported from ``_build.py``.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 NAME = "04_chart_vs_riemannian.ipynb"
 
 sys.path.insert(0, str(HERE))
-from _build import build, code, execute, md  # noqa: E402  (shared cell builders and runner)
+from _build import build, code, md, write  # noqa: E402  (shared cell builders and runner)
 
 
 # =======================================================================================
@@ -768,23 +766,12 @@ from a shared CPU):
 
 
 def main(argv=None):
-    import nbformat
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="execute with TTMANIFOLD_NB_QUICK=1")
     ap.add_argument("--no-execute", action="store_true", help="write without outputs")
     ap.add_argument("--out", default=str(HERE / NAME), help="output path (default notebooks/" + NAME + ")")
     args = ap.parse_args(argv)
-    nb = build(NAME, NB04)
-    if not args.no_execute:
-        t0 = time.perf_counter()
-        nb = execute(nb, quick=args.quick)
-        print(f"{NAME}: executed in {time.perf_counter() - t0:.1f} s"
-              f" ({'quick' if args.quick else 'full'} mode)")
-    nbformat.validate(nb)
-    with open(args.out, "w", encoding="utf-8") as fh:
-        nbformat.write(nb, fh)
-        fh.write("\n")  # nbformat.write adds no trailing newline
+    write(build(NAME, NB04), args.out, quick=args.quick, execute_it=not args.no_execute)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import ttmanifold as tm
@@ -1091,9 +1091,10 @@ def _attainable(shape, inner):
 @given(d=st.integers(1, 6), data=st.data())
 def test_right_cores_batched_signs_match_the_signed_sweep(d, data):
     """``right_cores`` (unsigned LQs, one batched sign fix per run) and the projection's
-    unsigned interleaved sweep give the canonical gauge of the signed sweep ``right_sweep``
-    (``diag(L_k) >= 0``), including runs of equal cores and ragged ranks."""
-    from ttmanifold.tangent import project_D, right_cores, right_sweep
+    unsigned interleaved sweep give the canonical gauge of a signed LQ sweep written here
+    with ``lq_pos`` (``diag(L_k) >= 0``), including runs of equal cores and ragged ranks."""
+    from ttmanifold.tangent import project_D, right_cores
+    from ttmanifold.tt import lq_pos
 
     shape = tuple(data.draw(st.lists(st.integers(2, 4), min_size=d, max_size=d)))
     inner = [data.draw(st.sampled_from([2, 3, 4])) for _ in range(d - 1)]  # ragged or equal
@@ -1102,9 +1103,13 @@ def test_right_cores_batched_signs_match_the_signed_sweep(d, data):
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 10 ** 6)))
     p = M.random(dtype=dtype, generator=gen)
     U = M._split(p)
-    ref = [None] * d
-    for k, v, _ in right_sweep(U):
-        ref[k] = v
+    ref = [None] * d  # the signed sweep: c_{d-1} = U_{d-1}, c_{k-1} = U_{k-1} L_k
+    c = U[-1]
+    for k in range(d - 1, 0, -1):
+        l, q = lq_pos(c.reshape(c.shape[0], -1))
+        ref[k] = q.reshape(c.shape)
+        if k > 1:
+            c = (U[k - 1].reshape(-1, U[k - 1].shape[2]) @ l).reshape(U[k - 1].shape)
     V = right_cores(U)
     assert V[0] is None
     tol = 1e-13 if dtype == F64 else 1e-5
@@ -1148,7 +1153,7 @@ def _torch_path(fn, *args, **kw):
         _native.set_enabled(was)
 
 
-@settings(suppress_health_check=[__import__("hypothesis").HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(d=st.integers(1, 6), data=st.data())
 def test_dense_native_sweeps_match_torch(dense_native, d, data):
     """right_cores and project_D (packed, with and without V, gauged or not) on the compiled
@@ -1224,7 +1229,7 @@ def test_dense_native_build_failure_falls_back(monkeypatch):
         assert torch.allclose(v @ v.T, torch.eye(v.shape[0], dtype=F64), atol=1e-12)
 
 
-@settings(suppress_health_check=[__import__("hypothesis").HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(d=st.integers(2, 6), data=st.data())
 def test_dense_native_retract_matches_torch(dense_native, d, data):
     """The compiled retraction equals the torch implementation (packed cores), for ragged
@@ -1263,3 +1268,36 @@ def test_dense_native_retract_non_finite_step_is_a_clear_error(dense_native):
     u[3] = float("nan")
     with pytest.raises(RuntimeError, match="NaN or Inf"):
         M.retr(p, u)
+
+
+@pytest.mark.parametrize("shape,ranks", [((3, 4, 3, 2), (1, 2, 3, 2, 1)),
+                                         ((4, 3, 5), (1, 3, 4, 1)), ((5, 4), (1, 3, 1))])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_dense_native_against_dense_references(dense_native, monkeypatch, shape, ranks, dtype):
+    """With the compiled sweeps certainly in use (spied), project of a TT and retr agree
+    with the independent dense float64 references: the orthogonal projector onto the
+    Jacobian's column space and the dense left-to-right TT-SVD of X + xi."""
+    from ttmanifold import _native
+
+    calls = []
+    for name in ("project", "retract_point", "right_cores"):
+        real = getattr(dense_native, name)
+        monkeypatch.setattr(dense_native, name,
+                            lambda *a, _r=real, _n=name: (calls.append(_n), _r(*a))[1])
+    monkeypatch.setattr(_native, "get_dense", lambda wait=False: dense_native)
+    M = FixedTTRank(shape, ranks)
+    gen = torch.Generator().manual_seed(17)
+    p64 = M.random(dtype=F64, generator=gen)
+    p = p64.to(dtype)
+    Zc = random_tt_cores(shape, 2, gen)
+    tol = 1e-10 if dtype == F64 else 1e-4
+    ref = (oracle(M, p64) @ full(Zc).reshape(-1)).reshape(shape)
+    got = dense_tangent(M, p64, M.project(p, TT([c.to(dtype) for c in Zc])).double())
+    assert close(got, ref, tol * max(1.0, float(ref.norm())))
+    u = M.proju(p64, torch.randn(M.size, dtype=F64, generator=gen))
+    u = u * (0.3 / float(dense_tangent(M, p64, u).norm()))
+    Y = dense_point(M, p64) + dense_tangent(M, p64, u)
+    y = M.retr(p, u.to(dtype)).double()
+    assert close(dense_point(M, y), tt_svd_left_to_right(Y, M.ranks),
+                 tol * max(1.0, float(Y.norm())))
+    assert {"project", "retract_point"} <= set(calls)

@@ -268,7 +268,7 @@ void retract_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::
       for (int j = i; j < a; ++j) R[static_cast<size_t>(i) * a + j] = W[i + static_cast<size_t>(j) * N];
     orgqr(N, a, W.data(), N, tau.data(), work.data(), static_cast<int>(work.size()), &info);
     TORCH_CHECK(info == 0, "retract: orgqr failed (info ", info, ")");
-    Qs[k] = W;
+    Qs[k].swap(W);  // W is rebuilt at the next step
     Nk[k] = N;
     nbk[k] = nb;
     // core k-1: left = du_{k-1} + U_{k-1} C, right = U_{k-1} R^T  ((a' n) x a each)
@@ -359,6 +359,13 @@ void check_cores(const std::vector<torch::Tensor>& cs, const char* name, torch::
   }
 }
 
+// a flat tensor the size of the packed cores U
+torch::Tensor packed_like(const std::vector<torch::Tensor>& U) {
+  int64_t total = 0;
+  for (const auto& u : U) total += u.numel();
+  return torch::empty({total}, U[0].options());
+}
+
 }  // namespace
 
 std::vector<torch::Tensor> right_cores(std::vector<torch::Tensor> U) {
@@ -381,9 +388,7 @@ torch::Tensor project(std::vector<torch::Tensor> U, std::vector<torch::Tensor> V
   check_cores(U, "U", t);
   check_cores(V, "V", t, 1);
   check_cores(Z, "Z", t);
-  int64_t total = 0;
-  for (const auto& u : U) total += u.numel();
-  auto out = torch::empty({total}, U[0].options());
+  auto out = packed_like(U);
   AT_DISPATCH_FLOATING_TYPES(t, "ttm_project", [&] {
     project_impl<scalar_t>(U, V, Z, gauge, out.data_ptr<scalar_t>());
   });
@@ -398,9 +403,7 @@ torch::Tensor retract(std::vector<torch::Tensor> U, std::vector<torch::Tensor> V
   check_cores(U, "U", t);
   check_cores(V, "V", t, 1);
   check_cores(du, "du", t);
-  int64_t total = 0;
-  for (const auto& u : U) total += u.numel();
-  auto out = torch::empty({total}, U[0].options());
+  auto out = packed_like(U);
   AT_DISPATCH_FLOATING_TYPES(t, "ttm_retract", [&] {
     retract_impl<scalar_t>(U, V, du, ranks, out.data_ptr<scalar_t>());
   });

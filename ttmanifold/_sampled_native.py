@@ -90,26 +90,33 @@ def _buf(ws: Dict, name, rows: int, cols: int, dtype, device) -> torch.Tensor:
     return t
 
 
+def _left_sweep(plan: NativePlan, cores: Sequence[torch.Tensor], ws: Dict, ranks):
+    """The left vectors of every block in its order (``[ones, l_1, ...]``, pooled buffers of
+    ``ws``) and the values at the samples (sample order, a new tensor: callers may keep
+    it, e.g. the output of :meth:`IndexSet.gather`)."""
+    nat = _native.get()
+    N = len(plan.iset)
+    dtype, device = cores[0].dtype, cores[0].device
+    B = len(plan.bounds)
+    L: List[torch.Tensor] = [plan.ones(dtype)]
+    for b, (lo, hi) in enumerate(plan.bounds):
+        M = _merged(cores, lo, hi).permute(1, 0, 2).contiguous()
+        out = (_buf(ws, ("L", b + 1), N, ranks[hi], dtype, device) if b + 1 < B
+               else torch.empty(N, 1, dtype=dtype, device=device))
+        nat.step(L[b], M, plan.off[b], plan.dst_left[b], out)
+        if b + 1 < B:
+            L.append(out)
+    return L, out.view(-1)
+
+
 def native_values(plan: NativePlan, cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """The entries of the TT with ``cores`` at the samples (sample order): the left sweep
     alone, on a pooled workspace. Returns a new tensor."""
-    nat = _native.get()
-    iset = plan.iset
-    N = len(iset)
-    dtype, device = cores[0].dtype, cores[0].device
-    ranks = iset._ranks(cores)
-    ws = plan.acquire(dtype, ranks)
+    ranks = plan.iset._ranks(cores)
+    ws = plan.acquire(cores[0].dtype, ranks)
     try:
         with torch.no_grad():
-            a = plan.ones(dtype)
-            B = len(plan.bounds)
-            for b, (lo, hi) in enumerate(plan.bounds):
-                M = _merged(cores, lo, hi).permute(1, 0, 2).contiguous()
-                out = (_buf(ws, ("L", b + 1), N, ranks[hi], dtype, device) if b + 1 < B
-                       else torch.empty(N, 1, dtype=dtype, device=device))
-                nat.step(a, M, plan.off[b], plan.dst_left[b], out)
-                a = out
-        return out.view(-1)
+            return _left_sweep(plan, cores, ws, ranks)[1]
     finally:
         plan.release(ws)
 
@@ -132,17 +139,7 @@ class NativeSampledPoint:
         weakref.finalize(self, plan.release, ws)
         B = len(plan.bounds)
         with torch.no_grad():
-            L: List[torch.Tensor] = [plan.ones(dtype)]
-            for b, (lo, hi) in enumerate(plan.bounds):
-                M = _merged(self.U, lo, hi).permute(1, 0, 2).contiguous()
-                # the values are the point's own tensor (callers may keep them, e.g. the
-                # output of IndexSet.gather), the other vectors live in the pooled workspace
-                out = (_buf(ws, ("L", b + 1), N, ranks[hi], dtype, device) if b + 1 < B
-                       else torch.empty(N, 1, dtype=dtype, device=device))
-                nat.step(L[b], M, plan.off[b], plan.dst_left[b], out)
-                if b + 1 < B:
-                    L.append(out)
-            self.values = out.view(-1)
+            L, self.values = _left_sweep(plan, self.U, ws, ranks)
             R: List[Optional[torch.Tensor]] = [None] * B
             R[B - 1] = plan.ones(dtype)
             for b in range(B - 1, 0, -1):

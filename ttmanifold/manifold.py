@@ -641,8 +641,8 @@ class FixedTTRank(geoopt.Manifold):
         if defect > max(atol, self._orth_tol(x.dtype)):
             return False, f"cores 1..d-1 are not left-orthogonal (defect {defect:.3g})"
         # exact rank: the interface factors L_k of the right sweep must be nonsingular
-        for k, _, l in right_sweep(U):
-            sv = torch.linalg.svdvals(l)
+        for k, _, r in right_sweep(U):  # (unsigned factors: same singular values)
+            sv = torch.linalg.svdvals(r)
             if float(sv.min()) <= rtol * float(sv.max()) or float(sv.max()) == 0:
                 return False, f"TT-rank at bond {k} is below {self.ranks[k]}"
         return True, None

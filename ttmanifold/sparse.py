@@ -815,10 +815,7 @@ class IndexSet:
         left sweep (kept), then the right sweep started from the values (so the right
         vectors are ``values * rho``) with one grouped scatter per block."""
         if self._use_native(values):
-            from ._sampled_native import NativeSampledPoint
-
-            pt = NativeSampledPoint(self._native_plan(self._ranks(U)), U, V)
-            return pt.project(values)
+            return self.sampled_point(U, V).project(values)
         ws = self._tmp_workspace(values.dtype, values.device)
         o = ws.o
         part = self._partition(self._ranks(U), not o.fm)

@@ -36,7 +36,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import _native
-from .tt import TT, lq_pos
+from .tt import TT
 
 __all__ = ["TangentTT", "core_runs", "right_sweep", "right_cores", "project_D",
            "gauge_project_flat"]
@@ -54,32 +54,22 @@ def core_runs(shapes: Sequence[Tuple[int, ...]]) -> List[Tuple[int, int]]:
 
 
 def right_sweep(U: Sequence[torch.Tensor]):
-    """The LQ sweep of the TT with left-orthogonal cores ``U``: yields ``(k, V_k, L_k)`` for
-    ``k = d-1, ..., 1``, where ``V_k`` are the right-orthogonal cores of the same tensor and
-    ``L_k`` the factors with ``diag(L_k) >= 0`` (:func:`~ttmanifold.tt.lq_pos`) of
-    ``U_k L_{k+1} = L_k V_k``. No inversion; O(d n r^3)."""
-    c = U[-1]
-    for k in range(len(U) - 1, 0, -1):
-        l, q = lq_pos(c.reshape(c.shape[0], -1))
-        yield k, q.reshape(c.shape), l
-        if k > 1:
-            prv = U[k - 1]
-            c = (prv.reshape(-1, prv.shape[2]) @ l).reshape(prv.shape)
+    """The LQ sweep of the TT with left-orthogonal cores ``U``, without a sign convention:
+    yields ``(k, q_k, r_k)`` for ``k = d-1, ..., 1``, where ``q_k`` (``n_k r_k x r_{k-1}``,
+    the transposed right unfolding) holds ``V'_k`` and ``r_k^T = L'_k`` with
+    ``U_k L'_{k+1} = L'_k V'_k`` (Householder QR of the transpose: LAPACK's signs). No
+    inversion; O(d n r^3).
 
-
-def _unsigned_lq_sweep(U: Sequence[torch.Tensor]):
-    """The LQ sweep of :func:`right_sweep` without the sign convention: yields ``(k, q_k,
-    dg_k)`` for ``k = d-1, ..., 1`` where ``q_k`` (``n_k r_k x r_{k-1}``, the transposed
-    right unfolding) holds ``V'_k`` and ``dg_k`` the diagonal of ``L'_k`` (LAPACK's
-    Householder signs). With ``S_k = sign(dg_k)`` (``+0 -> +1``) the canonical factors are
-    ``L_k = L'_k S_k`` and ``V_k = S_k V'_k (I (x) S_{k+1})``: by induction, the input of
-    step k is the canonical one times ``I (x) S_{k+1}`` on its columns, and an LQ of
-    ``A D`` (D diagonal, orthogonal) is ``(L S) (S Q D)``. So the interfaces satisfy
-    ``V'_>k = S_k V_>k``, which lets callers fix all signs at the end, batched."""
+    With ``S_k = sign(diag(L'_k))`` (``+0 -> +1``) the canonical factors (``diag(L_k) >= 0``,
+    :func:`~ttmanifold.tt.lq_pos`) are ``L_k = L'_k S_k`` and
+    ``V_k = S_k V'_k (I (x) S_{k+1})``: by induction, the input of step k is the canonical
+    one times ``I (x) S_{k+1}`` on its columns, and an LQ of ``A D`` (D diagonal, orthogonal)
+    is ``(L S) (S Q D)``. So the interfaces satisfy ``V'_>k = S_k V_>k``, which lets callers
+    fix all signs at the end, batched (:func:`right_cores`, :func:`project_D`)."""
     c = U[-1]
     for k in range(len(U) - 1, 0, -1):
         q, r = torch.linalg.qr(c.reshape(c.shape[0], -1).transpose(0, 1))
-        yield k, q, torch.diagonal(r)
+        yield k, q, r
         if k > 1:
             prv = U[k - 1]
             c = (prv.reshape(-1, prv.shape[2]) @ r.transpose(0, 1)).reshape(prv.shape)
@@ -93,9 +83,9 @@ def _signs(dg: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def right_cores(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     """The right-orthogonal cores ``V_1..V_{d-1}`` (``V[0]`` is None) of the TT with
-    left-orthogonal cores ``U``, in the canonical gauge of :func:`right_sweep`
-    (``diag(L_k) >= 0``), computed by the unsigned sweep :func:`_unsigned_lq_sweep` and one
-    batched sign fix per run of equal core shapes (instead of four small kernels per core).
+    left-orthogonal cores ``U``, in the canonical gauge ``diag(L_k) >= 0``, computed by the
+    unsigned sweep :func:`right_sweep` and one batched sign fix per run of equal core shapes
+    (instead of four small kernels per core).
     No inversion; O(d n r^3). On the CPU without autograd, the compiled sweep of
     :func:`ttmanifold._native.get_dense` (the same LAPACK calls, bitwise equal) when built."""
     d = len(U)
@@ -108,8 +98,8 @@ def right_cores(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         return V
     Q: List[Optional[torch.Tensor]] = [None] * d
     dg: List[Optional[torch.Tensor]] = [None] * d
-    for k, q, g in _unsigned_lq_sweep(U):
-        Q[k], dg[k] = q, g
+    for k, q, r in right_sweep(U):
+        Q[k], dg[k] = q, torch.diagonal(r)
     S = _signs(dg[1:]).split([g.shape[0] for g in dg[1:]])  # S[k-1]: signs of bond k-1
     for k0, k1 in core_runs([tuple(U[k].shape) + (k == d - 1,) for k in range(1, d)]):
         k0, k1 = k0 + 1, k1 + 1
@@ -131,8 +121,8 @@ def project_D(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Ten
     """``D_k = U_<k^T Z V_>k^T`` (cores of shape ``U[k].shape``) for a TT ``Z``.
 
     ``U``: left-orthogonal cores of the point; ``V``: its right-orthogonal cores
-    (``V[0]`` unused), or None to compute them here (:func:`right_sweep`, interleaved
-    with the right interface sweep below).
+    (``V[0]`` unused), or None to compute them here (the unsigned :func:`right_sweep`,
+    interleaved with the right interface sweep below, signs fixed per run at the end).
 
     On the CPU without autograd and with ``packed=True`` this runs the compiled sweeps of
     :func:`ttmanifold._native.get_dense` (the same products, direct BLAS/LAPACK calls) once
@@ -170,7 +160,7 @@ def project_D(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Ten
     Q: List[Optional[torch.Tensor]] = [None] * d  # Q[d-1] = 1
     # without V: the unsigned LQ sweep, interleaved (V'_k computed while in cache); its
     # interfaces are Q'_k = Q_k S_{k+1}, fixed below with one product per run
-    sweep = _unsigned_lq_sweep(U) if V is None else None
+    sweep = right_sweep(U) if V is None else None
     dg: List[torch.Tensor] = []
     for k in range(d - 1, 0, -1):
         z = Z[k]
@@ -179,8 +169,8 @@ def project_D(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Ten
         else:
             s = (z.reshape(-1, z.shape[2]) @ Q[k]).reshape(z.shape[0], -1)  # (R, n r)
         if sweep is not None:
-            _, q, g = next(sweep)
-            dg.append(g)
+            _, q, r = next(sweep)
+            dg.append(torch.diagonal(r))
             Q[k - 1] = s @ q  # (R, r) with the unsigned V'_k (q = V'_k^T)
         else:
             v = V[k]
