@@ -1,7 +1,7 @@
 """Chart vs Riemannian benchmark (issue 5).
 
 Part 1 - the full default comparison on tensor completion, d = 10, n = 20, r = 6,
-|Omega| = 10 dim M, float64: every method of :mod:`ttmanifold.solvers` with the common
+|Omega| = 10 dim M, float64: every method of :mod:`ttmanifold.experiments.solvers` with the common
 step-size rule (log grid 1e-3..1, 7 values, 10 tuning iterations) from one start; reports
 iterations and seconds to test error 1e-6. The start is ``kind="perturbed"`` (the target
 plus 30% noise, rounded: an oracle start inside the basin of attraction) because from a
@@ -29,8 +29,8 @@ import time
 
 import torch
 
-from ttmanifold.problems import Completion
-from ttmanifold.solvers import METHODS, run
+from ttmanifold.experiments.problems import Completion
+from ttmanifold.experiments.solvers import METHODS, run
 
 
 def _cpu_name():

@@ -76,8 +76,8 @@ import torch
 
 import ttmanifold as tm
 from ttmanifold import STTPChart, orthogonalize
-from ttmanifold import problems as P
-from ttmanifold import solvers as S
+from ttmanifold.experiments import problems as P
+from ttmanifold.experiments import solvers as S
 
 QUICK = os.environ.get("TTMANIFOLD_NB_QUICK") == "1"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ttmanifold.__main__ import main
-from ttmanifold.solvers import METHODS
+from ttmanifold.experiments.solvers import METHODS
 
 HAS_NN = importlib.util.find_spec("ttmanifold.nn") is not None
 HAS_CHART = importlib.util.find_spec("ttmanifold.chart") is not None
@@ -126,13 +126,13 @@ def test_python_dash_m_help():
 
 
 def _tiny_approximation():
-    from ttmanifold.problems import Approximation
+    from ttmanifold.experiments.problems import Approximation
 
     return Approximation.random((4, 5, 4), 4, 2, dtype=torch.float64, seed=0)
 
 
 def test_run_reports_chart_domain_error_instead_of_crashing(monkeypatch):
-    from ttmanifold import solvers
+    from ttmanifold.experiments import solvers
 
     def outside(problem, method, x0, lr, opts):
         raise ValueError("frame U1: singular leading block (outside the chart's domain)")
@@ -148,7 +148,7 @@ def test_run_reports_chart_domain_error_instead_of_crashing(monkeypatch):
 
 
 def test_run_reports_divergence_from_on_device_asserts(monkeypatch):
-    from ttmanifold import solvers
+    from ttmanifold.experiments import solvers
 
     real = solvers._make_stepper
 

@@ -1,4 +1,4 @@
-"""Tests of ttmanifold.problems and ttmanifold.solvers (chart vs Riemannian descent)."""
+"""Tests of ttmanifold.experiments.problems and ttmanifold.experiments.solvers (chart vs Riemannian descent)."""
 import importlib.util
 import math
 import time
@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from ttmanifold.problems import (
+from ttmanifold.experiments.problems import (
     Approximation,
     Completion,
     _dedupe,
@@ -14,7 +14,7 @@ from ttmanifold.problems import (
     random_tt,
     sample_distinct_indices,
 )
-from ttmanifold.solvers import METHODS, History, lr_grid, riemannian_cg, run
+from ttmanifold.experiments.solvers import METHODS, History, lr_grid, riemannian_cg, run
 
 HAS_CHART = importlib.util.find_spec("ttmanifold.chart") is not None
 HAS_NN = importlib.util.find_spec("ttmanifold.nn") is not None
@@ -198,7 +198,7 @@ def test_eval_tangent_matches_dense():
 
 @pytest.mark.skipif(not HAS_NN, reason="ttmanifold.nn not available yet")
 def test_layer_riemannian_grad_matches_dense_oracle():
-    from ttmanifold.problems import LayerTraining
+    from ttmanifold.experiments.problems import LayerTraining
 
     P = LayerTraining(hidden=16, rank=3, dtype=DT)
     M = P.manifold
@@ -253,7 +253,7 @@ def test_each_method_decreases_loss(kind, method):
 @pytest.mark.skipif(not (HAS_NN and HAS_CHART), reason="ttmanifold.nn/chart not available yet")
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "rcg"])
 def test_layer_methods_decrease_loss(method):
-    from ttmanifold.problems import LayerTraining
+    from ttmanifold.experiments.problems import LayerTraining
 
     P = LayerTraining(hidden=32, rank=3)
     h = run(P, method, iters=6, grid_size=2, tune_iters=2)

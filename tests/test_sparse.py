@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from ttmanifold import _native
 from ttmanifold._sampled_native import NativeSampledPoint
 from ttmanifold import FixedTTRank, IndexSet
-from ttmanifold.problems import Completion
-from ttmanifold.solvers import run
+from ttmanifold.experiments.problems import Completion
+from ttmanifold.experiments.solvers import run
 
 F64 = torch.float64
 F32 = torch.float32

@@ -1,6 +1,6 @@
 """Command line: ``python -m ttmanifold`` (a short tour) and
 ``python -m ttmanifold compare [...]`` (chart vs Riemannian comparison, see
-:mod:`ttmanifold.compare`). The console script ``ttmanifold`` calls :func:`main`."""
+:mod:`ttmanifold.experiments.compare`). The console script ``ttmanifold`` calls :func:`main`."""
 from __future__ import annotations
 
 import sys
@@ -61,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None):
         print(USAGE)
         return 0
     if argv[0] == "compare":
-        from .compare import main as compare_main
+        from .experiments.compare import main as compare_main
 
         compare_main(argv[1:], prog="ttmanifold compare")
         return 0

@@ -1,8 +1,8 @@
 """Chart-based versus Riemannian descent: the ``ttmanifold compare`` command.
 
-Runs every requested method (:data:`ttmanifold.solvers.METHODS`) on every requested problem
-(:mod:`ttmanifold.problems`) from the same starting point, with the step-size rule of
-:mod:`ttmanifold.solvers`, and writes to ``--out``:
+Runs every requested method (:data:`ttmanifold.experiments.solvers.METHODS`) on every requested problem
+(:mod:`ttmanifold.experiments.problems`) from the same starting point, with the step-size rule of
+:mod:`ttmanifold.experiments.solvers`, and writes to ``--out``:
 
 - ``results.csv``: one row per iteration of every run (problem, method, lr, iter, time,
   loss, metrics), preceded by ``# key: value`` header lines (device, torch version, dtype,
@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from . import solvers
-from .manifold import FixedTTRank
+from ..manifold import FixedTTRank
 from .solvers import METHODS, History
 
 __all__ = ["PROBLEMS", "build_parser", "build_problem", "compare", "main"]
@@ -342,7 +342,7 @@ def compare(args, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str,
     if device.type == "cpu":
         # the compiled CPU sweeps build in the background on first use (once per machine);
         # wait for them so that no timed iteration shares the CPU with the compiler
-        from . import _native
+        from .. import _native
 
         compiled = "in use" if _native.get_dense(wait=True) is not None else "not in use"
     started = time.perf_counter()

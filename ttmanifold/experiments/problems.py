@@ -15,7 +15,7 @@ The common interface (:class:`Problem`): ``manifold`` (a :class:`~ttmanifold.Fix
 
 The quadratic problems also provide what Riemannian CG with exact line search needs
 (:meth:`QuadraticProblem.cg_grad`, :meth:`QuadraticProblem.exact_step`), see
-:func:`ttmanifold.solvers.riemannian_cg`.
+:func:`ttmanifold.experiments.solvers.riemannian_cg`.
 
 Scaling conventions (so that one step-size rule fits every problem): the targets are
 normalized to ``||A||_F = 1`` and the initial points are random unit-norm points, so the
@@ -34,11 +34,11 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._checks import check_float_dtype, check_shape, normalize_ranks
-from .manifold import FixedTTRank
-from .sparse import IndexSet
-from .tt import TT, inner
-from .tt import round as tt_round
+from .._checks import check_float_dtype, check_shape, normalize_ranks
+from ..manifold import FixedTTRank
+from ..sparse import IndexSet
+from ..tt import TT, inner
+from ..tt import round as tt_round
 
 __all__ = [
     "Problem",
@@ -736,7 +736,7 @@ class LayerTraining(Problem):
     def __init__(self, hidden: int = 256, rank: int = 4, *, test_fraction: float = 0.25,
                  spectrum: str = "learned", init: str = "random", seed=0, dtype=None,
                  device=None):
-        from . import nn as ttnn  # lazy: ImportError if the module is absent
+        from .. import nn as ttnn  # lazy: ImportError if the module is absent
 
         self._nn = ttnn
         dtype = _resolve_dtype(dtype or torch.float32)

@@ -24,7 +24,7 @@ is given, :func:`tune_lr` runs the method for ``tune_iters`` (default 10) iterat
 (default 7 values, i.e. half-decades), and keeps the ``lr`` with the smallest loss after
 those iterations (non-finite losses and errors count as +inf; ties go to the smaller lr).
 Riemannian CG has no step size: it uses the exact line search. The problems are scaled so
-that a step of 1 is the natural gradient step (see :mod:`ttmanifold.problems`), so this
+that a step of 1 is the natural gradient step (see :mod:`ttmanifold.experiments.problems`), so this
 grid brackets the useful steps of every method.
 
 Timing: ``History.time[t]`` is the wall time spent in the steps that led from ``x0`` to
@@ -49,7 +49,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .manifold import FixedTTRank
+from ..manifold import FixedTTRank
 from .problems import Problem
 
 __all__ = [
@@ -261,7 +261,7 @@ class _Stepper:
 
 class _ChartStepper(_Stepper):
     def __init__(self, problem, method, x0, lr, chart_kwargs):
-        from .chart import STTPChart  # lazy: another module
+        from ..chart import STTPChart  # lazy: another module
 
         self.problem = problem
         self.chart = STTPChart(problem.manifold, **(chart_kwargs or {}))
@@ -398,7 +398,7 @@ class _CGStepper(_Stepper):
 
 
 class _ModelStepper(_Stepper):
-    """Full-batch training of a model problem (:class:`~ttmanifold.problems.LayerTraining`)."""
+    """Full-batch training of a model problem (:class:`~ttmanifold.experiments.problems.LayerTraining`)."""
 
     def __init__(self, problem, method, lr):
         param = "chart" if method in CHART_METHODS else "manifold"
@@ -548,7 +548,7 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
 
     Parameters
     ----------
-    problem : a :class:`~ttmanifold.problems.Problem`
+    problem : a :class:`~ttmanifold.experiments.problems.Problem`
     method : one of :data:`METHODS`
     x0 : packed point of ``problem.manifold`` (default ``problem.initial_point(seed)``);
         chart methods start at ``chart.inverse(x0)``. Ignored by model problems (they start
@@ -619,7 +619,7 @@ def riemannian_cg(problem, x0=None, *, iters: int = 100, time_budget=None, beta:
                   callback=None, **kwargs) -> History:
     """Riemannian conjugate gradient with exact line search (Steinlechner's RTTC).
 
-    For a quadratic problem (:class:`~ttmanifold.problems.QuadraticProblem`): at ``X_t``
+    For a quadratic problem (:class:`~ttmanifold.experiments.problems.QuadraticProblem`): at ``X_t``
     with Riemannian gradient ``g_t`` (``problem.cg_grad``: the sparse projection of
     ``P_Omega(X - A)`` for completion, O(|Omega| d r^2), never dense; ``X - P_X A`` for
     approximation) and search direction ``eta_t``,
