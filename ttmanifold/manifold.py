@@ -161,6 +161,24 @@ class FixedTTRank(geoopt.Manifold):
     # ------------------------------------------------------------------------------------
     # packing
     # ------------------------------------------------------------------------------------
+    @property
+    def core_sizes(self) -> List[int]:
+        """Number of entries of each core in the packed layout (``r_{k-1} n_k r_k``)."""
+        return list(self._sizes)
+
+    def split(self, x: torch.Tensor, name: str = "x") -> List[torch.Tensor]:
+        """Views of the ``d`` cores (or deltas) packed in the flat tensor ``x`` (no copy);
+        ``name`` is the argument named in errors."""
+        return self._split(x, name)
+
+    def point_as_tangent(self, p: torch.Tensor) -> torch.Tensor:
+        """The point X itself as a tangent vector at ``p``: packed gauged deltas
+        ``(0, ..., 0, U_d)``. O(size)."""
+        self._check_flat(p, "p")
+        out = torch.zeros_like(p)
+        out[-self._sizes[-1]:] = p[-self._sizes[-1]:]
+        return out
+
     def _split(self, x: torch.Tensor, name: str = "x") -> List[torch.Tensor]:
         self._check_flat(x, name)
         return [c.view(s) for c, s in zip(torch.split(x, self._sizes), self.core_shapes)]

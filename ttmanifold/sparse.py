@@ -854,6 +854,11 @@ class IndexSet:
         return SampledPoint(self, U, V)
 
     # -- per-mode kernels (sample order) ------------------------------------------------
+    def left_step(self, k: int, a: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+        """One step of the left sweep in sample order: ``a_i @ core[:, i_k, :]`` for every
+        sample i, ``a`` of shape ``(N, r_{k-1})``, result ``(N, r_k)``. O(N r_{k-1} r_k)."""
+        return self._left_step(k, a, core)
+
     def _left_step(self, k: int, a: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
         """a (N, r_{k-1}) -> a_e @ core[:, i_k(e), :]  (N, r_k)."""
         p = self.plan(k)
