@@ -150,6 +150,8 @@ __all__ = [
     "frame_from_reduced",
     "full_from_frame",
     "reduced_from_frame",
+    "full_from_frame_unsigned",
+    "reduced_in_full",
 ]
 
 try:  # optional accelerated orgqr; never required
@@ -491,14 +493,63 @@ def reduced_from_frame(
     rotation = (Q1 * fix.unsqueeze(-2)).flip(-2, -1)
     params_full, signs = _householder_qr(Q @ rotation)
     # keep only rows r..m-1 of each reflector (rows j+1..r-1 vanish up to rounding)
-    keep = _reduced_in_full(m, r, Q.device)
+    keep = reduced_in_full(m, r, Q.device)
     return params_full.index_select(-1, keep), signs, rotation
 
 
-def _reduced_in_full(m: int, r: int, device) -> torch.Tensor:
+def reduced_in_full(m: int, r: int, device) -> torch.Tensor:
     """Indices into the full packing of the reduced-form entries (rows >= r), in reduced order."""
     # full packing: column j starts at off_j = j (m - 1) - j (j - 1) / 2 and holds rows j+1..m-1
     j = torch.arange(r, device=device).repeat_interleave(m - r)
     i = torch.arange(r, m, device=device).repeat(r)
     off = j * (m - 1) - torch.div(j * (j - 1), 2, rounding_mode="floor")
     return off + (i - j - 1)
+
+
+def full_from_frame_unsigned(Q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Full-form parameters ``p`` with ``frame_from_full(p) == Q`` exactly (no column signs).
+
+    ``Q``: ``(..., m, r)`` float32/float64 frame.
+
+    Householder QR where each peeled column ``x`` is reflected onto ``+|x| e_j`` (LAPACK
+    uses ``-sign(alpha)|x|``, which is why :func:`full_from_frame` needs signs). The free
+    part of ``v = (x - |x| e_j) / (alpha - |x|)`` is computed without cancellation:
+    ``x_rest / (alpha - |x|)`` for ``alpha <= 0`` and ``-x_rest (alpha + |x|) / |x_rest|^2``
+    for ``alpha > 0``. Undefined (inf/NaN) when a peeled column is exactly ``+e_j``. For a
+    square frame the last reflector has no free entry (it maps ``e`` to ``-e``), so the
+    last peeled entry must be ``-1`` (``det Q = (-1)^r``). Returns ``(params, ok)``, ``ok``
+    a bool tensor ``(...)``: params finite and (if square) the orientation reachable.
+    Differentiable, pure torch (works on meta). ``O(m r^2)``.
+    """
+    _check_frame(Q)
+    r = Q.shape[-1]
+    Y = Q
+    ws = []
+    for j in range(r):
+        x = Y[..., :, 0]
+        alpha = x[..., 0]
+        xr = x[..., 1:]
+        nr2 = (xr * xr).sum(dim=-1)
+        nrm = torch.sqrt(alpha * alpha + nr2)
+        neg = alpha <= 0
+        one = torch.ones_like(alpha)
+        den = torch.where(neg, alpha - nrm, -one)
+        safe_nr2 = torch.where(neg, one, nr2)
+        w = torch.where(
+            neg.unsqueeze(-1),
+            xr / den.unsqueeze(-1),
+            -xr * ((alpha + nrm) / safe_nr2).unsqueeze(-1),
+        )
+        ws.append(w)
+        if j == r - 1:
+            ok = torch.isfinite(w).all(dim=-1)
+            if xr.shape[-1] == 0:
+                ok = ok & neg
+            break
+        v = torch.cat([one.unsqueeze(-1), w], dim=-1)
+        tau = 2.0 / (v * v).sum(dim=-1)
+        rest = Y[..., :, 1:]
+        proj = (v.unsqueeze(-2) @ rest) * tau[..., None, None]
+        Y = (rest - v.unsqueeze(-1) * proj)[..., 1:, :]
+    params = torch.cat(ws, dim=-1)
+    return params, ok & torch.isfinite(params).all(dim=-1)

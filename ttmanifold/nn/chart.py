@@ -1,0 +1,590 @@
+r"""STTP: the Spectral Tensor Train Parameterization (Obukhov et al., AISTATS 2021).
+
+A non-redundant, differentiable chart of the manifold ``M_r`` of tensors of fixed TT-rank
+(``../shared/MATH.md`` sections 3 and 4). With 0-based cores ``0..d-1`` and a *center*
+``c`` (``1 <= c <= d-1``, the number of cores left of the spectrum) every point is written
+in mixed canonical form
+
+.. math::
+
+    X = U_0 \cdots U_{c-1} \, \mathrm{diag}(s) \, V_c \cdots V_{d-1},
+
+``U_k`` left-orthogonal (the left unfolding ``(r_k n_k) x r_{k+1}`` is a frame), ``V_k``
+right-orthogonal (the *transposed right unfolding* ``(n_k r_{k+1}) x r_k``, i.e.
+``V_k.reshape(r_k, n_k r_{k+1}).T``, is a frame), ``s`` the (signed) singular values of the
+c-th unfolding ``X.reshape(n_0 ... n_{c-1}, n_c ... n_{d-1})``.
+
+Parameter vector ``theta`` (one flat tensor, blocks in this order; :meth:`STTPChart.split`
+gives named views, :attr:`STTPChart.layout` the offsets):
+
+===========  =====================  ==============================================
+block        frame (m x r)          parameters
+===========  =====================  ==============================================
+``U0..``     ``U_k``, k < c-1       reduced Householder, ``r_{k+1}(r_k n_k - r_{k+1})``
+``U{c-1}``   ``U_{c-1}``            full Householder (reduced for ``"identity"``)
+``s``        spectrum               ``r_c`` values (absent for ``"identity"``)
+``V{c}``     ``V_c`` (transposed)   full Householder, ``n_c r_{c+1} r_c - r_c(r_c+1)/2``
+``V{k}``     ``V_k``, k > c         reduced Householder, ``r_k(n_k r_{k+1} - r_k)``
+===========  =====================  ==============================================
+
+The total is ``sum_k r_k n_k r_{k+1} - sum_{0<k<d} r_k^2 = manifold.dim``: no redundancy
+(the Jacobian of the learned-spectrum chart has full column rank at generic points).
+
+Spectrum modes
+--------------
+* ``"learned"``: ``s`` free and *signed* (the column signs of the two full Householder
+  frames are absorbed into it); ``dim == manifold.dim``; a local diffeomorphism.
+* ``"lipschitz"``: ``theta`` stores ``s`` unnormalized and the effective spectrum is
+  :func:`lipschitz_normalize` ``(s) = s / ||s||_inf``, so the spectral norm of the c-th
+  unfolding is exactly 1. ``dim == manifold.dim`` parameters, but the chart is invariant
+  under positive scaling of ``s``: its image (points with ``max |s| = 1``) has dimension
+  ``manifold.dim - 1`` and the Jacobian has rank ``dim - 1``.
+* ``"identity"``: ``s = 1`` fixed, no ``s`` block, and ``U_{c-1}`` is reduced too (its
+  rotation gauge goes into the full ``V_c``), so ``dim = manifold.dim - r_c (r_c + 1) / 2``.
+  This is a *smaller, non-full family*: a non-redundant chart of (part of) the
+  submanifold of points whose c-th unfolding has all singular values 1. With no spectrum
+  to absorb column signs, ``V_c``'s full frame is inverted *without* signs (each peeled
+  column reflected onto ``+e_j``). When ``V_c`` is square (``n_c r_{c+1} = r_c``) a product of
+  ``r_c`` reflections has determinant ``(-1)^{r_c}``; the inverse then flips the sign of one
+  column of a non-square reduced frame (``U_{c-1}`` first, then outwards) to reach that
+  orientation. Points where no such choice exists (e.g. the orientation is wrong and all
+  reduced frames are square) or with a peeled column exactly ``+e_j`` are outside the
+  chart (``ValueError``).
+
+Output convention
+-----------------
+:meth:`STTPChart.forward` returns the TT with cores
+``[U_0, ..., U_{c-2}, U_{c-1} diag(s), V_c, ..., V_{d-1}]``: **s is folded into the columns
+of core c-1**, so the output is in mixed canonical form with orthogonality center core
+``c-1`` (cores ``< c-1`` left-, ``>= c`` right-orthogonal), and the c-th unfolding's SVD is
+``(U_{<c}) diag(s) (V_{>=c})`` (up to signs/order of ``s``). :meth:`STTPChart.forward_cores`
+returns the factors separately.
+
+Inverse and chart domain
+------------------------
+:meth:`STTPChart.inverse` orthogonalizes x (center core ``c-1``), runs reduced inversions
+of the outer cores (left cores ``0..c-2``, absorbing each rotation and sign into core
+``k+1``; right cores ``d-1..c+1`` absorbing leftwards into core ``k-1``), *then* takes the SVD
+of the center so that ``s`` are the singular values of the c-th unfolding, and finally
+full inversions of ``U_{c-1}`` and ``V_c`` with their column signs folded into ``s``. The
+chart's domain is the set of points for which every reduced frame has a nonsingular
+leading ``r x r`` block (an open dense set); elsewhere ``ValueError`` is raised, naming the
+core and suggesting another ``center`` (which changes which cores are reduced).
+
+``forward(inverse(x)) == x`` to rounding on the domain. ``theta`` is *not* unique:
+``inverse`` returns a canonical representative (spectrum sorted by decreasing ``|s|``,
+reduced frames with a negative leading diagonal, full frames with ``|w_j| < 1`` except
+the sign-free ``V_c`` of ``"identity"``), and ``inverse(forward(inverse(x))) ==
+inverse(x)`` when the singular values are distinct.
+
+d == 1
+------
+A vector has no bond: the chart is the identity on the single core's ``n_0`` entries
+(``dim = n_0``, block ``"core0"``), ``center == 0``, the spectrum mode is irrelevant
+and :meth:`STTPChart.singular_values` returns an empty tensor.
+
+Devices, dtypes, autograd
+-------------------------
+float32 and float64 (the Householder kernels' dtypes); every tensor is created on the
+device/dtype of the input. Forwards are differentiable. Everything runs on the ``meta``
+device (the compact-WY frame evaluation's matmuls and ``solve_triangular``, ``qr`` and
+``svd`` have meta kernels; the inverse's
+Householder QR switches to a pure-torch path there); value checks that need a host
+synchronisation are skipped on ``meta``.
+
+Costs: with ``n = max n_k``, ``r = max r_k``: forward ``O(d n r^3)`` (one compact-WY frame
+evaluation per core), inverse ``O(d n r^3)`` (a QR sweep, one Householder QR per core, one ``r x r``-ish
+SVD), :meth:`STTPParametrization.forward` additionally ``O(n^d r)`` for the dense tensor.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ..householder import (
+    frame_from_full,
+    frame_from_reduced,
+    full_dim,
+    full_from_frame,
+    full_from_frame_unsigned,
+    reduced_dim,
+    reduced_from_frame,
+    reduced_in_full,
+)
+from ..manifold import FixedTTRank
+from ..tt import TT, orthogonalize
+
+__all__ = [
+    "STTPChart",
+    "d_optimal_penalty",
+    "lipschitz_normalize",
+    "Block",
+]
+
+SPECTRA = ("learned", "identity", "lipschitz")
+_DTYPES = (torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# spectral helpers
+# ---------------------------------------------------------------------------------------
+
+#: Floor of ``max|s|`` in :func:`lipschitz_normalize` (the reference code's value).
+LIPSCHITZ_EPS = 1e-8
+
+
+def lipschitz_normalize(s: Tensor, eps: float = LIPSCHITZ_EPS) -> Tensor:
+    """``s / max(||s||_inf, eps)`` over the last dimension (shape preserved,
+    differentiable).
+
+    ``s``: ``(..., r)`` float tensor. The spectral norm of the resulting diagonal is
+    exactly 1 when ``||s||_inf >= eps``; the floor keeps an all-zero ``s`` finite (zero).
+    An empty last dimension is returned unchanged. Cost O(numel).
+    """
+    if not isinstance(s, Tensor):
+        raise TypeError(f"s: expected a torch.Tensor, got {type(s).__name__}")
+    if s.dim() == 0:
+        raise ValueError("s: expected a tensor with at least one dimension")
+    if s.shape[-1] == 0:
+        return s
+    return s / s.abs().amax(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def d_optimal_penalty(s: Tensor) -> Tensor:
+    """The D-optimal regularizer ``-sum_i log|s_i|`` over the last dimension.
+
+    ``s``: ``(..., r)``; returns ``(...)`` (a 0-d tensor for 1-D ``s``). Minimizing it pushes
+    the spectrum away from zero (maximizes ``log |det diag(s)|``). ``+inf`` if some
+    ``s_i = 0``. Differentiable.
+    """
+    if not isinstance(s, Tensor):
+        raise TypeError(f"s: expected a torch.Tensor, got {type(s).__name__}")
+    if s.dim() == 0:
+        raise ValueError("s: expected a tensor with at least one dimension")
+    return -torch.log(s.abs()).sum(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------
+# the chart
+# ---------------------------------------------------------------------------------------
+
+class Block(NamedTuple):
+    """One block of ``theta``: ``theta[start:start + size]``.
+
+    ``kind`` is ``"reduced"`` / ``"full"`` (Householder parameters of an ``m x r`` frame),
+    ``"spectrum"`` (``m = r = r_c``) or ``"dense"`` (d == 1). ``core`` is the core index.
+    """
+
+    name: str
+    kind: str
+    core: int
+    m: int
+    r: int
+    start: int
+    size: int
+
+
+def _default_center(ranks: Sequence[int]) -> int:
+    d = len(ranks) - 1
+    best = max(ranks[1:d])
+    cands = [c for c in range(1, d) if ranks[c] == best]
+    return min(cands, key=lambda c: (abs(2 * c - d), c))
+
+
+class STTPChart(torch.nn.Module):
+    """The STTP chart ``theta -> X`` of a :class:`~ttmanifold.FixedTTRank` manifold.
+
+    Parameters
+    ----------
+    manifold : FixedTTRank
+        Gives ``shape``, ``ranks`` (must be attainable: ``r_{k+1} <= r_k n_k`` and
+        ``r_k <= n_k r_{k+1}``; otherwise no TT has these ranks and ``ValueError`` is raised).
+    center : int or None
+        ``c``, the number of cores left of the spectrum, ``1 <= c <= d-1``. Default: the bond
+        with the largest rank, ties broken towards the middle (``|2c - d|`` smallest, then
+        the smaller ``c``). For ``d == 1`` it must be ``None`` (or 0) and is stored as 0.
+    spectrum : {"learned", "identity", "lipschitz"}
+        See the module docstring.
+
+    Attributes
+    ----------
+    manifold, center, spectrum, dim (length of theta), layout (list of :class:`Block`),
+    shape, ranks, d.
+
+    The module holds no parameters or buffers; ``theta`` is owned by the caller.
+    """
+
+    def __init__(self, manifold: FixedTTRank, center: Optional[int] = None,
+                 spectrum: str = "learned"):
+        super().__init__()
+        if not isinstance(manifold, FixedTTRank):
+            raise TypeError(f"manifold: expected a FixedTTRank, got {type(manifold).__name__}")
+        if spectrum not in SPECTRA:
+            raise ValueError(f"spectrum: expected one of {SPECTRA}, got {spectrum!r}")
+        shape, ranks, d = tuple(manifold.shape), tuple(manifold.ranks), manifold.d
+        for k in range(d):
+            if ranks[k + 1] > ranks[k] * shape[k] or ranks[k] > shape[k] * ranks[k + 1]:
+                raise ValueError(
+                    f"manifold: ranks {ranks} cannot be attained with shape {shape} (core {k} "
+                    f"needs r_{k + 1} <= r_{k} n_{k} and r_{k} <= n_{k} r_{k + 1}); the manifold "
+                    f"is empty"
+                )
+        if d == 1:
+            if center not in (None, 0) or isinstance(center, bool):
+                raise ValueError(f"center: a tensor of order d = 1 has no bond; pass center=None, "
+                                 f"got {center!r}")
+            center = 0
+        elif center is None:
+            center = _default_center(ranks)
+        else:
+            if not isinstance(center, numbers.Integral) or isinstance(center, bool) \
+                    or not 1 <= center <= d - 1:
+                raise ValueError(f"center: expected an int in [1, {d - 1}] (the number of cores "
+                                 f"left of the spectrum), got {center!r}")
+            center = int(center)
+        self.manifold = manifold
+        self.center = center
+        self.spectrum = spectrum
+        self.shape, self.ranks, self.d = shape, ranks, d
+        self.layout = self._build_layout()
+        self.dim = sum(b.size for b in self.layout)
+        self._by_name = {b.name: b for b in self.layout}
+
+    def extra_repr(self) -> str:
+        return (f"shape={self.shape}, ranks={self.ranks}, center={self.center}, "
+                f"spectrum={self.spectrum!r}, dim={self.dim}")
+
+    # -- structure ------------------------------------------------------------------------
+    def _build_layout(self) -> List[Block]:
+        n, r, d, c = self.shape, self.ranks, self.d, self.center
+        blocks: List[Block] = []
+        start = 0
+
+        def add(name, kind, core, m, rr, size):
+            nonlocal start
+            blocks.append(Block(name, kind, core, m, rr, start, size))
+            start += size
+
+        if d == 1:
+            add("core0", "dense", 0, n[0], 1, n[0])
+            return blocks
+        for k in range(c):
+            m, rr = r[k] * n[k], r[k + 1]
+            full = k == c - 1 and self.spectrum != "identity"
+            add(f"U{k}", "full" if full else "reduced", k, m, rr,
+                full_dim(m, rr) if full else reduced_dim(m, rr))
+        if self.spectrum != "identity":
+            add("s", "spectrum", c, r[c], r[c], r[c])
+        for k in range(c, d):
+            m, rr = n[k] * r[k + 1], r[k]
+            full = k == c
+            add(f"V{k}", "full" if full else "reduced", k, m, rr,
+                full_dim(m, rr) if full else reduced_dim(m, rr))
+        return blocks
+
+    # -- validation -----------------------------------------------------------------------
+    def _check_theta(self, theta, *, batched: bool) -> Tensor:
+        if not isinstance(theta, Tensor):
+            raise TypeError(f"theta: expected a torch.Tensor, got {type(theta).__name__}")
+        if theta.dtype not in _DTYPES:
+            raise TypeError(f"theta: expected dtype float32 or float64, got {theta.dtype}")
+        ok = theta.dim() >= 1 if batched else theta.dim() == 1
+        if not ok or theta.shape[-1] != self.dim:
+            want = f"(..., {self.dim})" if batched else f"({self.dim},)"
+            hint = "" if batched else " (use forward_cores for batches)"
+            raise ValueError(f"theta: expected shape {want} for this chart (shape={self.shape}, "
+                             f"ranks={self.ranks}, center={self.center}, spectrum="
+                             f"{self.spectrum!r}){hint}, got {tuple(theta.shape)}")
+        return theta
+
+    # -- forward --------------------------------------------------------------------------
+    def split(self, theta: Tensor) -> Dict[str, Tensor]:
+        """Named views of ``theta`` (``(..., dim)``): ``"U0"``.. ``"U{c-1}"``, ``"s"`` (unless
+        ``spectrum == "identity"``), ``"V{c}"``.. ``"V{d-1}"`` (``"core0"`` for d == 1), each
+        ``(..., size)`` in the order of :attr:`layout`. No copy."""
+        theta = self._check_theta(theta, batched=True)
+        return {b.name: theta[..., b.start:b.start + b.size] for b in self.layout}
+
+    def _spectrum_of(self, parts: Dict[str, Tensor], like: Tensor) -> Tensor:
+        if self.d == 1:
+            return like.new_zeros(like.shape[:-1] + (0,))
+        if self.spectrum == "identity":
+            return like.new_ones(like.shape[:-1] + (self.ranks[self.center],))
+        s = parts["s"]
+        return lipschitz_normalize(s) if self.spectrum == "lipschitz" else s
+
+    def singular_values(self, theta: Tensor) -> Tensor:
+        """The effective spectrum ``(..., r_c)``: signed ``s`` ("learned"),
+        ``s / ||s||_inf`` ("lipschitz"), ones ("identity"); empty for d == 1. Up to signs and
+        order these are the singular values of the c-th unfolding of ``forward(theta)``."""
+        parts = self.split(theta)
+        return self._spectrum_of(parts, theta)
+
+    def forward_cores(self, theta: Tensor) -> Tuple[List[Tensor], Tensor, List[Tensor]]:
+        """``(U_list, s, V_list)`` for ``theta`` of shape ``(..., dim)`` (batched).
+
+        ``U_list[k]``: ``(..., r_k, n_k, r_{k+1})`` left-orthogonal, ``k = 0..c-1`` (without
+        ``s``); ``s``: ``(..., r_c)`` the effective spectrum (:meth:`singular_values`);
+        ``V_list[k - c]``: ``(..., r_k, n_k, r_{k+1})`` right-orthogonal, ``k = c..d-1``.
+        For d == 1: ``([theta reshaped to (..., 1, n_0, 1)], empty, [])``.
+        Cost ``O(d n r^3)``; differentiable.
+        """
+        parts = self.split(theta)
+        batch = tuple(theta.shape[:-1])
+        n, r = self.shape, self.ranks
+        if self.d == 1:
+            return [parts["core0"].reshape(batch + (1, n[0], 1))], \
+                self._spectrum_of(parts, theta), []
+        U, V = [], []
+        for b in self.layout:
+            if b.kind == "spectrum":
+                continue
+            make = frame_from_full if b.kind == "full" else frame_from_reduced
+            F = make(parts[b.name], b.m, b.r)  # (..., m, r)
+            k = b.core
+            core_shape = batch + (r[k], n[k], r[k + 1])
+            if b.name[0] == "U":
+                U.append(F.reshape(core_shape))
+            else:
+                V.append(F.transpose(-2, -1).reshape(core_shape))
+        return U, self._spectrum_of(parts, theta), V
+
+    def forward(self, theta: Tensor) -> TT:
+        """The TT ``[U_0, .., U_{c-1} diag(s), V_c, .., V_{d-1}]`` of ``theta`` (shape
+        ``(dim,)``); mixed canonical with center core ``c-1``. Cost ``O(d n r^3)``."""
+        self._check_theta(theta, batched=False)
+        U, s, V = self.forward_cores(theta)
+        if self.d > 1:
+            U[-1] = U[-1] * s
+        return TT(U + V, check=False)
+
+    def point(self, theta: Tensor) -> Tensor:
+        """``manifold.pack_point(self(theta))``: the packed (left-orthogonal) point of the
+        manifold. Differentiable. Cost ``O(d n r^3)``."""
+        return self.manifold.pack_point(self(theta))
+
+    # -- initializations ------------------------------------------------------------------
+    def random_theta(self, *, dtype=None, device=None,
+                     generator: Optional[torch.Generator] = None) -> Tensor:
+        """A random ``theta`` (shape ``(dim,)``): Householder parameters iid ``N(0, 1)``,
+        ``s`` iid uniform in ``[0.5, 1.5)`` (well away from 0). ``dtype`` defaults to
+        ``torch.get_default_dtype()``; ``generator`` must live on ``device``."""
+        dtype = dtype or torch.get_default_dtype()
+        if dtype not in _DTYPES:
+            raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
+        theta = torch.randn(self.dim, dtype=dtype, device=device, generator=generator)
+        if "s" in self._by_name:
+            b = self._by_name["s"]
+            u = torch.rand(b.size, dtype=dtype, device=device, generator=generator)
+            theta = torch.cat([theta[:b.start], u + 0.5, theta[b.start + b.size:]])
+        return theta
+
+    def orthogonal_init(self, *, dtype=None, device=None) -> Tensor:
+        """``theta`` with all Householder parameters 0 (every frame is ``-I_{m x r}``, the
+        leading identity frame up to sign) and ``s = 1``. For d == 1 the vector ``e_0``."""
+        dtype = dtype or torch.get_default_dtype()
+        if dtype not in _DTYPES:
+            raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
+        theta = torch.zeros(self.dim, dtype=dtype, device=device)
+        if self.d == 1:
+            theta[0] = 1.0
+        elif "s" in self._by_name:
+            b = self._by_name["s"]
+            theta[b.start:b.start + b.size] = 1.0
+        return theta
+
+    # -- inverse --------------------------------------------------------------------------
+    def _as_tt(self, x) -> TT:
+        M = self.manifold
+        if isinstance(x, TT):
+            if x.shape != self.shape:
+                raise ValueError(f"x: TT shape {x.shape} differs from the chart's {self.shape}")
+            if x.ranks != self.ranks:
+                raise ValueError(f"x: TT ranks {x.ranks} differ from the chart's {self.ranks} "
+                                 f"(round it first, e.g. ttmanifold.round(x, ranks=...))")
+        elif isinstance(x, Tensor):
+            if x.dim() != 1 or x.shape[0] != M.size:
+                raise ValueError(f"x: expected a TT or a packed point of size {M.size} "
+                                 f"(cores {M.core_shapes}), got a tensor of shape "
+                                 f"{tuple(x.shape)}")
+            x = M.to_tt(x)
+        else:
+            raise TypeError(f"x: expected a TT or a packed point tensor, got {type(x).__name__}")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
+        if x.device.type != "meta":
+            for k, g in enumerate(x.cores):
+                if not bool(torch.isfinite(g).all()):
+                    raise ValueError(f"x: core {k} contains NaN or Inf values")
+        return x
+
+    def _reduced(self, Q: Tensor, k: int, side: str):
+        try:
+            return reduced_from_frame(Q)
+        except ValueError as e:
+            if side == "left":
+                hint = (f"center={k + 1} (core {k} full)" if k + 1 <= self.d - 1 else "")
+                where = f"left-orthogonal core U_{k} (left unfolding)"
+            else:
+                hint = f"center={k} (core {k} full)"
+                where = f"right-orthogonal core V_{k} (transposed right unfolding)"
+            raise ValueError(
+                f"x: outside the domain of the STTP chart with center={self.center}: the "
+                f"leading {Q.shape[-1]}x{Q.shape[-1]} block of the {where} is singular, so its "
+                f"reduced Householder parameters do not exist. Re-center: build the chart "
+                f"with another center (e.g. {hint}), which changes the reduced cores, or "
+                f"perturb x slightly. ({e})"
+            ) from None
+
+    def _flip_candidates(self) -> List[str]:
+        """Non-square reduced frames whose column sign may be chosen (identity spectrum),
+        nearest to the center first."""
+        c, d = self.center, self.d
+        names = [f"U{k}" for k in range(c - 1, -1, -1)] + [f"V{k}" for k in range(c + 1, d)]
+        return [nm for nm in names if self._by_name[nm].m > self._by_name[nm].r]
+
+    def _reduced_signed(self, Q: Tensor, k: int, side: str, flip: bool):
+        """``(params, sg, O, ok)`` with ``frame_from_reduced(params) == Q @ O @ diag(sg)``.
+
+        Canonical (``reduced_from_frame``, ``ok = None``) unless ``flip``: then column 0 of
+        the frame gets the opposite sign (``sg[0]`` negated), the parameters come from a
+        sign-free QR and ``ok`` tells whether they exist (finite).
+        """
+        p, sg, O = self._reduced(Q, k, side)
+        if not flip:
+            return p, sg, O, None
+        one = torch.ones_like(sg)
+        sg = sg * torch.cat([-one[:1], one[1:]])
+        F = (Q @ O) * sg.unsqueeze(-2)
+        m, rr = F.shape[-2], F.shape[-1]
+        pfull, ok = full_from_frame_unsigned(F)
+        return pfull.index_select(-1, reduced_in_full(m, rr, F.device)), sg, O, ok
+
+    def _outer_sweeps(self, cores: List[Tensor], flip: Optional[str]):
+        """Reduced inversions of the outer cores (left ``0..c-2``, right ``d-1..c+1``) with
+        rotations/signs absorbed towards the center. Returns ``(params, cores, ok)``."""
+        n, r, d, c = self.shape, self.ranks, self.d, self.center
+        cores = list(cores)
+        params: Dict[str, Tensor] = {}
+        ok = None
+        for k in range(c - 1):
+            Q = cores[k].reshape(r[k] * n[k], r[k + 1])
+            p, sg, O, ok_k = self._reduced_signed(Q, k, "left", flip == f"U{k}")
+            ok = ok_k if ok_k is not None else ok
+            params[f"U{k}"] = p
+            M = sg.unsqueeze(-1) * O.transpose(-2, -1)  # Q = F diag(sg) O^T
+            nxt = cores[k + 1]
+            cores[k + 1] = (M @ nxt.reshape(r[k + 1], -1)).reshape(nxt.shape)
+        for k in range(d - 1, c, -1):
+            T = cores[k].reshape(r[k], n[k] * r[k + 1]).transpose(0, 1)
+            p, sg, O, ok_k = self._reduced_signed(T, k, "right", flip == f"V{k}")
+            ok = ok_k if ok_k is not None else ok
+            params[f"V{k}"] = p
+            N = O * sg.unsqueeze(-2)  # right unfolding = O diag(sg) F^T
+            prv = cores[k - 1]
+            cores[k - 1] = (prv.reshape(-1, r[k]) @ N).reshape(prv.shape)
+        return params, cores, ok
+
+    def inverse(self, x: Union[TT, Tensor], *, project: bool = False,
+                tol: Optional[float] = None) -> Tensor:
+        """A ``theta`` (shape ``(dim,)``, dtype/device of ``x``) with ``forward(theta) == x``.
+
+        ``x``: a :class:`TT` with the manifold's shape and ranks (any gauge) or a packed
+        point (``manifold.pack_point`` layout). Returns the canonical representative
+        described in the module docstring.
+
+        Spectrum constraints (checked on the singular values ``S`` of the c-th unfolding,
+        skipped on ``meta``):
+
+        - ``"lipschitz"``: requires ``|max S - 1| <= tol``, else ``ValueError``; with
+          ``project=True`` x is rescaled to ``x / max S`` instead (its spectral projection).
+        - ``"identity"``: requires ``|S_i - 1| <= tol`` for all i, else ``ValueError``; with
+          ``project=True`` ``S`` is replaced by ones (the polar factor of the c-th unfolding).
+
+        ``tol`` defaults to ``sqrt(eps(dtype))``. ``ValueError`` also for points outside the
+        chart domain (singular leading block of a reduced frame; for ``"identity"`` also a
+        ``V_c`` frame not reachable without signs, see the module docstring).
+
+        Cost ``O(d n r^3)`` (for ``"identity"`` with a square ``V_c`` frame up to ``d`` times
+        that, while searching for a reachable sign choice). Differentiable where the
+        underlying inverses are (not needed for typical use; run it under
+        ``torch.no_grad()``).
+        """
+        x = self._as_tt(x)
+        dtype, device = x.dtype, x.device
+        check = device.type != "meta"
+        if tol is None:
+            tol = math.sqrt(torch.finfo(dtype).eps)
+        n, r, d, c = self.shape, self.ranks, self.d, self.center
+        if d == 1:
+            return x.cores[0].reshape(-1).clone()
+        base = orthogonalize(x, center=c - 1).cores
+        flips: List[Optional[str]] = [None]
+        if self.spectrum == "identity":
+            flips += self._flip_candidates()
+        for attempt, flip in enumerate(flips):
+            params, cores, ok = self._outer_sweeps(base, flip)
+            # center: SVD of core c-1 (its left unfolding carries the unfolding's spectrum)
+            G = cores[c - 1].reshape(r[c - 1] * n[c - 1], r[c])
+            P, S, Wh = torch.linalg.svd(G, full_matrices=False)
+            Rc = Wh @ cores[c].reshape(r[c], n[c] * r[c + 1])  # still orthonormal rows
+            if attempt == 0:
+                self._check_spectrum(S, project, tol, check)
+            if self.spectrum != "identity":
+                if self.spectrum == "lipschitz":
+                    S = S / S[0]
+                pU, sgU = full_from_frame(P)
+                pV, sgV = full_from_frame(Rc.transpose(0, 1))
+                params[f"U{c - 1}"] = pU
+                params[f"V{c}"] = pV
+                params["s"] = sgU * S * sgV
+                break
+            # identity: X_c = P Rc (S = 1). Rotate P into St_U, move the rotation into V_c
+            # and invert V_c without signs (there is no spectrum to absorb them).
+            pU, sgU, O, okU = self._reduced_signed(P, c - 1, "left", flip == f"U{c - 1}")
+            B = (Rc.transpose(0, 1) @ O) * sgU.unsqueeze(-2)
+            pV, okV = full_from_frame_unsigned(B)
+            params[f"U{c - 1}"] = pU
+            params[f"V{c}"] = pV
+            for extra in (ok, okU):
+                if extra is not None:
+                    okV = okV & extra
+            if not check or bool(okV):
+                break
+        else:
+            raise ValueError(
+                f"x: outside the domain of the 'identity' STTP chart with center={c}: the "
+                f"frame of V_{c} (after moving the other cores' rotations into it) is not a "
+                f"product of Householder reflections without column signs (a peeled column "
+                f"equals +e_j, or V_{c} is square with a determinant sign that no admissible "
+                f"sign choice of a reduced frame fixes); use spectrum='learned' or another "
+                f"center")
+        theta = torch.cat([params[b.name].reshape(-1) for b in self.layout])
+        return theta.to(dtype=dtype, device=device)
+
+    def _check_spectrum(self, S: Tensor, project: bool, tol: float, check: bool) -> None:
+        if not check or self.spectrum == "learned":
+            return
+        c = self.center
+        if self.spectrum == "lipschitz":
+            sm = float(S[0])
+            if sm == 0.0:
+                raise ValueError("x: is zero; it has no Lipschitz-normalized spectrum")
+            if not project and abs(sm - 1.0) > tol:
+                raise ValueError(
+                    f"x: the largest singular value of the unfolding at center={c} is "
+                    f"{sm:.6g}, but the 'lipschitz' chart only reaches points where it is 1 "
+                    f"(|max s - 1| <= tol={tol:.3g}); pass project=True to rescale x, or "
+                    f"use spectrum='learned'")
+        elif not project:
+            dev = float((S - 1.0).abs().max())
+            if dev > tol:
+                raise ValueError(
+                    f"x: the singular values of the unfolding at center={c} deviate from 1 "
+                    f"by {dev:.3g} > tol={tol:.3g}; the 'identity' chart only reaches points "
+                    f"with all of them equal to 1. Pass project=True (replace them by ones) "
+                    f"or use spectrum='learned'")
