@@ -1,25 +1,25 @@
 """ttmanifold: Riemannian optimization on the manifold of fixed tensor-train rank.
 
-Modules (one per concept):
+Packages and modules (one concept each; imports flow down this list):
 
+- :mod:`ttmanifold.kernels` - the one seam that chooses between torch implementations and
+  the compiled CPU kernels, and their build;
 - :mod:`ttmanifold.tt` - TT algebra (:class:`TT`, :func:`inner`, :func:`orthogonalize`,
-  :func:`round`);
-- :mod:`ttmanifold.sparse` - sampled entries (:class:`IndexSet`), the completion kernels;
-- :mod:`ttmanifold.manifold` - :class:`FixedTTRank`, a ``geoopt.Manifold`` with Riemannian
-  autodiff;
-- :mod:`ttmanifold.tangent` - :class:`TangentTT`, the structured rank-2r TT of a tangent
-  vector (inner products at rank r), and the projection sweeps;
+  :func:`round`) and sampled entries (:class:`IndexSet`);
+- :mod:`ttmanifold.manifold` - pure functions over cores (projections, retraction, gauge),
+  :class:`TangentTT`, Riemannian autodiff, and :class:`FixedTTRank`, a ``geoopt.Manifold``;
 - :mod:`ttmanifold.householder` - Householder parameterizations of orthonormal frames;
 - :mod:`ttmanifold.chart` - the STTP chart (:class:`STTPChart`) and ``nn.utils.parametrize``
   integration;
 - :mod:`ttmanifold.nn` - spectral low-rank layers (STTP and SVDP);
-- :mod:`ttmanifold.problems`, :mod:`ttmanifold.solvers`, :mod:`ttmanifold.compare` - the
-  chart-versus-Riemannian comparison (``ttmanifold compare``).
+- :mod:`ttmanifold.experiments` - the chart-versus-Riemannian comparison
+  (``ttmanifold compare``; not imported by ``import ttmanifold``, needs the ``compare``
+  extra).
+
+The mathematics is in the repository's ``docs/``.
 """
-from .tt import TT, feasible_ranks, inner, orthogonalize, round
-from .sparse import IndexSet
-from .manifold import FixedTTRank
-from .tangent import TangentTT
+from .tt import TT, IndexSet, feasible_ranks, inner, orthogonalize, round
+from .manifold import FixedTTRank, TangentTT
 from .chart import (
     STTPChart,
     STTPParametrization,

@@ -153,3 +153,15 @@ def check_positive_float(value, name: str, *, allow_none: bool = True) -> Option
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
         raise ValueError(f"{name}: expected a non-negative number, got {value!r}")
     return float(value)
+
+
+def functorch_wrapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a functorch (vmap/grad) wrapper or a legacy batched tensor (the
+    batched gradients of ``torch.autograd.functional.jacobian(..., vectorize=True)``):
+    kernels that write into reused buffers or read raw data pointers cannot take those."""
+    ft = getattr(torch._C, "_functorch", None)
+    for name in ("is_functorch_wrapped_tensor", "is_legacy_batchedtensor"):
+        fn = getattr(ft, name, None)
+        if fn is not None and fn(t):
+            return True
+    return False

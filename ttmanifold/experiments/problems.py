@@ -36,7 +36,7 @@ import torch
 
 from .._checks import check_float_dtype, check_shape, normalize_ranks
 from ..manifold import FixedTTRank
-from ..sparse import IndexSet
+from ..tt import IndexSet
 from ..tt import TT, inner
 from ..tt import round as tt_round
 

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import ttmanifold as tm
+from ttmanifold.manifold import right_cores
 from ttmanifold import TT, FixedTTRank, IndexSet
 
 F64 = torch.float64
@@ -242,10 +243,10 @@ def test_projection_and_gradients_match_oracle(case):
 def test_sparse_projection_unbalanced_groups(chunk, monkeypatch):
     """Skewed samples: IndexSet falls back from padded groups to per-sample products
     (optionally in several chunks); still the oracle projection, duplicates summed."""
-    import ttmanifold.sparse as sparse_mod
+    import ttmanifold.tt.index_set as index_set_mod
 
     if chunk is not None:
-        monkeypatch.setattr(sparse_mod, "_CHUNK", chunk)
+        monkeypatch.setattr(index_set_mod, "CHUNK", chunk)
     M, p, gen = fixed_case((8, 3, 7), (1, 3, 3, 1), seed=14)
     N = 40
     idx = torch.stack([torch.zeros(N, dtype=torch.long),  # every sample in one group
@@ -718,7 +719,7 @@ def test_sampled_entries_of_tangent_tt_gradient_and_hvp(shape, ranks):
 def test_tangent_tt_constructor_checks():
     M, p, gen = fixed_case(seed=24)
     U = split(M, p)
-    V = M._right_cores(M._split(p))
+    V = right_cores(M.split(p))
     dU = [torch.zeros_like(u) for u in U]
     T = tm.TangentTT(U, V, dU)  # valid factors (V[0] is None)
     assert T.ranks == (1, 4, 6, 4, 1) and T.shape == M.shape
@@ -1093,7 +1094,7 @@ def test_right_cores_batched_signs_match_the_signed_sweep(d, data):
     """``right_cores`` (unsigned LQs, one batched sign fix per run) and the projection's
     unsigned interleaved sweep give the canonical gauge of a signed LQ sweep written here
     with ``lq_pos`` (``diag(L_k) >= 0``), including runs of equal cores and ragged ranks."""
-    from ttmanifold.tangent import project_D, right_cores
+    from ttmanifold.manifold import project_tt as project_D, right_cores
     from ttmanifold.tt import lq_pos
 
     shape = tuple(data.draw(st.lists(st.integers(2, 4), min_size=d, max_size=d)))
@@ -1102,7 +1103,7 @@ def test_right_cores_batched_signs_match_the_signed_sweep(d, data):
     dtype = data.draw(st.sampled_from([F64, torch.float32]))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 10 ** 6)))
     p = M.random(dtype=dtype, generator=gen)
-    U = M._split(p)
+    U = M.split(p)
     ref = [None] * d  # the signed sweep: c_{d-1} = U_{d-1}, c_{k-1} = U_{k-1} L_k
     c = U[-1]
     for k in range(d - 1, 0, -1):
@@ -1123,34 +1124,35 @@ def test_right_cores_batched_signs_match_the_signed_sweep(d, data):
 
 
 # ---------------------------------------------------------------------------------------
-# compiled dense sweeps (ttmanifold._native.get_dense)
+# compiled dense sweeps (ttmanifold.kernels, set "dense")
 # ---------------------------------------------------------------------------------------
 
 @pytest.fixture
 def dense_native():
     import shutil
 
-    from ttmanifold import _native
+    from ttmanifold import kernels
 
     if shutil.which("c++") is None:
         pytest.skip("no C++ compiler: the compiled sweeps cannot be built here")
-    was = _native.enabled()
-    _native.set_enabled(True)
-    mod = _native.get_dense(wait=True)
+    was = kernels.enabled()
+    kernels.set_enabled(True)
+    kernels.build(["dense"], verbose=False)
+    mod = kernels.module("dense")
     assert mod is not None, "the compiled dense sweeps failed to build"
     yield mod
-    _native.set_enabled(was)
+    kernels.set_enabled(was)
 
 
 def _torch_path(fn, *args, **kw):
-    from ttmanifold import _native
+    from ttmanifold import kernels
 
-    was = _native.enabled()
-    _native.set_enabled(False)
+    was = kernels.enabled()
+    kernels.set_enabled(False)
     try:
         return fn(*args, **kw)
     finally:
-        _native.set_enabled(was)
+        kernels.set_enabled(was)
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -1158,14 +1160,14 @@ def _torch_path(fn, *args, **kw):
 def test_dense_native_sweeps_match_torch(dense_native, d, data):
     """right_cores and project_D (packed, with and without V, gauged or not) on the compiled
     sweeps agree with the torch implementation, for ragged ranks and any rank R of Z."""
-    from ttmanifold.tangent import project_D, right_cores
+    from ttmanifold.manifold import project_tt as project_D, right_cores
 
     shape = tuple(data.draw(st.lists(st.integers(2, 5), min_size=d, max_size=d)))
     M = FixedTTRank(shape, _attainable(shape, [data.draw(st.integers(1, 5)) for _ in range(d - 1)]))
     dtype = data.draw(st.sampled_from([F64, torch.float32]))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 10 ** 6)))
     p = M.random(dtype=dtype, generator=gen)
-    U = M._split(p)
+    U = M.split(p)
     tol = 1e-12 if dtype == F64 else 1e-5
     Vn = right_cores(U)
     Vt = _torch_path(right_cores, U)
@@ -1184,19 +1186,13 @@ def test_dense_native_sweeps_match_torch(dense_native, d, data):
 def test_dense_native_used_and_bypassed(dense_native, monkeypatch):
     """The compiled sweeps serve CPU calls without gradients; with a gradient to propagate
     the differentiable torch path runs."""
-    from ttmanifold import _native
-    from ttmanifold.tangent import project_D
+    from ttmanifold.manifold import project_tt as project_D
 
     calls = []
-    real = _native.get_dense
-
-    def spy(wait=False):
-        calls.append(1)
-        return real(wait)
-
-    monkeypatch.setattr(_native, "get_dense", spy)
+    real = dense_native.project
+    monkeypatch.setattr(dense_native, "project", lambda *a: (calls.append(1), real(*a))[1])
     M, p, gen = fixed_case()
-    U = M._split(p)
+    U = M.split(p)
     Zc = random_tt_cores(M.shape, 2, gen)
     project_D(U, None, Zc, packed=True, gauge=True)
     assert calls
@@ -1206,27 +1202,6 @@ def test_dense_native_used_and_bypassed(dense_native, monkeypatch):
     assert out.requires_grad and not calls
     out.sum().backward()
     assert all(z.grad is not None for z in Zg)
-
-
-def test_dense_native_build_failure_falls_back(monkeypatch):
-    from ttmanifold import _native
-    from ttmanifold.tangent import right_cores
-
-    def boom(*args, **kw):
-        raise RuntimeError("no LAPACK symbols here")
-
-    monkeypatch.setattr(_native, "_build", boom)
-    monkeypatch.setattr(_native, "_dense", {"module": None, "thread": None, "failed": False})
-    monkeypatch.setitem(_native._state, "enabled", True)
-    with pytest.warns(RuntimeWarning, match="no LAPACK symbols here"):
-        assert _native.get_dense(wait=True) is None
-    M, p, gen = fixed_case()
-    U = M._split(p)
-    assert not _native.dense_usable(U)
-    V = right_cores(U)  # the torch implementation
-    for k in range(1, M.d):
-        v = V[k].reshape(V[k].shape[0], -1)
-        assert torch.allclose(v @ v.T, torch.eye(v.shape[0], dtype=F64), atol=1e-12)
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -1242,17 +1217,19 @@ def test_dense_native_retract_matches_torch(dense_native, d, data):
     kind = data.draw(st.sampled_from(["small", "large", "cancel", "raw"]))
     if kind == "cancel":
         u = torch.zeros_like(p)
-        u[-M._sizes[-1]:] = -p[-M._sizes[-1]:]  # xi = -X
+        u[-M.core_sizes[-1]:] = -p[-M.core_sizes[-1]:]  # xi = -X
     else:
         u = torch.randn(M.size, dtype=F64, generator=gen).to(dtype)
         if kind != "raw":  # raw: non-gauged deltas, as geoopt's first momentum step feeds
             u = M.proju(p, u)
         u = u * (1e-3 if kind == "small" else 3.0)
-    U = M._split(p)
-    V = M._right_cores(U)
-    du = M._split(u)
-    a = M._retract(U, V, du)
-    b = _torch_path(M._retract, U, V, du)
+    from ttmanifold.manifold import retract, right_cores
+
+    U = M.split(p)
+    V = right_cores(U)
+    du = M.split(u)
+    a = retract(U, V, du, M.ranks)
+    b = _torch_path(retract, U, V, du, M.ranks)
     tol = 1e-11 if dtype == F64 else 2e-4
     assert a.shape == b.shape and a.dtype == dtype
     fa, fb = (M.to_tt(x).full().double() for x in (a, b))  # gauge-invariant comparison
@@ -1277,14 +1254,11 @@ def test_dense_native_against_dense_references(dense_native, monkeypatch, shape,
     """With the compiled sweeps certainly in use (spied), project of a TT and retr agree
     with the independent dense float64 references: the orthogonal projector onto the
     Jacobian's column space and the dense left-to-right TT-SVD of X + xi."""
-    from ttmanifold import _native
-
     calls = []
     for name in ("project", "retract_point", "right_cores"):
         real = getattr(dense_native, name)
         monkeypatch.setattr(dense_native, name,
                             lambda *a, _r=real, _n=name: (calls.append(_n), _r(*a))[1])
-    monkeypatch.setattr(_native, "get_dense", lambda wait=False: dense_native)
     M = FixedTTRank(shape, ranks)
     gen = torch.Generator().manual_seed(17)
     p64 = M.random(dtype=F64, generator=gen)

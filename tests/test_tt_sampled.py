@@ -1,4 +1,4 @@
-"""Tests of the sampled-entry kernels of :mod:`ttmanifold.sparse` against independent
+"""Tests of the sampled-entry kernels of :mod:`ttmanifold.tt` against independent
 float64 references: dense tensors indexed at the samples, and explicit per-sample loops of
 small matrix products written in this file (no ttmanifold code in the references).
 
@@ -7,7 +7,7 @@ Both implementations are covered: the per-mode sample-order kernels (``left_vect
 (``gather`` without autograd, ``project_sampled``, :class:`SampledPoint`), the latter with
 and without merged modes (``min_group`` lowered so that small index sets merge), with one or
 several segments per group (``_SEG_COST``), one or several segment widths per block
-(``_CLASSES``), row- and feature-major buffers (``_FEATURE_MAJOR_DTYPES``), unbalanced
+(``CLASSES``), unbalanced
 groups, duplicates, N = 0 and N = 1, d = 1; and the neighbour-mode order of the layouts."""
 from __future__ import annotations
 
@@ -15,15 +15,17 @@ import gc
 import math
 import os
 import shutil
-import warnings
 
 import pytest
 import torch
 
-import ttmanifold.sparse as sparse_mod
+import ttmanifold.tt.blocked as blocked_mod
+import ttmanifold.tt.layout as layout_mod
+import ttmanifold.tt.sampled_compiled as compiled_mod
 from hypothesis import HealthCheck, given, settings, strategies as st
-from ttmanifold import _native
-from ttmanifold._sampled_native import NativeSampledPoint
+from ttmanifold import kernels
+from ttmanifold.manifold import project_sampled, right_cores
+from ttmanifold.tt.sampled_compiled import CompiledSampledPoint as NativeSampledPoint
 from ttmanifold import FixedTTRank, IndexSet
 from ttmanifold.experiments.problems import Completion
 from ttmanifold.experiments.solvers import run
@@ -44,10 +46,10 @@ def _single_thread():
 def _torch_kernels():
     """The tests of this file exercise the torch kernels (SampledPoint and its layouts);
     the compiled kernels are switched on explicitly by the tests at the end (``native``)."""
-    was = _native.enabled()
-    _native.set_enabled(False)
+    was = kernels.enabled()
+    kernels.set_enabled(False)
     yield
-    _native.set_enabled(was)
+    kernels.set_enabled(was)
 
 
 @pytest.fixture
@@ -56,10 +58,12 @@ def native(monkeypatch):
     C++ compiler exists."""
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler: the compiled kernels cannot be built here")
-    monkeypatch.setattr(_native, "MIN_SAMPLES", 0)
-    _native.set_enabled(True)
-    assert _native.get() is not None, "the compiled sampled-entry kernels failed to build"
-    return _native.get()
+    monkeypatch.setattr(compiled_mod, "MIN_SAMPLES", 0)
+    kernels.set_enabled(True)
+    kernels.build(["sampled"], verbose=False)
+    mod = kernels.module("sampled")
+    assert mod is not None, "the compiled sampled-entry kernels failed to build"
+    return mod
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,19 +150,27 @@ def skewed_indices(shape, N, gen):
     return idx
 
 
-@pytest.fixture(params=["rm", "fm"])
-def orientation(request, monkeypatch):
-    """Row-major or feature-major buffers for every dtype."""
-    dts = () if request.param == "rm" else (F32, F64)
-    monkeypatch.setattr(sparse_mod, "_FEATURE_MAJOR_DTYPES", dts)
-    monkeypatch.setattr(sparse_mod, "_FEATURE_MAJOR_1T_DTYPES", ())
-    return request.param
+@pytest.fixture
+def orientation():
+    """Buffers are row-major (one layout orientation)."""
+    return "rm"
+
+
+class _RowMajor:
+    """The buffer operations of the blocked kernels under the names the tests use."""
+    fm = False
+    shape = staticmethod(lambda slots, r: (slots + 1, r))
+    col = staticmethod(blocked_mod.col)
+    move = staticmethod(blocked_mod.move)
+    step = staticmethod(blocked_mod.step)
+    step_out = staticmethod(blocked_mod.step_out)
+    move_step = staticmethod(blocked_mod.move_step)
 
 
 @pytest.fixture(params=[64, 0])
 def seg_cost(request, monkeypatch):
     """64: one segment per group when balanced; 0: narrow segments (several per group)."""
-    monkeypatch.setattr(sparse_mod, "_SEG_COST", request.param)
+    monkeypatch.setattr(layout_mod, "SEG_COST", request.param)
     return request.param
 
 
@@ -167,9 +179,9 @@ def widths(request, monkeypatch):
     """One segment width per block, or several width classes (row-major layouts) forced
     at these tiny sizes (no minimum size or saving, at most 3 widths)."""
     if request.param == "many":
-        monkeypatch.setattr(sparse_mod, "_CLASS_MIN_SLOTS", 0)
-        monkeypatch.setattr(sparse_mod, "_CLASS_MIN_SAVING", -1.0)
-        monkeypatch.setattr(sparse_mod, "_CLASSES", 3)
+        monkeypatch.setattr(layout_mod, "CLASS_MIN_SLOTS", 0)
+        monkeypatch.setattr(layout_mod, "CLASS_MIN_SAVING", -1.0)
+        monkeypatch.setattr(layout_mod, "CLASSES", 3)
     return request.param
 
 
@@ -273,12 +285,12 @@ def test_gather_empty_and_merged_partition():
     gen = torch.Generator().manual_seed(1)
     iset = IndexSet(random_indices(shape, 200, gen), shape)
     iset.min_group = 8  # merge while N >= P * max(min_group, 4 r)
-    part = iset._partition((1, 1, 1, 1, 1))
+    part = iset.partition((1, 1, 1, 1, 1))
     assert [(b.lo, b.hi) for b in part.blocks] == [(0, 2), (2, 4)]  # 27 * 8 > 200
     iset.min_group = 4
-    assert [(b.lo, b.hi) for b in iset._partition((1, 1, 1, 1, 1)).blocks] == [(0, 3), (3, 4)]
+    assert [(b.lo, b.hi) for b in iset.partition((1, 1, 1, 1, 1)).blocks] == [(0, 3), (3, 4)]
     # larger ranks bound the merge (27 * 4 * 3 > 200)
-    assert [(b.lo, b.hi) for b in iset._partition((1, 3, 3, 3, 1)).blocks] == [(0, 2), (2, 4)]
+    assert [(b.lo, b.hi) for b in iset.partition((1, 3, 3, 3, 1)).blocks] == [(0, 2), (2, 4)]
     cores = rand_cores(shape, (1, 3, 3, 3, 1), gen)
     assert rel(iset.gather(cores), dense(cores)[tuple(iset.indices.t())]) < 1e-12
 
@@ -291,8 +303,8 @@ def test_gather_empty_and_merged_partition():
 def test_layout_maps(case, orientation, seg_cost, widths):
     shape, ranks, N, min_group, kind = CASES[case]
     iset, idx, gen = make_set(shape, N, min_group, kind, seed=20 + case)
-    o = sparse_mod._orient(F64)
-    part = iset._partition(ranks, not o.fm)
+    o = _RowMajor
+    part = iset.partition(ranks)
     ids = torch.arange(N, dtype=F64) + 1.0  # sample ids, 0 = padding
     for b, blk in enumerate(part.blocks):
         if blk.w is not None:
@@ -333,7 +345,7 @@ def test_layout_maps(case, orientation, seg_cost, widths):
             for f in range(r):
                 col = blk.layout_vector(step_src[:, f])
                 (buf[f, :blk.slots] if o.fm else buf[:blk.slots, f]).copy_(col)
-            ws = sparse_mod._Workspace(F64, torch.device("cpu"))
+            ws = layout_mod.Workspace(F64, torch.device("cpu"))
             eye = blk.seg(torch.eye(r, dtype=F64).expand(blk.P, r, r))
             out = o.step(blk, buf, eye, o.step_out(ws, blk, r))
             dst = torch.full(o.shape(nxt.slots, r), -1.0, dtype=F64)
@@ -362,7 +374,7 @@ def test_layout_order_follows_neighbour_modes():
     idx = random_indices(shape, 1000, gen)
     iset = IndexSet(idx, shape)
     iset.min_group = 2
-    part = iset._partition((1, 6, 6, 6, 6, 6, 1))
+    part = iset.partition((1, 6, 6, 6, 6, 6, 1))
     bounds = [(b.lo, b.hi) for b in part.blocks]
     assert bounds == [(0, 2), (2, 5), (5, 6)]
     for j, blk in enumerate(part.blocks):
@@ -418,7 +430,7 @@ def test_sampled_point(case, dtype, orientation, seg_cost, widths):
     e = pt.tangent(dU)
     assert rel(pt.to_samples(e), ref_tangent(U, V, dU, idx)) < tol
     # blocked projection with the values folded into the right sweep
-    D2 = iset._project_blocked(U, V, z.to(dtype))
+    D2 = iset.project(U, V, z.to(dtype))
     for k in range(len(shape)):
         assert rel(D2[k], ref[k]) < tol
 
@@ -428,20 +440,18 @@ def test_width_classes(monkeypatch, seg_cost):
     samples of one merged index and no more than its width, and the kernels (row-major,
     float64 and float32) match the references. ``seg_cost`` 0: narrow full segments, so
     groups span several full segments plus a last one in a width class."""
-    monkeypatch.setattr(sparse_mod, "_CLASS_MIN_SLOTS", 0)
+    monkeypatch.setattr(layout_mod, "CLASS_MIN_SLOTS", 0)
     if seg_cost == 0:
-        monkeypatch.setattr(sparse_mod, "_CLASS_MIN_SAVING", -1.0)
-    monkeypatch.setattr(sparse_mod, "_FEATURE_MAJOR_DTYPES", ())
-    monkeypatch.setattr(sparse_mod, "_FEATURE_MAJOR_1T_DTYPES", ())
+        monkeypatch.setattr(layout_mod, "CLASS_MIN_SAVING", -1.0)
     shape, ranks = (5, 6, 5, 4), (1, 3, 3, 2, 1)
     gen = torch.Generator().manual_seed(11)
     idx = random_indices(shape, 2000, gen)
     iset = IndexSet(idx, shape)
     iset.min_group = 64  # pairs of modes: 30 and 20 merged indices, ~67 and ~100 samples
-    single = iset._partition(ranks, False)
-    part = iset._partition(ranks, True)
+    part = iset.partition(ranks)
+    single = [layout_mod.Block(iset.block_key(b.lo, b.hi), b.lo, b.hi, b.P) for b in part.blocks]
     assert [(b.lo, b.hi) for b in part.blocks] == [(0, 2), (2, 4)]
-    for blk, one in zip(part.blocks, single.blocks):
+    for blk, one in zip(part.blocks, single):
         assert len(blk.classes) > 1 and blk.w is None
         if seg_cost:
             assert blk.slots < 0.97 * one.slots
@@ -473,53 +483,6 @@ def test_width_classes(monkeypatch, seg_cost):
         assert rel(iset.gather(U), dense([u.double() for u in U])[tuple(idx.t())]) < tol
 
 
-def test_orientation_follows_threads(monkeypatch):
-    """Default orientation: float32 feature-major on one CPU thread, row-major (with width
-    classes) on two, float64 row-major; a point keeps its workspace's orientation when the
-    thread count changes, and all results match the references."""
-    monkeypatch.setattr(sparse_mod, "_FEATURE_MAJOR_DTYPES", ())
-    monkeypatch.setattr(sparse_mod, "_FEATURE_MAJOR_1T_DTYPES", (F32,))
-    monkeypatch.setattr(sparse_mod, "_CLASS_MIN_SLOTS", 0)
-    monkeypatch.setattr(sparse_mod, "_CLASS_MIN_SAVING", -1.0)
-    shape, ranks = (4, 5, 4, 5), (1, 2, 3, 2, 1)
-    gen = torch.Generator().manual_seed(12)
-    idx = random_indices(shape, 400, gen)
-    iset = IndexSet(idx, shape)
-    iset.min_group = 8
-    U, V, dU = (rand_cores(shape, ranks, gen, F32) for _ in range(3))
-    z = torch.randn(len(idx), generator=gen, dtype=F64)
-    ref_v = dense([u.double() for u in U])[tuple(idx.t())]
-    ref_D = ref_project(U, V, idx, z)
-    ref_e = ref_tangent(U, V, dU, idx)
-
-    def check(pt):
-        assert rel(pt.to_samples(pt.values), ref_v) < 2e-5
-        D = pt.project(pt.from_samples(z.float()))
-        assert all(rel(D[k], ref_D[k]) < 2e-5 for k in range(len(shape)))
-        assert rel(pt.to_samples(pt.tangent(dU)), ref_e) < 2e-5
-
-    try:
-        torch.set_num_threads(1)
-        assert sparse_mod._orient(F32).fm and not sparse_mod._orient(F64).fm
-        p1 = iset.sampled_point(U, V)
-        assert p1._ws.o.fm and all(len(b.classes) == 1 for b in p1.part.blocks)
-        assert rel(iset.gather(U), ref_v) < 2e-5
-        torch.set_num_threads(2)
-        assert not sparse_mod._orient(F32).fm
-        p2 = iset.sampled_point(U, V)
-        assert not p2._ws.o.fm and any(len(b.classes) > 1 for b in p2.part.blocks)
-        assert rel(iset.gather(U), ref_v) < 2e-5
-        check(p1)  # created on one thread, used on two
-        check(p2)
-        ws1 = p1._ws
-        del p1
-        gc.collect()
-        p3 = iset.sampled_point(U, V)  # two threads: not the feature-major workspace
-        assert p3._ws is not ws1 and not p3._ws.o.fm
-        check(p3)
-    finally:
-        torch.set_num_threads(1)
-
 
 def test_sampled_point_empty(widths):
     shape, ranks = (3, 4, 3), (1, 2, 2, 1)
@@ -544,27 +507,13 @@ def test_workspace_pool_reuse_and_independence():
     ws_a = a._ws
     del a
     gc.collect()
-    assert any(w is ws_a for w in iset._free)
+    assert any(w is ws_a for w in iset._pool)
     c = iset.sampled_point(U1, V1)  # reuses the released buffers
     assert c._ws is ws_a
     assert rel(c.to_samples(c.values), dense(U1)[tuple(idx.t())]) < 1e-12
     assert rel(b.to_samples(b.values), dense(U2)[tuple(idx.t())]) < 1e-12  # untouched
     iset.release_buffers()
-    assert not iset._free
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_parallel_feature_gathers(threads, monkeypatch):
-    """The feature-major transitions spread over Python threads (forced at a tiny size)."""
-    monkeypatch.setattr(sparse_mod, "_POOL_MIN", 1)
-    monkeypatch.setattr(sparse_mod, "_FEATURE_MAJOR_DTYPES", (F32, F64))
-    torch.set_num_threads(threads)
-    try:
-        iset, idx, gen = make_set((3, 4, 3, 2), 60, 2, "random", seed=8)
-        U = rand_cores((3, 4, 3, 2), (1, 2, 3, 2, 1), gen)
-        assert rel(iset.gather(U), dense(U)[tuple(idx.t())]) < 1e-12
-    finally:
-        torch.set_num_threads(1)
+    assert not iset._pool
 
 
 # ---------------------------------------------------------------------------------------
@@ -581,10 +530,10 @@ def test_project_sampled_blocked_matches_per_mode(min_group, orientation, widths
     iset = IndexSet(idx, M.shape)
     iset.min_group = min_group
     got = M.project_sampled(p, iset, vals)
-    U = M._split(p)
-    legacy = M._project_sparse_D(U, M._right_cores(U), iset, vals,
-                                 left=iset.left_vectors(U))
-    ref = M.proju(p, M._cat(legacy))
+    U = M.split(p)
+    # under autograd the per-mode kernels run (sample order)
+    legacy = project_sampled(U, right_cores(U), iset, vals.clone().requires_grad_())
+    ref = M.proju(p, torch.cat([c.detach().reshape(-1) for c in legacy]))
     assert rel(got, ref) < 1e-12
 
 
@@ -592,24 +541,24 @@ def test_project_sampled_blocked_matches_per_mode(min_group, orientation, widths
 def test_completion_cg_pieces_with_merged_modes(dtype, orientation, widths):
     P = Completion((4, 5, 4, 5), 2, train_size=300, test_size=50, seed=2, dtype=dtype)
     P.train.min_group = 2  # merge pairs of modes at this small size
-    assert len(P.train._partition(P.manifold.ranks).blocks) == 2
+    assert len(P.train.partition(P.manifold.ranks).blocks) == 2
     M = P.manifold
     p = P.initial_point(1)
     loss, g, ctx = P.cg_grad(p)
     tol = 1e-11 if dtype == F64 else 1e-4
     # reference: per-sample kernels in sample order (the former implementation)
-    U = M._split(p)
-    V = M._right_cores(U)
+    U = M.split(p)
+    V = right_cores(U)
     I = P.train
     left = I.left_vectors(U)
-    vals = I._left_step(M.d - 1, left[-1], U[-1])[:, 0]
+    vals = I.left_step(M.d - 1, left[-1], U[-1])[:, 0]
     z = (vals - P.a_train) * P._sw
     rights = [None] * M.d
     rights[-1] = vals.new_ones(len(I), 1)
     for k in range(M.d - 1, 0, -1):
-        rights[k - 1] = I._right_step(k, rights[k], V[k])
+        rights[k - 1] = I.right_step(k, rights[k], V[k])
     D = [I.scatter(k, left[k] * (z * P._sw).unsqueeze(1), rights[k]) for k in range(M.d)]
-    g_ref = M.proju(p, M._cat(D))
+    g_ref = M.proju(p, torch.cat([c.reshape(-1) for c in D]))
     assert rel(g, g_ref) < tol
     assert abs(float(loss) - float(0.5 * (z * z).sum())) <= tol * float(loss)
     eta = -g
@@ -663,7 +612,7 @@ def test_gather_jacobian_vectorized_matches_loop():
 
 
 # ---------------------------------------------------------------------------------------
-# the compiled kernels (ttmanifold._native, NativeSampledPoint)
+# the compiled kernels (ttmanifold.kernels, CompiledSampledPoint)
 # ---------------------------------------------------------------------------------------
 
 def _check_point(pt, U, V, dU, idx, z, tol):
@@ -725,7 +674,7 @@ def test_native_completion_cg_pieces(native, dtype):
     eta = -g_n
     a_n = float(P.exact_step(p, eta, ctx_n))
     e_n = P.eval_tangent(p, eta, ctx_n)
-    _native.set_enabled(False)
+    kernels.set_enabled(False)
     loss_t, g_t, ctx_t = P.cg_grad(p)
     assert not isinstance(ctx_t.point, NativeSampledPoint)
     tol = 1e-11 if dtype == F64 else 1e-4
@@ -738,7 +687,7 @@ def test_native_completion_cg_pieces(native, dtype):
 def test_native_cg_run_matches_torch_kernels(native):
     out = []
     for on in (True, False):
-        _native.set_enabled(on)
+        kernels.set_enabled(on)
         P = Completion((4, 5, 4, 5), 2, train_size=300, test_size=50, seed=4)
         P.train.min_group = 2
         h = run(P, "rcg", P.initial_point(0), iters=5, metrics_every=0, measure_memory=False)
@@ -761,7 +710,7 @@ def test_native_workspace_reuse_and_independence(native):
     assert rel(c.to_samples(c.values), dense(U1)[tuple(idx.t())]) < 1e-12
     assert rel(b.to_samples(b.values), dense(U2)[tuple(idx.t())]) < 1e-12  # untouched
     iset.release_buffers()
-    assert all(not plan.free for plan in iset._native_plans.values())
+    assert all(not plan.free for plan in iset.compiled_plans.values())
 
 
 def test_native_not_used_when_disabled_or_unsupported(native):
@@ -770,8 +719,8 @@ def test_native_not_used_when_disabled_or_unsupported(native):
     U, V = (rand_cores(shape, ranks, gen) for _ in range(2))
     assert isinstance(iset.sampled_point(U, V), NativeSampledPoint)
     Uh = [u.to(torch.bfloat16) for u in U]  # not a dtype of the kernels
-    assert not _native.usable(Uh[0])
-    _native.set_enabled(False)
+    assert not kernels.usable("sampled", Uh[0])
+    kernels.set_enabled(False)
     assert not isinstance(iset.sampled_point(U, V), NativeSampledPoint)
 
 
@@ -779,32 +728,10 @@ def test_native_only_for_large_index_sets(native, monkeypatch):
     shape, ranks = (3, 4, 3), (1, 2, 2, 1)
     iset, idx, gen = make_set(shape, 40, 64, "random", seed=1)
     U, V = (rand_cores(shape, ranks, gen) for _ in range(2))
-    monkeypatch.setattr(_native, "MIN_SAMPLES", 41)
+    monkeypatch.setattr(compiled_mod, "MIN_SAMPLES", 41)
     assert not isinstance(iset.sampled_point(U, V), NativeSampledPoint)
-    monkeypatch.setattr(_native, "MIN_SAMPLES", 40)
+    monkeypatch.setattr(compiled_mod, "MIN_SAMPLES", 40)
     assert isinstance(iset.sampled_point(U, V), NativeSampledPoint)
-
-
-def test_native_build_failure_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(_native, "MIN_SAMPLES", 0)
-
-    def boom(*args, **kw):
-        raise RuntimeError("no compiler here")
-
-    monkeypatch.setattr(_native, "_build", boom)
-    monkeypatch.setitem(_native._state, "module", None)
-    monkeypatch.setitem(_native._state, "tried", False)
-    _native.set_enabled(True)
-    shape, ranks = (3, 4, 3), (1, 2, 2, 1)
-    iset, idx, gen = make_set(shape, 40, 64, "random", seed=1)
-    U, V = (rand_cores(shape, ranks, gen) for _ in range(2))
-    with pytest.warns(RuntimeWarning, match="no compiler here"):
-        pt = iset.sampled_point(U, V)
-    assert not isinstance(pt, NativeSampledPoint)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        pt = iset.sampled_point(U, V)  # no second warning, no second build attempt
-    assert rel(pt.to_samples(pt.values), dense(U)[tuple(idx.t())]) < 1e-12
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
@@ -821,14 +748,14 @@ def test_native_gather_and_blocked_projection(native, case, dtype):
     assert vals.shape == (N,) and vals.dtype == dtype
     if N:
         assert rel(vals, dense([u.double() for u in U])[tuple(idx.t())]) < tol
-    D = iset._project_blocked(U, V, z.to(dtype))
+    D = iset.project(U, V, z.to(dtype))
     ref = ref_project(U, V, idx, z)
     for k in range(len(shape)):
         assert D[k].shape == U[k].shape
         if N:
             assert rel(D[k], ref[k]) < tol
     if N:  # the pool got its workspace back
-        assert all(plan.free for plan in iset._native_plans.values())
+        assert all(plan.free for plan in iset.compiled_plans.values())
 
 
 def test_native_project_sampled_matches_torch_kernels(native):
@@ -839,7 +766,7 @@ def test_native_project_sampled_matches_torch_kernels(native):
     iset = IndexSet(idx, M.shape)
     vals = torch.randn(150, generator=gen, dtype=F64)
     a = M.project_sampled(p, iset, vals)
-    _native.set_enabled(False)
+    kernels.set_enabled(False)
     b = M.project_sampled(p, IndexSet(idx, M.shape), vals)
     assert rel(a, b) < 1e-12
 

@@ -1,26 +1,71 @@
-"""The sampled-entry sweeps of Riemannian CG for completion on the compiled CPU kernels
-(:mod:`ttmanifold._native`): the same interface and values as
-:class:`ttmanifold.sparse.SampledPoint`, different layouts.
+"""Sampled entries on the compiled CPU kernels (the ``"sampled"`` set of
+:mod:`ttmanifold.kernels`): the same interface and values as the torch kernels of
+:mod:`.blocked`, different layouts.
 
-Layouts: per block of merged modes (the partition of :meth:`IndexSet._partition`) the
-samples sorted by their merged index, no padding. A sweep step reads the rows of one block
-in order, multiplies each by its group's merged core and writes the result straight into
-the next block's order (a scatter), one fused pass instead of a grouped ``bmm`` plus a
-gather; the gradient scatter and the tangent values are one fused pass per block each.
-Per-sample scalars (values, residuals, tangent values) are in sample order.
+Per block of merged modes (the partition of :meth:`IndexSet.bounds
+<ttmanifold.IndexSet.bounds>`) the samples are sorted by their merged index, without
+padding. A sweep step reads one block's rows in order, multiplies each by its group's
+merged core and writes the result straight into the next block's order, one fused pass;
+the gradient scatter and the tangent values are one fused pass per block each. Per-sample
+scalars are in sample order. Design: ``docs/sampled_entries.md``.
+
+The functions :func:`values`, :func:`sampled_point` and :func:`project` take the compiled
+module first; :mod:`ttmanifold.kernels` calls them (see :mod:`.index_set`).
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import _native
-from .sparse import _merged, _split_block_grad, _tangent_block
+from .blocked import merged, ranks_of, split_block_grad, tangent_block
+
+__all__ = ["MIN_SAMPLES", "applies", "values", "sampled_point", "project", "CompiledPlan",
+           "CompiledSampledPoint"]
+
+# Index sets smaller than this stay on the torch kernels: the compiled ones pay off from
+# about this size on, and small runs (tests, the quick comparison) never need them.
+MIN_SAMPLES = 1 << 14
 
 
-class NativePlan:
+def applies(iset, *args, **kwargs) -> bool:
+    """Whether the compiled kernels are meant for this index set (its size)."""
+    return MIN_SAMPLES <= len(iset) < 2 ** 31 - 1
+
+
+def plan_for(iset, ranks: Sequence[int]) -> "CompiledPlan":
+    """The sorted-group layouts of ``iset`` for TT-ranks ``ranks``, built once per block
+    partition and kept on the index set."""
+    bounds = tuple(iset.bounds(ranks))
+    plans = iset.compiled_plans
+    plan = plans.get(bounds)
+    if plan is None:
+        plan = CompiledPlan(iset, bounds)
+        plans[bounds] = plan
+    return plan
+
+
+def values(mod, iset, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The entries of the TT with ``cores`` at the samples (sample order). O(N d r^2)."""
+    if len(iset) == 0:
+        return cores[0].new_zeros(0)
+    return _values(mod, plan_for(iset, ranks_of(cores)), cores)
+
+
+def sampled_point(mod, iset, U: Sequence[torch.Tensor], V: Sequence[torch.Tensor]):
+    """A :class:`CompiledSampledPoint` (the interface of :class:`~.blocked.SampledPoint`)."""
+    return CompiledSampledPoint(mod, plan_for(iset, ranks_of(U)), U, V)
+
+
+def project(mod, iset, U, V, vals: torch.Tensor) -> List[torch.Tensor]:
+    """``D_k`` of the sparse projection (before the gauge projection), see
+    :func:`~.blocked.blocked_project`."""
+    return sampled_point(mod, iset, U, V).project(vals)
+
+
+class CompiledPlan:
     """Sorted-group layouts of the samples of an index set for one block partition."""
 
     def __init__(self, iset, bounds: Tuple[Tuple[int, int], ...]):
@@ -38,7 +83,7 @@ class NativePlan:
             P = 1
             for k in range(lo, hi):
                 P *= iset.shape[k]
-            key = iset._block_key(lo, hi)
+            key = iset.block_key(lo, hi)
             # inside a group, samples in the order of their previous block's group: a left
             # step then fills every destination group front to back (cache-friendly writes)
             order = torch.argsort(key if prev_key is None else key * prev_P + prev_key,
@@ -59,6 +104,7 @@ class NativePlan:
         self.inv = inv
         self.mask = torch.ones(N, dtype=torch.bool, device=dev)
         self.free: List[Dict] = []  # idle workspaces
+        self._lock = threading.Lock()  # the pool is shared by threads
         self._ones: Dict[torch.dtype, torch.Tensor] = {}
 
     def ones(self, dtype) -> torch.Tensor:
@@ -70,14 +116,16 @@ class NativePlan:
 
     def acquire(self, dtype, ranks) -> Dict:
         key = (dtype, tuple(ranks))
-        for j, ws in enumerate(self.free):
-            if ws["key"] == key:
-                return self.free.pop(j)
+        with self._lock:
+            for j, ws in enumerate(self.free):
+                if ws["key"] == key:
+                    return self.free.pop(j)
         return {"key": key}
 
     def release(self, ws: Dict) -> None:
         """Keep one idle workspace per dtype and ranks (the last released)."""
-        self.free = [w for w in self.free if w["key"] != ws["key"]] + [ws]
+        with self._lock:
+            self.free = [w for w in self.free if w["key"] != ws["key"]] + [ws]
 
 
 def _buf(ws: Dict, name, rows: int, cols: int, dtype, device) -> torch.Tensor:
@@ -90,61 +138,61 @@ def _buf(ws: Dict, name, rows: int, cols: int, dtype, device) -> torch.Tensor:
     return t
 
 
-def _left_sweep(plan: NativePlan, cores: Sequence[torch.Tensor], ws: Dict, ranks):
+def _left_sweep(mod, plan: CompiledPlan, cores: Sequence[torch.Tensor], ws: Dict, ranks):
     """The left vectors of every block in its order (``[ones, l_1, ...]``, pooled buffers of
     ``ws``) and the values at the samples (sample order, a new tensor: callers may keep
     it, e.g. the output of :meth:`IndexSet.gather`)."""
-    nat = _native.get()
     N = len(plan.iset)
     dtype, device = cores[0].dtype, cores[0].device
     B = len(plan.bounds)
     L: List[torch.Tensor] = [plan.ones(dtype)]
     for b, (lo, hi) in enumerate(plan.bounds):
-        M = _merged(cores, lo, hi).permute(1, 0, 2).contiguous()
+        M = merged(cores, lo, hi).permute(1, 0, 2).contiguous()
         out = (_buf(ws, ("L", b + 1), N, ranks[hi], dtype, device) if b + 1 < B
                else torch.empty(N, 1, dtype=dtype, device=device))
-        nat.step(L[b], M, plan.off[b], plan.dst_left[b], out)
+        mod.step(L[b], M, plan.off[b], plan.dst_left[b], out)
         if b + 1 < B:
             L.append(out)
     return L, out.view(-1)
 
 
-def native_values(plan: NativePlan, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+def _values(mod, plan: CompiledPlan, cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """The entries of the TT with ``cores`` at the samples (sample order): the left sweep
     alone, on a pooled workspace. Returns a new tensor."""
-    ranks = plan.iset._ranks(cores)
+    ranks = ranks_of(cores)
     ws = plan.acquire(cores[0].dtype, ranks)
     try:
         with torch.no_grad():
-            return _left_sweep(plan, cores, ws, ranks)[1]
+            return _left_sweep(mod, plan, cores, ws, ranks)[1]
     finally:
         plan.release(ws)
 
 
-class NativeSampledPoint:
+class CompiledSampledPoint:
     """:class:`~ttmanifold.sparse.SampledPoint` on the compiled kernels (CPU, float32 or
     float64). Per-sample scalars are in sample order: :meth:`to_samples` and
     :meth:`from_samples` are the identity and :attr:`mask` is all true."""
 
-    def __init__(self, plan: NativePlan, U: Sequence[torch.Tensor], V: Sequence[torch.Tensor]):
-        nat = _native.get()
+    def __init__(self, mod, plan: CompiledPlan, U: Sequence[torch.Tensor],
+                 V: Sequence[torch.Tensor]):
+        self.mod = nat = mod
         self.plan = plan
         self.U, self.V = list(U), list(V)
         iset = plan.iset
         N = len(iset)
         dtype, device = U[0].dtype, U[0].device
-        ranks = iset._ranks(U)
+        ranks = ranks_of(U)
         ws = plan.acquire(dtype, ranks)
         self._ws = ws
         weakref.finalize(self, plan.release, ws)
         B = len(plan.bounds)
         with torch.no_grad():
-            L, self.values = _left_sweep(plan, self.U, ws, ranks)
+            L, self.values = _left_sweep(nat, plan, self.U, ws, ranks)
             R: List[Optional[torch.Tensor]] = [None] * B
             R[B - 1] = plan.ones(dtype)
             for b in range(B - 1, 0, -1):
                 lo, hi = plan.bounds[b]
-                Mt = _merged(self.V, lo, hi).permute(1, 2, 0).contiguous()
+                Mt = merged(self.V, lo, hi).permute(1, 2, 0).contiguous()
                 R[b - 1] = _buf(ws, ("R", b - 1), N, ranks[lo], dtype, device)
                 nat.step(R[b], Mt, plan.off[b], plan.dst_right[b], R[b - 1])
         self.L, self.R = L, R
@@ -167,7 +215,7 @@ class NativeSampledPoint:
     def project(self, z: torch.Tensor) -> List[torch.Tensor]:
         """``D_k`` of the projection of the sparse tensor with values ``z`` (sample order),
         before the gauge projection."""
-        nat = _native.get()
+        nat = self.mod
         plan = self.plan
         shape = plan.iset.shape
         D: List[Optional[torch.Tensor]] = [None] * len(shape)
@@ -177,19 +225,19 @@ class NativeSampledPoint:
                 P = plan.off[b].numel() - 1
                 C = z.new_empty(P, self.L[b].shape[1], self.R[b].shape[1])
                 nat.outer(self.L[b], self.R[b], z, plan.off[b], plan.perm[b], C)
-                D[lo:hi] = _split_block_grad(C.permute(1, 0, 2), self.U, self.V, lo, hi, shape)
+                D[lo:hi] = split_block_grad(C.permute(1, 0, 2), self.U, self.V, lo, hi, shape)
         return D
 
     def tangent(self, dU: Sequence[torch.Tensor]) -> torch.Tensor:
         """The tangent vector with deltas ``dU`` at the samples (sample order)."""
-        nat = _native.get()
+        nat = self.mod
         plan = self.plan
         N = len(plan.iset)
         with torch.no_grad():
             e = None
             t = _buf(self._ws, "t", N, 1, self.values.dtype, self.values.device).view(-1)
             for b, (lo, hi) in enumerate(plan.bounds):
-                T = _tangent_block(self.U, self.V, dU, lo, hi).permute(1, 0, 2).contiguous()
+                T = tangent_block(self.U, self.V, dU, lo, hi).permute(1, 0, 2).contiguous()
                 nat.rowdot(self.L[b], T, self.R[b], plan.off[b], t)  # block order
                 tb = t.index_select(0, plan.inv[b])  # sample order
                 e = tb if e is None else e.add_(tb)

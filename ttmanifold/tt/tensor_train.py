@@ -12,7 +12,7 @@ autograd, except that gradients through :func:`round` and :meth:`TT.from_dense` 
 of the truncated SVDs (defined when the kept singular values are distinct and nonzero;
 not guaranteed otherwise).
 
-Conventions (``../shared/MATH.md`` section 1):
+Conventions (the mathematics: ``docs/tt_algebra.md``):
 
 - QR sweeps fix the sign convention ``diag(R) >= 0``, so orthogonalization is a
   deterministic function of the input cores, and re-orthogonalizing an orthogonal TT
@@ -33,7 +33,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._checks import (
+from .index_set import IndexSet
+from .._checks import (
     check_finite,
     check_float_dtype,
     check_positive_float,
@@ -408,8 +409,6 @@ class TT:
         """
         idx = self._check_indices(indices)
         if idx.shape[0] >= _GROUPED_GATHER_MIN and idx.device.type != "meta":
-            from .sparse import IndexSet
-
             return IndexSet(idx, self.shape, check=False).gather(self)
         outs = []
         for s in range(0, max(idx.shape[0], 1), _GATHER_CHUNK):
@@ -453,25 +452,35 @@ class TT:
         return NotImplemented
 
     def __neg__(self):
-        return self._scale(-1.0)
+        return self.scaled(-1.0)
 
     def __mul__(self, a):
         if _is_scalar(a):
-            return self._scale(a)
+            return self.scaled(a)
         return NotImplemented
 
     __rmul__ = __mul__
 
     def __truediv__(self, a):
         if _is_scalar(a):
-            return self._scale(1.0 / a)
+            return self.scaled(1.0 / a)
         return NotImplemented
 
-    def _inner_special(self, other: "TT") -> Optional[torch.Tensor]:
-        """Hook for structured subclasses (``TangentTT``): ``<self, other>`` or None."""
+    def structured_inner(self, other: "TT") -> Optional[torch.Tensor]:
+        """Extension point for structured subclasses (the tangent TT of
+        :mod:`ttmanifold.manifold`): ``<self, other>`` computed from the structure, or None
+        to use the generic sweep of :func:`inner`."""
         return None
 
-    def _scale(self, a) -> "TT":
+    def values_at(self, index_set: "IndexSet") -> torch.Tensor:
+        """The entries at the samples of ``index_set`` (:meth:`IndexSet.gather
+        <ttmanifold.IndexSet.gather>` calls this; structured subclasses override it).
+        O(N d r^2)."""
+        return index_set.gather_cores(self._cores)
+
+    def scaled(self, a) -> "TT":
+        """``a * self`` for a real scalar ``a`` (first core scaled; subclasses may keep
+        their structure). O(n r^2)."""
         cores = list(self._cores)
         cores[0] = cores[0] * a
         return TT(cores, check=False)
@@ -521,9 +530,9 @@ def inner(a: TT, b: TT) -> torch.Tensor:
     """
     _check_pair(a, b, "inner")
     if type(a) is not TT or type(b) is not TT:  # structured TTs (tangent vectors)
-        res = a._inner_special(b)
+        res = a.structured_inner(b)
         if res is None:
-            res = b._inner_special(a)
+            res = b.structured_inner(a)
         if res is not None:
             return res.reshape(())
     w = None

@@ -1,0 +1,134 @@
+"""Riemannian automatic differentiation on the fixed-TT-rank manifold.
+
+The gradient of a loss ``f`` at a point ``X`` with cores ``U`` (left-orthogonal) and
+``V`` (right-orthogonal) is read off one reverse pass of ``g(delta) = f(sum_k U_<k delta_k
+V_>k)`` at ``delta = (0, ..., 0, U_d)`` (where the sum equals X) followed by the gauge
+projection; a second reverse pass gives Hessian-vector products. ``f`` receives a
+:class:`~.tangent.TangentTT`, so losses built from inner products and norms cost about
+one projection. The mathematics: ``docs/autodiff.md``.
+
+The functions take the manifold (a :class:`~.fixed_rank.FixedTTRank`) for its packing.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..tt import TT
+from .sweeps import gauge_project_flat, right_cores
+from .tangent import TangentTT
+
+__all__ = ["riemannian_grad", "riemannian_hvp", "tangent_at_point", "all_finite"]
+
+
+def all_finite(u: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: no NaN or Inf in ``u``, without a host sync. ``sum(0 * u)`` is 0
+    for finite entries and NaN as soon as one is NaN or +-Inf: two passes over ``u``
+    instead of the four of ``isfinite(u).all()``, and no overflow."""
+    return torch.isfinite((u * 0).sum())
+
+
+class _DeltaFromPoint(torch.autograd.Function):
+    """The packed deltas ``(0, ..., 0, U_d)`` of the point ``p`` (value X), with the
+    gradient path of ``dU_k = p_k - p_k.detach()``: the incoming gradient, gauge
+    projected on the cores ``k < d``, goes to ``p``."""
+
+    @staticmethod
+    def forward(ctx, p, runs):
+        ctx.runs = runs
+        ctx.save_for_backward(p)
+        out = torch.zeros_like(p)
+        out[runs[1]:] = p[runs[1]:]
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (p,) = ctx.saved_tensors
+        return gauge_project_flat(ctx.runs, p.detach(), g), None
+
+
+def tangent_at_point(M, p: torch.Tensor) -> TangentTT:
+    """The rank-2r tangent TT whose value is X, its deltas tied to ``p`` (which requires
+    grad): backpropagating a loss of it gives ``p.grad`` = the Riemannian gradient in
+    packed gauged form (what :meth:`FixedTTRank.unpack_tensor
+    <ttmanifold.FixedTTRank.unpack_tensor>` returns under autograd). O(d n r^3)."""
+    U = [c.detach() for c in M.split(p, "p")]
+    V = right_cores(U)
+    flat = _DeltaFromPoint.apply(p, M.gauge_runs)
+    return TangentTT(U, V, M.split(flat, "p"), flat=flat, gauged=True, check=False)
+
+
+def _delta_tt(M, p, U, V):
+    """Packed deltas ``(0, .., 0, U_d)`` requiring grad, and the TT they define (X)."""
+    flat = M.point_as_tangent(p).requires_grad_()
+    deltas = M.split(flat, "p")
+    if M.d == 1:
+        return flat, TT(deltas, check=False)
+    return flat, TangentTT(U, V, deltas, flat=flat, gauged=True, check=False)
+
+
+def _check_loss(val):
+    if not isinstance(val, torch.Tensor) or val.numel() != 1:
+        raise ValueError("f: expected a function returning a scalar tensor")
+    if not val.requires_grad:
+        raise ValueError("f: the returned scalar does not depend on the TT (no grad)")
+
+
+def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torch.Tensor:
+    """Riemannian gradient of ``f`` at the packed point ``p`` of ``M``.
+
+    Args:
+        M: the manifold (:class:`~ttmanifold.FixedTTRank`).
+        p: a packed point.
+        f: a differentiable function of a :class:`~ttmanifold.TT` returning a scalar; it
+            receives a :class:`~.tangent.TangentTT` (inner products and norms at rank r,
+            other operations on the rank-2r cores).
+    Returns:
+        the packed gauged deltas of the gradient (detached). Non-finite gradients raise
+        through ``torch._assert_async`` (no host sync).
+    Cost: ``f`` and its backward at the tangent TT plus O(d n r^3) (Novikov, Rakhuba,
+    Oseledets 2021).
+    """
+    p = p.detach()
+    U = M.split(p, "p")
+    V = right_cores(U)
+    with torch.enable_grad():
+        flat, T = _delta_tt(M, p, U, V)
+        val = f(T)
+        _check_loss(val)
+        (D,) = torch.autograd.grad(val, flat, allow_unused=True)
+    out = torch.zeros_like(p) if D is None else M.proju(p, D)
+    if out.device.type != "meta":
+        torch._assert_async(all_finite(out), "f: gradient contains NaN or Inf")
+    return out
+
+
+def riemannian_hvp(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
+                   u: torch.Tensor) -> torch.Tensor:
+    """Projected Hessian-vector product ``P_X (nabla^2 f) [xi]`` at ``p``.
+
+    A second reverse pass through the delta map (linear in delta): the Euclidean Hessian
+    of ``f`` restricted to the tangent space. The curvature term of the Riemannian
+    Hessian (which vanishes at critical points) is **not** included.
+
+    Args:
+        M, p, f: as for :func:`riemannian_grad`; u: packed tangent vector at ``p``.
+    Returns:
+        packed gauged deltas. Cost: about twice :func:`riemannian_grad`.
+    """
+    p = p.detach()
+    U = M.split(p, "p")
+    M.split(u, "u")
+    if u.dtype != p.dtype or u.device != p.device:
+        raise TypeError(f"u: {u.dtype} on {u.device}, the point is {p.dtype} on {p.device}")
+    V = right_cores(U)
+    with torch.enable_grad():
+        flat, T = _delta_tt(M, p, U, V)
+        val = f(T)
+        _check_loss(val)
+        (D,) = torch.autograd.grad(val, flat, create_graph=True, allow_unused=True)
+        if D is None or not D.requires_grad:  # f at most linear in X
+            return torch.zeros_like(p)
+        (H,) = torch.autograd.grad(torch.dot(D, u), flat, allow_unused=True)
+    return torch.zeros_like(p) if H is None else M.proju(p, H)

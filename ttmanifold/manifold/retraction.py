@@ -1,0 +1,105 @@
+"""The retraction of the fixed-TT-rank manifold as a pure function of cores:
+``R_X(xi) = round_r(X + xi)``, the TT-SVD of the rank-2r TT of ``X + xi`` that uses its
+block structure. The mathematics: ``docs/manifold.md`` (retraction).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from .. import kernels
+from ..kernels import dense as compiled_dense
+from ..tt import qr_pos
+from .sweeps import right_cores
+
+__all__ = ["retract", "retract_point"]
+
+
+def _has_bonds(U, *args, **kwargs) -> bool:
+    return len(U) > 1
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.retract, when=_has_bonds)
+def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+            du: Sequence[torch.Tensor], ranks: Sequence[int]) -> torch.Tensor:
+    """Packed left-orthogonal cores of ``round_r(X + xi)``, ``xi = sum_k U_<k du_k V_>k``.
+
+    Args:
+        U: left-orthogonal cores of the point X.
+        V: its right-orthogonal cores (:func:`~.sweeps.right_cores`; ``V[0]`` unused).
+        du: deltas of the tangent step (gauged or not), cores of ``U``'s shapes.
+        ranks: the ``d + 1`` TT-ranks of the manifold.
+    Returns:
+        one flat tensor, the left-orthogonal cores of the result concatenated.
+
+    The TT-SVD of the rank-2r TT with block cores ``[[V_k, 0], [du_k, U_k]]`` (last core
+    ``[[V_d], [U_d + du_d]]``): the rows ``[V_k, 0]`` are already right-orthonormal, so the
+    right-to-left orthogonalization only removes their component from the bottom block and
+    QR-factorizes the rest (an ``r x n (r + r')`` LQ instead of a ``2r x 2nr`` one), then
+    truncated SVDs from left to right. A rank that collapses below ``r`` is padded with an
+    orthonormal complement (the result stays on the manifold's format).
+    Cost: O(d n r^3); differentiable. Compiled CPU version via :mod:`ttmanifold.kernels`.
+    """
+    d = len(U)
+    if d == 1:
+        return (U[0] + du[0]).reshape(-1)
+    QV: List[Optional[torch.Tensor]] = [None] * d
+    QW: List[Optional[torch.Tensor]] = [None] * d
+    rows = U[-1].shape[0]
+    left = (U[-1] + du[-1]).reshape(rows, -1)  # bottom block, columns of the V part
+    right = None  # bottom block, the other columns
+    for k in range(d - 1, 0, -1):
+        vm = V[k].reshape(V[k].shape[0], -1)
+        C = left @ vm.transpose(0, 1)
+        w = torch.addmm(left, C, vm, alpha=-1)
+        W = w if right is None else torch.cat([w, right], 1)
+        q, r = torch.linalg.qr(W.transpose(0, 1))
+        qt = q.transpose(0, 1)
+        QV[k] = qt[:, :w.shape[1]]
+        QW[k] = None if right is None else qt[:, w.shape[1]:]
+        ul = U[k - 1].reshape(-1, U[k - 1].shape[2])
+        rows = U[k - 1].shape[0]
+        left = torch.addmm(du[k - 1].reshape(ul.shape), ul, C).reshape(rows, -1)
+        right = (ul @ r.transpose(0, 1)).reshape(rows, -1)
+    n = U[0].shape[1]
+    c = torch.cat([left.reshape(n, -1), right.reshape(n, -1)], 1)
+    size = sum(u.numel() for u in U)
+    out = U[0].new_empty(size)
+    off = 0
+    for k in range(d - 1):
+        u, s, vh = torch.linalg.svd(c, full_matrices=False)
+        r = ranks[k + 1]
+        if u.shape[1] < r:  # rank collapsed below r: pad with an orthonormal complement
+            u, s, vh = _pad_svd(u, s, vh, r)
+        out[off:off + u.shape[0] * r].view(u.shape[0], r).copy_(u[:, :r])
+        off += u.shape[0] * r
+        sv = s[:r, None] * vh[:r]
+        a, nk, b = V[k + 1].shape
+        top = torch.addmm(sv[:, a:] @ QV[k + 1], sv[:, :a], V[k + 1].reshape(a, -1))
+        if QW[k + 1] is None:
+            c = top
+        else:
+            c = torch.cat([top.reshape(r * nk, b), (sv[:, a:] @ QW[k + 1]).reshape(r * nk, -1)], 1)
+    out[off:].view(c.shape).copy_(c)
+    return out
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.retract_point, when=_has_bonds)
+def retract_point(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
+                  ranks: Sequence[int]) -> torch.Tensor:
+    """:func:`retract` that computes the right-orthogonal cores itself (one compiled call
+    on the CPU). Same arguments without ``V``; cost O(d n r^3)."""
+    return retract(U, right_cores(U), du, ranks)
+
+
+def _pad_svd(u, s, vh, r):
+    """Extend a thin SVD of rank ``k < r`` to ``r`` columns with an orthonormal
+    complement and zero singular values."""
+    m, k = u.shape
+    extra = torch.eye(m, r - k, dtype=u.dtype, device=u.device)
+    q, _ = qr_pos(torch.cat([u, extra], 1))
+    u = torch.cat([u, q[:, k:r]], 1)
+    s = torch.cat([s, s.new_zeros(r - k)])
+    vh = torch.cat([vh, vh.new_zeros(r - k, vh.shape[1])], 0)
+    return u, s, vh

@@ -1,0 +1,308 @@
+"""Pure functions over sequences of TT cores: the sweeps behind the fixed-TT-rank manifold.
+
+A point is given by its left-orthogonal cores ``U`` (``U_k`` of shape
+``(r_{k-1}, n_k, r_k)``, cores ``0..d-2`` left-orthogonal); :func:`right_cores` gives the
+right-orthogonal cores ``V`` of the same tensor; a tangent vector is given by its deltas
+``dU`` (cores of ``U``'s shapes), ``xi = sum_k U_<k dU_k V_>k``. Here: the right cores,
+the projection of a TT onto the tangent space (:func:`project_tt`), of a dense tensor
+(:func:`project_dense`) and of sampled entries (:func:`project_sampled`), the gauge
+projection (:func:`gauge_project_flat`) and the gauge change (:func:`gauge_deltas`).
+
+Costs: ``n = max n_k``, ``r = max r_k``, ``R`` the rank of an ambient TT. Functions that
+have a compiled CPU version are dispatched by :mod:`ttmanifold.kernels`.
+The mathematics: ``docs/manifold.md``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import kernels
+from ..kernels import dense as compiled_dense
+from ..tt import IndexSet
+
+__all__ = ["core_runs", "right_sweep", "right_cores", "project_tt", "project_dense",
+           "project_sampled", "gauge_project_flat", "gauge_deltas", "orth_defect"]
+
+
+def core_runs(shapes: Sequence[Tuple[int, ...]]) -> List[Tuple[int, int]]:
+    """Maximal runs ``[k0, k1)`` of consecutive equal shapes (for batched products)."""
+    runs: List[Tuple[int, int]] = []
+    k0 = 0
+    for k in range(1, len(shapes) + 1):
+        if k == len(shapes) or tuple(shapes[k]) != tuple(shapes[k0]):
+            runs.append((k0, k))
+            k0 = k
+    return runs
+
+
+def right_sweep(U: Sequence[torch.Tensor]):
+    """The LQ sweep of the TT with left-orthogonal cores ``U``, without a sign convention:
+    yields ``(k, q_k, r_k)`` for ``k = d-1, ..., 1``, where ``q_k`` (``n_k r_k x r_{k-1}``,
+    the transposed right unfolding) holds ``V'_k`` and ``r_k^T = L'_k`` with
+    ``U_k L'_{k+1} = L'_k V'_k`` (Householder QR of the transpose: LAPACK's signs). No
+    inversion; O(d n r^3).
+
+    With ``S_k = sign(diag(L'_k))`` (``+0 -> +1``) the canonical factors (``diag(L_k) >= 0``,
+    :func:`~ttmanifold.tt.lq_pos`) are ``L_k = L'_k S_k`` and
+    ``V_k = S_k V'_k (I (x) S_{k+1})``: by induction, the input of step k is the canonical
+    one times ``I (x) S_{k+1}`` on its columns, and an LQ of ``A D`` (D diagonal, orthogonal)
+    is ``(L S) (S Q D)``. So the interfaces satisfy ``V'_>k = S_k V_>k``, which lets callers
+    fix all signs at the end, batched (:func:`right_cores`, :func:`project_tt`)."""
+    c = U[-1]
+    for k in range(len(U) - 1, 0, -1):
+        q, r = torch.linalg.qr(c.reshape(c.shape[0], -1).transpose(0, 1))
+        yield k, q, r
+        if k > 1:
+            prv = U[k - 1]
+            c = (prv.reshape(-1, prv.shape[2]) @ r.transpose(0, 1)).reshape(prv.shape)
+
+
+def _signs(dg: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``copysign(1, .)`` of the concatenated diagonals (one kernel each way)."""
+    g = torch.cat(list(dg)) if len(dg) > 1 else dg[0]
+    return torch.ones_like(g).copysign_(g)
+
+
+def _has_bonds(U, *args, **kwargs) -> bool:
+    return len(U) > 1
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.right_cores, when=_has_bonds)
+def right_cores(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """The right-orthogonal cores of the TT with left-orthogonal cores ``U``.
+
+    Args:
+        U: ``d`` cores, ``U[k]`` of shape ``(r_k, n_k, r_{k+1})``, cores ``0..d-2``
+            left-orthogonal.
+    Returns:
+        ``V``: a list of ``d`` cores of ``U``'s shapes, ``V[0]`` is None; ``V[1:]`` are
+        right-orthogonal and represent the same tensor, in the canonical gauge
+        ``diag(L_k) >= 0`` (an unsigned LQ sweep, :func:`right_sweep`, then one batched
+        sign fix per run of equal core shapes).
+    Cost: O(d n r^3); no inversion. Compiled CPU version (bitwise equal) via
+    :mod:`ttmanifold.kernels`.
+    """
+    d = len(U)
+    V: List[Optional[torch.Tensor]] = [None] * d
+    if d == 1:
+        return V
+    Q: List[Optional[torch.Tensor]] = [None] * d
+    dg: List[Optional[torch.Tensor]] = [None] * d
+    for k, q, r in right_sweep(U):
+        Q[k], dg[k] = q, torch.diagonal(r)
+    S = _signs(dg[1:]).split([g.shape[0] for g in dg[1:]])  # S[k-1]: signs of bond k-1
+    for k0, k1 in core_runs([tuple(U[k].shape) + (k == d - 1,) for k in range(1, d)]):
+        k0, k1 = k0 + 1, k1 + 1
+        a, n, b = U[k0].shape
+        if k1 - k0 == 1:
+            q = Q[k0].reshape(n, b, a)
+            q = q * S[k0 - 1] if k0 == d - 1 else q * S[k0 - 1] * S[k0].unsqueeze(1)
+            V[k0] = q.permute(2, 0, 1).contiguous()
+            continue
+        q = torch.stack(Q[k0:k1]).reshape(k1 - k0, n, b, a)
+        rs = torch.stack(S[k0 - 1:k1 - 1]).unsqueeze(1).unsqueeze(1)  # (m, 1, 1, a)
+        cs = torch.stack(S[k0:k1]).unsqueeze(1).unsqueeze(3)  # (m, 1, b, 1)
+        V[k0:k1] = (q * rs * cs).permute(0, 3, 1, 2).contiguous().unbind(0)
+    return V
+
+
+def _packed(U, V, Z, *, packed: bool = False, gauge: bool = False) -> bool:
+    return packed
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.project_tt, when=_packed)
+def project_tt(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Tensor]]],
+               Z: Sequence[torch.Tensor], *, packed: bool = False, gauge: bool = False):
+    """``D_k = U_<k^T Z V_>k^T`` (cores of shape ``U[k].shape``) for a TT ``Z``: the
+    tangent-space projection of ``Z`` before (or, with ``gauge=True``, after) the gauge
+    projection.
+
+    Args:
+        U: left-orthogonal cores of the point.
+        V: its right-orthogonal cores (``V[0]`` unused), or None to compute them here (the
+            unsigned :func:`right_sweep`, interleaved with the right interface sweep,
+            signs fixed per run at the end).
+        Z: the cores of a TT of the same shape, ranks ``R_k``.
+        packed: return one flat tensor (cores concatenated) instead of a list.
+        gauge: return the gauge-projected deltas (below).
+    Returns:
+        the ``d`` cores ``D_k`` (or one flat tensor); differentiable.
+    Cost: O(d n r R (r + R)). Compiled CPU version for ``packed=True`` via
+    :mod:`ttmanifold.kernels`.
+
+    Left sweep ``t_k = P_k Z_k`` with ``P_k = U_<k^T Z_<k`` (``r_{k-1} x R_{k-1}``), right
+    sweep ``Q_k = Z_>k V_>k^T`` (``R_k x r_k``), then ``D_k = t_k Q_k``, batched over runs
+    of cores of equal shapes. Cost O(d n r R (r + R)); differentiable. Returns the list of
+    cores, or with ``packed=True`` one flat tensor (cores concatenated).
+
+    ``gauge=True`` returns the gauge-projected ``D_k - U_k (U_k^T D_k)`` (k < d) instead, at
+    almost no extra cost: ``U_k^T t_k = P_{k+1}`` is a product of the left sweep, so the
+    projection is ``(t_k - U_k P_{k+1}) Q_k``, one batched product per run.
+    """
+    d = len(U)
+    T: List[torch.Tensor] = []
+    Ps: List[Optional[torch.Tensor]] = [None] * d  # P_k; P_0 = 1
+    P: Optional[torch.Tensor] = None
+    for k in range(d):
+        z = Z[k]
+        if P is None:  # P_0 = 1
+            t = z.reshape(-1, z.shape[2])
+        else:
+            t = (P @ z.reshape(z.shape[0], -1)).reshape(-1, z.shape[2])  # (r n, R)
+        T.append(t)
+        if k < d - 1:
+            P = U[k].reshape(-1, U[k].shape[2]).transpose(0, 1) @ t
+            Ps[k + 1] = P
+    Q: List[Optional[torch.Tensor]] = [None] * d  # Q[d-1] = 1
+    # without V: the unsigned LQ sweep, interleaved (V'_k computed while in cache); its
+    # interfaces are Q'_k = Q_k S_{k+1}, fixed below with one product per run
+    sweep = right_sweep(U) if V is None else None
+    dg: List[torch.Tensor] = []
+    for k in range(d - 1, 0, -1):
+        z = Z[k]
+        if Q[k] is None:
+            s = z.reshape(z.shape[0], -1)
+        else:
+            s = (z.reshape(-1, z.shape[2]) @ Q[k]).reshape(z.shape[0], -1)  # (R, n r)
+        if sweep is not None:
+            _, q, r = next(sweep)
+            dg.append(torch.diagonal(r))
+            Q[k - 1] = s @ q  # (R, r) with the unsigned V'_k (q = V'_k^T)
+        else:
+            v = V[k]
+            Q[k - 1] = s @ v.reshape(v.shape[0], -1).transpose(0, 1)
+    S: Optional[List[torch.Tensor]] = None
+    if sweep is not None and dg:
+        S = list(_signs(dg[::-1]).split([g.shape[0] for g in dg[::-1]]))  # S[k]: bond k
+    pieces: List[torch.Tensor] = []
+    for k0, k1 in core_runs([tuple(U[k].shape) + tuple(Z[k].shape) + (k == d - 1,)
+                             for k in range(d)]):
+        if k1 - k0 == 1:
+            t = T[k0]
+            if gauge and k0 < d - 1:
+                t = torch.addmm(t, U[k0].reshape(t.shape[0], -1), Ps[k0 + 1], alpha=-1)
+            if Q[k0] is None:
+                pieces.append(t)
+            else:
+                pieces.append(t @ (Q[k0] if S is None else Q[k0] * S[k0]))
+        else:
+            t = torch.stack(T[k0:k1])
+            if gauge:  # the run holds no last core
+                us = torch.stack([U[k].reshape(t.shape[1], -1) for k in range(k0, k1)])
+                t = torch.baddbmm(t, us, torch.stack(Ps[k0 + 1:k1 + 1]), alpha=-1)
+            qs = torch.stack(Q[k0:k1])
+            if S is not None:
+                qs = qs * torch.stack(S[k0:k1]).unsqueeze(1)
+            pieces.append(torch.bmm(t, qs))
+    if packed:
+        return torch.cat([g.reshape(-1) for g in pieces])
+    D: List[torch.Tensor] = []
+    k = 0
+    for g in pieces:
+        if g.dim() == 2:
+            D.append(g.reshape(U[k].shape))
+            k += 1
+        else:
+            D.extend(g.reshape((g.shape[0],) + tuple(U[k].shape)).unbind(0))
+            k += g.shape[0]
+    return D
+
+
+def gauge_project_flat(runs, U_flat: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``g_k - U_k (U_k^T g_k)`` on the left unfoldings of the packed cores ``k < d``; the
+    last core unchanged. ``runs``: ``(offset, m, rows, cols)`` per run of equal core shapes
+    (cores ``0..d-2``), then the offset of the last core. One batched product pair per
+    run; differentiable. Returns a new flat tensor."""
+    blocks, last = runs
+    pieces = []
+    for off, m, rows, cols in blocks:
+        sz = m * rows * cols
+        if m == 1:
+            Ub = U_flat[off:off + sz].view(rows, cols)
+            Gb = g[off:off + sz].view(rows, cols)
+            pieces.append(torch.addmm(Gb, Ub, Ub.transpose(0, 1) @ Gb, alpha=-1).reshape(-1))
+            continue
+        Ub = U_flat[off:off + sz].view(m, rows, cols)
+        Gb = g[off:off + sz].view(m, rows, cols)
+        pieces.append(torch.baddbmm(Gb, Ub, Ub.transpose(1, 2) @ Gb, alpha=-1).reshape(-1))
+    pieces.append(g[last:])
+    return torch.cat(pieces)
+
+
+
+
+def gauge_deltas(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+                 du: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Gauged deltas of the tangent vector with arbitrary deltas ``du``: the parts
+    ``U_k (U_k^T dU_k)`` (k < d) move into core ``k + 1`` (through ``V_{k+1}``), so the
+    tangent vector is unchanged (unlike the gauge projection, which drops them).
+
+    Returns the ``d`` new delta cores. Cost O(d n r^3); differentiable.
+    """
+    du = list(du)
+    for k in range(len(U) - 1):
+        ul = U[k].reshape(-1, U[k].shape[2])
+        dl = du[k].reshape(-1, du[k].shape[2])
+        a = ul.transpose(0, 1) @ dl
+        du[k] = (dl - ul @ a).reshape(du[k].shape)
+        v = V[k + 1]
+        du[k + 1] = du[k + 1] + (a @ v.reshape(v.shape[0], -1)).reshape(v.shape)
+    return du
+
+
+def project_dense(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+                  Z: torch.Tensor) -> List[torch.Tensor]:
+    """``D_k = U_<k^T Z V_>k^T`` for a dense tensor ``Z`` of the point's shape (before the
+    gauge projection): one left sweep over ``Z`` and the right interfaces as dense
+    ``(r_k, n_{k+1} ... n_d)`` matrices. Cost O(n^d r); differentiable."""
+    d = len(U)
+    shape = [int(u.shape[1]) for u in U]
+    right = [None] * d
+    right[d - 1] = Z.new_ones(1, 1)
+    for k in range(d - 1, 0, -1):
+        v = V[k]
+        right[k - 1] = (v.reshape(-1, v.shape[2]) @ right[k]).reshape(v.shape[0], -1)
+    D = []
+    left = Z.reshape(1, -1)  # U_{<k}^T Z as (r_{k-1}, n_k ... n_d)
+    for k in range(d):
+        lk = left.reshape(U[k].shape[0] * shape[k], -1)
+        D.append((lk @ right[k].transpose(0, 1)).reshape(U[k].shape))
+        if k < d - 1:
+            u = U[k]
+            left = u.reshape(-1, u.shape[2]).transpose(0, 1) @ lk
+    return D
+
+
+def project_sampled(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+                    index_set: IndexSet, values: torch.Tensor) -> List[torch.Tensor]:
+    """``D_k`` of the projection of the sparse tensor with ``values`` at ``index_set``
+    (before the gauge projection). Without autograd: the blocked (or compiled) kernels of
+    the index set; otherwise the per-mode kernels, differentiable in ``values``, ``U``
+    and ``V``. Cost O(N d r^2)."""
+    d = len(U)
+    grad = torch.is_grad_enabled() and (
+        values.requires_grad or any(u.requires_grad for u in U)
+        or any(v is not None and v.requires_grad for v in V))
+    if not grad and values.device.type != "meta":
+        with torch.no_grad():
+            return index_set.project(U, V, values)
+    left = index_set.left_vectors(U)
+    rights = [None] * d
+    rights[d - 1] = values.new_ones(len(index_set), 1)
+    for k in range(d - 1, 0, -1):
+        rights[k - 1] = index_set.right_step(k, rights[k], V[k])
+    return [index_set.scatter(k, left[k] * values.unsqueeze(1), rights[k]) for k in range(d)]
+
+
+def orth_defect(U: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``max_k ||U_k^T U_k - I||_max`` over the left unfoldings of cores ``k < d`` (a 0-d
+    tensor on the cores' device; no host sync). O(d n r^3)."""
+    out = U[-1].new_zeros(())
+    for u in U[:-1]:
+        ul = u.reshape(-1, u.shape[2])
+        g = ul.transpose(0, 1) @ ul
+        out = torch.maximum(out, (g - torch.eye(g.shape[0], dtype=g.dtype,
+                                                device=g.device)).abs().max())
+    return out

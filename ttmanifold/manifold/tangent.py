@@ -1,0 +1,226 @@
+"""Tangent vectors of the fixed-TT-rank manifold as structured TTs.
+
+A tangent vector at ``X`` (left-orthogonal cores ``U_k``, right-orthogonal cores ``V_k``)
+is ``xi = sum_k U_<k dU_k V_>k``; as a TT it has rank ``2r`` and block cores
+``[dU_1, U_1]``, ``[[V_k, 0], [dU_k, U_k]]``, ``[[V_d], [dU_d]]``. :class:`TangentTT` keeps
+the factors ``(U, V, dU)`` and builds the block cores only when an operation needs them:
+inner products with another tangent TT of the same point (O(d n r^2)) or with any TT of
+rank R (one projection sweep, O(d n r R (r + R))), norms, scalar multiples and entries
+at sampled indices run at rank r; everything else on the rank-2r cores. All of it is
+differentiable in the deltas. The mathematics: ``docs/autodiff.md``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .._checks import functorch_wrapped
+from ..tt import TT, IndexSet
+from .sweeps import project_tt
+
+__all__ = ["TangentTT"]
+
+
+class TangentTT(TT):
+    """The rank-2r TT of a tangent vector ``sum_k U_<k dU_k V_>k``, kept as its factors.
+
+    Built by :class:`~ttmanifold.FixedTTRank` (``unpack_tensor``, ``riemannian_grad``,
+    ``tangent_to_tt``); it is a :class:`~ttmanifold.TT` (shape, ranks ``2r``, cores), and
+    :func:`~ttmanifold.inner`, :meth:`norm` and scalar multiples use the structure (see
+    the module docstring). ``gauged=True`` promises that the deltas satisfy the gauge
+    conditions ``(U_k^L)^T dU_k^L = 0`` (k < d) in value, and that gradients with respect
+    to them are used only after the gauge projection (as the manifold does); then inner
+    products of two such TTs of one point reduce to the packed deltas.
+    """
+
+    __slots__ = ("_U", "_V", "_deltas", "_flat", "_gauged", "_dense")
+
+    def __init__(self, U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+                 deltas: Sequence[torch.Tensor], *, flat: Optional[torch.Tensor] = None,
+                 gauged: bool = False, check: bool = True):
+        if len(U) < 2:
+            raise ValueError("TangentTT needs d >= 2 cores")
+        if check:
+            _check_factors(U, V, deltas)
+        self._U = U
+        self._V = V
+        self._deltas = list(deltas)
+        self._flat = flat
+        self._gauged = bool(gauged)
+        self._dense: Optional[List[torch.Tensor]] = None
+
+    def __reduce__(self):  # copy / deepcopy / pickle (deltas stay views of the flat tensor)
+        if self._flat is not None:
+            return (_rebuild_tangent, (list(self._U), list(self._V), None, self._flat, self._gauged))
+        return (_rebuild_tangent, (list(self._U), list(self._V), self._deltas, None, self._gauged))
+
+    # the block cores, built on first use ----------------------------------------------
+    @property
+    def _cores(self) -> List[torch.Tensor]:  # type: ignore[override]
+        if self._dense is None:
+            self._dense = self._block_cores()
+        return self._dense
+
+    def _block_cores(self) -> List[torch.Tensor]:
+        U, V, dU = self._U, self._V, self._deltas
+        d = len(U)
+        cores = [torch.cat([dU[0], U[0]], dim=2)]
+        for k in range(1, d - 1):
+            a, n, b = V[k].shape
+            c = U[k].new_zeros(a + U[k].shape[0], n, b + U[k].shape[2])
+            c[:a, :, :b] = V[k]
+            c[a:, :, :b] = dU[k]
+            c[a:, :, b:] = U[k]
+            cores.append(c)
+        cores.append(torch.cat([V[d - 1], dU[d - 1]], dim=0))
+        return cores
+
+    # metadata without building the cores ----------------------------------------------
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(int(u.shape[1]) for u in self._U)
+
+    @property
+    def ranks(self) -> Tuple[int, ...]:
+        return (1,) + tuple(2 * int(u.shape[2]) for u in self._U[:-1]) + (1,)
+
+    @property
+    def ndim(self) -> int:
+        return len(self._U)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._U[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._U[0].device
+
+    @property
+    def requires_grad(self) -> bool:
+        return any(c.requires_grad for c in self._deltas) or any(u.requires_grad for u in self._U)
+
+    @property
+    def deltas(self) -> List[torch.Tensor]:
+        """The delta cores ``dU_k`` (shapes of the point's cores)."""
+        return list(self._deltas)
+
+    def __repr__(self) -> str:
+        return "Tangent" + super().__repr__()
+
+    # structure-aware operations -------------------------------------------------------
+    def _same_gauged_point(self, other) -> bool:
+        return (isinstance(other, TangentTT) and self._gauged and other._gauged
+                and (other._U is self._U or all(a is b for a, b in zip(other._U, self._U))))
+
+    def _delta_dot(self, other: "TangentTT") -> torch.Tensor:
+        if self._flat is not None and other._flat is not None:
+            return torch.dot(self._flat, other._flat)
+        return sum((a * b).sum() for a, b in zip(self._deltas, other._deltas))
+
+    def structured_inner(self, other: TT) -> Optional[torch.Tensor]:
+        if self._same_gauged_point(other):
+            return self._delta_dot(other)
+        if self._flat is not None:
+            return torch.dot(self._flat, project_tt(self._U, self._V, other.cores, packed=True))
+        D = project_tt(self._U, self._V, other.cores)
+        return sum((a * b).sum() for a, b in zip(self._deltas, D))
+
+    def values_at(self, index_set: IndexSet) -> torch.Tensor:
+        """Entries at the samples of ``index_set``. When only the deltas require grad
+        (Riemannian autodiff of a completion loss) they are evaluated at rank r from the
+        point's left and right sample vectors, and the backward is the scatter of one
+        Riemannian CG iteration; otherwise on the rank-2r block cores. O(N d r^2)."""
+        if (torch.is_grad_enabled() and any(c.requires_grad for c in self._deltas)
+                and self.device.type != "meta"
+                and not any(c is not None and c.requires_grad for c in self._U + self._V)):
+            index_set.check_cores(self._U, "tt")
+            return _TangentGather.apply(index_set, self._U, self._V, *self._deltas)
+        return index_set.gather_cores(self._cores)
+
+    def norm(self) -> torch.Tensor:
+        """Frobenius norm; for a gauged tangent TT, the norm of the deltas."""
+        if not self._gauged:
+            return super().norm()
+        if self._flat is not None:
+            return torch.linalg.vector_norm(self._flat)
+        return torch.linalg.vector_norm(torch.cat([c.reshape(-1) for c in self._deltas]))
+
+    def scaled(self, a) -> TT:
+        """``a * self``, still structured (the deltas scaled)."""
+        flat = None if self._flat is None else self._flat * a
+        if flat is not None:
+            sizes = [c.numel() for c in self._deltas]
+            deltas = [c.view(s.shape) for c, s in zip(torch.split(flat, sizes), self._deltas)]
+        else:
+            deltas = [c * a for c in self._deltas]
+        return TangentTT(self._U, self._V, deltas, flat=flat, gauged=self._gauged, check=False)
+
+
+def _rebuild_tangent(U, V, deltas, flat, gauged):
+    if deltas is None:
+        sizes = [u.numel() for u in U]
+        deltas = [c.view(u.shape) for c, u in zip(torch.split(flat, sizes), U)]
+    return TangentTT(U, V, deltas, flat=flat, gauged=gauged, check=False)
+
+
+def _check_factors(U, V, deltas) -> None:
+    """U: TT cores (left-orthogonal for the meaning), V: cores of the same shapes from
+    index 1 on (V[0] unused, may be None), deltas: cores of U's shapes; one dtype/device."""
+    d = len(U)
+    if len(V) != d or len(deltas) != d:
+        raise ValueError(f"TangentTT: expected {d} cores in U, V and deltas, got "
+                         f"{len(U)}, {len(V)} and {len(deltas)}")
+    ref = U[0]
+    for name, cores, first in (("U", U, 0), ("V", V, 1), ("deltas", deltas, 0)):
+        for k in range(first, d):
+            c = cores[k]
+            if not isinstance(c, torch.Tensor) or c.dim() != 3:
+                raise ValueError(f"TangentTT: {name}[{k}] must be a 3-D tensor")
+            if tuple(c.shape) != tuple(U[k].shape):
+                raise ValueError(f"TangentTT: {name}[{k}] has shape {tuple(c.shape)}, "
+                                 f"expected U[{k}]'s {tuple(U[k].shape)}")
+            if c.dtype != ref.dtype or c.device != ref.device:
+                raise TypeError(f"TangentTT: {name}[{k}] is {c.dtype} on {c.device}, "
+                                f"expected {ref.dtype} on {ref.device}")
+    if U[0].shape[0] != 1 or U[-1].shape[2] != 1 or any(
+            U[k].shape[2] != U[k + 1].shape[0] for k in range(d - 1)):
+        raise ValueError("TangentTT: U's ranks must chain with r_0 = r_d = 1")
+
+
+class _TangentGather(torch.autograd.Function):
+    """Entries of the tangent TT ``sum_k U_<k dU_k V_>k`` at the samples, as a function
+    of the deltas (``U``, ``V`` constant), at rank r: ``sum_k l_k(e) dU_k[:, i_k(e), :]
+    rho_{k+1}(e)`` with the left vectors of ``U`` and the right vectors of ``V``.
+
+    Forward: one sampled point (left and right sweeps) and its tangent evaluation;
+    backward: its scatter, i.e. the kernels of one Riemannian CG iteration. The map is
+    linear in the deltas, so a backward with ``create_graph=True`` (Hessian-vector
+    products) only needs to be differentiable in the incoming gradient: then (and for
+    batched functorch gradients) the per-mode kernels are differentiated."""
+
+    @staticmethod
+    def forward(ctx, iset, U, V, *dU):
+        point = iset.sampled_point(list(U), list(V))
+        ctx.iset, ctx.U, ctx.V = iset, list(U), list(V)
+        ctx.point = point  # (its buffers go back to the pool when the graph is freed)
+        return point.to_samples(point.tangent(dU))
+
+    @staticmethod
+    def backward(ctx, g):
+        create = torch.is_grad_enabled()
+        if create or functorch_wrapped(g):  # differentiable in g / batched g
+            iset, U, V = ctx.iset, ctx.U, ctx.V
+            with torch.no_grad():
+                left = iset.left_vectors(U)
+                rights = iset.right_vectors([U[0]] + V[1:], downto=1)
+            with torch.enable_grad():
+                dU = [u.new_zeros(u.shape).requires_grad_() for u in U]
+                e = sum((iset.left_step(k, left[k], dU[k]) * rights[k + 1]).sum(1)
+                        for k in range(len(U)))
+                D = torch.autograd.grad(e, dU, g, create_graph=create)
+        else:
+            point = ctx.point
+            D = point.project(point.from_samples(g.contiguous()))
+        return (None, None, None, *D)
