@@ -1,0 +1,112 @@
+"""Whole-model tools: convert_model (ignore list, report), export_model (back to torch
+layers), compression_z (eq. 11, with and without buffers)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ttmanifold.nn import (
+    FactorizedLayer, STTPConv2d, STTPEmbedding, STTPLinear, SVDPLinear, compression_z,
+    convert_model, export_model, sttp_dof, svdp_dof,
+)
+
+DT = torch.float64
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6, dtype=DT)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, dtype=DT)
+        self.bn = nn.BatchNorm2d(8, dtype=DT)
+        self.grouped = nn.Conv2d(8, 8, 1, groups=2, dtype=DT)
+        self.body = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1, dtype=DT), nn.ReLU(),
+                                  nn.ConvTranspose2d(12, 4, 2, stride=2, dtype=DT))
+        self.head = nn.Linear(4 * 8 * 8 + 6, 5, dtype=DT)
+
+    def forward(self, x, i):
+        h = self.body(self.grouped(torch.relu(self.bn(self.stem(x)))))
+        return self.head(torch.cat([h.flatten(1), self.emb(i)], 1))
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 4, 4, generator=g, dtype=DT), torch.tensor([1, 7])
+
+
+def test_convert_report_and_ignore():
+    torch.manual_seed(0)
+    net = Net().eval()
+    rep = convert_model(net, 64, ignore=["stem"])  # rank 64 >= every R_max: exact
+    assert rep.converted == ["emb", "body.0", "body.2", "head"]
+    assert rep.skipped == {"stem": "in the ignore list",
+                           "grouped": "grouped convolution (groups=2) is not factorized as one "
+                                      "matrix"}
+    assert "kept dense 'grouped'" in str(rep)
+    assert type(net.stem) is nn.Conv2d and isinstance(net.body[0], STTPConv2d)
+    assert isinstance(net.emb, STTPEmbedding) and isinstance(net.head, STTPLinear)
+    # prefixes and kinds
+    net2 = Net()
+    rep2 = convert_model(net2, 2, ignore=["body."], kinds=("conv2d", "linear"), method="svdp")
+    assert rep2.converted == ["stem", "head"] and "body.0" in rep2.skipped
+    assert isinstance(net2.head, SVDPLinear) and type(net2.emb) is nn.Embedding
+    with pytest.raises(ValueError, match="ignore"):
+        convert_model(Net(), 2, ignore=["nope"])
+    with pytest.raises(ValueError, match="kinds"):
+        convert_model(Net(), 2, kinds=("lstm",))
+    with pytest.raises(ValueError, match="grouped"):
+        convert_model(Net(), 2, names=["grouped"])
+
+
+def test_export_round_trip():
+    torch.manual_seed(1)
+    net = Net().eval()
+    x, i = _inputs()
+    ref = net(x, i)
+    convert_model(net, 64)
+    torch.testing.assert_close(net(x, i), ref, rtol=1e-9, atol=1e-9)  # exact ranks
+    out = export_model(net)
+    assert not any(isinstance(m, FactorizedLayer) for m in out.modules())
+    assert any(isinstance(m, FactorizedLayer) for m in net.modules())  # a copy by default
+    assert type(out.body[2]) is nn.ConvTranspose2d and type(out.emb) is nn.Embedding
+    torch.testing.assert_close(out(x, i), net(x, i), rtol=1e-12, atol=1e-12)
+    convert_model(net, 2)  # lossy now
+    out = export_model(net, inplace=True)
+    assert out is net and not any(isinstance(m, FactorizedLayer) for m in net.modules())
+    single = export_model(STTPLinear(8, 4, rank=2))
+    assert type(single) is nn.Linear
+
+
+def test_compression_z_against_counts():
+    torch.manual_seed(2)
+    net = Net()
+    dense_params = sum(p.numel() for p in net.parameters())
+    buffers = sum(b.numel() for b in net.buffers() if b.is_floating_point())  # BN mean/var
+    assert buffers == 16
+    assert compression_z(net) == pytest.approx(100.0)
+    convert_model(net, 3, ignore=["emb"], kinds=("conv2d", "linear"))
+    b0, head = net.body[0], net.head
+    saved = (8 * 12 * 9 - sttp_dof(b0.out_modes, b0.in_modes, 3, order="natural")
+             + 5 * 262 - sttp_dof(head.out_modes, head.in_modes, 3, order="natural")
+             + 8 * 27 - sttp_dof(net.stem.out_modes, net.stem.in_modes, 3, order="natural"))
+    assert compression_z(net) == pytest.approx(100.0 * (dense_params - saved) / dense_params)
+    assert compression_z(net, count_buffers=True) == pytest.approx(
+        100.0 * (dense_params - saved + buffers) / (dense_params + buffers))
+    # manifold mode stores the packed cores but Z counts degrees of freedom
+    z = compression_z(net)
+    net.head.to_manifold()
+    assert compression_z(net) == pytest.approx(z)
+    s = nn.Sequential(SVDPLinear(20, 10, rank=3, bias=False))
+    assert compression_z(s) == pytest.approx(100.0 * svdp_dof(10, 20, 3) / 200)
+
+
+def test_convert_fresh_init_keeps_bias_and_mode():
+    net = Net()
+    head_bias = net.head.bias.detach().clone()
+    net.train(False)
+    convert_model(net, 2, init="near_identity", spectrum="lipschitz", kinds=("linear",))
+    assert net.head.init == "near_identity" and not net.head.training
+    torch.testing.assert_close(net.head.bias, head_bias)
+    with pytest.raises(ValueError, match="init"):
+        convert_model(copy.deepcopy(net), 2, init="zeros")
