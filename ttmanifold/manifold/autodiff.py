@@ -110,7 +110,9 @@ def riemannian_hvp(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
 
     A second reverse pass through the delta map (linear in delta): the Euclidean Hessian
     of ``f`` restricted to the tangent space. The curvature term of the Riemannian
-    Hessian (which vanishes at critical points) is **not** included.
+    Hessian is **not** included: it depends on the normal part of the Euclidean gradient,
+    so it vanishes only where that part does (e.g. a zero-residual fit at its solution),
+    not at every critical point (``docs/autodiff.md#what-the-hessian-vector-product-omits``).
 
     Args:
         M, p, f: as for :func:`riemannian_grad`; u: packed tangent vector at ``p``.

@@ -246,7 +246,7 @@ class FixedTTRank(geoopt.Manifold):
     # ------------------------------------------------------------------------------------
     @_no_autograd_fast_path
     def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Gauge projection: ``dU_k - U_k (U_k^T dU_k)`` for ``k < d``. O(d n r^2).
+        """Gauge projection: ``dU_k - U_k (U_k^T dU_k)`` for ``k < d``. O(d n r^3).
 
         Applied to packed ``D_k`` (the adjoint of the delta map applied to an ambient
         gradient), it returns the Riemannian gradient; on a gauged tangent vector it is the
@@ -538,6 +538,7 @@ class FixedTTRank(geoopt.Manifold):
 
     def riemannian_hvp(self, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
                        u: torch.Tensor) -> torch.Tensor:
-        """Projected Hessian-vector product ``P_X (nabla^2 f) [xi]`` at ``p`` (without the
-        curvature term); see :func:`ttmanifold.manifold.autodiff.riemannian_hvp`."""
+        """Projected Hessian-vector product ``P_X (nabla^2 f) [xi]`` at ``p``, without the
+        curvature term (which vanishes only where the normal part of the Euclidean gradient
+        does); see :func:`ttmanifold.manifold.autodiff.riemannian_hvp`."""
         return autodiff.riemannian_hvp(self, p, f, u)

@@ -1,6 +1,6 @@
 """The retraction of the fixed-TT-rank manifold as a pure function of cores:
 ``R_X(xi) = round_r(X + xi)``, the TT-SVD of the rank-2r TT of ``X + xi`` that uses its
-block structure. The mathematics: ``docs/manifold.md`` (retraction).
+block structure. The mathematics: ``docs/manifold.md#retraction``.
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ projection (:func:`gauge_project_flat`) and the gauge change (:func:`gauge_delta
 
 Costs: ``n = max n_k``, ``r = max r_k``, ``R`` the rank of an ambient TT. Functions that
 have a compiled CPU version are dispatched by :mod:`ttmanifold.kernels`.
-The mathematics: ``docs/manifold.md``.
+The mathematics: ``docs/manifold.md#tangent-space-and-gauge`` and
+``docs/manifold.md#projection``.
 """
 from __future__ import annotations
 
