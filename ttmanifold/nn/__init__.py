@@ -4,7 +4,7 @@ Modules, one concept each: :mod:`.tensorization` (modes, order, ranks, DOF count
 :mod:`.planner` (how cores meet the input), :mod:`.chart` (the STTP chart),
 :mod:`.parametrization` (STTP/SVDP weights, ``torch.nn.utils.parametrize``), the layer
 families :mod:`.linear`, :mod:`.conv`, :mod:`.embedding`, :mod:`.surgery` (whole-model
-conversion, export, compression, penalty). Mathematics and conventions: ``docs/sttp.md``.
+conversion, export, compression, penalty), :mod:`.adapters` (``W0 + dW``). Mathematics and conventions: ``docs/sttp.md``.
 """
 from .tensorization import (
     Tensorization,
@@ -33,6 +33,7 @@ from .surgery import (
     replace_layers,
     spectral_penalty,
 )
+from .adapters import SpectralAdapter, add_adapters, merge_adapters
 
 __all__ = [
     "Tensorization", "factorize", "sttp_ranks", "sttp_dof", "svdp_dof", "OP_OVERHEAD",
@@ -46,4 +47,5 @@ __all__ = [
     "STTPEmbedding", "SVDPEmbedding",
     "ConversionReport", "convert_model", "replace_layers", "export_model",
     "compression_ratio", "compression_z", "spectral_penalty",
+    "SpectralAdapter", "add_adapters", "merge_adapters",
 ]

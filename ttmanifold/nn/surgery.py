@@ -22,6 +22,7 @@ from .linear import STTPLinear, SVDPLinear
 
 __all__ = [
     "KINDS",
+    "LAYER_TYPES",
     "ConversionReport",
     "convert_model",
     "replace_layers",
@@ -32,8 +33,8 @@ __all__ = [
     "PAPER_PENALTY_EPS",
 ]
 
-#: torch type -> (kind name, STTP class, SVDP class)
-_TABLE = {
+#: torch type -> (kind name, STTP class, SVDP class): every layer type that converts
+LAYER_TYPES = {
     nn.Linear: ("linear", STTPLinear, SVDPLinear),
     nn.Conv1d: ("conv1d", STTPConv1d, SVDPConv1d),
     nn.Conv2d: ("conv2d", STTPConv2d, SVDPConv2d),
@@ -44,7 +45,7 @@ _TABLE = {
     nn.Embedding: ("embedding", STTPEmbedding, SVDPEmbedding),
 }
 #: every kind :func:`convert_model` knows
-KINDS = tuple(v[0] for v in _TABLE.values())
+KINDS = tuple(v[0] for v in LAYER_TYPES.values())
 #: ``eps`` of the reference's penalty: floor of ``max|s|`` and of each normalized value
 PAPER_PENALTY_EPS = 1e-7
 
@@ -126,15 +127,15 @@ def convert_model(model: nn.Module, rank: int, *, method: str = "sttp",
                 raise ValueError(f"names: model has no submodule {n!r}")
             if n == "":
                 raise ValueError("names: cannot replace the model itself")
-            if type(modules[n]) not in _TABLE and not any(
-                    isinstance(modules[n], t) for t in _TABLE):
+            if type(modules[n]) not in LAYER_TYPES and not any(
+                    isinstance(modules[n], t) for t in LAYER_TYPES):
                 raise ValueError(f"names: {n!r} is a {type(modules[n]).__name__}, not one of "
                                  f"the kinds {kinds}")
         targets = names
     else:
         targets = []
         for n, m in modules.items():
-            if type(m) not in _TABLE or _TABLE[type(m)][0] not in kinds or n == "":
+            if type(m) not in LAYER_TYPES or LAYER_TYPES[type(m)][0] not in kinds or n == "":
                 continue
             if n in ignore or any(n.startswith(p) for p in ignore if p.endswith(".")):
                 skipped[n] = "in the ignore list"
@@ -143,7 +144,7 @@ def convert_model(model: nn.Module, rank: int, *, method: str = "sttp",
     converted = []
     for name in targets:
         m = modules[name]
-        entry = next((v for t, v in _TABLE.items() if isinstance(m, t)), None)
+        entry = next((v for t, v in LAYER_TYPES.items() if isinstance(m, t)), None)
         why = _reason_not_convertible(m)
         if why is not None:
             if names is not None:
