@@ -1,54 +1,76 @@
-"""The example notebooks: they execute without error, and their committed form is clean.
+"""The example notebooks: their sources execute, and their committed form is clean and current.
 
-Every ``notebooks/*.ipynb`` is picked up (glob), so notebooks added later are tested too.
+Each notebook is a percent-format source ``notebooks/NN_name.py`` and the committed, executed
+``notebooks/NN_name.ipynb`` built from it by ``notebooks/nbtools.py``. This file loads that
+module by path (``importlib``) and uses its functions, so the tests run the notebooks exactly
+as the build does. Every source and every ``.ipynb`` is picked up (glob), so notebooks added
+later are tested too.
 
-- ``test_notebook_executes``: runs the notebook top to bottom with nbclient in quick mode
-  (``TTMANIFOLD_NB_QUICK=1`` in the kernel's environment, working directory
-  ``notebooks/``, 300 s per cell); any cell error fails the test with the traceback.
-  The kernel is always the interpreter running pytest: a temporary kernelspec whose argv
-  is ``[sys.executable, "-m", "ipykernel_launcher", ...]``, so neither a user-installed
-  "python3" kernelspec nor the ``python`` found on PATH can substitute another environment.
+- ``test_sources_and_notebooks_pair``: each source has its ``.ipynb`` and each ``.ipynb`` its
+  source.
+- ``test_committed_notebook_matches_source``: the committed ``.ipynb`` has exactly the cells
+  (types and sources) of its source, so the two cannot drift apart.
+- ``test_read_source``: the source-to-notebook conversion on a small example (cell kinds,
+  commented magics, fixed ids, metadata).
+- ``test_notebook_executes``: builds the notebook from its source and runs it top to bottom
+  in quick mode (``TTMANIFOLD_NB_QUICK=1``, working directory ``notebooks/``, 300 s per
+  cell); any cell error fails the test with the traceback. The kernel is always the
+  interpreter running pytest (a temporary kernelspec pointing at ``sys.executable``).
 - ``test_kernel_is_current_interpreter``: checks that claim, and that the environment
   variable and the working directory reach the kernel.
 - ``test_committed_notebook``: static checks of the committed file (no kernel needed): the
   first cell is markdown with a title and a statement of purpose, the last cell is a
   markdown summary, the first code cell reads ``TTMANIFOLD_NB_QUICK``, every code cell was
   executed in order in one fresh kernel (execution counts exactly 1..k, which catches
-  hidden state and unexecuted cells), no committed output is an error, and no absolute
-  path appears in sources or text outputs.
+  hidden state and unexecuted cells), no committed output is an error, cell ids are the
+  build's fixed ids, and no absolute path appears in sources or text outputs.
 
-The execution tests skip (with the reason) when nbclient, nbformat or ipykernel is not
-installed; the ``test`` extra installs them.
+The tests that need jupytext, nbclient, nbformat or ipykernel skip (with the reason) when one
+is missing; the ``test`` extra installs them.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
-IDS = [p.name for p in NOTEBOOKS]
 
-CELL_TIMEOUT = 300  # seconds per cell
-KERNEL_NAME = "ttmanifold-test-python"
+
+def _load_nbtools():
+    spec = importlib.util.spec_from_file_location("ttmanifold_notebooks_nbtools",
+                                                  NB_DIR / "nbtools.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+nbtools = _load_nbtools()
+
+SOURCES = nbtools.sources()
+SOURCE_IDS = [p.stem for p in SOURCES]
+NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
+NOTEBOOK_IDS = [p.name for p in NOTEBOOKS]
+
+CELL_TIMEOUT = 300  # seconds per cell in quick mode
 
 # absolute paths that must not leak into committed notebooks
 ABSOLUTE_PATH = re.compile(r"/work\b|/root\b|/home\b|/Users/|C:\\")
 
 
-def _missing_execution_deps():
+def _require(*modules):
     missing = []
-    for mod in ("nbclient", "nbformat", "ipykernel", "jupyter_client"):
+    for mod in modules:
         try:
             __import__(mod)
         except ImportError:
             missing.append(mod)
-    return missing
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (pip install -e .[test])")
 
 
 def _text(src) -> str:
@@ -56,54 +78,66 @@ def _text(src) -> str:
 
 
 @pytest.fixture(scope="module")
-def kernel_dir(tmp_path_factory):
-    """A kernelspec directory whose only kernel runs ``sys.executable``."""
-    missing = _missing_execution_deps()
-    if missing:
-        pytest.skip(f"notebook execution needs {', '.join(missing)} (pip install -e .[test])")
-    root = tmp_path_factory.mktemp("kernels")
-    spec = root / KERNEL_NAME
-    spec.mkdir()
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (ttmanifold tests)",
-        "language": "python",
-    }))
-    return root
+def kernel_dir():
+    """A temporary kernelspec directory whose only kernel runs ``sys.executable``."""
+    _require("jupytext", "nbclient", "nbformat", "ipykernel", "jupyter_client")
+    with nbtools.kernelspec_dir() as path:
+        yield path
 
 
-def _execute(nb, kernel_dir: Path):
-    """Execute ``nb`` in place in quick mode, cwd = notebooks/. Raises on a cell error."""
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import AsyncKernelManager
-    from nbclient.util import run_sync
-    from nbclient import NotebookClient
+def test_sources_and_notebooks_pair():
+    assert SOURCES, f"no notebook sources in {NB_DIR}"
+    assert sorted(nbtools.notebook_path(s) for s in SOURCES) == NOTEBOOKS, (
+        "each notebooks/NN_name.py needs its committed NN_name.ipynb and vice versa")
 
-    env = dict(os.environ)
-    env["TTMANIFOLD_NB_QUICK"] = "1"
-    km = AsyncKernelManager(kernel_name=KERNEL_NAME,
-                            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dir)]))
-    client = NotebookClient(
-        nb,
-        km=km,
-        timeout=CELL_TIMEOUT,
-        startup_timeout=120,
-        allow_errors=False,
-        record_timing=False,
-        resources={"metadata": {"path": str(NB_DIR)}},
-    )
-    try:
-        client.execute(env=env)
-    finally:
-        # we own the kernel manager, so nbclient leaves the kernel to us
-        if client.kc is not None:
-            client.kc.stop_channels()
-        if km.has_kernel:
-            run_sync(km.shutdown_kernel)(now=True)
-    return nb
+
+@pytest.mark.parametrize("source", SOURCES, ids=SOURCE_IDS)
+def test_committed_notebook_matches_source(source):
+    _require("jupytext", "nbformat")
+    mismatch = nbtools.source_mismatch(source)
+    assert mismatch is None, mismatch
+
+
+def test_read_source(tmp_path):
+    _require("jupytext", "nbformat")
+    import nbformat
+
+    src = tmp_path / "07_demo.py"
+    src.write_text(
+        "# %% [markdown]\n"
+        "# # Title\n"
+        "#\n"
+        "# Some *text*.\n"
+        "\n"
+        "# %%\n"
+        "# %matplotlib inline\n"
+        "x = 1  # a comment\n"
+        "\n"
+        "\n"
+        "def f():\n"
+        "    return x\n"
+        "\n"
+        "# %% [markdown]\n"
+        "# ## Summary\n",
+        encoding="utf-8")
+    nb = nbtools.read_source(src)
+    nbformat.validate(nb)
+    assert nbtools.cells_of(nb) == [
+        ("markdown", "# Title\n\nSome *text*."),
+        ("code", "%matplotlib inline\nx = 1  # a comment\n\n\ndef f():\n    return x"),
+        ("markdown", "## Summary"),
+    ]
+    assert [c["id"] for c in nb.cells] == ["nb07-00", "nb07-01", "nb07-02"]
+    assert nb.metadata["kernelspec"] == nbtools.KERNELSPEC
+    assert nbtools.notebook_path(src) == tmp_path / "07_demo.ipynb"
+    assert nbtools.source_mismatch(src) is not None  # no .ipynb yet
+    nbtools.write(nb, nbtools.notebook_path(src))
+    assert nbtools.source_mismatch(src) is None
 
 
 def test_kernel_is_current_interpreter(kernel_dir):
+    import sys
+
     import nbformat
 
     nb = nbformat.v4.new_notebook()
@@ -113,7 +147,7 @@ def test_kernel_is_current_interpreter(kernel_dir):
         "print(repr(os.environ.get('TTMANIFOLD_NB_QUICK')))\n"
         "print(repr(os.getcwd()))"
     ))
-    _execute(nb, kernel_dir)
+    nbtools.execute(nb, quick=True, kernel_dir=kernel_dir, timeout=CELL_TIMEOUT)
     out = [o for o in nb.cells[0].outputs if o.output_type == "stream" and o.name == "stdout"]
     lines = "".join(o.text for o in out).splitlines()
     assert len(lines) == 3, lines
@@ -125,22 +159,21 @@ def test_kernel_is_current_interpreter(kernel_dir):
     assert os.path.realpath(cwd) == os.path.realpath(NB_DIR)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
-def test_notebook_executes(path, kernel_dir):
-    import nbformat
+@pytest.mark.parametrize("source", SOURCES, ids=SOURCE_IDS)
+def test_notebook_executes(source, kernel_dir):
     from nbclient.exceptions import CellExecutionError
 
-    nb = nbformat.read(str(path), as_version=4)
+    nb = nbtools.read_source(source)
     try:
-        _execute(nb, kernel_dir)
+        nbtools.execute(nb, quick=True, kernel_dir=kernel_dir, timeout=CELL_TIMEOUT)
     except CellExecutionError as exc:
-        pytest.fail(f"{path.name}: a cell raised in quick mode\n{exc}", pytrace=False)
+        pytest.fail(f"{source.name}: a cell raised in quick mode\n{exc}", pytrace=False)
     errors = [o for c in nb.cells if c.cell_type == "code"
               for o in c.get("outputs", []) if o.output_type == "error"]
-    assert not errors, f"{path.name}: error outputs {errors}"
+    assert not errors, f"{source.name}: error outputs {errors}"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NOTEBOOK_IDS)
 def test_committed_notebook(path):
     nb = json.loads(path.read_text(encoding="utf-8"))  # plain json: no dependency
     cells = nb["cells"]
@@ -163,7 +196,11 @@ def test_committed_notebook(path):
     counts = [c.get("execution_count") for c in code]
     assert counts == list(range(1, len(code) + 1)), (
         f"{path.name}: code cells must be executed once, top to bottom, in a fresh kernel "
-        f"(execution counts 1..{len(code)}), got {counts}; regenerate the outputs")
+        f"(execution counts 1..{len(code)}), got {counts}; regenerate the outputs with "
+        f"python notebooks/nbtools.py {path.stem[:2]}")
+    ids = [c.get("id") for c in cells]
+    assert ids == [nbtools.cell_id(path, i) for i in range(len(cells))], (
+        f"{path.name}: cell ids are not the build's fixed ids; regenerate it")
 
     for i, c in enumerate(cells):
         src = _text(c["source"])
