@@ -31,6 +31,7 @@ import torch
 
 from ttmanifold.experiments.problems import Completion
 from ttmanifold.experiments.solvers import METHODS, run
+from ttmanifold.manifold import right_cores
 
 
 def _cpu_name():
@@ -118,8 +119,8 @@ def part2(args):
     with torch.no_grad():
         for _ in range(reps):
             t = time.perf_counter()
-            U = M._split(p)
-            V = M._right_cores(U)
+            U = M.split(p, "p")
+            V = right_cores(U)
             tick("right-orthogonal cores (LQ sweep)", t)
             t = time.perf_counter()
             point = I.sampled_point(U, V)
@@ -131,10 +132,10 @@ def part2(args):
             D = point.project(z * P._sw)
             tick("residual + scatters (SampledPoint.project)", t)
             t = time.perf_counter()
-            g = M._gauge_packed(p, D)
+            g = M.proju(p, torch.cat([c.reshape(-1) for c in D]))
             tick("gauge projection", t)
             t = time.perf_counter()
-            e = point.tangent(M._split(-g, "eta")) * P._sw
+            e = point.tangent(M.split(-g, "eta")) * P._sw
             alpha = -(z * e).sum() / (e * e).sum()
             tick("line search: tangent on Omega (SampledPoint.tangent)", t)
             t = time.perf_counter()

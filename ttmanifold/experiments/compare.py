@@ -1,19 +1,7 @@
-"""Chart-based versus Riemannian descent: the ``ttmanifold compare`` command.
-
-Runs every requested method (:data:`ttmanifold.experiments.solvers.METHODS`) on every requested problem
-(:mod:`ttmanifold.experiments.problems`) from the same starting point, with the step-size rule of
-:mod:`ttmanifold.experiments.solvers`, and writes to ``--out``:
-
-- ``results.csv``: one row per iteration of every run (problem, method, lr, iter, time,
-  loss, metrics), preceded by ``# key: value`` header lines (device, torch version, dtype,
-  seed, command line; read with ``pandas.read_csv(path, comment="#")``);
-- ``summary.md``: the same header and one table per problem (final loss and metrics,
-  iterations and seconds to reach the tolerance, time per iteration, peak memory);
-- ``loss_vs_iter.png`` and ``loss_vs_time.png``: one panel per problem, all methods,
-  logarithmic loss axis (matplotlib's Agg backend).
-
-The table is also printed to stdout. ``--quick`` is a CPU run of about a minute (small
-sizes, few iterations, a 4-point step-size grid).
+"""The ``ttmanifold compare`` command: every requested method on every requested problem
+from one starting point, with the common step-size rule; writes ``results.csv``,
+``summary.md`` and two loss plots to ``--out`` and prints the tables. Outputs and
+settings: ``docs/comparison.md``.
 """
 from __future__ import annotations
 
@@ -29,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from . import problems as P
 from . import solvers
 from ..manifold import FixedTTRank
 from .solvers import METHODS, History
@@ -236,8 +225,6 @@ def _validate(args, settings, parser) -> None:
 def build_problem(name: str, settings, *, device, dtype, seed: int, oversampling: float = 10.0,
                   core_dist: str = "gaussian", layer_dtype=None):
     """The problem ``name`` at the given settings (see :func:`compare`)."""
-    from . import problems as P
-
     shape, rank = settings["shape"], settings["rank"]
     if name == "approximation":
         return P.Approximation.random(shape, settings["target_rank"], rank, seed=seed,
@@ -259,6 +246,8 @@ def _initial_point(problem, name, init, seed):
         for n in problem.manifold.shape:
             total *= n
         init = "spectral" if total <= 2 * 10 ** 7 else "random"
+    if init == "homotopy":
+        return solvers.homotopy_point(problem, problem.initial_point(seed)), init
     return problem.initial_point(seed, kind=init), init
 
 

@@ -1,31 +1,15 @@
-"""Benchmark problems for comparing chart-based and Riemannian descent (MATH.md section 5).
-
-Each problem is a loss of a tensor train plus its data, reusable from notebooks:
+"""Benchmark problems of the comparison: a loss of a tensor train plus its data.
 
 - :class:`Approximation`: ``0.5 ||X - A||^2`` for a target TT ``A`` of higher rank;
-- :class:`Completion`: ``(w/2) ||P_Omega(X - A)||^2`` for a random rank-r TT ``A`` sampled on
-  a set ``Omega`` of distinct entries (Steinlechner 2016);
-- :class:`LayerTraining`: an MLP on scikit-learn's bundled digits with one STTP layer
-  (imports :mod:`ttmanifold.nn` lazily).
+- :class:`Completion`: ``(w/2) ||P_Omega(X - A)||^2`` on sampled entries of a random
+  rank-r target (Steinlechner 2016);
+- :class:`LayerTraining`: an MLP on scikit-learn's digits with one STTP layer.
 
-The common interface (:class:`Problem`): ``manifold`` (a :class:`~ttmanifold.FixedTTRank`),
-``loss(x)`` (differentiable, ``x`` a :class:`~ttmanifold.TT`; never dense), ``metrics(x)``
-(a dict of floats), ``initial_point(generator)`` (a packed point of ``manifold``),
-``target_metric`` / ``default_tol`` (what "reaching the tolerance" means).
-
-The quadratic problems also provide what Riemannian CG with exact line search needs
-(:meth:`QuadraticProblem.cg_grad`, :meth:`QuadraticProblem.exact_step`), see
-:func:`ttmanifold.experiments.solvers.riemannian_cg`.
-
-Scaling conventions (so that one step-size rule fits every problem): the targets are
-normalized to ``||A||_F = 1`` and the initial points are random unit-norm points, so the
-chart coordinates (Householder vectors and the spectrum) are O(1); the completion loss is
-weighted by ``w = n_1...n_d / |Omega|`` so that it is an unbiased estimate of
-``0.5 ||X - A||^2`` and its Riemannian Hessian is close to the identity (a step of 1 is the
-natural gradient step for every quadratic problem here).
-
-Data are generated on the CPU from ``seed`` (float64) and then moved to ``device`` and cast
-to ``dtype``: the same seed gives the same problem on every device.
+Interface (:class:`Problem`): ``manifold``, ``loss(x)`` (``x`` a TT; never dense),
+``metrics(x)``, ``initial_point(seed)`` (a packed point), ``target_metric`` /
+``default_tol``; the quadratic problems add ``cg_grad`` / ``exact_step`` for Riemannian CG.
+Data are drawn in float64 on the CPU from ``seed``, then cast and moved. Scaling, starting
+points and metrics: ``docs/comparison.md``.
 """
 from __future__ import annotations
 
@@ -35,7 +19,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .._checks import check_float_dtype, check_shape, normalize_ranks
-from ..manifold import FixedTTRank
+from ..manifold import FixedTTRank, right_cores
 from ..tt import IndexSet
 from ..tt import TT, inner
 from ..tt import round as tt_round
@@ -421,10 +405,8 @@ class Approximation(QuadraticProblem):
         ``(0, ..., 0, U_d)``; ``P_X(A)`` by two interface sweeps, O(d n r R (r + R))."""
         M = self.manifold
         with torch.no_grad():
-            U = M._split(p, "p")
-            x_as_tangent = torch.zeros_like(p)
-            x_as_tangent[-M._sizes[-1]:] = U[-1].reshape(-1)
-            grad = x_as_tangent - M.project(p, self.target)
+            U = M.split(p, "p")
+            grad = M.point_as_tangent(p) - M.project(p, self.target)
             x_sq = (U[-1] * U[-1]).sum()  # ||X||^2, U_1..U_{d-1} left-orthogonal
             loss = 0.5 * (x_sq - 2.0 * inner(M.to_tt(p), self.target) + self.target_sq)
         return loss, grad, grad
@@ -468,7 +450,8 @@ class Completion(QuadraticProblem):
     ``test_err`` the same on Gamma (the target metric).
 
     ``reg`` (default 0): an optional Tikhonov term ``(reg/2) ||X||^2`` added to the loss,
-    its gradient and the exact line search (used by :meth:`homotopy_point`).
+    its gradient and the exact line search (used by
+    :func:`ttmanifold.experiments.solvers.homotopy_point`).
     """
 
     name = "completion"
@@ -510,7 +493,7 @@ class Completion(QuadraticProblem):
         with torch.no_grad():
             self.a_train = self.train.gather(self.target)
             self.a_test = self.test.gather(self.target)
-        self.reg = 0.0  # optional Tikhonov weight: + (reg/2) ||X||^2 (homotopy_point)
+        self.reg = 0.0  # optional Tikhonov weight: + (reg/2) ||X||^2 (solvers.homotopy_point)
         self.weight = total / train_size
         self._sw = math.sqrt(self.weight)
         self._a_train_norm = float(torch.linalg.vector_norm(self.a_train))
@@ -545,8 +528,9 @@ class Completion(QuadraticProblem):
         - ``"spectral"``: the TT-SVD truncation to rank r of the zero-filled, rescaled data
           ``w P_Omega(A)`` (whose expectation is A). Dense: only for tensors with at most
           ``2e7`` entries.
-        - ``"homotopy"``: :meth:`homotopy_point` from the random point (scalable; only sampled
-          operations).
+        - ``"homotopy"`` is not a kind here (it runs a solver): use
+          :func:`ttmanifold.experiments.solvers.homotopy_point` from a random point
+          (scalable; only sampled operations).
         - ``"perturbed"``: ``A + distance * ||A|| R / ||R||`` (``R`` a random rank-r TT,
           ``distance`` default 0.3) rounded to rank r (which removes part of the noise: the
           start's relative error is below ``distance``): an *oracle* start inside the basin
@@ -568,14 +552,18 @@ class Completion(QuadraticProblem):
             if total > 2 * 10 ** 7:
                 raise ValueError(
                     f"kind='spectral' forms the dense {self.manifold.shape} tensor "
-                    f"({total} entries > 2e7); use kind='homotopy' or 'random'"
+                    f"({total} entries > 2e7); use solvers.homotopy_point or kind='random'"
                 )
             Z = torch.zeros(self.manifold.shape, dtype=self.dtype, device=self.device)
             Z[tuple(self.train.indices.t())] = self.a_train * self.weight
             x = TT.from_dense(Z, ranks=self.manifold.ranks)
             return self.manifold.pack_point(x)
         if kind == "homotopy":
-            return self.homotopy_point(super().initial_point(generator), **kwargs)
+            raise ValueError(
+                "kind='homotopy' runs a solver: use "
+                "ttmanifold.experiments.solvers.homotopy_point(problem, "
+                "problem.initial_point(seed))"
+            )
         if kind == "perturbed":
             distance = float(kwargs.pop("distance", 0.3))
             if kwargs:
@@ -583,30 +571,8 @@ class Completion(QuadraticProblem):
             R = self.manifold.to_tt(super().initial_point(generator))
             x = self.target + (distance * float(self.target.norm()) / float(R.norm())) * R
             return self.manifold.pack_point(x)
-        raise ValueError(f"kind: expected 'random', 'spectral', 'homotopy' or 'perturbed', "
+        raise ValueError(f"kind: expected 'random', 'spectral' or 'perturbed', "
                          f"got {kind!r}")
-
-    def homotopy_point(self, x0: torch.Tensor, *, lam0: float = 100.0, factor: float = 0.5,
-                       iters_per_stage: int = 5, lam_min: float = 1e-6) -> torch.Tensor:
-        """Regularization homotopy: Riemannian CG on ``loss + (lam/2) ||X||^2`` for
-        ``iters_per_stage`` iterations per stage, ``lam = lam0, lam0 factor, ...`` down to
-        ``lam_min``. For large ``lam`` the minimizer is the best rank-r approximation of the
-        rescaled zero-filled data (the spectral start); no dense tensor is formed.
-        Returns the final packed point (the problem's ``reg`` is left unchanged)."""
-        from .solvers import run
-
-        old = self.reg
-        x = x0
-        lam = float(lam0)
-        try:
-            while lam >= lam_min:
-                self.reg = lam
-                x = run(self, "rcg", x, iters=iters_per_stage, metrics_every=0,
-                        measure_memory=False).x
-                lam *= factor
-        finally:
-            self.reg = old
-        return x
 
     def metrics(self, x) -> Dict[str, float]:
         x = self._tt(x).detach()
@@ -638,19 +604,18 @@ class Completion(QuadraticProblem):
         M = self.manifold
         I = self.train
         with torch.no_grad():
-            U = M._split(p, "p")
-            V = M._right_cores(U)
+            U = M.split(p, "p")
+            V = right_cores(U)
             point = I.sampled_point(U, V)
             a = self._a_train_layout(point)
             # weighted residual in the last layout; padding slots forced to 0
             z = torch.where(point.mask, point.values - a, 0.0) * self._sw
             D = point.project(z * self._sw)  # d loss / d X_Omega = w (X - A)
-            grad = M._gauge_packed(p, D)
+            grad = M.proju(p, torch.cat([c.reshape(-1) for c in D]))
             loss = 0.5 * (z * z).sum()
             xt = None
             if self.reg:
-                xt = torch.zeros_like(p)  # X as a tangent vector: deltas (0, .., 0, U_d)
-                xt[-M._sizes[-1]:] = p[-M._sizes[-1]:]
+                xt = M.point_as_tangent(p)  # X as a tangent vector: deltas (0, .., 0, U_d)
                 loss = loss + 0.5 * self.reg * (xt * xt).sum()
                 grad = grad + self.reg * xt
         return loss, grad, _CompletionContext(point, z, xt)
@@ -662,7 +627,7 @@ class Completion(QuadraticProblem):
         ``ctx`` is the context of :meth:`cg_grad` at ``p`` (or a legacy tuple
         ``(left, rights, z, xt)`` of per-sample vector lists in sample order)."""
         M = self.manifold
-        dU = M._split(eta, "eta")
+        dU = M.split(eta, "eta")
         with torch.no_grad():
             if isinstance(ctx, _CompletionContext):
                 return ctx.point.to_samples(ctx.point.tangent(dU)) * self._sw
@@ -670,7 +635,7 @@ class Completion(QuadraticProblem):
             left, rights = ctx[0], ctx[1]
             out = None
             for k in range(M.d):
-                t = (I._left_step(k, left[k], dU[k]) * rights[k]).sum(1)
+                t = (I.left_step(k, left[k], dU[k]) * rights[k]).sum(1)
                 out = t if out is None else out + t
             return out * self._sw
 
@@ -678,7 +643,7 @@ class Completion(QuadraticProblem):
         """``alpha = -<P_Omega(X - A), P_Omega eta> / ||P_Omega eta||^2`` (weighted)."""
         with torch.no_grad():
             if isinstance(ctx, _CompletionContext):
-                e = ctx.point.tangent(self.manifold._split(eta, "eta")) * self._sw
+                e = ctx.point.tangent(self.manifold.split(eta, "eta")) * self._sw
             else:
                 e = self.eval_tangent(p, eta, ctx)
             z, xt = ctx[2], ctx[3]
@@ -807,8 +772,9 @@ class LayerTraining(Problem):
 
     def weight_of(self, x) -> torch.Tensor:
         """The ``hidden x 64`` weight matrix of a TT (or packed point) of the layer's
-        tensorization (differentiable)."""
-        return self._ref[0]._matrix_from_cores(self._tt(x).cores)
+        tensorization (differentiable; through the dense tensorized weight, ``64 hidden``
+        entries)."""
+        return self._ref[0].tensorization.tensor_to_matrix(self._tt(x).full())
 
     def loss(self, x: TT) -> torch.Tensor:
         """Training cross-entropy with the layer's weight given by the TT ``x``
@@ -816,12 +782,8 @@ class LayerTraining(Problem):
         return self._head(self.weight_of(x))
 
     def dense_loss(self, full: torch.Tensor) -> torch.Tensor:
-        """:meth:`loss` of the dense tensorized weight (``out_modes + reversed(in_modes)``)."""
-        layer = self._ref[0]
-        D, e = len(layer.out_modes), len(layer.in_modes)
-        perm = tuple(range(D)) + tuple(range(D + e - 1, D - 1, -1))  # an involution
-        W = full.permute(perm).reshape(self.hidden, 64)
-        return self._head(W)
+        """:meth:`loss` of the dense tensorized weight (the layer's ``tensor_shape``)."""
+        return self._head(self._ref[0].tensorization.tensor_to_matrix(full))
 
     def metrics(self, x) -> Dict[str, float]:
         """``train_loss``, ``test_acc``, ``test_err`` of a model, or of a TT weight (with the

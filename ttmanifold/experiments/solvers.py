@@ -1,42 +1,12 @@
-"""Chart-based and Riemannian solvers with one interface (MATH.md section 5).
+"""Chart-based and Riemannian solvers with one interface.
 
-:func:`run` ``(problem, method, x0, *, iters, time_budget, lr, callback) -> History``.
-
-Methods (:data:`METHODS`):
-
-=================  ====================================================================
-``chart_sgd``      ``torch.optim.SGD`` on the STTP chart coordinates ``theta``,
-                   loss ``problem.loss(chart(theta))``, ``theta_0 = chart.inverse(x0)``
-``chart_momentum`` ``torch.optim.SGD(momentum=0.9)`` on ``theta``
-``chart_adam``     ``torch.optim.Adam`` on ``theta``
-``rsgd``           ``geoopt.optim.RiemannianSGD`` on a ``ManifoldParameter`` at ``x0``, loss
-                   ``problem.loss(manifold.unpack_tensor(p))`` (so ``p.grad`` is the
-                   Riemannian gradient), retraction ``manifold.retr``
-``rsgd_momentum``  ``RiemannianSGD(momentum=0.9)`` (momentum transported by projection)
-``radam``          ``geoopt.optim.RiemannianAdam``
-``rcg``            :func:`riemannian_cg`: Riemannian conjugate gradient with exact line
-                   search (quadratic problems only), as in Steinlechner's RTTC
-=================  ====================================================================
-
-Step-size rule (the same for every method, never tuned per method by hand): unless ``lr``
-is given, :func:`tune_lr` runs the method for ``tune_iters`` (default 10) iterations from
-``x0`` for every ``lr`` of a log-spaced grid ``lr_grid(grid_size)`` = ``{10^-3, ..., 1}``
-(default 7 values, i.e. half-decades), and keeps the ``lr`` with the smallest loss after
-those iterations (non-finite losses and errors count as +inf; ties go to the smaller lr).
-Riemannian CG has no step size: it uses the exact line search. The problems are scaled so
-that a step of 1 is the natural gradient step (see :mod:`ttmanifold.experiments.problems`), so this
-grid brackets the useful steps of every method.
-
-Timing: ``History.time[t]`` is the wall time spent in the steps that led from ``x0`` to
-``x_t`` (CUDA-synchronized on cuda); evaluating metrics and recording is not timed. The
-loss recorded at ``t`` is the one the step computed at ``x_t`` (the loss of the final point
-is evaluated separately, untimed). Runs are deterministic on the CPU for a given problem,
-``x0`` and ``seed``.
-
-Peak memory (``History.info["peak_mem_mb"]``): on cuda ``torch.cuda.max_memory_allocated``
-over the run minus the allocation at its start; on the CPU the peak resident set size
-(``/proc/self/statm``, sampled every 5 ms by a thread) minus the RSS at the start of the
-run (approximate: memory that the allocator reuses from earlier runs is not counted).
+:func:`run` ``(problem, method, x0, *, iters, time_budget, lr, callback) -> History``;
+methods :data:`METHODS` (``chart_sgd``, ``chart_momentum``, ``chart_adam``, ``rsgd``,
+``rsgd_momentum``, ``radam``, ``rcg``), the step-size rule :func:`tune_lr`, Riemannian CG
+with exact line search :func:`riemannian_cg` (O(|Omega| d r^2) + O(d n r^3) per iteration
+for completion) and the homotopy start :func:`homotopy_point`. ``History.time`` is the wall
+time of the steps only (CUDA-synchronized); runs are deterministic on the CPU for a seed.
+Methods, step-size rule, timing and memory: ``docs/comparison.md``.
 """
 from __future__ import annotations
 
@@ -61,6 +31,7 @@ __all__ = [
     "tune_lr",
     "lr_grid",
     "riemannian_cg",
+    "homotopy_point",
 ]
 
 CHART_METHODS = ("chart_sgd", "chart_momentum", "chart_adam")
@@ -518,22 +489,35 @@ def _final_score(loss: float) -> float:
 
 
 def tune_lr(problem, method: str, x0=None, *, grid: Optional[Sequence[float]] = None,
-            grid_size: int = 7, tune_iters: int = 10, **opts):
+            grid_size: int = 7, tune_iters: int = 10, progress: bool = False, **opts):
     """The step-size rule: the ``lr`` of ``grid`` (default :func:`lr_grid` (grid_size))
     with the smallest loss after ``tune_iters`` iterations from ``x0`` (ties: the smaller
-    lr; non-finite losses and exceptions score +inf). Returns ``(lr, {lr: score})``."""
+    lr; non-finite losses and exceptions score +inf). Returns ``(lr, {lr: score})``.
+    ``progress``: a tqdm bar over the grid."""
     _check_method(problem, method)
     if method == "rcg":
         return None, {}
     grid = list(grid) if grid is not None else lr_grid(grid_size)
     scores = {}
-    for lr in grid:
-        try:
-            h = run(problem, method, x0, iters=tune_iters, lr=lr, metrics_every=0,
-                    progress=False, measure_memory=False, **opts)
-            scores[lr] = _final_score(h.final_loss) if h.status != "diverged" else math.inf
-        except (RuntimeError, ValueError, FloatingPointError, torch.linalg.LinAlgError):
-            scores[lr] = math.inf
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(grid), desc=f"{problem.name}/{method} step-size search",
+                   leave=False, dynamic_ncols=True)
+    try:
+        for lr in grid:
+            try:
+                h = run(problem, method, x0, iters=tune_iters, lr=lr, metrics_every=0,
+                        progress=False, measure_memory=False, **opts)
+                scores[lr] = _final_score(h.final_loss) if h.status != "diverged" else math.inf
+            except (RuntimeError, ValueError, FloatingPointError, torch.linalg.LinAlgError):
+                scores[lr] = math.inf
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     best = min(grid, key=lambda a: (scores[a], a))
     return best, scores
 
@@ -581,7 +565,7 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
                 raise ValueError(f"lr: expected a positive float or 'auto', got {lr!r}")
             t0 = time.perf_counter()
             lr, scores = tune_lr(problem, method, x0, grid=lr_grid_values, grid_size=grid_size,
-                                 tune_iters=tune_iters, seed=seed, **opts)
+                                 tune_iters=tune_iters, seed=seed, progress=progress, **opts)
             hist.info["tune_scores"] = scores
             hist.info["tune_seconds"] = time.perf_counter() - t0
         if not (isinstance(lr, (int, float)) and lr > 0):
@@ -641,3 +625,34 @@ def riemannian_cg(problem, x0=None, *, iters: int = 100, time_budget=None, beta:
     """
     return run(problem, "rcg", x0, iters=iters, time_budget=time_budget, callback=callback,
                beta=beta, restart_every=restart_every, restart_tol=restart_tol, **kwargs)
+
+
+def homotopy_point(problem, x0: torch.Tensor, *, lam0: float = 100.0, factor: float = 0.5,
+                   iters_per_stage: int = 5, lam_min: float = 1e-6) -> torch.Tensor:
+    """Regularization homotopy for a completion problem (a start for Riemannian CG).
+
+    Riemannian CG on ``loss + (lam/2) ||X||^2`` for ``iters_per_stage`` iterations per
+    stage, ``lam = lam0, lam0 factor, ...`` down to ``lam_min``, through the problem's
+    ``reg`` attribute (:class:`~ttmanifold.experiments.problems.Completion`). For large
+    ``lam`` the minimizer is the best rank-r approximation of the rescaled zero-filled data
+    (the spectral start); no dense tensor is formed. Returns the final packed point
+    (``problem.reg`` is restored). Cost: about ``iters_per_stage * log(lam0 / lam_min) /
+    log(1 / factor)`` CG iterations.
+    """
+    if not hasattr(problem, "reg"):
+        raise TypeError(f"problem: {type(problem).__name__} has no Tikhonov weight 'reg' "
+                        f"(expected a Completion problem)")
+    if not 0.0 < factor < 1.0:
+        raise ValueError(f"factor: expected a number in (0, 1), got {factor!r}")
+    old = problem.reg
+    x = x0
+    lam = float(lam0)
+    try:
+        while lam >= lam_min:
+            problem.reg = lam
+            x = run(problem, "rcg", x, iters=iters_per_stage, metrics_every=0,
+                    measure_memory=False).x
+            lam *= factor
+    finally:
+        problem.reg = old
+    return x
