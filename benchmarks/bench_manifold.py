@@ -19,8 +19,9 @@ and one full ``geoopt.optim.RiemannianSGD`` step (zero_grad, loss from
 ``p.unpack_tensor()``, backward, step) at n = 10, r = 20, d = 25, 50, 100 (float64).
 
 Peers in the same run, on the same input cores: t3f (TensorFlow), through
-``benchmarks/_t3f_bench.py --serve`` run by ``$T3F_PYTHON`` (default
-``/work/t3fvenv/bin/python``; a note is printed when it is missing), and torchTT
+``benchmarks/_t3f_bench.py --serve`` run by the interpreter named by ``--t3f-python`` or
+``$T3F_PYTHON`` (a venv with ``tensorflow-cpu==2.15.1 numpy==1.23.5 t3f==1.2.0``; a note is
+printed when none is given), and torchTT
 (``torchtt.manifold``) when importable. The samples of the libraries are interleaved (one
 call of each per round) so that they see the same machine load. Each time is the median
 over the rounds after warmup, in ms. ``ratio`` = ttmanifold / t3f; the issue's targets are
@@ -49,7 +50,6 @@ import ttmanifold as tm
 from ttmanifold import IndexSet, FixedTTRank, TT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_T3F_PYTHON = "/work/t3fvenv/bin/python"
 SLOW_S = 2.0  # a round slower than this: stop after three rounds
 VERY_SLOW_S = 8.0  # a single call slower than this: one warmup call, one round
 CLOCK = {"name": "wall", "timer": time.perf_counter}
@@ -516,6 +516,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="minimum rounds per operation")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--no-t3f", action="store_true", help="skip the t3f peer")
+    ap.add_argument("--t3f-python", default=None,
+                    help="python of a venv with t3f 1.2.0 (default: $T3F_PYTHON)")
     ap.add_argument("--no-torchtt", action="store_true", help="skip the torchTT peer")
     ap.add_argument("--ops", default="project,retr,rgrad,sparse,sgd",
                     help="comma-separated subset of project,retr,rgrad,sparse,sgd (default all)")
@@ -581,13 +583,14 @@ def main(argv=None):
     notes.append(f"ttmanifold's compiled dense sweeps (right_cores, project of a TT, retr): "
                  f"{'in use' if native else 'not in use (torch implementation)'}.")
 
-    t3f_python = os.environ.get("T3F_PYTHON", DEFAULT_T3F_PYTHON)
+    t3f_python = args.t3f_python or os.environ.get("T3F_PYTHON")
     peer, peer_info, peer_note = None, None, None
     if args.no_t3f:
         peer_note = "t3f peer skipped (--no-t3f)."
-    elif not os.path.exists(t3f_python):
-        peer_note = (f"t3f peer missing: no interpreter at {t3f_python} (set T3F_PYTHON, or "
-                     f"`python -m venv /work/t3fvenv && /work/t3fvenv/bin/pip install "
+    elif not t3f_python or not os.path.exists(t3f_python):
+        peer_note = (f"t3f peer missing: no interpreter {'at ' + t3f_python if t3f_python else 'given'} "
+                     f"(pass --t3f-python or set T3F_PYTHON to the python of a venv made with "
+                     f"`python -m venv t3fvenv && t3fvenv/bin/pip install "
                      f"tensorflow-cpu==2.15.1 numpy==1.23.5 t3f==1.2.0`).")
     else:
         try:

@@ -1275,3 +1275,15 @@ def test_dense_native_against_dense_references(dense_native, monkeypatch, shape,
     assert close(dense_point(M, y), tt_svd_left_to_right(Y, M.ranks),
                  tol * max(1.0, float(Y.norm())))
     assert {"project", "retract_point"} <= set(calls)
+
+
+def test_riemannian_gradient_of_a_norm_loss():
+    """``0.5 ||X - A||^2`` written with ``norm`` (a general loss through the rank-2r cores)
+    gives the same Riemannian gradient as the inner-product form, finite (the norm of the
+    tangent TT's rank-deficient block cores used to give NaN)."""
+    M, p, gen = fixed_case(seed=31)
+    A = TT([c for c in random_tt_cores(M.shape, 3, gen)])
+    g1 = M.riemannian_grad(p, lambda X: 0.5 * (X - A).norm() ** 2)
+    g2 = M.riemannian_grad(p, lambda X: 0.5 * tm.inner(X, X) - tm.inner(X, A))
+    assert torch.isfinite(g1).all()
+    assert torch.allclose(g1, g2, atol=1e-11)

@@ -387,7 +387,21 @@ class TT:
         return res.reshape(self.shape)
 
     def norm(self) -> torch.Tensor:
-        """Frobenius norm, computed stably by a QR sweep (no squaring). Cost O(d n r^3)."""
+        """Frobenius norm. Its value comes from a QR sweep (no squaring: accurate even when
+        ``||X||`` is far below the norms of the terms of a sum). Under autograd its
+        derivatives, of every order, are those of ``sqrt(<X, X>)`` at that value: the QR
+        sweep's own backward is undefined where a core's unfolding is rank deficient, as in
+        sums and in the tangent TTs of Riemannian autodiff. Cost O(d n r^3) (plus one inner
+        product sweep under autograd)."""
+        if not (torch.is_grad_enabled() and self.requires_grad):
+            return self._qr_norm()
+        with torch.no_grad():
+            val = self.detach()._qr_norm().clamp_min(torch.finfo(self.dtype).tiny)
+        s = inner(self, self)
+        # value: val; derivatives: those of sqrt(<X, X>) (val^2 and <X, X> differ by rounding)
+        return val * torch.sqrt(1 + (s - s.detach()) / (val * val))
+
+    def _qr_norm(self) -> torch.Tensor:
         c = self._cores[0].reshape(-1, self._cores[0].shape[2])
         for k in range(1, self.ndim):
             # only the R factor matters: ||X|| = ||R_k G_{k+1} ... ||
