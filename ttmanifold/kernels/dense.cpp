@@ -1,7 +1,7 @@
 // Small dense sweeps of the fixed-TT-rank manifold on the CPU, calling LAPACK/BLAS directly
 // (the symbols that torch's CPU build exports), without torch's per-call overhead:
 // the right-orthogonal cores V of a left-orthogonal point and the tangent projection of a
-// TT. ttmanifold/_native.py builds this file on first use; the torch implementations in
+// TT. ttmanifold/kernels builds this file on first use; the torch implementations in
 // ttmanifold/tangent.py are the reference and the fallback.
 //
 // Conventions: cores are row-major (r_left, n, r_right) arrays. A row-major (p x q) matrix

@@ -1,4 +1,4 @@
-// Fused CPU kernels of the sampled-entry sweeps (ttmanifold/_native.py builds this file on
+// Fused CPU kernels of the sampled-entry sweeps (ttmanifold/kernels builds this file on
 // first use with torch.utils.cpp_extension; ttmanifold/sparse.py falls back to its torch
 // kernels when the build is not possible).
 //

@@ -1,0 +1,532 @@
+"""The kernel seam (:mod:`ttmanifold.kernels`): the predicate, the dispatch decorator, the
+build machinery (background build in a separate process, locks, failures) and the
+agreement of the compiled and torch paths.
+
+Everything that builds, kills or waits runs in subprocesses with timeouts; every cache
+used here is a temporary directory (the real builds happen once per session, in
+``built_cache``)."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from ttmanifold import FixedTTRank, TT, kernels
+from ttmanifold.kernels import _cache
+
+F64 = torch.float64
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+def run_py(code: str, cache: str, timeout: float, **env):
+    """Run ``code`` in a fresh interpreter with the kernel cache at ``cache``."""
+    e = dict(os.environ, TORCH_EXTENSIONS_DIR=str(cache), PYTHONPATH=ROOT, **env)
+    e.pop("TTMANIFOLD_NATIVE", None)
+    e.pop("TTMANIFOLD_BUILD", None)
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=e, cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout)
+    return p, time.monotonic() - t0
+
+
+def kill_builder(cache: str, name: str, wait: float = 20.0) -> None:
+    """End the background build (and its compiler) that a test's subprocess started."""
+    s = _spec_in(cache, name)
+    t = time.monotonic() + wait
+    while time.monotonic() < t:
+        rec = _cache.read_lock(s.lock_path)
+        if rec and rec.get("pid"):
+            try:
+                os.killpg(int(rec["pid"]), signal.SIGKILL)
+            except OSError:
+                pass
+            return
+        if _cache.read_status(s) is not None:
+            return
+        time.sleep(0.1)
+
+
+def _spec_in(cache, name):
+    old = os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(cache)
+    try:
+        return _cache.spec(name)
+    finally:
+        if old is None:
+            del os.environ["TORCH_EXTENSIONS_DIR"]
+        else:
+            os.environ["TORCH_EXTENSIONS_DIR"] = old
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """Fresh per-process kernel state over an empty cache in ``tmp_path``; returns a
+    function giving the fresh state of a set."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    for name in ("dense", "sampled"):
+        monkeypatch.setitem(kernels._SETS, name, kernels._KernelSet(name))
+    monkeypatch.setitem(kernels._config, "enabled", True)
+    monkeypatch.setitem(kernels._config, "auto_build", True)
+    return lambda name: kernels._SETS[name]
+
+
+class Spy:
+    """A compiled module that records which of its functions were called."""
+
+    def __init__(self, mod):
+        self._mod = mod
+        self.calls = []
+
+    def __getattr__(self, attr):
+        f = getattr(self._mod, attr)
+        if not callable(f):
+            return f
+
+        def call(*a, **k):
+            self.calls.append(attr)
+            return f(*a, **k)
+
+        return call
+
+
+# ---------------------------------------------------------------------------------------
+# the predicate and the decorator (no build: a stand-in module)
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def loaded(fresh):
+    """Both sets 'loaded' (a stand-in module object): usable() decides on the arguments."""
+    for name in ("dense", "sampled"):
+        fresh(name).module = object()
+    return fresh
+
+
+def test_usable_plain_cpu_float_tensors(loaded):
+    a, b = torch.randn(3, dtype=F64), torch.randn(2, 2, dtype=F64)
+    assert kernels.usable("dense", a, [b, None, (a,)], 3, "x")
+    assert kernels.usable("dense", a.float(), [b.float()])
+    assert kernels.usable("dense")  # no tensors: the module decides
+    assert not kernels.usable("dense", a, [b.float()])  # two dtypes
+    assert not kernels.usable("dense", a.half())
+    assert not kernels.usable("dense", torch.arange(3))
+    assert not kernels.usable("dense", a.to_sparse())
+    assert not kernels.usable("dense", torch.empty(3, device="meta", dtype=F64))
+    kernels.set_enabled(False)
+    assert not kernels.usable("dense", a)
+
+
+def test_usable_not_with_gradients_to_propagate(loaded):
+    a = torch.randn(3, dtype=F64, requires_grad=True)
+    assert not kernels.usable("dense", [torch.randn(3, dtype=F64), a])
+    with torch.no_grad():
+        assert kernels.usable("dense", a)
+
+
+def test_usable_not_for_functorch_wrapped_tensors(loaded):
+    seen = []
+
+    def f(x):
+        seen.append(kernels.usable("dense", [x]))
+        return x * 2
+
+    x = torch.randn(4, 3, dtype=F64)
+    torch.func.vmap(f)(x)
+    torch.func.grad(lambda x: f(x).sum())(x)
+    with torch.no_grad():
+        torch.func.vmap(f)(x)
+    assert seen == [False, False, False]
+    assert kernels.usable("dense", x)
+
+
+def test_usable_not_for_fake_tensors_or_while_compiling(loaded, monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.randn(3, dtype=F64)) if hasattr(mode, "from_tensor") \
+            else torch.randn(3, dtype=F64)
+        assert not kernels.usable("dense", fake)
+    monkeypatch.setattr(kernels, "_is_compiling", lambda: True)
+    assert not kernels.usable("dense", torch.randn(3, dtype=F64))
+
+
+def test_usable_false_and_no_build_when_not_loaded(fresh, monkeypatch):
+    monkeypatch.setitem(kernels._config, "auto_build", False)
+    assert kernels.module("dense") is None
+    assert not kernels.usable("dense", torch.randn(3, dtype=F64))
+    assert fresh("dense").proc is None
+
+
+def test_dispatch_keeps_signature_kwargs_and_torch_impl(loaded):
+    calls = []
+
+    def compiled(mod, x, y=None, *, scale=1.0):
+        calls.append(("compiled", scale))
+        return x * scale
+
+    def applies(x, y=None, *, scale=1.0):
+        return x.numel() > 2
+
+    @kernels.dispatch("dense", compiled, when=applies)
+    def op(x: torch.Tensor, y=None, *, scale: float = 1.0) -> torch.Tensor:
+        """doc of op"""
+        calls.append(("torch", scale))
+        return x * scale
+
+    assert str(inspect.signature(op)) == str(inspect.signature(op.torch_impl))
+    assert op.__name__ == "op" and op.__doc__ == "doc of op"
+    x = torch.randn(3, dtype=F64)
+    op(x, scale=2.0)
+    op(x=x, y=None, scale=3.0)
+    op(torch.randn(2, dtype=F64), scale=4.0)  # `when` says no
+    op(x.requires_grad_(), scale=5.0)  # usable says no
+    op.torch_impl(x, scale=6.0)
+    assert calls == [("compiled", 2.0), ("compiled", 3.0), ("torch", 4.0), ("torch", 5.0),
+                     ("torch", 6.0)]
+
+
+def test_dispatch_when_is_asked_first(fresh, monkeypatch):
+    """A call that ``when`` rejects never touches the cache nor starts a build."""
+    probed = []
+    monkeypatch.setattr(kernels, "_probe", lambda ks: probed.append(ks.name))
+    op = kernels.dispatch("sampled", lambda mod, x: x, when=lambda x: False)(lambda x: x)
+    op(torch.randn(3, dtype=F64))
+    assert probed == []
+    op = kernels.dispatch("sampled", lambda mod, x: x)(lambda x: x)
+    op(torch.randn(3, dtype=F64))
+    assert probed == ["sampled"]
+    with pytest.raises(ValueError, match="unknown kernel set"):
+        kernels.dispatch("nope", lambda mod: None)
+
+
+# ---------------------------------------------------------------------------------------
+# module(): never blocks, one background build, cheap re-checks
+# ---------------------------------------------------------------------------------------
+
+def test_module_starts_one_background_build_and_never_blocks(fresh, monkeypatch, capsys):
+    started = []
+
+    class FakePopen:
+        def __init__(self, cmd, **kw):
+            started.append((cmd, kw))
+            self.pid = 0
+
+        def poll(self):
+            return None  # "still building"
+
+    monkeypatch.setattr(kernels.subprocess, "Popen", FakePopen)
+    t0 = time.monotonic()
+    for _ in range(200):
+        assert kernels.module("dense") is None
+    assert time.monotonic() - t0 < 1.0
+    assert len(started) == 1
+    cmd, kw = started[0]
+    assert cmd[1:] == ["-m", "ttmanifold.kernels._builder", "dense", "--background"]
+    assert kw["start_new_session"] and kw["stdin"] == subprocess.DEVNULL
+    assert kw["env"]["MAX_JOBS"] == "1"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ttmanifold build-kernels" in err and "usually" in err
+    # the cache is checked at most once a second: later calls see the built artifact
+    ks = fresh("dense")
+    assert ks.next_check > time.monotonic()
+    ks.next_check = 0.0
+    assert kernels.module("dense") is None and len(started) == 1  # still building
+
+
+def test_module_does_not_start_a_build_another_live_process_runs(fresh, monkeypatch):
+    monkeypatch.setattr(kernels.subprocess, "Popen", lambda *a, **k: pytest.fail("spawned"))
+    s = _cache.spec("dense")
+    os.makedirs(s.build_dir)
+    with open(s.lock_path, "w") as fh:
+        json.dump(_cache.owner_record(), fh)  # this (live) process holds it
+    assert kernels.module("dense") is None
+    assert fresh("dense").failed is None
+
+
+def test_recorded_failure_is_reported_once_and_not_retried(fresh, monkeypatch):
+    monkeypatch.setattr(kernels.subprocess, "Popen", lambda *a, **k: pytest.fail("retried"))
+    s = _cache.spec("dense")
+    os.makedirs(s.build_dir)
+    reason = "RuntimeError: Error building extension:\n" + "x" * 400 + "\nthe real cause at the end"
+    _cache.write_status(s, status="failed", reason=reason, log=s.log_path)
+    with pytest.warns(RuntimeWarning, match="the real cause at the end") as rec:
+        assert not kernels.usable("dense", torch.randn(3, dtype=F64))
+    assert rec[0].filename == __file__  # points at the caller's code
+    assert len(rec) == 1
+    fresh("dense").next_check = 0.0
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.module("dense") is None
+    assert "the real cause at the end" in kernels.status()["dense"]["failed"]
+
+
+# ---------------------------------------------------------------------------------------
+# build names and locks
+# ---------------------------------------------------------------------------------------
+
+def test_two_environments_get_different_build_names():
+    a = _cache.build_name("dense", torch_dir="/venv-a/site-packages/torch", torch_version="2.5.0")
+    b = _cache.build_name("dense", torch_dir="/venv-b/site-packages/torch", torch_version="2.5.0")
+    c = _cache.build_name("dense", torch_dir="/venv-a/site-packages/torch", torch_version="2.6.0")
+    d = _cache.build_name("dense", torch_dir="/venv-a/site-packages/torch", torch_version="2.5.0",
+                          python="3.12.1")
+    assert len({a, b, c, d}) == 4
+    assert a == _cache.build_name("dense", torch_dir="/venv-a/site-packages/torch",
+                                  torch_version="2.5.0")
+    assert a.startswith("ttmanifold_dense_")
+    assert _cache.build_name("sampled") != _cache.build_name("dense")
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_lock_of_a_dead_or_reused_pid_is_stale(tmp_path):
+    path = str(tmp_path / "ttmanifold.lock")
+    host = socket.gethostname()
+    with open(path, "w") as fh:
+        json.dump({"pid": _dead_pid(), "host": host, "start": None}, fh)
+    assert _cache.try_lock(path) is None  # taken: the stale lock was removed
+    assert _cache.read_lock(path)["pid"] == os.getpid()
+    assert _cache.try_lock(path) is not None  # a live owner (this process) holds it
+    _cache.release_lock(path)
+    assert not os.path.exists(path)
+    if _cache._proc_start(os.getpid()) is not None:  # a live pid, but started at another time
+        with open(path, "w") as fh:
+            json.dump({"pid": os.getppid(), "host": host, "start": "1"}, fh)
+        assert _cache.try_lock(path) is None
+        _cache.release_lock(path)
+    with open(path, "w") as fh:  # another machine's process cannot be checked: live
+        json.dump({"pid": 1, "host": host + "-elsewhere"}, fh)
+    assert _cache.try_lock(path) is not None
+
+
+def test_build_waits_at_most_its_timeout_for_a_live_foreign_lock(fresh):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        s = _cache.spec("dense")
+        os.makedirs(s.build_dir)
+        with open(s.lock_path, "w") as fh:
+            json.dump({"pid": sleeper.pid, "host": socket.gethostname(),
+                       "start": _cache._proc_start(sleeper.pid)}, fh)
+        t0 = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="timed out after 1.5 s"):
+            res = kernels.build("dense", verbose=False, timeout=1.5)["dense"]
+        assert 1.4 <= time.monotonic() - t0 < 10
+        assert not res["ok"] and "timed out" in res["reason"] and str(sleeper.pid) in res["reason"]
+        assert fresh("dense").failed is None  # not a build failure: module() keeps looking
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+# ---------------------------------------------------------------------------------------
+# real processes: a cold cache, a failing compiler, the real builds
+# ---------------------------------------------------------------------------------------
+
+RETR_ONCE = """
+    import time, torch
+    from ttmanifold import FixedTTRank
+    M = FixedTTRank((4, 5, 6, 5), 3)
+    p = M.random(dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    u = M.proju(p, torch.randn(M.size, dtype=torch.float64))
+    t0 = time.monotonic()
+    q = M.retr(p, u)
+    print("retr took", time.monotonic() - t0)
+"""
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
+def test_script_calling_retr_once_on_a_cold_cache_exits_at_once(tmp_path):
+    try:
+        p, secs = run_py(RETR_ONCE, tmp_path, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert float(p.stdout.split()[-1]) < 2.0  # retr did not wait for the compiler
+        assert secs < 30  # the process did not either (imports included)
+        notice = [ln for ln in p.stderr.splitlines() if "ttmanifold" in ln]
+        assert len(notice) == 1 and "background" in notice[0] and "build-kernels" in notice[0], \
+            p.stderr
+    finally:
+        kill_builder(tmp_path, "dense")
+
+
+def test_failed_build_recorded_whole_and_reported_once(tmp_path):
+    """A compiler that fails: build() reports the whole cause; a later process warns once
+    with it (pointing at its own code) and does not retry."""
+    code = """
+        import json
+        from ttmanifold import kernels
+        print(json.dumps(kernels.build("dense", verbose=False)))
+    """
+    cxx = tmp_path / "broken-c++"
+    cxx.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo "g++ (fake) 12.2.0"; exit 0; fi\n'
+                   'echo "fake-c++: error: this compiler compiles nothing" >&2\nexit 1\n')
+    cxx.chmod(0o755)
+    p, _ = run_py(code, tmp_path, timeout=300, CXX=str(cxx))
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])["dense"]
+    assert not res["ok"] and "Error building extension" in res["reason"]
+    assert "this compiler compiles nothing" in res["reason"] and "build.log" in res["reason"]
+    code = RETR_ONCE + """
+    import warnings
+    from ttmanifold import kernels
+    print(kernels.status()["dense"]["building"], kernels._SETS["dense"].proc)
+    """
+    p, _ = run_py(code, tmp_path, timeout=120, CXX=str(cxx))
+    assert p.returncode == 0, p.stderr
+    assert "False None" in p.stdout  # not retried
+    assert p.stderr.count("RuntimeWarning") == 1 and "this compiler compiles nothing" in p.stderr
+    assert "<string>" in p.stderr.split("RuntimeWarning")[0]  # the script's line, not ours
+    assert "threading.py" not in p.stderr
+
+
+BUILD_WITH_STALE_LOCKS = """
+    import json, os, socket, subprocess, sys
+    from ttmanifold import kernels
+    from ttmanifold.kernels import _cache
+    dead = subprocess.Popen([sys.executable, "-c", "pass"]); dead.wait()
+    for name in ("dense", "sampled"):  # what a build killed with -9 leaves behind
+        s = _cache.spec(name)
+        os.makedirs(s.build_dir, exist_ok=True)
+        with open(s.lock_path, "w") as fh:
+            json.dump({"pid": dead.pid, "host": socket.gethostname(), "start": None}, fh)
+        open(os.path.join(s.build_dir, "lock"), "w").close()  # torch's baton
+    print(json.dumps(kernels.build(timeout=30)))
+"""
+
+
+@pytest.fixture(scope="session")
+def built_cache(tmp_path_factory):
+    """One real build of both sets per session, in a fresh cache with stale locks left by a
+    killed build."""
+    if not HAVE_CXX:
+        pytest.skip("no C++ compiler: the compiled kernels cannot be built here")
+    cache = tmp_path_factory.mktemp("kernel_cache")
+    p, secs = run_py(BUILD_WITH_STALE_LOCKS, cache, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return cache, p.stdout, json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_build_removes_stale_locks_and_builds_both_sets(built_cache):
+    cache, out, res = built_cache
+    assert out.count("removed a stale build lock") == 2, out
+    for name in ("dense", "sampled"):
+        assert res[name]["ok"] and res[name]["result"] == "built", res[name]
+        s = _spec_in(cache, name)
+        assert _cache.is_built(s) and not os.path.exists(s.lock_path)
+    assert "s] dense: compiling" in out and "s] sampled: built" in out
+
+
+def test_cli_info_and_build_kernels_on_a_built_cache(built_cache):
+    cache = built_cache[0]
+    p, _ = run_py("from ttmanifold.__main__ import main; raise SystemExit(main(['info']))",
+                  cache, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "dense    built, in use" in p.stdout and "sampled  built, in use" in p.stdout
+    for word in ("python", "torch", "geoopt", "numpy", "cuda"):
+        assert word in p.stdout
+    p, _ = run_py("from ttmanifold.__main__ import main; raise SystemExit(main(['build-kernels']))",
+                  cache, timeout=120)
+    assert p.returncode == 0 and p.stdout.count("already built") >= 2, p.stdout
+
+
+@pytest.fixture
+def compiled(built_cache, fresh, monkeypatch):
+    """The session's compiled modules loaded in this process, behind call-recording spies."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(built_cache[0]))
+    spies = {}
+    for name in ("dense", "sampled"):
+        mod = kernels.module(name)
+        assert mod is not None, kernels.status()[name]
+        spies[name] = fresh(name).module = Spy(mod)
+    return spies
+
+
+def _both(fn):
+    """``fn()`` on the compiled path and on the torch path."""
+    a = fn()
+    kernels.set_enabled(False)
+    try:
+        b = fn()
+    finally:
+        kernels.set_enabled(True)
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("shape,ranks", [((4, 5, 6, 5), (1, 3, 4, 3, 1)), ((3, 4), (1, 2, 1)),
+                                         ((2, 3, 4, 3, 2), (1, 2, 3, 3, 2, 1))])
+def test_compiled_dense_agrees_with_torch(compiled, shape, ranks, dtype):
+    M = FixedTTRank(shape, ranks)
+    gen = torch.Generator().manual_seed(5)
+    p = M.random(dtype=F64, generator=gen).to(dtype)
+    u = M.proju(p, torch.randn(M.size, dtype=F64, generator=gen).to(dtype))
+    Z = TT.random(shape, 2, dtype=dtype, generator=gen)
+    tol = 1e-11 if dtype == F64 else 2e-4
+
+    def full(x):
+        return M.to_tt(x).full().double()
+
+    def close(a, b):
+        return float((a - b).norm()) <= tol * max(1.0, float(b.norm()))
+
+    spy = compiled["dense"]
+    a, b = _both(lambda: M.retr(p, u))  # packed cores unique up to gauge: full tensors
+    assert close(full(a), full(b))
+    assert "retract_point" in spy.calls
+    a, b = _both(lambda: M.project(p, Z))  # gauged deltas of the point: unique
+    assert close(a.double(), b.double())
+    assert "project" in spy.calls
+    a, b = _both(lambda: M.proju(p, 3.0 * u))
+    assert close(a.double(), b.double())
+    q = M.retr(p, 0.1 * u)
+    a, b = _both(lambda: M.transp(p, q, u))
+    assert close(a.double(), b.double())
+
+
+def test_compiled_dense_steps_aside_under_vmap_and_autograd(compiled):
+    M = FixedTTRank((4, 5, 6, 5), 3)
+    gen = torch.Generator().manual_seed(1)
+    ps = torch.stack([M.random(dtype=F64, generator=gen) for _ in range(3)])
+    us = torch.stack([M.proju(p, torch.randn(M.size, dtype=F64, generator=gen)) for p in ps])
+    spy = compiled["dense"]
+    spy.calls.clear()
+    out = torch.func.vmap(M.retr)(ps, us)
+    assert spy.calls == []
+    kernels.set_enabled(False)
+    ref = torch.stack([M.retr(p, u) for p, u in zip(ps, us)])
+    kernels.set_enabled(True)
+    for a, b in zip(out, ref):
+        assert float((M.to_tt(a).full() - M.to_tt(b).full()).norm()) < 1e-10
+    v = us[0].clone().requires_grad_()
+    M.retr(ps[0], v).sum().backward()  # the point's right cores need no gradient: compiled
+    assert v.grad is not None and not {"retract", "retract_point"} & set(spy.calls)
+
+
+def test_compiled_sampled_agrees_with_torch(compiled):
+    from ttmanifold import IndexSet
+
+    shape, ranks = (8, 9, 10, 9), (1, 3, 4, 3, 1)
+    M = FixedTTRank(shape, ranks)
+    gen = torch.Generator().manual_seed(3)
+    n = 20000  # above the compiled kernels' minimum index-set size
+    idx = torch.stack([torch.randint(0, s, (n,), generator=gen) for s in shape], 1)
+    iset = IndexSet(idx, shape)
+    p = M.random(dtype=F64, generator=gen)
+    vals = torch.randn(n, dtype=F64, generator=gen)
+    a, b = _both(lambda: M.project_sampled(p, iset, vals))
+    assert float((a - b).norm()) <= 1e-10 * max(1.0, float(b.norm()))
+    assert compiled["sampled"].calls

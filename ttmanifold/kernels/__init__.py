@@ -1,0 +1,467 @@
+"""The one seam between the torch implementations and the compiled CPU kernels.
+
+Two kernel sets, small C++ extensions compiled with ``torch.utils.cpp_extension``:
+``"dense"`` (``dense.cpp``: right-orthogonal cores, projection of a TT, retraction;
+adapters in :mod:`ttmanifold.kernels.dense`) and ``"sampled"`` (``sampled.cpp``: the
+sampled-entry sweeps). They compute what the torch implementations compute; the torch
+implementations serve every case the compiled ones do not (see :func:`usable`).
+
+- :func:`usable` is the only predicate, :func:`dispatch` the decorator that applies it;
+- :func:`module` never blocks and never compiles in this process: it loads a built set from
+  the cache, or starts one background build in a separate low-priority process (announced
+  on one line on stderr) and returns None until the build is there;
+- :func:`build` (``ttmanifold build-kernels``) builds in the foreground with progress;
+  :func:`status` (``ttmanifold info``) tells built / in use / failed (whole reason).
+
+Environment: ``TTMANIFOLD_NATIVE=0`` never uses (nor builds) the compiled kernels;
+``TTMANIFOLD_BUILD=0`` never starts a build automatically (:func:`build` still does);
+``TORCH_EXTENSIONS_DIR`` moves the cache (see :mod:`ttmanifold.kernels._cache`).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from typing import Callable, Dict, Iterable, Optional, Union
+
+import torch
+
+from . import _cache
+
+__all__ = ["enabled", "set_enabled", "set_auto_build", "module", "usable", "dispatch", "build",
+           "status"]
+
+PROBE_INTERVAL = 1.0  # seconds between two cache checks while a set is not loaded
+USUAL_TIME = "usually 20-60 s"
+_BUSY = 3  # _builder's exit status when another process holds the lock
+
+
+def _env_flag(var: str) -> bool:
+    return os.environ.get(var, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+_config = {"enabled": _env_flag("TTMANIFOLD_NATIVE"), "auto_build": _env_flag("TTMANIFOLD_BUILD")}
+
+
+def enabled() -> bool:
+    """Whether the compiled kernels may be used (``TTMANIFOLD_NATIVE=0`` turns them off)."""
+    return bool(_config["enabled"])
+
+
+def set_enabled(flag: bool) -> None:
+    """Use (``True``, the default) or never use nor build (``False``) the compiled kernels."""
+    _config["enabled"] = bool(flag)
+
+
+def set_auto_build(flag: bool) -> None:
+    """Start a background build on first use (``True``, the default unless
+    ``TTMANIFOLD_BUILD=0``) or only load what :func:`build` built (``False``)."""
+    _config["auto_build"] = bool(flag)
+
+
+class _KernelSet:
+    """Per-process state of one kernel set."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.spec: Optional[_cache.Spec] = None
+        self.module = None
+        self.failed: Optional[str] = None  # the whole reason; not retried automatically
+        self.warned = False
+        self.proc: Optional[subprocess.Popen] = None  # our background build
+        self.next_check = 0.0
+        self.lock = threading.Lock()
+
+    def get_spec(self) -> _cache.Spec:
+        if self.spec is None:
+            self.spec = _cache.spec(self.name)
+        return self.spec
+
+
+_SETS: Dict[str, _KernelSet] = {n: _KernelSet(n) for n in _cache.SETS}
+
+
+def _set(name: str) -> _KernelSet:
+    ks = _SETS.get(name)
+    if ks is None:
+        _cache.check_name(name)
+    return ks
+
+
+# ---------------------------------------------------------------------------------------
+# module(): load from the cache, or start a background build; never blocks
+# ---------------------------------------------------------------------------------------
+
+def module(name: str):
+    """The loaded compiled module of kernel set ``name``, or None.
+
+    Never blocks and never compiles in this process. A set built in the cache for this
+    environment is loaded (a few ms, once). Otherwise, unless auto-build is off or a build
+    failed, one build starts in a separate low-priority process (one line on stderr says
+    so) and later calls load its result; the cache is checked at most once a second."""
+    ks = _set(name)
+    if not _config["enabled"]:
+        return None
+    mod = ks.module
+    if mod is not None or ks.failed is not None:
+        return mod
+    now = time.monotonic()
+    if now < ks.next_check or not ks.lock.acquire(blocking=False):
+        return None
+    try:
+        if ks.module is None and ks.failed is None and now >= ks.next_check:
+            ks.next_check = now + PROBE_INTERVAL
+            _probe(ks)
+    finally:
+        ks.lock.release()
+    return ks.module
+
+
+def _probe(ks: _KernelSet) -> None:
+    try:
+        s = ks.get_spec()
+        st = _cache.read_status(s)
+        if st is not None and st.get("status") == "ok" and os.path.exists(s.artifact):
+            why = _load(ks, s)
+            if why is not None:
+                _fail(ks, why)
+            return
+        if ks.proc is not None:
+            rc = ks.proc.poll()
+            if rc is None:
+                return  # still building
+            ks.proc = None
+            if rc == _BUSY:
+                return  # another process builds it: its result will appear
+            if st is not None and st.get("status") == "failed":
+                _fail(ks, _failure_text(s, st))
+            else:
+                _fail(ks, f"the build process exited with status {rc} without a result"
+                      + _log_text(s))
+            return
+        if st is not None and st.get("status") == "failed":
+            owner = _cache.read_lock(s.lock_path)
+            if owner is None or not _cache.owner_alive(owner):  # not being rebuilt now
+                _fail(ks, _failure_text(s, st))
+            return
+        if not _config["auto_build"]:
+            return
+        owner = _cache.read_lock(s.lock_path)
+        if owner is not None and _cache.owner_alive(owner):
+            return  # another process builds it
+        _spawn(ks, s)
+    except Exception as exc:  # noqa: BLE001  (unreadable cache, no Python to run, ...)
+        _fail(ks, f"{type(exc).__name__}: {exc}")
+
+
+def _child_cmd(name: str, background: bool):
+    if not sys.executable:
+        raise RuntimeError("no Python executable (sys.executable is empty) to run the build")
+    cmd = [sys.executable, "-m", "ttmanifold.kernels._builder", name]
+    pkg_parent = os.path.dirname(os.path.dirname(_cache.HERE))  # the directory of ttmanifold/
+    env = dict(os.environ)
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if background:
+        cmd.append("--background")
+        env["MAX_JOBS"] = "1"
+        env["OMP_NUM_THREADS"] = "1"
+    return cmd, env
+
+
+def _spawn(ks: _KernelSet, s: _cache.Spec) -> None:
+    os.makedirs(s.build_dir, exist_ok=True)
+    cmd, env = _child_cmd(ks.name, background=True)
+    ks.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, cwd=s.build_dir, env=env,
+                               close_fds=True, start_new_session=True)
+    what = _cache.SETS[ks.name][2]
+    print(f"ttmanifold: compiling the {ks.name} kernels ({what}) in a background process at low "
+          f"priority, once per machine and torch install ({USUAL_TIME}; log {s.log_path}); the "
+          f"torch implementation serves meanwhile. Build now: `ttmanifold build-kernels`; "
+          f"never build automatically: TTMANIFOLD_BUILD=0; no compiled kernels: "
+          f"TTMANIFOLD_NATIVE=0.", file=sys.stderr, flush=True)
+
+
+def _load(ks: _KernelSet, s: _cache.Spec) -> Optional[str]:
+    """Load the built artifact into ``ks``; the reason when it does not load."""
+    mod = sys.modules.get(s.build_name)
+    if mod is None:
+        try:
+            spec = importlib.util.spec_from_file_location(s.build_name, s.artifact)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        except Exception as exc:  # noqa: BLE001
+            return (f"the built module {s.artifact} does not load ({type(exc).__name__}: "
+                    f"{exc}); `ttmanifold build-kernels` rebuilds it")
+        sys.modules[s.build_name] = mod
+    ks.module = mod
+    ks.failed = None
+    return None
+
+
+def _log_text(s: _cache.Spec) -> str:
+    tail = _cache.log_tail(s.log_path)
+    return f"\nbuild log {s.log_path}" + (f", last lines:\n{tail}" if tail else " (empty)")
+
+
+def _failure_text(s: _cache.Spec, st: dict) -> str:
+    reason = str(st.get("reason") or "no reason recorded")
+    return reason + f"\nfull build log: {st.get('log') or s.log_path}"
+
+
+_INTERNAL = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                  for m in (torch, functools, threading) if getattr(m, "__file__", None))
+_PKG = os.path.dirname(_cache.HERE) + os.sep
+
+
+def _stacklevel() -> int:
+    """The stack level of the first frame outside ttmanifold, torch, geoopt and the standard
+    library's threading (the user's code), or past the stack's end (no location)."""
+    f = sys._getframe(1)
+    level = 1
+    while f is not None:
+        fn = os.path.abspath(f.f_code.co_filename)
+        if not (fn.startswith(_PKG) or fn.startswith(_INTERNAL) or "geoopt" + os.sep in fn
+                or fn.endswith(("threading.py", "functools.py"))):
+            return level
+        f = f.f_back
+        level += 1
+    return level
+
+
+def _fail(ks: _KernelSet, reason: str, warn: bool = True) -> None:
+    ks.failed = reason
+    if warn and not ks.warned:
+        ks.warned = True
+        warnings.warn(
+            f"ttmanifold: the compiled {ks.name} kernels are unavailable; the torch "
+            f"implementation serves (same values, slower). Cause:\n{reason}\n"
+            f"Retry with `ttmanifold build-kernels`, or set TTMANIFOLD_NATIVE=0 to silence this.",
+            RuntimeWarning, stacklevel=_stacklevel())
+
+
+# ---------------------------------------------------------------------------------------
+# usable() and dispatch(): the one predicate
+# ---------------------------------------------------------------------------------------
+
+_FLOATS = (torch.float32, torch.float64)
+_DEFAULT_DISPATCH = torch.Tensor.__torch_dispatch__
+_plain_types = {torch.Tensor: True, torch.nn.Parameter: True}
+_ft = getattr(torch._C, "_functorch", None)
+_is_wrapped = getattr(_ft, "is_functorch_wrapped_tensor", None) or (lambda t: False)
+_is_batched = getattr(_ft, "is_legacy_batchedtensor", None) or (lambda t: False)
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
+
+def _plain(tp) -> bool:
+    """A tensor class without its own ``__torch_dispatch__`` (not FakeTensor, functional
+    or other wrapper subclasses): its data pointer is real memory."""
+    ok = _plain_types.get(tp)
+    if ok is None:
+        ok = _plain_types[tp] = getattr(tp, "__torch_dispatch__", _DEFAULT_DISPATCH) is _DEFAULT_DISPATCH
+    return ok
+
+
+def _tensors_ok(args: Iterable, state: list, grad: bool) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.device.type != "cpu" or a.layout is not torch.strided:
+                return False
+            dt = a.dtype
+            if state[0] is None:
+                if dt not in _FLOATS:
+                    return False
+                state[0] = dt
+            elif dt is not state[0]:
+                return False
+            if grad and a.requires_grad:
+                return False
+            if not _plain(type(a)) or _is_wrapped(a) or _is_batched(a):
+                return False
+        elif isinstance(a, (list, tuple)):
+            if not _tensors_ok(a, state, grad):
+                return False
+    return True
+
+
+def usable(name: str, *args) -> bool:
+    """Whether the compiled kernel set ``name`` serves a call on ``args``: enabled, loaded
+    (:func:`module`, which never blocks), and every tensor among ``args`` (lists and tuples
+    flattened, other values skipped) is a plain strided CPU tensor of float32 or float64,
+    all of one dtype, none requiring grad while grad mode is on, none functorch-wrapped
+    (vmap, grad), fake or meta; and not inside ``torch.compile`` tracing.
+
+    No side effect except :func:`module`'s (which may start the background build)."""
+    if not _config["enabled"]:
+        return False
+    if not _tensors_ok(args, [None], torch.is_grad_enabled()) or _is_compiling():
+        return False
+    return module(name) is not None
+
+
+def dispatch(name: str, compiled: Callable, when: Optional[Callable[..., bool]] = None):
+    """Decorator for a torch implementation ``fn(*args, **kwargs)``: calls
+    ``compiled(mod, *args, **kwargs)`` with the loaded module of kernel set ``name`` when
+    ``when(*args, **kwargs)`` (if given; evaluated first, so calls it rejects never start a
+    build) and :func:`usable` on all arguments, else ``fn(*args, **kwargs)``.
+
+    The wrapper keeps ``fn``'s name, docstring and signature (``inspect.signature``) and
+    exposes ``fn`` as ``wrapper.torch_impl``."""
+    _cache.check_name(name)
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if (when is None or when(*args, **kwargs)) and usable(name, *args, *kwargs.values()):
+                mod = _SETS[name].module
+                if mod is not None:
+                    return compiled(mod, *args, **kwargs)
+            return fn(*args, **kwargs)
+
+        wrapper.torch_impl = fn
+        return wrapper
+
+    return decorate
+
+
+# ---------------------------------------------------------------------------------------
+# build() and status()
+# ---------------------------------------------------------------------------------------
+
+def build(names: Union[str, Iterable[str]] = ("dense", "sampled"), *, verbose: bool = True,
+          timeout: float = 600.0) -> dict:
+    """Build (or load, when already built) kernel sets in the foreground and load them.
+
+    Compiles in a child process at normal priority; with ``verbose`` prints a line per
+    step with the elapsed seconds and the whole reason of a failure (without ``verbose`` a
+    failure is one warning). A build that another live process runs is waited for at most
+    ``timeout`` seconds; a lock left by a process that is gone is removed. Retries a set
+    that failed before in this process.
+
+    Returns ``{name: {"ok", "result" ("built" | "already built" | "failed"), "reason",
+    "seconds", "path"}}``."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    for n in names:
+        _cache.check_name(n)
+    return {n: _build_one(_SETS[n], verbose, float(timeout)) for n in names}
+
+
+def _build_one(ks: _KernelSet, verbose: bool, timeout: float) -> dict:
+    t0 = time.monotonic()
+
+    def say(msg: str) -> None:
+        if verbose:
+            print(f"[{time.monotonic() - t0:5.1f} s] {ks.name}: {msg}", flush=True)
+
+    def result(kind: str, reason: Optional[str] = None, record: bool = True) -> dict:
+        path = ks.spec.build_dir if ks.spec is not None else None
+        if kind == "failed":
+            say(f"FAILED. Cause:\n{reason}")
+            if record:
+                _fail(ks, reason, warn=not verbose)
+            elif not verbose:  # not a failure of the build: module() still loads its result
+                warnings.warn(f"ttmanifold: {reason}", RuntimeWarning, stacklevel=_stacklevel())
+        else:
+            say(f"{kind} ({path})")
+        return {"ok": kind != "failed", "result": kind, "reason": reason,
+                "seconds": round(time.monotonic() - t0, 1), "path": path}
+
+    with ks.lock:
+        ks.failed, ks.warned = None, False
+        ks.next_check = 0.0
+        try:
+            s = ks.get_spec()
+            if ks.module is not None:
+                return result("already built")
+            if _cache.is_built(s):
+                if _load(ks, s) is None:
+                    return result("already built")
+                os.remove(s.status_path)  # does not load: rebuild it
+            os.makedirs(s.build_dir, exist_ok=True)
+            deadline = t0 + timeout
+            announced = False
+            while True:
+                owner = _cache.read_lock(s.lock_path)
+                if owner is not None:
+                    if not _cache.owner_alive(owner):
+                        if _cache.remove_stale(s.lock_path, owner):
+                            say(f"removed a stale build lock of {_cache.describe_owner(owner)} "
+                                f"(no longer running)")
+                        continue
+                    if _cache.is_built(s):
+                        break
+                    if not announced:
+                        announced = True
+                        say(f"waiting for the build by {_cache.describe_owner(owner)} "
+                            f"(at most {timeout:g} s)")
+                    if time.monotonic() >= deadline:
+                        return result("failed", f"timed out after {timeout:g} s waiting for the "
+                                      f"build lock {s.lock_path}, held by "
+                                      f"{_cache.describe_owner(owner)}; if that process is gone "
+                                      f"(another machine?), remove the file", record=False)
+                    time.sleep(0.2)
+                    continue
+                if _cache.is_built(s):
+                    break
+                rc = _run_child(ks, s, say)
+                if rc == _BUSY:
+                    continue  # someone took the lock meanwhile: wait for them
+                break
+            if _cache.is_built(s):
+                why = _load(ks, s)
+                return result("built") if why is None else result("failed", why)
+            st = _cache.read_status(s)
+            if st is not None and st.get("status") == "failed":
+                return result("failed", _failure_text(s, st))
+            return result("failed", "the build process ended without a result" + _log_text(s))
+        except Exception as exc:  # noqa: BLE001
+            return result("failed", f"{type(exc).__name__}: {exc}")
+
+
+def _run_child(ks: _KernelSet, s: _cache.Spec, say) -> int:
+    cmd, env = _child_cmd(ks.name, background=False)
+    say(f"compiling {s.build_name} ({USUAL_TIME}; log {s.log_path})")
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=s.build_dir, env=env, close_fds=True)
+    t = time.monotonic()
+    next_note = t + 10.0
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+            if time.monotonic() >= next_note:
+                next_note += 10.0
+                say("still compiling")
+    except BaseException:
+        proc.terminate()  # Ctrl-C: the child releases its lock as it ends
+        raise
+
+
+def status() -> dict:
+    """Per kernel set: ``built`` (in the cache for this environment), ``loaded``, ``in_use``
+    (loaded and enabled), ``building`` (a live process holds the build lock), ``failed``
+    (the whole reason, or None), ``build_name``, ``path`` (the build directory)."""
+    out = {}
+    for name, ks in _SETS.items():
+        row = {"built": False, "loaded": ks.module is not None,
+               "in_use": ks.module is not None and enabled(), "building": False,
+               "failed": ks.failed, "build_name": None, "path": None}
+        try:
+            s = ks.get_spec()
+            row.update(build_name=s.build_name, path=s.build_dir, built=_cache.is_built(s))
+            owner = _cache.read_lock(s.lock_path)
+            row["building"] = owner is not None and _cache.owner_alive(owner)
+            st = _cache.read_status(s)
+            if row["failed"] is None and st is not None and st.get("status") == "failed":
+                row["failed"] = _failure_text(s, st)
+        except Exception as exc:  # noqa: BLE001
+            row["failed"] = row["failed"] or f"{type(exc).__name__}: {exc}"
+        out[name] = row
+    return out

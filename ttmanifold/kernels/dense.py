@@ -1,0 +1,56 @@
+"""Adapters of the compiled dense sweeps (``dense.cpp``, kernel set ``"dense"``): each
+takes the loaded module (``kernels.module("dense")``) and the torch implementation's
+arguments, and returns what the torch implementation returns.
+
+Conventions of the compiled module: contiguous cores; a list of right-orthogonal cores has
+a placeholder (an empty tensor) at index 0; results are lists of cores or packed flat
+tensors (left-orthogonal cores concatenated).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+
+def _contig(cores: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    return [c.contiguous() for c in cores]
+
+
+def _with_placeholder(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]]):
+    return [U[0].new_empty(0)] + [v.contiguous() for v in V[1:]]
+
+
+def right_cores(mod, U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """The canonical right-orthogonal cores ``V`` of the left-orthogonal cores ``U``
+    (``V[0]`` is None), as :func:`ttmanifold.tangent.right_cores`."""
+    if len(U) == 1:
+        return [None]
+    V = list(mod.right_cores(_contig(U)))
+    V[0] = None
+    return V
+
+
+def project_tt(mod, U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Tensor]]],
+               Z: Sequence[torch.Tensor], gauge: bool = False, *, packed: bool = True) -> torch.Tensor:
+    """Packed ``D_k = U_<k^T Z V_>k^T`` (gauge-projected with ``gauge``) of the TT with cores
+    ``Z``, as the torch ``project_tt(U, V, Z, packed=True, gauge=gauge)``; ``V`` None:
+    computed here. Only the packed form exists compiled (``packed=False`` is an error)."""
+    if not packed:
+        raise ValueError("the compiled projection returns packed cores only (packed=True)")
+    Uc = _contig(U)
+    Vc = list(mod.right_cores(Uc)) if V is None else _with_placeholder(U, V)
+    return mod.project(Uc, Vc, _contig(Z), bool(gauge))
+
+
+def retract(mod, U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+            du: Sequence[torch.Tensor], ranks: Sequence[int]) -> torch.Tensor:
+    """Packed left-orthogonal cores of ``round_r(X + xi)`` (``FixedTTRank._retract``) at the
+    point with cores ``U``, ``V`` (``V[0]`` unused) for the deltas ``du``."""
+    return mod.retract(_contig(U), _with_placeholder(U, V), _contig(du), [int(r) for r in ranks])
+
+
+def retract_point(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
+                  ranks: Sequence[int]) -> torch.Tensor:
+    """:func:`retract` with ``V`` computed from ``U`` in the same compiled call."""
+    return mod.retract_point(_contig(U), _contig(du), [int(r) for r in ranks])
