@@ -318,10 +318,23 @@ class FixedTTRank(geoopt.Manifold):
 
     def project_sampled(self, p: torch.Tensor, index_set: IndexSet, values: torch.Tensor,
                         *, V=None) -> torch.Tensor:
-        """Projection of the sparse tensor with ``values`` at ``index_set``. O(N d r^2)."""
+        """Projection onto the tangent space at ``p`` of the sparse tensor with ``values``
+        (shape ``(N,)``, the point's dtype and device) at the samples of ``index_set``;
+        ``V``: the point's right-orthogonal cores if already known. Returns packed gauged
+        deltas. O(N d r^2)."""
         U = self._split(p, "p")
+        if not isinstance(index_set, IndexSet):
+            raise TypeError(f"index_set: expected a ttmanifold.IndexSet, got {type(index_set).__name__}")
+        if not isinstance(values, torch.Tensor):
+            raise TypeError(f"values: expected a tensor of shape ({len(index_set)},), got "
+                            f"{type(values).__name__}")
         if values.shape != (len(index_set),):
             raise ValueError(f"values: expected shape ({len(index_set)},), got {tuple(values.shape)}")
+        if values.dtype != p.dtype:
+            raise TypeError(f"values: dtype {values.dtype} differs from the point's {p.dtype}")
+        if values.device != p.device or index_set.device != p.device:
+            raise ValueError(f"values, index_set: on {values.device} and {index_set.device}, "
+                             f"the point on {p.device}")
         if tuple(index_set.shape) != self.shape:
             raise ValueError(f"index_set: shape {index_set.shape} differs from {self.shape}")
         V = right_cores(U) if V is None else V

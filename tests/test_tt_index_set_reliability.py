@@ -1,0 +1,127 @@
+"""IndexSet under hostile use: threads sharing one index set, a caller changing its index
+tensor afterwards, cores that do not fit, values of another dtype. Each case compares with
+an independent dense float64 reference or expects a clear error naming the argument."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import ttmanifold as tm
+from ttmanifold import kernels
+
+F64 = torch.float64
+
+
+def _dense_entries(cores, idx):
+    return tm.TT([c.double() for c in cores]).full()[tuple(idx.t())]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_threads_share_one_index_set(compiled):
+    """Four threads gather and project on one 2 * 10^4-sample index set at once, each with
+    its own TT: every result equals the single-threaded dense reference (the shared
+    workspace used to be overwritten: 20-70 % wrong answers)."""
+    was = kernels.enabled()
+    kernels.set_enabled(compiled)
+    if compiled:
+        import shutil
+
+        if shutil.which("c++") is None:
+            pytest.skip("no C++ compiler")
+        kernels.build(["sampled"], verbose=False)
+        assert kernels.module("sampled") is not None
+    try:
+        shape = (6, 7, 5, 6)
+        g = torch.Generator().manual_seed(0)
+        idx = torch.stack([torch.randint(0, n, (20_000,), generator=g) for n in shape], 1)
+        iset = tm.IndexSet(idx, shape)
+        M = tm.FixedTTRank(shape, 3)
+        pts = [M.random(dtype=F64, generator=g) for _ in range(4)]
+        vals = torch.randn(20_000, generator=g, dtype=F64)
+        with torch.no_grad():
+            ref_g = [_dense_entries(M.split(p), idx) for p in pts]
+            ref_p = [M.project_sampled(p, iset, vals) for p in pts]  # one thread
+        errors, barrier = [], threading.Barrier(4)
+
+        def work(j):
+            try:
+                barrier.wait(timeout=30)
+                for _ in range(15):
+                    with torch.no_grad():
+                        got = iset.gather(M.split(pts[j]))
+                        pr = M.project_sampled(pts[j], iset, vals)
+                    if not torch.allclose(got, ref_g[j], atol=1e-12):
+                        errors.append(("gather", j, float((got - ref_g[j]).abs().max())))
+                    if not torch.allclose(pr, ref_p[j], atol=1e-10):
+                        errors.append(("project", j, float((pr - ref_p[j]).abs().max())))
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(("exception", j, repr(exc)))
+
+        threads = [threading.Thread(target=work, args=(j,), daemon=True) for j in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "threads did not finish"
+        assert not errors, errors[:5]
+    finally:
+        kernels.set_enabled(was)
+
+
+def test_index_set_does_not_alias_the_callers_indices():
+    shape = (4, 5, 3)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.stack([torch.randint(0, n, (50,), generator=g) for n in shape], 1)
+    keep = idx.clone()
+    iset = tm.IndexSet(idx, shape)
+    x = tm.TT.random(shape, 2, dtype=F64, generator=g)
+    before = iset.gather(x)
+    idx.zero_()  # the caller reuses its buffer
+    assert torch.equal(iset.indices, keep)
+    assert torch.allclose(iset.gather(x), before)
+    assert torch.allclose(before, x.full()[tuple(keep.t())])
+
+
+def test_gather_validates_cores():
+    shape = (4, 5, 3)
+    iset = tm.IndexSet(torch.zeros(100, 3, dtype=torch.long), shape)
+    good = tm.TT.random(shape, 2, dtype=F64).cores
+    bad_rank = [good[0], torch.randn(3, 5, 2, dtype=F64), good[2]]
+    with pytest.raises(ValueError, match="rank mismatch between cores 0 and 1"):
+        iset.gather(bad_rank)
+    with pytest.raises(TypeError, match="dtype"):
+        iset.gather([c.to(torch.int64) for c in good])
+    with pytest.raises(TypeError, match="dtype"):
+        iset.gather([c.half() for c in good])
+    with pytest.raises(ValueError, match="boundary ranks"):
+        iset.gather([torch.randn(2, 4, 2, dtype=F64), good[1], good[2]])
+    with pytest.raises(ValueError, match="shape"):
+        iset.gather(tm.TT.random((4, 5, 4), 2, dtype=F64))
+    with pytest.raises(ValueError, match="3 cores|order"):
+        iset.gather(good[:2])
+
+
+def test_gather_validates_cores_at_scale():
+    """At 2 * 10^4 samples (blocked and compiled kernels) mismatched ranks raise the same
+    clear error instead of a C++ shape error."""
+    shape = (20, 20, 20)
+    idx = torch.randint(0, 20, (20_000, 3))
+    iset = tm.IndexSet(idx, shape)
+    good = tm.TT.random(shape, 3, dtype=F64).cores
+    with pytest.raises(ValueError, match="rank mismatch"):
+        iset.gather([good[0], torch.randn(2, 20, 3, dtype=F64), good[2]])
+
+
+def test_project_sampled_names_bad_values():
+    shape = (4, 5, 3)
+    M = tm.FixedTTRank(shape, 2)
+    p = M.random(dtype=F64)
+    iset = tm.IndexSet(torch.zeros(10, 3, dtype=torch.long), shape)
+    with pytest.raises(TypeError, match="values"):
+        M.project_sampled(p, iset, torch.ones(10, dtype=torch.float32))
+    with pytest.raises(ValueError, match="values"):
+        M.project_sampled(p, iset, torch.ones(9, dtype=F64))
+    with pytest.raises(TypeError, match="values"):
+        M.project_sampled(p, iset, [1.0] * 10)
