@@ -1,16 +1,97 @@
-"""Command line: ``python -m ttmanifold`` (a short tour) and
+"""Command line: ``python -m ttmanifold`` (a short tour),
 ``python -m ttmanifold compare [...]`` (chart vs Riemannian comparison, see
-:mod:`ttmanifold.experiments.compare`). The console script ``ttmanifold`` calls :func:`main`."""
+:mod:`ttmanifold.experiments.compare`), ``build-kernels`` and ``info`` (the compiled CPU
+kernels, :mod:`ttmanifold.kernels`). The console script ``ttmanifold`` calls :func:`main`."""
 from __future__ import annotations
 
 import sys
 from typing import Optional, Sequence
 
-USAGE = """usage: ttmanifold [tour | compare [options] | --help]
+USAGE = """usage: ttmanifold [tour | compare [options] | build-kernels [dense|sampled ...] | info | --help]
 
-  tour      (default) build a random TT, round it, and take a Riemannian step
-  compare   chart (STTP) vs Riemannian optimizers; 'ttmanifold compare --help'
+  tour           (default) build a random TT, round it, and take a Riemannian step
+  compare        chart (STTP) vs Riemannian optimizers; 'ttmanifold compare --help'
+  build-kernels  compile the optional CPU kernels now (default: both sets), with progress;
+                 '--timeout S': wait at most S seconds for another process's build (600)
+  info           versions, devices, and per kernel set: built / in use / failed (why)
 """
+
+
+def build_kernels(args: Sequence[str]) -> int:
+    """``ttmanifold build-kernels [dense|sampled ...] [--timeout S]``: exit status 0 when
+    every set built (or was built), 1 otherwise."""
+    from . import kernels
+
+    args = list(args)
+    timeout = 600.0
+    if "--timeout" in args:
+        i = args.index("--timeout")
+        try:
+            timeout = float(args[i + 1])
+        except (IndexError, ValueError):
+            raise SystemExit("ttmanifold build-kernels: --timeout takes a number of seconds")
+        del args[i:i + 2]
+    names = args or ["dense", "sampled"]
+    unknown = [n for n in names if n not in ("dense", "sampled")]
+    if unknown:
+        raise SystemExit(f"ttmanifold build-kernels: unknown kernel set(s) {unknown} "
+                         "(expected 'dense' and/or 'sampled')")
+    res = kernels.build(names, verbose=True, timeout=timeout)
+    print()
+    for name, r in res.items():
+        line = f"{name:8s} {r['result']} in {r['seconds']:.1f} s  ({r['path']})"
+        if not r["ok"]:
+            line += f"\n         cause:\n{r['reason']}"
+        print(line)
+    return 0 if all(r["ok"] for r in res.values()) else 1
+
+
+def info() -> int:
+    """``ttmanifold info``: versions, devices, and the kernel sets' status."""
+    import os
+    import platform
+
+    import torch
+
+    from . import __version__, kernels
+
+    def version(mod: str) -> str:
+        try:
+            return __import__(mod).__version__
+        except Exception as exc:  # noqa: BLE001
+            return f"not available ({type(exc).__name__})"
+
+    print(f"ttmanifold {__version__}")
+    print(f"python     {platform.python_version()} ({platform.python_implementation()}, "
+          f"{platform.system()} {platform.machine()})")
+    print(f"torch      {torch.__version__} ({os.path.dirname(torch.__file__)})")
+    print(f"geoopt     {version('geoopt')}")
+    print(f"numpy      {version('numpy')}")
+    cuda = (f"available, {torch.cuda.device_count()} device(s)" if torch.cuda.is_available()
+            else "not available")
+    print(f"devices    cpu: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+          f"cuda: {cuda}")
+    flags = []
+    if not kernels.enabled():
+        flags.append("disabled (TTMANIFOLD_NATIVE=0)")
+    if not kernels._config["auto_build"]:
+        flags.append("no automatic build (TTMANIFOLD_BUILD=0)")
+    print(f"compiled CPU kernels{': ' + ', '.join(flags) if flags else ''}")
+    auto = kernels._config["auto_build"]
+    kernels.set_auto_build(False)  # load what is built (does it load here?), start no build
+    try:
+        for name in ("dense", "sampled"):
+            kernels.module(name)
+    finally:
+        kernels.set_auto_build(auto)
+    for name, row in kernels.status().items():
+        state = ("built" if row["built"] else "not built") + (", in use" if row["in_use"] else "")
+        if row["building"]:
+            state += ", being built by another process"
+        print(f"  {name:8s} {state}  ({row['path']})")
+        if row["failed"]:
+            print(f"           failed:\n{row['failed']}")
+    return 0
 
 
 def tour() -> None:
@@ -60,14 +141,20 @@ def main(argv: Optional[Sequence[str]] = None):
     if argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    if argv[0] == "build-kernels":
+        return build_kernels(argv[1:])
+    if argv[0] == "info":
+        if len(argv) > 1:
+            raise SystemExit(f"ttmanifold info: takes no arguments, got {argv[1:]}")
+        return info()
     if argv[0] == "compare":
         from .experiments.compare import main as compare_main
 
         compare_main(argv[1:], prog="ttmanifold compare")
         return 0
     print(USAGE, file=sys.stderr)
-    raise SystemExit(f"ttmanifold: unknown command {argv[0]!r} (expected 'tour' or 'compare')")
+    raise SystemExit(f"ttmanifold: unknown command {argv[0]!r} (expected 'tour', 'compare', 'build-kernels' or 'info')")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
