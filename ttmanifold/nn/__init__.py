@@ -4,7 +4,8 @@ Modules, one concept each: :mod:`.tensorization` (modes, order, ranks, DOF count
 :mod:`.planner` (how cores meet the input), :mod:`.chart` (the STTP chart),
 :mod:`.parametrization` (STTP/SVDP weights, ``torch.nn.utils.parametrize``), the layer
 families :mod:`.linear`, :mod:`.conv`, :mod:`.embedding`, :mod:`.surgery` (whole-model
-conversion, export, compression, penalty), :mod:`.adapters` (``W0 + dW``). Mathematics and conventions: ``docs/sttp.md``.
+conversion, export, compression, penalty), :mod:`.adapters` (``W0 + dW``), :mod:`.batched` (equal-shaped frames of a model in one
+call). Mathematics and conventions: ``docs/sttp.md``.
 """
 from .tensorization import (
     Tensorization,
@@ -34,6 +35,7 @@ from .surgery import (
     spectral_penalty,
 )
 from .adapters import SpectralAdapter, add_adapters, merge_adapters
+from .batched import batched_cores, batched_frames
 
 __all__ = [
     "Tensorization", "factorize", "sttp_ranks", "sttp_dof", "svdp_dof", "OP_OVERHEAD",
@@ -48,4 +50,5 @@ __all__ = [
     "ConversionReport", "convert_model", "replace_layers", "export_model",
     "compression_ratio", "compression_z", "spectral_penalty",
     "SpectralAdapter", "add_adapters", "merge_adapters",
+    "batched_cores", "batched_frames",
 ]

@@ -100,7 +100,21 @@ class FactorizedLayer(nn.Module):
 
     # -- weight ----------------------------------------------------------------------------
     def _cores(self) -> List[Tensor]:
-        return self.weight_param.cores()
+        pinned = self.__dict__.get("_pinned_cores")
+        return list(pinned) if pinned is not None else self.weight_param.cores()
+
+    def pin_cores(self, cores: List[Tensor]) -> None:
+        """Use ``cores`` (the cores of this layer's weight, e.g. from
+        :func:`ttmanifold.nn.batched_cores`) in every forward until :meth:`unpin_cores`."""
+        shapes = [tuple(int(v) for v in g.shape) for g in cores]
+        want = [(self.ranks[k], n, self.ranks[k + 1]) for k, n in enumerate(self.tensor_shape)]
+        if shapes != want:
+            raise ValueError(f"cores: expected shapes {want}, got {shapes}")
+        self.__dict__["_pinned_cores"] = list(cores)
+
+    def unpin_cores(self) -> None:
+        """Back to evaluating the cores from the parameters in each forward."""
+        self.__dict__.pop("_pinned_cores", None)
 
     def _plan(self, ranks, batch: int, mode: str, conv=None) -> Plan:
         key = (tuple(ranks), batch, mode, conv)
