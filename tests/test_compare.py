@@ -170,3 +170,115 @@ def test_run_reports_divergence_from_on_device_asserts(monkeypatch):
     hist = solvers.run(_tiny_approximation(), "rsgd", iters=10, lr=0.1)
     assert hist.status == "diverged"
     assert len(hist.loss) >= 2
+
+
+# ---------------------------------------------------------------------------------------
+# --out: checked before the first run; results kept as runs finish; Ctrl-C
+# ---------------------------------------------------------------------------------------
+
+_TINY = ["--problems", "approximation", "--shape", "4,5,4", "--rank", "2", "--grid-size", "2",
+         "--tune-iters", "1", "--no-progress"]
+
+
+def _cli(args, timeout=120, **kw):
+    """``python -m ttmanifold compare ...`` in a subprocess (never hangs the suite)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TTMANIFOLD_BUILD="0")
+    return subprocess.run([sys.executable, "-m", "ttmanifold", "compare"] + args,
+                          capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def test_out_under_a_file_is_a_clear_error_before_any_run(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    bad = blocker / "sub"  # cannot be created, even by root
+    r = _cli(["--out", str(bad), "--iters", "3"] + _TINY)
+    assert r.returncode == 2, r.stderr
+    assert f"--out {bad}: cannot write there" in r.stderr
+    assert "runs (" not in r.stderr and "Traceback" not in r.stderr  # nothing ran
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    f = tmp_path / "results"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--out", str(f), "--iters", "1"] + _TINY)
+    assert exc.value.code == 2
+    assert f"--out {f}: is an existing file" in capsys.readouterr().err
+    assert f.read_text() == "x"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root writes into read-only directories")
+def test_read_only_out_is_a_clear_error_before_any_run(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        r = _cli(["--out", str(ro), "--iters", "3"] + _TINY)
+    finally:
+        ro.chmod(0o755)
+    assert r.returncode == 2 and f"--out {ro}: cannot write there" in r.stderr
+
+
+def test_table_printed_even_when_writing_fails(tmp_path, capsys, monkeypatch):
+    from ttmanifold.experiments import compare
+
+    def fail(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(compare, "_write_atomic", fail)
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--out", str(tmp_path / "o"), "--iters", "2", "--methods",
+              "rcg,rsgd"] + _TINY)
+    assert "the table is above" in str(exc.value) and "No space left" in str(exc.value)
+    out, err = capsys.readouterr()
+    assert "| rcg |" in out and "| rsgd |" in out  # the finished runs are not lost
+    assert err.count("cannot write") == 1  # said once, not per run
+
+
+def test_results_csv_is_complete_at_the_end(tmp_path):
+    out = tmp_path / "o"
+    main(["compare", "--out", str(out), "--iters", "2", "--methods", "rcg,rsgd"] + _TINY)
+    header, rows = _read_csv(out / "results.csv")
+    assert "# status: complete: 2 runs" in header
+    assert "- status: complete: 2 runs" in (out / "summary.md").read_text()
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp") or p.startswith(".write")]
+
+
+def test_ctrl_c_keeps_finished_runs_and_ends_with_one_line(tmp_path):
+    """SIGINT to a child process once its first run is in results.csv: exit status 130,
+    one line on stderr (no traceback), the finished runs kept and marked incomplete."""
+    import signal
+    import time
+
+    out = tmp_path / "o"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TTMANIFOLD_BUILD="0")
+    args = [sys.executable, "-m", "ttmanifold", "compare", "--out", str(out), "--methods",
+            "rcg,rsgd,radam", "--iters", "1000000", "--time-budget", "3"] + _TINY
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        deadline = time.monotonic() + 120
+        csv_path = out / "results.csv"
+        while time.monotonic() < deadline and proc.poll() is None:
+            if csv_path.exists() and ",rcg," in csv_path.read_text():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("ttmanifold compare: interrupted; 1 of 3 runs finished"), stderr
+    header, rows = _read_csv(csv_path)
+    assert any(h.startswith("# status: incomplete: interrupted after 1 of 3 runs")
+               for h in header), header
+    assert {r["method"] for r in rows} == {"rcg"}
+    summary = (out / "summary.md").read_text()
+    assert "status: incomplete" in summary and "| rcg |" in summary
+    assert "| rsgd |" not in summary

@@ -1,17 +1,24 @@
 """The ``ttmanifold compare`` command: every requested method on every requested problem
-from one starting point, with the common step-size rule; writes ``results.csv``,
-``summary.md`` and two loss plots to ``--out`` and prints the tables. Outputs and
-settings: ``docs/comparison.md``.
+from one starting point, with the common step-size rule.
+
+Writes to ``--out`` (checked before the first run): ``results.csv`` (one row per
+iteration; ``# key: value`` header lines, among them ``# status: complete`` or
+``incomplete``; rewritten as each run finishes, so an interrupted run keeps the finished
+ones), ``summary.md`` (the tables, printed first) and ``loss_vs_iter.png`` /
+``loss_vs_time.png``. Outputs and settings: ``docs/comparison.md``.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import datetime
+import io
 import math
 import os
 import platform
+import signal
 import sys
+import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -312,9 +319,138 @@ def _plot(results, path_iter: str, path_time: str) -> None:
         plt.close(fig)
 
 
+OUTPUT_FILES = ("results.csv", "summary.md", "loss_vs_iter.png", "loss_vs_time.png")
+
+
+def _check_out(out: str, parser: argparse.ArgumentParser) -> None:
+    """Fail early (before the first run) when ``out`` cannot hold the outputs: an existing
+    file, a path under a file, a directory we cannot create or write (tested by creating
+    and removing a file in it, so it also holds for root on read-only mounts)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"--out {out}: is an existing file, not a directory; give a directory "
+                     f"path (it is created if missing)")
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=out)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        parser.error(f"--out {out}: cannot write there ({exc.strerror or exc}); give a "
+                     f"writable directory")
+    for name in OUTPUT_FILES:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            parser.error(f"--out {out}: {name} is a directory; remove it or give another --out")
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so an interrupted
+    write never leaves a truncated file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class _Output:
+    """The outputs under ``--out``, written as the runs finish: ``results.csv`` is rewritten
+    (atomically) after every run with all finished runs and a ``# status:`` header line
+    (``incomplete`` until the last run, ``complete`` after it)."""
+
+    def __init__(self, out: str, header: Dict[str, object], total_runs: int):
+        self.out = out
+        self.header = header
+        self.total_runs = total_runs
+        self.runs: List[History] = []
+        self.write_error: Optional[OSError] = None
+
+    def status(self, interrupted: bool = False) -> str:
+        done = len(self.runs)
+        if interrupted:
+            return (f"incomplete: interrupted after {done} of {self.total_runs} runs (the "
+                    f"finished runs are complete; the interrupted one is not recorded)")
+        if done < self.total_runs:
+            return f"incomplete: {done} of {self.total_runs} runs finished so far"
+        return f"complete: {done} runs"
+
+    def csv_text(self, status: str) -> str:
+        rows = [r for h in self.runs for r in h.rows()]
+        cols: List[str] = []
+        for r in rows:
+            for k in r:
+                if k not in cols:
+                    cols.append(k)
+        buf = io.StringIO()
+        for k, v in list(self.header.items()) + [("status", status)]:
+            buf.write(f"# {k}: {v}\n")
+        w = csv.DictWriter(buf, fieldnames=cols or ["problem", "method", "lr", "iter", "time",
+                                                     "loss"], lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+        return buf.getvalue()
+
+    def add(self, hist: History) -> None:
+        self.runs.append(hist)
+        self.write_csv(self.status())
+
+    def write_csv(self, status: str) -> None:
+        try:
+            _write_atomic(os.path.join(self.out, "results.csv"), self.csv_text(status))
+        except OSError as exc:
+            if self.write_error is None:  # say it once; the runs go on, the table is printed
+                print(f"ttmanifold compare: cannot write {self.out}/results.csv ({exc}); "
+                      f"continuing, the table will be printed", file=sys.stderr)
+            self.write_error = exc
+
+
+def _summary(header, settings, results, descriptions, status: str) -> str:
+    lines = ["# Chart vs Riemannian comparison", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items()]
+    lines.append(f"- status: {status}")
+    lines += ["", "Step size: for every method but rcg, the lr of the log grid 1e-3..1 "
+              f"({settings['grid_size']} values) with the smallest loss after "
+              f"{settings['tune_iters']} iterations from the common start; rcg uses the exact "
+              "line search. Times exclude tuning and metric evaluation; peak MB is the "
+              "CUDA max_memory_allocated increase (cuda) or the sampled RSS increase (cpu).", ""]
+    for name, (problem, runs) in results.items():
+        if not runs:
+            continue
+        desc, tol = descriptions[name]
+        lines += [f"## {desc}", ""]
+        lines += _table(problem, runs, tol)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _compiled_kernels() -> List[str]:
+    """The compiled kernel modules this process has loaded (cheap: their names in
+    ``sys.modules``; no build is started or waited for)."""
+    return sorted(dict.fromkeys(name.rsplit("_", 1)[0] for name in list(sys.modules)
+                                if name.startswith("ttmanifold_")))
+
+
+def _compiled_field(first_seen: Dict[str, int]) -> str:
+    if not first_seen:
+        return "none loaded (torch kernels)"
+    return ", ".join(f"{name} (loaded by the end of run {k})"
+                     for name, k in first_seen.items())
+
+
+def _planned_runs(args, problems: Sequence[str]) -> int:
+    return sum(1 for name in problems for m in args.methods
+               if not (m == "rcg" and name == "layer"))
+
+
 def compare(args, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str, object]:
     """Run the comparison described by parsed ``args`` (see :func:`build_parser`); returns
-    ``{problem_name: (problem, [History, ...])}`` and writes the outputs."""
+    ``{problem_name: (problem, [History, ...])}`` and writes the outputs.
+
+    ``--out`` is checked before the first run; ``results.csv`` is rewritten as each run
+    finishes (header ``# status: incomplete ...`` until the last one); the tables are
+    printed before ``summary.md`` and the plots are written. Ctrl-C keeps the finished
+    runs (``results.csv`` and ``summary.md`` marked incomplete) and exits with status 130
+    after one line on stderr."""
     parser = parser or build_parser()
     device = _resolve_device(args.device, parser)
     threads = args.threads
@@ -326,14 +462,7 @@ def compare(args, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str,
     layer_dtype = torch.float32 if args.dtype is None else dtype
     settings = _settings(args)
     _validate(args, settings, parser)
-    os.makedirs(args.out, exist_ok=True)
-    compiled = "n/a (CUDA)"
-    if device.type == "cpu":
-        # the compiled CPU sweeps build in the background on first use (once per machine);
-        # wait for them so that no timed iteration shares the CPU with the compiler
-        from .. import _native
-
-        compiled = "in use" if _native.get_dense(wait=True) is not None else "not in use"
+    _check_out(args.out, parser)
     started = time.perf_counter()
     header = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -344,66 +473,84 @@ def compare(args, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str,
                  f"{str(layer_dtype).replace('torch.', '')})",
         "seed": args.seed,
         "quick": args.quick,
-        "compiled_cpu_sweeps": compiled,
+        "compiled": "n/a (CUDA)" if device.type == "cuda" else _compiled_field({}),
         "command": "ttmanifold compare " + " ".join(getattr(args, "_argv", [])),
     }
+    total_runs = _planned_runs(args, args.problems)
+    output = _Output(args.out, header, total_runs)
+    first_seen: Dict[str, int] = {}  # compiled kernel module -> first run that saw it
+    print(f"ttmanifold compare: {total_runs} runs ({len(args.methods)} methods on "
+          f"{', '.join(args.problems)}; each method's step size from a "
+          f"{settings['grid_size']}-point search)"
+          f"{'; usually 10-20 s on 2 CPU cores' if args.quick else ''}; results in "
+          f"{args.out}/", file=sys.stderr, flush=True)
     results: Dict[str, object] = {}
     descriptions = {}
-    for name in args.problems:
-        problem = build_problem(name, settings, device=device, dtype=dtype, seed=args.seed,
-                                oversampling=args.oversampling, core_dist=args.core_dist,
-                                layer_dtype=layer_dtype)
-        x0, init = _initial_point(problem, name, args.init, args.seed)
-        tol = args.tol if args.tol is not None else problem.default_tol
-        iters = settings["layer_iters"] if name == "layer" else settings["iters"]
-        desc = problem.describe() + (f", start={init}" if name == "completion" else "")
-        descriptions[name] = (desc, tol)
-        print(desc, file=sys.stderr)
-        runs = []
-        for method in args.methods:
-            if method == "rcg" and not problem.quadratic:
-                continue
-            h = solvers.run(problem, method, x0, iters=iters, time_budget=args.time_budget,
-                            lr="auto", grid_size=settings["grid_size"],
-                            tune_iters=settings["tune_iters"], seed=args.seed,
-                            progress=not args.no_progress)
-            runs.append(h)
-        results[name] = (problem, runs)
+    try:
+        for name in args.problems:
+            print(f"{name}: building the problem ... ", end="", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            problem = build_problem(name, settings, device=device, dtype=dtype,
+                                    seed=args.seed, oversampling=args.oversampling,
+                                    core_dist=args.core_dist, layer_dtype=layer_dtype)
+            x0, init = _initial_point(problem, name, args.init, args.seed)
+            tol = args.tol if args.tol is not None else problem.default_tol
+            iters = settings["layer_iters"] if name == "layer" else settings["iters"]
+            desc = problem.describe() + (f", start={init}" if name == "completion" else "")
+            descriptions[name] = (desc, tol)
+            print(f"{time.perf_counter() - t0:.1f} s: {desc.split(': ', 1)[-1]}",
+                  file=sys.stderr, flush=True)
+            runs: List[History] = []
+            results[name] = (problem, runs)
+            for method in args.methods:
+                if method == "rcg" and not problem.quadratic:
+                    continue
+                h = solvers.run(problem, method, x0, iters=iters,
+                                time_budget=args.time_budget, lr="auto",
+                                grid_size=settings["grid_size"],
+                                tune_iters=settings["tune_iters"], seed=args.seed,
+                                progress=not args.no_progress)
+                runs.append(h)
+                if device.type == "cpu":
+                    for kname in _compiled_kernels():
+                        first_seen.setdefault(kname, len(output.runs) + 1)
+                    header["compiled"] = _compiled_field(first_seen)
+                output.add(h)
+    except KeyboardInterrupt:
+        try:  # a second Ctrl-C must not interrupt the writes below
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+        header["total_seconds"] = f"{time.perf_counter() - started:.1f} (interrupted)"
+        status = output.status(interrupted=True)
+        output.write_csv(status)
+        try:
+            _write_atomic(os.path.join(args.out, "summary.md"),
+                          _summary(header, settings, results, descriptions, status) + "\n")
+        except OSError:
+            pass
+        print(f"\nttmanifold compare: interrupted; {len(output.runs)} of {total_runs} runs "
+              f"finished, kept in {args.out}/results.csv and summary.md (marked incomplete)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     elapsed = time.perf_counter() - started
     header["total_seconds"] = f"{elapsed:.1f}"
-    # outputs ----------------------------------------------------------------------------
-    lines = ["# Chart vs Riemannian comparison", ""]
-    lines += [f"- {k}: {v}" for k, v in header.items()]
-    lines += ["", "Step size: for every method but rcg, the lr of the log grid 1e-3..1 "
-              f"({settings['grid_size']} values) with the smallest loss after "
-              f"{settings['tune_iters']} iterations from the common start; rcg uses the exact "
-              "line search. Times exclude tuning and metric evaluation; peak MB is the "
-              "CUDA max_memory_allocated increase (cuda) or the sampled RSS increase (cpu).", ""]
-    for name, (problem, runs) in results.items():
-        desc, tol = descriptions[name]
-        lines += [f"## {desc}", ""]
-        lines += _table(problem, runs, tol)
-        lines.append("")
-    summary = "\n".join(lines)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(summary + "\n")
-    rows = [r for _, runs in results.values() for h in runs for r in h.rows()]
-    cols: List[str] = []
-    for r in rows:
-        for k in r:
-            if k not in cols:
-                cols.append(k)
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        for k, v in header.items():
-            f.write(f"# {k}: {v}\n")
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    if results:
-        _plot(results, os.path.join(args.out, "loss_vs_iter.png"),
-              os.path.join(args.out, "loss_vs_time.png"))
-    print(summary)
+    status = output.status()
+    summary = _summary(header, settings, results, descriptions, status)
+    print(summary, flush=True)  # the table first: a failing write below cannot lose it
+    output.write_csv(status)
+    try:
+        _write_atomic(os.path.join(args.out, "summary.md"), summary + "\n")
+        if any(runs for _, runs in results.values()):
+            _plot({k: v for k, v in results.items() if v[1]},
+                  os.path.join(args.out, "loss_vs_iter.png"),
+                  os.path.join(args.out, "loss_vs_time.png"))
+    except OSError as exc:
+        raise SystemExit(f"ttmanifold compare: the table is above, but writing to --out "
+                         f"{args.out} failed: {exc}") from None
+    if output.write_error is not None:
+        raise SystemExit(f"ttmanifold compare: the table is above, but writing "
+                         f"{args.out}/results.csv failed: {output.write_error}")
     print(f"\nwrote {args.out}/results.csv, summary.md, loss_vs_iter.png, loss_vs_time.png "
           f"({elapsed:.1f} s)")
     return results
