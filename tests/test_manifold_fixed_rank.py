@@ -1074,7 +1074,7 @@ def test_bad_input_errors():
         M.riemannian_hvp(p, lambda T: T.full().sum(0), u)
     with pytest.raises(ValueError, match=r"does not depend on the TT"):
         M.riemannian_grad(p, lambda T: torch.tensor(1.0, dtype=F64))
-    with pytest.raises(ValueError, match=r"size: a point of FixedTTRank is a flat tensor"):
+    with pytest.raises(ValueError, match=r"size: a point of FixedTTRank is one flat tensor"):
         M.random(3, 4)
 
 

@@ -155,6 +155,17 @@ def check_positive_float(value, name: str, *, allow_none: bool = True) -> Option
     return float(value)
 
 
+def assert_finite_async(x: torch.Tensor, name: str) -> None:
+    """Fail with ``RuntimeError("<name>: contains NaN or Inf")`` if ``x`` holds a
+    non-finite value, without a host sync (``torch._assert_async``: immediate on the CPU,
+    asynchronous on CUDA). ``sum(0 * x)`` is NaN as soon as one entry is NaN or +-Inf: two
+    passes over ``x`` and no overflow. Skipped on the meta device and for functorch-wrapped
+    tensors (vmap/grad), whose values are not concrete."""
+    if x.device.type == "meta" or functorch_wrapped(x) or x.numel() == 0:
+        return
+    torch._assert_async(torch.isfinite((x * 0).sum()), f"{name}: contains NaN or Inf")
+
+
 def functorch_wrapped(t: torch.Tensor) -> bool:
     """Whether ``t`` is a functorch (vmap/grad) wrapper or a legacy batched tensor (the
     batched gradients of ``torch.autograd.functional.jacobian(..., vectorize=True)``):

@@ -98,10 +98,11 @@ def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torc
         val = f(T)
         _check_loss(val)
         (D,) = torch.autograd.grad(val, flat, allow_unused=True)
-    out = torch.zeros_like(p) if D is None else M.proju(p, D)
-    if out.device.type != "meta":
-        torch._assert_async(all_finite(out), "f: gradient contains NaN or Inf")
-    return out
+    if D is None:
+        return torch.zeros_like(p)
+    if D.device.type != "meta":
+        torch._assert_async(all_finite(D), "f: gradient contains NaN or Inf")
+    return M.proju(p, D)
 
 
 def riemannian_hvp(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],

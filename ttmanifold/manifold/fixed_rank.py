@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Callable, List, Optional, Sequence
 
 import geoopt
 import torch
 
-from .._checks import check_float_dtype, check_shape, functorch_wrapped, normalize_ranks
+from .._checks import (assert_finite_async, check_float_dtype, check_shape, functorch_wrapped,
+                       normalize_ranks)
 from ..tt import TT, IndexSet, orthogonalize
 from ..tt import round as tt_round
 from . import autodiff
@@ -118,6 +120,7 @@ class FixedTTRank(geoopt.Manifold):
             offsets[-2],
         )
         self.size = sum(self._sizes)
+        self._verified = {}  # id -> weakref of point tensors already checked (egrad2rgrad)
         self.dim = self.size - sum(r * r for r in self.ranks[1:-1])
 
     def extra_repr(self) -> str:
@@ -254,6 +257,7 @@ class FixedTTRank(geoopt.Manifold):
         """
         self._split(x, "x")
         self._check_vector(u, x)
+        assert_finite_async(u, "u")
         return self._gauge_packed(x, u)
 
     @_no_autograd_fast_path
@@ -266,7 +270,43 @@ class FixedTTRank(geoopt.Manifold):
         self._split(u, "u")
         if u.device.type != "meta":
             torch._assert_async(autodiff.all_finite(u), "u: gradient contains NaN or Inf")
+        self._verify_once(x)
         return self.proju(x, u)
+
+    def _verify_once(self, x: torch.Tensor) -> None:
+        """On the first Riemannian gradient at a given point tensor (an optimizer's first
+        step on a ``ManifoldParameter``), assert without a host sync that its cores are
+        left-orthogonal: packed cores that are not give wrong gradients silently."""
+        if x.device.type == "meta" or functorch_wrapped(x) or torch.compiler.is_compiling():
+            return
+        key = id(x)
+        ref = self._verified.get(key)
+        if ref is not None and ref() is x:
+            return
+        if len(self._verified) > 64:  # forget dead entries
+            self._verified = {k: r for k, r in self._verified.items() if r() is not None}
+        self._verified[key] = weakref.ref(x)
+        U = self._split(x.detach(), "x")
+        torch._assert_async(
+            orth_defect(U) <= max(1e-5, self._orth_tol(x.dtype)),
+            "x: the packed cores 1..d-1 are not left-orthogonal, so this tensor is not a "
+            "point of FixedTTRank's representation (its Riemannian gradient would be wrong); "
+            "build points with M.pack_point(tt), M.random() or M.projx(x)")
+
+    def check_point(self, p: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+        """Raise ``ValueError`` (with the reason) unless ``p`` is a valid packed point: the
+        manifold's size, finite, cores 1..d-1 left-orthogonal (to ``max(atol, ~eps)``) and of
+        full TT-rank (interface singular values above ``rtol`` times the largest). Reads
+        values on the host: call it on data you bring, not in a loop. O(d n r^3)."""
+        ok, why = self._check_point_on_manifold(p, atol=atol, rtol=rtol)
+        if not ok:
+            raise ValueError(f"p: not a point of {self!r}: {why}")
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_verified"] = {}  # weak references do not pickle
+        return state
 
     def project(self, p: torch.Tensor, Z) -> torch.Tensor:
         """Orthogonal projection of an ambient tensor onto the tangent space at ``p``.
@@ -280,6 +320,8 @@ class FixedTTRank(geoopt.Manifold):
         self._check_flat(p, "p")
         if isinstance(Z, TT):
             self._check_ambient(Z, p, "Z")
+            for k, c in enumerate(Z.cores):
+                assert_finite_async(c, f"Z (core {k})")
             return self._project_nonsparse(p, Z)
         if isinstance(Z, torch.Tensor) and Z.is_sparse:
             if tuple(Z.shape) != self.shape:
@@ -292,11 +334,14 @@ class FixedTTRank(geoopt.Manifold):
                 )
             self._check_ambient(Z, p, "Z")
             idx = IndexSet.from_sparse(Z)
-            return self.project_sampled(p, idx, Z._values())
+            vals = Z._values()
+            assert_finite_async(vals, "Z")
+            return self.project_sampled(p, idx, vals)
         if isinstance(Z, torch.Tensor):
             if tuple(Z.shape) != self.shape:
                 raise ValueError(f"Z: shape {tuple(Z.shape)} differs from the manifold's {self.shape}")
             self._check_ambient(Z, p, "Z")
+            assert_finite_async(Z, "Z")
             return self._project_nonsparse(p, Z)
         raise TypeError(f"Z: expected a dense tensor, a TT or a sparse COO tensor, got "
                         f"{type(Z).__name__}")
@@ -468,6 +513,7 @@ class FixedTTRank(geoopt.Manifold):
         deficient stays rank deficient: projx does not restore the rank.
         """
         U = self._split(x, "x")
+        assert_finite_async(x, "x")
         reorth = self._cat(orthogonalize(TT(U, check=False), "left").cores)
         ok = orth_defect(U) <= self._orth_tol(x.dtype)
         return torch.where(ok, x, reorth)
@@ -516,10 +562,15 @@ class FixedTTRank(geoopt.Manifold):
     def random(self, *size, dtype=None, device=None, generator=None, **kwargs) -> torch.Tensor:
         """A random point: :meth:`TT.random` (unit norm, well conditioned), packed.
 
-        ``size`` is accepted for geoopt compatibility and must be empty or ``(self.size,)``.
+        ``size`` is accepted for geoopt compatibility and must be empty or ``(self.size,)``
+        (batches of points are not supported: draw them one at a time).
         """
-        if size not in ((), (self.size,)) and not (len(size) == 1 and tuple(size[0]) in ((), (self.size,))):
-            raise ValueError(f"size: a point of {self.name} is a flat tensor of size {self.size}")
+        if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+            size = tuple(size[0])
+        if size not in ((), (self.size,)):
+            raise ValueError(
+                f"size: a point of {self.name} is one flat tensor of size {self.size}; got "
+                f"size {size} (batches of points are not supported: draw them one at a time)")
         x = TT.random(self.shape, self.ranks, dtype=dtype, device=device, generator=generator)
         return self._cat(x.cores)
 

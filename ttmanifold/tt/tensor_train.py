@@ -35,6 +35,7 @@ import torch
 
 from .index_set import IndexSet
 from .._checks import (
+    assert_finite_async,
     check_finite,
     check_float_dtype,
     check_positive_float,
@@ -165,6 +166,8 @@ def _check_cores(cores, name: str = "cores") -> List[torch.Tensor]:
     for k, c in enumerate(cores):
         if c.shape[1] < 1 or c.shape[0] < 1 or c.shape[2] < 1:
             raise ValueError(f"{name}[{k}]: every dimension must be positive, got {tuple(c.shape)}")
+    for k, c in enumerate(cores):  # no host sync (immediate on the CPU)
+        assert_finite_async(c, f"{name}[{k}]")
     return cores
 
 
