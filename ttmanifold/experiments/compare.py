@@ -268,12 +268,16 @@ def _fmt(v, spec=".3e") -> str:
     return str(v)
 
 
+# metrics kept in results.csv but not in the tables (constant, or redundant there)
+_TABLE_SKIPS = ("rel_err_svd", "train_mse", "train_rmse")
+
+
 def _table(problem, runs: List[History], tol: float) -> List[str]:
     key = problem.target_metric
     mkeys = []
     for h in runs:
         for k in h.final_metrics():
-            if k not in mkeys and k != "rel_err_svd":
+            if k not in mkeys and k not in _TABLE_SKIPS:
                 mkeys.append(k)
     head = (["method", "lr", "final loss"] + mkeys +
             [f"iters to {key}<={tol:g}", "s to tol", "iters", "ms/iter", "peak MB", "status"])

@@ -1,8 +1,8 @@
 """Benchmark problems of the comparison: a loss of a tensor train plus its data.
 
 - :class:`Approximation`: ``0.5 ||X - A||^2`` for a target TT ``A`` of higher rank;
-- :class:`Completion`: ``(w/2) ||P_Omega(X - A)||^2`` on sampled entries of a random
-  rank-r target (Steinlechner 2016);
+- :class:`Completion`: ``(w/2) ||P_Omega(X - A)||^2`` on sampled entries, a random rank-r
+  target (Steinlechner 2016) or the user's data (:meth:`Completion.from_data`);
 - :class:`LayerTraining`: an MLP on scikit-learn's digits with one STTP layer.
 
 Interface (:class:`Problem`): ``manifold``, ``loss(x)`` (``x`` a TT; never dense),
@@ -14,6 +14,7 @@ points and metrics: ``docs/comparison.md``.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -233,6 +234,44 @@ def sample_distinct_indices(shape, count: int, *, generator=None) -> torch.Tenso
         have = _dedupe(torch.cat([have, new], 0), shape)
     perm = torch.randperm(have.shape[0], generator=g)[:count]
     return have[perm]
+
+
+def _as_indices(x, name: str) -> torch.Tensor:
+    """``x`` as an int64 ``(N, d)`` CPU tensor (a copy), or a ``TypeError``/``ValueError``
+    naming ``name``."""
+    t = torch.as_tensor(x).detach().to("cpu")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected integer multi-indices, got dtype {t.dtype}")
+    if t.dim() != 2 or t.shape[1] < 1:
+        raise ValueError(f"{name}: expected shape (N, d), got {tuple(t.shape)}")
+    return t.to(torch.int64).clone()
+
+
+def _as_values(x, n: int, name: str) -> torch.Tensor:
+    """``x`` as a float64 ``(n,)`` CPU tensor of finite values."""
+    t = torch.as_tensor(x).detach().to("cpu")
+    if not (t.dtype.is_floating_point or t.dtype in (torch.int32, torch.int64, torch.int16,
+                                                      torch.int8, torch.uint8)):
+        raise TypeError(f"{name}: expected real values, got dtype {t.dtype}")
+    t = t.to(torch.float64).reshape(-1) if t.dim() <= 1 else t
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name}: expected shape ({n},), got {tuple(torch.as_tensor(x).shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains NaN or Inf")
+    return t.clone()
+
+
+def _check_in_range(idx: torch.Tensor, shape, name: str) -> None:
+    lo = idx.min(0).values if idx.shape[0] else None
+    if lo is not None and bool((lo < 0).any()):
+        raise ValueError(f"{name}: negative index in mode {int(torch.nonzero(lo < 0)[0])}")
+    if idx.shape[0]:
+        hi = idx.max(0).values
+        bad = hi >= torch.tensor(shape, dtype=torch.int64)
+        if bool(bad.any()):
+            k = int(torch.nonzero(bad)[0])
+            raise ValueError(f"{name}: index {int(hi[k])} in mode {k} is out of range for "
+                             f"shape {tuple(shape)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -488,21 +527,144 @@ class Completion(QuadraticProblem):
         self.target = random_tt(shape, self.manifold.ranks, core_dist=core_dist, generator=g,
                                 dtype=dtype, device=self._device)
         idx = sample_distinct_indices(shape, train_size + test_size, generator=g)
-        self.train = IndexSet(idx[:train_size].to(self._device), shape)
-        self.test = IndexSet(idx[train_size:].to(self._device), shape)
+        train = IndexSet(idx[:train_size].to(self._device), shape)
+        test = IndexSet(idx[train_size:].to(self._device), shape)
         with torch.no_grad():
-            self.a_train = self.train.gather(self.target)
-            self.a_test = self.test.gather(self.target)
+            a_train = train.gather(self.target)
+            a_test = test.gather(self.target)
+        self._set_data(train, a_train, test, a_test, None)
+
+    def _set_data(self, train: IndexSet, a_train, test: Optional[IndexSet], a_test,
+                  weights: Optional[torch.Tensor]) -> None:
+        self.train, self.a_train = train, a_train
+        self.test, self.a_test = test, a_test
         self.reg = 0.0  # optional Tikhonov weight: + (reg/2) ||X||^2 (solvers.homotopy_point)
-        self.weight = total / train_size
-        self._sw = math.sqrt(self.weight)
-        self._a_train_norm = float(torch.linalg.vector_norm(self.a_train))
-        self._a_test_norm = float(torch.linalg.vector_norm(self.a_test))
+        self.weight = _num_entries(self.manifold.shape) / len(train)
+        # sqrt of the per-sample weights: a float, or (N,) in sample order
+        self._sw = math.sqrt(self.weight) if weights is None else (self.weight * weights).sqrt()
+        self.weights = weights
+        self._a_train_norm = float(torch.linalg.vector_norm(a_train))
+        self._a_test_norm = float(torch.linalg.vector_norm(a_test)) if test is not None else None
+        if test is None:
+            self.target_metric = "train_err"
+
+    @classmethod
+    def from_data(cls, indices, values, shape=None, ranks=None, *, test=None,
+                  weights=None, seed=0, dtype=None, device=None) -> "Completion":
+        """A completion problem on the user's data: the entries ``values[i]`` of an unknown
+        tensor at the multi-indices ``indices[i]``.
+
+        Args:
+            indices: ``(N, d)`` integer multi-indices (tensor or array-like), distinct,
+                ``0 <= indices[:, k] < shape[k]``.
+            values: ``(N,)`` finite real values.
+            shape: the tensor's shape; default ``indices.max(0) + 1``.
+            ranks: the TT-ranks (required): an int (clipped to the feasible ranks of
+                ``shape`` with a ``UserWarning``) or an exact tuple (``d - 1`` inner ranks
+                or ``d + 1`` with the boundary ones; infeasible ranks raise ``ValueError``).
+            test: a held-out set, either ``(test_indices, test_values)`` or a fraction in
+                ``(0, 1)`` of the given samples drawn at random (from ``seed``) and kept out
+                of training; default none (then the target metric is ``train_err``).
+            weights: optional ``(N,)`` positive per-sample weights of the loss (rescaled
+                to mean 1; with ``test`` a fraction, the held-out samples' weights are
+                dropped).
+            seed: seeds the test split and :meth:`initial_point`.
+            dtype, device: of the problem's tensors (default float64, CPU).
+
+        Returns a :class:`Completion` with ``target = None``: loss ``(w/2) sum_i
+        weights_i (X[i] - values_i)^2`` (``w = n_1...n_d / N``, as for generated
+        problems), metrics ``train_err`` / ``test_err`` (relative), ``train_mse`` /
+        ``train_rmse`` / ``test_mse`` / ``test_rmse`` (unweighted means over the samples).
+        Cost: O(N d) to check the data, O(N log N) for the duplicate check; the
+        ``"perturbed"`` start is not available (it needs the true tensor).
+        """
+        dtype = _resolve_dtype(dtype)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        idx = _as_indices(indices, "indices")
+        vals = _as_values(values, idx.shape[0], "values")
+        d = idx.shape[1]
+        if shape is None:
+            if idx.shape[0] == 0:
+                raise ValueError("shape: give the shape when there are no samples")
+            shape = tuple(int(v) + 1 for v in idx.max(0).values)
+        shape = check_shape(shape)
+        if len(shape) != d:
+            raise ValueError(f"indices: {d} columns for a tensor of order {len(shape)} "
+                             f"(shape {shape})")
+        _check_in_range(idx, shape, "indices")
+        w = None
+        if weights is not None:
+            w = _as_values(weights, idx.shape[0], "weights")
+            if bool((w <= 0).any()):
+                raise ValueError("weights: expected positive weights")
+        test_idx = test_vals = None
+        if isinstance(test, (tuple, list)) and len(test) == 2:
+            test_idx = _as_indices(test[0], "test[0] (indices)")
+            test_vals = _as_values(test[1], test_idx.shape[0], "test[1] (values)")
+            if test_idx.shape[1] != d:
+                raise ValueError(f"test[0] (indices): {test_idx.shape[1]} columns, the "
+                                 f"training indices have {d}")
+            _check_in_range(test_idx, shape, "test[0] (indices)")
+        elif isinstance(test, numbers.Real) and not isinstance(test, bool):
+            frac = float(test)
+            if not 0.0 < frac < 1.0:
+                raise ValueError(f"test: expected a fraction in (0, 1), got {test!r}")
+            n = idx.shape[0]
+            if n < 2:
+                raise ValueError("test: a held-out fraction needs at least 2 samples")
+            n_test = min(max(int(round(frac * n)), 1), n - 1)
+            perm = torch.randperm(n, generator=_as_generator(seed))
+            te, tr = perm[:n_test], perm[n_test:]
+            test_idx, test_vals = idx[te], vals[te]
+            idx, vals = idx[tr], vals[tr]
+            if w is not None:
+                w = w[tr]
+        elif test is not None:
+            raise TypeError(f"test: expected (indices, values) or a fraction in (0, 1), got "
+                            f"{type(test).__name__}")
+        if idx.shape[0] == 0:
+            raise ValueError("indices: no training samples")
+        if _dedupe(idx, shape).shape[0] != idx.shape[0]:
+            raise ValueError("indices: repeated multi-indices; average (or sum) the values "
+                             "of each entry first")
+        if ranks is None:
+            raise TypeError("ranks: give the TT-ranks (an int, clipped to the feasible ranks, "
+                            "or an exact tuple)")
+        clip = isinstance(ranks, numbers.Integral) and not isinstance(ranks, bool)
+        full_ranks = normalize_ranks(shape, ranks, clip=clip, stacklevel=3)
+        self = cls.__new__(cls)
+        self.manifold = FixedTTRank(shape, full_ranks)
+        self._dtype = dtype
+        self._device = device
+        self.core_dist = "data"
+        self.target = None
+        self.oversampling = idx.shape[0] / self.manifold.dim
+        if w is not None:
+            w = (w / w.mean()).to(dtype=dtype, device=device)
+        train = IndexSet(idx.to(device), shape)
+        test_set = None if test_idx is None else IndexSet(test_idx.to(device), shape)
+        self._set_data(train, vals.to(dtype=dtype, device=device), test_set,
+                       None if test_vals is None else test_vals.to(dtype=dtype, device=device),
+                       w)
+        return self
 
     def describe(self) -> str:
+        n_test = len(self.test) if self.test is not None else 0
         return (super().describe() + f", |Omega|={len(self.train)} "
-                f"({self.oversampling:.3g} x dim), |Gamma|={len(self.test)}, "
-                f"cores={self.core_dist}")
+                f"({self.oversampling:.3g} x dim), |Gamma|={n_test}, "
+                f"cores={self.core_dist}" + (", weighted" if self.weights is not None else ""))
+
+    def _sw_layout(self, point):
+        """sqrt of the sample weights in the last layout of ``point`` (a float when the
+        samples are unweighted; cached per layout)."""
+        if not isinstance(self._sw, torch.Tensor):
+            return self._sw
+        blk = point.layout
+        cache = getattr(self, "_sw_cache", None)
+        if cache is None or cache[0] is not blk or cache[1] is not self._sw:
+            cache = (blk, self._sw, point.from_samples(self._sw))
+            self._sw_cache = cache
+        return cache[2]
 
     def loss(self, x: TT) -> torch.Tensor:
         x = self._tt(x)
@@ -565,6 +727,9 @@ class Completion(QuadraticProblem):
                 "problem.initial_point(seed))"
             )
         if kind == "perturbed":
+            if self.target is None:
+                raise ValueError("kind='perturbed' needs the true tensor; a problem from data "
+                                 "has none (use 'spectral' or 'random')")
             distance = float(kwargs.pop("distance", 0.3))
             if kwargs:
                 raise TypeError(f"unexpected arguments {sorted(kwargs)}")
@@ -575,11 +740,24 @@ class Completion(QuadraticProblem):
                          f"got {kind!r}")
 
     def metrics(self, x) -> Dict[str, float]:
+        """``train_err`` / ``test_err``: ``||X - A|| / ||A||`` on Omega / Gamma (relative);
+        ``train_mse``, ``train_rmse``, ``test_mse``, ``test_rmse``: the mean squared error
+        ``sum (X[i] - A[i])^2 / N`` (unweighted) and its square root. The test entries
+        are absent without a test set. O(N d r^2)."""
         x = self._tt(x).detach()
+        out = {}
         with torch.no_grad():
-            tr = float(torch.linalg.vector_norm(self.train.gather(x) - self.a_train))
-            te = float(torch.linalg.vector_norm(self.test.gather(x) - self.a_test))
-        return {"train_err": tr / self._a_train_norm, "test_err": te / self._a_test_norm}
+            sets = [("train", self.train, self.a_train, self._a_train_norm)]
+            if self.test is not None:
+                sets.append(("test", self.test, self.a_test, self._a_test_norm))
+            for name, iset, a, a_norm in sets:
+                sq = float(((iset.gather(x) - a) ** 2).sum())
+                mse = sq / max(len(iset), 1)
+                out[f"{name}_err"] = math.sqrt(sq) / a_norm if a_norm else math.nan
+                out[f"{name}_mse"] = mse
+                out[f"{name}_rmse"] = math.sqrt(mse)
+        order = ("train_err", "test_err", "train_mse", "train_rmse", "test_mse", "test_rmse")
+        return {k: out[k] for k in order if k in out}
 
     # -- CG pieces ------------------------------------------------------------------------
     def _a_train_layout(self, point) -> torch.Tensor:
@@ -608,9 +786,10 @@ class Completion(QuadraticProblem):
             V = right_cores(U)
             point = I.sampled_point(U, V)
             a = self._a_train_layout(point)
+            sw = self._sw_layout(point)
             # weighted residual in the last layout; padding slots forced to 0
-            z = torch.where(point.mask, point.values - a, 0.0) * self._sw
-            D = point.project(z * self._sw)  # d loss / d X_Omega = w (X - A)
+            z = torch.where(point.mask, point.values - a, 0.0) * sw
+            D = point.project(z * sw)  # d loss / d X_Omega = w (X - A)
             grad = M.proju(p, torch.cat([c.reshape(-1) for c in D]))
             loss = 0.5 * (z * z).sum()
             xt = None
@@ -643,7 +822,7 @@ class Completion(QuadraticProblem):
         """``alpha = -<P_Omega(X - A), P_Omega eta> / ||P_Omega eta||^2`` (weighted)."""
         with torch.no_grad():
             if isinstance(ctx, _CompletionContext):
-                e = ctx.point.tangent(self.manifold.split(eta, "eta")) * self._sw
+                e = ctx.point.tangent(self.manifold.split(eta, "eta")) * self._sw_layout(ctx.point)
             else:
                 e = self.eval_tangent(p, eta, ctx)
             z, xt = ctx[2], ctx[3]
