@@ -1,138 +1,17 @@
-r"""Householder parameterization of orthonormal frames (Shepard, Brozell, Gidofalvi 2015).
+"""Householder parameterization of orthonormal frames (Shepard, Brozell, Gidofalvi 2015).
 
-A *frame* is a tensor ``Q`` of shape ``(..., m, r)`` with ``m >= r >= 1`` and
-``Q^T Q = I_r`` (batched over the leading dimensions).  This module writes frames as
-products of Householder reflections,
+A frame ``Q`` (``(..., m, r)``, ``Q^T Q = I_r``) is written ``H_1 .. H_r I_{m x r}`` with
+exact reflections ``H_i = I - 2 v_i v_i^T / |v_i|^2``; the reflector vectors are stored
+LAPACK-style (unit diagonal, zeros above). *Full* form: every entry below the diagonal is
+free (:func:`full_dim` ``= m r - r(r+1)/2``); *reduced* form: the top ``r x r`` block is
+the identity (:func:`reduced_dim` ``= r (m - r)``). Forwards evaluate the product in
+compact-WY form (matmuls and one triangular solve, cheap backward) or with
+:func:`torch.linalg.householder_product`; inverses run Householder QR and return column
+signs. Packing, the stereographic view of a column, the inverses' sign conventions,
+accuracy and backends: ``docs/sttp.md``, section 1.
 
-.. math::
-
-    Q = H_1 H_2 \cdots H_r \, I_{m \times r}, \qquad
-    H_i = I_m - \tau_i v_i v_i^T, \qquad \tau_i = 2 / \lVert v_i \rVert^2 ,
-
-where the reflector vectors are stored LAPACK-style as the columns of an ``m x r``
-*reflector matrix* ``V``: unit diagonal (``V[i, i] = 1``), zeros above the diagonal
-(``V[k, i] = 0`` for ``k < i``), free entries below.  Because ``tau_i = 2 / |v_i|^2``
-each ``H_i`` is a true reflection (orthogonal, symmetric, ``H_i^2 = I``), so ``Q`` is
-orthonormal for *every* parameter vector; the product is evaluated in compact-WY form
-(default, see *Backends* below) or with :func:`torch.linalg.householder_product` (LAPACK
-``orgqr``), cost ``O(m r^2)`` per frame either way.
-
-Two parameterizations
----------------------
-*Full form* (:func:`frame_from_full`): all strictly-below-diagonal entries of ``V`` are
-free, ``full_dim(m, r) = m r - r (r + 1) / 2 = dim St(m, r)`` parameters, packed
-**column by column**: ``params[..., off_j + t] = V[..., j + 1 + t, j]`` for
-``t = 0 .. m - j - 2``, where ``off_j = sum_{k<j} (m - 1 - k)``.
-
-*Reduced form* (:func:`frame_from_reduced`): the leading ``r x r`` block of ``V`` is the
-identity, only rows ``r .. m-1`` (0-based) are free, ``reduced_dim(m, r) = r (m - r)``
-parameters (= dim of the Grassmannian Gr(m, r)), packed column by column as well:
-``params[..., j (m - r) + t] = V[..., r + t, j]``.  Reduced parameters are exactly the full
-parameters with the entries of rows ``j+1 .. r-1`` of column ``j`` fixed to zero.
-
-One column at a time.  Column ``j`` of ``Q`` is ``H_1 ... H_j e_j`` (``H_k e_j = e_j`` for
-``k > j``).  Writing ``w_j`` for the free part of ``v_j`` (the entries below the diagonal),
-``H_j e_j = e_j - tau_j v_j`` is the inverse stereographic projection of ``w_j`` onto the
-unit sphere of rows ``j .. m-1``: its diagonal entry is
-
-.. math::
-
-    1 - \tau_j = (\lVert w_j \rVert^2 - 1) / (\lVert w_j \rVert^2 + 1) \in [-1, 1) .
-
-Consequences (all are tested in ``tests/test_householder.py``):
-
-* ``params = 0`` gives ``Q = -I_{m x r}`` (every reflector is ``v_i = e_i``).
-* The parameter-to-frame map is smooth on all of ``R^n`` and injective, with image the
-  frames that (after peeling off the earlier reflections) never have a column equal to
-  ``+e_j``; ``w_j`` and ``-w_j / |w_j|^2`` give the same column ``j`` up to its sign (the
-  parameters of the later columns then differ).  A frame
-  with column ``+e_j`` (e.g. ``I_{m x r}`` itself) is therefore only reachable *with a
-  sign*, which is why the inverses return ``signs``.
-* Reduced frames have an **exactly upper-triangular** leading ``r x r`` block (the
-  strictly-lower entries are exact zeros in floating point, not just small), with
-  diagonal ``(|w_j|^2 - 1) / (|w_j|^2 + 1)``: negative iff ``|w_j| < 1``, zero iff
-  ``|w_j| = 1`` (singular leading block).  They are the frames ``St_U(m, r)`` of MATH.md
-  section 3.
-
-Inverses
---------
-:func:`full_from_frame` runs Householder QR (``torch.geqrf``) on ``Q``:
-``Q = H_1 ... H_r R`` and, ``Q`` being orthonormal, ``R = diag(+-1)`` up to rounding.
-LAPACK's ``dlarfg`` builds each reflector with ``beta = -sign(alpha) |x|`` and
-``v = x / (alpha - beta)`` (unit first entry), which in exact arithmetic gives
-``tau = (beta - alpha) / beta = 2 / |v|^2``: a true reflection, matching our forward.  The
-one exception is a column that is already ``alpha e_j`` (zero below the diagonal): then
-LAPACK returns ``tau = 0`` (``H_j = I``), which the unit-diagonal parameterization with
-``tau = 2 / |v|^2`` cannot represent.  We then use the reflection ``v = e_j`` instead; it
-flips the sign of coordinate ``j`` and commutes with ``H_{j+1} ... H_r`` (their vectors
-vanish at row ``j``), so its effect is a sign flip of column ``j`` that is folded into
-``signs``.  In all cases::
-
-    frame_from_full(params, m, r) * signs.unsqueeze(-2) == Q      (to rounding)
-
-and LAPACK's sign choice means that ``full_from_frame(frame_from_full(p))`` returns
-``(p, +1)`` exactly when every column block satisfies ``|w_j| < 1``; otherwise the
-returned parameters differ but still reproduce the frame with the returned signs.
-For a general full-column-rank matrix ``A`` (not orthonormal) the result reproduces the
-Q-factor of ``A`` whose ``R`` has a positive diagonal.
-
-:func:`reduced_from_frame` first rotates ``Q`` into ``St_U``: with ``B = Q[:r, :r]`` it
-computes the RQ decomposition ``B = T O^T`` (``T`` upper triangular, ``O`` orthogonal)
-through a QR of the doubly flipped transpose ``J B^T J = Q_1 R_1`` (``J`` the reversal
-permutation): ``O = J Q_1 J`` and ``T = J R_1^T J``.  The signs are fixed so that
-``diag(T) < 0`` (strictly, when ``B`` is nonsingular); with that choice the reduced
-parameters of ``Q O`` all satisfy ``|w_j| < 1`` and the returned ``signs`` are all ``+1``.
-Callers absorb ``O^T`` into the neighbouring TT core (gauge freedom).  The chart domain is
-``B`` nonsingular; a singular (below ``tol``) leading block raises ``ValueError``.
-
-Autograd, devices, dtypes
--------------------------
-Forwards are differentiable in their parameters (every backend has a backward) and run on
-any device including ``meta`` (``matmul``, ``solve_triangular`` and ``householder_product``
-have meta kernels, backward included).  ``torch.geqrf`` has neither a derivative nor a
-meta kernel, so the inverses switch to an equivalent differentiable Householder QR written
-with plain torch ops (``r`` sequential steps, same ``O(m r^2)`` flops) when ``Q`` requires
-grad (with grad mode on) or lives on the ``meta`` device.  Supported dtypes: ``float32`` and
-``float64`` (real arithmetic only).  Every tensor is created on the device/dtype of the
-inputs; no host synchronisation except the optional singularity check of
-:func:`reduced_from_frame`.
-
-Backends
---------
-The forwards take ``backend=``:
-
-* ``"wy"`` (what ``"auto"`` selects, on every device; timed on CPU only): compact WY.  With
-  ``V = W + I_{m x r}`` (``W`` the free, strictly-lower part), ``H_1 ... H_r = I - V T V^T``
-  with ``T`` upper triangular, ``T^{-1} = diag(1 / tau) + striu(V^T V)`` (``1 / tau_i =
-  |v_i|^2 / 2 >= 1/2``),
-  so ``Q = I_{m x r} - V X`` where ``X = T V_top^T`` (``V_top = V[:r]``) comes from one
-  ``r x r`` triangular solve ``T^{-1} X = V_top^T`` (:func:`torch.linalg.solve_triangular`,
-  no explicit inverse).  ``V^T V`` is assembled as ``W^T W + W_top + W_top^T + I`` so that
-  ``|v_i|^2 = 1 + |w_i|^2`` never sums small ``|w_i|^2`` against the unit entry (in float32
-  that alone costs an order of magnitude on tall frames with small parameters).  Only
-  matmuls and a triangular solve, so the backward is cheap: forward + backward of one
-  frame, 1 thread, shared CPU: 1024 x 16 0.24 ms (householder_product 23-79 ms), 2304 x 32
-  0.8 ms (0.4-1.3 s), 256 x 32 0.2 ms (3 ms), 64 x 8 and 8 x 8 0.13-0.14 ms (0.3 ms).
-  Forward alone is on par for tall frames and ~12 us slower for tiny ones (more kernels).
-* ``"torch"``: :func:`torch.linalg.householder_product`.  Its forward is fine but its
-  backward grows steeply with the frame height (numbers above).
-* ``"torch_householder"``: ``torch_householder_orgqr`` of the optional package
-  ``torch_householder`` (Obukhov), ``ImportError`` if it does not import;
-  ``HAVE_TORCH_HOUSEHOLDER`` tells whether it did.  Only used when requested explicitly
-  (it is not installed here, so ``"auto"`` does not prefer it over the measured WY backend).
-
-Accuracy of ``"wy"`` (checked against explicit dense products of reflections and against
-``householder_product``, ``tests/test_householder.py``): for parameters of scale 1e-3 .. 1e3
-float64 agrees to ~2e-15 and float32 to ~1e-6, mostly as accurately as (for tall frames with
-small parameters more accurately than) ``householder_product``; float32 gradients likewise.
-The exception is an ill-conditioned ``T^{-1}``, which happens when the reflectors share a
-few dominant rows: reduced frames with ``m - r <= 2``, ``r >= 8`` and ``|w_j| >~ 3`` (the
-free parts of all reflectors live in the same ``m - r`` bottom rows; ``cond(T^{-1})`` ~
-1e3..1e7), or parameters concentrated in one common row.  There float32 frames are off by up
-to ~1e-5 (orthonormal to ~3e-5) against ~1e-6 for ``householder_product`` at ``r <= 32``
-(which itself degrades to the same level at ``r >= 64``), and float64 by up to ~1e-14.
-Tall frames with random parameters (the layers' case) have ``cond(T^{-1}) < 5``.  Use
-``backend="torch"`` if float32 accuracy in that regime matters.
+float32/float64 only, any device including ``meta``; every tensor is created on the
+inputs' device and dtype. Costs ``O(m r^2)`` per frame.
 """
 
 from __future__ import annotations
@@ -284,7 +163,7 @@ def _wy_product(W: torch.Tensor) -> torch.Tensor:
 
 
 def _resolve_backend(backend: str) -> str:
-    """``"auto"`` -> ``"wy"`` (the fastest backend measured; see the module docstring)."""
+    """``"auto"`` -> ``"wy"`` (the fastest backend measured; see ``docs/sttp.md``, section 1)."""
     return "wy" if backend == "auto" else backend
 
 
@@ -318,7 +197,7 @@ def frame_from_full(params: torch.Tensor, m: int, r: int, *, backend: str = "aut
         backend: ``"auto"`` (= ``"wy"``), ``"wy"`` (compact WY: matmuls and one ``r x r``
             triangular solve, fast backward), ``"torch"``
             (:func:`torch.linalg.householder_product`) or ``"torch_householder"``
-            (``ImportError`` if unavailable); see the module docstring, *Backends*.
+            (``ImportError`` if unavailable); see ``docs/sttp.md``, section 1.
 
     Returns:
         ``Q`` of shape ``(..., m, r)``, same dtype/device as ``params``, ``Q^T Q = I`` to
@@ -421,7 +300,7 @@ def full_from_frame(Q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         :func:`frame_from_full`) and ``signs`` of shape ``(..., r)`` with entries ``+1.``/``-1.``
         (dtype of ``Q``) such that ``frame_from_full(params, m, r) * signs.unsqueeze(-2) == Q``
         to rounding.  ``signs[j] = sign(R_jj)`` for the ``geqrf`` factor ``R``, negated where
-        LAPACK returned ``tau_j = 0`` (column already ``+-e_j``; see the module docstring).
+        LAPACK returned ``tau_j = 0`` (column already ``+-e_j``; see ``docs/sttp.md``, section 1).
         E.g. ``Q = I_{m x r}`` gives ``params = 0``, ``signs = -1``; ``Q = -I`` gives ``signs = +1``.
         For ``Q = frame_from_full(p)`` with every column block ``|w_j| < 1`` the result is
         exactly ``(p, +1)`` (to rounding).  For a non-orthonormal full-column-rank ``Q`` it

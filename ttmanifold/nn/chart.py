@@ -1,100 +1,14 @@
-r"""STTP: the Spectral Tensor Train Parameterization (Obukhov et al., AISTATS 2021).
+"""STTP: the Spectral Tensor Train Parameterization (Obukhov et al., AISTATS 2021).
 
-A non-redundant, differentiable chart of the manifold ``M_r`` of tensors of fixed TT-rank
-(``../shared/MATH.md`` sections 3 and 4). With 0-based cores ``0..d-1`` and a *center*
-``c`` (``1 <= c <= d-1``, the number of cores left of the spectrum) every point is written
-in mixed canonical form
+:class:`STTPChart` is a non-redundant, differentiable chart ``theta -> X`` of the manifold
+of tensors of fixed TT-rank: with a spectral bond ``c``, ``X = U_0..U_{c-1} diag(s)
+V_c..V_{d-1}`` with reduced Householder frames outside, full ones next to the spectrum and
+``s`` learned, normalized (``"lipschitz"``) or fixed to 1 (``"identity"``). ``theta``
+blocks, spectra, output convention, inverse and chart domain: ``docs/sttp.md``, section 2.
 
-.. math::
-
-    X = U_0 \cdots U_{c-1} \, \mathrm{diag}(s) \, V_c \cdots V_{d-1},
-
-``U_k`` left-orthogonal (the left unfolding ``(r_k n_k) x r_{k+1}`` is a frame), ``V_k``
-right-orthogonal (the *transposed right unfolding* ``(n_k r_{k+1}) x r_k``, i.e.
-``V_k.reshape(r_k, n_k r_{k+1}).T``, is a frame), ``s`` the (signed) singular values of the
-c-th unfolding ``X.reshape(n_0 ... n_{c-1}, n_c ... n_{d-1})``.
-
-Parameter vector ``theta`` (one flat tensor, blocks in this order; :meth:`STTPChart.split`
-gives named views, :attr:`STTPChart.layout` the offsets):
-
-===========  =====================  ==============================================
-block        frame (m x r)          parameters
-===========  =====================  ==============================================
-``U0..``     ``U_k``, k < c-1       reduced Householder, ``r_{k+1}(r_k n_k - r_{k+1})``
-``U{c-1}``   ``U_{c-1}``            full Householder (reduced for ``"identity"``)
-``s``        spectrum               ``r_c`` values (absent for ``"identity"``)
-``V{c}``     ``V_c`` (transposed)   full Householder, ``n_c r_{c+1} r_c - r_c(r_c+1)/2``
-``V{k}``     ``V_k``, k > c         reduced Householder, ``r_k(n_k r_{k+1} - r_k)``
-===========  =====================  ==============================================
-
-The total is ``sum_k r_k n_k r_{k+1} - sum_{0<k<d} r_k^2 = manifold.dim``: no redundancy
-(the Jacobian of the learned-spectrum chart has full column rank at generic points).
-
-Spectrum modes
---------------
-* ``"learned"``: ``s`` free and *signed* (the column signs of the two full Householder
-  frames are absorbed into it); ``dim == manifold.dim``; a local diffeomorphism.
-* ``"lipschitz"``: ``theta`` stores ``s`` unnormalized and the effective spectrum is
-  :func:`lipschitz_normalize` ``(s) = s / ||s||_inf``, so the spectral norm of the c-th
-  unfolding is exactly 1. ``dim == manifold.dim`` parameters, but the chart is invariant
-  under positive scaling of ``s``: its image (points with ``max |s| = 1``) has dimension
-  ``manifold.dim - 1`` and the Jacobian has rank ``dim - 1``.
-* ``"identity"``: ``s = 1`` fixed, no ``s`` block, and ``U_{c-1}`` is reduced too (its
-  rotation gauge goes into the full ``V_c``), so ``dim = manifold.dim - r_c (r_c + 1) / 2``.
-  This is a *smaller, non-full family*: a non-redundant chart of (part of) the
-  submanifold of points whose c-th unfolding has all singular values 1. With no spectrum
-  to absorb column signs, ``V_c``'s full frame is inverted *without* signs (each peeled
-  column reflected onto ``+e_j``). When ``V_c`` is square (``n_c r_{c+1} = r_c``) a product of
-  ``r_c`` reflections has determinant ``(-1)^{r_c}``; the inverse then flips the sign of one
-  column of a non-square reduced frame (``U_{c-1}`` first, then outwards) to reach that
-  orientation. Points where no such choice exists (e.g. the orientation is wrong and all
-  reduced frames are square) or with a peeled column exactly ``+e_j`` are outside the
-  chart (``ValueError``).
-
-Output convention
------------------
-:meth:`STTPChart.forward` returns the TT with cores
-``[U_0, ..., U_{c-2}, U_{c-1} diag(s), V_c, ..., V_{d-1}]``: **s is folded into the columns
-of core c-1**, so the output is in mixed canonical form with orthogonality center core
-``c-1`` (cores ``< c-1`` left-, ``>= c`` right-orthogonal), and the c-th unfolding's SVD is
-``(U_{<c}) diag(s) (V_{>=c})`` (up to signs/order of ``s``). :meth:`STTPChart.forward_cores`
-returns the factors separately.
-
-Inverse and chart domain
-------------------------
-:meth:`STTPChart.inverse` orthogonalizes x (center core ``c-1``), runs reduced inversions
-of the outer cores (left cores ``0..c-2``, absorbing each rotation and sign into core
-``k+1``; right cores ``d-1..c+1`` absorbing leftwards into core ``k-1``), *then* takes the SVD
-of the center so that ``s`` are the singular values of the c-th unfolding, and finally
-full inversions of ``U_{c-1}`` and ``V_c`` with their column signs folded into ``s``. The
-chart's domain is the set of points for which every reduced frame has a nonsingular
-leading ``r x r`` block (an open dense set); elsewhere ``ValueError`` is raised, naming the
-core and suggesting another ``center`` (which changes which cores are reduced).
-
-``forward(inverse(x)) == x`` to rounding on the domain. ``theta`` is *not* unique:
-``inverse`` returns a canonical representative (spectrum sorted by decreasing ``|s|``,
-reduced frames with a negative leading diagonal, full frames with ``|w_j| < 1`` except
-the sign-free ``V_c`` of ``"identity"``), and ``inverse(forward(inverse(x))) ==
-inverse(x)`` when the singular values are distinct.
-
-d == 1
-------
-A vector has no bond: the chart is the identity on the single core's ``n_0`` entries
-(``dim = n_0``, block ``"core0"``), ``center == 0``, the spectrum mode is irrelevant
-and :meth:`STTPChart.singular_values` returns an empty tensor.
-
-Devices, dtypes, autograd
--------------------------
-float32 and float64 (the Householder kernels' dtypes); every tensor is created on the
-device/dtype of the input. Forwards are differentiable. Everything runs on the ``meta``
-device (the compact-WY frame evaluation's matmuls and ``solve_triangular``, ``qr`` and
-``svd`` have meta kernels; the inverse's
-Householder QR switches to a pure-torch path there); value checks that need a host
-synchronisation are skipped on ``meta``.
-
-Costs: with ``n = max n_k``, ``r = max r_k``: forward ``O(d n r^3)`` (one compact-WY frame
-evaluation per core), inverse ``O(d n r^3)`` (a QR sweep, one Householder QR per core, one ``r x r``-ish
-SVD), :meth:`STTPParametrization.forward` additionally ``O(n^d r)`` for the dense tensor.
+Devices and dtypes: float32/float64, every tensor on the input's device (``meta``
+included; value checks needing a host synchronisation are skipped there). Costs: forward
+and inverse ``O(d n r^3)`` with ``n = max n_k``, ``r = max r_k``.
 """
 from __future__ import annotations
 
@@ -208,7 +122,7 @@ class STTPChart(torch.nn.Module):
         with the largest rank, ties broken towards the middle (``|2c - d|`` smallest, then
         the smaller ``c``). For ``d == 1`` it must be ``None`` (or 0) and is stored as 0.
     spectrum : {"learned", "identity", "lipschitz"}
-        See the module docstring.
+        See ``docs/sttp.md``, section 2.
 
     Attributes
     ----------
@@ -495,7 +409,7 @@ class STTPChart(torch.nn.Module):
 
         ``x``: a :class:`TT` with the manifold's shape and ranks (any gauge) or a packed
         point (``manifold.pack_point`` layout). Returns the canonical representative
-        described in the module docstring.
+        described in ``docs/sttp.md``, section 2.
 
         Spectrum constraints (checked on the singular values ``S`` of the c-th unfolding,
         skipped on ``meta``):
@@ -507,7 +421,7 @@ class STTPChart(torch.nn.Module):
 
         ``tol`` defaults to ``sqrt(eps(dtype))``. ``ValueError`` also for points outside the
         chart domain (singular leading block of a reduced frame; for ``"identity"`` also a
-        ``V_c`` frame not reachable without signs, see the module docstring).
+        ``V_c`` frame not reachable without signs, see ``docs/sttp.md``, section 2).
 
         Cost ``O(d n r^3)`` (for ``"identity"`` with a square ``V_c`` frame up to ``d`` times
         that, while searching for a reachable sign choice). Differentiable where the
