@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from .._checks import functorch_wrapped
 from ..tt import TT
 from .sweeps import gauge_project_flat, right_cores
 from .tangent import TangentTT
@@ -32,15 +33,21 @@ def all_finite(u: torch.Tensor) -> torch.Tensor:
 class _DeltaFromPoint(torch.autograd.Function):
     """The packed deltas ``(0, ..., 0, U_d)`` of the point ``p`` (value X), with the
     gradient path of ``dU_k = p_k - p_k.detach()``: the incoming gradient, gauge
-    projected on the cores ``k < d``, goes to ``p``."""
+    projected on the cores ``k < d``, goes to ``p``. Written for functorch too
+    (``setup_context``, out-of-place forward, generated vmap rule)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, p, runs):
+    def forward(p, runs):
+        last = runs[1]
+        return torch.cat([p.new_zeros(last), p[last:]])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        p, runs = inputs
         ctx.runs = runs
         ctx.save_for_backward(p)
-        out = torch.zeros_like(p)
-        out[runs[1]:] = p[runs[1]:]
-        return out
 
     @staticmethod
     def backward(ctx, g):
@@ -68,6 +75,22 @@ def _delta_tt(M, p, U, V):
     return flat, TangentTT(U, V, deltas, flat=flat, gauged=True, check=False)
 
 
+def _func_grad(M, p, U, V, f):
+    """``d f(T(delta)) / d delta`` at ``delta = (0, .., 0, U_d)`` with ``torch.func.grad``
+    (for points that are functorch-wrapped, e.g. under ``vmap``)."""
+
+    def g(flat):
+        deltas = M.split(flat, "p")
+        T = TT(deltas, check=False) if M.d == 1 else TangentTT(U, V, deltas, flat=flat,
+                                                               gauged=True, check=False)
+        val = f(T)
+        if not isinstance(val, torch.Tensor) or val.numel() != 1:
+            raise ValueError("f: expected a function returning a scalar tensor")
+        return val.reshape(())
+
+    return torch.func.grad(g)(M.point_as_tangent(p))
+
+
 def _check_loss(val):
     if not isinstance(val, torch.Tensor) or val.numel() != 1:
         raise ValueError("f: expected a function returning a scalar tensor")
@@ -93,6 +116,8 @@ def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torc
     p = p.detach()
     U = M.split(p, "p")
     V = right_cores(U)
+    if functorch_wrapped(p):  # inside vmap/grad: differentiate with torch.func instead
+        return M.proju(p, _func_grad(M, p, U, V, f))
     with torch.enable_grad():
         flat, T = _delta_tt(M, p, U, V)
         val = f(T)

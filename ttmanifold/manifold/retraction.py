@@ -64,16 +64,13 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
         right = (ul @ r.transpose(0, 1)).reshape(rows, -1)
     n = U[0].shape[1]
     c = torch.cat([left.reshape(n, -1), right.reshape(n, -1)], 1)
-    size = sum(u.numel() for u in U)
-    out = U[0].new_empty(size)
-    off = 0
+    pieces = []  # the new cores, concatenated at the end (no in-place writes: vmap-friendly)
     for k in range(d - 1):
         u, s, vh = torch.linalg.svd(c, full_matrices=False)
         r = ranks[k + 1]
         if u.shape[1] < r:  # rank collapsed below r: pad with an orthonormal complement
             u, s, vh = _pad_svd(u, s, vh, r)
-        out[off:off + u.shape[0] * r].view(u.shape[0], r).copy_(u[:, :r])
-        off += u.shape[0] * r
+        pieces.append(u[:, :r].reshape(-1))
         sv = s[:r, None] * vh[:r]
         a, nk, b = V[k + 1].shape
         top = torch.addmm(sv[:, a:] @ QV[k + 1], sv[:, :a], V[k + 1].reshape(a, -1))
@@ -81,8 +78,8 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
             c = top
         else:
             c = torch.cat([top.reshape(r * nk, b), (sv[:, a:] @ QW[k + 1]).reshape(r * nk, -1)], 1)
-    out[off:].view(c.shape).copy_(c)
-    return out
+    pieces.append(c.reshape(-1))
+    return torch.cat(pieces)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.retract_point, when=_has_bonds)

@@ -66,13 +66,10 @@ class TangentTT(TT):
         U, V, dU = self._U, self._V, self._deltas
         d = len(U)
         cores = [torch.cat([dU[0], U[0]], dim=2)]
-        for k in range(1, d - 1):
-            a, n, b = V[k].shape
-            c = U[k].new_zeros(a + U[k].shape[0], n, b + U[k].shape[2])
-            c[:a, :, :b] = V[k]
-            c[a:, :, :b] = dU[k]
-            c[a:, :, b:] = U[k]
-            cores.append(c)
+        for k in range(1, d - 1):  # [[V_k, 0], [dU_k, U_k]], built without in-place writes
+            a, n, _ = V[k].shape
+            top = torch.cat([V[k], U[k].new_zeros(a, n, U[k].shape[2])], dim=2)
+            cores.append(torch.cat([top, torch.cat([dU[k], U[k]], dim=2)], dim=0))
         cores.append(torch.cat([V[d - 1], dU[d - 1]], dim=0))
         return cores
 
@@ -134,6 +131,7 @@ class TangentTT(TT):
         Riemannian CG iteration; otherwise on the rank-2r block cores. O(N d r^2)."""
         if (torch.is_grad_enabled() and any(c.requires_grad for c in self._deltas)
                 and self.device.type != "meta"
+                and not any(functorch_wrapped(c) for c in self._deltas)
                 and not any(c is not None and c.requires_grad for c in self._U + self._V)):
             index_set.check_cores(self._U, "tt")
             return _TangentGather.apply(index_set, self._U, self._V, *self._deltas)
