@@ -92,6 +92,11 @@ def test_explicit_modes_and_orders():
     assert b.tensor_shape == (4, 4, 9, 8)
     c = STTPConv2d(6, 8, 3, rank=4, tensorization="section8")
     assert c.tensor_shape == (2, 2, 2, 3, 3, 3, 2) and c.tensorization.order == "reversed"
+    t = Tensorization((2, 2, 4), (9, 8), "natural")
+    d = STTPLinear(72, 16, rank=4, tensorization=t)
+    assert d.tensorization == t and d.tensor_shape == (2, 2, 4, 9, 8)
+    with pytest.raises(ValueError, match="tensorization"):
+        STTPLinear(72, 8, rank=4, tensorization=t)
     with pytest.raises(ValueError, match="tensorization"):
         STTPLinear(8, 6, rank=2, tensorization="paper")
     with pytest.raises(ValueError, match="order"):

@@ -60,8 +60,16 @@ class FactorizedLayer(nn.Module):
                      contraction, device, dtype) -> None:
         self.d_out, self.d_in = int(d_out), int(in_channels) * math.prod(kernel)
         if self.method == "sttp":
-            t = Tensorization.default(d_out, in_channels, kernel, scheme=tensorization,
-                                      out_modes=out_modes, in_modes=in_modes, order=order)
+            if isinstance(tensorization, Tensorization):
+                if (tensorization.d_out, tensorization.d_in) != (self.d_out, self.d_in) or \
+                        out_modes is not None or in_modes is not None or order is not None:
+                    raise ValueError(f"tensorization: {tensorization} does not describe a "
+                                     f"{self.d_out} x {self.d_in} weight (or modes/order were "
+                                     f"given as well)")
+                t = tensorization
+            else:
+                t = Tensorization.default(d_out, in_channels, kernel, scheme=tensorization,
+                                          out_modes=out_modes, in_modes=in_modes, order=order)
             self.weight_param = STTPWeight(self, t, rank, spectrum, param, init,
                                            device=device, dtype=dtype)
         else:

@@ -67,7 +67,7 @@ class FactorizedConv(FactorizedLayer):
                  *, rank: int, spectrum: str = "learned",
                  out_modes: Optional[Sequence[int]] = None,
                  in_modes: Optional[Sequence[int]] = None, order: Optional[str] = None,
-                 tensorization: str = "reference", param: str = "chart",
+                 tensorization="reference", param: str = "chart",
                  init: str = "orthogonal", contraction: str = "auto", device=None, dtype=None):
         super().__init__()
         n = self.ndim
@@ -297,7 +297,7 @@ class FactorizedConvTranspose(FactorizedLayer):
                  padding_mode: str = "zeros", *, rank: int, spectrum: str = "learned",
                  out_modes: Optional[Sequence[int]] = None,
                  in_modes: Optional[Sequence[int]] = None, order: Optional[str] = None,
-                 tensorization: str = "reference", param: str = "chart",
+                 tensorization="reference", param: str = "chart",
                  init: str = "orthogonal", contraction: str = "auto", device=None, dtype=None):
         super().__init__()
         n = self.ndim

@@ -35,7 +35,7 @@ class FactorizedEmbedding(FactorizedLayer):
                  scale_grad_by_freq: bool = False, sparse: bool = False, *, rank: int,
                  spectrum: str = "learned", out_modes: Optional[Sequence[int]] = None,
                  in_modes: Optional[Sequence[int]] = None, order: Optional[str] = None,
-                 tensorization: str = "reference", param: str = "chart",
+                 tensorization="reference", param: str = "chart",
                  init: str = "orthogonal", contraction: str = "auto", device=None, dtype=None):
         super().__init__()
         for v, nm in ((num_embeddings, "num_embeddings"), (embedding_dim, "embedding_dim")):

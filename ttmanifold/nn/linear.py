@@ -28,7 +28,7 @@ class FactorizedLinear(FactorizedLayer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int,
                  spectrum: str = "learned", out_modes: Optional[Sequence[int]] = None,
                  in_modes: Optional[Sequence[int]] = None, order: Optional[str] = None,
-                 tensorization: str = "reference", param: str = "chart",
+                 tensorization="reference", param: str = "chart",
                  init: str = "orthogonal", contraction: str = "auto", device=None, dtype=None):
         super().__init__()
         self.in_features = _check_size(in_features, "in_features")
@@ -128,7 +128,7 @@ class STTPLinear(FactorizedLinear):
             ``"identity"`` (``s = 1``).
         tensorization: default modes, ``"reference"`` (prime factors, natural order: the
             paper's tables) or ``"section8"`` (the paper's section 8 example's reversed
-            order); ``out_modes``/``in_modes`` (row/column digits, slowest first) and
+            order), or a :class:`~ttmanifold.nn.Tensorization`; ``out_modes``/``in_modes`` (row/column digits, slowest first) and
             ``order`` (``"natural"`` | ``"reversed"``; explicit ``in_modes`` default to
             ``"reversed"``) override it. ``docs/sttp.md``, "Tensorization".
         param: ``"chart"`` (``theta``, any torch optimizer) or ``"manifold"`` (``point``, a
