@@ -575,10 +575,14 @@ def main(argv=None):
     def log(msg):
         print(f"# [{time.perf_counter() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    # the compiled dense sweeps are built in the background on first use: wait for them, so
-    # that every timed call runs the same code (TTMANIFOLD_NATIVE=0: the torch path)
-    from ttmanifold import _native
-    native = _native.get_dense(wait=True) is not None
+    # build (or load) the compiled dense sweeps before timing, so that every timed call runs
+    # the same code (TTMANIFOLD_NATIVE=0: the torch path)
+    from ttmanifold import kernels
+    if kernels.enabled():
+        log("compiled dense sweeps: building or loading (`ttmanifold build-kernels`; a build "
+            "takes 20-60 s, once per machine)")
+        kernels.build(["dense"], verbose=False)
+    native = kernels.module("dense") is not None
     log(f"compiled dense sweeps: {'in use' if native else 'not in use (torch path)'}")
     notes.append(f"ttmanifold's compiled dense sweeps (right_cores, project of a TT, retr): "
                  f"{'in use' if native else 'not in use (torch implementation)'}.")

@@ -255,7 +255,12 @@ _plain_types = {torch.Tensor: True, torch.nn.Parameter: True}
 _ft = getattr(torch._C, "_functorch", None)
 _is_wrapped = getattr(_ft, "is_functorch_wrapped_tensor", None) or (lambda t: False)
 _is_batched = getattr(_ft, "is_legacy_batchedtensor", None) or (lambda t: False)
+# functorch's wrappers (vmap, grad, jacrev: TensorWrapper, BatchedTensor) and the legacy
+# batched tensors have no storage: one check (about 70 ns) covers both kinds
+_has_storage = getattr(torch._C, "_has_storage", None) or (
+    lambda t: not (_is_wrapped(t) or _is_batched(t)))
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+_STRIDED = torch.strided
 
 
 def _plain(tp) -> bool:
@@ -268,20 +273,19 @@ def _plain(tp) -> bool:
 
 
 def _tensors_ok(args: Iterable, state: list, grad: bool) -> bool:
+    """Every tensor in ``args`` (nested lists/tuples) a plain strided CPU tensor with storage,
+    of float32/float64, of one dtype (``state[0]``), not requiring grad when ``grad``.
+    About 0.3 us per tensor: this runs on every dispatched call."""
+    Tensor = torch.Tensor
     for a in args:
-        if isinstance(a, torch.Tensor):
-            if a.device.type != "cpu" or a.layout is not torch.strided:
-                return False
+        if isinstance(a, Tensor):
             dt = a.dtype
-            if state[0] is None:
-                if dt not in _FLOATS:
+            if dt is not state[0]:
+                if state[0] is not None or dt not in _FLOATS:
                     return False
                 state[0] = dt
-            elif dt is not state[0]:
-                return False
-            if grad and a.requires_grad:
-                return False
-            if not _plain(type(a)) or _is_wrapped(a) or _is_batched(a):
+            if (not a.is_cpu or a.layout is not _STRIDED or (grad and a.requires_grad)
+                    or not (_plain_types.get(type(a)) or _plain(type(a))) or not _has_storage(a)):
                 return False
         elif isinstance(a, (list, tuple)):
             if not _tensors_ok(a, state, grad):
