@@ -16,8 +16,10 @@
 #
 # Data: scikit-learn's bundled `digits` ($8 \times 8$ images, 10 classes, 1797 samples; no
 # download), standardized, with a fixed stratified train/test split. The full run trains
-# over a hundred small networks on a CPU in a few minutes (the last code cell prints how
-# long this run took), so the model is tiny and the conclusions are toy-scale (see the summary).
+# over a hundred small networks on a CPU in a few minutes (1.6 to 3.3 minutes on a 2-core
+# machine in the runs made for this notebook, depending on its load; the last code cell
+# prints how long this run took), so the model is tiny and the conclusions are toy-scale
+# (see the summary).
 #
 # Set the environment variable `TTMANIFOLD_NB_QUICK=1` to run with fewer ranks and epochs
 # (the test suite does); the committed outputs come from the full run.
@@ -215,7 +217,7 @@ print(f"({time.perf_counter() - t0:.0f} s)")
 
 # %% [markdown]
 # The Euclidean routes agree on a learning rate of about $10^{-2}$. The manifold route needs
-# a learning rate two to three orders of magnitude larger: at the chart's scale
+# a learning rate about two orders of magnitude larger: at the chart's scale
 # ($3\cdot10^{-3}$) it hardly trains, while its validation accuracy is flat over a wide range
 # (about $0.1$ to $3$), so the choice within that range is noise.
 
@@ -405,21 +407,25 @@ print(f"this run of the notebook took {(time.perf_counter() - NB_START) / 60:.1f
 #   with the dense network at 0.965. Trained through the chart, STTP stays within two points
 #   of the dense network up to 36.8$\times$, SVDP up to 11.7$\times$.
 # * **Accuracy against rank** (right plot): at equal rank SVDP is as good or better (e.g. rank
-#   2: 0.741 against 0.653). The TT structure of the frames is a real restriction; it pays
+#   2: 0.741 against 0.653 and 0.667; the one exception is the manifold route at rank 32,
+#   0.1 point ahead). The TT structure of the frames is a real restriction; it pays
 #   off per parameter, not per rank. Below rank 4 every variant loses accuracy sharply.
 # * **Chart versus manifold.** Both routes train the same family of weights and end within
-#   about one point of each other at ranks 2, 4, 8 and 32; where they differ, the chart route
-#   is ahead (rank 1: 0.396 against 0.334; rank 16: 0.969 against 0.943, which also puts the
-#   manifold route's rank-16 point just outside the two-point band). On this problem the
-#   manifold route brings no accuracy gain. Its steps do more work (retraction, transported
-#   momentum); the printed time ratios are single measurements on a shared CPU. Its learning
-#   rate lives in the units of the weight: at the chart's scale (3e-3) it reaches 0.72
-#   validation accuracy, while anything from 0.1 to 3 gives about 0.93 to 0.96. During
-#   training it stores the gauge-redundant TT cores (e.g. 28.6$\times$ instead of 36.8$\times$
-#   at rank 8); `to_chart()` converts the trained layer to the compact chart form with outputs
-#   unchanged to $\sim10^{-4}$ (float32). Its numbers are not bit-reproducible: two full runs
-#   of the same code differed by up to about 1.5 points per rank, while the chart, SVDP and
-#   dense runs repeat exactly.
+#   two points of each other at every rank: the manifold route is ahead at ranks 2, 4, 8
+#   and 32, the chart route at ranks 1 and 16, by 0.2 to 1.9 points, mostly within the
+#   seed-to-seed spread. On this problem the manifold route brings no clear accuracy gain.
+#   Its steps do more work (retraction, transported momentum); the printed time ratios are
+#   single measurements on a shared CPU. Its learning rate lives in the units of the
+#   weight: at the chart's scale (3e-3) it reaches 0.72 validation accuracy, while anything
+#   from 0.1 to 3 gives about 0.93 to 0.94. During training it stores the gauge-redundant
+#   TT cores (e.g. 28.6$\times$ instead of 36.8$\times$ at rank 8); `to_chart()` converts the
+#   trained layer to the compact chart form with outputs unchanged to $\sim10^{-4}$
+#   (float32). Its numbers depend on which implementation computed its sweeps (the compiled
+#   CPU kernels or torch: float32 rounding differs and training amplifies it).
+#   `nbtools.py` builds the kernels before a full run, so one implementation serves the
+#   whole run and the run repeats exactly; runs started with a cold kernel cache switch
+#   when the background build finishes, and theirs differed from these by up to about 4
+#   points (rank 1).
 # * **Limits.** A 1797-sample dataset and a three-layer MLP, while the paper's experiments
 #   are convolutional networks and GANs; learning rates chosen at rank 8 only; fixed training
 #   length; modes of size 4 rather than prime factors. The qualitative ordering in the left

@@ -18,7 +18,9 @@ Usage, from anywhere::
     python notebooks/nbtools.py --check        # exit 1 if a committed .ipynb differs from its source
     python notebooks/nbtools.py --markdown-only 04  # prose edits only: keep the committed outputs
 
-The committed notebooks are the output of the full run. ``tests/test_notebooks.py`` loads
+The committed notebooks are the output of the full run, which first builds ttmanifold's
+compiled CPU kernels (``ttmanifold build-kernels``; see :func:`warm_kernels`) so that one
+implementation computes the whole run. ``tests/test_notebooks.py`` loads
 this file (``importlib``) and uses the same functions, so the build and the tests share
 these conventions:
 
@@ -192,6 +194,29 @@ def execute(nb, *, quick: bool, kernel_dir: Path | None = None,
     return nb
 
 
+def warm_kernels() -> bool:
+    """Build ttmanifold's optional compiled CPU kernels now (``ttmanifold build-kernels``).
+
+    With a cold kernel cache, ttmanifold builds them in the background and switches its
+    operations to them when the build is done, mid-run; float32 training amplifies the
+    rounding differences between the two implementations, so such a run does not repeat.
+    Built first, one implementation serves the whole run. A failure (no compiler, an older
+    ttmanifold) is reported on one line and the notebooks use the torch implementation.
+    """
+    import subprocess
+
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "ttmanifold", "build-kernels"], cwd=NB_DIR,
+                         capture_output=True, text=True)
+    if res.returncode == 0:
+        print(f"compiled kernels ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+        return True
+    tail = (res.stdout + res.stderr).strip().splitlines()[-1:] or ["no output"]
+    print(f"compiled kernels not built ({tail[0]}); the notebooks use the torch implementation",
+          flush=True)
+    return False
+
+
 def write(nb, path: Path) -> None:
     """Validate ``nb`` and write it to ``path`` (nbformat's layout, trailing newline)."""
     import nbformat
@@ -258,6 +283,8 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown-only", action="store_true",
                     help="copy edited markdown cells into the committed .ipynb, keeping its "
                          "outputs (refused if a code cell changed)")
+    ap.add_argument("--no-kernel-build", action="store_true",
+                    help="do not build the compiled kernels before a full-mode run")
     ap.add_argument("--out-dir", type=Path, default=None,
                     help="write the notebooks there instead of next to their sources")
     args = ap.parse_args(argv)
@@ -273,6 +300,8 @@ def main(argv=None) -> int:
         for source in selected:
             print(f"{refresh_markdown(source).name}: markdown cells updated, outputs kept")
         return 0
+    if not (args.quick or args.no_execute or args.no_kernel_build):
+        warm_kernels()
     for source in selected:
         build(source, quick=args.quick, execute_it=not args.no_execute, out_dir=args.out_dir)
     return 0

@@ -18,6 +18,8 @@ later are tested too.
   interpreter running pytest (a temporary kernelspec pointing at ``sys.executable``).
 - ``test_kernel_is_current_interpreter``: checks that claim, and that the environment
   variable and the working directory reach the kernel.
+- ``test_relative_links_resolve``: every relative link in a notebook (e.g. to ``../docs/``)
+  names a file of the repository.
 - ``test_committed_notebook``: static checks of the committed file (no kernel needed): the
   first cell is markdown with a title and a statement of purpose, the last cell is a
   markdown summary, the first code cell reads ``TTMANIFOLD_NB_QUICK``, every code cell was
@@ -171,6 +173,24 @@ def test_notebook_executes(source, kernel_dir):
     errors = [o for c in nb.cells if c.cell_type == "code"
               for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, f"{source.name}: error outputs {errors}"
+
+
+# a markdown link target: ](target) or ](target "title"), up to the first space or ')'
+LINK = re.compile(r"\]\(([^)\s]+)")
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=SOURCE_IDS)
+def test_relative_links_resolve(source):
+    """Every relative link in the notebook's text names a file of the repository."""
+    text = source.read_text(encoding="utf-8")
+    broken = []
+    for target in LINK.findall(text):
+        if re.match(r"[a-z][a-z0-9+.-]*:|#", target):  # a URL or an anchor in the notebook
+            continue
+        path = (NB_DIR / target.split("#")[0]).resolve()
+        if not path.exists():
+            broken.append(target)
+    assert not broken, f"{source.name}: links to missing files {broken}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NOTEBOOK_IDS)
