@@ -446,6 +446,19 @@ def _planned_runs(args, problems: Sequence[str]) -> int:
                if not (m == "rcg" and name == "layer"))
 
 
+def _warm_up_optimizers() -> None:
+    """The first ``torch.optim`` optimizer of a process imports torch's compiler stack
+    (``torch._dynamo``, 2-5 s): do it here, on one announced line, rather than silently
+    inside the first run."""
+    if "torch._dynamo" in sys.modules:
+        return
+    print("preparing torch.optim (its first use loads torch's compiler stack, usually 2-5 s, "
+          "once) ... ", end="", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    print(f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
 def compare(args, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str, object]:
     """Run the comparison described by parsed ``args`` (see :func:`build_parser`); returns
     ``{problem_name: (problem, [History, ...])}`` and writes the outputs.
@@ -491,6 +504,7 @@ def compare(args, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str,
     results: Dict[str, object] = {}
     descriptions = {}
     try:
+        _warm_up_optimizers()
         for name in args.problems:
             print(f"{name}: building the problem ... ", end="", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
