@@ -216,24 +216,24 @@ def test_dispatch_when_is_asked_first(fresh, monkeypatch):
 def test_module_starts_one_background_build_and_never_blocks(fresh, monkeypatch, capsys):
     started = []
 
-    class FakePopen:
-        def __init__(self, cmd, **kw):
-            started.append((cmd, kw))
-            self.pid = 0
-
+    class Running:
         def poll(self):
             return None  # "still building"
 
-    monkeypatch.setattr(kernels.subprocess, "Popen", FakePopen)
+    def start(cmd, env):
+        started.append((cmd, env))
+        return Running()
+
+    monkeypatch.setattr(kernels, "_start_background", start)
     t0 = time.monotonic()
     for _ in range(200):
         assert kernels.module("dense") is None
     assert time.monotonic() - t0 < 1.0
     assert len(started) == 1
-    cmd, kw = started[0]
-    assert cmd[1:] == ["-m", "ttmanifold.kernels._builder", "dense", "--background"]
-    assert kw["start_new_session"] and kw["stdin"] == subprocess.DEVNULL
-    assert kw["env"]["MAX_JOBS"] == "1"
+    cmd, env = started[0]
+    assert cmd[0] == sys.executable and "ttmanifold.kernels._builder" in cmd[2]
+    assert cmd[3:] == ["dense", "--background"]
+    assert env["MAX_JOBS"] == "1"
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ttmanifold build-kernels" in err and "usually" in err
     # the cache is checked at most once a second: later calls see the built artifact
@@ -243,8 +243,20 @@ def test_module_starts_one_background_build_and_never_blocks(fresh, monkeypatch,
     assert kernels.module("dense") is None and len(started) == 1  # still building
 
 
+def test_detached_build_process_is_not_waited_for(tmp_path):
+    """The background build's process: own session, null stdio, its exit seen by poll()."""
+    flag = tmp_path / "sid"
+    code = ("import os, sys; open(sys.argv[1], 'w').write(str(os.getsid(0) == os.getpid()) + "
+            "str(sys.stdin.read() == ''))")
+    child = kernels._start_background([sys.executable, "-c", code, str(flag)], dict(os.environ))
+    t = time.monotonic() + 60
+    while child.poll() is None and time.monotonic() < t:
+        time.sleep(0.05)
+    assert child.poll() == 0 and flag.read_text() == "TrueTrue"
+
+
 def test_module_does_not_start_a_build_another_live_process_runs(fresh, monkeypatch):
-    monkeypatch.setattr(kernels.subprocess, "Popen", lambda *a, **k: pytest.fail("spawned"))
+    monkeypatch.setattr(kernels, "_start_background", lambda *a, **k: pytest.fail("spawned"))
     s = _cache.spec("dense")
     os.makedirs(s.build_dir)
     with open(s.lock_path, "w") as fh:
@@ -254,7 +266,7 @@ def test_module_does_not_start_a_build_another_live_process_runs(fresh, monkeypa
 
 
 def test_recorded_failure_is_reported_once_and_not_retried(fresh, monkeypatch):
-    monkeypatch.setattr(kernels.subprocess, "Popen", lambda *a, **k: pytest.fail("retried"))
+    monkeypatch.setattr(kernels, "_start_background", lambda *a, **k: pytest.fail("retried"))
     s = _cache.spec("dense")
     os.makedirs(s.build_dir)
     reason = "RuntimeError: Error building extension:\n" + "x" * 400 + "\nthe real cause at the end"

@@ -73,7 +73,8 @@ class _KernelSet:
         self.module = None
         self.failed: Optional[str] = None  # the whole reason; not retried automatically
         self.warned = False
-        self.proc: Optional[subprocess.Popen] = None  # our background build
+        self.proc = None  # our background build (poll() -> exit status or None)
+        self.spawned = False
         self.next_check = 0.0
         self.lock = threading.Lock()
 
@@ -149,8 +150,8 @@ def _probe(ks: _KernelSet) -> None:
             if owner is None or not _cache.owner_alive(owner):  # not being rebuilt now
                 _fail(ks, _failure_text(s, st))
             return
-        if not _config["auto_build"]:
-            return
+        if not _config["auto_build"] or ks.spawned:
+            return  # one automatic build per process at most
         owner = _cache.read_lock(s.lock_path)
         if owner is not None and _cache.owner_alive(owner):
             return  # another process builds it
@@ -160,12 +161,15 @@ def _probe(ks: _KernelSet) -> None:
 
 
 def _child_cmd(name: str, background: bool):
+    """The command and environment of a build process: this interpreter, importing this
+    ttmanifold (its directory first on ``sys.path``, whatever the working directory)."""
     if not sys.executable:
         raise RuntimeError("no Python executable (sys.executable is empty) to run the build")
-    cmd = [sys.executable, "-m", "ttmanifold.kernels._builder", name]
     pkg_parent = os.path.dirname(os.path.dirname(_cache.HERE))  # the directory of ttmanifold/
+    boot = (f"import sys; sys.path.insert(0, {pkg_parent!r}); "
+            "from ttmanifold.kernels._builder import main; sys.exit(main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", boot, name]
     env = dict(os.environ)
-    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if background:
         cmd.append("--background")
         env["MAX_JOBS"] = "1"
@@ -173,12 +177,50 @@ def _child_cmd(name: str, background: bool):
     return cmd, env
 
 
+class _Detached:
+    """A background build process started with ``os.posix_spawn`` in its own session: no
+    ``Popen`` object, so nothing waits for it or warns about it when this process exits."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            try:
+                pid, st = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored, ...)
+                try:
+                    os.kill(self.pid, 0)
+                    return None
+                except OSError:
+                    self.returncode = _BUSY  # unknown: the cache tells
+                    return self.returncode
+            if pid:
+                self.returncode = (os.waitstatus_to_exitcode(st)
+                                   if hasattr(os, "waitstatus_to_exitcode") else st >> 8)
+        return self.returncode
+
+
+def _start_background(cmd, env):
+    """Start ``cmd`` detached: own session, stdin/stdout/stderr on the null device, never
+    waited for (the build writes its own log once it holds the lock)."""
+    if hasattr(os, "posix_spawn") and hasattr(os, "POSIX_SPAWN_OPEN"):
+        null = os.devnull
+        actions = [(os.POSIX_SPAWN_OPEN, 0, null, os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_OPEN, 1, null, os.O_WRONLY, 0),
+                   (os.POSIX_SPAWN_OPEN, 2, null, os.O_WRONLY, 0)]
+        return _Detached(os.posix_spawn(cmd[0], cmd, env, file_actions=actions, setsid=True))
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, close_fds=True,
+                            start_new_session=True)
+
+
 def _spawn(ks: _KernelSet, s: _cache.Spec) -> None:
     os.makedirs(s.build_dir, exist_ok=True)
     cmd, env = _child_cmd(ks.name, background=True)
-    ks.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, cwd=s.build_dir, env=env,
-                               close_fds=True, start_new_session=True)
+    ks.spawned = True
+    ks.proc = _start_background(cmd, env)
     what = _cache.SETS[ks.name][2]
     print(f"ttmanifold: compiling the {ks.name} kernels ({what}) in a background process at low "
           f"priority, once per machine and torch install ({USUAL_TIME}; log {s.log_path}); the "
@@ -214,20 +256,20 @@ def _failure_text(s: _cache.Spec, st: dict) -> str:
     return reason + f"\nfull build log: {st.get('log') or s.log_path}"
 
 
-_INTERNAL = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-                  for m in (torch, functools, threading) if getattr(m, "__file__", None))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _PKG = os.path.dirname(_cache.HERE) + os.sep
+_STDLIB_GLUE = {os.path.abspath(m.__file__) for m in (functools, threading)}
 
 
 def _stacklevel() -> int:
     """The stack level of the first frame outside ttmanifold, torch, geoopt and the standard
-    library's threading (the user's code), or past the stack's end (no location)."""
+    library's threading/functools (the user's code), or past the stack's end (no location)."""
     f = sys._getframe(1)
     level = 1
     while f is not None:
         fn = os.path.abspath(f.f_code.co_filename)
-        if not (fn.startswith(_PKG) or fn.startswith(_INTERNAL) or "geoopt" + os.sep in fn
-                or fn.endswith(("threading.py", "functools.py"))):
+        if not (fn.startswith((_PKG, _TORCH_DIR)) or os.sep + "geoopt" + os.sep in fn
+                or fn in _STDLIB_GLUE):
             return level
         f = f.f_back
         level += 1
@@ -431,7 +473,7 @@ def _run_child(ks: _KernelSet, s: _cache.Spec, say) -> int:
     cmd, env = _child_cmd(ks.name, background=False)
     say(f"compiling {s.build_name} ({USUAL_TIME}; log {s.log_path})")
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=s.build_dir, env=env, close_fds=True)
+                            stderr=subprocess.DEVNULL, env=env, close_fds=True)
     t = time.monotonic()
     next_note = t + 10.0
     try:
