@@ -110,3 +110,24 @@ def test_convert_fresh_init_keeps_bias_and_mode():
     torch.testing.assert_close(net.head.bias, head_bias)
     with pytest.raises(ValueError, match="init"):
         convert_model(copy.deepcopy(net), 2, init="zeros")
+
+
+def test_save_load_and_state_dict_names():
+    """Parameter names are the layer's own (theta / point / u_params, s, v_params), so
+    state dicts of earlier versions load; layers pickle with torch.save."""
+    import io
+
+    torch.manual_seed(3)
+    layer = STTPConv2d(6, 8, 3, rank=3, init="random", dtype=DT)
+    assert list(layer.state_dict()) == ["bias", "theta"]
+    assert list(SVDPLinear(6, 4, rank=2).state_dict()) == ["bias", "u_params", "s", "v_params"]
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    x = torch.randn(2, 6, 5, 5, dtype=DT)
+    torch.testing.assert_close(back(x), layer(x), rtol=0, atol=0)
+    assert back.weight_param.owner is back
+    fresh = STTPConv2d(6, 8, 3, rank=3, dtype=DT)
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
