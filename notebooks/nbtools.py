@@ -121,7 +121,8 @@ def source_mismatch(source: Path) -> str | None:
     have = cells_of(json.loads(path.read_text(encoding="utf-8")))
     if want == have:
         return None
-    hint = f"regenerate it: python notebooks/nbtools.py {path.stem[:2]}"
+    hint = (f"regenerate it: python notebooks/nbtools.py {path.stem[:2]} (prose edits only: "
+            f"add --markdown-only)")
     if len(want) != len(have):
         return f"{path.name} has {len(have)} cells, {source.name} {len(want)}; {hint}"
     i = next(i for i, (a, b) in enumerate(zip(want, have)) if a != b)

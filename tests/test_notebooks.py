@@ -12,6 +12,8 @@ later are tested too.
   (types and sources) of its source, so the two cannot drift apart.
 - ``test_read_source``: the source-to-notebook conversion on a small example (cell kinds,
   commented magics, fixed ids, metadata).
+- ``test_refresh_markdown_keeps_outputs``: ``--markdown-only`` copies prose edits and keeps
+  the outputs, and refuses when a code cell changed.
 - ``test_notebook_executes``: builds the notebook from its source and runs it top to bottom
   in quick mode (``TTMANIFOLD_NB_QUICK=1``, working directory ``notebooks/``, 300 s per
   cell); any cell error fails the test with the traceback. The kernel is always the
@@ -135,6 +137,30 @@ def test_read_source(tmp_path):
     assert nbtools.source_mismatch(src) is not None  # no .ipynb yet
     nbtools.write(nb, nbtools.notebook_path(src))
     assert nbtools.source_mismatch(src) is None
+
+
+def test_refresh_markdown_keeps_outputs(tmp_path):
+    _require("jupytext", "nbformat")
+    import nbformat
+
+    src = tmp_path / "08_demo.py"
+    src.write_text("# %% [markdown]\n# # Old title\n\n# %%\nprint(1)\n", encoding="utf-8")
+    nb = nbtools.read_source(src)
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="1\n")]
+    nb.cells[1].execution_count = 1
+    nbtools.write(nb, nbtools.notebook_path(src))
+
+    src.write_text("# %% [markdown]\n# # New title\n\n# %%\nprint(1)\n", encoding="utf-8")
+    assert nbtools.source_mismatch(src) is not None
+    nbtools.refresh_markdown(src)
+    assert nbtools.source_mismatch(src) is None
+    out = nbformat.read(str(nbtools.notebook_path(src)), as_version=4)
+    assert out.cells[0].source == "# New title"
+    assert out.cells[1].outputs[0].text == "1\n" and out.cells[1].execution_count == 1
+
+    src.write_text("# %% [markdown]\n# # New title\n\n# %%\nprint(2)\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="code cells differ"):
+        nbtools.refresh_markdown(src)
 
 
 def test_kernel_is_current_interpreter(kernel_dir):
