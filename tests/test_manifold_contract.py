@@ -113,7 +113,8 @@ def test_retraction(case, dtype):
     assert torch.allclose(_full(M, M.retr(x, 0 * u)), _full(M, x), atol=tol)
     y = M.retr(x, 0.3 * u)
     assert M._check_point_on_manifold(y)[0]
-    assert torch.allclose(M.expmap(x, 0.3 * u), y)  # expmap is the retraction
+    with pytest.raises(NotImplementedError, match="use retr"):
+        M.expmap(x, 0.3 * u)  # geoopt's convention: exact map or NotImplementedError
     # first order: ||R_x(t u) - (X + t xi)|| = O(t^2)
     X, xi = _full(M, x), _tangent_full(M, x, u)
     errs = []
@@ -159,3 +160,47 @@ def test_one_optimizer_step_stays_on_the_manifold(case, dtype):
             loss.backward()
             opt.step()
         assert M._check_point_on_manifold(p.detach())[0]
+
+
+# -- geoopt's own contract cases (tests/test_manifold_basic.py), in this suite's words -----
+
+def test_projection_of_an_ambient_tensor_passes_geoopt_checks(case, dtype):
+    """geoopt: ``projx`` of any ambient point passes ``assert_check_point_on_manifold``, and
+    projecting a point again changes nothing."""
+    M = case
+    g = torch.Generator().manual_seed(7)
+    amb = torch.randn(M.size, generator=g, dtype=F64).to(dtype)
+    px = M.projx(amb)
+    M.assert_check_point_on_manifold(px)
+    assert torch.equal(M.projx(px), px)
+
+
+def test_vector_projection_passes_geoopt_checks(case, dtype):
+    M = case
+    x, _, _ = _point_and_vectors(M, dtype)
+    g = torch.Generator().manual_seed(8)
+    v = torch.randn(M.size, generator=g, dtype=F64).to(dtype)
+    pv = M.proju(x, v)
+    M.assert_check_vector_on_tangent(x, pv, atol=_tol(dtype), rtol=_tol(dtype))
+    assert torch.allclose(M.proju(x, pv), pv, atol=_tol(dtype))
+
+
+def test_geoopt_conventions(case, dtype):
+    """``random``/``origin`` return ``ManifoldTensor``s that carry the manifold; an
+    explicit empty size is rejected as geoopt does; ``logmap`` and ``expmap`` have no
+    closed form and say so; ``dist`` is the documented chordal distance; the manifold is
+    not reversible (geoopt skips its reversibility case)."""
+    M = case
+    x = M.random(dtype=dtype)
+    assert isinstance(x, geoopt.ManifoldTensor) and x.manifold is M
+    o = M.origin(dtype=dtype)
+    assert isinstance(o, geoopt.ManifoldTensor) and o.manifold is M
+    with pytest.raises(ValueError, match="size"):
+        M.random(())
+    with pytest.raises(NotImplementedError):
+        M.logmap(x, o)
+    with pytest.raises(NotImplementedError):
+        M.expmap_transp(x, x, x)
+    assert not M.reversible
+    p = geoopt.ManifoldParameter(x)
+    assert p.manifold is M

@@ -452,8 +452,12 @@ class FixedTTRank(geoopt.Manifold):
         return retract_point(U, du, self.ranks)
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Not the exponential map: the retraction :meth:`retr` (second order)."""
-        return self.retr(x, u)
+        """Not available: the fixed-TT-rank manifold has no closed-form exponential map
+        (geoopt's convention: an exact map or ``NotImplementedError``). Use :meth:`retr`, a
+        second-order retraction; geoopt's optimizers call ``retr``/``retr_transp``."""
+        raise NotImplementedError(
+            "FixedTTRank has no closed-form exponential map; use retr (a second-order "
+            "retraction), as geoopt's optimizers do")
 
     @_no_autograd_fast_path
     def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -483,16 +487,17 @@ class FixedTTRank(geoopt.Manifold):
         return self.retr_transp(x, u, v)[1]
 
     def expmap_transp(self, x, u, v):
-        return self.retr_transp(x, u, v)
+        return self.expmap(x, u)
 
     def transp_follow_expmap(self, x, u, v):
-        return self.retr_transp(x, u, v)[1]
+        return self.expmap(x, u)
 
     def logmap(self, x, y):
         raise NotImplementedError("FixedTTRank has no closed-form logarithmic map")
 
     def dist(self, x, y, *, keepdim=False):
-        """Euclidean (chordal) distance ``||X - Y||_F`` of the embedded tensors."""
+        """Euclidean (chordal) distance ``||X - Y||_F`` of the embedded tensors (not the
+        geodesic distance, which has no closed form here). O(d n r^3)."""
         out = (self.to_tt(x) - self.to_tt(y)).norm()
         return out.reshape((1,)) if keepdim else out
 
@@ -565,14 +570,15 @@ class FixedTTRank(geoopt.Manifold):
         ``size`` is accepted for geoopt compatibility and must be empty or ``(self.size,)``
         (batches of points are not supported: draw them one at a time).
         """
-        if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+        explicit = len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size))
+        if explicit:
             size = tuple(size[0])
-        if size not in ((), (self.size,)):
+        if size not in ((), (self.size,)) or (explicit and size == ()):
             raise ValueError(
                 f"size: a point of {self.name} is one flat tensor of size {self.size}; got "
                 f"size {size} (batches of points are not supported: draw them one at a time)")
         x = TT.random(self.shape, self.ranks, dtype=dtype, device=device, generator=generator)
-        return self._cat(x.cores)
+        return geoopt.ManifoldTensor(self._cat(x.cores), manifold=self)
 
     random_normal = random
 
@@ -585,11 +591,14 @@ class FixedTTRank(geoopt.Manifold):
         have low-rank unfoldings, e.g. a cosine of a linear phase is a rank-2 matrix, which
         gave tensors of lower TT-rank, i.e. not points of M_r.)
         """
+        if size and tuple(size) not in ((self.size,), ((self.size,),)):
+            raise ValueError(f"size: a point of {self.name} is one flat tensor of size {self.size}")
         dtype = dtype or torch.get_default_dtype()
         check_float_dtype(dtype, "dtype")
         gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
         x = TT.random(self.shape, self.ranks, dtype=torch.float64, generator=gen)
-        return self._cat(x.cores).to(dtype=dtype, device=device)
+        return geoopt.ManifoldTensor(self._cat(x.cores).to(dtype=dtype, device=device),
+                                     manifold=self)
 
     # ------------------------------------------------------------------------------------
     # Riemannian autodiff
