@@ -168,6 +168,8 @@ def _child_cmd(name: str, background: bool):
     pkg_parent = os.path.dirname(os.path.dirname(_cache.HERE))  # the directory of ttmanifold/
     boot = (f"import sys; sys.path.insert(0, {pkg_parent!r}); "
             "from ttmanifold.kernels._builder import main; sys.exit(main(sys.argv[1:]))")
+    if background:  # lowest priority from the start (the imports too), where there is nice
+        boot = "import os\nif hasattr(os, 'nice'): os.nice(19)\n" + boot
     cmd = [sys.executable, "-c", boot, name]
     env = dict(os.environ)
     if background:
