@@ -126,6 +126,7 @@ def module(name: str):
 def _probe(ks: _KernelSet) -> None:
     try:
         s = ks.get_spec()
+        rc = ks.proc.poll() if ks.proc is not None else None  # before reading its result
         st = _cache.read_status(s)
         if st is not None and st.get("status") == "ok" and os.path.exists(s.artifact):
             why = _load(ks, s)
@@ -133,7 +134,6 @@ def _probe(ks: _KernelSet) -> None:
                 _fail(ks, why)
             return
         if ks.proc is not None:
-            rc = ks.proc.poll()
             if rc is None:
                 return  # still building
             ks.proc = None
@@ -433,6 +433,7 @@ def _build_one(ks: _KernelSet, verbose: bool, timeout: float) -> dict:
             os.makedirs(s.build_dir, exist_ok=True)
             deadline = t0 + timeout
             announced = False
+            rc = None
             while True:
                 owner = _cache.read_lock(s.lock_path)
                 if owner is not None:
@@ -440,6 +441,12 @@ def _build_one(ks: _KernelSet, verbose: bool, timeout: float) -> dict:
                         if _cache.remove_stale(s.lock_path, owner):
                             say(f"removed a stale build lock of {_cache.describe_owner(owner)} "
                                 f"(no longer running)")
+                            continue
+                        if os.path.exists(s.lock_path) and time.monotonic() >= deadline:
+                            return result("failed", f"cannot remove the stale build lock "
+                                          f"{s.lock_path} (of {_cache.describe_owner(owner)}, "
+                                          f"no longer running); remove it by hand", record=False)
+                        time.sleep(0.2)
                         continue
                     if _cache.is_built(s):
                         break
@@ -460,13 +467,16 @@ def _build_one(ks: _KernelSet, verbose: bool, timeout: float) -> dict:
                 if rc == _BUSY:
                     continue  # someone took the lock meanwhile: wait for them
                 break
+            if ks.proc is not None and ks.proc.poll() is not None:
+                ks.proc = None  # our background build, waited for above: reaped
             if _cache.is_built(s):
                 why = _load(ks, s)
                 return result("built") if why is None else result("failed", why)
             st = _cache.read_status(s)
             if st is not None and st.get("status") == "failed":
                 return result("failed", _failure_text(s, st))
-            return result("failed", "the build process ended without a result" + _log_text(s))
+            return result("failed", f"the build process ended (exit status {rc}) without a "
+                          f"result" + _log_text(s))
         except Exception as exc:  # noqa: BLE001
             return result("failed", f"{type(exc).__name__}: {exc}")
 
