@@ -283,6 +283,17 @@ def test_recorded_failure_is_reported_once_and_not_retried(fresh, monkeypatch):
     assert "the real cause at the end" in kernels.status()["dense"]["failed"]
 
 
+def test_unusable_cache_is_one_warning_and_the_torch_path(fresh, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocker / "cache"))  # cannot be created
+    monkeypatch.setattr(kernels, "_start_background", lambda *a, **k: pytest.fail("spawned"))
+    with pytest.warns(RuntimeWarning, match="torch implementation serves") as rec:
+        assert kernels.module("dense") is None
+    assert len(rec) == 1 and str(blocker) in str(rec[0].message)
+    assert fresh("dense").failed and kernels.module("dense") is None
+
+
 # ---------------------------------------------------------------------------------------
 # build names and locks
 # ---------------------------------------------------------------------------------------
