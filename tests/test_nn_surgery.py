@@ -51,6 +51,10 @@ def test_convert_report_and_ignore():
     rep2 = convert_model(net2, 2, ignore=["body."], kinds=("conv2d", "linear"), method="svdp")
     assert rep2.converted == ["stem", "head"] and "body.0" in rep2.skipped
     assert isinstance(net2.head, SVDPLinear) and type(net2.emb) is nn.Embedding
+    # subclasses of the converted types are reported, not silently kept
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2))
+    rep3 = convert_model(mha, 2)
+    assert rep3.converted == [] and "subclass of Linear" in rep3.skipped["0.out_proj"]
     with pytest.raises(ValueError, match="ignore"):
         convert_model(Net(), 2, ignore=["nope"])
     with pytest.raises(ValueError, match="kinds"):

@@ -135,7 +135,15 @@ def convert_model(model: nn.Module, rank: int, *, method: str = "sttp",
     else:
         targets = []
         for n, m in modules.items():
-            if type(m) not in LAYER_TYPES or LAYER_TYPES[type(m)][0] not in kinds or n == "":
+            if n == "":
+                continue
+            sub = next((t for t in LAYER_TYPES if isinstance(m, t) and type(m) is not t), None)
+            if sub is not None and LAYER_TYPES[sub][0] in kinds:
+                # a subclass may change the forward (e.g. attention's output projection)
+                skipped[n] = (f"{type(m).__name__} is a subclass of {sub.__name__}, not the "
+                              f"layer itself: name it to convert it")
+                continue
+            if type(m) not in LAYER_TYPES or LAYER_TYPES[type(m)][0] not in kinds:
                 continue
             if n in ignore or any(n.startswith(p) for p in ignore if p.endswith(".")):
                 skipped[n] = "in the ignore list"
