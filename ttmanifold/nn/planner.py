@@ -36,7 +36,12 @@ class Plan(NamedTuple):
 
 
 def chain_table(shape, ranks):
-    """Optimal matrix-chain merge cost/split for every interval of cores. O(d^3)."""
+    """Optimal matrix-chain merge of every interval of cores.
+
+    Args: ``shape`` (``d`` mode sizes), ``ranks`` (``d + 1`` bond ranks).
+    Returns: ``(cost, split)``, dicts keyed by ``(i, j)`` (cores ``i..j-1``): multiply-adds
+    of the cheapest merge and its last split point. Cost ``O(d^3)`` (host integers only).
+    """
     d = len(shape)
     pre = [1]
     for n in shape:
@@ -63,7 +68,9 @@ def make_plan(shape, ranks, c: int, batch: int, mode: str, conv=None) -> Plan:
     ``conv = (kc1, kend, pix_in, pix_out)``: the group holding core ``c`` must reach ``kc1``
     (it holds every kernel-mode core, tensor cores ``c..kend-1``, and runs as a
     convolution); groups right of it act on the ``pix_in`` input pixels (whose state holds
-    channel modes only), the others on ``pix_out`` output pixels.
+    channel modes only), the others on ``pix_out`` output pixels. ``mode``: ``"auto"``,
+    ``"dense"`` (one group) or ``"tt"`` (never one group). Returns a :class:`Plan`; cost
+    ``O(d^3)`` host integer operations (cached by the layers per input size).
     """
     d = len(shape)
     pre = [1]
@@ -126,7 +133,9 @@ def make_plan(shape, ranks, c: int, batch: int, mode: str, conv=None) -> Plan:
 
 
 def merge_cores(cores: Sequence[Tensor], i: int, j: int, split) -> Tensor:
-    """Product of cores ``i..j-1`` as one core ``(r_i, n_i...n_{j-1}, r_j)`` (tensor order)."""
+    """Product of cores ``i..j-1`` as one core ``(r_i, n_i...n_{j-1}, r_j)`` (train order),
+    in the order given by ``split`` (:func:`chain_table`); dtype/device of the cores.
+    Cost: ``cost[(i, j)]`` of :func:`chain_table`."""
     if j - i == 1:
         return cores[i]
     m = split[(i, j)]
@@ -166,7 +175,9 @@ def group_matrix(cores, shape, c: int, k0: int, k1: int, split,
 
 
 def apply_group(Gm: Tensor, S: Tensor, r0: int) -> Tensor:
-    """One group on the state ``S`` (2-D, rows = (bond, group's in modes) slowest)."""
+    """One group on the state ``S`` (2-D, rows = (bond, group's in modes) slowest): one GEMM
+    of ``Gm`` (``rows x cols``) with ``S`` reshaped to ``(cols, -1)``; returns ``(r0, -1)``.
+    Cost ``rows * cols * S.numel() / cols``."""
     rows, cols = Gm.shape
     out = Gm @ S.reshape(cols, -1)
     return out.reshape(r0, -1)
