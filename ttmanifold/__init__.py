@@ -28,6 +28,7 @@ from .chart import (
     register_sttp,
 )
 from . import householder, nn
+from .io import load, save
 
 __version__ = "0.1.0"
 __all__ = [
@@ -46,4 +47,5 @@ __all__ = [
     "lipschitz_normalize",
     "householder",
     "nn",
+    "save", "load",
 ]

@@ -1,0 +1,166 @@
+"""Multi-process scenarios of tests/test_distributed.py, run as a script in a subprocess
+(the test applies a hard timeout): ``python distributed_worker.py SCENARIO OUTDIR PORT``.
+
+Processes are started with the ``spawn`` method and joined with timeouts; the process
+group is gloo on 127.0.0.1 with a short collective timeout."""
+import datetime
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+SHAPE = (6, 7, 5, 6, 5)
+RANK = 3
+N = 2500
+
+
+def data():
+    """The full data set (every process builds it, then keeps its shard)."""
+    from ttmanifold import TT
+    from ttmanifold.experiments.problems import sample_distinct_indices
+
+    truth = TT.random(SHAPE, RANK, dtype=torch.float64,
+                      generator=torch.Generator().manual_seed(1))
+    idx = sample_distinct_indices(SHAPE, N, generator=0)
+    return idx, truth.gather(idx)
+
+
+def split(idx, vals, rank, world):
+    from ttmanifold.experiments.distributed import shard_mask, validation_mask
+
+    val = torch.from_numpy(validation_mask(idx, 0.1))
+    mine = torch.from_numpy(shard_mask(idx, rank, world))
+    tr, va = mine & ~val, mine & val
+    return idx[tr], vals[tr], (idx[va], vals[va])
+
+
+def scenario_equal(rank, world, out):
+    from ttmanifold.experiments.distributed import (ShardedCompletion, distributed_cg,
+                                                    distributed_rsgd)
+
+    idx, vals = data()
+    ti, tv, val = split(idx, vals, rank, world)
+    S = ShardedCompletion(ti, tv, SHAPE, RANK, validation=val)
+    x0 = S.initial_point(0)
+    a = distributed_cg(S, x0, iters=20)
+    ck = os.path.join(out, "ck.pt")
+    b = distributed_cg(S, x0, iters=12, checkpoint=ck, checkpoint_every=6)
+    c = distributed_cg(S, x0, iters=20, checkpoint=ck, resume=True)
+    s = distributed_rsgd(S, x0, lr=0.3, iters=10, metrics_every=0)
+    torch.save({"a": a.x, "b": b.x, "c": c.x, "sgd": s.x, "loss_a": a.loss,
+                "loss_c": c.loss, "metrics_a": a.metrics[-1], "n_local": S.n_local,
+                "n_train": S.n_train, "n_val": S.n_val, "iters_c": c.iters},
+               os.path.join(out, f"rank{rank}.pt"))
+
+
+def scenario_dead(rank, world, out):
+    """First one process's bad shard (every process raises its error), then rank 1
+    crashes at iteration 3."""
+    from ttmanifold.experiments.distributed import (PeerFailure, ShardedCompletion,
+                                                    distributed_cg)
+
+    scenario_bad_shard(rank, world, out)
+    idx, vals = data()
+    ti, tv, val = split(idx, vals, rank, world)
+    S = ShardedCompletion(ti, tv, SHAPE, RANK, validation=val)
+    x0 = S.initial_point(0)
+
+    def die(t, hist):
+        if rank == 1 and t == 3:
+            os._exit(3)  # a crash: no exception, no cleanup
+        return False
+
+    t0 = time.time()
+    try:
+        distributed_cg(S, x0, iters=50, callback=die)
+        msg = "no error"
+    except PeerFailure as exc:
+        msg = "PeerFailure: " + str(exc)
+    with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+        f.write(f"{time.time() - t0:.3f}\n{msg}\n")
+
+
+def scenario_silent(rank, world, out):
+    """Rank 1 stops answering (alive, asleep): rank 0 fails after the group's timeout."""
+    from ttmanifold.experiments.distributed import (PeerFailure, ShardedCompletion,
+                                                    distributed_cg)
+
+    idx, vals = data()
+    ti, tv, _ = split(idx, vals, rank, world)
+    S = ShardedCompletion(ti, tv, SHAPE, RANK)
+    x0 = S.initial_point(0)
+
+    def hang(t, hist):
+        if rank == 1 and t == 2:
+            time.sleep(60)
+            os._exit(4)
+        return False
+
+    t0 = time.time()
+    try:
+        distributed_cg(S, x0, iters=50, callback=hang)
+        msg = "no error"
+    except PeerFailure as exc:
+        msg = "PeerFailure: " + str(exc)
+    with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+        f.write(f"{time.time() - t0:.3f}\n{msg}\n")
+    if rank == 0:
+        os._exit(0)  # do not wait for the sleeping peer at exit
+
+
+def scenario_bad_shard(rank, world, out):
+    from ttmanifold.experiments.distributed import ShardedCompletion
+
+    idx, vals = data()
+    ti, tv, _ = split(idx, vals, rank, world)
+    if rank == 1:
+        ti = ti[:0]
+        tv = tv[:0]
+    try:
+        ShardedCompletion(ti, tv, SHAPE, RANK)
+        msg = "no error"
+    except ValueError as exc:
+        msg = "ValueError: " + str(exc)
+    with open(os.path.join(out, f"bad_shard{rank}.txt"), "w") as f:
+        f.write(msg + "\n")
+
+
+def worker(rank, world, scenario, out, port):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world,
+                            timeout=datetime.timedelta(seconds=3 if scenario == "silent" else 20))
+    try:
+        globals()["scenario_" + scenario](rank, world, out)
+    finally:
+        if scenario not in ("dead", "silent"):
+            dist.destroy_process_group()
+
+
+def main():
+    scenario, out, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(r, WORLD, scenario, out, port))
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + 100
+    for p in procs[:1] if scenario == "silent" else procs:
+        p.join(max(deadline - time.time(), 0.1))
+    codes = []
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+            codes.append("hung")
+        else:
+            codes.append(p.exitcode)
+    print("exitcodes", codes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Data-parallel completion (ttmanifold.experiments.distributed): single-process runs
+against the library's riemannian_cg / rsgd (independent code path: autodiff for RSGD),
+checkpoints, the deterministic sharding; and two gloo processes on 127.0.0.1 (in a
+subprocess with a hard timeout, tests/distributed_worker.py): iterates equal to the
+single-process run, replicas identical, resume, a dead or silent peer stops the other
+with a clear error."""
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ttmanifold import TT
+from ttmanifold.experiments.distributed import (ShardedCompletion, distributed_cg,
+                                                distributed_rsgd, load_checkpoint,
+                                                row_hash, shard_mask, validation_mask)
+from ttmanifold.experiments.problems import Completion, sample_distinct_indices
+from ttmanifold.experiments.solvers import riemannian_cg, run
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import distributed_worker as W  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(scenario, tmp_path, timeout=150):
+    out = tmp_path / scenario
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(HERE / "distributed_worker.py"), scenario,
+                          str(out), str(_free_port())], capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    return out, res
+
+
+def _full_problem(val_fraction=0.1):
+    idx, vals = W.data()
+    val = torch.from_numpy(validation_mask(idx, val_fraction))
+    return Completion.from_data(idx[~val], vals[~val], W.SHAPE, W.RANK)
+
+
+def test_single_process_equals_riemannian_cg_and_rsgd():
+    P = _full_problem()
+    S = ShardedCompletion(P.train.indices, P.a_train, W.SHAPE, W.RANK)
+    x0 = P.initial_point(0)
+    assert torch.equal(S.initial_point(0), x0)
+    h = riemannian_cg(P, x0, iters=15)
+    hd = distributed_cg(S, x0, iters=15)
+    np.testing.assert_allclose(hd.loss, h.loss, rtol=1e-9, atol=1e-13)
+    assert float((hd.x - h.x).abs().max()) < 1e-10
+    hs = run(P, "rsgd", x0, iters=8, lr=0.3, measure_memory=False)
+    hsd = distributed_rsgd(S, x0, lr=0.3, iters=8)
+    assert float((hsd.x - hs.x).abs().max()) < 1e-12
+    # metrics: against a dense float64 reference on the training samples
+    X = P.manifold.to_tt(hd.x).full()
+    r = X[tuple(P.train.indices.t())] - P.a_train
+    m = hd.metrics[-1]
+    assert abs(m["train_rmse"] - float(r.pow(2).mean().sqrt())) < 1e-14
+    assert abs(m["train_err"] - float(r.norm() / P.a_train.norm())) < 1e-14
+
+
+def test_checkpoint_resume_is_exact_and_records_the_run(tmp_path):
+    P = _full_problem()
+    S = ShardedCompletion(P.train.indices, P.a_train, W.SHAPE, W.RANK)
+    x0 = S.initial_point(0)
+    full = distributed_cg(S, x0, iters=9)
+    ck = tmp_path / "ck.pt"
+    part = distributed_cg(S, x0, iters=5, checkpoint=str(ck), checkpoint_every=4)
+    info = load_checkpoint(ck)
+    assert info["iteration"] == 4 and info["shape"] == list(W.SHAPE)
+    assert info["ranks"] == list(S.ranks) and info["dtype"] == "float64"
+    assert info["method"] == "rcg" and info["world_size"] == 1
+    assert part.n_iters == 5
+    again = distributed_cg(S, x0, iters=9, checkpoint=str(ck), resume=True)
+    assert torch.equal(again.x, full.x)
+    assert again.iters == full.iters and again.loss == full.loss
+    # another run's checkpoint is refused, naming the mismatch
+    S2 = ShardedCompletion(P.train.indices, P.a_train, W.SHAPE, 2)
+    with pytest.raises(ValueError, match="ranks"):
+        distributed_cg(S2, S2.initial_point(0), iters=9, checkpoint=str(ck), resume=True)
+    with pytest.raises(ValueError, match="method"):
+        distributed_rsgd(S, x0, lr=0.1, iters=9, checkpoint=str(ck), resume=True)
+    bad = tmp_path / "bad.pt"
+    torch.save({"x": 1}, bad)
+    with pytest.raises(ValueError, match="not a ttmanifold distributed checkpoint"):
+        load_checkpoint(bad)
+
+
+def test_sharding_is_a_partition_independent_of_the_world_size():
+    idx = sample_distinct_indices((9, 8, 7, 6), 3000, generator=3)
+    for world in (1, 2, 3, 5):
+        masks = np.stack([shard_mask(idx, r, world) for r in range(world)])
+        assert (masks.sum(0) == 1).all()
+        if world > 1:
+            assert masks.sum(1).min() > 0.6 * 3000 / world
+    # equal rows, equal hashes; a different row, a different hash (for these rows)
+    assert (row_hash(idx[:5]) == row_hash(idx[:5].clone())).all()
+    assert len(np.unique(row_hash(idx))) == 3000
+    v = validation_mask(idx, 0.2, seed=1)
+    assert abs(v.mean() - 0.2) < 0.03
+    assert (v == validation_mask(idx.numpy(), 0.2, seed=1)).all()
+    with pytest.raises(ValueError, match="rank, world_size"):
+        shard_mask(idx, 2, 2)
+    with pytest.raises(ValueError, match="fraction"):
+        validation_mask(idx, 1.0)
+
+
+def test_errors_name_the_argument(tmp_path):
+    P = _full_problem()
+    with pytest.raises(TypeError, match="shape"):
+        ShardedCompletion(P.train.indices, P.a_train, None, 3)
+    with pytest.raises(TypeError, match="indices"):
+        ShardedCompletion(P.train.indices.double(), P.a_train, W.SHAPE, 3)
+    with pytest.raises(ValueError, match="no training samples"):
+        ShardedCompletion(P.train.indices[:0], P.a_train[:0], W.SHAPE, 3)
+    S = ShardedCompletion(P.train.indices, P.a_train, W.SHAPE, W.RANK)
+    x0 = S.initial_point(0)
+    with pytest.raises(ValueError, match="lr"):
+        distributed_rsgd(S, x0, lr=-1.0)
+    with pytest.raises(ValueError, match="checkpoint"):
+        distributed_cg(S, x0, checkpoint_every=3)
+    with pytest.raises(ValueError, match="x0"):
+        distributed_cg(S, x0[:-1])
+
+
+def test_two_processes_equal_one(tmp_path):
+    out, res = _launch("equal", tmp_path)
+    assert "exitcodes [0, 0]" in res.stdout, res.stdout + res.stderr
+    r0 = torch.load(out / "rank0.pt", weights_only=False)
+    r1 = torch.load(out / "rank1.pt", weights_only=False)
+    # replicas identical, bit for bit; the shards partition the training samples
+    for key in ("a", "b", "c", "sgd"):
+        assert torch.equal(r0[key], r1[key]), key
+    P = _full_problem()
+    assert r0["n_local"] + r1["n_local"] == r0["n_train"] == len(P.train)
+    assert r0["n_local"] > 0 and r1["n_local"] > 0 and r0["n_val"] > 0
+    # equal to the single-process run on the same data, to rounding
+    x0 = P.initial_point(0)
+    h = riemannian_cg(P, x0, iters=20)
+    assert float((r0["a"] - h.x).abs().max()) < 1e-9
+    np.testing.assert_allclose(r0["loss_a"], h.loss, rtol=1e-8, atol=1e-13)
+    hs = run(P, "rsgd", x0, iters=10, lr=0.3, measure_memory=False)
+    assert float((r0["sgd"] - hs.x).abs().max()) < 1e-11
+    # the resumed run (checkpoint at 12, written by rank 0, read and broadcast) is exact
+    assert torch.equal(r0["c"], r0["a"]) and r0["loss_c"] == r0["loss_a"]
+    assert r0["iters_c"] == list(range(21))
+
+
+def test_a_bad_shard_or_a_dead_peer_stops_the_others_with_a_clear_error(tmp_path):
+    out, res = _launch("dead", tmp_path)
+    assert "exitcodes [0, 3]" in res.stdout, res.stdout + res.stderr
+    seconds, msg = (out / "rank0.txt").read_text().split("\n", 1)
+    assert msg.startswith("PeerFailure: rank 0 of 2:"), msg
+    assert "peer process stopped" in msg
+    assert float(seconds) < 30
+    # before that, rank 1's empty shard: both processes raise its error
+    for r in (0, 1):
+        msg = (out / f"bad_shard{r}.txt").read_text()
+        assert msg.startswith("ValueError: (rank 1) indices: process 1 of 2 has no "
+                              "training samples"), msg
+
+
+def test_a_silent_peer_times_out(tmp_path):
+    out, res = _launch("silent", tmp_path)
+    seconds, msg = (out / "rank0.txt").read_text().split("\n", 1)
+    assert msg.startswith("PeerFailure: rank 0 of 2:"), msg
+    assert 2.5 < float(seconds) < 30  # the group's 3 s timeout

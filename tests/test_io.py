@@ -1,0 +1,68 @@
+"""ttmanifold.save / ttmanifold.load: round trips are exact (every dtype, both containers),
+packed points carrying their manifold are accepted, foreign or damaged files raise
+ValueError naming the path."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import ttmanifold as tm
+
+
+@pytest.mark.parametrize("name", ["x.npz", "x.tt", "x.pt"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_round_trip_is_exact(tmp_path, name, dtype):
+    x = tm.TT.random((3, 4, 5), 2, dtype=torch.float64)
+    x = tm.TT([c.to(dtype) for c in x.cores])
+    tm.save(x, tmp_path / name)
+    y = tm.load(tmp_path / name)
+    assert y.dtype == dtype and y.shape == x.shape and y.ranks == x.ranks
+    for a, b in zip(x.cores, y.cores):
+        assert torch.equal(a, b)
+    # and the dense tensors agree (independent of the cores' gauge)
+    assert torch.equal(x.full(), y.full())
+
+
+def test_npz_is_readable_by_numpy_alone(tmp_path):
+    x = tm.TT.random((3, 4, 5, 2), (1, 2, 3, 2, 1), dtype=torch.float64)
+    tm.save(x, tmp_path / "a.npz")
+    z = np.load(tmp_path / "a.npz", allow_pickle=False)
+    meta = json.loads(str(z["meta"]))
+    assert meta["shape"] == [3, 4, 5, 2] and meta["ranks"] == [1, 2, 3, 2, 1]
+    dense = np.einsum("aib,bjc,ckd,dle->ijkl", *[z[f"core_{k}"] for k in range(4)])
+    np.testing.assert_allclose(dense, x.full().numpy(), rtol=1e-13, atol=1e-15)
+
+def test_packed_point_dtype_device_and_overwrite(tmp_path):
+    M = tm.FixedTTRank((4, 5, 6), 3)
+    p = M.random(dtype=torch.float64)
+    tm.save(p, tmp_path / "p.pt")
+    y = tm.load(tmp_path / "p.pt", dtype=torch.float32, device="cpu")
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.full().double(), M.to_tt(p).full(), rtol=1e-6, atol=1e-6)
+    tm.save(tm.TT.random((2, 2), 1, dtype=torch.float64), tmp_path / "p.pt")  # replaced
+    assert tm.load(tmp_path / "p.pt").shape == (2, 2)
+    assert not [f for f in tmp_path.iterdir() if "tmp" in f.name]
+
+
+def test_errors(tmp_path):
+    with pytest.raises(TypeError, match="x: expected a TT"):
+        tm.save(torch.zeros(3), tmp_path / "a.pt")
+    with pytest.raises(FileNotFoundError, match="directory"):
+        tm.save(tm.TT.random((2, 2), 1), tmp_path / "nodir" / "a.pt")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        tm.load(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="junk.npz"):
+        tm.load(tmp_path / "junk.npz")
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="other.npz"):
+        tm.load(tmp_path / "other.npz")
+    torch.save({"format": "ttmanifold.TT", "version": 1, "shape": [2, 3], "ranks": [1, 2, 1],
+                "dtype": "float64", "cores": [torch.zeros(1, 2, 2), torch.zeros(2, 4, 1)]},
+               tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="do not match"):
+        tm.load(tmp_path / "bad.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="list.pt"):
+        tm.load(tmp_path / "list.pt")

@@ -1,0 +1,704 @@
+"""Data-parallel Riemannian completion on ``torch.distributed``.
+
+The observed entries are sharded over the processes of a process group (each process holds
+only its shard); the point of the manifold is replicated. Each iteration every process
+
+1. computes the loss and the Riemannian gradient of its shard (:meth:`Completion.cg_grad`
+   of a per-shard problem, O(|shard| d r^2)) and all-reduces them in one message of
+   ``dim M + 1`` numbers;
+2. (CG) evaluates the search direction at its samples and all-reduces the one scalar of the
+   exact line search's denominator;
+3. retracts and transports locally (O(d n r^3), the same bits on every process).
+
+So every process computes the same direction, step and next point, and the iterates equal
+those of the single-process run on the same data to rounding (the sums over the samples
+are grouped differently). The mathematics, the communication volume and the scaling model
+are in ``docs/distributed.md``.
+
+Entry points: :class:`ShardedCompletion` (the data of one process plus the reductions),
+:func:`distributed_cg` and :func:`distributed_rsgd` (the solvers, with checkpoints), and the
+sharding helpers :func:`shard_mask` / :func:`validation_mask` (a deterministic assignment
+of each multi-index to a process and to the validation set, independent of the number of
+processes). Without an initialized process group everything runs in one process.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..manifold import FixedTTRank
+from ..tt import TT, IndexSet
+from .problems import Completion
+from .solvers import History
+
+__all__ = [
+    "PeerFailure",
+    "Communicator",
+    "ShardedCompletion",
+    "distributed_cg",
+    "distributed_rsgd",
+    "shard_mask",
+    "validation_mask",
+    "row_hash",
+    "load_checkpoint",
+    "init_from_env",
+]
+
+CHECKPOINT_FORMAT = "ttmanifold.distributed.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class PeerFailure(RuntimeError):
+    """A collective operation failed: a peer process died, or did not answer within the
+    process group's timeout. Every surviving process raises it (no hang)."""
+
+
+# ---------------------------------------------------------------------------------------
+# communication
+# ---------------------------------------------------------------------------------------
+
+class Communicator:
+    """The collectives of one process: ``torch.distributed`` when a process group with more
+    than one process is initialized, plain local no-ops otherwise.
+
+    Args:
+        group: a process group (default: the default group, if initialized).
+
+    Every collective names what it was doing in the :class:`PeerFailure` it raises when a
+    peer is gone (gloo reports a closed connection at once; a silent peer is detected after
+    the group's ``timeout``, set by ``init_process_group(timeout=...)`` or
+    :func:`init_from_env`).
+    """
+
+    def __init__(self, group=None):
+        import torch.distributed as dist
+
+        self._dist = dist
+        active = dist.is_available() and dist.is_initialized()
+        self.group = group
+        self.world_size = dist.get_world_size(group) if active else 1
+        self.rank = dist.get_rank(group) if active else 0
+        self.distributed = active and self.world_size > 1
+        self.backend = dist.get_backend(group) if active else None
+
+    def _fail(self, what: str, exc: BaseException):
+        raise PeerFailure(
+            f"rank {self.rank} of {self.world_size}: {what} failed - a peer process "
+            f"stopped or did not answer within the process group's timeout "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+
+    def all_reduce(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """Sum ``t`` in place over the processes (a no-op in one process). Returns ``t``."""
+        if self.distributed:
+            try:
+                self._dist.all_reduce(t, group=self.group)
+            except Exception as exc:  # noqa: BLE001  (DistBackendError, RuntimeError, ...)
+                self._fail(what, exc)
+        return t
+
+    def broadcast(self, t: torch.Tensor, what: str, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s ``t`` on every process (in place). Returns ``t``."""
+        if self.distributed:
+            try:
+                self._dist.broadcast(t, src=src, group=self.group)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(what, exc)
+        return t
+
+    def gather_objects(self, obj, what: str) -> list:
+        """``[obj of rank 0, obj of rank 1, ...]`` on every process (picklable objects)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        try:
+            self._dist.all_gather_object(out, obj, group=self.group)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(what, exc)
+        return out
+
+    def broadcast_object(self, obj, what: str, src: int = 0):
+        """Rank ``src``'s ``obj`` on every process."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        try:
+            self._dist.broadcast_object_list(box, src=src, group=self.group)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(what, exc)
+        return box[0]
+
+    def check_all(self, error: Optional[str], what: str) -> None:
+        """Raise ``ValueError`` on every process when any process reports an error string
+        (so one process's bad shard stops all of them, with its message)."""
+        errors = self.gather_objects(error, what)
+        bad = [(r, e) for r, e in enumerate(errors) if e]
+        if bad:
+            r, e = bad[0]
+            raise ValueError(e if not self.distributed else f"(rank {r}) {e}")
+
+
+def init_from_env(timeout: float = 300.0, backend: Optional[str] = None) -> bool:
+    """Initialize the default process group from ``torchrun``'s environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) when ``WORLD_SIZE > 1`` and no group
+    exists yet.
+
+    Args:
+        timeout: seconds after which a collective waiting for a silent peer fails.
+        backend: default ``"nccl"`` when CUDA is available, else ``"gloo"``.
+
+    Returns True when this call initialized a group (destroy it with
+    ``torch.distributed.destroy_process_group()``). Cost: one rendezvous.
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if not timeout > 0:
+        raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout)))
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# deterministic assignment of entries to processes and to the validation set
+# ---------------------------------------------------------------------------------------
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLD = 0x9E3779B97F4A7C15
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    h ^= h >> np.uint64(30)
+    h *= _M1
+    h ^= h >> np.uint64(27)
+    h *= _M2
+    h ^= h >> np.uint64(31)
+    return h
+
+
+def row_hash(indices, seed: int = 0) -> np.ndarray:
+    """A 64-bit hash of each multi-index (row of ``indices``), a function of the row and
+    ``seed`` only (splitmix64 finalizer applied column by column).
+
+    Args:
+        indices: ``(N, d)`` non-negative integers (array or tensor).
+        seed: selects an independent hash.
+
+    Returns an ``(N,)`` ``uint64`` array. Cost: O(N d).
+    """
+    idx = indices.numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
+    if idx.ndim != 2:
+        raise ValueError(f"indices: expected an (N, d) array, got shape {idx.shape}")
+    with np.errstate(over="ignore"):
+        h = np.full(idx.shape[0], np.uint64((_GOLD * (int(seed) + 1)) % 2 ** 64),
+                    dtype=np.uint64)
+        for k in range(idx.shape[1]):
+            h ^= idx[:, k].astype(np.uint64)
+            h = _mix(h)
+    return h
+
+
+def shard_mask(indices, rank: int, world_size: int) -> np.ndarray:
+    """Which rows of ``indices`` belong to process ``rank`` of ``world_size``: the hash of
+    the multi-index modulo ``world_size``. Equal multi-indices land on the same process,
+    so per-shard duplicate checks are global ones. Returns an ``(N,)`` bool array; O(N d)."""
+    if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
+        raise ValueError(f"rank, world_size: expected 0 <= rank < world_size, got "
+                         f"{rank!r}, {world_size!r}")
+    return (row_hash(indices, seed=0x5EED) % np.uint64(world_size)) == np.uint64(rank)
+
+
+def validation_mask(indices, fraction: float, seed: int = 0) -> np.ndarray:
+    """Rows of ``indices`` held out for validation: those whose hash (seeded by ``seed``)
+    falls below ``fraction`` of its range; about ``fraction * N`` rows, the same rows
+    whatever the number of processes. Returns an ``(N,)`` bool array; O(N d)."""
+    if not 0.0 <= float(fraction) < 1.0:
+        raise ValueError(f"fraction: expected a number in [0, 1), got {fraction!r}")
+    u = (row_hash(indices, seed=1 + int(seed)) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    return u < float(fraction)
+
+
+# ---------------------------------------------------------------------------------------
+# the sharded problem
+# ---------------------------------------------------------------------------------------
+
+def _as_long(x, name: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected integer indices, got dtype {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected an (N, d) array, got shape {tuple(t.shape)}")
+    return t.to(torch.long)
+
+
+class ShardedCompletion:
+    """One process's share of a completion problem: the loss ``(w/2) sum_i (X[i] - a_i)^2``
+    over *all* processes' samples (``w = n_1...n_d / N``, ``N`` the global sample count, as
+    in :meth:`Completion.from_data`), with the reductions that make the gradient, the line
+    search and the metrics global.
+
+    Args:
+        indices: ``(N_local, d)`` integer multi-indices of this process's training samples
+            (distinct over all processes; :func:`shard_mask` guarantees it for per-shard
+            checks). Every process needs at least one sample.
+        values: ``(N_local,)`` finite values.
+        shape: the tensor's shape (required: a shard does not know the global maximum).
+        ranks: TT-ranks, as in :meth:`Completion.from_data` (an int is clipped).
+        validation: optional ``(indices, values)`` of this process's held-out samples.
+        dtype, device: of the tensors (default float64, CPU).
+        group: the process group (default: the default group when initialized, else one
+            process).
+
+    Cost: the per-shard checks of :meth:`Completion.from_data` (O(N_local log N_local)) and
+    one all-reduce of 4 numbers.
+    """
+
+    def __init__(self, indices, values, shape, ranks, *, validation=None, dtype=None,
+                 device=None, group=None):
+        if shape is None:
+            raise TypeError("shape: give the tensor's shape (a shard cannot infer it)")
+        self.comm = Communicator(group)
+        idx = _as_long(indices, "indices")
+        error = None
+        if idx.shape[0] == 0:
+            error = (f"indices: process {self.comm.rank} of {self.comm.world_size} has no "
+                     f"training samples; use fewer processes")
+        self.comm.check_all(error, "the check of the shards")
+        import warnings
+
+        with warnings.catch_warnings():
+            # the clipping warning is issued once, by rank 0
+            if self.comm.rank != 0:
+                warnings.simplefilter("ignore")
+            self.local = Completion.from_data(idx, values, shape, ranks, dtype=dtype,
+                                              device=device)
+        self.manifold: FixedTTRank = self.local.manifold
+        self.dtype = self.local.dtype
+        self.device = self.local.device
+        self.val = None
+        self.a_val = None
+        if validation is not None:
+            vi = _as_long(validation[0], "validation[0] (indices)")
+            vv = torch.as_tensor(np.asarray(validation[1]) if not isinstance(
+                validation[1], torch.Tensor) else validation[1]).to(self.dtype).reshape(-1)
+            if vv.shape[0] != vi.shape[0]:
+                raise ValueError(f"validation[1] (values): {vv.shape[0]} values for "
+                                 f"{vi.shape[0]} indices")
+            if vi.shape[0]:
+                self.val = IndexSet(vi.to(self.device), self.manifold.shape)
+                self.a_val = vv.to(self.device)
+        n_val = 0 if self.val is None else len(self.val)
+        counts = torch.tensor([float(idx.shape[0]), float(n_val)], dtype=torch.float64)
+        self.comm.all_reduce(counts, "the count of the samples")
+        self.n_train = int(counts[0])
+        self.n_val = int(counts[1])
+        self.n_local = int(idx.shape[0])
+        # the per-shard problem weighs its samples by n/N_local; the global loss by n/N
+        self.scale = self.n_local / self.n_train
+        self.weight = self.local.weight * self.scale
+        self.grad_messages = 0
+
+    @property
+    def shape(self):
+        return self.manifold.shape
+
+    @property
+    def ranks(self):
+        return self.manifold.ranks
+
+    # -- the pieces of an iteration --------------------------------------------------------
+    def grad(self, p: torch.Tensor):
+        """Global loss and Riemannian gradient at the replicated point ``p``.
+
+        Returns ``(loss, grad, ctx)`` (``ctx`` is this shard's context for
+        :meth:`line_search`). Cost: O(N_local d r^2) plus one all-reduce of ``dim M + 1``
+        numbers.
+        """
+        loss, g, ctx = self.local.cg_grad(p)
+        with torch.no_grad():
+            buf = torch.cat([g.reshape(-1), loss.reshape(1).to(g.dtype)])
+            if self.scale != 1.0:
+                buf.mul_(self.scale)
+            self.comm.all_reduce(buf, "the all-reduce of the gradient")
+        return buf[-1], buf[:-1].clone(), ctx
+
+    def line_search(self, p: torch.Tensor, g: torch.Tensor, eta: torch.Tensor, ctx):
+        """The exact minimizer ``alpha = -<g, eta> / ||P_Omega eta||^2_w`` of the loss along
+        the tangent line ``X + alpha eta`` (the numerator is ``<P_Omega(X - A), eta>_w``,
+        which equals ``<g, eta>`` for a tangent ``eta``). Cost: O(N_local d r^2) and one
+        all-reduce of one number."""
+        with torch.no_grad():
+            e = self.local.eval_tangent(p, eta, ctx)
+            den = (e * e).sum().reshape(1).to(torch.float64 if e.dtype == torch.float64
+                                                else e.dtype)
+            if self.scale != 1.0:
+                den.mul_(self.scale)
+            self.comm.all_reduce(den, "the all-reduce of the line search")
+            num = (g * eta).sum()
+            return -num / den[0].to(num.dtype).clamp_min(torch.finfo(num.dtype).tiny)
+
+    def metrics(self, p) -> Dict[str, float]:
+        """``train_err`` / ``val_err`` (``||X - A|| / ||A||`` on the samples) and
+        ``train_rmse`` / ``val_rmse`` over all processes. O(N_local d r^2) and one
+        all-reduce of 6 numbers."""
+        x = p if isinstance(p, TT) else self.manifold.to_tt(p)
+        x = x.detach()
+        sums = torch.zeros(6, dtype=torch.float64)
+        with torch.no_grad():
+            sets = [(0, self.local.train, self.local.a_train)]
+            if self.val is not None:
+                sets.append((3, self.val, self.a_val))
+            for j, iset, a in sets:
+                r = (iset.gather(x) - a).double()
+                sums[j] = float((r * r).sum())
+                sums[j + 1] = float((a.double() ** 2).sum())
+                sums[j + 2] = float(len(iset))
+        self.comm.all_reduce(sums, "the all-reduce of the metrics")
+        out = {}
+        for name, j in (("train", 0), ("val", 3)):
+            if sums[j + 2] > 0:
+                out[f"{name}_err"] = math.sqrt(sums[j]) / math.sqrt(sums[j + 1]) \
+                    if sums[j + 1] > 0 else math.nan
+                out[f"{name}_rmse"] = math.sqrt(sums[j] / sums[j + 2])
+        return out
+
+    def initial_point(self, seed: int = 0, kind: str = "random") -> torch.Tensor:
+        """A start, the same on every process.
+
+        - ``"random"``: :meth:`Completion.initial_point` (the same point for a seed as the
+          single-process problem);
+        - ``"spectral"``: rank-r TT-SVD of the zero-filled data times ``w`` (dense: at most
+          2e7 entries); each process fills its samples, one all-reduce of the dense tensor,
+          rank 0 decomposes and broadcasts.
+
+        Returns a packed point (rank 0's, broadcast).
+        """
+        if kind == "random":
+            p = self.local.initial_point(seed)
+        elif kind == "spectral":
+            total = math.prod(self.shape)
+            if total > 2 * 10 ** 7:
+                raise ValueError(f"kind='spectral' forms the dense {self.shape} tensor "
+                                 f"({total} entries > 2e7); use kind='random'")
+            Z = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            Z[tuple(self.local.train.indices.t())] = self.local.a_train * self.weight
+            self.comm.all_reduce(Z, "the all-reduce of the spectral start")
+            if self.comm.rank == 0:
+                p = self.manifold.pack_point(TT.from_dense(Z, ranks=self.ranks))
+            else:
+                p = torch.empty(self.manifold.size, dtype=self.dtype, device=self.device)
+            del Z
+        else:
+            raise ValueError(f"kind: expected 'random' or 'spectral', got {kind!r}")
+        p = torch.as_tensor(p).detach().clone().contiguous()
+        return self.comm.broadcast(p, "the broadcast of the start")
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def load_checkpoint(path) -> dict:
+    """Read a checkpoint written by :func:`distributed_cg` / :func:`distributed_rsgd`.
+
+    Returns a dict with ``format``, ``version``, ``method``, ``iteration``, ``shape``,
+    ``ranks``, ``dtype`` (a name), ``n_train``, ``world_size`` (of the run that wrote
+    it), ``state`` (tensors) and ``history`` (rows). Raises ``ValueError`` naming ``path``
+    for a file of another kind.
+    """
+    path = os.fspath(path)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"checkpoint: {path!r} is not a readable checkpoint ({exc})") from exc
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint: {path!r} is not a ttmanifold distributed checkpoint")
+    return ck
+
+
+def _save_checkpoint(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(data, tmp)
+    os.replace(tmp, path)  # atomic: a reader sees the old or the new checkpoint
+
+
+def _check_resume(ck: dict, problem: ShardedCompletion, method: str, path: str) -> None:
+    want = {"method": method, "shape": list(problem.shape), "ranks": list(problem.ranks),
+            "dtype": _dtype_name(problem.dtype), "n_train": problem.n_train}
+    for key, val in want.items():
+        if ck.get(key) != val:
+            raise ValueError(f"checkpoint: {path!r} has {key} = {ck.get(key)!r}, this run "
+                             f"has {val!r}; it belongs to another run")
+
+
+# ---------------------------------------------------------------------------------------
+# solvers
+# ---------------------------------------------------------------------------------------
+
+class _CG:
+    """Polak-Ribiere+ CG with exact line search, the rules of
+    :func:`ttmanifold.experiments.solvers.riemannian_cg`."""
+
+    method = "rcg"
+
+    def __init__(self, problem: ShardedCompletion, p, beta: str, restart_tol: float,
+                 restart_every: Optional[int]):
+        if beta not in ("pr+", "fr"):
+            raise ValueError(f"beta: expected 'pr+' or 'fr', got {beta!r}")
+        self.problem, self.M = problem, problem.manifold
+        self.p = p
+        self.beta_rule, self.restart_tol, self.restart_every = beta, restart_tol, restart_every
+        self.eta = None
+        self.k = 0
+        self.restarts = 0
+        self.state = None
+
+    def ensure_state(self):
+        if self.state is None:
+            self.state = self.problem.grad(self.p)
+        return self.state
+
+    def step(self) -> float:
+        M, P = self.M, self.problem
+        with torch.no_grad():
+            loss, g, ctx = self.ensure_state()
+            eta = -g if self.eta is None else self.eta
+            alpha = P.line_search(self.p, g, eta, ctx)
+            p_new, eta_tr = M.retr_transp(self.p, alpha * eta, eta)
+            g_tr = M.transp(self.p, p_new, g)
+            del ctx
+            self.state = None
+            loss_new, g_new, ctx_new = P.grad(p_new)
+            gg_old = (g * g).sum()
+            gg = (g_new * g_new).sum()
+            self.k += 1
+            if self.beta_rule == "fr":
+                beta = gg / gg_old
+            else:
+                beta = torch.clamp((g_new * (g_new - g_tr)).sum() / gg_old, min=0.0)
+            restart = bool((g_new * g_tr).sum().abs() >= self.restart_tol * gg)
+            if self.restart_every and self.k >= self.restart_every:
+                restart = True
+            if restart:
+                beta = torch.zeros_like(beta)
+                self.k = 0
+                self.restarts += 1
+            eta_new = -g_new + beta * eta_tr
+            if bool((eta_new * g_new).sum() >= 0):
+                eta_new = -g_new
+            self.p, self.eta = torch.as_tensor(p_new), eta_new
+            self.state = (loss_new, g_new, ctx_new)
+        return float(loss)
+
+    def loss_now(self) -> float:
+        return float(self.ensure_state()[0])
+
+    def state_dict(self) -> dict:
+        return {"p": self.p.detach().clone(),
+                "eta": None if self.eta is None else self.eta.detach().clone(),
+                "k": self.k, "restarts": self.restarts}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.p = s["p"].to(dtype=self.problem.dtype, device=self.problem.device)
+        self.eta = None if s["eta"] is None else s["eta"].to(self.p)
+        self.k, self.restarts = int(s["k"]), int(s["restarts"])
+        self.state = None
+
+
+class _SGD:
+    """Riemannian gradient descent with a fixed step: ``X <- R_X(-lr grad)``."""
+
+    method = "rsgd"
+
+    def __init__(self, problem: ShardedCompletion, p, lr: float):
+        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr: expected a positive number, got {lr!r}")
+        self.problem, self.M, self.p, self.lr = problem, problem.manifold, p, float(lr)
+        self.state = None
+
+    def ensure_state(self):
+        if self.state is None:
+            self.state = self.problem.grad(self.p)
+        return self.state
+
+    def step(self) -> float:
+        with torch.no_grad():
+            loss, g, _ = self.ensure_state()
+            self.state = None
+            self.p = torch.as_tensor(self.M.retr(self.p, -self.lr * g))
+        return float(loss)
+
+    def loss_now(self) -> float:
+        return float(self.ensure_state()[0])
+
+    def state_dict(self) -> dict:
+        return {"p": self.p.detach().clone(), "lr": self.lr}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.p = s["p"].to(dtype=self.problem.dtype, device=self.problem.device)
+        self.state = None
+
+
+def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
+         checkpoint: Optional[str], checkpoint_every: int, resume: bool,
+         callback: Optional[Callable], stop_metric: Optional[str],
+         stop_tol: Optional[float], options: dict) -> History:
+    if not isinstance(problem, ShardedCompletion):
+        raise TypeError(f"problem: expected a ShardedCompletion, got {type(problem).__name__}")
+    if not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every: expected a non-negative int, got "
+                         f"{checkpoint_every!r}")
+    if checkpoint_every and checkpoint is None:
+        raise ValueError("checkpoint: give a path when checkpoint_every > 0")
+    if resume and checkpoint is None:
+        raise ValueError("checkpoint: give the path to resume from")
+    comm = problem.comm
+    hist = History(problem="completion", method=stepper.method + "-dp")
+    hist.info.update(world_size=comm.world_size, n_train=problem.n_train,
+                     n_val=problem.n_val, options=dict(options))
+    start = 0
+    elapsed = 0.0
+    if resume:
+        ck = None
+        if comm.rank == 0:
+            ck = load_checkpoint(checkpoint)
+            _check_resume(ck, problem, stepper.method, checkpoint)
+        ck = comm.broadcast_object(ck, "the broadcast of the checkpoint")
+        stepper.load_state_dict(ck["state"])
+        start = int(ck["iteration"])
+        for row in ck["history"]:
+            hist.record(row["iter"], row["loss"], row["time"], row["metrics"])
+        elapsed = float(ck["elapsed"])
+        hist.info["resumed_from"] = start
+
+    def save(t: int) -> None:
+        if comm.rank != 0:
+            return
+        _save_checkpoint(checkpoint, {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "method": stepper.method, "iteration": t, "shape": list(problem.shape),
+            "ranks": list(problem.ranks), "dtype": _dtype_name(problem.dtype),
+            "n_train": problem.n_train, "world_size": comm.world_size, "elapsed": elapsed,
+            "options": dict(options), "state": stepper.state_dict(),
+            "history": [{"iter": i, "loss": l, "time": s, "metrics": m} for i, l, s, m in
+                        zip(hist.iters, hist.loss, hist.time, hist.metrics)],
+        })
+
+    t = start
+    try:
+        for t in range(start, iters + 1):
+            want = metrics_every and (t % metrics_every == 0 or t == iters)
+            m = problem.metrics(stepper.p) if want else {}
+            reached = stop_metric is not None and m.get(stop_metric, math.inf) <= stop_tol
+            if t == iters or reached:
+                hist.record(t, stepper.loss_now(), elapsed, m)
+                if reached and t < iters:
+                    hist.status = "converged"
+                if callback is not None:
+                    callback(t, hist)
+                break
+            t0 = time.perf_counter()
+            loss = stepper.step()
+            hist.record(t, loss, elapsed, m)  # time: seconds spent reaching iterate t
+            elapsed += time.perf_counter() - t0
+            if not math.isfinite(loss):
+                hist.status = "diverged"
+                break
+            if callback is not None and callback(t, hist):
+                hist.status = "stopped"
+                break
+            if checkpoint_every and (t + 1) % checkpoint_every == 0:
+                # the rows so far plus the iterate t + 1, so that a resumed run continues
+                # exactly where this one would
+                save(t + 1)
+    except KeyboardInterrupt:
+        hist.status = "interrupted"
+        hist.info["interrupted_at"] = t
+    hist.info["restarts"] = getattr(stepper, "restarts", 0)
+    hist.x = stepper.p
+    return hist
+
+
+def distributed_cg(problem: ShardedCompletion, x0: torch.Tensor, *, iters: int = 100,
+                   beta: str = "pr+", restart_tol: float = 0.1,
+                   restart_every: Optional[int] = None, metrics_every: int = 1,
+                   checkpoint: Optional[str] = None, checkpoint_every: int = 0,
+                   resume: bool = False, callback: Optional[Callable] = None,
+                   stop_metric: Optional[str] = None,
+                   stop_tol: Optional[float] = None) -> History:
+    """Data-parallel Riemannian CG (Polak-Ribiere+ with Powell restarts, exact line search,
+    transport by projection): the iteration of
+    :func:`ttmanifold.experiments.solvers.riemannian_cg`, with the gradient and the line
+    search's denominator summed over the processes.
+
+    Args:
+        problem: this process's :class:`ShardedCompletion` (every process of the group
+            calls with its own shard and the same other arguments).
+        x0: the start, the same on every process (:meth:`ShardedCompletion.initial_point`).
+        iters: number of iterations (counting from 0, also when resuming).
+        beta, restart_tol, restart_every: as in ``riemannian_cg``.
+        metrics_every: global metrics every k iterations (0: never; one extra all-reduce).
+        checkpoint: a file path; rank 0 writes it atomically every ``checkpoint_every``
+            iterations (point, search direction, restart counter, iteration, shapes, ranks,
+            dtype, history) and all processes resume from it with ``resume=True`` (rank 0
+            reads it and broadcasts). A resumed run continues to the same iterates as an
+            uninterrupted one (bitwise with the same number of processes).
+        callback: ``callback(t, history) -> bool`` on every process after each iteration
+            (True stops the run on that process: return the same value on all of them).
+        stop_metric, stop_tol: stop when ``metrics[stop_metric] <= stop_tol``.
+
+    Returns a :class:`~ttmanifold.experiments.solvers.History` (``x`` the final packed
+    point; ``status`` ``"ok"``, ``"converged"``, ``"stopped"``, ``"diverged"`` or
+    ``"interrupted"`` (Ctrl-C: ``x`` is the last finished iterate)). Raises
+    :class:`PeerFailure` when a peer process dies.
+
+    Cost per iteration and process: one :meth:`Completion.cg_grad` and one tangent
+    evaluation on the shard (O(N_local d r^2)), the retraction and two transports
+    (O(d n r^3), replicated), and two all-reduces (``dim M + 1`` numbers and 1 number).
+    """
+    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
+    problem.manifold.split(x0, "x0")
+    stepper = _CG(problem, x0, beta, restart_tol, restart_every)
+    return _run(problem, stepper, iters=iters, metrics_every=metrics_every,
+                checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+                callback=callback, stop_metric=stop_metric, stop_tol=stop_tol,
+                options={"beta": beta, "restart_tol": restart_tol,
+                         "restart_every": restart_every})
+
+
+def distributed_rsgd(problem: ShardedCompletion, x0: torch.Tensor, *, lr: float,
+                     iters: int = 100, metrics_every: int = 1,
+                     checkpoint: Optional[str] = None, checkpoint_every: int = 0,
+                     resume: bool = False, callback: Optional[Callable] = None,
+                     stop_metric: Optional[str] = None,
+                     stop_tol: Optional[float] = None) -> History:
+    """Data-parallel Riemannian gradient descent with a fixed step ``lr``:
+    ``X <- R_X(-lr grad f(X))``, the update of ``geoopt.optim.RiemannianSGD`` (no momentum)
+    with the gradient summed over the processes. Arguments and result as in
+    :func:`distributed_cg`. Cost per iteration: one ``cg_grad`` on the shard, one
+    retraction, one all-reduce of ``dim M + 1`` numbers."""
+    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
+    problem.manifold.split(x0, "x0")
+    stepper = _SGD(problem, x0, lr)
+    return _run(problem, stepper, iters=iters, metrics_every=metrics_every,
+                checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+                callback=callback, stop_metric=stop_metric, stop_tol=stop_tol,
+                options={"lr": float(lr)})

@@ -1,0 +1,128 @@
+"""Files of tensor trains: :func:`save` and :func:`load`.
+
+Two containers, chosen by the file name:
+
+- ``*.npz`` - a NumPy archive, readable without ttmanifold or torch: arrays ``core_0``,
+  ``core_1``, ... (shape ``(r_{k-1}, n_k, r_k)``) and ``meta`` (a JSON string with the
+  format name, version, shape, ranks and dtype);
+- any other name - ``torch.save`` of a dict holding the same fields and the cores as
+  tensors, read back with ``torch.load(weights_only=True)`` (no code is unpickled).
+
+Both store the cores exactly (bit for bit, in their dtype).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .tt import TT
+
+__all__ = ["save", "load", "FORMAT"]
+
+FORMAT = "ttmanifold.TT"
+VERSION = 1
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _as_tt(x) -> TT:
+    if isinstance(x, TT):
+        return x
+    manifold = getattr(x, "manifold", None)
+    if isinstance(x, torch.Tensor) and manifold is not None and hasattr(manifold, "to_tt"):
+        return manifold.to_tt(x)  # a packed point carrying its FixedTTRank
+    raise TypeError(f"x: expected a TT (or a ManifoldTensor of FixedTTRank), got "
+                    f"{type(x).__name__}; for a packed point p use M.to_tt(p)")
+
+
+def save(x, path) -> None:
+    """Write a tensor train to ``path`` (``.npz``: a NumPy archive; otherwise a torch file).
+
+    Args:
+        x: a :class:`~ttmanifold.TT`, or a packed point carrying its manifold (a
+            ``geoopt.ManifoldTensor`` of :class:`~ttmanifold.FixedTTRank`).
+        path: the file (str or path-like); an existing file is replaced (atomically: the
+            data go to a temporary file in the same directory first).
+
+    Returns None. Cost: O(number of TT parameters).
+    """
+    tt = _as_tt(x)
+    path = os.fspath(path)
+    cores = [c.detach().cpu().contiguous() for c in tt.cores]
+    dtype = str(cores[0].dtype).replace("torch.", "")
+    meta = {"format": FORMAT, "version": VERSION, "shape": list(tt.shape),
+            "ranks": list(tt.ranks), "dtype": dtype}
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"path: the directory {directory!r} does not exist")
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        if path.endswith(".npz"):
+            arrays = {f"core_{k}": c.numpy() for k, c in enumerate(cores)}
+            with open(tmp, "wb") as f:
+                np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+        else:
+            torch.save(dict(meta, cores=cores), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load(path, *, dtype: Optional[torch.dtype] = None, device=None) -> TT:
+    """Read a tensor train written by :func:`save`.
+
+    Args:
+        path: the file (``.npz`` or a torch file, by its name).
+        dtype: cast the cores (default: the stored dtype).
+        device: move the cores (default: CPU).
+
+    Returns a :class:`~ttmanifold.TT`. Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` naming ``path`` for a file that is not a saved TT or whose cores do not
+    chain (shape, ranks). Cost: O(number of TT parameters).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"path: no such file {path!r}")
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                n = len(meta.get("shape", []))
+                cores = [torch.from_numpy(z[f"core_{k}"].copy()) for k in range(n)]
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(data, dict):
+                raise ValueError("not a dict")
+            meta = {k: v for k, v in data.items() if k != "cores"}
+            cores = list(data.get("cores", []))
+    except (KeyError, ValueError, OSError, RuntimeError, EOFError) as exc:
+        raise ValueError(f"path: {path!r} is not a tensor train saved by ttmanifold.save "
+                         f"({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # noqa: BLE001  (unpickling errors of foreign files)
+        raise ValueError(f"path: {path!r} is not a tensor train saved by ttmanifold.save "
+                         f"({type(exc).__name__})") from exc
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"path: {path!r} is not a tensor train saved by ttmanifold.save "
+                         f"(format {meta.get('format')!r})")
+    if int(meta.get("version", 0)) > VERSION:
+        raise ValueError(f"path: {path!r} has format version {meta['version']}; this "
+                         f"ttmanifold reads up to {VERSION} (upgrade ttmanifold)")
+    shape, ranks = list(meta["shape"]), list(meta["ranks"])
+    ok = len(cores) == len(shape) and len(ranks) == len(shape) + 1 and all(
+        isinstance(c, torch.Tensor) and tuple(c.shape) == (ranks[k], shape[k], ranks[k + 1])
+        for k, c in enumerate(cores))
+    if not ok:
+        raise ValueError(f"path: {path!r}: the cores do not match the recorded shape "
+                         f"{tuple(shape)} and ranks {tuple(ranks)} (damaged file?)")
+    stored = _DTYPES.get(meta.get("dtype"))
+    target = dtype if dtype is not None else stored
+    if target is not None:
+        cores = [c.to(target) for c in cores]
+    if device is not None:
+        cores = [c.to(device) for c in cores]
+    return TT(cores)
