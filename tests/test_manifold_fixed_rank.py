@@ -1029,7 +1029,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match=r"infeasible for shape \(2, 2, 2, 2\)"):
         FixedTTRank((2, 2, 2, 2), (1, 2, 5, 2, 1))
     with pytest.raises(ValueError, match=r"infeasible"):
-        FixedTTRank((2, 3), 3)
+        FixedTTRank((2, 3), (3,))  # an explicit tuple stays exact (an int clips)
     with pytest.raises(ValueError, match=r"cannot be attained"):
         FixedTTRank((2, 2, 2, 2), (1, 1, 4, 1, 1))
     with pytest.raises(ValueError, match=r"expected 3 inner ranks or 5 ranks"):

@@ -3,13 +3,15 @@ adapter over the pure functions of :mod:`.sweeps`, :mod:`.retraction` and
 :mod:`.autodiff` (as geoopt's own manifolds are thin layers over their math modules).
 
 Points are packed tensors: the left-orthogonal cores concatenated (flat, ``size`` numbers);
-tangent vectors are packed gauged deltas of the same size. The mathematics:
-``docs/manifold.md``.
+tangent vectors are packed gauged deltas of the same size. Batches of points and vectors
+are tensors ``(*batch, size)``, broadcast over the leading dimensions as geoopt's own
+manifolds do (``docs/manifold.md#batches``). The mathematics: ``docs/manifold.md``.
 """
 from __future__ import annotations
 
 import functools
 import math
+import numbers
 import weakref
 from typing import Callable, List, Optional, Sequence
 
@@ -20,7 +22,7 @@ from .._checks import (assert_finite_async, check_float_dtype, check_shape, func
                        normalize_ranks)
 from ..tt import TT, IndexSet, orthogonalize
 from ..tt import round as tt_round
-from . import autodiff
+from . import autodiff, hessian
 from .retraction import retract, retract_point
 from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect, project_dense,
                      project_sampled, project_tt, right_cores, right_sweep)
@@ -69,7 +71,9 @@ class FixedTTRank(geoopt.Manifold):
     ----------
     shape : sequence of ints ``(n_1, ..., n_d)``
     ranks : int, or ``d - 1`` inner ranks, or ``d + 1`` ranks with ``r_0 = r_d = 1``.
-        Infeasible ranks (``r_k > min(n_1..n_k, n_{k+1}..n_d)``) raise ``ValueError``.
+        An int above the feasible bound ``min(n_1..n_k, n_{k+1}..n_d)`` of a bond is
+        clipped to it with a ``UserWarning`` (as :meth:`TT.random` does); an explicit
+        rank sequence stays exact and infeasible ranks in it raise ``ValueError``.
 
     Attributes
     ----------
@@ -94,7 +98,8 @@ class FixedTTRank(geoopt.Manifold):
                 f"ranks: expected {len(self.shape) - 1} inner ranks or {len(self.shape) + 1} "
                 f"ranks for shape {self.shape}, got {len(ranks)}"
             )
-        self.ranks = normalize_ranks(self.shape, ranks, clip=False)
+        self.ranks = normalize_ranks(self.shape, ranks, clip=isinstance(ranks, numbers.Integral)
+                                     and not isinstance(ranks, bool))
         self.d = len(self.shape)
         # Within the feasible bound, neighbouring ranks must also be attainable
         # (r_k <= r_{k-1} n_k and r_k <= n_{k+1} r_{k+1}); otherwise M_r is empty.
@@ -136,33 +141,41 @@ class FixedTTRank(geoopt.Manifold):
 
     def split(self, x: torch.Tensor, name: str = "x") -> List[torch.Tensor]:
         """Views of the ``d`` cores (or deltas) packed in the flat tensor ``x`` (no copy);
-        ``name`` is the argument named in errors."""
+        for a batch ``(*batch, size)`` the cores are ``(*batch, r, n, r')``. ``name`` is
+        the argument named in errors."""
         return self._split(x, name)
 
     def point_as_tangent(self, p: torch.Tensor) -> torch.Tensor:
         """The point X itself as a tangent vector at ``p``: packed gauged deltas
-        ``(0, ..., 0, U_d)``. O(size)."""
+        ``(0, ..., 0, U_d)`` (per point for a batch). O(size)."""
         self._check_flat(p, "p")
         out = torch.zeros_like(p)
-        out[-self._sizes[-1]:] = p[-self._sizes[-1]:]
+        out[..., -self._sizes[-1]:] = p[..., -self._sizes[-1]:]
         return out
 
-    def _split(self, x: torch.Tensor, name: str = "x") -> List[torch.Tensor]:
-        self._check_flat(x, name)
-        return [c.view(s) for c, s in zip(torch.split(x, self._sizes), self.core_shapes)]
+    def _split(self, x: torch.Tensor, name: str = "x", batch: bool = True) -> List[torch.Tensor]:
+        self._check_flat(x, name, batch)
+        if x.dim() == 1:
+            return [c.view(s) for c, s in zip(torch.split(x, self._sizes), self.core_shapes)]
+        return [c.unflatten(-1, s) for c, s in zip(torch.split(x, self._sizes, -1),
+                                                   self.core_shapes)]
 
-    def _check_flat(self, x: torch.Tensor, name: str) -> None:
+    def _check_flat(self, x: torch.Tensor, name: str, batch: bool = True) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a packed torch.Tensor of size {self.size}")
-        if x.dim() != 1 or x.shape[0] != self.size:
+        if x.dim() == 0 or x.shape[-1] != self.size or (x.dim() > 1 and not batch):
+            also = " or a batch of them, shape (*batch, size)," if batch else ""
             raise ValueError(
                 f"{name}: expected a flat tensor of size {self.size} (packed cores of shapes "
-                f"{self.core_shapes}), got shape {tuple(x.shape)}"
+                f"{self.core_shapes}){also} got shape {tuple(x.shape)}"
             )
         check_float_dtype(x.dtype, name)
 
     @staticmethod
     def _cat(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+        if cores[0].dim() > 3 or cores[-1].dim() > 3:  # a batch: (*batch, size)
+            bs = torch.broadcast_shapes(*[c.shape[:-3] for c in cores])
+            return torch.cat([c.expand(bs + c.shape[-3:]).flatten(-3) for c in cores], -1)
         return torch.cat([c.reshape(-1) for c in cores])
 
     def pack_point(self, *tensors) -> torch.Tensor:
@@ -180,6 +193,7 @@ class FixedTTRank(geoopt.Manifold):
             x = TT(list(tensors))
         if x.shape != self.shape:
             raise ValueError(f"tt: shape {x.shape} differs from the manifold's {self.shape}")
+        # a batched TT packs into a batch of points (*batch, size), every sweep batched
         if x.ranks != self.ranks:
             if any(a < b for a, b in zip(x.ranks, self.ranks)):
                 raise ValueError(
@@ -191,7 +205,8 @@ class FixedTTRank(geoopt.Manifold):
         return self._cat(x.cores)
 
     def to_tt(self, p: torch.Tensor) -> TT:
-        """The rank-r TT of a point (a view of its cores; no copy)."""
+        """The rank-r TT of a point (a view of its cores; no copy); for a batch of points
+        ``(*batch, size)`` a batched TT (``batch_shape`` = ``batch``)."""
         return TT(self._split(p, "p"), check=False)
 
     def unpack_tensor(self, p: torch.Tensor) -> TT:
@@ -207,7 +222,8 @@ class FixedTTRank(geoopt.Manifold):
         (O(d n r R (r + R))), ``norm`` and scalar multiples stay structured; any other
         operation runs on the rank-2r block cores (about 4x the rank-r cost of a sweep,
         8x for terms cubic in the rank). Plus one LQ sweep (O(d n r^3)). Otherwise (no
-        gradient needed, or d = 1) the plain rank-r TT is returned.
+        gradient needed, or d = 1) the plain rank-r TT is returned. A batch of points gives
+        a batched TT; a loss summed over its points gives every point its own gradient.
         """
         cores = self._split(p, "p")
         if not (torch.is_grad_enabled() and p.requires_grad) or self.d == 1:
@@ -238,6 +254,12 @@ class FixedTTRank(geoopt.Manifold):
 
     def _check_vector(self, u: torch.Tensor, p: torch.Tensor, name: str = "u") -> List[torch.Tensor]:
         parts = self._split(u, name)
+        if (u.dim() > 1 or p.dim() > 1) and u.shape[:-1] != p.shape[:-1]:
+            try:
+                torch.broadcast_shapes(u.shape[:-1], p.shape[:-1])
+            except RuntimeError:
+                raise ValueError(f"{name}: batch shape {tuple(u.shape[:-1])} does not broadcast "
+                                 f"with the point's {tuple(p.shape[:-1])}") from None
         if u.dtype != p.dtype:
             raise TypeError(f"{name}: dtype {u.dtype} differs from the point's {p.dtype}")
         if u.device != p.device:
@@ -287,8 +309,9 @@ class FixedTTRank(geoopt.Manifold):
             self._verified = {k: r for k, r in self._verified.items() if r() is not None}
         self._verified[key] = weakref.ref(x)
         U = self._split(x.detach(), "x")
+        defect = orth_defect(U)
         torch._assert_async(
-            orth_defect(U) <= max(1e-5, self._orth_tol(x.dtype)),
+            (defect if defect.dim() == 0 else defect.max()) <= max(1e-5, self._orth_tol(x.dtype)),
             "x: the packed cores 1..d-1 are not left-orthogonal, so this tensor is not a "
             "point of FixedTTRank's representation (its Riemannian gradient would be wrong); "
             "build points with M.pack_point(tt), M.random() or M.projx(x)")
@@ -316,8 +339,14 @@ class FixedTTRank(geoopt.Manifold):
         N stored entries (O(N d r^2); duplicates are summed; for repeated projections on one
         sampling pattern use :meth:`project_sampled` with a reusable
         :class:`~ttmanifold.IndexSet`). Returns packed gauged deltas.
+
+        Batches: a batch of points ``(*B, size)`` and/or a batched TT ``Z`` (batch shapes
+        broadcast) give ``(*B, size)``; a dense or sparse ``Z`` needs a single point.
         """
         self._check_flat(p, "p")
+        if p.dim() > 1 and isinstance(Z, torch.Tensor):
+            raise ValueError(f"Z: a dense or sparse Z is projected at a single point, p has batch "
+                             f"shape {tuple(p.shape[:-1])}; pass a batched TT as Z")
         if isinstance(Z, TT):
             self._check_ambient(Z, p, "Z")
             for k, c in enumerate(Z.cores):
@@ -366,8 +395,8 @@ class FixedTTRank(geoopt.Manifold):
         """Projection onto the tangent space at ``p`` of the sparse tensor with ``values``
         (shape ``(N,)``, the point's dtype and device) at the samples of ``index_set``;
         ``V``: the point's right-orthogonal cores if already known. Returns packed gauged
-        deltas. O(N d r^2)."""
-        U = self._split(p, "p")
+        deltas. O(N d r^2). A single point only (no batch)."""
+        U = self._split(p, "p", batch=False)
         if not isinstance(index_set, IndexSet):
             raise TypeError(f"index_set: expected a ttmanifold.IndexSet, got {type(index_set).__name__}")
         if not isinstance(values, torch.Tensor):
@@ -408,7 +437,8 @@ class FixedTTRank(geoopt.Manifold):
 
     def inner(self, x: torch.Tensor, u: torch.Tensor, v: Optional[torch.Tensor] = None, *,
               keepdim: bool = False) -> torch.Tensor:
-        """Riemannian metric: Euclidean inner product of packed gauged deltas."""
+        """Riemannian metric: Euclidean inner product of packed gauged deltas; one value
+        per point for batches (shape ``batch``, or ``(*batch, 1)`` with ``keepdim``)."""
         if v is None:
             v = u
         if u.shape[-1:] != (self.size,) or v.shape[-1:] != (self.size,):
@@ -428,7 +458,9 @@ class FixedTTRank(geoopt.Manifold):
         second; how a tangent vector's mass splits among the cores depends on the point's
         gauge, so per-core second moments go stale and transported momentum that leaks
         into a core with a tiny second moment takes a huge step (observed: divergence on
-        a rank-4 approximation). A single value per point is gauge invariant.
+        a rank-4 approximation). A single value per point is gauge invariant; for a batch,
+        one value per point (never pooled over the batch), so every point's Adam step is
+        the one it takes alone.
         """
         if v is None:
             v = u
@@ -497,9 +529,10 @@ class FixedTTRank(geoopt.Manifold):
 
     def dist(self, x, y, *, keepdim=False):
         """Euclidean (chordal) distance ``||X - Y||_F`` of the embedded tensors (not the
-        geodesic distance, which has no closed form here). O(d n r^3)."""
+        geodesic distance, which has no closed form here); one per point for batches.
+        O(d n r^3)."""
         out = (self.to_tt(x) - self.to_tt(y)).norm()
-        return out.reshape((1,)) if keepdim else out
+        return out.unsqueeze(-1) if keepdim else out
 
     # ------------------------------------------------------------------------------------
     # points
@@ -521,10 +554,10 @@ class FixedTTRank(geoopt.Manifold):
         assert_finite_async(x, "x")
         reorth = self._cat(orthogonalize(TT(U, check=False), "left").cores)
         ok = orth_defect(U) <= self._orth_tol(x.dtype)
-        return torch.where(ok, x, reorth)
+        return torch.where(ok if ok.dim() == 0 else ok.unsqueeze(-1), x, reorth)
 
     def _check_shape(self, shape, name):
-        if len(shape) != 1 or shape[0] != self.size:
+        if len(shape) < 1 or shape[-1] != self.size:
             return False, (
                 f"`{name}` should be a flat tensor of size {self.size} (packed cores "
                 f"{self.core_shapes}), got shape {tuple(shape)}"
@@ -538,13 +571,14 @@ class FixedTTRank(geoopt.Manifold):
             return True, None
         if not bool(torch.isfinite(x).all()):
             return False, "point has non-finite entries"
-        defect = float(orth_defect(U))
+        defect = float(orth_defect(U).max())
         if defect > max(atol, self._orth_tol(x.dtype)):
             return False, f"cores 1..d-1 are not left-orthogonal (defect {defect:.3g})"
         # exact rank: the interface factors L_k of the right sweep must be nonsingular
         for k, _, r in right_sweep(U):  # (unsigned factors: same singular values)
-            sv = torch.linalg.svdvals(r)
-            if float(sv.min()) <= rtol * float(sv.max()) or float(sv.max()) == 0:
+            sv = torch.linalg.svdvals(r)  # per point for a batch
+            mx = sv.amax(-1)
+            if bool(((sv.amin(-1) <= rtol * mx) | (mx == 0)).any()):
                 return False, f"TT-rank at bond {k} is below {self.ranks[k]}"
         return True, None
 
@@ -557,27 +591,41 @@ class FixedTTRank(geoopt.Manifold):
             return False, "vector has non-finite entries"
         scale = max(float(u.abs().max()), 1.0)
         for k in range(self.d - 1):
-            ul = U[k].reshape(-1, U[k].shape[2])
-            g = ul.transpose(0, 1) @ du[k].reshape(-1, du[k].shape[2])
+            a, n, b = self.core_shapes[k]
+            ul = U[k].reshape(U[k].shape[:-3] + (a * n, b))
+            g = ul.mT @ du[k].reshape(du[k].shape[:-3] + (a * n, b))
             err = float(g.abs().max()) if g.numel() else 0.0
             if err > atol + rtol * scale:
                 return False, f"core {k} violates the gauge condition U^T dU = 0 (max {err:.3g})"
         return True, None
 
-    def random(self, *size, dtype=None, device=None, generator=None, **kwargs) -> torch.Tensor:
-        """A random point: :meth:`TT.random` (unit norm, well conditioned), packed.
-
-        ``size`` is accepted for geoopt compatibility and must be empty or ``(self.size,)``
-        (batches of points are not supported: draw them one at a time).
-        """
+    def _batch_size(self, size) -> tuple:
+        """The batch shape requested by geoopt's ``*size``: ``()`` or ``(size,)`` one point;
+        ``(*batch, size)`` (geoopt's convention) or one int ``B`` a batch."""
         explicit = len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size))
         if explicit:
             size = tuple(size[0])
-        if size not in ((), (self.size,)) or (explicit and size == ()):
-            raise ValueError(
-                f"size: a point of {self.name} is one flat tensor of size {self.size}; got "
-                f"size {size} (batches of points are not supported: draw them one at a time)")
-        x = TT.random(self.shape, self.ranks, dtype=dtype, device=device, generator=generator)
+        ok = all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in size)
+        if ok and size and size[-1] == self.size:
+            return tuple(size[:-1])
+        if ok and len(size) == 1:
+            return tuple(size)
+        if not explicit and size == ():
+            return ()
+        raise ValueError(
+            f"size: a point of {self.name} is one flat tensor of size {self.size}; a batch is "
+            f"(*batch, {self.size}) or one int (the number of points); got size {size}")
+
+    def random(self, *size, dtype=None, device=None, generator=None, **kwargs) -> torch.Tensor:
+        """A random point: :meth:`TT.random` (unit norm, well conditioned), packed.
+
+        ``size``: empty or ``(self.size,)`` for one point; ``(*batch, self.size)`` (geoopt's
+        convention) or one int ``B`` for a batch of independent points ``(*batch, size)``
+        (one batched draw: every QR batched).
+        """
+        batch = self._batch_size(size)
+        x = TT.random(self.shape, self.ranks, dtype=dtype, device=device, generator=generator,
+                      batch=batch)
         return geoopt.ManifoldTensor(self._cat(x.cores), manifold=self)
 
     random_normal = random
@@ -586,19 +634,21 @@ class FixedTTRank(geoopt.Manifold):
         """A fixed, deterministic point: :meth:`TT.random` (orthonormal frames, unit norm)
         drawn in float64 on the CPU from a generator seeded with ``seed`` (default 0), then
         cast to ``dtype`` and moved to ``device``. Same point for every dtype and device.
+        ``size`` as for :meth:`random`: a batch repeats this point.
 
         (Structured frames such as DCT columns are not used: reshaped into cores they can
         have low-rank unfoldings, e.g. a cosine of a linear phase is a rank-2 matrix, which
         gave tensors of lower TT-rank, i.e. not points of M_r.)
         """
-        if size and tuple(size) not in ((self.size,), ((self.size,),)):
-            raise ValueError(f"size: a point of {self.name} is one flat tensor of size {self.size}")
+        batch = self._batch_size(size) if size else ()
         dtype = dtype or torch.get_default_dtype()
         check_float_dtype(dtype, "dtype")
         gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
         x = TT.random(self.shape, self.ranks, dtype=torch.float64, generator=gen)
-        return geoopt.ManifoldTensor(self._cat(x.cores).to(dtype=dtype, device=device),
-                                     manifold=self)
+        p = self._cat(x.cores).to(dtype=dtype, device=device)
+        if batch:  # the same point at every position of the batch (a copy each)
+            p = p.expand(batch + (self.size,)).clone()
+        return geoopt.ManifoldTensor(p, manifold=self)
 
     # ------------------------------------------------------------------------------------
     # Riemannian autodiff
@@ -615,3 +665,11 @@ class FixedTTRank(geoopt.Manifold):
         curvature term (which vanishes only where the normal part of the Euclidean gradient
         does); see :func:`ttmanifold.manifold.autodiff.riemannian_hvp`."""
         return autodiff.riemannian_hvp(self, p, f, u)
+
+    def riemannian_hess(self, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
+                        u: torch.Tensor) -> torch.Tensor:
+        """Exact Riemannian Hessian ``Hess f(X)[xi]`` at ``p``, curvature term included;
+        see :func:`ttmanifold.manifold.hessian.riemannian_hess`. Returns packed gauged
+        deltas. Cost: about :meth:`riemannian_hvp` + :meth:`riemannian_grad` + ``f`` and
+        its backward on a rank-4r TT."""
+        return hessian.riemannian_hess(self, p, f, u)

@@ -1,0 +1,129 @@
+"""The exact Riemannian Hessian on the fixed-TT-rank manifold, curvature term included.
+
+``Hess f(X)[xi] = P_X(nabla^2 f(X)[xi]) + W_X(xi)``: the first term is
+:func:`~.autodiff.riemannian_hvp`; the curvature (Weingarten) term ``W_X`` pairs the
+normal part of the Euclidean gradient with the second derivative of the core map, read off
+one reverse pass of ``f`` on a rank-4r TT whose value is ``X``. The mathematics:
+``docs/autodiff.md#the-riemannian-hessian``.
+"""
+from __future__ import annotations
+
+from typing import Callable, List
+
+import torch
+
+from ..tt import TT, inner
+from .autodiff import riemannian_grad, riemannian_hvp
+from .sweeps import right_cores
+
+__all__ = ["riemannian_hess", "interface_factors"]
+
+
+def interface_factors(U, V) -> List[torch.Tensor]:
+    """The ``r_k x r_k`` factors ``R_k`` with ``U_>k = R_k V_>k`` (``k = 1..d-1``).
+
+    Args:
+        U: left-orthogonal cores of a point; V: its right-orthogonal cores
+            (:func:`~.sweeps.right_cores`).
+    Returns:
+        ``d - 1`` matrices; ``R[k]`` belongs to the bond between cores ``k`` and ``k+1``
+        (0-based), in ``U``'s dtype and device.
+    Cost: O(d n r^3), no inversion.
+    """
+    d = len(U)
+    R: List[torch.Tensor] = [None] * (d - 1)  # type: ignore[list-item]
+    last = U[d - 1]
+    R[d - 2] = last.reshape(last.shape[0], -1) @ V[d - 1].reshape(last.shape[0], -1).T
+    for k in range(d - 2, 0, -1):
+        R[k - 1] = torch.einsum("aib,bc,dic->ad", U[k], R[k], V[k])
+    return R
+
+
+def _second_derivative_tt(U, a, b) -> TT:
+    """The rank-4r TT of ``X + sum_{j != k} phi(U; a at j, b at k)``, ``phi`` the core map.
+
+    States of the block cores: 0 nothing inserted, 1 ``a`` inserted, 2 ``b`` inserted,
+    3 both. Paths from state 0 to state 0 give X, to state 3 the mixed second derivative.
+    """
+    d = len(U)
+    cores = []
+    for k in range(d):
+        u, x, y = U[k], a[k], b[k]
+        z = torch.zeros_like(u)
+        if k == 0:
+            cores.append(torch.cat([u, x, y, z], dim=2))
+        elif k == d - 1:
+            cores.append(torch.cat([u, y, x, u], dim=0))
+        else:
+            rows = [[u, x, y, z], [z, u, z, y], [z, z, u, x], [z, z, z, u]]
+            cores.append(torch.cat([torch.cat(r, dim=2) for r in rows], dim=0))
+    return TT(cores, check=False)
+
+
+def riemannian_hess(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
+                    u: torch.Tensor) -> torch.Tensor:
+    """Riemannian Hessian ``Hess f(X)[xi]`` of ``f`` at ``p`` applied to ``u`` (exact).
+
+    The sum of the projected Euclidean Hessian (:func:`~.autodiff.riemannian_hvp`) and the
+    curvature term ``W_X(xi)``: with ``N`` the normal part of the Euclidean gradient,
+    ``<W_X(xi), eta> = <N, phi''[a, b]>`` for core velocities ``a``, ``b`` with
+    ``phi'(a) = xi``, ``phi'(b) = eta`` (``phi`` maps the left-orthogonal cores to the
+    tensor). ``a_k = dU_k R_k^{-1}`` is obtained by linear solves with the interface
+    factors ``R_k`` (:func:`interface_factors`), never by an explicit inverse; the curvature
+    term grows like the inverse of the smallest singular values of the unfoldings, as it
+    must.
+
+    Args:
+        M: the manifold (:class:`~ttmanifold.FixedTTRank`).
+        p: a packed point.
+        f: a differentiable function of a :class:`~ttmanifold.TT` returning a scalar; it is
+            called on a :class:`~.tangent.TangentTT` (as in :func:`~.autodiff.riemannian_grad`)
+            and once on a plain rank-4r TT whose value is ``X``.
+        u: a packed tangent vector at ``p`` (gauged or not: it is gauged first, the
+            tangent vector it represents is kept).
+    Returns:
+        packed gauged deltas of ``Hess f(X)[xi]`` (detached), in ``p``'s dtype and device.
+    Cost: :func:`~.autodiff.riemannian_hvp` + :func:`~.autodiff.riemannian_grad` + ``f``
+    and its backward on a rank-4r TT + O(d n r^3).
+    """
+    p = p.detach()
+    U = M.split(p, "p")
+    M.split(u, "u")
+    if u.dtype != p.dtype or u.device != p.device:
+        raise TypeError(f"u: {u.dtype} on {u.device}, the point is {p.dtype} on {p.device}")
+    u = M.gauge(p, u.detach())
+    hvp = riemannian_hvp(M, p, f, u)
+    if M.d == 1:  # a linear space: no curvature
+        return hvp
+    g = riemannian_grad(M, p, f)
+    V = right_cores(U)
+    R = interface_factors(U, V)
+    W = M.split(u, "u")
+    a = []
+    for k, w in enumerate(W):
+        if k == M.d - 1:
+            a.append(w)
+            continue
+        r = w.shape[2]
+        a.append(torch.linalg.solve(R[k].T, w.reshape(-1, r).T).T.reshape(w.shape))
+    grad_tt = M.tangent_to_tt(p, g)
+    with torch.enable_grad():
+        flat = torch.zeros_like(p).requires_grad_()
+        b = M.split(flat, "b")
+        Z = _second_derivative_tt(U, a, b)
+        val = f(Z)
+        if not isinstance(val, torch.Tensor) or val.numel() != 1:
+            raise ValueError("f: expected a function returning a scalar tensor")
+        # <N, phi''[a, b]> = <G, phi''[a, b]> - <P_X G, phi''[a, b]>
+        val = val.reshape(()) - inner(grad_tt, Z)
+        (gb,) = torch.autograd.grad(val, flat, allow_unused=True)
+    if gb is None:
+        return hvp
+    gw = []
+    for k, c in enumerate(M.split(gb, "b")):
+        if k == M.d - 1:
+            gw.append(c)
+            continue
+        r = c.shape[2]
+        gw.append(torch.linalg.solve(R[k], c.reshape(-1, r).T).T.reshape(c.shape))
+    return hvp + M.proju(p, torch.cat([c.reshape(-1) for c in gw]))
