@@ -7,10 +7,11 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-USAGE = """usage: ttmanifold [tour | compare [options] | build-kernels [dense|sampled ...] | info | --help]
+USAGE = """usage: ttmanifold [tour | compare [options] | complete DATA --rank R [options] | build-kernels [dense|sampled ...] | info | --help]
 
   tour           (default) build a random TT, round it, and take a Riemannian step
   compare        chart (STTP) vs Riemannian optimizers; 'ttmanifold compare --help'
+  complete       complete your own tensor from observed entries; 'ttmanifold complete --help'
   build-kernels  compile the optional CPU kernels now (default: both sets), with progress;
                  '--timeout S': wait at most S seconds for another process's build (600)
   info           versions, devices, and per kernel set: built / in use / failed (why)
@@ -152,6 +153,10 @@ def main(argv: Optional[Sequence[str]] = None):
 
         compare_main(argv[1:], prog="ttmanifold compare")
         return 0
+    if argv[0] == "complete":
+        from .experiments.complete import main as complete_main
+
+        return complete_main(argv[1:], prog="ttmanifold complete")
     print(USAGE, file=sys.stderr)
     raise SystemExit(f"ttmanifold: unknown command {argv[0]!r} (expected 'tour', 'compare', 'build-kernels' or 'info')")
 

@@ -632,6 +632,13 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
     except KeyboardInterrupt:
         hist.status = "interrupted"
         hist.info["interrupted_at"] = t
+        if not comm.distributed and (not hist.iters or hist.iters[-1] < t):
+            # the row of the last finished iterate (in one process: no peer to wait for)
+            try:
+                m = problem.metrics(stepper.p) if metrics_every else {}
+                hist.record(t, stepper.loss_now(), elapsed, m)
+            except KeyboardInterrupt:
+                pass
     hist.info["restarts"] = getattr(stepper, "restarts", 0)
     hist.x = stepper.p
     return hist

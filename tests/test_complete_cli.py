@@ -1,0 +1,240 @@
+"""``ttmanifold complete``: the three input formats give the same run, the outputs (TT file,
+report, predictions) against a dense float64 reference, malformed files raise errors naming
+the file and the entry, nothing is overwritten without --force, Ctrl-C keeps the finished
+iterations, checkpoints resume, and the same command under torchrun (2 gloo processes on
+127.0.0.1, in a subprocess with a hard timeout) gives the single-process result."""
+import csv
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ttmanifold as tm
+from ttmanifold.__main__ import main as cli_main
+from ttmanifold.experiments import complete as C
+from ttmanifold.experiments import distributed as D
+from ttmanifold.experiments.problems import sample_distinct_indices
+
+SHAPE = (8, 9, 7, 6)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    truth = tm.TT.random(SHAPE, 3, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(0))
+    idx = sample_distinct_indices(SHAPE, 1500, generator=1).numpy()
+    full = truth.full().numpy()
+    vals = full[tuple(idx.T)]
+    np.savez(root / "d.npz", indices=idx, values=vals)
+    with open(root / "d.csv", "w") as f:
+        f.write("i,j,k,l,value\n# a comment\n")
+        for r, v in zip(idx.tolist(), vals.tolist()):
+            f.write(",".join(map(str, r)) + f",{v!r}\n")
+    dense = np.full(SHAPE, np.nan)
+    dense[tuple(idx.T)] = vals
+    np.save(root / "dense.npy", dense)
+    q = np.array([[0, 0, 0, 0], [7, 8, 6, 5], [3, 1, 4, 1]])
+    np.savetxt(root / "q.csv", q, fmt="%d", delimiter=",")
+    return root, full, idx, vals, q
+
+
+def _report(path):
+    with open(path) as f:
+        lines = f.read().splitlines()
+    header = [l[2:] for l in lines if l.startswith("# ")]
+    rows = list(csv.DictReader([l for l in lines if not l.startswith("#")]))
+    return header, rows
+
+
+def test_complete_recovers_a_low_rank_tensor_from_each_format(data, tmp_path, capsys):
+    root, full, idx, vals, q = data
+    finals = []
+    for name in ("d.csv", "d.npz", "dense.npy"):
+        out = tmp_path / name.replace(".", "_")
+        args = [str(root / name), "--rank", "3", "--validation", "0.1", "--iters", "40",
+                "--out", str(out), "--no-progress"]
+        if name == "d.csv":
+            args += ["--query", str(root / "q.csv")]
+        assert cli_main(["complete"] + args) == 0
+        x = tm.load(out / "completed.npz")
+        assert x.shape == SHAPE and x.ranks == (1, 3, 3, 3, 1)
+        X = x.full().numpy()
+        assert np.linalg.norm(X - full) / np.linalg.norm(full) < 1e-6
+        header, rows = _report(out / "report.csv")
+        assert "status: converged" in header and "ranks: [1, 3, 3, 3, 1] (fixed)" in header
+        assert int(rows[0]["iter"]) == 0 and float(rows[-1]["train_err"]) < 1e-9
+        assert float(rows[-1]["val_err"]) < 1e-6
+        finals.append(X)
+    # the same entries, the same split and start: the same run, whatever the format
+    np.testing.assert_allclose(finals[1], finals[0], rtol=0, atol=1e-13)
+    np.testing.assert_allclose(finals[2], finals[0], rtol=0, atol=1e-13)
+    with open(tmp_path / "d_csv" / "predictions.csv") as f:
+        pred = list(csv.reader(f))
+    assert pred[0] == ["i1", "i2", "i3", "i4", "prediction"]
+    got = np.array([float(r[-1]) for r in pred[1:]])
+    np.testing.assert_allclose(got, finals[0][tuple(q.T)], rtol=0, atol=1e-14)
+    np.testing.assert_allclose(got, full[tuple(q.T)], rtol=0, atol=1e-8)
+    out = capsys.readouterr().out
+    assert "1500 observed entries" in out and "(fixed)" in out and "wrote" in out
+
+
+def _err(args, capsys=None):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["complete"] + [str(a) for a in args])
+    return str(exc.value)
+
+
+def test_malformed_files_name_the_file_and_the_entry(data, tmp_path):
+    root, full, idx, vals, q = data
+    out = ["--out", tmp_path / "o", "--no-progress", "--rank", "2"]
+    f = tmp_path / "empty.csv"
+    f.write_text("")
+    assert "empty.csv: the file is empty" in _err([f] + out)
+    f = tmp_path / "header.csv"
+    f.write_text("i,j,value\n")
+    assert "header.csv: no entries" in _err([f] + out)
+    f = tmp_path / "dup.csv"
+    f.write_text("0,1,1.0\n2,2,3.0\n0,1,2.0\n")
+    assert "dup.csv: the index (0, 1) appears more than once (entries 0 and 2)" in \
+        _err([f] + out)
+    f = tmp_path / "nan.csv"
+    f.write_text("0,1,1.0\n1,1,nan\n")
+    assert "nan.csv: entry 1 at index (1, 1) has value nan" in _err([f] + out)
+    f = tmp_path / "neg.csv"
+    f.write_text("0,1,1.0\n-1,1,2.0\n")
+    assert "neg.csv: entry 1: index (-1, 1) is negative in mode 0" in _err([f] + out)
+    f = tmp_path / "frac.csv"
+    f.write_text("0,1.5,1.0\n")
+    assert "frac.csv: line (data) row 0, column 1: index 1.5 is not an integer" in \
+        _err([f] + out)
+    f = tmp_path / "ragged.csv"
+    f.write_text("0,1,1.0\n1,1\n")
+    assert "ragged.csv: line 2: 2 columns, the first row has 3" in _err([f] + out)
+    f = tmp_path / "range.csv"
+    f.write_text("0,1,1.0\n3,1,2.0\n")
+    assert "range.csv: entry 1: index (3, 1) is out of range in mode 0 for shape (3, 2)" in \
+        _err([f, "--shape", "3,2"] + out)
+    assert "--shape has 3 modes" in _err([f, "--shape", "4x2x2"] + out)
+    f = tmp_path / "allnan.npy"
+    np.save(f, np.full((3, 4), np.nan))
+    assert "allnan.npy: no observed entries" in _err([f] + out)
+    f = tmp_path / "int.npy"
+    np.save(f, np.zeros((3, 4), dtype=np.int64))
+    assert "int.npy: a dense array must be floating point" in _err([f] + out)
+    f = tmp_path / "keys.npz"
+    np.savez(f, a=np.zeros(2), b=np.zeros(2))
+    assert "keys.npz: expected arrays 'indices' and 'values'" in _err([f] + out)
+    f = tmp_path / "junk.npz"
+    f.write_bytes(b"junk")
+    assert "junk.npz: cannot read it" in _err([f] + out)
+    assert "missing.csv: no such file" in _err([tmp_path / "missing.csv"] + out)
+    f = tmp_path / "q_bad.csv"
+    f.write_text("0,0,0,9\n")
+    assert "q_bad.csv: query 0: index (0, 0, 0, 9) is out of range in mode 3" in \
+        _err([root / "d.npz", "--query", f] + out)
+    assert "--validation: expected a fraction" in _err([root / "d.npz", "--validation", "1"]
+                                                       + out)
+    assert "--rank: expected a positive int" in _err([root / "d.npz", "--rank", "0",
+                                                      "--out", tmp_path / "o"])
+    assert not (tmp_path / "o" / "completed.npz").exists()
+
+
+def test_nothing_is_overwritten_without_force(data, tmp_path):
+    root = data[0]
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "report.csv").write_text("keep me")
+    msg = _err([root / "d.npz", "--rank", "2", "--iters", "1", "--out", out, "--no-progress"])
+    assert "report.csv' exists; pass --force" in msg
+    assert (out / "report.csv").read_text() == "keep me"
+    f = tmp_path / "file"
+    f.write_text("")
+    assert "exists and is not a directory" in _err([root / "d.npz", "--rank", "2", "--out", f])
+    assert cli_main(["complete", str(root / "d.npz"), "--rank", "2", "--iters", "1",
+                     "--out", str(out), "--no-progress", "--force"]) == 0
+    assert (out / "report.csv").read_text().startswith("# status")
+
+
+def test_ctrl_c_keeps_the_finished_iterations_and_resume_continues(data, tmp_path,
+                                                                   monkeypatch, capsys):
+    root = data[0]
+    out = tmp_path / "o"
+    real = D.ShardedCompletion.grad
+    calls = {"n": 0}
+
+    def grad(self, p):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self, p)
+
+    monkeypatch.setattr(D.ShardedCompletion, "grad", grad)
+    args = ["complete", str(root / "d.npz"), "--rank", "3", "--iters", "12", "--out",
+            str(out), "--checkpoint-every", "2", "--no-progress", "--tol", "0"]
+    assert cli_main(args) == 130
+    assert "interrupted" in capsys.readouterr().err
+    header, rows = _report(out / "report.csv")
+    # iterations 0..2 finished, the 4th gradient evaluation (of iterate 4) was interrupted:
+    # the files hold iterate 3 with its row; the checkpoint is that of iteration 2
+    assert header[0] == "status: incomplete (interrupted)" and len(rows) == 4
+    assert tm.load(out / "completed.npz").shape == SHAPE
+    assert D.load_checkpoint(out / "checkpoint.pt")["iteration"] == 2
+    monkeypatch.setattr(D.ShardedCompletion, "grad", real)
+    assert cli_main(args + ["--resume"]) == 0
+    header, rows = _report(out / "report.csv")
+    assert header[0] == "status: ok" and [int(r["iter"]) for r in rows] == list(range(13))
+    # the same as an uninterrupted run
+    assert cli_main(["complete", str(root / "d.npz"), "--rank", "3", "--iters", "12",
+                     "--no-progress", "--tol", "0", "--out", str(tmp_path / "straight")]) == 0
+    a = tm.load(out / "completed.npz").full()
+    b = tm.load(tmp_path / "straight" / "completed.npz").full()
+    assert torch.equal(a, b)
+    assert "--resume: no checkpoint" in _err([root / "d.npz", "--rank", "3", "--resume",
+                                              "--out", tmp_path / "none"])
+
+
+def test_progress_bar_and_help(capsys):
+    import io
+
+    s = io.StringIO()
+    p = C.Progress(20, enabled=True, stream=s)
+    for t in range(1, 21):
+        p.update(t, {"train_err": 0.5 / t})
+    p.close()
+    lines = s.getvalue().splitlines()
+    assert 5 <= len(lines) <= 12 and lines[-1].startswith("[" + "#" * 24 + "] 20/20")
+    with pytest.raises(SystemExit):
+        cli_main(["complete", "--help"])
+    assert "rank-adaptive completion is not available yet" in " ".join(
+        capsys.readouterr().out.split())
+
+
+def test_torchrun_two_processes_equal_one(data, tmp_path):
+    root, full, idx, vals, q = data
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [str(root / "d.csv"), "--rank", "3", "--validation", "0.1", "--iters", "15",
+            "--tol", "0", "--query", str(root / "q.csv"), "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                          "2", "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port",
+                          str(port), "-m", "ttmanifold", "complete"] + args +
+                         ["--out", str(tmp_path / "two"), "--timeout", "30"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "on each of 2 processes" in res.stdout and res.stdout.count("wrote") == 1
+    assert cli_main(["complete"] + args + ["--out", str(tmp_path / "one")]) == 0
+    a = tm.load(tmp_path / "two" / "completed.npz").full()
+    b = tm.load(tmp_path / "one" / "completed.npz").full()
+    assert float((a - b).abs().max()) < 1e-12
+    h2, r2 = _report(tmp_path / "two" / "report.csv")
+    h1, r1 = _report(tmp_path / "one" / "report.csv")
+    assert "processes: 2" in h2 and "processes: 1" in h1
+    np.testing.assert_allclose([float(r["val_err"]) for r in r2],
+                               [float(r["val_err"]) for r in r1], rtol=1e-9)
