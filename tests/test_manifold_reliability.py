@@ -94,12 +94,15 @@ def test_check_point_says_why(setup):
         M.check_point(z)
 
 
-def test_random_with_a_batch_size_says_so(setup):
+def test_random_with_a_batch_size_gives_a_batch(setup):
+    """Batches are supported (issue 12): one int or geoopt's (*batch, size); other sizes
+    are rejected naming the conventions (tests/test_manifold_batch.py tests the batches)."""
     M = setup[0]
-    with pytest.raises(ValueError, match="batches of points are not supported"):
-        M.random(3)
-    with pytest.raises(ValueError, match="batches of points are not supported"):
-        M.random((3, M.size))
+    assert M.random(3).shape == (3, M.size)
+    assert M.random((3, M.size)).shape == (3, M.size)
+    assert M.random(2, 3, M.size).shape == (2, 3, M.size)
+    with pytest.raises(ValueError, match="a batch is"):
+        M.random(3, 4)
     assert M.random(M.size).shape == (M.size,)
     assert M.random((M.size,)).shape == (M.size,)
     assert M.random().shape == (M.size,)

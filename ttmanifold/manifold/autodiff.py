@@ -41,6 +41,8 @@ class _DeltaFromPoint(torch.autograd.Function):
     @staticmethod
     def forward(p, runs):
         last = runs[1]
+        if p.dim() > 1:  # a batch of points (*batch, size)
+            return torch.cat([p.new_zeros(p.shape[:-1] + (last,)), p[..., last:]], -1)
         return torch.cat([p.new_zeros(last), p[last:]])
 
     @staticmethod
@@ -91,11 +93,17 @@ def _func_grad(M, p, U, V, f):
     return torch.func.grad(g)(M.point_as_tangent(p))
 
 
-def _check_loss(val):
-    if not isinstance(val, torch.Tensor) or val.numel() != 1:
-        raise ValueError("f: expected a function returning a scalar tensor")
+def _check_loss(val, batch=()):
+    """A scalar, or for a batch of points a scalar or one value per point (shape
+    ``batch``); returns the scalar to differentiate (the sum: points are independent)."""
+    ok = isinstance(val, torch.Tensor) and (
+        val.numel() == 1 or (batch and tuple(val.shape) == tuple(batch)))
+    if not ok:
+        extra = f" or one value per point (shape {tuple(batch)})" if batch else ""
+        raise ValueError(f"f: expected a function returning a scalar tensor{extra}")
     if not val.requires_grad:
         raise ValueError("f: the returned scalar does not depend on the TT (no grad)")
+    return val.sum() if val.dim() > 0 else val
 
 
 def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torch.Tensor:
@@ -106,10 +114,13 @@ def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torc
         p: a packed point.
         f: a differentiable function of a :class:`~ttmanifold.TT` returning a scalar; it
             receives a :class:`~.tangent.TangentTT` (inner products and norms at rank r,
-            other operations on the rank-2r cores).
+            other operations on the rank-2r cores). For a batch of points ``(*B, size)``
+            it receives the batched tangent TT and returns one value per point (shape
+            ``B``) or their sum.
     Returns:
-        the packed gauged deltas of the gradient (detached). Non-finite gradients raise
-        through ``torch._assert_async`` (no host sync).
+        the packed gauged deltas of the gradient (detached), ``p``'s shape: each point's
+        gradient of its own value. Non-finite gradients raise through
+        ``torch._assert_async`` (no host sync).
     Cost: ``f`` and its backward at the tangent TT plus O(d n r^3) (Novikov, Rakhuba,
     Oseledets 2021).
     """
@@ -120,8 +131,7 @@ def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torc
         return M.proju(p, _func_grad(M, p, U, V, f))
     with torch.enable_grad():
         flat, T = _delta_tt(M, p, U, V)
-        val = f(T)
-        _check_loss(val)
+        val = _check_loss(f(T), p.shape[:-1])
         (D,) = torch.autograd.grad(val, flat, allow_unused=True)
     if D is None:
         return torch.zeros_like(p)
@@ -141,22 +151,26 @@ def riemannian_hvp(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
     not at every critical point (``docs/autodiff.md#what-the-hessian-vector-product-omits``).
 
     Args:
-        M, p, f: as for :func:`riemannian_grad`; u: packed tangent vector at ``p``.
+        M, p, f: as for :func:`riemannian_grad`; u: packed tangent vector at ``p`` (a batch
+            ``(*B, size)`` with a batch of points).
     Returns:
-        packed gauged deltas. Cost: about twice :func:`riemannian_grad`.
+        packed gauged deltas (per point for a batch). Cost: about twice
+        :func:`riemannian_grad`.
     """
     p = p.detach()
     U = M.split(p, "p")
     M.split(u, "u")
+    if u.shape != p.shape:
+        raise ValueError(f"u: shape {tuple(u.shape)} differs from the point's {tuple(p.shape)}")
     if u.dtype != p.dtype or u.device != p.device:
         raise TypeError(f"u: {u.dtype} on {u.device}, the point is {p.dtype} on {p.device}")
     V = right_cores(U)
     with torch.enable_grad():
         flat, T = _delta_tt(M, p, U, V)
-        val = f(T)
-        _check_loss(val)
+        val = _check_loss(f(T), p.shape[:-1])
         (D,) = torch.autograd.grad(val, flat, create_graph=True, allow_unused=True)
         if D is None or not D.requires_grad:  # f at most linear in X
             return torch.zeros_like(p)
-        (H,) = torch.autograd.grad(torch.dot(D, u), flat, allow_unused=True)
+        Du = torch.dot(D, u) if D.dim() == 1 else (D * u).sum()  # points are independent
+        (H,) = torch.autograd.grad(Du, flat, allow_unused=True)
     return torch.zeros_like(p) if H is None else M.proju(p, H)

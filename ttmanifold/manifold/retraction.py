@@ -17,7 +17,10 @@ __all__ = ["retract", "retract_point"]
 
 
 def _has_bonds(U, *args, **kwargs) -> bool:
-    return len(U) > 1
+    """The compiled kernels take one point with bonds: ``d > 1``, no batch dimension."""
+    return len(U) > 1 and all(not isinstance(c, torch.Tensor) or c.dim() == 3
+                              for seq in (U,) + args if isinstance(seq, (list, tuple))
+                              for c in seq)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.retract, when=_has_bonds)
@@ -31,7 +34,9 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
         du: deltas of the tangent step (gauged or not), cores of ``U``'s shapes.
         ranks: the ``d + 1`` TT-ranks of the manifold.
     Returns:
-        one flat tensor, the left-orthogonal cores of the result concatenated.
+        one flat tensor, the left-orthogonal cores of the result concatenated; with leading
+        batch dimensions ``B`` on the cores (``(*B, r, n, r')``, broadcast between ``U``,
+        ``V`` and ``du``) one such tensor per point, ``(*B, size)``, every step batched.
 
     The TT-SVD of the rank-2r TT with block cores ``[[V_k, 0], [du_k, U_k]]`` (last core
     ``[[V_d], [U_d + du_d]]``): the rows ``[V_k, 0]`` are already right-orthonormal, so the
@@ -42,6 +47,8 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
     Cost: O(d n r^3); differentiable. Compiled CPU version via :mod:`ttmanifold.kernels`.
     """
     d = len(U)
+    if U[0].dim() > 3 or du[0].dim() > 3:
+        return _retract_batched(U, V, du, ranks)
     if d == 1:
         return (U[0] + du[0]).reshape(-1)
     QV: List[Optional[torch.Tensor]] = [None] * d
@@ -90,10 +97,72 @@ def retract_point(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
     return retract(U, right_cores(U), du, ranks)
 
 
+def _retract_batched(U, V, du, ranks) -> torch.Tensor:
+    """:func:`retract` for cores and deltas with leading batch dimensions ``B`` (broadcast):
+    the same sweeps, every QR, SVD and product batched over ``B``; returns ``(*B, size)``."""
+    d = len(U)
+    bs = torch.broadcast_shapes(U[0].shape[:-3], du[0].shape[:-3])
+    nb = len(bs)
+
+    def ex(c):
+        return c if c is None or tuple(c.shape[:-3]) == tuple(bs) else c.expand(bs + c.shape[-3:])
+
+    U, du = [ex(u) for u in U], [ex(c) for c in du]
+    if d == 1:
+        return (U[0] + du[0]).flatten(nb)
+    V = [ex(v) for v in V]
+    QV: List[Optional[torch.Tensor]] = [None] * d
+    QW: List[Optional[torch.Tensor]] = [None] * d
+    a, n, b = U[-1].shape[-3:]
+    left = (U[-1] + du[-1]).reshape(bs + (a, n * b))
+    right = None
+    for k in range(d - 1, 0, -1):
+        va, vn, vb = V[k].shape[-3:]
+        vm = V[k].reshape(bs + (va, vn * vb))
+        C = left @ vm.mT
+        w = left - C @ vm
+        W = w if right is None else torch.cat([w, right], -1)
+        q, r = torch.linalg.qr(W.mT)
+        qt = q.mT
+        QV[k] = qt[..., :w.shape[-1]]
+        QW[k] = None if right is None else qt[..., w.shape[-1]:]
+        ua, un, ub = U[k - 1].shape[-3:]
+        ul = U[k - 1].reshape(bs + (ua * un, ub))
+        left = (du[k - 1].reshape(ul.shape) + ul @ C).reshape(bs + (ua, un * C.shape[-1]))
+        right = (ul @ r.mT).reshape(bs + (ua, un * r.shape[-2]))
+    n = U[0].shape[-2]
+    c = torch.cat([left.reshape(bs + (n, left.shape[-1] // n)),
+                   right.reshape(bs + (n, right.shape[-1] // n))], -1)
+    pieces = []
+    for k in range(d - 1):
+        u, s, vh = torch.linalg.svd(c, full_matrices=False)
+        r = ranks[k + 1]
+        if u.shape[-1] < r:
+            u, s, vh = _pad_svd(u, s, vh, r)
+        pieces.append(u[..., :r].flatten(nb))
+        sv = s[..., :r, None] * vh[..., :r, :]
+        a, nk, b = V[k + 1].shape[-3:]
+        top = sv[..., a:] @ QV[k + 1] + sv[..., :a] @ V[k + 1].reshape(bs + (a, nk * b))
+        if QW[k + 1] is None:
+            c = top
+        else:
+            bot = sv[..., a:] @ QW[k + 1]
+            c = torch.cat([top.reshape(bs + (r * nk, b)),
+                           bot.reshape(bs + (r * nk, bot.shape[-1] // nk))], -1)
+    pieces.append(c.flatten(nb))
+    return torch.cat(pieces, -1)
+
+
 def _pad_svd(u, s, vh, r):
     """Extend a thin SVD of rank ``k < r`` to ``r`` columns with an orthonormal
     complement and zero singular values."""
-    m, k = u.shape
+    m, k = u.shape[-2:]
+    if u.dim() > 2:  # leading batch dimensions
+        bs = u.shape[:-2]
+        extra = torch.eye(m, r - k, dtype=u.dtype, device=u.device).expand(bs + (m, r - k))
+        q, _ = qr_pos(torch.cat([u, extra], -1))
+        return (torch.cat([u, q[..., k:r]], -1), torch.cat([s, s.new_zeros(bs + (r - k,))], -1),
+                torch.cat([vh, vh.new_zeros(bs + (r - k, vh.shape[-1]))], -2))
     extra = torch.eye(m, r - k, dtype=u.dtype, device=u.device)
     q, _ = qr_pos(torch.cat([u, extra], 1))
     u = torch.cat([u, q[:, k:r]], 1)

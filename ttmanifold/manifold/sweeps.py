@@ -52,12 +52,29 @@ def right_sweep(U: Sequence[torch.Tensor]):
     is ``(L S) (S Q D)``. So the interfaces satisfy ``V'_>k = S_k V_>k``, which lets callers
     fix all signs at the end, batched (:func:`right_cores`, :func:`project_tt`)."""
     c = U[-1]
+    if c.dim() > 3:  # leading batch dimensions: the same sweep, batched
+        yield from _right_sweep_batched(U)
+        return
     for k in range(len(U) - 1, 0, -1):
         q, r = torch.linalg.qr(c.reshape(c.shape[0], -1).transpose(0, 1))
         yield k, q, r
         if k > 1:
             prv = U[k - 1]
             c = (prv.reshape(-1, prv.shape[2]) @ r.transpose(0, 1)).reshape(prv.shape)
+
+
+def _right_sweep_batched(U: Sequence[torch.Tensor]):
+    """:func:`right_sweep` of cores with leading batch dimensions ``(*B, r, n, r')``:
+    ``q_k`` is ``(*B, n_k r_k, r_{k-1})``, ``r_k`` is ``(*B, r_{k-1}, r_{k-1})``."""
+    c = U[-1]
+    for k in range(len(U) - 1, 0, -1):
+        a, n, b = c.shape[-3:]
+        q, r = torch.linalg.qr(c.reshape(c.shape[:-3] + (a, n * b)).mT)
+        yield k, q, r
+        if k > 1:
+            prv = U[k - 1]
+            pa, pn, pb = prv.shape[-3:]
+            c = (prv.reshape(prv.shape[:-3] + (pa * pn, pb)) @ r.mT).reshape(prv.shape)
 
 
 def _signs(dg: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -67,7 +84,13 @@ def _signs(dg: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _has_bonds(U, *args, **kwargs) -> bool:
-    return len(U) > 1
+    """The compiled kernels take one point with bonds: ``d > 1`` and no batch dimension."""
+    return len(U) > 1 and U[0].dim() == 3
+
+
+def _unbatched(*seqs) -> bool:
+    """Every tensor of the core sequences is a single 3-D core (no batch dimension)."""
+    return all(c is None or c.dim() == 3 for seq in seqs if seq is not None for c in seq)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.right_cores, when=_has_bonds)
@@ -89,6 +112,8 @@ def right_cores(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     V: List[Optional[torch.Tensor]] = [None] * d
     if d == 1:
         return V
+    if U[0].dim() > 3:
+        return _right_cores_batched(U)
     Q: List[Optional[torch.Tensor]] = [None] * d
     dg: List[Optional[torch.Tensor]] = [None] * d
     for k, q, r in right_sweep(U):
@@ -109,8 +134,35 @@ def right_cores(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     return V
 
 
+def _right_cores_batched(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """:func:`right_cores` of cores with leading batch dimensions ``B``: the same sweep and
+    sign fix, every operation batched over ``B`` (runs of equal core shapes stacked on a
+    new dimension after ``B``)."""
+    d = len(U)
+    bs = tuple(U[0].shape[:-3])
+    nb = len(bs)
+    V: List[Optional[torch.Tensor]] = [None] * d
+    Q: List[Optional[torch.Tensor]] = [None] * d
+    dg: List[Optional[torch.Tensor]] = [None] * d
+    for k, q, r in _right_sweep_batched(U):
+        Q[k], dg[k] = q, torch.diagonal(r, dim1=-2, dim2=-1)
+    g = torch.cat(dg[1:], -1) if d > 2 else dg[1]
+    S = torch.ones_like(g).copysign_(g).split([t.shape[-1] for t in dg[1:]], -1)
+    for k0, k1 in core_runs([tuple(U[k].shape[-3:]) + (k == d - 1,) for k in range(1, d)]):
+        k0, k1 = k0 + 1, k1 + 1
+        m = k1 - k0
+        a, n, b = U[k0].shape[-3:]
+        stack = (lambda ts: ts[0].unsqueeze(nb)) if m == 1 else (lambda ts: torch.stack(ts, nb))
+        q = stack(Q[k0:k1]).reshape(bs + (m, n, b, a))
+        q = q * stack(S[k0 - 1:k1 - 1]).unsqueeze(-2).unsqueeze(-2)  # row signs (.., 1, 1, a)
+        if k1 <= d - 1:  # column signs (.., 1, b, 1); the last core has none
+            q = q * stack(S[k0:k1]).unsqueeze(-2).unsqueeze(-1)
+        V[k0:k1] = q.movedim(-1, -3).contiguous().unbind(nb)
+    return V
+
+
 def _packed(U, V, Z, *, packed: bool = False, gauge: bool = False) -> bool:
-    return packed
+    return packed and _unbatched(U, V, Z)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.project_tt, when=_packed)
@@ -142,6 +194,8 @@ def project_tt(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Te
     almost no extra cost: ``U_k^T t_k = P_{k+1}`` is a product of the left sweep, so the
     projection is ``(t_k - U_k P_{k+1}) Q_k``, one batched product per run.
     """
+    if not _unbatched(U, V, Z):
+        return _project_tt_batched(U, V, Z, packed=packed, gauge=gauge)
     d = len(U)
     T: List[torch.Tensor] = []
     Ps: List[Optional[torch.Tensor]] = [None] * d  # P_k; P_0 = 1
@@ -211,12 +265,102 @@ def project_tt(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Te
     return D
 
 
+def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
+    """:func:`project_tt` with leading batch dimensions: the batch shape is the broadcast
+    of those of ``U`` and ``Z`` (and ``V``); the same sweeps, batched."""
+    d = len(U)
+    bs = torch.broadcast_shapes(*[c.shape[:-3] for c in (U[0], Z[0])
+                                  + (() if V is None else (V[-1],))])
+    nb = len(bs)
+
+    def ex(c):
+        return c if c is None or tuple(c.shape[:-3]) == tuple(bs) else c.expand(bs + c.shape[-3:])
+
+    U = [ex(u) for u in U]
+    Z = [ex(z) for z in Z]
+    V = None if V is None else [ex(v) for v in V]
+    T: List[torch.Tensor] = []
+    Ps: List[Optional[torch.Tensor]] = [None] * d
+    P: Optional[torch.Tensor] = None
+    for k in range(d):
+        z = Z[k]
+        a, n, R = z.shape[-3:]
+        if P is None:
+            t = z.reshape(bs + (a * n, R))
+        else:
+            t = (P @ z.reshape(bs + (a, n * R))).reshape(bs + (P.shape[-2] * n, R))
+        T.append(t)
+        if k < d - 1:
+            ua, un, ub = U[k].shape[-3:]
+            P = U[k].reshape(bs + (ua * un, ub)).mT @ t
+            Ps[k + 1] = P
+    Q: List[Optional[torch.Tensor]] = [None] * d
+    sweep = _right_sweep_batched(U) if V is None else None
+    dg: List[torch.Tensor] = []
+    for k in range(d - 1, 0, -1):
+        z = Z[k]
+        a, n, R = z.shape[-3:]
+        if Q[k] is None:
+            s = z.reshape(bs + (a, n * R))
+        else:
+            s = (z.reshape(bs + (a * n, R)) @ Q[k]).reshape(bs + (a, n * Q[k].shape[-1]))
+        if sweep is not None:
+            _, q, r = next(sweep)
+            dg.append(torch.diagonal(r, dim1=-2, dim2=-1))
+            Q[k - 1] = s @ q
+        else:
+            v = V[k]
+            va, vn, vb = v.shape[-3:]
+            Q[k - 1] = s @ v.reshape(bs + (va, vn * vb)).mT
+    S: Optional[List[torch.Tensor]] = None
+    if sweep is not None and dg:
+        g = torch.cat(dg[::-1], -1)
+        S = list(torch.ones_like(g).copysign_(g).split([t.shape[-1] for t in dg[::-1]], -1))
+    pieces: List[torch.Tensor] = []
+    counts: List[int] = []
+    for k0, k1 in core_runs([tuple(U[k].shape[-3:]) + tuple(Z[k].shape[-3:]) + (k == d - 1,)
+                             for k in range(d)]):
+        m = k1 - k0
+        stack = (lambda ts: ts[0].unsqueeze(nb)) if m == 1 else (lambda ts: torch.stack(ts, nb))
+        t = stack(T[k0:k1])  # (*B, m, r n, R)
+        if gauge and k0 < d - 1:
+            ua, un, ub = U[k0].shape[-3:]
+            us = stack([U[k].reshape(bs + (ua * un, ub)) for k in range(k0, k1)])
+            t = t - us @ stack(Ps[k0 + 1:k1 + 1])
+        if Q[k0] is not None:
+            qs = stack(Q[k0:k1])
+            if S is not None:
+                qs = qs * stack(S[k0:k1]).unsqueeze(-2)
+            t = t @ qs
+        pieces.append(t)
+        counts.append(m)
+    if packed:
+        return torch.cat([g.flatten(nb) for g in pieces], -1)
+    D: List[torch.Tensor] = []
+    k = 0
+    for g, m in zip(pieces, counts):
+        D.extend(g.reshape(bs + (m,) + tuple(U[k].shape[-3:])).unbind(nb))
+        k += m
+    return D
+
+
 def gauge_project_flat(runs, U_flat: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``g_k - U_k (U_k^T g_k)`` on the left unfoldings of the packed cores ``k < d``; the
     last core unchanged. ``runs``: ``(offset, m, rows, cols)`` per run of equal core shapes
     (cores ``0..d-2``), then the offset of the last core. One batched product pair per
     run; differentiable. Returns a new flat tensor."""
     blocks, last = runs
+    if U_flat.dim() > 1 or g.dim() > 1:  # leading batch dimensions (broadcast)
+        bs = torch.broadcast_shapes(U_flat.shape[:-1], g.shape[:-1])
+        pieces = []
+        for off, m, rows, cols in blocks:
+            sz = m * rows * cols
+            Ub = U_flat[..., off:off + sz].unflatten(-1, (m, rows, cols))
+            Gb = g[..., off:off + sz].unflatten(-1, (m, rows, cols))
+            pieces.append((Gb - Ub @ (Ub.mT @ Gb)).flatten(-3))
+        tail = g[..., last:]
+        pieces.append(tail if tail.shape[:-1] == bs else tail.expand(bs + tail.shape[-1:]))
+        return torch.cat(pieces, -1)
     pieces = []
     for off, m, rows, cols in blocks:
         sz = m * rows * cols
@@ -243,13 +387,17 @@ def gauge_deltas(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
     Returns the ``d`` new delta cores. Cost O(d n r^3); differentiable.
     """
     du = list(du)
-    for k in range(len(U) - 1):
-        ul = U[k].reshape(-1, U[k].shape[2])
-        dl = du[k].reshape(-1, du[k].shape[2])
-        a = ul.transpose(0, 1) @ dl
-        du[k] = (dl - ul @ a).reshape(du[k].shape)
+    for k in range(len(U) - 1):  # leading batch dimensions broadcast
+        ra, n, rb = U[k].shape[-3:]
+        ul = U[k].reshape(U[k].shape[:-3] + (ra * n, rb))
+        dl = du[k].reshape(du[k].shape[:-3] + (ra * n, rb))
+        a = ul.mT @ dl
+        res = dl - ul @ a
+        du[k] = res.reshape(res.shape[:-2] + (ra, n, rb))
         v = V[k + 1]
-        du[k + 1] = du[k + 1] + (a @ v.reshape(v.shape[0], -1)).reshape(v.shape)
+        va, vn, vb = v.shape[-3:]
+        du[k + 1] = du[k + 1] + (a @ v.reshape(v.shape[:-3] + (va, vn * vb))).reshape(
+            a.shape[:-2] + (va, vn, vb))
     return du
 
 
@@ -299,7 +447,17 @@ def project_sampled(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor
 
 def orth_defect(U: Sequence[torch.Tensor]) -> torch.Tensor:
     """``max_k ||U_k^T U_k - I||_max`` over the left unfoldings of cores ``k < d`` (a 0-d
-    tensor on the cores' device; no host sync). O(d n r^3)."""
+    tensor on the cores' device, or one value per point for cores with leading batch
+    dimensions ``B``: shape ``B``; no host sync). O(d n r^3) per point."""
+    if U[-1].dim() > 3:  # one value per point of the batch
+        out = U[-1].new_zeros(U[-1].shape[:-3])
+        for u in U[:-1]:
+            a, n, b = u.shape[-3:]
+            ul = u.reshape(u.shape[:-3] + (a * n, b))
+            g = ul.mT @ ul
+            eye = torch.eye(b, dtype=g.dtype, device=g.device)
+            out = torch.maximum(out, (g - eye).abs().amax((-2, -1)))
+        return out
     out = U[-1].new_zeros(())
     for u in U[:-1]:
         ul = u.reshape(-1, u.shape[2])

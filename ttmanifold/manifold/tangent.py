@@ -65,6 +65,18 @@ class TangentTT(TT):
     def _block_cores(self) -> List[torch.Tensor]:
         U, V, dU = self._U, self._V, self._deltas
         d = len(U)
+        bs = self.batch_shape
+        if bs:  # leading batch dimensions (broadcast between U, V and the deltas)
+            U = [u.expand(bs + u.shape[-3:]) for u in U]
+            V = [None] + [v.expand(bs + v.shape[-3:]) for v in V[1:]]
+            dU = [c.expand(bs + c.shape[-3:]) for c in dU]
+            cores = [torch.cat([dU[0], U[0]], dim=-1)]
+            for k in range(1, d - 1):
+                a, n, _ = V[k].shape[-3:]
+                top = torch.cat([V[k], U[k].new_zeros(bs + (a, n, U[k].shape[-1]))], dim=-1)
+                cores.append(torch.cat([top, torch.cat([dU[k], U[k]], dim=-1)], dim=-3))
+            cores.append(torch.cat([V[d - 1], dU[d - 1]], dim=-3))
+            return cores
         cores = [torch.cat([dU[0], U[0]], dim=2)]
         for k in range(1, d - 1):  # [[V_k, 0], [dU_k, U_k]], built without in-place writes
             a, n, _ = V[k].shape
@@ -76,11 +88,19 @@ class TangentTT(TT):
     # metadata without building the cores ----------------------------------------------
     @property
     def shape(self) -> Tuple[int, ...]:
-        return tuple(int(u.shape[1]) for u in self._U)
+        return tuple(int(u.shape[-2]) for u in self._U)
 
     @property
     def ranks(self) -> Tuple[int, ...]:
-        return (1,) + tuple(2 * int(u.shape[2]) for u in self._U[:-1]) + (1,)
+        return (1,) + tuple(2 * int(u.shape[-1]) for u in self._U[:-1]) + (1,)
+
+    @property
+    def batch_shape(self) -> Tuple[int, ...]:
+        """Leading batch dimensions: the broadcast of those of the point and the deltas."""
+        u, c = self._U[0], self._deltas[0]
+        if u.dim() == 3 and c.dim() == 3:
+            return ()
+        return tuple(torch.broadcast_shapes(u.shape[:-3], c.shape[:-3]))
 
     @property
     def ndim(self) -> int:
@@ -112,6 +132,10 @@ class TangentTT(TT):
                 and (other._U is self._U or all(a is b for a, b in zip(other._U, self._U))))
 
     def _delta_dot(self, other: "TangentTT") -> torch.Tensor:
+        if self.batch_shape or other.batch_shape:  # one value per point
+            if self._flat is not None and other._flat is not None:
+                return (self._flat * other._flat).sum(-1)
+            return sum((a * b).sum((-3, -2, -1)) for a, b in zip(self._deltas, other._deltas))
         if self._flat is not None and other._flat is not None:
             return torch.dot(self._flat, other._flat)
         return sum((a * b).sum() for a, b in zip(self._deltas, other._deltas))
@@ -119,6 +143,12 @@ class TangentTT(TT):
     def structured_inner(self, other: TT) -> Optional[torch.Tensor]:
         if self._same_gauged_point(other):
             return self._delta_dot(other)
+        if self.batch_shape or other.batch_shape:  # one value per point (batches broadcast)
+            if self._flat is not None:
+                return (self._flat * project_tt(self._U, self._V, other.cores,
+                                                packed=True)).sum(-1)
+            D = project_tt(self._U, self._V, other.cores)
+            return sum((a * b).sum((-3, -2, -1)) for a, b in zip(self._deltas, D))
         if self._flat is not None:
             return torch.dot(self._flat, project_tt(self._U, self._V, other.cores, packed=True))
         D = project_tt(self._U, self._V, other.cores)
@@ -129,6 +159,9 @@ class TangentTT(TT):
         (Riemannian autodiff of a completion loss) they are evaluated at rank r from the
         point's left and right sample vectors, and the backward is the scatter of one
         Riemannian CG iteration; otherwise on the rank-2r block cores. O(N d r^2)."""
+        if self.batch_shape:
+            raise ValueError("index_set: sampled entries of a batch of tangent TTs are not "
+                             "supported; use gather(indices) for the same indices in every TT")
         if (torch.is_grad_enabled() and any(c.requires_grad for c in self._deltas)
                 and self.device.type != "meta"
                 and not any(functorch_wrapped(c) for c in self._deltas)
@@ -141,12 +174,36 @@ class TangentTT(TT):
         """Frobenius norm; for a gauged tangent TT, the norm of the deltas."""
         if not self._gauged:
             return super().norm()
+        if self.batch_shape:  # one norm per point
+            if self._flat is not None:
+                return torch.linalg.vector_norm(self._flat, dim=-1)
+            return torch.linalg.vector_norm(torch.cat([c.flatten(-3) for c in self._deltas], -1),
+                                            dim=-1)
         if self._flat is not None:
             return torch.linalg.vector_norm(self._flat)
         return torch.linalg.vector_norm(torch.cat([c.reshape(-1) for c in self._deltas]))
 
     def scaled(self, a) -> TT:
-        """``a * self``, still structured (the deltas scaled)."""
+        """``a * self``, still structured (the deltas scaled); for a batch ``a`` may be a
+        tensor of shape ``batch_shape`` (one scalar per point)."""
+        bs = self.batch_shape
+        if bs:
+            if isinstance(a, torch.Tensor) and a.dim() > 0:
+                if tuple(a.shape) != bs:
+                    raise ValueError(f"a: expected a scalar or a tensor of the batch shape {bs}, "
+                                     f"got shape {tuple(a.shape)}")
+                af, ac = a.unsqueeze(-1), a[..., None, None, None]
+            else:
+                af = ac = a
+            if self._flat is not None:
+                flat = self._flat * af
+                sizes = [c.shape[-3] * c.shape[-2] * c.shape[-1] for c in self._deltas]
+                deltas = [c.unflatten(-1, tuple(s.shape[-3:]))
+                          for c, s in zip(torch.split(flat, sizes, -1), self._deltas)]
+            else:
+                flat, deltas = None, [c * ac for c in self._deltas]
+            return TangentTT(self._U, self._V, deltas, flat=flat, gauged=self._gauged,
+                             check=False)
         flat = None if self._flat is None else self._flat * a
         if flat is not None:
             sizes = [c.numel() for c in self._deltas]
@@ -158,8 +215,9 @@ class TangentTT(TT):
 
 def _rebuild_tangent(U, V, deltas, flat, gauged):
     if deltas is None:
-        sizes = [u.numel() for u in U]
-        deltas = [c.view(u.shape) for c, u in zip(torch.split(flat, sizes), U)]
+        sizes = [u.shape[-3] * u.shape[-2] * u.shape[-1] for u in U]
+        deltas = [c.unflatten(-1, tuple(u.shape[-3:]))
+                  for c, u in zip(torch.split(flat, sizes, -1), U)]
     return TangentTT(U, V, deltas, flat=flat, gauged=gauged, check=False)
 
 

@@ -44,7 +44,8 @@ from .._checks import (
     normalize_ranks,
 )
 
-__all__ = ["TT", "inner", "orthogonalize", "round", "feasible_ranks", "qr_pos", "lq_pos"]
+__all__ = ["TT", "inner", "pairwise_inner", "stack", "orthogonalize", "round", "feasible_ranks",
+           "qr_pos", "lq_pos"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -101,6 +102,13 @@ def _choose_rank(s: torch.Tensor, max_rank: Optional[int], delta: Optional[torch
     if delta is None or s.shape[-1] == 0 or s.device.type == "meta":
         # on the meta device values are unknown: keep the caps (documented)
         return max(k, 1)
+    if s.dim() > 1:  # a batch: each point's needed rank, the largest over the batch
+        top = s.amax(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+        s, dl = s / top, delta.unsqueeze(-1) / top
+        sq = s * s
+        tail = torch.flip(torch.cumsum(torch.flip(sq, (-1,)), -1), (-1,))
+        needed = int((tail > dl * dl).sum(-1).max())  # host sync: data-dependent rank
+        return max(1, min(k, needed))
     # compare relative to the largest singular value, so that squaring neither
     # overflows nor underflows for tensors of norm ~1e+-154 and beyond (float64)
     top = s.max().clamp_min(torch.finfo(s.dtype).tiny)
@@ -113,12 +121,17 @@ def _choose_rank(s: torch.Tensor, max_rank: Optional[int], delta: Optional[torch
     return max(1, min(k, needed))
 
 
-def _fro_norm(t: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of a dense tensor, safe from overflow/underflow of the squares.
+def _fro_norm(t: torch.Tensor, nb: int = 0) -> torch.Tensor:
+    """Frobenius norm of a dense tensor, safe from overflow/underflow of the squares;
+    with ``nb`` leading batch dimensions, one norm per point (shape ``t.shape[:nb]``).
 
     ``torch.linalg.vector_norm`` squares without scaling (inf above ~1e154, 0 below
     ~1e-154 in float64); scaling by a detached max leaves the value and gradient unchanged.
     """
+    if nb:
+        dims = tuple(range(nb, t.dim()))
+        scale = t.detach().abs().amax(dims, keepdim=True).clamp_min(torch.finfo(t.dtype).tiny)
+        return torch.linalg.vector_norm(t / scale, dim=dims) * scale.reshape(t.shape[:nb])
     scale = t.detach().abs().amax().clamp_min(torch.finfo(t.dtype).tiny)
     return torch.linalg.vector_norm(t / scale) * scale
 
@@ -136,10 +149,18 @@ def _check_cores(cores, name: str = "cores") -> List[torch.Tensor]:
     for k, c in enumerate(cores):
         if not isinstance(c, torch.Tensor):
             raise TypeError(f"{name}[{k}]: expected a torch.Tensor, got {type(c).__name__}")
-        if c.dim() != 3:
+        if c.dim() < 3:
             raise ValueError(
-                f"{name}[{k}]: expected a 3-D core of shape (r_{k}, n_{k + 1}, r_{k + 1}), "
-                f"got shape {tuple(c.shape)}"
+                f"{name}[{k}]: expected a 3-D core of shape (r_{k}, n_{k + 1}, r_{k + 1}) (or a "
+                f"batch of them, (*batch, r_{k}, n_{k + 1}, r_{k + 1})), got shape {tuple(c.shape)}"
+            )
+    batch = tuple(cores[0].shape[:-3])
+    for k, c in enumerate(cores):
+        if tuple(c.shape[:-3]) != batch:
+            what = "a 3-D core like" if not batch else f"batch shape {batch} like"
+            raise ValueError(
+                f"{name}[{k}]: expected {what} {name}[0], got shape {tuple(c.shape)} (all "
+                f"cores of a batched TT share the leading batch dimensions)"
             )
     dtype, device = cores[0].dtype, cores[0].device
     if dtype.is_complex:
@@ -150,21 +171,21 @@ def _check_cores(cores, name: str = "cores") -> List[torch.Tensor]:
             raise TypeError(f"{name}[{k}]: dtype {c.dtype} differs from {name}[0]'s {dtype}")
         if c.device != device:
             raise ValueError(f"{name}[{k}]: device {c.device} differs from {name}[0]'s {device}")
-    if cores[0].shape[0] != 1:
+    if cores[0].shape[-3] != 1:
         raise ValueError(f"{name}[0]: boundary rank r_0 must be 1, got shape {tuple(cores[0].shape)}")
-    if cores[-1].shape[2] != 1:
+    if cores[-1].shape[-1] != 1:
         raise ValueError(
             f"{name}[{len(cores) - 1}]: boundary rank r_d must be 1, got shape "
             f"{tuple(cores[-1].shape)}"
         )
     for k in range(len(cores) - 1):
-        if cores[k].shape[2] != cores[k + 1].shape[0]:
+        if cores[k].shape[-1] != cores[k + 1].shape[-3]:
             raise ValueError(
                 f"{name}[{k}] and {name}[{k + 1}]: ranks do not match "
                 f"({tuple(cores[k].shape)} then {tuple(cores[k + 1].shape)})"
             )
     for k, c in enumerate(cores):
-        if c.shape[1] < 1 or c.shape[0] < 1 or c.shape[2] < 1:
+        if c.shape[-2] < 1 or c.shape[-3] < 1 or c.shape[-1] < 1:
             raise ValueError(f"{name}[{k}]: every dimension must be positive, got {tuple(c.shape)}")
     for k, c in enumerate(cores):  # no host sync (immediate on the CPU)
         assert_finite_async(c, f"{name}[{k}]")
@@ -178,13 +199,16 @@ class TT:
     ----------
     cores : list of tensors
         ``d`` cores, the k-th of shape ``(r_{k-1}, n_k, r_k)``, ``r_0 = r_d = 1``, all of
-        one real floating dtype and one device.
+        one real floating dtype and one device. A **batch** of TTs of one shape and ranks
+        has cores ``(*batch, r_{k-1}, n_k, r_k)`` with the same leading dimensions on every
+        core (``docs/tt_algebra.md#batches``): every operation then acts point by point
+        and returns one value per TT (``inner``, ``norm``: shape ``batch``).
     check : bool
         Validate the cores (default). Internal callers that build consistent cores may skip.
 
     Attributes
     ----------
-    cores, shape, ranks, ndim, dtype, device
+    cores, shape, ranks, ndim, batch_shape, dtype, device
 
     Arithmetic: ``x + y``, ``x - y``, ``-x``, ``a * x``, ``x * a``, ``x / a`` for scalars
     ``a`` (numbers or 0-d tensors). Ranks add under ``+`` and ``-``.
@@ -203,11 +227,16 @@ class TT:
 
     @property
     def shape(self) -> Tuple[int, ...]:
-        return tuple(int(c.shape[1]) for c in self._cores)
+        return tuple(int(c.shape[-2]) for c in self._cores)
 
     @property
     def ranks(self) -> Tuple[int, ...]:
-        return (1,) + tuple(int(c.shape[2]) for c in self._cores)
+        return (1,) + tuple(int(c.shape[-1]) for c in self._cores)
+
+    @property
+    def batch_shape(self) -> Tuple[int, ...]:
+        """The leading batch dimensions of the cores (``()`` for a single TT)."""
+        return tuple(self._cores[0].shape[:-3])
 
     @property
     def ndim(self) -> int:
@@ -252,10 +281,54 @@ class TT:
 
     def __repr__(self) -> str:
         dev = "" if self.device.type == "cpu" else f", device={self.device}"
+        bs = self.batch_shape
+        batch = f", batch_shape={bs}" if bs else ""
         return (
-            f"TT(shape={self.shape}, ranks={self.ranks}, dtype={self.dtype}{dev}, "
+            f"TT(shape={self.shape}, ranks={self.ranks}{batch}, dtype={self.dtype}{dev}, "
             f"params={self.num_params})"
         )
+
+    # -- batches ------------------------------------------------------------------------
+    def __getitem__(self, index) -> "TT":
+        """Index the batch dimensions (``x[i]``, ``x[2:5]``, ``x[mask]``, ``x[i, j]``): the
+        TT(s) selected, cores indexed alike (views where torch indexing gives views).
+        Raises ``IndexError`` for a single TT or an index past the batch dimensions.
+        Cost: that of indexing the cores."""
+        bs = self.batch_shape
+        if not bs:
+            raise IndexError("TT: a single TT has no batch dimension to index (batch_shape ())")
+        idx = index if isinstance(index, tuple) else (index,)
+        if any(i is Ellipsis or i is None for i in idx):
+            raise IndexError("TT: index the batch dimensions explicitly (no ... or None)")
+        nidx = sum(i.dim() if isinstance(i, torch.Tensor) and i.dtype == torch.bool else 1
+                   for i in idx)
+        if nidx > len(bs):
+            raise IndexError(f"TT: {nidx} indices for batch_shape {bs}")
+        cores = [c[idx] for c in self._cores]
+        if cores[0].dim() < 3 or any(tuple(c.shape[-3:]) != tuple(o.shape[-3:])
+                                     for c, o in zip(cores, self._cores)):
+            raise IndexError(f"TT: the index {index!r} reaches past batch_shape {bs}")
+        return TT(cores, check=False)
+
+    def unbind(self, dim: int = 0) -> Tuple["TT", ...]:
+        """The TTs along batch dimension ``dim`` (views of the cores), like
+        :func:`torch.unbind`. Cost: none (views)."""
+        bs = self.batch_shape
+        if not -len(bs) <= dim < len(bs):
+            raise IndexError(f"dim: {dim} is not a batch dimension of batch_shape {bs}")
+        dim = dim % len(bs)
+        parts = [c.unbind(dim) for c in self._cores]
+        return tuple(TT(list(cs), check=False) for cs in zip(*parts))
+
+    @staticmethod
+    def stack(tts: Sequence["TT"], dim: int = 0) -> "TT":
+        """A batch of TTs of one shape, ranks and batch shape, stacked on a new batch
+        dimension ``dim`` (:func:`stack`)."""
+        return stack(tts, dim)
+
+    def pairwise_inner(self, other: "TT") -> torch.Tensor:
+        """All pairs of inner products (:func:`pairwise_inner`)."""
+        return pairwise_inner(self, other)
 
     def __len__(self) -> int:
         return self.ndim
@@ -271,6 +344,7 @@ class TT:
         device=None,
         generator: Optional[torch.Generator] = None,
         normalize: bool = True,
+        batch: Sequence[int] = (),
     ) -> "TT":
         """A random TT of exactly the given ranks (generically), well conditioned.
 
@@ -281,9 +355,11 @@ class TT:
 
         ``ranks``: an int, ``d - 1`` inner ranks or ``d + 1`` ranks; clipped to the feasible
         bound, and to ``r_k <= min(r_{k-1} n_k, n_{k+1} r_{k+1})``, with a warning.
-        Cost O(d n r^3).
+        ``batch``: leading batch dimensions (default ``()``, one TT): independent draws,
+        every QR batched. Cost O(d n r^3) per TT.
         """
         shape = check_shape(shape)
+        batch = _check_batch(batch)
         ranks = normalize_ranks(shape, ranks)
         dtype = dtype or torch.get_default_dtype()
         check_float_dtype(dtype, "dtype")
@@ -308,23 +384,30 @@ class TT:
         cores = []
         for k in range(d):
             m, r = ranks[k] * shape[k], ranks[k + 1]
-            g = torch.randn(m, r, dtype=dtype, device=device, generator=generator)
+            g = torch.randn(batch + (m, r), dtype=dtype, device=device, generator=generator)
             if k < d - 1:
                 g, _ = qr_pos(g)
-            cores.append(g.reshape(ranks[k], shape[k], r))
+            cores.append(g.reshape(batch + (ranks[k], shape[k], r)))
         if normalize:
-            cores[-1] = cores[-1] / torch.linalg.vector_norm(cores[-1])
+            if batch:
+                nrm = torch.linalg.vector_norm(cores[-1], dim=(-3, -2, -1), keepdim=True)
+                cores[-1] = cores[-1] / nrm
+            else:
+                cores[-1] = cores[-1] / torch.linalg.vector_norm(cores[-1])
         return cls(cores, check=False)
 
     @classmethod
-    def zeros(cls, shape: Sequence[int], ranks=1, *, dtype=None, device=None) -> "TT":
-        """The zero tensor as a TT with the given ranks (default 1)."""
+    def zeros(cls, shape: Sequence[int], ranks=1, *, dtype=None, device=None,
+              batch: Sequence[int] = ()) -> "TT":
+        """The zero tensor as a TT with the given ranks (default 1); ``batch``: leading
+        batch dimensions (a batch of zeros)."""
         shape = check_shape(shape)
+        batch = _check_batch(batch)
         ranks = normalize_ranks(shape, ranks)
         dtype = dtype or torch.get_default_dtype()
         check_float_dtype(dtype, "dtype")
         return cls(
-            [torch.zeros(ranks[k], n, ranks[k + 1], dtype=dtype, device=device)
+            [torch.zeros(batch + (ranks[k], n, ranks[k + 1]), dtype=dtype, device=device)
              for k, n in enumerate(shape)],
             check=False,
         )
@@ -383,7 +466,16 @@ class TT:
 
     # -- evaluation ---------------------------------------------------------------------
     def full(self) -> torch.Tensor:
-        """The dense tensor of shape ``self.shape``. Cost O(n^d r): small tensors only."""
+        """The dense tensor of shape ``self.shape`` (``batch_shape + shape`` for a batch).
+        Cost O(n^d r) per TT: small tensors only."""
+        bs = self.batch_shape
+        if bs:
+            c0 = self._cores[0]
+            res = c0.reshape(bs + (c0.shape[-2], c0.shape[-1]))
+            for c in self._cores[1:]:
+                a, n, b = c.shape[-3:]
+                res = (res @ c.reshape(bs + (a, n * b))).reshape(bs + (res.shape[-2] * n, b))
+            return res.reshape(bs + self.shape)
         res = self._cores[0].reshape(self.shape[0], -1)
         for c in self._cores[1:]:
             res = (res @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[2])
@@ -395,7 +487,8 @@ class TT:
         derivatives, of every order, are those of ``sqrt(<X, X>)`` at that value: the QR
         sweep's own backward is undefined where a core's unfolding is rank deficient, as in
         sums and in the tangent TTs of Riemannian autodiff. Cost O(d n r^3) (plus one inner
-        product sweep under autograd)."""
+        product sweep under autograd). A batch gives one norm per TT (shape
+        ``batch_shape``)."""
         if not (torch.is_grad_enabled() and self.requires_grad):
             return self._qr_norm()
         with torch.no_grad():
@@ -405,6 +498,15 @@ class TT:
         return val * torch.sqrt(1 + (s - s.detach()) / (val * val))
 
     def _qr_norm(self) -> torch.Tensor:
+        bs = self.batch_shape
+        if bs:
+            c0 = self._cores[0]
+            c = c0.reshape(bs + (c0.shape[-2], c0.shape[-1]))
+            for nxt in self._cores[1:]:
+                r = torch.linalg.qr(c, mode="reduced")[1] if c.shape[-2] > c.shape[-1] else c
+                a, n, b = nxt.shape[-3:]
+                c = (r @ nxt.reshape(bs + (a, n * b))).reshape(bs + (r.shape[-2] * n, b))
+            return _fro_norm(c, len(bs))
         c = self._cores[0].reshape(-1, self._cores[0].shape[2])
         for k in range(1, self.ndim):
             # only the R factor matters: ||X|| = ||R_k G_{k+1} ... ||
@@ -422,9 +524,22 @@ class TT:
         (:class:`ttmanifold.IndexSet`) so that every step is one batched matrix product per
         mode with O(N r) memory; small ``N`` (and the meta device) use per-sample products
         in chunks. Reuse an :class:`~ttmanifold.IndexSet` to gather many TTs at the same
-        indices.
+        indices. A batch of TTs gives ``batch_shape + (N,)``: the same indices in every TT,
+        per-sample products batched over the TTs (O(B N d r^2)).
         """
         idx = self._check_indices(indices)
+        bs = self.batch_shape
+        if bs:
+            outs = []
+            for s in range(0, max(idx.shape[0], 1), _GATHER_CHUNK):
+                part = idx[s:s + _GATHER_CHUNK]
+                v = self._cores[0][..., 0, :, :].index_select(-2, part[:, 0])  # (*B, N, r_1)
+                for k in range(1, self.ndim):
+                    # (*B, r_{k-1}, N, r_k) -> (*B, N, r_{k-1}, r_k)
+                    m = self._cores[k].index_select(-2, part[:, k]).movedim(-2, -3)
+                    v = (v.unsqueeze(-2) @ m).squeeze(-2)
+                outs.append(v[..., 0])
+            return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
         if idx.shape[0] >= _GROUPED_GATHER_MIN and idx.device.type != "meta":
             return IndexSet(idx, self.shape, check=False).gather(self)
         outs = []
@@ -497,10 +612,31 @@ class TT:
 
     def scaled(self, a) -> "TT":
         """``a * self`` for a real scalar ``a`` (first core scaled; subclasses may keep
-        their structure). O(n r^2)."""
+        their structure); for a batch, ``a`` may also be a tensor of shape ``batch_shape``
+        (one scalar per TT). O(n r^2)."""
         cores = list(self._cores)
-        cores[0] = cores[0] * a
+        cores[0] = cores[0] * _per_point(a, self.batch_shape)
         return TT(cores, check=False)
+
+
+def _per_point(a, batch_shape):
+    """A scalar as is; a tensor of shape ``batch_shape`` with three trailing unit
+    dimensions (to scale cores ``(*batch, r, n, r')``)."""
+    if isinstance(a, torch.Tensor) and a.dim() > 0:
+        if tuple(a.shape) != tuple(batch_shape):
+            raise ValueError(f"a: expected a scalar or a tensor of the batch shape "
+                             f"{tuple(batch_shape)}, got shape {tuple(a.shape)}")
+        return a[..., None, None, None]
+    return a
+
+
+def _check_batch(batch) -> Tuple[int, ...]:
+    if isinstance(batch, numbers.Integral) and not isinstance(batch, bool):
+        batch = (int(batch),)
+    if not isinstance(batch, (tuple, list, torch.Size)) or not all(
+            isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 0 for b in batch):
+        raise ValueError(f"batch: expected a tuple of non-negative ints, got {batch!r}")
+    return tuple(int(b) for b in batch)
 
 
 def _is_scalar(a) -> bool:
@@ -519,12 +655,31 @@ def _check_pair(a, b, op: str) -> None:
         raise TypeError(f"{op}: dtypes differ, {a.dtype} and {b.dtype}")
     if a.device != b.device:
         raise ValueError(f"{op}: devices differ, {a.device} and {b.device}")
+    try:
+        torch.broadcast_shapes(a.batch_shape, b.batch_shape)
+    except RuntimeError:
+        raise ValueError(f"{op}: batch shapes {a.batch_shape} and {b.batch_shape} do not "
+                         f"broadcast") from None
 
 
 def add(a: TT, b: TT) -> TT:
-    """``a + b`` with block cores; ranks add (except r_0 = r_d = 1). Cost O(d n r^2)."""
+    """``a + b`` with block cores; ranks add (except r_0 = r_d = 1). Cost O(d n r^2).
+    Batches broadcast (``batch_shape`` of the result: the broadcast of both)."""
     _check_pair(a, b, "add")
     d = a.ndim
+    if a.batch_shape or b.batch_shape:
+        bs = torch.broadcast_shapes(a.batch_shape, b.batch_shape)
+        xs = [c.expand(bs + c.shape[-3:]) for c in a._cores]
+        ys = [c.expand(bs + c.shape[-3:]) for c in b._cores]
+        if d == 1:
+            return TT([xs[0] + ys[0]], check=False)
+        cores = [torch.cat([xs[0], ys[0]], -1)]
+        for x, y in zip(xs[1:-1], ys[1:-1]):
+            top = torch.nn.functional.pad(x, (0, y.shape[-1]))
+            bot = torch.nn.functional.pad(y, (x.shape[-1], 0))
+            cores.append(torch.cat([top, bot], -3))
+        cores.append(torch.cat([xs[-1], ys[-1]], -3))
+        return TT(cores, check=False)
     if d == 1:
         return TT([a._cores[0] + b._cores[0]], check=False)
     cores = []
@@ -543,15 +698,20 @@ def add(a: TT, b: TT) -> TT:
 def inner(a: TT, b: TT) -> torch.Tensor:
     """Frobenius inner product ``<a, b>`` by a sweep of ``r_a x r_b`` matrices.
 
-    Cost O(d n r_a r_b (r_a + r_b)). Returns a 0-d tensor.
+    Cost O(d n r_a r_b (r_a + r_b)). Returns a 0-d tensor; for batches, the inner products
+    of corresponding TTs (batch shapes broadcast), shape the broadcast batch shape
+    (:func:`pairwise_inner` for all pairs).
     """
     _check_pair(a, b, "inner")
+    bs = torch.broadcast_shapes(a.batch_shape, b.batch_shape)
     if type(a) is not TT or type(b) is not TT:  # structured TTs (tangent vectors)
         res = a.structured_inner(b)
         if res is None:
             res = b.structured_inner(a)
         if res is not None:
-            return res.reshape(())
+            return res.reshape(bs)
+    if bs:
+        return _inner_batched(a, b, bs)
     w = None
     for x, y in zip(a._cores, b._cores):
         ra, n, rc = x.shape
@@ -563,6 +723,68 @@ def inner(a: TT, b: TT) -> torch.Tensor:
         t = (w.transpose(0, 1) @ x.reshape(ra, n * rc)).reshape(rb * n, rc)
         w = t.transpose(0, 1) @ y.reshape(rb * n, rd)
     return w.reshape(())
+
+
+def _inner_batched(a: TT, b: TT, bs) -> torch.Tensor:
+    """:func:`inner` sweep with leading batch dimensions (broadcast by the products)."""
+    w = None
+    for x, y in zip(a._cores, b._cores):
+        ra, n, rc = x.shape[-3:]
+        rb, _, rd = y.shape[-3:]
+        if w is None:
+            t = x.reshape(x.shape[:-3] + (n, rc))
+            w = t.mT @ y.reshape(y.shape[:-3] + (n, rd))
+            continue
+        t = w.mT @ x.reshape(x.shape[:-3] + (ra, n * rc))
+        t = t.reshape(t.shape[:-2] + (rb * n, rc))
+        w = t.mT @ y.reshape(y.shape[:-3] + (rb * n, rd))
+    return w.reshape(bs)
+
+
+def pairwise_inner(a: TT, b: TT) -> torch.Tensor:
+    """All pairs of inner products of two batches (t3f's ``pairwise_flat_inner``):
+    ``out[i, j] = <a[i], b[j]>`` with multi-indices ``i`` over ``a.batch_shape`` and ``j``
+    over ``b.batch_shape``.
+
+    Args:
+        a, b: TTs of one shape, dtype and device (batches or single TTs).
+    Returns:
+        a tensor of shape ``a.batch_shape + b.batch_shape``.
+    Cost: O(|A| |B| d n r_a r_b (r_a + r_b)): the sweep of :func:`inner`, broadcast over
+    the pairs (memory O(|A| |B| n r_a r_b)).
+    """
+    _check_pair(a, b, "pairwise_inner")
+    na, nb_ = len(a.batch_shape), len(b.batch_shape)
+    xa = TT([c.reshape(c.shape[:na] + (1,) * nb_ + c.shape[na:]) for c in a.cores], check=False)
+    xb = TT([c.reshape((1,) * na + c.shape) for c in b.cores], check=False)
+    return inner(xa, xb)
+
+
+def stack(tts: Sequence[TT], dim: int = 0) -> TT:
+    """Stack TTs of one shape, ranks, batch shape, dtype and device on a new batch
+    dimension ``dim`` (like :func:`torch.stack`; ``x[i]`` and :meth:`TT.unbind` undo it).
+
+    Args:
+        tts: a non-empty sequence of :class:`TT`.
+        dim: position of the new dimension among the batch dimensions.
+    Returns:
+        a batched TT, ``batch_shape`` = the common one with ``len(tts)`` inserted at ``dim``.
+    Cost: one copy of the cores.
+    """
+    tts = list(tts)
+    if not tts or not all(isinstance(t, TT) for t in tts):
+        raise TypeError("tts: expected a non-empty sequence of TT objects")
+    ref = tts[0]
+    for i, t in enumerate(tts[1:], 1):
+        _check_pair(ref, t, "stack")
+        if t.ranks != ref.ranks or t.batch_shape != ref.batch_shape:
+            raise ValueError(f"tts[{i}]: ranks {t.ranks} and batch shape {t.batch_shape} differ "
+                             f"from tts[0]'s {ref.ranks} and {ref.batch_shape}")
+    nb = len(ref.batch_shape)
+    if not -(nb + 1) <= dim <= nb:
+        raise IndexError(f"dim: {dim} out of range for {nb + 1} batch dimensions")
+    dim = dim % (nb + 1)
+    return TT([torch.stack(cs, dim) for cs in zip(*[t.cores for t in tts])], check=False)
 
 
 def orthogonalize(x: TT, side: str = "left", *, center: Optional[int] = None) -> TT:
@@ -592,6 +814,8 @@ def orthogonalize(x: TT, side: str = "left", *, center: Optional[int] = None) ->
     if not isinstance(center, numbers.Integral) or isinstance(center, bool) or not 0 <= center < d:
         raise ValueError(f"center: expected an int in [0, {d - 1}], got {center!r}")
     cores = list(x._cores)
+    if x.batch_shape:
+        return TT(_orthogonalize_batched(cores, center), check=False)
     for k in range(center):
         c = cores[k]
         q, r = qr_pos(c.reshape(-1, c.shape[2]))
@@ -605,6 +829,27 @@ def orthogonalize(x: TT, side: str = "left", *, center: Optional[int] = None) ->
         prv = cores[k - 1]
         cores[k - 1] = (prv.reshape(-1, prv.shape[2]) @ l).reshape(prv.shape[0], prv.shape[1], -1)
     return TT(cores, check=False)
+
+
+def _orthogonalize_batched(cores: List[torch.Tensor], center: int) -> List[torch.Tensor]:
+    """The sweeps of :func:`orthogonalize` on cores ``(*B, r, n, r')``, batched over B."""
+    d = len(cores)
+    bs = tuple(cores[0].shape[:-3])
+    for k in range(center):
+        a, n, b = cores[k].shape[-3:]
+        q, r = qr_pos(cores[k].reshape(bs + (a * n, b)))
+        cores[k] = q.reshape(bs + (a, n, q.shape[-1]))
+        na, nn, nb = cores[k + 1].shape[-3:]
+        cores[k + 1] = (r @ cores[k + 1].reshape(bs + (na, nn * nb))).reshape(
+            bs + (r.shape[-2], nn, nb))
+    for k in range(d - 1, center, -1):
+        a, n, b = cores[k].shape[-3:]
+        l, q = lq_pos(cores[k].reshape(bs + (a, n * b)))
+        cores[k] = q.reshape(bs + (q.shape[-2], n, b))
+        pa, pn, pb = cores[k - 1].shape[-3:]
+        cores[k - 1] = (cores[k - 1].reshape(bs + (pa * pn, pb)) @ l).reshape(
+            bs + (pa, pn, l.shape[-1]))
+    return cores
 
 
 def round(
@@ -632,6 +877,11 @@ def round(
     The output has cores ``1..d-1`` right-orthogonal and the norm in core 0. Cost O(d n R^3) for input rank R.
     Choosing ranks from ``rel_eps`` reads singular values on the host (one sync per bond).
     Gradients flow through the SVDs where torch defines them.
+
+    A batch is rounded with every SVD batched; its TTs share the ranks, so each bond keeps
+    the largest rank any TT of the batch needs for ``rel_eps`` (capped as above): the
+    error bound holds for every TT, some keep more rank than they alone would need
+    (``docs/tt_algebra.md#batches``).
     """
     if not isinstance(x, TT):
         raise TypeError(f"x: expected a TT, got {type(x).__name__}")
@@ -646,8 +896,20 @@ def round(
     x = orthogonalize(x, "left")
     cores = list(x._cores)
     delta = None
+    bs = x.batch_shape
     if rel_eps is not None and d > 1:
-        delta = rel_eps * _fro_norm(cores[-1].detach()) / math.sqrt(d - 1)
+        delta = rel_eps * _fro_norm(cores[-1].detach(), len(bs)) / math.sqrt(d - 1)
+    if bs:
+        for k in range(d - 1, 0, -1):
+            a, n, b = cores[k].shape[-3:]
+            u, s, vh = _svd(cores[k].reshape(bs + (a, n * b)))
+            r = _choose_rank(s, caps[k], delta)
+            cores[k] = vh[..., :r, :].reshape(bs + (r, n, b))
+            pa, pn, pb = cores[k - 1].shape[-3:]
+            us = u[..., :r] * s[..., :r].unsqueeze(-2)
+            cores[k - 1] = (cores[k - 1].reshape(bs + (pa * pn, pb)) @ us).reshape(
+                bs + (pa, pn, r))
+        return TT(cores, check=False)
     for k in range(d - 1, 0, -1):
         c = cores[k]
         mat = c.reshape(c.shape[0], -1)

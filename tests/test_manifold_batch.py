@@ -1,0 +1,414 @@
+"""Batches on FixedTTRank (issue 12): points and tangent vectors of shape ``(*batch, size)``.
+
+Every batched method is checked against independent dense float64 references (plain
+einsum/SVD code, no ttmanifold sweeps): tangent projections against the orthogonal
+projector of the tangent space (from the Jacobian of the core map at a dense TT-SVD),
+retractions against the dense TT-SVD of ``X + xi``, transports against the projector at
+the new point; results are compared as gauge-invariant quantities (full tensors, inner
+products). Hypothesis tests vary shapes, ranks and batch shapes; geoopt optimizers on one
+``ManifoldParameter`` holding a batch follow B independent runs to rounding.
+"""
+from __future__ import annotations
+
+import geoopt
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ttmanifold import TT, FixedTTRank, kernels
+from ttmanifold.tt import feasible_ranks
+
+F64, F32 = torch.float64, torch.float32
+SHAPE = (4, 5, 3)
+RANKS = (1, 2, 3, 1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(params=[True, False], ids=["kernels-on", "kernels-off"])
+def compiled(request):
+    """Run with the compiled CPU kernels enabled (batched calls must step aside to the
+    torch path) and disabled."""
+    old = kernels.enabled()
+    kernels.set_enabled(request.param)
+    yield request.param
+    kernels.set_enabled(old)
+
+
+# ---------------------------------------------------------------------------------------
+# independent dense references (no ttmanifold code)
+# ---------------------------------------------------------------------------------------
+
+def core_shapes(shape, ranks):
+    return [(ranks[k], n, ranks[k + 1]) for k, n in enumerate(shape)]
+
+
+def unflatten(v, shape, ranks):
+    cs = core_shapes(shape, ranks)
+    sizes = [a * b * c for a, b, c in cs]
+    return [c.reshape(s) for c, s in zip(torch.split(v, sizes), cs)]
+
+
+def full(cores):
+    res = cores[0].reshape(cores[0].shape[1], cores[0].shape[2])
+    for c in cores[1:]:
+        res = torch.einsum("ia,ajb->ijb", res, c).reshape(-1, c.shape[2])
+    return res.reshape([int(c.shape[1]) for c in cores])
+
+
+def dense_point(M, p):
+    return full(unflatten(p.detach().to(F64), M.shape, M.ranks))
+
+
+def tt_svd(X, ranks):
+    shape = X.shape
+    cores, c, r_prev = [], X.reshape(shape[0], -1), 1
+    for k in range(len(shape) - 1):
+        c = c.reshape(r_prev * shape[k], -1)
+        u, s, vh = torch.linalg.svd(c, full_matrices=False)
+        r = ranks[k + 1]
+        cores.append(u[:, :r].reshape(r_prev, shape[k], r))
+        c = s[:r, None] * vh[:r]
+        r_prev = r
+    cores.append(c.reshape(r_prev, shape[-1], 1))
+    return cores
+
+
+def tangent_projector(X, ranks):
+    """Orthogonal projector (N x N) onto the tangent space of M_r at the dense X: the
+    range of the Jacobian of the core map at a TT-SVD of X."""
+    shape = tuple(X.shape)
+    v0 = torch.cat([c.reshape(-1) for c in tt_svd(X, ranks)])
+    J = torch.autograd.functional.jacobian(
+        lambda v: full(unflatten(v, shape, ranks)).reshape(-1), v0, vectorize=True)
+    U, S, _ = torch.linalg.svd(J, full_matrices=False)
+    dim = sum(ranks[k] * n * ranks[k + 1] for k, n in enumerate(shape)) - sum(
+        r * r for r in ranks[1:-1])
+    Q = U[:, :dim]
+    return Q @ Q.T
+
+
+def dense_tangent(M, p, u):
+    """Dense value of the tangent vector with packed deltas ``u`` at the single point
+    ``p``: ``sum_k U_<k dU_k V_>k`` (docs/manifold.md) with the canonical right-orthogonal
+    cores V (``diag(L_k) >= 0``) computed here by a plain QR chain."""
+    U = unflatten(p.detach().to(F64), M.shape, M.ranks)
+    dU = unflatten(u.detach().to(F64), M.shape, M.ranks)
+    d = len(U)
+    V = [None] * d
+    c = U[-1]
+    for k in range(d - 1, 0, -1):
+        a, n, b = c.shape
+        q, r = torch.linalg.qr(c.reshape(a, n * b).T)
+        s = torch.sign(torch.diagonal(r))
+        s[s == 0] = 1
+        q, r = q * s, r * s[:, None]
+        V[k] = q.T.reshape(a, n, b)
+        if k > 1:
+            prv = U[k - 1]
+            c = torch.einsum("anb,cb->anc", prv, r)
+    X = torch.zeros(M.shape, dtype=F64)
+    for k in range(d):
+        cores = [U[j] for j in range(k)] + [dU[k]] + [V[j] for j in range(k + 1, d)]
+        X = X + full(cores)
+    return X
+
+
+def close(a, b, tol):
+    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+
+
+def batch_case(shape=SHAPE, ranks=RANKS, batch=(3,), seed=0, dtype=F64):
+    M = FixedTTRank(shape, ranks)
+    gen = torch.Generator().manual_seed(seed)
+    p = M.random(*batch, M.size, dtype=dtype, generator=gen)
+    Z = TT.random(shape, [min(3, f) for f in feasible_ranks(shape)], dtype=dtype,
+                  generator=gen, batch=batch)
+    return M, torch.Tensor(p), Z, gen
+
+
+def points(batch):
+    return [idx for idx in torch.cartesian_prod(*[torch.arange(b) for b in batch]).reshape(
+        -1, len(batch)).tolist()] if batch else [[]]
+
+
+# ---------------------------------------------------------------------------------------
+# every method against dense references, one value per point
+# ---------------------------------------------------------------------------------------
+
+def test_project_retr_transp_against_dense(compiled):
+    M, p, Z, gen = batch_case(batch=(3,))
+    u = M.project(p, Z)  # a batch of TTs at a batch of points
+    assert u.shape == (3, M.size)
+    y = M.retr(p, u)
+    w = M.project(p, TT.random(M.shape, 2, dtype=F64, generator=gen, batch=(3,)))
+    t = M.transp(p, y, w)
+    y2, t2 = M.retr_transp(p, u, w)
+    assert torch.allclose(y2, y, atol=1e-13) and torch.allclose(t2, t, atol=1e-13)
+    for b in range(3):
+        X = dense_point(M, p[b])
+        P = tangent_projector(X, M.ranks)
+        xi = (P @ Z[b].full().reshape(-1)).reshape(M.shape)
+        assert close(dense_tangent(M, p[b], u[b]), xi, 1e-10)
+        Y = full(tt_svd(X + xi, M.ranks))
+        assert close(dense_point(M, y[b]), Y, 1e-10)
+        Py = tangent_projector(Y, M.ranks)
+        eta = dense_tangent(M, p[b], w[b]).reshape(-1)
+        assert close(dense_tangent(M, y[b], t[b]).reshape(-1), Py @ eta, 1e-9)
+        # the metric: the Euclidean inner product of the embedded tangent vectors
+        assert abs(float(M.inner(p, u, w)[b]) - float(xi.reshape(-1) @ eta)) < 1e-10
+    assert M.inner(p, u, w).shape == (3,) and M.inner(p, u, keepdim=True).shape == (3, 1)
+    assert torch.allclose(M.norm(p, u), M.inner(p, u).sqrt())
+    ci = M.component_inner(p, u)
+    assert ci.shape == u.shape and torch.allclose(ci, M.inner(p, u)[:, None].expand_as(u))
+
+
+def test_batch_equals_single_point_calls(compiled):
+    """Each point of a batch gets what a single-point call gives (to rounding)."""
+    M, p, Z, gen = batch_case(batch=(2, 3), seed=1)
+    g = torch.randn(2, 3, M.size, dtype=F64, generator=gen)
+    u = M.proju(p, g)
+    v = M.proju(p, torch.randn(2, 3, M.size, dtype=F64, generator=gen))
+    y = M.retr(p, u)
+    out = {
+        "proju": (M.proju(p, g), lambda i, j: M.proju(p[i, j], g[i, j])),
+        "egrad2rgrad": (M.egrad2rgrad(p, g), lambda i, j: M.egrad2rgrad(p[i, j], g[i, j])),
+        "gauge": (M.gauge(p, g), lambda i, j: M.gauge(p[i, j], g[i, j])),
+        "retr": (y, lambda i, j: M.retr(p[i, j], u[i, j])),
+        "transp": (M.transp(p, y, v), lambda i, j: M.transp(p[i, j], y[i, j], v[i, j])),
+        "project": (M.project(p, Z), lambda i, j: M.project(p[i, j], Z[i, j])),
+        "point_as_tangent": (M.point_as_tangent(p), lambda i, j: M.point_as_tangent(p[i, j])),
+        "dist": (M.dist(p, y), lambda i, j: M.dist(p[i, j], y[i, j])),
+    }
+    for name, (batched, single) in out.items():
+        for i in range(2):
+            for j in range(3):
+                assert torch.allclose(batched[i, j], single(i, j), atol=1e-12), name
+    # retr_transp as the pair
+    y2, t2 = M.retr_transp(p, u, v)
+    assert torch.allclose(y2, y, atol=1e-13)
+    assert torch.allclose(t2, M.transp(p, y, v), atol=1e-12)
+
+
+def test_broadcast_one_point_many_vectors(compiled):
+    M, p, Z, gen = batch_case(batch=(), seed=2)
+    us = M.proju(p, torch.randn(4, M.size, dtype=F64, generator=gen))
+    assert us.shape == (4, M.size)
+    ys = M.retr(p, us)
+    ts = M.transp(p, ys, us)
+    pr = M.project(p, TT.random(M.shape, 2, dtype=F64, generator=gen, batch=(4,)))
+    assert ys.shape == ts.shape == pr.shape == (4, M.size)
+    for b in range(4):
+        assert torch.allclose(ys[b], M.retr(p, us[b]), atol=1e-12)
+        assert torch.allclose(ts[b], M.transp(p, ys[b], us[b]), atol=1e-12)
+
+
+def test_gauge_keeps_the_tangent_vector():
+    M, p, Z, gen = batch_case(batch=(2,), seed=3)
+    g = torch.randn(2, M.size, dtype=F64, generator=gen)
+    u = M.gauge(p, g)
+    for b in range(2):
+        assert close(dense_tangent(M, p[b], u[b]),
+                     M.tangent_to_tt(p[b], g[b]).full(), 1e-10)
+        assert M.check_vector_on_tangent(p[b], u[b])
+    assert M.check_vector_on_tangent(p, u)
+    assert not M.check_vector_on_tangent(p, g)
+    T = M.tangent_to_tt(p, u)
+    assert T.batch_shape == (2,)
+    assert close(T.full()[1], dense_tangent(M, p[1], u[1]), 1e-10)
+
+
+def test_projx_per_point_and_checks():
+    M, p, Z, gen = batch_case(batch=(3,), seed=4)
+    bad = p.clone()
+    bad[1] = bad[1] * 1.5  # cores no longer left-orthogonal: only this point changes
+    q = M.projx(bad)
+    assert torch.equal(q[0], p[0]) and torch.equal(q[2], p[2])
+    assert not torch.equal(q[1], bad[1])
+    assert close(dense_point(M, q[1]), dense_point(M, bad[1]), 1e-12)
+    assert M.check_point_on_manifold(q)
+    ok, why = M.check_point_on_manifold(bad, explain=True)
+    assert not ok and "left-orthogonal" in why
+    M.check_point(p)
+    with pytest.raises(ValueError, match="left-orthogonal"):
+        M.check_point(bad)
+
+
+def test_random_origin_to_tt_unpack():
+    M = FixedTTRank(SHAPE, RANKS)
+    gen = torch.Generator().manual_seed(5)
+    p = M.random(4, dtype=F64, generator=gen)
+    assert isinstance(p, geoopt.ManifoldTensor) and p.shape == (4, M.size)
+    assert M.random(2, 3, M.size, dtype=F64).shape == (2, 3, M.size)
+    assert M.random((2, M.size), dtype=F32).dtype == F32
+    M.check_point(p)
+    assert not torch.allclose(p[0], p[1])  # independent draws
+    o = M.origin(3, dtype=F32)
+    assert o.shape == (3, M.size) and all(torch.equal(o[b], M.origin(dtype=F32)) for b in range(3))
+    x = M.to_tt(p)
+    assert x.batch_shape == (4,)
+    for b in range(4):
+        assert close(x.full()[b], dense_point(M, p[b]), 1e-12)
+    # pack_point of a batched TT: a batch of points of the same tensors
+    q = M.pack_point(TT.random(M.shape, (1, 4, 3, 1), dtype=F64, generator=gen, batch=(2,)) * 1.0)
+    assert q.shape == (2, M.size)
+    M.check_point(q)
+    # unpack_tensor of a batch: each point gets its own Riemannian gradient
+    A = torch.randn((4,) + M.shape, dtype=F64, generator=gen)
+    pp = p.clone().requires_grad_()
+    T = M.unpack_tensor(pp)
+    assert T.batch_shape == (4,)
+    (0.5 * (T.full() - A).pow(2).sum()).backward()
+    for b in range(4):
+        X = dense_point(M, p[b])
+        Pg = (tangent_projector(X, M.ranks) @ (X - A[b]).reshape(-1)).reshape(M.shape)
+        assert close(dense_tangent(M, p[b], pp.grad[b]), Pg, 1e-10)
+
+
+def test_riemannian_grad_and_hvp_of_a_batch():
+    M, p, Z, gen = batch_case(batch=(3,), seed=6)
+    A = TT.random(M.shape, 2, dtype=F64, generator=gen, batch=(3,))
+
+    def f(T):  # one value per point
+        return 0.5 * (T - A).norm() ** 2
+
+    g = M.riemannian_grad(p, f)
+    u = M.proju(p, torch.randn(3, M.size, dtype=F64, generator=gen))
+    h = M.riemannian_hvp(p, lambda T: (f(T) ** 2).sum(), u)
+    for b in range(3):
+        Ab = A[b]
+        gb = M.riemannian_grad(p[b], lambda T: 0.5 * (T - Ab).norm() ** 2)
+        assert torch.allclose(g[b], gb, atol=1e-12)
+        X = dense_point(M, p[b])
+        Pg = (tangent_projector(X, M.ranks) @ (X - Ab.full()).reshape(-1)).reshape(M.shape)
+        assert close(dense_tangent(M, p[b], g[b]), Pg, 1e-10)
+        hb = M.riemannian_hvp(p[b], lambda T: (0.5 * (T - Ab).norm() ** 2) ** 2, u[b])
+        assert torch.allclose(h[b], hb, atol=1e-11)
+
+
+def test_float32_batch_matches_float64():
+    M, p, Z, gen = batch_case(batch=(5,), seed=7)
+    u = M.project(p, Z)
+    y64 = M.retr(p, u)
+    y32 = M.retr(p.float(), u.float())
+    assert y32.dtype == F32
+    for b in range(5):
+        assert close(dense_point(M, y32[b]), dense_point(M, y64[b]), 1e-5)
+    t32 = M.transp(p.float(), y32, u.float())
+    t64 = M.transp(p, y64, u)
+    assert float((M.inner(p, t64) - M.inner(p.float(), t32).double()).abs().max()) < 1e-5
+
+
+def test_meta_device_batch():
+    M = FixedTTRank(SHAPE, RANKS)
+    p = torch.empty(2, 3, M.size, device="meta", dtype=F32)
+    u = torch.empty(2, 3, M.size, device="meta", dtype=F32)
+    for out in (M.proju(p, u), M.egrad2rgrad(p, u), M.retr(p, u), M.transp(p, p, u),
+                M.retr_transp(p, u, u)[1], M.gauge(p, u), M.projx(p),
+                M.project(p, TT.random(M.shape, 2, device="meta", dtype=F32, batch=(2, 3)))):
+        assert out.shape == (2, 3, M.size) and out.device.type == "meta"
+    assert M.inner(p, u).shape == (2, 3) and M.norm(p, u).shape == (2, 3)
+    assert M.random(4, device="meta").shape == (4, M.size)
+
+
+def test_batch_errors_name_the_argument():
+    M, p, Z, gen = batch_case(batch=(3,), seed=8)
+    u = torch.zeros(2, M.size, dtype=F64)
+    with pytest.raises(ValueError, match=r"u: batch shape \(2,\) does not broadcast"):
+        M.retr(p, u)
+    with pytest.raises(ValueError, match=r"v: batch shape"):
+        M.transp(p, p, u)
+    with pytest.raises(ValueError, match=r"x: expected a flat tensor of size"):
+        M.proju(p[:, :-1], p)
+    with pytest.raises(ValueError, match=r"Z: a dense or sparse Z is projected at a single"):
+        M.project(p, torch.zeros(M.shape, dtype=F64))
+    with pytest.raises(ValueError, match=r"p: expected a flat tensor of size \d+ \(packed"):
+        from ttmanifold import IndexSet
+        idx = IndexSet(torch.zeros(1, 3, dtype=torch.long), M.shape)
+        M.project_sampled(p, idx, torch.zeros(1, dtype=F64))
+    with pytest.raises(ValueError, match=r"size: .* a batch is"):
+        M.random(3, 4)
+    with pytest.raises(ValueError, match=r"f: expected a function returning a scalar"):
+        M.riemannian_grad(p, lambda T: T.full())
+
+
+@settings(max_examples=15)
+@given(data=st.data())
+def test_property_batched_ops(data):
+    """Random shapes, ranks and batch shapes: batched retr/transp/project equal the
+    single-point calls, and retractions equal the dense TT-SVD of X + xi."""
+    d = data.draw(st.integers(2, 4), label="d")
+    shape = tuple(data.draw(st.lists(st.integers(2, 4), min_size=d, max_size=d), label="shape"))
+    inner_r = []
+    left = 1
+    for k in range(d - 1):
+        right = 1
+        for n in shape[k + 1:]:
+            right *= n
+        hi = min(left * shape[k], right, 3)
+        inner_r.append(data.draw(st.integers(1, hi), label=f"r{k}"))
+        left = inner_r[-1]
+    ranks = [1] + inner_r + [1]
+    for k in range(d - 1, 0, -1):  # attainable from the right too
+        ranks[k] = min(ranks[k], shape[k] * ranks[k + 1])
+    batch = tuple(data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=2), label="batch"))
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    M, p, Z, gen = batch_case(tuple(shape), tuple(ranks), batch, seed)
+    u = M.project(p, Z)
+    y = M.retr(p, u)
+    t = M.transp(p, y, u)
+    for idx in points(batch):
+        i = tuple(idx)
+        assert torch.allclose(u[i], M.project(p[i], Z[i]), atol=1e-11)
+        assert torch.allclose(t[i], M.transp(p[i], y[i], u[i]), atol=1e-10)
+        xi = dense_tangent(M, p[i], u[i])
+        Y = full(tt_svd(dense_point(M, p[i]) + xi, M.ranks))
+        assert close(dense_point(M, y[i]), Y, 1e-9)
+
+
+# ---------------------------------------------------------------------------------------
+# geoopt optimizers on one ManifoldParameter holding a batch = B independent runs
+# ---------------------------------------------------------------------------------------
+
+OPTIMIZERS = {
+    "sgd": lambda ps: geoopt.optim.RiemannianSGD(ps, lr=0.3),
+    "sgd_momentum": lambda ps: geoopt.optim.RiemannianSGD(ps, lr=0.2, momentum=0.6),
+    "sgd_nesterov": lambda ps: geoopt.optim.RiemannianSGD(ps, lr=0.2, momentum=0.6,
+                                                          nesterov=True),
+    "adam": lambda ps: geoopt.optim.RiemannianAdam(ps, lr=0.05),
+    "adam_amsgrad": lambda ps: geoopt.optim.RiemannianAdam(ps, lr=0.05, amsgrad=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_optimizer_on_a_batch_equals_independent_runs(name, dtype):
+    B, steps = 4, 12
+    M = FixedTTRank(SHAPE, RANKS)
+    gen = torch.Generator().manual_seed(11)
+    p0 = M.random(B, dtype=F64, generator=gen).to(dtype)
+    A = (2.0 * TT.random(SHAPE, RANKS, dtype=F64, generator=gen, batch=(B,)).full()
+         + 0.05 * torch.randn((B,) + SHAPE, dtype=F64, generator=gen)).to(dtype)
+    pb = geoopt.ManifoldParameter(p0.clone(), manifold=M)
+    opt_b = OPTIMIZERS[name]([pb])
+    singles = [geoopt.ManifoldParameter(p0[b].clone(), manifold=M) for b in range(B)]
+    opts = [OPTIMIZERS[name]([s]) for s in singles]
+    tol = 1e-10 if dtype == F64 else 2e-4
+    for _ in range(steps):
+        opt_b.zero_grad()
+        (0.5 * (pb.unpack_tensor().full() - A).pow(2).sum()).backward()
+        opt_b.step()
+        for b in range(B):
+            opts[b].zero_grad()
+            (0.5 * (singles[b].unpack_tensor().full() - A[b]).pow(2).sum()).backward()
+            opts[b].step()
+        for b in range(B):
+            assert close(dense_point(M, pb[b]), dense_point(M, singles[b]), tol), (name, b)
+    assert M.check_point_on_manifold(pb.detach())
