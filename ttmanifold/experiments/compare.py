@@ -27,7 +27,7 @@ import torch
 from . import problems as P
 from . import solvers
 from ..manifold import FixedTTRank
-from .solvers import METHODS, History
+from .solvers import ALL_METHODS, LINE_SEARCH_METHODS, METHODS, History
 
 __all__ = ["PROBLEMS", "build_parser", "build_problem", "compare", "main"]
 
@@ -57,7 +57,7 @@ def _csv_list(value: str, allowed: Sequence[str], what: str) -> List[str]:
 
 
 def _methods_type(value: str) -> List[str]:
-    return _csv_list(value, METHODS, "method")
+    return _csv_list(value, ALL_METHODS, "method")
 
 
 def _problems_type(value: str) -> List[str]:
@@ -103,8 +103,11 @@ def build_parser(prog: str = "ttmanifold compare") -> argparse.ArgumentParser:
     p.add_argument("--problems", type=_problems_type, default=list(PROBLEMS),
                    help=f"comma-separated subset of {','.join(PROBLEMS)} or 'all' (default all)")
     p.add_argument("--methods", type=_methods_type, default=list(METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)} or 'all' (default "
-                        f"all; rcg only runs on approximation and completion)")
+                   help=f"comma-separated subset of {','.join(ALL_METHODS)} or 'all' "
+                        f"(default {','.join(METHODS)}; rcg and "
+                        f"{','.join(LINE_SEARCH_METHODS)} only run on approximation and "
+                        f"completion, rcg needs no step size, nor do the others, which "
+                        f"bring their own line search or trust region)")
     p.add_argument("--shape", type=_shape_type, default=None,
                    help="tensor shape for approximation/completion, e.g. 20,20,20 "
                         "(overrides --d/--n)")
@@ -207,8 +210,8 @@ def _validate(args, settings, parser) -> None:
     if tensor_problems:
         if len(shape) < 2:
             parser.error(f"--shape/--d: the tensor problems need order d >= 2, got shape {shape}")
-        try:
-            FixedTTRank(shape, settings["rank"])
+        try:  # a tuple: exact (an int would be clipped to the feasible ranks)
+            FixedTTRank(shape, (settings["rank"],) * (len(shape) - 1))
         except ValueError as e:
             parser.error(f"--rank {settings['rank']} is infeasible for shape {shape}: {e}")
     if "layer" in args.problems:
@@ -224,9 +227,11 @@ def _validate(args, settings, parser) -> None:
         if need + min(need, 10000) > total:
             parser.error(f"--oversampling {args.oversampling}: |Omega| = {need} (+ test set) "
                          f"exceeds the {total} entries of shape {shape}")
-    if set(args.methods) == {"rcg"} and args.problems == ["layer"]:
-        parser.error("--methods rcg: Riemannian CG needs a quadratic problem "
-                     "(approximation or completion), not 'layer'")
+    tensor_only = {"rcg", *LINE_SEARCH_METHODS}
+    if set(args.methods) <= tensor_only and args.problems == ["layer"]:
+        parser.error(f"--methods {','.join(args.methods)}: these methods need a tensor "
+                     f"problem (approximation or completion; Riemannian CG a quadratic "
+                     f"one), not 'layer'")
 
 
 def build_problem(name: str, settings, *, device, dtype, seed: int, oversampling: float = 10.0,
@@ -412,10 +417,12 @@ def _summary(header, settings, results, descriptions, status: str) -> str:
     lines = ["# Chart vs Riemannian comparison", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
     lines.append(f"- status: {status}")
-    lines += ["", "Step size: for every method but rcg, the lr of the log grid 1e-3..1 "
+    lines += ["", "Step size: for every method but rcg, rtr, rlbfgs, chart_gd_armijo and "
+              "chart_lbfgs, the lr of the log grid 1e-3..1 "
               f"({settings['grid_size']} values) with the smallest loss after "
               f"{settings['tune_iters']} iterations from the common start; rcg uses the exact "
-              "line search. Times exclude tuning and metric evaluation; peak MB is the "
+              "line search, rtr its trust region, rlbfgs and chart_gd_armijo Armijo "
+              "backtracking, chart_lbfgs a strong Wolfe search. Times exclude tuning and metric evaluation; peak MB is the "
               "CUDA max_memory_allocated increase (cuda) or the sampled RSS increase (cpu).", ""]
     for name, (problem, runs) in results.items():
         if not runs:
@@ -442,8 +449,12 @@ def _compiled_field(first_seen: Dict[str, int]) -> str:
 
 
 def _planned_runs(args, problems: Sequence[str]) -> int:
-    return sum(1 for name in problems for m in args.methods
-               if not (m == "rcg" and name == "layer"))
+    return sum(1 for name in problems for m in args.methods if not _skipped(m, name))
+
+
+def _skipped(method: str, name: str) -> bool:
+    """rcg and the line-search methods need a tensor problem (not the layer)."""
+    return name == "layer" and (method == "rcg" or method in LINE_SEARCH_METHODS)
 
 
 def _warm_up_optimizers() -> None:
@@ -521,7 +532,7 @@ def compare(args, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str,
             runs: List[History] = []
             results[name] = (problem, runs)
             for method in args.methods:
-                if method == "rcg" and not problem.quadratic:
+                if (method == "rcg" and not problem.quadratic) or _skipped(method, name):
                     continue
                 h = solvers.run(problem, method, x0, iters=iters,
                                 time_budget=args.time_budget, lr="auto",

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..manifold import FixedTTRank
+from ..manifold import FixedTTRank, hessian_operator
 from .problems import Problem
 
 __all__ = [
@@ -31,12 +31,23 @@ __all__ = [
     "tune_lr",
     "lr_grid",
     "riemannian_cg",
+    "riemannian_trust_region",
+    "riemannian_lbfgs",
     "homotopy_point",
+    "LINE_SEARCH_METHODS",
+    "ALL_METHODS",
 ]
 
 CHART_METHODS = ("chart_sgd", "chart_momentum", "chart_adam")
 RIEMANNIAN_METHODS = ("rsgd", "rsgd_momentum", "radam", "rcg")
 METHODS = CHART_METHODS + RIEMANNIAN_METHODS
+#: methods with their own step rule (line search or trust region; no lr grid), for tensor
+#: problems (not model problems): Riemannian trust region with the exact Hessian,
+#: Riemannian L-BFGS, chart gradient descent with Armijo backtracking, chart L-BFGS with
+#: strong Wolfe (torch.optim.LBFGS).
+LINE_SEARCH_METHODS = ("rtr", "rlbfgs", "chart_gd_armijo", "chart_lbfgs")
+ALL_METHODS = METHODS + LINE_SEARCH_METHODS
+_NO_LR = ("rcg",) + LINE_SEARCH_METHODS
 MOMENTUM = 0.9
 
 
@@ -195,8 +206,11 @@ def _is_model_problem(problem) -> bool:
 
 
 def _check_method(problem, method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method: unknown method {method!r}; expected one of {METHODS}")
+    if method not in ALL_METHODS:
+        raise ValueError(f"method: unknown method {method!r}; expected one of {ALL_METHODS}")
+    if method in LINE_SEARCH_METHODS and _is_model_problem(problem):
+        raise ValueError(f"method {method!r} needs a tensor problem (a loss of one TT), not "
+                         f"the model problem {getattr(problem, 'name', '?')!r}")
     if method == "rcg" and not getattr(problem, "quadratic", False):
         raise ValueError(
             f"method 'rcg' (Riemannian CG with exact line search) needs a quadratic problem; "
@@ -409,7 +423,235 @@ class _ModelStepper(_Stepper):
             return float(self.problem.model_loss(self.model))
 
 
+def _loss_at(problem, p) -> torch.Tensor:
+    with torch.no_grad():
+        return problem.loss(problem.manifold.to_tt(p)).reshape(())
+
+
+class _TrustRegionStepper(_Stepper):
+    """Riemannian trust region (see :func:`riemannian_trust_region`)."""
+
+    def __init__(self, problem, x0, *, radius=None, max_radius=None, max_inner=None,
+                 theta: float = 1.0, kappa: float = 0.1, rho_accept: float = 0.1):
+        self.problem = problem
+        self.M: FixedTTRank = problem.manifold
+        self.p = x0.detach().clone()
+        scale = float(problem.manifold.to_tt(self.p).norm())
+        self.max_radius = float(max_radius) if max_radius is not None else 2.0 * scale
+        self.radius = float(radius) if radius is not None else self.max_radius / 8
+        self.max_inner = int(max_inner) if max_inner is not None else self.M.dim
+        self.theta, self.kappa, self.rho_accept = float(theta), float(kappa), float(rho_accept)
+        self.f = self._grad = None
+        self.info = {"inner_iters": 0, "hess_products": 0, "rejected": 0, "grad_norms": []}
+
+    def _state(self):
+        if self._grad is None:
+            f = self.problem.loss
+            # projected once more: near a critical point the gradient is a small difference
+            # of large terms, and its leftover non-gauged part (rounding of the larger
+            # Euclidean gradient) would stall the inner CG above the rounding floor
+            self._grad = self.M.proju(self.p, self.M.riemannian_grad(self.p, f))
+            self.f = _loss_at(self.problem, self.p)
+        return self.f, self._grad
+
+    def _tcg(self, g, H):
+        """Steihaug-Toint truncated CG on ``min <g, e> + <e, H e> / 2, ||e|| <= radius``.
+        Returns the step and ``H e``."""
+        eta = torch.zeros_like(g)
+        Heta = torch.zeros_like(g)
+        r = g.clone()
+        delta = -r
+        rr = float(r @ r)
+        g_norm = math.sqrt(rr)
+        # relative floor sqrt(eps): below it the residual is rounding noise
+        floor = math.sqrt(torch.finfo(g.dtype).eps)
+        stop = g_norm * max(min(g_norm ** self.theta, self.kappa), floor)
+        radius2 = self.radius ** 2
+        for _ in range(self.max_inner):
+            Hd = H(delta)
+            self.info["hess_products"] = int(self.info["hess_products"]) + 1
+            self.info["inner_iters"] = int(self.info["inner_iters"]) + 1
+            kappa = float(delta @ Hd)
+            alpha = rr / kappa if kappa > 0 else math.inf
+            ee, ed, dd = float(eta @ eta), float(eta @ delta), float(delta @ delta)
+            if kappa <= 0 or ee + 2 * alpha * ed + alpha * alpha * dd >= radius2:
+                # to the boundary: ||eta + tau delta|| = radius, tau >= 0
+                tau = (-ed + math.sqrt(max(ed * ed + dd * (radius2 - ee), 0.0))) / dd
+                return eta + tau * delta, Heta + tau * Hd
+            eta = eta + alpha * delta
+            Heta = Heta + alpha * Hd
+            r = r + alpha * Hd
+            rr_new = float(r @ r)
+            if math.sqrt(rr_new) <= stop:
+                break
+            delta = -r + (rr_new / rr) * delta
+            rr = rr_new
+        return eta, Heta
+
+    def step(self):
+        M, f = self.M, self.problem.loss
+        with torch.no_grad():
+            fx, g = self._state()
+            self.info["grad_norms"].append(math.sqrt(float(g @ g)))
+            H = hessian_operator(M, self.p, f, grad=g)
+            eta, Heta = self._tcg(g, H)
+            p_new = M.retr(self.p, eta).detach()
+            f_new = _loss_at(self.problem, p_new)
+            model_dec = -float(g @ eta) - 0.5 * float(eta @ Heta)
+            eps = 1e3 * torch.finfo(self.p.dtype).eps * max(1.0, abs(float(fx)))
+            rho = (float(fx - f_new) + eps) / (model_dec + eps)
+            on_boundary = float(eta @ eta) >= 0.99 * self.radius ** 2
+            if rho < 0.25:
+                self.radius /= 4
+            elif rho > 0.75 and on_boundary:
+                self.radius = min(2 * self.radius, self.max_radius)
+            if rho > self.rho_accept:
+                self.p = p_new
+                self._grad = None
+            else:
+                self.info["rejected"] = int(self.info["rejected"]) + 1
+        return fx
+
+    def current(self):
+        return self.M.to_tt(self.p)
+
+    def final(self):
+        return self.p
+
+    def loss_now(self):
+        return float(_loss_at(self.problem, self.p))
+
+
+class _LBFGSStepper(_Stepper):
+    """Riemannian L-BFGS (see :func:`riemannian_lbfgs`)."""
+
+    def __init__(self, problem, x0, *, memory: int = 10, c1: float = 1e-4,
+                 shrink: float = 0.5, max_backtracks: int = 30):
+        self.problem = problem
+        self.M: FixedTTRank = problem.manifold
+        self.p = x0.detach().clone()
+        self.memory, self.c1, self.shrink = int(memory), float(c1), float(shrink)
+        self.max_backtracks = int(max_backtracks)
+        self.pairs: List = []  # (s, y, 1/<s, y>) in the current tangent space
+        self.f = self.g = None
+        self.info = {"backtracks": 0, "skipped_updates": 0, "grad_norms": []}
+
+    def _direction(self, g):
+        q = g.clone()
+        alphas = []
+        for s_, y_, rho in reversed(self.pairs):
+            a = rho * float(s_ @ q)
+            alphas.append(a)
+            q = q - a * y_
+        if self.pairs:
+            s_, y_, _ = self.pairs[-1]
+            q = q * (float(s_ @ y_) / float(y_ @ y_))
+        else:
+            q = q / max(math.sqrt(float(g @ g)), 1e-300) * min(1.0, math.sqrt(float(g @ g)))
+        for (s_, y_, rho), a in zip(self.pairs, reversed(alphas)):
+            b = rho * float(y_ @ q)
+            q = q + (a - b) * s_
+        return -q
+
+    def step(self):
+        M, f = self.M, self.problem.loss
+        with torch.no_grad():
+            if self.g is None:
+                self.g = M.riemannian_grad(self.p, f)
+                self.f = _loss_at(self.problem, self.p)
+            fx, g = self.f, self.g
+            self.info["grad_norms"].append(math.sqrt(float(g @ g)))
+            eta = self._direction(g)
+            slope = float(g @ eta)
+            if slope >= 0:  # not a descent direction: forget the memory
+                self.pairs.clear()
+                eta = self._direction(g)
+                slope = float(g @ eta)
+            t = 1.0
+            for _ in range(self.max_backtracks):
+                p_new = M.retr(self.p, t * eta).detach()
+                f_new = _loss_at(self.problem, p_new)
+                if float(f_new) <= float(fx) + self.c1 * t * slope:
+                    break
+                t *= self.shrink
+                self.info["backtracks"] = int(self.info["backtracks"]) + 1
+            g_new = M.riemannian_grad(p_new, f)
+            s_new = M.transp(self.p, p_new, t * eta)
+            y_new = g_new - M.transp(self.p, p_new, g)
+            pairs = [(M.transp(self.p, p_new, s_), M.transp(self.p, p_new, y_))
+                     for s_, y_, _ in self.pairs]
+            pairs.append((s_new, y_new))
+            kept = []
+            for s_, y_ in pairs[-self.memory:]:
+                sy = float(s_ @ y_)
+                if sy > 1e-12 * math.sqrt(float(s_ @ s_) * float(y_ @ y_)):
+                    kept.append((s_, y_, 1.0 / sy))
+                elif s_ is s_new:
+                    self.info["skipped_updates"] = int(self.info["skipped_updates"]) + 1
+            self.pairs = kept
+            self.p, self.f, self.g = p_new, f_new, g_new
+        return fx
+
+    def current(self):
+        return self.M.to_tt(self.p)
+
+    def final(self):
+        return self.p
+
+    def loss_now(self):
+        return float(_loss_at(self.problem, self.p))
+
+
+class _ChartLineSearchStepper(_ChartStepper):
+    """Chart GD with Armijo backtracking (``chart_gd_armijo``) or chart L-BFGS with strong
+    Wolfe (``chart_lbfgs``, ``torch.optim.LBFGS``, one iteration per step)."""
+
+    def __init__(self, problem, method, x0, chart_kwargs, *, c1: float = 1e-4,
+                 shrink: float = 0.5, memory: int = 10):
+        super().__init__(problem, "chart_sgd", x0, 1.0, chart_kwargs)
+        self.method = method
+        self.c1, self.shrink = float(c1), float(shrink)
+        self.t = 1.0
+        self.info["backtracks"] = 0
+        if method == "chart_lbfgs":
+            # max_eval bounds the line search's evaluations too (its default, 5/4 max_iter,
+            # would allow one trial only, and a failed first trial returns a zero step)
+            self.opt = torch.optim.LBFGS([self.theta], lr=1.0, max_iter=1, max_eval=26,
+                                         history_size=memory, line_search_fn="strong_wolfe",
+                                         tolerance_grad=0.0, tolerance_change=0.0)
+
+    def _closure(self):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.problem.loss(self.chart(self.theta))
+        loss.backward()
+        return loss
+
+    def step(self):
+        if self.method == "chart_lbfgs":
+            return self.opt.step(self._closure).detach()
+        loss = self._closure()
+        g = self.theta.grad.detach()
+        gg = float((g * g).sum())
+        t = self.t * 2.0  # a little larger than the last accepted step
+        with torch.no_grad():
+            for _ in range(60):
+                trial = self.theta - t * g
+                if float(self.problem.loss(self.chart(trial))) <= float(loss) - self.c1 * t * gg:
+                    break
+                t *= self.shrink
+                self.info["backtracks"] = int(self.info["backtracks"]) + 1
+            self.theta.copy_(trial)
+        self.t = t
+        return loss.detach()
+
+
 def _make_stepper(problem, method, x0, lr, opts) -> _Stepper:
+    if method == "rtr":
+        return _TrustRegionStepper(problem, x0, **opts.get("rtr_kwargs", {}))
+    if method == "rlbfgs":
+        return _LBFGSStepper(problem, x0, **opts.get("lbfgs_kwargs", {}))
+    if method in ("chart_gd_armijo", "chart_lbfgs"):
+        return _ChartLineSearchStepper(problem, method, x0, opts.get("chart_kwargs"))
     if _is_model_problem(problem):
         if method == "rcg":
             raise ValueError("method 'rcg' needs a quadratic problem")
@@ -495,7 +737,7 @@ def tune_lr(problem, method: str, x0=None, *, grid: Optional[Sequence[float]] = 
     lr; non-finite losses and exceptions score +inf). Returns ``(lr, {lr: score})``.
     ``progress``: a tqdm bar over the grid."""
     _check_method(problem, method)
-    if method == "rcg":
+    if method in _NO_LR:
         return None, {}
     grid = list(grid) if grid is not None else lr_grid(grid_size)
     scores = {}
@@ -559,7 +801,7 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
         x0 = problem.initial_point(seed)
     device = problem.device
     hist = History(problem=problem.name, method=method)
-    if method != "rcg":
+    if method not in _NO_LR:
         if isinstance(lr, str):
             if lr != "auto":
                 raise ValueError(f"lr: expected a positive float or 'auto', got {lr!r}")
@@ -625,6 +867,64 @@ def riemannian_cg(problem, x0=None, *, iters: int = 100, time_budget=None, beta:
     """
     return run(problem, "rcg", x0, iters=iters, time_budget=time_budget, callback=callback,
                beta=beta, restart_every=restart_every, restart_tol=restart_tol, **kwargs)
+
+
+def riemannian_trust_region(problem, x0=None, *, iters: int = 50, time_budget=None,
+                            radius: Optional[float] = None, max_radius: Optional[float] = None,
+                            max_inner: Optional[int] = None, theta: float = 1.0,
+                            kappa: float = 0.1, callback=None, **kwargs) -> History:
+    """Riemannian trust region with a truncated CG inner solver and the exact Hessian.
+
+    At ``X`` with Riemannian gradient ``g`` and Hessian ``H``
+    (:func:`ttmanifold.manifold.hessian_operator`, curvature term included), the step
+    ``eta`` minimizes the model ``f + <g, eta> + <eta, H eta>/2`` over ``||eta|| <= radius``
+    approximately by Steihaug-Toint CG (stops at the boundary, at negative curvature, or
+    when the residual falls below ``||g|| max(min(||g||^theta, kappa), sqrt(eps))``:
+    ``theta = 1`` gives local quadratic convergence down to the rounding floor). The ratio ``rho`` of actual to predicted decrease (both
+    shifted by ``1e3 eps max(1, |f|)`` to stay meaningful near convergence) accepts the
+    retracted step when ``rho > 0.1``, shrinks the radius by 4 when ``rho < 1/4``, doubles
+    it (up to ``max_radius``, default ``2 ||X_0||``; initial ``max_radius / 8``) when
+    ``rho > 3/4`` on the boundary.
+
+    Args:
+        problem: a tensor problem (its ``loss`` of a TT is differentiated).
+        x0: packed start (default ``problem.initial_point(seed)``).
+        iters: outer iterations; time_budget: seconds.
+        radius, max_radius, max_inner (default dim M), theta, kappa: as above.
+    Returns:
+        a :class:`History`; ``info`` holds ``inner_iters``, ``hess_products``,
+        ``rejected`` and ``grad_norms`` (at the start of each outer iteration).
+    Cost per outer iteration: one gradient, one loss, and per inner iteration one Hessian
+    product (about twice a gradient plus ``f`` on a rank-4r TT).
+    """
+    kw = dict(radius=radius, max_radius=max_radius, max_inner=max_inner, theta=theta,
+              kappa=kappa)
+    return run(problem, "rtr", x0, iters=iters, time_budget=time_budget, callback=callback,
+               rtr_kwargs=kw, **kwargs)
+
+
+def riemannian_lbfgs(problem, x0=None, *, iters: int = 100, time_budget=None,
+                     memory: int = 10, c1: float = 1e-4, callback=None, **kwargs) -> History:
+    """Riemannian L-BFGS with vector transport by projection and Armijo backtracking.
+
+    The two-loop recursion on the last ``memory`` pairs ``(s_j, y_j)``, all kept in the
+    current tangent space (moved by projection, :meth:`FixedTTRank.transp`, at every
+    step), initial scaling ``<s, y> / <y, y>``; a pair is kept only when
+    ``<s, y> > 1e-12 ||s|| ||y||`` (cautious update), the memory is dropped when the
+    direction is not a descent direction. The first step has length ``min(1, ||g||)``.
+    Step: the largest ``t = 1, 1/2, 1/4, ...`` with
+    ``f(R_X(t eta)) <= f(X) + c1 t <g, eta>``.
+
+    Args:
+        problem, x0, iters, time_budget: as :func:`riemannian_trust_region`;
+        memory: number of pairs; c1: Armijo constant.
+    Returns:
+        a :class:`History` (``info``: ``backtracks``, ``skipped_updates``, ``grad_norms``).
+    Cost per iteration: one gradient, one loss per trial step, ``2 memory + 2``
+    transports (O(d n r^3) each).
+    """
+    return run(problem, "rlbfgs", x0, iters=iters, time_budget=time_budget, callback=callback,
+               lbfgs_kwargs=dict(memory=memory, c1=c1), **kwargs)
 
 
 def homotopy_point(problem, x0: torch.Tensor, *, lam0: float = 100.0, factor: float = 0.5,

@@ -11,13 +11,13 @@ The mathematics: ``docs/manifold.md`` and ``docs/autodiff.md``.
 """
 from .autodiff import riemannian_grad, riemannian_hvp
 from .fixed_rank import FixedTTRank
-from .hessian import riemannian_hess
+from .hessian import hessian_operator, riemannian_hess
 from .retraction import retract, retract_point
 from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect, project_dense,
                      project_sampled, project_tt, right_cores, right_sweep)
 from .tangent import TangentTT
 
-__all__ = ["FixedTTRank", "TangentTT", "riemannian_grad", "riemannian_hvp", "riemannian_hess",
+__all__ = ["FixedTTRank", "TangentTT", "riemannian_grad", "riemannian_hvp", "riemannian_hess", "hessian_operator",
            "retract",
            "retract_point", "right_cores", "right_sweep", "project_tt", "project_dense",
            "project_sampled", "gauge_project_flat", "gauge_deltas", "orth_defect",

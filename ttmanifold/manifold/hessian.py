@@ -16,7 +16,7 @@ from ..tt import TT, inner
 from .autodiff import riemannian_grad, riemannian_hvp
 from .sweeps import right_cores
 
-__all__ = ["riemannian_hess", "interface_factors"]
+__all__ = ["riemannian_hess", "hessian_operator", "interface_factors"]
 
 
 def interface_factors(U, V) -> List[torch.Tensor]:
@@ -84,46 +84,69 @@ def riemannian_hess(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
     Returns:
         packed gauged deltas of ``Hess f(X)[xi]`` (detached), in ``p``'s dtype and device.
     Cost: :func:`~.autodiff.riemannian_hvp` + :func:`~.autodiff.riemannian_grad` + ``f``
-    and its backward on a rank-4r TT + O(d n r^3).
+    and its backward on a rank-4r TT + O(d n r^3). For many products at one point use
+    :func:`hessian_operator` (the gradient and the factors are computed once).
+    """
+    return hessian_operator(M, p, f)(u)
+
+
+def hessian_operator(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
+                     grad: torch.Tensor = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The map ``u -> Hess f(X)[u]`` at ``p`` (see :func:`riemannian_hess`), with the
+    Riemannian gradient, the right cores and the interface factors computed once.
+
+    Args:
+        M, p, f: as for :func:`riemannian_hess`.
+        grad: the Riemannian gradient at ``p`` if already known (packed gauged deltas).
+    Returns:
+        a function of a packed tangent vector ``u`` returning packed gauged deltas.
+    Cost: one :func:`~.autodiff.riemannian_grad` (unless ``grad`` is given) + O(d n r^3);
+    each call as :func:`riemannian_hess` without the gradient.
     """
     p = p.detach()
     U = M.split(p, "p")
+    if M.d == 1:
+        return lambda u: riemannian_hvp(M, p, f, _checked_u(M, p, u))
+    g = riemannian_grad(M, p, f) if grad is None else grad.detach()
+    V = right_cores(U)
+    R = interface_factors(U, V)
+    grad_tt = M.tangent_to_tt(p, g)
+
+    def apply(u: torch.Tensor) -> torch.Tensor:
+        u = _checked_u(M, p, u)
+        hvp = riemannian_hvp(M, p, f, u)
+        a = []
+        for k, w in enumerate(M.split(u, "u")):
+            if k == M.d - 1:
+                a.append(w)
+                continue
+            r = w.shape[2]
+            a.append(torch.linalg.solve(R[k].T, w.reshape(-1, r).T).T.reshape(w.shape))
+        with torch.enable_grad():
+            flat = torch.zeros_like(p).requires_grad_()
+            Z = _second_derivative_tt(U, a, M.split(flat, "b"))
+            val = f(Z)
+            if not isinstance(val, torch.Tensor) or val.numel() != 1:
+                raise ValueError("f: expected a function returning a scalar tensor")
+            # <N, phi''[a, b]> = <G, phi''[a, b]> - <P_X G, phi''[a, b]>
+            val = val.reshape(()) - inner(grad_tt, Z)
+            (gb,) = torch.autograd.grad(val, flat, allow_unused=True)
+        if gb is None:
+            return hvp
+        gw = []
+        for k, c in enumerate(M.split(gb, "b")):
+            if k == M.d - 1:
+                gw.append(c)
+                continue
+            r = c.shape[2]
+            gw.append(torch.linalg.solve(R[k], c.reshape(-1, r).T).T.reshape(c.shape))
+        return hvp + M.proju(p, torch.cat([c.reshape(-1) for c in gw]))
+
+    return apply
+
+
+def _checked_u(M, p, u):
     M.split(u, "u")
     if u.dtype != p.dtype or u.device != p.device:
         raise TypeError(f"u: {u.dtype} on {u.device}, the point is {p.dtype} on {p.device}")
-    u = M.gauge(p, u.detach())
-    hvp = riemannian_hvp(M, p, f, u)
-    if M.d == 1:  # a linear space: no curvature
-        return hvp
-    g = riemannian_grad(M, p, f)
-    V = right_cores(U)
-    R = interface_factors(U, V)
-    W = M.split(u, "u")
-    a = []
-    for k, w in enumerate(W):
-        if k == M.d - 1:
-            a.append(w)
-            continue
-        r = w.shape[2]
-        a.append(torch.linalg.solve(R[k].T, w.reshape(-1, r).T).T.reshape(w.shape))
-    grad_tt = M.tangent_to_tt(p, g)
-    with torch.enable_grad():
-        flat = torch.zeros_like(p).requires_grad_()
-        b = M.split(flat, "b")
-        Z = _second_derivative_tt(U, a, b)
-        val = f(Z)
-        if not isinstance(val, torch.Tensor) or val.numel() != 1:
-            raise ValueError("f: expected a function returning a scalar tensor")
-        # <N, phi''[a, b]> = <G, phi''[a, b]> - <P_X G, phi''[a, b]>
-        val = val.reshape(()) - inner(grad_tt, Z)
-        (gb,) = torch.autograd.grad(val, flat, allow_unused=True)
-    if gb is None:
-        return hvp
-    gw = []
-    for k, c in enumerate(M.split(gb, "b")):
-        if k == M.d - 1:
-            gw.append(c)
-            continue
-        r = c.shape[2]
-        gw.append(torch.linalg.solve(R[k], c.reshape(-1, r).T).T.reshape(c.shape))
-    return hvp + M.proju(p, torch.cat([c.reshape(-1) for c in gw]))
+    return M.gauge(p, u.detach())
