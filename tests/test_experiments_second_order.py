@@ -93,5 +93,6 @@ def test_line_search_methods_reject_model_problems_and_need_no_lr():
             S.run(pb, method, iters=1)
     with pytest.raises(ValueError, match="method"):
         S.run(pb, "newton", iters=1)
-    assert set(S.ALL_METHODS) == set(S.METHODS) | set(S.LINE_SEARCH_METHODS)
+    assert set(S.ALL_METHODS) == (set(S.METHODS) | set(S.LINE_SEARCH_METHODS)
+                                  | set(S.COMPLETION_METHODS))
     assert math.isfinite(len(S.ALL_METHODS))

@@ -27,7 +27,7 @@ import torch
 from . import problems as P
 from . import solvers
 from ..manifold import FixedTTRank
-from .solvers import ALL_METHODS, LINE_SEARCH_METHODS, METHODS, History
+from .solvers import ALL_METHODS, COMPLETION_METHODS, LINE_SEARCH_METHODS, METHODS, History
 
 __all__ = ["PROBLEMS", "build_parser", "build_problem", "compare", "main"]
 
@@ -106,8 +106,8 @@ def build_parser(prog: str = "ttmanifold compare") -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(ALL_METHODS)} or 'all' "
                         f"(default {','.join(METHODS)}; rcg and "
                         f"{','.join(LINE_SEARCH_METHODS)} only run on approximation and "
-                        f"completion, rcg needs no step size, nor do the others, which "
-                        f"bring their own line search or trust region)")
+                        f"completion, als only on completion; none of these needs a step "
+                        f"size: each has its own line search, trust region or exact solve)")
     p.add_argument("--shape", type=_shape_type, default=None,
                    help="tensor shape for approximation/completion, e.g. 20,20,20 "
                         "(overrides --d/--n)")
@@ -227,7 +227,7 @@ def _validate(args, settings, parser) -> None:
         if need + min(need, 10000) > total:
             parser.error(f"--oversampling {args.oversampling}: |Omega| = {need} (+ test set) "
                          f"exceeds the {total} entries of shape {shape}")
-    tensor_only = {"rcg", *LINE_SEARCH_METHODS}
+    tensor_only = {"rcg", *LINE_SEARCH_METHODS, *COMPLETION_METHODS}
     if set(args.methods) <= tensor_only and args.problems == ["layer"]:
         parser.error(f"--methods {','.join(args.methods)}: these methods need a tensor "
                      f"problem (approximation or completion; Riemannian CG a quadratic "
@@ -417,12 +417,12 @@ def _summary(header, settings, results, descriptions, status: str) -> str:
     lines = ["# Chart vs Riemannian comparison", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
     lines.append(f"- status: {status}")
-    lines += ["", "Step size: for every method but rcg, rtr, rlbfgs, chart_gd_armijo and "
-              "chart_lbfgs, the lr of the log grid 1e-3..1 "
+    lines += ["", "Step size: for every method but rcg, rtr, rlbfgs, chart_gd_armijo, "
+              "chart_lbfgs and als, the lr of the log grid 1e-3..1 "
               f"({settings['grid_size']} values) with the smallest loss after "
               f"{settings['tune_iters']} iterations from the common start; rcg uses the exact "
               "line search, rtr its trust region, rlbfgs and chart_gd_armijo Armijo "
-              "backtracking, chart_lbfgs a strong Wolfe search. Times exclude tuning and metric evaluation; peak MB is the "
+              "backtracking, chart_lbfgs a strong Wolfe search, als exact core solves. Times exclude tuning and metric evaluation; peak MB is the "
               "CUDA max_memory_allocated increase (cuda) or the sampled RSS increase (cpu).", ""]
     for name, (problem, runs) in results.items():
         if not runs:
@@ -453,7 +453,10 @@ def _planned_runs(args, problems: Sequence[str]) -> int:
 
 
 def _skipped(method: str, name: str) -> bool:
-    """rcg and the line-search methods need a tensor problem (not the layer)."""
+    """rcg and the line-search methods need a tensor problem (not the layer), als a
+    completion problem."""
+    if method in COMPLETION_METHODS:
+        return name != "completion"
     return name == "layer" and (method == "rcg" or method in LINE_SEARCH_METHODS)
 
 

@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..manifold import FixedTTRank, hessian_operator
+from ..tt import TT
+from ..tt import round as tt_round
 from .problems import Problem
 
 __all__ = [
@@ -33,7 +35,11 @@ __all__ = [
     "riemannian_cg",
     "riemannian_trust_region",
     "riemannian_lbfgs",
+    "als_completion",
+    "als_core_solve",
+    "rank_adaptive_completion",
     "homotopy_point",
+    "COMPLETION_METHODS",
     "LINE_SEARCH_METHODS",
     "ALL_METHODS",
 ]
@@ -46,8 +52,10 @@ METHODS = CHART_METHODS + RIEMANNIAN_METHODS
 #: Riemannian L-BFGS, chart gradient descent with Armijo backtracking, chart L-BFGS with
 #: strong Wolfe (torch.optim.LBFGS).
 LINE_SEARCH_METHODS = ("rtr", "rlbfgs", "chart_gd_armijo", "chart_lbfgs")
-ALL_METHODS = METHODS + LINE_SEARCH_METHODS
-_NO_LR = ("rcg",) + LINE_SEARCH_METHODS
+#: alternating least squares, for completion problems only (the classical competitor)
+COMPLETION_METHODS = ("als",)
+ALL_METHODS = METHODS + LINE_SEARCH_METHODS + COMPLETION_METHODS
+_NO_LR = ("rcg",) + LINE_SEARCH_METHODS + COMPLETION_METHODS
 MOMENTUM = 0.9
 
 
@@ -208,6 +216,9 @@ def _is_model_problem(problem) -> bool:
 def _check_method(problem, method: str) -> None:
     if method not in ALL_METHODS:
         raise ValueError(f"method: unknown method {method!r}; expected one of {ALL_METHODS}")
+    if method in COMPLETION_METHODS and not hasattr(problem, "a_train"):
+        raise ValueError(f"method {method!r} needs a completion problem (sampled entries), "
+                         f"not {getattr(problem, 'name', '?')!r}")
     if method in LINE_SEARCH_METHODS and _is_model_problem(problem):
         raise ValueError(f"method {method!r} needs a tensor problem (a loss of one TT), not "
                          f"the model problem {getattr(problem, 'name', '?')!r}")
@@ -645,7 +656,114 @@ class _ChartLineSearchStepper(_ChartStepper):
         return loss.detach()
 
 
+def _sample_slices(cores, idx, k):
+    """``(r_{k}, N, r_{k+1})``: core ``k`` at the samples' ``k``-th indices."""
+    return cores[k][:, idx[:, k], :]
+
+
+def _right_vectors(cores, idx):
+    """``right[k]``: ``(N, r_{k+1})`` products of cores ``k+1..d-1`` at the samples."""
+    d, N = len(cores), idx.shape[0]
+    right = [None] * d
+    right[d - 1] = cores[0].new_ones(N, 1)
+    for k in range(d - 1, 0, -1):
+        right[k - 1] = torch.einsum("anb,nb->na", _sample_slices(cores, idx, k), right[k])
+    return right
+
+
+def _left_vectors(cores, idx):
+    """``left[k]``: ``(N, r_k)`` products of cores ``0..k-1`` at the samples."""
+    d, N = len(cores), idx.shape[0]
+    left = [cores[0].new_ones(N, 1)]
+    for k in range(d - 1):
+        left.append(torch.einsum("na,anb->nb", left[k], _sample_slices(cores, idx, k)))
+    return left
+
+
+def als_core_solve(left, right, ik, values, w, n: int, ridge: float = 1e-12) -> torch.Tensor:
+    """The least-squares core: ``argmin_G sum_i w_i (left_i^T G[ik_i] right_i - values_i)^2``.
+
+    Args:
+        left: ``(N, a)``, right: ``(N, b)`` interface vectors at the samples; ``ik``:
+            ``(N,)`` the core's indices; ``values``: ``(N,)``; ``w``: ``(N,)`` weights or
+            None; ``n``: the mode size.
+        ridge: relative Tikhonov shift ``ridge * trace / (a b)`` of each slice's normal
+            equations (slices with few samples stay solvable; no explicit inverse).
+    Returns:
+        the core ``(a, n, b)``, in ``left``'s dtype and device.
+    Cost: O(N (a b)^2 + n (a b)^3).
+    """
+    a, b = left.shape[1], right.shape[1]
+    phi = (left.unsqueeze(2) * right.unsqueeze(1)).reshape(-1, a * b)
+    wphi = phi if w is None else phi * w.unsqueeze(1)
+    A = phi.new_zeros(n, a * b, a * b)
+    A.index_add_(0, ik, wphi.unsqueeze(2) * phi.unsqueeze(1))
+    rhs = phi.new_zeros(n, a * b)
+    rhs.index_add_(0, ik, wphi * values.unsqueeze(1))
+    tr = torch.diagonal(A, dim1=1, dim2=2).sum(1) / (a * b)
+    shift = ridge * tr.clamp_min(torch.finfo(A.dtype).tiny) + torch.finfo(A.dtype).tiny
+    A = A + shift.reshape(n, 1, 1) * torch.eye(a * b, dtype=A.dtype, device=A.device)
+    G = torch.linalg.solve(A, rhs.unsqueeze(2)).reshape(n, a, b)
+    return G.permute(1, 0, 2).contiguous()
+
+
+class _ALSStepper(_Stepper):
+    """Alternating least squares for completion (see :func:`als_completion`)."""
+
+    def __init__(self, problem, x0, *, ridge: float = 1e-12):
+        self.problem = problem
+        self.M: FixedTTRank = problem.manifold
+        self.cores = [c.clone() for c in self.M.split(x0.detach().clone(), "x0")]
+        self.idx = problem.train.indices
+        self.values = problem.a_train
+        w = getattr(problem, "weights", None)
+        self.w = None if w is None else w.to(dtype=self.values.dtype)
+        self.ridge = float(ridge)
+        self.info = {}
+
+    def _solve(self, k, left, right):
+        G = self.cores[k]
+        return als_core_solve(left, right, self.idx[:, k], self.values, self.w, G.shape[1],
+                              self.ridge)
+
+    def step(self):
+        with torch.no_grad():
+            fx = _loss_at(self.problem, self.M.pack_point(TT(self.cores, check=False)))
+            cores, idx, d = self.cores, self.idx, len(self.cores)
+            right = _right_vectors(cores, idx)
+            left = cores[0].new_ones(idx.shape[0], 1)
+            for k in range(d - 1):  # left to right, moving the norm to the right
+                G = self._solve(k, left, right[k])
+                a, n, b = G.shape
+                q, r = torch.linalg.qr(G.reshape(a * n, b))
+                cores[k] = q.reshape(a, n, -1)
+                cores[k + 1] = torch.einsum("ab,bnc->anc", r, cores[k + 1])
+                left = torch.einsum("na,anb->nb", left, _sample_slices(cores, idx, k))
+            left_all = _left_vectors(cores, idx)
+            rvec = cores[0].new_ones(idx.shape[0], 1)
+            for k in range(d - 1, 0, -1):  # right to left
+                G = self._solve(k, left_all[k], rvec)
+                a, n, b = G.shape
+                q, r = torch.linalg.qr(G.reshape(a, n * b).T)
+                cores[k] = q.T.reshape(-1, n, b)
+                cores[k - 1] = torch.einsum("anb,bc->anc", cores[k - 1], r.T)
+                rvec = torch.einsum("anb,nb->na", _sample_slices(cores, idx, k), rvec)
+            cores[0] = self._solve(0, left_all[0], rvec)
+        return fx
+
+    def current(self):
+        return TT(self.cores, check=False)
+
+    def final(self):
+        return self.M.pack_point(TT(self.cores, check=False))
+
+    def loss_now(self):
+        return float(_loss_at(self.problem, self.final()))
+
+
 def _make_stepper(problem, method, x0, lr, opts) -> _Stepper:
+    if method == "als":
+        return _ALSStepper(problem, x0, **opts.get("als_kwargs", {}))
     if method == "rtr":
         return _TrustRegionStepper(problem, x0, **opts.get("rtr_kwargs", {}))
     if method == "rlbfgs":
@@ -925,6 +1043,176 @@ def riemannian_lbfgs(problem, x0=None, *, iters: int = 100, time_budget=None,
     """
     return run(problem, "rlbfgs", x0, iters=iters, time_budget=time_budget, callback=callback,
                lbfgs_kwargs=dict(memory=memory, c1=c1), **kwargs)
+
+
+def als_completion(problem, x0=None, *, iters: int = 50, time_budget=None,
+                   ridge: float = 1e-12, callback=None, **kwargs) -> History:
+    """Alternating least squares for tensor completion (the classical competitor).
+
+    One iteration is a sweep left to right and back: each core in turn is replaced by the
+    exact minimizer of the (weighted) squared error on the training samples with the other
+    cores fixed (:func:`als_core_solve`: per index of the core's mode, normal equations of
+    size ``(r_{k-1} r_k)^2`` with a relative shift ``ridge``), and the gauge is moved on by
+    a QR so the fixed cores stay orthonormal (well-conditioned systems). The loss never
+    increases (up to the shift).
+
+    Args:
+        problem: a :class:`~ttmanifold.experiments.problems.Completion` problem.
+        x0, iters, time_budget, callback: as :func:`run`; ridge: the relative shift.
+    Returns:
+        a :class:`History`.
+    Cost per iteration: O(|Omega| d r^4 + d n r^6) (forming and solving the normal
+    equations), against O(|Omega| d r^2 + d n r^3) for an RCG iteration.
+    """
+    return run(problem, "als", x0, iters=iters, time_budget=time_budget, callback=callback,
+               als_kwargs=dict(ridge=ridge), **kwargs)
+
+
+def _padded_point(M_new: FixedTTRank, cores, bond: int, eps: float, generator):
+    """The packed point of ``M_new`` (rank ``r_bond + 1``) from ``cores`` with a new column
+    of core ``bond - 1`` and a new row of core ``bond`` drawn at scale ``eps`` (the tensor
+    moves by O(eps^2))."""
+    cores = [c.clone() for c in cores]
+    a, n, b = cores[bond - 1].shape
+    col = torch.randn(a, n, 1, generator=generator, dtype=torch.float64)
+    cores[bond - 1] = torch.cat([cores[bond - 1], eps * col.to(cores[0])], dim=2)
+    b2, n2, c = cores[bond].shape
+    row = torch.randn(1, n2, c, generator=generator, dtype=torch.float64)
+    cores[bond] = torch.cat([cores[bond], eps * row.to(cores[0])], dim=0)
+    return M_new.pack_point(TT(cores, check=False))
+
+
+def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float = 0.1,
+                             inner_iters: int = 30, eps: float = 1e-4,
+                             accept_rtol: float = 1e-2, trunc_rel_eps: float = 1e-10,
+                             seed: int = 0, time_budget: Optional[float] = None) -> History:
+    """Rank-adaptive completion from rank 1 (in the manner of Steinlechner 2016).
+
+    A seeded fraction ``control_fraction`` of the training samples is held out as a
+    control set. Starting from all ranks 1 (a random point), fixed-rank Riemannian CG runs
+    ``inner_iters`` iterations on the rest; then, one bond at a time, the rank of the bond
+    is raised by one (a new point of the larger manifold next to the current one: a new
+    column and row of size ``eps``), CG runs again, and the raise is **accepted only when
+    the control error falls** by more than the relative ``accept_rtol``; otherwise the
+    previous point is kept and the sweep goes on with the next bond. Sweeps over the bonds
+    repeat until a whole sweep accepts no raise or every bond is at ``min(max_rank, feasible)``. After each
+    accepted raise the point is rounded with relative accuracy ``trunc_rel_eps``
+    (:func:`~ttmanifold.tt.round`): bonds whose trailing singular values fall below it are
+    truncated (rank decrease).
+
+    Args:
+        problem: a :class:`~ttmanifold.experiments.problems.Completion` problem (its test
+            set, if any, is used only for the reported metrics).
+        max_rank: the rank cap of every bond.
+        control_fraction, inner_iters, eps, accept_rtol, trunc_rel_eps: as above.
+        seed: the control split, the start and the new columns and rows.
+        time_budget: seconds after which no new raise is tried.
+    Returns:
+        a :class:`History` (method ``"rank_adaptive"``): one record per inner CG run with
+        the problem's metrics and ``control_err``; ``info["rank_history"]`` lists every
+        attempt (bond, ranks, control error, accepted, seconds so far); ``info["ranks"]``
+        the final ranks; ``x`` the final packed point (of ``FixedTTRank(shape,
+        info["ranks"])``).
+    Cost: each attempt is one inner CG run at the trial ranks (O(|Omega| d r^2 + d n r^3)
+    per iteration) plus building the sub-problem (O(|Omega| log |Omega|)).
+    """
+    from .problems import Completion  # the same package
+
+    if not hasattr(problem, "a_train"):
+        raise TypeError(f"problem: expected a Completion problem, got {type(problem).__name__}")
+    if not (isinstance(max_rank, int) and max_rank >= 1):
+        raise ValueError(f"max_rank: expected a positive int, got {max_rank!r}")
+    if not 0.0 < control_fraction < 1.0:
+        raise ValueError(f"control_fraction: expected a number in (0, 1), got "
+                         f"{control_fraction!r}")
+    shape = problem.manifold.shape
+    d = len(shape)
+    gen = torch.Generator().manual_seed(int(seed))
+    idx, vals = problem.train.indices, problem.a_train
+    N = idx.shape[0]
+    perm = torch.randperm(N, generator=gen).to(idx.device)
+    n_ctrl = max(1, int(round(control_fraction * N)))
+    ctrl, train = perm[:n_ctrl], perm[n_ctrl:]
+    w = getattr(problem, "weights", None)
+    dtype, device = problem.dtype, problem.device
+
+    def make(ranks):
+        return Completion.from_data(idx[train], vals[train], shape, tuple(ranks[1:-1]),
+                                    test=(idx[ctrl], vals[ctrl]),
+                                    weights=None if w is None else w[train],
+                                    dtype=dtype, device=device)
+
+    hist = History(problem=problem.name, method="rank_adaptive")
+    feas = [1] + [min(math.prod(shape[:k]), math.prod(shape[k:])) for k in range(1, d)] + [1]
+    ranks = [1] * (d + 1)
+    sub = make(ranks)
+    elapsed = [0.0]
+    step = [0]
+    attempts: List[Dict[str, object]] = []
+
+    def inner(sub_problem, x):
+        h = run(sub_problem, "rcg", x, iters=inner_iters, metrics_every=0,
+                measure_memory=False)
+        elapsed[0] += h.total_time
+        step[0] += h.n_iters
+        ctrl_err = sub_problem.metrics(sub_problem.manifold.to_tt(h.x))["test_err"]
+        return h.x, ctrl_err, h.final_loss
+
+    x = sub.initial_point(gen)
+    x, err, loss = inner(sub, x)
+
+    def record(x_, M_, err_, loss_):
+        m = problem.metrics(M_.to_tt(x_))
+        m["control_err"] = err_
+        hist.record(step[0], loss_, elapsed[0], m)
+
+    record(x, sub.manifold, err, loss)
+    attempts.append(dict(bond=None, ranks=tuple(ranks), control_err=err, accepted=True,
+                         seconds=elapsed[0]))
+    improved = True
+    while improved:
+        improved = False
+        frozen = set()  # bonds rejected in this sweep
+        for k in range(1, d):
+            if time_budget is not None and elapsed[0] >= time_budget:
+                hist.status = "budget"
+                break
+            if k in frozen or ranks[k] >= min(max_rank, feas[k]):
+                continue
+            trial = list(ranks)
+            trial[k] += 1
+            if trial[k] > trial[k - 1] * shape[k - 1] or trial[k] > shape[k] * trial[k + 1]:
+                continue
+            sub_new = make(trial)
+            x_new = _padded_point(sub_new.manifold, sub.manifold.split(x, "x"), k,
+                                  eps, gen)
+            x_new, err_new, loss_new = inner(sub_new, x_new)
+            ok = err_new < (1.0 - accept_rtol) * err
+            attempts.append(dict(bond=k, ranks=tuple(trial), control_err=err_new,
+                                 accepted=bool(ok), seconds=elapsed[0]))
+            if not ok:
+                frozen.add(k)
+                continue
+            improved = True
+            ranks, sub, x, err, loss = trial, sub_new, x_new, err_new, loss_new
+            # rank decrease: drop trailing singular values below trunc_rel_eps
+            y = tt_round(sub.manifold.to_tt(x), rel_eps=trunc_rel_eps)
+            if tuple(y.ranks) != tuple(ranks):
+                ranks = list(y.ranks)
+                sub = make(ranks)
+                x = sub.manifold.pack_point(y)
+                attempts.append(dict(bond=None, ranks=tuple(ranks), control_err=err,
+                                     accepted=True, seconds=elapsed[0], truncated=True))
+            record(x, sub.manifold, err, loss)
+        if hist.status == "budget":
+            break
+    if hist.iters and hist.iters[-1] != step[0]:
+        record(x, sub.manifold, err, loss)
+    hist.info["rank_history"] = attempts
+    hist.info["ranks"] = tuple(ranks)
+    hist.info["control_size"] = n_ctrl
+    hist.x = x
+    return hist
 
 
 def homotopy_point(problem, x0: torch.Tensor, *, lam0: float = 100.0, factor: float = 0.5,
