@@ -84,7 +84,7 @@ def test_norm_gradient_of_a_batch():
 
 def test_sums_scalars_gather():
     x = rnd(SHAPE, 2, (4,), 3)
-    y = rnd(SHAPE, 3, (4,), 4)
+    y = rnd(SHAPE, R3, (4,), 4)
     X, Y = dense_batch(x), dense_batch(y)
     assert close((x + y).full(), X + Y, 1e-13)
     assert close((x - y).full(), X - Y, 1e-13)
@@ -218,3 +218,21 @@ def test_property_batched_algebra(data):
     assert close((x - y).full(), X - Y, 1e-12)
     assert close(orthogonalize(x + y, "left").full(), X + Y, 1e-11)
     assert close(tt_round(x + y).full(), X + Y, 1e-10)
+
+
+def test_tangent_tt_checked_batch_and_sampled_entries_refused():
+    from ttmanifold import FixedTTRank, IndexSet
+    from ttmanifold.manifold import TangentTT, right_cores
+    M = FixedTTRank(SHAPE, R3)
+    gen = torch.Generator().manual_seed(3)
+    p = M.random(2, dtype=F64, generator=gen)
+    U = M.split(p)
+    u = M.proju(p, torch.randn(2, M.size, dtype=F64, generator=gen))
+    T = TangentTT(U, right_cores(U), M.split(u))  # checked
+    assert T.batch_shape == (2,)
+    assert close(T.full()[1], M.tangent_to_tt(p[1], u[1]).full(), 1e-12)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        TangentTT(U, right_cores(U), [c[:1].expand(3, *c.shape[1:]) for c in M.split(u)])
+    idx = IndexSet(torch.zeros(1, 4, dtype=torch.long), SHAPE)
+    with pytest.raises(ValueError, match="index_set: sampled entries of a batch"):
+        M.to_tt(p).values_at(idx)

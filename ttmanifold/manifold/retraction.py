@@ -120,7 +120,7 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
         va, vn, vb = V[k].shape[-3:]
         vm = V[k].reshape(bs + (va, vn * vb))
         C = left @ vm.mT
-        w = left - C @ vm
+        w = _addmm(left, C, vm, -1)
         W = w if right is None else torch.cat([w, right], -1)
         q, r = torch.linalg.qr(W.mT)
         qt = q.mT
@@ -128,7 +128,7 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
         QW[k] = None if right is None else qt[..., w.shape[-1]:]
         ua, un, ub = U[k - 1].shape[-3:]
         ul = U[k - 1].reshape(bs + (ua * un, ub))
-        left = (du[k - 1].reshape(ul.shape) + ul @ C).reshape(bs + (ua, un * C.shape[-1]))
+        left = _addmm(du[k - 1].reshape(ul.shape), ul, C, 1).reshape(bs + (ua, un * C.shape[-1]))
         right = (ul @ r.mT).reshape(bs + (ua, un * r.shape[-2]))
     n = U[0].shape[-2]
     c = torch.cat([left.reshape(bs + (n, left.shape[-1] // n)),
@@ -142,7 +142,7 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
         pieces.append(u[..., :r].flatten(nb))
         sv = s[..., :r, None] * vh[..., :r, :]
         a, nk, b = V[k + 1].shape[-3:]
-        top = sv[..., a:] @ QV[k + 1] + sv[..., :a] @ V[k + 1].reshape(bs + (a, nk * b))
+        top = _addmm(sv[..., a:] @ QV[k + 1], sv[..., :a], V[k + 1].reshape(bs + (a, nk * b)), 1)
         if QW[k + 1] is None:
             c = top
         else:
@@ -151,6 +151,14 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
                            bot.reshape(bs + (r * nk, bot.shape[-1] // nk))], -1)
     pieces.append(c.flatten(nb))
     return torch.cat(pieces, -1)
+
+
+def _addmm(c, a, b, alpha):
+    """``c + alpha a b`` over leading batch dimensions: one fused ``baddbmm`` for one batch
+    dimension (the common case), else a product and a sum."""
+    if c.dim() == 3 and a.dim() == 3 and b.dim() == 3:
+        return torch.baddbmm(c, a, b, alpha=alpha)
+    return c + a @ b if alpha == 1 else c - a @ b
 
 
 def _pad_svd(u, s, vh, r):

@@ -232,16 +232,22 @@ def _check_factors(U, V, deltas) -> None:
     for name, cores, first in (("U", U, 0), ("V", V, 1), ("deltas", deltas, 0)):
         for k in range(first, d):
             c = cores[k]
-            if not isinstance(c, torch.Tensor) or c.dim() != 3:
-                raise ValueError(f"TangentTT: {name}[{k}] must be a 3-D tensor")
-            if tuple(c.shape) != tuple(U[k].shape):
+            if not isinstance(c, torch.Tensor) or c.dim() < 3:
+                raise ValueError(f"TangentTT: {name}[{k}] must be a 3-D tensor (or a batch of "
+                                 f"them, (*batch, r, n, r'))")
+            if tuple(c.shape[-3:]) != tuple(U[k].shape[-3:]):
                 raise ValueError(f"TangentTT: {name}[{k}] has shape {tuple(c.shape)}, "
                                  f"expected U[{k}]'s {tuple(U[k].shape)}")
+            try:
+                torch.broadcast_shapes(c.shape[:-3], U[0].shape[:-3])
+            except RuntimeError:
+                raise ValueError(f"TangentTT: {name}[{k}]'s batch shape {tuple(c.shape[:-3])} "
+                                 f"does not broadcast with U's {tuple(U[0].shape[:-3])}") from None
             if c.dtype != ref.dtype or c.device != ref.device:
                 raise TypeError(f"TangentTT: {name}[{k}] is {c.dtype} on {c.device}, "
                                 f"expected {ref.dtype} on {ref.device}")
-    if U[0].shape[0] != 1 or U[-1].shape[2] != 1 or any(
-            U[k].shape[2] != U[k + 1].shape[0] for k in range(d - 1)):
+    if U[0].shape[-3] != 1 or U[-1].shape[-1] != 1 or any(
+            U[k].shape[-1] != U[k + 1].shape[-3] for k in range(d - 1)):
         raise ValueError("TangentTT: U's ranks must chain with r_0 = r_d = 1")
 
 

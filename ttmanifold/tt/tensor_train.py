@@ -607,7 +607,10 @@ class TT:
     def values_at(self, index_set: "IndexSet") -> torch.Tensor:
         """The entries at the samples of ``index_set`` (:meth:`IndexSet.gather
         <ttmanifold.IndexSet.gather>` calls this; structured subclasses override it).
-        O(N d r^2)."""
+        O(N d r^2). A single TT only (``gather`` evaluates a batch at shared indices)."""
+        if self.batch_shape:
+            raise ValueError(f"index_set: sampled entries of a batch of TTs (batch_shape "
+                             f"{self.batch_shape}) are not supported; use x.gather(indices)")
         return index_set.gather_cores(self._cores)
 
     def scaled(self, a) -> "TT":

@@ -1,0 +1,203 @@
+"""Batches of manifold points (issue 12): time per point of one batched call against a
+Python loop over the points, and the aten operations each call dispatches.
+
+    python benchmarks/bench_batch.py            # d = 10, n = 20, r = 4 and 10 (a few minutes)
+    python benchmarks/bench_batch.py --quick    # smoke run on small sizes
+
+At d = 10, n = 20, float64, 1 torch thread, for B = 1, 16, 256, 1024 points:
+
+- ``retr``: ``M.retr(p, u)`` of a batch ``(B, size)`` of points and tangent vectors;
+- ``project``: ``M.project(p, Z)`` of a batch of rank-r TTs ``Z`` (cores ``(B, r, n, r')``);
+- ``adam``: one ``geoopt.optim.RiemannianAdam`` step on one ``ManifoldParameter`` holding the
+  batch (zero_grad, per-point loss ``0.5 <X, X> - <X, A>`` from ``p.unpack_tensor()`` summed
+  over the points, backward, step), against B parameters in one optimizer (the loop).
+
+``batch``: the batched call, per point (ms); ``loop``: the same work as a Python loop of
+single-point calls, per point (measured on min(B, 32) points: its per-point cost does not
+depend on B), with the compiled CPU kernels when they are built (``loop_torch`` without);
+``speedup`` = loop / batch. Each time is the median of the rounds after one warmup call.
+
+Then the number of aten operations dispatched (``TorchDispatchMode`` counter; what runs on
+a GPU as kernel launches) by the torch path for one point and for a batch of 256 points
+(d = 10, r = 10), as ``non-view operations + QR/SVD calls (all operations, views
+included)``: a batched call dispatches about the operations of a single-point call,
+whatever B.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+
+import geoopt
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ttmanifold import TT, FixedTTRank, inner, kernels
+
+F64 = torch.float64
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched while active: all of them (``n``), those that
+    are not views (``compute``: what launches a kernel on a GPU; ``_unsafe_view``, a
+    metadata-only reshape, counts as a view) and QR/SVD calls (``factor``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = self.compute = self.factor = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        if not getattr(func, "is_view", False) and "_unsafe_view" not in str(func):
+            self.compute += 1
+        name = str(func)
+        if "linalg_qr" in name or "linalg_svd" in name:
+            self.factor += 1
+        return func(*args, **(kwargs or {}))
+
+
+def median_time(fn, rounds: int) -> float:
+    fn()  # warmup
+    ts = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def loss_fn(A):
+    def f(T):
+        return 0.5 * inner(T, T) - inner(T, A)
+    return f
+
+
+def setup(M, B, r, gen):
+    p = torch.Tensor(M.random(B, dtype=F64, generator=gen))
+    Z = TT.random(M.shape, r, dtype=F64, generator=gen, batch=(B,))
+    u = M.project(p, Z)
+    u = u * (0.5 / M.norm(p, u)).unsqueeze(-1)
+    A = TT.random(M.shape, r, dtype=F64, generator=gen, batch=(B,))
+    return p, Z, u, A
+
+
+def adam_batched(M, p, A):
+    par = geoopt.ManifoldParameter(p.clone(), manifold=M)
+    opt = geoopt.optim.RiemannianAdam([par], lr=1e-3)
+    f = loss_fn(A)
+
+    def step():
+        opt.zero_grad()
+        f(par.unpack_tensor()).sum().backward()
+        opt.step()
+    return step
+
+
+def adam_loop(M, p, A):
+    pars = [geoopt.ManifoldParameter(p[b].clone(), manifold=M) for b in range(p.shape[0])]
+    opt = geoopt.optim.RiemannianAdam(pars, lr=1e-3)
+    fs = [loss_fn(A[b]) for b in range(p.shape[0])]
+
+    def step():
+        opt.zero_grad()
+        for par, f in zip(pars, fs):
+            f(par.unpack_tensor()).backward()
+        opt.step()
+    return step
+
+
+def time_table(d, n, ranks, Bs, rounds, loop_max):
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for r in ranks:
+        M = FixedTTRank((n,) * d, r)
+        for B in Bs:
+            p, Z, u, A = setup(M, B, r, gen)
+            m = min(B, loop_max)
+            ps, Zs, us, As = p[:m], Z[:m], u[:m], A[:m]
+            ops = {
+                "retr": (lambda: M.retr(p, u),
+                         lambda: [M.retr(ps[b], us[b]) for b in range(m)]),
+                "project": (lambda: M.project(p, Z),
+                            lambda: [M.project(ps[b], Zs[b]) for b in range(m)]),
+                "adam": (adam_batched(M, p, A), adam_loop(M, ps, As)),
+            }
+            for name, (batched, loop) in ops.items():
+                rb = max(1, rounds if B <= 256 else rounds // 3)
+                tb = median_time(batched, rb) / B
+                tl = median_time(loop, max(1, rounds // 2)) / m
+                kernels.set_enabled(False)
+                try:
+                    tt = median_time(loop, max(1, rounds // 2)) / m
+                finally:
+                    kernels.set_enabled(True)
+                rows.append(dict(r=r, B=B, op=name, batch=tb * 1e3, loop=tl * 1e3,
+                                 loop_torch=tt * 1e3, speedup=tl / tb))
+                print(f"r={r:3d} B={B:5d} {name:8s} batch {tb * 1e3:8.4f} ms/pt  "
+                      f"loop {tl * 1e3:8.4f}  loop_torch {tt * 1e3:8.4f}  "
+                      f"speedup {tl / tb:6.1f}x", flush=True)
+    return rows
+
+
+def count_ops(d, n, r, B):
+    gen = torch.Generator().manual_seed(1)
+    M = FixedTTRank((n,) * d, r)
+    out = []
+    kernels.set_enabled(False)  # the torch path: what runs on a GPU
+    try:
+        for label, b in (("1 point", None), (f"batch {B}", B)):
+            if b is None:
+                p, Z, u, A = setup(M, 1, r, gen)
+                p, Z, u, A = p[0], Z[0], u[0], A[0]
+                adam = adam_loop(M, p.unsqueeze(0), TT.stack([A]))
+            else:
+                p, Z, u, A = setup(M, b, r, gen)
+                adam = adam_batched(M, p, A)
+            f = loss_fn(A)
+            calls = {"retr": lambda: M.retr(p, u), "project": lambda: M.project(p, Z),
+                     "riemannian_grad": lambda: M.riemannian_grad(p, f), "adam step": adam}
+            row = {"label": label}
+            for name, fn in calls.items():
+                fn()
+                with OpCounter() as c:
+                    fn()
+                row[name] = f"{c.compute} + {c.factor} ({c.n})"
+            out.append(row)
+            print(row, flush=True)
+    finally:
+        kernels.set_enabled(True)
+    return out
+
+
+def main_counts_only(d=10, n=20, r=10, B=256):
+    """Only the operation counts (seconds, not minutes)."""
+    torch.set_num_threads(1)
+    count_ops(d, n, r, B)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, few rounds")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--counts-only", action="store_true", help="only the operation counts")
+    args = ap.parse_args()
+    if args.counts_only:
+        return main_counts_only(*((4, 5, 2, 8) if args.quick else ()))
+    torch.set_num_threads(1)
+    if args.quick:
+        d, n, ranks, Bs, rounds, cnt_B = 4, 5, (2,), (1, 4), 2, 8
+    else:
+        d, n, ranks, Bs, rounds, cnt_B = 10, 20, (4, 10), (1, 16, 256, 1024), args.rounds, 256
+    kernels.build("dense", verbose=False)
+    print(f"# bench_batch {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+          f"torch {torch.__version__}, 1 thread, d={d}, n={n}, float64, compiled kernels "
+          f"{'loaded' if kernels.module('dense') is not None else 'not loaded'}")
+    time_table(d, n, ranks, Bs, rounds, loop_max=32 if not args.quick else 4)
+    print(f"# aten operations per call (torch path, d={d}, r={ranks[-1]})")
+    count_ops(d, n, ranks[-1], cnt_B)
+
+
+if __name__ == "__main__":
+    main()
