@@ -186,3 +186,27 @@ def test_parametrization_shares_the_layer_tensorization(scheme):
     torch.testing.assert_close(conv.weight, layer.weight, rtol=1e-10, atol=1e-12)
     assert sttp_dof(layer.out_modes, layer.in_modes, 3, order=layer.tensorization.order) == \
         P.chart.dim
+
+
+_MODES = st.lists(st.integers(1, 4), min_size=1, max_size=3)
+
+
+@given(out_modes=_MODES, in_modes=_MODES, order=st.sampled_from(["natural", "reversed"]),
+       rank=st.integers(1, 12), batch=st.integers(1, 5), seed=st.integers(0, 99))
+def test_explicit_modes_property(out_modes, in_modes, order, rank, batch, seed):
+    """Any modes and order: W is the train's tensor read through the tensorization (an
+    independent permutation reference) and every forward path equals x W^T + b."""
+    d_out, d_in = math.prod(out_modes), math.prod(in_modes)
+    torch.manual_seed(seed)
+    layer = STTPLinear(d_in, d_out, rank=rank, out_modes=out_modes, in_modes=in_modes,
+                       order=order, init="random", dtype=DT)
+    T = layer.tt().full()
+    D, E = len(out_modes), len(in_modes)
+    if order == "reversed":
+        T = T.permute(tuple(range(D)) + tuple(range(D + E - 1, D - 1, -1)))
+    torch.testing.assert_close(layer.weight, T.reshape(d_out, d_in), rtol=1e-12, atol=1e-12)
+    x = torch.randn(batch, d_in, dtype=DT)
+    ref = x @ layer.weight.T + layer.bias
+    for path in ("dense", "tt"):
+        layer.contraction = path
+        torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-10)
