@@ -27,6 +27,7 @@ import torch
 from . import problems as P
 from . import solvers
 from ..manifold import FixedTTRank
+from .presets import PRESETS, run_preset
 from .solvers import ALL_METHODS, COMPLETION_METHODS, LINE_SEARCH_METHODS, METHODS, History
 
 __all__ = ["PROBLEMS", "build_parser", "build_problem", "compare", "main"]
@@ -159,6 +160,12 @@ def build_parser(prog: str = "ttmanifold compare") -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="a ~one-minute CPU version: small sizes, few iterations")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help="a named setting from the literature (docs/comparison.md#presets): "
+                        "its own problem, start and methods (--methods picks a subset); "
+                        "--rank (steinlechner's r, default 4), --seed, --quick, --iters "
+                        "(default 2000) and --time-budget (seconds per method, default 60) "
+                        "apply; writes summary.md to --out")
     return p
 
 
@@ -593,4 +600,15 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "ttmanifold compare")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args._argv = argv
+    if args.preset:
+        explicit = any(a == "--methods" or a.startswith("--methods=") for a in argv)
+        try:
+            text = run_preset(args.preset, args.out, rank=args.rank, seed=args.seed,
+                              quick=args.quick, budget=args.time_budget or 60.0,
+                              iters=args.iters or 2000,
+                              methods=args.methods if explicit else None)
+        except ValueError as exc:
+            parser.error(str(exc))
+        print(text, flush=True)
+        return text
     return compare(args, parser)
