@@ -129,6 +129,60 @@ def scenario_bad_shard(rank, world, out):
         f.write(msg + "\n")
 
 
+def ddp_model(param):
+    from torch import nn
+
+    from ttmanifold.nn import STTPLinear
+
+    torch.manual_seed(0)
+    return nn.Sequential(STTPLinear(16, 12, rank=3, param=param), nn.Tanh(),
+                         nn.Linear(12, 4)).double()
+
+
+def ddp_batches(steps):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(8, 16, generator=g, dtype=torch.float64),
+             torch.randint(0, 4, (8,), generator=g)) for _ in range(steps)]
+
+
+def ddp_train(model, opt_name, batches, part=None, world=1):
+    """``steps`` optimizer steps; with ``part`` this process's half of each batch."""
+    import geoopt
+    from torch import nn
+
+    opt_cls = {"rsgd": geoopt.optim.RiemannianSGD, "radam": geoopt.optim.RiemannianAdam}[opt_name]
+    kw = {"lr": 0.05, "momentum": 0.9} if opt_name == "rsgd" else {"lr": 1e-2}
+    opt = opt_cls(model.parameters(), **kw)
+    for x, y in batches:
+        if part is not None:
+            half = x.shape[0] // world
+            x, y = x[part * half:(part + 1) * half], y[part * half:(part + 1) * half]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def scenario_ddp(rank, world, out):
+    """STTP layers under DistributedDataParallel, chart and manifold modes, RiemannianSGD
+    (with momentum) and RiemannianAdam: each process trains on its half of every batch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    batches = ddp_batches(6)
+    res = {}
+    for param in ("chart", "manifold"):
+        for opt_name in ("rsgd", "radam"):
+            model = ddp_model(param)
+            if rank == 1:  # replicas start different: DDP broadcasts rank 0's parameters
+                with torch.no_grad():
+                    model[2].weight.add_(1.0)
+            ddp = DDP(model)
+            res[(param, opt_name)] = ddp_train(ddp, opt_name, batches, part=rank, world=world)
+            res[(param, opt_name, "type")] = type(model[0].weight_param.point).__name__ \
+                if param == "manifold" else "chart"
+    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+
+
 def worker(rank, world, scenario, out, port):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
