@@ -412,3 +412,20 @@ def test_optimizer_on_a_batch_equals_independent_runs(name, dtype):
         for b in range(B):
             assert close(dense_point(M, pb[b]), dense_point(M, singles[b]), tol), (name, b)
     assert M.check_point_on_manifold(pb.detach())
+
+
+def test_batch_of_one_point_takes_the_single_point_path(compiled):
+    """A batch holding one point ((1, size), (1, 1, size)) gives the single-point call's
+    result (the compiled kernels serve it when loaded)."""
+    M, p, Z, gen = batch_case(batch=(), seed=12)
+    u = M.proju(p, torch.randn(M.size, dtype=F64, generator=gen))
+    for shape in ((1,), (1, 1)):
+        pb, ub = p.reshape(shape + p.shape), u.reshape(shape + u.shape)
+        y = M.retr(pb, ub)
+        assert y.shape == pb.shape and torch.allclose(y.reshape(-1), M.retr(p, u), atol=1e-13)
+        t = M.transp(pb, y, ub)
+        assert torch.allclose(t.reshape(-1), M.transp(p, y.reshape(-1), u), atol=1e-13)
+        pr = M.project(pb, Z)
+        assert pr.shape == pb.shape and torch.allclose(pr.reshape(-1), M.project(p, Z), atol=1e-13)
+        y2, t2 = M.retr_transp(pb, ub, ub)
+        assert torch.allclose(y2, y, atol=1e-13) and t2.shape == pb.shape

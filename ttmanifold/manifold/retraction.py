@@ -48,6 +48,10 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
     """
     d = len(U)
     if U[0].dim() > 3 or du[0].dim() > 3:
+        bs = _one_point_batch(U, V, du)
+        if bs is not None:  # one point: the single-point path, compiled kernels included
+            out = retract(_squeeze(U), _squeeze(V), _squeeze(du), ranks)
+            return out.reshape(bs + out.shape)
         return _retract_batched(U, V, du, ranks)
     if d == 1:
         return (U[0] + du[0]).reshape(-1)
@@ -94,6 +98,11 @@ def retract_point(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
                   ranks: Sequence[int]) -> torch.Tensor:
     """:func:`retract` that computes the right-orthogonal cores itself (one compiled call
     on the CPU). Same arguments without ``V``; cost O(d n r^3)."""
+    if U[0].dim() > 3 or du[0].dim() > 3:
+        bs = _one_point_batch(U, du)
+        if bs is not None:  # one point: the single-point path (one compiled call)
+            out = retract_point(_squeeze(U), _squeeze(du), ranks)
+            return out.reshape(bs + out.shape)
     return retract(U, right_cores(U), du, ranks)
 
 
@@ -151,6 +160,21 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
                            bot.reshape(bs + (r * nk, bot.shape[-1] // nk))], -1)
     pieces.append(c.flatten(nb))
     return torch.cat(pieces, -1)
+
+
+def _one_point_batch(*seqs):
+    """The batch shape when the cores carry batch dimensions holding a single point in all
+    (e.g. ``(1,)``): such calls run the single-point path on the squeezed cores."""
+    shapes = [c.shape[:-3] for seq in seqs if seq is not None for c in seq if c is not None]
+    try:
+        bs = torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        return None
+    return bs if len(bs) and bs.numel() == 1 else None
+
+
+def _squeeze(seq):
+    return [None if c is None else c.reshape(c.shape[-3:]) for c in seq]
 
 
 def _addmm(c, a, b, alpha):

@@ -88,6 +88,22 @@ def _has_bonds(U, *args, **kwargs) -> bool:
     return len(U) > 1 and U[0].dim() == 3
 
 
+def _one_point_batch(*seqs):
+    """The batch shape when the cores of ``seqs`` carry batch dimensions that hold a single
+    point in all (e.g. ``(1,)``): such calls run the single-point path (compiled kernels
+    included) on the squeezed cores. None otherwise."""
+    shapes = [c.shape[:-3] for seq in seqs if seq is not None for c in seq if c is not None]
+    try:
+        bs = torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        return None
+    return bs if len(bs) and bs.numel() == 1 else None
+
+
+def _squeeze(seq):
+    return None if seq is None else [None if c is None else c.reshape(c.shape[-3:]) for c in seq]
+
+
 def _unbatched(*seqs) -> bool:
     """Every tensor of the core sequences is a single 3-D core (no batch dimension)."""
     return all(c is None or c.dim() == 3 for seq in seqs if seq is not None for c in seq)
@@ -113,6 +129,9 @@ def right_cores(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     if d == 1:
         return V
     if U[0].dim() > 3:
+        bs = _one_point_batch(U)
+        if bs is not None:  # one point: the single-point path, compiled kernels included
+            return [None] + [v.reshape(bs + v.shape) for v in right_cores(_squeeze(U))[1:]]
         return _right_cores_batched(U)
     Q: List[Optional[torch.Tensor]] = [None] * d
     dg: List[Optional[torch.Tensor]] = [None] * d
@@ -195,6 +214,10 @@ def project_tt(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Te
     projection is ``(t_k - U_k P_{k+1}) Q_k``, one batched product per run.
     """
     if not _unbatched(U, V, Z):
+        bs = _one_point_batch(U, V, Z)
+        if bs is not None:  # one point: the single-point path, compiled kernels included
+            out = project_tt(_squeeze(U), _squeeze(V), _squeeze(Z), packed=packed, gauge=gauge)
+            return out.reshape(bs + out.shape) if packed else [c.reshape(bs + c.shape) for c in out]
         return _project_tt_batched(U, V, Z, packed=packed, gauge=gauge)
     d = len(U)
     T: List[torch.Tensor] = []
