@@ -55,6 +55,16 @@ def loss_fn(A):
     return f
 
 
+def general_loss_fn(A):
+    """The same 0.5 ||X - A||^2 through t3f's TT algebra (a rank-3r difference and its
+    squared norm), the counterpart of the general-loss row of ``bench_manifold.py``."""
+
+    def f(x):
+        return 0.5 * t3f.frobenius_norm_squared(x - A, differentiable=True)
+
+    return f
+
+
 def t3f_version() -> str:
     try:
         from importlib.metadata import version
@@ -148,7 +158,14 @@ class Worker:
             return t3f.gradients(loss_fn(tt_of(a_cores)), tt_of(x_cores),
                                  runtime_check=False).tt_cores
 
+        # 4. Riemannian autodiff of the same f through TT algebra (no inner-product form)
+        @tf.function
+        def rgrad_general(x_cores, a_cores):
+            return t3f.gradients(general_loss_fn(tt_of(a_cores)), tt_of(x_cores),
+                                 runtime_check=False).tt_cores
+
         self.ops["project"] = lambda: project(X, Z)
+        self.ops["rgrad_general"] = lambda: rgrad_general(X, A)
         self.ops["retr_2r"] = lambda: retr_2r(xp, xi)
         self.ops["retr_3r"] = lambda: retr_3r(X, xi)
         self.ops["rgrad"] = lambda: rgrad(X, A)
@@ -169,16 +186,43 @@ class Worker:
     def _load_sgd(self, X0, A, r, lr):
         X = [tf.Variable(c) for c in X0]
 
+        d = len(X)
+
         @tf.function
         def step(a_cores):
+            # X - lr g at rank 2r, in the basis of the gradient's tangent space: t3f.gradients
+            # returns cores [[V_k, 0], [dU_k, U_k]] (first [dU_1, U_1], last [V_d; dU_d])
+            # with U the left-orthogonal cores of X (t3f.orthogonalize_tt_cores), so that
+            # X = U_1 ... U_{d-1} L_d is the same structure with the last delta L_d, the
+            # last core of that orthogonalization; add_n_projected(coef=[1, -lr]) then
+            # rounding to rank r (the rank-3r t3f.add of t3f's example is not needed)
             x = tt_of([v.read_value() for v in X])
             g = t3f.gradients(loss_fn(tt_of(a_cores)), x, runtime_check=False)
-            new = t3f.round(t3f.add(x, -lr * g), max_tt_rank=r)
+            last = t3f.orthogonalize_tt_cores(x).tt_cores[-1]
+            gc = g.tt_cores
+            h0 = gc[0].shape[2] // 2
+            cores = [tf.concat([tf.zeros_like(gc[0][:, :, :h0]), gc[0][:, :, h0:]], axis=2)]
+            for k in range(1, d - 1):
+                hl, hr = gc[k].shape[0] // 2, gc[k].shape[2] // 2
+                low = tf.concat([tf.zeros_like(gc[k][hl:, :, :hr]), gc[k][hl:, :, hr:]], axis=2)
+                cores.append(tf.concat([gc[k][:hl], low], axis=0))
+            hl = gc[-1].shape[0] // 2
+            cores.append(tf.concat([gc[-1][:hl], last], axis=0))
+            xt = tt_of(cores)
+            xt.projection_on = g.projection_on
+            new = t3f.round(t3f.add_n_projected([xt, g], coef=[1.0, -lr]), max_tt_rank=r)
             for v, c in zip(X, new.tt_cores):
                 v.assign(c)
             return new.tt_cores
 
+        @tf.function
+        def step_3r(x_cores, a_cores):  # one step of t3f's example form, for the check only
+            x = tt_of(x_cores)
+            g = t3f.gradients(loss_fn(tt_of(a_cores)), x, runtime_check=False)
+            return t3f.round(t3f.add(x, -lr * g), max_tt_rank=r).tt_cores
+
         self.ops["sgd_step"] = lambda: step(A)
+        self._sgd_check = lambda: (step_3r([v.read_value() for v in X], A), step(A))
 
     # -- requests ------------------------------------------------------------------------
     def time(self, op, clock="wall", reps=1):

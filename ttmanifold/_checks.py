@@ -15,6 +15,10 @@ import torch
 # half precisions are rejected: torch's QR/SVD kernels (the sweeps) do not support them
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
+# torch.compiler.is_compiling: true while dynamo traces (checked first wherever a torch._C
+# predicate dynamo cannot trace would follow)
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
 
 def check_float_dtype(dtype: torch.dtype, name: str) -> None:
     """Raise ``TypeError`` unless ``dtype`` is a supported real floating dtype."""
@@ -169,7 +173,13 @@ def assert_finite_async(x: torch.Tensor, name: str) -> None:
 def functorch_wrapped(t: torch.Tensor) -> bool:
     """Whether ``t`` is a functorch (vmap/grad) wrapper or a legacy batched tensor (the
     batched gradients of ``torch.autograd.functional.jacobian(..., vectorize=True)``):
-    kernels that write into reused buffers or read raw data pointers cannot take those."""
+    kernels that write into reused buffers or read raw data pointers cannot take those.
+
+    Under ``torch.compile`` tracing this is False without calling the functorch C
+    predicates (dynamo cannot trace them: a graph break); traced tensors are fake
+    tensors, whose values no check reads anyway."""
+    if _is_compiling():
+        return False
     ft = getattr(torch._C, "_functorch", None)
     for name in ("is_functorch_wrapped_tensor", "is_legacy_batchedtensor"):
         fn = getattr(ft, name, None)

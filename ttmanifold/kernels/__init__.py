@@ -33,8 +33,8 @@ import torch
 
 from . import _cache
 
-__all__ = ["enabled", "set_enabled", "set_auto_build", "module", "usable", "dispatch", "build",
-           "status"]
+__all__ = ["enabled", "set_enabled", "set_auto_build", "set_serial_small_ops", "module",
+           "usable", "dispatch", "build", "status"]
 
 PROBE_INTERVAL = 1.0  # seconds between two cache checks while a set is not loaded
 USUAL_TIME = "usually 20-60 s"
@@ -45,7 +45,11 @@ def _env_flag(var: str) -> bool:
     return os.environ.get(var, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-_config = {"enabled": _env_flag("TTMANIFOLD_NATIVE"), "auto_build": _env_flag("TTMANIFOLD_BUILD")}
+_config = {"enabled": _env_flag("TTMANIFOLD_NATIVE"), "auto_build": _env_flag("TTMANIFOLD_BUILD"),
+           "serial": _env_flag("TTMANIFOLD_SERIAL_SMALL_OPS")}
+# kernel sets whose calls are small per-core matrix work (r x n r, (r n) x 2r): their
+# dispatched calls, compiled or torch, run with one intra-op thread (see dispatch)
+_SMALL_SETS = frozenset({"dense"})
 
 
 def enabled() -> bool:
@@ -56,6 +60,15 @@ def enabled() -> bool:
 def set_enabled(flag: bool) -> None:
     """Use (``True``, the default) or never use nor build (``False``) the compiled kernels."""
     _config["enabled"] = bool(flag)
+
+
+def set_serial_small_ops(flag: bool) -> None:
+    """Run the dispatched calls of the small-matrix set ``dense`` with one intra-op thread
+    (``True``, the default unless ``TTMANIFOLD_SERIAL_SMALL_OPS=0``) or with torch's
+    thread count (``False``). With a competing busy process on the machine, OpenMP/BLAS
+    workers of a small call wait for a core and a 1 ms retraction can take 0.1-1 s;
+    serial, it stays within about 1.2x (``benchmarks/bench_load.py``)."""
+    _config["serial"] = bool(flag)
 
 
 def set_auto_build(flag: bool) -> None:
@@ -345,9 +358,11 @@ def usable(name: str, *args) -> bool:
     (vmap, grad), fake or meta; and not inside ``torch.compile`` tracing.
 
     No side effect except :func:`module`'s (which may start the background build)."""
-    if not _config["enabled"]:
+    if not _config["enabled"] or _is_compiling():
+        # is_compiling first: dynamo never reaches the torch._C predicates below (which it
+        # cannot trace), so the torch implementation traces without a graph break
         return False
-    if not _tensors_ok(args, [None], torch.is_grad_enabled()) or _is_compiling():
+    if not _tensors_ok(args, [None], torch.is_grad_enabled()):
         return False
     return module(name) is not None
 
@@ -359,17 +374,35 @@ def dispatch(name: str, compiled: Callable, when: Optional[Callable[..., bool]] 
     build) and :func:`usable` on all arguments, else ``fn(*args, **kwargs)``.
 
     The wrapper keeps ``fn``'s name, docstring and signature (``inspect.signature``) and
-    exposes ``fn`` as ``wrapper.torch_impl``."""
+    exposes ``fn`` as ``wrapper.torch_impl``.
+
+    For the small-matrix set ``dense`` the call (either implementation) runs with one
+    intra-op thread (``torch.set_num_threads(1)``, restored after; the setting is per
+    calling thread for OpenMP and MKL), unless :func:`set_serial_small_ops` turned this
+    off or ``torch.compile`` is tracing."""
     _cache.check_name(name)
+    small = name in _SMALL_SETS
 
     def decorate(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
+        def call(args, kwargs):
             if (when is None or when(*args, **kwargs)) and usable(name, *args, *kwargs.values()):
                 mod = _SETS[name].module
                 if mod is not None:
                     return compiled(mod, *args, **kwargs)
             return fn(*args, **kwargs)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            # is_compiling first: dynamo never reaches the thread calls
+            if small and _config["serial"] and not _is_compiling():
+                n = torch.get_num_threads()
+                if n > 1:
+                    torch.set_num_threads(1)
+                    try:
+                        return call(args, kwargs)
+                    finally:
+                        torch.set_num_threads(n)
+            return call(args, kwargs)
 
         wrapper.torch_impl = fn
         return wrapper
