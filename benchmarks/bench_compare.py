@@ -15,7 +15,7 @@ per-phase profile of the kernels the CG loop runs (sweeps on Omega, scatters, ga
 tangent evaluation for the line search, retraction + transports).
 
 Run:  python benchmarks/bench_compare.py [--skip-part1] [--skip-part2] [--threads T]
-      [--dtype float64|float32] [--budget SECONDS_PER_RUN]
+      [--dtype float64|float32] [--budget SECONDS_PER_RUN] [--methods rcg,rtr,rlbfgs,als,...]
 Total runtime about 5 minutes on a 2-core CPU (RESULTS.md numbers: ``--threads 1``; on a
 shared machine torch's OpenMP threads contend and slow everything down several-fold).
 """
@@ -30,7 +30,7 @@ import time
 import torch
 
 from ttmanifold.experiments.problems import Completion
-from ttmanifold.experiments.solvers import METHODS, run
+from ttmanifold.experiments.solvers import ALL_METHODS, METHODS, run
 from ttmanifold.manifold import right_cores
 
 
@@ -55,7 +55,7 @@ def part1(args):
     print(P.describe(), f"(built in {time.perf_counter() - t0:.1f} s); start test_err "
           f"{P.metrics(x0)['test_err']:.3f}")
     rows = []
-    for method in METHODS:
+    for method in args.methods:
         t = time.perf_counter()
         h = run(P, method, x0, iters=args.iters, time_budget=args.budget, metrics_every=1,
                 stop_metric="test_err", stop_tol=1e-6, seed=0)
@@ -160,6 +160,11 @@ def main():
     ap.add_argument("--dtype", default="float64", choices=("float64", "float32"))
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--budget", type=float, default=40.0, help="seconds per run (part 1)")
+    ap.add_argument("--methods", type=lambda v: [m.strip() for m in v.split(",")],
+                    default=list(METHODS),
+                    help=f"part 1's methods, comma-separated from {','.join(ALL_METHODS)} "
+                         f"(default {','.join(METHODS)}; the second-order, line-search and "
+                         f"ALS methods of issue 17 on request)")
     ap.add_argument("--random-iters", type=int, default=150)
     ap.add_argument("--cg-iters", type=int, default=6)
     args = ap.parse_args()
