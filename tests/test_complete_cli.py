@@ -80,7 +80,7 @@ def test_complete_recovers_a_low_rank_tensor_from_each_format(data, tmp_path, ca
     np.testing.assert_allclose(got, finals[0][tuple(q.T)], rtol=0, atol=1e-14)
     np.testing.assert_allclose(got, full[tuple(q.T)], rtol=0, atol=1e-8)
     out = capsys.readouterr().out
-    assert "1500 observed entries" in out and "(fixed)" in out and "wrote" in out
+    assert "1500 observed entries" in out and "(fixed;" in out and "wrote" in out
 
 
 def _err(args, capsys=None):
@@ -210,7 +210,7 @@ def test_progress_bar_and_help(capsys):
     assert 5 <= len(lines) <= 12 and lines[-1].startswith("[" + "#" * 24 + "] 20/20")
     with pytest.raises(SystemExit):
         cli_main(["complete", "--help"])
-    assert "rank-adaptive completion is not available yet" in " ".join(
+    assert "with --rank-adaptive the cap of every bond" in " ".join(
         capsys.readouterr().out.split())
 
 
@@ -238,3 +238,28 @@ def test_torchrun_two_processes_equal_one(data, tmp_path):
     assert "processes: 2" in h2 and "processes: 1" in h1
     np.testing.assert_allclose([float(r["val_err"]) for r in r2],
                                [float(r["val_err"]) for r in r1], rtol=1e-9)
+
+
+def test_rank_adaptive_finds_the_rank(tmp_path, capsys):
+    shape = (7, 6, 5, 4)
+    truth = tm.TT.random(shape, 2, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(3))
+    idx = sample_distinct_indices(shape, 450, generator=2).numpy()
+    np.savez(tmp_path / "d.npz", indices=idx, values=truth.full().numpy()[tuple(idx.T)])
+    out = tmp_path / "o"
+    assert cli_main(["complete", str(tmp_path / "d.npz"), "--rank", "3", "--rank-adaptive",
+                     "--iters", "25", "--out", str(out), "--no-progress",
+                     "--validation", "0.1"]) == 0
+    x = tm.load(out / "completed.npz")
+    assert x.ranks == (1, 2, 2, 2, 1)
+    full = truth.full()
+    assert float((x.full() - full).norm() / full.norm()) < 1e-6
+    header, rows = _report(out / "report.csv")
+    assert "ranks: [1, 2, 2, 2, 1] (rank-adaptive, cap 3)" in header
+    assert header[9].startswith("attempt: start ranks [1, 1, 1, 1, 1]")
+    assert any(h.startswith("attempt: bond 1 ranks [1, 2, 1, 1, 1]") for h in header)
+    assert "control_err" in rows[-1] and "val_err" in rows[-1]
+    assert "rank-adaptive: ranks from 1 up to 3" in capsys.readouterr().out
+    assert "does not write checkpoints" in _err([tmp_path / "d.npz", "--rank", "3",
+                                                 "--rank-adaptive", "--checkpoint-every", "2",
+                                                 "--out", tmp_path / "o2"])

@@ -14,8 +14,9 @@ iteration; a header with the shape, ranks, sample counts and the run's status),
 ``predictions.csv`` (the completed tensor at the multi-indices of ``--query``), and
 ``checkpoint.pt`` with ``--checkpoint-every``. Nothing is overwritten without ``--force``.
 
-The rank is fixed (``--rank``; rank-adaptive completion is not available yet). The solver
-is Riemannian CG with exact line search
+The rank is fixed (``--rank``) or chosen (``--rank-adaptive``, with ``--rank`` as the cap:
+:func:`~ttmanifold.experiments.solvers.rank_adaptive_completion`, one process). The
+fixed-rank solver is Riemannian CG with exact line search
 (:func:`~ttmanifold.experiments.distributed.distributed_cg`); it runs in one process, or
 data-parallel when started by ``torchrun`` (each process keeps the entries that hash to it,
 so the iterates are the single-process ones to rounding). Run ``ttmanifold complete --help``.
@@ -333,8 +334,13 @@ def build_parser(prog: str = "ttmanifold complete") -> argparse.ArgumentParser:
                "data.npz --rank 8 --out run1")
     p.add_argument("data", help="the observed entries (.npz, .npy or CSV)")
     p.add_argument("--rank", type=int, required=True,
-                   help="TT-rank (clipped to the feasible ranks of the shape); the rank is "
-                        "fixed: rank-adaptive completion is not available yet")
+                   help="TT-rank (clipped to the feasible ranks of the shape); with "
+                        "--rank-adaptive the cap of every bond")
+    p.add_argument("--rank-adaptive", action="store_true",
+                   help="choose the ranks: start from rank 1 and raise one bond at a time "
+                        "while the error on a control set (10%% of the training entries) "
+                        "falls (solvers.rank_adaptive_completion; one process only; --iters "
+                        "is then the CG iterations per attempt)")
     p.add_argument("--shape", type=_parse_shape, default=None,
                    help="the tensor's shape, e.g. 10,20,30 (default: the dense array's, or "
                         "the largest index + 1 per mode)")
@@ -385,8 +391,8 @@ def _check_outputs(out: str, want: Sequence[str], force: bool, resume: bool) -> 
     return None
 
 
-def _write_report(path: str, hist, header: List[str]) -> None:
-    keys = ["train_err", "train_rmse", "val_err", "val_rmse"]
+def _write_report(path: str, hist, header: List[str], extra: Sequence[str] = ()) -> None:
+    keys = ["train_err", "train_rmse", "val_err", "val_rmse"] + list(extra)
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
         for line in header:
@@ -440,6 +446,11 @@ def run_complete(args, out_stream=None) -> int:
         error = f"--iters: expected a non-negative int, got {args.iters}"
     elif args.checkpoint_every < 0:
         error = f"--checkpoint-every: expected a non-negative int, got {args.checkpoint_every}"
+    elif args.rank_adaptive and comm.distributed:
+        error = ("--rank-adaptive runs in one process (rank adaptivity is not data-parallel "
+                 "yet): run it without torchrun, or give a fixed --rank")
+    elif args.rank_adaptive and (args.checkpoint_every or args.resume):
+        error = "--rank-adaptive does not write checkpoints: drop --checkpoint-every / --resume"
     want = ["completed.npz", "report.csv"] + (["predictions.csv"] if args.query else []) + \
         (["checkpoint.pt"] if args.checkpoint_every else [])
     if error is None and lead:
@@ -473,6 +484,8 @@ def run_complete(args, out_stream=None) -> int:
         f"{int((~val).sum())} for training, {int(val.sum())} for validation; read in "
         f"{time.perf_counter() - t_read:.1f} s")
     dtype = getattr(torch, args.dtype)
+    if args.rank_adaptive:
+        return _run_rank_adaptive(args, idx, vals, tr, va, shape, q, dtype, say)
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
@@ -489,7 +502,8 @@ def run_complete(args, out_stream=None) -> int:
         say(f"note: {w.message}")
     del idx, vals
     M = S.manifold
-    say(f"model: TT-ranks {M.ranks} (fixed), {M.dim} degrees of freedom, "
+    say(f"model: TT-ranks {M.ranks} (fixed; --rank-adaptive chooses them), {M.dim} "
+        f"degrees of freedom, "
         f"{S.n_train / M.dim:.3g} training entries per degree of freedom"
         + (f"; {comm.world_size} processes, {S.n_local} entries on rank 0"
            if comm.distributed else ""))
@@ -554,6 +568,70 @@ def run_complete(args, out_stream=None) -> int:
             print("ttmanifold complete: interrupted; the files hold the last finished "
                   "iteration (report.csv marked incomplete)", file=sys.stderr)
         return 130
+    return 0
+
+
+def _run_rank_adaptive(args, idx, vals, tr, va, shape, q, dtype, say) -> int:
+    """``--rank-adaptive``: :func:`~ttmanifold.experiments.solvers.rank_adaptive_completion`
+    on the training entries (validation entries only reported), one process."""
+    from .. import io as tt_io
+    from ..manifold import FixedTTRank
+    from ..tt import IndexSet
+    from .problems import Completion
+    from .solvers import rank_adaptive_completion
+
+    test = (torch.from_numpy(idx[va]), torch.from_numpy(vals[va])) if va.any() else None
+    try:
+        P = Completion.from_data(torch.from_numpy(idx[tr]), torch.from_numpy(vals[tr]), shape,
+                                 1, test=test, seed=args.seed, dtype=dtype)
+    except ValueError as exc:
+        raise SystemExit(f"ttmanifold complete: {exc}")
+    say(f"rank-adaptive: ranks from 1 up to {args.rank} per bond; each attempt raises one "
+        f"bond and runs {args.iters} CG iterations, kept when the error on a control set "
+        f"(10% of the {len(P.train)} training entries) falls; the attempts are listed when the "
+        f"search ends ...")
+    t0 = time.perf_counter()
+    try:
+        hist = rank_adaptive_completion(P, max_rank=args.rank, inner_iters=args.iters,
+                                        seed=args.seed)
+    except KeyboardInterrupt:
+        print("ttmanifold complete: interrupted during the rank-adaptive search; nothing "
+              "written (it keeps no partial result; use a fixed --rank to keep iterations)",
+              file=sys.stderr)
+        return 130
+    def what(j, a):
+        return ("start" if j == 0 else "rounding") if a.get("bond") is None \
+            else f"bond {a['bond']}"
+
+    for j, a in enumerate(hist.info.get("rank_history", [])):
+        say(f"  {what(j, a)}: ranks {list(a['ranks'])}, control error "
+            f"{a['control_err']:.3e}, {'kept' if a['accepted'] else 'rejected'}")
+    ranks = tuple(hist.info["ranks"])
+    x = FixedTTRank(shape, ranks).to_tt(hist.x)
+    final = {("val" + k[4:] if k.startswith("test") else k): v
+             for k, v in hist.final_metrics().items()}
+    say(f"ranks {list(ranks)} after {time.perf_counter() - t0:.1f} s: " +
+        ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
+    tt_io.save(x, os.path.join(args.out, "completed.npz"))
+    for m in hist.metrics:  # the report's names: validation, not test
+        for k in [k for k in m if k.startswith("test")]:
+            m["val" + k[4:]] = m.pop(k)
+    header = [f"status: {hist.status}", f"data: {args.data}", f"shape: {list(shape)}",
+              f"ranks: {list(ranks)} (rank-adaptive, cap {args.rank})",
+              f"train: {len(P.train)} (of which a control set of "
+              f"{hist.info.get('control_size')})", f"validation: {int(va.sum())}",
+              "processes: 1", f"dtype: {args.dtype}", "init: rank 1, random"]
+    header += [f"attempt: {what(j, a)} ranks {list(a['ranks'])} control_err "
+               f"{a['control_err']!r} {'kept' if a['accepted'] else 'rejected'}"
+               for j, a in enumerate(hist.info.get("rank_history", []))]
+    _write_report(os.path.join(args.out, "report.csv"), hist, header, extra=["control_err"])
+    written = ["completed.npz", "report.csv"]
+    if q is not None:
+        with torch.no_grad():
+            pred = IndexSet(torch.from_numpy(q), shape).gather(x).double().numpy()
+        _write_predictions(os.path.join(args.out, "predictions.csv"), q, pred)
+        written.append("predictions.csv")
+    say(f"wrote {', '.join(os.path.join(args.out, w) for w in written)}")
     return 0
 
 
