@@ -1068,24 +1068,31 @@ def als_completion(problem, x0=None, *, iters: int = 50, time_budget=None,
                als_kwargs=dict(ridge=ridge), **kwargs)
 
 
-def _padded_point(M_new: FixedTTRank, cores, bond: int, eps: float, generator):
-    """The packed point of ``M_new`` (rank ``r_bond + 1``) from ``cores`` with a new column
-    of core ``bond - 1`` and a new row of core ``bond`` drawn at scale ``eps`` (the tensor
-    moves by O(eps^2))."""
+def _padded_point(M_new: FixedTTRank, cores, bonds, eps: float, generator):
+    """The packed point of ``M_new`` (ranks ``r_k + 1`` at ``bonds``) from ``cores`` with,
+    per bond ``k``, a new column of core ``k - 1`` and a new row of core ``k`` drawn at
+    scale ``eps`` (the tensor moves by O(eps^2))."""
     cores = [c.clone() for c in cores]
+    for bond in ([bonds] if isinstance(bonds, int) else bonds):
+        cores = _pad_bond(cores, bond, eps, generator)
+    return M_new.pack_point(TT(cores, check=False))
+
+
+def _pad_bond(cores, bond: int, eps: float, generator):
     a, n, b = cores[bond - 1].shape
     col = torch.randn(a, n, 1, generator=generator, dtype=torch.float64)
     cores[bond - 1] = torch.cat([cores[bond - 1], eps * col.to(cores[0])], dim=2)
     b2, n2, c = cores[bond].shape
     row = torch.randn(1, n2, c, generator=generator, dtype=torch.float64)
     cores[bond] = torch.cat([cores[bond], eps * row.to(cores[0])], dim=0)
-    return M_new.pack_point(TT(cores, check=False))
+    return cores
 
 
 def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float = 0.1,
                              inner_iters: int = 30, eps: float = 1e-4,
                              accept_rtol: float = 1e-2, trunc_rel_eps: float = 1e-10,
-                             seed: int = 0, time_budget: Optional[float] = None) -> History:
+                             seed: int = 0, time_budget: Optional[float] = None,
+                             raise_all: bool = True) -> History:
     """Rank-adaptive completion from rank 1 (in the manner of Steinlechner 2016).
 
     A seeded fraction ``control_fraction`` of the training samples is held out as a
@@ -1095,8 +1102,11 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
     column and row of size ``eps``), CG runs again, and the raise is **accepted only when
     the control error falls** by more than the relative ``accept_rtol``; otherwise the
     previous point is kept and the sweep goes on with the next bond. Sweeps over the bonds
-    repeat until a whole sweep accepts no raise or every bond is at ``min(max_rank, feasible)``. After each
-    accepted raise the point is rounded with relative accuracy ``trunc_rel_eps``
+    repeat until a whole sweep accepts no raise or every bond is at
+    ``min(max_rank, feasible)``; with ``raise_all`` (default) a sweep that accepts nothing
+    is followed by one attempt to raise every bond below its cap at once, under the same
+    acceptance test (from a poor low-rank fit of a tensor with flat unfolding spectra, no
+    single bond lowers the control error). After each accepted raise the point is rounded with relative accuracy ``trunc_rel_eps``
     (:func:`~ttmanifold.tt.round`): bonds whose trailing singular values fall below it are
     truncated (rank decrease).
 
@@ -1104,7 +1114,8 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
         problem: a :class:`~ttmanifold.experiments.problems.Completion` problem (its test
             set, if any, is used only for the reported metrics).
         max_rank: the rank cap of every bond.
-        control_fraction, inner_iters, eps, accept_rtol, trunc_rel_eps: as above.
+        control_fraction, inner_iters, eps, accept_rtol, trunc_rel_eps, raise_all: as
+            above.
         seed: the control split, the start and the new columns and rows.
         time_budget: seconds after which no new raise is tried.
     Returns:
@@ -1206,6 +1217,29 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
             record(x, sub.manifold, err, loss)
         if hist.status == "budget":
             break
+        if not improved and raise_all:
+            # no single bond helped: try every bond below its cap at once (from a poor
+            # low-rank fit one bond alone may not lower the control error)
+            trial = list(ranks)
+            bonds = []
+            for k in range(1, d):
+                if trial[k] < min(max_rank, feas[k]):
+                    trial[k] += 1
+                    bonds.append(k)
+            if any(trial[k] > trial[k - 1] * shape[k - 1] or trial[k] > shape[k] * trial[k + 1]
+                   for k in range(1, d)) or not bonds:
+                break
+            sub_new = make(trial)
+            x_new = _padded_point(sub_new.manifold, sub.manifold.split(x, "x"), bonds, eps,
+                                  gen)
+            x_new, err_new, loss_new = inner(sub_new, x_new)
+            ok = err_new < (1.0 - accept_rtol) * err
+            attempts.append(dict(bond="all", ranks=tuple(trial), control_err=err_new,
+                                 accepted=bool(ok), seconds=elapsed[0]))
+            if ok:
+                improved = True
+                ranks, sub, x, err, loss = trial, sub_new, x_new, err_new, loss_new
+                record(x, sub.manifold, err, loss)
     if hist.iters and hist.iters[-1] != step[0]:
         record(x, sub.manifold, err, loss)
     hist.info["rank_history"] = attempts
