@@ -447,7 +447,10 @@ class _TrustRegionStepper(_Stepper):
         self.problem = problem
         self.M: FixedTTRank = problem.manifold
         self.p = x0.detach().clone()
-        scale = float(problem.manifold.to_tt(self.p).norm())
+        # the larger of the start's norm and sqrt(2 f(X_0)) (for a least-squares loss, the
+        # distance to the data): a unit-norm start far from large data must not creep
+        scale = max(float(problem.manifold.to_tt(self.p).norm()),
+                    math.sqrt(max(2.0 * float(_loss_at(problem, self.p)), 0.0)))
         self.max_radius = float(max_radius) if max_radius is not None else 2.0 * scale
         self.radius = float(radius) if radius is not None else self.max_radius / 8
         self.max_inner = int(max_inner) if max_inner is not None else self.M.dim
@@ -1001,8 +1004,9 @@ def riemannian_trust_region(problem, x0=None, *, iters: int = 50, time_budget=No
     ``theta = 1`` gives local quadratic convergence down to the rounding floor). The ratio ``rho`` of actual to predicted decrease (both
     shifted by ``1e3 eps max(1, |f|)`` to stay meaningful near convergence) accepts the
     retracted step when ``rho > 0.1``, shrinks the radius by 4 when ``rho < 1/4``, doubles
-    it (up to ``max_radius``, default ``2 ||X_0||``; initial ``max_radius / 8``) when
-    ``rho > 3/4`` on the boundary.
+    it (up to ``max_radius``, default twice the larger of ``||X_0||`` and
+    ``sqrt(2 f(X_0))``, the distance to the data of a least-squares loss; initial
+    ``max_radius / 8``) when ``rho > 3/4`` on the boundary.
 
     Args:
         problem: a tensor problem (its ``loss`` of a TT is differentiated).
