@@ -61,8 +61,8 @@ print(f"ttmanifold {tm.__version__}, geoopt {geoopt.__version__}, quick mode: {Q
 # the number of core entries minus the $r_k \times r_k$ gauge freedom at each inner bond.
 # For $d = 2$ this is the fixed-rank matrix manifold, $\dim = r(n_1 + n_2 - r)$. A point is
 # stored (as geoopt expects) as **one flat tensor** packing left-orthogonal cores
-# $U_1, \dots, U_d$ (`M.size` numbers). Ranks that no tensor of this shape can have are
-# rejected.
+# $U_1, \dots, U_d$ (`M.size` numbers). A tuple of ranks that no tensor of this shape can
+# have is rejected (a single int rank is clipped to the feasible bound with a warning).
 
 # %%
 shape, ranks = (4, 5, 6, 5), (1, 3, 4, 3, 1)
@@ -74,7 +74,7 @@ print(M)
 print("dim by the formula:", by_hand, "   packed size M.size:", M.size)
 print("d = 2, n = (7, 9), r = 3:  dim =", FixedTTRank((7, 9), 3).dim, "  r(n1 + n2 - r) =", 3 * (7 + 9 - 3))
 try:
-    FixedTTRank((2, 3, 4), 5)
+    FixedTTRank((2, 3, 4), (1, 5, 5, 1))
 except ValueError as e:
     print("\nValueError:", e)
 
@@ -397,7 +397,7 @@ plt.show()
 #
 # * `FixedTTRank(shape, ranks)` is a geoopt manifold whose dimension
 #   $\sum_k r_{k-1} n_k r_k - \sum_k r_k^2$ matches the numerical rank of the Jacobian of the
-#   core-to-tensor map; infeasible ranks are rejected.
+#   core-to-tensor map; infeasible rank tuples are rejected.
 # * Tangent vectors are packed gauged deltas: the gauge conditions hold, the metric is the
 #   dot product of the packed deltas (an isometry), and `tangent_to_tt` gives the rank-$2r$
 #   TT form.

@@ -233,9 +233,10 @@ plt.show()
 #   is $1.7\cdot10^{-11}$), $6.4\cdot10^{-3}$ on the random target (optimum
 #   $4.95\cdot10^{-3}$), and its test error on completion is $7.6\cdot10^{-2}$. All three
 #   curves flatten out.
-# * **Per second.** At these sizes an iteration costs the same order for every method (the
-#   `ms/iter` column, from single runs on a shared machine; section 8 measures it more
-#   carefully), so per second, as per iteration, the Riemannian curves are far ahead.
+# * **Per second.** At these sizes a Riemannian iteration costs at most about as much as a
+#   chart iteration (the `ms/iter` column, from single runs on a shared machine; section 8
+#   measures it more carefully), so per second, as per iteration, the Riemannian curves are
+#   far ahead.
 
 # %% [markdown]
 # ## 4. Why: the chart gradient at the start
@@ -665,20 +666,20 @@ plt.show()
 #   approximation. No chart method reaches any of the tolerances. The best chart method,
 #   `chart_adam`, stops at $f - f_{\min}$ between $5\cdot10^{-4}$ and $3\cdot10^{-3}$,
 #   where the Riemannian runs reach rounding level.
-# * **Cost per iteration: the same order at small rank, chart cheaper at larger rank.** A
-#   chart step is one forward and backward pass through compact-WY Householder products.
+# * **Cost per iteration: Riemannian cheaper up to moderate rank, chart cheaper at rank 16.**
+#   A chart step is one forward and backward pass through compact-WY Householder products.
 #   `rsgd`, `rsgd_momentum` and `radam` differentiate the loss through the tangent TT of
 #   Riemannian autodiff (inner products and sampled entries at rank $r$, see notebook 02)
 #   and retract with a TT-SVD; `rcg` computes its gradient and step without autograd
-#   (`cg_grad`, `exact_step`). Section 8 prints the ratio of the step times. On the problems
-#   of sections 1-3 the two kinds of step are within a factor of about 1.5 of each other
-#   (on approximation `rsgd` has the cheapest step; on completion, where every method runs
-#   the same kernels on the sampled entries, the chart steps are somewhat cheaper). On the
-#   random-target problem with $d = 10$, $n = 20$ the TT-SVD of the retraction grows like
-#   $r^3$, and at rank 16 a chart step is the cheaper one, by the factor in the last column
-#   (about 1.3 to 2 in the runs made for this notebook). That pays off only if a chart
-#   method needs at most that factor more iterations, which is not the case for any problem
-#   here: no chart method reaches the tolerances at all.
+#   (`cg_grad`, `exact_step`). Section 8 prints the ratio of the step times. On the
+#   approximation problems of sections 1-3 a chart step costs about 2 to 2.5 times a
+#   Riemannian one; on completion, where every method runs the same kernels on the sampled
+#   entries, they cost about the same. On the random-target problem with $d = 10$,
+#   $n = 20$ the Riemannian step is 1.3 to 3 times cheaper up to rank 8, but the TT-SVD of
+#   its retraction grows like $r^3$, and at rank 16 the chart step is the cheaper one, by a
+#   factor of about 1.1 to 1.9 (last column). That pays off only if a chart method needs at
+#   most that factor more iterations, which is not the case for any problem here: no chart
+#   method reaches the tolerances at all.
 # * **Conditioning: Riemannian.** The chart's local conditioning is that of $J^\top H J$,
 #   i.e. up to $\kappa(J)^2$ worse than the Riemannian Hessian $H$. $\kappa(J)$ grows with
 #   small singular values of the iterate (function problem: $\kappa(J)^2 = 4.75\cdot10^{12}$
@@ -735,10 +736,11 @@ plt.show()
 #   $2.9\cdot10^{5}$, against 1.15, 1.01 and 8.9 for the Riemannian Hessian $H$. The cause is
 #   small singular values of the solution and nearly parallel columns of $J$ from different
 #   Householder blocks.
-# * **Cost and domain.** Per iteration the two kinds of method cost the same order at these
-#   sizes (within a factor of about 1.5); at rank 16 with $d = 10$, $n = 20$ a chart step is
-#   cheaper, by a factor of about 1.3 to 2 (section 8). The chart needs its domain, though:
-#   a spectral completion start was outside it for every center.
+# * **Cost and domain.** Per iteration a Riemannian step costs about half of a chart step
+#   on approximation at these sizes and about the same on completion; at rank 16 with
+#   $d = 10$, $n = 20$ the chart step is cheaper, by a factor of about 1.1 to 1.9
+#   (section 8). The chart needs its domain, though: a spectral completion start was
+#   outside it for every center.
 # * **Practicalities.** `solvers.run` reports a run that diverges after the tuning
 #   look-ahead (status `"diverged"`) and a chart method started outside the chart's domain
 #   (status `"outside chart domain"`) instead of raising.
