@@ -14,7 +14,9 @@ the ``dense`` set with one intra-op thread, ``kernels.set_serial_small_ops``), w
 turned off (every call at torch's thread count, the previous behaviour), and with the
 whole operation inside a one-thread context (``torch.set_num_threads(1)`` around the
 call, restored after): the remedies for OpenMP/BLAS worker threads that wait for a core
-the competitor holds.
+the competitor holds. A fourth mode measures a proposed change in
+``ttmanifold/manifold/fixed_rank.py`` (not made here): every per-step method of
+``FixedTTRank`` inside ``kernels.serial_small_ops()``, applied at run time.
 
 Reports per operation and condition the median and the 90th percentile of single calls
 (wall ms) and the slowdown busy / quiet (target <= 3x); the header names the CPU, the
@@ -90,6 +92,32 @@ def in_one_thread(fn):
     return g
 
 
+PER_STEP = ("retr", "proju", "egrad2rgrad", "project", "transp", "retr_transp")
+
+
+def method_serial(fn):
+    """The proposed change outside this file: every per-step method of FixedTTRank run
+    inside ``kernels.serial_small_ops()`` (in fixed_rank.py's ``_no_autograd_fast_path``
+    wrapper, after its is_compiling branch); applied here at run time by wrapping the
+    class's methods for the duration of the call."""
+    def wrap(m):
+        def g(self, *a, **k):
+            with kernels.serial_small_ops():
+                return m(self, *a, **k)
+        return g
+
+    def g():
+        orig = {name: getattr(FixedTTRank, name) for name in PER_STEP}
+        for name, m in orig.items():
+            setattr(FixedTTRank, name, wrap(m))
+        try:
+            return fn()
+        finally:
+            for name, m in orig.items():
+                setattr(FixedTTRank, name, m)
+    return g
+
+
 def seam_serial(flag, fn):
     def g():
         kernels.set_serial_small_ops(flag)
@@ -149,6 +177,7 @@ def main(argv=None):
     for name, fn in base:
         ops.append((name, "as shipped (serial seam)", seam_serial(True, fn)))
         ops.append((name, "seam at default threads", seam_serial(False, fn)))
+        ops.append((name, "proposed: per-step methods in serial_small_ops", method_serial(fn)))
         ops.append((name, "whole op in 1-thread context", in_one_thread(fn)))
     for _, _, fn in ops:  # warm up
         for _ in range(3):

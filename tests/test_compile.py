@@ -203,3 +203,47 @@ def test_geoopt_step_compiled_is_riemannian(opt):
     o1.step()
     torch.testing.assert_close(full(M, P2.detach()), full(M, P1.detach()), rtol=1e-9,
                                atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------
+# one intra-op thread for small-matrix work (issue 16, item 3; timings: bench_load.py)
+# ---------------------------------------------------------------------------------------
+@pytest.fixture
+def two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+    kernels.set_serial_small_ops(True)
+
+
+def test_serial_small_ops_context(two_threads):
+    with kernels.serial_small_ops():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    kernels.set_serial_small_ops(False)
+    with kernels.serial_small_ops():
+        assert torch.get_num_threads() == 2
+    with pytest.raises(ValueError):  # restored on an exception too
+        kernels.set_serial_small_ops(True)
+        with kernels.serial_small_ops():
+            raise ValueError
+    assert torch.get_num_threads() == 2
+
+
+def test_dispatched_dense_call_runs_serial(two_threads):
+    seen = []
+
+    @kernels.dispatch("dense", compiled=lambda mod, x: x, when=lambda x: False)
+    def f(x):
+        if not torch.compiler.is_compiling():
+            seen.append(torch.get_num_threads())
+        return x
+
+    f(torch.ones(2))
+    kernels.set_serial_small_ops(False)
+    f(torch.ones(2))
+    assert seen == [1, 2] and torch.get_num_threads() == 2
+    # under tracing the seam leaves the threads alone (and adds no graph break)
+    kernels.set_serial_small_ops(True)
+    torch.testing.assert_close(compile_full(lambda x: f(x) * 2)(torch.ones(2)), 2 * torch.ones(2))

@@ -33,8 +33,8 @@ import torch
 
 from . import _cache
 
-__all__ = ["enabled", "set_enabled", "set_auto_build", "set_serial_small_ops", "module",
-           "usable", "dispatch", "build", "status"]
+__all__ = ["enabled", "set_enabled", "set_auto_build", "set_serial_small_ops",
+           "serial_small_ops", "module", "usable", "dispatch", "build", "status"]
 
 PROBE_INTERVAL = 1.0  # seconds between two cache checks while a set is not loaded
 USUAL_TIME = "usually 20-60 s"
@@ -69,6 +69,32 @@ def set_serial_small_ops(flag: bool) -> None:
     workers of a small call wait for a core and a 1 ms retraction can take 0.1-1 s;
     serial, it stays within about 1.2x (``benchmarks/bench_load.py``)."""
     _config["serial"] = bool(flag)
+
+
+class serial_small_ops:
+    """Context manager: one intra-op thread for the block (``torch.set_num_threads(1)``,
+    restored on exit; per calling thread for OpenMP and MKL), for callers whose whole
+    operation is small per-core matrix work (a manifold's per-step methods), so that none
+    of its parts waits for a core another process holds. A no-op when
+    :func:`set_serial_small_ops` turned this off, when torch already runs one thread, or
+    while ``torch.compile`` traces (enter it outside traced code: dynamo may not trace a
+    context manager)."""
+
+    __slots__ = ("_n",)
+
+    def __enter__(self):
+        self._n = 0
+        if _config["serial"] and not _is_compiling():
+            n = torch.get_num_threads()
+            if n > 1:
+                torch.set_num_threads(1)
+                self._n = n
+        return self
+
+    def __exit__(self, *exc):
+        if self._n:
+            torch.set_num_threads(self._n)
+        return False
 
 
 def set_auto_build(flag: bool) -> None:
