@@ -694,13 +694,17 @@ def als_core_solve(left, right, ik, values, w, n: int, ridge: float = 1e-12) -> 
             equations (slices with few samples stay solvable; no explicit inverse).
     Returns:
         the core ``(a, n, b)``, in ``left``'s dtype and device.
-    Cost: O(N (a b)^2 + n (a b)^3).
+    Cost: O(N (a b)^2 + n (a b)^3), one matrix product per index.
     """
     a, b = left.shape[1], right.shape[1]
     phi = (left.unsqueeze(2) * right.unsqueeze(1)).reshape(-1, a * b)
     wphi = phi if w is None else phi * w.unsqueeze(1)
-    A = phi.new_zeros(n, a * b, a * b)
-    A.index_add_(0, ik, wphi.unsqueeze(2) * phi.unsqueeze(1))
+    # per slice: A_j = Phi_j^T W Phi_j, one matrix product per index (samples grouped by
+    # their index; no (N, ab, ab) intermediate)
+    order = torch.argsort(ik, stable=True)
+    counts = torch.bincount(ik, minlength=n).tolist()
+    A = torch.stack([p.T @ q for p, q in zip(phi[order].split(counts),
+                                             wphi[order].split(counts))])
     rhs = phi.new_zeros(n, a * b)
     rhs.index_add_(0, ik, wphi * values.unsqueeze(1))
     tr = torch.diagonal(A, dim1=1, dim2=2).sum(1) / (a * b)
