@@ -191,7 +191,7 @@ def worker(rank, world, scenario, out, port):
     try:
         globals()["scenario_" + scenario](rank, world, out)
     finally:
-        if scenario not in ("dead", "silent"):
+        if scenario != "silent":  # after a PeerFailure too: a clean exit (PeerFailure doc)
             dist.destroy_process_group()
 
 

@@ -488,6 +488,8 @@ def run_complete(args, out_stream=None) -> int:
         return _run_rank_adaptive(args, idx, vals, tr, va, shape, q, dtype, say)
     import warnings
 
+    t_build = time.perf_counter()
+    say("building the problem (checks of the entries, index layouts) ...")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -502,6 +504,7 @@ def run_complete(args, out_stream=None) -> int:
         say(f"note: {w.message}")
     del idx, vals
     M = S.manifold
+    say(f"problem built in {time.perf_counter() - t_build:.1f} s")
     say(f"model: TT-ranks {M.ranks} (fixed; --rank-adaptive chooses them), {M.dim} "
         f"degrees of freedom, "
         f"{S.n_train / M.dim:.3g} training entries per degree of freedom"
@@ -646,8 +649,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "ttmanifold complete"
         started = init_from_env(timeout=args.timeout)
     except ValueError as exc:
         raise SystemExit(f"ttmanifold complete: --timeout: {exc}")
+    from .distributed import PeerFailure
+
     try:
         return run_complete(args)
+    except PeerFailure as exc:
+        raise SystemExit(f"ttmanifold complete: {exc}")
     finally:
         if started:
             import torch.distributed as dist

@@ -56,7 +56,12 @@ CHECKPOINT_VERSION = 1
 
 class PeerFailure(RuntimeError):
     """A collective operation failed: a peer process died, or did not answer within the
-    process group's timeout. Every surviving process raises it (no hang)."""
+    process group's timeout. Every surviving process raises it (no hang).
+
+    After catching it, call ``torch.distributed.destroy_process_group()`` before the
+    process exits: gloo's connections to the dead peer are then closed in order (left to
+    the interpreter's shutdown, gloo sometimes aborts the process with "terminate called
+    without an active exception"). ``ttmanifold complete`` does this."""
 
 
 # ---------------------------------------------------------------------------------------
