@@ -429,3 +429,21 @@ def test_batch_of_one_point_takes_the_single_point_path(compiled):
         assert pr.shape == pb.shape and torch.allclose(pr.reshape(-1), M.project(p, Z), atol=1e-13)
         y2, t2 = M.retr_transp(pb, ub, ub)
         assert torch.allclose(y2, y, atol=1e-13) and t2.shape == pb.shape
+
+
+def test_batch_of_points_one_ambient_tt():
+    """One ambient TT projected at every point of a batch (Z broadcast over the points)."""
+    M, p, Z, gen = batch_case(batch=(3,), seed=13)
+    W = TT.random(M.shape, 2, dtype=F64, generator=gen)
+    u = M.project(p, W)
+    assert u.shape == (3, M.size)
+    for b in range(3):
+        X = dense_point(M, p[b])
+        xi = (tangent_projector(X, M.ranks) @ W.full().reshape(-1)).reshape(M.shape)
+        assert close(dense_tangent(M, p[b], u[b]), xi, 1e-10)
+    # the structured inner product of a batched tangent TT with one TT: one value per point
+    T = M.tangent_to_tt(p, u)
+    from ttmanifold import inner
+    ip = inner(T, W)
+    assert ip.shape == (3,)
+    assert torch.allclose(ip, (T.full() * W.full()).flatten(1).sum(-1), atol=1e-12)
