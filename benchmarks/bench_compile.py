@@ -93,6 +93,9 @@ def main(argv=None):
     ap.add_argument("--backend", default="inductor", help="torch.compile backend")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: CPU time of the process (robust to other load; use with "
+                         "--threads 1)")
     ap.add_argument("--dtype", default="float64", choices=("float64", "float32"))
     ap.add_argument("--native", action="store_true",
                     help="keep the compiled C++ kernels for the eager calls (default: torch path)")
@@ -136,17 +139,19 @@ def main(argv=None):
     rows = []
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
+    timer = time.process_time if args.clock == "cpu" else time.perf_counter
+
     def timed_pair(eager, compiled):
         for _ in range(2):
             eager(), compiled()
         te, tc = [], []
         for _ in range(rounds):
-            s = time.perf_counter()
+            s = timer()
             eager()
-            te.append(time.perf_counter() - s)
-            s = time.perf_counter()
+            te.append(timer() - s)
+            s = timer()
             compiled()
-            tc.append(time.perf_counter() - s)
+            tc.append(timer() - s)
         return median_ms(te), median_ms(tc)
 
     def try_compile(fn):
@@ -224,7 +229,7 @@ def main(argv=None):
           f"geoopt {geoopt.__version__}; backend {args.backend}, fullgraph=True; "
           f"d = {d}, n = {n}, r = {r}, {args.dtype}; eager path: "
           f"{'compiled C++ kernels where usable' if kernels.enabled() else 'torch (TTMANIFOLD_NATIVE=0)'}; "
-          f"median of {rounds} interleaved single calls, wall ms; load average {load0:.1f} at "
+          f"median of {rounds} interleaved single calls, {args.clock} ms; load average {load0:.1f} at "
           f"start / {os.getloadavg()[0]:.1f} at end.")
     print()
     print("| operation | fullgraph=True as is | compiled | compile s | eager ms | compiled ms "
