@@ -312,7 +312,8 @@ def test_meta_device_batch():
     u = torch.empty(2, 3, M.size, device="meta", dtype=F32)
     for out in (M.proju(p, u), M.egrad2rgrad(p, u), M.retr(p, u), M.transp(p, p, u),
                 M.retr_transp(p, u, u)[1], M.gauge(p, u), M.projx(p),
-                M.project(p, TT.random(M.shape, 2, device="meta", dtype=F32, batch=(2, 3)))):
+                M.project(p, TT.random(M.shape, 2, device="meta", dtype=F32, batch=(2, 3))),
+                M.project(p, torch.empty((3,) + M.shape, device="meta", dtype=F32))):
         assert out.shape == (2, 3, M.size) and out.device.type == "meta"
     assert M.inner(p, u).shape == (2, 3) and M.norm(p, u).shape == (2, 3)
     assert M.random(4, device="meta").shape == (4, M.size)
@@ -327,8 +328,10 @@ def test_batch_errors_name_the_argument():
         M.transp(p, p, u)
     with pytest.raises(ValueError, match=r"x: expected a flat tensor of size"):
         M.proju(p[:, :-1], p)
-    with pytest.raises(ValueError, match=r"Z: a dense or sparse Z is projected at a single"):
-        M.project(p, torch.zeros(M.shape, dtype=F64))
+    with pytest.raises(ValueError, match=r"Z: a sparse Z is projected at a single"):
+        M.project(p, torch.zeros(M.shape, dtype=F64).to_sparse())
+    with pytest.raises(ValueError, match=r"Z: batch shape \(2,\) does not broadcast"):
+        M.project(p, torch.zeros((2,) + M.shape, dtype=F64))
     with pytest.raises(ValueError, match=r"p: expected a flat tensor of size \d+ \(packed"):
         from ttmanifold import IndexSet
         idx = IndexSet(torch.zeros(1, 3, dtype=torch.long), M.shape)
@@ -447,3 +450,19 @@ def test_batch_of_points_one_ambient_tt():
     ip = inner(T, W)
     assert ip.shape == (3,)
     assert torch.allclose(ip, (T.full() * W.full()).flatten(1).sum(-1), atol=1e-12)
+
+
+def test_project_batch_of_dense_tensors(compiled):
+    """Dense ambient tensors (*B, *shape) at a batch of points, at one point, and one dense
+    tensor at a batch of points: the dense projector per point."""
+    M, p, Z, gen = batch_case(batch=(3,), seed=14)
+    W = torch.randn((3,) + M.shape, dtype=F64, generator=gen)
+    u = M.project(p, W)
+    u1 = M.project(p[0], W)
+    u2 = M.project(p, W[0])
+    assert u.shape == u1.shape == u2.shape == (3, M.size)
+    for b in range(3):
+        for q, w, out in ((p[b], W[b], u[b]), (p[0], W[b], u1[b]), (p[b], W[0], u2[b])):
+            P = tangent_projector(dense_point(M, q), M.ranks)
+            xi = (P @ w.reshape(-1)).reshape(M.shape)
+            assert close(dense_tangent(M, q, out), xi, 1e-10)

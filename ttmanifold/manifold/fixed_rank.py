@@ -340,13 +340,14 @@ class FixedTTRank(geoopt.Manifold):
         sampling pattern use :meth:`project_sampled` with a reusable
         :class:`~ttmanifold.IndexSet`). Returns packed gauged deltas.
 
-        Batches: a batch of points ``(*B, size)`` and/or a batched TT ``Z`` (batch shapes
-        broadcast) give ``(*B, size)``; a dense or sparse ``Z`` needs a single point.
+        Batches: a batch of points ``(*B, size)`` and/or a batched TT ``Z`` or a batch of
+        dense tensors ``(*B, *shape)`` (batch shapes broadcast) give ``(*B, size)``; a sparse
+        ``Z`` needs a single point.
         """
         self._check_flat(p, "p")
-        if p.dim() > 1 and isinstance(Z, torch.Tensor):
-            raise ValueError(f"Z: a dense or sparse Z is projected at a single point, p has batch "
-                             f"shape {tuple(p.shape[:-1])}; pass a batched TT as Z")
+        if isinstance(Z, torch.Tensor) and Z.is_sparse and p.dim() > 1:
+            raise ValueError(f"Z: a sparse Z is projected at a single point, p has batch "
+                             f"shape {tuple(p.shape[:-1])}; use a batched TT or dense Z")
         if isinstance(Z, TT):
             self._check_ambient(Z, p, "Z")
             for k, c in enumerate(Z.cores):
@@ -367,8 +368,10 @@ class FixedTTRank(geoopt.Manifold):
             assert_finite_async(vals, "Z")
             return self.project_sampled(p, idx, vals)
         if isinstance(Z, torch.Tensor):
-            if tuple(Z.shape) != self.shape:
-                raise ValueError(f"Z: shape {tuple(Z.shape)} differs from the manifold's {self.shape}")
+            if tuple(Z.shape[Z.dim() - self.d:]) != self.shape:
+                raise ValueError(f"Z: shape {tuple(Z.shape)} differs from the manifold's {self.shape}"
+                                 f" (or a batch of them, (*batch, *shape))")
+            self._check_batches(p.shape[:-1], Z.shape[:Z.dim() - self.d], "Z")
             self._check_ambient(Z, p, "Z")
             assert_finite_async(Z, "Z")
             return self._project_nonsparse(p, Z)
@@ -381,6 +384,15 @@ class FixedTTRank(geoopt.Manifold):
         if isinstance(Z, TT):
             return project_tt(U, None, Z.cores, packed=True, gauge=True)
         return self._gauge_packed(p, project_dense(U, right_cores(U), Z))
+
+    @staticmethod
+    def _check_batches(point_batch, batch, name: str) -> None:
+        """Raise ``ValueError`` naming ``name`` unless ``batch`` broadcasts with the point's."""
+        try:
+            torch.broadcast_shapes(point_batch, batch)
+        except RuntimeError:
+            raise ValueError(f"{name}: batch shape {tuple(batch)} does not broadcast with the "
+                             f"point's {tuple(point_batch)}") from None
 
     def _check_ambient(self, Z, p, name):
         if Z.dtype != p.dtype:

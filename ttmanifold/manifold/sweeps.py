@@ -428,8 +428,12 @@ def project_dense(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]]
                   Z: torch.Tensor) -> List[torch.Tensor]:
     """``D_k = U_<k^T Z V_>k^T`` for a dense tensor ``Z`` of the point's shape (before the
     gauge projection): one left sweep over ``Z`` and the right interfaces as dense
-    ``(r_k, n_{k+1} ... n_d)`` matrices. Cost O(n^d r); differentiable."""
+    ``(r_k, n_{k+1} ... n_d)`` matrices. Cost O(n^d r); differentiable. With leading batch
+    dimensions on the cores and/or ``Z`` (``(*B, n_1, ..., n_d)``; broadcast), one
+    projection per point."""
     d = len(U)
+    if U[0].dim() > 3 or Z.dim() > d:
+        return _project_dense_batched(U, V, Z)
     shape = [int(u.shape[1]) for u in U]
     right = [None] * d
     right[d - 1] = Z.new_ones(1, 1)
@@ -444,6 +448,34 @@ def project_dense(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]]
         if k < d - 1:
             u = U[k]
             left = u.reshape(-1, u.shape[2]).transpose(0, 1) @ lk
+    return D
+
+
+def _project_dense_batched(U, V, Z):
+    """:func:`project_dense` with leading batch dimensions (broadcast between the cores and
+    ``Z``), every product batched."""
+    d = len(U)
+    shape = tuple(int(u.shape[-2]) for u in U)
+    bs = tuple(torch.broadcast_shapes(U[0].shape[:-3], Z.shape[:Z.dim() - d]))
+    U = [u.expand(bs + u.shape[-3:]) for u in U]
+    V = [None] + [v.expand(bs + v.shape[-3:]) for v in V[1:]]
+    right: List[Optional[torch.Tensor]] = [None] * d
+    right[d - 1] = Z.new_ones(bs + (1, 1))
+    for k in range(d - 1, 0, -1):
+        a, n, b = V[k].shape[-3:]
+        t = V[k].reshape(bs + (a * n, b)) @ right[k]
+        right[k - 1] = t.reshape(bs + (a, n * t.shape[-1]))
+    total = 1
+    for n in shape:
+        total *= n
+    left = Z.expand(bs + shape).reshape(bs + (1, total))
+    D = []
+    for k in range(d):
+        a, n, b = U[k].shape[-3:]
+        lk = left.reshape(bs + (a * n, left.shape[-1] // n))
+        D.append((lk @ right[k].mT).reshape(bs + (a, n, b)))
+        if k < d - 1:
+            left = U[k].reshape(bs + (a * n, b)).mT @ lk
     return D
 
 
