@@ -164,6 +164,21 @@ def bench_dtype(dtype, args, libs):
     return out
 
 
+def gemm_gflops(dtype=torch.float64, size: int = 2000, reps: int = 5) -> float:
+    """GEMM throughput in GFLOP/s: the best of ``reps`` 2000 x 2000 matmuls with torch's
+    current threads (the floor every table names, so ratios carry across machines)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, dtype=dtype, generator=g)
+    b = torch.randn(size, size, dtype=dtype, generator=g)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * size ** 3 / best / 1e9
+
+
 def machine_info(libs):
     try:
         model = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -183,6 +198,8 @@ def machine_info(libs):
                 versions.append(f"{name} {getattr(mod, '__version__', '?')}")
     return dict(
         cpu=model,
+        gemm=f"{gemm_gflops(torch.float64):.0f} GFLOP/s float64, "
+             f"{gemm_gflops(torch.float32):.0f} GFLOP/s float32",
         cores=os.cpu_count(),
         threads=torch.get_num_threads(),
         versions=", ".join(versions),
@@ -194,8 +211,9 @@ def machine_info(libs):
 
 def markdown(results, info, args) -> str:
     lines = [
-        f"torch threads: {info['threads']} | d = {args.d}, n = {args.n}, rank {args.rank} | "
-        f"load average at the end: {info['load']}",
+        f"{info['cpu']}, {info['cores']} CPUs | GEMM 2000x2000 ({info['threads']} threads): "
+        f"{info['gemm']} | torch threads: {info['threads']} | d = {args.d}, n = {args.n}, "
+        f"rank {args.rank} | load average at the end: {info['load']}",
         "",
         "| operation | dtype | library | median wall (ms) | median CPU (ms) | vs fastest | "
         "rel. diff to ttmanifold |",
