@@ -86,7 +86,8 @@ def _run_one(spec, method: str, budget: float, iters: int) -> History:
     if method == "rank_adaptive":
         return solvers.rank_adaptive_completion(pb, max_rank=spec["max_rank"], inner_iters=40,
                                                 time_budget=budget)
-    lr = 0.01 if method in ("radam", "chart_adam") else "auto"
+    # chart Adam at t3f's tutorial's lr; Riemannian Adam with the automatic step rule
+    lr = 0.01 if method == "chart_adam" else "auto"
     return solvers.run(pb, method, spec["x0"], iters=iters, time_budget=budget, lr=lr,
                        stop_metric=spec["key"], stop_tol=spec["tol"],
                        metrics_every=1, measure_memory=False)
