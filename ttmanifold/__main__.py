@@ -158,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None):
 
         return complete_main(argv[1:], prog="ttmanifold complete")
     print(USAGE, file=sys.stderr)
-    raise SystemExit(f"ttmanifold: unknown command {argv[0]!r} (expected 'tour', 'compare', 'build-kernels' or 'info')")
+    raise SystemExit(f"ttmanifold: unknown command {argv[0]!r} (expected 'tour', 'compare', 'complete', 'build-kernels' or 'info')")
 
 
 if __name__ == "__main__":
