@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Sequence
 import geoopt
 import torch
 
+from .. import kernels
 from .._checks import (assert_finite_async, check_float_dtype, check_shape, functorch_wrapped,
                        normalize_ranks)
 from ..tt import TT, IndexSet, orthogonalize
@@ -38,8 +39,8 @@ def _needs_grad(a) -> bool:
 def _plain_path(args) -> bool:
     """Whether to run without the inference-mode fast path: already in inference mode,
     tracing for torch.compile, a gradient to propagate, or functorch-wrapped tensors."""
-    if torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
-        return True
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return True  # (is_compiling first: dynamo then never reaches the other checks)
     if torch.is_grad_enabled() and any(_needs_grad(a) for a in args):
         return True
     return any(isinstance(a, torch.Tensor) and functorch_wrapped(a) for a in args)
@@ -49,14 +50,19 @@ def _no_autograd_fast_path(fn):
     """Run ``fn`` under ``torch.inference_mode`` when no gradient can flow through it,
     then return ordinary tensors (one copy of each output): skipping autograd and
     version-counter bookkeeping saves about 10-15 % of these overhead-bound small-matrix
-    sweeps. Keyword arguments and the signature (``inspect.signature``) are kept."""
+    sweeps. The whole call runs with one intra-op thread (:class:`kernels.serial_small_ops`:
+    small per-core matrices gain nothing from more, and stall when another process holds a
+    core). Keyword arguments and the signature (``inspect.signature``) are kept."""
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
-        if _plain_path(list(args) + list(kwargs.values())):
+        if torch.compiler.is_compiling():
             return fn(self, *args, **kwargs)
-        with torch.inference_mode():
-            out = fn(self, *args, **kwargs)
+        with kernels.serial_small_ops():
+            if _plain_path(list(args) + list(kwargs.values())):
+                return fn(self, *args, **kwargs)
+            with torch.inference_mode():
+                out = fn(self, *args, **kwargs)
         if isinstance(out, tuple):
             return tuple(o.clone() for o in out)
         return out.clone()
