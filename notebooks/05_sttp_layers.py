@@ -20,8 +20,9 @@
 # $U\,\mathrm{diag}(s)\,V^\top$ with Householder frames, the matrix baseline).
 #
 # Data: scikit-learn's bundled `digits` ($8 \times 8$ images, 10 classes, 1797 samples; no
-# download). The full run trains 60 small networks on one CPU thread (about 4 to 6 minutes
-# on a shared 2-core machine; the last code cell prints how long this run took). Set
+# download). The full run trains 60 small networks on one CPU thread (about 4
+# minutes on a shared 2-core machine, 3.7 in the committed run; the last code cell prints
+# how long this run took). Set
 # `TTMANIFOLD_NB_QUICK=1` to run with fewer ranks, steps and seeds (the test suite does);
 # the committed outputs come from the full run.
 
