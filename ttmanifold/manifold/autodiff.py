@@ -93,6 +93,14 @@ def _func_grad(M, p, U, V, f):
     return torch.func.grad(g)(M.point_as_tangent(p))
 
 
+def _gauge(M, p, D):
+    """The gauge projection of the packed ``D`` at ``p`` (inputs already validated here,
+    so the pure function directly: ``M.proju`` would check and copy again)."""
+    if M.d == 1:
+        return D.clone()
+    return gauge_project_flat(M.gauge_runs, p, D)
+
+
 def _check_loss(val, batch=()):
     """A scalar, or for a batch of points a scalar or one value per point (shape
     ``batch``); returns the scalar to differentiate (the sum: points are independent)."""
@@ -137,7 +145,7 @@ def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torc
         return torch.zeros_like(p)
     if D.device.type != "meta":
         torch._assert_async(all_finite(D), "f: gradient contains NaN or Inf")
-    return M.proju(p, D)
+    return _gauge(M, p, D)
 
 
 def riemannian_hvp(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
@@ -173,4 +181,4 @@ def riemannian_hvp(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
             return torch.zeros_like(p)
         Du = torch.dot(D, u) if D.dim() == 1 else (D * u).sum()  # points are independent
         (H,) = torch.autograd.grad(Du, flat, allow_unused=True)
-    return torch.zeros_like(p) if H is None else M.proju(p, H)
+    return torch.zeros_like(p) if H is None else _gauge(M, p, H)
