@@ -658,8 +658,11 @@ def _check_pair(a, b, op: str) -> None:
         raise TypeError(f"{op}: dtypes differ, {a.dtype} and {b.dtype}")
     if a.device != b.device:
         raise ValueError(f"{op}: devices differ, {a.device} and {b.device}")
+    ba, bb = a.batch_shape, b.batch_shape
+    if ba == bb:  # the common case: skip the broadcast check (about 25 us per call)
+        return
     try:
-        torch.broadcast_shapes(a.batch_shape, b.batch_shape)
+        torch.broadcast_shapes(ba, bb)
     except RuntimeError:
         raise ValueError(f"{op}: batch shapes {a.batch_shape} and {b.batch_shape} do not "
                          f"broadcast") from None
@@ -706,13 +709,14 @@ def inner(a: TT, b: TT) -> torch.Tensor:
     (:func:`pairwise_inner` for all pairs).
     """
     _check_pair(a, b, "inner")
-    bs = torch.broadcast_shapes(a.batch_shape, b.batch_shape)
+    ba, bb = a.batch_shape, b.batch_shape
+    bs = ba if ba == bb else torch.broadcast_shapes(ba, bb)
     if type(a) is not TT or type(b) is not TT:  # structured TTs (tangent vectors)
         res = a.structured_inner(b)
         if res is None:
             res = b.structured_inner(a)
         if res is not None:
-            return res.reshape(bs)
+            return res.reshape(bs) if bs else res
     if bs:
         return _inner_batched(a, b, bs)
     w = None
