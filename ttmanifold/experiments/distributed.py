@@ -27,7 +27,7 @@ import datetime
 import math
 import os
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ import torch
 from ..manifold import FixedTTRank
 from ..tt import TT, IndexSet
 from .problems import Completion
-from .solvers import History
+from .solvers import History, cg_direction
 
 __all__ = [
     "PeerFailure",
@@ -490,23 +490,14 @@ class _CG:
             del ctx
             self.state = None
             loss_new, g_new, ctx_new = P.grad(p_new)
-            gg_old = (g * g).sum()
-            gg = (g_new * g_new).sum()
             self.k += 1
-            if self.beta_rule == "fr":
-                beta = gg / gg_old
-            else:
-                beta = torch.clamp((g_new * (g_new - g_tr)).sum() / gg_old, min=0.0)
-            restart = bool((g_new * g_tr).sum().abs() >= self.restart_tol * gg)
-            if self.restart_every and self.k >= self.restart_every:
-                restart = True
+            eta_new, restart = cg_direction(g, g_new, g_tr, eta_tr, self.k,
+                                            beta_rule=self.beta_rule,
+                                            restart_tol=self.restart_tol,
+                                            restart_every=self.restart_every)
             if restart:
-                beta = torch.zeros_like(beta)
                 self.k = 0
                 self.restarts += 1
-            eta_new = -g_new + beta * eta_tr
-            if bool((eta_new * g_new).sum() >= 0):
-                eta_new = -g_new
             self.p, self.eta = torch.as_tensor(p_new), eta_new
             self.state = (loss_new, g_new, ctx_new)
         return float(loss)

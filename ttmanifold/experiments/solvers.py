@@ -255,6 +255,19 @@ class _Stepper:
         return self.current()
 
 
+class _PointStepper(_Stepper):
+    """A manifold method whose state is the packed point ``self.p`` of ``self.M``."""
+
+    def current(self):
+        return self.M.to_tt(self.p)
+
+    def final(self):
+        return self.p
+
+    def loss_now(self):
+        return float(_loss_at(self.problem, self.p))
+
+
 class _ChartStepper(_Stepper):
     def __init__(self, problem, method, x0, lr, chart_kwargs):
         from ..chart import STTPChart  # lazy: another module
@@ -325,6 +338,40 @@ class _GeooptStepper(_Stepper):
             return float(self.problem.loss(self.M.to_tt(self.p.detach())))
 
 
+def cg_direction(g, g_new, g_tr, eta_tr, k: int, *, beta_rule: str, restart_tol: float,
+                 restart_every: Optional[int]):
+    """The next Riemannian CG direction ``-g_new + beta * eta_tr``.
+
+    Args:
+        g, g_new: the gradients at the old and new points; g_tr, eta_tr: the old gradient and
+            direction transported to the new point; k: iterations since the last restart
+            (already counting this one); beta_rule: ``"pr+"`` (Polak-Ribiere+, clamped at 0)
+            or ``"fr"`` (Fletcher-Reeves); restart_tol: Powell's restart when
+            ``|<g_new, g_tr>| >= restart_tol ||g_new||^2``; restart_every: restart after this
+            many iterations (None: never).
+    Returns:
+        ``(eta_new, restarted)``; a direction that is not a descent direction is replaced by
+        ``-g_new``. Shared by :func:`riemannian_cg` and the data-parallel CG, so both take
+        the same steps. Cost O(size); two host reads.
+    """
+    gg_old = (g * g).sum()
+    gg = (g_new * g_new).sum()
+    if beta_rule == "fr":
+        beta = gg / gg_old
+    else:
+        beta = torch.clamp((g_new * (g_new - g_tr)).sum() / gg_old, min=0.0)
+    # Powell-type restart: consecutive gradients far from orthogonal
+    restart = bool((g_new * g_tr).sum().abs() >= restart_tol * gg)
+    if restart_every and k >= restart_every:
+        restart = True
+    if restart:
+        beta = torch.zeros_like(beta)
+    eta_new = -g_new + beta * eta_tr
+    if bool((eta_new * g_new).sum() >= 0):  # not a descent direction: restart
+        eta_new = -g_new
+    return eta_new, restart
+
+
 class _CGStepper(_Stepper):
     """Riemannian CG (see :func:`riemannian_cg`)."""
 
@@ -358,24 +405,14 @@ class _CGStepper(_Stepper):
             g_tr = M.transp(self.p, p_new, g)
             del ctx, self.state
             loss_new, g_new, ctx_new = self.problem.cg_grad(p_new)
-            gg_old = (g * g).sum()
-            gg = (g_new * g_new).sum()
             self.k += 1
-            if self.beta_rule == "fr":
-                beta = gg / gg_old
-            else:
-                beta = torch.clamp((g_new * (g_new - g_tr)).sum() / gg_old, min=0.0)
-            # Powell-type restart: consecutive gradients far from orthogonal
-            restart = bool((g_new * g_tr).sum().abs() >= self.restart_tol * gg)
-            if self.restart_every and self.k >= self.restart_every:
-                restart = True
+            eta_new, restart = cg_direction(g, g_new, g_tr, eta_tr, self.k,
+                                            beta_rule=self.beta_rule,
+                                            restart_tol=self.restart_tol,
+                                            restart_every=self.restart_every)
             if restart:
-                beta = torch.zeros_like(beta)
                 self.k = 0
                 self.info["restarts"] = int(self.info["restarts"]) + 1
-            eta_new = -g_new + beta * eta_tr
-            if bool((eta_new * g_new).sum() >= 0):  # not a descent direction: restart
-                eta_new = -g_new
             self.p, self.eta = p_new, eta_new
             self.state = (loss_new, g_new, ctx_new)
         return loss
@@ -439,7 +476,7 @@ def _loss_at(problem, p) -> torch.Tensor:
         return problem.loss(problem.manifold.to_tt(p)).reshape(())
 
 
-class _TrustRegionStepper(_Stepper):
+class _TrustRegionStepper(_PointStepper):
     """Riemannian trust region (see :func:`riemannian_trust_region`)."""
 
     def __init__(self, problem, x0, *, radius=None, max_radius=None, max_inner=None,
@@ -526,17 +563,8 @@ class _TrustRegionStepper(_Stepper):
                 self.info["rejected"] = int(self.info["rejected"]) + 1
         return fx
 
-    def current(self):
-        return self.M.to_tt(self.p)
 
-    def final(self):
-        return self.p
-
-    def loss_now(self):
-        return float(_loss_at(self.problem, self.p))
-
-
-class _LBFGSStepper(_Stepper):
+class _LBFGSStepper(_PointStepper):
     """Riemannian L-BFGS (see :func:`riemannian_lbfgs`)."""
 
     def __init__(self, problem, x0, *, memory: int = 10, c1: float = 1e-4,
@@ -605,15 +633,6 @@ class _LBFGSStepper(_Stepper):
             self.pairs = kept
             self.p, self.f, self.g = p_new, f_new, g_new
         return fx
-
-    def current(self):
-        return self.M.to_tt(self.p)
-
-    def final(self):
-        return self.p
-
-    def loss_now(self):
-        return float(_loss_at(self.problem, self.p))
 
 
 class _ChartLineSearchStepper(_ChartStepper):
