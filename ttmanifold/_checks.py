@@ -159,7 +159,7 @@ def check_positive_float(value, name: str, *, allow_none: bool = True) -> Option
     return float(value)
 
 
-def assert_finite_async(x: torch.Tensor, name: str) -> None:
+def assert_finite_async(x: torch.Tensor, name: str, message: Optional[str] = None) -> None:
     """Fail with ``RuntimeError("<name>: contains NaN or Inf")`` if ``x`` holds a
     non-finite value, without a host sync (``torch._assert_async``: immediate on the CPU,
     asynchronous on CUDA). ``sum(0 * x)`` is NaN as soon as one entry is NaN or +-Inf: two
@@ -167,7 +167,8 @@ def assert_finite_async(x: torch.Tensor, name: str) -> None:
     tensors (vmap/grad), whose values are not concrete."""
     if x.device.type == "meta" or functorch_wrapped(x) or x.numel() == 0:
         return
-    torch._assert_async(torch.isfinite((x * 0).sum()), f"{name}: contains NaN or Inf")
+    torch._assert_async(torch.isfinite((x * 0).sum()),
+                        message or f"{name}: contains NaN or Inf")
 
 
 def functorch_wrapped(t: torch.Tensor) -> bool:

@@ -295,11 +295,11 @@ class FixedTTRank(geoopt.Manifold):
 
         Non-finite gradients raise ``RuntimeError`` ("u: gradient contains NaN or Inf")
         through ``torch._assert_async``: no host sync, asynchronous on CUDA."""
-        self._split(u, "u")
-        if u.device.type != "meta":
-            torch._assert_async(autodiff.all_finite(u), "u: gradient contains NaN or Inf")
+        self._check_flat(x, "x")
+        self._check_vector(u, x)
+        assert_finite_async(u, "u", "u: gradient contains NaN or Inf")
         self._verify_once(x)
-        return self.proju(x, u)
+        return self._gauge_packed(x, u)  # (proju would check and assert u again)
 
     def _verify_once(self, x: torch.Tensor) -> None:
         """On the first Riemannian gradient at a given point tensor (an optimizer's first
