@@ -4,6 +4,7 @@
 Processes are started with the ``spawn`` method and joined with timeouts; the process
 group is gloo on 127.0.0.1 with a short collective timeout."""
 import datetime
+import gc
 import os
 import sys
 import time
@@ -191,6 +192,9 @@ def worker(rank, world, scenario, out, port):
     try:
         globals()["scenario_" + scenario](rank, world, out)
     finally:
+        # DDP wrappers are reference cycles holding the process group: collect them now,
+        # or gloo's threads may abort the process during interpreter teardown
+        gc.collect()
         if scenario != "silent":  # after a PeerFailure too: a clean exit (PeerFailure doc)
             dist.destroy_process_group()
 

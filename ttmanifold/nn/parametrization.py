@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
 from typing import List, Optional
 
 import torch
@@ -88,18 +89,45 @@ def _check_common(spectrum, init):
 
 class _OwnedParams:
     """The parameters live on ``owner`` (a layer or adapter), under the names torch users
-    and saved state dicts know (``theta``, ``point``, ``u_params``, ``s``, ``v_params``)."""
+    and saved state dicts know (``theta``, ``point``, ``u_params``, ``s``, ``v_params``).
+
+    The owner holds the weight and the weight only a weak reference back: a strong one
+    would make every layer a reference cycle, freed only by the cyclic collector (memory,
+    and DDP's process group, held after ``del model``). Pickling and deepcopy carry the
+    owner strongly and restore the weak reference."""
 
     def __getattr__(self, name: str):
         if name in self._NAMES:
-            return getattr(self.__dict__["owner"], name)
+            return getattr(self.owner, name)
         raise AttributeError(name)
 
     def __setattr__(self, name: str, value) -> None:
         if name in self._NAMES:
             setattr(self.owner, name, value)
+        elif name == "owner":
+            object.__setattr__(self, "_owner_ref", weakref.ref(value))
         else:
             object.__setattr__(self, name, value)
+
+    @property
+    def owner(self) -> nn.Module:
+        """The module that holds this weight's parameters."""
+        owner = self.__dict__["_owner_ref"]()
+        if owner is None:
+            raise RuntimeError("the module that held this weight's parameters was freed")
+        return owner
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_owner_ref"] = self.owner
+        return state
+
+    def __setstate__(self, state) -> None:
+        state = dict(state)
+        if "owner" in state:  # pickled before the reference was weak
+            state["_owner_ref"] = state.pop("owner")
+        state["_owner_ref"] = weakref.ref(state["_owner_ref"])
+        self.__dict__.update(state)
 
     def parameters(self):
         """The owner's parameters of this weight."""
