@@ -6,9 +6,9 @@ The mathematics: ``docs/tt_algebra.md`` and ``docs/sampled_entries.md``.
 """
 from .._checks import feasible_ranks
 from .blocked import SampledPoint
-from .index_set import IndexSet
+from .index_set import BatchIndexSet, IndexSet
 from .tensor_train import (TT, add, inner, lq_pos, orthogonalize, pairwise_inner, qr_pos, round,
                            stack)
 
 __all__ = ["TT", "add", "inner", "pairwise_inner", "stack", "orthogonalize", "round",
-           "feasible_ranks", "qr_pos", "lq_pos", "IndexSet", "SampledPoint"]
+           "feasible_ranks", "qr_pos", "lq_pos", "IndexSet", "BatchIndexSet", "SampledPoint"]

@@ -24,7 +24,7 @@ from . import sampled_compiled
 from .blocked import SampledPoint, blocked_project, blocked_values
 from .layout import CHUNK, MIN_GROUP, Block, ModePlan, Partition, Workspace
 
-__all__ = ["IndexSet", "SampledPoint", "sampled_values", "sampled_project"]
+__all__ = ["IndexSet", "BatchIndexSet", "SampledPoint", "sampled_values", "sampled_project"]
 
 # The blocked-kernel operations; :mod:`ttmanifold.kernels` runs the compiled version when it
 # is built and applies (CPU, float32/float64, no autograd, large enough index set).
@@ -83,6 +83,12 @@ class IndexSet:
     def from_sparse(cls, z: torch.Tensor) -> "IndexSet":
         """The index set of a ``torch.sparse_coo_tensor`` (coalesced or not)."""
         return cls(z._indices().t(), tuple(z.shape))
+
+    @classmethod
+    def batched(cls, indices: Sequence[torch.Tensor], shape: Sequence[int]) -> "BatchIndexSet":
+        """``B`` index sets of one shape with their own (ragged) sample counts, for a batch
+        of ``B`` TTs: a :class:`BatchIndexSet`."""
+        return BatchIndexSet(indices, shape)
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -372,3 +378,198 @@ def _chunked(a: torch.Tensor, mats: torch.Tensor, idx: torch.Tensor) -> torch.Te
     if not outs:
         return a.new_zeros(0, mats.shape[2])
     return torch.cat(outs, 0)
+
+
+class BatchIndexSet:
+    """``B`` index sets of one tensor shape (ragged sample counts; empty sets allowed) for a
+    batch of ``B`` TTs of equal ranks: problem ``b``'s samples are evaluated in TT ``b``.
+
+    Args:
+        indices: a list of ``B`` integer tensors, ``indices[b]`` of shape ``(N_b, d)``
+            (``N_b`` may be 0), on one device. They are copied.
+        shape: the tensors' mode sizes ``(n_1, ..., n_d)``.
+
+    Design: a batch of TTs with cores ``G_k^b`` ``(r, n_k, r')`` is one TT of shape
+    ``(B n_1, ..., B n_d)`` whose core ``k`` holds ``G_k^b`` in its ``b``-th block of mode
+    indices (:meth:`stack_cores`); sample ``(i_1, ..., i_d)`` of problem ``b`` is entry
+    ``(b n_1 + i_1, ..., b n_d + i_d)`` of it, where every core contributes its block ``b``.
+    So the ``B`` problems are one :class:`IndexSet` (:attr:`stacked`) and every kernel of it
+    (blocked or compiled) runs once for the whole batch: the values, the sampled point of CG
+    and the sparse projection, whose ``D_k`` accumulates sample ``e`` of problem ``b`` into
+    block ``b`` only (:meth:`unstack_cores` gives the per-problem deltas). The kernels only
+    contract cores with per-sample vectors; they never rely on the orthogonality of the
+    stacked cores, so per-block orthogonality (that of every point) is all the projection
+    needs, as for one point. Samples are kept in the order of the concatenated ``indices``
+    (:attr:`offsets`).
+    """
+
+    def __init__(self, indices: Sequence[torch.Tensor], shape: Sequence[int], *,
+                 check: bool = True):
+        shape = check_shape(shape)
+        d = len(shape)
+        if isinstance(indices, torch.Tensor) or not isinstance(indices, (list, tuple)):
+            raise TypeError("indices: expected a list of B integer tensors of shape (N_b, "
+                            f"{d}), got {type(indices).__name__}")
+        if len(indices) == 0:
+            raise ValueError("indices: expected at least one index set (B >= 1)")
+        for b, idx in enumerate(indices):
+            if not isinstance(idx, torch.Tensor):
+                raise TypeError(f"indices[{b}]: expected a LongTensor of shape (N, {d}), got "
+                                f"{type(idx).__name__}")
+            if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+                raise TypeError(f"indices[{b}]: expected an integer tensor, got dtype {idx.dtype}")
+            if idx.dim() != 2 or idx.shape[1] != d:
+                raise ValueError(f"indices[{b}]: expected shape (N, {d}) for a tensor of order "
+                                 f"{d}, got {tuple(idx.shape)}")
+            if idx.device != indices[0].device:
+                raise ValueError(f"indices[{b}]: on {idx.device}, indices[0] on "
+                                 f"{indices[0].device}")
+            if check and idx.device.type != "meta" and idx.numel() > 0:
+                bound = torch.tensor(shape, device=idx.device)
+                if bool(((idx < 0) | (idx >= bound)).any()):
+                    raise ValueError(f"indices[{b}]: out of range for shape {shape}")
+        B = len(indices)
+        dev = indices[0].device
+        self.shape = shape
+        self.batch_size = B
+        self.counts = tuple(int(idx.shape[0]) for idx in indices)
+        offs = [0]
+        for c in self.counts:
+            offs.append(offs[-1] + c)
+        self.offsets = tuple(offs)
+        #: the problem of every sample, ``(N,)`` (concatenated order)
+        self.problem = torch.repeat_interleave(
+            torch.arange(B, device=dev), torch.tensor(self.counts, device=dev))
+        n = torch.tensor(shape, device=dev, dtype=torch.long)
+        local = torch.cat([idx.to(torch.long) for idx in indices], 0)
+        #: one index set over the stacked TT (mode sizes ``B n_k``)
+        self.stacked = IndexSet(local + self.problem.unsqueeze(1) * n,
+                                tuple(B * s for s in shape), check=False)
+        self._slot_problem: Dict[int, Tuple[object, torch.Tensor]] = {}
+
+    @classmethod
+    def from_index_sets(cls, sets: Sequence[IndexSet]) -> "BatchIndexSet":
+        """The batch of the given :class:`IndexSet` objects (all of one shape)."""
+        sets = list(sets)
+        if not sets or not all(isinstance(s, IndexSet) for s in sets):
+            raise TypeError("sets: expected a non-empty list of IndexSet")
+        for b, s in enumerate(sets):
+            if s.shape != sets[0].shape:
+                raise ValueError(f"sets[{b}]: shape {s.shape}, sets[0] has {sets[0].shape}")
+        return cls([s.indices for s in sets], sets[0].shape, check=False)
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __repr__(self) -> str:
+        return f"BatchIndexSet(B={self.batch_size}, N={len(self)}, shape={self.shape})"
+
+    @property
+    def device(self) -> torch.device:
+        return self.stacked.device
+
+    @property
+    def indices(self) -> List[torch.Tensor]:
+        """Problem ``b``'s multi-indices ``(N_b, d)`` for every ``b`` (views)."""
+        n = torch.tensor(self.shape, device=self.device, dtype=torch.long)
+        local = self.stacked.indices - self.problem.unsqueeze(1) * n
+        return list(local.split(self.counts))
+
+    def split(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Per-sample data ``(N, ...)`` in concatenated order -> one tensor per problem."""
+        if x.shape[:1] != (len(self),):
+            raise ValueError(f"x: expected leading size {len(self)} (the samples), got "
+                             f"{tuple(x.shape)}")
+        return tuple(x.split(self.counts))
+
+    def sum_per_problem(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, ...)`` per sample (concatenated order) -> ``(B, ...)`` summed per problem
+        (0 for an empty set). O(N)."""
+        if x.shape[:1] != (len(self),):
+            raise ValueError(f"x: expected leading size {len(self)} (the samples), got "
+                             f"{tuple(x.shape)}")
+        out = x.new_zeros((self.batch_size,) + tuple(x.shape[1:]))
+        return out.index_add_(0, self.problem, x)
+
+    # -- stacked cores --------------------------------------------------------------------
+    def check_batch_cores(self, cores: Sequence[torch.Tensor], name: str = "tt") -> None:
+        """Validate the cores of a batch of ``B`` TTs: ``d`` floating cores of shape
+        ``(B, r, n_k, r')`` (batch of the index set's size, its mode sizes)."""
+        B = self.batch_size
+        if isinstance(cores, torch.Tensor) or len(cores) != len(self.shape):
+            raise ValueError(f"{name}: expected {len(self.shape)} cores of shape (B={B}, r, n, "
+                             f"r')")
+        for k, c in enumerate(cores):
+            if not isinstance(c, torch.Tensor) or c.dim() != 4 or c.shape[0] != B:
+                got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+                raise ValueError(f"{name}: core {k} must have shape (B={B}, r, n, r') (a batch "
+                                 f"of B TTs, one per index set), got {got}")
+            if c.shape[2] != self.shape[k]:
+                raise ValueError(f"{name}: core {k} has mode size {c.shape[2]}, the index "
+                                 f"set's shape is {self.shape}")
+        # dtypes, ranks and device: checked on the stacked cores by the stacked index set
+
+    def stack_cores(self, cores: Sequence[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+        """Batched cores ``(B, r, n_k, r')`` -> the cores ``(r, B n_k, r')`` of the stacked
+        TT (``None`` entries pass through). O(B d n r^2) copies."""
+        return [None if c is None else
+                c.permute(1, 0, 2, 3).reshape(c.shape[1], -1, c.shape[3]) for c in cores]
+
+    def unstack_cores(self, cores: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Inverse of :meth:`stack_cores`: ``(r, B n_k, r')`` -> ``(B, r, n_k, r')``."""
+        B = self.batch_size
+        return [c.view(c.shape[0], B, c.shape[1] // B, c.shape[2]).permute(1, 0, 2, 3)
+                .contiguous() for c in cores]
+
+    # -- kernels --------------------------------------------------------------------------
+    def gather(self, tt) -> torch.Tensor:
+        """The entries of TT ``b`` at problem ``b``'s samples for every ``b``, concatenated
+        ``(N,)`` (:meth:`split` separates them). ``tt``: a batched :class:`TT` with
+        ``batch_shape (B,)`` or its cores ``(B, r, n_k, r')``. Differentiable in the
+        cores. One gather of the stacked TT: O(N d r^2)."""
+        cores = list(tt.cores) if hasattr(tt, "cores") else list(tt)
+        self.check_batch_cores(cores, "tt")
+        if len(self) == 0:
+            return cores[0].new_zeros(0)
+        return self.stacked.gather_cores(self.stack_cores(cores))
+
+    def project(self, U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+                values: torch.Tensor) -> List[torch.Tensor]:
+        """Per point ``b``, the ``D_k`` ``(B, r, n_k, r')`` of the projection of the sparse
+        tensor with ``values`` (concatenated order, ``(N,)``) at problem ``b``'s samples onto
+        the tangent space at TT ``b`` (left-orthogonal cores ``U``, right-orthogonal ``V``,
+        ``V[0]`` unused), before the gauge projection. One sparse projection of the stacked
+        TT (blocked or compiled kernels), no autograd. O(N d r^2) + O(B d n r^2)."""
+        self.check_batch_cores(U, "U")
+        if not isinstance(values, torch.Tensor) or values.shape != (len(self),):
+            got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise ValueError(f"values: expected shape ({len(self)},), got {got}")
+        if len(self) == 0:
+            return [torch.zeros_like(u) for u in U]
+        D = self.stacked.project(self.stack_cores(U), self.stack_cores(V), values)
+        return self.unstack_cores(D)
+
+    def sampled_point(self, U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]]):
+        """The :class:`SampledPoint` (or its compiled counterpart) of the stacked TT: the
+        per-sample vectors of all ``B`` points, for Riemannian CG over the batch. Its
+        :meth:`~SampledPoint.project` returns stacked ``D_k`` (:meth:`unstack_cores`); sum
+        per problem in its layout with :meth:`layout_sum`. O(N d r^2)."""
+        self.check_batch_cores(U, "U")
+        return self.stacked.sampled_point(self.stack_cores(U), self.stack_cores(V))
+
+    def layout_problem(self, point) -> torch.Tensor:
+        """The problem of every slot of ``point``'s last layout (``B`` for padding slots),
+        cached per layout."""
+        key = id(point.layout)
+        hit = self._slot_problem.get(key)
+        if hit is not None and hit[0] is point.layout:
+            return hit[1]
+        lay = point.from_samples(self.problem + 1)  # padding slots read 0
+        out = torch.where(lay > 0, lay - 1, self.batch_size)
+        self._slot_problem[key] = (point.layout, out)
+        return out
+
+    def layout_sum(self, point, x: torch.Tensor) -> torch.Tensor:
+        """``(slots,)`` in ``point``'s last layout -> ``(B,)`` summed per problem. O(N)."""
+        out = x.new_zeros(self.batch_size + 1)
+        return out.index_add_(0, self.layout_problem(point), x)[:self.batch_size]
