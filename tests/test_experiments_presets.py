@@ -47,3 +47,92 @@ def test_cli_preset_choices(capsys):
     with pytest.raises(SystemExit):
         main(["--preset", "nope"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_psenka_boumal_problem_and_quick_run(tmp_path):
+    spec = presets.build_preset("psenka-boumal", seed=3)
+    pb = spec["problem"]
+    assert pb.manifold.shape == (4,) * 9
+    assert pb.manifold.ranks == (1, 3, 5, 10, 10, 10, 10, 5, 3, 1)
+    assert len(pb.train) == int(0.1 * 4 ** 9) and spec["seeds"] == 10
+    assert spec["key"] == "test_err" and spec["tol"] == 1e-8
+    # a random start, not the target
+    x0 = pb.manifold.to_tt(spec["x0"])
+    assert pb.metrics(x0)["test_err"] > 0.5
+    text = presets.run_preset("psenka-boumal", str(tmp_path), quick=True, budget=2.0,
+                              iters=200, methods=["rcg"])
+    # quick size: 30 % observed (12 x dim M), RCG recovers both seeds from random starts
+    assert "| rcg | 2/2 |" in text and "2 seeds 0..1" in text
+
+
+def test_exp_norm_values_against_dense_grid():
+    n, d = 5, 3
+    g = torch.arange(n, dtype=torch.float64) / (n - 1)
+    X = torch.stack(torch.meshgrid(*([g] * d), indexing="ij"), -1)
+    dense = torch.exp(-X.norm(dim=-1))
+    idx = torch.tensor([[0, 0, 0], [4, 4, 4], [1, 2, 3], [4, 0, 2]])
+    torch.testing.assert_close(presets.exp_norm_values(idx, n), dense[tuple(idx.t())])
+    with pytest.raises(ValueError, match="n:"):
+        presets.exp_norm_values(idx, 1)
+
+
+def test_function_problem():
+    spec = presets.build_preset("function")
+    pb = spec["problem"]
+    assert pb.manifold.shape == (20,) * 5 and pb.manifold.ranks == (1, 7, 7, 7, 7, 1)
+    assert len(pb.train) == 49000 and len(pb.test) == 100000
+    assert round(spec["ra_opts"]["control_fraction"] * 49000) == 100
+    assert spec["max_rank"] == 7 and spec["methods"][0] == "rank_adaptive"
+    # train and test sets are disjoint grid points, values exp(-||x||)
+    both = torch.cat([pb.train.indices, pb.test.indices])
+    assert torch.unique(both, dim=0).shape[0] == both.shape[0]
+    x = pb.test.indices[:5].to(torch.float64) / 19
+    torch.testing.assert_close(pb.a_test[:5], torch.exp(-x.norm(dim=1)))
+
+
+def test_tensorize_image_bit_order():
+    k = 3
+    img = torch.arange(64, dtype=torch.float64).reshape(8, 8)
+    T = presets.tensorize_image(img)
+    assert T.shape == (4,) * k
+    # reference: mode b holds 2 * (bit b of the row) + (bit b of the column), MSB first
+    for i in range(8):
+        for j in range(8):
+            m = tuple(2 * ((i >> (k - 1 - b)) & 1) + ((j >> (k - 1 - b)) & 1)
+                      for b in range(k))
+            assert T[m] == img[i, j]
+    torch.testing.assert_close(presets.untensorize_image(T), img)
+    with pytest.raises(ValueError, match="img"):
+        presets.tensorize_image(torch.zeros(6, 6))
+    with pytest.raises(ValueError, match="t:"):
+        presets.untensorize_image(torch.zeros(4, 2))
+
+
+def test_psnr():
+    ref = torch.full((4, 4), 0.5, dtype=torch.float64)
+    assert abs(presets.psnr(ref + 0.1, ref) - 20.0) < 1e-9
+    assert presets.psnr(ref, ref) == math.inf
+    assert abs(presets.psnr(ref + 2.0, ref) - presets.psnr(torch.ones(4, 4), ref)) < 1e-12
+    with pytest.raises(ValueError, match="shape"):
+        presets.psnr(ref, torch.zeros(3))
+
+
+def test_image_preset_quick_cli(tmp_path):
+    pytest.importorskip("matplotlib")
+    img = presets.sample_image(32)
+    assert img.shape == (32, 32) and 0.0 <= float(img.min()) < float(img.max()) <= 1.0
+    spec = presets.build_preset("image", quick=True)
+    assert [r for r, _ in spec["problems"]] == [0.1, 0.2, 0.3]
+    for rate, pb in spec["problems"]:
+        assert pb.manifold.shape == (4,) * 5 and len(pb.train) == int(rate * 1024)
+        # the observed values are the image's pixels at the tensorized indices
+        full = presets.tensorize_image(img)
+        torch.testing.assert_close(pb.a_train, full[tuple(pb.train.indices.t())])
+    text = main(["--preset", "image", "--quick", "--time-budget", "0.3",
+                 "--out", str(tmp_path)])
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "%" in ln]
+    assert len(rows) == 3
+    psnrs = [float(r.split("|")[5]) for r in rows]
+    grey = presets.psnr(torch.full_like(img, float(img.mean())), img)  # 13.2 dB
+    assert psnrs[-1] > grey + 1.0, (psnrs, grey)  # 30 % observed: better than the mean
+    assert (tmp_path / "image_completion.png").stat().st_size > 1000

@@ -164,8 +164,10 @@ def build_parser(prog: str = "ttmanifold compare") -> argparse.ArgumentParser:
                    help="a named setting from the literature (docs/comparison.md#presets): "
                         "its own problem, start and methods (--methods picks a subset); "
                         "--rank (steinlechner's r, default 4), --seed, --quick, --iters "
-                        "(default 2000) and --time-budget (seconds per method, default 60) "
-                        "apply; writes summary.md to --out")
+                        "(default 2000), --time-budget (seconds per method, default 60; "
+                        "psenka-boumal: per method and seed; image: per sampling rate) and "
+                        "--threads (default 1) apply; writes summary.md (image: also "
+                        "image_completion.png) to --out")
     return p
 
 
@@ -602,6 +604,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "ttmanifold compare")
     args._argv = argv
     if args.preset:
         explicit = any(a == "--methods" or a.startswith("--methods=") for a in argv)
+        # one thread unless --threads: the presets time methods against each other
+        torch.set_num_threads(args.threads or 1)
         try:
             text = run_preset(args.preset, args.out, rank=args.rank, seed=args.seed,
                               quick=args.quick, budget=args.time_budget or 60.0,

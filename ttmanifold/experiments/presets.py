@@ -11,7 +11,14 @@ entries of unit mean square, the rest as the test set; the target is a test MSE 
 the noise floor ``1e-4``, from a random start (a least-squares fit of ``N`` noisy samples
 with ``p = dim M`` parameters has an expected test MSE of about
 ``sigma^2 (1 + p / (N - p))``, 1.22x here: t3f's 2.5e-5 against 2.1e-5, 1.19x, is out
-of reach at this sampling rate). Setup and measured numbers: ``docs/comparison.md#presets``.
+of reach at this sampling rate). ``psenka-boumal``: d = 9, n = 4, ranks
+(1, 3, 5, 10, 10, 10, 10, 5, 3, 1), 10 % of the entries observed, several seeds, random
+starts: success rate and time to test error 1e-8. ``function``: ``exp(-||x||)`` on a 20^5
+grid of [0, 1]^5 from 49,000 samples (100 of them the rank-adaptive control set), ranks up
+to 7: relative error on 10^5 other grid points. ``image``: a photograph shipped with
+scikit-learn, tensorized with interleaved row and column bits, completed from 10, 20 and
+30 % of its pixels by rank-adaptive completion: PSNR against the number of parameters,
+and a figure. Setup and measured numbers: ``docs/comparison.md#presets``.
 """
 from __future__ import annotations
 
@@ -27,9 +34,10 @@ from . import problems as P
 from . import solvers
 from .solvers import History
 
-__all__ = ["PRESETS", "build_preset", "run_preset"]
+__all__ = ["PRESETS", "build_preset", "run_preset", "exp_norm_values", "tensorize_image",
+           "untensorize_image", "sample_image", "psnr", "save_image_figure"]
 
-PRESETS = ("steinlechner", "t3f-tutorial")
+PRESETS = ("steinlechner", "t3f-tutorial", "psenka-boumal", "function", "image")
 
 
 def _steinlechner(rank: int, seed: int, quick: bool):
@@ -63,29 +71,175 @@ def _t3f(seed: int, quick: bool):
                 tol=1.3 * floor, max_rank=5)
 
 
+# psenka-boumal: (quick: d = 6, 30 % observed, 2 seeds)
+_PB_RANKS = (1, 3, 5, 10, 10, 10, 10, 5, 3, 1)
+_PB_QUICK_RANKS = (1, 2, 3, 3, 3, 2, 1)
+
+
+def _psenka_boumal(seed: int, quick: bool):
+    ranks = _PB_QUICK_RANKS if quick else _PB_RANKS
+    d, n = len(ranks) - 1, 4
+    frac = 0.3 if quick else 0.1
+    total = n ** d
+    pb = P.Completion((n,) * d, ranks[1:-1], train_size=int(frac * total),
+                      test_size=min(10000, total - int(frac * total)), seed=seed)
+    x0 = pb.initial_point(seed)
+    methods = ["rcg", "rtr", "rlbfgs", "als", "rank_adaptive"]
+    return dict(problem=pb, x0=x0, start="random (rank-adaptive: rank 1)", methods=methods,
+                key="test_err", tol=1e-8, max_rank=max(ranks), seeds=2 if quick else 10)
+
+
+def exp_norm_values(indices: torch.Tensor, n: int) -> torch.Tensor:
+    """``exp(-||x||)`` at the grid points ``x_k = i_k / (n - 1)`` of the multi-indices
+    ``indices`` (an ``(N, d)`` int tensor): the ``function`` preset's data.
+
+    Args:
+        indices: ``(N, d)`` integer multi-indices in ``[0, n)``; n: points per axis (>= 2).
+    Returns:
+        ``(N,)`` float64 values on the indices' device. Cost: O(N d).
+    """
+    if n < 2:
+        raise ValueError(f"n: expected at least 2 grid points, got {n}")
+    x = indices.to(torch.float64) / (n - 1)
+    return torch.exp(-torch.linalg.vector_norm(x, dim=1))
+
+
+def _function(seed: int, quick: bool):
+    d, n, n_train, n_ctrl, n_test, rank = ((4, 8, 1000, 50, 1000, 3) if quick
+                                           else (5, 20, 49000, 100, 100000, 7))
+    shape = (n,) * d
+    gen = torch.Generator().manual_seed(seed)
+    idx = P.sample_distinct_indices(shape, n_train + n_test, generator=gen)
+    vals = exp_norm_values(idx, n)
+    pb = P.Completion.from_data(idx[:n_train], vals[:n_train], shape, rank,
+                                test=(idx[n_train:], vals[n_train:]), seed=seed)
+    x0 = pb.initial_point(seed)
+    methods = ["rank_adaptive", "rcg", "rlbfgs", "als"]
+    return dict(problem=pb, x0=x0,
+                start=f"random at rank {rank} (rank-adaptive: rank 1, control set of "
+                      f"{n_ctrl} of the {n_train} samples)",
+                methods=methods, key="test_err", tol=1e-4, max_rank=rank,
+                ra_opts=dict(control_fraction=n_ctrl / n_train))
+
+
+def tensorize_image(img: torch.Tensor) -> torch.Tensor:
+    """A ``2^k x 2^k`` image as a tensor of ``k`` modes of size 4 with interleaved row and
+    column bits: mode ``b`` is ``2 i_b + j_b``, ``i_b`` and ``j_b`` the ``b``-th most
+    significant bits of the row and column (so the first modes choose a quadrant and the
+    last ones a pixel within 2x2 blocks: neighbouring pixels share the leading modes).
+
+    Args:
+        img: a ``(2^k, 2^k)`` tensor, ``k >= 1``.
+    Returns:
+        the ``(4,) * k`` tensor (a view-free copy). Cost: O(4^k).
+    """
+    if img.dim() != 2 or img.shape[0] != img.shape[1] or img.shape[0] < 2 or (
+            img.shape[0] & (img.shape[0] - 1)):
+        raise ValueError(f"img: expected a square 2^k x 2^k image (k >= 1), got shape "
+                         f"{tuple(img.shape)}")
+    k = img.shape[0].bit_length() - 1
+    t = img.reshape((2,) * (2 * k))  # (i_0, .., i_{k-1}, j_0, .., j_{k-1})
+    order = [a for b in range(k) for a in (b, k + b)]
+    return t.permute(order).reshape((4,) * k).contiguous()
+
+
+def untensorize_image(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`tensorize_image`: a ``(4,) * k`` tensor back to the
+    ``2^k x 2^k`` image.
+
+    Args:
+        t: a tensor of shape ``(4,) * k``, ``k >= 1``.
+    Returns:
+        the ``(2^k, 2^k)`` image. Cost: O(4^k).
+    """
+    if t.dim() < 1 or any(n != 4 for n in t.shape):
+        raise ValueError(f"t: expected shape (4, ..., 4), got {tuple(t.shape)}")
+    k = t.dim()
+    u = t.reshape((2,) * (2 * k))  # (i_0, j_0, i_1, j_1, ...)
+    order = [2 * b for b in range(k)] + [2 * b + 1 for b in range(k)]
+    return u.permute(order).reshape(2 ** k, 2 ** k).contiguous()
+
+
+def sample_image(size: int) -> torch.Tensor:
+    """The central ``size x size`` crop of scikit-learn's ``china.jpg`` photograph
+    (``sklearn.datasets.load_sample_image``, shipped with scikit-learn), in grayscale
+    (ITU-R 601 luma) scaled to [0, 1], float64.
+
+    Args:
+        size: the crop's side, at most 427 (the photograph's height).
+    Returns:
+        a ``(size, size)`` float64 tensor. Cost: decoding the JPEG once.
+    """
+    from sklearn.datasets import load_sample_image  # the compare extra
+
+    rgb = torch.tensor(load_sample_image("china.jpg"), dtype=torch.float64) / 255.0
+    h, w = rgb.shape[:2]
+    if not 1 <= size <= min(h, w):
+        raise ValueError(f"size: expected 1..{min(h, w)}, got {size}")
+    gray = rgb @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
+    r0, c0 = (h - size) // 2, (w - size) // 2
+    return gray[r0:r0 + size, c0:c0 + size].contiguous()
+
+
+def _image(seed: int, quick: bool):
+    size, max_rank = (32, 8) if quick else (256, 40)
+    img = sample_image(size)
+    T = tensorize_image(img)
+    shape = tuple(T.shape)
+    total = T.numel()
+    flat = T.reshape(-1)
+    problems = []
+    for rate in (0.1, 0.2, 0.3):
+        gen = torch.Generator().manual_seed(seed)
+        lin = torch.randperm(total, generator=gen)
+        n_obs = int(rate * total)
+        multi = torch.stack(torch.unravel_index(lin, shape), 1)
+        pb = P.Completion.from_data(multi[:n_obs], flat[lin[:n_obs]], shape, 1,
+                                    test=(multi[n_obs:], flat[lin[n_obs:]]), seed=seed)
+        problems.append((rate, pb))
+    return dict(image=img, problems=problems, problem=problems[0][1], x0=None,
+                start="rank 1 (rank-adaptive; control set 10 % of the observed pixels)",
+                methods=["rank_adaptive"], key="test_rmse", tol=0.0, max_rank=max_rank)
+
+
 def build_preset(name: str, *, rank: Optional[int] = None, seed: int = 0,
                  quick: bool = False) -> Dict[str, object]:
     """The problem, start, methods, target metric and tolerance of preset ``name``.
 
     Args:
         name: one of :data:`PRESETS`; rank: ``steinlechner``'s r (default 4);
-        seed: data and start; quick: smaller sizes (``steinlechner``: d = 6, n = 10).
+        seed: data and start (``psenka-boumal``: the first of its seeds);
+        quick: smaller sizes (``steinlechner``: d = 6, n = 10; ``psenka-boumal``: d = 6,
+            ranks (1, 2, 3, 3, 3, 2, 1), 30 % observed, 2 seeds; ``function``: 8^4 grid,
+            1000 samples, ranks up to 3; ``image``: a 32 x 32 crop, ranks up to 8).
     Returns:
-        a dict with ``problem``, ``x0``, ``start``, ``methods``, ``key``, ``tol``.
-    Cost: building the data, O(|Omega| d r^2).
+        a dict with ``problem``, ``x0``, ``start``, ``methods``, ``key``, ``tol``,
+        ``max_rank`` (the rank-adaptive cap); ``psenka-boumal`` adds ``seeds``,
+        ``function`` the rank-adaptive options ``ra_opts``; ``image`` adds ``image`` (the
+        grayscale crop) and ``problems``, a list of ``(rate, Completion)`` (its
+        ``problem`` is the first of them and ``x0`` is None: it starts from rank 1).
+    Cost: building the data, O(|Omega| d r^2) (``image``: O(pixels)).
     """
     if name == "steinlechner":
         return _steinlechner(4 if rank is None else int(rank), seed, quick)
     if name == "t3f-tutorial":
         return _t3f(seed, quick)
+    if name == "psenka-boumal":
+        return _psenka_boumal(seed, quick)
+    if name == "function":
+        return _function(seed, quick)
+    if name == "image":
+        return _image(seed, quick)
     raise ValueError(f"preset: unknown preset {name!r}; expected one of {PRESETS}")
 
 
-def _run_one(spec, method: str, budget: float, iters: int) -> History:
-    pb = spec["problem"]
+def _run_one(spec, method: str, budget: float, iters: int, pb=None) -> History:
+    pb = spec["problem"] if pb is None else pb
     if method == "rank_adaptive":
-        return solvers.rank_adaptive_completion(pb, max_rank=spec["max_rank"], inner_iters=40,
-                                                time_budget=budget)
+        opts = dict(inner_iters=40)
+        opts.update(spec.get("ra_opts", {}))
+        return solvers.rank_adaptive_completion(pb, max_rank=spec["max_rank"],
+                                                time_budget=budget, **opts)
     # chart Adam at t3f's tutorial's lr; Riemannian Adam with the automatic step rule
     lr = 0.01 if method == "chart_adam" else "auto"
     return solvers.run(pb, method, spec["x0"], iters=iters, time_budget=budget, lr=lr,
@@ -93,36 +247,25 @@ def _run_one(spec, method: str, budget: float, iters: int) -> History:
                        metrics_every=1, measure_memory=False)
 
 
-def run_preset(name: str, out: str, *, rank: Optional[int] = None, seed: int = 0,
-               quick: bool = False, budget: float = 60.0, iters: int = 2000,
-               methods: Optional[List[str]] = None) -> str:
-    """Run preset ``name``; write ``summary.md`` to ``out`` and return its text.
+def _header(name, spec, pb, budget, iters) -> List[str]:
+    return [f"# Preset {name}", "", f"- problem: {pb.describe()}",
+            f"- start: {spec['start']}", f"- target: {spec['key']} <= {spec['tol']:.3g}",
+            f"- budget: {budget:g} s per method, at most {iters} iterations",
+            f"- torch threads: {torch.get_num_threads()}", ""]
 
-    Args:
-        name, rank, seed, quick: as :func:`build_preset`; out: output directory;
-        budget: seconds per method; iters: iteration cap per method;
-        methods: a subset of the preset's methods.
-    Returns:
-        the summary (a markdown table: per method, iterations and seconds to the target,
-        the best and final value of the target metric, final ranks, status).
-    Cost: ``budget`` seconds per method at most (plus metric evaluations).
-    """
-    spec = build_preset(name, rank=rank, seed=seed, quick=quick)
+
+def _progress(text: str, end: str = "") -> None:
+    print(text, end=end, file=sys.stderr, flush=True)
+
+
+def _single(name, spec, methods, budget, iters) -> List[str]:
     pb, key, tol = spec["problem"], spec["key"], spec["tol"]
-    methods = methods or spec["methods"]
-    bad = [m for m in methods if m not in spec["methods"]]
-    if bad:
-        raise ValueError(f"methods: {bad} not in preset {name!r}'s {spec['methods']}")
-    lines = [f"# Preset {name}", "", f"- problem: {pb.describe()}",
-             f"- start: {spec['start']}", f"- target: {key} <= {tol:.3g}",
-             f"- budget: {budget:g} s per method, at most {iters} iterations",
-             f"- torch threads: {torch.get_num_threads()}", "",
-             f"| method | iters to target | s to target | best {key} | final {key} | "
-             f"iters | s | ranks | status |", "|---|---|---|---|---|---|---|---|---|"]
-    os.makedirs(out, exist_ok=True)
+    lines = _header(name, spec, pb, budget, iters)
+    lines += [f"| method | iters to target | s to target | best {key} | final {key} | "
+              f"iters | s | ranks | status |", "|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
         t0 = time.perf_counter()
-        print(f"{name}: {m} ... ", end="", file=sys.stderr, flush=True)
+        _progress(f"{name}: {m} ... ")
         h = _run_one(spec, m, budget, iters)
         vals = [r.get(key) for r in h.metrics if r.get(key) is not None]
         reach = h.reach(key, tol)
@@ -133,7 +276,160 @@ def run_preset(name: str, out: str, *, rank: Optional[int] = None, seed: int = 0
             f"{min(vals):.3e} | {vals[-1]:.3e} | {h.n_iters} | {h.total_time:.1f} | "
             f"{tuple(ranks)} | {h.status} |" if vals else f"| {m} | - | - | - | - | "
             f"{h.n_iters} | {h.total_time:.1f} | {tuple(ranks)} | {h.status} |")
-        print(f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        _progress(f"{time.perf_counter() - t0:.1f} s", "\n")
+    return lines
+
+
+def _median(xs):
+    xs = sorted(xs)
+    if not xs:
+        return None
+    k = len(xs) // 2
+    return xs[k] if len(xs) % 2 else 0.5 * (xs[k - 1] + xs[k])
+
+
+def _seeds(name, spec, methods, budget, iters, seed, quick) -> List[str]:
+    """Every method on ``spec["seeds"]`` problems (seeds ``seed, seed + 1, ...``): success
+    counts and the median / largest seconds and iterations to the target."""
+    key, tol, n = spec["key"], spec["tol"], spec["seeds"]
+    lines = _header(name, spec, spec["problem"], budget, iters)
+    lines[2] += f" (seed {seed}; {n} seeds {seed}..{seed + n - 1}, data and start)"
+    results = {m: [] for m in methods}
+    for s in range(seed, seed + n):
+        sp = spec if s == seed else build_preset(name, seed=s, quick=quick)
+        for m in methods:
+            t0 = time.perf_counter()
+            _progress(f"{name}: seed {s} {m} ... ")
+            h = _run_one(sp, m, budget, iters)
+            vals = [r.get(key) for r in h.metrics if r.get(key) is not None]
+            results[m].append((h.reach(key, tol), min(vals) if vals else math.nan,
+                               tuple(h.info.get("ranks", sp["problem"].manifold.ranks))))
+            _progress(f"{time.perf_counter() - t0:.1f} s", "\n")
+    lines += [f"| method | recovered ({key} <= {tol:.0e}) | median s to target | "
+              f"max s to target | median iters to target | median best {key} | "
+              f"ranks (seed {seed}) |", "|---|---|---|---|---|---|---|"]
+    for m, rs in results.items():
+        hits = [r[0] for r in rs if r[0] is not None]
+        secs = [h[1] for h in hits]
+        its = [h[0] for h in hits]
+        best = _median([r[1] for r in rs])
+        lines.append(f"| {m} | {len(hits)}/{len(rs)} | "
+                     f"{f'{_median(secs):.2f}' if hits else '-'} | "
+                     f"{f'{max(secs):.2f}' if hits else '-'} | "
+                     f"{_median(its) if hits else '-'} | {best:.3e} | {rs[0][2]} |")
+    return lines
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio ``10 log10(1 / MSE)`` in dB of an image ``x`` against
+    ``ref``, both with values in [0, 1] (``x`` is clipped to [0, 1] first).
+
+    Args:
+        x, ref: tensors of the same shape.
+    Returns:
+        the PSNR in dB (``inf`` when equal). Cost: O(numel).
+    """
+    if x.shape != ref.shape:
+        raise ValueError(f"x: shape {tuple(x.shape)} differs from ref's {tuple(ref.shape)}")
+    mse = float(((x.clamp(0.0, 1.0) - ref) ** 2).mean())
+    return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
+
+
+def _image_run(name, spec, budget, out) -> List[str]:
+    img = spec["image"]
+    lines = _header(name, spec, spec["problem"], budget, 0)[:4]
+    lines[2] = (f"- problem: grayscale {img.shape[0]} x {img.shape[1]} centre crop of "
+                f"scikit-learn's china.jpg, tensorized to {spec['problem'].manifold.shape} "
+                f"(interleaved row/column bits), values in [0, 1]; rank cap "
+                f"{spec['max_rank']}")
+    lines += [f"- budget: {budget:g} s per sampling rate",
+              f"- torch threads: {torch.get_num_threads()}", "",
+              "| observed | ranks | parameters | parameters / pixels | PSNR all (dB) | "
+              "PSNR unobserved (dB) | s | status |", "|---|---|---|---|---|---|---|---|"]
+    shown = []
+    for rate, pb in spec["problems"]:
+        t0 = time.perf_counter()
+        _progress(f"{name}: {rate:.0%} observed ... ")
+        h = _run_one(spec, "rank_adaptive", budget, 0, pb=pb)
+        ranks = tuple(h.info["ranks"])
+        M = type(pb.manifold)(pb.manifold.shape, ranks)
+        rec = untensorize_image(M.to_tt(h.x).full().to(torch.float64))
+        mask = torch.zeros(pb.manifold.shape, dtype=torch.bool)
+        mask[tuple(pb.train.indices.cpu().t())] = True
+        mask = untensorize_image(mask.to(torch.float64)) > 0.5
+        # the rank-adaptive control set is part of the observed pixels
+        params = sum(ranks[k] * n * ranks[k + 1] for k, n in enumerate(M.shape))
+        lines.append(f"| {rate:.0%} | {ranks} | {params} | {params / img.numel():.3f} | "
+                     f"{psnr(rec, img):.2f} | {psnr(rec[~mask], img[~mask]):.2f} | "
+                     f"{h.total_time:.1f} | {h.status} |")
+        shown.append((rate, torch.where(mask, img, torch.zeros_like(img)), rec))
+        _progress(f"{time.perf_counter() - t0:.1f} s", "\n")
+    fig_path = os.path.join(out, "image_completion.png")
+    save_image_figure(img, shown, fig_path)
+    lines += ["", f"Figure: {os.path.basename(fig_path)} (original; observed pixels, missing "
+                  f"ones black; recovered, per sampling rate)."]
+    return lines
+
+
+def save_image_figure(img: torch.Tensor, shown, path: str) -> None:
+    """Save a PNG with one row per sampling rate: the original, the observed pixels
+    (missing ones black) and the recovered image.
+
+    Args:
+        img: the original ``(h, w)`` image in [0, 1]; shown: a list of
+            ``(rate, observed image, recovered image)``; path: the PNG's path.
+    Returns:
+        None. Cost: drawing ``3 len(shown)`` images (matplotlib, Agg backend).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(shown), 3, figsize=(9, 3 * len(shown)), squeeze=False)
+    for row, (rate, obs, rec) in zip(axes, shown):
+        for ax, im, title in zip(row, (img, obs, rec),
+                                 ("original", f"observed ({rate:.0%})",
+                                  f"recovered (PSNR {psnr(rec, img):.1f} dB)")):
+            ax.imshow(im.clamp(0, 1).cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_preset(name: str, out: str, *, rank: Optional[int] = None, seed: int = 0,
+               quick: bool = False, budget: float = 60.0, iters: int = 2000,
+               methods: Optional[List[str]] = None) -> str:
+    """Run preset ``name``; write ``summary.md`` to ``out`` and return its text.
+
+    Args:
+        name, rank, seed, quick: as :func:`build_preset`; out: output directory;
+        budget: seconds per method (``psenka-boumal``: per method and seed; ``image``:
+            per sampling rate); iters: iteration cap per method;
+        methods: a subset of the preset's methods.
+    Returns:
+        the summary: a markdown table per method of iterations and seconds to the
+        target, the best and final value of the target metric, final ranks and status;
+        ``psenka-boumal``: per method the number of seeds recovered and the median and
+        largest seconds to the target; ``image``: per sampling rate the ranks found,
+        the number of parameters and the PSNR (also ``image_completion.png`` in ``out``).
+    Cost: ``budget`` seconds per method (and seed, or rate) at most, plus metric
+    evaluations.
+    """
+    spec = build_preset(name, rank=rank, seed=seed, quick=quick)
+    methods = methods or spec["methods"]
+    bad = [m for m in methods if m not in spec["methods"]]
+    if bad:
+        raise ValueError(f"methods: {bad} not in preset {name!r}'s {spec['methods']}")
+    os.makedirs(out, exist_ok=True)
+    if name == "image":
+        lines = _image_run(name, spec, budget, out)
+    elif "seeds" in spec:
+        lines = _seeds(name, spec, methods, budget, iters, seed, quick)
+    else:
+        lines = _single(name, spec, methods, budget, iters)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text)
