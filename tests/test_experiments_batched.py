@@ -1,0 +1,183 @@
+"""Batched completion and batched Riemannian CG (issue 12): ``B`` completion problems with
+ragged sample sets in one call equal ``B`` independent runs of
+:func:`~ttmanifold.experiments.solvers.riemannian_cg` (same iterates to rounding), with a
+per-problem exact line search and per-problem convergence (finished problems stop
+changing)."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import ttmanifold.tt.sampled_compiled as compiled_mod
+
+from ttmanifold import FixedTTRank, kernels
+from ttmanifold.experiments.batched import (BatchedCompletion, batched_cg_direction,
+                                            batched_riemannian_cg)
+from ttmanifold.experiments.problems import Completion
+from ttmanifold.experiments.solvers import cg_direction, riemannian_cg
+
+F64, F32 = torch.float64, torch.float32
+SHAPE = (4, 5, 3, 4)
+RANK = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _torch_kernels():
+    was = kernels.enabled()
+    kernels.set_enabled(False)
+    yield
+    kernels.set_enabled(was)
+
+
+def problems(dtype=F64, sizes=(60, 90, 75)):
+    # ragged sample counts; a test set each
+    return [Completion(SHAPE, RANK, train_size=n, test_size=20, seed=s, dtype=dtype)
+            for s, n in enumerate(sizes)]
+
+
+def full_of(M, p):
+    return M.to_tt(p.to(F64)).full()
+
+
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-9), (F32, 2e-3)])
+@pytest.mark.parametrize("beta", ["pr+", "fr"])
+def test_equals_independent_runs(dtype, tol, beta):
+    probs = problems(dtype)
+    bp = BatchedCompletion(probs)
+    x0 = torch.stack([pr.initial_point(b) for b, pr in enumerate(probs)])
+    res = batched_riemannian_cg(bp, x0, iters=6, beta=beta)
+    assert res.status == ["max_iters"] * 3 and res.iterations.tolist() == [6] * 3
+    M = bp.manifold
+    for b, pr in enumerate(probs):
+        h = riemannian_cg(pr, x0[b], iters=6, beta=beta, metrics_every=0)
+        ref = full_of(M, h.x)
+        assert (full_of(M, res.x[b]) - ref).abs().max() <= tol * ref.abs().max()
+        assert torch.allclose(res.loss[:, b].to(F64), torch.tensor(h.loss[:7], dtype=F64),
+                              rtol=50 * tol, atol=0)
+        assert int(res.restarts[b]) == h.info["restarts"]
+        m = pr.metrics(h.x)
+        assert abs(float(res.metrics["test_err"][b]) - m["test_err"]) <= 50 * tol * m["test_err"]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch", "compiled"])
+def test_batched_pieces_match_single_problem_pieces(compiled, monkeypatch):
+    if compiled:  # the compiled sampled kernels, forced on for these small sets
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip("no C++ compiler: the compiled kernels cannot be built here")
+        monkeypatch.setattr(compiled_mod, "MIN_SAMPLES", 0)
+        kernels.set_enabled(True)
+        kernels.build(["sampled"], verbose=False)
+    probs = problems()
+    bp = BatchedCompletion(probs)
+    p = torch.stack([pr.initial_point(b) for b, pr in enumerate(probs)])
+    loss, g, ctx = bp.cg_grad(p)
+    eta = -g + 0.3 * torch.randn_like(g)
+    eta = bp.manifold.proju(p, eta)
+    alpha = bp.exact_step(p, eta, ctx)
+    assert torch.allclose(bp.loss(p), loss, rtol=1e-12)
+    for b, pr in enumerate(probs):
+        lb, gb, cb = pr.cg_grad(p[b])
+        assert torch.allclose(loss[b], lb, rtol=1e-12)
+        assert torch.allclose(g[b], gb, atol=1e-12)
+        assert torch.allclose(alpha[b], pr.exact_step(p[b], eta[b], cb), rtol=1e-10)
+        # the exact step minimizes the loss along the tangent line (dense check)
+        M = pr.manifold
+        X = M.to_tt(p[b]).full()
+        E = M.tangent_to_tt(p[b], eta[b]).full()
+        f = [float(pr.dense_loss(X + t * E)) for t in (alpha[b] - 1e-3, alpha[b],
+                                                       alpha[b] + 1e-3)]
+        assert f[1] <= min(f[0], f[2])
+
+
+def test_per_problem_convergence_freezes_finished_problems():
+    probs = problems(sizes=(150, 100, 200))
+    bp = BatchedCompletion(probs)
+    x0 = torch.stack([pr.initial_point(7 + b, kind="perturbed", distance=0.05)
+                      for b, pr in enumerate(probs)])
+    res = batched_riemannian_cg(bp, x0, iters=60, tol=1e-8)
+    its = res.iterations.tolist()
+    assert res.status == ["converged"] * 3
+    assert len(set(its)) > 1, its  # different problems stop at different iterations
+    T = res.loss.shape[0] - 1
+    assert T == max(its)
+    for b, pr in enumerate(probs):
+        assert float(res.train_err[its[b], b]) <= 1e-8 < float(res.train_err[its[b] - 1, b])
+        # frozen after its last iteration: constant loss, and the point of a single run
+        # with exactly that many iterations
+        assert bool((res.loss[its[b]:, b] == res.loss[its[b], b]).all())
+        h = riemannian_cg(pr, x0[b], iters=its[b], metrics_every=0)
+        ref = full_of(bp.manifold, h.x)
+        assert (full_of(bp.manifold, res.x[b]) - ref).abs().max() <= 1e-7
+
+
+def test_ragged_from_data_with_an_empty_problem():
+    gen = torch.Generator().manual_seed(3)
+    M = FixedTTRank(SHAPE, (1, 2, 2, 2, 1))
+    truth = M.random(3, dtype=F64, generator=gen)
+    idx = [torch.zeros(0, 4, dtype=torch.long)]
+    for c in (120, 160):
+        flat = torch.randperm(240, generator=gen)[:c]
+        idx.append(torch.stack(torch.unravel_index(flat, SHAPE), 1))
+    vals = [M.to_tt(truth[b]).full()[tuple(i.t())] for b, i in enumerate(idx)]
+    bp = BatchedCompletion.from_data(idx, vals, SHAPE, (1, 2, 2, 2, 1))
+    x0 = bp.initial_point(1)
+    res = batched_riemannian_cg(bp, x0, iters=5)
+    assert res.status[0] == "converged" and int(res.iterations[0]) == 0
+    assert torch.equal(res.x[0], x0[0])
+    assert res.status[1:] == ["max_iters", "max_iters"]
+    for b in (1, 2):  # a non-empty problem: as the single problem from the same data
+        pr = Completion.from_data(idx[b], vals[b], SHAPE, (1, 2, 2, 2, 1))
+        h = riemannian_cg(pr, x0[b], iters=5, metrics_every=0)
+        ref = full_of(M, h.x)
+        assert (full_of(M, res.x[b]) - ref).abs().max() <= 1e-9
+
+
+def test_direction_rule_matches_single_rule():
+    gen = torch.Generator().manual_seed(0)
+    g, gn, gt, et = (torch.randn(6, 9, generator=gen, dtype=F64) for _ in range(4))
+    gt[1] = gn[1]  # Powell restart
+    et[2] = gn[2] * 5  # not a descent direction
+    k = torch.tensor([1, 2, 3, 4, 5, 6])
+    for rule in ("pr+", "fr"):
+        eta, rs = batched_cg_direction(g, gn, gt, et, k, beta_rule=rule, restart_tol=0.1,
+                                       restart_every=4)
+        for b in range(6):
+            e1, r1 = cg_direction(g[b], gn[b], gt[b], et[b], int(k[b]), beta_rule=rule,
+                                  restart_tol=0.1, restart_every=4)
+            assert torch.allclose(eta[b], e1, atol=1e-14) and bool(rs[b]) == r1
+
+
+def test_bad_input_errors_name_the_argument():
+    probs = problems()
+    with pytest.raises(TypeError, match="problems"):
+        BatchedCompletion(probs[0])
+    with pytest.raises(ValueError, match="problems"):
+        BatchedCompletion([])
+    with pytest.raises(ValueError, match=r"problems\[1\]"):
+        BatchedCompletion([probs[0], Completion((4, 5, 3, 5), RANK, train_size=50)])
+    with pytest.raises(ValueError, match=r"problems\[1\]"):
+        BatchedCompletion([probs[0], problems(F32)[1]])
+    bp = BatchedCompletion(probs)
+    x0 = bp.initial_point()
+    with pytest.raises(ValueError, match="x0"):
+        batched_riemannian_cg(bp, x0[:2])
+    with pytest.raises(ValueError, match="beta"):
+        batched_riemannian_cg(bp, x0, beta="hs")
+    with pytest.raises(ValueError, match="tol"):
+        batched_riemannian_cg(bp, x0, tol=-1.0)
+    with pytest.raises(TypeError, match="problem"):
+        batched_riemannian_cg(probs[0], x0)
+    with pytest.raises(ValueError, match=r"values\[0\]"):
+        BatchedCompletion.from_data([torch.zeros(2, 4, dtype=torch.long)], [torch.zeros(3)],
+                                    SHAPE, 2)
