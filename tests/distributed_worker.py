@@ -58,6 +58,51 @@ def scenario_equal(rank, world, out):
                os.path.join(out, f"rank{rank}.pt"))
 
 
+def scenario_second_order(rank, world, out):
+    """L-BFGS and trust region: runs, checkpoint and resume, the Hessian product of the
+    sharded loss; then rank 1 crashes between two trust-region iterations (the next
+    collective is a Hessian product of the inner CG)."""
+    from ttmanifold.experiments.distributed import (PeerFailure, ShardedCompletion,
+                                                    distributed_lbfgs,
+                                                    distributed_trust_region)
+
+    idx, vals = data()
+    ti, tv, val = split(idx, vals, rank, world)
+    S = ShardedCompletion(ti, tv, SHAPE, RANK, validation=val)
+    x0 = S.initial_point(0)
+    a = distributed_lbfgs(S, x0, iters=12)
+    ck = os.path.join(out, "ck_lbfgs.pt")
+    distributed_lbfgs(S, x0, iters=7, checkpoint=ck, checkpoint_every=5, metrics_every=0)
+    c = distributed_lbfgs(S, x0, iters=12, checkpoint=ck, resume=True)
+    tr = distributed_trust_region(S, x0, iters=5, metrics_every=0)
+    ck = os.path.join(out, "ck_rtr.pt")
+    distributed_trust_region(S, x0, iters=3, checkpoint=ck, checkpoint_every=2,
+                             metrics_every=0)
+    tr2 = distributed_trust_region(S, x0, iters=5, checkpoint=ck, resume=True,
+                                   metrics_every=0)
+    _, g, hess = S.hessian(x0)
+    res = {"lbfgs": a.x, "lbfgs_resumed": c.x, "loss_lbfgs": a.loss,
+           "loss_lbfgs_resumed": c.loss, "iters_resumed": c.iters, "info_lbfgs": a.info,
+           "rtr": tr.x, "rtr_resumed": tr2.x, "loss_rtr": tr.loss,
+           "loss_rtr_resumed": tr2.loss, "info_rtr": tr.info, "info_rtr_resumed": tr2.info,
+           "grad": g, "hess_grad": hess(g)}
+    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+
+    def die(t, hist):
+        if rank == 1 and t == 1:
+            os._exit(3)
+        return False
+
+    t0 = time.time()
+    try:
+        distributed_trust_region(S, x0, iters=10, metrics_every=0, callback=die)
+        msg = "no error"
+    except PeerFailure as exc:
+        msg = "PeerFailure: " + str(exc)
+    with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+        f.write(f"{time.time() - t0:.3f}\n{msg}\n")
+
+
 def scenario_dead(rank, world, out):
     """First one process's bad shard (every process raises its error), then rank 1
     crashes at iteration 3."""

@@ -16,10 +16,13 @@ import torch
 
 from ttmanifold import TT
 from ttmanifold.experiments.distributed import (ShardedCompletion, distributed_cg,
-                                                distributed_rsgd, load_checkpoint,
+                                                distributed_lbfgs, distributed_rsgd,
+                                                distributed_trust_region, load_checkpoint,
                                                 row_hash, shard_mask, validation_mask)
 from ttmanifold.experiments.problems import Completion, sample_distinct_indices
-from ttmanifold.experiments.solvers import riemannian_cg, run
+from ttmanifold.experiments.solvers import (riemannian_cg, riemannian_lbfgs,
+                                            riemannian_trust_region, run)
+from ttmanifold.manifold import hessian_operator
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -35,7 +38,10 @@ def _free_port() -> int:
 def _launch(scenario, tmp_path, timeout=150):
     out = tmp_path / scenario
     out.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # the workers import this checkout's package (not another installed copy)
+    path = os.pathsep.join([str(HERE.parent)] + ([os.environ["PYTHONPATH"]]
+                                                  if os.environ.get("PYTHONPATH") else []))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     res = subprocess.run([sys.executable, str(HERE / "distributed_worker.py"), scenario,
                           str(out), str(_free_port())], capture_output=True, text=True,
                          timeout=timeout, env=env)
@@ -66,6 +72,57 @@ def test_single_process_equals_riemannian_cg_and_rsgd():
     m = hd.metrics[-1]
     assert abs(m["train_rmse"] - float(r.pow(2).mean().sqrt())) < 1e-14
     assert abs(m["train_err"] - float(r.norm() / P.a_train.norm())) < 1e-14
+
+
+def _tensor_dist(M, a, b) -> float:
+    """``||X_a - X_b||`` of the tensors of two packed points (gauge-invariant)."""
+    return float((M.to_tt(a) - M.to_tt(b)).norm())
+
+
+def test_single_process_lbfgs_and_trust_region_equal_the_solvers(tmp_path):
+    P = _full_problem()
+    S = ShardedCompletion(P.train.indices, P.a_train, W.SHAPE, W.RANK)
+    M = P.manifold
+    x0 = P.initial_point(0)
+    h = riemannian_lbfgs(P, x0, iters=12, measure_memory=False)
+    hd = distributed_lbfgs(S, x0, iters=12)
+    np.testing.assert_allclose(hd.loss, h.loss, rtol=1e-10, atol=1e-14)
+    assert _tensor_dist(M, hd.x, h.x) < 1e-12
+    assert hd.info["backtracks"] == h.info["backtracks"]
+    h = riemannian_trust_region(P, x0, iters=4, measure_memory=False)
+    hd = distributed_trust_region(S, x0, iters=4)
+    np.testing.assert_allclose(hd.loss, h.loss, rtol=1e-10, atol=1e-14)
+    assert _tensor_dist(M, hd.x, h.x) < 1e-12
+    for key in ("inner_iters", "rejected"):
+        assert hd.info[key] == h.info[key], key
+    # resume: the L-BFGS memory and the trust region's radius are in the checkpoint
+    ck = tmp_path / "ck.pt"
+    full = distributed_lbfgs(S, x0, iters=9, metrics_every=0)
+    distributed_lbfgs(S, x0, iters=6, checkpoint=str(ck), checkpoint_every=5, metrics_every=0)
+    info = load_checkpoint(ck)
+    assert info["method"] == "rlbfgs" and info["iteration"] == 5
+    assert info["state"]["s"].shape[0] == len(info["state"]["rho"]) > 1
+    again = distributed_lbfgs(S, x0, iters=9, checkpoint=str(ck), resume=True,
+                              metrics_every=0)
+    assert torch.equal(again.x, full.x) and again.loss == full.loss
+    with pytest.raises(ValueError, match="method"):
+        distributed_trust_region(S, x0, iters=9, checkpoint=str(ck), resume=True)
+    full = distributed_trust_region(S, x0, iters=3, metrics_every=0)
+    distributed_trust_region(S, x0, iters=2, checkpoint=str(ck), checkpoint_every=2,
+                             metrics_every=0)
+    again = distributed_trust_region(S, x0, iters=3, checkpoint=str(ck), resume=True,
+                                     metrics_every=0)
+    assert torch.equal(again.x, full.x) and again.loss == full.loss
+    assert again.info["inner_iters"] == full.info["inner_iters"]
+    # errors name the argument
+    with pytest.raises(ValueError, match="memory"):
+        distributed_lbfgs(S, x0, memory=0)
+    with pytest.raises(ValueError, match="c1"):
+        distributed_lbfgs(S, x0, c1=1.5)
+    with pytest.raises(ValueError, match="radius"):
+        distributed_trust_region(S, x0, radius=-1.0)
+    with pytest.raises(ValueError, match="max_inner"):
+        distributed_trust_region(S, x0, max_inner=0)
 
 
 def test_checkpoint_resume_is_exact_and_records_the_run(tmp_path):
@@ -174,3 +231,41 @@ def test_a_silent_peer_times_out(tmp_path):
     seconds, msg = (out / "rank0.txt").read_text().split("\n", 1)
     assert msg.startswith("PeerFailure: rank 0 of 2:"), msg
     assert 2.5 < float(seconds) < 30  # the group's 3 s timeout
+
+
+def test_two_processes_lbfgs_and_trust_region_equal_one(tmp_path):
+    out, res = _launch("second_order", tmp_path)
+    assert "exitcodes [0, 3]" in res.stdout, res.stdout + res.stderr
+    r0 = torch.load(out / "rank0.pt", weights_only=False)
+    r1 = torch.load(out / "rank1.pt", weights_only=False)
+    for key in ("lbfgs", "lbfgs_resumed", "rtr", "rtr_resumed", "grad", "hess_grad"):
+        assert torch.equal(r0[key], r1[key]), key
+    P = _full_problem()
+    M = P.manifold
+    x0 = P.initial_point(0)
+    # equal to the single-process solvers on the union of the shards, to rounding
+    h = riemannian_lbfgs(P, x0, iters=12, measure_memory=False)
+    assert _tensor_dist(M, r0["lbfgs"], h.x) < 1e-9
+    np.testing.assert_allclose(r0["loss_lbfgs"], h.loss, rtol=1e-8, atol=1e-13)
+    assert r0["info_lbfgs"]["backtracks"] == h.info["backtracks"]
+    h = riemannian_trust_region(P, x0, iters=5, measure_memory=False)
+    assert _tensor_dist(M, r0["rtr"], h.x) < 1e-9
+    np.testing.assert_allclose(r0["loss_rtr"], h.loss, rtol=1e-8, atol=1e-13)
+    assert r0["info_rtr"]["inner_iters"] == h.info["inner_iters"]
+    # the summed Hessian product of the shards is the full problem's
+    g = M.proju(x0, M.riemannian_grad(x0, P.loss))
+    assert float((r0["grad"] - g).abs().max()) < 1e-12
+    hg = hessian_operator(M, x0, P.loss, grad=g)(g)
+    assert float((r0["hess_grad"] - hg).norm()) < 1e-10 * float(hg.norm())
+    # resumed runs (checkpoint written by rank 0, read and broadcast) are exact
+    assert torch.equal(r0["lbfgs_resumed"], r0["lbfgs"])
+    assert r0["loss_lbfgs_resumed"] == r0["loss_lbfgs"]
+    assert r0["iters_resumed"] == list(range(13))
+    assert torch.equal(r0["rtr_resumed"], r0["rtr"])
+    assert r0["loss_rtr_resumed"] == r0["loss_rtr"]
+    assert r0["info_rtr_resumed"]["inner_iters"] == r0["info_rtr"]["inner_iters"]
+    # a dead peer during the trust region's inner CG: a clear error, no hang
+    seconds, msg = (out / "rank0.txt").read_text().split("\n", 1)
+    assert msg.startswith("PeerFailure: rank 0 of 2: the all-reduce of the Hessian product "
+                          "failed"), msg
+    assert float(seconds) < 30

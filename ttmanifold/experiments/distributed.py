@@ -32,7 +32,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from ..manifold import FixedTTRank
+from ..manifold import FixedTTRank, hessian_operator
 from ..tt import TT, IndexSet
 from .problems import Completion
 from .solvers import History, cg_direction
@@ -43,6 +43,8 @@ __all__ = [
     "ShardedCompletion",
     "distributed_cg",
     "distributed_rsgd",
+    "distributed_lbfgs",
+    "distributed_trust_region",
     "shard_mask",
     "validation_mask",
     "row_hash",
@@ -337,6 +339,50 @@ class ShardedCompletion:
             self.comm.all_reduce(buf, "the all-reduce of the gradient")
         return buf[-1], buf[:-1].clone(), ctx
 
+    def loss(self, p: torch.Tensor) -> torch.Tensor:
+        """Global loss at the replicated point ``p`` (a 0-d tensor). Cost: O(N_local d r^2)
+        and one all-reduce of one number."""
+        with torch.no_grad():
+            val = self.local.loss(self.manifold.to_tt(p)).reshape(1)
+            if self.scale != 1.0:
+                val = val * self.scale
+            val = val.contiguous()
+            self.comm.all_reduce(val, "the all-reduce of the loss")
+        return val[0]
+
+    def hessian(self, p: torch.Tensor):
+        """Global loss, Riemannian gradient and Hessian operator at ``p``.
+
+        The Riemannian Hessian of a sum is the sum of the shards' Hessians, each with its
+        own curvature term (the Weingarten part is linear in the shard's Euclidean
+        gradient), so ``hess(u)`` applies this shard's
+        :func:`~ttmanifold.manifold.hessian_operator` and all-reduces the result.
+
+        Returns ``(loss, grad, hess)``: ``grad`` gauge-projected once more (as in
+        :func:`~ttmanifold.experiments.solvers.riemannian_trust_region`); ``hess`` maps a
+        packed tangent vector to a packed tangent vector, the same on every process.
+        Cost: as :meth:`grad` (one all-reduce of ``dim M + 1`` numbers); each ``hess``
+        call one autodiff Hessian product on the shard (a few O(N_local d r^2) passes)
+        plus one all-reduce of ``S`` numbers (``S = M.size``).
+        """
+        M = self.manifold
+        with torch.no_grad():
+            loss, g, _ = self.local.cg_grad(p)
+            g_local = M.proju(p, g * self.scale if self.scale != 1.0 else g)
+            buf = torch.cat([g_local.reshape(-1), (loss * self.scale).reshape(1).to(g.dtype)])
+            self.comm.all_reduce(buf, "the all-reduce of the gradient")
+        f_local = self.local.loss if self.scale == 1.0 else \
+            (lambda x: self.local.loss(x) * self.scale)
+        op = []
+
+        def hess(u: torch.Tensor) -> torch.Tensor:
+            if not op:  # built at the first product: a rejected trial point needs none
+                op.append(hessian_operator(M, p, f_local, grad=g_local))
+            v = op[0](u).detach().contiguous()
+            return self.comm.all_reduce(v, "the all-reduce of the Hessian product")
+
+        return buf[-1], buf[:-1].clone(), hess
+
     def line_search(self, p: torch.Tensor, g: torch.Tensor, eta: torch.Tensor, ctx):
         """The exact minimizer ``alpha = -<g, eta> / ||P_Omega eta||^2_w`` of the loss along
         the tangent line ``X + alpha eta`` (the numerator is ``<P_Omega(X - A), eta>_w``,
@@ -551,6 +597,234 @@ class _SGD:
         self.state = None
 
 
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def _two_loop(pairs, g: torch.Tensor) -> torch.Tensor:
+    """The L-BFGS direction ``-H g`` from the pairs ``(s, y, 1/<s, y>)`` (oldest first),
+    initial scaling ``<s, y> / <y, y>`` of the newest pair; without pairs the gradient
+    step of length ``min(1, ||g||)`` (the rules of ``riemannian_lbfgs``)."""
+    q = g.clone()
+    alphas = []
+    for s_, y_, rho in reversed(pairs):
+        a = rho * float(s_ @ q)
+        alphas.append(a)
+        q = q - a * y_
+    if pairs:
+        s_, y_, _ = pairs[-1]
+        q = q * (float(s_ @ y_) / float(y_ @ y_))
+    else:
+        gn = math.sqrt(float(g @ g))
+        q = q / max(gn, 1e-300) * min(1.0, gn)
+    for (s_, y_, rho), a in zip(pairs, reversed(alphas)):
+        b = rho * float(y_ @ q)
+        q = q + (a - b) * s_
+    return -q
+
+
+class _LBFGS:
+    """Riemannian L-BFGS with Armijo backtracking, the rules of
+    :func:`ttmanifold.experiments.solvers.riemannian_lbfgs`; the trial point of the unit
+    step gets its loss and gradient in one all-reduce (it is usually accepted)."""
+
+    method = "rlbfgs"
+
+    def __init__(self, problem: ShardedCompletion, p, memory: int, c1: float,
+                 shrink: float = 0.5, max_backtracks: int = 30):
+        self.memory = _positive_int(memory, "memory")
+        if not (isinstance(c1, (int, float)) and 0.0 < c1 < 1.0):
+            raise ValueError(f"c1: expected a number in (0, 1), got {c1!r}")
+        self.problem, self.M, self.p = problem, problem.manifold, p
+        self.c1, self.shrink, self.max_backtracks = float(c1), float(shrink), max_backtracks
+        self.pairs: list = []  # (s, y, 1/<s, y>) in the tangent space at p, oldest first
+        self.state = None  # (loss, grad) at p
+        self.info = {"backtracks": 0, "skipped_updates": 0, "grad_norms": []}
+
+    def ensure_state(self):
+        if self.state is None:
+            loss, g, _ = self.problem.grad(self.p)
+            self.state = (loss, g)
+        return self.state
+
+    def step(self) -> float:
+        M, P = self.M, self.problem
+        with torch.no_grad():
+            fx, g = self.ensure_state()
+            self.info["grad_norms"].append(math.sqrt(float(g @ g)))
+            eta = _two_loop(self.pairs, g)
+            slope = float(g @ eta)
+            if slope >= 0:  # not a descent direction: forget the memory
+                self.pairs.clear()
+                eta = _two_loop(self.pairs, g)
+                slope = float(g @ eta)
+            t = 1.0
+            g_new = None
+            for j in range(self.max_backtracks):
+                t_try = t
+                p_new = torch.as_tensor(M.retr(self.p, t_try * eta))
+                if j == 0:
+                    f_new, g_new, _ = P.grad(p_new)
+                else:
+                    f_new, g_new = P.loss(p_new), None
+                if float(f_new) <= float(fx) + self.c1 * t_try * slope:
+                    break
+                t *= self.shrink
+                self.info["backtracks"] += 1
+            if g_new is None:
+                f_new, g_new, _ = P.grad(p_new)
+            s_new = M.transp(self.p, p_new, t_try * eta)
+            y_new = g_new - M.transp(self.p, p_new, g)
+            pairs = [(M.transp(self.p, p_new, s_), M.transp(self.p, p_new, y_))
+                     for s_, y_, _ in self.pairs]
+            pairs.append((s_new, y_new))
+            kept = []
+            for s_, y_ in pairs[-self.memory:]:
+                sy = float(s_ @ y_)
+                if sy > 1e-12 * math.sqrt(float(s_ @ s_) * float(y_ @ y_)):  # cautious
+                    kept.append((s_, y_, 1.0 / sy))
+                elif s_ is s_new:
+                    self.info["skipped_updates"] += 1
+            self.pairs = kept
+            self.p, self.state = p_new, (f_new, g_new)
+        return float(fx)
+
+    def loss_now(self) -> float:
+        return float(self.ensure_state()[0])
+
+    def state_dict(self) -> dict:
+        empty = self.p.new_zeros(0, self.p.numel())
+        return {"p": self.p.detach().clone(),
+                "s": torch.stack([s_ for s_, _, _ in self.pairs]) if self.pairs else empty,
+                "y": torch.stack([y_ for _, y_, _ in self.pairs]) if self.pairs else empty,
+                "rho": [float(r) for _, _, r in self.pairs],
+                "backtracks": self.info["backtracks"],
+                "skipped_updates": self.info["skipped_updates"],
+                "grad_norms": list(self.info["grad_norms"])}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.p = s["p"].to(dtype=self.problem.dtype, device=self.problem.device)
+        S, Y = s["s"].to(self.p), s["y"].to(self.p)
+        self.pairs = [(S[j].clone(), Y[j].clone(), float(r)) for j, r in enumerate(s["rho"])]
+        self.info = {"backtracks": int(s["backtracks"]),
+                     "skipped_updates": int(s["skipped_updates"]),
+                     "grad_norms": [float(v) for v in s["grad_norms"]]}
+        self.state = None
+
+
+def _truncated_cg(g: torch.Tensor, hess: Callable, radius: float, max_inner: int,
+                  theta: float, kappa: float, info: dict):
+    """Steihaug-Toint CG on ``min <g, e> + <e, H e> / 2`` over ``||e|| <= radius``, the
+    inner solver of ``riemannian_trust_region`` (same stopping rules). Returns ``(e, H e)``;
+    counts the products in ``info``. Every process runs it on the same bits."""
+    eta = torch.zeros_like(g)
+    h_eta = torch.zeros_like(g)
+    r = g.clone()
+    delta = -r
+    rr = float(r @ r)
+    g_norm = math.sqrt(rr)
+    floor = math.sqrt(torch.finfo(g.dtype).eps)  # below it the residual is rounding noise
+    stop = g_norm * max(min(g_norm ** theta, kappa), floor)
+    radius2 = radius ** 2
+    for _ in range(max_inner):
+        h_delta = hess(delta)
+        info["hess_products"] += 1
+        info["inner_iters"] += 1
+        curv = float(delta @ h_delta)
+        alpha = rr / curv if curv > 0 else math.inf
+        ee, ed, dd = float(eta @ eta), float(eta @ delta), float(delta @ delta)
+        if curv <= 0 or ee + 2 * alpha * ed + alpha * alpha * dd >= radius2:
+            # to the boundary: ||eta + tau delta|| = radius, tau >= 0
+            tau = (-ed + math.sqrt(max(ed * ed + dd * (radius2 - ee), 0.0))) / dd
+            return eta + tau * delta, h_eta + tau * h_delta
+        eta = eta + alpha * delta
+        h_eta = h_eta + alpha * h_delta
+        r = r + alpha * h_delta
+        rr_new = float(r @ r)
+        if math.sqrt(rr_new) <= stop:
+            break
+        delta = -r + (rr_new / rr) * delta
+        rr = rr_new
+    return eta, h_eta
+
+
+class _TR:
+    """Riemannian trust region with the exact Hessian and truncated CG, the rules of
+    :func:`ttmanifold.experiments.solvers.riemannian_trust_region`; each Hessian product
+    is summed over the processes."""
+
+    method = "rtr"
+
+    def __init__(self, problem: ShardedCompletion, p, radius, max_radius, max_inner,
+                 theta: float, kappa: float, rho_accept: float = 0.1):
+        for name, v in (("radius", radius), ("max_radius", max_radius)):
+            if v is not None and not (isinstance(v, (int, float)) and v > 0
+                                      and math.isfinite(v)):
+                raise ValueError(f"{name}: expected a positive number or None, got {v!r}")
+        self.problem, self.M, self.p = problem, problem.manifold, p
+        self.max_radius = None if max_radius is None else float(max_radius)
+        self.radius = None if radius is None else float(radius)
+        self.max_inner = self.M.dim if max_inner is None else _positive_int(max_inner,
+                                                                            "max_inner")
+        self.theta, self.kappa, self.rho_accept = float(theta), float(kappa), float(rho_accept)
+        self.state = None  # (loss, grad, hess) at p
+        self.info = {"inner_iters": 0, "hess_products": 0, "rejected": 0, "grad_norms": []}
+
+    def ensure_state(self):
+        if self.state is None:
+            self.state = self.problem.hessian(self.p)
+        return self.state
+
+    def step(self) -> float:
+        M, P = self.M, self.problem
+        with torch.no_grad():
+            fx, g, hess = self.ensure_state()
+            if self.max_radius is None or self.radius is None:
+                # the larger of ||X_0|| and sqrt(2 f(X_0)) (the distance to the data)
+                scale = max(float(M.to_tt(self.p).norm()), math.sqrt(max(2.0 * float(fx), 0.0)))
+                if self.max_radius is None:
+                    self.max_radius = 2.0 * scale
+                if self.radius is None:
+                    self.radius = self.max_radius / 8
+            self.info["grad_norms"].append(math.sqrt(float(g @ g)))
+            eta, h_eta = _truncated_cg(g, hess, self.radius, self.max_inner, self.theta,
+                                       self.kappa, self.info)
+            p_new = torch.as_tensor(M.retr(self.p, eta)).detach()
+            trial = P.hessian(p_new)  # loss and gradient in one all-reduce
+            model_dec = -float(g @ eta) - 0.5 * float(eta @ h_eta)
+            eps = 1e3 * torch.finfo(self.p.dtype).eps * max(1.0, abs(float(fx)))
+            rho = (float(fx - trial[0]) + eps) / (model_dec + eps)
+            on_boundary = float(eta @ eta) >= 0.99 * self.radius ** 2
+            if rho < 0.25:
+                self.radius /= 4
+            elif rho > 0.75 and on_boundary:
+                self.radius = min(2 * self.radius, self.max_radius)
+            if rho > self.rho_accept:
+                self.p, self.state = p_new, trial
+            else:
+                self.info["rejected"] += 1
+        return float(fx)
+
+    def loss_now(self) -> float:
+        return float(self.ensure_state()[0])
+
+    def state_dict(self) -> dict:
+        return {"p": self.p.detach().clone(), "radius": self.radius,
+                "max_radius": self.max_radius,
+                **{k: self.info[k] for k in ("inner_iters", "hess_products", "rejected")},
+                "grad_norms": list(self.info["grad_norms"])}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.p = s["p"].to(dtype=self.problem.dtype, device=self.problem.device)
+        self.radius = None if s["radius"] is None else float(s["radius"])
+        self.max_radius = None if s["max_radius"] is None else float(s["max_radius"])
+        self.info = {k: int(s[k]) for k in ("inner_iters", "hess_products", "rejected")}
+        self.info["grad_norms"] = [float(v) for v in s["grad_norms"]]
+        self.state = None
+
+
 def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
          checkpoint: Optional[str], checkpoint_every: int, resume: bool,
          callback: Optional[Callable], stop_metric: Optional[str],
@@ -636,6 +910,7 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
             except KeyboardInterrupt:
                 pass
     hist.info["restarts"] = getattr(stepper, "restarts", 0)
+    hist.info.update(getattr(stepper, "info", {}))
     hist.x = stepper.p
     return hist
 
@@ -705,3 +980,90 @@ def distributed_rsgd(problem: ShardedCompletion, x0: torch.Tensor, *, lr: float,
                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
                 callback=callback, stop_metric=stop_metric, stop_tol=stop_tol,
                 options={"lr": float(lr)})
+
+
+def distributed_lbfgs(problem: ShardedCompletion, x0: torch.Tensor, *, iters: int = 100,
+                      memory: int = 10, c1: float = 1e-4, metrics_every: int = 1,
+                      checkpoint: Optional[str] = None, checkpoint_every: int = 0,
+                      resume: bool = False, callback: Optional[Callable] = None,
+                      stop_metric: Optional[str] = None,
+                      stop_tol: Optional[float] = None) -> History:
+    """Data-parallel Riemannian L-BFGS: the iteration of
+    :func:`ttmanifold.experiments.solvers.riemannian_lbfgs` (two-loop recursion on the last
+    ``memory`` pairs, kept in the current tangent space by projection; cautious updates;
+    Armijo backtracking ``t = 1, 1/2, ...``), with the loss and gradient summed over the
+    processes. The direction, the transports and the step rule run on every process on the
+    same bits.
+
+    Args:
+        problem, x0, iters, metrics_every, callback, stop_metric, stop_tol: as in
+            :func:`distributed_cg`.
+        memory: number of ``(s, y)`` pairs; c1: the Armijo constant, in ``(0, 1)``.
+        checkpoint, checkpoint_every, resume: as in :func:`distributed_cg`; the checkpoint
+            holds the point and the whole memory (pairs and their ``1/<s, y>``), so a
+            resumed run continues to the same iterates (bitwise with the same number of
+            processes).
+
+    Returns a :class:`~ttmanifold.experiments.solvers.History` (``info``: ``backtracks``,
+    ``skipped_updates``, ``grad_norms``). Raises :class:`PeerFailure` when a peer dies.
+
+    Cost per iteration and process: one ``cg_grad`` on the shard (O(N_local d r^2)) and
+    one all-reduce of ``dim M + 1`` numbers when the unit step is accepted; per backtrack
+    one loss on the shard and an all-reduce of 1 number, then the gradient at the accepted
+    point (``dim M + 1`` numbers); replicated: the retraction per trial and
+    ``2 memory + 2`` transports (O(d n r^3) each).
+    """
+    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
+    problem.manifold.split(x0, "x0")
+    stepper = _LBFGS(problem, x0, memory, c1)
+    return _run(problem, stepper, iters=iters, metrics_every=metrics_every,
+                checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+                callback=callback, stop_metric=stop_metric, stop_tol=stop_tol,
+                options={"memory": memory, "c1": float(c1)})
+
+
+def distributed_trust_region(problem: ShardedCompletion, x0: torch.Tensor, *,
+                             iters: int = 50, radius: Optional[float] = None,
+                             max_radius: Optional[float] = None,
+                             max_inner: Optional[int] = None, theta: float = 1.0,
+                             kappa: float = 0.1, metrics_every: int = 1,
+                             checkpoint: Optional[str] = None, checkpoint_every: int = 0,
+                             resume: bool = False, callback: Optional[Callable] = None,
+                             stop_metric: Optional[str] = None,
+                             stop_tol: Optional[float] = None) -> History:
+    """Data-parallel Riemannian trust region with the exact Hessian (curvature term
+    included) and a truncated (Steihaug-Toint) CG inner solver: the iteration of
+    :func:`ttmanifold.experiments.solvers.riemannian_trust_region`, with the loss, the
+    gradient and every Hessian-vector product summed over the processes
+    (:meth:`ShardedCompletion.hessian`); every process runs the same inner CG, ratio test
+    and radius update.
+
+    Args:
+        problem, x0, iters, metrics_every, callback, stop_metric, stop_tol: as in
+            :func:`distributed_cg`.
+        radius, max_radius, max_inner, theta, kappa: as in ``riemannian_trust_region``
+            (default ``max_radius``: twice the larger of ``||X_0||`` and
+            ``sqrt(2 f(X_0))``; ``radius``: ``max_radius / 8``; ``max_inner``: ``dim M``).
+        checkpoint, checkpoint_every, resume: as in :func:`distributed_cg`; the checkpoint
+            holds the point, the radius and the counters, so a resumed run continues to the
+            same iterates.
+
+    Returns a :class:`~ttmanifold.experiments.solvers.History` (``info``:
+    ``inner_iters``, ``hess_products``, ``rejected``, ``grad_norms``). Raises
+    :class:`PeerFailure` when a peer dies.
+
+    Cost per outer iteration and process: one ``cg_grad`` on the shard at the trial point
+    and one all-reduce of ``dim M + 1`` numbers (loss and gradient together); per inner
+    iteration one Hessian product on the shard (autodiff, a few O(N_local d r^2) passes)
+    and one all-reduce of ``S`` numbers; replicated: one retraction and O(S) vector work
+    per inner iteration.
+    """
+    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
+    problem.manifold.split(x0, "x0")
+    stepper = _TR(problem, x0, radius, max_radius, max_inner, theta, kappa)
+    return _run(problem, stepper, iters=iters, metrics_every=metrics_every,
+                checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+                callback=callback, stop_metric=stop_metric, stop_tol=stop_tol,
+                options={"radius": radius, "max_radius": max_radius,
+                         "max_inner": max_inner, "theta": float(theta),
+                         "kappa": float(kappa)})
