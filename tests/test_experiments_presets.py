@@ -133,6 +133,41 @@ def test_image_preset_quick_cli(tmp_path):
     rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "%" in ln]
     assert len(rows) == 3
     psnrs = [float(r.split("|")[5]) for r in rows]
+    svd = [float(r.split("|")[7]) for r in rows]
+    assert all(a <= b + 1e-9 for a, b in zip(psnrs, svd))  # TT-SVD sees every pixel
     grey = presets.psnr(torch.full_like(img, float(img.mean())), img)  # 13.2 dB
     assert psnrs[-1] > grey + 1.0, (psnrs, grey)  # 30 % observed: better than the mean
     assert (tmp_path / "image_completion.png").stat().st_size > 1000
+
+
+def test_rank_one_start_is_near_a_unit_rank_one_tensor():
+    from ttmanifold.manifold import FixedTTRank
+
+    M = FixedTTRank((4, 5, 3, 4), (2, 3, 2))
+    x = presets.rank_one_start(M, seed=1, eps=1e-6)
+    full = M.to_tt(x).full()
+    assert abs(float(full.norm()) - 1.0) < 1e-4
+    # dense reference: the mode-1 unfolding's second singular value is O(eps)
+    sv = torch.linalg.svdvals(full.reshape(4, -1))
+    assert float(sv[1]) < 1e-4 * float(sv[0])
+    assert not torch.equal(x, presets.rank_one_start(M, seed=2, eps=1e-6))
+
+
+def test_recovery_phase_rows_table_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = presets.recovery_phase(4, 4, 2, [4.0], 1, iters=200, budget=5.0, test_size=100)
+    assert [r["method"] for r in rows] == list(presets.PHASE_METHODS)
+    for r in rows:  # 4 x dim M is above the transition at this size: all recover
+        assert r["recovered"] and r["test_err"] <= 1e-6 and r["rate"] == 4.0
+    rows += presets.recovery_phase(4, 4, 2, [1.5], 1, methods=["rcg_random"], iters=30,
+                                   test_size=100)
+    assert not rows[-1]["recovered"] and rows[-1]["test_err"] > 1e-2
+    table = presets.phase_table(rows, [1.5, 4.0])
+    assert table[2].startswith("| rcg_random | 0/1 | 1/1 (")
+    assert table[4].startswith("| rank_adaptive | - | 1/1 (")
+    presets.plot_phase([("d = 4", rows)], str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="methods"):
+        presets.recovery_phase(4, 4, 2, [4.0], 1, methods=["rsgd"])
+    with pytest.raises(ValueError, match="rates"):
+        presets.recovery_phase(4, 4, 2, [0.0], 1)
