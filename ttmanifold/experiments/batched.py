@@ -325,7 +325,7 @@ def batched_riemannian_cg(problem: BatchedCompletion, x0: Optional[torch.Tensor]
                           iters: int = 100, beta: str = "pr+",
                           restart_every: Optional[int] = None, restart_tol: float = 0.1,
                           tol: Optional[float] = None, gtol: Optional[float] = None,
-                          ) -> BatchedCGResult:
+                          metrics: bool = True) -> BatchedCGResult:
     """Riemannian CG with exact line search on ``B`` completion problems at once.
 
     Every iteration is :func:`~.solvers.riemannian_cg`'s for every active problem: the
@@ -343,6 +343,7 @@ def batched_riemannian_cg(problem: BatchedCompletion, x0: Optional[torch.Tensor]
             ||P_Omega A||`` is at most ``tol``;
         gtol: ... or once its Riemannian gradient norm is at most ``gtol``. A problem with
             an exactly zero gradient (e.g. an empty sample set) stops at once.
+        metrics: evaluate :meth:`BatchedCompletion.metrics` at the final points.
     Returns:
         a :class:`BatchedCGResult`. A finished problem keeps its point (its step is 0 and
         its state is not updated) while the others go on; the loop ends when all are done.
@@ -428,4 +429,4 @@ def batched_riemannian_cg(problem: BatchedCompletion, x0: Optional[torch.Tensor]
     names = [STATUS[s] for s in status.tolist()]
     return BatchedCGResult(x=p, iterations=its, status=names, loss=torch.stack(losses),
                            train_err=torch.stack(errs), restarts=restarts, time=elapsed,
-                           metrics=problem.metrics(p))
+                           metrics=problem.metrics(p) if metrics else {})
