@@ -189,3 +189,65 @@ def test_hess_float32_close_to_float64():
     f32, _ = losses(T.float())
     h32 = M.tangent_to_tt(p.float(), riemannian_hess(M, p.float(), f32, u.float())).full()
     assert float((h32.double() - h64).norm() / h64.norm()) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# batches of points (*B, size): B independent Hessians
+# ---------------------------------------------------------------------------------------
+
+def _batch_setup(seed, B, shape=(3, 4, 3), ranks=(1, 2, 2, 1)):
+    M = FixedTTRank(shape, ranks)
+    g = torch.Generator().manual_seed(seed)
+    p = torch.Tensor(M.random(B, dtype=F64, generator=g)).detach()
+    u = M.proju(p, torch.randn(B, M.size, dtype=F64, generator=g))
+    T = torch.randn((B,) + shape, dtype=F64, generator=g)
+    return M, p, u, T
+
+
+@pytest.mark.parametrize("per_point", [False, True], ids=["summed", "per-point"])
+def test_hess_batch_matches_independent_calls_and_oracle(per_point):
+    """A batch of 3 points: each row equals the single-point call (to rounding) and the
+    dense oracle; ``f`` may return the summed loss or one value per point."""
+    M, p, u, T = _batch_setup(7, 3)
+
+    def f_dense(A):  # A: (B, *shape) -> one value per point
+        return (0.5 * ((A - T) ** 2) + 0.1 * torch.sin(3 * A)).flatten(1).sum(-1)
+
+    def f_tt(x):
+        v = f_dense(x.full())
+        return v if per_point else v.sum()
+
+    h = riemannian_hess(M, p, f_tt, u)
+    assert h.shape == p.shape
+    for b in range(p.shape[0]):
+        def fb(x, b=b):
+            A = x.full()
+            return (0.5 * (A - T[b]) ** 2 + 0.1 * torch.sin(3 * A)).sum()
+        hb = riemannian_hess(M, p[b], fb, u[b])
+        got = M.tangent_to_tt(p[b], h[b]).full()
+        assert torch.allclose(got, M.tangent_to_tt(p[b], hb).full(), atol=1e-11, rtol=1e-10)
+        ref, _ = dense_hess(M, p[b], lambda A, b=b: (0.5 * (A - T[b]) ** 2
+                                                      + 0.1 * torch.sin(3 * A)).sum(),
+                            M.tangent_to_tt(p[b], u[b]).full())
+        assert torch.allclose(got, ref, atol=1e-10, rtol=1e-9), (got - ref).abs().max()
+
+
+def test_hessian_operator_batch_reused_and_checks():
+    """The operator of a batch applied to two vectors is linear per point; a vector of
+    another batch shape and a loss of the wrong shape are rejected naming the argument."""
+    from ttmanifold.manifold import hessian_operator
+    M, p, u, T = _batch_setup(8, 2, (4, 5), (1, 2, 1))
+
+    def f_tt(x):
+        return 0.5 * ((x.full() - T) ** 2).flatten(1).sum(-1) + (x.full() ** 4).flatten(1).sum(-1)
+
+    H = hessian_operator(M, p, f_tt)
+    v = M.proju(p, torch.randn(p.shape, dtype=F64, generator=torch.Generator().manual_seed(9)))
+    hu, hv, huv = H(u), H(v), H(2 * u - v)
+    assert torch.allclose(huv, 2 * hu - hv, atol=1e-10)
+    # symmetric per point (the Hessian of each point's own loss)
+    assert torch.allclose(M.inner(p, hu, v), M.inner(p, u, hv), atol=1e-9)
+    with pytest.raises(ValueError, match="u:"):
+        H(u[:1])
+    with pytest.raises(ValueError, match="f:"):
+        hessian_operator(M, p, lambda x: x.full().flatten(1)[:, :3].sum(0), grad=hu)(u)

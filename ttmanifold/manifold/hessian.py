@@ -24,23 +24,27 @@ def interface_factors(U, V) -> List[torch.Tensor]:
 
     Args:
         U: left-orthogonal cores of a point; V: its right-orthogonal cores
-            (:func:`~.sweeps.right_cores`).
+            (:func:`~.sweeps.right_cores`). Cores with leading batch dimensions
+            ``(*B, r, n, r')`` give one factor per point.
     Returns:
-        ``d - 1`` matrices; ``R[k]`` belongs to the bond between cores ``k`` and ``k+1``
-        (0-based), in ``U``'s dtype and device.
-    Cost: O(d n r^3), no inversion.
+        ``d - 1`` matrices (``(*B, r_k, r_k)`` for a batch); ``R[k]`` belongs to the bond
+        between cores ``k`` and ``k+1`` (0-based), in ``U``'s dtype and device.
+    Cost: O(d n r^3) per point, no inversion.
     """
     d = len(U)
     R: List[torch.Tensor] = [None] * (d - 1)  # type: ignore[list-item]
     last = U[d - 1]
-    R[d - 2] = last.reshape(last.shape[0], -1) @ V[d - 1].reshape(last.shape[0], -1).T
+    a = last.shape[-3]
+    R[d - 2] = (last.reshape(last.shape[:-3] + (a, -1))
+                @ V[d - 1].reshape(V[d - 1].shape[:-3] + (a, -1)).mT)
     for k in range(d - 2, 0, -1):
-        R[k - 1] = torch.einsum("aib,bc,dic->ad", U[k], R[k], V[k])
+        R[k - 1] = torch.einsum("...aib,...bc,...dic->...ad", U[k], R[k], V[k])
     return R
 
 
 def _second_derivative_tt(U, a, b) -> TT:
-    """The rank-4r TT of ``X + sum_{j != k} phi(U; a at j, b at k)``, ``phi`` the core map.
+    """The rank-4r TT of ``X + sum_{j != k} phi(U; a at j, b at k)``, ``phi`` the core map
+    (batched TT for cores with leading batch dimensions).
 
     States of the block cores: 0 nothing inserted, 1 ``a`` inserted, 2 ``b`` inserted,
     3 both. Paths from state 0 to state 0 give X, to state 3 the mixed second derivative.
@@ -51,13 +55,29 @@ def _second_derivative_tt(U, a, b) -> TT:
         u, x, y = U[k], a[k], b[k]
         z = torch.zeros_like(u)
         if k == 0:
-            cores.append(torch.cat([u, x, y, z], dim=2))
+            cores.append(torch.cat([u, x, y, z], dim=-1))
         elif k == d - 1:
-            cores.append(torch.cat([u, y, x, u], dim=0))
+            cores.append(torch.cat([u, y, x, u], dim=-3))
         else:
             rows = [[u, x, y, z], [z, u, z, y], [z, z, u, x], [z, z, z, u]]
-            cores.append(torch.cat([torch.cat(r, dim=2) for r in rows], dim=0))
+            cores.append(torch.cat([torch.cat(r, dim=-1) for r in rows], dim=-3))
     return TT(cores, check=False)
+
+
+def _solve_right(R, w, transpose: bool):
+    """``w_(left unfolding) R^{-1}`` (or ``R^{-T}``) by a linear solve, batched."""
+    r = w.shape[-1]
+    wl = w.reshape(w.shape[:-3] + (-1, r)).mT
+    return torch.linalg.solve(R.mT if transpose else R, wl).mT.reshape(w.shape)
+
+
+def _check_value(val, batch) -> torch.Tensor:
+    """The scalar to differentiate: ``f``'s value, or the sum of its per-point values."""
+    if not isinstance(val, torch.Tensor) or not (
+            val.numel() == 1 or (batch and tuple(val.shape) == tuple(batch))):
+        extra = f" or one value per point (shape {tuple(batch)})" if batch else ""
+        raise ValueError(f"f: expected a function returning a scalar tensor{extra}")
+    return val.sum() if val.dim() > 0 else val
 
 
 def riemannian_hess(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
@@ -75,14 +95,16 @@ def riemannian_hess(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
 
     Args:
         M: the manifold (:class:`~ttmanifold.FixedTTRank`).
-        p: a packed point.
+        p: a packed point, or a batch of points ``(*B, size)`` (then ``u`` is ``(*B, size)``
+            and ``f`` returns one value per point, or their sum: points are independent).
         f: a differentiable function of a :class:`~ttmanifold.TT` returning a scalar; it is
             called on a :class:`~.tangent.TangentTT` (as in :func:`~.autodiff.riemannian_grad`)
             and once on a plain rank-4r TT whose value is ``X``.
         u: a packed tangent vector at ``p`` (gauged or not: it is gauged first, the
             tangent vector it represents is kept).
     Returns:
-        packed gauged deltas of ``Hess f(X)[xi]`` (detached), in ``p``'s dtype and device.
+        packed gauged deltas of ``Hess f(X)[xi]`` (detached), in ``p``'s dtype and device
+        (per point for a batch, every sweep and solve batched).
     Cost: :func:`~.autodiff.riemannian_hvp` + :func:`~.autodiff.riemannian_grad` + ``f``
     and its backward on a rank-4r TT + O(d n r^3). For many products at one point use
     :func:`hessian_operator` (the gradient and the factors are computed once).
@@ -112,35 +134,25 @@ def hessian_operator(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
     R = interface_factors(U, V)
     grad_tt = M.tangent_to_tt(p, g)
 
+    batch = tuple(p.shape[:-1])
+
     def apply(u: torch.Tensor) -> torch.Tensor:
         u = _checked_u(M, p, u)
         hvp = riemannian_hvp(M, p, f, u)
-        a = []
-        for k, w in enumerate(M.split(u, "u")):
-            if k == M.d - 1:
-                a.append(w)
-                continue
-            r = w.shape[2]
-            a.append(torch.linalg.solve(R[k].T, w.reshape(-1, r).T).T.reshape(w.shape))
+        w = M.split(u, "u")
+        a = [_solve_right(R[k], w[k], True) for k in range(M.d - 1)] + [w[-1]]
         with torch.enable_grad():
             flat = torch.zeros_like(p).requires_grad_()
             Z = _second_derivative_tt(U, a, M.split(flat, "b"))
-            val = f(Z)
-            if not isinstance(val, torch.Tensor) or val.numel() != 1:
-                raise ValueError("f: expected a function returning a scalar tensor")
+            val = _check_value(f(Z), batch)
             # <N, phi''[a, b]> = <G, phi''[a, b]> - <P_X G, phi''[a, b]>
-            val = val.reshape(()) - inner(grad_tt, Z)
+            val = val - inner(grad_tt, Z).sum()
             (gb,) = torch.autograd.grad(val, flat, allow_unused=True)
         if gb is None:
             return hvp
-        gw = []
-        for k, c in enumerate(M.split(gb, "b")):
-            if k == M.d - 1:
-                gw.append(c)
-                continue
-            r = c.shape[2]
-            gw.append(torch.linalg.solve(R[k], c.reshape(-1, r).T).T.reshape(c.shape))
-        return hvp + M.proju(p, torch.cat([c.reshape(-1) for c in gw]))
+        c = M.split(gb, "b")
+        gw = [_solve_right(R[k], c[k], False) for k in range(M.d - 1)] + [c[-1]]
+        return hvp + M.proju(p, torch.cat([t.flatten(-3) for t in gw], -1))
 
     return apply
 
@@ -149,4 +161,7 @@ def _checked_u(M, p, u):
     M.split(u, "u")
     if u.dtype != p.dtype or u.device != p.device:
         raise TypeError(f"u: {u.dtype} on {u.device}, the point is {p.dtype} on {p.device}")
+    if u.shape != p.shape:
+        raise ValueError(f"u: shape {tuple(u.shape)} differs from the point's {tuple(p.shape)} "
+                         f"(one tangent vector per point)")
     return M.gauge(p, u.detach())
