@@ -1,8 +1,9 @@
 """``ttmanifold complete``: the three input formats give the same run, the outputs (TT file,
 report, predictions) against a dense float64 reference, malformed files raise errors naming
 the file and the entry, nothing is overwritten without --force, Ctrl-C keeps the finished
-iterations, checkpoints resume, and the same command under torchrun (2 gloo processes on
-127.0.0.1, in a subprocess with a hard timeout) gives the single-process result."""
+iterations, checkpoints resume, --method selects CG, L-BFGS or the trust region, and the same
+command under torchrun (2 gloo processes on 127.0.0.1, in a subprocess with a hard timeout)
+gives the single-process result."""
 import csv
 import os
 import socket
@@ -214,14 +215,47 @@ def test_progress_bar_and_help(capsys):
         capsys.readouterr().out.split())
 
 
+def test_method_lbfgs_and_trust_region(data, tmp_path):
+    root, full, idx, vals, q = data
+    base = [str(root / "d.npz"), "--rank", "3", "--validation", "0.1", "--no-progress"]
+    # L-BFGS to convergence; the trust region (seconds per iteration: its inner CG makes up
+    # to dim M Hessian products) for two iterations
+    for method, iters in (("rlbfgs", 40), ("rtr", 2)):
+        out = tmp_path / method
+        assert cli_main(["complete"] + base + ["--method", method, "--iters", str(iters),
+                                               "--out", str(out), "--checkpoint-every",
+                                               "2"]) == 0
+        header, rows = _report(out / "report.csv")
+        assert f"method: {method}" in header
+        assert D.load_checkpoint(out / "checkpoint.pt")["method"] == method
+        X = tm.load(out / "completed.npz").full().numpy()
+        err = np.linalg.norm(X - full) / np.linalg.norm(full)
+        if method == "rlbfgs":
+            assert err < 1e-6 and "status: converged" in header
+        else:
+            loss = [float(r["loss"]) for r in rows]
+            assert len(loss) == 3 and loss[2] < loss[1] < loss[0]
+    # a checkpoint of another method is refused with a clear message
+    assert "has method = 'rtr', this run has 'rlbfgs'" in _err(
+        base + ["--method", "rlbfgs", "--resume", "--out", tmp_path / "rtr"])
+    assert "--method rtr: --rank-adaptive" in _err(
+        base + ["--method", "rtr", "--rank-adaptive", "--out", tmp_path / "ra"])
+
+
 def test_torchrun_two_processes_equal_one(data, tmp_path):
     root, full, idx, vals, q = data
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # L-BFGS: the CG path under torchrun is the same code (tests/test_distributed.py runs
+    # both with two processes)
     args = [str(root / "d.csv"), "--rank", "3", "--validation", "0.1", "--iters", "15",
-            "--tol", "0", "--query", str(root / "q.csv"), "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+            "--tol", "0", "--query", str(root / "q.csv"), "--no-progress",
+            "--method", "rlbfgs"]
+    # the workers import this checkout's package (not another installed copy)
+    path = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] +
+                           ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                           "2", "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port",
                           str(port), "-m", "ttmanifold", "complete"] + args +
@@ -235,7 +269,7 @@ def test_torchrun_two_processes_equal_one(data, tmp_path):
     assert float((a - b).abs().max()) < 1e-12
     h2, r2 = _report(tmp_path / "two" / "report.csv")
     h1, r1 = _report(tmp_path / "one" / "report.csv")
-    assert "processes: 2" in h2 and "processes: 1" in h1
+    assert "processes: 2" in h2 and "processes: 1" in h1 and "method: rlbfgs" in h2
     np.testing.assert_allclose([float(r["val_err"]) for r in r2],
                                [float(r["val_err"]) for r in r1], rtol=1e-9)
 

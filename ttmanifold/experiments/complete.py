@@ -16,10 +16,14 @@ iteration; a header with the shape, ranks, sample counts and the run's status),
 
 The rank is fixed (``--rank``) or chosen (``--rank-adaptive``, with ``--rank`` as the cap:
 :func:`~ttmanifold.experiments.solvers.rank_adaptive_completion`, one process). The
-fixed-rank solver is Riemannian CG with exact line search
-(:func:`~ttmanifold.experiments.distributed.distributed_cg`); it runs in one process, or
-data-parallel when started by ``torchrun`` (each process keeps the entries that hash to it,
-so the iterates are the single-process ones to rounding). Run ``ttmanifold complete --help``.
+fixed-rank solver (``--method``) is Riemannian CG with exact line search (``rcg``, default:
+:func:`~ttmanifold.experiments.distributed.distributed_cg`), Riemannian L-BFGS (``rlbfgs``:
+:func:`~ttmanifold.experiments.distributed.distributed_lbfgs`) or the Riemannian trust
+region with the exact Hessian (``rtr``:
+:func:`~ttmanifold.experiments.distributed.distributed_trust_region`); each runs in one
+process, or data-parallel when started by ``torchrun`` (each process keeps the entries that
+hash to it, so the iterates are the single-process ones to rounding). Run ``ttmanifold
+complete --help``.
 """
 from __future__ import annotations
 
@@ -35,6 +39,9 @@ import numpy as np
 import torch
 
 OUTPUTS = ("completed.npz", "report.csv", "predictions.csv", "checkpoint.pt")
+#: the fixed-rank solvers of ``--method`` (all data-parallel under torchrun)
+METHODS = {"rcg": "Riemannian CG", "rlbfgs": "Riemannian L-BFGS",
+           "rtr": "Riemannian trust region"}
 DENSE_LIMIT = 2 * 10 ** 7
 
 
@@ -326,7 +333,7 @@ def build_parser(prog: str = "ttmanifold complete") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Complete a tensor from observed entries with a fixed-TT-rank model "
-                    "(Riemannian CG). Data: .npz (indices + values, or a dense array with "
+                    "(Riemannian CG, L-BFGS or trust region). Data: .npz (indices + values, or a dense array with "
                     "NaN for missing), .npy (dense, NaN missing) or CSV lines "
                     "'i_1,...,i_d,value' (0-based). Data-parallel under torchrun, unchanged.",
         epilog="examples:\n  ttmanifold complete ratings.csv --rank 5 --validation 0.1 "
@@ -346,7 +353,13 @@ def build_parser(prog: str = "ttmanifold complete") -> argparse.ArgumentParser:
                         "the largest index + 1 per mode)")
     p.add_argument("--validation", type=float, default=0.0,
                    help="fraction of the entries held out for validation (default 0)")
-    p.add_argument("--iters", type=int, default=100, help="CG iterations (default 100)")
+    p.add_argument("--method", choices=tuple(METHODS), default="rcg",
+                   help="fixed-rank solver: 'rcg' Riemannian CG with exact line search "
+                        "(default), 'rlbfgs' Riemannian L-BFGS, 'rtr' Riemannian trust "
+                        "region with the exact Hessian (fewer, costlier iterations); all "
+                        "data-parallel under torchrun")
+    p.add_argument("--iters", type=int, default=100,
+                   help="iterations of the solver (default 100)")
     p.add_argument("--tol", type=float, default=1e-10,
                    help="stop when the relative training error is below this (default 1e-10)")
     p.add_argument("--init", choices=("auto", "spectral", "random"), default="auto",
@@ -420,7 +433,8 @@ def run_complete(args, out_stream=None) -> int:
     Ctrl-C with the finished iterations written)."""
     from .. import io as tt_io
     from .distributed import (Communicator, ShardedCompletion, distributed_cg,
-                              shard_mask, validation_mask)
+                              distributed_lbfgs, distributed_trust_region, shard_mask,
+                              validation_mask)
 
     comm = Communicator()
     lead = comm.rank == 0
@@ -449,6 +463,9 @@ def run_complete(args, out_stream=None) -> int:
     elif args.rank_adaptive and comm.distributed:
         error = ("--rank-adaptive runs in one process (rank adaptivity is not data-parallel "
                  "yet): run it without torchrun, or give a fixed --rank")
+    elif args.rank_adaptive and args.method != "rcg":
+        error = (f"--method {args.method}: --rank-adaptive runs Riemannian CG inside; drop "
+                 f"--method or give a fixed --rank")
     elif args.rank_adaptive and (args.checkpoint_every or args.resume):
         error = "--rank-adaptive does not write checkpoints: drop --checkpoint-every / --resume"
     want = ["completed.npz", "report.csv"] + (["predictions.csv"] if args.query else []) + \
@@ -535,13 +552,18 @@ def run_complete(args, out_stream=None) -> int:
         bar.update(t + 1 if t < args.iters else t, hist.metrics[-1] if hist.metrics else {})
         return False
 
-    say(f"Riemannian CG, at most {args.iters} iterations (stops at train_err <= {args.tol:g})")
+    say(f"{METHODS[args.method]}, at most {args.iters} iterations (stops at train_err <= "
+        f"{args.tol:g})")
     ck = os.path.join(args.out, "checkpoint.pt")
+    solver = {"rcg": distributed_cg, "rlbfgs": distributed_lbfgs,
+              "rtr": distributed_trust_region}[args.method]
     try:
-        hist = distributed_cg(S, x0, iters=args.iters, metrics_every=1,
-                              checkpoint=ck if (args.checkpoint_every or args.resume) else None,
-                              checkpoint_every=args.checkpoint_every, resume=args.resume,
-                              callback=callback, stop_metric="train_err", stop_tol=args.tol)
+        hist = solver(S, x0, iters=args.iters, metrics_every=1,
+                      checkpoint=ck if (args.checkpoint_every or args.resume) else None,
+                      checkpoint_every=args.checkpoint_every, resume=args.resume,
+                      callback=callback, stop_metric="train_err", stop_tol=args.tol)
+    except ValueError as exc:  # a checkpoint of another run (method, shape, ranks, ...)
+        raise SystemExit(f"ttmanifold complete: {exc}")
     finally:
         bar.close()
     status = hist.status
@@ -555,7 +577,8 @@ def run_complete(args, out_stream=None) -> int:
                   f"data: {args.data}", f"shape: {list(shape)}", f"ranks: {list(M.ranks)} "
                   f"(fixed)", f"train: {S.n_train}", f"validation: {S.n_val}",
                   f"processes: {comm.world_size}", f"dtype: {args.dtype}",
-                  f"init: {'checkpoint' if args.resume else init}"]
+                  f"init: {'checkpoint' if args.resume else init}",
+                  f"method: {args.method}"]
         _write_report(os.path.join(args.out, "report.csv"), hist, header)
         written = ["completed.npz", "report.csv"]
         if q is not None:

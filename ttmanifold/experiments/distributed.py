@@ -847,11 +847,18 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
     start = 0
     elapsed = 0.0
     if resume:
-        ck = None
+        ck, error = None, None
         if comm.rank == 0:
-            ck = load_checkpoint(checkpoint)
-            _check_resume(ck, problem, stepper.method, checkpoint)
-        ck = comm.broadcast_object(ck, "the broadcast of the checkpoint")
+            try:
+                ck = load_checkpoint(checkpoint)
+                _check_resume(ck, problem, stepper.method, checkpoint)
+            except (ValueError, FileNotFoundError) as exc:
+                # sent to every process, which all raise it (the others must not wait)
+                ck, error = None, (type(exc).__name__, str(exc))
+        ck, error = comm.broadcast_object((ck, error), "the broadcast of the checkpoint")
+        if error is not None:
+            raise (FileNotFoundError if error[0] == "FileNotFoundError" else ValueError)(
+                error[1])
         stepper.load_state_dict(ck["state"])
         start = int(ck["iteration"])
         for row in ck["history"]:
