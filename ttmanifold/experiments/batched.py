@@ -218,7 +218,7 @@ class BatchedCompletion:
             a, sw = self._layout(point)
             r = torch.where(point.mask, point.values - a, 0.0)
             z = r * sw
-            D = I.unstack_cores(point.project(z * sw))
+            D = point.project(z * sw)
             grad = M.proju(p, torch.cat([c.reshape(B, -1) for c in D], -1))
             loss = 0.5 * I.layout_sum(point, z * z)
             train_err = I.layout_sum(point, r * r).sqrt() / self.a_train_norm
@@ -237,7 +237,7 @@ class BatchedCompletion:
         with torch.no_grad():
             point = ctx.point
             _, sw = self._layout(point)
-            e = point.tangent(I.stack_cores(self.manifold.split(eta, "eta"))) * sw
+            e = point.tangent(self.manifold.split(eta, "eta")) * sw
             num = I.layout_sum(point, ctx.z * e)
             den = I.layout_sum(point, e * e)
             if ctx.xt is not None:

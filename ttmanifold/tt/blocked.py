@@ -17,12 +17,12 @@ import torch
 from .layout import Block, Partition, Workspace
 
 __all__ = ["SampledPoint", "blocked_values", "blocked_project", "merged", "tangent_block",
-           "split_block_grad", "ranks_of"]
+           "split_block_grad", "ranks_of", "stacked"]
 
 
 def ranks_of(cores: Sequence[torch.Tensor]) -> List[int]:
-    """The ``d + 1`` TT-ranks of a list of cores."""
-    return [int(c.shape[0]) for c in cores] + [int(cores[-1].shape[2])]
+    """The ``d + 1`` TT-ranks of a list of cores (or of batched cores ``(B, r, n, r')``)."""
+    return [int(c.shape[-3]) for c in cores] + [int(cores[-1].shape[-1])]
 
 
 # -- row-major buffer operations ---------------------------------------------------------
@@ -103,18 +103,33 @@ def cols(mats) -> int:
 
 
 # -- merged cores ------------------------------------------------------------------------
+# Batched cores (B, r, n, r') are the cores of a batch of B TTs evaluated at the samples of
+# a stacked index set (index_set.StackedIndexSet): merged index b P + i of a block is the
+# merged index i of TT b, so a merged core is merged per TT (batched products) and stacked.
+
 def merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(ra, n1, rb) x (rb, n2, rc) -> (ra, n1 n2, rc), the merged core (row-major index)."""
-    ra, n1, rb = a.shape
-    n2, rc = b.shape[1], b.shape[2]
-    return (a.reshape(ra * n1, rb) @ b.reshape(rb, n2 * rc)).reshape(ra, n1 * n2, rc)
+    """(ra, n1, rb) x (rb, n2, rc) -> (ra, n1 n2, rc), the merged core (row-major index);
+    leading batch dimensions are kept."""
+    ra, n1, rb = a.shape[-3:]
+    n2, rc = b.shape[-2], b.shape[-1]
+    bs = tuple(a.shape[:-3])
+    return (a.reshape(bs + (ra * n1, rb)) @ b.reshape(bs + (rb, n2 * rc))).reshape(
+        bs + (ra, n1 * n2, rc))
+
+
+def stacked(c: torch.Tensor) -> torch.Tensor:
+    """A batched merged core (B, r, P, r') -> (r, B P, r'), TT b's rows at b P + i; a 3-D
+    core is returned as it is."""
+    if c.dim() == 3:
+        return c
+    return c.permute(1, 0, 2, 3).reshape(c.shape[1], -1, c.shape[3])
 
 
 def merged(cores: Sequence[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
     c = cores[lo]
     for k in range(lo + 1, hi):
         c = merge(c, cores[k])
-    return c
+    return stacked(c)
 
 
 def tangent_block(U, V, dU, lo: int, hi: int) -> torch.Tensor:
@@ -123,12 +138,16 @@ def tangent_block(U, V, dU, lo: int, hi: int) -> torch.Tensor:
     for k in range(lo + 1, hi):
         s = merge(s, V[k]) + merge(pu, dU[k])
         pu = merge(pu, U[k])
-    return s
+    return stacked(s)
 
 
 def split_block_grad(C: torch.Tensor, U, V, lo: int, hi: int, shape) -> List[torch.Tensor]:
     """``D_k`` for k in lo..hi-1 from the block scatter ``C`` (r_lo, P, r_hi):
-    contract C with ``U_lo..U_{k-1}`` on the left and ``V_{k+1}..V_{hi-1}`` on the right."""
+    contract C with ``U_lo..U_{k-1}`` on the left and ``V_{k+1}..V_{hi-1}`` on the right.
+    For batched cores ``(B, r, n, r')`` (``C`` stacked, ``(r_lo, B P, r_hi)``) the ``D_k``
+    are batched too, ``(B, r, n_k, r')``, and ``shape`` is not used."""
+    if U[lo].dim() == 4:
+        return split_batched(C, U, V, lo, hi)
     if hi - lo == 1:
         return [C]
     out = []
@@ -146,6 +165,32 @@ def split_block_grad(C: torch.Tensor, U, V, lo: int, hi: int, shape) -> List[tor
             X = X.reshape(-1, shape[j] * bdim) @ v.reshape(v.shape[0], -1).transpose(0, 1)
             bdim = v.shape[0]
         out.append(X.reshape(a, shape[k], bdim))
+    return out
+
+
+def split_batched(C: torch.Tensor, U, V, lo: int, hi: int) -> List[torch.Tensor]:
+    """:func:`split_block_grad` for batched cores: per TT, one batched product per step."""
+    nb = U[lo].shape[0]
+    C = C.reshape(C.shape[0], nb, -1, C.shape[2]).permute(1, 0, 2, 3)  # (B, r_lo, P, r_hi)
+    if hi - lo == 1:
+        return [C.contiguous()]
+    out = []
+    r_hi = C.shape[3]
+    for k in range(lo, hi):
+        X = C
+        a = C.shape[1]
+        for j in range(lo, k):
+            u = U[j]
+            n = u.shape[2]
+            X = u.reshape(nb, a * n, u.shape[3]).transpose(1, 2) @ X.reshape(nb, a * n, -1)
+            a = u.shape[3]
+        bdim = r_hi
+        for j in range(hi - 1, k, -1):
+            v = V[j]
+            vt = v.reshape(nb, v.shape[1], -1).transpose(1, 2)
+            X = X.reshape(nb, -1, v.shape[2] * bdim) @ vt
+            bdim = v.shape[1]
+        out.append(X.reshape(nb, a, U[k].shape[2], bdim))
     return out
 
 

@@ -21,10 +21,10 @@ import torch
 from .. import kernels
 from .._checks import check_float_dtype, check_shape, functorch_wrapped
 from . import sampled_compiled
-from .blocked import SampledPoint, blocked_project, blocked_values
+from .blocked import SampledPoint, blocked_project, blocked_values, stacked
 from .layout import CHUNK, MIN_GROUP, Block, ModePlan, Partition, Workspace
 
-__all__ = ["IndexSet", "BatchIndexSet", "SampledPoint", "sampled_values", "sampled_project"]
+__all__ = ["IndexSet", "BatchIndexSet", "StackedIndexSet", "SampledPoint", "sampled_values", "sampled_project"]
 
 # The blocked-kernel operations; :mod:`ttmanifold.kernels` runs the compiled version when it
 # is built and applies (CPU, float32/float64, no autograd, large enough index set).
@@ -160,9 +160,7 @@ class IndexSet:
         ck = (lo, hi, prev, nxt)
         blk = self._blocks.get(ck)
         if blk is None:
-            P = 1
-            for k in range(lo, hi):
-                P *= self.shape[k]
+            P = self.merged_count(lo, hi)
             idx = self.indices
             gmap = None
             key = self.block_key(lo, hi)
@@ -186,15 +184,23 @@ class IndexSet:
         out = []
         k = 0
         while k < d:
-            hi, P, r = k + 1, self.shape[k], max(ranks[k], ranks[k + 1])
+            hi, r = k + 1, max(ranks[k], ranks[k + 1])
             while hi < d:
-                P2, r2 = P * self.shape[hi], max(r, ranks[hi + 1])
+                P2, r2 = self.merged_count(k, hi + 1), max(r, ranks[hi + 1])
                 if P2 * max(self.min_group, 4 * r2) > N:
                     break
-                P, r, hi = P2, r2, hi + 1
+                r, hi = r2, hi + 1
             out.append((k, hi))
             k = hi
         return out
+
+    def merged_count(self, lo: int, hi: int) -> int:
+        """``P``, the number of merged indices of modes ``lo..hi-1`` (rows of the merged
+        core of a block)."""
+        P = 1
+        for k in range(lo, hi):
+            P *= self.shape[k]
+        return P
 
     def partition(self, ranks: Sequence[int]) -> Partition:
         """The blocks of :meth:`bounds` and the maps between their layouts (built once
@@ -380,6 +386,90 @@ def _chunked(a: torch.Tensor, mats: torch.Tensor, idx: torch.Tensor) -> torch.Te
     return torch.cat(outs, 0)
 
 
+class StackedIndexSet(IndexSet):
+    """The samples of ``B`` problems as one index set of the stacked TT (mode sizes
+    ``B n_k``; sample ``i`` of problem ``b`` at ``(b n_1 + i_1, ..., b n_d + i_d)``), built
+    by :class:`BatchIndexSet`. Its blocked and compiled kernels take the batched cores
+    ``(B, r, n_k, r')`` of the ``B`` TTs and merge modes per TT: the merged index of a
+    block is ``b P + i`` (``P`` merged indices per TT, so a block has ``B P`` groups, as
+    many per sample as for one problem) and a merged core is the ``B`` merged cores
+    stacked (:func:`~.blocked.merged`). The per-mode kernels take the cores of the stacked
+    TT (batched cores are stacked on the fly)."""
+
+    def __init__(self, local: torch.Tensor, problem: torch.Tensor, batch_size: int,
+                 shape: Tuple[int, ...]):
+        n = torch.tensor(shape, device=local.device, dtype=torch.long)
+        super().__init__(local + problem.unsqueeze(1) * n,
+                         tuple(batch_size * s for s in shape), check=False)
+        self.local = local
+        self.problem = problem
+        self.batch_size = batch_size
+        self.local_shape = shape
+
+    def __repr__(self) -> str:
+        return f"StackedIndexSet(B={self.batch_size}, N={len(self)}, shape={self.local_shape})"
+
+    def merged_count(self, lo: int, hi: int) -> int:
+        P = self.batch_size
+        for k in range(lo, hi):
+            P *= self.local_shape[k]
+        return P
+
+    def block_key(self, lo: int, hi: int) -> torch.Tensor:
+        """``b P + i``: the problem, then its merged index ``i`` of modes ``lo..hi-1``."""
+        if hi - lo == 1:
+            return self.indices[:, lo]
+        key = self.problem
+        for k in range(lo, hi):
+            key = key * self.local_shape[k] + self.local[:, k]
+        return key
+
+    def _block(self, lo: int, hi: int, prev: Optional[int], nxt: Optional[int]) -> Block:
+        if hi - lo == 1:
+            return super()._block(lo, hi, prev, nxt)
+        ck = (lo, hi, prev, nxt)
+        blk = self._blocks.get(ck)
+        if blk is None:  # groups in merged-index order (the merged cores' row order)
+            sec = [self.indices[:, m] for m in (nxt, prev) if m is not None]
+            blk = Block(self.block_key(lo, hi), lo, hi, self.merged_count(lo, hi), None, sec,
+                        multi=True)
+            self._blocks[ck] = blk
+        return blk
+
+    def check_cores(self, cores: Sequence[torch.Tensor], name: str = "tt") -> None:
+        """Batched cores ``(B, r, n_k, r')`` of the ``B`` TTs (or the stacked TT's cores,
+        checked as for :class:`IndexSet`)."""
+        if not (len(cores) and isinstance(cores[0], torch.Tensor) and cores[0].dim() == 4):
+            return super().check_cores(cores, name)
+        d, B = len(self.local_shape), self.batch_size
+        if len(cores) != d:
+            raise ValueError(f"{name}: {len(cores)} cores, the index set has order {d}")
+        for k, c in enumerate(cores):
+            if not isinstance(c, torch.Tensor) or c.dim() != 4 or c.shape[0] != B \
+                    or c.shape[2] != self.local_shape[k]:
+                got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+                raise ValueError(f"{name}: core {k} must have shape ({B}, r, "
+                                 f"{self.local_shape[k]}, r'), got {got}")
+            check_float_dtype(c.dtype, f"{name} (core {k})")
+            if c.dtype != cores[0].dtype:
+                raise TypeError(f"{name}: core {k} has dtype {c.dtype}, core 0 {cores[0].dtype}")
+            if c.device != self.device:
+                raise ValueError(f"{name}: core {k} on device {c.device}, indices on "
+                                 f"{self.device}")
+            if k + 1 < d and c.shape[3] != cores[k + 1].shape[1]:
+                raise ValueError(f"{name}: rank mismatch between cores {k} and {k + 1}: "
+                                 f"{tuple(c.shape)} and {tuple(cores[k + 1].shape)}")
+        if cores[0].shape[1] != 1 or cores[-1].shape[3] != 1:
+            raise ValueError(f"{name}: boundary ranks must be 1, got {cores[0].shape[1]} "
+                             f"and {cores[-1].shape[3]}")
+
+    def left_step(self, k: int, a: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+        return super().left_step(k, a, stacked(core))
+
+    def right_step(self, k: int, b: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+        return super().right_step(k, b, stacked(core))
+
+
 class BatchIndexSet:
     """``B`` index sets of one tensor shape (ragged sample counts; empty sets allowed) for a
     batch of ``B`` TTs of equal ranks: problem ``b``'s samples are evaluated in TT ``b``.
@@ -391,16 +481,18 @@ class BatchIndexSet:
 
     Design: a batch of TTs with cores ``G_k^b`` ``(r, n_k, r')`` is one TT of shape
     ``(B n_1, ..., B n_d)`` whose core ``k`` holds ``G_k^b`` in its ``b``-th block of mode
-    indices (:meth:`stack_cores`); sample ``(i_1, ..., i_d)`` of problem ``b`` is entry
-    ``(b n_1 + i_1, ..., b n_d + i_d)`` of it, where every core contributes its block ``b``.
-    So the ``B`` problems are one :class:`IndexSet` (:attr:`stacked`) and every kernel of it
-    (blocked or compiled) runs once for the whole batch: the values, the sampled point of CG
-    and the sparse projection, whose ``D_k`` accumulates sample ``e`` of problem ``b`` into
-    block ``b`` only (:meth:`unstack_cores` gives the per-problem deltas). The kernels only
-    contract cores with per-sample vectors; they never rely on the orthogonality of the
-    stacked cores, so per-block orthogonality (that of every point) is all the projection
-    needs, as for one point. Samples are kept in the order of the concatenated ``indices``
-    (:attr:`offsets`).
+    indices; sample ``(i_1, ..., i_d)`` of problem ``b`` is entry ``(b n_1 + i_1, ...,
+    b n_d + i_d)`` of it, where every core contributes its block ``b``. So the ``B``
+    problems are one index set (:attr:`stacked`, a :class:`StackedIndexSet`) and every
+    kernel of it (blocked or compiled) runs once for the whole batch: the values, the
+    sampled point of CG and the sparse projection, whose ``D_k`` accumulates sample ``e`` of
+    problem ``b`` into block ``b`` only. Consecutive modes are merged per TT (``B P``
+    merged indices, never the ``(B n)^2`` cross terms of the stacked TT), so a block
+    partition is that of one problem with the batch's samples. The kernels only contract
+    cores with per-sample vectors and never rely on the orthogonality of the stacked cores:
+    the orthogonality of every point is all the projection needs, as for one point. The
+    cores go in and the deltas come out batched, ``(B, r, n_k, r')``. Samples are kept in
+    the order of the concatenated ``indices`` (:attr:`offsets`).
     """
 
     def __init__(self, indices: Sequence[torch.Tensor], shape: Sequence[int], *,
@@ -440,11 +532,9 @@ class BatchIndexSet:
         #: the problem of every sample, ``(N,)`` (concatenated order)
         self.problem = torch.repeat_interleave(
             torch.arange(B, device=dev), torch.tensor(self.counts, device=dev))
-        n = torch.tensor(shape, device=dev, dtype=torch.long)
         local = torch.cat([idx.to(torch.long) for idx in indices], 0)
         #: one index set over the stacked TT (mode sizes ``B n_k``)
-        self.stacked = IndexSet(local + self.problem.unsqueeze(1) * n,
-                                tuple(B * s for s in shape), check=False)
+        self.stacked = StackedIndexSet(local, self.problem, B, shape)
         self._slot_problem: Dict[int, Tuple[object, torch.Tensor]] = {}
 
     @classmethod
@@ -471,9 +561,7 @@ class BatchIndexSet:
     @property
     def indices(self) -> List[torch.Tensor]:
         """Problem ``b``'s multi-indices ``(N_b, d)`` for every ``b`` (views)."""
-        n = torch.tensor(self.shape, device=self.device, dtype=torch.long)
-        local = self.stacked.indices - self.problem.unsqueeze(1) * n
-        return list(local.split(self.counts))
+        return list(self.stacked.local.split(self.counts))
 
     def split(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Per-sample data ``(N, ...)`` in concatenated order -> one tensor per problem."""
@@ -491,7 +579,7 @@ class BatchIndexSet:
         out = x.new_zeros((self.batch_size,) + tuple(x.shape[1:]))
         return out.index_add_(0, self.problem, x)
 
-    # -- stacked cores --------------------------------------------------------------------
+    # -- batched cores -------------------------------------------------------------------
     def check_batch_cores(self, cores: Sequence[torch.Tensor], name: str = "tt") -> None:
         """Validate the cores of a batch of ``B`` TTs: ``d`` floating cores of shape
         ``(B, r, n_k, r')`` (batch of the index set's size, its mode sizes)."""
@@ -509,18 +597,6 @@ class BatchIndexSet:
                                  f"set's shape is {self.shape}")
         # dtypes, ranks and device: checked on the stacked cores by the stacked index set
 
-    def stack_cores(self, cores: Sequence[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
-        """Batched cores ``(B, r, n_k, r')`` -> the cores ``(r, B n_k, r')`` of the stacked
-        TT (``None`` entries pass through). O(B d n r^2) copies."""
-        return [None if c is None else
-                c.permute(1, 0, 2, 3).reshape(c.shape[1], -1, c.shape[3]) for c in cores]
-
-    def unstack_cores(self, cores: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """Inverse of :meth:`stack_cores`: ``(r, B n_k, r')`` -> ``(B, r, n_k, r')``."""
-        B = self.batch_size
-        return [c.view(c.shape[0], B, c.shape[1] // B, c.shape[2]).permute(1, 0, 2, 3)
-                .contiguous() for c in cores]
-
     # -- kernels --------------------------------------------------------------------------
     def gather(self, tt) -> torch.Tensor:
         """The entries of TT ``b`` at problem ``b``'s samples for every ``b``, concatenated
@@ -531,7 +607,7 @@ class BatchIndexSet:
         self.check_batch_cores(cores, "tt")
         if len(self) == 0:
             return cores[0].new_zeros(0)
-        return self.stacked.gather_cores(self.stack_cores(cores))
+        return self.stacked.gather_cores(cores)
 
     def project(self, U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
                 values: torch.Tensor) -> List[torch.Tensor]:
@@ -539,23 +615,23 @@ class BatchIndexSet:
         tensor with ``values`` (concatenated order, ``(N,)``) at problem ``b``'s samples onto
         the tangent space at TT ``b`` (left-orthogonal cores ``U``, right-orthogonal ``V``,
         ``V[0]`` unused), before the gauge projection. One sparse projection of the stacked
-        TT (blocked or compiled kernels), no autograd. O(N d r^2) + O(B d n r^2)."""
+        TT (blocked or compiled kernels), no autograd. O(N d r^2)."""
         self.check_batch_cores(U, "U")
         if not isinstance(values, torch.Tensor) or values.shape != (len(self),):
             got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
             raise ValueError(f"values: expected shape ({len(self)},), got {got}")
         if len(self) == 0:
             return [torch.zeros_like(u) for u in U]
-        D = self.stacked.project(self.stack_cores(U), self.stack_cores(V), values)
-        return self.unstack_cores(D)
+        return self.stacked.project(list(U), list(V), values)
 
     def sampled_point(self, U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]]):
-        """The :class:`SampledPoint` (or its compiled counterpart) of the stacked TT: the
-        per-sample vectors of all ``B`` points, for Riemannian CG over the batch. Its
-        :meth:`~SampledPoint.project` returns stacked ``D_k`` (:meth:`unstack_cores`); sum
-        per problem in its layout with :meth:`layout_sum`. O(N d r^2)."""
+        """The :class:`SampledPoint` (or its compiled counterpart) of the ``B`` points with
+        batched cores ``U``, ``V`` ``(B, r, n_k, r')``: the per-sample vectors of all points,
+        for Riemannian CG over the batch. Its :meth:`~SampledPoint.project` returns batched
+        ``D_k`` and its :meth:`~SampledPoint.tangent` takes batched deltas; sum per problem
+        in its layout with :meth:`layout_sum`. O(N d r^2)."""
         self.check_batch_cores(U, "U")
-        return self.stacked.sampled_point(self.stack_cores(U), self.stack_cores(V))
+        return self.stacked.sampled_point(list(U), list(V))
 
     def layout_problem(self, point) -> torch.Tensor:
         """The problem of every slot of ``point``'s last layout (``B`` for padding slots),

@@ -80,9 +80,7 @@ class CompiledPlan:
         ar = torch.arange(N, device=dev, dtype=torch.int32)
         prev_key, prev_P = None, 1
         for lo, hi in bounds:
-            P = 1
-            for k in range(lo, hi):
-                P *= iset.shape[k]
+            P = iset.merged_count(lo, hi)
             key = iset.block_key(lo, hi)
             # inside a group, samples in the order of their previous block's group: a left
             # step then fills every destination group front to back (cache-friendly writes)
