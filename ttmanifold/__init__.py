@@ -12,6 +12,8 @@ Packages and modules (one concept each; imports flow down this list):
 - :mod:`ttmanifold.chart` - the STTP chart (:class:`STTPChart`) and ``nn.utils.parametrize``
   integration;
 - :mod:`ttmanifold.nn` - spectral low-rank layers (STTP and SVDP);
+- :mod:`ttmanifold.optim` - geoopt's Riemannian SGD and Adam with a step that
+  ``torch.compile`` captures;
 - :mod:`ttmanifold.experiments` - the chart-versus-Riemannian comparison
   (``ttmanifold compare``; not imported by ``import ttmanifold``, needs the ``compare``
   extra).
@@ -27,7 +29,7 @@ from .chart import (
     lipschitz_normalize,
     register_sttp,
 )
-from . import householder, nn
+from . import householder, nn, optim
 from .io import load, save
 
 __version__ = "0.1.0"
@@ -47,5 +49,6 @@ __all__ = [
     "lipschitz_normalize",
     "householder",
     "nn",
+    "optim",
     "save", "load",
 ]

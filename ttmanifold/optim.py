@@ -1,0 +1,180 @@
+"""geoopt's Riemannian optimizers with a step that ``torch.compile`` can capture.
+
+:class:`RiemannianSGD` and :class:`RiemannianAdam` are geoopt's optimizers (subclasses,
+same constructor arguments, same ``state_dict`` keys, the same iterates to rounding in
+eager mode) whose ``step`` also runs under ``torch.compile(opt.step, fullgraph=True)``,
+so a CUDA user can capture a whole optimizer step in one graph (and a CUDA graph).
+
+Why they exist: under ``torch.compile``, dynamo hands an optimizer's parameters to the
+traced ``step`` as plain tensors, so geoopt's ``isinstance(p, ManifoldParameter)`` test
+fails and geoopt's own step silently takes a Euclidean step ``p - lr g`` (see
+``tests/test_compile.py``). These classes record each parameter's manifold when the
+parameter group is added, and keep Adam's step count in a tensor (a Python integer that
+changes every step would make dynamo recompile at every step). The algebra follows
+geoopt 0.5.1 exactly, including its quirks (RiemannianSGD starts the momentum buffer at
+``p.grad`` before the gradient is converted; RiemannianAdam re-projects the point with
+``projx`` before every step). Adam's bias corrections are computed from the tensor count;
+in float64 they equal geoopt's Python-float powers to rounding.
+
+Usage::
+
+    opt = ttmanifold.optim.RiemannianAdam([P], lr=1e-2)   # P a geoopt.ManifoldParameter
+    step = torch.compile(opt.step, fullgraph=True)
+    for batch in data:
+        opt.zero_grad(); loss(P, batch).backward(); step()
+
+Compilation happens on the first two calls (before and after the state is created); later
+steps reuse the graph. ``stabilize=k`` (geoopt's periodic re-projection) is a host-side
+count and is refused under compilation: call ``opt.stabilize()`` every k steps instead.
+"""
+from __future__ import annotations
+
+import geoopt
+import torch
+
+__all__ = ["RiemannianSGD", "RiemannianAdam"]
+
+
+class _ManifoldsOfGroups:
+    """Each parameter group's manifolds, recorded when the group is added (a parameter
+    that is no ``ManifoldParameter``/``ManifoldTensor`` gets geoopt's Euclidean default)."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        manifolds = [p.manifold if isinstance(p, (geoopt.ManifoldParameter,
+                                                  geoopt.ManifoldTensor))
+                     else self._default_manifold for p in group["params"]]
+        # kept beside param_groups, not in it: state_dict() must stay free of modules
+        self.__dict__.setdefault("_group_manifolds", []).append(manifolds)
+
+    def _groups(self):
+        return zip(self.param_groups, self._group_manifolds)
+
+    @staticmethod
+    def _refuse_stabilize_when_compiling(group) -> None:
+        if group["stabilize"] is not None and torch.compiler.is_compiling():
+            raise RuntimeError(
+                "stabilize: periodic stabilization counts steps on the host and cannot be "
+                "compiled; construct the optimizer with stabilize=None and call "
+                "opt.stabilize() every k steps outside the compiled step")
+
+
+class RiemannianSGD(_ManifoldsOfGroups, geoopt.optim.RiemannianSGD):
+    """``geoopt.optim.RiemannianSGD`` with a compilable step (see the module docstring).
+
+    Args: as geoopt's: ``params``, ``lr``, ``momentum=0``, ``dampening=0``,
+    ``weight_decay=0``, ``nesterov=False``, ``stabilize=None``.
+    Cost per step and parameter: one ``egrad2rgrad`` and one ``retr`` (``retr_transp``
+    with momentum) of the parameter's manifold.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, manifolds in self._groups():
+            self._refuse_stabilize_when_compiling(group)
+            wd, momentum = group["weight_decay"], group["momentum"]
+            dampening, nesterov, lr = group["dampening"], group["nesterov"], group["lr"]
+            for point, manifold in zip(group["params"], manifolds):
+                grad = point.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError("RiemannianSGD does not support sparse gradients")
+                state = self.state[point]
+                if len(state) == 0 and momentum > 0:
+                    state["momentum_buffer"] = grad.clone()
+                if wd != 0:
+                    grad.add_(point, alpha=wd)
+                grad = manifold.egrad2rgrad(point, grad)
+                if momentum > 0:
+                    buf = state["momentum_buffer"]
+                    buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+                    direction = grad.add_(buf, alpha=momentum) if nesterov else buf
+                    new_point, new_buf = manifold.retr_transp(point, -lr * direction, buf)
+                    buf.copy_(new_buf)
+                else:
+                    new_point = manifold.retr(point, -lr * grad)
+                point.copy_(new_point)
+            if group["stabilize"] is not None:
+                group["step"] = group.get("step", 0) + 1
+                if group["step"] % group["stabilize"] == 0:
+                    self.stabilize_group(group)
+        return loss
+
+
+class RiemannianAdam(_ManifoldsOfGroups, geoopt.optim.RiemannianAdam):
+    """``geoopt.optim.RiemannianAdam`` with a compilable step (see the module docstring).
+
+    Args: as geoopt's: ``params``, ``lr=1e-3``, ``betas=(0.9, 0.999)``, ``eps=1e-8``,
+    ``weight_decay=0``, ``amsgrad=False``, ``stabilize=None``.
+    State per parameter: ``step`` (a tensor of shape ``(1,)``, the parameter's dtype and device;
+    geoopt's integer ``step`` in a loaded state dict is converted), ``exp_avg``,
+    ``exp_avg_sq`` (and ``max_exp_avg_sq`` with ``amsgrad``).
+    Cost per step and parameter: one ``projx``, ``egrad2rgrad``, ``component_inner`` and
+    ``retr_transp`` of the parameter's manifold.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, manifolds in self._groups():
+            self._refuse_stabilize_when_compiling(group)
+            (beta1, beta2), eps = group["betas"], group["eps"]
+            wd, lr, amsgrad = group["weight_decay"], group["lr"], group["amsgrad"]
+            stabilize = False
+            for point, manifold in zip(group["params"], manifolds):
+                grad = point.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError("RiemannianAdam does not support sparse gradients")
+                state = self.state[point]
+                if len(state) == 0:
+                    # shape (1,), not 0-d: torch 2.13's aot_eager/inductor drop in-place
+                    # updates of a 0-d CPU tensor input (tests/test_optim.py pins it)
+                    state["step"] = torch.zeros(1, dtype=point.dtype, device=point.device)
+                    state["exp_avg"] = torch.zeros_like(point)
+                    state["exp_avg_sq"] = torch.zeros_like(point)
+                    if amsgrad:
+                        state["max_exp_avg_sq"] = torch.zeros_like(point)
+                elif not (isinstance(state["step"], torch.Tensor)
+                          and state["step"].shape == (1,) and state["step"].dtype == point.dtype):
+                    # geoopt's int, or the float32 0-d tensor that torch's load_state_dict
+                    # makes of a "step" entry (its float32 powers would drift by ~1e-7)
+                    state["step"] = torch.full((1,), float(state["step"]), dtype=point.dtype,
+                                               device=point.device)
+                count = state["step"]
+                count.add_(1)
+                point.copy_(manifold.projx(point))
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                if wd != 0:
+                    grad.add_(point, alpha=wd)
+                grad = manifold.egrad2rgrad(point, grad)
+                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).add_(manifold.component_inner(point, grad),
+                                            alpha=1 - beta2)
+                correction1 = 1 - torch.pow(beta1, count)
+                correction2 = 1 - torch.pow(beta2, count)
+                if amsgrad:
+                    max_sq = state["max_exp_avg_sq"]
+                    torch.max(max_sq, exp_avg_sq, out=max_sq)
+                    denom = (max_sq / correction2).sqrt_()
+                else:
+                    denom = (exp_avg_sq / correction2).sqrt_()
+                direction = (exp_avg / correction1) / denom.add_(eps)
+                new_point, new_avg = manifold.retr_transp(point, -lr * direction, exp_avg)
+                point.copy_(new_point)
+                exp_avg.copy_(new_avg)
+                if group["stabilize"] is not None:  # a host sync, never compiled (above)
+                    stabilize |= int(count.item()) % group["stabilize"] == 0
+            if stabilize:
+                self.stabilize_group(group)
+        return loss
