@@ -128,7 +128,7 @@ def test_image_preset_quick_cli(tmp_path):
         # the observed values are the image's pixels at the tensorized indices
         full = presets.tensorize_image(img)
         torch.testing.assert_close(pb.a_train, full[tuple(pb.train.indices.t())])
-    text = main(["--preset", "image", "--quick", "--time-budget", "0.3",
+    text = main(["--preset", "image", "--quick", "--time-budget", "20",
                  "--out", str(tmp_path)])
     rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "%" in ln]
     assert len(rows) == 3

@@ -36,7 +36,7 @@ from .solvers import History
 from ..tt import TT
 
 __all__ = ["PRESETS", "build_preset", "run_preset", "exp_norm_values", "tensorize_image",
-           "untensorize_image", "sample_image", "psnr", "save_image_figure",
+           "untensorize_image", "sample_image", "psnr", "image_completion", "save_image_figure",
            "PHASE_METHODS", "rank_one_start", "recovery_phase", "phase_table", "plot_phase"]
 
 PRESETS = ("steinlechner", "t3f-tutorial", "psenka-boumal", "function", "image")
@@ -337,6 +337,44 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
 
 
+def image_completion(spec, budget: Optional[float] = 60.0) -> List[Dict[str, object]]:
+    """Rank-adaptive completion of the ``image`` preset's photograph at each sampling rate.
+
+    Args:
+        spec: :func:`build_preset` ``("image")``'s dict; budget: seconds per rate after
+            which no rank raise is tried.
+    Returns:
+        one dict per rate: ``rate``, ``ranks`` (found), ``params`` (numbers in the TT
+        cores), ``psnr`` (all pixels), ``psnr_unobserved``, ``psnr_svd`` (TT-SVD of the
+        whole image at the same ranks: what those ranks allow when every pixel is known),
+        ``seconds``, ``status``, ``observed`` (the image with missing pixels 0) and
+        ``recovered`` (the completed image).
+    Cost: the rank-adaptive runs (``budget`` each) plus a TT-SVD of the image per rate.
+    """
+    img = spec["image"]
+    dense = tensorize_image(img)
+    out = []
+    for rate, pb in spec["problems"]:
+        t0 = time.perf_counter()
+        _progress(f"image: {rate:.0%} observed ... ")
+        h = _run_one(spec, "rank_adaptive", budget, 0, pb=pb)
+        ranks = tuple(h.info["ranks"])
+        M = type(pb.manifold)(pb.manifold.shape, ranks)
+        rec = untensorize_image(M.to_tt(h.x).full().to(torch.float64))
+        # observed = training pixels (the rank-adaptive control set is among them)
+        mask = torch.zeros(pb.manifold.shape, dtype=torch.float64)
+        mask[tuple(pb.train.indices.cpu().t())] = 1.0
+        mask = untensorize_image(mask) > 0.5
+        best = untensorize_image(TT.from_dense(dense, ranks=ranks).full())
+        out.append(dict(rate=rate, ranks=ranks,
+                        params=sum(ranks[k] * n * ranks[k + 1] for k, n in enumerate(M.shape)),
+                        psnr=psnr(rec, img), psnr_unobserved=psnr(rec[~mask], img[~mask]),
+                        psnr_svd=psnr(best, img), seconds=h.total_time, status=h.status,
+                        observed=torch.where(mask, img, torch.zeros_like(img)), recovered=rec))
+        _progress(f"{time.perf_counter() - t0:.1f} s", "\n")
+    return out
+
+
 def _image_run(name, spec, budget, out) -> List[str]:
     img = spec["image"]
     lines = _header(name, spec, spec["problem"], budget, 0)[:4]
@@ -349,180 +387,30 @@ def _image_run(name, spec, budget, out) -> List[str]:
               "| observed | ranks | parameters | parameters / pixels | PSNR all (dB) | "
               "PSNR unobserved (dB) | PSNR of TT-SVD at these ranks (dB) | s | status |",
               "|---|---|---|---|---|---|---|---|---|"]
-    dense = tensorize_image(img)
-    shown = []
-    for rate, pb in spec["problems"]:
-        t0 = time.perf_counter()
-        _progress(f"{name}: {rate:.0%} observed ... ")
-        h = _run_one(spec, "rank_adaptive", budget, 0, pb=pb)
-        ranks = tuple(h.info["ranks"])
-        M = type(pb.manifold)(pb.manifold.shape, ranks)
-        rec = untensorize_image(M.to_tt(h.x).full().to(torch.float64))
-        mask = torch.zeros(pb.manifold.shape, dtype=torch.bool)
-        mask[tuple(pb.train.indices.cpu().t())] = True
-        mask = untensorize_image(mask.to(torch.float64)) > 0.5
-        # the rank-adaptive control set is part of the observed pixels
-        params = sum(ranks[k] * n * ranks[k + 1] for k, n in enumerate(M.shape))
-        # reference: the quasi-optimal fit at the same ranks with every pixel known
-        best = untensorize_image(TT.from_dense(dense, ranks=ranks).full())
-        lines.append(f"| {rate:.0%} | {ranks} | {params} | {params / img.numel():.3f} | "
-                     f"{psnr(rec, img):.2f} | {psnr(rec[~mask], img[~mask]):.2f} | "
-                     f"{psnr(best, img):.2f} | {h.total_time:.1f} | {h.status} |")
-        shown.append((rate, torch.where(mask, img, torch.zeros_like(img)), rec))
-        _progress(f"{time.perf_counter() - t0:.1f} s", "\n")
+    rows = image_completion(spec, budget)
+    for r in rows:
+        lines.append(f"| {r['rate']:.0%} | {r['ranks']} | {r['params']} | "
+                     f"{r['params'] / img.numel():.3f} | {r['psnr']:.2f} | "
+                     f"{r['psnr_unobserved']:.2f} | {r['psnr_svd']:.2f} | "
+                     f"{r['seconds']:.1f} | {r['status']} |")
     fig_path = os.path.join(out, "image_completion.png")
-    save_image_figure(img, shown, fig_path)
+    save_image_figure(img, rows, fig_path)
     lines += ["", f"Figure: {os.path.basename(fig_path)} (original; observed pixels, missing "
                   f"ones black; recovered, per sampling rate)."]
     return lines
 
 
-def save_image_figure(img: torch.Tensor, shown, path: str) -> None:
-    """Save a PNG with one row per sampling rate: the original, the observed pixels
-    (missing ones black) and the recovered image.
+def save_image_figure(img: torch.Tensor, rows, path: Optional[str] = None, *,
+                      size: float = 3.0):
+    """One row per sampling rate: the original, the observed pixels (missing ones black)
+    and the recovered image.
 
     Args:
-        img: the original ``(h, w)`` image in [0, 1]; shown: a list of
-            ``(rate, observed image, recovered image)``; path: the PNG's path.
+        img: the original ``(h, w)`` image in [0, 1]; rows: :func:`image_completion`'s
+            output; path: save the figure there as PNG (and close it); None: return it;
+        size: inches per panel.
     Returns:
-        None. Cost: drawing ``3 len(shown)`` images (matplotlib, Agg backend).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(shown), 3, figsize=(9, 3 * len(shown)), squeeze=False)
-    for row, (rate, obs, rec) in zip(axes, shown):
-        for ax, im, title in zip(row, (img, obs, rec),
-                                 ("original", f"observed ({rate:.0%})",
-                                  f"recovered (PSNR {psnr(rec, img):.1f} dB)")):
-            ax.imshow(im.clamp(0, 1).cpu().numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_title(title, fontsize=9)
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-PHASE_METHODS = ("rcg_random", "rcg_rank1", "rank_adaptive")
-
-
-def rank_one_start(manifold, seed: int = 0, eps: float = 1e-4, *, dtype=torch.float64,
-                   device=None) -> torch.Tensor:
-    """A point of ``manifold`` next to a random rank-1 tensor: the rank-1 cores in the
-    leading corner of each core, every other entry ``eps`` times a standard normal (the
-    manifold needs all ``r_k`` directions; they start small).
-
-    Args:
-        manifold: a :class:`~ttmanifold.manifold.FixedTTRank`; seed: the draw;
-        eps: the size of the padding; dtype, device: of the point.
-    Returns:
-        a packed point whose tensor is a unit-norm rank-1 tensor up to ``O(eps)``.
-    Cost: O(d n r^3) (packing).
-    """
-    g = torch.Generator().manual_seed(int(seed))
-    ranks, shape = manifold.ranks, manifold.shape
-    cores = []
-    for k, n in enumerate(shape):
-        c = eps * torch.randn(ranks[k], n, ranks[k + 1], generator=g, dtype=torch.float64)
-        v = torch.randn(n, generator=g, dtype=torch.float64)
-        c[0, :, 0] = v / torch.linalg.vector_norm(v)
-        cores.append(c)
-    x = manifold.pack_point(TT(cores))
-    return x.to(dtype=dtype, device=device)
-
-
-def recovery_phase(d: int, n: int, r: int, rates, seeds: int, *,
-                   methods=PHASE_METHODS, tol: float = 1e-6, iters: int = 500,
-                   budget: Optional[float] = None, test_size: int = 2000,
-                   inner_iters: int = 40, verbose: bool = False) -> List[Dict[str, object]]:
-    """Recovery of random rank-``r`` TTs (:class:`~.problems.Completion`, Gaussian
-    cores, shape ``(n,) * d``) against the sampling rate ``|Omega| / dim M``, in the manner
-    of Steinlechner's phase plots, without an oracle or dense start.
-
-    Methods: ``rcg_random``, fixed-rank Riemannian CG from a random point;
-    ``rcg_rank1``, the same from :func:`rank_one_start`; ``rank_adaptive``,
-    rank-adaptive completion from rank 1 with cap ``r`` (its control set is 10 % of
-    Omega). A run recovers the tensor when its relative test error reaches ``tol``.
-
-    Args:
-        d, n, r: the tensor's order, mode size and TT-rank; rates: the values of
-            ``|Omega| / dim M``; seeds: problems per rate (seeds ``0..seeds-1``: data
-            and start); methods: a subset of :data:`PHASE_METHODS`; tol: the recovery
-            threshold; iters: RCG's iteration cap; budget: seconds per run (RCG) or
-            after which no rank raise is tried (rank-adaptive); test_size: ``|Gamma|``;
-            inner_iters: the rank-adaptive scheme's CG iterations per trial.
-    Returns:
-        one dict per run: ``rate``, ``seed``, ``method``, ``recovered`` (bool),
-        ``test_err`` (final), ``seconds`` (optimization time), ``ranks``.
-    Cost: ``len(rates) * seeds * len(methods)`` runs of O(iters |Omega| d r^2) each.
-    """
-    bad = [m for m in methods if m not in PHASE_METHODS]
-    if bad:
-        raise ValueError(f"methods: {bad} not in {PHASE_METHODS}")
-    if not (isinstance(seeds, int) and seeds >= 1):
-        raise ValueError(f"seeds: expected a positive int, got {seeds!r}")
-    rows = []
-    for rate in rates:
-        if not rate > 0:
-            raise ValueError(f"rates: expected positive sampling rates, got {rate!r}")
-        for s in range(seeds):
-            pb = P.Completion((n,) * d, r, oversampling=rate, test_size=test_size, seed=s)
-            for m in methods:
-                if m == "rank_adaptive":
-                    h = solvers.rank_adaptive_completion(pb, max_rank=r, seed=s,
-                                                         inner_iters=inner_iters,
-                                                         time_budget=budget)
-                else:
-                    x0 = (pb.initial_point(s) if m == "rcg_random" else
-                          rank_one_start(pb.manifold, s, dtype=pb.dtype, device=pb.device))
-                    h = solvers.run(pb, "rcg", x0, iters=iters, time_budget=budget,
-                                    stop_metric="test_err", stop_tol=tol,
-                                    measure_memory=False)
-                err = h.final_metrics().get("test_err", math.nan)
-                rows.append(dict(rate=rate, seed=s, method=m, recovered=bool(err <= tol),
-                                 test_err=err, seconds=h.total_time,
-                                 ranks=tuple(h.info.get("ranks", pb.manifold.ranks))))
-                if verbose:
-                    _progress(f"d={d} n={n} r={r} rate={rate:g} seed={s} {m}: "
-                              f"test_err {err:.2e} ({h.total_time:.1f} s)", "\n")
-    return rows
-
-
-def phase_table(rows, rates, methods=PHASE_METHODS) -> List[str]:
-    """A markdown table of :func:`recovery_phase`'s rows: per method, the number of
-    recovered seeds at each rate (and the median seconds of the recovered runs).
-
-    Args:
-        rows: :func:`recovery_phase`'s output; rates, methods: the columns and rows.
-    Returns:
-        the table's lines. Cost: O(len(rows)).
-    """
-    lines = ["| method | " + " | ".join(f"{r:g} x dim M" for r in rates) + " |",
-             "|---|" + "---|" * len(rates)]
-    for m in methods:
-        cells = []
-        for rate in rates:
-            rs = [x for x in rows if x["method"] == m and x["rate"] == rate]
-            if not rs:
-                cells.append("-")
-                continue
-            hits = [x["seconds"] for x in rs if x["recovered"]]
-            med = _median(hits)
-            cells.append(f"{len(hits)}/{len(rs)}" + (f" ({med:.1f} s)" if hits else ""))
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def plot_phase(panels, path: Optional[str] = None):
-    """Recovery rate against sampling rate, one panel per problem size.
-
-    Args:
-        panels: a list of ``(title, rows)`` with ``rows`` from :func:`recovery_phase`;
-        path: save the figure there as PNG (and close it); None: return it.
-    Returns:
-        the matplotlib figure (None when saved). Cost: drawing.
+        the matplotlib figure, or None when saved. Cost: drawing ``3 len(rows)`` images.
     """
     import matplotlib
 
@@ -530,25 +418,16 @@ def plot_phase(panels, path: Optional[str] = None):
         matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (title, rows) in zip(axes[0], panels):
-        methods = list(dict.fromkeys(x["method"] for x in rows))
-        rates = sorted(dict.fromkeys(x["rate"] for x in rows))
-        for m in methods:
-            frac = []
-            for rate in rates:
-                rs = [x["recovered"] for x in rows if x["method"] == m and x["rate"] == rate]
-                frac.append(sum(rs) / len(rs) if rs else math.nan)  # rate not run
-            ax.plot(rates, frac, "o-", label=m)
-        ax.set_xscale("log")
-        ax.set_xticks(rates)
-        ax.set_xticklabels([f"{v:g}" for v in rates])
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_xlabel("|Omega| / dim M")
-        ax.set_ylabel("fraction recovered")
-        ax.set_title(title, fontsize=9)
-        ax.grid(True, alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(3 * size, size * len(rows)),
+                             squeeze=False)
+    for row, r in zip(axes, rows):
+        for ax, im, title in zip(row, (img, r["observed"], r["recovered"]),
+                                 ("original", f"observed ({r['rate']:.0%})",
+                                  f"recovered ({r['params']} parameters, PSNR "
+                                  f"{r['psnr']:.1f} dB)")):
+            ax.imshow(im.clamp(0, 1).cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
     fig.tight_layout()
     if path is None:
         return fig
