@@ -59,7 +59,8 @@ class TangentTT(TT):
     @property
     def _cores(self) -> List[torch.Tensor]:  # type: ignore[override]
         if self._dense is None:
-            self._dense = self._block_cores()
+            with torch.enable_grad():  # cached: keep the graph even when first read under no_grad
+                self._dense = self._block_cores()
         return self._dense
 
     def _block_cores(self) -> List[torch.Tensor]:

@@ -1,0 +1,222 @@
+"""The inner-product sweep with its one-sweep backward, and sums kept as their terms
+(``inner`` and ``norm`` of ``x - y`` from the inner products of the terms), against dense
+float64 references; float32 accuracy of norms of near-equal TTs."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import ttmanifold as tm
+from ttmanifold import TT, inner
+
+F64 = torch.float64
+
+
+def _rand(shape, r, seed, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    return TT.random(shape, r, dtype=dtype, generator=g)
+
+
+def _leaf(x: TT):
+    cs = [c.detach().clone().requires_grad_() for c in x.cores]
+    return cs, TT(cs)
+
+
+def _dense_grads(fn, xs):
+    """Gradients of ``fn`` of the dense tensors of TTs built from leaf copies."""
+    leaves = [[c.detach().clone().requires_grad_() for c in x.cores] for x in xs]
+    val = fn(*[TT(cs).full() for cs in leaves])
+    gs = torch.autograd.grad(val, [c for cs in leaves for c in cs])
+    return val.detach(), gs
+
+
+# ---------------------------------------------------------------------------------------
+# the inner-product sweep under autograd
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("same", [True, False])
+def test_inner_values_and_gradients_match_dense(same):
+    x = _rand((3, 4, 2, 5), (1, 2, 4, 3, 1), 0)
+    y = x if same else _rand((3, 4, 2, 5), 3, 1)
+    cx, tx = _leaf(x)
+    if same:
+        val = inner(tx, tx)
+        ref, gref = _dense_grads(lambda a: (a * a).sum(), [x])
+        got = torch.autograd.grad(val, cx)
+    else:
+        cy, ty = _leaf(y)
+        val = inner(tx, ty)
+        ref, gref = _dense_grads(lambda a, b: (a * b).sum(), [x, y])
+        got = torch.autograd.grad(val, cx + cy)
+    assert val.grad_fn is not None and "GramSweep" in type(val.grad_fn).__name__
+    assert abs(float(val) - float(ref)) <= 1e-13 * max(1.0, abs(float(ref)))
+    for a, b in zip(got, gref):
+        assert torch.allclose(a, b, atol=1e-13, rtol=1e-12)
+
+
+def test_inner_one_side_requires_grad():
+    x, y = _rand((4, 3, 3), 2, 2), _rand((4, 3, 3), 3, 3)
+    cy, ty = _leaf(y)
+    got = torch.autograd.grad(inner(x, ty), cy)
+    _, gref = _dense_grads(lambda a, b: (a * b).sum(), [x, y])
+    for a, b in zip(got, gref[len(x.cores):]):
+        assert torch.allclose(a, b, atol=1e-13)
+
+
+def test_inner_gradcheck_and_second_derivatives():
+    x, y = _rand((2, 3, 2), 2, 4), _rand((2, 3, 2), (1, 2, 3, 1), 5)
+    cx, _ = _leaf(x)
+    cy, _ = _leaf(y)
+    d = len(cx)
+
+    def f2(*cs):
+        return inner(TT(list(cs[:d]), check=False), TT(list(cs[d:]), check=False))
+
+    def f1(*cs):
+        t = TT(list(cs), check=False)
+        return inner(t, t)
+
+    assert torch.autograd.gradcheck(f2, cx + cy)
+    assert torch.autograd.gradgradcheck(f2, cx + cy)
+    assert torch.autograd.gradcheck(f1, cx)
+    assert torch.autograd.gradgradcheck(f1, cx)
+
+
+# ---------------------------------------------------------------------------------------
+# sums kept as their terms
+# ---------------------------------------------------------------------------------------
+def test_sum_behaves_like_its_block_cores():
+    x, y, z = _rand((3, 4, 5), 2, 6), _rand((3, 4, 5), 3, 7), _rand((3, 4, 5), 1, 8)
+    s = x + y - z
+    dense = x.full() + y.full() - z.full()
+    assert s.ranks == (1, 6, 6, 1) and s.shape == (3, 4, 5) and s.batch_shape == ()
+    assert s.num_params == sum(c.numel() for c in s.cores)
+    assert torch.allclose(s.full(), dense, atol=1e-14)
+    for c in (copy.deepcopy(s), pickle.loads(pickle.dumps(s)), (2 * s) / 2):
+        assert torch.allclose(c.full(), dense, atol=1e-14)
+    assert "ranks=(1, 6, 6, 1)" in repr(x + y - z)
+    # the block cores are those of nested sums of the terms, in order
+    old = tm.tt.tensor_train._add_dense(tm.tt.tensor_train._add_dense(x, y), -z)
+    for a, b in zip(s.cores, old.cores):
+        assert torch.equal(a, b)
+
+
+def test_sum_inner_and_norm_match_dense_with_gradients():
+    x, y, a = _rand((3, 4, 2, 3), 3, 9), _rand((3, 4, 2, 3), 2, 10), _rand((3, 4, 2, 3), 2, 11)
+    cx, tx = _leaf(x)
+    cy, ty = _leaf(y)
+    s = tx - ty
+    val = 0.5 * s.norm() ** 2 + inner(s, a) + 0.3 * s.norm()
+    ref, gref = _dense_grads(
+        lambda p, q: 0.5 * ((p - q) ** 2).sum() + ((p - q) * a.full()).sum()
+        + 0.3 * torch.linalg.vector_norm(p - q), [x, y])
+    got = torch.autograd.grad(val, cx + cy)
+    assert abs(float(val) - float(ref)) <= 1e-13
+    for g1, g2 in zip(got, gref):
+        assert torch.allclose(g1, g2, atol=1e-13)
+
+
+def test_sum_norm_takes_no_qr_sweep_without_cancellation(monkeypatch):
+    """The point of the structured sum: the norm of ``x - a`` (no cancellation) is read from
+    the Gram sweeps of the terms, the QR sweep of the rank-(r_x + r_a) cores is skipped."""
+    x, a = _rand((4, 5, 4, 3), 3, 12), _rand((4, 5, 4, 3), 3, 13)
+    cx, tx = _leaf(x)
+    calls = []
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda *ar, **kw: calls.append(1) or qr(*ar, **kw))
+    n = (tx - a).norm()
+    torch.autograd.grad(n, cx)
+    with torch.no_grad():
+        n0 = (tx - a).norm()
+    assert not calls
+    ref = torch.linalg.vector_norm(x.full() - a.full())
+    assert abs(float(n) - float(ref)) <= 1e-14 and float(n0) == float(n)
+    # near-equal terms: the QR sweep gives the value
+    (tx - (tx + 1e-9 * a)).norm()
+    assert calls
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_float32_norm_of_near_equal_tts(grad):
+    """||x - y|| for y = x + tiny z in float32: relative accuracy of a float32 QR sweep
+    (the Gram expansion <x,x> - 2<x,y> + <y,y> would lose every digit), with and without
+    autograd; the gradient against the float64 dense one."""
+    x, z = _rand((4, 5, 3, 4), 3, 14), _rand((4, 5, 3, 4), 2, 15)
+    for t in (1e-3, 1e-5):
+        y64 = x + t * z
+        ref = float(torch.linalg.vector_norm(x.full() - y64.full()))
+        x32 = x.to(torch.float32)
+        y32 = TT([c.to(torch.float32) for c in (x + t * z).cores])  # its rounding included
+        ref32 = float(torch.linalg.vector_norm(x32.to(F64).full() - y32.to(F64).full()))
+        with torch.set_grad_enabled(grad):
+            cx, tx = _leaf(x32)
+            n = (tx - y32).norm()
+        # absolute error at the rounding of x (the expansion <x,x> - 2<x,y> + <y,y> would
+        # give an error near sqrt(eps) ||x||)
+        eps = torch.finfo(torch.float32).eps
+        assert abs(float(n) - ref32) <= 20 * eps * float(x.norm()), (t, float(n), ref32)
+        assert abs(ref32 - ref) <= 1e-2 * ref
+        if grad:
+            (gx,) = torch.autograd.grad(n, cx[:1])
+            _, gref = _dense_grads(lambda p, q: torch.linalg.vector_norm(p - q),
+                                   [x32.to(F64), y32.to(F64)])
+            # the gradient's rounding grows like eps ||x|| / ||x - y||: the sweep of the
+            # concatenated cores (taken for near-equal terms) stays within 500x that; the
+            # sum of the terms' own sweeps would not (about 1000x here)
+            err = float(torch.linalg.vector_norm(gx.double() - gref[0]))
+            err /= float(torch.linalg.vector_norm(gref[0]))
+            assert err <= 500 * eps * float(x.norm()) / ref32, (t, err)
+
+
+def test_sum_is_frozen_once_its_cores_are_read():
+    """After its cores are handed out, a sum is the plain TT of those cores: in-place
+    changes and requires_grad_ on them are seen by inner and norm."""
+    x, y = _rand((3, 4, 3), 2, 16), _rand((3, 4, 3), 2, 17)
+    s = x + y
+    s.cores[0].mul_(2.0)
+    ref = torch.linalg.vector_norm(s.full())
+    assert abs(float(s.norm()) - float(ref)) <= 1e-13
+    assert abs(float(inner(s, s)) - float(ref) ** 2) <= 1e-12
+    # cores first read under no_grad keep their graph (they are cached)
+    cx, tx = _leaf(x)
+    s1 = tx + y
+    with torch.no_grad():
+        s1.norm()
+    (g1,) = torch.autograd.grad(inner(s1, y), cx[:1])
+    _, gref = _dense_grads(lambda p: ((p + y.full()) * y.full()).sum(), [x])
+    assert torch.allclose(g1, gref[0], atol=1e-13)
+    s2 = (x + y).requires_grad_()
+    (g,) = torch.autograd.grad(s2.norm(), s2.cores[:1])
+    assert g.shape == s2.cores[0].shape
+
+
+def test_many_terms_and_batches_use_block_cores():
+    xs = [_rand((3, 3, 3), 1, 20 + i) for i in range(6)]
+    s = xs[0]
+    for x in xs[1:]:
+        s = s + x
+    ref = sum(x.full() for x in xs)
+    assert torch.allclose(s.full(), ref, atol=1e-14)
+    assert abs(float(s.norm()) - float(torch.linalg.vector_norm(ref))) <= 1e-13
+    b = TT.random((3, 3, 3), 2, dtype=F64, batch=(2,))
+    assert type(b + b) is TT and torch.allclose((b + b).full(), 2 * b.full())
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.integers(2, 4), min_size=2, max_size=4), st.integers(1, 3),
+       st.integers(1, 3), st.integers(0, 10 ** 6))
+def test_property_sum_inner_and_norm(shape, ra, rb, seed):
+    x, y, w = _rand(shape, ra, seed), _rand(shape, rb, seed + 1), _rand(shape, 2, seed + 2)
+    cx, tx = _leaf(x)
+    s = tx - 0.5 * y + w
+    dense = x.full() - 0.5 * y.full() + w.full()
+    val = s.norm() + inner(s, w)
+    ref = torch.linalg.vector_norm(dense) + (dense * w.full()).sum()
+    assert abs(float(val) - float(ref)) <= 1e-12 * (1 + abs(float(ref)))
+    (g,) = torch.autograd.grad(val, cx[-1:])
+    _, gref = _dense_grads(lambda p: torch.linalg.vector_norm(p - 0.5 * y.full() + w.full())
+                           + ((p - 0.5 * y.full() + w.full()) * w.full()).sum(), [x])
+    assert torch.allclose(g, gref[-1], atol=1e-12)
