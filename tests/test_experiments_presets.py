@@ -171,3 +171,8 @@ def test_recovery_phase_rows_table_and_plot(tmp_path):
         presets.recovery_phase(4, 4, 2, [4.0], 1, methods=["rsgd"])
     with pytest.raises(ValueError, match="rates"):
         presets.recovery_phase(4, 4, 2, [0.0], 1)
+    with pytest.raises(ValueError, match="rates: 8 x dim M"):  # 288 samples of 256 entries
+        presets.recovery_phase(4, 4, 2, [8.0], 1)
+    # a large rate shrinks the test set to the entries left (200 of 256 sampled)
+    rows = presets.recovery_phase(4, 4, 2, [200 / 36], 1, methods=["rcg_random"], iters=5)
+    assert len(rows) == 1

@@ -33,6 +33,7 @@ import torch
 from . import problems as P
 from . import solvers
 from .solvers import History
+from ..manifold import FixedTTRank
 from ..tt import TT
 
 __all__ = ["PRESETS", "build_preset", "run_preset", "exp_norm_values", "tensorize_image",
@@ -359,7 +360,7 @@ def image_completion(spec, budget: Optional[float] = 60.0) -> List[Dict[str, obj
         _progress(f"image: {rate:.0%} observed ... ")
         h = _run_one(spec, "rank_adaptive", budget, 0, pb=pb)
         ranks = tuple(h.info["ranks"])
-        M = type(pb.manifold)(pb.manifold.shape, ranks)
+        M = FixedTTRank(pb.manifold.shape, ranks)
         rec = untensorize_image(M.to_tt(h.x).full().to(torch.float64))
         # observed = training pixels (the rank-adaptive control set is among them)
         mask = torch.zeros(pb.manifold.shape, dtype=torch.float64)
@@ -428,6 +429,165 @@ def save_image_figure(img: torch.Tensor, rows, path: Optional[str] = None, *,
             ax.imshow(im.clamp(0, 1).cpu().numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_title(title, fontsize=8)
             ax.axis("off")
+    fig.tight_layout()
+    if path is None:
+        return fig
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+PHASE_METHODS = ("rcg_random", "rcg_rank1", "rank_adaptive")
+
+
+def rank_one_start(manifold, seed: int = 0, eps: float = 1e-4, *, dtype=torch.float64,
+                   device=None) -> torch.Tensor:
+    """A point of ``manifold`` next to a random rank-1 tensor: the rank-1 cores in the
+    leading corner of each core, every other entry ``eps`` times a standard normal (the
+    manifold needs all ``r_k`` directions; they start small).
+
+    Args:
+        manifold: a :class:`~ttmanifold.manifold.FixedTTRank`; seed: the draw;
+        eps: the size of the padding; dtype, device: of the point.
+    Returns:
+        a packed point whose tensor is a unit-norm rank-1 tensor up to ``O(eps)``.
+    Cost: O(d n r^3) (packing).
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    ranks, shape = manifold.ranks, manifold.shape
+    cores = []
+    for k, n in enumerate(shape):
+        c = eps * torch.randn(ranks[k], n, ranks[k + 1], generator=g, dtype=torch.float64)
+        v = torch.randn(n, generator=g, dtype=torch.float64)
+        c[0, :, 0] = v / torch.linalg.vector_norm(v)
+        cores.append(c)
+    x = manifold.pack_point(TT(cores))
+    return x.to(dtype=dtype, device=device)
+
+
+def recovery_phase(d: int, n: int, r: int, rates, seeds: int, *,
+                   methods=PHASE_METHODS, tol: float = 1e-6, iters: int = 500,
+                   budget: Optional[float] = None, test_size: int = 2000,
+                   inner_iters: int = 40, verbose: bool = False) -> List[Dict[str, object]]:
+    """Recovery of random rank-``r`` TTs (:class:`~.problems.Completion`, Gaussian
+    cores, shape ``(n,) * d``) against the sampling rate ``|Omega| / dim M``, in the manner
+    of Steinlechner's phase plots, without an oracle or dense start.
+
+    Methods: ``rcg_random``, fixed-rank Riemannian CG from a random point;
+    ``rcg_rank1``, the same from :func:`rank_one_start`; ``rank_adaptive``,
+    rank-adaptive completion from rank 1 with cap ``r`` (its control set is 10 % of
+    Omega). A run recovers the tensor when its relative test error reaches ``tol``.
+
+    Args:
+        d, n, r: the tensor's order, mode size and TT-rank; rates: the values of
+            ``|Omega| / dim M``; seeds: problems per rate (seeds ``0..seeds-1``: data
+            and start); methods: a subset of :data:`PHASE_METHODS`; tol: the recovery
+            threshold; iters: RCG's iteration cap; budget: seconds per run (RCG) or
+            after which no rank raise is tried (rank-adaptive); test_size: ``|Gamma|``;
+            inner_iters: the rank-adaptive scheme's CG iterations per trial.
+    Returns:
+        one dict per run: ``rate``, ``seed``, ``method``, ``recovered`` (bool),
+        ``test_err`` (final), ``seconds`` (optimization time), ``ranks``.
+    Cost: ``len(rates) * seeds * len(methods)`` runs of O(iters |Omega| d r^2) each.
+    """
+    bad = [m for m in methods if m not in PHASE_METHODS]
+    if bad:
+        raise ValueError(f"methods: {bad} not in {PHASE_METHODS}")
+    if not (isinstance(seeds, int) and seeds >= 1):
+        raise ValueError(f"seeds: expected a positive int, got {seeds!r}")
+    total, dim = n ** d, FixedTTRank((n,) * d, r).dim
+    for rate in rates:
+        if not rate > 0:
+            raise ValueError(f"rates: expected positive sampling rates, got {rate!r}")
+        if math.ceil(rate * dim) >= total:
+            raise ValueError(f"rates: {rate:g} x dim M = {math.ceil(rate * dim)} samples "
+                             f"leave no test entry of the {total} of shape {(n,) * d}")
+    rows = []
+    for rate in rates:
+        for s in range(seeds):
+            # a smaller test set when the samples take most of a small tensor
+            gamma = min(test_size, total - math.ceil(rate * dim))
+            pb = P.Completion((n,) * d, r, oversampling=rate, test_size=gamma, seed=s)
+            for m in methods:
+                if m == "rank_adaptive":
+                    h = solvers.rank_adaptive_completion(pb, max_rank=r, seed=s,
+                                                         inner_iters=inner_iters,
+                                                         time_budget=budget)
+                else:
+                    x0 = (pb.initial_point(s) if m == "rcg_random" else
+                          rank_one_start(pb.manifold, s, dtype=pb.dtype, device=pb.device))
+                    h = solvers.run(pb, "rcg", x0, iters=iters, time_budget=budget,
+                                    stop_metric="test_err", stop_tol=tol,
+                                    measure_memory=False)
+                err = h.final_metrics().get("test_err", math.nan)
+                rows.append(dict(rate=rate, seed=s, method=m, recovered=bool(err <= tol),
+                                 test_err=err, seconds=h.total_time,
+                                 ranks=tuple(h.info.get("ranks", pb.manifold.ranks))))
+                if verbose:
+                    _progress(f"d={d} n={n} r={r} rate={rate:g} seed={s} {m}: "
+                              f"test_err {err:.2e} ({h.total_time:.1f} s)", "\n")
+    return rows
+
+
+def phase_table(rows, rates, methods=PHASE_METHODS) -> List[str]:
+    """A markdown table of :func:`recovery_phase`'s rows: per method, the number of
+    recovered seeds at each rate (and the median seconds of the recovered runs).
+
+    Args:
+        rows: :func:`recovery_phase`'s output; rates, methods: the columns and rows.
+    Returns:
+        the table's lines. Cost: O(len(rows)).
+    """
+    lines = ["| method | " + " | ".join(f"{r:g} x dim M" for r in rates) + " |",
+             "|---|" + "---|" * len(rates)]
+    for m in methods:
+        cells = []
+        for rate in rates:
+            rs = [x for x in rows if x["method"] == m and x["rate"] == rate]
+            if not rs:
+                cells.append("-")
+                continue
+            hits = [x["seconds"] for x in rs if x["recovered"]]
+            med = _median(hits)
+            cells.append(f"{len(hits)}/{len(rs)}" + (f" ({med:.1f} s)" if hits else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_phase(panels, path: Optional[str] = None):
+    """Recovery rate against sampling rate, one panel per problem size.
+
+    Args:
+        panels: a list of ``(title, rows)`` with ``rows`` from :func:`recovery_phase`;
+        path: save the figure there as PNG (and close it); None: return it.
+    Returns:
+        the matplotlib figure (None when saved). Cost: drawing.
+    """
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], panels):
+        methods = list(dict.fromkeys(x["method"] for x in rows))
+        rates = sorted(dict.fromkeys(x["rate"] for x in rows))
+        for m in methods:
+            frac = []
+            for rate in rates:
+                rs = [x["recovered"] for x in rows if x["method"] == m and x["rate"] == rate]
+                frac.append(sum(rs) / len(rs) if rs else math.nan)  # rate not run
+            ax.plot(rates, frac, "o-", label=m)
+        ax.set_xscale("log")
+        ax.set_xticks(rates)
+        ax.set_xticklabels([f"{v:g}" for v in rates])
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("|Omega| / dim M")
+        ax.set_ylabel("fraction recovered")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     if path is None:
         return fig
