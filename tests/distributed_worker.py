@@ -80,8 +80,14 @@ def scenario_second_order(rank, world, out):
                              metrics_every=0)
     tr2 = distributed_trust_region(S, x0, iters=5, checkpoint=ck, resume=True,
                                    metrics_every=0)
+    try:  # another method's checkpoint: every process raises rank 0's error
+        distributed_trust_region(S, x0, iters=5, checkpoint=os.path.join(out, "ck_lbfgs.pt"),
+                                 resume=True)
+        refused = "no error"
+    except ValueError as exc:
+        refused = str(exc)
     _, g, hess = S.hessian(x0)
-    res = {"lbfgs": a.x, "lbfgs_resumed": c.x, "loss_lbfgs": a.loss,
+    res = {"refused": refused, "lbfgs": a.x, "lbfgs_resumed": c.x, "loss_lbfgs": a.loss,
            "loss_lbfgs_resumed": c.loss, "iters_resumed": c.iters, "info_lbfgs": a.info,
            "rtr": tr.x, "rtr_resumed": tr2.x, "loss_rtr": tr.loss,
            "loss_rtr_resumed": tr2.loss, "info_rtr": tr.info, "info_rtr_resumed": tr2.info,

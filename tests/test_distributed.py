@@ -264,6 +264,8 @@ def test_two_processes_lbfgs_and_trust_region_equal_one(tmp_path):
     assert torch.equal(r0["rtr_resumed"], r0["rtr"])
     assert r0["loss_rtr_resumed"] == r0["loss_rtr"]
     assert r0["info_rtr_resumed"]["inner_iters"] == r0["info_rtr"]["inner_iters"]
+    for r in (r0, r1):
+        assert "has method = 'rlbfgs', this run has 'rtr'" in r["refused"], r["refused"]
     # a dead peer during the trust region's inner CG: a clear error, no hang
     seconds, msg = (out / "rank0.txt").read_text().split("\n", 1)
     assert msg.startswith("PeerFailure: rank 0 of 2: the all-reduce of the Hessian product "
