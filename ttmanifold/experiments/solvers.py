@@ -21,6 +21,7 @@ import torch
 
 from ..manifold import FixedTTRank, hessian_operator
 from ..tt import TT
+from ..tt import orthogonalize
 from ..tt import round as tt_round
 from .problems import Problem
 
@@ -38,6 +39,7 @@ __all__ = [
     "als_completion",
     "als_core_solve",
     "rank_adaptive_completion",
+    "greedy_rank_raise",
     "homotopy_point",
     "COMPLETION_METHODS",
     "LINE_SEARCH_METHODS",
@@ -52,8 +54,9 @@ METHODS = CHART_METHODS + RIEMANNIAN_METHODS
 #: Riemannian L-BFGS, chart gradient descent with Armijo backtracking, chart L-BFGS with
 #: strong Wolfe (torch.optim.LBFGS).
 LINE_SEARCH_METHODS = ("rtr", "rlbfgs", "chart_gd_armijo", "chart_lbfgs")
-#: alternating least squares, for completion problems only (the classical competitor)
-COMPLETION_METHODS = ("als",)
+#: for completion problems only: alternating least squares (the classical competitor) and
+#: rank-adaptive Riemannian CG from rank 1 (:func:`rank_adaptive_completion`)
+COMPLETION_METHODS = ("als", "rank_adaptive")
 ALL_METHODS = METHODS + LINE_SEARCH_METHODS + COMPLETION_METHODS
 _NO_LR = ("rcg",) + LINE_SEARCH_METHODS + COMPLETION_METHODS
 MOMENTUM = 0.9
@@ -935,11 +938,23 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
     opts : ``chart_kwargs`` (dict for :class:`~ttmanifold.chart.STTPChart`), and for
         ``rcg``: ``beta`` ("pr+" or "fr"), ``restart_every``, ``restart_tol``.
 
+    ``method="rank_adaptive"`` runs :func:`rank_adaptive_completion` (ranks from 1 up to
+    ``max_rank``, default the largest rank of ``problem.manifold``; rank decrease by
+    rounding): ``x0`` and ``lr`` are ignored (it starts from rank 1), ``iters`` caps its
+    total CG iterations, ``time_budget``, ``seed``, ``callback`` and ``stop_metric`` /
+    ``stop_tol`` apply, and ``opts`` are passed on (``max_rank``, ``control_fraction``,
+    ``accept_rtol``, ...); the History's ``info["rank_history"]`` and ``info["ranks"]``
+    record the search, ``x`` is a point of ``FixedTTRank(shape, info["ranks"])``.
+
     Returns a :class:`History`.
     """
     _check_method(problem, method)
     if not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
+    if method == "rank_adaptive":
+        return _run_rank_adaptive(problem, iters=iters, time_budget=time_budget,
+                                  callback=callback, seed=seed, stop_metric=stop_metric,
+                                  stop_tol=stop_tol, opts=opts)
     model_problem = _is_model_problem(problem)
     if x0 is None and not model_problem:
         x0 = problem.initial_point(seed)
@@ -982,6 +997,25 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
     hist.info.update(stepper.info)
     hist.x = stepper.final()
     return hist
+
+
+def _run_rank_adaptive(problem, *, iters, time_budget, callback, seed, stop_metric, stop_tol,
+                       opts) -> History:
+    opts = dict(opts)
+    max_rank = opts.pop("max_rank", None)
+    if max_rank is None:
+        max_rank = max(problem.manifold.ranks)
+
+    def cb(t, h):
+        if callback is not None and callback(t, h):
+            return True
+        m = h.metrics[-1] if h.metrics else {}
+        return (stop_metric is not None and stop_tol is not None
+                and m.get(stop_metric, math.inf) <= stop_tol)
+
+    return rank_adaptive_completion(problem, max_rank=int(max_rank), seed=seed,
+                                    time_budget=time_budget, max_iters=iters, callback=cb,
+                                    **opts)
 
 
 def riemannian_cg(problem, x0=None, *, iters: int = 100, time_budget=None, beta: str = "pr+",
@@ -1115,44 +1149,231 @@ def _pad_bond(cores, bond: int, eps: float, generator):
     return cores
 
 
+def greedy_rank_raise(x: TT, bond, indices: torch.Tensor, values: torch.Tensor,
+                      weights: Optional[torch.Tensor] = None) -> TT:
+    """Raise the TT rank of ``x`` at ``bond`` (or at each of a list of bonds, left to
+    right) by one in the steepest rank-increasing direction of the sampled least-squares
+    loss, with an exact line search.
+
+    In the orthogonal form ``X = U_{<k-1} C S Q V_{>k}`` around bond ``k`` (``C`` the
+    left-orthonormal core ``k-1``, ``Q`` the right-orthonormal core ``k``), the rank-``r_k
+    + 1`` points next to ``X`` add ``U_{<k-1} c v^T V_{>k}`` with ``c`` orthogonal to the
+    columns of ``C`` and ``v`` orthogonal to the rows of ``Q`` (the other ranks stay). The
+    loss ``sum_i w_i (X[i] - values_i)^2 / 2`` falls fastest along the leading singular
+    pair ``(c, v)`` of the Euclidean gradient's matrix at the bond,
+    ``(I - C C^T) U_{<k-1}^T G V_{>k}^T (I - Q^T Q)`` (size ``r_{k-2} n_{k-1}`` by
+    ``n_k r_{k+1}``; ``G`` the sparse residual, so this is the part of the gradient a
+    rank-``r_k`` point cannot follow), and the step along it is the exact minimizer of the
+    (quadratic) loss on that line. Several bonds are raised in one left-to-right sweep,
+    each from the point the previous raise left.
+
+    Args:
+        x: a TT (no batch dimensions); bond: an int or a list of ints in ``[1, d - 1]``
+            (bond ``k`` joins cores ``k - 1`` and ``k``).
+        indices: ``(N, d)`` sample multi-indices; values: ``(N,)``; weights: ``(N,)``
+            non-negative sample weights or None.
+    Returns:
+        a TT with ranks ``x.ranks`` plus one at the bonds, whose loss is at most that of
+        ``x`` (equal when the gradient has no rank-increasing part at a bond; then its new
+        column and row are a random orthogonal pair with a zero step, so the rank still
+        rises).
+    Cost: one sweep, O(N d r^2) for the sampled interface vectors and scatters,
+    O(d n r^3) for the orthogonalization, O((r n)^3) per raised bond for the SVD.
+    """
+    bonds = [bond] if isinstance(bond, int) else list(bond)
+    return _greedy_sweep(x, bonds, indices, values, weights, apply=True)[0]
+
+
+def _slices(core: torch.Tensor, ik: torch.Tensor) -> torch.Tensor:
+    """``(N, a, b)``: the core's slices at the samples' indices (one row gather)."""
+    return core.permute(1, 0, 2).index_select(0, ik)
+
+
+def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool):
+    """One left-to-right sweep over the bonds of ``x``: with ``apply``, the greedy raises
+    of :func:`greedy_rank_raise` at ``bonds``; without, nothing changes. Returns the TT and
+    the loss decrease of the greedy step at each of ``bonds`` (at the point the sweep has
+    reached there; a tensor)."""
+    if not isinstance(x, TT) or x.batch_shape:
+        raise TypeError("x: expected a TT without batch dimensions")
+    d = x.ndim
+    for k in bonds:
+        if not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= d - 1):
+            raise ValueError(f"bond: expected ints in [1, {d - 1}], got {k!r}")
+    if indices.ndim != 2 or indices.shape[1] != d or values.shape != (indices.shape[0],):
+        raise ValueError(f"indices, values: expected (N, {d}) and (N,), got "
+                         f"{tuple(indices.shape)} and {tuple(values.shape)}")
+    todo = set(bonds)
+    with torch.no_grad():
+        cs = list(orthogonalize(x, center=0).cores)  # cores 1..d-1 right-orthonormal
+        N = indices.shape[0]
+        # right[k]: (N, r_{k+1}) products of the right-orthonormal cores k+1..d-1
+        right = [None] * d
+        right[d - 1] = values.new_ones(N, 1)
+        for k in range(d - 1, 0, -1):
+            # elementwise products and sums: faster than batched matmuls of tiny matrices
+            right[k - 1] = (_slices(cs[k], indices[:, k]) * right[k][:, None, :]).sum(2)
+        xv = (_slices(cs[0], indices[:, 0])[:, 0, :] * right[0]).sum(1)
+        om = torch.ones_like(values) if weights is None else weights.to(values)
+        z = om * (xv - values)  # the Euclidean gradient at the samples
+        L = values.new_ones(N, 1)  # products of the left-orthonormal cores 0..k-2
+        gains = []
+        for k in range(1, d):
+            # move the center from core k-1 to core k: core k-1 = C S (QR), core k = S Q
+            p, n1, a = cs[k - 1].shape
+            C, S = torch.linalg.qr(cs[k - 1].reshape(p * n1, a))
+            Q = cs[k]
+            a2, n2, b = Q.shape
+            if k in todo:
+                Qm = Q.reshape(a2, n2 * b)
+                i1, i2 = indices[:, k - 1], indices[:, k]
+                # the bond matrix U^T G V^T: one scatter of the samples' outer products
+                T = L.new_zeros(n1 * n2, p * b)
+                T.index_add_(0, i1 * n2 + i2, (z[:, None, None] * L[:, :, None]
+                                               * right[k][:, None, :]).reshape(N, p * b))
+                Mk = T.reshape(n1, n2, p, b).permute(2, 0, 1, 3).reshape(p * n1, n2 * b)
+                for _ in range(2):  # twice: orthogonal to C and Q to rounding
+                    Mk = Mk - C @ (C.T @ Mk)
+                    Mk = Mk - (Mk @ Qm.T) @ Qm
+                if C.shape[1] >= p * n1 or a2 >= n2 * b:
+                    raise ValueError(f"bond: rank {a} at bond {k} is already the largest "
+                                     f"feasible")
+                u, s, vh = torch.linalg.svd(Mk, full_matrices=False)
+                c, v = u[:, 0], vh[0]
+                tiny = 1e3 * torch.finfo(Mk.dtype).eps * float(Mk.abs().max().clamp_min(1))
+                if not float(s[0]) > tiny:
+                    # no rank-increasing descent: any pair orthogonal to C and Q, zero step
+                    c = torch.linalg.qr(torch.cat([C, torch.randn_like(C[:, :1])], 1))[0][:, -1]
+                    v = torch.linalg.qr(torch.cat([Qm.T, torch.randn_like(Qm.T[:, :1])],
+                                                  1))[0][:, -1]
+                c3, v3 = c.reshape(p, n1, 1), v.reshape(1, n2, b)
+                w = (L * c3[:, i1, 0].T).sum(1) * (v3[0, i2, :] * right[k]).sum(1)
+                den = (om * w * w).sum().clamp_min(torch.finfo(w.dtype).tiny)
+                num = (z * w).sum()
+                gains.append(0.5 * num * num / den)
+                if apply:
+                    step = -num / den
+                    C = torch.cat([C, c.reshape(-1, 1)], 1)  # still orthonormal
+                    center = torch.cat([torch.einsum("ab,bnc->anc", S, Q), step * v3], 0)
+                    z = z + step * om * w
+                else:
+                    center = torch.einsum("ab,bnc->anc", S, Q)
+            else:
+                center = torch.einsum("ab,bnc->anc", S, Q)
+            cs[k - 1] = C.reshape(p, n1, -1)
+            cs[k] = center
+            L = (L[:, :, None] * _slices(cs[k - 1], indices[:, k - 1])).sum(1)
+    g = torch.stack(gains) if gains else values.new_zeros(0)
+    return TT(cs, check=False), g
+
+
+def _slice_means_point(idx, vals, w, shape) -> TT:
+    """The rank-1 start ``s u_1 x ... x u_d`` with ``u_k[i]`` the mean of the values whose
+    ``k``-th index is ``i`` (a data-driven start: for data with a dominant rank-one part,
+    e.g. of one sign, it points along that part, where a random rank-1 start is nearly
+    orthogonal to it in high order), ``s`` the least-squares scale. O(N d)."""
+    ones = torch.ones_like(vals)
+    cores = []
+    for k, n in enumerate(shape):
+        tot = vals.new_zeros(n).index_add_(0, idx[:, k], vals)
+        cnt = vals.new_zeros(n).index_add_(0, idx[:, k], ones)
+        u = tot / cnt.clamp_min(1.0)
+        nrm = torch.linalg.vector_norm(u)
+        # a mode without signal (all means zero): a flat factor keeps the start rank 1
+        u = torch.where(nrm > 0, u / nrm.clamp_min(torch.finfo(u.dtype).tiny),
+                        torch.full_like(u, 1.0 / math.sqrt(n)))
+        cores.append(u.reshape(1, n, 1))
+    xv = torch.ones_like(vals)
+    for k in range(len(shape)):
+        xv = xv * cores[k][0, idx[:, k], 0]
+    om = ones if w is None else w.to(vals)
+    den = (om * xv * xv).sum()
+    scale = (om * xv * vals).sum() / den.clamp_min(torch.finfo(den.dtype).tiny)
+    if not bool(scale != 0):
+        scale = torch.ones_like(scale)
+    cores[0] = cores[0] * scale
+    return TT(cores, check=False)
+
+
+def _cg_inner(sub, x, *, max_iters: int, stall_rtol: float, window: int,
+              deadline: Optional[float], elapsed: float, loss_floor: float = 0.0):
+    """Riemannian CG on ``sub`` from ``x`` until the loss falls by less than the relative
+    ``stall_rtol`` over ``window`` iterations or below ``loss_floor``, ``max_iters`` or
+    the ``deadline`` (seconds of ``elapsed``). Returns ``(x, loss, iterations, seconds)``."""
+    st = _CGStepper(sub, x)
+    losses: List[float] = []
+    t0 = time.perf_counter()
+    n = 0
+    for n in range(1, max_iters + 1):
+        losses.append(float(st.step()))
+        if not math.isfinite(losses[-1]) or losses[-1] <= loss_floor:
+            break
+        if len(losses) > window and losses[-1] > (1.0 - stall_rtol) * losses[-1 - window]:
+            break
+        if deadline is not None and elapsed + time.perf_counter() - t0 >= deadline:
+            break
+    _sync(sub.device)
+    return st.p, st.loss_now(), n, time.perf_counter() - t0
+
+
 def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float = 0.1,
-                             inner_iters: int = 30, eps: float = 1e-4,
-                             accept_rtol: float = 1e-2, trunc_rel_eps: float = 1e-10,
+                             inner_iters: int = 200, eps: float = 1e-4,
+                             accept_rtol: float = 1e-3, trunc_rel_eps: float = 1e-10,
                              seed: int = 0, time_budget: Optional[float] = None,
-                             raise_all: bool = True) -> History:
-    """Rank-adaptive completion from rank 1 (in the manner of Steinlechner 2016).
+                             raise_all: bool = True, direction: str = "gradient",
+                             stall_rtol: float = 1e-2, stall_window: int = 3,
+                             control_tol: float = 1e-10, max_iters: Optional[int] = None,
+                             start: str = "means", gain_ratio: float = 0.15,
+                             callback: Optional[Callable] = None) -> History:
+    """Rank-adaptive completion from rank 1 (greedy rank increase, control-set acceptance,
+    truncation).
 
     A seeded fraction ``control_fraction`` of the training samples is held out as a
-    control set. Starting from all ranks 1 (a random point), fixed-rank Riemannian CG runs
-    ``inner_iters`` iterations on the rest; then, one bond at a time, the rank of the bond
-    is raised by one (a new point of the larger manifold next to the current one: a new
-    column and row of size ``eps``), CG runs again, and the raise is **accepted only when
-    the control error falls** by more than the relative ``accept_rtol``; otherwise the
-    previous point is kept and the sweep goes on with the next bond. Sweeps over the bonds
-    repeat until a whole sweep accepts no raise or every bond is at
-    ``min(max_rank, feasible)``; with ``raise_all`` (default) a sweep that accepts nothing
-    is followed by one attempt to raise every bond below its cap at once, under the same
-    acceptance test (from a poor low-rank fit of a tensor with flat unfolding spectra, no
-    single bond lowers the control error). After each accepted raise the point is rounded with relative accuracy ``trunc_rel_eps``
-    (:func:`~ttmanifold.tt.round`): bonds whose trailing singular values fall below it are
-    truncated (rank decrease).
+    control set. Start: all ranks 1 (a random point), fixed-rank Riemannian CG on the rest
+    until its loss stalls (falls by less than the relative ``stall_rtol`` over
+    ``stall_window`` iterations; at most ``inner_iters`` iterations). Then the ranks grow:
+
+    - a **raise** adds one to the rank of a bond in the steepest rank-increasing direction
+      of the loss (:func:`greedy_rank_raise`: the leading singular pair of the part of the
+      sparse residual's gradient that the current ranks cannot follow, with an exact line
+      search; ``direction="random"``: a random new column and row of size ``eps``, the
+      earlier scheme), and CG runs again at the new ranks;
+    - the raise is **accepted** when the control error falls by more than the relative
+      ``accept_rtol``; otherwise the previous point is kept;
+    - with ``raise_all`` (default) every bond below its cap is raised at once (one bond
+      after another, each greedy step from the point the previous one left) for as long
+      as such raises are accepted: from a rank-1 fit of a tensor of larger ranks every
+      bond needs more rank, and single-bond raises gain too little to tell apart. After
+      the first rejected raise of all bonds (or without ``raise_all``), sweeps raise one
+      bond at a time (Steinlechner 2016), retrying every bond in every sweep, until a
+      sweep accepts nothing or every bond is at ``min(max_rank, feasible)``;
+    - **rank decrease**: after each accepted raise the point is rounded with relative
+      accuracy ``trunc_rel_eps`` (:func:`~ttmanifold.tt.round`), dropping bonds' trailing
+      singular values below it; when the control error reaches ``control_tol`` the search
+      stops and the point is rounded with relative accuracy ``max(trunc_rel_eps,
+      control_err)`` (an overshooting bond's extra singular values are below the error
+      there), followed by CG at the rounded ranks if they dropped.
 
     Args:
         problem: a :class:`~ttmanifold.experiments.problems.Completion` problem (its test
             set, if any, is used only for the reported metrics).
         max_rank: the rank cap of every bond.
-        control_fraction, inner_iters, eps, accept_rtol, trunc_rel_eps, raise_all: as
-            above.
-        seed: the control split, the start and the new columns and rows.
-        time_budget: seconds after which no new raise is tried.
+        control_fraction, inner_iters, eps, accept_rtol, trunc_rel_eps, raise_all,
+            direction, stall_rtol, stall_window, control_tol: as above.
+        seed: the control split, the start (and random directions).
+        time_budget: seconds of CG after which the search stops.
+        max_iters: total CG iterations after which the search stops (None: no cap).
+        callback: ``callback(t, history) -> bool`` after every record; True stops.
     Returns:
-        a :class:`History` (method ``"rank_adaptive"``): one record per inner CG run with
-        the problem's metrics and ``control_err``; ``info["rank_history"]`` lists every
-        attempt (bond, ranks, control error, accepted, seconds so far); ``info["ranks"]``
-        the final ranks; ``x`` the final packed point (of ``FixedTTRank(shape,
-        info["ranks"])``).
-    Cost: each attempt is one inner CG run at the trial ranks (O(|Omega| d r^2 + d n r^3)
-    per iteration) plus building the sub-problem (O(|Omega| log |Omega|)).
+        a :class:`History` (method ``"rank_adaptive"``): one record per inner CG run
+        (``iters``: CG iterations so far; ``time``: seconds of CG, raises and rounding)
+        with the problem's metrics and ``control_err``; ``info["rank_history"]`` lists
+        every attempt (bond, or ``"all"``, or None for the start and roundings; ranks,
+        control error, accepted, seconds so far); ``info["ranks"]`` the final ranks; ``x``
+        the final packed point (of ``FixedTTRank(shape, info["ranks"])``).
+    Cost: per attempt one CG run at the trial ranks (O(|Omega| d r^2 + d n r^3) per
+    iteration), the raise (O(|Omega| d r^2) per raised bond) and building the
+    sub-problem (O(|Omega| log |Omega|)).
     """
     from .problems import Completion  # the same package
 
@@ -1163,6 +1384,14 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
     if not 0.0 < control_fraction < 1.0:
         raise ValueError(f"control_fraction: expected a number in (0, 1), got "
                          f"{control_fraction!r}")
+    if direction not in ("gradient", "random"):
+        raise ValueError(f"direction: expected 'gradient' or 'random', got {direction!r}")
+    if not (isinstance(inner_iters, int) and inner_iters >= 1):
+        raise ValueError(f"inner_iters: expected a positive int, got {inner_iters!r}")
+    if start not in ("means", "random"):
+        raise ValueError(f"start: expected 'means' or 'random', got {start!r}")
+    if not (isinstance(stall_window, int) and stall_window >= 1):
+        raise ValueError(f"stall_window: expected a positive int, got {stall_window!r}")
     shape = problem.manifold.shape
     d = len(shape)
     gen = torch.Generator().manual_seed(int(seed))
@@ -1173,101 +1402,158 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
     ctrl, train = perm[:n_ctrl], perm[n_ctrl:]
     w = getattr(problem, "weights", None)
     dtype, device = problem.dtype, problem.device
+    idx_tr, vals_tr = idx[train], vals[train]
+    w_tr = None if w is None else w[train]
 
     def make(ranks):
-        return Completion.from_data(idx[train], vals[train], shape, tuple(ranks[1:-1]),
-                                    test=(idx[ctrl], vals[ctrl]),
-                                    weights=None if w is None else w[train],
+        return Completion.from_data(idx_tr, vals_tr, shape, tuple(ranks[1:-1]),
+                                    test=(idx[ctrl], vals[ctrl]), weights=w_tr,
                                     dtype=dtype, device=device)
 
+    # training relative error control_tol: the loss (w/2) sum w_i (x_i - a_i)^2 at
+    # control_tol^2 times its value at X = 0 (the inner CG stops there)
+    sq = vals_tr * vals_tr if w_tr is None else w_tr.to(vals_tr) * vals_tr * vals_tr
+    loss_floor = 0.5 * control_tol ** 2 * float(sq.sum()) * math.prod(shape) / len(train)
+    if w_tr is not None:
+        loss_floor /= float(w_tr.mean())
     hist = History(problem=problem.name, method="rank_adaptive")
     feas = [1] + [min(math.prod(shape[:k]), math.prod(shape[k:])) for k in range(1, d)] + [1]
-    ranks = [1] * (d + 1)
-    sub = make(ranks)
+    cap = [min(max_rank, f) for f in feas]
     elapsed = [0.0]
     step = [0]
     attempts: List[Dict[str, object]] = []
 
-    def inner(sub_problem, x):
-        h = run(sub_problem, "rcg", x, iters=inner_iters, metrics_every=0,
-                measure_memory=False)
-        elapsed[0] += h.total_time
-        step[0] += h.n_iters
-        ctrl_err = sub_problem.metrics(sub_problem.manifold.to_tt(h.x))["test_err"]
-        return h.x, ctrl_err, h.final_loss
+    def out_of_budget():
+        return ((time_budget is not None and elapsed[0] >= time_budget)
+                or (max_iters is not None and step[0] >= max_iters))
 
-    x = sub.initial_point(gen)
-    x, err, loss = inner(sub, x)
+    def inner(sub_problem, x):
+        left = inner_iters if max_iters is None else max(1, min(inner_iters,
+                                                                max_iters - step[0]))
+        x, loss, n, sec = _cg_inner(sub_problem, x, max_iters=left, stall_rtol=stall_rtol,
+                                    window=stall_window, deadline=time_budget,
+                                    elapsed=elapsed[0], loss_floor=loss_floor)
+        elapsed[0] += sec
+        step[0] += n
+        ctrl_err = sub_problem.metrics(sub_problem.manifold.to_tt(x))["test_err"]
+        return x, ctrl_err, loss
 
     def record(x_, M_, err_, loss_):
         m = problem.metrics(M_.to_tt(x_))
         m["control_err"] = err_
         hist.record(step[0], loss_, elapsed[0], m)
+        if callback is not None and callback(step[0], hist):
+            hist.status = "stopped"
 
+    def raised(sub_old, x_old, bonds):
+        """The trial point at ranks + 1 at ``bonds`` (timed)."""
+        t0 = time.perf_counter()
+        trial = list(ranks)
+        for k in bonds:
+            trial[k] += 1
+        sub_new = make(trial)
+        if direction == "random":
+            x_new = _padded_point(sub_new.manifold, sub_old.manifold.split(x_old, "x"),
+                                  list(bonds), eps, gen)
+        else:
+            y = _greedy_sweep(sub_old.manifold.to_tt(x_old), list(bonds), idx_tr, vals_tr,
+                              w_tr, apply=True)[0]
+            x_new = sub_new.manifold.pack_point(y)
+        _sync(device)
+        elapsed[0] += time.perf_counter() - t0
+        return trial, sub_new, x_new
+
+    def select_bonds(bonds):
+        """The bonds whose greedy raise alone lowers the loss by at least ``gain_ratio``
+        times the largest such decrease (timed)."""
+        t0 = time.perf_counter()
+        y = sub.manifold.to_tt(x)
+        gains = _greedy_sweep(y, bonds, idx_tr, vals_tr, w_tr, apply=False)[1]
+        keep = (gains >= gain_ratio * gains.max()).tolist()  # one host read
+        elapsed[0] += time.perf_counter() - t0
+        return [k for k, ok in zip(bonds, keep) if ok]
+
+    def can_raise(k, rk):
+        r2 = list(rk)
+        r2[k] += 1
+        return (r2[k] <= cap[k] and r2[k] <= r2[k - 1] * shape[k - 1]
+                and r2[k] <= shape[k] * r2[k + 1])
+
+    ranks = [1] * (d + 1)
+    sub = make(ranks)
+    if start == "means":
+        x = sub.manifold.pack_point(_slice_means_point(idx_tr, vals_tr, w_tr, shape))
+    else:
+        x = sub.initial_point(gen)
+    x, err, loss = inner(sub, x)
     record(x, sub.manifold, err, loss)
     attempts.append(dict(bond=None, ranks=tuple(ranks), control_err=err, accepted=True,
                          seconds=elapsed[0]))
-    improved = True
-    while improved:
+
+    def try_raise(bonds, label):
+        nonlocal ranks, sub, x, err, loss
+        trial, sub_new, x_new = raised(sub, x, bonds)
+        x_new, err_new, loss_new = inner(sub_new, x_new)
+        ok = err_new < (1.0 - accept_rtol) * err
+        attempts.append(dict(bond=label, ranks=tuple(trial), control_err=err_new,
+                             accepted=bool(ok), seconds=elapsed[0]))
+        if not ok:
+            return False
+        ranks, sub, x, err, loss = trial, sub_new, x_new, err_new, loss_new
+        # rank decrease: drop trailing singular values below trunc_rel_eps
+        t0 = time.perf_counter()
+        y = tt_round(sub.manifold.to_tt(x), rel_eps=trunc_rel_eps)
+        elapsed[0] += time.perf_counter() - t0
+        if tuple(y.ranks) != tuple(ranks):
+            ranks = list(y.ranks)
+            sub = make(ranks)
+            x = sub.manifold.pack_point(y)
+            attempts.append(dict(bond=None, ranks=tuple(ranks), control_err=err,
+                                 accepted=True, seconds=elapsed[0], truncated=True))
+        record(x, sub.manifold, err, loss)
+        return True
+
+    all_mode = bool(raise_all)
+    while err > control_tol and hist.status == "ok":
+        if out_of_budget():
+            hist.status = "budget"
+            break
+        if all_mode:
+            bonds = [k for k in range(1, d) if can_raise(k, ranks)]
+            if not bonds:
+                break
+            if direction == "gradient" and gain_ratio > 0 and len(bonds) > 1:
+                bonds = select_bonds(bonds)
+            if try_raise(bonds, "all" if len(bonds) > 1 else bonds[0]):
+                continue
+            all_mode = False
         improved = False
-        frozen = set()  # bonds rejected in this sweep
         for k in range(1, d):
-            if time_budget is not None and elapsed[0] >= time_budget:
+            if err <= control_tol or hist.status != "ok":
+                break
+            if out_of_budget():
                 hist.status = "budget"
                 break
-            if k in frozen or ranks[k] >= min(max_rank, feas[k]):
-                continue
-            trial = list(ranks)
-            trial[k] += 1
-            if trial[k] > trial[k - 1] * shape[k - 1] or trial[k] > shape[k] * trial[k + 1]:
-                continue
-            sub_new = make(trial)
-            x_new = _padded_point(sub_new.manifold, sub.manifold.split(x, "x"), k,
-                                  eps, gen)
-            x_new, err_new, loss_new = inner(sub_new, x_new)
-            ok = err_new < (1.0 - accept_rtol) * err
-            attempts.append(dict(bond=k, ranks=tuple(trial), control_err=err_new,
-                                 accepted=bool(ok), seconds=elapsed[0]))
-            if not ok:
-                frozen.add(k)
-                continue
-            improved = True
-            ranks, sub, x, err, loss = trial, sub_new, x_new, err_new, loss_new
-            # rank decrease: drop trailing singular values below trunc_rel_eps
-            y = tt_round(sub.manifold.to_tt(x), rel_eps=trunc_rel_eps)
-            if tuple(y.ranks) != tuple(ranks):
-                ranks = list(y.ranks)
-                sub = make(ranks)
-                x = sub.manifold.pack_point(y)
-                attempts.append(dict(bond=None, ranks=tuple(ranks), control_err=err,
-                                     accepted=True, seconds=elapsed[0], truncated=True))
-            record(x, sub.manifold, err, loss)
-        if hist.status == "budget":
-            break
-        if not improved and raise_all:
-            # no single bond helped: try every bond below its cap at once (from a poor
-            # low-rank fit one bond alone may not lower the control error)
-            trial = list(ranks)
-            bonds = []
-            for k in range(1, d):
-                if trial[k] < min(max_rank, feas[k]):
-                    trial[k] += 1
-                    bonds.append(k)
-            if any(trial[k] > trial[k - 1] * shape[k - 1] or trial[k] > shape[k] * trial[k + 1]
-                   for k in range(1, d)) or not bonds:
-                break
-            sub_new = make(trial)
-            x_new = _padded_point(sub_new.manifold, sub.manifold.split(x, "x"), bonds, eps,
-                                  gen)
-            x_new, err_new, loss_new = inner(sub_new, x_new)
-            ok = err_new < (1.0 - accept_rtol) * err
-            attempts.append(dict(bond="all", ranks=tuple(trial), control_err=err_new,
-                                 accepted=bool(ok), seconds=elapsed[0]))
-            if ok:
+            if can_raise(k, ranks) and try_raise([k], k):
                 improved = True
-                ranks, sub, x, err, loss = trial, sub_new, x_new, err_new, loss_new
-                record(x, sub.manifold, err, loss)
-    if hist.iters and hist.iters[-1] != step[0]:
+        if not improved:
+            break
+    if err <= control_tol and hist.status in ("ok", "stopped"):
+        # the data are fitted: an overshooting bond's extra singular values are below the
+        # error, so rounding at the error's level finds the ranks
+        t0 = time.perf_counter()
+        y = tt_round(sub.manifold.to_tt(x), rel_eps=max(trunc_rel_eps, err))
+        elapsed[0] += time.perf_counter() - t0
+        if tuple(y.ranks) != tuple(ranks):
+            ranks = list(y.ranks)
+            sub = make(ranks)
+            x, err, loss = inner(sub, sub.manifold.pack_point(y))
+            attempts.append(dict(bond=None, ranks=tuple(ranks), control_err=err,
+                                 accepted=True, seconds=elapsed[0], truncated=True))
+            record(x, sub.manifold, err, loss)
+    if hist.status == "ok" and err <= control_tol:
+        hist.status = "converged"
+    if not hist.iters or hist.iters[-1] != step[0]:
         record(x, sub.manifold, err, loss)
     hist.info["rank_history"] = attempts
     hist.info["ranks"] = tuple(ranks)

@@ -1,0 +1,188 @@
+"""Rank adaptivity: the greedy rank raise against a dense float64 reference, and
+rank-adaptive completion from rank 1 (the search, its record and ``solvers.run``)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ttmanifold.experiments import problems as P
+from ttmanifold.experiments import solvers as S
+from ttmanifold.tt import TT
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _orth_basis(m, rank):
+    """An orthonormal basis of the column space of ``m`` (rank known)."""
+    u, _, _ = torch.linalg.svd(m, full_matrices=False)
+    return u[:, :rank].contiguous()
+
+
+def _kron(a, b):
+    return (a[:, None, :, None] * b[None, :, None, :]).reshape(a.shape[0] * b.shape[0], -1)
+
+
+def _dense_greedy(X, k, idx, vals, w, ranks):
+    """Dense reference of one greedy raise at bond ``k`` of the dense tensor ``X`` with
+    TT ranks ``ranks``: the top singular pair of the gradient's unfolding at bond ``k``
+    restricted to (left space of bond k-1) x mode k-1, minus the left space of bond k, and
+    likewise on the right; then the exact line search on the samples."""
+    shape = X.shape
+    d = len(shape)
+    G = torch.zeros_like(X)
+    res = X[tuple(idx.t())] - vals
+    G[tuple(idx.t())] = (w if w is not None else 1.0) * res
+    nl = math.prod(shape[:k])
+    Gk = G.reshape(nl, -1)
+    # left: span(unfolding at k-1) x R^{n_{k-1}}, minus span(unfolding at k)
+    B = _orth_basis(X.reshape(math.prod(shape[:k - 1]), -1), ranks[k - 1])
+    Ul = _kron(B, torch.eye(shape[k - 1], dtype=X.dtype))
+    Lk = _orth_basis(X.reshape(nl, -1), ranks[k])
+    Pl = Ul @ Ul.T - Lk @ Lk.T
+    Bt = _orth_basis(X.reshape(math.prod(shape[:k + 1]), -1).T.contiguous(), ranks[k + 1])
+    Vr = _kron(torch.eye(shape[k], dtype=X.dtype), Bt)
+    Rk = _orth_basis(X.reshape(nl, -1).T.contiguous(), ranks[k])
+    Pr = Vr @ Vr.T - Rk @ Rk.T
+    u, s, vh = torch.linalg.svd(Pl @ Gk @ Pr)
+    W = torch.outer(u[:, 0], vh[0]).reshape(shape)
+    wv = W[tuple(idx.t())]
+    om = torch.ones_like(vals) if w is None else w
+    step = -(om * res * wv).sum() / (om * wv * wv).sum()
+    return X + step * W, s
+
+
+@pytest.mark.parametrize("bond", [1, 2, 3])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_greedy_rank_raise_matches_dense_reference(bond, weighted):
+    shape = (4, 5, 3, 4)
+    g = torch.Generator().manual_seed(bond + 10 * weighted)
+    A = P.random_tt(shape, [1, 3, 3, 3, 1], generator=g)
+    x = P.random_tt(shape, [1, 1, 2, 2, 1], generator=g)
+    idx = P.sample_distinct_indices(shape, 150, generator=g)
+    vals = A.full()[tuple(idx.t())]
+    w = torch.rand(150, dtype=F64, generator=g) + 0.5 if weighted else None
+    y = S.greedy_rank_raise(x, bond, idx, vals, w)
+    want = list(x.ranks)
+    want[bond] += 1
+    assert tuple(y.ranks) == tuple(want)
+    ref, s = _dense_greedy(x.full(), bond, idx, vals, w, x.ranks)
+    assert float(s[0] - s[1]) > 1e-6 * float(s[0])  # a unique leading pair
+    torch.testing.assert_close(y.full(), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_greedy_rank_raise_several_bonds_is_the_sequence_of_single_raises():
+    shape = (3, 4, 5, 4, 3)
+    g = torch.Generator().manual_seed(3)
+    A = P.random_tt(shape, [1, 3, 4, 4, 3, 1], generator=g)
+    x = P.random_tt(shape, [1, 1, 2, 1, 1, 1], generator=g)
+    idx = P.sample_distinct_indices(shape, 300, generator=g)
+    vals = A.full()[tuple(idx.t())]
+    y = S.greedy_rank_raise(x, [1, 3, 4], idx, vals)
+    z = x
+    for k in (1, 3, 4):
+        z = S.greedy_rank_raise(z, k, idx, vals)
+    assert tuple(y.ranks) == (1, 2, 2, 2, 2, 1)
+    torch.testing.assert_close(y.full(), z.full(), rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10 ** 6), bond=st.integers(1, 3), n=st.integers(2, 4))
+def test_greedy_rank_raise_never_increases_the_loss(seed, bond, n):
+    shape = (n, 3, n, 3)
+    g = torch.Generator().manual_seed(seed)
+    x = P.random_tt(shape, 1, generator=g)
+    idx = P.sample_distinct_indices(shape, 2 * n * 3, generator=g)
+    vals = torch.randn(idx.shape[0], dtype=F64, generator=g)
+
+    def loss(t):
+        return float(((t.full()[tuple(idx.t())] - vals) ** 2).sum())
+
+    y = S.greedy_rank_raise(x, bond, idx, vals)
+    assert y.ranks[bond] == 2
+    assert loss(y) <= loss(x) * (1 + 1e-12) + 1e-14
+
+
+def test_greedy_rank_raise_rejects_bad_input():
+    x = P.random_tt((3, 3, 3), 1)
+    idx = torch.zeros(5, 3, dtype=torch.long)
+    vals = torch.zeros(5, dtype=F64)
+    with pytest.raises(ValueError, match="bond"):
+        S.greedy_rank_raise(x, 0, idx, vals)
+    with pytest.raises(ValueError, match="indices"):
+        S.greedy_rank_raise(x, 1, idx[:, :2], vals)
+    with pytest.raises(ValueError, match="bond"):  # rank 3 is the largest at bond 1
+        S.greedy_rank_raise(P.random_tt((3, 3, 3), 3), 1, idx, vals)
+
+
+def _uniform_problem(shape, ranks, seed, oversampling=10):
+    return P.Completion(shape, ranks, core_dist="uniform", oversampling=oversampling,
+                        test_size=2000, seed=seed)
+
+
+def test_rank_adaptive_leaves_rank_one_and_recovers_at_order_eight():
+    # d = 8: a rank-1 start and single-bond raises with random columns (the earlier
+    # scheme) never left rank 1 at this order; the greedy raises reach the ranks
+    pb = _uniform_problem((10,) * 8, 3, seed=1)
+    h = S.rank_adaptive_completion(pb, max_rank=4, seed=1)
+    assert h.info["ranks"] == (1,) + (3,) * 7 + (1,), h.info["rank_history"]
+    assert h.status == "converged"
+    x = P.FixedTTRank(pb.manifold.shape, h.info["ranks"]).to_tt(h.x)
+    assert pb.metrics(x)["test_err"] < 1e-8
+    assert h.final_metrics()["test_err"] < 1e-8
+    errs = [a["control_err"] for a in h.info["rank_history"] if a["accepted"]]
+    assert errs[-1] < 1e-9 < errs[0]
+
+
+def test_rank_adaptive_finds_unequal_ranks_without_overshoot():
+    ranks = (2, 3, 4, 3, 2)
+    pb = _uniform_problem((8,) * 6, ranks, seed=2)
+    h = S.rank_adaptive_completion(pb, max_rank=5, seed=0)
+    assert h.info["ranks"][1:-1] == ranks, h.info["rank_history"]
+    assert h.final_metrics()["test_err"] < 1e-8
+    # every record lists the control error; times and iterations grow
+    assert all("control_err" in m for m in h.metrics)
+    assert h.iters == sorted(h.iters) and h.time == sorted(h.time)
+
+
+def test_rank_adaptive_through_run_and_stop_rules():
+    pb = _uniform_problem((8,) * 5, (2, 3, 3, 2), seed=3)
+    h = S.run(pb, "rank_adaptive", iters=500, max_rank=4, seed=0)
+    assert h.method == "rank_adaptive" and h.lr is None
+    assert h.info["ranks"][1:-1] == (2, 3, 3, 2)
+    assert h.info["rank_history"][0]["ranks"] == (1,) * 6
+    assert h.final_metrics()["test_err"] < 1e-8
+    M = P.FixedTTRank(pb.manifold.shape, h.info["ranks"])
+    assert pb.metrics(M.to_tt(h.x))["test_err"] < 1e-8
+    # the default cap is the problem's rank; a total CG budget stops the search early
+    h2 = S.run(pb, "rank_adaptive", iters=5, seed=0)
+    assert h2.status == "budget" and h2.n_iters <= 5
+    assert max(h2.info["ranks"]) <= max(pb.manifold.ranks)
+    h3 = S.run(pb, "rank_adaptive", iters=500, stop_metric="test_err", stop_tol=0.5)
+    assert h3.status == "stopped" and h3.final_metrics()["test_err"] <= 0.5
+    assert "rank_adaptive" in S.ALL_METHODS
+    ap = P.Approximation.random((4, 5), 3, 2, seed=0)
+    with pytest.raises(ValueError, match="completion"):
+        S.run(ap, "rank_adaptive", iters=1)
+
+
+def test_rank_adaptive_random_direction_still_available():
+    pb = P.Completion((6, 6, 6, 6), (2, 3, 2), oversampling=10, test_size=200, seed=2)
+    h = S.rank_adaptive_completion(pb, max_rank=3, direction="random", start="random",
+                                   seed=0)
+    assert all(a <= 3 for a in h.info["ranks"])
+    with pytest.raises(ValueError, match="direction"):
+        S.rank_adaptive_completion(pb, max_rank=3, direction="spectral")
+    with pytest.raises(ValueError, match="start"):
+        S.rank_adaptive_completion(pb, max_rank=3, start="dense")
