@@ -15,8 +15,15 @@ those of the single-process run on the same data to rounding (the sums over the 
 are grouped differently). The mathematics, the communication volume and the scaling model
 are in ``docs/distributed.md``.
 
+L-BFGS (:func:`distributed_lbfgs`) needs the summed loss and gradient only; the trust
+region (:func:`distributed_trust_region`) also sums each Hessian-vector product of its
+inner CG (one all-reduce of ``S`` numbers per product): the Riemannian Hessian is linear in
+the data, curvature term included. Their direction and step rules run on every process on
+the same bits.
+
 Entry points: :class:`ShardedCompletion` (the data of one process plus the reductions),
-:func:`distributed_cg` and :func:`distributed_rsgd` (the solvers, with checkpoints), and the
+:func:`distributed_cg`, :func:`distributed_rsgd`, :func:`distributed_lbfgs` and
+:func:`distributed_trust_region` (the solvers, with checkpoints), and the
 sharding helpers :func:`shard_mask` / :func:`validation_mask` (a deterministic assignment
 of each multi-index to a process and to the validation set, independent of the number of
 processes). Without an initialized process group everything runs in one process.
@@ -464,7 +471,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def load_checkpoint(path) -> dict:
-    """Read a checkpoint written by :func:`distributed_cg` / :func:`distributed_rsgd`.
+    """Read a checkpoint written by one of the solvers of this module.
 
     Returns a dict with ``format``, ``version``, ``method``, ``iteration``, ``shape``,
     ``ranks``, ``dtype`` (a name), ``n_train``, ``world_size`` (of the run that wrote
