@@ -6,8 +6,8 @@
 Rows:
 
 - ``cuda tests``: the tests parametrized on CUDA (every test module that asks
-  ``torch.cuda.is_available()``, ``pytest -k cuda``), in a subprocess started first and
-  collected last; without CUDA they are reported as skipped;
+  ``torch.cuda.is_available()``, ``pytest -k cuda``) in a subprocess, before the timings
+  on CUDA (alongside them with ``--device cpu``, where they only skip);
 - ``manifold``: time per point of ``retr``, ``project`` and one RiemannianAdam step on a
   batch of B = 1 and 256 points in float32 (d = 10, n = 20, r = 4), the functions of
   ``bench_batch.py``, synchronized on CUDA (median of a few rounds after a warmup);
@@ -171,10 +171,15 @@ def main(argv=None):
         torch.set_num_threads(1)
     t_all = time.perf_counter()
     proc, t0 = start_cuda_tests()
+    tests = None
+    if device.type == "cuda":  # the tests would share the GPU with the timings: run first
+        tests = finish_cuda_tests(proc, t0, args.test_timeout)
     rows = guarded("manifold", manifold_rows, device, args.quick)
     rows += guarded("completion CG", completion_rows, device, args.quick)
     rows += guarded("compare", compare_rows, device, args.quick)
-    rows = finish_cuda_tests(proc, t0, args.test_timeout) + rows
+    if tests is None:  # on the CPU they ran alongside (they only skip there)
+        tests = finish_cuda_tests(proc, t0, args.test_timeout)
+    rows = tests + rows
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# gpu_check on {name}, torch {torch.__version__}, "
           f"{'quick' if args.quick else 'full'}, {time.perf_counter() - t_all:.1f} s")
