@@ -188,8 +188,8 @@ def _check_cores(cores, name: str = "cores") -> List[torch.Tensor]:
     for k, c in enumerate(cores):
         if c.shape[-2] < 1 or c.shape[-3] < 1 or c.shape[-1] < 1:
             raise ValueError(f"{name}[{k}]: every dimension must be positive, got {tuple(c.shape)}")
-    for k, c in enumerate(cores):  # no host sync (immediate on the CPU)
-        assert_finite_async(c, f"{name}[{k}]")
+    for k, c in enumerate(cores):  # no host sync (immediate on the CPU); detached: a
+        assert_finite_async(c.detach(), f"{name}[{k}]")  # check adds no autograd nodes
     return cores
 
 
