@@ -59,7 +59,7 @@ def test_psenka_boumal_problem_and_quick_run(tmp_path):
     # a random start, not the target
     x0 = pb.manifold.to_tt(spec["x0"])
     assert pb.metrics(x0)["test_err"] > 0.5
-    text = presets.run_preset("psenka-boumal", str(tmp_path), quick=True, budget=2.0,
+    text = presets.run_preset("psenka-boumal", str(tmp_path), quick=True, budget=30.0,
                               iters=200, methods=["rcg"])
     # quick size: 30 % observed (12 x dim M), RCG recovers both seeds from random starts
     assert "| rcg | 2/2 |" in text and "2 seeds 0..1" in text

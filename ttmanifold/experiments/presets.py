@@ -239,10 +239,10 @@ def build_preset(name: str, *, rank: Optional[int] = None, seed: int = 0,
 def _run_one(spec, method: str, budget: float, iters: int, pb=None) -> History:
     pb = spec["problem"] if pb is None else pb
     if method == "rank_adaptive":
-        opts = dict(inner_iters=40)
-        opts.update(spec.get("ra_opts", {}))
+        # the solver's own defaults (inner CG until its loss stalls, greedy raises)
         return solvers.rank_adaptive_completion(pb, max_rank=spec["max_rank"],
-                                                time_budget=budget, **opts)
+                                                time_budget=budget,
+                                                **spec.get("ra_opts", {}))
     # chart Adam at t3f's tutorial's lr; Riemannian Adam with the automatic step rule
     lr = 0.01 if method == "chart_adam" else "auto"
     return solvers.run(pb, method, spec["x0"], iters=iters, time_budget=budget, lr=lr,
@@ -468,7 +468,7 @@ def rank_one_start(manifold, seed: int = 0, eps: float = 1e-4, *, dtype=torch.fl
 def recovery_phase(d: int, n: int, r: int, rates, seeds: int, *,
                    methods=PHASE_METHODS, tol: float = 1e-6, iters: int = 500,
                    budget: Optional[float] = None, test_size: int = 2000,
-                   inner_iters: int = 40, verbose: bool = False) -> List[Dict[str, object]]:
+                   verbose: bool = False) -> List[Dict[str, object]]:
     """Recovery of random rank-``r`` TTs (:class:`~.problems.Completion`, Gaussian
     cores, shape ``(n,) * d``) against the sampling rate ``|Omega| / dim M``, in the manner
     of Steinlechner's phase plots, without an oracle or dense start.
@@ -483,8 +483,8 @@ def recovery_phase(d: int, n: int, r: int, rates, seeds: int, *,
             ``|Omega| / dim M``; seeds: problems per rate (seeds ``0..seeds-1``: data
             and start); methods: a subset of :data:`PHASE_METHODS`; tol: the recovery
             threshold; iters: RCG's iteration cap; budget: seconds per run (RCG) or
-            after which no rank raise is tried (rank-adaptive); test_size: ``|Gamma|``;
-            inner_iters: the rank-adaptive scheme's CG iterations per trial.
+            after which no rank raise is tried (rank-adaptive, with the solver's
+            defaults otherwise); test_size: ``|Gamma|`` (at most the entries left).
     Returns:
         one dict per run: ``rate``, ``seed``, ``method``, ``recovered`` (bool),
         ``test_err`` (final), ``seconds`` (optimization time), ``ranks``.
@@ -511,7 +511,6 @@ def recovery_phase(d: int, n: int, r: int, rates, seeds: int, *,
             for m in methods:
                 if m == "rank_adaptive":
                     h = solvers.rank_adaptive_completion(pb, max_rank=r, seed=s,
-                                                         inner_iters=inner_iters,
                                                          time_budget=budget)
                 else:
                     x0 = (pb.initial_point(s) if m == "rcg_random" else
