@@ -24,7 +24,8 @@ from . import sampled_compiled
 from .blocked import SampledPoint, blocked_project, blocked_values, stacked
 from .layout import CHUNK, MIN_GROUP, Block, ModePlan, Partition, Workspace
 
-__all__ = ["IndexSet", "BatchIndexSet", "StackedIndexSet", "SampledPoint", "sampled_values", "sampled_project"]
+__all__ = ["IndexSet", "BatchIndexSet", "StackedIndexSet", "SampledPoint", "sampled_values",
+           "sampled_project"]
 
 # The blocked-kernel operations; :mod:`ttmanifold.kernels` runs the compiled version when it
 # is built and applies (CPU, float32/float64, no autograd, large enough index set).
