@@ -281,3 +281,22 @@ def test_merged_blocks_match_single_calls(kernel):
         Vb = [None] + [w[b] for w in V[1:]]
         T = sum(full(Ub[:k] + [dU[k][b]] + Vb[k + 1:]) for k in range(len(shape)))
         assert torch.allclose(bset.split(e)[b], T[tuple(i.t())], atol=1e-12)
+
+
+def test_gather_double_backward_matches_dense():
+    """create_graph=True takes the per-mode kernels of the stacked set (batched cores
+    stacked on the fly): a Hessian-vector quantity against the dense per-problem one."""
+    M, p, idx, vals = case([9, 0, 6], seed=6)
+    bset = BatchIndexSet(idx, SHAPE)
+
+    def second(loss_of):
+        cores = [c.detach().clone().requires_grad_() for c in M.split(p)]
+        g = torch.autograd.grad(loss_of(cores), cores, create_graph=True)
+        return torch.autograd.grad(sum((x ** 2).sum() for x in g), cores)
+
+    got = second(lambda cs: (bset.gather(cs) ** 3 * vals).sum())
+    ref = second(lambda cs: sum(
+        (full([c[b] for c in cs])[tuple(i.t())] ** 3 * v).sum()
+        for b, (i, v) in enumerate(zip(idx, bset.split(vals))) if len(i)))
+    for a, r in zip(got, ref):
+        assert torch.allclose(a, r, atol=1e-10)
