@@ -285,3 +285,21 @@ def test_ctrl_c_keeps_finished_runs_and_ends_with_one_line(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "status: incomplete" in summary and "| rcg |" in summary
     assert "| rsgd |" not in summary
+
+
+def test_preset_cli_threads_and_methods(tmp_path, capsys):
+    """--preset runs at one torch thread unless --threads, and --methods picks a subset
+    (rank_adaptive among them) of the preset's methods."""
+    before = torch.get_num_threads()
+    try:
+        main(["compare", "--preset", "psenka-boumal", "--quick", "--methods", "als",
+              "--iters", "2", "--threads", "2", "--out", str(tmp_path)])
+        text = capsys.readouterr().out
+        assert "torch threads: 2" in text and "| als |" in text and "| rcg |" not in text
+        main(["compare", "--preset", "psenka-boumal", "--quick", "--methods",
+              "rank_adaptive", "--time-budget", "0.01", "--out", str(tmp_path)])
+        text = capsys.readouterr().out
+        assert "torch threads: 1" in text and "| rank_adaptive |" in text
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
