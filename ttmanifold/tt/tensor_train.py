@@ -819,14 +819,15 @@ class _SumTT(TT):
         gradient is up to ~6x more accurate in float32 than the sum of the terms')."""
         ts = self._terms
         diag = [inner(t, t) for t in ts]
-        s = sum(diag)
+        s = sum(diag[1:], diag[0])
         for i in range(len(ts)):
             for j in range(i + 1, len(ts)):
                 s = s + 2 * inner(ts[i], ts[j])
-        scale = sum(torch.sqrt(v.detach().clamp_min(0)) for v in diag) ** 2
+        # the check in Python floats from one read (no sync on the CPU)
+        vals = torch.stack([v.detach() for v in diag] + [s.detach()]).tolist()
+        scale = sum(math.sqrt(max(v, 0.0)) for v in vals[:-1]) ** 2
         fin = torch.finfo(self.dtype)
-        if bool((scale >= fin.tiny / fin.eps) & (scale <= fin.max / 16)
-                & (s.detach() >= _GRAM_NORM_TAU * scale)):  # no sync on the CPU
+        if fin.tiny / fin.eps <= scale <= fin.max / 16 and vals[-1] >= _GRAM_NORM_TAU * scale:
             return s, True
         return inner(TT(self._cores, check=False), TT(self._cores, check=False)), False
 
@@ -847,12 +848,11 @@ class _SumTT(TT):
         if not self._pairwise_ok():
             return super().norm()
         s, ok = self._gram()
-        if not ok:
-            x = TT(self._cores, check=False)
-            with torch.no_grad():
-                val = x.detach()._qr_norm()
-        else:
-            val = torch.sqrt(s.detach())
+        if ok:  # s > 0: value sqrt(s), derivatives those of sqrt(<X, X>)
+            return torch.sqrt(s)
+        x = TT(self._cores, check=False)
+        with torch.no_grad():
+            val = x.detach()._qr_norm()
         if not (torch.is_grad_enabled() and s.requires_grad):
             return val
         val = val.clamp_min(torch.finfo(self.dtype).tiny)
