@@ -96,3 +96,52 @@ def test_line_search_methods_reject_model_problems_and_need_no_lr():
     assert set(S.ALL_METHODS) == (set(S.METHODS) | set(S.LINE_SEARCH_METHODS)
                                   | set(S.COMPLETION_METHODS))
     assert math.isfinite(len(S.ALL_METHODS))
+
+
+def _far_noisy_completion(seed=0):
+    """t3f's tutorial setting: shape (3, 4, 4, 5, 7, 5), ranks (3, 5, 5, 5, 5), entries of
+    unit mean square (norm about 92, far from a unit-norm start), 25 % observed with noise
+    1e-2; the rest is the test set."""
+    shape = (3, 4, 4, 5, 7, 5)
+    gen = torch.Generator().manual_seed(seed)
+    target = P.random_tt(shape, [1, 3, 5, 5, 5, 5, 1], generator=gen)
+    total = math.prod(shape)
+    target = target * math.sqrt(total)
+    perm = torch.randperm(total, generator=gen)
+    n_obs = total // 4
+    multi = torch.stack(torch.unravel_index(perm, shape), 1)
+    vals = target.full().reshape(-1)[perm]
+    vals = vals + 1e-2 * torch.randn(total, generator=gen, dtype=F64)
+    pb = P.Completion.from_data(multi[:n_obs], vals[:n_obs], shape, (3, 5, 5, 5, 5),
+                                test=(multi[n_obs:], vals[n_obs:]))
+    return pb, pb.initial_point(seed)
+
+
+def test_trust_region_backtracks_instead_of_rejecting_far_from_the_data():
+    # from a unit-norm start two orders of magnitude from the data, rejected steps cost
+    # whole outer iterations (18 to test MSE 1.3e-4); backtracking along a rejected step
+    # keeps the iteration (14)
+    pb, x0 = _far_noisy_completion()
+    kw = dict(iters=30, stop_metric="test_mse", stop_tol=1.3e-4, measure_memory=False)
+    h = S.riemannian_trust_region(pb, x0, **kw)
+    old = S.riemannian_trust_region(pb, x0, max_backtracks=0, **kw)
+    it, it_old = h.reach("test_mse", 1.3e-4)[0], old.reach("test_mse", 1.3e-4)[0]
+    assert it <= 15 and it < it_old, (it, it_old)
+    assert h.info["backtracked"] >= 1 and h.info["rejected"] < old.info["rejected"]
+    # both reach the same minimizer's neighbourhood
+    assert h.final_metrics()["test_mse"] < 1.3e-4 and old.final_metrics()["test_mse"] < 1.3e-4
+
+
+def test_riemannian_adam_grid_is_in_units_of_the_distance_to_the_data():
+    pb, x0 = _far_noisy_completion()
+    kw = dict(iters=150, stop_metric="test_mse", stop_tol=1.3e-4, measure_memory=False,
+              metrics_every=5)
+    h = S.run(pb, "radam", x0, **kw)
+    f0 = float(pb.loss(pb.manifold.to_tt(x0)))
+    assert h.info["lr_scale"] == pytest.approx(math.sqrt(2 * f0 / pb.manifold.dim))
+    assert max(h.info["tune_scores"]) == pytest.approx(10 * h.info["lr_scale"])
+    r = h.reach("test_mse", 1.3e-4)
+    assert r is not None and r[0] <= 150, r
+    # the unit grid (at most lr 1) is far slower from this start (about 560 steps)
+    unit = S.run(pb, "radam", x0, lr_grid_values=S.lr_grid(7), **kw)
+    assert unit.reach("test_mse", 1.3e-4) is None

@@ -251,6 +251,9 @@ def test_each_method_decreases_loss(kind, method):
     assert problem.target_metric in h.final_metrics()
     if method == "rcg":
         assert h.lr is None
+    elif method == "radam":  # its grid is in units of the distance to the data
+        grid = [g * h.info["lr_scale"] for g in lr_grid(3, 1e-2, 10.0)]
+        assert h.lr in grid and len(h.info["tune_scores"]) == 3
     else:
         assert h.lr in lr_grid(3) and len(h.info["tune_scores"]) == 3
     if method.startswith("chart"):

@@ -483,7 +483,8 @@ class _TrustRegionStepper(_PointStepper):
     """Riemannian trust region (see :func:`riemannian_trust_region`)."""
 
     def __init__(self, problem, x0, *, radius=None, max_radius=None, max_inner=None,
-                 theta: float = 1.0, kappa: float = 0.1, rho_accept: float = 0.1):
+                 theta: float = 1.0, kappa: float = 0.1, rho_accept: float = 0.1,
+                 max_backtracks: int = 4):
         self.problem = problem
         self.M: FixedTTRank = problem.manifold
         self.p = x0.detach().clone()
@@ -495,8 +496,10 @@ class _TrustRegionStepper(_PointStepper):
         self.radius = float(radius) if radius is not None else self.max_radius / 8
         self.max_inner = int(max_inner) if max_inner is not None else self.M.dim
         self.theta, self.kappa, self.rho_accept = float(theta), float(kappa), float(rho_accept)
+        self.max_backtracks = int(max_backtracks)
         self.f = self._grad = None
-        self.info = {"inner_iters": 0, "hess_products": 0, "rejected": 0, "grad_norms": []}
+        self.info = {"inner_iters": 0, "hess_products": 0, "rejected": 0, "backtracked": 0,
+                     "grad_norms": []}
 
     def _state(self):
         if self._grad is None:
@@ -559,6 +562,22 @@ class _TrustRegionStepper(_PointStepper):
                 self.radius /= 4
             elif rho > 0.75 and on_boundary:
                 self.radius = min(2 * self.radius, self.max_radius)
+            if rho <= self.rho_accept:
+                # before giving the iteration up, backtrack along the step: the shorter
+                # steps t eta (t = 1/2, 1/4, ...) with the same ratio test (the model is
+                # better on a shorter segment); the radius follows the accepted length
+                slope, curv = -float(g @ eta), float(eta @ Heta)
+                t = 1.0
+                for _ in range(self.max_backtracks):
+                    t *= 0.5
+                    p_t = M.retr(self.p, t * eta).detach()
+                    f_t = _loss_at(self.problem, p_t)
+                    dec = t * slope - 0.5 * t * t * curv
+                    if (float(fx - f_t) + eps) / (dec + eps) > self.rho_accept:
+                        p_new, rho = p_t, 1.0
+                        self.radius = t * math.sqrt(float(eta @ eta))
+                        self.info["backtracked"] = int(self.info["backtracked"]) + 1
+                        break
             if rho > self.rho_accept:
                 self.p = p_new
                 self._grad = None
@@ -929,7 +948,11 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
     iters : maximum number of iterations.
     time_budget : seconds of (timed) optimization after which the run stops.
     lr : a float, or ``"auto"`` (default) for the step-size rule :func:`tune_lr` with
-        ``grid_size`` / ``tune_iters`` / ``lr_grid_values``. Ignored by ``rcg``.
+        ``grid_size`` / ``tune_iters`` / ``lr_grid_values``. Ignored by ``rcg``. For
+        ``radam`` on a tensor problem the default grid is ``lr_grid(grid_size, 1e-2, 10)``
+        times ``sqrt(2 f(X_0) / dim M)`` (``info["lr_scale"]``): Adam's steps move each
+        coordinate by about ``lr``, so its grid is in units of the distance to the data
+        per coordinate (for a least-squares loss) rather than of the start's norm.
     callback : ``callback(t, history) -> bool``; returning True stops the run.
     metrics_every : evaluate ``problem.metrics`` every k iterations (0: never).
     progress : show a tqdm progress bar.
@@ -965,7 +988,17 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
             if lr != "auto":
                 raise ValueError(f"lr: expected a positive float or 'auto', got {lr!r}")
             t0 = time.perf_counter()
-            lr, scores = tune_lr(problem, method, x0, grid=lr_grid_values, grid_size=grid_size,
+            grid = lr_grid_values
+            if grid is None and method == "radam" and not model_problem:
+                # Adam moves every coordinate by about lr per step: a grid in units of the
+                # per-coordinate distance to the data, sqrt(2 f(X_0) / dim M) (for a
+                # least-squares loss), not of a unit-norm start
+                scale = math.sqrt(max(2.0 * float(_loss_at(problem, x0)), 0.0)
+                                  / problem.manifold.dim)
+                if math.isfinite(scale) and scale > 0:
+                    grid = [g * scale for g in lr_grid(grid_size, 1e-2, 10.0)]
+                    hist.info["lr_scale"] = scale
+            lr, scores = tune_lr(problem, method, x0, grid=grid, grid_size=grid_size,
                                  tune_iters=tune_iters, seed=seed, progress=progress, **opts)
             hist.info["tune_scores"] = scores
             hist.info["tune_seconds"] = time.perf_counter() - t0
@@ -1050,7 +1083,8 @@ def riemannian_cg(problem, x0=None, *, iters: int = 100, time_budget=None, beta:
 def riemannian_trust_region(problem, x0=None, *, iters: int = 50, time_budget=None,
                             radius: Optional[float] = None, max_radius: Optional[float] = None,
                             max_inner: Optional[int] = None, theta: float = 1.0,
-                            kappa: float = 0.1, callback=None, **kwargs) -> History:
+                            kappa: float = 0.1, max_backtracks: int = 4, callback=None,
+                            **kwargs) -> History:
     """Riemannian trust region with a truncated CG inner solver and the exact Hessian.
 
     At ``X`` with Riemannian gradient ``g`` and Hessian ``H``
@@ -1063,21 +1097,28 @@ def riemannian_trust_region(problem, x0=None, *, iters: int = 50, time_budget=No
     retracted step when ``rho > 0.1``, shrinks the radius by 4 when ``rho < 1/4``, doubles
     it (up to ``max_radius``, default twice the larger of ``||X_0||`` and
     ``sqrt(2 f(X_0))``, the distance to the data of a least-squares loss; initial
-    ``max_radius / 8``) when ``rho > 3/4`` on the boundary.
+    ``max_radius / 8``) when ``rho > 3/4`` on the boundary. A step that fails the ratio
+    test is not simply rejected: the steps ``t eta``, ``t = 1/2, 1/4, ...`` (at most
+    ``max_backtracks``) are tried with the same test on their own model decrease, and the
+    first that passes is taken with the radius set to its length (far from the data, where
+    the quadratic model is poor on long steps, this saves the outer iterations that
+    rejections cost; near a minimizer steps pass and nothing changes).
 
     Args:
         problem: a tensor problem (its ``loss`` of a TT is differentiated).
         x0: packed start (default ``problem.initial_point(seed)``).
         iters: outer iterations; time_budget: seconds.
-        radius, max_radius, max_inner (default dim M), theta, kappa: as above.
+        radius, max_radius, max_inner (default dim M), theta, kappa, max_backtracks
+            (0: plain rejection): as above.
     Returns:
         a :class:`History`; ``info`` holds ``inner_iters``, ``hess_products``,
-        ``rejected`` and ``grad_norms`` (at the start of each outer iteration).
+        ``rejected``, ``backtracked`` and ``grad_norms`` (at the start of each outer
+        iteration).
     Cost per outer iteration: one gradient, one loss, and per inner iteration one Hessian
     product (about twice a gradient plus ``f`` on a rank-4r TT).
     """
     kw = dict(radius=radius, max_radius=max_radius, max_inner=max_inner, theta=theta,
-              kappa=kappa)
+              kappa=kappa, max_backtracks=max_backtracks)
     return run(problem, "rtr", x0, iters=iters, time_budget=time_budget, callback=callback,
                rtr_kwargs=kw, **kwargs)
 
@@ -1185,8 +1226,9 @@ def greedy_rank_raise(x: TT, bond, indices: torch.Tensor, values: torch.Tensor,
 
 
 def _slices(core: torch.Tensor, ik: torch.Tensor) -> torch.Tensor:
-    """``(N, a, b)``: the core's slices at the samples' indices (one row gather)."""
-    return core.permute(1, 0, 2).index_select(0, ik)
+    """``(N, a, b)``: the core's slices at the samples' indices (one row gather; from a
+    contiguous copy, many times faster than gathering through the permuted view)."""
+    return core.permute(1, 0, 2).contiguous().index_select(0, ik)
 
 
 def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool):
@@ -1211,8 +1253,8 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool):
         right = [None] * d
         right[d - 1] = values.new_ones(N, 1)
         for k in range(d - 1, 0, -1):
-            # elementwise products and sums: faster than batched matmuls of tiny matrices
-            right[k - 1] = (_slices(cs[k], indices[:, k]) * right[k][:, None, :]).sum(2)
+            right[k - 1] = torch.bmm(_slices(cs[k], indices[:, k]),
+                                     right[k].unsqueeze(2)).squeeze(2)
         xv = (_slices(cs[0], indices[:, 0])[:, 0, :] * right[0]).sum(1)
         om = torch.ones_like(values) if weights is None else weights.to(values)
         z = om * (xv - values)  # the Euclidean gradient at the samples
@@ -1247,7 +1289,8 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool):
                     v = torch.linalg.qr(torch.cat([Qm.T, torch.randn_like(Qm.T[:, :1])],
                                                   1))[0][:, -1]
                 c3, v3 = c.reshape(p, n1, 1), v.reshape(1, n2, b)
-                w = (L * c3[:, i1, 0].T).sum(1) * (v3[0, i2, :] * right[k]).sum(1)
+                w = ((L * c.reshape(p, n1).T.contiguous()[i1]).sum(1)
+                     * (v.reshape(n2, b)[i2] * right[k]).sum(1))
                 den = (om * w * w).sum().clamp_min(torch.finfo(w.dtype).tiny)
                 num = (z * w).sum()
                 gains.append(0.5 * num * num / den)
@@ -1262,7 +1305,7 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool):
                 center = torch.einsum("ab,bnc->anc", S, Q)
             cs[k - 1] = C.reshape(p, n1, -1)
             cs[k] = center
-            L = (L[:, :, None] * _slices(cs[k - 1], indices[:, k - 1])).sum(1)
+            L = torch.bmm(L.unsqueeze(1), _slices(cs[k - 1], indices[:, k - 1])).squeeze(1)
     g = torch.stack(gains) if gains else values.new_zeros(0)
     return TT(cs, check=False), g
 
