@@ -220,3 +220,19 @@ def test_property_sum_inner_and_norm(shape, ra, rb, seed):
     _, gref = _dense_grads(lambda p: torch.linalg.vector_norm(p - 0.5 * y.full() + w.full())
                            + ((p - 0.5 * y.full() + w.full()) * w.full()).sum(), [x])
     assert torch.allclose(g, gref[-1], atol=1e-12)
+
+
+def test_float32_norm_of_a_sum_without_cancellation():
+    """Independent x and a in float32: the norm (value and gradient) read from the terms'
+    inner products has the accuracy of a single float32 sweep."""
+    x, a = _rand((4, 5, 3, 4), 3, 30), _rand((4, 5, 3, 4), 2, 31)
+    x32, a32 = x.to(torch.float32), a.to(torch.float32)
+    cx, tx = _leaf(x32)
+    n = (tx - a32).norm()
+    ref, gref = _dense_grads(lambda p, q: torch.linalg.vector_norm(p - q),
+                             [x32.to(F64), a32.to(F64)])
+    eps = torch.finfo(torch.float32).eps
+    assert abs(float(n) - float(ref)) <= 20 * eps * float(ref)
+    (g,) = torch.autograd.grad(n, cx[:1])
+    assert float(torch.linalg.vector_norm(g.double() - gref[0])) <= 50 * eps * float(
+        torch.linalg.vector_norm(gref[0]))
