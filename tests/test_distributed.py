@@ -79,7 +79,7 @@ def _tensor_dist(M, a, b) -> float:
     return float((M.to_tt(a) - M.to_tt(b)).norm())
 
 
-def test_single_process_lbfgs_and_trust_region_equal_the_solvers(tmp_path):
+def test_single_process_lbfgs_equals_the_solver_and_resumes(tmp_path):
     P = _full_problem()
     S = ShardedCompletion(P.train.indices, P.a_train, W.SHAPE, W.RANK)
     M = P.manifold
@@ -89,13 +89,8 @@ def test_single_process_lbfgs_and_trust_region_equal_the_solvers(tmp_path):
     np.testing.assert_allclose(hd.loss, h.loss, rtol=1e-10, atol=1e-14)
     assert _tensor_dist(M, hd.x, h.x) < 1e-12
     assert hd.info["backtracks"] == h.info["backtracks"]
-    h = riemannian_trust_region(P, x0, iters=4, measure_memory=False)
-    hd = distributed_trust_region(S, x0, iters=4)
-    np.testing.assert_allclose(hd.loss, h.loss, rtol=1e-10, atol=1e-14)
-    assert _tensor_dist(M, hd.x, h.x) < 1e-12
-    for key in ("inner_iters", "rejected"):
-        assert hd.info[key] == h.info[key], key
-    # resume: the L-BFGS memory and the trust region's radius are in the checkpoint
+    # (the trust region against riemannian_trust_region: in the two-process test)
+    # resume: the L-BFGS memory is in the checkpoint
     ck = tmp_path / "ck.pt"
     full = distributed_lbfgs(S, x0, iters=9, metrics_every=0)
     distributed_lbfgs(S, x0, iters=6, checkpoint=str(ck), checkpoint_every=5, metrics_every=0)
@@ -107,13 +102,7 @@ def test_single_process_lbfgs_and_trust_region_equal_the_solvers(tmp_path):
     assert torch.equal(again.x, full.x) and again.loss == full.loss
     with pytest.raises(ValueError, match="method"):
         distributed_trust_region(S, x0, iters=9, checkpoint=str(ck), resume=True)
-    full = distributed_trust_region(S, x0, iters=3, metrics_every=0)
-    distributed_trust_region(S, x0, iters=2, checkpoint=str(ck), checkpoint_every=2,
-                             metrics_every=0)
-    again = distributed_trust_region(S, x0, iters=3, checkpoint=str(ck), resume=True,
-                                     metrics_every=0)
-    assert torch.equal(again.x, full.x) and again.loss == full.loss
-    assert again.info["inner_iters"] == full.info["inner_iters"]
+    # (the trust region's resume: in the two-process test)
     # errors name the argument
     with pytest.raises(ValueError, match="memory"):
         distributed_lbfgs(S, x0, memory=0)
@@ -123,6 +112,8 @@ def test_single_process_lbfgs_and_trust_region_equal_the_solvers(tmp_path):
         distributed_trust_region(S, x0, radius=-1.0)
     with pytest.raises(ValueError, match="max_inner"):
         distributed_trust_region(S, x0, max_inner=0)
+    with pytest.raises(ValueError, match="max_backtracks"):
+        distributed_trust_region(S, x0, max_backtracks=-1)
 
 
 def test_checkpoint_resume_is_exact_and_records_the_run(tmp_path):
@@ -251,7 +242,9 @@ def test_two_processes_lbfgs_and_trust_region_equal_one(tmp_path):
     h = riemannian_trust_region(P, x0, iters=5, measure_memory=False)
     assert _tensor_dist(M, r0["rtr"], h.x) < 1e-9
     np.testing.assert_allclose(r0["loss_rtr"], h.loss, rtol=1e-8, atol=1e-13)
-    assert r0["info_rtr"]["inner_iters"] == h.info["inner_iters"]
+    for key in ("inner_iters", "rejected", "backtracked"):
+        assert r0["info_rtr"][key] == h.info.get(key, 0), key
+    assert h.info["rejected"] + h.info.get("backtracked", 0) > 0  # a failed step's branch ran
     # the summed Hessian product of the shards is the full problem's
     g = M.proju(x0, M.riemannian_grad(x0, P.loss))
     assert float((r0["grad"] - g).abs().max()) < 1e-12

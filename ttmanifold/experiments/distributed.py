@@ -634,8 +634,10 @@ def _two_loop(pairs, g: torch.Tensor) -> torch.Tensor:
 
 class _LBFGS:
     """Riemannian L-BFGS with Armijo backtracking, the rules of
-    :func:`ttmanifold.experiments.solvers.riemannian_lbfgs`; the trial point of the unit
-    step gets its loss and gradient in one all-reduce (it is usually accepted)."""
+    :func:`ttmanifold.experiments.solvers.riemannian_lbfgs`. When the previous iteration
+    accepted its unit step, the unit step's trial point gets its loss and gradient in one
+    all-reduce (likely accepted again: one round trip and no separate loss); otherwise
+    trials get the loss only (a backtracking phase: no wasted gradients)."""
 
     method = "rlbfgs"
 
@@ -648,6 +650,7 @@ class _LBFGS:
         self.c1, self.shrink, self.max_backtracks = float(c1), float(shrink), max_backtracks
         self.pairs: list = []  # (s, y, 1/<s, y>) in the tangent space at p, oldest first
         self.state = None  # (loss, grad) at p
+        self.fuse = True  # the previous iteration accepted its unit step
         self.info = {"backtracks": 0, "skipped_updates": 0, "grad_norms": []}
 
     def ensure_state(self):
@@ -672,7 +675,7 @@ class _LBFGS:
             for j in range(self.max_backtracks):
                 t_try = t
                 p_new = torch.as_tensor(M.retr(self.p, t_try * eta))
-                if j == 0:
+                if j == 0 and self.fuse:
                     f_new, g_new, _ = P.grad(p_new)
                 else:
                     f_new, g_new = P.loss(p_new), None
@@ -680,6 +683,7 @@ class _LBFGS:
                     break
                 t *= self.shrink
                 self.info["backtracks"] += 1
+            self.fuse = t_try == 1.0
             if g_new is None:
                 f_new, g_new, _ = P.grad(p_new)
             s_new = M.transp(self.p, p_new, t_try * eta)
@@ -706,7 +710,7 @@ class _LBFGS:
         return {"p": self.p.detach().clone(),
                 "s": torch.stack([s_ for s_, _, _ in self.pairs]) if self.pairs else empty,
                 "y": torch.stack([y_ for _, y_, _ in self.pairs]) if self.pairs else empty,
-                "rho": [float(r) for _, _, r in self.pairs],
+                "rho": [float(r) for _, _, r in self.pairs], "fuse": self.fuse,
                 "backtracks": self.info["backtracks"],
                 "skipped_updates": self.info["skipped_updates"],
                 "grad_norms": list(self.info["grad_norms"])}
@@ -715,6 +719,7 @@ class _LBFGS:
         self.p = s["p"].to(dtype=self.problem.dtype, device=self.problem.device)
         S, Y = s["s"].to(self.p), s["y"].to(self.p)
         self.pairs = [(S[j].clone(), Y[j].clone(), float(r)) for j, r in enumerate(s["rho"])]
+        self.fuse = bool(s["fuse"])
         self.info = {"backtracks": int(s["backtracks"]),
                      "skipped_updates": int(s["skipped_updates"]),
                      "grad_norms": [float(v) for v in s["grad_norms"]]}
@@ -765,7 +770,7 @@ class _TR:
     method = "rtr"
 
     def __init__(self, problem: ShardedCompletion, p, radius, max_radius, max_inner,
-                 theta: float, kappa: float, rho_accept: float = 0.1):
+                 theta: float, kappa: float, max_backtracks: int, rho_accept: float = 0.1):
         for name, v in (("radius", radius), ("max_radius", max_radius)):
             if v is not None and not (isinstance(v, (int, float)) and v > 0
                                       and math.isfinite(v)):
@@ -776,8 +781,14 @@ class _TR:
         self.max_inner = self.M.dim if max_inner is None else _positive_int(max_inner,
                                                                             "max_inner")
         self.theta, self.kappa, self.rho_accept = float(theta), float(kappa), float(rho_accept)
+        if isinstance(max_backtracks, bool) or not isinstance(max_backtracks, int) \
+                or max_backtracks < 0:
+            raise ValueError(f"max_backtracks: expected a non-negative int, got "
+                             f"{max_backtracks!r}")
+        self.max_backtracks = max_backtracks
         self.state = None  # (loss, grad, hess) at p
-        self.info = {"inner_iters": 0, "hess_products": 0, "rejected": 0, "grad_norms": []}
+        self.info = {"inner_iters": 0, "hess_products": 0, "rejected": 0, "backtracked": 0,
+                     "grad_norms": []}
 
     def ensure_state(self):
         if self.state is None:
@@ -808,6 +819,22 @@ class _TR:
                 self.radius /= 4
             elif rho > 0.75 and on_boundary:
                 self.radius = min(2 * self.radius, self.max_radius)
+            if rho <= self.rho_accept:
+                # before giving the iteration up, the shorter steps t eta (t = 1/2, 1/4,
+                # ...) under the same ratio test (the model is better on a shorter segment);
+                # the radius follows the accepted length
+                slope, curv = -float(g @ eta), float(eta @ h_eta)
+                t = 1.0
+                for _ in range(self.max_backtracks):
+                    t *= 0.5
+                    p_t = torch.as_tensor(M.retr(self.p, t * eta)).detach()
+                    f_t = P.loss(p_t)
+                    dec = t * slope - 0.5 * t * t * curv
+                    if (float(fx - f_t) + eps) / (dec + eps) > self.rho_accept:
+                        p_new, trial, rho = p_t, None, 1.0  # its gradient: at the next step
+                        self.radius = t * math.sqrt(float(eta @ eta))
+                        self.info["backtracked"] += 1
+                        break
             if rho > self.rho_accept:
                 self.p, self.state = p_new, trial
             else:
@@ -820,14 +847,16 @@ class _TR:
     def state_dict(self) -> dict:
         return {"p": self.p.detach().clone(), "radius": self.radius,
                 "max_radius": self.max_radius,
-                **{k: self.info[k] for k in ("inner_iters", "hess_products", "rejected")},
+                **{k: self.info[k] for k in ("inner_iters", "hess_products", "rejected",
+                                             "backtracked")},
                 "grad_norms": list(self.info["grad_norms"])}
 
     def load_state_dict(self, s: dict) -> None:
         self.p = s["p"].to(dtype=self.problem.dtype, device=self.problem.device)
         self.radius = None if s["radius"] is None else float(s["radius"])
         self.max_radius = None if s["max_radius"] is None else float(s["max_radius"])
-        self.info = {k: int(s[k]) for k in ("inner_iters", "hess_products", "rejected")}
+        self.info = {k: int(s[k]) for k in ("inner_iters", "hess_products", "rejected",
+                                            "backtracked")}
         self.info["grad_norms"] = [float(v) for v in s["grad_norms"]]
         self.state = None
 
@@ -1022,10 +1051,10 @@ def distributed_lbfgs(problem: ShardedCompletion, x0: torch.Tensor, *, iters: in
     ``skipped_updates``, ``grad_norms``). Raises :class:`PeerFailure` when a peer dies.
 
     Cost per iteration and process: one ``cg_grad`` on the shard (O(N_local d r^2)) and
-    one all-reduce of ``dim M + 1`` numbers when the unit step is accepted; per backtrack
-    one loss on the shard and an all-reduce of 1 number, then the gradient at the accepted
-    point (``dim M + 1`` numbers); replicated: the retraction per trial and
-    ``2 memory + 2`` transports (O(d n r^3) each).
+    one all-reduce of ``dim M + 1`` numbers; per trial that is not fused with it (the
+    first after a backtracking iteration, and every backtrack) one loss on the shard and
+    an all-reduce of 1 number; replicated: the retraction per trial and ``2 memory + 2``
+    transports (O(d n r^3) each).
     """
     x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
     problem.manifold.split(x0, "x0")
@@ -1040,7 +1069,8 @@ def distributed_trust_region(problem: ShardedCompletion, x0: torch.Tensor, *,
                              iters: int = 50, radius: Optional[float] = None,
                              max_radius: Optional[float] = None,
                              max_inner: Optional[int] = None, theta: float = 1.0,
-                             kappa: float = 0.1, metrics_every: int = 1,
+                             kappa: float = 0.1, max_backtracks: int = 4,
+                             metrics_every: int = 1,
                              checkpoint: Optional[str] = None, checkpoint_every: int = 0,
                              resume: bool = False, callback: Optional[Callable] = None,
                              stop_metric: Optional[str] = None,
@@ -1058,26 +1088,31 @@ def distributed_trust_region(problem: ShardedCompletion, x0: torch.Tensor, *,
         radius, max_radius, max_inner, theta, kappa: as in ``riemannian_trust_region``
             (default ``max_radius``: twice the larger of ``||X_0||`` and
             ``sqrt(2 f(X_0))``; ``radius``: ``max_radius / 8``; ``max_inner``: ``dim M``).
+        max_backtracks: before rejecting a step that fails the ratio test, try up to this
+            many halvings ``t eta`` (``t = 1/2, 1/4, ...``) under the same test with the
+            model decrease ``t <-g, eta> - t^2 <eta, H eta> / 2``; an accepted one sets the
+            radius to ``t ||eta||`` (0: reject at once).
         checkpoint, checkpoint_every, resume: as in :func:`distributed_cg`; the checkpoint
             holds the point, the radius and the counters, so a resumed run continues to the
             same iterates.
 
     Returns a :class:`~ttmanifold.experiments.solvers.History` (``info``:
-    ``inner_iters``, ``hess_products``, ``rejected``, ``grad_norms``). Raises
+    ``inner_iters``, ``hess_products``, ``rejected``, ``backtracked``, ``grad_norms``).
+    Raises
     :class:`PeerFailure` when a peer dies.
 
     Cost per outer iteration and process: one ``cg_grad`` on the shard at the trial point
     and one all-reduce of ``dim M + 1`` numbers (loss and gradient together); per inner
     iteration one Hessian product on the shard (autodiff, a few O(N_local d r^2) passes)
     and one all-reduce of ``S`` numbers; replicated: one retraction and O(S) vector work
-    per inner iteration.
+    per inner iteration; per backtrack one loss on the shard and an all-reduce of 1 number.
     """
     x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
     problem.manifold.split(x0, "x0")
-    stepper = _TR(problem, x0, radius, max_radius, max_inner, theta, kappa)
+    stepper = _TR(problem, x0, radius, max_radius, max_inner, theta, kappa, max_backtracks)
     return _run(problem, stepper, iters=iters, metrics_every=metrics_every,
                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
                 callback=callback, stop_metric=stop_metric, stop_tol=stop_tol,
                 options={"radius": radius, "max_radius": max_radius,
                          "max_inner": max_inner, "theta": float(theta),
-                         "kappa": float(kappa)})
+                         "kappa": float(kappa), "max_backtracks": max_backtracks})
