@@ -1364,7 +1364,7 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
                              accept_rtol: float = 1e-3, trunc_rel_eps: float = 1e-10,
                              seed: int = 0, time_budget: Optional[float] = None,
                              raise_all: bool = True, direction: str = "gradient",
-                             stall_rtol: float = 1e-2, stall_window: int = 3,
+                             stall_rtol: float = 0.05, stall_window: int = 2,
                              control_tol: float = 1e-10, max_iters: Optional[int] = None,
                              start: str = "means", gain_ratio: float = 0.15,
                              callback: Optional[Callable] = None) -> History:
