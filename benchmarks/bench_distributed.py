@@ -1,4 +1,5 @@
-"""Data-parallel Riemannian CG for completion (issue 14): seconds per iteration at d = 20,
+"""Data-parallel Riemannian CG (or L-BFGS, ``--method rlbfgs``; trust region, ``--method
+rtr``) for completion (issue 14): seconds per iteration at d = 20,
 n = 50, r = 10, |Omega| = 10^6 (float64) with 1 and 2 processes, one torch thread each
 (gloo on 127.0.0.1), the peak memory (RSS) per process, and whether the iterates agree.
 
@@ -11,7 +12,7 @@ temporary directory (indices as uint8, 20 MB, values 8 MB). Target: 2 processes 
 1.7x faster than 1, with identical iterates (to rounding).
 
 Run:  python benchmarks/bench_distributed.py [--n-samples 1000000] [--iters 8]
-      [--warmup 2] [--worlds 1 2]
+      [--warmup 2] [--worlds 1 2] [--method rcg|rlbfgs|rtr]
 About 2-3 minutes on a 2-core CPU (most of it building the index layouts and the
 iterations of the 1-process run).
 """
@@ -29,6 +30,9 @@ import tempfile
 import time
 
 D, N_MODE, R = 20, 50, 10
+#: the solvers' counters reported (history info)
+COUNTERS = ("restarts", "backtracks", "skipped_updates", "inner_iters", "hess_products",
+            "rejected")
 
 
 def _log(msg: str) -> None:
@@ -43,7 +47,8 @@ def worker(rank, world, port, tmp, args, out_q):
 
     torch.set_num_threads(1)
     from ttmanifold.experiments.distributed import (Communicator, ShardedCompletion,
-                                                    distributed_cg, shard_mask)
+                                                    distributed_cg, distributed_lbfgs,
+                                                    distributed_trust_region, shard_mask)
 
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -62,8 +67,10 @@ def worker(rank, world, port, tmp, args, out_q):
         t_setup = time.perf_counter() - t0
         # warm-up: builds the layouts and buffers of the index set
         cpu = [time.process_time()]
-        h = distributed_cg(S, x0, iters=args.warmup + args.iters, metrics_every=0,
-                           callback=lambda t, hist: cpu.append(time.process_time()) and False)
+        solver = {"rcg": distributed_cg, "rlbfgs": distributed_lbfgs,
+                  "rtr": distributed_trust_region}[args.method]
+        h = solver(S, x0, iters=args.warmup + args.iters, metrics_every=0,
+                   callback=lambda t, hist: cpu.append(time.process_time()) and False)
         per_iter = [b - a for a, b in zip(h.time[args.warmup:], h.time[args.warmup + 1:])]
         n = args.warmup + args.iters  # cpu[j + 1] - cpu[j]: iteration j (j >= 1)
         cpu_iter = [cpu[j + 1] - cpu[j] for j in range(args.warmup, n)]
@@ -79,7 +86,8 @@ def worker(rank, world, port, tmp, args, out_q):
         out_q.put({"rank": rank, "world": world, "n_local": S.n_local, "setup": t_setup,
                    "per_iter": per_iter, "cpu_iter": cpu_iter, "peak_mb": peak, "x": h.x.numpy().copy(),
                    "loss": h.loss, "allreduce_ms": 1e3 * statistics.median(ar) if ar else None,
-                   "dim": S.manifold.dim})
+                   "dim": S.manifold.dim,
+                   "info": {k: h.info[k] for k in COUNTERS if k in h.info}})
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -118,6 +126,7 @@ def main():
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--method", choices=("rcg", "rlbfgs", "rtr"), default="rcg")
     args = ap.parse_args()
 
     import numpy as np
@@ -126,8 +135,9 @@ def main():
     import ttmanifold as tm
     from ttmanifold import kernels
 
-    _log(f"# bench_distributed: d={D}, n={N_MODE}, r={R}, |Omega|={args.n_samples}, "
-         f"float64, {args.warmup} warm-up + {args.iters} timed iterations per run")
+    _log(f"# bench_distributed: {args.method}, d={D}, n={N_MODE}, r={R}, "
+         f"|Omega|={args.n_samples}, float64, {args.warmup} warm-up + {args.iters} timed "
+         f"iterations per run")
     _log(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
          f"load average {os.getloadavg()[0]:.2f}, {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC")
     _log("loading (or building, ~20 s each on a cold cache) the compiled CPU kernels ...")
@@ -182,6 +192,8 @@ def main():
              f"{diff:.1e}{' (replicas bitwise equal)' if world > 1 and same else ''} |")
     _log(f"dim M = {base['dim']}; loss after {args.warmup + args.iters} iterations: "
          + ", ".join(f"{w} proc {r[0]['loss'][-1]:.6e}" for w, r in results.items()))
+    _log("solver counters (rank 0): " + "; ".join(
+        f"{w} proc {r[0]['info']}" for w, r in results.items()))
     _log(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
