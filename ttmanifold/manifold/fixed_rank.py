@@ -130,6 +130,10 @@ class FixedTTRank(geoopt.Manifold):
               self.core_shapes[k0][2]) for k0, k1 in core_runs(self.core_shapes[:-1])],
             offsets[-2],
         )
+        # runs of equal core shapes among the middle cores 1..d-2, for building the block
+        # cores of a tangent vector with a few operations per run: (offset, k0, k1)
+        self._mid_runs = [(offsets[k0 + 1], k0 + 1, k1 + 1)
+                          for k0, k1 in core_runs(self.core_shapes[1:-1])]
         self.size = sum(self._sizes)
         self._verified = {}  # id -> weakref of point tensors already checked (egrad2rgrad)
         self.dim = self.size - sum(r * r for r in self.ranks[1:-1])
@@ -155,9 +159,8 @@ class FixedTTRank(geoopt.Manifold):
         """The point X itself as a tangent vector at ``p``: packed gauged deltas
         ``(0, ..., 0, U_d)`` (per point for a batch). O(size)."""
         self._check_flat(p, "p")
-        out = torch.zeros_like(p)
-        out[..., -self._sizes[-1]:] = p[..., -self._sizes[-1]:]
-        return out
+        # one zero padding (one kernel) instead of zeros plus a copy into a slice
+        return torch.nn.functional.pad(p[..., -self._sizes[-1]:], (self.size - self._sizes[-1], 0))
 
     def _split(self, x: torch.Tensor, name: str = "x", batch: bool = True) -> List[torch.Tensor]:
         self._check_flat(x, name, batch)
@@ -248,6 +251,36 @@ class FixedTTRank(geoopt.Manifold):
         if self.d == 1:
             return TT(deltas, check=False)
         return TangentTT(U, V, deltas, gauged=gauged, check=False)
+
+    def _tangent_cores(self, x: torch.Tensor, V, v: torch.Tensor) -> List[torch.Tensor]:
+        """The rank-2r block cores ``[[V_k, 0], [dv_k, U_k]]`` of the tangent vector with
+        packed deltas ``v`` at the packed point ``x`` (``V``: its right cores; batch shapes
+        broadcast), the values :class:`TangentTT` builds, with a fixed number of operations
+        per run of equal middle core shapes instead of three per core (each operation is a
+        kernel launch on a GPU): the run's cores of ``x`` and ``v`` are views of the packed
+        tensors, stacked on a leading run dimension so every block core is contiguous."""
+        U, dv = self._split(x, "x"), self._split(v, "v")
+        bs = torch.broadcast_shapes(x.shape[:-1], v.shape[:-1])
+
+        def ex(c):
+            return c if tuple(c.shape[:-3]) == tuple(bs) else c.expand(bs + c.shape[-3:])
+
+        cores = [torch.cat([ex(dv[0]), ex(U[0])], -1)]
+        for off, k0, k1 in self._mid_runs:
+            m = k1 - k0
+            a, n, b = self.core_shapes[k0]
+            shp = (m,) + tuple(bs) + (a, n, b)
+
+            def run(t):  # (*batch, size) -> (m, *bs, a, n, b), a view
+                return t[..., off:off + m * a * n * b].unflatten(-1, (m, a, n, b)).movedim(
+                    t.dim() - 1, 0).expand(shp)
+
+            Vr = V[k0].unsqueeze(0) if m == 1 else torch.stack(V[k0:k1])
+            Vr = Vr.expand(shp)
+            top = torch.cat([Vr, Vr.new_zeros(shp)], -1)
+            cores.extend(torch.cat([top, torch.cat([run(v), run(x)], -1)], -3).unbind(0))
+        cores.append(torch.cat([ex(V[-1]), ex(dv[-1])], -3))
+        return cores
 
     def _gauge_packed(self, x: torch.Tensor, D) -> torch.Tensor:
         """Packed gauge projection of ``D`` (a flat tensor or a list of cores) at the
@@ -513,24 +546,26 @@ class FixedTTRank(geoopt.Manifold):
         """Vector transport by projection ``P_Y(xi)`` of ``v`` at ``x`` to ``y``.
         ``v`` may be non-gauged. O(d n r^3)."""
         Ux = self._split(x, "x")
-        dv = self._check_vector(v, x, "v")
+        self._check_vector(v, x, "v")
         Uy = self._split(y, "y")
-        xi = self._tangent_tt(Ux, right_cores(Ux), dv, add_point=False)
-        Vy = right_cores(Uy)
-        return project_tt(Uy, Vy, xi.cores, packed=True, gauge=True)
+        if self.d == 1:
+            return v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
+        xi = self._tangent_cores(x, right_cores(Ux), v)
+        return project_tt(Uy, right_cores(Uy), xi, packed=True, gauge=True)
 
     @_no_autograd_fast_path
     def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
         """``(retr(x, u), transp(x, retr(x, u), v))`` sharing the work at ``x``."""
         U = self._split(x, "x")
         du = self._check_vector(u, x)
-        dv = self._check_vector(v, x, "v")
+        self._check_vector(v, x, "v")
         V = right_cores(U)
         y = retract(U, V, du, self.ranks)
         ycores = self._split(y, "y")
-        xi = self._tangent_tt(U, V, dv, add_point=False)
-        Vy = right_cores(ycores)
-        return y, project_tt(ycores, Vy, xi.cores, packed=True, gauge=True)
+        if self.d == 1:
+            return y, v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
+        xi = self._tangent_cores(x, V, v)
+        return y, project_tt(ycores, right_cores(ycores), xi, packed=True, gauge=True)
 
     def transp_follow_retr(self, x, u, v):
         return self.retr_transp(x, u, v)[1]

@@ -137,7 +137,10 @@ def right_cores(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     dg: List[Optional[torch.Tensor]] = [None] * d
     for k, q, r in right_sweep(U):
         Q[k], dg[k] = q, torch.diagonal(r)
-    S = _signs(dg[1:]).split([g.shape[0] for g in dg[1:]])  # S[k-1]: signs of bond k-1
+    sizes = [g.shape[0] for g in dg[1:]]
+    sgn = _signs(dg[1:])
+    S = sgn.split(sizes)  # S[k-1]: signs of bond k-1
+    offs = [sum(sizes[:i]) for i in range(len(sizes))]  # offset of S[i] in sgn
     for k0, k1 in core_runs([tuple(U[k].shape) + (k == d - 1,) for k in range(1, d)]):
         k0, k1 = k0 + 1, k1 + 1
         a, n, b = U[k0].shape
@@ -146,11 +149,23 @@ def right_cores(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
             q = q * S[k0 - 1] if k0 == d - 1 else q * S[k0 - 1] * S[k0].unsqueeze(1)
             V[k0] = q.permute(2, 0, 1).contiguous()
             continue
-        q = torch.stack(Q[k0:k1]).reshape(k1 - k0, n, b, a)
-        rs = torch.stack(S[k0 - 1:k1 - 1]).unsqueeze(1).unsqueeze(1)  # (m, 1, 1, a)
-        cs = torch.stack(S[k0:k1]).unsqueeze(1).unsqueeze(3)  # (m, 1, b, 1)
-        V[k0:k1] = (q * rs * cs).permute(0, 3, 1, 2).contiguous().unbind(0)
+        m = k1 - k0
+        q = torch.stack(Q[k0:k1]).reshape(m, n, b, a)
+        V[k0:k1] = (q * _run_signs(sgn, offs[k0 - 1], m, a)).permute(0, 3, 1, 2).contiguous(
+        ).unbind(0)
     return V
+
+
+def _run_signs(sgn: torch.Tensor, off: int, m: int, a: int) -> torch.Tensor:
+    """The sign factors ``(*B, m, 1, a, a)`` of a run of ``m >= 2`` equal cores
+    ``(a, n, a)`` (equal shapes in a run of two or more force equal bond ranks): row signs
+    of its ``m`` left bonds times column signs of its ``m`` right bonds. Those ``m + 1``
+    bonds' signs are consecutive in ``sgn`` (all signs concatenated; the run's first left
+    bond at ``off``), so both factors are views and their outer product is one small
+    multiplication (instead of two stacks and a second full-size product)."""
+    rows = sgn[..., off:off + m * a].unflatten(-1, (m, a))
+    cols = sgn[..., off + a:off + (m + 1) * a].unflatten(-1, (m, a))
+    return (rows.unsqueeze(-2) * cols.unsqueeze(-1)).unsqueeze(-3)
 
 
 def _right_cores_batched(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
@@ -166,22 +181,122 @@ def _right_cores_batched(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tenso
     for k, q, r in _right_sweep_batched(U):
         Q[k], dg[k] = q, torch.diagonal(r, dim1=-2, dim2=-1)
     g = torch.cat(dg[1:], -1) if d > 2 else dg[1]
-    S = torch.ones_like(g).copysign_(g).split([t.shape[-1] for t in dg[1:]], -1)
+    sizes = [t.shape[-1] for t in dg[1:]]
+    sgn = torch.ones_like(g).copysign_(g)
+    S = sgn.split(sizes, -1)
+    offs = [sum(sizes[:i]) for i in range(len(sizes))]
     for k0, k1 in core_runs([tuple(U[k].shape[-3:]) + (k == d - 1,) for k in range(1, d)]):
         k0, k1 = k0 + 1, k1 + 1
         m = k1 - k0
         a, n, b = U[k0].shape[-3:]
         stack = (lambda ts: ts[0].unsqueeze(nb)) if m == 1 else (lambda ts: torch.stack(ts, nb))
         q = stack(Q[k0:k1]).reshape(bs + (m, n, b, a))
-        q = q * stack(S[k0 - 1:k1 - 1]).unsqueeze(-2).unsqueeze(-2)  # row signs (.., 1, 1, a)
-        if k1 <= d - 1:  # column signs (.., 1, b, 1); the last core has none
-            q = q * stack(S[k0:k1]).unsqueeze(-2).unsqueeze(-1)
+        if m > 1:  # a run of middle cores: one product with views of the signs
+            q = q * _run_signs(sgn, offs[k0 - 1], m, a)
+        else:
+            q = q * stack(S[k0 - 1:k1 - 1]).unsqueeze(-2).unsqueeze(-2)  # rows (.., 1, 1, a)
+            if k1 <= d - 1:  # column signs (.., 1, b, 1); the last core has none
+                q = q * stack(S[k0:k1]).unsqueeze(-2).unsqueeze(-1)
         V[k0:k1] = q.movedim(-1, -3).contiguous().unbind(nb)
     return V
 
 
 def _packed(U, V, Z, *, packed: bool = False, gauge: bool = False) -> bool:
     return packed and _unbatched(U, V, Z)
+
+
+def _pairable(U, Z) -> bool:
+    """Whether :func:`_paired_interfaces` applies: ``d >= 3`` and the middle cores of the
+    point and of ``Z`` all of one shape each, ``(r, n, r)`` and ``(R, n, R)`` (the usual
+    case of uniform ranks)."""
+    d = len(U)
+    if d < 3:
+        return False
+    a, n, b = U[1].shape[-3:]
+    A, nz, B = Z[1].shape[-3:]
+    return a == b and A == B and nz == n and all(
+        tuple(U[k].shape[-3:]) == (a, n, a) and tuple(Z[k].shape[-3:]) == (A, n, A)
+        for k in range(2, d - 1))
+
+
+def _paired_interfaces(U, Vr, Z, bs):
+    """The left and right interface sweeps of :func:`project_tt` run together: step ``i``
+    advances the left sweep over middle core ``1 + i`` and the right sweep over middle core
+    ``d - 2 - i`` with one pair of batched products (the right sweep, transposed, has the
+    left sweep's shapes), so the ``d - 2`` middle cores cost 2 operations each instead of
+    4 (each operation is a kernel launch on a GPU); the same products, the same flops.
+
+    ``Vr[k]`` (k >= 1): right core ``k`` reversed, ``(*B, r_k, n_k, r_{k-1})`` (a view);
+    ``bs``: the batch shape of all cores (expanded). Returns ``(T, Ps, Q)`` as the
+    sequential sweeps compute them: ``T[k]`` the products ``P_k Z_k``
+    ``(*B, r_{k-1} n_k, R_k)``, ``Ps[k]`` the left interfaces (``Ps[0]`` None), ``Q[k]``
+    the right interfaces ``(*B, R_k, r_k)`` (``Q[d-1]`` None)."""
+    d = len(U)
+    m = d - 2
+    bs = tuple(bs)
+    a, n, _ = U[1].shape[-3:]
+    R = Z[1].shape[-3]
+    n0, nl = U[0].shape[-2], U[-1].shape[-2]
+    T: List[Optional[torch.Tensor]] = [None] * d
+    Ps: List[Optional[torch.Tensor]] = [None] * d
+    Q: List[Optional[torch.Tensor]] = [None] * d
+    T[0] = Z[0].reshape(bs + (n0, R))
+    Ps[1] = U[0].reshape(bs + (n0, a)).mT @ T[0]  # (*B, a, R)
+    Q[d - 2] = Z[-1].reshape(bs + (R, nl)) @ Vr[-1].reshape(bs + (nl, a))  # (*B, R, a)
+    # step i multiplies X = [P_{1+i}; Q_{d-2-i}^T] by Y_i = [Z_{1+i}; Z_{d-2-i} reversed],
+    # then by W_i^T, W_i = [U_{1+i}; V_{d-2-i} reversed]: the pairs are stacked once (one
+    # copy of the cores), the pair dimension leading so every step reads contiguous blocks
+    Y = torch.stack([c for i in range(m) for c in (Z[1 + i], Z[d - 2 - i].transpose(-3, -1))])
+    Y = Y.reshape((m, 2) + bs + (R, n * R))
+    W = torch.stack([c for i in range(m) for c in (U[1 + i], Vr[d - 2 - i])])
+    W = W.reshape((m, 2) + bs + (a * n, a)).mT
+    X = torch.stack([Ps[1], Q[d - 2].mT])
+    for i in range(m):
+        t = (X @ Y[i]).reshape((2,) + bs + (a * n, R))
+        X = W[i] @ t
+        T[1 + i] = t[0]
+        Ps[2 + i] = X[0]
+        Q[d - 3 - i] = X[1].mT
+    T[d - 1] = (Ps[d - 1] @ Z[-1].reshape(bs + (R, nl))).reshape(bs + (a * nl, 1))
+    return T, Ps, Q
+
+
+def _sequential_interfaces(U, V, Z, sweep, dg):
+    """The interface sweeps of :func:`project_tt` one core at a time (any ranks): the left
+    sweep ``t_k = P_k Z_k``, ``P_{k+1} = U_k^T t_k``, then the right sweep, with the
+    unsigned LQ sweep ``sweep`` interleaved when V is None (its diagonals appended to
+    ``dg``). Returns ``(T, Ps, Q)`` as :func:`_paired_interfaces`."""
+    d = len(U)
+    T: List[torch.Tensor] = []
+    Ps: List[Optional[torch.Tensor]] = [None] * d  # P_k; P_0 = 1
+    P: Optional[torch.Tensor] = None
+    for k in range(d):
+        z = Z[k]
+        if P is None:  # P_0 = 1
+            t = z.reshape(-1, z.shape[2])
+        else:
+            t = (P @ z.reshape(z.shape[0], -1)).reshape(-1, z.shape[2])  # (r n, R)
+        T.append(t)
+        if k < d - 1:
+            P = U[k].reshape(-1, U[k].shape[2]).transpose(0, 1) @ t
+            Ps[k + 1] = P
+    Q: List[Optional[torch.Tensor]] = [None] * d  # Q[d-1] = 1
+    # without V: the unsigned LQ sweep, interleaved (V'_k computed while in cache); its
+    # interfaces are Q'_k = Q_k S_{k+1}, fixed by the caller with one product per run
+    for k in range(d - 1, 0, -1):
+        z = Z[k]
+        if Q[k] is None:
+            s = z.reshape(z.shape[0], -1)
+        else:
+            s = (z.reshape(-1, z.shape[2]) @ Q[k]).reshape(z.shape[0], -1)  # (R, n r)
+        if sweep is not None:
+            _, q, r = next(sweep)
+            dg.append(torch.diagonal(r))
+            Q[k - 1] = s @ q  # (R, r) with the unsigned V'_k (q = V'_k^T)
+        else:
+            v = V[k]
+            Q[k - 1] = s @ v.reshape(v.shape[0], -1).transpose(0, 1)
+    return T, Ps, Q
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.project_tt, when=_packed)
@@ -220,40 +335,23 @@ def project_tt(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Te
             return out.reshape(bs + out.shape) if packed else [c.reshape(bs + c.shape) for c in out]
         return _project_tt_batched(U, V, Z, packed=packed, gauge=gauge)
     d = len(U)
-    T: List[torch.Tensor] = []
-    Ps: List[Optional[torch.Tensor]] = [None] * d  # P_k; P_0 = 1
-    P: Optional[torch.Tensor] = None
-    for k in range(d):
-        z = Z[k]
-        if P is None:  # P_0 = 1
-            t = z.reshape(-1, z.shape[2])
-        else:
-            t = (P @ z.reshape(z.shape[0], -1)).reshape(-1, z.shape[2])  # (r n, R)
-        T.append(t)
-        if k < d - 1:
-            P = U[k].reshape(-1, U[k].shape[2]).transpose(0, 1) @ t
-            Ps[k + 1] = P
-    Q: List[Optional[torch.Tensor]] = [None] * d  # Q[d-1] = 1
-    # without V: the unsigned LQ sweep, interleaved (V'_k computed while in cache); its
-    # interfaces are Q'_k = Q_k S_{k+1}, fixed below with one product per run
-    sweep = right_sweep(U) if V is None else None
     dg: List[torch.Tensor] = []
-    for k in range(d - 1, 0, -1):
-        z = Z[k]
-        if Q[k] is None:
-            s = z.reshape(z.shape[0], -1)
-        else:
-            s = (z.reshape(-1, z.shape[2]) @ Q[k]).reshape(z.shape[0], -1)  # (R, n r)
+    sweep = right_sweep(U) if V is None else None
+    if _pairable(U, Z):  # both interface sweeps at once (after the LQ sweep, without V)
         if sweep is not None:
-            _, q, r = next(sweep)
-            dg.append(torch.diagonal(r))
-            Q[k - 1] = s @ q  # (R, r) with the unsigned V'_k (q = V'_k^T)
+            Vr: List[Optional[torch.Tensor]] = [None] * d
+            for k, q, r in sweep:  # q: (n_k r_k, r_{k-1}), the unsigned V'_k transposed
+                dg.append(torch.diagonal(r))
+                Vr[k] = q.reshape(U[k].shape[1], U[k].shape[2], -1).transpose(0, 1)
         else:
-            v = V[k]
-            Q[k - 1] = s @ v.reshape(v.shape[0], -1).transpose(0, 1)
+            Vr = [None] + [v.transpose(0, 2) for v in V[1:]]
+        T, Ps, Q = _paired_interfaces(U, Vr, Z, ())
+    else:
+        T, Ps, Q = _sequential_interfaces(U, V, Z, sweep, dg)
     S: Optional[List[torch.Tensor]] = None
     if sweep is not None and dg:
-        S = list(_signs(dg[::-1]).split([g.shape[0] for g in dg[::-1]]))  # S[k]: bond k
+        sgn = _signs(dg[::-1])
+        S = list(sgn.split([g.shape[0] for g in dg[::-1]]))  # S[k]: bond k
     pieces: List[torch.Tensor] = []
     for k0, k1 in core_runs([tuple(U[k].shape) + tuple(Z[k].shape) + (k == d - 1,)
                              for k in range(d)]):
@@ -271,8 +369,9 @@ def project_tt(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Te
                 us = torch.stack([U[k].reshape(t.shape[1], -1) for k in range(k0, k1)])
                 t = torch.baddbmm(t, us, torch.stack(Ps[k0 + 1:k1 + 1]), alpha=-1)
             qs = torch.stack(Q[k0:k1])
-            if S is not None:
-                qs = qs * torch.stack(S[k0:k1]).unsqueeze(1)
+            if S is not None:  # the run's bonds are consecutive in sgn: a view, no stack
+                off = sum(int(c.shape[0]) for c in S[:k0])
+                qs = qs * sgn[off:off + (k1 - k0) * qs.shape[-1]].view(k1 - k0, 1, -1)
             pieces.append(torch.bmm(t, qs))
     if packed:
         return torch.cat([g.reshape(-1) for g in pieces])
@@ -288,20 +387,10 @@ def project_tt(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Te
     return D
 
 
-def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
-    """:func:`project_tt` with leading batch dimensions: the batch shape is the broadcast
-    of those of ``U`` and ``Z`` (and ``V``); the same sweeps, batched."""
+def _sequential_interfaces_batched(U, V, Z, bs):
+    """:func:`_sequential_interfaces` with leading batch dimensions ``bs`` (any ranks);
+    also returns the LQ sweep (None with V) and its diagonals."""
     d = len(U)
-    bs = torch.broadcast_shapes(*[c.shape[:-3] for c in (U[0], Z[0])
-                                  + (() if V is None else (V[-1],))])
-    nb = len(bs)
-
-    def ex(c):
-        return c if c is None or tuple(c.shape[:-3]) == tuple(bs) else c.expand(bs + c.shape[-3:])
-
-    U = [ex(u) for u in U]
-    Z = [ex(z) for z in Z]
-    V = None if V is None else [ex(v) for v in V]
     T: List[torch.Tensor] = []
     Ps: List[Optional[torch.Tensor]] = [None] * d
     P: Optional[torch.Tensor] = None
@@ -335,10 +424,42 @@ def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
             v = V[k]
             va, vn, vb = v.shape[-3:]
             Q[k - 1] = s @ v.reshape(bs + (va, vn * vb)).mT
+    return T, Ps, Q, sweep, dg
+
+
+def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
+    """:func:`project_tt` with leading batch dimensions: the batch shape is the broadcast
+    of those of ``U`` and ``Z`` (and ``V``); the same sweeps, batched."""
+    d = len(U)
+    bs = torch.broadcast_shapes(*[c.shape[:-3] for c in (U[0], Z[0])
+                                  + (() if V is None else (V[-1],))])
+    nb = len(bs)
+
+    def ex(c):
+        return c if c is None or tuple(c.shape[:-3]) == tuple(bs) else c.expand(bs + c.shape[-3:])
+
+    U = [ex(u) for u in U]
+    Z = [ex(z) for z in Z]
+    V = None if V is None else [ex(v) for v in V]
+    if _pairable(U, Z):  # both interface sweeps at once (after the LQ sweep, without V)
+        dg: List[torch.Tensor] = []
+        if V is None:
+            Vr: List[Optional[torch.Tensor]] = [None] * d
+            for k, q, r in _right_sweep_batched(U):
+                dg.append(torch.diagonal(r, dim1=-2, dim2=-1))
+                Vr[k] = q.reshape(bs + tuple(U[k].shape[-2:]) + (-1,)).transpose(-3, -2)
+            sweep = True
+        else:
+            Vr = [None] + [v.transpose(-3, -1) for v in V[1:]]
+            sweep = None
+        T, Ps, Q = _paired_interfaces(U, Vr, Z, bs)
+    else:
+        T, Ps, Q, sweep, dg = _sequential_interfaces_batched(U, V, Z, bs)
     S: Optional[List[torch.Tensor]] = None
     if sweep is not None and dg:
         g = torch.cat(dg[::-1], -1)
-        S = list(torch.ones_like(g).copysign_(g).split([t.shape[-1] for t in dg[::-1]], -1))
+        sgn = torch.ones_like(g).copysign_(g)
+        S = list(sgn.split([t.shape[-1] for t in dg[::-1]], -1))
     pieces: List[torch.Tensor] = []
     counts: List[int] = []
     for k0, k1 in core_runs([tuple(U[k].shape[-3:]) + tuple(Z[k].shape[-3:]) + (k == d - 1,)
@@ -352,7 +473,10 @@ def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
             t = t - us @ stack(Ps[k0 + 1:k1 + 1])
         if Q[k0] is not None:
             qs = stack(Q[k0:k1])
-            if S is not None:
+            if S is not None and m > 1:  # the run's bonds are consecutive in sgn: a view
+                off = sum(int(c.shape[-1]) for c in S[:k0])
+                qs = qs * sgn[..., off:off + m * qs.shape[-1]].unflatten(-1, (m, -1)).unsqueeze(-2)
+            elif S is not None:
                 qs = qs * stack(S[k0:k1]).unsqueeze(-2)
             t = t @ qs
         pieces.append(t)

@@ -1,0 +1,160 @@
+"""Operations dispatched per manifold call on the torch path (issue 12, GPU readiness): each
+aten operation is a kernel launch on a GPU, so these counts pin the fused sweeps (paired
+interface sweeps, one finiteness assert per TT, batched block cores for the transport,
+sign fixes on views). Bounds are the counts measured when they were set (d = 6 and 10,
+n = 4, r = 3, float64); a batch of points dispatches the same operations whatever its size.
+The paired sweeps are also checked against independent dense references.
+"""
+from __future__ import annotations
+
+import geoopt
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ttmanifold import TT, FixedTTRank, inner, kernels
+from ttmanifold.manifold import project_tt, right_cores
+
+F64 = torch.float64
+
+
+class Counter(TorchDispatchMode):
+    """Non-view operations (what launches a kernel) and QR/SVD calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.compute = self.factor = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not getattr(func, "is_view", False) and "_unsafe_view" not in str(func):
+            self.compute += 1
+        if "linalg_qr" in str(func) or "linalg_svd" in str(func):
+            self.factor += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(autouse=True)
+def _torch_path():
+    old = kernels.enabled()
+    kernels.set_enabled(False)  # the torch path: what runs on a GPU
+    yield
+    kernels.set_enabled(old)
+
+
+def counts(d, B=None, n=4, r=3):
+    M = FixedTTRank((n,) * d, r)
+    g = torch.Generator().manual_seed(0)
+    bs = () if B is None else (B,)
+    p = torch.Tensor(M.random(*bs, dtype=F64, generator=g))
+    Z = TT.random(M.shape, r, dtype=F64, generator=g, batch=bs)
+    u = M.project(p, Z)
+    A = TT.random(M.shape, r, dtype=F64, generator=g, batch=bs)
+
+    def f(T):
+        return (0.5 * inner(T, T) - inner(T, A)).sum()
+
+    par = geoopt.ManifoldParameter(p.clone(), manifold=M)
+    opt = geoopt.optim.RiemannianAdam([par], lr=1e-3)
+
+    def step():
+        opt.zero_grad()
+        f(par.unpack_tensor()).backward()
+        opt.step()
+
+    out = {}
+    for name, fn in {"retr": lambda: M.retr(p, u), "project": lambda: M.project(p, Z),
+                     "rgrad": lambda: M.riemannian_grad(p, f), "adam": step}.items():
+        fn()
+        with Counter() as c:
+            fn()
+        out[name] = (c.compute, c.factor)
+    return out
+
+
+# (non-view operations, QR/SVD calls) per call, one point; before this work at d = 10:
+# retr 135, project 138, rgrad 101, adam 356 (the issue's baseline: 144, 68, 147, 419)
+BOUNDS = {6: {"retr": (77, 15), "project": (44, 5), "rgrad": (59, 5), "adam": (210, 25)},
+          10: {"retr": (133, 27), "project": (60, 9), "rgrad": (75, 9), "adam": (298, 45)}}
+
+
+@pytest.mark.parametrize("d", [6, 10])
+def test_op_counts_bounded(d):
+    got = counts(d)
+    for name, (ops, factors) in BOUNDS[d].items():
+        assert got[name][1] == factors, (name, got[name])
+        assert got[name][0] <= ops, (name, got[name], ops)
+
+
+def test_batch_count_independent_of_batch_size():
+    """One batched call dispatches the same operations for 2 or 5 points, and at most a
+    few more than a single point (broadcasting bookkeeping)."""
+    one, two, five = counts(6), counts(6, 2), counts(6, 5)
+    assert two == five
+    for name in one:
+        assert two[name][1] == one[name][1]
+        assert two[name][0] <= one[name][0] + 12, (name, one[name], two[name])
+
+
+# ---------------------------------------------------------------------------------------
+# the paired interface sweeps (uniform middle cores) against dense references
+# ---------------------------------------------------------------------------------------
+
+def full(cores):
+    res = cores[0].reshape(cores[0].shape[-2], cores[0].shape[-1])
+    for c in cores[1:]:
+        res = torch.einsum("ia,ajb->ijb", res, c).reshape(-1, c.shape[-1])
+    return res.reshape([int(c.shape[-2]) for c in cores])
+
+
+def dense_projection(U, V, Zd):
+    """D_k = U_<k^T Z V_>k^T by explicit dense interface matrices (einsum, no sweeps)."""
+    d = len(U)
+    D = []
+    for k in range(d):
+        left = torch.ones(1, 1, dtype=F64)  # (n_1..n_{k-1}, r_{k-1})
+        for j in range(k):
+            left = torch.einsum("ia,ajb->ijb", left, U[j]).reshape(-1, U[j].shape[-1])
+        right = torch.ones(1, 1, dtype=F64)  # (r_k, n_{k+1}..n_d)
+        for j in range(d - 1, k, -1):
+            right = torch.einsum("ajb,bi->aji", V[j], right).reshape(V[j].shape[0], -1)
+        n = U[k].shape[1]
+        Zm = Zd.reshape(left.shape[0], n, right.shape[1])
+        D.append(torch.einsum("ia,ijl,bl->ajb", left, Zm, right))
+    return D
+
+
+@pytest.mark.parametrize("with_v", [False, True], ids=["V-none", "V-given"])
+@pytest.mark.parametrize("d,R", [(3, 2), (5, 3), (6, 3), (4, (1, 3, 2, 3, 1))])
+def test_paired_project_tt_matches_dense(d, R, with_v):
+    M = FixedTTRank((3,) * d, 2)
+    g = torch.Generator().manual_seed(d * 10 + len(str(R)))
+    p = torch.Tensor(M.random(2, dtype=F64, generator=g))
+    Z = TT.random(M.shape, R, dtype=F64, generator=g, batch=(2,))
+    for b in (None, 0, 1):  # the batch, then each point alone
+        pb = p if b is None else p[b]
+        Zb = Z.cores if b is None else [c[b] for c in Z.cores]
+        U = M.split(pb)
+        V = right_cores(U) if with_v else None
+        D = project_tt(U, V, Zb)
+        for j in ((0, 1) if b is None else (b,)):
+            Uj = M.split(p[j])
+            ref = dense_projection(Uj, right_cores(Uj), full([c[j] for c in Z.cores]))
+            got = D if b is not None else [c[j] for c in D]
+            for k in range(d):
+                assert torch.allclose(got[k], ref[k], atol=1e-12), (b, j, k)
+
+
+def test_project_rejects_nonfinite_noncontiguous_core():
+    """The one fused finiteness assert over all cores of a TT still names Z, also for a
+    non-contiguous core."""
+    M = FixedTTRank((3, 4, 3, 2), 2)
+    p = M.random(dtype=F64, generator=torch.Generator().manual_seed(0))
+    Z = TT.random(M.shape, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        cores = [c.clone() for c in Z.cores]
+        c2 = cores[2].transpose(0, 2).contiguous().transpose(0, 2)  # same values, strided
+        c2[1, 2, 0] = bad
+        assert not c2.is_contiguous()
+        cores[2] = c2
+        with pytest.raises((RuntimeError, ValueError), match="Z"):
+            M.project(p, TT(cores, check=False))
