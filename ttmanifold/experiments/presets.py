@@ -423,9 +423,9 @@ def save_image_figure(img: torch.Tensor, rows, path: Optional[str] = None, *,
                              squeeze=False)
     for row, r in zip(axes, rows):
         for ax, im, title in zip(row, (img, r["observed"], r["recovered"]),
-                                 ("original", f"observed ({r['rate']:.0%})",
-                                  f"recovered ({r['params']} parameters, PSNR "
-                                  f"{r['psnr']:.1f} dB)")):
+                                 ("original", f"observed\n{r['rate']:.0%} of the pixels",
+                                  f"recovered\n{r['params']} parameters, "
+                                  f"{r['psnr']:.1f} dB")):
             ax.imshow(im.clamp(0, 1).cpu().numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_title(title, fontsize=8)
             ax.axis("off")
@@ -581,6 +581,7 @@ def plot_phase(panels, path: Optional[str] = None):
         ax.set_xscale("log")
         ax.set_xticks(rates)
         ax.set_xticklabels([f"{v:g}" for v in rates])
+        ax.minorticks_off()  # the log axis' minor labels would overlap the rates
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("|Omega| / dim M")
         ax.set_ylabel("fraction recovered")
