@@ -1478,7 +1478,12 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
                                     elapsed=elapsed[0], loss_floor=loss_floor)
         elapsed[0] += sec
         step[0] += n
-        ctrl_err = sub_problem.metrics(sub_problem.manifold.to_tt(x))["test_err"]
+        # the control error alone (the sub-problem's metrics would gather Omega too)
+        with torch.no_grad():
+            a = sub_problem.a_test
+            res = sub_problem.test.gather(sub_problem.manifold.to_tt(x)) - a
+            ctrl_err = float(torch.linalg.vector_norm(res)) / (
+                float(torch.linalg.vector_norm(a)) or 1.0)
         return x, ctrl_err, loss
 
     def record(x_, M_, err_, loss_):
