@@ -103,6 +103,11 @@ def test_single_process_lbfgs_equals_the_solver_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="method"):
         distributed_trust_region(S, x0, iters=9, checkpoint=str(ck), resume=True)
     # (the trust region's resume: in the two-process test)
+    # float32: the same rules converge to the single-precision floor
+    S32 = ShardedCompletion(P.train.indices, P.a_train, W.SHAPE, W.RANK, dtype=torch.float32)
+    h32 = distributed_lbfgs(S32, S32.initial_point(0, kind="spectral"), iters=40,
+                            stop_metric="train_err", stop_tol=1e-5)
+    assert h32.status == "converged" and h32.x.dtype == torch.float32
     # errors name the argument
     with pytest.raises(ValueError, match="memory"):
         distributed_lbfgs(S, x0, memory=0)
