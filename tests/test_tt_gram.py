@@ -236,3 +236,34 @@ def test_float32_norm_of_a_sum_without_cancellation():
     (g,) = torch.autograd.grad(n, cx[:1])
     assert float(torch.linalg.vector_norm(g.double() - gref[0])) <= 50 * eps * float(
         torch.linalg.vector_norm(gref[0]))
+
+
+def test_sum_with_one_varying_term_gradcheck():
+    """``||x - a + b||`` with only x varying takes the one-against-the-terms sweep (one
+    node for <x, x>, <x, a>, <x, b>); first and second derivatives against finite
+    differences, value and gradient against the dense reference."""
+    x, a, b = _rand((2, 3, 2, 2), 2, 40), _rand((2, 3, 2, 2), 2, 41), _rand((2, 3, 2, 2), 1, 42)
+    a, b = 0.5 * a, 0.2 * b  # no strong cancellation: the terms' inner products are used
+    cx, tx = _leaf(x)
+    d = len(cx)
+
+    def f(*cs):
+        s = TT(list(cs[:d]), check=False) - a + b
+        return 0.5 * inner(s, s) + s.norm()
+
+    val = f(*cx)
+    names, seen, stack = set(), set(), [val.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and id(fn) not in seen:
+            seen.add(id(fn))
+            names.add(type(fn).__name__)
+            stack.extend(nf for nf, _ in fn.next_functions)
+    assert "_OneVsSumBackward" in names
+    ref, gref = _dense_grads(lambda p: 0.5 * ((p - a.full() + b.full()) ** 2).sum()
+                             + torch.linalg.vector_norm(p - a.full() + b.full()), [x])
+    assert abs(float(val) - float(ref)) <= 1e-13
+    for g1, g2 in zip(torch.autograd.grad(val, cx), gref):
+        assert torch.allclose(g1, g2, atol=1e-13)
+    assert torch.autograd.gradcheck(f, cx)
+    assert torch.autograd.gradgradcheck(f, cx)

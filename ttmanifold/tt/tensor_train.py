@@ -818,11 +818,25 @@ class _SumTT(TT):
         concatenated cores (near-equal terms, ``x - y`` for ``x ~ y``: that sweep's
         gradient is up to ~6x more accurate in float32 than the sum of the terms')."""
         ts = self._terms
-        diag = [inner(t, t) for t in ts]
-        s = sum(diag[1:], diag[0])
-        for i in range(len(ts)):
-            for j in range(i + 1, len(ts)):
-                s = s + 2 * inner(ts[i], ts[j])
+        live = [t for t in ts if t.requires_grad]
+        if (len(live) == 1 and torch.is_grad_enabled() and all(type(t) is TT for t in ts)
+                and _sweep_ok(live[0], live[0])):
+            # one varying term x (a loss against fixed TTs): <x, t_j> for all j in one
+            # sweep whose backward is one reverse sweep; the constant pairs apart
+            x = live[0]
+            rest = [t for t in ts if t is not x]
+            p = _OneVsSum.apply(len(ts), *x._cores, *[c for t in rest for c in t._cores])
+            diag = [p[0]] + [inner(t, t) for t in rest]
+            s = p[0] + 2 * p[1:].sum() + sum(diag[1:])
+            for i in range(len(rest)):
+                for j in range(i + 1, len(rest)):
+                    s = s + 2 * inner(rest[i], rest[j])
+        else:
+            diag = [inner(t, t) for t in ts]
+            s = sum(diag[1:], diag[0])
+            for i in range(len(ts)):
+                for j in range(i + 1, len(ts)):
+                    s = s + 2 * inner(ts[i], ts[j])
         # the check in Python floats from one read (no sync on the CPU)
         vals = torch.stack([v.detach() for v in diag] + [s.detach()]).tolist()
         scale = sum(math.sqrt(max(v, 0.0)) for v in vals[:-1]) ** 2
@@ -1182,3 +1196,69 @@ def round(
         us = u[:, :r] * s[:r]
         cores[k - 1] = (prv.reshape(-1, prv.shape[2]) @ us).reshape(prv.shape[0], prv.shape[1], r)
     return TT(cores, check=False)
+
+
+class _OneVsSum(torch.autograd.Function):
+    """``(<x, x>, <x, t_1>, ..., <x, t_m>)`` for a TT ``x`` and constant TTs ``t_j`` of one
+    shape, by one left sweep whose environment is ``[W_0 | W_1 | ... ]`` (``x`` against
+    each term, the terms side by side: ``x`` itself is block 0): per core one product
+    ``W^T x_k`` for all blocks, then one per block. The backward is one right sweep for
+    the first argument: with block weights ``g_0`` doubled (``x`` is both arguments of
+    block 0) it gives ``d/dx sum_j g_j <x, t_j>``, two products per core plus one per block
+    (the pairwise sweeps: 10 products per core for two terms, here 7). Inputs: the number
+    of blocks ``k``, the cores of ``x``, then those of ``t_1..t_m``. With ``create_graph``
+    the backward differentiates the plain sweeps instead (second derivatives)."""
+
+    @staticmethod
+    def forward(ctx, k, *cores):
+        d = len(cores) // k
+        xs = cores[:d]
+        blocks = [xs] + [cores[d * j:d * (j + 1)] for j in range(1, k)]
+        ws, ts = [], []
+        w = xs[0].new_ones(1, k)
+        for m in range(d):
+            x = xs[m]
+            ra, n, rc = x.shape
+            t = torch.mm(w.t(), x.reshape(ra, n * rc))  # (R_S, n rc): rows by block
+            ws.append(w)
+            ts.append(t)
+            parts, row = [], 0
+            for b in blocks:
+                y = b[m]
+                rb, _, rd = y.shape
+                parts.append(torch.mm(t[row:row + rb].reshape(rb * n, rc).t(),
+                                      y.reshape(rb * n, rd)))
+                row += rb
+            w = torch.cat(parts, 1)
+        ctx.k, ctx.d = k, d
+        ctx.ws, ctx.ts = ws, ts
+        ctx.save_for_backward(*cores)
+        return w.reshape(k)
+
+    @staticmethod
+    def backward(ctx, g):
+        cores = ctx.saved_tensors
+        k, d = ctx.k, ctx.d
+        xs = cores[:d]
+        blocks = [xs] + [cores[d * j:d * (j + 1)] for j in range(1, k)]
+        if torch.is_grad_enabled():  # create_graph: a differentiable backward
+            with torch.enable_grad():
+                val = torch.stack([_inner_sweep(xs, b) for b in blocks])
+            gx = torch.autograd.grad(val, xs, g, create_graph=True)
+            return (None, *gx, *([None] * (len(cores) - d)))
+        z = torch.cat([2 * g[:1], g[1:]]).reshape(1, k)  # block 0: x on both sides
+        dxs = [None] * d
+        for m in range(d - 1, -1, -1):
+            x = xs[m]
+            ra, n, rc = x.shape
+            parts, col = [], 0
+            for b in blocks:  # u = (y_k z^T) per block, stacked on the rows
+                y = b[m]
+                rb, _, rd = y.shape
+                parts.append(torch.mm(y.reshape(rb * n, rd), z[:, col:col + rd].t()))
+                col += rd
+            u = torch.cat(parts, 0).reshape(-1, n * rc)
+            dxs[m] = torch.mm(ctx.ws[m], u).reshape(x.shape)
+            if m > 0:
+                z = torch.mm(x.reshape(ra, n * rc), u.t())
+        return (None, *dxs, *([None] * (len(cores) - d)))
