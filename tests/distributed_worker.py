@@ -30,19 +30,6 @@ def data():
     return idx, truth.gather(idx)
 
 
-def rtr_rules():
-    """Options that give ``distributed_trust_region`` the rules of this checkout's
-    single-process ``riemannian_trust_region`` (its backtracking before a rejection is
-    recent: without it, none here), so the comparison tests the same method."""
-    from ttmanifold.experiments.problems import Completion
-    from ttmanifold.experiments.solvers import riemannian_trust_region
-
-    idx, vals = data()
-    P = Completion.from_data(idx[:300], vals[:300], SHAPE, 2)
-    h = riemannian_trust_region(P, P.initial_point(0), iters=0, measure_memory=False)
-    return {} if "backtracked" in h.info else {"max_backtracks": 0}
-
-
 def split(idx, vals, rank, world):
     from ttmanifold.experiments.distributed import shard_mask, validation_mask
 
@@ -87,13 +74,12 @@ def scenario_second_order(rank, world, out):
     ck = os.path.join(out, "ck_lbfgs.pt")
     distributed_lbfgs(S, x0, iters=7, checkpoint=ck, checkpoint_every=5, metrics_every=0)
     c = distributed_lbfgs(S, x0, iters=12, checkpoint=ck, resume=True)
-    rules = rtr_rules()
-    tr = distributed_trust_region(S, x0, iters=5, metrics_every=0, **rules)
+    tr = distributed_trust_region(S, x0, iters=5, metrics_every=0)
     ck = os.path.join(out, "ck_rtr.pt")
     distributed_trust_region(S, x0, iters=3, checkpoint=ck, checkpoint_every=2,
-                             metrics_every=0, **rules)
+                             metrics_every=0)
     tr2 = distributed_trust_region(S, x0, iters=5, checkpoint=ck, resume=True,
-                                   metrics_every=0, **rules)
+                                   metrics_every=0)
     try:  # another method's checkpoint: every process raises rank 0's error
         distributed_trust_region(S, x0, iters=5, checkpoint=os.path.join(out, "ck_lbfgs.pt"),
                                  resume=True)
