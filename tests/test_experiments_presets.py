@@ -90,6 +90,14 @@ def test_function_problem():
     torch.testing.assert_close(pb.a_test[:5], torch.exp(-x.norm(dim=1)))
 
 
+def test_function_quick_run(tmp_path):
+    text = presets.run_preset("function", str(tmp_path), quick=True, budget=30.0,
+                              methods=["rank_adaptive"])
+    row = next(ln for ln in text.splitlines() if ln.startswith("| rank_adaptive |"))
+    best = float(row.split("|")[4])
+    assert best < 0.05  # a smooth function: low ranks fit it to a few per cent at 8^4
+
+
 def test_tensorize_image_bit_order():
     k = 3
     img = torch.arange(64, dtype=torch.float64).reshape(8, 8)
