@@ -18,7 +18,9 @@ grid of [0, 1]^5 from 49,000 samples (100 of them the rank-adaptive control set)
 to 7: relative error on 10^5 other grid points. ``image``: a photograph shipped with
 scikit-learn, tensorized with interleaved row and column bits, completed from 10, 20 and
 30 % of its pixels by rank-adaptive completion: PSNR against the number of parameters,
-and a figure. Setup and measured numbers: ``docs/comparison.md#presets``.
+and a figure. :func:`recovery_phase` (``benchmarks/completion_phase.py``): the fraction
+of random TTs recovered against ``|Omega| / dim M`` from random and rank-1 starts. Setup
+and measured numbers: ``docs/comparison.md#presets``.
 """
 from __future__ import annotations
 
