@@ -182,6 +182,10 @@ def test_rank_adaptive_random_direction_still_available():
     h = S.rank_adaptive_completion(pb, max_rank=3, direction="random", start="random",
                                    seed=0)
     assert all(a <= 3 for a in h.info["ranks"])
+    assert h.info["rank_history"][0]["ranks"] == (1,) * 5
+    assert any(a["accepted"] for a in h.info["rank_history"][1:])  # it left rank 1
+    x = P.FixedTTRank(pb.manifold.shape, h.info["ranks"]).to_tt(h.x)
+    assert pb.metrics(x)["test_err"] == pytest.approx(h.final_metrics()["test_err"])
     with pytest.raises(ValueError, match="direction"):
         S.rank_adaptive_completion(pb, max_rank=3, direction="spectral")
     with pytest.raises(ValueError, match="start"):
