@@ -32,7 +32,7 @@ import time
 D, N_MODE, R = 20, 50, 10
 #: the solvers' counters reported (history info)
 COUNTERS = ("restarts", "backtracks", "skipped_updates", "inner_iters", "hess_products",
-            "rejected")
+            "rejected", "backtracked")
 
 
 def _log(msg: str) -> None:
