@@ -902,15 +902,14 @@ def inner(a: TT, b: TT) -> torch.Tensor:
 def _inner_sweep(xs, ys) -> torch.Tensor:
     """The plain sweep of :func:`inner` (single TTs), differentiable by autograd."""
     w = None
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys):  # torch.mm: less dispatch than @ for these small products
         ra, n, rc = x.shape
         rb, _, rd = y.shape
         if w is None:
-            t = x.reshape(n, rc)  # ra == rb == 1
-            w = t.transpose(0, 1) @ y.reshape(n, rd)
+            w = torch.mm(x.reshape(n, rc).t(), y.reshape(n, rd))  # ra == rb == 1
             continue
-        t = (w.transpose(0, 1) @ x.reshape(ra, n * rc)).reshape(rb * n, rc)
-        w = t.transpose(0, 1) @ y.reshape(rb * n, rd)
+        t = torch.mm(w.t(), x.reshape(ra, n * rc)).reshape(rb * n, rc)
+        w = torch.mm(t.t(), y.reshape(rb * n, rd))
     return w.reshape(())
 
 
@@ -1251,13 +1250,16 @@ class _OneVsSum(torch.autograd.Function):
         for m in range(d - 1, -1, -1):
             x = xs[m]
             ra, n, rc = x.shape
-            parts, col = [], 0
-            for b in blocks:  # u = (y_k z^T) per block, stacked on the rows
+            rows = sum(b[m].shape[0] for b in blocks)
+            u = x.new_empty(rows * n, rc)
+            row = col = 0
+            for b in blocks:  # u = (y_k z^T) per block, written into its rows (no copy)
                 y = b[m]
                 rb, _, rd = y.shape
-                parts.append(torch.mm(y.reshape(rb * n, rd), z[:, col:col + rd].t()))
-                col += rd
-            u = torch.cat(parts, 0).reshape(-1, n * rc)
+                torch.mm(y.reshape(rb * n, rd), z[:, col:col + rd].t(),
+                         out=u[row * n:(row + rb) * n])
+                row, col = row + rb, col + rd
+            u = u.view(rows, n * rc)
             dxs[m] = torch.mm(ctx.ws[m], u).reshape(x.shape)
             if m > 0:
                 z = torch.mm(x.reshape(ra, n * rc), u.t())
