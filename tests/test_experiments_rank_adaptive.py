@@ -190,3 +190,44 @@ def test_rank_adaptive_random_direction_still_available():
         S.rank_adaptive_completion(pb, max_rank=3, direction="spectral")
     with pytest.raises(ValueError, match="start"):
         S.rank_adaptive_completion(pb, max_rank=3, start="dense")
+    with pytest.raises(ValueError, match="rank_step"):
+        S.rank_adaptive_completion(pb, max_rank=3, rank_step=0)
+
+
+def test_rank_adaptive_rank_step_two_raises_bonds_by_two():
+    pb = _uniform_problem((8,) * 5, 4, seed=4)
+    h = S.rank_adaptive_completion(pb, max_rank=4, rank_step=2, seed=0)
+    steps = [max(b - a for a, b in zip(p["ranks"], q["ranks"]))
+             for p, q in zip(h.info["rank_history"], h.info["rank_history"][1:])]
+    assert max(steps) == 2
+    assert h.info["ranks"] == (1, 4, 4, 4, 4, 1) and h.final_metrics()["test_err"] < 1e-8
+
+
+def test_greedy_rank_raise_by_two_is_the_joint_step_on_two_pairs():
+    shape = (4, 5, 3, 4)
+    g = torch.Generator().manual_seed(5)
+    A = P.random_tt(shape, [1, 3, 3, 3, 1], generator=g)
+    x = P.random_tt(shape, [1, 1, 1, 1, 1], generator=g)
+    idx = P.sample_distinct_indices(shape, 150, generator=g)
+    vals = A.full()[tuple(idx.t())]
+
+    def loss(t):
+        return float(((t.full()[tuple(idx.t())] - vals) ** 2).sum())
+
+    y1 = S.greedy_rank_raise(x, 2, idx, vals)
+    y2 = S.greedy_rank_raise(x, 2, idx, vals, count=2)
+    assert tuple(y2.ranks) == (1, 1, 3, 1, 1)
+    # the span of two pairs holds the first: the joint step does at least as well
+    assert loss(y2) < loss(y1) < loss(x)
+    # the change is rank 2 at the bond (dense unfolding), and the joint step is optimal:
+    # the residual is orthogonal (on the samples) to both added directions
+    D = (y2.full() - x.full()).reshape(20, 12)
+    sv = torch.linalg.svdvals(D)
+    assert float(sv[2]) < 1e-10 * float(sv[0]) and float(sv[1]) > 1e-6 * float(sv[0])
+    u, s, vh = torch.linalg.svd(D)
+    res = y2.full()[tuple(idx.t())] - vals
+    for j in range(2):
+        wj = torch.outer(u[:, j], vh[j]).reshape(shape)[tuple(idx.t())]
+        assert abs(float(res @ wj)) < 1e-9 * float(res.norm() * wj.norm())
+    with pytest.raises(ValueError, match="count"):
+        S.greedy_rank_raise(x, 2, idx, vals, count=0)
