@@ -4,7 +4,9 @@
 methods :data:`METHODS` (``chart_sgd``, ``chart_momentum``, ``chart_adam``, ``rsgd``,
 ``rsgd_momentum``, ``radam``, ``rcg``), the step-size rule :func:`tune_lr`, Riemannian CG
 with exact line search :func:`riemannian_cg` (O(|Omega| d r^2) + O(d n r^3) per iteration
-for completion) and the homotopy start :func:`homotopy_point`. ``History.time`` is the wall
+for completion), rank-adaptive completion from rank 1 :func:`rank_adaptive_completion`
+(``run(problem, "rank_adaptive")``, greedy raises :func:`greedy_rank_raise`) and the
+homotopy start :func:`homotopy_point`. ``History.time`` is the wall
 time of the steps only (CUDA-synchronized); runs are deterministic on the CPU for a seed.
 Methods, step-size rule, timing and memory: ``docs/comparison.md``.
 """
