@@ -1094,7 +1094,8 @@ def riemannian_trust_region(problem, x0=None, *, iters: int = 50, time_budget=No
     ``eta`` minimizes the model ``f + <g, eta> + <eta, H eta>/2`` over ``||eta|| <= radius``
     approximately by Steihaug-Toint CG (stops at the boundary, at negative curvature, or
     when the residual falls below ``||g|| max(min(||g||^theta, kappa), sqrt(eps))``:
-    ``theta = 1`` gives local quadratic convergence down to the rounding floor). The ratio ``rho`` of actual to predicted decrease (both
+    ``theta = 1`` gives local quadratic convergence down to the rounding floor). The
+    ratio ``rho`` of actual to predicted decrease (both
     shifted by ``1e3 eps max(1, |f|)`` to stay meaningful near convergence) accepts the
     retracted step when ``rho > 0.1``, shrinks the radius by 4 when ``rho < 1/4``, doubles
     it (up to ``max_radius``, default twice the larger of ``||X_0||`` and
