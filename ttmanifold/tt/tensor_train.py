@@ -677,9 +677,10 @@ def add(a: TT, b: TT) -> TT:
     Batches broadcast (``batch_shape`` of the result: the broadcast of both).
 
     A sum of a few single TTs (``d >= 2``, at most 4 terms) keeps its terms until its
-    cores are first read: :func:`inner` and :meth:`TT.norm` under autograd then expand it
-    into inner products of the terms, which skip the zero blocks of the concatenated
-    cores (``docs/tt_algebra.md#sums``). Every other operation sees the block cores."""
+    cores are first read: :func:`inner` and :meth:`TT.norm` (on the CPU, where the terms
+    do not nearly cancel) then expand it into inner products of the terms, which skip the
+    zero blocks of the concatenated cores (``docs/tt_algebra.md#sums``). Every other
+    operation sees the block cores."""
     _check_pair(a, b, "add")
     if a.ndim > 1 and not a.batch_shape and not b.batch_shape:
         terms = _sum_terms(a) + _sum_terms(b)
@@ -738,7 +739,7 @@ class _SumTT(TT):
     the cores, or ``requires_grad_`` on them, are never bypassed). :func:`inner` with it
     sums the inner products of the terms (``O(d n sum_ij r_i r_j (r_i + r_j))`` instead of
     ``O(d n R^3)`` for the concatenated rank ``R = sum_i r_i``), and so does
-    :meth:`norm` under autograd."""
+    :meth:`norm` where that is accurate."""
 
     __slots__ = ("_terms", "_dense")
 
