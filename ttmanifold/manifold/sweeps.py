@@ -205,12 +205,26 @@ def _packed(U, V, Z, *, packed: bool = False, gauge: bool = False) -> bool:
     return packed and _unbatched(U, V, Z)
 
 
+# The paired interface sweeps (:func:`_paired_interfaces`: 2 batched products per middle
+# core instead of 4) pay a copy of the middle cores (Z twice, U and V once): a gain where
+# every operation is a kernel launch and the copy is small (GPU, small batches), a loss
+# where bytes dominate (CPU, torch path: measured 10-20 % slower for one point and up to
+# ~50 % for a batch of 256 at d = 10, n = 20, r = 10). None (auto): paired off the CPU
+# when Z's middle cores hold at most PAIRED_MAX_NUMEL numbers (copying 2^18 float64 is
+# about the time of a few launches); True/False force it (tests; counting the GPU path).
+PAIRED_SWEEPS: Optional[bool] = None
+PAIRED_MAX_NUMEL = 1 << 18
+
+
 def _pairable(U, Z) -> bool:
-    """Whether :func:`_paired_interfaces` applies: ``d >= 3`` and the middle cores of the
-    point and of ``Z`` all of one shape each, ``(r, n, r)`` and ``(R, n, R)`` (the usual
-    case of uniform ranks)."""
+    """Whether :func:`_paired_interfaces` runs: chosen (:data:`PAIRED_SWEEPS`), ``d >= 3``
+    and the middle cores of the point and of ``Z`` all of one shape each, ``(r, n, r)`` and
+    ``(R, n, R)`` (the usual case of uniform ranks)."""
     d = len(U)
-    if d < 3:
+    if d < 3 or PAIRED_SWEEPS is False:
+        return False
+    if PAIRED_SWEEPS is None and (U[0].device.type == "cpu" or (d - 2) * max(
+            Z[1].numel(), U[1].numel()) > PAIRED_MAX_NUMEL):
         return False
     a, n, b = U[1].shape[-3:]
     A, nz, B = Z[1].shape[-3:]
@@ -219,18 +233,19 @@ def _pairable(U, Z) -> bool:
         for k in range(2, d - 1))
 
 
-def _paired_interfaces(U, Vr, Z, bs):
+def _paired_interfaces(U, Vt, Z, bs):
     """The left and right interface sweeps of :func:`project_tt` run together: step ``i``
     advances the left sweep over middle core ``1 + i`` and the right sweep over middle core
     ``d - 2 - i`` with one pair of batched products (the right sweep, transposed, has the
     left sweep's shapes), so the ``d - 2`` middle cores cost 2 operations each instead of
-    4 (each operation is a kernel launch on a GPU); the same products, the same flops.
+    4 (each operation is a kernel launch on a GPU); the same flops, plus one copy of the
+    cores (see :data:`PAIRED_SWEEPS`).
 
-    ``Vr[k]`` (k >= 1): right core ``k`` reversed, ``(*B, r_k, n_k, r_{k-1})`` (a view);
-    ``bs``: the batch shape of all cores (expanded). Returns ``(T, Ps, Q)`` as the
-    sequential sweeps compute them: ``T[k]`` the products ``P_k Z_k``
-    ``(*B, r_{k-1} n_k, R_k)``, ``Ps[k]`` the left interfaces (``Ps[0]`` None), ``Q[k]``
-    the right interfaces ``(*B, R_k, r_k)`` (``Q[d-1]`` None)."""
+    ``Vt[k]`` (k >= 1): right core ``k`` with its last two modes swapped,
+    ``(*B, r_{k-1}, r_k, n_k)`` (a view); ``bs``: the batch shape of all cores (expanded).
+    Returns ``(T, Ps, Q)`` as the sequential sweeps compute them: ``T[k]`` the products
+    ``P_k Z_k`` ``(*B, r_{k-1} n_k, R_k)``, ``Ps[k]`` the left interfaces (``Ps[0]``
+    None), ``Q[k]`` the right interfaces ``(*B, R_k, r_k)`` (``Q[d-1]`` None)."""
     d = len(U)
     m = d - 2
     bs = tuple(bs)
@@ -242,18 +257,18 @@ def _paired_interfaces(U, Vr, Z, bs):
     Q: List[Optional[torch.Tensor]] = [None] * d
     T[0] = Z[0].reshape(bs + (n0, R))
     Ps[1] = U[0].reshape(bs + (n0, a)).mT @ T[0]  # (*B, a, R)
-    Q[d - 2] = Z[-1].reshape(bs + (R, nl)) @ Vr[-1].reshape(bs + (nl, a))  # (*B, R, a)
+    Q[d - 2] = Z[-1].reshape(bs + (R, nl)) @ Vt[-1].reshape(bs + (a, nl)).mT  # (*B, R, a)
     # step i multiplies X = [P_{1+i}; Q_{d-2-i}^T] by Y_i = [Z_{1+i}; Z_{d-2-i} reversed],
-    # then by W_i^T, W_i = [U_{1+i}; V_{d-2-i} reversed]: the pairs are stacked once (one
-    # copy of the cores), the pair dimension leading so every step reads contiguous blocks
+    # then by Wt_i = [U_{1+i}^T; V_{d-2-i} as (r, r' n)]: the pairs are stacked once, the
+    # pair dimension leading, so every step reads contiguous blocks
     Y = torch.stack([c for i in range(m) for c in (Z[1 + i], Z[d - 2 - i].transpose(-3, -1))])
     Y = Y.reshape((m, 2) + bs + (R, n * R))
-    W = torch.stack([c for i in range(m) for c in (U[1 + i], Vr[d - 2 - i])])
-    W = W.reshape((m, 2) + bs + (a * n, a)).mT
+    Wt = torch.stack([c for i in range(m) for c in (U[1 + i].movedim(-1, -3), Vt[d - 2 - i])])
+    Wt = Wt.reshape((m, 2) + bs + (a, a * n))
     X = torch.stack([Ps[1], Q[d - 2].mT])
     for i in range(m):
         t = (X @ Y[i]).reshape((2,) + bs + (a * n, R))
-        X = W[i] @ t
+        X = Wt[i] @ t
         T[1 + i] = t[0]
         Ps[2 + i] = X[0]
         Q[d - 3 - i] = X[1].mT
@@ -342,9 +357,9 @@ def project_tt(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Te
             Vr: List[Optional[torch.Tensor]] = [None] * d
             for k, q, r in sweep:  # q: (n_k r_k, r_{k-1}), the unsigned V'_k transposed
                 dg.append(torch.diagonal(r))
-                Vr[k] = q.reshape(U[k].shape[1], U[k].shape[2], -1).transpose(0, 1)
+                Vr[k] = q.reshape(U[k].shape[1], U[k].shape[2], -1).permute(2, 1, 0)
         else:
-            Vr = [None] + [v.transpose(0, 2) for v in V[1:]]
+            Vr = [None] + [v.transpose(1, 2) for v in V[1:]]
         T, Ps, Q = _paired_interfaces(U, Vr, Z, ())
     else:
         T, Ps, Q = _sequential_interfaces(U, V, Z, sweep, dg)
@@ -447,10 +462,10 @@ def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
             Vr: List[Optional[torch.Tensor]] = [None] * d
             for k, q, r in _right_sweep_batched(U):
                 dg.append(torch.diagonal(r, dim1=-2, dim2=-1))
-                Vr[k] = q.reshape(bs + tuple(U[k].shape[-2:]) + (-1,)).transpose(-3, -2)
+                Vr[k] = q.reshape(bs + tuple(U[k].shape[-2:]) + (-1,)).movedim(-1, -3).transpose(-2, -1)
             sweep = True
         else:
-            Vr = [None] + [v.transpose(-3, -1) for v in V[1:]]
+            Vr = [None] + [v.transpose(-2, -1) for v in V[1:]]
             sweep = None
         T, Ps, Q = _paired_interfaces(U, Vr, Z, bs)
     else:
