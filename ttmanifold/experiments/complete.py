@@ -344,10 +344,11 @@ def build_parser(prog: str = "ttmanifold complete") -> argparse.ArgumentParser:
                    help="TT-rank (clipped to the feasible ranks of the shape); with "
                         "--rank-adaptive the cap of every bond")
     p.add_argument("--rank-adaptive", action="store_true",
-                   help="choose the ranks: start from rank 1 and raise one bond at a time "
-                        "while the error on a control set (10%% of the training entries) "
-                        "falls (solvers.rank_adaptive_completion; one process only; --iters "
-                        "is then the CG iterations per attempt)")
+                   help="choose the ranks: start from rank 1 and raise the bonds whose "
+                        "gradient promises the largest gain (one or several at a time) while "
+                        "the error on a control set (10%% of the training entries) falls "
+                        "(solvers.rank_adaptive_completion; one process only; --iters is then "
+                        "the cap of CG iterations per attempt)")
     p.add_argument("--shape", type=_parse_shape, default=None,
                    help="the tensor's shape, e.g. 10,20,30 (default: the dense array's, or "
                         "the largest index + 1 per mode)")
@@ -612,8 +613,9 @@ def _run_rank_adaptive(args, idx, vals, tr, va, shape, q, dtype, say) -> int:
                                  1, test=test, seed=args.seed, dtype=dtype)
     except ValueError as exc:
         raise SystemExit(f"ttmanifold complete: {exc}")
-    say(f"rank-adaptive: ranks from 1 up to {args.rank} per bond; each attempt raises one "
-        f"bond and runs {args.iters} CG iterations, kept when the error on a control set "
+    say(f"rank-adaptive: ranks from 1 up to {args.rank} per bond; each attempt raises the "
+        f"most promising bond(s) and runs CG (at most {args.iters} iterations), kept when "
+        f"the error on a control set "
         f"(10% of the {len(P.train)} training entries) falls; the attempts are listed when the "
         f"search ends ...")
     t0 = time.perf_counter()
