@@ -145,3 +145,20 @@ def test_riemannian_adam_grid_is_in_units_of_the_distance_to_the_data():
     # the unit grid (at most lr 1) is far slower from this start (about 560 steps)
     unit = S.run(pb, "radam", x0, lr_grid_values=S.lr_grid(7), **kw)
     assert unit.reach("test_mse", 1.3e-4) is None
+
+
+def test_lbfgs_pair_is_the_step_taken_when_every_backtrack_fails():
+    # c1 close to 1 fails the Armijo test at t = 1 on this non-quadratic problem, and one
+    # trial allowed: the point moves by the full step, and so must the stored pair's s
+    pb = P.Completion((5, 5, 5, 5), 2, oversampling=5, seed=1)
+    x0 = pb.initial_point(0, kind="perturbed", distance=0.3)
+    st = S._LBFGSStepper(pb, x0, max_backtracks=1, c1=0.999)
+    M = pb.manifold
+    st.step()
+    assert st.info["backtracks"] == 1  # the only trial failed
+    g0 = M.riemannian_grad(x0, pb.loss).detach()
+    eta = -g0 * (min(1.0, float(g0.norm())) / float(g0.norm()))  # the first direction
+    s = st.pairs[-1][0] if st.pairs else None
+    assert s is not None
+    expected = M.transp(x0, st.p, eta)
+    assert abs(float(s.norm()) / float(expected.norm()) - 1.0) < 1e-10

@@ -633,8 +633,9 @@ class _LBFGSStepper(_PointStepper):
                 self.pairs.clear()
                 eta = self._direction(g)
                 slope = float(g @ eta)
-            t = 1.0
+            t = t_taken = 1.0
             for _ in range(self.max_backtracks):
+                t_taken = t  # the step of p_new (t shrinks past it when every trial fails)
                 p_new = M.retr(self.p, t * eta).detach()
                 f_new = _loss_at(self.problem, p_new)
                 if float(f_new) <= float(fx) + self.c1 * t * slope:
@@ -642,7 +643,7 @@ class _LBFGSStepper(_PointStepper):
                 t *= self.shrink
                 self.info["backtracks"] = int(self.info["backtracks"]) + 1
             g_new = M.riemannian_grad(p_new, f)
-            s_new = M.transp(self.p, p_new, t * eta)
+            s_new = M.transp(self.p, p_new, t_taken * eta)
             y_new = g_new - M.transp(self.p, p_new, g)
             pairs = [(M.transp(self.p, p_new, s_), M.transp(self.p, p_new, y_))
                      for s_, y_, _ in self.pairs]
