@@ -21,7 +21,10 @@ Then the number of aten operations dispatched (``TorchDispatchMode`` counter; wh
 a GPU as kernel launches) by the torch path for one point and for a batch of 256 points
 (d = 10, r = 10), as ``non-view operations + QR/SVD calls (all operations, views
 included)``: a batched call dispatches about the operations of a single-point call,
-whatever B.
+whatever B. Counted twice: with the interface sweeps the CPU runs (one core at a time)
+and with the paired sweeps a GPU runs for small inputs (``sweeps.PAIRED_SWEEPS``).
+
+    python benchmarks/bench_batch.py --counts-only [--d 50]   # the counts only (seconds)
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ttmanifold import TT, FixedTTRank, inner, kernels
+from ttmanifold.manifold import sweeps
 
 F64 = torch.float64
 
@@ -142,6 +146,19 @@ def time_table(d, n, ranks, Bs, rounds, loop_max):
 
 
 def count_ops(d, n, r, B):
+    out = []
+    for paired in (False, True):
+        old = sweeps.PAIRED_SWEEPS
+        sweeps.PAIRED_SWEEPS = paired
+        try:
+            out += count_ops_once(d, n, r, B, "paired sweeps (forced; chosen off the CPU for small inputs)" if paired
+                                  else "sequential sweeps (CPU)")
+        finally:
+            sweeps.PAIRED_SWEEPS = old
+    return out
+
+
+def count_ops_once(d, n, r, B, how):
     gen = torch.Generator().manual_seed(1)
     M = FixedTTRank((n,) * d, r)
     out = []
@@ -158,7 +175,7 @@ def count_ops(d, n, r, B):
             f = loss_fn(A)
             calls = {"retr": lambda: M.retr(p, u), "project": lambda: M.project(p, Z),
                      "riemannian_grad": lambda: M.riemannian_grad(p, f), "adam step": adam}
-            row = {"label": label}
+            row = {"label": f"{label}, {how}"}
             for name, fn in calls.items():
                 fn()
                 with OpCounter() as c:
@@ -174,6 +191,7 @@ def count_ops(d, n, r, B):
 def main_counts_only(d=10, n=20, r=10, B=256):
     """Only the operation counts (seconds, not minutes)."""
     torch.set_num_threads(1)
+    print(f"# aten operations per call (torch path, d={d}, n={n}, r={r}, float64)")
     count_ops(d, n, r, B)
 
 
@@ -182,9 +200,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes, few rounds")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--counts-only", action="store_true", help="only the operation counts")
+    ap.add_argument("--d", type=int, default=10, help="order d for --counts-only")
     args = ap.parse_args()
     if args.counts_only:
-        return main_counts_only(*((4, 5, 2, 8) if args.quick else ()))
+        return main_counts_only(*((4, 5, 2, 8) if args.quick else (args.d,)))
     torch.set_num_threads(1)
     if args.quick:
         d, n, ranks, Bs, rounds, cnt_B = 4, 5, (2,), (1, 4), 2, 8
