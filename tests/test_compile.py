@@ -247,3 +247,31 @@ def test_dispatched_dense_call_runs_serial(two_threads):
     # under tracing the seam leaves the threads alone (and adds no graph break)
     kernels.set_serial_small_ops(True)
     torch.testing.assert_close(compile_full(lambda x: f(x) * 2)(torch.ones(2)), 2 * torch.ones(2))
+
+
+# ---------------------------------------------------------------------------------------
+# the paired interface sweeps (chosen off the CPU for small inputs) and the fused
+# finiteness assert over a TT's cores also trace as one graph
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_v", [False, True], ids=["V-none", "V-given"])
+def test_paired_sweeps_and_sequence_check_trace_fullgraph(with_v):
+    from ttmanifold.manifold import sweeps
+    M = FixedTTRank([4, 3, 3, 3, 4], 2)
+    g = torch.Generator().manual_seed(5)
+    p = M.random(2, dtype=torch.float64, generator=g)
+    Z = TT.random(M.shape, 2, dtype=torch.float64, generator=g, batch=(2,)).cores
+    U = M.split(p, "p")
+    V = right_cores(U) if with_v else None
+
+    def f(U, V, Z):
+        assert_finite_async(Z, "Z")
+        return project_tt(U, V, Z, packed=True, gauge=True)
+
+    old = sweeps.PAIRED_SWEEPS
+    try:
+        sweeps.PAIRED_SWEEPS = False
+        ref = f(U, V, Z)
+        sweeps.PAIRED_SWEEPS = True
+        torch.testing.assert_close(compile_full(f)(U, V, Z), ref, rtol=1e-10, atol=1e-12)
+    finally:
+        sweeps.PAIRED_SWEEPS = old
