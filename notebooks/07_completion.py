@@ -202,9 +202,9 @@ plt.show()
 #   (automatic step rule) in 129 steps, against about 2000 Adam steps in t3f's tutorial;
 #   chart L-BFGS and chart Adam (lr 0.01) do not get there in the budget.
 # * Steinlechner's setting (d = 10, n = 20, r = 4, oracle start): CG reaches test error 1e-8
-#   in 59 iterations (about a second), L-BFGS in 61, the trust region in 4 (each costing
-#   seconds of Hessian products); ALS and the chart baselines with line searches need more
-#   than the 10 s budget.
+#   in 59 iterations (under a second), L-BFGS in 61, the trust region in 4 (each costing
+#   seconds of Hessian products); ALS and the chart baselines with line searches do not
+#   get there within the 10 s budget.
 # * The trust region converges quadratically: the gradient norm is roughly squared at
 #   each outer iteration until rounding.
 # * Rank adaptivity from rank 1 finds the ranks (1, 2, 3, 2, 1) of the small tensor, to a
