@@ -83,10 +83,10 @@ def counts(d, B=None, n=4, r=3):
 
 # (non-view operations, QR/SVD calls) per call, one point; before this work at d = 10:
 # retr 135, project 138, rgrad 101, adam 356 (the baseline: 144, 68, 147, 419)
-BOUNDS = {(6, False): {"retr": (77, 15), "project": (49, 5), "rgrad": (68, 5), "adam": (224, 25)},
-          (10, False): {"retr": (133, 27), "project": (73, 9), "rgrad": (96, 9), "adam": (332, 45)},
-          (6, True): {"retr": (77, 15), "project": (44, 5), "rgrad": (59, 5), "adam": (210, 25)},
-          (10, True): {"retr": (133, 27), "project": (60, 9), "rgrad": (75, 9), "adam": (298, 45)}}
+BOUNDS = {(6, False): {"retr": (73, 15), "project": (49, 5), "rgrad": (68, 5), "adam": (220, 25)},
+          (10, False): {"retr": (125, 27), "project": (73, 9), "rgrad": (96, 9), "adam": (324, 45)},
+          (6, True): {"retr": (73, 15), "project": (44, 5), "rgrad": (59, 5), "adam": (206, 25)},
+          (10, True): {"retr": (125, 27), "project": (60, 9), "rgrad": (75, 9), "adam": (290, 45)}}
 
 
 @pytest.mark.parametrize("d", [6, 10])

@@ -56,7 +56,7 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
     if d == 1:
         return (U[0] + du[0]).reshape(-1)
     QV: List[Optional[torch.Tensor]] = [None] * d
-    QW: List[Optional[torch.Tensor]] = [None] * d
+    QW: List[int] = [0] * d
     rows = U[-1].shape[0]
     left = (U[-1] + du[-1]).reshape(rows, -1)  # bottom block, columns of the V part
     right = None  # bottom block, the other columns
@@ -67,8 +67,7 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
         W = w if right is None else torch.cat([w, right], 1)
         q, r = torch.linalg.qr(W.transpose(0, 1))
         qt = q.transpose(0, 1)
-        QV[k] = qt[:, :w.shape[1]]
-        QW[k] = None if right is None else qt[:, w.shape[1]:]
+        QV[k], QW[k] = qt, w.shape[1]  # [Q_V | Q_W] whole and the width of Q_V
         ul = U[k - 1].reshape(-1, U[k - 1].shape[2])
         rows = U[k - 1].shape[0]
         left = torch.addmm(du[k - 1].reshape(ul.shape), ul, C).reshape(rows, -1)
@@ -84,11 +83,15 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
         pieces.append(u[:, :r].reshape(-1))
         sv = s[:r, None] * vh[:r]
         a, nk, b = V[k + 1].shape
-        top = torch.addmm(sv[:, a:] @ QV[k + 1], sv[:, :a], V[k + 1].reshape(a, -1))
-        if QW[k + 1] is None:
+        # one product for both blocks, [s v Q_V | s v Q_W], then the V part added to the first
+        prod = sv[:, a:] @ QV[k + 1]
+        nv = QW[k + 1]
+        top = torch.addmm(prod[:, :nv], sv[:, :a], V[k + 1].reshape(a, -1))
+        if nv == prod.shape[1]:  # the last core: no Q_W block
             c = top
         else:
-            c = torch.cat([top.reshape(r * nk, b), (sv[:, a:] @ QW[k + 1]).reshape(r * nk, -1)], 1)
+            c = torch.cat([top.reshape(r, nk, b), prod[:, nv:].reshape(r, nk, -1)], 2).reshape(
+                r * nk, -1)
     pieces.append(c.reshape(-1))
     return torch.cat(pieces)
 
@@ -121,7 +124,7 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
         return (U[0] + du[0]).flatten(nb)
     V = [ex(v) for v in V]
     QV: List[Optional[torch.Tensor]] = [None] * d
-    QW: List[Optional[torch.Tensor]] = [None] * d
+    QW: List[int] = [0] * d
     a, n, b = U[-1].shape[-3:]
     left = (U[-1] + du[-1]).reshape(bs + (a, n * b))
     right = None
@@ -133,8 +136,7 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
         W = w if right is None else torch.cat([w, right], -1)
         q, r = torch.linalg.qr(W.mT)
         qt = q.mT
-        QV[k] = qt[..., :w.shape[-1]]
-        QW[k] = None if right is None else qt[..., w.shape[-1]:]
+        QV[k], QW[k] = qt, w.shape[-1]  # [Q_V | Q_W] whole and the width of Q_V
         ua, un, ub = U[k - 1].shape[-3:]
         ul = U[k - 1].reshape(bs + (ua * un, ub))
         left = _addmm(du[k - 1].reshape(ul.shape), ul, C, 1).reshape(bs + (ua, un * C.shape[-1]))
@@ -151,13 +153,14 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
         pieces.append(u[..., :r].flatten(nb))
         sv = s[..., :r, None] * vh[..., :r, :]
         a, nk, b = V[k + 1].shape[-3:]
-        top = _addmm(sv[..., a:] @ QV[k + 1], sv[..., :a], V[k + 1].reshape(bs + (a, nk * b)), 1)
-        if QW[k + 1] is None:
+        prod = sv[..., a:] @ QV[k + 1]  # [s v Q_V | s v Q_W] in one product
+        nv = QW[k + 1]
+        top = _addmm(prod[..., :nv], sv[..., :a], V[k + 1].reshape(bs + (a, nk * b)), 1)
+        if nv == prod.shape[-1]:
             c = top
         else:
-            bot = sv[..., a:] @ QW[k + 1]
-            c = torch.cat([top.reshape(bs + (r * nk, b)),
-                           bot.reshape(bs + (r * nk, bot.shape[-1] // nk))], -1)
+            c = torch.cat([top.reshape(bs + (r, nk, b)), prod[..., nv:].reshape(bs + (r, nk, -1))],
+                          -1).reshape(bs + (r * nk, -1))
     pieces.append(c.flatten(nb))
     return torch.cat(pieces, -1)
 
