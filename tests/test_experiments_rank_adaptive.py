@@ -9,6 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ttmanifold import FixedTTRank
+from ttmanifold.experiments import presets
 from ttmanifold.experiments import problems as P
 from ttmanifold.experiments import solvers as S
 from ttmanifold.tt import TT
@@ -231,3 +233,26 @@ def test_greedy_rank_raise_by_two_is_the_joint_step_on_two_pairs():
         assert abs(float(res @ wj)) < 1e-9 * float(res.norm() * wj.norm())
     with pytest.raises(ValueError, match="count"):
         S.greedy_rank_raise(x, 2, idx, vals, count=0)
+
+
+def test_patience_keeps_raises_on_trial_and_returns_to_the_best():
+    # psenka-boumal's setting (Gaussian cores, ranks up to 10) at seed 0: every single
+    # raise of all bonds from the rank-1 fit is rejected by the control set, so without
+    # patience the search stays at rank 1; with raises kept on trial it finds the ranks
+    spec = presets.build_preset("psenka-boumal", seed=0)
+    pb, cap = spec["problem"], spec["max_rank"]
+    h0 = S.rank_adaptive_completion(pb, max_rank=cap, patience=0, time_budget=120)
+    assert h0.info["ranks"] == (1,) * 10
+    h = S.rank_adaptive_completion(pb, max_rank=cap, patience=3, time_budget=120)
+    assert h.info["ranks"] == (1, 3, 5, 10, 10, 10, 10, 5, 3, 1)
+    X = FixedTTRank(pb.manifold.shape, h.info["ranks"]).to_tt(h.x)
+    assert pb.metrics(X)["test_err"] < 1e-8
+    trial = [a for a in h.info["rank_history"] if a.get("on_trial")]
+    assert trial, "no raise was kept on trial"
+    # a search whose trials never pay off ends at its last accepted point
+    g = S.rank_adaptive_completion(P.Completion((10,) * 6, 3, oversampling=3, seed=1),
+                                   max_rank=3, patience=2, time_budget=60)
+    acc = [a for a in g.info["rank_history"] if a["accepted"]]
+    assert g.info["ranks"] == acc[-1]["ranks"]
+    with pytest.raises(ValueError, match="patience"):
+        S.rank_adaptive_completion(pb, max_rank=3, patience=-1)

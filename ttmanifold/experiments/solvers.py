@@ -1404,7 +1404,7 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
                              stall_rtol: float = 0.05, stall_window: int = 2,
                              control_tol: float = 1e-10, max_iters: Optional[int] = None,
                              start: str = "means", gain_ratio: float = 0.15,
-                             rank_step: int = 1,
+                             rank_step: int = 1, patience: int = 3,
                              callback: Optional[Callable] = None) -> History:
     """Rank-adaptive completion from rank 1 (greedy rank increase, control-set acceptance,
     truncation).
@@ -1424,8 +1424,14 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
     - with ``raise_all`` (default) every bond below its cap is raised at once (one bond
       after another, each greedy step from the point the previous one left) for as long
       as such raises are accepted: from a rank-1 fit of a tensor of larger ranks every
-      bond needs more rank, and single-bond raises gain too little to tell apart. After
-      the first rejected raise of all bonds (or without ``raise_all``), sweeps raise one
+      bond needs more rank, and single-bond raises gain too little to tell apart. With
+      ``patience = p > 0`` up to ``p`` consecutive raises of all bonds that the control
+      set does not accept are kept on trial: when a later raise brings the control error
+      below the last accepted one, the whole chain is accepted; otherwise the search
+      returns to the last accepted point (tensors whose low-rank fits carry no signal,
+      such as random TTs with Gaussian cores, need several raises before any one
+      helps). After the first finally rejected raise of all bonds (or without
+      ``raise_all``), sweeps raise one
       bond at a time (Steinlechner 2016), retrying every bond in every sweep, until a
       sweep accepts nothing or every bond is at ``min(max_rank, feasible)``;
     - **rank decrease**: after each accepted raise the point is rounded with relative
@@ -1441,6 +1447,7 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
         max_rank: the rank cap of every bond.
         control_fraction, inner_iters, eps, accept_rtol, trunc_rel_eps, raise_all,
             direction, stall_rtol, stall_window, control_tol: as above.
+        patience: raises of all bonds kept on trial without a control-error gain (above).
         rank_step: the largest raise of one bond in one multi-bond raise (its leading
             greedy pairs within ``gain_ratio`` of the best); above 1 fewer stages, but on
             unequal ranks (d = 10: (2, 3, 4, 5, 6, 5, 4, 3, 2)) it overshot and stalled
@@ -1479,6 +1486,8 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
         raise ValueError(f"start: expected 'means' or 'random', got {start!r}")
     if not (isinstance(stall_window, int) and stall_window >= 1):
         raise ValueError(f"stall_window: expected a positive int, got {stall_window!r}")
+    if not (isinstance(patience, int) and patience >= 0):
+        raise ValueError(f"patience: expected a non-negative int, got {patience!r}")
     shape = problem.manifold.shape
     d = len(shape)
     gen = torch.Generator().manual_seed(int(seed))
@@ -1592,15 +1601,27 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
     attempts.append(dict(bond=None, ranks=tuple(ranks), control_err=err, accepted=True,
                          seconds=elapsed[0]))
 
-    def try_raise(bonds, label):
-        nonlocal ranks, sub, x, err, loss
+    best = None  # the last accepted state while raises are kept on trial (patience)
+
+    def try_raise(bonds, label, on_trial=False):
+        """Raise ``bonds``; True when accepted, "trial" when kept on trial, else False."""
+        nonlocal ranks, sub, x, err, loss, best
         trial, sub_new, x_new = raised(sub, x, bonds)
         x_new, err_new, loss_new = inner(sub_new, x_new)
-        ok = err_new < (1.0 - accept_rtol) * err
+        ref = err if best is None else best[3]
+        ok = err_new < (1.0 - accept_rtol) * ref
         attempts.append(dict(bond=label, ranks=tuple(trial), control_err=err_new,
-                             accepted=bool(ok), seconds=elapsed[0]))
-        if not ok:
+                             accepted=bool(ok), seconds=elapsed[0],
+                             **({"on_trial": True} if on_trial and not ok else {})))
+        if not ok and not on_trial:
             return False
+        if not ok:
+            if best is None:
+                best = (ranks, sub, x, err, loss)
+            ranks, sub, x, err, loss = trial, sub_new, x_new, err_new, loss_new
+            record(x, sub.manifold, err, loss)
+            return "trial"
+        best = None
         ranks, sub, x, err, loss = trial, sub_new, x_new, err_new, loss_new
         # rank decrease: drop trailing singular values below trunc_rel_eps
         t0 = time.perf_counter()
@@ -1615,23 +1636,40 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
         record(x, sub.manifold, err, loss)
         return True
 
+    def back_to_best():
+        nonlocal ranks, sub, x, err, loss, best
+        if best is not None:
+            ranks, sub, x, err, loss = best
+            best = None
+            attempts.append(dict(bond=None, ranks=tuple(ranks), control_err=err,
+                                 accepted=True, seconds=elapsed[0], reverted=True))
+            record(x, sub.manifold, err, loss)
+
     all_mode = bool(raise_all)
+    pending = 0  # raises kept on trial since the last accepted one
     while err > control_tol and hist.status == "ok":
         if out_of_budget():
             hist.status = "budget"
             break
         if all_mode:
             bonds = [k for k in range(1, d) if can_raise(k, ranks)]
+            if bonds:
+                if direction == "gradient" and gain_ratio > 0 and (len(bonds) > 1
+                                                                    or rank_step > 1):
+                    bonds = select_bonds(bonds)
+                else:
+                    bonds = {k: 1 for k in bonds}
+            if bonds:
+                got = try_raise(bonds, "all" if len(bonds) > 1 else next(iter(bonds)),
+                                on_trial=pending < patience)
+                if got:
+                    pending = pending + 1 if got == "trial" else 0
+                    continue
+            back_to_best()
+            pending = 0
+            all_mode = False
             if not bonds:
                 break
-            if direction == "gradient" and gain_ratio > 0 and (len(bonds) > 1
-                                                                or rank_step > 1):
-                bonds = select_bonds(bonds)
-            else:
-                bonds = {k: 1 for k in bonds}
-            if try_raise(bonds, "all" if len(bonds) > 1 else next(iter(bonds))):
-                continue
-            all_mode = False
         improved = False
         for k in range(1, d):
             if err <= control_tol or hist.status != "ok":
@@ -1643,6 +1681,7 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
                 improved = True
         if not improved:
             break
+    back_to_best()  # a budget or a callback ended the search during a trial
     if err <= control_tol and hist.status in ("ok", "stopped"):
         # the data are fitted: an overshooting bond's extra singular values are below the
         # error, so rounding at the error's level finds the ranks
