@@ -25,8 +25,9 @@ from ..tt import TT, IndexSet, orthogonalize
 from ..tt import round as tt_round
 from . import autodiff, hessian
 from .retraction import retract, retract_point
-from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect, project_dense,
-                     project_sampled, project_tt, right_cores, right_sweep)
+from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect,
+                     prefer_fewer_launches, project_dense, project_sampled, project_tt,
+                     right_cores, right_sweep)
 from .tangent import TangentTT
 
 __all__ = ["FixedTTRank"]
@@ -251,6 +252,14 @@ class FixedTTRank(geoopt.Manifold):
         if self.d == 1:
             return TT(deltas, check=False)
         return TangentTT(U, V, deltas, gauged=gauged, check=False)
+
+    def _transport_cores(self, x, U, V, v, dv) -> List[torch.Tensor]:
+        """The block cores of the tangent vector ``v`` at ``x`` for the transport: built per
+        run (:meth:`_tangent_cores`, fewer operations) where launches dominate, per core
+        (:class:`TangentTT`, cache-friendly: 4x faster on the CPU for 256 points) else."""
+        if prefer_fewer_launches(v.device, 4 * max(v.numel(), x.numel())):
+            return self._tangent_cores(x, V, v)
+        return self._tangent_tt(U, V, dv, add_point=False).cores
 
     def _tangent_cores(self, x: torch.Tensor, V, v: torch.Tensor) -> List[torch.Tensor]:
         """The rank-2r block cores ``[[V_k, 0], [dv_k, U_k]]`` of the tangent vector with
@@ -546,11 +555,11 @@ class FixedTTRank(geoopt.Manifold):
         """Vector transport by projection ``P_Y(xi)`` of ``v`` at ``x`` to ``y``.
         ``v`` may be non-gauged. O(d n r^3)."""
         Ux = self._split(x, "x")
-        self._check_vector(v, x, "v")
+        dv = self._check_vector(v, x, "v")
         Uy = self._split(y, "y")
         if self.d == 1:
             return v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
-        xi = self._tangent_cores(x, right_cores(Ux), v)
+        xi = self._transport_cores(x, Ux, right_cores(Ux), v, dv)
         return project_tt(Uy, right_cores(Uy), xi, packed=True, gauge=True)
 
     @_no_autograd_fast_path
@@ -558,13 +567,13 @@ class FixedTTRank(geoopt.Manifold):
         """``(retr(x, u), transp(x, retr(x, u), v))`` sharing the work at ``x``."""
         U = self._split(x, "x")
         du = self._check_vector(u, x)
-        self._check_vector(v, x, "v")
+        dv = self._check_vector(v, x, "v")
         V = right_cores(U)
         y = retract(U, V, du, self.ranks)
         ycores = self._split(y, "y")
         if self.d == 1:
             return y, v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
-        xi = self._tangent_cores(x, V, v)
+        xi = self._transport_cores(x, U, V, v, dv)
         return y, project_tt(ycores, right_cores(ycores), xi, packed=True, gauge=True)
 
     def transp_follow_retr(self, x, u, v):

@@ -24,6 +24,7 @@ from ..kernels import dense as compiled_dense
 from ..tt import IndexSet
 
 __all__ = ["core_runs", "right_sweep", "right_cores", "project_tt", "project_dense",
+           "prefer_fewer_launches",
            "project_sampled", "gauge_project_flat", "gauge_deltas", "orth_defect"]
 
 
@@ -216,15 +217,25 @@ PAIRED_SWEEPS: Optional[bool] = None
 PAIRED_MAX_NUMEL = 1 << 18
 
 
+def prefer_fewer_launches(device: torch.device, numel: int) -> bool:
+    """Whether to run the variants that dispatch fewer operations at the price of extra
+    copies (the paired interface sweeps here, the transport's block cores built per run in
+    :class:`~ttmanifold.FixedTTRank`): :data:`PAIRED_SWEEPS` if set, else off the CPU when
+    the data to copy holds at most :data:`PAIRED_MAX_NUMEL` numbers. On the CPU both
+    variants measured slower (large fused copies leave the cache; per-core work stays in
+    it), so the CPU keeps the sequential versions."""
+    if PAIRED_SWEEPS is not None:
+        return bool(PAIRED_SWEEPS)
+    return device.type != "cpu" and numel <= PAIRED_MAX_NUMEL
+
+
 def _pairable(U, Z) -> bool:
     """Whether :func:`_paired_interfaces` runs: chosen (:data:`PAIRED_SWEEPS`), ``d >= 3``
     and the middle cores of the point and of ``Z`` all of one shape each, ``(r, n, r)`` and
     ``(R, n, R)`` (the usual case of uniform ranks)."""
     d = len(U)
-    if d < 3 or PAIRED_SWEEPS is False:
-        return False
-    if PAIRED_SWEEPS is None and (U[0].device.type == "cpu" or (d - 2) * max(
-            Z[1].numel(), U[1].numel()) > PAIRED_MAX_NUMEL):
+    if d < 3 or not prefer_fewer_launches(U[0].device, (d - 2) * max(Z[1].numel(),
+                                                                      U[1].numel())):
         return False
     a, n, b = U[1].shape[-3:]
     A, nz, B = Z[1].shape[-3:]
