@@ -40,8 +40,8 @@ def split(idx, vals, rank, world):
 
 
 def scenario_equal(rank, world, out):
-    from ttmanifold.experiments.distributed import (ShardedCompletion, distributed_cg,
-                                                    distributed_rsgd)
+    from ttmanifold.experiments.distributed import (ShardedCompletion, distributed_als,
+                                                    distributed_cg, distributed_rsgd)
 
     idx, vals = data()
     ti, tv, val = split(idx, vals, rank, world)
@@ -52,7 +52,9 @@ def scenario_equal(rank, world, out):
     b = distributed_cg(S, x0, iters=12, checkpoint=ck, checkpoint_every=6)
     c = distributed_cg(S, x0, iters=20, checkpoint=ck, resume=True)
     s = distributed_rsgd(S, x0, lr=0.3, iters=10, metrics_every=0)
-    torch.save({"a": a.x, "b": b.x, "c": c.x, "sgd": s.x, "loss_a": a.loss,
+    als = distributed_als(S, x0, iters=4, metrics_every=0)
+    torch.save({"a": a.x, "b": b.x, "c": c.x, "sgd": s.x, "als": als.x, "loss_als": als.loss,
+                "loss_a": a.loss,
                 "loss_c": c.loss, "metrics_a": a.metrics[-1], "n_local": S.n_local,
                 "n_train": S.n_train, "n_val": S.n_val, "iters_c": c.iters},
                os.path.join(out, f"rank{rank}.pt"))

@@ -16,11 +16,12 @@ import torch
 
 from ttmanifold import TT
 from ttmanifold.experiments.distributed import (ShardedCompletion, distributed_cg,
-                                                distributed_lbfgs, distributed_rsgd,
+                                                distributed_als, distributed_lbfgs,
+                                                distributed_rsgd,
                                                 distributed_trust_region, load_checkpoint,
                                                 row_hash, shard_mask, validation_mask)
 from ttmanifold.experiments.problems import Completion, sample_distinct_indices
-from ttmanifold.experiments.solvers import (riemannian_cg, riemannian_lbfgs,
+from ttmanifold.experiments.solvers import (als_completion, riemannian_cg, riemannian_lbfgs,
                                             riemannian_trust_region, run)
 from ttmanifold.manifold import hessian_operator
 
@@ -191,7 +192,7 @@ def test_two_processes_equal_one(tmp_path):
     r0 = torch.load(out / "rank0.pt", weights_only=False)
     r1 = torch.load(out / "rank1.pt", weights_only=False)
     # replicas identical, bit for bit; the shards partition the training samples
-    for key in ("a", "b", "c", "sgd"):
+    for key in ("a", "b", "c", "sgd", "als"):
         assert torch.equal(r0[key], r1[key]), key
     P = _full_problem()
     assert r0["n_local"] + r1["n_local"] == r0["n_train"] == len(P.train)
@@ -203,6 +204,11 @@ def test_two_processes_equal_one(tmp_path):
     np.testing.assert_allclose(r0["loss_a"], h.loss, rtol=1e-8, atol=1e-13)
     hs = run(P, "rsgd", x0, iters=10, lr=0.3, measure_memory=False)
     assert float((r0["sgd"] - hs.x).abs().max()) < 1e-11
+    # ALS with the normal equations summed over the shards: the single-process sweeps
+    ha = als_completion(P, x0, iters=4, measure_memory=False)
+    M = P.manifold
+    assert _tensor_dist(M, r0["als"], ha.x) < 1e-9 * float(M.to_tt(ha.x).norm())
+    np.testing.assert_allclose(r0["loss_als"], ha.loss, rtol=1e-8, atol=1e-13)
     # the resumed run (checkpoint at 12, written by rank 0, read and broadcast) is exact
     assert torch.equal(r0["c"], r0["a"]) and r0["loss_c"] == r0["loss_a"]
     assert r0["iters_c"] == list(range(21))
@@ -269,3 +275,23 @@ def test_two_processes_lbfgs_and_trust_region_equal_one(tmp_path):
     assert msg.startswith("PeerFailure: rank 0 of 2: the all-reduce of the Hessian product "
                           "failed"), msg
     assert float(seconds) < 30
+
+
+def test_single_process_als_equals_the_solver_and_resumes(tmp_path):
+    P = _full_problem()
+    S = ShardedCompletion(P.train.indices, P.a_train, W.SHAPE, W.RANK)
+    M = P.manifold
+    x0 = P.initial_point(0)
+    h = als_completion(P, x0, iters=6, measure_memory=False)
+    hd = distributed_als(S, x0, iters=6)
+    np.testing.assert_allclose(hd.loss, h.loss, rtol=1e-10, atol=1e-14)
+    assert _tensor_dist(M, hd.x, h.x) < 1e-10 * float(M.to_tt(h.x).norm())
+    assert h.loss[-1] < 0.1 * h.loss[0]  # the sweeps fit the data (not a vacuous check)
+    ck = tmp_path / "ck_als.pt"
+    full = distributed_als(S, x0, iters=5, metrics_every=0)
+    distributed_als(S, x0, iters=3, checkpoint=str(ck), checkpoint_every=2, metrics_every=0)
+    assert load_checkpoint(ck)["method"] == "als"
+    again = distributed_als(S, x0, iters=5, checkpoint=str(ck), resume=True, metrics_every=0)
+    assert torch.equal(again.x, full.x) and again.loss == full.loss
+    with pytest.raises(ValueError, match="ridge"):
+        distributed_als(S, x0, ridge=-1.0)

@@ -42,7 +42,7 @@ import torch
 from ..manifold import FixedTTRank, hessian_operator
 from ..tt import TT, IndexSet
 from .problems import Completion
-from .solvers import History, cg_direction
+from .solvers import History, als_sweep, cg_direction
 
 __all__ = [
     "PeerFailure",
@@ -52,6 +52,7 @@ __all__ = [
     "distributed_rsgd",
     "distributed_lbfgs",
     "distributed_trust_region",
+    "distributed_als",
     "shard_mask",
     "validation_mask",
     "row_hash",
@@ -861,6 +862,54 @@ class _TR:
         self.state = None
 
 
+class _ALS:
+    """Alternating least squares: every process forms each core's normal equations from
+    its shard, they are summed (one all-reduce per core), and every process solves the
+    same system (:func:`~ttmanifold.experiments.solvers.als_sweep`)."""
+
+    method = "als"
+
+    def __init__(self, problem: ShardedCompletion, p, ridge: float):
+        if not (isinstance(ridge, (int, float)) and ridge >= 0 and math.isfinite(ridge)):
+            raise ValueError(f"ridge: expected a non-negative number, got {ridge!r}")
+        self.problem, self.M, self.ridge = problem, problem.manifold, float(ridge)
+        # the sweeps continue from these cores (not from a re-gauged split of the point)
+        self.cores = [c.clone() for c in self.M.split(p, "x0")]
+        self.p = p
+        self.f = None
+
+    def _reduce(self, A, rhs):
+        n = A.shape[0]
+        buf = torch.cat([A.reshape(-1), rhs.reshape(-1)])
+        self.problem.comm.all_reduce(buf, "the all-reduce of the normal equations")
+        return buf[:A.numel()].reshape(A.shape), buf[A.numel():].reshape(n, -1)
+
+    def step(self) -> float:
+        with torch.no_grad():
+            fx = self.loss_now()
+            local = self.problem.local
+            als_sweep(self.cores, local.train.indices, local.a_train, None, ridge=self.ridge,
+                      reduce=self._reduce if self.problem.comm.distributed else None)
+            self.p = self.M.pack_point(TT(self.cores, check=False))
+            self.f = None
+        return fx
+
+    def loss_now(self) -> float:
+        if self.f is None:
+            self.f = float(self.problem.loss(self.p))
+        return self.f
+
+    def state_dict(self) -> dict:
+        return {"p": self.p.detach().clone(), "cores": [c.detach().clone() for c in self.cores],
+                "ridge": self.ridge}
+
+    def load_state_dict(self, s: dict) -> None:
+        dt, dev = self.problem.dtype, self.problem.device
+        self.p = s["p"].to(dtype=dt, device=dev)
+        self.cores = [c.to(dtype=dt, device=dev) for c in s["cores"]]
+        self.f = None
+
+
 def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
          checkpoint: Optional[str], checkpoint_every: int, resume: bool,
          callback: Optional[Callable], stop_metric: Optional[str],
@@ -1116,3 +1165,35 @@ def distributed_trust_region(problem: ShardedCompletion, x0: torch.Tensor, *,
                 options={"radius": radius, "max_radius": max_radius,
                          "max_inner": max_inner, "theta": float(theta),
                          "kappa": float(kappa), "max_backtracks": max_backtracks})
+
+
+def distributed_als(problem: ShardedCompletion, x0: torch.Tensor, *, iters: int = 50,
+                    ridge: float = 1e-12, metrics_every: int = 1,
+                    checkpoint: Optional[str] = None, checkpoint_every: int = 0,
+                    resume: bool = False, callback: Optional[Callable] = None,
+                    stop_metric: Optional[str] = None,
+                    stop_tol: Optional[float] = None) -> History:
+    """Data-parallel alternating least squares for completion: the sweeps of
+    :func:`ttmanifold.experiments.solvers.als_completion`, each core's normal equations
+    summed over the processes before every process solves the same system.
+
+    Args:
+        problem, x0, iters, metrics_every, callback, stop_metric, stop_tol: as in
+            :func:`distributed_cg` (one iteration is one sweep, left to right and back).
+        ridge: as in :func:`~ttmanifold.experiments.solvers.als_core_solve`.
+        checkpoint, checkpoint_every, resume: as in :func:`distributed_cg`; the checkpoint
+            holds the cores the sweeps continue from.
+
+    Returns a :class:`~ttmanifold.experiments.solvers.History`. Raises :class:`PeerFailure`
+    when a peer dies.
+
+    Cost per sweep and process: O(N_local d r^4 + d n r^6) and ``2 d - 1`` all-reduces of
+    ``n_k r_{k-1} r_k (r_{k-1} r_k + 1)`` numbers (the normal matrices and right-hand
+    sides of core ``k``), plus the loss (one all-reduce of one number).
+    """
+    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
+    stepper = _ALS(problem, x0, ridge)
+    return _run(problem, stepper, iters=iters, metrics_every=metrics_every,
+                checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+                callback=callback, stop_metric=stop_metric, stop_tol=stop_tol,
+                options={"ridge": float(ridge)})

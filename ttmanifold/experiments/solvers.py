@@ -40,6 +40,7 @@ __all__ = [
     "riemannian_lbfgs",
     "als_completion",
     "als_core_solve",
+    "als_sweep",
     "rank_adaptive_completion",
     "greedy_rank_raise",
     "homotopy_point",
@@ -727,7 +728,8 @@ def _left_vectors(cores, idx):
     return left
 
 
-def als_core_solve(left, right, ik, values, w, n: int, ridge: float = 1e-12) -> torch.Tensor:
+def als_core_solve(left, right, ik, values, w, n: int, ridge: float = 1e-12,
+                   reduce: Optional[Callable] = None) -> torch.Tensor:
     """The least-squares core: ``argmin_G sum_i w_i (left_i^T G[ik_i] right_i - values_i)^2``.
 
     Args:
@@ -736,6 +738,8 @@ def als_core_solve(left, right, ik, values, w, n: int, ridge: float = 1e-12) -> 
             None; ``n``: the mode size.
         ridge: relative Tikhonov shift ``ridge * trace / (a b)`` of each slice's normal
             equations (slices with few samples stay solvable; no explicit inverse).
+        reduce: ``reduce(A, rhs) -> (A, rhs)`` applied to the normal equations before the
+            solve (the data-parallel ALS sums them over the processes' samples).
     Returns:
         the core ``(a, n, b)``, in ``left``'s dtype and device.
     Cost: O(N (a b)^2 + n (a b)^3), one matrix product per index.
@@ -751,11 +755,54 @@ def als_core_solve(left, right, ik, values, w, n: int, ridge: float = 1e-12) -> 
                                              wphi[order].split(counts))])
     rhs = phi.new_zeros(n, a * b)
     rhs.index_add_(0, ik, wphi * values.unsqueeze(1))
+    if reduce is not None:
+        A, rhs = reduce(A, rhs)
     tr = torch.diagonal(A, dim1=1, dim2=2).sum(1) / (a * b)
     shift = ridge * tr.clamp_min(torch.finfo(A.dtype).tiny) + torch.finfo(A.dtype).tiny
     A = A + shift.reshape(n, 1, 1) * torch.eye(a * b, dtype=A.dtype, device=A.device)
     G = torch.linalg.solve(A, rhs.unsqueeze(2)).reshape(n, a, b)
     return G.permute(1, 0, 2).contiguous()
+
+
+def als_sweep(cores: List[torch.Tensor], idx: torch.Tensor, values: torch.Tensor, w=None, *,
+              ridge: float = 1e-12, reduce: Optional[Callable] = None) -> None:
+    """One ALS sweep for completion, in place on ``cores``: each core in turn, left to
+    right and back, becomes the least-squares core given the others
+    (:func:`als_core_solve`), orthogonalized by a QR step that moves the norm on.
+
+    Args:
+        cores: the TT cores ``(r_{k-1}, n_k, r_k)`` (a list, replaced in place).
+        idx: ``(N, d)`` sample indices; values: ``(N,)``; w: ``(N,)`` weights or None.
+        ridge: as in :func:`als_core_solve`.
+        reduce: as in :func:`als_core_solve` (every process of a data-parallel sweep
+            passes its own samples and a reduce that sums the normal equations).
+    Cost: O(N d (r^2)^2 + d n r^6) per sweep.
+    """
+    d = len(cores)
+
+    def solve(k, left, right):
+        return als_core_solve(left, right, idx[:, k], values, w, cores[k].shape[1], ridge,
+                              reduce)
+
+    right = _right_vectors(cores, idx)
+    left = cores[0].new_ones(idx.shape[0], 1)
+    for k in range(d - 1):  # left to right, moving the norm to the right
+        G = solve(k, left, right[k])
+        a, n, b = G.shape
+        q, r = torch.linalg.qr(G.reshape(a * n, b))
+        cores[k] = q.reshape(a, n, -1)
+        cores[k + 1] = torch.einsum("ab,bnc->anc", r, cores[k + 1])
+        left = torch.einsum("na,anb->nb", left, _sample_slices(cores, idx, k))
+    left_all = _left_vectors(cores, idx)
+    rvec = cores[0].new_ones(idx.shape[0], 1)
+    for k in range(d - 1, 0, -1):  # right to left
+        G = solve(k, left_all[k], rvec)
+        a, n, b = G.shape
+        q, r = torch.linalg.qr(G.reshape(a, n * b).T)
+        cores[k] = q.T.reshape(-1, n, b)
+        cores[k - 1] = torch.einsum("anb,bc->anc", cores[k - 1], r.T)
+        rvec = torch.einsum("anb,nb->na", _sample_slices(cores, idx, k), rvec)
+    cores[0] = solve(0, left_all[0], rvec)
 
 
 class _ALSStepper(_Stepper):
@@ -772,34 +819,10 @@ class _ALSStepper(_Stepper):
         self.ridge = float(ridge)
         self.info = {}
 
-    def _solve(self, k, left, right):
-        G = self.cores[k]
-        return als_core_solve(left, right, self.idx[:, k], self.values, self.w, G.shape[1],
-                              self.ridge)
-
     def step(self):
         with torch.no_grad():
             fx = _loss_at(self.problem, self.M.pack_point(TT(self.cores, check=False)))
-            cores, idx, d = self.cores, self.idx, len(self.cores)
-            right = _right_vectors(cores, idx)
-            left = cores[0].new_ones(idx.shape[0], 1)
-            for k in range(d - 1):  # left to right, moving the norm to the right
-                G = self._solve(k, left, right[k])
-                a, n, b = G.shape
-                q, r = torch.linalg.qr(G.reshape(a * n, b))
-                cores[k] = q.reshape(a, n, -1)
-                cores[k + 1] = torch.einsum("ab,bnc->anc", r, cores[k + 1])
-                left = torch.einsum("na,anb->nb", left, _sample_slices(cores, idx, k))
-            left_all = _left_vectors(cores, idx)
-            rvec = cores[0].new_ones(idx.shape[0], 1)
-            for k in range(d - 1, 0, -1):  # right to left
-                G = self._solve(k, left_all[k], rvec)
-                a, n, b = G.shape
-                q, r = torch.linalg.qr(G.reshape(a, n * b).T)
-                cores[k] = q.T.reshape(-1, n, b)
-                cores[k - 1] = torch.einsum("anb,bc->anc", cores[k - 1], r.T)
-                rvec = torch.einsum("anb,nb->na", _sample_slices(cores, idx, k), rvec)
-            cores[0] = self._solve(0, left_all[0], rvec)
+            als_sweep(self.cores, self.idx, self.values, self.w, ridge=self.ridge)
         return fx
 
     def current(self):
