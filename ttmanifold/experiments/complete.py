@@ -20,7 +20,8 @@ fixed-rank solver (``--method``) is Riemannian CG with exact line search (``rcg`
 :func:`~ttmanifold.experiments.distributed.distributed_cg`), Riemannian L-BFGS (``rlbfgs``:
 :func:`~ttmanifold.experiments.distributed.distributed_lbfgs`) or the Riemannian trust
 region with the exact Hessian (``rtr``:
-:func:`~ttmanifold.experiments.distributed.distributed_trust_region`); each runs in one
+:func:`~ttmanifold.experiments.distributed.distributed_trust_region`) or alternating least
+squares (``als``: :func:`~ttmanifold.experiments.distributed.distributed_als`); each runs in one
 process, or data-parallel when started by ``torchrun`` (each process keeps the entries that
 hash to it, so the iterates are the single-process ones to rounding). Run ``ttmanifold
 complete --help``.
@@ -41,7 +42,7 @@ import torch
 OUTPUTS = ("completed.npz", "report.csv", "predictions.csv", "checkpoint.pt")
 #: the fixed-rank solvers of ``--method`` (all data-parallel under torchrun)
 METHODS = {"rcg": "Riemannian CG", "rlbfgs": "Riemannian L-BFGS",
-           "rtr": "Riemannian trust region"}
+           "rtr": "Riemannian trust region", "als": "alternating least squares"}
 DENSE_LIMIT = 2 * 10 ** 7
 
 
@@ -357,7 +358,8 @@ def build_parser(prog: str = "ttmanifold complete") -> argparse.ArgumentParser:
     p.add_argument("--method", choices=tuple(METHODS), default="rcg",
                    help="fixed-rank solver: 'rcg' Riemannian CG with exact line search "
                         "(default), 'rlbfgs' Riemannian L-BFGS, 'rtr' Riemannian trust "
-                        "region with the exact Hessian (fewer, costlier iterations); all "
+                        "region with the exact Hessian (fewer, costlier iterations), 'als' "
+                        "alternating least squares (one sweep per iteration); all "
                         "data-parallel under torchrun")
     p.add_argument("--iters", type=int, default=100,
                    help="iterations of the solver (default 100)")
@@ -433,9 +435,9 @@ def run_complete(args, out_stream=None) -> int:
     """The command once its arguments are parsed. Returns the exit status (0, or 130 after
     Ctrl-C with the finished iterations written)."""
     from .. import io as tt_io
-    from .distributed import (Communicator, ShardedCompletion, distributed_cg,
-                              distributed_lbfgs, distributed_trust_region, shard_mask,
-                              validation_mask)
+    from .distributed import (Communicator, ShardedCompletion, distributed_als,
+                              distributed_cg, distributed_lbfgs, distributed_trust_region,
+                              shard_mask, validation_mask)
 
     comm = Communicator()
     lead = comm.rank == 0
@@ -557,7 +559,7 @@ def run_complete(args, out_stream=None) -> int:
         f"{args.tol:g})")
     ck = os.path.join(args.out, "checkpoint.pt")
     solver = {"rcg": distributed_cg, "rlbfgs": distributed_lbfgs,
-              "rtr": distributed_trust_region}[args.method]
+              "rtr": distributed_trust_region, "als": distributed_als}[args.method]
     try:
         hist = solver(S, x0, iters=args.iters, metrics_every=1,
                       checkpoint=ck if (args.checkpoint_every or args.resume) else None,
