@@ -147,6 +147,8 @@ def test_project_sampled_batch_matches_dense_and_single_calls(kernel):
         bset = BatchIndexSet(idx, SHAPE)
         got = project_sampled_batch(M, p, bset, vals)
         assert got.shape == p.shape and got.dtype == dtype
+        # the manifold's method takes the batch through the same function
+        assert torch.equal(M.project_sampled(p, bset, vals), got)
         for b, (i, v) in enumerate(zip(idx, bset.split(vals))):
             Z = torch.zeros(SHAPE, dtype=F64)
             Z.index_put_(tuple(i.t()), v.to(F64), accumulate=True)

@@ -21,10 +21,11 @@ import torch
 from .. import kernels
 from .._checks import (assert_finite_async, check_float_dtype, check_shape, functorch_wrapped,
                        normalize_ranks)
-from ..tt import TT, IndexSet, orthogonalize
+from ..tt import TT, BatchIndexSet, IndexSet, orthogonalize
 from ..tt import round as tt_round
 from . import autodiff, hessian
 from .retraction import retract, retract_point
+from .sampled_batch import project_sampled_batch
 from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect,
                      prefer_fewer_launches, project_dense, project_sampled, project_tt,
                      right_cores, right_sweep)
@@ -454,7 +455,12 @@ class FixedTTRank(geoopt.Manifold):
         """Projection onto the tangent space at ``p`` of the sparse tensor with ``values``
         (shape ``(N,)``, the point's dtype and device) at the samples of ``index_set``;
         ``V``: the point's right-orthogonal cores if already known. Returns packed gauged
-        deltas. O(N d r^2). A single point only (no batch)."""
+        deltas. O(N d r^2). For a batch of points ``(B, size)`` pass a
+        :class:`~ttmanifold.tt.BatchIndexSet` (each point its own samples, ``values``
+        concatenated in its order): one kernel call for the batch
+        (:func:`~ttmanifold.manifold.sampled_batch.project_sampled_batch`)."""
+        if isinstance(index_set, BatchIndexSet):
+            return project_sampled_batch(self, p, index_set, values, V=V)
         U = self._split(p, "p", batch=False)
         if not isinstance(index_set, IndexSet):
             raise TypeError(f"index_set: expected a ttmanifold.IndexSet, got {type(index_set).__name__}")
