@@ -42,7 +42,7 @@ import torch
 from ..manifold import FixedTTRank, hessian_operator
 from ..tt import TT, IndexSet
 from .problems import Completion
-from .solvers import History, als_sweep, cg_direction
+from .solvers import History, als_sweep, cg_direction, lbfgs_direction, truncated_cg
 
 __all__ = [
     "PeerFailure",
@@ -611,28 +611,6 @@ def _positive_int(value, name: str) -> int:
     return value
 
 
-def _two_loop(pairs, g: torch.Tensor) -> torch.Tensor:
-    """The L-BFGS direction ``-H g`` from the pairs ``(s, y, 1/<s, y>)`` (oldest first),
-    initial scaling ``<s, y> / <y, y>`` of the newest pair; without pairs the gradient
-    step of length ``min(1, ||g||)`` (the rules of ``riemannian_lbfgs``)."""
-    q = g.clone()
-    alphas = []
-    for s_, y_, rho in reversed(pairs):
-        a = rho * float(s_ @ q)
-        alphas.append(a)
-        q = q - a * y_
-    if pairs:
-        s_, y_, _ = pairs[-1]
-        q = q * (float(s_ @ y_) / float(y_ @ y_))
-    else:
-        gn = math.sqrt(float(g @ g))
-        q = q / max(gn, 1e-300) * min(1.0, gn)
-    for (s_, y_, rho), a in zip(pairs, reversed(alphas)):
-        b = rho * float(y_ @ q)
-        q = q + (a - b) * s_
-    return -q
-
-
 class _LBFGS:
     """Riemannian L-BFGS with Armijo backtracking, the rules of
     :func:`ttmanifold.experiments.solvers.riemannian_lbfgs`. When the previous iteration
@@ -665,11 +643,11 @@ class _LBFGS:
         with torch.no_grad():
             fx, g = self.ensure_state()
             self.info["grad_norms"].append(math.sqrt(float(g @ g)))
-            eta = _two_loop(self.pairs, g)
+            eta = lbfgs_direction(self.pairs, g)
             slope = float(g @ eta)
             if slope >= 0:  # not a descent direction: forget the memory
                 self.pairs.clear()
-                eta = _two_loop(self.pairs, g)
+                eta = lbfgs_direction(self.pairs, g)
                 slope = float(g @ eta)
             t = 1.0
             g_new = None
@@ -727,42 +705,6 @@ class _LBFGS:
         self.state = None
 
 
-def _truncated_cg(g: torch.Tensor, hess: Callable, radius: float, max_inner: int,
-                  theta: float, kappa: float, info: dict):
-    """Steihaug-Toint CG on ``min <g, e> + <e, H e> / 2`` over ``||e|| <= radius``, the
-    inner solver of ``riemannian_trust_region`` (same stopping rules). Returns ``(e, H e)``;
-    counts the products in ``info``. Every process runs it on the same bits."""
-    eta = torch.zeros_like(g)
-    h_eta = torch.zeros_like(g)
-    r = g.clone()
-    delta = -r
-    rr = float(r @ r)
-    g_norm = math.sqrt(rr)
-    floor = math.sqrt(torch.finfo(g.dtype).eps)  # below it the residual is rounding noise
-    stop = g_norm * max(min(g_norm ** theta, kappa), floor)
-    radius2 = radius ** 2
-    for _ in range(max_inner):
-        h_delta = hess(delta)
-        info["hess_products"] += 1
-        info["inner_iters"] += 1
-        curv = float(delta @ h_delta)
-        alpha = rr / curv if curv > 0 else math.inf
-        ee, ed, dd = float(eta @ eta), float(eta @ delta), float(delta @ delta)
-        if curv <= 0 or ee + 2 * alpha * ed + alpha * alpha * dd >= radius2:
-            # to the boundary: ||eta + tau delta|| = radius, tau >= 0
-            tau = (-ed + math.sqrt(max(ed * ed + dd * (radius2 - ee), 0.0))) / dd
-            return eta + tau * delta, h_eta + tau * h_delta
-        eta = eta + alpha * delta
-        h_eta = h_eta + alpha * h_delta
-        r = r + alpha * h_delta
-        rr_new = float(r @ r)
-        if math.sqrt(rr_new) <= stop:
-            break
-        delta = -r + (rr_new / rr) * delta
-        rr = rr_new
-    return eta, h_eta
-
-
 class _TR:
     """Riemannian trust region with the exact Hessian and truncated CG, the rules of
     :func:`ttmanifold.experiments.solvers.riemannian_trust_region`; each Hessian product
@@ -808,7 +750,7 @@ class _TR:
                 if self.radius is None:
                     self.radius = self.max_radius / 8
             self.info["grad_norms"].append(math.sqrt(float(g @ g)))
-            eta, h_eta = _truncated_cg(g, hess, self.radius, self.max_inner, self.theta,
+            eta, h_eta = truncated_cg(g, hess, self.radius, self.max_inner, self.theta,
                                        self.kappa, self.info)
             p_new = torch.as_tensor(M.retr(self.p, eta)).detach()
             trial = P.hessian(p_new)  # loss and gradient in one all-reduce

@@ -41,6 +41,8 @@ __all__ = [
     "als_completion",
     "als_core_solve",
     "als_sweep",
+    "lbfgs_direction",
+    "truncated_cg",
     "rank_adaptive_completion",
     "greedy_rank_raise",
     "homotopy_point",
@@ -482,6 +484,83 @@ def _loss_at(problem, p) -> torch.Tensor:
         return problem.loss(problem.manifold.to_tt(p)).reshape(())
 
 
+def lbfgs_direction(pairs, g: torch.Tensor) -> torch.Tensor:
+    """The L-BFGS direction ``-H g`` by the two-loop recursion.
+
+    Args:
+        pairs: ``(s, y, 1/<s, y>)`` in the current tangent space, oldest first.
+        g: the gradient (a flat tangent vector).
+    Returns:
+        ``-H g`` with the initial scaling ``<s, y> / <y, y>`` of the newest pair; without
+        pairs the gradient step of length ``min(1, ||g||)``.
+    Cost: O(m S) for ``m`` pairs of ``S`` numbers.
+    """
+    q = g.clone()
+    alphas = []
+    for s_, y_, rho in reversed(pairs):
+        a = rho * float(s_ @ q)
+        alphas.append(a)
+        q = q - a * y_
+    if pairs:
+        s_, y_, _ = pairs[-1]
+        q = q * (float(s_ @ y_) / float(y_ @ y_))
+    else:
+        gn = math.sqrt(float(g @ g))
+        q = q / max(gn, 1e-300) * min(1.0, gn)
+    for (s_, y_, rho), a in zip(pairs, reversed(alphas)):
+        b = rho * float(y_ @ q)
+        q = q + (a - b) * s_
+    return -q
+
+
+def truncated_cg(g: torch.Tensor, hess: Callable, radius: float, max_inner: int,
+                 theta: float, kappa: float, info: dict):
+    """Steihaug-Toint truncated CG on ``min <g, e> + <e, H e> / 2`` over ``||e|| <= radius``
+    (the trust region's inner solver).
+
+    Stops on the boundary, at a direction of non-positive curvature, or when the residual
+    is below ``||g|| max(min(||g||^theta, kappa), sqrt(eps))``.
+
+    Args:
+        g: the gradient (flat); hess: ``hess(v) -> H v``; radius, max_inner, theta, kappa:
+            as above; info: a dict whose ``"hess_products"`` and ``"inner_iters"`` counts
+            are increased.
+    Returns:
+        ``(e, H e)``.
+    Cost: one Hessian product and O(S) work per inner iteration.
+    """
+    eta = torch.zeros_like(g)
+    h_eta = torch.zeros_like(g)
+    r = g.clone()
+    delta = -r
+    rr = float(r @ r)
+    g_norm = math.sqrt(rr)
+    # relative floor sqrt(eps): below it the residual is rounding noise
+    floor = math.sqrt(torch.finfo(g.dtype).eps)
+    stop = g_norm * max(min(g_norm ** theta, kappa), floor)
+    radius2 = radius ** 2
+    for _ in range(max_inner):
+        h_delta = hess(delta)
+        info["hess_products"] = int(info["hess_products"]) + 1
+        info["inner_iters"] = int(info["inner_iters"]) + 1
+        curv = float(delta @ h_delta)
+        alpha = rr / curv if curv > 0 else math.inf
+        ee, ed, dd = float(eta @ eta), float(eta @ delta), float(delta @ delta)
+        if curv <= 0 or ee + 2 * alpha * ed + alpha * alpha * dd >= radius2:
+            # to the boundary: ||eta + tau delta|| = radius, tau >= 0
+            tau = (-ed + math.sqrt(max(ed * ed + dd * (radius2 - ee), 0.0))) / dd
+            return eta + tau * delta, h_eta + tau * h_delta
+        eta = eta + alpha * delta
+        h_eta = h_eta + alpha * h_delta
+        r = r + alpha * h_delta
+        rr_new = float(r @ r)
+        if math.sqrt(rr_new) <= stop:
+            break
+        delta = -r + (rr_new / rr) * delta
+        rr = rr_new
+    return eta, h_eta
+
+
 class _TrustRegionStepper(_PointStepper):
     """Riemannian trust region (see :func:`riemannian_trust_region`)."""
 
@@ -515,38 +594,8 @@ class _TrustRegionStepper(_PointStepper):
         return self.f, self._grad
 
     def _tcg(self, g, H):
-        """Steihaug-Toint truncated CG on ``min <g, e> + <e, H e> / 2, ||e|| <= radius``.
-        Returns the step and ``H e``."""
-        eta = torch.zeros_like(g)
-        Heta = torch.zeros_like(g)
-        r = g.clone()
-        delta = -r
-        rr = float(r @ r)
-        g_norm = math.sqrt(rr)
-        # relative floor sqrt(eps): below it the residual is rounding noise
-        floor = math.sqrt(torch.finfo(g.dtype).eps)
-        stop = g_norm * max(min(g_norm ** self.theta, self.kappa), floor)
-        radius2 = self.radius ** 2
-        for _ in range(self.max_inner):
-            Hd = H(delta)
-            self.info["hess_products"] = int(self.info["hess_products"]) + 1
-            self.info["inner_iters"] = int(self.info["inner_iters"]) + 1
-            kappa = float(delta @ Hd)
-            alpha = rr / kappa if kappa > 0 else math.inf
-            ee, ed, dd = float(eta @ eta), float(eta @ delta), float(delta @ delta)
-            if kappa <= 0 or ee + 2 * alpha * ed + alpha * alpha * dd >= radius2:
-                # to the boundary: ||eta + tau delta|| = radius, tau >= 0
-                tau = (-ed + math.sqrt(max(ed * ed + dd * (radius2 - ee), 0.0))) / dd
-                return eta + tau * delta, Heta + tau * Hd
-            eta = eta + alpha * delta
-            Heta = Heta + alpha * Hd
-            r = r + alpha * Hd
-            rr_new = float(r @ r)
-            if math.sqrt(rr_new) <= stop:
-                break
-            delta = -r + (rr_new / rr) * delta
-            rr = rr_new
-        return eta, Heta
+        return truncated_cg(g, H, self.radius, self.max_inner, self.theta, self.kappa,
+                            self.info)
 
     def step(self):
         M, f = self.M, self.problem.loss
@@ -604,21 +653,7 @@ class _LBFGSStepper(_PointStepper):
         self.info = {"backtracks": 0, "skipped_updates": 0, "grad_norms": []}
 
     def _direction(self, g):
-        q = g.clone()
-        alphas = []
-        for s_, y_, rho in reversed(self.pairs):
-            a = rho * float(s_ @ q)
-            alphas.append(a)
-            q = q - a * y_
-        if self.pairs:
-            s_, y_, _ = self.pairs[-1]
-            q = q * (float(s_ @ y_) / float(y_ @ y_))
-        else:
-            q = q / max(math.sqrt(float(g @ g)), 1e-300) * min(1.0, math.sqrt(float(g @ g)))
-        for (s_, y_, rho), a in zip(self.pairs, reversed(alphas)):
-            b = rho * float(y_ @ q)
-            q = q + (a - b) * s_
-        return -q
+        return lbfgs_direction(self.pairs, g)
 
     def step(self):
         M, f = self.M, self.problem.loss
