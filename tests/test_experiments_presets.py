@@ -163,7 +163,7 @@ def test_rank_one_start_is_near_a_unit_rank_one_tensor():
 
 def test_recovery_phase_rows_table_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    rows = presets.recovery_phase(4, 4, 2, [4.0], 1, iters=200, budget=5.0, test_size=100)
+    rows = presets.recovery_phase(4, 4, 2, [4.0], 1, iters=200, budget=60.0, test_size=100)
     assert [r["method"] for r in rows] == list(presets.PHASE_METHODS)
     for r in rows:  # 4 x dim M is above the transition at this size: all recover
         assert r["recovered"] and r["test_err"] <= 1e-6 and r["rate"] == 4.0
