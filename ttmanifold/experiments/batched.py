@@ -21,6 +21,7 @@ import torch
 from ..manifold import FixedTTRank, right_cores
 from ..tt import BatchIndexSet
 from .problems import Completion
+from .solvers import cg_direction
 
 __all__ = ["BatchedCompletion", "BatchedCGResult", "batched_cg_direction",
            "batched_riemannian_cg"]
@@ -271,21 +272,8 @@ def batched_cg_direction(g, g_new, g_tr, eta_tr, k, *, beta_rule: str, restart_t
         ``(eta_new, restarted)`` with ``restarted`` a ``(B,)`` bool tensor. No host sync.
     Cost: O(B size).
     """
-    gg_old = (g * g).sum(-1)
-    gg = (g_new * g_new).sum(-1)
-    if beta_rule == "fr":
-        beta = gg / gg_old
-    else:
-        beta = torch.clamp((g_new * (g_new - g_tr)).sum(-1) / gg_old, min=0.0)
-    restart = (g_new * g_tr).sum(-1).abs() >= restart_tol * gg
-    if restart_every:
-        restart = restart | (k >= restart_every)
-    beta = torch.where(restart, torch.zeros_like(beta), beta)
-    eta_new = -g_new + beta.unsqueeze(1) * eta_tr
-    # not a descent direction: restart with the gradient (as the single-problem rule)
-    bad = (eta_new * g_new).sum(-1) >= 0
-    eta_new = torch.where(bad.unsqueeze(1), -g_new, eta_new)
-    return eta_new, restart
+    return cg_direction(g, g_new, g_tr, eta_tr, k, beta_rule=beta_rule,
+                        restart_tol=restart_tol, restart_every=restart_every)
 
 
 @dataclass

@@ -42,7 +42,8 @@ import torch
 from ..manifold import FixedTTRank, hessian_operator
 from ..tt import TT, IndexSet
 from .problems import Completion
-from .solvers import History, als_sweep, cg_direction, lbfgs_direction, truncated_cg
+from .solvers import (History, als_sweep, cg_direction, lbfgs_direction, truncated_cg,
+                      trust_region_update)
 
 __all__ = [
     "PeerFailure",
@@ -754,34 +755,13 @@ class _TR:
                                        self.kappa, self.info)
             p_new = torch.as_tensor(M.retr(self.p, eta)).detach()
             trial = P.hessian(p_new)  # loss and gradient in one all-reduce
-            model_dec = -float(g @ eta) - 0.5 * float(eta @ h_eta)
-            eps = 1e3 * torch.finfo(self.p.dtype).eps * max(1.0, abs(float(fx)))
-            rho = (float(fx - trial[0]) + eps) / (model_dec + eps)
-            on_boundary = float(eta @ eta) >= 0.99 * self.radius ** 2
-            if rho < 0.25:
-                self.radius /= 4
-            elif rho > 0.75 and on_boundary:
-                self.radius = min(2 * self.radius, self.max_radius)
-            if rho <= self.rho_accept:
-                # before giving the iteration up, the shorter steps t eta (t = 1/2, 1/4,
-                # ...) under the same ratio test (the model is better on a shorter segment);
-                # the radius follows the accepted length
-                slope, curv = -float(g @ eta), float(eta @ h_eta)
-                t = 1.0
-                for _ in range(self.max_backtracks):
-                    t *= 0.5
-                    p_t = torch.as_tensor(M.retr(self.p, t * eta)).detach()
-                    f_t = P.loss(p_t)
-                    dec = t * slope - 0.5 * t * t * curv
-                    if (float(fx - f_t) + eps) / (dec + eps) > self.rho_accept:
-                        p_new, trial, rho = p_t, None, 1.0  # its gradient: at the next step
-                        self.radius = t * math.sqrt(float(eta @ eta))
-                        self.info["backtracked"] += 1
-                        break
-            if rho > self.rho_accept:
-                self.p, self.state = p_new, trial
-            else:
-                self.info["rejected"] += 1
+            p_next, self.radius, backtracked = trust_region_update(
+                M, self.p, p_new, fx, trial[0], g, eta, h_eta, self.radius, self.max_radius,
+                P.loss, rho_accept=self.rho_accept, max_backtracks=self.max_backtracks,
+                info=self.info)
+            if p_next is not None:
+                # a backtracked point's gradient comes at the next step
+                self.p, self.state = p_next, None if backtracked else trial
         return float(fx)
 
     def loss_now(self) -> float:

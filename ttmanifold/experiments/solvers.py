@@ -43,6 +43,7 @@ __all__ = [
     "als_sweep",
     "lbfgs_direction",
     "truncated_cg",
+    "trust_region_update",
     "rank_adaptive_completion",
     "greedy_rank_raise",
     "homotopy_point",
@@ -346,38 +347,45 @@ class _GeooptStepper(_Stepper):
             return float(self.problem.loss(self.M.to_tt(self.p.detach())))
 
 
-def cg_direction(g, g_new, g_tr, eta_tr, k: int, *, beta_rule: str, restart_tol: float,
+def cg_direction(g, g_new, g_tr, eta_tr, k, *, beta_rule: str, restart_tol: float,
                  restart_every: Optional[int]):
     """The next Riemannian CG direction ``-g_new + beta * eta_tr``.
 
     Args:
         g, g_new: the gradients at the old and new points; g_tr, eta_tr: the old gradient and
-            direction transported to the new point; k: iterations since the last restart
-            (already counting this one); beta_rule: ``"pr+"`` (Polak-Ribiere+, clamped at 0)
-            or ``"fr"`` (Fletcher-Reeves); restart_tol: Powell's restart when
-            ``|<g_new, g_tr>| >= restart_tol ||g_new||^2``; restart_every: restart after this
-            many iterations (None: never).
+            direction transported to the new point; all flat ``(size,)``, or ``(B, size)``
+            for B problems at once (each row its own rule); k: iterations since the last
+            restart (already counting this one; an int, or ``(B,)``); beta_rule: ``"pr+"``
+            (Polak-Ribiere+, clamped at 0) or ``"fr"`` (Fletcher-Reeves); restart_tol:
+            Powell's restart when ``|<g_new, g_tr>| >= restart_tol ||g_new||^2``;
+            restart_every: restart after this many iterations (None: never).
     Returns:
         ``(eta_new, restarted)``; a direction that is not a descent direction is replaced by
-        ``-g_new``. Shared by :func:`riemannian_cg` and the data-parallel CG, so both take
-        the same steps. Cost O(size); two host reads.
+        ``-g_new``. ``restarted`` is a bool for flat inputs (one host read) and a ``(B,)``
+        bool tensor for rows (no host sync). Shared by :func:`riemannian_cg`, the
+        data-parallel CG and the batched CG, so all take the same steps. Cost O(B size).
     """
-    gg_old = (g * g).sum()
-    gg = (g_new * g_new).sum()
+    rows = g_new.dim() > 1
+    if not rows:
+        g, g_new, g_tr, eta_tr = (t.unsqueeze(0) for t in (g, g_new, g_tr, eta_tr))
+    gg_old = (g * g).sum(-1)
+    gg = (g_new * g_new).sum(-1)
     if beta_rule == "fr":
         beta = gg / gg_old
     else:
-        beta = torch.clamp((g_new * (g_new - g_tr)).sum() / gg_old, min=0.0)
+        beta = torch.clamp((g_new * (g_new - g_tr)).sum(-1) / gg_old, min=0.0)
     # Powell-type restart: consecutive gradients far from orthogonal
-    restart = bool((g_new * g_tr).sum().abs() >= restart_tol * gg)
-    if restart_every and k >= restart_every:
-        restart = True
-    if restart:
-        beta = torch.zeros_like(beta)
-    eta_new = -g_new + beta * eta_tr
-    if bool((eta_new * g_new).sum() >= 0):  # not a descent direction: restart
-        eta_new = -g_new
-    return eta_new, restart
+    restart = (g_new * g_tr).sum(-1).abs() >= restart_tol * gg
+    if restart_every:
+        restart = restart | (torch.as_tensor(k, device=restart.device) >= restart_every)
+    beta = torch.where(restart, torch.zeros_like(beta), beta)
+    eta_new = -g_new + beta.unsqueeze(-1) * eta_tr
+    # not a descent direction: restart with the gradient
+    bad = (eta_new * g_new).sum(-1) >= 0
+    eta_new = torch.where(bad.unsqueeze(-1), -g_new, eta_new)
+    if rows:
+        return eta_new, restart
+    return eta_new[0], bool(restart[0])
 
 
 class _CGStepper(_Stepper):
@@ -561,6 +569,53 @@ def truncated_cg(g: torch.Tensor, hess: Callable, radius: float, max_inner: int,
     return eta, h_eta
 
 
+def trust_region_update(M, p, p_new, fx, f_new, g, eta, h_eta, radius: float,
+                        max_radius: float, loss: Callable, *, rho_accept: float,
+                        max_backtracks: int, info: dict):
+    """The ratio test, radius update and backtracking of one trust-region step.
+
+    The step ``eta`` (model value ``<g, eta> + <eta, H eta> / 2``) reached ``p_new`` with
+    loss ``f_new``. The ratio of actual to predicted decrease (both shifted by
+    ``1e3 eps max(1, |f|)``) shrinks the radius by 4 below 1/4 and doubles it (up to
+    ``max_radius``) above 3/4 on the boundary. A ratio at or below ``rho_accept`` tries
+    the shorter steps ``t eta``, ``t = 1/2, 1/4, ...`` (at most ``max_backtracks``) with
+    the same test on their own model decrease; the first that passes is taken and the
+    radius set to its length.
+
+    Args:
+        M: the manifold; p: the current point; loss: ``loss(q)``, the loss at a point.
+        info: a dict whose ``"backtracked"`` and ``"rejected"`` counts are increased.
+    Returns:
+        ``(p_next, radius, backtracked)``: the next point (None when the step is
+        rejected), the new radius, and whether ``p_next`` came from a backtrack.
+    Cost: one retraction and one loss per backtrack.
+    """
+    model_dec = -float(g @ eta) - 0.5 * float(eta @ h_eta)
+    eps = 1e3 * torch.finfo(p.dtype).eps * max(1.0, abs(float(fx)))
+    rho = (float(fx - f_new) + eps) / (model_dec + eps)
+    on_boundary = float(eta @ eta) >= 0.99 * radius ** 2
+    if rho < 0.25:
+        radius /= 4
+    elif rho > 0.75 and on_boundary:
+        radius = min(2 * radius, max_radius)
+    if rho > rho_accept:
+        return p_new, radius, False
+    # before giving the iteration up, the shorter steps (the model is better on a shorter
+    # segment); the radius follows the accepted length
+    slope, curv = -float(g @ eta), float(eta @ h_eta)
+    t = 1.0
+    for _ in range(max_backtracks):
+        t *= 0.5
+        p_t = torch.as_tensor(M.retr(p, t * eta)).detach()
+        f_t = loss(p_t)
+        dec = t * slope - 0.5 * t * t * curv
+        if (float(fx - f_t) + eps) / (dec + eps) > rho_accept:
+            info["backtracked"] = int(info["backtracked"]) + 1
+            return p_t, t * math.sqrt(float(eta @ eta)), True
+    info["rejected"] = int(info["rejected"]) + 1
+    return None, radius, False
+
+
 class _TrustRegionStepper(_PointStepper):
     """Riemannian trust region (see :func:`riemannian_trust_region`)."""
 
@@ -593,48 +648,23 @@ class _TrustRegionStepper(_PointStepper):
             self.f = _loss_at(self.problem, self.p)
         return self.f, self._grad
 
-    def _tcg(self, g, H):
-        return truncated_cg(g, H, self.radius, self.max_inner, self.theta, self.kappa,
-                            self.info)
-
     def step(self):
         M, f = self.M, self.problem.loss
         with torch.no_grad():
             fx, g = self._state()
             self.info["grad_norms"].append(math.sqrt(float(g @ g)))
             H = hessian_operator(M, self.p, f, grad=g)
-            eta, Heta = self._tcg(g, H)
+            eta, Heta = truncated_cg(g, H, self.radius, self.max_inner, self.theta,
+                                     self.kappa, self.info)
             p_new = M.retr(self.p, eta).detach()
             f_new = _loss_at(self.problem, p_new)
-            model_dec = -float(g @ eta) - 0.5 * float(eta @ Heta)
-            eps = 1e3 * torch.finfo(self.p.dtype).eps * max(1.0, abs(float(fx)))
-            rho = (float(fx - f_new) + eps) / (model_dec + eps)
-            on_boundary = float(eta @ eta) >= 0.99 * self.radius ** 2
-            if rho < 0.25:
-                self.radius /= 4
-            elif rho > 0.75 and on_boundary:
-                self.radius = min(2 * self.radius, self.max_radius)
-            if rho <= self.rho_accept:
-                # before giving the iteration up, backtrack along the step: the shorter
-                # steps t eta (t = 1/2, 1/4, ...) with the same ratio test (the model is
-                # better on a shorter segment); the radius follows the accepted length
-                slope, curv = -float(g @ eta), float(eta @ Heta)
-                t = 1.0
-                for _ in range(self.max_backtracks):
-                    t *= 0.5
-                    p_t = M.retr(self.p, t * eta).detach()
-                    f_t = _loss_at(self.problem, p_t)
-                    dec = t * slope - 0.5 * t * t * curv
-                    if (float(fx - f_t) + eps) / (dec + eps) > self.rho_accept:
-                        p_new, rho = p_t, 1.0
-                        self.radius = t * math.sqrt(float(eta @ eta))
-                        self.info["backtracked"] = int(self.info["backtracked"]) + 1
-                        break
-            if rho > self.rho_accept:
-                self.p = p_new
+            p_next, self.radius, _ = trust_region_update(
+                M, self.p, p_new, fx, f_new, g, eta, Heta, self.radius, self.max_radius,
+                lambda q: _loss_at(self.problem, q), rho_accept=self.rho_accept,
+                max_backtracks=self.max_backtracks, info=self.info)
+            if p_next is not None:
+                self.p = p_next
                 self._grad = None
-            else:
-                self.info["rejected"] = int(self.info["rejected"]) + 1
         return fx
 
 
