@@ -48,16 +48,31 @@ class _ManifoldsOfGroups:
         # kept beside param_groups, not in it: state_dict() must stay free of modules
         self.__dict__.setdefault("_group_manifolds", []).append(manifolds)
 
-    def _groups(self):
-        return zip(self.param_groups, self._group_manifolds)
-
     @staticmethod
-    def _refuse_stabilize_when_compiling(group) -> None:
-        if group["stabilize"] is not None and torch.compiler.is_compiling():
-            raise RuntimeError(
-                "stabilize: periodic stabilization counts steps on the host and cannot be "
-                "compiled; construct the optimizer with stabilize=None and call "
-                "opt.stabilize() every k steps outside the compiled step")
+    def _closure_loss(closure):
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def _groups(self):
+        """``(group, [(point, manifold, grad), ...])`` for the parameters with a gradient;
+        refuses sparse gradients, and stabilization under compilation."""
+        for group, manifolds in zip(self.param_groups, self._group_manifolds):
+            if group["stabilize"] is not None and torch.compiler.is_compiling():
+                raise RuntimeError(
+                    "stabilize: periodic stabilization counts steps on the host and cannot "
+                    "be compiled; construct the optimizer with stabilize=None and call "
+                    "opt.stabilize() every k steps outside the compiled step")
+            points = []
+            for point, manifold in zip(group["params"], manifolds):
+                if point.grad is None:
+                    continue
+                if point.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse "
+                                       f"gradients")
+                points.append((point, manifold, point.grad))
+            yield group, points
 
 
 class RiemannianSGD(_ManifoldsOfGroups, geoopt.optim.RiemannianSGD):
@@ -71,20 +86,11 @@ class RiemannianSGD(_ManifoldsOfGroups, geoopt.optim.RiemannianSGD):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group, manifolds in self._groups():
-            self._refuse_stabilize_when_compiling(group)
+        loss = self._closure_loss(closure)
+        for group, points in self._groups():
             wd, momentum = group["weight_decay"], group["momentum"]
             dampening, nesterov, lr = group["dampening"], group["nesterov"], group["lr"]
-            for point, manifold in zip(group["params"], manifolds):
-                grad = point.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError("RiemannianSGD does not support sparse gradients")
+            for point, manifold, grad in points:
                 state = self.state[point]
                 if len(state) == 0 and momentum > 0:
                     state["momentum_buffer"] = grad.clone()
@@ -121,21 +127,12 @@ class RiemannianAdam(_ManifoldsOfGroups, geoopt.optim.RiemannianAdam):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group, manifolds in self._groups():
-            self._refuse_stabilize_when_compiling(group)
+        loss = self._closure_loss(closure)
+        for group, points in self._groups():
             (beta1, beta2), eps = group["betas"], group["eps"]
             wd, lr, amsgrad = group["weight_decay"], group["lr"], group["amsgrad"]
             stabilize = False
-            for point, manifold in zip(group["params"], manifolds):
-                grad = point.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError("RiemannianAdam does not support sparse gradients")
+            for point, manifold, grad in points:
                 state = self.state[point]
                 if len(state) == 0:
                     # shape (1,), not 0-d: torch 2.13's aot_eager/inductor drop in-place
