@@ -11,7 +11,7 @@ import torch
 from .. import kernels
 from ..kernels import dense as compiled_dense
 from ..tt import qr_pos
-from .sweeps import right_cores
+from .sweeps import one_point_batch, right_cores, squeeze_cores
 
 __all__ = ["retract", "retract_point"]
 
@@ -48,9 +48,9 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
     """
     d = len(U)
     if U[0].dim() > 3 or du[0].dim() > 3:
-        bs = _one_point_batch(U, V, du)
+        bs = one_point_batch(U, V, du)
         if bs is not None:  # one point: the single-point path, compiled kernels included
-            out = retract(_squeeze(U), _squeeze(V), _squeeze(du), ranks)
+            out = retract(squeeze_cores(U), squeeze_cores(V), squeeze_cores(du), ranks)
             return out.reshape(bs + out.shape)
         return _retract_batched(U, V, du, ranks)
     if d == 1:
@@ -102,9 +102,9 @@ def retract_point(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
     """:func:`retract` that computes the right-orthogonal cores itself (one compiled call
     on the CPU). Same arguments without ``V``; cost O(d n r^3)."""
     if U[0].dim() > 3 or du[0].dim() > 3:
-        bs = _one_point_batch(U, du)
+        bs = one_point_batch(U, du)
         if bs is not None:  # one point: the single-point path (one compiled call)
-            out = retract_point(_squeeze(U), _squeeze(du), ranks)
+            out = retract_point(squeeze_cores(U), squeeze_cores(du), ranks)
             return out.reshape(bs + out.shape)
     return retract(U, right_cores(U), du, ranks)
 
@@ -164,20 +164,6 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
     pieces.append(c.flatten(nb))
     return torch.cat(pieces, -1)
 
-
-def _one_point_batch(*seqs):
-    """The batch shape when the cores carry batch dimensions holding a single point in all
-    (e.g. ``(1,)``): such calls run the single-point path on the squeezed cores."""
-    shapes = [c.shape[:-3] for seq in seqs if seq is not None for c in seq if c is not None]
-    try:
-        bs = torch.broadcast_shapes(*shapes)
-    except RuntimeError:
-        return None
-    return bs if len(bs) and bs.numel() == 1 else None
-
-
-def _squeeze(seq):
-    return [None if c is None else c.reshape(c.shape[-3:]) for c in seq]
 
 
 def _addmm(c, a, b, alpha):

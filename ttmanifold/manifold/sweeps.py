@@ -24,7 +24,7 @@ from ..kernels import dense as compiled_dense
 from ..tt import IndexSet
 
 __all__ = ["core_runs", "right_sweep", "right_cores", "project_tt", "project_dense",
-           "prefer_fewer_launches",
+           "prefer_fewer_launches", "one_point_batch", "squeeze_cores",
            "project_sampled", "gauge_project_flat", "gauge_deltas", "orth_defect"]
 
 
@@ -89,7 +89,7 @@ def _has_bonds(U, *args, **kwargs) -> bool:
     return len(U) > 1 and U[0].dim() == 3
 
 
-def _one_point_batch(*seqs):
+def one_point_batch(*seqs):
     """The batch shape when the cores of ``seqs`` carry batch dimensions that hold a single
     point in all (e.g. ``(1,)``): such calls run the single-point path (compiled kernels
     included) on the squeezed cores. None otherwise."""
@@ -101,8 +101,10 @@ def _one_point_batch(*seqs):
     return bs if len(bs) and bs.numel() == 1 else None
 
 
-def _squeeze(seq):
-    return None if seq is None else [None if c is None else c.reshape(c.shape[-3:]) for c in seq]
+def squeeze_cores(seq):
+    """The cores of a one-point batch without their batch dimensions (None stays None)."""
+    return None if seq is None else [None if c is None else c.reshape(c.shape[-3:])
+                                     for c in seq]
 
 
 def _unbatched(*seqs) -> bool:
@@ -130,9 +132,9 @@ def right_cores(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     if d == 1:
         return V
     if U[0].dim() > 3:
-        bs = _one_point_batch(U)
+        bs = one_point_batch(U)
         if bs is not None:  # one point: the single-point path, compiled kernels included
-            return [None] + [v.reshape(bs + v.shape) for v in right_cores(_squeeze(U))[1:]]
+            return [None] + [v.reshape(bs + v.shape) for v in right_cores(squeeze_cores(U))[1:]]
         return _right_cores_batched(U)
     Q: List[Optional[torch.Tensor]] = [None] * d
     dg: List[Optional[torch.Tensor]] = [None] * d
@@ -355,9 +357,9 @@ def project_tt(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Te
     projection is ``(t_k - U_k P_{k+1}) Q_k``, one batched product per run.
     """
     if not _unbatched(U, V, Z):
-        bs = _one_point_batch(U, V, Z)
+        bs = one_point_batch(U, V, Z)
         if bs is not None:  # one point: the single-point path, compiled kernels included
-            out = project_tt(_squeeze(U), _squeeze(V), _squeeze(Z), packed=packed, gauge=gauge)
+            out = project_tt(squeeze_cores(U), squeeze_cores(V), squeeze_cores(Z), packed=packed, gauge=gauge)
             return out.reshape(bs + out.shape) if packed else [c.reshape(bs + c.shape) for c in out]
         return _project_tt_batched(U, V, Z, packed=packed, gauge=gauge)
     d = len(U)
