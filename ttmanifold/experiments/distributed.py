@@ -42,8 +42,8 @@ import torch
 from ..manifold import FixedTTRank, hessian_operator
 from ..tt import TT, IndexSet
 from .problems import Completion
-from .solvers import (History, als_sweep, cg_direction, lbfgs_direction, truncated_cg,
-                      trust_region_update)
+from .solvers import (History, als_sweep, cg_direction, lbfgs_direction, lbfgs_update,
+                      truncated_cg, trust_region_update)
 
 __all__ = [
     "PeerFailure",
@@ -666,19 +666,8 @@ class _LBFGS:
             self.fuse = t_try == 1.0
             if g_new is None:
                 f_new, g_new, _ = P.grad(p_new)
-            s_new = M.transp(self.p, p_new, t_try * eta)
-            y_new = g_new - M.transp(self.p, p_new, g)
-            pairs = [(M.transp(self.p, p_new, s_), M.transp(self.p, p_new, y_))
-                     for s_, y_, _ in self.pairs]
-            pairs.append((s_new, y_new))
-            kept = []
-            for s_, y_ in pairs[-self.memory:]:
-                sy = float(s_ @ y_)
-                if sy > 1e-12 * math.sqrt(float(s_ @ s_) * float(y_ @ y_)):  # cautious
-                    kept.append((s_, y_, 1.0 / sy))
-                elif s_ is s_new:
-                    self.info["skipped_updates"] += 1
-            self.pairs = kept
+            self.pairs = lbfgs_update(M, self.p, p_new, self.pairs, t_try * eta, g, g_new,
+                                      self.memory, self.info)
             self.p, self.state = p_new, (f_new, g_new)
         return float(fx)
 

@@ -42,6 +42,7 @@ __all__ = [
     "als_core_solve",
     "als_sweep",
     "lbfgs_direction",
+    "lbfgs_update",
     "truncated_cg",
     "trust_region_update",
     "rank_adaptive_completion",
@@ -521,6 +522,32 @@ def lbfgs_direction(pairs, g: torch.Tensor) -> torch.Tensor:
     return -q
 
 
+def lbfgs_update(M, p, p_new, pairs, step, g, g_new, memory: int, info: dict):
+    """The L-BFGS memory after a step from ``p`` to ``p_new``.
+
+    The stored pairs are moved to ``p_new`` by the vector transport, the new pair is
+    ``s = T(step)``, ``y = g_new - T(g)``, and of the last ``memory`` pairs only those
+    with ``<s, y> > 1e-12 ||s|| ||y||`` are kept (the cautious update; a skipped new pair
+    is counted in ``info["skipped_updates"]``).
+
+    Returns:
+        the pairs ``(s, y, 1/<s, y>)`` at ``p_new``, oldest first.
+    Cost: ``2 m + 2`` transports for ``m`` stored pairs.
+    """
+    s_new = M.transp(p, p_new, step)
+    y_new = g_new - M.transp(p, p_new, g)
+    moved = [(M.transp(p, p_new, s_), M.transp(p, p_new, y_)) for s_, y_, _ in pairs]
+    moved.append((s_new, y_new))
+    kept = []
+    for s_, y_ in moved[-memory:]:
+        sy = float(s_ @ y_)
+        if sy > 1e-12 * math.sqrt(float(s_ @ s_) * float(y_ @ y_)):
+            kept.append((s_, y_, 1.0 / sy))
+        elif s_ is s_new:
+            info["skipped_updates"] = int(info["skipped_updates"]) + 1
+    return kept
+
+
 def truncated_cg(g: torch.Tensor, hess: Callable, radius: float, max_inner: int,
                  theta: float, kappa: float, info: dict):
     """Steihaug-Toint truncated CG on ``min <g, e> + <e, H e> / 2`` over ``||e|| <= radius``
@@ -709,19 +736,8 @@ class _LBFGSStepper(_PointStepper):
                 t *= self.shrink
                 self.info["backtracks"] = int(self.info["backtracks"]) + 1
             g_new = M.riemannian_grad(p_new, f)
-            s_new = M.transp(self.p, p_new, t_taken * eta)
-            y_new = g_new - M.transp(self.p, p_new, g)
-            pairs = [(M.transp(self.p, p_new, s_), M.transp(self.p, p_new, y_))
-                     for s_, y_, _ in self.pairs]
-            pairs.append((s_new, y_new))
-            kept = []
-            for s_, y_ in pairs[-self.memory:]:
-                sy = float(s_ @ y_)
-                if sy > 1e-12 * math.sqrt(float(s_ @ s_) * float(y_ @ y_)):
-                    kept.append((s_, y_, 1.0 / sy))
-                elif s_ is s_new:
-                    self.info["skipped_updates"] = int(self.info["skipped_updates"]) + 1
-            self.pairs = kept
+            self.pairs = lbfgs_update(M, self.p, p_new, self.pairs, t_taken * eta, g, g_new,
+                                      self.memory, self.info)
             self.p, self.f, self.g = p_new, f_new, g_new
         return fx
 
