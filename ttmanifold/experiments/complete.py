@@ -583,15 +583,7 @@ def run_complete(args, out_stream=None) -> int:
                   f"init: {'checkpoint' if args.resume else init}",
                   f"method: {args.method}"]
         _write_report(os.path.join(args.out, "report.csv"), hist, header)
-        written = ["completed.npz", "report.csv"]
-        if q is not None:
-            from ..tt import IndexSet
-
-            with torch.no_grad():
-                pred = IndexSet(torch.from_numpy(q), shape).gather(x).double().numpy()
-            _write_predictions(os.path.join(args.out, "predictions.csv"), q, pred)
-            written.append("predictions.csv")
-        say(f"wrote {', '.join(os.path.join(args.out, w) for w in written)}")
+        _finish_outputs(args.out, x, q, shape, say)
     if status == "interrupted":
         if lead:
             print("ttmanifold complete: interrupted; the files hold the last finished "
@@ -600,12 +592,25 @@ def run_complete(args, out_stream=None) -> int:
     return 0
 
 
+def _finish_outputs(out: str, x, q, shape, say) -> None:
+    """The predictions at the query indices ``q`` (if any), and the line naming the files
+    written (the completed TT and the report are written before)."""
+    written = ["completed.npz", "report.csv"]
+    if q is not None:
+        from ..tt import IndexSet
+
+        with torch.no_grad():
+            pred = IndexSet(torch.from_numpy(q), shape).gather(x).double().numpy()
+        _write_predictions(os.path.join(out, "predictions.csv"), q, pred)
+        written.append("predictions.csv")
+    say(f"wrote {', '.join(os.path.join(out, w) for w in written)}")
+
+
 def _run_rank_adaptive(args, idx, vals, tr, va, shape, q, dtype, say) -> int:
     """``--rank-adaptive``: :func:`~ttmanifold.experiments.solvers.rank_adaptive_completion`
     on the training entries (validation entries only reported), one process."""
     from .. import io as tt_io
     from ..manifold import FixedTTRank
-    from ..tt import IndexSet
     from .problems import Completion
     from .solvers import rank_adaptive_completion
 
@@ -655,13 +660,7 @@ def _run_rank_adaptive(args, idx, vals, tr, va, shape, q, dtype, say) -> int:
                f"{a['control_err']!r} {'kept' if a['accepted'] else 'rejected'}"
                for j, a in enumerate(hist.info.get("rank_history", []))]
     _write_report(os.path.join(args.out, "report.csv"), hist, header, extra=["control_err"])
-    written = ["completed.npz", "report.csv"]
-    if q is not None:
-        with torch.no_grad():
-            pred = IndexSet(torch.from_numpy(q), shape).gather(x).double().numpy()
-        _write_predictions(os.path.join(args.out, "predictions.csv"), q, pred)
-        written.append("predictions.csv")
-    say(f"wrote {', '.join(os.path.join(args.out, w) for w in written)}")
+    _finish_outputs(args.out, x, q, shape, say)
     return 0
 
 
