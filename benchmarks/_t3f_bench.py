@@ -14,6 +14,8 @@ same machine load. Requests:
   cores of one case from the ``.npz`` file written by ``bench_manifold.py``, build the
   ``tf.function`` of each operation and call each ``w`` times (tracing happens here);
   replies with the list of operations and notes;
+  a case of ``"kind": "batch"`` reads cores with a leading batch dimension (X, T, Z) and
+  one point (P) and builds t3f's batch operations (``retr_batch``, ``project_batch``);
 - ``{"cmd": "time", "op": name, "clock": "wall" | "cpu"}``: one timed call, reply
   ``{"s": seconds}`` of wall time or of this process's CPU time;
 - ``{"cmd": "check", "op": name}``: a norm of the last result (to compare with ttmanifold);
@@ -42,6 +44,10 @@ def tt_of(cores):
 
 
 def frob(cores) -> float:
+    """Frobenius norm of a TT (or of a batch of TTs, stacked: the norm over all of them)."""
+    if len(cores[0].shape) == 4:
+        norms = t3f.frobenius_norm(t3f.TensorTrainBatch(list(cores)), epsilon=0.0).numpy()
+        return float(np.sqrt(np.sum(norms ** 2)))
     return float(t3f.frobenius_norm(tt_of(cores), epsilon=0.0).numpy())
 
 
@@ -101,6 +107,12 @@ class Worker:
         def cores(prefix):
             return [tf.constant(data[f"{prefix}{k}"], dtype=dtype) for k in range(d)]
 
+        if case.get("kind") == "batch":
+            self._load_batch(cores("X"), cores("T"), cores("Z"), cores("P"), r)
+            for name, fn in self.ops.items():
+                for _ in range(warmup):
+                    self.last[name] = fn()
+            return dict(ops=list(self.ops), notes=notes)
         X, A = cores("X"), cores("A")
         if case.get("kind") == "sgd":
             self._load_sgd(X, A, r, case["lr"])
@@ -169,6 +181,25 @@ class Worker:
         self.ops["retr_2r"] = lambda: retr_2r(xp, xi)
         self.ops["retr_3r"] = lambda: retr_3r(X, xi)
         self.ops["rgrad"] = lambda: rgrad(X, A)
+
+    def _load_batch(self, X, T, Z, P, r):
+        # cores with a leading batch dimension: TensorTrainBatch. t3f batches the rounding
+        # (retraction: round_r(X_b + T_b) of a rank-r point plus a rank-2r tangent TT,
+        # the rank-3r sum of its examples) and the projection of a batch onto the tangent
+        # space at one point P; it has no batch of points for project.
+        def batch(cores):
+            return t3f.TensorTrainBatch(list(cores))
+
+        @tf.function
+        def retr_batch(x_c, t_c):
+            return t3f.round(t3f.add(batch(x_c), batch(t_c)), max_tt_rank=r).tt_cores
+
+        @tf.function
+        def project_batch(z_c, p_c):
+            return t3f.project(batch(z_c), tt_of(p_c)).tt_cores
+
+        self.ops["retr_batch"] = lambda: retr_batch(X, T)
+        self.ops["project_batch"] = lambda: project_batch(Z, P)
 
     def _load_sparse(self, X, idx, vals):
         # t3f has no projection of a sparse tensor (t3f.project takes TT objects). Closest
