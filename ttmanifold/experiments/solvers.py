@@ -46,6 +46,7 @@ __all__ = [
     "truncated_cg",
     "trust_region_update",
     "rank_adaptive_completion",
+    "RankAdaptiveData",
     "greedy_rank_raise",
     "homotopy_point",
     "COMPLETION_METHODS",
@@ -1345,14 +1346,18 @@ def _slices(core: torch.Tensor, ik: torch.Tensor) -> torch.Tensor:
 
 
 def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
-                  counts: Optional[Dict[int, int]] = None, probe: int = 1):
+                  counts: Optional[Dict[int, int]] = None, probe: int = 1, data=None):
     """One left-to-right sweep over the bonds of ``x``: with ``apply``, the greedy raises
     of :func:`greedy_rank_raise` at ``bonds`` (by ``counts[k]`` leading pairs at bond
     ``k``, default 1, with the joint exact step); without, nothing changes. Returns the TT
     and the loss decreases at ``bonds``: with ``apply`` the decrease of each raise (at the
     point the sweep has reached there), without it each of the first ``probe`` pairs' own
     exact-step decrease (``(len(bonds),)`` for ``probe = 1``, else
-    ``(len(bonds), probe)``)."""
+    ``(len(bonds), probe)``).
+
+    ``data`` (a :class:`RankAdaptiveData`, or None for one process) sums what depends on
+    the samples over the processes: per raised bond the bond matrix and the line search's
+    ``m + m^2`` (or ``2 m``) numbers; ``x`` and the samples' share are this process's."""
     if not isinstance(x, TT) or x.batch_shape:
         raise TypeError("x: expected a TT without batch dimensions")
     d = x.ndim
@@ -1390,6 +1395,8 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
                 T = L.new_zeros(n1 * n2, p * b)
                 T.index_add_(0, i1 * n2 + i2, (z[:, None, None] * L[:, :, None]
                                                * right[k][:, None, :]).reshape(N, p * b))
+                if data is not None:
+                    T = data.sum(T, "the greedy raise's bond matrix")
                 Mk = T.reshape(n1, n2, p, b).permute(2, 0, 1, 3).reshape(p * n1, n2 * b)
                 for _ in range(2):  # twice: orthogonal to C and Q to rounding
                     Mk = Mk - C @ (C.T @ Mk)
@@ -1417,14 +1424,21 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
                         C.shape[0], extra, dtype=C.dtype, device=C.device)], 1))[0][:, -m:]
                     cv = torch.linalg.qr(torch.cat([Qm.T, cv, torch.randn(
                         Qm.shape[1], extra, dtype=C.dtype, device=C.device)], 1))[0][:, -m:]
+                    if data is not None:  # drawn from each process's own stream
+                        cu = data.same(cu.contiguous(), "the greedy raise's random pair")
+                        cv = data.same(cv.contiguous(), "the greedy raise's random pair")
                 # W_j at the samples for each pair j: (N, m)
                 W = (torch.bmm(L.unsqueeze(1), cu.T.reshape(m, p, n1).permute(2, 1, 0)
                                .contiguous()[i1]).squeeze(1)
                      * torch.bmm(cv.T.reshape(m, n2, b).permute(1, 0, 2).contiguous()[i2],
                                  right[k].unsqueeze(2)).squeeze(2))
                 num = W.T @ z  # <g, W_j>
-                den = (om[:, None] * W * W).sum(0).clamp_min(torch.finfo(W.dtype).tiny)
                 if not apply:
+                    den = (om[:, None] * W * W).sum(0)
+                    if data is not None:
+                        both = data.sum(torch.cat([num, den]), "the greedy raise's gains")
+                        num, den = both[:m], both[m:]
+                    den = den.clamp_min(torch.finfo(W.dtype).tiny)
                     # each pair's own exact-step decrease, the first `probe` pairs
                     g_row = 0.5 * num * num / den
                     if probe > m:
@@ -1434,6 +1448,10 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
                 else:
                     # the joint exact step on span(W_1..W_m): (W^T O W) t = -W^T z
                     G = W.T @ (om[:, None] * W)
+                    if data is not None:
+                        both = data.sum(torch.cat([G.reshape(-1), num]),
+                                        "the greedy raise's line search")
+                        G, num = both[:m * m].reshape(m, m), both[m * m:]
                     G = G + torch.diag(torch.finfo(G.dtype).eps * torch.diagonal(G).abs()
                                        + torch.finfo(G.dtype).tiny)
                     step = torch.linalg.solve(G, -num)
@@ -1451,16 +1469,24 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
     return TT(cs, check=False), g
 
 
-def _slice_means_point(idx, vals, w, shape) -> TT:
+def _slice_means_point(idx, vals, w, shape, data=None) -> TT:
     """The rank-1 start ``s u_1 x ... x u_d`` with ``u_k[i]`` the mean of the values whose
     ``k``-th index is ``i`` (a data-driven start: for data with a dominant rank-one part,
     e.g. of one sign, it points along that part, where a random rank-1 start is nearly
-    orthogonal to it in high order), ``s`` the least-squares scale. O(N d)."""
+    orthogonal to it in high order), ``s`` the least-squares scale. O(N d). ``data`` (a
+    :class:`RankAdaptiveData` or None) sums the per-slice sums and counts (one message of
+    ``2 (n_1 + ... + n_d)`` numbers) and the scale's two sums over the processes."""
     ones = torch.ones_like(vals)
+    sums = []
+    for k, n in enumerate(shape):
+        sums.append(vals.new_zeros(n).index_add_(0, idx[:, k], vals))
+        sums.append(vals.new_zeros(n).index_add_(0, idx[:, k], ones))
+    if data is not None:
+        sizes = [int(t.numel()) for t in sums]
+        sums = list(data.sum(torch.cat(sums), "the slice means").split(sizes))
     cores = []
     for k, n in enumerate(shape):
-        tot = vals.new_zeros(n).index_add_(0, idx[:, k], vals)
-        cnt = vals.new_zeros(n).index_add_(0, idx[:, k], ones)
+        tot, cnt = sums[2 * k], sums[2 * k + 1]
         u = tot / cnt.clamp_min(1.0)
         nrm = torch.linalg.vector_norm(u)
         # a mode without signal (all means zero): a flat factor keeps the start rank 1
@@ -1472,7 +1498,10 @@ def _slice_means_point(idx, vals, w, shape) -> TT:
         xv = xv * cores[k][0, idx[:, k], 0]
     om = ones if w is None else w.to(vals)
     den = (om * xv * xv).sum()
-    scale = (om * xv * vals).sum() / den.clamp_min(torch.finfo(den.dtype).tiny)
+    num = (om * xv * vals).sum()
+    if data is not None:
+        den, num = data.sum(torch.stack([den, num]), "the start's scale").unbind()
+    scale = num / den.clamp_min(torch.finfo(den.dtype).tiny)
     if not bool(scale != 0):
         scale = torch.ones_like(scale)
     cores[0] = cores[0] * scale
@@ -1480,11 +1509,13 @@ def _slice_means_point(idx, vals, w, shape) -> TT:
 
 
 def _cg_inner(sub, x, *, max_iters: int, stall_rtol: float, window: int,
-              deadline: Optional[float], elapsed: float, loss_floor: float = 0.0):
+              deadline: Optional[float], elapsed: float, loss_floor: float = 0.0,
+              data=None):
     """Riemannian CG on ``sub`` from ``x`` until the loss falls by less than the relative
     ``stall_rtol`` over ``window`` iterations or below ``loss_floor``, ``max_iters`` or
-    the ``deadline`` (seconds of ``elapsed``). Returns ``(x, loss, iterations, seconds)``."""
-    st = _CGStepper(sub, x)
+    the ``deadline`` (seconds of ``elapsed``; with ``data``, rank 0's clock decides).
+    Returns ``(x, loss, iterations, seconds)``."""
+    st = _CGStepper(sub, x) if data is None else data.cg(sub, x)
     losses: List[float] = []
     t0 = time.perf_counter()
     n = 0
@@ -1494,10 +1525,119 @@ def _cg_inner(sub, x, *, max_iters: int, stall_rtol: float, window: int,
             break
         if len(losses) > window and losses[-1] > (1.0 - stall_rtol) * losses[-1 - window]:
             break
-        if deadline is not None and elapsed + time.perf_counter() - t0 >= deadline:
-            break
+        if deadline is not None:
+            late = elapsed + time.perf_counter() - t0 >= deadline
+            if late if data is None else data.agree(late):
+                break
     _sync(sub.device)
     return st.p, st.loss_now(), n, time.perf_counter() - t0
+
+
+class RankAdaptiveData:
+    """The data side of :func:`rank_adaptive_completion` for one process: the control
+    split, the sub-problems at trial ranks with their inner CG, the control error, the
+    metrics, and the reductions over processes (here the identity).
+
+    The search itself (raises, acceptance, patience, rounding) only calls these, so a
+    data-parallel version subclasses it: ``sum`` all-reduces, ``same`` broadcasts rank
+    0's tensor, ``agree`` makes rank 0's timing decisions everyone's, and ``make`` /
+    ``cg`` build the sharded sub-problem and its data-parallel CG
+    (:class:`~ttmanifold.experiments.distributed.ShardedCompletion` does this). The
+    attributes ``idx_tr``, ``vals_tr``, ``w_tr`` are this process's training samples
+    (without the control set); ``n_train``, ``n_ctrl``, ``sq_sum`` (``sum w_i a_i^2``
+    over the training samples) and ``w_mean`` are global.
+
+    Args:
+        problem: a :class:`~ttmanifold.experiments.problems.Completion` problem.
+        control_fraction: the fraction of the training samples held out as the control set
+            (a seeded random choice of ``round(fraction N)`` samples, from ``generator``).
+        seed: unused here (the data-parallel version seeds its hash split with it).
+        generator: a ``torch.Generator`` (consumed by the random split).
+        control: optional ``(N,)`` bool mask over ``problem.train.indices`` choosing the
+            control set instead (e.g. :func:`~ttmanifold.experiments.distributed.control_mask`,
+            the data-parallel version's split).
+
+    Cost: O(N) for the split.
+    """
+
+    distributed = False
+
+    def __init__(self, problem, *, control_fraction: float, seed: int, generator,
+                 control=None):
+        idx, vals = problem.train.indices, problem.a_train
+        N = idx.shape[0]
+        if control is None:
+            perm = torch.randperm(N, generator=generator).to(idx.device)
+            n_ctrl = max(1, int(round(control_fraction * N)))
+            ctrl, train = perm[:n_ctrl], perm[n_ctrl:]
+        else:
+            mask = torch.as_tensor(control).to(idx.device)
+            if mask.dtype != torch.bool or mask.shape != (N,):
+                raise ValueError(f"control: expected a bool mask of shape ({N},), got "
+                                 f"{mask.dtype} {tuple(mask.shape)}")
+            ctrl, train = mask.nonzero().reshape(-1), (~mask).nonzero().reshape(-1)
+            if not len(ctrl) or not len(train):
+                raise ValueError(f"control: selects {len(ctrl)} of {N} samples; the control "
+                                 f"set and the rest must both be non-empty")
+            n_ctrl = len(ctrl)
+        self.problem = problem
+        self.name = problem.name
+        self.shape = problem.manifold.shape
+        self.dtype, self.device = problem.dtype, problem.device
+        w = getattr(problem, "weights", None)
+        self.idx_tr, self.vals_tr = idx[train], vals[train]
+        self.w_tr = None if w is None else w[train]
+        self.idx_ctrl, self.vals_ctrl = idx[ctrl], vals[ctrl]
+        self.n_ctrl = n_ctrl
+        self.n_train = len(train)
+        vt, wt = self.vals_tr, self.w_tr
+        sq = vt * vt if wt is None else wt.to(vt) * vt * vt
+        self.sq_sum = float(sq.sum())
+        self.w_mean = None if wt is None else float(wt.mean())
+
+    def sum(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """``t`` summed over the processes (in place; here ``t``)."""
+        return t
+
+    def same(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """Rank 0's ``t`` on every process (here ``t``)."""
+        return t
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every process (timing decisions; here ``flag``)."""
+        return bool(flag)
+
+    def make(self, ranks):
+        """The training problem at TT ranks ``ranks`` (a list of ``d + 1``), with the
+        control set as its test set."""
+        from .problems import Completion  # the same package
+
+        return Completion.from_data(self.idx_tr, self.vals_tr, self.shape,
+                                    tuple(ranks[1:-1]),
+                                    test=(self.idx_ctrl, self.vals_ctrl), weights=self.w_tr,
+                                    dtype=self.dtype, device=self.device)
+
+    def cg(self, sub, x):
+        """A Riemannian CG stepper on ``sub`` from ``x`` (``step()``, ``p``,
+        ``loss_now()``)."""
+        return _CGStepper(sub, x)
+
+    def control_err(self, sub, x) -> float:
+        """``||X - A|| / ||A||`` on the control set at the packed point ``x`` of ``sub``."""
+        # the control error alone (the sub-problem's metrics would gather Omega too)
+        with torch.no_grad():
+            a = sub.a_test
+            res = sub.test.gather(sub.manifold.to_tt(x)) - a
+            return float(torch.linalg.vector_norm(res)) / (
+                float(torch.linalg.vector_norm(a)) or 1.0)
+
+    def metrics(self, x: TT) -> Dict[str, float]:
+        """The problem's metrics at the TT ``x``."""
+        return self.problem.metrics(x)
+
+    def random_point(self, sub, generator) -> torch.Tensor:
+        """A random packed point of ``sub`` drawn from ``generator``."""
+        return sub.initial_point(generator)
 
 
 def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float = 0.1,
@@ -1509,7 +1649,10 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
                              control_tol: float = 1e-10, max_iters: Optional[int] = None,
                              start: str = "means", gain_ratio: float = 0.15,
                              rank_step: int = 1, patience: int = 3,
-                             callback: Optional[Callable] = None) -> History:
+                             control: Optional[torch.Tensor] = None,
+                             callback: Optional[Callable] = None,
+                             stage_callback: Optional[Callable] = None,
+                             resume_state: Optional[dict] = None) -> History:
     """Rank-adaptive completion from rank 1 (greedy rank increase, control-set acceptance,
     truncation).
 
@@ -1545,9 +1688,16 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
       control_err)`` (an overshooting bond's extra singular values are below the error
       there), followed by CG at the rounded ranks if they dropped.
 
+    The same search runs data-parallel on a
+    :class:`~ttmanifold.experiments.distributed.ShardedCompletion` (see
+    :func:`~ttmanifold.experiments.distributed.distributed_rank_adaptive`): everything
+    that touches the samples goes through a :class:`RankAdaptiveData`.
+
     Args:
         problem: a :class:`~ttmanifold.experiments.problems.Completion` problem (its test
-            set, if any, is used only for the reported metrics).
+            set, if any, is used only for the reported metrics), or a problem with a
+            ``rank_adaptive_data`` method returning the :class:`RankAdaptiveData` to use
+            (called with ``control_fraction``, ``seed``, ``generator`` and ``control``).
         max_rank: the rank cap of every bond.
         control_fraction, inner_iters, eps, accept_rtol, trunc_rel_eps, raise_all,
             direction, stall_rtol, stall_window, control_tol: as above.
@@ -1557,9 +1707,16 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
             unequal ranks (d = 10: (2, 3, 4, 5, 6, 5, 4, 3, 2)) it overshot and stalled
             at control error 2e-10, so the default is 1.
         seed: the control split, the start (and random directions).
+        control: optional ``(N,)`` bool mask over the training samples choosing the
+            control set (default: a random ``control_fraction`` of them from ``seed``).
         time_budget: seconds of CG after which the search stops.
         max_iters: total CG iterations after which the search stops (None: no cap).
         callback: ``callback(t, history) -> bool`` after every record; True stops.
+        stage_callback: ``stage_callback(state)`` after the start and after every
+            accepted raise (with its rounding), with a dict of tensors and plain values
+            from which ``resume_state`` continues the search.
+        resume_state: such a dict: the search continues from that stage, to the same
+            result as without the interruption (same data and options).
     Returns:
         a :class:`History` (method ``"rank_adaptive"``): one record per inner CG run
         (``iters``: CG iterations so far; ``time``: seconds of CG, raises and rounding)
@@ -1571,9 +1728,7 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
     iteration), the raise (O(|Omega| d r^2) per raised bond) and building the
     sub-problem (O(|Omega| log |Omega|)).
     """
-    from .problems import Completion  # the same package
-
-    if not hasattr(problem, "a_train"):
+    if not (hasattr(problem, "a_train") or hasattr(problem, "rank_adaptive_data")):
         raise TypeError(f"problem: expected a Completion problem, got {type(problem).__name__}")
     if not (isinstance(max_rank, int) and max_rank >= 1):
         raise ValueError(f"max_rank: expected a positive int, got {max_rank!r}")
@@ -1592,31 +1747,26 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
         raise ValueError(f"stall_window: expected a positive int, got {stall_window!r}")
     if not (isinstance(patience, int) and patience >= 0):
         raise ValueError(f"patience: expected a non-negative int, got {patience!r}")
-    shape = problem.manifold.shape
-    d = len(shape)
     gen = torch.Generator().manual_seed(int(seed))
-    idx, vals = problem.train.indices, problem.a_train
-    N = idx.shape[0]
-    perm = torch.randperm(N, generator=gen).to(idx.device)
-    n_ctrl = max(1, int(round(control_fraction * N)))
-    ctrl, train = perm[:n_ctrl], perm[n_ctrl:]
-    w = getattr(problem, "weights", None)
-    dtype, device = problem.dtype, problem.device
-    idx_tr, vals_tr = idx[train], vals[train]
-    w_tr = None if w is None else w[train]
-
-    def make(ranks):
-        return Completion.from_data(idx_tr, vals_tr, shape, tuple(ranks[1:-1]),
-                                    test=(idx[ctrl], vals[ctrl]), weights=w_tr,
-                                    dtype=dtype, device=device)
+    make_data = getattr(problem, "rank_adaptive_data", None)
+    if make_data is None:
+        def make_data(**kw):
+            return RankAdaptiveData(problem, **kw)
+    data = make_data(control_fraction=control_fraction, seed=int(seed), generator=gen,
+                     control=control)
+    shape = data.shape
+    d = len(shape)
+    device = data.device
+    idx_tr, vals_tr, w_tr = data.idx_tr, data.vals_tr, data.w_tr
+    red = data if data.distributed else None  # the sums over processes, if any
+    make = data.make
 
     # training relative error control_tol: the loss (w/2) sum w_i (x_i - a_i)^2 at
     # control_tol^2 times its value at X = 0 (the inner CG stops there)
-    sq = vals_tr * vals_tr if w_tr is None else w_tr.to(vals_tr) * vals_tr * vals_tr
-    loss_floor = 0.5 * control_tol ** 2 * float(sq.sum()) * math.prod(shape) / len(train)
-    if w_tr is not None:
-        loss_floor /= float(w_tr.mean())
-    hist = History(problem=problem.name, method="rank_adaptive")
+    loss_floor = 0.5 * control_tol ** 2 * data.sq_sum * math.prod(shape) / data.n_train
+    if data.w_mean is not None:
+        loss_floor /= data.w_mean
+    hist = History(problem=data.name, method="rank_adaptive")
     feas = [1] + [min(math.prod(shape[:k]), math.prod(shape[k:])) for k in range(1, d)] + [1]
     cap = [min(max_rank, f) for f in feas]
     elapsed = [0.0]
@@ -1624,27 +1774,23 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
     attempts: List[Dict[str, object]] = []
 
     def out_of_budget():
-        return ((time_budget is not None and elapsed[0] >= time_budget)
-                or (max_iters is not None and step[0] >= max_iters))
+        late = time_budget is not None and elapsed[0] >= time_budget
+        if time_budget is not None and red is not None:
+            late = data.agree(late)  # rank 0's clock decides
+        return late or (max_iters is not None and step[0] >= max_iters)
 
     def inner(sub_problem, x):
         left = inner_iters if max_iters is None else max(1, min(inner_iters,
                                                                 max_iters - step[0]))
         x, loss, n, sec = _cg_inner(sub_problem, x, max_iters=left, stall_rtol=stall_rtol,
                                     window=stall_window, deadline=time_budget,
-                                    elapsed=elapsed[0], loss_floor=loss_floor)
+                                    elapsed=elapsed[0], loss_floor=loss_floor, data=red)
         elapsed[0] += sec
         step[0] += n
-        # the control error alone (the sub-problem's metrics would gather Omega too)
-        with torch.no_grad():
-            a = sub_problem.a_test
-            res = sub_problem.test.gather(sub_problem.manifold.to_tt(x)) - a
-            ctrl_err = float(torch.linalg.vector_norm(res)) / (
-                float(torch.linalg.vector_norm(a)) or 1.0)
-        return x, ctrl_err, loss
+        return x, data.control_err(sub_problem, x), loss
 
     def record(x_, M_, err_, loss_):
-        m = problem.metrics(M_.to_tt(x_))
+        m = data.metrics(M_.to_tt(x_))
         m["control_err"] = err_
         hist.record(step[0], loss_, elapsed[0], m)
         if callback is not None and callback(step[0], hist):
@@ -1663,7 +1809,7 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
                                   list(bonds), eps, gen)
         else:
             y = _greedy_sweep(sub_old.manifold.to_tt(x_old), sorted(bonds), idx_tr,
-                              vals_tr, w_tr, apply=True, counts=bonds)[0]
+                              vals_tr, w_tr, apply=True, counts=bonds, data=red)[0]
             x_new = sub_new.manifold.pack_point(y)
         _sync(device)
         elapsed[0] += time.perf_counter() - t0
@@ -1676,7 +1822,7 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
         t0 = time.perf_counter()
         y = sub.manifold.to_tt(x)
         gains = _greedy_sweep(y, bonds, idx_tr, vals_tr, w_tr, apply=False,
-                              probe=rank_step)[1].reshape(len(bonds), -1)
+                              probe=rank_step, data=red)[1].reshape(len(bonds), -1)
         keep = (gains >= gain_ratio * gains.max()).tolist()  # one host read
         elapsed[0] += time.perf_counter() - t0
         out = {}
@@ -1694,16 +1840,53 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
         return (r2[k] <= cap[k] and r2[k] <= r2[k - 1] * shape[k - 1]
                 and r2[k] <= shape[k] * r2[k + 1])
 
-    ranks = [1] * (d + 1)
-    sub = make(ranks)
-    if start == "means":
-        x = sub.manifold.pack_point(_slice_means_point(idx_tr, vals_tr, w_tr, shape))
+    all_mode = bool(raise_all)
+    k_from, improved_from = 1, False  # where a resumed sweep of single bonds continues
+    if resume_state is None:
+        ranks = [1] * (d + 1)
+        sub = make(ranks)
+        if start == "means":
+            x = sub.manifold.pack_point(_slice_means_point(idx_tr, vals_tr, w_tr, shape,
+                                                           data=red))
+        else:
+            x = data.random_point(sub, gen)
+        x, err, loss = inner(sub, x)
+        record(x, sub.manifold, err, loss)
+        attempts.append(dict(bond=None, ranks=tuple(ranks), control_err=err, accepted=True,
+                             seconds=elapsed[0]))
     else:
-        x = sub.initial_point(gen)
-    x, err, loss = inner(sub, x)
-    record(x, sub.manifold, err, loss)
-    attempts.append(dict(bond=None, ranks=tuple(ranks), control_err=err, accepted=True,
-                         seconds=elapsed[0]))
+        s = resume_state
+        ranks = [int(r) for r in s["ranks"]]
+        sub = make(ranks)
+        x = s["x"].to(dtype=data.dtype, device=device)
+        err, loss = float(s["err"]), float(s["loss"])
+        step[0], elapsed[0] = int(s["step"]), float(s["elapsed"])
+        attempts.extend(dict(a, ranks=tuple(a["ranks"])) for a in s["attempts"])
+        for t, l_, sec, m in s["rows"]:
+            hist.record(int(t), float(l_), float(sec), dict(m))
+        hist.status = str(s["status"])
+        gen.set_state(s["generator"])
+        all_mode, k_from, improved_from = bool(s["all_mode"]), int(s["next_bond"]), \
+            bool(s["improved"])
+        hist.info["resumed_from_stage"] = int(s["stage"])
+    stages = [0 if resume_state is None else int(resume_state["stage"])]
+
+    def stage(next_bond=1, improved=False):
+        """An accepted stage: hand the state to ``stage_callback`` (checkpoints)."""
+        if stage_callback is None:
+            return
+        stages[0] += 1
+        stage_callback(dict(
+            stage=stages[0], ranks=list(ranks), x=x.detach().clone(), err=float(err),
+            loss=float(loss), step=step[0], elapsed=elapsed[0],
+            attempts=[dict(a, ranks=list(a["ranks"])) for a in attempts],
+            rows=[[t, float(l_), float(sec), dict(m)] for t, l_, sec, m in
+                  zip(hist.iters, hist.loss, hist.time, hist.metrics)],
+            status=hist.status, generator=gen.get_state(), all_mode=all_mode,
+            next_bond=next_bond, improved=improved))
+
+    if resume_state is None:
+        stage()
 
     best = None  # the last accepted state while raises are kept on trial (patience)
 
@@ -1749,7 +1932,6 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
                                  accepted=True, seconds=elapsed[0], reverted=True))
             record(x, sub.manifold, err, loss)
 
-    all_mode = bool(raise_all)
     pending = 0  # raises kept on trial since the last accepted one
     while err > control_tol and hist.status == "ok":
         if out_of_budget():
@@ -1768,14 +1950,16 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
                                 on_trial=pending < patience)
                 if got:
                     pending = pending + 1 if got == "trial" else 0
+                    if got is True:
+                        stage()
                     continue
             back_to_best()
             pending = 0
             all_mode = False
             if not bonds:
                 break
-        improved = False
-        for k in range(1, d):
+        improved = improved_from
+        for k in range(k_from, d):
             if err <= control_tol or hist.status != "ok":
                 break
             if out_of_budget():
@@ -1783,6 +1967,8 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
                 break
             if can_raise(k, ranks) and try_raise({k: 1}, k):
                 improved = True
+                stage(next_bond=k + 1, improved=True)
+        k_from, improved_from = 1, False
         if not improved:
             break
     back_to_best()  # a budget or a callback ended the search during a trial
@@ -1805,7 +1991,7 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
         record(x, sub.manifold, err, loss)
     hist.info["rank_history"] = attempts
     hist.info["ranks"] = tuple(ranks)
-    hist.info["control_size"] = n_ctrl
+    hist.info["control_size"] = data.n_ctrl
     hist.x = x
     return hist
 
