@@ -138,6 +138,70 @@ def scenario_dead(rank, world, out):
         f.write(f"{time.time() - t0:.3f}\n{msg}\n")
 
 
+RA_SHAPE = (7, 6, 5, 6, 5)
+RA_RANKS = [1, 2, 3, 3, 2, 1]
+RA_N = 2000
+
+
+def ra_data():
+    """Data of the rank-adaptive scenario (unequal ranks, found from rank 1)."""
+    from ttmanifold import TT
+    from ttmanifold.experiments.problems import sample_distinct_indices
+
+    truth = TT.random(RA_SHAPE, RA_RANKS, dtype=torch.float64,
+                      generator=torch.Generator().manual_seed(1))
+    idx = sample_distinct_indices(RA_SHAPE, RA_N, generator=0)
+    return idx, truth.gather(idx)
+
+
+class _Stop(Exception):
+    pass
+
+
+def scenario_rank_adaptive(rank, world, out):
+    """The data-parallel rank-adaptive search; an interrupted run resumed from its last
+    checkpoint; then rank 1 crashes during the search."""
+    from ttmanifold.experiments.distributed import (PeerFailure, ShardedCompletion,
+                                                    distributed_rank_adaptive)
+
+    idx, vals = ra_data()
+    ti, tv, val = split(idx, vals, rank, world)
+    S = ShardedCompletion(ti, tv, RA_SHAPE, 1, validation=val)
+    a = distributed_rank_adaptive(S, max_rank=4)
+    ck = os.path.join(out, "ck_ra.pt")
+
+    def stop(t, hist):  # an interruption after the second stage's checkpoint
+        if len(hist.iters) == 3:
+            raise _Stop
+        return False
+
+    try:
+        distributed_rank_adaptive(S, max_rank=4, checkpoint=ck, checkpoint_every=1,
+                                  callback=stop)
+    except _Stop:
+        pass
+    c = distributed_rank_adaptive(S, max_rank=4, checkpoint=ck, resume=True)
+    torch.save({"x": a.x, "ranks": a.info["ranks"], "iters": a.iters, "loss": a.loss,
+                "history": a.info["rank_history"], "metrics": a.metrics,
+                "x_resumed": c.x, "iters_resumed": c.iters, "loss_resumed": c.loss,
+                "resumed_from": c.info.get("resumed_from_stage"), "status": a.status},
+               os.path.join(out, f"rank{rank}.pt"))
+
+    def die(t, hist):
+        if rank == 1 and len(hist.iters) == 2:
+            os._exit(3)
+        return False
+
+    t0 = time.time()
+    try:
+        distributed_rank_adaptive(S, max_rank=4, callback=die)
+        msg = "no error"
+    except PeerFailure as exc:
+        msg = "PeerFailure: " + str(exc)
+    with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+        f.write(f"{time.time() - t0:.3f}\n{msg}\n")
+
+
 def scenario_silent(rank, world, out):
     """Rank 1 stops answering (alive, asleep): rank 0 fails after the group's timeout."""
     from ttmanifold.experiments.distributed import (PeerFailure, ShardedCompletion,

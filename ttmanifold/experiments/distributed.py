@@ -42,8 +42,9 @@ import torch
 from ..manifold import FixedTTRank, hessian_operator
 from ..tt import TT, IndexSet
 from .problems import Completion
-from .solvers import (History, als_sweep, cg_direction, lbfgs_direction, lbfgs_update,
-                      truncated_cg, trust_region_update)
+from .solvers import (History, RankAdaptiveData, als_sweep, cg_direction, lbfgs_direction,
+                      lbfgs_update, rank_adaptive_completion, truncated_cg,
+                      trust_region_update)
 
 __all__ = [
     "PeerFailure",
@@ -54,8 +55,10 @@ __all__ = [
     "distributed_lbfgs",
     "distributed_trust_region",
     "distributed_als",
+    "distributed_rank_adaptive",
     "shard_mask",
     "validation_mask",
+    "control_mask",
     "row_hash",
     "load_checkpoint",
     "init_from_env",
@@ -242,6 +245,19 @@ def validation_mask(indices, fraction: float, seed: int = 0) -> np.ndarray:
         raise ValueError(f"fraction: expected a number in [0, 1), got {fraction!r}")
     u = (row_hash(indices, seed=1 + int(seed)) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
     return u < float(fraction)
+
+
+#: offsets the hash seed of :func:`control_mask` from those of :func:`validation_mask`
+_CONTROL_SEED = 0x5C0DE
+
+
+def control_mask(indices, fraction: float, seed: int = 0) -> np.ndarray:
+    """Rows of ``indices`` in the control set of the rank-adaptive search
+    (:func:`distributed_rank_adaptive`): :func:`validation_mask` with a hash independent of
+    the validation split's for every ``seed``, so about ``fraction`` of the training rows,
+    the same rows whatever the number of processes. Returns an ``(N,)`` bool array; O(N d).
+    """
+    return validation_mask(indices, fraction, seed=_CONTROL_SEED + int(seed))
 
 
 # ---------------------------------------------------------------------------------------
@@ -431,6 +447,16 @@ class ShardedCompletion:
                     if sums[j + 1] > 0 else math.nan
                 out[f"{name}_rmse"] = math.sqrt(sums[j] / sums[j + 2])
         return out
+
+    def rank_adaptive_data(self, *, control_fraction: float, seed: int, generator=None,
+                           control=None) -> RankAdaptiveData:
+        """The data side of the rank-adaptive search on this process's shard (what
+        :func:`~ttmanifold.experiments.solvers.rank_adaptive_completion` calls for a
+        sharded problem): the control set is :func:`control_mask` of the samples (or the
+        bool mask ``control`` over this shard's training samples); every sum over the
+        samples is all-reduced. Cost: O(N_local d) and one all-reduce of 3 numbers."""
+        return _ShardedRankAdaptive(self, control_fraction=control_fraction, seed=seed,
+                                    control=control)
 
     def initial_point(self, seed: int = 0, kind: str = "random") -> torch.Tensor:
         """A start, the same on every process.
@@ -821,6 +847,74 @@ class _ALS:
         self.f = None
 
 
+class _ShardedRankAdaptive(RankAdaptiveData):
+    """The rank-adaptive search's data on one process of a :class:`ShardedCompletion`:
+    this shard's training and control samples (the control set by :func:`control_mask`,
+    independent of the number of processes), sub-problems that are
+    :class:`ShardedCompletion` s at the trial ranks, the data-parallel CG inside, and the
+    sums of the greedy raises, the start and the control error all-reduced."""
+
+    distributed = True
+
+    def __init__(self, problem: ShardedCompletion, *, control_fraction: float, seed: int,
+                 control=None):
+        self.problem, self.comm = problem, problem.comm
+        idx, vals = problem.local.train.indices, problem.local.a_train
+        if control is None:
+            mask = torch.from_numpy(control_mask(idx.cpu(), control_fraction, seed))
+        else:
+            mask = torch.as_tensor(control)
+            if mask.dtype != torch.bool or mask.shape != (idx.shape[0],):
+                raise ValueError(f"control: expected a bool mask of shape ({idx.shape[0]},), "
+                                 f"got {mask.dtype} {tuple(mask.shape)}")
+        mask = mask.to(idx.device)
+        self.name = "completion"
+        self.shape = problem.shape
+        self.dtype, self.device = problem.dtype, problem.device
+        self.idx_tr, self.vals_tr, self.w_tr = idx[~mask], vals[~mask], None
+        self.idx_ctrl, self.vals_ctrl = idx[mask], vals[mask]
+        sums = torch.tensor([float(self.idx_tr.shape[0]), float(self.idx_ctrl.shape[0]),
+                             float((self.vals_tr.double() ** 2).sum())], dtype=torch.float64)
+        self.comm.all_reduce(sums, "the all-reduce of the control split")
+        self.n_train, self.n_ctrl = int(sums[0]), int(sums[1])
+        if not self.n_ctrl or not self.n_train:
+            raise ValueError(f"control_fraction: {control_fraction!r} leaves {self.n_ctrl} "
+                             f"control and {self.n_train} training samples; both must be "
+                             f"non-empty")
+        self.sq_sum, self.w_mean = float(sums[2]), None
+
+    def sum(self, t, what):
+        return self.comm.all_reduce(t, f"the all-reduce of {what}")
+
+    def same(self, t, what):
+        return self.comm.broadcast(t, f"the broadcast of {what}")
+
+    def agree(self, flag):
+        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+        return bool(self.comm.broadcast(t, "the broadcast of the time budget")[0] > 0)
+
+    def make(self, ranks):
+        return ShardedCompletion(self.idx_tr, self.vals_tr, self.shape, tuple(ranks[1:-1]),
+                                 validation=(self.idx_ctrl, self.vals_ctrl), dtype=self.dtype,
+                                 device=self.device, group=self.comm.group)
+
+    def cg(self, sub, x):
+        return _CG(sub, torch.as_tensor(x).detach().clone(), "pr+", 0.1, None)
+
+    def control_err(self, sub, x) -> float:
+        sums = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            if sub.val is not None:
+                r = (sub.val.gather(sub.manifold.to_tt(x)) - sub.a_val).double()
+                sums[0], sums[1] = (r * r).sum(), (sub.a_val.double() ** 2).sum()
+        self.comm.all_reduce(sums, "the all-reduce of the control error")
+        return math.sqrt(float(sums[0])) / (math.sqrt(float(sums[1])) or 1.0)
+
+    def random_point(self, sub, generator):
+        # drawn from the same seeded generator on every process: the same point
+        return sub.local.initial_point(generator)
+
+
 def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
          checkpoint: Optional[str], checkpoint_every: int, resume: bool,
          callback: Optional[Callable], stop_metric: Optional[str],
@@ -1108,3 +1202,104 @@ def distributed_als(problem: ShardedCompletion, x0: torch.Tensor, *, iters: int 
                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
                 callback=callback, stop_metric=stop_metric, stop_tol=stop_tol,
                 options={"ridge": float(ridge)})
+
+
+def distributed_rank_adaptive(problem: ShardedCompletion, *, max_rank: int,
+                              checkpoint: Optional[str] = None, checkpoint_every: int = 0,
+                              resume: bool = False, callback: Optional[Callable] = None,
+                              **options) -> History:
+    """Data-parallel rank-adaptive completion from rank 1: the search of
+    :func:`ttmanifold.experiments.solvers.rank_adaptive_completion` (the same code: greedy
+    raises, control-set acceptance, patience, rounding), with every sum over the samples
+    all-reduced and the inner CG data-parallel, so every process takes the same decisions
+    and ends at the same point.
+
+    Per stage (one raise and the CG at the trial ranks) and process: the greedy raise
+    all-reduces, per raised bond, its ``(r_{k-1} n_{k-1}) x (n_k r_{k+1})`` bond matrix
+    and the ``m + m^2`` numbers of its line search (``2 m`` per bond for the choice of
+    bonds); the CG all-reduces ``dim M + 1`` and 1 numbers per iteration; the control error
+    2 numbers, the metrics 6; rebuilding the sharded problem at the trial ranks one
+    gather of the shards' checks and an all-reduce of 2 numbers. The start (slice means)
+    all-reduces ``2 (n_1 + ... + n_d) + 2`` numbers. With ``time_budget``, rank 0's clock
+    decides (one broadcast per CG iteration).
+
+    Args:
+        problem: this process's :class:`ShardedCompletion` (its ranks are not used; its
+            training samples are split into this process's training and control samples
+            by :func:`control_mask`, the same split for any number of processes).
+        max_rank: the rank cap of every bond.
+        options: the other options of ``rank_adaptive_completion`` (``control_fraction``,
+            ``inner_iters``, ``seed``, ``patience``, ``time_budget``, ``max_iters``, ...);
+            ``control``: a bool mask over this shard's training samples replacing the hash
+            split.
+        checkpoint, checkpoint_every: rank 0 writes the search's state to the file
+            ``checkpoint`` at every ``checkpoint_every``-th accepted stage (the start
+            counts); resume: continue from it (all processes; the same result as the
+            uninterrupted run, bitwise with the same number of processes).
+        callback: ``callback(t, history) -> bool`` on every process after every record
+            (True stops; return the same value on every process).
+
+    Returns a :class:`~ttmanifold.experiments.solvers.History` as
+    ``rank_adaptive_completion``'s (method ``"rank_adaptive-dp"``; metrics ``train_err``,
+    ``val_err``, ... of ``problem`` and ``control_err``). Raises :class:`PeerFailure` when
+    a peer dies.
+
+    Cost per process: the single-process search's on ``N_local`` samples (O(N_local d r^2)
+    per CG iteration, O(N_local d r^2 + (r n)^3) per raised bond), plus the messages above.
+    """
+    if not isinstance(problem, ShardedCompletion):
+        raise TypeError(f"problem: expected a ShardedCompletion, got {type(problem).__name__}")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every: expected a non-negative int, got "
+                         f"{checkpoint_every!r}")
+    if checkpoint_every and checkpoint is None:
+        raise ValueError("checkpoint: give a path when checkpoint_every > 0")
+    if resume and checkpoint is None:
+        raise ValueError("checkpoint: give the path to resume from")
+    comm = problem.comm
+    # the options that decide the search (a time budget may change between runs)
+    kept = {"max_rank": max_rank, **{k: v for k, v in options.items()
+                                     if k not in ("time_budget", "control")}}
+    state = None
+    if resume:
+        ck, error = None, None
+        if comm.rank == 0:
+            try:
+                ck = load_checkpoint(checkpoint)
+                want = {"method": "rank_adaptive", "shape": list(problem.shape),
+                        "dtype": _dtype_name(problem.dtype), "n_train": problem.n_train,
+                        "options": kept}
+                for key, val in want.items():
+                    if ck.get(key) != val:
+                        raise ValueError(f"checkpoint: {checkpoint!r} has {key} = "
+                                         f"{ck.get(key)!r}, this run has {val!r}; it "
+                                         f"belongs to another run")
+            except (ValueError, FileNotFoundError) as exc:
+                ck, error = None, (type(exc).__name__, str(exc))
+        ck, error = comm.broadcast_object((ck, error), "the broadcast of the checkpoint")
+        if error is not None:
+            raise (FileNotFoundError if error[0] == "FileNotFoundError" else ValueError)(
+                error[1])
+        state = ck["state"]
+
+    def save(st: dict) -> None:
+        if comm.rank != 0 or st["stage"] % checkpoint_every:
+            return
+        _save_checkpoint(checkpoint, {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "method": "rank_adaptive", "iteration": st["step"], "stage": st["stage"],
+            "shape": list(problem.shape), "ranks": list(st["ranks"]),
+            "dtype": _dtype_name(problem.dtype), "n_train": problem.n_train,
+            "world_size": comm.world_size, "elapsed": st["elapsed"], "options": kept,
+            "state": st,
+            "history": [{"iter": t, "loss": l_, "time": s_, "metrics": m}
+                        for t, l_, s_, m in st["rows"]],
+        })
+
+    hist = rank_adaptive_completion(problem, max_rank=max_rank, callback=callback,
+                                    stage_callback=save if checkpoint_every else None,
+                                    resume_state=state, **options)
+    hist.method = "rank_adaptive-dp"
+    hist.info.update(world_size=comm.world_size, n_train=problem.n_train,
+                     n_val=problem.n_val, options=dict(kept))
+    return hist
