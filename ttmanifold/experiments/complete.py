@@ -15,7 +15,11 @@ iteration; a header with the shape, ranks, sample counts and the run's status),
 ``checkpoint.pt`` with ``--checkpoint-every``. Nothing is overwritten without ``--force``.
 
 The rank is fixed (``--rank``) or chosen (``--rank-adaptive``, with ``--rank`` as the cap:
-:func:`~ttmanifold.experiments.solvers.rank_adaptive_completion`, one process). The
+:func:`~ttmanifold.experiments.distributed.distributed_rank_adaptive`, the search of
+:func:`~ttmanifold.experiments.solvers.rank_adaptive_completion` from rank 1 with a control
+set of 10% of the training entries chosen by a hash of the multi-index, in one process or
+data-parallel under ``torchrun`` with the same result; ``--checkpoint-every K`` then keeps
+every K-th accepted stage and ``--resume`` continues from it). The
 fixed-rank solver (``--method``) is Riemannian CG with exact line search (``rcg``, default:
 :func:`~ttmanifold.experiments.distributed.distributed_cg`), Riemannian L-BFGS (``rlbfgs``:
 :func:`~ttmanifold.experiments.distributed.distributed_lbfgs`) or the Riemannian trust
@@ -348,8 +352,9 @@ def build_parser(prog: str = "ttmanifold complete") -> argparse.ArgumentParser:
                    help="choose the ranks: start from rank 1 and raise the bonds whose "
                         "gradient promises the largest gain (one or several at a time) while "
                         "the error on a control set (10%% of the training entries) falls "
-                        "(solvers.rank_adaptive_completion; one process only; --iters is then "
-                        "the cap of CG iterations per attempt)")
+                        "(distributed.distributed_rank_adaptive; data-parallel under "
+                        "torchrun; --iters is then the cap of CG iterations per attempt, "
+                        "--checkpoint-every K keeps every K-th accepted stage)")
     p.add_argument("--shape", type=_parse_shape, default=None,
                    help="the tensor's shape, e.g. 10,20,30 (default: the dense array's, or "
                         "the largest index + 1 per mode)")
@@ -376,7 +381,8 @@ def build_parser(prog: str = "ttmanifold complete") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the validation split and the random start")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
-                   help="write OUT/checkpoint.pt every K iterations")
+                   help="write OUT/checkpoint.pt every K iterations (with --rank-adaptive: "
+                        "every K accepted stages)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt (same data and options); replaces "
                         "that run's outputs")
@@ -463,14 +469,11 @@ def run_complete(args, out_stream=None) -> int:
         error = f"--iters: expected a non-negative int, got {args.iters}"
     elif args.checkpoint_every < 0:
         error = f"--checkpoint-every: expected a non-negative int, got {args.checkpoint_every}"
-    elif args.rank_adaptive and comm.distributed:
-        error = ("--rank-adaptive runs in one process (rank adaptivity is not data-parallel "
-                 "yet): run it without torchrun, or give a fixed --rank")
     elif args.rank_adaptive and args.method != "rcg":
         error = (f"--method {args.method}: --rank-adaptive runs Riemannian CG inside; drop "
                  f"--method or give a fixed --rank")
-    elif args.rank_adaptive and (args.checkpoint_every or args.resume):
-        error = "--rank-adaptive does not write checkpoints: drop --checkpoint-every / --resume"
+    elif args.rank_adaptive and args.iters < 1:
+        error = "--iters: --rank-adaptive needs at least 1 CG iteration per attempt"
     want = ["completed.npz", "report.csv"] + (["predictions.csv"] if args.query else []) + \
         (["checkpoint.pt"] if args.checkpoint_every else [])
     if error is None and lead:
@@ -505,7 +508,7 @@ def run_complete(args, out_stream=None) -> int:
         f"{time.perf_counter() - t_read:.1f} s")
     dtype = getattr(torch, args.dtype)
     if args.rank_adaptive:
-        return _run_rank_adaptive(args, idx, vals, tr, va, shape, q, dtype, say)
+        return _run_rank_adaptive(args, idx, vals, tr, va, shape, q, dtype, say, comm)
     import warnings
 
     t_build = time.perf_counter()
@@ -606,34 +609,48 @@ def _finish_outputs(out: str, x, q, shape, say) -> None:
     say(f"wrote {', '.join(os.path.join(out, w) for w in written)}")
 
 
-def _run_rank_adaptive(args, idx, vals, tr, va, shape, q, dtype, say) -> int:
-    """``--rank-adaptive``: :func:`~ttmanifold.experiments.solvers.rank_adaptive_completion`
-    on the training entries (validation entries only reported), one process."""
+def _run_rank_adaptive(args, idx, vals, tr, va, shape, q, dtype, say, comm) -> int:
+    """``--rank-adaptive``: :func:`~ttmanifold.experiments.distributed.distributed_rank_adaptive`
+    on the training entries (validation entries only reported), in one process or
+    data-parallel; checkpoints at accepted stages."""
     from .. import io as tt_io
     from ..manifold import FixedTTRank
-    from .problems import Completion
-    from .solvers import rank_adaptive_completion
+    from .distributed import ShardedCompletion, distributed_rank_adaptive
 
-    test = (torch.from_numpy(idx[va]), torch.from_numpy(vals[va])) if va.any() else None
+    lead = comm.rank == 0
     try:
-        P = Completion.from_data(torch.from_numpy(idx[tr]), torch.from_numpy(vals[tr]), shape,
-                                 1, test=test, seed=args.seed, dtype=dtype)
+        S = ShardedCompletion(torch.from_numpy(idx[tr]), torch.from_numpy(vals[tr]), shape, 1,
+                              validation=(torch.from_numpy(idx[va]), torch.from_numpy(vals[va])),
+                              dtype=dtype)
     except ValueError as exc:
         raise SystemExit(f"ttmanifold complete: {exc}")
+    del idx, vals
     say(f"rank-adaptive: ranks from 1 up to {args.rank} per bond; each attempt raises the "
         f"most promising bond(s) and runs CG (at most {args.iters} iterations), kept when "
         f"the error on a control set "
-        f"(10% of the {len(P.train)} training entries) falls; the attempts are listed when the "
-        f"search ends ...")
+        f"(10% of the {S.n_train} training entries) falls; the attempts are listed when the "
+        f"search ends" + (f" ({comm.world_size} processes)" if comm.distributed else "") +
+        " ...")
+    if args.resume:
+        say(f"resuming from {os.path.join(args.out, 'checkpoint.pt')}")
+    ck = os.path.join(args.out, "checkpoint.pt")
     t0 = time.perf_counter()
     try:
-        hist = rank_adaptive_completion(P, max_rank=args.rank, inner_iters=args.iters,
-                                        seed=args.seed)
+        hist = distributed_rank_adaptive(
+            S, max_rank=args.rank, inner_iters=args.iters, seed=args.seed,
+            checkpoint=ck if (args.checkpoint_every or args.resume) else None,
+            checkpoint_every=args.checkpoint_every, resume=args.resume)
     except KeyboardInterrupt:
-        print("ttmanifold complete: interrupted during the rank-adaptive search; nothing "
-              "written (it keeps no partial result; use a fixed --rank to keep iterations)",
-              file=sys.stderr)
+        if lead:
+            print("ttmanifold complete: interrupted during the rank-adaptive search; nothing "
+                  "written" + (" (continue from the last accepted stage with --resume)"
+                               if args.checkpoint_every else
+                               " (--checkpoint-every K keeps every K-th accepted stage)"),
+                  file=sys.stderr)
         return 130
+    except ValueError as exc:  # a checkpoint of another run, bad options
+        raise SystemExit(f"ttmanifold complete: {exc}")
+
     def what(j, a):
         return ("start" if j == 0 else "rounding") if a.get("bond") is None \
             else f"bond {a['bond']}"
@@ -643,19 +660,18 @@ def _run_rank_adaptive(args, idx, vals, tr, va, shape, q, dtype, say) -> int:
             f"{a['control_err']:.3e}, {'kept' if a['accepted'] else 'rejected'}")
     ranks = tuple(hist.info["ranks"])
     x = FixedTTRank(shape, ranks).to_tt(hist.x)
-    final = {("val" + k[4:] if k.startswith("test") else k): v
-             for k, v in hist.final_metrics().items()}
+    final = hist.final_metrics()
     say(f"ranks {list(ranks)} after {time.perf_counter() - t0:.1f} s: " +
         ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
+    if not lead:
+        return 0
     tt_io.save(x, os.path.join(args.out, "completed.npz"))
-    for m in hist.metrics:  # the report's names: validation, not test
-        for k in [k for k in m if k.startswith("test")]:
-            m["val" + k[4:]] = m.pop(k)
     header = [f"status: {hist.status}", f"data: {args.data}", f"shape: {list(shape)}",
               f"ranks: {list(ranks)} (rank-adaptive, cap {args.rank})",
-              f"train: {len(P.train)} (of which a control set of "
-              f"{hist.info.get('control_size')})", f"validation: {int(va.sum())}",
-              "processes: 1", f"dtype: {args.dtype}", "init: rank 1, random"]
+              f"train: {S.n_train} (of which a control set of "
+              f"{hist.info.get('control_size')})", f"validation: {S.n_val}",
+              f"processes: {comm.world_size}", f"dtype: {args.dtype}",
+              "init: " + ("checkpoint" if args.resume else "rank 1, slice means")]
     header += [f"attempt: {what(j, a)} ranks {list(a['ranks'])} control_err "
                f"{a['control_err']!r} {'kept' if a['accepted'] else 'rejected'}"
                for j, a in enumerate(hist.info.get("rank_history", []))]
