@@ -87,6 +87,10 @@ def test_one_process_equals_the_single_process_search_and_resumes(reference, tmp
     assert again.info["resumed_from_stage"] == 2
     assert torch.equal(again.x, h.x) and again.iters == h.iters and again.loss == h.loss
     assert _attempts(again.info["rank_history"]) == _attempts(h.info["rank_history"])
+    # a default given explicitly is the same run
+    again = distributed_rank_adaptive(S, max_rank=4, control_fraction=0.1,
+                                      checkpoint=str(ck), resume=True)
+    assert torch.equal(again.x, h.x)
     # another run's checkpoint, bad arguments: clear errors naming the argument
     with pytest.raises(ValueError, match="options"):
         distributed_rank_adaptive(S, max_rank=3, checkpoint=str(ck), resume=True)

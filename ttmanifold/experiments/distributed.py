@@ -21,16 +21,24 @@ inner CG (one all-reduce of ``S`` numbers per product): the Riemannian Hessian i
 the data, curvature term included. Their direction and step rules run on every process on
 the same bits.
 
+The rank-adaptive search (:func:`distributed_rank_adaptive`) is the code of
+:func:`ttmanifold.experiments.solvers.rank_adaptive_completion` with its sums over the
+samples all-reduced (the greedy raise's bond matrices and line search, the rank-1 start's
+slice means, the control error) and the data-parallel CG at each trial ranks.
+
 Entry points: :class:`ShardedCompletion` (the data of one process plus the reductions),
-:func:`distributed_cg`, :func:`distributed_rsgd`, :func:`distributed_lbfgs` and
-:func:`distributed_trust_region` (the solvers, with checkpoints), and the
-sharding helpers :func:`shard_mask` / :func:`validation_mask` (a deterministic assignment
-of each multi-index to a process and to the validation set, independent of the number of
-processes). Without an initialized process group everything runs in one process.
+:func:`distributed_cg`, :func:`distributed_rsgd`, :func:`distributed_lbfgs`,
+:func:`distributed_trust_region`, :func:`distributed_als` and
+:func:`distributed_rank_adaptive` (the solvers, with checkpoints), and the
+sharding helpers :func:`shard_mask` / :func:`validation_mask` / :func:`control_mask` (a
+deterministic assignment of each multi-index to a process, to the validation set and to
+the rank-adaptive search's control set, independent of the number of processes). Without
+an initialized process group everything runs in one process.
 """
 from __future__ import annotations
 
 import datetime
+import inspect
 import math
 import os
 import time
@@ -1257,9 +1265,14 @@ def distributed_rank_adaptive(problem: ShardedCompletion, *, max_rank: int,
     if resume and checkpoint is None:
         raise ValueError("checkpoint: give the path to resume from")
     comm = problem.comm
-    # the options that decide the search (a time budget may change between runs)
-    kept = {"max_rank": max_rank, **{k: v for k, v in options.items()
-                                     if k not in ("time_budget", "control")}}
+    # the options that decide the search, defaults filled in (a time budget may change
+    # between runs)
+    skip = ("problem", "max_rank", "time_budget", "control", "callback", "stage_callback",
+            "resume_state")
+    kept = {"max_rank": max_rank,
+            **{k: p.default for k, p in inspect.signature(
+                rank_adaptive_completion).parameters.items() if k not in skip},
+            **{k: v for k, v in options.items() if k not in skip}}
     state = None
     if resume:
         ck, error = None, None
