@@ -15,8 +15,8 @@ from ttmanifold import FixedTTRank
 from ttmanifold.experiments.distributed import (ShardedCompletion, control_mask,
                                                 distributed_rank_adaptive, load_checkpoint,
                                                 validation_mask)
-from ttmanifold.experiments.problems import Completion
-from ttmanifold.experiments.solvers import rank_adaptive_completion
+from ttmanifold.experiments.problems import Completion, random_tt, sample_distinct_indices
+from ttmanifold.experiments.solvers import greedy_rank_raise, rank_adaptive_completion
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -120,3 +120,18 @@ def test_two_processes_equal_one_and_a_dead_peer_stops_the_other(reference, tmp_
     seconds, msg = (out / "rank0.txt").read_text().splitlines()
     assert msg.startswith("PeerFailure: rank 0 of 2") and float(seconds) < 30
     assert not os.path.exists(out / "rank1.txt")
+
+
+@pytest.mark.parametrize("scale", [1e-15, 1e12])
+def test_greedy_raise_is_scale_invariant(scale):
+    # the "no descent left" test is relative: tiny entries (as a unit-norm tensor of 50^20
+    # entries has, or the interface vectors at high order) still get the greedy direction
+    shape = (4, 5, 3, 4)
+    g = torch.Generator().manual_seed(7)
+    A = random_tt(shape, [1, 2, 3, 2, 1], generator=g)
+    x = random_tt(shape, [1, 1, 1, 1, 1], generator=g)
+    idx = sample_distinct_indices(shape, 120, generator=g)
+    vals = A.full()[tuple(idx.t())]
+    y = greedy_rank_raise(x, [1, 2, 3], idx, vals).full()
+    ys = greedy_rank_raise(x * scale, [1, 2, 3], idx, vals * scale).full()
+    assert float((ys / scale - y).norm() / y.norm()) < 1e-10

@@ -1413,7 +1413,11 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
                                          f"largest feasible")
                 else:
                     m = min(int(probe), room)
-                tiny = 1e3 * torch.finfo(Mk.dtype).eps * float(Mk.abs().max().clamp_min(1))
+                # relative to the bond matrix before the projections: at high order the
+                # interface vectors' entries are ~ n^(-d/2), so an absolute floor here made
+                # every raise a random one (d = 20, n = 50)
+                tiny = 1e3 * torch.finfo(Mk.dtype).eps * float(T.abs().max()) \
+                    + torch.finfo(Mk.dtype).tiny
                 good = min(m, int((s > tiny).sum()))  # one host read
                 cu, cv = u[:, :good], vh[:good].T
                 if good < m:
