@@ -91,6 +91,9 @@ def test_one_process_equals_the_single_process_search_and_resumes(reference, tmp
     again = distributed_rank_adaptive(S, max_rank=4, control_fraction=0.1,
                                       checkpoint=str(ck), resume=True)
     assert torch.equal(again.x, h.x)
+    # a time budget (rank 0's clock decides) stops the search after the start
+    hb = distributed_rank_adaptive(S, max_rank=4, time_budget=1e-9)
+    assert hb.status == "budget" and hb.info["ranks"] == (1,) * 6 and hb.iters == [1]
     # another run's checkpoint, bad arguments: clear errors naming the argument
     with pytest.raises(ValueError, match="options"):
         distributed_rank_adaptive(S, max_rank=3, checkpoint=str(ck), resume=True)
