@@ -45,7 +45,8 @@ def _dense_greedy(X, k, idx, vals, w, ranks):
     d = len(shape)
     G = torch.zeros_like(X)
     res = X[tuple(idx.t())] - vals
-    G[tuple(idx.t())] = (w if w is not None else 1.0) * res
+    # duplicate samples add up (index_put_ with accumulate)
+    G.index_put_(tuple(idx.t()), (w if w is not None else 1.0) * res, accumulate=True)
     nl = math.prod(shape[:k])
     Gk = G.reshape(nl, -1)
     # left: span(unfolding at k-1) x R^{n_{k-1}}, minus span(unfolding at k)
@@ -256,3 +257,87 @@ def test_patience_keeps_raises_on_trial_and_returns_to_the_best():
     assert g.info["ranks"] == acc[-1]["ranks"]
     with pytest.raises(ValueError, match="patience"):
         S.rank_adaptive_completion(pb, max_rank=3, patience=-1)
+
+
+def _skewed_indices(shape, N, g):
+    """``N`` samples, 90 % of them at index 0 of every mode: groups too uneven for
+    the padded kernels (their fallback paths)."""
+    idx = torch.stack([torch.randint(0, n, (N,), generator=g) for n in shape], 1)
+    idx[: 9 * N // 10] = 0
+    return idx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("skewed", [False, True])
+def test_sweep_kernels_match_dense_reference(dtype, skewed):
+    # the grouped per-sample products of the greedy sweep (right products, residual, bond
+    # matrix) against per-sample float64 loops, on even (padded groups) and skewed
+    # (fallback) samples
+    from ttmanifold.tt import IndexSet
+
+    shape = (4, 5, 3, 4)
+    g = torch.Generator().manual_seed(7 + skewed)
+    x = P.random_tt(shape, [1, 2, 3, 2, 1], generator=g)
+    N = 400
+    idx = (_skewed_indices(shape, N, g) if skewed
+           else torch.stack([torch.randint(0, n, (N,), generator=g) for n in shape], 1))
+    vals = torch.randn(N, dtype=F64, generator=g)
+    w = torch.rand(N, dtype=F64, generator=g) + 0.5
+    samples = S._SweepSamples(IndexSet(idx, shape))
+    xd = TT([c.to(dtype) for c in x.cores], check=False)
+    st0 = S._sweep_start(xd, samples.iset, vals.to(dtype), w.to(dtype))
+    cs = [c.double() for c in st0.cores]
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11,
+                                                                        atol=1e-13)
+    for k in range(1, 4):  # right[k-1][e] = cores k..d-1 at the sample's indices
+        ref = torch.stack([_chain(cs[k:], idx[e, k:])[:, 0] for e in range(N)])
+        torch.testing.assert_close(st0.right[k - 1].double(), ref, **tol)
+    xv = torch.stack([_chain(cs, idx[e])[0, 0] for e in range(N)])
+    torch.testing.assert_close(xv, x.full()[tuple(idx.t())], **tol)
+    torch.testing.assert_close(st0.z.double(), w * (xv - vals), **tol)
+    # the bond matrix: sum over the samples at (i, j) of left_e (x) right_e
+    for k in (1, 2, 3):
+        left = torch.randn(N, 2, dtype=F64, generator=g)
+        right = torch.randn(N, 3, dtype=F64, generator=g)
+        T = samples.bond_matrix(k, left.to(dtype), right.to(dtype))
+        ref = torch.zeros(shape[k - 1] * shape[k], 6, dtype=F64)
+        for e in range(N):
+            ref[idx[e, k - 1] * shape[k] + idx[e, k]] += torch.outer(left[e], right[e]).reshape(-1)
+        assert T.dtype == dtype
+        torch.testing.assert_close(T.double(), ref, **tol)
+        assert samples.pairs[k].padded == (not skewed)  # both paths are exercised
+    assert samples.iset.plan(1).padded == (not skewed)
+
+
+def _chain(cores, ik):
+    """The matrix product of the cores' slices at the indices ``ik`` (float64)."""
+    out = cores[0][:, int(ik[0]), :]
+    for c, i in zip(cores[1:], ik[1:]):
+        out = out @ c[:, int(i), :]
+    return out
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_greedy_raise_on_skewed_samples_and_with_a_reused_start(skewed):
+    # the dense reference on samples whose groups take the fallback kernels, and the
+    # sweep from a kept start (the probe's) equals the sweep that computes its own
+    from ttmanifold.tt import IndexSet
+
+    shape = (4, 5, 3, 4)
+    g = torch.Generator().manual_seed(11)
+    A = P.random_tt(shape, [1, 3, 3, 3, 1], generator=g)
+    x = P.random_tt(shape, [1, 1, 2, 2, 1], generator=g)
+    idx = (_skewed_indices(shape, 300, g) if skewed
+           else P.sample_distinct_indices(shape, 150, generator=g))
+    vals = A.full()[tuple(idx.t())]
+    y = S.greedy_rank_raise(x, 2, idx, vals)
+    ref, s = _dense_greedy(x.full(), 2, idx, vals, None, x.ranks)
+    assert float(s[0] - s[1]) > 1e-6 * float(s[0])
+    torch.testing.assert_close(y.full(), ref, rtol=1e-9, atol=1e-12)
+    samples = S._SweepSamples(IndexSet(idx, shape))
+    start = S._sweep_start(x, samples.iset, vals, None)
+    gains = S._greedy_sweep(x, [1, 2, 3], samples, vals, None, apply=False, start=start)[1]
+    y2 = S._greedy_sweep(x, [1, 2, 3], samples, vals, None, apply=True, start=start)[0]
+    y3 = S._greedy_sweep(x, [1, 2, 3], idx, vals, None, apply=True)[0]
+    assert gains.shape == (3,) and bool((gains > 0).all())
+    assert torch.equal(y2.full(), y3.full())

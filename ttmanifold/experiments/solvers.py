@@ -22,8 +22,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..manifold import FixedTTRank, hessian_operator
-from ..tt import TT
+from ..tt import IndexSet, TT
 from ..tt import orthogonalize
+from ..tt.layout import ModePlan
 from ..tt import round as tt_round
 from .problems import Problem
 
@@ -1339,14 +1340,83 @@ def greedy_rank_raise(x: TT, bond, indices: torch.Tensor, values: torch.Tensor,
                          counts={k: count for k in bonds})[0]
 
 
-def _slices(core: torch.Tensor, ik: torch.Tensor) -> torch.Tensor:
-    """``(N, a, b)``: the core's slices at the samples' indices (one row gather; from a
-    contiguous copy, many times faster than gathering through the permuted view)."""
-    return core.permute(1, 0, 2).contiguous().index_select(0, ik)
+class _SweepSamples:
+    """The samples of greedy sweeps, kept across sweeps: an
+    :class:`~ttmanifold.tt.IndexSet` (its per-mode groupings serve the per-sample
+    interface products) and, per bond ``k``, the samples grouped by their index pair in
+    modes ``k-1, k`` (for the bond matrix), each grouping built on first use."""
+
+    def __init__(self, iset: IndexSet):
+        self.iset = iset
+        self.pairs: Dict[int, ModePlan] = {}
+
+    def bond_matrix(self, k: int, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """``T[i n_k + j, :]``, ``(n_{k-1} n_k, a b)``: the sum over the samples with
+        indices ``i, j`` in modes ``k-1, k`` of ``left_e (x) right_e`` (``left`` ``(N, a)``,
+        ``right`` ``(N, b)``). One batched product over the index pairs (zero-padded
+        groups); an ``index_add_`` of the outer products when the groups are too uneven
+        to pad. O(N a b)."""
+        iset = self.iset
+        n1, n2 = iset.shape[k - 1], iset.shape[k]
+        plan = self.pairs.get(k)
+        if plan is None:
+            key = iset.indices[:, k - 1] * n2 + iset.indices[:, k]
+            plan = self.pairs[k] = ModePlan(key, n1 * n2)
+        a, b = left.shape[1], right.shape[1]
+        if plan.padded:
+            return torch.bmm(plan.pad(left).transpose(1, 2),
+                             plan.pad(right)).reshape(n1 * n2, a * b)
+        T = left.new_zeros(n1 * n2, a * b)
+        T.index_add_(0, plan.idx, (left[:, :, None] * right[:, None, :]).reshape(-1, a * b))
+        return T
+
+
+def _sample_set(indices, d: int, shape) -> _SweepSamples:
+    """``indices`` (an ``(N, d)`` tensor, or kept :class:`_SweepSamples`) as the samples of
+    a sweep over a TT of shape ``shape``."""
+    if isinstance(indices, _SweepSamples):
+        if tuple(indices.iset.shape) != tuple(shape):
+            raise ValueError(f"indices: samples of a tensor of shape "
+                             f"{tuple(indices.iset.shape)} for a TT of shape {tuple(shape)}")
+        return indices
+    if not isinstance(indices, torch.Tensor) or indices.ndim != 2 or indices.shape[1] != d:
+        raise ValueError(f"indices: expected (N, {d}), got "
+                         f"{tuple(getattr(indices, 'shape', ()))}")
+    return _SweepSamples(IndexSet(indices, shape))
+
+
+@dataclass
+class _SweepStart:
+    """What a greedy sweep needs of the point before its first bond, reusable by every
+    sweep from the same point (the probe and the applied raise): the cores in the
+    orthogonal form around core 0, the products ``right[k]`` ``(N, r_{k+1})`` of the
+    right-orthonormal cores ``k+1..d-1`` at the samples, the weights and the weighted
+    residual ``z`` (the Euclidean gradient at the samples)."""
+
+    cores: List[torch.Tensor]
+    right: List[torch.Tensor]
+    om: torch.Tensor
+    z: torch.Tensor
+
+
+def _sweep_start(x: TT, iset: IndexSet, values, weights) -> _SweepStart:
+    """The :class:`_SweepStart` of ``x``: one QR sweep and one right sweep over the samples
+    on the index set's grouped per-mode products. O(N d r^2 + d n r^3)."""
+    d = x.ndim
+    with torch.no_grad():
+        cs = list(orthogonalize(x, center=0).cores)  # cores 1..d-1 right-orthonormal
+        right = [None] * d
+        right[d - 1] = values.new_ones(len(iset), 1)
+        for k in range(d - 1, 0, -1):
+            right[k - 1] = iset.right_step(k, right[k], cs[k])
+        xv = iset.right_step(0, right[0], cs[0])[:, 0]
+        om = torch.ones_like(values) if weights is None else weights.to(values)
+        return _SweepStart(cs, right, om, om * (xv - values))
 
 
 def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
-                  counts: Optional[Dict[int, int]] = None, probe: int = 1, data=None):
+                  counts: Optional[Dict[int, int]] = None, probe: int = 1, data=None,
+                  start: Optional[_SweepStart] = None):
     """One left-to-right sweep over the bonds of ``x``: with ``apply``, the greedy raises
     of :func:`greedy_rank_raise` at ``bonds`` (by ``counts[k]`` leading pairs at bond
     ``k``, default 1, with the joint exact step); without, nothing changes. Returns the TT
@@ -1355,32 +1425,31 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
     exact-step decrease (``(len(bonds),)`` for ``probe = 1``, else
     ``(len(bonds), probe)``).
 
-    ``data`` (a :class:`RankAdaptiveData`, or None for one process) sums what depends on
-    the samples over the processes: per raised bond the bond matrix and the line search's
-    ``m + m^2`` (or ``2 m``) numbers; ``x`` and the samples' share are this process's."""
+    ``indices`` is an ``(N, d)`` tensor or :class:`_SweepSamples` (kept across sweeps:
+    their groupings serve the per-sample interface products and the bond matrices).
+    ``start`` is :func:`_sweep_start` of ``x`` on the same samples, if already computed
+    (the probe sweep's, reused by the applied one). ``data`` (a
+    :class:`RankAdaptiveData`, or None for one process) sums what depends on the samples
+    over the processes: per raised bond the bond matrix and the line search's ``m + m^2``
+    (or ``2 m``) numbers; ``x`` and the samples' share are this process's."""
     if not isinstance(x, TT) or x.batch_shape:
         raise TypeError("x: expected a TT without batch dimensions")
     d = x.ndim
     for k in bonds:
         if not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= d - 1):
             raise ValueError(f"bond: expected ints in [1, {d - 1}], got {k!r}")
-    if indices.ndim != 2 or indices.shape[1] != d or values.shape != (indices.shape[0],):
+    samples = _sample_set(indices, d, x.shape)
+    iset = samples.iset
+    if values.shape != (len(iset),):
         raise ValueError(f"indices, values: expected (N, {d}) and (N,), got "
-                         f"{tuple(indices.shape)} and {tuple(values.shape)}")
+                         f"({len(iset)}, {d}) and {tuple(values.shape)}")
     todo = set(bonds)
+    last = max(todo, default=0)
     with torch.no_grad():
-        cs = list(orthogonalize(x, center=0).cores)  # cores 1..d-1 right-orthonormal
-        N = indices.shape[0]
-        # right[k]: (N, r_{k+1}) products of the right-orthonormal cores k+1..d-1
-        right = [None] * d
-        right[d - 1] = values.new_ones(N, 1)
-        for k in range(d - 1, 0, -1):
-            right[k - 1] = torch.bmm(_slices(cs[k], indices[:, k]),
-                                     right[k].unsqueeze(2)).squeeze(2)
-        xv = (_slices(cs[0], indices[:, 0])[:, 0, :] * right[0]).sum(1)
-        om = torch.ones_like(values) if weights is None else weights.to(values)
-        z = om * (xv - values)  # the Euclidean gradient at the samples
-        L = values.new_ones(N, 1)  # products of the left-orthonormal cores 0..k-2
+        if start is None:
+            start = _sweep_start(x, iset, values, weights)
+        cs, right, om, z = list(start.cores), start.right, start.om, start.z
+        L = values.new_ones(len(iset), 1)  # products of the left-orthonormal cores 0..k-2
         gains = []
         for k in range(1, d):
             # move the center from core k-1 to core k: core k-1 = C S (QR), core k = S Q
@@ -1390,11 +1459,8 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
             a2, n2, b = Q.shape
             if k in todo:
                 Qm = Q.reshape(a2, n2 * b)
-                i1, i2 = indices[:, k - 1], indices[:, k]
                 # the bond matrix U^T G V^T: one scatter of the samples' outer products
-                T = L.new_zeros(n1 * n2, p * b)
-                T.index_add_(0, i1 * n2 + i2, (z[:, None, None] * L[:, :, None]
-                                               * right[k][:, None, :]).reshape(N, p * b))
+                T = samples.bond_matrix(k, z[:, None] * L, right[k])
                 if data is not None:
                     T = data.sum(T, "the greedy raise's bond matrix")
                 Mk = T.reshape(n1, n2, p, b).permute(2, 0, 1, 3).reshape(p * n1, n2 * b)
@@ -1416,9 +1482,9 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
                 # relative to the bond matrix before the projections: at high order the
                 # interface vectors' entries are ~ n^(-d/2), so an absolute floor here made
                 # every raise a random one (d = 20, n = 50)
-                tiny = 1e3 * torch.finfo(Mk.dtype).eps * float(T.abs().max()) \
+                tiny = 1e3 * torch.finfo(Mk.dtype).eps * T.abs().max() \
                     + torch.finfo(Mk.dtype).tiny
-                good = min(m, int((s > tiny).sum()))  # one host read
+                good = min(m, int((s[:m] > tiny).sum()))  # one host read
                 cu, cv = u[:, :good], vh[:good].T
                 if good < m:
                     # no rank-increasing descent left: pairs orthogonal to C and Q (and
@@ -1431,11 +1497,11 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
                     if data is not None:  # drawn from each process's own stream
                         cu = data.same(cu.contiguous(), "the greedy raise's random pair")
                         cv = data.same(cv.contiguous(), "the greedy raise's random pair")
-                # W_j at the samples for each pair j: (N, m)
-                W = (torch.bmm(L.unsqueeze(1), cu.T.reshape(m, p, n1).permute(2, 1, 0)
-                               .contiguous()[i1]).squeeze(1)
-                     * torch.bmm(cv.T.reshape(m, n2, b).permute(1, 0, 2).contiguous()[i2],
-                                 right[k].unsqueeze(2)).squeeze(2))
+                # W_j at the samples for each pair j: (N, m); the pair as a core k-1
+                # (p, n1, m) on the left and a core k (m, n2, b) on the right. The left
+                # factor comes with the next left products: one step with [C, cu]
+                L_next = iset.left_step(k - 1, L, torch.cat([C, cu], 1).reshape(p, n1, a + m))
+                W = L_next[:, a:] * iset.right_step(k, right[k], cv.T.reshape(m, n2, b))
                 num = W.T @ z  # <g, W_j>
                 if not apply:
                     den = (om[:, None] * W * W).sum(0)
@@ -1468,7 +1534,10 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
                 center = torch.einsum("ab,bnc->anc", S, Q)
             cs[k - 1] = C.reshape(p, n1, -1)
             cs[k] = center
-            L = torch.bmm(L.unsqueeze(1), _slices(cs[k - 1], indices[:, k - 1])).squeeze(1)
+            if k in todo:  # the left products of cores 0..k-1 (with the raise's columns)
+                L = L_next[:, :C.shape[1]]
+            elif k < last:  # needed at a later bond
+                L = iset.left_step(k - 1, L, cs[k - 1])
     g = torch.stack(gains) if gains else values.new_zeros(0)
     return TT(cs, check=False), g
 
@@ -1812,12 +1881,26 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
             x_new = _padded_point(sub_new.manifold, sub_old.manifold.split(x_old, "x"),
                                   list(bonds), eps, gen)
         else:
-            y = _greedy_sweep(sub_old.manifold.to_tt(x_old), sorted(bonds), idx_tr,
-                              vals_tr, w_tr, apply=True, counts=bonds, data=red)[0]
+            y = _greedy_sweep(sub_old.manifold.to_tt(x_old), sorted(bonds), samples_tr,
+                              vals_tr, w_tr, apply=True, counts=bonds, data=red,
+                              start=sweep_start(sub_old, x_old))[0]
             x_new = sub_new.manifold.pack_point(y)
         _sync(device)
         elapsed[0] += time.perf_counter() - t0
         return trial, sub_new, x_new
+
+    # the training samples' per-mode groupings, built once for all the sweeps
+    iset_tr = IndexSet(idx_tr, shape, check=False)
+    samples_tr = _SweepSamples(iset_tr)
+    start_of = [None, None]  # ((packed point, version), its _SweepStart): the probe's,
+    # reused by the raise from the same point
+
+    def sweep_start(sub_, x_):
+        key = (x_, x_._version)  # the same tensor, not changed in place since
+        if start_of[0] is None or start_of[0][0] is not x_ or start_of[0][1] != key[1]:
+            start_of[:] = [key, _sweep_start(sub_.manifold.to_tt(x_), iset_tr, vals_tr,
+                                             w_tr)]
+        return start_of[1]
 
     def select_bonds(bonds):
         """``{bond: m}``: per bond the number ``m <= rank_step`` of leading greedy pairs
@@ -1825,8 +1908,9 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
         decrease over all bonds (timed)."""
         t0 = time.perf_counter()
         y = sub.manifold.to_tt(x)
-        gains = _greedy_sweep(y, bonds, idx_tr, vals_tr, w_tr, apply=False,
-                              probe=rank_step, data=red)[1].reshape(len(bonds), -1)
+        gains = _greedy_sweep(y, bonds, samples_tr, vals_tr, w_tr, apply=False,
+                              probe=rank_step, data=red,
+                              start=sweep_start(sub, x))[1].reshape(len(bonds), -1)
         keep = (gains >= gain_ratio * gains.max()).tolist()  # one host read
         elapsed[0] += time.perf_counter() - t0
         out = {}
