@@ -1715,7 +1715,7 @@ class RankAdaptiveData:
 
 def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float = 0.1,
                              inner_iters: int = 200, eps: float = 1e-4,
-                             accept_rtol: float = 1e-3, trunc_rel_eps: float = 1e-10,
+                             accept_rtol: float = 1e-3, trunc_rel_eps: float = 1e-8,
                              seed: int = 0, time_budget: Optional[float] = None,
                              raise_all: bool = True, direction: str = "gradient",
                              stall_rtol: float = 0.05, stall_window: int = 2,
@@ -1756,7 +1756,10 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
       sweep accepts nothing or every bond is at ``min(max_rank, feasible)``;
     - **rank decrease**: after each accepted raise the point is rounded with relative
       accuracy ``trunc_rel_eps`` (:func:`~ttmanifold.tt.round`), dropping bonds' trailing
-      singular values below it; when the control error reaches ``control_tol`` the search
+      singular values below it (1e-8 by default: at 1e-10 the extra singular value of a
+      bond raised past its true rank survived, and CG on the too large manifold stalled
+      at control error 2e-10, d = 10, ranks (2, 3, 4, 5, 6, 5, 4, 3, 2), ``rank_step=2``);
+      when the control error reaches ``control_tol`` the search
       stops and the point is rounded with relative accuracy ``max(trunc_rel_eps,
       control_err)`` (an overshooting bond's extra singular values are below the error
       there), followed by CG at the rounded ranks if they dropped.
@@ -1776,9 +1779,10 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
             direction, stall_rtol, stall_window, control_tol: as above.
         patience: raises of all bonds kept on trial without a control-error gain (above).
         rank_step: the largest raise of one bond in one multi-bond raise (its leading
-            greedy pairs within ``gain_ratio`` of the best); above 1 fewer stages, but on
-            unequal ranks (d = 10: (2, 3, 4, 5, 6, 5, 4, 3, 2)) it overshot and stalled
-            at control error 2e-10, so the default is 1.
+            greedy pairs within ``gain_ratio`` of the best); above 1 fewer stages, and
+            raises past the true rank that ``trunc_rel_eps`` must round away; 2 was
+            faster on random TTs but less accurate on the function and image presets, so
+            the default is 1.
         seed: the control split, the start (and random directions).
         control: optional ``(N,)`` bool mask over the training samples choosing the
             control set (default: a random ``control_fraction`` of them from ``seed``).
