@@ -33,6 +33,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import kernels
+from ..kernels import dense as compiled_dense
 from .index_set import IndexSet
 from .._checks import (
     assert_finite_async,
@@ -900,8 +902,10 @@ def inner(a: TT, b: TT) -> torch.Tensor:
     return _inner_sweep(a._cores, b._cores)
 
 
+@kernels.dispatch("dense", compiled=compiled_dense.inner)
 def _inner_sweep(xs, ys) -> torch.Tensor:
-    """The plain sweep of :func:`inner` (single TTs), differentiable by autograd."""
+    """The plain sweep of :func:`inner` (single TTs), differentiable by autograd (the
+    compiled sweep serves calls that need no graph)."""
     w = None
     for x, y in zip(xs, ys):  # torch.mm: less dispatch than @ for these small products
         ra, n, rc = x.shape
@@ -1206,62 +1210,83 @@ class _OneVsSum(torch.autograd.Function):
     the first argument: with block weights ``g_0`` doubled (``x`` is both arguments of
     block 0) it gives ``d/dx sum_j g_j <x, t_j>``, two products per core plus one per block
     (the pairwise sweeps: 10 products per core for two terms, here 7). Inputs: the number
-    of blocks ``k``, the cores of ``x``, then those of ``t_1..t_m``. With ``create_graph``
-    the backward differentiates the plain sweeps instead (second derivatives)."""
+    of blocks ``k``, the cores of ``x``, then those of ``t_1..t_m``. Both sweeps run
+    compiled on the CPU when the dense kernels are loaded (one call each instead of about
+    4 products and their dispatch per core). With ``create_graph`` the backward
+    differentiates the plain sweeps instead (second derivatives)."""
 
     @staticmethod
     def forward(ctx, k, *cores):
-        d = len(cores) // k
-        xs = cores[:d]
-        blocks = [xs] + [cores[d * j:d * (j + 1)] for j in range(1, k)]
-        ws, ts = [], []
-        w = xs[0].new_ones(1, k)
-        for m in range(d):
-            x = xs[m]
-            ra, n, rc = x.shape
-            t = torch.mm(w.t(), x.reshape(ra, n * rc))  # (R_S, n rc): rows by block
-            ws.append(w)
-            ts.append(t)
-            parts, row = [], 0
-            for b in blocks:
-                y = b[m]
-                rb, _, rd = y.shape
-                parts.append(torch.mm(t[row:row + rb].reshape(rb * n, rc).t(),
-                                      y.reshape(rb * n, rd)))
-                row += rb
-            w = torch.cat(parts, 1)
-        ctx.k, ctx.d = k, d
-        ctx.ws, ctx.ts = ws, ts
+        vals, ws = _one_vs_blocks(k, cores)
+        ctx.k, ctx.d = k, len(cores) // k
+        ctx.ws = ws
         ctx.save_for_backward(*cores)
-        return w.reshape(k)
+        return vals
 
     @staticmethod
     def backward(ctx, g):
         cores = ctx.saved_tensors
         k, d = ctx.k, ctx.d
         xs = cores[:d]
-        blocks = [xs] + [cores[d * j:d * (j + 1)] for j in range(1, k)]
         if torch.is_grad_enabled():  # create_graph: a differentiable backward
+            blocks = [xs] + [cores[d * j:d * (j + 1)] for j in range(1, k)]
             with torch.enable_grad():
                 val = torch.stack([_inner_sweep(xs, b) for b in blocks])
             gx = torch.autograd.grad(val, xs, g, create_graph=True)
             return (None, *gx, *([None] * (len(cores) - d)))
-        z = torch.cat([2 * g[:1], g[1:]]).reshape(1, k)  # block 0: x on both sides
-        dxs = [None] * d
-        for m in range(d - 1, -1, -1):
-            x = xs[m]
-            ra, n, rc = x.shape
-            rows = sum(b[m].shape[0] for b in blocks)
-            u = x.new_empty(rows * n, rc)
-            row = col = 0
-            for b in blocks:  # u = (y_k z^T) per block, written into its rows (no copy)
-                y = b[m]
-                rb, _, rd = y.shape
-                torch.mm(y.reshape(rb * n, rd), z[:, col:col + rd].t(),
-                         out=u[row * n:(row + rb) * n])
-                row, col = row + rb, col + rd
-            u = u.view(rows, n * rc)
-            dxs[m] = torch.mm(ctx.ws[m], u).reshape(x.shape)
-            if m > 0:
-                z = torch.mm(x.reshape(ra, n * rc), u.t())
+        dxs = _one_vs_blocks_backward(k, cores, ctx.ws, g)
         return (None, *dxs, *([None] * (len(cores) - d)))
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.one_vs_blocks)
+def _one_vs_blocks(k: int, cores: Sequence[torch.Tensor]):
+    """The forward sweep of :class:`_OneVsSum` (``cores``: ``x``'s, then each term's): the
+    ``k`` values and the left environments ``ws`` (``ws[m]``: before core ``m``)."""
+    d = len(cores) // k
+    xs = cores[:d]
+    blocks = [xs] + [cores[d * j:d * (j + 1)] for j in range(1, k)]
+    ws = []
+    w = xs[0].new_ones(1, k)
+    for m in range(d):
+        x = xs[m]
+        ra, n, rc = x.shape
+        t = torch.mm(w.t(), x.reshape(ra, n * rc))  # (R_S, n rc): rows by block
+        ws.append(w)
+        parts, row = [], 0
+        for b in blocks:
+            y = b[m]
+            rb, _, rd = y.shape
+            parts.append(torch.mm(t[row:row + rb].reshape(rb * n, rc).t(),
+                                  y.reshape(rb * n, rd)))
+            row += rb
+        w = torch.cat(parts, 1)
+    return w.reshape(k), ws
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.one_vs_blocks_backward)
+def _one_vs_blocks_backward(k: int, cores: Sequence[torch.Tensor], ws: Sequence[torch.Tensor],
+                            g: torch.Tensor) -> List[torch.Tensor]:
+    """The reverse sweep of :class:`_OneVsSum`: the cores of ``d/dx sum_j g_j <x, block_j>``
+    from the environments ``ws`` of :func:`_one_vs_blocks`."""
+    d = len(cores) // k
+    xs = cores[:d]
+    blocks = [xs] + [cores[d * j:d * (j + 1)] for j in range(1, k)]
+    z = torch.cat([2 * g[:1], g[1:]]).reshape(1, k)  # block 0: x on both sides
+    dxs = [None] * d
+    for m in range(d - 1, -1, -1):
+        x = xs[m]
+        ra, n, rc = x.shape
+        rows = sum(b[m].shape[0] for b in blocks)
+        u = x.new_empty(rows * n, rc)
+        row = col = 0
+        for b in blocks:  # u = (y_k z^T) per block, written into its rows (no copy)
+            y = b[m]
+            rb, _, rd = y.shape
+            torch.mm(y.reshape(rb * n, rd), z[:, col:col + rd].t(),
+                     out=u[row * n:(row + rb) * n])
+            row, col = row + rb, col + rd
+        u = u.view(rows, n * rc)
+        dxs[m] = torch.mm(ws[m], u).reshape(x.shape)
+        if m > 0:
+            z = torch.mm(x.reshape(ra, n * rc), u.t())
+    return dxs
