@@ -390,3 +390,21 @@ def test_gram_sweeps_on_meta_and_under_compile():
     fn = torch.compile(lambda *cs: inner(TT(list(cs), check=False), a), fullgraph=True,
                        backend="eager")
     assert abs(float(fn(*y.cores)) - float((y.full() * a.full()).sum())) <= 1e-13
+
+
+def test_tt_core_check_names_the_core_and_allows_huge_finite_cores():
+    """The core check (one sum per core on the CPU, then the per-core test) names the
+    first non-finite core, catches +Inf and -Inf in different cores, and does not reject
+    finite cores whose sum overflows."""
+    cs = _rand((3, 4, 2, 5), 2, 9, torch.float32).cores
+    for k, bad in [(2, float("nan")), (0, float("inf"))]:
+        c2 = [c.clone() for c in cs]
+        c2[k][0, 1, 0] = bad
+        with pytest.raises(RuntimeError, match=rf"cores\[{k}\]: contains NaN or Inf"):
+            TT(c2)
+    c2 = [c.clone() for c in cs]
+    c2[1][0, 0, 0], c2[3][0, 0, 0] = float("inf"), -float("inf")
+    with pytest.raises(RuntimeError, match=r"cores\[1\]: contains NaN or Inf"):
+        TT(c2)
+    huge = [torch.full_like(c, 3e38) for c in cs]  # each sum overflows float32
+    assert TT(huge).ranks == TT(cs).ranks

@@ -190,9 +190,23 @@ def _check_cores(cores, name: str = "cores") -> List[torch.Tensor]:
     for k, c in enumerate(cores):
         if c.shape[-2] < 1 or c.shape[-3] < 1 or c.shape[-1] < 1:
             raise ValueError(f"{name}[{k}]: every dimension must be positive, got {tuple(c.shape)}")
-    for k, c in enumerate(cores):  # no host sync (immediate on the CPU); detached: a
-        assert_finite_async(c.detach(), f"{name}[{k}]")  # check adds no autograd nodes
+    _assert_cores_finite(cores, name)
     return cores
+
+
+def _assert_cores_finite(cores: List[torch.Tensor], name: str) -> None:
+    """Raise ``RuntimeError("<name>[k]: contains NaN or Inf")`` for the first non-finite core,
+    without a host sync off the CPU. Detached: the check adds no autograd nodes. On the CPU
+    one sum per core first (a read there is free; NaN and Inf propagate to the sum, at a
+    third of the per-core test's operations and memory passes); only when that total is
+    not finite (or a huge sum overflowed) does the per-core test run to name the core."""
+    det = [c.detach() for c in cores]
+    if (det[0].device.type == "cpu" and len(det) > 1 and not torch.compiler.is_compiling()
+            and not functorch_wrapped(det[0])):
+        if math.isfinite(float(torch.stack([c.sum() for c in det]).sum())):
+            return
+    for k, c in enumerate(det):  # asynchronous on a GPU (immediate on the CPU)
+        assert_finite_async(c, f"{name}[{k}]")
 
 
 class TT:
@@ -828,20 +842,23 @@ class _SumTT(TT):
             # sweep whose backward is one reverse sweep; the constant pairs apart
             x = live[0]
             rest = [t for t in ts if t is not x]
-            p = _OneVsSum.apply(len(ts), *x._cores, *[c for t in rest for c in t._cores])
-            diag = [p[0]] + [inner(t, t) for t in rest]
-            s = p[0] + 2 * p[1:].sum() + sum(diag[1:])
-            for i in range(len(rest)):
-                for j in range(i + 1, len(rest)):
-                    s = s + 2 * inner(rest[i], rest[j])
+            sx, p = _OneVsSum.apply(len(ts), *x._cores, *[c for t in rest for c in t._cores])
+            # the constant pairs, no graph: one read with the check's values below
+            const = [inner(t, t) for t in rest]
+            const += [2 * inner(rest[i], rest[j])
+                      for i in range(len(rest)) for j in range(i + 1, len(rest))]
+            vals = torch.cat([p, torch.stack(const)]).tolist()
+            diag = [vals[0]] + vals[len(ts):len(ts) + len(rest)]
+            s = sx + sum(vals[len(ts):])
+            vals = diag + [vals[0] + 2 * sum(vals[1:len(ts)]) + sum(vals[len(ts):])]
         else:
             diag = [inner(t, t) for t in ts]
             s = sum(diag[1:], diag[0])
             for i in range(len(ts)):
                 for j in range(i + 1, len(ts)):
                     s = s + 2 * inner(ts[i], ts[j])
-        # the check in Python floats from one read (no sync on the CPU)
-        vals = torch.stack([v.detach() for v in diag] + [s.detach()]).tolist()
+            # the check in Python floats from one read (no sync on the CPU)
+            vals = torch.stack([v.detach() for v in diag] + [s.detach()]).tolist()
         scale = sum(math.sqrt(max(v, 0.0)) for v in vals[:-1]) ** 2
         fin = torch.finfo(self.dtype)
         if fin.tiny / fin.eps <= scale <= fin.max / 16 and vals[-1] >= _GRAM_NORM_TAU * scale:
@@ -1203,31 +1220,37 @@ def round(
 
 
 class _OneVsSum(torch.autograd.Function):
-    """``(<x, x>, <x, t_1>, ..., <x, t_m>)`` for a TT ``x`` and constant TTs ``t_j`` of one
-    shape, by one left sweep whose environment is ``[W_0 | W_1 | ... ]`` (``x`` against
-    each term, the terms side by side: ``x`` itself is block 0): per core one product
-    ``W^T x_k`` for all blocks, then one per block. The backward is one right sweep for
-    the first argument: with block weights ``g_0`` doubled (``x`` is both arguments of
-    block 0) it gives ``d/dx sum_j g_j <x, t_j>``, two products per core plus one per block
-    (the pairwise sweeps: 10 products per core for two terms, here 7). Inputs: the number
-    of blocks ``k``, the cores of ``x``, then those of ``t_1..t_m``. Both sweeps run
-    compiled on the CPU when the dense kernels are loaded (one call each instead of about
-    4 products and their dispatch per core). With ``create_graph`` the backward
-    differentiates the plain sweeps instead (second derivatives)."""
+    """``<x, x> + 2 sum_j <x, t_j>`` (the part of ``||x + t_1 + ... + t_m||^2`` that varies
+    with ``x``) for a TT ``x`` and constant TTs ``t_j`` of one shape, and the values
+    ``(<x, x>, <x, t_1>, ..., <x, t_m>)`` as a second, non-differentiable output. One left
+    sweep whose environment is ``[W_0 | W_1 | ... ]`` (``x`` against each term, the terms
+    side by side: ``x`` itself is block 0): per core one product ``W^T x_k`` for all
+    blocks, then one per block. The backward is one right sweep for the first argument:
+    with block weights ``g_0`` doubled (``x`` is both arguments of block 0) it gives
+    ``d/dx sum_j g_j <x, t_j>``, two products per core plus one per block (the pairwise
+    sweeps: 10 products per core for two terms, here 7). Inputs: the number of blocks
+    ``k``, the cores of ``x``, then those of ``t_1..t_m``. Both sweeps run compiled on the
+    CPU when the dense kernels are loaded (one call each instead of about 4 products and
+    their dispatch per core). With ``create_graph`` the backward differentiates the plain
+    sweeps instead (second derivatives)."""
 
     @staticmethod
     def forward(ctx, k, *cores):
         vals, ws = _one_vs_blocks(k, cores)
+        coef = vals.new_full((k,), 2.0)
+        coef[0] = 1.0
         ctx.k, ctx.d = k, len(cores) // k
-        ctx.ws = ws
+        ctx.ws, ctx.coef = ws, coef
         ctx.save_for_backward(*cores)
-        return vals
+        ctx.mark_non_differentiable(vals)
+        return torch.dot(coef, vals), vals
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _g_vals):
         cores = ctx.saved_tensors
         k, d = ctx.k, ctx.d
         xs = cores[:d]
+        g = g * ctx.coef  # the weights of <x, x>, <x, t_1>, ...
         if torch.is_grad_enabled():  # create_graph: a differentiable backward
             blocks = [xs] + [cores[d * j:d * (j + 1)] for j in range(1, k)]
             with torch.enable_grad():
