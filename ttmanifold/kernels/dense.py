@@ -59,7 +59,9 @@ def retract_point(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
 def inner(mod, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
     """``<x, y>`` (0-d) of two single TTs of one shape given by their cores, as the torch
     sweep of :func:`ttmanifold.inner`."""
-    return mod.inner(_contig(xs), _contig(ys))
+    xc = _contig(xs)
+    same = len(xs) == len(ys) and all(x is y for x, y in zip(xs, ys))
+    return mod.inner(xc, xc if same else _contig(ys))
 
 
 def one_vs_blocks(mod, k: int, cores: Sequence[torch.Tensor]):

@@ -1236,11 +1236,12 @@ class _OneVsSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, k, *cores):
-        vals, ws = _one_vs_blocks(k, cores)
+        cc = [c.contiguous() for c in cores]  # once for both sweeps (the kernels need it)
+        vals, ws = _one_vs_blocks(k, cc)
         coef = vals.new_full((k,), 2.0)
         coef[0] = 1.0
         ctx.k, ctx.d = k, len(cores) // k
-        ctx.ws, ctx.coef = ws, coef
+        ctx.ws, ctx.coef, ctx.cc = ws, coef, cc
         ctx.save_for_backward(*cores)
         ctx.mark_non_differentiable(vals)
         return torch.dot(coef, vals), vals
@@ -1257,7 +1258,7 @@ class _OneVsSum(torch.autograd.Function):
                 val = torch.stack([_inner_sweep(xs, b) for b in blocks])
             gx = torch.autograd.grad(val, xs, g, create_graph=True)
             return (None, *gx, *([None] * (len(cores) - d)))
-        dxs = _one_vs_blocks_backward(k, cores, ctx.ws, g)
+        dxs = _one_vs_blocks_backward(k, ctx.cc, ctx.ws, g)
         return (None, *dxs, *([None] * (len(cores) - d)))
 
 
