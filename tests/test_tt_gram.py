@@ -321,15 +321,17 @@ def test_compiled_gram_sweeps_match_dense(dense_spy, shape, ranks, dtype):
     g = torch.randn(k, dtype=F64, generator=torch.Generator().manual_seed(7))
     from ttmanifold.kernels import dense as compiled_dense
 
-    vals, ws = compiled_dense.one_vs_blocks(dense_spy, k, cores)
+    vals, ws = compiled_dense.one_vs_blocks(dense_spy, k, cores, True)
     dxs = compiled_dense.one_vs_blocks_backward(dense_spy, k, cores, ws, g.to(dtype))
-    tvals, tws = tt_mod._one_vs_blocks.torch_impl(k, cores)
+    tvals, tws = tt_mod._one_vs_blocks.torch_impl(k, cores, True)
     tdxs = tt_mod._one_vs_blocks_backward.torch_impl(k, cores, tws, g.to(dtype))
     # dense float64 reference: values <x, t_j> and d/dx sum_j g_j <x, t_j> (t_0 = x)
     fulls = [TT([c.to(F64) for c in t.cores]).full() for t in ts]
     x0 = fulls[0].clone().requires_grad_()
     ref = torch.stack([(x0 * x0).sum()] + [(x0 * f).sum() for f in fulls[1:]])
     (gref,) = torch.autograd.grad((ref * g).sum(), x0)
+    pairs = torch.stack([(fulls[i] * fulls[j]).sum() for i in range(1, k) for j in range(i, k)])
+    ref = torch.cat([ref.detach(), pairs])
     # the gradient cores, mapped to the dense tensor: the derivative along each core
     xs = [c.to(F64) for c in ts[0].cores]
     tol = 1e-12 if dtype == F64 else 3e-5

@@ -548,9 +548,10 @@ torch::Tensor inner(std::vector<torch::Tensor> xs, std::vector<torch::Tensor> ys
   return out;
 }
 
-// (<x, x>, <x, t_1>, ..., <x, t_{k-1}>) and the left environments ws (ws[m]: before core m)
+// (<x, x>, <x, t_1>, ..., <x, t_{k-1}>), then with pairs the constant pairs <t_i, t_j>,
+// 1 <= i <= j < k (row by row), and the left environments ws (ws[m]: before core m)
 std::tuple<torch::Tensor, std::vector<torch::Tensor>> one_vs_blocks(
-    std::vector<torch::Tensor> cores, int64_t k) {
+    std::vector<torch::Tensor> cores, int64_t k, bool pairs) {
   TORCH_CHECK(k >= 1 && !cores.empty() && cores.size() % k == 0,
               "one_vs_blocks: expected k blocks of d cores");
   const auto t = cores[0].scalar_type();
@@ -563,9 +564,19 @@ std::tuple<torch::Tensor, std::vector<torch::Tensor>> one_vs_blocks(
     ws[m] = torch::empty({cores[m].size(0), R}, cores[0].options());
   }
   ws[0].fill_(1);
-  auto vals = torch::empty({k}, cores[0].options());
+  const int64_t np = pairs ? (k - 1) * k / 2 : 0;
+  auto vals = torch::empty({k + np}, cores[0].options());
   AT_DISPATCH_FLOATING_TYPES(t, "ttm_one_vs_blocks", [&] {
-    one_vs_blocks_impl<scalar_t>(cores, k, ws, vals.data_ptr<scalar_t>());
+    scalar_t* v = vals.data_ptr<scalar_t>();
+    one_vs_blocks_impl<scalar_t>(cores, k, ws, v);
+    int64_t at = k;
+    for (int64_t i = 1; pairs && i < k; ++i) {
+      const std::vector<torch::Tensor> ti(cores.begin() + i * d, cores.begin() + (i + 1) * d);
+      for (int64_t j = i; j < k; ++j) {
+        const std::vector<torch::Tensor> tj(cores.begin() + j * d, cores.begin() + (j + 1) * d);
+        v[at++] = inner_impl<scalar_t>(ti, tj);
+      }
+    }
   });
   return {vals, ws};
 }

@@ -64,11 +64,12 @@ def inner(mod, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.
     return mod.inner(xc, xc if same else _contig(ys))
 
 
-def one_vs_blocks(mod, k: int, cores: Sequence[torch.Tensor]):
+def one_vs_blocks(mod, k: int, cores: Sequence[torch.Tensor], pairs: bool = False):
     """``(<x, x>, <x, t_1>, ..., <x, t_{k-1}>)`` and the left environments ``ws`` (``ws[m]``
     before core ``m``) of the sweep of one TT ``x`` against the blocks ``[x, t_1, ...]``;
-    ``cores``: the ``d`` cores of each block in turn, ``x``'s first."""
-    vals, ws = mod.one_vs_blocks(_contig(cores), int(k))
+    ``cores``: the ``d`` cores of each block in turn, ``x``'s first. With ``pairs`` the
+    values go on with the constant pairs ``<t_i, t_j>``, ``1 <= i <= j < k``, row by row."""
+    vals, ws = mod.one_vs_blocks(_contig(cores), int(k), bool(pairs))
     return vals, list(ws)
 
 

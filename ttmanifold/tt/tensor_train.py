@@ -842,15 +842,13 @@ class _SumTT(TT):
             # sweep whose backward is one reverse sweep; the constant pairs apart
             x = live[0]
             rest = [t for t in ts if t is not x]
-            sx, p = _OneVsSum.apply(len(ts), *x._cores, *[c for t in rest for c in t._cores])
-            # the constant pairs, no graph: one read with the check's values below
-            const = [inner(t, t) for t in rest]
-            const += [2 * inner(rest[i], rest[j])
-                      for i in range(len(rest)) for j in range(i + 1, len(rest))]
-            vals = torch.cat([p, torch.stack(const)]).tolist()
-            diag = [vals[0]] + vals[len(ts):len(ts) + len(rest)]
-            s = sx + sum(vals[len(ts):])
-            vals = diag + [vals[0] + 2 * sum(vals[1:len(ts)]) + sum(vals[len(ts):])]
+            k = len(ts)
+            s, p = _OneVsSum.apply(k, tuple(c for t in rest for c in t._cores), *x._cores)
+            # the check's values in Python floats from one read (no sync on the CPU)
+            vals = p.tolist()
+            pairs = [(i, j) for i in range(1, k) for j in range(i, k)]
+            diag = [vals[0]] + [v for (i, j), v in zip(pairs, vals[k:]) if i == j]
+            vals = diag + [math.fsum(c * v for c, v in zip(_one_vs_sum_weights(k), vals))]
         else:
             diag = [inner(t, t) for t in ts]
             s = sum(diag[1:], diag[0])
@@ -1219,53 +1217,63 @@ def round(
     return TT(cores, check=False)
 
 
+def _one_vs_sum_weights(k: int) -> List[float]:
+    """The weights of ``||x + t_1 + ... + t_{k-1}||^2`` in the values of
+    :func:`_one_vs_blocks` with ``pairs``: ``<x, x>``, ``2 <x, t_j>``, ``<t_i, t_i>``,
+    ``2 <t_i, t_j>`` (``i < j``)."""
+    return [1.0] + [2.0] * (k - 1) + [1.0 if i == j else 2.0
+                                      for i in range(1, k) for j in range(i, k)]
+
+
 class _OneVsSum(torch.autograd.Function):
-    """``<x, x> + 2 sum_j <x, t_j>`` (the part of ``||x + t_1 + ... + t_m||^2`` that varies
-    with ``x``) for a TT ``x`` and constant TTs ``t_j`` of one shape, and the values
-    ``(<x, x>, <x, t_1>, ..., <x, t_m>)`` as a second, non-differentiable output. One left
-    sweep whose environment is ``[W_0 | W_1 | ... ]`` (``x`` against each term, the terms
-    side by side: ``x`` itself is block 0): per core one product ``W^T x_k`` for all
-    blocks, then one per block. The backward is one right sweep for the first argument:
-    with block weights ``g_0`` doubled (``x`` is both arguments of block 0) it gives
-    ``d/dx sum_j g_j <x, t_j>``, two products per core plus one per block (the pairwise
-    sweeps: 10 products per core for two terms, here 7). Inputs: the number of blocks
-    ``k``, the cores of ``x``, then those of ``t_1..t_m``. Both sweeps run compiled on the
-    CPU when the dense kernels are loaded (one call each instead of about 4 products and
-    their dispatch per core). With ``create_graph`` the backward differentiates the plain
-    sweeps instead (second derivatives)."""
+    """``||x + t_1 + ... + t_m||^2`` from the inner products of the terms, for a TT ``x``
+    and constant TTs ``t_j`` of one shape, and the values ``(<x, x>, <x, t_1>, ...,
+    <x, t_m>, <t_i, t_j> for 1 <= i <= j <= m)`` as a second, non-differentiable output.
+    One left sweep whose environment is ``[W_0 | W_1 | ... ]`` (``x`` against each term,
+    the terms side by side: ``x`` itself is block 0): per core one product ``W^T x_k`` for
+    all blocks, then one per block; the constant pairs by their own sweeps. The backward is
+    one right sweep for ``x``: with block weights ``g_0`` doubled (``x`` is both arguments
+    of block 0) it gives ``d/dx sum_j g_j <x, t_j>``, two products per core plus one per
+    block (the pairwise sweeps: 10 products per core for two terms, here 7). Inputs: the
+    number of blocks ``k``, the constant terms' cores (a tuple: no gradient), then the cores
+    of ``x``. Both sweeps run compiled on the CPU when the dense kernels are loaded (one
+    call each instead of about 4 products and their dispatch per core). With
+    ``create_graph`` the backward differentiates the plain sweeps instead (second
+    derivatives)."""
 
     @staticmethod
-    def forward(ctx, k, *cores):
-        cc = [c.contiguous() for c in cores]  # once for both sweeps (the kernels need it)
-        vals, ws = _one_vs_blocks(k, cc)
-        coef = vals.new_full((k,), 2.0)
-        coef[0] = 1.0
-        ctx.k, ctx.d = k, len(cores) // k
-        ctx.ws, ctx.coef, ctx.cc = ws, coef, cc
-        ctx.save_for_backward(*cores)
+    def forward(ctx, k, consts, *xcores):
+        # contiguous once for both sweeps (the kernels need it)
+        cc = [c.contiguous() for c in xcores] + [c.contiguous() for c in consts]
+        vals, ws = _one_vs_blocks(k, cc, True)
+        w = vals.new_tensor(_one_vs_sum_weights(k))
+        ctx.k, ctx.consts = k, consts
+        ctx.ws, ctx.w, ctx.cc = ws, w[:k], cc
+        ctx.save_for_backward(*xcores)
         ctx.mark_non_differentiable(vals)
-        return torch.dot(coef, vals), vals
+        return torch.dot(w, vals), vals
 
     @staticmethod
     def backward(ctx, g, _g_vals):
-        cores = ctx.saved_tensors
-        k, d = ctx.k, ctx.d
-        xs = cores[:d]
-        g = g * ctx.coef  # the weights of <x, x>, <x, t_1>, ...
+        xs = ctx.saved_tensors
+        k, d = ctx.k, len(xs)
+        g = g * ctx.w  # the weights of <x, x>, <x, t_1>, ...
         if torch.is_grad_enabled():  # create_graph: a differentiable backward
-            blocks = [xs] + [cores[d * j:d * (j + 1)] for j in range(1, k)]
+            cs = ctx.consts
+            blocks = [xs] + [cs[d * j:d * (j + 1)] for j in range(k - 1)]
             with torch.enable_grad():
                 val = torch.stack([_inner_sweep(xs, b) for b in blocks])
             gx = torch.autograd.grad(val, xs, g, create_graph=True)
-            return (None, *gx, *([None] * (len(cores) - d)))
-        dxs = _one_vs_blocks_backward(k, ctx.cc, ctx.ws, g)
-        return (None, *dxs, *([None] * (len(cores) - d)))
+            return (None, None, *gx)
+        return (None, None, *_one_vs_blocks_backward(k, ctx.cc, ctx.ws, g))
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.one_vs_blocks)
-def _one_vs_blocks(k: int, cores: Sequence[torch.Tensor]):
+def _one_vs_blocks(k: int, cores: Sequence[torch.Tensor], pairs: bool = False):
     """The forward sweep of :class:`_OneVsSum` (``cores``: ``x``'s, then each term's): the
-    ``k`` values and the left environments ``ws`` (``ws[m]``: before core ``m``)."""
+    ``k`` values ``<x, x>, <x, t_j>`` (with ``pairs`` followed by the constant pairs
+    ``<t_i, t_j>``, ``1 <= i <= j < k``, row by row) and the left environments ``ws``
+    (``ws[m]``: before core ``m``)."""
     d = len(cores) // k
     xs = cores[:d]
     blocks = [xs] + [cores[d * j:d * (j + 1)] for j in range(1, k)]
@@ -1284,7 +1292,11 @@ def _one_vs_blocks(k: int, cores: Sequence[torch.Tensor]):
                                   y.reshape(rb * n, rd)))
             row += rb
         w = torch.cat(parts, 1)
-    return w.reshape(k), ws
+    vals = w.reshape(k)
+    if pairs and k > 1:
+        vals = torch.cat([vals, torch.stack([_inner_sweep.torch_impl(blocks[i], blocks[j])
+                                             for i in range(1, k) for j in range(i, k)])])
+    return vals, ws
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.one_vs_blocks_backward)
