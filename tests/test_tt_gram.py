@@ -410,3 +410,26 @@ def test_tt_core_check_names_the_core_and_allows_huge_finite_cores():
         TT(c2)
     huge = [torch.full_like(c, 3e38) for c in cs]  # each sum overflows float32
     assert TT(huge).ranks == TT(cs).ranks
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_compiled_all_finite_matches_torch(dense_spy, dtype):
+    """The compiled finiteness test of a TT's cores: False for NaN, +-Inf anywhere (also in
+    the tail after the vector lanes), True for finite cores however large; TT() uses it."""
+    from ttmanifold.kernels import dense as compiled_dense
+
+    tt_mod = tm.tt.tensor_train
+    cs = [c.to(dtype) for c in _rand((3, 5, 7, 2), 3, 11).cores]
+    assert compiled_dense.all_finite(dense_spy, cs) and tt_mod._cores_finite.torch_impl(cs)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for k, idx in [(0, (0, 2, 2)), (2, (1, 6, 1)), (2, (2, 3, 0)), (3, (1, 1, 0))]:
+            c2 = [c.clone() for c in cs]
+            c2[k][idx] = bad
+            assert not compiled_dense.all_finite(dense_spy, c2)
+            assert not tt_mod._cores_finite.torch_impl(c2)
+    big = torch.finfo(dtype).max / 2
+    huge = [torch.full_like(c, big) for c in cs]
+    assert compiled_dense.all_finite(dense_spy, huge)
+    dense_spy.calls.clear()
+    TT(cs)
+    assert "all_finite" in dense_spy.calls

@@ -534,6 +534,30 @@ torch::Tensor retract_point(std::vector<torch::Tensor> U, std::vector<torch::Ten
   return retract(U, right_cores(U), du, ranks);
 }
 
+// Whether every entry of every tensor is finite: x - x is 0 for a finite x and NaN for
+// NaN or +-Inf, so the sum cannot overflow (one vectorizable pass, no allocation).
+bool all_finite(std::vector<torch::Tensor> xs) {
+  bool ok = true;
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "all_finite: contiguous CPU tensors");
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ttm_all_finite", [&] {
+      const scalar_t* p = x.data_ptr<scalar_t>();
+      const int64_t n = x.numel();
+      constexpr int L = 32;  // independent lanes: several vector accumulators in flight
+      scalar_t acc[L] = {};
+      int64_t i = 0;
+      for (; i + L <= n; i += L)
+        for (int j = 0; j < L; ++j) acc[j] += p[i + j] - p[i + j];
+      for (; i < n; ++i) acc[0] += p[i] - p[i];
+      scalar_t s = 0;
+      for (int j = 0; j < L; ++j) s += acc[j];
+      ok = ok && s == 0;
+    });
+    if (!ok) break;
+  }
+  return ok;
+}
+
 // <x, y> of two TTs of one shape (0-d tensor)
 torch::Tensor inner(std::vector<torch::Tensor> xs, std::vector<torch::Tensor> ys) {
   TORCH_CHECK(!xs.empty() && xs.size() == ys.size(), "inner: xs, ys of different lengths");
@@ -611,6 +635,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("right_cores", &right_cores, "canonical right-orthogonal cores of a left-orthogonal TT");
   m.def("project", &project, "packed projection D_k = U_<k^T Z V_>k^T (optionally gauged)");
   m.def("inner", &inner, "inner product of two TTs");
+  m.def("all_finite", &all_finite, "whether every entry of the tensors is finite");
   m.def("one_vs_blocks", &one_vs_blocks, "(<x, x>, <x, t_j>...) and the left environments");
   m.def("one_vs_blocks_backward", &one_vs_blocks_backward,
         "gradient in x of sum_b g_b <x, block_b>");

@@ -78,3 +78,8 @@ def one_vs_blocks_backward(mod, k: int, cores: Sequence[torch.Tensor],
     """The cores of ``d/dx sum_b g_b <x, block_b>`` (block 0 is ``x`` itself) from the
     environments ``ws`` of :func:`one_vs_blocks`."""
     return list(mod.one_vs_blocks_backward(_contig(cores), int(k), _contig(ws), g))
+
+
+def all_finite(mod, xs: Sequence[torch.Tensor]) -> bool:
+    """Whether every entry of the tensors ``xs`` is finite (one pass, no allocation)."""
+    return bool(mod.all_finite(_contig(xs)))
