@@ -267,3 +267,169 @@ def test_sum_with_one_varying_term_gradcheck():
         assert torch.allclose(g1, g2, atol=1e-13)
     assert torch.autograd.gradcheck(f, cx)
     assert torch.autograd.gradgradcheck(f, cx)
+
+
+# ---------------------------------------------------------------------------------------
+# the compiled sweeps (kernel set "dense": inner, one_vs_blocks and its backward)
+# ---------------------------------------------------------------------------------------
+class _Spy:
+    """A compiled module that records which of its functions were called."""
+
+    def __init__(self, mod):
+        self._mod, self.calls = mod, []
+
+    def __getattr__(self, attr):
+        f = getattr(self._mod, attr)
+
+        def call(*a, **k):
+            self.calls.append(attr)
+            return f(*a, **k)
+
+        return call
+
+
+@pytest.fixture
+def dense_spy(monkeypatch):
+    """The compiled dense kernels (built or loaded from the cache) behind a spy."""
+    from ttmanifold import kernels
+
+    kernels.build("dense", verbose=False)
+    mod = kernels.module("dense")
+    if mod is None:
+        pytest.skip(f"compiled dense kernels unavailable: {kernels.status()['dense']}")
+    spy = _Spy(mod)
+    monkeypatch.setattr(kernels._SETS["dense"], "module", spy)
+    monkeypatch.setitem(kernels._config, "enabled", True)
+    return spy
+
+
+_GRAM_CASES = [((3, 4, 2, 5), [(1, 2, 4, 3, 1), 3, 1]),
+               ((4, 3), [2, 1, 3]),
+               ((2, 3, 2, 2, 3), [(1, 2, 5, 4, 3, 1), 2, (1, 1, 3, 2, 2, 1), 4])]
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("shape,ranks", _GRAM_CASES)
+def test_compiled_gram_sweeps_match_dense(dense_spy, shape, ranks, dtype):
+    """The compiled forward (values and environments) and backward of the one-against-the-
+    terms sweep, and the compiled inner, against the dense float64 values and gradients
+    and against the torch sweeps."""
+    tt_mod = tm.tt.tensor_train
+    ts = [_rand(shape, r, 60 + i) for i, r in enumerate(ranks)]
+    k = len(ts)
+    cores = [c.to(dtype) for t in ts for c in t.cores]
+    g = torch.randn(k, dtype=F64, generator=torch.Generator().manual_seed(7))
+    from ttmanifold.kernels import dense as compiled_dense
+
+    vals, ws = compiled_dense.one_vs_blocks(dense_spy, k, cores, True)
+    dxs = compiled_dense.one_vs_blocks_backward(dense_spy, k, cores, ws, g.to(dtype))
+    tvals, tws = tt_mod._one_vs_blocks.torch_impl(k, cores, True)
+    tdxs = tt_mod._one_vs_blocks_backward.torch_impl(k, cores, tws, g.to(dtype))
+    # dense float64 reference: values <x, t_j> and d/dx sum_j g_j <x, t_j> (t_0 = x)
+    fulls = [TT([c.to(F64) for c in t.cores]).full() for t in ts]
+    x0 = fulls[0].clone().requires_grad_()
+    ref = torch.stack([(x0 * x0).sum()] + [(x0 * f).sum() for f in fulls[1:]])
+    (gref,) = torch.autograd.grad((ref * g).sum(), x0)
+    pairs = torch.stack([(fulls[i] * fulls[j]).sum() for i in range(1, k) for j in range(i, k)])
+    ref = torch.cat([ref.detach(), pairs])
+    # the gradient cores, mapped to the dense tensor: the derivative along each core
+    xs = [c.to(F64) for c in ts[0].cores]
+    tol = 1e-12 if dtype == F64 else 3e-5
+    scale = float(ref.abs().max())
+    assert float((vals.double() - ref.detach()).abs().max()) <= tol * scale
+    assert float((tvals.double() - vals.double()).abs().max()) <= tol * scale
+    for w, tw in zip(ws, tws):
+        assert torch.allclose(w.double(), tw.double(), atol=tol * scale, rtol=tol)
+    d = len(xs)
+    for m in range(d):  # <dx_m, e> = directional derivative along core m: dense check
+        e = torch.randn(xs[m].shape, dtype=F64, generator=torch.Generator().manual_seed(m))
+        de = TT(xs[:m] + [e] + xs[m + 1:]).full()
+        want = float((gref * de).sum())
+        got = float((dxs[m].double() * e).sum())
+        assert abs(got - want) <= tol * max(1.0, float(gref.norm() * de.norm()))
+        assert torch.allclose(dxs[m].double(), tdxs[m].double(), atol=tol * float(
+            tdxs[m].abs().max()), rtol=tol)
+    a, b = TT([c.to(dtype) for c in ts[1].cores]), TT([c.to(dtype) for c in ts[-1].cores])
+    got = inner(a, b)
+    assert "inner" in dense_spy.calls
+    assert abs(float(got) - float((fulls[1] * fulls[-1]).sum())) <= tol * scale
+
+
+def test_compiled_one_vs_sum_gradcheck(dense_spy):
+    """``<s, s>`` of ``s = x - a + b`` (only x varying) through the compiled sweeps:
+    gradcheck of the first derivatives, the second by the differentiable torch backward,
+    and the same gradient as the torch sweeps."""
+    from ttmanifold import kernels
+
+    x, a, b = _rand((2, 3, 2, 2), 2, 50), _rand((2, 3, 2, 2), 2, 51), _rand((2, 3, 2, 2), 1, 52)
+    a, b = 0.5 * a, 0.2 * b
+    cx, _ = _leaf(x)
+    d = len(cx)
+
+    def f(*cs):
+        s = TT(list(cs[:d]), check=False) - a + b
+        return s.norm() ** 2
+
+    assert torch.autograd.gradcheck(f, cx)
+    assert {"one_vs_blocks", "one_vs_blocks_backward"} <= set(dense_spy.calls)
+    assert torch.autograd.gradgradcheck(f, cx)
+    got = torch.autograd.grad(f(*cx), cx)
+    kernels.set_enabled(False)
+    try:
+        ref = torch.autograd.grad(f(*cx), cx)
+    finally:
+        kernels.set_enabled(True)
+    for g1, g2 in zip(got, ref):
+        assert torch.allclose(g1, g2, atol=1e-14, rtol=1e-12)
+
+
+def test_gram_sweeps_on_meta_and_under_compile():
+    """Meta tensors and torch.compile take the torch sweeps (shapes only / traced)."""
+    x = TT([torch.empty(c.shape, device="meta") for c in _rand((3, 4, 2), 2, 1).cores])
+    assert inner(x, x).shape == ()
+    a = _rand((3, 4, 2), 2, 2)
+    y = _rand((3, 4, 2), 3, 3)
+    fn = torch.compile(lambda *cs: inner(TT(list(cs), check=False), a), fullgraph=True,
+                       backend="eager")
+    assert abs(float(fn(*y.cores)) - float((y.full() * a.full()).sum())) <= 1e-13
+
+
+def test_tt_core_check_names_the_core_and_allows_huge_finite_cores():
+    """The core check (one sum per core on the CPU, then the per-core test) names the
+    first non-finite core, catches +Inf and -Inf in different cores, and does not reject
+    finite cores whose sum overflows."""
+    cs = _rand((3, 4, 2, 5), 2, 9, torch.float32).cores
+    for k, bad in [(2, float("nan")), (0, float("inf"))]:
+        c2 = [c.clone() for c in cs]
+        c2[k][0, 1, 0] = bad
+        with pytest.raises(RuntimeError, match=rf"cores\[{k}\]: contains NaN or Inf"):
+            TT(c2)
+    c2 = [c.clone() for c in cs]
+    c2[1][0, 0, 0], c2[3][0, 0, 0] = float("inf"), -float("inf")
+    with pytest.raises(RuntimeError, match=r"cores\[1\]: contains NaN or Inf"):
+        TT(c2)
+    huge = [torch.full_like(c, 3e38) for c in cs]  # each sum overflows float32
+    assert TT(huge).ranks == TT(cs).ranks
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_compiled_all_finite_matches_torch(dense_spy, dtype):
+    """The compiled finiteness test of a TT's cores: False for NaN, +-Inf anywhere (also in
+    the tail after the vector lanes), True for finite cores however large; TT() uses it."""
+    from ttmanifold.kernels import dense as compiled_dense
+
+    tt_mod = tm.tt.tensor_train
+    cs = [c.to(dtype) for c in _rand((3, 5, 7, 2), 3, 11).cores]
+    assert compiled_dense.all_finite(dense_spy, cs) and tt_mod._cores_finite.torch_impl(cs)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for k, idx in [(0, (0, 2, 2)), (2, (1, 6, 1)), (2, (2, 3, 0)), (3, (1, 1, 0))]:
+            c2 = [c.clone() for c in cs]
+            c2[k][idx] = bad
+            assert not compiled_dense.all_finite(dense_spy, c2)
+            assert not tt_mod._cores_finite.torch_impl(c2)
+    big = torch.finfo(dtype).max / 2
+    huge = [torch.full_like(c, big) for c in cs]
+    assert compiled_dense.all_finite(dense_spy, huge)
+    dense_spy.calls.clear()
+    TT(cs)
+    assert "all_finite" in dense_spy.calls

@@ -1,7 +1,8 @@
 // Small dense sweeps of the fixed-TT-rank manifold on the CPU, calling LAPACK/BLAS directly
 // (the symbols that torch's CPU build exports), without torch's per-call overhead:
-// the right-orthogonal cores V of a left-orthogonal point and the tangent projection of a
-// TT. ttmanifold/kernels builds this file on first use; the torch implementations in
+// the right-orthogonal cores V of a left-orthogonal point, the tangent projection of a
+// TT, the retraction, and the inner-product sweeps of ttmanifold/tt (inner, one TT against
+// several with its reverse sweep). ttmanifold/kernels builds this file on first use; the torch implementations in
 // ttmanifold/tangent.py are the reference and the fallback.
 //
 // Conventions: cores are row-major (r_left, n, r_right) arrays. A row-major (p x q) matrix
@@ -351,12 +352,129 @@ void retract_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::
   }
 }
 
+// The inner-product sweeps of ttmanifold.tt (inner, and the sweep of one TT x against the
+// blocks [x, t_1, ..., t_m] with its reverse sweep): the products of the torch versions in
+// the same order, without torch's per-product dispatch and allocations. cores holds the
+// d cores of each block one block after the other; block 0 is x.
+
+// <x, y>: w_1 = x_1^T y_1, w_k = (w_{k-1}^T x_k)^T y_k (r_x x r_y environments).
+template <typename T>
+T inner_impl(const std::vector<torch::Tensor>& xs, const std::vector<torch::Tensor>& ys) {
+  std::vector<T> w, t, wn;
+  for (size_t k = 0; k < xs.size(); ++k) {
+    const int ra = static_cast<int>(xs[k].size(0)), n = static_cast<int>(xs[k].size(1));
+    const int rc = static_cast<int>(xs[k].size(2));
+    const int rb = static_cast<int>(ys[k].size(0)), rd = static_cast<int>(ys[k].size(2));
+    const T* x = xs[k].data_ptr<T>();
+    const T* y = ys[k].data_ptr<T>();
+    const T* tp = x;  // (rb n x rc); the first core: x itself (ra = rb = 1)
+    if (k > 0) {      // t (rb x n rc) = w^T (rb x ra) x (ra x n rc)
+      t.resize(static_cast<size_t>(rb) * n * rc);
+      mm(true, false, rb, n * rc, ra, T(1), w.data(), rb, x, n * rc, T(0), t.data(), n * rc);
+      tp = t.data();
+    }
+    wn.resize(static_cast<size_t>(rc) * rd);  // w' (rc x rd) = t^T y
+    mm(true, false, rc, rd, rb * n, T(1), tp, rc, y, rd, T(0), wn.data(), rd);
+    std::swap(w, wn);
+  }
+  return w[0];
+}
+
+// Forward of one-against-blocks: w_0 = ones(1, k); per core t = w^T x_m (R x n rc, R the
+// sum of the blocks' left ranks, rows by block), then block b's columns of the next w are
+// t_b^T y_b (t_b: its rows, seen as (r_b n x rc)). ws[m] receives w before core m (the
+// backward's left environments); returns the final w (1 x k) in vals.
+template <typename T>
+void one_vs_blocks_impl(const std::vector<torch::Tensor>& cores, int64_t k,
+                        std::vector<torch::Tensor>& ws, T* vals) {
+  const int64_t d = static_cast<int64_t>(cores.size()) / k;
+  std::vector<T> t, wn;
+  for (int64_t m = 0; m < d; ++m) {
+    const auto& xc = cores[m];
+    const int ra = static_cast<int>(xc.size(0)), n = static_cast<int>(xc.size(1));
+    const int rc = static_cast<int>(xc.size(2));
+    int R = 0, R2 = 0;
+    for (int64_t b = 0; b < k; ++b) {
+      R += static_cast<int>(cores[b * d + m].size(0));
+      R2 += static_cast<int>(cores[b * d + m].size(2));
+    }
+    const T* w = ws[m].data_ptr<T>();  // (ra x R)
+    t.resize(static_cast<size_t>(R) * n * rc);
+    mm(true, false, R, n * rc, ra, T(1), w, R, xc.data_ptr<T>(), n * rc, T(0), t.data(),
+       n * rc);
+    T* out = m + 1 < d ? ws[m + 1].data_ptr<T>() : vals;  // (rc x R2)
+    int row = 0, col = 0;
+    for (int64_t b = 0; b < k; ++b) {
+      const auto& y = cores[b * d + m];
+      const int rb = static_cast<int>(y.size(0)), rd = static_cast<int>(y.size(2));
+      mm(true, false, rc, rd, rb * n, T(1), t.data() + static_cast<size_t>(row) * n * rc, rc,
+         y.data_ptr<T>(), rd, T(0), out + col, R2);
+      row += rb;
+      col += rd;
+    }
+  }
+}
+
+// Reverse sweep: with z (rc x R2) starting at the block weights (block 0's doubled: x is
+// both of its arguments), u = [y_b z_b^T] stacked by block (R n x rc, seen as R x n rc),
+// dx_m = ws[m] u and z <- x_m u^T (ra x R).
+template <typename T>
+void one_vs_blocks_backward_impl(const std::vector<torch::Tensor>& cores, int64_t k,
+                                 const std::vector<torch::Tensor>& ws, const T* g,
+                                 std::vector<torch::Tensor>& dxs) {
+  const int64_t d = static_cast<int64_t>(cores.size()) / k;
+  std::vector<T> z(static_cast<size_t>(k)), zn, u;
+  for (int64_t b = 0; b < k; ++b) z[b] = b == 0 ? 2 * g[0] : g[b];
+  for (int64_t m = d - 1; m >= 0; --m) {
+    const auto& xc = cores[m];
+    const int ra = static_cast<int>(xc.size(0)), n = static_cast<int>(xc.size(1));
+    const int rc = static_cast<int>(xc.size(2));
+    int R = 0, R2 = 0;
+    for (int64_t b = 0; b < k; ++b) {
+      R += static_cast<int>(cores[b * d + m].size(0));
+      R2 += static_cast<int>(cores[b * d + m].size(2));
+    }
+    u.resize(static_cast<size_t>(R) * n * rc);
+    int row = 0, col = 0;
+    for (int64_t b = 0; b < k; ++b) {  // u_b (r_b n x rc) = y_b (r_b n x rd) z_b^T (rd x rc)
+      const auto& y = cores[b * d + m];
+      const int rb = static_cast<int>(y.size(0)), rd = static_cast<int>(y.size(2));
+      mm(false, true, rb * n, rc, rd, T(1), y.data_ptr<T>(), rd, z.data() + col, R2, T(0),
+         u.data() + static_cast<size_t>(row) * n * rc, rc);
+      row += rb;
+      col += rd;
+    }
+    mm(false, false, ra, n * rc, R, T(1), ws[m].data_ptr<T>(), R, u.data(), n * rc, T(0),
+       dxs[m].data_ptr<T>(), n * rc);
+    if (m > 0) {  // z (ra x R) = x (ra x n rc) u^T
+      zn.resize(static_cast<size_t>(ra) * R);
+      mm(false, true, ra, R, n * rc, T(1), xc.data_ptr<T>(), n * rc, u.data(), n * rc, T(0),
+         zn.data(), R);
+      std::swap(z, zn);
+    }
+  }
+}
+
 void check_cores(const std::vector<torch::Tensor>& cs, const char* name, torch::ScalarType t,
                  int64_t from = 0) {
   for (size_t k = static_cast<size_t>(from); k < cs.size(); ++k) {
     TORCH_CHECK(cs[k].device().is_cpu() && cs[k].is_contiguous() && cs[k].dim() == 3 &&
                 cs[k].scalar_type() == t, name, ": expected contiguous 3-D CPU cores of one dtype");
   }
+}
+
+// k blocks of d cores each: one mode size per core, ranks chained, r_0 = r_d = 1
+void check_blocks(const std::vector<torch::Tensor>& cs, int64_t k, torch::ScalarType t) {
+  check_cores(cs, "cores", t);
+  const int64_t d = static_cast<int64_t>(cs.size()) / k;
+  for (int64_t b = 0; b < k; ++b)
+    for (int64_t m = 0; m < d; ++m) {
+      const auto& c = cs[b * d + m];
+      TORCH_CHECK(c.size(1) == cs[m].size(1) &&
+                      c.size(0) == (m == 0 ? 1 : cs[b * d + m - 1].size(2)) &&
+                      (m + 1 < d || c.size(2) == 1),
+                  "cores: block ", b, " core ", m, " does not fit the blocks' shape and ranks");
+    }
 }
 
 // a flat tensor the size of the packed cores U
@@ -416,9 +534,109 @@ torch::Tensor retract_point(std::vector<torch::Tensor> U, std::vector<torch::Ten
   return retract(U, right_cores(U), du, ranks);
 }
 
+// Whether every entry of every tensor is finite: x - x is 0 for a finite x and NaN for
+// NaN or +-Inf, so the sum cannot overflow (one vectorizable pass, no allocation).
+bool all_finite(std::vector<torch::Tensor> xs) {
+  bool ok = true;
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "all_finite: contiguous CPU tensors");
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ttm_all_finite", [&] {
+      const scalar_t* p = x.data_ptr<scalar_t>();
+      const int64_t n = x.numel();
+      constexpr int L = 32;  // independent lanes: several vector accumulators in flight
+      scalar_t acc[L] = {};
+      int64_t i = 0;
+      for (; i + L <= n; i += L)
+        for (int j = 0; j < L; ++j) acc[j] += p[i + j] - p[i + j];
+      for (; i < n; ++i) acc[0] += p[i] - p[i];
+      scalar_t s = 0;
+      for (int j = 0; j < L; ++j) s += acc[j];
+      ok = ok && s == 0;
+    });
+    if (!ok) break;
+  }
+  return ok;
+}
+
+// <x, y> of two TTs of one shape (0-d tensor)
+torch::Tensor inner(std::vector<torch::Tensor> xs, std::vector<torch::Tensor> ys) {
+  TORCH_CHECK(!xs.empty() && xs.size() == ys.size(), "inner: xs, ys of different lengths");
+  const auto t = xs[0].scalar_type();
+  std::vector<torch::Tensor> both(xs);
+  both.insert(both.end(), ys.begin(), ys.end());
+  check_blocks(both, 2, t);
+  auto out = torch::empty({}, xs[0].options());
+  AT_DISPATCH_FLOATING_TYPES(t, "ttm_inner", [&] {
+    *out.data_ptr<scalar_t>() = inner_impl<scalar_t>(xs, ys);
+  });
+  return out;
+}
+
+// (<x, x>, <x, t_1>, ..., <x, t_{k-1}>), then with pairs the constant pairs <t_i, t_j>,
+// 1 <= i <= j < k (row by row), and the left environments ws (ws[m]: before core m)
+std::tuple<torch::Tensor, std::vector<torch::Tensor>> one_vs_blocks(
+    std::vector<torch::Tensor> cores, int64_t k, bool pairs) {
+  TORCH_CHECK(k >= 1 && !cores.empty() && cores.size() % k == 0,
+              "one_vs_blocks: expected k blocks of d cores");
+  const auto t = cores[0].scalar_type();
+  check_blocks(cores, k, t);
+  const int64_t d = static_cast<int64_t>(cores.size()) / k;
+  std::vector<torch::Tensor> ws(d);
+  for (int64_t m = 0; m < d; ++m) {
+    int64_t R = 0;
+    for (int64_t b = 0; b < k; ++b) R += cores[b * d + m].size(0);
+    ws[m] = torch::empty({cores[m].size(0), R}, cores[0].options());
+  }
+  ws[0].fill_(1);
+  const int64_t np = pairs ? (k - 1) * k / 2 : 0;
+  auto vals = torch::empty({k + np}, cores[0].options());
+  AT_DISPATCH_FLOATING_TYPES(t, "ttm_one_vs_blocks", [&] {
+    scalar_t* v = vals.data_ptr<scalar_t>();
+    one_vs_blocks_impl<scalar_t>(cores, k, ws, v);
+    int64_t at = k;
+    for (int64_t i = 1; pairs && i < k; ++i) {
+      const std::vector<torch::Tensor> ti(cores.begin() + i * d, cores.begin() + (i + 1) * d);
+      for (int64_t j = i; j < k; ++j) {
+        const std::vector<torch::Tensor> tj(cores.begin() + j * d, cores.begin() + (j + 1) * d);
+        v[at++] = inner_impl<scalar_t>(ti, tj);
+      }
+    }
+  });
+  return {vals, ws};
+}
+
+// d/dx sum_b g_b <x, block_b> (block 0 is x itself): the cores of the gradient
+std::vector<torch::Tensor> one_vs_blocks_backward(std::vector<torch::Tensor> cores, int64_t k,
+                                                  std::vector<torch::Tensor> ws,
+                                                  torch::Tensor g) {
+  TORCH_CHECK(k >= 1 && !cores.empty() && cores.size() % k == 0,
+              "one_vs_blocks_backward: expected k blocks of d cores");
+  const auto t = cores[0].scalar_type();
+  check_blocks(cores, k, t);
+  const int64_t d = static_cast<int64_t>(cores.size()) / k;
+  TORCH_CHECK(static_cast<int64_t>(ws.size()) == d, "one_vs_blocks_backward: d environments");
+  for (const auto& w : ws)
+    TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2 && w.scalar_type() == t,
+                "ws: expected contiguous 2-D CPU matrices of the cores' dtype");
+  auto gc = g.contiguous();
+  TORCH_CHECK(gc.device().is_cpu() && gc.numel() == k && gc.scalar_type() == t,
+              "g: expected k values of the cores' dtype");
+  std::vector<torch::Tensor> dxs(d);
+  for (int64_t m = 0; m < d; ++m) dxs[m] = torch::empty_like(cores[m]);
+  AT_DISPATCH_FLOATING_TYPES(t, "ttm_one_vs_blocks_backward", [&] {
+    one_vs_blocks_backward_impl<scalar_t>(cores, k, ws, gc.data_ptr<scalar_t>(), dxs);
+  });
+  return dxs;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("retract", &retract, "packed TT-SVD of X + xi (structured rank-2r rounding)");
   m.def("retract_point", &retract_point, "retract, V computed from U");
   m.def("right_cores", &right_cores, "canonical right-orthogonal cores of a left-orthogonal TT");
   m.def("project", &project, "packed projection D_k = U_<k^T Z V_>k^T (optionally gauged)");
+  m.def("inner", &inner, "inner product of two TTs");
+  m.def("all_finite", &all_finite, "whether every entry of the tensors is finite");
+  m.def("one_vs_blocks", &one_vs_blocks, "(<x, x>, <x, t_j>...) and the left environments");
+  m.def("one_vs_blocks_backward", &one_vs_blocks_backward,
+        "gradient in x of sum_b g_b <x, block_b>");
 }

@@ -54,3 +54,32 @@ def retract_point(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
                   ranks: Sequence[int]) -> torch.Tensor:
     """:func:`retract` with ``V`` computed from ``U`` in the same compiled call."""
     return mod.retract_point(_contig(U), _contig(du), [int(r) for r in ranks])
+
+
+def inner(mod, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``<x, y>`` (0-d) of two single TTs of one shape given by their cores, as the torch
+    sweep of :func:`ttmanifold.inner`."""
+    xc = _contig(xs)
+    same = len(xs) == len(ys) and all(x is y for x, y in zip(xs, ys))
+    return mod.inner(xc, xc if same else _contig(ys))
+
+
+def one_vs_blocks(mod, k: int, cores: Sequence[torch.Tensor], pairs: bool = False):
+    """``(<x, x>, <x, t_1>, ..., <x, t_{k-1}>)`` and the left environments ``ws`` (``ws[m]``
+    before core ``m``) of the sweep of one TT ``x`` against the blocks ``[x, t_1, ...]``;
+    ``cores``: the ``d`` cores of each block in turn, ``x``'s first. With ``pairs`` the
+    values go on with the constant pairs ``<t_i, t_j>``, ``1 <= i <= j < k``, row by row."""
+    vals, ws = mod.one_vs_blocks(_contig(cores), int(k), bool(pairs))
+    return vals, list(ws)
+
+
+def one_vs_blocks_backward(mod, k: int, cores: Sequence[torch.Tensor],
+                           ws: Sequence[torch.Tensor], g: torch.Tensor) -> List[torch.Tensor]:
+    """The cores of ``d/dx sum_b g_b <x, block_b>`` (block 0 is ``x`` itself) from the
+    environments ``ws`` of :func:`one_vs_blocks`."""
+    return list(mod.one_vs_blocks_backward(_contig(cores), int(k), _contig(ws), g))
+
+
+def all_finite(mod, xs: Sequence[torch.Tensor]) -> bool:
+    """Whether every entry of the tensors ``xs`` is finite (one pass, no allocation)."""
+    return bool(mod.all_finite(_contig(xs)))

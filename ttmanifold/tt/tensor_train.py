@@ -33,6 +33,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import kernels
+from ..kernels import dense as compiled_dense
 from .index_set import IndexSet
 from .._checks import (
     assert_finite_async,
@@ -188,9 +190,29 @@ def _check_cores(cores, name: str = "cores") -> List[torch.Tensor]:
     for k, c in enumerate(cores):
         if c.shape[-2] < 1 or c.shape[-3] < 1 or c.shape[-1] < 1:
             raise ValueError(f"{name}[{k}]: every dimension must be positive, got {tuple(c.shape)}")
-    for k, c in enumerate(cores):  # no host sync (immediate on the CPU); detached: a
-        assert_finite_async(c.detach(), f"{name}[{k}]")  # check adds no autograd nodes
+    _assert_cores_finite(cores, name)
     return cores
+
+
+def _assert_cores_finite(cores: List[torch.Tensor], name: str) -> None:
+    """Raise ``RuntimeError("<name>[k]: contains NaN or Inf")`` for the first non-finite core,
+    without a host sync off the CPU. Detached: the check adds no autograd nodes. On the CPU
+    one quick test of all cores first (a read there is free); only when it fails does the
+    per-core test run to name the core."""
+    det = [c.detach() for c in cores]
+    if (det[0].device.type == "cpu" and len(det) > 1 and not torch.compiler.is_compiling()
+            and not functorch_wrapped(det[0]) and _cores_finite(det)):
+        return
+    for k, c in enumerate(det):  # asynchronous on a GPU (immediate on the CPU)
+        assert_finite_async(c, f"{name}[{k}]")
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.all_finite)
+def _cores_finite(cores: List[torch.Tensor]) -> bool:
+    """Whether the CPU tensors ``cores`` hold only finite values, possibly False for huge
+    finite ones: one sum per core (NaN and Inf propagate; a third of the per-core test's
+    operations and memory passes), or the compiled single pass (exact)."""
+    return math.isfinite(float(torch.stack([c.sum() for c in cores]).sum()))
 
 
 class TT:
@@ -826,20 +848,21 @@ class _SumTT(TT):
             # sweep whose backward is one reverse sweep; the constant pairs apart
             x = live[0]
             rest = [t for t in ts if t is not x]
-            p = _OneVsSum.apply(len(ts), *x._cores, *[c for t in rest for c in t._cores])
-            diag = [p[0]] + [inner(t, t) for t in rest]
-            s = p[0] + 2 * p[1:].sum() + sum(diag[1:])
-            for i in range(len(rest)):
-                for j in range(i + 1, len(rest)):
-                    s = s + 2 * inner(rest[i], rest[j])
+            k = len(ts)
+            s, p = _OneVsSum.apply(k, tuple(c for t in rest for c in t._cores), *x._cores)
+            # the check's values in Python floats from one read (no sync on the CPU)
+            vals = p.tolist()
+            pairs = [(i, j) for i in range(1, k) for j in range(i, k)]
+            diag = [vals[0]] + [v for (i, j), v in zip(pairs, vals[k:]) if i == j]
+            vals = diag + [math.fsum(c * v for c, v in zip(_one_vs_sum_weights(k), vals))]
         else:
             diag = [inner(t, t) for t in ts]
             s = sum(diag[1:], diag[0])
             for i in range(len(ts)):
                 for j in range(i + 1, len(ts)):
                     s = s + 2 * inner(ts[i], ts[j])
-        # the check in Python floats from one read (no sync on the CPU)
-        vals = torch.stack([v.detach() for v in diag] + [s.detach()]).tolist()
+            # the check in Python floats from one read (no sync on the CPU)
+            vals = torch.stack([v.detach() for v in diag] + [s.detach()]).tolist()
         scale = sum(math.sqrt(max(v, 0.0)) for v in vals[:-1]) ** 2
         fin = torch.finfo(self.dtype)
         if fin.tiny / fin.eps <= scale <= fin.max / 16 and vals[-1] >= _GRAM_NORM_TAU * scale:
@@ -900,8 +923,10 @@ def inner(a: TT, b: TT) -> torch.Tensor:
     return _inner_sweep(a._cores, b._cores)
 
 
+@kernels.dispatch("dense", compiled=compiled_dense.inner)
 def _inner_sweep(xs, ys) -> torch.Tensor:
-    """The plain sweep of :func:`inner` (single TTs), differentiable by autograd."""
+    """The plain sweep of :func:`inner` (single TTs), differentiable by autograd (the
+    compiled sweep serves calls that need no graph)."""
     w = None
     for x, y in zip(xs, ys):  # torch.mm: less dispatch than @ for these small products
         ra, n, rc = x.shape
@@ -1198,70 +1223,112 @@ def round(
     return TT(cores, check=False)
 
 
+def _one_vs_sum_weights(k: int) -> List[float]:
+    """The weights of ``||x + t_1 + ... + t_{k-1}||^2`` in the values of
+    :func:`_one_vs_blocks` with ``pairs``: ``<x, x>``, ``2 <x, t_j>``, ``<t_i, t_i>``,
+    ``2 <t_i, t_j>`` (``i < j``)."""
+    return [1.0] + [2.0] * (k - 1) + [1.0 if i == j else 2.0
+                                      for i in range(1, k) for j in range(i, k)]
+
+
 class _OneVsSum(torch.autograd.Function):
-    """``(<x, x>, <x, t_1>, ..., <x, t_m>)`` for a TT ``x`` and constant TTs ``t_j`` of one
-    shape, by one left sweep whose environment is ``[W_0 | W_1 | ... ]`` (``x`` against
-    each term, the terms side by side: ``x`` itself is block 0): per core one product
-    ``W^T x_k`` for all blocks, then one per block. The backward is one right sweep for
-    the first argument: with block weights ``g_0`` doubled (``x`` is both arguments of
-    block 0) it gives ``d/dx sum_j g_j <x, t_j>``, two products per core plus one per block
-    (the pairwise sweeps: 10 products per core for two terms, here 7). Inputs: the number
-    of blocks ``k``, the cores of ``x``, then those of ``t_1..t_m``. With ``create_graph``
-    the backward differentiates the plain sweeps instead (second derivatives)."""
+    """``||x + t_1 + ... + t_m||^2`` from the inner products of the terms, for a TT ``x``
+    and constant TTs ``t_j`` of one shape, and the values ``(<x, x>, <x, t_1>, ...,
+    <x, t_m>, <t_i, t_j> for 1 <= i <= j <= m)`` as a second, non-differentiable output.
+    One left sweep whose environment is ``[W_0 | W_1 | ... ]`` (``x`` against each term,
+    the terms side by side: ``x`` itself is block 0): per core one product ``W^T x_k`` for
+    all blocks, then one per block; the constant pairs by their own sweeps. The backward is
+    one right sweep for ``x``: with block weights ``g_0`` doubled (``x`` is both arguments
+    of block 0) it gives ``d/dx sum_j g_j <x, t_j>``, two products per core plus one per
+    block (the pairwise sweeps: 10 products per core for two terms, here 7). Inputs: the
+    number of blocks ``k``, the constant terms' cores (a tuple: no gradient), then the cores
+    of ``x``. Both sweeps run compiled on the CPU when the dense kernels are loaded (one
+    call each instead of about 4 products and their dispatch per core). With
+    ``create_graph`` the backward differentiates the plain sweeps instead (second
+    derivatives)."""
 
     @staticmethod
-    def forward(ctx, k, *cores):
-        d = len(cores) // k
-        xs = cores[:d]
-        blocks = [xs] + [cores[d * j:d * (j + 1)] for j in range(1, k)]
-        ws, ts = [], []
-        w = xs[0].new_ones(1, k)
-        for m in range(d):
-            x = xs[m]
-            ra, n, rc = x.shape
-            t = torch.mm(w.t(), x.reshape(ra, n * rc))  # (R_S, n rc): rows by block
-            ws.append(w)
-            ts.append(t)
-            parts, row = [], 0
-            for b in blocks:
-                y = b[m]
-                rb, _, rd = y.shape
-                parts.append(torch.mm(t[row:row + rb].reshape(rb * n, rc).t(),
-                                      y.reshape(rb * n, rd)))
-                row += rb
-            w = torch.cat(parts, 1)
-        ctx.k, ctx.d = k, d
-        ctx.ws, ctx.ts = ws, ts
-        ctx.save_for_backward(*cores)
-        return w.reshape(k)
+    def forward(ctx, k, consts, *xcores):
+        # contiguous once for both sweeps (the kernels need it)
+        cc = [c.contiguous() for c in xcores] + [c.contiguous() for c in consts]
+        vals, ws = _one_vs_blocks(k, cc, True)
+        w = vals.new_tensor(_one_vs_sum_weights(k))
+        ctx.k, ctx.consts = k, consts
+        ctx.ws, ctx.w, ctx.cc = ws, w[:k], cc
+        ctx.save_for_backward(*xcores)
+        ctx.mark_non_differentiable(vals)
+        return torch.dot(w, vals), vals
 
     @staticmethod
-    def backward(ctx, g):
-        cores = ctx.saved_tensors
-        k, d = ctx.k, ctx.d
-        xs = cores[:d]
-        blocks = [xs] + [cores[d * j:d * (j + 1)] for j in range(1, k)]
+    def backward(ctx, g, _g_vals):
+        xs = ctx.saved_tensors
+        k, d = ctx.k, len(xs)
+        g = g * ctx.w  # the weights of <x, x>, <x, t_1>, ...
         if torch.is_grad_enabled():  # create_graph: a differentiable backward
+            cs = ctx.consts
+            blocks = [xs] + [cs[d * j:d * (j + 1)] for j in range(k - 1)]
             with torch.enable_grad():
                 val = torch.stack([_inner_sweep(xs, b) for b in blocks])
             gx = torch.autograd.grad(val, xs, g, create_graph=True)
-            return (None, *gx, *([None] * (len(cores) - d)))
-        z = torch.cat([2 * g[:1], g[1:]]).reshape(1, k)  # block 0: x on both sides
-        dxs = [None] * d
-        for m in range(d - 1, -1, -1):
-            x = xs[m]
-            ra, n, rc = x.shape
-            rows = sum(b[m].shape[0] for b in blocks)
-            u = x.new_empty(rows * n, rc)
-            row = col = 0
-            for b in blocks:  # u = (y_k z^T) per block, written into its rows (no copy)
-                y = b[m]
-                rb, _, rd = y.shape
-                torch.mm(y.reshape(rb * n, rd), z[:, col:col + rd].t(),
-                         out=u[row * n:(row + rb) * n])
-                row, col = row + rb, col + rd
-            u = u.view(rows, n * rc)
-            dxs[m] = torch.mm(ctx.ws[m], u).reshape(x.shape)
-            if m > 0:
-                z = torch.mm(x.reshape(ra, n * rc), u.t())
-        return (None, *dxs, *([None] * (len(cores) - d)))
+            return (None, None, *gx)
+        return (None, None, *_one_vs_blocks_backward(k, ctx.cc, ctx.ws, g))
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.one_vs_blocks)
+def _one_vs_blocks(k: int, cores: Sequence[torch.Tensor], pairs: bool = False):
+    """The forward sweep of :class:`_OneVsSum` (``cores``: ``x``'s, then each term's): the
+    ``k`` values ``<x, x>, <x, t_j>`` (with ``pairs`` followed by the constant pairs
+    ``<t_i, t_j>``, ``1 <= i <= j < k``, row by row) and the left environments ``ws``
+    (``ws[m]``: before core ``m``)."""
+    d = len(cores) // k
+    xs = cores[:d]
+    blocks = [xs] + [cores[d * j:d * (j + 1)] for j in range(1, k)]
+    ws = []
+    w = xs[0].new_ones(1, k)
+    for m in range(d):
+        x = xs[m]
+        ra, n, rc = x.shape
+        t = torch.mm(w.t(), x.reshape(ra, n * rc))  # (R_S, n rc): rows by block
+        ws.append(w)
+        parts, row = [], 0
+        for b in blocks:
+            y = b[m]
+            rb, _, rd = y.shape
+            parts.append(torch.mm(t[row:row + rb].reshape(rb * n, rc).t(),
+                                  y.reshape(rb * n, rd)))
+            row += rb
+        w = torch.cat(parts, 1)
+    vals = w.reshape(k)
+    if pairs and k > 1:
+        vals = torch.cat([vals, torch.stack([_inner_sweep.torch_impl(blocks[i], blocks[j])
+                                             for i in range(1, k) for j in range(i, k)])])
+    return vals, ws
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.one_vs_blocks_backward)
+def _one_vs_blocks_backward(k: int, cores: Sequence[torch.Tensor], ws: Sequence[torch.Tensor],
+                            g: torch.Tensor) -> List[torch.Tensor]:
+    """The reverse sweep of :class:`_OneVsSum`: the cores of ``d/dx sum_j g_j <x, block_j>``
+    from the environments ``ws`` of :func:`_one_vs_blocks`."""
+    d = len(cores) // k
+    xs = cores[:d]
+    blocks = [xs] + [cores[d * j:d * (j + 1)] for j in range(1, k)]
+    z = torch.cat([2 * g[:1], g[1:]]).reshape(1, k)  # block 0: x on both sides
+    dxs = [None] * d
+    for m in range(d - 1, -1, -1):
+        x = xs[m]
+        ra, n, rc = x.shape
+        rows = sum(b[m].shape[0] for b in blocks)
+        u = x.new_empty(rows * n, rc)
+        row = col = 0
+        for b in blocks:  # u = (y_k z^T) per block, written into its rows (no copy)
+            y = b[m]
+            rb, _, rd = y.shape
+            torch.mm(y.reshape(rb * n, rd), z[:, col:col + rd].t(),
+                     out=u[row * n:(row + rb) * n])
+            row, col = row + rb, col + rd
+        u = u.view(rows, n * rc)
+        dxs[m] = torch.mm(ws[m], u).reshape(x.shape)
+        if m > 0:
+            z = torch.mm(x.reshape(ra, n * rc), u.t())
+    return dxs
