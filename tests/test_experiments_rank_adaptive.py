@@ -285,7 +285,7 @@ def test_sweep_kernels_match_dense_reference(dtype, skewed):
     w = torch.rand(N, dtype=F64, generator=g) + 0.5
     samples = S._SweepSamples(IndexSet(idx, shape))
     xd = TT([c.to(dtype) for c in x.cores], check=False)
-    st0 = S._sweep_start(xd, samples.iset, vals.to(dtype), w.to(dtype))
+    st0 = S._sweep_start(xd, samples, vals.to(dtype), w.to(dtype))
     cs = [c.double() for c in st0.cores]
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11,
                                                                         atol=1e-13)
@@ -335,9 +335,11 @@ def test_greedy_raise_on_skewed_samples_and_with_a_reused_start(skewed):
     assert float(s[0] - s[1]) > 1e-6 * float(s[0])
     torch.testing.assert_close(y.full(), ref, rtol=1e-9, atol=1e-12)
     samples = S._SweepSamples(IndexSet(idx, shape))
-    start = S._sweep_start(x, samples.iset, vals, None)
+    start = S._sweep_start(x, samples, vals, None)
     gains = S._greedy_sweep(x, [1, 2, 3], samples, vals, None, apply=False, start=start)[1]
     y2 = S._greedy_sweep(x, [1, 2, 3], samples, vals, None, apply=True, start=start)[0]
     y3 = S._greedy_sweep(x, [1, 2, 3], idx, vals, None, apply=True)[0]
     assert gains.shape == (3,) and bool((gains > 0).all())
     assert torch.equal(y2.full(), y3.full())
+    # the kept grouped right products were used by the second sweep (even samples)
+    assert any(key[0] == "pair" for key in start.grouped) == (not skewed)

@@ -1350,12 +1350,14 @@ class _SweepSamples:
         self.iset = iset
         self.pairs: Dict[int, ModePlan] = {}
 
-    def bond_matrix(self, k: int, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    def bond_matrix(self, k: int, left: torch.Tensor, right: torch.Tensor,
+                    grouped: Optional[Dict[tuple, torch.Tensor]] = None) -> torch.Tensor:
         """``T[i n_k + j, :]``, ``(n_{k-1} n_k, a b)``: the sum over the samples with
         indices ``i, j`` in modes ``k-1, k`` of ``left_e (x) right_e`` (``left`` ``(N, a)``,
         ``right`` ``(N, b)``). One batched product over the index pairs (zero-padded
         groups); an ``index_add_`` of the outer products when the groups are too uneven
-        to pad. O(N a b)."""
+        to pad. ``grouped`` (a dict) keeps ``right`` grouped under ``("pair", k)``
+        for the next call with the same ``right``. O(N a b)."""
         iset = self.iset
         n1, n2 = iset.shape[k - 1], iset.shape[k]
         plan = self.pairs.get(k)
@@ -1364,8 +1366,12 @@ class _SweepSamples:
             plan = self.pairs[k] = ModePlan(key, n1 * n2)
         a, b = left.shape[1], right.shape[1]
         if plan.padded:
-            return torch.bmm(plan.pad(left).transpose(1, 2),
-                             plan.pad(right)).reshape(n1 * n2, a * b)
+            rp = None if grouped is None else grouped.get(("pair", k))
+            if rp is None:
+                rp = plan.pad(right)
+                if grouped is not None:
+                    grouped["pair", k] = rp
+            return torch.bmm(plan.pad(left).transpose(1, 2), rp).reshape(n1 * n2, a * b)
         T = left.new_zeros(n1 * n2, a * b)
         T.index_add_(0, plan.idx, (left[:, :, None] * right[:, None, :]).reshape(-1, a * b))
         return T
@@ -1391,27 +1397,39 @@ class _SweepStart:
     sweep from the same point (the probe and the applied raise): the cores in the
     orthogonal form around core 0, the products ``right[k]`` ``(N, r_{k+1})`` of the
     right-orthonormal cores ``k+1..d-1`` at the samples, the weights and the weighted
-    residual ``z`` (the Euclidean gradient at the samples)."""
+    residual ``z`` (the Euclidean gradient at the samples). ``grouped`` keeps
+    ``right[k]`` grouped by the samples' index in mode ``k`` (``("mode", k)``, from the
+    right sweep) and by their index pair at bond ``k`` (``("pair", k)``, from the first
+    bond matrix), so later sweeps skip those gathers."""
 
     cores: List[torch.Tensor]
     right: List[torch.Tensor]
     om: torch.Tensor
     z: torch.Tensor
+    grouped: Dict[tuple, torch.Tensor] = field(default_factory=dict)
 
 
-def _sweep_start(x: TT, iset: IndexSet, values, weights) -> _SweepStart:
+def _sweep_start(x: TT, samples: _SweepSamples, values, weights) -> _SweepStart:
     """The :class:`_SweepStart` of ``x``: one QR sweep and one right sweep over the samples
     on the index set's grouped per-mode products. O(N d r^2 + d n r^3)."""
     d = x.ndim
+    iset = samples.iset
     with torch.no_grad():
         cs = list(orthogonalize(x, center=0).cores)  # cores 1..d-1 right-orthonormal
         right = [None] * d
         right[d - 1] = values.new_ones(len(iset), 1)
+        grouped = {}
         for k in range(d - 1, 0, -1):
-            right[k - 1] = iset.right_step(k, right[k], cs[k])
+            plan = iset.plan(k)
+            if plan.padded:  # IndexSet.right_step, keeping the grouped input
+                grouped["mode", k] = plan.pad(right[k])
+                right[k - 1] = plan.unpad(torch.bmm(grouped["mode", k],
+                                                    cs[k].permute(1, 2, 0)))
+            else:
+                right[k - 1] = iset.right_step(k, right[k], cs[k])
         xv = iset.right_step(0, right[0], cs[0])[:, 0]
         om = torch.ones_like(values) if weights is None else weights.to(values)
-        return _SweepStart(cs, right, om, om * (xv - values))
+        return _SweepStart(cs, right, om, om * (xv - values), grouped)
 
 
 def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
@@ -1447,7 +1465,7 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
     last = max(todo, default=0)
     with torch.no_grad():
         if start is None:
-            start = _sweep_start(x, iset, values, weights)
+            start = _sweep_start(x, samples, values, weights)
         cs, right, om, z = list(start.cores), start.right, start.om, start.z
         L = values.new_ones(len(iset), 1)  # products of the left-orthonormal cores 0..k-2
         gains = []
@@ -1460,7 +1478,7 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
             if k in todo:
                 Qm = Q.reshape(a2, n2 * b)
                 # the bond matrix U^T G V^T: one scatter of the samples' outer products
-                T = samples.bond_matrix(k, z[:, None] * L, right[k])
+                T = samples.bond_matrix(k, z[:, None] * L, right[k], start.grouped)
                 if data is not None:
                     T = data.sum(T, "the greedy raise's bond matrix")
                 Mk = T.reshape(n1, n2, p, b).permute(2, 0, 1, 3).reshape(p * n1, n2 * b)
@@ -1501,7 +1519,10 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
                 # (p, n1, m) on the left and a core k (m, n2, b) on the right. The left
                 # factor comes with the next left products: one step with [C, cu]
                 L_next = iset.left_step(k - 1, L, torch.cat([C, cu], 1).reshape(p, n1, a + m))
-                W = L_next[:, a:] * iset.right_step(k, right[k], cv.T.reshape(m, n2, b))
+                cvc = cv.T.reshape(m, n2, b)
+                rk = start.grouped.get(("mode", k))  # right[k] grouped by mode k
+                W = L_next[:, a:] * (iset.right_step(k, right[k], cvc) if rk is None else
+                                     iset.plan(k).unpad(torch.bmm(rk, cvc.permute(1, 2, 0))))
                 num = W.T @ z  # <g, W_j>
                 if not apply:
                     den = (om[:, None] * W * W).sum(0)
@@ -1902,7 +1923,7 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
     def sweep_start(sub_, x_):
         key = (x_, x_._version)  # the same tensor, not changed in place since
         if start_of[0] is None or start_of[0][0] is not x_ or start_of[0][1] != key[1]:
-            start_of[:] = [key, _sweep_start(sub_.manifold.to_tt(x_), iset_tr, vals_tr,
+            start_of[:] = [key, _sweep_start(sub_.manifold.to_tt(x_), samples_tr, vals_tr,
                                              w_tr)]
         return start_of[1]
 
