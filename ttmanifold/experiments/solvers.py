@@ -1350,14 +1350,12 @@ class _SweepSamples:
         self.iset = iset
         self.pairs: Dict[int, ModePlan] = {}
 
-    def bond_matrix(self, k: int, left: torch.Tensor, right: torch.Tensor,
-                    grouped: Optional[Dict[tuple, torch.Tensor]] = None) -> torch.Tensor:
+    def bond_matrix(self, k: int, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """``T[i n_k + j, :]``, ``(n_{k-1} n_k, a b)``: the sum over the samples with
         indices ``i, j`` in modes ``k-1, k`` of ``left_e (x) right_e`` (``left`` ``(N, a)``,
         ``right`` ``(N, b)``). One batched product over the index pairs (zero-padded
         groups); an ``index_add_`` of the outer products when the groups are too uneven
-        to pad. ``grouped`` (a dict) keeps ``right`` grouped under ``("pair", k)``
-        for the next call with the same ``right``. O(N a b)."""
+        to pad. O(N a b)."""
         iset = self.iset
         n1, n2 = iset.shape[k - 1], iset.shape[k]
         plan = self.pairs.get(k)
@@ -1366,12 +1364,8 @@ class _SweepSamples:
             plan = self.pairs[k] = ModePlan(key, n1 * n2)
         a, b = left.shape[1], right.shape[1]
         if plan.padded:
-            rp = None if grouped is None else grouped.get(("pair", k))
-            if rp is None:
-                rp = plan.pad(right)
-                if grouped is not None:
-                    grouped["pair", k] = rp
-            return torch.bmm(plan.pad(left).transpose(1, 2), rp).reshape(n1 * n2, a * b)
+            return torch.bmm(plan.pad(left).transpose(1, 2),
+                             plan.pad(right)).reshape(n1 * n2, a * b)
         T = left.new_zeros(n1 * n2, a * b)
         T.index_add_(0, plan.idx, (left[:, :, None] * right[:, None, :]).reshape(-1, a * b))
         return T
@@ -1397,16 +1391,15 @@ class _SweepStart:
     sweep from the same point (the probe and the applied raise): the cores in the
     orthogonal form around core 0, the products ``right[k]`` ``(N, r_{k+1})`` of the
     right-orthonormal cores ``k+1..d-1`` at the samples, the weights and the weighted
-    residual ``z`` (the Euclidean gradient at the samples). ``grouped`` keeps
-    ``right[k]`` grouped by the samples' index in mode ``k`` (``("mode", k)``, from the
-    right sweep) and by their index pair at bond ``k`` (``("pair", k)``, from the first
-    bond matrix), so later sweeps skip those gathers."""
+    residual ``z`` (the Euclidean gradient at the samples). ``grouped[k]`` is
+    ``right[k]`` grouped by the samples' index in mode ``k`` (as the right sweep padded
+    it, where the groups are padded), so the raise's right factor skips that gather."""
 
     cores: List[torch.Tensor]
     right: List[torch.Tensor]
     om: torch.Tensor
     z: torch.Tensor
-    grouped: Dict[tuple, torch.Tensor] = field(default_factory=dict)
+    grouped: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def _sweep_start(x: TT, samples: _SweepSamples, values, weights) -> _SweepStart:
@@ -1422,8 +1415,8 @@ def _sweep_start(x: TT, samples: _SweepSamples, values, weights) -> _SweepStart:
         for k in range(d - 1, 0, -1):
             plan = iset.plan(k)
             if plan.padded:  # IndexSet.right_step, keeping the grouped input
-                grouped["mode", k] = plan.pad(right[k])
-                right[k - 1] = plan.unpad(torch.bmm(grouped["mode", k],
+                grouped[k] = plan.pad(right[k])
+                right[k - 1] = plan.unpad(torch.bmm(grouped[k],
                                                     cs[k].permute(1, 2, 0)))
             else:
                 right[k - 1] = iset.right_step(k, right[k], cs[k])
@@ -1478,7 +1471,7 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
             if k in todo:
                 Qm = Q.reshape(a2, n2 * b)
                 # the bond matrix U^T G V^T: one scatter of the samples' outer products
-                T = samples.bond_matrix(k, z[:, None] * L, right[k], start.grouped)
+                T = samples.bond_matrix(k, z[:, None] * L, right[k])
                 if data is not None:
                     T = data.sum(T, "the greedy raise's bond matrix")
                 Mk = T.reshape(n1, n2, p, b).permute(2, 0, 1, 3).reshape(p * n1, n2 * b)
@@ -1520,7 +1513,7 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
                 # factor comes with the next left products: one step with [C, cu]
                 L_next = iset.left_step(k - 1, L, torch.cat([C, cu], 1).reshape(p, n1, a + m))
                 cvc = cv.T.reshape(m, n2, b)
-                rk = start.grouped.get(("mode", k))  # right[k] grouped by mode k
+                rk = start.grouped.get(k)  # right[k] grouped by mode k
                 W = L_next[:, a:] * (iset.right_step(k, right[k], cvc) if rk is None else
                                      iset.plan(k).unpad(torch.bmm(rk, cvc.permute(1, 2, 0))))
                 num = W.T @ z  # <g, W_j>
@@ -1909,6 +1902,7 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
             y = _greedy_sweep(sub_old.manifold.to_tt(x_old), sorted(bonds), samples_tr,
                               vals_tr, w_tr, apply=True, counts=bonds, data=red,
                               start=sweep_start(sub_old, x_old))[0]
+            start_of[:] = [None, None]  # not kept through the CG: O(N d r) memory
             x_new = sub_new.manifold.pack_point(y)
         _sync(device)
         elapsed[0] += time.perf_counter() - t0
