@@ -19,60 +19,157 @@ namespace {
 
 constexpr int64_t kChunk = 16;  // output columns accumulated in registers at once
 constexpr int64_t kGrain = 4;   // groups per parallel task at least
+constexpr int64_t kAhead = 16;  // rows between a destination prefetch and its store
 
-// acc[0..NJ) = x[0..ra) @ m[:, 0..NJ) (m row stride ld). NJ is a compile-time width so
-// that the accumulators stay in vector registers.
-template <typename T, int NJ>
-inline void vecmat(const T* __restrict x, int64_t ra, const T* __restrict m, int64_t ld,
-                   T* __restrict acc) {
-  T s[NJ] = {};
+// Rows of one group times the group's matrix, with explicit SIMD vectors (GCC/Clang vector
+// extensions; the width follows the target: 32 bytes covers AVX2 and is split by the
+// compiler on narrower targets). One row alone is a chain of ra dependent FMAs per
+// accumulator (latency-bound, about 3x below the FMA throughput): RB independent rows are
+// computed at once and share every load of the matrix row.
+template <typename T>
+struct Simd {
+  static constexpr int W = 32 / sizeof(T);
+  typedef T V __attribute__((vector_size(32)));
+};
+
+// The group's matrix columns j0 .. j0+NJ) copied into zero-padded vectors (ra x NV), so
+// the kernels load whole vectors without reading past the matrix.
+template <typename T, int NV>
+inline void pad_cols(const T* m, int64_t ra, int64_t ld, int64_t j0, int nj,
+                     typename Simd<T>::V* mp) {
+  using V = typename Simd<T>::V;
+  constexpr int W = Simd<T>::W;
   for (int64_t f = 0; f < ra; ++f) {
-    const T xf = x[f];
-    const T* mr = m + f * ld;
-#pragma GCC unroll 16
-    for (int j = 0; j < NJ; ++j) s[j] += xf * mr[j];
+    T tmp[NV * W] = {};
+    for (int j = 0; j < nj; ++j) tmp[j] = m[f * ld + j0 + j];
+    for (int v = 0; v < NV; ++v) {
+      V x;
+      __builtin_memcpy(&x, tmp + v * W, sizeof(V));
+      mp[f * NV + v] = x;
+    }
   }
-#pragma GCC unroll 16
-  for (int j = 0; j < NJ; ++j) acc[j] = s[j];
 }
 
-// orow[f, 0..NJ) += x[f] w[0..NJ) for f < ra
-template <typename T, int NJ>
-inline void rank1(const T* __restrict x, int64_t ra, const T* __restrict w, T* __restrict o,
-                  int64_t ld) {
-  T wv[NJ];
-#pragma GCC unroll 16
-  for (int j = 0; j < NJ; ++j) wv[j] = w[j];
+// s[q] = x_q @ mp for q < RB (x_q = x + q ra: RB consecutive rows)
+template <typename T, int NV, int RB>
+inline void rows_times(const T* __restrict x, int64_t ra, const typename Simd<T>::V* __restrict mp,
+                       typename Simd<T>::V (&s)[RB][NV]) {
+  using V = typename Simd<T>::V;
+  for (int q = 0; q < RB; ++q)
+    for (int v = 0; v < NV; ++v) s[q][v] = V{};
   for (int64_t f = 0; f < ra; ++f) {
-    const T xf = x[f];
-    T* orow = o + f * ld;
-#pragma GCC unroll 16
-    for (int j = 0; j < NJ; ++j) orow[j] += xf * wv[j];
+    V mv[NV];
+    for (int v = 0; v < NV; ++v) mv[v] = mp[f * NV + v];
+    for (int q = 0; q < RB; ++q) {
+      const T xf = x[q * ra + f];
+      for (int v = 0; v < NV; ++v) s[q][v] += xf * mv[v];
+    }
+  }
+}
+
+// o[0 .. NJ) = the first NJ lanes of s: whole vectors, then the lanes of the last one
+// (no round trip through memory: a wide reload of narrower stores stalls)
+template <typename T, int NV, int NJ>
+inline void store_row(const typename Simd<T>::V (&s)[NV], T* o) {
+  using V = typename Simd<T>::V;
+  constexpr int W = Simd<T>::W;
+  for (int v = 0; v < NJ / W; ++v) __builtin_memcpy(o + v * W, &s[v], sizeof(V));
+  if (NJ % W) __builtin_memcpy(o + (NJ / W) * W, &s[NJ / W], (NJ % W) * sizeof(T));
+}
+
+// s = y[0 .. NJ) zero-padded to NV vectors (the tail lane by lane, in registers)
+template <typename T, int NV, int NJ>
+inline void load_row(const T* y, typename Simd<T>::V* s) {
+  using V = typename Simd<T>::V;
+  constexpr int W = Simd<T>::W;
+  for (int v = 0; v < NJ / W; ++v) __builtin_memcpy(&s[v], y + v * W, sizeof(V));
+  if (NJ % W) {
+    V t = V{};
+    for (int l = 0; l < NJ % W; ++l) t[l] = y[(NJ / W) * W + l];
+    s[NJ / W] = t;
+  }
+}
+
+// s . y[0 .. NJ)
+template <typename T, int NV, int NJ>
+inline T dot_row(const typename Simd<T>::V (&s)[NV], const T* y) {
+  using V = typename Simd<T>::V;
+  constexpr int W = Simd<T>::W;
+  V acc = V{};
+  for (int v = 0; v < NJ / W; ++v) {
+    V yv;
+    __builtin_memcpy(&yv, y + v * W, sizeof(V));
+    acc += s[v] * yv;
+  }
+  T out = 0;
+  for (int w = 0; w < NJ % W; ++w) out += s[NJ / W][w] * y[(NJ / W) * W + w];
+  for (int w = 0; w < W; ++w) out += acc[w];
+  return out;
+}
+
+// rows per register block: RB x NV accumulators plus NV matrix vectors and a broadcast
+// fit the vector registers (32 with AVX-512, else 16), at most 8
+#ifdef __AVX512F__
+constexpr int kVecRegs = 32;
+#else
+constexpr int kVecRegs = 16;
+#endif
+template <int NV, int Regs = kVecRegs>
+constexpr int rows_per_block() {
+  return (Regs - NV - 1) / NV < 8 ? (Regs - NV - 1) / NV : 8;
+}
+
+// Rows i0 .. i1-1 of one group, columns j0 .. j0+NJ: out[dst[i]] = a[i] @ m (dst null:
+// out[i]), or, with c, t[i - i0] += a[i] @ m . c[i] (t the group's partial sums).
+template <typename T, int NJ>
+void group_cols(const T* a, int64_t ra, const T* m, int64_t rb, int64_t j0,
+                int64_t i0, int64_t i1, const int32_t* dst, T* out, const T* c, T* t,
+                std::vector<typename Simd<T>::V>& buf) {
+  using V = typename Simd<T>::V;
+  constexpr int NV = (NJ + Simd<T>::W - 1) / Simd<T>::W;
+  // more rows at once than 16 registers hold makes the scattered stores come in bursts
+  // (measured slower even with 32 registers)
+  constexpr int RB = rows_per_block<NV, 16>() < 4 ? rows_per_block<NV, 16>() : 4;
+  buf.resize(static_cast<size_t>(ra * NV));
+  V* mp = buf.data();
+  pad_cols<T, NV>(m, ra, rb, j0, NJ, mp);
+  auto emit = [&](const V (&s)[NV], int64_t i) {
+    if (c) t[i - i0] += dot_row<T, NV, NJ>(s, c + i * rb + j0);
+    else store_row<T, NV, NJ>(s, out + (dst ? static_cast<int64_t>(dst[i]) : i) * rb + j0);
+  };
+  int64_t i = i0;
+  for (; i + RB <= i1; i += RB) {
+    if (dst && i + kAhead + RB <= i1)  // the destination rows' lines, ahead of the stores
+      for (int q = 0; q < RB; ++q)
+        __builtin_prefetch(out + static_cast<int64_t>(dst[i + kAhead + q]) * rb + j0, 1);
+    V s[RB][NV];
+    rows_times<T, NV, RB>(a + i * ra, ra, mp, s);
+    for (int q = 0; q < RB; ++q) emit(s[q], i + q);
+  }
+  for (; i < i1; ++i) {
+    V s[1][NV];
+    rows_times<T, NV, 1>(a + i * ra, ra, mp, s);
+    emit(s[0], i);
   }
 }
 
 template <typename T>
-using VecMat = void (*)(const T*, int64_t, const T*, int64_t, T*);
-template <typename T>
-using Rank1 = void (*)(const T*, int64_t, const T*, T*, int64_t);
-
+using GroupCols = void (*)(const T*, int64_t, const T*, int64_t, int64_t, int64_t, int64_t,
+                           const int32_t*, T*, const T*, T*,
+                           std::vector<typename Simd<T>::V>&);
 template <typename T, int... J>
-constexpr std::array<VecMat<T>, sizeof...(J)> vecmat_table(std::integer_sequence<int, J...>) {
-  return {&vecmat<T, J + 1>...};
-}
-template <typename T, int... J>
-constexpr std::array<Rank1<T>, sizeof...(J)> rank1_table(std::integer_sequence<int, J...>) {
-  return {&rank1<T, J + 1>...};
+constexpr std::array<GroupCols<T>, sizeof...(J)> group_table(std::integer_sequence<int, J...>) {
+  return {&group_cols<T, J + 1>...};
 }
 
-// x @ m (ra x rb, row stride rb) -> y[0..rb), in chunks of at most kChunk columns
+// One group: columns in chunks of at most kChunk (a compile-time width each).
 template <typename T>
-inline void row_times(const T* x, int64_t ra, const T* m, int64_t rb, T* y) {
-  static constexpr auto tab = vecmat_table<T>(std::make_integer_sequence<int, kChunk>{});
-  for (int64_t j0 = 0; j0 < rb; j0 += kChunk) {
-    const int64_t nj = std::min(kChunk, rb - j0);
-    tab[nj - 1](x, ra, m + j0, rb, y + j0);
-  }
+void group(const T* a, int64_t ra, const T* m, int64_t rb, int64_t i0, int64_t i1,
+           const int32_t* dst, T* out, const T* c, T* t,
+           std::vector<typename Simd<T>::V>& buf) {
+  static constexpr auto tab = group_table<T>(std::make_integer_sequence<int, kChunk>{});
+  for (int64_t j0 = 0; j0 < rb; j0 += kChunk)
+    tab[std::min(kChunk, rb - j0) - 1](a, ra, m, rb, j0, i0, i1, dst, out, c, t, buf);
 }
 
 // out[dst[i]] = a[i] @ M[g] for the rows i of every group g (dst null: out[i]).
@@ -80,99 +177,148 @@ template <typename T>
 void step_impl(const T* a, int64_t ra, const T* M, int64_t rb, const int64_t* off,
                int64_t P, const int32_t* dst, T* out) {
   at::parallel_for(0, P, kGrain, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const T* m = M + g * ra * rb;
-      for (int64_t i = off[g]; i < off[g + 1]; ++i) {
-        T* o = out + (dst ? static_cast<int64_t>(dst[i]) : i) * rb;
-        row_times(a + i * ra, ra, m, rb, o);
-      }
-    }
+    std::vector<typename Simd<T>::V> buf;
+    for (int64_t g = g0; g < g1; ++g)
+      group(a, ra, M + g * ra * rb, rb, off[g], off[g + 1], dst, out,
+            static_cast<const T*>(nullptr), static_cast<T*>(nullptr), buf);
   });
 }
 
-// t[i] = a[i] @ M[g] . c[i]  (a (N, ra), c (N, rb), M (P, ra, rb)), in the block's order.
+// tout[dst[i]] = tin[i] + a[i] @ M[g] . c[i]  (a (N, ra), c (N, rb), M (P, ra, rb); tin
+// null: 0; dst null: tout[i]). With the left sweep's destinations, a chain of these calls
+// over the blocks sums the tangent values and moves the sums along into the next block's
+// order (the last block's destinations are sample order), with no separate permutation.
 template <typename T>
 void rowdot_impl(const T* a, int64_t ra, const T* M, int64_t rb, const T* c,
-                 const int64_t* off, int64_t P, T* t) {
+                 const int64_t* off, int64_t P, const T* tin, const int32_t* dst, T* tout) {
   at::parallel_for(0, P, kGrain, [&](int64_t g0, int64_t g1) {
-    std::vector<T> u(static_cast<size_t>(rb));
+    std::vector<typename Simd<T>::V> buf;
+    std::vector<T> tg;
     for (int64_t g = g0; g < g1; ++g) {
-      const T* m = M + g * ra * rb;
-      for (int64_t i = off[g]; i < off[g + 1]; ++i) {
-        row_times(a + i * ra, ra, m, rb, u.data());
-        const T* y = c + i * rb;
-        T s = 0;
-        for (int64_t j = 0; j < rb; ++j) s += u[j] * y[j];
-        t[i] = s;
-      }
+      const int64_t i0 = off[g], i1 = off[g + 1];
+      tg.assign(static_cast<size_t>(i1 - i0), T(0));
+      group(a, ra, M + g * ra * rb, rb, i0, i1, nullptr, static_cast<T*>(nullptr), c,
+            tg.data(), buf);
+      for (int64_t i = i0; i < i1; ++i)
+        tout[dst ? static_cast<int64_t>(dst[i]) : i] = (tin ? tin[i] : T(0)) + tg[i - i0];
     }
   });
 }
 
-// out[f0 + fi, j0 + j] = sum_i a[i, f0 + fi] w[i, j0 + j] for fi < FB, j < NJ over the n
-// rows of one group (accumulators in registers).
+// FB rows f0 .. f0+FB of a group's C_g (columns of one chunk, NJ wide) in registers:
+// out[q, :] = sum_i x[i, f0 + q] w[i] over the n staged rows w (NV vectors each).
 template <typename T, int NJ, int FB>
-inline void outer_tile(const T* __restrict a, int64_t ra, int64_t f0,
-                       const T* __restrict w, int64_t rb, int64_t j0, int64_t n,
-                       T* __restrict out) {
-  T acc[FB][NJ] = {};
+inline void outer_tile(const T* __restrict x, int64_t ra, int64_t f0,
+                       const typename Simd<T>::V* __restrict w, int64_t n, T* out, int64_t rb) {
+  using V = typename Simd<T>::V;
+  constexpr int NV = (NJ + Simd<T>::W - 1) / Simd<T>::W;
+  V acc[FB][NV] = {};
   for (int64_t i = 0; i < n; ++i) {
-    const T* x = a + i * ra + f0;
-    const T* wr = w + i * rb + j0;
-#pragma GCC unroll 4
-    for (int fi = 0; fi < FB; ++fi) {
-      const T xf = x[fi];
-#pragma GCC unroll 16
-      for (int j = 0; j < NJ; ++j) acc[fi][j] += xf * wr[j];
+    const V* wi = w + i * NV;
+    const T* xi = x + i * ra + f0;
+    for (int q = 0; q < FB; ++q) {
+      const T xf = xi[q];
+      for (int v = 0; v < NV; ++v) acc[q][v] += xf * wi[v];
     }
   }
-  for (int fi = 0; fi < FB; ++fi)
-    for (int j = 0; j < NJ; ++j) out[(f0 + fi) * rb + j0 + j] = acc[fi][j];
+  for (int q = 0; q < FB; ++q) store_row<T, NV, NJ>(acc[q], out + q * rb);
 }
 
+// Columns j0 .. j0+NJ of C_g = sum_i z[perm[i]] a[i]^T c[i] over the rows i0 .. i0+n-1 of
+// one group (C_g (ra, rb) row-major at out). The weighted rows z c are staged once in
+// zero-padded vectors (w); then RB rows of C_g at a time stay in registers while the
+// group's rows stream through (they are in cache: the group is small).
 template <typename T, int NJ>
-void outer_cols(const T* a, int64_t ra, const T* w, int64_t rb, int64_t j0, int64_t n, T* out) {
-  int64_t f0 = 0;
-  for (; f0 + 4 <= ra; f0 += 4) outer_tile<T, NJ, 4>(a, ra, f0, w, rb, j0, n, out);
-  switch (ra - f0) {
-    case 3: outer_tile<T, NJ, 3>(a, ra, f0, w, rb, j0, n, out); break;
-    case 2: outer_tile<T, NJ, 2>(a, ra, f0, w, rb, j0, n, out); break;
-    case 1: outer_tile<T, NJ, 1>(a, ra, f0, w, rb, j0, n, out); break;
-    default: break;
+void outer_cols(const T* a, int64_t ra, const T* c, int64_t rb, int64_t j0, const T* z,
+                const int32_t* perm, int64_t i0, int64_t n, T* out,
+                std::vector<typename Simd<T>::V>& w) {
+  using V = typename Simd<T>::V;
+  constexpr int W = Simd<T>::W;
+  constexpr int NV = (NJ + W - 1) / W;
+  constexpr int RB = rows_per_block<NV>();
+  w.resize(static_cast<size_t>(n * NV) + (n + W - 1) / W);
+  // the group's weights first, in a tight loop of independent loads (z is in sample
+  // order, so these are scattered reads; interleaved with the arithmetic they stall)
+  T* zg = reinterpret_cast<T*>(w.data() + n * NV);
+  for (int64_t i = 0; i < n; ++i) zg[i] = z ? z[perm ? perm[i0 + i] : i0 + i] : T(1);
+  for (int64_t i = 0; i < n; ++i) {
+    const T zi = zg[i];
+    const T* y = c + (i0 + i) * rb + j0;
+    V* wi = &w[static_cast<size_t>(i * NV)];
+    load_row<T, NV, NJ>(y, wi);
+    for (int v = 0; v < NV; ++v) wi[v] *= zi;
+  }
+  // rows of C_g in tiles of at most RB, balanced (ra = 10, RB = 4: 4 + 3 + 3, not
+  // 4 + 4 + 1 + 1: a one-row tile is a latency-bound chain)
+  const int64_t nt = (ra + RB - 1) / RB;
+  const int64_t fb = (ra + nt - 1) / nt;
+  const T* x = a + i0 * ra;
+  for (int64_t f0 = 0; f0 < ra; f0 += fb) {
+    const int64_t m = std::min(fb, ra - f0);
+    static_assert(RB <= 8, "tile table");
+    switch (m) {
+      case 1: outer_tile<T, NJ, 1>(x, ra, f0, w.data(), n, out + f0 * rb + j0, rb); break;
+      case 2: outer_tile<T, NJ, 2>(x, ra, f0, w.data(), n, out + f0 * rb + j0, rb); break;
+      case 3: outer_tile<T, NJ, 3>(x, ra, f0, w.data(), n, out + f0 * rb + j0, rb); break;
+      case 4: outer_tile<T, NJ, 4>(x, ra, f0, w.data(), n, out + f0 * rb + j0, rb); break;
+      case 5: outer_tile<T, NJ, (RB >= 5 ? 5 : 1)>(x, ra, f0, w.data(), n, out + f0 * rb + j0, rb); break;
+      case 6: outer_tile<T, NJ, (RB >= 6 ? 6 : 1)>(x, ra, f0, w.data(), n, out + f0 * rb + j0, rb); break;
+      case 7: outer_tile<T, NJ, (RB >= 7 ? 7 : 1)>(x, ra, f0, w.data(), n, out + f0 * rb + j0, rb); break;
+      default: outer_tile<T, NJ, (RB >= 8 ? 8 : 1)>(x, ra, f0, w.data(), n, out + f0 * rb + j0, rb); break;
+    }
   }
 }
 
 template <typename T>
-using OuterCols = void (*)(const T*, int64_t, const T*, int64_t, int64_t, int64_t, T*);
+using OuterCols = void (*)(const T*, int64_t, const T*, int64_t, int64_t, const T*,
+                           const int32_t*, int64_t, int64_t, T*,
+                           std::vector<typename Simd<T>::V>&);
 template <typename T, int... J>
 constexpr std::array<OuterCols<T>, sizeof...(J)> outer_table(std::integer_sequence<int, J...>) {
   return {&outer_cols<T, J + 1>...};
+}
+
+// C_g (ra, rb) = sum over the rows i of group g (off[g] .. off[g+1]-1) of
+// z[perm[i]] a[i]^T c[i]
+template <typename T>
+void outer_group(const T* a, int64_t ra, const T* c, int64_t rb, const T* z,
+                 const int32_t* perm, int64_t i0, int64_t i1, T* out,
+                 std::vector<typename Simd<T>::V>& w) {
+  static constexpr auto tab = outer_table<T>(std::make_integer_sequence<int, kChunk>{});
+  if (i1 == i0) {
+    std::fill(out, out + ra * rb, T(0));
+    return;
+  }
+  for (int64_t j0 = 0; j0 < rb; j0 += kChunk)
+    tab[std::min(kChunk, rb - j0) - 1](a, ra, c, rb, j0, z, perm, i0, i1 - i0, out, w);
 }
 
 // C[g] = sum_{i in g} z[perm[i]] a[i]^T c[i]  (C (P, ra, rb)).
 template <typename T>
 void outer_impl(const T* a, int64_t ra, const T* c, int64_t rb, const T* z,
                 const int64_t* off, int64_t P, const int32_t* perm, T* C) {
-  static constexpr auto tab = outer_table<T>(std::make_integer_sequence<int, kChunk>{});
   at::parallel_for(0, P, kGrain, [&](int64_t g0, int64_t g1) {
-    std::vector<T> w;
+    std::vector<typename Simd<T>::V> w;
+    for (int64_t g = g0; g < g1; ++g)
+      outer_group(a, ra, c, rb, z, perm, off[g], off[g + 1], C + g * ra * rb, w);
+  });
+}
+
+// The right step of a block fused with its scatter: per group g, out[dst[i]] = c[i] @ Mt[g]
+// (c the block's right vectors (N, rb), Mt (P, rb, rc); skipped when out is null) and
+// C[g] = sum_i z[perm[i]] a[i]^T c[i] (a the block's left vectors (N, ra)): the rows of c
+// are read from memory once for both.
+template <typename T>
+void step_outer_impl(const T* c, int64_t rb, const T* Mt, int64_t rc, const int32_t* dst,
+                     T* out, const T* a, int64_t ra, const T* z, const int32_t* perm,
+                     const int64_t* off, int64_t P, T* C) {
+  at::parallel_for(0, P, kGrain, [&](int64_t g0, int64_t g1) {
+    std::vector<typename Simd<T>::V> buf, w;
     for (int64_t g = g0; g < g1; ++g) {
-      const int64_t n = off[g + 1] - off[g];
-      T* out = C + g * ra * rb;
-      if (n == 0) {
-        std::fill(out, out + ra * rb, T(0));
-        continue;
-      }
-      w.resize(static_cast<size_t>(n * rb));
-      for (int64_t i = 0; i < n; ++i) {  // the weighted rows z_i c_i of the group
-        const T zi = z[perm[off[g] + i]];
-        const T* y = c + (off[g] + i) * rb;
-        for (int64_t j = 0; j < rb; ++j) w[i * rb + j] = zi * y[j];
-      }
-      for (int64_t j0 = 0; j0 < rb; j0 += kChunk) {
-        const int64_t nj = std::min(kChunk, rb - j0);
-        tab[nj - 1](a + off[g] * ra, ra, w.data(), rb, j0, n, out);
-      }
+      if (out)
+        group(c, rb, Mt + g * rb * rc, rc, off[g], off[g + 1], dst, out,
+              static_cast<const T*>(nullptr), static_cast<T*>(nullptr), buf);
+      outer_group(a, ra, c, rb, z, perm, off[g], off[g + 1], C + g * ra * rb, w);
     }
   });
 }
@@ -206,18 +352,26 @@ void step(torch::Tensor a, torch::Tensor M, torch::Tensor off,
   });
 }
 
-// t[i] = a[i] @ M[g] . c[i] in the block's order
+// tout[dst[i]] = tin[i] + a[i] @ M[g] . c[i] (tin absent: 0; dst absent: tout[i])
 void rowdot(torch::Tensor a, torch::Tensor M, torch::Tensor c, torch::Tensor off,
-            torch::Tensor t) {
-  check(a, "a"); check(M, "M"); check(c, "c"); check(off, "off"); check(t, "t");
+            c10::optional<torch::Tensor> tin, c10::optional<torch::Tensor> dst,
+            torch::Tensor tout) {
+  check(a, "a"); check(M, "M"); check(c, "c"); check(off, "off"); check(tout, "tout");
   TORCH_CHECK(off.scalar_type() == torch::kInt64, "off: expected int64");
   TORCH_CHECK(M.dim() == 3 && M.size(1) == a.size(1) && M.size(2) == c.size(1) &&
-              a.size(0) == c.size(0) && t.numel() == a.size(0) &&
+              a.size(0) == c.size(0) && tout.numel() == a.size(0) &&
               off.numel() == M.size(0) + 1, "rowdot: inconsistent shapes");
+  const int32_t* d = idx_ptr(dst, "dst");
+  if (tin.has_value()) {
+    check(*tin, "tin");
+    TORCH_CHECK(tin->numel() == a.size(0) && tin->scalar_type() == a.scalar_type(),
+                "tin: expected one value per row of a, of a's dtype");
+  }
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ttm_rowdot", [&] {
     rowdot_impl<scalar_t>(a.data_ptr<scalar_t>(), a.size(1), M.data_ptr<scalar_t>(), M.size(2),
                           c.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), M.size(0),
-                          t.data_ptr<scalar_t>());
+                          tin.has_value() ? tin->data_ptr<scalar_t>() : nullptr, d,
+                          tout.data_ptr<scalar_t>());
   });
 }
 
@@ -237,8 +391,37 @@ void outer(torch::Tensor a, torch::Tensor c, torch::Tensor z, torch::Tensor off,
   });
 }
 
+// The right step of one block fused with its scatter: out[dst[i]] = c[i] @ Mt[g] (when out
+// is given) and C[g] = sum_i z[perm[i]] a[i]^T c[i], reading c once.
+void step_outer(torch::Tensor c, torch::Tensor Mt, c10::optional<torch::Tensor> dst,
+                c10::optional<torch::Tensor> out, torch::Tensor a, torch::Tensor z,
+                torch::Tensor off, torch::Tensor perm, torch::Tensor C) {
+  check(c, "c"); check(Mt, "Mt"); check(a, "a"); check(z, "z"); check(off, "off");
+  check(C, "C");
+  TORCH_CHECK(off.scalar_type() == torch::kInt64, "off: expected int64");
+  TORCH_CHECK(C.dim() == 3 && C.size(1) == a.size(1) && C.size(2) == c.size(1) &&
+              a.size(0) == c.size(0) && off.numel() == C.size(0) + 1 &&
+              z.numel() == a.size(0), "step_outer: inconsistent shapes");
+  const int32_t* d = idx_ptr(dst, "dst");
+  const int32_t* p = idx_ptr(perm, "perm");
+  if (out.has_value()) {
+    check(*out, "out");
+    TORCH_CHECK(Mt.dim() == 3 && Mt.size(0) == C.size(0) && Mt.size(1) == c.size(1) &&
+                out->dim() == 2 && out->size(1) == Mt.size(2) &&
+                out->scalar_type() == c.scalar_type(), "step_outer: inconsistent shapes");
+  }
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ttm_step_outer", [&] {
+    step_outer_impl<scalar_t>(c.data_ptr<scalar_t>(), c.size(1), Mt.data_ptr<scalar_t>(),
+                              Mt.size(2), d,
+                              out.has_value() ? out->data_ptr<scalar_t>() : nullptr,
+                              a.data_ptr<scalar_t>(), a.size(1), z.data_ptr<scalar_t>(), p,
+                              off.data_ptr<int64_t>(), C.size(0), C.data_ptr<scalar_t>());
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &step, "rows times their group's matrix, scattered to dst");
-  m.def("rowdot", &rowdot, "a M c per row");
+  m.def("rowdot", &rowdot, "a M c per row, added to tin and scattered to dst");
   m.def("outer", &outer, "per-group weighted sums of outer products");
+  m.def("step_outer", &step_outer, "a right step fused with the per-group scatter");
 }

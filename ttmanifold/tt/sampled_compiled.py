@@ -169,31 +169,52 @@ def _values(mod, plan: CompiledPlan, cores: Sequence[torch.Tensor]) -> torch.Ten
 class CompiledSampledPoint:
     """:class:`~ttmanifold.sparse.SampledPoint` on the compiled kernels (CPU, float32 or
     float64). Per-sample scalars are in sample order: :meth:`to_samples` and
-    :meth:`from_samples` are the identity and :attr:`mask` is all true."""
+    :meth:`from_samples` are the identity and :attr:`mask` is all true.
+
+    The left sweep runs at construction (it gives :attr:`values`); the right sweep runs
+    with the first :meth:`project`, fused with its scatter (one read of each block's right
+    vectors for both), or on first use of :attr:`R`."""
 
     def __init__(self, mod, plan: CompiledPlan, U: Sequence[torch.Tensor],
                  V: Sequence[torch.Tensor]):
-        self.mod = nat = mod
+        self.mod = mod
         self.plan = plan
         self.U, self.V = list(U), list(V)
-        iset = plan.iset
-        N = len(iset)
-        dtype, device = U[0].dtype, U[0].device
         ranks = ranks_of(U)
-        ws = plan.acquire(dtype, ranks)
+        self._ranks = ranks
+        ws = plan.acquire(U[0].dtype, ranks)
         self._ws = ws
         weakref.finalize(self, plan.release, ws)
-        B = len(plan.bounds)
         with torch.no_grad():
-            L, self.values = _left_sweep(nat, plan, self.U, ws, ranks)
-            R: List[Optional[torch.Tensor]] = [None] * B
-            R[B - 1] = plan.ones(dtype)
-            for b in range(B - 1, 0, -1):
-                lo, hi = plan.bounds[b]
-                Mt = merged(self.V, lo, hi).permute(1, 2, 0).contiguous()
-                R[b - 1] = _buf(ws, ("R", b - 1), N, ranks[lo], dtype, device)
-                nat.step(R[b], Mt, plan.off[b], plan.dst_right[b], R[b - 1])
-        self.L, self.R = L, R
+            self.L, self.values = _left_sweep(mod, plan, self.U, ws, ranks)
+        self._R: Optional[List[torch.Tensor]] = None
+
+    def _right_buffers(self) -> List[torch.Tensor]:
+        """``[R_0, ..., R_{B-1}]``: pooled buffers for blocks 0..B-2, ones for the last."""
+        plan = self.plan
+        N = len(plan.iset)
+        dtype, device = self.values.dtype, self.values.device
+        B = len(plan.bounds)
+        R = [_buf(self._ws, ("R", b), N, self._ranks[plan.bounds[b][1]], dtype, device)
+             for b in range(B - 1)]
+        return R + [plan.ones(dtype)]
+
+    def _right_core(self, b: int) -> torch.Tensor:
+        lo, hi = self.plan.bounds[b]
+        return merged(self.V, lo, hi).permute(1, 2, 0).contiguous()
+
+    @property
+    def R(self) -> List[torch.Tensor]:
+        """The right vectors of every block in its order (the right sweep, run once)."""
+        if self._R is None:
+            plan = self.plan
+            R = self._right_buffers()
+            with torch.no_grad():
+                for b in range(len(plan.bounds) - 1, 0, -1):
+                    self.mod.step(R[b], self._right_core(b), plan.off[b], plan.dst_right[b],
+                                  R[b - 1])
+            self._R = R
+        return self._R
 
     @property
     def layout(self):
@@ -212,31 +233,48 @@ class CompiledSampledPoint:
 
     def project(self, z: torch.Tensor) -> List[torch.Tensor]:
         """``D_k`` of the projection of the sparse tensor with values ``z`` (sample order),
-        before the gauge projection."""
+        before the gauge projection. The first call also runs the right sweep, fused with
+        the scatter (``step_outer``: per block, one pass over its right vectors)."""
         nat = self.mod
         plan = self.plan
         shape = plan.iset.shape
         D: List[Optional[torch.Tensor]] = [None] * len(shape)
         z = z.contiguous()
+        fused = self._R is None
+        R = self._right_buffers() if fused else self._R
         with torch.no_grad():
-            for b, (lo, hi) in enumerate(plan.bounds):
+            for b in range(len(plan.bounds) - 1, -1, -1):
+                lo, hi = plan.bounds[b]
                 P = plan.off[b].numel() - 1
-                C = z.new_empty(P, self.L[b].shape[1], self.R[b].shape[1])
-                nat.outer(self.L[b], self.R[b], z, plan.off[b], plan.perm[b], C)
+                C = z.new_empty(P, self.L[b].shape[1], R[b].shape[1])
+                if fused:
+                    Mt = self._right_core(b) if b > 0 else z.new_empty(0, 0, 0)
+                    nat.step_outer(R[b], Mt, plan.dst_right[b] if b > 0 else None,
+                                   R[b - 1] if b > 0 else None, self.L[b], z, plan.off[b],
+                                   plan.perm[b], C)
+                else:
+                    nat.outer(self.L[b], R[b], z, plan.off[b], plan.perm[b], C)
                 D[lo:hi] = split_block_grad(C.permute(1, 0, 2), self.U, self.V, lo, hi, shape)
+        self._R = R
         return D
 
     def tangent(self, dU: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The tangent vector with deltas ``dU`` at the samples (sample order)."""
+        """The tangent vector with deltas ``dU`` at the samples (sample order): per block
+        the row-wise products ``l T r`` of its merged tangent core, summed along the
+        blocks' orders (each block's kernel adds its terms and moves the sums to the next
+        block's order, the last one to sample order)."""
         nat = self.mod
         plan = self.plan
         N = len(plan.iset)
+        R = self.R
+        B = len(plan.bounds)
+        dtype, device = self.values.dtype, self.values.device
         with torch.no_grad():
-            e = None
-            t = _buf(self._ws, "t", N, 1, self.values.dtype, self.values.device).view(-1)
+            t = None
             for b, (lo, hi) in enumerate(plan.bounds):
                 T = tangent_block(self.U, self.V, dU, lo, hi).permute(1, 0, 2).contiguous()
-                nat.rowdot(self.L[b], T, self.R[b], plan.off[b], t)  # block order
-                tb = t.index_select(0, plan.inv[b])  # sample order
-                e = tb if e is None else e.add_(tb)
-        return e
+                out = (_buf(self._ws, ("t", b % 2), N, 1, dtype, device).view(-1) if b + 1 < B
+                       else torch.empty(N, dtype=dtype, device=device))
+                nat.rowdot(self.L[b], T, R[b], plan.off[b], t, plan.dst_left[b], out)
+                t = out
+        return t
