@@ -259,22 +259,19 @@ class CompiledSampledPoint:
         return D
 
     def tangent(self, dU: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The tangent vector with deltas ``dU`` at the samples (sample order): per block
-        the row-wise products ``l T r`` of its merged tangent core, summed along the
-        blocks' orders (each block's kernel adds its terms and moves the sums to the next
-        block's order, the last one to sample order)."""
+        """The tangent vector with deltas ``dU`` at the samples (sample order): per block,
+        the row-wise products ``l T r`` with its merged tangent core (block order), then
+        gathered into sample order and summed."""
         nat = self.mod
         plan = self.plan
         N = len(plan.iset)
         R = self.R
-        B = len(plan.bounds)
-        dtype, device = self.values.dtype, self.values.device
         with torch.no_grad():
-            t = None
+            e = None
+            t = _buf(self._ws, "t", N, 1, self.values.dtype, self.values.device).view(-1)
             for b, (lo, hi) in enumerate(plan.bounds):
                 T = tangent_block(self.U, self.V, dU, lo, hi).permute(1, 0, 2).contiguous()
-                out = (_buf(self._ws, ("t", b % 2), N, 1, dtype, device).view(-1) if b + 1 < B
-                       else torch.empty(N, dtype=dtype, device=device))
-                nat.rowdot(self.L[b], T, R[b], plan.off[b], t, plan.dst_left[b], out)
-                t = out
-        return t
+                nat.rowdot(self.L[b], T, R[b], plan.off[b], t)  # block order
+                tb = t.index_select(0, plan.inv[b])  # sample order
+                e = tb if e is None else e.add_(tb)
+        return e
