@@ -121,6 +121,27 @@ def test_step_and_rowdot_match_loops(mod, dtype, counts):
     assert rel(t, (ref_step(a, Mt, off, None) * y).sum(1)) < tol
 
 
+def test_many_groups_on_two_threads(mod):
+    """More groups than one task of the shared-counter schedule, on two threads: every group
+    is done once (none skipped, none twice)."""
+    counts = [(7 * k) % 11 for k in range(75)]  # empty groups included
+    off, a, c, Mt, z, dst, perm, (a_, c_, Mt_, z_) = make(counts, 3, 5, 4, F64, 6)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        N, P = a.shape[0], off.numel() - 1
+        out = torch.full((N, 4), float("nan"), dtype=F64)
+        C = torch.full((P, 3, 5), float("nan"), dtype=F64)
+        mod.step_outer(c_, Mt_, dst, out, a_, z_, off, perm, C)
+        assert rel(out, ref_step(c, Mt, off, dst)) < 1e-13
+        assert rel(C, ref_outer(a, c, z, off, perm)) < 1e-13
+        t = torch.full((N,), float("nan"), dtype=F64)
+        mod.rowdot(c_, Mt_, out, off, t)
+        assert rel(t, (ref_step(c, Mt, off, None) * out).sum(1)) < 1e-13
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_step_outer_rejects_inconsistent_shapes(mod):
     off, a, c, Mt, z, dst, perm, _ = make([3, 2], 2, 3, 4, F64, 4)
     with pytest.raises(RuntimeError, match="step_outer"):

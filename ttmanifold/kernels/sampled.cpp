@@ -18,14 +18,35 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <utility>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kChunk = 16;  // output columns accumulated in registers at once
-constexpr int64_t kGrain = 4;   // groups per parallel task at least
+constexpr int64_t kGroups = 16;  // groups per task of for_groups
 constexpr int64_t kAhead = 32;  // rows between a destination prefetch and its store
+
+// fn(g0, g1) over the groups 0 .. P-1 in tasks of kGroups groups that the threads take from
+// a shared counter, not a static split: a thread that loses its core to another process
+// holds up only its current task, and the others take the rest.
+template <typename F>
+void for_groups(int64_t P, const F& fn) {
+  const int64_t nt = at::get_num_threads();
+  if (nt <= 1 || P <= kGroups || at::in_parallel_region()) {
+    fn(0, P);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t g0 = next.fetch_add(kGroups);
+      if (g0 >= P) break;
+      fn(g0, std::min(P, g0 + kGroups));
+    }
+  });
+}
 
 // Rows of one group times the group's matrix, with explicit SIMD vectors (GCC/Clang vector
 // extensions; the width follows the target: 32 bytes covers AVX2 and is split by the
@@ -199,7 +220,7 @@ void group(const T* a, int64_t ra, const T* m, int64_t rb, int64_t i0, int64_t i
 template <typename T>
 void step_impl(const T* a, int64_t ra, const T* M, int64_t rb, const int64_t* off,
                int64_t P, const int32_t* dst, T* out) {
-  at::parallel_for(0, P, kGrain, [&](int64_t g0, int64_t g1) {
+  for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> buf;
     for (int64_t g = g0; g < g1; ++g)
       group(a, ra, M + g * ra * rb, rb, off[g], off[g + 1], dst, out,
@@ -213,7 +234,7 @@ void step_impl(const T* a, int64_t ra, const T* M, int64_t rb, const int64_t* of
 template <typename T>
 void rowdot_impl(const T* a, int64_t ra, const T* M, int64_t rb, const T* c,
                  const int64_t* off, int64_t P, T* t) {
-  at::parallel_for(0, P, kGrain, [&](int64_t g0, int64_t g1) {
+  for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> buf;
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t i0 = off[g], i1 = off[g + 1];
@@ -322,7 +343,7 @@ void outer_group(const T* a, int64_t ra, const T* c, int64_t rb, const T* z,
 template <typename T>
 void outer_impl(const T* a, int64_t ra, const T* c, int64_t rb, const T* z,
                 const int64_t* off, int64_t P, const int32_t* perm, T* C) {
-  at::parallel_for(0, P, kGrain, [&](int64_t g0, int64_t g1) {
+  for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> w;
     for (int64_t g = g0; g < g1; ++g)
       outer_group(a, ra, c, rb, z, perm, off[g], off[g + 1], C + g * ra * rb, w);
@@ -337,7 +358,7 @@ template <typename T>
 void step_outer_impl(const T* c, int64_t rb, const T* Mt, int64_t rc, const int32_t* dst,
                      T* out, const T* a, int64_t ra, const T* z, const int32_t* perm,
                      const int64_t* off, int64_t P, T* C) {
-  at::parallel_for(0, P, kGrain, [&](int64_t g0, int64_t g1) {
+  for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> buf, w;
     for (int64_t g = g0; g < g1; ++g) {
       if (out)
@@ -392,14 +413,14 @@ void rowdot(torch::Tensor a, torch::Tensor M, torch::Tensor c, torch::Tensor off
   });
 }
 
-// C (P, ra, rb) = per group sum of z[perm[i]] a[i]^T c[i]
+// C (P, ra, rb) = per group sum of z[perm[i]] a[i]^T c[i] (perm absent: z[i])
 void outer(torch::Tensor a, torch::Tensor c, torch::Tensor z, torch::Tensor off,
-           torch::Tensor perm, torch::Tensor C) {
+           c10::optional<torch::Tensor> perm, torch::Tensor C) {
   check(a, "a"); check(c, "c"); check(z, "z"); check(off, "off"); check(C, "C");
   TORCH_CHECK(off.scalar_type() == torch::kInt64, "off: expected int64");
   TORCH_CHECK(C.dim() == 3 && C.size(1) == a.size(1) && C.size(2) == c.size(1) &&
-              a.size(0) == c.size(0) && off.numel() == C.size(0) + 1,
-              "outer: inconsistent shapes");
+              a.size(0) == c.size(0) && off.numel() == C.size(0) + 1 &&
+              z.numel() == a.size(0), "outer: inconsistent shapes");
   const int32_t* p = idx_ptr(perm, "perm");
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ttm_outer", [&] {
     outer_impl<scalar_t>(a.data_ptr<scalar_t>(), a.size(1), c.data_ptr<scalar_t>(), c.size(1),
@@ -412,7 +433,7 @@ void outer(torch::Tensor a, torch::Tensor c, torch::Tensor z, torch::Tensor off,
 // is given) and C[g] = sum_i z[perm[i]] a[i]^T c[i], reading c once.
 void step_outer(torch::Tensor c, torch::Tensor Mt, c10::optional<torch::Tensor> dst,
                 c10::optional<torch::Tensor> out, torch::Tensor a, torch::Tensor z,
-                torch::Tensor off, torch::Tensor perm, torch::Tensor C) {
+                torch::Tensor off, c10::optional<torch::Tensor> perm, torch::Tensor C) {
   check(c, "c"); check(Mt, "Mt"); check(a, "a"); check(z, "z"); check(off, "off");
   check(C, "C");
   TORCH_CHECK(off.scalar_type() == torch::kInt64, "off: expected int64");

@@ -247,13 +247,16 @@ class CompiledSampledPoint:
                 lo, hi = plan.bounds[b]
                 P = plan.off[b].numel() - 1
                 C = z.new_empty(P, self.L[b].shape[1], R[b].shape[1])
+                # the weights in the block's order: one gather here is cheaper than the
+                # same scattered reads inside the kernel
+                zb = z.index_select(0, plan.perm[b])
                 if fused:
                     Mt = self._right_core(b) if b > 0 else z.new_empty(0, 0, 0)
                     nat.step_outer(R[b], Mt, plan.dst_right[b] if b > 0 else None,
-                                   R[b - 1] if b > 0 else None, self.L[b], z, plan.off[b],
-                                   plan.perm[b], C)
+                                   R[b - 1] if b > 0 else None, self.L[b], zb, plan.off[b],
+                                   None, C)
                 else:
-                    nat.outer(self.L[b], R[b], z, plan.off[b], plan.perm[b], C)
+                    nat.outer(self.L[b], R[b], zb, plan.off[b], None, C)
                 D[lo:hi] = split_block_grad(C.permute(1, 0, 2), self.U, self.V, lo, hi, shape)
         self._R = R
         return D
