@@ -79,9 +79,11 @@ class CompiledPlan:
         inv: List[torch.Tensor] = []  # sample -> order position
         ar = torch.arange(N, device=dev, dtype=torch.int32)
         prev_key, prev_P = None, 1
+        keys = []
         for lo, hi in bounds:
             P = iset.merged_count(lo, hi)
             key = iset.block_key(lo, hi)
+            keys.append(key)
             # inside a group, samples in the order of their previous block's group: a left
             # step then fills every destination group front to back (cache-friendly writes)
             order = torch.argsort(key if prev_key is None else key * prev_P + prev_key,
@@ -100,6 +102,13 @@ class CompiledPlan:
         self.dst_right: List[Optional[torch.Tensor]] = [None] + [
             inv[b - 1].index_select(0, self.perm[b]) for b in range(1, B)]
         self.inv = inv
+        # The first left step and the last right step start from ones: their results are
+        # rows of the first / last merged core, picked by the first / last block's group
+        # (a gather from a small table, cheaper than the scattered steps).
+        self.first_groups = self.last_groups = None
+        if B > 1:
+            self.first_groups = keys[0].index_select(0, self.perm[1]).to(torch.int32)
+            self.last_groups = keys[B - 1].index_select(0, self.perm[B - 2]).to(torch.int32)
         self.mask = torch.ones(N, dtype=torch.bool, device=dev)
         self.free: List[Dict] = []  # idle workspaces
         self._lock = threading.Lock()  # the pool is shared by threads
@@ -148,7 +157,10 @@ def _left_sweep(mod, plan: CompiledPlan, cores: Sequence[torch.Tensor], ws: Dict
         M = merged(cores, lo, hi).permute(1, 0, 2).contiguous()
         out = (_buf(ws, ("L", b + 1), N, ranks[hi], dtype, device) if b + 1 < B
                else torch.empty(N, 1, dtype=dtype, device=device))
-        mod.step(L[b], M, plan.off[b], plan.dst_left[b], out)
+        if b == 0 and B > 1:
+            torch.index_select(M.view(M.shape[0], -1), 0, plan.first_groups, out=out)
+        else:
+            mod.step(L[b], M, plan.off[b], plan.dst_left[b], out)
         if b + 1 < B:
             L.append(out)
     return L, out.view(-1)
@@ -209,10 +221,15 @@ class CompiledSampledPoint:
         if self._R is None:
             plan = self.plan
             R = self._right_buffers()
+            B = len(plan.bounds)
             with torch.no_grad():
-                for b in range(len(plan.bounds) - 1, 0, -1):
-                    self.mod.step(R[b], self._right_core(b), plan.off[b], plan.dst_right[b],
-                                  R[b - 1])
+                for b in range(B - 1, 0, -1):
+                    Mt = self._right_core(b)
+                    if b == B - 1:
+                        torch.index_select(Mt.view(Mt.shape[0], -1), 0, plan.last_groups,
+                                           out=R[b - 1])
+                    else:
+                        self.mod.step(R[b], Mt, plan.off[b], plan.dst_right[b], R[b - 1])
             self._R = R
         return self._R
 
@@ -242,15 +259,21 @@ class CompiledSampledPoint:
         z = z.contiguous()
         fused = self._R is None
         R = self._right_buffers() if fused else self._R
+        B = len(plan.bounds)
         with torch.no_grad():
-            for b in range(len(plan.bounds) - 1, -1, -1):
+            for b in range(B - 1, -1, -1):
                 lo, hi = plan.bounds[b]
                 P = plan.off[b].numel() - 1
                 C = z.new_empty(P, self.L[b].shape[1], R[b].shape[1])
                 # the weights in the block's order: one gather here is cheaper than the
                 # same scattered reads inside the kernel
                 zb = z.index_select(0, plan.perm[b])
-                if fused:
+                if fused and b == B - 1 and b > 0:  # the right vectors start from ones
+                    Mt = self._right_core(b)
+                    torch.index_select(Mt.view(Mt.shape[0], -1), 0, plan.last_groups,
+                                       out=R[b - 1])
+                    nat.outer(self.L[b], R[b], zb, plan.off[b], None, C)
+                elif fused:
                     Mt = self._right_core(b) if b > 0 else z.new_empty(0, 0, 0)
                     nat.step_outer(R[b], Mt, plan.dst_right[b] if b > 0 else None,
                                    R[b - 1] if b > 0 else None, self.L[b], zb, plan.off[b],
@@ -269,12 +292,16 @@ class CompiledSampledPoint:
         plan = self.plan
         N = len(plan.iset)
         R = self.R
+        dtype, device = self.values.dtype, self.values.device
         with torch.no_grad():
             e = None
-            t = _buf(self._ws, "t", N, 1, self.values.dtype, self.values.device).view(-1)
+            t = _buf(self._ws, "t", N, 1, dtype, device).view(-1)
+            ts = _buf(self._ws, "ts", N, 1, dtype, device).view(-1)
             for b, (lo, hi) in enumerate(plan.bounds):
                 T = tangent_block(self.U, self.V, dU, lo, hi).permute(1, 0, 2).contiguous()
                 nat.rowdot(self.L[b], T, R[b], plan.off[b], t)  # block order
-                tb = t.index_select(0, plan.inv[b])  # sample order
-                e = tb if e is None else e.add_(tb)
+                if e is None:
+                    e = t.index_select(0, plan.inv[b])  # sample order, a new tensor
+                else:
+                    e.add_(torch.index_select(t, 0, plan.inv[b], out=ts))
         return e
