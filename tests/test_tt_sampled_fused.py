@@ -142,6 +142,45 @@ def test_many_groups_on_two_threads(mod):
         torch.set_num_threads(n)
 
 
+def test_helpers_repeated_concurrent_and_after_fork(mod):
+    """The helper threads of the kernels: many calls in a row, two Python threads calling at
+    once, and a forked child (which has no helper threads) all give the loops' results."""
+    import threading
+
+    counts = [(5 * k) % 9 for k in range(120)]
+    off, a, c, Mt, z, dst, perm, _ = make(counts, 4, 6, 5, F64, 7)
+    ref = ref_step(c, Mt, off, dst)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def calls(k, errs):
+            out = torch.empty(a.shape[0], 5, dtype=F64)
+            for _ in range(k):
+                out.fill_(float("nan"))
+                mod.step(c, Mt, off, dst, out)
+                if not rel(out, ref) < 1e-13:
+                    errs.append(rel(out, ref))
+
+        errs = []
+        calls(60, errs)
+        threads = [threading.Thread(target=calls, args=(40, errs)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errs
+        if hasattr(os, "fork"):
+            pid = os.fork()
+            if pid == 0:  # child: exit status 0 iff the results are right
+                e = []
+                calls(5, e)
+                os._exit(0 if not e else 1)
+            _, status = os.waitpid(pid, 0)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_step_outer_rejects_inconsistent_shapes(mod):
     off, a, c, Mt, z, dst, perm, _ = make([3, 2], 2, 3, 4, F64, 4)
     with pytest.raises(RuntimeError, match="step_outer"):

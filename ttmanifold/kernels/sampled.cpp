@@ -19,6 +19,12 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#include <pthread.h>
 #include <utility>
 #include <vector>
 
@@ -28,9 +34,84 @@ constexpr int64_t kChunk = 16;  // output columns accumulated in registers at on
 constexpr int64_t kGroups = 16;  // groups per task of for_groups
 constexpr int64_t kAhead = 32;  // rows between a destination prefetch and its store
 
-// fn(g0, g1) over the groups 0 .. P-1 in tasks of kGroups groups that the threads take from
-// a shared counter, not a static split: a thread that loses its core to another process
-// holds up only its current task, and the others take the rest.
+// Helper threads for for_groups, "work first": the calling thread does the work itself and
+// wakes helpers that join while there is work left. It never waits for a helper that has
+// not started: with an OpenMP region every thread of the team must reach the closing
+// barrier, so when another process holds the second core each call waited a scheduler
+// time slice for it (measured: 2 threads 3-5x slower than 1 on a loaded 2-core machine).
+// The pool is created on first use and never destroyed (detached threads: no join at exit;
+// after a fork the child has no helpers and the caller simply does all the work).
+class Helpers {
+ public:
+  static Helpers& get() {
+    static const bool created = [] {  // once, thread-safe
+      instance() = new Helpers();  // leaked on purpose, see above
+      // a child of fork has none of the helper threads (and the mutex may have been
+      // held by one of them at the fork): it starts from a fresh pool
+      pthread_atfork(nullptr, nullptr, [] { instance() = new Helpers(); });
+      return true;
+    }();
+    (void)created;
+    return *instance();
+  }
+
+  // Runs work() on the calling thread and on up to `extra` helpers; returns when the
+  // calling thread's work() returned and no helper is inside work() any more.
+  void run(int64_t extra, const std::function<void()>& work) {
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      while (static_cast<int64_t>(n_started_) < extra) {
+        std::thread(&Helpers::loop, this).detach();
+        ++n_started_;
+      }
+      job_ = &work;
+      slots_ = extra;
+      ++gen_;
+    }
+    cv_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lk(m_);
+    job_ = nullptr;  // helpers waking from now on find nothing to do
+    slots_ = 0;
+    done_cv_.wait(lk, [&] { return active_ == 0; });  // helpers inside work() finish
+  }
+
+ private:
+  void loop() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(m_);
+    for (;;) {
+      cv_.wait(lk, [&] { return gen_ != seen; });
+      seen = gen_;
+      if (job_ == nullptr || slots_ <= 0) continue;
+      --slots_;
+      ++active_;
+      const std::function<void()>* w = job_;
+      lk.unlock();
+      (*w)();
+      lk.lock();
+      if (--active_ == 0) done_cv_.notify_all();
+    }
+  }
+
+  static Helpers*& instance() {
+    static Helpers* h = nullptr;
+    return h;
+  }
+
+  std::mutex m_;
+  std::condition_variable cv_, done_cv_;
+  const std::function<void()>* job_ = nullptr;
+  int64_t slots_ = 0;
+  int64_t active_ = 0;
+  uint64_t gen_ = 0;
+  size_t n_started_ = 0;
+};
+
+// fn(g0, g1) over the groups 0 .. P-1 in tasks of kGroups groups taken from a shared
+// counter by the calling thread and by up to at::get_num_threads() - 1 helpers: a thread
+// that loses its core delays at most the task it holds, and a helper that never gets a
+// core is not waited for. fn must not call back into ATen's parallel functions.
 template <typename F>
 void for_groups(int64_t P, const F& fn) {
   const int64_t nt = at::get_num_threads();
@@ -39,13 +120,14 @@ void for_groups(int64_t P, const F& fn) {
     return;
   }
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+  const std::function<void()> work = [&] {
     for (;;) {
       const int64_t g0 = next.fetch_add(kGroups);
       if (g0 >= P) break;
       fn(g0, std::min(P, g0 + kGroups));
     }
-  });
+  };
+  Helpers::get().run(std::min<int64_t>(nt - 1, (P + kGroups - 1) / kGroups - 1), work);
 }
 
 // Rows of one group times the group's matrix, with explicit SIMD vectors (GCC/Clang vector
