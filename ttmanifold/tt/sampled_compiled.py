@@ -6,8 +6,9 @@ Per block of merged modes (the partition of :meth:`IndexSet.bounds
 <ttmanifold.IndexSet.bounds>`) the samples are sorted by their merged index, without
 padding. A sweep step reads one block's rows in order, multiplies each by its group's
 merged core and writes the result straight into the next block's order, one fused pass;
-the gradient scatter and the tangent values are one fused pass per block each. Per-sample
-scalars are in sample order. Design: ``docs/sampled_entries.md``.
+the right sweep runs inside the first gradient scatter (one pass per block for both), and
+the tangent values are one pass per block. Per-sample scalars are in sample order. Design
+and measured costs: ``docs/sampled_entries.md``.
 
 The functions :func:`values`, :func:`sampled_point` and :func:`project` take the compiled
 module first; :mod:`ttmanifold.kernels` calls them (see :mod:`.index_set`).
