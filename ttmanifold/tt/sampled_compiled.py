@@ -6,8 +6,9 @@ Per block of merged modes (the partition of :meth:`IndexSet.bounds
 <ttmanifold.IndexSet.bounds>`) the samples are sorted by their merged index, without
 padding. A sweep step reads one block's rows in order, multiplies each by its group's
 merged core and writes the result straight into the next block's order, one fused pass;
-the gradient scatter and the tangent values are one fused pass per block each. Per-sample
-scalars are in sample order. Design: ``docs/sampled_entries.md``.
+the right sweep runs inside the first gradient scatter (one pass per block for both), and
+the tangent values are one pass per block. Per-sample scalars are in sample order. Design
+and measured costs: ``docs/sampled_entries.md``.
 
 The functions :func:`values`, :func:`sampled_point` and :func:`project` take the compiled
 module first; :mod:`ttmanifold.kernels` calls them (see :mod:`.index_set`).
@@ -79,9 +80,11 @@ class CompiledPlan:
         inv: List[torch.Tensor] = []  # sample -> order position
         ar = torch.arange(N, device=dev, dtype=torch.int32)
         prev_key, prev_P = None, 1
+        keys = []
         for lo, hi in bounds:
             P = iset.merged_count(lo, hi)
             key = iset.block_key(lo, hi)
+            keys.append(key)
             # inside a group, samples in the order of their previous block's group: a left
             # step then fills every destination group front to back (cache-friendly writes)
             order = torch.argsort(key if prev_key is None else key * prev_P + prev_key,
@@ -100,6 +103,13 @@ class CompiledPlan:
         self.dst_right: List[Optional[torch.Tensor]] = [None] + [
             inv[b - 1].index_select(0, self.perm[b]) for b in range(1, B)]
         self.inv = inv
+        # The first left step and the last right step start from ones: their results are
+        # rows of the first / last merged core, picked by the first / last block's group
+        # (a gather from a small table, cheaper than the scattered steps).
+        self.first_groups = self.last_groups = None
+        if B > 1:
+            self.first_groups = keys[0].index_select(0, self.perm[1]).to(torch.int32)
+            self.last_groups = keys[B - 1].index_select(0, self.perm[B - 2]).to(torch.int32)
         self.mask = torch.ones(N, dtype=torch.bool, device=dev)
         self.free: List[Dict] = []  # idle workspaces
         self._lock = threading.Lock()  # the pool is shared by threads
@@ -148,7 +158,10 @@ def _left_sweep(mod, plan: CompiledPlan, cores: Sequence[torch.Tensor], ws: Dict
         M = merged(cores, lo, hi).permute(1, 0, 2).contiguous()
         out = (_buf(ws, ("L", b + 1), N, ranks[hi], dtype, device) if b + 1 < B
                else torch.empty(N, 1, dtype=dtype, device=device))
-        mod.step(L[b], M, plan.off[b], plan.dst_left[b], out)
+        if b == 0 and B > 1:
+            torch.index_select(M.view(M.shape[0], -1), 0, plan.first_groups, out=out)
+        else:
+            mod.step(L[b], M, plan.off[b], plan.dst_left[b], out)
         if b + 1 < B:
             L.append(out)
     return L, out.view(-1)
@@ -169,31 +182,57 @@ def _values(mod, plan: CompiledPlan, cores: Sequence[torch.Tensor]) -> torch.Ten
 class CompiledSampledPoint:
     """:class:`~ttmanifold.sparse.SampledPoint` on the compiled kernels (CPU, float32 or
     float64). Per-sample scalars are in sample order: :meth:`to_samples` and
-    :meth:`from_samples` are the identity and :attr:`mask` is all true."""
+    :meth:`from_samples` are the identity and :attr:`mask` is all true.
+
+    The left sweep runs at construction (it gives :attr:`values`); the right sweep runs
+    with the first :meth:`project`, fused with its scatter (one read of each block's right
+    vectors for both), or on first use of :attr:`R`."""
 
     def __init__(self, mod, plan: CompiledPlan, U: Sequence[torch.Tensor],
                  V: Sequence[torch.Tensor]):
-        self.mod = nat = mod
+        self.mod = mod
         self.plan = plan
         self.U, self.V = list(U), list(V)
-        iset = plan.iset
-        N = len(iset)
-        dtype, device = U[0].dtype, U[0].device
         ranks = ranks_of(U)
-        ws = plan.acquire(dtype, ranks)
+        self._ranks = ranks
+        ws = plan.acquire(U[0].dtype, ranks)
         self._ws = ws
         weakref.finalize(self, plan.release, ws)
-        B = len(plan.bounds)
         with torch.no_grad():
-            L, self.values = _left_sweep(nat, plan, self.U, ws, ranks)
-            R: List[Optional[torch.Tensor]] = [None] * B
-            R[B - 1] = plan.ones(dtype)
-            for b in range(B - 1, 0, -1):
-                lo, hi = plan.bounds[b]
-                Mt = merged(self.V, lo, hi).permute(1, 2, 0).contiguous()
-                R[b - 1] = _buf(ws, ("R", b - 1), N, ranks[lo], dtype, device)
-                nat.step(R[b], Mt, plan.off[b], plan.dst_right[b], R[b - 1])
-        self.L, self.R = L, R
+            self.L, self.values = _left_sweep(mod, plan, self.U, ws, ranks)
+        self._R: Optional[List[torch.Tensor]] = None
+
+    def _right_buffers(self) -> List[torch.Tensor]:
+        """``[R_0, ..., R_{B-1}]``: pooled buffers for blocks 0..B-2, ones for the last."""
+        plan = self.plan
+        N = len(plan.iset)
+        dtype, device = self.values.dtype, self.values.device
+        B = len(plan.bounds)
+        R = [_buf(self._ws, ("R", b), N, self._ranks[plan.bounds[b][1]], dtype, device)
+             for b in range(B - 1)]
+        return R + [plan.ones(dtype)]
+
+    def _right_core(self, b: int) -> torch.Tensor:
+        lo, hi = self.plan.bounds[b]
+        return merged(self.V, lo, hi).permute(1, 2, 0).contiguous()
+
+    @property
+    def R(self) -> List[torch.Tensor]:
+        """The right vectors of every block in its order (the right sweep, run once)."""
+        if self._R is None:
+            plan = self.plan
+            R = self._right_buffers()
+            B = len(plan.bounds)
+            with torch.no_grad():
+                for b in range(B - 1, 0, -1):
+                    Mt = self._right_core(b)
+                    if b == B - 1:
+                        torch.index_select(Mt.view(Mt.shape[0], -1), 0, plan.last_groups,
+                                           out=R[b - 1])
+                    else:
+                        self.mod.step(R[b], Mt, plan.off[b], plan.dst_right[b], R[b - 1])
+            self._R = R
+        return self._R
 
     @property
     def layout(self):
@@ -212,31 +251,58 @@ class CompiledSampledPoint:
 
     def project(self, z: torch.Tensor) -> List[torch.Tensor]:
         """``D_k`` of the projection of the sparse tensor with values ``z`` (sample order),
-        before the gauge projection."""
+        before the gauge projection. The first call also runs the right sweep, fused with
+        the scatter (``step_outer``: per block, one pass over its right vectors)."""
         nat = self.mod
         plan = self.plan
         shape = plan.iset.shape
         D: List[Optional[torch.Tensor]] = [None] * len(shape)
         z = z.contiguous()
+        fused = self._R is None
+        R = self._right_buffers() if fused else self._R
+        B = len(plan.bounds)
         with torch.no_grad():
-            for b, (lo, hi) in enumerate(plan.bounds):
+            for b in range(B - 1, -1, -1):
+                lo, hi = plan.bounds[b]
                 P = plan.off[b].numel() - 1
-                C = z.new_empty(P, self.L[b].shape[1], self.R[b].shape[1])
-                nat.outer(self.L[b], self.R[b], z, plan.off[b], plan.perm[b], C)
+                C = z.new_empty(P, self.L[b].shape[1], R[b].shape[1])
+                # the weights in the block's order: one gather here is cheaper than the
+                # same scattered reads inside the kernel
+                zb = z.index_select(0, plan.perm[b])
+                if fused and b == B - 1 and b > 0:  # the right vectors start from ones
+                    Mt = self._right_core(b)
+                    torch.index_select(Mt.view(Mt.shape[0], -1), 0, plan.last_groups,
+                                       out=R[b - 1])
+                    nat.outer(self.L[b], R[b], zb, plan.off[b], None, C)
+                elif fused:
+                    Mt = self._right_core(b) if b > 0 else z.new_empty(0, 0, 0)
+                    nat.step_outer(R[b], Mt, plan.dst_right[b] if b > 0 else None,
+                                   R[b - 1] if b > 0 else None, self.L[b], zb, plan.off[b],
+                                   None, C)
+                else:
+                    nat.outer(self.L[b], R[b], zb, plan.off[b], None, C)
                 D[lo:hi] = split_block_grad(C.permute(1, 0, 2), self.U, self.V, lo, hi, shape)
+        self._R = R
         return D
 
     def tangent(self, dU: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The tangent vector with deltas ``dU`` at the samples (sample order)."""
+        """The tangent vector with deltas ``dU`` at the samples (sample order): per block,
+        the row-wise products ``l T r`` with its merged tangent core (block order), then
+        gathered into sample order and summed."""
         nat = self.mod
         plan = self.plan
         N = len(plan.iset)
+        R = self.R
+        dtype, device = self.values.dtype, self.values.device
         with torch.no_grad():
             e = None
-            t = _buf(self._ws, "t", N, 1, self.values.dtype, self.values.device).view(-1)
+            t = _buf(self._ws, "t", N, 1, dtype, device).view(-1)
+            ts = _buf(self._ws, "ts", N, 1, dtype, device).view(-1)
             for b, (lo, hi) in enumerate(plan.bounds):
                 T = tangent_block(self.U, self.V, dU, lo, hi).permute(1, 0, 2).contiguous()
-                nat.rowdot(self.L[b], T, self.R[b], plan.off[b], t)  # block order
-                tb = t.index_select(0, plan.inv[b])  # sample order
-                e = tb if e is None else e.add_(tb)
+                nat.rowdot(self.L[b], T, R[b], plan.off[b], t)  # block order
+                if e is None:
+                    e = t.index_select(0, plan.inv[b])  # sample order, a new tensor
+                else:
+                    e.add_(torch.index_select(t, 0, plan.inv[b], out=ts))
         return e
