@@ -69,7 +69,19 @@ class Helpers {
       ++gen_;
     }
     cv_.notify_all();
-    work();
+    // helpers may be running `work` (a reference into the caller's frame): withdraw it and
+    // wait for them before returning, also when the caller's own share throws
+    try {
+      work();
+    } catch (...) {
+      retire();
+      throw;
+    }
+    retire();
+  }
+
+ private:
+  void retire() {
     std::unique_lock<std::mutex> lk(m_);
     job_ = nullptr;  // helpers waking from now on find nothing to do
     slots_ = 0;
