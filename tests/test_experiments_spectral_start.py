@@ -96,3 +96,23 @@ def test_bad_input(args, match):
     kw.update(args)
     with pytest.raises(ValueError, match=match):
         S.sparse_spectral_point(**kw)
+
+
+def test_steinlechner_preset_with_ttemps_uniform_cores():
+    # TTeMPS's random TT has uniform [0, 1] cores: from rank 1 the search recovers it,
+    # while the (default) Gaussian-core tensor gives it nothing to start from
+    uni = PR.build_preset("steinlechner", quick=True, core_dist="uniform")
+    gau = PR.build_preset("steinlechner", quick=True)
+    assert uni["problem"].core_dist == "uniform" and gau["problem"].core_dist == "gaussian"
+    assert float(uni["problem"].a_train.min()) >= 0 > float(gau["problem"].a_train.min())
+    errs = []
+    for spec in (uni, gau):
+        # an iteration cap, not a time budget: the outcome must not depend on the load
+        h = S.rank_adaptive_completion(spec["problem"], max_rank=spec["max_rank"],
+                                       max_iters=400)
+        errs.append(h.final_metrics()["test_err"])
+    assert errs[0] < 1e-8 and errs[1] > 0.5, errs
+    with pytest.raises(ValueError, match="core_dist"):
+        PR.build_preset("t3f-tutorial", core_dist="uniform")
+    with pytest.raises(ValueError, match="core_dist"):
+        PR.build_preset("steinlechner", quick=True, core_dist="normal")
