@@ -55,6 +55,7 @@ def test_explicit_default_adam_kwargs_change_nothing():
     ("rcg", dict(betas=(0.8, 0.999)), "only for method 'radam'"),
     ("radam", dict(beta1=0.8), "keys among"),
     ("radam", dict(betas=(1.0, 0.999)), "betas"),
+    ("radam", dict(betas=0.8), "betas"),
     ("radam", [0.8], "expected a dict"),
 ])
 def test_adam_kwargs_bad_input(method, kwargs, match):

@@ -236,7 +236,11 @@ def _check_adam_kwargs(method: str, adam_kwargs) -> None:
         raise ValueError(f"adam_kwargs: expected a dict with keys among {_ADAM_KEYS}, got "
                          f"{adam_kwargs!r}")
     betas = adam_kwargs.get("betas", (0.9, 0.999))
-    if not (len(betas) == 2 and all(0.0 <= float(b) < 1.0 for b in betas)):
+    try:
+        ok = len(betas) == 2 and all(0.0 <= float(b) < 1.0 for b in betas)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ValueError(f"adam_kwargs: betas must be two numbers in [0, 1), got {betas!r}")
 
 
