@@ -2,13 +2,15 @@
 Steinlechner's phase plots: random rank-r TTs with Gaussian cores, ``|Omega| = rate x dim
 M`` sampled entries, no oracle or dense start. For every size ``(d, n, r)``, rate and seed
 it runs fixed-rank Riemannian CG from a random point (``rcg_random``) and from a point next
-to a random rank-1 tensor (``rcg_rank1``), and rank-adaptive completion from rank 1 with
+to a random rank-1 tensor (``rcg_rank1``) and from the sparse spectral start computed from
+the samples (``rcg_spectral``, ``solvers.sparse_spectral_point``), and rank-adaptive
+completion from rank 1 with
 cap r (``rank_adaptive``); a run recovers the tensor when its relative test error reaches
 ``--tol`` (default 1e-6). Prints one markdown table per size and saves the plot
 ``completion_phase.png`` (fraction recovered against rate) to ``--out``.
 
 Run:  python benchmarks/completion_phase.py [--sizes 6x4x2,6x6x2,8x4x3] [--rates 2,3,5,10,20,40]
-      [--seeds 4] [--budget 10] [--methods rcg_random,rcg_rank1,rank_adaptive]
+      [--seeds 4] [--budget 10] [--methods rcg_random,rcg_rank1,rcg_spectral,rank_adaptive]
       [--out phase_out]
 The defaults take a few minutes on one core (torch runs with 1 thread). The sizes are
 small in n because at n = 10 nothing recovers below 40 x dim M (d = 6, r = 2: 0 of 4

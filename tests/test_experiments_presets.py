@@ -172,7 +172,8 @@ def test_recovery_phase_rows_table_and_plot(tmp_path):
     assert not rows[-1]["recovered"] and rows[-1]["test_err"] > 1e-2
     table = presets.phase_table(rows, [1.5, 4.0])
     assert table[2].startswith("| rcg_random | 0/1 | 1/1 (")
-    assert table[4].startswith("| rank_adaptive | - | 1/1 (")
+    assert table[4].startswith("| rcg_spectral | - | 1/1 (")
+    assert table[5].startswith("| rank_adaptive | - | 1/1 (")
     presets.plot_phase([("d = 4", rows)], str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="methods"):

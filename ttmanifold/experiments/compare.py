@@ -140,7 +140,8 @@ def build_parser(prog: str = "ttmanifold compare") -> argparse.ArgumentParser:
     p.add_argument("--oversampling", type=_positive_float, default=10.0,
                    help="completion: |Omega| = oversampling x dim M (default 10)")
     p.add_argument("--core-dist", choices=("gaussian", "uniform"), default="gaussian",
-                   help="completion: distribution of the target's cores (default gaussian)")
+                   help="completion: distribution of the target's cores (default gaussian; "
+                        "also for --preset steinlechner, where uniform is TTeMPS's random TT)")
     p.add_argument("--init", choices=("random", "spectral", "homotopy", "perturbed", "auto"),
                    default="auto",
                    help="completion starting point (default auto: spectral when the "
@@ -604,13 +605,16 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "ttmanifold compare")
     args._argv = argv
     if args.preset:
         explicit = any(a == "--methods" or a.startswith("--methods=") for a in argv)
+        # --core-dist only when given: it applies to the steinlechner preset alone
+        cd = any(a == "--core-dist" or a.startswith("--core-dist=") for a in argv)
         # one thread unless --threads: the presets time methods against each other
         torch.set_num_threads(args.threads or 1)
         try:
             text = run_preset(args.preset, args.out, rank=args.rank, seed=args.seed,
                               quick=args.quick, budget=args.time_budget or 60.0,
                               iters=args.iters or 2000,
-                              methods=args.methods if explicit else None)
+                              methods=args.methods if explicit else None,
+                              core_dist=args.core_dist if cd else None)
         except ValueError as exc:
             parser.error(str(exc))
         print(text, flush=True)

@@ -45,10 +45,11 @@ __all__ = ["PRESETS", "build_preset", "run_preset", "exp_norm_values", "tensoriz
 PRESETS = ("steinlechner", "t3f-tutorial", "psenka-boumal", "function", "image")
 
 
-def _steinlechner(rank: int, seed: int, quick: bool):
+def _steinlechner(rank: int, seed: int, quick: bool, core_dist: str = "gaussian"):
     d, n = (6, 10) if quick else (10, 20)
     size = 10 * d * n * rank * rank
-    pb = P.Completion((n,) * d, rank, train_size=size, test_size=size, seed=seed)
+    pb = P.Completion((n,) * d, rank, train_size=size, test_size=size, seed=seed,
+                      core_dist=core_dist)
     x0 = pb.initial_point(seed, kind="perturbed", distance=0.3)
     methods = ["rcg", "rtr", "rlbfgs", "als", "chart_lbfgs", "chart_gd_armijo",
                "rank_adaptive"]
@@ -208,7 +209,7 @@ def _image(seed: int, quick: bool):
 
 
 def build_preset(name: str, *, rank: Optional[int] = None, seed: int = 0,
-                 quick: bool = False) -> Dict[str, object]:
+                 quick: bool = False, core_dist: Optional[str] = None) -> Dict[str, object]:
     """The problem, start, methods, target metric and tolerance of preset ``name``.
 
     Args:
@@ -216,7 +217,10 @@ def build_preset(name: str, *, rank: Optional[int] = None, seed: int = 0,
         seed: data and start (``psenka-boumal``: the first of its seeds);
         quick: smaller sizes (``steinlechner``: d = 6, n = 10; ``psenka-boumal``: d = 6,
             ranks (1, 2, 3, 3, 3, 2, 1), 30 % observed, 2 seeds; ``function``: 8^4 grid,
-            1000 samples, ranks up to 3; ``image``: a 32 x 32 crop, ranks up to 8).
+            1000 samples, ranks up to 3; ``image``: a 32 x 32 crop, ranks up to 8);
+        core_dist: ``steinlechner``'s cores, ``"gaussian"`` (default) or ``"uniform"``
+            (i.i.d. uniform [0, 1], what TTeMPS's random TTs and Steinlechner's examples
+            use; the Gaussian tensor has no low-rank part to start a rank search from).
     Returns:
         a dict with ``problem``, ``x0``, ``start``, ``methods``, ``key``, ``tol``,
         ``max_rank`` (the rank-adaptive cap); ``psenka-boumal`` adds ``seeds``,
@@ -225,8 +229,13 @@ def build_preset(name: str, *, rank: Optional[int] = None, seed: int = 0,
         ``problem`` is the first of them and ``x0`` is None: it starts from rank 1).
     Cost: building the data, O(|Omega| d r^2) (``image``: O(pixels)).
     """
+    if core_dist is not None and name != "steinlechner":
+        raise ValueError(f"core_dist: only for the 'steinlechner' preset, not {name!r}")
+    if core_dist not in (None, "gaussian", "uniform"):
+        raise ValueError(f"core_dist: expected 'gaussian' or 'uniform', got {core_dist!r}")
     if name == "steinlechner":
-        return _steinlechner(4 if rank is None else int(rank), seed, quick)
+        return _steinlechner(4 if rank is None else int(rank), seed, quick,
+                             core_dist or "gaussian")
     if name == "t3f-tutorial":
         return _t3f(seed, quick)
     if name == "psenka-boumal":
@@ -439,7 +448,7 @@ def save_image_figure(img: torch.Tensor, rows, path: Optional[str] = None, *,
     return None
 
 
-PHASE_METHODS = ("rcg_random", "rcg_rank1", "rank_adaptive")
+PHASE_METHODS = ("rcg_random", "rcg_rank1", "rcg_spectral", "rank_adaptive")
 
 
 def rank_one_start(manifold, seed: int = 0, eps: float = 1e-4, *, dtype=torch.float64,
@@ -476,7 +485,9 @@ def recovery_phase(d: int, n: int, r: int, rates, seeds: int, *,
     of Steinlechner's phase plots, without an oracle or dense start.
 
     Methods: ``rcg_random``, fixed-rank Riemannian CG from a random point;
-    ``rcg_rank1``, the same from :func:`rank_one_start`; ``rank_adaptive``,
+    ``rcg_rank1``, the same from :func:`rank_one_start`; ``rcg_spectral``, the same
+    from :func:`~.solvers.sparse_spectral_point` (computed from the samples only; its
+    time is included in ``seconds``); ``rank_adaptive``,
     rank-adaptive completion from rank 1 with cap ``r`` (its control set is 10 % of
     Omega). A run recovers the tensor when its relative test error reaches ``tol``.
 
@@ -511,18 +522,28 @@ def recovery_phase(d: int, n: int, r: int, rates, seeds: int, *,
             gamma = min(test_size, total - math.ceil(rate * dim))
             pb = P.Completion((n,) * d, r, oversampling=rate, test_size=gamma, seed=s)
             for m in methods:
+                t_start = 0.0  # seconds of computing the start (the spectral one)
                 if m == "rank_adaptive":
                     h = solvers.rank_adaptive_completion(pb, max_rank=r, seed=s,
                                                          time_budget=budget)
                 else:
-                    x0 = (pb.initial_point(s) if m == "rcg_random" else
-                          rank_one_start(pb.manifold, s, dtype=pb.dtype, device=pb.device))
+                    t0 = time.perf_counter()
+                    if m == "rcg_random":
+                        x0 = pb.initial_point(s)
+                    elif m == "rcg_spectral":
+                        x0 = pb.manifold.pack_point(solvers.sparse_spectral_point(
+                            pb.train.indices, pb.a_train, pb.manifold.shape,
+                            pb.manifold.ranks))
+                    else:
+                        x0 = rank_one_start(pb.manifold, s, dtype=pb.dtype, device=pb.device)
+                    if m == "rcg_spectral":
+                        t_start = time.perf_counter() - t0
                     h = solvers.run(pb, "rcg", x0, iters=iters, time_budget=budget,
                                     stop_metric="test_err", stop_tol=tol,
                                     measure_memory=False)
                 err = h.final_metrics().get("test_err", math.nan)
                 rows.append(dict(rate=rate, seed=s, method=m, recovered=bool(err <= tol),
-                                 test_err=err, seconds=h.total_time,
+                                 test_err=err, seconds=h.total_time + t_start,
                                  ranks=tuple(h.info.get("ranks", pb.manifold.ranks))))
                 if verbose:
                     _progress(f"d={d} n={n} r={r} rate={rate:g} seed={s} {m}: "
@@ -600,11 +621,11 @@ def plot_phase(panels, path: Optional[str] = None):
 
 def run_preset(name: str, out: str, *, rank: Optional[int] = None, seed: int = 0,
                quick: bool = False, budget: float = 60.0, iters: int = 2000,
-               methods: Optional[List[str]] = None) -> str:
+               methods: Optional[List[str]] = None, core_dist: Optional[str] = None) -> str:
     """Run preset ``name``; write ``summary.md`` to ``out`` and return its text.
 
     Args:
-        name, rank, seed, quick: as :func:`build_preset`; out: output directory;
+        name, rank, seed, quick, core_dist: as :func:`build_preset`; out: output directory;
         budget: seconds per method (``psenka-boumal``: per method and seed; ``image``:
             per sampling rate); iters: iteration cap per method;
         methods: a subset of the preset's methods.
@@ -617,7 +638,7 @@ def run_preset(name: str, out: str, *, rank: Optional[int] = None, seed: int = 0
     Cost: ``budget`` seconds per method (and seed, or rate) at most, plus metric
     evaluations.
     """
-    spec = build_preset(name, rank=rank, seed=seed, quick=quick)
+    spec = build_preset(name, rank=rank, seed=seed, quick=quick, core_dist=core_dist)
     methods = methods or spec["methods"]
     bad = [m for m in methods if m not in spec["methods"]]
     if bad:
