@@ -99,10 +99,10 @@ def test_bad_input(args, match):
 
 
 def test_steinlechner_preset_with_ttemps_uniform_cores():
-    # TTeMPS's random TT has uniform [0, 1] cores: from rank 1 the search recovers it,
-    # while the (default) Gaussian-core tensor gives it nothing to start from
-    uni = PR.build_preset("steinlechner", quick=True, core_dist="uniform")
-    gau = PR.build_preset("steinlechner", quick=True)
+    # TTeMPS's random TT has uniform [0, 1] cores (the preset's default): from rank 1 the
+    # search recovers it, while the Gaussian-core tensor gives it nothing to start from
+    uni = PR.build_preset("steinlechner", quick=True)
+    gau = PR.build_preset("steinlechner", quick=True, core_dist="gaussian")
     assert uni["problem"].core_dist == "uniform" and gau["problem"].core_dist == "gaussian"
     assert float(uni["problem"].a_train.min()) >= 0 > float(gau["problem"].a_train.min())
     errs = []
@@ -112,6 +112,11 @@ def test_steinlechner_preset_with_ttemps_uniform_cores():
                                        max_iters=400)
         errs.append(h.final_metrics()["test_err"])
     assert errs[0] < 1e-8 and errs[1] > 0.5, errs
+    # the fixed-rank methods start from another uniform random TT (no oracle) and recover
+    h = S.run(uni["problem"], "rcg", uni["x0"], iters=300, stop_metric="test_err",
+              stop_tol=1e-8, measure_memory=False)
+    assert h.final_metrics()["test_err"] < 1e-8
+    assert "oracle" not in uni["start"] and "oracle" in gau["start"]
     with pytest.raises(ValueError, match="core_dist"):
         PR.build_preset("t3f-tutorial", core_dist="uniform")
     with pytest.raises(ValueError, match="core_dist"):

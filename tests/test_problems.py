@@ -342,3 +342,20 @@ def test_homotopy_and_perturbed_starts():
     assert 0.01 < P.metrics(x)["test_err"] < 0.4  # rounding removes part of the noise
     with pytest.raises(ValueError, match="kind"):
         P.initial_point(0, kind="nope")
+
+
+def test_random_start_of_a_given_core_law():
+    # kind="random" with core_dist: a unit-norm random TT of the manifold's ranks whose
+    # cores follow that law (uniform [0, 1] cores: every entry of the tensor is positive),
+    # drawn from a stream apart from the data's and reproducible from the seed
+    pb = Completion((5, 4, 6), 2, core_dist="uniform", oversampling=2, test_size=10, seed=0)
+    x = pb.initial_point(1, kind="random", core_dist="uniform")
+    full = pb.manifold.to_tt(x).full()
+    assert float(full.min()) > 0 and abs(float(full.norm()) - 1) < 1e-12
+    assert torch.equal(x, pb.initial_point(1, kind="random", core_dist="uniform"))
+    g = pb.manifold.to_tt(pb.initial_point(1, kind="random", core_dist="gaussian")).full()
+    assert float(g.min()) < 0 < float(g.max())
+    with pytest.raises(ValueError, match="core_dist"):
+        pb.initial_point(1, kind="random", core_dist="normal")
+    with pytest.raises(TypeError, match="unexpected"):
+        pb.initial_point(1, kind="random", distance=0.3)

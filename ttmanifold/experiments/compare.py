@@ -141,7 +141,8 @@ def build_parser(prog: str = "ttmanifold compare") -> argparse.ArgumentParser:
                    help="completion: |Omega| = oversampling x dim M (default 10)")
     p.add_argument("--core-dist", choices=("gaussian", "uniform"), default="gaussian",
                    help="completion: distribution of the target's cores (default gaussian; "
-                        "also for --preset steinlechner, where uniform is TTeMPS's random TT)")
+                        "--preset steinlechner defaults to uniform, TTeMPS's random TT, and "
+                        "takes gaussian when given)")
     p.add_argument("--init", choices=("random", "spectral", "homotopy", "perturbed", "auto"),
                    default="auto",
                    help="completion starting point (default auto: spectral when the "

@@ -45,16 +45,23 @@ __all__ = ["PRESETS", "build_preset", "run_preset", "exp_norm_values", "tensoriz
 PRESETS = ("steinlechner", "t3f-tutorial", "psenka-boumal", "function", "image")
 
 
-def _steinlechner(rank: int, seed: int, quick: bool, core_dist: str = "gaussian"):
+def _steinlechner(rank: int, seed: int, quick: bool, core_dist: str = "uniform"):
     d, n = (6, 10) if quick else (10, 20)
     size = 10 * d * n * rank * rank
     pb = P.Completion((n,) * d, rank, train_size=size, test_size=size, seed=seed,
                       core_dist=core_dist)
-    x0 = pb.initial_point(seed, kind="perturbed", distance=0.3)
     methods = ["rcg", "rtr", "rlbfgs", "als", "chart_lbfgs", "chart_gd_armijo",
                "rank_adaptive"]
-    return dict(problem=pb, x0=x0, start="oracle: target + 30% noise (rank-adaptive: rank 1)",
-                methods=methods, key="test_err", tol=1e-8, max_rank=rank)
+    if core_dist == "uniform":
+        # TTeMPS's examples: the start is another random TT of the data's kind
+        x0 = pb.initial_point(seed, kind="random", core_dist="uniform")
+        start = "random TT with uniform cores, as TTeMPS (rank-adaptive: rank 1)"
+    else:
+        # from a random start no method recovers a Gaussian-core tensor at these sizes
+        x0 = pb.initial_point(seed, kind="perturbed", distance=0.3)
+        start = "oracle: target + 30% noise (rank-adaptive: rank 1)"
+    return dict(problem=pb, x0=x0, start=start, methods=methods, key="test_err", tol=1e-8,
+                max_rank=rank)
 
 
 def _t3f(seed: int, quick: bool):
@@ -218,9 +225,11 @@ def build_preset(name: str, *, rank: Optional[int] = None, seed: int = 0,
         quick: smaller sizes (``steinlechner``: d = 6, n = 10; ``psenka-boumal``: d = 6,
             ranks (1, 2, 3, 3, 3, 2, 1), 30 % observed, 2 seeds; ``function``: 8^4 grid,
             1000 samples, ranks up to 3; ``image``: a 32 x 32 crop, ranks up to 8);
-        core_dist: ``steinlechner``'s cores, ``"gaussian"`` (default) or ``"uniform"``
-            (i.i.d. uniform [0, 1], what TTeMPS's random TTs and Steinlechner's examples
-            use; the Gaussian tensor has no low-rank part to start a rank search from).
+        core_dist: ``steinlechner``'s cores, ``"uniform"`` (default: i.i.d. uniform [0, 1],
+            what TTeMPS's random TTs and Steinlechner's examples use; the fixed-rank methods
+            start from another such random TT) or ``"gaussian"`` (mean-zero: no low-rank
+            part to start a rank search from, and no method recovers it from a random start
+            at these sizes, so the fixed-rank methods start from the oracle start).
     Returns:
         a dict with ``problem``, ``x0``, ``start``, ``methods``, ``key``, ``tol``,
         ``max_rank`` (the rank-adaptive cap); ``psenka-boumal`` adds ``seeds``,
@@ -235,7 +244,7 @@ def build_preset(name: str, *, rank: Optional[int] = None, seed: int = 0,
         raise ValueError(f"core_dist: expected 'gaussian' or 'uniform', got {core_dist!r}")
     if name == "steinlechner":
         return _steinlechner(4 if rank is None else int(rank), seed, quick,
-                             core_dist or "gaussian")
+                             core_dist or "uniform")
     if name == "t3f-tutorial":
         return _t3f(seed, quick)
     if name == "psenka-boumal":

@@ -45,6 +45,14 @@ def _as_generator(seed_or_gen) -> torch.Generator:
     return g
 
 
+def _start_generator(generator) -> torch.Generator:
+    """The generator of a start: ``generator`` itself, or for a seed (or None = 0) a stream
+    distinct from the data's (which use the seed directly)."""
+    if isinstance(generator, torch.Generator):
+        return generator
+    return _as_generator(1_000_003 * (0 if generator is None else int(generator)) + 7919)
+
+
 def _resolve_dtype(dtype) -> torch.dtype:
     dtype = dtype or torch.float64
     check_float_dtype(dtype, "dtype")
@@ -60,7 +68,7 @@ def random_tt(shape, ranks, *, core_dist: str = "gaussian", generator=None,
     """A TT with i.i.d. cores (Steinlechner 2016's test tensors), normalized to unit norm.
 
     ``core_dist="gaussian"``: standard normal entries; ``"uniform"``: uniform on [0, 1]
-    (a tensor dominated by its rank-one mean part, harder to complete). Cores are drawn in
+    (TTeMPS's random TT: a tensor dominated by its rank-one mean part). Cores are drawn in
     float64 on the CPU, each divided by ``sqrt(r_{k-1} n_k)`` (gaussian) or ``r_{k-1} n_k / 2``
     (uniform) to keep intermediate norms O(1) for large ``d``, the tensor is scaled to
     ``||A|| = 1`` (spread evenly over the cores), then cast and moved. Ranks are clipped to
@@ -317,11 +325,7 @@ class Problem:
         """A random unit-norm point of :attr:`manifold` (:meth:`FixedTTRank.random`, drawn
         in float64 on the CPU from ``generator`` (a torch.Generator, or a seed mapped to a
         stream independent of the data's), then cast)."""
-        if not isinstance(generator, torch.Generator):
-            # a stream distinct from the data's (which use ``seed`` directly)
-            generator = _as_generator(1_000_003 * (0 if generator is None else int(generator))
-                                      + 7919)
-        p = self.manifold.random(dtype=torch.float64, generator=generator)
+        p = self.manifold.random(dtype=torch.float64, generator=_start_generator(generator))
         return p.to(dtype=self.dtype, device=self.device)
 
     def _tt(self, x) -> TT:
@@ -687,6 +691,9 @@ class Completion(QuadraticProblem):
         """A starting point.
 
         - ``"random"``: a random unit-norm point (:meth:`Problem.initial_point`); ``||A|| = 1``.
+          With ``core_dist="uniform"`` (or ``"gaussian"``): a unit-norm :func:`random_tt`
+          of the manifold's ranks with cores of that law, drawn from ``generator``, as
+          TTeMPS's examples start from another random TT of the same kind as the data.
         - ``"spectral"``: the TT-SVD truncation to rank r of the zero-filled, rescaled data
           ``w P_Omega(A)`` (whose expectation is A). Dense: only for tensors with at most
           ``2e7`` entries.
@@ -708,7 +715,14 @@ class Completion(QuadraticProblem):
         d = 10, n = 20, r = 6.
         """
         if kind == "random":
-            return super().initial_point(generator)
+            core_dist = kwargs.pop("core_dist", None)
+            if kwargs:
+                raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+            if core_dist is None:
+                return super().initial_point(generator)
+            x = random_tt(self.manifold.shape, self.manifold.ranks, core_dist=core_dist,
+                          generator=_start_generator(generator))
+            return self.manifold.pack_point(x).to(dtype=self.dtype, device=self.device)
         if kind == "spectral":
             total = _num_entries(self.manifold.shape)
             if total > 2 * 10 ** 7:
