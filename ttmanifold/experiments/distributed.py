@@ -923,6 +923,17 @@ class _ShardedRankAdaptive(RankAdaptiveData):
         return sub.local.initial_point(generator)
 
 
+def _check_checkpoint_args(checkpoint, checkpoint_every, resume) -> None:
+    """Raise ``ValueError`` naming the argument for inconsistent checkpoint options."""
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every: expected a non-negative int, got "
+                         f"{checkpoint_every!r}")
+    if checkpoint_every and checkpoint is None:
+        raise ValueError("checkpoint: give a path when checkpoint_every > 0")
+    if resume and checkpoint is None:
+        raise ValueError("checkpoint: give the path to resume from")
+
+
 def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
          checkpoint: Optional[str], checkpoint_every: int, resume: bool,
          callback: Optional[Callable], stop_metric: Optional[str],
@@ -931,13 +942,7 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
         raise TypeError(f"problem: expected a ShardedCompletion, got {type(problem).__name__}")
     if not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
-    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every: expected a non-negative int, got "
-                         f"{checkpoint_every!r}")
-    if checkpoint_every and checkpoint is None:
-        raise ValueError("checkpoint: give a path when checkpoint_every > 0")
-    if resume and checkpoint is None:
-        raise ValueError("checkpoint: give the path to resume from")
+    _check_checkpoint_args(checkpoint, checkpoint_every, resume)
     comm = problem.comm
     hist = History(problem="completion", method=stepper.method + "-dp")
     hist.info.update(world_size=comm.world_size, n_train=problem.n_train,
@@ -1257,13 +1262,7 @@ def distributed_rank_adaptive(problem: ShardedCompletion, *, max_rank: int,
     """
     if not isinstance(problem, ShardedCompletion):
         raise TypeError(f"problem: expected a ShardedCompletion, got {type(problem).__name__}")
-    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every: expected a non-negative int, got "
-                         f"{checkpoint_every!r}")
-    if checkpoint_every and checkpoint is None:
-        raise ValueError("checkpoint: give a path when checkpoint_every > 0")
-    if resume and checkpoint is None:
-        raise ValueError("checkpoint: give the path to resume from")
+    _check_checkpoint_args(checkpoint, checkpoint_every, resume)
     comm = problem.comm
     # the options that decide the search, defaults filled in (a time budget may change
     # between runs)

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 extern "C" {
@@ -380,6 +381,17 @@ T inner_impl(const std::vector<torch::Tensor>& xs, const std::vector<torch::Tens
   return w[0];
 }
 
+// The summed left and right ranks (R, R2) of core m over the k blocks (cores by block).
+inline std::pair<int, int> block_ranks(const std::vector<torch::Tensor>& cores, int64_t k,
+                                       int64_t d, int64_t m) {
+  int R = 0, R2 = 0;
+  for (int64_t b = 0; b < k; ++b) {
+    R += static_cast<int>(cores[b * d + m].size(0));
+    R2 += static_cast<int>(cores[b * d + m].size(2));
+  }
+  return {R, R2};
+}
+
 // Forward of one-against-blocks: w_0 = ones(1, k); per core t = w^T x_m (R x n rc, R the
 // sum of the blocks' left ranks, rows by block), then block b's columns of the next w are
 // t_b^T y_b (t_b: its rows, seen as (r_b n x rc)). ws[m] receives w before core m (the
@@ -393,11 +405,7 @@ void one_vs_blocks_impl(const std::vector<torch::Tensor>& cores, int64_t k,
     const auto& xc = cores[m];
     const int ra = static_cast<int>(xc.size(0)), n = static_cast<int>(xc.size(1));
     const int rc = static_cast<int>(xc.size(2));
-    int R = 0, R2 = 0;
-    for (int64_t b = 0; b < k; ++b) {
-      R += static_cast<int>(cores[b * d + m].size(0));
-      R2 += static_cast<int>(cores[b * d + m].size(2));
-    }
+    const auto [R, R2] = block_ranks(cores, k, d, m);
     const T* w = ws[m].data_ptr<T>();  // (ra x R)
     t.resize(static_cast<size_t>(R) * n * rc);
     mm(true, false, R, n * rc, ra, T(1), w, R, xc.data_ptr<T>(), n * rc, T(0), t.data(),
@@ -429,11 +437,7 @@ void one_vs_blocks_backward_impl(const std::vector<torch::Tensor>& cores, int64_
     const auto& xc = cores[m];
     const int ra = static_cast<int>(xc.size(0)), n = static_cast<int>(xc.size(1));
     const int rc = static_cast<int>(xc.size(2));
-    int R = 0, R2 = 0;
-    for (int64_t b = 0; b < k; ++b) {
-      R += static_cast<int>(cores[b * d + m].size(0));
-      R2 += static_cast<int>(cores[b * d + m].size(2));
-    }
+    const auto [R, R2] = block_ranks(cores, k, d, m);
     u.resize(static_cast<size_t>(R) * n * rc);
     int row = 0, col = 0;
     for (int64_t b = 0; b < k; ++b) {  // u_b (r_b n x rc) = y_b (r_b n x rd) z_b^T (rd x rc)
