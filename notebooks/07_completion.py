@@ -8,8 +8,8 @@
 #
 # 1. t3f's tutorial problem (shape (3, 4, 4, 5, 7, 5), rank 5, 25 % of the entries with
 #    noise 1e-2): test MSE against iterations and seconds, from a random start;
-# 2. Steinlechner's setting (a random TT, training and test sets of $10\,d\,n\,r^2$
-#    entries) from an oracle start: test error against time;
+# 2. Steinlechner's setting (a random TT with uniform cores, training and test sets of
+#    $10\,d\,n\,r^2$ entries) from a random start: test error against time;
 # 3. the trust region's quadratic convergence (gradient norms per outer iteration);
 # 4. rank adaptivity from rank 1 on a small tensor, with its rank history;
 # 5. recovery against the sampling rate from random and rank-1 starts (a phase plot, as in
@@ -99,17 +99,19 @@ plot(runs, t3f["key"], t3f["tol"], "t3f-tutorial: test MSE, random start")
 # %% [markdown]
 # ## 2. Steinlechner's setting
 #
-# A random TT with Gaussian cores, training and test sets of $10\,d\,n\,r^2$ entries
-# (full mode: $d = 10$, $n = 20$, $r = 4$; quick mode: $d = 6$, $n = 10$, $r = 3$), from the
-# target plus 30 % noise (an oracle start: from a random start at this sampling rate the
-# fixed-rank methods do not recover the tensor).
+# A random TT as in Steinlechner's TTeMPS toolbox: i.i.d. uniform $[0, 1]$ cores, scaled
+# to unit norm, training and test sets of $10\,d\,n\,r^2$ entries (full mode: $d = 10$,
+# $n = 20$, $r = 4$; quick mode: $d = 6$, $n = 10$, $r = 3$). Every method starts from
+# another random TT with uniform cores, as TTeMPS's examples do: no oracle.
+# (`core_dist="gaussian"` gives a mean-zero tensor instead, which no method recovers from a
+# random start at this sampling rate.)
 
 # %%
 st = presets.build_preset("steinlechner", rank=3 if QUICK else 4, quick=QUICK)
 print(st["problem"].describe())
 runs = run_all(st, ["rcg", "rtr", "rlbfgs", "als", "chart_lbfgs", "chart_gd_armijo"], BUDGET)
 table(runs, st["key"], st["tol"])
-plot(runs, st["key"], st["tol"], "steinlechner: test error, oracle start")
+plot(runs, st["key"], st["tol"], "steinlechner: test error, random start")
 
 # %% [markdown]
 # ## 3. Quadratic convergence of the trust region
