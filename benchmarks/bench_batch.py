@@ -54,12 +54,24 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.n += 1
-        if not getattr(func, "is_view", False) and "_unsafe_view" not in str(func):
+        out = func(*args, **(kwargs or {}))
+        if launches(func, args, out):
             self.compute += 1
         name = str(func)
         if "linalg_qr" in name or "linalg_svd" in name:
             self.factor += 1
-        return func(*args, **(kwargs or {}))
+        return out
+
+
+def launches(func, args, out) -> bool:
+    """Whether an operation launches a kernel: not a view, or a view-like composite (e.g.
+    ``reshape`` under inference mode, which dispatches unexpanded) whose result is a copy
+    (a new storage), as a reshape of a non-contiguous tensor is."""
+    if not getattr(func, "is_view", False) and "_unsafe_view" not in str(func):
+        return True
+    if isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+        return out.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr()
+    return False
 
 
 def median_time(fn, rounds: int) -> float:

@@ -138,6 +138,8 @@ class FixedTTRank(geoopt.Manifold):
                           for k0, k1 in core_runs(self.core_shapes[1:-1])]
         self.size = sum(self._sizes)
         self._verified = {}  # id -> weakref of point tensors already checked (egrad2rgrad)
+        # id -> (weakref, version, V): right cores from unpack_tensor, for the step's retr
+        self._right_memo = {}
         self.dim = self.size - sum(r * r for r in self.ranks[1:-1])
 
     def extra_repr(self) -> str:
@@ -239,7 +241,39 @@ class FixedTTRank(geoopt.Manifold):
         cores = self._split(p, "p")
         if not (torch.is_grad_enabled() and p.requires_grad) or self.d == 1:
             return TT(cores, check=False)
-        return autodiff.tangent_at_point(self, p)
+        T = autodiff.tangent_at_point(self, p)
+        self._remember_right_cores(p, T.point_cores[1])
+        return T
+
+    # ------------------------------------------------------------------------------------
+    # the point's right cores, shared between the loss and the optimizer step
+    # ------------------------------------------------------------------------------------
+    def _memo_off(self, p: torch.Tensor) -> bool:
+        return (torch.compiler.is_compiling() or p.device.type == "meta"
+                or functorch_wrapped(p))
+
+    def _remember_right_cores(self, p: torch.Tensor, V) -> None:
+        """Keep the right cores the loss computed at the parameter ``p`` for the optimizer
+        step that follows (its ``retr``/``retr_transp`` needs them at the same point: one
+        LQ sweep, ~2 operations per core, saved). Keyed by the tensor itself (a weak
+        reference) and its version counter, so any in-place change of ``p`` (``copy_``,
+        ``add_``, writes through views) invalidates it. Not seen: writes through
+        ``p.data``, which bypass the version counter (as they bypass autograd's checks)."""
+        if self._memo_off(p):
+            return
+        if len(self._right_memo) > 64:  # forget dead entries
+            self._right_memo = {k: m for k, m in self._right_memo.items() if m[0]() is not None}
+        self._right_memo[id(p)] = (weakref.ref(p), p._version, V)
+
+    def _right_cores(self, x: torch.Tensor, U, consume: bool = False):
+        """The right cores of the point ``x`` (cores ``U``): the ones kept by
+        :meth:`unpack_tensor` if ``x`` is that tensor, unchanged since (``consume``: used
+        once, by the step's retraction), else one LQ sweep."""
+        if self._right_memo and not self._memo_off(x):
+            memo = (self._right_memo.pop if consume else self._right_memo.get)(id(x), None)
+            if memo is not None and memo[0]() is x and memo[1] == x._version:
+                return memo[2]
+        return right_cores(U)
 
     # ------------------------------------------------------------------------------------
     # internal helpers
@@ -378,6 +412,7 @@ class FixedTTRank(geoopt.Manifold):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_verified"] = {}  # weak references do not pickle
+        state["_right_memo"] = {}
         return state
 
     def project(self, p: torch.Tensor, Z) -> torch.Tensor:
@@ -546,6 +581,8 @@ class FixedTTRank(geoopt.Manifold):
         """
         U = self._split(x, "x")
         du = self._check_vector(u, x)
+        if self._right_memo and not self._memo_off(x) and id(x) in self._right_memo:
+            return retract(U, self._right_cores(x, U, consume=True), du, self.ranks)
         return retract_point(U, du, self.ranks)
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -565,7 +602,7 @@ class FixedTTRank(geoopt.Manifold):
         Uy = self._split(y, "y")
         if self.d == 1:
             return v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
-        xi = self._transport_cores(x, Ux, right_cores(Ux), v, dv)
+        xi = self._transport_cores(x, Ux, self._right_cores(x, Ux), v, dv)
         return project_tt(Uy, right_cores(Uy), xi, packed=True, gauge=True)
 
     @_no_autograd_fast_path
@@ -574,7 +611,7 @@ class FixedTTRank(geoopt.Manifold):
         U = self._split(x, "x")
         du = self._check_vector(u, x)
         dv = self._check_vector(v, x, "v")
-        V = right_cores(U)
+        V = self._right_cores(x, U, consume=True)
         y = retract(U, V, du, self.ranks)
         ycores = self._split(y, "y")
         if self.d == 1:

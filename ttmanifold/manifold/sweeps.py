@@ -23,7 +23,7 @@ from .. import kernels
 from ..kernels import dense as compiled_dense
 from ..tt import IndexSet
 
-__all__ = ["core_runs", "right_sweep", "right_cores", "project_tt", "project_dense",
+__all__ = ["core_runs", "contiguous_runs", "right_sweep", "right_cores", "project_tt", "project_dense",
            "prefer_fewer_launches", "one_point_batch", "squeeze_cores",
            "project_sampled", "gauge_project_flat", "gauge_deltas", "orth_defect"]
 
@@ -105,6 +105,21 @@ def squeeze_cores(seq):
     """The cores of a one-point batch without their batch dimensions (None stays None)."""
     return None if seq is None else [None if c is None else c.reshape(c.shape[-3:])
                                      for c in seq]
+
+
+def contiguous_runs(cores: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """The cores with every run of two or more equal-shaped cores that holds a
+    non-contiguous one (e.g. the column-major frames of a QR) copied by one ``stack``
+    (their views are contiguous); other cores unchanged. The sweeps reshape cores into
+    unfoldings, which copies each non-contiguous core separately: this is one operation
+    (a kernel launch on a GPU) per run instead of one per core, the same bytes."""
+    cores = list(cores)
+    if all(c.is_contiguous() for c in cores):
+        return cores
+    for k0, k1 in core_runs([tuple(c.shape) for c in cores]):
+        if k1 - k0 > 1 and not all(c.is_contiguous() for c in cores[k0:k1]):
+            cores[k0:k1] = torch.stack(cores[k0:k1], -4).unbind(-4)
+    return cores
 
 
 def _unbatched(*seqs) -> bool:
@@ -375,7 +390,7 @@ def project_tt(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Te
             Vr = [None] + [v.transpose(1, 2) for v in V[1:]]
         T, Ps, Q = _paired_interfaces(U, Vr, Z, ())
     else:
-        T, Ps, Q = _sequential_interfaces(U, V, Z, sweep, dg)
+        T, Ps, Q = _sequential_interfaces(U, V, contiguous_runs(Z), sweep, dg)
     S: Optional[List[torch.Tensor]] = None
     if sweep is not None and dg:
         sgn = _signs(dg[::-1])
@@ -482,7 +497,7 @@ def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
             sweep = None
         T, Ps, Q = _paired_interfaces(U, Vr, Z, bs)
     else:
-        T, Ps, Q, sweep, dg = _sequential_interfaces_batched(U, V, Z, bs)
+        T, Ps, Q, sweep, dg = _sequential_interfaces_batched(U, V, contiguous_runs(Z), bs)
     S: Optional[List[torch.Tensor]] = None
     if sweep is not None and dg:
         g = torch.cat(dg[::-1], -1)
