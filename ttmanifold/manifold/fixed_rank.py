@@ -265,15 +265,21 @@ class FixedTTRank(geoopt.Manifold):
             self._right_memo = {k: m for k, m in self._right_memo.items() if m[0]() is not None}
         self._right_memo[id(p)] = (weakref.ref(p), p._version, V)
 
+    def _kept_right_cores(self, x: torch.Tensor, consume: bool = False):
+        """The right cores kept by :meth:`unpack_tensor` if ``x`` is that tensor, unchanged
+        since (``consume``: forget them, the step's retraction uses them once), else None."""
+        if self._memo_off(x) or not self._right_memo:
+            return None
+        memo = (self._right_memo.pop if consume else self._right_memo.get)(id(x), None)
+        if memo is not None and memo[0]() is x and memo[1] == x._version:
+            return memo[2]
+        return None
+
     def _right_cores(self, x: torch.Tensor, U, consume: bool = False):
-        """The right cores of the point ``x`` (cores ``U``): the ones kept by
-        :meth:`unpack_tensor` if ``x`` is that tensor, unchanged since (``consume``: used
-        once, by the step's retraction), else one LQ sweep."""
-        if self._right_memo and not self._memo_off(x):
-            memo = (self._right_memo.pop if consume else self._right_memo.get)(id(x), None)
-            if memo is not None and memo[0]() is x and memo[1] == x._version:
-                return memo[2]
-        return right_cores(U)
+        """The right cores of the point ``x`` (cores ``U``): the kept ones
+        (:meth:`_kept_right_cores`), else one LQ sweep."""
+        V = self._kept_right_cores(x, consume)
+        return right_cores(U) if V is None else V
 
     # ------------------------------------------------------------------------------------
     # internal helpers
@@ -581,9 +587,8 @@ class FixedTTRank(geoopt.Manifold):
         """
         U = self._split(x, "x")
         du = self._check_vector(u, x)
-        if self._right_memo and not self._memo_off(x) and id(x) in self._right_memo:
-            return retract(U, self._right_cores(x, U, consume=True), du, self.ranks)
-        return retract_point(U, du, self.ranks)
+        V = self._kept_right_cores(x, consume=True)
+        return retract_point(U, du, self.ranks) if V is None else retract(U, V, du, self.ranks)
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Not available: the fixed-TT-rank manifold has no closed-form exponential map
