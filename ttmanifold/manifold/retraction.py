@@ -44,16 +44,60 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
     right-to-left orthogonalization only removes their component from the bottom block and
     QR-factorizes the rest (an ``r x n (r + r')`` LQ instead of a ``2r x 2nr`` one), then
     truncated SVDs from left to right. A rank that collapses below ``r`` is padded with an
-    orthonormal complement (the result stays on the manifold's format).
+    orthonormal complement (the result stays on the manifold's format). Where launches
+    dominate (:func:`~.sweeps.prefer_fewer_launches`) the plain orthogonalization of the
+    block cores runs instead (:func:`_retract_blocks`: fewer operations, more flops).
     Cost: O(d n r^3); differentiable. Compiled CPU version via :mod:`ttmanifold.kernels`.
     """
+    d = len(U)
     if U[0].dim() > 3 or du[0].dim() > 3:
         bs = one_point_batch(U, V, du)
         if bs is not None:  # one point: the single-point path, compiled kernels included
             out = retract(squeeze_cores(U), squeeze_cores(V), squeeze_cores(du), ranks)
             return out.reshape(bs + out.shape)
         return _retract_batched(U, V, du, ranks)
-    return _retract_sweeps(U, V, du, ranks, ())
+    if d == 1:
+        return (U[0] + du[0]).reshape(-1)
+    if d > 2 and prefer_fewer_launches(U[0].device, 4 * sum(c.numel() for c in du)):
+        return _retract_blocks(U, V, du, ranks, ())
+    QV: List[Optional[torch.Tensor]] = [None] * d
+    QW: List[int] = [0] * d
+    rows = U[-1].shape[0]
+    left = (U[-1] + du[-1]).reshape(rows, -1)  # bottom block, columns of the V part
+    right = None  # bottom block, the other columns
+    for k in range(d - 1, 0, -1):
+        vm = V[k].reshape(V[k].shape[0], -1)
+        C = left @ vm.transpose(0, 1)
+        w = torch.addmm(left, C, vm, alpha=-1)
+        W = w if right is None else torch.cat([w, right], 1)
+        q, r = torch.linalg.qr(W.transpose(0, 1))
+        qt = q.transpose(0, 1)
+        QV[k], QW[k] = qt, w.shape[1]  # [Q_V | Q_W] whole and the width of Q_V
+        ul = U[k - 1].reshape(-1, U[k - 1].shape[2])
+        rows = U[k - 1].shape[0]
+        left = torch.addmm(du[k - 1].reshape(ul.shape), ul, C).reshape(rows, -1)
+        right = (ul @ r.transpose(0, 1)).reshape(rows, -1)
+    n = U[0].shape[1]
+    c = torch.cat([left.reshape(n, -1), right.reshape(n, -1)], 1)
+    lefts = []  # the new cores' factors, concatenated at the end (no in-place writes)
+    for k in range(d - 1):
+        u, s, vh = torch.linalg.svd(c, full_matrices=False)
+        r = ranks[k + 1]
+        if u.shape[1] < r:  # rank collapsed below r: pad with an orthonormal complement
+            u, s, vh = _pad_svd(u, s, vh, r)
+        lefts.append(u[:, :r])
+        sv = s[:r, None] * vh[:r]
+        a, nk, b = V[k + 1].shape
+        # one product for both blocks, [s v Q_V | s v Q_W], then the V part added to the first
+        prod = sv[:, a:] @ QV[k + 1]
+        nv = QW[k + 1]
+        top = torch.addmm(prod[:, :nv], sv[:, :a], V[k + 1].reshape(a, -1))
+        if nv == prod.shape[1]:  # the last core: no Q_W block
+            c = top
+        else:
+            c = torch.cat([top.reshape(r, nk, b), prod[:, nv:].reshape(r, nk, -1)], 2).reshape(
+                r * nk, -1)
+    return _packed(lefts, c, 0)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.retract_point, when=_has_bonds)
@@ -72,63 +116,58 @@ def retract_point(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
 def _retract_batched(U, V, du, ranks) -> torch.Tensor:
     """:func:`retract` for cores and deltas with leading batch dimensions ``B`` (broadcast):
     the same sweeps, every QR, SVD and product batched over ``B``; returns ``(*B, size)``."""
-    bs = tuple(torch.broadcast_shapes(U[0].shape[:-3], du[0].shape[:-3]))
+    d = len(U)
+    bs = torch.broadcast_shapes(U[0].shape[:-3], du[0].shape[:-3])
+    nb = len(bs)
 
     def ex(c):
-        return c if c is None or tuple(c.shape[:-3]) == bs else c.expand(bs + c.shape[-3:])
+        return c if c is None or tuple(c.shape[:-3]) == tuple(bs) else c.expand(bs + c.shape[-3:])
 
-    return _retract_sweeps([ex(u) for u in U], [ex(v) for v in V], [ex(c) for c in du],
-                           ranks, bs)
-
-
-def _padded(U, V, du, bs):
-    """The top rows ``[V_k, 0]`` (k = 1..d-2) and bottom deltas ``[du_k, 0]`` (k = 0..d-2)
-    of the block cores, each zero block as wide as the core: one stack and one pad per run
-    of equal middle shapes (a few kernel launches instead of two per core)."""
-    d, nb = len(U), len(bs)
-    Vp: List[Optional[torch.Tensor]] = [None] * d
-    dp: List[Optional[torch.Tensor]] = [None] * d
-    dp[0] = torch.nn.functional.pad(du[0], (0, du[0].shape[-1]))
-    for k0, k1 in core_runs([tuple(U[k].shape[-3:]) for k in range(1, d - 1)]):
-        k0, k1 = k0 + 1, k1 + 1
-        both = torch.stack(list(V[k0:k1]) + list(du[k0:k1]), nb)
-        parts = torch.nn.functional.pad(both, (0, both.shape[-1])).unbind(nb)
-        Vp[k0:k1], dp[k0:k1] = parts[:k1 - k0], parts[k1 - k0:]
-    return Vp, dp
-
-
-def _retract_sweeps(U, V, du, ranks, bs) -> torch.Tensor:
-    """The sweeps of :func:`retract` for cores of batch shape ``bs`` (``()`` for one point;
-    ``U``, ``V``, ``du`` already expanded to it).
-
-    Right to left, the bottom block ``[B_V | B_W]`` of core k (columns of the V block and
-    of the factor carried from core k+1, interleaved per mode index as in the core) loses
-    its component along the rows of ``[V_k, 0]`` (``C``, one product, and one fused
-    subtraction: the zero block adds nothing), the rest is QR-factorized, and the next
-    bottom block is ``[du_{k-1}, 0] + U_{k-1} [C | R^T]`` in one fused product. The
-    orthogonalized block core ``G_k = [[V_k, 0], [Q^T]]`` is kept, so left to right each
-    core costs one SVD, one scaling and one product. The left-orthogonal factors of equal
-    width are copied out with one concatenation at the end."""
-    d, nb = len(U), len(bs)
+    U, du = [ex(u) for u in U], [ex(c) for c in du]
     if d == 1:
         return (U[0] + du[0]).flatten(nb)
+    V = [ex(v) for v in V]
     if d > 2 and prefer_fewer_launches(U[0].device, 4 * sum(c.numel() for c in du)):
-        return _retract_blocks(U, V, du, ranks, bs)
-    Vp, dp = _padded(U, V, du, bs)
-    a, n, _ = U[-1].shape[-3:]
-    bottom = (U[-1] + du[-1]).reshape(bs + (a, n))
-    G: List[Optional[torch.Tensor]] = [None] * d
+        return _retract_blocks(U, V, du, ranks, tuple(bs))
+    QV: List[Optional[torch.Tensor]] = [None] * d
+    QW: List[int] = [0] * d
+    a, n, b = U[-1].shape[-3:]
+    left = (U[-1] + du[-1]).reshape(bs + (a, n * b))
+    right = None
     for k in range(d - 1, 0, -1):
-        top = V[k] if k == d - 1 else Vp[k]
-        top = top.reshape(bs + (top.shape[-3], -1))
-        C = bottom @ top.mT
-        q, r = torch.linalg.qr(_addmm(bottom, C, top, -1).mT)
-        G[k] = torch.cat([top, q.mT], -2)
+        va, vn, vb = V[k].shape[-3:]
+        vm = V[k].reshape(bs + (va, vn * vb))
+        C = left @ vm.mT
+        w = _addmm(left, C, vm, -1)
+        W = w if right is None else torch.cat([w, right], -1)
+        q, r = torch.linalg.qr(W.mT)
+        qt = q.mT
+        QV[k], QW[k] = qt, w.shape[-1]  # [Q_V | Q_W] whole and the width of Q_V
         ua, un, ub = U[k - 1].shape[-3:]
         ul = U[k - 1].reshape(bs + (ua * un, ub))
-        bottom = _addmm(dp[k - 1].reshape(bs + (ua * un, -1)), ul, torch.cat([C, r.mT], -1),
-                        1).reshape(bs + (ua, -1))
-    return _truncate(bottom.reshape(bs + (U[0].shape[-2], -1)), G, U, ranks, bs)
+        left = _addmm(du[k - 1].reshape(ul.shape), ul, C, 1).reshape(bs + (ua, un * C.shape[-1]))
+        right = (ul @ r.mT).reshape(bs + (ua, un * r.shape[-2]))
+    n = U[0].shape[-2]
+    c = torch.cat([left.reshape(bs + (n, left.shape[-1] // n)),
+                   right.reshape(bs + (n, right.shape[-1] // n))], -1)
+    lefts = []
+    for k in range(d - 1):
+        u, s, vh = torch.linalg.svd(c, full_matrices=False)
+        r = ranks[k + 1]
+        if u.shape[-1] < r:
+            u, s, vh = _pad_svd(u, s, vh, r)
+        lefts.append(u[..., :r])
+        sv = s[..., :r, None] * vh[..., :r, :]
+        a, nk, b = V[k + 1].shape[-3:]
+        prod = sv[..., a:] @ QV[k + 1]  # [s v Q_V | s v Q_W] in one product
+        nv = QW[k + 1]
+        top = _addmm(prod[..., :nv], sv[..., :a], V[k + 1].reshape(bs + (a, nk * b)), 1)
+        if nv == prod.shape[-1]:
+            c = top
+        else:
+            c = torch.cat([top.reshape(bs + (r, nk, b)), prod[..., nv:].reshape(bs + (r, nk, -1))],
+                          -1).reshape(bs + (r * nk, -1))
+    return _packed(lefts, c, nb)
 
 
 def _retract_blocks(U, V, du, ranks, bs) -> torch.Tensor:
@@ -172,7 +211,15 @@ def _truncate(c, G, U, ranks, bs) -> torch.Tensor:
         lefts.append(u[..., :r])
         c = ((s[..., :r, None] * vh[..., :r, :]) @ G[k + 1]).reshape(
             bs + (r * U[k + 1].shape[-2], -1))
-    pieces = []  # consecutive factors of one width: one concatenation (rows), flattened
+    return _packed(lefts, c, nb)
+
+
+def _packed(lefts, last, nb: int) -> torch.Tensor:
+    """The packed result from the left-orthogonal factors ``lefts`` (views of the SVDs'
+    factors, ``(*B, rows, r_k)``) and the last core: factors of one width in a row are
+    copied out by one concatenation along their rows (row-major, that is their packed
+    layout), not one copy each."""
+    pieces = []
     i = 0
     while i < len(lefts):
         j = i + 1
@@ -180,7 +227,7 @@ def _truncate(c, G, U, ranks, bs) -> torch.Tensor:
             j += 1
         pieces.append((lefts[i] if j == i + 1 else torch.cat(lefts[i:j], -2)).flatten(nb))
         i = j
-    pieces.append(c.flatten(nb))
+    pieces.append(last.flatten(nb))
     return torch.cat(pieces, -1)
 
 

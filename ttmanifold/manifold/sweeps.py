@@ -112,14 +112,22 @@ def contiguous_runs(cores: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     non-contiguous one (e.g. the column-major frames of a QR) copied by one ``stack``
     (their views are contiguous); other cores unchanged. The sweeps reshape cores into
     unfoldings, which copies each non-contiguous core separately: this is one operation
-    (a kernel launch on a GPU) per run instead of one per core, the same bytes."""
+    (a kernel launch on a GPU) per run instead of one per core, the same bytes. Done for
+    runs of at most :data:`STACK_MAX_NUMEL` numbers (in cache) or where launches dominate
+    (:func:`prefer_fewer_launches`); a large run on the CPU keeps the per-core copies,
+    each used while still in cache."""
     cores = list(cores)
     if all(c.is_contiguous() for c in cores):
         return cores
     for k0, k1 in core_runs([tuple(c.shape) for c in cores]):
         if k1 - k0 > 1 and not all(c.is_contiguous() for c in cores[k0:k1]):
-            cores[k0:k1] = torch.stack(cores[k0:k1], -4).unbind(-4)
+            numel = sum(c.numel() for c in cores[k0:k1])
+            if numel <= STACK_MAX_NUMEL or prefer_fewer_launches(cores[k0].device, numel):
+                cores[k0:k1] = torch.stack(cores[k0:k1], -4).unbind(-4)
     return cores
+
+
+STACK_MAX_NUMEL = 1 << 16
 
 
 def _unbatched(*seqs) -> bool:
