@@ -64,9 +64,12 @@ class OpCounter(TorchDispatchMode):
 
 
 def launches(func, args, out) -> bool:
-    """Whether an operation launches a kernel: not a view, or a view-like composite (e.g.
-    ``reshape`` under inference mode, which dispatches unexpanded) whose result is a copy
-    (a new storage), as a reshape of a non-contiguous tensor is."""
+    """Whether an operation launches a kernel: any operation but profiler markers
+    (``record_function`` of the optimizers' ``zero_grad``/``step``: host bookkeeping) and
+    views; a view-like composite (``reshape`` under inference mode dispatches unexpanded)
+    counts when its result is a copy (a new storage), as for a non-contiguous tensor."""
+    if str(func).startswith("profiler."):
+        return False
     if not getattr(func, "is_view", False) and "_unsafe_view" not in str(func):
         return True
     if isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):

@@ -27,7 +27,9 @@ class Counter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not getattr(func, "is_view", False) and "_unsafe_view" not in str(func):
+        if str(func).startswith("profiler."):
+            pass  # record_function markers (the optimizer's zero_grad/step): no kernel
+        elif not getattr(func, "is_view", False) and "_unsafe_view" not in str(func):
             self.compute += 1
         elif (isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor)
               and out.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr()):
@@ -86,13 +88,14 @@ def counts(d, B=None, n=4, r=3):
 
 
 # (non-view operations, QR/SVD calls) per call, one point; copies made by view-like
-# composites (reshape of a non-contiguous tensor under inference mode) count. At d = 10,
+# composites (reshape of a non-contiguous tensor under inference mode) count, profiler
+# markers (record_function of the optimizer) do not. At d = 10,
 # n = 20, r = 10 with this counter, before issue 12's second pass (62d941d): retr 135,
 # project 81, rgrad 96, adam 362 (sequential; the issue's baseline: 144, 68, 147, 419)
-BOUNDS = {(6, False): {"retr": (75, 15), "project": (50, 5), "rgrad": (65, 5), "adam": (214, 20)},
-          (10, False): {"retr": (127, 27), "project": (74, 9), "rgrad": (89, 9), "adam": (322, 36)},
-          (6, True): {"retr": (52, 15), "project": (44, 5), "rgrad": (59, 5), "adam": (169, 20)},
-          (10, True): {"retr": (80, 27), "project": (60, 9), "rgrad": (75, 9), "adam": (221, 36)}}
+BOUNDS = {(6, False): {"retr": (75, 15), "project": (50, 5), "rgrad": (65, 5), "adam": (207, 20)},
+          (10, False): {"retr": (127, 27), "project": (74, 9), "rgrad": (89, 9), "adam": (315, 36)},
+          (6, True): {"retr": (52, 15), "project": (44, 5), "rgrad": (59, 5), "adam": (162, 20)},
+          (10, True): {"retr": (80, 27), "project": (60, 9), "rgrad": (75, 9), "adam": (214, 36)}}
 
 
 @pytest.mark.parametrize("d", [6, 10])

@@ -608,7 +608,7 @@ class FixedTTRank(geoopt.Manifold):
         if self.d == 1:
             return v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
         xi = self._transport_cores(x, Ux, self._right_cores(x, Ux), v, dv)
-        return project_tt(Uy, right_cores(Uy), xi, packed=True, gauge=True)
+        return project_tt(Uy, None, xi, packed=True, gauge=True)  # its LQ sweep inside
 
     @_no_autograd_fast_path
     def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
@@ -622,7 +622,7 @@ class FixedTTRank(geoopt.Manifold):
         if self.d == 1:
             return y, v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
         xi = self._transport_cores(x, U, V, v, dv)
-        return y, project_tt(ycores, right_cores(ycores), xi, packed=True, gauge=True)
+        return y, project_tt(ycores, None, xi, packed=True, gauge=True)
 
     def transp_follow_retr(self, x, u, v):
         return self.retr_transp(x, u, v)[1]
