@@ -24,7 +24,7 @@ from .._checks import (assert_finite_async, check_float_dtype, check_shape, func
 from ..tt import TT, BatchIndexSet, IndexSet, orthogonalize
 from ..tt import round as tt_round
 from . import autodiff, hessian
-from .retraction import retract, retract_point
+from .retraction import block_cores, retract, retract_point, retract_transport_cores
 from .sampled_batch import project_sampled_batch
 from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect,
                      prefer_fewer_launches, project_dense, project_sampled, project_tt,
@@ -132,10 +132,6 @@ class FixedTTRank(geoopt.Manifold):
               self.core_shapes[k0][2]) for k0, k1 in core_runs(self.core_shapes[:-1])],
             offsets[-2],
         )
-        # runs of equal core shapes among the middle cores 1..d-2, for building the block
-        # cores of a tangent vector with a few operations per run: (offset, k0, k1)
-        self._mid_runs = [(offsets[k0 + 1], k0 + 1, k1 + 1)
-                          for k0, k1 in core_runs(self.core_shapes[1:-1])]
         self.size = sum(self._sizes)
         self._verified = {}  # id -> weakref of point tensors already checked (egrad2rgrad)
         # id -> (weakref, version, V): right cores from unpack_tensor, for the step's retr
@@ -296,41 +292,20 @@ class FixedTTRank(geoopt.Manifold):
 
     def _transport_cores(self, x, U, V, v, dv) -> List[torch.Tensor]:
         """The block cores of the tangent vector ``v`` at ``x`` for the transport: built per
-        run (:meth:`_tangent_cores`, fewer operations) where launches dominate, per core
-        (:class:`TangentTT`, cache-friendly: 4x faster on the CPU for 256 points) else."""
-        if prefer_fewer_launches(v.device, 4 * max(v.numel(), x.numel())):
-            return self._tangent_cores(x, V, v)
+        run (:func:`~.retraction.block_cores`, fewer operations) where launches dominate,
+        per core (:class:`TangentTT`, cache-friendly: 4x faster on the CPU for 256
+        points) else."""
+        if self._fewer_launches(x, v):
+            bs = tuple(torch.broadcast_shapes(x.shape[:-1], v.shape[:-1]))
+            return block_cores(*[[c if c is None or tuple(c.shape[:-3]) == bs
+                                  else c.expand(bs + c.shape[-3:]) for c in cores]
+                                 for cores in (U, V)], [[c.expand(bs + c.shape[-3:])
+                                                         for c in dv]])[0]
         return self._tangent_tt(U, V, dv, add_point=False).cores
 
-    def _tangent_cores(self, x: torch.Tensor, V, v: torch.Tensor) -> List[torch.Tensor]:
-        """The rank-2r block cores ``[[V_k, 0], [dv_k, U_k]]`` of the tangent vector with
-        packed deltas ``v`` at the packed point ``x`` (``V``: its right cores; batch shapes
-        broadcast), the values :class:`TangentTT` builds, with a fixed number of operations
-        per run of equal middle core shapes instead of three per core (each operation is a
-        kernel launch on a GPU): the run's cores of ``x`` and ``v`` are views of the packed
-        tensors, stacked on a leading run dimension so every block core is contiguous."""
-        U, dv = self._split(x, "x"), self._split(v, "v")
-        bs = torch.broadcast_shapes(x.shape[:-1], v.shape[:-1])
-
-        def ex(c):
-            return c if tuple(c.shape[:-3]) == tuple(bs) else c.expand(bs + c.shape[-3:])
-
-        cores = [torch.cat([ex(dv[0]), ex(U[0])], -1)]
-        for off, k0, k1 in self._mid_runs:
-            m = k1 - k0
-            a, n, b = self.core_shapes[k0]
-            shp = (m,) + tuple(bs) + (a, n, b)
-
-            def run(t):  # (*batch, size) -> (m, *bs, a, n, b), a view
-                return t[..., off:off + m * a * n * b].unflatten(-1, (m, a, n, b)).movedim(
-                    t.dim() - 1, 0).expand(shp)
-
-            Vr = V[k0].unsqueeze(0) if m == 1 else torch.stack(V[k0:k1])
-            Vr = Vr.expand(shp)
-            top = torch.cat([Vr, Vr.new_zeros(shp)], -1)
-            cores.extend(torch.cat([top, torch.cat([run(v), run(x)], -1)], -3).unbind(0))
-        cores.append(torch.cat([ex(V[-1]), ex(dv[-1])], -3))
-        return cores
+    def _fewer_launches(self, *packed) -> bool:
+        """Whether to build the rank-2r block cores per run (copies ~4x the data)."""
+        return prefer_fewer_launches(packed[0].device, 4 * max(t.numel() for t in packed))
 
     def _gauge_packed(self, x: torch.Tensor, D) -> torch.Tensor:
         """Packed gauge projection of ``D`` (a flat tensor or a list of cores) at the
@@ -617,6 +592,9 @@ class FixedTTRank(geoopt.Manifold):
         du = self._check_vector(u, x)
         dv = self._check_vector(v, x, "v")
         V = self._right_cores(x, U, consume=True)
+        if self.d > 2 and self._fewer_launches(x, u, v):  # both block-core sets at once
+            y, xi = retract_transport_cores(U, V, du, dv, self.ranks)
+            return y, project_tt(self._split(y, "y"), None, xi, packed=True, gauge=True)
         y = retract(U, V, du, self.ranks)
         ycores = self._split(y, "y")
         if self.d == 1:

@@ -14,7 +14,7 @@ from ..tt import qr_pos
 from .sweeps import (core_runs, one_point_batch, prefer_fewer_launches, right_cores,
                      squeeze_cores)
 
-__all__ = ["retract", "retract_point"]
+__all__ = ["retract", "retract_point", "block_cores", "retract_transport_cores"]
 
 
 def _has_bonds(U, *args, **kwargs) -> bool:
@@ -59,7 +59,7 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
     if d == 1:
         return (U[0] + du[0]).reshape(-1)
     if d > 2 and prefer_fewer_launches(U[0].device, 4 * sum(c.numel() for c in du)):
-        return _retract_blocks(U, V, du, ranks, ())
+        return _retract_blocks(U, block_cores(U, V, [list(du[:-1]) + [du[-1] + U[-1]]])[0], ranks, ())
     QV: List[Optional[torch.Tensor]] = [None] * d
     QW: List[int] = [0] * d
     rows = U[-1].shape[0]
@@ -128,7 +128,8 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
         return (U[0] + du[0]).flatten(nb)
     V = [ex(v) for v in V]
     if d > 2 and prefer_fewer_launches(U[0].device, 4 * sum(c.numel() for c in du)):
-        return _retract_blocks(U, V, du, ranks, tuple(bs))
+        X = block_cores(U, V, [list(du[:-1]) + [du[-1] + U[-1]]])[0]
+        return _retract_blocks(U, X, ranks, tuple(bs))
     QV: List[Optional[torch.Tensor]] = [None] * d
     QW: List[int] = [0] * d
     a, n, b = U[-1].shape[-3:]
@@ -170,22 +171,76 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
     return _packed(lefts, c, nb)
 
 
-def _retract_blocks(U, V, du, ranks, bs) -> torch.Tensor:
-    """The sweeps of :func:`retract` on the full block cores (the choice where launches
-    dominate, :func:`~.sweeps.prefer_fewer_launches`): the block cores are built with a few
-    operations per run of equal middle shapes, then the plain right-to-left
-    orthogonalization of the rank-2r TT costs one QR and one product per core (the
-    structured sweeps: one QR and five other operations), for about twice their flops."""
-    d, nb = len(U), len(bs)
-    X = [torch.cat([du[0], U[0]], -1)]
+def block_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+                delta_sets: Sequence[Sequence[torch.Tensor]]) -> List[List[torch.Tensor]]:
+    """The rank-2r block cores ``[D_1, U_1]``, ``[[V_k, 0], [D_k, U_k]]``, ``[[V_d], [D_d]]``
+    of the TTs ``sum_k U_<k D_k V_>k`` for several sets of deltas ``D`` at one point, built
+    together with a fixed number of operations (kernel launches): two for the first and
+    the last cores and four per run of equal middle shapes, whatever the number of sets.
+
+    Args:
+        U, V: the point's left- and right-orthogonal cores (``V[0]`` unused), ``d >= 2``.
+        delta_sets: ``P`` sequences of ``d`` delta cores of ``U``'s shapes.
+        All cores of one batch shape ``(*B, r, n, r')`` (expand broadcast ones first).
+    Returns:
+        ``P`` lists of ``d`` block cores (views of a few fresh tensors).
+    Cost: O(P d n r^2) copies.
+    """
+    d, P = len(U), len(delta_sets)
+
+    def stack(ts):  # sets on a leading dimension (a view for one set)
+        return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(list(ts))
+
+    first = torch.cat([stack([D[0] for D in delta_sets]),
+                       U[0].unsqueeze(0).expand((P,) + U[0].shape)], -1)
+    out = [[c] for c in first.unbind(0)]
     for k0, k1 in core_runs([tuple(U[k].shape[-3:]) for k in range(1, d - 1)]):
         k0, k1 = k0 + 1, k1 + 1
         m = k1 - k0
-        parts = torch.stack(list(V[k0:k1]) + list(du[k0:k1]) + list(U[k0:k1]), nb)
-        top = torch.nn.functional.pad(parts.narrow(nb, 0, m), (0, parts.shape[-1]))
-        bottom = torch.cat([parts.narrow(nb, m, m), parts.narrow(nb, 2 * m, m)], -1)
-        X.extend(torch.cat([top, bottom], -3).unbind(nb))
-    X.append(torch.cat([V[-1], U[-1] + du[-1]], -3))
+        parts = torch.stack(list(V[k0:k1]) + [D[k] for D in delta_sets for k in range(k0, k1)]
+                            + list(U[k0:k1]))  # (m + P m + m, *B, a, n, b)
+        top = torch.nn.functional.pad(parts[:m], (0, parts.shape[-1]))
+        us = parts[(P + 1) * m:]
+        bottom = torch.cat([parts[m:(P + 1) * m].unflatten(0, (P, m)),
+                            us.unsqueeze(0).expand((P,) + us.shape)], -1)
+        cores = torch.cat([top.unsqueeze(0).expand((P,) + top.shape), bottom], -3)
+        for i in range(P):
+            out[i].extend(cores[i].unbind(0))
+    last = torch.cat([V[-1].unsqueeze(0).expand((P,) + V[-1].shape),
+                      stack([D[-1] for D in delta_sets])], -3)
+    for i in range(P):
+        out[i].append(last[i])
+    return out
+
+
+def retract_transport_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+                            du: Sequence[torch.Tensor], dv: Sequence[torch.Tensor],
+                            ranks: Sequence[int]):
+    """:func:`retract` of the step ``du`` by the block-core sweeps, and the block cores of
+    the tangent vector ``dv`` (to transport it), both sets of block cores built together
+    (:func:`block_cores`): for a retraction followed by a transport where launches dominate.
+
+    Args: as :func:`retract`, plus ``dv``, deltas of the vector to transport; leading batch
+    dimensions broadcast. Returns ``(packed result, block cores of dv)``; ``d >= 3``.
+    Cost: O(d n r^3)."""
+    bs = tuple(torch.broadcast_shapes(*[c.shape[:-3] for c in (U[0], du[0], dv[0])]))
+
+    def ex(c):
+        return c if c is None or tuple(c.shape[:-3]) == bs else c.expand(bs + c.shape[-3:])
+
+    U, V = [ex(u) for u in U], [ex(v) for v in V]
+    du = [ex(c) for c in du[:-1]] + [ex(du[-1] + U[-1])]
+    X, Xi = block_cores(U, V, [du, [ex(c) for c in dv]])
+    return _retract_blocks(U, X, ranks, bs), Xi
+
+
+def _retract_blocks(U, X, ranks, bs) -> torch.Tensor:
+    """The sweeps of :func:`retract` on the full block cores ``X`` of ``X + xi`` (the choice
+    where launches dominate, :func:`~.sweeps.prefer_fewer_launches`): the plain
+    right-to-left orthogonalization of the rank-2r TT costs one QR and one product per core
+    (the structured sweeps: one QR and five other operations), for about twice their
+    flops; the block cores cost a few operations per run (:func:`block_cores`)."""
+    d = len(U)
     G: List[Optional[torch.Tensor]] = [None] * d
     a, n, _ = X[-1].shape[-3:]
     c = X[-1].reshape(bs + (a, n))
