@@ -176,9 +176,10 @@ def right_cores(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
             V[k0] = q.permute(2, 0, 1).contiguous()
             continue
         m = k1 - k0
-        q = torch.stack(Q[k0:k1]).reshape(m, n, b, a)
-        V[k0:k1] = (q * _run_signs(sgn, offs[k0 - 1], m, a)).permute(0, 3, 1, 2).contiguous(
-        ).unbind(0)
+        # the stack copies the factors straight into the cores' layout (m, a, n, b); the
+        # signs multiply it in place (a fresh tensor; the result keeps its layout)
+        q = torch.stack([Q[k].reshape(n, b, a).permute(2, 0, 1) for k in range(k0, k1)])
+        V[k0:k1] = q.mul_(_run_signs(sgn, offs[k0 - 1], m, a).permute(0, 3, 1, 2)).unbind(0)
     return V
 
 
@@ -216,13 +217,16 @@ def _right_cores_batched(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tenso
         m = k1 - k0
         a, n, b = U[k0].shape[-3:]
         stack = (lambda ts: ts[0].unsqueeze(nb)) if m == 1 else (lambda ts: torch.stack(ts, nb))
+        if m > 1:  # a run of middle cores: stacked in the cores' layout (*B, m, a, n, b),
+            # then one product with views of the signs
+            q = torch.stack([Q[k].reshape(bs + (n, b, a)).movedim(-1, -3)
+                             for k in range(k0, k1)], nb)
+            V[k0:k1] = q.mul_(_run_signs(sgn, offs[k0 - 1], m, a).movedim(-1, -3)).unbind(nb)
+            continue
         q = stack(Q[k0:k1]).reshape(bs + (m, n, b, a))
-        if m > 1:  # a run of middle cores: one product with views of the signs
-            q = q * _run_signs(sgn, offs[k0 - 1], m, a)
-        else:
-            q = q * stack(S[k0 - 1:k1 - 1]).unsqueeze(-2).unsqueeze(-2)  # rows (.., 1, 1, a)
-            if k1 <= d - 1:  # column signs (.., 1, b, 1); the last core has none
-                q = q * stack(S[k0:k1]).unsqueeze(-2).unsqueeze(-1)
+        q = q * stack(S[k0 - 1:k1 - 1]).unsqueeze(-2).unsqueeze(-2)  # rows (.., 1, 1, a)
+        if k1 <= d - 1:  # column signs (.., 1, b, 1); the last core has none
+            q = q * stack(S[k0:k1]).unsqueeze(-2).unsqueeze(-1)
         V[k0:k1] = q.movedim(-1, -3).contiguous().unbind(nb)
     return V
 
