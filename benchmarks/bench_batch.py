@@ -21,8 +21,11 @@ Then the number of aten operations dispatched (``TorchDispatchMode`` counter; wh
 a GPU as kernel launches) by the torch path for one point and for a batch of 256 points
 (d = 10, r = 10), as ``non-view operations + QR/SVD calls (all operations, views
 included)``: a batched call dispatches about the operations of a single-point call,
-whatever B. Counted twice: with the interface sweeps the CPU runs (one core at a time)
-and with the paired sweeps a GPU runs for small inputs (``sweeps.PAIRED_SWEEPS``).
+whatever B. Counted twice: with the CPU's choices (interface sweeps one core at a time,
+the structured retraction) and with the fewer-launch variants a GPU runs for small inputs
+(paired interface sweeps, retraction and transport on block cores built per run; forced
+with ``sweeps.PAIRED_SWEEPS``). Copies made by view-like composites (``reshape`` of a
+non-contiguous tensor under inference mode) count; profiler markers do not.
 
     python benchmarks/bench_batch.py --counts-only [--d 50]   # the counts only (seconds)
 """
@@ -166,8 +169,9 @@ def count_ops(d, n, r, B):
         old = sweeps.PAIRED_SWEEPS
         sweeps.PAIRED_SWEEPS = paired
         try:
-            out += count_ops_once(d, n, r, B, "paired sweeps (forced; chosen off the CPU for small inputs)" if paired
-                                  else "sequential sweeps (CPU)")
+            how = ("fewer-launch variants (forced; chosen off the CPU for small inputs)"
+                   if paired else "CPU choices")
+            out += count_ops_once(d, n, r, B, how)
         finally:
             sweeps.PAIRED_SWEEPS = old
     return out

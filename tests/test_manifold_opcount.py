@@ -1,9 +1,11 @@
 """Operations dispatched per manifold call on the torch path (issue 12, GPU readiness): each
 aten operation is a kernel launch on a GPU, so these counts pin the fused sweeps (paired
-interface sweeps, one finiteness assert per TT, batched block cores for the transport,
-sign fixes on views). Bounds are the counts measured when they were set (d = 6 and 10,
-n = 4, r = 3, float64); a batch of points dispatches the same operations whatever its size.
-The paired sweeps are also checked against independent dense references.
+interface sweeps, the retraction on block cores, block cores built per run, one finiteness
+assert per TT, sign fixes on views, right cores shared between the loss and the step).
+Bounds are the counts measured when they were set (d = 6 and 10, n = 4, r = 3, float64); a
+batch of points dispatches the same operations whatever its size. The variants chosen
+where launches dominate (forced by ``sweeps.PAIRED_SWEEPS``) are also checked against
+independent dense references.
 """
 from __future__ import annotations
 
@@ -49,8 +51,9 @@ def _torch_path():
 
 @pytest.fixture(params=[False, True], ids=["sequential", "paired"])
 def paired(request):
-    """The interface sweeps one core at a time (the CPU's choice) or paired (the choice
-    off the CPU for small inputs, forced here)."""
+    """The CPU's choices (interface sweeps one core at a time, structured retraction, block
+    cores per core) or the fewer-launch variants (paired sweeps, retraction on block cores
+    built per run: the choice off the CPU for small inputs, forced here)."""
     old = sweeps.PAIRED_SWEEPS
     sweeps.PAIRED_SWEEPS = request.param
     yield request.param
