@@ -15,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ttmanifold import TT, FixedTTRank, inner, kernels
+from ttmanifold import optim as tm_optim
 from ttmanifold.manifold import project_tt, right_cores, sweeps
 
 F64 = torch.float64
@@ -72,17 +73,22 @@ def counts(d, B=None, n=4, r=3):
     def f(T):
         return (0.5 * inner(T, T) - inner(T, A)).sum()
 
-    par = geoopt.ManifoldParameter(p.clone(), manifold=M)
-    opt = geoopt.optim.RiemannianAdam([par], lr=1e-3)
+    def adam_step(cls):
+        par = geoopt.ManifoldParameter(p.clone(), manifold=M)
+        opt = cls([par], lr=1e-3)
 
-    def step():
-        opt.zero_grad()
-        f(par.unpack_tensor()).backward()
-        opt.step()
+        def step():
+            opt.zero_grad()
+            f(par.unpack_tensor()).backward()
+            opt.step()
+        return step
 
     out = {}
     for name, fn in {"retr": lambda: M.retr(p, u), "project": lambda: M.project(p, Z),
-                     "rgrad": lambda: M.riemannian_grad(p, f), "adam": step}.items():
+                     "rgrad": lambda: M.riemannian_grad(p, f),
+                     "adam": adam_step(geoopt.optim.RiemannianAdam),
+                     # ttmanifold.optim's (compilable) Adam also runs projx every step
+                     "tm_adam": adam_step(tm_optim.RiemannianAdam)}.items():
         fn()
         with Counter() as c:
             fn()
@@ -95,10 +101,14 @@ def counts(d, B=None, n=4, r=3):
 # markers (record_function of the optimizer) do not. At d = 10,
 # n = 20, r = 10 with this counter, before issue 12's second pass (62d941d): retr 135,
 # project 81, rgrad 96, adam 362 (sequential; the issue's baseline: 144, 68, 147, 419)
-BOUNDS = {(6, False): {"retr": (74, 15), "project": (50, 5), "rgrad": (64, 5), "adam": (206, 20)},
-          (10, False): {"retr": (126, 27), "project": (74, 9), "rgrad": (88, 9), "adam": (314, 36)},
-          (6, True): {"retr": (51, 15), "project": (44, 5), "rgrad": (58, 5), "adam": (156, 20)},
-          (10, True): {"retr": (79, 27), "project": (60, 9), "rgrad": (74, 9), "adam": (208, 36)}}
+BOUNDS = {(6, False): {"retr": (74, 15), "project": (50, 5), "rgrad": (64, 5), "adam": (206, 20),
+                       "tm_adam": (277, 30)},
+          (10, False): {"retr": (126, 27), "project": (74, 9), "rgrad": (88, 9), "adam": (314, 36),
+                        "tm_adam": (421, 54)},
+          (6, True): {"retr": (51, 15), "project": (44, 5), "rgrad": (58, 5), "adam": (156, 20),
+                      "tm_adam": (227, 30)},
+          (10, True): {"retr": (79, 27), "project": (60, 9), "rgrad": (74, 9), "adam": (208, 36),
+                       "tm_adam": (315, 54)}}
 
 
 @pytest.mark.parametrize("d", [6, 10])
@@ -116,7 +126,8 @@ def test_batch_count_independent_of_batch_size(paired):
     assert two == five
     for name in one:
         assert two[name][1] == one[name][1]
-        assert two[name][0] <= one[name][0] + 12, (name, one[name], two[name])
+        # (one point's fused addmm/baddbmm become a product and a sum with a batch dimension)
+        assert two[name][0] <= one[name][0] + 16, (name, one[name], two[name])
 
 
 # ---------------------------------------------------------------------------------------
@@ -285,3 +296,29 @@ def test_retraction_both_sweeps_match_dense_tt_svd(shape, ranks, paired):
         ref = dense_tt_svd((M.to_tt(x[b]) + M.tangent_to_tt(x[b], u[b])).full(), M.ranks)
         for y in (M.retr(x[b], u[b]), batched[b]):
             assert torch.allclose(M.to_tt(y).full(), ref, atol=1e-12), b
+
+
+def test_orth_defect_per_run_matches_per_core_reference():
+    """orth_defect (a few operations per run of equal shapes) equals the per-core maximum
+    of |U_k^T U_k - I|, for one point and per point of a batch, mixed core shapes."""
+    from ttmanifold.manifold import orth_defect
+    M = FixedTTRank((3, 4, 4, 4, 5, 3), (1, 2, 3, 3, 3, 2, 1))
+    g = torch.Generator().manual_seed(2)
+    x = torch.Tensor(M.random(4, dtype=F64, generator=g))
+    x = x + 1e-3 * torch.randn(x.shape, dtype=F64, generator=g) * torch.rand(4, 1, dtype=F64,
+                                                                               generator=g)
+
+    def ref(cores):
+        out = 0.0
+        for c in cores[:-1]:
+            ul = c.reshape(-1, c.shape[-1])
+            out = max(out, float((ul.T @ ul - torch.eye(ul.shape[1], dtype=F64)).abs().max()))
+        return out
+
+    batched = orth_defect(M.split(x))
+    assert batched.shape == (4,)
+    for b in range(4):
+        r = ref(M.split(x[b]))
+        assert r > 1e-6
+        assert abs(float(orth_defect(M.split(x[b]))) - r) <= 1e-15
+        assert abs(float(batched[b]) - r) <= 1e-15
