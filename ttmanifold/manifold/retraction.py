@@ -280,7 +280,11 @@ def _packed(lefts, last, nb: int) -> torch.Tensor:
         j = i + 1
         while j < len(lefts) and lefts[j].shape[-1] == lefts[i].shape[-1]:
             j += 1
-        pieces.append((lefts[i] if j == i + 1 else torch.cat(lefts[i:j], -2)).flatten(nb))
+        if j == i + 1:
+            pieces.append(lefts[i].flatten(nb))
+        else:  # the factors are column-major (LAPACK): concatenated transposed, then one
+            # transposing copy (a cat of column-major inputs takes a slow path on the CPU)
+            pieces.append(torch.cat([t.mT for t in lefts[i:j]], -1).mT.flatten(nb))
         i = j
     pieces.append(last.flatten(nb))
     return torch.cat(pieces, -1)
