@@ -79,13 +79,14 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
         right = (ul @ r.transpose(0, 1)).reshape(rows, -1)
     n = U[0].shape[1]
     c = torch.cat([left.reshape(n, -1), right.reshape(n, -1)], 1)
+    group = _group_lefts(U)
     lefts = []  # the new cores' factors, concatenated at the end (no in-place writes)
     for k in range(d - 1):
         u, s, vh = torch.linalg.svd(c, full_matrices=False)
         r = ranks[k + 1]
         if u.shape[1] < r:  # rank collapsed below r: pad with an orthonormal complement
             u, s, vh = _pad_svd(u, s, vh, r)
-        lefts.append(u[:, :r])
+        lefts.append(u[:, :r] if group else u[:, :r].reshape(-1))
         sv = s[:r, None] * vh[:r]
         a, nk, b = V[k + 1].shape
         # one product for both blocks, [s v Q_V | s v Q_W], then the V part added to the first
@@ -97,7 +98,7 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
         else:
             c = torch.cat([top.reshape(r, nk, b), prod[:, nv:].reshape(r, nk, -1)], 2).reshape(
                 r * nk, -1)
-    return _packed(lefts, c, 0)
+    return _packed(lefts, c, 0, group)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.retract_point, when=_has_bonds)
@@ -151,13 +152,14 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
     n = U[0].shape[-2]
     c = torch.cat([left.reshape(bs + (n, left.shape[-1] // n)),
                    right.reshape(bs + (n, right.shape[-1] // n))], -1)
+    group = _group_lefts(U)
     lefts = []
     for k in range(d - 1):
         u, s, vh = torch.linalg.svd(c, full_matrices=False)
         r = ranks[k + 1]
         if u.shape[-1] < r:
             u, s, vh = _pad_svd(u, s, vh, r)
-        lefts.append(u[..., :r])
+        lefts.append(u[..., :r] if group else u[..., :r].flatten(nb))
         sv = s[..., :r, None] * vh[..., :r, :]
         a, nk, b = V[k + 1].shape[-3:]
         prod = sv[..., a:] @ QV[k + 1]  # [s v Q_V | s v Q_W] in one product
@@ -168,7 +170,7 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
         else:
             c = torch.cat([top.reshape(bs + (r, nk, b)), prod[..., nv:].reshape(bs + (r, nk, -1))],
                           -1).reshape(bs + (r * nk, -1))
-    return _packed(lefts, c, nb)
+    return _packed(lefts, c, nb, group)
 
 
 def block_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
@@ -257,34 +259,41 @@ def _truncate(c, G, U, ranks, bs) -> torch.Tensor:
     matrix) of the right-orthogonalized rank-2r TT, ``G[k]`` (k >= 1) its other cores as
     ``(rows, n_k cols)`` matrices with orthonormal rows. Returns the packed result."""
     d, nb = len(U), len(bs)
+    group = _group_lefts(U)
     lefts = []
     for k in range(d - 1):
         u, s, vh = torch.linalg.svd(c, full_matrices=False)
         r = ranks[k + 1]
         if u.shape[-1] < r:  # rank collapsed below r: pad with an orthonormal complement
             u, s, vh = _pad_svd(u, s, vh, r)
-        lefts.append(u[..., :r])
+        lefts.append(u[..., :r] if group else u[..., :r].flatten(nb))
         c = ((s[..., :r, None] * vh[..., :r, :]) @ G[k + 1]).reshape(
             bs + (r * U[k + 1].shape[-2], -1))
-    return _packed(lefts, c, nb)
+    return _packed(lefts, c, nb, group)
 
 
-def _packed(lefts, last, nb: int) -> torch.Tensor:
-    """The packed result from the left-orthogonal factors ``lefts`` (views of the SVDs'
-    factors, ``(*B, rows, r_k)``) and the last core. Where launches dominate, or the
-    factors fit in cache (:data:`~.sweeps.STACK_MAX_NUMEL`), factors of one width in a row
-    are copied out by one concatenation along their rows (row-major, their packed layout)
-    instead of one copy each; a large batch on the CPU keeps the per-factor copies (each
-    right after its SVD's data, measured ~20 % faster at B = 256, r = 10)."""
-    numel = sum(t.numel() for t in lefts)
-    group = numel <= STACK_MAX_NUMEL or prefer_fewer_launches(last.device, numel)
+def _group_lefts(U) -> bool:
+    """Whether the retraction copies its left factors out together (:func:`_packed`):
+    where launches dominate or they fit in cache (:data:`~.sweeps.STACK_MAX_NUMEL`); a
+    large batch on the CPU copies each factor right after its SVD, while in cache
+    (deferring the copies measured 15-25 % slower at B = 256, r = 10)."""
+    numel = sum(u.numel() for u in U[:-1])  # the new cores have the point's shapes
+    return numel <= STACK_MAX_NUMEL or prefer_fewer_launches(U[0].device, numel)
+
+
+def _packed(lefts, last, nb: int, group: bool) -> torch.Tensor:
+    """The packed result from the left-orthogonal factors ``lefts`` and the last core:
+    with ``group``, ``lefts`` are views of the SVDs' factors ``(*B, rows, r_k)`` and those
+    of one width in a row are copied out by one concatenation along their rows (row-major,
+    their packed layout) instead of one copy each; else they are flat copies already."""
     pieces = []
     i = 0
     while i < len(lefts):
         j = i + 1
         while group and j < len(lefts) and lefts[j].shape[-1] == lefts[i].shape[-1]:
             j += 1
-        pieces.append((lefts[i] if j == i + 1 else torch.cat(lefts[i:j], -2)).flatten(nb))
+        blk = lefts[i] if j == i + 1 else torch.cat(lefts[i:j], -2)
+        pieces.append(blk.flatten(nb) if group else blk)
         i = j
     pieces.append(last.flatten(nb))
     return torch.cat(pieces, -1)
