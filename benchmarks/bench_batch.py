@@ -21,8 +21,11 @@ Then the number of aten operations dispatched (``TorchDispatchMode`` counter; wh
 a GPU as kernel launches) by the torch path for one point and for a batch of 256 points
 (d = 10, r = 10), as ``non-view operations + QR/SVD calls (all operations, views
 included)``: a batched call dispatches about the operations of a single-point call,
-whatever B. Counted twice: with the interface sweeps the CPU runs (one core at a time)
-and with the paired sweeps a GPU runs for small inputs (``sweeps.PAIRED_SWEEPS``).
+whatever B. Counted twice: with the CPU's choices (interface sweeps one core at a time,
+the structured retraction) and with the fewer-launch variants a GPU runs for small inputs
+(paired interface sweeps, retraction and transport on block cores built per run; forced
+with ``sweeps.PAIRED_SWEEPS``). Copies made by view-like composites (``reshape`` of a
+non-contiguous tensor under inference mode) count; profiler markers do not.
 
     python benchmarks/bench_batch.py --counts-only [--d 50]   # the counts only (seconds)
 """
@@ -54,12 +57,27 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.n += 1
-        if not getattr(func, "is_view", False) and "_unsafe_view" not in str(func):
+        out = func(*args, **(kwargs or {}))
+        if launches(func, args, out):
             self.compute += 1
         name = str(func)
         if "linalg_qr" in name or "linalg_svd" in name:
             self.factor += 1
-        return func(*args, **(kwargs or {}))
+        return out
+
+
+def launches(func, args, out) -> bool:
+    """Whether an operation launches a kernel: any operation but profiler markers
+    (``record_function`` of the optimizers' ``zero_grad``/``step``: host bookkeeping) and
+    views; a view-like composite (``reshape`` under inference mode dispatches unexpanded)
+    counts when its result is a copy (a new storage), as for a non-contiguous tensor."""
+    if str(func).startswith("profiler."):
+        return False
+    if not getattr(func, "is_view", False) and "_unsafe_view" not in str(func):
+        return True
+    if isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+        return out.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr()
+    return False
 
 
 def median_time(fn, rounds: int) -> float:
@@ -151,8 +169,9 @@ def count_ops(d, n, r, B):
         old = sweeps.PAIRED_SWEEPS
         sweeps.PAIRED_SWEEPS = paired
         try:
-            out += count_ops_once(d, n, r, B, "paired sweeps (forced; chosen off the CPU for small inputs)" if paired
-                                  else "sequential sweeps (CPU)")
+            how = ("fewer-launch variants (forced; chosen off the CPU for small inputs)"
+                   if paired else "CPU choices")
+            out += count_ops_once(d, n, r, B, how)
         finally:
             sweeps.PAIRED_SWEEPS = old
     return out

@@ -24,7 +24,7 @@ from .._checks import (assert_finite_async, check_float_dtype, check_shape, func
 from ..tt import TT, BatchIndexSet, IndexSet, orthogonalize
 from ..tt import round as tt_round
 from . import autodiff, hessian
-from .retraction import retract, retract_point
+from .retraction import block_cores, retract, retract_point, retract_transport_cores
 from .sampled_batch import project_sampled_batch
 from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect,
                      prefer_fewer_launches, project_dense, project_sampled, project_tt,
@@ -132,12 +132,10 @@ class FixedTTRank(geoopt.Manifold):
               self.core_shapes[k0][2]) for k0, k1 in core_runs(self.core_shapes[:-1])],
             offsets[-2],
         )
-        # runs of equal core shapes among the middle cores 1..d-2, for building the block
-        # cores of a tangent vector with a few operations per run: (offset, k0, k1)
-        self._mid_runs = [(offsets[k0 + 1], k0 + 1, k1 + 1)
-                          for k0, k1 in core_runs(self.core_shapes[1:-1])]
         self.size = sum(self._sizes)
         self._verified = {}  # id -> weakref of point tensors already checked (egrad2rgrad)
+        # id -> (weakref, version, V): right cores from unpack_tensor, for the step's retr
+        self._right_memo = {}
         self.dim = self.size - sum(r * r for r in self.ranks[1:-1])
 
     def extra_repr(self) -> str:
@@ -239,7 +237,45 @@ class FixedTTRank(geoopt.Manifold):
         cores = self._split(p, "p")
         if not (torch.is_grad_enabled() and p.requires_grad) or self.d == 1:
             return TT(cores, check=False)
-        return autodiff.tangent_at_point(self, p)
+        T = autodiff.tangent_at_point(self, p)
+        self._remember_right_cores(p, T.point_cores[1])
+        return T
+
+    # ------------------------------------------------------------------------------------
+    # the point's right cores, shared between the loss and the optimizer step
+    # ------------------------------------------------------------------------------------
+    def _memo_off(self, p: torch.Tensor) -> bool:
+        return (torch.compiler.is_compiling() or p.device.type == "meta"
+                or functorch_wrapped(p))
+
+    def _remember_right_cores(self, p: torch.Tensor, V) -> None:
+        """Keep the right cores the loss computed at the parameter ``p`` for the optimizer
+        step that follows (its ``retr``/``retr_transp`` needs them at the same point: one
+        LQ sweep, ~2 operations per core, saved). Keyed by the tensor itself (a weak
+        reference) and its version counter, so any in-place change of ``p`` (``copy_``,
+        ``add_``, writes through views) invalidates it. Not seen: writes through
+        ``p.data``, which bypass the version counter (as they bypass autograd's checks)."""
+        if self._memo_off(p):
+            return
+        if len(self._right_memo) > 64:  # forget dead entries
+            self._right_memo = {k: m for k, m in self._right_memo.items() if m[0]() is not None}
+        self._right_memo[id(p)] = (weakref.ref(p), p._version, V)
+
+    def _kept_right_cores(self, x: torch.Tensor, consume: bool = False):
+        """The right cores kept by :meth:`unpack_tensor` if ``x`` is that tensor, unchanged
+        since (``consume``: forget them, the step's retraction uses them once), else None."""
+        if self._memo_off(x) or not self._right_memo:
+            return None
+        memo = (self._right_memo.pop if consume else self._right_memo.get)(id(x), None)
+        if memo is not None and memo[0]() is x and memo[1] == x._version:
+            return memo[2]
+        return None
+
+    def _right_cores(self, x: torch.Tensor, U, consume: bool = False):
+        """The right cores of the point ``x`` (cores ``U``): the kept ones
+        (:meth:`_kept_right_cores`), else one LQ sweep."""
+        V = self._kept_right_cores(x, consume)
+        return right_cores(U) if V is None else V
 
     # ------------------------------------------------------------------------------------
     # internal helpers
@@ -256,41 +292,20 @@ class FixedTTRank(geoopt.Manifold):
 
     def _transport_cores(self, x, U, V, v, dv) -> List[torch.Tensor]:
         """The block cores of the tangent vector ``v`` at ``x`` for the transport: built per
-        run (:meth:`_tangent_cores`, fewer operations) where launches dominate, per core
-        (:class:`TangentTT`, cache-friendly: 4x faster on the CPU for 256 points) else."""
-        if prefer_fewer_launches(v.device, 4 * max(v.numel(), x.numel())):
-            return self._tangent_cores(x, V, v)
+        run (:func:`~.retraction.block_cores`, fewer operations) where launches dominate,
+        per core (:class:`TangentTT`, cache-friendly: 4x faster on the CPU for 256
+        points) else."""
+        if self._fewer_launches(x, v):
+            bs = tuple(torch.broadcast_shapes(x.shape[:-1], v.shape[:-1]))
+            return block_cores(*[[c if c is None or tuple(c.shape[:-3]) == bs
+                                  else c.expand(bs + c.shape[-3:]) for c in cores]
+                                 for cores in (U, V)], [[c.expand(bs + c.shape[-3:])
+                                                         for c in dv]])[0]
         return self._tangent_tt(U, V, dv, add_point=False).cores
 
-    def _tangent_cores(self, x: torch.Tensor, V, v: torch.Tensor) -> List[torch.Tensor]:
-        """The rank-2r block cores ``[[V_k, 0], [dv_k, U_k]]`` of the tangent vector with
-        packed deltas ``v`` at the packed point ``x`` (``V``: its right cores; batch shapes
-        broadcast), the values :class:`TangentTT` builds, with a fixed number of operations
-        per run of equal middle core shapes instead of three per core (each operation is a
-        kernel launch on a GPU): the run's cores of ``x`` and ``v`` are views of the packed
-        tensors, stacked on a leading run dimension so every block core is contiguous."""
-        U, dv = self._split(x, "x"), self._split(v, "v")
-        bs = torch.broadcast_shapes(x.shape[:-1], v.shape[:-1])
-
-        def ex(c):
-            return c if tuple(c.shape[:-3]) == tuple(bs) else c.expand(bs + c.shape[-3:])
-
-        cores = [torch.cat([ex(dv[0]), ex(U[0])], -1)]
-        for off, k0, k1 in self._mid_runs:
-            m = k1 - k0
-            a, n, b = self.core_shapes[k0]
-            shp = (m,) + tuple(bs) + (a, n, b)
-
-            def run(t):  # (*batch, size) -> (m, *bs, a, n, b), a view
-                return t[..., off:off + m * a * n * b].unflatten(-1, (m, a, n, b)).movedim(
-                    t.dim() - 1, 0).expand(shp)
-
-            Vr = V[k0].unsqueeze(0) if m == 1 else torch.stack(V[k0:k1])
-            Vr = Vr.expand(shp)
-            top = torch.cat([Vr, Vr.new_zeros(shp)], -1)
-            cores.extend(torch.cat([top, torch.cat([run(v), run(x)], -1)], -3).unbind(0))
-        cores.append(torch.cat([ex(V[-1]), ex(dv[-1])], -3))
-        return cores
+    def _fewer_launches(self, *packed) -> bool:
+        """Whether to build the rank-2r block cores per run (copies ~4x the data)."""
+        return prefer_fewer_launches(packed[0].device, 4 * max(t.numel() for t in packed))
 
     def _gauge_packed(self, x: torch.Tensor, D) -> torch.Tensor:
         """Packed gauge projection of ``D`` (a flat tensor or a list of cores) at the
@@ -378,6 +393,7 @@ class FixedTTRank(geoopt.Manifold):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_verified"] = {}  # weak references do not pickle
+        state["_right_memo"] = {}
         return state
 
     def project(self, p: torch.Tensor, Z) -> torch.Tensor:
@@ -546,7 +562,8 @@ class FixedTTRank(geoopt.Manifold):
         """
         U = self._split(x, "x")
         du = self._check_vector(u, x)
-        return retract_point(U, du, self.ranks)
+        V = self._kept_right_cores(x, consume=True)
+        return retract_point(U, du, self.ranks) if V is None else retract(U, V, du, self.ranks)
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Not available: the fixed-TT-rank manifold has no closed-form exponential map
@@ -565,8 +582,8 @@ class FixedTTRank(geoopt.Manifold):
         Uy = self._split(y, "y")
         if self.d == 1:
             return v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
-        xi = self._transport_cores(x, Ux, right_cores(Ux), v, dv)
-        return project_tt(Uy, right_cores(Uy), xi, packed=True, gauge=True)
+        xi = self._transport_cores(x, Ux, self._right_cores(x, Ux), v, dv)
+        return project_tt(Uy, None, xi, packed=True, gauge=True)  # its LQ sweep inside
 
     @_no_autograd_fast_path
     def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
@@ -574,13 +591,16 @@ class FixedTTRank(geoopt.Manifold):
         U = self._split(x, "x")
         du = self._check_vector(u, x)
         dv = self._check_vector(v, x, "v")
-        V = right_cores(U)
+        V = self._right_cores(x, U, consume=True)
+        if self.d > 2 and self._fewer_launches(x, u, v):  # both block-core sets at once
+            y, xi = retract_transport_cores(U, V, du, dv, self.ranks)
+            return y, project_tt(self._split(y, "y"), None, xi, packed=True, gauge=True)
         y = retract(U, V, du, self.ranks)
         ycores = self._split(y, "y")
         if self.d == 1:
             return y, v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
         xi = self._transport_cores(x, U, V, v, dv)
-        return y, project_tt(ycores, right_cores(ycores), xi, packed=True, gauge=True)
+        return y, project_tt(ycores, None, xi, packed=True, gauge=True)
 
     def transp_follow_retr(self, x, u, v):
         return self.retr_transp(x, u, v)[1]

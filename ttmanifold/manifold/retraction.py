@@ -11,9 +11,10 @@ import torch
 from .. import kernels
 from ..kernels import dense as compiled_dense
 from ..tt import qr_pos
-from .sweeps import one_point_batch, right_cores, squeeze_cores
+from .sweeps import (STACK_MAX_NUMEL, core_runs, one_point_batch, prefer_fewer_launches,
+                     right_cores, squeeze_cores)
 
-__all__ = ["retract", "retract_point"]
+__all__ = ["retract", "retract_point", "block_cores", "retract_transport_cores"]
 
 
 def _has_bonds(U, *args, **kwargs) -> bool:
@@ -43,7 +44,9 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
     right-to-left orthogonalization only removes their component from the bottom block and
     QR-factorizes the rest (an ``r x n (r + r')`` LQ instead of a ``2r x 2nr`` one), then
     truncated SVDs from left to right. A rank that collapses below ``r`` is padded with an
-    orthonormal complement (the result stays on the manifold's format).
+    orthonormal complement (the result stays on the manifold's format). Where launches
+    dominate (:func:`~.sweeps.prefer_fewer_launches`) the plain orthogonalization of the
+    block cores runs instead (:func:`_retract_blocks`: fewer operations, more flops).
     Cost: O(d n r^3); differentiable. Compiled CPU version via :mod:`ttmanifold.kernels`.
     """
     d = len(U)
@@ -55,6 +58,8 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
         return _retract_batched(U, V, du, ranks)
     if d == 1:
         return (U[0] + du[0]).reshape(-1)
+    if d > 2 and prefer_fewer_launches(U[0].device, 4 * sum(c.numel() for c in du)):
+        return _retract_blocks(U, block_cores(U, V, [list(du[:-1]) + [du[-1] + U[-1]]])[0], ranks, ())
     QV: List[Optional[torch.Tensor]] = [None] * d
     QW: List[int] = [0] * d
     rows = U[-1].shape[0]
@@ -74,13 +79,14 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
         right = (ul @ r.transpose(0, 1)).reshape(rows, -1)
     n = U[0].shape[1]
     c = torch.cat([left.reshape(n, -1), right.reshape(n, -1)], 1)
-    pieces = []  # the new cores, concatenated at the end (no in-place writes: vmap-friendly)
+    group = _group_lefts(U)
+    lefts = []  # the new cores' factors, concatenated at the end (no in-place writes)
     for k in range(d - 1):
         u, s, vh = torch.linalg.svd(c, full_matrices=False)
         r = ranks[k + 1]
         if u.shape[1] < r:  # rank collapsed below r: pad with an orthonormal complement
             u, s, vh = _pad_svd(u, s, vh, r)
-        pieces.append(u[:, :r].reshape(-1))
+        lefts.append(u[:, :r] if group else u[:, :r].reshape(-1))
         sv = s[:r, None] * vh[:r]
         a, nk, b = V[k + 1].shape
         # one product for both blocks, [s v Q_V | s v Q_W], then the V part added to the first
@@ -92,8 +98,7 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
         else:
             c = torch.cat([top.reshape(r, nk, b), prod[:, nv:].reshape(r, nk, -1)], 2).reshape(
                 r * nk, -1)
-    pieces.append(c.reshape(-1))
-    return torch.cat(pieces)
+    return _packed(lefts, c, 0, group)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.retract_point, when=_has_bonds)
@@ -123,6 +128,9 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
     if d == 1:
         return (U[0] + du[0]).flatten(nb)
     V = [ex(v) for v in V]
+    if d > 2 and prefer_fewer_launches(U[0].device, 4 * sum(c.numel() for c in du)):
+        X = block_cores(U, V, [list(du[:-1]) + [du[-1] + U[-1]]])[0]
+        return _retract_blocks(U, X, ranks, tuple(bs))
     QV: List[Optional[torch.Tensor]] = [None] * d
     QW: List[int] = [0] * d
     a, n, b = U[-1].shape[-3:]
@@ -144,13 +152,14 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
     n = U[0].shape[-2]
     c = torch.cat([left.reshape(bs + (n, left.shape[-1] // n)),
                    right.reshape(bs + (n, right.shape[-1] // n))], -1)
-    pieces = []
+    group = _group_lefts(U)
+    lefts = []
     for k in range(d - 1):
         u, s, vh = torch.linalg.svd(c, full_matrices=False)
         r = ranks[k + 1]
         if u.shape[-1] < r:
             u, s, vh = _pad_svd(u, s, vh, r)
-        pieces.append(u[..., :r].flatten(nb))
+        lefts.append(u[..., :r] if group else u[..., :r].flatten(nb))
         sv = s[..., :r, None] * vh[..., :r, :]
         a, nk, b = V[k + 1].shape[-3:]
         prod = sv[..., a:] @ QV[k + 1]  # [s v Q_V | s v Q_W] in one product
@@ -161,14 +170,140 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
         else:
             c = torch.cat([top.reshape(bs + (r, nk, b)), prod[..., nv:].reshape(bs + (r, nk, -1))],
                           -1).reshape(bs + (r * nk, -1))
-    pieces.append(c.flatten(nb))
+    return _packed(lefts, c, nb, group)
+
+
+def block_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+                delta_sets: Sequence[Sequence[torch.Tensor]]) -> List[List[torch.Tensor]]:
+    """The rank-2r block cores ``[D_1, U_1]``, ``[[V_k, 0], [D_k, U_k]]``, ``[[V_d], [D_d]]``
+    of the TTs ``sum_k U_<k D_k V_>k`` for several sets of deltas ``D`` at one point, built
+    together with a fixed number of operations (kernel launches): two for the first and
+    the last cores and four per run of equal middle shapes, whatever the number of sets.
+
+    Args:
+        U, V: the point's left- and right-orthogonal cores (``V[0]`` unused), ``d >= 2``.
+        delta_sets: ``P`` sequences of ``d`` delta cores of ``U``'s shapes.
+        All cores of one batch shape ``(*B, r, n, r')`` (expand broadcast ones first).
+    Returns:
+        ``P`` lists of ``d`` block cores (views of a few fresh tensors).
+    Cost: O(P d n r^2) copies.
+    """
+    d, P = len(U), len(delta_sets)
+
+    def stack(ts):  # sets on a leading dimension (a view for one set)
+        return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(list(ts))
+
+    first = torch.cat([stack([D[0] for D in delta_sets]),
+                       U[0].unsqueeze(0).expand((P,) + U[0].shape)], -1)
+    out = [[c] for c in first.unbind(0)]
+    for k0, k1 in core_runs([tuple(U[k].shape[-3:]) for k in range(1, d - 1)]):
+        k0, k1 = k0 + 1, k1 + 1
+        m = k1 - k0
+        parts = torch.stack(list(V[k0:k1]) + [D[k] for D in delta_sets for k in range(k0, k1)]
+                            + list(U[k0:k1]))  # (m + P m + m, *B, a, n, b)
+        top = torch.nn.functional.pad(parts[:m], (0, parts.shape[-1]))
+        us = parts[(P + 1) * m:]
+        bottom = torch.cat([parts[m:(P + 1) * m].unflatten(0, (P, m)),
+                            us.unsqueeze(0).expand((P,) + us.shape)], -1)
+        cores = torch.cat([top.unsqueeze(0).expand((P,) + top.shape), bottom], -3)
+        for i in range(P):
+            out[i].extend(cores[i].unbind(0))
+    last = torch.cat([V[-1].unsqueeze(0).expand((P,) + V[-1].shape),
+                      stack([D[-1] for D in delta_sets])], -3)
+    for i in range(P):
+        out[i].append(last[i])
+    return out
+
+
+def retract_transport_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+                            du: Sequence[torch.Tensor], dv: Sequence[torch.Tensor],
+                            ranks: Sequence[int]):
+    """:func:`retract` of the step ``du`` by the block-core sweeps, and the block cores of
+    the tangent vector ``dv`` (to transport it), both sets of block cores built together
+    (:func:`block_cores`): for a retraction followed by a transport where launches dominate.
+
+    Args: as :func:`retract`, plus ``dv``, deltas of the vector to transport; leading batch
+    dimensions broadcast. Returns ``(packed result, block cores of dv)``; ``d >= 3``.
+    Cost: O(d n r^3)."""
+    bs = tuple(torch.broadcast_shapes(*[c.shape[:-3] for c in (U[0], du[0], dv[0])]))
+
+    def ex(c):
+        return c if c is None or tuple(c.shape[:-3]) == bs else c.expand(bs + c.shape[-3:])
+
+    U, V = [ex(u) for u in U], [ex(v) for v in V]
+    du = [ex(c) for c in du[:-1]] + [ex(du[-1] + U[-1])]
+    X, Xi = block_cores(U, V, [du, [ex(c) for c in dv]])
+    return _retract_blocks(U, X, ranks, bs), Xi
+
+
+def _retract_blocks(U, X, ranks, bs) -> torch.Tensor:
+    """The sweeps of :func:`retract` on the full block cores ``X`` of ``X + xi`` (the choice
+    where launches dominate, :func:`~.sweeps.prefer_fewer_launches`): the plain
+    right-to-left orthogonalization of the rank-2r TT costs one QR and one product per core
+    (the structured sweeps: one QR and five other operations), for about twice their
+    flops; the block cores cost a few operations per run (:func:`block_cores`)."""
+    d = len(U)
+    G: List[Optional[torch.Tensor]] = [None] * d
+    a, n, _ = X[-1].shape[-3:]
+    c = X[-1].reshape(bs + (a, n))
+    for k in range(d - 1, 0, -1):
+        q, r = torch.linalg.qr(c.mT)
+        G[k] = q.mT  # right-orthonormal rows
+        xa, xn, xb = X[k - 1].shape[-3:]
+        c = (X[k - 1].reshape(bs + (xa * xn, xb)) @ r.mT).reshape(bs + (xa, -1))
+    return _truncate(c.reshape(bs + (U[0].shape[-2], -1)), G, U, ranks, bs)
+
+
+def _truncate(c, G, U, ranks, bs) -> torch.Tensor:
+    """The left-to-right truncated SVDs of :func:`retract`: ``c`` the first core (as a
+    matrix) of the right-orthogonalized rank-2r TT, ``G[k]`` (k >= 1) its other cores as
+    ``(rows, n_k cols)`` matrices with orthonormal rows. Returns the packed result."""
+    d, nb = len(U), len(bs)
+    group = _group_lefts(U)
+    lefts = []
+    for k in range(d - 1):
+        u, s, vh = torch.linalg.svd(c, full_matrices=False)
+        r = ranks[k + 1]
+        if u.shape[-1] < r:  # rank collapsed below r: pad with an orthonormal complement
+            u, s, vh = _pad_svd(u, s, vh, r)
+        lefts.append(u[..., :r] if group else u[..., :r].flatten(nb))
+        c = ((s[..., :r, None] * vh[..., :r, :]) @ G[k + 1]).reshape(
+            bs + (r * U[k + 1].shape[-2], -1))
+    return _packed(lefts, c, nb, group)
+
+
+def _group_lefts(U) -> bool:
+    """Whether the retraction copies its left factors out together (:func:`_packed`):
+    where launches dominate or they fit in cache (:data:`~.sweeps.STACK_MAX_NUMEL`); a
+    large batch on the CPU copies each factor right after its SVD, while in cache
+    (deferring the copies measured 15-25 % slower at B = 256, r = 10)."""
+    numel = sum(u.numel() for u in U[:-1])  # the new cores have the point's shapes
+    return numel <= STACK_MAX_NUMEL or prefer_fewer_launches(U[0].device, numel)
+
+
+def _packed(lefts, last, nb: int, group: bool) -> torch.Tensor:
+    """The packed result from the left-orthogonal factors ``lefts`` and the last core:
+    with ``group``, ``lefts`` are views of the SVDs' factors ``(*B, rows, r_k)`` and those
+    of one width in a row are copied out by one concatenation along their rows (row-major,
+    their packed layout) instead of one copy each; else they are flat copies already."""
+    pieces = []
+    i = 0
+    while i < len(lefts):
+        j = i + 1
+        while group and j < len(lefts) and lefts[j].shape[-1] == lefts[i].shape[-1]:
+            j += 1
+        blk = lefts[i] if j == i + 1 else torch.cat(lefts[i:j], -2)
+        pieces.append(blk.flatten(nb) if group else blk)
+        i = j
+    pieces.append(last.flatten(nb))
     return torch.cat(pieces, -1)
 
 
-
 def _addmm(c, a, b, alpha):
-    """``c + alpha a b`` over leading batch dimensions: one fused ``baddbmm`` for one batch
-    dimension (the common case), else a product and a sum."""
+    """``c + alpha a b``: one fused ``addmm``/``baddbmm`` for matrices or one batch
+    dimension (the common cases), else a product and a sum."""
+    if c.dim() == 2 and a.dim() == 2 and b.dim() == 2:
+        return torch.addmm(c, a, b, alpha=alpha)
     if c.dim() == 3 and a.dim() == 3 and b.dim() == 3:
         return torch.baddbmm(c, a, b, alpha=alpha)
     return c + a @ b if alpha == 1 else c - a @ b

@@ -23,7 +23,7 @@ from .. import kernels
 from ..kernels import dense as compiled_dense
 from ..tt import IndexSet
 
-__all__ = ["core_runs", "right_sweep", "right_cores", "project_tt", "project_dense",
+__all__ = ["core_runs", "contiguous_runs", "right_sweep", "right_cores", "project_tt", "project_dense",
            "prefer_fewer_launches", "one_point_batch", "squeeze_cores",
            "project_sampled", "gauge_project_flat", "gauge_deltas", "orth_defect"]
 
@@ -107,6 +107,29 @@ def squeeze_cores(seq):
                                      for c in seq]
 
 
+def contiguous_runs(cores: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """The cores with every run of two or more equal-shaped cores that holds a
+    non-contiguous one (e.g. the column-major frames of a QR) copied by one ``stack``
+    (their views are contiguous); other cores unchanged. The sweeps reshape cores into
+    unfoldings, which copies each non-contiguous core separately: this is one operation
+    (a kernel launch on a GPU) per run instead of one per core, the same bytes. Done for
+    runs of at most :data:`STACK_MAX_NUMEL` numbers (in cache) or where launches dominate
+    (:func:`prefer_fewer_launches`); a large run on the CPU keeps the per-core copies,
+    each used while still in cache."""
+    cores = list(cores)
+    if all(c.is_contiguous() for c in cores):
+        return cores
+    for k0, k1 in core_runs([tuple(c.shape) for c in cores]):
+        if k1 - k0 > 1 and not all(c.is_contiguous() for c in cores[k0:k1]):
+            numel = sum(c.numel() for c in cores[k0:k1])
+            if numel <= STACK_MAX_NUMEL or prefer_fewer_launches(cores[k0].device, numel):
+                cores[k0:k1] = torch.stack(cores[k0:k1], -4).unbind(-4)
+    return cores
+
+
+STACK_MAX_NUMEL = 1 << 16
+
+
 def _unbatched(*seqs) -> bool:
     """Every tensor of the core sequences is a single 3-D core (no batch dimension)."""
     return all(c is None or c.dim() == 3 for seq in seqs if seq is not None for c in seq)
@@ -153,9 +176,10 @@ def right_cores(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
             V[k0] = q.permute(2, 0, 1).contiguous()
             continue
         m = k1 - k0
-        q = torch.stack(Q[k0:k1]).reshape(m, n, b, a)
-        V[k0:k1] = (q * _run_signs(sgn, offs[k0 - 1], m, a)).permute(0, 3, 1, 2).contiguous(
-        ).unbind(0)
+        # the stack copies the factors straight into the cores' layout (m, a, n, b); the
+        # signs multiply it in place (a fresh tensor; the result keeps its layout)
+        q = torch.stack([Q[k].reshape(n, b, a).permute(2, 0, 1) for k in range(k0, k1)])
+        V[k0:k1] = q.mul_(_run_signs(sgn, offs[k0 - 1], m, a).permute(0, 3, 1, 2)).unbind(0)
     return V
 
 
@@ -193,13 +217,16 @@ def _right_cores_batched(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tenso
         m = k1 - k0
         a, n, b = U[k0].shape[-3:]
         stack = (lambda ts: ts[0].unsqueeze(nb)) if m == 1 else (lambda ts: torch.stack(ts, nb))
+        if m > 1:  # a run of middle cores: stacked in the cores' layout (*B, m, a, n, b),
+            # then one product with views of the signs
+            q = torch.stack([Q[k].reshape(bs + (n, b, a)).movedim(-1, -3)
+                             for k in range(k0, k1)], nb)
+            V[k0:k1] = q.mul_(_run_signs(sgn, offs[k0 - 1], m, a).movedim(-1, -3)).unbind(nb)
+            continue
         q = stack(Q[k0:k1]).reshape(bs + (m, n, b, a))
-        if m > 1:  # a run of middle cores: one product with views of the signs
-            q = q * _run_signs(sgn, offs[k0 - 1], m, a)
-        else:
-            q = q * stack(S[k0 - 1:k1 - 1]).unsqueeze(-2).unsqueeze(-2)  # rows (.., 1, 1, a)
-            if k1 <= d - 1:  # column signs (.., 1, b, 1); the last core has none
-                q = q * stack(S[k0:k1]).unsqueeze(-2).unsqueeze(-1)
+        q = q * stack(S[k0 - 1:k1 - 1]).unsqueeze(-2).unsqueeze(-2)  # rows (.., 1, 1, a)
+        if k1 <= d - 1:  # column signs (.., 1, b, 1); the last core has none
+            q = q * stack(S[k0:k1]).unsqueeze(-2).unsqueeze(-1)
         V[k0:k1] = q.movedim(-1, -3).contiguous().unbind(nb)
     return V
 
@@ -375,7 +402,7 @@ def project_tt(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Te
             Vr = [None] + [v.transpose(1, 2) for v in V[1:]]
         T, Ps, Q = _paired_interfaces(U, Vr, Z, ())
     else:
-        T, Ps, Q = _sequential_interfaces(U, V, Z, sweep, dg)
+        T, Ps, Q = _sequential_interfaces(U, V, contiguous_runs(Z), sweep, dg)
     S: Optional[List[torch.Tensor]] = None
     if sweep is not None and dg:
         sgn = _signs(dg[::-1])
@@ -482,7 +509,7 @@ def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
             sweep = None
         T, Ps, Q = _paired_interfaces(U, Vr, Z, bs)
     else:
-        T, Ps, Q, sweep, dg = _sequential_interfaces_batched(U, V, Z, bs)
+        T, Ps, Q, sweep, dg = _sequential_interfaces_batched(U, V, contiguous_runs(Z), bs)
     S: Optional[List[torch.Tensor]] = None
     if sweep is not None and dg:
         g = torch.cat(dg[::-1], -1)
@@ -655,20 +682,23 @@ def project_sampled(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor
 def orth_defect(U: Sequence[torch.Tensor]) -> torch.Tensor:
     """``max_k ||U_k^T U_k - I||_max`` over the left unfoldings of cores ``k < d`` (a 0-d
     tensor on the cores' device, or one value per point for cores with leading batch
-    dimensions ``B``: shape ``B``; no host sync). O(d n r^3) per point."""
-    if U[-1].dim() > 3:  # one value per point of the batch
-        out = U[-1].new_zeros(U[-1].shape[:-3])
-        for u in U[:-1]:
-            a, n, b = u.shape[-3:]
-            ul = u.reshape(u.shape[:-3] + (a * n, b))
-            g = ul.mT @ ul
-            eye = torch.eye(b, dtype=g.dtype, device=g.device)
-            out = torch.maximum(out, (g - eye).abs().amax((-2, -1)))
-        return out
-    out = U[-1].new_zeros(())
-    for u in U[:-1]:
-        ul = u.reshape(-1, u.shape[2])
-        g = ul.transpose(0, 1) @ ul
-        out = torch.maximum(out, (g - torch.eye(g.shape[0], dtype=g.dtype,
-                                                device=g.device)).abs().max())
-    return out
+    dimensions ``B``: shape ``B``; no host sync). O(d n r^3) per point. A few operations
+    per run of equal core shapes (stack, Gram minus identity, max-norm), not six per core:
+    :meth:`~ttmanifold.FixedTTRank.projx` runs it on every optimizer step."""
+    bs = tuple(U[-1].shape[:-3])
+    nb = len(bs)
+    out: Optional[torch.Tensor] = None
+    eyes = {}
+    for k0, k1 in core_runs([tuple(u.shape[-3:]) for u in U[:-1]]):
+        a, n, b = U[k0].shape[-3:]
+        ul = (U[k0].unsqueeze(nb) if k1 - k0 == 1 else torch.stack(list(U[k0:k1]), nb))
+        ul = ul.reshape(bs + (k1 - k0, a * n, b))
+        if b not in eyes:
+            eyes[b] = torch.eye(b, dtype=ul.dtype, device=ul.device)
+        if nb == 0:  # U^T U - I in one fused product
+            g = torch.baddbmm(eyes[b], ul.mT, ul, beta=-1)
+        else:
+            g = ul.mT @ ul - eyes[b]
+        e = torch.linalg.vector_norm(g, float("inf"), dim=(-3, -2, -1))
+        out = e if out is None else torch.maximum(out, e)
+    return U[-1].new_zeros(bs) if out is None else out

@@ -120,6 +120,11 @@ class TangentTT(TT):
         return any(c.requires_grad for c in self._deltas) or any(u.requires_grad for u in self._U)
 
     @property
+    def point_cores(self) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
+        """``(U, V)``: the point's left- and right-orthogonal cores (``V[0]`` None)."""
+        return list(self._U), list(self._V)
+
+    @property
     def deltas(self) -> List[torch.Tensor]:
         """The delta cores ``dU_k`` (shapes of the point's cores)."""
         return list(self._deltas)
