@@ -41,7 +41,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ttmanifold import TT, FixedTTRank, inner, kernels
-from ttmanifold.manifold import sweeps
+from ttmanifold.manifold import fixed_rank, sweeps
 
 F64 = torch.float64
 
@@ -182,6 +182,8 @@ def count_ops_once(d, n, r, B, how):
     M = FixedTTRank((n,) * d, r)
     out = []
     kernels.set_enabled(False)  # the torch path: what runs on a GPU
+    chunk = fixed_rank.CPU_BATCH_CHUNK_BYTES
+    fixed_rank.CPU_BATCH_CHUNK_BYTES = None  # a GPU runs a batch as one call
     try:
         for label, b in (("1 point", None), (f"batch {B}", B)):
             if b is None:
@@ -203,6 +205,7 @@ def count_ops_once(d, n, r, B, how):
             out.append(row)
             print(row, flush=True)
     finally:
+        fixed_rank.CPU_BATCH_CHUNK_BYTES = chunk
         kernels.set_enabled(True)
     return out
 

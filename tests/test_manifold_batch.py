@@ -466,3 +466,59 @@ def test_project_batch_of_dense_tensors(compiled):
             P = tangent_projector(dense_point(M, q), M.ranks)
             xi = (P @ w.reshape(-1)).reshape(M.shape)
             assert close(dense_tangent(M, q, out), xi, 1e-10)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_large_cpu_batches_run_in_chunks_with_the_same_results(monkeypatch, dtype):
+    # a budget of three points per chunk splits a batch of 7 into 3 + 3 + 1: every chunked
+    # method gives the unchunked result (per point, to rounding), for batched arguments,
+    # broadcast ones (one point, one TT) and tuples (retr_transp)
+    from ttmanifold.manifold import fixed_rank as FR
+
+    M = FixedTTRank((4, 5, 3, 4), (1, 2, 3, 2, 1))
+    g = torch.Generator().manual_seed(3)
+    B = 7
+    p = M.random(B, dtype=dtype, generator=g)
+    p1 = M.random(dtype=dtype, generator=g)
+    Z = TT.random(M.shape, 3, dtype=dtype, generator=g, batch=(B,))
+    u = M.project(p, Z)
+    v = M.project(p, TT.random(M.shape, 2, dtype=dtype, generator=g, batch=(B,)))
+    y = M.retr(p, u)
+    D = torch.randn((B,) + M.shape, dtype=dtype, generator=g)
+    calls = {
+        "retr": lambda: M.retr(p, u),
+        "retr_transp": lambda: M.retr_transp(p, u, v),
+        "transp": lambda: M.transp(p, y, v),
+        "proju": lambda: M.proju(p, u + 0.1 * v),
+        "gauge": lambda: M.gauge(p, u + 0.1 * v),
+        "project TT, batch of points": lambda: M.project(p, Z),
+        "project TT, one point": lambda: M.project(p1, Z),
+        "project dense": lambda: M.project(p, D),
+    }
+    monkeypatch.setattr(FR, "CPU_BATCH_CHUNK_BYTES", None)
+    whole = {k: f() for k, f in calls.items()}
+    seen = []
+    real = FR.retract_point
+
+    def spy(U, du, ranks):
+        seen.append(U[0].shape[0])
+        return real(U, du, ranks)
+
+    monkeypatch.setattr(FR, "retract_point", spy)
+    monkeypatch.setattr(FR, "CPU_BATCH_CHUNK_BYTES", 3 * M.size * p.element_size())
+    tol = 1e-12 if dtype == F64 else 1e-5
+    for k, f in calls.items():
+        out = f()
+        ref = whole[k]
+        for a, b in zip(out if isinstance(out, tuple) else (out,),
+                        ref if isinstance(ref, tuple) else (ref,)):
+            assert a.shape == b.shape, k
+            if k.startswith("retr") and a is (out[0] if isinstance(out, tuple) else out):
+                a, b = M.to_tt(a).full(), M.to_tt(b).full()  # points: compare tensors
+            assert float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max())), k
+    assert seen == [3, 3, 1]  # retr ran in three chunks
+    # a gradient to keep: one call, not chunked
+    seen.clear()
+    uu = u.clone().requires_grad_(True)
+    M.retr(p, uu).sum().backward()
+    assert seen == [B] and uu.grad is not None

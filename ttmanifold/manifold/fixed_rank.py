@@ -72,6 +72,64 @@ def _no_autograd_fast_path(fn):
     return wrapper
 
 
+#: Large CPU batches of the per-step methods (``retr``, ``transp``, ``retr_transp``,
+#: ``proju``, ``gauge``, ``project`` of a TT or dense ``Z``) run in chunks of about this many
+#: bytes per packed argument (None: one call for the whole batch), so that one chunk's
+#: intermediates stay in the cache. Measured at d = 10, n = 20, B = 256, per point:
+#: ``retr`` 1.30 -> 0.98 ms at r = 10 and 0.19 -> 0.15 ms at r = 4, ``project`` at one
+#: point 0.49 -> 0.29 ms, ``retr_transp`` 2.27 -> 1.59 ms (r = 10); chunks of 2-8 MB did
+#: about equally well. Off the CPU a batch stays one call (there, launches count).
+CPU_BATCH_CHUNK_BYTES: Optional[int] = 2 << 20
+
+
+def _chunked_on_cpu(fn):
+    """Run ``fn`` on slices of a large CPU batch (:data:`CPU_BATCH_CHUNK_BYTES`) and
+    concatenate the results. Only on the inference fast path of
+    :func:`_no_autograd_fast_path` (no autograd graph to keep), only for one batch
+    dimension, and only when every argument is recognisably batched (``(B, size)``
+    packed, ``(B, *shape)`` dense, a TT of batch shape ``(B,)``) or unbatched."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        budget = CPU_BATCH_CHUNK_BYTES
+        # (is_compiling first: dynamo cannot trace is_inference_mode_enabled)
+        if (budget is None or kwargs or torch.compiler.is_compiling()
+                or not torch.is_inference_mode_enabled()):
+            return fn(self, *args, **kwargs)
+        B, kinds = None, []
+        for a in args:
+            if isinstance(a, TT):
+                bs = a.batch_shape
+                kind = "tt" if len(bs) == 1 else ("one" if not bs else None)
+                n = bs[0] if len(bs) == 1 else None
+            elif isinstance(a, torch.Tensor) and a.device.type == "cpu" and not a.is_sparse:
+                if a.dim() in (1, self.d) and not (a.dim() == 2 and a.shape[-1] == self.size):
+                    kind, n = "one", None
+                elif (a.dim() == 2 and a.shape[-1] == self.size) or a.dim() == self.d + 1:
+                    kind, n = "batch", a.shape[0]
+                else:
+                    kind, n = None, None
+            else:
+                kind, n = None, None
+            if kind is None or (n is not None and B is not None and n != B):
+                return fn(self, *args)
+            B = n if n is not None else B
+            kinds.append(kind)
+        ref = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if B is None or ref is None:
+            return fn(self, *args)
+        step = max(1, budget // (self.size * ref.element_size()))
+        if B <= step:
+            return fn(self, *args)
+        outs = [fn(self, *[a[i:i + step] if k != "one" else a for a, k in zip(args, kinds)])
+                for i in range(0, B, step)]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*outs))
+        return torch.cat(outs)
+
+    return wrapper
+
+
 class FixedTTRank(geoopt.Manifold):
     """The manifold of tensors of shape ``shape`` with TT-rank exactly ``ranks``.
 
@@ -334,6 +392,7 @@ class FixedTTRank(geoopt.Manifold):
     # projections
     # ------------------------------------------------------------------------------------
     @_no_autograd_fast_path
+    @_chunked_on_cpu
     def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Gauge projection: ``dU_k - U_k (U_k^T dU_k)`` for ``k < d``. O(d n r^3).
 
@@ -443,6 +502,7 @@ class FixedTTRank(geoopt.Manifold):
                         f"{type(Z).__name__}")
 
     @_no_autograd_fast_path
+    @_chunked_on_cpu
     def _project_nonsparse(self, p: torch.Tensor, Z) -> torch.Tensor:
         U = self._split(p, "p")
         if isinstance(Z, TT):
@@ -505,6 +565,7 @@ class FixedTTRank(geoopt.Manifold):
         return self._tangent_tt(U, right_cores(U), du, add_point=False)
 
     @_no_autograd_fast_path
+    @_chunked_on_cpu
     def gauge(self, p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Gauged deltas of the tangent vector represented by arbitrary deltas ``u``.
 
@@ -555,6 +616,7 @@ class FixedTTRank(geoopt.Manifold):
     # retraction and transport
     # ------------------------------------------------------------------------------------
     @_no_autograd_fast_path
+    @_chunked_on_cpu
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Retraction ``R_X(xi) = round_r(X + xi)`` (TT-SVD of the rank-2r TT). O(d n r^3).
 
@@ -574,6 +636,7 @@ class FixedTTRank(geoopt.Manifold):
             "retraction), as geoopt's optimizers do")
 
     @_no_autograd_fast_path
+    @_chunked_on_cpu
     def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Vector transport by projection ``P_Y(xi)`` of ``v`` at ``x`` to ``y``.
         ``v`` may be non-gauged. O(d n r^3)."""
@@ -586,6 +649,7 @@ class FixedTTRank(geoopt.Manifold):
         return project_tt(Uy, None, xi, packed=True, gauge=True)  # its LQ sweep inside
 
     @_no_autograd_fast_path
+    @_chunked_on_cpu
     def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
         """``(retr(x, u), transp(x, retr(x, u), v))`` sharing the work at ``x``."""
         U = self._split(x, "x")
