@@ -203,11 +203,13 @@ def test_broadcast_one_point_many_vectors(compiled):
     assert us.shape == (4, M.size)
     ys = M.retr(p, us)
     ts = M.transp(p, ys, us)
-    pr = M.project(p, TT.random(M.shape, 2, dtype=F64, generator=gen, batch=(4,)))
+    Zs = TT.random(M.shape, 2, dtype=F64, generator=gen, batch=(4,))
+    pr = M.project(p, Zs)  # the point's right cores once for the whole batch
     assert ys.shape == ts.shape == pr.shape == (4, M.size)
     for b in range(4):
         assert torch.allclose(ys[b], M.retr(p, us[b]), atol=1e-12)
         assert torch.allclose(ts[b], M.transp(p, ys[b], us[b]), atol=1e-12)
+        assert torch.allclose(pr[b], M.project(p, Zs[b]), atol=1e-12)
 
 
 def test_gauge_keeps_the_tangent_vector():

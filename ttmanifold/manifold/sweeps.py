@@ -489,6 +489,10 @@ def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
     bs = torch.broadcast_shapes(*[c.shape[:-3] for c in (U[0], Z[0])
                                   + (() if V is None else (V[-1],))])
     nb = len(bs)
+    if V is None and tuple(U[0].shape[:-3]) != tuple(bs):
+        # a point shared by the batch (many Z at one point): its right cores once, not
+        # once per batch element after the expansion below
+        V = right_cores(U)
 
     def ex(c):
         return c if c is None or tuple(c.shape[:-3]) == tuple(bs) else c.expand(bs + c.shape[-3:])
