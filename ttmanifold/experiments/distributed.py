@@ -923,6 +923,23 @@ class _ShardedRankAdaptive(RankAdaptiveData):
         return sub.local.initial_point(generator)
 
 
+def _shared_checkpoint(comm, path: str, check: Callable[[dict], None]) -> dict:
+    """Rank 0 reads the checkpoint at ``path`` and checks it (``check`` raises
+    ``ValueError``); every process receives it, or raises rank 0's error (the others must
+    not wait for a checkpoint that never comes)."""
+    ck, error = None, None
+    if comm.rank == 0:
+        try:
+            ck = load_checkpoint(path)
+            check(ck)
+        except (ValueError, FileNotFoundError) as exc:
+            ck, error = None, (type(exc).__name__, str(exc))
+    ck, error = comm.broadcast_object((ck, error), "the broadcast of the checkpoint")
+    if error is not None:
+        raise (FileNotFoundError if error[0] == "FileNotFoundError" else ValueError)(error[1])
+    return ck
+
+
 def _check_checkpoint_args(checkpoint, checkpoint_every, resume) -> None:
     """Raise ``ValueError`` naming the argument for inconsistent checkpoint options."""
     if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
@@ -950,18 +967,8 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
     start = 0
     elapsed = 0.0
     if resume:
-        ck, error = None, None
-        if comm.rank == 0:
-            try:
-                ck = load_checkpoint(checkpoint)
-                _check_resume(ck, problem, stepper.method, checkpoint)
-            except (ValueError, FileNotFoundError) as exc:
-                # sent to every process, which all raise it (the others must not wait)
-                ck, error = None, (type(exc).__name__, str(exc))
-        ck, error = comm.broadcast_object((ck, error), "the broadcast of the checkpoint")
-        if error is not None:
-            raise (FileNotFoundError if error[0] == "FileNotFoundError" else ValueError)(
-                error[1])
+        ck = _shared_checkpoint(comm, checkpoint,
+                                lambda c: _check_resume(c, problem, stepper.method, checkpoint))
         stepper.load_state_dict(ck["state"])
         start = int(ck["iteration"])
         for row in ck["history"]:
@@ -1274,25 +1281,18 @@ def distributed_rank_adaptive(problem: ShardedCompletion, *, max_rank: int,
             **{k: v for k, v in options.items() if k not in skip}}
     state = None
     if resume:
-        ck, error = None, None
-        if comm.rank == 0:
-            try:
-                ck = load_checkpoint(checkpoint)
-                want = {"method": "rank_adaptive", "shape": list(problem.shape),
-                        "dtype": _dtype_name(problem.dtype), "n_train": problem.n_train,
-                        "options": kept}
-                for key, val in want.items():
-                    if ck.get(key) != val:
-                        raise ValueError(f"checkpoint: {checkpoint!r} has {key} = "
-                                         f"{ck.get(key)!r}, this run has {val!r}; it "
-                                         f"belongs to another run")
-            except (ValueError, FileNotFoundError) as exc:
-                ck, error = None, (type(exc).__name__, str(exc))
-        ck, error = comm.broadcast_object((ck, error), "the broadcast of the checkpoint")
-        if error is not None:
-            raise (FileNotFoundError if error[0] == "FileNotFoundError" else ValueError)(
-                error[1])
-        state = ck["state"]
+        want = {"method": "rank_adaptive", "shape": list(problem.shape),
+                "dtype": _dtype_name(problem.dtype), "n_train": problem.n_train,
+                "options": kept}
+
+        def check(ck):
+            for key, val in want.items():
+                if ck.get(key) != val:
+                    raise ValueError(f"checkpoint: {checkpoint!r} has {key} = "
+                                     f"{ck.get(key)!r}, this run has {val!r}; it "
+                                     f"belongs to another run")
+
+        state = _shared_checkpoint(comm, checkpoint, check)["state"]
 
     def save(st: dict) -> None:
         if comm.rank != 0 or st["stage"] % checkpoint_every:
