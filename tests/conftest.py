@@ -1,6 +1,8 @@
 """Shared pytest configuration for the ttmanifold test suite."""
 import os
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 # Property-based tests run on small dense references; keep them quick and free of
@@ -19,3 +21,14 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ttmanifold"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module whose tensors are tiny: more threads only contend
+    (several times slower steps on a loaded 2-core machine). Restored after the module.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -9,15 +9,6 @@ from ttmanifold.experiments import problems as P
 from ttmanifold.experiments import solvers as S
 
 
-@pytest.fixture
-def one_thread():
-    # small problems: thread start-up dominates (10 s of CPU with 2 threads, 1.3 s with 1)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _t3f(seed=0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the preset's rank 5 is clipped at the boundary

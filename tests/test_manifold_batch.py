@@ -24,12 +24,7 @@ SHAPE = (4, 5, 3)
 RANKS = (1, 2, 3, 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(params=[True, False], ids=["kernels-on", "kernels-off"])

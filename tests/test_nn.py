@@ -30,14 +30,7 @@ DT = torch.float64
 PATHS = ("dense", "tt", "auto")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Every tensor here is tiny: intra-op threads only add synchronization (30x slower
-    steps on a loaded 2-core machine). Restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _gen(seed=0):

@@ -17,12 +17,7 @@ DT = torch.float64
 TOL = dict(rtol=1e-11, atol=1e-11)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 CONV1D = [dict(kernel_size=3), dict(kernel_size=4, stride=2, padding=2),

@@ -28,13 +28,7 @@ HAS_NN = importlib.util.find_spec("ttmanifold.nn") is not None
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny kernels: extra OpenMP threads only contend (and make timings erratic)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _rel(a, b):
