@@ -421,6 +421,18 @@ def _image_run(name, spec, budget, out) -> List[str]:
     return lines
 
 
+def _finish_figure(fig, path: Optional[str]):
+    """Lay out ``fig``; return it when ``path`` is None, else save it there and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    if path is None:
+        return fig
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
 def save_image_figure(img: torch.Tensor, rows, path: Optional[str] = None, *,
                       size: float = 3.0):
     """One row per sampling rate: the original, the observed pixels (missing ones black)
@@ -449,12 +461,7 @@ def save_image_figure(img: torch.Tensor, rows, path: Optional[str] = None, *,
             ax.imshow(im.clamp(0, 1).cpu().numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_title(title, fontsize=8)
             ax.axis("off")
-    fig.tight_layout()
-    if path is None:
-        return fig
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return None
+    return _finish_figure(fig, path)
 
 
 PHASE_METHODS = ("rcg_random", "rcg_rank1", "rcg_spectral", "rank_adaptive")
@@ -620,12 +627,7 @@ def plot_phase(panels, path: Optional[str] = None):
         ax.set_title(title, fontsize=9)
         ax.grid(True, alpha=0.3)
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    if path is None:
-        return fig
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return None
+    return _finish_figure(fig, path)
 
 
 def run_preset(name: str, out: str, *, rank: Optional[int] = None, seed: int = 0,
