@@ -233,13 +233,16 @@ def test_greedy_rank_raise_by_two_is_the_joint_step_on_two_pairs():
 
 def test_patience_keeps_raises_on_trial_and_returns_to_the_best():
     # psenka-boumal's setting (Gaussian cores, ranks up to 10) at seed 0: every single
-    # raise of all bonds from the rank-1 fit is rejected by the control set, so without
-    # patience the search stays at rank 1; with raises kept on trial it finds the ranks
+    # raise of all bonds from the slice-means rank-1 fit is rejected by the control set,
+    # so without patience the search stays at rank 1; with raises kept on trial it finds
+    # the ranks
     spec = presets.build_preset("psenka-boumal", seed=0)
     pb, cap = spec["problem"], spec["max_rank"]
-    h0 = S.rank_adaptive_completion(pb, max_rank=cap, patience=0, time_budget=120)
+    h0 = S.rank_adaptive_completion(pb, max_rank=cap, patience=0, time_budget=120,
+                                    start="means")
     assert h0.info["ranks"] == (1,) * 10
-    h = S.rank_adaptive_completion(pb, max_rank=cap, patience=3, time_budget=120)
+    h = S.rank_adaptive_completion(pb, max_rank=cap, patience=3, time_budget=120,
+                                   start="means")
     assert h.info["ranks"] == (1, 3, 5, 10, 10, 10, 10, 5, 3, 1)
     X = FixedTTRank(pb.manifold.shape, h.info["ranks"]).to_tt(h.x)
     assert pb.metrics(X)["test_err"] < 1e-8

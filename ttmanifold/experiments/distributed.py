@@ -24,7 +24,8 @@ the same bits.
 The rank-adaptive search (:func:`distributed_rank_adaptive`) is the code of
 :func:`ttmanifold.experiments.solvers.rank_adaptive_completion` with its sums over the
 samples all-reduced (the greedy raise's bond matrices and line search, the rank-1 start's
-slice means, the control error) and the data-parallel CG at each trial ranks.
+slice means, the control error) and the data-parallel CG at each trial ranks; the rank-1
+spectral start is computed by every process from the all-gathered training samples.
 
 Entry points: :class:`ShardedCompletion` (the data of one process plus the reductions),
 :func:`distributed_cg`, :func:`distributed_rsgd`, :func:`distributed_lbfgs`,
@@ -901,6 +902,11 @@ class _ShardedRankAdaptive(RankAdaptiveData):
         t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
         return bool(self.comm.broadcast(t, "the broadcast of the time budget")[0] > 0)
 
+    def gather(self, t, what):
+        # one-time (the spectral start): pickled all-gather, any shard sizes
+        parts = self.comm.gather_objects(t.detach().cpu(), f"the all-gather of {what}")
+        return torch.cat(parts).to(t.device)
+
     def make(self, ranks):
         return ShardedCompletion(self.idx_tr, self.vals_tr, self.shape, tuple(ranks[1:-1]),
                                  validation=(self.idx_ctrl, self.vals_ctrl), dtype=self.dtype,
@@ -1239,9 +1245,13 @@ def distributed_rank_adaptive(problem: ShardedCompletion, *, max_rank: int,
     and the ``m + m^2`` numbers of its line search (``2 m`` per bond for the choice of
     bonds); the CG all-reduces ``dim M + 1`` and 1 numbers per iteration; the control error
     2 numbers, the metrics 6; rebuilding the sharded problem at the trial ranks one
-    gather of the shards' checks and an all-reduce of 2 numbers. The start (slice means)
-    all-reduces ``2 (n_1 + ... + n_d) + 2`` numbers. With ``time_budget``, rank 0's clock
-    decides (one broadcast per CG iteration).
+    gather of the shards' checks and an all-reduce of 2 numbers. The start: the slice
+    means all-reduce ``2 (n_1 + ... + n_d) + 2`` numbers; the spectral start
+    (``start="spectral"``, or ``"auto"``, the default, which fits from both) all-gathers
+    the training samples once (``|Omega| (d + 1)`` numbers received by every process,
+    held until the start is computed) and every process computes the same rank-1 point
+    from them in one order, so 1 and N processes start alike. With ``time_budget``, rank
+    0's clock decides (one broadcast per CG iteration).
 
     Args:
         problem: this process's :class:`ShardedCompletion` (its ranks are not used; its

@@ -1623,6 +1623,27 @@ def _slice_means_point(idx, vals, w, shape, data=None) -> TT:
     return TT(cores, check=False)
 
 
+def _sorted_samples(idx, vals):
+    """The samples in lexicographic order of their multi-indices (ties by value): the
+    same arrays whatever order or process split they came in, so that the starts
+    computed from them agree bitwise. O(N d log N)."""
+    order = torch.sort(vals, stable=True)[1]
+    for k in reversed(range(idx.shape[1])):
+        order = order[torch.sort(idx[order, k], stable=True)[1]]
+    return idx[order], vals[order]
+
+
+def _rank1_spectral_point(data) -> TT:
+    """The rank-1 sparse spectral start (:func:`sparse_spectral_point` at ranks 1) from the
+    training samples of every process of ``data`` (a :class:`RankAdaptiveData`): they are
+    gathered and put in one order, so 1 and N processes compute the same point. The
+    per-sample weights are not used (the start estimates the tensor, not the loss)."""
+    idx = data.gather(data.idx_tr, "the training indices (spectral start)")
+    vals = data.gather(data.vals_tr, "the training values (spectral start)")
+    idx, vals = _sorted_samples(idx, vals)
+    return sparse_spectral_point(idx, vals, data.shape, [1] * (len(data.shape) + 1))
+
+
 def _cg_inner(sub, x, *, max_iters: int, stall_rtol: float, window: int,
               deadline: Optional[float], elapsed: float, loss_floor: float = 0.0,
               data=None):
@@ -1655,7 +1676,8 @@ class RankAdaptiveData:
 
     The search itself (raises, acceptance, patience, rounding) only calls these, so a
     data-parallel version subclasses it: ``sum`` all-reduces, ``same`` broadcasts rank
-    0's tensor, ``agree`` makes rank 0's timing decisions everyone's, and ``make`` /
+    0's tensor, ``agree`` makes rank 0's timing decisions everyone's, ``gather``
+    all-gathers (the spectral start's samples), and ``make`` /
     ``cg`` build the sharded sub-problem and its data-parallel CG
     (:class:`~ttmanifold.experiments.distributed.ShardedCompletion` does this). The
     attributes ``idx_tr``, ``vals_tr``, ``w_tr`` are this process's training samples
@@ -1722,6 +1744,10 @@ class RankAdaptiveData:
         """Rank 0's ``flag`` on every process (timing decisions; here ``flag``)."""
         return bool(flag)
 
+    def gather(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """Every process's ``t`` concatenated along dim 0 in process order (here ``t``)."""
+        return t
+
     def make(self, ranks):
         """The training problem at TT ranks ``ranks`` (a list of ``d + 1``), with the
         control set as its test set."""
@@ -1762,7 +1788,7 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
                              raise_all: bool = True, direction: str = "gradient",
                              stall_rtol: float = 0.05, stall_window: int = 2,
                              control_tol: float = 1e-10, max_iters: Optional[int] = None,
-                             start: str = "means", gain_ratio: float = 0.15,
+                             start: str = "auto", gain_ratio: float = 0.15,
                              rank_step: int = 1, patience: int = 3,
                              control: Optional[torch.Tensor] = None,
                              callback: Optional[Callable] = None,
@@ -1772,9 +1798,24 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
     truncation).
 
     A seeded fraction ``control_fraction`` of the training samples is held out as a
-    control set. Start: all ranks 1 (a random point), fixed-rank Riemannian CG on the rest
-    until its loss stalls (falls by less than the relative ``stall_rtol`` over
-    ``stall_window`` iterations; at most ``inner_iters`` iterations). Then the ranks grow:
+    control set. Start: all ranks 1, fixed-rank Riemannian CG on the rest until its loss
+    stalls (falls by less than the relative ``stall_rtol`` over ``stall_window``
+    iterations; at most ``inner_iters`` iterations) from the rank-1 point ``start``:
+
+    - ``"means"``: the slice means (``u_k[i]`` the mean of the values with ``k``-th index
+      ``i``, and the least-squares scale): a first-order statistic, right for tensors with
+      a dominant rank-one part (uniform cores), even at high order;
+    - ``"spectral"``: :func:`sparse_spectral_point` at ranks 1 (the leading singular
+      vectors of the zero-filled data, from pairs of samples sharing the indices right of
+      each bond): right for mean-zero tensors (Gaussian cores) when such pairs exist, but
+      arbitrary on the bonds without any (high order, few samples);
+    - ``"auto"`` (default): CG from both, keeping the spectral fit only when its control
+      error is lower than the means fit's by more than the relative ``accept_rtol`` (the
+      held-out control set chooses; when the time budget or ``max_iters`` is spent after
+      the means fit, that one is kept). Costs one more rank-1 CG run;
+    - ``"random"``: a random rank-1 point from ``seed``.
+
+    Then the ranks grow:
 
     - a **raise** adds one to the rank of a bond in the steepest rank-increasing direction
       of the loss (:func:`greedy_rank_raise`: the leading singular pair of the part of the
@@ -1825,7 +1866,8 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
             raises past the true rank that ``trunc_rel_eps`` must round away; 2 was
             faster on random TTs but less accurate on the function and image presets, so
             the default is 1.
-        seed: the control split, the start (and random directions).
+        start: ``"auto"``, ``"means"``, ``"spectral"`` or ``"random"`` (above).
+        seed: the control split, the random start (and random directions).
         control: optional ``(N,)`` bool mask over the training samples choosing the
             control set (default: a random ``control_fraction`` of them from ``seed``).
         time_budget: seconds of CG after which the search stops.
@@ -1838,14 +1880,21 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
             result as without the interruption (same data and options).
     Returns:
         a :class:`History` (method ``"rank_adaptive"``): one record per inner CG run
-        (``iters``: CG iterations so far; ``time``: seconds of CG, raises and rounding)
+        (``iters``: CG iterations so far, both start fits of ``"auto"`` included;
+        ``time``: seconds of the start, CG, raises and rounding)
         with the problem's metrics and ``control_err``; ``info["rank_history"]`` lists
         every attempt (bond, or ``"all"``, or None for the start and roundings; ranks,
-        control error, accepted, seconds so far); ``info["ranks"]`` the final ranks; ``x``
+        control error, accepted, seconds so far; the start's record also ``start``, the
+        start kept, and ``start_errs``, the control error after each start's fit);
+        ``info["start"]`` the start kept; ``info["ranks"]`` the final ranks; ``x``
         the final packed point (of ``FixedTTRank(shape, info["ranks"])``).
     Cost: per attempt one CG run at the trial ranks (O(|Omega| d r^2 + d n r^3) per
     iteration), the raise (O(|Omega| d r^2) per raised bond) and building the
-    sub-problem (O(|Omega| log |Omega|)).
+    sub-problem (O(|Omega| log |Omega|)). The start: O(|Omega| d) for the means; for
+    the spectral one O(|Omega| d log |Omega|) plus O(M n^2) for the ``M`` samples in
+    shared columns, and (data-parallel) one all-gather of the ``|Omega| (d + 1)``
+    training indices and values (every process then holds all of them until the start
+    is computed).
     """
     if not (hasattr(problem, "a_train") or hasattr(problem, "rank_adaptive_data")):
         raise TypeError(f"problem: expected a Completion problem, got {type(problem).__name__}")
@@ -1860,8 +1909,9 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
         raise ValueError(f"inner_iters: expected a positive int, got {inner_iters!r}")
     if not (isinstance(rank_step, int) and rank_step >= 1):
         raise ValueError(f"rank_step: expected a positive int, got {rank_step!r}")
-    if start not in ("means", "random"):
-        raise ValueError(f"start: expected 'means' or 'random', got {start!r}")
+    if start not in ("auto", "means", "spectral", "random"):
+        raise ValueError(f"start: expected 'auto', 'means', 'spectral' or 'random', got "
+                         f"{start!r}")
     if not (isinstance(stall_window, int) and stall_window >= 1):
         raise ValueError(f"stall_window: expected a positive int, got {stall_window!r}")
     if not (isinstance(patience, int) and patience >= 0):
@@ -1980,15 +2030,29 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
     if resume_state is None:
         ranks = [1] * (d + 1)
         sub = make(ranks)
-        if start == "means":
-            x = sub.manifold.pack_point(_slice_means_point(idx_tr, vals_tr, w_tr, shape,
-                                                           data=red))
-        else:
-            x = data.random_point(sub, gen)
-        x, err, loss = inner(sub, x)
+        kept, start_errs = None, {}
+        for name in (("means", "spectral") if start == "auto" else (start,)):
+            if kept is not None and out_of_budget():
+                break  # "auto" out of time or iterations: keep the means fit
+            t0 = time.perf_counter()
+            if name == "means":
+                x0 = sub.manifold.pack_point(_slice_means_point(idx_tr, vals_tr, w_tr,
+                                                                shape, data=red))
+            elif name == "spectral":
+                x0 = sub.manifold.pack_point(_rank1_spectral_point(data))
+            else:
+                x0 = data.random_point(sub, gen)
+            elapsed[0] += time.perf_counter() - t0
+            fit = inner(sub, x0)
+            start_errs[name] = fit[1]
+            # the control set chooses; a near tie keeps the first (the means)
+            if kept is None or fit[1] < (1.0 - accept_rtol) * kept[1][1] or not \
+                    math.isfinite(kept[1][1]):
+                kept = (name, fit)
+        start_kept, (x, err, loss) = kept
         record(x, sub.manifold, err, loss)
         attempts.append(dict(bond=None, ranks=tuple(ranks), control_err=err, accepted=True,
-                             seconds=elapsed[0]))
+                             seconds=elapsed[0], start=start_kept, start_errs=start_errs))
     else:
         s = resume_state
         ranks = [int(r) for r in s["ranks"]]
@@ -2125,6 +2189,7 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
     if not hist.iters or hist.iters[-1] != step[0]:
         record(x, sub.manifold, err, loss)
     hist.info["rank_history"] = attempts
+    hist.info["start"] = attempts[0].get("start") if attempts else None
     hist.info["ranks"] = tuple(ranks)
     hist.info["control_size"] = data.n_ctrl
     hist.x = x
