@@ -53,6 +53,14 @@ def _same_search(got, ref):
     errs = [a["control_err"] for a in got["history"]]
     ref_errs = [a["control_err"] for a in ref.info["rank_history"]]
     assert errs[:2] == pytest.approx(ref_errs[:2], rel=1e-9)  # before the fit to rounding
+    # the default start fits from both rank-1 starts (the spectral one from the gathered
+    # samples) and keeps the same one
+    got_start, ref_start = got["history"][0], ref.info["rank_history"][0]
+    assert got_start["start"] == ref_start["start"]
+    assert set(got_start["start_errs"]) == {"means", "spectral"}
+    for s in ("means", "spectral"):
+        assert got_start["start_errs"][s] == pytest.approx(ref_start["start_errs"][s],
+                                                           rel=1e-9)
 
 
 def test_one_process_equals_the_single_process_search_and_resumes(reference, tmp_path):

@@ -248,6 +248,13 @@ def test_patience_keeps_raises_on_trial_and_returns_to_the_best():
     assert pb.metrics(X)["test_err"] < 1e-8
     trial = [a for a in h.info["rank_history"] if a.get("on_trial")]
     assert trial, "no raise was kept on trial"
+    # the default start ("auto") fits from the rank-1 spectral start too, and keeps it
+    # here: from it the first raise is accepted, so no patience is needed
+    ha = S.rank_adaptive_completion(pb, max_rank=cap, patience=0, max_iters=2000)
+    assert ha.info["start"] == "spectral"
+    assert ha.info["ranks"] == (1, 3, 5, 10, 10, 10, 10, 5, 3, 1)
+    assert pb.metrics(FixedTTRank(pb.manifold.shape, ha.info["ranks"]).to_tt(ha.x))[
+        "test_err"] < 1e-8
     # a search whose trials never pay off ends at its last accepted point
     g = S.rank_adaptive_completion(P.Completion((10,) * 6, 3, oversampling=3, seed=1),
                                    max_rank=3, patience=2, time_budget=60)

@@ -121,3 +121,80 @@ def test_steinlechner_preset_with_ttemps_uniform_cores():
         PR.build_preset("t3f-tutorial", core_dist="uniform")
     with pytest.raises(ValueError, match="core_dist"):
         PR.build_preset("steinlechner", quick=True, core_dist="normal")
+
+
+# --- the rank-adaptive search's start (rank_adaptive_completion(start=...)) -------------
+
+def _data(pb, seed=0):
+    return S.RankAdaptiveData(pb, control_fraction=0.1, seed=seed,
+                              generator=torch.Generator().manual_seed(seed))
+
+
+def test_spectral_start_is_the_rank_one_sparse_spectral_point():
+    pb = P.Completion((4,) * 5, 2, oversampling=10, seed=0)
+    data = _data(pb)
+    ones = [1] * 6
+    # the search's start: the rank-1 point of the training part (control set held out),
+    # the same tensor in any order of the samples, bit for bit (1 and N processes)
+    x = S._rank1_spectral_point(data)
+    ref = S.sparse_spectral_point(data.idx_tr, data.vals_tr, pb.manifold.shape, ones)
+    assert x.ranks == tuple(ones)
+    assert torch.allclose(x.full(), ref.full(), rtol=0, atol=1e-12 * float(ref.full().norm()))
+    perm = torch.randperm(len(data.vals_tr), generator=torch.Generator().manual_seed(1))
+    data.idx_tr, data.vals_tr = data.idx_tr[perm], data.vals_tr[perm]
+    y = S._rank1_spectral_point(data)
+    assert all(torch.equal(a, b) for a, b in zip(x.cores, y.cores))
+    # and the search starts there: its first record is one CG step from that point
+    h = S.rank_adaptive_completion(pb, max_rank=2, start="spectral", max_iters=1)
+    sub = _data(pb).make(ones)
+    step = S.run(sub, "rcg", sub.manifold.pack_point(ref), iters=1, metrics_every=0,
+                 measure_memory=False)
+    assert h.iters == [1] and h.info["start"] == "spectral"
+    got, want = sub.manifold.to_tt(h.x).full(), sub.manifold.to_tt(step.x).full()
+    assert torch.allclose(got, want, rtol=0, atol=1e-10 * float(want.norm()))
+
+
+@pytest.mark.parametrize("shape, core_dist, seed, winner", [
+    # Gaussian cores (mean zero): the slice means carry nothing, the spectral start does
+    ((4,) * 6, "gaussian", 2, "spectral"),
+    # uniform cores at d = 8: no samples share the indices right of the first bonds, so
+    # the spectral start is arbitrary there (control error 1.0), the means are not
+    ((6,) * 8, "uniform", 0, "means"),
+])
+def test_auto_start_keeps_the_fit_with_the_lower_control_error(shape, core_dist, seed,
+                                                               winner):
+    pb = P.Completion(shape, 2, oversampling=10, test_size=500, seed=seed,
+                      core_dist=core_dist)
+    runs = {s: S.rank_adaptive_completion(pb, max_rank=2, seed=seed, start=s)
+            for s in ("auto", "means", "spectral")}
+    auto, won = runs["auto"], runs[winner]
+    lost = runs["means" if winner == "spectral" else "spectral"]
+    errs = auto.info["rank_history"][0]["start_errs"]
+    # the control errors after each start's fit are those of the runs from that start
+    for s in ("means", "spectral"):
+        assert errs[s] == runs[s].info["rank_history"][0]["control_err"]
+    assert min(errs, key=errs.get) == winner == auto.info["start"]
+    assert lost.info["rank_history"][0]["control_err"] > 1.2 * errs[winner]
+    # from there on "auto" is the winner's search (the loser's CG iterations added)
+    assert auto.info["ranks"] == won.info["ranks"] == (1,) + (2,) * (len(shape) - 1) + (1,)
+    assert auto.iters[0] == won.iters[0] + lost.iters[0]
+    assert [a["ranks"] for a in auto.info["rank_history"]] == \
+        [a["ranks"] for a in won.info["rank_history"]]
+    X = pb.manifold.to_tt(auto.x).full()
+    W = pb.manifold.to_tt(won.x).full()
+    assert torch.allclose(X, W, rtol=0, atol=1e-9 * float(W.norm()))
+    assert auto.final_metrics()["test_err"] < 1e-8
+    # the other start alone does not recover
+    assert lost.final_metrics()["test_err"] > 1e-2
+
+
+def test_auto_start_in_float32_and_a_clear_error_for_an_unknown_start():
+    pb = P.Completion((4,) * 5, 2, oversampling=10, seed=0, dtype=torch.float32)
+    h = S.rank_adaptive_completion(pb, max_rank=2, max_iters=60)
+    assert h.x.dtype == torch.float32 and set(h.info["rank_history"][0]["start_errs"]) == {
+        "means", "spectral"}
+    # an iteration cap spent by the first fit keeps the means without the second fit
+    h = S.rank_adaptive_completion(pb, max_rank=2, max_iters=1)
+    assert h.info["start"] == "means" and h.iters == [1]
+    with pytest.raises(ValueError, match="start.*'spectral'"):
+        S.rank_adaptive_completion(pb, max_rank=2, start="dense")
