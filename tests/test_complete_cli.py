@@ -295,7 +295,13 @@ def test_rank_adaptive_finds_the_rank(tmp_path, capsys):
     assert header[9].startswith("attempt: start ranks [1, 1, 1, 1, 1]")
     assert any(h.startswith("attempt: bond ") for h in header)
     assert "control_err" in rows[-1] and "val_err" in rows[-1]
-    assert "rank-adaptive: ranks from 1 up to 3" in capsys.readouterr().out
+    assert header[8] == "init: rank 1, spectral (--init auto)"  # the control set chose
+    said = capsys.readouterr().out
+    assert "rank-adaptive: ranks from 1 up to 3" in said
+    assert "rank-1 start spectral kept (control error after the fit: means " in said
+    assert "--init means: the slice-means start" in _err([tmp_path / "d.npz", "--rank", "3",
+                                                          "--init", "means", "--out",
+                                                          tmp_path / "o3"])
     assert "--method rlbfgs: --rank-adaptive" in _err([tmp_path / "d.npz", "--rank", "3",
                                                        "--rank-adaptive", "--method", "rlbfgs",
                                                        "--out", tmp_path / "o2"])

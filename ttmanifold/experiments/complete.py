@@ -370,9 +370,12 @@ def build_parser(prog: str = "ttmanifold complete") -> argparse.ArgumentParser:
                    help="iterations of the solver (default 100)")
     p.add_argument("--tol", type=float, default=1e-10,
                    help="stop when the relative training error is below this (default 1e-10)")
-    p.add_argument("--init", choices=("auto", "spectral", "random"), default="auto",
+    p.add_argument("--init", choices=("auto", "spectral", "random", "means"), default="auto",
                    help="start: 'spectral' (TT-SVD of the rescaled zero-filled data; dense, at "
-                        "most 2e7 entries), 'random', or 'auto' (spectral when possible)")
+                        "most 2e7 entries), 'random', or 'auto' (spectral when possible); "
+                        "with --rank-adaptive the rank-1 start: 'means' (slice means), "
+                        "'spectral' (sparse, from the samples), 'random', or 'auto' (CG from "
+                        "the means and the spectral start, the control set keeps one)")
     p.add_argument("--query", default=None,
                    help="file of multi-indices (.npy/.npz/CSV) to predict: predictions.csv")
     p.add_argument("--out", default="complete_out", help="output directory")
@@ -474,6 +477,8 @@ def run_complete(args, out_stream=None) -> int:
                  f"--method or give a fixed --rank")
     elif args.rank_adaptive and args.iters < 1:
         error = "--iters: --rank-adaptive needs at least 1 CG iteration per attempt"
+    elif args.init == "means" and not args.rank_adaptive:
+        error = "--init means: the slice-means start is the rank-adaptive search's (rank 1)"
     want = ["completed.npz", "report.csv"] + (["predictions.csv"] if args.query else []) + \
         (["checkpoint.pt"] if args.checkpoint_every else [])
     if error is None and lead:
@@ -637,7 +642,7 @@ def _run_rank_adaptive(args, idx, vals, tr, va, shape, q, dtype, say, comm) -> i
     t0 = time.perf_counter()
     try:
         hist = distributed_rank_adaptive(
-            S, max_rank=args.rank, inner_iters=args.iters, seed=args.seed,
+            S, max_rank=args.rank, inner_iters=args.iters, seed=args.seed, start=args.init,
             checkpoint=ck if (args.checkpoint_every or args.resume) else None,
             checkpoint_every=args.checkpoint_every, resume=args.resume)
     except KeyboardInterrupt:
@@ -655,6 +660,11 @@ def _run_rank_adaptive(args, idx, vals, tr, va, shape, q, dtype, say, comm) -> i
         return ("start" if j == 0 else "rounding") if a.get("bond") is None \
             else f"bond {a['bond']}"
 
+    errs = hist.info["rank_history"][0].get("start_errs") if hist.info.get(
+        "rank_history") else None
+    if errs:
+        say(f"  rank-1 start {hist.info.get('start')} kept (control error after the fit: " +
+            ", ".join(f"{k} {v:.3e}" for k, v in errs.items()) + ")")
     for j, a in enumerate(hist.info.get("rank_history", [])):
         say(f"  {what(j, a)}: ranks {list(a['ranks'])}, control error "
             f"{a['control_err']:.3e}, {'kept' if a['accepted'] else 'rejected'}")
@@ -671,7 +681,8 @@ def _run_rank_adaptive(args, idx, vals, tr, va, shape, q, dtype, say, comm) -> i
               f"train: {S.n_train} (of which a control set of "
               f"{hist.info.get('control_size')})", f"validation: {S.n_val}",
               f"processes: {comm.world_size}", f"dtype: {args.dtype}",
-              "init: " + ("checkpoint" if args.resume else "rank 1, slice means")]
+              "init: " + ("checkpoint" if args.resume else
+                          f"rank 1, {hist.info.get('start')} (--init {args.init})")]
     header += [f"attempt: {what(j, a)} ranks {list(a['ranks'])} control_err "
                f"{a['control_err']!r} {'kept' if a['accepted'] else 'rejected'}"
                for j, a in enumerate(hist.info.get("rank_history", []))]
