@@ -198,3 +198,13 @@ def test_auto_start_in_float32_and_a_clear_error_for_an_unknown_start():
     assert h.info["start"] == "means" and h.iters == [1]
     with pytest.raises(ValueError, match="start.*'spectral'"):
         S.rank_adaptive_completion(pb, max_rank=2, start="dense")
+
+
+@pytest.mark.parametrize("d, n, N", [(2, 3, 50), (3, 2, 40), (5, 3, 300), (9, 20, 2000)])
+def test_column_ids_are_the_lexicographic_ranks_of_the_suffixes(d, n, N):
+    # the spectral start's grouping of the samples by column (duplicates included)
+    idx = torch.randint(0, n, (N, d), generator=torch.Generator().manual_seed(d))
+    ids = S._suffix_ids(idx)
+    assert len(ids) == d - 1
+    for k in range(d - 1):
+        assert torch.equal(ids[k], torch.unique(idx[:, k + 1:], dim=0, return_inverse=True)[1])

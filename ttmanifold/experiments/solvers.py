@@ -2282,6 +2282,7 @@ def sparse_spectral_point(indices: torch.Tensor, values: torch.Tensor, shape, ra
                              f"{ranks[k - 1] * shape[k - 1]} (r_{k - 1} n_{k - 1})")
     scale = float(math.prod(shape)) / N if weight is None else float(weight)
     idx = indices.long()
+    cols = _suffix_ids(idx)
     cores = []
     with torch.no_grad():
         a = (values * scale).unsqueeze(1)  # (N, r_{k-1}): each sample's projected row block
@@ -2291,7 +2292,7 @@ def sparse_spectral_point(indices: torch.Tensor, values: torch.Tensor, shape, ra
             rows = torch.arange(rp, device=a.device) * n  # row of (alpha, i) is alpha n + i
             # the samples' own outer products: block-diagonal in the mode-k index
             own = a.new_zeros(n, rp, rp).index_add_(0, ik, a.unsqueeze(2) * a.unsqueeze(1))
-            col = torch.unique(idx[:, k + 1:], dim=0, return_inverse=True)[1]
+            col = cols[k]
             counts = torch.bincount(col)
             shared = counts[col] > 1  # samples whose column holds another sample
             G = a.new_zeros(rp * n, rp * n)
@@ -2316,6 +2317,23 @@ def sparse_spectral_point(indices: torch.Tensor, values: torch.Tensor, shape, ra
         last = a.new_zeros(shape[-1], ranks[d - 1]).index_add_(0, idx[:, d - 1], a)
         cores.append(last.T.unsqueeze(2).contiguous())
     return TT(cores, check=False)
+
+
+def _suffix_ids(idx: torch.Tensor) -> List[torch.Tensor]:
+    """``ids[k]``: per sample the rank of its multi-index suffix ``idx[:, k+1:]`` among the
+    distinct suffixes in lexicographic order, for ``k = 0..d-2`` (what
+    ``torch.unique(idx[:, k+1:], dim=0, return_inverse=True)[1]`` gives). Built right to
+    left from 1-D keys ``i_{k+1} N + ids[k+1]`` (a rank below ``N``, so the key orders by
+    ``i_{k+1}`` first): ``d - 1`` 1-D sorts instead of row-wise ones, about ten times
+    cheaper at d = 10. O(N d log N)."""
+    N, d = idx.shape
+    ids: List[torch.Tensor] = [idx[:, d - 1]] * (d - 1)
+    cur = torch.unique(idx[:, d - 1], return_inverse=True)[1]
+    ids[d - 2] = cur
+    for k in range(d - 3, -1, -1):
+        cur = torch.unique(idx[:, k + 1] * N + cur, return_inverse=True)[1]
+        ids[k] = cur
+    return ids
 
 
 def _block_diag_rows(blocks: torch.Tensor, rp: int, n: int) -> torch.Tensor:
