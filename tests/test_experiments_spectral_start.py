@@ -6,9 +6,12 @@ from collections import defaultdict
 import pytest
 import torch
 
+from ttmanifold import FixedTTRank
 from ttmanifold.experiments import presets as PR
 from ttmanifold.experiments import problems as P
 from ttmanifold.experiments import solvers as S
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.mark.parametrize("shape, ranks, rate", [((5, 6, 5, 6), 2, 4),
@@ -154,28 +157,51 @@ def test_spectral_start_is_the_rank_one_sparse_spectral_point():
     assert torch.allclose(got, want, rtol=0, atol=1e-10 * float(want.norm()))
 
 
-@pytest.mark.parametrize("shape, core_dist, seed, winner", [
+def _rank1_values(x, shape, idx):
+    """The rank-1 packed point ``x`` at the multi-indices ``idx``: the product of its
+    cores' entries (a reference independent of the sampled-entry kernels)."""
+    cores = FixedTTRank(shape, [1] * (len(shape) + 1)).to_tt(x).cores
+    out = torch.ones(idx.shape[0], dtype=torch.float64)
+    for k, c in enumerate(cores):
+        out = out * c[0, idx[:, k], 0].double()
+    return out
+
+
+@pytest.mark.parametrize("shape, rate, core_dist, seed, kept, lower", [
     # Gaussian cores (mean zero): the slice means carry nothing, the spectral start does
-    ((4,) * 6, "gaussian", 2, "spectral"),
+    ((4,) * 6, 10, "gaussian", 2, "spectral", "spectral"),
     # uniform cores at d = 8: no samples share the indices right of the first bonds, so
     # the spectral start is arbitrary there (control error 1.0), the means are not
-    ((6,) * 8, "uniform", 0, "means"),
+    ((6,) * 8, 10, "uniform", 0, "means", "means"),
+    # the means fit's control error is lower, but by less than the control set's noise
+    # (t = -0.6): the spectral start is kept, and only from it is the tensor recovered
+    ((4,) * 6, 5, "gaussian", 3, "spectral", "means"),
 ])
-def test_auto_start_keeps_the_fit_with_the_lower_control_error(shape, core_dist, seed,
-                                                               winner):
-    pb = P.Completion(shape, 2, oversampling=10, test_size=500, seed=seed,
-                      core_dist=core_dist)
-    runs = {s: S.rank_adaptive_completion(pb, max_rank=2, seed=seed, start=s)
-            for s in ("auto", "means", "spectral")}
-    auto, won = runs["auto"], runs[winner]
-    lost = runs["means" if winner == "spectral" else "spectral"]
-    errs = auto.info["rank_history"][0]["start_errs"]
+def test_auto_start_keeps_the_means_only_when_significantly_better(shape, rate, core_dist,
+                                                                    seed, kept, lower):
+    pb = P.Completion(shape, 2, oversampling=rate, seed=seed, core_dist=core_dist)
+    first = {}
+    runs = {s: S.rank_adaptive_completion(
+        pb, max_rank=2, seed=seed, start=s,
+        stage_callback=lambda st, s=s: first.setdefault(s, st["x"]))
+        for s in ("auto", "means", "spectral")}
+    auto, won = runs["auto"], runs[kept]
+    lost = runs["means" if kept == "spectral" else "spectral"]
+    rec = auto.info["rank_history"][0]
+    errs = rec["start_errs"]
     # the control errors after each start's fit are those of the runs from that start
     for s in ("means", "spectral"):
         assert errs[s] == runs[s].info["rank_history"][0]["control_err"]
-    assert min(errs, key=errs.get) == winner == auto.info["start"]
-    assert lost.info["rank_history"][0]["control_err"] > 1.2 * errs[winner]
-    # from there on "auto" is the winner's search (the loser's CG iterations added)
+    assert min(errs, key=errs.get) == lower and auto.info["start"] == kept
+    # the paired t-statistic against a dense float64 reference on the control set
+    data = _data(pb, seed)
+    r = {s: _rank1_values(first[s], shape, data.idx_ctrl) - data.vals_ctrl.double()
+         for s in ("means", "spectral")}
+    dd = r["means"] ** 2 - r["spectral"] ** 2
+    t = float(dd.mean() / (dd.std() / math.sqrt(len(dd))))
+    assert rec["start_t"] == pytest.approx(t, rel=1e-9)
+    assert (t < -2) == (kept == "means")
+    # from there on "auto" is the kept start's search (the other one's CG iterations added)
     assert auto.info["ranks"] == won.info["ranks"] == (1,) + (2,) * (len(shape) - 1) + (1,)
     assert auto.iters[0] == won.iters[0] + lost.iters[0]
     assert [a["ranks"] for a in auto.info["rank_history"]] == \

@@ -924,6 +924,12 @@ class _ShardedRankAdaptive(RankAdaptiveData):
         self.comm.all_reduce(sums, "the all-reduce of the control error")
         return math.sqrt(float(sums[0])) / (math.sqrt(float(sums[1])) or 1.0)
 
+    def control_residual(self, sub, x):
+        with torch.no_grad():
+            if sub.val is None:  # no control samples on this process
+                return torch.zeros(0, dtype=self.dtype, device=self.device)
+            return sub.val.gather(sub.manifold.to_tt(x)) - sub.a_val
+
     def random_point(self, sub, generator):
         # drawn from the same seeded generator on every process: the same point
         return sub.local.initial_point(generator)
