@@ -1256,8 +1256,9 @@ def distributed_rank_adaptive(problem: ShardedCompletion, *, max_rank: int,
     (``start="spectral"``, or ``"auto"``, the default, which fits from both) all-gathers
     the training samples once (``|Omega| (d + 1)`` numbers received by every process,
     held until the start is computed) and every process computes the same rank-1 point
-    from them in one order, so 1 and N processes start alike. With ``time_budget``, rank
-    0's clock decides (one broadcast per CG iteration).
+    from them in one order, so 1 and N processes start alike; ``"auto"``'s choice
+    all-reduces 2 more numbers. With ``time_budget``, rank 0's clock decides (one
+    broadcast per CG iteration).
 
     Args:
         problem: this process's :class:`ShardedCompletion` (its ranks are not used; its
