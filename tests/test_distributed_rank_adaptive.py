@@ -61,6 +61,7 @@ def _same_search(got, ref):
     for s in ("means", "spectral"):
         assert got_start["start_errs"][s] == pytest.approx(ref_start["start_errs"][s],
                                                            rel=1e-9)
+    assert got_start["start_t"] == pytest.approx(ref_start["start_t"], rel=1e-6, abs=1e-9)
 
 
 def test_one_process_equals_the_single_process_search_and_resumes(reference, tmp_path):
