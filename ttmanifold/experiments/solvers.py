@@ -1828,8 +1828,9 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
       a dominant rank-one part (uniform cores), even at high order;
     - ``"spectral"``: :func:`sparse_spectral_point` at ranks 1 (the leading singular
       vectors of the zero-filled data, from pairs of samples sharing the indices right of
-      each bond): right for mean-zero tensors (Gaussian cores) when such pairs exist, but
-      arbitrary on the bonds without any (high order, few samples);
+      each bond; per-sample weights are not used): right for mean-zero tensors (Gaussian
+      cores) when such pairs exist, but arbitrary on the bonds without any (high order,
+      few samples);
     - ``"auto"`` (default): CG from both, and the held-out control set chooses: the
       means fit is kept when it fits the control set significantly better (the paired
       t-statistic of the two fits' squared control residuals,
@@ -2357,16 +2358,15 @@ def _suffix_ids(idx: torch.Tensor) -> List[torch.Tensor]:
     distinct suffixes in lexicographic order, for ``k = 0..d-2`` (what
     ``torch.unique(idx[:, k+1:], dim=0, return_inverse=True)[1]`` gives). Built right to
     left from 1-D keys ``i_{k+1} N + ids[k+1]`` (a rank below ``N``, so the key orders by
-    ``i_{k+1}`` first): ``d - 1`` 1-D sorts instead of row-wise ones, about ten times
-    cheaper at d = 10. O(N d log N)."""
+    ``i_{k+1}`` first): ``d - 1`` 1-D sorts instead of row-wise ones (the rank-1 start at
+    d = 10, N = 23,000 took 0.24 s with those, 0.034 s with these). O(N d log N)."""
     N, d = idx.shape
-    ids: List[torch.Tensor] = [idx[:, d - 1]] * (d - 1)
     cur = torch.unique(idx[:, d - 1], return_inverse=True)[1]
-    ids[d - 2] = cur
+    ids = [cur]
     for k in range(d - 3, -1, -1):
         cur = torch.unique(idx[:, k + 1] * N + cur, return_inverse=True)[1]
-        ids[k] = cur
-    return ids
+        ids.append(cur)
+    return ids[::-1]
 
 
 def _block_diag_rows(blocks: torch.Tensor, rp: int, n: int) -> torch.Tensor:
