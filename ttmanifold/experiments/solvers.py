@@ -51,6 +51,7 @@ __all__ = [
     "greedy_rank_raise",
     "homotopy_point",
     "sparse_spectral_point",
+    "gradient_restart_",
     "COMPLETION_METHODS",
     "LINE_SEARCH_METHODS",
     "ALL_METHODS",
@@ -246,6 +247,21 @@ def _check_adam_kwargs(method: str, adam_kwargs) -> None:
         raise ValueError(f"adam_kwargs: betas must be two numbers in [0, 1), got {betas!r}")
 
 
+def _resolve_adam_restart(method: str, lr, model_problem: bool, restart) -> Optional[bool]:
+    """``run``'s ``adam_restart``: None means on with ``lr="auto"`` (part of the automatic
+    step rule), off with a float lr (plain geoopt Adam)."""
+    if restart is None:
+        return (method == "radam" and isinstance(lr, str) and not model_problem) or None
+    if not isinstance(restart, bool):
+        raise ValueError(f"adam_restart: expected True, False or None, got {restart!r}")
+    if method != "radam":
+        raise ValueError(f"adam_restart: only for method 'radam', not {method!r}")
+    if restart and model_problem:
+        raise ValueError("adam_restart: not supported on model problems (several "
+                         "parameters, one optimizer); use it on tensor problems")
+    return restart
+
+
 def _check_method(problem, method: str) -> None:
     if method not in ALL_METHODS:
         raise ValueError(f"method: unknown method {method!r}; expected one of {ALL_METHODS}")
@@ -338,8 +354,42 @@ class _ChartStepper(_Stepper):
             return float(self.problem.loss(self.chart(self.theta.detach())))
 
 
+def gradient_restart_(M: FixedTTRank, x: torch.Tensor, egrad: torch.Tensor,
+                      momentum: torch.Tensor) -> torch.Tensor:
+    """Adaptive momentum restart, gradient scheme (O'Donoghue and Candes 2015): zero the
+    momentum in place where moving along ``-momentum`` goes uphill.
+
+    A momentum method steps along ``-momentum``; once its slope ``-<grad f(x), momentum>``
+    is positive the momentum has overshot (it oscillates instead of descending), and
+    zeroing it lets the method restart from the local gradient. Too much momentum for the
+    problem's conditioning otherwise caps the rate at ``sqrt(beta1)`` per step whatever the
+    step size; restarts remove that cap without knowing the conditioning.
+
+    Args:
+        M: the manifold.
+        x: a packed point (or a batch of points, shape ``(*batch, M.size)``).
+        egrad: ``p.grad`` at ``x`` as produced through :meth:`FixedTTRank.unpack_tensor`
+            (weight decay included if the optimizer adds it).
+        momentum: a packed tangent vector at ``x`` (Adam's first moment, transported);
+            zeroed in place per point where ``<egrad, momentum> < 0``.
+
+    Returns:
+        The kept mask, shape ``(*batch, 1)``, in ``momentum``'s dtype: 1 where the
+        momentum was kept, 0 where it was restarted. No host synchronization.
+
+    Cost: one inner product of packed vectors, O(M.size) per point. ``<egrad, momentum>``
+    equals ``<grad f(X), momentum>`` of the full tensors because ``momentum`` is tangent
+    and the gauge projection from ``egrad`` to the Riemannian gradient is orthogonal.
+    """
+    slope = M.inner(x, egrad, momentum, keepdim=True)
+    # NaN slopes restart too (the optimizer's own finiteness check reports them)
+    kept = (slope >= 0).to(momentum.dtype)
+    momentum.mul_(kept)
+    return kept
+
+
 class _GeooptStepper(_Stepper):
-    def __init__(self, problem, method, x0, lr, adam_kwargs=None):
+    def __init__(self, problem, method, x0, lr, adam_kwargs=None, restart: bool = False):
         import geoopt
 
         self.problem = problem
@@ -351,12 +401,25 @@ class _GeooptStepper(_Stepper):
             self.opt = geoopt.optim.RiemannianSGD([self.p], lr=lr, momentum=MOMENTUM)
         else:
             self.opt = geoopt.optim.RiemannianAdam([self.p], lr=lr, **(adam_kwargs or {}))
-        self.info = {}
+        self.restart = bool(restart) and method == "radam"
+        # restarted points so far, kept on the device (read once, when info is read)
+        self._restarts = torch.zeros((), dtype=torch.int64, device=x0.device)
+
+    @property
+    def info(self):
+        return {"restarts": int(self._restarts)} if self.restart else {}
 
     def step(self):
         self.opt.zero_grad(set_to_none=True)
         loss = self.problem.loss(self.M.unpack_tensor(self.p))
         loss.backward()
+        state = self.opt.state.get(self.p) if self.restart else None
+        if state:  # Adam's first moment exists from the second step on
+            wd = self.opt.param_groups[0]["weight_decay"]
+            x = self.p.detach()
+            g = self.p.grad if not wd else self.p.grad + wd * x  # what geoopt steps on
+            kept = gradient_restart_(self.M, x, g, state["exp_avg"])
+            self._restarts += (1 - kept).sum().to(torch.int64)
         self.opt.step()
         return loss.detach()
 
@@ -958,7 +1021,8 @@ def _make_stepper(problem, method, x0, lr, opts) -> _Stepper:
         return _CGStepper(problem, x0, beta=opts.get("beta", "pr+"),
                           restart_every=opts.get("restart_every"),
                           restart_tol=opts.get("restart_tol", 0.1))
-    return _GeooptStepper(problem, method, x0, lr, opts.get("adam_kwargs"))
+    return _GeooptStepper(problem, method, x0, lr, opts.get("adam_kwargs"),
+                          restart=bool(opts.get("adam_restart")))
 
 
 # ---------------------------------------------------------------------------------------
@@ -1078,7 +1142,8 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
     iters : maximum number of iterations.
     time_budget : seconds of (timed) optimization after which the run stops.
     lr : a float, or ``"auto"`` (default) for the step-size rule :func:`tune_lr` with
-        ``grid_size`` / ``tune_iters`` / ``lr_grid_values``. Ignored by ``rcg``. For
+        ``grid_size`` / ``tune_iters`` / ``lr_grid_values`` (for ``radam`` on a tensor
+        problem, plus the momentum restart ``adam_restart`` below). Ignored by ``rcg``. For
         ``radam`` on a tensor problem the default grid is ``lr_grid(grid_size, 1e-2, 10)``
         times ``sqrt(2 f(X_0) / dim M)`` (``info["lr_scale"]``): Adam's steps move each
         coordinate by about ``lr``, so its grid is in units of the distance to the data
@@ -1092,10 +1157,16 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
         ``rcg``: ``beta`` ("pr+" or "fr"), ``restart_every``, ``restart_tol``; for
         ``radam``: ``adam_kwargs``, a dict of ``geoopt.optim.RiemannianAdam`` options
         (``betas``, ``eps``, ``amsgrad``, ``weight_decay``; default geoopt's, betas
-        (0.9, 0.999)), also used by the ``lr="auto"`` search. On ``t3f-tutorial``
-        ``betas=(0.8, 0.999)`` halves the steps to the target (65-74 instead of 125-136),
-        but on other completion problems neither 0.9 nor 0.8 nor 0.7 wins consistently,
-        so the default stays geoopt's.
+        (0.9, 0.999)), also used by the ``lr="auto"`` search; and ``adam_restart``
+        (None, True or False): adaptive momentum restart, Adam's first moment zeroed
+        whenever it points uphill (:func:`gradient_restart_`; ``info["restarts"]`` counts
+        them). None (default) means on with ``lr="auto"``, where it is part of the step
+        rule (the lr search steps with it too), and off with a float lr (geoopt's Adam
+        unchanged); True/False force it (tensor problems only). Why: with beta1 = 0.9 the
+        momentum caps the rate at about 0.9 per step in the loss whatever the lr (125-136
+        steps on ``t3f-tutorial``); the restarts lift that cap (55-69 steps) and help
+        or are neutral on the other completion and approximation problems measured
+        (``docs/comparison.md``, step-size rule).
 
     ``method="rank_adaptive"`` runs :func:`rank_adaptive_completion` (ranks from 1 up to
     ``max_rank``, default the largest rank of ``problem.manifold``; rank decrease by
@@ -1111,6 +1182,10 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
     if not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
     _check_adam_kwargs(method, opts.get("adam_kwargs"))
+    restart = _resolve_adam_restart(method, lr, _is_model_problem(problem),
+                                    opts.pop("adam_restart", None))
+    if restart is not None:  # the lr search below steps with the same rule
+        opts["adam_restart"] = restart
     if method == "rank_adaptive":
         return _run_rank_adaptive(problem, iters=iters, time_budget=time_budget,
                                   callback=callback, seed=seed, stop_metric=stop_metric,
