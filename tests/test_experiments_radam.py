@@ -1,5 +1,6 @@
 """Riemannian Adam's options in the experiment driver (``run(..., adam_kwargs=...)``) and
-the automatic step rule's momentum restart (``adam_restart``, ``gradient_restart_``)."""
+the automatic step rule's safeguards (``adam_safeguards``: the momentum restart
+``gradient_restart_`` and the lr back-off)."""
 import warnings
 
 import pytest
@@ -20,7 +21,7 @@ def test_adam_kwargs_reach_the_optimizer_and_the_step_rule(one_thread):
     spec = _t3f()
     pb, x0, tol = spec["problem"], spec["x0"], spec["tol"]
     kw = dict(iters=100, stop_metric="test_mse", stop_tol=tol, measure_memory=False,
-              metrics_every=5, adam_restart=False)
+              metrics_every=5, adam_safeguards=False)
     default = S.run(pb, "radam", x0, **kw)
     low = S.run(pb, "radam", x0, adam_kwargs=dict(betas=(0.8, 0.999)), **kw)
     # without the restart, geoopt's default betas need about 129 steps here; beta1 = 0.8
@@ -59,14 +60,14 @@ def test_adam_kwargs_bad_input(method, kwargs, match):
 
 def test_auto_rule_meets_the_t3f_target_with_default_betas(one_thread):
     # issue 17: Riemannian Adam with lr="auto" reaches test MSE 1.3e-4 in at most 100
-    # steps from a random start. Without the momentum restart geoopt's betas need 129
-    # steps on this seed (the momentum caps the rate, whatever the lr).
+    # steps from a random start. Without the safeguards geoopt's betas need 129 steps on
+    # this seed (the momentum caps the rate, whatever the lr).
     spec = _t3f()
     pb, x0, tol = spec["problem"], spec["x0"], spec["tol"]
     kw = dict(iters=150, stop_metric="test_mse", stop_tol=tol, measure_memory=False,
               metrics_every=1)
     auto = S.run(pb, "radam", x0, **kw)
-    plain = S.run(pb, "radam", x0, adam_restart=False, **kw)
+    plain = S.run(pb, "radam", x0, adam_safeguards=False, **kw)
     r = auto.reach("test_mse", tol)
     assert r is not None and r[0] <= 100, r
     assert auto.info["restarts"] > 0
@@ -136,8 +137,55 @@ def test_float_lr_is_plain_geoopt_adam_and_restart_is_opt_in():
         opt.step()
     assert torch.equal(a.x, p.detach())
     assert "restarts" not in a.info
-    b = S.run(pb, "radam", x0, adam_restart=True, **kw)
+    b = S.run(pb, "radam", x0, adam_safeguards=True, **kw)
     assert b.info["restarts"] > 0 and not torch.allclose(a.x, b.x)
+
+
+def _reference_guarded_adam(pb, x0, lr, iters):
+    """The safeguards written out with host floats around geoopt's optimizer: halve the lr
+    after a rise of the loss over a step without old momentum (the first, or one after a
+    restart), restart where <grad, m> < 0."""
+    import geoopt
+
+    M = pb.manifold
+    p = geoopt.ManifoldParameter(x0.detach().clone(), manifold=M)
+    opt = geoopt.optim.RiemannianAdam([p], lr=lr)
+    prev, fresh, restarts, backoffs, rises = None, True, 0, 0, []
+    for _ in range(iters):
+        opt.zero_grad()
+        loss = pb.loss(M.unpack_tensor(p))
+        loss.backward()
+        if prev is not None:
+            rises.append((float(loss.detach()) > prev, fresh))
+            if float(loss.detach()) > prev and fresh:
+                opt.param_groups[0]["lr"] *= 0.5
+                backoffs += 1
+            m = opt.state[p]["exp_avg"]
+            fresh = float((p.grad * m).sum()) < 0
+            if fresh:
+                m.zero_()
+                restarts += 1
+        prev = float(loss.detach())
+        opt.step()
+    return p.detach(), restarts, backoffs, opt.param_groups[0]["lr"], rises
+
+
+@pytest.mark.parametrize("lr, bounces", [(0.02, False), (3.0, True)])
+def test_safeguards_against_a_host_reference(lr, bounces):
+    # a small step: a monotone run, no back-off; a large one bounces and backs off
+    pb = P.Completion((5, 5, 5, 5), 2, oversampling=5, seed=2)
+    x0 = pb.initial_point(0)
+    h = S.run(pb, "radam", x0, iters=25, lr=lr, adam_safeguards=True, metrics_every=0,
+              measure_memory=False)
+    x, restarts, backoffs, lr_final, rises = _reference_guarded_adam(pb, x0, lr, 25)
+    assert torch.allclose(h.x, x, rtol=1e-10, atol=1e-12)
+    assert (h.info["restarts"], h.info["lr_backoffs"]) == (restarts, backoffs)
+    assert h.info["lr_final"] == pytest.approx(lr_final) == pytest.approx(lr * 0.5 ** backoffs)
+    losses = h.loss[:-1]
+    assert [r for r, _ in rises] == [b > a for a, b in zip(losses, losses[1:])]
+    assert (backoffs > 0) == bounces
+    if bounces:  # a rise over a step with momentum restarts it but keeps the lr
+        assert any(r and not fresh for r, fresh in rises)
 
 
 def test_auto_rule_search_uses_the_restart():
@@ -145,13 +193,13 @@ def test_auto_rule_search_uses_the_restart():
     x0 = pb.initial_point(0)
     kw = dict(iters=0, metrics_every=0, measure_memory=False, grid_size=3, tune_iters=6)
     on = S.run(pb, "radam", x0, **kw)
-    off = S.run(pb, "radam", x0, adam_restart=False, **kw)
+    off = S.run(pb, "radam", x0, adam_safeguards=False, **kw)
     grid = sorted(on.info["tune_scores"])
     assert grid == sorted(off.info["tune_scores"])
     # the same candidates, scored with and without restarts
     assert [on.info["tune_scores"][g] for g in grid] != [off.info["tune_scores"][g] for g in grid]
     for lr in grid:  # each score is the loss of a restarted run with that float lr
-        h = S.run(pb, "radam", x0, iters=6, lr=lr, adam_restart=True, metrics_every=0,
+        h = S.run(pb, "radam", x0, iters=6, lr=lr, adam_safeguards=True, metrics_every=0,
                   measure_memory=False)
         assert on.info["tune_scores"][lr] == h.final_loss
 
@@ -162,7 +210,7 @@ def test_auto_rule_search_uses_the_restart():
     ("rsgd", True, "only for method 'radam'"),
     ("rcg", False, "only for method 'radam'"),
 ])
-def test_adam_restart_bad_input(method, value, match):
+def test_adam_safeguards_bad_input(method, value, match):
     pb = P.Completion((6, 6, 6, 6), 2, oversampling=5, seed=0)
     with pytest.raises(ValueError, match=match):
-        S.run(pb, method, iters=1, lr=0.1, adam_restart=value, measure_memory=False)
+        S.run(pb, method, iters=1, lr=0.1, adam_safeguards=value, measure_memory=False)

@@ -247,19 +247,19 @@ def _check_adam_kwargs(method: str, adam_kwargs) -> None:
         raise ValueError(f"adam_kwargs: betas must be two numbers in [0, 1), got {betas!r}")
 
 
-def _resolve_adam_restart(method: str, lr, model_problem: bool, restart) -> Optional[bool]:
-    """``run``'s ``adam_restart``: None means on with ``lr="auto"`` (part of the automatic
-    step rule), off with a float lr (plain geoopt Adam)."""
-    if restart is None:
+def _resolve_adam_safeguards(method: str, lr, model_problem: bool, on) -> Optional[bool]:
+    """``run``'s ``adam_safeguards``: None means on with ``lr="auto"`` (part of the
+    automatic step rule), off with a float lr (plain geoopt Adam)."""
+    if on is None:
         return (method == "radam" and isinstance(lr, str) and not model_problem) or None
-    if not isinstance(restart, bool):
-        raise ValueError(f"adam_restart: expected True, False or None, got {restart!r}")
+    if not isinstance(on, bool):
+        raise ValueError(f"adam_safeguards: expected True, False or None, got {on!r}")
     if method != "radam":
-        raise ValueError(f"adam_restart: only for method 'radam', not {method!r}")
-    if restart and model_problem:
-        raise ValueError("adam_restart: not supported on model problems (several "
+        raise ValueError(f"adam_safeguards: only for method 'radam', not {method!r}")
+    if on and model_problem:
+        raise ValueError("adam_safeguards: not supported on model problems (several "
                          "parameters, one optimizer); use it on tensor problems")
-    return restart
+    return on
 
 
 def _check_method(problem, method: str) -> None:
@@ -389,7 +389,18 @@ def gradient_restart_(M: FixedTTRank, x: torch.Tensor, egrad: torch.Tensor,
 
 
 class _GeooptStepper(_Stepper):
-    def __init__(self, problem, method, x0, lr, adam_kwargs=None, restart: bool = False):
+    """geoopt's Riemannian SGD / Adam on a tensor problem. ``safeguards`` (radam only; the
+    automatic step rule's): before each step from the second on, (1) lr back-off: if the
+    loss rose over the last step and that step was taken without old momentum (the first
+    step, or one right after a restart), the lr is halved for this step and the following
+    ones; (2) the momentum restart :func:`gradient_restart_`. A rise over a step with
+    momentum is the momentum's overshoot, which (2) handles; a rise over a step without
+    it means the step itself is too long for the local curvature. Adam's steps keep a
+    length of about lr while its second moment forgets the early large gradients, so
+    with (2) alone it bounces around the minimizer in long runs. Both act on the device
+    (no host synchronization); ``info`` reports their counts and the final lr."""
+
+    def __init__(self, problem, method, x0, lr, adam_kwargs=None, safeguards: bool = False):
         import geoopt
 
         self.problem = problem
@@ -401,25 +412,42 @@ class _GeooptStepper(_Stepper):
             self.opt = geoopt.optim.RiemannianSGD([self.p], lr=lr, momentum=MOMENTUM)
         else:
             self.opt = geoopt.optim.RiemannianAdam([self.p], lr=lr, **(adam_kwargs or {}))
-        self.restart = bool(restart) and method == "radam"
-        # restarted points so far, kept on the device (read once, when info is read)
-        self._restarts = torch.zeros((), dtype=torch.int64, device=x0.device)
+        self.guard = bool(safeguards) and method == "radam"
+        if self.guard:
+            # counts kept on the device (read once, when info is read); the lr a 0-dim
+            # tensor that geoopt multiplies the direction by, halved in place
+            self._restarts = torch.zeros((), dtype=torch.int64, device=x0.device)
+            self._backoffs = torch.zeros((), dtype=torch.int64, device=x0.device)
+            self._lr = torch.tensor(float(lr), dtype=x0.dtype, device=x0.device)
+            self.opt.param_groups[0]["lr"] = self._lr
+            self._prev_loss = None
+            # the last step was taken without old momentum (true for the first step)
+            self._fresh = torch.ones((), dtype=torch.bool, device=x0.device)
 
     @property
     def info(self):
-        return {"restarts": int(self._restarts)} if self.restart else {}
+        if not self.guard:
+            return {}
+        return {"restarts": int(self._restarts), "lr_backoffs": int(self._backoffs),
+                "lr_final": float(self._lr)}
 
     def step(self):
         self.opt.zero_grad(set_to_none=True)
         loss = self.problem.loss(self.M.unpack_tensor(self.p))
         loss.backward()
-        state = self.opt.state.get(self.p) if self.restart else None
+        state = self.opt.state.get(self.p) if self.guard else None
         if state:  # Adam's first moment exists from the second step on
             wd = self.opt.param_groups[0]["weight_decay"]
             x = self.p.detach()
             g = self.p.grad if not wd else self.p.grad + wd * x  # what geoopt steps on
+            back_off = (loss.detach() > self._prev_loss) & self._fresh
+            self._lr.mul_(torch.where(back_off, 0.5, 1.0))
+            self._backoffs += back_off.to(torch.int64)
             kept = gradient_restart_(self.M, x, g, state["exp_avg"])
             self._restarts += (1 - kept).sum().to(torch.int64)
+            self._fresh = (kept == 0).all()
+        if self.guard:
+            self._prev_loss = loss.detach()
         self.opt.step()
         return loss.detach()
 
@@ -1022,7 +1050,7 @@ def _make_stepper(problem, method, x0, lr, opts) -> _Stepper:
                           restart_every=opts.get("restart_every"),
                           restart_tol=opts.get("restart_tol", 0.1))
     return _GeooptStepper(problem, method, x0, lr, opts.get("adam_kwargs"),
-                          restart=bool(opts.get("adam_restart")))
+                          safeguards=bool(opts.get("adam_safeguards")))
 
 
 # ---------------------------------------------------------------------------------------
@@ -1182,10 +1210,10 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
     if not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
     _check_adam_kwargs(method, opts.get("adam_kwargs"))
-    restart = _resolve_adam_restart(method, lr, _is_model_problem(problem),
-                                    opts.pop("adam_restart", None))
-    if restart is not None:  # the lr search below steps with the same rule
-        opts["adam_restart"] = restart
+    guard = _resolve_adam_safeguards(method, lr, _is_model_problem(problem),
+                                     opts.pop("adam_safeguards", None))
+    if guard is not None:  # the lr search below steps with the same rule
+        opts["adam_safeguards"] = guard
     if method == "rank_adaptive":
         return _run_rank_adaptive(problem, iters=iters, time_budget=time_budget,
                                   callback=callback, seed=seed, stop_metric=stop_metric,
