@@ -2,7 +2,8 @@
 
 :func:`run` ``(problem, method, x0, *, iters, time_budget, lr, callback) -> History``;
 methods :data:`METHODS` (``chart_sgd``, ``chart_momentum``, ``chart_adam``, ``rsgd``,
-``rsgd_momentum``, ``radam``, ``rcg``), the step-size rule :func:`tune_lr`, Riemannian CG
+``rsgd_momentum``, ``radam``, ``rcg``), the step-size rule :func:`tune_lr` (for ``radam``
+with the momentum restart :func:`gradient_restart_` and an lr back-off), Riemannian CG
 with exact line search :func:`riemannian_cg` (O(|Omega| d r^2) + O(d n r^3) per iteration
 for completion), rank-adaptive completion from rank 1 :func:`rank_adaptive_completion`
 (``run(problem, "rank_adaptive")``, greedy raises :func:`greedy_rank_raise`) and the
@@ -1123,7 +1124,9 @@ def tune_lr(problem, method: str, x0=None, *, grid: Optional[Sequence[float]] = 
     """The step-size rule: the ``lr`` of ``grid`` (default :func:`lr_grid` (grid_size))
     with the smallest loss after ``tune_iters`` iterations from ``x0`` (ties: the smaller
     lr; non-finite losses and exceptions score +inf). Returns ``(lr, {lr: score})``.
-    ``progress``: a tqdm bar over the grid."""
+    ``progress``: a tqdm bar over the grid. ``opts`` go to :func:`run` with each float
+    lr (``run(lr="auto")`` passes ``adam_safeguards=True`` for ``radam``, so the
+    candidates are scored with the rule's safeguards)."""
     _check_method(problem, method)
     if method in _NO_LR:
         return None, {}
@@ -1171,7 +1174,7 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
     time_budget : seconds of (timed) optimization after which the run stops.
     lr : a float, or ``"auto"`` (default) for the step-size rule :func:`tune_lr` with
         ``grid_size`` / ``tune_iters`` / ``lr_grid_values`` (for ``radam`` on a tensor
-        problem, plus the momentum restart ``adam_restart`` below). Ignored by ``rcg``. For
+        problem, plus the safeguards ``adam_safeguards`` below). Ignored by ``rcg``. For
         ``radam`` on a tensor problem the default grid is ``lr_grid(grid_size, 1e-2, 10)``
         times ``sqrt(2 f(X_0) / dim M)`` (``info["lr_scale"]``): Adam's steps move each
         coordinate by about ``lr``, so its grid is in units of the distance to the data
@@ -1185,16 +1188,19 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
         ``rcg``: ``beta`` ("pr+" or "fr"), ``restart_every``, ``restart_tol``; for
         ``radam``: ``adam_kwargs``, a dict of ``geoopt.optim.RiemannianAdam`` options
         (``betas``, ``eps``, ``amsgrad``, ``weight_decay``; default geoopt's, betas
-        (0.9, 0.999)), also used by the ``lr="auto"`` search; and ``adam_restart``
-        (None, True or False): adaptive momentum restart, Adam's first moment zeroed
-        whenever it points uphill (:func:`gradient_restart_`; ``info["restarts"]`` counts
-        them). None (default) means on with ``lr="auto"``, where it is part of the step
-        rule (the lr search steps with it too), and off with a float lr (geoopt's Adam
-        unchanged); True/False force it (tensor problems only). Why: with beta1 = 0.9 the
-        momentum caps the rate at about 0.9 per step in the loss whatever the lr (125-136
-        steps on ``t3f-tutorial``); the restarts lift that cap (55-69 steps) and help
-        or are neutral on the other completion and approximation problems measured
-        (``docs/comparison.md``, step-size rule).
+        (0.9, 0.999)), also used by the ``lr="auto"`` search; and ``adam_safeguards``
+        (None, True or False): the momentum restart (Adam's first moment zeroed whenever
+        it points uphill, :func:`gradient_restart_`) and the lr back-off (the lr halved
+        for good after the loss rose over a step taken without old momentum); ``info``
+        records ``restarts``, ``lr_backoffs``, ``lr_final``. None (default) means on with
+        ``lr="auto"``, where they are part of the step rule (the lr search steps with
+        them too), and off with a float lr (geoopt's Adam unchanged); True/False force
+        them (tensor problems only). Why: with beta1 = 0.9 the momentum limits the rate
+        to about 0.9 per step in the loss whatever the lr (125-136 steps to the
+        ``t3f-tutorial`` target); the restarts lift that limit (55-69 steps), the
+        back-off stops the bounce around the minimizer in long runs, and on the other
+        completion and approximation problems measured they helped or made no
+        difference (``docs/comparison.md``, step-size rule).
 
     ``method="rank_adaptive"`` runs :func:`rank_adaptive_completion` (ranks from 1 up to
     ``max_rank``, default the largest rank of ``problem.manifold``; rank decrease by
