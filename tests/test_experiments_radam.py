@@ -5,6 +5,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ttmanifold.experiments import presets as PR
 from ttmanifold.experiments import problems as P
@@ -214,3 +216,41 @@ def test_adam_safeguards_bad_input(method, value, match):
     pb = P.Completion((6, 6, 6, 6), 2, oversampling=5, seed=0)
     with pytest.raises(ValueError, match=match):
         S.run(pb, method, iters=1, lr=0.1, adam_safeguards=value, measure_memory=False)
+
+
+def test_adam_safeguards_rejected_on_model_problems():
+    pytest.importorskip("sklearn")
+    try:
+        pb = P.LayerTraining(hidden=16, rank=2)
+    except ImportError:
+        pytest.skip("ttmanifold.nn not available")
+    with pytest.raises(ValueError, match="model problems"):
+        S.run(pb, "radam", iters=1, lr=0.1, adam_safeguards=True, measure_memory=False)
+
+
+@settings(max_examples=12, deadline=None)
+@given(shape=st.lists(st.integers(2, 4), min_size=2, max_size=4), rank=st.integers(1, 3),
+       seed=st.integers(0, 10**6))
+def test_gradient_restart_property(shape, rank, seed):
+    # any shape and rank: the kept mask is the sign of the dense slope <grad F(X), T>,
+    # and the momentum is either untouched or zero
+    total = 1
+    for n in shape:
+        total *= n
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ranks above a boundary mode size are clipped
+        pb = P.Completion(tuple(shape), rank, train_size=max(1, total // 2), test_size=0,
+                          seed=seed)
+    M = pb.manifold
+    p = pb.initial_point(seed).detach().requires_grad_(True)
+    pb.loss(M.unpack_tensor(p)).backward()
+    x, g = p.detach(), p.grad.detach()
+    gen = torch.Generator().manual_seed(seed)
+    m = M.proju(x, torch.randn(x.shape, generator=gen, dtype=x.dtype))
+    ref = _dense_slope(pb, M, x, m)
+    mom = m.clone()
+    kept = S.gradient_restart_(M, x, g, mom)
+    scale = float(g.norm() * m.norm())
+    if abs(ref) > 1e-9 * scale:  # the sign is well defined
+        assert float(kept) == (1.0 if ref > 0 else 0.0)
+    assert torch.equal(mom, m) if float(kept) else torch.count_nonzero(mom) == 0
