@@ -2,7 +2,8 @@
 
 :func:`run` ``(problem, method, x0, *, iters, time_budget, lr, callback) -> History``;
 methods :data:`METHODS` (``chart_sgd``, ``chart_momentum``, ``chart_adam``, ``rsgd``,
-``rsgd_momentum``, ``radam``, ``rcg``), the step-size rule :func:`tune_lr`, Riemannian CG
+``rsgd_momentum``, ``radam``, ``rcg``), the step-size rule :func:`tune_lr` (for ``radam``
+with the momentum restart :func:`gradient_restart_` and an lr back-off), Riemannian CG
 with exact line search :func:`riemannian_cg` (O(|Omega| d r^2) + O(d n r^3) per iteration
 for completion), rank-adaptive completion from rank 1 :func:`rank_adaptive_completion`
 (``run(problem, "rank_adaptive")``, greedy raises :func:`greedy_rank_raise`) and the
@@ -51,6 +52,7 @@ __all__ = [
     "greedy_rank_raise",
     "homotopy_point",
     "sparse_spectral_point",
+    "gradient_restart_",
     "COMPLETION_METHODS",
     "LINE_SEARCH_METHODS",
     "ALL_METHODS",
@@ -246,6 +248,21 @@ def _check_adam_kwargs(method: str, adam_kwargs) -> None:
         raise ValueError(f"adam_kwargs: betas must be two numbers in [0, 1), got {betas!r}")
 
 
+def _resolve_adam_safeguards(method: str, lr, model_problem: bool, on) -> Optional[bool]:
+    """``run``'s ``adam_safeguards``: None means on with ``lr="auto"`` (part of the
+    automatic step rule), off with a float lr (plain geoopt Adam)."""
+    if on is None:
+        return (method == "radam" and isinstance(lr, str) and not model_problem) or None
+    if not isinstance(on, bool):
+        raise ValueError(f"adam_safeguards: expected True, False or None, got {on!r}")
+    if method != "radam":
+        raise ValueError(f"adam_safeguards: only for method 'radam', not {method!r}")
+    if on and model_problem:
+        raise ValueError("adam_safeguards: not supported on model problems (several "
+                         "parameters, one optimizer); use it on tensor problems")
+    return on
+
+
 def _check_method(problem, method: str) -> None:
     if method not in ALL_METHODS:
         raise ValueError(f"method: unknown method {method!r}; expected one of {ALL_METHODS}")
@@ -338,8 +355,53 @@ class _ChartStepper(_Stepper):
             return float(self.problem.loss(self.chart(self.theta.detach())))
 
 
+def gradient_restart_(M: FixedTTRank, x: torch.Tensor, egrad: torch.Tensor,
+                      momentum: torch.Tensor) -> torch.Tensor:
+    """Adaptive momentum restart, gradient scheme (O'Donoghue and Candes 2015): zero the
+    momentum in place where moving along ``-momentum`` goes uphill.
+
+    A momentum method steps along ``-momentum``; once its slope ``-<grad f(x), momentum>``
+    is positive the momentum has overshot (it oscillates instead of descending), and
+    zeroing it lets the method restart from the local gradient. Too much momentum for the
+    problem's conditioning otherwise caps the rate at ``sqrt(beta1)`` per step whatever the
+    step size; restarts remove that cap without knowing the conditioning.
+
+    Args:
+        M: the manifold.
+        x: a packed point (or a batch of points, shape ``(*batch, M.size)``).
+        egrad: ``p.grad`` at ``x`` as produced through :meth:`FixedTTRank.unpack_tensor`
+            (weight decay included if the optimizer adds it).
+        momentum: a packed tangent vector at ``x`` (Adam's first moment, transported);
+            zeroed in place per point where ``<egrad, momentum> < 0``.
+
+    Returns:
+        The kept mask, shape ``(*batch, 1)``, in ``momentum``'s dtype: 1 where the
+        momentum was kept, 0 where it was restarted. No host synchronization.
+
+    Cost: one inner product of packed vectors, O(M.size) per point. ``<egrad, momentum>``
+    equals ``<grad f(X), momentum>`` of the full tensors because ``momentum`` is tangent
+    and the gauge projection from ``egrad`` to the Riemannian gradient is orthogonal.
+    """
+    slope = M.inner(x, egrad, momentum, keepdim=True)
+    # NaN slopes restart too (the optimizer's own finiteness check reports them)
+    kept = (slope >= 0).to(momentum.dtype)
+    momentum.mul_(kept)
+    return kept
+
+
 class _GeooptStepper(_Stepper):
-    def __init__(self, problem, method, x0, lr, adam_kwargs=None):
+    """geoopt's Riemannian SGD / Adam on a tensor problem. ``safeguards`` (radam only; the
+    automatic step rule's): before each step from the second on, (1) lr back-off: if the
+    loss rose over the last step and that step was taken without old momentum (the first
+    step, or one right after a restart), the lr is halved for this step and the following
+    ones; (2) the momentum restart :func:`gradient_restart_`. A rise over a step with
+    momentum is the momentum's overshoot, which (2) handles; a rise over a step without
+    it means the step itself is too long for the local curvature. Adam's steps keep a
+    length of about lr while its second moment forgets the early large gradients, so
+    with (2) alone it bounces around the minimizer in long runs. Both act on the device
+    (no host synchronization); ``info`` reports their counts and the final lr."""
+
+    def __init__(self, problem, method, x0, lr, adam_kwargs=None, safeguards: bool = False):
         import geoopt
 
         self.problem = problem
@@ -351,12 +413,42 @@ class _GeooptStepper(_Stepper):
             self.opt = geoopt.optim.RiemannianSGD([self.p], lr=lr, momentum=MOMENTUM)
         else:
             self.opt = geoopt.optim.RiemannianAdam([self.p], lr=lr, **(adam_kwargs or {}))
-        self.info = {}
+        self.guard = bool(safeguards) and method == "radam"
+        if self.guard:
+            # counts kept on the device (read once, when info is read); the lr a 0-dim
+            # tensor that geoopt multiplies the direction by, halved in place
+            self._restarts = torch.zeros((), dtype=torch.int64, device=x0.device)
+            self._backoffs = torch.zeros((), dtype=torch.int64, device=x0.device)
+            self._lr = torch.tensor(float(lr), dtype=x0.dtype, device=x0.device)
+            self.opt.param_groups[0]["lr"] = self._lr
+            self._prev_loss = None
+            # the last step was taken without old momentum (true for the first step)
+            self._fresh = torch.ones((), dtype=torch.bool, device=x0.device)
+
+    @property
+    def info(self):
+        if not self.guard:
+            return {}
+        return {"restarts": int(self._restarts), "lr_backoffs": int(self._backoffs),
+                "lr_final": float(self._lr)}
 
     def step(self):
         self.opt.zero_grad(set_to_none=True)
         loss = self.problem.loss(self.M.unpack_tensor(self.p))
         loss.backward()
+        state = self.opt.state.get(self.p) if self.guard else None
+        if state:  # Adam's first moment exists from the second step on
+            wd = self.opt.param_groups[0]["weight_decay"]
+            x = self.p.detach()
+            g = self.p.grad if not wd else self.p.grad + wd * x  # what geoopt steps on
+            back_off = (loss.detach() > self._prev_loss) & self._fresh
+            self._lr.mul_(torch.where(back_off, 0.5, 1.0))
+            self._backoffs += back_off.to(torch.int64)
+            kept = gradient_restart_(self.M, x, g, state["exp_avg"])
+            self._restarts += (1 - kept).sum().to(torch.int64)
+            self._fresh = (kept == 0).all()
+        if self.guard:
+            self._prev_loss = loss.detach()
         self.opt.step()
         return loss.detach()
 
@@ -958,7 +1050,8 @@ def _make_stepper(problem, method, x0, lr, opts) -> _Stepper:
         return _CGStepper(problem, x0, beta=opts.get("beta", "pr+"),
                           restart_every=opts.get("restart_every"),
                           restart_tol=opts.get("restart_tol", 0.1))
-    return _GeooptStepper(problem, method, x0, lr, opts.get("adam_kwargs"))
+    return _GeooptStepper(problem, method, x0, lr, opts.get("adam_kwargs"),
+                          safeguards=bool(opts.get("adam_safeguards")))
 
 
 # ---------------------------------------------------------------------------------------
@@ -1031,7 +1124,9 @@ def tune_lr(problem, method: str, x0=None, *, grid: Optional[Sequence[float]] = 
     """The step-size rule: the ``lr`` of ``grid`` (default :func:`lr_grid` (grid_size))
     with the smallest loss after ``tune_iters`` iterations from ``x0`` (ties: the smaller
     lr; non-finite losses and exceptions score +inf). Returns ``(lr, {lr: score})``.
-    ``progress``: a tqdm bar over the grid."""
+    ``progress``: a tqdm bar over the grid. ``opts`` go to :func:`run` with each float
+    lr (``run(lr="auto")`` passes ``adam_safeguards=True`` for ``radam``, so the
+    candidates are scored with the rule's safeguards)."""
     _check_method(problem, method)
     if method in _NO_LR:
         return None, {}
@@ -1078,7 +1173,8 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
     iters : maximum number of iterations.
     time_budget : seconds of (timed) optimization after which the run stops.
     lr : a float, or ``"auto"`` (default) for the step-size rule :func:`tune_lr` with
-        ``grid_size`` / ``tune_iters`` / ``lr_grid_values``. Ignored by ``rcg``. For
+        ``grid_size`` / ``tune_iters`` / ``lr_grid_values`` (for ``radam`` on a tensor
+        problem, plus the safeguards ``adam_safeguards`` below). Ignored by ``rcg``. For
         ``radam`` on a tensor problem the default grid is ``lr_grid(grid_size, 1e-2, 10)``
         times ``sqrt(2 f(X_0) / dim M)`` (``info["lr_scale"]``): Adam's steps move each
         coordinate by about ``lr``, so its grid is in units of the distance to the data
@@ -1092,10 +1188,19 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
         ``rcg``: ``beta`` ("pr+" or "fr"), ``restart_every``, ``restart_tol``; for
         ``radam``: ``adam_kwargs``, a dict of ``geoopt.optim.RiemannianAdam`` options
         (``betas``, ``eps``, ``amsgrad``, ``weight_decay``; default geoopt's, betas
-        (0.9, 0.999)), also used by the ``lr="auto"`` search. On ``t3f-tutorial``
-        ``betas=(0.8, 0.999)`` halves the steps to the target (65-74 instead of 125-136),
-        but on other completion problems neither 0.9 nor 0.8 nor 0.7 wins consistently,
-        so the default stays geoopt's.
+        (0.9, 0.999)), also used by the ``lr="auto"`` search; and ``adam_safeguards``
+        (None, True or False): the momentum restart (Adam's first moment zeroed whenever
+        it points uphill, :func:`gradient_restart_`) and the lr back-off (the lr halved
+        for good after the loss rose over a step taken without old momentum); ``info``
+        records ``restarts``, ``lr_backoffs``, ``lr_final``. None (default) means on with
+        ``lr="auto"``, where they are part of the step rule (the lr search steps with
+        them too), and off with a float lr (geoopt's Adam unchanged); True/False force
+        them (tensor problems only). Why: with beta1 = 0.9 the momentum limits the rate
+        to about 0.9 per step in the loss whatever the lr (125-136 steps to the
+        ``t3f-tutorial`` target); the restarts lift that limit (55-69 steps), the
+        back-off stops the bounce around the minimizer in long runs, and on the other
+        completion and approximation problems measured they helped or made no
+        difference (``docs/comparison.md``, step-size rule).
 
     ``method="rank_adaptive"`` runs :func:`rank_adaptive_completion` (ranks from 1 up to
     ``max_rank``, default the largest rank of ``problem.manifold``; rank decrease by
@@ -1111,6 +1216,10 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
     if not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
     _check_adam_kwargs(method, opts.get("adam_kwargs"))
+    guard = _resolve_adam_safeguards(method, lr, _is_model_problem(problem),
+                                     opts.pop("adam_safeguards", None))
+    if guard is not None:  # the lr search below steps with the same rule
+        opts["adam_safeguards"] = guard
     if method == "rank_adaptive":
         return _run_rank_adaptive(problem, iters=iters, time_budget=time_budget,
                                   callback=callback, seed=seed, stop_metric=stop_metric,
