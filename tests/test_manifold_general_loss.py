@@ -99,3 +99,56 @@ def test_riemannian_hvp_of_a_general_loss(case):
     u = M.proju(p, torch.randn(M.size, dtype=F64, generator=g))
     h = M.riemannian_hvp(p, LOSSES["norm2 of TT(X.cores) - A"][0](A), u)
     assert float(torch.linalg.vector_norm(h - u)) <= 1e-11 * float(torch.linalg.vector_norm(u))
+
+
+
+def _dense_tangent_map(U, V):
+    """The matrix of the linear map packed deltas -> dense ``sum_k U_<k dU_k V_>k`` (float64),
+    from dense contractions of the left cores ``U_<k`` and right cores ``V_>k``."""
+    d = len(U)
+    cols = []
+    for k in range(d):
+        left = torch.ones(1, 1, dtype=F64)
+        for c in U[:k]:
+            left = (left @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[2])
+        right = torch.ones(1, 1, dtype=F64)
+        for c in reversed(V[k + 1:]):
+            right = (c.reshape(-1, c.shape[2]) @ right).reshape(c.shape[0], -1)
+        a, n, b = U[k].shape
+        for i in range(a * n * b):
+            e = torch.zeros(a * n * b, dtype=F64)
+            e[i] = 1
+            cols.append(((left @ e.view(a, n * b)).reshape(-1, b) @ right).reshape(-1))
+    return torch.stack(cols, 1)
+
+
+@pytest.mark.parametrize("shape,ranks", [
+    ((4, 5), (1, 3, 1)),                          # d = 2: no middle cores
+    ((3, 3, 3, 3, 3, 3), (1, 2, 2, 2, 2, 2, 1)),  # one run of four equal middle cores
+    ((2, 3, 4, 3, 2), (1, 2, 3, 3, 2, 1)),        # runs of one core each
+])
+def test_block_cores_of_packed_deltas_match_the_dense_tangent_map(shape, ranks):
+    """The rank-2r block cores of a tangent TT as a function of its packed deltas (the
+    one-node Riemannian autodiff path): their dense tensor ``J w``, the gradient of
+    ``<TT(cores), B>`` (``J^T B``) and the second derivative of ``||TT(cores)||^2 / 2``
+    (``J^T J v``, create_graph) against the dense float64 map ``J``; for deltas given
+    packed and given as cores."""
+    g = torch.Generator().manual_seed(7)
+    M = FixedTTRank(shape, ranks)
+    p = M.random(dtype=F64, generator=g)
+    U = M.split(p)
+    V = tm.manifold.right_cores(U)
+    J = _dense_tangent_map(U, V)
+    B = torch.randn(J.shape[0], dtype=F64, generator=g)
+    w, v = torch.randn(2, M.size, dtype=F64, generator=g)
+    for packed in (True, False):
+        flat = w.clone().requires_grad_()
+        T = (tm.TangentTT(U, V, None, flat=flat, check=False) if packed
+             else tm.TangentTT(U, V, M.split(flat)))
+        full = TT(T.cores).full().reshape(-1)
+        assert torch.allclose(full, J @ w, rtol=0, atol=1e-13)
+        (grad,) = torch.autograd.grad(torch.dot(full, B), flat, retain_graph=True)
+        assert torch.allclose(grad, J.T @ B, rtol=0, atol=1e-12)
+        (g2,) = torch.autograd.grad(0.5 * torch.dot(full, full), flat, create_graph=True)
+        (hv,) = torch.autograd.grad(torch.dot(g2, v), flat)
+        assert torch.allclose(hv, J.T @ (J @ v), rtol=0, atol=1e-12)

@@ -58,16 +58,15 @@ def tangent_at_point(M, p: torch.Tensor) -> TangentTT:
     U = [c.detach() for c in M.split(p, "p")]
     V = right_cores(U)
     flat = _DeltaFromPoint.apply(p, M.gauge_runs)
-    return TangentTT(U, V, M.split(flat, "p"), flat=flat, gauged=True, check=False)
+    return TangentTT(U, V, None, flat=flat, gauged=True, check=False)
 
 
 def _delta_tt(M, p, U, V):
     """Packed deltas ``(0, .., 0, U_d)`` requiring grad, and the TT they define (X)."""
     flat = M.point_as_tangent(p).requires_grad_()
-    deltas = M.split(flat, "p")
     if M.d == 1:
-        return flat, TT(deltas, check=False)
-    return flat, TangentTT(U, V, deltas, flat=flat, gauged=True, check=False)
+        return flat, TT(M.split(flat, "p"), check=False)
+    return flat, TangentTT(U, V, None, flat=flat, gauged=True, check=False)
 
 
 def _func_grad(M, p, U, V, f):

@@ -17,7 +17,7 @@ import torch
 
 from .._checks import functorch_wrapped
 from ..tt import TT, IndexSet
-from .sweeps import project_tt
+from .sweeps import core_runs, project_tt
 
 __all__ = ["TangentTT"]
 
@@ -34,19 +34,23 @@ class TangentTT(TT):
     products of two such TTs of one point reduce to the packed deltas.
     """
 
-    __slots__ = ("_U", "_V", "_deltas", "_flat", "_gauged", "_dense")
+    __slots__ = ("_U", "_V", "_dl", "_flat", "_gauged", "_dense")
 
     def __init__(self, U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
-                 deltas: Sequence[torch.Tensor], *, flat: Optional[torch.Tensor] = None,
+                 deltas: Optional[Sequence[torch.Tensor]], *, flat: Optional[torch.Tensor] = None,
                  gauged: bool = False, check: bool = True):
+        # flat: the deltas packed (``(*batch, size)``), the deltas its views; with flat the
+        # deltas may be None (split on first use: the general-loss path never needs them)
         if len(U) < 2:
             raise ValueError("TangentTT needs d >= 2 cores")
-        if check:
-            _check_factors(U, V, deltas)
+        if deltas is None and flat is None:
+            raise ValueError("TangentTT: expected the deltas or their packed form (flat)")
         self._U = U
         self._V = V
-        self._deltas = list(deltas)
+        self._dl = None if deltas is None else list(deltas)
         self._flat = flat
+        if check:
+            _check_factors(U, V, self._deltas)
         self._gauged = bool(gauged)
         self._dense: Optional[List[torch.Tensor]] = None
 
@@ -54,6 +58,12 @@ class TangentTT(TT):
         if self._flat is not None:
             return (_rebuild_tangent, (list(self._U), list(self._V), None, self._flat, self._gauged))
         return (_rebuild_tangent, (list(self._U), list(self._V), self._deltas, None, self._gauged))
+
+    @property
+    def _deltas(self) -> List[torch.Tensor]:
+        if self._dl is None:
+            self._dl = _split_flat(self._U, self._flat)
+        return self._dl
 
     # the block cores, built on first use ----------------------------------------------
     @property
@@ -64,15 +74,18 @@ class TangentTT(TT):
         return self._dense
 
     def _block_cores(self) -> List[torch.Tensor]:
-        U, V, dU = self._U, self._V, self._deltas
+        U, V, flat = self._U, self._V, self._flat
         d = len(U)
         bs = self.batch_shape
-        if (not bs and torch.is_grad_enabled() and any(c.requires_grad for c in dU)
+        if (not bs and torch.is_grad_enabled() and self._deltas_require_grad()
                 and not torch.compiler.is_compiling()
                 and not any(c is not None and c.requires_grad for c in U + V)
-                and not functorch_wrapped(dU[0])):
-            # Riemannian autodiff: gradients reach the deltas only, by one node
-            return list(_BlockCores.apply(d, *U, *V[1:], *dU))
+                and not functorch_wrapped(self._deltas[0] if flat is None else flat)):
+            # Riemannian autodiff: gradients reach the packed deltas only, by one node
+            if flat is None:
+                flat = torch.cat([c.reshape(-1) for c in self._deltas])
+            return list(_BlockCores.apply(flat, tuple(U), tuple(V)))
+        dU = self._deltas
         if bs:  # leading batch dimensions (broadcast between U, V and the deltas)
             U = [u.expand(bs + u.shape[-3:]) for u in U]
             V = [None] + [v.expand(bs + v.shape[-3:]) for v in V[1:]]
@@ -98,10 +111,11 @@ class TangentTT(TT):
     @property
     def batch_shape(self) -> Tuple[int, ...]:
         """Leading batch dimensions: the broadcast of those of the point and the deltas."""
-        u, c = self._U[0], self._deltas[0]
-        if u.dim() == 3 and c.dim() == 3:
+        u = self._U[0]
+        cb = self._flat.shape[:-1] if self._dl is None else self._dl[0].shape[:-3]
+        if u.dim() == 3 and not cb:
             return ()
-        return tuple(torch.broadcast_shapes(u.shape[:-3], c.shape[:-3]))
+        return tuple(torch.broadcast_shapes(u.shape[:-3], cb))
 
     @property
     def ndim(self) -> int:
@@ -117,7 +131,12 @@ class TangentTT(TT):
 
     @property
     def requires_grad(self) -> bool:
-        return any(c.requires_grad for c in self._deltas) or any(u.requires_grad for u in self._U)
+        return self._deltas_require_grad() or any(u.requires_grad for u in self._U)
+
+    def _deltas_require_grad(self) -> bool:
+        if self._dl is None:
+            return self._flat.requires_grad
+        return any(c.requires_grad for c in self._dl)
 
     @property
     def point_cores(self) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
@@ -220,11 +239,15 @@ class TangentTT(TT):
 
 
 def _rebuild_tangent(U, V, deltas, flat, gauged):
-    if deltas is None:
-        sizes = [u.shape[-3] * u.shape[-2] * u.shape[-1] for u in U]
-        deltas = [c.unflatten(-1, tuple(u.shape[-3:]))
-                  for c, u in zip(torch.split(flat, sizes, -1), U)]
     return TangentTT(U, V, deltas, flat=flat, gauged=gauged, check=False)
+
+
+def _split_flat(U, flat: torch.Tensor) -> List[torch.Tensor]:
+    """The delta cores (views) of the packed deltas ``flat`` (``(*batch, size)``)."""
+    sizes = [u.shape[-3] * u.shape[-2] * u.shape[-1] for u in U]
+    if flat.dim() == 1:
+        return [c.view(u.shape[-3:]) for c, u in zip(torch.split(flat, sizes), U)]
+    return [c.unflatten(-1, tuple(u.shape[-3:])) for c, u in zip(torch.split(flat, sizes, -1), U)]
 
 
 def _check_factors(U, V, deltas) -> None:
@@ -307,25 +330,56 @@ def _plain_block_cores(U, V, dU) -> List[torch.Tensor]:
 
 
 class _BlockCores(torch.autograd.Function):
-    """The block cores of a single tangent TT as a function of its deltas alone (``U``,
-    ``V`` constants): the backward reads each delta's gradient off its block (a slice of
-    the core's gradient), one autograd node instead of three concatenations per core.
-    Linear in the deltas, so the backward is differentiable as written (second
-    derivatives)."""
+    """The block cores of a single tangent TT as a function of its packed deltas ``flat``
+    alone (``U``, ``V`` constants, passed as tuples): one autograd node from the flat
+    deltas (no split or view nodes), and per run of equal core shapes one batched build
+    (a stack, a pad and two concatenations) instead of three concatenations per core. The
+    backward gathers each delta's gradient, a block of its core's gradient, into the flat
+    gradient with one copy per run. Linear in the deltas, so the backward is
+    differentiable as written (second derivatives: then plain slices and one
+    concatenation)."""
 
     @staticmethod
-    def forward(ctx, d, *factors):
-        U, V, dU = factors[:d], (None,) + factors[d:2 * d - 1], factors[2 * d - 1:]
-        ctx.d = d
-        ctx.rows = [0] + [int(V[k].shape[0]) for k in range(1, d)]  # the V rows on top
-        ctx.cols = [int(c.shape[2]) for c in dU]
-        return tuple(_plain_block_cores(U, V, dU))
+    def forward(ctx, flat, U, V):
+        d = len(U)
+        shapes = [tuple(u.shape) for u in U]
+        offs = [0]
+        for s in shapes:
+            offs.append(offs[-1] + s[0] * s[1] * s[2])
+        dU = [flat[offs[k]:offs[k + 1]].view(shapes[k]) for k in (0, d - 1)]
+        cores = [torch.cat([dU[0], U[0]], dim=2)]
+        runs = core_runs(shapes[1:d - 1])
+        for k0, k1 in runs:
+            k0, k1 = k0 + 1, k1 + 1
+            a, n, c = shapes[k0]
+            if k1 - k0 == 1:  # a single core: no batch dimension needed
+                D = flat[offs[k0]:offs[k1]].view(a, n, c)
+                top = torch.nn.functional.pad(V[k0], (0, c))
+                cores.append(torch.cat([top, torch.cat([D, U[k0]], dim=2)], dim=0))
+                continue
+            D = flat[offs[k0]:offs[k1]].view(k1 - k0, a, n, c)
+            top = torch.nn.functional.pad(torch.stack(V[k0:k1]), (0, c))
+            bot = torch.cat([D, torch.stack(U[k0:k1])], dim=3)
+            cores.extend(torch.cat([top, bot], dim=1).unbind(0))
+        cores.append(torch.cat([V[d - 1], dU[1]], dim=0))
+        ctx.shapes, ctx.offs, ctx.runs = shapes, offs, runs
+        return tuple(cores)
 
     @staticmethod
     def backward(ctx, *gs):
-        d = ctx.d
-        out = [None] * (2 * d - 1)
-        for k, g in enumerate(gs):
-            a = ctx.rows[k]
-            out.append(g[a:] if k == d - 1 else g[a:, :, :ctx.cols[k]])
-        return (None, *out)
+        shapes, offs = ctx.shapes, ctx.offs
+        d = len(shapes)
+        rows = [0] + [s[0] for s in shapes[1:]]  # the V rows on top of each block core
+        if torch.is_grad_enabled():  # create_graph: differentiable slices and one cat
+            parts = [(g[rows[k]:] if k == d - 1 else g[rows[k]:, :, :shapes[k][2]]).reshape(-1)
+                     for k, g in enumerate(gs)]
+            return torch.cat(parts), None, None
+        out = gs[0].new_empty(offs[-1])
+        out[:offs[1]].view(shapes[0]).copy_(gs[0][:, :, :shapes[0][2]])
+        for k0, k1 in ctx.runs:
+            k0, k1 = k0 + 1, k1 + 1
+            a, n, c = shapes[k0]
+            g = gs[k0].unsqueeze(0) if k1 - k0 == 1 else torch.stack(gs[k0:k1])
+            out[offs[k0]:offs[k1]].view(k1 - k0, a, n, c).copy_(g[:, a:, :, :c])
+        out[offs[d - 1]:].view(shapes[d - 1]).copy_(gs[d - 1][rows[d - 1]:])
+        return out, None, None
