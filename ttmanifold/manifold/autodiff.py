@@ -15,7 +15,9 @@ from typing import Callable
 
 import torch
 
+from .. import kernels
 from .._checks import assert_finite_async, functorch_wrapped
+from ..kernels import dense as compiled_dense
 from ..tt import TT
 from .sweeps import gauge_project_flat, right_cores
 from .tangent import TangentTT
@@ -93,6 +95,18 @@ def _gauge(M, p, D):
     return gauge_project_flat(M.gauge_runs, p, D)
 
 
+_NONFINITE = "f: gradient contains NaN or Inf"
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.gauge_project,
+                  when=lambda runs, p, U, D: p.dim() == 1 and D.dim() == 1)
+def _gauge_checked(runs, p, U, D):
+    """The gauge projection of the packed ``D`` at ``p`` (cores ``U``, ``runs`` the
+    manifold's ``gauge_runs``; ``d >= 2``) and whether ``D`` is finite: None here (the
+    caller checks asynchronously); compiled on the CPU, one call that also tests D."""
+    return gauge_project_flat(runs, p, D), None
+
+
 def _check_loss(val, batch=()):
     """A scalar, or for a batch of points a scalar or one value per point (shape
     ``batch``); returns the scalar to differentiate (the sum: points are independent)."""
@@ -135,8 +149,15 @@ def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torc
         (D,) = torch.autograd.grad(val, flat, allow_unused=True)
     if D is None:
         return torch.zeros_like(p)
-    assert_finite_async(D, "f", "f: gradient contains NaN or Inf")
-    return _gauge(M, p, D)
+    if M.d == 1:
+        assert_finite_async(D, "f", _NONFINITE)
+        return D.clone()
+    G, finite = _gauge_checked(M.gauge_runs, p, U, D)
+    if finite is None:  # the torch path: checked without a host sync
+        assert_finite_async(D, "f", _NONFINITE)
+    elif not finite:
+        raise RuntimeError(_NONFINITE)
+    return G
 
 
 def riemannian_hvp(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],

@@ -15,7 +15,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import kernels
 from .._checks import functorch_wrapped
+from ..kernels import dense as compiled_dense
 from ..tt import TT, IndexSet
 from .sweeps import core_runs, project_tt
 
@@ -332,54 +334,70 @@ def _plain_block_cores(U, V, dU) -> List[torch.Tensor]:
 class _BlockCores(torch.autograd.Function):
     """The block cores of a single tangent TT as a function of its packed deltas ``flat``
     alone (``U``, ``V`` constants, passed as tuples): one autograd node from the flat
-    deltas (no split or view nodes), and per run of equal core shapes one batched build
-    (a stack, a pad and two concatenations) instead of three concatenations per core. The
-    backward gathers each delta's gradient, a block of its core's gradient, into the flat
-    gradient with one copy per run. Linear in the deltas, so the backward is
-    differentiable as written (second derivatives: then plain slices and one
+    deltas (no split or view nodes), built by :func:`_tangent_block_cores`; the backward
+    reads each delta's gradient off its block of the core's gradient into the flat
+    gradient (:func:`_tangent_block_cores_backward`). Linear in the deltas, so the
+    backward is differentiable as written (second derivatives: then slices and one
     concatenation)."""
 
     @staticmethod
     def forward(ctx, flat, U, V):
-        d = len(U)
-        shapes = [tuple(u.shape) for u in U]
-        offs = [0]
-        for s in shapes:
-            offs.append(offs[-1] + s[0] * s[1] * s[2])
-        dU = [flat[offs[k]:offs[k + 1]].view(shapes[k]) for k in (0, d - 1)]
-        cores = [torch.cat([dU[0], U[0]], dim=2)]
-        runs = core_runs(shapes[1:d - 1])
-        for k0, k1 in runs:
-            k0, k1 = k0 + 1, k1 + 1
-            a, n, c = shapes[k0]
-            if k1 - k0 == 1:  # a single core: no batch dimension needed
-                D = flat[offs[k0]:offs[k1]].view(a, n, c)
-                top = torch.nn.functional.pad(V[k0], (0, c))
-                cores.append(torch.cat([top, torch.cat([D, U[k0]], dim=2)], dim=0))
-                continue
-            D = flat[offs[k0]:offs[k1]].view(k1 - k0, a, n, c)
-            top = torch.nn.functional.pad(torch.stack(V[k0:k1]), (0, c))
-            bot = torch.cat([D, torch.stack(U[k0:k1])], dim=3)
-            cores.extend(torch.cat([top, bot], dim=1).unbind(0))
-        cores.append(torch.cat([V[d - 1], dU[1]], dim=0))
-        ctx.shapes, ctx.offs, ctx.runs = shapes, offs, runs
-        return tuple(cores)
+        return tuple(_tangent_block_cores(U, V, flat))
 
     @staticmethod
     def backward(ctx, *gs):
-        shapes, offs = ctx.shapes, ctx.offs
-        d = len(shapes)
-        rows = [0] + [s[0] for s in shapes[1:]]  # the V rows on top of each block core
         if torch.is_grad_enabled():  # create_graph: differentiable slices and one cat
-            parts = [(g[rows[k]:] if k == d - 1 else g[rows[k]:, :, :shapes[k][2]]).reshape(-1)
+            d = len(gs)
+            parts = [(g[g.shape[0] // 2:] if k == d - 1 else
+                      g[g.shape[0] // 2 if k else 0:, :, :g.shape[2] // 2]).reshape(-1)
                      for k, g in enumerate(gs)]
             return torch.cat(parts), None, None
-        out = gs[0].new_empty(offs[-1])
-        out[:offs[1]].view(shapes[0]).copy_(gs[0][:, :, :shapes[0][2]])
-        for k0, k1 in ctx.runs:
-            k0, k1 = k0 + 1, k1 + 1
-            a, n, c = shapes[k0]
-            g = gs[k0].unsqueeze(0) if k1 - k0 == 1 else torch.stack(gs[k0:k1])
-            out[offs[k0]:offs[k1]].view(k1 - k0, a, n, c).copy_(g[:, a:, :, :c])
-        out[offs[d - 1]:].view(shapes[d - 1]).copy_(gs[d - 1][rows[d - 1]:])
-        return out, None, None
+        return _tangent_block_cores_backward(list(gs)), None, None
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.tangent_block_cores)
+def _tangent_block_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+                         flat: torch.Tensor) -> List[torch.Tensor]:
+    """The block cores ``[dU_1, U_1]``, ``[[V_k, 0], [dU_k, U_k]]``, ``[[V_d], [dU_d]]`` of a
+    single tangent TT with the deltas packed in ``flat`` (``d >= 2``): per run of equal
+    middle core shapes one batched build (a stack, a pad and two concatenations) instead
+    of three concatenations per core; compiled on the CPU (one call)."""
+    d = len(U)
+    shapes = [tuple(u.shape) for u in U]
+    offs = [0]
+    for a, n, c in shapes:
+        offs.append(offs[-1] + a * n * c)
+    first = flat[:offs[1]].view(shapes[0])
+    cores = [torch.cat([first, U[0]], dim=2)]
+    for k0, k1 in core_runs(shapes[1:d - 1]):
+        k0, k1 = k0 + 1, k1 + 1
+        a, n, c = shapes[k0]
+        D = flat[offs[k0]:offs[k1]].view(k1 - k0, a, n, c)
+        top = torch.nn.functional.pad(torch.stack(V[k0:k1]), (0, c))
+        bot = torch.cat([D, torch.stack(U[k0:k1])], dim=3)
+        cores.extend(torch.cat([top, bot], dim=1).unbind(0))
+    cores.append(torch.cat([V[d - 1], flat[offs[d - 1]:].view(shapes[d - 1])], dim=0))
+    return cores
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.tangent_block_cores_backward)
+def _tangent_block_cores_backward(gs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The packed gradient of the deltas from the gradients ``gs`` of the block cores of
+    :func:`_tangent_block_cores` (each delta's block: the bottom rows, left columns), one
+    copy per run of equal shapes (not differentiable: the caller runs it without grad)."""
+    d = len(gs)
+    shapes = ([(1, gs[0].shape[1], gs[0].shape[2] // 2)]
+              + [(g.shape[0] // 2, g.shape[1], g.shape[2] // 2) for g in gs[1:d - 1]]
+              + [(gs[-1].shape[0] // 2, gs[-1].shape[1], 1)])
+    offs = [0]
+    for a, n, c in shapes:
+        offs.append(offs[-1] + a * n * c)
+    out = gs[0].new_empty(offs[-1])
+    out[:offs[1]].view(shapes[0]).copy_(gs[0][:, :, :shapes[0][2]])
+    for k0, k1 in core_runs(shapes[1:d - 1]):
+        k0, k1 = k0 + 1, k1 + 1
+        a, n, c = shapes[k0]
+        g = torch.stack(gs[k0:k1])
+        out[offs[k0]:offs[k1]].view(k1 - k0, a, n, c).copy_(g[:, a:, :, :c])
+    out[offs[d - 1]:].view(shapes[d - 1]).copy_(gs[d - 1][shapes[d - 1][0]:])
+    return out
