@@ -167,6 +167,8 @@ def test_block_cores_of_packed_deltas_match_the_dense_tangent_map(native, shape,
         (g2,) = torch.autograd.grad(0.5 * torch.dot(full, full), flat, create_graph=True)
         (hv,) = torch.autograd.grad(torch.dot(g2, v), flat)
         assert torch.allclose(hv, J.T @ (J @ v), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"flat must have \d+ entries per point"):
+        tm.TangentTT(U, V, None, flat=w[:-1])
 
 
 @pytest.mark.parametrize("shape,ranks", _BLOCK_CASES)

@@ -644,34 +644,43 @@ torch::Tensor tangent_block_cores_backward(std::vector<torch::Tensor> gs) {
   return out;
 }
 
-// The gauge projection of the packed g at the point with left-orthogonal cores U:
-// g_k - U_k (U_k^T g_k) on the left unfoldings (k < d-1), the last core copied; and whether
-// g is finite (the same pass's test, for the caller's error)
-std::tuple<torch::Tensor, bool> gauge_project(std::vector<torch::Tensor> U, torch::Tensor g) {
-  const int64_t d = static_cast<int64_t>(U.size());
-  TORCH_CHECK(d >= 1, "gauge_project: no cores");
-  const auto t = U[0].scalar_type();
-  check_cores(U, "U", t);
-  auto out = packed_like(U);
+// The gauge projection of the packed g at the packed left-orthogonal point p:
+// g_k - U_k (U_k^T g_k) on the left unfoldings (k < d-1), the rest copied; runs holds
+// (offset, count, rows, cols) per run of equal core shapes among those cores (the
+// manifold's gauge_runs). Also whether g is finite (the same pass's test, for the caller)
+std::tuple<torch::Tensor, bool> gauge_project(torch::Tensor p, torch::Tensor g,
+                                              std::vector<int64_t> runs) {
+  const auto t = p.scalar_type();
+  TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.dim() == 1 &&
+              (t == torch::kFloat || t == torch::kDouble), "p: expected a packed CPU point");
   TORCH_CHECK(g.device().is_cpu() && g.is_contiguous() && g.dim() == 1 &&
-              g.numel() == out.numel() && g.scalar_type() == t,
-              "g: expected a packed tensor of U's size and dtype");
+              g.numel() == p.numel() && g.scalar_type() == t,
+              "g: expected a packed tensor of p's size and dtype");
+  TORCH_CHECK(runs.size() % 4 == 0, "runs: expected (offset, count, rows, cols) per run");
+  for (size_t i = 0; i < runs.size(); i += 4)
+    TORCH_CHECK(runs[i] >= 0 && runs[i + 1] >= 0 && runs[i + 2] > 0 && runs[i + 3] > 0 &&
+                runs[i] + runs[i + 1] * runs[i + 2] * runs[i + 3] <= p.numel(),
+                "runs: a run outside the packed point");
+  auto out = torch::empty_like(g);
   bool ok = true;
   AT_DISPATCH_FLOATING_TYPES(t, "ttm_gauge_project", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* pp = p.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     ok = finite<scalar_t>(gp, g.numel());
     std::copy(gp, gp + g.numel(), o);
     std::vector<scalar_t> P;
-    for (int64_t k = 0; k + 1 < d; ++k) {
-      const int rn = static_cast<int>(U[k].size(0) * U[k].size(1));
-      const int c = static_cast<int>(U[k].size(2));
-      const scalar_t* u = U[k].data_ptr<scalar_t>();
+    for (size_t i = 0; i < runs.size(); i += 4) {
+      const int rn = static_cast<int>(runs[i + 2]), c = static_cast<int>(runs[i + 3]);
       P.resize(static_cast<size_t>(c) * c);
-      // row-major P (c x c) = U^T (c x rn) G (rn x c); G -= U (rn x c) P
-      mm<scalar_t>(true, false, c, c, rn, scalar_t(1), u, c, o, c, scalar_t(0), P.data(), c);
-      mm<scalar_t>(false, false, rn, c, c, scalar_t(-1), u, c, P.data(), c, scalar_t(1), o, c);
-      o += static_cast<int64_t>(rn) * c;
+      for (int64_t j = 0; j < runs[i + 1]; ++j) {
+        const int64_t off = runs[i] + j * rn * c;
+        const scalar_t* u = pp + off;
+        scalar_t* G = o + off;
+        // row-major P (c x c) = U^T (c x rn) G (rn x c); G -= U (rn x c) P
+        mm<scalar_t>(true, false, c, c, rn, scalar_t(1), u, c, G, c, scalar_t(0), P.data(), c);
+        mm<scalar_t>(false, false, rn, c, c, scalar_t(-1), u, c, P.data(), c, scalar_t(1), G, c);
+      }
     }
   });
   return {out, ok};

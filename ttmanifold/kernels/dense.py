@@ -97,8 +97,9 @@ def tangent_block_cores_backward(mod, gs: Sequence[torch.Tensor]) -> torch.Tenso
     return mod.tangent_block_cores_backward(_contig(gs))
 
 
-def gauge_project(mod, runs, U_flat: torch.Tensor, U: Sequence[torch.Tensor], g: torch.Tensor):
+def gauge_project(mod, runs, U_flat: torch.Tensor, g: torch.Tensor):
     """``(g_k - U_k (U_k^T g_k) for k < d, g_d)`` packed (the gauge projection of the packed
-    ``g`` at the point with cores ``U``, packed in ``U_flat``; ``runs``, the torch
-    version's grouping of equal shapes, is not needed here) and whether ``g`` is finite."""
-    return mod.gauge_project(_contig(U), g.contiguous())
+    ``g`` at the packed point ``U_flat``; ``runs``: the manifold's ``gauge_runs``) and
+    whether ``g`` is finite."""
+    flat_runs = [int(v) for run in runs[0] for v in run]
+    return mod.gauge_project(U_flat.contiguous(), g.contiguous(), flat_runs)

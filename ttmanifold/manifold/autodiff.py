@@ -99,11 +99,11 @@ _NONFINITE = "f: gradient contains NaN or Inf"
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.gauge_project,
-                  when=lambda runs, p, U, D: p.dim() == 1 and D.dim() == 1)
-def _gauge_checked(runs, p, U, D):
-    """The gauge projection of the packed ``D`` at ``p`` (cores ``U``, ``runs`` the
-    manifold's ``gauge_runs``; ``d >= 2``) and whether ``D`` is finite: None here (the
-    caller checks asynchronously); compiled on the CPU, one call that also tests D."""
+                  when=lambda runs, p, D: p.dim() == 1 and D.dim() == 1)
+def _gauge_checked(runs, p, D):
+    """The gauge projection of the packed ``D`` at ``p`` (``runs``: the manifold's
+    ``gauge_runs``; ``d >= 2``) and whether ``D`` is finite: None here (the caller checks
+    asynchronously); compiled on the CPU, one call that also tests D."""
     return gauge_project_flat(runs, p, D), None
 
 
@@ -152,7 +152,7 @@ def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torc
     if M.d == 1:
         assert_finite_async(D, "f", _NONFINITE)
         return D.clone()
-    G, finite = _gauge_checked(M.gauge_runs, p, U, D)
+    G, finite = _gauge_checked(M.gauge_runs, p, D)
     if finite is None:  # the torch path: checked without a host sync
         assert_finite_async(D, "f", _NONFINITE)
     elif not finite:

@@ -33,7 +33,10 @@ class TangentTT(TT):
     the module docstring). ``gauged=True`` promises that the deltas satisfy the gauge
     conditions ``(U_k^L)^T dU_k^L = 0`` (k < d) in value, and that gradients with respect
     to them are used only after the gauge projection (as the manifold does); then inner
-    products of two such TTs of one point reduce to the packed deltas.
+    products of two such TTs of one point reduce to the packed deltas. ``flat``, if
+    given, is the deltas packed (``(*batch, size)``, the deltas its views); then
+    ``deltas`` may be None (split from it on first use) and the block cores are built from
+    it under Riemannian autodiff (one autograd node).
     """
 
     __slots__ = ("_U", "_V", "_dl", "_flat", "_gauged", "_dense")
@@ -41,8 +44,7 @@ class TangentTT(TT):
     def __init__(self, U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
                  deltas: Optional[Sequence[torch.Tensor]], *, flat: Optional[torch.Tensor] = None,
                  gauged: bool = False, check: bool = True):
-        # flat: the deltas packed (``(*batch, size)``), the deltas its views; with flat the
-        # deltas may be None (split on first use: the general-loss path never needs them)
+        # the general-loss path never needs the deltas themselves: they are split lazily
         if len(U) < 2:
             raise ValueError("TangentTT needs d >= 2 cores")
         if deltas is None and flat is None:
@@ -52,6 +54,10 @@ class TangentTT(TT):
         self._dl = None if deltas is None else list(deltas)
         self._flat = flat
         if check:
+            size = sum(u.shape[-3] * u.shape[-2] * u.shape[-1] for u in U)
+            if flat is not None and (flat.dim() == 0 or flat.shape[-1] != size):
+                raise ValueError(f"TangentTT: flat must have {size} entries per point (the "
+                                 f"packed deltas), got shape {tuple(flat.shape)}")
             _check_factors(U, V, self._deltas)
         self._gauged = bool(gauged)
         self._dense: Optional[List[torch.Tensor]] = None
