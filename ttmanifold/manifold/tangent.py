@@ -19,6 +19,7 @@ from .. import kernels
 from .._checks import functorch_wrapped
 from ..kernels import dense as compiled_dense
 from ..tt import TT, IndexSet
+from .retraction import block_cores
 from .sweeps import core_runs, project_tt
 
 __all__ = ["TangentTT"]
@@ -365,25 +366,10 @@ class _BlockCores(torch.autograd.Function):
 def _tangent_block_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
                          flat: torch.Tensor) -> List[torch.Tensor]:
     """The block cores ``[dU_1, U_1]``, ``[[V_k, 0], [dU_k, U_k]]``, ``[[V_d], [dU_d]]`` of a
-    single tangent TT with the deltas packed in ``flat`` (``d >= 2``): per run of equal
-    middle core shapes one batched build (a stack, a pad and two concatenations) instead
-    of three concatenations per core; compiled on the CPU (one call)."""
-    d = len(U)
-    shapes = [tuple(u.shape) for u in U]
-    offs = [0]
-    for a, n, c in shapes:
-        offs.append(offs[-1] + a * n * c)
-    first = flat[:offs[1]].view(shapes[0])
-    cores = [torch.cat([first, U[0]], dim=2)]
-    for k0, k1 in core_runs(shapes[1:d - 1]):
-        k0, k1 = k0 + 1, k1 + 1
-        a, n, c = shapes[k0]
-        D = flat[offs[k0]:offs[k1]].view(k1 - k0, a, n, c)
-        top = torch.nn.functional.pad(torch.stack(V[k0:k1]), (0, c))
-        bot = torch.cat([D, torch.stack(U[k0:k1])], dim=3)
-        cores.extend(torch.cat([top, bot], dim=1).unbind(0))
-    cores.append(torch.cat([V[d - 1], flat[offs[d - 1]:].view(shapes[d - 1])], dim=0))
-    return cores
+    single tangent TT with the deltas packed in ``flat`` (``d >= 2``): the transport's
+    per-run build (:func:`~.retraction.block_cores`, a fixed number of operations per run
+    of equal core shapes); compiled on the CPU (one call)."""
+    return block_cores(U, V, [_split_flat(U, flat)])[0]
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.tangent_block_cores_backward)
