@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ttmanifold as tm
-from ttmanifold import TT, FixedTTRank
+from ttmanifold import TT, FixedTTRank, kernels
 
 F64 = torch.float64
 SHAPE, RANKS = (3, 4, 3, 2), (1, 2, 3, 2, 1)
@@ -99,3 +99,96 @@ def test_riemannian_hvp_of_a_general_loss(case):
     u = M.proju(p, torch.randn(M.size, dtype=F64, generator=g))
     h = M.riemannian_hvp(p, LOSSES["norm2 of TT(X.cores) - A"][0](A), u)
     assert float(torch.linalg.vector_norm(h - u)) <= 1e-11 * float(torch.linalg.vector_norm(u))
+
+
+
+def _dense_tangent_map(U, V):
+    """The matrix of the linear map packed deltas -> dense ``sum_k U_<k dU_k V_>k`` (float64),
+    from dense contractions of the left cores ``U_<k`` and right cores ``V_>k``."""
+    d = len(U)
+    cols = []
+    for k in range(d):
+        left = torch.ones(1, 1, dtype=F64)
+        for c in U[:k]:
+            left = (left @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[2])
+        right = torch.ones(1, 1, dtype=F64)
+        for c in reversed(V[k + 1:]):
+            right = (c.reshape(-1, c.shape[2]) @ right).reshape(c.shape[0], -1)
+        a, n, b = U[k].shape
+        for i in range(a * n * b):
+            e = torch.zeros(a * n * b, dtype=F64)
+            e[i] = 1
+            cols.append(((left @ e.view(a, n * b)).reshape(-1, b) @ right).reshape(-1))
+    return torch.stack(cols, 1)
+
+
+@pytest.fixture(params=[True, False], ids=["compiled", "torch"])
+def native(request, monkeypatch):
+    """Run with the compiled dense kernels (built or loaded here; skipped if they cannot
+    be) or with the torch implementations only."""
+    if request.param:
+        kernels.build("dense", verbose=False)
+        if kernels.module("dense") is None:
+            pytest.skip(f"compiled dense kernels unavailable: {kernels.status()['dense']}")
+    monkeypatch.setitem(kernels._config, "enabled", request.param)
+    return request.param
+
+
+_BLOCK_CASES = [
+    ((4, 5), (1, 3, 1)),                          # d = 2: no middle cores
+    ((3, 3, 3, 3, 3, 3), (1, 2, 2, 2, 2, 2, 1)),  # one run of four equal middle cores
+    ((2, 3, 4, 3, 2), (1, 2, 3, 3, 2, 1)),        # runs of one core each
+]
+
+
+@pytest.mark.parametrize("shape,ranks", _BLOCK_CASES)
+def test_block_cores_of_packed_deltas_match_the_dense_tangent_map(native, shape, ranks):
+    """The rank-2r block cores of a tangent TT as a function of its packed deltas (the
+    one-node Riemannian autodiff path): their dense tensor ``J w``, the gradient of
+    ``<TT(cores), B>`` (``J^T B``) and the second derivative of ``||TT(cores)||^2 / 2``
+    (``J^T J v``, create_graph) against the dense float64 map ``J``; for deltas given
+    packed and given as cores."""
+    g = torch.Generator().manual_seed(7)
+    M = FixedTTRank(shape, ranks)
+    p = M.random(dtype=F64, generator=g)
+    U = M.split(p)
+    V = tm.manifold.right_cores(U)
+    J = _dense_tangent_map(U, V)
+    B = torch.randn(J.shape[0], dtype=F64, generator=g)
+    w, v = torch.randn(2, M.size, dtype=F64, generator=g)
+    for packed in (True, False):
+        flat = w.clone().requires_grad_()
+        T = (tm.TangentTT(U, V, None, flat=flat, check=False) if packed
+             else tm.TangentTT(U, V, M.split(flat)))
+        full = TT(T.cores).full().reshape(-1)
+        assert torch.allclose(full, J @ w, rtol=0, atol=1e-13)
+        (grad,) = torch.autograd.grad(torch.dot(full, B), flat, retain_graph=True)
+        assert torch.allclose(grad, J.T @ B, rtol=0, atol=1e-12)
+        (g2,) = torch.autograd.grad(0.5 * torch.dot(full, full), flat, create_graph=True)
+        (hv,) = torch.autograd.grad(torch.dot(g2, v), flat)
+        assert torch.allclose(hv, J.T @ (J @ v), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"flat must have \d+ entries per point"):
+        tm.TangentTT(U, V, None, flat=w[:-1])
+
+
+@pytest.mark.parametrize("shape,ranks", _BLOCK_CASES)
+def test_riemannian_grad_general_loss_and_its_nan_check_on_both_paths(native, shape, ranks):
+    """The general-loss gradient (block cores, their backward, the gauge projection with
+    its finiteness test: compiled or torch) against the dense float64 projection of the
+    Euclidean gradient; a non-finite gradient raises on either path."""
+    g = torch.Generator().manual_seed(8)
+    M = FixedTTRank(shape, ranks)
+    p = M.random(dtype=F64, generator=g)
+    A = TT.random(shape, 2, dtype=F64, generator=g)
+    U = M.split(p)
+    J = _dense_tangent_map(U, tm.manifold.right_cores(U))  # spans the tangent space
+    xi = M.riemannian_grad(p, LOSSES["norm2 of TT(X.cores) - A"][0](A))
+    Q = torch.linalg.svd(J, full_matrices=False).U[:, :M.dim]  # orthonormal basis
+    E = (M.to_tt(p).full() - A.full()).reshape(-1, 1)
+    ref = Q @ (Q.T @ E)  # the orthogonal projection of the Euclidean gradient
+    got = M.tangent_to_tt(p, xi).full().reshape(-1, 1)
+    assert float(torch.linalg.vector_norm(got - ref)) <= 1e-11 * float(
+        torch.linalg.vector_norm(ref))
+    for val in (float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match=r"f: gradient contains NaN or Inf"):
+            M.riemannian_grad(p, lambda T: (TT(T.cores).full() * val).sum())

@@ -481,6 +481,21 @@ void check_blocks(const std::vector<torch::Tensor>& cs, int64_t k, torch::Scalar
     }
 }
 
+// Whether the n values at p are finite: x - x is 0 for a finite x and NaN for NaN or
+// +-Inf, so the sum cannot overflow (one vectorizable pass, no allocation).
+template <typename T>
+bool finite(const T* p, int64_t n) {
+  constexpr int L = 32;  // independent lanes: several vector accumulators in flight
+  T acc[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int j = 0; j < L; ++j) acc[j] += p[i + j] - p[i + j];
+  for (; i < n; ++i) acc[0] += p[i] - p[i];
+  T s = 0;
+  for (int j = 0; j < L; ++j) s += acc[j];
+  return s == 0;
+}
+
 // a flat tensor the size of the packed cores U
 torch::Tensor packed_like(const std::vector<torch::Tensor>& U) {
   int64_t total = 0;
@@ -538,28 +553,137 @@ torch::Tensor retract_point(std::vector<torch::Tensor> U, std::vector<torch::Ten
   return retract(U, right_cores(U), du, ranks);
 }
 
-// Whether every entry of every tensor is finite: x - x is 0 for a finite x and NaN for
-// NaN or +-Inf, so the sum cannot overflow (one vectorizable pass, no allocation).
+// Whether every entry of every tensor is finite (finite() on each)
 bool all_finite(std::vector<torch::Tensor> xs) {
   bool ok = true;
   for (const auto& x : xs) {
     TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "all_finite: contiguous CPU tensors");
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ttm_all_finite", [&] {
-      const scalar_t* p = x.data_ptr<scalar_t>();
-      const int64_t n = x.numel();
-      constexpr int L = 32;  // independent lanes: several vector accumulators in flight
-      scalar_t acc[L] = {};
-      int64_t i = 0;
-      for (; i + L <= n; i += L)
-        for (int j = 0; j < L; ++j) acc[j] += p[i + j] - p[i + j];
-      for (; i < n; ++i) acc[0] += p[i] - p[i];
-      scalar_t s = 0;
-      for (int j = 0; j < L; ++j) s += acc[j];
-      ok = ok && s == 0;
+      ok = finite<scalar_t>(x.data_ptr<scalar_t>(), x.numel());
     });
     if (!ok) break;
   }
   return ok;
+}
+
+// The rank-2r block cores [dU_1, U_1], [[V_k, 0], [dU_k, U_k]], [[V_d], [dU_d]] of the
+// tangent TT sum_k U_<k dU_k V_>k from the point's cores U, V (V[0] a placeholder) and the
+// packed deltas flat (one call instead of a few concatenations per run of cores)
+std::vector<torch::Tensor> tangent_block_cores(std::vector<torch::Tensor> U,
+                                               std::vector<torch::Tensor> V,
+                                               torch::Tensor flat) {
+  const int64_t d = static_cast<int64_t>(U.size());
+  TORCH_CHECK(d >= 2 && static_cast<int64_t>(V.size()) == d, "tangent_block_cores: d >= 2 "
+              "cores in U and V");
+  const auto t = U[0].scalar_type();
+  check_cores(U, "U", t);
+  check_cores(V, "V", t, 1);
+  int64_t total = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    TORCH_CHECK(k == 0 || V[k].sizes() == U[k].sizes(), "V: expected U's core shapes");
+    total += U[k].numel();
+  }
+  TORCH_CHECK(flat.device().is_cpu() && flat.is_contiguous() && flat.dim() == 1 &&
+              flat.numel() == total && flat.scalar_type() == t,
+              "flat: expected the packed deltas (contiguous, U's size and dtype)");
+  std::vector<torch::Tensor> out(d);
+  for (int64_t k = 0; k < d; ++k) {
+    const int64_t a = U[k].size(0), n = U[k].size(1), c = U[k].size(2);
+    out[k] = torch::empty({k > 0 ? 2 * a : a, n, k + 1 < d ? 2 * c : c}, U[0].options());
+  }
+  AT_DISPATCH_FLOATING_TYPES(t, "ttm_tangent_block_cores", [&] {
+    const scalar_t* du = flat.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < d; ++k) {
+      const int64_t a = U[k].size(0), n = U[k].size(1), c = U[k].size(2);
+      const int64_t w = k + 1 < d ? 2 * c : c;  // the block core's row length
+      const scalar_t* u = U[k].data_ptr<scalar_t>();
+      scalar_t* o = out[k].data_ptr<scalar_t>();
+      if (k > 0) {  // top rows: [V_k, 0]
+        const scalar_t* v = V[k].data_ptr<scalar_t>();
+        for (int64_t row = 0; row < a * n; ++row) {
+          std::copy(v + row * c, v + (row + 1) * c, o + row * w);
+          std::fill(o + row * w + c, o + (row + 1) * w, scalar_t(0));
+        }
+        o += a * n * w;
+      }
+      for (int64_t row = 0; row < a * n; ++row) {  // bottom rows: [dU_k, U_k] ([dU_d])
+        std::copy(du + row * c, du + (row + 1) * c, o + row * w);
+        if (k + 1 < d) std::copy(u + row * c, u + (row + 1) * c, o + row * w + c);
+      }
+      du += a * n * c;
+    }
+  });
+  return out;
+}
+
+// The packed gradient of the deltas from the gradients gs of the block cores above (each
+// delta's block: bottom rows, left columns)
+torch::Tensor tangent_block_cores_backward(std::vector<torch::Tensor> gs) {
+  const int64_t d = static_cast<int64_t>(gs.size());
+  TORCH_CHECK(d >= 2, "tangent_block_cores_backward: d >= 2 cores");
+  const auto t = gs[0].scalar_type();
+  check_cores(gs, "gs", t);
+  int64_t total = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    TORCH_CHECK((k == 0 || gs[k].size(0) % 2 == 0) && (k + 1 == d || gs[k].size(2) % 2 == 0),
+                "gs: expected the shapes of tangent block cores");
+    total += gs[k].numel() / (k > 0 ? 2 : 1) / (k + 1 < d ? 2 : 1);
+  }
+  auto out = torch::empty({total}, gs[0].options());
+  AT_DISPATCH_FLOATING_TYPES(t, "ttm_tangent_block_cores_backward", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < d; ++k) {
+      const int64_t w = gs[k].size(2), c = k + 1 < d ? w / 2 : w;
+      const int64_t a = k > 0 ? gs[k].size(0) / 2 : 1, n = gs[k].size(1);
+      const scalar_t* g = gs[k].data_ptr<scalar_t>() + (k > 0 ? a * n * w : 0);
+      for (int64_t row = 0; row < a * n; ++row)
+        std::copy(g + row * w, g + row * w + c, o + row * c);
+      o += a * n * c;
+    }
+  });
+  return out;
+}
+
+// The gauge projection of the packed g at the packed left-orthogonal point p:
+// g_k - U_k (U_k^T g_k) on the left unfoldings (k < d-1), the rest copied; runs holds
+// (offset, count, rows, cols) per run of equal core shapes among those cores (the
+// manifold's gauge_runs). Also whether g is finite (the same pass's test, for the caller)
+std::tuple<torch::Tensor, bool> gauge_project(torch::Tensor p, torch::Tensor g,
+                                              std::vector<int64_t> runs) {
+  const auto t = p.scalar_type();
+  TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.dim() == 1 &&
+              (t == torch::kFloat || t == torch::kDouble), "p: expected a packed CPU point");
+  TORCH_CHECK(g.device().is_cpu() && g.is_contiguous() && g.dim() == 1 &&
+              g.numel() == p.numel() && g.scalar_type() == t,
+              "g: expected a packed tensor of p's size and dtype");
+  TORCH_CHECK(runs.size() % 4 == 0, "runs: expected (offset, count, rows, cols) per run");
+  for (size_t i = 0; i < runs.size(); i += 4)
+    TORCH_CHECK(runs[i] >= 0 && runs[i + 1] >= 0 && runs[i + 2] > 0 && runs[i + 3] > 0 &&
+                runs[i] + runs[i + 1] * runs[i + 2] * runs[i + 3] <= p.numel(),
+                "runs: a run outside the packed point");
+  auto out = torch::empty_like(g);
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES(t, "ttm_gauge_project", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    ok = finite<scalar_t>(gp, g.numel());
+    std::copy(gp, gp + g.numel(), o);
+    std::vector<scalar_t> P;
+    for (size_t i = 0; i < runs.size(); i += 4) {
+      const int rn = static_cast<int>(runs[i + 2]), c = static_cast<int>(runs[i + 3]);
+      P.resize(static_cast<size_t>(c) * c);
+      for (int64_t j = 0; j < runs[i + 1]; ++j) {
+        const int64_t off = runs[i] + j * rn * c;
+        const scalar_t* u = pp + off;
+        scalar_t* G = o + off;
+        // row-major P (c x c) = U^T (c x rn) G (rn x c); G -= U (rn x c) P
+        mm<scalar_t>(true, false, c, c, rn, scalar_t(1), u, c, G, c, scalar_t(0), P.data(), c);
+        mm<scalar_t>(false, false, rn, c, c, scalar_t(-1), u, c, P.data(), c, scalar_t(1), G, c);
+      }
+    }
+  });
+  return {out, ok};
 }
 
 // <x, y> of two TTs of one shape (0-d tensor)
@@ -640,6 +764,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("project", &project, "packed projection D_k = U_<k^T Z V_>k^T (optionally gauged)");
   m.def("inner", &inner, "inner product of two TTs");
   m.def("all_finite", &all_finite, "whether every entry of the tensors is finite");
+  m.def("tangent_block_cores", &tangent_block_cores, "block cores of a tangent TT");
+  m.def("tangent_block_cores_backward", &tangent_block_cores_backward,
+        "packed delta gradient from the block cores' gradients");
+  m.def("gauge_project", &gauge_project, "gauge projection of a packed tensor, and its finiteness");
   m.def("one_vs_blocks", &one_vs_blocks, "(<x, x>, <x, t_j>...) and the left environments");
   m.def("one_vs_blocks_backward", &one_vs_blocks_backward,
         "gradient in x of sum_b g_b <x, block_b>");

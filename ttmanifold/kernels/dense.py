@@ -83,3 +83,23 @@ def one_vs_blocks_backward(mod, k: int, cores: Sequence[torch.Tensor],
 def all_finite(mod, xs: Sequence[torch.Tensor]) -> bool:
     """Whether every entry of the tensors ``xs`` is finite (one pass, no allocation)."""
     return bool(mod.all_finite(_contig(xs)))
+
+
+def tangent_block_cores(mod, U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+                        flat: torch.Tensor) -> List[torch.Tensor]:
+    """The rank-2r block cores of the tangent TT ``sum_k U_<k dU_k V_>k`` (``V[0]`` unused)
+    with the deltas packed in ``flat``, as ``ttmanifold.manifold.tangent``'s torch build."""
+    return list(mod.tangent_block_cores(_contig(U), _with_placeholder(U, V), flat.contiguous()))
+
+
+def tangent_block_cores_backward(mod, gs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The packed gradient of the deltas from the gradients ``gs`` of those block cores."""
+    return mod.tangent_block_cores_backward(_contig(gs))
+
+
+def gauge_project(mod, runs, U_flat: torch.Tensor, g: torch.Tensor):
+    """``(g_k - U_k (U_k^T g_k) for k < d, g_d)`` packed (the gauge projection of the packed
+    ``g`` at the packed point ``U_flat``; ``runs``: the manifold's ``gauge_runs``) and
+    whether ``g`` is finite."""
+    flat_runs = [int(v) for run in runs[0] for v in run]
+    return mod.gauge_project(U_flat.contiguous(), g.contiguous(), flat_runs)

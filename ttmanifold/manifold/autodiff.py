@@ -15,7 +15,9 @@ from typing import Callable
 
 import torch
 
+from .. import kernels
 from .._checks import assert_finite_async, functorch_wrapped
+from ..kernels import dense as compiled_dense
 from ..tt import TT
 from .sweeps import gauge_project_flat, right_cores
 from .tangent import TangentTT
@@ -58,16 +60,15 @@ def tangent_at_point(M, p: torch.Tensor) -> TangentTT:
     U = [c.detach() for c in M.split(p, "p")]
     V = right_cores(U)
     flat = _DeltaFromPoint.apply(p, M.gauge_runs)
-    return TangentTT(U, V, M.split(flat, "p"), flat=flat, gauged=True, check=False)
+    return TangentTT(U, V, None, flat=flat, gauged=True, check=False)
 
 
 def _delta_tt(M, p, U, V):
     """Packed deltas ``(0, .., 0, U_d)`` requiring grad, and the TT they define (X)."""
     flat = M.point_as_tangent(p).requires_grad_()
-    deltas = M.split(flat, "p")
     if M.d == 1:
-        return flat, TT(deltas, check=False)
-    return flat, TangentTT(U, V, deltas, flat=flat, gauged=True, check=False)
+        return flat, TT(M.split(flat, "p"), check=False)
+    return flat, TangentTT(U, V, None, flat=flat, gauged=True, check=False)
 
 
 def _func_grad(M, p, U, V, f):
@@ -92,6 +93,18 @@ def _gauge(M, p, D):
     if M.d == 1:
         return D.clone()
     return gauge_project_flat(M.gauge_runs, p, D)
+
+
+_NONFINITE = "f: gradient contains NaN or Inf"
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.gauge_project,
+                  when=lambda runs, p, D: p.dim() == 1 and D.dim() == 1)
+def _gauge_checked(runs, p, D):
+    """The gauge projection of the packed ``D`` at ``p`` (``runs``: the manifold's
+    ``gauge_runs``; ``d >= 2``) and whether ``D`` is finite: None here (the caller checks
+    asynchronously); compiled on the CPU, one call that also tests D."""
+    return gauge_project_flat(runs, p, D), None
 
 
 def _check_loss(val, batch=()):
@@ -136,8 +149,15 @@ def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torc
         (D,) = torch.autograd.grad(val, flat, allow_unused=True)
     if D is None:
         return torch.zeros_like(p)
-    assert_finite_async(D, "f", "f: gradient contains NaN or Inf")
-    return _gauge(M, p, D)
+    if M.d == 1:
+        assert_finite_async(D, "f", _NONFINITE)
+        return D.clone()
+    G, finite = _gauge_checked(M.gauge_runs, p, D)
+    if finite is None:  # the torch path: checked without a host sync
+        assert_finite_async(D, "f", _NONFINITE)
+    elif not finite:
+        raise RuntimeError(_NONFINITE)
+    return G
 
 
 def riemannian_hvp(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],

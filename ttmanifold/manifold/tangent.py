@@ -15,9 +15,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import kernels
 from .._checks import functorch_wrapped
+from ..kernels import dense as compiled_dense
 from ..tt import TT, IndexSet
-from .sweeps import project_tt
+from .retraction import block_cores
+from .sweeps import core_runs, project_tt
 
 __all__ = ["TangentTT"]
 
@@ -31,22 +34,32 @@ class TangentTT(TT):
     the module docstring). ``gauged=True`` promises that the deltas satisfy the gauge
     conditions ``(U_k^L)^T dU_k^L = 0`` (k < d) in value, and that gradients with respect
     to them are used only after the gauge projection (as the manifold does); then inner
-    products of two such TTs of one point reduce to the packed deltas.
+    products of two such TTs of one point reduce to the packed deltas. ``flat``, if
+    given, is the deltas packed (``(*batch, size)``, the deltas its views); then
+    ``deltas`` may be None (split from it on first use) and the block cores are built from
+    it under Riemannian autodiff (one autograd node).
     """
 
-    __slots__ = ("_U", "_V", "_deltas", "_flat", "_gauged", "_dense")
+    __slots__ = ("_U", "_V", "_dl", "_flat", "_gauged", "_dense")
 
     def __init__(self, U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
-                 deltas: Sequence[torch.Tensor], *, flat: Optional[torch.Tensor] = None,
+                 deltas: Optional[Sequence[torch.Tensor]], *, flat: Optional[torch.Tensor] = None,
                  gauged: bool = False, check: bool = True):
+        # the general-loss path never needs the deltas themselves: they are split lazily
         if len(U) < 2:
             raise ValueError("TangentTT needs d >= 2 cores")
-        if check:
-            _check_factors(U, V, deltas)
+        if deltas is None and flat is None:
+            raise ValueError("TangentTT: expected the deltas or their packed form (flat)")
         self._U = U
         self._V = V
-        self._deltas = list(deltas)
+        self._dl = None if deltas is None else list(deltas)
         self._flat = flat
+        if check:
+            size = sum(u.shape[-3] * u.shape[-2] * u.shape[-1] for u in U)
+            if flat is not None and (flat.dim() == 0 or flat.shape[-1] != size):
+                raise ValueError(f"TangentTT: flat must have {size} entries per point (the "
+                                 f"packed deltas), got shape {tuple(flat.shape)}")
+            _check_factors(U, V, self._deltas)
         self._gauged = bool(gauged)
         self._dense: Optional[List[torch.Tensor]] = None
 
@@ -54,6 +67,12 @@ class TangentTT(TT):
         if self._flat is not None:
             return (_rebuild_tangent, (list(self._U), list(self._V), None, self._flat, self._gauged))
         return (_rebuild_tangent, (list(self._U), list(self._V), self._deltas, None, self._gauged))
+
+    @property
+    def _deltas(self) -> List[torch.Tensor]:
+        if self._dl is None:
+            self._dl = _split_flat(self._U, self._flat)
+        return self._dl
 
     # the block cores, built on first use ----------------------------------------------
     @property
@@ -64,15 +83,18 @@ class TangentTT(TT):
         return self._dense
 
     def _block_cores(self) -> List[torch.Tensor]:
-        U, V, dU = self._U, self._V, self._deltas
+        U, V, flat = self._U, self._V, self._flat
         d = len(U)
         bs = self.batch_shape
-        if (not bs and torch.is_grad_enabled() and any(c.requires_grad for c in dU)
+        if (not bs and torch.is_grad_enabled() and self._deltas_require_grad()
                 and not torch.compiler.is_compiling()
                 and not any(c is not None and c.requires_grad for c in U + V)
-                and not functorch_wrapped(dU[0])):
-            # Riemannian autodiff: gradients reach the deltas only, by one node
-            return list(_BlockCores.apply(d, *U, *V[1:], *dU))
+                and not functorch_wrapped(self._deltas[0] if flat is None else flat)):
+            # Riemannian autodiff: gradients reach the packed deltas only, by one node
+            if flat is None:
+                flat = torch.cat([c.reshape(-1) for c in self._deltas])
+            return list(_BlockCores.apply(flat, tuple(U), tuple(V)))
+        dU = self._deltas
         if bs:  # leading batch dimensions (broadcast between U, V and the deltas)
             U = [u.expand(bs + u.shape[-3:]) for u in U]
             V = [None] + [v.expand(bs + v.shape[-3:]) for v in V[1:]]
@@ -98,10 +120,11 @@ class TangentTT(TT):
     @property
     def batch_shape(self) -> Tuple[int, ...]:
         """Leading batch dimensions: the broadcast of those of the point and the deltas."""
-        u, c = self._U[0], self._deltas[0]
-        if u.dim() == 3 and c.dim() == 3:
+        u = self._U[0]
+        cb = self._flat.shape[:-1] if self._dl is None else self._dl[0].shape[:-3]
+        if u.dim() == 3 and not cb:
             return ()
-        return tuple(torch.broadcast_shapes(u.shape[:-3], c.shape[:-3]))
+        return tuple(torch.broadcast_shapes(u.shape[:-3], cb))
 
     @property
     def ndim(self) -> int:
@@ -117,7 +140,12 @@ class TangentTT(TT):
 
     @property
     def requires_grad(self) -> bool:
-        return any(c.requires_grad for c in self._deltas) or any(u.requires_grad for u in self._U)
+        return self._deltas_require_grad() or any(u.requires_grad for u in self._U)
+
+    def _deltas_require_grad(self) -> bool:
+        if self._dl is None:
+            return self._flat.requires_grad
+        return any(c.requires_grad for c in self._dl)
 
     @property
     def point_cores(self) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
@@ -220,11 +248,15 @@ class TangentTT(TT):
 
 
 def _rebuild_tangent(U, V, deltas, flat, gauged):
-    if deltas is None:
-        sizes = [u.shape[-3] * u.shape[-2] * u.shape[-1] for u in U]
-        deltas = [c.unflatten(-1, tuple(u.shape[-3:]))
-                  for c, u in zip(torch.split(flat, sizes, -1), U)]
     return TangentTT(U, V, deltas, flat=flat, gauged=gauged, check=False)
+
+
+def _split_flat(U, flat: torch.Tensor) -> List[torch.Tensor]:
+    """The delta cores (views) of the packed deltas ``flat`` (``(*batch, size)``)."""
+    sizes = [u.shape[-3] * u.shape[-2] * u.shape[-1] for u in U]
+    if flat.dim() == 1:
+        return [c.view(u.shape[-3:]) for c, u in zip(torch.split(flat, sizes), U)]
+    return [c.unflatten(-1, tuple(u.shape[-3:])) for c, u in zip(torch.split(flat, sizes, -1), U)]
 
 
 def _check_factors(U, V, deltas) -> None:
@@ -307,25 +339,57 @@ def _plain_block_cores(U, V, dU) -> List[torch.Tensor]:
 
 
 class _BlockCores(torch.autograd.Function):
-    """The block cores of a single tangent TT as a function of its deltas alone (``U``,
-    ``V`` constants): the backward reads each delta's gradient off its block (a slice of
-    the core's gradient), one autograd node instead of three concatenations per core.
-    Linear in the deltas, so the backward is differentiable as written (second
-    derivatives)."""
+    """The block cores of a single tangent TT as a function of its packed deltas ``flat``
+    alone (``U``, ``V`` constants, passed as tuples): one autograd node from the flat
+    deltas (no split or view nodes), built by :func:`_tangent_block_cores`; the backward
+    reads each delta's gradient off its block of the core's gradient into the flat
+    gradient (:func:`_tangent_block_cores_backward`). Linear in the deltas, so the
+    backward is differentiable as written (second derivatives: then slices and one
+    concatenation)."""
 
     @staticmethod
-    def forward(ctx, d, *factors):
-        U, V, dU = factors[:d], (None,) + factors[d:2 * d - 1], factors[2 * d - 1:]
-        ctx.d = d
-        ctx.rows = [0] + [int(V[k].shape[0]) for k in range(1, d)]  # the V rows on top
-        ctx.cols = [int(c.shape[2]) for c in dU]
-        return tuple(_plain_block_cores(U, V, dU))
+    def forward(ctx, flat, U, V):
+        return tuple(_tangent_block_cores(U, V, flat))
 
     @staticmethod
     def backward(ctx, *gs):
-        d = ctx.d
-        out = [None] * (2 * d - 1)
-        for k, g in enumerate(gs):
-            a = ctx.rows[k]
-            out.append(g[a:] if k == d - 1 else g[a:, :, :ctx.cols[k]])
-        return (None, *out)
+        if torch.is_grad_enabled():  # create_graph: differentiable slices and one cat
+            d = len(gs)
+            parts = [(g[g.shape[0] // 2:] if k == d - 1 else
+                      g[g.shape[0] // 2 if k else 0:, :, :g.shape[2] // 2]).reshape(-1)
+                     for k, g in enumerate(gs)]
+            return torch.cat(parts), None, None
+        return _tangent_block_cores_backward(list(gs)), None, None
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.tangent_block_cores)
+def _tangent_block_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+                         flat: torch.Tensor) -> List[torch.Tensor]:
+    """The block cores ``[dU_1, U_1]``, ``[[V_k, 0], [dU_k, U_k]]``, ``[[V_d], [dU_d]]`` of a
+    single tangent TT with the deltas packed in ``flat`` (``d >= 2``): the transport's
+    per-run build (:func:`~.retraction.block_cores`, a fixed number of operations per run
+    of equal core shapes); compiled on the CPU (one call)."""
+    return block_cores(U, V, [_split_flat(U, flat)])[0]
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.tangent_block_cores_backward)
+def _tangent_block_cores_backward(gs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The packed gradient of the deltas from the gradients ``gs`` of the block cores of
+    :func:`_tangent_block_cores` (each delta's block: the bottom rows, left columns), one
+    copy per run of equal shapes (not differentiable: the caller runs it without grad)."""
+    d = len(gs)
+    shapes = ([(1, gs[0].shape[1], gs[0].shape[2] // 2)]
+              + [(g.shape[0] // 2, g.shape[1], g.shape[2] // 2) for g in gs[1:d - 1]]
+              + [(gs[-1].shape[0] // 2, gs[-1].shape[1], 1)])
+    offs = [0]
+    for a, n, c in shapes:
+        offs.append(offs[-1] + a * n * c)
+    out = gs[0].new_empty(offs[-1])
+    out[:offs[1]].view(shapes[0]).copy_(gs[0][:, :, :shapes[0][2]])
+    for k0, k1 in core_runs(shapes[1:d - 1]):
+        k0, k1 = k0 + 1, k1 + 1
+        a, n, c = shapes[k0]
+        g = torch.stack(gs[k0:k1])
+        out[offs[k0]:offs[k1]].view(k1 - k0, a, n, c).copy_(g[:, a:, :, :c])
+    out[offs[d - 1]:].view(shapes[d - 1]).copy_(gs[d - 1][shapes[d - 1][0]:])
+    return out

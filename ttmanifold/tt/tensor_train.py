@@ -26,6 +26,7 @@ Conventions (the mathematics: ``docs/tt_algebra.md``):
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -1223,12 +1224,13 @@ def round(
     return TT(cores, check=False)
 
 
-def _one_vs_sum_weights(k: int) -> List[float]:
+@functools.lru_cache(maxsize=None)
+def _one_vs_sum_weights(k: int) -> Tuple[float, ...]:
     """The weights of ``||x + t_1 + ... + t_{k-1}||^2`` in the values of
     :func:`_one_vs_blocks` with ``pairs``: ``<x, x>``, ``2 <x, t_j>``, ``<t_i, t_i>``,
     ``2 <t_i, t_j>`` (``i < j``)."""
-    return [1.0] + [2.0] * (k - 1) + [1.0 if i == j else 2.0
-                                      for i in range(1, k) for j in range(i, k)]
+    return tuple([1.0] + [2.0] * (k - 1) + [1.0 if i == j else 2.0
+                                            for i in range(1, k) for j in range(i, k)])
 
 
 class _OneVsSum(torch.autograd.Function):
