@@ -585,6 +585,13 @@ def test_random_reproducible_with_generator():
     assert all(torch.equal(p, q) for p, q in zip(e.cores, f.cores))
 
 
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_random_cores_contiguous(batch):
+    # LAPACK returns Q column-major; every later use of a strided core would copy it
+    a = TT.random((3, 4, 5, 2), (1, 3, 3, 2, 1), dtype=F64, batch=batch)
+    assert all(c.is_contiguous() for c in a.cores)
+
+
 def test_random_clips_infeasible_ranks_with_warning():
     with pytest.warns(UserWarning, match="clipped"):
         x = TT.random((2, 3, 4), 10, dtype=F64)

@@ -410,7 +410,8 @@ class TT:
             m, r = ranks[k] * shape[k], ranks[k + 1]
             g = torch.randn(batch + (m, r), dtype=dtype, device=device, generator=generator)
             if k < d - 1:
-                g, _ = qr_pos(g)
+                # LAPACK's Q is column-major: made contiguous once here, not by every use
+                g = qr_pos(g)[0].contiguous()
             cores.append(g.reshape(batch + (ranks[k], shape[k], r)))
         if normalize:
             if batch:
