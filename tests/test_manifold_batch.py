@@ -207,6 +207,69 @@ def test_broadcast_one_point_many_vectors(compiled):
         assert torch.allclose(pr[b], M.project(p, Zs[b]), atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_project_batch_of_tts_at_one_point(compiled, monkeypatch, dtype):
+    """A batch of TTs at one point (the batch folded into the products with the point's
+    cores, written into one output): each result is the dense float64 projector applied to
+    its TT and the single call's result; uneven ranks (the TTs' differ from the point's),
+    two batch dimensions, slices with a remainder, inference mode, the autograd path (its
+    values and gradients against per-TT calls) and the ungauged deltas."""
+    from ttmanifold.manifold import fixed_rank as FR
+    from ttmanifold.manifold import project_tt, project_tt_at_point
+
+    shape = (3, 4, 5, 3)
+    M = FixedTTRank(shape, (1, 2, 4, 3, 1))
+    gen = torch.Generator().manual_seed(21)
+    p64 = M.random(dtype=F64, generator=gen)
+    Z64 = TT.random(shape, (1, 3, 2, 3, 1), dtype=F64, generator=gen, batch=(2, 3))
+    p, Z = p64.to(dtype), Z64.to(dtype)
+    tol = 1e-10 if dtype == F64 else 2e-5
+    calls = []
+    real = FR.project_tt_at_point
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("chunk"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(FR, "project_tt_at_point", spy)
+    u = M.project(p, Z)
+    assert u.shape == (2, 3, M.size) and u.dtype == dtype and not u.is_inference()
+    assert len(calls) == 1  # the folded path ran (once: the 6 TTs fit one slice)
+    P = tangent_projector(dense_point(M, p64), M.ranks)
+    for i, j in points((2, 3)):
+        xi = (P @ Z64[i, j].full().reshape(-1)).reshape(shape)
+        assert close(dense_tangent(M, p64, u[i, j]), xi, tol)
+        assert close(u[i, j], M.project(p, Z[i, j]), tol)
+    # slices of 4 TTs (4 + 2), and the pure function with an output of its own
+    per_tt = sum(c.numel() for c in Z[0, 0].cores) * p.element_size()
+    monkeypatch.setattr(FR, "CPU_PROJECT_CHUNK_BYTES", 4 * per_tt)
+    assert close(M.project(p, Z), u, tol) and calls[-1] == 4
+    flat = [c.reshape((6,) + c.shape[-3:]) for c in Z.cores]
+    out = torch.full((6, M.size), float("nan"), dtype=dtype)
+    assert project_tt_at_point(M.split(p), None, flat, out=out, chunk=4) is out
+    assert close(out, u.reshape(6, -1), tol)
+    with torch.inference_mode():
+        assert close(M.project(p, Z), u, tol)
+    # gradients flow through the unsliced path (no output buffer)
+    Zg = Z.detach().requires_grad_(True)
+    w = torch.randn(2, 3, M.size, dtype=F64, generator=gen).to(dtype)
+    (M.project(p, Zg) * w).sum().backward()
+    for i, j in points((2, 3)):
+        Zij = TT([c.detach().clone() for c in Z[i, j].cores]).requires_grad_(True)
+        (M.project(p, Zij) * w[i, j]).sum().backward()
+        for cg, ci in zip(Zg.cores, Zij.cores):
+            assert close(cg.grad[i, j], ci.grad, tol)
+    # the ungauged deltas as cores (the tangent vectors' inner product with a TT uses them)
+    D = project_tt(M.split(p), None, Z.cores)
+    for i, j in points((2, 3)):
+        for a, b in zip(D, project_tt(M.split(p), None, Z[i, j].cores)):
+            assert a.shape[:2] == (2, 3) and close(a[i, j], b, tol)
+    # meta tensors: shapes only
+    pm = torch.empty(M.size, device="meta", dtype=dtype)
+    Zm = TT.random(shape, 2, device="meta", dtype=dtype, batch=(5,))
+    assert M.project(pm, Zm).shape == (5, M.size)
+
+
 def test_gauge_keeps_the_tangent_vector():
     M, p, Z, gen = batch_case(batch=(2,), seed=3)
     g = torch.randn(2, M.size, dtype=F64, generator=gen)
