@@ -629,7 +629,9 @@ def _project_at_point_pass(U, V, Z, gauge: bool, out: Optional[torch.Tensor]):
         if Q is None:
             s = Z[k].reshape(B, A, n * C)
         else:
-            s = torch.bmm(Z[k].reshape(B, A * n, C), Q).view(B, A, n * c)
+            # Q_k^T Z_k^T then one transposing copy: MKL's batched products are several
+            # times faster with long rows (n R columns) than with r columns
+            s = torch.bmm(Q.mT, Z[k].reshape(B, A * n, C).mT).mT.contiguous().view(B, A, n * c)
         Dk = s if k == 0 else torch.bmm(L[k].mT, s)  # P_k s_k: (B, a, n c)
         Dk = Dk.reshape(B, a * n, c)
         UW = None
