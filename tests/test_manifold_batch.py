@@ -270,6 +270,39 @@ def test_project_batch_of_tts_at_one_point(compiled, monkeypatch, dtype):
     assert M.project(pm, Zm).shape == (5, M.size)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_retraction_on_block_cores_of_the_unsigned_sweep(monkeypatch, dtype):
+    """Where launches dominate (forced; torch path), retr without kept right cores runs the
+    block-core sweeps on the unsigned LQ frames, the deltas' right bonds scaled by the
+    bonds' signs: the dense TT-SVD of X + xi (float64 reference) for a batch of points,
+    one point with many vectors, a single point, uneven ranks, gauged and arbitrary
+    deltas."""
+    from ttmanifold.manifold import sweeps
+
+    monkeypatch.setattr(sweeps, "PAIRED_SWEEPS", True)
+    old = kernels.enabled()
+    kernels.set_enabled(False)
+    tol = 1e-10 if dtype == F64 else 2e-5
+    try:
+        for shape, ranks in (((4, 5, 3, 4), (1, 3, 4, 2, 1)), ((3, 3, 3, 3, 3), 2)):
+            M = FixedTTRank(shape, ranks)
+            gen = torch.Generator().manual_seed(31)
+            p = M.random(3, dtype=F64, generator=gen)
+            g = torch.randn(3, M.size, dtype=F64, generator=gen)
+            for u in (0.3 * M.proju(p, g), 0.05 * g):  # gauged, then arbitrary deltas
+                y = M.retr(p.to(dtype), u.to(dtype))
+                y0 = M.retr(p[0].to(dtype), u.to(dtype))  # one point, three vectors
+                y1 = M.retr(p[1].to(dtype), u[1].to(dtype))  # one point alone
+                for b in range(3):
+                    for q, out in ((p[b], y[b]), (p[0], y0[b])):
+                        ref = full(tt_svd(dense_point(M, q) + dense_tangent(M, q, u[b]), M.ranks))
+                        assert close(dense_point(M, out), ref, tol), (shape, b)
+                assert close(dense_point(M, y1), dense_point(M, y[1]), tol)
+                assert M.check_point_on_manifold(y.double(), atol=1e-4)
+    finally:
+        kernels.set_enabled(old)
+
+
 def test_gauge_keeps_the_tangent_vector():
     M, p, Z, gen = batch_case(batch=(2,), seed=3)
     g = torch.randn(2, M.size, dtype=F64, generator=gen)
