@@ -636,8 +636,8 @@ def _project_at_point_pass(U, V, Z, gauge: bool, out: Optional[torch.Tensor]):
         Dk = Dk.reshape(B, a * n, c)
         UW = None
         if gauge and k < d - 1:  # U_k (P_{k+1} Q_k): the batch in the rows of one product
-            W = L[k + 1].mT @ Q  # (B, c, c)
-            UW = (W.mT.reshape(B * c, c) @ U[k].reshape(a * n, c).mT).view(B, c, a * n).mT
+            Wt = Q.mT @ L[k + 1]  # (P_{k+1} Q_k)^T: (B, c, c)
+            UW = (Wt.reshape(B * c, c) @ U[k].reshape(a * n, c).mT).view(B, c, a * n).mT
         if out is not None:
             o = out[:, end - a * n * c:end].view(B, a * n, c)
             if UW is None:
