@@ -469,6 +469,37 @@ def test_property_batched_ops(data):
         assert close(dense_point(M, y[i]), Y, 1e-9)
 
 
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_property_project_batch_of_tts_at_one_point(data):
+    """Random shapes, point ranks, TT ranks and batch shapes: the projection of a batch of
+    TTs at one point equals the single calls and the dense projector (float64)."""
+    d = data.draw(st.integers(1, 4), label="d")
+    shape = tuple(data.draw(st.lists(st.integers(2, 4), min_size=d, max_size=d), label="shape"))
+    bound = feasible_ranks(shape)
+    ranks = [1] + [data.draw(st.integers(1, min(3, b)), label=f"r{k}")
+                   for k, b in enumerate(bound[1:-1])] + [1]
+    for k in range(1, d):  # attainable from both sides
+        ranks[k] = min(ranks[k], ranks[k - 1] * shape[k - 1])
+    for k in range(d - 1, 0, -1):
+        ranks[k] = min(ranks[k], shape[k] * ranks[k + 1])
+    R = data.draw(st.integers(1, 4), label="R")
+    batch = tuple(data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=2), label="batch"))
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    M = FixedTTRank(shape, ranks)
+    gen = torch.Generator().manual_seed(seed)
+    p = M.random(dtype=F64, generator=gen)
+    Z = TT.random(shape, [min(R, b) for b in bound], dtype=F64, generator=gen, batch=batch)
+    u = M.project(p, Z)
+    assert u.shape == batch + (M.size,)
+    P = tangent_projector(dense_point(M, p), M.ranks)
+    for idx in points(batch):
+        i = tuple(idx)
+        assert torch.allclose(u[i], M.project(p, Z[i]), atol=1e-11)
+        xi = (P @ Z[i].full().reshape(-1)).reshape(shape)
+        assert close(dense_tangent(M, p, u[i]), xi, 1e-9)
+
+
 # ---------------------------------------------------------------------------------------
 # geoopt optimizers on one ManifoldParameter holding a batch = B independent runs
 # ---------------------------------------------------------------------------------------
