@@ -132,6 +132,25 @@ def test_batch_count_independent_of_batch_size(paired):
         assert two[name][0] <= one[name][0] + 16, (name, one[name], two[name])
 
 
+def test_project_of_many_tts_at_one_point_count_independent_of_batch_size(paired):
+    """``project`` of B TTs at one point dispatches the same operations for 2 or 5 TTs: on
+    the CPU's choice the batch folded into the products with the point's cores (about 9
+    operations per core), where launches dominate the sweeps on the broadcast point (the
+    count of 6eb5c15: 64 at d = 10)."""
+    M = FixedTTRank((4,) * 10, 3)
+    g = torch.Generator().manual_seed(0)
+    p = torch.Tensor(M.random(dtype=F64, generator=g))
+    got = []
+    for B in (2, 5):
+        Z = TT.random(M.shape, 3, dtype=F64, generator=g, batch=(B,))
+        M.project(p, Z)
+        with Counter() as c:
+            M.project(p, Z)
+        got.append((c.compute, c.factor))
+    assert got[0] == got[1]
+    assert got[0][1] == 9 and got[0][0] <= (64 if paired else 112), got
+
+
 # ---------------------------------------------------------------------------------------
 # the paired interface sweeps (uniform middle cores) against dense references
 # ---------------------------------------------------------------------------------------

@@ -481,7 +481,8 @@ class FixedTTRank(geoopt.Manifold):
         if isinstance(Z, TT):
             self._check_ambient(Z, p, "Z")
             assert_finite_async(Z.cores, "Z")  # all cores at once (a fixed number of ops)
-            if p.dim() == 1 and math.prod(Z.batch_shape) > 1 and (
+            if p.dim() == 1 and math.prod(Z.batch_shape) > 1 and not prefer_fewer_launches(
+                    p.device, sum(c.numel() for c in Z.cores)) and (
                     not _plain_path([p, Z, Z.cores[0]])
                     or (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled())):
                 return self._project_tt_at_point(p, Z)

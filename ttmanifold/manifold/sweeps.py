@@ -490,9 +490,12 @@ def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
     bs = torch.broadcast_shapes(*[c.shape[:-3] for c in (U[0], Z[0])
                                   + (() if V is None else (V[-1],))])
     nb = len(bs)
-    if one_point_batch(U, V) is not None or _unbatched(U, V):
+    if (one_point_batch(U, V) is not None or _unbatched(U, V)) and not prefer_fewer_launches(
+            U[0].device, sum(z.numel() for z in Z)):
         # one point shared by the batch (many Z at one point): the batch goes into the
-        # matrix dimensions of the products with the point's cores
+        # matrix dimensions of the products with the point's cores (about 9 operations per
+        # core: where launches dominate, the sweeps below on the broadcast point dispatch
+        # fewer)
         U, V = squeeze_cores(U), squeeze_cores(V)
         zs = torch.broadcast_shapes(*[z.shape[:-3] for z in Z])
         flat = project_tt_at_point(U, V, [z.expand(zs + z.shape[-3:]).reshape((-1,) + z.shape[-3:])
@@ -502,6 +505,10 @@ def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
             return flat
         sizes = [u.numel() for u in U]
         return [c.unflatten(-1, u.shape) for c, u in zip(flat.split(sizes, -1), U)]
+    if V is None and tuple(U[0].shape[:-3]) != tuple(bs):
+        # a point shared by the batch: its right cores once, not once per batch element
+        # after the expansion below
+        V = right_cores(U)
 
     def ex(c):
         return c if c is None or tuple(c.shape[:-3]) == tuple(bs) else c.expand(bs + c.shape[-3:])
