@@ -207,6 +207,102 @@ def test_broadcast_one_point_many_vectors(compiled):
         assert torch.allclose(pr[b], M.project(p, Zs[b]), atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_project_batch_of_tts_at_one_point(compiled, monkeypatch, dtype):
+    """A batch of TTs at one point (the batch folded into the products with the point's
+    cores, written into one output): each result is the dense float64 projector applied to
+    its TT and the single call's result; uneven ranks (the TTs' differ from the point's),
+    two batch dimensions, slices with a remainder, inference mode, the autograd path (its
+    values and gradients against per-TT calls) and the ungauged deltas."""
+    from ttmanifold.manifold import fixed_rank as FR
+    from ttmanifold.manifold import project_tt, project_tt_at_point
+
+    shape = (3, 4, 5, 3)
+    M = FixedTTRank(shape, (1, 2, 4, 3, 1))
+    gen = torch.Generator().manual_seed(21)
+    p64 = M.random(dtype=F64, generator=gen)
+    Z64 = TT.random(shape, (1, 3, 2, 3, 1), dtype=F64, generator=gen, batch=(2, 3))
+    p, Z = p64.to(dtype), Z64.to(dtype)
+    tol = 1e-10 if dtype == F64 else 2e-5
+    calls = []
+    real = FR.project_tt_at_point
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("chunk"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(FR, "project_tt_at_point", spy)
+    u = M.project(p, Z)
+    assert u.shape == (2, 3, M.size) and u.dtype == dtype and not u.is_inference()
+    assert len(calls) == 1  # the folded path ran (once: the 6 TTs fit one slice)
+    P = tangent_projector(dense_point(M, p64), M.ranks)
+    for i, j in points((2, 3)):
+        xi = (P @ Z64[i, j].full().reshape(-1)).reshape(shape)
+        assert close(dense_tangent(M, p64, u[i, j]), xi, tol)
+        assert close(u[i, j], M.project(p, Z[i, j]), tol)
+    # slices of 4 TTs (4 + 2), and the pure function with an output of its own
+    per_tt = sum(c.numel() for c in Z[0, 0].cores) * p.element_size()
+    monkeypatch.setattr(FR, "CPU_PROJECT_CHUNK_BYTES", 4 * per_tt)
+    assert close(M.project(p, Z), u, tol) and calls[-1] == 4
+    flat = [c.reshape((6,) + c.shape[-3:]) for c in Z.cores]
+    out = torch.full((6, M.size), float("nan"), dtype=dtype)
+    assert project_tt_at_point(M.split(p), None, flat, out=out, chunk=4) is out
+    assert close(out, u.reshape(6, -1), tol)
+    with torch.inference_mode():
+        assert close(M.project(p, Z), u, tol)
+    # gradients flow through the unsliced path (no output buffer)
+    Zg = Z.detach().requires_grad_(True)
+    w = torch.randn(2, 3, M.size, dtype=F64, generator=gen).to(dtype)
+    (M.project(p, Zg) * w).sum().backward()
+    for i, j in points((2, 3)):
+        Zij = TT([c.detach().clone() for c in Z[i, j].cores]).requires_grad_(True)
+        (M.project(p, Zij) * w[i, j]).sum().backward()
+        for cg, ci in zip(Zg.cores, Zij.cores):
+            assert close(cg.grad[i, j], ci.grad, tol)
+    # the ungauged deltas as cores (the tangent vectors' inner product with a TT uses them)
+    D = project_tt(M.split(p), None, Z.cores)
+    for i, j in points((2, 3)):
+        for a, b in zip(D, project_tt(M.split(p), None, Z[i, j].cores)):
+            assert a.shape[:2] == (2, 3) and close(a[i, j], b, tol)
+    # meta tensors: shapes only
+    pm = torch.empty(M.size, device="meta", dtype=dtype)
+    Zm = TT.random(shape, 2, device="meta", dtype=dtype, batch=(5,))
+    assert M.project(pm, Zm).shape == (5, M.size)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_retraction_on_block_cores_of_the_unsigned_sweep(monkeypatch, dtype):
+    """Where launches dominate (forced; torch path), retr without kept right cores runs the
+    block-core sweeps on the unsigned LQ frames, the deltas' right bonds scaled by the
+    bonds' signs: the dense TT-SVD of X + xi (float64 reference) for a batch of points,
+    one point with many vectors, a single point, uneven ranks, gauged and arbitrary
+    deltas."""
+    from ttmanifold.manifold import sweeps
+
+    monkeypatch.setattr(sweeps, "PAIRED_SWEEPS", True)
+    old = kernels.enabled()
+    kernels.set_enabled(False)
+    tol = 1e-10 if dtype == F64 else 2e-5
+    try:
+        for shape, ranks in (((4, 5, 3, 4), (1, 3, 4, 2, 1)), ((3, 3, 3, 3, 3), 2)):
+            M = FixedTTRank(shape, ranks)
+            gen = torch.Generator().manual_seed(31)
+            p = M.random(3, dtype=F64, generator=gen)
+            g = torch.randn(3, M.size, dtype=F64, generator=gen)
+            for u in (0.3 * M.proju(p, g), 0.05 * g):  # gauged, then arbitrary deltas
+                y = M.retr(p.to(dtype), u.to(dtype))
+                y0 = M.retr(p[0].to(dtype), u.to(dtype))  # one point, three vectors
+                y1 = M.retr(p[1].to(dtype), u[1].to(dtype))  # one point alone
+                for b in range(3):
+                    for q, out in ((p[b], y[b]), (p[0], y0[b])):
+                        ref = full(tt_svd(dense_point(M, q) + dense_tangent(M, q, u[b]), M.ranks))
+                        assert close(dense_point(M, out), ref, tol), (shape, b)
+                assert close(dense_point(M, y1), dense_point(M, y[1]), tol)
+                assert M.check_point_on_manifold(y.double(), atol=1e-4)
+    finally:
+        kernels.set_enabled(old)
+
+
 def test_gauge_keeps_the_tangent_vector():
     M, p, Z, gen = batch_case(batch=(2,), seed=3)
     g = torch.randn(2, M.size, dtype=F64, generator=gen)
@@ -371,6 +467,37 @@ def test_property_batched_ops(data):
         xi = dense_tangent(M, p[i], u[i])
         Y = full(tt_svd(dense_point(M, p[i]) + xi, M.ranks))
         assert close(dense_point(M, y[i]), Y, 1e-9)
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_property_project_batch_of_tts_at_one_point(data):
+    """Random shapes, point ranks, TT ranks and batch shapes: the projection of a batch of
+    TTs at one point equals the single calls and the dense projector (float64)."""
+    d = data.draw(st.integers(1, 4), label="d")
+    shape = tuple(data.draw(st.lists(st.integers(2, 4), min_size=d, max_size=d), label="shape"))
+    bound = feasible_ranks(shape)
+    ranks = [1] + [data.draw(st.integers(1, min(3, b)), label=f"r{k}")
+                   for k, b in enumerate(bound[1:-1])] + [1]
+    for k in range(1, d):  # attainable from both sides
+        ranks[k] = min(ranks[k], ranks[k - 1] * shape[k - 1])
+    for k in range(d - 1, 0, -1):
+        ranks[k] = min(ranks[k], shape[k] * ranks[k + 1])
+    R = data.draw(st.integers(1, 4), label="R")
+    batch = tuple(data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=2), label="batch"))
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    M = FixedTTRank(shape, ranks)
+    gen = torch.Generator().manual_seed(seed)
+    p = M.random(dtype=F64, generator=gen)
+    Z = TT.random(shape, [min(R, b) for b in bound], dtype=F64, generator=gen, batch=batch)
+    u = M.project(p, Z)
+    assert u.shape == batch + (M.size,)
+    P = tangent_projector(dense_point(M, p), M.ranks)
+    for idx in points(batch):
+        i = tuple(idx)
+        assert torch.allclose(u[i], M.project(p, Z[i]), atol=1e-11)
+        xi = (P @ Z[i].full().reshape(-1)).reshape(shape)
+        assert close(dense_tangent(M, p, u[i]), xi, 1e-9)
 
 
 # ---------------------------------------------------------------------------------------

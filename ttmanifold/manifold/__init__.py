@@ -14,11 +14,12 @@ from .fixed_rank import FixedTTRank
 from .hessian import hessian_operator, riemannian_hess
 from .retraction import retract, retract_point
 from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect, project_dense,
-                     project_sampled, project_tt, right_cores, right_sweep)
+                     project_sampled, project_tt, project_tt_at_point, right_cores, right_sweep)
 from .tangent import TangentTT
 
 __all__ = ["FixedTTRank", "TangentTT", "riemannian_grad", "riemannian_hvp", "riemannian_hess", "hessian_operator",
            "retract",
-           "retract_point", "right_cores", "right_sweep", "project_tt", "project_dense",
+           "retract_point", "right_cores", "right_sweep", "project_tt", "project_tt_at_point",
+           "project_dense",
            "project_sampled", "gauge_project_flat", "gauge_deltas", "orth_defect",
            "core_runs"]

@@ -28,7 +28,7 @@ from .retraction import block_cores, retract, retract_point, retract_transport_c
 from .sampled_batch import project_sampled_batch
 from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect,
                      prefer_fewer_launches, project_dense, project_sampled, project_tt,
-                     right_cores, right_sweep)
+                     project_tt_at_point, right_cores, right_sweep)
 from .tangent import TangentTT
 
 __all__ = ["FixedTTRank"]
@@ -80,6 +80,12 @@ def _no_autograd_fast_path(fn):
 #: point 0.49 -> 0.29 ms, ``retr_transp`` 2.27 -> 1.59 ms (r = 10); chunks of 2-8 MB did
 #: about equally well. Off the CPU a batch stays one call (there, launches count).
 CPU_BATCH_CHUNK_BYTES: Optional[int] = 2 << 20
+
+#: :meth:`FixedTTRank.project` of a batch of TTs at one point runs on the CPU in slices of
+#: about this many bytes of the ambient TTs (None: one pass; no slicing either when
+#: :data:`CPU_BATCH_CHUNK_BYTES` is None). Its intermediates are smaller than the
+#: general path's (the point's cores are not broadcast), so its slices are larger.
+CPU_PROJECT_CHUNK_BYTES: Optional[int] = 8 << 20
 
 
 def _chunked_on_cpu(fn):
@@ -475,6 +481,11 @@ class FixedTTRank(geoopt.Manifold):
         if isinstance(Z, TT):
             self._check_ambient(Z, p, "Z")
             assert_finite_async(Z.cores, "Z")  # all cores at once (a fixed number of ops)
+            if p.dim() == 1 and math.prod(Z.batch_shape) > 1 and not prefer_fewer_launches(
+                    p.device, sum(c.numel() for c in Z.cores)) and (
+                    not _plain_path([p, Z, Z.cores[0]])
+                    or (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled())):
+                return self._project_tt_at_point(p, Z)
             return self._project_nonsparse(p, Z)
         if isinstance(Z, torch.Tensor) and Z.is_sparse:
             if tuple(Z.shape) != self.shape:
@@ -508,6 +519,27 @@ class FixedTTRank(geoopt.Manifold):
         if isinstance(Z, TT):
             return project_tt(U, None, Z.cores, packed=True, gauge=True)
         return self._gauge_packed(p, project_dense(U, right_cores(U), Z))
+
+    def _project_tt_at_point(self, p: torch.Tensor, Z: TT) -> torch.Tensor:
+        """:meth:`project` of a batch of TTs at one point, no gradient to keep: the batch
+        folded into the products with the point's cores
+        (:func:`~.sweeps.project_tt_at_point`), written into one output allocated here
+        (outside inference mode, so it is returned without a copy), on the CPU in slices
+        of about :data:`CPU_PROJECT_CHUNK_BYTES` of ``Z``."""
+        bs = torch.broadcast_shapes(*[c.shape[:-3] for c in Z.cores])
+        out = p.new_empty(tuple(bs) + (self.size,))
+        B = out.numel() // max(1, self.size)
+        chunk = None
+        budget = CPU_PROJECT_CHUNK_BYTES
+        if p.device.type == "cpu" and budget is not None and CPU_BATCH_CHUNK_BYTES is not None:
+            per_tt = sum(c[(0,) * len(bs)].numel() for c in Z.cores) * p.element_size()
+            chunk = max(1, budget // max(1, per_tt))
+        with kernels.serial_small_ops(), torch.inference_mode():
+            U = self._split(p, "p")
+            cores = [c.expand(bs + c.shape[-3:]).reshape((B,) + c.shape[-3:]) for c in Z.cores]
+            project_tt_at_point(U, self._right_cores(p, U), cores, gauge=True,
+                                out=out.view(B, self.size), chunk=chunk)
+        return out
 
     @staticmethod
     def _check_batches(point_batch, batch, name: str) -> None:

@@ -12,7 +12,7 @@ from .. import kernels
 from ..kernels import dense as compiled_dense
 from ..tt import qr_pos
 from .sweeps import (STACK_MAX_NUMEL, core_runs, one_point_batch, prefer_fewer_launches,
-                     right_cores, squeeze_cores)
+                     right_cores, right_sweep, squeeze_cores)
 
 __all__ = ["retract", "retract_point", "block_cores", "retract_transport_cores"]
 
@@ -111,7 +111,38 @@ def retract_point(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
         if bs is not None:  # one point: the single-point path (one compiled call)
             out = retract_point(squeeze_cores(U), squeeze_cores(du), ranks)
             return out.reshape(bs + out.shape)
+    if len(U) > 2 and prefer_fewer_launches(U[0].device, 4 * sum(c.numel() for c in du)):
+        return _retract_point_blocks(U, du, ranks)
     return retract(U, right_cores(U), du, ranks)
+
+
+def _retract_point_blocks(U, du, ranks) -> torch.Tensor:
+    """:func:`retract_point` where launches dominate: the block-core sweeps of
+    :func:`_retract_blocks` on block cores built from the unsigned LQ sweep. The canonical
+    right cores are ``V_k = S_k V'_k S_{k+1}`` (:func:`~.sweeps.right_sweep`), so
+    ``V_>k = S_{k+1} V'_>k`` and the step ``sum_k U_<k du_k V_>k`` has the block cores of
+    ``V'`` with the deltas' right bonds scaled by the signs, ``du_k S_{k+1}``: one product
+    per run of deltas instead of fixing the signs of every ``V_k`` (a stack and two
+    products per run). Same arguments as :func:`retract_point`; ``d >= 3``."""
+    d = len(U)
+    Vr: List[Optional[torch.Tensor]] = [None] * d
+    dg: List[torch.Tensor] = []
+    for k, q, r in right_sweep(U):  # on the point's own batch shape
+        dg.append(torch.diagonal(r, dim1=-2, dim2=-1))
+        a, n, b = U[k].shape[-3:]
+        Vr[k] = q.reshape(q.shape[:-2] + (n, b, a)).movedim(-1, -3)  # V'_k, a view
+    g = torch.cat(dg[::-1], -1)
+    sgn = torch.ones_like(g).copysign_(g)  # S_1, ..., S_{d-1} (left bonds of cores 1..d-1)
+    bs = tuple(torch.broadcast_shapes(U[0].shape[:-3], du[0].shape[:-3]))
+
+    def ex(c):
+        return c if tuple(c.shape[:-3]) == bs else c.expand(bs + c.shape[-3:])
+
+    U = [ex(u) for u in U]
+    Vr = [None] + [ex(v) for v in Vr[1:]]
+    sgn = sgn.expand(bs + sgn.shape[-1:])
+    deltas = [ex(c) for c in du[:-1]] + [ex(du[-1] + U[-1])]
+    return _retract_blocks(U, block_cores(U, Vr, [deltas], signs=sgn)[0], ranks, bs)
 
 
 def _retract_batched(U, V, du, ranks) -> torch.Tensor:
@@ -174,7 +205,8 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
 
 
 def block_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
-                delta_sets: Sequence[Sequence[torch.Tensor]]) -> List[List[torch.Tensor]]:
+                delta_sets: Sequence[Sequence[torch.Tensor]], *,
+                signs: Optional[torch.Tensor] = None) -> List[List[torch.Tensor]]:
     """The rank-2r block cores ``[D_1, U_1]``, ``[[V_k, 0], [D_k, U_k]]``, ``[[V_d], [D_d]]``
     of the TTs ``sum_k U_<k D_k V_>k`` for several sets of deltas ``D`` at one point, built
     together with a fixed number of operations (kernel launches): two for the first and
@@ -183,6 +215,11 @@ def block_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
     Args:
         U, V: the point's left- and right-orthogonal cores (``V[0]`` unused), ``d >= 2``.
         delta_sets: ``P`` sequences of ``d`` delta cores of ``U``'s shapes.
+        signs: None, or with the unsigned right cores ``V'`` of the LQ sweep
+            (:func:`~.sweeps.right_sweep`) the signs ``S_1, ..., S_{d-1}`` of the bonds
+            concatenated, ``(*B, r_1 + ... + r_{d-1})``: the deltas' right bonds are
+            scaled by them (``D_k S_{k+1}``, k < d - 1), which gives the block cores of
+            the same tensors as the canonical ``V``.
         All cores of one batch shape ``(*B, r, n, r')`` (expand broadcast ones first).
     Returns:
         ``P`` lists of ``d`` block cores (views of a few fresh tensors).
@@ -193,19 +230,42 @@ def block_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
     def stack(ts):  # sets on a leading dimension (a view for one set)
         return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(list(ts))
 
-    first = torch.cat([stack([D[0] for D in delta_sets]),
-                       U[0].unsqueeze(0).expand((P,) + U[0].shape)], -1)
+    nb = U[0].dim() - 3
+    offs = [0]  # offsets of S_1, S_2, ... in signs
+    for k in range(1, d):
+        offs.append(offs[-1] + U[k].shape[-3])
+
+    def bond_signs(k0, m):
+        # signs of the right bonds of cores k0..k0+m-1, (m, *B, 1, 1, b): a view
+        b = U[k0].shape[-1]
+        sv = signs[..., offs[k0]:offs[k0] + m * b].unflatten(-1, (m, b)).movedim(-2, 0)
+        return sv.unsqueeze(-2).unsqueeze(-2)
+
+    d0 = stack([D[0] for D in delta_sets])
+    if signs is not None:
+        d0 = d0 * bond_signs(0, 1)[0]
+    first = torch.cat([d0, U[0].unsqueeze(0).expand((P,) + U[0].shape)], -1)
     out = [[c] for c in first.unbind(0)]
     for k0, k1 in core_runs([tuple(U[k].shape[-3:]) for k in range(1, d - 1)]):
         k0, k1 = k0 + 1, k1 + 1
         m = k1 - k0
         parts = torch.stack(list(V[k0:k1]) + [D[k] for D in delta_sets for k in range(k0, k1)]
                             + list(U[k0:k1]))  # (m + P m + m, *B, a, n, b)
-        top = torch.nn.functional.pad(parts[:m], (0, parts.shape[-1]))
+        if signs is not None:  # in place on the fresh stack: one product for the run
+            parts[m:(P + 1) * m].unflatten(0, (P, m)).mul_(bond_signs(k0, m))
         us = parts[(P + 1) * m:]
-        bottom = torch.cat([parts[m:(P + 1) * m].unflatten(0, (P, m)),
-                            us.unsqueeze(0).expand((P,) + us.shape)], -1)
-        cores = torch.cat([top.unsqueeze(0).expand((P,) + top.shape), bottom], -3)
+        if P == 1:  # [[V, D], [0, U]] as (m, *B, 2, a, n, 2, b): a pad and a concatenation
+            left = parts[:2 * m].unflatten(0, (2, m)).movedim(0, nb + 1).unsqueeze(-2)
+            right = torch.nn.functional.pad(us.unsqueeze(nb + 1).unsqueeze(-2),
+                                            (0, 0) * 4 + (1, 0))
+            a, n, b = U[k0].shape[-3:]
+            cores = torch.cat([left, right], -2).reshape((1, m) + tuple(us.shape[1:-3])
+                                                         + (2 * a, n, 2 * b))
+        else:
+            top = torch.nn.functional.pad(parts[:m], (0, parts.shape[-1]))
+            bottom = torch.cat([parts[m:(P + 1) * m].unflatten(0, (P, m)),
+                                us.unsqueeze(0).expand((P,) + us.shape)], -1)
+            cores = torch.cat([top.unsqueeze(0).expand((P,) + top.shape), bottom], -3)
         for i in range(P):
             out[i].extend(cores[i].unbind(0))
     last = torch.cat([V[-1].unsqueeze(0).expand((P,) + V[-1].shape),
@@ -286,6 +346,12 @@ def _packed(lefts, last, nb: int, group: bool) -> torch.Tensor:
     with ``group``, ``lefts`` are views of the SVDs' factors ``(*B, rows, r_k)`` and those
     of one width in a row are copied out by one concatenation along their rows (row-major,
     their packed layout) instead of one copy each; else they are flat copies already."""
+    w = lefts[0].shape[-1] if lefts else 0
+    if (group and lefts and all(u.shape[-1] == w for u in lefts)
+            and last[(0,) * nb].numel() % w == 0):
+        # one width (uniform ranks): the last core, row-major, is rows of that width too,
+        # so one concatenation packs everything
+        return torch.cat(list(lefts) + [last.reshape(last.shape[:nb] + (-1, w))], -2).flatten(nb)
     pieces = []
     i = 0
     while i < len(lefts):

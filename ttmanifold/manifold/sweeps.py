@@ -24,6 +24,7 @@ from ..kernels import dense as compiled_dense
 from ..tt import IndexSet
 
 __all__ = ["core_runs", "contiguous_runs", "right_sweep", "right_cores", "project_tt", "project_dense",
+           "project_tt_at_point",
            "prefer_fewer_launches", "one_point_batch", "squeeze_cores",
            "project_sampled", "gauge_project_flat", "gauge_deltas", "orth_defect"]
 
@@ -489,9 +490,24 @@ def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
     bs = torch.broadcast_shapes(*[c.shape[:-3] for c in (U[0], Z[0])
                                   + (() if V is None else (V[-1],))])
     nb = len(bs)
+    if (one_point_batch(U, V) is not None or _unbatched(U, V)) and not prefer_fewer_launches(
+            U[0].device, sum(z.numel() for z in Z)):
+        # one point shared by the batch (many Z at one point): the batch goes into the
+        # matrix dimensions of the products with the point's cores (about 9 operations per
+        # core: where launches dominate, the sweeps below on the broadcast point dispatch
+        # fewer)
+        U, V = squeeze_cores(U), squeeze_cores(V)
+        zs = torch.broadcast_shapes(*[z.shape[:-3] for z in Z])
+        flat = project_tt_at_point(U, V, [z.expand(zs + z.shape[-3:]).reshape((-1,) + z.shape[-3:])
+                                          for z in Z], gauge=gauge)
+        flat = flat.reshape(tuple(bs) + flat.shape[-1:])
+        if packed:
+            return flat
+        sizes = [u.numel() for u in U]
+        return [c.unflatten(-1, u.shape) for c, u in zip(flat.split(sizes, -1), U)]
     if V is None and tuple(U[0].shape[:-3]) != tuple(bs):
-        # a point shared by the batch (many Z at one point): its right cores once, not
-        # once per batch element after the expansion below
+        # a point shared by the batch: its right cores once, not once per batch element
+        # after the expansion below
         V = right_cores(U)
 
     def ex(c):
@@ -548,6 +564,101 @@ def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
         D.extend(g.reshape(bs + (m,) + tuple(U[k].shape[-3:])).unbind(nb))
         k += m
     return D
+
+
+def project_tt_at_point(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Tensor]]],
+                        Z: Sequence[torch.Tensor], *, gauge: bool = True,
+                        out: Optional[torch.Tensor] = None,
+                        chunk: Optional[int] = None) -> torch.Tensor:
+    """:func:`project_tt` (packed) of a batch of TTs at one point: ``D_k = U_<k^T Z V_>k^T``
+    for every TT of the batch, with the batch folded into the matrix dimensions of the
+    products with the point's cores (one large product each) instead of broadcasting the
+    point over the batch.
+
+    Args:
+        U: the point's left-orthogonal cores ``(r_{k-1}, n_k, r_k)`` (no batch dimension).
+        V: its right-orthogonal cores (``V[0]`` unused), or None to compute them here
+            (:func:`right_cores`, once for the batch).
+        Z: the cores of B TTs, ``(B, R_{k-1}, n_k, R_k)`` (one batch dimension).
+        gauge: return the gauge-projected deltas ``D_k - U_k (U_k^T D_k)`` (k < d).
+        out: a ``(B, size)`` tensor to write the result into (no autograd through it), or
+            None to return a new tensor (differentiable).
+        chunk: with ``out``: run the batch in slices of this many TTs (their intermediates
+            stay in the cache; the point's cores are shared); None: one pass.
+    Returns:
+        ``(B, size)``: the packed deltas (``out`` if given).
+    Cost: O(d n r R (r + R)) per TT, as :func:`project_tt`: per core two products with the
+    point's cores of the whole batch (``(B R, r) x (r, n r)`` and ``(B R, n r) x (n r, r)``),
+    three batched products between the batch's interfaces and ``Z_k``, and for the gauge
+    one more with ``U_k``.
+
+    The left interfaces are kept transposed, ``L_k = P_k^T`` ``(B, R_{k-1}, r_{k-1})``, so
+    that ``L_k U_k`` is one product over the batch and ``L_{k+1} = Z_k^T (L_k U_k)`` one
+    batched product; the right sweep ``s_k = Z_k Q_k``, ``Q_{k-1} = s_k V_k^T`` (one
+    product over the batch) runs last and gives ``D_k = P_k s_k`` while ``s_k`` is in the
+    cache; the gauge part is ``U_k (U_k^T D_k) = U_k (P_{k+1} Q_k)``.
+    """
+    if U[0].dim() != 3 or any(z.dim() != 4 for z in Z) or len(Z) != len(U):
+        raise ValueError("project_tt_at_point: U and V take one point (3-D cores), Z one "
+                         "batch dimension (4-D cores), as many cores as U")
+    if V is None:
+        V = right_cores(U)
+    B = Z[0].shape[0]
+    if out is None:
+        return _project_at_point_pass(U, V, Z, gauge, None)
+    step = B if chunk is None else max(1, int(chunk))
+    for i in range(0, B, step):
+        _project_at_point_pass(U, V, [z[i:i + step] for z in Z], gauge, out[i:i + step])
+    return out
+
+
+def _project_at_point_pass(U, V, Z, gauge: bool, out: Optional[torch.Tensor]):
+    """One pass of :func:`project_tt_at_point` over the batch of ``Z``: written into
+    ``out`` (strided slices, in place) or, with None, returned as a new tensor built from
+    the pieces (the autograd path)."""
+    d = len(U)
+    B = Z[0].shape[0]
+    L: List[Optional[torch.Tensor]] = [None] * d  # L[k] = P_k^T: (B, R_{k-1}, r_{k-1})
+    if d > 1:
+        _, n0, C = Z[0].shape[-3:]
+        L[1] = torch.matmul(Z[0].reshape(B, n0, C).mT, U[0].reshape(n0, -1))
+    for k in range(1, d - 1):
+        a, n, c = U[k].shape
+        A, C = Z[k].shape[-3], Z[k].shape[-1]
+        Y = (L[k].reshape(B * A, a) @ U[k].reshape(a, n * c)).view(B, A * n, c)
+        L[k + 1] = Z[k].reshape(B, A * n, C).mT @ Y
+    pieces: List[torch.Tensor] = []
+    end = sum(u.numel() for u in U)
+    Q: Optional[torch.Tensor] = None  # Q_k = Z_>k V_>k^T: (B, R_k, r_k); Q_{d-1} = 1
+    for k in range(d - 1, -1, -1):
+        a, n, c = U[k].shape
+        A, C = Z[k].shape[-3], Z[k].shape[-1]
+        if Q is None:
+            s = Z[k].reshape(B, A, n * C)
+        else:
+            # Q_k^T Z_k^T then one transposing copy: MKL's batched products are several
+            # times faster with long rows (n R columns) than with r columns
+            s = torch.bmm(Q.mT, Z[k].reshape(B, A * n, C).mT).mT.contiguous().view(B, A, n * c)
+        Dk = s if k == 0 else torch.bmm(L[k].mT, s)  # P_k s_k: (B, a, n c)
+        Dk = Dk.reshape(B, a * n, c)
+        UW = None
+        if gauge and k < d - 1:  # U_k (P_{k+1} Q_k): the batch in the rows of one product
+            Wt = Q.mT @ L[k + 1]  # (P_{k+1} Q_k)^T: (B, c, c)
+            UW = (Wt.reshape(B * c, c) @ U[k].reshape(a * n, c).mT).view(B, c, a * n).mT
+        if out is not None:
+            o = out[:, end - a * n * c:end].view(B, a * n, c)
+            if UW is None:
+                o.copy_(Dk)
+            else:
+                torch.sub(Dk, UW, out=o)
+        else:
+            pieces.append(Dk.reshape(B, -1) if UW is None else (Dk - UW).reshape(B, -1))
+        end -= a * n * c
+        if k > 0:
+            Q = (s.reshape(B * A, n * c) @ V[k].reshape(a, n * c).mT).view(B, A, a)
+    if out is not None:
+        return out
+    return torch.cat(pieces[::-1], -1)
 
 
 def gauge_project_flat(runs, U_flat: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
