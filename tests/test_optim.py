@@ -133,6 +133,79 @@ def test_resumes_from_a_geoopt_state_dict():
     assert isinstance(ours, geoopt.optim.RiemannianAdam)
 
 
+def run_geoopt_with_restart(kind, kw, M, p0, A, steps):
+    """Reference: geoopt's own optimizer, the momentum restart applied by hand to its state
+    (slope from the dense gradient of the full tensors) before each step; counts restarts."""
+    P = geoopt.ManifoldParameter(p0.clone(), manifold=M)
+    opt = (geoopt.optim.RiemannianAdam if kind == "adam" else geoopt.optim.RiemannianSGD)([P],
+                                                                                        **kw)
+    key = "exp_avg" if kind == "adam" else "momentum_buffer"
+    restarts = 0
+    for _ in range(steps):
+        opt.zero_grad()
+        loss(M, P, A).backward()
+        state = opt.state.get(P)
+        if state:
+            with torch.no_grad():
+                X = M.to_tt(P.detach()).full()
+                egrad = X - A.full()  # gradient of the loss in the ambient space
+                mom = M.tangent_to_tt(P.detach(), state[key]).full()
+                if float((egrad * mom).sum()) < 0:
+                    state[key].zero_()
+                    restarts += 1
+        opt.step()
+    return P.detach(), restarts
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("kind,kw", [("adam", dict(lr=0.3)),
+                                     ("adam", dict(lr=0.3, amsgrad=True, weight_decay=0.0)),
+                                     ("sgd", dict(lr=0.5, momentum=0.9)),
+                                     ("sgd", dict(lr=0.5, momentum=0.9, nesterov=True))])
+def test_momentum_restart_against_reference(kind, kw, dtype):
+    M, p0, A = setup(dtype)
+    steps = 25
+    ref, restarts = run_geoopt_with_restart(kind, kw, M, p0, A, steps)
+    assert restarts >= 2  # the case exercises the restart
+    ours, _ = run(RiemannianAdam if kind == "adam" else RiemannianSGD,
+                  dict(kw, momentum_restart=True), M, p0, A, steps)
+    tol = 1e-9 if dtype == F64 else 1e-4
+    torch.testing.assert_close(full(M, ours), full(M, ref), rtol=tol, atol=tol)
+    # and it is not geoopt's plain run
+    plain, _ = run(RiemannianAdam if kind == "adam" else RiemannianSGD, kw, M, p0, A, steps)
+    assert float((full(M, plain) - full(M, ours)).norm()) > 100 * tol
+
+
+def test_momentum_restart_per_point_of_a_batch_and_compiled():
+    from ttmanifold.optim import restart_momentum_
+
+    M, p0, A = setup(batch=(2,))
+    g = torch.stack([M.proju(p0[0], torch.randn_like(p0[0])), M.proju(p0[1], torch.randn_like(p0[1]))])
+    mom = torch.stack([g[0], -g[1]])
+    kept = restart_momentum_(M, p0, g, mom)
+    assert kept.flatten().tolist() == [1.0, 0.0]
+    assert torch.equal(mom[1], torch.zeros_like(mom[1])) and torch.equal(mom[0], g[0])
+    # the option under torch.compile(fullgraph=True): same iterates as eager
+    torch._dynamo.reset()
+    M, p0, A = setup()
+    kw = dict(lr=0.3, momentum_restart=True)
+    eager, _ = run(RiemannianAdam, kw, M, p0, A, 8)
+    compiled, _ = run(RiemannianAdam, kw, M, p0, A, 8, compiled="aot_eager")
+    torch.testing.assert_close(full(M, compiled), full(M, eager), rtol=1e-10, atol=1e-10)
+
+
+def test_momentum_restart_bad_arguments():
+    M, p0, A = setup()
+    P = geoopt.ManifoldParameter(p0.clone(), manifold=M)
+    with pytest.raises(ValueError, match="momentum_restart"):
+        RiemannianAdam([P], lr=0.1, momentum_restart="yes")
+    with pytest.raises(ValueError, match="momentum_restart: needs momentum > 0"):
+        RiemannianSGD([P], lr=0.1, momentum_restart=True)
+    # the option is kept in the state dict's groups
+    opt = RiemannianAdam([P], lr=0.1, momentum_restart=True)
+    assert opt.state_dict()["param_groups"][0]["momentum_restart"] is True
+
+
 @pytest.mark.xfail(strict=True, reason="torch 2.13: aot_eager drops an in-place update of a "
                    "0-d CPU tensor input; RiemannianAdam keeps its step count in shape (1,) "
                    "because of it (when this passes, the workaround can go)")

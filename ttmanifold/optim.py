@@ -32,12 +32,61 @@ from __future__ import annotations
 import geoopt
 import torch
 
-__all__ = ["RiemannianSGD", "RiemannianAdam"]
+__all__ = ["RiemannianSGD", "RiemannianAdam", "restart_momentum_"]
+
+
+def restart_momentum_(manifold, point: torch.Tensor, grad: torch.Tensor,
+                      momentum: torch.Tensor) -> torch.Tensor:
+    """Adaptive momentum restart, gradient scheme (O'Donoghue and Candes 2015): zero
+    ``momentum`` in place wherever a step along ``-momentum`` goes uphill.
+
+    A momentum method steps along ``-momentum``; once its slope ``-<grad, momentum>`` is
+    positive the momentum has overshot and oscillates instead of descending. Restarting
+    from the local gradient removes the cap that too much momentum puts on the rate (about
+    ``sqrt(beta)`` per step whatever the step size) without knowing the conditioning.
+
+    Args:
+        manifold: a ``geoopt.Manifold``; its ``inner(point, grad, momentum, keepdim=True)``
+            decides the granularity: one decision per point of a
+            :class:`~ttmanifold.FixedTTRank` (also per point of a batch), one per entry
+            for geoopt's ``Euclidean()`` default.
+        point: the point (packed for a ``FixedTTRank``).
+        grad: the gradient at ``point`` (Riemannian, or for a ``FixedTTRank`` also the
+            Euclidean ``p.grad``: the gauge projection between them is orthogonal and
+            ``momentum`` is tangent, so the slope is the same).
+        momentum: a tangent vector at ``point`` (the transported buffer), zeroed in place
+            where ``<grad, momentum> < 0`` (NaN slopes restart too).
+
+    Returns:
+        The kept mask (1 kept, 0 restarted) in ``momentum``'s dtype, shaped as the
+        manifold's ``inner(..., keepdim=True)``. No host synchronization.
+
+    Cost: one ``inner`` (for a ``FixedTTRank``, O(size) per point).
+    """
+    kept = (manifold.inner(point, grad, momentum, keepdim=True) >= 0).to(momentum.dtype)
+    momentum.mul_(kept)
+    return kept
 
 
 class _ManifoldsOfGroups:
     """Each parameter group's manifolds, recorded when the group is added (a parameter
-    that is no ``ManifoldParameter``/``ManifoldTensor`` gets geoopt's Euclidean default)."""
+    that is no ``ManifoldParameter``/``ManifoldTensor`` gets geoopt's Euclidean default),
+    and the ``momentum_restart`` option (a per-group setting, default off)."""
+
+    def __init__(self, params, *args, momentum_restart: bool = False, **kwargs):
+        if not isinstance(momentum_restart, bool):
+            raise ValueError(f"momentum_restart: expected True or False, got "
+                             f"{momentum_restart!r}")
+        super().__init__(params, *args, **kwargs)
+        # after geoopt's constructor (which fixes its own defaults): groups added later
+        # take it from the defaults, the existing ones get it here
+        self.defaults["momentum_restart"] = momentum_restart
+        for group in self.param_groups:
+            group.setdefault("momentum_restart", momentum_restart)
+        self._check_restart_groups()
+
+    def _check_restart_groups(self) -> None:
+        pass
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -79,10 +128,19 @@ class RiemannianSGD(_ManifoldsOfGroups, geoopt.optim.RiemannianSGD):
     """``geoopt.optim.RiemannianSGD`` with a compilable step (see the module docstring).
 
     Args: as geoopt's: ``params``, ``lr``, ``momentum=0``, ``dampening=0``,
-    ``weight_decay=0``, ``nesterov=False``, ``stabilize=None``.
+    ``weight_decay=0``, ``nesterov=False``, ``stabilize=None``; and ``momentum_restart``
+    (default False; needs ``momentum > 0``): before each update the momentum buffer is
+    zeroed where it points uphill (:func:`restart_momentum_`), which lifts the rate limit
+    that a large momentum puts on ill-conditioned problems.
     Cost per step and parameter: one ``egrad2rgrad`` and one ``retr`` (``retr_transp``
-    with momentum) of the parameter's manifold.
+    with momentum) of the parameter's manifold; with ``momentum_restart`` one ``inner``.
     """
+
+    def _check_restart_groups(self) -> None:
+        for group in self.param_groups:
+            if group["momentum_restart"] and not group["momentum"] > 0:
+                raise ValueError("momentum_restart: needs momentum > 0 (there is no "
+                                 "momentum buffer to restart)")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -99,6 +157,8 @@ class RiemannianSGD(_ManifoldsOfGroups, geoopt.optim.RiemannianSGD):
                 grad = manifold.egrad2rgrad(point, grad)
                 if momentum > 0:
                     buf = state["momentum_buffer"]
+                    if group.get("momentum_restart", False):
+                        restart_momentum_(manifold, point, grad, buf)
                     buf.mul_(momentum).add_(grad, alpha=1 - dampening)
                     direction = grad.add_(buf, alpha=momentum) if nesterov else buf
                     new_point, new_buf = manifold.retr_transp(point, -lr * direction, buf)
@@ -117,12 +177,17 @@ class RiemannianAdam(_ManifoldsOfGroups, geoopt.optim.RiemannianAdam):
     """``geoopt.optim.RiemannianAdam`` with a compilable step (see the module docstring).
 
     Args: as geoopt's: ``params``, ``lr=1e-3``, ``betas=(0.9, 0.999)``, ``eps=1e-8``,
-    ``weight_decay=0``, ``amsgrad=False``, ``stabilize=None``.
+    ``weight_decay=0``, ``amsgrad=False``, ``stabilize=None``; and ``momentum_restart``
+    (default False): before each update the first moment ``exp_avg`` is zeroed where it
+    points uphill (:func:`restart_momentum_`). With beta1 = 0.9 on ill-conditioned
+    problems (tensor completion) the momentum otherwise caps the rate at about 0.9 per
+    step in the loss whatever the lr; ``ttmanifold compare``'s automatic step rule for
+    ``radam`` uses it (docs/comparison.md, step-size rule).
     State per parameter: ``step`` (a tensor of shape ``(1,)``, the parameter's dtype and device;
     geoopt's integer ``step`` in a loaded state dict is converted), ``exp_avg``,
     ``exp_avg_sq`` (and ``max_exp_avg_sq`` with ``amsgrad``).
     Cost per step and parameter: one ``projx``, ``egrad2rgrad``, ``component_inner`` and
-    ``retr_transp`` of the parameter's manifold.
+    ``retr_transp`` of the parameter's manifold; with ``momentum_restart`` one ``inner``.
     """
 
     @torch.no_grad()
@@ -155,6 +220,8 @@ class RiemannianAdam(_ManifoldsOfGroups, geoopt.optim.RiemannianAdam):
                 if wd != 0:
                     grad.add_(point, alpha=wd)
                 grad = manifold.egrad2rgrad(point, grad)
+                if group.get("momentum_restart", False):
+                    restart_momentum_(manifold, point, grad, exp_avg)
                 exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
                 exp_avg_sq.mul_(beta2).add_(manifold.component_inner(point, grad),
                                             alpha=1 - beta2)

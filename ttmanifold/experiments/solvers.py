@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..manifold import FixedTTRank, hessian_operator
+from ..optim import restart_momentum_
 from ..tt import IndexSet, TT
 from ..tt import orthogonalize
 from ..tt.layout import ModePlan
@@ -382,11 +383,8 @@ def gradient_restart_(M: FixedTTRank, x: torch.Tensor, egrad: torch.Tensor,
     equals ``<grad f(X), momentum>`` of the full tensors because ``momentum`` is tangent
     and the gauge projection from ``egrad`` to the Riemannian gradient is orthogonal.
     """
-    slope = M.inner(x, egrad, momentum, keepdim=True)
-    # NaN slopes restart too (the optimizer's own finiteness check reports them)
-    kept = (slope >= 0).to(momentum.dtype)
-    momentum.mul_(kept)
-    return kept
+    # the optimizers' restart (ttmanifold.optim), here on geoopt's own optimizer's state
+    return restart_momentum_(M, x, egrad, momentum)
 
 
 class _GeooptStepper(_Stepper):
