@@ -112,6 +112,29 @@ def test_greedy_rank_raise_never_increases_the_loss(seed, bond, n):
     assert loss(y) <= loss(x) * (1 + 1e-12) + 1e-14
 
 
+def test_greedy_rank_raise_without_descent_draws_its_pair_from_the_generator():
+    # zero weights, so a zero gradient: no rank-increasing descent, and the new column and
+    # row are a random orthogonal pair with a zero step, drawn from ``generator``
+    shape = (3, 4, 4, 3)
+    g = torch.Generator().manual_seed(5)
+    x = P.random_tt(shape, [1, 2, 2, 2, 1], generator=g)
+    idx = P.sample_distinct_indices(shape, 60, generator=g)
+    vals = torch.randn(60, dtype=F64, generator=g)
+    w = torch.zeros(60, dtype=F64)
+    ys = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        ys.append(S.greedy_rank_raise(x, 2, idx, vals, w,
+                                      generator=torch.Generator().manual_seed(9)))
+    for y in ys:
+        assert tuple(y.ranks) == (1, 2, 3, 2, 1)
+        torch.testing.assert_close(y.full(), x.full(), rtol=1e-12, atol=1e-12)
+    # the same pair whatever the global generator's state
+    assert all(torch.equal(a, b) for a, b in zip(ys[0].cores, ys[1].cores))
+    other = S.greedy_rank_raise(x, 2, idx, vals, w, generator=torch.Generator().manual_seed(10))
+    assert not all(torch.equal(a, b) for a, b in zip(ys[0].cores, other.cores))
+
+
 def test_greedy_rank_raise_rejects_bad_input():
     x = P.random_tt((3, 3, 3), 1)
     idx = torch.zeros(5, 3, dtype=torch.long)

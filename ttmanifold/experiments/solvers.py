@@ -1436,7 +1436,8 @@ def _pad_bond(cores, bond: int, eps: float, generator):
 
 
 def greedy_rank_raise(x: TT, bond, indices: torch.Tensor, values: torch.Tensor,
-                      weights: Optional[torch.Tensor] = None, count: int = 1) -> TT:
+                      weights: Optional[torch.Tensor] = None, count: int = 1,
+                      generator: Optional[torch.Generator] = None) -> TT:
     """Raise the TT rank of ``x`` at ``bond`` (or at each of a list of bonds, left to
     right) by one in the steepest rank-increasing direction of the sampled least-squares
     loss, with an exact line search.
@@ -1459,7 +1460,9 @@ def greedy_rank_raise(x: TT, bond, indices: torch.Tensor, values: torch.Tensor,
         x: a TT (no batch dimensions); bond: an int or a list of ints in ``[1, d - 1]``
             (bond ``k`` joins cores ``k - 1`` and ``k``).
         indices: ``(N, d)`` sample multi-indices; values: ``(N,)``; weights: ``(N,)``
-            non-negative sample weights or None; count: rank increase per bond.
+            non-negative sample weights or None; count: rank increase per bond;
+        generator: the ``torch.Generator`` of the rare random pair (default torch's
+            global one).
     Returns:
         a TT with ranks ``x.ranks`` plus ``count`` at the bonds, whose loss is at most that of
         ``x`` (equal when the gradient has no rank-increasing part at a bond; then its new
@@ -1472,7 +1475,7 @@ def greedy_rank_raise(x: TT, bond, indices: torch.Tensor, values: torch.Tensor,
     if not (isinstance(count, int) and count >= 1):
         raise ValueError(f"count: expected a positive int, got {count!r}")
     return _greedy_sweep(x, bonds, indices, values, weights, apply=True,
-                         counts={k: count for k in bonds})[0]
+                         counts={k: count for k in bonds}, generator=generator)[0]
 
 
 class _SweepSamples:
@@ -1562,7 +1565,8 @@ def _sweep_start(x: TT, samples: _SweepSamples, values, weights) -> _SweepStart:
 
 def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
                   counts: Optional[Dict[int, int]] = None, probe: int = 1, data=None,
-                  start: Optional[_SweepStart] = None):
+                  start: Optional[_SweepStart] = None,
+                  generator: Optional[torch.Generator] = None):
     """One left-to-right sweep over the bonds of ``x``: with ``apply``, the greedy raises
     of :func:`greedy_rank_raise` at ``bonds`` (by ``counts[k]`` leading pairs at bond
     ``k``, default 1, with the joint exact step); without, nothing changes. Returns the TT
@@ -1577,7 +1581,8 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
     (the probe sweep's, reused by the applied one). ``data`` (a
     :class:`RankAdaptiveData`, or None for one process) sums what depends on the samples
     over the processes: per raised bond the bond matrix and the line search's ``m + m^2``
-    (or ``2 m``) numbers; ``x`` and the samples' share are this process's."""
+    (or ``2 m``) numbers; ``x`` and the samples' share are this process's. ``generator``
+    draws the rare random pairs (default torch's global generator)."""
     if not isinstance(x, TT) or x.batch_shape:
         raise TypeError("x: expected a TT without batch dimensions")
     d = x.ndim
@@ -1636,11 +1641,13 @@ def _greedy_sweep(x: TT, bonds, indices, values, weights, *, apply: bool,
                     # no rank-increasing descent left: pairs orthogonal to C and Q (and
                     # to the pairs kept), zero steps, so the ranks still rise by m
                     extra = m - good
-                    cu = torch.linalg.qr(torch.cat([C, cu, torch.randn(
-                        C.shape[0], extra, dtype=C.dtype, device=C.device)], 1))[0][:, -m:]
-                    cv = torch.linalg.qr(torch.cat([Qm.T, cv, torch.randn(
-                        Qm.shape[1], extra, dtype=C.dtype, device=C.device)], 1))[0][:, -m:]
-                    if data is not None:  # drawn from each process's own stream
+                    gdev = C.device if generator is None else generator.device
+                    ru, rv = (torch.randn(n_, extra, dtype=C.dtype, device=gdev,
+                                          generator=generator).to(C.device)
+                              for n_ in (C.shape[0], Qm.shape[1]))
+                    cu = torch.linalg.qr(torch.cat([C, cu, ru], 1))[0][:, -m:]
+                    cv = torch.linalg.qr(torch.cat([Qm.T, cv, rv], 1))[0][:, -m:]
+                    if data is not None:  # the same on every process, to rounding: rank 0's
                         cu = data.same(cu.contiguous(), "the greedy raise's random pair")
                         cv = data.same(cv.contiguous(), "the greedy raise's random pair")
                 # W_j at the samples for each pair j: (N, m); the pair as a core k-1
@@ -2116,7 +2123,7 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
         else:
             y = _greedy_sweep(sub_old.manifold.to_tt(x_old), sorted(bonds), samples_tr,
                               vals_tr, w_tr, apply=True, counts=bonds, data=red,
-                              start=sweep_start(sub_old, x_old))[0]
+                              start=sweep_start(sub_old, x_old), generator=gen)[0]
             start_of[:] = [None, None]  # not kept through the CG: O(N d r) memory
             x_new = sub_new.manifold.pack_point(y)
         _sync(device)
