@@ -1,5 +1,5 @@
-"""The compiled sampled-entry kernels called directly (``step``, ``rowdot``, ``outer`` and
-the fused right step + scatter ``step_outer``) against float64 loops written here, and the
+"""The compiled sampled-entry kernels called directly (``step``, ``rowdot`` (also with a
+carried sum), ``outer``, ``gather`` and the fused right step + scatter ``step_outer``) against float64 loops written here, and the
 two orders in which :class:`CompiledSampledPoint` may run its right sweep (fused with the
 first projection, or alone when the tangent values come first) against dense references.
 
@@ -138,6 +138,46 @@ def test_many_groups_on_two_threads(mod):
         t = torch.full((N,), float("nan"), dtype=F64)
         mod.rowdot(c_, Mt_, out, off, t)
         assert rel(t, (ref_step(c, Mt, off, None) * out).sum(1)) < 1e-13
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("counts", COUNTS)
+def test_rowdot_adds_the_carried_sums(mod, dtype, counts):
+    """``rowdot`` with ``src`` / ``prev``: each row's product plus the carried sum at its
+    position in the previous order (the tangent values summed over blocks)."""
+    ra, rb = 5, 11
+    off, a, c, Mt, z, dst, perm, (a_, c_, Mt_, z_) = make(counts, ra, ra, rb, dtype, 8)
+    tol = 1e-13 if dtype == F64 else 2e-6
+    N = a.shape[0]
+    y = torch.randn(N, rb, dtype=F64, generator=torch.Generator().manual_seed(9))
+    prev = torch.randn(N + 3, dtype=F64, generator=torch.Generator().manual_seed(10))
+    src = torch.randint(0, N + 3, (N,), generator=torch.Generator().manual_seed(11))
+    t = torch.full((N,), float("nan"), dtype=dtype)
+    mod.rowdot(a_, Mt_, y.to(dtype), off, t, src.to(torch.int32), prev.to(dtype))
+    ref = (ref_step(a, Mt, off, None) * y).sum(1) + prev[src]
+    assert rel(t, ref) < tol
+    with pytest.raises(RuntimeError, match="src and prev"):
+        mod.rowdot(a_, Mt_, y.to(dtype), off, t, src.to(torch.int32), None)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gather_matches_index_select(mod, dtype, threads):
+    """``gather``: scalars and rows, more rows than one task of the two-thread schedule."""
+    g = torch.Generator().manual_seed(12)
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape, N in (((50,), 20000), ((37, 3), 20000), ((4, 17), 5), ((6,), 0)):
+            src = torch.randn(*shape, generator=g, dtype=F64).to(dtype)
+            idx = torch.randint(0, shape[0], (N,), generator=g).to(torch.int32)
+            out = torch.full((N,) + shape[1:], float("nan"), dtype=dtype)
+            mod.gather(src, idx, out)
+            assert torch.equal(out, src.index_select(0, idx.long()))
+        with pytest.raises(RuntimeError, match="gather"):
+            mod.gather(src, idx, torch.empty(1, dtype=dtype))
     finally:
         torch.set_num_threads(n)
 

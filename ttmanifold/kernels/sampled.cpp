@@ -120,26 +120,32 @@ class Helpers {
   size_t n_started_ = 0;
 };
 
-// fn(g0, g1) over the groups 0 .. P-1 in tasks of kGroups groups taken from a shared
-// counter by the calling thread and by up to at::get_num_threads() - 1 helpers: a thread
-// that loses its core delays at most the task it holds, and a helper that never gets a
-// core is not waited for. fn must not call back into ATen's parallel functions.
+// fn(g0, g1) over the items 0 .. P-1 in tasks of `task` items taken from a shared counter
+// by the calling thread and by up to at::get_num_threads() - 1 helpers: a thread that
+// loses its core delays at most the task it holds, and a helper that never gets a core is
+// not waited for. fn must not call back into ATen's parallel functions.
 template <typename F>
-void for_groups(int64_t P, const F& fn) {
+void for_tasks(int64_t P, int64_t task, const F& fn) {
   const int64_t nt = at::get_num_threads();
-  if (nt <= 1 || P <= kGroups || at::in_parallel_region()) {
+  if (nt <= 1 || P <= task || at::in_parallel_region()) {
     fn(0, P);
     return;
   }
   std::atomic<int64_t> next{0};
   const std::function<void()> work = [&] {
     for (;;) {
-      const int64_t g0 = next.fetch_add(kGroups);
+      const int64_t g0 = next.fetch_add(task);
       if (g0 >= P) break;
-      fn(g0, std::min(P, g0 + kGroups));
+      fn(g0, std::min(P, g0 + task));
     }
   };
-  Helpers::get().run(std::min<int64_t>(nt - 1, (P + kGroups - 1) / kGroups - 1), work);
+  Helpers::get().run(std::min<int64_t>(nt - 1, (P + task - 1) / task - 1), work);
+}
+
+// for_tasks over the groups of a block, kGroups groups per task
+template <typename F>
+void for_groups(int64_t P, const F& fn) {
+  for_tasks(P, kGroups, fn);
 }
 
 // Rows of one group times the group's matrix, with explicit SIMD vectors (GCC/Clang vector
@@ -322,19 +328,45 @@ void step_impl(const T* a, int64_t ra, const T* M, int64_t rb, const int64_t* of
   });
 }
 
-// t[i] = a[i] @ M[g] . c[i]  (a (N, ra), c (N, rb), M (P, ra, rb)), in the block's order.
-// (Carrying the sums along the blocks' orders instead, one scattered scalar store per row
-// and block, measured slower than the block-order output and one gather per block.)
+// t[i] = a[i] @ M[g] . c[i] (+ prev[src[i]] when prev is given)  (a (N, ra), c (N, rb),
+// M (P, ra, rb)), in the block's order. prev carries the sums of the earlier blocks in their
+// order: read here at the row's position there (src), so the sum over the blocks needs no
+// separate gather and add per block. (Carrying them in the other direction, one scattered
+// scalar store per row and block, measured slower.)
 template <typename T>
 void rowdot_impl(const T* a, int64_t ra, const T* M, int64_t rb, const T* c,
-                 const int64_t* off, int64_t P, T* t) {
+                 const int64_t* off, int64_t P, const int32_t* src, const T* prev, T* t) {
   for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> buf;
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t i0 = off[g], i1 = off[g + 1];
-      std::fill(t + i0, t + i1, T(0));
+      // a tight loop of independent loads (scattered, but ascending inside a group)
+      if (prev)
+        for (int64_t i = i0; i < i1; ++i) t[i] = prev[src[i]];
+      else
+        std::fill(t + i0, t + i1, T(0));
       group(a, ra, M + g * ra * rb, rb, i0, i1, nullptr, static_cast<T*>(nullptr), c, t + i0,
             buf);
+    }
+  });
+}
+
+// out[i] = src[idx[i]] (rows of w numbers), on the helper threads of for_tasks
+template <typename T>
+void gather_impl(const T* src, int64_t w, const int32_t* idx, int64_t N, T* out) {
+  constexpr int64_t kRows = 1 << 13;  // rows per task
+  constexpr int64_t kLead = 64;  // rows between the prefetch of a source row and its copy
+  for_tasks(N, kRows, [&](int64_t i0, int64_t i1) {
+    if (w == 1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        if (i + kLead < i1) __builtin_prefetch(src + idx[i + kLead]);
+        out[i] = src[idx[i]];
+      }
+    } else {
+      for (int64_t i = i0; i < i1; ++i) {
+        if (i + kLead < i1) __builtin_prefetch(src + static_cast<int64_t>(idx[i + kLead]) * w);
+        std::copy_n(src + static_cast<int64_t>(idx[i]) * w, w, out + i * w);
+      }
     }
   });
 }
@@ -492,18 +524,43 @@ void step(torch::Tensor a, torch::Tensor M, torch::Tensor off,
   });
 }
 
-// t[i] = a[i] @ M[g] . c[i] in the block's order
+// t[i] = a[i] @ M[g] . c[i] in the block's order, plus prev[src[i]] when given (prev: the
+// sums of the earlier blocks in their order, src: each row's position there)
 void rowdot(torch::Tensor a, torch::Tensor M, torch::Tensor c, torch::Tensor off,
-            torch::Tensor t) {
+            torch::Tensor t, c10::optional<torch::Tensor> src,
+            c10::optional<torch::Tensor> prev) {
   check(a, "a"); check(M, "M"); check(c, "c"); check(off, "off"); check(t, "t");
   TORCH_CHECK(off.scalar_type() == torch::kInt64, "off: expected int64");
   TORCH_CHECK(M.dim() == 3 && M.size(1) == a.size(1) && M.size(2) == c.size(1) &&
               a.size(0) == c.size(0) && t.numel() == a.size(0) &&
               off.numel() == M.size(0) + 1, "rowdot: inconsistent shapes");
+  TORCH_CHECK(src.has_value() == prev.has_value(), "rowdot: src and prev go together");
+  const int32_t* s = idx_ptr(src, "src");
+  if (prev.has_value()) {
+    check(*prev, "prev");
+    TORCH_CHECK(s != nullptr && src->numel() == a.size(0) &&
+                prev->scalar_type() == t.scalar_type(), "rowdot: inconsistent src / prev");
+  }
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ttm_rowdot", [&] {
     rowdot_impl<scalar_t>(a.data_ptr<scalar_t>(), a.size(1), M.data_ptr<scalar_t>(), M.size(2),
-                          c.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), M.size(0),
+                          c.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), M.size(0), s,
+                          prev.has_value() ? prev->data_ptr<scalar_t>() : nullptr,
                           t.data_ptr<scalar_t>());
+  });
+}
+
+// out (N, w) = rows idx of src (S, w) (a 1-d src and out: w = 1); the indices are not
+// checked (the callers build them)
+void gather(torch::Tensor src, torch::Tensor idx, torch::Tensor out) {
+  check(src, "src"); check(out, "out");
+  const int32_t* ix = idx_ptr(idx, "idx");
+  const int64_t w = src.dim() == 1 ? 1 : src.numel() / std::max<int64_t>(src.size(0), 1);
+  TORCH_CHECK(src.dim() >= 1 && out.dim() == src.dim() && out.size(0) == idx.numel() &&
+              out.numel() == idx.numel() * w && out.scalar_type() == src.scalar_type(),
+              "gather: inconsistent shapes");
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "ttm_gather", [&] {
+    gather_impl<scalar_t>(src.data_ptr<scalar_t>(), w, ix, idx.numel(),
+                          out.data_ptr<scalar_t>());
   });
 }
 
@@ -553,7 +610,10 @@ void step_outer(torch::Tensor c, torch::Tensor Mt, c10::optional<torch::Tensor> 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &step, "rows times their group's matrix, scattered to dst");
-  m.def("rowdot", &rowdot, "a M c per row");
+  m.def("rowdot", &rowdot, "a M c per row, plus a carried sum", py::arg("a"), py::arg("M"),
+        py::arg("c"), py::arg("off"), py::arg("t"), py::arg("src") = py::none(),
+        py::arg("prev") = py::none());
+  m.def("gather", &gather, "rows of a table by int32 index");
   m.def("outer", &outer, "per-group weighted sums of outer products");
   m.def("step_outer", &step_outer, "a right step fused with the per-group scatter");
 }

@@ -159,7 +159,7 @@ def _left_sweep(mod, plan: CompiledPlan, cores: Sequence[torch.Tensor], ws: Dict
         out = (_buf(ws, ("L", b + 1), N, ranks[hi], dtype, device) if b + 1 < B
                else torch.empty(N, 1, dtype=dtype, device=device))
         if b == 0 and B > 1:
-            torch.index_select(M.view(M.shape[0], -1), 0, plan.first_groups, out=out)
+            mod.gather(M.view(M.shape[0], -1), plan.first_groups, out)
         else:
             mod.step(L[b], M, plan.off[b], plan.dst_left[b], out)
         if b + 1 < B:
@@ -227,8 +227,7 @@ class CompiledSampledPoint:
                 for b in range(B - 1, 0, -1):
                     Mt = self._right_core(b)
                     if b == B - 1:
-                        torch.index_select(Mt.view(Mt.shape[0], -1), 0, plan.last_groups,
-                                           out=R[b - 1])
+                        self.mod.gather(Mt.view(Mt.shape[0], -1), plan.last_groups, R[b - 1])
                     else:
                         self.mod.step(R[b], Mt, plan.off[b], plan.dst_right[b], R[b - 1])
             self._R = R
@@ -261,6 +260,7 @@ class CompiledSampledPoint:
         fused = self._R is None
         R = self._right_buffers() if fused else self._R
         B = len(plan.bounds)
+        zb = _buf(self._ws, "zb", len(z), 1, z.dtype, z.device).view(-1)
         with torch.no_grad():
             for b in range(B - 1, -1, -1):
                 lo, hi = plan.bounds[b]
@@ -268,11 +268,10 @@ class CompiledSampledPoint:
                 C = z.new_empty(P, self.L[b].shape[1], R[b].shape[1])
                 # the weights in the block's order: one gather here is cheaper than the
                 # same scattered reads inside the kernel
-                zb = z.index_select(0, plan.perm[b])
+                nat.gather(z, plan.perm[b], zb)
                 if fused and b == B - 1 and b > 0:  # the right vectors start from ones
                     Mt = self._right_core(b)
-                    torch.index_select(Mt.view(Mt.shape[0], -1), 0, plan.last_groups,
-                                       out=R[b - 1])
+                    nat.gather(Mt.view(Mt.shape[0], -1), plan.last_groups, R[b - 1])
                     nat.outer(self.L[b], R[b], zb, plan.off[b], None, C)
                 elif fused:
                     Mt = self._right_core(b) if b > 0 else z.new_empty(0, 0, 0)
@@ -287,22 +286,24 @@ class CompiledSampledPoint:
 
     def tangent(self, dU: Sequence[torch.Tensor]) -> torch.Tensor:
         """The tangent vector with deltas ``dU`` at the samples (sample order): per block,
-        the row-wise products ``l T r`` with its merged tangent core (block order), then
-        gathered into sample order and summed."""
+        the row-wise products ``l T r`` with its merged tangent core, each block's kernel
+        adding the sums of the blocks before it (carried in their order), then one gather
+        into sample order."""
         nat = self.mod
         plan = self.plan
         N = len(plan.iset)
         R = self.R
         dtype, device = self.values.dtype, self.values.device
         with torch.no_grad():
-            e = None
-            t = _buf(self._ws, "t", N, 1, dtype, device).view(-1)
-            ts = _buf(self._ws, "ts", N, 1, dtype, device).view(-1)
+            # two pooled buffers in turn: a block's sums and the carried sums it reads
+            bufs = [_buf(self._ws, name, N, 1, dtype, device).view(-1) for name in ("t", "ts")]
+            prev = None
             for b, (lo, hi) in enumerate(plan.bounds):
                 T = tangent_block(self.U, self.V, dU, lo, hi).permute(1, 0, 2).contiguous()
-                nat.rowdot(self.L[b], T, R[b], plan.off[b], t)  # block order
-                if e is None:
-                    e = t.index_select(0, plan.inv[b])  # sample order, a new tensor
-                else:
-                    e.add_(torch.index_select(t, 0, plan.inv[b], out=ts))
+                t = bufs[b % 2]
+                nat.rowdot(self.L[b], T, R[b], plan.off[b], t,
+                           plan.dst_right[b] if prev is not None else None, prev)
+                prev = t
+            e = prev.new_empty(N)  # sample order, a new tensor
+            nat.gather(prev, plan.inv[len(plan.bounds) - 1], e)
         return e
