@@ -1,7 +1,8 @@
-"""The compiled sampled-entry kernels called directly (``step``, ``rowdot`` (also with a
-carried sum), ``outer``, ``gather`` and the fused right step + scatter ``step_outer``) against float64 loops written here, and the
-two orders in which :class:`CompiledSampledPoint` may run its right sweep (fused with the
-first projection, or alone when the tangent values come first) against dense references.
+"""The compiled sampled-entry kernels called directly (``step``, ``rowdot``, ``outer``,
+``gather`` and the fused right step + scatter ``step_outer``) against float64 loops written
+here, and the two orders in which :class:`CompiledSampledPoint` may run its right sweep
+(fused with the first projection, or alone when the tangent values come first) against dense
+references.
 
 Group sizes cover empty groups, a single sample, sizes that are not multiples of the row
 blocks and groups longer than the destination prefetch distance; ranks are odd, 1, and above
@@ -143,26 +144,6 @@ def test_many_groups_on_two_threads(mod):
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
-@pytest.mark.parametrize("counts", COUNTS)
-def test_rowdot_adds_the_carried_sums(mod, dtype, counts):
-    """``rowdot`` with ``src`` / ``prev``: each row's product plus the carried sum at its
-    position in the previous order (the tangent values summed over blocks)."""
-    ra, rb = 5, 11
-    off, a, c, Mt, z, dst, perm, (a_, c_, Mt_, z_) = make(counts, ra, ra, rb, dtype, 8)
-    tol = 1e-13 if dtype == F64 else 2e-6
-    N = a.shape[0]
-    y = torch.randn(N, rb, dtype=F64, generator=torch.Generator().manual_seed(9))
-    prev = torch.randn(N + 3, dtype=F64, generator=torch.Generator().manual_seed(10))
-    src = torch.randint(0, N + 3, (N,), generator=torch.Generator().manual_seed(11))
-    t = torch.full((N,), float("nan"), dtype=dtype)
-    mod.rowdot(a_, Mt_, y.to(dtype), off, t, src.to(torch.int32), prev.to(dtype))
-    ref = (ref_step(a, Mt, off, None) * y).sum(1) + prev[src]
-    assert rel(t, ref) < tol
-    with pytest.raises(RuntimeError, match="src and prev"):
-        mod.rowdot(a_, Mt_, y.to(dtype), off, t, src.to(torch.int32), None)
-
-
-@pytest.mark.parametrize("dtype", [F64, F32])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_gather_matches_index_select(mod, dtype, threads):
     """``gather``: scalars and rows, more rows than one task of the two-thread schedule."""
@@ -176,8 +157,13 @@ def test_gather_matches_index_select(mod, dtype, threads):
             out = torch.full((N,) + shape[1:], float("nan"), dtype=dtype)
             mod.gather(src, idx, out)
             assert torch.equal(out, src.index_select(0, idx.long()))
+            if len(shape) == 1:  # the sum with out
+                mod.gather(src, idx, out, True)
+                assert torch.equal(out, 2 * src.index_select(0, idx.long()))
         with pytest.raises(RuntimeError, match="gather"):
             mod.gather(src, idx, torch.empty(1, dtype=dtype))
+        with pytest.raises(RuntimeError, match="add expects"):
+            mod.gather(src.view(-1, 2), idx, torch.empty(0, 2, dtype=dtype), True)
     finally:
         torch.set_num_threads(n)
 

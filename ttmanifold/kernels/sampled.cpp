@@ -328,39 +328,36 @@ void step_impl(const T* a, int64_t ra, const T* M, int64_t rb, const int64_t* of
   });
 }
 
-// t[i] = a[i] @ M[g] . c[i] (+ prev[src[i]] when prev is given)  (a (N, ra), c (N, rb),
-// M (P, ra, rb)), in the block's order. prev carries the sums of the earlier blocks in their
-// order: read here at the row's position there (src), so the sum over the blocks needs no
-// separate gather and add per block. (Carrying them in the other direction, one scattered
-// scalar store per row and block, measured slower.)
+// t[i] = a[i] @ M[g] . c[i]  (a (N, ra), c (N, rb), M (P, ra, rb)), in the block's order.
+// (Carrying the sums along the blocks' orders instead, one scattered scalar store per row
+// and block, measured slower than the block-order output and one gather per block; so did
+// a carried sum read inside this kernel at the rows' positions in the previous order: the
+// streamed rows evict it from the cache, where the separate gather finds t.)
 template <typename T>
 void rowdot_impl(const T* a, int64_t ra, const T* M, int64_t rb, const T* c,
-                 const int64_t* off, int64_t P, const int32_t* src, const T* prev, T* t) {
+                 const int64_t* off, int64_t P, T* t) {
   for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> buf;
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t i0 = off[g], i1 = off[g + 1];
-      // a tight loop of independent loads (scattered, but ascending inside a group)
-      if (prev)
-        for (int64_t i = i0; i < i1; ++i) t[i] = prev[src[i]];
-      else
-        std::fill(t + i0, t + i1, T(0));
+      std::fill(t + i0, t + i1, T(0));
       group(a, ra, M + g * ra * rb, rb, i0, i1, nullptr, static_cast<T*>(nullptr), c, t + i0,
             buf);
     }
   });
 }
 
-// out[i] = src[idx[i]] (rows of w numbers), on the helper threads of for_tasks
+// out[i] = src[idx[i]] (rows of w numbers; add: out[i] += src[idx[i]], w = 1), on the
+// helper threads of for_tasks
 template <typename T>
-void gather_impl(const T* src, int64_t w, const int32_t* idx, int64_t N, T* out) {
+void gather_impl(const T* src, int64_t w, const int32_t* idx, int64_t N, bool add, T* out) {
   constexpr int64_t kRows = 1 << 13;  // rows per task
   constexpr int64_t kLead = 64;  // rows between the prefetch of a source row and its copy
   for_tasks(N, kRows, [&](int64_t i0, int64_t i1) {
     if (w == 1) {
       for (int64_t i = i0; i < i1; ++i) {
         if (i + kLead < i1) __builtin_prefetch(src + idx[i + kLead]);
-        out[i] = src[idx[i]];
+        out[i] = add ? out[i] + src[idx[i]] : src[idx[i]];
       }
     } else {
       for (int64_t i = i0; i < i1; ++i) {
@@ -524,42 +521,33 @@ void step(torch::Tensor a, torch::Tensor M, torch::Tensor off,
   });
 }
 
-// t[i] = a[i] @ M[g] . c[i] in the block's order, plus prev[src[i]] when given (prev: the
-// sums of the earlier blocks in their order, src: each row's position there)
+// t[i] = a[i] @ M[g] . c[i] in the block's order
 void rowdot(torch::Tensor a, torch::Tensor M, torch::Tensor c, torch::Tensor off,
-            torch::Tensor t, c10::optional<torch::Tensor> src,
-            c10::optional<torch::Tensor> prev) {
+            torch::Tensor t) {
   check(a, "a"); check(M, "M"); check(c, "c"); check(off, "off"); check(t, "t");
   TORCH_CHECK(off.scalar_type() == torch::kInt64, "off: expected int64");
   TORCH_CHECK(M.dim() == 3 && M.size(1) == a.size(1) && M.size(2) == c.size(1) &&
               a.size(0) == c.size(0) && t.numel() == a.size(0) &&
               off.numel() == M.size(0) + 1, "rowdot: inconsistent shapes");
-  TORCH_CHECK(src.has_value() == prev.has_value(), "rowdot: src and prev go together");
-  const int32_t* s = idx_ptr(src, "src");
-  if (prev.has_value()) {
-    check(*prev, "prev");
-    TORCH_CHECK(s != nullptr && src->numel() == a.size(0) &&
-                prev->scalar_type() == t.scalar_type(), "rowdot: inconsistent src / prev");
-  }
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ttm_rowdot", [&] {
     rowdot_impl<scalar_t>(a.data_ptr<scalar_t>(), a.size(1), M.data_ptr<scalar_t>(), M.size(2),
-                          c.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), M.size(0), s,
-                          prev.has_value() ? prev->data_ptr<scalar_t>() : nullptr,
+                          c.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), M.size(0),
                           t.data_ptr<scalar_t>());
   });
 }
 
-// out (N, w) = rows idx of src (S, w) (a 1-d src and out: w = 1); the indices are not
-// checked (the callers build them)
-void gather(torch::Tensor src, torch::Tensor idx, torch::Tensor out) {
+// out (N, w) = rows idx of src (S, w) (1-d src and out: w = 1; add: out += src[idx], 1-d
+// only); the indices are not checked (the callers build them)
+void gather(torch::Tensor src, torch::Tensor idx, torch::Tensor out, bool add) {
   check(src, "src"); check(out, "out");
   const int32_t* ix = idx_ptr(idx, "idx");
   const int64_t w = src.dim() == 1 ? 1 : src.numel() / std::max<int64_t>(src.size(0), 1);
   TORCH_CHECK(src.dim() >= 1 && out.dim() == src.dim() && out.size(0) == idx.numel() &&
               out.numel() == idx.numel() * w && out.scalar_type() == src.scalar_type(),
               "gather: inconsistent shapes");
+  TORCH_CHECK(!add || src.dim() == 1, "gather: add expects 1-d src and out");
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "ttm_gather", [&] {
-    gather_impl<scalar_t>(src.data_ptr<scalar_t>(), w, ix, idx.numel(),
+    gather_impl<scalar_t>(src.data_ptr<scalar_t>(), w, ix, idx.numel(), add,
                           out.data_ptr<scalar_t>());
   });
 }
@@ -610,10 +598,9 @@ void step_outer(torch::Tensor c, torch::Tensor Mt, c10::optional<torch::Tensor> 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &step, "rows times their group's matrix, scattered to dst");
-  m.def("rowdot", &rowdot, "a M c per row, plus a carried sum", py::arg("a"), py::arg("M"),
-        py::arg("c"), py::arg("off"), py::arg("t"), py::arg("src") = py::none(),
-        py::arg("prev") = py::none());
-  m.def("gather", &gather, "rows of a table by int32 index");
+  m.def("rowdot", &rowdot, "a M c per row");
+  m.def("gather", &gather, "rows of a table by int32 index (or their sum with out)",
+        py::arg("src"), py::arg("idx"), py::arg("out"), py::arg("add") = false);
   m.def("outer", &outer, "per-group weighted sums of outer products");
   m.def("step_outer", &step_outer, "a right step fused with the per-group scatter");
 }

@@ -286,24 +286,18 @@ class CompiledSampledPoint:
 
     def tangent(self, dU: Sequence[torch.Tensor]) -> torch.Tensor:
         """The tangent vector with deltas ``dU`` at the samples (sample order): per block,
-        the row-wise products ``l T r`` with its merged tangent core, each block's kernel
-        adding the sums of the blocks before it (carried in their order), then one gather
-        into sample order."""
+        the row-wise products ``l T r`` with its merged tangent core (block order), then
+        gathered into sample order and summed (one kernel call for both)."""
         nat = self.mod
         plan = self.plan
         N = len(plan.iset)
         R = self.R
         dtype, device = self.values.dtype, self.values.device
         with torch.no_grad():
-            # two pooled buffers in turn: a block's sums and the carried sums it reads
-            bufs = [_buf(self._ws, name, N, 1, dtype, device).view(-1) for name in ("t", "ts")]
-            prev = None
+            e = torch.empty(N, dtype=dtype, device=device)  # sample order, a new tensor
+            t = _buf(self._ws, "t", N, 1, dtype, device).view(-1)
             for b, (lo, hi) in enumerate(plan.bounds):
                 T = tangent_block(self.U, self.V, dU, lo, hi).permute(1, 0, 2).contiguous()
-                t = bufs[b % 2]
-                nat.rowdot(self.L[b], T, R[b], plan.off[b], t,
-                           plan.dst_right[b] if prev is not None else None, prev)
-                prev = t
-            e = prev.new_empty(N)  # sample order, a new tensor
-            nat.gather(prev, plan.inv[len(plan.bounds) - 1], e)
+                nat.rowdot(self.L[b], T, R[b], plan.off[b], t)  # block order
+                nat.gather(t, plan.inv[b], e, b > 0)
         return e
