@@ -144,6 +144,39 @@ def test_many_groups_on_two_threads(mod):
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("counts", COUNTS)
+def test_left_rows_from_a_table(mod, dtype, counts):
+    """Every kernel with ``aidx`` (left rows ``a[aidx[i]]`` of a table) against the loops
+    on the gathered rows."""
+    ra, rb, rc = 3, 7, 4
+    off, a, c, Mt, z, dst, perm, (a_, c_, Mt_, z_) = make(counts, ra, rb, rc, dtype, 13)
+    tol = 1e-13 if dtype == F64 else 2e-6
+    N, P = a.shape[0], off.numel() - 1
+    g = torch.Generator().manual_seed(14)
+    table = torch.randn(6, ra, generator=g, dtype=F64)
+    aidx = torch.randint(0, 6, (N,), generator=g).to(torch.int32)
+    rows = table[aidx.long()]
+    tab = table.to(dtype)
+    Ma = torch.randn(P, ra, rb, generator=g, dtype=F64)
+    out = torch.full((N, rb), float("nan"), dtype=dtype)
+    mod.step(tab, Ma.to(dtype), off, dst, out, aidx)
+    assert rel(out, ref_step(rows, Ma, off, dst)) < tol
+    t = torch.full((N,), float("nan"), dtype=dtype)
+    mod.rowdot(tab, Ma.to(dtype), c_, off, t, aidx)
+    assert rel(t, (ref_step(rows, Ma, off, None) * c).sum(1)) < tol
+    C = torch.full((P, ra, rb), float("nan"), dtype=dtype)
+    mod.outer(tab, c_, z_, off, perm, C, aidx)
+    assert rel(C, ref_outer(rows, c, z, off, perm)) < tol
+    out = torch.full((N, rc), float("nan"), dtype=dtype)
+    C = torch.full((P, ra, rb), float("nan"), dtype=dtype)
+    mod.step_outer(c_, Mt_, dst, out, tab, z_, off, perm, C, aidx)
+    assert rel(out, ref_step(c, Mt, off, dst)) < tol
+    assert rel(C, ref_outer(rows, c, z, off, perm)) < tol
+    with pytest.raises(RuntimeError, match="rowdot"):
+        mod.rowdot(tab, Ma.to(dtype), c_[:-1], off, t, aidx)  # fewer right rows than aidx
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_gather_matches_index_select(mod, dtype, threads):
     """``gather``: scalars and rows, more rows than one task of the two-thread schedule."""

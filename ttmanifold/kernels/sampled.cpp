@@ -120,10 +120,15 @@ class Helpers {
   size_t n_started_ = 0;
 };
 
-// fn(g0, g1) over the items 0 .. P-1 in tasks of `task` items taken from a shared counter
-// by the calling thread and by up to at::get_num_threads() - 1 helpers: a thread that
-// loses its core delays at most the task it holds, and a helper that never gets a core is
-// not waited for. fn must not call back into ATen's parallel functions.
+// fn(g0, g1) over the items 0 .. P-1 in tasks of `task` items, run by the calling thread
+// and by up to at::get_num_threads() - 1 helpers. Each thread starts on its own contiguous
+// range of the items (taken in order from the range's counter), then takes the tasks left
+// in the other ranges: a thread that loses its core delays at most the task it holds, and
+// a helper that never gets a core is not waited for. Contiguous ranges matter for the
+// scattered steps: a destination group's rows are ordered by source group, so threads on
+// neighbouring source groups would write the same cache lines at the same time.
+// fn must not call back into ATen's parallel functions.
+int g_schedule = 1;  // TEMPORARY A/B switch: 0 = one shared counter
 template <typename F>
 void for_tasks(int64_t P, int64_t task, const F& fn) {
   const int64_t nt = at::get_num_threads();
@@ -131,15 +136,27 @@ void for_tasks(int64_t P, int64_t task, const F& fn) {
     fn(0, P);
     return;
   }
-  std::atomic<int64_t> next{0};
+  const int64_t ntask = (P + task - 1) / task;
+  const int64_t nw = g_schedule ? std::min(nt, ntask) : 1;  // ranges
+  std::vector<std::atomic<int64_t>> next(static_cast<size_t>(nw));
+  std::vector<int64_t> end(static_cast<size_t>(nw));
+  for (int64_t k = 0; k < nw; ++k) {
+    next[k].store(ntask * k / nw * task);
+    end[k] = std::min(P, ntask * (k + 1) / nw * task);
+  }
+  std::atomic<int64_t> ids{0};
   const std::function<void()> work = [&] {
-    for (;;) {
-      const int64_t g0 = next.fetch_add(task);
-      if (g0 >= P) break;
-      fn(g0, std::min(P, g0 + task));
+    const int64_t me = ids.fetch_add(1);
+    for (int64_t j = 0; j < nw; ++j) {
+      const int64_t k = (me + j) % nw;
+      for (;;) {
+        const int64_t g0 = next[k].fetch_add(task);
+        if (g0 >= end[k]) break;
+        fn(g0, std::min(end[k], g0 + task));
+      }
     }
   };
-  Helpers::get().run(std::min<int64_t>(nt - 1, (P + task - 1) / task - 1), work);
+  Helpers::get().run(std::min(nt, ntask) - 1, work);
 }
 
 // for_tasks over the groups of a block, kGroups groups per task
@@ -259,9 +276,10 @@ constexpr int rows_per_block() {
 }
 
 // Rows i0 .. i1-1 of one group, columns j0 .. j0+NJ: out[dst[i]] = a[i] @ m (dst null:
-// out[i]), or, with c, t[i - i0] += a[i] @ m . c[i] (t the group's partial sums).
+// out[i]), or, with c, t[i - i0] += a[i] @ m . c[i] (t the group's partial sums). The rows
+// a[i] are at a0 + (i - i0) ra (see group_rows).
 template <typename T, int NJ>
-void group_cols(const T* a, int64_t ra, const T* m, int64_t rb, int64_t j0,
+void group_cols(const T* a0, int64_t ra, const T* m, int64_t rb, int64_t j0,
                 int64_t i0, int64_t i1, const int32_t* dst, T* out, const T* c, T* t,
                 std::vector<typename Simd<T>::V>& buf) {
   using V = typename Simd<T>::V;
@@ -286,13 +304,13 @@ void group_cols(const T* a, int64_t ra, const T* m, int64_t rb, int64_t j0,
         __builtin_prefetch(o + NJ - 1, 1);  // a row may straddle two lines
       }
     V s[RB][NV];
-    rows_times<T, NV, RB>(a + i * ra, ra, mp, s);
+    rows_times<T, NV, RB>(a0 + (i - i0) * ra, ra, mp, s);
     #pragma GCC unroll 16
     for (int q = 0; q < RB; ++q) emit(s[q], i + q);
   }
   for (; i < i1; ++i) {
     V s[1][NV];
-    rows_times<T, NV, 1>(a + i * ra, ra, mp, s);
+    rows_times<T, NV, 1>(a0 + (i - i0) * ra, ra, mp, s);
     emit(s[0], i);
   }
 }
@@ -306,25 +324,41 @@ constexpr std::array<GroupCols<T>, sizeof...(J)> group_table(std::integer_sequen
   return {&group_cols<T, J + 1>...};
 }
 
-// One group: columns in chunks of at most kChunk (a compile-time width each).
+// One group (rows a0 as in group_cols): columns in chunks of at most kChunk (a
+// compile-time width each).
 template <typename T>
-void group(const T* a, int64_t ra, const T* m, int64_t rb, int64_t i0, int64_t i1,
+void group(const T* a0, int64_t ra, const T* m, int64_t rb, int64_t i0, int64_t i1,
            const int32_t* dst, T* out, const T* c, T* t,
            std::vector<typename Simd<T>::V>& buf) {
   static constexpr auto tab = group_table<T>(std::make_integer_sequence<int, kChunk>{});
   for (int64_t j0 = 0; j0 < rb; j0 += kChunk)
-    tab[std::min(kChunk, rb - j0) - 1](a, ra, m, rb, j0, i0, i1, dst, out, c, t, buf);
+    tab[std::min(kChunk, rb - j0) - 1](a0, ra, m, rb, j0, i0, i1, dst, out, c, t, buf);
+}
+
+// The rows i0 .. i1-1 of a group's left vectors, contiguous: in place (a (N, ra)), or, with
+// aidx, a is a small table (of the first merged core's rows, in cache) and row i is
+// a[aidx[i]], copied to `stage` (this spares storing and streaming a full (N, ra) array)
+template <typename T>
+const T* group_rows(const T* a, int64_t ra, const int32_t* aidx, int64_t i0, int64_t i1,
+                    std::vector<T>& stage) {
+  if (!aidx) return a + i0 * ra;
+  stage.resize(static_cast<size_t>((i1 - i0) * ra));
+  for (int64_t i = i0; i < i1; ++i)
+    std::copy_n(a + static_cast<int64_t>(aidx[i]) * ra, ra, stage.data() + (i - i0) * ra);
+  return stage.data();
 }
 
 // out[dst[i]] = a[i] @ M[g] for the rows i of every group g (dst null: out[i]).
 template <typename T>
-void step_impl(const T* a, int64_t ra, const T* M, int64_t rb, const int64_t* off,
-               int64_t P, const int32_t* dst, T* out) {
+void step_impl(const T* a, int64_t ra, const int32_t* aidx, const T* M, int64_t rb,
+               const int64_t* off, int64_t P, const int32_t* dst, T* out) {
   for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> buf;
+    std::vector<T> stage;
     for (int64_t g = g0; g < g1; ++g)
-      group(a, ra, M + g * ra * rb, rb, off[g], off[g + 1], dst, out,
-            static_cast<const T*>(nullptr), static_cast<T*>(nullptr), buf);
+      group(group_rows(a, ra, aidx, off[g], off[g + 1], stage), ra, M + g * ra * rb, rb,
+            off[g], off[g + 1], dst, out, static_cast<const T*>(nullptr),
+            static_cast<T*>(nullptr), buf);
   });
 }
 
@@ -334,15 +368,16 @@ void step_impl(const T* a, int64_t ra, const T* M, int64_t rb, const int64_t* of
 // a carried sum read inside this kernel at the rows' positions in the previous order: the
 // streamed rows evict it from the cache, where the separate gather finds t.)
 template <typename T>
-void rowdot_impl(const T* a, int64_t ra, const T* M, int64_t rb, const T* c,
-                 const int64_t* off, int64_t P, T* t) {
+void rowdot_impl(const T* a, int64_t ra, const int32_t* aidx, const T* M, int64_t rb,
+                 const T* c, const int64_t* off, int64_t P, T* t) {
   for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> buf;
+    std::vector<T> stage;
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t i0 = off[g], i1 = off[g + 1];
       std::fill(t + i0, t + i1, T(0));
-      group(a, ra, M + g * ra * rb, rb, i0, i1, nullptr, static_cast<T*>(nullptr), c, t + i0,
-            buf);
+      group(group_rows(a, ra, aidx, i0, i1, stage), ra, M + g * ra * rb, rb, i0, i1, nullptr,
+            static_cast<T*>(nullptr), c, t + i0, buf);
     }
   });
 }
@@ -391,11 +426,12 @@ inline void outer_tile(const T* __restrict x, int64_t ra, int64_t f0,
 }
 
 // Columns j0 .. j0+NJ of C_g = sum_i z[perm[i]] a[i]^T c[i] over the rows i0 .. i0+n-1 of
-// one group (C_g (ra, rb) row-major at out). The weighted rows z c are staged once in
+// one group (C_g (ra, rb) row-major at out; the rows a[i] at a0 + (i - i0) ra). The
+// weighted rows z c are staged once in
 // zero-padded vectors (w); then RB rows of C_g at a time stay in registers while the
 // group's rows stream through (they are in cache: the group is small).
 template <typename T, int NJ>
-void outer_cols(const T* a, int64_t ra, const T* c, int64_t rb, int64_t j0, const T* z,
+void outer_cols(const T* a0, int64_t ra, const T* c, int64_t rb, int64_t j0, const T* z,
                 const int32_t* perm, int64_t i0, int64_t n, T* out,
                 std::vector<typename Simd<T>::V>& w) {
   using V = typename Simd<T>::V;
@@ -409,7 +445,7 @@ void outer_cols(const T* a, int64_t ra, const T* c, int64_t rb, int64_t j0, cons
   for (int64_t i = 0; i < n; ++i) zg[i] = z ? z[perm ? perm[i0 + i] : i0 + i] : T(1);
   for (int64_t i = 0; i < n; ++i) {
     // the left rows are first read by the tiles below: fetch them along with these
-    __builtin_prefetch(a + (i0 + i) * ra);
+    __builtin_prefetch(a0 + i * ra);
     const T zi = zg[i];
     const T* y = c + (i0 + i) * rb + j0;
     V* wi = &w[static_cast<size_t>(i * NV)];
@@ -421,7 +457,7 @@ void outer_cols(const T* a, int64_t ra, const T* c, int64_t rb, int64_t j0, cons
   // 4 + 4 + 1 + 1: a one-row tile is a latency-bound chain)
   const int64_t nt = (ra + RB - 1) / RB;
   const int64_t fb = (ra + nt - 1) / nt;
-  const T* x = a + i0 * ra;
+  const T* x = a0;
   for (int64_t f0 = 0; f0 < ra; f0 += fb) {
     const int64_t m = std::min(fb, ra - f0);
     static_assert(RB <= 8, "tile table");
@@ -448,9 +484,9 @@ constexpr std::array<OuterCols<T>, sizeof...(J)> outer_table(std::integer_sequen
 }
 
 // C_g (ra, rb) = sum over the rows i of group g (off[g] .. off[g+1]-1) of
-// z[perm[i]] a[i]^T c[i]
+// z[perm[i]] a[i]^T c[i] (rows a0 as in outer_cols)
 template <typename T>
-void outer_group(const T* a, int64_t ra, const T* c, int64_t rb, const T* z,
+void outer_group(const T* a0, int64_t ra, const T* c, int64_t rb, const T* z,
                  const int32_t* perm, int64_t i0, int64_t i1, T* out,
                  std::vector<typename Simd<T>::V>& w) {
   static constexpr auto tab = outer_table<T>(std::make_integer_sequence<int, kChunk>{});
@@ -459,17 +495,19 @@ void outer_group(const T* a, int64_t ra, const T* c, int64_t rb, const T* z,
     return;
   }
   for (int64_t j0 = 0; j0 < rb; j0 += kChunk)
-    tab[std::min(kChunk, rb - j0) - 1](a, ra, c, rb, j0, z, perm, i0, i1 - i0, out, w);
+    tab[std::min(kChunk, rb - j0) - 1](a0, ra, c, rb, j0, z, perm, i0, i1 - i0, out, w);
 }
 
 // C[g] = sum_{i in g} z[perm[i]] a[i]^T c[i]  (C (P, ra, rb)).
 template <typename T>
-void outer_impl(const T* a, int64_t ra, const T* c, int64_t rb, const T* z,
-                const int64_t* off, int64_t P, const int32_t* perm, T* C) {
+void outer_impl(const T* a, int64_t ra, const int32_t* aidx, const T* c, int64_t rb,
+                const T* z, const int64_t* off, int64_t P, const int32_t* perm, T* C) {
   for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> w;
+    std::vector<T> stage;
     for (int64_t g = g0; g < g1; ++g)
-      outer_group(a, ra, c, rb, z, perm, off[g], off[g + 1], C + g * ra * rb, w);
+      outer_group(group_rows(a, ra, aidx, off[g], off[g + 1], stage), ra, c, rb, z, perm,
+                  off[g], off[g + 1], C + g * ra * rb, w);
   });
 }
 
@@ -479,15 +517,17 @@ void outer_impl(const T* a, int64_t ra, const T* c, int64_t rb, const T* z,
 // are read from memory once for both.
 template <typename T>
 void step_outer_impl(const T* c, int64_t rb, const T* Mt, int64_t rc, const int32_t* dst,
-                     T* out, const T* a, int64_t ra, const T* z, const int32_t* perm,
-                     const int64_t* off, int64_t P, T* C) {
+                     T* out, const T* a, int64_t ra, const int32_t* aidx, const T* z,
+                     const int32_t* perm, const int64_t* off, int64_t P, T* C) {
   for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> buf, w;
+    std::vector<T> stage;
     for (int64_t g = g0; g < g1; ++g) {
       if (out)
-        group(c, rb, Mt + g * rb * rc, rc, off[g], off[g + 1], dst, out,
+        group(c + off[g] * rb, rb, Mt + g * rb * rc, rc, off[g], off[g + 1], dst, out,
               static_cast<const T*>(nullptr), static_cast<T*>(nullptr), buf);
-      outer_group(a, ra, c, rb, z, perm, off[g], off[g + 1], C + g * ra * rb, w);
+      outer_group(group_rows(a, ra, aidx, off[g], off[g + 1], stage), ra, c, rb, z, perm,
+                  off[g], off[g + 1], C + g * ra * rb, w);
     }
   });
 }
@@ -504,35 +544,48 @@ const int32_t* idx_ptr(const c10::optional<torch::Tensor>& t, const char* name) 
   return t->data_ptr<int32_t>();
 }
 
+// The left vectors' row count: a's rows, or with aidx (a a table, row i = a[aidx[i]]) aidx's
+int64_t left_rows(const torch::Tensor& a, const c10::optional<torch::Tensor>& aidx) {
+  return aidx.has_value() ? aidx->numel() : a.size(0);
+}
+
 }  // namespace
+
+// Every kernel taking left vectors a (N, ra) also takes them as a table a (S, ra) with
+// aidx (N,) int32: row i is a[aidx[i]] (the indices are not checked: the callers build them).
 
 // out (rows, rb) receives a[i] @ M[g] at row dst[i] (or i).
 void step(torch::Tensor a, torch::Tensor M, torch::Tensor off,
-          c10::optional<torch::Tensor> dst, torch::Tensor out) {
+          c10::optional<torch::Tensor> dst, torch::Tensor out,
+          c10::optional<torch::Tensor> aidx) {
   check(a, "a"); check(M, "M"); check(off, "off"); check(out, "out");
   TORCH_CHECK(off.scalar_type() == torch::kInt64, "off: expected int64");
   TORCH_CHECK(M.dim() == 3 && a.dim() == 2 && M.size(1) == a.size(1) && out.dim() == 2 &&
               out.size(1) == M.size(2) && off.numel() == M.size(0) + 1,
               "step: inconsistent shapes");
   const int32_t* d = idx_ptr(dst, "dst");
+  const int32_t* ai = idx_ptr(aidx, "aidx");
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ttm_step", [&] {
-    step_impl<scalar_t>(a.data_ptr<scalar_t>(), a.size(1), M.data_ptr<scalar_t>(), M.size(2),
-                        off.data_ptr<int64_t>(), M.size(0), d, out.data_ptr<scalar_t>());
+    step_impl<scalar_t>(a.data_ptr<scalar_t>(), a.size(1), ai, M.data_ptr<scalar_t>(),
+                        M.size(2), off.data_ptr<int64_t>(), M.size(0), d,
+                        out.data_ptr<scalar_t>());
   });
 }
 
 // t[i] = a[i] @ M[g] . c[i] in the block's order
 void rowdot(torch::Tensor a, torch::Tensor M, torch::Tensor c, torch::Tensor off,
-            torch::Tensor t) {
+            torch::Tensor t, c10::optional<torch::Tensor> aidx) {
   check(a, "a"); check(M, "M"); check(c, "c"); check(off, "off"); check(t, "t");
   TORCH_CHECK(off.scalar_type() == torch::kInt64, "off: expected int64");
+  const int64_t N = left_rows(a, aidx);
   TORCH_CHECK(M.dim() == 3 && M.size(1) == a.size(1) && M.size(2) == c.size(1) &&
-              a.size(0) == c.size(0) && t.numel() == a.size(0) &&
+              N == c.size(0) && t.numel() == N &&
               off.numel() == M.size(0) + 1, "rowdot: inconsistent shapes");
+  const int32_t* ai = idx_ptr(aidx, "aidx");
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ttm_rowdot", [&] {
-    rowdot_impl<scalar_t>(a.data_ptr<scalar_t>(), a.size(1), M.data_ptr<scalar_t>(), M.size(2),
-                          c.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), M.size(0),
-                          t.data_ptr<scalar_t>());
+    rowdot_impl<scalar_t>(a.data_ptr<scalar_t>(), a.size(1), ai, M.data_ptr<scalar_t>(),
+                          M.size(2), c.data_ptr<scalar_t>(), off.data_ptr<int64_t>(),
+                          M.size(0), t.data_ptr<scalar_t>());
   });
 }
 
@@ -554,17 +607,20 @@ void gather(torch::Tensor src, torch::Tensor idx, torch::Tensor out, bool add) {
 
 // C (P, ra, rb) = per group sum of z[perm[i]] a[i]^T c[i] (perm absent: z[i])
 void outer(torch::Tensor a, torch::Tensor c, torch::Tensor z, torch::Tensor off,
-           c10::optional<torch::Tensor> perm, torch::Tensor C) {
+           c10::optional<torch::Tensor> perm, torch::Tensor C,
+           c10::optional<torch::Tensor> aidx) {
   check(a, "a"); check(c, "c"); check(z, "z"); check(off, "off"); check(C, "C");
   TORCH_CHECK(off.scalar_type() == torch::kInt64, "off: expected int64");
+  const int64_t N = left_rows(a, aidx);
   TORCH_CHECK(C.dim() == 3 && C.size(1) == a.size(1) && C.size(2) == c.size(1) &&
-              a.size(0) == c.size(0) && off.numel() == C.size(0) + 1 &&
-              z.numel() == a.size(0), "outer: inconsistent shapes");
+              N == c.size(0) && off.numel() == C.size(0) + 1 &&
+              z.numel() == N, "outer: inconsistent shapes");
   const int32_t* p = idx_ptr(perm, "perm");
+  const int32_t* ai = idx_ptr(aidx, "aidx");
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ttm_outer", [&] {
-    outer_impl<scalar_t>(a.data_ptr<scalar_t>(), a.size(1), c.data_ptr<scalar_t>(), c.size(1),
-                         z.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), C.size(0), p,
-                         C.data_ptr<scalar_t>());
+    outer_impl<scalar_t>(a.data_ptr<scalar_t>(), a.size(1), ai, c.data_ptr<scalar_t>(),
+                         c.size(1), z.data_ptr<scalar_t>(), off.data_ptr<int64_t>(),
+                         C.size(0), p, C.data_ptr<scalar_t>());
   });
 }
 
@@ -572,13 +628,16 @@ void outer(torch::Tensor a, torch::Tensor c, torch::Tensor z, torch::Tensor off,
 // is given) and C[g] = sum_i z[perm[i]] a[i]^T c[i], reading c once.
 void step_outer(torch::Tensor c, torch::Tensor Mt, c10::optional<torch::Tensor> dst,
                 c10::optional<torch::Tensor> out, torch::Tensor a, torch::Tensor z,
-                torch::Tensor off, c10::optional<torch::Tensor> perm, torch::Tensor C) {
+                torch::Tensor off, c10::optional<torch::Tensor> perm, torch::Tensor C,
+                c10::optional<torch::Tensor> aidx) {
   check(c, "c"); check(Mt, "Mt"); check(a, "a"); check(z, "z"); check(off, "off");
   check(C, "C");
   TORCH_CHECK(off.scalar_type() == torch::kInt64, "off: expected int64");
+  const int64_t N = left_rows(a, aidx);
   TORCH_CHECK(C.dim() == 3 && C.size(1) == a.size(1) && C.size(2) == c.size(1) &&
-              a.size(0) == c.size(0) && off.numel() == C.size(0) + 1 &&
-              z.numel() == a.size(0), "step_outer: inconsistent shapes");
+              N == c.size(0) && off.numel() == C.size(0) + 1 &&
+              z.numel() == N, "step_outer: inconsistent shapes");
+  const int32_t* ai = idx_ptr(aidx, "aidx");
   const int32_t* d = idx_ptr(dst, "dst");
   const int32_t* p = idx_ptr(perm, "perm");
   if (out.has_value()) {
@@ -591,16 +650,24 @@ void step_outer(torch::Tensor c, torch::Tensor Mt, c10::optional<torch::Tensor> 
     step_outer_impl<scalar_t>(c.data_ptr<scalar_t>(), c.size(1), Mt.data_ptr<scalar_t>(),
                               Mt.size(2), d,
                               out.has_value() ? out->data_ptr<scalar_t>() : nullptr,
-                              a.data_ptr<scalar_t>(), a.size(1), z.data_ptr<scalar_t>(), p,
+                              a.data_ptr<scalar_t>(), a.size(1), ai, z.data_ptr<scalar_t>(), p,
                               off.data_ptr<int64_t>(), C.size(0), C.data_ptr<scalar_t>());
   });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("step", &step, "rows times their group's matrix, scattered to dst");
-  m.def("rowdot", &rowdot, "a M c per row");
+  m.def("set_schedule", [](int v) { g_schedule = v; });
+  m.def("step", &step, "rows times their group's matrix, scattered to dst", py::arg("a"),
+        py::arg("M"), py::arg("off"), py::arg("dst"), py::arg("out"),
+        py::arg("aidx") = py::none());
+  m.def("rowdot", &rowdot, "a M c per row", py::arg("a"), py::arg("M"), py::arg("c"),
+        py::arg("off"), py::arg("t"), py::arg("aidx") = py::none());
   m.def("gather", &gather, "rows of a table by int32 index (or their sum with out)",
         py::arg("src"), py::arg("idx"), py::arg("out"), py::arg("add") = false);
-  m.def("outer", &outer, "per-group weighted sums of outer products");
-  m.def("step_outer", &step_outer, "a right step fused with the per-group scatter");
+  m.def("outer", &outer, "per-group weighted sums of outer products", py::arg("a"),
+        py::arg("c"), py::arg("z"), py::arg("off"), py::arg("perm"), py::arg("C"),
+        py::arg("aidx") = py::none());
+  m.def("step_outer", &step_outer, "a right step fused with the per-group scatter",
+        py::arg("c"), py::arg("Mt"), py::arg("dst"), py::arg("out"), py::arg("a"), py::arg("z"),
+        py::arg("off"), py::arg("perm"), py::arg("C"), py::arg("aidx") = py::none());
 }

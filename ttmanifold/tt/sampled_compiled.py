@@ -147,24 +147,32 @@ def _buf(ws: Dict, name, rows: int, cols: int, dtype, device) -> torch.Tensor:
 
 
 def _left_sweep(mod, plan: CompiledPlan, cores: Sequence[torch.Tensor], ws: Dict, ranks):
-    """The left vectors of every block in its order (``[ones, l_1, ...]``, pooled buffers of
-    ``ws``) and the values at the samples (sample order, a new tensor: callers may keep
-    it, e.g. the output of :meth:`IndexSet.gather`)."""
+    """The left vectors of every block in its order, ``L = [ones, l_1, ...]`` with their
+    row indices ``Lidx`` (None: ``L[b]`` holds the rows in order; else ``L[b]`` is a table
+    and row i is ``L[b][Lidx[b][i]]``), and the values at the samples (sample order, a new
+    tensor: callers may keep it, e.g. the output of :meth:`IndexSet.gather`).
+
+    The first block's left vectors are rows of the first merged core: the kernels read
+    them from that table (in cache) by the first block's group, so no ``(N, r)`` array of
+    them is written or streamed. The others are pooled buffers of ``ws``."""
     N = len(plan.iset)
     dtype, device = cores[0].dtype, cores[0].device
     B = len(plan.bounds)
     L: List[torch.Tensor] = [plan.ones(dtype)]
+    Lidx: List[Optional[torch.Tensor]] = [None]
     for b, (lo, hi) in enumerate(plan.bounds):
         M = merged(cores, lo, hi).permute(1, 0, 2).contiguous()
+        if b == 0 and B > 1:
+            L.append(M.view(M.shape[0], -1))
+            Lidx.append(plan.first_groups)
+            continue
         out = (_buf(ws, ("L", b + 1), N, ranks[hi], dtype, device) if b + 1 < B
                else torch.empty(N, 1, dtype=dtype, device=device))
-        if b == 0 and B > 1:
-            mod.gather(M.view(M.shape[0], -1), plan.first_groups, out)
-        else:
-            mod.step(L[b], M, plan.off[b], plan.dst_left[b], out)
+        mod.step(L[b], M, plan.off[b], plan.dst_left[b], out, Lidx[b])
         if b + 1 < B:
             L.append(out)
-    return L, out.view(-1)
+            Lidx.append(None)
+    return L, Lidx, out.view(-1)
 
 
 def _values(mod, plan: CompiledPlan, cores: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -174,7 +182,7 @@ def _values(mod, plan: CompiledPlan, cores: Sequence[torch.Tensor]) -> torch.Ten
     ws = plan.acquire(cores[0].dtype, ranks)
     try:
         with torch.no_grad():
-            return _left_sweep(mod, plan, cores, ws, ranks)[1]
+            return _left_sweep(mod, plan, cores, ws, ranks)[2]
     finally:
         plan.release(ws)
 
@@ -199,7 +207,7 @@ class CompiledSampledPoint:
         self._ws = ws
         weakref.finalize(self, plan.release, ws)
         with torch.no_grad():
-            self.L, self.values = _left_sweep(mod, plan, self.U, ws, ranks)
+            self.L, self.Lidx, self.values = _left_sweep(mod, plan, self.U, ws, ranks)
         self._R: Optional[List[torch.Tensor]] = None
 
     def _right_buffers(self) -> List[torch.Tensor]:
@@ -272,14 +280,14 @@ class CompiledSampledPoint:
                 if fused and b == B - 1 and b > 0:  # the right vectors start from ones
                     Mt = self._right_core(b)
                     nat.gather(Mt.view(Mt.shape[0], -1), plan.last_groups, R[b - 1])
-                    nat.outer(self.L[b], R[b], zb, plan.off[b], None, C)
+                    nat.outer(self.L[b], R[b], zb, plan.off[b], None, C, self.Lidx[b])
                 elif fused:
                     Mt = self._right_core(b) if b > 0 else z.new_empty(0, 0, 0)
                     nat.step_outer(R[b], Mt, plan.dst_right[b] if b > 0 else None,
                                    R[b - 1] if b > 0 else None, self.L[b], zb, plan.off[b],
-                                   None, C)
+                                   None, C, self.Lidx[b])
                 else:
-                    nat.outer(self.L[b], R[b], zb, plan.off[b], None, C)
+                    nat.outer(self.L[b], R[b], zb, plan.off[b], None, C, self.Lidx[b])
                 D[lo:hi] = split_block_grad(C.permute(1, 0, 2), self.U, self.V, lo, hi, shape)
         self._R = R
         return D
@@ -298,6 +306,6 @@ class CompiledSampledPoint:
             t = _buf(self._ws, "t", N, 1, dtype, device).view(-1)
             for b, (lo, hi) in enumerate(plan.bounds):
                 T = tangent_block(self.U, self.V, dU, lo, hi).permute(1, 0, 2).contiguous()
-                nat.rowdot(self.L[b], T, R[b], plan.off[b], t)  # block order
+                nat.rowdot(self.L[b], T, R[b], plan.off[b], t, self.Lidx[b])  # block order
                 nat.gather(t, plan.inv[b], e, b > 0)
         return e
