@@ -145,35 +145,39 @@ def test_many_groups_on_two_threads(mod):
 
 @pytest.mark.parametrize("dtype", [F64, F32])
 @pytest.mark.parametrize("counts", COUNTS)
-def test_left_rows_from_a_table(mod, dtype, counts):
-    """Every kernel with ``aidx`` (left rows ``a[aidx[i]]`` of a table) against the loops
-    on the gathered rows."""
+def test_rows_from_a_table(mod, dtype, counts):
+    """Every kernel with ``aidx`` / ``cidx`` (left rows ``a[aidx[i]]``, right rows
+    ``c[cidx[i]]`` of small tables) against the loops on the gathered rows."""
     ra, rb, rc = 3, 7, 4
     off, a, c, Mt, z, dst, perm, (a_, c_, Mt_, z_) = make(counts, ra, rb, rc, dtype, 13)
     tol = 1e-13 if dtype == F64 else 2e-6
     N, P = a.shape[0], off.numel() - 1
     g = torch.Generator().manual_seed(14)
-    table = torch.randn(6, ra, generator=g, dtype=F64)
+    ta, tc = torch.randn(6, ra, generator=g, dtype=F64), torch.randn(5, rb, generator=g, dtype=F64)
     aidx = torch.randint(0, 6, (N,), generator=g).to(torch.int32)
-    rows = table[aidx.long()]
-    tab = table.to(dtype)
+    cidx = torch.randint(0, 5, (N,), generator=g).to(torch.int32)
+    ra_, rc_ = ta[aidx.long()], tc[cidx.long()]  # the rows they stand for
     Ma = torch.randn(P, ra, rb, generator=g, dtype=F64)
     out = torch.full((N, rb), float("nan"), dtype=dtype)
-    mod.step(tab, Ma.to(dtype), off, dst, out, aidx)
-    assert rel(out, ref_step(rows, Ma, off, dst)) < tol
-    t = torch.full((N,), float("nan"), dtype=dtype)
-    mod.rowdot(tab, Ma.to(dtype), c_, off, t, aidx)
-    assert rel(t, (ref_step(rows, Ma, off, None) * c).sum(1)) < tol
-    C = torch.full((P, ra, rb), float("nan"), dtype=dtype)
-    mod.outer(tab, c_, z_, off, perm, C, aidx)
-    assert rel(C, ref_outer(rows, c, z, off, perm)) < tol
-    out = torch.full((N, rc), float("nan"), dtype=dtype)
-    C = torch.full((P, ra, rb), float("nan"), dtype=dtype)
-    mod.step_outer(c_, Mt_, dst, out, tab, z_, off, perm, C, aidx)
-    assert rel(out, ref_step(c, Mt, off, dst)) < tol
-    assert rel(C, ref_outer(rows, c, z, off, perm)) < tol
+    mod.step(ta.to(dtype), Ma.to(dtype), off, dst, out, aidx)
+    assert rel(out, ref_step(ra_, Ma, off, dst)) < tol
+    for (A, ai, refa), (Cv, ci, refc) in [((ta, aidx, ra_), (c, None, c)),
+                                          ((a, None, a), (tc, cidx, rc_)),
+                                          ((ta, aidx, ra_), (tc, cidx, rc_))]:
+        A, Cv = A.to(dtype), Cv.to(dtype)
+        t = torch.full((N,), float("nan"), dtype=dtype)
+        mod.rowdot(A, Ma.to(dtype), Cv, off, t, ai, ci)
+        assert rel(t, (ref_step(refa, Ma, off, None) * refc).sum(1)) < tol
+        C = torch.full((P, ra, rb), float("nan"), dtype=dtype)
+        mod.outer(A, Cv, z_, off, perm, C, ai, ci)
+        assert rel(C, ref_outer(refa, refc, z, off, perm)) < tol
+        out = torch.full((N, rc), float("nan"), dtype=dtype)
+        C = torch.full((P, ra, rb), float("nan"), dtype=dtype)
+        mod.step_outer(Cv, Mt_, dst, out, A, z_, off, perm, C, ai, ci)
+        assert rel(out, ref_step(refc, Mt, off, dst)) < tol
+        assert rel(C, ref_outer(refa, refc, z, off, perm)) < tol
     with pytest.raises(RuntimeError, match="rowdot"):
-        mod.rowdot(tab, Ma.to(dtype), c_[:-1], off, t, aidx)  # fewer right rows than aidx
+        mod.rowdot(ta.to(dtype), Ma.to(dtype), c_, off, t, aidx, cidx[:-1])  # fewer c rows
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])

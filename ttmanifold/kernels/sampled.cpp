@@ -277,10 +277,10 @@ constexpr int rows_per_block() {
 
 // Rows i0 .. i1-1 of one group, columns j0 .. j0+NJ: out[dst[i]] = a[i] @ m (dst null:
 // out[i]), or, with c, t[i - i0] += a[i] @ m . c[i] (t the group's partial sums). The rows
-// a[i] are at a0 + (i - i0) ra (see group_rows).
+// a[i] are at a0 + (i - i0) ra, c[i] at c0 + (i - i0) rb (see group_rows).
 template <typename T, int NJ>
 void group_cols(const T* a0, int64_t ra, const T* m, int64_t rb, int64_t j0,
-                int64_t i0, int64_t i1, const int32_t* dst, T* out, const T* c, T* t,
+                int64_t i0, int64_t i1, const int32_t* dst, T* out, const T* c0, T* t,
                 std::vector<typename Simd<T>::V>& buf) {
   using V = typename Simd<T>::V;
   constexpr int NV = (NJ + Simd<T>::W - 1) / Simd<T>::W;
@@ -291,7 +291,7 @@ void group_cols(const T* a0, int64_t ra, const T* m, int64_t rb, int64_t j0,
   V* mp = buf.data();
   pad_cols<T, NV>(m, ra, rb, j0, NJ, mp);
   auto emit = [&](const V (&s)[NV], int64_t i) {
-    if (c) t[i - i0] += dot_row<T, NV, NJ>(s, c + i * rb + j0);
+    if (c0) t[i - i0] += dot_row<T, NV, NJ>(s, c0 + (i - i0) * rb + j0);
     else store_row<T, NV, NJ>(s, out + (dst ? static_cast<int64_t>(dst[i]) : i) * rb + j0);
   };
   int64_t i = i0;
@@ -328,15 +328,15 @@ constexpr std::array<GroupCols<T>, sizeof...(J)> group_table(std::integer_sequen
 // compile-time width each).
 template <typename T>
 void group(const T* a0, int64_t ra, const T* m, int64_t rb, int64_t i0, int64_t i1,
-           const int32_t* dst, T* out, const T* c, T* t,
+           const int32_t* dst, T* out, const T* c0, T* t,
            std::vector<typename Simd<T>::V>& buf) {
   static constexpr auto tab = group_table<T>(std::make_integer_sequence<int, kChunk>{});
   for (int64_t j0 = 0; j0 < rb; j0 += kChunk)
-    tab[std::min(kChunk, rb - j0) - 1](a0, ra, m, rb, j0, i0, i1, dst, out, c, t, buf);
+    tab[std::min(kChunk, rb - j0) - 1](a0, ra, m, rb, j0, i0, i1, dst, out, c0, t, buf);
 }
 
-// The rows i0 .. i1-1 of a group's left vectors, contiguous: in place (a (N, ra)), or, with
-// aidx, a is a small table (of the first merged core's rows, in cache) and row i is
+// The rows i0 .. i1-1 of a group's vectors, contiguous: in place (a (N, ra)), or, with
+// aidx, a is a small table (of the first or last merged core's rows, in cache) and row i is
 // a[aidx[i]], copied to `stage` (this spares storing and streaming a full (N, ra) array)
 template <typename T>
 const T* group_rows(const T* a, int64_t ra, const int32_t* aidx, int64_t i0, int64_t i1,
@@ -369,15 +369,15 @@ void step_impl(const T* a, int64_t ra, const int32_t* aidx, const T* M, int64_t 
 // streamed rows evict it from the cache, where the separate gather finds t.)
 template <typename T>
 void rowdot_impl(const T* a, int64_t ra, const int32_t* aidx, const T* M, int64_t rb,
-                 const T* c, const int64_t* off, int64_t P, T* t) {
+                 const T* c, const int32_t* cidx, const int64_t* off, int64_t P, T* t) {
   for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> buf;
-    std::vector<T> stage;
+    std::vector<T> stage, cstage;
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t i0 = off[g], i1 = off[g + 1];
       std::fill(t + i0, t + i1, T(0));
       group(group_rows(a, ra, aidx, i0, i1, stage), ra, M + g * ra * rb, rb, i0, i1, nullptr,
-            static_cast<T*>(nullptr), c, t + i0, buf);
+            static_cast<T*>(nullptr), group_rows(c, rb, cidx, i0, i1, cstage), t + i0, buf);
     }
   });
 }
@@ -431,7 +431,7 @@ inline void outer_tile(const T* __restrict x, int64_t ra, int64_t f0,
 // zero-padded vectors (w); then RB rows of C_g at a time stay in registers while the
 // group's rows stream through (they are in cache: the group is small).
 template <typename T, int NJ>
-void outer_cols(const T* a0, int64_t ra, const T* c, int64_t rb, int64_t j0, const T* z,
+void outer_cols(const T* a0, int64_t ra, const T* c0, int64_t rb, int64_t j0, const T* z,
                 const int32_t* perm, int64_t i0, int64_t n, T* out,
                 std::vector<typename Simd<T>::V>& w) {
   using V = typename Simd<T>::V;
@@ -447,7 +447,7 @@ void outer_cols(const T* a0, int64_t ra, const T* c, int64_t rb, int64_t j0, con
     // the left rows are first read by the tiles below: fetch them along with these
     __builtin_prefetch(a0 + i * ra);
     const T zi = zg[i];
-    const T* y = c + (i0 + i) * rb + j0;
+    const T* y = c0 + i * rb + j0;
     V* wi = &w[static_cast<size_t>(i * NV)];
     load_row<T, NV, NJ>(y, wi);
     #pragma GCC unroll 16
@@ -486,7 +486,7 @@ constexpr std::array<OuterCols<T>, sizeof...(J)> outer_table(std::integer_sequen
 // C_g (ra, rb) = sum over the rows i of group g (off[g] .. off[g+1]-1) of
 // z[perm[i]] a[i]^T c[i] (rows a0 as in outer_cols)
 template <typename T>
-void outer_group(const T* a0, int64_t ra, const T* c, int64_t rb, const T* z,
+void outer_group(const T* a0, int64_t ra, const T* c0, int64_t rb, const T* z,
                  const int32_t* perm, int64_t i0, int64_t i1, T* out,
                  std::vector<typename Simd<T>::V>& w) {
   static constexpr auto tab = outer_table<T>(std::make_integer_sequence<int, kChunk>{});
@@ -495,19 +495,21 @@ void outer_group(const T* a0, int64_t ra, const T* c, int64_t rb, const T* z,
     return;
   }
   for (int64_t j0 = 0; j0 < rb; j0 += kChunk)
-    tab[std::min(kChunk, rb - j0) - 1](a0, ra, c, rb, j0, z, perm, i0, i1 - i0, out, w);
+    tab[std::min(kChunk, rb - j0) - 1](a0, ra, c0, rb, j0, z, perm, i0, i1 - i0, out, w);
 }
 
 // C[g] = sum_{i in g} z[perm[i]] a[i]^T c[i]  (C (P, ra, rb)).
 template <typename T>
 void outer_impl(const T* a, int64_t ra, const int32_t* aidx, const T* c, int64_t rb,
-                const T* z, const int64_t* off, int64_t P, const int32_t* perm, T* C) {
+                const int32_t* cidx, const T* z, const int64_t* off, int64_t P,
+                const int32_t* perm, T* C) {
   for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> w;
-    std::vector<T> stage;
+    std::vector<T> stage, cstage;
     for (int64_t g = g0; g < g1; ++g)
-      outer_group(group_rows(a, ra, aidx, off[g], off[g + 1], stage), ra, c, rb, z, perm,
-                  off[g], off[g + 1], C + g * ra * rb, w);
+      outer_group(group_rows(a, ra, aidx, off[g], off[g + 1], stage), ra,
+                  group_rows(c, rb, cidx, off[g], off[g + 1], cstage), rb, z, perm, off[g],
+                  off[g + 1], C + g * ra * rb, w);
   });
 }
 
@@ -516,17 +518,18 @@ void outer_impl(const T* a, int64_t ra, const int32_t* aidx, const T* c, int64_t
 // C[g] = sum_i z[perm[i]] a[i]^T c[i] (a the block's left vectors (N, ra)): the rows of c
 // are read from memory once for both.
 template <typename T>
-void step_outer_impl(const T* c, int64_t rb, const T* Mt, int64_t rc, const int32_t* dst,
-                     T* out, const T* a, int64_t ra, const int32_t* aidx, const T* z,
-                     const int32_t* perm, const int64_t* off, int64_t P, T* C) {
+void step_outer_impl(const T* c, int64_t rb, const int32_t* cidx, const T* Mt, int64_t rc,
+                     const int32_t* dst, T* out, const T* a, int64_t ra, const int32_t* aidx,
+                     const T* z, const int32_t* perm, const int64_t* off, int64_t P, T* C) {
   for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> buf, w;
-    std::vector<T> stage;
+    std::vector<T> stage, cstage;
     for (int64_t g = g0; g < g1; ++g) {
+      const T* c0 = group_rows(c, rb, cidx, off[g], off[g + 1], cstage);
       if (out)
-        group(c + off[g] * rb, rb, Mt + g * rb * rc, rc, off[g], off[g + 1], dst, out,
+        group(c0, rb, Mt + g * rb * rc, rc, off[g], off[g + 1], dst, out,
               static_cast<const T*>(nullptr), static_cast<T*>(nullptr), buf);
-      outer_group(group_rows(a, ra, aidx, off[g], off[g + 1], stage), ra, c, rb, z, perm,
+      outer_group(group_rows(a, ra, aidx, off[g], off[g + 1], stage), ra, c0, rb, z, perm,
                   off[g], off[g + 1], C + g * ra * rb, w);
     }
   });
@@ -544,15 +547,16 @@ const int32_t* idx_ptr(const c10::optional<torch::Tensor>& t, const char* name) 
   return t->data_ptr<int32_t>();
 }
 
-// The left vectors' row count: a's rows, or with aidx (a a table, row i = a[aidx[i]]) aidx's
-int64_t left_rows(const torch::Tensor& a, const c10::optional<torch::Tensor>& aidx) {
+// The row count of vectors a: its rows, or with aidx (a a table, row i = a[aidx[i]]) aidx's
+int64_t rows_of(const torch::Tensor& a, const c10::optional<torch::Tensor>& aidx) {
   return aidx.has_value() ? aidx->numel() : a.size(0);
 }
 
 }  // namespace
 
 // Every kernel taking left vectors a (N, ra) also takes them as a table a (S, ra) with
-// aidx (N,) int32: row i is a[aidx[i]] (the indices are not checked: the callers build them).
+// aidx (N,) int32: row i is a[aidx[i]]; likewise right vectors c with cidx (the indices are
+// not checked: the callers build them).
 
 // out (rows, rb) receives a[i] @ M[g] at row dst[i] (or i).
 void step(torch::Tensor a, torch::Tensor M, torch::Tensor off,
@@ -574,17 +578,19 @@ void step(torch::Tensor a, torch::Tensor M, torch::Tensor off,
 
 // t[i] = a[i] @ M[g] . c[i] in the block's order
 void rowdot(torch::Tensor a, torch::Tensor M, torch::Tensor c, torch::Tensor off,
-            torch::Tensor t, c10::optional<torch::Tensor> aidx) {
+            torch::Tensor t, c10::optional<torch::Tensor> aidx,
+            c10::optional<torch::Tensor> cidx) {
   check(a, "a"); check(M, "M"); check(c, "c"); check(off, "off"); check(t, "t");
   TORCH_CHECK(off.scalar_type() == torch::kInt64, "off: expected int64");
-  const int64_t N = left_rows(a, aidx);
+  const int64_t N = rows_of(a, aidx);
   TORCH_CHECK(M.dim() == 3 && M.size(1) == a.size(1) && M.size(2) == c.size(1) &&
-              N == c.size(0) && t.numel() == N &&
+              N == rows_of(c, cidx) && t.numel() == N &&
               off.numel() == M.size(0) + 1, "rowdot: inconsistent shapes");
   const int32_t* ai = idx_ptr(aidx, "aidx");
+  const int32_t* ci = idx_ptr(cidx, "cidx");
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ttm_rowdot", [&] {
     rowdot_impl<scalar_t>(a.data_ptr<scalar_t>(), a.size(1), ai, M.data_ptr<scalar_t>(),
-                          M.size(2), c.data_ptr<scalar_t>(), off.data_ptr<int64_t>(),
+                          M.size(2), c.data_ptr<scalar_t>(), ci, off.data_ptr<int64_t>(),
                           M.size(0), t.data_ptr<scalar_t>());
   });
 }
@@ -608,18 +614,19 @@ void gather(torch::Tensor src, torch::Tensor idx, torch::Tensor out, bool add) {
 // C (P, ra, rb) = per group sum of z[perm[i]] a[i]^T c[i] (perm absent: z[i])
 void outer(torch::Tensor a, torch::Tensor c, torch::Tensor z, torch::Tensor off,
            c10::optional<torch::Tensor> perm, torch::Tensor C,
-           c10::optional<torch::Tensor> aidx) {
+           c10::optional<torch::Tensor> aidx, c10::optional<torch::Tensor> cidx) {
   check(a, "a"); check(c, "c"); check(z, "z"); check(off, "off"); check(C, "C");
   TORCH_CHECK(off.scalar_type() == torch::kInt64, "off: expected int64");
-  const int64_t N = left_rows(a, aidx);
+  const int64_t N = rows_of(a, aidx);
   TORCH_CHECK(C.dim() == 3 && C.size(1) == a.size(1) && C.size(2) == c.size(1) &&
-              N == c.size(0) && off.numel() == C.size(0) + 1 &&
+              N == rows_of(c, cidx) && off.numel() == C.size(0) + 1 &&
               z.numel() == N, "outer: inconsistent shapes");
   const int32_t* p = idx_ptr(perm, "perm");
   const int32_t* ai = idx_ptr(aidx, "aidx");
+  const int32_t* ci = idx_ptr(cidx, "cidx");
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ttm_outer", [&] {
     outer_impl<scalar_t>(a.data_ptr<scalar_t>(), a.size(1), ai, c.data_ptr<scalar_t>(),
-                         c.size(1), z.data_ptr<scalar_t>(), off.data_ptr<int64_t>(),
+                         c.size(1), ci, z.data_ptr<scalar_t>(), off.data_ptr<int64_t>(),
                          C.size(0), p, C.data_ptr<scalar_t>());
   });
 }
@@ -629,15 +636,16 @@ void outer(torch::Tensor a, torch::Tensor c, torch::Tensor z, torch::Tensor off,
 void step_outer(torch::Tensor c, torch::Tensor Mt, c10::optional<torch::Tensor> dst,
                 c10::optional<torch::Tensor> out, torch::Tensor a, torch::Tensor z,
                 torch::Tensor off, c10::optional<torch::Tensor> perm, torch::Tensor C,
-                c10::optional<torch::Tensor> aidx) {
+                c10::optional<torch::Tensor> aidx, c10::optional<torch::Tensor> cidx) {
   check(c, "c"); check(Mt, "Mt"); check(a, "a"); check(z, "z"); check(off, "off");
   check(C, "C");
   TORCH_CHECK(off.scalar_type() == torch::kInt64, "off: expected int64");
-  const int64_t N = left_rows(a, aidx);
+  const int64_t N = rows_of(a, aidx);
   TORCH_CHECK(C.dim() == 3 && C.size(1) == a.size(1) && C.size(2) == c.size(1) &&
-              N == c.size(0) && off.numel() == C.size(0) + 1 &&
+              N == rows_of(c, cidx) && off.numel() == C.size(0) + 1 &&
               z.numel() == N, "step_outer: inconsistent shapes");
   const int32_t* ai = idx_ptr(aidx, "aidx");
+  const int32_t* ci = idx_ptr(cidx, "cidx");
   const int32_t* d = idx_ptr(dst, "dst");
   const int32_t* p = idx_ptr(perm, "perm");
   if (out.has_value()) {
@@ -647,7 +655,7 @@ void step_outer(torch::Tensor c, torch::Tensor Mt, c10::optional<torch::Tensor> 
                 out->scalar_type() == c.scalar_type(), "step_outer: inconsistent shapes");
   }
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ttm_step_outer", [&] {
-    step_outer_impl<scalar_t>(c.data_ptr<scalar_t>(), c.size(1), Mt.data_ptr<scalar_t>(),
+    step_outer_impl<scalar_t>(c.data_ptr<scalar_t>(), c.size(1), ci, Mt.data_ptr<scalar_t>(),
                               Mt.size(2), d,
                               out.has_value() ? out->data_ptr<scalar_t>() : nullptr,
                               a.data_ptr<scalar_t>(), a.size(1), ai, z.data_ptr<scalar_t>(), p,
@@ -661,13 +669,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("M"), py::arg("off"), py::arg("dst"), py::arg("out"),
         py::arg("aidx") = py::none());
   m.def("rowdot", &rowdot, "a M c per row", py::arg("a"), py::arg("M"), py::arg("c"),
-        py::arg("off"), py::arg("t"), py::arg("aidx") = py::none());
+        py::arg("off"), py::arg("t"), py::arg("aidx") = py::none(),
+        py::arg("cidx") = py::none());
   m.def("gather", &gather, "rows of a table by int32 index (or their sum with out)",
         py::arg("src"), py::arg("idx"), py::arg("out"), py::arg("add") = false);
   m.def("outer", &outer, "per-group weighted sums of outer products", py::arg("a"),
         py::arg("c"), py::arg("z"), py::arg("off"), py::arg("perm"), py::arg("C"),
-        py::arg("aidx") = py::none());
+        py::arg("aidx") = py::none(), py::arg("cidx") = py::none());
   m.def("step_outer", &step_outer, "a right step fused with the per-group scatter",
         py::arg("c"), py::arg("Mt"), py::arg("dst"), py::arg("out"), py::arg("a"), py::arg("z"),
-        py::arg("off"), py::arg("perm"), py::arg("C"), py::arg("aidx") = py::none());
+        py::arg("off"), py::arg("perm"), py::arg("C"), py::arg("aidx") = py::none(),
+        py::arg("cidx") = py::none());
 }

@@ -7,8 +7,10 @@ Per block of merged modes (the partition of :meth:`IndexSet.bounds
 padding. A sweep step reads one block's rows in order, multiplies each by its group's
 merged core and writes the result straight into the next block's order, one fused pass;
 the right sweep runs inside the first gradient scatter (one pass per block for both), and
-the tangent values are one pass per block. Per-sample scalars are in sample order. Design
-and measured costs: ``docs/sampled_entries.md``.
+the tangent values are one pass per block. The first block's left vectors and the
+next-to-last block's right vectors are rows of the first / last merged core: the kernels
+read them from that table by index instead of a stored ``(N, r)`` array. Per-sample
+scalars are in sample order. Design and measured costs: ``docs/sampled_entries.md``.
 
 The functions :func:`values`, :func:`sampled_point` and :func:`project` take the compiled
 module first; :mod:`ttmanifold.kernels` calls them (see :mod:`.index_set`).
@@ -104,8 +106,9 @@ class CompiledPlan:
             inv[b - 1].index_select(0, self.perm[b]) for b in range(1, B)]
         self.inv = inv
         # The first left step and the last right step start from ones: their results are
-        # rows of the first / last merged core, picked by the first / last block's group
-        # (a gather from a small table, cheaper than the scattered steps).
+        # rows of the first / last merged core, picked by the first / last block's group.
+        # The kernels read them from that small table by these indices (no (N, r) array
+        # of them is written, nor streamed by the passes that use them).
         self.first_groups = self.last_groups = None
         if B > 1:
             self.first_groups = keys[0].index_select(0, self.perm[1]).to(torch.int32)
@@ -209,15 +212,25 @@ class CompiledSampledPoint:
         with torch.no_grad():
             self.L, self.Lidx, self.values = _left_sweep(mod, plan, self.U, ws, ranks)
         self._R: Optional[List[torch.Tensor]] = None
+        # row indices of the right vectors, as Lidx: the next-to-last block's are rows of
+        # the last merged core, read from it by the last block's group
+        B = len(plan.bounds)
+        self.Ridx: List[Optional[torch.Tensor]] = [None] * B
+        if B > 1:
+            self.Ridx[B - 2] = plan.last_groups
 
     def _right_buffers(self) -> List[torch.Tensor]:
-        """``[R_0, ..., R_{B-1}]``: pooled buffers for blocks 0..B-2, ones for the last."""
+        """``[R_0, ..., R_{B-1}]``: pooled buffers for blocks 0..B-3, the last merged core as
+        a table for block B-2 (its rows picked by :attr:`Ridx`), ones for the last."""
         plan = self.plan
         N = len(plan.iset)
         dtype, device = self.values.dtype, self.values.device
         B = len(plan.bounds)
         R = [_buf(self._ws, ("R", b), N, self._ranks[plan.bounds[b][1]], dtype, device)
-             for b in range(B - 1)]
+             for b in range(B - 2)]
+        if B > 1:
+            Mt = self._right_core(B - 1)
+            R.append(Mt.view(Mt.shape[0], -1))
         return R + [plan.ones(dtype)]
 
     def _right_core(self, b: int) -> torch.Tensor:
@@ -232,12 +245,9 @@ class CompiledSampledPoint:
             R = self._right_buffers()
             B = len(plan.bounds)
             with torch.no_grad():
-                for b in range(B - 1, 0, -1):
-                    Mt = self._right_core(b)
-                    if b == B - 1:
-                        self.mod.gather(Mt.view(Mt.shape[0], -1), plan.last_groups, R[b - 1])
-                    else:
-                        self.mod.step(R[b], Mt, plan.off[b], plan.dst_right[b], R[b - 1])
+                for b in range(B - 2, 0, -1):
+                    self.mod.step(R[b], self._right_core(b), plan.off[b], plan.dst_right[b],
+                                  R[b - 1], self.Ridx[b])
             self._R = R
         return self._R
 
@@ -277,17 +287,13 @@ class CompiledSampledPoint:
                 # the weights in the block's order: one gather here is cheaper than the
                 # same scattered reads inside the kernel
                 nat.gather(z, plan.perm[b], zb)
-                if fused and b == B - 1 and b > 0:  # the right vectors start from ones
-                    Mt = self._right_core(b)
-                    nat.gather(Mt.view(Mt.shape[0], -1), plan.last_groups, R[b - 1])
-                    nat.outer(self.L[b], R[b], zb, plan.off[b], None, C, self.Lidx[b])
-                elif fused:
-                    Mt = self._right_core(b) if b > 0 else z.new_empty(0, 0, 0)
-                    nat.step_outer(R[b], Mt, plan.dst_right[b] if b > 0 else None,
-                                   R[b - 1] if b > 0 else None, self.L[b], zb, plan.off[b],
-                                   None, C, self.Lidx[b])
+                if fused and 0 < b < B - 1:  # (the last block's step is the table R[B-2])
+                    nat.step_outer(R[b], self._right_core(b), plan.dst_right[b], R[b - 1],
+                                   self.L[b], zb, plan.off[b], None, C, self.Lidx[b],
+                                   self.Ridx[b])
                 else:
-                    nat.outer(self.L[b], R[b], zb, plan.off[b], None, C, self.Lidx[b])
+                    nat.outer(self.L[b], R[b], zb, plan.off[b], None, C, self.Lidx[b],
+                              self.Ridx[b])
                 D[lo:hi] = split_block_grad(C.permute(1, 0, 2), self.U, self.V, lo, hi, shape)
         self._R = R
         return D
@@ -306,6 +312,6 @@ class CompiledSampledPoint:
             t = _buf(self._ws, "t", N, 1, dtype, device).view(-1)
             for b, (lo, hi) in enumerate(plan.bounds):
                 T = tangent_block(self.U, self.V, dU, lo, hi).permute(1, 0, 2).contiguous()
-                nat.rowdot(self.L[b], T, R[b], plan.off[b], t, self.Lidx[b])  # block order
+                nat.rowdot(self.L[b], T, R[b], plan.off[b], t, self.Lidx[b], self.Ridx[b])
                 nat.gather(t, plan.inv[b], e, b > 0)
         return e
