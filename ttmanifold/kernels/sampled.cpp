@@ -128,7 +128,6 @@ class Helpers {
 // scattered steps: a destination group's rows are ordered by source group, so threads on
 // neighbouring source groups would write the same cache lines at the same time.
 // fn must not call back into ATen's parallel functions.
-int g_schedule = 1;  // TEMPORARY A/B switch: 0 = one shared counter
 template <typename F>
 void for_tasks(int64_t P, int64_t task, const F& fn) {
   const int64_t nt = at::get_num_threads();
@@ -137,7 +136,7 @@ void for_tasks(int64_t P, int64_t task, const F& fn) {
     return;
   }
   const int64_t ntask = (P + task - 1) / task;
-  const int64_t nw = g_schedule ? std::min(nt, ntask) : 1;  // ranges
+  const int64_t nw = std::min(nt, ntask);  // ranges, one per thread that may take part
   std::vector<std::atomic<int64_t>> next(static_cast<size_t>(nw));
   std::vector<int64_t> end(static_cast<size_t>(nw));
   for (int64_t k = 0; k < nw; ++k) {
@@ -156,7 +155,7 @@ void for_tasks(int64_t P, int64_t task, const F& fn) {
       }
     }
   };
-  Helpers::get().run(std::min(nt, ntask) - 1, work);
+  Helpers::get().run(nw - 1, work);
 }
 
 // for_tasks over the groups of a block, kGroups groups per task
@@ -664,7 +663,6 @@ void step_outer(torch::Tensor c, torch::Tensor Mt, c10::optional<torch::Tensor> 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("set_schedule", [](int v) { g_schedule = v; });
   m.def("step", &step, "rows times their group's matrix, scattered to dst", py::arg("a"),
         py::arg("M"), py::arg("off"), py::arg("dst"), py::arg("out"),
         py::arg("aidx") = py::none());
