@@ -194,9 +194,29 @@ inline void pad_cols(const T* m, int64_t ra, int64_t ld, int64_t j0, int nj,
   }
 }
 
-// s[q] = x_q @ mp for q < RB (x_q = x + q ra: RB consecutive rows)
+// The rows of one group's vectors: row i (counted from the group's first row) at p + i w,
+// or, with idx, at p + idx[i] w (p a small table, e.g. of the first merged core's rows: it
+// stays in cache, which spares storing and streaming a full (N, w) array of its rows).
+template <typename T>
+struct Rows {
+  const T* p;
+  const int32_t* idx;
+  int64_t w;
+  const T* operator()(int64_t i) const {
+    return p + (idx ? static_cast<int64_t>(idx[i]) : i) * w;
+  }
+};
+
+// The rows of the group starting at row i0 of vectors a (N, w), or of the table a by aidx
+template <typename T>
+Rows<T> group_rows(const T* a, int64_t w, const int32_t* aidx, int64_t i0) {
+  return aidx ? Rows<T>{a, aidx + i0, w} : Rows<T>{a + i0 * w, nullptr, w};
+}
+
+// s[q] = x[q] @ mp for q < RB (RB rows)
 template <typename T, int NV, int RB>
-inline void rows_times(const T* __restrict x, int64_t ra, const typename Simd<T>::V* __restrict mp,
+inline void rows_times(const T* const (&x)[RB], int64_t ra,
+                       const typename Simd<T>::V* __restrict mp,
                        typename Simd<T>::V (&s)[RB][NV]) {
   using V = typename Simd<T>::V;
   #pragma GCC unroll 16
@@ -209,7 +229,7 @@ inline void rows_times(const T* __restrict x, int64_t ra, const typename Simd<T>
     for (int v = 0; v < NV; ++v) mv[v] = mp[f * NV + v];
     #pragma GCC unroll 16
     for (int q = 0; q < RB; ++q) {
-      const T xf = x[q * ra + f];
+      const T xf = x[q][f];
       #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) s[q][v] += xf * mv[v];
     }
@@ -275,11 +295,11 @@ constexpr int rows_per_block() {
 }
 
 // Rows i0 .. i1-1 of one group, columns j0 .. j0+NJ: out[dst[i]] = a[i] @ m (dst null:
-// out[i]), or, with c, t[i - i0] += a[i] @ m . c[i] (t the group's partial sums). The rows
-// a[i] are at a0 + (i - i0) ra, c[i] at c0 + (i - i0) rb (see group_rows).
+// out[i]), or, with c (c0.p not null), t[i - i0] += a[i] @ m . c[i] (t the group's partial
+// sums). The rows a[i] are a0(i - i0), c[i] c0(i - i0).
 template <typename T, int NJ>
-void group_cols(const T* a0, int64_t ra, const T* m, int64_t rb, int64_t j0,
-                int64_t i0, int64_t i1, const int32_t* dst, T* out, const T* c0, T* t,
+void group_cols(Rows<T> a0, int64_t ra, const T* m, int64_t rb, int64_t j0,
+                int64_t i0, int64_t i1, const int32_t* dst, T* out, Rows<T> c0, T* t,
                 std::vector<typename Simd<T>::V>& buf) {
   using V = typename Simd<T>::V;
   constexpr int NV = (NJ + Simd<T>::W - 1) / Simd<T>::W;
@@ -290,7 +310,7 @@ void group_cols(const T* a0, int64_t ra, const T* m, int64_t rb, int64_t j0,
   V* mp = buf.data();
   pad_cols<T, NV>(m, ra, rb, j0, NJ, mp);
   auto emit = [&](const V (&s)[NV], int64_t i) {
-    if (c0) t[i - i0] += dot_row<T, NV, NJ>(s, c0 + (i - i0) * rb + j0);
+    if (c0.p) t[i - i0] += dot_row<T, NV, NJ>(s, c0(i - i0) + j0);
     else store_row<T, NV, NJ>(s, out + (dst ? static_cast<int64_t>(dst[i]) : i) * rb + j0);
   };
   int64_t i = i0;
@@ -302,21 +322,32 @@ void group_cols(const T* a0, int64_t ra, const T* m, int64_t rb, int64_t j0,
         __builtin_prefetch(o, 1);
         __builtin_prefetch(o + NJ - 1, 1);  // a row may straddle two lines
       }
+    if (a0.idx && i + kAhead + RB <= i1)  // table rows: irregular, not prefetched by the hardware
+      #pragma GCC unroll 16
+      for (int q = 0; q < RB; ++q) {
+        const T* xa = a0(i - i0 + kAhead + q);
+        __builtin_prefetch(xa);
+        __builtin_prefetch(xa + ra - 1);
+      }
     V s[RB][NV];
-    rows_times<T, NV, RB>(a0 + (i - i0) * ra, ra, mp, s);
+    const T* x[RB];
+    #pragma GCC unroll 16
+    for (int q = 0; q < RB; ++q) x[q] = a0(i - i0 + q);
+    rows_times<T, NV, RB>(x, ra, mp, s);
     #pragma GCC unroll 16
     for (int q = 0; q < RB; ++q) emit(s[q], i + q);
   }
   for (; i < i1; ++i) {
     V s[1][NV];
-    rows_times<T, NV, 1>(a0 + (i - i0) * ra, ra, mp, s);
+    const T* x[1] = {a0(i - i0)};
+    rows_times<T, NV, 1>(x, ra, mp, s);
     emit(s[0], i);
   }
 }
 
 template <typename T>
-using GroupCols = void (*)(const T*, int64_t, const T*, int64_t, int64_t, int64_t, int64_t,
-                           const int32_t*, T*, const T*, T*,
+using GroupCols = void (*)(Rows<T>, int64_t, const T*, int64_t, int64_t, int64_t, int64_t,
+                           const int32_t*, T*, Rows<T>, T*,
                            std::vector<typename Simd<T>::V>&);
 template <typename T, int... J>
 constexpr std::array<GroupCols<T>, sizeof...(J)> group_table(std::integer_sequence<int, J...>) {
@@ -326,25 +357,12 @@ constexpr std::array<GroupCols<T>, sizeof...(J)> group_table(std::integer_sequen
 // One group (rows a0 as in group_cols): columns in chunks of at most kChunk (a
 // compile-time width each).
 template <typename T>
-void group(const T* a0, int64_t ra, const T* m, int64_t rb, int64_t i0, int64_t i1,
-           const int32_t* dst, T* out, const T* c0, T* t,
+void group(Rows<T> a0, int64_t ra, const T* m, int64_t rb, int64_t i0, int64_t i1,
+           const int32_t* dst, T* out, Rows<T> c0, T* t,
            std::vector<typename Simd<T>::V>& buf) {
   static constexpr auto tab = group_table<T>(std::make_integer_sequence<int, kChunk>{});
   for (int64_t j0 = 0; j0 < rb; j0 += kChunk)
     tab[std::min(kChunk, rb - j0) - 1](a0, ra, m, rb, j0, i0, i1, dst, out, c0, t, buf);
-}
-
-// The rows i0 .. i1-1 of a group's vectors, contiguous: in place (a (N, ra)), or, with
-// aidx, a is a small table (of the first or last merged core's rows, in cache) and row i is
-// a[aidx[i]], copied to `stage` (this spares storing and streaming a full (N, ra) array)
-template <typename T>
-const T* group_rows(const T* a, int64_t ra, const int32_t* aidx, int64_t i0, int64_t i1,
-                    std::vector<T>& stage) {
-  if (!aidx) return a + i0 * ra;
-  stage.resize(static_cast<size_t>((i1 - i0) * ra));
-  for (int64_t i = i0; i < i1; ++i)
-    std::copy_n(a + static_cast<int64_t>(aidx[i]) * ra, ra, stage.data() + (i - i0) * ra);
-  return stage.data();
 }
 
 // out[dst[i]] = a[i] @ M[g] for the rows i of every group g (dst null: out[i]).
@@ -353,11 +371,9 @@ void step_impl(const T* a, int64_t ra, const int32_t* aidx, const T* M, int64_t 
                const int64_t* off, int64_t P, const int32_t* dst, T* out) {
   for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> buf;
-    std::vector<T> stage;
     for (int64_t g = g0; g < g1; ++g)
-      group(group_rows(a, ra, aidx, off[g], off[g + 1], stage), ra, M + g * ra * rb, rb,
-            off[g], off[g + 1], dst, out, static_cast<const T*>(nullptr),
-            static_cast<T*>(nullptr), buf);
+      group(group_rows(a, ra, aidx, off[g]), ra, M + g * ra * rb, rb, off[g], off[g + 1], dst,
+            out, Rows<T>{nullptr, nullptr, 0}, static_cast<T*>(nullptr), buf);
   });
 }
 
@@ -371,12 +387,11 @@ void rowdot_impl(const T* a, int64_t ra, const int32_t* aidx, const T* M, int64_
                  const T* c, const int32_t* cidx, const int64_t* off, int64_t P, T* t) {
   for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> buf;
-    std::vector<T> stage, cstage;
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t i0 = off[g], i1 = off[g + 1];
       std::fill(t + i0, t + i1, T(0));
-      group(group_rows(a, ra, aidx, i0, i1, stage), ra, M + g * ra * rb, rb, i0, i1, nullptr,
-            static_cast<T*>(nullptr), group_rows(c, rb, cidx, i0, i1, cstage), t + i0, buf);
+      group(group_rows(a, ra, aidx, i0), ra, M + g * ra * rb, rb, i0, i1, nullptr,
+            static_cast<T*>(nullptr), group_rows(c, rb, cidx, i0), t + i0, buf);
     }
   });
 }
@@ -405,14 +420,14 @@ void gather_impl(const T* src, int64_t w, const int32_t* idx, int64_t N, bool ad
 // FB rows f0 .. f0+FB of a group's C_g (columns of one chunk, NJ wide) in registers:
 // out[q, :] = sum_i x[i, f0 + q] w[i] over the n staged rows w (NV vectors each).
 template <typename T, int NJ, int FB>
-inline void outer_tile(const T* __restrict x, int64_t ra, int64_t f0,
+inline void outer_tile(Rows<T> x, int64_t f0,
                        const typename Simd<T>::V* __restrict w, int64_t n, T* out, int64_t rb) {
   using V = typename Simd<T>::V;
   constexpr int NV = (NJ + Simd<T>::W - 1) / Simd<T>::W;
   V acc[FB][NV] = {};
   for (int64_t i = 0; i < n; ++i) {
     const V* wi = w + i * NV;
-    const T* xi = x + i * ra + f0;
+    const T* xi = x(i) + f0;
     #pragma GCC unroll 16
     for (int q = 0; q < FB; ++q) {
       const T xf = xi[q];
@@ -425,12 +440,12 @@ inline void outer_tile(const T* __restrict x, int64_t ra, int64_t f0,
 }
 
 // Columns j0 .. j0+NJ of C_g = sum_i z[perm[i]] a[i]^T c[i] over the rows i0 .. i0+n-1 of
-// one group (C_g (ra, rb) row-major at out; the rows a[i] at a0 + (i - i0) ra). The
-// weighted rows z c are staged once in
-// zero-padded vectors (w); then RB rows of C_g at a time stay in registers while the
-// group's rows stream through (they are in cache: the group is small).
+// one group (C_g (ra, rb) row-major at out; the rows a[i] are a0(i - i0), c[i] c0(i - i0)).
+// The weighted rows z c are staged once in zero-padded vectors (w); then RB rows of C_g at
+// a time stay in registers while the group's rows stream through (they are in cache: the
+// group is small).
 template <typename T, int NJ>
-void outer_cols(const T* a0, int64_t ra, const T* c0, int64_t rb, int64_t j0, const T* z,
+void outer_cols(Rows<T> a0, int64_t ra, Rows<T> c0, int64_t rb, int64_t j0, const T* z,
                 const int32_t* perm, int64_t i0, int64_t n, T* out,
                 std::vector<typename Simd<T>::V>& w) {
   using V = typename Simd<T>::V;
@@ -444,9 +459,9 @@ void outer_cols(const T* a0, int64_t ra, const T* c0, int64_t rb, int64_t j0, co
   for (int64_t i = 0; i < n; ++i) zg[i] = z ? z[perm ? perm[i0 + i] : i0 + i] : T(1);
   for (int64_t i = 0; i < n; ++i) {
     // the left rows are first read by the tiles below: fetch them along with these
-    __builtin_prefetch(a0 + i * ra);
+    __builtin_prefetch(a0(i));
     const T zi = zg[i];
-    const T* y = c0 + i * rb + j0;
+    const T* y = c0(i) + j0;
     V* wi = &w[static_cast<size_t>(i * NV)];
     load_row<T, NV, NJ>(y, wi);
     #pragma GCC unroll 16
@@ -456,25 +471,25 @@ void outer_cols(const T* a0, int64_t ra, const T* c0, int64_t rb, int64_t j0, co
   // 4 + 4 + 1 + 1: a one-row tile is a latency-bound chain)
   const int64_t nt = (ra + RB - 1) / RB;
   const int64_t fb = (ra + nt - 1) / nt;
-  const T* x = a0;
+  const Rows<T> x = a0;
   for (int64_t f0 = 0; f0 < ra; f0 += fb) {
     const int64_t m = std::min(fb, ra - f0);
     static_assert(RB <= 8, "tile table");
     switch (m) {
-      case 1: outer_tile<T, NJ, 1>(x, ra, f0, w.data(), n, out + f0 * rb + j0, rb); break;
-      case 2: outer_tile<T, NJ, 2>(x, ra, f0, w.data(), n, out + f0 * rb + j0, rb); break;
-      case 3: outer_tile<T, NJ, 3>(x, ra, f0, w.data(), n, out + f0 * rb + j0, rb); break;
-      case 4: outer_tile<T, NJ, 4>(x, ra, f0, w.data(), n, out + f0 * rb + j0, rb); break;
-      case 5: outer_tile<T, NJ, (RB >= 5 ? 5 : 1)>(x, ra, f0, w.data(), n, out + f0 * rb + j0, rb); break;
-      case 6: outer_tile<T, NJ, (RB >= 6 ? 6 : 1)>(x, ra, f0, w.data(), n, out + f0 * rb + j0, rb); break;
-      case 7: outer_tile<T, NJ, (RB >= 7 ? 7 : 1)>(x, ra, f0, w.data(), n, out + f0 * rb + j0, rb); break;
-      default: outer_tile<T, NJ, (RB >= 8 ? 8 : 1)>(x, ra, f0, w.data(), n, out + f0 * rb + j0, rb); break;
+      case 1: outer_tile<T, NJ, 1>(x, f0, w.data(), n, out + f0 * rb + j0, rb); break;
+      case 2: outer_tile<T, NJ, 2>(x, f0, w.data(), n, out + f0 * rb + j0, rb); break;
+      case 3: outer_tile<T, NJ, 3>(x, f0, w.data(), n, out + f0 * rb + j0, rb); break;
+      case 4: outer_tile<T, NJ, 4>(x, f0, w.data(), n, out + f0 * rb + j0, rb); break;
+      case 5: outer_tile<T, NJ, (RB >= 5 ? 5 : 1)>(x, f0, w.data(), n, out + f0 * rb + j0, rb); break;
+      case 6: outer_tile<T, NJ, (RB >= 6 ? 6 : 1)>(x, f0, w.data(), n, out + f0 * rb + j0, rb); break;
+      case 7: outer_tile<T, NJ, (RB >= 7 ? 7 : 1)>(x, f0, w.data(), n, out + f0 * rb + j0, rb); break;
+      default: outer_tile<T, NJ, (RB >= 8 ? 8 : 1)>(x, f0, w.data(), n, out + f0 * rb + j0, rb); break;
     }
   }
 }
 
 template <typename T>
-using OuterCols = void (*)(const T*, int64_t, const T*, int64_t, int64_t, const T*,
+using OuterCols = void (*)(Rows<T>, int64_t, Rows<T>, int64_t, int64_t, const T*,
                            const int32_t*, int64_t, int64_t, T*,
                            std::vector<typename Simd<T>::V>&);
 template <typename T, int... J>
@@ -485,7 +500,7 @@ constexpr std::array<OuterCols<T>, sizeof...(J)> outer_table(std::integer_sequen
 // C_g (ra, rb) = sum over the rows i of group g (off[g] .. off[g+1]-1) of
 // z[perm[i]] a[i]^T c[i] (rows a0 as in outer_cols)
 template <typename T>
-void outer_group(const T* a0, int64_t ra, const T* c0, int64_t rb, const T* z,
+void outer_group(Rows<T> a0, int64_t ra, Rows<T> c0, int64_t rb, const T* z,
                  const int32_t* perm, int64_t i0, int64_t i1, T* out,
                  std::vector<typename Simd<T>::V>& w) {
   static constexpr auto tab = outer_table<T>(std::make_integer_sequence<int, kChunk>{});
@@ -504,11 +519,9 @@ void outer_impl(const T* a, int64_t ra, const int32_t* aidx, const T* c, int64_t
                 const int32_t* perm, T* C) {
   for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> w;
-    std::vector<T> stage, cstage;
     for (int64_t g = g0; g < g1; ++g)
-      outer_group(group_rows(a, ra, aidx, off[g], off[g + 1], stage), ra,
-                  group_rows(c, rb, cidx, off[g], off[g + 1], cstage), rb, z, perm, off[g],
-                  off[g + 1], C + g * ra * rb, w);
+      outer_group(group_rows(a, ra, aidx, off[g]), ra, group_rows(c, rb, cidx, off[g]), rb, z,
+                  perm, off[g], off[g + 1], C + g * ra * rb, w);
   });
 }
 
@@ -522,14 +535,13 @@ void step_outer_impl(const T* c, int64_t rb, const int32_t* cidx, const T* Mt, i
                      const T* z, const int32_t* perm, const int64_t* off, int64_t P, T* C) {
   for_groups(P, [&](int64_t g0, int64_t g1) {
     std::vector<typename Simd<T>::V> buf, w;
-    std::vector<T> stage, cstage;
     for (int64_t g = g0; g < g1; ++g) {
-      const T* c0 = group_rows(c, rb, cidx, off[g], off[g + 1], cstage);
+      const Rows<T> c0 = group_rows(c, rb, cidx, off[g]);
       if (out)
         group(c0, rb, Mt + g * rb * rc, rc, off[g], off[g + 1], dst, out,
-              static_cast<const T*>(nullptr), static_cast<T*>(nullptr), buf);
-      outer_group(group_rows(a, ra, aidx, off[g], off[g + 1], stage), ra, c0, rb, z, perm,
-                  off[g], off[g + 1], C + g * ra * rb, w);
+              Rows<T>{nullptr, nullptr, 0}, static_cast<T*>(nullptr), buf);
+      outer_group(group_rows(a, ra, aidx, off[g]), ra, c0, rb, z, perm, off[g], off[g + 1],
+                  C + g * ra * rb, w);
     }
   });
 }
