@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import kernels
 from .blocked import merged, ranks_of, split_block_grad, tangent_block
 
 __all__ = ["MIN_SAMPLES", "applies", "values", "sampled_point", "project", "CompiledPlan",
@@ -164,7 +165,8 @@ def _left_sweep(mod, plan: CompiledPlan, cores: Sequence[torch.Tensor], ws: Dict
     L: List[torch.Tensor] = [plan.ones(dtype)]
     Lidx: List[Optional[torch.Tensor]] = [None]
     for b, (lo, hi) in enumerate(plan.bounds):
-        M = merged(cores, lo, hi).permute(1, 0, 2).contiguous()
+        with kernels.serial_small_ops():  # small products: no OpenMP team to wait for
+            M = merged(cores, lo, hi).permute(1, 0, 2).contiguous()
         if b == 0 and B > 1:
             L.append(M.view(M.shape[0], -1))
             Lidx.append(plan.first_groups)
@@ -235,7 +237,8 @@ class CompiledSampledPoint:
 
     def _right_core(self, b: int) -> torch.Tensor:
         lo, hi = self.plan.bounds[b]
-        return merged(self.V, lo, hi).permute(1, 2, 0).contiguous()
+        with kernels.serial_small_ops():
+            return merged(self.V, lo, hi).permute(1, 2, 0).contiguous()
 
     @property
     def R(self) -> List[torch.Tensor]:
@@ -294,7 +297,9 @@ class CompiledSampledPoint:
                 else:
                     nat.outer(self.L[b], R[b], zb, plan.off[b], None, C, self.Lidx[b],
                               self.Ridx[b])
-                D[lo:hi] = split_block_grad(C.permute(1, 0, 2), self.U, self.V, lo, hi, shape)
+                with kernels.serial_small_ops():
+                    D[lo:hi] = split_block_grad(C.permute(1, 0, 2), self.U, self.V, lo, hi,
+                                                shape)
         self._R = R
         return D
 
@@ -311,7 +316,8 @@ class CompiledSampledPoint:
             e = torch.empty(N, dtype=dtype, device=device)  # sample order, a new tensor
             t = _buf(self._ws, "t", N, 1, dtype, device).view(-1)
             for b, (lo, hi) in enumerate(plan.bounds):
-                T = tangent_block(self.U, self.V, dU, lo, hi).permute(1, 0, 2).contiguous()
+                with kernels.serial_small_ops():
+                    T = tangent_block(self.U, self.V, dU, lo, hi).permute(1, 0, 2).contiguous()
                 nat.rowdot(self.L[b], T, R[b], plan.off[b], t, self.Lidx[b], self.Ridx[b])
                 nat.gather(t, plan.inv[b], e, b > 0)
         return e
