@@ -319,3 +319,30 @@ def test_point_fused_and_separate_right_sweeps(mod, data):
     for D in (D1, D2, D3):
         assert all(rel(D[k], ref_D[k]) < tol for k in range(d))
     assert rel(t1, ref_t) < tol and rel(t2, ref_t) < tol
+
+
+@pytest.mark.parametrize("table_bytes", [0, 1 << 19])
+def test_point_with_gathered_or_indexed_end_cores(mod, monkeypatch, table_bytes):
+    """The first / last merged core read in place by index (small) or gathered into an
+    (N, r) array (``TABLE_BYTES`` exceeded): both against dense references, with the right
+    sweep fused into the projection and alone."""
+    monkeypatch.setattr(compiled_mod, "TABLE_BYTES", table_bytes)
+    gen = torch.Generator().manual_seed(21)
+    shape, ranks, N = (3, 4, 2, 5, 3), [1, 3, 4, 2, 3, 1], 70
+    idx = torch.stack([torch.randint(0, n, (N,), generator=gen) for n in shape], 1)
+    iset = IndexSet(idx, shape)
+    iset.min_group = 1
+    U, V, dU = ([torch.randn(ranks[k], n, ranks[k + 1], generator=gen, dtype=F64)
+                 for k, n in enumerate(shape)] for _ in range(3))
+    z = torch.randn(N, generator=gen, dtype=F64)
+    ref_D, ref_t = dense_project(U, V, idx, z), dense_tangent(U, V, dU)[tuple(idx.t())]
+    pt, qt = iset.sampled_point(U, V), iset.sampled_point(U, V)
+    assert len(pt.plan.bounds) > 2
+    assert (pt.Lidx[1] is not None) == (table_bytes > 0)
+    D1, t1 = pt.project(z), pt.tangent(dU)
+    t2, D2 = qt.tangent(dU), qt.project(z)
+    assert (qt.Ridx[-2] is not None) == (table_bytes > 0)
+    assert rel(pt.values, dense(U)[tuple(idx.t())]) < 1e-12
+    for D in (D1, D2):
+        assert all(rel(D[k], ref_D[k]) < 1e-12 for k in range(len(shape)))
+    assert rel(t1, ref_t) < 1e-12 and rel(t2, ref_t) < 1e-12

@@ -33,6 +33,15 @@ __all__ = ["MIN_SAMPLES", "applies", "values", "sampled_point", "project", "Comp
 # about this size on, and small runs (tests, the quick comparison) never need them.
 MIN_SAMPLES = 1 << 14
 
+# The first / last merged core is read in place by the kernels (rows by index) when it has
+# at most this many bytes (it then stays in the per-core cache); a larger one is gathered
+# into an (N, r) array once, as its irregular reads would miss the cache in every pass.
+TABLE_BYTES = 1 << 19
+
+
+def _small_table(t: torch.Tensor) -> bool:
+    return t.numel() * t.element_size() <= TABLE_BYTES
+
 
 def applies(iset, *args, **kwargs) -> bool:
     """Whether the compiled kernels are meant for this index set (its size)."""
@@ -167,13 +176,16 @@ def _left_sweep(mod, plan: CompiledPlan, cores: Sequence[torch.Tensor], ws: Dict
     for b, (lo, hi) in enumerate(plan.bounds):
         with kernels.serial_small_ops():  # small products: no OpenMP team to wait for
             M = merged(cores, lo, hi).permute(1, 0, 2).contiguous()
-        if b == 0 and B > 1:
+        if b == 0 and B > 1 and _small_table(M):
             L.append(M.view(M.shape[0], -1))
             Lidx.append(plan.first_groups)
             continue
         out = (_buf(ws, ("L", b + 1), N, ranks[hi], dtype, device) if b + 1 < B
                else torch.empty(N, 1, dtype=dtype, device=device))
-        mod.step(L[b], M, plan.off[b], plan.dst_left[b], out, Lidx[b])
+        if b == 0 and B > 1:
+            mod.gather(M.view(M.shape[0], -1), plan.first_groups, out)
+        else:
+            mod.step(L[b], M, plan.off[b], plan.dst_left[b], out, Lidx[b])
         if b + 1 < B:
             L.append(out)
             Lidx.append(None)
@@ -215,15 +227,16 @@ class CompiledSampledPoint:
             self.L, self.Lidx, self.values = _left_sweep(mod, plan, self.U, ws, ranks)
         self._R: Optional[List[torch.Tensor]] = None
         # row indices of the right vectors, as Lidx: the next-to-last block's are rows of
-        # the last merged core, read from it by the last block's group
+        # the last merged core, read from it by the last block's group (a small core)
         B = len(plan.bounds)
         self.Ridx: List[Optional[torch.Tensor]] = [None] * B
         if B > 1:
             self.Ridx[B - 2] = plan.last_groups
 
     def _right_buffers(self) -> List[torch.Tensor]:
-        """``[R_0, ..., R_{B-1}]``: pooled buffers for blocks 0..B-3, the last merged core as
-        a table for block B-2 (its rows picked by :attr:`Ridx`), ones for the last."""
+        """``[R_0, ..., R_{B-1}]``: pooled buffers for blocks 0..B-3, for block B-2 the last
+        merged core as a table (its rows picked by :attr:`Ridx`; a large core is gathered
+        into a pooled buffer instead, and ``Ridx[B-2]`` becomes None), ones for the last."""
         plan = self.plan
         N = len(plan.iset)
         dtype, device = self.values.dtype, self.values.device
@@ -232,12 +245,18 @@ class CompiledSampledPoint:
              for b in range(B - 2)]
         if B > 1:
             Mt = self._right_core(B - 1)
-            R.append(Mt.view(Mt.shape[0], -1))
+            table = Mt.view(Mt.shape[0], -1)
+            if not _small_table(table):
+                out = _buf(self._ws, ("R", B - 2), N, table.shape[1], dtype, device)
+                self.mod.gather(table, plan.last_groups, out)
+                table = out
+                self.Ridx[B - 2] = None
+            R.append(table)
         return R + [plan.ones(dtype)]
 
     def _right_core(self, b: int) -> torch.Tensor:
         lo, hi = self.plan.bounds[b]
-        with kernels.serial_small_ops():
+        with kernels.serial_small_ops(), torch.no_grad():
             return merged(self.V, lo, hi).permute(1, 2, 0).contiguous()
 
     @property
