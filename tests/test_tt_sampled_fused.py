@@ -1,7 +1,8 @@
-"""The compiled sampled-entry kernels called directly (``step``, ``rowdot``, ``outer`` and
-the fused right step + scatter ``step_outer``) against float64 loops written here, and the
-two orders in which :class:`CompiledSampledPoint` may run its right sweep (fused with the
-first projection, or alone when the tangent values come first) against dense references.
+"""The compiled sampled-entry kernels called directly (``step``, ``rowdot``, ``outer``,
+``gather`` and the fused right step + scatter ``step_outer``) against float64 loops written
+here, and the two orders in which :class:`CompiledSampledPoint` may run its right sweep
+(fused with the first projection, or alone when the tangent values come first) against dense
+references.
 
 Group sizes cover empty groups, a single sample, sizes that are not multiples of the row
 blocks and groups longer than the destination prefetch distance; ranks are odd, 1, and above
@@ -142,6 +143,68 @@ def test_many_groups_on_two_threads(mod):
         torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("counts", COUNTS)
+def test_rows_from_a_table(mod, dtype, counts):
+    """Every kernel with ``aidx`` / ``cidx`` (left rows ``a[aidx[i]]``, right rows
+    ``c[cidx[i]]`` of small tables) against the loops on the gathered rows."""
+    ra, rb, rc = 3, 7, 4
+    off, a, c, Mt, z, dst, perm, (a_, c_, Mt_, z_) = make(counts, ra, rb, rc, dtype, 13)
+    tol = 1e-13 if dtype == F64 else 2e-6
+    N, P = a.shape[0], off.numel() - 1
+    g = torch.Generator().manual_seed(14)
+    ta, tc = torch.randn(6, ra, generator=g, dtype=F64), torch.randn(5, rb, generator=g, dtype=F64)
+    aidx = torch.randint(0, 6, (N,), generator=g).to(torch.int32)
+    cidx = torch.randint(0, 5, (N,), generator=g).to(torch.int32)
+    ra_, rc_ = ta[aidx.long()], tc[cidx.long()]  # the rows they stand for
+    Ma = torch.randn(P, ra, rb, generator=g, dtype=F64)
+    out = torch.full((N, rb), float("nan"), dtype=dtype)
+    mod.step(ta.to(dtype), Ma.to(dtype), off, dst, out, aidx)
+    assert rel(out, ref_step(ra_, Ma, off, dst)) < tol
+    for (A, ai, refa), (Cv, ci, refc) in [((ta, aidx, ra_), (c, None, c)),
+                                          ((a, None, a), (tc, cidx, rc_)),
+                                          ((ta, aidx, ra_), (tc, cidx, rc_))]:
+        A, Cv = A.to(dtype), Cv.to(dtype)
+        t = torch.full((N,), float("nan"), dtype=dtype)
+        mod.rowdot(A, Ma.to(dtype), Cv, off, t, ai, ci)
+        assert rel(t, (ref_step(refa, Ma, off, None) * refc).sum(1)) < tol
+        C = torch.full((P, ra, rb), float("nan"), dtype=dtype)
+        mod.outer(A, Cv, z_, off, perm, C, ai, ci)
+        assert rel(C, ref_outer(refa, refc, z, off, perm)) < tol
+        out = torch.full((N, rc), float("nan"), dtype=dtype)
+        C = torch.full((P, ra, rb), float("nan"), dtype=dtype)
+        mod.step_outer(Cv, Mt_, dst, out, A, z_, off, perm, C, ai, ci)
+        assert rel(out, ref_step(refc, Mt, off, dst)) < tol
+        assert rel(C, ref_outer(refa, refc, z, off, perm)) < tol
+    with pytest.raises(RuntimeError, match="rowdot"):
+        mod.rowdot(ta.to(dtype), Ma.to(dtype), c_, off, t, aidx, cidx[:-1])  # fewer c rows
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gather_matches_index_select(mod, dtype, threads):
+    """``gather``: scalars and rows, more rows than one task of the two-thread schedule."""
+    g = torch.Generator().manual_seed(12)
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape, N in (((50,), 20000), ((37, 3), 20000), ((4, 17), 5), ((6,), 0)):
+            src = torch.randn(*shape, generator=g, dtype=F64).to(dtype)
+            idx = torch.randint(0, shape[0], (N,), generator=g).to(torch.int32)
+            out = torch.full((N,) + shape[1:], float("nan"), dtype=dtype)
+            mod.gather(src, idx, out)
+            assert torch.equal(out, src.index_select(0, idx.long()))
+            if len(shape) == 1:  # the sum with out
+                mod.gather(src, idx, out, True)
+                assert torch.equal(out, 2 * src.index_select(0, idx.long()))
+        with pytest.raises(RuntimeError, match="gather"):
+            mod.gather(src, idx, torch.empty(1, dtype=dtype))
+        with pytest.raises(RuntimeError, match="add expects"):
+            mod.gather(src.view(-1, 2), idx, torch.empty(0, 2, dtype=dtype), True)
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_helpers_repeated_concurrent_and_after_fork(mod):
     """The helper threads of the kernels: many calls in a row, two Python threads calling at
     once, and a forked child (which has no helper threads) all give the loops' results."""
@@ -256,3 +319,30 @@ def test_point_fused_and_separate_right_sweeps(mod, data):
     for D in (D1, D2, D3):
         assert all(rel(D[k], ref_D[k]) < tol for k in range(d))
     assert rel(t1, ref_t) < tol and rel(t2, ref_t) < tol
+
+
+@pytest.mark.parametrize("table_bytes", [0, 1 << 19])
+def test_point_with_gathered_or_indexed_end_cores(mod, monkeypatch, table_bytes):
+    """The first / last merged core read in place by index (small) or gathered into an
+    (N, r) array (``TABLE_BYTES`` exceeded): both against dense references, with the right
+    sweep fused into the projection and alone."""
+    monkeypatch.setattr(compiled_mod, "TABLE_BYTES", table_bytes)
+    gen = torch.Generator().manual_seed(21)
+    shape, ranks, N = (3, 4, 2, 5, 3), [1, 3, 4, 2, 3, 1], 70
+    idx = torch.stack([torch.randint(0, n, (N,), generator=gen) for n in shape], 1)
+    iset = IndexSet(idx, shape)
+    iset.min_group = 1
+    U, V, dU = ([torch.randn(ranks[k], n, ranks[k + 1], generator=gen, dtype=F64)
+                 for k, n in enumerate(shape)] for _ in range(3))
+    z = torch.randn(N, generator=gen, dtype=F64)
+    ref_D, ref_t = dense_project(U, V, idx, z), dense_tangent(U, V, dU)[tuple(idx.t())]
+    pt, qt = iset.sampled_point(U, V), iset.sampled_point(U, V)
+    assert len(pt.plan.bounds) > 2
+    assert (pt.Lidx[1] is not None) == (table_bytes > 0)
+    D1, t1 = pt.project(z), pt.tangent(dU)
+    t2, D2 = qt.tangent(dU), qt.project(z)
+    assert (qt.Ridx[-2] is not None) == (table_bytes > 0)
+    assert rel(pt.values, dense(U)[tuple(idx.t())]) < 1e-12
+    for D in (D1, D2):
+        assert all(rel(D[k], ref_D[k]) < 1e-12 for k in range(len(shape)))
+    assert rel(t1, ref_t) < 1e-12 and rel(t2, ref_t) < 1e-12

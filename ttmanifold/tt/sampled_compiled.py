@@ -7,8 +7,10 @@ Per block of merged modes (the partition of :meth:`IndexSet.bounds
 padding. A sweep step reads one block's rows in order, multiplies each by its group's
 merged core and writes the result straight into the next block's order, one fused pass;
 the right sweep runs inside the first gradient scatter (one pass per block for both), and
-the tangent values are one pass per block. Per-sample scalars are in sample order. Design
-and measured costs: ``docs/sampled_entries.md``.
+the tangent values are one pass per block. The first block's left vectors and the
+next-to-last block's right vectors are rows of the first / last merged core: the kernels
+read them from that table by index instead of a stored ``(N, r)`` array. Per-sample
+scalars are in sample order. Design and measured costs: ``docs/sampled_entries.md``.
 
 The functions :func:`values`, :func:`sampled_point` and :func:`project` take the compiled
 module first; :mod:`ttmanifold.kernels` calls them (see :mod:`.index_set`).
@@ -21,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import kernels
 from .blocked import merged, ranks_of, split_block_grad, tangent_block
 
 __all__ = ["MIN_SAMPLES", "applies", "values", "sampled_point", "project", "CompiledPlan",
@@ -29,6 +32,15 @@ __all__ = ["MIN_SAMPLES", "applies", "values", "sampled_point", "project", "Comp
 # Index sets smaller than this stay on the torch kernels: the compiled ones pay off from
 # about this size on, and small runs (tests, the quick comparison) never need them.
 MIN_SAMPLES = 1 << 14
+
+# The first / last merged core is read in place by the kernels (rows by index) when it has
+# at most this many bytes (it then stays in the per-core cache); a larger one is gathered
+# into an (N, r) array once, as its irregular reads would miss the cache in every pass.
+TABLE_BYTES = 1 << 19
+
+
+def _small_table(t: torch.Tensor) -> bool:
+    return t.numel() * t.element_size() <= TABLE_BYTES
 
 
 def applies(iset, *args, **kwargs) -> bool:
@@ -104,8 +116,9 @@ class CompiledPlan:
             inv[b - 1].index_select(0, self.perm[b]) for b in range(1, B)]
         self.inv = inv
         # The first left step and the last right step start from ones: their results are
-        # rows of the first / last merged core, picked by the first / last block's group
-        # (a gather from a small table, cheaper than the scattered steps).
+        # rows of the first / last merged core, picked by the first / last block's group.
+        # The kernels read them from that small table by these indices (no (N, r) array
+        # of them is written, nor streamed by the passes that use them).
         self.first_groups = self.last_groups = None
         if B > 1:
             self.first_groups = keys[0].index_select(0, self.perm[1]).to(torch.int32)
@@ -147,24 +160,36 @@ def _buf(ws: Dict, name, rows: int, cols: int, dtype, device) -> torch.Tensor:
 
 
 def _left_sweep(mod, plan: CompiledPlan, cores: Sequence[torch.Tensor], ws: Dict, ranks):
-    """The left vectors of every block in its order (``[ones, l_1, ...]``, pooled buffers of
-    ``ws``) and the values at the samples (sample order, a new tensor: callers may keep
-    it, e.g. the output of :meth:`IndexSet.gather`)."""
+    """The left vectors of every block in its order, ``L = [ones, l_1, ...]`` with their
+    row indices ``Lidx`` (None: ``L[b]`` holds the rows in order; else ``L[b]`` is a table
+    and row i is ``L[b][Lidx[b][i]]``), and the values at the samples (sample order, a new
+    tensor: callers may keep it, e.g. the output of :meth:`IndexSet.gather`).
+
+    The first block's left vectors are rows of the first merged core: the kernels read
+    them from that table (in cache) by the first block's group, so no ``(N, r)`` array of
+    them is written or streamed. The others are pooled buffers of ``ws``."""
     N = len(plan.iset)
     dtype, device = cores[0].dtype, cores[0].device
     B = len(plan.bounds)
     L: List[torch.Tensor] = [plan.ones(dtype)]
+    Lidx: List[Optional[torch.Tensor]] = [None]
     for b, (lo, hi) in enumerate(plan.bounds):
-        M = merged(cores, lo, hi).permute(1, 0, 2).contiguous()
+        with kernels.serial_small_ops():  # small products: no OpenMP team to wait for
+            M = merged(cores, lo, hi).permute(1, 0, 2).contiguous()
+        if b == 0 and B > 1 and _small_table(M):
+            L.append(M.view(M.shape[0], -1))
+            Lidx.append(plan.first_groups)
+            continue
         out = (_buf(ws, ("L", b + 1), N, ranks[hi], dtype, device) if b + 1 < B
                else torch.empty(N, 1, dtype=dtype, device=device))
         if b == 0 and B > 1:
-            torch.index_select(M.view(M.shape[0], -1), 0, plan.first_groups, out=out)
+            mod.gather(M.view(M.shape[0], -1), plan.first_groups, out)
         else:
-            mod.step(L[b], M, plan.off[b], plan.dst_left[b], out)
+            mod.step(L[b], M, plan.off[b], plan.dst_left[b], out, Lidx[b])
         if b + 1 < B:
             L.append(out)
-    return L, out.view(-1)
+            Lidx.append(None)
+    return L, Lidx, out.view(-1)
 
 
 def _values(mod, plan: CompiledPlan, cores: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -174,7 +199,7 @@ def _values(mod, plan: CompiledPlan, cores: Sequence[torch.Tensor]) -> torch.Ten
     ws = plan.acquire(cores[0].dtype, ranks)
     try:
         with torch.no_grad():
-            return _left_sweep(mod, plan, cores, ws, ranks)[1]
+            return _left_sweep(mod, plan, cores, ws, ranks)[2]
     finally:
         plan.release(ws)
 
@@ -199,22 +224,40 @@ class CompiledSampledPoint:
         self._ws = ws
         weakref.finalize(self, plan.release, ws)
         with torch.no_grad():
-            self.L, self.values = _left_sweep(mod, plan, self.U, ws, ranks)
+            self.L, self.Lidx, self.values = _left_sweep(mod, plan, self.U, ws, ranks)
         self._R: Optional[List[torch.Tensor]] = None
+        # row indices of the right vectors, as Lidx: the next-to-last block's are rows of
+        # the last merged core, read from it by the last block's group (a small core)
+        B = len(plan.bounds)
+        self.Ridx: List[Optional[torch.Tensor]] = [None] * B
+        if B > 1:
+            self.Ridx[B - 2] = plan.last_groups
 
     def _right_buffers(self) -> List[torch.Tensor]:
-        """``[R_0, ..., R_{B-1}]``: pooled buffers for blocks 0..B-2, ones for the last."""
+        """``[R_0, ..., R_{B-1}]``: pooled buffers for blocks 0..B-3, for block B-2 the last
+        merged core as a table (its rows picked by :attr:`Ridx`; a large core is gathered
+        into a pooled buffer instead, and ``Ridx[B-2]`` becomes None), ones for the last."""
         plan = self.plan
         N = len(plan.iset)
         dtype, device = self.values.dtype, self.values.device
         B = len(plan.bounds)
         R = [_buf(self._ws, ("R", b), N, self._ranks[plan.bounds[b][1]], dtype, device)
-             for b in range(B - 1)]
+             for b in range(B - 2)]
+        if B > 1:
+            Mt = self._right_core(B - 1)
+            table = Mt.view(Mt.shape[0], -1)
+            if not _small_table(table):
+                out = _buf(self._ws, ("R", B - 2), N, table.shape[1], dtype, device)
+                self.mod.gather(table, plan.last_groups, out)
+                table = out
+                self.Ridx[B - 2] = None
+            R.append(table)
         return R + [plan.ones(dtype)]
 
     def _right_core(self, b: int) -> torch.Tensor:
         lo, hi = self.plan.bounds[b]
-        return merged(self.V, lo, hi).permute(1, 2, 0).contiguous()
+        with kernels.serial_small_ops(), torch.no_grad():
+            return merged(self.V, lo, hi).permute(1, 2, 0).contiguous()
 
     @property
     def R(self) -> List[torch.Tensor]:
@@ -224,13 +267,9 @@ class CompiledSampledPoint:
             R = self._right_buffers()
             B = len(plan.bounds)
             with torch.no_grad():
-                for b in range(B - 1, 0, -1):
-                    Mt = self._right_core(b)
-                    if b == B - 1:
-                        torch.index_select(Mt.view(Mt.shape[0], -1), 0, plan.last_groups,
-                                           out=R[b - 1])
-                    else:
-                        self.mod.step(R[b], Mt, plan.off[b], plan.dst_right[b], R[b - 1])
+                for b in range(B - 2, 0, -1):
+                    self.mod.step(R[b], self._right_core(b), plan.off[b], plan.dst_right[b],
+                                  R[b - 1], self.Ridx[b])
             self._R = R
         return self._R
 
@@ -261,6 +300,7 @@ class CompiledSampledPoint:
         fused = self._R is None
         R = self._right_buffers() if fused else self._R
         B = len(plan.bounds)
+        zb = _buf(self._ws, "zb", len(z), 1, z.dtype, z.device).view(-1)
         with torch.no_grad():
             for b in range(B - 1, -1, -1):
                 lo, hi = plan.bounds[b]
@@ -268,41 +308,35 @@ class CompiledSampledPoint:
                 C = z.new_empty(P, self.L[b].shape[1], R[b].shape[1])
                 # the weights in the block's order: one gather here is cheaper than the
                 # same scattered reads inside the kernel
-                zb = z.index_select(0, plan.perm[b])
-                if fused and b == B - 1 and b > 0:  # the right vectors start from ones
-                    Mt = self._right_core(b)
-                    torch.index_select(Mt.view(Mt.shape[0], -1), 0, plan.last_groups,
-                                       out=R[b - 1])
-                    nat.outer(self.L[b], R[b], zb, plan.off[b], None, C)
-                elif fused:
-                    Mt = self._right_core(b) if b > 0 else z.new_empty(0, 0, 0)
-                    nat.step_outer(R[b], Mt, plan.dst_right[b] if b > 0 else None,
-                                   R[b - 1] if b > 0 else None, self.L[b], zb, plan.off[b],
-                                   None, C)
+                nat.gather(z, plan.perm[b], zb)
+                if fused and 0 < b < B - 1:  # (the last block's step is the table R[B-2])
+                    nat.step_outer(R[b], self._right_core(b), plan.dst_right[b], R[b - 1],
+                                   self.L[b], zb, plan.off[b], None, C, self.Lidx[b],
+                                   self.Ridx[b])
                 else:
-                    nat.outer(self.L[b], R[b], zb, plan.off[b], None, C)
-                D[lo:hi] = split_block_grad(C.permute(1, 0, 2), self.U, self.V, lo, hi, shape)
+                    nat.outer(self.L[b], R[b], zb, plan.off[b], None, C, self.Lidx[b],
+                              self.Ridx[b])
+                with kernels.serial_small_ops():
+                    D[lo:hi] = split_block_grad(C.permute(1, 0, 2), self.U, self.V, lo, hi,
+                                                shape)
         self._R = R
         return D
 
     def tangent(self, dU: Sequence[torch.Tensor]) -> torch.Tensor:
         """The tangent vector with deltas ``dU`` at the samples (sample order): per block,
         the row-wise products ``l T r`` with its merged tangent core (block order), then
-        gathered into sample order and summed."""
+        gathered into sample order and summed (one kernel call for both)."""
         nat = self.mod
         plan = self.plan
         N = len(plan.iset)
         R = self.R
         dtype, device = self.values.dtype, self.values.device
         with torch.no_grad():
-            e = None
+            e = torch.empty(N, dtype=dtype, device=device)  # sample order, a new tensor
             t = _buf(self._ws, "t", N, 1, dtype, device).view(-1)
-            ts = _buf(self._ws, "ts", N, 1, dtype, device).view(-1)
             for b, (lo, hi) in enumerate(plan.bounds):
-                T = tangent_block(self.U, self.V, dU, lo, hi).permute(1, 0, 2).contiguous()
-                nat.rowdot(self.L[b], T, R[b], plan.off[b], t)  # block order
-                if e is None:
-                    e = t.index_select(0, plan.inv[b])  # sample order, a new tensor
-                else:
-                    e.add_(torch.index_select(t, 0, plan.inv[b], out=ts))
+                with kernels.serial_small_ops():
+                    T = tangent_block(self.U, self.V, dU, lo, hi).permute(1, 0, 2).contiguous()
+                nat.rowdot(self.L[b], T, R[b], plan.off[b], t, self.Lidx[b], self.Ridx[b])
+                nat.gather(t, plan.inv[b], e, b > 0)
         return e
