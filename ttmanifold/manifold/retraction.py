@@ -347,7 +347,8 @@ _INDEX_CACHE: dict = {}
 
 def _cached_index(key, device: torch.device, build) -> torch.Tensor:
     """An index tensor that depends on shapes only, built on the host once and kept per
-    device (no host-to-device copy per call); rebuilt while tracing for torch.compile."""
+    device (no host-to-device copy per call); rebuilt while tracing for torch.compile.
+    Built outside inference mode: autograd saves it later (scatter's backward)."""
     if torch.compiler.is_compiling():
         return build().to(device)
     key = key + (str(device),)
@@ -355,7 +356,8 @@ def _cached_index(key, device: torch.device, build) -> torch.Tensor:
     if idx is None:
         if len(_INDEX_CACHE) > 256:
             _INDEX_CACHE.clear()
-        idx = _INDEX_CACHE[key] = build().to(device)
+        with torch.inference_mode(False):
+            idx = _INDEX_CACHE[key] = build().to(device)
     return idx
 
 
