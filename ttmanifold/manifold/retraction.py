@@ -320,8 +320,8 @@ def scattered_block_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.
         seg.addcmul_(seg, torch.signbit(_spread_diagonals(diagonals, shapes, bs)), value=-2)
     out = src.new_zeros(bs + (P * total,))
     out.scatter_add_(-1, idx.expand(bs + idx.shape), src)
-    return [[out[..., p * total + off:p * total + off + a * n * b].unflatten(-1, (a, n, b))
-             for off, (a, n, b) in layout] for p in range(P)]
+    views = out.split([a * n * b for _, (a, n, b) in layout] * P, -1)  # one view op for all
+    return [[views[p * d + k].unflatten(-1, layout[k][1]) for k in range(d)] for p in range(P)]
 
 
 def _spread_diagonals(dg, shapes, bs) -> torch.Tensor:
