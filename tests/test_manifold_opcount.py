@@ -449,3 +449,16 @@ def test_retr_gradient_on_block_cores_matches_structured(shape, ranks):
                 assert torch.allclose(e[b], a, atol=1e-9, rtol=1e-7), b
     finally:
         sweeps.PAIRED_SWEEPS = old
+
+
+def test_scattered_block_cores_bad_arguments_named():
+    from ttmanifold.manifold.retraction import scattered_block_cores
+    M = FixedTTRank((3, 4, 3), 2)
+    U = M.split(M.random(dtype=F64, generator=torch.Generator().manual_seed(0)))
+    V = right_cores(U)
+    with pytest.raises(ValueError, match="add_point"):
+        scattered_block_cores(U, V, [U], (), add_point=(True, False))
+    with pytest.raises(ValueError, match="delta_sets"):
+        scattered_block_cores(U, V, [U[:2]], ())
+    with pytest.raises(ValueError, match="delta_sets"):
+        scattered_block_cores(U, V, [[U[0], U[1][:1], U[2]]], ())

@@ -291,7 +291,8 @@ def scattered_block_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.
             (:func:`~.sweeps.right_sweep`) the diagonals of its factors ``L'_1 ..
             L'_{d-1}`` in bond order: the first set's deltas ``D_k`` (k < d - 1) are scaled
             by the bonds' signs ``S_{k+1}`` (``copysign(1, .)``), which gives the block
-            cores of the same tensor as the canonical ``V`` (two more operations).
+            cores of the same tensor as the canonical ``V`` (three more operations, four
+            for uneven bond ranks).
     Returns:
         ``P`` lists of ``d`` block cores ``(*B, 2 r, n, 2 r')`` (first ``(*B, 1, n, 2 r')``,
         last ``(*B, 2 r, n, 1)``), views of one fresh tensor.
@@ -301,6 +302,12 @@ def scattered_block_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.
     bs = tuple(batch_shape)
     add = tuple(bool(a) for a in (add_point if add_point is not None else (False,) * P))
     shapes = tuple(tuple(int(s) for s in u.shape[-3:]) for u in U)
+    if len(add) != P:
+        raise ValueError(f"add_point: {len(add)} flags for {P} sets of deltas")
+    for D in delta_sets:
+        if len(D) != d or any(tuple(c.shape[-3:]) != sh for c, sh in zip(D, shapes)):
+            raise ValueError("delta_sets: each set needs d cores of the point's core shapes "
+                             f"{shapes}, got {[tuple(c.shape[-3:]) for c in D]}")
     idx, layout, total = _block_index(shapes, add, U[0].device)
 
     def flat(c):  # (*B, numel): a view for a core with contiguous last three dimensions
