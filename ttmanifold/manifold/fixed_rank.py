@@ -48,13 +48,21 @@ def _plain_path(args) -> bool:
     return any(isinstance(a, torch.Tensor) and functorch_wrapped(a) for a in args)
 
 
-def _no_autograd_fast_path(fn):
+def _no_autograd_fast_path(fn=None, *, fresh_outputs: bool = False):
     """Run ``fn`` under ``torch.inference_mode`` when no gradient can flow through it,
     then return ordinary tensors (one copy of each output): skipping autograd and
     version-counter bookkeeping saves about 10-15 % of these overhead-bound small-matrix
     sweeps. The whole call runs with one intra-op thread (:class:`kernels.serial_small_ops`:
     small per-core matrices gain nothing from more, and stall when another process holds a
-    core). Keyword arguments and the signature (``inspect.signature``) are kept."""
+    core). Keyword arguments and the signature (``inspect.signature``) are kept.
+    ``fresh_outputs``: ``fn`` returns only new tensors (never an argument or a view of
+    one), so an output already built outside inference mode is returned without a copy
+    (the retraction's packed result, :func:`~.retraction.retract`)."""
+    if fn is None:
+        return functools.partial(_no_autograd_fast_path, fresh_outputs=fresh_outputs)
+
+    def ordinary(o):
+        return o if fresh_outputs and not o.is_inference() else o.clone()
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
@@ -66,8 +74,8 @@ def _no_autograd_fast_path(fn):
             with torch.inference_mode():
                 out = fn(self, *args, **kwargs)
         if isinstance(out, tuple):
-            return tuple(o.clone() for o in out)
-        return out.clone()
+            return tuple(ordinary(o) for o in out)
+        return ordinary(out)
 
     return wrapper
 
@@ -647,7 +655,7 @@ class FixedTTRank(geoopt.Manifold):
     # ------------------------------------------------------------------------------------
     # retraction and transport
     # ------------------------------------------------------------------------------------
-    @_no_autograd_fast_path
+    @_no_autograd_fast_path(fresh_outputs=True)
     @_chunked_on_cpu
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Retraction ``R_X(xi) = round_r(X + xi)`` (TT-SVD of the rank-2r TT). O(d n r^3).
@@ -680,7 +688,7 @@ class FixedTTRank(geoopt.Manifold):
         xi = self._transport_cores(x, Ux, self._right_cores(x, Ux), v, dv)
         return project_tt(Uy, None, xi, packed=True, gauge=True)  # its LQ sweep inside
 
-    @_no_autograd_fast_path
+    @_no_autograd_fast_path(fresh_outputs=True)
     @_chunked_on_cpu
     def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
         """``(retr(x, u), transp(x, retr(x, u), v))`` sharing the work at ``x``."""

@@ -4,6 +4,7 @@ block structure. The mathematics: ``docs/manifold.md#retraction``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence
 
 import torch
@@ -14,7 +15,8 @@ from ..tt import qr_pos
 from .sweeps import (STACK_MAX_NUMEL, core_runs, one_point_batch, prefer_fewer_launches,
                      right_cores, right_sweep, squeeze_cores)
 
-__all__ = ["retract", "retract_point", "block_cores", "retract_transport_cores"]
+__all__ = ["retract", "retract_point", "block_cores", "scattered_block_cores",
+           "retract_transport_cores"]
 
 
 def _has_bonds(U, *args, **kwargs) -> bool:
@@ -59,7 +61,8 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
     if d == 1:
         return (U[0] + du[0]).reshape(-1)
     if d > 2 and prefer_fewer_launches(U[0].device, 4 * sum(c.numel() for c in du)):
-        return _retract_blocks(U, block_cores(U, V, [list(du[:-1]) + [du[-1] + U[-1]]])[0], ranks, ())
+        X = scattered_block_cores(U, V, [du], (), add_point=(True,))[0]
+        return _retract_blocks(U, X, ranks, ())
     QV: List[Optional[torch.Tensor]] = [None] * d
     QW: List[int] = [0] * d
     rows = U[-1].shape[0]
@@ -121,9 +124,9 @@ def _retract_point_blocks(U, du, ranks) -> torch.Tensor:
     :func:`_retract_blocks` on block cores built from the unsigned LQ sweep. The canonical
     right cores are ``V_k = S_k V'_k S_{k+1}`` (:func:`~.sweeps.right_sweep`), so
     ``V_>k = S_{k+1} V'_>k`` and the step ``sum_k U_<k du_k V_>k`` has the block cores of
-    ``V'`` with the deltas' right bonds scaled by the signs, ``du_k S_{k+1}``: one product
-    per run of deltas instead of fixing the signs of every ``V_k`` (a stack and two
-    products per run). Same arguments as :func:`retract_point`; ``d >= 3``."""
+    ``V'`` with the deltas' right bonds scaled by the signs, ``du_k S_{k+1}``: one
+    operation on all deltas (:func:`scattered_block_cores`) instead of fixing the signs
+    of every ``V_k``. Same arguments as :func:`retract_point`; ``d >= 3``."""
     d = len(U)
     Vr: List[Optional[torch.Tensor]] = [None] * d
     dg: List[torch.Tensor] = []
@@ -131,18 +134,10 @@ def _retract_point_blocks(U, du, ranks) -> torch.Tensor:
         dg.append(torch.diagonal(r, dim1=-2, dim2=-1))
         a, n, b = U[k].shape[-3:]
         Vr[k] = q.reshape(q.shape[:-2] + (n, b, a)).movedim(-1, -3)  # V'_k, a view
-    g = torch.cat(dg[::-1], -1)
-    sgn = torch.ones_like(g).copysign_(g)  # S_1, ..., S_{d-1} (left bonds of cores 1..d-1)
     bs = tuple(torch.broadcast_shapes(U[0].shape[:-3], du[0].shape[:-3]))
-
-    def ex(c):
-        return c if tuple(c.shape[:-3]) == bs else c.expand(bs + c.shape[-3:])
-
-    U = [ex(u) for u in U]
-    Vr = [None] + [ex(v) for v in Vr[1:]]
-    sgn = sgn.expand(bs + sgn.shape[-1:])
-    deltas = [ex(c) for c in du[:-1]] + [ex(du[-1] + U[-1])]
-    return _retract_blocks(U, block_cores(U, Vr, [deltas], signs=sgn)[0], ranks, bs)
+    X = scattered_block_cores(U, Vr, [du], bs, add_point=(True,),
+                              diagonals=dg[::-1])[0]
+    return _retract_blocks(U, X, ranks, bs)
 
 
 def _retract_batched(U, V, du, ranks) -> torch.Tensor:
@@ -160,7 +155,7 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
         return (U[0] + du[0]).flatten(nb)
     V = [ex(v) for v in V]
     if d > 2 and prefer_fewer_launches(U[0].device, 4 * sum(c.numel() for c in du)):
-        X = block_cores(U, V, [list(du[:-1]) + [du[-1] + U[-1]]])[0]
+        X = scattered_block_cores(U, V, [du], tuple(bs), add_point=(True,))[0]
         return _retract_blocks(U, X, ranks, tuple(bs))
     QV: List[Optional[torch.Tensor]] = [None] * d
     QW: List[int] = [0] * d
@@ -275,24 +270,151 @@ def block_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
     return out
 
 
+def scattered_block_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+                          delta_sets: Sequence[Sequence[torch.Tensor]], batch_shape=(), *,
+                          add_point: Optional[Sequence[bool]] = None,
+                          diagonals: Optional[Sequence[torch.Tensor]] = None
+                          ) -> List[List[torch.Tensor]]:
+    """The block cores of :func:`block_cores` for several sets of deltas at one point, all
+    built by three operations whatever ``d`` and the number of sets: one concatenation of
+    the cores, one zero fill and one ``scatter_add_`` that puts every number at its place
+    in the block cores (the index depends on the shapes only and is kept per device). The
+    point's last core is added to the last delta by the same scatter (``add_point``).
+
+    Args:
+        U, V: the point's left- and right-orthogonal cores (``V[0]`` unused), ``d >= 2``.
+        delta_sets: ``P`` sequences of ``d`` delta cores of ``U``'s shapes.
+        batch_shape: the broadcast batch shape ``B`` of all cores (leading dimensions).
+        add_point: per set, whether its last block core is ``[[V_d], [D_d + U_d]]`` (the
+            TT of ``X + xi``) instead of ``[[V_d], [D_d]]``; default: False for all.
+        diagonals: None, or with the unsigned right cores ``V'`` of the LQ sweep
+            (:func:`~.sweeps.right_sweep`) the diagonals of its factors ``L'_1 ..
+            L'_{d-1}`` in bond order: the first set's deltas ``D_k`` (k < d - 1) are scaled
+            by the bonds' signs ``S_{k+1}`` (``copysign(1, .)``), which gives the block
+            cores of the same tensor as the canonical ``V`` (three more operations, four
+            for uneven bond ranks).
+    Returns:
+        ``P`` lists of ``d`` block cores ``(*B, 2 r, n, 2 r')`` (first ``(*B, 1, n, 2 r')``,
+        last ``(*B, 2 r, n, 1)``), views of one fresh tensor.
+    Cost: O(P d n r^2) copies; differentiable.
+    """
+    d, P = len(U), len(delta_sets)
+    bs = tuple(batch_shape)
+    add = tuple(bool(a) for a in (add_point if add_point is not None else (False,) * P))
+    shapes = tuple(tuple(int(s) for s in u.shape[-3:]) for u in U)
+    if len(add) != P:
+        raise ValueError(f"add_point: {len(add)} flags for {P} sets of deltas")
+    for D in delta_sets:
+        if len(D) != d or any(tuple(c.shape[-3:]) != sh for c, sh in zip(D, shapes)):
+            raise ValueError("delta_sets: each set needs d cores of the point's core shapes "
+                             f"{shapes}, got {[tuple(c.shape[-3:]) for c in D]}")
+    idx, layout, total = _block_index(shapes, add, U[0].device)
+
+    def flat(c):  # (*B, numel): a view for a core with contiguous last three dimensions
+        c = c.reshape(c.shape[:-3] + (-1,))
+        return c if tuple(c.shape[:-1]) == bs else c.expand(bs + c.shape[-1:])
+
+    pieces = []
+    for D, with_point in zip(delta_sets, add):
+        pieces += [flat(u) for u in U[:d - 1 + with_point]]
+        pieces += [flat(c) for c in D] + [flat(v) for v in V[1:]]
+    src = torch.cat(pieces, -1)
+    if diagonals is not None:
+        # the first set's deltas D_0 .. D_{d-2} follow the point's cores in src; their
+        # right bonds' signs flip them: D - 2 D [signbit], in place on the fresh copy
+        lo = sum(a * n * b for a, n, b in shapes[:d - 1 + add[0]])
+        seg = src[..., lo:lo + sum(a * n * b for a, n, b in shapes[:-1])]
+        seg.addcmul_(seg, torch.signbit(_spread_diagonals(diagonals, shapes, bs)), value=-2)
+    out = src.new_zeros(bs + (P * total,))
+    out.scatter_add_(-1, idx.expand(bs + idx.shape), src)
+    views = out.split([a * n * b for _, (a, n, b) in layout] * P, -1)  # one view op for all
+    return [[views[p * d + k].unflatten(-1, layout[k][1]) for k in range(d)] for p in range(P)]
+
+
+def _spread_diagonals(dg, shapes, bs) -> torch.Tensor:
+    """The diagonals ``dg[k]`` (bond k + 1) spread over the right bonds of the deltas
+    ``D_0 .. D_{d-2}`` packed one after the other, ``(*B, sum_k r_k n_k r_{k+1})``: one
+    concatenation of broadcast views when the bonds have one rank, else a concatenation
+    and a gather (index kept per device)."""
+    widths = {b for _, _, b in shapes[:-1]}
+    if len(widths) == 1:
+        (b,) = widths
+        rows = [dg[k].unsqueeze(-2).expand(bs + (a * n, b)) for k, (a, n, _) in
+                enumerate(shapes[:-1])]
+        return torch.cat(rows, -2).flatten(-2)
+    spread = _cached_index(("spread", shapes), dg[0].device, lambda: torch.cat(
+        [(sum(s[2] for s in shapes[:k]) + torch.arange(b)).repeat(a * n)
+         for k, (a, n, b) in enumerate(shapes[:-1])]))
+    g = torch.cat([t.expand(bs + t.shape[-1:]) for t in dg], -1)
+    return g.index_select(-1, spread)
+
+
+_INDEX_CACHE: dict = {}
+
+
+def _cached_index(key, device: torch.device, build) -> torch.Tensor:
+    """An index tensor that depends on shapes only, built on the host once and kept per
+    device (no host-to-device copy per call); rebuilt while tracing for torch.compile.
+    Built outside inference mode: autograd saves it later (scatter's backward)."""
+    if torch.compiler.is_compiling():
+        return build().to(device)
+    key = key + (str(device),)
+    idx = _INDEX_CACHE.get(key)
+    if idx is None:
+        if len(_INDEX_CACHE) > 256:
+            _INDEX_CACHE.clear()
+        with torch.inference_mode(False):
+            idx = _INDEX_CACHE[key] = build().to(device)
+    return idx
+
+
+def _block_index(shapes, add, device):
+    """For :func:`scattered_block_cores`: the destination of every number of its
+    concatenation (per set: the point's cores, the deltas, the right cores ``1..d-1``) in
+    the sets' block cores laid out one after the other; the block cores' ``(offset,
+    shape)`` within one set, and one set's size."""
+    d = len(shapes)
+    layout, off = [], 0
+    for k, (a, n, b) in enumerate(shapes):
+        blk = (1 if k == 0 else 2 * a, n, 2 * b if k < d - 1 else 1)
+        layout.append((off, blk))
+        off += blk[0] * blk[1] * blk[2]
+    total = off
+
+    def place(k, row, col):  # destinations of core k's numbers at block (row, col)
+        a, n, b = shapes[k]
+        o, (_, bn, bc) = layout[k]
+        i = torch.arange(a).view(a, 1, 1) + row * (a if k > 0 else 0)
+        j = torch.arange(n).view(1, n, 1)
+        c = torch.arange(b).view(1, 1, b) + col * b
+        return (o + (i * bn + j) * bc + c).reshape(-1)
+
+    def build():
+        parts = []
+        for p, with_point in enumerate(add):
+            # point: bottom-right (first core: right; last core: bottom, with the delta)
+            ps = [place(k, 1, 1 if k < d - 1 else 0) for k in range(d - 1 + with_point)]
+            ps += [place(k, 1, 0) for k in range(d)]  # deltas: bottom-left (first: left)
+            ps += [place(k, 0, 0) for k in range(1, d)]  # right cores: top-left
+            parts.append(torch.cat(ps) + p * total)
+        return torch.cat(parts)
+
+    return _cached_index(("blocks", shapes, add), device, build), layout, total
+
+
 def retract_transport_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
                             du: Sequence[torch.Tensor], dv: Sequence[torch.Tensor],
                             ranks: Sequence[int]):
     """:func:`retract` of the step ``du`` by the block-core sweeps, and the block cores of
     the tangent vector ``dv`` (to transport it), both sets of block cores built together
-    (:func:`block_cores`): for a retraction followed by a transport where launches dominate.
+    (:func:`scattered_block_cores`): for a retraction followed by a transport where
+    launches dominate.
 
     Args: as :func:`retract`, plus ``dv``, deltas of the vector to transport; leading batch
     dimensions broadcast. Returns ``(packed result, block cores of dv)``; ``d >= 3``.
     Cost: O(d n r^3)."""
     bs = tuple(torch.broadcast_shapes(*[c.shape[:-3] for c in (U[0], du[0], dv[0])]))
-
-    def ex(c):
-        return c if c is None or tuple(c.shape[:-3]) == bs else c.expand(bs + c.shape[-3:])
-
-    U, V = [ex(u) for u in U], [ex(v) for v in V]
-    du = [ex(c) for c in du[:-1]] + [ex(du[-1] + U[-1])]
-    X, Xi = block_cores(U, V, [du, [ex(c) for c in dv]])
+    X, Xi = scattered_block_cores(U, V, [du, dv], bs, add_point=(True, False))
     return _retract_blocks(U, X, ranks, bs), Xi
 
 
@@ -346,6 +468,20 @@ def _packed(lefts, last, nb: int, group: bool) -> torch.Tensor:
     with ``group``, ``lefts`` are views of the SVDs' factors ``(*B, rows, r_k)`` and those
     of one width in a row are copied out by one concatenation along their rows (row-major,
     their packed layout) instead of one copy each; else they are flat copies already."""
+    with _ordinary_result():
+        return _packed_cat(lefts, last, nb, group)
+
+
+def _ordinary_result():
+    """Inside ``torch.inference_mode`` (the manifold's no-autograd fast path) the packed
+    result is concatenated outside it: an ordinary tensor the caller returns as is, instead
+    of copying an inference tensor out (one operation per call)."""
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        return torch.inference_mode(False)
+    return contextlib.nullcontext()
+
+
+def _packed_cat(lefts, last, nb: int, group: bool) -> torch.Tensor:
     w = lefts[0].shape[-1] if lefts else 0
     if (group and lefts and all(u.shape[-1] == w for u in lefts)
             and last[(0,) * nb].numel() % w == 0):
