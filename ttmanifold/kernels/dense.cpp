@@ -433,7 +433,7 @@ void one_vs_blocks_backward_impl(const std::vector<torch::Tensor>& cores, int64_
                                  std::vector<torch::Tensor>& dxs, T* packed = nullptr,
                                  const std::vector<int64_t>& offs = {}, bool tangent = false) {
   const int64_t d = static_cast<int64_t>(cores.size()) / k;
-  std::vector<T> z(static_cast<size_t>(k)), zn, u, dx;
+  std::vector<T> z(static_cast<size_t>(k)), zn, u, dx, uc, vc;
   for (int64_t b = 0; b < k; ++b) z[b] = b == 0 ? 2 * g[0] : g[b];
   for (int64_t m = d - 1; m >= 0; --m) {
     const auto& xc = cores[m];
@@ -469,7 +469,14 @@ void one_vs_blocks_backward_impl(const std::vector<torch::Tensor>& cores, int64_
       if (c == rc) {  // the last core: its bottom rows, written in place
         mm(false, false, ra - a0, n * rc, R, T(1), ws[m].data_ptr<T>() + a0 * R, R, u.data(),
            n * rc, T(0), o, n * rc);
-      } else {  // the bottom rows' products, then their left columns
+      } else if (m > 0) {  // middle: u's left columns once, then a quarter of the products
+        const size_t rows = static_cast<size_t>(R) * n;
+        uc.resize(rows * c);
+        for (size_t i = 0; i < rows; ++i)
+          std::copy(u.data() + i * rc, u.data() + i * rc + c, uc.data() + i * c);
+        mm(false, false, ra - a0, n * c, R, T(1), ws[m].data_ptr<T>() + a0 * R, R, uc.data(),
+           n * c, T(0), o, n * c);
+      } else {  // the first core (one row): its left columns
         dx.resize(static_cast<size_t>(ra - a0) * n * rc);
         mm(false, false, ra - a0, n * rc, R, T(1), ws[m].data_ptr<T>() + a0 * R, R, u.data(),
            n * rc, T(0), dx.data(), n * rc);
@@ -477,7 +484,20 @@ void one_vs_blocks_backward_impl(const std::vector<torch::Tensor>& cores, int64_
           std::copy(dx.data() + row * rc, dx.data() + row * rc + c, o + row * c);
       }
     }
-    if (m > 0) {  // z (ra x R) = x (ra x n rc) u^T
+    if (m > 0 && packed != nullptr && tangent && m + 1 < d) {
+      // z = x u^T with x = [[V, 0], [dU, U]]: the top rows from V and u's left columns
+      // (uc, compacted above), the bottom rows whole
+      const int h = ra / 2, c = rc / 2;
+      const T* x = xc.data_ptr<T>();
+      vc.resize(static_cast<size_t>(h) * n * c);
+      for (int64_t i = 0; i < static_cast<int64_t>(h) * n; ++i)
+        std::copy(x + i * rc, x + i * rc + c, vc.data() + i * c);
+      zn.resize(static_cast<size_t>(ra) * R);
+      mm(false, true, h, R, n * c, T(1), vc.data(), n * c, uc.data(), n * c, T(0), zn.data(), R);
+      mm(false, true, ra - h, R, n * rc, T(1), x + static_cast<size_t>(h) * n * rc, n * rc,
+         u.data(), n * rc, T(0), zn.data() + static_cast<size_t>(h) * R, R);
+      std::swap(z, zn);
+    } else if (m > 0) {  // z (ra x R) = x (ra x n rc) u^T
       zn.resize(static_cast<size_t>(ra) * R);
       mm(false, true, ra, R, n * rc, T(1), xc.data_ptr<T>(), n * rc, u.data(), n * rc, T(0),
          zn.data(), R);
