@@ -272,3 +272,34 @@ def test_block_cores_backward_with_some_cores_unused(native):
                                   flat2)
     assert torch.allclose(got, want, rtol=0, atol=1e-14)
     assert float(want[: U[0].numel()].abs().max()) == 0 < float(want.abs().max())
+
+
+def test_packed_grads_only_after_an_in_place_change_of_a_block_core(native):
+    """A block core changed in place (here inside its zero block) is no longer taken for
+    the tangent TT's: value and deltas' gradient follow the changed cores (dense float64)."""
+    g = torch.Generator().manual_seed(11)
+    M = FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1))
+    p = M.random(dtype=F64, generator=g)
+    A = TT.random(M.shape, 2, dtype=F64, generator=g)
+    U = M.split(p)
+    V = tm.manifold.right_cores(U)
+    flat = torch.randn(M.size, dtype=F64, generator=g).requires_grad_()
+    cores = tm.TangentTT(U, V, None, flat=flat, check=False).cores
+    if not native:
+        pytest.skip("the torch build's cores are views, which autograd forbids changing")
+    with torch.no_grad():
+        cores[1][0, 0, -1] += 1.0  # top-right block: zero in a tangent block core
+    E = (TT([c.detach() for c in cores]).full() - A.full()).reshape(-1)
+    val = 0.5 * (TT(cores) - A).norm() ** 2
+    assert abs(float(val) - 0.5 * float(E @ E)) <= 1e-12 * float(E @ E)
+    with tm.tt.tensor_train.packed_grads_only():
+        (D,) = torch.autograd.grad(val, flat)
+    # reference: the torch concatenation build, the same change, the dense loss
+    flat2 = flat.detach().clone().requires_grad_()
+    ref = tm.manifold.tangent._plain_block_cores(U, V, M.split(flat2))
+    bump = torch.zeros_like(ref[1])
+    bump[0, 0, -1] = 1.0
+    ref[1] = ref[1] + bump
+    (want,) = torch.autograd.grad(
+        0.5 * ((TT(ref, check=False).full() - A.full()) ** 2).sum(), flat2)
+    assert torch.allclose(D, want, rtol=0, atol=1e-12 * float(want.abs().max()))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
 import threading
 import warnings
 from typing import List, Optional, Sequence, Tuple
@@ -1379,6 +1380,7 @@ class _PackedOnly(threading.local):
 
 _PACKED_ONLY = _PackedOnly()
 _SOURCE_ATTR = "_ttm_packed_source"
+_VERSION = operator.attrgetter("_version")
 
 
 class packed_grads_only:
@@ -1402,8 +1404,7 @@ def mark_tangent_block_cores(cores: Sequence[torch.Tensor], flat: torch.Tensor) 
     packed deltas ``flat`` (a linear function of them, the deltas at the blocks read by
     :func:`tangent_block_deltas`), so that :func:`packed_grads_only` reverse passes may
     differentiate with respect to ``flat`` directly. Cost O(d)."""
-    cores[0].__dict__[_SOURCE_ATTR] = (flat, tuple(id(c) for c in cores),
-                                       tuple(c._version for c in cores))
+    cores[0].__dict__[_SOURCE_ATTR] = (flat, list(map(id, cores)), list(map(_VERSION, cores)))
 
 
 def _packed_source(cores: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -1411,7 +1412,6 @@ def _packed_source(cores: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     cores, else None."""
     src = cores[0].__dict__.get(_SOURCE_ATTR) if cores else None
     # the same tensors, not modified in place since (their zero blocks are relied on)
-    if (src is None or src[1] != tuple(id(c) for c in cores)
-            or src[2] != tuple(c._version for c in cores)):
+    if src is None or src[1] != list(map(id, cores)) or src[2] != list(map(_VERSION, cores)):
         return None
     return src[0]
