@@ -192,3 +192,114 @@ def test_riemannian_grad_general_loss_and_its_nan_check_on_both_paths(native, sh
     for val in (float("nan"), float("inf")):
         with pytest.raises(RuntimeError, match=r"f: gradient contains NaN or Inf"):
             M.riemannian_grad(p, lambda T: (TT(T.cores).full() * val).sum())
+
+
+@pytest.mark.parametrize("shape,ranks", _BLOCK_CASES)
+def test_packed_grads_only_reverse_pass_matches_dense_and_keeps_core_gradients(
+        native, monkeypatch, shape, ranks):
+    """``||TT(T.cores) - A||^2 / 2`` of a tangent TT of packed deltas (the general-loss
+    sweep): inside ``packed_grads_only`` the deltas get ``J^T (J w - a)`` directly from the
+    delta blocks (compiled or torch; the compiled sweeps skip the cores' zero blocks), and
+    the value is ``||J w - a||^2 / 2``, in float64 and float32; outside it, or with a hook on
+    a core, the cores still get their whole gradient (against the dense float64 gradient
+    ``d/dcores`` of the same loss) and the deltas the same gradient through the cores."""
+    tt_mod = tm.tt.tensor_train
+    seen = []
+    direct = tt_mod._one_vs_blocks_backward_deltas
+    monkeypatch.setattr(tt_mod, "_one_vs_blocks_backward_deltas",
+                        lambda *a: seen.append(1) or direct(*a))
+    g = torch.Generator().manual_seed(9)
+    M = FixedTTRank(shape, ranks)
+    p = M.random(dtype=F64, generator=g)
+    A = TT.random(shape, 2, dtype=F64, generator=g)
+    U64 = M.split(p)
+    V64 = tm.manifold.right_cores(U64)
+    J = _dense_tangent_map(U64, V64)
+    w = torch.randn(M.size, dtype=F64, generator=g)
+    a = A.full().reshape(-1)
+    want = J.T @ (J @ w - a)
+    for dtype, tol in ((F64, 1e-12), (torch.float32, 2e-5)):
+        U, V = [u.to(dtype) for u in U64], [None] + [v.to(dtype) for v in V64[1:]]
+        Ad = TT([c.to(dtype) for c in A.cores])
+        for mode in ("packed", "whole", "hooked"):
+            flat = w.to(dtype).requires_grad_()
+            T = tm.TangentTT(U, V, None, flat=flat, check=False)
+            cores = T.cores
+            hooked = []
+            if mode == "hooked":
+                cores[1].register_hook(lambda gr: hooked.append(gr))
+            val = 0.5 * (TT(cores) - Ad).norm() ** 2
+            wval = 0.5 * float(((J @ w - a) ** 2).sum())
+            assert abs(float(val) - wval) <= tol * wval
+            n0 = len(seen)
+            if mode == "whole":
+                gc = torch.autograd.grad(val, cores, retain_graph=True)
+                # the dense float64 gradient of the same loss in the cores
+                cs = [c.detach().double().requires_grad_() for c in cores]
+                ref = torch.autograd.grad(
+                    0.5 * ((TT(cs, check=False).full() - A.full()) ** 2).sum(), cs)
+                for x, y in zip(gc, ref):
+                    assert float((x.double() - y).abs().max()) <= tol * float(y.abs().max())
+                (D,) = torch.autograd.grad(val, flat)
+            else:
+                with tt_mod.packed_grads_only():
+                    (D,) = torch.autograd.grad(val, flat)
+            assert len(seen) - n0 == (1 if mode == "packed" else 0)
+            assert float((D.double() - want).abs().max()) <= tol * float(want.abs().max())
+            if mode == "hooked":  # the hook saw the whole gradient of its core
+                assert len(hooked) == 1 and hooked[0].shape == cores[1].shape
+                assert float(hooked[0][: hooked[0].shape[0] // 2].abs().max()) > 0
+
+
+def test_block_cores_backward_with_some_cores_unused(native):
+    """A loss of some block cores only: the others' gradients are absent (not made up as
+    zeros) and count as zero; the deltas' gradient equals that of the torch concatenation
+    build differentiated by autograd."""
+    g = torch.Generator().manual_seed(10)
+    M = FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1))
+    p = M.random(dtype=F64, generator=g)
+    U = M.split(p)
+    V = tm.manifold.right_cores(U)
+    w = torch.randn(M.size, dtype=F64, generator=g)
+    flat = w.clone().requires_grad_()
+    cores = tm.TangentTT(U, V, None, flat=flat, check=False).cores
+    B = [torch.randn(c.shape, dtype=F64, generator=g) for c in cores]
+    val = (cores[1] * B[1]).sum() + (cores[3] * B[3]).sum()
+    (got,) = torch.autograd.grad(val, flat)
+    flat2 = w.clone().requires_grad_()
+    ref_cores = tm.manifold.tangent._plain_block_cores(U, V, M.split(flat2))
+    (want,) = torch.autograd.grad((ref_cores[1] * B[1]).sum() + (ref_cores[3] * B[3]).sum(),
+                                  flat2)
+    assert torch.allclose(got, want, rtol=0, atol=1e-14)
+    assert float(want[: U[0].numel()].abs().max()) == 0 < float(want.abs().max())
+
+
+def test_packed_grads_only_after_an_in_place_change_of_a_block_core(native):
+    """A block core changed in place (here inside its zero block) is no longer taken for
+    the tangent TT's: value and deltas' gradient follow the changed cores (dense float64)."""
+    g = torch.Generator().manual_seed(11)
+    M = FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1))
+    p = M.random(dtype=F64, generator=g)
+    A = TT.random(M.shape, 2, dtype=F64, generator=g)
+    U = M.split(p)
+    V = tm.manifold.right_cores(U)
+    flat = torch.randn(M.size, dtype=F64, generator=g).requires_grad_()
+    cores = tm.TangentTT(U, V, None, flat=flat, check=False).cores
+    if not native:
+        pytest.skip("the torch build's cores are views, which autograd forbids changing")
+    with torch.no_grad():
+        cores[1][0, 0, -1] += 1.0  # top-right block: zero in a tangent block core
+    E = (TT([c.detach() for c in cores]).full() - A.full()).reshape(-1)
+    val = 0.5 * (TT(cores) - A).norm() ** 2
+    assert abs(float(val) - 0.5 * float(E @ E)) <= 1e-12 * float(E @ E)
+    with tm.tt.tensor_train.packed_grads_only():
+        (D,) = torch.autograd.grad(val, flat)
+    # reference: the torch concatenation build, the same change, the dense loss
+    flat2 = flat.detach().clone().requires_grad_()
+    ref = tm.manifold.tangent._plain_block_cores(U, V, M.split(flat2))
+    bump = torch.zeros_like(ref[1])
+    bump[0, 0, -1] = 1.0
+    ref[1] = ref[1] + bump
+    (want,) = torch.autograd.grad(
+        0.5 * ((TT(ref, check=False).full() - A.full()) ** 2).sum(), flat2)
+    assert torch.allclose(D, want, rtol=0, atol=1e-12 * float(want.abs().max()))

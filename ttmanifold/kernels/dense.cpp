@@ -423,15 +423,17 @@ void one_vs_blocks_impl(const std::vector<torch::Tensor>& cores, int64_t k,
   }
 }
 
-// Reverse sweep: with z (rc x R2) starting at the block weights (block 0's doubled: x is
+// Reverse sweep (with packed: only the tangent deltas' blocks of dx, packed there at offs):
+// with z (rc x R2) starting at the block weights (block 0's doubled: x is
 // both of its arguments), u = [y_b z_b^T] stacked by block (R n x rc, seen as R x n rc),
 // dx_m = ws[m] u and z <- x_m u^T (ra x R).
 template <typename T>
 void one_vs_blocks_backward_impl(const std::vector<torch::Tensor>& cores, int64_t k,
                                  const std::vector<torch::Tensor>& ws, const T* g,
-                                 std::vector<torch::Tensor>& dxs) {
+                                 std::vector<torch::Tensor>& dxs, T* packed = nullptr,
+                                 const std::vector<int64_t>& offs = {}, bool tangent = false) {
   const int64_t d = static_cast<int64_t>(cores.size()) / k;
-  std::vector<T> z(static_cast<size_t>(k)), zn, u;
+  std::vector<T> z(static_cast<size_t>(k)), zn, u, dx, uc, vc;
   for (int64_t b = 0; b < k; ++b) z[b] = b == 0 ? 2 * g[0] : g[b];
   for (int64_t m = d - 1; m >= 0; --m) {
     const auto& xc = cores[m];
@@ -443,14 +445,59 @@ void one_vs_blocks_backward_impl(const std::vector<torch::Tensor>& cores, int64_
     for (int64_t b = 0; b < k; ++b) {  // u_b (r_b n x rc) = y_b (r_b n x rd) z_b^T (rd x rc)
       const auto& y = cores[b * d + m];
       const int rb = static_cast<int>(y.size(0)), rd = static_cast<int>(y.size(2));
-      mm(false, true, rb * n, rc, rd, T(1), y.data_ptr<T>(), rd, z.data() + col, R2, T(0),
-         u.data() + static_cast<size_t>(row) * n * rc, rc);
+      T* ub = u.data() + static_cast<size_t>(row) * n * rc;
+      if (b == 0 && tangent && m > 0 && m + 1 < d) {  // x's zero top-right block skipped
+        const int h = rb / 2, hc = rd / 2;
+        mm(false, true, h * n, rc, hc, T(1), y.data_ptr<T>(), rd, z.data() + col, R2, T(0),
+           ub, rc);
+        mm(false, true, (rb - h) * n, rc, rd, T(1),
+           y.data_ptr<T>() + static_cast<size_t>(h) * n * rd, rd, z.data() + col, R2, T(0),
+           ub + static_cast<size_t>(h) * n * rc, rc);
+      } else {
+        mm(false, true, rb * n, rc, rd, T(1), y.data_ptr<T>(), rd, z.data() + col, R2, T(0),
+           ub, rc);
+      }
       row += rb;
       col += rd;
     }
-    mm(false, false, ra, n * rc, R, T(1), ws[m].data_ptr<T>(), R, u.data(), n * rc, T(0),
-       dxs[m].data_ptr<T>(), n * rc);
-    if (m > 0) {  // z (ra x R) = x (ra x n rc) u^T
+    if (packed == nullptr) {
+      mm(false, false, ra, n * rc, R, T(1), ws[m].data_ptr<T>(), R, u.data(), n * rc, T(0),
+         dxs[m].data_ptr<T>(), n * rc);
+    } else {  // only the delta block of the tangent block core (see tangent_deltas_backward)
+      const int a0 = m > 0 ? ra / 2 : 0, c = m + 1 < d ? rc / 2 : rc;
+      T* o = packed + offs[m];
+      if (c == rc) {  // the last core: its bottom rows, written in place
+        mm(false, false, ra - a0, n * rc, R, T(1), ws[m].data_ptr<T>() + a0 * R, R, u.data(),
+           n * rc, T(0), o, n * rc);
+      } else if (m > 0) {  // middle: u's left columns once, then a quarter of the products
+        const size_t rows = static_cast<size_t>(R) * n;
+        uc.resize(rows * c);
+        for (size_t i = 0; i < rows; ++i)
+          std::copy(u.data() + i * rc, u.data() + i * rc + c, uc.data() + i * c);
+        mm(false, false, ra - a0, n * c, R, T(1), ws[m].data_ptr<T>() + a0 * R, R, uc.data(),
+           n * c, T(0), o, n * c);
+      } else {  // the first core (one row): its left columns
+        dx.resize(static_cast<size_t>(ra - a0) * n * rc);
+        mm(false, false, ra - a0, n * rc, R, T(1), ws[m].data_ptr<T>() + a0 * R, R, u.data(),
+           n * rc, T(0), dx.data(), n * rc);
+        for (int64_t row = 0; row < static_cast<int64_t>(ra - a0) * n; ++row)
+          std::copy(dx.data() + row * rc, dx.data() + row * rc + c, o + row * c);
+      }
+    }
+    if (m > 0 && packed != nullptr && tangent && m + 1 < d) {
+      // z = x u^T with x = [[V, 0], [dU, U]]: the top rows from V and u's left columns
+      // (uc, compacted above), the bottom rows whole
+      const int h = ra / 2, c = rc / 2;
+      const T* x = xc.data_ptr<T>();
+      vc.resize(static_cast<size_t>(h) * n * c);
+      for (int64_t i = 0; i < static_cast<int64_t>(h) * n; ++i)
+        std::copy(x + i * rc, x + i * rc + c, vc.data() + i * c);
+      zn.resize(static_cast<size_t>(ra) * R);
+      mm(false, true, h, R, n * c, T(1), vc.data(), n * c, uc.data(), n * c, T(0), zn.data(), R);
+      mm(false, true, ra - h, R, n * rc, T(1), x + static_cast<size_t>(h) * n * rc, n * rc,
+         u.data(), n * rc, T(0), zn.data() + static_cast<size_t>(h) * R, R);
+      std::swap(z, zn);
+    } else if (m > 0) {  // z (ra x R) = x (ra x n rc) u^T
       zn.resize(static_cast<size_t>(ra) * R);
       mm(false, true, ra, R, n * rc, T(1), xc.data_ptr<T>(), n * rc, u.data(), n * rc, T(0),
          zn.data(), R);
@@ -757,6 +804,42 @@ std::vector<torch::Tensor> one_vs_blocks_backward(std::vector<torch::Tensor> cor
   return dxs;
 }
 
+// one_vs_blocks_backward for an x whose cores are tangent block cores [dU_1, U_1],
+// [[V_k, 0], [dU_k, U_k]], [[V_d], [dU_d]]: only the gradient of the deltas, packed (the
+// bottom rows' products, half of the dx products; the dropped blocks are never computed;
+// the zero top-right blocks of x's middle cores skipped in u = x z^T; skipping them in the
+// forward's t^T x as well measured slower: narrower products)
+torch::Tensor one_vs_blocks_backward_deltas(std::vector<torch::Tensor> cores, int64_t k,
+                                            std::vector<torch::Tensor> ws, torch::Tensor g) {
+  TORCH_CHECK(k >= 1 && !cores.empty() && cores.size() % k == 0,
+              "one_vs_blocks_backward_deltas: expected k blocks of d cores");
+  const auto t = cores[0].scalar_type();
+  check_blocks(cores, k, t);
+  const int64_t d = static_cast<int64_t>(cores.size()) / k;
+  TORCH_CHECK(d >= 2 && static_cast<int64_t>(ws.size()) == d,
+              "one_vs_blocks_backward_deltas: d >= 2 cores and d environments");
+  for (const auto& w : ws)
+    TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2 && w.scalar_type() == t,
+                "ws: expected contiguous 2-D CPU matrices of the cores' dtype");
+  auto gc = g.contiguous();
+  TORCH_CHECK(gc.device().is_cpu() && gc.numel() == k && gc.scalar_type() == t,
+              "g: expected k values of the cores' dtype");
+  std::vector<int64_t> offs(d + 1, 0);
+  for (int64_t m = 0; m < d; ++m) {
+    const auto& c = cores[m];
+    TORCH_CHECK((m == 0 || c.size(0) % 2 == 0) && (m + 1 == d || c.size(2) % 2 == 0),
+                "cores: expected the shapes of tangent block cores");
+    offs[m + 1] = offs[m] + c.numel() / (m > 0 ? 2 : 1) / (m + 1 < d ? 2 : 1);
+  }
+  auto out = torch::empty({offs[d]}, cores[0].options());
+  std::vector<torch::Tensor> none;
+  AT_DISPATCH_FLOATING_TYPES(t, "ttm_one_vs_blocks_backward_deltas", [&] {
+    one_vs_blocks_backward_impl<scalar_t>(cores, k, ws, gc.data_ptr<scalar_t>(), none,
+                                          out.data_ptr<scalar_t>(), offs, true);
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("retract", &retract, "packed TT-SVD of X + xi (structured rank-2r rounding)");
   m.def("retract_point", &retract_point, "retract, V computed from U");
@@ -771,4 +854,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("one_vs_blocks", &one_vs_blocks, "(<x, x>, <x, t_j>...) and the left environments");
   m.def("one_vs_blocks_backward", &one_vs_blocks_backward,
         "gradient in x of sum_b g_b <x, block_b>");
+  m.def("one_vs_blocks_backward_deltas", &one_vs_blocks_backward_deltas,
+        "the same for tangent block cores x: the packed gradient of the deltas only");
 }

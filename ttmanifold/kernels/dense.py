@@ -103,3 +103,11 @@ def gauge_project(mod, runs, U_flat: torch.Tensor, g: torch.Tensor):
     whether ``g`` is finite."""
     flat_runs = [int(v) for run in runs[0] for v in run]
     return mod.gauge_project(U_flat.contiguous(), g.contiguous(), flat_runs)
+
+
+def one_vs_blocks_backward_deltas(mod, k: int, cores: Sequence[torch.Tensor],
+                                  ws: Sequence[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
+    """:func:`one_vs_blocks_backward` for an ``x`` of tangent block cores: the packed
+    gradient of the deltas only (the delta blocks, as ``tt.tensor_train.tangent_block_deltas``
+    reads them from the full gradient; the zero blocks of ``x``'s cores are skipped)."""
+    return mod.one_vs_blocks_backward_deltas(_contig(cores), int(k), _contig(ws), g)

@@ -19,6 +19,7 @@ from .. import kernels
 from .._checks import assert_finite_async, functorch_wrapped
 from ..kernels import dense as compiled_dense
 from ..tt import TT
+from ..tt.tensor_train import packed_grads_only
 from .sweeps import gauge_project_flat, right_cores
 from .tangent import TangentTT
 
@@ -146,7 +147,8 @@ def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torc
     with torch.enable_grad():
         flat, T = _delta_tt(M, p, U, V)
         val = _check_loss(f(T), p.shape[:-1])
-        (D,) = torch.autograd.grad(val, flat, allow_unused=True)
+        with packed_grads_only():  # only flat's gradient is read: no whole core gradients
+            (D,) = torch.autograd.grad(val, flat, allow_unused=True)
     if D is None:
         return torch.zeros_like(p)
     if M.d == 1:

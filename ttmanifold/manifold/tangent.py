@@ -19,8 +19,9 @@ from .. import kernels
 from .._checks import functorch_wrapped
 from ..kernels import dense as compiled_dense
 from ..tt import TT, IndexSet
+from ..tt.tensor_train import mark_tangent_block_cores, tangent_block_deltas
 from .retraction import block_cores
-from .sweeps import core_runs, project_tt
+from .sweeps import project_tt
 
 __all__ = ["TangentTT"]
 
@@ -93,7 +94,10 @@ class TangentTT(TT):
             # Riemannian autodiff: gradients reach the packed deltas only, by one node
             if flat is None:
                 flat = torch.cat([c.reshape(-1) for c in self._deltas])
-            return list(_BlockCores.apply(flat, tuple(U), tuple(V)))
+            cores = list(_BlockCores.apply(flat, tuple(U), tuple(V)))
+            # lets a Riemannian gradient's reverse pass skip the cores' other blocks
+            mark_tangent_block_cores(cores, flat)
+            return cores
         dU = self._deltas
         if bs:  # leading batch dimensions (broadcast between U, V and the deltas)
             U = [u.expand(bs + u.shape[-3:]) for u in U]
@@ -349,16 +353,22 @@ class _BlockCores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, flat, U, V):
-        return tuple(_tangent_block_cores(U, V, flat))
+        # no zero gradients made up for cores nobody differentiated (a Riemannian
+        # gradient's sweep hands the deltas their gradient directly: then none has one)
+        ctx.set_materialize_grads(False)
+        out = tuple(_tangent_block_cores(U, V, flat))
+        ctx.shapes = [c.shape for c in out]
+        return out
 
     @staticmethod
     def backward(ctx, *gs):
+        if all(g is None for g in gs):
+            return None, None, None
+        if any(g is None for g in gs):
+            ref = next(g for g in gs if g is not None)
+            gs = [ref.new_zeros(sh) if g is None else g for g, sh in zip(gs, ctx.shapes)]
         if torch.is_grad_enabled():  # create_graph: differentiable slices and one cat
-            d = len(gs)
-            parts = [(g[g.shape[0] // 2:] if k == d - 1 else
-                      g[g.shape[0] // 2 if k else 0:, :, :g.shape[2] // 2]).reshape(-1)
-                     for k, g in enumerate(gs)]
-            return torch.cat(parts), None, None
+            return tangent_block_deltas(gs), None, None
         return _tangent_block_cores_backward(list(gs)), None, None
 
 
@@ -375,21 +385,6 @@ def _tangent_block_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.T
 @kernels.dispatch("dense", compiled=compiled_dense.tangent_block_cores_backward)
 def _tangent_block_cores_backward(gs: Sequence[torch.Tensor]) -> torch.Tensor:
     """The packed gradient of the deltas from the gradients ``gs`` of the block cores of
-    :func:`_tangent_block_cores` (each delta's block: the bottom rows, left columns), one
-    copy per run of equal shapes (not differentiable: the caller runs it without grad)."""
-    d = len(gs)
-    shapes = ([(1, gs[0].shape[1], gs[0].shape[2] // 2)]
-              + [(g.shape[0] // 2, g.shape[1], g.shape[2] // 2) for g in gs[1:d - 1]]
-              + [(gs[-1].shape[0] // 2, gs[-1].shape[1], 1)])
-    offs = [0]
-    for a, n, c in shapes:
-        offs.append(offs[-1] + a * n * c)
-    out = gs[0].new_empty(offs[-1])
-    out[:offs[1]].view(shapes[0]).copy_(gs[0][:, :, :shapes[0][2]])
-    for k0, k1 in core_runs(shapes[1:d - 1]):
-        k0, k1 = k0 + 1, k1 + 1
-        a, n, c = shapes[k0]
-        g = torch.stack(gs[k0:k1])
-        out[offs[k0]:offs[k1]].view(k1 - k0, a, n, c).copy_(g[:, a:, :, :c])
-    out[offs[d - 1]:].view(shapes[d - 1]).copy_(gs[d - 1][shapes[d - 1][0]:])
-    return out
+    :func:`_tangent_block_cores` (each delta's block: the bottom rows, left columns;
+    :func:`~ttmanifold.tt.tensor_train.tangent_block_deltas`), compiled on the CPU."""
+    return tangent_block_deltas(gs)

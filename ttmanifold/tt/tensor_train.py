@@ -29,6 +29,8 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
+import threading
 import warnings
 from typing import List, Optional, Sequence, Tuple
 
@@ -851,7 +853,8 @@ class _SumTT(TT):
             x = live[0]
             rest = [t for t in ts if t is not x]
             k = len(ts)
-            s, p = _OneVsSum.apply(k, tuple(c for t in rest for c in t._cores), *x._cores)
+            s, p = _OneVsSum.apply(k, tuple(c for t in rest for c in t._cores),
+                                   _packed_source(x._cores), *x._cores)
             # the check's values in Python floats from one read (no sync on the CPU)
             vals = p.tolist()
             pairs = [(i, j) for i in range(1, k) for j in range(i, k)]
@@ -1248,16 +1251,22 @@ class _OneVsSum(torch.autograd.Function):
     of ``x``. Both sweeps run compiled on the CPU when the dense kernels are loaded (one
     call each instead of about 4 products and their dispatch per core). With
     ``create_graph`` the backward differentiates the plain sweeps instead (second
-    derivatives)."""
+    derivatives). ``src``: None, or the packed deltas of which ``x``'s cores are the tangent
+    block cores (:func:`mark_tangent_block_cores`); then, inside
+    :func:`packed_grads_only`, the backward gives ``src`` its gradient directly (only the
+    delta blocks of the cores' gradients are computed) and the cores none."""
 
     @staticmethod
-    def forward(ctx, k, consts, *xcores):
+    def forward(ctx, k, consts, src, *xcores):
         # contiguous once for both sweeps (the kernels need it)
         cc = [c.contiguous() for c in xcores] + [c.contiguous() for c in consts]
         vals, ws = _one_vs_blocks(k, cc, True)
         w = vals.new_tensor(_one_vs_sum_weights(k))
         ctx.k, ctx.consts = k, consts
         ctx.ws, ctx.w, ctx.cc = ws, w[:k], cc
+        ctx.src = src is not None
+        if ctx.src:  # to see, at backward time, whether something else reads their gradients
+            ctx.xcores = xcores
         ctx.save_for_backward(*xcores)
         ctx.mark_non_differentiable(vals)
         return torch.dot(w, vals), vals
@@ -1273,8 +1282,13 @@ class _OneVsSum(torch.autograd.Function):
             with torch.enable_grad():
                 val = torch.stack([_inner_sweep(xs, b) for b in blocks])
             gx = torch.autograd.grad(val, xs, g, create_graph=True)
-            return (None, None, *gx)
-        return (None, None, *_one_vs_blocks_backward(k, ctx.cc, ctx.ws, g))
+            return (None, None, None, *gx)
+        if ctx.src and _PACKED_ONLY.depth and not any(
+                c._backward_hooks or c.retains_grad for c in ctx.xcores):
+            # only the packed deltas are asked for: their blocks alone, no core gradients
+            return (None, None, _one_vs_blocks_backward_deltas(k, ctx.cc, ctx.ws, g),
+                    *([None] * d))
+        return (None, None, None, *_one_vs_blocks_backward(k, ctx.cc, ctx.ws, g))
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.one_vs_blocks)
@@ -1335,3 +1349,69 @@ def _one_vs_blocks_backward(k: int, cores: Sequence[torch.Tensor], ws: Sequence[
         if m > 0:
             z = torch.mm(x.reshape(ra, n * rc), u.t())
     return dxs
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.one_vs_blocks_backward_deltas)
+def _one_vs_blocks_backward_deltas(k: int, cores: Sequence[torch.Tensor],
+                                   ws: Sequence[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
+    """:func:`_one_vs_blocks_backward` for an ``x`` of tangent block cores, reduced to the
+    packed gradient of the deltas (:func:`tangent_block_deltas`); compiled, only the bottom
+    rows of each core's gradient are computed (half of those products) and the zero blocks
+    of ``x``'s cores are skipped."""
+    return tangent_block_deltas(_one_vs_blocks_backward.torch_impl(k, cores, ws, g))
+
+
+def tangent_block_deltas(gs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The packed delta blocks of tensors ``gs`` laid out as the block cores of a tangent
+    TT, ``[dU_1, U_1]``, ``[[V_k, 0], [dU_k, U_k]]``, ``[[V_d], [dU_d]]`` (``d >= 2``): the left
+    columns of the first, the bottom-left block of the middle ones, the bottom rows of the
+    last, flattened and concatenated (the gradient of the deltas from the cores' gradients).
+    Differentiable (slices and one concatenation). Cost: one copy of the deltas' size."""
+    d = len(gs)
+    parts = [(g[g.shape[0] // 2:] if k == d - 1 else
+              g[g.shape[0] // 2 if k else 0:, :, :g.shape[2] // 2]).reshape(-1)
+             for k, g in enumerate(gs)]
+    return torch.cat(parts)
+
+
+class _PackedOnly(threading.local):
+    depth = 0
+
+
+_PACKED_ONLY = _PackedOnly()
+_SOURCE_ATTR = "_ttm_packed_source"
+_VERSION = operator.attrgetter("_version")
+
+
+class packed_grads_only:
+    """Context manager for a reverse pass that asks only for packed deltas' gradients (a
+    Riemannian gradient), not for the gradients of the tangent block cores built from them
+    (:func:`mark_tangent_block_cores`): then the norm of a sum of one such TT and fixed TTs
+    hands the deltas their gradient directly and skips the blocks of the cores' gradients
+    nobody reads. Per thread; enter it only around ``torch.autograd.grad(..., deltas)``."""
+
+    def __enter__(self):
+        _PACKED_ONLY.depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        _PACKED_ONLY.depth -= 1
+        return False
+
+
+def mark_tangent_block_cores(cores: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Record that ``cores`` (single TT, ``d >= 2``) are the tangent block cores of the
+    packed deltas ``flat`` (a linear function of them, the deltas at the blocks read by
+    :func:`tangent_block_deltas`), so that :func:`packed_grads_only` reverse passes may
+    differentiate with respect to ``flat`` directly. Cost O(d)."""
+    cores[0].__dict__[_SOURCE_ATTR] = (flat, list(map(id, cores)), list(map(_VERSION, cores)))
+
+
+def _packed_source(cores: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The packed deltas recorded by :func:`mark_tangent_block_cores` for exactly these
+    cores, else None."""
+    src = cores[0].__dict__.get(_SOURCE_ATTR) if cores else None
+    # the same tensors, not modified in place since (their zero blocks are relied on)
+    if src is None or src[1] != list(map(id, cores)) or src[2] != list(map(_VERSION, cores)):
+        return None
+    return src[0]
