@@ -220,9 +220,10 @@ plt.show()
 #
 # * **Riemannian methods.** On both approximation problems `rsgd` (the rule picks lr 1) and
 #   `rcg` reach the tolerance (gap $\le 10^{-4}$) in 9 to 12 iterations (hundredths of a second), and
-#   the optimum to rounding soon after; `radam` and `rsgd_momentum` converge linearly but
-#   need 95 to 193 iterations. On completion `rcg` recovers the tensor (test error
-#   $\le 10^{-6}$) in 41 iterations, `rsgd` in 155 and `radam` in 282; `rsgd_momentum`
+#   the optimum to rounding soon after; `radam` needs 26 and 58 iterations (its automatic
+#   rule restarts Adam's momentum when it points uphill and halves the lr after a rise) and
+#   `rsgd_momentum` 128 and 193. On completion `rcg` recovers the tensor (test error
+#   $\le 10^{-6}$) in 41 iterations, `radam` in 133 and `rsgd` in 155; `rsgd_momentum`
 #   diverged: the rule chose lr 1 from its 10-iteration look-ahead, and the run blew up
 #   later.
 # * **Chart methods.** `chart_sgd` and `chart_momentum` end at a loss of about $0.5$ on both
@@ -672,12 +673,12 @@ plt.show()
 #   Riemannian autodiff (inner products and sampled entries at rank $r$, see notebook 02)
 #   and retract with a TT-SVD; `rcg` computes its gradient and step without autograd
 #   (`cg_grad`, `exact_step`). Section 8 prints the ratio of the step times. On the
-#   approximation problems of sections 1-3 a chart step costs about 2 to 2.5 times a
+#   approximation problems of sections 1-3 a chart step costs about 2 to 2.7 times a
 #   Riemannian one; on completion, where every method runs the same kernels on the sampled
 #   entries, they cost about the same. On the random-target problem with $d = 10$,
-#   $n = 20$ the Riemannian step is 1.3 to 3 times cheaper up to rank 8, but the TT-SVD of
+#   $n = 20$ the Riemannian step is 1.2 to 3.4 times cheaper up to rank 8, but the TT-SVD of
 #   its retraction grows like $r^3$, and at rank 16 the chart step is the cheaper one, by a
-#   factor of about 1.1 to 1.9 (last column). That pays off only if a chart method needs at
+#   factor of about 1.1 to 2 (last column). That pays off only if a chart method needs at
 #   most that factor more iterations, which is not the case for any problem here: no chart
 #   method reaches the tolerances at all.
 # * **Conditioning: Riemannian.** The chart's local conditioning is that of $J^\top H J$,
@@ -738,7 +739,7 @@ plt.show()
 #   Householder blocks.
 # * **Cost and domain.** Per iteration a Riemannian step costs about half of a chart step
 #   on approximation at these sizes and about the same on completion; at rank 16 with
-#   $d = 10$, $n = 20$ the chart step is cheaper, by a factor of about 1.1 to 1.9
+#   $d = 10$, $n = 20$ the chart step is cheaper, by a factor of about 1.1 to 2
 #   (section 8). The chart needs its domain, though: a spectral completion start was
 #   outside it for every center.
 # * **Practicalities.** `solvers.run` reports a run that diverges after the tuning

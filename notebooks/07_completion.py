@@ -154,9 +154,10 @@ print("final ranks", h.info["ranks"], "test error",
 # ## 5. Recovery against the sampling rate
 #
 # Random TTs with Gaussian cores, $|\Omega| = $ rate $\times \dim \mathcal{M}$ sampled
-# entries, no oracle or dense start: fixed-rank RCG from a random point (`rcg_random`) and
-# from a point next to a random rank-1 tensor (`rcg_rank1`), and rank-adaptive completion
-# from rank 1 with the true rank as its cap. A run counts as a recovery when its relative
+# entries, no oracle or dense start: fixed-rank RCG from a random point (`rcg_random`),
+# from a point next to a random rank-1 tensor (`rcg_rank1`) and from the sparse spectral
+# start (`rcg_spectral`: the TT-SVD of the zero-filled samples, computed from the samples
+# alone), and rank-adaptive completion from rank 1 with the true rank as its cap. A run counts as a recovery when its relative
 # test error reaches $10^{-6}$. `benchmarks/completion_phase.py` runs the same at more
 # sizes and seeds (at $n = 10$ nothing recovers below $40 \dim \mathcal{M}$ from these
 # starts, so the small $n$ here).
@@ -201,21 +202,24 @@ plt.show()
 #
 # * t3f's tutorial problem from a random start: Riemannian CG reaches 1.3x the noise floor
 #   in 29 iterations, the trust region in 14, L-BFGS in 24, ALS in 10 sweeps, Riemannian Adam
-#   (automatic step rule) in 129 steps, against about 2000 Adam steps in t3f's tutorial;
+#   (automatic step rule) in 57 steps, against about 2000 Adam steps in t3f's tutorial;
 #   chart L-BFGS and chart Adam (lr 0.01) do not get there in the budget.
-# * Steinlechner's setting (d = 10, n = 20, r = 4, oracle start): CG reaches test error 1e-8
-#   in 59 iterations (under a second), L-BFGS in 61, the trust region in 4 (each costing
-#   seconds of Hessian products); ALS and the chart baselines with line searches do not
-#   get there within the 10 s budget.
+# * Steinlechner's setting (d = 10, n = 20, r = 4, TTeMPS's uniform cores, random start):
+#   CG reaches test error 1e-8 in 32 iterations (a fraction of a second), ALS in 17 sweeps
+#   and the trust region in 26 iterations (seconds each: least-squares solves and Hessian
+#   products), L-BFGS in 96; the chart baselines with line searches do not get there within
+#   the 10 s budget.
 # * The trust region converges quadratically: the gradient norm is roughly squared at
 #   each outer iteration until rounding.
 # * Rank adaptivity from rank 1 finds the ranks (1, 2, 3, 2, 1) of the small tensor, to a
 #   test error near 1e-10.
 # * Recovery from random and rank-1 starts (d = 6, n = 4, r = 2, 4 seeds) needs many
 #   samples: none at 2 or 3 x dim M, CG from a random point recovers 2 of 4 at 5 x, 3 of 4
-#   at 10 x and all at 20 x; the rank-1 start and the rank-adaptive scheme lag behind CG
-#   below 20 x, where rank adaptivity recovers all four. At larger mode sizes the
-#   transition moves to higher rates (`benchmarks/completion_phase.py`).
+#   at 10 x and all at 20 x; from the sparse spectral start CG recovers all four already
+#   at 5 x. The rank-adaptive scheme (whose control set picks the slice-means or the
+#   rank-1 spectral start) recovers one at 5 x and all four from 10 x on; CG from a point
+#   next to a rank-1 tensor lags behind. At larger mode sizes the transition moves to
+#   higher rates (`benchmarks/completion_phase.py`).
 # * The photograph: from 10, 20 and 30 % of the pixels the rank-adaptive scheme chooses
 #   ranks with about 800 to 1700 parameters (1-3 % of the pixels) and reaches 17.7, 18.2
 #   and 18.7 dB, within 0.4 dB of the TT-SVD of the whole image at the same ranks: the
