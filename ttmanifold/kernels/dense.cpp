@@ -780,6 +780,20 @@ std::tuple<torch::Tensor, std::vector<torch::Tensor>> one_vs_blocks(
   return {vals, ws};
 }
 
+// the environments ws and the k weights g of a sum-norm backward, checked against the
+// cores' dtype; returns g contiguous
+static torch::Tensor checked_backward_weights(const std::vector<torch::Tensor>& ws,
+                                              const torch::Tensor& g, at::ScalarType t,
+                                              int64_t k) {
+  for (const auto& w : ws)
+    TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2 && w.scalar_type() == t,
+                "ws: expected contiguous 2-D CPU matrices of the cores' dtype");
+  auto gc = g.contiguous();
+  TORCH_CHECK(gc.device().is_cpu() && gc.numel() == k && gc.scalar_type() == t,
+              "g: expected k values of the cores' dtype");
+  return gc;
+}
+
 // d/dx sum_b g_b <x, block_b> (block 0 is x itself): the cores of the gradient
 std::vector<torch::Tensor> one_vs_blocks_backward(std::vector<torch::Tensor> cores, int64_t k,
                                                   std::vector<torch::Tensor> ws,
@@ -790,12 +804,7 @@ std::vector<torch::Tensor> one_vs_blocks_backward(std::vector<torch::Tensor> cor
   check_blocks(cores, k, t);
   const int64_t d = static_cast<int64_t>(cores.size()) / k;
   TORCH_CHECK(static_cast<int64_t>(ws.size()) == d, "one_vs_blocks_backward: d environments");
-  for (const auto& w : ws)
-    TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2 && w.scalar_type() == t,
-                "ws: expected contiguous 2-D CPU matrices of the cores' dtype");
-  auto gc = g.contiguous();
-  TORCH_CHECK(gc.device().is_cpu() && gc.numel() == k && gc.scalar_type() == t,
-              "g: expected k values of the cores' dtype");
+  auto gc = checked_backward_weights(ws, g, t, k);
   std::vector<torch::Tensor> dxs(d);
   for (int64_t m = 0; m < d; ++m) dxs[m] = torch::empty_like(cores[m]);
   AT_DISPATCH_FLOATING_TYPES(t, "ttm_one_vs_blocks_backward", [&] {
@@ -818,12 +827,7 @@ torch::Tensor one_vs_blocks_backward_deltas(std::vector<torch::Tensor> cores, in
   const int64_t d = static_cast<int64_t>(cores.size()) / k;
   TORCH_CHECK(d >= 2 && static_cast<int64_t>(ws.size()) == d,
               "one_vs_blocks_backward_deltas: d >= 2 cores and d environments");
-  for (const auto& w : ws)
-    TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2 && w.scalar_type() == t,
-                "ws: expected contiguous 2-D CPU matrices of the cores' dtype");
-  auto gc = g.contiguous();
-  TORCH_CHECK(gc.device().is_cpu() && gc.numel() == k && gc.scalar_type() == t,
-              "g: expected k values of the cores' dtype");
+  auto gc = checked_backward_weights(ws, g, t, k);
   std::vector<int64_t> offs(d + 1, 0);
   for (int64_t m = 0; m < d; ++m) {
     const auto& c = cores[m];
