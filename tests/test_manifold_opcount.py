@@ -462,3 +462,38 @@ def test_scattered_block_cores_bad_arguments_named():
         scattered_block_cores(U, V, [U[:2]], ())
     with pytest.raises(ValueError, match="delta_sets"):
         scattered_block_cores(U, V, [[U[0], U[1][:1], U[2]]], ())
+
+
+@pytest.mark.parametrize("shape,ranks", [((3, 4, 5, 3), (1, 3, 4, 3, 1)),
+                                         ((2, 3, 3, 2), (1, 2, 3, 2, 1))])
+def test_structured_retr_at_maximal_bonds_has_a_finite_gradient(shape, ranks):
+    """Bonds at their largest feasible rank (r_{d-1} = n_d, r_1 = n_1): the structured sweep
+    (CPU choice) adds no new directions there, so the rank-2r TT has no exact zero singular
+    values and autograd through a batch gives each point's single-call gradient, finite (it
+    was NaN); the value is still the dense TT-SVD of X + xi."""
+    M = FixedTTRank(shape, ranks)
+    g = torch.Generator().manual_seed(6)
+    x = torch.Tensor(M.random(2, dtype=F64, generator=g))
+    u = 0.2 * M.proju(x, torch.randn(x.shape, dtype=F64, generator=g))
+    W = torch.randn((2,) + tuple(shape), dtype=F64, generator=g)
+
+    def grad(b):
+        xb = (x if b is None else x[b]).clone().requires_grad_()
+        ub = (u if b is None else u[b]).clone().requires_grad_()
+        y = M.retr(xb, ub)
+        loss = (M.to_tt(y).full() * (W if b is None else W[b])).sum()
+        return y.detach(), torch.autograd.grad(loss, (xb, ub))
+
+    old = sweeps.PAIRED_SWEEPS
+    try:
+        sweeps.PAIRED_SWEEPS = False
+        y, batch = grad(None)
+        for b in (0, 1):
+            ref = dense_tt_svd((M.to_tt(x[b]) + M.tangent_to_tt(x[b], u[b])).full(), M.ranks)
+            assert torch.allclose(M.to_tt(y[b]).full(), ref, atol=1e-12), b
+            _, single = grad(b)
+            for e, a in zip(batch, single):
+                assert torch.isfinite(e).all() and torch.isfinite(a).all(), b
+                assert torch.allclose(e[b], a, atol=1e-9, rtol=1e-7), b
+    finally:
+        sweeps.PAIRED_SWEEPS = old

@@ -73,15 +73,15 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
         C = left @ vm.transpose(0, 1)
         w = torch.addmm(left, C, vm, alpha=-1)
         W = w if right is None else torch.cat([w, right], 1)
-        q, r = torch.linalg.qr(W.transpose(0, 1))
+        q, r = _complement_qr(W.transpose(0, 1), W.shape[1] - vm.shape[0])
         qt = q.transpose(0, 1)
         QV[k], QW[k] = qt, w.shape[1]  # [Q_V | Q_W] whole and the width of Q_V
         ul = U[k - 1].reshape(-1, U[k - 1].shape[2])
         rows = U[k - 1].shape[0]
         left = torch.addmm(du[k - 1].reshape(ul.shape), ul, C).reshape(rows, -1)
-        right = (ul @ r.transpose(0, 1)).reshape(rows, -1)
+        right = (ul @ r.transpose(0, 1)).reshape(rows, U[k - 1].shape[1] * r.shape[0])
     n = U[0].shape[1]
-    c = torch.cat([left.reshape(n, -1), right.reshape(n, -1)], 1)
+    c = torch.cat([left.reshape(n, -1), right.reshape(n, right.shape[1] // n)], 1)
     group = _group_lefts(U)
     lefts = []  # the new cores' factors, concatenated at the end (no in-place writes)
     for k in range(d - 1):
@@ -96,8 +96,10 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
         prod = sv[:, a:] @ QV[k + 1]
         nv = QW[k + 1]
         top = torch.addmm(prod[:, :nv], sv[:, :a], V[k + 1].reshape(a, -1))
-        if nv == prod.shape[1]:  # the last core: no Q_W block
+        if k + 2 == d:  # the last core: no Q_W block
             c = top
+        elif nv == prod.shape[1]:  # no Q_W block left at a maximal bond (_cap_complement)
+            c = top.reshape(r * nk, b)
         else:
             c = torch.cat([top.reshape(r, nk, b), prod[:, nv:].reshape(r, nk, -1)], 2).reshape(
                 r * nk, -1)
@@ -168,7 +170,7 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
         C = left @ vm.mT
         w = _addmm(left, C, vm, -1)
         W = w if right is None else torch.cat([w, right], -1)
-        q, r = torch.linalg.qr(W.mT)
+        q, r = _complement_qr(W.mT, W.shape[-1] - vm.shape[-2])
         qt = q.mT
         QV[k], QW[k] = qt, w.shape[-1]  # [Q_V | Q_W] whole and the width of Q_V
         ua, un, ub = U[k - 1].shape[-3:]
@@ -191,8 +193,10 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
         prod = sv[..., a:] @ QV[k + 1]  # [s v Q_V | s v Q_W] in one product
         nv = QW[k + 1]
         top = _addmm(prod[..., :nv], sv[..., :a], V[k + 1].reshape(bs + (a, nk * b)), 1)
-        if nv == prod.shape[-1]:
+        if k + 2 == d:  # the last core: no Q_W block
             c = top
+        elif nv == prod.shape[-1]:  # no Q_W block left at a maximal bond (_cap_complement)
+            c = top.reshape(bs + (r * nk, b))
         else:
             c = torch.cat([top.reshape(bs + (r, nk, b)), prod[..., nv:].reshape(bs + (r, nk, -1))],
                           -1).reshape(bs + (r * nk, -1))
@@ -509,6 +513,29 @@ def _addmm(c, a, b, alpha):
     if c.dim() == 3 and a.dim() == 3 and b.dim() == 3:
         return torch.baddbmm(c, a, b, alpha=alpha)
     return c + a @ b if alpha == 1 else c - a @ b
+
+
+def _complement_qr(wt: torch.Tensor, dim: int):
+    """The reduced QR ``q, r`` of the structured sweep's new directions ``wt = W^T``
+    (``(*, m, a)``), knowing that its columns lie in a ``dim``-dimensional space (the
+    complement of ``V_k``'s rows: ``W``'s columns minus ``V_k``'s rows). Where ``a`` exceeds
+    that (at a bond whose rank reaches the largest feasible one, e.g. ``r_{d-1} = n_d``), a
+    plain QR would add columns repeating directions ``V_k`` already spans: the rank-2r TT
+    would carry exact zero singular values, and the backward of ``qr`` / ``svd`` divides by
+    them (a NaN gradient). Then ``q`` is the QR of the first ``dim`` columns (they span the
+    space for data in general position) and ``r`` their coefficients plus the projections of
+    the other columns; no columns at all when ``dim = 0``. Only where autograd records
+    (without it the extra columns cost nothing but a little work, and the plain QR keeps the
+    gauge of the compiled single-point kernel, which batches are compared with). Shapes
+    only, no host read."""
+    dim = max(int(dim), 0)
+    if dim >= min(wt.shape[-2:]) or not (wt.requires_grad and torch.is_grad_enabled()):
+        return torch.linalg.qr(wt)
+    if dim == 0:
+        return (wt.new_zeros(wt.shape[:-1] + (0,)),
+                wt.new_zeros(wt.shape[:-2] + (0, wt.shape[-1])))
+    q, r1 = torch.linalg.qr(wt[..., :dim])
+    return q, torch.cat([r1, q.mT @ wt[..., dim:]], -1)
 
 
 def _pad_svd(u, s, vh, r):
