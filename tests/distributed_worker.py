@@ -19,14 +19,14 @@ RANK = 3
 N = 2500
 
 
-def data():
+def data(shape=SHAPE, ranks=RANK, n=N):
     """The full data set (every process builds it, then keeps its shard)."""
     from ttmanifold import TT
     from ttmanifold.experiments.problems import sample_distinct_indices
 
-    truth = TT.random(SHAPE, RANK, dtype=torch.float64,
+    truth = TT.random(shape, ranks, dtype=torch.float64,
                       generator=torch.Generator().manual_seed(1))
-    idx = sample_distinct_indices(SHAPE, N, generator=0)
+    idx = sample_distinct_indices(shape, n, generator=0)
     return idx, truth.gather(idx)
 
 
@@ -145,13 +145,7 @@ RA_N = 2000
 
 def ra_data():
     """Data of the rank-adaptive scenario (unequal ranks, found from rank 1)."""
-    from ttmanifold import TT
-    from ttmanifold.experiments.problems import sample_distinct_indices
-
-    truth = TT.random(RA_SHAPE, RA_RANKS, dtype=torch.float64,
-                      generator=torch.Generator().manual_seed(1))
-    idx = sample_distinct_indices(RA_SHAPE, RA_N, generator=0)
-    return idx, truth.gather(idx)
+    return data(RA_SHAPE, RA_RANKS, RA_N)
 
 
 class _Stop(Exception):

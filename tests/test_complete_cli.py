@@ -242,25 +242,31 @@ def test_method_lbfgs_and_trust_region(data, tmp_path):
         base + ["--method", "rtr", "--rank-adaptive", "--out", tmp_path / "ra"])
 
 
-def test_torchrun_two_processes_equal_one(data, tmp_path):
-    root, full, idx, vals, q = data
+def _torchrun_complete(args, out):
+    """``ttmanifold complete`` with ``args`` on two gloo processes (torchrun on a free port
+    of 127.0.0.1), writing to ``out``; the workers import this checkout's package (not
+    another installed copy)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    path = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] +
+                           ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port",
+                           str(port), "-m", "ttmanifold", "complete"] + args +
+                          ["--out", str(out), "--timeout", "30"],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_torchrun_two_processes_equal_one(data, tmp_path):
+    root, full, idx, vals, q = data
     # L-BFGS: the CG path under torchrun is the same code (tests/test_distributed.py runs
     # both with two processes)
     args = [str(root / "d.csv"), "--rank", "3", "--validation", "0.1", "--iters", "15",
             "--tol", "0", "--query", str(root / "q.csv"), "--no-progress",
             "--method", "rlbfgs"]
-    # the workers import this checkout's package (not another installed copy)
-    path = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] +
-                           ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                          "2", "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port",
-                          str(port), "-m", "ttmanifold", "complete"] + args +
-                         ["--out", str(tmp_path / "two"), "--timeout", "30"],
-                         capture_output=True, text=True, timeout=120, env=env)
+    res = _torchrun_complete(args, tmp_path / "two")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "on each of 2 processes" in res.stdout and res.stdout.count("wrote") == 1
     assert cli_main(["complete"] + args + ["--out", str(tmp_path / "one")]) == 0
@@ -318,17 +324,7 @@ def test_rank_adaptive_under_torchrun_equals_one_process_and_resumes(tmp_path):
     args = [str(tmp_path / "d.npz"), "--rank", "3", "--rank-adaptive", "--iters", "25",
             "--validation", "0.1", "--seed", "2", "--query", str(tmp_path / "q.csv"),
             "--no-progress"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    path = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] +
-                           ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                          "2", "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port",
-                          str(port), "-m", "ttmanifold", "complete"] + args +
-                         ["--out", str(tmp_path / "two"), "--timeout", "30"],
-                         capture_output=True, text=True, timeout=120, env=env)
+    res = _torchrun_complete(args, tmp_path / "two")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "(2 processes)" in res.stdout and res.stdout.count("wrote") == 1
     assert cli_main(["complete"] + args + ["--out", str(tmp_path / "one")]) == 0

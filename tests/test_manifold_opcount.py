@@ -417,12 +417,9 @@ def test_retr_returns_ordinary_fresh_tensors(batch, paired):
         out.add_(1.0)
 
 
-@pytest.mark.parametrize("shape,ranks", [((3, 5, 4, 5, 3), 2), ((3, 5, 5, 3), (1, 3, 4, 3, 1))])
-def test_retr_gradient_on_block_cores_matches_structured(shape, ranks):
-    """With autograd (no fast path), the retraction on scattered block cores of the unsigned
-    LQ frames (fewer launches) has the gradient of the structured single-point retraction
-    (CPU choice), for a gauge-invariant loss (the full tensor against a fixed one), for a
-    batch and for each point."""
+def _retr_gradients(shape, ranks):
+    """Two points, tangent vectors and ``grad(b) -> (retr, (d/dx, d/du))`` of the
+    gauge-invariant loss ``<full(retr(x, u)), W>`` for the batch (``b=None``) or point ``b``."""
     M = FixedTTRank(shape, ranks)
     g = torch.Generator().manual_seed(6)
     x = torch.Tensor(M.random(2, dtype=F64, generator=g))
@@ -432,19 +429,30 @@ def test_retr_gradient_on_block_cores_matches_structured(shape, ranks):
     def grad(b):
         xb = (x if b is None else x[b]).clone().requires_grad_()
         ub = (u if b is None else u[b]).clone().requires_grad_()
-        loss = (M.to_tt(M.retr(xb, ub)).full() * (W if b is None else W[b])).sum()
-        return torch.autograd.grad(loss, (xb, ub))
+        y = M.retr(xb, ub)
+        loss = (M.to_tt(y).full() * (W if b is None else W[b])).sum()
+        return y.detach(), torch.autograd.grad(loss, (xb, ub))
 
+    return M, x, u, grad
+
+
+@pytest.mark.parametrize("shape,ranks", [((3, 5, 4, 5, 3), 2), ((3, 5, 5, 3), (1, 3, 4, 3, 1))])
+def test_retr_gradient_on_block_cores_matches_structured(shape, ranks):
+    """With autograd (no fast path), the retraction on scattered block cores of the unsigned
+    LQ frames (fewer launches) has the gradient of the structured single-point retraction
+    (CPU choice), for a gauge-invariant loss (the full tensor against a fixed one), for a
+    batch and for each point."""
+    M, x, u, grad = _retr_gradients(shape, ranks)
     old = sweeps.PAIRED_SWEEPS
     try:
         sweeps.PAIRED_SWEEPS = False
-        ref = [grad(b) for b in (0, 1)]
+        ref = [grad(b)[1] for b in (0, 1)]
         sweeps.PAIRED_SWEEPS = True
         M.retr(x, u)  # first on the inference fast path (shapes not used elsewhere): what it
         M.retr(x[0], u[0])  # keeps for these shapes must serve autograd afterwards
-        batch = grad(None)
+        batch = grad(None)[1]
         for b in (0, 1):
-            for a, c, e in zip(ref[b], grad(b), batch):
+            for a, c, e in zip(ref[b], grad(b)[1], batch):
                 assert torch.allclose(c, a, atol=1e-9, rtol=1e-7), b
                 assert torch.allclose(e[b], a, atol=1e-9, rtol=1e-7), b
     finally:
@@ -471,19 +479,7 @@ def test_structured_retr_at_maximal_bonds_has_a_finite_gradient(shape, ranks):
     (CPU choice) adds no new directions there, so the rank-2r TT has no exact zero singular
     values and autograd through a batch gives each point's single-call gradient, finite (it
     was NaN); the value is still the dense TT-SVD of X + xi."""
-    M = FixedTTRank(shape, ranks)
-    g = torch.Generator().manual_seed(6)
-    x = torch.Tensor(M.random(2, dtype=F64, generator=g))
-    u = 0.2 * M.proju(x, torch.randn(x.shape, dtype=F64, generator=g))
-    W = torch.randn((2,) + tuple(shape), dtype=F64, generator=g)
-
-    def grad(b):
-        xb = (x if b is None else x[b]).clone().requires_grad_()
-        ub = (u if b is None else u[b]).clone().requires_grad_()
-        y = M.retr(xb, ub)
-        loss = (M.to_tt(y).full() * (W if b is None else W[b])).sum()
-        return y.detach(), torch.autograd.grad(loss, (xb, ub))
-
+    M, x, u, grad = _retr_gradients(shape, ranks)
     old = sweeps.PAIRED_SWEEPS
     try:
         sweeps.PAIRED_SWEEPS = False
