@@ -622,16 +622,26 @@ void gather(torch::Tensor src, torch::Tensor idx, torch::Tensor out, bool add) {
   });
 }
 
-// C (P, ra, rb) = per group sum of z[perm[i]] a[i]^T c[i] (perm absent: z[i])
-void outer(torch::Tensor a, torch::Tensor c, torch::Tensor z, torch::Tensor off,
-           c10::optional<torch::Tensor> perm, torch::Tensor C,
-           c10::optional<torch::Tensor> aidx, c10::optional<torch::Tensor> cidx) {
+// the scatter's arguments (outer, step_outer), checked; returns the number of rows N
+static int64_t check_scatter_args(const torch::Tensor& a, const torch::Tensor& c,
+                                  const torch::Tensor& z, const torch::Tensor& off,
+                                  const torch::Tensor& C,
+                                  const c10::optional<torch::Tensor>& aidx,
+                                  const c10::optional<torch::Tensor>& cidx, const char* name) {
   check(a, "a"); check(c, "c"); check(z, "z"); check(off, "off"); check(C, "C");
   TORCH_CHECK(off.scalar_type() == torch::kInt64, "off: expected int64");
   const int64_t N = rows_of(a, aidx);
   TORCH_CHECK(C.dim() == 3 && C.size(1) == a.size(1) && C.size(2) == c.size(1) &&
               N == rows_of(c, cidx) && off.numel() == C.size(0) + 1 &&
-              z.numel() == N, "outer: inconsistent shapes");
+              z.numel() == N, name, ": inconsistent shapes");
+  return N;
+}
+
+// C (P, ra, rb) = per group sum of z[perm[i]] a[i]^T c[i] (perm absent: z[i])
+void outer(torch::Tensor a, torch::Tensor c, torch::Tensor z, torch::Tensor off,
+           c10::optional<torch::Tensor> perm, torch::Tensor C,
+           c10::optional<torch::Tensor> aidx, c10::optional<torch::Tensor> cidx) {
+  check_scatter_args(a, c, z, off, C, aidx, cidx, "outer");
   const int32_t* p = idx_ptr(perm, "perm");
   const int32_t* ai = idx_ptr(aidx, "aidx");
   const int32_t* ci = idx_ptr(cidx, "cidx");
@@ -648,13 +658,8 @@ void step_outer(torch::Tensor c, torch::Tensor Mt, c10::optional<torch::Tensor> 
                 c10::optional<torch::Tensor> out, torch::Tensor a, torch::Tensor z,
                 torch::Tensor off, c10::optional<torch::Tensor> perm, torch::Tensor C,
                 c10::optional<torch::Tensor> aidx, c10::optional<torch::Tensor> cidx) {
-  check(c, "c"); check(Mt, "Mt"); check(a, "a"); check(z, "z"); check(off, "off");
-  check(C, "C");
-  TORCH_CHECK(off.scalar_type() == torch::kInt64, "off: expected int64");
-  const int64_t N = rows_of(a, aidx);
-  TORCH_CHECK(C.dim() == 3 && C.size(1) == a.size(1) && C.size(2) == c.size(1) &&
-              N == rows_of(c, cidx) && off.numel() == C.size(0) + 1 &&
-              z.numel() == N, "step_outer: inconsistent shapes");
+  check(Mt, "Mt");
+  check_scatter_args(a, c, z, off, C, aidx, cidx, "step_outer");
   const int32_t* ai = idx_ptr(aidx, "aidx");
   const int32_t* ci = idx_ptr(cidx, "cidx");
   const int32_t* d = idx_ptr(dst, "dst");
