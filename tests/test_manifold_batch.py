@@ -433,6 +433,14 @@ def test_batch_errors_name_the_argument():
         M.random(3, 4)
     with pytest.raises(ValueError, match=r"f: expected a function returning a scalar"):
         M.riemannian_grad(p, lambda T: T.full())
+    # batch mismatches between two tangent vectors, two points, or a point and a batched TT
+    # are named, not a broadcasting error from inside torch
+    with pytest.raises(ValueError, match=r"u, v: batch shapes \(3,\) and \(2,\) do not"):
+        M.inner(p, torch.zeros(3, M.size, dtype=F64), u)
+    with pytest.raises(ValueError, match=r"y: batch shape \(2,\) does not broadcast"):
+        M.transp(p, p[:2], torch.zeros(3, M.size, dtype=F64))
+    with pytest.raises(ValueError, match=r"Z: batch shape \(2,\) does not broadcast"):
+        M.project(p, TT.random(M.shape, 2, dtype=F64, batch=(2,), generator=gen))
 
 
 @settings(max_examples=15)

@@ -488,6 +488,7 @@ class FixedTTRank(geoopt.Manifold):
                              f"shape {tuple(p.shape[:-1])}; use a batched TT or dense Z")
         if isinstance(Z, TT):
             self._check_ambient(Z, p, "Z")
+            self._check_batches(p.shape[:-1], Z.batch_shape, "Z")
             assert_finite_async(Z.cores, "Z")  # all cores at once (a fixed number of ops)
             if p.dim() == 1 and math.prod(Z.batch_shape) > 1 and not prefer_fewer_launches(
                     p.device, sum(c.numel() for c in Z.cores)) and (
@@ -628,6 +629,12 @@ class FixedTTRank(geoopt.Manifold):
                 f"u, v: expected packed tangent vectors of size {self.size}, got shapes "
                 f"{tuple(u.shape)} and {tuple(v.shape)}"
             )
+        if u.shape != v.shape:
+            try:
+                torch.broadcast_shapes(u.shape, v.shape)
+            except RuntimeError:
+                raise ValueError(f"u, v: batch shapes {tuple(u.shape[:-1])} and "
+                                 f"{tuple(v.shape[:-1])} do not broadcast") from None
         out = (u * v).sum(-1, keepdim=keepdim)
         return out
 
@@ -683,6 +690,7 @@ class FixedTTRank(geoopt.Manifold):
         Ux = self._split(x, "x")
         dv = self._check_vector(v, x, "v")
         Uy = self._split(y, "y")
+        self._check_batches(x.shape[:-1], y.shape[:-1], "y")
         if self.d == 1:
             return v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
         xi = self._transport_cores(x, Ux, self._right_cores(x, Ux), v, dv)
