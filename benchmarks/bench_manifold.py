@@ -16,6 +16,10 @@ Times, at d = 10, n = 20, r = 10 and 40 (ranks clipped to the feasible bound
    Euclidean backprop of that f through the rank-r cores of X as a reference (ratio
    target <= 2), and (for reference, no verdict) the same f written on the tangent TT
    itself, ``0.5 * (X - A).norm() ** 2``, whose difference keeps the tangent structure;
+   and (info rows) a sampled-entry loss ``0.5 sum_Omega (X[i] - a_i)^2`` on 10^4 random
+   entries, written ``X.values_at(Omega)`` on the tangent TT and
+   ``TT(X.cores).values_at(Omega)`` through the rank-2r block cores, each against its
+   Euclidean backprop;
 5. the projection of a sparse tensor with ``N = 10 d n r^2`` random entries:
    ``project_sampled`` with an :class:`IndexSet` built once outside the timing, and
    ``project`` of a ``torch.sparse_coo_tensor`` (which builds the index set on each call);
@@ -240,6 +244,22 @@ def structured_sum_loss_of(A: TT):
     return f
 
 
+#: samples of the sampled-entry loss rows (info rows beside the general loss)
+SAMPLED_LOSS_N = 10_000
+
+
+def sampled_loss_of(iset: IndexSet, a: torch.Tensor, structured: bool):
+    """``0.5 sum_Omega (X[i] - a_i)^2`` at the samples of ``iset``: with ``structured``
+    through ``X.values_at`` (on the tangent TT: rank-r sweeps, the sparse projection as its
+    backward), else through the rank-2r block cores, ``TT(X.cores).values_at``."""
+
+    def f(X: TT) -> torch.Tensor:
+        Y = X if structured else TT(X.cores)
+        return 0.5 * ((Y.values_at(iset) - a) ** 2).sum()
+
+    return f
+
+
 def gemm_gflops(dtype=torch.float64, size: int = 2000, reps: int = 5,
                 timer: Callable[[], float] = time.perf_counter) -> float:
     """This machine's GEMM throughput in GFLOP/s: the best of ``reps`` 2000 x 2000
@@ -409,6 +429,21 @@ def bench_case(d, n, r, dtype, N, seed, opts, peer, ttmod, mem_budget_gib, tmp, 
         fs = structured_sum_loss_of(A)
         run("rgrad_sum", lambda: M.riemannian_grad(p, fs), vnorm, peers=("rgrad_general",),
             euclid_fn=euclid)
+        # a sampled-entry loss, 0.5 sum_Omega (X[i] - a_i)^2 on SAMPLED_LOSS_N entries: through
+        # the tangent TT's values_at (rank-r sweeps, the scatter of one CG iteration as its
+        # backward) and through the rank-2r block cores (TT(X.cores)); info rows, each
+        # against the Euclidean backprop of the same loss through the cores of X
+        gs = torch.Generator().manual_seed(seed + 1)
+        iset = IndexSet(torch.randint(0, n, (SAMPLED_LOSS_N, d), generator=gs), M.shape)
+        a_s = torch.randn(SAMPLED_LOSS_N, dtype=dtype, generator=gs)
+        for op, fl in (("rgrad_values", sampled_loss_of(iset, a_s, structured=True)),
+                       ("rgrad_values_blocks", sampled_loss_of(iset, a_s, structured=False))):
+            def euclid_s(fl=fl):
+                cores = [c.detach().requires_grad_() for c in Xc.cores]
+                with torch.enable_grad():
+                    return torch.autograd.grad(fl(TT(cores, check=False)), cores)
+
+            run(op, lambda fl=fl: M.riemannian_grad(p, fl), vnorm, euclid_fn=euclid_s)
 
     if N:
         itemsize = torch.finfo(dtype).bits // 8
@@ -549,14 +584,19 @@ LABELS = {
                                         "f = 0.5‖X−A‖² as (X − A).norm()²/2",
     ("rgrad_sum", "rgrad_general"): "riemannian_grad, the same f as (X − A).norm()²/2 on "
                                     "the tangent TT (a sum of X and −A)",
+    ("rgrad_values", None): "riemannian_grad, sampled-entry loss ½Σ_Ω (X[i] − a_i)² with "
+                            "X.values_at(Ω) on the tangent TT",
+    ("rgrad_values_blocks", None): "riemannian_grad, the same sampled-entry loss through the "
+                                   "rank-2r block cores, TT(X.cores).values_at(Ω)",
     ("sparse_sampled", None): "project_sampled, prebuilt IndexSet",
     ("sparse_coo", None): "project(sparse_coo), incl. IndexSet build",
 }
 PEER_OF = {"project": ["project"], "retr": ["retr_2r", "retr_3r"], "rgrad": ["rgrad"],
            "rgrad_general": ["rgrad_general"], "rgrad_sum": ["rgrad_general"],
+           "rgrad_values": [None], "rgrad_values_blocks": [None],
            "sparse_sampled": [None], "sparse_coo": [None]}
 INFO_ONLY = {"retr_3r"}  # peer variants shown for reference, without a verdict
-INFO_OPS = {"rgrad_sum"}  # rows shown for reference, without a verdict
+INFO_OPS = {"rgrad_sum", "rgrad_values", "rgrad_values_blocks"}  # reference rows, no verdict
 EUCLID_TARGET = 2.0  # Riemannian autodiff / Euclidean backprop of the same loss
 
 
@@ -617,6 +657,8 @@ def report(rows, sgd_rows, notes, peer_info, peer_note, ttmod, args, header, cg_
                 t_ms, ratio_s, chk = None, "—", "—"
                 if row["op"].startswith("sparse"):
                     met_s, tgt = "no peer", "—"
+                elif row["op"] in INFO_OPS and pop is None:
+                    met_s, tgt = "(info)", "—"
                 elif peer_info is None:
                     met_s = "no peer"
                 else:
