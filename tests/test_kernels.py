@@ -539,6 +539,51 @@ def test_compiled_dense_agrees_with_torch(compiled, shape, ranks, dtype):
     assert close(a.double(), b.double())
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_compiled_dense_batches_in_one_call(compiled, dtype):
+    """Batched retr / project / transp / right cores run as one compiled call per batch and
+    agree with the torch batch and with single-point calls (full tensors, gauged deltas),
+    also when one side broadcasts (one point and a batch of steps or TTs)."""
+    shape, ranks = (3, 4, 5, 3), (1, 2, 3, 2, 1)
+    M = FixedTTRank(shape, ranks)
+    gen = torch.Generator().manual_seed(11)
+    p = M.random((2, 3, M.size), dtype=F64, generator=gen).to(dtype)
+    u = M.proju(p, torch.randn(2, 3, M.size, dtype=F64, generator=gen).to(dtype))
+    Z = TT.random(shape, 2, dtype=F64, generator=gen, batch=(2, 3)).to(dtype)
+    tol = 1e-11 if dtype == F64 else 2e-4
+
+    def full(x):
+        return torch.stack([M.to_tt(q).full().double() for q in x.reshape(-1, M.size)])
+
+    def close(a, b):
+        return float((a - b).norm()) <= tol * max(1.0, float(b.norm()))
+
+    spy = compiled["dense"]
+    a, b = _both(lambda: M.retr(p, u))
+    assert a.shape == (2, 3, M.size) and close(full(a), full(b))
+    assert "retract_batch" in spy.calls
+    single = torch.stack([M.retr(p[i, j], u[i, j]) for i in range(2) for j in range(3)])
+    assert close(full(a), full(single))
+    a, b = _both(lambda: M.project(p, Z))  # gauged deltas of each point: unique
+    assert a.shape == (2, 3, M.size) and close(a.double(), b.double())
+    assert "project_batch" in spy.calls
+    q = M.retr(p, 0.1 * u)
+    a, b = _both(lambda: M.transp(p, q, u))
+    assert close(a.double(), b.double())
+    # broadcasting: one point, a batch of steps; a batch of points, one TT
+    a, b = _both(lambda: M.retr(p[0, 0], u[0]))
+    assert a.shape == (3, M.size) and close(full(a), full(b))
+    Z1 = TT([c[0, 0] for c in Z.cores])
+    a, b = _both(lambda: M.project(p, Z1))
+    assert a.shape == (2, 3, M.size) and close(a.double(), b.double())
+    # the right cores of a batch, against the torch sweep's (canonical gauge: unique)
+    from ttmanifold.manifold.sweeps import right_cores
+    U = M.split(p, "p")
+    a, b = _both(lambda: right_cores(U))
+    assert a[0] is None and all(close(x.double(), y.double()) for x, y in zip(a[1:], b[1:]))
+    assert "right_cores_batch" in spy.calls
+
+
 def test_compiled_dense_steps_aside_under_vmap_and_autograd(compiled):
     M = FixedTTRank((4, 5, 6, 5), 3)
     gen = torch.Generator().manual_seed(1)

@@ -844,6 +844,116 @@ torch::Tensor one_vs_blocks_backward_deltas(std::vector<torch::Tensor> cores, in
   return out;
 }
 
+// ---- batches: one call for B points (a loop over the points in C++) -----------------
+// Each list holds cores with one leading batch dimension, B or 1 (1: the same core for
+// every point, as broadcasting). The per-point work is the single-point code on views.
+namespace {
+
+int64_t check_batch(const std::vector<torch::Tensor>& cs, const char* name, torch::ScalarType t,
+                    int64_t B, int64_t from = 0) {
+  int64_t nb = -1;
+  for (size_t k = static_cast<size_t>(from); k < cs.size(); ++k) {
+    const auto& c = cs[k];
+    TORCH_CHECK(c.device().is_cpu() && c.is_contiguous() && c.dim() == 4 && c.scalar_type() == t,
+                name, ": expected contiguous 4-D CPU cores (batch, r, n, r') of one dtype");
+    TORCH_CHECK(nb < 0 || c.size(0) == nb, name, ": cores of different batch sizes");
+    nb = c.size(0);
+  }
+  TORCH_CHECK(nb == 1 || nb == B || nb < 0, name, ": batch size ", nb, " is neither 1 nor ", B);
+  return nb;
+}
+
+// the cores of point b: views (a core of batch size 1 serves every point)
+std::vector<torch::Tensor> point_of(const std::vector<torch::Tensor>& cs, int64_t b,
+                                    int64_t from = 0) {
+  std::vector<torch::Tensor> out(cs.size());
+  for (size_t k = 0; k < cs.size(); ++k)
+    out[k] = static_cast<int64_t>(k) < from ? cs[k] : cs[k].select(0, cs[k].size(0) == 1 ? 0 : b);
+  return out;
+}
+
+// per-point buffers of the right-orthogonal cores of U's points (V[0] a placeholder)
+std::vector<torch::Tensor> right_buffers(const std::vector<torch::Tensor>& U) {
+  std::vector<torch::Tensor> V(U.size());
+  V[0] = torch::empty({0}, U[0].options());
+  for (size_t k = 1; k < U.size(); ++k)
+    V[k] = torch::empty({U[k].size(1), U[k].size(2), U[k].size(3)}, U[k].options());
+  return V;
+}
+
+}  // namespace
+
+// right_cores of each of the B points of U: cores (B, a, n, b), index 0 a placeholder
+std::vector<torch::Tensor> right_cores_batch(std::vector<torch::Tensor> U) {
+  TORCH_CHECK(U.size() >= 2, "right_cores_batch: at least two cores");
+  const auto t = U[0].scalar_type();
+  const int64_t B = U[0].size(0);
+  check_batch(U, "U", t, B);
+  std::vector<torch::Tensor> V(U.size());
+  V[0] = torch::empty({0}, U[0].options());
+  for (size_t k = 1; k < U.size(); ++k) V[k] = torch::empty_like(U[k]);
+  AT_DISPATCH_FLOATING_TYPES(t, "ttm_right_cores_batch", [&] {
+    for (int64_t b = 0; b < B; ++b) {
+      auto Vb = point_of(V, b, 1);
+      right_cores_impl<scalar_t>(point_of(U, b), Vb);
+    }
+  });
+  return V;
+}
+
+// project for B points and/or B TTs Z: (B, size of U's point); V empty: computed per point
+torch::Tensor project_batch(std::vector<torch::Tensor> U, std::vector<torch::Tensor> V,
+                            std::vector<torch::Tensor> Z, bool gauge, int64_t B) {
+  TORCH_CHECK(U.size() >= 2 && U.size() == Z.size() && (V.empty() || V.size() == U.size()),
+              "project_batch: U, V, Z of different lengths");
+  const auto t = U[0].scalar_type();
+  const int64_t bu = check_batch(U, "U", t, B);
+  check_batch(Z, "Z", t, B);
+  if (!V.empty()) check_batch(V, "V", t, B, 1);
+  int64_t size = 0;
+  for (const auto& u : U) size += u.numel() / u.size(0);
+  auto out = torch::empty({B, size}, U[0].options());
+  AT_DISPATCH_FLOATING_TYPES(t, "ttm_project_batch", [&] {
+    std::vector<torch::Tensor> Vb = V.empty() ? right_buffers(U) : V;
+    for (int64_t b = 0; b < B; ++b) {
+      auto Ub = point_of(U, b);
+      if (V.empty()) {
+        if (b == 0 || bu != 1) right_cores_impl<scalar_t>(Ub, Vb);  // one point: once
+      }
+      project_impl<scalar_t>(Ub, V.empty() ? Vb : point_of(V, b, 1), point_of(Z, b), gauge,
+                             out.data_ptr<scalar_t>() + b * size);
+    }
+  });
+  return out;
+}
+
+// retract for B points and/or B steps: (B, size); V empty: computed per point
+torch::Tensor retract_batch(std::vector<torch::Tensor> U, std::vector<torch::Tensor> V,
+                            std::vector<torch::Tensor> du, std::vector<int64_t> ranks,
+                            int64_t B) {
+  TORCH_CHECK(U.size() >= 2 && U.size() == du.size() && ranks.size() == U.size() + 1 &&
+              (V.empty() || V.size() == U.size()), "retract_batch: inconsistent lengths");
+  const auto t = U[0].scalar_type();
+  const int64_t bu = check_batch(U, "U", t, B);
+  check_batch(du, "du", t, B);
+  if (!V.empty()) check_batch(V, "V", t, B, 1);
+  int64_t size = 0;
+  for (const auto& u : U) size += u.numel() / u.size(0);
+  auto out = torch::empty({B, size}, U[0].options());
+  AT_DISPATCH_FLOATING_TYPES(t, "ttm_retract_batch", [&] {
+    std::vector<torch::Tensor> Vb = V.empty() ? right_buffers(U) : V;
+    for (int64_t b = 0; b < B; ++b) {
+      auto Ub = point_of(U, b);
+      if (V.empty()) {
+        if (b == 0 || bu != 1) right_cores_impl<scalar_t>(Ub, Vb);  // one point: once
+      }
+      retract_impl<scalar_t>(Ub, V.empty() ? Vb : point_of(V, b, 1), point_of(du, b), ranks,
+                             out.data_ptr<scalar_t>() + b * size);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("retract", &retract, "packed TT-SVD of X + xi (structured rank-2r rounding)");
   m.def("retract_point", &retract_point, "retract, V computed from U");
@@ -858,6 +968,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("one_vs_blocks", &one_vs_blocks, "(<x, x>, <x, t_j>...) and the left environments");
   m.def("one_vs_blocks_backward", &one_vs_blocks_backward,
         "gradient in x of sum_b g_b <x, block_b>");
+  m.def("right_cores_batch", &right_cores_batch, "right_cores of a batch of points, one call");
+  m.def("project_batch", &project_batch, "project for a batch of points and/or TTs, one call");
+  m.def("retract_batch", &retract_batch, "retract for a batch of points and/or steps, one call");
   m.def("one_vs_blocks_backward_deltas", &one_vs_blocks_backward_deltas,
         "the same for tangent block cores x: the packed gradient of the deltas only");
 }

@@ -21,11 +21,44 @@ def _with_placeholder(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tens
     return [U[0].new_empty(0)] + [v.contiguous() for v in V[1:]]
 
 
+def _batch_shape(*seqs) -> Optional[torch.Size]:
+    """The broadcast batch shape of the cores of ``seqs`` (None entries skipped), or None
+    when no core has a batch dimension (one point: the single-point kernels)."""
+    shapes = [c.shape[:-3] for seq in seqs if seq is not None for c in seq if c is not None]
+    if all(len(s) == 0 for s in shapes):
+        return None
+    return torch.broadcast_shapes(*shapes)
+
+
+def _batched(cores: Sequence[Optional[torch.Tensor]], bs: torch.Size, skip_first: bool = False):
+    """The cores as contiguous ``(B, r, n, r')`` tensors of the batch ``bs`` (``B`` its
+    number of points): a list whose cores hold one point for the whole batch keeps batch
+    size 1 (the kernels reuse it, no copy per point); others are broadcast to ``bs``."""
+    B = bs.numel()
+    live = [c for c in cores[int(skip_first):]]
+    one = all(c.shape[:-3].numel() == 1 for c in live)
+    out = []
+    for k, c in enumerate(cores):
+        if skip_first and k == 0:
+            out.append(c.new_empty(0) if c is not None else live[0].new_empty(0))
+        elif one:
+            out.append(c.reshape((1,) + c.shape[-3:]).contiguous())
+        else:
+            out.append(c.expand(bs + c.shape[-3:]).reshape((B,) + c.shape[-3:]).contiguous())
+    return out
+
+
 def right_cores(mod, U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     """The canonical right-orthogonal cores ``V`` of the left-orthogonal cores ``U``
-    (``V[0]`` is None), as :func:`ttmanifold.tangent.right_cores`."""
+    (``V[0]`` is None), as :func:`ttmanifold.tangent.right_cores`; with leading batch
+    dimensions on the cores, each point's (one call for the batch)."""
     if len(U) == 1:
         return [None]
+    bs = _batch_shape(U)
+    if bs is not None:
+        V = list(mod.right_cores_batch(_batched(U, bs)))
+        return [None] + [v.reshape(bs + v.shape[1:]) if v.shape[0] == bs.numel() else
+                         v.reshape(v.shape[1:]).expand(bs + v.shape[1:]) for v in V[1:]]
     V = list(mod.right_cores(_contig(U)))
     V[0] = None
     return V
@@ -38,6 +71,11 @@ def project_tt(mod, U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[tor
     computed here. Only the packed form exists compiled (``packed=False`` is an error)."""
     if not packed:
         raise ValueError("the compiled projection returns packed cores only (packed=True)")
+    bs = _batch_shape(U, V, Z)
+    if bs is not None:  # one call for the batch: (*bs, size)
+        Vb = [] if V is None else _batched(V, bs, skip_first=True)
+        out = mod.project_batch(_batched(U, bs), Vb, _batched(Z, bs), bool(gauge), bs.numel())
+        return out.reshape(bs + out.shape[1:])
     Uc = _contig(U)
     Vc = list(mod.right_cores(Uc)) if V is None else _with_placeholder(U, V)
     return mod.project(Uc, Vc, _contig(Z), bool(gauge))
@@ -46,13 +84,25 @@ def project_tt(mod, U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[tor
 def retract(mod, U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
             du: Sequence[torch.Tensor], ranks: Sequence[int]) -> torch.Tensor:
     """Packed left-orthogonal cores of ``round_r(X + xi)`` (``FixedTTRank._retract``) at the
-    point with cores ``U``, ``V`` (``V[0]`` unused) for the deltas ``du``."""
+    point with cores ``U``, ``V`` (``V[0]`` unused) for the deltas ``du``; with leading
+    batch dimensions (broadcast), ``(*batch, size)`` in one call."""
+    bs = _batch_shape(U, V, du)
+    if bs is not None:
+        out = mod.retract_batch(_batched(U, bs), _batched(V, bs, skip_first=True),
+                                _batched(du, bs), [int(r) for r in ranks], bs.numel())
+        return out.reshape(bs + out.shape[1:])
     return mod.retract(_contig(U), _with_placeholder(U, V), _contig(du), [int(r) for r in ranks])
 
 
 def retract_point(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
                   ranks: Sequence[int]) -> torch.Tensor:
-    """:func:`retract` with ``V`` computed from ``U`` in the same compiled call."""
+    """:func:`retract` with ``V`` computed from ``U`` in the same compiled call (batches
+    too, as :func:`retract`)."""
+    bs = _batch_shape(U, du)
+    if bs is not None:
+        out = mod.retract_batch(_batched(U, bs), [], _batched(du, bs), [int(r) for r in ranks],
+                                bs.numel())
+        return out.reshape(bs + out.shape[1:])
     return mod.retract_point(_contig(U), _contig(du), [int(r) for r in ranks])
 
 

@@ -12,18 +12,17 @@ import torch
 from .. import kernels
 from ..kernels import dense as compiled_dense
 from ..tt import qr_pos
-from .sweeps import (STACK_MAX_NUMEL, core_runs, one_point_batch, prefer_fewer_launches,
-                     right_cores, right_sweep, squeeze_cores)
+from .sweeps import (STACK_MAX_NUMEL, broadcastable_batches, core_runs, one_point_batch,
+                     prefer_fewer_launches, right_cores, right_sweep, squeeze_cores)
 
 __all__ = ["retract", "retract_point", "block_cores", "scattered_block_cores",
            "retract_transport_cores"]
 
 
 def _has_bonds(U, *args, **kwargs) -> bool:
-    """The compiled kernels take one point with bonds: ``d > 1``, no batch dimension."""
-    return len(U) > 1 and all(not isinstance(c, torch.Tensor) or c.dim() == 3
-                              for seq in (U,) + args if isinstance(seq, (list, tuple))
-                              for c in seq)
+    """The compiled kernels take TTs with bonds, ``d > 1``: one point, or a batch whose
+    leading dimensions broadcast (one call for the batch)."""
+    return len(U) > 1 and broadcastable_batches(U, *args)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.retract, when=_has_bonds)

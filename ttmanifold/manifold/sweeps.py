@@ -23,7 +23,7 @@ from .. import kernels
 from ..kernels import dense as compiled_dense
 from ..tt import IndexSet
 
-__all__ = ["core_runs", "contiguous_runs", "right_sweep", "right_cores", "project_tt", "project_dense",
+__all__ = ["broadcastable_batches", "core_runs", "contiguous_runs", "right_sweep", "right_cores", "project_tt", "project_dense",
            "project_tt_at_point",
            "prefer_fewer_launches", "one_point_batch", "squeeze_cores",
            "project_sampled", "gauge_project_flat", "gauge_deltas", "orth_defect"]
@@ -85,9 +85,22 @@ def _signs(dg: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.ones_like(g).copysign_(g)
 
 
+def broadcastable_batches(*seqs) -> bool:
+    """Whether the leading batch dimensions of the cores in ``seqs`` (sequences of cores;
+    other arguments and None entries skipped) broadcast: the compiled kernels take such a
+    batch in one call (``kernels.dense``), a mismatch is left to the torch path's error."""
+    shapes = [c.shape[:-3] for seq in seqs if isinstance(seq, (list, tuple))
+              for c in seq if isinstance(c, torch.Tensor)]
+    try:
+        torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _has_bonds(U, *args, **kwargs) -> bool:
-    """The compiled kernels take one point with bonds: ``d > 1`` and no batch dimension."""
-    return len(U) > 1 and U[0].dim() == 3
+    """The compiled kernels take TTs with bonds, ``d > 1``: one point or a batch."""
+    return len(U) > 1 and broadcastable_batches(U)
 
 
 def one_point_batch(*seqs):
@@ -233,7 +246,7 @@ def _right_cores_batched(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tenso
 
 
 def _packed(U, V, Z, *, packed: bool = False, gauge: bool = False) -> bool:
-    return packed and _unbatched(U, V, Z)
+    return packed and (_unbatched(U, V, Z) or (len(U) > 1 and broadcastable_batches(U, V, Z)))
 
 
 # The paired interface sweeps (:func:`_paired_interfaces`: 2 batched products per middle
