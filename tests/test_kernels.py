@@ -540,13 +540,18 @@ def test_compiled_dense_agrees_with_torch(compiled, shape, ranks, dtype):
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
-def test_compiled_dense_batches_in_one_call(compiled, dtype):
+def test_compiled_dense_batches_in_one_call(compiled, dtype, monkeypatch):
     """Batched retr / project / transp / right cores run as one compiled call per batch and
     agree with the torch batch and with single-point calls (full tensors, gauged deltas),
     also when one side broadcasts (one point and a batch of steps or TTs)."""
+    from ttmanifold.manifold import sweeps
     shape, ranks = (3, 4, 5, 3), (1, 2, 3, 2, 1)
     M = FixedTTRank(shape, ranks)
     gen = torch.Generator().manual_seed(11)
+    x = M.random((2, M.size), dtype=dtype, generator=gen)  # below the rank bound: torch's
+    M.retr(x, M.proju(x, torch.randn(2, M.size, dtype=F64, generator=gen).to(dtype)))
+    assert "retract_batch" not in compiled["dense"].calls
+    monkeypatch.setattr(sweeps, "COMPILED_BATCH_MIN_RANK", 1)
     p = M.random((2, 3, M.size), dtype=F64, generator=gen).to(dtype)
     u = M.proju(p, torch.randn(2, 3, M.size, dtype=F64, generator=gen).to(dtype))
     Z = TT.random(shape, 2, dtype=F64, generator=gen, batch=(2, 3)).to(dtype)

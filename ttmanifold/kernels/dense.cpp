@@ -97,7 +97,8 @@ template <typename T>
 void right_cores_impl(const std::vector<torch::Tensor>& U, std::vector<torch::Tensor>& V) {
   const int64_t d = static_cast<int64_t>(U.size());
   std::vector<std::vector<T>> S(d + 1);
-  Work<T> cbuf, rbuf, tau, work, next;
+  // kept from call to call (a batch calls this once per point): no allocation per call
+  thread_local Work<T> cbuf, rbuf, tau, work, next;
   // the current matrix c (a x n b, row-major) starts as U_{d-1}
   {
     const auto& u = U[d - 1];
@@ -108,14 +109,10 @@ void right_cores_impl(const std::vector<torch::Tensor>& U, std::vector<torch::Te
     const int a = static_cast<int>(U[k].size(0));
     const int m = static_cast<int>(U[k].size(1) * U[k].size(2));  // n b
     T* c = cbuf.get(static_cast<size_t>(a) * m);  // column-major (m x a), lda m
-    int info = 0, lw = -1;
-    T q = 0;
-    geqrf(m, a, c, m, tau.get(a), &q, lw, &info);
-    lw = std::max<int>(static_cast<int>(q), 1);
-    T qo = 0;
-    int lw2 = -1;
-    orgqr(m, a, c, m, tau.get(a), &qo, lw2, &info);
-    lw = std::max<int>(lw, static_cast<int>(qo));
+    int info = 0;
+    // a blocked workspace without asking LAPACK (two queries per core cost as much as the
+    // factorization of a small core): 64 columns per block is at least what both want
+    const int lw = std::max(1, a * 64);
     T* w = work.get(lw);
     geqrf(m, a, c, m, tau.get(a), w, lw, &info);
     TORCH_CHECK(info == 0, "right_cores: geqrf failed (info ", info, ")");

@@ -12,7 +12,7 @@ import torch
 from .. import kernels
 from ..kernels import dense as compiled_dense
 from ..tt import qr_pos
-from .sweeps import (STACK_MAX_NUMEL, broadcastable_batches, core_runs, one_point_batch,
+from .sweeps import (STACK_MAX_NUMEL, compiled_batch, core_runs, one_point_batch,
                      prefer_fewer_launches, right_cores, right_sweep, squeeze_cores)
 
 __all__ = ["retract", "retract_point", "block_cores", "scattered_block_cores",
@@ -20,9 +20,14 @@ __all__ = ["retract", "retract_point", "block_cores", "scattered_block_cores",
 
 
 def _has_bonds(U, *args, **kwargs) -> bool:
-    """The compiled kernels take TTs with bonds, ``d > 1``: one point, or a batch whose
-    leading dimensions broadcast (one call for the batch)."""
-    return len(U) > 1 and broadcastable_batches(U, *args)
+    """The compiled kernels take TTs with bonds, ``d > 1``: one point, or a batch
+    (:func:`~.sweeps.compiled_batch`: one call for the batch)."""
+    return len(U) > 1 and (_unbatched_point(U, *args) or compiled_batch(U, *args))
+
+
+def _unbatched_point(*seqs) -> bool:
+    return all(not isinstance(c, torch.Tensor) or c.dim() == 3
+               for seq in seqs if isinstance(seq, (list, tuple)) for c in seq)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.retract, when=_has_bonds)
