@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -898,57 +899,55 @@ std::vector<torch::Tensor> right_cores_batch(std::vector<torch::Tensor> U) {
   return V;
 }
 
-// project for B points and/or B TTs Z: (B, size of U's point); V empty: computed per point
-torch::Tensor project_batch(std::vector<torch::Tensor> U, std::vector<torch::Tensor> V,
-                            std::vector<torch::Tensor> Z, bool gauge, int64_t B) {
-  TORCH_CHECK(U.size() >= 2 && U.size() == Z.size() && (V.empty() || V.size() == U.size()),
-              "project_batch: U, V, Z of different lengths");
+namespace {
+
+// The loop of a batched call: for every point b, fn(Ub, Vb, b, out_b) with the point's
+// cores, its right cores (V's, or computed here when V is empty: once for a single point
+// U) and its row of the (B, size) output. `others` are the batched arguments besides U, V.
+template <typename F>
+torch::Tensor for_points(const char* what, const std::vector<torch::Tensor>& U,
+                         const std::vector<torch::Tensor>& V,
+                         const std::vector<torch::Tensor>& others, int64_t B, const F& fn) {
+  TORCH_CHECK(U.size() >= 2 && U.size() == others.size() && (V.empty() || V.size() == U.size()),
+              what, ": inconsistent lengths");
   const auto t = U[0].scalar_type();
   const int64_t bu = check_batch(U, "U", t, B);
-  check_batch(Z, "Z", t, B);
+  check_batch(others, what, t, B);
   if (!V.empty()) check_batch(V, "V", t, B, 1);
   int64_t size = 0;
   for (const auto& u : U) size += u.numel() / u.size(0);
   auto out = torch::empty({B, size}, U[0].options());
-  AT_DISPATCH_FLOATING_TYPES(t, "ttm_project_batch", [&] {
+  AT_DISPATCH_FLOATING_TYPES(t, "ttm_for_points", [&] {
     std::vector<torch::Tensor> Vb = V.empty() ? right_buffers(U) : V;
     for (int64_t b = 0; b < B; ++b) {
       auto Ub = point_of(U, b);
-      if (V.empty()) {
-        if (b == 0 || bu != 1) right_cores_impl<scalar_t>(Ub, Vb);  // one point: once
-      }
-      project_impl<scalar_t>(Ub, V.empty() ? Vb : point_of(V, b, 1), point_of(Z, b), gauge,
-                             out.data_ptr<scalar_t>() + b * size);
+      if (V.empty() && (b == 0 || bu != 1)) right_cores_impl<scalar_t>(Ub, Vb);
+      fn(Ub, V.empty() ? Vb : point_of(V, b, 1), b, out.data_ptr<scalar_t>() + b * size);
     }
   });
   return out;
+}
+
+}  // namespace
+
+// project for B points and/or B TTs Z: (B, size of U's point); V empty: computed per point
+torch::Tensor project_batch(std::vector<torch::Tensor> U, std::vector<torch::Tensor> V,
+                            std::vector<torch::Tensor> Z, bool gauge, int64_t B) {
+  return for_points("Z", U, V, Z, B, [&](const auto& Ub, const auto& Vb, int64_t b, auto* o) {
+    using T = std::remove_pointer_t<decltype(o)>;
+    project_impl<T>(Ub, Vb, point_of(Z, b), gauge, o);
+  });
 }
 
 // retract for B points and/or B steps: (B, size); V empty: computed per point
 torch::Tensor retract_batch(std::vector<torch::Tensor> U, std::vector<torch::Tensor> V,
                             std::vector<torch::Tensor> du, std::vector<int64_t> ranks,
                             int64_t B) {
-  TORCH_CHECK(U.size() >= 2 && U.size() == du.size() && ranks.size() == U.size() + 1 &&
-              (V.empty() || V.size() == U.size()), "retract_batch: inconsistent lengths");
-  const auto t = U[0].scalar_type();
-  const int64_t bu = check_batch(U, "U", t, B);
-  check_batch(du, "du", t, B);
-  if (!V.empty()) check_batch(V, "V", t, B, 1);
-  int64_t size = 0;
-  for (const auto& u : U) size += u.numel() / u.size(0);
-  auto out = torch::empty({B, size}, U[0].options());
-  AT_DISPATCH_FLOATING_TYPES(t, "ttm_retract_batch", [&] {
-    std::vector<torch::Tensor> Vb = V.empty() ? right_buffers(U) : V;
-    for (int64_t b = 0; b < B; ++b) {
-      auto Ub = point_of(U, b);
-      if (V.empty()) {
-        if (b == 0 || bu != 1) right_cores_impl<scalar_t>(Ub, Vb);  // one point: once
-      }
-      retract_impl<scalar_t>(Ub, V.empty() ? Vb : point_of(V, b, 1), point_of(du, b), ranks,
-                             out.data_ptr<scalar_t>() + b * size);
-    }
+  TORCH_CHECK(ranks.size() == U.size() + 1, "retract_batch: inconsistent lengths");
+  return for_points("du", U, V, du, B, [&](const auto& Ub, const auto& Vb, int64_t b, auto* o) {
+    using T = std::remove_pointer_t<decltype(o)>;
+    retract_impl<T>(Ub, Vb, point_of(du, b), ranks, o);
   });
-  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
