@@ -123,6 +123,11 @@ def _check_loss(val, batch=()):
     return val
 
 
+def _seed(val):
+    """The backward seed of the loss value(s): ones per point (None: the scalar's own)."""
+    return torch.ones_like(val) if val.dim() > 0 else None
+
+
 def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torch.Tensor:
     """Riemannian gradient of ``f`` at the packed point ``p`` of ``M``.
 
@@ -150,7 +155,7 @@ def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torc
         flat, T = _delta_tt(M, p, U, V)
         val = _check_loss(f(T), p.shape[:-1])
         with packed_grads_only():  # only flat's gradient is read: no whole core gradients
-            (D,) = torch.autograd.grad(val, flat, torch.ones_like(val), allow_unused=True)
+            (D,) = torch.autograd.grad(val, flat, _seed(val), allow_unused=True)
     if D is None:
         return torch.zeros_like(p)
     if M.d == 1:
@@ -192,8 +197,7 @@ def riemannian_hvp(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
     with torch.enable_grad():
         flat, T = _delta_tt(M, p, U, V)
         val = _check_loss(f(T), p.shape[:-1])
-        (D,) = torch.autograd.grad(val, flat, torch.ones_like(val), create_graph=True,
-                                   allow_unused=True)
+        (D,) = torch.autograd.grad(val, flat, _seed(val), create_graph=True, allow_unused=True)
         if D is None or not D.requires_grad:  # f at most linear in X
             return torch.zeros_like(p)
         Du = torch.dot(D, u) if D.dim() == 1 else (D * u).sum()  # points are independent
