@@ -548,12 +548,17 @@ def test_batched_mm_and_dot_match_per_matrix_products(paired):
     assert torch.allclose(batched_dot(y[0], x), (x * y[0]).sum(-1), atol=1e-13, rtol=0)
 
 
+@pytest.mark.parametrize("path", ["stack", "per-core"])
 @pytest.mark.parametrize("bu,bg", [((2, 3), (2, 3)), ((), (4,)), ((4,), ()), ((3,), (2, 3))])
-def test_batched_gauge_projection_matches_dense(bu, bg):
-    """gauge_project_flat of a batch (the run of middle cores copied once): each core
-    ``g_k - U_k (U_k^T g_k)`` (k < d) on its left unfolding, the last core unchanged, by
-    einsum per point; broadcast between points and gradients."""
+def test_batched_gauge_projection_matches_dense(bu, bg, path, monkeypatch):
+    """gauge_project_flat of a batch (the run of middle cores copied once, or for large
+    runs on the CPU projected core by core on views): each core ``g_k - U_k (U_k^T g_k)``
+    (k < d) on its left unfolding, the last core unchanged, by einsum per point; broadcast
+    between points and gradients."""
     from ttmanifold.manifold import gauge_project_flat
+    if path == "per-core":  # what a large batch takes on the CPU
+        monkeypatch.setattr(sweeps, "STACK_MAX_NUMEL", 0)
+        monkeypatch.setattr(sweeps, "PAIRED_SWEEPS", False)
     M = FixedTTRank((3, 4, 4, 4, 3), 3)
     gen = torch.Generator().manual_seed(8)
     x = torch.Tensor(M.random(*((bu + (M.size,)) if bu else ()), dtype=F64, generator=gen))
