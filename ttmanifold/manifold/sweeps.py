@@ -245,10 +245,9 @@ def batched_mm(a: torch.Tensor, b: torch.Tensor, acc: Optional[torch.Tensor] = N
     """``a @ b`` (or, with ``acc``, ``acc - a @ b``) for equal leading dimensions ``L``, as
     one ``bmm`` (``baddbmm``) over the leading dimensions flattened into one.
 
-    ``torch.matmul`` and ``-`` on tensors with two or more batch dimensions dispatch a
-    product and a subtraction (and copies under autograd); with one batch dimension
-    the product and the sum are one operation, as ``addmm``/``baddbmm`` for one point, so
-    a batch of runs ``(B, m, p, q)`` dispatches what one point's run ``(m, p, q)`` does.
+    ``baddbmm`` takes exactly one batch dimension, so ``acc - a @ b`` on a batch of runs
+    ``(B, m, p, q)`` would dispatch a product and a subtraction; flattened, it is one
+    operation, as ``addmm``/``baddbmm`` for one point (``(p, q)`` or ``(m, p, q)``).
 
     Args:
         a: ``(*L, p, k)``; b: ``(*L, k, q)``; acc: None or ``(*L, p, q)``.
