@@ -20,8 +20,10 @@ depend on B), with the compiled CPU kernels when they are built (``loop_torch`` 
 Then the number of aten operations dispatched (``TorchDispatchMode`` counter; what runs on
 a GPU as kernel launches) by the torch path for one point and for a batch of 256 points
 (d = 10, r = 10), as ``non-view operations + QR/SVD calls (all operations, views
-included)``: a batched call dispatches about the operations of a single-point call,
-whatever B. Counted twice: with the CPU's choices (interface sweeps one core at a time,
+included)``: with the fewer-launch variants a batched call dispatches the operations of a
+single-point call whatever B (retr, project), plus one copy per gauge projection of a
+batch (riemannian_grad +1; the Adam step +2, and +1 for the loss's sum over the points,
+which the one-point loop does not have). Counted twice: with the CPU's choices (interface sweeps one core at a time,
 the structured retraction) and with the fewer-launch variants a GPU runs for small inputs
 (paired interface sweeps, retraction and transport on block cores built per run; forced
 with ``sweeps.PAIRED_SWEEPS``). Copies made by view-like composites (``reshape`` of a

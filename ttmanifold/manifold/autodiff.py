@@ -110,7 +110,9 @@ def _gauge_checked(runs, p, D):
 
 def _check_loss(val, batch=()):
     """A scalar, or for a batch of points a scalar or one value per point (shape
-    ``batch``); returns the scalar to differentiate (the sum: points are independent)."""
+    ``batch``); returns it, to differentiate with ones as the seed (the sum: points are
+    independent; one operation, as the implicit seed of a scalar, instead of a sum and a
+    seed)."""
     ok = isinstance(val, torch.Tensor) and (
         val.numel() == 1 or (batch and tuple(val.shape) == tuple(batch)))
     if not ok:
@@ -118,7 +120,12 @@ def _check_loss(val, batch=()):
         raise ValueError(f"f: expected a function returning a scalar tensor{extra}")
     if not val.requires_grad:
         raise ValueError("f: the returned scalar does not depend on the TT (no grad)")
-    return val.sum() if val.dim() > 0 else val
+    return val
+
+
+def _seed(val):
+    """The backward seed of the loss value(s): ones per point (None: the scalar's own)."""
+    return torch.ones_like(val) if val.dim() > 0 else None
 
 
 def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torch.Tensor:
@@ -148,7 +155,7 @@ def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torc
         flat, T = _delta_tt(M, p, U, V)
         val = _check_loss(f(T), p.shape[:-1])
         with packed_grads_only():  # only flat's gradient is read: no whole core gradients
-            (D,) = torch.autograd.grad(val, flat, allow_unused=True)
+            (D,) = torch.autograd.grad(val, flat, _seed(val), allow_unused=True)
     if D is None:
         return torch.zeros_like(p)
     if M.d == 1:
@@ -190,7 +197,7 @@ def riemannian_hvp(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
     with torch.enable_grad():
         flat, T = _delta_tt(M, p, U, V)
         val = _check_loss(f(T), p.shape[:-1])
-        (D,) = torch.autograd.grad(val, flat, create_graph=True, allow_unused=True)
+        (D,) = torch.autograd.grad(val, flat, _seed(val), create_graph=True, allow_unused=True)
         if D is None or not D.requires_grad:  # f at most linear in X
             return torch.zeros_like(p)
         Du = torch.dot(D, u) if D.dim() == 1 else (D * u).sum()  # points are independent

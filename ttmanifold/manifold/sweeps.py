@@ -15,6 +15,7 @@ The mathematics: ``docs/manifold.md#tangent-space-and-gauge`` and
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -25,7 +26,8 @@ from ..tt import IndexSet
 
 __all__ = ["compiled_batch", "core_runs", "contiguous_runs", "right_sweep", "right_cores", "project_tt", "project_dense",
            "project_tt_at_point",
-           "prefer_fewer_launches", "one_point_batch", "squeeze_cores",
+           "prefer_fewer_launches", "one_point_batch", "squeeze_cores", "batched_mm",
+           "batched_dot",
            "project_sampled", "gauge_project_flat", "gauge_deltas", "orth_defect"]
 
 
@@ -254,6 +256,57 @@ def _right_cores_batched(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tenso
             q = q * stack(S[k0:k1]).unsqueeze(-2).unsqueeze(-1)
         V[k0:k1] = q.movedim(-1, -3).contiguous().unbind(nb)
     return V
+
+
+def _lead_flat(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(*L, p, q)`` as ``(prod L, p, q)``: a view when the leading dimensions merge
+    (contiguous, e.g. a fresh stack or product), else a copy."""
+    return x.reshape((math.prod(x.shape[:-2]),) + tuple(x.shape[-2:]))
+
+
+def batched_mm(a: torch.Tensor, b: torch.Tensor, acc: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
+    """``a @ b`` (or, with ``acc``, ``acc - a @ b``) for equal leading dimensions ``L``, as
+    one ``bmm`` (``baddbmm``) over the leading dimensions flattened into one.
+
+    ``baddbmm`` takes exactly one batch dimension, so ``acc - a @ b`` on a batch of runs
+    ``(B, m, p, q)`` would dispatch a product and a subtraction; flattened, it is one
+    operation, as ``addmm``/``baddbmm`` for one point (``(p, q)`` or ``(m, p, q)``).
+
+    Args:
+        a: ``(*L, p, k)``; b: ``(*L, k, q)``; acc: None or ``(*L, p, q)``.
+    Returns:
+        ``(*L, p, q)``, a new tensor; differentiable.
+    Cost: the product's flops; no copy when the leading dimensions merge (contiguous
+    stacks and products: the sweeps' intermediates).
+    """
+    lead = tuple(a.shape[:-2])
+    if acc is None:
+        out = torch.bmm(_lead_flat(a), _lead_flat(b))
+    else:
+        out = torch.baddbmm(_lead_flat(acc), _lead_flat(a), _lead_flat(b), alpha=-1)
+    return out.view(lead + tuple(out.shape[-2:]))
+
+
+def batched_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1)``: the inner products of the last dimension, one per point of the
+    leading (broadcast) dimensions.
+
+    Where launches dominate (:func:`prefer_fewer_launches`) one batched product
+    ``a_i^T b_i`` (one operation, as ``torch.dot`` for one point); on the CPU the product
+    and the sum (two operations, measured ~2.5x faster than the batched product for 256
+    vectors of 3000 numbers).
+
+    Args:
+        a, b: ``(*A, n)`` and ``(*B, n)``, ``A`` and ``B`` broadcastable.
+    Returns:
+        the ``broadcast(A, B)`` inner products; differentiable.
+    Cost: O(n) per point.
+    """
+    if not prefer_fewer_launches(a.device, max(a.numel(), b.numel())):
+        return (a * b).sum(-1)
+    bs = tuple(torch.broadcast_shapes(a.shape[:-1], b.shape[:-1]))
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).view(bs)
 
 
 def _packed(U, V, Z, *, packed: bool = False, gauge: bool = False) -> bool:
@@ -569,7 +622,7 @@ def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
         if gauge and k0 < d - 1:
             ua, un, ub = U[k0].shape[-3:]
             us = stack([U[k].reshape(bs + (ua * un, ub)) for k in range(k0, k1)])
-            t = t - us @ stack(Ps[k0 + 1:k1 + 1])
+            t = batched_mm(us, stack(Ps[k0 + 1:k1 + 1]), acc=t)  # t - us P: one baddbmm
         if Q[k0] is not None:
             qs = stack(Q[k0:k1])
             if S is not None and m > 1:  # the run's bonds are consecutive in sgn: a view
@@ -577,7 +630,7 @@ def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
                 qs = qs * sgn[..., off:off + m * qs.shape[-1]].unflatten(-1, (m, -1)).unsqueeze(-2)
             elif S is not None:
                 qs = qs * stack(S[k0:k1]).unsqueeze(-2)
-            t = t @ qs
+            t = batched_mm(t, qs)
         pieces.append(t)
         counts.append(m)
     if packed:
@@ -689,18 +742,44 @@ def gauge_project_flat(runs, U_flat: torch.Tensor, g: torch.Tensor) -> torch.Ten
     """``g_k - U_k (U_k^T g_k)`` on the left unfoldings of the packed cores ``k < d``; the
     last core unchanged. ``runs``: ``(offset, m, rows, cols)`` per run of equal core shapes
     (cores ``0..d-2``), then the offset of the last core. One batched product pair per
-    run; differentiable. Returns a new flat tensor."""
+    run; differentiable. Returns a new flat tensor.
+
+    With leading batch dimensions (``U_flat`` and ``g`` broadcast): a single core is a
+    batch of strided views (one product pair, as for one point); the cores of a run are not
+    one stride apart across points, so a run is copied once (one stack of both operands)
+    where it is small or launches dominate (:func:`prefer_fewer_launches`), and projected
+    core by core on views otherwise (large, on the CPU: no copy). Cost O(size r) per point.
+    """
     blocks, last = runs
     if U_flat.dim() > 1 or g.dim() > 1:  # leading batch dimensions (broadcast)
-        bs = torch.broadcast_shapes(U_flat.shape[:-1], g.shape[:-1])
+        bs = tuple(torch.broadcast_shapes(U_flat.shape[:-1], g.shape[:-1]))
+        npts = math.prod(bs)
+        U_flat = U_flat.expand(bs + U_flat.shape[-1:])
+        g = g.expand(bs + g.shape[-1:])
         pieces = []
         for off, m, rows, cols in blocks:
             sz = m * rows * cols
-            Ub = U_flat[..., off:off + sz].unflatten(-1, (m, rows, cols))
-            Gb = g[..., off:off + sz].unflatten(-1, (m, rows, cols))
-            pieces.append((Gb - Ub @ (Ub.mT @ Gb)).flatten(-3))
-        tail = g[..., last:]
-        pieces.append(tail if tail.shape[:-1] == bs else tail.expand(bs + tail.shape[-1:]))
+            Ub, Gb = U_flat[..., off:off + sz], g[..., off:off + sz]
+            numel = 2 * npts * sz
+            if m > 1 and (numel <= STACK_MAX_NUMEL or prefer_fewer_launches(g.device, numel)):
+                # a run of several cores: in the packed layout (point, core) is no single
+                # stride, so one copy of both makes them one batch of matrices (one
+                # operation; the products would copy each operand otherwise)
+                Ub, Gb = torch.stack([Ub, Gb]).view((2, npts * m, rows, cols)).unbind(0)
+            elif m > 1:  # large, on the CPU: core by core on strided views, no copy
+                # (measured 1.2-1.5x faster than copying at d = 10, r = 10, B = 256)
+                for j in range(m):
+                    o = j * rows * cols
+                    Uj = Ub[..., o:o + rows * cols].reshape(npts, rows, cols)
+                    Gj = Gb[..., o:o + rows * cols].reshape(npts, rows, cols)
+                    out = torch.baddbmm(Gj, Uj, torch.bmm(Uj.mT, Gj), alpha=-1)
+                    pieces.append(out.view(bs + (rows * cols,)))
+                continue
+            else:  # one core: (point) is a single stride, views
+                Ub, Gb = Ub.reshape(npts, rows, cols), Gb.reshape(npts, rows, cols)
+            out = torch.baddbmm(Gb, Ub, torch.bmm(Ub.mT, Gb), alpha=-1)
+            pieces.append(out.view(bs + (sz,)))
+        pieces.append(g[..., last:])
         return torch.cat(pieces, -1)
     pieces = []
     for off, m, rows, cols in blocks:
@@ -834,10 +913,9 @@ def orth_defect(U: Sequence[torch.Tensor]) -> torch.Tensor:
         ul = ul.reshape(bs + (k1 - k0, a * n, b))
         if b not in eyes:
             eyes[b] = torch.eye(b, dtype=ul.dtype, device=ul.device)
-        if nb == 0:  # U^T U - I in one fused product
-            g = torch.baddbmm(eyes[b], ul.mT, ul, beta=-1)
-        else:
-            g = ul.mT @ ul - eyes[b]
+        # U^T U - I in one fused product, the batch's leading dimensions flattened
+        g = torch.baddbmm(eyes[b], _lead_flat(ul.mT), _lead_flat(ul), beta=-1)
+        g = g.view(ul.shape[:-2] + (b, b))
         e = torch.linalg.vector_norm(g, float("inf"), dim=(-3, -2, -1))
         out = e if out is None else torch.maximum(out, e)
     return U[-1].new_zeros(bs) if out is None else out

@@ -21,7 +21,7 @@ from ..kernels import dense as compiled_dense
 from ..tt import TT, IndexSet
 from ..tt.tensor_train import mark_tangent_block_cores, tangent_block_deltas
 from .retraction import block_cores
-from .sweeps import project_tt
+from .sweeps import batched_dot, project_tt
 
 __all__ = ["TangentTT"]
 
@@ -172,7 +172,7 @@ class TangentTT(TT):
     def _delta_dot(self, other: "TangentTT") -> torch.Tensor:
         if self.batch_shape or other.batch_shape:  # one value per point
             if self._flat is not None and other._flat is not None:
-                return (self._flat * other._flat).sum(-1)
+                return batched_dot(self._flat, other._flat)
             return sum((a * b).sum((-3, -2, -1)) for a, b in zip(self._deltas, other._deltas))
         if self._flat is not None and other._flat is not None:
             return torch.dot(self._flat, other._flat)
@@ -183,8 +183,8 @@ class TangentTT(TT):
             return self._delta_dot(other)
         if self.batch_shape or other.batch_shape:  # one value per point (batches broadcast)
             if self._flat is not None:
-                return (self._flat * project_tt(self._U, self._V, other.cores,
-                                                packed=True)).sum(-1)
+                return batched_dot(self._flat, project_tt(self._U, self._V, other.cores,
+                                                          packed=True))
             D = project_tt(self._U, self._V, other.cores)
             return sum((a * b).sum((-3, -2, -1)) for a, b in zip(self._deltas, D))
         if self._flat is not None:
