@@ -11,13 +11,16 @@
 # 3. the orthogonal projection of dense, TT and sparse ambient tensors onto a tangent space;
 # 4. the retraction and its second-order accuracy;
 # 5. the Riemannian gradient by automatic differentiation;
-# 6. a geoopt `RiemannianAdam` loop fitting a rank-$r$ TT to a target tensor.
+# 6. a geoopt `RiemannianAdam` loop fitting a rank-$r$ TT to a target tensor;
+# 7. batches: many points in one tensor, computed point by point like a loop over them, one
+#    optimizer for many independent fits, and what a batch saves.
 #
 # The formulas are in the repository's docs: [`docs/manifold.md`](../docs/manifold.md)
 # (tangent space, gauge, projection, retraction, transport; Holtz, Rohwedder, Schneider
 # 2012; Lubich, Oseledets, Vandereycken 2015; Steinlechner 2016) and
 # [`docs/autodiff.md`](../docs/autodiff.md) (Riemannian automatic differentiation; Novikov,
-# Rakhuba, Oseledets 2021).
+# Rakhuba, Oseledets 2021); batches in [`docs/manifold.md#batches`](../docs/manifold.md#batches)
+# and [`docs/tt_algebra.md#batches`](../docs/tt_algebra.md#batches).
 #
 # Set the environment variable `TTMANIFOLD_NB_QUICK=1` to run with reduced sizes (the test
 # suite does); the committed outputs come from the full run.
@@ -393,6 +396,157 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
+# ## 7. Batches
+#
+# A **batch** of points is one tensor of shape `(*B, M.size)`, each slice along the last
+# dimension a packed point; tangent vectors of a batch have the same layout, and a batched
+# `TT` has cores `(*B, r, n, r')`. Every method of `FixedTTRank` works point by point over
+# the leading dimensions (batch shapes broadcast, so many TTs can also be projected at one
+# point), and `inner`/`norm` give one value per point. Each small QR, SVD and product of
+# the sweeps becomes one batched call. The formulas are those of the sections above, so a
+# batch must give what a Python loop over its points gives, to rounding: we check it for
+# `retr`, `project` (at a batch of points, and of a batch of TTs at one point), `inner`,
+# `to_tt` and the Riemannian gradient of a loss with one value per point
+# ([`docs/manifold.md#batches`](../docs/manifold.md#batches)).
+
+# %%
+B = 5
+P = M.random(B, generator=gen)  # (B, M.size): B independent points
+Xi = M.proju(P, torch.randn(B, M.size, generator=gen))  # one tangent vector per point
+Eta = M.proju(P, torch.randn(B, M.size, generator=gen))
+Zb = TT.random(shape, [4, 6, 4], batch=(B,), generator=gen)  # B ambient TTs, batch_shape (B,)
+
+
+def loss_b(x):  # 0.5 <X, X> - <X, Z_b>: one value per point of the batch
+    return 0.5 * inner(x, x) - inner(x, Zb)
+
+
+print("points", tuple(P.shape), "| TTs: batch_shape", Zb.batch_shape,
+      "| inner: shape", tuple(M.inner(P, Xi, Eta).shape), "| loss: shape",
+      tuple(loss_b(M.to_tt(P)).shape))
+
+
+def max_diff(batched, looped):  # batched result against the stacked loop over the points
+    return float((batched - torch.stack(looped)).abs().max())
+
+
+diffs = {
+    "retr(P, Xi)": max_diff(M.retr(P, Xi), [M.retr(P[b], Xi[b]) for b in range(B)]),
+    "project(P, Zb)": max_diff(M.project(P, Zb), [M.project(P[b], Zb[b]) for b in range(B)]),
+    "project(p, Zb), one point": max_diff(M.project(P[0], Zb),
+                                          [M.project(P[0], Zb[b]) for b in range(B)]),
+    "inner(P, Xi, Eta)": max_diff(M.inner(P, Xi, Eta),
+                                  [M.inner(P[b], Xi[b], Eta[b]) for b in range(B)]),
+    "to_tt(P).full()": max_diff(M.to_tt(P).full(), [M.to_tt(P[b]).full() for b in range(B)]),
+    "riemannian_grad(P, loss_b)": max_diff(
+        M.riemannian_grad(P, loss_b),
+        [M.riemannian_grad(P[b], lambda x, b=b: 0.5 * inner(x, x) - inner(x, Zb[b]))
+         for b in range(B)]),
+}
+for what, diff in diffs.items():
+    print(f"batch vs loop, {what:27s}: max |difference| {diff:.1e}")
+assert max(diffs.values()) < 1e-12
+
+# %% [markdown]
+# **One optimizer for many problems.** A `ManifoldParameter` holding B points is B
+# independent problems for a geoopt optimizer: the loss returns one value per point, its
+# sum is backpropagated (the points do not interact, so each point gets the Riemannian
+# gradient of its own term), and `RiemannianAdam` scales each point's step by that point's
+# own second moment (`component_inner` is per point). Below, B best-approximation problems
+# as in section 6, each with its own target, run as one parameter and as B separate
+# parameters with B optimizers, from the same starting points: the iterates agree to
+# rounding at every step.
+
+# %%
+shape_b, r_b = (6,) * 5, 3
+M_b = FixedTTRank(shape_b, r_b)
+B_fit, n_fit = (4, 20) if QUICK else (8, 100)
+gen_b = torch.Generator().manual_seed(2)
+targets = (TT.random(shape_b, r_b, batch=(B_fit,), generator=gen_b)  # B different targets
+           + 0.1 * TT.random(shape_b, 2 * r_b, batch=(B_fit,), generator=gen_b))
+start = M_b.random(B_fit, generator=gen_b)
+
+
+def fit_loss(x, target):  # 0.5 ||X - A||^2 - 0.5 ||A||^2, one value per point
+    return 0.5 * inner(x, x) - inner(x, target)
+
+
+p_all = geoopt.ManifoldParameter(start.clone(), manifold=M_b)  # one parameter, B points
+opt_all = geoopt.optim.RiemannianAdam([p_all], lr=0.05)
+p_each = [geoopt.ManifoldParameter(start[b].clone(), manifold=M_b) for b in range(B_fit)]
+opt_each = [geoopt.optim.RiemannianAdam([q], lr=0.05) for q in p_each]
+gap = 0.0  # largest difference of the iterates over all steps
+for it in range(n_fit):
+    opt_all.zero_grad()
+    fit_loss(p_all.unpack_tensor(), targets).sum().backward()
+    opt_all.step()
+    for b in range(B_fit):
+        opt_each[b].zero_grad()
+        fit_loss(p_each[b].unpack_tensor(), targets[b]).backward()
+        opt_each[b].step()
+    gap = max(gap, float((p_all.detach() - torch.stack([q.detach() for q in p_each])).abs().max()))
+
+with torch.no_grad():
+    err0 = (M_b.to_tt(start) - targets).norm() / targets.norm()  # one value per problem
+    err = (M_b.to_tt(p_all) - targets).norm() / targets.norm()
+print(f"{B_fit} problems, relative errors at the start:", [round(float(e), 3) for e in err0])
+print(f"after {n_fit} RiemannianAdam steps:         ", [round(float(e), 3) for e in err])
+print(f"one parameter of {B_fit} points vs {B_fit} parameters: "
+      f"max |difference| of the iterates {gap:.1e}")
+assert gap < 1e-10 and bool((err < err0).all())
+
+# %% [markdown]
+# **What a batch saves.** The CPU time per point of `retr`, `project` of a TT and
+# `riemannian_grad` (the loss above), for a Python loop over the points and for one call on
+# the batch, at TT-ranks 4 and 10 (best of a few interleaved runs, one thread; the times
+# vary between runs and machines).
+
+# %%
+B_t = 16 if QUICK else 64
+shape_t = (10,) * (6 if QUICK else 8)
+rows = []
+for r_t in (4, 10):
+    M_t = FixedTTRank(shape_t, r_t)
+    P_t = M_t.random(B_t, generator=gen)
+    U_t = M_t.proju(P_t, torch.randn(B_t, M_t.size, generator=gen))
+    Z_t = TT.random(shape_t, r_t, batch=(B_t,), generator=gen)
+    ops = {  # operation: (the batch in one call, the call for point b)
+        "retr": (lambda: M_t.retr(P_t, U_t), lambda b: M_t.retr(P_t[b], U_t[b])),
+        "project of a TT": (lambda: M_t.project(P_t, Z_t), lambda b: M_t.project(P_t[b], Z_t[b])),
+        "riemannian_grad": (lambda: M_t.riemannian_grad(P_t, lambda x: fit_loss(x, Z_t)),
+                            lambda b: M_t.riemannian_grad(P_t[b], lambda x: fit_loss(x, Z_t[b]))),
+    }
+    for what, (batched, one) in ops.items():
+        t_loop, t_batch = [], []
+        for _ in range(2 if QUICK else 5):  # interleave the two so that load affects both
+            t0 = time.process_time()
+            for b in range(B_t):
+                one(b)
+            t_loop.append(time.process_time() - t0)
+            t0 = time.process_time()
+            batched()
+            t_batch.append(time.process_time() - t0)
+        rows.append((r_t, what, 1e6 * min(t_loop) / B_t, 1e6 * min(t_batch) / B_t))
+
+print(f"CPU time per point, B = {B_t}, shape {shape_t}, one thread")
+print(f"{'r':>3s}  {'operation':16s} {'loop (us)':>10s} {'batch (us)':>11s} {'loop / batch':>13s}")
+for r_t, what, t_l, t_b in rows:
+    print(f"{r_t:3d}  {what:16s} {t_l:10.0f} {t_b:11.0f} {t_l / t_b:13.2f}")
+
+# %% [markdown]
+# On the CPU a batch mostly saves Python and dispatch overhead: one call instead of B, with
+# each small QR, SVD and product batched over the points. That overhead is a fixed cost per
+# call, so the last column is largest where a point's arithmetic is small (the lower rank,
+# `project`) and shrinks as the rank grows; `retr` gains least, since its SVDs dominate and
+# batched LAPACK still factors one small matrix after another. From TT-rank 8 (here r = 10)
+# the compiled CPU kernels take a batch of `retr` and `project` in one call, a loop over
+# the points in C++ ([`docs/kernels.md`](../docs/kernels.md)); under autograd
+# (`riemannian_grad`) the batch runs the torch implementation. On a GPU the batch is one
+# kernel launch per operation instead of B. For many tensor-completion problems, each with
+# its own samples, see `IndexSet.batched` and `ttmanifold.experiments.batched`
+# ([`docs/sampled_entries.md#batches-of-index-sets`](../docs/sampled_entries.md#batches-of-index-sets)).
+
+# %% [markdown]
 # ## Summary
 #
 # * `FixedTTRank(shape, ranks)` is a geoopt manifold whose dimension
@@ -412,3 +566,6 @@ plt.show()
 # * A geoopt `RiemannianAdam` loop on a `ManifoldParameter` solves a best-approximation
 #   problem with $10^8$-entry tensors without forming them, reaching (slightly below) the
 #   TT-SVD error — using the whole-vector second moment (see the note in section 6).
+# * A batch of points `(*B, M.size)` gives what a loop over its points gives, to rounding,
+#   for every operation; one `ManifoldParameter` of B points under `RiemannianAdam` follows
+#   B independent runs; on the CPU a batch saves mostly Python and dispatch overhead.
