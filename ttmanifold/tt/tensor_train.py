@@ -30,7 +30,6 @@ import functools
 import math
 import numbers
 import operator
-import threading
 import warnings
 from typing import List, Optional, Sequence, Tuple
 
@@ -1252,9 +1251,10 @@ class _OneVsSum(torch.autograd.Function):
     call each instead of about 4 products and their dispatch per core). With
     ``create_graph`` the backward differentiates the plain sweeps instead (second
     derivatives). ``src``: None, or the packed deltas of which ``x``'s cores are the tangent
-    block cores (:func:`mark_tangent_block_cores`); then, inside
-    :func:`packed_grads_only`, the backward gives ``src`` its gradient directly (only the
-    delta blocks of the cores' gradients are computed) and the cores none."""
+    block cores (:func:`mark_tangent_block_cores`); then, in a reverse pass for ``src``
+    inside :func:`packed_grads_only(src) <packed_grads_only>`, the backward gives ``src``
+    its gradient directly (only the delta blocks of the cores' gradients are computed) and
+    the cores none."""
 
     @staticmethod
     def forward(ctx, k, consts, src, *xcores):
@@ -1264,8 +1264,8 @@ class _OneVsSum(torch.autograd.Function):
         w = vals.new_tensor(_one_vs_sum_weights(k))
         ctx.k, ctx.consts = k, consts
         ctx.ws, ctx.w, ctx.cc = ws, w[:k], cc
-        ctx.src = src is not None
-        if ctx.src:  # to see, at backward time, whether something else reads their gradients
+        ctx.src = src
+        if src is not None:  # to see, at backward time, whether something else reads their gradients
             ctx.xcores = xcores
         ctx.save_for_backward(*xcores)
         ctx.mark_non_differentiable(vals)
@@ -1283,8 +1283,7 @@ class _OneVsSum(torch.autograd.Function):
                 val = torch.stack([_inner_sweep(xs, b) for b in blocks])
             gx = torch.autograd.grad(val, xs, g, create_graph=True)
             return (None, None, None, *gx)
-        if ctx.src and _PACKED_ONLY.depth and not any(
-                c._backward_hooks or c.retains_grad for c in ctx.xcores):
+        if ctx.src is not None and _deltas_only(ctx.src, ctx.xcores):
             # only the packed deltas are asked for: their blocks alone, no core gradients
             return (None, None, _one_vs_blocks_backward_deltas(k, ctx.cc, ctx.ws, g),
                     *([None] * d))
@@ -1374,29 +1373,61 @@ def tangent_block_deltas(gs: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts)
 
 
-class _PackedOnly(threading.local):
-    depth = 0
-
-
-_PACKED_ONLY = _PackedOnly()
 _SOURCE_ATTR = "_ttm_packed_source"
+_WANTED_ATTR = "_ttm_packed_wanted"
 _VERSION = operator.attrgetter("_version")
+# whether the engine's current reverse pass executes a node (False if torch lacks the test:
+# then the deltas-only reverse pass is never taken)
+_will_execute = getattr(torch._C, "_will_engine_execute_node", None) or (lambda node: False)
 
 
 class packed_grads_only:
-    """Context manager for a reverse pass that asks only for packed deltas' gradients (a
-    Riemannian gradient), not for the gradients of the tangent block cores built from them
-    (:func:`mark_tangent_block_cores`): then the norm of a sum of one such TT and fixed TTs
-    hands the deltas their gradient directly and skips the blocks of the cores' gradients
-    nobody reads. Per thread; enter it only around ``torch.autograd.grad(..., deltas)``."""
+    """Context manager for a reverse pass that asks for the gradient of the packed deltas
+    ``flat`` alone (a Riemannian gradient), not for the gradients of the tangent block cores
+    built from them (:func:`mark_tangent_block_cores`): then the norm of a sum of one such
+    TT and fixed TTs hands ``flat`` its gradient directly and skips the blocks of the
+    cores' gradients nobody reads.
+
+    Only reverse passes that differentiate with respect to ``flat`` (the engine executes
+    its node) take that route; any other pass meanwhile (e.g. an ``autograd.grad`` of the
+    block cores nested in a hook, on this thread or another) gets the cores' whole
+    gradients, and so do cores with a hook or ``retain_grad``.
+
+    Args:
+        flat: the packed deltas, a non-leaf tensor (e.g. ``leaf.view_as(leaf)``: the test
+            of whether a pass differentiates with respect to it reads its node). The
+            caller promises that no pass in the block asks for ``flat``'s gradient and
+            the block cores' own together (``riemannian_grad`` keeps ``flat`` private).
+    Cost: O(1).
+    """
+
+    __slots__ = ("_flat",)
+
+    def __init__(self, flat: torch.Tensor):
+        if not isinstance(flat, torch.Tensor) or flat.grad_fn is None:
+            raise ValueError("flat: expected a non-leaf tensor requiring grad (the packed "
+                             "deltas, e.g. leaf.view_as(leaf))")
+        self._flat = flat
 
     def __enter__(self):
-        _PACKED_ONLY.depth += 1
+        d = self._flat.__dict__
+        d[_WANTED_ATTR] = d.get(_WANTED_ATTR, 0) + 1
         return self
 
     def __exit__(self, *exc):
-        _PACKED_ONLY.depth -= 1
+        d = self._flat.__dict__
+        d[_WANTED_ATTR] -= 1
+        if not d[_WANTED_ATTR]:
+            del d[_WANTED_ATTR]
         return False
+
+
+def _deltas_only(src: torch.Tensor, cores: Sequence[torch.Tensor]) -> bool:
+    """Whether the current reverse pass may give the packed deltas ``src`` their gradient
+    directly and the block ``cores`` none: ``src`` is in a :class:`packed_grads_only` block,
+    the pass differentiates with respect to it, and no hook reads a core's gradient."""
+    return (src.__dict__.get(_WANTED_ATTR, 0) > 0 and _will_execute(src.grad_fn)
+            and not any(c._backward_hooks or c.retains_grad for c in cores))
 
 
 def mark_tangent_block_cores(cores: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
