@@ -389,20 +389,31 @@ def usable(name: str, *args) -> bool:
     (vmap, grad), fake or meta; and not inside ``torch.compile`` tracing.
 
     No side effect except :func:`module`'s (which may start the background build)."""
-    if not _config["enabled"] or _is_compiling():
-        # is_compiling first: dynamo never reaches the torch._C predicates below (which it
-        # cannot trace), so the torch implementation traces without a graph break
-        return False
-    if not _tensors_ok(args, [None], torch.is_grad_enabled()):
+    if not _args_ok(args, torch.is_grad_enabled()):
         return False
     return module(name) is not None
 
 
-def dispatch(name: str, compiled: Callable, when: Optional[Callable[..., bool]] = None):
+def _args_ok(args, grad: bool) -> bool:
+    """:func:`usable` without the module: enabled, not tracing, and the tensors of ``args``
+    fit (none requiring grad when ``grad``)."""
+    if not _config["enabled"] or _is_compiling():
+        # is_compiling first: dynamo never reaches the torch._C predicates below (which it
+        # cannot trace), so the torch implementation traces without a graph break
+        return False
+    return _tensors_ok(args, [None], grad)
+
+
+def dispatch(name: str, compiled: Callable, when: Optional[Callable[..., bool]] = None, *,
+             grad_free: bool = False):
     """Decorator for a torch implementation ``fn(*args, **kwargs)``: calls
     ``compiled(mod, *args, **kwargs)`` with the loaded module of kernel set ``name`` when
     ``when(*args, **kwargs)`` (if given; evaluated first, so calls it rejects never start a
     build) and :func:`usable` on all arguments, else ``fn(*args, **kwargs)``.
+
+    ``grad_free``: the results carry no gradient (e.g. a test returning a bool), so inputs
+    requiring grad do not turn the compiled kernel down (``fn`` must then build no graph
+    either).
 
     The wrapper keeps ``fn``'s name, docstring and signature (``inspect.signature``) and
     exposes ``fn`` as ``wrapper.torch_impl``.
@@ -416,10 +427,14 @@ def dispatch(name: str, compiled: Callable, when: Optional[Callable[..., bool]] 
 
     def decorate(fn):
         def call(args, kwargs):
-            if (when is None or when(*args, **kwargs)) and usable(name, *args, *kwargs.values()):
+            if when is None or when(*args, **kwargs):
                 mod = _SETS[name].module
-                if mod is not None:
-                    return compiled(mod, *args, **kwargs)
+                every = (args, tuple(kwargs.values())) if kwargs else args
+                if _args_ok(every, not grad_free and torch.is_grad_enabled()):
+                    if mod is None:  # not loaded yet: module() may load it (or start a build)
+                        mod = module(name)
+                    if mod is not None:
+                        return compiled(mod, *args, **kwargs)
             return fn(*args, **kwargs)
 
         @functools.wraps(fn)

@@ -39,6 +39,7 @@ from .. import kernels
 from ..kernels import dense as compiled_dense
 from .index_set import IndexSet
 from .._checks import (
+    SUPPORTED_DTYPES,
     assert_finite_async,
     check_finite,
     check_float_dtype,
@@ -148,9 +149,45 @@ def _fro_norm(t: torch.Tensor, nb: int = 0) -> torch.Tensor:
 def _check_cores(cores, name: str = "cores") -> List[torch.Tensor]:
     if isinstance(cores, torch.Tensor) or not isinstance(cores, (list, tuple)):
         raise TypeError(f"{name}: expected a list of 3-D tensors, got {type(cores).__name__}")
+    cores = list(cores)
+    if not _single_cores_ok(cores):  # else find the first fault and name it
+        _check_structure(cores, name)
+    _assert_cores_finite(cores, name)
+    return cores
+
+
+def _single_cores_ok(cores: List[torch.Tensor]) -> bool:
+    """Whether ``cores`` are the valid 3-D cores of one TT (dtype, device, boundary and
+    matching ranks, positive sizes), finiteness aside: one short pass (about 0.3 us per
+    core; every TT built from user cores runs it). False for batches too: the full checks
+    then decide."""
+    if not cores:
+        return False
+    c0 = cores[0]
+    if not isinstance(c0, torch.Tensor):
+        return False
+    dt, on_cpu = c0.dtype, c0.is_cpu
+    if dt not in SUPPORTED_DTYPES:
+        return False
+    dev = None if on_cpu else c0.device
+    prev = 1
+    for c in cores:
+        if type(c) is not torch.Tensor and not isinstance(c, torch.Tensor):
+            return False
+        shp = c.shape
+        if (len(shp) != 3 or shp[0] != prev or shp[1] < 1 or c.dtype is not dt
+                or (c.is_cpu if on_cpu else c.device == dev) is not True):
+            return False
+        prev = shp[2]
+        if prev < 1:
+            return False
+    return prev == 1
+
+
+def _check_structure(cores: List[torch.Tensor], name: str) -> None:
+    """The checks of :func:`_check_cores` but finiteness, each fault named (also batches)."""
     if len(cores) == 0:
         raise ValueError(f"{name}: expected at least one core")
-    cores = list(cores)
     for k, c in enumerate(cores):
         if not isinstance(c, torch.Tensor):
             raise TypeError(f"{name}[{k}]: expected a torch.Tensor, got {type(c).__name__}")
@@ -192,8 +229,6 @@ def _check_cores(cores, name: str = "cores") -> List[torch.Tensor]:
     for k, c in enumerate(cores):
         if c.shape[-2] < 1 or c.shape[-3] < 1 or c.shape[-1] < 1:
             raise ValueError(f"{name}[{k}]: every dimension must be positive, got {tuple(c.shape)}")
-    _assert_cores_finite(cores, name)
-    return cores
 
 
 def _assert_cores_finite(cores: List[torch.Tensor], name: str) -> None:
@@ -201,20 +236,21 @@ def _assert_cores_finite(cores: List[torch.Tensor], name: str) -> None:
     without a host sync off the CPU. Detached: the check adds no autograd nodes. On the CPU
     one quick test of all cores first (a read there is free); only when it fails does the
     per-core test run to name the core."""
-    det = [c.detach() for c in cores]
-    if (det[0].device.type == "cpu" and len(det) > 1 and not torch.compiler.is_compiling()
-            and not functorch_wrapped(det[0]) and _cores_finite(det)):
+    if (cores[0].is_cpu and len(cores) > 1 and not torch.compiler.is_compiling()
+            and not functorch_wrapped(cores[0]) and _cores_finite(cores)):
         return
-    for k, c in enumerate(det):  # asynchronous on a GPU (immediate on the CPU)
-        assert_finite_async(c, f"{name}[{k}]")
+    for k, c in enumerate(cores):  # asynchronous on a GPU (immediate on the CPU)
+        assert_finite_async(c.detach(), f"{name}[{k}]")
 
 
-@kernels.dispatch("dense", compiled=compiled_dense.all_finite)
+@kernels.dispatch("dense", compiled=compiled_dense.all_finite, grad_free=True)
 def _cores_finite(cores: List[torch.Tensor]) -> bool:
     """Whether the CPU tensors ``cores`` hold only finite values, possibly False for huge
     finite ones: one sum per core (NaN and Inf propagate; a third of the per-core test's
-    operations and memory passes), or the compiled single pass (exact)."""
-    return math.isfinite(float(torch.stack([c.sum() for c in cores]).sum()))
+    operations and memory passes), or the compiled single pass (exact). Reads values only
+    (no graph: cores requiring grad need no detached copies)."""
+    with torch.no_grad():
+        return math.isfinite(float(torch.stack([c.sum() for c in cores]).sum()))
 
 
 class TT:
