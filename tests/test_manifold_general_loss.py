@@ -134,6 +134,24 @@ def native(request, monkeypatch):
     return request.param
 
 
+def _spy_deltas_sweep(monkeypatch):
+    """Count the calls of the deltas-only reverse sweep (a list, one entry per call)."""
+    tt_mod = tm.tt.tensor_train
+    direct, seen = tt_mod._one_vs_blocks_backward_deltas, []
+
+    class Spy:
+        def __call__(self, *a):
+            seen.append(1)
+            return direct(*a)
+
+        def call_with(self, *a):
+            seen.append(1)
+            return direct.call_with(*a)
+
+    monkeypatch.setattr(tt_mod, "_one_vs_blocks_backward_deltas", Spy())
+    return seen
+
+
 _BLOCK_CASES = [
     ((4, 5), (1, 3, 1)),                          # d = 2: no middle cores
     ((3, 3, 3, 3, 3, 3), (1, 2, 2, 2, 2, 2, 1)),  # one run of four equal middle cores
@@ -204,10 +222,7 @@ def test_packed_grads_only_reverse_pass_matches_dense_and_keeps_core_gradients(
     a core, the cores still get their whole gradient (against the dense float64 gradient
     ``d/dcores`` of the same loss) and the deltas the same gradient through the cores."""
     tt_mod = tm.tt.tensor_train
-    seen = []
-    direct = tt_mod._one_vs_blocks_backward_deltas
-    monkeypatch.setattr(tt_mod, "_one_vs_blocks_backward_deltas",
-                        lambda *a: seen.append(1) or direct(*a))
+    seen = _spy_deltas_sweep(monkeypatch)
     g = torch.Generator().manual_seed(9)
     M = FixedTTRank(shape, ranks)
     p = M.random(dtype=F64, generator=g)
@@ -321,11 +336,7 @@ def test_nested_grad_of_the_block_cores_inside_riemannian_grad(native, monkeypat
     M = FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1))
     p = M.random(dtype=F64, generator=g)
     A = TT.random(M.shape, 2, dtype=F64, generator=g)
-    nested, seen = [], []
-    tt_mod = tm.tt.tensor_train
-    direct = tt_mod._one_vs_blocks_backward_deltas
-    monkeypatch.setattr(tt_mod, "_one_vs_blocks_backward_deltas",
-                        lambda *a: seen.append(1) or direct(*a))
+    nested, seen = [], _spy_deltas_sweep(monkeypatch)
 
     def f(X):
         cores = X.cores

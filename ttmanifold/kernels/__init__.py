@@ -416,7 +416,11 @@ def dispatch(name: str, compiled: Callable, when: Optional[Callable[..., bool]] 
     either).
 
     The wrapper keeps ``fn``'s name, docstring and signature (``inspect.signature``) and
-    exposes ``fn`` as ``wrapper.torch_impl``.
+    exposes ``fn`` as ``wrapper.torch_impl``. A caller that makes several calls on the same
+    tensors (a forward and its backward) may decide once: ``wrapper.module_for(*args,
+    **kwargs)`` is the module the call would use (None: the torch implementation), and
+    ``wrapper.call_with(mod, *args, **kwargs)`` calls the compiled implementation with
+    ``mod`` (or ``fn`` for None) without checking the arguments again.
 
     For the small-matrix set ``dense`` the call (either implementation) runs with one
     intra-op thread (``torch.set_num_threads(1)``, restored after; the setting is per
@@ -426,31 +430,42 @@ def dispatch(name: str, compiled: Callable, when: Optional[Callable[..., bool]] 
     small = name in _SMALL_SETS
 
     def decorate(fn):
-        def call(args, kwargs):
+        def module_for(*args, **kwargs):
             if when is None or when(*args, **kwargs):
                 mod = _SETS[name].module
                 every = (args, tuple(kwargs.values())) if kwargs else args
                 if _args_ok(every, not grad_free and torch.is_grad_enabled()):
-                    if mod is None:  # not loaded yet: module() may load it (or start a build)
-                        mod = module(name)
-                    if mod is not None:
-                        return compiled(mod, *args, **kwargs)
+                    # not loaded yet: module() may load it now (or start a build)
+                    return mod if mod is not None else module(name)
+            return None
+
+        def call(mod, args, kwargs):
+            if mod is not None:
+                return compiled(mod, *args, **kwargs)
             return fn(*args, **kwargs)
 
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
+        def serial(mod, args, kwargs):
             # is_compiling first: dynamo never reaches the thread calls
             if small and _config["serial"] and not _is_compiling():
                 n = torch.get_num_threads()
                 if n > 1:
                     torch.set_num_threads(1)
                     try:
-                        return call(args, kwargs)
+                        return call(mod, args, kwargs)
                     finally:
                         torch.set_num_threads(n)
-            return call(args, kwargs)
+            return call(mod, args, kwargs)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return serial(module_for(*args, **kwargs), args, kwargs)
+
+        def call_with(mod, *args, **kwargs):
+            return serial(mod, args, kwargs)
 
         wrapper.torch_impl = fn
+        wrapper.module_for = module_for
+        wrapper.call_with = call_with
         return wrapper
 
     return decorate

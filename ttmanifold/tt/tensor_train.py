@@ -1295,10 +1295,13 @@ class _OneVsSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k, consts, src, *xcores):
         # contiguous once for both sweeps (the kernels need it)
-        cc = [c.contiguous() for c in xcores] + [c.contiguous() for c in consts]
-        vals, ws = _one_vs_blocks(k, cc, True)
-        w = vals.new_tensor(_one_vs_sum_weights(k))
-        ctx.k, ctx.consts = k, consts
+        cc = [c.contiguous() for c in xcores + consts]
+        # one dispatch decision for both sweeps: the backward's cores and environments are
+        # these (only its incoming gradient is checked again)
+        mod = _one_vs_blocks.module_for(k, cc, True)
+        vals, ws = _one_vs_blocks.call_with(mod, k, cc, True)
+        w = _weights_like(k, vals)
+        ctx.k, ctx.consts, ctx.mod = k, consts, mod
         ctx.ws, ctx.w, ctx.cc = ws, w[:k], cc
         ctx.src = src
         if src is not None:  # to see, at backward time, whether something else reads their gradients
@@ -1319,11 +1322,28 @@ class _OneVsSum(torch.autograd.Function):
                 val = torch.stack([_inner_sweep(xs, b) for b in blocks])
             gx = torch.autograd.grad(val, xs, g, create_graph=True)
             return (None, None, None, *gx)
+        mod = ctx.mod if ctx.mod is not None and kernels.usable("dense", g) else None
         if ctx.src is not None and _deltas_only(ctx.src, ctx.xcores):
             # only the packed deltas are asked for: their blocks alone, no core gradients
-            return (None, None, _one_vs_blocks_backward_deltas(k, ctx.cc, ctx.ws, g),
+            return (None, None,
+                    _one_vs_blocks_backward_deltas.call_with(mod, k, ctx.cc, ctx.ws, g),
                     *([None] * d))
-        return (None, None, None, *_one_vs_blocks_backward(k, ctx.cc, ctx.ws, g))
+        return (None, None, None, *_one_vs_blocks_backward.call_with(mod, k, ctx.cc, ctx.ws, g))
+
+
+_WEIGHTS = {}  # (k, dtype, device) -> the weights tensor of _one_vs_sum_weights(k), read only
+
+
+def _weights_like(k: int, like: torch.Tensor) -> torch.Tensor:
+    """:func:`_one_vs_sum_weights` as a tensor of ``like``'s dtype and device, made once for
+    plain tensors outside inference mode (a constant: never written to)."""
+    if type(like) is not torch.Tensor or torch.is_inference_mode_enabled():
+        return like.new_tensor(_one_vs_sum_weights(k))  # fake, wrapped or inference tensors
+    key = (k, like.dtype, like.device)
+    w = _WEIGHTS.get(key)
+    if w is None:
+        w = _WEIGHTS[key] = like.new_tensor(_one_vs_sum_weights(k))
+    return w
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.one_vs_blocks)
