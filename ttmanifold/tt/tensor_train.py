@@ -1300,6 +1300,7 @@ class _OneVsSum(torch.autograd.Function):
         # these (only its incoming gradient is checked again)
         mod = _one_vs_blocks.module_for(k, cc, True)
         vals, ws = _one_vs_blocks.call_with(mod, k, cc, True)
+        ctx.set_materialize_grads(False)  # no zeros made up for vals (never differentiated)
         w = _weights_like(k, vals)
         ctx.k, ctx.consts, ctx.mod = k, consts, mod
         ctx.ws, ctx.w, ctx.cc = ws, w[:k], cc
@@ -1314,6 +1315,8 @@ class _OneVsSum(torch.autograd.Function):
     def backward(ctx, g, _g_vals):
         xs = ctx.saved_tensors
         k, d = ctx.k, len(xs)
+        if g is None:  # not materialized: no gradient reached the value
+            return (None,) * (3 + d)
         g = g * ctx.w  # the weights of <x, x>, <x, t_1>, ...
         if torch.is_grad_enabled():  # create_graph: a differentiable backward
             cs = ctx.consts
