@@ -1485,8 +1485,13 @@ def _deltas_only(src: torch.Tensor, cores: Sequence[torch.Tensor]) -> bool:
     """Whether the current reverse pass may give the packed deltas ``src`` their gradient
     directly and the block ``cores`` none: ``src`` is in a :class:`packed_grads_only` block,
     the pass differentiates with respect to it, and no hook reads a core's gradient."""
-    return (src.__dict__.get(_WANTED_ATTR, 0) > 0 and _will_execute(src.grad_fn)
-            and not any(c._backward_hooks or c.retains_grad for c in cores))
+    if not src.__dict__.get(_WANTED_ATTR, 0):
+        return False
+    try:
+        wanted = _will_execute(src.grad_fn)
+    except RuntimeError:  # a pass the engine cannot tell about (e.g. a leaf under grad())
+        return False
+    return wanted and not any(c._backward_hooks or c.retains_grad for c in cores)
 
 
 def mark_tangent_block_cores(cores: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
