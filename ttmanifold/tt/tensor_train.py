@@ -683,7 +683,10 @@ class TT:
         their structure); for a batch, ``a`` may also be a tensor of shape ``batch_shape``
         (one scalar per TT). O(n r^2)."""
         cores = list(self._cores)
-        cores[0] = cores[0] * _per_point(a, self.batch_shape)
+        if type(a) is float and a == -1.0:  # x - y: negation (no scalar to convert, exact)
+            cores[0] = torch.neg(cores[0])
+        else:
+            cores[0] = cores[0] * _per_point(a, self.batch_shape)
         return TT(cores, check=False)
 
 
