@@ -195,6 +195,35 @@ def test_dispatch_keeps_signature_kwargs_and_torch_impl(loaded):
                      ("torch", 6.0)]
 
 
+def test_dispatch_decided_once_and_grad_free(loaded):
+    """``module_for`` is the decision of a call (when + usable), ``call_with`` follows a
+    given decision without checking again; ``grad_free`` kernels take inputs requiring
+    grad (their results carry no gradient)."""
+    calls = []
+
+    def compiled(mod, x):
+        calls.append("compiled")
+        return bool(x.sum() >= 0)
+
+    @kernels.dispatch("dense", compiled, when=lambda x: x.numel() > 1)
+    def op(x):
+        calls.append("torch")
+        return bool(x.sum() >= 0)
+
+    free = kernels.dispatch("dense", compiled, grad_free=True)(op.torch_impl)
+    x = torch.randn(3, dtype=F64)
+    xg = x.clone().requires_grad_()
+    mod = kernels._SETS["dense"].module
+    assert op.module_for(x) is mod and op.module_for(xg) is None
+    assert op.module_for(x[:1]) is None  # `when` says no
+    op.call_with(mod, xg)  # trusted: compiled without a check
+    op.call_with(None, x)
+    op(xg)
+    free(xg)
+    assert free.module_for(xg) is mod
+    assert calls == ["compiled", "torch", "torch", "compiled"]
+
+
 def test_dispatch_when_is_asked_first(fresh, monkeypatch):
     """A call that ``when`` rejects never touches the cache nor starts a build."""
     probed = []

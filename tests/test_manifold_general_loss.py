@@ -134,6 +134,24 @@ def native(request, monkeypatch):
     return request.param
 
 
+def _spy_deltas_sweep(monkeypatch):
+    """Count the calls of the deltas-only reverse sweep (a list, one entry per call)."""
+    tt_mod = tm.tt.tensor_train
+    direct, seen = tt_mod._one_vs_blocks_backward_deltas, []
+
+    class Spy:
+        def __call__(self, *a):
+            seen.append(1)
+            return direct(*a)
+
+        def call_with(self, *a):
+            seen.append(1)
+            return direct.call_with(*a)
+
+    monkeypatch.setattr(tt_mod, "_one_vs_blocks_backward_deltas", Spy())
+    return seen
+
+
 _BLOCK_CASES = [
     ((4, 5), (1, 3, 1)),                          # d = 2: no middle cores
     ((3, 3, 3, 3, 3, 3), (1, 2, 2, 2, 2, 2, 1)),  # one run of four equal middle cores
@@ -204,10 +222,7 @@ def test_packed_grads_only_reverse_pass_matches_dense_and_keeps_core_gradients(
     a core, the cores still get their whole gradient (against the dense float64 gradient
     ``d/dcores`` of the same loss) and the deltas the same gradient through the cores."""
     tt_mod = tm.tt.tensor_train
-    seen = []
-    direct = tt_mod._one_vs_blocks_backward_deltas
-    monkeypatch.setattr(tt_mod, "_one_vs_blocks_backward_deltas",
-                        lambda *a: seen.append(1) or direct(*a))
+    seen = _spy_deltas_sweep(monkeypatch)
     g = torch.Generator().manual_seed(9)
     M = FixedTTRank(shape, ranks)
     p = M.random(dtype=F64, generator=g)
@@ -221,8 +236,9 @@ def test_packed_grads_only_reverse_pass_matches_dense_and_keeps_core_gradients(
     for dtype, tol in ((F64, 1e-12), (torch.float32, 2e-5)):
         U, V = [u.to(dtype) for u in U64], [None] + [v.to(dtype) for v in V64[1:]]
         Ad = TT([c.to(dtype) for c in A.cores])
-        for mode in ("packed", "whole", "hooked"):
-            flat = w.to(dtype).requires_grad_()
+        for mode in ("packed", "whole", "hooked", "leaf"):
+            leaf = w.to(dtype).clone().requires_grad_()
+            flat = leaf if mode == "leaf" else leaf.view_as(leaf)  # packed_grads_only's
             T = tm.TangentTT(U, V, None, flat=flat, check=False)
             cores = T.cores
             hooked = []
@@ -232,7 +248,11 @@ def test_packed_grads_only_reverse_pass_matches_dense_and_keeps_core_gradients(
             wval = 0.5 * float(((J @ w - a) ** 2).sum())
             assert abs(float(val) - wval) <= tol * wval
             n0 = len(seen)
-            if mode == "whole":
+            if mode == "leaf":  # a leaf cannot be named: its pass is not told apart
+                with pytest.raises(ValueError, match="flat: expected a non-leaf tensor"):
+                    tt_mod.packed_grads_only(flat)
+                (D,) = torch.autograd.grad(val, flat)
+            elif mode == "whole":
                 gc = torch.autograd.grad(val, cores, retain_graph=True)
                 # the dense float64 gradient of the same loss in the cores
                 cs = [c.detach().double().requires_grad_() for c in cores]
@@ -242,7 +262,7 @@ def test_packed_grads_only_reverse_pass_matches_dense_and_keeps_core_gradients(
                     assert float((x.double() - y).abs().max()) <= tol * float(y.abs().max())
                 (D,) = torch.autograd.grad(val, flat)
             else:
-                with tt_mod.packed_grads_only():
+                with tt_mod.packed_grads_only(flat):
                     (D,) = torch.autograd.grad(val, flat)
             assert len(seen) - n0 == (1 if mode == "packed" else 0)
             assert float((D.double() - want).abs().max()) <= tol * float(want.abs().max())
@@ -284,6 +304,7 @@ def test_packed_grads_only_after_an_in_place_change_of_a_block_core(native):
     U = M.split(p)
     V = tm.manifold.right_cores(U)
     flat = torch.randn(M.size, dtype=F64, generator=g).requires_grad_()
+    flat = flat.view_as(flat)
     cores = tm.TangentTT(U, V, None, flat=flat, check=False).cores
     if not native:
         pytest.skip("the torch build's cores are views, which autograd forbids changing")
@@ -292,7 +313,7 @@ def test_packed_grads_only_after_an_in_place_change_of_a_block_core(native):
     E = (TT([c.detach() for c in cores]).full() - A.full()).reshape(-1)
     val = 0.5 * (TT(cores) - A).norm() ** 2
     assert abs(float(val) - 0.5 * float(E @ E)) <= 1e-12 * float(E @ E)
-    with tm.tt.tensor_train.packed_grads_only():
+    with tm.tt.tensor_train.packed_grads_only(flat):
         (D,) = torch.autograd.grad(val, flat)
     # reference: the torch concatenation build, the same change, the dense loss
     flat2 = flat.detach().clone().requires_grad_()
@@ -303,3 +324,44 @@ def test_packed_grads_only_after_an_in_place_change_of_a_block_core(native):
     (want,) = torch.autograd.grad(
         0.5 * ((TT(ref, check=False).full() - A.full()) ** 2).sum(), flat2)
     assert torch.allclose(D, want, rtol=0, atol=1e-12 * float(want.abs().max()))
+
+
+def test_nested_grad_of_the_block_cores_inside_riemannian_grad(native, monkeypatch):
+    """A hook that runs during ``riemannian_grad``'s reverse pass and differentiates a loss
+    of the same tangent TT's block cores (a nested ``autograd.grad`` on the same thread)
+    gets the cores' whole gradients (dense float64 gradient in the cores), and the outer
+    Riemannian gradient is still the dense projection of the Euclidean one: the deltas-only
+    reverse pass applies only to the pass that asks for the deltas."""
+    g = torch.Generator().manual_seed(12)
+    M = FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1))
+    p = M.random(dtype=F64, generator=g)
+    A = TT.random(M.shape, 2, dtype=F64, generator=g)
+    nested, seen = [], _spy_deltas_sweep(monkeypatch)
+
+    def f(X):
+        cores = X.cores
+        s = (TT(cores) - A).norm()
+
+        def hook(grad):
+            with torch.enable_grad():
+                v2 = 0.5 * (TT(cores) - A).norm() ** 2
+                nested.append((torch.autograd.grad(v2, cores), [c.detach() for c in cores]))
+
+        s.register_hook(hook)
+        return 0.5 * s ** 2
+
+    xi = M.riemannian_grad(p, f)
+    assert len(nested) == 1 and len(seen) == 1  # the outer pass alone asks for the deltas
+    gc, cs = nested[0]
+    cs = [c.requires_grad_() for c in cs]
+    ref = torch.autograd.grad(0.5 * ((TT(cs, check=False).full() - A.full()) ** 2).sum(), cs)
+    for x, y in zip(gc, ref):
+        assert x is not None and torch.allclose(x, y, rtol=0, atol=1e-12 * float(y.abs().max()))
+    U = M.split(p)
+    J = _dense_tangent_map(U, tm.manifold.right_cores(U))
+    Q = torch.linalg.svd(J, full_matrices=False).U[:, :M.dim]
+    E = (M.to_tt(p).full() - A.full()).reshape(-1)
+    want = Q @ (Q.T @ E)
+    got = M.tangent_to_tt(p, xi).full().reshape(-1)
+    assert float(torch.linalg.vector_norm(got - want)) <= 1e-11 * float(
+        torch.linalg.vector_norm(want))

@@ -1032,6 +1032,20 @@ def test_bad_cores():
         TT([c[0], c[1].numpy(), c[2]])
 
 
+def test_bad_cores_off_the_cpu_first_and_non_finite_cores_requiring_grad():
+    """The quick validation of single-TT cores: a first core on another device than the
+    rest, and a NaN in cores requiring grad (tested without detached copies), are named."""
+    c = _ok_cores()
+    with pytest.raises(ValueError, match="device"):
+        TT([c[0].to("meta"), c[1], c[2]])
+    assert TT([x.to("meta") for x in c]).shape == (2, 4, 3)  # one device: valid
+    bad = [x.clone().requires_grad_() for x in c]
+    with torch.no_grad():
+        bad[1][0, 0, 0] = float("nan")
+    with torch.enable_grad(), pytest.raises(RuntimeError, match=r"cores\[1\]: contains NaN"):
+        TT(bad)
+
+
 def test_bad_gather_indices():
     x = TT.random((2, 3, 4), 2, dtype=F64)
     with pytest.raises(ValueError, match="out of range"):

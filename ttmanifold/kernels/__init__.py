@@ -389,23 +389,38 @@ def usable(name: str, *args) -> bool:
     (vmap, grad), fake or meta; and not inside ``torch.compile`` tracing.
 
     No side effect except :func:`module`'s (which may start the background build)."""
-    if not _config["enabled"] or _is_compiling():
-        # is_compiling first: dynamo never reaches the torch._C predicates below (which it
-        # cannot trace), so the torch implementation traces without a graph break
-        return False
-    if not _tensors_ok(args, [None], torch.is_grad_enabled()):
+    if not _args_ok(args, torch.is_grad_enabled()):
         return False
     return module(name) is not None
 
 
-def dispatch(name: str, compiled: Callable, when: Optional[Callable[..., bool]] = None):
+def _args_ok(args, grad: bool) -> bool:
+    """:func:`usable` without the module: enabled, not tracing, and the tensors of ``args``
+    fit (none requiring grad when ``grad``)."""
+    if not _config["enabled"] or _is_compiling():
+        # is_compiling first: dynamo never reaches the torch._C predicates below (which it
+        # cannot trace), so the torch implementation traces without a graph break
+        return False
+    return _tensors_ok(args, [None], grad)
+
+
+def dispatch(name: str, compiled: Callable, when: Optional[Callable[..., bool]] = None, *,
+             grad_free: bool = False):
     """Decorator for a torch implementation ``fn(*args, **kwargs)``: calls
     ``compiled(mod, *args, **kwargs)`` with the loaded module of kernel set ``name`` when
     ``when(*args, **kwargs)`` (if given; evaluated first, so calls it rejects never start a
     build) and :func:`usable` on all arguments, else ``fn(*args, **kwargs)``.
 
+    ``grad_free``: the results carry no gradient (e.g. a test returning a bool), so inputs
+    requiring grad do not turn the compiled kernel down (``fn`` must then build no graph
+    either).
+
     The wrapper keeps ``fn``'s name, docstring and signature (``inspect.signature``) and
-    exposes ``fn`` as ``wrapper.torch_impl``.
+    exposes ``fn`` as ``wrapper.torch_impl``. A caller that makes several calls on the same
+    tensors (a forward and its backward) may decide once: ``wrapper.module_for(*args,
+    **kwargs)`` is the module the call would use (None: the torch implementation), and
+    ``wrapper.call_with(mod, *args, **kwargs)`` calls the compiled implementation with
+    ``mod`` (or ``fn`` for None) without checking the arguments again.
 
     For the small-matrix set ``dense`` the call (either implementation) runs with one
     intra-op thread (``torch.set_num_threads(1)``, restored after; the setting is per
@@ -415,27 +430,42 @@ def dispatch(name: str, compiled: Callable, when: Optional[Callable[..., bool]] 
     small = name in _SMALL_SETS
 
     def decorate(fn):
-        def call(args, kwargs):
-            if (when is None or when(*args, **kwargs)) and usable(name, *args, *kwargs.values()):
+        def module_for(*args, **kwargs):
+            if when is None or when(*args, **kwargs):
                 mod = _SETS[name].module
-                if mod is not None:
-                    return compiled(mod, *args, **kwargs)
+                every = (args, tuple(kwargs.values())) if kwargs else args
+                if _args_ok(every, not grad_free and torch.is_grad_enabled()):
+                    # not loaded yet: module() may load it now (or start a build)
+                    return mod if mod is not None else module(name)
+            return None
+
+        def call(mod, args, kwargs):
+            if mod is not None:
+                return compiled(mod, *args, **kwargs)
             return fn(*args, **kwargs)
 
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
+        def serial(mod, args, kwargs):
             # is_compiling first: dynamo never reaches the thread calls
             if small and _config["serial"] and not _is_compiling():
                 n = torch.get_num_threads()
                 if n > 1:
                     torch.set_num_threads(1)
                     try:
-                        return call(args, kwargs)
+                        return call(mod, args, kwargs)
                     finally:
                         torch.set_num_threads(n)
-            return call(args, kwargs)
+            return call(mod, args, kwargs)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return serial(module_for(*args, **kwargs), args, kwargs)
+
+        def call_with(mod, *args, **kwargs):
+            return serial(mod, args, kwargs)
 
         wrapper.torch_impl = fn
+        wrapper.module_for = module_for
+        wrapper.call_with = call_with
         return wrapper
 
     return decorate

@@ -65,8 +65,11 @@ def tangent_at_point(M, p: torch.Tensor) -> TangentTT:
 
 
 def _delta_tt(M, p, U, V):
-    """Packed deltas ``(0, .., 0, U_d)`` requiring grad, and the TT they define (X)."""
-    flat = M.point_as_tangent(p).requires_grad_()
+    """Packed deltas ``(0, .., 0, U_d)`` requiring grad, and the TT they define (X). The
+    deltas are a view of a private leaf: a non-leaf, so that :func:`packed_grads_only` can
+    tell the reverse pass that differentiates with respect to them."""
+    leaf = M.point_as_tangent(p).requires_grad_()
+    flat = leaf.view_as(leaf)
     if M.d == 1:
         return flat, TT(M.split(flat, "p"), check=False)
     return flat, TangentTT(U, V, None, flat=flat, gauged=True, check=False)
@@ -154,7 +157,7 @@ def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torc
     with torch.enable_grad():
         flat, T = _delta_tt(M, p, U, V)
         val = _check_loss(f(T), p.shape[:-1])
-        with packed_grads_only():  # only flat's gradient is read: no whole core gradients
+        with packed_grads_only(flat):  # only flat's gradient is read: no whole core gradients
             (D,) = torch.autograd.grad(val, flat, _seed(val), allow_unused=True)
     if D is None:
         return torch.zeros_like(p)

@@ -30,7 +30,6 @@ import functools
 import math
 import numbers
 import operator
-import threading
 import warnings
 from typing import List, Optional, Sequence, Tuple
 
@@ -40,6 +39,7 @@ from .. import kernels
 from ..kernels import dense as compiled_dense
 from .index_set import IndexSet
 from .._checks import (
+    SUPPORTED_DTYPES,
     assert_finite_async,
     check_finite,
     check_float_dtype,
@@ -149,9 +149,45 @@ def _fro_norm(t: torch.Tensor, nb: int = 0) -> torch.Tensor:
 def _check_cores(cores, name: str = "cores") -> List[torch.Tensor]:
     if isinstance(cores, torch.Tensor) or not isinstance(cores, (list, tuple)):
         raise TypeError(f"{name}: expected a list of 3-D tensors, got {type(cores).__name__}")
+    cores = list(cores)
+    if not _single_cores_ok(cores):  # else find the first fault and name it
+        _check_structure(cores, name)
+    _assert_cores_finite(cores, name)
+    return cores
+
+
+def _single_cores_ok(cores: List[torch.Tensor]) -> bool:
+    """Whether ``cores`` are the valid 3-D cores of one TT (dtype, device, boundary and
+    matching ranks, positive sizes), finiteness aside: one short pass (about 0.3 us per
+    core; every TT built from user cores runs it). False for batches too: the full checks
+    then decide."""
+    if not cores:
+        return False
+    c0 = cores[0]
+    if not isinstance(c0, torch.Tensor):
+        return False
+    dt, on_cpu = c0.dtype, c0.is_cpu
+    if dt not in SUPPORTED_DTYPES:
+        return False
+    dev = None if on_cpu else c0.device
+    prev = 1
+    for c in cores:
+        if type(c) is not torch.Tensor and not isinstance(c, torch.Tensor):
+            return False
+        shp = c.shape
+        if (len(shp) != 3 or shp[0] != prev or shp[1] < 1 or c.dtype is not dt
+                or (c.is_cpu if on_cpu else c.device == dev) is not True):
+            return False
+        prev = shp[2]
+        if prev < 1:
+            return False
+    return prev == 1
+
+
+def _check_structure(cores: List[torch.Tensor], name: str) -> None:
+    """The checks of :func:`_check_cores` but finiteness, each fault named (also batches)."""
     if len(cores) == 0:
         raise ValueError(f"{name}: expected at least one core")
-    cores = list(cores)
     for k, c in enumerate(cores):
         if not isinstance(c, torch.Tensor):
             raise TypeError(f"{name}[{k}]: expected a torch.Tensor, got {type(c).__name__}")
@@ -193,8 +229,6 @@ def _check_cores(cores, name: str = "cores") -> List[torch.Tensor]:
     for k, c in enumerate(cores):
         if c.shape[-2] < 1 or c.shape[-3] < 1 or c.shape[-1] < 1:
             raise ValueError(f"{name}[{k}]: every dimension must be positive, got {tuple(c.shape)}")
-    _assert_cores_finite(cores, name)
-    return cores
 
 
 def _assert_cores_finite(cores: List[torch.Tensor], name: str) -> None:
@@ -202,20 +236,21 @@ def _assert_cores_finite(cores: List[torch.Tensor], name: str) -> None:
     without a host sync off the CPU. Detached: the check adds no autograd nodes. On the CPU
     one quick test of all cores first (a read there is free); only when it fails does the
     per-core test run to name the core."""
-    det = [c.detach() for c in cores]
-    if (det[0].device.type == "cpu" and len(det) > 1 and not torch.compiler.is_compiling()
-            and not functorch_wrapped(det[0]) and _cores_finite(det)):
+    if (cores[0].is_cpu and len(cores) > 1 and not torch.compiler.is_compiling()
+            and not functorch_wrapped(cores[0]) and _cores_finite(cores)):
         return
-    for k, c in enumerate(det):  # asynchronous on a GPU (immediate on the CPU)
-        assert_finite_async(c, f"{name}[{k}]")
+    for k, c in enumerate(cores):  # asynchronous on a GPU (immediate on the CPU)
+        assert_finite_async(c.detach(), f"{name}[{k}]")
 
 
-@kernels.dispatch("dense", compiled=compiled_dense.all_finite)
+@kernels.dispatch("dense", compiled=compiled_dense.all_finite, grad_free=True)
 def _cores_finite(cores: List[torch.Tensor]) -> bool:
     """Whether the CPU tensors ``cores`` hold only finite values, possibly False for huge
     finite ones: one sum per core (NaN and Inf propagate; a third of the per-core test's
-    operations and memory passes), or the compiled single pass (exact)."""
-    return math.isfinite(float(torch.stack([c.sum() for c in cores]).sum()))
+    operations and memory passes), or the compiled single pass (exact). Reads values only
+    (no graph: cores requiring grad need no detached copies)."""
+    with torch.no_grad():
+        return math.isfinite(float(torch.stack([c.sum() for c in cores]).sum()))
 
 
 class TT:
@@ -253,11 +288,11 @@ class TT:
 
     @property
     def shape(self) -> Tuple[int, ...]:
-        return tuple(int(c.shape[-2]) for c in self._cores)
+        return tuple([int(c.shape[-2]) for c in self._cores])  # a list: faster than a generator
 
     @property
     def ranks(self) -> Tuple[int, ...]:
-        return (1,) + tuple(int(c.shape[-1]) for c in self._cores)
+        return (1, *[int(c.shape[-1]) for c in self._cores])
 
     @property
     def batch_shape(self) -> Tuple[int, ...]:
@@ -648,7 +683,10 @@ class TT:
         their structure); for a batch, ``a`` may also be a tensor of shape ``batch_shape``
         (one scalar per TT). O(n r^2)."""
         cores = list(self._cores)
-        cores[0] = cores[0] * _per_point(a, self.batch_shape)
+        if type(a) is float and a == -1.0:  # x - y: negation (no scalar to convert, exact)
+            cores[0] = torch.neg(cores[0])
+        else:
+            cores[0] = cores[0] * _per_point(a, self.batch_shape)
         return TT(cores, check=False)
 
 
@@ -1252,20 +1290,25 @@ class _OneVsSum(torch.autograd.Function):
     call each instead of about 4 products and their dispatch per core). With
     ``create_graph`` the backward differentiates the plain sweeps instead (second
     derivatives). ``src``: None, or the packed deltas of which ``x``'s cores are the tangent
-    block cores (:func:`mark_tangent_block_cores`); then, inside
-    :func:`packed_grads_only`, the backward gives ``src`` its gradient directly (only the
-    delta blocks of the cores' gradients are computed) and the cores none."""
+    block cores (:func:`mark_tangent_block_cores`); then, in a reverse pass for ``src``
+    inside :func:`packed_grads_only(src) <packed_grads_only>`, the backward gives ``src``
+    its gradient directly (only the delta blocks of the cores' gradients are computed) and
+    the cores none."""
 
     @staticmethod
     def forward(ctx, k, consts, src, *xcores):
         # contiguous once for both sweeps (the kernels need it)
-        cc = [c.contiguous() for c in xcores] + [c.contiguous() for c in consts]
-        vals, ws = _one_vs_blocks(k, cc, True)
-        w = vals.new_tensor(_one_vs_sum_weights(k))
-        ctx.k, ctx.consts = k, consts
+        cc = [c.contiguous() for c in xcores + consts]
+        # one dispatch decision for both sweeps: the backward's cores and environments are
+        # these (only its incoming gradient is checked again)
+        mod = _one_vs_blocks.module_for(k, cc, True)
+        vals, ws = _one_vs_blocks.call_with(mod, k, cc, True)
+        ctx.set_materialize_grads(False)  # no zeros made up for vals (never differentiated)
+        w = _weights_like(k, vals)
+        ctx.k, ctx.consts, ctx.mod = k, consts, mod
         ctx.ws, ctx.w, ctx.cc = ws, w[:k], cc
-        ctx.src = src is not None
-        if ctx.src:  # to see, at backward time, whether something else reads their gradients
+        ctx.src = src
+        if src is not None:  # to see, at backward time, whether something else reads their gradients
             ctx.xcores = xcores
         ctx.save_for_backward(*xcores)
         ctx.mark_non_differentiable(vals)
@@ -1275,6 +1318,8 @@ class _OneVsSum(torch.autograd.Function):
     def backward(ctx, g, _g_vals):
         xs = ctx.saved_tensors
         k, d = ctx.k, len(xs)
+        if g is None:  # not materialized: no gradient reached the value
+            return (None,) * (3 + d)
         g = g * ctx.w  # the weights of <x, x>, <x, t_1>, ...
         if torch.is_grad_enabled():  # create_graph: a differentiable backward
             cs = ctx.consts
@@ -1283,12 +1328,28 @@ class _OneVsSum(torch.autograd.Function):
                 val = torch.stack([_inner_sweep(xs, b) for b in blocks])
             gx = torch.autograd.grad(val, xs, g, create_graph=True)
             return (None, None, None, *gx)
-        if ctx.src and _PACKED_ONLY.depth and not any(
-                c._backward_hooks or c.retains_grad for c in ctx.xcores):
+        mod = ctx.mod if ctx.mod is not None and kernels.usable("dense", g) else None
+        if ctx.src is not None and _deltas_only(ctx.src, ctx.xcores):
             # only the packed deltas are asked for: their blocks alone, no core gradients
-            return (None, None, _one_vs_blocks_backward_deltas(k, ctx.cc, ctx.ws, g),
+            return (None, None,
+                    _one_vs_blocks_backward_deltas.call_with(mod, k, ctx.cc, ctx.ws, g),
                     *([None] * d))
-        return (None, None, None, *_one_vs_blocks_backward(k, ctx.cc, ctx.ws, g))
+        return (None, None, None, *_one_vs_blocks_backward.call_with(mod, k, ctx.cc, ctx.ws, g))
+
+
+_WEIGHTS = {}  # (k, dtype, device) -> the weights tensor of _one_vs_sum_weights(k), read only
+
+
+def _weights_like(k: int, like: torch.Tensor) -> torch.Tensor:
+    """:func:`_one_vs_sum_weights` as a tensor of ``like``'s dtype and device, made once for
+    plain tensors outside inference mode (a constant: never written to)."""
+    if type(like) is not torch.Tensor or torch.is_inference_mode_enabled():
+        return like.new_tensor(_one_vs_sum_weights(k))  # fake, wrapped or inference tensors
+    key = (k, like.dtype, like.device)
+    w = _WEIGHTS.get(key)
+    if w is None:
+        w = _WEIGHTS[key] = like.new_tensor(_one_vs_sum_weights(k))
+    return w
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.one_vs_blocks)
@@ -1374,29 +1435,66 @@ def tangent_block_deltas(gs: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts)
 
 
-class _PackedOnly(threading.local):
-    depth = 0
-
-
-_PACKED_ONLY = _PackedOnly()
 _SOURCE_ATTR = "_ttm_packed_source"
+_WANTED_ATTR = "_ttm_packed_wanted"
 _VERSION = operator.attrgetter("_version")
+# whether the engine's current reverse pass executes a node (False if torch lacks the test:
+# then the deltas-only reverse pass is never taken)
+_will_execute = getattr(torch._C, "_will_engine_execute_node", None) or (lambda node: False)
 
 
 class packed_grads_only:
-    """Context manager for a reverse pass that asks only for packed deltas' gradients (a
-    Riemannian gradient), not for the gradients of the tangent block cores built from them
-    (:func:`mark_tangent_block_cores`): then the norm of a sum of one such TT and fixed TTs
-    hands the deltas their gradient directly and skips the blocks of the cores' gradients
-    nobody reads. Per thread; enter it only around ``torch.autograd.grad(..., deltas)``."""
+    """Context manager for a reverse pass that asks for the gradient of the packed deltas
+    ``flat`` alone (a Riemannian gradient), not for the gradients of the tangent block cores
+    built from them (:func:`mark_tangent_block_cores`): then the norm of a sum of one such
+    TT and fixed TTs hands ``flat`` its gradient directly and skips the blocks of the
+    cores' gradients nobody reads.
+
+    Only reverse passes that differentiate with respect to ``flat`` (the engine executes
+    its node) take that route; any other pass meanwhile (e.g. an ``autograd.grad`` of the
+    block cores nested in a hook, on this thread or another) gets the cores' whole
+    gradients, and so do cores with a hook or ``retain_grad``.
+
+    Args:
+        flat: the packed deltas, a non-leaf tensor (e.g. ``leaf.view_as(leaf)``: the test
+            of whether a pass differentiates with respect to it reads its node). The
+            caller promises that no pass in the block asks for ``flat``'s gradient and
+            the block cores' own together (``riemannian_grad`` keeps ``flat`` private).
+    Cost: O(1).
+    """
+
+    __slots__ = ("_flat",)
+
+    def __init__(self, flat: torch.Tensor):
+        if not isinstance(flat, torch.Tensor) or flat.grad_fn is None:
+            raise ValueError("flat: expected a non-leaf tensor requiring grad (the packed "
+                             "deltas, e.g. leaf.view_as(leaf))")
+        self._flat = flat
 
     def __enter__(self):
-        _PACKED_ONLY.depth += 1
+        d = self._flat.__dict__
+        d[_WANTED_ATTR] = d.get(_WANTED_ATTR, 0) + 1
         return self
 
     def __exit__(self, *exc):
-        _PACKED_ONLY.depth -= 1
+        d = self._flat.__dict__
+        d[_WANTED_ATTR] -= 1
+        if not d[_WANTED_ATTR]:
+            del d[_WANTED_ATTR]
         return False
+
+
+def _deltas_only(src: torch.Tensor, cores: Sequence[torch.Tensor]) -> bool:
+    """Whether the current reverse pass may give the packed deltas ``src`` their gradient
+    directly and the block ``cores`` none: ``src`` is in a :class:`packed_grads_only` block,
+    the pass differentiates with respect to it, and no hook reads a core's gradient."""
+    if not src.__dict__.get(_WANTED_ATTR, 0):
+        return False
+    try:
+        wanted = _will_execute(src.grad_fn)
+    except RuntimeError:  # a pass the engine cannot tell about (e.g. a leaf under grad())
+        return False
+    return wanted and not any(c._backward_hooks or c.retains_grad for c in cores)
 
 
 def mark_tangent_block_cores(cores: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
