@@ -24,9 +24,11 @@ def _with_placeholder(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tens
 def _batch_shape(*seqs) -> Optional[torch.Size]:
     """The broadcast batch shape of the cores of ``seqs`` (None entries skipped), or None
     when no core has a batch dimension (one point: the single-point kernels)."""
-    shapes = [c.shape[:-3] for seq in seqs if seq is not None for c in seq if c is not None]
-    if all(len(s) == 0 for s in shapes):
+    # one point (the per-step case): every sequence's cores are 3-D, so its last one is
+    # (index 0 of V is None); only then look at all of them
+    if all(seq is None or seq[-1].dim() == 3 for seq in seqs):
         return None
+    shapes = [c.shape[:-3] for seq in seqs if seq is not None for c in seq if c is not None]
     return torch.broadcast_shapes(*shapes)
 
 

@@ -553,6 +553,8 @@ class FixedTTRank(geoopt.Manifold):
     @staticmethod
     def _check_batches(point_batch, batch, name: str) -> None:
         """Raise ``ValueError`` naming ``name`` unless ``batch`` broadcasts with the point's."""
+        if not point_batch or not batch or tuple(point_batch) == tuple(batch):
+            return  # broadcasts (torch.broadcast_shapes costs ~10 us per call)
         try:
             torch.broadcast_shapes(point_batch, batch)
         except RuntimeError:
