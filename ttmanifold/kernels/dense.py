@@ -25,8 +25,8 @@ def _batch_shape(*seqs) -> Optional[torch.Size]:
     """The broadcast batch shape of the cores of ``seqs`` (None entries skipped), or None
     when no core has a batch dimension (one point: the single-point kernels)."""
     # one point (the per-step case): every sequence's cores are 3-D, so its last one is
-    # (index 0 of V is None); only then look at all of them
-    if all(seq is None or seq[-1].dim() == 3 for seq in seqs):
+    # (V of d = 1 is [None]); only otherwise look at all of them
+    if all(seq is None or seq[-1] is None or seq[-1].dim() == 3 for seq in seqs):
         return None
     shapes = [c.shape[:-3] for seq in seqs if seq is not None for c in seq if c is not None]
     return torch.broadcast_shapes(*shapes)
