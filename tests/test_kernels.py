@@ -618,6 +618,29 @@ def test_compiled_dense_batches_in_one_call(compiled, dtype, monkeypatch):
     assert "right_cores_batch" in spy.calls
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_compiled_gauge_projection_of_a_batch(compiled, dtype):
+    """A batch's gauge projection (egrad2rgrad) is one compiled call and equals the torch
+    batch and the per-core dense formula g_k - U_k U_k^T g_k (k < d), also for one point
+    and a batch of gradients."""
+    M = FixedTTRank((3, 4, 5, 3), (1, 2, 3, 2, 1))
+    gen = torch.Generator().manual_seed(12)
+    p = M.random((2, 3, M.size), dtype=F64, generator=gen).to(dtype)
+    u = torch.randn(2, 3, M.size, dtype=F64, generator=gen).to(dtype)
+    tol = 1e-12 if dtype == F64 else 1e-5
+    a, b = _both(lambda: M.egrad2rgrad(p, u))
+    assert "gauge_project_batch" in compiled["dense"].calls
+    assert float((a - b).abs().max()) <= tol
+    U, G = M.split(p.double(), "p"), M.split(u.double(), "u")
+    ref = torch.cat([(g - torch.einsum("...ij,...kj,...kl->...il",
+                                        u_.flatten(-3, -2), u_.flatten(-3, -2),
+                                        g.flatten(-3, -2)).unflatten(-2, g.shape[-3:-1])
+                      if k < M.d - 1 else g).flatten(-3) for k, (u_, g) in enumerate(zip(U, G))], -1)
+    assert float((a.double() - ref).abs().max()) <= 10 * tol
+    a, b = _both(lambda: M.egrad2rgrad(p[0, 0], u))  # one point, a batch of gradients
+    assert a.shape == u.shape and float((a - b).abs().max()) <= tol
+
+
 def test_compiled_dense_steps_aside_under_vmap_and_autograd(compiled):
     M = FixedTTRank((4, 5, 6, 5), 3)
     gen = torch.Generator().manual_seed(1)

@@ -693,6 +693,40 @@ torch::Tensor tangent_block_cores_backward(std::vector<torch::Tensor> gs) {
 // g_k - U_k (U_k^T g_k) on the left unfoldings (k < d-1), the rest copied; runs holds
 // (offset, count, rows, cols) per run of equal core shapes among those cores (the
 // manifold's gauge_runs). Also whether g is finite (the same pass's test, for the caller)
+namespace {
+
+void check_runs(const std::vector<int64_t>& runs, int64_t size) {
+  TORCH_CHECK(runs.size() % 4 == 0, "runs: expected (offset, count, rows, cols) per run");
+  for (size_t i = 0; i < runs.size(); i += 4)
+    TORCH_CHECK(runs[i] >= 0 && runs[i + 1] >= 0 && runs[i + 2] > 0 && runs[i + 3] > 0 &&
+                runs[i] + runs[i + 1] * runs[i + 2] * runs[i + 3] <= size,
+                "runs: a run outside the packed point");
+}
+
+// o = the gauge projection of the packed g (n numbers) at the packed point pp; whether g
+// is finite
+template <typename T>
+bool gauge_impl(const T* pp, const T* gp, T* o, int64_t n, const std::vector<int64_t>& runs,
+                std::vector<T>& P) {
+  const bool ok = finite<T>(gp, n);
+  std::copy(gp, gp + n, o);
+  for (size_t i = 0; i < runs.size(); i += 4) {
+    const int rn = static_cast<int>(runs[i + 2]), c = static_cast<int>(runs[i + 3]);
+    P.resize(static_cast<size_t>(c) * c);
+    for (int64_t j = 0; j < runs[i + 1]; ++j) {
+      const int64_t off = runs[i] + j * rn * c;
+      const T* u = pp + off;
+      T* G = o + off;
+      // row-major P (c x c) = U^T (c x rn) G (rn x c); G -= U (rn x c) P
+      mm<T>(true, false, c, c, rn, T(1), u, c, G, c, T(0), P.data(), c);
+      mm<T>(false, false, rn, c, c, T(-1), u, c, P.data(), c, T(1), G, c);
+    }
+  }
+  return ok;
+}
+
+}  // namespace
+
 std::tuple<torch::Tensor, bool> gauge_project(torch::Tensor p, torch::Tensor g,
                                               std::vector<int64_t> runs) {
   const auto t = p.scalar_type();
@@ -701,32 +735,38 @@ std::tuple<torch::Tensor, bool> gauge_project(torch::Tensor p, torch::Tensor g,
   TORCH_CHECK(g.device().is_cpu() && g.is_contiguous() && g.dim() == 1 &&
               g.numel() == p.numel() && g.scalar_type() == t,
               "g: expected a packed tensor of p's size and dtype");
-  TORCH_CHECK(runs.size() % 4 == 0, "runs: expected (offset, count, rows, cols) per run");
-  for (size_t i = 0; i < runs.size(); i += 4)
-    TORCH_CHECK(runs[i] >= 0 && runs[i + 1] >= 0 && runs[i + 2] > 0 && runs[i + 3] > 0 &&
-                runs[i] + runs[i + 1] * runs[i + 2] * runs[i + 3] <= p.numel(),
-                "runs: a run outside the packed point");
+  check_runs(runs, p.numel());
   auto out = torch::empty_like(g);
   bool ok = true;
   AT_DISPATCH_FLOATING_TYPES(t, "ttm_gauge_project", [&] {
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* pp = p.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    ok = finite<scalar_t>(gp, g.numel());
-    std::copy(gp, gp + g.numel(), o);
     std::vector<scalar_t> P;
-    for (size_t i = 0; i < runs.size(); i += 4) {
-      const int rn = static_cast<int>(runs[i + 2]), c = static_cast<int>(runs[i + 3]);
-      P.resize(static_cast<size_t>(c) * c);
-      for (int64_t j = 0; j < runs[i + 1]; ++j) {
-        const int64_t off = runs[i] + j * rn * c;
-        const scalar_t* u = pp + off;
-        scalar_t* G = o + off;
-        // row-major P (c x c) = U^T (c x rn) G (rn x c); G -= U (rn x c) P
-        mm<scalar_t>(true, false, c, c, rn, scalar_t(1), u, c, G, c, scalar_t(0), P.data(), c);
-        mm<scalar_t>(false, false, rn, c, c, scalar_t(-1), u, c, P.data(), c, scalar_t(1), G, c);
-      }
-    }
+    ok = gauge_impl<scalar_t>(p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                              out.data_ptr<scalar_t>(), g.numel(), runs, P);
+  });
+  return {out, ok};
+}
+
+// gauge_project for a batch: p (1 or B, size), g (B, size) -> (B, size), all finite
+std::tuple<torch::Tensor, bool> gauge_project_batch(torch::Tensor p, torch::Tensor g,
+                                                    std::vector<int64_t> runs) {
+  const auto t = p.scalar_type();
+  TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.dim() == 2 &&
+              (t == torch::kFloat || t == torch::kDouble), "p: expected packed CPU points (B, size)");
+  TORCH_CHECK(g.device().is_cpu() && g.is_contiguous() && g.dim() == 2 &&
+              g.size(1) == p.size(1) && g.scalar_type() == t &&
+              (p.size(0) == 1 || p.size(0) == g.size(0)),
+              "g: expected packed tensors (B, size) of p's size and dtype");
+  const int64_t n = g.size(1), B = g.size(0), step = p.size(0) == 1 ? 0 : n;
+  check_runs(runs, n);
+  auto out = torch::empty_like(g);
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES(t, "ttm_gauge_project_batch", [&] {
+    std::vector<scalar_t> P;
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b)
+      ok = gauge_impl<scalar_t>(pp + b * step, gp + b * n, o + b * n, n, runs, P) && ok;
   });
   return {out, ok};
 }
@@ -961,6 +1001,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tangent_block_cores_backward", &tangent_block_cores_backward,
         "packed delta gradient from the block cores' gradients");
   m.def("gauge_project", &gauge_project, "gauge projection of a packed tensor, and its finiteness");
+  m.def("gauge_project_batch", &gauge_project_batch,
+        "gauge projection of a batch of packed tensors, and their finiteness");
   m.def("one_vs_blocks", &one_vs_blocks, "(<x, x>, <x, t_j>...) and the left environments");
   m.def("one_vs_blocks_backward", &one_vs_blocks_backward,
         "gradient in x of sum_b g_b <x, block_b>");

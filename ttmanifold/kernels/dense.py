@@ -157,6 +157,19 @@ def gauge_project(mod, runs, U_flat: torch.Tensor, g: torch.Tensor):
     return mod.gauge_project(U_flat.contiguous(), g.contiguous(), flat_runs)
 
 
+def gauge_project_flat(mod, runs, U_flat: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The torch ``gauge_project_flat(runs, U_flat, g)`` for leading batch dimensions
+    (broadcast; a single point for the whole batch is not copied per point): one call."""
+    bs = torch.broadcast_shapes(U_flat.shape[:-1], g.shape[:-1])
+    n = g.shape[-1]
+    one = U_flat.shape[:-1].numel() == 1
+    p2 = (U_flat.reshape(1, n) if one else U_flat.expand(bs + (n,)).reshape(-1, n)).contiguous()
+    g2 = g.expand(bs + (n,)).reshape(-1, n).contiguous()
+    flat_runs = [int(v) for run in runs[0] for v in run]
+    out, _ = mod.gauge_project_batch(p2, g2, flat_runs)
+    return out.reshape(bs + (n,))
+
+
 def one_vs_blocks_backward_deltas(mod, k: int, cores: Sequence[torch.Tensor],
                                   ws: Sequence[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
     """:func:`one_vs_blocks_backward` for an ``x`` of tangent block cores: the packed

@@ -738,6 +738,13 @@ def _project_at_point_pass(U, V, Z, gauge: bool, out: Optional[torch.Tensor]):
     return torch.cat(pieces[::-1], -1)
 
 
+def _batched_gauge(runs, U_flat: torch.Tensor, g: torch.Tensor) -> bool:
+    """The compiled gauge projection takes batches (a single point goes through
+    ``autodiff``'s checked call, or stays on this torch code)."""
+    return U_flat.dim() > 1 or g.dim() > 1
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.gauge_project_flat, when=_batched_gauge)
 def gauge_project_flat(runs, U_flat: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``g_k - U_k (U_k^T g_k)`` on the left unfoldings of the packed cores ``k < d``; the
     last core unchanged. ``runs``: ``(offset, m, rows, cols)`` per run of equal core shapes
