@@ -727,25 +727,6 @@ bool gauge_impl(const T* pp, const T* gp, T* o, int64_t n, const std::vector<int
 
 }  // namespace
 
-std::tuple<torch::Tensor, bool> gauge_project(torch::Tensor p, torch::Tensor g,
-                                              std::vector<int64_t> runs) {
-  const auto t = p.scalar_type();
-  TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.dim() == 1 &&
-              (t == torch::kFloat || t == torch::kDouble), "p: expected a packed CPU point");
-  TORCH_CHECK(g.device().is_cpu() && g.is_contiguous() && g.dim() == 1 &&
-              g.numel() == p.numel() && g.scalar_type() == t,
-              "g: expected a packed tensor of p's size and dtype");
-  check_runs(runs, p.numel());
-  auto out = torch::empty_like(g);
-  bool ok = true;
-  AT_DISPATCH_FLOATING_TYPES(t, "ttm_gauge_project", [&] {
-    std::vector<scalar_t> P;
-    ok = gauge_impl<scalar_t>(p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-                              out.data_ptr<scalar_t>(), g.numel(), runs, P);
-  });
-  return {out, ok};
-}
-
 // gauge_project for a batch: p (1 or B, size), g (B, size) -> (B, size), all finite
 std::tuple<torch::Tensor, bool> gauge_project_batch(torch::Tensor p, torch::Tensor g,
                                                     std::vector<int64_t> runs) {
@@ -769,6 +750,14 @@ std::tuple<torch::Tensor, bool> gauge_project_batch(torch::Tensor p, torch::Tens
       ok = gauge_impl<scalar_t>(pp + b * step, gp + b * n, o + b * n, n, runs, P) && ok;
   });
   return {out, ok};
+}
+
+// gauge_project of one point: the batch of one
+std::tuple<torch::Tensor, bool> gauge_project(torch::Tensor p, torch::Tensor g,
+                                              std::vector<int64_t> runs) {
+  TORCH_CHECK(p.dim() == 1 && g.dim() == 1, "p, g: expected one packed point and tensor");
+  auto res = gauge_project_batch(p.reshape({1, p.numel()}), g.reshape({1, g.numel()}), runs);
+  return {std::get<0>(res).view({-1}), std::get<1>(res)};
 }
 
 // <x, y> of two TTs of one shape (0-d tensor)
