@@ -58,9 +58,8 @@ def right_cores(mod, U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         return [None]
     bs = _batch_shape(U)
     if bs is not None:
-        V = list(mod.right_cores_batch(_batched(U, bs)))
-        return [None] + [v.reshape(bs + v.shape[1:]) if v.shape[0] == bs.numel() else
-                         v.reshape(v.shape[1:]).expand(bs + v.shape[1:]) for v in V[1:]]
+        V = list(mod.right_cores_batch(_batched(U, bs)))  # (B, a, n, b), B = bs.numel()
+        return [None] + [v.reshape(bs + v.shape[1:]) for v in V[1:]]
     V = list(mod.right_cores(_contig(U)))
     V[0] = None
     return V
@@ -153,8 +152,13 @@ def gauge_project(mod, runs, U_flat: torch.Tensor, g: torch.Tensor):
     """``(g_k - U_k (U_k^T g_k) for k < d, g_d)`` packed (the gauge projection of the packed
     ``g`` at the packed point ``U_flat``; ``runs``: the manifold's ``gauge_runs``) and
     whether ``g`` is finite."""
-    flat_runs = [int(v) for run in runs[0] for v in run]
-    return mod.gauge_project(U_flat.contiguous(), g.contiguous(), flat_runs)
+    return mod.gauge_project(U_flat.contiguous(), g.contiguous(), _flat_runs(runs))
+
+
+def _flat_runs(runs) -> List[int]:
+    """The manifold's ``gauge_runs`` as the compiled kernels take them: (offset, count,
+    rows, cols) of every run, flattened."""
+    return [int(v) for run in runs[0] for v in run]
 
 
 def gauge_project_flat(mod, runs, U_flat: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -165,8 +169,7 @@ def gauge_project_flat(mod, runs, U_flat: torch.Tensor, g: torch.Tensor) -> torc
     one = U_flat.shape[:-1].numel() == 1
     p2 = (U_flat.reshape(1, n) if one else U_flat.expand(bs + (n,)).reshape(-1, n)).contiguous()
     g2 = g.expand(bs + (n,)).reshape(-1, n).contiguous()
-    flat_runs = [int(v) for run in runs[0] for v in run]
-    out, _ = mod.gauge_project_batch(p2, g2, flat_runs)
+    out, _ = mod.gauge_project_batch(p2, g2, _flat_runs(runs))
     return out.reshape(bs + (n,))
 
 
