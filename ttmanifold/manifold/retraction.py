@@ -12,25 +12,14 @@ import torch
 from .. import kernels
 from ..kernels import dense as compiled_dense
 from ..tt import qr_pos
-from .sweeps import (STACK_MAX_NUMEL, compiled_batch, core_runs, one_point_batch,
+from .sweeps import (STACK_MAX_NUMEL, core_runs, has_bonds, one_point_batch,
                      prefer_fewer_launches, right_cores, right_sweep, squeeze_cores)
 
 __all__ = ["retract", "retract_point", "block_cores", "scattered_block_cores",
            "retract_transport_cores"]
 
 
-def _has_bonds(U, *args, **kwargs) -> bool:
-    """The compiled kernels take TTs with bonds, ``d > 1``: one point, or a batch
-    (:func:`~.sweeps.compiled_batch`: one call for the batch)."""
-    return len(U) > 1 and (_unbatched_point(U, *args) or compiled_batch(U, *args))
-
-
-def _unbatched_point(*seqs) -> bool:
-    return all(not isinstance(c, torch.Tensor) or c.dim() == 3
-               for seq in seqs if isinstance(seq, (list, tuple)) for c in seq)
-
-
-@kernels.dispatch("dense", compiled=compiled_dense.retract, when=_has_bonds)
+@kernels.dispatch("dense", compiled=compiled_dense.retract, when=has_bonds)
 def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
             du: Sequence[torch.Tensor], ranks: Sequence[int]) -> torch.Tensor:
     """Packed left-orthogonal cores of ``round_r(X + xi)``, ``xi = sum_k U_<k du_k V_>k``.
@@ -110,7 +99,7 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
     return _packed(lefts, c, 0, group)
 
 
-@kernels.dispatch("dense", compiled=compiled_dense.retract_point, when=_has_bonds)
+@kernels.dispatch("dense", compiled=compiled_dense.retract_point, when=has_bonds)
 def retract_point(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
                   ranks: Sequence[int]) -> torch.Tensor:
     """:func:`retract` that computes the right-orthogonal cores itself (one compiled call

@@ -24,7 +24,7 @@ from .. import kernels
 from ..kernels import dense as compiled_dense
 from ..tt import IndexSet
 
-__all__ = ["compiled_batch", "core_runs", "contiguous_runs", "right_sweep", "right_cores", "project_tt", "project_dense",
+__all__ = ["compiled_batch", "has_bonds", "unbatched", "core_runs", "contiguous_runs", "right_sweep", "right_cores", "project_tt", "project_dense",
            "project_tt_at_point",
            "prefer_fewer_launches", "one_point_batch", "squeeze_cores", "batched_mm",
            "batched_dot",
@@ -110,10 +110,11 @@ def compiled_batch(U, *seqs) -> bool:
     return True
 
 
-def _has_bonds(U, *args, **kwargs) -> bool:
-    """The compiled kernels take TTs with bonds, ``d > 1``: one point, or a batch
-    (:func:`compiled_batch`)."""
-    return len(U) > 1 and (U[0].dim() == 3 or compiled_batch(U))
+def has_bonds(U, *args, **kwargs) -> bool:
+    """The compiled dense kernels take TTs with bonds, ``d > 1``: one point (every core of
+    ``U`` and of the core sequences among ``args`` is 3-D), or a batch that they take in
+    one call (:func:`compiled_batch`). The ``when=`` predicate of their dispatch."""
+    return len(U) > 1 and (unbatched(U, *args) or compiled_batch(U, *args))
 
 
 def one_point_batch(*seqs):
@@ -157,12 +158,14 @@ def contiguous_runs(cores: Sequence[torch.Tensor]) -> List[torch.Tensor]:
 STACK_MAX_NUMEL = 1 << 16
 
 
-def _unbatched(*seqs) -> bool:
-    """Every tensor of the core sequences is a single 3-D core (no batch dimension)."""
-    return all(c is None or c.dim() == 3 for seq in seqs if seq is not None for c in seq)
+def unbatched(*seqs) -> bool:
+    """Whether every core of the core sequences (lists or tuples; other arguments and None
+    entries skipped) is a single 3-D core, i.e. no batch dimension."""
+    return all(not isinstance(c, torch.Tensor) or c.dim() == 3
+               for seq in seqs if isinstance(seq, (list, tuple)) for c in seq)
 
 
-@kernels.dispatch("dense", compiled=compiled_dense.right_cores, when=_has_bonds)
+@kernels.dispatch("dense", compiled=compiled_dense.right_cores, when=has_bonds)
 def right_cores(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     """The right-orthogonal cores of the TT with left-orthogonal cores ``U``.
 
@@ -310,7 +313,7 @@ def batched_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _packed(U, V, Z, *, packed: bool = False, gauge: bool = False) -> bool:
-    return packed and (_unbatched(U, V, Z) or compiled_batch(U, V, Z))
+    return packed and (unbatched(U, V, Z) or compiled_batch(U, V, Z))
 
 
 # The paired interface sweeps (:func:`_paired_interfaces`: 2 batched products per middle
@@ -461,7 +464,7 @@ def project_tt(U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Te
     almost no extra cost: ``U_k^T t_k = P_{k+1}`` is a product of the left sweep, so the
     projection is ``(t_k - U_k P_{k+1}) Q_k``, one batched product per run.
     """
-    if not _unbatched(U, V, Z):
+    if not unbatched(U, V, Z):
         bs = one_point_batch(U, V, Z)
         if bs is not None:  # one point: the single-point path, compiled kernels included
             out = project_tt(squeeze_cores(U), squeeze_cores(V), squeeze_cores(Z), packed=packed, gauge=gauge)
@@ -567,7 +570,7 @@ def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
     bs = torch.broadcast_shapes(*[c.shape[:-3] for c in (U[0], Z[0])
                                   + (() if V is None else (V[-1],))])
     nb = len(bs)
-    if (one_point_batch(U, V) is not None or _unbatched(U, V)) and not prefer_fewer_launches(
+    if (one_point_batch(U, V) is not None or unbatched(U, V)) and not prefer_fewer_launches(
             U[0].device, sum(z.numel() for z in Z)):
         # one point shared by the batch (many Z at one point): the batch goes into the
         # matrix dimensions of the products with the point's cores (about 9 operations per
