@@ -34,6 +34,37 @@ from .tangent import TangentTT
 __all__ = ["FixedTTRank"]
 
 
+def _let_aot_runtime_take_manifold_tensors() -> None:
+    """Let graphs compiled through AOTAutograd (the ``aot_eager`` and ``cudagraphs``
+    backends, and inductor's library calls) run on the points this manifold hands out,
+    ``geoopt.ManifoldTensor``s.
+
+    torch 2.13 runs a compiled graph's first call under a dispatch mode (the custom-op
+    aliasing check) that passes on every op with an input whose exact type is not in
+    ``proxy_tensor.HANDLED_TYPES``, leaving it to that type's own ``__torch_dispatch__``.
+    ManifoldTensor has none (and geoopt disables its ``__torch_function__``), so nothing
+    takes the op and the first operation on the point fails with "Multiple dispatch
+    failed" (pytorch/pytorch#193932; ``nn.Parameter`` is special-cased there, so
+    ``ManifoldParameter`` is unaffected). The class is a plain tensor to the dispatcher,
+    so it is listed with the handled types. The runtime module binds the tuple by name when
+    ``torch._dynamo`` is first imported (about 0.9 s CPU, not forced here): the tuple is
+    extended where it is defined and, if already loaded, in the runtime module. Idempotent."""
+    import sys
+
+    tp = geoopt.ManifoldTensor
+    if getattr(tp, "__torch_dispatch__", None) is not torch.Tensor.__torch_dispatch__:
+        return  # a class with its own dispatch must keep being deferred to
+    for name in ("torch.fx.experimental.proxy_tensor",
+                 "torch._functorch._aot_autograd.runtime_wrappers"):
+        mod = sys.modules.get(name)
+        handled = getattr(mod, "HANDLED_TYPES", None)
+        if isinstance(handled, tuple) and tp not in handled:
+            mod.HANDLED_TYPES = handled + (tp,)
+
+
+_let_aot_runtime_take_manifold_tensors()
+
+
 def _needs_grad(a) -> bool:
     return isinstance(a, (torch.Tensor, TT)) and a.requires_grad
 
