@@ -1,8 +1,9 @@
 """torch.compile(fullgraph=True) of the per-step operations on the CPU (issue 16, item 5).
 
 Graph breaks are a property of dynamo's tracing, so these tests compile with the "eager"
-backend (fast, no C++ toolchain); one test runs inductor end to end. Timings are in
-``benchmarks/bench_compile.py``.
+backend (fast, no C++ toolchain); one test runs inductor end to end, and every per-step
+operation runs once under each AOTAutograd backend (aot_eager, and cudagraphs, which on
+the CPU runs the same graph uncaptured). Timings are in ``benchmarks/bench_compile.py``.
 
 What traces today: the kernel seam (``kernels.usable``/``dispatch`` step aside under
 tracing before any ``torch._C`` predicate), the input checks (``_checks.functorch_wrapped``,
@@ -259,6 +260,20 @@ def test_per_step_ops_cudagraphs_backend_on_cpu():
     runs the AOT graph."""
     check_aot_backend("cudagraphs", torch.float64,
                       names=("retr", "project_tt_batch", "riemannian_grad"))
+
+
+def test_manifold_tensor_registered_with_an_already_loaded_aot_runtime(monkeypatch):
+    """The registration also reaches the AOT runtime module when torch._dynamo was
+    imported before ttmanifold (it then holds its own reference to the old tuple)."""
+    from torch._functorch._aot_autograd import runtime_wrappers as rw
+    from torch.fx.experimental import proxy_tensor
+
+    assert geoopt.ManifoldTensor in proxy_tensor.HANDLED_TYPES
+    old = tuple(t for t in rw.HANDLED_TYPES if t is not geoopt.ManifoldTensor)
+    monkeypatch.setattr(rw, "HANDLED_TYPES", old)
+    fixed_rank._let_aot_runtime_take_manifold_tensors()
+    fixed_rank._let_aot_runtime_take_manifold_tensors()  # idempotent
+    assert rw.HANDLED_TYPES == old + (geoopt.ManifoldTensor,)
 
 
 @pytest.mark.xfail(strict=True, raises=TypeError, reason=(
