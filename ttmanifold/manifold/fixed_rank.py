@@ -10,8 +10,10 @@ manifolds do (``docs/manifold.md#batches``). The mathematics: ``docs/manifold.md
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import numbers
+import sys
 import weakref
 from typing import Callable, List, Optional, Sequence
 
@@ -36,8 +38,7 @@ __all__ = ["FixedTTRank"]
 
 def _let_aot_runtime_take_manifold_tensors() -> None:
     """Let graphs compiled through AOTAutograd (the ``aot_eager`` and ``cudagraphs``
-    backends, and inductor's library calls) run on the points this manifold hands out,
-    ``geoopt.ManifoldTensor``s.
+    backends) run on the points this manifold hands out, ``geoopt.ManifoldTensor``s.
 
     torch 2.13 runs a compiled graph's first call under a dispatch mode (the custom-op
     aliasing check) that passes on every op with an input whose exact type is not in
@@ -46,14 +47,17 @@ def _let_aot_runtime_take_manifold_tensors() -> None:
     takes the op and the first operation on the point fails with "Multiple dispatch
     failed" (pytorch/pytorch#193932; ``nn.Parameter`` is special-cased there, so
     ``ManifoldParameter`` is unaffected). The class is a plain tensor to the dispatcher,
-    so it is listed with the handled types. The runtime module binds the tuple by name when
-    ``torch._dynamo`` is first imported (about 0.9 s CPU, not forced here): the tuple is
-    extended where it is defined and, if already loaded, in the runtime module. Idempotent."""
-    import sys
-
+    so it is listed with the handled types (``make_fx`` then also traces it as a plain
+    tensor). The runtime module binds the tuple by name when ``torch._dynamo`` is first
+    imported (about 0.9 s CPU, not forced here): the tuple is extended where it is defined
+    (loaded with torch) and, if already loaded, in the runtime module. Idempotent."""
     tp = geoopt.ManifoldTensor
     if getattr(tp, "__torch_dispatch__", None) is not torch.Tensor.__torch_dispatch__:
         return  # a class with its own dispatch must keep being deferred to
+    try:
+        importlib.import_module("torch.fx.experimental.proxy_tensor")  # (loaded by torch)
+    except ImportError:
+        return
     for name in ("torch.fx.experimental.proxy_tensor",
                  "torch._functorch._aot_autograd.runtime_wrappers"):
         mod = sys.modules.get(name)
