@@ -77,16 +77,15 @@ def _delta_tt(M, p, U, V):
 
 def _func_grad(M, p, U, V, f):
     """``d f(T(delta)) / d delta`` at ``delta = (0, .., 0, U_d)`` with ``torch.func.grad``
-    (for points that are functorch-wrapped, e.g. under ``vmap``)."""
+    (for points that are functorch-wrapped, e.g. under ``vmap``, and under torch.compile
+    tracing; there ``p`` may be a batch, whose values are summed: points are independent)."""
+    batch = p.shape[:-1]
 
     def g(flat):
         deltas = M.split(flat, "p")
         T = TT(deltas, check=False) if M.d == 1 else TangentTT(U, V, deltas, flat=flat,
                                                                gauged=True, check=False)
-        val = f(T)
-        if not isinstance(val, torch.Tensor) or val.numel() != 1:
-            raise ValueError("f: expected a function returning a scalar tensor")
-        return val.reshape(())
+        return _check_loss_shape(f(T), batch).sum()
 
     return torch.func.grad(g)(M.point_as_tangent(p))
 
@@ -111,16 +110,23 @@ def _gauge_checked(runs, p, D):
     return gauge_project_flat(runs, p, D), None
 
 
-def _check_loss(val, batch=()):
-    """A scalar, or for a batch of points a scalar or one value per point (shape
-    ``batch``); returns it, to differentiate with ones as the seed (the sum: points are
-    independent; one operation, as the implicit seed of a scalar, instead of a sum and a
-    seed)."""
+def _check_loss_shape(val, batch=()):
+    """``val`` if it is a scalar, or for a batch of points one value per point (shape
+    ``batch``); raises ``ValueError`` naming ``f`` otherwise."""
     ok = isinstance(val, torch.Tensor) and (
         val.numel() == 1 or (batch and tuple(val.shape) == tuple(batch)))
     if not ok:
         extra = f" or one value per point (shape {tuple(batch)})" if batch else ""
         raise ValueError(f"f: expected a function returning a scalar tensor{extra}")
+    return val
+
+
+def _check_loss(val, batch=()):
+    """A scalar, or for a batch of points a scalar or one value per point (shape
+    ``batch``), that depends on the TT; returns it, to differentiate with ones as the seed
+    (the sum: points are independent; one operation, as the implicit seed of a scalar,
+    instead of a sum and a seed)."""
+    _check_loss_shape(val, batch)
     if not val.requires_grad:
         raise ValueError("f: the returned scalar does not depend on the TT (no grad)")
     return val
@@ -152,7 +158,9 @@ def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torc
     p = p.detach()
     U = M.split(p, "p")
     V = right_cores(U)
-    if functorch_wrapped(p):  # inside vmap/grad: differentiate with torch.func instead
+    if torch.compiler.is_compiling() or functorch_wrapped(p):
+        # inside vmap/grad, or traced by dynamo (which stops at torch.autograd.grad):
+        # differentiate with torch.func instead
         return M.proju(p, _func_grad(M, p, U, V, f))
     with torch.enable_grad():
         flat, T = _delta_tt(M, p, U, V)

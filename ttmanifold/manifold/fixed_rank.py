@@ -10,8 +10,10 @@ manifolds do (``docs/manifold.md#batches``). The mathematics: ``docs/manifold.md
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import numbers
+import sys
 import weakref
 from typing import Callable, List, Optional, Sequence
 
@@ -32,6 +34,39 @@ from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect,
 from .tangent import TangentTT
 
 __all__ = ["FixedTTRank"]
+
+
+def _let_aot_runtime_take_manifold_tensors() -> None:
+    """Let graphs compiled through AOTAutograd (the ``aot_eager`` and ``cudagraphs``
+    backends) run on the points this manifold hands out, ``geoopt.ManifoldTensor``s.
+
+    torch 2.13 runs a compiled graph's first call under a dispatch mode (the custom-op
+    aliasing check) that passes on every op with an input whose exact type is not in
+    ``proxy_tensor.HANDLED_TYPES``, leaving it to that type's own ``__torch_dispatch__``.
+    ManifoldTensor has none (and geoopt disables its ``__torch_function__``), so nothing
+    takes the op and the first operation on the point fails with "Multiple dispatch
+    failed" (pytorch/pytorch#193932; ``nn.Parameter`` is special-cased there, so
+    ``ManifoldParameter`` is unaffected). The class is a plain tensor to the dispatcher,
+    so it is listed with the handled types (``make_fx`` then also traces it as a plain
+    tensor). The runtime module binds the tuple by name when ``torch._dynamo`` is first
+    imported (about 0.9 s CPU, not forced here): the tuple is extended where it is defined
+    (loaded with torch) and, if already loaded, in the runtime module. Idempotent."""
+    tp = geoopt.ManifoldTensor
+    if getattr(tp, "__torch_dispatch__", None) is not torch.Tensor.__torch_dispatch__:
+        return  # a class with its own dispatch must keep being deferred to
+    try:
+        importlib.import_module("torch.fx.experimental.proxy_tensor")  # (loaded by torch)
+    except ImportError:
+        return
+    for name in ("torch.fx.experimental.proxy_tensor",
+                 "torch._functorch._aot_autograd.runtime_wrappers"):
+        mod = sys.modules.get(name)
+        handled = getattr(mod, "HANDLED_TYPES", None)
+        if isinstance(handled, tuple) and tp not in handled:
+            mod.HANDLED_TYPES = handled + (tp,)
+
+
+_let_aot_runtime_take_manifold_tensors()
 
 
 def _needs_grad(a) -> bool:
