@@ -160,6 +160,20 @@ def test_usable_not_for_fake_tensors_or_while_compiling(loaded, monkeypatch):
     assert not kernels.usable("dense", torch.randn(3, dtype=F64))
 
 
+def test_usable_not_under_a_dispatch_mode(loaded):
+    """A compiled kernel is one call no TorchDispatchMode sees (make_fx, FlopCounterMode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    a = torch.randn(3, dtype=F64)
+    with Passthrough():
+        assert not kernels.usable("dense", a)
+    assert kernels.usable("dense", a)
+
+
 def test_usable_false_and_no_build_when_not_loaded(fresh, monkeypatch):
     monkeypatch.setitem(kernels._config, "auto_build", False)
     assert kernels.module("dense") is None
@@ -675,6 +689,27 @@ def test_compiled_dense_steps_aside_under_vmap_and_autograd(compiled):
                           atol=1e-10)
     assert torch.allclose(g2, torch.func.grad(
         lambda u: M.transp(ps[0], qs[0], u).pow(2).sum())(us[0]), atol=1e-10)
+
+
+def test_compiled_dense_steps_aside_under_make_fx_and_flop_counter(compiled):
+    """make_fx traces the torch path (the compiled call's result used to be untraced: the
+    graph returned garbage), and FlopCounterMode counts the operations."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    M = FixedTTRank((4, 5, 6, 5), 3)
+    gen = torch.Generator().manual_seed(2)
+    p = M.random(dtype=F64, generator=gen).as_subclass(torch.Tensor)
+    u = M.proju(p, torch.randn(M.size, dtype=F64, generator=gen))
+    spy = compiled["dense"]
+    spy.calls.clear()
+    g = make_fx(lambda p, u: M.retr(p, u), tracing_mode="real")(p, u)
+    assert spy.calls == []
+    assert torch.allclose(M.to_tt(g(p, u)).full(), M.to_tt(M.retr(p, u)).full(), atol=1e-12)
+    assert spy.calls  # outside the trace the compiled kernels serve again
+    with FlopCounterMode(display=False) as fc:
+        M.project(p, M.to_tt(p))
+    assert fc.get_total_flops() > 0
 
 
 def test_compiled_sampled_agrees_with_torch(compiled):

@@ -343,6 +343,11 @@ _is_batched = getattr(_ft, "is_legacy_batchedtensor", None) or (lambda t: False)
 _has_storage = getattr(torch._C, "_has_storage", None) or (
     lambda t: not (_is_wrapped(t) or _is_batched(t)))
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+# The number of active TorchDispatchModes (make_fx's proxy mode, FakeTensorMode,
+# FlopCounterMode, a user's own mode): a compiled kernel is one opaque call that no mode
+# sees, so with one active the torch implementation runs instead (under make_fx the
+# kernel's result would not be traced: the graph computed garbage).
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None) or (lambda: 0)
 _STRIDED = torch.strided
 
 
@@ -386,7 +391,9 @@ def usable(name: str, *args) -> bool:
     (:func:`module`, which never blocks), and every tensor among ``args`` (lists and tuples
     flattened, other values skipped) is a plain strided CPU tensor of float32 or float64,
     all of one dtype, none requiring grad while grad mode is on, none functorch-wrapped
-    (vmap, grad), fake or meta; and not inside ``torch.compile`` tracing.
+    (vmap, grad), fake or meta; not inside ``torch.compile`` tracing, and no
+    ``TorchDispatchMode`` active (``make_fx``, ``FlopCounterMode``, fake tensor modes: a
+    compiled kernel is one call that a mode cannot see).
 
     No side effect except :func:`module`'s (which may start the background build)."""
     if not _args_ok(args, torch.is_grad_enabled()):
@@ -397,7 +404,7 @@ def usable(name: str, *args) -> bool:
 def _args_ok(args, grad: bool) -> bool:
     """:func:`usable` without the module: enabled, not tracing, and the tensors of ``args``
     fit (none requiring grad when ``grad``)."""
-    if not _config["enabled"] or _is_compiling():
+    if not _config["enabled"] or _is_compiling() or _dispatch_modes():
         # is_compiling first: dynamo never reaches the torch._C predicates below (which it
         # cannot trace), so the torch implementation traces without a graph break
         return False
