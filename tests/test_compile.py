@@ -5,14 +5,12 @@ backend (fast, no C++ toolchain); one test runs inductor end to end, and every p
 operation runs once under each AOTAutograd backend (aot_eager, and cudagraphs, which on
 the CPU runs the same graph uncaptured). Timings are in ``benchmarks/bench_compile.py``.
 
-What traces today: the kernel seam (``kernels.usable``/``dispatch`` step aside under
-tracing before any ``torch._C`` predicate), the input checks (``_checks.functorch_wrapped``,
+What traces: the kernel seam (``kernels.usable``/``dispatch`` step aside under tracing
+before any ``torch._C`` predicate), the input checks (``_checks.functorch_wrapped``,
 ``assert_finite_async``), the dispatched sweeps, and every per-step operation of
-``FixedTTRank`` once its inference-mode wrapper decides ``torch.compiler.is_compiling()``
-before ``torch.is_inference_mode_enabled()`` (which dynamo cannot trace). That ordering
-lives in ``ttmanifold/manifold/fixed_rank.py`` (``_plain_path``); the tests of the public
-methods skip, naming it, while it breaks the graph, and the ``proposed_order`` tests apply
-the reordering at run time to show that nothing else breaks.
+``FixedTTRank`` (its inference-mode wrapper, ``fixed_rank._plain_path``, asks
+``torch.compiler.is_compiling()`` before ``torch.is_inference_mode_enabled()``, which
+dynamo cannot trace).
 """
 from __future__ import annotations
 
@@ -28,12 +26,6 @@ from ttmanifold.manifold import project_tt, right_cores
 
 dynamo = pytest.importorskip("torch._dynamo")
 
-PLAIN_PATH_BREAK = (
-    "graph break outside this file's scope: ttmanifold/manifold/fixed_rank.py, _plain_path "
-    "calls torch.is_inference_mode_enabled() (untraceable by dynamo) before "
-    "torch.compiler.is_compiling(); checking is_compiling first removes it")
-
-
 @pytest.fixture(params=[False, True], ids=["torch-path", "native-enabled"])
 def native(request):
     """The torch path (TTMANIFOLD_NATIVE=0) and, where built, the compiled kernels enabled
@@ -42,18 +34,6 @@ def native(request):
     kernels.set_enabled(request.param)
     yield request.param
     kernels.set_enabled(old)
-
-
-@pytest.fixture
-def proposed_order(monkeypatch):
-    orig = fixed_rank._plain_path
-
-    def plain_path(args):
-        if torch.compiler.is_compiling():
-            return True
-        return orig(args)
-
-    monkeypatch.setattr(fixed_rank, "_plain_path", plain_path)
 
 
 def compile_full(fn, backend="eager"):
@@ -141,31 +121,17 @@ def test_dispatched_sweeps_trace_fullgraph(native, dtype):
 # ---------------------------------------------------------------------------------------
 # the per-step operations of FixedTTRank
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("op", list(OPS))
-def test_per_step_op_fullgraph(native, op):
-    M, p, xi, q, u = setup()
-    fn, is_point = OPS[op]
-    try:
-        out = compile_full(lambda p, xi, q, u: fn(M, p, xi, q, u))(p, xi, q, u)
-    except torch._dynamo.exc.Unsupported as e:
-        if "is_inference_mode_enabled" in str(e):
-            pytest.skip(PLAIN_PATH_BREAK)
-        raise
-    check_same(M, out, fn(M, p, xi, q, u), is_point, 1e-10)
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("op", list(OPS))
-def test_per_step_op_fullgraph_proposed_order(native, proposed_order, op, dtype):
-    """With ``_plain_path`` deciding ``is_compiling`` first, every per-step operation
-    traces as one graph and equals the eager result."""
+def test_per_step_op_fullgraph(native, op, dtype):
+    """Every per-step operation traces as one graph and equals the eager result."""
     M, p, xi, q, u = setup(dtype)
     fn, is_point = OPS[op]
     out = compile_full(lambda p, xi, q, u: fn(M, p, xi, q, u))(p, xi, q, u)
     check_same(M, out, fn(M, p, xi, q, u), is_point, 1e-10 if dtype == torch.float64 else 1e-4)
 
 
-def test_retr_inductor_proposed_order(proposed_order):
+def test_retr_inductor():
     """End to end with inductor (the default backend): the compiled retraction is a point
     equal to the eager one."""
     M, p, xi, q, u = setup(shape=(3, 4, 3), r=2)
