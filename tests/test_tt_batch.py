@@ -71,6 +71,20 @@ def test_full_norm_inner_pairwise():
     assert close(inner(y[1], y), (Y * Y[1]).flatten(1).sum(-1), 1e-13)
 
 
+
+def test_pairwise_inner_of_batches_that_do_not_broadcast():
+    # all pairs of two sets of different sizes (a Gram matrix between them): the batch
+    # shapes need not broadcast, only the shapes, dtypes and devices must agree
+    x = rnd(SHAPE, 2, (3,), 20)
+    y = rnd(SHAPE, (1, 3, 2, 2, 1), (2, 4), 21)
+    X, Y = dense_batch(x), dense_batch(y)
+    P = pairwise_inner(x, y)
+    assert P.shape == (3, 2, 4)
+    assert close(P, torch.einsum("ai,bci->abc", X.flatten(1), Y.flatten(2)), 1e-13)
+    assert pairwise_inner(x[:0], y).shape == (0, 2, 4)
+    with pytest.raises(ValueError, match="pairwise_inner: shapes differ"):
+        pairwise_inner(x, rnd((3, 4, 5), 2, (2,), 22))
+
 def test_norm_gradient_of_a_batch():
     x = rnd(SHAPE, 2, (3,), 2)
     cores = [c.clone().requires_grad_() for c in x.cores]

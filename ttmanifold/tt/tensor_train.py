@@ -716,7 +716,9 @@ def _is_scalar(a) -> bool:
     return isinstance(a, numbers.Real)
 
 
-def _check_pair(a, b, op: str) -> None:
+def _check_pair(a, b, op: str, broadcast: bool = True) -> None:
+    """Raise unless ``a`` and ``b`` are TTs of one shape, dtype and device and (with
+    ``broadcast``) broadcastable batch shapes."""
     if not isinstance(a, TT) or not isinstance(b, TT):
         raise TypeError(f"{op}: expected two TT objects, got {type(a).__name__} and "
                         f"{type(b).__name__}")
@@ -727,7 +729,7 @@ def _check_pair(a, b, op: str) -> None:
     if a.device != b.device:
         raise ValueError(f"{op}: devices differ, {a.device} and {b.device}")
     ba, bb = a.batch_shape, b.batch_shape
-    if ba == bb:  # the common case: skip the broadcast check (about 25 us per call)
+    if not broadcast or ba == bb:  # the common case: skip the broadcast check (~25 us)
         return
     try:
         torch.broadcast_shapes(ba, bb)
@@ -1097,7 +1099,7 @@ def pairwise_inner(a: TT, b: TT) -> torch.Tensor:
     Cost: O(|A| |B| d n r_a r_b (r_a + r_b)): the sweep of :func:`inner`, broadcast over
     the pairs (memory O(|A| |B| n r_a r_b)).
     """
-    _check_pair(a, b, "pairwise_inner")
+    _check_pair(a, b, "pairwise_inner", broadcast=False)  # every pair: any two batch shapes
     na, nb_ = len(a.batch_shape), len(b.batch_shape)
     xa = TT([c.reshape(c.shape[:na] + (1,) * nb_ + c.shape[na:]) for c in a.cores], check=False)
     xb = TT([c.reshape((1,) * na + c.shape) for c in b.cores], check=False)
