@@ -109,6 +109,8 @@ def _choose_rank(s: torch.Tensor, max_rank: Optional[int], delta: Optional[torch
         # on the meta device values are unknown: keep the caps (documented)
         return max(k, 1)
     if s.dim() > 1:  # a batch: each point's needed rank, the largest over the batch
+        if s.numel() == 0:  # an empty batch: no TT needs any rank (as a zero TT: rank 1)
+            return 1
         top = s.amax(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
         s, dl = s / top, delta.unsqueeze(-1) / top
         sq = s * s
