@@ -412,6 +412,31 @@ def test_meta_device_batch():
     assert M.random(4, device="meta").shape == (4, M.size)
 
 
+
+@pytest.mark.parametrize("fewer_launches", [None, True], ids=["cpu-choice", "fewer-launches"])
+def test_empty_batch(compiled, monkeypatch, fewer_launches):
+    """A batch of no points (``p[mask]`` with an empty mask) gives empty results of the
+    right shapes: no reshape with an ambiguous -1, no max of an empty tensor, and the
+    compiled batch kernels (rank 8: they would divide by the batch size) never see it."""
+    from ttmanifold.manifold import sweeps
+    monkeypatch.setattr(sweeps, "PAIRED_SWEEPS", fewer_launches)
+    f = lambda T: T.norm() ** 2  # noqa: E731
+    for shape, ranks, batch in [((3, 4), (1, 2, 1), (0,)), ((2, 3, 3, 2), (1, 2, 3, 2, 1), (2, 0)),
+                                ((2, 4, 4, 2), (1, 2, 8, 2, 1), (0,))]:
+        M = FixedTTRank(shape, ranks)
+        p = torch.Tensor(M.random(*batch, M.size, dtype=F64))
+        u = torch.zeros(batch + (M.size,), dtype=F64)
+        one = torch.Tensor(M.random(dtype=F64))
+        Z = TT.random(shape, 2, dtype=F64, batch=batch)
+        packed = batch + (M.size,)
+        for out in (M.proju(p, u), M.egrad2rgrad(p, u), M.gauge(p, u), M.retr(p, u),
+                    M.transp(p, p, u), *M.retr_transp(p, u, u), M.projx(p),
+                    M.project(p, Z), M.project(one, Z), M.project(p, torch.zeros(batch + shape, dtype=F64)),
+                    M.riemannian_grad(p, f), M.riemannian_hvp(p, f, u), M.riemannian_hess(p, f, u)):
+            assert out.shape == packed
+        assert M.inner(p, u).shape == batch and M.dist(p, p).shape == batch
+        M.check_point(p)
+
 def test_batch_errors_name_the_argument():
     M, p, Z, gen = batch_case(batch=(3,), seed=8)
     u = torch.zeros(2, M.size, dtype=F64)

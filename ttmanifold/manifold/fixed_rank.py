@@ -448,7 +448,7 @@ class FixedTTRank(geoopt.Manifold):
         U = self._split(x.detach(), "x")
         defect = orth_defect(U)
         torch._assert_async(
-            (defect if defect.dim() == 0 else defect.max()) <= max(1e-5, self._orth_tol(x.dtype)),
+            (defect <= max(1e-5, self._orth_tol(x.dtype))).all(),  # (an empty batch passes)
             "x: the packed cores 1..d-1 are not left-orthogonal, so this tensor is not a "
             "point of FixedTTRank's representation (its Riemannian gradient would be wrong); "
             "build points with M.pack_point(tt), M.random() or M.projx(x)")
@@ -772,7 +772,8 @@ class FixedTTRank(geoopt.Manifold):
             return True, None
         if not bool(torch.isfinite(x).all()):
             return False, "point has non-finite entries"
-        defect = float(orth_defect(U).max())
+        defect = orth_defect(U)
+        defect = float(defect.max()) if defect.numel() else 0.0  # (an empty batch)
         if defect > max(atol, self._orth_tol(x.dtype)):
             return False, f"cores 1..d-1 are not left-orthogonal (defect {defect:.3g})"
         # exact rank: the interface factors L_k of the right sweep must be nonsingular

@@ -53,4 +53,4 @@ def project_sampled_batch(M, p: torch.Tensor, index_set: BatchIndexSet,
     V = right_cores(U) if V is None else V
     with torch.no_grad():
         D = index_set.project(U, V, values)
-    return M.proju(p, torch.cat([c.reshape(B, -1) for c in D], -1))
+    return M.proju(p, torch.cat([c.flatten(1) for c in D], -1))

@@ -101,6 +101,8 @@ def compiled_batch(U, *seqs) -> bool:
     (a mismatch is left to the torch path's error)."""
     if len(U) < 2 or max(c.shape[-1] for c in U[:-1]) < COMPILED_BATCH_MIN_RANK:
         return False
+    if U[0].numel() == 0:  # an empty batch: nothing to loop over (torch handles it)
+        return False
     shapes = [c.shape[:-3] for seq in (U,) + seqs if isinstance(seq, (list, tuple))
               for c in seq if isinstance(c, torch.Tensor)]
     try:
@@ -599,7 +601,7 @@ def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
             Vr: List[Optional[torch.Tensor]] = [None] * d
             for k, q, r in _right_sweep_batched(U):
                 dg.append(torch.diagonal(r, dim1=-2, dim2=-1))
-                Vr[k] = q.reshape(bs + tuple(U[k].shape[-2:]) + (-1,)).movedim(-1, -3).transpose(-2, -1)
+                Vr[k] = q.unflatten(-2, tuple(U[k].shape[-2:])).movedim(-1, -3).transpose(-2, -1)
             sweep = True
         else:
             Vr = [None] + [v.transpose(-2, -1) for v in V[1:]]
@@ -729,7 +731,7 @@ def _project_at_point_pass(U, V, Z, gauge: bool, out: Optional[torch.Tensor]):
             else:
                 torch.sub(Dk, UW, out=o)
         else:
-            pieces.append(Dk.reshape(B, -1) if UW is None else (Dk - UW).reshape(B, -1))
+            pieces.append(Dk.flatten(1) if UW is None else (Dk - UW).flatten(1))  # (B may be 0)
         end -= a * n * c
         if k > 0:
             Q = (s.reshape(B * A, n * c) @ V[k].reshape(a, n * c).mT).view(B, A, a)
