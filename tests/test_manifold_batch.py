@@ -207,6 +207,30 @@ def test_broadcast_one_point_many_vectors(compiled):
         assert torch.allclose(pr[b], M.project(p, Zs[b]), atol=1e-12)
 
 
+
+def test_metric_broadcasts_with_the_points():
+    """``inner``, ``norm`` and ``component_inner`` broadcast the batch shapes of the points
+    too (geoopt's convention): a batch of points and one vector gives one value per point,
+    and a point batch that does not broadcast is named, not silently ignored."""
+    M, p, Z, gen = batch_case(batch=(2, 3), seed=30)
+    u = torch.randn(M.size, dtype=F64, generator=gen)
+    v = torch.randn(3, M.size, dtype=F64, generator=gen)
+    ref = (u * v).sum(-1)
+    assert torch.equal(M.inner(p, u, v), ref.expand(2, 3))
+    assert M.inner(p, u, v, keepdim=True).shape == (2, 3, 1)
+    assert torch.equal(M.norm(p, u), u.norm().expand(2, 3))
+    assert M.inner(p[0, 0], u).shape == () and M.inner(p[0], u).shape == (3,)
+    ci = M.component_inner(p, u, v)  # v's batch larger than u's, both below p's
+    assert torch.equal(ci, ref[:, None].expand(2, 3, M.size))
+    assert torch.equal(M.component_inner(p[0, 0], v, u), ref[:, None].expand(3, M.size))
+    with pytest.raises(ValueError, match=r"x: batch shape \(2, 3\) does not broadcast with "
+                                         r"the vectors' \(2,\)"):
+        M.inner(p, torch.zeros(2, M.size, dtype=F64))
+    with pytest.raises(ValueError, match=r"x: batch shape \(2, 3\)"):
+        M.component_inner(p, torch.zeros(2, M.size, dtype=F64))
+    with pytest.raises(ValueError, match=r"x: expected a flat tensor of size"):
+        M.norm(p[..., 1:], u)
+
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 def test_project_batch_of_tts_at_one_point(compiled, monkeypatch, dtype):
     """A batch of TTs at one point (the batch folded into the products with the point's

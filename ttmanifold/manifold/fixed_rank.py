@@ -623,9 +623,20 @@ class FixedTTRank(geoopt.Manifold):
     def inner(self, x: torch.Tensor, u: torch.Tensor, v: Optional[torch.Tensor] = None, *,
               keepdim: bool = False) -> torch.Tensor:
         """Riemannian metric: Euclidean inner product of packed gauged deltas; one value
-        per point for batches (shape ``batch``, or ``(*batch, 1)`` with ``keepdim``)."""
+        per point for batches (shape ``batch``, or ``(*batch, 1)`` with ``keepdim``). As in
+        geoopt's manifolds, ``batch`` broadcasts the batch shapes of ``x``, ``u`` and
+        ``v`` (a batch of points and one vector: one value per point)."""
         if v is None:
             v = u
+        shape = self._metric_shape(x, u, v)
+        out = (u * v).sum(-1, keepdim=keepdim)
+        shape = shape[:-1] + (1,) * keepdim
+        return out if out.shape == shape else out.expand(shape)
+
+    def _metric_shape(self, x, u, v) -> tuple:
+        """The broadcast shape ``(*batch, size)`` of the point ``x`` and the vectors ``u``,
+        ``v`` of :meth:`inner` and :meth:`component_inner`; ``ValueError`` naming the
+        arguments whose batch shapes do not broadcast."""
         if u.shape[-1:] != (self.size,) or v.shape[-1:] != (self.size,):
             raise ValueError(
                 f"u, v: expected packed tangent vectors of size {self.size}, got shapes "
@@ -637,8 +648,15 @@ class FixedTTRank(geoopt.Manifold):
             except RuntimeError:
                 raise ValueError(f"u, v: batch shapes {tuple(u.shape[:-1])} and "
                                  f"{tuple(v.shape[:-1])} do not broadcast") from None
-        out = (u * v).sum(-1, keepdim=keepdim)
-        return out
+        self._check_flat(x, "x")
+        if x.shape == u.shape == v.shape:
+            return tuple(u.shape)
+        try:
+            return tuple(torch.broadcast_shapes(x.shape, u.shape, v.shape))
+        except RuntimeError:
+            raise ValueError(f"x: batch shape {tuple(x.shape[:-1])} does not broadcast with "
+                             f"the vectors' {tuple(torch.broadcast_shapes(u.shape, v.shape)[:-1])}"
+                             ) from None
 
     def component_inner(self, x: torch.Tensor, u: torch.Tensor,
                         v: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -655,8 +673,9 @@ class FixedTTRank(geoopt.Manifold):
         """
         if v is None:
             v = u
+        shape = self._metric_shape(x, u, v)
         val = (u * v).sum(-1, keepdim=True)
-        return val.expand(u.shape).clone()
+        return val.expand(shape).clone()
 
     def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
         return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
