@@ -231,6 +231,18 @@ def test_metric_broadcasts_with_the_points():
     with pytest.raises(ValueError, match=r"x: expected a flat tensor of size"):
         M.norm(p[..., 1:], u)
 
+
+def test_one_core_manifold_broadcasts_like_the_others():
+    """d = 1 (no gauge: the projections are the identity) still broadcasts a batch of
+    points with one vector, as every d >= 2 manifold does."""
+    M = FixedTTRank((5,), 1)
+    p = torch.Tensor(M.random(3, M.size, dtype=F64))
+    q = torch.Tensor(M.random(dtype=F64))
+    u = torch.randn(M.size, dtype=F64)
+    for out in (M.proju(p, u), M.egrad2rgrad(p, u), M.gauge(p, u), M.transp(p, q, u),
+                M.retr_transp(p, u, u)[1], M.tangent_to_tt(p, u).full()):
+        assert torch.equal(out, u.expand(3, 5))
+
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 def test_project_batch_of_tts_at_one_point(compiled, monkeypatch, dtype):
     """A batch of TTs at one point (the batch folded into the products with the point's

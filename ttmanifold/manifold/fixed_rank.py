@@ -358,8 +358,9 @@ class FixedTTRank(geoopt.Manifold):
         deltas = list(deltas)
         if add_point:
             deltas[-1] = deltas[-1] + U[-1]
-        if self.d == 1:
-            return TT(deltas, check=False)
+        if self.d == 1:  # the deltas are the tensor (broadcast with the points' batch)
+            return TT([deltas[0].expand(torch.broadcast_shapes(deltas[0].shape, U[0].shape))],
+                      check=False)
         return TangentTT(U, V, deltas, gauged=gauged, check=False)
 
     def _transport_cores(self, x, U, V, v, dv) -> List[torch.Tensor]:
@@ -384,8 +385,8 @@ class FixedTTRank(geoopt.Manifold):
         packed point ``x`` (batched over runs of equal core shapes)."""
         if not isinstance(D, torch.Tensor):
             D = self._cat(D)
-        if self.d == 1:
-            return D.clone()
+        if self.d == 1:  # no gauge: the identity, broadcast with the points' batch
+            return D.expand(torch.broadcast_shapes(x.shape, D.shape)).clone()
         return gauge_project_flat(self.gauge_runs, x, D)
 
     def _check_vector(self, u: torch.Tensor, p: torch.Tensor, name: str = "u") -> List[torch.Tensor]:
@@ -618,6 +619,8 @@ class FixedTTRank(geoopt.Manifold):
         """
         U = self._split(p, "p")
         du = self._check_vector(u, p)
+        if self.d == 1:
+            return self._gauge_packed(p, u)
         return self._cat(gauge_deltas(U, right_cores(U), du))
 
     def inner(self, x: torch.Tensor, u: torch.Tensor, v: Optional[torch.Tensor] = None, *,
@@ -713,7 +716,7 @@ class FixedTTRank(geoopt.Manifold):
         Uy = self._split(y, "y")
         self._check_batches(x.shape[:-1], y.shape[:-1], "y")
         if self.d == 1:
-            return v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
+            return v.expand(torch.broadcast_shapes(x.shape, v.shape, y.shape)).clone()
         xi = self._transport_cores(x, Ux, self._right_cores(x, Ux), v, dv)
         return project_tt(Uy, None, xi, packed=True, gauge=True)  # its LQ sweep inside
 
