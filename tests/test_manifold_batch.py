@@ -715,3 +715,23 @@ def test_large_cpu_batches_run_in_chunks_with_the_same_results(monkeypatch, dtyp
     uu = u.clone().requires_grad_(True)
     M.retr(p, uu).sum().backward()
     assert seen == [B] and uu.grad is not None
+
+
+def test_chunks_only_for_one_batch_dimension_of_packed_and_dense_arguments(monkeypatch):
+    # d = 3: a packed batch (1, B, size) is 3-D like a dense Z; it must count as a 2-D batch
+    # (no chunking), not as one point while the other argument's batch is chunked
+    from ttmanifold.manifold import fixed_rank as FR
+
+    M = FixedTTRank((2, 3, 4), (1, 2, 3, 1))
+    g = torch.Generator().manual_seed(31)
+    p = torch.Tensor(M.random(1, 4, M.size, dtype=F64, generator=g))
+    u = torch.randn(4, M.size, dtype=F64, generator=g)
+    D = torch.randn((4,) + M.shape, dtype=F64, generator=g)
+    calls = [lambda: M.proju(p, u), lambda: M.to_tt(M.retr(p, u)).full(),
+             lambda: M.project(p, D), lambda: M.proju(p[0], u), lambda: M.project(p[0], D)]
+    monkeypatch.setattr(FR, "CPU_BATCH_CHUNK_BYTES", None)
+    whole = [f() for f in calls]
+    monkeypatch.setattr(FR, "CPU_BATCH_CHUNK_BYTES", M.size * p.element_size())
+    for f, ref in zip(calls, whole):
+        out = f()
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-12)

@@ -117,12 +117,13 @@ def _chunked_on_cpu(fn):
                 kind = "tt" if len(bs) == 1 else ("one" if not bs else None)
                 n = bs[0] if len(bs) == 1 else None
             elif isinstance(a, torch.Tensor) and a.device.type == "cpu" and not a.is_sparse:
-                if a.dim() in (1, self.d) and not (a.dim() == 2 and a.shape[-1] == self.size):
-                    kind, n = "one", None
-                elif (a.dim() == 2 and a.shape[-1] == self.size) or a.dim() == self.d + 1:
-                    kind, n = "batch", a.shape[0]
-                else:
-                    kind, n = None, None
+                # packed (last dimension: size; for d >= 2 no n_d equals size) or dense
+                # (trailing dimensions: the shape); the leading ones are its batch
+                lead = (a.dim() - 1 if a.shape[-1:] == (self.size,) else
+                        a.dim() - self.d if tuple(a.shape[a.dim() - self.d:]) == self.shape
+                        else -1)
+                kind, n = (("one", None) if lead == 0 else ("batch", a.shape[0]) if lead == 1
+                           else (None, None))
             else:
                 kind, n = None, None
             if kind is None or (n is not None and B is not None and n != B):
