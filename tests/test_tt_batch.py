@@ -259,3 +259,20 @@ def test_tangent_tt_checked_batch_and_sampled_entries_refused():
     idx = IndexSet(torch.zeros(1, 4, dtype=torch.long), SHAPE)
     with pytest.raises(ValueError, match="index_set: sampled entries of a batch"):
         M.to_tt(p).values_at(idx)
+
+
+def test_scalar_per_tt_of_another_dtype_is_refused_by_name():
+    # a float64 factor per TT on a float32 batch promoted the first core alone: a TT of
+    # mixed dtypes that failed later inside torch (full, norm); the tangent TT cast all
+    from ttmanifold import FixedTTRank
+    M = FixedTTRank(SHAPE, R3)
+    p = M.random(3, dtype=F32, generator=torch.Generator().manual_seed(24))
+    T = M.tangent_to_tt(p, M.proju(p, torch.ones(3, M.size, dtype=F32)))
+    for y in (rnd(SHAPE, 2, (3,), 24, dtype=F32), T):
+        with pytest.raises(TypeError, match=r"a: dtype torch.float64 differs from the TT's "
+                                            r"torch.float32"):
+            y.scaled(torch.ones(3, dtype=F64))
+        s = y.scaled(torch.tensor([1, 2, 3]))  # integers: the TT's dtype
+        assert {c.dtype for c in s.cores} == {F32}
+        assert close(s.full(), y.full() * torch.tensor([1.0, 2.0, 3.0])[:, None, None, None, None],
+                     1e-6)

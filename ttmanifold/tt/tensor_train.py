@@ -688,18 +688,28 @@ class TT:
         if type(a) is float and a == -1.0:  # x - y: negation (no scalar to convert, exact)
             cores[0] = torch.neg(cores[0])
         else:
-            cores[0] = cores[0] * _per_point(a, self.batch_shape)
+            cores[0] = cores[0] * per_point_scalars(a, self.batch_shape, cores[0])
         return TT(cores, check=False)
 
 
-def _per_point(a, batch_shape):
-    """A scalar as is; a tensor of shape ``batch_shape`` with three trailing unit
-    dimensions (to scale cores ``(*batch, r, n, r')``)."""
+def per_point_scalars(a, batch_shape, like: torch.Tensor):
+    """The factor ``a`` of :meth:`TT.scaled`: a scalar as is; a tensor of shape
+    ``batch_shape`` (one scalar per TT of a batch) with three trailing unit dimensions (to
+    scale cores ``(*batch, r, n, r')``), in the dtype of the core ``like``.
+
+    Raises ``ValueError`` for another shape or device and ``TypeError`` for a floating (or
+    complex) dtype other than ``like``'s: the product would promote one core alone and
+    leave a TT of mixed dtypes (a 0-d tensor keeps the TT's dtype, as torch's scalars do).
+    Cost: O(|batch|)."""
     if isinstance(a, torch.Tensor) and a.dim() > 0:
         if tuple(a.shape) != tuple(batch_shape):
             raise ValueError(f"a: expected a scalar or a tensor of the batch shape "
                              f"{tuple(batch_shape)}, got shape {tuple(a.shape)}")
-        return a[..., None, None, None]
+        if a.dtype != like.dtype and (a.dtype.is_floating_point or a.dtype.is_complex):
+            raise TypeError(f"a: dtype {a.dtype} differs from the TT's {like.dtype}")
+        if a.device != like.device:
+            raise ValueError(f"a: on {a.device}, the TT on {like.device}")
+        return a.to(like.dtype)[..., None, None, None]
     return a
 
 
