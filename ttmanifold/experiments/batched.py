@@ -124,6 +124,9 @@ class BatchedCompletion:
                 raise TypeError("test: expected (list of test indices, list of test values)")
             tests = ([torch.as_tensor(t).to(device) for t in test[0]],
                      [torch.as_tensor(t, dtype=dtype, device=device) for t in test[1]])
+            for b, v in enumerate(tests[1]):  # (a NaN gave a NaN test_err silently)
+                if not bool(torch.isfinite(v).all()):
+                    raise ValueError(f"test[1][{b}]: contains NaN or Inf")
         self._setup(M.shape, M.ranks, [torch.as_tensor(i).to(device) for i in indices], vals,
                     sw, tests, [0.0] * len(vals))
         for b, idx in enumerate(self.train.indices):  # (in range: checked by the set)
