@@ -446,6 +446,8 @@ def test_meta_device_batch():
         assert out.shape == (2, 3, M.size) and out.device.type == "meta"
     assert M.inner(p, u).shape == (2, 3) and M.norm(p, u).shape == (2, 3)
     assert M.random(4, device="meta").shape == (4, M.size)
+    e = torch.empty(0, M.size, device="meta", dtype=F32)  # an empty batch, shapes only
+    assert M.projx(e).shape == M.retr(e, e).shape == M.proju(e, e).shape == (0, M.size)
 
 
 

@@ -925,6 +925,8 @@ def orth_defect(U: Sequence[torch.Tensor]) -> torch.Tensor:
         # U^T U - I in one fused product, the batch's leading dimensions flattened
         g = torch.baddbmm(eyes[b], _lead_flat(ul.mT), _lead_flat(ul), beta=-1)
         g = g.view(ul.shape[:-2] + (b, b))
-        e = torch.linalg.vector_norm(g, float("inf"), dim=(-3, -2, -1))
+        # (an empty batch: zeros; the meta kernel of the inf-norm refuses it)
+        e = (torch.linalg.vector_norm(g, float("inf"), dim=(-3, -2, -1)) if g.numel()
+             else g.new_zeros(g.shape[:-3]))
         out = e if out is None else torch.maximum(out, e)
     return U[-1].new_zeros(bs) if out is None else out
