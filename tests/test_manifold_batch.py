@@ -366,8 +366,12 @@ def test_projx_per_point_and_checks():
     ok, why = M.check_point_on_manifold(bad, explain=True)
     assert not ok and "left-orthogonal" in why
     M.check_point(p)
-    with pytest.raises(ValueError, match="left-orthogonal"):
-        M.check_point(bad)
+    with pytest.raises(ValueError, match=r"left-orthogonal \(defect .*\) at point \(1,\)$"):
+        M.check_point(bad)  # the failing point is named
+    nan = p.clone().reshape(3, 1, M.size)
+    nan[2, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite entries at point \(2, 0\)$"):
+        M.check_point(nan)
 
 
 def test_random_origin_to_tt_unpack():

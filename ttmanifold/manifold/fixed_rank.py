@@ -793,18 +793,24 @@ class FixedTTRank(geoopt.Manifold):
         U = self._split(x, "x")
         if x.device.type == "meta":
             return True, None
-        if not bool(torch.isfinite(x).all()):
-            return False, "point has non-finite entries"
+        def at(bad):  # which point of a batch fails first (per-point mask ``bad``)
+            return "" if bad.dim() == 0 else f" at point {tuple(bad.nonzero()[0].tolist())}"
+
+        bad = ~torch.isfinite(x).all(-1)
+        if bool(bad.any()):
+            return False, "point has non-finite entries" + at(bad)
         defect = orth_defect(U)
-        defect = float(defect.max()) if defect.numel() else 0.0  # (an empty batch)
-        if defect > max(atol, self._orth_tol(x.dtype)):
-            return False, f"cores 1..d-1 are not left-orthogonal (defect {defect:.3g})"
+        bad = defect > max(atol, self._orth_tol(x.dtype))
+        if bool(bad.any()):
+            return False, (f"cores 1..d-1 are not left-orthogonal (defect "
+                           f"{float(defect.max()):.3g}){at(bad)}")
         # exact rank: the interface factors L_k of the right sweep must be nonsingular
         for k, _, r in right_sweep(U):  # (unsigned factors: same singular values)
             sv = torch.linalg.svdvals(r)  # per point for a batch
             mx = sv.amax(-1)
-            if bool(((sv.amin(-1) <= rtol * mx) | (mx == 0)).any()):
-                return False, f"TT-rank at bond {k} is below {self.ranks[k]}"
+            bad = (sv.amin(-1) <= rtol * mx) | (mx == 0)
+            if bool(bad.any()):
+                return False, f"TT-rank at bond {k} is below {self.ranks[k]}{at(bad)}"
         return True, None
 
     def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
