@@ -372,6 +372,15 @@ def test_projx_per_point_and_checks():
     nan[2, 0, 3] = float("nan")
     with pytest.raises(ValueError, match=r"non-finite entries at point \(2, 0\)$"):
         M.check_point(nan)
+    # vectors: every point against its own scale (a large vector of another point let a
+    # gauge violation of 1e-3 pass the batch's check)
+    g = M.proju(p, torch.randn(3, M.size, dtype=F64, generator=gen))
+    g[0] *= 1e6
+    off = g.clone()
+    off[2] += 1e-3 * p[2]  # U^T dU != 0 at point 2
+    ok, why = M.check_vector_on_tangent(p, off, explain=True)
+    assert not ok and why.endswith("at point (2,)")
+    assert M.check_vector_on_tangent(p, g)
 
 
 def test_random_origin_to_tt_unpack():

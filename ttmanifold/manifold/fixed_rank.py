@@ -818,16 +818,24 @@ class FixedTTRank(geoopt.Manifold):
         du = self._split(u, "u")
         if u.device.type == "meta":
             return True, None
-        if not bool(torch.isfinite(u).all()):
-            return False, "vector has non-finite entries"
-        scale = max(float(u.abs().max()), 1.0)
+        def at(bad):  # which point of a batch fails first (per-point mask ``bad``)
+            return "" if bad.dim() == 0 else f" at point {tuple(bad.nonzero()[0].tolist())}"
+
+        bad = ~torch.isfinite(u).all(-1)
+        if bool(bad.any()):
+            return False, "vector has non-finite entries" + at(bad)
+        # per point: a batch passes exactly when every point passes alone (one scale for
+        # the whole batch let a large vector loosen the test of a small one)
+        scale = u.abs().amax(-1).clamp_min(1.0)
         for k in range(self.d - 1):
             a, n, b = self.core_shapes[k]
             ul = U[k].reshape(U[k].shape[:-3] + (a * n, b))
             g = ul.mT @ du[k].reshape(du[k].shape[:-3] + (a * n, b))
-            err = float(g.abs().max()) if g.numel() else 0.0
-            if err > atol + rtol * scale:
-                return False, f"core {k} violates the gauge condition U^T dU = 0 (max {err:.3g})"
+            err = g.abs().amax((-2, -1))
+            bad = err > atol + rtol * scale
+            if bool(bad.any()):
+                return False, (f"core {k} violates the gauge condition U^T dU = 0 (max "
+                               f"{float(err.max()):.3g}){at(bad)}")
         return True, None
 
     def _batch_size(self, size) -> tuple:
