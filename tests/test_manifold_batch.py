@@ -482,7 +482,8 @@ def test_empty_batch(compiled, monkeypatch, fewer_launches):
         packed = batch + (M.size,)
         for out in (M.proju(p, u), M.egrad2rgrad(p, u), M.gauge(p, u), M.retr(p, u),
                     M.transp(p, p, u), *M.retr_transp(p, u, u), M.projx(p),
-                    M.project(p, Z), M.project(one, Z), M.project(p, torch.zeros(batch + shape, dtype=F64)),
+                    M.project(p, Z), M.project(one, Z),
+                    M.project(p, torch.zeros(batch + shape, dtype=F64)),
                     M.riemannian_grad(p, f), M.riemannian_hvp(p, f, u), M.riemannian_hess(p, f, u)):
             assert out.shape == packed
         assert M.inner(p, u).shape == batch and M.dist(p, p).shape == batch

@@ -178,7 +178,8 @@ def test_round_of_an_empty_batch():
     # as for a zero TT; caps alone keep the caps
     x = rnd(SHAPE, 2, (0,), 23)
     for r in (tt_round(x + x), tt_round(x, rel_eps=0.1), tt_round(x, max_rank=2, rel_eps=0.1)):
-        assert r.batch_shape == (0,) and r.ranks == (1, 1, 1, 1, 1) and r.full().shape == (0,) + SHAPE
+        assert r.batch_shape == (0,) and r.ranks == (1, 1, 1, 1, 1)
+        assert r.full().shape == (0,) + SHAPE
     assert tt_round(x + x, max_rank=2).ranks == (1, 2, 2, 2, 1)
 
 def test_indexing_stack_unbind_and_errors():

@@ -34,7 +34,6 @@ def interface_factors(U, V) -> List[torch.Tensor]:
     d = len(U)
     R: List[torch.Tensor] = [None] * (d - 1)  # type: ignore[list-item]
     last = U[d - 1]
-    a = last.shape[-3]
     R[d - 2] = last.flatten(-2) @ V[d - 1].flatten(-2).mT  # (flatten: also an empty batch)
     for k in range(d - 2, 0, -1):
         R[k - 1] = torch.einsum("...aib,...bc,...dic->...ad", U[k], R[k], V[k])
