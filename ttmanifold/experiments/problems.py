@@ -164,9 +164,16 @@ def _hash_rows(idx: torch.Tensor) -> torch.Tensor:
 
 
 def check_distinct(idx: torch.Tensor, shape: Tuple[int, ...], name: str = "indices") -> None:
-    """Raise ``ValueError`` naming ``name`` if the multi-indices ``idx`` ``(N, d)`` (within
-    ``shape``) repeat an entry: a completion loss counts every sample once. Reads the
-    indices on the host. Cost: O(N log N) (:func:`_dedupe`)."""
+    """Refuse repeated samples: a completion loss counts every sample once.
+
+    Args:
+        idx: ``(N, d)`` integer multi-indices within ``shape`` (any device; read on the
+            host).
+        shape: the tensor's shape.
+        name: the argument named in the error.
+    Returns:
+        None; raises ``ValueError`` naming ``name`` if a multi-index repeats.
+    Cost: O(N log N) (:func:`_dedupe`)."""
     idx = idx.to("cpu", torch.int64)
     if _dedupe(idx, shape).shape[0] != idx.shape[0]:
         raise ValueError(f"{name}: repeated multi-indices; average (or sum) the values "

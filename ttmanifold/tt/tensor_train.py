@@ -693,13 +693,19 @@ class TT:
 
 
 def per_point_scalars(a, batch_shape, like: torch.Tensor):
-    """The factor ``a`` of :meth:`TT.scaled`: a scalar as is; a tensor of shape
-    ``batch_shape`` (one scalar per TT of a batch) with three trailing unit dimensions (to
-    scale cores ``(*batch, r, n, r')``), in the dtype of the core ``like``.
+    """The factor ``a`` of :meth:`TT.scaled`, checked.
 
-    Raises ``ValueError`` for another shape or device and ``TypeError`` for a floating (or
-    complex) dtype other than ``like``'s: the product would promote one core alone and
-    leave a TT of mixed dtypes (a 0-d tensor keeps the TT's dtype, as torch's scalars do).
+    Args:
+        a: a scalar (number or 0-d tensor), or a tensor of shape ``batch_shape`` (one
+            scalar per TT of a batch).
+        batch_shape: the TT's batch shape.
+        like: a core of the TT (its dtype and device).
+    Returns:
+        a scalar as is; a tensor as ``(*batch, 1, 1, 1)`` (to scale cores
+        ``(*batch, r, n, r')``) in ``like``'s dtype. Raises ``ValueError`` for another
+        shape or device and ``TypeError`` for a floating (or complex) dtype other than
+        ``like``'s: the product would promote one core alone and leave a TT of mixed
+        dtypes (a 0-d tensor keeps the TT's dtype, as torch's scalars do).
     Cost: O(|batch|)."""
     if isinstance(a, torch.Tensor) and a.dim() > 0:
         if tuple(a.shape) != tuple(batch_shape):
