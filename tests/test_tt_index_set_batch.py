@@ -249,10 +249,12 @@ def test_bad_input_errors_name_the_argument():
     # the right cores of other points (a V of a smaller batch was read out of range or
     # silently as this batch's), and a NaN value named as what it is (not the projection's u)
     from ttmanifold.manifold import right_cores
-    with pytest.raises(ValueError, match=r"V: expected the points' right-orthogonal cores"):
+    with pytest.raises(ValueError, match=r"V: expected the point's right-orthogonal cores"):
         M.project_sampled(p, bset, vals, V=right_cores(M.split(p[:1])))
     with pytest.raises(ValueError, match=r"V: expected"):
         M.project_sampled(p, bset, vals, V=right_cores(M.split(p[0])))
+    with pytest.raises(ValueError, match=r"V: expected"):  # a batch's V at one point
+        M.project_sampled(p[1], IndexSet(idx[1], SHAPE), vals[-3:], V=right_cores(M.split(p)))
     with pytest.raises(RuntimeError, match=r"values: contains NaN"):
         M.project_sampled(p, bset, torch.full_like(vals, float("nan")))
     assert torch.equal(M.project_sampled(p, bset, vals, V=right_cores(M.split(p))),

@@ -26,7 +26,7 @@ from ..tt import round as tt_round
 from . import autodiff, hessian
 from .retraction import block_cores, retract, retract_point, retract_transport_cores
 from .sampled_batch import project_sampled_batch
-from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect,
+from .sweeps import (check_right_cores, core_runs, gauge_deltas, gauge_project_flat, orth_defect,
                      prefer_fewer_launches, project_dense, project_sampled, project_tt,
                      project_tt_at_point, right_cores, right_sweep)
 from .tangent import TangentTT
@@ -597,7 +597,7 @@ class FixedTTRank(geoopt.Manifold):
                              f"the point on {p.device}")
         if tuple(index_set.shape) != self.shape:
             raise ValueError(f"index_set: shape {index_set.shape} differs from {self.shape}")
-        V = right_cores(U) if V is None else V
+        V = right_cores(U) if V is None else check_right_cores(V, U)
         return self._gauge_packed(p, project_sampled(U, V, index_set, values))
 
     # ------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 from .._checks import assert_finite_async
 from ..tt import BatchIndexSet
-from .sweeps import right_cores
+from .sweeps import check_right_cores, right_cores
 
 __all__ = ["project_sampled_batch"]
 
@@ -52,13 +52,7 @@ def project_sampled_batch(M, p: torch.Tensor, index_set: BatchIndexSet,
                          f"the points on {p.device}")
     assert_finite_async(values, "values")  # (else NaN deltas, blamed on the projection's u)
     U = M.split(p, "p")
-    if V is None:
-        V = right_cores(U)
-    elif (not isinstance(V, (list, tuple)) or len(V) != M.d or any(
-            not isinstance(v, torch.Tensor) or v.shape != u.shape for v, u in zip(V[1:], U[1:]))):
-        # a V of other points would be read as this batch's (silently, or out of range)
-        raise ValueError(f"V: expected the points' right-orthogonal cores, {M.d} cores of "
-                         f"shapes {[tuple(u.shape) for u in U]} (V[0] unused)")
+    V = right_cores(U) if V is None else check_right_cores(V, U)
     with torch.no_grad():
         D = index_set.project(U, V, values)
     return M.proju(p, torch.cat([c.flatten(1) for c in D], -1))
