@@ -176,6 +176,14 @@ def test_bad_input_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"values\[0\]"):
         BatchedCompletion.from_data([torch.zeros(2, 4, dtype=torch.long)], [torch.zeros(3)],
                                     SHAPE, 2)
+    # a repeated sample (Completion.from_data refuses it; the batch counted it twice)
+    dup = torch.tensor([[0, 1, 2, 3], [1, 1, 1, 1], [0, 1, 2, 3]])
+    with pytest.raises(ValueError, match=r"indices\[1\]: repeated multi-indices"):
+        BatchedCompletion.from_data([dup[:2], dup, dup[:0]], [torch.zeros(2), torch.zeros(3),
+                                                             torch.zeros(0)], SHAPE, 2)
+    with pytest.raises(ValueError, match=r"test\[1\]\[0\]: contains NaN"):
+        BatchedCompletion.from_data([dup[:2]], [torch.zeros(2)], SHAPE, 2,
+                                    test=([dup[1:2]], [torch.tensor([float("nan")])]))
 
 
 def test_weighted_and_regularized_problems_match_single_problems():

@@ -207,6 +207,42 @@ def test_broadcast_one_point_many_vectors(compiled):
         assert torch.allclose(pr[b], M.project(p, Zs[b]), atol=1e-12)
 
 
+
+def test_metric_broadcasts_with_the_points():
+    """``inner``, ``norm`` and ``component_inner`` broadcast the batch shapes of the points
+    too (geoopt's convention): a batch of points and one vector gives one value per point,
+    and a point batch that does not broadcast is named, not silently ignored."""
+    M, p, Z, gen = batch_case(batch=(2, 3), seed=30)
+    u = torch.randn(M.size, dtype=F64, generator=gen)
+    v = torch.randn(3, M.size, dtype=F64, generator=gen)
+    ref = (u * v).sum(-1)
+    assert torch.equal(M.inner(p, u, v), ref.expand(2, 3))
+    assert M.inner(p, u, v, keepdim=True).shape == (2, 3, 1)
+    assert torch.equal(M.norm(p, u), u.norm().expand(2, 3))
+    assert M.inner(p[0, 0], u).shape == () and M.inner(p[0], u).shape == (3,)
+    ci = M.component_inner(p, u, v)  # v's batch larger than u's, both below p's
+    assert torch.equal(ci, ref[:, None].expand(2, 3, M.size))
+    assert torch.equal(M.component_inner(p[0, 0], v, u), ref[:, None].expand(3, M.size))
+    with pytest.raises(ValueError, match=r"x: batch shape \(2, 3\) does not broadcast with "
+                                         r"the vectors' \(2,\)"):
+        M.inner(p, torch.zeros(2, M.size, dtype=F64))
+    with pytest.raises(ValueError, match=r"x: batch shape \(2, 3\)"):
+        M.component_inner(p, torch.zeros(2, M.size, dtype=F64))
+    with pytest.raises(ValueError, match=r"x: expected a flat tensor of size"):
+        M.norm(p[..., 1:], u)
+
+
+def test_one_core_manifold_broadcasts_like_the_others():
+    """d = 1 (no gauge: the projections are the identity) still broadcasts a batch of
+    points with one vector, as every d >= 2 manifold does."""
+    M = FixedTTRank((5,), 1)
+    p = torch.Tensor(M.random(3, M.size, dtype=F64))
+    q = torch.Tensor(M.random(dtype=F64))
+    u = torch.randn(M.size, dtype=F64)
+    for out in (M.proju(p, u), M.egrad2rgrad(p, u), M.gauge(p, u), M.transp(p, q, u),
+                M.retr_transp(p, u, u)[1], M.tangent_to_tt(p, u).full()):
+        assert torch.equal(out, u.expand(3, 5))
+
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 def test_project_batch_of_tts_at_one_point(compiled, monkeypatch, dtype):
     """A batch of TTs at one point (the batch folded into the products with the point's
@@ -330,8 +366,21 @@ def test_projx_per_point_and_checks():
     ok, why = M.check_point_on_manifold(bad, explain=True)
     assert not ok and "left-orthogonal" in why
     M.check_point(p)
-    with pytest.raises(ValueError, match="left-orthogonal"):
-        M.check_point(bad)
+    with pytest.raises(ValueError, match=r"left-orthogonal \(defect .*\) at point \(1,\)$"):
+        M.check_point(bad)  # the failing point is named
+    nan = p.clone().reshape(3, 1, M.size)
+    nan[2, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite entries at point \(2, 0\)$"):
+        M.check_point(nan)
+    # vectors: every point against its own scale (a large vector of another point let a
+    # gauge violation of 1e-3 pass the batch's check)
+    g = M.proju(p, torch.randn(3, M.size, dtype=F64, generator=gen))
+    g[0] *= 1e6
+    off = g.clone()
+    off[2] += 1e-3 * p[2]  # U^T dU != 0 at point 2
+    ok, why = M.check_vector_on_tangent(p, off, explain=True)
+    assert not ok and why.endswith("at point (2,)")
+    assert M.check_vector_on_tangent(p, g)
 
 
 def test_random_origin_to_tt_unpack():
@@ -410,7 +459,35 @@ def test_meta_device_batch():
         assert out.shape == (2, 3, M.size) and out.device.type == "meta"
     assert M.inner(p, u).shape == (2, 3) and M.norm(p, u).shape == (2, 3)
     assert M.random(4, device="meta").shape == (4, M.size)
+    e = torch.empty(0, M.size, device="meta", dtype=F32)  # an empty batch, shapes only
+    assert M.projx(e).shape == M.retr(e, e).shape == M.proju(e, e).shape == (0, M.size)
 
+
+
+@pytest.mark.parametrize("fewer_launches", [None, True], ids=["cpu-choice", "fewer-launches"])
+def test_empty_batch(compiled, monkeypatch, fewer_launches):
+    """A batch of no points (``p[mask]`` with an empty mask) gives empty results of the
+    right shapes: no reshape with an ambiguous -1, no max of an empty tensor, and the
+    compiled batch kernels (rank 8: they would divide by the batch size) never see it."""
+    from ttmanifold.manifold import sweeps
+    monkeypatch.setattr(sweeps, "PAIRED_SWEEPS", fewer_launches)
+    f = lambda T: T.norm() ** 2  # noqa: E731
+    for shape, ranks, batch in [((3, 4), (1, 2, 1), (0,)), ((2, 3, 3, 2), (1, 2, 3, 2, 1), (2, 0)),
+                                ((2, 4, 4, 2), (1, 2, 8, 2, 1), (0,))]:
+        M = FixedTTRank(shape, ranks)
+        p = torch.Tensor(M.random(*batch, M.size, dtype=F64))
+        u = torch.zeros(batch + (M.size,), dtype=F64)
+        one = torch.Tensor(M.random(dtype=F64))
+        Z = TT.random(shape, 2, dtype=F64, batch=batch)
+        packed = batch + (M.size,)
+        for out in (M.proju(p, u), M.egrad2rgrad(p, u), M.gauge(p, u), M.retr(p, u),
+                    M.transp(p, p, u), *M.retr_transp(p, u, u), M.projx(p),
+                    M.project(p, Z), M.project(one, Z),
+                    M.project(p, torch.zeros(batch + shape, dtype=F64)),
+                    M.riemannian_grad(p, f), M.riemannian_hvp(p, f, u), M.riemannian_hess(p, f, u)):
+            assert out.shape == packed
+        assert M.inner(p, u).shape == batch and M.dist(p, p).shape == batch
+        M.check_point(p)
 
 def test_batch_errors_name_the_argument():
     M, p, Z, gen = batch_case(batch=(3,), seed=8)
@@ -654,3 +731,23 @@ def test_large_cpu_batches_run_in_chunks_with_the_same_results(monkeypatch, dtyp
     uu = u.clone().requires_grad_(True)
     M.retr(p, uu).sum().backward()
     assert seen == [B] and uu.grad is not None
+
+
+def test_chunks_only_for_one_batch_dimension_of_packed_and_dense_arguments(monkeypatch):
+    # d = 3: a packed batch (1, B, size) is 3-D like a dense Z; it must count as a 2-D batch
+    # (no chunking), not as one point while the other argument's batch is chunked
+    from ttmanifold.manifold import fixed_rank as FR
+
+    M = FixedTTRank((2, 3, 4), (1, 2, 3, 1))
+    g = torch.Generator().manual_seed(31)
+    p = torch.Tensor(M.random(1, 4, M.size, dtype=F64, generator=g))
+    u = torch.randn(4, M.size, dtype=F64, generator=g)
+    D = torch.randn((4,) + M.shape, dtype=F64, generator=g)
+    calls = [lambda: M.proju(p, u), lambda: M.to_tt(M.retr(p, u)).full(),
+             lambda: M.project(p, D), lambda: M.proju(p[0], u), lambda: M.project(p[0], D)]
+    monkeypatch.setattr(FR, "CPU_BATCH_CHUNK_BYTES", None)
+    whole = [f() for f in calls]
+    monkeypatch.setattr(FR, "CPU_BATCH_CHUNK_BYTES", M.size * p.element_size())
+    for f, ref in zip(calls, whole):
+        out = f()
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-12)

@@ -71,6 +71,20 @@ def test_full_norm_inner_pairwise():
     assert close(inner(y[1], y), (Y * Y[1]).flatten(1).sum(-1), 1e-13)
 
 
+
+def test_pairwise_inner_of_batches_that_do_not_broadcast():
+    # all pairs of two sets of different sizes (a Gram matrix between them): the batch
+    # shapes need not broadcast, only the shapes, dtypes and devices must agree
+    x = rnd(SHAPE, 2, (3,), 20)
+    y = rnd(SHAPE, (1, 3, 2, 2, 1), (2, 4), 21)
+    X, Y = dense_batch(x), dense_batch(y)
+    P = pairwise_inner(x, y)
+    assert P.shape == (3, 2, 4)
+    assert close(P, torch.einsum("ai,bci->abc", X.flatten(1), Y.flatten(2)), 1e-13)
+    assert pairwise_inner(x[:0], y).shape == (0, 2, 4)
+    with pytest.raises(ValueError, match="pairwise_inner: shapes differ"):
+        pairwise_inner(x, rnd((3, 4, 5), 2, (2,), 22))
+
 def test_norm_gradient_of_a_batch():
     x = rnd(SHAPE, 2, (3,), 2)
     cores = [c.clone().requires_grad_() for c in x.cores]
@@ -158,6 +172,16 @@ def test_round_batch_caps_and_rel_eps():
     assert bool((errs <= 0.3 + 1e-12).all())
 
 
+
+def test_round_of_an_empty_batch():
+    # rel_eps (also the default) chooses ranks from the singular values of no TT: rank 1,
+    # as for a zero TT; caps alone keep the caps
+    x = rnd(SHAPE, 2, (0,), 23)
+    for r in (tt_round(x + x), tt_round(x, rel_eps=0.1), tt_round(x, max_rank=2, rel_eps=0.1)):
+        assert r.batch_shape == (0,) and r.ranks == (1, 1, 1, 1, 1)
+        assert r.full().shape == (0,) + SHAPE
+    assert tt_round(x + x, max_rank=2).ranks == (1, 2, 2, 2, 1)
+
 def test_indexing_stack_unbind_and_errors():
     x = rnd(SHAPE, 2, (2, 3), 9)
     X = dense_batch(x)
@@ -236,3 +260,20 @@ def test_tangent_tt_checked_batch_and_sampled_entries_refused():
     idx = IndexSet(torch.zeros(1, 4, dtype=torch.long), SHAPE)
     with pytest.raises(ValueError, match="index_set: sampled entries of a batch"):
         M.to_tt(p).values_at(idx)
+
+
+def test_scalar_per_tt_of_another_dtype_is_refused_by_name():
+    # a float64 factor per TT on a float32 batch promoted the first core alone: a TT of
+    # mixed dtypes that failed later inside torch (full, norm); the tangent TT cast all
+    from ttmanifold import FixedTTRank
+    M = FixedTTRank(SHAPE, R3)
+    p = M.random(3, dtype=F32, generator=torch.Generator().manual_seed(24))
+    T = M.tangent_to_tt(p, M.proju(p, torch.ones(3, M.size, dtype=F32)))
+    for y in (rnd(SHAPE, 2, (3,), 24, dtype=F32), T):
+        with pytest.raises(TypeError, match=r"a: dtype torch.float64 differs from the TT's "
+                                            r"torch.float32"):
+            y.scaled(torch.ones(3, dtype=F64))
+        s = y.scaled(torch.tensor([1, 2, 3]))  # integers: the TT's dtype
+        assert {c.dtype for c in s.cores} == {F32}
+        assert close(s.full(), y.full() * torch.tensor([1.0, 2.0, 3.0])[:, None, None, None, None],
+                     1e-6)

@@ -246,6 +246,19 @@ def test_bad_input_errors_name_the_argument():
         project_sampled_batch(M2, M2.random(2, dtype=F64), bset, vals)
     with pytest.raises(ValueError, match="x"):
         bset.split(vals[:-1])
+    # the right cores of other points (a V of a smaller batch was read out of range or
+    # silently as this batch's), and a NaN value named as what it is (not the projection's u)
+    from ttmanifold.manifold import right_cores
+    with pytest.raises(ValueError, match=r"V: expected the point's right-orthogonal cores"):
+        M.project_sampled(p, bset, vals, V=right_cores(M.split(p[:1])))
+    with pytest.raises(ValueError, match=r"V: expected"):
+        M.project_sampled(p, bset, vals, V=right_cores(M.split(p[0])))
+    with pytest.raises(ValueError, match=r"V: expected"):  # a batch's V at one point
+        M.project_sampled(p[1], IndexSet(idx[1], SHAPE), vals[-3:], V=right_cores(M.split(p)))
+    with pytest.raises(RuntimeError, match=r"values: contains NaN"):
+        M.project_sampled(p, bset, torch.full_like(vals, float("nan")))
+    assert torch.equal(M.project_sampled(p, bset, vals, V=right_cores(M.split(p))),
+                       M.project_sampled(p, bset, vals))
 
 
 def test_merged_blocks_match_single_calls(kernel):

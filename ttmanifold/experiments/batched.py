@@ -20,7 +20,7 @@ import torch
 
 from ..manifold import FixedTTRank, right_cores
 from ..tt import BatchIndexSet
-from .problems import Completion
+from .problems import Completion, check_distinct
 from .solvers import cg_direction
 
 __all__ = ["BatchedCompletion", "BatchedCGResult", "batched_cg_direction",
@@ -84,7 +84,8 @@ class BatchedCompletion:
 
         Args:
             indices: ``B`` integer tensors ``(N_b, d)`` (``N_b`` may be 0), distinct
-                multi-indices within each problem.
+                multi-indices within each problem (a repeated one raises ``ValueError``
+                naming ``indices[b]``, as :meth:`Completion.from_data` does).
             values: ``B`` tensors ``(N_b,)``, the observed entries.
             shape, ranks: the tensors' shape and the TT-ranks (a tuple of ``d + 1`` values,
                 boundary ones included; or an int, every inner rank).
@@ -95,7 +96,8 @@ class BatchedCompletion:
             ``(w_b/2) sum_i (X_b[i] - values_b[i])^2``, ``w_b = n_1...n_d / N_b`` (as
             :meth:`Completion.from_data <ttmanifold.experiments.problems.Completion.from_data>`
             without weights).
-        Cost: O(N d) checks and the layouts of the stacked index set.
+        Cost: O(N d) checks, O(N log N) for the duplicate check (on the host), and the
+        layouts of the stacked index set.
         """
         dtype = torch.float64 if dtype is None else dtype
         device = torch.device("cpu") if device is None else torch.device(device)
@@ -122,8 +124,13 @@ class BatchedCompletion:
                 raise TypeError("test: expected (list of test indices, list of test values)")
             tests = ([torch.as_tensor(t).to(device) for t in test[0]],
                      [torch.as_tensor(t, dtype=dtype, device=device) for t in test[1]])
+            for b, v in enumerate(tests[1]):  # (a NaN gave a NaN test_err silently)
+                if not bool(torch.isfinite(v).all()):
+                    raise ValueError(f"test[1][{b}]: contains NaN or Inf")
         self._setup(M.shape, M.ranks, [torch.as_tensor(i).to(device) for i in indices], vals,
                     sw, tests, [0.0] * len(vals))
+        for b, idx in enumerate(self.train.indices):  # (in range: checked by the set)
+            check_distinct(idx, M.shape, f"indices[{b}]")
         return self
 
     def _setup(self, shape, ranks, indices, values, sw, tests, reg) -> None:

@@ -163,6 +163,23 @@ def _hash_rows(idx: torch.Tensor) -> torch.Tensor:
     return h1 * (1 << 31) + h2
 
 
+def check_distinct(idx: torch.Tensor, shape: Tuple[int, ...], name: str = "indices") -> None:
+    """Refuse repeated samples: a completion loss counts every sample once.
+
+    Args:
+        idx: ``(N, d)`` integer multi-indices within ``shape`` (any device; read on the
+            host).
+        shape: the tensor's shape.
+        name: the argument named in the error.
+    Returns:
+        None; raises ``ValueError`` naming ``name`` if a multi-index repeats.
+    Cost: O(N log N) (:func:`_dedupe`)."""
+    idx = idx.to("cpu", torch.int64)
+    if _dedupe(idx, shape).shape[0] != idx.shape[0]:
+        raise ValueError(f"{name}: repeated multi-indices; average (or sum) the values "
+                         "of each entry first")
+
+
 def _dedupe(idx: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
     """Distinct rows of ``idx`` (N, d) (sorted by key). Exact: linear indices when the
     tensor has fewer than 2^62 entries, else a 62-bit hash whose collisions (equal keys
@@ -628,9 +645,7 @@ class Completion(QuadraticProblem):
                             f"{type(test).__name__}")
         if idx.shape[0] == 0:
             raise ValueError("indices: no training samples")
-        if _dedupe(idx, shape).shape[0] != idx.shape[0]:
-            raise ValueError("indices: repeated multi-indices; average (or sum) the values "
-                             "of each entry first")
+        check_distinct(idx, shape, "indices")
         if ranks is None:
             raise TypeError("ranks: give the TT-ranks (an int, clipped to the feasible ranks, "
                             "or an exact tuple)")

@@ -28,7 +28,7 @@ from ..tt import round as tt_round
 from . import autodiff, hessian
 from .retraction import block_cores, retract, retract_point, retract_transport_cores
 from .sampled_batch import project_sampled_batch
-from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect,
+from .sweeps import (check_right_cores, core_runs, gauge_deltas, gauge_project_flat, orth_defect,
                      prefer_fewer_launches, project_dense, project_sampled, project_tt,
                      project_tt_at_point, right_cores, right_sweep)
 from .tangent import TangentTT
@@ -152,12 +152,13 @@ def _chunked_on_cpu(fn):
                 kind = "tt" if len(bs) == 1 else ("one" if not bs else None)
                 n = bs[0] if len(bs) == 1 else None
             elif isinstance(a, torch.Tensor) and a.device.type == "cpu" and not a.is_sparse:
-                if a.dim() in (1, self.d) and not (a.dim() == 2 and a.shape[-1] == self.size):
-                    kind, n = "one", None
-                elif (a.dim() == 2 and a.shape[-1] == self.size) or a.dim() == self.d + 1:
-                    kind, n = "batch", a.shape[0]
-                else:
-                    kind, n = None, None
+                # packed (last dimension: size; for d >= 2 no n_d equals size) or dense
+                # (trailing dimensions: the shape); the leading ones are its batch
+                lead = (a.dim() - 1 if a.shape[-1:] == (self.size,) else
+                        a.dim() - self.d if tuple(a.shape[a.dim() - self.d:]) == self.shape
+                        else -1)
+                kind, n = (("one", None) if lead == 0 else ("batch", a.shape[0]) if lead == 1
+                           else (None, None))
             else:
                 kind, n = None, None
             if kind is None or (n is not None and B is not None and n != B):
@@ -393,8 +394,9 @@ class FixedTTRank(geoopt.Manifold):
         deltas = list(deltas)
         if add_point:
             deltas[-1] = deltas[-1] + U[-1]
-        if self.d == 1:
-            return TT(deltas, check=False)
+        if self.d == 1:  # the deltas are the tensor (broadcast with the points' batch)
+            return TT([deltas[0].expand(torch.broadcast_shapes(deltas[0].shape, U[0].shape))],
+                      check=False)
         return TangentTT(U, V, deltas, gauged=gauged, check=False)
 
     def _transport_cores(self, x, U, V, v, dv) -> List[torch.Tensor]:
@@ -419,8 +421,8 @@ class FixedTTRank(geoopt.Manifold):
         packed point ``x`` (batched over runs of equal core shapes)."""
         if not isinstance(D, torch.Tensor):
             D = self._cat(D)
-        if self.d == 1:
-            return D.clone()
+        if self.d == 1:  # no gauge: the identity, broadcast with the points' batch
+            return D.expand(torch.broadcast_shapes(x.shape, D.shape)).clone()
         return gauge_project_flat(self.gauge_runs, x, D)
 
     def _check_vector(self, u: torch.Tensor, p: torch.Tensor, name: str = "u") -> List[torch.Tensor]:
@@ -483,7 +485,7 @@ class FixedTTRank(geoopt.Manifold):
         U = self._split(x.detach(), "x")
         defect = orth_defect(U)
         torch._assert_async(
-            (defect if defect.dim() == 0 else defect.max()) <= max(1e-5, self._orth_tol(x.dtype)),
+            (defect <= max(1e-5, self._orth_tol(x.dtype))).all(),  # (an empty batch passes)
             "x: the packed cores 1..d-1 are not left-orthogonal, so this tensor is not a "
             "point of FixedTTRank's representation (its Riemannian gradient would be wrong); "
             "build points with M.pack_point(tt), M.random() or M.projx(x)")
@@ -630,7 +632,7 @@ class FixedTTRank(geoopt.Manifold):
                              f"the point on {p.device}")
         if tuple(index_set.shape) != self.shape:
             raise ValueError(f"index_set: shape {index_set.shape} differs from {self.shape}")
-        V = right_cores(U) if V is None else V
+        V = right_cores(U) if V is None else check_right_cores(V, U)
         return self._gauge_packed(p, project_sampled(U, V, index_set, values))
 
     # ------------------------------------------------------------------------------------
@@ -653,14 +655,27 @@ class FixedTTRank(geoopt.Manifold):
         """
         U = self._split(p, "p")
         du = self._check_vector(u, p)
+        if self.d == 1:
+            return self._gauge_packed(p, u)
         return self._cat(gauge_deltas(U, right_cores(U), du))
 
     def inner(self, x: torch.Tensor, u: torch.Tensor, v: Optional[torch.Tensor] = None, *,
               keepdim: bool = False) -> torch.Tensor:
         """Riemannian metric: Euclidean inner product of packed gauged deltas; one value
-        per point for batches (shape ``batch``, or ``(*batch, 1)`` with ``keepdim``)."""
+        per point for batches (shape ``batch``, or ``(*batch, 1)`` with ``keepdim``). As in
+        geoopt's manifolds, ``batch`` broadcasts the batch shapes of ``x``, ``u`` and
+        ``v`` (a batch of points and one vector: one value per point)."""
         if v is None:
             v = u
+        shape = self._metric_shape(x, u, v)
+        out = (u * v).sum(-1, keepdim=keepdim)
+        shape = shape[:-1] + (1,) * keepdim
+        return out if out.shape == shape else out.expand(shape)
+
+    def _metric_shape(self, x, u, v) -> tuple:
+        """The broadcast shape ``(*batch, size)`` of the point ``x`` and the vectors ``u``,
+        ``v`` of :meth:`inner` and :meth:`component_inner`; ``ValueError`` naming the
+        arguments whose batch shapes do not broadcast."""
         if u.shape[-1:] != (self.size,) or v.shape[-1:] != (self.size,):
             raise ValueError(
                 f"u, v: expected packed tangent vectors of size {self.size}, got shapes "
@@ -672,8 +687,15 @@ class FixedTTRank(geoopt.Manifold):
             except RuntimeError:
                 raise ValueError(f"u, v: batch shapes {tuple(u.shape[:-1])} and "
                                  f"{tuple(v.shape[:-1])} do not broadcast") from None
-        out = (u * v).sum(-1, keepdim=keepdim)
-        return out
+        self._check_flat(x, "x")
+        if x.shape == u.shape == v.shape:
+            return tuple(u.shape)
+        try:
+            return tuple(torch.broadcast_shapes(x.shape, u.shape, v.shape))
+        except RuntimeError:
+            raise ValueError(f"x: batch shape {tuple(x.shape[:-1])} does not broadcast with "
+                             f"the vectors' {tuple(torch.broadcast_shapes(u.shape, v.shape)[:-1])}"
+                             ) from None
 
     def component_inner(self, x: torch.Tensor, u: torch.Tensor,
                         v: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -690,8 +712,9 @@ class FixedTTRank(geoopt.Manifold):
         """
         if v is None:
             v = u
+        shape = self._metric_shape(x, u, v)
         val = (u * v).sum(-1, keepdim=True)
-        return val.expand(u.shape).clone()
+        return val.expand(shape).clone()
 
     def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
         return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
@@ -729,7 +752,7 @@ class FixedTTRank(geoopt.Manifold):
         Uy = self._split(y, "y")
         self._check_batches(x.shape[:-1], y.shape[:-1], "y")
         if self.d == 1:
-            return v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
+            return v.expand(torch.broadcast_shapes(x.shape, v.shape, y.shape)).clone()
         xi = self._transport_cores(x, Ux, self._right_cores(x, Ux), v, dv)
         return project_tt(Uy, None, xi, packed=True, gauge=True)  # its LQ sweep inside
 
@@ -805,17 +828,24 @@ class FixedTTRank(geoopt.Manifold):
         U = self._split(x, "x")
         if x.device.type == "meta":
             return True, None
-        if not bool(torch.isfinite(x).all()):
-            return False, "point has non-finite entries"
-        defect = float(orth_defect(U).max())
-        if defect > max(atol, self._orth_tol(x.dtype)):
-            return False, f"cores 1..d-1 are not left-orthogonal (defect {defect:.3g})"
+        def at(bad):  # which point of a batch fails first (per-point mask ``bad``)
+            return "" if bad.dim() == 0 else f" at point {tuple(bad.nonzero()[0].tolist())}"
+
+        bad = ~torch.isfinite(x).all(-1)
+        if bool(bad.any()):
+            return False, "point has non-finite entries" + at(bad)
+        defect = orth_defect(U)
+        bad = defect > max(atol, self._orth_tol(x.dtype))
+        if bool(bad.any()):
+            return False, (f"cores 1..d-1 are not left-orthogonal (defect "
+                           f"{float(defect.max()):.3g}){at(bad)}")
         # exact rank: the interface factors L_k of the right sweep must be nonsingular
         for k, _, r in right_sweep(U):  # (unsigned factors: same singular values)
             sv = torch.linalg.svdvals(r)  # per point for a batch
             mx = sv.amax(-1)
-            if bool(((sv.amin(-1) <= rtol * mx) | (mx == 0)).any()):
-                return False, f"TT-rank at bond {k} is below {self.ranks[k]}"
+            bad = (sv.amin(-1) <= rtol * mx) | (mx == 0)
+            if bool(bad.any()):
+                return False, f"TT-rank at bond {k} is below {self.ranks[k]}{at(bad)}"
         return True, None
 
     def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
@@ -823,16 +853,24 @@ class FixedTTRank(geoopt.Manifold):
         du = self._split(u, "u")
         if u.device.type == "meta":
             return True, None
-        if not bool(torch.isfinite(u).all()):
-            return False, "vector has non-finite entries"
-        scale = max(float(u.abs().max()), 1.0)
+        def at(bad):  # which point of a batch fails first (per-point mask ``bad``)
+            return "" if bad.dim() == 0 else f" at point {tuple(bad.nonzero()[0].tolist())}"
+
+        bad = ~torch.isfinite(u).all(-1)
+        if bool(bad.any()):
+            return False, "vector has non-finite entries" + at(bad)
+        # per point: a batch passes exactly when every point passes alone (one scale for
+        # the whole batch let a large vector loosen the test of a small one)
+        scale = u.abs().amax(-1).clamp_min(1.0)
         for k in range(self.d - 1):
             a, n, b = self.core_shapes[k]
             ul = U[k].reshape(U[k].shape[:-3] + (a * n, b))
             g = ul.mT @ du[k].reshape(du[k].shape[:-3] + (a * n, b))
-            err = float(g.abs().max()) if g.numel() else 0.0
-            if err > atol + rtol * scale:
-                return False, f"core {k} violates the gauge condition U^T dU = 0 (max {err:.3g})"
+            err = g.abs().amax((-2, -1))
+            bad = err > atol + rtol * scale
+            if bool(bad.any()):
+                return False, (f"core {k} violates the gauge condition U^T dU = 0 (max "
+                               f"{float(err.max()):.3g}){at(bad)}")
         return True, None
 
     def _batch_size(self, size) -> tuple:

@@ -34,9 +34,7 @@ def interface_factors(U, V) -> List[torch.Tensor]:
     d = len(U)
     R: List[torch.Tensor] = [None] * (d - 1)  # type: ignore[list-item]
     last = U[d - 1]
-    a = last.shape[-3]
-    R[d - 2] = (last.reshape(last.shape[:-3] + (a, -1))
-                @ V[d - 1].reshape(V[d - 1].shape[:-3] + (a, -1)).mT)
+    R[d - 2] = last.flatten(-2) @ V[d - 1].flatten(-2).mT  # (flatten: also an empty batch)
     for k in range(d - 2, 0, -1):
         R[k - 1] = torch.einsum("...aib,...bc,...dic->...ad", U[k], R[k], V[k])
     return R
@@ -66,8 +64,7 @@ def _second_derivative_tt(U, a, b) -> TT:
 
 def _solve_right(R, w, transpose: bool):
     """``w_(left unfolding) R^{-1}`` (or ``R^{-T}``) by a linear solve, batched."""
-    r = w.shape[-1]
-    wl = w.reshape(w.shape[:-3] + (-1, r)).mT
+    wl = w.flatten(-3, -2).mT
     return torch.linalg.solve(R.mT if transpose else R, wl).mT.reshape(w.shape)
 
 

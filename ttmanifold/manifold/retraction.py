@@ -5,6 +5,7 @@ block structure. The mathematics: ``docs/manifold.md#retraction``.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -191,8 +192,9 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
         elif nv == prod.shape[-1]:  # no Q_W block left at a maximal bond (_cap_complement)
             c = top.reshape(bs + (r * nk, b))
         else:
-            c = torch.cat([top.reshape(bs + (r, nk, b)), prod[..., nv:].reshape(bs + (r, nk, -1))],
-                          -1).reshape(bs + (r * nk, -1))
+            # (unflatten/flatten, not reshape with -1: an empty batch leaves -1 ambiguous)
+            c = torch.cat([top.reshape(bs + (r, nk, b)), prod[..., nv:].unflatten(-1, (nk, -1))],
+                          -1).flatten(-3, -2)
     return _packed(lefts, c, nb, group)
 
 
@@ -308,7 +310,7 @@ def scattered_block_cores(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.
     idx, layout, total = _block_index(shapes, add, U[0].device)
 
     def flat(c):  # (*B, numel): a view for a core with contiguous last three dimensions
-        c = c.reshape(c.shape[:-3] + (-1,))
+        c = c.flatten(-3)
         return c if tuple(c.shape[:-1]) == bs else c.expand(bs + c.shape[-1:])
 
     pieces = []
@@ -429,8 +431,8 @@ def _retract_blocks(U, X, ranks, bs) -> torch.Tensor:
         q, r = torch.linalg.qr(c.mT)
         G[k] = q.mT  # right-orthonormal rows
         xa, xn, xb = X[k - 1].shape[-3:]
-        c = (X[k - 1].reshape(bs + (xa * xn, xb)) @ r.mT).reshape(bs + (xa, -1))
-    return _truncate(c.reshape(bs + (U[0].shape[-2], -1)), G, U, ranks, bs)
+        c = (X[k - 1].reshape(bs + (xa * xn, xb)) @ r.mT).reshape(bs + (xa, xn * r.shape[-2]))
+    return _truncate(c.unflatten(-1, (U[0].shape[-2], -1)).flatten(-3, -2), G, U, ranks, bs)
 
 
 def _truncate(c, G, U, ranks, bs) -> torch.Tensor:
@@ -446,8 +448,8 @@ def _truncate(c, G, U, ranks, bs) -> torch.Tensor:
         if u.shape[-1] < r:  # rank collapsed below r: pad with an orthonormal complement
             u, s, vh = _pad_svd(u, s, vh, r)
         lefts.append(u[..., :r] if group else u[..., :r].flatten(nb))
-        c = ((s[..., :r, None] * vh[..., :r, :]) @ G[k + 1]).reshape(
-            bs + (r * U[k + 1].shape[-2], -1))
+        c = ((s[..., :r, None] * vh[..., :r, :]) @ G[k + 1]).unflatten(
+            -1, (U[k + 1].shape[-2], -1)).flatten(-3, -2)
     return _packed(lefts, c, nb, group)
 
 
@@ -481,10 +483,10 @@ def _ordinary_result():
 def _packed_cat(lefts, last, nb: int, group: bool) -> torch.Tensor:
     w = lefts[0].shape[-1] if lefts else 0
     if (group and lefts and all(u.shape[-1] == w for u in lefts)
-            and last[(0,) * nb].numel() % w == 0):
+            and math.prod(last.shape[nb:]) % w == 0):
         # one width (uniform ranks): the last core, row-major, is rows of that width too,
         # so one concatenation packs everything
-        return torch.cat(list(lefts) + [last.reshape(last.shape[:nb] + (-1, w))], -2).flatten(nb)
+        return torch.cat(list(lefts) + [last.flatten(nb).unflatten(-1, (-1, w))], -2).flatten(nb)
     pieces = []
     i = 0
     while i < len(lefts):

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import assert_finite_async
 from ..tt import BatchIndexSet
-from .sweeps import right_cores
+from .sweeps import check_right_cores, right_cores
 
 __all__ = ["project_sampled_batch"]
 
@@ -49,8 +50,9 @@ def project_sampled_batch(M, p: torch.Tensor, index_set: BatchIndexSet,
     if values.device != p.device or index_set.device != p.device:
         raise ValueError(f"values, index_set: on {values.device} and {index_set.device}, "
                          f"the points on {p.device}")
+    assert_finite_async(values, "values")  # (else NaN deltas, blamed on the projection's u)
     U = M.split(p, "p")
-    V = right_cores(U) if V is None else V
+    V = right_cores(U) if V is None else check_right_cores(V, U)
     with torch.no_grad():
         D = index_set.project(U, V, values)
-    return M.proju(p, torch.cat([c.reshape(B, -1) for c in D], -1))
+    return M.proju(p, torch.cat([c.flatten(1) for c in D], -1))

@@ -24,7 +24,8 @@ from .. import kernels
 from ..kernels import dense as compiled_dense
 from ..tt import IndexSet
 
-__all__ = ["compiled_batch", "has_bonds", "unbatched", "core_runs", "contiguous_runs", "right_sweep", "right_cores", "project_tt", "project_dense",
+__all__ = ["compiled_batch", "has_bonds", "unbatched", "core_runs", "contiguous_runs",
+           "right_sweep", "right_cores", "check_right_cores", "project_tt", "project_dense",
            "project_tt_at_point",
            "prefer_fewer_launches", "one_point_batch", "squeeze_cores", "batched_mm",
            "batched_dot",
@@ -101,6 +102,8 @@ def compiled_batch(U, *seqs) -> bool:
     (a mismatch is left to the torch path's error)."""
     if len(U) < 2 or max(c.shape[-1] for c in U[:-1]) < COMPILED_BATCH_MIN_RANK:
         return False
+    if U[0].numel() == 0:  # an empty batch: nothing to loop over (torch handles it)
+        return False
     shapes = [c.shape[:-3] for seq in (U,) + seqs if isinstance(seq, (list, tuple))
               for c in seq if isinstance(c, torch.Tensor)]
     try:
@@ -163,6 +166,26 @@ def unbatched(*seqs) -> bool:
     entries skipped) is a single 3-D core, i.e. no batch dimension."""
     return all(not isinstance(c, torch.Tensor) or c.dim() == 3
                for seq in seqs if isinstance(seq, (list, tuple)) for c in seq)
+
+
+def check_right_cores(V, U: Sequence[torch.Tensor], name: str = "V") -> list:
+    """Validate right-orthogonal cores passed in by a caller (``V=`` of the sampled
+    projections) against the point's cores ``U``.
+
+    Args:
+        V: ``d`` entries, ``V[0]`` unused, ``V[k]`` of ``U[k]``'s shape (batch included).
+        U: the point's (or points') left-orthogonal cores.
+        name: the argument named in the error.
+    Returns:
+        ``V`` as a list; ``ValueError`` naming ``name`` for another length or shape (the
+        cores of a batch at one point, or of fewer points, were read silently or out of
+        range). Values are not checked (they are trusted to be the point's).
+    Cost: O(d)."""
+    if (not isinstance(V, (list, tuple)) or len(V) != len(U) or any(
+            not isinstance(v, torch.Tensor) or v.shape != u.shape for v, u in zip(V[1:], U[1:]))):
+        raise ValueError(f"{name}: expected the point's right-orthogonal cores, {len(U)} cores "
+                         f"of shapes {[tuple(u.shape) for u in U]} ({name}[0] unused)")
+    return list(V)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.right_cores, when=has_bonds)
@@ -602,7 +625,7 @@ def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
             Vr: List[Optional[torch.Tensor]] = [None] * d
             for k, q, r in _right_sweep_batched(U):
                 dg.append(torch.diagonal(r, dim1=-2, dim2=-1))
-                Vr[k] = q.reshape(bs + tuple(U[k].shape[-2:]) + (-1,)).movedim(-1, -3).transpose(-2, -1)
+                Vr[k] = q.unflatten(-2, tuple(U[k].shape[-2:])).movedim(-1, -3).transpose(-2, -1)
             sweep = True
         else:
             Vr = [None] + [v.transpose(-2, -1) for v in V[1:]]
@@ -732,7 +755,7 @@ def _project_at_point_pass(U, V, Z, gauge: bool, out: Optional[torch.Tensor]):
             else:
                 torch.sub(Dk, UW, out=o)
         else:
-            pieces.append(Dk.reshape(B, -1) if UW is None else (Dk - UW).reshape(B, -1))
+            pieces.append(Dk.flatten(1) if UW is None else (Dk - UW).flatten(1))  # (B may be 0)
         end -= a * n * c
         if k > 0:
             Q = (s.reshape(B * A, n * c) @ V[k].reshape(a, n * c).mT).view(B, A, a)
@@ -926,6 +949,8 @@ def orth_defect(U: Sequence[torch.Tensor]) -> torch.Tensor:
         # U^T U - I in one fused product, the batch's leading dimensions flattened
         g = torch.baddbmm(eyes[b], _lead_flat(ul.mT), _lead_flat(ul), beta=-1)
         g = g.view(ul.shape[:-2] + (b, b))
-        e = torch.linalg.vector_norm(g, float("inf"), dim=(-3, -2, -1))
+        # (an empty batch: zeros; the meta kernel of the inf-norm refuses it)
+        e = (torch.linalg.vector_norm(g, float("inf"), dim=(-3, -2, -1)) if g.numel()
+             else g.new_zeros(g.shape[:-3]))
         out = e if out is None else torch.maximum(out, e)
     return U[-1].new_zeros(bs) if out is None else out

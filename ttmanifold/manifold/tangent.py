@@ -19,7 +19,8 @@ from .. import kernels
 from .._checks import functorch_wrapped
 from ..kernels import dense as compiled_dense
 from ..tt import TT, IndexSet
-from ..tt.tensor_train import mark_tangent_block_cores, tangent_block_deltas
+from ..tt.tensor_train import (mark_tangent_block_cores, per_point_scalars,
+                                tangent_block_deltas)
 from .retraction import block_cores
 from .sweeps import batched_dot, project_tt
 
@@ -226,13 +227,8 @@ class TangentTT(TT):
         tensor of shape ``batch_shape`` (one scalar per point)."""
         bs = self.batch_shape
         if bs:
-            if isinstance(a, torch.Tensor) and a.dim() > 0:
-                if tuple(a.shape) != bs:
-                    raise ValueError(f"a: expected a scalar or a tensor of the batch shape {bs}, "
-                                     f"got shape {tuple(a.shape)}")
-                af, ac = a.unsqueeze(-1), a[..., None, None, None]
-            else:
-                af = ac = a
+            ac = per_point_scalars(a, bs, self._deltas[0])
+            af = ac.flatten(-3) if isinstance(ac, torch.Tensor) and ac.dim() > 0 else ac
             if self._flat is not None:
                 flat = self._flat * af
                 sizes = [c.shape[-3] * c.shape[-2] * c.shape[-1] for c in self._deltas]

@@ -109,6 +109,8 @@ def _choose_rank(s: torch.Tensor, max_rank: Optional[int], delta: Optional[torch
         # on the meta device values are unknown: keep the caps (documented)
         return max(k, 1)
     if s.dim() > 1:  # a batch: each point's needed rank, the largest over the batch
+        if s.numel() == 0:  # an empty batch: no TT needs any rank (as a zero TT: rank 1)
+            return 1
         top = s.amax(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
         s, dl = s / top, delta.unsqueeze(-1) / top
         sq = s * s
@@ -686,18 +688,34 @@ class TT:
         if type(a) is float and a == -1.0:  # x - y: negation (no scalar to convert, exact)
             cores[0] = torch.neg(cores[0])
         else:
-            cores[0] = cores[0] * _per_point(a, self.batch_shape)
+            cores[0] = cores[0] * per_point_scalars(a, self.batch_shape, cores[0])
         return TT(cores, check=False)
 
 
-def _per_point(a, batch_shape):
-    """A scalar as is; a tensor of shape ``batch_shape`` with three trailing unit
-    dimensions (to scale cores ``(*batch, r, n, r')``)."""
+def per_point_scalars(a, batch_shape, like: torch.Tensor):
+    """The factor ``a`` of :meth:`TT.scaled`, checked.
+
+    Args:
+        a: a scalar (number or 0-d tensor), or a tensor of shape ``batch_shape`` (one
+            scalar per TT of a batch).
+        batch_shape: the TT's batch shape.
+        like: a core of the TT (its dtype and device).
+    Returns:
+        a scalar as is; a tensor as ``(*batch, 1, 1, 1)`` (to scale cores
+        ``(*batch, r, n, r')``) in ``like``'s dtype. Raises ``ValueError`` for another
+        shape or device and ``TypeError`` for a floating (or complex) dtype other than
+        ``like``'s: the product would promote one core alone and leave a TT of mixed
+        dtypes (a 0-d tensor keeps the TT's dtype, as torch's scalars do).
+    Cost: O(|batch|)."""
     if isinstance(a, torch.Tensor) and a.dim() > 0:
         if tuple(a.shape) != tuple(batch_shape):
             raise ValueError(f"a: expected a scalar or a tensor of the batch shape "
                              f"{tuple(batch_shape)}, got shape {tuple(a.shape)}")
-        return a[..., None, None, None]
+        if a.dtype != like.dtype and (a.dtype.is_floating_point or a.dtype.is_complex):
+            raise TypeError(f"a: dtype {a.dtype} differs from the TT's {like.dtype}")
+        if a.device != like.device:
+            raise ValueError(f"a: on {a.device}, the TT on {like.device}")
+        return a.to(like.dtype)[..., None, None, None]
     return a
 
 
@@ -716,7 +734,9 @@ def _is_scalar(a) -> bool:
     return isinstance(a, numbers.Real)
 
 
-def _check_pair(a, b, op: str) -> None:
+def _check_pair(a, b, op: str, broadcast: bool = True) -> None:
+    """Raise unless ``a`` and ``b`` are TTs of one shape, dtype and device and (with
+    ``broadcast``) broadcastable batch shapes."""
     if not isinstance(a, TT) or not isinstance(b, TT):
         raise TypeError(f"{op}: expected two TT objects, got {type(a).__name__} and "
                         f"{type(b).__name__}")
@@ -727,7 +747,7 @@ def _check_pair(a, b, op: str) -> None:
     if a.device != b.device:
         raise ValueError(f"{op}: devices differ, {a.device} and {b.device}")
     ba, bb = a.batch_shape, b.batch_shape
-    if ba == bb:  # the common case: skip the broadcast check (about 25 us per call)
+    if not broadcast or ba == bb:  # the common case: skip the broadcast check (~25 us)
         return
     try:
         torch.broadcast_shapes(ba, bb)
@@ -1097,7 +1117,7 @@ def pairwise_inner(a: TT, b: TT) -> torch.Tensor:
     Cost: O(|A| |B| d n r_a r_b (r_a + r_b)): the sweep of :func:`inner`, broadcast over
     the pairs (memory O(|A| |B| n r_a r_b)).
     """
-    _check_pair(a, b, "pairwise_inner")
+    _check_pair(a, b, "pairwise_inner", broadcast=False)  # every pair: any two batch shapes
     na, nb_ = len(a.batch_shape), len(b.batch_shape)
     xa = TT([c.reshape(c.shape[:na] + (1,) * nb_ + c.shape[na:]) for c in a.cores], check=False)
     xb = TT([c.reshape((1,) * na + c.shape) for c in b.cores], check=False)
