@@ -574,7 +574,8 @@ class FixedTTRank(geoopt.Manifold):
         """Projection onto the tangent space at ``p`` of the sparse tensor with ``values``
         (shape ``(N,)``, the point's dtype and device) at the samples of ``index_set``;
         ``V``: the point's right-orthogonal cores if already known. Returns packed gauged
-        deltas. O(N d r^2). For a batch of points ``(B, size)`` pass a
+        deltas. O(N d r^2). Non-finite ``values`` raise ``RuntimeError`` (an on-device
+        assert, no host sync). For a batch of points ``(B, size)`` pass a
         :class:`~ttmanifold.tt.BatchIndexSet` (each point its own samples, ``values``
         concatenated in its order): one kernel call for the batch
         (:func:`~ttmanifold.manifold.sampled_batch.project_sampled_batch`)."""
@@ -595,6 +596,7 @@ class FixedTTRank(geoopt.Manifold):
                              f"the point on {p.device}")
         if tuple(index_set.shape) != self.shape:
             raise ValueError(f"index_set: shape {index_set.shape} differs from {self.shape}")
+        assert_finite_async(values, "values")  # as project of a sparse Z: never a silent NaN
         V = right_cores(U) if V is None else V
         return self._gauge_packed(p, project_sampled(U, V, index_set, values))
 
