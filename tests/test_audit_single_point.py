@@ -21,3 +21,25 @@ def test_project_sampled_rejects_non_finite_values():
         with pytest.raises(RuntimeError, match="values: contains NaN or Inf"):
             M.project_sampled(p, iset, torch.tensor([1.0, bad], dtype=F64))
     assert torch.isfinite(M.project_sampled(p, iset, torch.tensor([1.0, 2.0], dtype=F64))).all()
+
+
+def test_hvp_and_hess_reject_non_finite_point_or_vector_by_name():
+    """riemannian_hvp returned NaN for a NaN point or vector; riemannian_hess of a NaN
+    point blamed ``u`` (the NaN reached a proju of an inner vector)."""
+    M = FixedTTRank((3, 4, 5), (2, 3))
+    p = M.random(dtype=F64, generator=torch.Generator().manual_seed(0))
+    u = M.proju(p, torch.randn(M.size, dtype=F64, generator=torch.Generator().manual_seed(1)))
+
+    def f(T):
+        return 0.5 * T.norm() ** 2
+
+    for hess in (M.riemannian_hvp, M.riemannian_hess):
+        bad = p.clone()
+        bad[2] = float("nan")
+        with pytest.raises(RuntimeError, match="^p: contains NaN or Inf"):
+            hess(bad, f, u)
+        bad = u.clone()
+        bad[-1] = float("inf")
+        with pytest.raises(RuntimeError, match="^u: contains NaN or Inf"):
+            hess(p, f, bad)
+        assert torch.allclose(hess(p, f, u), u, atol=1e-12)  # Hess of ||X||^2 / 2 is I

@@ -12,6 +12,7 @@ from typing import Callable, List
 
 import torch
 
+from .._checks import assert_finite_async
 from ..tt import TT, inner
 from .autodiff import riemannian_grad, riemannian_hvp
 from .sweeps import right_cores
@@ -127,6 +128,7 @@ def hessian_operator(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
     """
     p = p.detach()
     U = M.split(p, "p")
+    assert_finite_async(p, "p")  # (else the NaN surfaced as "u" from a proju inside)
     if M.d == 1:
         return lambda u: riemannian_hvp(M, p, f, _checked_u(M, p, u))
     g = riemannian_grad(M, p, f) if grad is None else grad.detach()
@@ -164,4 +166,5 @@ def _checked_u(M, p, u):
     if u.shape != p.shape:
         raise ValueError(f"u: shape {tuple(u.shape)} differs from the point's {tuple(p.shape)} "
                          f"(one tangent vector per point)")
+    assert_finite_async(u, "u")
     return M.gauge(p, u.detach())
