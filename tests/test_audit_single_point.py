@@ -43,3 +43,25 @@ def test_hvp_and_hess_reject_non_finite_point_or_vector_by_name():
         with pytest.raises(RuntimeError, match="^u: contains NaN or Inf"):
             hess(p, f, bad)
         assert torch.allclose(hess(p, f, u), u, atol=1e-12)  # Hess of ||X||^2 / 2 is I
+
+
+def test_transp_dist_inner_check_the_second_argument_by_name():
+    """transp with a point y of another dtype (or device) failed with a torch dtype error
+    from deep inside the projection sweep; dist named ``add``; component_inner of a wrong
+    size failed inside torch; inner of mixed dtypes promoted silently."""
+    M = FixedTTRank((3, 4, 5), (2, 3))
+    g = torch.Generator().manual_seed(0)
+    p, q = M.random(dtype=F64, generator=g), M.random(dtype=F64, generator=g)
+    u = M.proju(p, torch.randn(M.size, dtype=F64, generator=g))
+    with pytest.raises(TypeError, match="^y: dtype torch.float32 differs"):
+        M.transp(p, q.float(), u)
+    with pytest.raises(ValueError, match="^y: device meta differs"):
+        M.transp(p, q.to("meta"), u)
+    with pytest.raises(TypeError, match="^y: dtype torch.float32 differs"):
+        M.dist(p, q.float())
+    with pytest.raises(ValueError, match="^u, v: expected packed tangent vectors of size"):
+        M.component_inner(p, u[:-1], u)
+    with pytest.raises(TypeError, match="^u, v: torch.float64 on cpu and torch.float32"):
+        M.inner(p, u, u.float())
+    w = M.component_inner(p, u, u.expand(2, -1))  # broadcasts like inner
+    assert w.shape == (2, M.size) and torch.allclose(w[1, 0], M.inner(p, u))

@@ -628,6 +628,19 @@ class FixedTTRank(geoopt.Manifold):
         per point for batches (shape ``batch``, or ``(*batch, 1)`` with ``keepdim``)."""
         if v is None:
             v = u
+        self._check_pair(u, v)
+        out = (u * v).sum(-1, keepdim=keepdim)
+        return out
+
+    def _check_pair(self, u, v) -> None:
+        """Raise naming ``u, v`` unless both are packed tensors of one dtype and device
+        whose batches broadcast."""
+        if not isinstance(u, torch.Tensor) or not isinstance(v, torch.Tensor):
+            raise TypeError(f"u, v: expected packed tangent vectors (tensors), got "
+                            f"{type(u).__name__} and {type(v).__name__}")
+        if u.dtype != v.dtype or u.device != v.device:
+            raise TypeError(f"u, v: {u.dtype} on {u.device} and {v.dtype} on {v.device}; "
+                            f"expected one dtype and device")
         if u.shape[-1:] != (self.size,) or v.shape[-1:] != (self.size,):
             raise ValueError(
                 f"u, v: expected packed tangent vectors of size {self.size}, got shapes "
@@ -639,8 +652,6 @@ class FixedTTRank(geoopt.Manifold):
             except RuntimeError:
                 raise ValueError(f"u, v: batch shapes {tuple(u.shape[:-1])} and "
                                  f"{tuple(v.shape[:-1])} do not broadcast") from None
-        out = (u * v).sum(-1, keepdim=keepdim)
-        return out
 
     def component_inner(self, x: torch.Tensor, u: torch.Tensor,
                         v: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -657,8 +668,10 @@ class FixedTTRank(geoopt.Manifold):
         """
         if v is None:
             v = u
+        self._check_pair(u, v)
         val = (u * v).sum(-1, keepdim=True)
-        return val.expand(u.shape).clone()
+        return val.expand(u.shape if u.shape == v.shape
+                          else torch.broadcast_shapes(u.shape, v.shape)).clone()
 
     def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
         return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
@@ -693,8 +706,7 @@ class FixedTTRank(geoopt.Manifold):
         ``v`` may be non-gauged. O(d n r^3)."""
         Ux = self._split(x, "x")
         dv = self._check_vector(v, x, "v")
-        Uy = self._split(y, "y")
-        self._check_batches(x.shape[:-1], y.shape[:-1], "y")
+        Uy = self._check_vector(y, x, "y")  # (shape, batch, dtype and device)
         if self.d == 1:
             return v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
         xi = self._transport_cores(x, Ux, self._right_cores(x, Ux), v, dv)
@@ -734,7 +746,9 @@ class FixedTTRank(geoopt.Manifold):
         """Euclidean (chordal) distance ``||X - Y||_F`` of the embedded tensors (not the
         geodesic distance, which has no closed form here); one per point for batches.
         O(d n r^3)."""
-        out = (self.to_tt(x) - self.to_tt(y)).norm()
+        X = self.to_tt(x)
+        self._check_vector(y, x, "y")
+        out = (X - self.to_tt(y)).norm()
         return out.unsqueeze(-1) if keepdim else out
 
     # ------------------------------------------------------------------------------------
