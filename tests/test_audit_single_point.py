@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ttmanifold import FixedTTRank, IndexSet
+from ttmanifold import TT, FixedTTRank, IndexSet
 
 F64 = torch.float64
 
@@ -65,3 +65,26 @@ def test_transp_dist_inner_check_the_second_argument_by_name():
         M.inner(p, u, u.float())
     w = M.component_inner(p, u, u.expand(2, -1))  # broadcasts like inner
     assert w.shape == (2, M.size) and torch.allclose(w[1, 0], M.inner(p, u))
+
+
+@pytest.mark.parametrize("dtype,scale", [(F64, 1e200), (F64, 1e-200),
+                                         (torch.float32, 1e30), (torch.float32, 1e-30)])
+def test_norms_under_autograd_at_extreme_scales(dtype, scale):
+    """Where ``<X, X>`` over- or underflows: ``TT.norm()`` under autograd was NaN in value
+    and gradient (its derivatives came from the unscaled Gram sweep). Reference: the homogeneity
+    of the norm (``X`` with its first core scaled by ``s`` has norm ``s ||X||`` and core
+    gradients ``(g_1, s g_2, s g_3)``). (The tangent TT and ``M.norm``: the next test.)"""
+    g = torch.Generator().manual_seed(3)
+    x0 = TT.random((3, 4, 5), 2, dtype=F64, generator=g)
+    ref = TT([c.clone().requires_grad_() for c in x0.cores])
+    n_ref = ref.norm()
+    n_ref.backward()
+    x = TT([c.to(dtype).clone().requires_grad_() for c in (x0 * scale).cores])
+    n = x.norm()
+    n.backward()
+    tol = 1e-12 if dtype == F64 else 1e-5
+    assert abs(float(n.detach()) / scale / float(n_ref.detach()) - 1) < tol
+    for k, (c, r) in enumerate(zip(x.cores, ref.cores)):
+        got = c.grad.double() / (1 if k == 0 else scale)
+        assert float((got - r.grad).norm() / r.grad.norm()) < tol, k
+

@@ -127,9 +127,10 @@ def _choose_rank(s: torch.Tensor, max_rank: Optional[int], delta: Optional[torch
     return max(1, min(k, needed))
 
 
-def _fro_norm(t: torch.Tensor, nb: int = 0) -> torch.Tensor:
+def fro_norm(t: torch.Tensor, nb: int = 0) -> torch.Tensor:
     """Frobenius norm of a dense tensor, safe from overflow/underflow of the squares;
     with ``nb`` leading batch dimensions, one norm per point (shape ``t.shape[:nb]``).
+    Cost O(numel).
 
     ``torch.linalg.vector_norm`` squares without scaling (inf above ~1e154, 0 below
     ~1e-154 in float64); scaling by a detached max leaves the value and gradient unchanged.
@@ -512,7 +513,7 @@ class TT:
             caps = normalize_ranks(shape, ranks, max_rank, stacklevel=3)
         delta = None
         if rel_eps is not None and d > 1:
-            delta = rel_eps * _fro_norm(x.detach()) / math.sqrt(d - 1)
+            delta = rel_eps * fro_norm(x.detach()) / math.sqrt(d - 1)
         cores = []
         c = x.reshape(shape[0], -1)
         r_prev = 1
@@ -557,28 +558,33 @@ class TT:
         # built under no_grad would be cached without their graph
         x = self.detach()
         with torch.no_grad():
-            val = x._qr_norm().clamp_min(torch.finfo(self.dtype).tiny)
-        s = inner(self, self)
-        # value: val; derivatives: those of sqrt(<X, X>) (val^2 and <X, X> differ by rounding)
-        return val * torch.sqrt(1 + (s - s.detach()) / (val * val))
+            left = []
+            val = x._qr_norm(left).clamp_min(torch.finfo(self.dtype).tiny)
+        return _norm_with_gram_derivatives(self, val, left)
 
-    def _qr_norm(self) -> torch.Tensor:
+    def _qr_norm(self, left: Optional[list] = None) -> torch.Tensor:
+        """``||X||`` by the QR sweep; ``left``, if given, receives the norms of the left
+        interfaces ``||X_{<=k}||`` for k < d (those of the sweep's matrices ``c``)."""
         bs = self.batch_shape
         if bs:
             c0 = self._cores[0]
             c = c0.reshape(bs + (c0.shape[-2], c0.shape[-1]))
             for nxt in self._cores[1:]:
+                if left is not None:
+                    left.append(fro_norm(c, len(bs)))
                 r = torch.linalg.qr(c, mode="reduced")[1] if c.shape[-2] > c.shape[-1] else c
                 a, n, b = nxt.shape[-3:]
                 c = (r @ nxt.reshape(bs + (a, n * b))).reshape(bs + (r.shape[-2] * n, b))
-            return _fro_norm(c, len(bs))
+            return fro_norm(c, len(bs))
         c = self._cores[0].reshape(-1, self._cores[0].shape[2])
         for k in range(1, self.ndim):
+            if left is not None:
+                left.append(fro_norm(c))
             # only the R factor matters: ||X|| = ||R_k G_{k+1} ... ||
             r = torch.linalg.qr(c, mode="reduced")[1] if c.shape[0] > c.shape[1] else c
             nxt = self._cores[k]
             c = (r @ nxt.reshape(nxt.shape[0], -1)).reshape(-1, nxt.shape[2])
-        return _fro_norm(c)
+        return fro_norm(c)
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         """Entries at ``N`` multi-indices.
@@ -688,6 +694,26 @@ class TT:
         else:
             cores[0] = cores[0] * _per_point(a, self.batch_shape)
         return TT(cores, check=False)
+
+
+def _norm_with_gram_derivatives(x: TT, val: torch.Tensor,
+                                left: List[torch.Tensor]) -> torch.Tensor:
+    """``val`` (``||X||`` from the QR sweep, > 0) with the derivatives, of every order, of
+    ``sqrt(<X, X>)``. ``<X, X>`` itself over- or underflows beyond ``||X|| ~ 1e154``
+    (float64; ``~1e19`` in float32), which made the value NaN; so the Gram sweep runs on
+    the cores scaled by powers of two (exact): core k by ``2^(e_{k-1} - e_k)``, with
+    ``e_k`` the binary exponent of ``left[k] = ||X_{<=k}||`` (of ``val`` for k = d), so
+    every left interface of the scaled TT has a norm in [1/2, 1). Cost: one Gram sweep."""
+    mant, e_last = torch.frexp(val)
+    cores, prev = [], 0
+    for c, e in zip(x.cores, [torch.frexp(r)[1] for r in left] + [e_last]):
+        step = (prev - e).to(c.dtype)  # (torch.ldexp's backward is 0 for int exponents)
+        cores.append(c * torch.exp2(step.reshape(step.shape + (1, 1, 1))))
+        prev = e
+    y = TT(cores, check=False)
+    s = inner(y, y)  # <X, X> / 2^(2 e_d)
+    # value: val; derivatives: those of sqrt(<X, X>) = 2^e_d sqrt(<y, y>), val = mant 2^e_d
+    return val * torch.sqrt(1 + (s - s.detach()) / (mant * mant))
 
 
 def _per_point(a, batch_shape):
@@ -875,7 +901,7 @@ class _SumTT(TT):
                 and not torch.compiler.is_compiling()
                 and not functorch_wrapped(self._terms[0]._cores[0]))
 
-    def _gram(self) -> Tuple[torch.Tensor, bool]:
+    def _gram(self, fallback: bool = True) -> Tuple[Optional[torch.Tensor], bool]:
         """``<self, self>`` and whether it came from the terms: ``sum_ij <t_i, t_j>`` when
         that is at least ``_GRAM_NORM_TAU (sum_i ||t_i||)^2`` (the terms do not nearly
         cancel, so its rounding, and that of its gradient, is within a small factor of a
@@ -910,6 +936,8 @@ class _SumTT(TT):
         fin = torch.finfo(self.dtype)
         if fin.tiny / fin.eps <= scale <= fin.max / 16 and vals[-1] >= _GRAM_NORM_TAU * scale:
             return s, True
+        if not fallback:
+            return None, False
         return inner(TT(self._cores, check=False), TT(self._cores, check=False)), False
 
     def structured_inner(self, other: TT) -> Optional[torch.Tensor]:
@@ -928,16 +956,10 @@ class _SumTT(TT):
         :meth:`TT.norm` at rank ``R = sum_i r_i``, O(d n R^3), plus the former."""
         if not self._pairwise_ok():
             return super().norm()
-        s, ok = self._gram()
+        s, ok = self._gram(fallback=False)
         if ok:  # s > 0: value sqrt(s), derivatives those of sqrt(<X, X>)
             return torch.sqrt(s)
-        x = TT(self._cores, check=False)
-        with torch.no_grad():
-            val = x.detach()._qr_norm()
-        if not (torch.is_grad_enabled() and s.requires_grad):
-            return val
-        val = val.clamp_min(torch.finfo(self.dtype).tiny)
-        return val * torch.sqrt(1 + (s - s.detach()) / (val * val))
+        return TT(self._cores, check=False).norm()
 
 
 def inner(a: TT, b: TT) -> torch.Tensor:
@@ -1242,7 +1264,7 @@ def round(
     delta = None
     bs = x.batch_shape
     if rel_eps is not None and d > 1:
-        delta = rel_eps * _fro_norm(cores[-1].detach(), len(bs)) / math.sqrt(d - 1)
+        delta = rel_eps * fro_norm(cores[-1].detach(), len(bs)) / math.sqrt(d - 1)
     if bs:
         for k in range(d - 1, 0, -1):
             a, n, b = cores[k].shape[-3:]
