@@ -88,3 +88,26 @@ def test_norms_under_autograd_at_extreme_scales(dtype, scale):
         got = c.grad.double() / (1 if k == 0 else scale)
         assert float((got - r.grad).norm() / r.grad.norm()) < tol, k
 
+
+@pytest.mark.parametrize("dtype,scale", [(F64, 1e200), (F64, 1e-200),
+                                         (torch.float32, 1e30), (torch.float32, 1e-30)])
+def test_tangent_tt_and_riemannian_norms_at_extreme_scales(dtype, scale):
+    """The norm of a point's tangent TT (``unpack_tensor``, a gauged TangentTT: the norm
+    of its deltas) and ``M.norm`` squared without scaling: inf or 0 (with a zero gradient)
+    where ``<u, u>`` over- or underflows."""
+    x0 = TT.random((3, 4, 5), 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    n_ref = x0.norm()
+    tol = 1e-12 if dtype == F64 else 1e-5
+    M = FixedTTRank((3, 4, 5), 2)
+    p = M.pack_point(x0).to(dtype)
+    p[-M.core_sizes[-1]:] *= scale
+    pp = p.clone().requires_grad_()
+    t = M.unpack_tensor(pp).norm()
+    t.backward()
+    assert abs(float(t.detach()) / scale / float(n_ref.detach()) - 1) < tol
+    # d||X|| is X / ||X||: as a tangent vector at X, the point over its norm
+    want = M.point_as_tangent(p).double() / float(t.detach())
+    assert float((pp.grad.double() - want).norm()) < tol
+    for u in (p, p.expand(2, -1)):
+        assert torch.allclose(M.norm(p, M.point_as_tangent(u)).double() / scale,
+                              n_ref.detach(), rtol=tol, atol=0)

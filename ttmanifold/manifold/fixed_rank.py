@@ -23,6 +23,7 @@ from .._checks import (assert_finite_async, check_float_dtype, check_shape, func
                        normalize_ranks)
 from ..tt import TT, BatchIndexSet, IndexSet, orthogonalize
 from ..tt import round as tt_round
+from ..tt.tensor_train import fro_norm
 from . import autodiff, hessian
 from .retraction import block_cores, retract, retract_point, retract_transport_cores
 from .sampled_batch import project_sampled_batch
@@ -674,7 +675,12 @@ class FixedTTRank(geoopt.Manifold):
                           else torch.broadcast_shapes(u.shape, v.shape)).clone()
 
     def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
-        return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
+        """Riemannian norm ``sqrt(<u, u>)``, one per point for batches; scaled, so it neither
+        overflows nor underflows where ``<u, u>`` would (``||u||`` beyond ~1e154 or below
+        ~1e-154 in float64, 1e19 and 1e-19 in float32). O(size)."""
+        self._check_pair(u, u)
+        out = fro_norm(u, u.dim() - 1)
+        return out.unsqueeze(-1) if keepdim else out
 
     # ------------------------------------------------------------------------------------
     # retraction and transport
