@@ -111,3 +111,18 @@ def test_tangent_tt_and_riemannian_norms_at_extreme_scales(dtype, scale):
     for u in (p, p.expand(2, -1)):
         assert torch.allclose(M.norm(p, M.point_as_tangent(u)).double() / scale,
                               n_ref.detach(), rtol=tol, atol=0)
+
+
+def test_trust_region_zero_gradient():
+    """truncated_cg divided by ||delta||^2 = 0 for a zero gradient (ZeroDivisionError):
+    the trust region on a completion problem of order 1, where one step fits the samples
+    exactly."""
+    from ttmanifold.experiments import problems, solvers
+
+    info = {"hess_products": 0, "inner_iters": 0}
+    e, he = solvers.truncated_cg(torch.zeros(4, dtype=F64), lambda v: 2 * v, 1.0, 5, 1.0, 0.1,
+                                 info)
+    assert not e.any() and not he.any()
+    P = problems.Completion((30,), 1, oversampling=0.4, seed=1)
+    h = solvers.riemannian_trust_region(P, iters=4)
+    assert h.status == "ok" and h.metrics[-1]["train_err"] < 1e-12
