@@ -126,3 +126,17 @@ def test_trust_region_zero_gradient():
     P = problems.Completion((30,), 1, oversampling=0.4, seed=1)
     h = solvers.riemannian_trust_region(P, iters=4)
     assert h.status == "ok" and h.metrics[-1]["train_err"] < 1e-12
+
+
+def test_hess_at_rank_deficient_point_names_p():
+    """At a packed tensor whose TT-rank is below the manifold's (left-orthogonal cores, a
+    zero row in the last core), riemannian_hess failed inside torch.linalg.solve
+    ("the input matrix is singular"); now a ValueError naming p and the bond."""
+    M = FixedTTRank((4, 6), 4)
+    p = M.random(dtype=F64, generator=torch.Generator().manual_seed(0))
+    M.split(p)[1][0] = 0.0  # X = U_1 U_2 has rank 3
+    with pytest.raises(ValueError, match="TT-rank at bond 1 is below"):
+        M.check_point(p)
+    u = M.proju(p, torch.randn(M.size, dtype=F64, generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="^p: the interface factor at bond 1 is singular"):
+        M.riemannian_hess(p, lambda T: 0.5 * T.norm() ** 2, u)

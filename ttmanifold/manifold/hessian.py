@@ -65,11 +65,19 @@ def _second_derivative_tt(U, a, b) -> TT:
     return TT(cores, check=False)
 
 
-def _solve_right(R, w, transpose: bool):
-    """``w_(left unfolding) R^{-1}`` (or ``R^{-T}``) by a linear solve, batched."""
+def _solve_right(R, w, transpose: bool, k: int = 0):
+    """``w_(left unfolding) R^{-1}`` (or ``R^{-T}``) by a linear solve, batched; ``k``: the
+    bond, named in the error for a singular ``R``."""
     r = w.shape[-1]
     wl = w.reshape(w.shape[:-3] + (-1, r)).mT
-    return torch.linalg.solve(R.mT if transpose else R, wl).mT.reshape(w.shape)
+    try:
+        return torch.linalg.solve(R.mT if transpose else R, wl).mT.reshape(w.shape)
+    except torch.linalg.LinAlgError as e:  # (solve reads LAPACK's info anyway: no extra sync)
+        raise ValueError(
+            f"p: the interface factor at bond {k + 1} is singular: the point's TT-rank there is "
+            f"below the manifold's ({R.shape[-1]}), so it is not a point of M_r and the "
+            f"Riemannian Hessian (its curvature term) is undefined; M.check_point(p) tells "
+            f"why") from e
 
 
 def _check_value(val, batch) -> torch.Tensor:
@@ -142,7 +150,7 @@ def hessian_operator(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
         u = _checked_u(M, p, u)
         hvp = riemannian_hvp(M, p, f, u)
         w = M.split(u, "u")
-        a = [_solve_right(R[k], w[k], True) for k in range(M.d - 1)] + [w[-1]]
+        a = [_solve_right(R[k], w[k], True, k) for k in range(M.d - 1)] + [w[-1]]
         with torch.enable_grad():
             flat = torch.zeros_like(p).requires_grad_()
             Z = _second_derivative_tt(U, a, M.split(flat, "b"))
@@ -153,7 +161,7 @@ def hessian_operator(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
         if gb is None:
             return hvp
         c = M.split(gb, "b")
-        gw = [_solve_right(R[k], c[k], False) for k in range(M.d - 1)] + [c[-1]]
+        gw = [_solve_right(R[k], c[k], False, k) for k in range(M.d - 1)] + [c[-1]]
         return hvp + M.proju(p, torch.cat([t.flatten(-3) for t in gw], -1))
 
     return apply
