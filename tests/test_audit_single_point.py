@@ -140,3 +140,25 @@ def test_hess_at_rank_deficient_point_names_p():
     u = M.proju(p, torch.randn(M.size, dtype=F64, generator=torch.Generator().manual_seed(1)))
     with pytest.raises(ValueError, match="^p: the interface factor at bond 1 is singular"):
         M.riemannian_hess(p, lambda T: 0.5 * T.norm() ** 2, u)
+
+
+def test_transp_gauge_tangent_to_tt_reject_non_finite_inputs():
+    """transp, gauge and tangent_to_tt returned NaN for a NaN vector or point."""
+    M = FixedTTRank((3, 4, 5), (2, 3))
+    g = torch.Generator().manual_seed(0)
+    p, q = M.random(dtype=F64, generator=g), M.random(dtype=F64, generator=g)
+    u = M.proju(p, torch.randn(M.size, dtype=F64, generator=g))
+    bad_u, bad_p = u.clone(), p.clone()
+    bad_u[4], bad_p[1] = float("nan"), float("inf")
+    with pytest.raises(RuntimeError, match="^v: contains NaN or Inf"):
+        M.transp(p, q, bad_u)
+    with pytest.raises(RuntimeError, match="^x, y: contains NaN or Inf"):
+        M.transp(p, bad_p, u)
+    with pytest.raises(RuntimeError, match="^x, y: contains NaN or Inf"):
+        M.transp(bad_p, q, u)
+    for fn in (M.gauge, M.tangent_to_tt):
+        with pytest.raises(RuntimeError, match="^u: contains NaN or Inf"):
+            fn(p, bad_u)
+        with pytest.raises(RuntimeError, match="^p: contains NaN or Inf"):
+            fn(bad_p, u)
+    assert torch.allclose(M.tangent_to_tt(p, M.gauge(p, u)).full(), M.tangent_to_tt(p, u).full())

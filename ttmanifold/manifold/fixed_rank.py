@@ -605,9 +605,12 @@ class FixedTTRank(geoopt.Manifold):
     # tangent vectors
     # ------------------------------------------------------------------------------------
     def tangent_to_tt(self, p: torch.Tensor, u: torch.Tensor) -> TT:
-        """The rank-2r TT of the tangent vector ``u`` at ``p`` (gauged or not)."""
+        """The rank-2r TT of the tangent vector ``u`` at ``p`` (gauged or not). Non-finite
+        ``p`` or ``u`` raise ``RuntimeError`` naming it (an on-device assert)."""
         U = self._split(p, "p")
         du = self._check_vector(u, p)
+        assert_finite_async(p, "p")
+        assert_finite_async(u, "u")
         return self._tangent_tt(U, right_cores(U), du, add_point=False)
 
     @_no_autograd_fast_path
@@ -617,10 +620,13 @@ class FixedTTRank(geoopt.Manifold):
 
         Unlike :meth:`proju` (which drops the non-gauged parts, the right thing for
         gradients), this moves ``U_k (U_k^T dU_k)`` into core ``k+1`` so that the tangent
-        vector is unchanged. O(d n r^3).
+        vector is unchanged. Non-finite ``p`` or ``u`` raise ``RuntimeError`` naming it (an
+        on-device assert). O(d n r^3).
         """
         U = self._split(p, "p")
         du = self._check_vector(u, p)
+        assert_finite_async(p, "p")
+        assert_finite_async(u, "u")
         return self._cat(gauge_deltas(U, right_cores(U), du))
 
     def inner(self, x: torch.Tensor, u: torch.Tensor, v: Optional[torch.Tensor] = None, *,
@@ -709,10 +715,13 @@ class FixedTTRank(geoopt.Manifold):
     @_chunked_on_cpu
     def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Vector transport by projection ``P_Y(xi)`` of ``v`` at ``x`` to ``y``.
-        ``v`` may be non-gauged. O(d n r^3)."""
+        ``v`` may be non-gauged. Non-finite ``v`` (or points) raise ``RuntimeError`` (an
+        on-device assert, no host sync). O(d n r^3)."""
         Ux = self._split(x, "x")
         dv = self._check_vector(v, x, "v")
         Uy = self._check_vector(y, x, "y")  # (shape, batch, dtype and device)
+        assert_finite_async(v, "v")
+        assert_finite_async([x, y], "x, y")
         if self.d == 1:
             return v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
         xi = self._transport_cores(x, Ux, self._right_cores(x, Ux), v, dv)
