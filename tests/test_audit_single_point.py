@@ -162,3 +162,17 @@ def test_transp_gauge_tangent_to_tt_reject_non_finite_inputs():
         with pytest.raises(RuntimeError, match="^p: contains NaN or Inf"):
             fn(bad_p, u)
     assert torch.allclose(M.tangent_to_tt(p, M.gauge(p, u)).full(), M.tangent_to_tt(p, u).full())
+
+
+def test_chart_rejects_non_finite_theta():
+    """STTPChart(theta) with a NaN or Inf coordinate gave a TT of NaNs silently."""
+    from ttmanifold import STTPChart
+
+    chart = STTPChart(FixedTTRank((3, 4, 5), (2, 3)))
+    theta = chart.random_theta(dtype=F64, generator=torch.Generator().manual_seed(0))
+    for bad in (float("nan"), float("inf")):
+        t = theta.clone()
+        t[1] = bad
+        with pytest.raises(RuntimeError, match="^theta: contains NaN or Inf"):
+            chart(t)
+    assert torch.allclose(chart(chart.inverse(chart(theta))).full(), chart(theta).full())
