@@ -176,3 +176,28 @@ def test_chart_rejects_non_finite_theta():
         with pytest.raises(RuntimeError, match="^theta: contains NaN or Inf"):
             chart(t)
     assert torch.allclose(chart(chart.inverse(chart(theta))).full(), chart(theta).full())
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_norm_under_autograd_of_an_exactly_zero_tt(dtype):
+    """``x - x`` and a TT of zero cores: the norm under autograd was NaN (0 / 0 in its
+    derivative surrogate); now 0, as without autograd, with a zero (finite) gradient. Also
+    for a batch, and with a nonzero point in the batch unaffected."""
+    for shape in ((1, 1, 1), (2, 3, 4), (4,)):
+        x = TT.random(shape, min(2, shape[0]), dtype=dtype,
+                      generator=torch.Generator().manual_seed(0))
+        xs = TT([c.clone().requires_grad_() for c in x.cores])
+        for y in (xs - x, TT([0 * c for c in xs.cores])):
+            n = y.norm()
+            grads = torch.autograd.grad(n, xs.cores)
+            assert float(n.detach()) < 1e-6 * float(x.norm()), shape
+            assert all(torch.isfinite(g).all() for g in grads), shape
+    xb = TT.random((3, 4, 5), 2, dtype=dtype, batch=(2,), generator=torch.Generator().manual_seed(1))
+    cores = [torch.stack([c[0], 0 * c[1]]).requires_grad_() for c in xb.cores]
+    n = TT(cores).norm()
+    (g0,) = torch.autograd.grad(n.sum(), cores[0])
+    assert float(n[1].detach()) == 0.0 and torch.isfinite(g0).all()
+    ref = TT([c[0].detach().clone().requires_grad_() for c in cores])
+    nr = ref.norm()
+    (gr,) = torch.autograd.grad(nr, ref.cores[0])
+    assert torch.allclose(n[0], nr) and torch.allclose(g0[0], gr, atol=1e-6)

@@ -559,7 +559,7 @@ class TT:
         x = self.detach()
         with torch.no_grad():
             left = []
-            val = x._qr_norm(left).clamp_min(torch.finfo(self.dtype).tiny)
+            val = x._qr_norm(left)
         return _norm_with_gram_derivatives(self, val, left)
 
     def _qr_norm(self, left: Optional[list] = None) -> torch.Tensor:
@@ -698,22 +698,36 @@ class TT:
 
 def _norm_with_gram_derivatives(x: TT, val: torch.Tensor,
                                 left: List[torch.Tensor]) -> torch.Tensor:
-    """``val`` (``||X||`` from the QR sweep, > 0) with the derivatives, of every order, of
-    ``sqrt(<X, X>)``. ``<X, X>`` itself over- or underflows beyond ``||X|| ~ 1e154``
-    (float64; ``~1e19`` in float32), which made the value NaN; so the Gram sweep runs on
-    the cores scaled by powers of two (exact): core k by ``2^(e_{k-1} - e_k)``, with
-    ``e_k`` the binary exponent of ``left[k] = ||X_{<=k}||`` (of ``val`` for k = d), so
-    every left interface of the scaled TT has a norm in [1/2, 1). Cost: one Gram sweep."""
-    mant, e_last = torch.frexp(val)
-    cores, prev = [], 0
-    for c, e in zip(x.cores, [torch.frexp(r)[1] for r in left] + [e_last]):
+    """``val`` (``||X||`` from the QR sweep) with the derivatives, of every order, of
+    ``sqrt(<X, X>)`` (zero where ``X = 0``: the value is then 0, as without autograd).
+    ``<X, X>`` itself over- or underflows beyond ``||X|| ~ 1e154`` (float64; ``~1e19`` in
+    float32), which made the value NaN; so the Gram sweep runs on the cores scaled by
+    powers of two (exact): core k by ``2^(e_{k-1} - e_k)``, with ``e_k`` the binary
+    exponent of ``left[k] = ||X_{<=k}||``, so every left interface of the scaled TT has a
+    norm in [1/2, 1). At the last core ``e_d`` is that of ``||X||``, but at most
+    ``nmant`` bits below that of ``||X_{<=d-1}|| ||G_d||``: a TT that cancels to (near)
+    zero is not blown up. Cost: one Gram sweep."""
+    fin = torch.finfo(val.dtype)
+    nmant = int(-math.log2(fin.eps))  # 52 or 23 (exact powers of two)
+    cores = x.cores
+    nb = len(val.shape)
+    last = val.clamp_min(fin.tiny)
+    mant, e_val = torch.frexp(last)
+    e_prev = torch.frexp(left[-1])[1] if left else torch.zeros_like(e_val)
+    e_last = torch.maximum(e_val, e_prev + torch.frexp(fro_norm(cores[-1].detach(), nb))[1]
+                           - nmant)
+    cs, prev = [], 0
+    for c, e in zip(cores, [torch.frexp(r)[1] for r in left] + [e_last]):
         step = (prev - e).to(c.dtype)  # (torch.ldexp's backward is 0 for int exponents)
-        cores.append(c * torch.exp2(step.reshape(step.shape + (1, 1, 1))))
+        cs.append(c * torch.exp2(step.reshape(step.shape + (1, 1, 1))))
         prev = e
-    y = TT(cores, check=False)
+    y = TT(cs, check=False)
     s = inner(y, y)  # <X, X> / 2^(2 e_d)
-    # value: val; derivatives: those of sqrt(<X, X>) = 2^e_d sqrt(<y, y>), val = mant 2^e_d
-    return val * torch.sqrt(1 + (s - s.detach()) / (mant * mant))
+    # <X, X> = 2^(2 e_d) <y, y> and val = mant 2^e_val: the derivatives of sqrt(<X, X>) are
+    # those of val sqrt(1 + (<y, y> - s0) k2) with k2 = 2^(2 (e_d - e_val)) / mant^2
+    # (clamped: it only multiplies the zero s - s0 and, for X = 0, a zero val)
+    k2 = (torch.exp2(2 * (e_last - e_val).to(val.dtype)) / (mant * mant)).clamp_max(fin.max)
+    return val * torch.sqrt(1 + (s - s.detach()) * k2)
 
 
 def _per_point(a, batch_shape):
