@@ -201,3 +201,26 @@ def test_norm_under_autograd_of_an_exactly_zero_tt(dtype):
     nr = ref.norm()
     (gr,) = torch.autograd.grad(nr, ref.cores[0])
     assert torch.allclose(n[0], nr) and torch.allclose(g0[0], gr, atol=1e-6)
+
+
+def test_scaled_norm_path_second_derivatives_match_plain():
+    """The scaled Gram sweep (taken by batches and off the CPU) gives the derivatives of
+    every order of the plain one: first and second derivatives of a batch of two TTs
+    against each TT alone (the CPU's plain sweep)."""
+    g = torch.Generator().manual_seed(5)
+    xb = TT.random((3, 4, 2, 3), 3, dtype=F64, batch=(2,), generator=g)
+    cores = [(c * s).requires_grad_() for c, s in zip(xb.cores, (1e3, 1.0, 1e-2, 1.0))]
+    v = [torch.randn(c.shape, dtype=F64, generator=g) for c in cores]
+    n = TT(cores).norm()
+    gb = torch.autograd.grad(n.sum(), cores, create_graph=True)
+    hb = torch.autograd.grad(sum((a * b).sum() for a, b in zip(gb, v)), cores)
+    for j in range(2):
+        one = [c[j].detach().clone().requires_grad_() for c in cores]
+        n1 = TT(one).norm()
+        g1 = torch.autograd.grad(n1, one, create_graph=True)
+        h1 = torch.autograd.grad(sum((a * b[j]).sum() for a, b in zip(g1, v)), one)
+        assert torch.allclose(n[j], n1)
+        for a, b in zip(gb, g1):
+            assert torch.allclose(a[j], b, rtol=1e-10, atol=1e-12 * float(b.detach().abs().max()))
+        for a, b in zip(hb, h1):
+            assert torch.allclose(a[j], b, rtol=1e-9, atol=1e-11 * float(b.detach().abs().max()))

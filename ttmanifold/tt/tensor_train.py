@@ -560,18 +560,27 @@ class TT:
         with torch.no_grad():
             left = []
             val = x._qr_norm(left)
+        if (val.device.type == "cpu" and not self.batch_shape
+                and not torch.compiler.is_compiling() and not functorch_wrapped(val)):
+            # on the CPU reading the values is free: the plain Gram sweep unless its squares
+            # over- or underflow (then the scaled sweep below)
+            s = inner(self, self)
+            v, fin = float(val), torch.finfo(self.dtype)
+            if fin.tiny / fin.eps <= v * v <= fin.max and math.isfinite(float(s.detach())):
+                # value: val; derivatives: those of sqrt(<X, X>) (val^2, <X, X> differ by rounding)
+                return val * torch.sqrt(1 + (s - s.detach()) / (val * val))
         return _norm_with_gram_derivatives(self, val, left)
 
     def _qr_norm(self, left: Optional[list] = None) -> torch.Tensor:
-        """``||X||`` by the QR sweep; ``left``, if given, receives the norms of the left
-        interfaces ``||X_{<=k}||`` for k < d (those of the sweep's matrices ``c``)."""
+        """``||X||`` by the QR sweep; ``left``, if given, receives the sweep's matrices
+        ``c_k`` for k < d (``c_k`` has the singular values of the interface ``X_{<=k}``)."""
         bs = self.batch_shape
         if bs:
             c0 = self._cores[0]
             c = c0.reshape(bs + (c0.shape[-2], c0.shape[-1]))
             for nxt in self._cores[1:]:
                 if left is not None:
-                    left.append(fro_norm(c, len(bs)))
+                    left.append(c)
                 r = torch.linalg.qr(c, mode="reduced")[1] if c.shape[-2] > c.shape[-1] else c
                 a, n, b = nxt.shape[-3:]
                 c = (r @ nxt.reshape(bs + (a, n * b))).reshape(bs + (r.shape[-2] * n, b))
@@ -579,7 +588,7 @@ class TT:
         c = self._cores[0].reshape(-1, self._cores[0].shape[2])
         for k in range(1, self.ndim):
             if left is not None:
-                left.append(fro_norm(c))
+                left.append(c)
             # only the R factor matters: ||X|| = ||R_k G_{k+1} ... ||
             r = torch.linalg.qr(c, mode="reduced")[1] if c.shape[0] > c.shape[1] else c
             nxt = self._cores[k]
@@ -703,25 +712,29 @@ def _norm_with_gram_derivatives(x: TT, val: torch.Tensor,
     ``<X, X>`` itself over- or underflows beyond ``||X|| ~ 1e154`` (float64; ``~1e19`` in
     float32), which made the value NaN; so the Gram sweep runs on the cores scaled by
     powers of two (exact): core k by ``2^(e_{k-1} - e_k)``, with ``e_k`` the binary
-    exponent of ``left[k] = ||X_{<=k}||``, so every left interface of the scaled TT has a
-    norm in [1/2, 1). At the last core ``e_d`` is that of ``||X||``, but at most
+    exponent of the largest entry of ``left[k]`` (the QR sweep's matrix with the singular
+    values of ``X_{<=k}``), so every left interface of the scaled TT has a norm between 1/2
+    and ``sqrt(numel)``. At the last core ``e_d`` is that of ``||X||``, but at most
     ``nmant`` bits below that of ``||X_{<=d-1}|| ||G_d||``: a TT that cancels to (near)
-    zero is not blown up. Cost: one Gram sweep."""
+    zero is not blown up. Cost: one Gram sweep and about ``2 d`` elementwise operations."""
     fin = torch.finfo(val.dtype)
     nmant = int(-math.log2(fin.eps))  # 52 or 23 (exact powers of two)
     cores = x.cores
     nb = len(val.shape)
-    last = val.clamp_min(fin.tiny)
-    mant, e_val = torch.frexp(last)
-    e_prev = torch.frexp(left[-1])[1] if left else torch.zeros_like(e_val)
-    e_last = torch.maximum(e_val, e_prev + torch.frexp(fro_norm(cores[-1].detach(), nb))[1]
-                           - nmant)
-    cs, prev = [], 0
-    for c, e in zip(cores, [torch.frexp(r)[1] for r in left] + [e_last]):
-        step = (prev - e).to(c.dtype)  # (torch.ldexp's backward is 0 for int exponents)
-        cs.append(c * torch.exp2(step.reshape(step.shape + (1, 1, 1))))
-        prev = e
-    y = TT(cs, check=False)
+    mats = left + [cores[-1].detach()]
+    if nb == 0 and not torch.compiler.is_compiling() and not functorch_wrapped(mats[0]):
+        amax = torch.stack(torch._foreach_norm(mats, float("inf")))  # one operation for all
+    else:
+        amax = torch.stack([m.abs().flatten(nb).amax(-1) for m in mats], -1)
+    e = torch.frexp(amax)[1]  # (*batch, d)
+    mant, e_val = torch.frexp(val.clamp_min(fin.tiny))
+    e_prev = e[..., -2] if len(cores) > 1 else torch.zeros_like(e_val)
+    e_last = torch.maximum(e_val, e_prev + e[..., -1] - nmant)
+    exps = torch.cat([e[..., :-1], e_last.unsqueeze(-1)], -1)
+    steps = torch.cat([torch.zeros_like(e_last).unsqueeze(-1), exps[..., :-1]], -1) - exps
+    scales = torch.exp2(steps.to(val.dtype))
+    y = TT([c * scales[..., k].reshape(scales.shape[:-1] + (1, 1, 1))
+            for k, c in enumerate(cores)], check=False)
     s = inner(y, y)  # <X, X> / 2^(2 e_d)
     # <X, X> = 2^(2 e_d) <y, y> and val = mant 2^e_val: the derivatives of sqrt(<X, X>) are
     # those of val sqrt(1 + (<y, y> - s0) k2) with k2 = 2^(2 (e_d - e_val)) / mant^2
