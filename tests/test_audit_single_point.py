@@ -224,3 +224,17 @@ def test_scaled_norm_path_second_derivatives_match_plain():
             assert torch.allclose(a[j], b, rtol=1e-10, atol=1e-12 * float(b.detach().abs().max()))
         for a, b in zip(hb, h1):
             assert torch.allclose(a[j], b, rtol=1e-9, atol=1e-11 * float(b.detach().abs().max()))
+
+
+def test_pack_point_rejects_non_finite_tt():
+    """pack_point of a TT built by arithmetic (``x * nan``: no constructor check) returned
+    a NaN point, and one of higher rank failed in LAPACK's SVD; README promises that
+    pack_point rejects non-finite data."""
+    M = FixedTTRank((3, 4, 5), 2)
+    g = torch.Generator().manual_seed(0)
+    for r in (2, 3):
+        x = TT.random(M.shape, r, dtype=F64, generator=g)
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(RuntimeError, match="^tt: contains NaN or Inf"):
+                M.pack_point(x * bad)
+    assert torch.isfinite(M.pack_point(x)).all()

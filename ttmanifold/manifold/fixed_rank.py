@@ -265,7 +265,8 @@ class FixedTTRank(geoopt.Manifold):
 
         The TT is brought to left-orthogonal form (QR sweep, ``diag(R) >= 0``). A TT of
         higher ranks is first rounded to the manifold's ranks; lower ranks or another
-        shape raise ``ValueError``. Cost O(d n r^3).
+        shape raise ``ValueError``, non-finite cores ``RuntimeError`` (an on-device assert).
+        Cost O(d n r^3).
         """
         if len(tensors) == 1 and isinstance(tensors[0], TT):
             x = tensors[0]
@@ -275,6 +276,8 @@ class FixedTTRank(geoopt.Manifold):
             x = TT(list(tensors))
         if x.shape != self.shape:
             raise ValueError(f"tt: shape {x.shape} differs from the manifold's {self.shape}")
+        # (a TT from arithmetic or to_tt skipped the constructor's check)
+        assert_finite_async(x.cores, "tt")
         # a batched TT packs into a batch of points (*batch, size), every sweep batched
         if x.ranks != self.ranks:
             if any(a < b for a, b in zip(x.ranks, self.ranks)):
