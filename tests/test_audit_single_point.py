@@ -238,3 +238,12 @@ def test_pack_point_rejects_non_finite_tt():
             with pytest.raises(RuntimeError, match="^tt: contains NaN or Inf"):
                 M.pack_point(x * bad)
     assert torch.isfinite(M.pack_point(x)).all()
+
+
+def test_egrad2rgrad_at_a_non_finite_point_says_so():
+    """The first egrad2rgrad at a NaN point failed with "not left-orthogonal" only."""
+    M = FixedTTRank((3, 4, 5), (2, 3))
+    p = M.random(dtype=F64, generator=torch.Generator().manual_seed(0))
+    p[0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"^x: the packed cores .* \(or not finite\)"):
+        M.egrad2rgrad(p, torch.zeros(M.size, dtype=F64))

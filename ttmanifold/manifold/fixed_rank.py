@@ -453,8 +453,9 @@ class FixedTTRank(geoopt.Manifold):
         defect = orth_defect(U)
         torch._assert_async(
             (defect if defect.dim() == 0 else defect.max()) <= max(1e-5, self._orth_tol(x.dtype)),
-            "x: the packed cores 1..d-1 are not left-orthogonal, so this tensor is not a "
-            "point of FixedTTRank's representation (its Riemannian gradient would be wrong); "
+            "x: the packed cores 1..d-1 are not left-orthogonal (or not finite), so this "
+            "tensor is not a point of FixedTTRank's representation (its Riemannian gradient "
+            "would be wrong); "
             "build points with M.pack_point(tt), M.random() or M.projx(x)")
 
     def check_point(self, p: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5) -> None:
