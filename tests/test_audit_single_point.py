@@ -265,3 +265,18 @@ def test_save_refuses_what_load_cannot_read(tmp_path):
         assert not (tmp_path / "x.npz").exists()
     tm.save(xb[1], tmp_path / "x.npz")
     assert torch.equal(tm.load(tmp_path / "x.npz").full(), xb[1].full())
+
+
+def test_project_of_tt_or_dense_at_a_non_finite_point_raises():
+    """project(p, Z) of a TT or dense Z at a NaN point returned NaN deltas; the point now
+    joins Z's one fused finiteness assert (no extra operation for a TT Z)."""
+    M = FixedTTRank((3, 4, 5), (2, 3))
+    g = torch.Generator().manual_seed(0)
+    p = M.random(dtype=F64, generator=g)
+    Z = TT.random(M.shape, 2, dtype=F64, generator=g)
+    bad = p.clone()
+    bad[3] = float("nan")
+    for z in (Z, Z.full()):
+        with pytest.raises(RuntimeError, match=r"^Z: contains NaN or Inf \(or the point p does\)"):
+            M.project(bad, z)
+        assert torch.isfinite(M.project(p, z)).all()

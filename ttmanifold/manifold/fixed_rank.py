@@ -81,6 +81,9 @@ def _no_autograd_fast_path(fn=None, *, fresh_outputs: bool = False):
     return wrapper
 
 
+# a NaN point would spread into every delta of a projection as silently as a NaN Z
+_NONFINITE_Z = "Z: contains NaN or Inf (or the point p does)"
+
 #: Large CPU batches of the per-step methods (``retr``, ``transp``, ``retr_transp``,
 #: ``proju``, ``gauge``, ``project`` of a TT or dense ``Z``) run in chunks of about this many
 #: bytes per packed argument (None: one call for the whole batch), so that one chunk's
@@ -494,7 +497,8 @@ class FixedTTRank(geoopt.Manifold):
         if isinstance(Z, TT):
             self._check_ambient(Z, p, "Z")
             self._check_batches(p.shape[:-1], Z.batch_shape, "Z")
-            assert_finite_async(Z.cores, "Z")  # all cores at once (a fixed number of ops)
+            # all cores and the point at once (a fixed number of operations)
+            assert_finite_async(Z.cores + [p], "Z", _NONFINITE_Z)
             if p.dim() == 1 and math.prod(Z.batch_shape) > 1 and not prefer_fewer_launches(
                     p.device, sum(c.numel() for c in Z.cores)) and (
                     not _plain_path([p, Z, Z.cores[0]])
@@ -521,7 +525,7 @@ class FixedTTRank(geoopt.Manifold):
                                  f" (or a batch of them, (*batch, *shape))")
             self._check_batches(p.shape[:-1], Z.shape[:Z.dim() - self.d], "Z")
             self._check_ambient(Z, p, "Z")
-            assert_finite_async(Z, "Z")
+            assert_finite_async([Z, p], "Z", _NONFINITE_Z)
             return self._project_nonsparse(p, Z)
         raise TypeError(f"Z: expected a dense tensor, a TT or a sparse COO tensor, got "
                         f"{type(Z).__name__}")
