@@ -280,3 +280,14 @@ def test_project_of_tt_or_dense_at_a_non_finite_point_raises():
         with pytest.raises(RuntimeError, match=r"^Z: contains NaN or Inf \(or the point p does\)"):
             M.project(bad, z)
         assert torch.isfinite(M.project(p, z)).all()
+
+
+def test_proju_at_a_non_finite_point_raises():
+    """proju at a NaN point returned NaN deltas (only u was checked)."""
+    M = FixedTTRank((3, 4, 5), (2, 3))
+    p = M.random(dtype=F64, generator=torch.Generator().manual_seed(0))
+    u = torch.randn(M.size, dtype=F64, generator=torch.Generator().manual_seed(1))
+    bad = p.clone()
+    bad[0] = float("inf")
+    with pytest.raises(RuntimeError, match=r"^u: contains NaN or Inf \(or the point x does\)"):
+        M.proju(bad, u)

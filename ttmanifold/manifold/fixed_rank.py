@@ -423,7 +423,7 @@ class FixedTTRank(geoopt.Manifold):
         """
         self._split(x, "x")
         self._check_vector(u, x)
-        assert_finite_async(u, "u")
+        assert_finite_async([u, x], "u", "u: contains NaN or Inf (or the point x does)")
         return self._gauge_packed(x, u)
 
     @_no_autograd_fast_path
