@@ -291,3 +291,19 @@ def test_proju_at_a_non_finite_point_raises():
     bad[0] = float("inf")
     with pytest.raises(RuntimeError, match=r"^u: contains NaN or Inf \(or the point x does\)"):
         M.proju(bad, u)
+
+
+def test_project_sampled_and_dist_at_a_non_finite_point_raise():
+    """project_sampled and dist at a NaN point returned NaN."""
+    M = FixedTTRank((3, 4, 5), (2, 3))
+    g = torch.Generator().manual_seed(0)
+    p, q = M.random(dtype=F64, generator=g), M.random(dtype=F64, generator=g)
+    bad = p.clone()
+    bad[2] = float("nan")
+    iset = IndexSet(torch.tensor([[0, 1, 2], [2, 3, 4]]), M.shape)
+    with pytest.raises(RuntimeError, match=r"^values: contains NaN or Inf \(or the point p"):
+        M.project_sampled(bad, iset, torch.ones(2, dtype=F64))
+    for a, b in ((bad, q), (q, bad)):
+        with pytest.raises(RuntimeError, match="^x, y: contains NaN or Inf"):
+            M.dist(a, b)
+    assert torch.allclose(M.dist(p, q), (M.to_tt(p).full() - M.to_tt(q).full()).norm())

@@ -605,7 +605,9 @@ class FixedTTRank(geoopt.Manifold):
                              f"the point on {p.device}")
         if tuple(index_set.shape) != self.shape:
             raise ValueError(f"index_set: shape {index_set.shape} differs from {self.shape}")
-        assert_finite_async(values, "values")  # as project of a sparse Z: never a silent NaN
+        # as project of a sparse Z: never a silent NaN (nor from a NaN point)
+        assert_finite_async([values, p], "values",
+                            "values: contains NaN or Inf (or the point p does)")
         V = right_cores(U) if V is None else V
         return self._gauge_packed(p, project_sampled(U, V, index_set, values))
 
@@ -771,6 +773,7 @@ class FixedTTRank(geoopt.Manifold):
         O(d n r^3)."""
         X = self.to_tt(x)
         self._check_vector(y, x, "y")
+        assert_finite_async([x, y], "x, y")
         out = (X - self.to_tt(y)).norm()
         return out.unsqueeze(-1) if keepdim else out
 
