@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ttmanifold import TT, FixedTTRank, IndexSet
+from ttmanifold import TT, FixedTTRank, IndexSet, inner
 
 F64 = torch.float64
 
@@ -307,3 +307,30 @@ def test_project_sampled_and_dist_at_a_non_finite_point_raise():
         with pytest.raises(RuntimeError, match="^x, y: contains NaN or Inf"):
             M.dist(a, b)
     assert torch.allclose(M.dist(p, q), (M.to_tt(p).full() - M.to_tt(q).full()).norm())
+
+
+def test_differentiable_retr_after_unpack_tensor_keeps_the_gradient_through_v():
+    """After ``unpack_tensor(p)`` (a loss), a differentiable ``retr``/``retr_transp``/
+    ``transp`` at ``p`` (grad mode on, ``p`` requiring grad: unrolled optimization) used
+    the right cores kept for the optimizer step, computed without a graph: the gradient
+    with respect to ``p`` lost the part through them (off by half its size)."""
+    M = FixedTTRank((3, 4, 5), (2, 3))
+    g = torch.Generator().manual_seed(0)
+    p0 = M.random(dtype=F64, generator=g)
+    u = 0.3 * M.proju(p0, torch.randn(M.size, dtype=F64, generator=g))
+    A = TT.random(M.shape, 2, dtype=F64, generator=g)
+    B = TT.random(M.shape, 2, dtype=F64, generator=g)
+
+    def grads(with_loss_first):
+        out = []
+        for fn in (lambda p: inner(M.to_tt(M.retr(p, u)), A),
+                   lambda p: M.inner(p, M.retr_transp(p, u, u)[1], M.project(p, B)),
+                   lambda p: M.inner(p, M.transp(p, p.detach(), u), M.project(p, B))):
+            p = p0.clone().requires_grad_()
+            if with_loss_first:
+                M.unpack_tensor(p)  # keeps the right cores for an optimizer step
+            out.append(torch.autograd.grad(fn(p), p)[0])
+        return out
+
+    for a, b in zip(grads(False), grads(True)):
+        assert torch.allclose(a, b, atol=1e-12), (a - b).abs().max()

@@ -345,6 +345,8 @@ class FixedTTRank(geoopt.Manifold):
         since (``consume``: forget them, the step's retraction uses them once), else None."""
         if self._memo_off(x) or not self._right_memo:
             return None
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None  # they were computed without a graph: the gradient through V needs one
         memo = (self._right_memo.pop if consume else self._right_memo.get)(id(x), None)
         if memo is not None and memo[0]() is x and memo[1] == x._version:
             return memo[2]
