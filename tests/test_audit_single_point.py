@@ -334,3 +334,24 @@ def test_differentiable_retr_after_unpack_tensor_keeps_the_gradient_through_v():
 
     for a, b in zip(grads(False), grads(True)):
         assert torch.allclose(a, b, atol=1e-12), (a - b).abs().max()
+
+
+def test_hessian_operator_checks_grad_by_name():
+    """hessian_operator's ``grad`` was validated later under the name ``u`` (or failed on
+    ``.detach`` of a list)."""
+    from ttmanifold.manifold import hessian_operator
+
+    M = FixedTTRank((3, 4, 5), (2, 3))
+    p = M.random(dtype=F64, generator=torch.Generator().manual_seed(0))
+
+    def f(T):
+        return 0.5 * T.norm() ** 2
+
+    for bad, err in ((torch.zeros(M.size - 1, dtype=F64), ValueError),
+                     (torch.zeros(M.size), ValueError), ([0.0] * M.size, TypeError),
+                     (torch.full((M.size,), float("nan"), dtype=F64), RuntimeError)):
+        with pytest.raises(err, match="^grad: "):
+            hessian_operator(M, p, f, grad=bad)
+    H = hessian_operator(M, p, f, grad=M.riemannian_grad(p, f))
+    u = M.proju(p, torch.randn(M.size, dtype=F64, generator=torch.Generator().manual_seed(1)))
+    assert torch.allclose(H(u), u, atol=1e-12)

@@ -139,7 +139,18 @@ def hessian_operator(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
     assert_finite_async(p, "p")  # (else the NaN surfaced as "u" from a proju inside)
     if M.d == 1:
         return lambda u: riemannian_hvp(M, p, f, _checked_u(M, p, u))
-    g = riemannian_grad(M, p, f) if grad is None else grad.detach()
+    if grad is None:
+        g = riemannian_grad(M, p, f)
+    else:
+        if not isinstance(grad, torch.Tensor):
+            raise TypeError(f"grad: expected a packed tangent vector (a tensor), got "
+                            f"{type(grad).__name__}")
+        M.split(grad, "grad")
+        if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+            raise ValueError(f"grad: {tuple(grad.shape)} {grad.dtype} on {grad.device}, the "
+                             f"point is {tuple(p.shape)} {p.dtype} on {p.device}")
+        assert_finite_async(grad, "grad")
+        g = grad.detach()
     V = right_cores(U)
     R = interface_factors(U, V)
     grad_tt = M.tangent_to_tt(p, g)
