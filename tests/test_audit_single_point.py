@@ -355,3 +355,24 @@ def test_hessian_operator_checks_grad_by_name():
     H = hessian_operator(M, p, f, grad=M.riemannian_grad(p, f))
     u = M.proju(p, torch.randn(M.size, dtype=F64, generator=torch.Generator().manual_seed(1)))
     assert torch.allclose(H(u), u, atol=1e-12)
+
+
+def test_project_of_a_sparse_z_is_differentiable_in_its_values():
+    """project(p, Z) of a sparse Z whose values require grad returned a tensor without a
+    graph (``Z._values()`` drops it): the gradient was silently lost, unlike for a dense or
+    TT Z and for project_sampled."""
+    M = FixedTTRank((3, 4, 5), (2, 3))
+    g = torch.Generator().manual_seed(0)
+    p = M.random(dtype=F64, generator=g)
+    idx = torch.tensor([[0, 1, 2], [2, 3, 4], [0, 1, 2]])  # a duplicate: summed
+    vals = torch.randn(3, dtype=F64, generator=g, requires_grad=True)
+    c = torch.randn(M.size, dtype=F64, generator=g)
+    Z = torch.sparse_coo_tensor(idx.t(), vals, M.shape, check_invariants=True)
+    out = M.project(p, Z)
+    (gz,) = torch.autograd.grad((out * c).sum(), vals)
+    dense = torch.zeros(M.shape, dtype=F64).index_put((idx[:, 0], idx[:, 1], idx[:, 2]),
+                                                       vals.detach(), accumulate=True)
+    assert torch.allclose(out.detach(), M.project(p, dense), atol=1e-12)
+    ref = torch.stack([(M.project_sampled(p, IndexSet(idx[e:e + 1], M.shape),
+                                          torch.ones(1, dtype=F64)) * c).sum() for e in range(3)])
+    assert torch.allclose(gz, ref, atol=1e-12)

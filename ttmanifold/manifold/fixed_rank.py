@@ -517,8 +517,13 @@ class FixedTTRank(geoopt.Manifold):
                     f"{Z.sparse_dim() if Z.layout == torch.sparse_coo else 'n/a'}"
                 )
             self._check_ambient(Z, p, "Z")
+            if torch.is_grad_enabled() and Z.requires_grad:
+                # _values() drops the graph; values() keeps it but needs a coalesced Z
+                Z = Z.coalesce()
+                vals = Z.values()
+            else:
+                vals = Z._values()
             idx = IndexSet.from_sparse(Z)
-            vals = Z._values()
             assert_finite_async(vals, "Z")
             return self.project_sampled(p, idx, vals)
         if isinstance(Z, torch.Tensor):
