@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ._checks import check_finite
 from .tt import TT
 
 __all__ = ["save", "load", "FORMAT"]
@@ -48,9 +49,16 @@ def save(x, path) -> None:
         path: the file (str or path-like); an existing file is replaced (atomically: the
             data go to a temporary file in the same directory first).
 
-    Returns None. Cost: O(number of TT parameters).
+    Returns None. Raises ``ValueError`` naming ``x`` for a batched TT (a batch of
+    points; save them one by one) or non-finite cores: :func:`load` could not read either
+    back. Cost: O(number of TT parameters).
     """
     tt = _as_tt(x)
+    if tt.batch_shape:
+        raise ValueError(f"x: a batch of tensor trains (batch shape {tuple(tt.batch_shape)}) "
+                         f"cannot be saved in this format; save x[i] one by one")
+    for k, c in enumerate(tt.cores):
+        check_finite(c.detach(), f"x: core {k}")
     path = os.fspath(path)
     cores = [c.detach().cpu().contiguous() for c in tt.cores]
     dtype = str(cores[0].dtype).replace("torch.", "")

@@ -682,6 +682,8 @@ def truncated_cg(g: torch.Tensor, hess: Callable, radius: float, max_inner: int,
     r = g.clone()
     delta = -r
     rr = float(r @ r)
+    if rr == 0.0:  # a zero gradient (e.g. an exact fit): the model's minimizer is e = 0
+        return eta, h_eta
     g_norm = math.sqrt(rr)
     # relative floor sqrt(eps): below it the residual is rounding noise
     floor = math.sqrt(torch.finfo(g.dtype).eps)

@@ -194,7 +194,8 @@ def riemannian_hvp(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
         M, p, f: as for :func:`riemannian_grad`; u: packed tangent vector at ``p`` (a batch
             ``(*B, size)`` with a batch of points).
     Returns:
-        packed gauged deltas (per point for a batch). Cost: about twice
+        packed gauged deltas (per point for a batch). Non-finite ``p`` or ``u`` raise
+        ``RuntimeError`` naming it (an on-device assert, no host sync). Cost: about twice
         :func:`riemannian_grad`.
     """
     p = p.detach()
@@ -204,6 +205,9 @@ def riemannian_hvp(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
         raise ValueError(f"u: shape {tuple(u.shape)} differs from the point's {tuple(p.shape)}")
     if u.dtype != p.dtype or u.device != p.device:
         raise TypeError(f"u: {u.dtype} on {u.device}, the point is {p.dtype} on {p.device}")
+    # (the products below would only spread a NaN into every delta)
+    assert_finite_async(p, "p")
+    assert_finite_async(u, "u")
     V = right_cores(U)
     with torch.enable_grad():
         flat, T = _delta_tt(M, p, U, V)

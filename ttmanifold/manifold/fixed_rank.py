@@ -25,6 +25,7 @@ from .._checks import (assert_finite_async, check_float_dtype, check_shape, func
                        normalize_ranks)
 from ..tt import TT, BatchIndexSet, IndexSet, orthogonalize
 from ..tt import round as tt_round
+from ..tt.tensor_train import fro_norm
 from . import autodiff, hessian
 from .retraction import block_cores, retract, retract_point, retract_transport_cores
 from .sampled_batch import project_sampled_batch
@@ -114,6 +115,9 @@ def _no_autograd_fast_path(fn=None, *, fresh_outputs: bool = False):
 
     return wrapper
 
+
+# a NaN point would spread into every delta of a projection as silently as a NaN Z
+_NONFINITE_Z = "Z: contains NaN or Inf (or the point p does)"
 
 #: Large CPU batches of the per-step methods (``retr``, ``transp``, ``retr_transp``,
 #: ``proju``, ``gauge``, ``project`` of a TT or dense ``Z``) run in chunks of about this many
@@ -300,7 +304,8 @@ class FixedTTRank(geoopt.Manifold):
 
         The TT is brought to left-orthogonal form (QR sweep, ``diag(R) >= 0``). A TT of
         higher ranks is first rounded to the manifold's ranks; lower ranks or another
-        shape raise ``ValueError``. Cost O(d n r^3).
+        shape raise ``ValueError``, non-finite cores ``RuntimeError`` (an on-device assert).
+        Cost O(d n r^3).
         """
         if len(tensors) == 1 and isinstance(tensors[0], TT):
             x = tensors[0]
@@ -310,6 +315,8 @@ class FixedTTRank(geoopt.Manifold):
             x = TT(list(tensors))
         if x.shape != self.shape:
             raise ValueError(f"tt: shape {x.shape} differs from the manifold's {self.shape}")
+        # (a TT from arithmetic or to_tt skipped the constructor's check)
+        assert_finite_async(x.cores, "tt")
         # a batched TT packs into a batch of points (*batch, size), every sweep batched
         if x.ranks != self.ranks:
             if any(a < b for a, b in zip(x.ranks, self.ranks)):
@@ -374,6 +381,8 @@ class FixedTTRank(geoopt.Manifold):
         since (``consume``: forget them, the step's retraction uses them once), else None."""
         if self._memo_off(x) or not self._right_memo:
             return None
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None  # they were computed without a graph: the gradient through V needs one
         memo = (self._right_memo.pop if consume else self._right_memo.get)(id(x), None)
         if memo is not None and memo[0]() is x and memo[1] == x._version:
             return memo[2]
@@ -453,7 +462,7 @@ class FixedTTRank(geoopt.Manifold):
         """
         self._split(x, "x")
         self._check_vector(u, x)
-        assert_finite_async(u, "u")
+        assert_finite_async([u, x], "u", "u: contains NaN or Inf (or the point x does)")
         return self._gauge_packed(x, u)
 
     @_no_autograd_fast_path
@@ -486,8 +495,9 @@ class FixedTTRank(geoopt.Manifold):
         defect = orth_defect(U)
         torch._assert_async(
             (defect <= max(1e-5, self._orth_tol(x.dtype))).all(),  # (an empty batch passes)
-            "x: the packed cores 1..d-1 are not left-orthogonal, so this tensor is not a "
-            "point of FixedTTRank's representation (its Riemannian gradient would be wrong); "
+            "x: the packed cores 1..d-1 are not left-orthogonal (or not finite), so this "
+            "tensor is not a point of FixedTTRank's representation (its Riemannian gradient "
+            "would be wrong); "
             "build points with M.pack_point(tt), M.random() or M.projx(x)")
 
     def check_point(self, p: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5) -> None:
@@ -526,7 +536,8 @@ class FixedTTRank(geoopt.Manifold):
         if isinstance(Z, TT):
             self._check_ambient(Z, p, "Z")
             self._check_batches(p.shape[:-1], Z.batch_shape, "Z")
-            assert_finite_async(Z.cores, "Z")  # all cores at once (a fixed number of ops)
+            # all cores and the point at once (a fixed number of operations)
+            assert_finite_async(Z.cores + [p], "Z", _NONFINITE_Z)
             if p.dim() == 1 and math.prod(Z.batch_shape) > 1 and not prefer_fewer_launches(
                     p.device, sum(c.numel() for c in Z.cores)) and (
                     not _plain_path([p, Z, Z.cores[0]])
@@ -543,8 +554,13 @@ class FixedTTRank(geoopt.Manifold):
                     f"{Z.sparse_dim() if Z.layout == torch.sparse_coo else 'n/a'}"
                 )
             self._check_ambient(Z, p, "Z")
+            if torch.is_grad_enabled() and Z.requires_grad:
+                # _values() drops the graph; values() keeps it but needs a coalesced Z
+                Z = Z.coalesce()
+                vals = Z.values()
+            else:
+                vals = Z._values()
             idx = IndexSet.from_sparse(Z)
-            vals = Z._values()
             assert_finite_async(vals, "Z")
             return self.project_sampled(p, idx, vals)
         if isinstance(Z, torch.Tensor):
@@ -553,7 +569,7 @@ class FixedTTRank(geoopt.Manifold):
                                  f" (or a batch of them, (*batch, *shape))")
             self._check_batches(p.shape[:-1], Z.shape[:Z.dim() - self.d], "Z")
             self._check_ambient(Z, p, "Z")
-            assert_finite_async(Z, "Z")
+            assert_finite_async([Z, p], "Z", _NONFINITE_Z)
             return self._project_nonsparse(p, Z)
         raise TypeError(f"Z: expected a dense tensor, a TT or a sparse COO tensor, got "
                         f"{type(Z).__name__}")
@@ -611,7 +627,8 @@ class FixedTTRank(geoopt.Manifold):
         """Projection onto the tangent space at ``p`` of the sparse tensor with ``values``
         (shape ``(N,)``, the point's dtype and device) at the samples of ``index_set``;
         ``V``: the point's right-orthogonal cores if already known. Returns packed gauged
-        deltas. O(N d r^2). For a batch of points ``(B, size)`` pass a
+        deltas. O(N d r^2). Non-finite ``values`` raise ``RuntimeError`` (an on-device
+        assert, no host sync). For a batch of points ``(B, size)`` pass a
         :class:`~ttmanifold.tt.BatchIndexSet` (each point its own samples, ``values``
         concatenated in its order): one kernel call for the batch
         (:func:`~ttmanifold.manifold.sampled_batch.project_sampled_batch`)."""
@@ -632,6 +649,9 @@ class FixedTTRank(geoopt.Manifold):
                              f"the point on {p.device}")
         if tuple(index_set.shape) != self.shape:
             raise ValueError(f"index_set: shape {index_set.shape} differs from {self.shape}")
+        # as project of a sparse Z: never a silent NaN (nor from a NaN point)
+        assert_finite_async([values, p], "values",
+                            "values: contains NaN or Inf (or the point p does)")
         V = right_cores(U) if V is None else check_right_cores(V, U)
         return self._gauge_packed(p, project_sampled(U, V, index_set, values))
 
@@ -639,9 +659,12 @@ class FixedTTRank(geoopt.Manifold):
     # tangent vectors
     # ------------------------------------------------------------------------------------
     def tangent_to_tt(self, p: torch.Tensor, u: torch.Tensor) -> TT:
-        """The rank-2r TT of the tangent vector ``u`` at ``p`` (gauged or not)."""
+        """The rank-2r TT of the tangent vector ``u`` at ``p`` (gauged or not). Non-finite
+        ``p`` or ``u`` raise ``RuntimeError`` naming it (an on-device assert)."""
         U = self._split(p, "p")
         du = self._check_vector(u, p)
+        assert_finite_async(p, "p")
+        assert_finite_async(u, "u")
         return self._tangent_tt(U, right_cores(U), du, add_point=False)
 
     @_no_autograd_fast_path
@@ -651,10 +674,13 @@ class FixedTTRank(geoopt.Manifold):
 
         Unlike :meth:`proju` (which drops the non-gauged parts, the right thing for
         gradients), this moves ``U_k (U_k^T dU_k)`` into core ``k+1`` so that the tangent
-        vector is unchanged. O(d n r^3).
+        vector is unchanged. Non-finite ``p`` or ``u`` raise ``RuntimeError`` naming it (an
+        on-device assert). O(d n r^3).
         """
         U = self._split(p, "p")
         du = self._check_vector(u, p)
+        assert_finite_async(p, "p")
+        assert_finite_async(u, "u")
         if self.d == 1:
             return self._gauge_packed(p, u)
         return self._cat(gauge_deltas(U, right_cores(U), du))
@@ -674,8 +700,28 @@ class FixedTTRank(geoopt.Manifold):
 
     def _metric_shape(self, x, u, v) -> tuple:
         """The broadcast shape ``(*batch, size)`` of the point ``x`` and the vectors ``u``,
-        ``v`` of :meth:`inner` and :meth:`component_inner`; ``ValueError`` naming the
-        arguments whose batch shapes do not broadcast."""
+        ``v`` of :meth:`inner` and :meth:`component_inner` (checked by :meth:`_check_pair`);
+        ``ValueError`` naming ``x`` when its batch shape does not broadcast with theirs."""
+        self._check_pair(u, v)
+        self._check_flat(x, "x")
+        if x.shape == u.shape == v.shape:
+            return tuple(u.shape)
+        try:
+            return tuple(torch.broadcast_shapes(x.shape, u.shape, v.shape))
+        except RuntimeError:
+            raise ValueError(f"x: batch shape {tuple(x.shape[:-1])} does not broadcast with "
+                             f"the vectors' {tuple(torch.broadcast_shapes(u.shape, v.shape)[:-1])}"
+                             ) from None
+
+    def _check_pair(self, u, v) -> None:
+        """Raise naming ``u, v`` unless both are packed tensors of one dtype and device
+        whose batches broadcast."""
+        if not isinstance(u, torch.Tensor) or not isinstance(v, torch.Tensor):
+            raise TypeError(f"u, v: expected packed tangent vectors (tensors), got "
+                            f"{type(u).__name__} and {type(v).__name__}")
+        if u.dtype != v.dtype or u.device != v.device:
+            raise TypeError(f"u, v: {u.dtype} on {u.device} and {v.dtype} on {v.device}; "
+                            f"expected one dtype and device")
         if u.shape[-1:] != (self.size,) or v.shape[-1:] != (self.size,):
             raise ValueError(
                 f"u, v: expected packed tangent vectors of size {self.size}, got shapes "
@@ -687,15 +733,6 @@ class FixedTTRank(geoopt.Manifold):
             except RuntimeError:
                 raise ValueError(f"u, v: batch shapes {tuple(u.shape[:-1])} and "
                                  f"{tuple(v.shape[:-1])} do not broadcast") from None
-        self._check_flat(x, "x")
-        if x.shape == u.shape == v.shape:
-            return tuple(u.shape)
-        try:
-            return tuple(torch.broadcast_shapes(x.shape, u.shape, v.shape))
-        except RuntimeError:
-            raise ValueError(f"x: batch shape {tuple(x.shape[:-1])} does not broadcast with "
-                             f"the vectors' {tuple(torch.broadcast_shapes(u.shape, v.shape)[:-1])}"
-                             ) from None
 
     def component_inner(self, x: torch.Tensor, u: torch.Tensor,
                         v: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -717,7 +754,13 @@ class FixedTTRank(geoopt.Manifold):
         return val.expand(shape).clone()
 
     def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
-        return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
+        """Riemannian norm ``sqrt(<u, u>)``, one per point for batches; scaled, so it neither
+        overflows nor underflows where ``<u, u>`` would (``||u||`` beyond ~1e154 or below
+        ~1e-154 in float64, 1e19 and 1e-19 in float32). O(size)."""
+        shape = self._metric_shape(x, u, u)[:-1] + (1,) * keepdim
+        out = fro_norm(u, u.dim() - 1)
+        out = out.unsqueeze(-1) if keepdim else out
+        return out if out.shape == shape else out.expand(shape)
 
     # ------------------------------------------------------------------------------------
     # retraction and transport
@@ -746,11 +789,13 @@ class FixedTTRank(geoopt.Manifold):
     @_chunked_on_cpu
     def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Vector transport by projection ``P_Y(xi)`` of ``v`` at ``x`` to ``y``.
-        ``v`` may be non-gauged. O(d n r^3)."""
+        ``v`` may be non-gauged. Non-finite ``v`` (or points) raise ``RuntimeError`` (an
+        on-device assert, no host sync). O(d n r^3)."""
         Ux = self._split(x, "x")
         dv = self._check_vector(v, x, "v")
-        Uy = self._split(y, "y")
-        self._check_batches(x.shape[:-1], y.shape[:-1], "y")
+        Uy = self._check_vector(y, x, "y")  # (shape, batch, dtype and device)
+        assert_finite_async(v, "v")
+        assert_finite_async([x, y], "x, y")
         if self.d == 1:
             return v.expand(torch.broadcast_shapes(x.shape, v.shape, y.shape)).clone()
         xi = self._transport_cores(x, Ux, self._right_cores(x, Ux), v, dv)
@@ -790,7 +835,10 @@ class FixedTTRank(geoopt.Manifold):
         """Euclidean (chordal) distance ``||X - Y||_F`` of the embedded tensors (not the
         geodesic distance, which has no closed form here); one per point for batches.
         O(d n r^3)."""
-        out = (self.to_tt(x) - self.to_tt(y)).norm()
+        X = self.to_tt(x)
+        self._check_vector(y, x, "y")
+        assert_finite_async([x, y], "x, y")
+        out = (X - self.to_tt(y)).norm()
         return out.unsqueeze(-1) if keepdim else out
 
     # ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Callable, List
 
 import torch
 
+from .._checks import assert_finite_async
 from ..tt import TT, inner
 from .autodiff import riemannian_grad, riemannian_hvp
 from .sweeps import right_cores
@@ -62,10 +63,18 @@ def _second_derivative_tt(U, a, b) -> TT:
     return TT(cores, check=False)
 
 
-def _solve_right(R, w, transpose: bool):
-    """``w_(left unfolding) R^{-1}`` (or ``R^{-T}``) by a linear solve, batched."""
+def _solve_right(R, w, transpose: bool, k: int = 0):
+    """``w_(left unfolding) R^{-1}`` (or ``R^{-T}``) by a linear solve, batched; ``k``: the
+    bond, named in the error for a singular ``R``."""
     wl = w.flatten(-3, -2).mT
-    return torch.linalg.solve(R.mT if transpose else R, wl).mT.reshape(w.shape)
+    try:
+        return torch.linalg.solve(R.mT if transpose else R, wl).mT.reshape(w.shape)
+    except torch.linalg.LinAlgError as e:  # (solve reads LAPACK's info anyway: no extra sync)
+        raise ValueError(
+            f"p: the interface factor at bond {k + 1} is singular: the point's TT-rank there is "
+            f"below the manifold's ({R.shape[-1]}), so it is not a point of M_r and the "
+            f"Riemannian Hessian (its curvature term) is undefined; M.check_point(p) tells "
+            f"why") from e
 
 
 def _check_value(val, batch) -> torch.Tensor:
@@ -124,9 +133,21 @@ def hessian_operator(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
     """
     p = p.detach()
     U = M.split(p, "p")
+    assert_finite_async(p, "p")  # (else the NaN surfaced as "u" from a proju inside)
     if M.d == 1:
         return lambda u: riemannian_hvp(M, p, f, _checked_u(M, p, u))
-    g = riemannian_grad(M, p, f) if grad is None else grad.detach()
+    if grad is None:
+        g = riemannian_grad(M, p, f)
+    else:
+        if not isinstance(grad, torch.Tensor):
+            raise TypeError(f"grad: expected a packed tangent vector (a tensor), got "
+                            f"{type(grad).__name__}")
+        M.split(grad, "grad")
+        if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+            raise ValueError(f"grad: {tuple(grad.shape)} {grad.dtype} on {grad.device}, the "
+                             f"point is {tuple(p.shape)} {p.dtype} on {p.device}")
+        assert_finite_async(grad, "grad")
+        g = grad.detach()
     V = right_cores(U)
     R = interface_factors(U, V)
     grad_tt = M.tangent_to_tt(p, g)
@@ -137,7 +158,7 @@ def hessian_operator(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
         u = _checked_u(M, p, u)
         hvp = riemannian_hvp(M, p, f, u)
         w = M.split(u, "u")
-        a = [_solve_right(R[k], w[k], True) for k in range(M.d - 1)] + [w[-1]]
+        a = [_solve_right(R[k], w[k], True, k) for k in range(M.d - 1)] + [w[-1]]
         with torch.enable_grad():
             flat = torch.zeros_like(p).requires_grad_()
             Z = _second_derivative_tt(U, a, M.split(flat, "b"))
@@ -148,7 +169,7 @@ def hessian_operator(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
         if gb is None:
             return hvp
         c = M.split(gb, "b")
-        gw = [_solve_right(R[k], c[k], False) for k in range(M.d - 1)] + [c[-1]]
+        gw = [_solve_right(R[k], c[k], False, k) for k in range(M.d - 1)] + [c[-1]]
         return hvp + M.proju(p, torch.cat([t.flatten(-3) for t in gw], -1))
 
     return apply
@@ -161,4 +182,5 @@ def _checked_u(M, p, u):
     if u.shape != p.shape:
         raise ValueError(f"u: shape {tuple(u.shape)} differs from the point's {tuple(p.shape)} "
                          f"(one tangent vector per point)")
+    assert_finite_async(u, "u")
     return M.gauge(p, u.detach())

@@ -19,7 +19,7 @@ from .. import kernels
 from .._checks import functorch_wrapped
 from ..kernels import dense as compiled_dense
 from ..tt import TT, IndexSet
-from ..tt.tensor_train import (mark_tangent_block_cores, per_point_scalars,
+from ..tt.tensor_train import (fro_norm, mark_tangent_block_cores, per_point_scalars,
                                 tangent_block_deltas)
 from .retraction import block_cores
 from .sweeps import batched_dot, project_tt
@@ -213,14 +213,15 @@ class TangentTT(TT):
         """Frobenius norm; for a gauged tangent TT, the norm of the deltas."""
         if not self._gauged:
             return super().norm()
+        # scaled (fro_norm): vector_norm squares, inf beyond ~1e154 in float64 (~1e19 float32)
         if self.batch_shape:  # one norm per point
             if self._flat is not None:
-                return torch.linalg.vector_norm(self._flat, dim=-1)
-            return torch.linalg.vector_norm(torch.cat([c.flatten(-3) for c in self._deltas], -1),
-                                            dim=-1)
+                return fro_norm(self._flat, self._flat.dim() - 1)
+            flat = torch.cat([c.flatten(-3) for c in self._deltas], -1)
+            return fro_norm(flat, flat.dim() - 1)
         if self._flat is not None:
-            return torch.linalg.vector_norm(self._flat)
-        return torch.linalg.vector_norm(torch.cat([c.reshape(-1) for c in self._deltas]))
+            return fro_norm(self._flat)
+        return fro_norm(torch.cat([c.reshape(-1) for c in self._deltas]))
 
     def scaled(self, a) -> TT:
         """``a * self``, still structured (the deltas scaled); for a batch ``a`` may be a

@@ -19,6 +19,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .._checks import assert_finite_async
 from ..householder import (
     frame_from_full,
     frame_from_reduced,
@@ -269,8 +270,11 @@ class STTPChart(torch.nn.Module):
 
     def forward(self, theta: Tensor) -> TT:
         """The TT ``[U_0, .., U_{c-1} diag(s), V_c, .., V_{d-1}]`` of ``theta`` (shape
-        ``(dim,)``); mixed canonical with center core ``c-1``. Cost ``O(d n r^3)``."""
+        ``(dim,)``); mixed canonical with center core ``c-1``. A non-finite ``theta``
+        raises ``RuntimeError`` (an on-device assert, no host sync) instead of giving a TT
+        of NaNs. Cost ``O(d n r^3)``."""
         self._check_theta(theta, batched=False)
+        assert_finite_async(theta, "theta")
         U, s, V = self.forward_cores(theta)
         if self.d > 1:
             U[-1] = U[-1] * s

@@ -129,9 +129,10 @@ def _choose_rank(s: torch.Tensor, max_rank: Optional[int], delta: Optional[torch
     return max(1, min(k, needed))
 
 
-def _fro_norm(t: torch.Tensor, nb: int = 0) -> torch.Tensor:
+def fro_norm(t: torch.Tensor, nb: int = 0) -> torch.Tensor:
     """Frobenius norm of a dense tensor, safe from overflow/underflow of the squares;
     with ``nb`` leading batch dimensions, one norm per point (shape ``t.shape[:nb]``).
+    Cost O(numel).
 
     ``torch.linalg.vector_norm`` squares without scaling (inf above ~1e154, 0 below
     ~1e-154 in float64); scaling by a detached max leaves the value and gradient unchanged.
@@ -514,7 +515,7 @@ class TT:
             caps = normalize_ranks(shape, ranks, max_rank, stacklevel=3)
         delta = None
         if rel_eps is not None and d > 1:
-            delta = rel_eps * _fro_norm(x.detach()) / math.sqrt(d - 1)
+            delta = rel_eps * fro_norm(x.detach()) / math.sqrt(d - 1)
         cores = []
         c = x.reshape(shape[0], -1)
         r_prev = 1
@@ -559,28 +560,42 @@ class TT:
         # built under no_grad would be cached without their graph
         x = self.detach()
         with torch.no_grad():
-            val = x._qr_norm().clamp_min(torch.finfo(self.dtype).tiny)
-        s = inner(self, self)
-        # value: val; derivatives: those of sqrt(<X, X>) (val^2 and <X, X> differ by rounding)
-        return val * torch.sqrt(1 + (s - s.detach()) / (val * val))
+            left = []
+            val = x._qr_norm(left)
+        if (val.device.type == "cpu" and not self.batch_shape
+                and not torch.compiler.is_compiling() and not functorch_wrapped(val)):
+            # on the CPU reading the values is free: the plain Gram sweep unless its squares
+            # over- or underflow (then the scaled sweep below)
+            s = inner(self, self)
+            v, fin = float(val), torch.finfo(self.dtype)
+            if fin.tiny / fin.eps <= v * v <= fin.max and math.isfinite(float(s.detach())):
+                # value: val; derivatives: those of sqrt(<X, X>) (val^2, <X, X> differ by rounding)
+                return val * torch.sqrt(1 + (s - s.detach()) / (val * val))
+        return _norm_with_gram_derivatives(self, val, left)
 
-    def _qr_norm(self) -> torch.Tensor:
+    def _qr_norm(self, left: Optional[list] = None) -> torch.Tensor:
+        """``||X||`` by the QR sweep; ``left``, if given, receives the sweep's matrices
+        ``c_k`` for k < d (``c_k`` has the singular values of the interface ``X_{<=k}``)."""
         bs = self.batch_shape
         if bs:
             c0 = self._cores[0]
             c = c0.reshape(bs + (c0.shape[-2], c0.shape[-1]))
             for nxt in self._cores[1:]:
+                if left is not None:
+                    left.append(c)
                 r = torch.linalg.qr(c, mode="reduced")[1] if c.shape[-2] > c.shape[-1] else c
                 a, n, b = nxt.shape[-3:]
                 c = (r @ nxt.reshape(bs + (a, n * b))).reshape(bs + (r.shape[-2] * n, b))
-            return _fro_norm(c, len(bs))
+            return fro_norm(c, len(bs))
         c = self._cores[0].reshape(-1, self._cores[0].shape[2])
         for k in range(1, self.ndim):
+            if left is not None:
+                left.append(c)
             # only the R factor matters: ||X|| = ||R_k G_{k+1} ... ||
             r = torch.linalg.qr(c, mode="reduced")[1] if c.shape[0] > c.shape[1] else c
             nxt = self._cores[k]
             c = (r @ nxt.reshape(nxt.shape[0], -1)).reshape(-1, nxt.shape[2])
-        return _fro_norm(c)
+        return fro_norm(c)
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         """Entries at ``N`` multi-indices.
@@ -690,6 +705,44 @@ class TT:
         else:
             cores[0] = cores[0] * per_point_scalars(a, self.batch_shape, cores[0])
         return TT(cores, check=False)
+
+
+def _norm_with_gram_derivatives(x: TT, val: torch.Tensor,
+                                left: List[torch.Tensor]) -> torch.Tensor:
+    """``val`` (``||X||`` from the QR sweep) with the derivatives, of every order, of
+    ``sqrt(<X, X>)`` (zero where ``X = 0``: the value is then 0, as without autograd).
+    ``<X, X>`` itself over- or underflows beyond ``||X|| ~ 1e154`` (float64; ``~1e19`` in
+    float32), which made the value NaN; so the Gram sweep runs on the cores scaled by
+    powers of two (exact): core k by ``2^(e_{k-1} - e_k)``, with ``e_k`` the binary
+    exponent of the largest entry of ``left[k]`` (the QR sweep's matrix with the singular
+    values of ``X_{<=k}``), so every left interface of the scaled TT has a norm between 1/2
+    and ``sqrt(numel)``. At the last core ``e_d`` is that of ``||X||``, but at most
+    ``nmant`` bits below that of ``||X_{<=d-1}|| ||G_d||``: a TT that cancels to (near)
+    zero is not blown up. Cost: one Gram sweep and about ``2 d`` elementwise operations."""
+    fin = torch.finfo(val.dtype)
+    nmant = int(-math.log2(fin.eps))  # 52 or 23 (exact powers of two)
+    cores = x.cores
+    nb = len(val.shape)
+    mats = left + [cores[-1].detach()]
+    if nb == 0 and not torch.compiler.is_compiling() and not functorch_wrapped(mats[0]):
+        amax = torch.stack(torch._foreach_norm(mats, float("inf")))  # one operation for all
+    else:
+        amax = torch.stack([m.abs().flatten(nb).amax(-1) for m in mats], -1)
+    e = torch.frexp(amax)[1]  # (*batch, d)
+    mant, e_val = torch.frexp(val.clamp_min(fin.tiny))
+    e_prev = e[..., -2] if len(cores) > 1 else torch.zeros_like(e_val)
+    e_last = torch.maximum(e_val, e_prev + e[..., -1] - nmant)
+    exps = torch.cat([e[..., :-1], e_last.unsqueeze(-1)], -1)
+    steps = torch.cat([torch.zeros_like(e_last).unsqueeze(-1), exps[..., :-1]], -1) - exps
+    scales = torch.exp2(steps.to(val.dtype))
+    y = TT([c * scales[..., k].reshape(scales.shape[:-1] + (1, 1, 1))
+            for k, c in enumerate(cores)], check=False)
+    s = inner(y, y)  # <X, X> / 2^(2 e_d)
+    # <X, X> = 2^(2 e_d) <y, y> and val = mant 2^e_val: the derivatives of sqrt(<X, X>) are
+    # those of val sqrt(1 + (<y, y> - s0) k2) with k2 = 2^(2 (e_d - e_val)) / mant^2
+    # (clamped: it only multiplies the zero s - s0 and, for X = 0, a zero val)
+    k2 = (torch.exp2(2 * (e_last - e_val).to(val.dtype)) / (mant * mant)).clamp_max(fin.max)
+    return val * torch.sqrt(1 + (s - s.detach()) * k2)
 
 
 def per_point_scalars(a, batch_shape, like: torch.Tensor):
@@ -895,7 +948,7 @@ class _SumTT(TT):
                 and not torch.compiler.is_compiling()
                 and not functorch_wrapped(self._terms[0]._cores[0]))
 
-    def _gram(self) -> Tuple[torch.Tensor, bool]:
+    def _gram(self, fallback: bool = True) -> Tuple[Optional[torch.Tensor], bool]:
         """``<self, self>`` and whether it came from the terms: ``sum_ij <t_i, t_j>`` when
         that is at least ``_GRAM_NORM_TAU (sum_i ||t_i||)^2`` (the terms do not nearly
         cancel, so its rounding, and that of its gradient, is within a small factor of a
@@ -930,6 +983,8 @@ class _SumTT(TT):
         fin = torch.finfo(self.dtype)
         if fin.tiny / fin.eps <= scale <= fin.max / 16 and vals[-1] >= _GRAM_NORM_TAU * scale:
             return s, True
+        if not fallback:
+            return None, False
         return inner(TT(self._cores, check=False), TT(self._cores, check=False)), False
 
     def structured_inner(self, other: TT) -> Optional[torch.Tensor]:
@@ -948,16 +1003,10 @@ class _SumTT(TT):
         :meth:`TT.norm` at rank ``R = sum_i r_i``, O(d n R^3), plus the former."""
         if not self._pairwise_ok():
             return super().norm()
-        s, ok = self._gram()
+        s, ok = self._gram(fallback=False)
         if ok:  # s > 0: value sqrt(s), derivatives those of sqrt(<X, X>)
             return torch.sqrt(s)
-        x = TT(self._cores, check=False)
-        with torch.no_grad():
-            val = x.detach()._qr_norm()
-        if not (torch.is_grad_enabled() and s.requires_grad):
-            return val
-        val = val.clamp_min(torch.finfo(self.dtype).tiny)
-        return val * torch.sqrt(1 + (s - s.detach()) / (val * val))
+        return TT(self._cores, check=False).norm()
 
 
 def inner(a: TT, b: TT) -> torch.Tensor:
@@ -1262,7 +1311,7 @@ def round(
     delta = None
     bs = x.batch_shape
     if rel_eps is not None and d > 1:
-        delta = rel_eps * _fro_norm(cores[-1].detach(), len(bs)) / math.sqrt(d - 1)
+        delta = rel_eps * fro_norm(cores[-1].detach(), len(bs)) / math.sqrt(d - 1)
     if bs:
         for k in range(d - 1, 0, -1):
             a, n, b = cores[k].shape[-3:]
