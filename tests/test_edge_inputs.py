@@ -1,6 +1,7 @@
-"""Regression tests from an audit of the single-point API (points, tangent vectors, the
-TT norm): each pins a bug that was found with an independent dense float64 reference or
-a bad input, and fails on the code before its fix."""
+"""Edge inputs of the single-point API (points, tangent vectors, the TT norm): non-finite
+values, extreme scales, zero TTs, rank-deficient points, mixed dtypes. Each test pins a
+bug found with an independent dense float64 reference or a bad input, and fails on the
+code before its fix."""
 from __future__ import annotations
 
 import pytest
