@@ -170,6 +170,9 @@ def aot_cases(dtype):
     def loss(X):  # one value per point for a batch
         return 0.5 * tm_inner(X, X) - tm_inner(X, Zt)
 
+    def cubic(X):  # a Hessian that varies with the point
+        return tm_inner(X, X) ** 2 / 4 - tm_inner(X, Zt)
+
     cases = [
         ("retr", "point", lambda p, v: M.retr(p, v), (p, xi)),
         ("proju", "tangent", lambda p, v: M.proju(p, v), (p, u)),
@@ -182,6 +185,9 @@ def aot_cases(dtype):
         ("project_tt_batch", "tangent", lambda p, Z: M.project(p, Z), (pb, Ztb)),
         ("project_dense_batch", "tangent", lambda p, Z: M.project(p, Z), (pb, Zdb)),
         ("riemannian_grad_batch", "tangent", lambda p: M.riemannian_grad(p, loss), (pb,)),
+        ("riemannian_hvp", "tangent", lambda p, v: M.riemannian_hvp(p, cubic, v), (p, xi)),
+        ("riemannian_hvp_batch", "tangent", lambda p, v: M.riemannian_hvp(p, cubic, v),
+         (pb, xib)),
     ]
     return M, cases
 
@@ -216,8 +222,9 @@ def check_aot_backend(backend, dtype, names=None):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_per_step_ops_aot_eager(dtype):
     """Points are geoopt ``ManifoldTensor``s: torch 2.13's AOT runtime refused every op
-    on them (fixed_rank._let_aot_runtime_take_manifold_tensors); riemannian_grad takes
-    the torch.func path under tracing (dynamo stops at torch.autograd.grad)."""
+    on them (fixed_rank._let_aot_runtime_take_manifold_tensors); riemannian_grad and
+    riemannian_hvp take the torch.func path under tracing (dynamo stops at
+    torch.autograd.grad)."""
     check_aot_backend("aot_eager", dtype)
 
 

@@ -64,6 +64,9 @@ def test_vmap_over_points(path, setup):
     _same(lambda q: M.project(q, A), ps)
     _same(lambda q: M.riemannian_grad(q, lambda X: 0.5 * tm.inner(X, X) - tm.inner(X, A)), ps)
     _same(lambda q: M.riemannian_grad(q, lambda X: 0.5 * (X - A).norm() ** 2), ps)
+    # the Hessian-vector product (forward over reverse with torch.func there)
+    _same(lambda q: M.riemannian_hvp(q, lambda X: tm.inner(X, X) ** 2 / 4 - tm.inner(X, A),
+                                     M.proju(q, us[0])), ps)
 
 
 def test_func_grad_through_unpack_tensor(path, setup):

@@ -75,10 +75,10 @@ def _delta_tt(M, p, U, V):
     return flat, TangentTT(U, V, None, flat=flat, gauged=True, check=False)
 
 
-def _func_grad(M, p, U, V, f):
-    """``d f(T(delta)) / d delta`` at ``delta = (0, .., 0, U_d)`` with ``torch.func.grad``
-    (for points that are functorch-wrapped, e.g. under ``vmap``, and under torch.compile
-    tracing; there ``p`` may be a batch, whose values are summed: points are independent)."""
+def _func_loss(M, p, U, V, f):
+    """``delta -> f(T(delta))`` for ``torch.func`` (points that are functorch-wrapped, e.g.
+    under ``vmap``, and torch.compile tracing, which stops at ``torch.autograd.grad``); for
+    a batch ``p`` the values are summed (points are independent)."""
     batch = p.shape[:-1]
 
     def g(flat):
@@ -87,7 +87,13 @@ def _func_grad(M, p, U, V, f):
                                                                gauged=True, check=False)
         return _check_loss_shape(f(T), batch).sum()
 
-    return torch.func.grad(g)(M.point_as_tangent(p))
+    return g
+
+
+def _func_grad(M, p, U, V, f):
+    """``d f(T(delta)) / d delta`` at ``delta = (0, .., 0, U_d)`` with ``torch.func.grad``
+    (see :func:`_func_loss`)."""
+    return torch.func.grad(_func_loss(M, p, U, V, f))(M.point_as_tangent(p))
 
 
 def _gauge(M, p, D):
@@ -209,6 +215,11 @@ def riemannian_hvp(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
     assert_finite_async(p, "p")
     assert_finite_async(u, "u")
     V = right_cores(U)
+    if torch.compiler.is_compiling() or functorch_wrapped(p):
+        # forward over reverse with torch.func (as riemannian_grad there): H = d/dt D(x + t u)
+        g = torch.func.grad(_func_loss(M, p, U, V, f))
+        H = torch.func.jvp(g, (M.point_as_tangent(p),), (u,))[1]
+        return _gauge(M, p, H)
     with torch.enable_grad():
         flat, T = _delta_tt(M, p, U, V)
         val = _check_loss(f(T), p.shape[:-1])
