@@ -674,7 +674,7 @@ def truncated_cg(g: torch.Tensor, hess: Callable, radius: float, max_inner: int,
             as above; info: a dict whose ``"hess_products"`` and ``"inner_iters"`` counts
             are increased.
     Returns:
-        ``(e, H e)``.
+        ``(e, H e)`` (zeros, without a Hessian product, when ``g`` is zero).
     Cost: one Hessian product and O(S) work per inner iteration.
     """
     eta = torch.zeros_like(g)
@@ -682,6 +682,8 @@ def truncated_cg(g: torch.Tensor, hess: Callable, radius: float, max_inner: int,
     r = g.clone()
     delta = -r
     rr = float(r @ r)
+    if rr == 0.0:  # a critical point: the model's minimizer is 0 (and 0 / 0 below)
+        return eta, h_eta
     g_norm = math.sqrt(rr)
     # relative floor sqrt(eps): below it the residual is rounding noise
     floor = math.sqrt(torch.finfo(g.dtype).eps)
