@@ -142,6 +142,12 @@ def test_malformed_files_name_the_file_and_the_entry(data, tmp_path):
                                                        + out)
     assert "--rank: expected a positive int" in _err([root / "d.npz", "--rank", "0",
                                                       "--out", tmp_path / "o"])
+    for bad in ("nan", "-1"):  # NaN or a negative tolerance: the run could never stop early
+        assert "--tol: expected a non-negative number" in _err([root / "d.npz", "--tol", bad]
+                                                               + out)
+    for bad in ("0", "nan", "inf"):  # refused in one process too, not only under torchrun
+        assert "--timeout: expected a positive number" in _err(
+            [root / "d.npz", "--timeout", bad] + out)
     assert not (tmp_path / "o" / "completed.npz").exists()
 
 

@@ -470,6 +470,8 @@ def run_complete(args, out_stream=None) -> int:
         error = f"--validation: expected a fraction in [0, 1), got {args.validation}"
     elif args.iters < 0:
         error = f"--iters: expected a non-negative int, got {args.iters}"
+    elif not (math.isfinite(args.tol) and args.tol >= 0):
+        error = f"--tol: expected a non-negative number, got {args.tol}"
     elif args.checkpoint_every < 0:
         error = f"--checkpoint-every: expected a non-negative int, got {args.checkpoint_every}"
     elif args.rank_adaptive and args.method != "rcg":
@@ -697,6 +699,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "ttmanifold complete"
     from .distributed import init_from_env
 
     args = build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        # checked in one process too, not only when a process group is started
+        raise SystemExit(f"ttmanifold complete: --timeout: expected a positive number of "
+                         f"seconds, got {args.timeout}")
     started = False
     try:
         started = init_from_env(timeout=args.timeout)

@@ -188,7 +188,7 @@ def init_from_env(timeout: float = 300.0, backend: Optional[str] = None) -> bool
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    if not timeout > 0:
+    if not (timeout > 0 and math.isfinite(timeout)):  # inf overflows the timedelta
         raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
