@@ -167,6 +167,29 @@ def test_nothing_is_overwritten_without_force(data, tmp_path):
     assert (out / "report.csv").read_text().startswith("# status")
 
 
+def test_an_unwritable_out_is_refused_before_the_run(data, tmp_path, monkeypatch):
+    root = data[0]
+    target = tmp_path / "ro"
+    target.mkdir()
+    target.chmod(0o500)
+    if os.geteuid() == 0:  # root writes through permission bits; sysfs refuses it
+        if not os.path.isdir("/sys/kernel"):
+            pytest.skip("needs a directory that root cannot write in")
+        target = "/sys/kernel"
+    # os.access can say yes when a write fails (root, ACLs, network file systems): the
+    # check must write, not ask
+    monkeypatch.setattr(os, "access", lambda *a, **k: True)
+    msg = _err([root / "d.npz", "--rank", "2", "--iters", "1", "--out", target,
+                "--no-progress"])
+    assert "--out: cannot write in" in msg
+    # an output name taken by a directory cannot be replaced, even with --force
+    out = tmp_path / "o"
+    (out / "report.csv").mkdir(parents=True)
+    msg = _err([root / "d.npz", "--rank", "2", "--iters", "1", "--out", out, "--force",
+                "--no-progress"])
+    assert "report.csv' is a directory" in msg
+
+
 def test_ctrl_c_keeps_the_finished_iterations_and_resume_continues(data, tmp_path,
                                                                    monkeypatch, capsys):
     root = data[0]

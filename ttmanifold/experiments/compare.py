@@ -18,7 +18,6 @@ import os
 import platform
 import signal
 import sys
-import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -26,6 +25,7 @@ import torch
 
 from . import problems as P
 from . import solvers
+from ..io import ensure_writable_dir
 from ..manifold import FixedTTRank
 from .presets import PRESETS, run_preset
 from .solvers import ALL_METHODS, COMPLETION_METHODS, LINE_SEARCH_METHODS, METHODS, History
@@ -350,10 +350,7 @@ def _check_out(out: str, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--out {out}: is an existing file, not a directory; give a directory "
                      f"path (it is created if missing)")
     try:
-        os.makedirs(out, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=out)
-        os.close(fd)
-        os.remove(probe)
+        ensure_writable_dir(out)
     except OSError as exc:
         parser.error(f"--out {out}: cannot write there ({exc.strerror or exc}); give a "
                      f"writable directory")

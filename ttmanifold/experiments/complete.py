@@ -43,6 +43,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..io import ensure_writable_dir
+
 OUTPUTS = ("completed.npz", "report.csv", "predictions.csv", "checkpoint.pt")
 #: the fixed-rank solvers of ``--method`` (all data-parallel under torchrun)
 METHODS = {"rcg": "Riemannian CG", "rlbfgs": "Riemannian L-BFGS",
@@ -402,17 +404,16 @@ def _check_outputs(out: str, want: Sequence[str], force: bool, resume: bool) -> 
         if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
             return f"--resume: no checkpoint {os.path.join(out, 'checkpoint.pt')!r}"
         return None
-    if not force:
-        for name in want:
-            f = os.path.join(out, name)
-            if os.path.exists(f):
-                return f"--out: {f!r} exists; pass --force to overwrite it or choose another --out"
-    try:
-        os.makedirs(out, exist_ok=True)
+    for name in want:
+        f = os.path.join(out, name)
+        if os.path.isdir(f):  # not replaceable by a file, even with --force
+            return f"--out: {f!r} is a directory; remove it or choose another --out"
+        if os.path.exists(f) and not force:
+            return f"--out: {f!r} exists; pass --force to overwrite it or choose another --out"
+    try:  # a real write: os.access says yes to root on read-only and special file systems
+        ensure_writable_dir(out)
     except OSError as exc:
-        return f"--out: cannot create {out!r} ({exc})"
-    if not os.access(out, os.W_OK):
-        return f"--out: {out!r} is not writable"
+        return f"--out: cannot write in {out!r} ({exc.strerror or exc})"
     return None
 
 
