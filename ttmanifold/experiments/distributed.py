@@ -172,6 +172,28 @@ class Communicator:
             raise ValueError(e if not self.distributed else f"(rank {r}) {e}")
 
 
+def _raise_disagreement(gathered, what: str) -> None:
+    """Raise the same ``ValueError`` on every process when any process reports an error
+    (the first, naming its rank) or when the processes' dicts of values that must agree
+    differ (naming the first such key and the values on rank 0 and the other rank).
+
+    Args:
+        gathered: ``[(error or None, dict or None) of rank 0, of rank 1, ...]``, as
+            :meth:`Communicator.gather_objects` returns them on every process.
+        what: what every process must do alike, for the message.
+    """
+    for r, (error, _) in enumerate(gathered):
+        if error:
+            raise ValueError(f"(rank {r}) {error}")
+    first = gathered[0][1]
+    for r, (_, other) in enumerate(gathered[1:], 1):
+        for key in first:
+            # repr: NaN equals NaN
+            if repr(first[key]) != repr(other.get(key)):
+                raise ValueError(f"{key}: {first[key]!r} on rank 0, {other.get(key)!r} on "
+                                 f"rank {r}; every process must {what}")
+
+
 def init_from_env(timeout: float = 300.0, backend: Optional[str] = None) -> bool:
     """Initialize the default process group from ``torchrun``'s environment (``RANK``,
     ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) when ``WORLD_SIZE > 1`` and no group
@@ -300,8 +322,13 @@ class ShardedCompletion:
         group: the process group (default: the default group when initialized, else one
             process).
 
-    Cost: the per-shard checks of :meth:`Completion.from_data` (O(N_local log N_local)) and
-    one all-reduce of 4 numbers.
+    Raises ``ValueError`` on every process when any process's shard fails the checks of
+    :meth:`Completion.from_data` (the message names that process) or when the processes
+    disagree on the shape, ranks, dtype or device type.
+
+    Cost: the per-shard checks of :meth:`Completion.from_data` (O(N_local log N_local)),
+    one all-gather of their results with the shape, ranks and dtype, and one all-reduce
+    of 2 numbers.
     """
 
     def __init__(self, indices, values, shape, ranks, *, validation=None, dtype=None,
@@ -309,12 +336,41 @@ class ShardedCompletion:
         if shape is None:
             raise TypeError("shape: give the tensor's shape (a shard cannot infer it)")
         self.comm = Communicator(group)
+        try:
+            idx = self._build(indices, values, shape, ranks, validation, dtype, device)
+            error = None
+        except (TypeError, ValueError) as exc:
+            if not self.comm.distributed:
+                raise
+            error = str(exc)
+        # the checks that can fail on one process only (its shard: empty, a duplicate, a
+        # bad value) and what every process must agree on, in one message: every process
+        # raises the same error instead of the others waiting for the failed one
+        agreed = None if error else {"shape": tuple(self.manifold.shape),
+                                     "ranks": tuple(self.manifold.ranks),
+                                     "dtype": _dtype_name(self.dtype),
+                                     "device": self.device.type}
+        _raise_disagreement(self.comm.gather_objects((error, agreed),
+                                                     "the check of the shards"),
+                            "build the problem with the same shape, ranks and dtype")
+        n_val = 0 if self.val is None else len(self.val)
+        counts = torch.tensor([float(idx.shape[0]), float(n_val)], dtype=torch.float64)
+        self.comm.all_reduce(counts, "the count of the samples")
+        self.n_train = int(counts[0])
+        self.n_val = int(counts[1])
+        self.n_local = int(idx.shape[0])
+        # the per-shard problem weighs its samples by n/N_local; the global loss by n/N
+        self.scale = self.n_local / self.n_train
+        self.weight = self.local.weight * self.scale
+        self.grad_messages = 0
+
+    def _build(self, indices, values, shape, ranks, validation, dtype, device):
+        """This process's part of the problem (raises on a bad shard); returns the
+        training indices."""
         idx = _as_long(indices, "indices")
-        error = None
         if idx.shape[0] == 0:
-            error = (f"indices: process {self.comm.rank} of {self.comm.world_size} has no "
-                     f"training samples; use fewer processes")
-        self.comm.check_all(error, "the check of the shards")
+            raise ValueError(f"indices: process {self.comm.rank} of {self.comm.world_size} "
+                             f"has no training samples; use fewer processes")
         import warnings
 
         with warnings.catch_warnings():
@@ -338,16 +394,7 @@ class ShardedCompletion:
             if vi.shape[0]:
                 self.val = IndexSet(vi.to(self.device), self.manifold.shape)
                 self.a_val = vv.to(self.device)
-        n_val = 0 if self.val is None else len(self.val)
-        counts = torch.tensor([float(idx.shape[0]), float(n_val)], dtype=torch.float64)
-        self.comm.all_reduce(counts, "the count of the samples")
-        self.n_train = int(counts[0])
-        self.n_val = int(counts[1])
-        self.n_local = int(idx.shape[0])
-        # the per-shard problem weighs its samples by n/N_local; the global loss by n/N
-        self.scale = self.n_local / self.n_train
-        self.weight = self.local.weight * self.scale
-        self.grad_messages = 0
+        return idx
 
     @property
     def shape(self):
