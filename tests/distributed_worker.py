@@ -227,7 +227,8 @@ def scenario_silent(rank, world, out):
 def scenario_bad_shard(rank, world, out):
     """Errors of one process's shard and mismatched calls: every process raises the same
     error (one line per case in bad_shard{rank}.txt)."""
-    from ttmanifold.experiments.distributed import ShardedCompletion
+    from ttmanifold.experiments.distributed import (ShardedCompletion, distributed_cg,
+                                                    distributed_rank_adaptive)
 
     idx, vals = data()
     ti, tv, _ = split(idx, vals, rank, world)
@@ -239,6 +240,13 @@ def scenario_bad_shard(rank, world, out):
         lambda: ShardedCompletion(ti, tv, SHAPE, 2 if one else RANK),
         lambda: ShardedCompletion(ti, tv, SHAPE, RANK,
                                   dtype=torch.float32 if one else torch.float64),
+    ]
+    S = ShardedCompletion(ti, tv, SHAPE, RANK)
+    x0 = S.initial_point(0)
+    cases += [
+        lambda: distributed_cg(S, x0, iters=8 if one else 5),
+        lambda: distributed_cg(S, S.local.initial_point(rank), iters=5),
+        lambda: distributed_rank_adaptive(S, max_rank=3 if one else 4),
     ]
     lines = []
     for case in cases:

@@ -39,6 +39,7 @@ an initialized process group everything runs in one process.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import inspect
 import math
 import os
@@ -188,10 +189,26 @@ def _raise_disagreement(gathered, what: str) -> None:
     first = gathered[0][1]
     for r, (_, other) in enumerate(gathered[1:], 1):
         for key in first:
-            # repr: NaN equals NaN
+            # repr: NaN equals NaN, and x0 is compared by a digest of its bits
             if repr(first[key]) != repr(other.get(key)):
                 raise ValueError(f"{key}: {first[key]!r} on rank 0, {other.get(key)!r} on "
                                  f"rank {r}; every process must {what}")
+
+
+def _check_same_call(comm: Communicator, args: dict, x0: Optional[torch.Tensor]) -> None:
+    """Raise ``ValueError`` on every process when the processes called a solver with
+    different arguments or starts (they would wait for each other's collectives, or
+    drift apart silently). No-op in one process. Cost: one all-gather of ``args`` and a
+    digest of ``x0``'s bits (one host copy of ``x0``)."""
+    if not comm.distributed:
+        return
+    mine = dict(args)
+    if x0 is not None:
+        bits = x0.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+        mine["x0"] = "bits " + hashlib.blake2b(bits, digest_size=16).hexdigest()
+    _raise_disagreement(comm.gather_objects((None, mine), "the check of the arguments"),
+                        "call with the same arguments and the same x0 (e.g. "
+                        "ShardedCompletion.initial_point, which broadcasts rank 0's)")
 
 
 def init_from_env(timeout: float = 300.0, backend: Optional[str] = None) -> bool:
@@ -1020,6 +1037,11 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
         raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
     _check_checkpoint_args(checkpoint, checkpoint_every, resume)
     comm = problem.comm
+    _check_same_call(comm, {"method": stepper.method, "iters": iters,
+                            "metrics_every": metrics_every, "checkpoint": checkpoint is not None,
+                            "checkpoint_every": checkpoint_every, "resume": resume,
+                            "stop_metric": stop_metric, "stop_tol": stop_tol, **options},
+                     stepper.p)
     hist = History(problem="completion", method=stepper.method + "-dp")
     hist.info.update(world_size=comm.world_size, n_train=problem.n_train,
                      n_val=problem.n_val, options=dict(options))
@@ -1122,7 +1144,10 @@ def distributed_cg(problem: ShardedCompletion, x0: torch.Tensor, *, iters: int =
     Returns a :class:`~ttmanifold.experiments.solvers.History` (``x`` the final packed
     point; ``status`` ``"ok"``, ``"converged"``, ``"stopped"``, ``"diverged"`` or
     ``"interrupted"`` (Ctrl-C: ``x`` is the last finished iterate)). Raises
-    :class:`PeerFailure` when a peer process dies.
+    :class:`PeerFailure` when a peer process dies, and ``ValueError`` on every process
+    when the processes were called with different arguments or ``x0`` (checked at the
+    start by one all-gather of the arguments and a digest of ``x0``; the other solvers
+    too).
 
     Cost per iteration and process: one :meth:`Completion.cg_grad` and one tangent
     evaluation on the shard (O(N_local d r^2)), the retraction and two transports
@@ -1343,6 +1368,9 @@ def distributed_rank_adaptive(problem: ShardedCompletion, *, max_rank: int,
             **{k: p.default for k, p in inspect.signature(
                 rank_adaptive_completion).parameters.items() if k not in skip},
             **{k: v for k, v in options.items() if k not in skip}}
+    _check_same_call(comm, {"method": "rank_adaptive", **kept,
+                            "checkpoint": checkpoint is not None,
+                            "checkpoint_every": checkpoint_every, "resume": resume}, None)
     state = None
     if resume:
         want = {"method": "rank_adaptive", "shape": list(problem.shape),
