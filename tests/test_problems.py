@@ -307,6 +307,38 @@ def test_cg_options_and_errors():
         run(problem, "rsgd", x0, lr=-1.0)
 
 
+def test_run_arguments_give_clear_errors_before_any_step():
+    # each of these used to run: an option ignored for a typo, a stop_metric that is never
+    # met, a start that is not a point (wrong gradients), or a budget ignored
+    problem = _small("completion")
+    x0 = problem.initial_point(0)
+    M = problem.manifold
+    bad = [
+        (TypeError, "unexpected options \\['restart_evry'\\]", dict(restart_evry=3)),
+        (ValueError, "stop_metric: 'tset_err' is not a metric", dict(stop_metric="tset_err",
+                                                                   stop_tol=1e-3)),
+        (ValueError, "stop_tol", dict(stop_metric="test_err")),
+        (ValueError, "never evaluated", dict(stop_metric="test_err", stop_tol=1e-3,
+                                             metrics_every=0)),
+        (ValueError, "time_budget", dict(time_budget=float("nan"))),
+        (ValueError, "time_budget", dict(time_budget=-1.0)),
+        (ValueError, "metrics_every", dict(metrics_every=-1)),
+        (ValueError, "iters", dict(iters=True)),
+        (ValueError, "x0: .*not left-orthogonal", dict(x0=torch.randn_like(x0))),
+        (ValueError, "x0: torch.float32", dict(x0=x0.float())),
+        (ValueError, "x0: expected one packed point", dict(x0=x0[None])),
+        (TypeError, "x0: expected a packed point", dict(x0=x0.tolist())),
+    ]
+    for exc, match, kw in bad:
+        kw = {"x0": x0, "iters": 3, **kw}
+        with pytest.raises(exc, match=match):
+            run(problem, "rcg", kw.pop("x0"), measure_memory=False, **kw)
+    with pytest.raises(ValueError, match="lr"):
+        run(problem, "rsgd", x0, lr=float("inf"))
+    M.check_point(x0)  # (the valid start runs)
+    assert run(problem, "rcg", x0, iters=2, measure_memory=False).n_iters == 2
+
+
 def test_time_budget_and_callback():
     problem = _small("approximation")
     x0 = problem.initial_point(0)

@@ -56,6 +56,7 @@ __all__ = [
     "gradient_restart_",
     "COMPLETION_METHODS",
     "LINE_SEARCH_METHODS",
+    "RUN_OPTIONS",
     "ALL_METHODS",
 ]
 
@@ -278,6 +279,57 @@ def _check_method(problem, method: str) -> None:
             f"method 'rcg' (Riemannian CG with exact line search) needs a quadratic problem; "
             f"{getattr(problem, 'name', type(problem).__name__)!r} is not"
         )
+
+
+#: the options of :func:`run` besides its named arguments (per method; see ``run``)
+RUN_OPTIONS = ("chart_kwargs", "beta", "restart_every", "restart_tol", "adam_kwargs",
+               "adam_safeguards", "als_kwargs", "rtr_kwargs", "lbfgs_kwargs")
+
+
+def _check_run_args(problem, method, x0, *, iters, time_budget, metrics_every, stop_metric,
+                    stop_tol, opts) -> None:
+    """``run``'s arguments, before any work: a clear error naming the argument (instead of
+    an option ignored for a typo, a run that can never stop on ``stop_metric``, or a torch
+    error from deep inside a step)."""
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
+    if isinstance(metrics_every, bool) or not isinstance(metrics_every, int) \
+            or metrics_every < 0:
+        raise ValueError(f"metrics_every: expected a non-negative int, got {metrics_every!r}")
+    if time_budget is not None and not (isinstance(time_budget, (int, float))
+                                        and math.isfinite(time_budget) and time_budget > 0):
+        raise ValueError(f"time_budget: expected a positive number of seconds or None, got "
+                         f"{time_budget!r}")
+    if stop_metric is not None:
+        if not (isinstance(stop_tol, (int, float)) and math.isfinite(stop_tol)):
+            raise ValueError(f"stop_tol: expected a number with stop_metric={stop_metric!r}, "
+                             f"got {stop_tol!r}")
+        if not metrics_every:
+            raise ValueError(f"stop_metric: {stop_metric!r} is never evaluated with "
+                             f"metrics_every=0")
+    if method != "rank_adaptive":  # (its options are rank_adaptive_completion's)
+        unknown = sorted(set(opts) - set(RUN_OPTIONS))
+        if unknown:
+            raise TypeError(f"run: unexpected options {unknown}; expected among "
+                            f"{RUN_OPTIONS}")
+    if x0 is None or method == "rank_adaptive" or _is_model_problem(problem):
+        return
+    M = problem.manifold
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(f"x0: expected a packed point (a tensor), got {type(x0).__name__}")
+    if x0.dtype != problem.dtype or x0.device != problem.device:
+        raise ValueError(f"x0: {x0.dtype} on {x0.device}, the problem's tensors are "
+                         f"{problem.dtype} on {problem.device}")
+    if x0.dim() != 1:
+        raise ValueError(f"x0: expected one packed point, shape ({M.size},), got shape "
+                         f"{tuple(x0.shape)}")
+    try:
+        M.check_point(x0, rtol=0.0)  # O(d n r^3) once; the steps assume a valid point
+    except ValueError as exc:
+        why = str(exc)
+        why = why[3:] if why[:3] in ("p: ", "x: ") else why
+        raise ValueError(f"x0: {why} (problem.initial_point or manifold.pack_point give "
+                         f"points)") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -1072,6 +1124,9 @@ def _loop(hist: History, stepper: _Stepper, problem, *, iters, time_budget, call
             want = metrics_every and (t % metrics_every == 0 or t == iters)
             out_of_time = time_budget is not None and elapsed >= time_budget
             m = problem.metrics(stepper.current()) if (want or out_of_time) else {}
+            if t == 0 and m and stop_metric is not None and stop_metric not in m:
+                raise ValueError(f"stop_metric: {stop_metric!r} is not a metric of this "
+                                 f"problem; expected one of {sorted(m)}")
             reached = (stop_metric is not None and bool(m)
                        and m.get(stop_metric, math.inf) <= stop_tol)
             if t == iters or out_of_time or reached:
@@ -1210,11 +1265,16 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
     ``accept_rtol``, ...); the History's ``info["rank_history"]`` and ``info["ranks"]``
     record the search, ``x`` is a point of ``FixedTTRank(shape, info["ranks"])``.
 
-    Returns a :class:`History`.
+    Returns a :class:`History`. Bad arguments raise before any step, naming the argument:
+    an option not in :data:`RUN_OPTIONS`, a ``stop_metric`` the problem does not report
+    (or without ``stop_tol``, or with ``metrics_every=0``), a non-finite or non-positive
+    ``time_budget``, an ``x0`` of another dtype, device or shape or that is not a point
+    of the manifold (:meth:`FixedTTRank.check_point`, O(d n r^3)).
     """
     _check_method(problem, method)
-    if not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
+    _check_run_args(problem, method, x0, iters=iters, time_budget=time_budget,
+                    metrics_every=metrics_every, stop_metric=stop_metric, stop_tol=stop_tol,
+                    opts=opts)
     _check_adam_kwargs(method, opts.get("adam_kwargs"))
     guard = _resolve_adam_safeguards(method, lr, _is_model_problem(problem),
                                      opts.pop("adam_safeguards", None))
@@ -1248,7 +1308,8 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
                                  tune_iters=tune_iters, seed=seed, progress=progress, **opts)
             hist.info["tune_scores"] = scores
             hist.info["tune_seconds"] = time.perf_counter() - t0
-        if not (isinstance(lr, (int, float)) and lr > 0):
+        if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr > 0
+                                        and math.isfinite(lr)):
             raise ValueError(f"lr: expected a positive float, got {lr!r}")
         hist.lr = float(lr)
     torch.manual_seed(seed)
