@@ -177,3 +177,25 @@ def test_trust_region_at_a_critical_point_stays_there_without_nan():
     e, he = S.truncated_cg(torch.zeros(5, dtype=F64), None, 1.0, 10, 1.0, 0.1,
                            {"hess_products": 0, "inner_iters": 0})
     assert not e.any() and not he.any()
+
+
+def test_one_process_solvers_refuse_the_options_their_data_parallel_versions_refuse():
+    # (these ran before: a negative radius, no inner iterations, an empty L-BFGS memory,
+    # an Armijo constant above 1, a negative ridge or restart tolerance)
+    pb = P.Completion((5, 5, 5, 5), 2, oversampling=3, seed=0)
+    x0 = pb.initial_point(0)
+    kw = dict(iters=1, measure_memory=False)
+    for match, call in [
+        ("radius", lambda: S.riemannian_trust_region(pb, x0, radius=-1.0, **kw)),
+        ("max_radius", lambda: S.riemannian_trust_region(pb, x0, max_radius=0.0, **kw)),
+        ("max_inner", lambda: S.riemannian_trust_region(pb, x0, max_inner=0, **kw)),
+        ("max_backtracks", lambda: S.riemannian_trust_region(pb, x0, max_backtracks=-1,
+                                                             **kw)),
+        ("memory", lambda: S.riemannian_lbfgs(pb, x0, memory=0, **kw)),
+        ("c1", lambda: S.riemannian_lbfgs(pb, x0, c1=2.0, **kw)),
+        ("ridge", lambda: S.als_completion(pb, x0, ridge=-1.0, **kw)),
+        ("restart_tol", lambda: S.riemannian_cg(pb, x0, restart_tol=-0.1, **kw)),
+        ("restart_every", lambda: S.riemannian_cg(pb, x0, restart_every=0, **kw)),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()

@@ -52,7 +52,8 @@ import torch
 from ..manifold import FixedTTRank, hessian_operator
 from ..tt import TT, IndexSet
 from .problems import Completion
-from .solvers import (History, RankAdaptiveData, als_sweep, cg_direction, lbfgs_direction,
+from .solvers import (History, RankAdaptiveData, als_sweep, cg_direction,
+                      check_solver_options, lbfgs_direction,
                       lbfgs_update, rank_adaptive_completion, truncated_cg,
                       trust_region_update)
 
@@ -618,8 +619,8 @@ class _CG:
 
     def __init__(self, problem: ShardedCompletion, p, beta: str, restart_tol: float,
                  restart_every: Optional[int]):
-        if beta not in ("pr+", "fr"):
-            raise ValueError(f"beta: expected 'pr+' or 'fr', got {beta!r}")
+        check_solver_options("rcg", beta=beta, restart_tol=restart_tol,
+                             restart_every=restart_every)
         self.problem, self.M = problem, problem.manifold
         self.p = p
         self.beta_rule, self.restart_tol, self.restart_every = beta, restart_tol, restart_every
@@ -705,12 +706,6 @@ class _SGD:
         self.state = None
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
-
-
 class _LBFGS:
     """Riemannian L-BFGS with Armijo backtracking, the rules of
     :func:`ttmanifold.experiments.solvers.riemannian_lbfgs`. When the previous iteration
@@ -722,9 +717,8 @@ class _LBFGS:
 
     def __init__(self, problem: ShardedCompletion, p, memory: int, c1: float,
                  shrink: float = 0.5, max_backtracks: int = 30):
-        self.memory = _positive_int(memory, "memory")
-        if not (isinstance(c1, (int, float)) and 0.0 < c1 < 1.0):
-            raise ValueError(f"c1: expected a number in (0, 1), got {c1!r}")
+        check_solver_options("rlbfgs", memory=memory, c1=c1)
+        self.memory = memory
         self.problem, self.M, self.p = problem, problem.manifold, p
         self.c1, self.shrink, self.max_backtracks = float(c1), float(shrink), max_backtracks
         self.pairs: list = []  # (s, y, 1/<s, y>) in the tangent space at p, oldest first
@@ -803,20 +797,13 @@ class _TR:
 
     def __init__(self, problem: ShardedCompletion, p, radius, max_radius, max_inner,
                  theta: float, kappa: float, max_backtracks: int, rho_accept: float = 0.1):
-        for name, v in (("radius", radius), ("max_radius", max_radius)):
-            if v is not None and not (isinstance(v, (int, float)) and v > 0
-                                      and math.isfinite(v)):
-                raise ValueError(f"{name}: expected a positive number or None, got {v!r}")
+        check_solver_options("rtr", radius=radius, max_radius=max_radius,
+                             max_inner=max_inner, max_backtracks=max_backtracks)
         self.problem, self.M, self.p = problem, problem.manifold, p
         self.max_radius = None if max_radius is None else float(max_radius)
         self.radius = None if radius is None else float(radius)
-        self.max_inner = self.M.dim if max_inner is None else _positive_int(max_inner,
-                                                                            "max_inner")
+        self.max_inner = self.M.dim if max_inner is None else max_inner
         self.theta, self.kappa, self.rho_accept = float(theta), float(kappa), float(rho_accept)
-        if isinstance(max_backtracks, bool) or not isinstance(max_backtracks, int) \
-                or max_backtracks < 0:
-            raise ValueError(f"max_backtracks: expected a non-negative int, got "
-                             f"{max_backtracks!r}")
         self.max_backtracks = max_backtracks
         self.state = None  # (loss, grad, hess) at p
         self.info = {"inner_iters": 0, "hess_products": 0, "rejected": 0, "backtracked": 0,
@@ -880,8 +867,7 @@ class _ALS:
     method = "als"
 
     def __init__(self, problem: ShardedCompletion, p, ridge: float):
-        if not (isinstance(ridge, (int, float)) and ridge >= 0 and math.isfinite(ridge)):
-            raise ValueError(f"ridge: expected a non-negative number, got {ridge!r}")
+        check_solver_options("als", ridge=ridge)
         self.problem, self.M, self.ridge = problem, problem.manifold, float(ridge)
         # the sweeps continue from these cores (not from a re-gauged split of the point)
         self.cores = [c.clone() for c in self.M.split(p, "x0")]

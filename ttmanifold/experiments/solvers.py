@@ -57,6 +57,7 @@ __all__ = [
     "COMPLETION_METHODS",
     "LINE_SEARCH_METHODS",
     "RUN_OPTIONS",
+    "check_solver_options",
     "ALL_METHODS",
 ]
 
@@ -279,6 +280,53 @@ def _check_method(problem, method: str) -> None:
             f"method 'rcg' (Riemannian CG with exact line search) needs a quadratic problem; "
             f"{getattr(problem, 'name', type(problem).__name__)!r} is not"
         )
+
+
+def _check_positive_int(value, name: str) -> int:
+    """``value`` if it is a positive int (not a bool), else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def _positive_number(value, name: str, *, zero: bool = False, none: bool = False) -> None:
+    if none and value is None:
+        return
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
+                                       and (value >= 0 if zero else value > 0)):
+        raise ValueError(f"{name}: expected a {'non-negative' if zero else 'positive'} "
+                         f"number{' or None' if none else ''}, got {value!r}")
+
+
+def check_solver_options(method: str, **opts) -> None:
+    """Check the options of the fixed-rank solvers (shared by the one-process solvers and
+    their data-parallel versions, so both refuse the same values): ``rcg``: ``beta``,
+    ``restart_tol`` (>= 0), ``restart_every`` (None or a positive int); ``rlbfgs``:
+    ``memory`` (positive int), ``c1`` in (0, 1); ``rtr``: ``radius``, ``max_radius``
+    (positive or None), ``max_inner`` (positive int or None), ``max_backtracks``
+    (non-negative int); ``als``: ``ridge`` (>= 0). Raises ``ValueError`` naming the option.
+    Cost O(1)."""
+    if method == "rcg":
+        if opts["beta"] not in ("pr+", "fr"):
+            raise ValueError(f"beta: expected 'pr+' or 'fr', got {opts['beta']!r}")
+        _positive_number(opts["restart_tol"], "restart_tol", zero=True)
+        if opts["restart_every"] is not None:
+            _check_positive_int(opts["restart_every"], "restart_every")
+    elif method == "rlbfgs":
+        _check_positive_int(opts["memory"], "memory")
+        c1 = opts["c1"]
+        if isinstance(c1, bool) or not (isinstance(c1, (int, float)) and 0.0 < c1 < 1.0):
+            raise ValueError(f"c1: expected a number in (0, 1), got {c1!r}")
+    elif method == "rtr":
+        for name in ("radius", "max_radius"):
+            _positive_number(opts[name], name, none=True)
+        if opts["max_inner"] is not None:
+            _check_positive_int(opts["max_inner"], "max_inner")
+        mb = opts["max_backtracks"]
+        if isinstance(mb, bool) or not isinstance(mb, int) or mb < 0:
+            raise ValueError(f"max_backtracks: expected a non-negative int, got {mb!r}")
+    elif method == "als":
+        _positive_number(opts["ridge"], "ridge", zero=True)
 
 
 #: the options of :func:`run` besides its named arguments (per method; see ``run``)
@@ -559,8 +607,8 @@ class _CGStepper(_Stepper):
 
     def __init__(self, problem, x0, *, beta: str = "pr+", restart_every: Optional[int] = None,
                  restart_tol: float = 0.1):
-        if beta not in ("pr+", "fr"):
-            raise ValueError(f"beta: expected 'pr+' or 'fr', got {beta!r}")
+        check_solver_options("rcg", beta=beta, restart_tol=restart_tol,
+                             restart_every=restart_every)
         self.problem = problem
         self.M: FixedTTRank = problem.manifold
         self.p = x0.detach().clone()
@@ -816,6 +864,8 @@ class _TrustRegionStepper(_PointStepper):
     def __init__(self, problem, x0, *, radius=None, max_radius=None, max_inner=None,
                  theta: float = 1.0, kappa: float = 0.1, rho_accept: float = 0.1,
                  max_backtracks: int = 4):
+        check_solver_options("rtr", radius=radius, max_radius=max_radius,
+                             max_inner=max_inner, max_backtracks=max_backtracks)
         self.problem = problem
         self.M: FixedTTRank = problem.manifold
         self.p = x0.detach().clone()
@@ -867,6 +917,7 @@ class _LBFGSStepper(_PointStepper):
 
     def __init__(self, problem, x0, *, memory: int = 10, c1: float = 1e-4,
                  shrink: float = 0.5, max_backtracks: int = 30):
+        check_solver_options("rlbfgs", memory=memory, c1=c1)
         self.problem = problem
         self.M: FixedTTRank = problem.manifold
         self.p = x0.detach().clone()
@@ -1057,6 +1108,7 @@ class _ALSStepper(_Stepper):
     """Alternating least squares for completion (see :func:`als_completion`)."""
 
     def __init__(self, problem, x0, *, ridge: float = 1e-12):
+        check_solver_options("als", ridge=ridge)
         self.problem = problem
         self.M: FixedTTRank = problem.manifold
         self.cores = [c.clone() for c in self.M.split(x0.detach().clone(), "x0")]
