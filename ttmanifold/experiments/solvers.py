@@ -14,6 +14,7 @@ Methods, step-size rule, timing and memory: ``docs/comparison.md``.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import threading
 import time
@@ -22,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .._checks import normalize_ranks
 from ..manifold import FixedTTRank, hessian_operator
 from ..optim import restart_momentum_
 from ..tt import IndexSet, TT
@@ -2511,7 +2513,8 @@ def sparse_spectral_point(indices: torch.Tensor, values: torch.Tensor, shape, ra
     Args:
         indices: ``(N, d)`` integer multi-indices; values: ``(N,)`` sampled entries.
         shape: the tensor's mode sizes; ranks: the TT ranks, ``d + 1`` ints with ends 1
-            or the ``d - 1`` inner ones (each at most the feasible bound).
+            or the ``d - 1`` inner ones (each at most the feasible bound), or one int
+            (clipped to the feasible ranks with a ``UserWarning``).
         weight: the rescaling of the zero-filled data (default ``prod(shape) / N``, so
             that its expectation over uniform sampling is ``A``).
         delete_self: leave each sample's own outer product out of the Gram matrices.
@@ -2529,16 +2532,21 @@ def sparse_spectral_point(indices: torch.Tensor, values: torch.Tensor, shape, ra
     if not isinstance(indices, torch.Tensor) or indices.ndim != 2 or indices.shape[1] != d:
         raise ValueError(f"indices: expected an (N, {d}) integer tensor, got "
                          f"{getattr(indices, 'shape', type(indices).__name__)}")
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or \
+            indices.dtype == torch.bool:
+        raise TypeError(f"indices: expected integer multi-indices, got {indices.dtype}")
     N = indices.shape[0]
     if not isinstance(values, torch.Tensor) or values.shape != (N,) or N == 0:
         raise ValueError(f"values: expected a non-empty ({N},) tensor, got "
                          f"{getattr(values, 'shape', type(values).__name__)}")
-    ranks = [int(r) for r in ranks]
-    if len(ranks) == d - 1:
-        ranks = [1] + ranks + [1]
-    if len(ranks) != d + 1 or ranks[0] != 1 or ranks[-1] != 1 or min(ranks) < 1:
-        raise ValueError(f"ranks: expected {d - 1} positive inner ranks or {d + 1} with ends "
-                         f"1, got {ranks}")
+    # (one host read each: out-of-range indices failed deep in a scatter, NaN in eigh)
+    if bool((indices < 0).any()) or bool(
+            (indices >= torch.tensor(shape, device=indices.device)).any()):
+        raise ValueError(f"indices: out of range for shape {shape}")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("values: contains NaN or Inf")
+    # an int for every bond (clipped to the feasible ranks with a warning), or a tuple
+    ranks = list(normalize_ranks(shape, ranks, clip=isinstance(ranks, numbers.Integral)))
     for k in range(1, d):
         if ranks[k] > ranks[k - 1] * shape[k - 1]:
             raise ValueError(f"ranks: rank {ranks[k]} at bond {k} exceeds the feasible "
