@@ -21,6 +21,7 @@ from ttmanifold.experiments.solvers import (
     lr_grid,
     riemannian_cg,
     run,
+    tune_lr,
 )
 
 HAS_CHART = importlib.util.find_spec("ttmanifold.chart") is not None
@@ -335,6 +336,13 @@ def test_run_arguments_give_clear_errors_before_any_step():
             run(problem, "rcg", kw.pop("x0"), measure_memory=False, **kw)
     with pytest.raises(ValueError, match="lr"):
         run(problem, "rsgd", x0, lr=float("inf"))
+    # the step-size search: bad candidates or a bad start raise (they scored +inf, and an
+    # all-inf search returned its smallest candidate, here -1)
+    for grid in ([], [-1.0], [0.1, float("nan")]):
+        with pytest.raises(ValueError, match="grid"):
+            tune_lr(problem, "rsgd", x0, grid=grid)
+    with pytest.raises(ValueError, match="x0"):
+        tune_lr(problem, "rsgd", torch.randn_like(x0), grid=[0.1])
     M.check_point(x0)  # (the valid start runs)
     assert run(problem, "rcg", x0, iters=2, measure_memory=False).n_iters == 2
 

@@ -13,6 +13,7 @@ Methods, step-size rule, timing and memory: ``docs/comparison.md``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
@@ -1240,6 +1241,16 @@ def tune_lr(problem, method: str, x0=None, *, grid: Optional[Sequence[float]] = 
     if method in _NO_LR:
         return None, {}
     grid = list(grid) if grid is not None else lr_grid(grid_size)
+    if not grid or not all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                           and math.isfinite(a) and a > 0 for a in grid):
+        # (a bad candidate raised inside the search, scored +inf, and could be returned)
+        raise ValueError(f"grid: expected positive step sizes, got {grid!r}")
+    # the same for bad arguments: raise them here, not once per candidate (``opts`` may
+    # also hold run's named arguments, e.g. seed)
+    named = inspect.signature(run).parameters
+    _check_run_args(problem, method, x0, iters=tune_iters, time_budget=None,
+                    metrics_every=0, stop_metric=None, stop_tol=None,
+                    opts={k: v for k, v in opts.items() if k not in named})
     scores = {}
     bar = None
     if progress:
