@@ -18,10 +18,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .._checks import check_float_dtype
 from ..manifold import FixedTTRank, right_cores
 from ..tt import BatchIndexSet
 from .problems import Completion
-from .solvers import cg_direction
+from .solvers import cg_direction, check_solver_options
 
 __all__ = ["BatchedCompletion", "BatchedCGResult", "batched_cg_direction",
            "batched_riemannian_cg"]
@@ -98,6 +99,7 @@ class BatchedCompletion:
         Cost: O(N d) checks and the layouts of the stacked index set.
         """
         dtype = torch.float64 if dtype is None else dtype
+        check_float_dtype(dtype, "dtype")  # (an int dtype truncated the values silently)
         device = torch.device("cpu") if device is None else torch.device(device)
         M = FixedTTRank(shape, ranks)
         self = cls.__new__(cls)
@@ -122,8 +124,15 @@ class BatchedCompletion:
                 raise TypeError("test: expected (list of test indices, list of test values)")
             tests = ([torch.as_tensor(t).to(device) for t in test[0]],
                      [torch.as_tensor(t, dtype=dtype, device=device) for t in test[1]])
-        self._setup(M.shape, M.ranks, [torch.as_tensor(i).to(device) for i in indices], vals,
-                    sw, tests, [0.0] * len(vals))
+            for b, t in enumerate(tests[1]):
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"test values[{b}]: not all finite")
+        idx = [torch.as_tensor(i).to(device) for i in indices]
+        self._setup(M.shape, M.ranks, idx, vals, sw, tests, [0.0] * len(vals))
+        for b, i in enumerate(idx):  # (after the setup's checks of dtype and range)
+            if i.shape[0] and torch.unique(i, dim=0).shape[0] != i.shape[0]:
+                raise ValueError(f"indices[{b}]: repeated multi-indices; average (or sum) "
+                                 f"the values of each entry first")
         return self
 
     def _setup(self, shape, ranks, indices, values, sw, tests, reg) -> None:
@@ -341,8 +350,8 @@ def batched_riemannian_cg(problem: BatchedCompletion, x0: Optional[torch.Tensor]
     """
     if not isinstance(problem, BatchedCompletion):
         raise TypeError(f"problem: expected a BatchedCompletion, got {type(problem).__name__}")
-    if beta not in ("pr+", "fr"):
-        raise ValueError(f"beta: expected 'pr+' or 'fr', got {beta!r}")
+    check_solver_options("rcg", beta=beta, restart_tol=restart_tol,
+                         restart_every=restart_every)
     if not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
     for name, v in (("tol", tol), ("gtol", gtol)):
@@ -351,6 +360,12 @@ def batched_riemannian_cg(problem: BatchedCompletion, x0: Optional[torch.Tensor]
     M = problem.manifold
     p = problem.initial_point() if x0 is None else x0
     problem._check_points(p, "x0")
+    if x0 is not None:  # the steps assume valid points (one host read, O(B d n r^3))
+        try:
+            M.check_point(p, rtol=0.0)
+        except ValueError as exc:
+            raise ValueError(f"x0: {str(exc)[3:] if str(exc).startswith('p: ') else exc}") \
+                from None
     p = p.detach().clone()
     B = problem.batch_size
     dev = p.device
