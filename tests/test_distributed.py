@@ -184,6 +184,8 @@ def test_errors_name_the_argument(tmp_path):
         distributed_cg(S, x0, checkpoint_every=3)
     with pytest.raises(ValueError, match="x0"):
         distributed_cg(S, x0[:-1])
+    with pytest.raises(ValueError, match="x0: .*not left-orthogonal"):  # (it ran)
+        distributed_lbfgs(S, torch.randn_like(x0), iters=2)
 
 
 def test_two_processes_equal_one(tmp_path):

@@ -1028,6 +1028,12 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
                             "checkpoint_every": checkpoint_every, "resume": resume,
                             "stop_metric": stop_metric, "stop_tol": stop_tol, **options},
                      stepper.p)
+    if not resume:  # the steps assume a valid point (the same on every process: checked)
+        try:
+            problem.manifold.check_point(stepper.p, rtol=0.0)
+        except ValueError as exc:
+            raise ValueError(f"x0: {str(exc)[3:] if str(exc).startswith('p: ') else exc}") \
+                from None
     hist = History(problem="completion", method=stepper.method + "-dp")
     hist.info.update(world_size=comm.world_size, n_train=problem.n_train,
                      n_val=problem.n_val, options=dict(options))
