@@ -25,7 +25,7 @@ from .tt import TT
 __all__ = ["save", "load", "ensure_writable_dir", "FORMAT"]
 
 FORMAT = "ttmanifold.TT"
-VERSION = 1
+VERSION = 2  # 2: batches of TTs (``batch_shape``); a single TT is still written as 1
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -44,7 +44,8 @@ def save(x, path) -> None:
     """Write a tensor train to ``path`` (``.npz``: a NumPy archive; otherwise a torch file).
 
     Args:
-        x: a :class:`~ttmanifold.TT`, or a packed point carrying its manifold (a
+        x: a :class:`~ttmanifold.TT` (or a batch of TTs, cores ``(*batch, r, n, r')``,
+            read back as the same batch), or a packed point carrying its manifold (a
             ``geoopt.ManifoldTensor`` of :class:`~ttmanifold.FixedTTRank`).
         path: the file (str or path-like); an existing file is replaced (atomically: the
             data go to a temporary file in the same directory first).
@@ -55,8 +56,10 @@ def save(x, path) -> None:
     path = os.fspath(path)
     cores = [c.detach().cpu().contiguous() for c in tt.cores]
     dtype = str(cores[0].dtype).replace("torch.", "")
-    meta = {"format": FORMAT, "version": VERSION, "shape": list(tt.shape),
+    meta = {"format": FORMAT, "version": 1, "shape": list(tt.shape),
             "ranks": list(tt.ranks), "dtype": dtype}
+    if tt.batch_shape:  # (cores (*batch, r, n, r'); readers of version 1 refuse the file)
+        meta.update(version=2, batch_shape=list(tt.batch_shape))
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"path: the directory {directory!r} does not exist")
@@ -114,12 +117,15 @@ def load(path, *, dtype: Optional[torch.dtype] = None, device=None) -> TT:
         raise ValueError(f"path: {path!r} has format version {meta['version']}; this "
                          f"ttmanifold reads up to {VERSION} (upgrade ttmanifold)")
     shape, ranks = list(meta["shape"]), list(meta["ranks"])
+    batch = tuple(meta.get("batch_shape", ()))
     ok = len(cores) == len(shape) and len(ranks) == len(shape) + 1 and all(
-        isinstance(c, torch.Tensor) and tuple(c.shape) == (ranks[k], shape[k], ranks[k + 1])
+        isinstance(c, torch.Tensor)
+        and tuple(c.shape) == batch + (ranks[k], shape[k], ranks[k + 1])
         for k, c in enumerate(cores))
     if not ok:
         raise ValueError(f"path: {path!r}: the cores do not match the recorded shape "
-                         f"{tuple(shape)} and ranks {tuple(ranks)} (damaged file?)")
+                         f"{tuple(shape)}, ranks {tuple(ranks)} and batch shape {batch} "
+                         f"(damaged file?)")
     stored = _DTYPES.get(meta.get("dtype"))
     target = dtype if dtype is not None else stored
     if target is not None:
