@@ -228,6 +228,18 @@ def test_ctrl_c_keeps_the_finished_iterations_and_resume_continues(data, tmp_pat
                                               "--out", tmp_path / "none"])
 
 
+def test_ctrl_c_before_the_solver_exits_with_130_and_a_message(data, tmp_path, monkeypatch,
+                                                              capsys):
+    def stop(*a, **k):  # Ctrl-C while the start is computed (a traceback before)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D.ShardedCompletion, "initial_point", stop)
+    assert cli_main(["complete", str(data[0] / "d.npz"), "--rank", "3", "--out",
+                     str(tmp_path / "o"), "--no-progress"]) == 130
+    assert "interrupted before the solver ran" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "completed.npz").exists()
+
+
 def test_progress_bar_and_help(capsys):
     import io
 

@@ -713,6 +713,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "ttmanifold complete"
 
     try:
         return run_complete(args)
+    except KeyboardInterrupt:
+        # before the solver's first iteration (reading, checks, the start) or while
+        # writing the outputs (each file is replaced atomically): nothing half-written
+        print("ttmanifold complete: interrupted before the solver ran or while writing "
+              "the outputs; every file in --out is complete (old or new)", file=sys.stderr)
+        return 130
     except PeerFailure as exc:
         raise SystemExit(f"ttmanifold complete: {exc}")
     finally:
