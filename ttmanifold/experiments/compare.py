@@ -588,6 +588,11 @@ def compare(args, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str,
     except OSError as exc:
         raise SystemExit(f"ttmanifold compare: the table is above, but writing to --out "
                          f"{args.out} failed: {exc}") from None
+    except KeyboardInterrupt:  # every run finished; only the plots are missing
+        print(f"\nttmanifold compare: interrupted while plotting; all {len(output.runs)} "
+              f"runs are in {args.out}/results.csv and summary.md, the plots are not "
+              f"written", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     if output.write_error is not None:
         raise SystemExit(f"ttmanifold compare: the table is above, but writing "
                          f"{args.out}/results.csv failed: {output.write_error}")
