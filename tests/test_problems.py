@@ -363,6 +363,9 @@ def test_approximation_metrics_and_svd_gap():
     assert abs(m["gap"]) < 1e-12 and 0.02 < m["rel_err_svd"] < 0.5
     h = riemannian_cg(P, P.initial_point(0), iters=40)
     assert h.final_metrics()["gap"] < 1e-3  # reaches (or beats) the TT-SVD truncation
+    zero = P.target * 0.0  # (a ZeroDivisionError from inside the constructor)
+    with pytest.raises(ValueError, match="target: expected a nonzero finite tensor"):
+        Approximation(zero, 3)
 
 
 def test_homotopy_and_perturbed_starts():

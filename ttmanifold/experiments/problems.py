@@ -395,6 +395,10 @@ class Approximation(QuadraticProblem):
         self._device = target.device
         self.target_sq = inner(target, target).detach()
         self.target_norm = float(target.norm())
+        if not (math.isfinite(self.target_norm) and self.target_norm > 0):
+            # (a ZeroDivisionError below; the zero tensor's best fit 0 is not on M_r)
+            raise ValueError(f"target: expected a nonzero finite tensor, got norm "
+                             f"{self.target_norm}")
         best = tt_round(target, ranks=self.manifold.ranks)
         self.rel_err_svd = float((best - target).norm()) / self.target_norm
         self.svd_point = best
