@@ -2170,8 +2170,20 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
     """
     if not (hasattr(problem, "a_train") or hasattr(problem, "rank_adaptive_data")):
         raise TypeError(f"problem: expected a Completion problem, got {type(problem).__name__}")
-    if not (isinstance(max_rank, int) and max_rank >= 1):
+    if isinstance(max_rank, bool) or not (isinstance(max_rank, int) and max_rank >= 1):
         raise ValueError(f"max_rank: expected a positive int, got {max_rank!r}")
+    # (these ran: a NaN budget or tolerance never stopped, a negative one at once)
+    _positive_number(time_budget, "time_budget", none=True)
+    if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int)
+                                  or max_iters < 0):
+        raise ValueError(f"max_iters: expected a non-negative int or None, got {max_iters!r}")
+    for name, v in (("control_tol", control_tol), ("accept_rtol", accept_rtol),
+                    ("trunc_rel_eps", trunc_rel_eps), ("stall_rtol", stall_rtol)):
+        _positive_number(v, name, zero=True)
+    _positive_number(eps, "eps")
+    if isinstance(gain_ratio, bool) or not (isinstance(gain_ratio, (int, float))
+                                            and 0.0 <= gain_ratio <= 1.0):
+        raise ValueError(f"gain_ratio: expected a number in [0, 1], got {gain_ratio!r}")
     if not 0.0 < control_fraction < 1.0:
         raise ValueError(f"control_fraction: expected a number in (0, 1), got "
                          f"{control_fraction!r}")
