@@ -100,9 +100,13 @@ class History:
     """Per-iteration record of one run.
 
     ``iters[j]``, ``loss[j]``, ``time[j]`` (seconds spent reaching that iterate),
-    ``metrics[j]`` (a dict, possibly empty when metrics are thinned). ``status`` is "ok",
-    "budget" (stopped by the time budget), "stopped" (by the callback) or "diverged"
-    (non-finite loss). ``info``: the chosen ``lr``, the tuning scores, ``peak_mem_mb``, etc.
+    ``metrics[j]`` (a dict, possibly empty when metrics are thinned). ``status`` is "ok"
+    (ran its iterations), "converged" (``stop_metric`` reached before the last iteration;
+    rank-adaptive: the control tolerance), "budget" (stopped by the time budget;
+    rank-adaptive: also by its cap of CG iterations), "stopped" (by the callback),
+    "diverged" (non-finite loss), "outside chart domain" (a chart method's start) or
+    "interrupted" (Ctrl-C, data-parallel solvers). ``info``: the chosen ``lr``, the tuning
+    scores, ``peak_mem_mb``, etc.
     """
 
     problem: str
