@@ -130,6 +130,12 @@ def test_malformed_files_name_the_file_and_the_entry(data, tmp_path):
     f = tmp_path / "keys.npz"
     np.savez(f, a=np.zeros(2), b=np.zeros(2))
     assert "keys.npz: expected arrays 'indices' and 'values'" in _err([f] + out)
+    f = tmp_path / "complex.npz"  # (the imaginary parts were dropped with a warning)
+    np.savez(f, indices=np.array([[0, 0], [1, 1]]), values=np.array([1 + 1j, 2.0]))
+    assert "complex.npz: values must be real numbers" in _err([f] + out)
+    f = tmp_path / "huge.csv"  # (reported as a negative index)
+    f.write_text("0,0,1.0\n99999999999999999999,1,2.0\n")
+    assert "huge.csv: line (data) row 1, column 0: index 1e+20 is too large" in _err([f] + out)
     f = tmp_path / "junk.npz"
     f.write_bytes(b"junk")
     assert "junk.npz: cannot read it" in _err([f] + out)

@@ -101,6 +101,11 @@ def _indices_from_float(a: np.ndarray, path: str, what: str) -> np.ndarray:
         i, k = map(int, np.argwhere(bad)[0])
         raise DataError(f"{path}: {what} row {i}, column {k}: index {float(a[i, k])!r} is not an "
                         f"integer")
+    big = np.abs(a) >= 2.0 ** 62  # (the cast wrapped it to a "negative" index)
+    if big.any():
+        i, k = map(int, np.argwhere(big)[0])
+        raise DataError(f"{path}: {what} row {i}, column {k}: index {float(a[i, k])!r} is too "
+                        f"large")
     return a.astype(np.int64)
 
 
@@ -183,7 +188,12 @@ def read_entries(path: str, shape: Optional[Sequence[int]] = None
         raise
     except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read it ({type(exc).__name__}: {exc})") from exc
+    if np.issubdtype(idx.dtype, np.unsignedinteger) and idx.size and \
+            int(idx.max()) > np.iinfo(np.int64).max:  # (wrapped to a "negative" index)
+        raise DataError(f"{path}: index {int(idx.max())} is too large")
     idx = idx.astype(np.int64, copy=False)
+    if np.iscomplexobj(vals):  # (the cast below dropped the imaginary parts with a warning)
+        raise DataError(f"{path}: values must be real numbers, got dtype {vals.dtype}")
     try:
         vals = vals.astype(np.float64, copy=False)
     except (TypeError, ValueError) as exc:
