@@ -186,6 +186,15 @@ def test_errors_name_the_argument(tmp_path):
         distributed_cg(S, x0[:-1])
     with pytest.raises(ValueError, match="x0: .*not left-orthogonal"):  # (it ran)
         distributed_lbfgs(S, torch.randn_like(x0), iters=2)
+    # a stopping rule that can never fire (it ran to the end) or without a tolerance (a
+    # TypeError from inside)
+    with pytest.raises(ValueError, match="stop_metric: 'val_er' is not a metric"):
+        distributed_cg(S, x0, iters=2, stop_metric="val_er", stop_tol=1e-3)
+    with pytest.raises(ValueError, match="stop_tol"):
+        distributed_cg(S, x0, iters=2, stop_metric="train_err")
+    with pytest.raises(ValueError, match="never evaluated"):
+        distributed_cg(S, x0, iters=2, stop_metric="train_err", stop_tol=1e-3,
+                       metrics_every=0)
 
 
 def test_two_processes_equal_one(tmp_path):

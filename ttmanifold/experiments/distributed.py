@@ -53,7 +53,7 @@ from ..manifold import FixedTTRank, hessian_operator
 from ..tt import TT, IndexSet
 from .problems import Completion
 from .solvers import (History, RankAdaptiveData, als_sweep, cg_direction,
-                      check_solver_options, lbfgs_direction,
+                      check_solver_options, check_stop_options, lbfgs_direction,
                       lbfgs_update, rank_adaptive_completion, truncated_cg,
                       trust_region_update)
 
@@ -1022,6 +1022,7 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
     if not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
     _check_checkpoint_args(checkpoint, checkpoint_every, resume)
+    check_stop_options(metrics_every, stop_metric, stop_tol)
     comm = problem.comm
     _check_same_call(comm, {"method": stepper.method, "iters": iters,
                             "metrics_every": metrics_every, "checkpoint": checkpoint is not None,
@@ -1067,6 +1068,8 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
         for t in range(start, iters + 1):
             want = metrics_every and (t % metrics_every == 0 or t == iters)
             m = problem.metrics(stepper.p) if want else {}
+            if t == start:  # (the same dict on every process: a collective's result)
+                check_stop_options(metrics_every, stop_metric, stop_tol, m)
             reached = stop_metric is not None and m.get(stop_metric, math.inf) <= stop_tol
             if t == iters or reached:
                 hist.record(t, stepper.loss_now(), elapsed, m)

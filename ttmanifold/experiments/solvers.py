@@ -61,6 +61,7 @@ __all__ = [
     "LINE_SEARCH_METHODS",
     "RUN_OPTIONS",
     "check_solver_options",
+    "check_stop_options",
     "ALL_METHODS",
 ]
 
@@ -336,6 +337,29 @@ def check_solver_options(method: str, **opts) -> None:
         _positive_number(opts["ridge"], "ridge", zero=True)
 
 
+def check_stop_options(metrics_every, stop_metric, stop_tol, metrics=None) -> None:
+    """Check ``metrics_every`` (a non-negative int) and the stopping rule ``stop_metric`` /
+    ``stop_tol`` of a solver (a number, and metrics that are evaluated; with ``metrics``,
+    the dict of the first evaluation, a metric the problem reports), so that a run cannot
+    silently never stop. Shared by :func:`run` and the data-parallel solvers. Raises
+    ``ValueError`` naming the argument. O(1)."""
+    if isinstance(metrics_every, bool) or not isinstance(metrics_every, int) \
+            or metrics_every < 0:
+        raise ValueError(f"metrics_every: expected a non-negative int, got {metrics_every!r}")
+    if stop_metric is None:
+        return
+    if isinstance(stop_tol, bool) or not (isinstance(stop_tol, (int, float))
+                                          and math.isfinite(stop_tol)):
+        raise ValueError(f"stop_tol: expected a number with stop_metric={stop_metric!r}, "
+                         f"got {stop_tol!r}")
+    if not metrics_every:
+        raise ValueError(f"stop_metric: {stop_metric!r} is never evaluated with "
+                         f"metrics_every=0")
+    if metrics and stop_metric not in metrics:
+        raise ValueError(f"stop_metric: {stop_metric!r} is not a metric of this problem; "
+                         f"expected one of {sorted(metrics)}")
+
+
 #: the options of :func:`run` besides its named arguments (per method; see ``run``)
 RUN_OPTIONS = ("chart_kwargs", "beta", "restart_every", "restart_tol", "adam_kwargs",
                "adam_safeguards", "als_kwargs", "rtr_kwargs", "lbfgs_kwargs")
@@ -348,20 +372,11 @@ def _check_run_args(problem, method, x0, *, iters, time_budget, metrics_every, s
     error from deep inside a step)."""
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
-    if isinstance(metrics_every, bool) or not isinstance(metrics_every, int) \
-            or metrics_every < 0:
-        raise ValueError(f"metrics_every: expected a non-negative int, got {metrics_every!r}")
     if time_budget is not None and not (isinstance(time_budget, (int, float))
                                         and math.isfinite(time_budget) and time_budget > 0):
         raise ValueError(f"time_budget: expected a positive number of seconds or None, got "
                          f"{time_budget!r}")
-    if stop_metric is not None:
-        if not (isinstance(stop_tol, (int, float)) and math.isfinite(stop_tol)):
-            raise ValueError(f"stop_tol: expected a number with stop_metric={stop_metric!r}, "
-                             f"got {stop_tol!r}")
-        if not metrics_every:
-            raise ValueError(f"stop_metric: {stop_metric!r} is never evaluated with "
-                             f"metrics_every=0")
+    check_stop_options(metrics_every, stop_metric, stop_tol)
     if method != "rank_adaptive":  # (its options are rank_adaptive_completion's)
         unknown = sorted(set(opts) - set(RUN_OPTIONS))
         if unknown:
@@ -1183,9 +1198,8 @@ def _loop(hist: History, stepper: _Stepper, problem, *, iters, time_budget, call
             want = metrics_every and (t % metrics_every == 0 or t == iters)
             out_of_time = time_budget is not None and elapsed >= time_budget
             m = problem.metrics(stepper.current()) if (want or out_of_time) else {}
-            if t == 0 and m and stop_metric is not None and stop_metric not in m:
-                raise ValueError(f"stop_metric: {stop_metric!r} is not a metric of this "
-                                 f"problem; expected one of {sorted(m)}")
+            if t == 0:
+                check_stop_options(metrics_every, stop_metric, stop_tol, m)
             reached = (stop_metric is not None and bool(m)
                        and m.get(stop_metric, math.inf) <= stop_tol)
             if t == iters or out_of_time or reached:
