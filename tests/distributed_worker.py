@@ -225,20 +225,38 @@ def scenario_silent(rank, world, out):
 
 
 def scenario_bad_shard(rank, world, out):
-    from ttmanifold.experiments.distributed import ShardedCompletion
+    """Errors of one process's shard and mismatched calls: every process raises the same
+    error (one line per case in bad_shard{rank}.txt)."""
+    from ttmanifold.experiments.distributed import (ShardedCompletion, distributed_cg,
+                                                    distributed_rank_adaptive)
 
     idx, vals = data()
     ti, tv, _ = split(idx, vals, rank, world)
-    if rank == 1:
-        ti = ti[:0]
-        tv = tv[:0]
-    try:
-        ShardedCompletion(ti, tv, SHAPE, RANK)
-        msg = "no error"
-    except ValueError as exc:
-        msg = "ValueError: " + str(exc)
+    one = rank == 1
+    cases = [  # (rank 1's shard, shape, ranks, dtype) or a solver call
+        lambda: ShardedCompletion(ti[:0] if one else ti, tv[:0] if one else tv, SHAPE, RANK),
+        lambda: ShardedCompletion(torch.cat([ti, ti[:1]]) if one else ti,
+                                  torch.cat([tv, tv[:1]]) if one else tv, SHAPE, RANK),
+        lambda: ShardedCompletion(ti, tv, SHAPE, 2 if one else RANK),
+        lambda: ShardedCompletion(ti, tv, SHAPE, RANK,
+                                  dtype=torch.float32 if one else torch.float64),
+    ]
+    S = ShardedCompletion(ti, tv, SHAPE, RANK)
+    x0 = S.initial_point(0)
+    cases += [
+        lambda: distributed_cg(S, x0, iters=8 if one else 5),
+        lambda: distributed_cg(S, S.local.initial_point(rank), iters=5),
+        lambda: distributed_rank_adaptive(S, max_rank=3 if one else 4),
+    ]
+    lines = []
+    for case in cases:
+        try:
+            case()
+            lines.append("no error")
+        except ValueError as exc:
+            lines.append("ValueError: " + str(exc))
     with open(os.path.join(out, f"bad_shard{rank}.txt"), "w") as f:
-        f.write(msg + "\n")
+        f.write("\n".join(lines) + "\n")
 
 
 def ddp_model(param):

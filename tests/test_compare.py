@@ -287,6 +287,22 @@ def test_ctrl_c_keeps_finished_runs_and_ends_with_one_line(tmp_path):
     assert "| rsgd |" not in summary
 
 
+def test_ctrl_c_while_plotting_keeps_the_results_and_ends_with_one_line(tmp_path, capsys,
+                                                                       monkeypatch):
+    from ttmanifold.experiments import compare
+
+    def stop(*a, **k):  # (a traceback before)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "_plot", stop)
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--out", str(tmp_path / "o"), "--iters", "2", "--methods", "rcg"]
+             + _TINY)
+    assert exc.value.code == 130
+    assert "interrupted while plotting; all 1 runs" in capsys.readouterr().err
+    assert "complete: 1 runs" in (tmp_path / "o" / "results.csv").read_text()
+
+
 def test_preset_cli_threads_and_methods(tmp_path, capsys):
     """--preset runs at one torch thread unless --threads, and --methods picks a subset
     (rank_adaptive among them) of the preset's methods."""

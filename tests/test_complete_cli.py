@@ -130,6 +130,12 @@ def test_malformed_files_name_the_file_and_the_entry(data, tmp_path):
     f = tmp_path / "keys.npz"
     np.savez(f, a=np.zeros(2), b=np.zeros(2))
     assert "keys.npz: expected arrays 'indices' and 'values'" in _err([f] + out)
+    f = tmp_path / "complex.npz"  # (the imaginary parts were dropped with a warning)
+    np.savez(f, indices=np.array([[0, 0], [1, 1]]), values=np.array([1 + 1j, 2.0]))
+    assert "complex.npz: values must be real numbers" in _err([f] + out)
+    f = tmp_path / "huge.csv"  # (reported as a negative index)
+    f.write_text("0,0,1.0\n99999999999999999999,1,2.0\n")
+    assert "huge.csv: line (data) row 1, column 0: index 1e+20 is too large" in _err([f] + out)
     f = tmp_path / "junk.npz"
     f.write_bytes(b"junk")
     assert "junk.npz: cannot read it" in _err([f] + out)
@@ -142,6 +148,12 @@ def test_malformed_files_name_the_file_and_the_entry(data, tmp_path):
                                                        + out)
     assert "--rank: expected a positive int" in _err([root / "d.npz", "--rank", "0",
                                                       "--out", tmp_path / "o"])
+    for bad in ("nan", "-1"):  # NaN or a negative tolerance: the run could never stop early
+        assert "--tol: expected a non-negative number" in _err([root / "d.npz", "--tol", bad]
+                                                               + out)
+    for bad in ("0", "nan", "inf"):  # refused in one process too, not only under torchrun
+        assert "--timeout: expected a positive number" in _err(
+            [root / "d.npz", "--timeout", bad] + out)
     assert not (tmp_path / "o" / "completed.npz").exists()
 
 
@@ -159,6 +171,29 @@ def test_nothing_is_overwritten_without_force(data, tmp_path):
     assert cli_main(["complete", str(root / "d.npz"), "--rank", "2", "--iters", "1",
                      "--out", str(out), "--no-progress", "--force"]) == 0
     assert (out / "report.csv").read_text().startswith("# status")
+
+
+def test_an_unwritable_out_is_refused_before_the_run(data, tmp_path, monkeypatch):
+    root = data[0]
+    target = tmp_path / "ro"
+    target.mkdir()
+    target.chmod(0o500)
+    if os.geteuid() == 0:  # root writes through permission bits; sysfs refuses it
+        if not os.path.isdir("/sys/kernel"):
+            pytest.skip("needs a directory that root cannot write in")
+        target = "/sys/kernel"
+    # os.access can say yes when a write fails (root, ACLs, network file systems): the
+    # check must write, not ask
+    monkeypatch.setattr(os, "access", lambda *a, **k: True)
+    msg = _err([root / "d.npz", "--rank", "2", "--iters", "1", "--out", target,
+                "--no-progress"])
+    assert "--out: cannot write in" in msg
+    # an output name taken by a directory cannot be replaced, even with --force
+    out = tmp_path / "o"
+    (out / "report.csv").mkdir(parents=True)
+    msg = _err([root / "d.npz", "--rank", "2", "--iters", "1", "--out", out, "--force",
+                "--no-progress"])
+    assert "report.csv' is a directory" in msg
 
 
 def test_ctrl_c_keeps_the_finished_iterations_and_resume_continues(data, tmp_path,
@@ -197,6 +232,18 @@ def test_ctrl_c_keeps_the_finished_iterations_and_resume_continues(data, tmp_pat
     assert torch.equal(a, b)
     assert "--resume: no checkpoint" in _err([root / "d.npz", "--rank", "3", "--resume",
                                               "--out", tmp_path / "none"])
+
+
+def test_ctrl_c_before_the_solver_exits_with_130_and_a_message(data, tmp_path, monkeypatch,
+                                                              capsys):
+    def stop(*a, **k):  # Ctrl-C while the start is computed (a traceback before)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D.ShardedCompletion, "initial_point", stop)
+    assert cli_main(["complete", str(data[0] / "d.npz"), "--rank", "3", "--out",
+                     str(tmp_path / "o"), "--no-progress"]) == 130
+    assert "interrupted before the solver ran" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "completed.npz").exists()
 
 
 def test_progress_bar_and_help(capsys):

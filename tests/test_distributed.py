@@ -184,6 +184,17 @@ def test_errors_name_the_argument(tmp_path):
         distributed_cg(S, x0, checkpoint_every=3)
     with pytest.raises(ValueError, match="x0"):
         distributed_cg(S, x0[:-1])
+    with pytest.raises(ValueError, match="x0: .*not left-orthogonal"):  # (it ran)
+        distributed_lbfgs(S, torch.randn_like(x0), iters=2)
+    # a stopping rule that can never fire (it ran to the end) or without a tolerance (a
+    # TypeError from inside)
+    with pytest.raises(ValueError, match="stop_metric: 'val_er' is not a metric"):
+        distributed_cg(S, x0, iters=2, stop_metric="val_er", stop_tol=1e-3)
+    with pytest.raises(ValueError, match="stop_tol"):
+        distributed_cg(S, x0, iters=2, stop_metric="train_err")
+    with pytest.raises(ValueError, match="never evaluated"):
+        distributed_cg(S, x0, iters=2, stop_metric="train_err", stop_tol=1e-3,
+                       metrics_every=0)
 
 
 def test_two_processes_equal_one(tmp_path):
@@ -221,11 +232,21 @@ def test_a_bad_shard_or_a_dead_peer_stops_the_others_with_a_clear_error(tmp_path
     assert msg.startswith("PeerFailure: rank 0 of 2:"), msg
     assert "peer process stopped" in msg
     assert float(seconds) < 30
-    # before that, rank 1's empty shard: both processes raise its error
+    # before that, rank 1's bad shards and mismatched calls: both processes raise the
+    # same error, naming rank 1 or the argument (no hang, no gloo abort, no silent drift)
+    expected = ["ValueError: (rank 1) indices: process 1 of 2 has no training samples",
+                "ValueError: (rank 1) indices: repeated multi-indices",
+                "ValueError: ranks: (1, 3, 3, 3, 3, 1) on rank 0, (1, 2, 2, 2, 2, 1) on "
+                "rank 1; every process must build the problem with the same shape",
+                "ValueError: dtype: 'float64' on rank 0, 'float32' on rank 1",
+                "ValueError: iters: 5 on rank 0, 8 on rank 1; every process must call",
+                "ValueError: x0: 'bits ",
+                "ValueError: max_rank: 4 on rank 0, 3 on rank 1"]
     for r in (0, 1):
-        msg = (out / f"bad_shard{r}.txt").read_text()
-        assert msg.startswith("ValueError: (rank 1) indices: process 1 of 2 has no "
-                              "training samples"), msg
+        lines = (out / f"bad_shard{r}.txt").read_text().splitlines()
+        assert len(lines) == len(expected), lines
+        for line, want in zip(lines, expected):
+            assert line.startswith(want), (line, want)
 
 
 def test_a_silent_peer_times_out(tmp_path):

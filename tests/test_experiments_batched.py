@@ -184,6 +184,15 @@ def test_bad_input_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"test\[1\]\[0\]: contains NaN"):
         BatchedCompletion.from_data([dup[:2]], [torch.zeros(2)], SHAPE, 2,
                                     test=([dup[1:2]], [torch.tensor([float("nan")])]))
+    # these ran: an int dtype (truncated values), a start that is not a point, a negative
+    # restart tolerance
+    i2 = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])
+    with pytest.raises(TypeError, match="dtype"):
+        BatchedCompletion.from_data([i2[:1]], [torch.ones(1)], SHAPE, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="x0: .*not left-orthogonal"):
+        batched_riemannian_cg(bp, torch.randn_like(x0))
+    with pytest.raises(ValueError, match="restart_tol"):
+        batched_riemannian_cg(bp, x0, restart_tol=-1.0)
 
 
 def test_weighted_and_regularized_problems_match_single_problems():

@@ -109,6 +109,16 @@ def test_without_test_set_the_target_is_train_err():
     assert P.test is None and P.target_metric == "train_err"
     assert set(P.metrics(P.initial_point(0))) == {"train_err", "train_mse", "train_rmse"}
     assert "|Gamma|=0" in P.describe() and "cores=data" in P.describe()
+    # an empty test set is refused (it would report test_err NaN and test_mse 0)
+    with pytest.raises(ValueError, match=r"test\[0\] \(indices\): no test samples"):
+        Completion.from_data(idx, vals, ranks=2, test=(idx[:0], vals[:0]))
+    # generated problems: test_size=0 means no test set; a negative size is refused (it
+    # used to drop training samples silently)
+    G = Completion((4, 4, 4), 2, oversampling=2, test_size=0, seed=0)
+    assert G.test is None and G.target_metric == "train_err"
+    assert set(G.metrics(G.initial_point(0))) == {"train_err", "train_mse", "train_rmse"}
+    with pytest.raises(ValueError, match="test_size"):
+        Completion((4, 4, 4), 2, oversampling=2, test_size=-3)
 
 
 def test_int_rank_request_is_clipped_with_a_warning_and_tuples_are_exact():

@@ -41,6 +41,9 @@ def test_steinlechner_quick_problem_and_run(tmp_path):
         presets.run_preset("steinlechner", str(tmp_path), quick=True, methods=["rsgd"])
     with pytest.raises(ValueError, match="preset"):
         presets.build_preset("nope")
+    # the other presets fix their ranks: a rank is refused, not ignored
+    with pytest.raises(ValueError, match="rank: only for the 'steinlechner' preset"):
+        presets.build_preset("t3f-tutorial", rank=3)
 
 
 def test_cli_preset_choices(capsys):

@@ -213,6 +213,12 @@ def test_rank_adaptive_random_direction_still_available():
         S.rank_adaptive_completion(pb, max_rank=3, start="dense")
     with pytest.raises(ValueError, match="rank_step"):
         S.rank_adaptive_completion(pb, max_rank=3, rank_step=0)
+    # these ran: a NaN budget or tolerance never stopped, a negative budget stopped at once
+    for kw in (dict(time_budget=float("nan")), dict(time_budget=-1.0), dict(max_iters=-3),
+               dict(max_rank=True), dict(control_tol=float("nan")), dict(accept_rtol=-1.0),
+               dict(gain_ratio=2.0)):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            S.rank_adaptive_completion(pb, **{"max_rank": 3, **kw})
 
 
 def test_rank_adaptive_rank_step_two_raises_bonds_by_two():

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from ttmanifold import inner
 from ttmanifold.experiments import problems as P
 from ttmanifold.experiments import solvers as S
 
@@ -157,3 +158,44 @@ def test_lbfgs_pair_is_the_step_taken_when_every_backtrack_fails():
     assert s is not None
     expected = M.transp(x0, st.p, eta)
     assert abs(float(s.norm()) / float(expected.norm()) - 1.0) < 1e-10
+
+
+def test_trust_region_at_a_critical_point_stays_there_without_nan():
+    # a loss whose Riemannian gradient is exactly zero everywhere: the inner CG must not
+    # divide 0 by 0 (the boundary step of a zero direction), and no step is taken
+    class Flat(P.Approximation):
+        def loss(self, x):
+            return 0.0 * inner(x, x)
+
+    pb = Flat.random((4, 4, 4), 4, 2, seed=0)
+    x0 = pb.initial_point(0)
+    h = S.riemannian_trust_region(pb, x0, iters=2, measure_memory=False)
+    assert h.status == "ok" and h.n_iters == 2 and h.loss == [0.0, 0.0, 0.0]
+    assert h.info["hess_products"] == 0
+    M = pb.manifold
+    assert float((M.to_tt(h.x) - M.to_tt(x0)).norm()) < 1e-12
+    e, he = S.truncated_cg(torch.zeros(5, dtype=F64), None, 1.0, 10, 1.0, 0.1,
+                           {"hess_products": 0, "inner_iters": 0})
+    assert not e.any() and not he.any()
+
+
+def test_one_process_solvers_refuse_the_options_their_data_parallel_versions_refuse():
+    # (these ran before: a negative radius, no inner iterations, an empty L-BFGS memory,
+    # an Armijo constant above 1, a negative ridge or restart tolerance)
+    pb = P.Completion((5, 5, 5, 5), 2, oversampling=3, seed=0)
+    x0 = pb.initial_point(0)
+    kw = dict(iters=1, measure_memory=False)
+    for match, call in [
+        ("radius", lambda: S.riemannian_trust_region(pb, x0, radius=-1.0, **kw)),
+        ("max_radius", lambda: S.riemannian_trust_region(pb, x0, max_radius=0.0, **kw)),
+        ("max_inner", lambda: S.riemannian_trust_region(pb, x0, max_inner=0, **kw)),
+        ("max_backtracks", lambda: S.riemannian_trust_region(pb, x0, max_backtracks=-1,
+                                                             **kw)),
+        ("memory", lambda: S.riemannian_lbfgs(pb, x0, memory=0, **kw)),
+        ("c1", lambda: S.riemannian_lbfgs(pb, x0, c1=2.0, **kw)),
+        ("ridge", lambda: S.als_completion(pb, x0, ridge=-1.0, **kw)),
+        ("restart_tol", lambda: S.riemannian_cg(pb, x0, restart_tol=-0.1, **kw)),
+        ("restart_every", lambda: S.riemannian_cg(pb, x0, restart_every=0, **kw)),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()

@@ -91,14 +91,25 @@ def test_recovery_phase_runs_the_spectral_start():
     (dict(ranks=(1, 2, 2)), "ranks"),
     (dict(ranks=(1, 9, 2, 1)), "feasible"),
     (dict(shape=(4, 4)), "indices"),
+    # (these failed deep inside, or ran: a rank above the right-hand bound, NaN values,
+    # indices out of range or of a float dtype)
+    (dict(ranks=(1, 2, 5, 1)), "infeasible"),
+    (dict(values=torch.full((5,), float("nan"), dtype=torch.float64)), "values: contains NaN"),
+    (dict(indices=torch.full((5, 3), 3, dtype=torch.long)), "indices: out of range"),
+    (dict(indices=-torch.ones(5, 3, dtype=torch.long)), "indices: out of range"),
+    (dict(indices=torch.zeros(5, 3)), "indices: expected integer"),
 ])
 def test_bad_input(args, match):
     idx = torch.zeros(5, 3, dtype=torch.long)
     kw = dict(indices=idx, values=torch.ones(5, dtype=torch.float64), shape=(3, 4, 4),
               ranks=(1, 2, 2, 1))
     kw.update(args)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         S.sparse_spectral_point(**kw)
+    # an int rank is every bond's (it crashed)
+    assert S.sparse_spectral_point(idx, kw["values"] if "values" not in args else
+                                   torch.ones(5, dtype=torch.float64), (3, 4, 4),
+                                   2).ranks == (1, 2, 2, 1)
 
 
 def test_steinlechner_preset_with_ttemps_uniform_cores():

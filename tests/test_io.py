@@ -24,6 +24,20 @@ def test_round_trip_is_exact(tmp_path, name, dtype):
     assert torch.equal(x.full(), y.full())
 
 
+@pytest.mark.parametrize("name", ["b.npz", "b.pt"])
+def test_a_batch_of_tts_round_trips(tmp_path, name):
+    # (save wrote it, load refused it as a damaged file)
+    x = tm.TT.random((3, 4, 2), 2, dtype=torch.float64, batch=(2, 3))
+    tm.save(x, tmp_path / name)
+    y = tm.load(tmp_path / name)
+    assert y.batch_shape == (2, 3) and y.shape == x.shape and y.ranks == x.ranks
+    assert torch.equal(y.full(), x.full())
+    if name.endswith(".npz"):  # a single TT's file is unchanged (version 1)
+        tm.save(x[0, 0], tmp_path / "one.npz")
+        meta = json.loads(str(np.load(tmp_path / "one.npz")["meta"]))
+        assert meta["version"] == 1 and "batch_shape" not in meta
+
+
 def test_npz_is_readable_by_numpy_alone(tmp_path):
     x = tm.TT.random((3, 4, 5, 2), (1, 2, 3, 2, 1), dtype=torch.float64)
     tm.save(x, tmp_path / "a.npz")

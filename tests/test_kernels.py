@@ -528,6 +528,15 @@ def test_cli_info_and_build_kernels_on_a_built_cache(built_cache):
     assert p.returncode == 0 and p.stdout.count("already built") >= 2, p.stdout
 
 
+def test_cli_build_kernels_refuses_a_nan_or_negative_timeout():
+    # (NaN never timed out while another process held the build lock)
+    from ttmanifold.__main__ import main
+
+    for bad in ("nan", "-1"):
+        with pytest.raises(SystemExit, match="--timeout: expected a non-negative"):
+            main(["build-kernels", "--timeout", bad])
+
+
 @pytest.fixture
 def compiled(built_cache, fresh, monkeypatch):
     """The session's compiled modules loaded in this process, behind call-recording spies."""

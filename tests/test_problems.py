@@ -21,6 +21,7 @@ from ttmanifold.experiments.solvers import (
     lr_grid,
     riemannian_cg,
     run,
+    tune_lr,
 )
 
 HAS_CHART = importlib.util.find_spec("ttmanifold.chart") is not None
@@ -307,6 +308,45 @@ def test_cg_options_and_errors():
         run(problem, "rsgd", x0, lr=-1.0)
 
 
+def test_run_arguments_give_clear_errors_before_any_step():
+    # each of these used to run: an option ignored for a typo, a stop_metric that is never
+    # met, a start that is not a point (wrong gradients), or a budget ignored
+    problem = _small("completion")
+    x0 = problem.initial_point(0)
+    M = problem.manifold
+    bad = [
+        (TypeError, "unexpected options \\['restart_evry'\\]", dict(restart_evry=3)),
+        (ValueError, "stop_metric: 'tset_err' is not a metric", dict(stop_metric="tset_err",
+                                                                   stop_tol=1e-3)),
+        (ValueError, "stop_tol", dict(stop_metric="test_err")),
+        (ValueError, "never evaluated", dict(stop_metric="test_err", stop_tol=1e-3,
+                                             metrics_every=0)),
+        (ValueError, "time_budget", dict(time_budget=float("nan"))),
+        (ValueError, "time_budget", dict(time_budget=-1.0)),
+        (ValueError, "metrics_every", dict(metrics_every=-1)),
+        (ValueError, "iters", dict(iters=True)),
+        (ValueError, "x0: .*not left-orthogonal", dict(x0=torch.randn_like(x0))),
+        (ValueError, "x0: torch.float32", dict(x0=x0.float())),
+        (ValueError, "x0: expected one packed point", dict(x0=x0[None])),
+        (TypeError, "x0: expected a packed point", dict(x0=x0.tolist())),
+    ]
+    for exc, match, kw in bad:
+        kw = {"x0": x0, "iters": 3, **kw}
+        with pytest.raises(exc, match=match):
+            run(problem, "rcg", kw.pop("x0"), measure_memory=False, **kw)
+    with pytest.raises(ValueError, match="lr"):
+        run(problem, "rsgd", x0, lr=float("inf"))
+    # the step-size search: bad candidates or a bad start raise (they scored +inf, and an
+    # all-inf search returned its smallest candidate, here -1)
+    for grid in ([], [-1.0], [0.1, float("nan")]):
+        with pytest.raises(ValueError, match="grid"):
+            tune_lr(problem, "rsgd", x0, grid=grid)
+    with pytest.raises(ValueError, match="x0"):
+        tune_lr(problem, "rsgd", torch.randn_like(x0), grid=[0.1])
+    M.check_point(x0)  # (the valid start runs)
+    assert run(problem, "rcg", x0, iters=2, measure_memory=False).n_iters == 2
+
+
 def test_time_budget_and_callback():
     problem = _small("approximation")
     x0 = problem.initial_point(0)
@@ -323,6 +363,9 @@ def test_approximation_metrics_and_svd_gap():
     assert abs(m["gap"]) < 1e-12 and 0.02 < m["rel_err_svd"] < 0.5
     h = riemannian_cg(P, P.initial_point(0), iters=40)
     assert h.final_metrics()["gap"] < 1e-3  # reaches (or beats) the TT-SVD truncation
+    zero = P.target * 0.0  # (a ZeroDivisionError from inside the constructor)
+    with pytest.raises(ValueError, match="target: expected a nonzero finite tensor"):
+        Approximation(zero, 3)
 
 
 def test_homotopy_and_perturbed_starts():

@@ -4,6 +4,7 @@
 kernels, :mod:`ttmanifold.kernels`). The console script ``ttmanifold`` calls :func:`main`."""
 from __future__ import annotations
 
+import math
 import sys
 from typing import Optional, Sequence
 
@@ -31,6 +32,9 @@ def build_kernels(args: Sequence[str]) -> int:
             timeout = float(args[i + 1])
         except (IndexError, ValueError):
             raise SystemExit("ttmanifold build-kernels: --timeout takes a number of seconds")
+        if not (math.isfinite(timeout) and timeout >= 0):  # (NaN never timed out)
+            raise SystemExit(f"ttmanifold build-kernels: --timeout: expected a non-negative "
+                             f"number of seconds, got {args[i + 1]}")
         del args[i:i + 2]
     names = args or ["dense", "sampled"]
     unknown = [n for n in names if n not in ("dense", "sampled")]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Optional
 
 import numpy as np
@@ -22,10 +23,10 @@ import torch
 from ._checks import check_finite
 from .tt import TT
 
-__all__ = ["save", "load", "FORMAT"]
+__all__ = ["save", "load", "ensure_writable_dir", "FORMAT"]
 
 FORMAT = "ttmanifold.TT"
-VERSION = 1
+VERSION = 2  # 2: batches of TTs (``batch_shape``); a single TT is still written as 1
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -44,26 +45,25 @@ def save(x, path) -> None:
     """Write a tensor train to ``path`` (``.npz``: a NumPy archive; otherwise a torch file).
 
     Args:
-        x: a :class:`~ttmanifold.TT`, or a packed point carrying its manifold (a
+        x: a :class:`~ttmanifold.TT` (or a batch of TTs, cores ``(*batch, r, n, r')``,
+            read back as the same batch), or a packed point carrying its manifold (a
             ``geoopt.ManifoldTensor`` of :class:`~ttmanifold.FixedTTRank`).
         path: the file (str or path-like); an existing file is replaced (atomically: the
             data go to a temporary file in the same directory first).
 
-    Returns None. Raises ``ValueError`` naming ``x`` for a batched TT (a batch of
-    points; save them one by one) or non-finite cores: :func:`load` could not read either
-    back. Cost: O(number of TT parameters).
+    Returns None. Raises ``ValueError`` naming ``x`` for non-finite cores (:func:`load`
+    could not read them back). Cost: O(number of TT parameters).
     """
     tt = _as_tt(x)
-    if tt.batch_shape:
-        raise ValueError(f"x: a batch of tensor trains (batch shape {tuple(tt.batch_shape)}) "
-                         f"cannot be saved in this format; save x[i] one by one")
     for k, c in enumerate(tt.cores):
         check_finite(c.detach(), f"x: core {k}")
     path = os.fspath(path)
     cores = [c.detach().cpu().contiguous() for c in tt.cores]
     dtype = str(cores[0].dtype).replace("torch.", "")
-    meta = {"format": FORMAT, "version": VERSION, "shape": list(tt.shape),
+    meta = {"format": FORMAT, "version": 1, "shape": list(tt.shape),
             "ranks": list(tt.ranks), "dtype": dtype}
+    if tt.batch_shape:  # (cores (*batch, r, n, r'); readers of version 1 refuse the file)
+        meta.update(version=2, batch_shape=list(tt.batch_shape))
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"path: the directory {directory!r} does not exist")
@@ -121,12 +121,15 @@ def load(path, *, dtype: Optional[torch.dtype] = None, device=None) -> TT:
         raise ValueError(f"path: {path!r} has format version {meta['version']}; this "
                          f"ttmanifold reads up to {VERSION} (upgrade ttmanifold)")
     shape, ranks = list(meta["shape"]), list(meta["ranks"])
+    batch = tuple(meta.get("batch_shape", ()))
     ok = len(cores) == len(shape) and len(ranks) == len(shape) + 1 and all(
-        isinstance(c, torch.Tensor) and tuple(c.shape) == (ranks[k], shape[k], ranks[k + 1])
+        isinstance(c, torch.Tensor)
+        and tuple(c.shape) == batch + (ranks[k], shape[k], ranks[k + 1])
         for k, c in enumerate(cores))
     if not ok:
         raise ValueError(f"path: {path!r}: the cores do not match the recorded shape "
-                         f"{tuple(shape)} and ranks {tuple(ranks)} (damaged file?)")
+                         f"{tuple(shape)}, ranks {tuple(ranks)} and batch shape {batch} "
+                         f"(damaged file?)")
     stored = _DTYPES.get(meta.get("dtype"))
     target = dtype if dtype is not None else stored
     if target is not None:
@@ -134,3 +137,23 @@ def load(path, *, dtype: Optional[torch.dtype] = None, device=None) -> TT:
     if device is not None:
         cores = [c.to(device) for c in cores]
     return TT(cores)
+
+
+def ensure_writable_dir(path) -> None:
+    """Create the directory ``path`` if missing and check that files can be written in it,
+    by creating and removing one.
+
+    ``os.access`` is not enough: it says yes to root on read-only or special file systems
+    and can be wrong on network file systems, and a command would then fail only when it
+    writes its results, after all its work.
+
+    Args:
+        path: a directory path.
+    Raises:
+        OSError: when the directory cannot be created or written (``strerror`` says why).
+    Cost: one file creation and removal.
+    """
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=path)
+    os.close(fd)
+    os.remove(probe)

@@ -18,10 +18,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .._checks import check_float_dtype
 from ..manifold import FixedTTRank, right_cores
 from ..tt import BatchIndexSet
 from .problems import Completion, check_distinct
-from .solvers import cg_direction
+from .solvers import cg_direction, check_solver_options
 
 __all__ = ["BatchedCompletion", "BatchedCGResult", "batched_cg_direction",
            "batched_riemannian_cg"]
@@ -100,6 +101,7 @@ class BatchedCompletion:
         layouts of the stacked index set.
         """
         dtype = torch.float64 if dtype is None else dtype
+        check_float_dtype(dtype, "dtype")  # (an int dtype truncated the values silently)
         device = torch.device("cpu") if device is None else torch.device(device)
         M = FixedTTRank(shape, ranks)
         self = cls.__new__(cls)
@@ -348,8 +350,8 @@ def batched_riemannian_cg(problem: BatchedCompletion, x0: Optional[torch.Tensor]
     """
     if not isinstance(problem, BatchedCompletion):
         raise TypeError(f"problem: expected a BatchedCompletion, got {type(problem).__name__}")
-    if beta not in ("pr+", "fr"):
-        raise ValueError(f"beta: expected 'pr+' or 'fr', got {beta!r}")
+    check_solver_options("rcg", beta=beta, restart_tol=restart_tol,
+                         restart_every=restart_every)
     if not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
     for name, v in (("tol", tol), ("gtol", gtol)):
@@ -358,6 +360,12 @@ def batched_riemannian_cg(problem: BatchedCompletion, x0: Optional[torch.Tensor]
     M = problem.manifold
     p = problem.initial_point() if x0 is None else x0
     problem._check_points(p, "x0")
+    if x0 is not None:  # the steps assume valid points (one host read, O(B d n r^3))
+        try:
+            M.check_point(p, rtol=0.0)
+        except ValueError as exc:
+            raise ValueError(f"x0: {str(exc)[3:] if str(exc).startswith('p: ') else exc}") \
+                from None
     p = p.detach().clone()
     B = problem.batch_size
     dev = p.device

@@ -18,7 +18,6 @@ import os
 import platform
 import signal
 import sys
-import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -26,6 +25,7 @@ import torch
 
 from . import problems as P
 from . import solvers
+from ..io import ensure_writable_dir
 from ..manifold import FixedTTRank
 from .presets import PRESETS, run_preset
 from .solvers import ALL_METHODS, COMPLETION_METHODS, LINE_SEARCH_METHODS, METHODS, History
@@ -350,10 +350,7 @@ def _check_out(out: str, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--out {out}: is an existing file, not a directory; give a directory "
                      f"path (it is created if missing)")
     try:
-        os.makedirs(out, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=out)
-        os.close(fd)
-        os.remove(probe)
+        ensure_writable_dir(out)
     except OSError as exc:
         parser.error(f"--out {out}: cannot write there ({exc.strerror or exc}); give a "
                      f"writable directory")
@@ -591,6 +588,11 @@ def compare(args, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str,
     except OSError as exc:
         raise SystemExit(f"ttmanifold compare: the table is above, but writing to --out "
                          f"{args.out} failed: {exc}") from None
+    except KeyboardInterrupt:  # every run finished; only the plots are missing
+        print(f"\nttmanifold compare: interrupted while plotting; all {len(output.runs)} "
+              f"runs are in {args.out}/results.csv and summary.md, the plots are not "
+              f"written", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     if output.write_error is not None:
         raise SystemExit(f"ttmanifold compare: the table is above, but writing "
                          f"{args.out}/results.csv failed: {output.write_error}")

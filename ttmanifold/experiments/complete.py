@@ -43,6 +43,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..io import ensure_writable_dir
+
 OUTPUTS = ("completed.npz", "report.csv", "predictions.csv", "checkpoint.pt")
 #: the fixed-rank solvers of ``--method`` (all data-parallel under torchrun)
 METHODS = {"rcg": "Riemannian CG", "rlbfgs": "Riemannian L-BFGS",
@@ -99,6 +101,11 @@ def _indices_from_float(a: np.ndarray, path: str, what: str) -> np.ndarray:
         i, k = map(int, np.argwhere(bad)[0])
         raise DataError(f"{path}: {what} row {i}, column {k}: index {float(a[i, k])!r} is not an "
                         f"integer")
+    big = np.abs(a) >= 2.0 ** 62  # (the cast wrapped it to a "negative" index)
+    if big.any():
+        i, k = map(int, np.argwhere(big)[0])
+        raise DataError(f"{path}: {what} row {i}, column {k}: index {float(a[i, k])!r} is too "
+                        f"large")
     return a.astype(np.int64)
 
 
@@ -181,7 +188,12 @@ def read_entries(path: str, shape: Optional[Sequence[int]] = None
         raise
     except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read it ({type(exc).__name__}: {exc})") from exc
+    if np.issubdtype(idx.dtype, np.unsignedinteger) and idx.size and \
+            int(idx.max()) > np.iinfo(np.int64).max:  # (wrapped to a "negative" index)
+        raise DataError(f"{path}: index {int(idx.max())} is too large")
     idx = idx.astype(np.int64, copy=False)
+    if np.iscomplexobj(vals):  # (the cast below dropped the imaginary parts with a warning)
+        raise DataError(f"{path}: values must be real numbers, got dtype {vals.dtype}")
     try:
         vals = vals.astype(np.float64, copy=False)
     except (TypeError, ValueError) as exc:
@@ -402,17 +414,16 @@ def _check_outputs(out: str, want: Sequence[str], force: bool, resume: bool) -> 
         if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
             return f"--resume: no checkpoint {os.path.join(out, 'checkpoint.pt')!r}"
         return None
-    if not force:
-        for name in want:
-            f = os.path.join(out, name)
-            if os.path.exists(f):
-                return f"--out: {f!r} exists; pass --force to overwrite it or choose another --out"
-    try:
-        os.makedirs(out, exist_ok=True)
+    for name in want:
+        f = os.path.join(out, name)
+        if os.path.isdir(f):  # not replaceable by a file, even with --force
+            return f"--out: {f!r} is a directory; remove it or choose another --out"
+        if os.path.exists(f) and not force:
+            return f"--out: {f!r} exists; pass --force to overwrite it or choose another --out"
+    try:  # a real write: os.access says yes to root on read-only and special file systems
+        ensure_writable_dir(out)
     except OSError as exc:
-        return f"--out: cannot create {out!r} ({exc})"
-    if not os.access(out, os.W_OK):
-        return f"--out: {out!r} is not writable"
+        return f"--out: cannot write in {out!r} ({exc.strerror or exc})"
     return None
 
 
@@ -470,6 +481,8 @@ def run_complete(args, out_stream=None) -> int:
         error = f"--validation: expected a fraction in [0, 1), got {args.validation}"
     elif args.iters < 0:
         error = f"--iters: expected a non-negative int, got {args.iters}"
+    elif not (math.isfinite(args.tol) and args.tol >= 0):
+        error = f"--tol: expected a non-negative number, got {args.tol}"
     elif args.checkpoint_every < 0:
         error = f"--checkpoint-every: expected a non-negative int, got {args.checkpoint_every}"
     elif args.rank_adaptive and args.method != "rcg":
@@ -697,6 +710,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "ttmanifold complete"
     from .distributed import init_from_env
 
     args = build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        # checked in one process too, not only when a process group is started
+        raise SystemExit(f"ttmanifold complete: --timeout: expected a positive number of "
+                         f"seconds, got {args.timeout}")
     started = False
     try:
         started = init_from_env(timeout=args.timeout)
@@ -706,6 +723,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "ttmanifold complete"
 
     try:
         return run_complete(args)
+    except KeyboardInterrupt:
+        # before the solver's first iteration (reading, checks, the start) or while
+        # writing the outputs (each file is replaced atomically): nothing half-written
+        print("ttmanifold complete: interrupted before the solver ran or while writing "
+              "the outputs; every file in --out is complete (old or new)", file=sys.stderr)
+        return 130
     except PeerFailure as exc:
         raise SystemExit(f"ttmanifold complete: {exc}")
     finally:

@@ -39,6 +39,7 @@ an initialized process group everything runs in one process.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import inspect
 import math
 import os
@@ -51,7 +52,8 @@ import torch
 from ..manifold import FixedTTRank, hessian_operator
 from ..tt import TT, IndexSet
 from .problems import Completion
-from .solvers import (History, RankAdaptiveData, als_sweep, cg_direction, lbfgs_direction,
+from .solvers import (History, RankAdaptiveData, als_sweep, cg_direction,
+                      check_solver_options, check_stop_options, lbfgs_direction,
                       lbfgs_update, rank_adaptive_completion, truncated_cg,
                       trust_region_update)
 
@@ -172,6 +174,44 @@ class Communicator:
             raise ValueError(e if not self.distributed else f"(rank {r}) {e}")
 
 
+def _raise_disagreement(gathered, what: str) -> None:
+    """Raise the same ``ValueError`` on every process when any process reports an error
+    (the first, naming its rank) or when the processes' dicts of values that must agree
+    differ (naming the first such key and the values on rank 0 and the other rank).
+
+    Args:
+        gathered: ``[(error or None, dict or None) of rank 0, of rank 1, ...]``, as
+            :meth:`Communicator.gather_objects` returns them on every process.
+        what: what every process must do alike, for the message.
+    """
+    for r, (error, _) in enumerate(gathered):
+        if error:
+            raise ValueError(f"(rank {r}) {error}")
+    first = gathered[0][1]
+    for r, (_, other) in enumerate(gathered[1:], 1):
+        for key in first:
+            # repr: NaN equals NaN, and x0 is compared by a digest of its bits
+            if repr(first[key]) != repr(other.get(key)):
+                raise ValueError(f"{key}: {first[key]!r} on rank 0, {other.get(key)!r} on "
+                                 f"rank {r}; every process must {what}")
+
+
+def _check_same_call(comm: Communicator, args: dict, x0: Optional[torch.Tensor]) -> None:
+    """Raise ``ValueError`` on every process when the processes called a solver with
+    different arguments or starts (they would wait for each other's collectives, or
+    drift apart silently). No-op in one process. Cost: one all-gather of ``args`` and a
+    digest of ``x0``'s bits (one host copy of ``x0``)."""
+    if not comm.distributed:
+        return
+    mine = dict(args)
+    if x0 is not None:
+        bits = x0.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+        mine["x0"] = "bits " + hashlib.blake2b(bits, digest_size=16).hexdigest()
+    _raise_disagreement(comm.gather_objects((None, mine), "the check of the arguments"),
+                        "call with the same arguments and the same x0 (e.g. "
+                        "ShardedCompletion.initial_point, which broadcasts rank 0's)")
+
+
 def init_from_env(timeout: float = 300.0, backend: Optional[str] = None) -> bool:
     """Initialize the default process group from ``torchrun``'s environment (``RANK``,
     ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) when ``WORLD_SIZE > 1`` and no group
@@ -188,7 +228,7 @@ def init_from_env(timeout: float = 300.0, backend: Optional[str] = None) -> bool
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    if not timeout > 0:
+    if not (timeout > 0 and math.isfinite(timeout)):  # inf overflows the timedelta
         raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -300,8 +340,13 @@ class ShardedCompletion:
         group: the process group (default: the default group when initialized, else one
             process).
 
-    Cost: the per-shard checks of :meth:`Completion.from_data` (O(N_local log N_local)) and
-    one all-reduce of 4 numbers.
+    Raises ``ValueError`` on every process when any process's shard fails the checks of
+    :meth:`Completion.from_data` (the message names that process) or when the processes
+    disagree on the shape, ranks, dtype or device type.
+
+    Cost: the per-shard checks of :meth:`Completion.from_data` (O(N_local log N_local)),
+    one all-gather of their results with the shape, ranks and dtype, and one all-reduce
+    of 2 numbers.
     """
 
     def __init__(self, indices, values, shape, ranks, *, validation=None, dtype=None,
@@ -309,12 +354,41 @@ class ShardedCompletion:
         if shape is None:
             raise TypeError("shape: give the tensor's shape (a shard cannot infer it)")
         self.comm = Communicator(group)
+        try:
+            idx = self._build(indices, values, shape, ranks, validation, dtype, device)
+            error = None
+        except (TypeError, ValueError) as exc:
+            if not self.comm.distributed:
+                raise
+            error = str(exc)
+        # the checks that can fail on one process only (its shard: empty, a duplicate, a
+        # bad value) and what every process must agree on, in one message: every process
+        # raises the same error instead of the others waiting for the failed one
+        agreed = None if error else {"shape": tuple(self.manifold.shape),
+                                     "ranks": tuple(self.manifold.ranks),
+                                     "dtype": _dtype_name(self.dtype),
+                                     "device": self.device.type}
+        _raise_disagreement(self.comm.gather_objects((error, agreed),
+                                                     "the check of the shards"),
+                            "build the problem with the same shape, ranks and dtype")
+        n_val = 0 if self.val is None else len(self.val)
+        counts = torch.tensor([float(idx.shape[0]), float(n_val)], dtype=torch.float64)
+        self.comm.all_reduce(counts, "the count of the samples")
+        self.n_train = int(counts[0])
+        self.n_val = int(counts[1])
+        self.n_local = int(idx.shape[0])
+        # the per-shard problem weighs its samples by n/N_local; the global loss by n/N
+        self.scale = self.n_local / self.n_train
+        self.weight = self.local.weight * self.scale
+        self.grad_messages = 0
+
+    def _build(self, indices, values, shape, ranks, validation, dtype, device):
+        """This process's part of the problem (raises on a bad shard); returns the
+        training indices."""
         idx = _as_long(indices, "indices")
-        error = None
         if idx.shape[0] == 0:
-            error = (f"indices: process {self.comm.rank} of {self.comm.world_size} has no "
-                     f"training samples; use fewer processes")
-        self.comm.check_all(error, "the check of the shards")
+            raise ValueError(f"indices: process {self.comm.rank} of {self.comm.world_size} "
+                             f"has no training samples; use fewer processes")
         import warnings
 
         with warnings.catch_warnings():
@@ -338,16 +412,7 @@ class ShardedCompletion:
             if vi.shape[0]:
                 self.val = IndexSet(vi.to(self.device), self.manifold.shape)
                 self.a_val = vv.to(self.device)
-        n_val = 0 if self.val is None else len(self.val)
-        counts = torch.tensor([float(idx.shape[0]), float(n_val)], dtype=torch.float64)
-        self.comm.all_reduce(counts, "the count of the samples")
-        self.n_train = int(counts[0])
-        self.n_val = int(counts[1])
-        self.n_local = int(idx.shape[0])
-        # the per-shard problem weighs its samples by n/N_local; the global loss by n/N
-        self.scale = self.n_local / self.n_train
-        self.weight = self.local.weight * self.scale
-        self.grad_messages = 0
+        return idx
 
     @property
     def shape(self):
@@ -554,8 +619,8 @@ class _CG:
 
     def __init__(self, problem: ShardedCompletion, p, beta: str, restart_tol: float,
                  restart_every: Optional[int]):
-        if beta not in ("pr+", "fr"):
-            raise ValueError(f"beta: expected 'pr+' or 'fr', got {beta!r}")
+        check_solver_options("rcg", beta=beta, restart_tol=restart_tol,
+                             restart_every=restart_every)
         self.problem, self.M = problem, problem.manifold
         self.p = p
         self.beta_rule, self.restart_tol, self.restart_every = beta, restart_tol, restart_every
@@ -641,12 +706,6 @@ class _SGD:
         self.state = None
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
-
-
 class _LBFGS:
     """Riemannian L-BFGS with Armijo backtracking, the rules of
     :func:`ttmanifold.experiments.solvers.riemannian_lbfgs`. When the previous iteration
@@ -658,9 +717,8 @@ class _LBFGS:
 
     def __init__(self, problem: ShardedCompletion, p, memory: int, c1: float,
                  shrink: float = 0.5, max_backtracks: int = 30):
-        self.memory = _positive_int(memory, "memory")
-        if not (isinstance(c1, (int, float)) and 0.0 < c1 < 1.0):
-            raise ValueError(f"c1: expected a number in (0, 1), got {c1!r}")
+        check_solver_options("rlbfgs", memory=memory, c1=c1)
+        self.memory = memory
         self.problem, self.M, self.p = problem, problem.manifold, p
         self.c1, self.shrink, self.max_backtracks = float(c1), float(shrink), max_backtracks
         self.pairs: list = []  # (s, y, 1/<s, y>) in the tangent space at p, oldest first
@@ -739,20 +797,13 @@ class _TR:
 
     def __init__(self, problem: ShardedCompletion, p, radius, max_radius, max_inner,
                  theta: float, kappa: float, max_backtracks: int, rho_accept: float = 0.1):
-        for name, v in (("radius", radius), ("max_radius", max_radius)):
-            if v is not None and not (isinstance(v, (int, float)) and v > 0
-                                      and math.isfinite(v)):
-                raise ValueError(f"{name}: expected a positive number or None, got {v!r}")
+        check_solver_options("rtr", radius=radius, max_radius=max_radius,
+                             max_inner=max_inner, max_backtracks=max_backtracks)
         self.problem, self.M, self.p = problem, problem.manifold, p
         self.max_radius = None if max_radius is None else float(max_radius)
         self.radius = None if radius is None else float(radius)
-        self.max_inner = self.M.dim if max_inner is None else _positive_int(max_inner,
-                                                                            "max_inner")
+        self.max_inner = self.M.dim if max_inner is None else max_inner
         self.theta, self.kappa, self.rho_accept = float(theta), float(kappa), float(rho_accept)
-        if isinstance(max_backtracks, bool) or not isinstance(max_backtracks, int) \
-                or max_backtracks < 0:
-            raise ValueError(f"max_backtracks: expected a non-negative int, got "
-                             f"{max_backtracks!r}")
         self.max_backtracks = max_backtracks
         self.state = None  # (loss, grad, hess) at p
         self.info = {"inner_iters": 0, "hess_products": 0, "rejected": 0, "backtracked": 0,
@@ -816,8 +867,7 @@ class _ALS:
     method = "als"
 
     def __init__(self, problem: ShardedCompletion, p, ridge: float):
-        if not (isinstance(ridge, (int, float)) and ridge >= 0 and math.isfinite(ridge)):
-            raise ValueError(f"ridge: expected a non-negative number, got {ridge!r}")
+        check_solver_options("als", ridge=ridge)
         self.problem, self.M, self.ridge = problem, problem.manifold, float(ridge)
         # the sweeps continue from these cores (not from a re-gauged split of the point)
         self.cores = [c.clone() for c in self.M.split(p, "x0")]
@@ -972,7 +1022,19 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
     if not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
     _check_checkpoint_args(checkpoint, checkpoint_every, resume)
+    check_stop_options(metrics_every, stop_metric, stop_tol)
     comm = problem.comm
+    _check_same_call(comm, {"method": stepper.method, "iters": iters,
+                            "metrics_every": metrics_every, "checkpoint": checkpoint is not None,
+                            "checkpoint_every": checkpoint_every, "resume": resume,
+                            "stop_metric": stop_metric, "stop_tol": stop_tol, **options},
+                     stepper.p)
+    if not resume:  # the steps assume a valid point (the same on every process: checked)
+        try:
+            problem.manifold.check_point(stepper.p, rtol=0.0)
+        except ValueError as exc:
+            raise ValueError(f"x0: {str(exc)[3:] if str(exc).startswith('p: ') else exc}") \
+                from None
     hist = History(problem="completion", method=stepper.method + "-dp")
     hist.info.update(world_size=comm.world_size, n_train=problem.n_train,
                      n_val=problem.n_val, options=dict(options))
@@ -1006,6 +1068,8 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
         for t in range(start, iters + 1):
             want = metrics_every and (t % metrics_every == 0 or t == iters)
             m = problem.metrics(stepper.p) if want else {}
+            if t == start:  # (the same dict on every process: a collective's result)
+                check_stop_options(metrics_every, stop_metric, stop_tol, m)
             reached = stop_metric is not None and m.get(stop_metric, math.inf) <= stop_tol
             if t == iters or reached:
                 hist.record(t, stepper.loss_now(), elapsed, m)
@@ -1075,7 +1139,10 @@ def distributed_cg(problem: ShardedCompletion, x0: torch.Tensor, *, iters: int =
     Returns a :class:`~ttmanifold.experiments.solvers.History` (``x`` the final packed
     point; ``status`` ``"ok"``, ``"converged"``, ``"stopped"``, ``"diverged"`` or
     ``"interrupted"`` (Ctrl-C: ``x`` is the last finished iterate)). Raises
-    :class:`PeerFailure` when a peer process dies.
+    :class:`PeerFailure` when a peer process dies, and ``ValueError`` on every process
+    when the processes were called with different arguments or ``x0`` (checked at the
+    start by one all-gather of the arguments and a digest of ``x0``; the other solvers
+    too).
 
     Cost per iteration and process: one :meth:`Completion.cg_grad` and one tangent
     evaluation on the shard (O(N_local d r^2)), the retraction and two transports
@@ -1296,6 +1363,9 @@ def distributed_rank_adaptive(problem: ShardedCompletion, *, max_rank: int,
             **{k: p.default for k, p in inspect.signature(
                 rank_adaptive_completion).parameters.items() if k not in skip},
             **{k: v for k, v in options.items() if k not in skip}}
+    _check_same_call(comm, {"method": "rank_adaptive", **kept,
+                            "checkpoint": checkpoint is not None,
+                            "checkpoint_every": checkpoint_every, "resume": resume}, None)
     state = None
     if resume:
         want = {"method": "rank_adaptive", "shape": list(problem.shape),

@@ -240,6 +240,9 @@ def build_preset(name: str, *, rank: Optional[int] = None, seed: int = 0,
     """
     if core_dist is not None and name != "steinlechner":
         raise ValueError(f"core_dist: only for the 'steinlechner' preset, not {name!r}")
+    if rank is not None and name != "steinlechner":  # (it was ignored)
+        raise ValueError(f"rank: only for the 'steinlechner' preset (the others fix their "
+                         f"ranks), not {name!r}")
     if core_dist not in (None, "gaussian", "uniform"):
         raise ValueError(f"core_dist: expected 'gaussian' or 'uniform', got {core_dist!r}")
     if name == "steinlechner":

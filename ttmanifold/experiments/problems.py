@@ -412,6 +412,10 @@ class Approximation(QuadraticProblem):
         self._device = target.device
         self.target_sq = inner(target, target).detach()
         self.target_norm = float(target.norm())
+        if not (math.isfinite(self.target_norm) and self.target_norm > 0):
+            # (a ZeroDivisionError below; the zero tensor's best fit 0 is not on M_r)
+            raise ValueError(f"target: expected a nonzero finite tensor, got norm "
+                             f"{self.target_norm}")
         best = tt_round(target, ranks=self.manifold.ranks)
         self.rel_err_svd = float((best - target).norm()) / self.target_norm
         self.svd_point = best
@@ -495,7 +499,8 @@ class Completion(QuadraticProblem):
     train_size : int, optional
         Overrides ``|Omega|`` (e.g. ``10**6``).
     test_size : int, optional
-        ``|Gamma|``, a disjoint random test set; default ``min(|Omega|, 10000)``.
+        ``|Gamma|``, a disjoint random test set; default ``min(|Omega|, 10000)``; 0: no
+        test set (the target metric is then ``train_err``).
     seed : int
         Seeds A, Omega and Gamma (drawn on the CPU).
     dtype, device : of the problem's tensors (default float64, CPU).
@@ -536,6 +541,8 @@ class Completion(QuadraticProblem):
         if test_size is None:
             test_size = min(train_size, 10000)
         test_size = int(test_size)
+        if test_size < 0:
+            raise ValueError(f"test_size: expected a non-negative int, got {test_size}")
         total = _num_entries(shape)
         if train_size + test_size > total:
             raise ValueError(
@@ -549,10 +556,11 @@ class Completion(QuadraticProblem):
                                 dtype=dtype, device=self._device)
         idx = sample_distinct_indices(shape, train_size + test_size, generator=g)
         train = IndexSet(idx[:train_size].to(self._device), shape)
-        test = IndexSet(idx[train_size:].to(self._device), shape)
+        # test_size = 0: no test set (an empty one would report a NaN error and MSE 0)
+        test = IndexSet(idx[train_size:].to(self._device), shape) if test_size else None
         with torch.no_grad():
             a_train = train.gather(self.target)
-            a_test = test.gather(self.target)
+            a_test = test.gather(self.target) if test is not None else None
         self._set_data(train, a_train, test, a_test, None)
 
     def _set_data(self, train: IndexSet, a_train, test: Optional[IndexSet], a_test,
@@ -626,6 +634,9 @@ class Completion(QuadraticProblem):
                 raise ValueError(f"test[0] (indices): {test_idx.shape[1]} columns, the "
                                  f"training indices have {d}")
             _check_in_range(test_idx, shape, "test[0] (indices)")
+            if test_idx.shape[0] == 0:
+                raise ValueError("test[0] (indices): no test samples; pass test=None for "
+                                 "no test set")
         elif isinstance(test, numbers.Real) and not isinstance(test, bool):
             frac = float(test)
             if not 0.0 < frac < 1.0:

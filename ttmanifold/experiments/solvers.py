@@ -13,7 +13,9 @@ Methods, step-size rule, timing and memory: ``docs/comparison.md``.
 """
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 import os
 import threading
 import time
@@ -22,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .._checks import normalize_ranks
 from ..manifold import FixedTTRank, hessian_operator
 from ..optim import restart_momentum_
 from ..tt import IndexSet, TT
@@ -56,6 +59,9 @@ __all__ = [
     "gradient_restart_",
     "COMPLETION_METHODS",
     "LINE_SEARCH_METHODS",
+    "RUN_OPTIONS",
+    "check_solver_options",
+    "check_stop_options",
     "ALL_METHODS",
 ]
 
@@ -95,9 +101,13 @@ class History:
     """Per-iteration record of one run.
 
     ``iters[j]``, ``loss[j]``, ``time[j]`` (seconds spent reaching that iterate),
-    ``metrics[j]`` (a dict, possibly empty when metrics are thinned). ``status`` is "ok",
-    "budget" (stopped by the time budget), "stopped" (by the callback) or "diverged"
-    (non-finite loss). ``info``: the chosen ``lr``, the tuning scores, ``peak_mem_mb``, etc.
+    ``metrics[j]`` (a dict, possibly empty when metrics are thinned). ``status`` is "ok"
+    (ran its iterations), "converged" (``stop_metric`` reached before the last iteration;
+    rank-adaptive: the control tolerance), "budget" (stopped by the time budget;
+    rank-adaptive: also by its cap of CG iterations), "stopped" (by the callback),
+    "diverged" (non-finite loss), "outside chart domain" (a chart method's start) or
+    "interrupted" (Ctrl-C, data-parallel solvers). ``info``: the chosen ``lr``, the tuning
+    scores, ``peak_mem_mb``, etc.
     """
 
     problem: str
@@ -278,6 +288,118 @@ def _check_method(problem, method: str) -> None:
             f"method 'rcg' (Riemannian CG with exact line search) needs a quadratic problem; "
             f"{getattr(problem, 'name', type(problem).__name__)!r} is not"
         )
+
+
+def _check_positive_int(value, name: str) -> int:
+    """``value`` if it is a positive int (not a bool), else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def _positive_number(value, name: str, *, zero: bool = False, none: bool = False) -> None:
+    if none and value is None:
+        return
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
+                                       and (value >= 0 if zero else value > 0)):
+        raise ValueError(f"{name}: expected a {'non-negative' if zero else 'positive'} "
+                         f"number{' or None' if none else ''}, got {value!r}")
+
+
+def check_solver_options(method: str, **opts) -> None:
+    """Check the options of the fixed-rank solvers (shared by the one-process solvers and
+    their data-parallel versions, so both refuse the same values): ``rcg``: ``beta``,
+    ``restart_tol`` (>= 0), ``restart_every`` (None or a positive int); ``rlbfgs``:
+    ``memory`` (positive int), ``c1`` in (0, 1); ``rtr``: ``radius``, ``max_radius``
+    (positive or None), ``max_inner`` (positive int or None), ``max_backtracks``
+    (non-negative int); ``als``: ``ridge`` (>= 0). Raises ``ValueError`` naming the option.
+    Cost O(1)."""
+    if method == "rcg":
+        if opts["beta"] not in ("pr+", "fr"):
+            raise ValueError(f"beta: expected 'pr+' or 'fr', got {opts['beta']!r}")
+        _positive_number(opts["restart_tol"], "restart_tol", zero=True)
+        if opts["restart_every"] is not None:
+            _check_positive_int(opts["restart_every"], "restart_every")
+    elif method == "rlbfgs":
+        _check_positive_int(opts["memory"], "memory")
+        c1 = opts["c1"]
+        if isinstance(c1, bool) or not (isinstance(c1, (int, float)) and 0.0 < c1 < 1.0):
+            raise ValueError(f"c1: expected a number in (0, 1), got {c1!r}")
+    elif method == "rtr":
+        for name in ("radius", "max_radius"):
+            _positive_number(opts[name], name, none=True)
+        if opts["max_inner"] is not None:
+            _check_positive_int(opts["max_inner"], "max_inner")
+        mb = opts["max_backtracks"]
+        if isinstance(mb, bool) or not isinstance(mb, int) or mb < 0:
+            raise ValueError(f"max_backtracks: expected a non-negative int, got {mb!r}")
+    elif method == "als":
+        _positive_number(opts["ridge"], "ridge", zero=True)
+
+
+def check_stop_options(metrics_every, stop_metric, stop_tol, metrics=None) -> None:
+    """Check ``metrics_every`` (a non-negative int) and the stopping rule ``stop_metric`` /
+    ``stop_tol`` of a solver (a number, and metrics that are evaluated; with ``metrics``,
+    the dict of the first evaluation, a metric the problem reports), so that a run cannot
+    silently never stop. Shared by :func:`run` and the data-parallel solvers. Raises
+    ``ValueError`` naming the argument. O(1)."""
+    if isinstance(metrics_every, bool) or not isinstance(metrics_every, int) \
+            or metrics_every < 0:
+        raise ValueError(f"metrics_every: expected a non-negative int, got {metrics_every!r}")
+    if stop_metric is None:
+        return
+    if isinstance(stop_tol, bool) or not (isinstance(stop_tol, (int, float))
+                                          and math.isfinite(stop_tol)):
+        raise ValueError(f"stop_tol: expected a number with stop_metric={stop_metric!r}, "
+                         f"got {stop_tol!r}")
+    if not metrics_every:
+        raise ValueError(f"stop_metric: {stop_metric!r} is never evaluated with "
+                         f"metrics_every=0")
+    if metrics and stop_metric not in metrics:
+        raise ValueError(f"stop_metric: {stop_metric!r} is not a metric of this problem; "
+                         f"expected one of {sorted(metrics)}")
+
+
+#: the options of :func:`run` besides its named arguments (per method; see ``run``)
+RUN_OPTIONS = ("chart_kwargs", "beta", "restart_every", "restart_tol", "adam_kwargs",
+               "adam_safeguards", "als_kwargs", "rtr_kwargs", "lbfgs_kwargs")
+
+
+def _check_run_args(problem, method, x0, *, iters, time_budget, metrics_every, stop_metric,
+                    stop_tol, opts) -> None:
+    """``run``'s arguments, before any work: a clear error naming the argument (instead of
+    an option ignored for a typo, a run that can never stop on ``stop_metric``, or a torch
+    error from deep inside a step)."""
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
+    if time_budget is not None and not (isinstance(time_budget, (int, float))
+                                        and math.isfinite(time_budget) and time_budget > 0):
+        raise ValueError(f"time_budget: expected a positive number of seconds or None, got "
+                         f"{time_budget!r}")
+    check_stop_options(metrics_every, stop_metric, stop_tol)
+    if method != "rank_adaptive":  # (its options are rank_adaptive_completion's)
+        unknown = sorted(set(opts) - set(RUN_OPTIONS))
+        if unknown:
+            raise TypeError(f"run: unexpected options {unknown}; expected among "
+                            f"{RUN_OPTIONS}")
+    if x0 is None or method == "rank_adaptive" or _is_model_problem(problem):
+        return
+    M = problem.manifold
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(f"x0: expected a packed point (a tensor), got {type(x0).__name__}")
+    if x0.dtype != problem.dtype or x0.device != problem.device:
+        raise ValueError(f"x0: {x0.dtype} on {x0.device}, the problem's tensors are "
+                         f"{problem.dtype} on {problem.device}")
+    if x0.dim() != 1:
+        raise ValueError(f"x0: expected one packed point, shape ({M.size},), got shape "
+                         f"{tuple(x0.shape)}")
+    try:
+        M.check_point(x0, rtol=0.0)  # O(d n r^3) once; the steps assume a valid point
+    except ValueError as exc:
+        why = str(exc)
+        why = why[3:] if why[:3] in ("p: ", "x: ") else why
+        raise ValueError(f"x0: {why} (problem.initial_point or manifold.pack_point give "
+                         f"points)") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -507,8 +629,8 @@ class _CGStepper(_Stepper):
 
     def __init__(self, problem, x0, *, beta: str = "pr+", restart_every: Optional[int] = None,
                  restart_tol: float = 0.1):
-        if beta not in ("pr+", "fr"):
-            raise ValueError(f"beta: expected 'pr+' or 'fr', got {beta!r}")
+        check_solver_options("rcg", beta=beta, restart_tol=restart_tol,
+                             restart_every=restart_every)
         self.problem = problem
         self.M: FixedTTRank = problem.manifold
         self.p = x0.detach().clone()
@@ -674,7 +796,7 @@ def truncated_cg(g: torch.Tensor, hess: Callable, radius: float, max_inner: int,
             as above; info: a dict whose ``"hess_products"`` and ``"inner_iters"`` counts
             are increased.
     Returns:
-        ``(e, H e)``.
+        ``(e, H e)`` (zeros, without a Hessian product, when ``g`` is zero).
     Cost: one Hessian product and O(S) work per inner iteration.
     """
     eta = torch.zeros_like(g)
@@ -764,6 +886,8 @@ class _TrustRegionStepper(_PointStepper):
     def __init__(self, problem, x0, *, radius=None, max_radius=None, max_inner=None,
                  theta: float = 1.0, kappa: float = 0.1, rho_accept: float = 0.1,
                  max_backtracks: int = 4):
+        check_solver_options("rtr", radius=radius, max_radius=max_radius,
+                             max_inner=max_inner, max_backtracks=max_backtracks)
         self.problem = problem
         self.M: FixedTTRank = problem.manifold
         self.p = x0.detach().clone()
@@ -815,6 +939,7 @@ class _LBFGSStepper(_PointStepper):
 
     def __init__(self, problem, x0, *, memory: int = 10, c1: float = 1e-4,
                  shrink: float = 0.5, max_backtracks: int = 30):
+        check_solver_options("rlbfgs", memory=memory, c1=c1)
         self.problem = problem
         self.M: FixedTTRank = problem.manifold
         self.p = x0.detach().clone()
@@ -1005,6 +1130,7 @@ class _ALSStepper(_Stepper):
     """Alternating least squares for completion (see :func:`als_completion`)."""
 
     def __init__(self, problem, x0, *, ridge: float = 1e-12):
+        check_solver_options("als", ridge=ridge)
         self.problem = problem
         self.M: FixedTTRank = problem.manifold
         self.cores = [c.clone() for c in self.M.split(x0.detach().clone(), "x0")]
@@ -1072,6 +1198,8 @@ def _loop(hist: History, stepper: _Stepper, problem, *, iters, time_budget, call
             want = metrics_every and (t % metrics_every == 0 or t == iters)
             out_of_time = time_budget is not None and elapsed >= time_budget
             m = problem.metrics(stepper.current()) if (want or out_of_time) else {}
+            if t == 0:
+                check_stop_options(metrics_every, stop_metric, stop_tol, m)
             reached = (stop_metric is not None and bool(m)
                        and m.get(stop_metric, math.inf) <= stop_tol)
             if t == iters or out_of_time or reached:
@@ -1131,6 +1259,16 @@ def tune_lr(problem, method: str, x0=None, *, grid: Optional[Sequence[float]] = 
     if method in _NO_LR:
         return None, {}
     grid = list(grid) if grid is not None else lr_grid(grid_size)
+    if not grid or not all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                           and math.isfinite(a) and a > 0 for a in grid):
+        # (a bad candidate raised inside the search, scored +inf, and could be returned)
+        raise ValueError(f"grid: expected positive step sizes, got {grid!r}")
+    # the same for bad arguments: raise them here, not once per candidate (``opts`` may
+    # also hold run's named arguments, e.g. seed)
+    named = inspect.signature(run).parameters
+    _check_run_args(problem, method, x0, iters=tune_iters, time_budget=None,
+                    metrics_every=0, stop_metric=None, stop_tol=None,
+                    opts={k: v for k, v in opts.items() if k not in named})
     scores = {}
     bar = None
     if progress:
@@ -1210,11 +1348,16 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
     ``accept_rtol``, ...); the History's ``info["rank_history"]`` and ``info["ranks"]``
     record the search, ``x`` is a point of ``FixedTTRank(shape, info["ranks"])``.
 
-    Returns a :class:`History`.
+    Returns a :class:`History`. Bad arguments raise before any step, naming the argument:
+    an option not in :data:`RUN_OPTIONS`, a ``stop_metric`` the problem does not report
+    (or without ``stop_tol``, or with ``metrics_every=0``), a non-finite or non-positive
+    ``time_budget``, an ``x0`` of another dtype, device or shape or that is not a point
+    of the manifold (:meth:`FixedTTRank.check_point`, O(d n r^3)).
     """
     _check_method(problem, method)
-    if not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
+    _check_run_args(problem, method, x0, iters=iters, time_budget=time_budget,
+                    metrics_every=metrics_every, stop_metric=stop_metric, stop_tol=stop_tol,
+                    opts=opts)
     _check_adam_kwargs(method, opts.get("adam_kwargs"))
     guard = _resolve_adam_safeguards(method, lr, _is_model_problem(problem),
                                      opts.pop("adam_safeguards", None))
@@ -1248,7 +1391,8 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
                                  tune_iters=tune_iters, seed=seed, progress=progress, **opts)
             hist.info["tune_scores"] = scores
             hist.info["tune_seconds"] = time.perf_counter() - t0
-        if not (isinstance(lr, (int, float)) and lr > 0):
+        if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr > 0
+                                        and math.isfinite(lr)):
             raise ValueError(f"lr: expected a positive float, got {lr!r}")
         hist.lr = float(lr)
     torch.manual_seed(seed)
@@ -2044,8 +2188,20 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
     """
     if not (hasattr(problem, "a_train") or hasattr(problem, "rank_adaptive_data")):
         raise TypeError(f"problem: expected a Completion problem, got {type(problem).__name__}")
-    if not (isinstance(max_rank, int) and max_rank >= 1):
+    if isinstance(max_rank, bool) or not (isinstance(max_rank, int) and max_rank >= 1):
         raise ValueError(f"max_rank: expected a positive int, got {max_rank!r}")
+    # (these ran: a NaN budget or tolerance never stopped, a negative one at once)
+    _positive_number(time_budget, "time_budget", none=True)
+    if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int)
+                                  or max_iters < 0):
+        raise ValueError(f"max_iters: expected a non-negative int or None, got {max_iters!r}")
+    for name, v in (("control_tol", control_tol), ("accept_rtol", accept_rtol),
+                    ("trunc_rel_eps", trunc_rel_eps), ("stall_rtol", stall_rtol)):
+        _positive_number(v, name, zero=True)
+    _positive_number(eps, "eps")
+    if isinstance(gain_ratio, bool) or not (isinstance(gain_ratio, (int, float))
+                                            and 0.0 <= gain_ratio <= 1.0):
+        raise ValueError(f"gain_ratio: expected a number in [0, 1], got {gain_ratio!r}")
     if not 0.0 < control_fraction < 1.0:
         raise ValueError(f"control_fraction: expected a number in (0, 1), got "
                          f"{control_fraction!r}")
@@ -2398,7 +2554,8 @@ def sparse_spectral_point(indices: torch.Tensor, values: torch.Tensor, shape, ra
     Args:
         indices: ``(N, d)`` integer multi-indices; values: ``(N,)`` sampled entries.
         shape: the tensor's mode sizes; ranks: the TT ranks, ``d + 1`` ints with ends 1
-            or the ``d - 1`` inner ones (each at most the feasible bound).
+            or the ``d - 1`` inner ones (each at most the feasible bound), or one int
+            (clipped to the feasible ranks with a ``UserWarning``).
         weight: the rescaling of the zero-filled data (default ``prod(shape) / N``, so
             that its expectation over uniform sampling is ``A``).
         delete_self: leave each sample's own outer product out of the Gram matrices.
@@ -2416,16 +2573,21 @@ def sparse_spectral_point(indices: torch.Tensor, values: torch.Tensor, shape, ra
     if not isinstance(indices, torch.Tensor) or indices.ndim != 2 or indices.shape[1] != d:
         raise ValueError(f"indices: expected an (N, {d}) integer tensor, got "
                          f"{getattr(indices, 'shape', type(indices).__name__)}")
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or \
+            indices.dtype == torch.bool:
+        raise TypeError(f"indices: expected integer multi-indices, got {indices.dtype}")
     N = indices.shape[0]
     if not isinstance(values, torch.Tensor) or values.shape != (N,) or N == 0:
         raise ValueError(f"values: expected a non-empty ({N},) tensor, got "
                          f"{getattr(values, 'shape', type(values).__name__)}")
-    ranks = [int(r) for r in ranks]
-    if len(ranks) == d - 1:
-        ranks = [1] + ranks + [1]
-    if len(ranks) != d + 1 or ranks[0] != 1 or ranks[-1] != 1 or min(ranks) < 1:
-        raise ValueError(f"ranks: expected {d - 1} positive inner ranks or {d + 1} with ends "
-                         f"1, got {ranks}")
+    # (one host read each: out-of-range indices failed deep in a scatter, NaN in eigh)
+    if bool((indices < 0).any()) or bool(
+            (indices >= torch.tensor(shape, device=indices.device)).any()):
+        raise ValueError(f"indices: out of range for shape {shape}")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("values: contains NaN or Inf")
+    # an int for every bond (clipped to the feasible ranks with a warning), or a tuple
+    ranks = list(normalize_ranks(shape, ranks, clip=isinstance(ranks, numbers.Integral)))
     for k in range(1, d):
         if ranks[k] > ranks[k - 1] * shape[k - 1]:
             raise ValueError(f"ranks: rank {ranks[k]} at bond {k} exceeds the feasible "
