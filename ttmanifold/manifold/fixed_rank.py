@@ -794,8 +794,8 @@ class FixedTTRank(geoopt.Manifold):
         Ux = self._split(x, "x")
         dv = self._check_vector(v, x, "v")
         Uy = self._check_vector(y, x, "y")  # (shape, batch, dtype and device)
-        assert_finite_async(v, "v")
-        assert_finite_async([x, y], "x, y")
+        # one fused check (a fixed number of operations)
+        assert_finite_async([v, x, y], "v", "v: contains NaN or Inf (or the points x, y do)")
         if self.d == 1:
             return v.expand(torch.broadcast_shapes(x.shape, v.shape, y.shape)).clone()
         xi = self._transport_cores(x, Ux, self._right_cores(x, Ux), v, dv)
