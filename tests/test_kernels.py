@@ -535,6 +535,9 @@ def test_cli_build_kernels_refuses_a_nan_or_negative_timeout():
     for bad in ("nan", "-1"):
         with pytest.raises(SystemExit, match="--timeout: expected a non-negative"):
             main(["build-kernels", "--timeout", bad])
+    for bad in (float("nan"), -1.0):  # the API too, before any build starts
+        with pytest.raises(ValueError, match="^timeout: expected a non-negative"):
+            kernels.build("dense", timeout=bad, verbose=False)
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from typing import Callable, Dict, Iterable, Optional, Union
 
 import torch
 
+from .._checks import check_positive_float
 from . import _cache
 
 __all__ = ["enabled", "set_enabled", "set_auto_build", "set_serial_small_ops",
@@ -497,7 +498,9 @@ def build(names: Union[str, Iterable[str]] = ("dense", "sampled"), *, verbose: b
     names = (names,) if isinstance(names, str) else tuple(names)
     for n in names:
         _cache.check_name(n)
-    return {n: _build_one(_SETS[n], verbose, float(timeout)) for n in names}
+    # (a NaN timeout never ran out while another process held the build lock)
+    timeout = check_positive_float(timeout, "timeout", allow_none=False)
+    return {n: _build_one(_SETS[n], verbose, timeout) for n in names}
 
 
 def _build_one(ks: _KernelSet, verbose: bool, timeout: float) -> dict:
