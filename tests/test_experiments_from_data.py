@@ -178,5 +178,9 @@ def test_recovers_a_low_rank_tensor_from_its_entries():
                       stop_tol=1e-10)
     m = h.final_metrics()
     assert m["test_err"] < 1e-9 and m["test_rmse"] < 1e-9 * float(vals.pow(2).mean().sqrt())
+    assert h.status == "converged"
+    # a stop metric met by the last iterate is convergence too (it was reported "ok")
+    last = riemannian_cg(P, h.x, iters=0, stop_metric="test_err", stop_tol=1e-8)
+    assert last.status == "converged" and len(last.iters) == 1
     full = P.manifold.to_tt(h.x).full()
     assert _rel(full, A.full()) < 1e-8  # the whole tensor, not only the samples

@@ -1073,7 +1073,7 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
             reached = stop_metric is not None and m.get(stop_metric, math.inf) <= stop_tol
             if t == iters or reached:
                 hist.record(t, stepper.loss_now(), elapsed, m)
-                if reached and t < iters:
+                if reached:  # (also when met by the last iterate)
                     hist.status = "converged"
                 if callback is not None:
                     callback(t, hist)

@@ -102,7 +102,7 @@ class History:
 
     ``iters[j]``, ``loss[j]``, ``time[j]`` (seconds spent reaching that iterate),
     ``metrics[j]`` (a dict, possibly empty when metrics are thinned). ``status`` is "ok"
-    (ran its iterations), "converged" (``stop_metric`` reached before the last iteration;
+    (ran its iterations), "converged" (``stop_metric`` reached, by the last iterate too;
     rank-adaptive: the control tolerance), "budget" (stopped by the time budget;
     rank-adaptive: also by its cap of CG iterations), "stopped" (by the callback),
     "diverged" (non-finite loss), "outside chart domain" (a chart method's start) or
@@ -1206,7 +1206,7 @@ def _loop(hist: History, stepper: _Stepper, problem, *, iters, time_budget, call
                 if not m and metrics_every:
                     m = problem.metrics(stepper.current())
                 hist.record(t, stepper.loss_now(), elapsed, m)
-                if reached and t < iters:
+                if reached:  # (also when met by the last iterate)
                     hist.status = "converged"
                 elif out_of_time and t < iters:
                     hist.status = "budget"
