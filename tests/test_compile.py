@@ -188,6 +188,7 @@ def aot_cases(dtype):
         ("riemannian_hvp", "tangent", lambda p, v: M.riemannian_hvp(p, cubic, v), (p, xi)),
         ("riemannian_hvp_batch", "tangent", lambda p, v: M.riemannian_hvp(p, cubic, v),
          (pb, xib)),
+        ("riemannian_hess", "tangent", lambda p, v: M.riemannian_hess(p, cubic, v), (p, xi)),
     ]
     return M, cases
 
@@ -222,9 +223,9 @@ def check_aot_backend(backend, dtype, names=None):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_per_step_ops_aot_eager(dtype):
     """Points are geoopt ``ManifoldTensor``s: torch 2.13's AOT runtime refused every op
-    on them (fixed_rank._let_aot_runtime_take_manifold_tensors); riemannian_grad and
-    riemannian_hvp take the torch.func path under tracing (dynamo stops at
-    torch.autograd.grad)."""
+    on them (fixed_rank._let_aot_runtime_take_manifold_tensors); riemannian_grad,
+    riemannian_hvp and riemannian_hess take the torch.func path under tracing (dynamo stops
+    at torch.autograd.grad)."""
     check_aot_backend("aot_eager", dtype)
 
 

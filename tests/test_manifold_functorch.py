@@ -67,6 +67,8 @@ def test_vmap_over_points(path, setup):
     # the Hessian-vector product (forward over reverse with torch.func there)
     _same(lambda q: M.riemannian_hvp(q, lambda X: tm.inner(X, X) ** 2 / 4 - tm.inner(X, A),
                                      M.proju(q, us[0])), ps)
+    _same(lambda q: M.riemannian_hess(q, lambda X: tm.inner(X, X) ** 2 / 4 - tm.inner(X, A),
+                                      M.proju(q, us[0])), ps, tol=1e-11)
 
 
 def test_func_grad_through_unpack_tensor(path, setup):

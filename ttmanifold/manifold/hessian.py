@@ -12,7 +12,7 @@ from typing import Callable, List
 
 import torch
 
-from .._checks import assert_finite_async
+from .._checks import assert_finite_async, functorch_wrapped
 from ..tt import TT, inner
 from .autodiff import riemannian_grad, riemannian_hvp
 from .sweeps import right_cores
@@ -159,13 +159,18 @@ def hessian_operator(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
         hvp = riemannian_hvp(M, p, f, u)
         w = M.split(u, "u")
         a = [_solve_right(R[k], w[k], True, k) for k in range(M.d - 1)] + [w[-1]]
-        with torch.enable_grad():
-            flat = torch.zeros_like(p).requires_grad_()
+        def weingarten(flat):
             Z = _second_derivative_tt(U, a, M.split(flat, "b"))
-            val = _check_value(f(Z), batch)
             # <N, phi''[a, b]> = <G, phi''[a, b]> - <P_X G, phi''[a, b]>
-            val = val - inner(grad_tt, Z).sum()
-            (gb,) = torch.autograd.grad(val, flat, allow_unused=True)
+            return _check_value(f(Z), batch) - inner(grad_tt, Z).sum()
+
+        if torch.compiler.is_compiling() or functorch_wrapped(p):
+            # (dynamo stops at torch.autograd.grad; vmap: torch.func as well)
+            gb = torch.func.grad(weingarten)(torch.zeros_like(p))
+        else:
+            with torch.enable_grad():
+                flat = torch.zeros_like(p).requires_grad_()
+                (gb,) = torch.autograd.grad(weingarten(flat), flat, allow_unused=True)
         if gb is None:
             return hvp
         c = M.split(gb, "b")
