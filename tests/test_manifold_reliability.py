@@ -94,6 +94,18 @@ def test_check_point_says_why(setup):
         M.check_point(z)
 
 
+def test_check_point_follows_geoopts_signature(setup):
+    """geoopt's ``check_point(x, explain=False)`` returns a bool (or the bool and the
+    reason): ``if M.check_point(p)`` held nothing (None) for a valid point before."""
+    M, p, u, _ = setup
+    assert M.check_point(p) is True
+    assert M.check_point(p, explain=False) is True
+    assert M.check_point(p * 2.0, explain=False) is False
+    ok, why = M.check_point(_nan_at(p), explain=True)
+    assert not ok and "non-finite" in why
+    assert M.check_point(p, explain=True) == (True, None)
+
+
 def test_random_with_a_batch_size_gives_a_batch(setup):
     """Batches are supported (issue 12): one int or geoopt's (*batch, size); other sizes
     are rejected naming the conventions (tests/test_manifold_batch.py tests the batches)."""

@@ -500,14 +500,23 @@ class FixedTTRank(geoopt.Manifold):
             "would be wrong); "
             "build points with M.pack_point(tt), M.random() or M.projx(x)")
 
-    def check_point(self, p: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5) -> None:
-        """Raise ``ValueError`` (with the reason) unless ``p`` is a valid packed point: the
-        manifold's size, finite, cores 1..d-1 left-orthogonal (to ``max(atol, ~eps)``) and of
-        full TT-rank (interface singular values above ``rtol`` times the largest). Reads
-        values on the host: call it on data you bring, not in a loop. O(d n r^3)."""
+    def check_point(self, p: torch.Tensor, *, explain: Optional[bool] = None,
+                    atol: float = 1e-5, rtol: float = 1e-5):
+        """Whether ``p`` is a valid packed point: the manifold's size, finite, cores 1..d-1
+        left-orthogonal (to ``max(atol, ~eps)``) and of full TT-rank (interface singular
+        values above ``rtol`` times the largest).
+
+        By default returns True for a valid point and raises ``ValueError`` (with the
+        reason) otherwise. With geoopt's ``explain=False`` / ``explain=True`` it returns
+        ``ok`` / ``(ok, reason)`` instead of raising (geoopt's own ``check_point`` checks
+        the shape only; this one checks the point). Reads values on the host: call it on
+        data you bring, not in a loop. O(d n r^3)."""
         ok, why = self._check_point_on_manifold(p, atol=atol, rtol=rtol)
+        if explain is not None:
+            return (ok, why) if explain else ok
         if not ok:
             raise ValueError(f"p: not a point of {self!r}: {why}")
+        return True
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
