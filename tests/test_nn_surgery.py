@@ -158,3 +158,18 @@ def test_shared_modules_stay_shared():
     assert convert_model(net2, 2, ignore=["again"]).converted == []
     assert convert_model(net2, 2, names=["again"]).converted == ["again"]
     assert isinstance(net2[0], STTPLinear) and net2.again is net2[0]
+
+
+def test_tied_weights_are_not_untied():
+    # an output layer tied to the embedding (head.weight = emb.weight) was converted into a
+    # factorized copy of its own: the two weights then trained apart
+    net = nn.Module()
+    net.emb, net.head = nn.Embedding(8, 6, dtype=DT), nn.Linear(6, 8, bias=False, dtype=DT)
+    net.head.weight = net.emb.weight
+    net.other = nn.Linear(6, 4, dtype=DT)
+    report = convert_model(net, 2)
+    assert report.converted == ["other"]
+    assert set(report.skipped) == {"emb", "head"} and "tied" in report.skipped["head"]
+    assert net.head.weight is net.emb.weight
+    with pytest.raises(ValueError, match="head: .*tied to 'emb'"):
+        convert_model(net, 2, names=["head"])

@@ -126,7 +126,8 @@ def convert_model(model: nn.Module, rank: int, *, method: str = "sttp",
 
     A module reachable under several names (shared, e.g. ``self.b = self.a``) is converted
     once, reported under its first name, and stays shared; it is ignored if any of its
-    names is.
+    names is. A layer whose weight is the parameter of another module too (tied weights)
+    is kept dense (``ValueError`` if named).
 
     Returns:
         a :class:`ConversionReport`. Cost: one TT-SVD / SVD per layer for ``"from_dense"``.
@@ -179,6 +180,10 @@ def convert_model(model: nn.Module, rank: int, *, method: str = "sttp",
                 skipped[n] = "in the ignore list"
                 continue
             targets.append(n)
+    holders: Dict[int, List[str]] = {}  # id(parameter) -> names of the modules holding it
+    for n, m in modules.items():
+        for p in m.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(n)
     converted, done = [], set()
     for name in targets:
         m = modules[name]
@@ -187,6 +192,10 @@ def convert_model(model: nn.Module, rank: int, *, method: str = "sttp",
         done.add(id(m))
         entry = next((v for t, v in LAYER_TYPES.items() if isinstance(m, t)), None)
         why = _reason_not_convertible(m)
+        tied = [a for a in holders.get(id(m.weight), ()) if a not in paths[id(m)]]
+        if why is None and tied:
+            # two factorized copies would train apart: the tie would be silently lost
+            why = f"its weight is tied to {tied[0]!r}'s (shared parameter)"
         if why is not None:
             if names is not None:
                 raise ValueError(f"{name}: {why}")
