@@ -481,6 +481,8 @@ def test_parametrize_bad_inputs():
     P = STTPParametrization((6, 8), 2, (2, 3, 2, 4))
     with pytest.raises(ValueError, match="W: expected shape"):
         P.right_inverse(torch.randn(8, 6))
+    with pytest.raises(ValueError, match="W: contains NaN"):  # was named "x", the TT
+        P.right_inverse(torch.full((6, 8), float("nan")))
     with pytest.raises(ValueError, match="name"):
         register_sttp(torch.nn.Linear(3, 3), "weights", 2)
 

@@ -600,3 +600,14 @@ def test_bad_input():
         STTPLinear.from_dense([[1.0]], 1)
     with pytest.raises(NotImplementedError):
         SVDPLinear(8, 6, rank=2).to_manifold()
+
+
+def test_non_finite_dense_weight_is_named():
+    # a NaN weight failed inside torch's SVD (SVDP) or was reported as the TT "x" (STTP)
+    W = torch.randn(6, 8, dtype=DT)
+    W[1, 2] = float("nan")
+    for cls in (STTPLinear, SVDPLinear):
+        with pytest.raises(ValueError, match="weight: contains NaN"):
+            cls.from_dense(W, rank=2)
+        with pytest.raises(ValueError, match="weight: contains NaN"):
+            cls(8, 6, rank=2, dtype=DT).load_weight(W * float("inf"))

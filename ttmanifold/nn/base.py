@@ -10,6 +10,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_finite
 from ..tt import TT
 from .chart import d_optimal_penalty
 from .parametrization import STTPWeight, SVDPWeight
@@ -268,10 +269,12 @@ class FactorizedLayer(nn.Module):
 
     def load_weight(self, W: Tensor) -> None:
         """Set the factorized weight from a dense weight in torch's shape (projection:
-        TT-SVD / truncated SVD, then the spectrum constraint)."""
+        TT-SVD / truncated SVD, then the spectrum constraint). ``ValueError`` for a wrong
+        shape or a NaN/Inf entry."""
         if not isinstance(W, Tensor):
             raise TypeError(f"weight: expected a torch.Tensor, got {type(W).__name__}")
         if tuple(W.shape) != tuple(self._weight_shape()):
             raise ValueError(f"weight: expected shape {tuple(self._weight_shape())}, got "
                              f"{tuple(W.shape)}")
+        check_finite(W, "weight")  # else SVDP fails inside the SVD, STTP names the TT
         self.weight_param.load_matrix(self._weight_to_matrix(W))

@@ -17,7 +17,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_shape, normalize_ranks
+from .._checks import check_finite, check_shape, normalize_ranks
 from ..householder import (
     frame_from_full,
     frame_from_reduced,
@@ -586,6 +586,7 @@ class STTPParametrization(nn.Module):
             raise ValueError(f"W: expected shape {self.tensor_shape}, got {tuple(W.shape)}")
         if W.dtype not in _DTYPES:
             raise TypeError(f"W: expected dtype float32 or float64, got {W.dtype}")
+        check_finite(W, "W")
         W = W.detach()
         if self.tensorization is not None:
             T = self.tensorization.matrix_to_tensor(W.reshape(self.tensor_shape[0], -1))
