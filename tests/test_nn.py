@@ -14,6 +14,7 @@ from ttmanifold.chart import d_optimal_penalty
 from ttmanifold.nn.planner import Plan
 from ttmanifold.nn import (
     STTPConv2d,
+    STTPConvTranspose2d,
     STTPLinear,
     SVDPConv2d,
     SVDPLinear,
@@ -611,3 +612,18 @@ def test_non_finite_dense_weight_is_named():
             cls.from_dense(W, rank=2)
         with pytest.raises(ValueError, match="weight: contains NaN"):
             cls(8, 6, rank=2, dtype=DT).load_weight(W * float("inf"))
+
+
+def test_conv_size_arguments_checked_at_construction():
+    # "same" for a transposed convolution failed with int("s"); negative or too large
+    # (output_)padding failed only in torch's forward
+    with pytest.raises(TypeError, match="padding: expected an int or a tuple"):
+        STTPConvTranspose2d(4, 4, 3, rank=2, padding="same")
+    with pytest.raises(TypeError, match="kernel_size"):
+        STTPConv2d(4, 4, "3", rank=2)
+    with pytest.raises(ValueError, match="padding"):
+        STTPConvTranspose2d(4, 4, 3, rank=2, padding=-1)
+    with pytest.raises(ValueError, match="output_padding"):
+        STTPConvTranspose2d(4, 4, 3, rank=2, stride=2, output_padding=2)
+    layer = STTPConvTranspose2d(4, 4, 3, rank=2, stride=(2, 1), output_padding=(1, 0))
+    assert layer(torch.randn(1, 4, 3, 3)).shape == (1, 4, 8, 5)
