@@ -601,6 +601,8 @@ def test_bad_input():
         STTPLinear.from_dense([[1.0]], 1)
     with pytest.raises(NotImplementedError):
         SVDPLinear(8, 6, rank=2).to_manifold()
+    with pytest.raises(TypeError, match="dtype"):  # was torch's RuntimeError for the bias
+        STTPConv2d(4, 4, 3, rank=2, dtype=torch.int64)
 
 
 def test_non_finite_dense_weight_is_named():

@@ -10,7 +10,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_finite
+from .._checks import check_finite, check_float_dtype
 from ..tt import TT
 from .chart import d_optimal_penalty
 from .parametrization import STTPWeight, SVDPWeight
@@ -86,6 +86,8 @@ class FactorizedLayer(nn.Module):
         self._reset_bias()
 
     def _make_bias(self, bias: bool, n: int, device, dtype) -> None:
+        # the bias comes first: check the dtype before torch refuses an integer Parameter
+        check_float_dtype(dtype or torch.get_default_dtype(), "dtype")
         if bias:
             self.bias = nn.Parameter(torch.empty(n, device=device, dtype=dtype))
         else:
