@@ -485,6 +485,9 @@ def test_parametrize_bad_inputs():
         P.right_inverse(torch.full((6, 8), float("nan")))
     with pytest.raises(ValueError, match="name"):
         register_sttp(torch.nn.Linear(3, 3), "weights", 2)
+    lin = register_sttp(torch.nn.Linear(6, 4), "weight", 2)
+    with pytest.raises(ValueError, match="parametrized already"):  # was the chart's theta error
+        register_sttp(lin, "weight", 2)
 
 
 # ---------------------------------------------------------------------------------------

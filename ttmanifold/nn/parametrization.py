@@ -613,6 +613,11 @@ def register_sttp(module: nn.Module, name: str, rank, shape=None, spectrum: str 
     tensor = getattr(module, name)
     if not isinstance(tensor, Tensor):
         raise TypeError(f"name: module.{name} is not a tensor")
+    if parametrize.is_parametrized(module, name):
+        # torch feeds a stacked parametrization the previous one's output (the dense
+        # tensor), but the chart maps flat coordinates: it can only come first
+        raise ValueError(f"name: module.{name} is parametrized already; register STTP first "
+                         f"(other parametrizations may be stacked on top of it)")
     P = STTPParametrization(tuple(tensor.shape), rank, shape, spectrum=spectrum, center=center,
                             tensorization=tensorization)
     parametrize.register_parametrization(module, name, P)
