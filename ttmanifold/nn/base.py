@@ -4,6 +4,7 @@ dense weight on demand, conversions. Each layer family (``linear``, ``conv``,
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Dict, List, Tuple
 
@@ -54,6 +55,15 @@ class FactorizedLayer(nn.Module):
             if wp is not None and name in ("out_modes", "in_modes"):
                 return getattr(wp.tensorization, name)
             raise
+
+    def _replicate_for_data_parallel(self):
+        # nn.DataParallel's replica gets its own (broadcast) parameters, but a shared
+        # weight_param would keep reading the original module's: give it its own view
+        replica = super()._replicate_for_data_parallel()
+        wp = copy.copy(self.weight_param)
+        wp.owner = replica
+        replica.__dict__["weight_param"] = wp
+        return replica
 
     # -- construction ----------------------------------------------------------------------
     def _init_weight(self, d_out: int, in_channels: int, kernel: Tuple[int, ...], *, rank,
