@@ -629,3 +629,18 @@ def test_conv_size_arguments_checked_at_construction():
         STTPConvTranspose2d(4, 4, 3, rank=2, stride=2, output_padding=2)
     layer = STTPConvTranspose2d(4, 4, 3, rank=2, stride=(2, 1), output_padding=(1, 0))
     assert layer(torch.randn(1, 4, 3, 3)).shape == (1, 4, 8, 5)
+
+
+def test_assign_load_keeps_the_manifold_parameter():
+    # load_state_dict(assign=True) (e.g. after building on meta) stored a plain Parameter
+    # as ``point``: Riemannian optimizers then stepped it as a Euclidean tensor
+    import geoopt
+
+    src = STTPLinear(12, 10, rank=3, init="random", param="manifold", dtype=DT)
+    with torch.device("meta"):
+        dst = STTPLinear(12, 10, rank=3, param="manifold", dtype=DT)
+    dst.load_state_dict(src.state_dict(), assign=True)
+    assert isinstance(dst.point, geoopt.ManifoldParameter)
+    assert dst.point.manifold is dst.manifold and dst.point.device.type == "cpu"
+    x = torch.randn(2, 12, dtype=DT)
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)

@@ -65,6 +65,10 @@ class FactorizedLayer(nn.Module):
         replica.__dict__["weight_param"] = wp
         return replica
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.weight_param.after_load()
+
     # -- construction ----------------------------------------------------------------------
     def _init_weight(self, d_out: int, in_channels: int, kernel: Tuple[int, ...], *, rank,
                      spectrum, param, init, out_modes, in_modes, order, tensorization,

@@ -133,6 +133,9 @@ class _OwnedParams:
         """The owner's parameters of this weight."""
         return [p for p in (getattr(self.owner, n) for n in self._NAMES) if p is not None]
 
+    def after_load(self) -> None:
+        """Restore what ``load_state_dict`` may have replaced (called by the owner)."""
+
 
 class STTPWeight(_OwnedParams):
     """An STTP weight matrix: a point of ``FixedTTRank(tensor_shape, ranks)`` written in the
@@ -315,6 +318,17 @@ class STTPWeight(_OwnedParams):
                                               requires_grad=theta.requires_grad)
         self.param = "manifold"
         return self
+
+    def after_load(self) -> None:
+        """``load_state_dict(..., assign=True)`` stores a plain ``Parameter`` as ``point``:
+        wrap it again as a ManifoldParameter (same storage), or Riemannian optimizers
+        would take Euclidean steps off the manifold."""
+        import geoopt
+
+        point = self.point if self.param == "manifold" else None
+        if point is not None and not isinstance(point, geoopt.ManifoldParameter):
+            self.point = geoopt.ManifoldParameter(point.detach(), manifold=self.manifold,
+                                                  requires_grad=point.requires_grad)
 
     def to_chart(self) -> "STTPWeight":
         """Switch to chart mode in place (``theta = chart.inverse(point)``)."""
