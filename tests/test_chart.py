@@ -481,8 +481,13 @@ def test_parametrize_bad_inputs():
     P = STTPParametrization((6, 8), 2, (2, 3, 2, 4))
     with pytest.raises(ValueError, match="W: expected shape"):
         P.right_inverse(torch.randn(8, 6))
+    with pytest.raises(ValueError, match="W: contains NaN"):  # was named "x", the TT
+        P.right_inverse(torch.full((6, 8), float("nan")))
     with pytest.raises(ValueError, match="name"):
         register_sttp(torch.nn.Linear(3, 3), "weights", 2)
+    lin = register_sttp(torch.nn.Linear(6, 4), "weight", 2)
+    with pytest.raises(ValueError, match="parametrized already"):  # was the chart's theta error
+        register_sttp(lin, "weight", 2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -522,6 +527,20 @@ def test_device_dtype_follow_inputs(device, dtype):
 # ---------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------
+
+def test_identity_domain_hint_names_a_working_center():
+    # a matrix with a zero row (an embedding's padding row) leaves the identity chart's
+    # domain at U_{c-1}; the hint named the chart's own center, as if U_{c-1} could be full
+    torch.manual_seed(0)
+    W = torch.randn(10, 8, dtype=F64)
+    W[0] = 0
+    M = FixedTTRank((2, 5, 2, 2, 2), (1, 2, 2, 2, 2, 1))
+    x = TT.from_dense(W.reshape(M.shape), ranks=M.ranks)
+    with pytest.raises(ValueError, match=r"center=2: .* core U_1 .*\(e\.g\. center=1 "):
+        STTPChart(M, center=2, spectrum="identity").inverse(x, project=True)
+    ch = STTPChart(M, center=1, spectrum="identity")  # the suggested center works
+    ch.inverse(x, project=True)
+
 
 def test_bad_inputs():
     M = FixedTTRank((3, 4, 2), (1, 3, 2, 1))

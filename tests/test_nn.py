@@ -14,6 +14,7 @@ from ttmanifold.chart import d_optimal_penalty
 from ttmanifold.nn.planner import Plan
 from ttmanifold.nn import (
     STTPConv2d,
+    STTPConvTranspose2d,
     STTPLinear,
     SVDPConv2d,
     SVDPLinear,
@@ -600,3 +601,46 @@ def test_bad_input():
         STTPLinear.from_dense([[1.0]], 1)
     with pytest.raises(NotImplementedError):
         SVDPLinear(8, 6, rank=2).to_manifold()
+    with pytest.raises(TypeError, match="dtype"):  # was torch's RuntimeError for the bias
+        STTPConv2d(4, 4, 3, rank=2, dtype=torch.int64)
+
+
+def test_non_finite_dense_weight_is_named():
+    # a NaN weight failed inside torch's SVD (SVDP) or was reported as the TT "x" (STTP)
+    W = torch.randn(6, 8, dtype=DT)
+    W[1, 2] = float("nan")
+    for cls in (STTPLinear, SVDPLinear):
+        with pytest.raises(ValueError, match="weight: contains NaN"):
+            cls.from_dense(W, rank=2)
+        with pytest.raises(ValueError, match="weight: contains NaN"):
+            cls(8, 6, rank=2, dtype=DT).load_weight(W * float("inf"))
+
+
+def test_conv_size_arguments_checked_at_construction():
+    # "same" for a transposed convolution failed with int("s"); negative or too large
+    # (output_)padding failed only in torch's forward
+    with pytest.raises(TypeError, match="padding: expected an int or a tuple"):
+        STTPConvTranspose2d(4, 4, 3, rank=2, padding="same")
+    with pytest.raises(TypeError, match="kernel_size"):
+        STTPConv2d(4, 4, "3", rank=2)
+    with pytest.raises(ValueError, match="padding"):
+        STTPConvTranspose2d(4, 4, 3, rank=2, padding=-1)
+    with pytest.raises(ValueError, match="output_padding"):
+        STTPConvTranspose2d(4, 4, 3, rank=2, stride=2, output_padding=2)
+    layer = STTPConvTranspose2d(4, 4, 3, rank=2, stride=(2, 1), output_padding=(1, 0))
+    assert layer(torch.randn(1, 4, 3, 3)).shape == (1, 4, 8, 5)
+
+
+def test_assign_load_keeps_the_manifold_parameter():
+    # load_state_dict(assign=True) (e.g. after building on meta) stored a plain Parameter
+    # as ``point``: Riemannian optimizers then stepped it as a Euclidean tensor
+    import geoopt
+
+    src = STTPLinear(12, 10, rank=3, init="random", param="manifold", dtype=DT)
+    with torch.device("meta"):
+        dst = STTPLinear(12, 10, rank=3, param="manifold", dtype=DT)
+    dst.load_state_dict(src.state_dict(), assign=True)
+    assert isinstance(dst.point, geoopt.ManifoldParameter)
+    assert dst.point.manifold is dst.manifold and dst.point.device.type == "cpu"
+    x = torch.randn(2, 12, dtype=DT)
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)

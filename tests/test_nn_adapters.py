@@ -104,3 +104,21 @@ def test_adapter_bad_input():
         SpectralAdapter(nn.Linear(4, 4), 2, spectrum="lipschitz")
     with pytest.raises(ValueError, match="method"):
         SpectralAdapter(nn.Linear(4, 4), 2, method="lora")
+
+
+def test_shared_layer_gets_one_adapter_and_merges_once():
+    # a layer shared under two names: the second name kept the bare layer (no dW there),
+    # and after merging it kept the adapter, adding dW a second time to the merged weight
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(6, 6, dtype=DT), nn.Tanh())
+    model.add_module("again", model[0])
+    x = torch.randn(3, 6, dtype=DT)
+    assert add_adapters(model, 2) == ["0"]
+    assert isinstance(model.again, SpectralAdapter) and model.again is model[0]
+    with torch.no_grad():
+        model[0].delta.theta.normal_()
+    y = model(x)
+    merged = merge_adapters(model)
+    assert list(merged) == ["0"] and type(model.again) is nn.Linear
+    assert model.again is model[0]
+    torch.testing.assert_close(model(x), y, rtol=1e-10, atol=1e-10)

@@ -63,3 +63,18 @@ def test_manifold_layers_untouched_and_errors():
         batched_cores([nn.Linear(2, 2)])
     with pytest.raises(ValueError, match="cores"):
         model[1].pin_cores(model[6].weight_param.cores())
+
+
+def test_mixed_dtypes_keep_their_own():
+    # equal-shaped frames of a float32 and a float64 layer were stacked together: torch
+    # promoted the float32 layer's cores to float64, and its forward then refused float32
+    torch.manual_seed(1)
+    a = SVDPLinear(12, 12, rank=3, init="random", dtype=torch.float32)
+    b = SVDPLinear(12, 12, rank=3, init="random", dtype=DT)
+    for got, layer in zip(batched_cores([a, b]), (a, b)):
+        for g, w in zip(got, layer.weight_param.cores()):
+            assert g.dtype == w.dtype
+            torch.testing.assert_close(g, w)
+    x = torch.randn(2, 12)
+    with batched_frames(nn.ModuleList([a, b])):
+        torch.testing.assert_close(a(x), a.decompress()(x))

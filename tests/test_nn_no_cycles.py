@@ -74,3 +74,32 @@ def test_weight_of_a_freed_layer_says_so():
     gc.collect()
     with pytest.raises(RuntimeError, match="freed"):
         weight.ref()
+
+
+@pytest.mark.parametrize("param", ["chart", "manifold"])
+@pytest.mark.parametrize("make", LAYERS)
+def test_data_parallel_replica_reads_its_own_parameters(make, param, no_gc):
+    # nn.DataParallel's replicate(): a shallow replica, then each parameter set as a plain
+    # tensor (its broadcast copy). The replica's weight read the original's parameters.
+    layer = make(param).double()
+    x = torch.randint(0, 8, (3,)) if "Embedding" in type(layer).__name__ else \
+        torch.randn((2, 16) if "Linear" in type(layer).__name__ else (2, 6, 5, 5),
+                    dtype=torch.float64)
+    if type(layer).__name__.endswith("1d"):
+        x = x[..., 0]
+    y = layer(x)
+    replica = layer._replicate_for_data_parallel()
+    copies = {}
+    for name, p in layer._parameters.items():
+        if p is not None:
+            copies[name] = p.detach().clone().requires_grad_()
+            setattr(replica, name, copies[name] * 1)  # non-leaf, as broadcast's
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.mul_(0.5)
+    torch.testing.assert_close(replica(x), y, rtol=1e-12, atol=1e-12)
+    replica(x).sum().backward()
+    assert all(c.grad is not None for c in copies.values())
+    assert all(p.grad is None for p in layer.parameters())
+    del replica
+    assert layer.weight_param.owner is layer

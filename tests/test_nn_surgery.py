@@ -135,3 +135,41 @@ def test_save_load_and_state_dict_names():
     fresh = STTPConv2d(6, 8, 3, rank=3, dtype=DT)
     fresh.load_state_dict(layer.state_dict())
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+
+
+def test_shared_modules_stay_shared():
+    # a module reachable under two names (weight tying by module) was converted or exported
+    # under its first name only: the second name kept the old layer, silently untied
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(6, 6, dtype=DT), nn.Tanh())
+    net.add_module("again", net[0])
+    x = torch.randn(4, 6, dtype=DT)
+    report = convert_model(net, 2)
+    assert report.converted == ["0"] and net.again is net[0]
+    assert isinstance(net[0], STTPLinear)
+    assert convert_model(net, 2).converted == []  # nothing left to convert
+    with pytest.raises(ValueError, match="no submodule"):
+        convert_model(net, 2, names=["missing"])
+    out = export_model(net)
+    assert type(out[0]) is nn.Linear and out.again is out[0]
+    torch.testing.assert_close(out(x), net(x), rtol=1e-12, atol=1e-12)
+    net2 = nn.Sequential(nn.Linear(6, 6, dtype=DT))
+    net2.add_module("again", net2[0])
+    assert convert_model(net2, 2, ignore=["again"]).converted == []
+    assert convert_model(net2, 2, names=["again"]).converted == ["again"]
+    assert isinstance(net2[0], STTPLinear) and net2.again is net2[0]
+
+
+def test_tied_weights_are_not_untied():
+    # an output layer tied to the embedding (head.weight = emb.weight) was converted into a
+    # factorized copy of its own: the two weights then trained apart
+    net = nn.Module()
+    net.emb, net.head = nn.Embedding(8, 6, dtype=DT), nn.Linear(6, 8, bias=False, dtype=DT)
+    net.head.weight = net.emb.weight
+    net.other = nn.Linear(6, 4, dtype=DT)
+    report = convert_model(net, 2)
+    assert report.converted == ["other"]
+    assert set(report.skipped) == {"emb", "head"} and "tied" in report.skipped["head"]
+    assert net.head.weight is net.emb.weight
+    with pytest.raises(ValueError, match="head: .*tied to 'emb'"):
+        convert_model(net, 2, names=["head"])

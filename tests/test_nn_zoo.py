@@ -128,6 +128,8 @@ def test_zoo_meta_and_bad_input():
         STTPEmbedding(10, 4, rank=2, max_norm=1.0)
     with pytest.raises(TypeError, match="input"):
         STTPEmbedding(10, 4, rank=2)(torch.zeros(3))
+    with pytest.raises(TypeError, match="padding_idx"):  # was kept, failing in the forward
+        STTPEmbedding(10, 4, rank=2, padding_idx=1.5)
     with pytest.raises(ValueError, match="padding_mode"):
         STTPConvTranspose1d(4, 4, 3, rank=2, padding_mode="reflect")
     with pytest.raises(ValueError, match="in_channels"):

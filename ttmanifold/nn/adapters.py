@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import FactorizedLayer
-from .surgery import LAYER_TYPES
+from .surgery import LAYER_TYPES, module_paths, swap_module
 
 __all__ = ["SpectralAdapter", "add_adapters", "merge_adapters"]
 
@@ -110,22 +110,28 @@ def add_adapters(model: nn.Module, rank: int, names: Optional[Sequence[str]] = N
                  kinds: Sequence[str] = ("linear",), **kw) -> List[str]:
     """Wrap layers of ``model`` in place in :class:`SpectralAdapter` (``names``: exactly
     these; otherwise every exact-type layer of ``kinds``, e.g. ``("linear", "conv2d")``).
-    ``**kw``: :class:`SpectralAdapter`'s arguments. Returns the wrapped names."""
+    ``**kw``: :class:`SpectralAdapter`'s arguments. A module shared under several names is
+    wrapped once (reported under its first name) and stays shared. Returns the wrapped
+    names."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    modules = dict(model.named_modules())
+    # every name, also the second name of a shared module (wrapped once, kept shared)
+    modules = dict(model.named_modules(remove_duplicate=False))
     if names is None:
-        names = [n for n, m in modules.items()
+        paths = module_paths(model)
+        inside = tuple(a + "." for a, am in modules.items()
+                       if isinstance(am, (SpectralAdapter, FactorizedLayer)))
+        names = [n for n, m in model.named_modules()
                  if n and type(m) in LAYER_TYPES and LAYER_TYPES[type(m)][0] in kinds
-                 and not any(n.startswith(a + ".") for a, am in modules.items()
-                             if isinstance(am, (SpectralAdapter, FactorizedLayer)))]
-    out = []
+                 and not any(p.startswith(inside) for p in paths[id(m)])]
+    out, done = [], set()
     for n in names:
         if n not in modules or n == "":
             raise ValueError(f"names: model has no submodule {n!r}")
-        parent_name, _, attr = n.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        setattr(parent, attr, SpectralAdapter(modules[n], rank, **kw))
+        if id(modules[n]) in done:
+            continue
+        done.add(id(modules[n]))
+        swap_module(model, modules[n], SpectralAdapter(modules[n], rank, **kw))
         out.append(n)
     return out
 
@@ -136,11 +142,10 @@ def merge_adapters(model: nn.Module) -> Dict[str, nn.Module]:
     merged = {}
     for n, m in list(model.named_modules()):
         if isinstance(m, SpectralAdapter):
-            parent_name, _, attr = n.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
             base = m.merge()
             if n == "":
                 return {"": base}
-            setattr(parent, attr, base)
+            # every name of a shared adapter: one left behind would add dW a second time
+            swap_module(model, m, base)
             merged[n] = base
     return merged

@@ -4,12 +4,14 @@ dense weight on demand, conversions. Each layer family (``linear``, ``conv``,
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_finite, check_float_dtype
 from ..tt import TT
 from .chart import d_optimal_penalty
 from .parametrization import STTPWeight, SVDPWeight
@@ -54,6 +56,19 @@ class FactorizedLayer(nn.Module):
                 return getattr(wp.tensorization, name)
             raise
 
+    def _replicate_for_data_parallel(self):
+        # nn.DataParallel's replica gets its own (broadcast) parameters, but a shared
+        # weight_param would keep reading the original module's: give it its own view
+        replica = super()._replicate_for_data_parallel()
+        wp = copy.copy(self.weight_param)
+        wp.owner = replica
+        replica.__dict__["weight_param"] = wp
+        return replica
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.weight_param.after_load()
+
     # -- construction ----------------------------------------------------------------------
     def _init_weight(self, d_out: int, in_channels: int, kernel: Tuple[int, ...], *, rank,
                      spectrum, param, init, out_modes, in_modes, order, tensorization,
@@ -85,6 +100,8 @@ class FactorizedLayer(nn.Module):
         self._reset_bias()
 
     def _make_bias(self, bias: bool, n: int, device, dtype) -> None:
+        # the bias comes first: check the dtype before torch refuses an integer Parameter
+        check_float_dtype(dtype or torch.get_default_dtype(), "dtype")
         if bias:
             self.bias = nn.Parameter(torch.empty(n, device=device, dtype=dtype))
         else:
@@ -268,10 +285,12 @@ class FactorizedLayer(nn.Module):
 
     def load_weight(self, W: Tensor) -> None:
         """Set the factorized weight from a dense weight in torch's shape (projection:
-        TT-SVD / truncated SVD, then the spectrum constraint)."""
+        TT-SVD / truncated SVD, then the spectrum constraint). ``ValueError`` for a wrong
+        shape or a NaN/Inf entry."""
         if not isinstance(W, Tensor):
             raise TypeError(f"weight: expected a torch.Tensor, got {type(W).__name__}")
         if tuple(W.shape) != tuple(self._weight_shape()):
             raise ValueError(f"weight: expected shape {tuple(self._weight_shape())}, got "
                              f"{tuple(W.shape)}")
+        check_finite(W, "weight")  # else SVDP fails inside the SVD, STTP names the TT
         self.weight_param.load_matrix(self._weight_to_matrix(W))

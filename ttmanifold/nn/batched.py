@@ -62,11 +62,12 @@ def _assemble(layer: FactorizedLayer, frames: Dict[Tuple[str, int], Tensor]) -> 
 
 def batched_cores(layers: Sequence[FactorizedLayer]) -> List[List[Tensor]]:
     """The cores of every layer (as ``layer.weight_param.cores()`` would return them),
-    with all frames of equal ``(form, m, r)`` evaluated in one call per shape.
+    with all frames of equal ``(form, m, r)`` (and dtype, device) evaluated in one call per
+    shape.
 
     Args:
-        layers: chart-mode STTP/SVDP layers (same dtype and device; ``ValueError``
-            otherwise, e.g. for manifold-mode layers).
+        layers: chart-mode STTP/SVDP layers (``ValueError`` otherwise, e.g. for
+            manifold-mode layers); frames are batched per dtype and device.
 
     Returns:
         one list of cores per layer, differentiable in the layers' parameters.
@@ -82,9 +83,11 @@ def batched_cores(layers: Sequence[FactorizedLayer]) -> List[List[Tensor]]:
             raise ValueError(f"layers: layer {i} is not a chart-mode STTP/SVDP layer with a "
                              f"bond; evaluate it on its own")
         for key, params, place in _frame_jobs(layer):
+            # one stack per dtype and device: torch.stack would promote float32 to float64
+            key = key + (params.dtype, params.device)
             groups.setdefault(key, []).append((i, place, params))
     frames: List[Dict[Tuple[str, int], Tensor]] = [{} for _ in layers]
-    for (kind, m, r), items in groups.items():
+    for (kind, m, r, _, _), items in groups.items():
         P = torch.stack([p for _, _, p in items])  # (B, n)
         make = frame_from_full if kind == "full" else frame_from_reduced
         F = make(P, m, r)  # (B, m, r)

@@ -345,16 +345,19 @@ class STTPChart(torch.nn.Module):
             return reduced_from_frame(Q)
         except ValueError as e:
             if side == "left":
-                hint = (f"center={k + 1} (core {k} full)" if k + 1 <= self.d - 1 else "")
+                # the identity spectrum has no full U frame: only V_k (center=k) is full
+                kc = k + 1 if self.spectrum != "identity" else k
+                hint = f"e.g. center={kc} (core {k} full)" if 1 <= kc <= self.d - 1 else \
+                    f"or spectrum='learned': no center makes core {k} full"
                 where = f"left-orthogonal core U_{k} (left unfolding)"
             else:
-                hint = f"center={k} (core {k} full)"
+                hint = f"e.g. center={k} (core {k} full)"
                 where = f"right-orthogonal core V_{k} (transposed right unfolding)"
             raise ValueError(
                 f"x: outside the domain of the STTP chart with center={self.center}: the "
                 f"leading {Q.shape[-1]}x{Q.shape[-1]} block of the {where} is singular, so its "
                 f"reduced Householder parameters do not exist. Re-center: build the chart "
-                f"with another center (e.g. {hint}), which changes the reduced cores, or "
+                f"with another center ({hint}), which changes the reduced cores, or "
                 f"perturb x slightly. ({e})"
             ) from None
 

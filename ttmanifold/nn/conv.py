@@ -32,14 +32,18 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 def _tuple(v, n: int, name: str) -> Tuple[int, ...]:
     if isinstance(v, numbers.Integral) and not isinstance(v, bool):
-        v = (int(v),) * n
+        return (int(v),) * n
+    # a string is iterable: "same" must not reach int("s")
     try:
-        v = tuple(int(a) for a in v)
+        if isinstance(v, (str, bytes)):
+            raise TypeError
+        t = tuple(v)
     except TypeError:
         raise TypeError(f"{name}: expected an int or a tuple of {n} ints, got {v!r}") from None
-    if len(v) != n:
+    if len(t) != n or not all(isinstance(a, numbers.Integral) and not isinstance(a, bool)
+                              for a in t):
         raise ValueError(f"{name}: expected an int or a tuple of {n} ints, got {v!r}")
-    return v
+    return tuple(int(a) for a in t)
 
 
 def _check_channels(in_channels, out_channels, groups):
@@ -313,6 +317,14 @@ class FactorizedConvTranspose(FactorizedLayer):
         self.dilation = _tuple(dilation, n, "dilation")
         if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.dilation) < 1:
             raise ValueError("kernel_size, stride and dilation must be positive")
+        if min(self.padding) < 0 or min(self.output_padding) < 0:
+            raise ValueError(f"padding, output_padding: expected non-negative sizes, got "
+                             f"{padding!r}, {output_padding!r}")
+        if any(op >= max(st, dl) for op, st, dl in zip(self.output_padding, self.stride,
+                                                       self.dilation)):
+            raise ValueError(f"output_padding: must be smaller than stride or dilation in each "
+                             f"dimension, got {self.output_padding} (stride {self.stride}, "
+                             f"dilation {self.dilation})")
         self.groups = 1
         self.padding_mode = padding_mode
         self._make_bias(bias, self.out_channels, device, dtype)

@@ -48,6 +48,9 @@ class FactorizedEmbedding(FactorizedLayer):
             raise ValueError("sparse: sparse gradients do not apply to a factorized table")
         self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
         if padding_idx is not None:
+            if not isinstance(padding_idx, numbers.Integral) or isinstance(padding_idx, bool):
+                raise TypeError(f"padding_idx: expected an int or None, got {padding_idx!r}")
+            padding_idx = int(padding_idx)
             if not -self.num_embeddings <= padding_idx < self.num_embeddings:
                 raise ValueError(f"padding_idx: must be within num_embeddings, got "
                                  f"{padding_idx}")

@@ -17,7 +17,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_shape, normalize_ranks
+from .._checks import check_finite, check_shape, normalize_ranks
 from ..householder import (
     frame_from_full,
     frame_from_reduced,
@@ -132,6 +132,9 @@ class _OwnedParams:
     def parameters(self):
         """The owner's parameters of this weight."""
         return [p for p in (getattr(self.owner, n) for n in self._NAMES) if p is not None]
+
+    def after_load(self) -> None:
+        """Restore what ``load_state_dict`` may have replaced (called by the owner)."""
 
 
 class STTPWeight(_OwnedParams):
@@ -315,6 +318,17 @@ class STTPWeight(_OwnedParams):
                                               requires_grad=theta.requires_grad)
         self.param = "manifold"
         return self
+
+    def after_load(self) -> None:
+        """``load_state_dict(..., assign=True)`` stores a plain ``Parameter`` as ``point``:
+        wrap it again as a ManifoldParameter (same storage), or Riemannian optimizers
+        would take Euclidean steps off the manifold."""
+        import geoopt
+
+        point = self.point if self.param == "manifold" else None
+        if point is not None and not isinstance(point, geoopt.ManifoldParameter):
+            self.point = geoopt.ManifoldParameter(point.detach(), manifold=self.manifold,
+                                                  requires_grad=point.requires_grad)
 
     def to_chart(self) -> "STTPWeight":
         """Switch to chart mode in place (``theta = chart.inverse(point)``)."""
@@ -586,6 +600,7 @@ class STTPParametrization(nn.Module):
             raise ValueError(f"W: expected shape {self.tensor_shape}, got {tuple(W.shape)}")
         if W.dtype not in _DTYPES:
             raise TypeError(f"W: expected dtype float32 or float64, got {W.dtype}")
+        check_finite(W, "W")
         W = W.detach()
         if self.tensorization is not None:
             T = self.tensorization.matrix_to_tensor(W.reshape(self.tensor_shape[0], -1))
@@ -612,6 +627,11 @@ def register_sttp(module: nn.Module, name: str, rank, shape=None, spectrum: str 
     tensor = getattr(module, name)
     if not isinstance(tensor, Tensor):
         raise TypeError(f"name: module.{name} is not a tensor")
+    if parametrize.is_parametrized(module, name):
+        # torch feeds a stacked parametrization the previous one's output (the dense
+        # tensor), but the chart maps flat coordinates: it can only come first
+        raise ValueError(f"name: module.{name} is parametrized already; register STTP first "
+                         f"(other parametrizations may be stacked on top of it)")
     P = STTPParametrization(tuple(tensor.shape), rank, shape, spectrum=spectrum, center=center,
                             tensorization=tensorization)
     parametrize.register_parametrization(module, name, P)

@@ -31,6 +31,8 @@ __all__ = [
     "compression_z",
     "spectral_penalty",
     "PAPER_PENALTY_EPS",
+    "module_paths",
+    "swap_module",
 ]
 
 #: torch type -> (kind name, STTP class, SVDP class): every layer type that converts
@@ -53,6 +55,27 @@ PAPER_PENALTY_EPS = 1e-7
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+
+
+def module_paths(model: nn.Module) -> Dict[int, List[str]]:
+    """``{id(module): [qualified names]}`` over every submodule of ``model`` (``model``
+    itself excluded), with every name under which a shared (tied) module is reachable, in
+    module order. Cost O(number of module paths)."""
+    paths: Dict[int, List[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if n:
+            paths.setdefault(id(m), []).append(n)
+    return paths
+
+
+def swap_module(model: nn.Module, old: nn.Module, new: nn.Module) -> List[str]:
+    """Put ``new`` in ``model`` wherever ``old`` is (every name of a shared module, so a
+    module used twice stays shared). Returns those names. Cost O(number of module paths)."""
+    names = module_paths(model).get(id(old), [])
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return names
 
 
 class ConversionReport(NamedTuple):
@@ -101,6 +124,11 @@ def convert_model(model: nn.Module, rank: int, *, method: str = "sttp",
         **kw: keyword arguments of the new layers (``spectrum``, ``param``,
             ``tensorization``, ``contraction``, ...).
 
+    A module reachable under several names (shared, e.g. ``self.b = self.a``) is converted
+    once, reported under its first name, and stays shared; it is ignored if any of its
+    names is. A layer whose weight is the parameter of another module too (tied weights)
+    is kept dense (``ValueError`` if named).
+
     Returns:
         a :class:`ConversionReport`. Cost: one TT-SVD / SVD per layer for ``"from_dense"``.
     """
@@ -115,7 +143,9 @@ def convert_model(model: nn.Module, rank: int, *, method: str = "sttp",
         raise ValueError(f"init: expected 'from_dense', 'orthogonal', 'near_identity' or "
                          f"'random', got {init!r}")
     ignore = tuple(ignore)
-    modules = dict(model.named_modules())
+    # every name, also the second name of a shared module (converted once, kept shared)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    paths = module_paths(model)
     for n in ignore:
         if n not in modules and not n.endswith("."):
             raise ValueError(f"ignore: model has no submodule {n!r}")
@@ -134,7 +164,7 @@ def convert_model(model: nn.Module, rank: int, *, method: str = "sttp",
         targets = names
     else:
         targets = []
-        for n, m in modules.items():
+        for n, m in model.named_modules():
             if n == "":
                 continue
             sub = next((t for t in LAYER_TYPES if isinstance(m, t) and type(m) is not t), None)
@@ -145,15 +175,27 @@ def convert_model(model: nn.Module, rank: int, *, method: str = "sttp",
                 continue
             if type(m) not in LAYER_TYPES or LAYER_TYPES[type(m)][0] not in kinds:
                 continue
-            if n in ignore or any(n.startswith(p) for p in ignore if p.endswith(".")):
+            if any(a in ignore or any(a.startswith(p) for p in ignore if p.endswith("."))
+                   for a in paths[id(m)]):
                 skipped[n] = "in the ignore list"
                 continue
             targets.append(n)
-    converted = []
+    holders: Dict[int, List[str]] = {}  # id(parameter) -> names of the modules holding it
+    for n, m in modules.items():
+        for p in m.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(n)
+    converted, done = [], set()
     for name in targets:
         m = modules[name]
+        if id(m) in done:  # another name of a module converted already
+            continue
+        done.add(id(m))
         entry = next((v for t, v in LAYER_TYPES.items() if isinstance(m, t)), None)
         why = _reason_not_convertible(m)
+        tied = [a for a in holders.get(id(m.weight), ()) if a not in paths[id(m)]]
+        if why is None and tied:
+            # two factorized copies would train apart: the tie would be silently lost
+            why = f"its weight is tied to {tied[0]!r}'s (shared parameter)"
         if why is not None:
             if names is not None:
                 raise ValueError(f"{name}: {why}")
@@ -171,9 +213,7 @@ def convert_model(model: nn.Module, rank: int, *, method: str = "sttp",
                 with torch.no_grad():
                     new.bias.copy_(m.bias)
         new.train(m.training)
-        parent_name, _, attr = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        setattr(parent, attr, new)
+        swap_module(model, m, new)
         converted.append(name)
     return ConversionReport(converted, skipped)
 
@@ -199,13 +239,11 @@ def export_model(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     if isinstance(model, FactorizedLayer):
         return model.decompress()
-    for name, m in list(model.named_modules()):
+    for _, m in list(model.named_modules()):
         if isinstance(m, FactorizedLayer):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
             new = m.decompress()
             new.train(m.training)
-            setattr(parent, attr, new)
+            swap_module(model, m, new)
     return model
 
 
