@@ -125,3 +125,33 @@ def test_project_sampled_names_bad_values():
         M.project_sampled(p, iset, torch.ones(9, dtype=F64))
     with pytest.raises(TypeError, match="values"):
         M.project_sampled(p, iset, [1.0] * 10)
+
+
+@pytest.mark.parametrize("n", [100, 3000])  # blocked and (from 2048 samples) compiled kernels
+def test_project_and_sampled_point_validate_v_and_values(n):
+    """IndexSet.project / sampled_point with right cores ``V`` of other ranks, a missing core
+    or another dtype, and values of another length or dtype: a clear error naming ``V`` or
+    ``values`` (V of other ranks used to give a silently wrong projection, the rest a torch
+    shape or dtype error from inside the kernels)."""
+    shape = (5, 1, 6, 3)
+    idx = torch.stack([torch.randint(0, s, (n,)) for s in shape], 1)
+    iset = tm.IndexSet(idx, shape)
+    x = tm.TT.random(shape, 3, dtype=F64)
+    U, V = tm.orthogonalize(x, "left").cores, tm.orthogonalize(x, "right").cores
+    z = torch.randn(n, dtype=F64)
+    other = tm.TT.random(shape, 2, dtype=F64).cores
+    for bad in (other, V[:3], [V[0]] + [v.float() for v in V[1:]]):
+        with pytest.raises((ValueError, TypeError), match="V"):
+            iset.project(U, bad, z)
+        with pytest.raises((ValueError, TypeError), match="V"):
+            iset.sampled_point(U, bad)
+    for bad in (z[:-1], z.float(), z.unsqueeze(1)):
+        with pytest.raises((ValueError, TypeError), match="values"):
+            iset.project(U, V, bad)
+    # V[0] is unused: None is accepted, and the result is the dense reference's
+    D = iset.project(U, [None] + V[1:], z)
+    for k in range(len(shape)):
+        G = torch.zeros_like(U[k], requires_grad=True)
+        full = tm.TT(U[:k] + [G] + V[k + 1:]).full()
+        (full[tuple(idx.t())] * z).sum().backward()
+        assert torch.allclose(D[k], G.grad, atol=1e-10)
