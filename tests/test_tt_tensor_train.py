@@ -290,6 +290,22 @@ def test_arithmetic(spec, a):
     assert rel_err(x.full(), dx) <= 1e-13 and rel_err(y.full(), dy) <= 1e-13
 
 
+@pytest.mark.parametrize("dtype, a, scale", [(F64, 1e-310, 1e-300), (F64, -5e-324, 1e-310),
+                                              (torch.float32, 1e-40, 1e-30),
+                                              (torch.float32, -1e-39, 1e-31)])
+def test_division_by_a_tiny_number(dtype, a, scale):
+    """``x / a`` for ``|a|`` so small that ``1 / a`` overflows the dtype, while ``x / a`` is
+    finite: the dense reference's values (the reciprocal made the first core Inf and the
+    entries NaN), for a TT and a sum kept as its terms."""
+    x = TT.random((3, 4, 2), 2, dtype=F64, generator=torch.Generator().manual_seed(0)) * scale
+    y = TT.random((3, 4, 2), 1, dtype=F64, generator=torch.Generator().manual_seed(1)) * scale
+    for t in (x, x + y):
+        ref = t.full() / a  # float64: finite
+        got = ((t if dtype == F64 else t.to(dtype)) / a).full().double()
+        assert torch.isfinite(got).all()
+        assert rel_err(got, ref) <= (1e-6 if dtype == torch.float32 else 1e-12)
+
+
 def test_arithmetic_rejects_non_scalars():
     x = TT.random((2, 3), 2, dtype=F64)
     with pytest.raises(TypeError):

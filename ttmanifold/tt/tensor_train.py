@@ -676,9 +676,18 @@ class TT:
     __rmul__ = __mul__
 
     def __truediv__(self, a):
-        if _is_scalar(a):
-            return self.scaled(1.0 / a)
-        return NotImplemented
+        if not _is_scalar(a):
+            return NotImplemented
+        inv = 1.0 / a
+        if isinstance(a, torch.Tensor) or abs(inv) <= torch.finfo(self.dtype).max:
+            return self.scaled(inv)
+        # 1/a overflows the dtype (|a| tiny, e.g. 1e-310) although x / a may not: scale by
+        # 1/m, then by 2^-e in power-of-two steps that fit the dtype (exact)
+        m, e = math.frexp(a)
+        out, step = self.scaled(1.0 / m), int(math.log2(torch.finfo(self.dtype).max)) - 1
+        for part in range(-e, 0, -step):
+            out = out.scaled(math.ldexp(1.0, min(part, step)))
+        return out
 
     def structured_inner(self, other: "TT") -> Optional[torch.Tensor]:
         """Extension point for structured subclasses (the tangent TT of
