@@ -216,6 +216,34 @@ def test_norm_no_overflow_where_squaring_would(scale):
     assert float(TT.zeros((2, 3)).norm()) == 0.0
 
 
+@pytest.mark.parametrize("dtype, scale", [(F64, 1e-310), (F64, 1e-200), (F64, 1e300),
+                                          (torch.float32, 1e-40), (torch.float32, 1e30)])
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_norm_gradient_with_a_subnormal_or_huge_core(dtype, scale, batch):
+    """A middle core scaled by ``scale`` (subnormal at 1e-310 / 1e-40): under autograd
+    the norm and its gradient are the dense float64 reference's, ``||X||`` and
+    ``<X, dX> / ||X||`` (the power-of-two scale of the Gram sweep overflowed to Inf for a
+    subnormal interface, giving NaN, and the clamped exponent of a subnormal norm scaled
+    the gradient wrongly by up to 2x)."""
+    g = torch.Generator().manual_seed(3)
+    cs = TT.random((3, 4, 5), 2, dtype=F64, batch=batch, generator=g).cores
+    ref = TT(cs).full().flatten(len(batch))  # float64, unscaled: ||X|| = scale ||ref||
+    scaled = [(c * (scale if k == 1 else 1.0)).to(dtype).requires_grad_()
+              for k, c in enumerate(cs)]
+    n = TT(scaled).norm()
+    grads = torch.autograd.grad(n.sum(), scaled)
+    # the subnormal input itself carries fewer bits (float32 1e-40: about 17)
+    tol = {F64: 1e-12, torch.float32: 1e-5}[dtype] * (1e3 if scale in (1e-310, 1e-40) else 1)
+    nref = ref.norm(dim=-1)
+    assert torch.allclose(n.double() / scale, nref, rtol=tol, atol=0)
+    # directional derivative along the middle core: <X, dX> / ||X|| (X = scale ref)
+    d1 = torch.randn(cs[1].shape, dtype=F64, generator=g)
+    dX = TT([cs[0], d1, cs[2]]).full().flatten(len(batch))
+    want = (ref * dX).sum(-1) / nref
+    got = (grads[1].double() * d1).flatten(len(batch)).sum(-1)
+    assert torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("scale", [1e200, 1e-200, 1e300, 1e-300])
 def test_round_and_from_dense_scale_invariant(scale):
     # rank selection must not depend on the overall scale (squares over/underflow)

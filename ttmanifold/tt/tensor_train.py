@@ -738,13 +738,20 @@ def _norm_with_gram_derivatives(x: TT, val: torch.Tensor,
     else:
         amax = torch.stack([m.abs().flatten(nb).amax(-1) for m in mats], -1)
     e = torch.frexp(amax)[1]  # (*batch, d)
-    mant, e_val = torch.frexp(val.clamp_min(fin.tiny))
+    # a subnormal norm keeps its own exponent (clamping it to tiny broke val = mant 2^e_val)
+    mant, e_val = torch.frexp(torch.where(val > 0, val, fin.tiny))
     e_prev = e[..., -2] if len(cores) > 1 else torch.zeros_like(e_val)
     e_last = torch.maximum(e_val, e_prev + e[..., -1] - nmant)
     exps = torch.cat([e[..., :-1], e_last.unsqueeze(-1)], -1)
     steps = torch.cat([torch.zeros_like(e_last).unsqueeze(-1), exps[..., :-1]], -1) - exps
-    scales = torch.exp2(steps.to(val.dtype))
-    y = TT([c * scales[..., k].reshape(scales.shape[:-1] + (1, 1, 1))
+    # each power of two applied as two halves: a step beyond the normal exponent range
+    # (an interface of subnormal or near-overflow norm next to one of norm ~1) would
+    # overflow 2^step or lose bits as a subnormal; the halves are exact and the scaled
+    # core's magnitude lies between the core's and the result's
+    half = torch.div(steps, 2, rounding_mode="floor")
+    s1, s2 = torch.exp2(half.to(val.dtype)), torch.exp2((steps - half).to(val.dtype))
+    shp = steps.shape[:-1] + (1, 1, 1)
+    y = TT([c * s1[..., k].reshape(shp) * s2[..., k].reshape(shp)
             for k, c in enumerate(cores)], check=False)
     s = inner(y, y)  # <X, X> / 2^(2 e_d)
     # <X, X> = 2^(2 e_d) <y, y> and val = mant 2^e_val: the derivatives of sqrt(<X, X>) are
