@@ -197,3 +197,12 @@ def test_sampled_point_validates_its_arguments(compiled):
         assert torch.allclose(p.to_samples(p.tangent(dU)), ref, atol=1e-10)
     finally:
         kernels.set_enabled(was)
+
+
+def test_from_sparse_rejects_a_dense_tensor():
+    """IndexSet.from_sparse of a dense tensor: a TypeError naming ``z`` (was torch's
+    NotImplementedError for aten::_indices on strided tensors)."""
+    with pytest.raises(TypeError, match="^z: expected a sparse COO tensor"):
+        tm.IndexSet.from_sparse(torch.ones(3, 3))
+    iset = tm.IndexSet.from_sparse(torch.eye(3).to_sparse())
+    assert len(iset) == 3 and iset.shape == (3, 3)

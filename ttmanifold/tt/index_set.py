@@ -83,6 +83,9 @@ class IndexSet:
     @classmethod
     def from_sparse(cls, z: torch.Tensor) -> "IndexSet":
         """The index set of a ``torch.sparse_coo_tensor`` (coalesced or not)."""
+        if not isinstance(z, torch.Tensor) or z.layout != torch.sparse_coo:
+            got = z.layout if isinstance(z, torch.Tensor) else type(z).__name__
+            raise TypeError(f"z: expected a sparse COO tensor, got {got}")
         return cls(z._indices().t(), tuple(z.shape))
 
     @classmethod
