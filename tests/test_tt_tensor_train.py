@@ -323,15 +323,17 @@ def test_arithmetic(spec, a):
                                               (torch.float32, -1e-39, 1e-31)])
 def test_division_by_a_tiny_number(dtype, a, scale):
     """``x / a`` for ``|a|`` so small that ``1 / a`` overflows the dtype, while ``x / a`` is
-    finite: the dense reference's values (the reciprocal made the first core Inf and the
-    entries NaN), for a TT and a sum kept as its terms."""
+    finite, ``a`` a number or a 0-d tensor: the dense reference's values (the reciprocal
+    made the first core Inf and the entries NaN), for a TT and a sum kept as its terms."""
     x = TT.random((3, 4, 2), 2, dtype=F64, generator=torch.Generator().manual_seed(0)) * scale
     y = TT.random((3, 4, 2), 1, dtype=F64, generator=torch.Generator().manual_seed(1)) * scale
+    # a 0-d tensor a of a subnormal value itself carries fewer bits (float32 1e-40: ~17)
     for t in (x, x + y):
-        ref = t.full() / a  # float64: finite
-        got = ((t if dtype == F64 else t.to(dtype)) / a).full().double()
-        assert torch.isfinite(got).all()
-        assert rel_err(got, ref) <= (1e-6 if dtype == torch.float32 else 1e-12)
+        for div, tol in ((a, 1e-6), (torch.tensor(a, dtype=dtype), 1e-4)):
+            ref = t.full() / (a if isinstance(div, float) else float(div))  # float64: finite
+            got = ((t if dtype == F64 else t.to(dtype)) / div).full().double()
+            assert torch.isfinite(got).all()
+            assert rel_err(got, ref) <= (tol if dtype == torch.float32 else 1e-12)
 
 
 def test_arithmetic_rejects_non_scalars():

@@ -678,8 +678,15 @@ class TT:
     def __truediv__(self, a):
         if not _is_scalar(a):
             return NotImplemented
+        if isinstance(a, torch.Tensor):
+            # 1/a overflows for a subnormal a: 1/a = p * 1/(a p) with p = 2^-h, h half of
+            # a's binary exponent (no host read); both factors are finite, p exact, and the
+            # first core's intermediate lies between its value and the result's
+            h = torch.frexp(a.detach().to(self.dtype))[1].div(2, rounding_mode="floor")
+            p = torch.exp2(-h.to(self.dtype))
+            return self.scaled(p).scaled(1.0 / (a * p))
         inv = 1.0 / a
-        if isinstance(a, torch.Tensor) or abs(inv) <= torch.finfo(self.dtype).max:
+        if abs(inv) <= torch.finfo(self.dtype).max:
             return self.scaled(inv)
         # 1/a overflows the dtype (|a| tiny, e.g. 1e-310) although x / a may not: scale by
         # 1/m, then by 2^-e in power-of-two steps that fit the dtype (exact)
