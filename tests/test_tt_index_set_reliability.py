@@ -125,3 +125,84 @@ def test_project_sampled_names_bad_values():
         M.project_sampled(p, iset, torch.ones(9, dtype=F64))
     with pytest.raises(TypeError, match="values"):
         M.project_sampled(p, iset, [1.0] * 10)
+
+
+@pytest.mark.parametrize("n", [100, 3000])  # blocked and (from 2048 samples) compiled kernels
+def test_project_and_sampled_point_validate_v_and_values(n):
+    """IndexSet.project / sampled_point with right cores ``V`` of other ranks, a missing core
+    or another dtype, and values of another length or dtype: a clear error naming ``V`` or
+    ``values`` (V of other ranks used to give a silently wrong projection, the rest a torch
+    shape or dtype error from inside the kernels)."""
+    shape = (5, 1, 6, 3)
+    idx = torch.stack([torch.randint(0, s, (n,)) for s in shape], 1)
+    iset = tm.IndexSet(idx, shape)
+    x = tm.TT.random(shape, 3, dtype=F64)
+    U, V = tm.orthogonalize(x, "left").cores, tm.orthogonalize(x, "right").cores
+    z = torch.randn(n, dtype=F64)
+    other = tm.TT.random(shape, 2, dtype=F64).cores
+    for bad in (other, V[:3], [V[0]] + [v.float() for v in V[1:]]):
+        with pytest.raises((ValueError, TypeError), match="V"):
+            iset.project(U, bad, z)
+        with pytest.raises((ValueError, TypeError), match="V"):
+            iset.sampled_point(U, bad)
+    for bad in (z[:-1], z.float(), z.unsqueeze(1)):
+        with pytest.raises((ValueError, TypeError), match="values"):
+            iset.project(U, V, bad)
+    # V[0] is unused: None is accepted, and the result is the dense reference's
+    D = iset.project(U, [None] + V[1:], z)
+    for k in range(len(shape)):
+        G = torch.zeros_like(U[k], requires_grad=True)
+        full = tm.TT(U[:k] + [G] + V[k + 1:]).full()
+        (full[tuple(idx.t())] * z).sum().backward()
+        assert torch.allclose(D[k], G.grad, atol=1e-10)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_sampled_point_validates_its_arguments(compiled):
+    """SampledPoint (torch) and CompiledSampledPoint: ``project`` with values of another
+    length or dtype, ``tangent`` with deltas of other ranks, fewer cores or another dtype,
+    and the layout changes with vectors of another length raise naming the argument (the
+    compiled ``from_samples`` / ``to_samples`` returned a shorter vector silently, the rest
+    failed inside the kernels with torch shape or dtype errors)."""
+    was = kernels.enabled()
+    kernels.set_enabled(compiled)
+    if compiled:
+        import shutil
+
+        if shutil.which("c++") is None:
+            pytest.skip("no C++ compiler")
+        kernels.build(["sampled"], verbose=False)
+    try:
+        shape, n = (5, 1, 6, 3), 3000
+        idx = torch.stack([torch.randint(0, s, (n,)) for s in shape], 1)
+        x = tm.TT.random(shape, 3, dtype=F64)
+        U, V = tm.orthogonalize(x, "left").cores, tm.orthogonalize(x, "right").cores
+        p = tm.IndexSet(idx, shape).sampled_point(U, V)
+        assert ("Compiled" in type(p).__name__) == compiled
+        z = p.from_samples(torch.randn(n, dtype=F64))
+        for bad in (z[:-1], z.float(), z.unsqueeze(1)):
+            with pytest.raises((ValueError, TypeError), match="^z:"):
+                p.project(bad)
+        dU = [torch.randn_like(u) for u in U]
+        for bad in (dU[:3], tm.TT.random(shape, 2, dtype=F64).cores, [d.float() for d in dU]):
+            with pytest.raises((ValueError, TypeError), match="^dU:"):
+                p.tangent(bad)
+        with pytest.raises(ValueError, match="^x:"):
+            p.from_samples(torch.zeros(n - 1, dtype=F64))
+        with pytest.raises(ValueError, match="^v:"):
+            p.to_samples(torch.zeros(n - 1, dtype=F64))
+        # the values are the dense reference's
+        ref = sum(tm.TT(U[:k] + [dU[k]] + V[k + 1:]).full()[tuple(idx.t())]
+                  for k in range(len(shape)))
+        assert torch.allclose(p.to_samples(p.tangent(dU)), ref, atol=1e-10)
+    finally:
+        kernels.set_enabled(was)
+
+
+def test_from_sparse_rejects_a_dense_tensor():
+    """IndexSet.from_sparse of a dense tensor: a TypeError naming ``z`` (was torch's
+    NotImplementedError for aten::_indices on strided tensors)."""
+    with pytest.raises(TypeError, match="^z: expected a sparse COO tensor"):
+        tm.IndexSet.from_sparse(torch.ones(3, 3))
+    iset = tm.IndexSet.from_sparse(torch.eye(3).to_sparse())
+    assert len(iset) == 3 and iset.shape == (3, 3)

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from ttmanifold import kernels
 from ttmanifold.manifold import project_sampled, right_cores
 from ttmanifold.tt.sampled_compiled import CompiledSampledPoint as NativeSampledPoint
-from ttmanifold import FixedTTRank, IndexSet
+from ttmanifold import TT, FixedTTRank, IndexSet
 from ttmanifold.experiments.problems import Completion
 from ttmanifold.experiments.solvers import run
 
@@ -786,3 +786,20 @@ def test_native_gather_results_are_not_workspace_views(native):
         iset.gather(U2)
         gc.collect()
     assert rel(v1, ref1) < 1e-12 and rel(w1, ref1) < 1e-12
+
+
+def test_index_set_on_the_meta_device():
+    """An index set on the meta device (shapes only) runs the per-mode kernels, as
+    documented: gather (with and without autograd), left / right vectors and scatter give
+    the right shapes (the per-mode grouping used to call bincount: NotImplementedError)."""
+    shape = (3, 4, 5)
+    x = TT.random(shape, 2, device="meta")
+    iset = IndexSet(torch.zeros(10, 3, dtype=torch.long, device="meta"), shape)
+    assert iset.gather(x).shape == (10,)
+    xg = TT([c.requires_grad_() for c in TT.random(shape, 2, device="meta").cores])
+    iset.gather(xg).sum().backward()
+    assert xg.cores[1].grad.shape == (2, 4, 2)
+    assert iset.left_vectors(x.cores)[2].shape == (10, 2)
+    assert iset.right_vectors(x.cores)[1].shape == (10, 2)
+    ones = torch.ones(10, 2, device="meta")
+    assert iset.scatter(1, ones, ones).shape == (2, 4, 2)

@@ -216,6 +216,34 @@ def test_norm_no_overflow_where_squaring_would(scale):
     assert float(TT.zeros((2, 3)).norm()) == 0.0
 
 
+@pytest.mark.parametrize("dtype, scale", [(F64, 1e-310), (F64, 1e-200), (F64, 1e300),
+                                          (torch.float32, 1e-40), (torch.float32, 1e30)])
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_norm_gradient_with_a_subnormal_or_huge_core(dtype, scale, batch):
+    """A middle core scaled by ``scale`` (subnormal at 1e-310 / 1e-40): under autograd
+    the norm and its gradient are the dense float64 reference's, ``||X||`` and
+    ``<X, dX> / ||X||`` (the power-of-two scale of the Gram sweep overflowed to Inf for a
+    subnormal interface, giving NaN, and the clamped exponent of a subnormal norm scaled
+    the gradient wrongly by up to 2x)."""
+    g = torch.Generator().manual_seed(3)
+    cs = TT.random((3, 4, 5), 2, dtype=F64, batch=batch, generator=g).cores
+    ref = TT(cs).full().flatten(len(batch))  # float64, unscaled: ||X|| = scale ||ref||
+    scaled = [(c * (scale if k == 1 else 1.0)).to(dtype).requires_grad_()
+              for k, c in enumerate(cs)]
+    n = TT(scaled).norm()
+    grads = torch.autograd.grad(n.sum(), scaled)
+    # the subnormal input itself carries fewer bits (float32 1e-40: about 17)
+    tol = {F64: 1e-12, torch.float32: 1e-5}[dtype] * (1e3 if scale in (1e-310, 1e-40) else 1)
+    nref = ref.norm(dim=-1)
+    assert torch.allclose(n.double() / scale, nref, rtol=tol, atol=0)
+    # directional derivative along the middle core: <X, dX> / ||X|| (X = scale ref)
+    d1 = torch.randn(cs[1].shape, dtype=F64, generator=g)
+    dX = TT([cs[0], d1, cs[2]]).full().flatten(len(batch))
+    want = (ref * dX).sum(-1) / nref
+    got = (grads[1].double() * d1).flatten(len(batch)).sum(-1)
+    assert torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("scale", [1e200, 1e-200, 1e300, 1e-300])
 def test_round_and_from_dense_scale_invariant(scale):
     # rank selection must not depend on the overall scale (squares over/underflow)
@@ -288,6 +316,24 @@ def test_arithmetic(spec, a):
     assert rel_err((x / a).full(), dx / a) <= 1e-13
     # the operands are not modified
     assert rel_err(x.full(), dx) <= 1e-13 and rel_err(y.full(), dy) <= 1e-13
+
+
+@pytest.mark.parametrize("dtype, a, scale", [(F64, 1e-310, 1e-300), (F64, -5e-324, 1e-310),
+                                              (torch.float32, 1e-40, 1e-30),
+                                              (torch.float32, -1e-39, 1e-31)])
+def test_division_by_a_tiny_number(dtype, a, scale):
+    """``x / a`` for ``|a|`` so small that ``1 / a`` overflows the dtype, while ``x / a`` is
+    finite, ``a`` a number or a 0-d tensor: the dense reference's values (the reciprocal
+    made the first core Inf and the entries NaN), for a TT and a sum kept as its terms."""
+    x = TT.random((3, 4, 2), 2, dtype=F64, generator=torch.Generator().manual_seed(0)) * scale
+    y = TT.random((3, 4, 2), 1, dtype=F64, generator=torch.Generator().manual_seed(1)) * scale
+    # a 0-d tensor a of a subnormal value itself carries fewer bits (float32 1e-40: ~17)
+    for t in (x, x + y):
+        for div, tol in ((a, 1e-6), (torch.tensor(a, dtype=dtype), 1e-4)):
+            ref = t.full() / (a if isinstance(div, float) else float(div))  # float64: finite
+            got = ((t if dtype == F64 else t.to(dtype)) / div).full().double()
+            assert torch.isfinite(got).all()
+            assert rel_err(got, ref) <= (tol if dtype == torch.float32 else 1e-12)
 
 
 def test_arithmetic_rejects_non_scalars():

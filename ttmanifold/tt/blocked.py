@@ -17,12 +17,39 @@ import torch
 from .layout import Block, Partition, Workspace
 
 __all__ = ["SampledPoint", "blocked_values", "blocked_project", "merged", "tangent_block",
-           "split_block_grad", "ranks_of", "stacked"]
+           "split_block_grad", "ranks_of", "stacked", "check_per_sample", "check_deltas"]
 
 
 def ranks_of(cores: Sequence[torch.Tensor]) -> List[int]:
     """The ``d + 1`` TT-ranks of a list of cores (or of batched cores ``(B, r, n, r')``)."""
     return [int(c.shape[-3]) for c in cores] + [int(cores[-1].shape[-1])]
+
+
+def check_per_sample(x, n: int, like: torch.Tensor, name: str, dtype: bool = True) -> None:
+    """Raise ``ValueError`` / ``TypeError`` naming ``name`` unless ``x`` is a tensor of shape
+    ``(n,)`` with ``like``'s device and (with ``dtype``) dtype: per-sample scalars of a
+    sampled point (the kernels would fail inside, or read a shorter vector silently; layout
+    changes take any dtype). Cost O(1), no sync."""
+    if not isinstance(x, torch.Tensor) or x.shape != (n,):
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected shape ({n},), got {got}")
+    if (dtype and x.dtype != like.dtype) or x.device != like.device:
+        raise TypeError(f"{name}: dtype {x.dtype} on {x.device}, the point's values are "
+                        f"{like.dtype} on {like.device}")
+
+
+def check_deltas(dU, U: Sequence[torch.Tensor], name: str = "dU") -> None:
+    """Raise naming ``name`` unless ``dU`` are ``len(U)`` tensors of ``U``'s shapes, dtype
+    and device (the deltas of a tangent vector at the point with cores ``U``). Cost O(d)."""
+    if (isinstance(dU, torch.Tensor) or not isinstance(dU, (list, tuple)) or len(dU) != len(U)
+            or any(not isinstance(g, torch.Tensor) or g.shape != u.shape
+                   for g, u in zip(dU, U))):
+        raise ValueError(f"{name}: expected {len(U)} deltas of the point's core shapes "
+                         f"{[tuple(u.shape) for u in U]}")
+    for k, g in enumerate(dU):
+        if g.dtype != U[0].dtype or g.device != U[0].device:
+            raise TypeError(f"{name}: delta {k} has dtype {g.dtype} on {g.device}, the point "
+                            f"{U[0].dtype} on {U[0].device}")
 
 
 # -- row-major buffer operations ---------------------------------------------------------
@@ -287,15 +314,18 @@ class SampledPoint:
 
     def to_samples(self, v: torch.Tensor) -> torch.Tensor:
         """Last-layout values (slots,) -> (N,) in sample order."""
+        check_per_sample(v, self.values.shape[0], self.values, "v", False)
         return self.part.blocks[-1].to_samples(v)
 
     def from_samples(self, x: torch.Tensor) -> torch.Tensor:
         """(N,) in sample order -> (slots,) in the last layout (zero padding)."""
+        check_per_sample(x, len(self.iset), self.values, "x", False)
         return self.part.blocks[-1].layout_vector(x)
 
     def project(self, z: torch.Tensor) -> List[torch.Tensor]:
         """``D_k[:, i, :] = sum_{e: i_k(e) = i} z_e l_k(e)^T rho_{k+1}(e)^T`` for every k,
         ``z`` in the last layout (slots,) with zero padding. Gauge projection not applied."""
+        check_per_sample(z, self.values.shape[0], self.values, "z")
         iset, part, ws = self.iset, self.part, self._ws
         blocks = part.blocks
         B = len(blocks)
@@ -317,6 +347,7 @@ class SampledPoint:
     def tangent(self, dU: Sequence[torch.Tensor]) -> torch.Tensor:
         """``xi(i_e) = sum_k l_k(e)^T dU_k[i_k(e)] rho_{k+1}(e)`` (the tangent vector with
         deltas ``dU`` at the samples), in the last layout (slots,), zero padding."""
+        check_deltas(dU, self.U)
         part, ws = self.part, self._ws
         blocks = part.blocks
         with torch.no_grad():

@@ -83,6 +83,9 @@ class IndexSet:
     @classmethod
     def from_sparse(cls, z: torch.Tensor) -> "IndexSet":
         """The index set of a ``torch.sparse_coo_tensor`` (coalesced or not)."""
+        if not isinstance(z, torch.Tensor) or z.layout != torch.sparse_coo:
+            got = z.layout if isinstance(z, torch.Tensor) else type(z).__name__
+            raise TypeError(f"z: expected a sparse COO tensor, got {got}")
         return cls(z._indices().t(), tuple(z.shape))
 
     @classmethod
@@ -144,6 +147,38 @@ class IndexSet:
             if c.device != self.device:
                 raise ValueError(f"{name}: core {k} on device {c.device}, indices on "
                                  f"{self.device}")
+
+    def check_point_cores(self, U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
+                          values: Optional[torch.Tensor] = None) -> None:
+        """Validate the cores of a point for :meth:`sampled_point` and :meth:`project`.
+
+        Args:
+            U: left-orthogonal cores, checked by :meth:`check_cores`.
+            V: right-orthogonal cores, ``d`` entries, ``V[0]`` unused (may be None),
+                ``V[k]`` of ``U[k]``'s shape, dtype and device.
+            values: if given, one value per sample, ``(N,)``, of ``U``'s dtype and device.
+        Raises ``ValueError`` / ``TypeError`` naming the argument (the kernels would read
+        cores of other ranks silently or fail deep inside). Cost O(d), no host sync."""
+        self.check_cores(U, "U")
+        if (isinstance(V, torch.Tensor) or not isinstance(V, (list, tuple))
+                or len(V) != len(U) or any(
+                    not isinstance(v, torch.Tensor) or v.shape != u.shape
+                    for v, u in zip(V[1:], U[1:]))):
+            raise ValueError(f"V: expected the point's right-orthogonal cores, {len(U)} cores "
+                             f"of shapes {[tuple(u.shape) for u in U]} (V[0] unused)")
+        for k, v in enumerate(V[1:], 1):
+            if v.dtype != U[0].dtype or v.device != U[0].device:
+                raise TypeError(f"V: core {k} has dtype {v.dtype} on {v.device}, U has "
+                                f"{U[0].dtype} on {U[0].device}")
+        if values is not None:
+            if not isinstance(values, torch.Tensor) or values.shape != (len(self),):
+                got = (tuple(values.shape) if isinstance(values, torch.Tensor)
+                       else type(values).__name__)
+                raise ValueError(f"values: expected shape ({len(self)},) (one per sample), "
+                                 f"got {got}")
+            if values.dtype != U[0].dtype or values.device != U[0].device:
+                raise TypeError(f"values: dtype {values.dtype} on {values.device}, U has "
+                                f"{U[0].dtype} on {U[0].device}")
 
     # -- blocked layouts ------------------------------------------------------------------
     def block_key(self, lo: int, hi: int) -> torch.Tensor:
@@ -248,7 +283,7 @@ class IndexSet:
         and right-orthogonal cores ``V`` (``V[0]`` unused): a :class:`SampledPoint`, or
         its compiled counterpart (same interface and values) where
         :mod:`ttmanifold.kernels` serves. O(N d r^2)."""
-        self.check_cores(U, "U")
+        self.check_point_cores(U, V)
         return new_sampled_point(self, list(U), list(V))
 
     # -- per-mode kernels (sample order) ------------------------------------------------
@@ -334,7 +369,7 @@ class IndexSet:
         onto the tangent space at the TT with left-orthogonal cores ``U`` and
         right-orthogonal cores ``V`` (before the gauge projection). No autograd: the
         blocked kernels (or the compiled ones). O(N d r^2)."""
-        self.check_cores(U, "U")
+        self.check_point_cores(U, V, values)
         return sampled_project(self, list(U), list(V), values)
 
 

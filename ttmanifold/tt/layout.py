@@ -54,6 +54,9 @@ class ModePlan:
         N = idx.shape[0]
         self.n = n
         self.idx = idx
+        if idx.device.type == "meta":  # no values to group (and no bincount): per sample
+            self.maxc, self.padded, self.pad_map, self.slot_of = 0, False, None, None
+            return
         counts = torch.bincount(idx, minlength=n)
         maxc = int(counts.max()) if N > 0 else 0  # host read, once per IndexSet
         self.maxc = maxc

@@ -24,7 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import kernels
-from .blocked import merged, ranks_of, split_block_grad, tangent_block
+from .blocked import (check_deltas, check_per_sample, merged, ranks_of, split_block_grad,
+                      tangent_block)
 
 __all__ = ["MIN_SAMPLES", "applies", "values", "sampled_point", "project", "CompiledPlan",
            "CompiledSampledPoint"]
@@ -285,15 +286,18 @@ class CompiledSampledPoint:
         return self.plan.mask
 
     def to_samples(self, v: torch.Tensor) -> torch.Tensor:
+        check_per_sample(v, self.values.shape[0], self.values, "v", False)
         return v
 
     def from_samples(self, x: torch.Tensor) -> torch.Tensor:
+        check_per_sample(x, self.values.shape[0], self.values, "x", False)
         return x
 
     def project(self, z: torch.Tensor) -> List[torch.Tensor]:
         """``D_k`` of the projection of the sparse tensor with values ``z`` (sample order),
         before the gauge projection. The first call also runs the right sweep, fused with
         the scatter (``step_outer``: per block, one pass over its right vectors)."""
+        check_per_sample(z, self.values.shape[0], self.values, "z")
         nat = self.mod
         plan = self.plan
         shape = plan.iset.shape
@@ -328,6 +332,7 @@ class CompiledSampledPoint:
         """The tangent vector with deltas ``dU`` at the samples (sample order): per block,
         the row-wise products ``l T r`` with its merged tangent core (block order), then
         gathered into sample order and summed (one kernel call for both)."""
+        check_deltas(dU, self.U)
         nat = self.mod
         plan = self.plan
         N = len(plan.iset)

@@ -676,9 +676,25 @@ class TT:
     __rmul__ = __mul__
 
     def __truediv__(self, a):
-        if _is_scalar(a):
-            return self.scaled(1.0 / a)
-        return NotImplemented
+        if not _is_scalar(a):
+            return NotImplemented
+        if isinstance(a, torch.Tensor):
+            # 1/a overflows for a subnormal a: 1/a = p * 1/(a p) with p = 2^-h, h half of
+            # a's binary exponent (no host read); both factors are finite, p exact, and the
+            # first core's intermediate lies between its value and the result's
+            h = torch.frexp(a.detach().to(self.dtype))[1].div(2, rounding_mode="floor")
+            p = torch.exp2(-h.to(self.dtype))
+            return self.scaled(p).scaled(1.0 / (a * p))
+        inv = 1.0 / a
+        if abs(inv) <= torch.finfo(self.dtype).max:
+            return self.scaled(inv)
+        # 1/a overflows the dtype (|a| tiny, e.g. 1e-310) although x / a may not: scale by
+        # 1/m, then by 2^-e in power-of-two steps that fit the dtype (exact)
+        m, e = math.frexp(a)
+        out, step = self.scaled(1.0 / m), int(math.log2(torch.finfo(self.dtype).max)) - 1
+        for part in range(-e, 0, -step):
+            out = out.scaled(math.ldexp(1.0, min(part, step)))
+        return out
 
     def structured_inner(self, other: "TT") -> Optional[torch.Tensor]:
         """Extension point for structured subclasses (the tangent TT of
@@ -729,13 +745,20 @@ def _norm_with_gram_derivatives(x: TT, val: torch.Tensor,
     else:
         amax = torch.stack([m.abs().flatten(nb).amax(-1) for m in mats], -1)
     e = torch.frexp(amax)[1]  # (*batch, d)
-    mant, e_val = torch.frexp(val.clamp_min(fin.tiny))
+    # a subnormal norm keeps its own exponent (clamping it to tiny broke val = mant 2^e_val)
+    mant, e_val = torch.frexp(torch.where(val > 0, val, fin.tiny))
     e_prev = e[..., -2] if len(cores) > 1 else torch.zeros_like(e_val)
     e_last = torch.maximum(e_val, e_prev + e[..., -1] - nmant)
     exps = torch.cat([e[..., :-1], e_last.unsqueeze(-1)], -1)
     steps = torch.cat([torch.zeros_like(e_last).unsqueeze(-1), exps[..., :-1]], -1) - exps
-    scales = torch.exp2(steps.to(val.dtype))
-    y = TT([c * scales[..., k].reshape(scales.shape[:-1] + (1, 1, 1))
+    # each power of two applied as two halves: a step beyond the normal exponent range
+    # (an interface of subnormal or near-overflow norm next to one of norm ~1) would
+    # overflow 2^step or lose bits as a subnormal; the halves are exact and the scaled
+    # core's magnitude lies between the core's and the result's
+    half = torch.div(steps, 2, rounding_mode="floor")
+    s1, s2 = torch.exp2(half.to(val.dtype)), torch.exp2((steps - half).to(val.dtype))
+    shp = steps.shape[:-1] + (1, 1, 1)
+    y = TT([c * s1[..., k].reshape(shp) * s2[..., k].reshape(shp)
             for k, c in enumerate(cores)], check=False)
     s = inner(y, y)  # <X, X> / 2^(2 e_d)
     # <X, X> = 2^(2 e_d) <y, y> and val = mant 2^e_val: the derivatives of sqrt(<X, X>) are
