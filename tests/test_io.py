@@ -80,3 +80,16 @@ def test_errors(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="list.pt"):
         tm.load(tmp_path / "list.pt")
+
+
+def test_a_damaged_torch_file_is_refused_not_read_as_other_numbers(tmp_path):
+    # (torch.load skips the zip CRC: a flipped byte in a core loaded as a wrong value)
+    x = tm.TT.random((3, 4, 5), 2, dtype=torch.float64)
+    tm.save(x, tmp_path / "x.pt")
+    data = bytearray((tmp_path / "x.pt").read_bytes())
+    off = bytes(data).find(x.cores[1].numpy().tobytes())
+    assert off > 0
+    data[off + 3] ^= 0x55
+    (tmp_path / "bad.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="bad.pt.*CRC"):
+        tm.load(tmp_path / "bad.pt")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from typing import Optional
 
 import numpy as np
@@ -103,12 +104,19 @@ def load(path, *, dtype: Optional[torch.dtype] = None, device=None) -> TT:
                 n = len(meta.get("shape", []))
                 cores = [torch.from_numpy(z[f"core_{k}"].copy()) for k in range(n)]
         else:
+            # torch.load does not check the zip records' CRC-32 (torch.save writes them): a
+            # flipped byte in a core would load as silently wrong numbers
+            if zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as zf:
+                    bad = zf.testzip()
+                if bad is not None:
+                    raise ValueError(f"record {bad!r} fails its CRC-32 check (damaged file)")
             data = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(data, dict):
                 raise ValueError("not a dict")
             meta = {k: v for k, v in data.items() if k != "cores"}
             cores = list(data.get("cores", []))
-    except (KeyError, ValueError, OSError, RuntimeError, EOFError) as exc:
+    except (KeyError, ValueError, OSError, RuntimeError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"path: {path!r} is not a tensor train saved by ttmanifold.save "
                          f"({type(exc).__name__}: {exc})") from exc
     except Exception as exc:  # noqa: BLE001  (unpickling errors of foreign files)
