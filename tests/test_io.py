@@ -93,3 +93,22 @@ def test_a_damaged_torch_file_is_refused_not_read_as_other_numbers(tmp_path):
     (tmp_path / "bad.pt").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="bad.pt.*CRC"):
         tm.load(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("change", [{"shape": None}, {"ranks": "abc"}, {"version": "2.1"},
+                                    {"version": None}, {"batch_shape": 3}, {"shape": ["a"]}])
+def test_damaged_metadata_is_a_value_error_naming_the_file(tmp_path, change):
+    # (a missing or malformed field raised a bare KeyError/TypeError without the file's name)
+    x = tm.TT.random((3, 4), 2, dtype=torch.float64)
+    meta = {"format": "ttmanifold.TT", "version": 1, "shape": [3, 4], "ranks": [1, 2, 1],
+            "dtype": "float64"}
+    meta.update(change)
+    torch.save(dict(meta, cores=list(x.cores)), tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="m.pt"):
+        tm.load(tmp_path / "m.pt")
+    del meta["ranks"]
+    with open(tmp_path / "m.npz", "wb") as f:
+        np.savez(f, meta=np.array(json.dumps(meta)), core_0=x.cores[0].numpy(),
+                 core_1=x.cores[1].numpy())
+    with pytest.raises(ValueError, match="m.npz"):
+        tm.load(tmp_path / "m.npz")

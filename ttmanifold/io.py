@@ -125,11 +125,17 @@ def load(path, *, dtype: Optional[torch.dtype] = None, device=None) -> TT:
     if meta.get("format") != FORMAT:
         raise ValueError(f"path: {path!r} is not a tensor train saved by ttmanifold.save "
                          f"(format {meta.get('format')!r})")
-    if int(meta.get("version", 0)) > VERSION:
+    try:  # (a damaged record raised a bare KeyError or TypeError without the file's name)
+        version = int(meta.get("version", 0))
+        if version <= VERSION:
+            shape = [int(n) for n in meta["shape"]]
+            ranks = [int(r) for r in meta["ranks"]]
+            batch = tuple(int(b) for b in meta.get("batch_shape", ()))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"path: {path!r}: damaged metadata ({type(exc).__name__}: {exc})") from exc
+    if version > VERSION:
         raise ValueError(f"path: {path!r} has format version {meta['version']}; this "
                          f"ttmanifold reads up to {VERSION} (upgrade ttmanifold)")
-    shape, ranks = list(meta["shape"]), list(meta["ranks"])
-    batch = tuple(meta.get("batch_shape", ()))
     ok = len(cores) == len(shape) and len(ranks) == len(shape) + 1 and all(
         isinstance(c, torch.Tensor)
         and tuple(c.shape) == batch + (ranks[k], shape[k], ranks[k + 1])
