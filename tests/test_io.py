@@ -112,3 +112,15 @@ def test_damaged_metadata_is_a_value_error_naming_the_file(tmp_path, change):
                  core_1=x.cores[1].numpy())
     with pytest.raises(ValueError, match="m.npz"):
         tm.load(tmp_path / "m.npz")
+
+
+def test_load_checks_dtype_and_device_first(tmp_path):
+    # (dtype="float32" failed after the read as torch's "Invalid device string")
+    tm.save(tm.TT.random((3, 4), 2, dtype=torch.float64), tmp_path / "x.pt")
+    with pytest.raises(TypeError, match="dtype"):
+        tm.load(tmp_path / "x.pt", dtype="float32")
+    with pytest.raises(TypeError, match="dtype"):
+        tm.load(tmp_path / "missing.pt", dtype=torch.int64)
+    with pytest.raises(ValueError, match="device"):
+        tm.load(tmp_path / "x.pt", device="bogus")
+    assert tm.load(tmp_path / "x.pt", dtype=torch.float32, device="cpu").dtype == torch.float32

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._checks import check_finite
+from ._checks import check_finite, check_float_dtype
 from .tt import TT
 
 __all__ = ["save", "load", "ensure_writable_dir", "FORMAT"]
@@ -90,10 +90,19 @@ def load(path, *, dtype: Optional[torch.dtype] = None, device=None) -> TT:
         dtype: cast the cores (default: the stored dtype).
         device: move the cores (default: CPU).
 
-    Returns a :class:`~ttmanifold.TT`. Raises ``FileNotFoundError`` for a missing file and
-    ``ValueError`` naming ``path`` for a file that is not a saved TT or whose cores do not
-    chain (shape, ranks). Cost: O(number of TT parameters).
+    Returns a :class:`~ttmanifold.TT`. Raises ``FileNotFoundError`` for a missing file,
+    ``ValueError`` naming ``path`` for a file that is not a saved TT, is damaged or whose
+    cores do not chain (shape, ranks), ``TypeError`` naming ``dtype`` for a dtype other than
+    float32/float64 and ``ValueError`` naming ``device`` for a string that is no device. Cost: O(number of TT parameters).
     """
+    # the arguments first (a string dtype failed as an 'invalid device string', after the read)
+    if dtype is not None:
+        check_float_dtype(dtype, "dtype")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"device: not a torch device: {device!r} ({exc})") from None
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"path: no such file {path!r}")
