@@ -124,3 +124,15 @@ def test_load_checks_dtype_and_device_first(tmp_path):
     with pytest.raises(ValueError, match="device"):
         tm.load(tmp_path / "x.pt", device="bogus")
     assert tm.load(tmp_path / "x.pt", dtype=torch.float32, device="cpu").dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["d.npz", "d.pt", ""])
+def test_save_to_a_directory_names_the_argument(tmp_path, name, monkeypatch):
+    # (failed at the final rename with the temporary file's name; "" wrote a hidden
+    # temporary file into the parent of the working directory first)
+    monkeypatch.chdir(tmp_path)
+    if name:
+        (tmp_path / name).mkdir()
+    with pytest.raises(IsADirectoryError, match="path: .* is a directory"):
+        tm.save(tm.TT.random((3, 4), 2), name)
+    assert not [f for f in tmp_path.parent.iterdir() if ".tmp" in f.name]

@@ -53,12 +53,15 @@ def save(x, path) -> None:
             data go to a temporary file in the same directory first).
 
     Returns None. Raises ``ValueError`` naming ``x`` for non-finite cores (:func:`load`
-    could not read them back). Cost: O(number of TT parameters).
+    could not read them back), ``IsADirectoryError`` naming ``path`` for a directory. Cost: O(number of TT parameters).
     """
     tt = _as_tt(x)
     for k, c in enumerate(tt.cores):
         check_finite(c.detach(), f"x: core {k}")
     path = os.fspath(path)
+    # (before any work: a directory failed at the final rename, naming the temporary file)
+    if not path or os.path.isdir(path):
+        raise IsADirectoryError(f"path: {path!r} is a directory, not a file name")
     cores = [c.detach().cpu().contiguous() for c in tt.cores]
     dtype = str(cores[0].dtype).replace("torch.", "")
     meta = {"format": FORMAT, "version": 1, "shape": list(tt.shape),
