@@ -478,6 +478,55 @@ def test_failed_build_recorded_whole_and_reported_once(tmp_path):
     assert "threading.py" not in p.stderr
 
 
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return _cache._proc_state(pid) not in (None, "Z")
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
+def test_interrupted_build_kernels_exits_130_and_stops_the_compiler(tmp_path):
+    """Ctrl-C during ``ttmanifold build-kernels``: one line, exit status 130, the build lock
+    released and no compiler left running (a traceback, and ninja and the compiler
+    orphaned, before)."""
+    marker = tmp_path / "compiler.pid"
+    cxx = tmp_path / "slow-c++"
+    cxx.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo "g++ (fake) 12.2.0"; exit 0; fi\n'
+                   f'echo $$ > "{marker}"\nexec sleep 120\n')
+    cxx.chmod(0o755)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "cache"), PYTHONPATH=ROOT,
+               CXX=str(cxx))
+    env.pop("TTMANIFOLD_NATIVE", None)
+    p = subprocess.Popen([sys.executable, "-m", "ttmanifold", "build-kernels", "dense"], env=env,
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pid = None
+    try:
+        t = time.monotonic() + 120
+        while not (marker.exists() and marker.read_text().strip()) and time.monotonic() < t:
+            assert p.poll() is None, p.communicate()[0]
+            time.sleep(0.1)
+        pid = int(marker.read_text())
+        p.send_signal(signal.SIGINT)
+        out = p.communicate(timeout=30)[0]
+        assert p.returncode == 130, out
+        assert "interrupted" in out and "Traceback" not in out
+        t = time.monotonic() + 5
+        while _running(pid) and time.monotonic() < t:
+            time.sleep(0.05)
+        assert not _running(pid)
+        s = _spec_in(tmp_path / "cache", "dense")
+        assert not os.path.exists(s.lock_path)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if pid is not None and _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 BUILD_WITH_STALE_LOCKS = """
     import json, os, socket, subprocess, sys
     from ttmanifold import kernels

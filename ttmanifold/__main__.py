@@ -41,7 +41,12 @@ def build_kernels(args: Sequence[str]) -> int:
     if unknown:
         raise SystemExit(f"ttmanifold build-kernels: unknown kernel set(s) {unknown} "
                          "(expected 'dense' and/or 'sampled')")
-    res = kernels.build(names, verbose=True, timeout=timeout)
+    try:
+        res = kernels.build(names, verbose=True, timeout=timeout)
+    except KeyboardInterrupt:  # (was a traceback from inside the wait)
+        print("\nttmanifold build-kernels: interrupted; the build in progress was stopped "
+              "(sets built before are kept)", file=sys.stderr, flush=True)
+        return 130
     print()
     for name, r in res.items():
         line = f"{name:8s} {r['result']} in {r['seconds']:.1f} s  ({r['path']})"

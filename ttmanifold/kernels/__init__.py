@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -588,8 +589,12 @@ def _build_one(ks: _KernelSet, verbose: bool, timeout: float) -> dict:
 def _run_child(ks: _KernelSet, s: _cache.Spec, say) -> int:
     cmd, env = _child_cmd(ks.name, background=False)
     say(f"compiling {s.build_name} ({USUAL_TIME}; log {s.log_path})")
+    # its own process group, ended as a whole on Ctrl-C: terminating only the child left
+    # ninja and the compiler running (orphaned) in the build directory
+    group = hasattr(os, "killpg")
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env, close_fds=True)
+                            stderr=subprocess.DEVNULL, env=env, close_fds=True,
+                            start_new_session=group)
     t = time.monotonic()
     next_note = t + 10.0
     try:
@@ -602,8 +607,37 @@ def _run_child(ks: _KernelSet, s: _cache.Spec, say) -> int:
                 next_note += 10.0
                 say("still compiling")
     except BaseException:
-        proc.terminate()  # Ctrl-C: the child releases its lock as it ends
+        _end_build_group(proc, group)
         raise
+
+
+def _end_build_group(proc, group: bool) -> None:
+    """End a foreground build and its compiler: SIGINT to the group (the builder releases
+    its lock as it ends), SIGKILL after 3 s (no hang at interrupt)."""
+    for sig, wait in ((signal.SIGINT, 3.0), (signal.SIGKILL, 1.0)):
+        try:
+            if group:
+                os.killpg(proc.pid, sig)
+            elif sig == signal.SIGINT:
+                proc.terminate()
+            else:
+                proc.kill()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=wait)
+            if not group:
+                return
+        except subprocess.TimeoutExpired:
+            continue
+        except BaseException:  # a second Ctrl-C: go on ending it
+            continue
+        # the builder is gone; its compiler may outlive it in the group
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        return
 
 
 def status() -> dict:
