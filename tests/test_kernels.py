@@ -589,6 +589,19 @@ def test_cli_build_kernels_refuses_a_nan_or_negative_timeout():
             kernels.build("dense", timeout=bad, verbose=False)
 
 
+
+def test_cli_help_of_build_kernels_and_info(capsys):
+    # (--help was refused as an unknown kernel set / an argument; --timeout=S unknown)
+    from ttmanifold.__main__ import main
+
+    for argv in (["build-kernels", "--help"], ["build-kernels", "-h"], ["info", "--help"]):
+        assert main(argv) == 0
+        assert capsys.readouterr().out.startswith("usage: ttmanifold " + argv[0])
+    with pytest.raises(SystemExit, match="--timeout: expected a non-negative .* got nan"):
+        main(["build-kernels", "--timeout=nan"])
+    with pytest.raises(SystemExit, match="--timeout takes a number"):
+        main(["build-kernels", "dense", "--timeout"])
+
 @pytest.fixture
 def compiled(built_cache, fresh, monkeypatch):
     """The session's compiled modules loaded in this process, behind call-recording spies."""
