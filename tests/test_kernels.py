@@ -286,6 +286,28 @@ def test_module_starts_one_background_build_and_never_blocks(fresh, monkeypatch,
     assert kernels.module("dense") is None and len(started) == 1  # still building
 
 
+def test_build_process_builds_where_this_process_looks(fresh, monkeypatch, tmp_path):
+    # (a relative TORCH_EXTENSIONS_DIR and a chdir after the first look: the child built
+    # into another directory and the build was reported as "ended without a result")
+    started = []
+
+    class Running:
+        def poll(self):
+            return None
+
+    monkeypatch.setattr(kernels, "_start_background",
+                        lambda cmd, env: started.append(env) or Running())
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "relcache")
+    where = kernels.status()["dense"]["path"]
+    assert where.startswith(str(tmp_path / "a"))
+    monkeypatch.chdir(tmp_path / "b")
+    assert kernels.module("dense") is None and len(started) == 1
+    root = started[0]["TORCH_EXTENSIONS_DIR"]
+    assert os.path.isabs(root) and os.path.join(root, os.path.basename(where)) == where
+
 def test_detached_build_process_is_not_waited_for(tmp_path):
     """The background build's process: own session, null stdio, its exit seen by poll()."""
     flag = tmp_path / "sid"

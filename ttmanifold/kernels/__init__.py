@@ -201,9 +201,12 @@ def _probe(ks: _KernelSet) -> None:
         _fail(ks, f"{type(exc).__name__}: {exc}")
 
 
-def _child_cmd(name: str, background: bool):
-    """The command and environment of a build process: this interpreter, importing this
-    ttmanifold (its directory first on ``sys.path``, whatever the working directory)."""
+def _child_cmd(s: _cache.Spec, background: bool):
+    """The command and environment of a build process for ``s``: this interpreter, importing
+    this ttmanifold (its directory first on ``sys.path``, whatever the working directory),
+    building into ``s``'s cache root (absolute: a relative ``TORCH_EXTENSIONS_DIR`` after a
+    ``chdir``, or a changed one, made the child build where this process never looked)."""
+    name = s.name
     if not sys.executable:
         raise RuntimeError("no Python executable (sys.executable is empty) to run the build")
     pkg_parent = os.path.dirname(os.path.dirname(_cache.HERE))  # the directory of ttmanifold/
@@ -212,7 +215,7 @@ def _child_cmd(name: str, background: bool):
     if background:  # lowest priority from the start (the imports too), where there is nice
         boot = "import os\nif hasattr(os, 'nice'): os.nice(19)\n" + boot
     cmd = [sys.executable, "-c", boot, name]
-    env = dict(os.environ)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.dirname(s.build_dir))
     if background:
         cmd.append("--background")
         env["MAX_JOBS"] = "1"
@@ -261,7 +264,7 @@ def _start_background(cmd, env):
 
 def _spawn(ks: _KernelSet, s: _cache.Spec) -> None:
     os.makedirs(s.build_dir, exist_ok=True)
-    cmd, env = _child_cmd(ks.name, background=True)
+    cmd, env = _child_cmd(s, background=True)
     ks.spawned = True
     ks.proc = _start_background(cmd, env)
     what = _cache.SETS[ks.name][2]
@@ -587,7 +590,7 @@ def _build_one(ks: _KernelSet, verbose: bool, timeout: float) -> dict:
 
 
 def _run_child(ks: _KernelSet, s: _cache.Spec, say) -> int:
-    cmd, env = _child_cmd(ks.name, background=False)
+    cmd, env = _child_cmd(s, background=False)
     say(f"compiling {s.build_name} ({USUAL_TIME}; log {s.log_path})")
     # its own process group, ended as a whole on Ctrl-C: terminating only the child left
     # ninja and the compiler running (orphaned) in the build directory
