@@ -53,7 +53,8 @@ def save(x, path) -> None:
             data go to a temporary file in the same directory first).
 
     Returns None. Raises ``ValueError`` naming ``x`` for non-finite cores (:func:`load`
-    could not read them back), ``IsADirectoryError`` naming ``path`` for a directory. Cost: O(number of TT parameters).
+    could not read them back), ``IsADirectoryError`` naming ``path`` for a directory.
+    Cost: O(number of TT parameters).
     """
     tt = _as_tt(x)
     for k, c in enumerate(tt.cores):
@@ -96,7 +97,8 @@ def load(path, *, dtype: Optional[torch.dtype] = None, device=None) -> TT:
     Returns a :class:`~ttmanifold.TT`. Raises ``FileNotFoundError`` for a missing file,
     ``ValueError`` naming ``path`` for a file that is not a saved TT, is damaged or whose
     cores do not chain (shape, ranks), ``TypeError`` naming ``dtype`` for a dtype other than
-    float32/float64 and ``ValueError`` naming ``device`` for a string that is no device. Cost: O(number of TT parameters).
+    float32/float64 and ``ValueError`` naming ``device`` for a string that is no device.
+    Cost: O(number of TT parameters).
     """
     # the arguments first (a string dtype failed as an 'invalid device string', after the read)
     if dtype is not None:
