@@ -348,6 +348,20 @@ def test_recorded_failure_is_reported_once_and_not_retried(fresh, monkeypatch):
     assert "the real cause at the end" in kernels.status()["dense"]["failed"]
 
 
+def test_damaged_artifact_is_never_loaded(fresh, monkeypatch):
+    # (a truncated .so with build.json "ok" was dlopen'ed: SIGBUS killed the process)
+    monkeypatch.setattr(kernels, "_load", lambda *a: pytest.fail("loaded a damaged artifact"))
+    monkeypatch.setattr(kernels, "_start_background", lambda *a, **k: pytest.fail("spawned"))
+    s = _cache.spec("dense")
+    os.makedirs(s.build_dir)
+    with open(s.artifact, "wb") as fh:
+        fh.write(b"\x7fELF" + bytes(100))  # cut short
+    _cache.write_status(s, status="ok", artifact=s.artifact, size=123456, log=s.log_path)
+    assert not _cache.is_built(s)
+    with pytest.warns(RuntimeWarning, match="is damaged.*build-kernels"):
+        assert kernels.module("dense") is None
+    assert not kernels.status()["dense"]["built"]
+
 def test_unusable_cache_is_one_warning_and_the_torch_path(fresh, monkeypatch, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -170,6 +170,10 @@ def _probe(ks: _KernelSet) -> None:
         rc = ks.proc.poll() if ks.proc is not None else None  # before reading its result
         st = _cache.read_status(s)
         if st is not None and st.get("status") == "ok" and os.path.exists(s.artifact):
+            if _cache.damaged(s, st):  # never dlopen it (SIGBUS)
+                _fail(ks, f"the built module {s.artifact} is damaged (not the size recorded "
+                      f"by its build); `ttmanifold build-kernels` rebuilds it")
+                return
             why = _load(ks, s)
             if why is not None:
                 _fail(ks, why)
