@@ -348,6 +348,21 @@ def test_recorded_failure_is_reported_once_and_not_retried(fresh, monkeypatch):
     assert "the real cause at the end" in kernels.status()["dense"]["failed"]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_kernel_set_lock_held_at_fork_is_free_in_the_child(fresh):
+    # (held by another thread during a cache probe at the fork: in the child module()
+    # never loaded the set and build() waited forever for a thread that does not exist)
+    ks = fresh("dense")
+    ks.lock.acquire()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: report and leave at once
+            os._exit(0 if kernels._SETS["dense"].lock.acquire(blocking=False) else 1)
+        _, st = os.waitpid(pid, 0)
+    finally:
+        ks.lock.release()
+    assert os.waitstatus_to_exitcode(st) == 0
+
 def test_damaged_artifact_is_never_loaded(fresh, monkeypatch):
     # (a truncated .so with build.json "ok" was dlopen'ed: SIGBUS killed the process)
     monkeypatch.setattr(kernels, "_load", lambda *a: pytest.fail("loaded a damaged artifact"))

@@ -128,6 +128,17 @@ class _KernelSet:
 _SETS: Dict[str, _KernelSet] = {n: _KernelSet(n) for n in _cache.SETS}
 
 
+def _after_fork_in_child() -> None:
+    # a lock another thread held at the fork stays held in the child, whose copy of that
+    # thread does not exist: module() would never load there and build() would hang
+    for ks in _SETS.values():
+        ks.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _set(name: str) -> _KernelSet:
     ks = _SETS.get(name)
     if ks is None:
