@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ._checks import check_finite, check_float_dtype
+from ._checks import check_finite, check_float_dtype, ensure_writable_dir
 from .tt import TT
 
 __all__ = ["save", "load", "ensure_writable_dir", "FORMAT"]
@@ -166,22 +165,3 @@ def load(path, *, dtype: Optional[torch.dtype] = None, device=None) -> TT:
         cores = [c.to(device) for c in cores]
     return TT(cores)
 
-
-def ensure_writable_dir(path) -> None:
-    """Create the directory ``path`` if missing and check that files can be written in it,
-    by creating and removing one.
-
-    ``os.access`` is not enough: it says yes to root on read-only or special file systems
-    and can be wrong on network file systems, and a command would then fail only when it
-    writes its results, after all its work.
-
-    Args:
-        path: a directory path.
-    Raises:
-        OSError: when the directory cannot be created or written (``strerror`` says why).
-    Cost: one file creation and removal.
-    """
-    os.makedirs(path, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=path)
-    os.close(fd)
-    os.remove(probe)

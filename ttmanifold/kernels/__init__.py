@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterable, Optional, Union
 
 import torch
 
-from .._checks import check_positive_float
+from .._checks import check_positive_float, ensure_writable_dir
 from . import _cache
 
 __all__ = ["enabled", "set_enabled", "set_auto_build", "set_serial_small_ops",
@@ -277,8 +277,20 @@ def _start_background(cmd, env):
                             start_new_session=True)
 
 
+def _make_build_dir(s: _cache.Spec) -> None:
+    """Create ``s``'s build directory and check it is writable, in this process: the build
+    process's own error (its lock or log not writable) reached no terminal, and the build
+    was reported as "exited with status 1 without a result" with an empty log."""
+    try:
+        ensure_writable_dir(s.build_dir)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write in the kernel cache directory {s.build_dir} "
+                      f"({exc.strerror or exc}); set TORCH_EXTENSIONS_DIR to a writable "
+                      f"directory") from None
+
+
 def _spawn(ks: _KernelSet, s: _cache.Spec) -> None:
-    os.makedirs(s.build_dir, exist_ok=True)
+    _make_build_dir(s)
     cmd, env = _child_cmd(s, background=True)
     ks.spawned = True
     ks.proc = _start_background(cmd, env)
@@ -553,7 +565,7 @@ def _build_one(ks: _KernelSet, verbose: bool, timeout: float) -> dict:
                 if _load(ks, s) is None:
                     return result("already built")
                 os.remove(s.status_path)  # does not load: rebuild it
-            os.makedirs(s.build_dir, exist_ok=True)
+            _make_build_dir(s)
             deadline = t0 + timeout
             announced = False
             rc = None
