@@ -136,3 +136,12 @@ def test_save_to_a_directory_names_the_argument(tmp_path, name, monkeypatch):
     with pytest.raises(IsADirectoryError, match="path: .* is a directory"):
         tm.save(tm.TT.random((3, 4), 2), name)
     assert not [f for f in tmp_path.parent.iterdir() if ".tmp" in f.name]
+
+
+def test_save_into_an_unwritable_directory_names_the_path(read_only_dir):
+    # (a torch file failed as "[enforce fail at inline_container.cc] open file failed",
+    # naming no file)
+    x = tm.TT.random((3, 4), 2)
+    for name in ("a.pt", "a.npz"):
+        with pytest.raises(OSError, match=f"path: cannot write .*{name}"):
+            tm.save(x, read_only_dir / name)

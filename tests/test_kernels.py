@@ -389,24 +389,6 @@ def test_unusable_cache_is_one_warning_and_the_torch_path(fresh, monkeypatch, tm
 
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A directory nobody can write in (chmod for a user; root needs chattr +i)."""
-    d = tmp_path / "ro"
-    d.mkdir()
-    if os.geteuid() == 0:
-        if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
-            pytest.skip("root without chattr: no read-only directory")
-    else:
-        d.chmod(0o500)
-    try:
-        yield d
-    finally:
-        if os.geteuid() == 0:
-            subprocess.run(["chattr", "-i", str(d)], capture_output=True)
-        d.chmod(0o700)
-
-
 def test_read_only_build_directory_is_named_not_an_empty_log(fresh, monkeypatch, read_only_dir):
     # (the build process failed on its lock file, unseen: "exited with status 1 without a
     # result", empty log; a background build was announced and then failed the same way)

@@ -73,13 +73,18 @@ def save(x, path) -> None:
         raise FileNotFoundError(f"path: the directory {directory!r} does not exist")
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        if path.endswith(".npz"):
-            arrays = {f"core_{k}": c.numpy() for k, c in enumerate(cores)}
-            with open(tmp, "wb") as f:
+        # our own open: torch.save(name) failed as "[enforce fail at inline_container.cc]
+        # open file failed", naming no file
+        with open(tmp, "wb") as f:
+            if path.endswith(".npz"):
+                arrays = {f"core_{k}": c.numpy() for k, c in enumerate(cores)}
                 np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
-        else:
-            torch.save(dict(meta, cores=cores), tmp)
+            else:
+                torch.save(dict(meta, cores=cores), f)
         os.replace(tmp, path)
+    except OSError as exc:
+        msg = f"path: cannot write {path!r} ({exc.strerror or exc})"
+        raise (OSError(exc.errno, msg) if exc.errno is not None else OSError(msg)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
