@@ -145,3 +145,14 @@ def test_save_into_an_unwritable_directory_names_the_path(read_only_dir):
     for name in ("a.pt", "a.npz"):
         with pytest.raises(OSError, match=f"path: cannot write .*{name}"):
             tm.save(x, read_only_dir / name)
+
+
+def test_bytes_and_wrong_type_paths(tmp_path):
+    # (a bytes path failed as "Can't mix strings and bytes"; None named no argument)
+    x = tm.TT.random((3, 4), 2, dtype=torch.float64)
+    name = bytes(tmp_path / "b.npz")
+    tm.save(x, name)
+    assert torch.equal(tm.load(name).full(), x.full())
+    for f in (lambda: tm.save(x, None), lambda: tm.load(3)):
+        with pytest.raises(TypeError, match="^path: expected a file name"):
+            f()

@@ -41,6 +41,15 @@ def _as_tt(x) -> TT:
                     f"{type(x).__name__}; for a packed point p use M.to_tt(p)")
 
 
+def _as_path(path) -> str:
+    """``path`` as a str (bytes decoded: a bytes path failed as "Can't mix strings and bytes")."""
+    try:
+        return os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"path: expected a file name (str, bytes or path-like), got "
+                        f"{type(path).__name__}") from None
+
+
 def save(x, path) -> None:
     """Write a tensor train to ``path`` (``.npz``: a NumPy archive; otherwise a torch file).
 
@@ -58,7 +67,7 @@ def save(x, path) -> None:
     tt = _as_tt(x)
     for k, c in enumerate(tt.cores):
         check_finite(c.detach(), f"x: core {k}")
-    path = os.fspath(path)
+    path = _as_path(path)
     # (before any work: a directory failed at the final rename, naming the temporary file)
     if not path or os.path.isdir(path):
         raise IsADirectoryError(f"path: {path!r} is a directory, not a file name")
@@ -112,7 +121,7 @@ def load(path, *, dtype: Optional[torch.dtype] = None, device=None) -> TT:
             device = torch.device(device)
         except (RuntimeError, TypeError, ValueError) as exc:
             raise ValueError(f"device: not a torch device: {device!r} ({exc})") from None
-    path = os.fspath(path)
+    path = _as_path(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"path: no such file {path!r}")
     try:
