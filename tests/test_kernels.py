@@ -595,6 +595,47 @@ def test_interrupted_build_kernels_exits_130_and_stops_the_compiler(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
+def test_a_killed_build_process_leaves_no_compiler_running(tmp_path, monkeypatch):
+    """The build process of build() killed with SIGKILL: the failure is reported and its
+    compiler ends too (ninja and the compiler kept running, orphaned, before)."""
+    marker = tmp_path / "compiler.pid"
+    cxx = tmp_path / "slow-c++"
+    cxx.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo "g++ (fake) 12.2.0"; exit 0; fi\n'
+                   f'echo $$ > "{marker}"\nexec sleep 120\n')
+    cxx.chmod(0o755)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CXX", str(cxx))  # (in the build name)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(cache), PYTHONPATH=ROOT, CXX=str(cxx))
+    env.pop("TTMANIFOLD_NATIVE", None)
+    code = ("import json; from ttmanifold import kernels; "
+            "print(json.dumps(kernels.build('dense', verbose=False)['dense']))")
+    p = subprocess.Popen([sys.executable, "-W", "ignore", "-c", code], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        t = time.monotonic() + 120
+        while not (marker.exists() and marker.read_text().strip()) and time.monotonic() < t:
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.1)
+        pid = int(marker.read_text())
+        builder = _cache.read_lock(_spec_in(cache, "dense").lock_path)["pid"]
+        os.kill(builder, signal.SIGKILL)
+        out, err = p.communicate(timeout=60)
+        res = json.loads(out.strip().splitlines()[-1])
+        assert not res["ok"] and "exit status -9" in res["reason"], err
+        t = time.monotonic() + 5
+        while _running(pid) and time.monotonic() < t:
+            time.sleep(0.05)
+        assert not _running(pid)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if pid is not None and _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 BUILD_WITH_STALE_LOCKS = """
     import json, os, socket, subprocess, sys
     from ttmanifold import kernels

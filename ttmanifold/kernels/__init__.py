@@ -629,8 +629,17 @@ def _run_child(ks: _KernelSet, s: _cache.Spec, say) -> int:
     next_note = t + 10.0
     try:
         while True:
+            if group and _exited_unreaped(proc.pid, 0.5):
+                # a builder killed outright left its ninja and compiler running: end the
+                # group (SIGTERM: ninja ends the compiler, which runs in a group of its own)
+                # before reaping the builder, whose pid, the group's id, stays taken till then
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except OSError:
+                    pass
+                return proc.wait()
             try:
-                return proc.wait(timeout=0.5)
+                return proc.wait(timeout=0 if group else 0.5)
             except subprocess.TimeoutExpired:
                 pass
             if time.monotonic() >= next_note:
@@ -639,6 +648,25 @@ def _run_child(ks: _KernelSet, s: _cache.Spec, say) -> int:
     except BaseException:
         _end_build_group(proc, group)
         raise
+
+
+def _exited_unreaped(pid: int, wait: float) -> bool:
+    """Whether child ``pid`` has exited, checked for up to ``wait`` seconds without reaping
+    it (``waitid`` with ``WNOWAIT``; False where there is none)."""
+    waitid = getattr(os, "waitid", None)
+    if waitid is None or not hasattr(os, "WNOWAIT"):
+        time.sleep(wait)
+        return False
+    end = time.monotonic() + wait
+    while True:
+        try:
+            if waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:
+            return False  # reaped elsewhere: proc.wait() tells
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.05)
 
 
 def _end_build_group(proc, group: bool) -> None:
