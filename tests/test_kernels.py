@@ -699,6 +699,21 @@ def test_cli_build_kernels_refuses_a_nan_or_negative_timeout():
 
 
 
+def test_cli_info_prints_a_recorded_failure_once(fresh, capsys):
+    # (once as the RuntimeWarning of module() on stderr, once in the table)
+    from ttmanifold.__main__ import main
+
+    s = _cache.spec("dense")
+    os.makedirs(s.build_dir)
+    _cache.write_status(s, status="failed", reason="fake-c++: the real cause", log=s.log_path)
+    import warnings
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert main(["info"]) == 0
+    out, err = capsys.readouterr()
+    text = out + err + "".join(str(w.message) for w in rec)
+    assert text.count("the real cause") == 1 and "failed:" in out
+
 def test_cli_help_of_build_kernels_and_info(capsys):
     # (--help was refused as an unknown kernel set / an argument; --timeout=S unknown)
     from ttmanifold.__main__ import main

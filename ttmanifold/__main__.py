@@ -84,6 +84,7 @@ def info() -> int:
     """``ttmanifold info``: versions, devices, and the kernel sets' status."""
     import os
     import platform
+    import warnings
 
     import torch
 
@@ -114,8 +115,10 @@ def info() -> int:
     auto = kernels._config["auto_build"]
     kernels.set_auto_build(False)  # load what is built (does it load here?), start no build
     try:
-        for name in ("dense", "sampled"):
-            kernels.module(name)
+        with warnings.catch_warnings():  # a failure is printed below (it was printed twice)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for name in ("dense", "sampled"):
+                kernels.module(name)
     finally:
         kernels.set_auto_build(auto)
     for name, row in kernels.status().items():
