@@ -1,5 +1,6 @@
 """Shared pytest configuration for the ttmanifold test suite."""
 import os
+import subprocess
 
 import pytest
 import torch
@@ -32,3 +33,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody can write in (chmod for a user; root needs chattr +i)."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
+            pytest.skip("root without chattr: no read-only directory")
+    else:
+        d.chmod(0o500)
+    try:
+        yield d
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(d)], capture_output=True)
+        d.chmod(0o700)
+

@@ -80,3 +80,79 @@ def test_errors(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="list.pt"):
         tm.load(tmp_path / "list.pt")
+
+
+def test_a_damaged_torch_file_is_refused_not_read_as_other_numbers(tmp_path):
+    # (torch.load skips the zip CRC: a flipped byte in a core loaded as a wrong value)
+    x = tm.TT.random((3, 4, 5), 2, dtype=torch.float64)
+    tm.save(x, tmp_path / "x.pt")
+    data = bytearray((tmp_path / "x.pt").read_bytes())
+    off = bytes(data).find(x.cores[1].numpy().tobytes())
+    assert off > 0
+    data[off + 3] ^= 0x55
+    (tmp_path / "bad.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="bad.pt.*CRC"):
+        tm.load(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("change", [{"shape": None}, {"ranks": "abc"}, {"version": "2.1"},
+                                    {"version": None}, {"batch_shape": 3}, {"shape": ["a"]}])
+def test_damaged_metadata_is_a_value_error_naming_the_file(tmp_path, change):
+    # (a missing or malformed field raised a bare KeyError/TypeError without the file's name)
+    x = tm.TT.random((3, 4), 2, dtype=torch.float64)
+    meta = {"format": "ttmanifold.TT", "version": 1, "shape": [3, 4], "ranks": [1, 2, 1],
+            "dtype": "float64"}
+    meta.update(change)
+    torch.save(dict(meta, cores=list(x.cores)), tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="m.pt"):
+        tm.load(tmp_path / "m.pt")
+    del meta["ranks"]
+    with open(tmp_path / "m.npz", "wb") as f:
+        np.savez(f, meta=np.array(json.dumps(meta)), core_0=x.cores[0].numpy(),
+                 core_1=x.cores[1].numpy())
+    with pytest.raises(ValueError, match="m.npz"):
+        tm.load(tmp_path / "m.npz")
+
+
+def test_load_checks_dtype_and_device_first(tmp_path):
+    # (dtype="float32" failed after the read as torch's "Invalid device string")
+    tm.save(tm.TT.random((3, 4), 2, dtype=torch.float64), tmp_path / "x.pt")
+    with pytest.raises(TypeError, match="dtype"):
+        tm.load(tmp_path / "x.pt", dtype="float32")
+    with pytest.raises(TypeError, match="dtype"):
+        tm.load(tmp_path / "missing.pt", dtype=torch.int64)
+    with pytest.raises(ValueError, match="device"):
+        tm.load(tmp_path / "x.pt", device="bogus")
+    assert tm.load(tmp_path / "x.pt", dtype=torch.float32, device="cpu").dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["d.npz", "d.pt", ""])
+def test_save_to_a_directory_names_the_argument(tmp_path, name, monkeypatch):
+    # (failed at the final rename with the temporary file's name; "" wrote a hidden
+    # temporary file into the parent of the working directory first)
+    monkeypatch.chdir(tmp_path)
+    if name:
+        (tmp_path / name).mkdir()
+    with pytest.raises(IsADirectoryError, match="path: .* is a directory"):
+        tm.save(tm.TT.random((3, 4), 2), name)
+    assert not [f for f in tmp_path.parent.iterdir() if ".tmp" in f.name]
+
+
+def test_save_into_an_unwritable_directory_names_the_path(read_only_dir):
+    # (a torch file failed as "[enforce fail at inline_container.cc] open file failed",
+    # naming no file)
+    x = tm.TT.random((3, 4), 2)
+    for name in ("a.pt", "a.npz"):
+        with pytest.raises(OSError, match=f"path: cannot write .*{name}"):
+            tm.save(x, read_only_dir / name)
+
+
+def test_bytes_and_wrong_type_paths(tmp_path):
+    # (a bytes path failed as "Can't mix strings and bytes"; None named no argument)
+    x = tm.TT.random((3, 4), 2, dtype=torch.float64)
+    name = bytes(tmp_path / "b.npz")
+    tm.save(x, name)
+    assert torch.equal(tm.load(name).full(), x.full())
+    for f in (lambda: tm.save(x, None), lambda: tm.load(3)):
+        with pytest.raises(TypeError, match="^path: expected a file name"):
+            f()

@@ -286,6 +286,28 @@ def test_module_starts_one_background_build_and_never_blocks(fresh, monkeypatch,
     assert kernels.module("dense") is None and len(started) == 1  # still building
 
 
+def test_build_process_builds_where_this_process_looks(fresh, monkeypatch, tmp_path):
+    # (a relative TORCH_EXTENSIONS_DIR and a chdir after the first look: the child built
+    # into another directory and the build was reported as "ended without a result")
+    started = []
+
+    class Running:
+        def poll(self):
+            return None
+
+    monkeypatch.setattr(kernels, "_start_background",
+                        lambda cmd, env: started.append(env) or Running())
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "relcache")
+    where = kernels.status()["dense"]["path"]
+    assert where.startswith(str(tmp_path / "a"))
+    monkeypatch.chdir(tmp_path / "b")
+    assert kernels.module("dense") is None and len(started) == 1
+    root = started[0]["TORCH_EXTENSIONS_DIR"]
+    assert os.path.isabs(root) and os.path.join(root, os.path.basename(where)) == where
+
 def test_detached_build_process_is_not_waited_for(tmp_path):
     """The background build's process: own session, null stdio, its exit seen by poll()."""
     flag = tmp_path / "sid"
@@ -326,6 +348,35 @@ def test_recorded_failure_is_reported_once_and_not_retried(fresh, monkeypatch):
     assert "the real cause at the end" in kernels.status()["dense"]["failed"]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_kernel_set_lock_held_at_fork_is_free_in_the_child(fresh):
+    # (held by another thread during a cache probe at the fork: in the child module()
+    # never loaded the set and build() waited forever for a thread that does not exist)
+    ks = fresh("dense")
+    ks.lock.acquire()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: report and leave at once
+            os._exit(0 if kernels._SETS["dense"].lock.acquire(blocking=False) else 1)
+        _, st = os.waitpid(pid, 0)
+    finally:
+        ks.lock.release()
+    assert os.waitstatus_to_exitcode(st) == 0
+
+def test_damaged_artifact_is_never_loaded(fresh, monkeypatch):
+    # (a truncated .so with build.json "ok" was dlopen'ed: SIGBUS killed the process)
+    monkeypatch.setattr(kernels, "_load", lambda *a: pytest.fail("loaded a damaged artifact"))
+    monkeypatch.setattr(kernels, "_start_background", lambda *a, **k: pytest.fail("spawned"))
+    s = _cache.spec("dense")
+    os.makedirs(s.build_dir)
+    with open(s.artifact, "wb") as fh:
+        fh.write(b"\x7fELF" + bytes(100))  # cut short
+    _cache.write_status(s, status="ok", artifact=s.artifact, size=123456, log=s.log_path)
+    assert not _cache.is_built(s)
+    with pytest.warns(RuntimeWarning, match="is damaged.*build-kernels"):
+        assert kernels.module("dense") is None
+    assert not kernels.status()["dense"]["built"]
+
 def test_unusable_cache_is_one_warning_and_the_torch_path(fresh, monkeypatch, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -336,6 +387,23 @@ def test_unusable_cache_is_one_warning_and_the_torch_path(fresh, monkeypatch, tm
     assert len(rec) == 1 and str(blocker) in str(rec[0].message)
     assert fresh("dense").failed and kernels.module("dense") is None
 
+
+
+def test_read_only_build_directory_is_named_not_an_empty_log(fresh, monkeypatch, read_only_dir):
+    # (the build process failed on its lock file, unseen: "exited with status 1 without a
+    # result", empty log; a background build was announced and then failed the same way)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(read_only_dir.parent))
+    monkeypatch.setattr(_cache, "cache_root", lambda: str(read_only_dir.parent))
+    monkeypatch.setattr(kernels, "_run_child", lambda *a: pytest.fail("started a build"))
+    monkeypatch.setattr(kernels, "_start_background", lambda *a, **k: pytest.fail("spawned"))
+    monkeypatch.setattr(_cache, "build_name", lambda name: read_only_dir.name)
+    with pytest.warns(RuntimeWarning, match="cannot write in the kernel cache directory"):
+        res = kernels.build("dense", verbose=False, timeout=5)["dense"]
+    assert not res["ok"] and "TORCH_EXTENSIONS_DIR" in res["reason"]
+    ks = fresh("dense")
+    ks.failed, ks.warned, ks.next_check = None, False, 0.0
+    with pytest.warns(RuntimeWarning, match="cannot write in the kernel cache directory"):
+        assert kernels.module("dense") is None
 
 # ---------------------------------------------------------------------------------------
 # build names and locks
@@ -478,6 +546,96 @@ def test_failed_build_recorded_whole_and_reported_once(tmp_path):
     assert "threading.py" not in p.stderr
 
 
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return _cache._proc_state(pid) not in (None, "Z")
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
+def test_interrupted_build_kernels_exits_130_and_stops_the_compiler(tmp_path):
+    """Ctrl-C during ``ttmanifold build-kernels``: one line, exit status 130, the build lock
+    released and no compiler left running (a traceback, and ninja and the compiler
+    orphaned, before)."""
+    marker = tmp_path / "compiler.pid"
+    cxx = tmp_path / "slow-c++"
+    cxx.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo "g++ (fake) 12.2.0"; exit 0; fi\n'
+                   f'echo $$ > "{marker}"\nexec sleep 120\n')
+    cxx.chmod(0o755)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "cache"), PYTHONPATH=ROOT,
+               CXX=str(cxx))
+    env.pop("TTMANIFOLD_NATIVE", None)
+    p = subprocess.Popen([sys.executable, "-m", "ttmanifold", "build-kernels", "dense"], env=env,
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pid = None
+    try:
+        t = time.monotonic() + 120
+        while not (marker.exists() and marker.read_text().strip()) and time.monotonic() < t:
+            assert p.poll() is None, p.communicate()[0]
+            time.sleep(0.1)
+        pid = int(marker.read_text())
+        p.send_signal(signal.SIGINT)
+        out = p.communicate(timeout=30)[0]
+        assert p.returncode == 130, out
+        assert "interrupted" in out and "Traceback" not in out
+        t = time.monotonic() + 5
+        while _running(pid) and time.monotonic() < t:
+            time.sleep(0.05)
+        assert not _running(pid)
+        s = _spec_in(tmp_path / "cache", "dense")
+        assert not os.path.exists(s.lock_path)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if pid is not None and _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
+def test_a_killed_build_process_leaves_no_compiler_running(tmp_path, monkeypatch):
+    """The build process of build() killed with SIGKILL: the failure is reported and its
+    compiler ends too (ninja and the compiler kept running, orphaned, before)."""
+    marker = tmp_path / "compiler.pid"
+    cxx = tmp_path / "slow-c++"
+    cxx.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo "g++ (fake) 12.2.0"; exit 0; fi\n'
+                   f'echo $$ > "{marker}"\nexec sleep 120\n')
+    cxx.chmod(0o755)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CXX", str(cxx))  # (in the build name)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(cache), PYTHONPATH=ROOT, CXX=str(cxx))
+    env.pop("TTMANIFOLD_NATIVE", None)
+    code = ("import json; from ttmanifold import kernels; "
+            "print(json.dumps(kernels.build('dense', verbose=False)['dense']))")
+    p = subprocess.Popen([sys.executable, "-W", "ignore", "-c", code], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        t = time.monotonic() + 120
+        while not (marker.exists() and marker.read_text().strip()) and time.monotonic() < t:
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.1)
+        pid = int(marker.read_text())
+        builder = _cache.read_lock(_spec_in(cache, "dense").lock_path)["pid"]
+        os.kill(builder, signal.SIGKILL)
+        out, err = p.communicate(timeout=60)
+        res = json.loads(out.strip().splitlines()[-1])
+        assert not res["ok"] and "exit status -9" in res["reason"], err
+        t = time.monotonic() + 5
+        while _running(pid) and time.monotonic() < t:
+            time.sleep(0.05)
+        assert not _running(pid)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if pid is not None and _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 BUILD_WITH_STALE_LOCKS = """
     import json, os, socket, subprocess, sys
     from ttmanifold import kernels
@@ -539,6 +697,34 @@ def test_cli_build_kernels_refuses_a_nan_or_negative_timeout():
         with pytest.raises(ValueError, match="^timeout: expected a non-negative"):
             kernels.build("dense", timeout=bad, verbose=False)
 
+
+
+def test_cli_info_prints_a_recorded_failure_once(fresh, capsys):
+    # (once as the RuntimeWarning of module() on stderr, once in the table)
+    from ttmanifold.__main__ import main
+
+    s = _cache.spec("dense")
+    os.makedirs(s.build_dir)
+    _cache.write_status(s, status="failed", reason="fake-c++: the real cause", log=s.log_path)
+    import warnings
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert main(["info"]) == 0
+    out, err = capsys.readouterr()
+    text = out + err + "".join(str(w.message) for w in rec)
+    assert text.count("the real cause") == 1 and "failed:" in out
+
+def test_cli_help_of_build_kernels_and_info(capsys):
+    # (--help was refused as an unknown kernel set / an argument; --timeout=S unknown)
+    from ttmanifold.__main__ import main
+
+    for argv in (["build-kernels", "--help"], ["build-kernels", "-h"], ["info", "--help"]):
+        assert main(argv) == 0
+        assert capsys.readouterr().out.startswith("usage: ttmanifold " + argv[0])
+    with pytest.raises(SystemExit, match="--timeout: expected a non-negative .* got nan"):
+        main(["build-kernels", "--timeout=nan"])
+    with pytest.raises(SystemExit, match="--timeout takes a number"):
+        main(["build-kernels", "dense", "--timeout"])
 
 @pytest.fixture
 def compiled(built_cache, fresh, monkeypatch):

@@ -18,6 +18,20 @@ USAGE = """usage: ttmanifold [tour | compare [options] | complete DATA --rank R 
   info           versions, devices, and per kernel set: built / in use / failed (why)
 """
 
+BUILD_USAGE = """usage: ttmanifold build-kernels [dense|sampled ...] [--timeout S]
+
+Compile the optional CPU kernels now (default: both sets) in the foreground, with a line
+per step; a set already built is loaded, not rebuilt. Exit status 0 when every set is
+built, 1 otherwise, 130 when interrupted.
+
+  --timeout S   wait at most S seconds for a build another process runs (default 600)
+"""
+
+INFO_USAGE = """usage: ttmanifold info
+
+Print the versions, the devices, and per kernel set: built / in use / failed (the whole
+reason). Loads what is built; starts no build."""
+
 
 def build_kernels(args: Sequence[str]) -> int:
     """``ttmanifold build-kernels [dense|sampled ...] [--timeout S]``: exit status 0 when
@@ -25,23 +39,38 @@ def build_kernels(args: Sequence[str]) -> int:
     from . import kernels
 
     args = list(args)
+    if "-h" in args or "--help" in args:  # (was refused as an unknown kernel set)
+        print(BUILD_USAGE)
+        return 0
     timeout = 600.0
-    if "--timeout" in args:
-        i = args.index("--timeout")
+    # '--timeout=S' as well as '--timeout S' (the form compare and complete accept too)
+    at = [i for i, a in enumerate(args) if a == "--timeout" or a.startswith("--timeout=")]
+    if at:
+        i = at[0]
+        if args[i] == "--timeout":
+            value = args[i + 1] if i + 1 < len(args) else ""
+            del args[i:i + 2]
+        else:
+            value = args[i].split("=", 1)[1]
+            del args[i]
         try:
-            timeout = float(args[i + 1])
-        except (IndexError, ValueError):
+            timeout = float(value)
+        except ValueError:
             raise SystemExit("ttmanifold build-kernels: --timeout takes a number of seconds")
         if not (math.isfinite(timeout) and timeout >= 0):  # (NaN never timed out)
             raise SystemExit(f"ttmanifold build-kernels: --timeout: expected a non-negative "
-                             f"number of seconds, got {args[i + 1]}")
-        del args[i:i + 2]
+                             f"number of seconds, got {value}")
     names = args or ["dense", "sampled"]
     unknown = [n for n in names if n not in ("dense", "sampled")]
     if unknown:
         raise SystemExit(f"ttmanifold build-kernels: unknown kernel set(s) {unknown} "
                          "(expected 'dense' and/or 'sampled')")
-    res = kernels.build(names, verbose=True, timeout=timeout)
+    try:
+        res = kernels.build(names, verbose=True, timeout=timeout)
+    except KeyboardInterrupt:  # (was a traceback from inside the wait)
+        print("\nttmanifold build-kernels: interrupted; the build in progress was stopped "
+              "(sets built before are kept)", file=sys.stderr, flush=True)
+        return 130
     print()
     for name, r in res.items():
         line = f"{name:8s} {r['result']} in {r['seconds']:.1f} s  ({r['path']})"
@@ -55,6 +84,7 @@ def info() -> int:
     """``ttmanifold info``: versions, devices, and the kernel sets' status."""
     import os
     import platform
+    import warnings
 
     import torch
 
@@ -85,8 +115,10 @@ def info() -> int:
     auto = kernels._config["auto_build"]
     kernels.set_auto_build(False)  # load what is built (does it load here?), start no build
     try:
-        for name in ("dense", "sampled"):
-            kernels.module(name)
+        with warnings.catch_warnings():  # a failure is printed below (it was printed twice)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for name in ("dense", "sampled"):
+                kernels.module(name)
     finally:
         kernels.set_auto_build(auto)
     for name, row in kernels.status().items():
@@ -149,6 +181,9 @@ def main(argv: Optional[Sequence[str]] = None):
     if argv[0] == "build-kernels":
         return build_kernels(argv[1:])
     if argv[0] == "info":
+        if argv[1:] in (["-h"], ["--help"]):
+            print(INFO_USAGE)
+            return 0
         if len(argv) > 1:
             raise SystemExit(f"ttmanifold info: takes no arguments, got {argv[1:]}")
         return info()

@@ -7,6 +7,8 @@ deep inside torch.
 from __future__ import annotations
 
 import numbers
+import os
+import tempfile
 import warnings
 from typing import Optional, Sequence, Tuple
 
@@ -197,3 +199,24 @@ def functorch_wrapped(t: torch.Tensor) -> bool:
         if fn is not None and fn(t):
             return True
     return False
+
+
+def ensure_writable_dir(path) -> None:
+    """Create the directory ``path`` if missing and check that files can be written in it,
+    by creating and removing one.
+
+    ``os.access`` is not enough: it says yes to root on read-only or special file systems
+    and can be wrong on network file systems, and a command would then fail only when it
+    writes its results, after all its work (also used for the compiled kernels'
+    cache).
+
+    Args:
+        path: a directory path.
+    Raises:
+        OSError: when the directory cannot be created or written (``strerror`` says why).
+    Cost: one file creation and removal.
+    """
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=path)
+    os.close(fd)
+    os.remove(probe)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import zipfile
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ._checks import check_finite
+from ._checks import check_finite, check_float_dtype, ensure_writable_dir
 from .tt import TT
 
 __all__ = ["save", "load", "ensure_writable_dir", "FORMAT"]
@@ -41,6 +41,15 @@ def _as_tt(x) -> TT:
                     f"{type(x).__name__}; for a packed point p use M.to_tt(p)")
 
 
+def _as_path(path) -> str:
+    """``path`` as a str (bytes decoded: a bytes path failed as "Can't mix strings and bytes")."""
+    try:
+        return os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"path: expected a file name (str, bytes or path-like), got "
+                        f"{type(path).__name__}") from None
+
+
 def save(x, path) -> None:
     """Write a tensor train to ``path`` (``.npz``: a NumPy archive; otherwise a torch file).
 
@@ -52,12 +61,16 @@ def save(x, path) -> None:
             data go to a temporary file in the same directory first).
 
     Returns None. Raises ``ValueError`` naming ``x`` for non-finite cores (:func:`load`
-    could not read them back). Cost: O(number of TT parameters).
+    could not read them back), ``IsADirectoryError`` naming ``path`` for a directory.
+    Cost: O(number of TT parameters).
     """
     tt = _as_tt(x)
     for k, c in enumerate(tt.cores):
         check_finite(c.detach(), f"x: core {k}")
-    path = os.fspath(path)
+    path = _as_path(path)
+    # (before any work: a directory failed at the final rename, naming the temporary file)
+    if not path or os.path.isdir(path):
+        raise IsADirectoryError(f"path: {path!r} is a directory, not a file name")
     cores = [c.detach().cpu().contiguous() for c in tt.cores]
     dtype = str(cores[0].dtype).replace("torch.", "")
     meta = {"format": FORMAT, "version": 1, "shape": list(tt.shape),
@@ -69,13 +82,18 @@ def save(x, path) -> None:
         raise FileNotFoundError(f"path: the directory {directory!r} does not exist")
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        if path.endswith(".npz"):
-            arrays = {f"core_{k}": c.numpy() for k, c in enumerate(cores)}
-            with open(tmp, "wb") as f:
+        # our own open: torch.save(name) failed as "[enforce fail at inline_container.cc]
+        # open file failed", naming no file
+        with open(tmp, "wb") as f:
+            if path.endswith(".npz"):
+                arrays = {f"core_{k}": c.numpy() for k, c in enumerate(cores)}
                 np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
-        else:
-            torch.save(dict(meta, cores=cores), tmp)
+            else:
+                torch.save(dict(meta, cores=cores), f)
         os.replace(tmp, path)
+    except OSError as exc:
+        msg = f"path: cannot write {path!r} ({exc.strerror or exc})"
+        raise (OSError(exc.errno, msg) if exc.errno is not None else OSError(msg)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -89,11 +107,21 @@ def load(path, *, dtype: Optional[torch.dtype] = None, device=None) -> TT:
         dtype: cast the cores (default: the stored dtype).
         device: move the cores (default: CPU).
 
-    Returns a :class:`~ttmanifold.TT`. Raises ``FileNotFoundError`` for a missing file and
-    ``ValueError`` naming ``path`` for a file that is not a saved TT or whose cores do not
-    chain (shape, ranks). Cost: O(number of TT parameters).
+    Returns a :class:`~ttmanifold.TT`. Raises ``FileNotFoundError`` for a missing file,
+    ``ValueError`` naming ``path`` for a file that is not a saved TT, is damaged or whose
+    cores do not chain (shape, ranks), ``TypeError`` naming ``dtype`` for a dtype other than
+    float32/float64 and ``ValueError`` naming ``device`` for a string that is no device.
+    Cost: O(number of TT parameters).
     """
-    path = os.fspath(path)
+    # the arguments first (a string dtype failed as an 'invalid device string', after the read)
+    if dtype is not None:
+        check_float_dtype(dtype, "dtype")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"device: not a torch device: {device!r} ({exc})") from None
+    path = _as_path(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"path: no such file {path!r}")
     try:
@@ -103,12 +131,19 @@ def load(path, *, dtype: Optional[torch.dtype] = None, device=None) -> TT:
                 n = len(meta.get("shape", []))
                 cores = [torch.from_numpy(z[f"core_{k}"].copy()) for k in range(n)]
         else:
+            # torch.load does not check the zip records' CRC-32 (torch.save writes them): a
+            # flipped byte in a core would load as silently wrong numbers
+            if zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as zf:
+                    bad = zf.testzip()
+                if bad is not None:
+                    raise ValueError(f"record {bad!r} fails its CRC-32 check (damaged file)")
             data = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(data, dict):
                 raise ValueError("not a dict")
             meta = {k: v for k, v in data.items() if k != "cores"}
             cores = list(data.get("cores", []))
-    except (KeyError, ValueError, OSError, RuntimeError, EOFError) as exc:
+    except (KeyError, ValueError, OSError, RuntimeError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"path: {path!r} is not a tensor train saved by ttmanifold.save "
                          f"({type(exc).__name__}: {exc})") from exc
     except Exception as exc:  # noqa: BLE001  (unpickling errors of foreign files)
@@ -117,11 +152,17 @@ def load(path, *, dtype: Optional[torch.dtype] = None, device=None) -> TT:
     if meta.get("format") != FORMAT:
         raise ValueError(f"path: {path!r} is not a tensor train saved by ttmanifold.save "
                          f"(format {meta.get('format')!r})")
-    if int(meta.get("version", 0)) > VERSION:
+    try:  # (a damaged record raised a bare KeyError or TypeError without the file's name)
+        version = int(meta.get("version", 0))
+        if version <= VERSION:
+            shape = [int(n) for n in meta["shape"]]
+            ranks = [int(r) for r in meta["ranks"]]
+            batch = tuple(int(b) for b in meta.get("batch_shape", ()))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"path: {path!r}: damaged metadata ({type(exc).__name__}: {exc})") from exc
+    if version > VERSION:
         raise ValueError(f"path: {path!r} has format version {meta['version']}; this "
                          f"ttmanifold reads up to {VERSION} (upgrade ttmanifold)")
-    shape, ranks = list(meta["shape"]), list(meta["ranks"])
-    batch = tuple(meta.get("batch_shape", ()))
     ok = len(cores) == len(shape) and len(ranks) == len(shape) + 1 and all(
         isinstance(c, torch.Tensor)
         and tuple(c.shape) == batch + (ranks[k], shape[k], ranks[k + 1])
@@ -138,22 +179,3 @@ def load(path, *, dtype: Optional[torch.dtype] = None, device=None) -> TT:
         cores = [c.to(device) for c in cores]
     return TT(cores)
 
-
-def ensure_writable_dir(path) -> None:
-    """Create the directory ``path`` if missing and check that files can be written in it,
-    by creating and removing one.
-
-    ``os.access`` is not enough: it says yes to root on read-only or special file systems
-    and can be wrong on network file systems, and a command would then fail only when it
-    writes its results, after all its work.
-
-    Args:
-        path: a directory path.
-    Raises:
-        OSError: when the directory cannot be created or written (``strerror`` says why).
-    Cost: one file creation and removal.
-    """
-    os.makedirs(path, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=path)
-    os.close(fd)
-    os.remove(probe)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -31,7 +32,7 @@ from typing import Callable, Dict, Iterable, Optional, Union
 
 import torch
 
-from .._checks import check_positive_float
+from .._checks import check_positive_float, ensure_writable_dir
 from . import _cache
 
 __all__ = ["enabled", "set_enabled", "set_auto_build", "set_serial_small_ops",
@@ -127,6 +128,17 @@ class _KernelSet:
 _SETS: Dict[str, _KernelSet] = {n: _KernelSet(n) for n in _cache.SETS}
 
 
+def _after_fork_in_child() -> None:
+    # a lock another thread held at the fork stays held in the child, whose copy of that
+    # thread does not exist: module() would never load there and build() would hang
+    for ks in _SETS.values():
+        ks.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _set(name: str) -> _KernelSet:
     ks = _SETS.get(name)
     if ks is None:
@@ -169,6 +181,10 @@ def _probe(ks: _KernelSet) -> None:
         rc = ks.proc.poll() if ks.proc is not None else None  # before reading its result
         st = _cache.read_status(s)
         if st is not None and st.get("status") == "ok" and os.path.exists(s.artifact):
+            if _cache.damaged(s, st):  # never dlopen it (SIGBUS)
+                _fail(ks, f"the built module {s.artifact} is damaged (not the size recorded "
+                      f"by its build); `ttmanifold build-kernels` rebuilds it")
+                return
             why = _load(ks, s)
             if why is not None:
                 _fail(ks, why)
@@ -200,9 +216,12 @@ def _probe(ks: _KernelSet) -> None:
         _fail(ks, f"{type(exc).__name__}: {exc}")
 
 
-def _child_cmd(name: str, background: bool):
-    """The command and environment of a build process: this interpreter, importing this
-    ttmanifold (its directory first on ``sys.path``, whatever the working directory)."""
+def _child_cmd(s: _cache.Spec, background: bool):
+    """The command and environment of a build process for ``s``: this interpreter, importing
+    this ttmanifold (its directory first on ``sys.path``, whatever the working directory),
+    building into ``s``'s cache root (absolute: a relative ``TORCH_EXTENSIONS_DIR`` after a
+    ``chdir``, or a changed one, made the child build where this process never looked)."""
+    name = s.name
     if not sys.executable:
         raise RuntimeError("no Python executable (sys.executable is empty) to run the build")
     pkg_parent = os.path.dirname(os.path.dirname(_cache.HERE))  # the directory of ttmanifold/
@@ -211,7 +230,7 @@ def _child_cmd(name: str, background: bool):
     if background:  # lowest priority from the start (the imports too), where there is nice
         boot = "import os\nif hasattr(os, 'nice'): os.nice(19)\n" + boot
     cmd = [sys.executable, "-c", boot, name]
-    env = dict(os.environ)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.dirname(s.build_dir))
     if background:
         cmd.append("--background")
         env["MAX_JOBS"] = "1"
@@ -258,9 +277,21 @@ def _start_background(cmd, env):
                             start_new_session=True)
 
 
+def _make_build_dir(s: _cache.Spec) -> None:
+    """Create ``s``'s build directory and check it is writable, in this process: the build
+    process's own error (its lock or log not writable) reached no terminal, and the build
+    was reported as "exited with status 1 without a result" with an empty log."""
+    try:
+        ensure_writable_dir(s.build_dir)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write in the kernel cache directory {s.build_dir} "
+                      f"({exc.strerror or exc}); set TORCH_EXTENSIONS_DIR to a writable "
+                      f"directory") from None
+
+
 def _spawn(ks: _KernelSet, s: _cache.Spec) -> None:
-    os.makedirs(s.build_dir, exist_ok=True)
-    cmd, env = _child_cmd(ks.name, background=True)
+    _make_build_dir(s)
+    cmd, env = _child_cmd(s, background=True)
     ks.spawned = True
     ks.proc = _start_background(cmd, env)
     what = _cache.SETS[ks.name][2]
@@ -534,7 +565,7 @@ def _build_one(ks: _KernelSet, verbose: bool, timeout: float) -> dict:
                 if _load(ks, s) is None:
                     return result("already built")
                 os.remove(s.status_path)  # does not load: rebuild it
-            os.makedirs(s.build_dir, exist_ok=True)
+            _make_build_dir(s)
             deadline = t0 + timeout
             announced = False
             rc = None
@@ -586,24 +617,85 @@ def _build_one(ks: _KernelSet, verbose: bool, timeout: float) -> dict:
 
 
 def _run_child(ks: _KernelSet, s: _cache.Spec, say) -> int:
-    cmd, env = _child_cmd(ks.name, background=False)
+    cmd, env = _child_cmd(s, background=False)
     say(f"compiling {s.build_name} ({USUAL_TIME}; log {s.log_path})")
+    # its own process group, ended as a whole on Ctrl-C: terminating only the child left
+    # ninja and the compiler running (orphaned) in the build directory
+    group = hasattr(os, "killpg")
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env, close_fds=True)
+                            stderr=subprocess.DEVNULL, env=env, close_fds=True,
+                            start_new_session=group)
     t = time.monotonic()
     next_note = t + 10.0
     try:
         while True:
+            if group and _exited_unreaped(proc.pid, 0.5):
+                # a builder killed outright left its ninja and compiler running: end the
+                # group (SIGTERM: ninja ends the compiler, which runs in a group of its own)
+                # before reaping the builder, whose pid, the group's id, stays taken till then
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except OSError:
+                    pass
+                return proc.wait()
             try:
-                return proc.wait(timeout=0.5)
+                return proc.wait(timeout=0 if group else 0.5)
             except subprocess.TimeoutExpired:
                 pass
             if time.monotonic() >= next_note:
                 next_note += 10.0
                 say("still compiling")
     except BaseException:
-        proc.terminate()  # Ctrl-C: the child releases its lock as it ends
+        _end_build_group(proc, group)
         raise
+
+
+def _exited_unreaped(pid: int, wait: float) -> bool:
+    """Whether child ``pid`` has exited, checked for up to ``wait`` seconds without reaping
+    it (``waitid`` with ``WNOWAIT``; False where there is none)."""
+    waitid = getattr(os, "waitid", None)
+    if waitid is None or not hasattr(os, "WNOWAIT"):
+        time.sleep(wait)
+        return False
+    end = time.monotonic() + wait
+    while True:
+        try:
+            if waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:
+            return False  # reaped elsewhere: proc.wait() tells
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.05)
+
+
+def _end_build_group(proc, group: bool) -> None:
+    """End a foreground build and its compiler: SIGINT to the group (the builder releases
+    its lock as it ends), SIGKILL after 3 s (no hang at interrupt)."""
+    for sig, wait in ((signal.SIGINT, 3.0), (signal.SIGKILL, 1.0)):
+        try:
+            if group:
+                os.killpg(proc.pid, sig)
+            elif sig == signal.SIGINT:
+                proc.terminate()
+            else:
+                proc.kill()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=wait)
+            if not group:
+                return
+        except subprocess.TimeoutExpired:
+            continue
+        except BaseException:  # a second Ctrl-C: go on ending it
+            continue
+        # the builder is gone; its compiler may outlive it in the group
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        return
 
 
 def status() -> dict:

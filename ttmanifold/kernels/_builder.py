@@ -52,7 +52,8 @@ def main(argv=None) -> int:
         os.dup2(log, 2)
         os.close(log)
         for stale in (os.path.join(s.build_dir, "lock"),  # torch's baton, left by a killed build
-                      s.status_path):  # an earlier failure: this build replaces it
+                      s.status_path,  # an earlier failure: this build replaces it
+                      s.artifact):  # damaged (else built): ninja would not relink it
             try:
                 os.remove(stale)
             except OSError:
@@ -76,8 +77,8 @@ def main(argv=None) -> int:
             _cache.write_status(s, status="failed", reason=reason, log=s.log_path,
                                 seconds=round(time.monotonic() - t0, 1))
             return 1
-        _cache.write_status(s, status="ok", artifact=s.artifact, log=s.log_path,
-                            seconds=round(time.monotonic() - t0, 1))
+        _cache.write_status(s, status="ok", artifact=s.artifact, size=os.path.getsize(s.artifact),
+                            log=s.log_path, seconds=round(time.monotonic() - t0, 1))
         print(f"built in {time.monotonic() - t0:.1f} s", flush=True)
         return 0
     finally:

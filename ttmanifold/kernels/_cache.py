@@ -12,7 +12,8 @@ Files in a build directory:
 
 - ``<build name>.so``: the artifact (written by ``torch.utils.cpp_extension.load``);
 - ``build.json``: the result of the last build, ``{"status": "ok" | "failed", "reason", ...}``;
-  a module is loaded only when it says ``ok`` and the artifact exists;
+  a module is loaded only when it says ``ok`` and the artifact exists with the recorded
+  ``size``;
 - ``build.log``: the compiler's output of the last build;
 - ``ttmanifold.lock``: held by the process that builds, a JSON record of its pid, host and
   process start time. A lock whose owner is gone (same host, pid not running, or running
@@ -164,7 +165,21 @@ def write_status(s: Spec, **fields) -> None:
 
 def is_built(s: Spec) -> bool:
     st = read_status(s)
-    return bool(st and st.get("status") == "ok" and os.path.exists(s.artifact))
+    return bool(st and st.get("status") == "ok" and os.path.exists(s.artifact)
+                and not damaged(s, st))
+
+
+def damaged(s: Spec, st: dict) -> bool:
+    """Whether the artifact of a recorded build differs in size from the one recorded (cut
+    short or replaced since): loading a truncated shared object can kill the process with
+    SIGBUS. Records without a size (older builds) are taken as they are."""
+    size = st.get("size")
+    if size is None:
+        return False
+    try:
+        return os.path.getsize(s.artifact) != int(size)
+    except (OSError, TypeError, ValueError):
+        return True
 
 
 def log_tail(path: str, lines: int = 25) -> str:
