@@ -220,3 +220,24 @@ def ensure_writable_dir(path) -> None:
     fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=path)
     os.close(fd)
     os.remove(probe)
+
+
+def check_right_cores(V, U: Sequence[torch.Tensor], name: str = "V") -> list:
+    """Validate right-orthogonal cores passed in by a caller (``V=`` of the sampled
+    projections, ``IndexSet.project``) against the point's cores ``U``.
+
+    Args:
+        V: ``d`` entries, ``V[0]`` unused, ``V[k]`` of ``U[k]``'s shape (batch included).
+        U: the point's (or points') left-orthogonal cores.
+        name: the argument named in the error.
+    Returns:
+        ``V`` as a list; ``ValueError`` naming ``name`` for another length or shape (the
+        cores of a batch at one point, or of fewer points, were read silently or out of
+        range). Values are not checked (they are trusted to be the point's).
+    Cost: O(d)."""
+    if (isinstance(V, torch.Tensor) or not isinstance(V, (list, tuple)) or len(V) != len(U)
+            or any(not isinstance(v, torch.Tensor) or v.shape != u.shape
+                   for v, u in zip(V[1:], U[1:]))):
+        raise ValueError(f"{name}: expected the point's right-orthogonal cores, {len(U)} cores "
+                         f"of shapes {[tuple(u.shape) for u in U]} ({name}[0] unused)")
+    return list(V)

@@ -21,15 +21,15 @@ import geoopt
 import torch
 
 from .. import kernels
-from .._checks import (assert_finite_async, check_float_dtype, check_shape, functorch_wrapped,
-                       normalize_ranks)
+from .._checks import (assert_finite_async, check_float_dtype, check_right_cores, check_shape,
+                       functorch_wrapped, normalize_ranks)
 from ..tt import TT, BatchIndexSet, IndexSet, orthogonalize
 from ..tt import round as tt_round
 from ..tt.tensor_train import fro_norm
 from . import autodiff, hessian
 from .retraction import block_cores, retract, retract_point, retract_transport_cores
 from .sampled_batch import project_sampled_batch
-from .sweeps import (check_right_cores, core_runs, gauge_deltas, gauge_project_flat, orth_defect,
+from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect,
                      prefer_fewer_launches, project_dense, project_sampled, project_tt,
                      project_tt_at_point, right_cores, right_sweep)
 from .tangent import TangentTT

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import assert_finite_async
+from .._checks import assert_finite_async, check_right_cores
 from ..tt import BatchIndexSet
-from .sweeps import check_right_cores, right_cores
+from .sweeps import right_cores
 
 __all__ = ["project_sampled_batch"]
 

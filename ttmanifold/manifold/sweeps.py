@@ -25,7 +25,7 @@ from ..kernels import dense as compiled_dense
 from ..tt import IndexSet
 
 __all__ = ["compiled_batch", "has_bonds", "unbatched", "core_runs", "contiguous_runs",
-           "right_sweep", "right_cores", "check_right_cores", "project_tt", "project_dense",
+           "right_sweep", "right_cores", "project_tt", "project_dense",
            "project_tt_at_point",
            "prefer_fewer_launches", "one_point_batch", "squeeze_cores", "batched_mm",
            "batched_dot",
@@ -166,26 +166,6 @@ def unbatched(*seqs) -> bool:
     entries skipped) is a single 3-D core, i.e. no batch dimension."""
     return all(not isinstance(c, torch.Tensor) or c.dim() == 3
                for seq in seqs if isinstance(seq, (list, tuple)) for c in seq)
-
-
-def check_right_cores(V, U: Sequence[torch.Tensor], name: str = "V") -> list:
-    """Validate right-orthogonal cores passed in by a caller (``V=`` of the sampled
-    projections) against the point's cores ``U``.
-
-    Args:
-        V: ``d`` entries, ``V[0]`` unused, ``V[k]`` of ``U[k]``'s shape (batch included).
-        U: the point's (or points') left-orthogonal cores.
-        name: the argument named in the error.
-    Returns:
-        ``V`` as a list; ``ValueError`` naming ``name`` for another length or shape (the
-        cores of a batch at one point, or of fewer points, were read silently or out of
-        range). Values are not checked (they are trusted to be the point's).
-    Cost: O(d)."""
-    if (not isinstance(V, (list, tuple)) or len(V) != len(U) or any(
-            not isinstance(v, torch.Tensor) or v.shape != u.shape for v, u in zip(V[1:], U[1:]))):
-        raise ValueError(f"{name}: expected the point's right-orthogonal cores, {len(U)} cores "
-                         f"of shapes {[tuple(u.shape) for u in U]} ({name}[0] unused)")
-    return list(V)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.right_cores, when=has_bonds)
@@ -827,8 +807,6 @@ def gauge_project_flat(runs, U_flat: torch.Tensor, g: torch.Tensor) -> torch.Ten
         pieces.append(torch.baddbmm(Gb, Ub, Ub.transpose(1, 2) @ Gb, alpha=-1).reshape(-1))
     pieces.append(g[last:])
     return torch.cat(pieces)
-
-
 
 
 def gauge_deltas(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],

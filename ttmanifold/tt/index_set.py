@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import kernels
-from .._checks import check_float_dtype, check_shape, functorch_wrapped
+from .._checks import check_float_dtype, check_right_cores, check_shape, functorch_wrapped
 from . import sampled_compiled
 from .blocked import SampledPoint, blocked_project, blocked_values, stacked
 from .layout import CHUNK, MIN_GROUP, Block, ModePlan, Partition, Workspace
@@ -160,12 +160,7 @@ class IndexSet:
         Raises ``ValueError`` / ``TypeError`` naming the argument (the kernels would read
         cores of other ranks silently or fail deep inside). Cost O(d), no host sync."""
         self.check_cores(U, "U")
-        if (isinstance(V, torch.Tensor) or not isinstance(V, (list, tuple))
-                or len(V) != len(U) or any(
-                    not isinstance(v, torch.Tensor) or v.shape != u.shape
-                    for v, u in zip(V[1:], U[1:]))):
-            raise ValueError(f"V: expected the point's right-orthogonal cores, {len(U)} cores "
-                             f"of shapes {[tuple(u.shape) for u in U]} (V[0] unused)")
+        check_right_cores(V, U, "V")
         for k, v in enumerate(V[1:], 1):
             if v.dtype != U[0].dtype or v.device != U[0].device:
                 raise TypeError(f"V: core {k} has dtype {v.dtype} on {v.device}, U has "
