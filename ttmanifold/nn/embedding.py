@@ -20,6 +20,9 @@ class FactorizedEmbedding(FactorizedLayer):
     (``max_norm`` is not supported: torch renormalizes the table in place, which a
     generated weight cannot take) plus those of :class:`~ttmanifold.nn.STTPLinear`.
 
+    ``padding_idx``: that row of the table is a fixed buffer (``padding_row``), zeros for a
+    new layer and the dense row for :meth:`from_dense`, and gets no gradient, as in torch.
+
     Forward: with ``contraction="tt"``/``"auto"`` and no ``padding_idx`` /
     ``scale_grad_by_freq`` (they change the table's gradient), the rows of the
     output-side factor ``A`` (``num_embeddings x R_c``) are gathered and multiplied by the
@@ -63,9 +66,37 @@ class FactorizedEmbedding(FactorizedLayer):
                           spectrum=spectrum, param=param, init=init, out_modes=out_modes,
                           in_modes=in_modes, order=order, tensorization=tensorization,
                           contraction=contraction, device=device, dtype=dtype)
+        if padding_idx is not None:
+            # torch's fixed pad: zeros for a new table, the dense row for from_dense; the
+            # generated row would be nonzero and drift with the shared cores
+            like = self._cores()[0]
+            self.register_buffer("padding_row", torch.zeros(
+                self.embedding_dim, dtype=like.dtype, device=like.device))
 
     def _weight_shape(self):
         return (self.num_embeddings, self.embedding_dim)
+
+    def _matrix_from_cores(self, cores) -> Tensor:
+        W = super()._matrix_from_cores(cores)
+        if self.padding_idx is None:
+            return W
+        row = torch.full((1,), self.padding_idx, dtype=torch.long, device=W.device)
+        return W.index_copy(0, row, self.padding_row.to(W.dtype).unsqueeze(0))
+
+    def load_weight(self, W: Tensor) -> None:
+        """As :meth:`FactorizedLayer.load_weight`; with ``padding_idx`` the pad row is kept
+        as given (a fixed row, as in torch)."""
+        super().load_weight(W)
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.padding_row.copy_(W[self.padding_idx])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "padding_row"
+        if self.padding_idx is not None and key not in state_dict:
+            # a checkpoint from before the fixed pad row: torch's zero pad
+            state_dict[key] = torch.zeros_like(self.padding_row)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _plan_for_input(self, shape, ranks):
         return self._plan(ranks, 1, "dense"), 1
