@@ -166,6 +166,19 @@ def test_bad_data_gives_clear_errors():
         P.initial_point(0, kind="perturbed")
 
 
+def test_a_test_set_that_overlaps_the_training_set_is_named():
+    """A hand-given test set that repeats training samples measures the fit, not
+    generalization: one warning with the count (it passed silently)."""
+    _, idx, vals, _, _ = _data()
+    test = (torch.cat([idx[:2], idx[-3:]]), torch.cat([vals[:2], vals[-3:]]))
+    with pytest.warns(UserWarning, match=r"test: 2 of the 5 test samples are also training"):
+        Completion.from_data(idx[:-3], vals[:-3], (4, 5, 3, 4), ranks=2, test=test)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # disjoint: no warning
+        Completion.from_data(idx[:-3], vals[:-3], (4, 5, 3, 4), ranks=2,
+                             test=(idx[-3:], vals[-3:]))
+
+
 def test_recovers_a_low_rank_tensor_from_its_entries():
     """The user's workflow: entries of an (unknown) rank-2 TT as numpy arrays, 40 % observed,
     a held-out fraction; spectral start + Riemannian CG recover it."""

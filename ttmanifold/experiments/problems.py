@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -178,6 +179,23 @@ def check_distinct(idx: torch.Tensor, shape: Tuple[int, ...], name: str = "indic
     if _dedupe(idx, shape).shape[0] != idx.shape[0]:
         raise ValueError(f"{name}: repeated multi-indices; average (or sum) the values "
                          "of each entry first")
+
+
+def _check_train_and_test(train: torch.Tensor, test: torch.Tensor,
+                          shape: Tuple[int, ...]) -> None:
+    """:func:`check_distinct` of the training samples, and a warning when test samples are
+    also training samples (a held-out set given by hand that leaks into the training set:
+    ``test_err`` would measure the fit there). One sort of all samples when both hold, as
+    the duplicate check alone. O((N + M) log(N + M)) on the host."""
+    train, test = train.to("cpu", torch.int64), test.to("cpu", torch.int64)
+    n_test = _dedupe(test, shape).shape[0]
+    both = _dedupe(torch.cat([train, test]), shape).shape[0]
+    if both == train.shape[0] + n_test:
+        return  # distinct training samples, disjoint from the test samples
+    check_distinct(train, shape, "indices")
+    warnings.warn(f"test: {train.shape[0] + n_test - both} of the {test.shape[0]} test samples "
+                  f"are also training samples, so test_err measures the fit there, not "
+                  f"generalization", UserWarning, stacklevel=3)
 
 
 def _dedupe(idx: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
@@ -604,8 +622,11 @@ class Completion(QuadraticProblem):
         weights_i (X[i] - values_i)^2`` (``w = n_1...n_d / N``, as for generated
         problems), metrics ``train_err`` / ``test_err`` (relative), ``train_mse`` /
         ``train_rmse`` / ``test_mse`` / ``test_rmse`` (unweighted means over the samples).
-        Cost: O(N d) to check the data, O(N log N) for the duplicate check; the
-        ``"perturbed"`` start is not available (it needs the true tensor).
+        Cost: O(N d) to check the data, O(N log N) for the duplicate check (and for a
+        given test set, the check that none of its samples is a training sample: a
+        ``UserWarning`` names how many are, as ``test_err`` then measures the fit, not
+        generalization); the ``"perturbed"`` start is not available (it needs the true
+        tensor).
         """
         dtype = _resolve_dtype(dtype)
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -656,7 +677,10 @@ class Completion(QuadraticProblem):
                             f"{type(test).__name__}")
         if idx.shape[0] == 0:
             raise ValueError("indices: no training samples")
-        check_distinct(idx, shape, "indices")
+        if isinstance(test, (tuple, list)):
+            _check_train_and_test(idx, test_idx, shape)
+        else:
+            check_distinct(idx, shape, "indices")
         if ranks is None:
             raise TypeError("ranks: give the TT-ranks (an int, clipped to the feasible ranks, "
                             "or an exact tuple)")
