@@ -14,60 +14,66 @@ from ttmanifold import kernels
 F64 = torch.float64
 
 
+@pytest.fixture(params=[False, True], ids=["torch", "compiled"])
+def sampled_kernels(request):
+    """The torch sampled kernels, and the compiled ones (built here; skipped without a C++
+    compiler)."""
+    was = kernels.enabled()
+    kernels.set_enabled(request.param)
+    try:
+        if request.param:
+            import shutil
+
+            if shutil.which("c++") is None:
+                pytest.skip("no C++ compiler")
+            kernels.build(["sampled"], verbose=False)
+            assert kernels.module("sampled") is not None
+        yield request.param
+    finally:
+        kernels.set_enabled(was)
+
+
 def _dense_entries(cores, idx):
     return tm.TT([c.double() for c in cores]).full()[tuple(idx.t())]
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_threads_share_one_index_set(compiled):
+def test_threads_share_one_index_set(sampled_kernels):
     """Four threads gather and project on one 2 * 10^4-sample index set at once, each with
     its own TT: every result equals the single-threaded dense reference (the shared
     workspace used to be overwritten: 20-70 % wrong answers)."""
-    was = kernels.enabled()
-    kernels.set_enabled(compiled)
-    if compiled:
-        import shutil
+    shape = (6, 7, 5, 6)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randint(0, n, (20_000,), generator=g) for n in shape], 1)
+    iset = tm.IndexSet(idx, shape)
+    M = tm.FixedTTRank(shape, 3)
+    pts = [M.random(dtype=F64, generator=g) for _ in range(4)]
+    vals = torch.randn(20_000, generator=g, dtype=F64)
+    with torch.no_grad():
+        ref_g = [_dense_entries(M.split(p), idx) for p in pts]
+        ref_p = [M.project_sampled(p, iset, vals) for p in pts]  # one thread
+    errors, barrier = [], threading.Barrier(4)
 
-        if shutil.which("c++") is None:
-            pytest.skip("no C++ compiler")
-        kernels.build(["sampled"], verbose=False)
-        assert kernels.module("sampled") is not None
-    try:
-        shape = (6, 7, 5, 6)
-        g = torch.Generator().manual_seed(0)
-        idx = torch.stack([torch.randint(0, n, (20_000,), generator=g) for n in shape], 1)
-        iset = tm.IndexSet(idx, shape)
-        M = tm.FixedTTRank(shape, 3)
-        pts = [M.random(dtype=F64, generator=g) for _ in range(4)]
-        vals = torch.randn(20_000, generator=g, dtype=F64)
-        with torch.no_grad():
-            ref_g = [_dense_entries(M.split(p), idx) for p in pts]
-            ref_p = [M.project_sampled(p, iset, vals) for p in pts]  # one thread
-        errors, barrier = [], threading.Barrier(4)
+    def work(j):
+        try:
+            barrier.wait(timeout=30)
+            for _ in range(15):
+                with torch.no_grad():
+                    got = iset.gather(M.split(pts[j]))
+                    pr = M.project_sampled(pts[j], iset, vals)
+                if not torch.allclose(got, ref_g[j], atol=1e-12):
+                    errors.append(("gather", j, float((got - ref_g[j]).abs().max())))
+                if not torch.allclose(pr, ref_p[j], atol=1e-10):
+                    errors.append(("project", j, float((pr - ref_p[j]).abs().max())))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(("exception", j, repr(exc)))
 
-        def work(j):
-            try:
-                barrier.wait(timeout=30)
-                for _ in range(15):
-                    with torch.no_grad():
-                        got = iset.gather(M.split(pts[j]))
-                        pr = M.project_sampled(pts[j], iset, vals)
-                    if not torch.allclose(got, ref_g[j], atol=1e-12):
-                        errors.append(("gather", j, float((got - ref_g[j]).abs().max())))
-                    if not torch.allclose(pr, ref_p[j], atol=1e-10):
-                        errors.append(("project", j, float((pr - ref_p[j]).abs().max())))
-            except Exception as exc:  # pragma: no cover - reported below
-                errors.append(("exception", j, repr(exc)))
-
-        threads = [threading.Thread(target=work, args=(j,), daemon=True) for j in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert not any(t.is_alive() for t in threads), "threads did not finish"
-        assert not errors, errors[:5]
-    finally:
-        kernels.set_enabled(was)
+    threads = [threading.Thread(target=work, args=(j,), daemon=True) for j in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "threads did not finish"
+    assert not errors, errors[:5]
 
 
 def test_index_set_does_not_alias_the_callers_indices():
@@ -157,46 +163,34 @@ def test_project_and_sampled_point_validate_v_and_values(n):
         assert torch.allclose(D[k], G.grad, atol=1e-10)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_sampled_point_validates_its_arguments(compiled):
+def test_sampled_point_validates_its_arguments(sampled_kernels):
     """SampledPoint (torch) and CompiledSampledPoint: ``project`` with values of another
     length or dtype, ``tangent`` with deltas of other ranks, fewer cores or another dtype,
     and the layout changes with vectors of another length raise naming the argument (the
     compiled ``from_samples`` / ``to_samples`` returned a shorter vector silently, the rest
     failed inside the kernels with torch shape or dtype errors)."""
-    was = kernels.enabled()
-    kernels.set_enabled(compiled)
-    if compiled:
-        import shutil
-
-        if shutil.which("c++") is None:
-            pytest.skip("no C++ compiler")
-        kernels.build(["sampled"], verbose=False)
-    try:
-        shape, n = (5, 1, 6, 3), 3000
-        idx = torch.stack([torch.randint(0, s, (n,)) for s in shape], 1)
-        x = tm.TT.random(shape, 3, dtype=F64)
-        U, V = tm.orthogonalize(x, "left").cores, tm.orthogonalize(x, "right").cores
-        p = tm.IndexSet(idx, shape).sampled_point(U, V)
-        assert ("Compiled" in type(p).__name__) == compiled
-        z = p.from_samples(torch.randn(n, dtype=F64))
-        for bad in (z[:-1], z.float(), z.unsqueeze(1)):
-            with pytest.raises((ValueError, TypeError), match="^z:"):
-                p.project(bad)
-        dU = [torch.randn_like(u) for u in U]
-        for bad in (dU[:3], tm.TT.random(shape, 2, dtype=F64).cores, [d.float() for d in dU]):
-            with pytest.raises((ValueError, TypeError), match="^dU:"):
-                p.tangent(bad)
-        with pytest.raises(ValueError, match="^x:"):
-            p.from_samples(torch.zeros(n - 1, dtype=F64))
-        with pytest.raises(ValueError, match="^v:"):
-            p.to_samples(torch.zeros(n - 1, dtype=F64))
-        # the values are the dense reference's
-        ref = sum(tm.TT(U[:k] + [dU[k]] + V[k + 1:]).full()[tuple(idx.t())]
-                  for k in range(len(shape)))
-        assert torch.allclose(p.to_samples(p.tangent(dU)), ref, atol=1e-10)
-    finally:
-        kernels.set_enabled(was)
+    shape, n = (5, 1, 6, 3), 3000
+    idx = torch.stack([torch.randint(0, s, (n,)) for s in shape], 1)
+    x = tm.TT.random(shape, 3, dtype=F64)
+    U, V = tm.orthogonalize(x, "left").cores, tm.orthogonalize(x, "right").cores
+    p = tm.IndexSet(idx, shape).sampled_point(U, V)
+    assert ("Compiled" in type(p).__name__) == sampled_kernels
+    z = p.from_samples(torch.randn(n, dtype=F64))
+    for bad in (z[:-1], z.float(), z.unsqueeze(1)):
+        with pytest.raises((ValueError, TypeError), match="^z:"):
+            p.project(bad)
+    dU = [torch.randn_like(u) for u in U]
+    for bad in (dU[:3], tm.TT.random(shape, 2, dtype=F64).cores, [d.float() for d in dU]):
+        with pytest.raises((ValueError, TypeError), match="^dU:"):
+            p.tangent(bad)
+    with pytest.raises(ValueError, match="^x:"):
+        p.from_samples(torch.zeros(n - 1, dtype=F64))
+    with pytest.raises(ValueError, match="^v:"):
+        p.to_samples(torch.zeros(n - 1, dtype=F64))
+    # the values are the dense reference's
+    ref = sum(tm.TT(U[:k] + [dU[k]] + V[k + 1:]).full()[tuple(idx.t())]
+              for k in range(len(shape)))
+    assert torch.allclose(p.to_samples(p.tangent(dU)), ref, atol=1e-10)
 
 
 def test_from_sparse_rejects_a_dense_tensor():
