@@ -555,16 +555,41 @@ def _running(pid: int) -> bool:
     return _cache._proc_state(pid) not in (None, "Z")
 
 
-@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
-def test_interrupted_build_kernels_exits_130_and_stops_the_compiler(tmp_path):
-    """Ctrl-C during ``ttmanifold build-kernels``: one line, exit status 130, the build lock
-    released and no compiler left running (a traceback, and ninja and the compiler
-    orphaned, before)."""
+def _slow_compiler(tmp_path):
+    """A fake ``c++`` that answers ``--version`` and otherwise writes its pid to the
+    returned marker file and sleeps (a build that stays in its compiler)."""
     marker = tmp_path / "compiler.pid"
     cxx = tmp_path / "slow-c++"
     cxx.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo "g++ (fake) 12.2.0"; exit 0; fi\n'
                    f'echo $$ > "{marker}"\nexec sleep 120\n')
     cxx.chmod(0o755)
+    return cxx, marker
+
+
+def _wait_for_compiler(p, marker) -> int:
+    """The fake compiler's pid, once the build ``p`` started it (asserting ``p`` lives)."""
+    t = time.monotonic() + 120
+    while not (marker.exists() and marker.read_text().strip()) and time.monotonic() < t:
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.1)
+    return int(marker.read_text())
+
+
+def _end_processes(p, pid) -> None:
+    """Cleanup: the build process and the fake compiler, if still running."""
+    if p.poll() is None:
+        p.kill()
+        p.wait()
+    if pid is not None and _running(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
+def test_interrupted_build_kernels_exits_130_and_stops_the_compiler(tmp_path):
+    """Ctrl-C during ``ttmanifold build-kernels``: one line, exit status 130, the build lock
+    released and no compiler left running (a traceback, and ninja and the compiler
+    orphaned, before)."""
+    cxx, marker = _slow_compiler(tmp_path)
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "cache"), PYTHONPATH=ROOT,
                CXX=str(cxx))
     env.pop("TTMANIFOLD_NATIVE", None)
@@ -572,11 +597,7 @@ def test_interrupted_build_kernels_exits_130_and_stops_the_compiler(tmp_path):
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     pid = None
     try:
-        t = time.monotonic() + 120
-        while not (marker.exists() and marker.read_text().strip()) and time.monotonic() < t:
-            assert p.poll() is None, p.communicate()[0]
-            time.sleep(0.1)
-        pid = int(marker.read_text())
+        pid = _wait_for_compiler(p, marker)
         p.send_signal(signal.SIGINT)
         out = p.communicate(timeout=30)[0]
         assert p.returncode == 130, out
@@ -588,22 +609,14 @@ def test_interrupted_build_kernels_exits_130_and_stops_the_compiler(tmp_path):
         s = _spec_in(tmp_path / "cache", "dense")
         assert not os.path.exists(s.lock_path)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        if pid is not None and _running(pid):
-            os.kill(pid, signal.SIGKILL)
+        _end_processes(p, pid)
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
 def test_a_killed_build_process_leaves_no_compiler_running(tmp_path, monkeypatch):
     """The build process of build() killed with SIGKILL: the failure is reported and its
     compiler ends too (ninja and the compiler kept running, orphaned, before)."""
-    marker = tmp_path / "compiler.pid"
-    cxx = tmp_path / "slow-c++"
-    cxx.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo "g++ (fake) 12.2.0"; exit 0; fi\n'
-                   f'echo $$ > "{marker}"\nexec sleep 120\n')
-    cxx.chmod(0o755)
+    cxx, marker = _slow_compiler(tmp_path)
     cache = tmp_path / "cache"
     monkeypatch.setenv("CXX", str(cxx))  # (in the build name)
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(cache), PYTHONPATH=ROOT, CXX=str(cxx))
@@ -614,11 +627,7 @@ def test_a_killed_build_process_leaves_no_compiler_running(tmp_path, monkeypatch
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pid = None
     try:
-        t = time.monotonic() + 120
-        while not (marker.exists() and marker.read_text().strip()) and time.monotonic() < t:
-            assert p.poll() is None, p.communicate()
-            time.sleep(0.1)
-        pid = int(marker.read_text())
+        pid = _wait_for_compiler(p, marker)
         builder = _cache.read_lock(_spec_in(cache, "dense").lock_path)["pid"]
         os.kill(builder, signal.SIGKILL)
         out, err = p.communicate(timeout=60)
@@ -629,11 +638,7 @@ def test_a_killed_build_process_leaves_no_compiler_running(tmp_path, monkeypatch
             time.sleep(0.05)
         assert not _running(pid)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        if pid is not None and _running(pid):
-            os.kill(pid, signal.SIGKILL)
+        _end_processes(p, pid)
 
 
 BUILD_WITH_STALE_LOCKS = """
