@@ -20,10 +20,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._checks import check_finite, check_float_dtype, ensure_writable_dir
+from ._checks import check_finite, check_float_dtype
 from .tt import TT
 
-__all__ = ["save", "load", "ensure_writable_dir", "FORMAT"]
+__all__ = ["save", "load", "FORMAT"]
 
 FORMAT = "ttmanifold.TT"
 VERSION = 2  # 2: batches of TTs (``batch_shape``); a single TT is still written as 1

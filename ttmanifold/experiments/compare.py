@@ -25,7 +25,7 @@ import torch
 
 from . import problems as P
 from . import solvers
-from ..io import ensure_writable_dir
+from .._checks import ensure_writable_dir
 from ..manifold import FixedTTRank
 from .presets import PRESETS, run_preset
 from .solvers import ALL_METHODS, COMPLETION_METHODS, LINE_SEARCH_METHODS, METHODS, History

@@ -43,7 +43,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..io import ensure_writable_dir
+from .._checks import ensure_writable_dir
 
 OUTPUTS = ("completed.npz", "report.csv", "predictions.csv", "checkpoint.pt")
 #: the fixed-rank solvers of ``--method`` (all data-parallel under torchrun)
