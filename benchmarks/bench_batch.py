@@ -30,6 +30,19 @@ with ``sweeps.PAIRED_SWEEPS``). Copies made by view-like composites (``reshape``
 non-contiguous tensor under inference mode) count; profiler markers do not.
 
     python benchmarks/bench_batch.py --counts-only [--d 50]   # the counts only (seconds)
+
+``--flop-bound`` asks whether the issue's per-point targets at B = 256 (1/10 of the
+single-point call at r = 4, 1/3 at r = 10) are excluded by arithmetic: for one point it
+times the single-point call (compiled kernels as shipped, median CPU time), counts the
+floating-point operations of the same call on the torch path (``FlopCounterMode`` for the
+products; QR and SVD calls, which it does not see, counted as Householder QR with the thin Q
+formed, ``4 m k^2 - 4 k^3 / 3`` for an ``m x k`` matrix, a lower bound for an SVD) and divides
+them by this machine's 2000 x 2000 GEMM rate at one thread: the time the call's arithmetic
+takes at the best rate the CPU reaches. ``bound / target`` below 1 means the target is
+arithmetically possible, and ``1 / (bound / target)`` is the fraction of the GEMM rate a
+batched implementation must sustain to meet it.
+
+    python benchmarks/bench_batch.py --flop-bound              # seconds
 """
 from __future__ import annotations
 
@@ -39,11 +52,18 @@ import statistics
 import time
 
 import geoopt
+import os
+import sys
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from ttmanifold import TT, FixedTTRank, inner, kernels
 from ttmanifold.manifold import fixed_rank, sweeps
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_manifold import cpu_model, gemm_gflops  # noqa: E402
 
 F64 = torch.float64
 
@@ -212,6 +232,72 @@ def count_ops_once(d, n, r, B, how):
     return out
 
 
+class FactorFlops(TorchDispatchMode):
+    """Adds the flops of the QR and SVD calls dispatched while active (``flops``), which
+    ``FlopCounterMode`` does not count: Householder QR of each ``m x k`` matrix (``m >= k``,
+    or its transpose) with the thin Q formed, ``4 m k^2 - 4 k^3 / 3``; an SVD counts as that
+    QR only (a lower bound: its bidiagonalization costs more)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if "linalg_qr" in name or "linalg_svd" in name:
+            a = args[0]
+            m, k = max(a.shape[-2:]), min(a.shape[-2:])
+            nb = a.numel() // max(1, m * k)
+            self.flops += nb * (4 * m * k * k - 4 * k ** 3 / 3)
+        return out
+
+
+def flop_bound(d=10, n=20, rounds=31, ranks=(4, 10)):
+    """The per-point targets against the arithmetic of one point (see the module doc)."""
+    torch.set_num_threads(1)
+    kernels.build("dense", verbose=False)
+    print(f"# bench_batch --flop-bound {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+          f"{cpu_model()}, torch {torch.__version__}, 1 thread, d={d}, n={n}, compiled kernels "
+          f"{'loaded' if kernels.module('dense') is not None else 'not loaded'}")
+    print("| dtype | r | call | single-point ms | target ms/point at B = 256 | matmul Mflop "
+          "| QR/SVD Mflop | GEMM GFLOP/s | bound ms | bound / target |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for dtype in (torch.float64, torch.float32):
+        rate = gemm_gflops(dtype, timer=time.process_time) * 1e9
+        for r, share in zip(ranks, (10, 3)):
+            gen = torch.Generator().manual_seed(0)
+            M = FixedTTRank((n,) * d, r)
+            p = torch.Tensor(M.random(dtype=dtype, generator=gen))
+            Z = TT.random(M.shape, r, dtype=dtype, generator=gen)
+            u = M.project(p, Z)
+            u = u * (0.5 / M.norm(p, u))
+            A = TT.random(M.shape, r, dtype=dtype, generator=gen)
+            adam = adam_loop(M, p.unsqueeze(0), TT.stack([A]))
+            calls = {"retr": lambda: M.retr(p, u), "project": lambda: M.project(p, Z),
+                     "adam step": adam}
+            for name, fn in calls.items():
+                fn()
+                ts = []
+                for _ in range(rounds):
+                    t = time.process_time()
+                    fn()
+                    ts.append(time.process_time() - t)
+                single = statistics.median(ts)
+                kernels.set_enabled(False)  # the torch path: every product is visible
+                try:
+                    fc, ff = FlopCounterMode(display=False), FactorFlops()
+                    with fc, ff:
+                        fn()
+                finally:
+                    kernels.set_enabled(True)
+                mm, fact = fc.get_total_flops(), ff.flops
+                bound, target = (mm + fact) / rate, single / share
+                print(f"| {str(dtype)[6:]} | {r} | {name} | {single * 1e3:.3f} | "
+                      f"{target * 1e3:.4f} | {mm / 1e6:.2f} | {fact / 1e6:.2f} | {rate / 1e9:.0f} | "
+                      f"{bound * 1e3:.4f} | {bound / target:.2f} |", flush=True)
+
+
 def main_counts_only(d=10, n=20, r=10, B=256):
     """Only the operation counts (seconds, not minutes)."""
     torch.set_num_threads(1)
@@ -225,7 +311,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--counts-only", action="store_true", help="only the operation counts")
     ap.add_argument("--d", type=int, default=10, help="order d for --counts-only")
+    ap.add_argument("--flop-bound", action="store_true",
+                    help="the per-point targets against the arithmetic of one point")
     args = ap.parse_args()
+    if args.flop_bound:
+        return flop_bound(*((4, 5, 3, (2, 3)) if args.quick else ()))
     if args.counts_only:
         return main_counts_only(*((4, 5, 2, 8) if args.quick else (args.d,)))
     torch.set_num_threads(1)
