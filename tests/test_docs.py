@@ -9,6 +9,8 @@ notebook sources, docstrings and comments) against the code at HEAD.
   that starts with ``ttmanifold``, a module of the package (``sweeps.``, ``solvers.``, ...)
   or a public class of the package (``FixedTTRank.``, ``Completion.``, ...) resolves by
   import and ``getattr``.
+- ``test_docstring_cross_references_resolve``: every fully qualified Sphinx reference in
+  the package's docstrings (``:class:`~ttmanifold.tt.SampledPoint```, ...) resolves.
 - ``test_documented_cli_flags_exist``: every ``--flag`` in README.md and docs/*.md is an
   option of some command-line parser of the repository (``ttmanifold compare``,
   ``ttmanifold complete``, ``build-kernels``, the benchmarks, ``notebooks/nbtools.py``).
@@ -126,6 +128,34 @@ def test_documented_names_resolve():
                 checked += 1
     assert checked > 100  # the scan finds the names (a regex that matches nothing checks nothing)
     assert not bad, "names in the docs that the code lacks:\n" + "\n".join(sorted(set(bad)))
+
+
+def _resolve_qualified(name: str, mods) -> bool:
+    """Whether ``ttmanifold.a.b.C.m`` names a module, or an attribute reached from one."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        obj = mods.get(".".join(parts[:i]))
+        if obj is not None:
+            for part in parts[i:]:
+                if not hasattr(obj, part):
+                    return False
+                obj = getattr(obj, part)
+            return True
+    return False
+
+
+def test_docstring_cross_references_resolve():
+    mods = _modules()
+    bad, checked = [], 0
+    for f in sorted((ROOT / "ttmanifold").rglob("*.py")):
+        for target in re.findall(r":(?:class|func|meth|mod|attr|data|exc):`([^`]+)`", f.read_text()):
+            name = re.sub(r".*<(.*)>", r"\1", target).lstrip("~.")
+            if name.startswith("ttmanifold."):
+                checked += 1
+                if not _resolve_qualified(name, mods):
+                    bad.append(f"{f.relative_to(ROOT)}: {target}")
+    assert checked > 50
+    assert not bad, "docstring references to names that do not exist:\n" + "\n".join(bad)
 
 
 def _parser_options() -> set:
