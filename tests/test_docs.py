@@ -219,3 +219,18 @@ def test_quick_compare_reproduces_committed_run(tmp_path):
     iters = {(p, m): sum(1 for k in committed if k[:2] == (p, m)) for p, m, _ in committed}
     for p, m in {(r["problem"], r["method"]) for r in fresh}:
         assert sum(1 for r in fresh if (r["problem"], r["method"]) == (p, m)) == iters[(p, m)]
+
+
+def test_readme_guarantee_riemannian_grad_rejects_a_nonfinite_point():
+    """README, Guarantees: non-finite data brought by the user is rejected by
+    ``riemannian_grad``. A NaN in a core other than the last one leaves ``D`` (and the loss
+    ``0.5 <X, X>``) finite and reaches only the gauge-projected result."""
+    import pytest
+    import torch
+
+    M = ttmanifold.FixedTTRank((4, 5, 6), 2)
+    p = M.random(dtype=torch.float64)
+    p[2] = float("nan")  # inside the first core
+    for point in (p, p.expand(2, -1).clone()):  # one point (compiled or torch path), a batch
+        with pytest.raises(RuntimeError, match="NaN or Inf"):
+            M.riemannian_grad(point, lambda X: 0.5 * ttmanifold.inner(X, X).sum())
