@@ -390,7 +390,7 @@ def build_parser(prog: str = "ttmanifold complete") -> argparse.ArgumentParser:
                         "the means and the spectral start, the control set keeps one)")
     p.add_argument("--query", default=None,
                    help="file of multi-indices (.npy/.npz/CSV) to predict: predictions.csv")
-    p.add_argument("--out", default="complete_out", help="output directory")
+    p.add_argument("--out", default="complete_out", help="output directory (default complete_out)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     p.add_argument("--seed", type=int, default=0,
