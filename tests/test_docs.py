@@ -5,6 +5,7 @@ notebook sources, docstrings and comments) against the code at HEAD.
   reference (in the Markdown, in docstrings and comments of the package, benchmarks, tests
   and notebook sources) names an existing file and, for a page, an existing heading or
   ``<a id>`` anchor (GitHub's heading slugs).
+- ``test_repository_paths_exist``: every repository file the Markdown names exists.
 - ``test_documented_names_resolve``: every backticked dotted name in README.md and docs/*.md
   that starts with ``ttmanifold``, a module of the package (``sweeps.``, ``solvers.``, ...)
   or a public class of the package (``FixedTTRank.``, ``Completion.``, ...) resolves by
@@ -78,6 +79,20 @@ def test_links_resolve():
             if why:
                 bad.append(f"{f.relative_to(ROOT)}: {t} {why}")
     assert not bad, "broken references:\n" + "\n".join(bad)
+
+
+def test_repository_paths_exist():
+    """Files of the repository that the docs name (``benchmarks/bench_batch.py``,
+    ``tests/test_compile.py``, ``ttmanifold/kernels/dense.cpp``, ...) exist."""
+    bad, checked = [], 0
+    pattern = r"(?<![\w/.])((?:benchmarks|tests|notebooks|ttmanifold|docs)/[\w/.-]+\.(?:py|md|cpp|ipynb|png|csv))"
+    for md in MARKDOWN:
+        for path in re.findall(pattern, md.read_text()):
+            checked += 1
+            if "NN_name" not in path and not (ROOT / path).exists():
+                bad.append(f"{md.relative_to(ROOT)}: {path}")
+    assert checked > 20
+    assert not bad, "paths in the docs that do not exist:\n" + "\n".join(bad)
 
 
 def _modules():
