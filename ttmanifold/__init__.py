@@ -9,9 +9,9 @@ Packages and modules (one concept each; imports flow down this list):
 - :mod:`ttmanifold.manifold` - pure functions over cores (projections, retraction, gauge),
   :class:`TangentTT`, Riemannian autodiff, and :class:`FixedTTRank`, a ``geoopt.Manifold``;
 - :mod:`ttmanifold.householder` - Householder parameterizations of orthonormal frames;
-- :mod:`ttmanifold.chart` - the STTP chart (:class:`STTPChart`) and ``nn.utils.parametrize``
-  integration;
-- :mod:`ttmanifold.nn` - spectral low-rank layers (STTP and SVDP);
+- :mod:`ttmanifold.nn` - the STTP chart and spectral low-rank layers (STTP and SVDP);
+- :mod:`ttmanifold.chart` - re-exports the STTP chart (:class:`STTPChart`) and its
+  ``nn.utils.parametrize`` integration from :mod:`ttmanifold.nn`;
 - :mod:`ttmanifold.optim` - geoopt's Riemannian SGD and Adam with a step that
   ``torch.compile`` captures;
 - :mod:`ttmanifold.experiments` - the chart-versus-Riemannian comparison

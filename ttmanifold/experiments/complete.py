@@ -350,7 +350,7 @@ def build_parser(prog: str = "ttmanifold complete") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Complete a tensor from observed entries with a fixed-TT-rank model "
-                    "(Riemannian CG, L-BFGS or trust region). Data: .npz (indices + values, or a dense array with "
+                    "(Riemannian CG, L-BFGS, trust region or ALS). Data: .npz (indices + values, or a dense array with "
                     "NaN for missing), .npy (dense, NaN missing) or CSV lines "
                     "'i_1,...,i_d,value' (0-based). Data-parallel under torchrun, unchanged.",
         epilog="examples:\n  ttmanifold complete ratings.csv --rank 5 --validation 0.1 "
@@ -390,7 +390,7 @@ def build_parser(prog: str = "ttmanifold complete") -> argparse.ArgumentParser:
                         "the means and the spectral start, the control set keeps one)")
     p.add_argument("--query", default=None,
                    help="file of multi-indices (.npy/.npz/CSV) to predict: predictions.csv")
-    p.add_argument("--out", default="complete_out", help="output directory")
+    p.add_argument("--out", default="complete_out", help="output directory (default complete_out)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     p.add_argument("--seed", type=int, default=0,

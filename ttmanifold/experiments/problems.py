@@ -838,7 +838,7 @@ class Completion(QuadraticProblem):
         the per-sample left vectors ``l_k`` (of the left-orthogonal cores U) and right
         vectors ``rho_k`` (of the right-orthogonal cores V) kept for :meth:`exact_step`.
 
-        Kernels (:class:`~ttmanifold.sparse.SampledPoint`, blocked layouts, O(|Omega| d r^2)
+        Kernels (:class:`~ttmanifold.tt.SampledPoint`, blocked layouts, O(|Omega| d r^2)
         each sweep): one left sweep (the last step gives the values of X), one right sweep,
         one grouped scatter per block of merged modes. Memory: the kept vectors,
         ``2 |Omega| sum_b r_b`` numbers over the blocks (plus padding), in buffers reused
@@ -900,7 +900,7 @@ class Completion(QuadraticProblem):
 
 class _CompletionContext:
     """What :meth:`Completion.exact_step` reuses at a point: the sampled vectors
-    (:class:`~ttmanifold.sparse.SampledPoint`), the weighted residual ``z`` (in the
+    (:class:`~ttmanifold.tt.SampledPoint`), the weighted residual ``z`` (in the
     point's last layout) and ``X`` as a tangent vector (regularized problems). Indexable
     like the former tuple: ``ctx[2]`` is ``z``, ``ctx[3]`` is ``xt``."""
 

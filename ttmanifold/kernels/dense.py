@@ -52,7 +52,7 @@ def _batched(cores: Sequence[Optional[torch.Tensor]], bs: torch.Size, skip_first
 
 def right_cores(mod, U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     """The canonical right-orthogonal cores ``V`` of the left-orthogonal cores ``U``
-    (``V[0]`` is None), as :func:`ttmanifold.tangent.right_cores`; with leading batch
+    (``V[0]`` is None), as :func:`ttmanifold.manifold.sweeps.right_cores`; with leading batch
     dimensions on the cores, each point's (one call for the batch)."""
     if len(U) == 1:
         return [None]

@@ -105,6 +105,7 @@ def _gauge(M, p, D):
 
 
 _NONFINITE = "f: gradient contains NaN or Inf"
+_NONFINITE_G = "f: gradient contains NaN or Inf (or the point p does)"
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.gauge_project,
@@ -179,10 +180,11 @@ def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torc
         assert_finite_async(D, "f", _NONFINITE)
         return D.clone()
     G, finite = _gauge_checked(M.gauge_runs, p, D)
-    if finite is None:  # the torch path: checked without a host sync
-        assert_finite_async(D, "f", _NONFINITE)
-    elif not finite:
+    if finite is not None and not finite:  # the compiled path tested D
         raise RuntimeError(_NONFINITE)
+    # G, not only D: a non-finite point reaches G through the gauge projection even where D
+    # is finite (0.5 <X, X> has D = (0, .., 0, U_d)); one pass, no host sync
+    assert_finite_async(G, "f", _NONFINITE_G)
     return G
 
 

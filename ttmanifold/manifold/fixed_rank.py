@@ -339,9 +339,10 @@ class FixedTTRank(geoopt.Manifold):
         When ``p`` requires grad (and grad mode is on) the result is the rank-2r TT
         ``sum_k U_<k delta_k V_>k`` evaluated at ``delta = (0, ..., 0, U_d)`` (its value is
         X) with ``delta_k`` tied to ``p``'s k-th core: backpropagating a loss ``f`` gives
-        ``p.grad`` = packed gauge-projected ``X_{<k}^T grad f X_{>k}^T``, the Riemannian
+        ``p.grad`` = packed gauge-projected ``U_<k^T grad f V_>k^T`` (``U``, ``V`` the left-
+        and right-orthogonal cores of X), the Riemannian
         gradient in this manifold's tangent representation. The result is a
-        :class:`~ttmanifold.tangent.TangentTT`: ``inner`` with itself is the dot product
+        :class:`~ttmanifold.manifold.tangent.TangentTT`: ``inner`` with itself is the dot product
         of the packed deltas, ``inner`` with a TT of rank R one projection sweep
         (O(d n r R (r + R))), ``norm`` and scalar multiples stay structured; any other
         operation runs on the rank-2r block cores (about 4x the rank-r cost of a sweep,
@@ -399,7 +400,7 @@ class FixedTTRank(geoopt.Manifold):
     # ------------------------------------------------------------------------------------
     def _tangent_tt(self, U, V, deltas, *, add_point: bool, gauged: bool = False) -> TT:
         """The rank-2r TT of ``sum_k U_<k delta_k V_>k`` (plus X if ``add_point``), as a
-        :class:`~ttmanifold.tangent.TangentTT` (a plain TT for d = 1)."""
+        :class:`~ttmanifold.manifold.tangent.TangentTT` (a plain TT for d = 1)."""
         deltas = list(deltas)
         if add_point:
             deltas[-1] = deltas[-1] + U[-1]
@@ -832,12 +833,18 @@ class FixedTTRank(geoopt.Manifold):
         return self.retr_transp(x, u, v)[1]
 
     def expmap_transp(self, x, u, v):
+        """Not available: raises ``NotImplementedError`` as :meth:`expmap` does; use
+        :meth:`retr_transp`."""
         return self.expmap(x, u)
 
     def transp_follow_expmap(self, x, u, v):
+        """Not available: raises ``NotImplementedError`` as :meth:`expmap` does; use
+        :meth:`transp_follow_retr`."""
         return self.expmap(x, u)
 
     def logmap(self, x, y):
+        """Not available: the inverse of the retraction has no closed form
+        (``NotImplementedError``); :meth:`dist` gives the chordal distance."""
         raise NotImplementedError("FixedTTRank has no closed-form logarithmic map")
 
     def dist(self, x, y, *, keepdim=False):

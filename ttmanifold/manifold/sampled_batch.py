@@ -22,7 +22,7 @@ def project_sampled_batch(M, p: torch.Tensor, index_set: BatchIndexSet,
         p: ``(B, size)`` packed points (left-orthogonal cores).
         index_set: a :class:`~ttmanifold.tt.BatchIndexSet` of ``B`` sets of ``M``'s shape.
         values: ``(N,)`` the values of all samples, concatenated in the order of
-            ``index_set`` (its :attr:`~ttmanifold.tt.BatchIndexSet.offsets`).
+            ``index_set`` (its ``offsets``).
         V: the points' right-orthogonal cores ``(B, r, n, r')`` if already known.
     Returns:
         ``(B, size)`` packed gauged deltas; equal to ``B`` calls of

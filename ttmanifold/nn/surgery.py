@@ -232,7 +232,7 @@ def replace_layers(model: nn.Module, rank: int, kinds: Sequence[str] = ("linear"
 
 def export_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Every STTP/SVDP layer replaced by the plain torch layer with its current dense weight
-    (:meth:`decompress`), for deployment. ``inplace=False`` works on a deep copy. Returns
+    (each layer's ``decompress()``), for deployment. ``inplace=False`` works on a deep copy. Returns
     the model. Cost: one dense weight per layer."""
     _check_model(model)
     if not inplace:

@@ -302,7 +302,9 @@ class IndexSet:
         return _chunked(b, core.permute(1, 2, 0), p.idx)
 
     def left_vectors(self, cores: Sequence[torch.Tensor], upto: Optional[int] = None):
-        """``[l_0, l_1, ..., l_upto]``, ``l_k`` of shape ``(N, r_k)``, ``l_0 = 1``."""
+        """``[l_0, l_1, ..., l_upto]``, ``l_k`` of shape ``(N, r_k)`` the product of cores
+        ``0..k-1`` at the sample's indices, ``l_0 = 1``; ``upto`` defaults to ``d - 1`` (the
+        vectors a projection needs; ``l_d``, the values, is :meth:`gather`)."""
         self.check_cores(cores, "cores")
         d = len(cores)
         upto = d - 1 if upto is None else upto

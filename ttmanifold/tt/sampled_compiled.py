@@ -208,7 +208,7 @@ def _values(mod, plan: CompiledPlan, cores: Sequence[torch.Tensor]) -> torch.Ten
 
 
 class CompiledSampledPoint:
-    """:class:`~ttmanifold.sparse.SampledPoint` on the compiled kernels (CPU, float32 or
+    """:class:`~ttmanifold.tt.SampledPoint` on the compiled kernels (CPU, float32 or
     float64). Per-sample scalars are in sample order: :meth:`to_samples` and
     :meth:`from_samples` are the identity and :attr:`mask` is all true.
 
