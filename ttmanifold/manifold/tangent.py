@@ -91,7 +91,7 @@ class TangentTT(TT):
         if (not bs and torch.is_grad_enabled() and self._deltas_require_grad()
                 and not torch.compiler.is_compiling()
                 and not any(c is not None and c.requires_grad for c in U + V)
-                and not functorch_wrapped(self._deltas[0] if flat is None else flat)):
+                and not functorch_wrapped(self._deltas if flat is None else flat)):
             # Riemannian autodiff: gradients reach the packed deltas only, by one node
             if flat is None:
                 flat = torch.cat([c.reshape(-1) for c in self._deltas])

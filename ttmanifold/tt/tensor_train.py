@@ -240,7 +240,7 @@ def _assert_cores_finite(cores: List[torch.Tensor], name: str) -> None:
     one quick test of all cores first (a read there is free); only when it fails does the
     per-core test run to name the core."""
     if (cores[0].is_cpu and len(cores) > 1 and not torch.compiler.is_compiling()
-            and not functorch_wrapped(cores[0]) and _cores_finite(cores)):
+            and not functorch_wrapped(cores) and _cores_finite(cores)):
         return
     for k, c in enumerate(cores):  # asynchronous on a GPU (immediate on the CPU)
         assert_finite_async(c.detach(), f"{name}[{k}]")
@@ -740,7 +740,7 @@ def _norm_with_gram_derivatives(x: TT, val: torch.Tensor,
     cores = x.cores
     nb = len(val.shape)
     mats = left + [cores[-1].detach()]
-    if nb == 0 and not torch.compiler.is_compiling() and not functorch_wrapped(mats[0]):
+    if nb == 0 and not torch.compiler.is_compiling() and not functorch_wrapped(mats):
         amax = torch.stack(torch._foreach_norm(mats, float("inf")))  # one operation for all
     else:
         amax = torch.stack([m.abs().flatten(nb).amax(-1) for m in mats], -1)
@@ -969,7 +969,7 @@ class _SumTT(TT):
         concatenated cores are used as for any TT)."""
         return (self._dense is None and self.device.type == "cpu"
                 and not torch.compiler.is_compiling()
-                and not functorch_wrapped(self._terms[0]._cores[0]))
+                and not functorch_wrapped([c for t in self._terms for c in t._cores]))
 
     def _gram(self, fallback: bool = True) -> Tuple[Optional[torch.Tensor], bool]:
         """``<self, self>`` and whether it came from the terms: ``sum_ij <t_i, t_j>`` when
@@ -1079,7 +1079,7 @@ def _sweep_ok(a: TT, b: TT) -> bool:
     torch.compile tracing (they differentiate the plain sweep themselves)."""
     if torch.compiler.is_compiling():
         return False
-    return not any(functorch_wrapped(c) for c in a._cores[:1] + b._cores[:1])
+    return not functorch_wrapped(a._cores + b._cores)
 
 
 class _GramSweep(torch.autograd.Function):
