@@ -15,6 +15,7 @@ from ttmanifold.nn.planner import Plan
 from ttmanifold.nn import (
     STTPConv2d,
     STTPConvTranspose2d,
+    STTPEmbedding,
     STTPLinear,
     SVDPConv2d,
     SVDPLinear,
@@ -554,6 +555,23 @@ def test_meta_device(cls, args, xshape):
     xr = torch.randn(*xshape)
     ref = layer.decompress()(xr)
     torch.testing.assert_close(layer(xr), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make,x", [
+    (lambda dev: STTPLinear(24, 18, rank=4, device=dev), lambda dev: torch.ones(5, 24, device=dev)),
+    (lambda dev: SVDPConv2d(12, 8, 3, rank=4, device=dev),
+     lambda dev: torch.ones(2, 12, 7, 7, device=dev)),
+    (lambda dev: STTPConvTranspose2d(12, 8, 3, rank=4, device=dev),
+     lambda dev: torch.ones(2, 12, 7, 7, device=dev)),
+    (lambda dev: STTPEmbedding(20, 8, rank=2, device=dev),
+     lambda dev: torch.zeros(3, dtype=torch.long, device=dev))])
+def test_input_on_another_device(make, x):
+    """An input on another device than the layer's is named; it failed inside torch, or
+    (a cpu layer, a meta input) silently gave a cpu output."""
+    for layer_dev, x_dev in (("cpu", "meta"), ("meta", "cpu")):
+        with pytest.raises(ValueError, match=f"input: on device {x_dev}, the layer's "
+                                             f"parameters on {layer_dev}"):
+            make(layer_dev)(x(x_dev))
 
 
 def test_bad_input():

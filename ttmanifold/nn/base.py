@@ -222,11 +222,20 @@ class FactorizedLayer(nn.Module):
             with torch.no_grad():
                 b.uniform_(-bound, bound)
 
-    def _check_input_dtype(self, x: Tensor, ref: Tensor) -> None:
+    def _check_input_tensor(self, x: Tensor, ref: Tensor) -> None:
+        """``TypeError``/``ValueError`` unless ``x`` is a tensor of ``ref``'s dtype and
+        device (the layer's). Without the device check an input on another device failed
+        inside torch, or, meta against cpu, silently gave an output on the layer's device."""
         if not isinstance(x, Tensor):
             raise TypeError(f"input: expected a torch.Tensor, got {type(x).__name__}")
         if x.dtype != ref.dtype:
             raise TypeError(f"input: dtype {x.dtype} differs from the layer's {ref.dtype}")
+        self._check_input_device(x, ref)
+
+    def _check_input_device(self, x: Tensor, ref: Tensor) -> None:
+        if x.device != ref.device:
+            raise ValueError(f"input: on device {x.device}, the layer's parameters on "
+                             f"{ref.device}")
 
     def _param_repr(self) -> str:
         return self.weight_param.extra_repr()
