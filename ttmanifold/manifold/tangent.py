@@ -227,8 +227,8 @@ class TangentTT(TT):
         """``a * self``, still structured (the deltas scaled); for a batch ``a`` may be a
         tensor of shape ``batch_shape`` (one scalar per point)."""
         bs = self.batch_shape
+        ac = per_point_scalars(a, bs, self._U[0])  # checked (also for a single point)
         if bs:
-            ac = per_point_scalars(a, bs, self._deltas[0])
             af = ac.flatten(-3) if isinstance(ac, torch.Tensor) and ac.dim() > 0 else ac
             if self._flat is not None:
                 flat = self._flat * af

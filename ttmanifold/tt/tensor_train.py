@@ -781,18 +781,29 @@ def per_point_scalars(a, batch_shape, like: torch.Tensor):
         ``(*batch, r, n, r')``) in ``like``'s dtype. Raises ``ValueError`` for another
         shape or device and ``TypeError`` for a floating (or complex) dtype other than
         ``like``'s: the product would promote one core alone and leave a TT of mixed
-        dtypes (a 0-d tensor keeps the TT's dtype, as torch's scalars do).
+        dtypes (a 0-d tensor keeps the TT's dtype, as torch's scalars do). A complex or
+        non-numeric scalar is a ``TypeError`` and a 0-d tensor on another device than
+        ``like``'s (other than the CPU, whose 0-d tensors torch takes as scalars) a
+        ``ValueError``: they made a complex first core or failed inside torch.
     Cost: O(|batch|)."""
-    if isinstance(a, torch.Tensor) and a.dim() > 0:
-        if tuple(a.shape) != tuple(batch_shape):
-            raise ValueError(f"a: expected a scalar or a tensor of the batch shape "
-                             f"{tuple(batch_shape)}, got shape {tuple(a.shape)}")
-        if a.dtype != like.dtype and (a.dtype.is_floating_point or a.dtype.is_complex):
-            raise TypeError(f"a: dtype {a.dtype} differs from the TT's {like.dtype}")
-        if a.device != like.device:
+    if not isinstance(a, torch.Tensor):
+        if not isinstance(a, numbers.Real):
+            raise TypeError(f"a: expected a real scalar or a tensor, got {type(a).__name__}")
+        return a
+    if a.dim() == 0:
+        if a.dtype.is_complex:
+            raise TypeError(f"a: expected a real scalar, got a tensor of dtype {a.dtype}")
+        if a.device != like.device and a.device.type != "cpu":
             raise ValueError(f"a: on {a.device}, the TT on {like.device}")
-        return a.to(like.dtype)[..., None, None, None]
-    return a
+        return a
+    if tuple(a.shape) != tuple(batch_shape):
+        raise ValueError(f"a: expected a scalar or a tensor of the batch shape "
+                         f"{tuple(batch_shape)}, got shape {tuple(a.shape)}")
+    if a.dtype != like.dtype and (a.dtype.is_floating_point or a.dtype.is_complex):
+        raise TypeError(f"a: dtype {a.dtype} differs from the TT's {like.dtype}")
+    if a.device != like.device:
+        raise ValueError(f"a: on {a.device}, the TT on {like.device}")
+    return a.to(like.dtype)[..., None, None, None]
 
 
 def _check_batch(batch) -> Tuple[int, ...]:
