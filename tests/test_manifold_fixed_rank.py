@@ -1015,6 +1015,13 @@ def test_bad_input_errors():
         M.retr(p, u.to("meta"))
     with pytest.raises(TypeError, match=r"Z: dtype torch.float32 differs"):
         M.project(p, torch.zeros(M.shape, dtype=F32))
+    # the metric does not read the point: a point of another dtype or device passed
+    for metric in (M.inner, M.component_inner, M.norm):
+        with pytest.raises(TypeError, match=r"u: dtype torch.float64 differs from the "
+                                            r"point's torch.float32"):
+            metric(p.to(F32), u)
+        with pytest.raises(ValueError, match=r"u: device cpu differs from the point's meta"):
+            metric(p.to("meta"), u)
     with pytest.raises(TypeError, match=r"expected a real floating dtype"):
         M.proju(p, u.to(torch.int64))
     # infeasible and unattainable ranks

@@ -710,9 +710,15 @@ class FixedTTRank(geoopt.Manifold):
     def _metric_shape(self, x, u, v) -> tuple:
         """The broadcast shape ``(*batch, size)`` of the point ``x`` and the vectors ``u``,
         ``v`` of :meth:`inner` and :meth:`component_inner` (checked by :meth:`_check_pair`);
-        ``ValueError`` naming ``x`` when its batch shape does not broadcast with theirs."""
+        ``ValueError`` naming ``x`` when its batch shape does not broadcast with theirs, and
+        naming ``u`` when its dtype or device is not the point's (the metric does not read
+        the point, so such a mix passed silently)."""
         self._check_pair(u, v)
         self._check_flat(x, "x")
+        if u.dtype != x.dtype:
+            raise TypeError(f"u: dtype {u.dtype} differs from the point's {x.dtype}")
+        if u.device != x.device:
+            raise ValueError(f"u: device {u.device} differs from the point's {x.device}")
         if x.shape == u.shape == v.shape:
             return tuple(u.shape)
         try:
