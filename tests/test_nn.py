@@ -634,6 +634,17 @@ def test_non_finite_dense_weight_is_named():
             cls(8, 6, rank=2, dtype=DT).load_weight(W * float("inf"))
 
 
+def test_dense_weight_of_a_non_real_dtype_is_named():
+    # a complex weight was cast to the layer's dtype, its imaginary part dropped with no
+    # more than torch's warning; a bool one loaded as 0/1
+    for cls in (STTPLinear, SVDPLinear):
+        for W in (torch.randn(6, 8, dtype=torch.complex128), torch.ones(6, 8, dtype=torch.bool),
+                  torch.ones(6, 8, dtype=torch.long)):
+            with pytest.raises(TypeError, match=f"weight: expected a real floating tensor, "
+                                                f"got dtype {W.dtype}"):
+                cls(8, 6, rank=2, dtype=DT).load_weight(W)
+
+
 def test_conv_size_arguments_checked_at_construction():
     # "same" for a transposed convolution failed with int("s"); negative or too large
     # (output_)padding failed only in torch's forward

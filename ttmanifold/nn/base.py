@@ -295,9 +295,13 @@ class FactorizedLayer(nn.Module):
     def load_weight(self, W: Tensor) -> None:
         """Set the factorized weight from a dense weight in torch's shape (projection:
         TT-SVD / truncated SVD, then the spectrum constraint). ``ValueError`` for a wrong
-        shape or a NaN/Inf entry."""
+        shape or a NaN/Inf entry, ``TypeError`` for a tensor that is not real floating (a
+        complex weight lost its imaginary part in the cast to the layer's dtype, with no
+        more than torch's warning)."""
         if not isinstance(W, Tensor):
             raise TypeError(f"weight: expected a torch.Tensor, got {type(W).__name__}")
+        if not W.is_floating_point():
+            raise TypeError(f"weight: expected a real floating tensor, got dtype {W.dtype}")
         if tuple(W.shape) != tuple(self._weight_shape()):
             raise ValueError(f"weight: expected shape {tuple(self._weight_shape())}, got "
                              f"{tuple(W.shape)}")
