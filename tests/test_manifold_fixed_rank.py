@@ -278,6 +278,17 @@ def test_origin_is_a_point_of_exact_rank(shape, ranks, dtype):
     assert abs(float(dense_point(M, o.to(F64)).norm()) - 1) < 1e-6
 
 
+def test_origin_in_a_default_device_context():
+    # origin's CPU draw followed a default-device context: another point there (on CUDA a
+    # CPU generator with a CUDA draw), and origin(device="cpu") failed under meta
+    M = FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1))
+    ref = M.origin(dtype=F64)
+    with torch.device("meta"):
+        assert torch.equal(M.origin(dtype=F64, device="cpu"), ref)
+        o = M.origin(2, dtype=F32)
+    assert o.device.type == "meta" and o.shape == (2, M.size)  # None: the default device
+
+
 def tt_svd_right_to_left(X, ranks):
     """Dense TT-SVD sweeping from the last mode (truncated SVDs), as a dense tensor."""
     shape = X.shape

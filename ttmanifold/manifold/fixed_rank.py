@@ -970,7 +970,8 @@ class FixedTTRank(geoopt.Manifold):
     def origin(self, *size, dtype=None, device=None, seed=None) -> torch.Tensor:
         """A fixed, deterministic point: :meth:`TT.random` (orthonormal frames, unit norm)
         drawn in float64 on the CPU from a generator seeded with ``seed`` (default 0), then
-        cast to ``dtype`` and moved to ``device``. Same point for every dtype and device.
+        cast to ``dtype`` and moved to ``device`` (default: torch's default device). Same
+        point for every dtype and device.
         ``size`` as for :meth:`random`: a batch repeats this point.
 
         (Structured frames such as DCT columns are not used: reshaped into cores they can
@@ -981,7 +982,10 @@ class FixedTTRank(geoopt.Manifold):
         dtype = dtype or torch.get_default_dtype()
         check_float_dtype(dtype, "dtype")
         gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
-        x = TT.random(self.shape, self.ranks, dtype=torch.float64, generator=gen)
+        # on the CPU explicitly: in a default-device context (``with torch.device(...)``)
+        # the draw moved there (another point; on CUDA a generator mismatch)
+        x = TT.random(self.shape, self.ranks, dtype=torch.float64, device="cpu", generator=gen)
+        device = torch.get_default_device() if device is None else device
         p = self._cat(x.cores).to(dtype=dtype, device=device)
         if batch:  # the same point at every position of the batch (a copy each)
             p = p.expand(batch + (self.size,)).clone()
