@@ -278,6 +278,16 @@ def test_origin_is_a_point_of_exact_rank(shape, ranks, dtype):
     assert abs(float(dense_point(M, o.to(F64)).norm()) - 1) < 1e-6
 
 
+def test_random_refuses_unknown_keywords():
+    # swallowed by **kwargs: a misspelt dtype drew float32, geoopt's std was ignored
+    M = FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1))
+    for kw in ({"dtyp": F64}, {"std": 0.1}):
+        for fn in (M.random, M.random_normal):
+            with pytest.raises(TypeError, match=f"random: unexpected keyword argument\\(s\\) "
+                                                f"{next(iter(kw))}"):
+                fn(**kw)
+
+
 def test_origin_in_a_default_device_context():
     # origin's CPU draw followed a default-device context: another point there (on CUDA a
     # CPU generator with a CUDA draw), and origin(device="cpu") failed under meta

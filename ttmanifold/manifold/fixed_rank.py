@@ -958,8 +958,13 @@ class FixedTTRank(geoopt.Manifold):
 
         ``size``: empty or ``(self.size,)`` for one point; ``(*batch, self.size)`` (geoopt's
         convention) or one int ``B`` for a batch of independent points ``(*batch, size)``
-        (one batched draw: every QR batched).
+        (one batched draw: every QR batched). Other keyword arguments (geoopt's signature
+        has ``**kwargs``) are a ``TypeError``: a misspelt ``dtype`` drew float32 silently,
+        and geoopt's ``std``/``mean`` do not apply (points have unit norm).
         """
+        if kwargs:
+            raise TypeError(f"random: unexpected keyword argument(s) {', '.join(sorted(kwargs))} "
+                            f"(takes dtype, device, generator)")
         batch = self._batch_size(size)
         x = TT.random(self.shape, self.ranks, dtype=dtype, device=device, generator=generator,
                       batch=batch)
