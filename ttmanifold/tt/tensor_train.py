@@ -108,6 +108,9 @@ def _choose_rank(s: torch.Tensor, max_rank: Optional[int], delta: Optional[torch
     if delta is None or s.shape[-1] == 0 or s.device.type == "meta":
         # on the meta device values are unknown: keep the caps (documented)
         return max(k, 1)
+    # on the host, where the rank is read anyway (one copy of the singular values): CUDA's
+    # cumsum of floats has no deterministic kernel (torch.use_deterministic_algorithms)
+    s, delta = s.detach().cpu(), delta.detach().cpu()
     if s.dim() > 1:  # a batch: each point's needed rank, the largest over the batch
         if s.numel() == 0:  # an empty batch: no TT needs any rank (as a zero TT: rank 1)
             return 1
