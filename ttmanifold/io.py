@@ -61,7 +61,8 @@ def save(x, path) -> None:
             data go to a temporary file in the same directory first).
 
     Returns None. Raises ``ValueError`` naming ``x`` for non-finite cores (:func:`load`
-    could not read them back) or a TT on the meta device, ``IsADirectoryError`` naming ``path`` for a directory.
+    could not read them back) or a TT on the meta device, ``IsADirectoryError`` naming
+    ``path`` for a directory.
     Cost: O(number of TT parameters).
     """
     tt = _as_tt(x)
