@@ -344,6 +344,13 @@ def test_spectral_helpers():
     assert d_optimal_penalty(torch.ones(4, 3)).shape == (4,)
     with pytest.raises(TypeError, match="s:"):
         d_optimal_penalty([1.0])
+    # an integer spectrum was cast to the default dtype, a complex one normalized to
+    # complex values, a bool one failed inside torch
+    for bad in (torch.tensor([2, 4]), torch.tensor([1j, 2.0]), torch.tensor([True, False])):
+        for fn in (lipschitz_normalize, d_optimal_penalty):
+            with pytest.raises(TypeError, match=f"s: expected a real floating tensor, got "
+                                                f"dtype {bad.dtype}"):
+                fn(bad)
     # D-optimal penalty through the chart is differentiable
     M = FixedTTRank((3, 4, 2), (1, 3, 2, 1))
     ch = STTPChart(M)

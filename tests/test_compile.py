@@ -149,6 +149,35 @@ def test_retr_inductor():
         kernels.set_enabled(old)
 
 
+def test_per_step_ops_dynamic_batch():
+    """A step over a batch of points compiled with ``dynamic=True`` traces as one graph,
+    serves batches of other sizes without recompiling, and equals the eager step (float32;
+    the coverage above is static-shape)."""
+    M = FixedTTRank([4, 5, 3, 4], 2)
+    g = torch.Generator().manual_seed(5)
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(p, e):
+        v = M.egrad2rgrad(p, e)
+        q, w = M.retr_transp(p, -0.1 * v, v)
+        return q, w, M.inner(q, w)
+
+    torch._dynamo.reset()
+    cstep = torch.compile(step, fullgraph=True, dynamic=True, backend=count)
+    for B in (2, 3):
+        p = M.random(B, dtype=torch.float32, generator=g)
+        e = torch.randn(p.shape, dtype=torch.float32, generator=g)
+        (q, w, s), (q0, w0, s0) = cstep(p, e), step(p, e)
+        check_same(M, q, q0, True, 1e-4)
+        check_same(M, w, w0, False, 1e-4)
+        torch.testing.assert_close(s, s0, rtol=1e-4, atol=1e-4 * float(s0.abs().max()))
+    assert len(graphs) == 1
+
+
 # ---------------------------------------------------------------------------------------
 # the AOTAutograd backends: aot_eager (what one picks to debug a compile problem) and
 # cudagraphs (on the CPU it declines to capture and runs the AOT graph as aot_eager does)

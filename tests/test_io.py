@@ -64,6 +64,9 @@ def test_errors(tmp_path):
         tm.save(torch.zeros(3), tmp_path / "a.pt")
     with pytest.raises(FileNotFoundError, match="directory"):
         tm.save(tm.TT.random((2, 2), 1), tmp_path / "nodir" / "a.pt")
+    for name in ("m.pt", "m.npz"):  # failed inside torch, copying the cores to the CPU
+        with pytest.raises(ValueError, match="x: a TT on the meta device holds no values"):
+            tm.save(tm.TT.random((2, 2), 1, device="meta"), tmp_path / name)
     with pytest.raises(FileNotFoundError, match="no such file"):
         tm.load(tmp_path / "missing.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")

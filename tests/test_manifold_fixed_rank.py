@@ -278,6 +278,27 @@ def test_origin_is_a_point_of_exact_rank(shape, ranks, dtype):
     assert abs(float(dense_point(M, o.to(F64)).norm()) - 1) < 1e-6
 
 
+def test_random_refuses_unknown_keywords():
+    # swallowed by **kwargs: a misspelt dtype drew float32, geoopt's std was ignored
+    M = FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1))
+    for kw in ({"dtyp": F64}, {"std": 0.1}):
+        for fn in (M.random, M.random_normal):
+            with pytest.raises(TypeError, match=f"random: unexpected keyword argument\\(s\\) "
+                                                f"{next(iter(kw))}"):
+                fn(**kw)
+
+
+def test_origin_in_a_default_device_context():
+    # origin's CPU draw followed a default-device context: another point there (on CUDA a
+    # CPU generator with a CUDA draw), and origin(device="cpu") failed under meta
+    M = FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1))
+    ref = M.origin(dtype=F64)
+    with torch.device("meta"):
+        assert torch.equal(M.origin(dtype=F64, device="cpu"), ref)
+        o = M.origin(2, dtype=F32)
+    assert o.device.type == "meta" and o.shape == (2, M.size)  # None: the default device
+
+
 def tt_svd_right_to_left(X, ranks):
     """Dense TT-SVD sweeping from the last mode (truncated SVDs), as a dense tensor."""
     shape = X.shape
@@ -1015,6 +1036,13 @@ def test_bad_input_errors():
         M.retr(p, u.to("meta"))
     with pytest.raises(TypeError, match=r"Z: dtype torch.float32 differs"):
         M.project(p, torch.zeros(M.shape, dtype=F32))
+    # the metric does not read the point: a point of another dtype or device passed
+    for metric in (M.inner, M.component_inner, M.norm):
+        with pytest.raises(TypeError, match=r"u: dtype torch.float64 differs from the "
+                                            r"point's torch.float32"):
+            metric(p.to(F32), u)
+        with pytest.raises(ValueError, match=r"u: device cpu differs from the point's meta"):
+            metric(p.to("meta"), u)
     with pytest.raises(TypeError, match=r"expected a real floating dtype"):
         M.proju(p, u.to(torch.int64))
     # infeasible and unattainable ranks

@@ -86,3 +86,38 @@ def test_func_grad_through_unpack_tensor(path, setup):
     loss(q).backward()
     assert torch.allclose(g1, q.grad, atol=1e-12)
     assert torch.allclose(M.proju(p, g1), g1, atol=1e-12)  # a Riemannian gradient
+
+
+def _grad_ref(f, x):
+    x = x.clone().requires_grad_()
+    f(x).backward()
+    return x.grad
+
+
+def test_transform_of_one_core_only(path, setup):
+    """vmap/grad of a function of one inner core (the others plain tensors): the checks
+    that read values (``TT(cores)``'s finite check, the sum's pairwise Gram) and the
+    custom-backward sweeps asked only the first core whether it was wrapped, and failed
+    inside torch (``.item()`` under vmap, an autograd.Function without setup_context)."""
+    M, p, us, ps, A = setup
+    B = M.to_tt(p)
+    mids = torch.stack([M.to_tt(q).cores[1] for q in ps])
+
+    def tt(m):
+        return tm.TT([B.cores[0], m] + B.cores[2:])
+
+    fns = [lambda m: tt(m).full(), lambda m: tt(m).norm(), lambda m: tm.inner(tt(m), A),
+           lambda m: (A - tt(m)).norm()]
+    for fn in fns:
+        _same(fn, mids)
+        sc = lambda m, fn=fn: fn(m).sum()  # noqa: E731
+        assert torch.allclose(grad(sc)(mids[0]), _grad_ref(sc, mids[0]), atol=1e-12)
+    _same(lambda q: M.dist(p, q), ps)  # x - y with only y batched
+    # a tangent TT of one varying delta
+    X = M.tangent_to_tt(p, us[0])
+    (U, V), D = X.point_cores, X.deltas
+
+    def tan(dl):
+        return (tm.TangentTT(U, V, [D[0], dl] + D[2:]) - A).norm()
+
+    assert torch.allclose(grad(tan)(D[1]), _grad_ref(tan, D[1]), atol=1e-12)

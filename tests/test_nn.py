@@ -15,6 +15,7 @@ from ttmanifold.nn.planner import Plan
 from ttmanifold.nn import (
     STTPConv2d,
     STTPConvTranspose2d,
+    STTPEmbedding,
     STTPLinear,
     SVDPConv2d,
     SVDPLinear,
@@ -556,6 +557,23 @@ def test_meta_device(cls, args, xshape):
     torch.testing.assert_close(layer(xr), ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("make,x", [
+    (lambda dev: STTPLinear(24, 18, rank=4, device=dev), lambda dev: torch.ones(5, 24, device=dev)),
+    (lambda dev: SVDPConv2d(12, 8, 3, rank=4, device=dev),
+     lambda dev: torch.ones(2, 12, 7, 7, device=dev)),
+    (lambda dev: STTPConvTranspose2d(12, 8, 3, rank=4, device=dev),
+     lambda dev: torch.ones(2, 12, 7, 7, device=dev)),
+    (lambda dev: STTPEmbedding(20, 8, rank=2, device=dev),
+     lambda dev: torch.zeros(3, dtype=torch.long, device=dev))])
+def test_input_on_another_device(make, x):
+    """An input on another device than the layer's is named; it failed inside torch, or
+    (a cpu layer, a meta input) silently gave a cpu output."""
+    for layer_dev, x_dev in (("cpu", "meta"), ("meta", "cpu")):
+        with pytest.raises(ValueError, match=f"input: on device {x_dev}, the layer's "
+                                             f"parameters on {layer_dev}"):
+            make(layer_dev)(x(x_dev))
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="rank"):
         STTPLinear(8, 6, rank=0)
@@ -614,6 +632,17 @@ def test_non_finite_dense_weight_is_named():
             cls.from_dense(W, rank=2)
         with pytest.raises(ValueError, match="weight: contains NaN"):
             cls(8, 6, rank=2, dtype=DT).load_weight(W * float("inf"))
+
+
+def test_dense_weight_of_a_non_real_dtype_is_named():
+    # a complex weight was cast to the layer's dtype, its imaginary part dropped with no
+    # more than torch's warning; a bool one loaded as 0/1
+    for cls in (STTPLinear, SVDPLinear):
+        for W in (torch.randn(6, 8, dtype=torch.complex128), torch.ones(6, 8, dtype=torch.bool),
+                  torch.ones(6, 8, dtype=torch.long)):
+            with pytest.raises(TypeError, match=f"weight: expected a real floating tensor, "
+                                                f"got dtype {W.dtype}"):
+                cls(8, 6, rank=2, dtype=DT).load_weight(W)
 
 
 def test_conv_size_arguments_checked_at_construction():

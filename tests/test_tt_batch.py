@@ -262,6 +262,26 @@ def test_tangent_tt_checked_batch_and_sampled_entries_refused():
         M.to_tt(p).values_at(idx)
 
 
+def test_bad_scalar_factor_is_refused_by_name():
+    # a complex factor made a complex first core (a TT of mixed dtypes), a 0-d tensor on
+    # another device failed inside torch, and a tangent TT scaled its packed deltas
+    # entrywise by a vector of their size
+    from ttmanifold import FixedTTRank
+    M = FixedTTRank(SHAPE, R3)
+    p = M.random(dtype=F32, generator=torch.Generator().manual_seed(25))
+    T = M.tangent_to_tt(p, M.proju(p, torch.ones(M.size, dtype=F32)))
+    x = M.to_tt(p)
+    for y in (x, T, x + x):
+        for a in (1j, torch.tensor(1j)):
+            with pytest.raises(TypeError, match="a: expected a real scalar"):
+                y.scaled(a)
+        with pytest.raises(ValueError, match="a: on meta, the TT on cpu"):
+            y.scaled(torch.tensor(2.0, device="meta"))
+        with pytest.raises(ValueError, match="a: expected a scalar or a tensor of the batch"):
+            y.scaled(torch.ones(M.size, dtype=F32))
+        assert close(y.scaled(torch.tensor(2.0, dtype=F64)).full(), 2 * y.full(), 1e-6)
+
+
 def test_scalar_per_tt_of_another_dtype_is_refused_by_name():
     # a float64 factor per TT on a float32 batch promoted the first core alone: a TT of
     # mixed dtypes that failed later inside torch (full, norm); the tangent TT cast all

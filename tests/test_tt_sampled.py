@@ -803,3 +803,27 @@ def test_index_set_on_the_meta_device():
     assert iset.right_vectors(x.cores)[1].shape == (10, 2)
     ones = torch.ones(10, 2, device="meta")
     assert iset.scatter(1, ones, ones).shape == (2, 4, 2)
+
+
+def test_index_set_copies_and_pickles():
+    """deepcopy/pickle of an index set (alone, or in an object that holds one) failed on
+    its pool's lock; a copy holds the samples and rebuilds its layouts."""
+    import copy
+    import pickle
+
+    M = FixedTTRank((3, 4, 5, 3), 2)
+    g = torch.Generator().manual_seed(7)
+    p = M.random(dtype=torch.float64, generator=g)
+    for N in (50, 3000):  # per-mode and blocked kernels
+        idx = torch.stack([torch.randint(0, n, (N,), generator=g) for n in M.shape], 1)
+        vals = torch.randn(N, dtype=torch.float64, generator=g)
+        iset = IndexSet(idx, M.shape)
+        ref_g, ref_p = iset.gather(M.to_tt(p)), M.project_sampled(p, iset, vals)
+        for c in (copy.deepcopy(iset), pickle.loads(pickle.dumps(iset))):
+            assert torch.equal(c.indices, idx) and c.shape == iset.shape
+            torch.testing.assert_close(c.gather(M.to_tt(p)), ref_g)
+            torch.testing.assert_close(M.project_sampled(p, c, vals), ref_p)
+    bset = IndexSet.batched([idx[:40], idx[40:]], M.shape)
+    pb = M.random(2, dtype=torch.float64, generator=g)
+    ref = bset.gather(M.to_tt(pb))
+    torch.testing.assert_close(copy.deepcopy(bset).gather(M.to_tt(pb)), ref)

@@ -1038,6 +1038,26 @@ def test_random_generator_on_device(device):
     assert float(a.norm()) == pytest.approx(1.0, rel=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_rank_choice_under_deterministic_algorithms(device, monkeypatch):
+    """Choosing ranks from rel_eps summed the squared singular values with cumsum on their
+    device; CUDA's floating cumsum has no deterministic kernel, so round/from_dense with
+    rel_eps raised under torch.use_deterministic_algorithms(True) there (on the CPU the
+    test only checks the ranks)."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    g = torch.Generator().manual_seed(4)
+    x = TT.random((3, 4, 5), 2, dtype=F64, generator=g).to(device)
+    xb = TT.random((3, 4, 5), 2, dtype=F64, generator=g, batch=(2,)).to(device)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert tt_round(x + x, rel_eps=1e-8).ranks == x.ranks
+        assert tt_round(xb + xb, rel_eps=1e-8).ranks == x.ranks
+        assert TT.from_dense(x.full(), rel_eps=1e-8).ranks == x.ranks
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 # ---------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------

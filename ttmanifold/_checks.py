@@ -183,22 +183,27 @@ def assert_finite_async(x, name: str, message: Optional[str] = None) -> None:
     torch._assert_async((x * 0).sum() == 0, message or f"{name}: contains NaN or Inf")
 
 
-def functorch_wrapped(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a functorch (vmap/grad) wrapper or a legacy batched tensor (the
-    batched gradients of ``torch.autograd.functional.jacobian(..., vectorize=True)``):
-    kernels that write into reused buffers or read raw data pointers cannot take those.
+def functorch_wrapped(t) -> bool:
+    """Whether ``t`` (a tensor, or any tensor of a sequence) is a functorch (vmap/grad)
+    wrapper or a legacy batched tensor (the batched gradients of
+    ``torch.autograd.functional.jacobian(..., vectorize=True)``): kernels that write into
+    reused buffers or read raw data pointers cannot take those, nor can checks that read
+    values. Ask it of every tensor an operation reads: under ``vmap`` of a function of
+    one core, the other cores of a TT are plain tensors.
 
     Under ``torch.compile`` tracing this is False without calling the functorch C
     predicates (dynamo cannot trace them: a graph break); traced tensors are fake
     tensors, whose values no check reads anyway."""
     if _is_compiling():
         return False
-    ft = getattr(torch._C, "_functorch", None)
-    for name in ("is_functorch_wrapped_tensor", "is_legacy_batchedtensor"):
-        fn = getattr(ft, name, None)
-        if fn is not None and fn(t):
-            return True
-    return False
+    ts = (t,) if isinstance(t, torch.Tensor) else t
+    return any(fn(x) for x in ts for fn in _FUNCTORCH_PREDICATES)
+
+
+_FUNCTORCH_PREDICATES = tuple(
+    fn for fn in (getattr(getattr(torch._C, "_functorch", None), name, None)
+                  for name in ("is_functorch_wrapped_tensor", "is_legacy_batchedtensor"))
+    if fn is not None)
 
 
 def ensure_writable_dir(path) -> None:

@@ -61,10 +61,13 @@ def save(x, path) -> None:
             data go to a temporary file in the same directory first).
 
     Returns None. Raises ``ValueError`` naming ``x`` for non-finite cores (:func:`load`
-    could not read them back), ``IsADirectoryError`` naming ``path`` for a directory.
+    could not read them back) or a TT on the meta device, ``IsADirectoryError`` naming
+    ``path`` for a directory.
     Cost: O(number of TT parameters).
     """
     tt = _as_tt(x)
+    if tt.device.type == "meta":  # (failed inside torch, copying the cores to the CPU)
+        raise ValueError("x: a TT on the meta device holds no values to save")
     for k, c in enumerate(tt.cores):
         check_finite(c.detach(), f"x: core {k}")
     path = _as_path(path)

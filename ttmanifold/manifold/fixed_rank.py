@@ -711,9 +711,15 @@ class FixedTTRank(geoopt.Manifold):
     def _metric_shape(self, x, u, v) -> tuple:
         """The broadcast shape ``(*batch, size)`` of the point ``x`` and the vectors ``u``,
         ``v`` of :meth:`inner` and :meth:`component_inner` (checked by :meth:`_check_pair`);
-        ``ValueError`` naming ``x`` when its batch shape does not broadcast with theirs."""
+        ``ValueError`` naming ``x`` when its batch shape does not broadcast with theirs, and
+        naming ``u`` when its dtype or device is not the point's (the metric does not read
+        the point, so such a mix passed silently)."""
         self._check_pair(u, v)
         self._check_flat(x, "x")
+        if u.dtype != x.dtype:
+            raise TypeError(f"u: dtype {u.dtype} differs from the point's {x.dtype}")
+        if u.device != x.device:
+            raise ValueError(f"u: device {u.device} differs from the point's {x.device}")
         if x.shape == u.shape == v.shape:
             return tuple(u.shape)
         try:
@@ -959,8 +965,13 @@ class FixedTTRank(geoopt.Manifold):
 
         ``size``: empty or ``(self.size,)`` for one point; ``(*batch, self.size)`` (geoopt's
         convention) or one int ``B`` for a batch of independent points ``(*batch, size)``
-        (one batched draw: every QR batched).
+        (one batched draw: every QR batched). Other keyword arguments (geoopt's signature
+        has ``**kwargs``) are a ``TypeError``: a misspelt ``dtype`` drew float32 silently,
+        and geoopt's ``std``/``mean`` do not apply (points have unit norm).
         """
+        if kwargs:
+            raise TypeError(f"random: unexpected keyword argument(s) {', '.join(sorted(kwargs))} "
+                            f"(takes dtype, device, generator)")
         batch = self._batch_size(size)
         x = TT.random(self.shape, self.ranks, dtype=dtype, device=device, generator=generator,
                       batch=batch)
@@ -971,7 +982,8 @@ class FixedTTRank(geoopt.Manifold):
     def origin(self, *size, dtype=None, device=None, seed=None) -> torch.Tensor:
         """A fixed, deterministic point: :meth:`TT.random` (orthonormal frames, unit norm)
         drawn in float64 on the CPU from a generator seeded with ``seed`` (default 0), then
-        cast to ``dtype`` and moved to ``device``. Same point for every dtype and device.
+        cast to ``dtype`` and moved to ``device`` (default: torch's default device). Same
+        point for every dtype and device.
         ``size`` as for :meth:`random`: a batch repeats this point.
 
         (Structured frames such as DCT columns are not used: reshaped into cores they can
@@ -982,7 +994,10 @@ class FixedTTRank(geoopt.Manifold):
         dtype = dtype or torch.get_default_dtype()
         check_float_dtype(dtype, "dtype")
         gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
-        x = TT.random(self.shape, self.ranks, dtype=torch.float64, generator=gen)
+        # on the CPU explicitly: in a default-device context (``with torch.device(...)``)
+        # the draw moved there (another point; on CUDA a generator mismatch)
+        x = TT.random(self.shape, self.ranks, dtype=torch.float64, device="cpu", generator=gen)
+        device = torch.get_default_device() if device is None else device
         p = self._cat(x.cores).to(dtype=dtype, device=device)
         if batch:  # the same point at every position of the batch (a copy each)
             p = p.expand(batch + (self.size,)).clone()

@@ -91,7 +91,7 @@ class TangentTT(TT):
         if (not bs and torch.is_grad_enabled() and self._deltas_require_grad()
                 and not torch.compiler.is_compiling()
                 and not any(c is not None and c.requires_grad for c in U + V)
-                and not functorch_wrapped(self._deltas[0] if flat is None else flat)):
+                and not functorch_wrapped(self._deltas if flat is None else flat)):
             # Riemannian autodiff: gradients reach the packed deltas only, by one node
             if flat is None:
                 flat = torch.cat([c.reshape(-1) for c in self._deltas])
@@ -227,8 +227,8 @@ class TangentTT(TT):
         """``a * self``, still structured (the deltas scaled); for a batch ``a`` may be a
         tensor of shape ``batch_shape`` (one scalar per point)."""
         bs = self.batch_shape
+        ac = per_point_scalars(a, bs, self._U[0])  # checked (also for a single point)
         if bs:
-            ac = per_point_scalars(a, bs, self._deltas[0])
             af = ac.flatten(-3) if isinstance(ac, torch.Tensor) and ac.dim() > 0 else ac
             if self._flat is not None:
                 flat = self._flat * af

@@ -222,11 +222,20 @@ class FactorizedLayer(nn.Module):
             with torch.no_grad():
                 b.uniform_(-bound, bound)
 
-    def _check_input_dtype(self, x: Tensor, ref: Tensor) -> None:
+    def _check_input_tensor(self, x: Tensor, ref: Tensor) -> None:
+        """``TypeError``/``ValueError`` unless ``x`` is a tensor of ``ref``'s dtype and
+        device (the layer's). Without the device check an input on another device failed
+        inside torch, or, meta against cpu, silently gave an output on the layer's device."""
         if not isinstance(x, Tensor):
             raise TypeError(f"input: expected a torch.Tensor, got {type(x).__name__}")
         if x.dtype != ref.dtype:
             raise TypeError(f"input: dtype {x.dtype} differs from the layer's {ref.dtype}")
+        self._check_input_device(x, ref)
+
+    def _check_input_device(self, x: Tensor, ref: Tensor) -> None:
+        if x.device != ref.device:
+            raise ValueError(f"input: on device {x.device}, the layer's parameters on "
+                             f"{ref.device}")
 
     def _param_repr(self) -> str:
         return self.weight_param.extra_repr()
@@ -286,9 +295,13 @@ class FactorizedLayer(nn.Module):
     def load_weight(self, W: Tensor) -> None:
         """Set the factorized weight from a dense weight in torch's shape (projection:
         TT-SVD / truncated SVD, then the spectrum constraint). ``ValueError`` for a wrong
-        shape or a NaN/Inf entry."""
+        shape or a NaN/Inf entry, ``TypeError`` for a tensor that is not real floating (a
+        complex weight lost its imaginary part in the cast to the layer's dtype, with no
+        more than torch's warning)."""
         if not isinstance(W, Tensor):
             raise TypeError(f"weight: expected a torch.Tensor, got {type(W).__name__}")
+        if not W.is_floating_point():
+            raise TypeError(f"weight: expected a real floating tensor, got dtype {W.dtype}")
         if tuple(W.shape) != tuple(self._weight_shape()):
             raise ValueError(f"weight: expected shape {tuple(self._weight_shape())}, got "
                              f"{tuple(W.shape)}")

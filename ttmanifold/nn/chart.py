@@ -60,10 +60,7 @@ def lipschitz_normalize(s: Tensor, eps: float = LIPSCHITZ_EPS) -> Tensor:
     exactly 1 when ``||s||_inf >= eps``; the floor keeps an all-zero ``s`` finite (zero).
     An empty last dimension is returned unchanged. Cost O(numel).
     """
-    if not isinstance(s, Tensor):
-        raise TypeError(f"s: expected a torch.Tensor, got {type(s).__name__}")
-    if s.dim() == 0:
-        raise ValueError("s: expected a tensor with at least one dimension")
+    _check_spectrum(s)
     if s.shape[-1] == 0:
         return s
     return s / s.abs().amax(dim=-1, keepdim=True).clamp_min(eps)
@@ -76,11 +73,19 @@ def d_optimal_penalty(s: Tensor) -> Tensor:
     the spectrum away from zero (maximizes ``log |det diag(s)|``). ``+inf`` if some
     ``s_i = 0``. Differentiable.
     """
+    _check_spectrum(s)
+    return -torch.log(s.abs()).sum(dim=-1)
+
+
+def _check_spectrum(s) -> None:
+    """A real floating tensor of at least one dimension (an integer spectrum was cast to
+    the default dtype, a complex one gave complex values, a bool one failed in torch)."""
     if not isinstance(s, Tensor):
         raise TypeError(f"s: expected a torch.Tensor, got {type(s).__name__}")
+    if not s.is_floating_point():
+        raise TypeError(f"s: expected a real floating tensor, got dtype {s.dtype}")
     if s.dim() == 0:
         raise ValueError("s: expected a tensor with at least one dimension")
-    return -torch.log(s.abs()).sum(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ class FactorizedConv(FactorizedLayer):
         return self._plan(ranks, max(int(B), 1), self.contraction, conv), B
 
     def _check_input(self, x: Tensor, ref: Tensor) -> None:
-        self._check_input_dtype(x, ref)
+        self._check_input_tensor(x, ref)
         n = self.ndim
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
             sp = ", ".join("L" if n == 1 else "HW"[i] if n == 2 else "DHW"[i] for i in range(n))
@@ -350,7 +350,7 @@ class FactorizedConvTranspose(FactorizedLayer):
         :attr:`weight`."""
         n = self.ndim
         W = self.weight
-        self._check_input_dtype(x, W)
+        self._check_input_tensor(x, W)
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
             raise ValueError(f"input: expected shape (B, {self.in_channels}, *spatial) with "
                              f"{n} spatial dims (in_channels={self.in_channels}), got "

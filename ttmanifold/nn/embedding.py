@@ -108,6 +108,7 @@ class FactorizedEmbedding(FactorizedLayer):
             raise TypeError(f"input: expected an int64/int32 tensor of indices, got "
                             f"{getattr(idx, 'dtype', type(idx).__name__)}")
         cores = self._cores()
+        self._check_input_device(idx, cores[0])
         plain = self.padding_idx is None and not self.scale_grad_by_freq
         if self.contraction == "dense" or not plain:
             W = self._matrix_from_cores(cores)

@@ -51,7 +51,7 @@ class FactorizedLinear(FactorizedLayer):
         ``F.linear(x, self.weight, self.bias)`` to rounding. Cost: the cheaper of
         ``merge(W) + B d_out d_in`` and the planner's core-by-core contraction."""
         cores = self._cores()
-        self._check_input_dtype(x, cores[0])
+        self._check_input_tensor(x, cores[0])
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input: expected shape (..., {self.in_features}) (in_features="
                              f"{self.in_features}), got {tuple(x.shape)}")

@@ -72,13 +72,31 @@ class IndexSet:
         self.indices = indices.to(torch.long, copy=True)
         self.shape = shape
         self.min_group = MIN_GROUP
+        self._new_caches()
+
+    def _new_caches(self) -> None:
+        """The layouts and work buffers, built on first use."""
         self.compiled_plans: Dict[tuple, object] = {}  # layouts of the compiled kernels
-        self._plans: List[Optional[ModePlan]] = [None] * len(shape)
+        self._plans: List[Optional[ModePlan]] = [None] * len(self.shape)
         self._blocks: Dict[tuple, Block] = {}
         self._partitions: Dict[tuple, Partition] = {}
         self._pool: List[Workspace] = []  # idle workspaces of SampledPoint objects
         self._pool_lock = threading.Lock()
         self._local = threading.local()  # per-thread workspaces of the one-shot kernels
+
+    def __getstate__(self) -> dict:
+        """copy / deepcopy / pickle: the samples and settings without the caches (the
+        pool's lock and thread-local buffers cannot be pickled; a copy rebuilds its
+        layouts on first use)."""
+        state = dict(self.__dict__)
+        for k in ("compiled_plans", "_plans", "_blocks", "_partitions", "_pool",
+                  "_pool_lock", "_local"):
+            del state[k]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._new_caches()
 
     @classmethod
     def from_sparse(cls, z: torch.Tensor) -> "IndexSet":

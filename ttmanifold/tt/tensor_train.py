@@ -108,6 +108,9 @@ def _choose_rank(s: torch.Tensor, max_rank: Optional[int], delta: Optional[torch
     if delta is None or s.shape[-1] == 0 or s.device.type == "meta":
         # on the meta device values are unknown: keep the caps (documented)
         return max(k, 1)
+    # on the host, where the rank is read anyway (one copy of the singular values): CUDA's
+    # cumsum of floats has no deterministic kernel (torch.use_deterministic_algorithms)
+    s, delta = s.detach().cpu(), delta.detach().cpu()
     if s.dim() > 1:  # a batch: each point's needed rank, the largest over the batch
         if s.numel() == 0:  # an empty batch: no TT needs any rank (as a zero TT: rank 1)
             return 1
@@ -240,7 +243,7 @@ def _assert_cores_finite(cores: List[torch.Tensor], name: str) -> None:
     one quick test of all cores first (a read there is free); only when it fails does the
     per-core test run to name the core."""
     if (cores[0].is_cpu and len(cores) > 1 and not torch.compiler.is_compiling()
-            and not functorch_wrapped(cores[0]) and _cores_finite(cores)):
+            and not functorch_wrapped(cores) and _cores_finite(cores)):
         return
     for k, c in enumerate(cores):  # asynchronous on a GPU (immediate on the CPU)
         assert_finite_async(c.detach(), f"{name}[{k}]")
@@ -740,7 +743,7 @@ def _norm_with_gram_derivatives(x: TT, val: torch.Tensor,
     cores = x.cores
     nb = len(val.shape)
     mats = left + [cores[-1].detach()]
-    if nb == 0 and not torch.compiler.is_compiling() and not functorch_wrapped(mats[0]):
+    if nb == 0 and not torch.compiler.is_compiling() and not functorch_wrapped(mats):
         amax = torch.stack(torch._foreach_norm(mats, float("inf")))  # one operation for all
     else:
         amax = torch.stack([m.abs().flatten(nb).amax(-1) for m in mats], -1)
@@ -781,18 +784,29 @@ def per_point_scalars(a, batch_shape, like: torch.Tensor):
         ``(*batch, r, n, r')``) in ``like``'s dtype. Raises ``ValueError`` for another
         shape or device and ``TypeError`` for a floating (or complex) dtype other than
         ``like``'s: the product would promote one core alone and leave a TT of mixed
-        dtypes (a 0-d tensor keeps the TT's dtype, as torch's scalars do).
+        dtypes (a 0-d tensor keeps the TT's dtype, as torch's scalars do). A complex or
+        non-numeric scalar is a ``TypeError`` and a 0-d tensor on another device than
+        ``like``'s (other than the CPU, whose 0-d tensors torch takes as scalars) a
+        ``ValueError``: they made a complex first core or failed inside torch.
     Cost: O(|batch|)."""
-    if isinstance(a, torch.Tensor) and a.dim() > 0:
-        if tuple(a.shape) != tuple(batch_shape):
-            raise ValueError(f"a: expected a scalar or a tensor of the batch shape "
-                             f"{tuple(batch_shape)}, got shape {tuple(a.shape)}")
-        if a.dtype != like.dtype and (a.dtype.is_floating_point or a.dtype.is_complex):
-            raise TypeError(f"a: dtype {a.dtype} differs from the TT's {like.dtype}")
-        if a.device != like.device:
+    if not isinstance(a, torch.Tensor):
+        if not isinstance(a, numbers.Real):
+            raise TypeError(f"a: expected a real scalar or a tensor, got {type(a).__name__}")
+        return a
+    if a.dim() == 0:
+        if a.dtype.is_complex:
+            raise TypeError(f"a: expected a real scalar, got a tensor of dtype {a.dtype}")
+        if a.device != like.device and a.device.type != "cpu":
             raise ValueError(f"a: on {a.device}, the TT on {like.device}")
-        return a.to(like.dtype)[..., None, None, None]
-    return a
+        return a
+    if tuple(a.shape) != tuple(batch_shape):
+        raise ValueError(f"a: expected a scalar or a tensor of the batch shape "
+                         f"{tuple(batch_shape)}, got shape {tuple(a.shape)}")
+    if a.dtype != like.dtype and (a.dtype.is_floating_point or a.dtype.is_complex):
+        raise TypeError(f"a: dtype {a.dtype} differs from the TT's {like.dtype}")
+    if a.device != like.device:
+        raise ValueError(f"a: on {a.device}, the TT on {like.device}")
+    return a.to(like.dtype)[..., None, None, None]
 
 
 def _check_batch(batch) -> Tuple[int, ...]:
@@ -969,7 +983,7 @@ class _SumTT(TT):
         concatenated cores are used as for any TT)."""
         return (self._dense is None and self.device.type == "cpu"
                 and not torch.compiler.is_compiling()
-                and not functorch_wrapped(self._terms[0]._cores[0]))
+                and not functorch_wrapped([c for t in self._terms for c in t._cores]))
 
     def _gram(self, fallback: bool = True) -> Tuple[Optional[torch.Tensor], bool]:
         """``<self, self>`` and whether it came from the terms: ``sum_ij <t_i, t_j>`` when
@@ -1079,7 +1093,7 @@ def _sweep_ok(a: TT, b: TT) -> bool:
     torch.compile tracing (they differentiate the plain sweep themselves)."""
     if torch.compiler.is_compiling():
         return False
-    return not any(functorch_wrapped(c) for c in a._cores[:1] + b._cores[:1])
+    return not functorch_wrapped(a._cores + b._cores)
 
 
 class _GramSweep(torch.autograd.Function):
