@@ -136,6 +136,24 @@ def test_resumes_from_a_geoopt_state_dict():
     assert isinstance(ours, geoopt.optim.RiemannianAdam)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adam_count_of_a_low_precision_euclidean_parameter_does_not_stall(dtype):
+    # bfloat16 holds the integers up to 256 only: a count kept in the parameter's dtype
+    # stopped there, and with it the bias corrections (1 - 0.999^256 = 0.23, not -> 1)
+    w0 = torch.randn(4, generator=torch.Generator().manual_seed(0)).to(dtype)
+    out = []
+    for cls in (RiemannianAdam, geoopt.optim.RiemannianAdam):
+        w = torch.nn.Parameter(w0.clone())
+        opt = cls([w], lr=1e-3)
+        for _ in range(300):
+            opt.zero_grad()
+            (w.float() ** 2).sum().backward()
+            opt.step()
+        assert int(opt.state[w]["step"]) == 300
+        out.append(w.detach())
+    torch.testing.assert_close(out[0], out[1])  # (to rounding: geoopt rounds each scalar op)
+
+
 def run_geoopt_with_restart(kind, kw, M, p0, A, steps):
     """Reference: geoopt's own optimizer, the momentum restart applied by hand to its state
     (slope from the dense gradient of the full tensors) before each step; counts restarts."""

@@ -183,7 +183,8 @@ class RiemannianAdam(_ManifoldsOfGroups, geoopt.optim.RiemannianAdam):
     problems (tensor completion) the momentum otherwise caps the rate at about 0.9 per
     step in the loss whatever the lr; ``ttmanifold compare``'s automatic step rule for
     ``radam`` uses it (docs/comparison.md, step-size rule).
-    State per parameter: ``step`` (a tensor of shape ``(1,)``, the parameter's dtype and device;
+    State per parameter: ``step`` (a tensor of shape ``(1,)`` on the parameter's device, in
+    its dtype, float32 for a lower precision, whose integers stop at 256 for bfloat16;
     geoopt's integer ``step`` in a loaded state dict is converted), ``exp_avg``,
     ``exp_avg_sq`` (and ``max_exp_avg_sq`` with ``amsgrad``).
     Cost per step and parameter: one ``projx``, ``egrad2rgrad``, ``component_inner`` and
@@ -199,19 +200,22 @@ class RiemannianAdam(_ManifoldsOfGroups, geoopt.optim.RiemannianAdam):
             stabilize = False
             for point, manifold, grad in points:
                 state = self.state[point]
+                # the count in at least float32: bfloat16's integers stop at 256 (float16's
+                # at 2048), where the count, and with it the bias corrections, would stall
+                count_dtype = torch.float64 if point.dtype == torch.float64 else torch.float32
                 if len(state) == 0:
                     # shape (1,), not 0-d: torch 2.13's aot_eager/inductor drop in-place
                     # updates of a 0-d CPU tensor input (tests/test_optim.py pins it)
-                    state["step"] = torch.zeros(1, dtype=point.dtype, device=point.device)
+                    state["step"] = torch.zeros(1, dtype=count_dtype, device=point.device)
                     state["exp_avg"] = torch.zeros_like(point)
                     state["exp_avg_sq"] = torch.zeros_like(point)
                     if amsgrad:
                         state["max_exp_avg_sq"] = torch.zeros_like(point)
                 elif not (isinstance(state["step"], torch.Tensor)
-                          and state["step"].shape == (1,) and state["step"].dtype == point.dtype):
+                          and state["step"].shape == (1,) and state["step"].dtype == count_dtype):
                     # geoopt's int, or the float32 0-d tensor that torch's load_state_dict
                     # makes of a "step" entry (its float32 powers would drift by ~1e-7)
-                    state["step"] = torch.full((1,), float(state["step"]), dtype=point.dtype,
+                    state["step"] = torch.full((1,), float(state["step"]), dtype=count_dtype,
                                                device=point.device)
                 count = state["step"]
                 count.add_(1)
@@ -225,8 +229,9 @@ class RiemannianAdam(_ManifoldsOfGroups, geoopt.optim.RiemannianAdam):
                 exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
                 exp_avg_sq.mul_(beta2).add_(manifold.component_inner(point, grad),
                                             alpha=1 - beta2)
-                correction1 = 1 - torch.pow(beta1, count)
-                correction2 = 1 - torch.pow(beta2, count)
+                # (in the point's dtype: a float32 count must not promote a bfloat16 step)
+                correction1 = (1 - torch.pow(beta1, count)).to(point.dtype)
+                correction2 = (1 - torch.pow(beta2, count)).to(point.dtype)
                 if amsgrad:
                     max_sq = state["max_exp_avg_sq"]
                     torch.max(max_sq, exp_avg_sq, out=max_sq)
