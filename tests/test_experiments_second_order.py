@@ -179,6 +179,20 @@ def test_trust_region_at_a_critical_point_stays_there_without_nan():
     assert not e.any() and not he.any()
 
 
+@pytest.mark.parametrize("curv", [-1.0, 1e-3])
+def test_truncated_cg_boundary_step_at_a_huge_scale_is_finite(curv):
+    # ||delta||^2 radius^2 = 1e398 overflowed: tau = inf and the step NaN (the trust region
+    # on a target of norm 1e100 ended "diverged" at its first iteration)
+    g = torch.tensor([3.0, -4.0, 0.0, 12.0], dtype=F64) * 1e100
+    radius = 1e99
+    info = {"hess_products": 0, "inner_iters": 0}
+    e, he = S.truncated_cg(g, lambda v: curv * v, radius, 5, 1.0, 0.1, info)
+    # negative or tiny curvature: the steepest-descent direction cut at the boundary
+    torch.testing.assert_close(e, -radius * g / g.norm(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(he, curv * e, rtol=1e-14, atol=0)
+    assert info["hess_products"] == 1
+
+
 def test_one_process_solvers_refuse_the_options_their_data_parallel_versions_refuse():
     # (these ran before: a negative radius, no inner iterations, an empty L-BFGS memory,
     # an Armijo constant above 1, a negative ridge or restart tolerance)

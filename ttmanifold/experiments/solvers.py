@@ -819,8 +819,12 @@ def truncated_cg(g: torch.Tensor, hess: Callable, radius: float, max_inner: int,
         alpha = rr / curv if curv > 0 else math.inf
         ee, ed, dd = float(eta @ eta), float(eta @ delta), float(delta @ delta)
         if curv <= 0 or ee + 2 * alpha * ed + alpha * alpha * dd >= radius2:
-            # to the boundary: ||eta + tau delta|| = radius, tau >= 0
-            tau = (-ed + math.sqrt(max(ed * ed + dd * (radius2 - ee), 0.0))) / dd
+            # to the boundary: ||eta + tau delta|| = radius, tau >= 0; in units of ||delta||
+            # (dd * radius2 overflows once ||delta|| radius passes ~1e154, e.g. at a target
+            # of norm 1e100, and an infinite tau made the step NaN)
+            dn = math.sqrt(dd)
+            e = ed / dn
+            tau = (-e + math.sqrt(max(e * e + (radius2 - ee), 0.0))) / dn
             return eta + tau * delta, h_eta + tau * h_delta
         eta = eta + alpha * delta
         h_eta = h_eta + alpha * h_delta
