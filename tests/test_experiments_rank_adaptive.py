@@ -177,6 +177,17 @@ def test_rank_adaptive_finds_unequal_ranks_without_overshoot():
     assert h.iters == sorted(h.iters) and h.time == sorted(h.time)
 
 
+def test_rank_adaptive_float32_stops_at_the_rounding_level_with_the_true_ranks():
+    # control_tol = 1e-10 is below float32's rounding: the search went on raising bonds on
+    # noise-level control gains (ranks (1, 4, 4, 1) here, status "ok", never converged)
+    pb = P.Completion((6, 7, 6), 2, oversampling=4, test_size=50, seed=1,
+                      dtype=torch.float32)
+    h = S.rank_adaptive_completion(pb, max_rank=4, seed=0)
+    assert h.status == "converged" and h.info["ranks"] == (1, 2, 2, 1), h.info["rank_history"]
+    assert h.final_metrics()["test_err"] < 1e-4
+    assert h.x.dtype == torch.float32
+
+
 def test_rank_adaptive_through_run_and_stop_rules():
     pb = _uniform_problem((8,) * 5, (2, 3, 3, 2), seed=3)
     h = S.run(pb, "rank_adaptive", iters=500, max_rank=4, seed=0)

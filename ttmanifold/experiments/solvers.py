@@ -2135,7 +2135,8 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
       singular values below it (1e-8 by default: at 1e-10 the extra singular value of a
       bond raised past its true rank survived, and CG on the too large manifold stalled
       at control error 2e-10, d = 10, ranks (2, 3, 4, 5, 6, 5, 4, 3, 2), ``rank_step=2``);
-      when the control error reaches ``control_tol`` the search
+      when the control error reaches ``control_tol`` (at least ``100 eps`` of the data's
+      dtype, 1.2e-5 in float32: below, the control error is rounding noise) the search
       stops and the point is rounded with relative accuracy ``max(trunc_rel_eps,
       control_err)`` (an overshooting bond's extra singular values are below the error
       there), followed by CG at the rounded ranks if they dropped.
@@ -2241,6 +2242,10 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
     loss_floor = 0.5 * control_tol ** 2 * data.sq_sum * math.prod(shape) / data.n_train
     if data.w_mean is not None:
         loss_floor /= data.w_mean
+    # the stopping test (not the CG's floor, which must fit below it): under ~100 eps the
+    # control error is rounding noise; aimed lower (1e-10 in float32), the search raised
+    # bonds past the true ranks on noise-level gains and never converged
+    control_tol = max(control_tol, 100 * torch.finfo(vals_tr.dtype).eps)
     hist = History(problem=data.name, method="rank_adaptive")
     feas = [1] + [min(math.prod(shape[:k]), math.prod(shape[k:])) for k in range(1, d)] + [1]
     cap = [min(max_rank, f) for f in feas]
