@@ -12,9 +12,12 @@ fails and geoopt's own step silently takes a Euclidean step ``p - lr g`` (see
 parameter group is added, and keep Adam's step count in a tensor (a Python integer that
 changes every step would make dynamo recompile at every step). The algebra follows
 geoopt 0.5.1 exactly, including its quirks (RiemannianSGD starts the momentum buffer at
-``p.grad`` before the gradient is converted; RiemannianAdam re-projects the point with
-``projx`` before every step). Adam's bias corrections are computed from the tensor count;
-in float64 they equal geoopt's Python-float powers to rounding.
+``p.grad`` before the gradient is converted), except that RiemannianAdam re-projects the
+point with ``projx`` before every step, as geoopt's later sources do (the 0.5.1 release
+only in ``stabilize``): on a valid point ``FixedTTRank.projx`` returns it bit for bit, on
+geoopt's own manifolds it is a rounding-level change. Adam's bias corrections are
+computed from the tensor count; in float64 they equal geoopt's Python-float powers to
+rounding.
 
 Usage::
 
