@@ -154,6 +154,34 @@ def test_adam_count_of_a_low_precision_euclidean_parameter_does_not_stall(dtype)
     torch.testing.assert_close(out[0], out[1])  # (to rounding: geoopt rounds each scalar op)
 
 
+@pytest.mark.parametrize("opt_cls,kw", [(RiemannianSGD, dict(lr=0.1, momentum=0.9)),
+                                        (RiemannianAdam, dict(lr=0.05))])
+def test_deepcopied_and_pickled_optimizer_keeps_stepping_on_the_manifold(opt_cls, kw):
+    # torch pickles an optimizer as defaults, state and groups: the recorded manifolds were
+    # lost and step() raised AttributeError on the copy
+    import io
+
+    M, p0, A = setup(batch=(2,))
+    ref, _ = run(opt_cls, kw, M, p0, A, 4)
+    P = geoopt.ManifoldParameter(p0.clone(), manifold=M)
+    w = torch.nn.Parameter(torch.ones(3, dtype=F64))
+    opt = opt_cls([{"params": [P]}, {"params": [w]}], **kw)
+    for _ in range(2):
+        opt.zero_grad()
+        (loss(M, P, A) + (w ** 2).sum()).backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    buf.seek(0)
+    for copied in (copy.deepcopy(opt), torch.load(buf, weights_only=False)):
+        Q, v = copied.param_groups[0]["params"][0], copied.param_groups[1]["params"][0]
+        for _ in range(2):
+            copied.zero_grad()
+            (loss(M, Q, A) + (v ** 2).sum()).backward()
+            copied.step()
+        torch.testing.assert_close(full(M, Q.detach()), full(M, ref), rtol=1e-12, atol=1e-12)
+
+
 def run_geoopt_with_restart(kind, kw, M, p0, A, steps):
     """Reference: geoopt's own optimizer, the momentum restart applied by hand to its state
     (slope from the dense gradient of the full tensors) before each step; counts restarts."""

@@ -91,14 +91,21 @@ class _ManifoldsOfGroups:
     def _check_restart_groups(self) -> None:
         pass
 
+    def _manifolds_of(self, group: dict) -> list:
+        return [p.manifold if isinstance(p, (geoopt.ManifoldParameter, geoopt.ManifoldTensor))
+                else self._default_manifold for p in group["params"]]
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        manifolds = [p.manifold if isinstance(p, (geoopt.ManifoldParameter,
-                                                  geoopt.ManifoldTensor))
-                     else self._default_manifold for p in group["params"]]
         # kept beside param_groups, not in it: state_dict() must stay free of modules
-        self.__dict__.setdefault("_group_manifolds", []).append(manifolds)
+        self.__dict__.setdefault("_group_manifolds", []).append(
+            self._manifolds_of(self.param_groups[-1]))
+
+    def __setstate__(self, state: dict) -> None:
+        # torch pickles (and deep-copies) an optimizer as its defaults, state and groups
+        # only: the manifolds come back from the parameters, which are eager objects here
+        super().__setstate__(state)
+        self._group_manifolds = [self._manifolds_of(g) for g in self.param_groups]
 
     @staticmethod
     def _closure_loss(closure):
