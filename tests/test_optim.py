@@ -134,6 +134,12 @@ def test_resumes_from_a_geoopt_state_dict():
         ours.step()
     torch.testing.assert_close(full(M, P.detach()), full(M, ref), rtol=1e-7, atol=1e-9)
     assert isinstance(ours, geoopt.optim.RiemannianAdam)
+    # geoopt's groups have no momentum_restart: the constructor's choice stays (it was
+    # dropped silently by the loaded groups)
+    for on in (True, False):
+        ours = RiemannianAdam([P], momentum_restart=on, **kw)
+        ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+        assert ours.param_groups[0]["momentum_restart"] is on
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -106,6 +106,10 @@ class _ManifoldsOfGroups:
         # only: the manifolds come back from the parameters, which are eager objects here
         super().__setstate__(state)
         self._group_manifolds = [self._manifolds_of(g) for g in self.param_groups]
+        # (load_state_dict comes here too: a geoopt state dict's groups have no
+        # momentum_restart, and the constructor's choice must not be dropped silently)
+        for group in self.param_groups:
+            group.setdefault("momentum_restart", self.defaults.get("momentum_restart", False))
 
     @staticmethod
     def _closure_loss(closure):
