@@ -31,6 +31,7 @@ from ..tt import IndexSet, TT
 from ..tt import orthogonalize
 from ..tt.layout import ModePlan
 from ..tt import round as tt_round
+from ..tt.tensor_train import fro_norm
 from .problems import Problem
 
 __all__ = [
@@ -2033,8 +2034,9 @@ class RankAdaptiveData:
         with torch.no_grad():
             a = sub.a_test
             res = sub.test.gather(sub.manifold.to_tt(x)) - a
-            return float(torch.linalg.vector_norm(res)) / (
-                float(torch.linalg.vector_norm(a)) or 1.0)
+            # scaled norms: vector_norm's squares underflow to 0 below ~1e-154 in float64
+            # (1e-19 in float32), and 0 / 0 read as an exact fit ("converged")
+            return float(fro_norm(res)) / (float(fro_norm(a)) or 1.0)
 
     def control_residual(self, sub, x) -> torch.Tensor:
         """``X[i] - a_i`` at this process's control samples (the packed point ``x`` of
