@@ -307,13 +307,19 @@ def _positive_number(value, name: str, *, zero: bool = False, none: bool = False
                          f"number{' or None' if none else ''}, got {value!r}")
 
 
+def _open_unit_interval(value, name: str) -> None:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+        raise ValueError(f"{name}: expected a number in (0, 1), got {value!r}")
+
+
 def check_solver_options(method: str, **opts) -> None:
     """Check the options of the fixed-rank solvers (shared by the one-process solvers and
     their data-parallel versions, so both refuse the same values): ``rcg``: ``beta``,
     ``restart_tol`` (>= 0), ``restart_every`` (None or a positive int); ``rlbfgs``:
     ``memory`` (positive int), ``c1`` in (0, 1); ``rtr``: ``radius``, ``max_radius``
     (positive or None), ``max_inner`` (positive int or None), ``max_backtracks``
-    (non-negative int); ``als``: ``ridge`` (>= 0). Raises ``ValueError`` naming the option.
+    (non-negative int), and if given ``theta`` (positive), ``kappa`` in (0, 1),
+    ``rho_accept`` in [0, 1/4); ``als``: ``ridge`` (>= 0). Raises ``ValueError`` naming the option.
     Cost O(1)."""
     if method == "rcg":
         if opts["beta"] not in ("pr+", "fr"):
@@ -323,9 +329,7 @@ def check_solver_options(method: str, **opts) -> None:
             _check_positive_int(opts["restart_every"], "restart_every")
     elif method == "rlbfgs":
         _check_positive_int(opts["memory"], "memory")
-        c1 = opts["c1"]
-        if isinstance(c1, bool) or not (isinstance(c1, (int, float)) and 0.0 < c1 < 1.0):
-            raise ValueError(f"c1: expected a number in (0, 1), got {c1!r}")
+        _open_unit_interval(opts["c1"], "c1")
     elif method == "rtr":
         for name in ("radius", "max_radius"):
             _positive_number(opts[name], name, none=True)
@@ -334,6 +338,16 @@ def check_solver_options(method: str, **opts) -> None:
         mb = opts["max_backtracks"]
         if isinstance(mb, bool) or not isinstance(mb, int) or mb < 0:
             raise ValueError(f"max_backtracks: expected a non-negative int, got {mb!r}")
+        # (a NaN theta or kappa never stopped the inner CG early; a NaN rho_accept, or one
+        # of 1 or more, rejected every step: the run stood still without a word)
+        if "theta" in opts:
+            _positive_number(opts["theta"], "theta")
+        if "kappa" in opts:
+            _open_unit_interval(opts["kappa"], "kappa")
+        if "rho_accept" in opts:
+            ra = opts["rho_accept"]
+            if isinstance(ra, bool) or not (isinstance(ra, (int, float)) and 0.0 <= ra < 0.25):
+                raise ValueError(f"rho_accept: expected a number in [0, 0.25), got {ra!r}")
     elif method == "als":
         _positive_number(opts["ridge"], "ridge", zero=True)
 
@@ -892,7 +906,8 @@ class _TrustRegionStepper(_PointStepper):
                  theta: float = 1.0, kappa: float = 0.1, rho_accept: float = 0.1,
                  max_backtracks: int = 4):
         check_solver_options("rtr", radius=radius, max_radius=max_radius,
-                             max_inner=max_inner, max_backtracks=max_backtracks)
+                             max_inner=max_inner, max_backtracks=max_backtracks, theta=theta,
+                             kappa=kappa, rho_accept=rho_accept)
         self.problem = problem
         self.M: FixedTTRank = problem.manifold
         self.p = x0.detach().clone()
