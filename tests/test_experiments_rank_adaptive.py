@@ -221,6 +221,9 @@ def test_rank_adaptive_through_run_and_stop_rules():
     # the default cap is the problem's rank; a total CG budget stops the search early
     h2 = S.run(pb, "rank_adaptive", iters=5, seed=0)
     assert h2.status == "budget" and h2.n_iters <= 5
+    # a cap of 0 returns the start (one CG iteration was taken beyond it)
+    h0 = S.run(pb, "rank_adaptive", iters=0, seed=0)
+    assert h0.status == "budget" and h0.n_iters == 0 and h0.info["ranks"] == (1,) * 6
     assert max(h2.info["ranks"]) <= max(pb.manifold.ranks)
     h3 = S.run(pb, "rank_adaptive", iters=500, stop_metric="test_err", stop_tol=0.5)
     assert h3.status == "stopped" and h3.final_metrics()["test_err"] <= 0.5

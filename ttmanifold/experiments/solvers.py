@@ -2277,7 +2277,8 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
         return late or (max_iters is not None and step[0] >= max_iters)
 
     def inner(sub_problem, x):
-        left = inner_iters if max_iters is None else max(1, min(inner_iters,
+        # (max_iters=0: the start point itself, as run(iters=0) of the other methods)
+        left = inner_iters if max_iters is None else max(0, min(inner_iters,
                                                                 max_iters - step[0]))
         x, loss, n, sec = _cg_inner(sub_problem, x, max_iters=left, stall_rtol=stall_rtol,
                                     window=stall_window, deadline=time_budget,
