@@ -1078,7 +1078,9 @@ def als_core_solve(left, right, ik, values, w, n: int, ridge: float = 1e-12,
             ``(N,)`` the core's indices; ``values``: ``(N,)``; ``w``: ``(N,)`` weights or
             None; ``n``: the mode size.
         ridge: relative Tikhonov shift ``ridge * trace / (a b)`` of each slice's normal
-            equations (slices with few samples stay solvable; no explicit inverse).
+            equations (slices with few samples stay solvable; no explicit inverse); a
+            positive ridge is raised to at least ``a b eps`` of the dtype (below, the
+            shift is lost to rounding: float32).
         reduce: ``reduce(A, rhs) -> (A, rhs)`` applied to the normal equations before the
             solve (the data-parallel ALS sums them over the processes' samples).
     Returns:
@@ -1099,6 +1101,10 @@ def als_core_solve(left, right, ik, values, w, n: int, ridge: float = 1e-12,
     if reduce is not None:
         A, rhs = reduce(A, rhs)
     tr = torch.diagonal(A, dim1=1, dim2=2).sum(1) / (a * b)
+    # a relative shift below the rounding of A's entries is lost in the sum (1e-12 in
+    # float32: a slice's rank-deficient normal matrix stayed singular and solve raised)
+    if ridge > 0:
+        ridge = max(ridge, a * b * torch.finfo(A.dtype).eps)
     shift = ridge * tr.clamp_min(torch.finfo(A.dtype).tiny) + torch.finfo(A.dtype).tiny
     A = A + shift.reshape(n, 1, 1) * torch.eye(a * b, dtype=A.dtype, device=A.device)
     G = torch.linalg.solve(A, rhs.unsqueeze(2)).reshape(n, a, b)
