@@ -193,6 +193,20 @@ def test_truncated_cg_boundary_step_at_a_huge_scale_is_finite(curv):
     assert info["hess_products"] == 1
 
 
+def test_lbfgs_keeps_a_curvature_pair_of_large_vectors():
+    # the cautious test multiplied ||s||^2 ||y||^2 (1e320 here: inf) and skipped the pair
+    pb = P.Approximation.random((3, 4, 3), 3, 2, seed=0)
+    M, p = pb.manifold, pb.initial_point(0)
+    gen = torch.Generator().manual_seed(0)
+    s = M.proju(p, torch.randn(M.size, dtype=F64, generator=gen)) * 1e80
+    g = M.proju(p, torch.randn(M.size, dtype=F64, generator=gen)) * 1e80
+    info = {"skipped_updates": 0}
+    pairs = S.lbfgs_update(M, p, p, [], s, g, g + 2 * s, 10, info)
+    assert info["skipped_updates"] == 0 and len(pairs) == 1
+    s_, y_, rho = pairs[0]
+    assert rho == pytest.approx(1 / float(s_ @ y_)) and math.isfinite(1 / rho)
+
+
 def test_one_process_solvers_refuse_the_options_their_data_parallel_versions_refuse():
     # (these ran before: a negative radius, no inner iterations, an empty L-BFGS memory,
     # an Armijo constant above 1, a negative ridge or restart tolerance)

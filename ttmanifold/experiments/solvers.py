@@ -791,7 +791,9 @@ def lbfgs_update(M, p, p_new, pairs, step, g, g_new, memory: int, info: dict):
     kept = []
     for s_, y_ in moved[-memory:]:
         sy = float(s_ @ y_)
-        if sy > 1e-12 * math.sqrt(float(s_ @ s_) * float(y_ @ y_)):
+        # (the norms apart: ||s||^2 ||y||^2 overflows once both pass ~1e77 and every
+        # pair was skipped)
+        if sy > 1e-12 * math.sqrt(float(s_ @ s_)) * math.sqrt(float(y_ @ y_)):
             kept.append((s_, y_, 1.0 / sy))
         elif s_ is s_new:
             info["skipped_updates"] = int(info["skipped_updates"]) + 1
