@@ -43,6 +43,20 @@ def test_als_core_solve_matches_dense_least_squares(weighted):
     assert G.shape == (a, n, b) and G.dtype == F64
 
 
+def test_als_core_solve_float32_rank_deficient_slice_is_solved():
+    # one sample at index 0: the slice's normal matrix phi phi^T is rank one; the relative
+    # shift 1e-12 vanished in float32 rounding (1 + 1e-12 == 1) and solve raised "singular"
+    # (ALS on a float32 6x7x6 completion with 60 samples did, at its first sweep)
+    one = torch.ones(1, 2, dtype=torch.float32)
+    G = S.als_core_solve(one, one, torch.tensor([0]), torch.tensor([3.0]), None, 2)
+    assert G.shape == (2, 2, 2) and torch.isfinite(G).all()
+    fitted = float(G[:, 0, :].sum())  # left^T G[0] right at the sample
+    ref = S.als_core_solve(one.double(), one.double(), torch.tensor([0]),
+                           torch.tensor([3.0], dtype=F64), None, 2)
+    assert abs(fitted - 3.0) < 1e-5 and float(ref[:, 0, :].sum()) == pytest.approx(3.0)
+    assert not G[:, 1, :].any()  # no sample at index 1: zero slice
+
+
 def test_als_monotone_and_last_update_is_optimal():
     pb = P.Completion((5, 5, 5, 5), 2, oversampling=6, seed=3)
     h = S.als_completion(pb, pb.initial_point(0), iters=6, metrics_every=0)

@@ -177,6 +177,38 @@ def test_rank_adaptive_finds_unequal_ranks_without_overshoot():
     assert h.iters == sorted(h.iters) and h.time == sorted(h.time)
 
 
+def test_rank_adaptive_float32_stops_at_the_rounding_level_with_the_true_ranks():
+    # control_tol = 1e-10 is below float32's rounding: the search went on raising bonds on
+    # noise-level control gains (ranks (1, 4, 4, 1) here, status "ok", never converged)
+    pb = P.Completion((6, 7, 6), 2, oversampling=4, test_size=50, seed=1,
+                      dtype=torch.float32)
+    h = S.rank_adaptive_completion(pb, max_rank=4, seed=0)
+    assert h.status == "converged" and h.info["ranks"] == (1, 2, 2, 1), h.info["rank_history"]
+    assert h.final_metrics()["test_err"] < 1e-4
+    assert h.x.dtype == torch.float32
+
+
+def test_control_error_of_tiny_float32_data_is_not_zero():
+    # vector_norm squares: at |a| ~ 1e-22 in float32 both norms underflowed to 0, the
+    # control error read 0 and the search stopped at rank 1 "converged" without a fit
+    pb0 = P.Completion((5, 6, 5), 2, train_size=80, test_size=20, seed=0)
+    idx = P.sample_distinct_indices((5, 6, 5), 80, generator=torch.Generator().manual_seed(0))
+    vals = pb0.target.full()[tuple(idx.T)] * 1e-22
+    pb = P.Completion.from_data(idx, vals.float(), (5, 6, 5), 2, dtype=torch.float32)
+    data = S.RankAdaptiveData(pb, control_fraction=0.2, seed=0,
+                              generator=torch.Generator().manual_seed(0))
+    sub = data.make([1, 2, 2, 1])
+    x = sub.manifold.random(dtype=torch.float32, generator=torch.Generator().manual_seed(1))
+    n_last = math.prod(sub.manifold.core_shapes[-1])
+    x = torch.cat([x[:-n_last], x[-n_last:] * 1e-22])  # (the last core's scale: a point)
+    X = sub.manifold.to_tt(x).full().double()
+    a = data.vals_ctrl.double()
+    ref = float((X[tuple(data.idx_ctrl.T)] - a).norm() / a.norm())
+    assert abs(data.control_err(sub, x) / ref - 1) < 1e-5, (data.control_err(sub, x), ref)
+    h = S.rank_adaptive_completion(pb, max_rank=3, max_iters=20)
+    assert h.status != "converged" or h.final_metrics()["control_err"] > 0
+
+
 def test_rank_adaptive_through_run_and_stop_rules():
     pb = _uniform_problem((8,) * 5, (2, 3, 3, 2), seed=3)
     h = S.run(pb, "rank_adaptive", iters=500, max_rank=4, seed=0)
@@ -189,6 +221,9 @@ def test_rank_adaptive_through_run_and_stop_rules():
     # the default cap is the problem's rank; a total CG budget stops the search early
     h2 = S.run(pb, "rank_adaptive", iters=5, seed=0)
     assert h2.status == "budget" and h2.n_iters <= 5
+    # a cap of 0 returns the start (one CG iteration was taken beyond it)
+    h0 = S.run(pb, "rank_adaptive", iters=0, seed=0)
+    assert h0.status == "budget" and h0.n_iters == 0 and h0.info["ranks"] == (1,) * 6
     assert max(h2.info["ranks"]) <= max(pb.manifold.ranks)
     h3 = S.run(pb, "rank_adaptive", iters=500, stop_metric="test_err", stop_tol=0.5)
     assert h3.status == "stopped" and h3.final_metrics()["test_err"] <= 0.5

@@ -179,6 +179,34 @@ def test_trust_region_at_a_critical_point_stays_there_without_nan():
     assert not e.any() and not he.any()
 
 
+@pytest.mark.parametrize("curv", [-1.0, 1e-3])
+def test_truncated_cg_boundary_step_at_a_huge_scale_is_finite(curv):
+    # ||delta||^2 radius^2 = 1e398 overflowed: tau = inf and the step NaN (the trust region
+    # on a target of norm 1e100 ended "diverged" at its first iteration)
+    g = torch.tensor([3.0, -4.0, 0.0, 12.0], dtype=F64) * 1e100
+    radius = 1e99
+    info = {"hess_products": 0, "inner_iters": 0}
+    e, he = S.truncated_cg(g, lambda v: curv * v, radius, 5, 1.0, 0.1, info)
+    # negative or tiny curvature: the steepest-descent direction cut at the boundary
+    torch.testing.assert_close(e, -radius * g / g.norm(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(he, curv * e, rtol=1e-14, atol=0)
+    assert info["hess_products"] == 1
+
+
+def test_lbfgs_keeps_a_curvature_pair_of_large_vectors():
+    # the cautious test multiplied ||s||^2 ||y||^2 (1e320 here: inf) and skipped the pair
+    pb = P.Approximation.random((3, 4, 3), 3, 2, seed=0)
+    M, p = pb.manifold, pb.initial_point(0)
+    gen = torch.Generator().manual_seed(0)
+    s = M.proju(p, torch.randn(M.size, dtype=F64, generator=gen)) * 1e80
+    g = M.proju(p, torch.randn(M.size, dtype=F64, generator=gen)) * 1e80
+    info = {"skipped_updates": 0}
+    pairs = S.lbfgs_update(M, p, p, [], s, g, g + 2 * s, 10, info)
+    assert info["skipped_updates"] == 0 and len(pairs) == 1
+    s_, y_, rho = pairs[0]
+    assert rho == pytest.approx(1 / float(s_ @ y_)) and math.isfinite(1 / rho)
+
+
 def test_one_process_solvers_refuse_the_options_their_data_parallel_versions_refuse():
     # (these ran before: a negative radius, no inner iterations, an empty L-BFGS memory,
     # an Armijo constant above 1, a negative ridge or restart tolerance)
@@ -191,6 +219,9 @@ def test_one_process_solvers_refuse_the_options_their_data_parallel_versions_ref
         ("max_inner", lambda: S.riemannian_trust_region(pb, x0, max_inner=0, **kw)),
         ("max_backtracks", lambda: S.riemannian_trust_region(pb, x0, max_backtracks=-1,
                                                              **kw)),
+        ("theta", lambda: S.riemannian_trust_region(pb, x0, theta=float("nan"), **kw)),
+        ("kappa", lambda: S.riemannian_trust_region(pb, x0, kappa=0.0, **kw)),
+        ("rho_accept", lambda: S.run(pb, "rtr", x0, rtr_kwargs=dict(rho_accept=1.0), **kw)),
         ("memory", lambda: S.riemannian_lbfgs(pb, x0, memory=0, **kw)),
         ("c1", lambda: S.riemannian_lbfgs(pb, x0, c1=2.0, **kw)),
         ("ridge", lambda: S.als_completion(pb, x0, ridge=-1.0, **kw)),

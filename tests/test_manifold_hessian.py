@@ -251,3 +251,23 @@ def test_hessian_operator_batch_reused_and_checks():
         H(u[:1])
     with pytest.raises(ValueError, match="f:"):
         hessian_operator(M, p, lambda x: x.full().flatten(1)[:, :3].sum(0), grad=hu)(u)
+
+
+def test_nonfinite_loss_raises_naming_f_in_hvp_and_hess_with_a_given_gradient():
+    """A loss that is NaN near the point: riemannian_grad raised for it but riemannian_hvp
+    returned NaN silently (and with it hessian_operator given a finite gradient, as the
+    data-parallel trust region does)."""
+    from ttmanifold.manifold import hessian_operator
+    M, p, u, T = setup(3)
+    f_tt, _ = losses(T)
+
+    def f_nan(x):
+        return f_tt(x) * float("nan")
+
+    with pytest.raises(RuntimeError, match="f: Hessian-vector product contains NaN or Inf"):
+        riemannian_hvp(M, p, f_nan, u)
+    g = M.riemannian_grad(p, f_tt)
+    with pytest.raises(RuntimeError, match="f: Hessian-vector product contains NaN or Inf"):
+        hessian_operator(M, p, f_nan, grad=g)(u)
+    with pytest.raises(RuntimeError, match="f: gradient contains NaN or Inf"):
+        riemannian_hess(M, p, f_nan, u)

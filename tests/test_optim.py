@@ -134,6 +134,58 @@ def test_resumes_from_a_geoopt_state_dict():
         ours.step()
     torch.testing.assert_close(full(M, P.detach()), full(M, ref), rtol=1e-7, atol=1e-9)
     assert isinstance(ours, geoopt.optim.RiemannianAdam)
+    # geoopt's groups have no momentum_restart: the constructor's choice stays (it was
+    # dropped silently by the loaded groups)
+    for on in (True, False):
+        ours = RiemannianAdam([P], momentum_restart=on, **kw)
+        ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+        assert ours.param_groups[0]["momentum_restart"] is on
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adam_count_of_a_low_precision_euclidean_parameter_does_not_stall(dtype):
+    # bfloat16 holds the integers up to 256 only: a count kept in the parameter's dtype
+    # stopped there, and with it the bias corrections (1 - 0.999^256 = 0.23, not -> 1)
+    w0 = torch.randn(4, generator=torch.Generator().manual_seed(0)).to(dtype)
+    out = []
+    for cls in (RiemannianAdam, geoopt.optim.RiemannianAdam):
+        w = torch.nn.Parameter(w0.clone())
+        opt = cls([w], lr=1e-3)
+        for _ in range(300):
+            opt.zero_grad()
+            (w.float() ** 2).sum().backward()
+            opt.step()
+        assert int(opt.state[w]["step"]) == 300
+        out.append(w.detach())
+    torch.testing.assert_close(out[0], out[1])  # (to rounding: geoopt rounds each scalar op)
+
+
+@pytest.mark.parametrize("opt_cls,kw", [(RiemannianSGD, dict(lr=0.1, momentum=0.9)),
+                                        (RiemannianAdam, dict(lr=0.05))])
+def test_deepcopied_and_pickled_optimizer_keeps_stepping_on_the_manifold(opt_cls, kw):
+    # torch pickles an optimizer as defaults, state and groups: the recorded manifolds were
+    # lost and step() raised AttributeError on the copy
+    import io
+
+    M, p0, A = setup(batch=(2,))
+    ref, _ = run(opt_cls, kw, M, p0, A, 4)
+    P = geoopt.ManifoldParameter(p0.clone(), manifold=M)
+    w = torch.nn.Parameter(torch.ones(3, dtype=F64))
+    opt = opt_cls([{"params": [P]}, {"params": [w]}], **kw)
+    for _ in range(2):
+        opt.zero_grad()
+        (loss(M, P, A) + (w ** 2).sum()).backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    buf.seek(0)
+    for copied in (copy.deepcopy(opt), torch.load(buf, weights_only=False)):
+        Q, v = copied.param_groups[0]["params"][0], copied.param_groups[1]["params"][0]
+        for _ in range(2):
+            copied.zero_grad()
+            (loss(M, Q, A) + (v ** 2).sum()).backward()
+            copied.step()
+        torch.testing.assert_close(full(M, Q.detach()), full(M, ref), rtol=1e-12, atol=1e-12)
 
 
 def run_geoopt_with_restart(kind, kw, M, p0, A, steps):

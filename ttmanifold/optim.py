@@ -12,9 +12,12 @@ fails and geoopt's own step silently takes a Euclidean step ``p - lr g`` (see
 parameter group is added, and keep Adam's step count in a tensor (a Python integer that
 changes every step would make dynamo recompile at every step). The algebra follows
 geoopt 0.5.1 exactly, including its quirks (RiemannianSGD starts the momentum buffer at
-``p.grad`` before the gradient is converted; RiemannianAdam re-projects the point with
-``projx`` before every step). Adam's bias corrections are computed from the tensor count;
-in float64 they equal geoopt's Python-float powers to rounding.
+``p.grad`` before the gradient is converted), except that RiemannianAdam re-projects the
+point with ``projx`` before every step, as geoopt's later sources do (the 0.5.1 release
+only in ``stabilize``): on a valid point ``FixedTTRank.projx`` returns it bit for bit, on
+geoopt's own manifolds it is a rounding-level change. Adam's bias corrections are
+computed from the tensor count; in float64 they equal geoopt's Python-float powers to
+rounding.
 
 Usage::
 
@@ -88,14 +91,25 @@ class _ManifoldsOfGroups:
     def _check_restart_groups(self) -> None:
         pass
 
+    def _manifolds_of(self, group: dict) -> list:
+        return [p.manifold if isinstance(p, (geoopt.ManifoldParameter, geoopt.ManifoldTensor))
+                else self._default_manifold for p in group["params"]]
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        manifolds = [p.manifold if isinstance(p, (geoopt.ManifoldParameter,
-                                                  geoopt.ManifoldTensor))
-                     else self._default_manifold for p in group["params"]]
         # kept beside param_groups, not in it: state_dict() must stay free of modules
-        self.__dict__.setdefault("_group_manifolds", []).append(manifolds)
+        self.__dict__.setdefault("_group_manifolds", []).append(
+            self._manifolds_of(self.param_groups[-1]))
+
+    def __setstate__(self, state: dict) -> None:
+        # torch pickles (and deep-copies) an optimizer as its defaults, state and groups
+        # only: the manifolds come back from the parameters, which are eager objects here
+        super().__setstate__(state)
+        self._group_manifolds = [self._manifolds_of(g) for g in self.param_groups]
+        # (load_state_dict comes here too: a geoopt state dict's groups have no
+        # momentum_restart, and the constructor's choice must not be dropped silently)
+        for group in self.param_groups:
+            group.setdefault("momentum_restart", self.defaults.get("momentum_restart", False))
 
     @staticmethod
     def _closure_loss(closure):
@@ -183,7 +197,8 @@ class RiemannianAdam(_ManifoldsOfGroups, geoopt.optim.RiemannianAdam):
     problems (tensor completion) the momentum otherwise caps the rate at about 0.9 per
     step in the loss whatever the lr; ``ttmanifold compare``'s automatic step rule for
     ``radam`` uses it (docs/comparison.md, step-size rule).
-    State per parameter: ``step`` (a tensor of shape ``(1,)``, the parameter's dtype and device;
+    State per parameter: ``step`` (a tensor of shape ``(1,)`` on the parameter's device, in
+    its dtype, float32 for a lower precision, whose integers stop at 256 for bfloat16;
     geoopt's integer ``step`` in a loaded state dict is converted), ``exp_avg``,
     ``exp_avg_sq`` (and ``max_exp_avg_sq`` with ``amsgrad``).
     Cost per step and parameter: one ``projx``, ``egrad2rgrad``, ``component_inner`` and
@@ -199,19 +214,22 @@ class RiemannianAdam(_ManifoldsOfGroups, geoopt.optim.RiemannianAdam):
             stabilize = False
             for point, manifold, grad in points:
                 state = self.state[point]
+                # the count in at least float32: bfloat16's integers stop at 256 (float16's
+                # at 2048), where the count, and with it the bias corrections, would stall
+                count_dtype = torch.float64 if point.dtype == torch.float64 else torch.float32
                 if len(state) == 0:
                     # shape (1,), not 0-d: torch 2.13's aot_eager/inductor drop in-place
                     # updates of a 0-d CPU tensor input (tests/test_optim.py pins it)
-                    state["step"] = torch.zeros(1, dtype=point.dtype, device=point.device)
+                    state["step"] = torch.zeros(1, dtype=count_dtype, device=point.device)
                     state["exp_avg"] = torch.zeros_like(point)
                     state["exp_avg_sq"] = torch.zeros_like(point)
                     if amsgrad:
                         state["max_exp_avg_sq"] = torch.zeros_like(point)
                 elif not (isinstance(state["step"], torch.Tensor)
-                          and state["step"].shape == (1,) and state["step"].dtype == point.dtype):
+                          and state["step"].shape == (1,) and state["step"].dtype == count_dtype):
                     # geoopt's int, or the float32 0-d tensor that torch's load_state_dict
                     # makes of a "step" entry (its float32 powers would drift by ~1e-7)
-                    state["step"] = torch.full((1,), float(state["step"]), dtype=point.dtype,
+                    state["step"] = torch.full((1,), float(state["step"]), dtype=count_dtype,
                                                device=point.device)
                 count = state["step"]
                 count.add_(1)
@@ -225,8 +243,9 @@ class RiemannianAdam(_ManifoldsOfGroups, geoopt.optim.RiemannianAdam):
                 exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
                 exp_avg_sq.mul_(beta2).add_(manifold.component_inner(point, grad),
                                             alpha=1 - beta2)
-                correction1 = 1 - torch.pow(beta1, count)
-                correction2 = 1 - torch.pow(beta2, count)
+                # (in the point's dtype: a float32 count must not promote a bfloat16 step)
+                correction1 = (1 - torch.pow(beta1, count)).to(point.dtype)
+                correction2 = (1 - torch.pow(beta2, count)).to(point.dtype)
                 if amsgrad:
                     max_sq = state["max_exp_avg_sq"]
                     torch.max(max_sq, exp_avg_sq, out=max_sq)

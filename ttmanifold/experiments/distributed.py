@@ -798,7 +798,8 @@ class _TR:
     def __init__(self, problem: ShardedCompletion, p, radius, max_radius, max_inner,
                  theta: float, kappa: float, max_backtracks: int, rho_accept: float = 0.1):
         check_solver_options("rtr", radius=radius, max_radius=max_radius,
-                             max_inner=max_inner, max_backtracks=max_backtracks)
+                             max_inner=max_inner, max_backtracks=max_backtracks, theta=theta,
+                             kappa=kappa, rho_accept=rho_accept)
         self.problem, self.M, self.p = problem, problem.manifold, p
         self.max_radius = None if max_radius is None else float(max_radius)
         self.radius = None if radius is None else float(radius)

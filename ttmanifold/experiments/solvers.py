@@ -31,6 +31,7 @@ from ..tt import IndexSet, TT
 from ..tt import orthogonalize
 from ..tt.layout import ModePlan
 from ..tt import round as tt_round
+from ..tt.tensor_train import fro_norm
 from .problems import Problem
 
 __all__ = [
@@ -306,13 +307,19 @@ def _positive_number(value, name: str, *, zero: bool = False, none: bool = False
                          f"number{' or None' if none else ''}, got {value!r}")
 
 
+def _open_unit_interval(value, name: str) -> None:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+        raise ValueError(f"{name}: expected a number in (0, 1), got {value!r}")
+
+
 def check_solver_options(method: str, **opts) -> None:
     """Check the options of the fixed-rank solvers (shared by the one-process solvers and
     their data-parallel versions, so both refuse the same values): ``rcg``: ``beta``,
     ``restart_tol`` (>= 0), ``restart_every`` (None or a positive int); ``rlbfgs``:
     ``memory`` (positive int), ``c1`` in (0, 1); ``rtr``: ``radius``, ``max_radius``
     (positive or None), ``max_inner`` (positive int or None), ``max_backtracks``
-    (non-negative int); ``als``: ``ridge`` (>= 0). Raises ``ValueError`` naming the option.
+    (non-negative int), and if given ``theta`` (positive), ``kappa`` in (0, 1),
+    ``rho_accept`` in [0, 1/4); ``als``: ``ridge`` (>= 0). Raises ``ValueError`` naming the option.
     Cost O(1)."""
     if method == "rcg":
         if opts["beta"] not in ("pr+", "fr"):
@@ -322,9 +329,7 @@ def check_solver_options(method: str, **opts) -> None:
             _check_positive_int(opts["restart_every"], "restart_every")
     elif method == "rlbfgs":
         _check_positive_int(opts["memory"], "memory")
-        c1 = opts["c1"]
-        if isinstance(c1, bool) or not (isinstance(c1, (int, float)) and 0.0 < c1 < 1.0):
-            raise ValueError(f"c1: expected a number in (0, 1), got {c1!r}")
+        _open_unit_interval(opts["c1"], "c1")
     elif method == "rtr":
         for name in ("radius", "max_radius"):
             _positive_number(opts[name], name, none=True)
@@ -333,6 +338,16 @@ def check_solver_options(method: str, **opts) -> None:
         mb = opts["max_backtracks"]
         if isinstance(mb, bool) or not isinstance(mb, int) or mb < 0:
             raise ValueError(f"max_backtracks: expected a non-negative int, got {mb!r}")
+        # (a NaN theta or kappa never stopped the inner CG early; a NaN rho_accept, or one
+        # of 1 or more, rejected every step: the run stood still without a word)
+        if "theta" in opts:
+            _positive_number(opts["theta"], "theta")
+        if "kappa" in opts:
+            _open_unit_interval(opts["kappa"], "kappa")
+        if "rho_accept" in opts:
+            ra = opts["rho_accept"]
+            if isinstance(ra, bool) or not (isinstance(ra, (int, float)) and 0.0 <= ra < 0.25):
+                raise ValueError(f"rho_accept: expected a number in [0, 0.25), got {ra!r}")
     elif method == "als":
         _positive_number(opts["ridge"], "ridge", zero=True)
 
@@ -776,7 +791,9 @@ def lbfgs_update(M, p, p_new, pairs, step, g, g_new, memory: int, info: dict):
     kept = []
     for s_, y_ in moved[-memory:]:
         sy = float(s_ @ y_)
-        if sy > 1e-12 * math.sqrt(float(s_ @ s_) * float(y_ @ y_)):
+        # (the norms apart: ||s||^2 ||y||^2 overflows once both pass ~1e77 and every
+        # pair was skipped)
+        if sy > 1e-12 * math.sqrt(float(s_ @ s_)) * math.sqrt(float(y_ @ y_)):
             kept.append((s_, y_, 1.0 / sy))
         elif s_ is s_new:
             info["skipped_updates"] = int(info["skipped_updates"]) + 1
@@ -819,8 +836,12 @@ def truncated_cg(g: torch.Tensor, hess: Callable, radius: float, max_inner: int,
         alpha = rr / curv if curv > 0 else math.inf
         ee, ed, dd = float(eta @ eta), float(eta @ delta), float(delta @ delta)
         if curv <= 0 or ee + 2 * alpha * ed + alpha * alpha * dd >= radius2:
-            # to the boundary: ||eta + tau delta|| = radius, tau >= 0
-            tau = (-ed + math.sqrt(max(ed * ed + dd * (radius2 - ee), 0.0))) / dd
+            # to the boundary: ||eta + tau delta|| = radius, tau >= 0; in units of ||delta||
+            # (dd * radius2 overflows once ||delta|| radius passes ~1e154, e.g. at a target
+            # of norm 1e100, and an infinite tau made the step NaN)
+            dn = math.sqrt(dd)
+            e = ed / dn
+            tau = (-e + math.sqrt(max(e * e + (radius2 - ee), 0.0))) / dn
             return eta + tau * delta, h_eta + tau * h_delta
         eta = eta + alpha * delta
         h_eta = h_eta + alpha * h_delta
@@ -887,7 +908,8 @@ class _TrustRegionStepper(_PointStepper):
                  theta: float = 1.0, kappa: float = 0.1, rho_accept: float = 0.1,
                  max_backtracks: int = 4):
         check_solver_options("rtr", radius=radius, max_radius=max_radius,
-                             max_inner=max_inner, max_backtracks=max_backtracks)
+                             max_inner=max_inner, max_backtracks=max_backtracks, theta=theta,
+                             kappa=kappa, rho_accept=rho_accept)
         self.problem = problem
         self.M: FixedTTRank = problem.manifold
         self.p = x0.detach().clone()
@@ -1058,7 +1080,9 @@ def als_core_solve(left, right, ik, values, w, n: int, ridge: float = 1e-12,
             ``(N,)`` the core's indices; ``values``: ``(N,)``; ``w``: ``(N,)`` weights or
             None; ``n``: the mode size.
         ridge: relative Tikhonov shift ``ridge * trace / (a b)`` of each slice's normal
-            equations (slices with few samples stay solvable; no explicit inverse).
+            equations (slices with few samples stay solvable; no explicit inverse); a
+            positive ridge is raised to at least ``a b eps`` of the dtype (below, the
+            shift is lost to rounding: float32).
         reduce: ``reduce(A, rhs) -> (A, rhs)`` applied to the normal equations before the
             solve (the data-parallel ALS sums them over the processes' samples).
     Returns:
@@ -1079,6 +1103,10 @@ def als_core_solve(left, right, ik, values, w, n: int, ridge: float = 1e-12,
     if reduce is not None:
         A, rhs = reduce(A, rhs)
     tr = torch.diagonal(A, dim1=1, dim2=2).sum(1) / (a * b)
+    # a relative shift below the rounding of A's entries is lost in the sum (1e-12 in
+    # float32: a slice's rank-deficient normal matrix stayed singular and solve raised)
+    if ridge > 0:
+        ridge = max(ridge, a * b * torch.finfo(A.dtype).eps)
     shift = ridge * tr.clamp_min(torch.finfo(A.dtype).tiny) + torch.finfo(A.dtype).tiny
     A = A + shift.reshape(n, 1, 1) * torch.eye(a * b, dtype=A.dtype, device=A.device)
     G = torch.linalg.solve(A, rhs.unsqueeze(2)).reshape(n, a, b)
@@ -2029,8 +2057,9 @@ class RankAdaptiveData:
         with torch.no_grad():
             a = sub.a_test
             res = sub.test.gather(sub.manifold.to_tt(x)) - a
-            return float(torch.linalg.vector_norm(res)) / (
-                float(torch.linalg.vector_norm(a)) or 1.0)
+            # scaled norms: vector_norm's squares underflow to 0 below ~1e-154 in float64
+            # (1e-19 in float32), and 0 / 0 read as an exact fit ("converged")
+            return float(fro_norm(res)) / (float(fro_norm(a)) or 1.0)
 
     def control_residual(self, sub, x) -> torch.Tensor:
         """``X[i] - a_i`` at this process's control samples (the packed point ``x`` of
@@ -2131,7 +2160,8 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
       singular values below it (1e-8 by default: at 1e-10 the extra singular value of a
       bond raised past its true rank survived, and CG on the too large manifold stalled
       at control error 2e-10, d = 10, ranks (2, 3, 4, 5, 6, 5, 4, 3, 2), ``rank_step=2``);
-      when the control error reaches ``control_tol`` the search
+      when the control error reaches ``control_tol`` (at least ``100 eps`` of the data's
+      dtype, 1.2e-5 in float32: below, the control error is rounding noise) the search
       stops and the point is rounded with relative accuracy ``max(trunc_rel_eps,
       control_err)`` (an overshooting bond's extra singular values are below the error
       there), followed by CG at the rounded ranks if they dropped.
@@ -2237,6 +2267,10 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
     loss_floor = 0.5 * control_tol ** 2 * data.sq_sum * math.prod(shape) / data.n_train
     if data.w_mean is not None:
         loss_floor /= data.w_mean
+    # the stopping test (not the CG's floor, which must fit below it): under ~100 eps the
+    # control error is rounding noise; aimed lower (1e-10 in float32), the search raised
+    # bonds past the true ranks on noise-level gains and never converged
+    control_tol = max(control_tol, 100 * torch.finfo(vals_tr.dtype).eps)
     hist = History(problem=data.name, method="rank_adaptive")
     feas = [1] + [min(math.prod(shape[:k]), math.prod(shape[k:])) for k in range(1, d)] + [1]
     cap = [min(max_rank, f) for f in feas]
@@ -2251,7 +2285,8 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
         return late or (max_iters is not None and step[0] >= max_iters)
 
     def inner(sub_problem, x):
-        left = inner_iters if max_iters is None else max(1, min(inner_iters,
+        # (max_iters=0: the start point itself, as run(iters=0) of the other methods)
+        left = inner_iters if max_iters is None else max(0, min(inner_iters,
                                                                 max_iters - step[0]))
         x, loss, n, sec = _cg_inner(sub_problem, x, max_iters=left, stall_rtol=stall_rtol,
                                     window=stall_window, deadline=time_budget,

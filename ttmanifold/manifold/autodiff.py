@@ -106,6 +106,7 @@ def _gauge(M, p, D):
 
 _NONFINITE = "f: gradient contains NaN or Inf"
 _NONFINITE_G = "f: gradient contains NaN or Inf (or the point p does)"
+_NONFINITE_HVP = "f: Hessian-vector product contains NaN or Inf"
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.gauge_project,
@@ -203,7 +204,8 @@ def riemannian_hvp(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
             ``(*B, size)`` with a batch of points).
     Returns:
         packed gauged deltas (per point for a batch). Non-finite ``p`` or ``u`` raise
-        ``RuntimeError`` naming it (an on-device assert, no host sync). Cost: about twice
+        ``RuntimeError`` naming it, a non-finite product ``RuntimeError`` naming ``f``
+        (on-device asserts, no host sync). Cost: about twice
         :func:`riemannian_grad`.
     """
     p = p.detach()
@@ -221,6 +223,7 @@ def riemannian_hvp(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
         # forward over reverse with torch.func (as riemannian_grad there): H = d/dt D(x + t u)
         g = torch.func.grad(_func_loss(M, p, U, V, f))
         H = torch.func.jvp(g, (M.point_as_tangent(p),), (u,))[1]
+        assert_finite_async(H, "f", _NONFINITE_HVP)
         return _gauge(M, p, H)
     with torch.enable_grad():
         flat, T = _delta_tt(M, p, U, V)
@@ -230,4 +233,8 @@ def riemannian_hvp(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor],
             return torch.zeros_like(p)
         Du = torch.dot(D, u) if D.dim() == 1 else (D * u).sum()  # points are independent
         (H,) = torch.autograd.grad(Du, flat, allow_unused=True)
-    return torch.zeros_like(p) if H is None else _gauge(M, p, H)
+    if H is None:
+        return torch.zeros_like(p)
+    # (f non-finite near p, e.g. a NaN loss: riemannian_grad raises for it, so does this)
+    assert_finite_async(H, "f", _NONFINITE_HVP)
+    return _gauge(M, p, H)
