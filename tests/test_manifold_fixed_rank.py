@@ -594,6 +594,45 @@ def test_projx_idempotent_bitwise(dtype):
         assert torch.equal(M.projx(M.projx(q)), q)
 
 
+def test_projx_skips_the_sweep_for_valid_points_on_the_cpu(monkeypatch):
+    """On the CPU, projx of valid points (one or a batch) runs no QR (the Adam step calls it
+    every step), returns a new tensor equal bit for bit, and still repairs a batch with one
+    bad point; the GPU's path (forced) keeps the device-side choice, which runs the sweep."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ttmanifold.manifold import sweeps
+
+    class QRCount(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "linalg_qr" in str(func):
+                QRCount.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def qrs(fn):
+        QRCount.n = 0
+        with QRCount():
+            out = fn()
+        return out, QRCount.n
+
+    M = FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1))
+    gen = torch.Generator().manual_seed(10)
+    for p in (M.random(dtype=F64, generator=gen), M.random(4, dtype=F64, generator=gen)):
+        q, n = qrs(lambda: M.projx(p))
+        assert n == 0 and torch.equal(q, p) and q.data_ptr() != p.data_ptr()
+        bad = p.clone()
+        bad[..., :6] *= 1.5  # the first core of (every) point is no longer orthonormal
+        q, n = qrs(lambda: M.projx(bad))
+        assert n > 0 and M.check_point_on_manifold(q)
+        for qi, bi in zip(q.reshape(-1, M.size), bad.reshape(-1, M.size)):
+            assert close(dense_point(M, qi), dense_point(M, bi), 1e-12)
+        monkeypatch.setattr(sweeps, "PAIRED_SWEEPS", True)
+        q, n = qrs(lambda: M.projx(p))
+        assert n > 0 and torch.equal(q, p)
+        monkeypatch.setattr(sweeps, "PAIRED_SWEEPS", None)
+
+
 @pytest.mark.parametrize("dtype", [F32, F64])
 def test_projx_of_off_manifold_tensor(dtype):
     M = FixedTTRank((3, 4, 3, 2), (1, 2, 3, 2, 1))

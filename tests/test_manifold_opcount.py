@@ -105,10 +105,12 @@ def counts(d, B=None, n=4, r=3):
 # (retr on the fewer-launch path, d = 10: 79 before the unsigned LQ frames in the block
 # cores and the one-concatenation packing, 75 after; 69 with the block cores by one
 # scatter and the result built outside inference mode, no copy out)
+# (ttmanifold's Adam step with the CPU's choices: projx's QR sweep skipped on a valid point,
+# 274 -> 240 at d = 6 and 418 -> 356 at d = 10; the GPU's path keeps it, on the device)
 BOUNDS = {(6, False): {"retr": (72, 15), "project": (49, 5), "rgrad": (63, 5), "adam": (203, 20),
-                       "tm_adam": (274, 30)},
+                       "tm_adam": (240, 25)},
           (10, False): {"retr": (124, 27), "project": (73, 9), "rgrad": (87, 9), "adam": (311, 36),
-                        "tm_adam": (418, 54)},
+                        "tm_adam": (356, 45)},
           (6, True): {"retr": (41, 15), "project": (44, 5), "rgrad": (58, 5), "adam": (148, 20),
                       "tm_adam": (219, 30)},
           (10, True): {"retr": (69, 27), "project": (60, 9), "rgrad": (74, 9), "adam": (200, 36),
