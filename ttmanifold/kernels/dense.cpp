@@ -703,12 +703,11 @@ void check_runs(const std::vector<int64_t>& runs, int64_t size) {
                 "runs: a run outside the packed point");
 }
 
-// o = the gauge projection of the packed g (n numbers) at the packed point pp; whether g
-// is finite
+// o = the gauge projection of the packed g (n numbers) at the packed point pp; whether o
+// is finite (a non-finite g or point reaches o: callers need one check, of the result)
 template <typename T>
 bool gauge_impl(const T* pp, const T* gp, T* o, int64_t n, const std::vector<int64_t>& runs,
                 std::vector<T>& P) {
-  const bool ok = finite<T>(gp, n);
   std::copy(gp, gp + n, o);
   for (size_t i = 0; i < runs.size(); i += 4) {
     const int rn = static_cast<int>(runs[i + 2]), c = static_cast<int>(runs[i + 3]);
@@ -722,7 +721,7 @@ bool gauge_impl(const T* pp, const T* gp, T* o, int64_t n, const std::vector<int
       mm<T>(false, false, rn, c, c, T(-1), u, c, P.data(), c, T(1), G, c);
     }
   }
-  return ok;
+  return finite<T>(o, n);
 }
 
 }  // namespace

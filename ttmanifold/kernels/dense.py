@@ -151,7 +151,7 @@ def tangent_block_cores_backward(mod, gs: Sequence[torch.Tensor]) -> torch.Tenso
 def gauge_project(mod, runs, U_flat: torch.Tensor, g: torch.Tensor):
     """``(g_k - U_k (U_k^T g_k) for k < d, g_d)`` packed (the gauge projection of the packed
     ``g`` at the packed point ``U_flat``; ``runs``: the manifold's ``gauge_runs``) and
-    whether ``g`` is finite."""
+    whether it is finite (a non-finite ``g`` or point makes it non-finite)."""
     return mod.gauge_project(U_flat.contiguous(), g.contiguous(), _flat_runs(runs))
 
 

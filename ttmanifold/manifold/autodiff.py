@@ -113,8 +113,8 @@ _NONFINITE_HVP = "f: Hessian-vector product contains NaN or Inf"
                   when=lambda runs, p, D: p.dim() == 1 and D.dim() == 1)
 def _gauge_checked(runs, p, D):
     """The gauge projection of the packed ``D`` at ``p`` (``runs``: the manifold's
-    ``gauge_runs``; ``d >= 2``) and whether ``D`` is finite: None here (the caller checks
-    asynchronously); compiled on the CPU, one call that also tests D."""
+    ``gauge_runs``; ``d >= 2``) and whether it is finite: None here (the caller checks
+    asynchronously); compiled on the CPU, one call that also tests the result."""
     return gauge_project_flat(runs, p, D), None
 
 
@@ -180,12 +180,13 @@ def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torc
     if M.d == 1:
         assert_finite_async(D, "f", _NONFINITE)
         return D.clone()
-    G, finite = _gauge_checked(M.gauge_runs, p, D)
-    if finite is not None and not finite:  # the compiled path tested D
-        raise RuntimeError(_NONFINITE)
     # G, not only D: a non-finite point reaches G through the gauge projection even where D
     # is finite (0.5 <X, X> has D = (0, .., 0, U_d)); one pass, no host sync
-    assert_finite_async(G, "f", _NONFINITE_G)
+    G, finite = _gauge_checked(M.gauge_runs, p, D)
+    if finite is None:
+        assert_finite_async(G, "f", _NONFINITE_G)
+    elif not finite:  # the compiled path tested G
+        raise RuntimeError(_NONFINITE_G)
     return G
 
 
