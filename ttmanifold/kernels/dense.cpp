@@ -1132,8 +1132,13 @@ int jacobi(T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
     for (int i = 0; i < n; ++i)
       for (int c = 0; c < n; ++c)
         for (int l = 0; l < L; ++l) { const T w = W[(i * n + c) * L + l]; nrm[c * L + l] += w * w; }
-    T off[L];
-    for (int l = 0; l < L; ++l) off[l] = T(0);
+    // pairs of two columns both below eps |W|_F are noise: not rotated (no relative
+    // orthogonality is reachable there; the factorization stays backward stable)
+    T floor[L], off[L];
+    for (int l = 0; l < L; ++l) floor[l] = off[l] = T(0);
+    for (int c = 0; c < n; ++c)
+      for (int l = 0; l < L; ++l) floor[l] += nrm[c * L + l];
+    for (int l = 0; l < L; ++l) floor[l] *= std::numeric_limits<T>::epsilon() * std::numeric_limits<T>::epsilon();
     for (int p = 0; p < n - 1; ++p)
       for (int q = p + 1; q < n; ++q) {
         T g[L], cs[L], sn[L];
@@ -1142,9 +1147,9 @@ int jacobi(T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
           for (int l = 0; l < L; ++l) g[l] += W[(i * n + p) * L + l] * W[(i * n + q) * L + l];
         for (int l = 0; l < L; ++l) {
           const T a = nrm[p * L + l], b = nrm[q * L + l];
-          const T ab = std::sqrt(a * b);
+          const T ab = std::sqrt(a) * std::sqrt(b);  // (a b may underflow)
           const T ag = std::abs(g[l]);
-          const bool rot = ag > tol * ab;  // false for NaN
+          const bool rot = ag > tol * ab && ab > floor[l];  // false for NaN
           off[l] = (rot && ag > off[l] * ab) ? ag / ab : off[l];
           const T zeta = (b - a) / (T(2) * g[l]);
           const T t0 = std::copysign(T(1), zeta) / (std::abs(zeta) + std::sqrt(T(1) + zeta * zeta));
@@ -1172,44 +1177,53 @@ int jacobi(T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
   return sweep;
 }
 
+// The interleaved block (rows x cols) of the matrices b0.. of t (strides read from t: any
+// view, e.g. a transpose, is read in place); lanes past the batch are zero.
 template <typename T, int L>
-void gather(const T* src, int64_t b0, int64_t B, int cnt, T* dst) {
+void gather(const torch::Tensor& t, int64_t b0, int rows, int cols, T* dst) {
+  const int64_t B = t.size(0), sb = t.stride(0), si = t.stride(1), sj = t.stride(2);
   const int nl = static_cast<int>(std::min<int64_t>(L, B - b0));
+  const T* src = t.data_ptr<T>();
   for (int l = 0; l < nl; ++l) {
-    const T* s = src + (b0 + l) * cnt;
-    for (int e = 0; e < cnt; ++e) dst[e * L + l] = s[e];
+    const T* s = src + (b0 + l) * sb;
+    for (int i = 0; i < rows; ++i)
+      for (int j = 0; j < cols; ++j) dst[(i * cols + j) * L + l] = s[i * si + j * sj];
   }
   for (int l = nl; l < L; ++l)
-    for (int e = 0; e < cnt; ++e) dst[e * L + l] = T(0);
+    for (int e = 0; e < rows * cols; ++e) dst[e * L + l] = T(0);
 }
 
+// The block back into the matrices b0.. of t (its strides), times sc[l] if given.
 template <typename T, int L>
-void scatter(const T* src, int64_t b0, int64_t B, int cnt, const T* sc, T* dst) {
+void scatter(const T* src, int64_t b0, int rows, int cols, const T* sc, torch::Tensor& t) {
+  const int64_t B = t.size(0), sb = t.stride(0), si = t.stride(1), sj = t.dim() > 2 ? t.stride(2) : 0;
   const int nl = static_cast<int>(std::min<int64_t>(L, B - b0));
+  T* dst = t.data_ptr<T>();
   for (int l = 0; l < nl; ++l) {
-    T* d = dst + (b0 + l) * cnt;
-    for (int e = 0; e < cnt; ++e) d[e] = src[e * L + l] * (sc ? sc[l] : T(1));
+    T* d = dst + (b0 + l) * sb;
+    const T f = sc ? sc[l] : T(1);
+    for (int i = 0; i < rows; ++i)
+      for (int j = 0; j < cols; ++j) d[i * si + j * sj] = src[(i * cols + j) * L + l] * f;
   }
 }
 
 template <typename T, int n>
-void qr_impl(const torch::Tensor& a, torch::Tensor& q, torch::Tensor& r) {
+void qr_impl(const torch::Tensor& a, torch::Tensor& q, torch::Tensor& r) {  // (see batched_qr)
   constexpr int L = lanes<T>();
   const int64_t B = a.size(0);
   const int m = static_cast<int>(a.size(1));
   std::vector<T> A(static_cast<size_t>(m) * n * L), Q(A.size()),
       R(static_cast<size_t>(n) * n * L), vd(n * L), cf(n * L), beta(n * L);
   T sc[L];
-  const T* pa = a.data_ptr<T>();
   for (int64_t b0 = 0; b0 < B; b0 += L) {
-    gather<T, L>(pa, b0, B, m * n, A.data());
+    gather<T, L>(a, b0, m, n, A.data());
     scale_down<T, L>(A.data(), m * n, sc);
     house_qr<T, L, n>(m, A.data(), vd.data(), cf.data(), beta.data());
     upper<T, L>(n, A.data(), beta.data(), R.data());
     eye<T, L>(m, n, Q.data());
     apply_q<T, L, n>(m, A.data(), vd.data(), cf.data(), Q.data(), true);
-    scatter<T, L>(Q.data(), b0, B, m * n, nullptr, q.data_ptr<T>());
-    scatter<T, L>(R.data(), b0, B, n * n, sc, r.data_ptr<T>());
+    scatter<T, L>(Q.data(), b0, m, n, nullptr, q);
+    scatter<T, L>(R.data(), b0, n, n, sc, r);
   }
 }
 
@@ -1227,9 +1241,8 @@ void svd_impl(const torch::Tensor& a, torch::Tensor& u, torch::Tensor& s, torch:
       S(n * L), vd(n * L), cf(n * L), beta(n * L), vd2(n * L), cf2(n * L), beta2(n * L);
   T sc[L];
   const T tol = std::numeric_limits<T>::epsilon() * n;
-  const T* pa = a.data_ptr<T>();
   for (int64_t b0 = 0; b0 < B; b0 += L) {
-    gather<T, L>(pa, b0, B, m * n, A.data());
+    gather<T, L>(a, b0, m, n, A.data());
     scale_down<T, L>(A.data(), m * n, sc);
     house_qr<T, L, n>(m, A.data(), vd.data(), cf.data(), beta.data());
     for (int i = 0; i < n; ++i)  // W = R^T
@@ -1279,9 +1292,9 @@ void svd_impl(const torch::Tensor& a, torch::Tensor& u, torch::Tensor& s, torch:
       for (int c = 0; c < n; ++c)
         for (int l = 0; l < L; ++l) U[(i * n + c) * L + l] = i < n ? V[(i * n + c) * L + l] : T(0);
     apply_q<T, L, n>(m, A.data(), vd.data(), cf.data(), U.data(), false);
-    scatter<T, L>(U.data(), b0, B, m * n, nullptr, u.data_ptr<T>());
-    scatter<T, L>(S.data(), b0, B, n, sc, s.data_ptr<T>());
-    scatter<T, L>(Vt.data(), b0, B, n * n, nullptr, vh.data_ptr<T>());
+    scatter<T, L>(U.data(), b0, m, n, nullptr, u);
+    scatter<T, L>(S.data(), b0, n, 1, sc, s);
+    scatter<T, L>(Vt.data(), b0, n, n, nullptr, vh);
   }
 }
 
@@ -1319,9 +1332,9 @@ void check_small(const char* who, const torch::Tensor& a) {
 // thin QR of every matrix of a (B, m, n), m >= n, n <= 8: (Q (B, m, n), R (B, n, n))
 std::vector<torch::Tensor> batched_qr(torch::Tensor a) {
   bf::check_small("batched_qr", a);
-  a = a.contiguous();
-  auto q = torch::empty_like(a);
-  auto r = torch::empty({a.size(0), a.size(2), a.size(2)}, a.options());
+  // read in place (any strides); results column-major, the layout of torch.linalg.qr's
+  auto q = torch::empty({a.size(0), a.size(2), a.size(1)}, a.options()).transpose(1, 2);
+  auto r = torch::empty({a.size(0), a.size(2), a.size(2)}, a.options()).transpose(1, 2);
   const int n = static_cast<int>(a.size(2));
   if (a.scalar_type() == torch::kDouble) bf::for_cols<double, bf::Qr>(n, a, q, r);
   else bf::for_cols<float, bf::Qr>(n, a, q, r);
@@ -1332,10 +1345,10 @@ std::vector<torch::Tensor> batched_qr(torch::Tensor a) {
 // descending, Vh (B, n, n))
 std::vector<torch::Tensor> batched_svd(torch::Tensor a) {
   bf::check_small("batched_svd", a);
-  a = a.contiguous();
-  auto u = torch::empty_like(a);
+  // read in place (any strides); results column-major, the layout of torch.linalg.svd's
+  auto u = torch::empty({a.size(0), a.size(2), a.size(1)}, a.options()).transpose(1, 2);
   auto s = torch::empty({a.size(0), a.size(2)}, a.options());
-  auto vh = torch::empty({a.size(0), a.size(2), a.size(2)}, a.options());
+  auto vh = torch::empty({a.size(0), a.size(2), a.size(2)}, a.options()).transpose(1, 2);
   const int n = static_cast<int>(a.size(2));
   if (a.scalar_type() == torch::kDouble) bf::for_cols<double, bf::Svd>(n, a, u, s, vh);
   else bf::for_cols<float, bf::Svd>(n, a, u, s, vh);
