@@ -172,8 +172,9 @@ def unbatched(*seqs) -> bool:
 #: kernels (SIMD across the matrices, no per-matrix LAPACK call) for at least this many
 #: matrices of at most :data:`BATCHED_FACTOR_MAX_COLS` columns (rows for a wide SVD) and at
 #: most ``BATCHED_QR_MAX_NUMEL`` / ``BATCHED_SVD_MAX_NUMEL`` entries each. Measured at 1
-#: thread, 96 matrices: the QR 1.4-5x faster than ``torch.linalg.qr`` up to 320 entries
-#: (80 x 4, 40 x 8), 0.7-1.1x beyond; the SVD 2-15x faster up to 320 x 8.
+#: thread, 96 matrices: the QR 1.3-6x faster than ``torch.linalg.qr`` up to 320 entries
+#: (80 x 4, 40 x 8; break-even at 160 x 2), 0.6-1.2x beyond; the SVD 2-11x up to 320 x 8.
+#: Raise ``BATCHED_FACTOR_MIN_BATCH`` (e.g. to ``10**9``) to keep torch's factorizations.
 BATCHED_FACTOR_MIN_BATCH = 16
 BATCHED_FACTOR_MAX_COLS = 8
 BATCHED_QR_MAX_NUMEL = 320
