@@ -90,12 +90,10 @@ def _check_svd(a, u, s, vh, tol):
 
 
 @settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(B=st.integers(16, 40), n=st.integers(1, 8), extra=st.integers(0, 32),
+@given(B=st.integers(16, 40), n=st.integers(1, 8), extra=st.integers(0, 160),
        dtype=st.sampled_from([F64, F32]), seed=st.integers(0, 2**31 - 1))
 def test_batched_qr_against_torch(spy, B, n, extra, dtype, seed):
-    m = n + extra
-    if m * n > sweeps.BATCHED_QR_MAX_NUMEL:
-        m = sweeps.BATCHED_QR_MAX_NUMEL // n
+    m = min(n + extra, sweeps.BATCHED_QR_MAX_ROWS, sweeps.BATCHED_QR_MAX_NUMEL // n)
     a = torch.randn(B, m, n, dtype=dtype, generator=torch.Generator().manual_seed(seed))
     spy.calls.clear()
     q, r = sweeps.batched_qr(a)
@@ -152,7 +150,7 @@ def test_edge_inputs(spy, dtype):
 
 
 def test_nan_input_ends(spy):
-    """NaN in one matrix: the Jacobi sweeps stop at their cap; the others are exact."""
+    """NaN in one matrix (no endless sweeps: NaN compares false); the others are exact."""
     a = torch.randn(32, 20, 8, dtype=F64, generator=torch.Generator().manual_seed(2))
     a[3, 2, 1] = float("nan")
     a[9, 0, 0] = float("inf")

@@ -995,7 +995,7 @@ namespace bf {
 // registers, independent chains; measured faster than 64 bytes on the retraction's shapes)
 template <typename T> constexpr int lanes() { return 128 / static_cast<int>(sizeof(T)); }
 constexpr int kMaxCols = 8;
-// Jacobi sweeps: 5-8 reach the tolerance on the shapes measured; the cap ends NaN input
+// Jacobi sweeps: 5-8 reach the tolerance on the shapes measured; a cap all the same
 constexpr int kMaxSweeps = 40;
 
 // per-lane power-of-two scaling to a largest |entry| in [1, 2) (exact; keeps the squares of
@@ -1117,16 +1117,35 @@ void eye(int m, int n, T* X) {
 }
 
 // One-sided Jacobi on the columns of the interleaved n x n block W, accumulating the
-// rotations in V (from I): afterwards W = W_0 V has orthogonal columns. Sweeps until every
-// lane's largest |<w_p, w_q>| / (|w_p| |w_q|) is <= tol, at most max_sweeps (a NaN lane
-// never converges: the cap ends it). Column norms are recomputed at the start of each sweep
-// and updated by the rotations within it (a' = a - t g, b' = b + t g).
+// rotations in V (from I): afterwards W = W_0 V has orthogonal columns. Each sweep rotates
+// every pair whose |<w_p, w_q>| exceeds tol |w_p| |w_q| in some lane; sweeps run until none
+// does, at most max_sweeps (NaN compares false: a NaN lane stops rotating). Column norms are
+// recomputed at the start of each sweep and updated by the rotations within it
+// (a' = a - t g, b' = b + t g).
 template <typename T, int L, int n>
 int jacobi(T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
   eye<T, L>(n, n, V);
+  // round-robin order: each round rotates N / 2 disjoint pairs, whose computations are
+  // independent (their long latency chains overlap); an odd n has a dummy column n
+  constexpr int N = n + (n & 1), K = N / 2;
+  int P[N > 1 ? N - 1 : 1][K], Qc[N > 1 ? N - 1 : 1][K];
+  {
+    int idx[N];
+    for (int i = 0; i < N; ++i) idx[i] = i;
+    for (int r = 0; r < N - 1; ++r) {
+      for (int k = 0; k < K; ++k) {
+        const int x = idx[k], y = idx[N - 1 - k];
+        P[r][k] = std::min(x, y);
+        Qc[r][k] = std::max(x, y);
+      }
+      const int last = idx[N - 1];
+      for (int i = N - 1; i > 1; --i) idx[i] = idx[i - 1];
+      idx[1] = last;
+    }
+  }
   T nrm[n * L];
   int sweep = 0;
-  while (sweep < max_sweeps) {
+  while (sweep < max_sweeps && n > 1) {
     ++sweep;
     for (int e = 0; e < n * L; ++e) nrm[e] = T(0);
     for (int i = 0; i < n; ++i)
@@ -1139,58 +1158,84 @@ int jacobi(T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
     for (int c = 0; c < n; ++c)
       for (int l = 0; l < L; ++l) floor[l] += nrm[c * L + l];
     for (int l = 0; l < L; ++l) floor[l] *= std::numeric_limits<T>::epsilon() * std::numeric_limits<T>::epsilon();
-    for (int p = 0; p < n - 1; ++p)
-      for (int q = p + 1; q < n; ++q) {
-        T g[L], cs[L], sn[L];
-        for (int l = 0; l < L; ++l) g[l] = T(0);
+    for (int r = 0; r < N - 1; ++r) {
+      T g[K * L], cs[K * L], sn[K * L];
+      for (int e = 0; e < K * L; ++e) g[e] = T(0);
+      for (int k = 0; k < K; ++k) {
+        const int p = P[r][k], q = Qc[r][k];
+        if (q >= n) continue;
         for (int i = 0; i < n; ++i)
-          for (int l = 0; l < L; ++l) g[l] += W[(i * n + p) * L + l] * W[(i * n + q) * L + l];
+          for (int l = 0; l < L; ++l) g[k * L + l] += W[(i * n + p) * L + l] * W[(i * n + q) * L + l];
+      }
+      bool live[K];
+      for (int k = 0; k < K; ++k) {
+        const int p = P[r][k], q = Qc[r][k];
+        live[k] = false;
+        if (q >= n) continue;
+        // |g| > tol |w_p| |w_q| and |w_p| |w_q| > floor, squared (no square root; a b
+        // underflows only far below floor^2 >= eps^4: max |entry| >= 1 after scaling)
+        bool rot[L];
+        bool any = false;
         for (int l = 0; l < L; ++l) {
-          const T a = nrm[p * L + l], b = nrm[q * L + l];
-          const T ab = std::sqrt(a) * std::sqrt(b);  // (a b may underflow)
-          const T ag = std::abs(g[l]);
-          const bool rot = ag > tol * ab && ab > floor[l];  // false for NaN
-          off[l] = (rot && ag > off[l] * ab) ? ag / ab : off[l];
-          const T zeta = (b - a) / (T(2) * g[l]);
-          const T t0 = std::copysign(T(1), zeta) / (std::abs(zeta) + std::sqrt(T(1) + zeta * zeta));
-          const T t = rot ? t0 : T(0);
-          const T c = T(1) / std::sqrt(T(1) + t * t);
-          cs[l] = c;
-          sn[l] = c * t;
-          nrm[p * L + l] = a - t * g[l];
-          nrm[q * L + l] = b + t * g[l];
+          const T ab2 = nrm[p * L + l] * nrm[q * L + l], gg = g[k * L + l];
+          rot[l] = gg * gg > tol * tol * ab2 && ab2 > floor[l] * floor[l];  // false for NaN
+          any = any || rot[l];
         }
+        if (!any) continue;  // converged pair in every lane: no rotation work
+        live[k] = true;
+        for (int l = 0; l < L; ++l) {
+          const T a = nrm[p * L + l], b = nrm[q * L + l], gg = g[k * L + l];
+          off[l] = rot[l] ? T(1) : off[l];
+          const T zeta = (b - a) / (T(2) * gg);
+          const T t0 = std::copysign(T(1), zeta) / (std::abs(zeta) + std::sqrt(T(1) + zeta * zeta));
+          const T t = rot[l] ? t0 : T(0);
+          const T c = T(1) / std::sqrt(T(1) + t * t);
+          cs[k * L + l] = c;
+          sn[k * L + l] = c * t;
+          nrm[p * L + l] = a - t * gg;
+          nrm[q * L + l] = b + t * gg;
+        }
+      }
+      for (int k = 0; k < K; ++k) {
+        if (!live[k]) continue;
+        const int p = P[r][k], q = Qc[r][k];
+        const T* c = cs + k * L;
+        const T* sg = sn + k * L;
         for (int i = 0; i < n; ++i)
           for (int l = 0; l < L; ++l) {
             const T wp = W[(i * n + p) * L + l], wq = W[(i * n + q) * L + l];
-            W[(i * n + p) * L + l] = cs[l] * wp - sn[l] * wq;
-            W[(i * n + q) * L + l] = sn[l] * wp + cs[l] * wq;
+            W[(i * n + p) * L + l] = c[l] * wp - sg[l] * wq;
+            W[(i * n + q) * L + l] = sg[l] * wp + c[l] * wq;
             const T vp = V[(i * n + p) * L + l], vq = V[(i * n + q) * L + l];
-            V[(i * n + p) * L + l] = cs[l] * vp - sn[l] * vq;
-            V[(i * n + q) * L + l] = sn[l] * vp + cs[l] * vq;
+            V[(i * n + p) * L + l] = c[l] * vp - sg[l] * vq;
+            V[(i * n + q) * L + l] = sg[l] * vp + c[l] * vq;
           }
       }
+    }
     bool done = true;
-    for (int l = 0; l < L; ++l) done = done && off[l] <= tol;
+    for (int l = 0; l < L; ++l) done = done && off[l] == T(0);  // no rotation this sweep
     if (done) break;
   }
   return sweep;
 }
 
 // The interleaved block (rows x cols) of the matrices b0.. of t (strides read from t: any
-// view, e.g. a transpose, is read in place); lanes past the batch are zero.
+// view, e.g. a transpose, is read in place); lanes past the batch are zero. The loop runs
+// over the block's entries with the lanes innermost: contiguous writes, L read streams.
 template <typename T, int L>
 void gather(const torch::Tensor& t, int64_t b0, int rows, int cols, T* dst) {
   const int64_t B = t.size(0), sb = t.stride(0), si = t.stride(1), sj = t.stride(2);
   const int nl = static_cast<int>(std::min<int64_t>(L, B - b0));
-  const T* src = t.data_ptr<T>();
-  for (int l = 0; l < nl; ++l) {
-    const T* s = src + (b0 + l) * sb;
-    for (int i = 0; i < rows; ++i)
-      for (int j = 0; j < cols; ++j) dst[(i * cols + j) * L + l] = s[i * si + j * sj];
-  }
-  for (int l = nl; l < L; ++l)
-    for (int e = 0; e < rows * cols; ++e) dst[e * L + l] = T(0);
+  const T* src[L];
+  for (int l = 0; l < nl; ++l) src[l] = t.data_ptr<T>() + (b0 + l) * sb;
+  if (nl < L)
+    for (int e = 0; e < rows * cols * L; ++e) dst[e] = T(0);
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) {
+      const int64_t o = i * si + j * sj;
+      T* d = dst + (i * cols + j) * L;
+      for (int l = 0; l < nl; ++l) d[l] = src[l][o];
+    }
 }
 
 // The block back into the matrices b0.. of t (its strides), times sc[l] if given.
@@ -1198,13 +1243,18 @@ template <typename T, int L>
 void scatter(const T* src, int64_t b0, int rows, int cols, const T* sc, torch::Tensor& t) {
   const int64_t B = t.size(0), sb = t.stride(0), si = t.stride(1), sj = t.dim() > 2 ? t.stride(2) : 0;
   const int nl = static_cast<int>(std::min<int64_t>(L, B - b0));
-  T* dst = t.data_ptr<T>();
+  T* dst[L];
+  T f[L];
   for (int l = 0; l < nl; ++l) {
-    T* d = dst + (b0 + l) * sb;
-    const T f = sc ? sc[l] : T(1);
-    for (int i = 0; i < rows; ++i)
-      for (int j = 0; j < cols; ++j) d[i * si + j * sj] = src[(i * cols + j) * L + l] * f;
+    dst[l] = t.data_ptr<T>() + (b0 + l) * sb;
+    f[l] = sc ? sc[l] : T(1);
   }
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) {
+      const int64_t o = i * si + j * sj;
+      const T* x = src + (i * cols + j) * L;
+      for (int l = 0; l < nl; ++l) dst[l][o] = x[l] * f[l];
+    }
 }
 
 template <typename T, int n>

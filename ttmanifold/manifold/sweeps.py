@@ -170,14 +170,16 @@ def unbatched(*seqs) -> bool:
 
 #: The batched factorizations (:func:`batched_qr`, :func:`batched_svd`) run the compiled
 #: kernels (SIMD across the matrices, no per-matrix LAPACK call) for at least this many
-#: matrices of at most :data:`BATCHED_FACTOR_MAX_COLS` columns (rows for a wide SVD) and at
-#: most ``BATCHED_QR_MAX_NUMEL`` / ``BATCHED_SVD_MAX_NUMEL`` entries each. Measured at 1
-#: thread, 96 matrices: the QR 1.3-6x faster than ``torch.linalg.qr`` up to 320 entries
-#: (80 x 4, 40 x 8; break-even at 160 x 2), 0.6-1.2x beyond; the SVD 2-11x up to 320 x 8.
-#: Raise ``BATCHED_FACTOR_MIN_BATCH`` (e.g. to ``10**9``) to keep torch's factorizations.
+#: matrices of at most :data:`BATCHED_FACTOR_MAX_COLS` columns (rows for a wide SVD); the
+#: QR for at most ``BATCHED_QR_MAX_ROWS`` rows and ``BATCHED_QR_MAX_NUMEL`` entries, the SVD
+#: for at most ``BATCHED_SVD_MAX_NUMEL`` entries. Measured at 1 thread, 96 matrices: the QR
+#: 1.1-5x faster than ``torch.linalg.qr`` within the bounds (80 x 8, 160 x 4: 1.1-1.9x),
+#: 0.5-1.0x at 320 rows; the SVD 2-10x up to 320 x 8. Raise ``BATCHED_FACTOR_MIN_BATCH``
+#: (e.g. to ``10**9``) to keep torch's factorizations.
 BATCHED_FACTOR_MIN_BATCH = 16
 BATCHED_FACTOR_MAX_COLS = 8
-BATCHED_QR_MAX_NUMEL = 320
+BATCHED_QR_MAX_ROWS = 160
+BATCHED_QR_MAX_NUMEL = 640
 BATCHED_SVD_MAX_NUMEL = 2560
 
 
@@ -195,7 +197,8 @@ def _small_batch(a, max_numel: int, wide: bool) -> bool:
 
 
 def _small_qr(a) -> bool:
-    return _small_batch(a, BATCHED_QR_MAX_NUMEL, False)
+    return (_small_batch(a, BATCHED_QR_MAX_NUMEL, False)
+            and a.shape[-2] <= BATCHED_QR_MAX_ROWS)
 
 
 def _small_svd(a) -> bool:
@@ -216,8 +219,9 @@ def batched_qr(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     Cost: O(B m n^2). The compiled path (Householder in an interleaved layout, SIMD across
     the matrices; LAPACK's signs) runs where :func:`ttmanifold.kernels.usable` holds (CPU,
     float32/float64, no input requiring grad: autograd needs torch's backward) for at least
-    :data:`BATCHED_FACTOR_MIN_BATCH` matrices with ``m >= n``, ``n <= 8`` and
-    ``m n <= BATCHED_QR_MAX_NUMEL``; everything else calls ``torch.linalg.qr``.
+    :data:`BATCHED_FACTOR_MIN_BATCH` matrices with ``m >= n``, ``n <= 8``,
+    ``m <= BATCHED_QR_MAX_ROWS`` and ``m n <= BATCHED_QR_MAX_NUMEL``; everything else calls
+    ``torch.linalg.qr``.
     """
     return torch.linalg.qr(a)
 
@@ -236,7 +240,7 @@ def batched_svd(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
         up to the usual signs (and rotations within repeated singular values).
     Cost: O(B m n^2). The compiled path (Householder QR, then one-sided Jacobi sweeps on
     ``R^T`` until every matrix's columns are orthogonal to ``n eps`` relative, at most 40
-    sweeps, so NaN input ends with NaN output) runs where
+    sweeps; NaN input gives NaN output) runs where
     :func:`ttmanifold.kernels.usable` holds (CPU, float32/float64, no input requiring grad)
     for at least :data:`BATCHED_FACTOR_MIN_BATCH` matrices with ``min(m, n) <= 8`` and
     ``m n <= BATCHED_SVD_MAX_NUMEL``; everything else calls ``torch.linalg.svd``.
