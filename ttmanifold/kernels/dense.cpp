@@ -1230,6 +1230,15 @@ void gather(const torch::Tensor& t, int64_t b0, int rows, int cols, T* dst) {
   for (int l = 0; l < nl; ++l) src[l] = t.data_ptr<T>() + (b0 + l) * sb;
   if (nl < L)
     for (int e = 0; e < rows * cols * L; ++e) dst[e] = T(0);
+  if (si <= sj) {  // column-major matrices (e.g. a transpose): down the columns
+    for (int j = 0; j < cols; ++j)
+      for (int i = 0; i < rows; ++i) {
+        const int64_t o = i * si + j * sj;
+        T* d = dst + (i * cols + j) * L;
+        for (int l = 0; l < nl; ++l) d[l] = src[l][o];
+      }
+    return;
+  }
   for (int i = 0; i < rows; ++i)
     for (int j = 0; j < cols; ++j) {
       const int64_t o = i * si + j * sj;
@@ -1248,6 +1257,15 @@ void scatter(const T* src, int64_t b0, int rows, int cols, const T* sc, torch::T
   for (int l = 0; l < nl; ++l) {
     dst[l] = t.data_ptr<T>() + (b0 + l) * sb;
     f[l] = sc ? sc[l] : T(1);
+  }
+  if (si <= sj) {  // column-major results (torch.linalg's layout): down the columns
+    for (int j = 0; j < cols; ++j)
+      for (int i = 0; i < rows; ++i) {
+        const int64_t o = i * si + j * sj;
+        const T* x = src + (i * cols + j) * L;
+        for (int l = 0; l < nl; ++l) dst[l][o] = x[l] * f[l];
+      }
+    return;
   }
   for (int i = 0; i < rows; ++i)
     for (int j = 0; j < cols; ++j) {

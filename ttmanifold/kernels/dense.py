@@ -185,6 +185,8 @@ def batched_qr(mod, a: torch.Tensor):
     """Thin QR ``(Q, R)`` of every matrix of ``a`` ``(*B, m, n)`` (``m >= n``, ``n <= 8``;
     leading dimensions flattened for the call): Householder, LAPACK's signs, SIMD across the
     matrices (``dense.cpp``'s ``batched_qr``)."""
+    if a.dim() == 3:  # (the sweeps' case: no reshapes)
+        return tuple(mod.batched_qr(a))
     m, n = a.shape[-2:]
     q, r = mod.batched_qr(a.reshape(-1, m, n))
     return q.reshape(a.shape), r.reshape(a.shape[:-2] + (n, n))
@@ -199,5 +201,7 @@ def batched_svd(mod, a: torch.Tensor):
     if m < n:  # A^T = U' S Vh'  ->  A = Vh'^T S U'^T
         u, s, vh = mod.batched_svd(a.mT.reshape(-1, n, m))
         return vh.mT.reshape(bs + (m, m)), s.reshape(bs + (m,)), u.mT.reshape(bs + (m, n))
+    if a.dim() == 3:
+        return tuple(mod.batched_svd(a))
     u, s, vh = mod.batched_svd(a.reshape(-1, m, n))
     return u.reshape(a.shape), s.reshape(bs + (n,)), vh.reshape(bs + (n, n))

@@ -169,40 +169,42 @@ def unbatched(*seqs) -> bool:
 
 
 #: The batched factorizations (:func:`batched_qr`, :func:`batched_svd`) run the compiled
-#: kernels (SIMD across the matrices, no per-matrix LAPACK call) for at least this many
-#: matrices of at most :data:`BATCHED_FACTOR_MAX_COLS` columns (rows for a wide SVD); the
-#: QR for at most ``BATCHED_QR_MAX_ROWS`` rows and ``BATCHED_QR_MAX_NUMEL`` entries, the SVD
-#: for at most ``BATCHED_SVD_MAX_NUMEL`` entries. Measured at 1 thread, 96 matrices: the QR
-#: 1.1-5x faster than ``torch.linalg.qr`` within the bounds (80 x 8, 160 x 4: 1.1-1.9x),
-#: 0.5-1.0x at 320 rows; the SVD 2-10x up to 320 x 8. Raise ``BATCHED_FACTOR_MIN_BATCH``
-#: (e.g. to ``10**9``) to keep torch's factorizations.
-BATCHED_FACTOR_MIN_BATCH = 16
+#: kernels (SIMD across the matrices, no per-matrix LAPACK call) for at least
+#: ``BATCHED_QR_MIN_BATCH`` / ``BATCHED_SVD_MIN_BATCH`` matrices of at most
+#: :data:`BATCHED_FACTOR_MAX_COLS` columns (rows for a wide SVD) and at most
+#: ``BATCHED_QR_MAX_NUMEL`` / ``BATCHED_SVD_MAX_NUMEL`` entries each. Measured at 1 thread
+#: per call, dispatch included (about 7 us of it), on the sweeps' transposed inputs: the SVD
+#: 2.3-5.7x faster than ``torch.linalg.svd`` from 16 matrices (20 x 8, 80 x 8); the QR
+#: 1.3-1.9x at 20 x 4 and 1.0-1.3x at 80 x 4 from 32 matrices, but 0.7-0.9x at 16 matrices
+#: and at 160 x 4 (there LAPACK's own cost per matrix is as low). Set
+#: ``BATCHED_QR_MIN_BATCH`` / ``BATCHED_SVD_MIN_BATCH`` to e.g. ``10**9`` to keep torch's
+#: factorizations.
+BATCHED_QR_MIN_BATCH = 32
+BATCHED_SVD_MIN_BATCH = 16
 BATCHED_FACTOR_MAX_COLS = 8
-BATCHED_QR_MAX_ROWS = 160
-BATCHED_QR_MAX_NUMEL = 640
+BATCHED_QR_MAX_NUMEL = 320
 BATCHED_SVD_MAX_NUMEL = 2560
 
 
-def _small_batch(a, max_numel: int, wide: bool) -> bool:
+def _small_batch(a, min_batch: int, max_numel: int, wide: bool) -> bool:
     """Whether the compiled batched factorizations take ``a``: a tensor ``(*B, m, n)`` of at
-    least :data:`BATCHED_FACTOR_MIN_BATCH` matrices, ``min(m, n) <= BATCHED_FACTOR_MAX_COLS``
-    (``m >= n`` unless ``wide``) and ``m n <= max_numel``. Shapes only."""
+    least ``min_batch`` matrices, ``min(m, n) <= BATCHED_FACTOR_MAX_COLS`` (``m >= n``
+    unless ``wide``) and ``m n <= max_numel``. Shapes only."""
     if not isinstance(a, torch.Tensor) or a.dim() < 3:
         return False
     m, n = a.shape[-2:]
     if not wide and m < n:
         return False
     return (1 <= min(m, n) <= BATCHED_FACTOR_MAX_COLS and m * n <= max_numel
-            and a.shape[:-2].numel() >= BATCHED_FACTOR_MIN_BATCH)
+            and a.shape[:-2].numel() >= min_batch)
 
 
 def _small_qr(a) -> bool:
-    return (_small_batch(a, BATCHED_QR_MAX_NUMEL, False)
-            and a.shape[-2] <= BATCHED_QR_MAX_ROWS)
+    return _small_batch(a, BATCHED_QR_MIN_BATCH, BATCHED_QR_MAX_NUMEL, False)
 
 
 def _small_svd(a) -> bool:
-    return _small_batch(a, BATCHED_SVD_MAX_NUMEL, True)
+    return _small_batch(a, BATCHED_SVD_MIN_BATCH, BATCHED_SVD_MAX_NUMEL, True)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.batched_qr, when=_small_qr)
@@ -219,9 +221,8 @@ def batched_qr(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     Cost: O(B m n^2). The compiled path (Householder in an interleaved layout, SIMD across
     the matrices; LAPACK's signs) runs where :func:`ttmanifold.kernels.usable` holds (CPU,
     float32/float64, no input requiring grad: autograd needs torch's backward) for at least
-    :data:`BATCHED_FACTOR_MIN_BATCH` matrices with ``m >= n``, ``n <= 8``,
-    ``m <= BATCHED_QR_MAX_ROWS`` and ``m n <= BATCHED_QR_MAX_NUMEL``; everything else calls
-    ``torch.linalg.qr``.
+    :data:`BATCHED_QR_MIN_BATCH` matrices with ``m >= n``, ``n <= 8`` and
+    ``m n <= BATCHED_QR_MAX_NUMEL``; everything else calls ``torch.linalg.qr``.
     """
     return torch.linalg.qr(a)
 
@@ -242,7 +243,7 @@ def batched_svd(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
     ``R^T`` until every matrix's columns are orthogonal to ``n eps`` relative, at most 40
     sweeps; NaN input gives NaN output) runs where
     :func:`ttmanifold.kernels.usable` holds (CPU, float32/float64, no input requiring grad)
-    for at least :data:`BATCHED_FACTOR_MIN_BATCH` matrices with ``min(m, n) <= 8`` and
+    for at least :data:`BATCHED_SVD_MIN_BATCH` matrices with ``min(m, n) <= 8`` and
     ``m n <= BATCHED_SVD_MAX_NUMEL``; everything else calls ``torch.linalg.svd``.
     """
     return torch.linalg.svd(a, full_matrices=False)
