@@ -3,7 +3,8 @@
 // the right-orthogonal cores V of a left-orthogonal point, the tangent projection of a
 // TT, the retraction, and the inner-product sweeps of ttmanifold/tt (inner, one TT against
 // several with its reverse sweep). ttmanifold/kernels builds this file on first use; the torch implementations in
-// ttmanifold/tangent.py are the reference and the fallback.
+// ttmanifold/tangent.py are the reference and the fallback. At the end: batched QR and SVD of
+// many small equal-shaped matrices, SIMD across the matrices (no LAPACK).
 //
 // Conventions: cores are row-major (r_left, n, r_right) arrays. A row-major (p x q) matrix
 // is the column-major (q x p) matrix with leading dimension q, so every product below is
@@ -12,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -978,6 +980,450 @@ torch::Tensor retract_batch(std::vector<torch::Tensor> U, std::vector<torch::Ten
   });
 }
 
+// ---------------------------------------------------------------------------------------
+// Batched QR and SVD of many small equal-shaped matrices (B, m, n), m >= n, n <= 8, without
+// LAPACK's per-matrix overhead: blocks of L matrices are copied into an interleaved layout
+// (the matrix index innermost, X[(i n + j) L + l]) in which every arithmetic statement runs
+// over the L lanes (SIMD across matrices), factorized there, and copied out. Householder QR
+// (LAPACK's sign convention, R_jj = -sign(a_jj) |column|) and, for the SVD, that QR followed
+// by a one-sided Jacobi SVD of R^T. Each matrix is first scaled by a power of two to a
+// largest entry in [1, 2) (exact), so huge and tiny inputs neither overflow nor underflow.
+namespace bf {
+
+// lanes per block: 128 bytes of each type (16 doubles, 32 floats: two AVX-512 or four AVX2
+// registers, independent chains; measured faster than 64 bytes on the retraction's shapes)
+template <typename T> constexpr int lanes() { return 128 / static_cast<int>(sizeof(T)); }
+constexpr int kMaxCols = 8;
+// Jacobi sweeps: 5-8 reach the tolerance on the shapes measured; a cap all the same
+constexpr int kMaxSweeps = 40;
+
+// per-lane power-of-two scaling to a largest |entry| in [1, 2) (exact; keeps the squares of
+// huge and tiny entries in range); sc receives the factor that scales the results back
+template <typename T, int L>
+void scale_down(T* a, int cnt, T* sc) {
+  T mx[L];
+  for (int l = 0; l < L; ++l) mx[l] = T(0);
+  for (int e = 0; e < cnt; ++e)
+    for (int l = 0; l < L; ++l) {
+      const T v = std::abs(a[e * L + l]);
+      mx[l] = v > mx[l] ? v : mx[l];
+    }
+  T f1[L], f2[L];
+  for (int l = 0; l < L; ++l) {
+    int e = 0;
+    if (mx[l] > T(0) && std::isfinite(mx[l])) e = std::ilogb(mx[l]);
+    sc[l] = std::ldexp(T(1), e);  // e within the exponent range: exact
+    f1[l] = std::ldexp(T(1), -e / 2);  // two factors: 2^-e alone may overflow (denormal max)
+    f2[l] = std::ldexp(T(1), -e - (-e / 2));
+  }
+  for (int e = 0; e < cnt; ++e)
+    for (int l = 0; l < L; ++l) a[e * L + l] = a[e * L + l] * f1[l] * f2[l];
+}
+
+// Householder QR of the interleaved m x n (m >= n) block A (row-major, A[(i n + j) L + l]):
+// afterwards A holds R above the diagonal (R's diagonal in beta, n x L), the reflectors'
+// tails below it, their heads in vd and their 2 / v^T v in cf (n x L each). Rows are
+// contiguous (n L numbers): every pass runs over whole rows; the column index j is a
+// template argument so that the accumulators of a pass are registers.
+template <typename T, int L, int n, int j>
+void house_step(int m, T* __restrict A, T* __restrict vd, T* __restrict cf, T* __restrict beta) {
+  T nrm2[L];
+  for (int l = 0; l < L; ++l) nrm2[l] = T(0);
+  for (int i = j; i < m; ++i)
+    for (int l = 0; l < L; ++l) { const T v = A[(i * n + j) * L + l]; nrm2[l] += v * v; }
+  for (int l = 0; l < L; ++l) {
+    const T alpha = A[(j * n + j) * L + l];
+    const T nr = std::sqrt(nrm2[l]);
+    const T b = alpha >= T(0) ? -nr : nr;
+    beta[j * L + l] = b;
+    const T vtv = T(2) * nr * (nr + std::abs(alpha));
+    cf[j * L + l] = vtv > T(0) ? T(2) / vtv : T(0);
+    vd[j * L + l] = alpha - b;
+  }
+  constexpr int w = n - j - 1;
+  if constexpr (w > 0) {
+    T dot[w * L];
+    for (int e = 0; e < w * L; ++e) dot[e] = T(0);
+    for (int i = j; i < m; ++i) {
+      const T* v = i == j ? vd + j * L : A + (i * n + j) * L;
+      const T* row = A + (i * n + j + 1) * L;
+      for (int c = 0; c < w; ++c)
+        for (int l = 0; l < L; ++l) dot[c * L + l] += v[l] * row[c * L + l];
+    }
+    for (int c = 0; c < w; ++c)
+      for (int l = 0; l < L; ++l) dot[c * L + l] *= cf[j * L + l];
+    for (int i = j; i < m; ++i) {
+      const T* v = i == j ? vd + j * L : A + (i * n + j) * L;
+      T* row = A + (i * n + j + 1) * L;
+      for (int c = 0; c < w; ++c)
+        for (int l = 0; l < L; ++l) row[c * L + l] -= dot[c * L + l] * v[l];
+    }
+    house_step<T, L, n, j + 1>(m, A, vd, cf, beta);
+  }
+}
+
+template <typename T, int L, int n>
+void house_qr(int m, T* A, T* vd, T* cf, T* beta) {
+  house_step<T, L, n, 0>(m, A, vd, cf, beta);
+}
+
+// X (m x n, interleaved) := H_j ... H_{n-1} X for the reflectors of house_qr (A, vd, cf),
+// for j counting down to 0. lower: X's rows >= j of its columns < j are zero (X starts as
+// [I; 0]): skipped.
+template <typename T, int L, int n, int j, bool lower>
+void apply_step(int m, const T* __restrict A, const T* __restrict vd, const T* __restrict cf,
+                T* __restrict X) {
+  constexpr int c0 = lower ? j : 0, w = n - c0;
+  T dot[w * L];
+  for (int e = 0; e < w * L; ++e) dot[e] = T(0);
+  for (int i = j; i < m; ++i) {
+    const T* v = i == j ? vd + j * L : A + (i * n + j) * L;
+    const T* row = X + (i * n + c0) * L;
+    for (int c = 0; c < w; ++c)
+      for (int l = 0; l < L; ++l) dot[c * L + l] += v[l] * row[c * L + l];
+  }
+  for (int c = 0; c < w; ++c)
+    for (int l = 0; l < L; ++l) dot[c * L + l] *= cf[j * L + l];
+  for (int i = j; i < m; ++i) {
+    const T* v = i == j ? vd + j * L : A + (i * n + j) * L;
+    T* row = X + (i * n + c0) * L;
+    for (int c = 0; c < w; ++c)
+      for (int l = 0; l < L; ++l) row[c * L + l] -= dot[c * L + l] * v[l];
+  }
+  if constexpr (j > 0) apply_step<T, L, n, j - 1, lower>(m, A, vd, cf, X);
+}
+
+template <typename T, int L, int n>
+void apply_q(int m, const T* A, const T* vd, const T* cf, T* X, bool lower) {
+  if (lower) apply_step<T, L, n, n - 1, true>(m, A, vd, cf, X);
+  else apply_step<T, L, n, n - 1, false>(m, A, vd, cf, X);
+}
+
+// R (n x n, interleaved) from house_qr's A and beta
+template <typename T, int L>
+void upper(int n, const T* A, const T* beta, T* R) {
+  for (int j = 0; j < n; ++j)
+    for (int c = 0; c < n; ++c)
+      for (int l = 0; l < L; ++l)
+        R[(j * n + c) * L + l] = c < j ? T(0) : (c == j ? beta[j * L + l] : A[(j * n + c) * L + l]);
+}
+
+template <typename T, int L>
+void eye(int m, int n, T* X) {
+  for (int i = 0; i < m; ++i)
+    for (int c = 0; c < n; ++c)
+      for (int l = 0; l < L; ++l) X[(i * n + c) * L + l] = i == c ? T(1) : T(0);
+}
+
+// One-sided Jacobi on the columns of the interleaved n x n block W, accumulating the
+// rotations in V (from I): afterwards W = W_0 V has orthogonal columns. Each sweep rotates
+// every pair whose |<w_p, w_q>| exceeds tol |w_p| |w_q| in some lane; sweeps run until none
+// does, at most max_sweeps (NaN compares false: a NaN lane stops rotating). Column norms are
+// recomputed at the start of each sweep and updated by the rotations within it
+// (a' = a - t g, b' = b + t g).
+template <typename T, int L, int n>
+int jacobi(T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
+  eye<T, L>(n, n, V);
+  // round-robin order: each round rotates N / 2 disjoint pairs, whose computations are
+  // independent (their long latency chains overlap); an odd n has a dummy column n
+  constexpr int N = n + (n & 1), K = N / 2;
+  int P[N > 1 ? N - 1 : 1][K], Qc[N > 1 ? N - 1 : 1][K];
+  {
+    int idx[N];
+    for (int i = 0; i < N; ++i) idx[i] = i;
+    for (int r = 0; r < N - 1; ++r) {
+      for (int k = 0; k < K; ++k) {
+        const int x = idx[k], y = idx[N - 1 - k];
+        P[r][k] = std::min(x, y);
+        Qc[r][k] = std::max(x, y);
+      }
+      const int last = idx[N - 1];
+      for (int i = N - 1; i > 1; --i) idx[i] = idx[i - 1];
+      idx[1] = last;
+    }
+  }
+  T nrm[n * L];
+  int sweep = 0;
+  while (sweep < max_sweeps && n > 1) {
+    ++sweep;
+    for (int e = 0; e < n * L; ++e) nrm[e] = T(0);
+    for (int i = 0; i < n; ++i)
+      for (int c = 0; c < n; ++c)
+        for (int l = 0; l < L; ++l) { const T w = W[(i * n + c) * L + l]; nrm[c * L + l] += w * w; }
+    // pairs of two columns both below eps |W|_F are noise: not rotated (no relative
+    // orthogonality is reachable there; the factorization stays backward stable)
+    T floor[L], off[L];
+    for (int l = 0; l < L; ++l) floor[l] = off[l] = T(0);
+    for (int c = 0; c < n; ++c)
+      for (int l = 0; l < L; ++l) floor[l] += nrm[c * L + l];
+    for (int l = 0; l < L; ++l) floor[l] *= std::numeric_limits<T>::epsilon() * std::numeric_limits<T>::epsilon();
+    for (int r = 0; r < N - 1; ++r) {
+      T g[K * L], cs[K * L], sn[K * L];
+      for (int e = 0; e < K * L; ++e) g[e] = T(0);
+      for (int k = 0; k < K; ++k) {
+        const int p = P[r][k], q = Qc[r][k];
+        if (q >= n) continue;
+        for (int i = 0; i < n; ++i)
+          for (int l = 0; l < L; ++l) g[k * L + l] += W[(i * n + p) * L + l] * W[(i * n + q) * L + l];
+      }
+      bool live[K];
+      for (int k = 0; k < K; ++k) {
+        const int p = P[r][k], q = Qc[r][k];
+        live[k] = false;
+        if (q >= n) continue;
+        // |g| > tol |w_p| |w_q| and |w_p| |w_q| > floor, squared (no square root; a b
+        // underflows only far below floor^2 >= eps^4: max |entry| >= 1 after scaling)
+        bool rot[L];
+        bool any = false;
+        for (int l = 0; l < L; ++l) {
+          const T ab2 = nrm[p * L + l] * nrm[q * L + l], gg = g[k * L + l];
+          rot[l] = gg * gg > tol * tol * ab2 && ab2 > floor[l] * floor[l];  // false for NaN
+          any = any || rot[l];
+        }
+        if (!any) continue;  // converged pair in every lane: no rotation work
+        live[k] = true;
+        for (int l = 0; l < L; ++l) {
+          const T a = nrm[p * L + l], b = nrm[q * L + l], gg = g[k * L + l];
+          off[l] = rot[l] ? T(1) : off[l];
+          const T zeta = (b - a) / (T(2) * gg);
+          const T t0 = std::copysign(T(1), zeta) / (std::abs(zeta) + std::sqrt(T(1) + zeta * zeta));
+          const T t = rot[l] ? t0 : T(0);
+          const T c = T(1) / std::sqrt(T(1) + t * t);
+          cs[k * L + l] = c;
+          sn[k * L + l] = c * t;
+          nrm[p * L + l] = a - t * gg;
+          nrm[q * L + l] = b + t * gg;
+        }
+      }
+      for (int k = 0; k < K; ++k) {
+        if (!live[k]) continue;
+        const int p = P[r][k], q = Qc[r][k];
+        const T* c = cs + k * L;
+        const T* sg = sn + k * L;
+        for (int i = 0; i < n; ++i)
+          for (int l = 0; l < L; ++l) {
+            const T wp = W[(i * n + p) * L + l], wq = W[(i * n + q) * L + l];
+            W[(i * n + p) * L + l] = c[l] * wp - sg[l] * wq;
+            W[(i * n + q) * L + l] = sg[l] * wp + c[l] * wq;
+            const T vp = V[(i * n + p) * L + l], vq = V[(i * n + q) * L + l];
+            V[(i * n + p) * L + l] = c[l] * vp - sg[l] * vq;
+            V[(i * n + q) * L + l] = sg[l] * vp + c[l] * vq;
+          }
+      }
+    }
+    bool done = true;
+    for (int l = 0; l < L; ++l) done = done && off[l] == T(0);  // no rotation this sweep
+    if (done) break;
+  }
+  return sweep;
+}
+
+// The interleaved block (rows x cols) of the matrices b0.. of t (strides read from t: any
+// view, e.g. a transpose, is read in place); lanes past the batch are zero. The loop runs
+// over the block's entries with the lanes innermost: contiguous writes, L read streams.
+template <typename T, int L>
+void gather(const torch::Tensor& t, int64_t b0, int rows, int cols, T* dst) {
+  const int64_t B = t.size(0), sb = t.stride(0), si = t.stride(1), sj = t.stride(2);
+  const int nl = static_cast<int>(std::min<int64_t>(L, B - b0));
+  const T* src[L];
+  for (int l = 0; l < nl; ++l) src[l] = t.data_ptr<T>() + (b0 + l) * sb;
+  if (nl < L)
+    for (int e = 0; e < rows * cols * L; ++e) dst[e] = T(0);
+  if (si <= sj) {  // column-major matrices (e.g. a transpose): down the columns
+    for (int j = 0; j < cols; ++j)
+      for (int i = 0; i < rows; ++i) {
+        const int64_t o = i * si + j * sj;
+        T* d = dst + (i * cols + j) * L;
+        for (int l = 0; l < nl; ++l) d[l] = src[l][o];
+      }
+    return;
+  }
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) {
+      const int64_t o = i * si + j * sj;
+      T* d = dst + (i * cols + j) * L;
+      for (int l = 0; l < nl; ++l) d[l] = src[l][o];
+    }
+}
+
+// The block back into the matrices b0.. of t (its strides), times sc[l] if given.
+template <typename T, int L>
+void scatter(const T* src, int64_t b0, int rows, int cols, const T* sc, torch::Tensor& t) {
+  const int64_t B = t.size(0), sb = t.stride(0), si = t.stride(1), sj = t.dim() > 2 ? t.stride(2) : 0;
+  const int nl = static_cast<int>(std::min<int64_t>(L, B - b0));
+  T* dst[L];
+  T f[L];
+  for (int l = 0; l < nl; ++l) {
+    dst[l] = t.data_ptr<T>() + (b0 + l) * sb;
+    f[l] = sc ? sc[l] : T(1);
+  }
+  if (si <= sj) {  // column-major results (torch.linalg's layout): down the columns
+    for (int j = 0; j < cols; ++j)
+      for (int i = 0; i < rows; ++i) {
+        const int64_t o = i * si + j * sj;
+        const T* x = src + (i * cols + j) * L;
+        for (int l = 0; l < nl; ++l) dst[l][o] = x[l] * f[l];
+      }
+    return;
+  }
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) {
+      const int64_t o = i * si + j * sj;
+      const T* x = src + (i * cols + j) * L;
+      for (int l = 0; l < nl; ++l) dst[l][o] = x[l] * f[l];
+    }
+}
+
+template <typename T, int n>
+void qr_impl(const torch::Tensor& a, torch::Tensor& q, torch::Tensor& r) {  // (see batched_qr)
+  constexpr int L = lanes<T>();
+  const int64_t B = a.size(0);
+  const int m = static_cast<int>(a.size(1));
+  std::vector<T> A(static_cast<size_t>(m) * n * L), Q(A.size()),
+      R(static_cast<size_t>(n) * n * L), vd(n * L), cf(n * L), beta(n * L);
+  T sc[L];
+  for (int64_t b0 = 0; b0 < B; b0 += L) {
+    gather<T, L>(a, b0, m, n, A.data());
+    scale_down<T, L>(A.data(), m * n, sc);
+    house_qr<T, L, n>(m, A.data(), vd.data(), cf.data(), beta.data());
+    upper<T, L>(n, A.data(), beta.data(), R.data());
+    eye<T, L>(m, n, Q.data());
+    apply_q<T, L, n>(m, A.data(), vd.data(), cf.data(), Q.data(), true);
+    scatter<T, L>(Q.data(), b0, m, n, nullptr, q);
+    scatter<T, L>(R.data(), b0, n, n, sc, r);
+  }
+}
+
+// Thin SVD of the interleaved blocks: A = Q R (house_qr), one-sided Jacobi on X = R^T
+// (X V_x = W_x, columns of norms S), so R = V_x S Ux^T with Ux = W_x / S: U = Q V_x (the
+// rotations: orthonormal whatever the rank), Vh = Ux^T, whose zero columns (rank
+// deficiency) are completed by a QR of Ux (its Q has orthonormal columns).
+template <typename T, int n>
+void svd_impl(const torch::Tensor& a, torch::Tensor& u, torch::Tensor& s, torch::Tensor& vh) {
+  constexpr int L = lanes<T>();
+  const int64_t B = a.size(0);
+  const int m = static_cast<int>(a.size(1));
+  std::vector<T> A(static_cast<size_t>(m) * n * L), U(A.size()),
+      W(static_cast<size_t>(n) * n * L), V(W.size()), Q2(W.size()), Vt(W.size()),
+      S(n * L), vd(n * L), cf(n * L), beta(n * L), vd2(n * L), cf2(n * L), beta2(n * L);
+  T sc[L];
+  const T tol = std::numeric_limits<T>::epsilon() * n;
+  for (int64_t b0 = 0; b0 < B; b0 += L) {
+    gather<T, L>(a, b0, m, n, A.data());
+    scale_down<T, L>(A.data(), m * n, sc);
+    house_qr<T, L, n>(m, A.data(), vd.data(), cf.data(), beta.data());
+    for (int i = 0; i < n; ++i)  // W = R^T
+      for (int c = 0; c < n; ++c)
+        for (int l = 0; l < L; ++l)
+          W[(i * n + c) * L + l] = i < c ? T(0) : (i == c ? beta[i * L + l] : A[(c * n + i) * L + l]);
+    jacobi<T, L, n>(W.data(), V.data(), tol, kMaxSweeps);
+    for (int e = 0; e < n * L; ++e) S[e] = T(0);
+    for (int i = 0; i < n; ++i)
+      for (int c = 0; c < n; ++c)
+        for (int l = 0; l < L; ++l) { const T w = W[(i * n + c) * L + l]; S[c * L + l] += w * w; }
+    for (int e = 0; e < n * L; ++e) S[e] = std::sqrt(S[e]);
+    // descending order: compare-exchange of adjacent columns (per lane, branch-free)
+    for (int i = 0; i < n - 1; ++i)
+      for (int j = n - 1; j > i; --j) {
+        bool sw[L];
+        for (int l = 0; l < L; ++l) {
+          const T x = S[j * L + l], y = S[(j - 1) * L + l];
+          sw[l] = x > y;
+          S[j * L + l] = sw[l] ? y : x; S[(j - 1) * L + l] = sw[l] ? x : y;
+        }
+        for (int r = 0; r < n; ++r)
+          for (int l = 0; l < L; ++l) {
+            T* wj = &W[(r * n + j) * L + l]; T* wk = &W[(r * n + j - 1) * L + l];
+            const T x = *wj, y = *wk; *wj = sw[l] ? y : x; *wk = sw[l] ? x : y;
+            T* vj = &V[(r * n + j) * L + l]; T* vk = &V[(r * n + j - 1) * L + l];
+            const T x2 = *vj, y2 = *vk; *vj = sw[l] ? y2 : x2; *vk = sw[l] ? x2 : y2;
+          }
+      }
+    // Ux: normalized columns of W (zero ones stay zero), then Q2 sign(diag R2) of its QR:
+    // the normalized columns themselves where S > 0, an orthonormal completion elsewhere
+    for (int c = 0; c < n; ++c)
+      for (int l = 0; l < L; ++l) {
+        const T sv = S[c * L + l];
+        const T inv = sv > T(0) ? T(1) / sv : T(0);
+        for (int i = 0; i < n; ++i) W[(i * n + c) * L + l] *= inv;
+      }
+    house_qr<T, L, n>(n, W.data(), vd2.data(), cf2.data(), beta2.data());
+    eye<T, L>(n, n, Q2.data());
+    apply_q<T, L, n>(n, W.data(), vd2.data(), cf2.data(), Q2.data(), true);
+    for (int i = 0; i < n; ++i)  // Vh = (Q2 sign(beta2))^T
+      for (int c = 0; c < n; ++c)
+        for (int l = 0; l < L; ++l)
+          Vt[(c * n + i) * L + l] = beta2[c * L + l] < T(0) ? -Q2[(i * n + c) * L + l] : Q2[(i * n + c) * L + l];
+    // U = Q [V_x; 0]
+    for (int i = 0; i < m; ++i)
+      for (int c = 0; c < n; ++c)
+        for (int l = 0; l < L; ++l) U[(i * n + c) * L + l] = i < n ? V[(i * n + c) * L + l] : T(0);
+    apply_q<T, L, n>(m, A.data(), vd.data(), cf.data(), U.data(), false);
+    scatter<T, L>(U.data(), b0, m, n, nullptr, u);
+    scatter<T, L>(S.data(), b0, n, 1, sc, s);
+    scatter<T, L>(Vt.data(), b0, n, n, nullptr, vh);
+  }
+}
+
+// f<T, n>(args...) for the runtime column count n in 1..kMaxCols
+template <typename T, template <typename, int> class F, int n = 1, typename... A>
+void for_cols(int cols, A&... args) {
+  if constexpr (n <= kMaxCols) {
+    if (cols == n) return F<T, n>::run(args...);
+    for_cols<T, F, n + 1>(cols, args...);
+  }
+}
+template <typename T, int n>
+struct Qr {
+  static void run(const torch::Tensor& a, torch::Tensor& q, torch::Tensor& r) { qr_impl<T, n>(a, q, r); }
+};
+template <typename T, int n>
+struct Svd {
+  static void run(const torch::Tensor& a, torch::Tensor& u, torch::Tensor& s, torch::Tensor& vh) {
+    svd_impl<T, n>(a, u, s, vh);
+  }
+};
+
+void check_small(const char* who, const torch::Tensor& a) {
+  TORCH_CHECK(a.dim() == 3, who, ": a must be (B, m, n), got ", a.dim(), " dimensions");
+  TORCH_CHECK(a.size(2) >= 1 && a.size(2) <= kMaxCols && a.size(1) >= a.size(2), who,
+              ": needs 1 <= n <= ", kMaxCols, " and m >= n, got (m, n) = (", a.size(1), ", ",
+              a.size(2), ")");
+  TORCH_CHECK(a.scalar_type() == torch::kDouble || a.scalar_type() == torch::kFloat, who,
+              ": float32 or float64 only");
+  TORCH_CHECK(a.device().is_cpu(), who, ": CPU tensors only");
+}
+
+}  // namespace bf
+
+// thin QR of every matrix of a (B, m, n), m >= n, n <= 8: (Q (B, m, n), R (B, n, n))
+std::vector<torch::Tensor> batched_qr(torch::Tensor a) {
+  bf::check_small("batched_qr", a);
+  // read in place (any strides); results column-major, the layout of torch.linalg.qr's
+  auto q = torch::empty({a.size(0), a.size(2), a.size(1)}, a.options()).transpose(1, 2);
+  auto r = torch::empty({a.size(0), a.size(2), a.size(2)}, a.options()).transpose(1, 2);
+  const int n = static_cast<int>(a.size(2));
+  if (a.scalar_type() == torch::kDouble) bf::for_cols<double, bf::Qr>(n, a, q, r);
+  else bf::for_cols<float, bf::Qr>(n, a, q, r);
+  return {q, r};
+}
+
+// thin SVD of every matrix of a (B, m, n), m >= n, n <= 8: (U (B, m, n), S (B, n)
+// descending, Vh (B, n, n))
+std::vector<torch::Tensor> batched_svd(torch::Tensor a) {
+  bf::check_small("batched_svd", a);
+  // read in place (any strides); results column-major, the layout of torch.linalg.svd's
+  auto u = torch::empty({a.size(0), a.size(2), a.size(1)}, a.options()).transpose(1, 2);
+  auto s = torch::empty({a.size(0), a.size(2)}, a.options());
+  auto vh = torch::empty({a.size(0), a.size(2), a.size(2)}, a.options()).transpose(1, 2);
+  const int n = static_cast<int>(a.size(2));
+  if (a.scalar_type() == torch::kDouble) bf::for_cols<double, bf::Svd>(n, a, u, s, vh);
+  else bf::for_cols<float, bf::Svd>(n, a, u, s, vh);
+  return {u, s, vh};
+}
+
+
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("retract", &retract, "packed TT-SVD of X + xi (structured rank-2r rounding)");
   m.def("retract_point", &retract_point, "retract, V computed from U");
@@ -999,4 +1445,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("retract_batch", &retract_batch, "retract for a batch of points and/or steps, one call");
   m.def("one_vs_blocks_backward_deltas", &one_vs_blocks_backward_deltas,
         "the same for tangent block cores x: the packed gradient of the deltas only");
+  m.def("batched_qr", &batched_qr, "thin QR of a batch of small matrices (interleaved)");
+  m.def("batched_svd", &batched_svd, "thin SVD of a batch of small matrices (interleaved)");
 }

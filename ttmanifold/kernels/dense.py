@@ -179,3 +179,29 @@ def one_vs_blocks_backward_deltas(mod, k: int, cores: Sequence[torch.Tensor],
     gradient of the deltas only (the delta blocks, as ``tt.tensor_train.tangent_block_deltas``
     reads them from the full gradient; the zero blocks of ``x``'s cores are skipped)."""
     return mod.one_vs_blocks_backward_deltas(_contig(cores), int(k), _contig(ws), g)
+
+
+def batched_qr(mod, a: torch.Tensor):
+    """Thin QR ``(Q, R)`` of every matrix of ``a`` ``(*B, m, n)`` (``m >= n``, ``n <= 8``;
+    leading dimensions flattened for the call): Householder, LAPACK's signs, SIMD across the
+    matrices (``dense.cpp``'s ``batched_qr``)."""
+    if a.dim() == 3:  # (the sweeps' case: no reshapes)
+        return tuple(mod.batched_qr(a))
+    m, n = a.shape[-2:]
+    q, r = mod.batched_qr(a.reshape(-1, m, n))
+    return q.reshape(a.shape), r.reshape(a.shape[:-2] + (n, n))
+
+
+def batched_svd(mod, a: torch.Tensor):
+    """Thin SVD ``(U, S, Vh)`` of every matrix of ``a`` ``(*B, m, n)`` (``min(m, n) <= 8``;
+    a wide matrix is factored as its transpose): QR then one-sided Jacobi, SIMD across the
+    matrices (``dense.cpp``'s ``batched_svd``); ``S`` descending."""
+    m, n = a.shape[-2:]
+    bs = a.shape[:-2]
+    if m < n:  # A^T = U' S Vh'  ->  A = Vh'^T S U'^T
+        u, s, vh = mod.batched_svd(a.mT.reshape(-1, n, m))
+        return vh.mT.reshape(bs + (m, m)), s.reshape(bs + (m,)), u.mT.reshape(bs + (m, n))
+    if a.dim() == 3:
+        return tuple(mod.batched_svd(a))
+    u, s, vh = mod.batched_svd(a.reshape(-1, m, n))
+    return u.reshape(a.shape), s.reshape(bs + (n,)), vh.reshape(bs + (n, n))

@@ -13,8 +13,9 @@ import torch
 from .. import kernels
 from ..kernels import dense as compiled_dense
 from ..tt import qr_pos
-from .sweeps import (STACK_MAX_NUMEL, core_runs, has_bonds, one_point_batch,
-                     prefer_fewer_launches, right_cores, right_sweep, squeeze_cores)
+from .sweeps import (STACK_MAX_NUMEL, batched_qr, batched_svd, core_runs, has_bonds,
+                     one_point_batch, prefer_fewer_launches, right_cores, right_sweep,
+                     squeeze_cores)
 
 __all__ = ["retract", "retract_point", "block_cores", "scattered_block_cores",
            "retract_transport_cores"]
@@ -177,7 +178,7 @@ def _retract_batched(U, V, du, ranks) -> torch.Tensor:
     group = _group_lefts(U)
     lefts = []
     for k in range(d - 1):
-        u, s, vh = torch.linalg.svd(c, full_matrices=False)
+        u, s, vh = batched_svd(c)  # the compiled batched SVD where it pays
         r = ranks[k + 1]
         if u.shape[-1] < r:
             u, s, vh = _pad_svd(u, s, vh, r)
@@ -428,7 +429,7 @@ def _retract_blocks(U, X, ranks, bs) -> torch.Tensor:
     a, n, _ = X[-1].shape[-3:]
     c = X[-1].reshape(bs + (a, n))
     for k in range(d - 1, 0, -1):
-        q, r = torch.linalg.qr(c.mT)
+        q, r = batched_qr(c.mT)  # batches: the compiled batched QR where it pays
         G[k] = q.mT  # right-orthonormal rows
         xa, xn, xb = X[k - 1].shape[-3:]
         c = (X[k - 1].reshape(bs + (xa * xn, xb)) @ r.mT).reshape(bs + (xa, xn * r.shape[-2]))
@@ -443,7 +444,7 @@ def _truncate(c, G, U, ranks, bs) -> torch.Tensor:
     group = _group_lefts(U)
     lefts = []
     for k in range(d - 1):
-        u, s, vh = torch.linalg.svd(c, full_matrices=False)
+        u, s, vh = batched_svd(c)  # batches: the compiled batched SVD where it pays
         r = ranks[k + 1]
         if u.shape[-1] < r:  # rank collapsed below r: pad with an orthonormal complement
             u, s, vh = _pad_svd(u, s, vh, r)
@@ -525,7 +526,7 @@ def _complement_qr(wt: torch.Tensor, dim: int):
     only, no host read."""
     dim = max(int(dim), 0)
     if dim >= min(wt.shape[-2:]) or not (wt.requires_grad and torch.is_grad_enabled()):
-        return torch.linalg.qr(wt)
+        return batched_qr(wt)  # batches: the compiled batched QR where it pays
     if dim == 0:
         return (wt.new_zeros(wt.shape[:-1] + (0,)),
                 wt.new_zeros(wt.shape[:-2] + (0, wt.shape[-1])))

@@ -28,7 +28,7 @@ __all__ = ["compiled_batch", "has_bonds", "unbatched", "core_runs", "contiguous_
            "right_sweep", "right_cores", "project_tt", "project_dense",
            "project_tt_at_point",
            "prefer_fewer_launches", "one_point_batch", "squeeze_cores", "batched_mm",
-           "batched_dot",
+           "batched_dot", "batched_qr", "batched_svd",
            "project_sampled", "gauge_project_flat", "gauge_deltas", "orth_defect"]
 
 
@@ -74,7 +74,7 @@ def _right_sweep_batched(U: Sequence[torch.Tensor]):
     c = U[-1]
     for k in range(len(U) - 1, 0, -1):
         a, n, b = c.shape[-3:]
-        q, r = torch.linalg.qr(c.reshape(c.shape[:-3] + (a, n * b)).mT)
+        q, r = batched_qr(c.reshape(c.shape[:-3] + (a, n * b)).mT)  # compiled when small
         yield k, q, r
         if k > 1:
             prv = U[k - 1]
@@ -166,6 +166,87 @@ def unbatched(*seqs) -> bool:
     entries skipped) is a single 3-D core, i.e. no batch dimension."""
     return all(not isinstance(c, torch.Tensor) or c.dim() == 3
                for seq in seqs if isinstance(seq, (list, tuple)) for c in seq)
+
+
+#: The batched factorizations (:func:`batched_qr`, :func:`batched_svd`) run the compiled
+#: kernels (SIMD across the matrices, no per-matrix LAPACK call) for at least
+#: ``BATCHED_QR_MIN_BATCH`` / ``BATCHED_SVD_MIN_BATCH`` matrices of at most
+#: :data:`BATCHED_FACTOR_MAX_COLS` columns (rows for a wide SVD) and at most
+#: ``BATCHED_QR_MAX_NUMEL`` / ``BATCHED_SVD_MAX_NUMEL`` entries each. Measured at 1 thread
+#: per call, dispatch included (about 7 us of it), on the sweeps' transposed inputs: the SVD
+#: 2.3-5.7x faster than ``torch.linalg.svd`` from 16 matrices (20 x 8, 80 x 8); the QR
+#: 1.3-1.9x at 20 x 4 and 1.0-1.3x at 80 x 4 from 32 matrices, but 0.7-0.9x at 16 matrices
+#: and at 160 x 4 (there LAPACK's own cost per matrix is as low). Set
+#: ``BATCHED_QR_MIN_BATCH`` / ``BATCHED_SVD_MIN_BATCH`` to e.g. ``10**9`` to keep torch's
+#: factorizations.
+BATCHED_QR_MIN_BATCH = 32
+BATCHED_SVD_MIN_BATCH = 16
+BATCHED_FACTOR_MAX_COLS = 8
+BATCHED_QR_MAX_NUMEL = 320
+BATCHED_SVD_MAX_NUMEL = 2560
+
+
+def _small_batch(a, min_batch: int, max_numel: int, wide: bool) -> bool:
+    """Whether the compiled batched factorizations take ``a``: a tensor ``(*B, m, n)`` of at
+    least ``min_batch`` matrices, ``min(m, n) <= BATCHED_FACTOR_MAX_COLS`` (``m >= n``
+    unless ``wide``) and ``m n <= max_numel``. Shapes only."""
+    if not isinstance(a, torch.Tensor) or a.dim() < 3:
+        return False
+    m, n = a.shape[-2:]
+    if not wide and m < n:
+        return False
+    return (1 <= min(m, n) <= BATCHED_FACTOR_MAX_COLS and m * n <= max_numel
+            and a.shape[:-2].numel() >= min_batch)
+
+
+def _small_qr(a) -> bool:
+    return _small_batch(a, BATCHED_QR_MIN_BATCH, BATCHED_QR_MAX_NUMEL, False)
+
+
+def _small_svd(a) -> bool:
+    return _small_batch(a, BATCHED_SVD_MIN_BATCH, BATCHED_SVD_MAX_NUMEL, True)
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.batched_qr, when=_small_qr)
+def batched_qr(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The reduced QR of every matrix of a batch: ``torch.linalg.qr(a)``, or on the CPU for
+    many small matrices one compiled call that factors them together.
+
+    Args:
+        a: ``(*B, m, n)``.
+    Returns:
+        ``(Q, R)``: ``Q`` ``(*B, m, k)`` with orthonormal columns, ``R`` ``(*B, k, n)``
+        upper triangular, ``Q R = a``, ``k = min(m, n)``; no sign convention promised
+        (callers that need one fix it with ``sign(diag R)``).
+    Cost: O(B m n^2). The compiled path (Householder in an interleaved layout, SIMD across
+    the matrices; LAPACK's signs) runs where :func:`ttmanifold.kernels.usable` holds (CPU,
+    float32/float64, no input requiring grad: autograd needs torch's backward) for at least
+    :data:`BATCHED_QR_MIN_BATCH` matrices with ``m >= n``, ``n <= 8`` and
+    ``m n <= BATCHED_QR_MAX_NUMEL``; everything else calls ``torch.linalg.qr``.
+    """
+    return torch.linalg.qr(a)
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.batched_svd, when=_small_svd)
+def batched_svd(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of every matrix of a batch: ``torch.linalg.svd(a, full_matrices=False)``,
+    or on the CPU for many small matrices one compiled call that factors them together.
+
+    Args:
+        a: ``(*B, m, n)``.
+    Returns:
+        ``(U, S, Vh)``: ``U`` ``(*B, m, k)`` and ``Vh^T`` ``(*B, n, k)`` with orthonormal
+        columns (also where ``a`` is rank-deficient or zero), ``S`` ``(*B, k)`` descending
+        and ``>= 0``, ``U diag(S) Vh = a``, ``k = min(m, n)``; singular vectors are defined
+        up to the usual signs (and rotations within repeated singular values).
+    Cost: O(B m n^2). The compiled path (Householder QR, then one-sided Jacobi sweeps on
+    ``R^T`` until every matrix's columns are orthogonal to ``n eps`` relative, at most 40
+    sweeps; NaN input gives NaN output) runs where
+    :func:`ttmanifold.kernels.usable` holds (CPU, float32/float64, no input requiring grad)
+    for at least :data:`BATCHED_SVD_MIN_BATCH` matrices with ``min(m, n) <= 8`` and
+    ``m n <= BATCHED_SVD_MAX_NUMEL``; everything else calls ``torch.linalg.svd``.
+    """
+    return torch.linalg.svd(a, full_matrices=False)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.right_cores, when=has_bonds)
