@@ -889,7 +889,8 @@ class FixedTTRank(geoopt.Manifold):
                 and not torch.compiler.is_compiling() and not functorch_wrapped(x)
                 and bool(ok.all())):
             # reading the flags on the CPU waits for no device, and the sweep was 5-13 % of
-            # ttmanifold.optim's Adam step at r = 4-10; the GPU's path (forced for counting) keeps the where
+            # ttmanifold.optim's Adam step at r = 4-10; the GPU's path (forced for
+            # counting) keeps the where
             return x.clone()
         reorth = self._cat(orthogonalize(TT(U, check=False), "left").cores)
         return torch.where(ok if ok.dim() == 0 else ok.unsqueeze(-1), x, reorth)
