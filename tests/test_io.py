@@ -2,6 +2,7 @@
 packed points carrying their manifold are accepted, foreign or damaged files raise
 ValueError naming the path."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -159,3 +160,33 @@ def test_bytes_and_wrong_type_paths(tmp_path):
     for f in (lambda: tm.save(x, None), lambda: tm.load(3)):
         with pytest.raises(TypeError, match="^path: expected a file name"):
             f()
+
+
+def test_threads_saving_one_path_do_not_collide(tmp_path):
+    """Two threads saving to the same path each write their own temporary file: with one
+    name per process, one thread truncated or renamed the other's file (a failed save, or a
+    torn file on disk)."""
+    import threading
+
+    x = tm.TT.random((30, 30, 30), 12, dtype=torch.float64,
+                     generator=torch.Generator().manual_seed(3))
+    y = x * 2.0
+    path = str(tmp_path / "t.pt")
+    errors = []
+
+    def worker(t):
+        try:
+            for _ in range(25):
+                tm.save(t, path)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in (x, y)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    z = tm.load(path)
+    assert any(torch.allclose(z.full(), t.full(), rtol=0, atol=0) for t in (x, y))
+    assert [f for f in os.listdir(tmp_path) if f != "t.pt"] == []

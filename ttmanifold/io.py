@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import zipfile
 from typing import Optional
 
@@ -83,7 +84,10 @@ def save(x, path) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"path: the directory {directory!r} does not exist")
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    # one temporary name per process and thread: two threads saving the same path would
+    # otherwise write into one file and rename it under each other
+    tmp = os.path.join(directory,
+                       f".{os.path.basename(path)}.tmp{os.getpid()}-{threading.get_ident()}")
     try:
         # our own open: torch.save(name) failed as "[enforce fail at inline_container.cc]
         # open file failed", naming no file
