@@ -929,3 +929,21 @@ def test_compiled_sampled_agrees_with_torch(compiled):
     a, b = _both(lambda: M.project_sampled(p, iset, vals))
     assert float((a - b).norm()) <= 1e-10 * max(1.0, float(b.norm()))
     assert compiled["sampled"].calls
+
+
+def test_a_build_lock_of_another_host_is_told_once(fresh, monkeypatch, capsys):
+    # (a live lock of another machine sharing the cache, e.g. on NFS, stopped automatic
+    # builds without a word: the torch implementation served forever, unexplained)
+    started = []
+    monkeypatch.setattr(kernels, "_start_background", lambda cmd, env: started.append(cmd))
+    s = _cache.spec("dense")
+    os.makedirs(s.build_dir)
+    with open(s.lock_path, "w") as fh:
+        json.dump({"pid": 1, "host": socket.gethostname() + "-elsewhere"}, fh)
+    ks = fresh("dense")
+    for _ in range(3):
+        ks.next_check = 0.0
+        assert kernels.module("dense") is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "-elsewhere" in err and s.lock_path in err
+    assert "remove the lock" in err and started == []

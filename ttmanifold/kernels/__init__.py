@@ -23,6 +23,7 @@ import functools
 import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -116,6 +117,7 @@ class _KernelSet:
         self.warned = False
         self.proc = None  # our background build (poll() -> exit status or None)
         self.spawned = False
+        self.told_remote = False  # said once that another host holds the build lock
         self.next_check = 0.0
         self.lock = threading.Lock()
 
@@ -210,6 +212,15 @@ def _probe(ks: _KernelSet) -> None:
             return  # one automatic build per process at most
         owner = _cache.read_lock(s.lock_path)
         if owner is not None and _cache.owner_alive(owner):
+            if owner.get("host") != socket.gethostname() and not ks.told_remote:
+                # (a build on this machine announced itself; one on another host sharing
+                # the cache may be gone, and nothing here can tell)
+                ks.told_remote = True
+                print(f"ttmanifold: the {ks.name} kernels are being built by "
+                      f"{_cache.describe_owner(owner)}, another machine sharing the kernel "
+                      f"cache (build lock {s.lock_path}); the torch implementation serves "
+                      f"until they appear. If no build runs there, remove the lock.",
+                      file=sys.stderr, flush=True)
             return  # another process builds it
         _spawn(ks, s)
     except Exception as exc:  # noqa: BLE001  (unreadable cache, no Python to run, ...)
