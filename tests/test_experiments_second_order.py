@@ -179,6 +179,25 @@ def test_trust_region_at_a_critical_point_stays_there_without_nan():
     assert not e.any() and not he.any()
 
 
+def test_chart_armijo_at_a_critical_point_does_not_grow_its_step_to_nan():
+    # at a zero gradient every trial passed the Armijo test and the next trial step was
+    # doubled: after ~1000 iterations it was inf, and the point inf * 0 = NaN ("diverged")
+    class Flat(P.Approximation):
+        def loss(self, x):
+            return 0.0 * inner(x, x)
+
+    pb = Flat.random((4, 4, 4), 4, 2, seed=0)
+    x0 = pb.initial_point(0)
+    st = S._ChartLineSearchStepper(pb, "chart_gd_armijo", x0, None)
+    theta0 = st.theta.detach().clone()
+    st.t = 2.0 ** 1023  # where ~1000 iterations at the critical point had taken it
+    for _ in range(3):
+        assert float(st.step()) == 0.0
+    assert st.t == 2.0 ** 1023 and torch.equal(st.theta.detach(), theta0)
+    h = S.run(pb, "chart_gd_armijo", x0, iters=3, metrics_every=0, measure_memory=False)
+    assert h.status == "ok" and h.loss == [0.0] * 4
+
+
 @pytest.mark.parametrize("curv", [-1.0, 1e-3])
 def test_truncated_cg_boundary_step_at_a_huge_scale_is_finite(curv):
     # ||delta||^2 radius^2 = 1e398 overflowed: tau = inf and the step NaN (the trust region

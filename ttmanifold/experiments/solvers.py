@@ -1006,7 +1006,8 @@ class _LBFGSStepper(_PointStepper):
 
 class _ChartLineSearchStepper(_ChartStepper):
     """Chart GD with Armijo backtracking (``chart_gd_armijo``) or chart L-BFGS with strong
-    Wolfe (``chart_lbfgs``, ``torch.optim.LBFGS``, one iteration per step)."""
+    Wolfe (``chart_lbfgs``, ``torch.optim.LBFGS``, one iteration per step). Chart GD
+    takes no step at an exactly zero gradient."""
 
     def __init__(self, problem, method, x0, chart_kwargs, *, c1: float = 1e-4,
                  shrink: float = 0.5, memory: int = 10):
@@ -1034,6 +1035,10 @@ class _ChartLineSearchStepper(_ChartStepper):
         loss = self._closure()
         g = self.theta.grad.detach()
         gg = float((g * g).sum())
+        if gg == 0.0 and not bool(g.any()):
+            # a stationary point: no step, and the trial step is not grown (it doubled
+            # at every such iteration and after ~1000 became inf: inf * 0 = NaN)
+            return loss.detach()
         t = self.t * 2.0  # a little larger than the last accepted step
         with torch.no_grad():
             for _ in range(60):
