@@ -212,6 +212,23 @@ def test_truncated_cg_boundary_step_at_a_huge_scale_is_finite(curv):
     assert info["hess_products"] == 1
 
 
+@pytest.mark.parametrize("curv", [-1.0, 1.0])
+def test_truncated_cg_takes_a_radius_past_the_square_overflow(curv):
+    # radius ** 2 raised OverflowError past radius 1.3e154 (e.g. radius=1e200 passed to
+    # mean "no trust region"); its product is inf, and the boundary step must stay finite
+    g = torch.tensor([3.0, -4.0, 0.0, 12.0], dtype=F64)
+    info = {"hess_products": 0, "inner_iters": 0}
+    e, he = S.truncated_cg(g, lambda v: curv * v, 1e200, 5, 1.0, 0.1, info)
+    # negative curvature: steepest descent to the boundary; positive: the Newton step
+    expected = -1e200 * g / g.norm() if curv < 0 else -g
+    torch.testing.assert_close(e, expected, rtol=1e-14, atol=0)
+    torch.testing.assert_close(he, curv * e, rtol=1e-14, atol=0)
+    pb = P.Approximation.random((4, 4, 4), 4, 2, seed=0)
+    h = S.riemannian_trust_region(pb, pb.initial_point(0), iters=20, radius=1e200,
+                                  max_radius=1e200, measure_memory=False)
+    assert h.status == "ok" and abs(h.final_metrics()["gap"]) < 1e-4
+
+
 def test_lbfgs_keeps_a_curvature_pair_of_large_vectors():
     # the cautious test multiplied ||s||^2 ||y||^2 (1e320 here: inf) and skipped the pair
     pb = P.Approximation.random((3, 4, 3), 3, 2, seed=0)

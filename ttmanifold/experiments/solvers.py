@@ -827,7 +827,9 @@ def truncated_cg(g: torch.Tensor, hess: Callable, radius: float, max_inner: int,
     # relative floor sqrt(eps): below it the residual is rounding noise
     floor = math.sqrt(torch.finfo(g.dtype).eps)
     stop = g_norm * max(min(g_norm ** theta, kappa), floor)
-    radius2 = radius ** 2
+    # (radius ** 2 raised OverflowError past radius ~1.3e154; the product is inf there,
+    # which only the boundary formula below must not meet)
+    radius2 = radius * radius
     for _ in range(max_inner):
         h_delta = hess(delta)
         info["hess_products"] = int(info["hess_products"]) + 1
@@ -837,11 +839,12 @@ def truncated_cg(g: torch.Tensor, hess: Callable, radius: float, max_inner: int,
         ee, ed, dd = float(eta @ eta), float(eta @ delta), float(delta @ delta)
         if curv <= 0 or ee + 2 * alpha * ed + alpha * alpha * dd >= radius2:
             # to the boundary: ||eta + tau delta|| = radius, tau >= 0; in units of ||delta||
-            # (dd * radius2 overflows once ||delta|| radius passes ~1e154, e.g. at a target
-            # of norm 1e100, and an infinite tau made the step NaN)
+            # and of the radius (dd * radius2 overflows once ||delta|| radius passes
+            # ~1e154, e.g. at a target of norm 1e100, radius2 itself past a radius of
+            # ~1e154, and an infinite tau made the step NaN)
             dn = math.sqrt(dd)
-            e = ed / dn
-            tau = (-e + math.sqrt(max(e * e + (radius2 - ee), 0.0))) / dn
+            e, b = ed / dn / radius, math.sqrt(ee) / radius
+            tau = radius * (-e + math.sqrt(max(e * e + (1.0 - b * b), 0.0))) / dn
             return eta + tau * delta, h_eta + tau * h_delta
         eta = eta + alpha * delta
         h_eta = h_eta + alpha * h_delta
@@ -878,7 +881,7 @@ def trust_region_update(M, p, p_new, fx, f_new, g, eta, h_eta, radius: float,
     model_dec = -float(g @ eta) - 0.5 * float(eta @ h_eta)
     eps = 1e3 * torch.finfo(p.dtype).eps * max(1.0, abs(float(fx)))
     rho = (float(fx - f_new) + eps) / (model_dec + eps)
-    on_boundary = float(eta @ eta) >= 0.99 * radius ** 2
+    on_boundary = float(eta @ eta) >= 0.99 * (radius * radius)  # (inf past ~1e154)
     if rho < 0.25:
         radius /= 4
     elif rho > 0.75 and on_boundary:
