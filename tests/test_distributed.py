@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ttmanifold import TT
+from ttmanifold import round as tt_round
 from ttmanifold.experiments.distributed import (ShardedCompletion, distributed_cg,
                                                 distributed_als, distributed_lbfgs,
                                                 distributed_rsgd,
@@ -73,6 +74,34 @@ def test_single_process_equals_riemannian_cg_and_rsgd():
     m = hd.metrics[-1]
     assert abs(m["train_rmse"] - float(r.pow(2).mean().sqrt())) < 1e-14
     assert abs(m["train_err"] - float(r.norm() / P.a_train.norm())) < 1e-14
+
+
+def test_metrics_and_control_error_of_tiny_data(scale=1e-170):
+    # sums of squares underflowed below ~1e-154: train_err / val_err were 0 / 0 = NaN, the
+    # rmse 0, and the rank-adaptive control error 0 (a false "converged")
+    P = _full_problem()
+    idx, a = P.train.indices, P.a_train
+    val = torch.from_numpy(validation_mask(idx, 0.2))
+    ref = ShardedCompletion(idx[~val], a[~val], W.SHAPE, W.RANK,
+                            validation=(idx[val], a[val]))
+    S = ShardedCompletion(idx[~val], a[~val] * scale, W.SHAPE, W.RANK,
+                          validation=(idx[val], a[val] * scale))
+    x = P.manifold.to_tt(P.initial_point(0))
+    m, m1 = S.metrics(x * scale), ref.metrics(x)
+    X = x.full()
+    r = X[tuple(idx[~val].t())] - a[~val]  # the unit-scale dense reference
+    assert m["train_err"] == pytest.approx(float(r.norm() / a[~val].norm()), rel=1e-12)
+    for k in ("train_err", "val_err"):
+        assert m[k] == pytest.approx(m1[k], rel=1e-12)
+        k = k.replace("err", "rmse")
+        assert m[k] == pytest.approx(scale * m1[k], rel=1e-12)
+    d, d1 = (T.rank_adaptive_data(control_fraction=0.2, seed=0) for T in (S, ref))
+    sub, sub1 = d.make([1, 2, 2, 2, 2, 1]), d1.make([1, 2, 2, 2, 2, 1])
+    z = tt_round(P.manifold.to_tt(P.initial_point(1)), ranks=2)  # a point of sub
+    err = d.control_err(sub, sub.manifold.pack_point(z * scale))
+    rc = z.full()[tuple(d1.idx_ctrl.t())] - d1.vals_ctrl  # dense, at unit scale
+    assert err == pytest.approx(float(rc.norm() / d1.vals_ctrl.norm()), rel=1e-12)
+    assert 0.5 < err < 10  # an unrelated tensor
 
 
 def _tensor_dist(M, a, b) -> float:
