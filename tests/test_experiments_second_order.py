@@ -229,6 +229,28 @@ def test_truncated_cg_takes_a_radius_past_the_square_overflow(curv):
     assert h.status == "ok" and abs(h.final_metrics()["gap"]) < 1e-4
 
 
+@pytest.mark.parametrize("seed", [0, 2])
+def test_lbfgs_from_a_unit_start_reaches_the_optimum_of_large_data(seed):
+    # a target of norm 1e6: the curvature pairs are skipped near the unit start and the
+    # step without memory had length min(1, ||g||) (seed 2: rel. error 0.99 after 20
+    # steps); it is -g capped at the trust region's initial radius (CG's first step)
+    pb0 = P.Approximation.random((6, 7), 4, 2, noise=0.2, seed=seed)
+    pb = P.Approximation(pb0.target * 1e6, 2)
+    A = pb.target.full()
+    best = eckart_young(A, 2)
+    x0 = pb.initial_point(0)
+    h = S.riemannian_lbfgs(pb, x0, iters=20, metrics_every=0, measure_memory=False)
+    X = pb.manifold.to_tt(h.x).full()
+    assert float((X - best).norm() / A.norm()) < 1e-8
+    # the cap: max(1, scale / 4), scale the larger of ||X_0|| and sqrt(2 f(X_0))
+    f0 = 0.5 * float((pb.manifold.to_tt(x0).full() - A).norm()) ** 2
+    cap = S.lbfgs_first_length(pb.manifold, x0, f0)
+    assert cap == pytest.approx(max(1.0, math.sqrt(2 * f0) / 4), rel=1e-12)
+    g = torch.tensor([3.0, 4.0], dtype=F64)
+    torch.testing.assert_close(S.lbfgs_direction([], g, 2.0), -0.4 * g, rtol=1e-15, atol=0)
+    torch.testing.assert_close(S.lbfgs_direction([], g), -0.2 * g, rtol=1e-15, atol=0)
+
+
 def test_lbfgs_keeps_a_curvature_pair_of_large_vectors():
     # the cautious test multiplied ||s||^2 ||y||^2 (1e320 here: inf) and skipped the pair
     pb = P.Approximation.random((3, 4, 3), 3, 2, seed=0)

@@ -55,7 +55,7 @@ from ..tt.tensor_train import fro_norm
 from .problems import Completion
 from .solvers import (History, RankAdaptiveData, als_sweep, cg_direction,
                       check_solver_options, check_stop_options, lbfgs_direction,
-                      lbfgs_update, rank_adaptive_completion, truncated_cg,
+                      lbfgs_first_length, lbfgs_update, problem_scale, rank_adaptive_completion, truncated_cg,
                       trust_region_update)
 
 __all__ = [
@@ -751,11 +751,15 @@ class _LBFGS:
         with torch.no_grad():
             fx, g = self.ensure_state()
             self.info["grad_norms"].append(math.sqrt(float(g @ g)))
-            eta = lbfgs_direction(self.pairs, g)
+            # without memory after the first step: the cap follows the problem's scale
+            later = len(self.info["grad_norms"]) > 1
+            first = lbfgs_first_length(M, self.p, fx) if later and not self.pairs else 1.0
+            eta = lbfgs_direction(self.pairs, g, first)
             slope = float(g @ eta)
             if slope >= 0:  # not a descent direction: forget the memory
                 self.pairs.clear()
-                eta = lbfgs_direction(self.pairs, g)
+                first = lbfgs_first_length(M, self.p, fx) if later else 1.0
+                eta = lbfgs_direction(self.pairs, g, first)
                 slope = float(g @ eta)
             t = 1.0
             g_new = None
@@ -834,8 +838,7 @@ class _TR:
         with torch.no_grad():
             fx, g, hess = self.ensure_state()
             if self.max_radius is None or self.radius is None:
-                # the larger of ||X_0|| and sqrt(2 f(X_0)) (the distance to the data)
-                scale = max(float(M.to_tt(self.p).norm()), math.sqrt(max(2.0 * float(fx), 0.0)))
+                scale = problem_scale(M, self.p, fx)  # ||X_0|| or the distance to the data
                 if self.max_radius is None:
                     self.max_radius = 2.0 * scale
                 if self.radius is None:
