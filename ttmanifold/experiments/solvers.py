@@ -1558,7 +1558,11 @@ def riemannian_trust_region(problem, x0=None, *, iters: int = 50, time_budget=No
     ``max_backtracks``) are tried with the same test on their own model decrease, and the
     first that passes is taken with the radius set to its length (far from the data, where
     the quadratic model is poor on long steps, this saves the outer iterations that
-    rejections cost; near a minimizer steps pass and nothing changes).
+    rejections cost; near a minimizer steps pass and nothing changes). From a start
+    orders of magnitude smaller than the data it is slow (unit start, target norm 1e20:
+    not converged in 60 iterations; the model's negative curvature at a small point
+    fails long steps): scale the start, see
+    ``docs/comparison.md#second-order-and-quasi-newton-methods``.
 
     Args:
         problem: a tensor problem (its ``loss`` of a TT is differentiated).
