@@ -808,8 +808,9 @@ class Completion(QuadraticProblem):
     def metrics(self, x) -> Dict[str, float]:
         """``train_err`` / ``test_err``: ``||X - A|| / ||A||`` on Omega / Gamma (relative);
         ``train_mse``, ``train_rmse``, ``test_mse``, ``test_rmse``: the mean squared error
-        ``sum (X[i] - A[i])^2 / N`` (unweighted) and its square root. The test entries
-        are absent without a test set. O(N d r^2)."""
+        ``sum (X[i] - A[i])^2 / N`` (unweighted) and its square root (the errors and
+        RMSEs by scaled norms, finite for data of any magnitude; the MSE underflows to 0
+        below ~1e-308). The test entries are absent without a test set. O(N d r^2)."""
         x = self._tt(x).detach()
         out = {}
         with torch.no_grad():
