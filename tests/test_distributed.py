@@ -151,6 +151,21 @@ def test_single_process_lbfgs_equals_the_solver_and_resumes(tmp_path):
         distributed_trust_region(S, x0, max_backtracks=-1)
 
 
+def test_single_process_lbfgs_equals_the_solver_far_from_large_data():
+    # data of norm ~1e6 from a unit start: pairs are skipped and the step without memory
+    # is capped by the problem's scale (lbfgs_first_length), the same rule in both
+    idx, vals = W.data()
+    val = torch.from_numpy(validation_mask(idx, 0.1))
+    P = Completion.from_data(idx[~val], vals[~val] * 1e6, W.SHAPE, W.RANK)
+    S = ShardedCompletion(P.train.indices, P.a_train, W.SHAPE, W.RANK)
+    x0 = P.initial_point(0)
+    h = riemannian_lbfgs(P, x0, iters=6, measure_memory=False, metrics_every=0)
+    hd = distributed_lbfgs(S, x0, iters=6, metrics_every=0)
+    assert h.info["skipped_updates"] >= 1
+    np.testing.assert_allclose(hd.loss, h.loss, rtol=1e-10)
+    assert _tensor_dist(P.manifold, hd.x, h.x) < 1e-10 * float(P.manifold.to_tt(h.x).norm())
+
+
 def test_checkpoint_resume_is_exact_and_records_the_run(tmp_path):
     P = _full_problem()
     S = ShardedCompletion(P.train.indices, P.a_train, W.SHAPE, W.RANK)
