@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ttmanifold import TT
+from ttmanifold import round as tt_round
 from ttmanifold.experiments.distributed import (ShardedCompletion, distributed_cg,
                                                 distributed_als, distributed_lbfgs,
                                                 distributed_rsgd,
@@ -75,6 +76,34 @@ def test_single_process_equals_riemannian_cg_and_rsgd():
     assert abs(m["train_err"] - float(r.norm() / P.a_train.norm())) < 1e-14
 
 
+def test_metrics_and_control_error_of_tiny_data(scale=1e-170):
+    # sums of squares underflowed below ~1e-154: train_err / val_err were 0 / 0 = NaN, the
+    # rmse 0, and the rank-adaptive control error 0 (a false "converged")
+    P = _full_problem()
+    idx, a = P.train.indices, P.a_train
+    val = torch.from_numpy(validation_mask(idx, 0.2))
+    ref = ShardedCompletion(idx[~val], a[~val], W.SHAPE, W.RANK,
+                            validation=(idx[val], a[val]))
+    S = ShardedCompletion(idx[~val], a[~val] * scale, W.SHAPE, W.RANK,
+                          validation=(idx[val], a[val] * scale))
+    x = P.manifold.to_tt(P.initial_point(0))
+    m, m1 = S.metrics(x * scale), ref.metrics(x)
+    X = x.full()
+    r = X[tuple(idx[~val].t())] - a[~val]  # the unit-scale dense reference
+    assert m["train_err"] == pytest.approx(float(r.norm() / a[~val].norm()), rel=1e-12)
+    for k in ("train_err", "val_err"):
+        assert m[k] == pytest.approx(m1[k], rel=1e-12)
+        k = k.replace("err", "rmse")
+        assert m[k] == pytest.approx(scale * m1[k], rel=1e-12)
+    d, d1 = (T.rank_adaptive_data(control_fraction=0.2, seed=0) for T in (S, ref))
+    sub, sub1 = d.make([1, 2, 2, 2, 2, 1]), d1.make([1, 2, 2, 2, 2, 1])
+    z = tt_round(P.manifold.to_tt(P.initial_point(1)), ranks=2)  # a point of sub
+    err = d.control_err(sub, sub.manifold.pack_point(z * scale))
+    rc = z.full()[tuple(d1.idx_ctrl.t())] - d1.vals_ctrl  # dense, at unit scale
+    assert err == pytest.approx(float(rc.norm() / d1.vals_ctrl.norm()), rel=1e-12)
+    assert 0.5 < err < 10  # an unrelated tensor
+
+
 def _tensor_dist(M, a, b) -> float:
     """``||X_a - X_b||`` of the tensors of two packed points (gauge-invariant)."""
     return float((M.to_tt(a) - M.to_tt(b)).norm())
@@ -120,6 +149,21 @@ def test_single_process_lbfgs_equals_the_solver_and_resumes(tmp_path):
         distributed_trust_region(S, x0, max_inner=0)
     with pytest.raises(ValueError, match="max_backtracks"):
         distributed_trust_region(S, x0, max_backtracks=-1)
+
+
+def test_single_process_lbfgs_equals_the_solver_far_from_large_data():
+    # data of norm ~1e6 from a unit start: pairs are skipped and the step without memory
+    # is capped by the problem's scale (lbfgs_first_length), the same rule in both
+    idx, vals = W.data()
+    val = torch.from_numpy(validation_mask(idx, 0.1))
+    P = Completion.from_data(idx[~val], vals[~val] * 1e6, W.SHAPE, W.RANK)
+    S = ShardedCompletion(P.train.indices, P.a_train, W.SHAPE, W.RANK)
+    x0 = P.initial_point(0)
+    h = riemannian_lbfgs(P, x0, iters=6, measure_memory=False, metrics_every=0)
+    hd = distributed_lbfgs(S, x0, iters=6, metrics_every=0)
+    assert h.info["skipped_updates"] >= 1
+    np.testing.assert_allclose(hd.loss, h.loss, rtol=1e-10)
+    assert _tensor_dist(P.manifold, hd.x, h.x) < 1e-10 * float(P.manifold.to_tt(h.x).norm())
 
 
 def test_checkpoint_resume_is_exact_and_records_the_run(tmp_path):

@@ -179,6 +179,25 @@ def test_trust_region_at_a_critical_point_stays_there_without_nan():
     assert not e.any() and not he.any()
 
 
+def test_chart_armijo_at_a_critical_point_does_not_grow_its_step_to_nan():
+    # at a zero gradient every trial passed the Armijo test and the next trial step was
+    # doubled: after ~1000 iterations it was inf, and the point inf * 0 = NaN ("diverged")
+    class Flat(P.Approximation):
+        def loss(self, x):
+            return 0.0 * inner(x, x)
+
+    pb = Flat.random((4, 4, 4), 4, 2, seed=0)
+    x0 = pb.initial_point(0)
+    st = S._ChartLineSearchStepper(pb, "chart_gd_armijo", x0, None)
+    theta0 = st.theta.detach().clone()
+    st.t = 2.0 ** 1023  # where ~1000 iterations at the critical point had taken it
+    for _ in range(3):
+        assert float(st.step()) == 0.0
+    assert st.t == 2.0 ** 1023 and torch.equal(st.theta.detach(), theta0)
+    h = S.run(pb, "chart_gd_armijo", x0, iters=3, metrics_every=0, measure_memory=False)
+    assert h.status == "ok" and h.loss == [0.0] * 4
+
+
 @pytest.mark.parametrize("curv", [-1.0, 1e-3])
 def test_truncated_cg_boundary_step_at_a_huge_scale_is_finite(curv):
     # ||delta||^2 radius^2 = 1e398 overflowed: tau = inf and the step NaN (the trust region
@@ -191,6 +210,45 @@ def test_truncated_cg_boundary_step_at_a_huge_scale_is_finite(curv):
     torch.testing.assert_close(e, -radius * g / g.norm(), rtol=1e-14, atol=0)
     torch.testing.assert_close(he, curv * e, rtol=1e-14, atol=0)
     assert info["hess_products"] == 1
+
+
+@pytest.mark.parametrize("curv", [-1.0, 1.0])
+def test_truncated_cg_takes_a_radius_past_the_square_overflow(curv):
+    # radius ** 2 raised OverflowError past radius 1.3e154 (e.g. radius=1e200 passed to
+    # mean "no trust region"); its product is inf, and the boundary step must stay finite
+    g = torch.tensor([3.0, -4.0, 0.0, 12.0], dtype=F64)
+    info = {"hess_products": 0, "inner_iters": 0}
+    e, he = S.truncated_cg(g, lambda v: curv * v, 1e200, 5, 1.0, 0.1, info)
+    # negative curvature: steepest descent to the boundary; positive: the Newton step
+    expected = -1e200 * g / g.norm() if curv < 0 else -g
+    torch.testing.assert_close(e, expected, rtol=1e-14, atol=0)
+    torch.testing.assert_close(he, curv * e, rtol=1e-14, atol=0)
+    pb = P.Approximation.random((4, 4, 4), 4, 2, seed=0)
+    h = S.riemannian_trust_region(pb, pb.initial_point(0), iters=20, radius=1e200,
+                                  max_radius=1e200, measure_memory=False)
+    assert h.status == "ok" and abs(h.final_metrics()["gap"]) < 1e-4
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_lbfgs_from_a_unit_start_reaches_the_optimum_of_large_data(seed):
+    # a target of norm 1e6: the curvature pairs are skipped near the unit start and the
+    # step without memory had length min(1, ||g||) (seed 2: rel. error 0.99 after 20
+    # steps); it is -g capped at the trust region's initial radius (CG's first step)
+    pb0 = P.Approximation.random((6, 7), 4, 2, noise=0.2, seed=seed)
+    pb = P.Approximation(pb0.target * 1e6, 2)
+    A = pb.target.full()
+    best = eckart_young(A, 2)
+    x0 = pb.initial_point(0)
+    h = S.riemannian_lbfgs(pb, x0, iters=20, metrics_every=0, measure_memory=False)
+    X = pb.manifold.to_tt(h.x).full()
+    assert float((X - best).norm() / A.norm()) < 1e-8
+    # the cap: max(1, scale / 4), scale the larger of ||X_0|| and sqrt(2 f(X_0))
+    f0 = 0.5 * float((pb.manifold.to_tt(x0).full() - A).norm()) ** 2
+    cap = S.lbfgs_first_length(pb.manifold, x0, f0)
+    assert cap == pytest.approx(max(1.0, math.sqrt(2 * f0) / 4), rel=1e-12)
+    g = torch.tensor([3.0, 4.0], dtype=F64)
+    torch.testing.assert_close(S.lbfgs_direction([], g, 2.0), -0.4 * g, rtol=1e-15, atol=0)
+    torch.testing.assert_close(S.lbfgs_direction([], g), -0.2 * g, rtol=1e-15, atol=0)
 
 
 def test_lbfgs_keeps_a_curvature_pair_of_large_vectors():

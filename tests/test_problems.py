@@ -116,6 +116,22 @@ def test_completion_construction_and_disjoint_sets():
         Completion((4, 4, 4), 9)  # infeasible rank
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-170, 1e150])
+def test_completion_metrics_of_tiny_and_huge_data_match_dense(scale):
+    # the squares of data below ~1e-154 underflowed to 0: train_err was 0 / 0 = NaN
+    P = Completion((5, 5, 5), 2, oversampling=2, test_size=20, seed=0)
+    Q = Completion.from_data(P.train.indices, P.a_train * scale, P.manifold.shape, 2,
+                             test=(P.test.indices, P.a_test * scale))
+    x = P.manifold.to_tt(P.initial_point(0))
+    X = x.full()
+    m = Q.metrics(x * scale)
+    for name, iset, a in (("train", P.train, P.a_train), ("test", P.test, P.a_test)):
+        r = X[tuple(iset.indices.t())] - a  # the unit-scale dense reference
+        assert m[f"{name}_err"] == pytest.approx(float(r.norm() / a.norm()), rel=1e-12)
+        assert m[f"{name}_rmse"] == pytest.approx(scale * float(r.pow(2).mean().sqrt()),
+                                                  rel=1e-12)
+
+
 def test_completion_large_order_construction():
     # d = 20, n = 50 (n^d ~ 1e34): sampling by hashing; the benchmark builds |Omega| = 1e6
     P = Completion((50,) * 20, 2, train_size=20000, test_size=1000, seed=0)

@@ -29,6 +29,12 @@ Usage::
 Compilation happens on the first two calls (before and after the state is created); later
 steps reuse the graph. ``stabilize=k`` (geoopt's periodic re-projection) is a host-side
 count and is refused under compilation: call ``opt.stabilize()`` every k steps instead.
+
+With an lr scheduler, compile ``opt.step`` before attaching the scheduler: a scheduler
+wraps ``opt.step`` in a function dynamo refuses to trace (``fullgraph=True`` then fails).
+Compiled first, the step follows the scheduler's lr without recompiling (the eager iterates
+to rounding); the scheduler warns once that its step came first (the compiled step
+bypasses its call counter), which is harmless.
 """
 from __future__ import annotations
 

@@ -51,10 +51,11 @@ import torch
 
 from ..manifold import FixedTTRank, hessian_operator
 from ..tt import TT, IndexSet
+from ..tt.tensor_train import fro_norm
 from .problems import Completion
 from .solvers import (History, RankAdaptiveData, als_sweep, cg_direction,
                       check_solver_options, check_stop_options, lbfgs_direction,
-                      lbfgs_update, rank_adaptive_completion, truncated_cg,
+                      lbfgs_first_length, lbfgs_update, problem_scale, rank_adaptive_completion, truncated_cg,
                       trust_region_update)
 
 __all__ = [
@@ -172,6 +173,20 @@ class Communicator:
         if bad:
             r, e = bad[0]
             raise ValueError(e if not self.distributed else f"(rank {r}) {e}")
+
+
+def _process_rows(comm: Communicator, row, what: str) -> torch.Tensor:
+    """Every process's ``row`` (a list of numbers) as the rows of a ``(world_size, k)``
+    float64 table, by one all-reduce of zeros but this process's row: the norms of
+    distributed vectors combine from their local norms by :func:`fro_norm` of a column,
+    where a sum of squares underflows below ~1e-154 (overflows above ~1e154)."""
+    table = torch.zeros(comm.world_size, len(row), dtype=torch.float64)
+    table[comm.rank] = torch.tensor([float(v) for v in row], dtype=torch.float64)
+    return comm.all_reduce(table, what)
+
+
+def _local_norm(t: Optional[torch.Tensor]) -> float:
+    return float(fro_norm(t.double())) if t is not None and t.numel() else 0.0
 
 
 def _raise_disagreement(gathered, what: str) -> None:
@@ -503,23 +518,22 @@ class ShardedCompletion:
         all-reduce of 6 numbers."""
         x = p if isinstance(p, TT) else self.manifold.to_tt(p)
         x = x.detach()
-        sums = torch.zeros(6, dtype=torch.float64)
+        row = [0.0] * 6  # ||X - A||, ||A||, count on the training and validation samples
         with torch.no_grad():
             sets = [(0, self.local.train, self.local.a_train)]
             if self.val is not None:
                 sets.append((3, self.val, self.a_val))
             for j, iset, a in sets:
-                r = (iset.gather(x) - a).double()
-                sums[j] = float((r * r).sum())
-                sums[j + 1] = float((a.double() ** 2).sum())
-                sums[j + 2] = float(len(iset))
-        self.comm.all_reduce(sums, "the all-reduce of the metrics")
+                row[j:j + 3] = [_local_norm(iset.gather(x) - a), _local_norm(a), len(iset)]
+        # (sums of squares underflowed below ~1e-154: a NaN error, rmse 0)
+        table = _process_rows(self.comm, row, "the all-reduce of the metrics")
         out = {}
         for name, j in (("train", 0), ("val", 3)):
-            if sums[j + 2] > 0:
-                out[f"{name}_err"] = math.sqrt(sums[j]) / math.sqrt(sums[j + 1]) \
-                    if sums[j + 1] > 0 else math.nan
-                out[f"{name}_rmse"] = math.sqrt(sums[j] / sums[j + 2])
+            count = float(table[:, j + 2].sum())
+            if count > 0:
+                res, a_norm = float(fro_norm(table[:, j])), float(fro_norm(table[:, j + 1]))
+                out[f"{name}_err"] = res / a_norm if a_norm > 0 else math.nan
+                out[f"{name}_rmse"] = res / math.sqrt(count)
         return out
 
     def rank_adaptive_data(self, *, control_fraction: float, seed: int, generator=None,
@@ -737,11 +751,15 @@ class _LBFGS:
         with torch.no_grad():
             fx, g = self.ensure_state()
             self.info["grad_norms"].append(math.sqrt(float(g @ g)))
-            eta = lbfgs_direction(self.pairs, g)
+            # without memory after the first step: the cap follows the problem's scale
+            later = len(self.info["grad_norms"]) > 1
+            first = lbfgs_first_length(M, self.p, fx) if later and not self.pairs else 1.0
+            eta = lbfgs_direction(self.pairs, g, first)
             slope = float(g @ eta)
             if slope >= 0:  # not a descent direction: forget the memory
                 self.pairs.clear()
-                eta = lbfgs_direction(self.pairs, g)
+                first = lbfgs_first_length(M, self.p, fx) if later else 1.0
+                eta = lbfgs_direction(self.pairs, g, first)
                 slope = float(g @ eta)
             t = 1.0
             g_new = None
@@ -820,8 +838,7 @@ class _TR:
         with torch.no_grad():
             fx, g, hess = self.ensure_state()
             if self.max_radius is None or self.radius is None:
-                # the larger of ||X_0|| and sqrt(2 f(X_0)) (the distance to the data)
-                scale = max(float(M.to_tt(self.p).norm()), math.sqrt(max(2.0 * float(fx), 0.0)))
+                scale = problem_scale(M, self.p, fx)  # ||X_0|| or the distance to the data
                 if self.max_radius is None:
                     self.max_radius = 2.0 * scale
                 if self.radius is None:
@@ -967,13 +984,15 @@ class _ShardedRankAdaptive(RankAdaptiveData):
         return _CG(sub, torch.as_tensor(x).detach().clone(), "pr+", 0.1, None)
 
     def control_err(self, sub, x) -> float:
-        sums = torch.zeros(2, dtype=torch.float64)
+        row = [0.0, 0.0]
         with torch.no_grad():
             if sub.val is not None:
-                r = (sub.val.gather(sub.manifold.to_tt(x)) - sub.a_val).double()
-                sums[0], sums[1] = (r * r).sum(), (sub.a_val.double() ** 2).sum()
-        self.comm.all_reduce(sums, "the all-reduce of the control error")
-        return math.sqrt(float(sums[0])) / (math.sqrt(float(sums[1])) or 1.0)
+                row = [_local_norm(sub.val.gather(sub.manifold.to_tt(x)) - sub.a_val),
+                       _local_norm(sub.a_val)]
+        # scaled norms, as RankAdaptiveData.control_err's (sums of squares underflowed
+        # below ~1e-154, and 0 / 1 read as an exact fit: "converged")
+        table = _process_rows(self.comm, row, "the all-reduce of the control error")
+        return float(fro_norm(table[:, 0])) / (float(fro_norm(table[:, 1])) or 1.0)
 
     def control_residual(self, sub, x):
         with torch.no_grad():

@@ -25,6 +25,7 @@ from ..manifold import FixedTTRank, right_cores
 from ..tt import IndexSet
 from ..tt import TT, inner
 from ..tt import round as tt_round
+from ..tt.tensor_train import fro_norm
 
 __all__ = [
     "Problem",
@@ -590,8 +591,9 @@ class Completion(QuadraticProblem):
         # sqrt of the per-sample weights: a float, or (N,) in sample order
         self._sw = math.sqrt(self.weight) if weights is None else (self.weight * weights).sqrt()
         self.weights = weights
-        self._a_train_norm = float(torch.linalg.vector_norm(a_train))
-        self._a_test_norm = float(torch.linalg.vector_norm(a_test)) if test is not None else None
+        self._a_train_norm = float(fro_norm(a_train)) if a_train.numel() else 0.0
+        self._a_test_norm = (float(fro_norm(a_test)) if a_test.numel() else 0.0) \
+            if test is not None else None
         if test is None:
             self.target_metric = "train_err"
 
@@ -806,8 +808,9 @@ class Completion(QuadraticProblem):
     def metrics(self, x) -> Dict[str, float]:
         """``train_err`` / ``test_err``: ``||X - A|| / ||A||`` on Omega / Gamma (relative);
         ``train_mse``, ``train_rmse``, ``test_mse``, ``test_rmse``: the mean squared error
-        ``sum (X[i] - A[i])^2 / N`` (unweighted) and its square root. The test entries
-        are absent without a test set. O(N d r^2)."""
+        ``sum (X[i] - A[i])^2 / N`` (unweighted) and its square root (the errors and
+        RMSEs by scaled norms, finite for data of any magnitude; the MSE underflows to 0
+        below ~1e-308). The test entries are absent without a test set. O(N d r^2)."""
         x = self._tt(x).detach()
         out = {}
         with torch.no_grad():
@@ -815,11 +818,14 @@ class Completion(QuadraticProblem):
             if self.test is not None:
                 sets.append(("test", self.test, self.a_test, self._a_test_norm))
             for name, iset, a, a_norm in sets:
-                sq = float(((iset.gather(x) - a) ** 2).sum())
-                mse = sq / max(len(iset), 1)
-                out[f"{name}_err"] = math.sqrt(sq) / a_norm if a_norm else math.nan
-                out[f"{name}_mse"] = mse
-                out[f"{name}_rmse"] = math.sqrt(mse)
+                res = iset.gather(x) - a
+                # scaled norms: the squares underflow to 0 below ~1e-154 in float64 (1e-19
+                # in float32), and 0 / 0 gave a NaN error
+                res_norm = float(fro_norm(res)) if res.numel() else 0.0
+                n = max(len(iset), 1)
+                out[f"{name}_err"] = res_norm / a_norm if a_norm else math.nan
+                out[f"{name}_mse"] = float((res * res).sum()) / n
+                out[f"{name}_rmse"] = res_norm / math.sqrt(n)
         order = ("train_err", "test_err", "train_mse", "train_rmse", "test_mse", "test_rmse")
         return {k: out[k] for k in order if k in out}
 

@@ -49,6 +49,8 @@ __all__ = [
     "als_core_solve",
     "als_sweep",
     "lbfgs_direction",
+    "lbfgs_first_length",
+    "problem_scale",
     "lbfgs_update",
     "truncated_cg",
     "trust_region_update",
@@ -743,15 +745,40 @@ def _loss_at(problem, p) -> torch.Tensor:
         return problem.loss(problem.manifold.to_tt(p)).reshape(())
 
 
-def lbfgs_direction(pairs, g: torch.Tensor) -> torch.Tensor:
+def problem_scale(M: FixedTTRank, p: torch.Tensor, fx) -> float:
+    """The larger of ``||X||`` and ``sqrt(2 f(X))`` (for a least-squares loss, the distance
+    to the data) at the packed point ``p`` with loss ``fx``: the length scale of the trust
+    region's default radii and of L-BFGS's steps without memory.
+
+    Returns:
+        a float. Cost: one TT norm, O(d n r^3).
+    """
+    return max(float(M.to_tt(p).norm()), math.sqrt(max(2.0 * float(fx), 0.0)))
+
+
+def lbfgs_first_length(M: FixedTTRank, p: torch.Tensor, fx) -> float:
+    """The cap on the length of L-BFGS's step without memory after its first step at
+    ``p`` (loss ``fx``): the larger of 1 and a quarter of :func:`problem_scale` (the trust
+    region's initial radius).
+
+    Below the cap the step is ``-g``, the first step of CG on an approximation problem
+    (whose Hessian is the identity); a fixed cap of 1 made a start far from large data
+    creep (its curvature pairs are skipped there, and the memory stays empty).
+    Cost: one TT norm.
+    """
+    return max(1.0, 0.25 * problem_scale(M, p, fx))
+
+
+def lbfgs_direction(pairs, g: torch.Tensor, first_length: float = 1.0) -> torch.Tensor:
     """The L-BFGS direction ``-H g`` by the two-loop recursion.
 
     Args:
         pairs: ``(s, y, 1/<s, y>)`` in the current tangent space, oldest first.
         g: the gradient (a flat tangent vector).
+        first_length: the cap on the step without pairs (:func:`lbfgs_first_length`).
     Returns:
         ``-H g`` with the initial scaling ``<s, y> / <y, y>`` of the newest pair; without
-        pairs the gradient step of length ``min(1, ||g||)``.
+        pairs the gradient step of length ``min(first_length, ||g||)``.
     Cost: O(m S) for ``m`` pairs of ``S`` numbers.
     """
     q = g.clone()
@@ -765,7 +792,7 @@ def lbfgs_direction(pairs, g: torch.Tensor) -> torch.Tensor:
         q = q * (float(s_ @ y_) / float(y_ @ y_))
     else:
         gn = math.sqrt(float(g @ g))
-        q = q / max(gn, 1e-300) * min(1.0, gn)
+        q = q / max(gn, 1e-300) * min(float(first_length), gn)
     for (s_, y_, rho), a in zip(pairs, reversed(alphas)):
         b = rho * float(y_ @ q)
         q = q + (a - b) * s_
@@ -827,7 +854,9 @@ def truncated_cg(g: torch.Tensor, hess: Callable, radius: float, max_inner: int,
     # relative floor sqrt(eps): below it the residual is rounding noise
     floor = math.sqrt(torch.finfo(g.dtype).eps)
     stop = g_norm * max(min(g_norm ** theta, kappa), floor)
-    radius2 = radius ** 2
+    # (radius ** 2 raised OverflowError past radius ~1.3e154; the product is inf there,
+    # which only the boundary formula below must not meet)
+    radius2 = radius * radius
     for _ in range(max_inner):
         h_delta = hess(delta)
         info["hess_products"] = int(info["hess_products"]) + 1
@@ -837,11 +866,12 @@ def truncated_cg(g: torch.Tensor, hess: Callable, radius: float, max_inner: int,
         ee, ed, dd = float(eta @ eta), float(eta @ delta), float(delta @ delta)
         if curv <= 0 or ee + 2 * alpha * ed + alpha * alpha * dd >= radius2:
             # to the boundary: ||eta + tau delta|| = radius, tau >= 0; in units of ||delta||
-            # (dd * radius2 overflows once ||delta|| radius passes ~1e154, e.g. at a target
-            # of norm 1e100, and an infinite tau made the step NaN)
+            # and of the radius (dd * radius2 overflows once ||delta|| radius passes
+            # ~1e154, e.g. at a target of norm 1e100, radius2 itself past a radius of
+            # ~1e154, and an infinite tau made the step NaN)
             dn = math.sqrt(dd)
-            e = ed / dn
-            tau = (-e + math.sqrt(max(e * e + (radius2 - ee), 0.0))) / dn
+            e, b = ed / dn / radius, math.sqrt(ee) / radius
+            tau = radius * (-e + math.sqrt(max(e * e + (1.0 - b * b), 0.0))) / dn
             return eta + tau * delta, h_eta + tau * h_delta
         eta = eta + alpha * delta
         h_eta = h_eta + alpha * h_delta
@@ -878,7 +908,7 @@ def trust_region_update(M, p, p_new, fx, f_new, g, eta, h_eta, radius: float,
     model_dec = -float(g @ eta) - 0.5 * float(eta @ h_eta)
     eps = 1e3 * torch.finfo(p.dtype).eps * max(1.0, abs(float(fx)))
     rho = (float(fx - f_new) + eps) / (model_dec + eps)
-    on_boundary = float(eta @ eta) >= 0.99 * radius ** 2
+    on_boundary = float(eta @ eta) >= 0.99 * (radius * radius)  # (inf past ~1e154)
     if rho < 0.25:
         radius /= 4
     elif rho > 0.75 and on_boundary:
@@ -915,8 +945,7 @@ class _TrustRegionStepper(_PointStepper):
         self.p = x0.detach().clone()
         # the larger of the start's norm and sqrt(2 f(X_0)) (for a least-squares loss, the
         # distance to the data): a unit-norm start far from large data must not creep
-        scale = max(float(problem.manifold.to_tt(self.p).norm()),
-                    math.sqrt(max(2.0 * float(_loss_at(problem, self.p)), 0.0)))
+        scale = problem_scale(self.M, self.p, _loss_at(problem, self.p))
         self.max_radius = float(max_radius) if max_radius is not None else 2.0 * scale
         self.radius = float(radius) if radius is not None else self.max_radius / 8
         self.max_inner = int(max_inner) if max_inner is not None else self.M.dim
@@ -972,7 +1001,10 @@ class _LBFGSStepper(_PointStepper):
         self.info = {"backtracks": 0, "skipped_updates": 0, "grad_norms": []}
 
     def _direction(self, g):
-        return lbfgs_direction(self.pairs, g)
+        # (the cap, a TT norm, only without memory after the first step)
+        later = not self.pairs and len(self.info["grad_norms"]) > 1
+        first = lbfgs_first_length(self.M, self.p, self.f) if later else 1.0
+        return lbfgs_direction(self.pairs, g, first)
 
     def step(self):
         M, f = self.M, self.problem.loss
@@ -1006,7 +1038,8 @@ class _LBFGSStepper(_PointStepper):
 
 class _ChartLineSearchStepper(_ChartStepper):
     """Chart GD with Armijo backtracking (``chart_gd_armijo``) or chart L-BFGS with strong
-    Wolfe (``chart_lbfgs``, ``torch.optim.LBFGS``, one iteration per step)."""
+    Wolfe (``chart_lbfgs``, ``torch.optim.LBFGS``, one iteration per step). Chart GD
+    takes no step at an exactly zero gradient."""
 
     def __init__(self, problem, method, x0, chart_kwargs, *, c1: float = 1e-4,
                  shrink: float = 0.5, memory: int = 10):
@@ -1034,6 +1067,10 @@ class _ChartLineSearchStepper(_ChartStepper):
         loss = self._closure()
         g = self.theta.grad.detach()
         gg = float((g * g).sum())
+        if gg == 0.0 and not bool(g.any()):
+            # a stationary point: no step, and the trial step is not grown (it doubled
+            # at every such iteration and after ~1000 became inf: inf * 0 = NaN)
+            return loss.detach()
         t = self.t * 2.0  # a little larger than the last accepted step
         with torch.no_grad():
             for _ in range(60):
@@ -1521,7 +1558,11 @@ def riemannian_trust_region(problem, x0=None, *, iters: int = 50, time_budget=No
     ``max_backtracks``) are tried with the same test on their own model decrease, and the
     first that passes is taken with the radius set to its length (far from the data, where
     the quadratic model is poor on long steps, this saves the outer iterations that
-    rejections cost; near a minimizer steps pass and nothing changes).
+    rejections cost; near a minimizer steps pass and nothing changes). From a start
+    orders of magnitude smaller than the data it is slow (unit start, target norm 1e20:
+    not converged in 60 iterations; the model's negative curvature at a small point
+    fails long steps): scale the start, see
+    ``docs/comparison.md#second-order-and-quasi-newton-methods``.
 
     Args:
         problem: a tensor problem (its ``loss`` of a TT is differentiated).
@@ -1550,7 +1591,12 @@ def riemannian_lbfgs(problem, x0=None, *, iters: int = 100, time_budget=None,
     current tangent space (moved by projection, :meth:`FixedTTRank.transp`, at every
     step), initial scaling ``<s, y> / <y, y>``; a pair is kept only when
     ``<s, y> > 1e-12 ||s|| ||y||`` (cautious update), the memory is dropped when the
-    direction is not a descent direction. The first step has length ``min(1, ||g||)``.
+    direction is not a descent direction. The first step has length ``min(1, ||g||)``;
+    without memory later (the memory dropped, or the pairs skipped, as far from large
+    data) the step is ``-g`` capped at length ``max(1, scale / 4)``
+    (:func:`lbfgs_first_length`; ``scale``, the larger of ``||X||`` and ``sqrt(2 f(X))``,
+    is the trust region's: the cap is its initial radius): CG's first step on an
+    approximation problem, scaled with the data.
     Step: the largest ``t = 1, 1/2, 1/4, ...`` with
     ``f(R_X(t eta)) <= f(X) + c1 t <g, eta>``.
 
