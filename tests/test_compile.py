@@ -21,6 +21,7 @@ import torch
 import ttmanifold.manifold.fixed_rank as fixed_rank
 from ttmanifold import FixedTTRank, TT, kernels
 from ttmanifold import inner as tm_inner
+from ttmanifold import nn as tm_nn
 from ttmanifold._checks import assert_finite_async, functorch_wrapped
 from ttmanifold.manifold import project_tt, right_cores
 
@@ -390,3 +391,24 @@ def test_paired_sweeps_and_sequence_check_trace_fullgraph(with_v):
         torch.testing.assert_close(compile_full(f)(U, V, Z), ref, rtol=1e-10, atol=1e-12)
     finally:
         sweeps.PAIRED_SWEEPS = old
+
+
+@pytest.mark.parametrize("make, inp", [
+    (lambda: tm_nn.STTPLinear(64, 64, rank=8), lambda b: torch.randn(b, 64)),
+    (lambda: tm_nn.SVDPLinear(64, 64, rank=8), lambda b: torch.randn(b, 64)),
+    (lambda: tm_nn.STTPConv2d(16, 16, 3, rank=4, padding=1), lambda b: torch.randn(b, 16, 8, 8)),
+], ids=["sttp_linear", "svdp_linear", "sttp_conv2d"])
+def test_factorized_layer_compiles_once_for_all_batch_sizes(make, inp):
+    # (the contraction plan was chosen per batch size, and the plan cache's key specialized
+    # the dynamic batch: a recompilation for every new size, eager after 8)
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    layer = make()
+    f = torch.compile(layer, backend="eager")
+    for b in range(2, 12):
+        x = inp(b)
+        assert torch.allclose(f(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # one static, one dynamic

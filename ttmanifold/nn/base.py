@@ -18,7 +18,23 @@ from .parametrization import STTPWeight, SVDPWeight
 from .planner import Plan, group_matrix, make_plan
 from .tensorization import Tensorization
 
-__all__ = ["CONTRACTIONS", "METHODS", "FactorizedLayer"]
+__all__ = ["CONTRACTIONS", "METHODS", "FactorizedLayer", "plan_batch"]
+
+
+#: The batch size the contraction planner assumes under ``torch.compile`` (see
+#: :func:`plan_batch`).
+COMPILED_PLAN_BATCH = 1024
+
+
+def plan_batch(batch) -> int:
+    """The batch size as the contraction planner takes it: ``batch``, or under
+    ``torch.compile`` tracing :data:`COMPILED_PLAN_BATCH`. Planning on the traced batch
+    size would make the graph depend on it (hashing or comparing a dynamic size specializes
+    it): a recompilation for every new batch size, until torch stops compiling after 8. A
+    compiled layer runs one plan, the plan for a large batch, whatever the batch."""
+    if torch.compiler.is_compiling():
+        return COMPILED_PLAN_BATCH
+    return batch
 
 CONTRACTIONS = ("auto", "dense", "tt")
 METHODS = ("sttp", "svdp")
@@ -142,6 +158,7 @@ class FactorizedLayer(nn.Module):
         self.__dict__.pop("_pinned_cores", None)
 
     def _plan(self, ranks, batch: int, mode: str, conv=None) -> Plan:
+        batch = plan_batch(batch)
         key = (tuple(ranks), batch, mode, conv)
         plan = self._plans.get(key)
         if plan is None:

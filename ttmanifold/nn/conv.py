@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import FactorizedLayer
+from .base import FactorizedLayer, plan_batch
 from .planner import apply_group, group_matrix
 
 __all__ = [
@@ -146,7 +146,7 @@ class FactorizedConv(FactorizedLayer):
         B = shape[0] if len(shape) == n + 2 else 1
         size = tuple(int(v) for v in shape[-n:])
         conv = self._kernel_range() + (math.prod(size), math.prod(self._out_size(size)))
-        return self._plan(ranks, max(int(B), 1), self.contraction, conv), B
+        return self._plan(ranks, max(plan_batch(B), 1), self.contraction, conv), B
 
     def _check_input(self, x: Tensor, ref: Tensor) -> None:
         self._check_input_tensor(x, ref)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import FactorizedLayer
+from .base import FactorizedLayer, plan_batch
 from .planner import apply_group, group_matrix
 
 __all__ = ["FactorizedLinear", "STTPLinear", "SVDPLinear"]
@@ -43,7 +43,7 @@ class FactorizedLinear(FactorizedLayer):
         return (self.out_features, self.in_features)
 
     def _plan_for_input(self, shape: torch.Size, ranks):
-        batch = math.prod(shape[:-1]) if len(shape) > 1 else 1
+        batch = plan_batch(math.prod(shape[:-1])) if len(shape) > 1 else 1
         return self._plan(ranks, max(batch, 1), self.contraction), batch
 
     def forward(self, x: Tensor) -> Tensor:
@@ -68,7 +68,8 @@ class FactorizedLinear(FactorizedLayer):
         """Group-wise contraction of the cores with the batch (never forms ``W``)."""
         cores = self._cores() if cores is None else cores
         if plan is None or plan.dense:
-            plan = self._plan(self._ranks_of(cores), max(math.prod(x.shape[:-1]), 1), "tt")
+            plan = self._plan(self._ranks_of(cores), max(plan_batch(math.prod(x.shape[:-1])), 1),
+                              "tt")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         modes = self.in_modes
