@@ -341,6 +341,28 @@ def test_retraction_on_block_cores_of_the_unsigned_sweep(monkeypatch, dtype):
         kernels.set_enabled(old)
 
 
+@pytest.mark.parametrize("ranks", [2, (1, 3, 4, 2, 1)], ids=["uniform", "uneven"])
+def test_retraction_of_a_large_batch_copies_each_factor(monkeypatch, ranks):
+    """A large batch on the CPU packs the retraction's left factors one by one (each copied
+    right after its SVD) instead of by one concatenation: forced here by a zero stack bound
+    (the path ran untested: the bound was read at import). Same points as one by one."""
+    from ttmanifold.manifold import sweeps
+
+    M = FixedTTRank((4, 5, 3, 4), ranks)
+    gen = torch.Generator().manual_seed(32)
+    p = M.random(4, dtype=F64, generator=gen)
+    u = 0.3 * M.proju(p, torch.randn(4, M.size, dtype=F64, generator=gen))
+    monkeypatch.setattr(sweeps, "PAIRED_SWEEPS", False)
+    grouped = M.retr(p, u)
+    monkeypatch.setattr(sweeps, "STACK_MAX_NUMEL", 0)
+    y = M.retr(p, u)
+    for b in range(4):
+        ref = full(tt_svd(dense_point(M, p[b]) + dense_tangent(M, p[b], u[b]), M.ranks))
+        assert close(dense_point(M, y[b]), ref, 1e-10)
+        assert close(dense_point(M, y[b]), dense_point(M, grouped[b]), 1e-12)
+    assert M.check_point_on_manifold(y)
+
+
 def test_gauge_keeps_the_tangent_vector():
     M, p, Z, gen = batch_case(batch=(2,), seed=3)
     g = torch.randn(2, M.size, dtype=F64, generator=gen)

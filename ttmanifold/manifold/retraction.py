@@ -13,9 +13,9 @@ import torch
 from .. import kernels
 from ..kernels import dense as compiled_dense
 from ..tt import qr_pos
-from .sweeps import (STACK_MAX_NUMEL, batched_qr, batched_svd, core_runs, has_bonds,
+from .sweeps import (batched_qr, batched_svd, core_runs, has_bonds,
                      one_point_batch, prefer_fewer_launches, right_cores, right_sweep,
-                     squeeze_cores)
+                     squeeze_cores, stack_pays)
 
 __all__ = ["retract", "retract_point", "block_cores", "scattered_block_cores",
            "retract_transport_cores"]
@@ -460,7 +460,7 @@ def _group_lefts(U) -> bool:
     large batch on the CPU copies each factor right after its SVD, while in cache
     (deferring the copies measured 15-25 % slower at B = 256, r = 10)."""
     numel = sum(u.numel() for u in U[:-1])  # the new cores have the point's shapes
-    return numel <= STACK_MAX_NUMEL or prefer_fewer_launches(U[0].device, numel)
+    return stack_pays(U[0].device, numel)
 
 
 def _packed(lefts, last, nb: int, group: bool) -> torch.Tensor:

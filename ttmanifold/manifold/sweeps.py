@@ -27,7 +27,7 @@ from ..tt import IndexSet
 __all__ = ["compiled_batch", "has_bonds", "unbatched", "core_runs", "contiguous_runs",
            "right_sweep", "right_cores", "project_tt", "project_dense",
            "project_tt_at_point",
-           "prefer_fewer_launches", "one_point_batch", "squeeze_cores", "batched_mm",
+           "prefer_fewer_launches", "stack_pays", "one_point_batch", "squeeze_cores", "batched_mm",
            "batched_dot", "batched_qr", "batched_svd",
            "project_sampled", "gauge_project_flat", "gauge_deltas", "orth_defect"]
 
@@ -153,12 +153,20 @@ def contiguous_runs(cores: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     for k0, k1 in core_runs([tuple(c.shape) for c in cores]):
         if k1 - k0 > 1 and not all(c.is_contiguous() for c in cores[k0:k1]):
             numel = sum(c.numel() for c in cores[k0:k1])
-            if numel <= STACK_MAX_NUMEL or prefer_fewer_launches(cores[k0].device, numel):
+            if stack_pays(cores[k0].device, numel):
                 cores[k0:k1] = torch.stack(cores[k0:k1], -4).unbind(-4)
     return cores
 
 
 STACK_MAX_NUMEL = 1 << 16
+
+
+def stack_pays(device: torch.device, numel: int) -> bool:
+    """Whether to copy ``numel`` numbers together into one batch (one operation, a launch on
+    a GPU) rather than work on them piece by piece: runs of at most
+    :data:`STACK_MAX_NUMEL` numbers (in cache), or where launches dominate
+    (:func:`prefer_fewer_launches`). Read at call time (tests lower the bound)."""
+    return numel <= STACK_MAX_NUMEL or prefer_fewer_launches(device, numel)
 
 
 def unbatched(*seqs) -> bool:
@@ -855,7 +863,7 @@ def gauge_project_flat(runs, U_flat: torch.Tensor, g: torch.Tensor) -> torch.Ten
             sz = m * rows * cols
             Ub, Gb = U_flat[..., off:off + sz], g[..., off:off + sz]
             numel = 2 * npts * sz
-            if m > 1 and (numel <= STACK_MAX_NUMEL or prefer_fewer_launches(g.device, numel)):
+            if m > 1 and stack_pays(g.device, numel):
                 # a run of several cores: in the packed layout (point, core) is no single
                 # stride, so one copy of both makes them one batch of matrices (one
                 # operation; the products would copy each operand otherwise)
