@@ -205,3 +205,22 @@ def batched_svd(mod, a: torch.Tensor):
         return tuple(mod.batched_svd(a))
     u, s, vh = mod.batched_svd(a.reshape(-1, m, n))
     return u.reshape(a.shape), s.reshape(bs + (n,)), vh.reshape(bs + (n, n))
+
+
+def project_batch_small(mod, U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Tensor]]],
+                        Z: Sequence[torch.Tensor], *, packed: bool, gauge: bool):
+    """The batched ``project_tt(U, None, Z, packed=packed, gauge=gauge)`` for TT-ranks
+    ``<= 8`` in one call that runs blocks of points together, SIMD across the points
+    (``dense.cpp``'s ``project_batch_small``: the LQ sweep of each point, both interface
+    sweeps and the deltas). ``V`` must be None (computed inside); cores broadcast over the
+    leading batch dimensions (one ``Z`` for all points is not copied per point). Returns
+    ``(*batch, size)`` (``packed``) or the list of ``(*batch, r, n, r')`` cores."""
+    if V is not None:
+        raise ValueError("project_batch_small computes the right cores itself: V must be None")
+    bs = _batch_shape(U, Z)
+    out = mod.project_batch_small(_batched(U, bs), _batched(Z, bs), bool(gauge), bs.numel())
+    out = out.reshape(bs + out.shape[1:])
+    if packed:
+        return out
+    sizes = [u.shape[-3:].numel() for u in U]
+    return [c.unflatten(-1, u.shape[-3:]) for c, u in zip(out.split(sizes, -1), U)]
