@@ -397,7 +397,9 @@ def batched_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _packed(U, V, Z, *, packed: bool = False, gauge: bool = False) -> bool:
-    return packed and (unbatched(U, V, Z) or compiled_batch(U, V, Z))
+    # a batch of small ranks goes on to the batch path's own kernel (SIMD across points)
+    return packed and (unbatched(U, V, Z) or (compiled_batch(U, V, Z) and not _small_project(
+        U, V, Z, packed=packed, gauge=gauge)))
 
 
 # The paired interface sweeps (:func:`_paired_interfaces`: 2 batched products per middle
