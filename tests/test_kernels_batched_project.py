@@ -163,6 +163,14 @@ def test_broadcast_z_and_point_batch(spy, monkeypatch):
     D = sweeps.project_tt(U, None, Z.cores, gauge=True)  # list of cores
     assert spy.calls == ["project_batch_small"]
     assert torch.allclose(torch.cat([c.flatten(1) for c in D], 1), u, atol=1e-12)
+    # cores whose (r, n, r') blocks are not contiguous (copied by the kernel), batched Z
+    Zb = TT.random(M.shape, 2, dtype=F64, generator=g, batch=(20,)).cores
+    Zt = [c.transpose(-1, -3).contiguous().transpose(-1, -3) for c in Zb]
+    spy.calls.clear()
+    out = sweeps.project_tt(U, None, Zt, packed=True, gauge=True)
+    assert spy.calls == ["project_batch_small"]
+    ref = _torch_path(monkeypatch, lambda: sweeps.project_tt(U, None, Zb, packed=True, gauge=True))
+    assert _err(M.tangent_to_tt(p, out).full(), M.tangent_to_tt(p, ref).full()) < 1e-11
 
 
 def test_falls_back(spy, monkeypatch):

@@ -1583,8 +1583,17 @@ torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torc
   TORCH_CHECK(U.size() >= 2 && U.size() == Z.size(), "project_batch_small: inconsistent lengths");
   const auto t = U[0].scalar_type();
   TORCH_CHECK(t == torch::kFloat || t == torch::kDouble, "U: float32 or float64 only");
-  check_batch(U, "U", t, B);
-  check_batch(Z, "Z", t, B);
+  // cores (B or 1, r, n, r') with any batch stride (slices of packed points are read in
+  // place); a core whose (r, n, r') block is not contiguous is copied
+  for (auto* cs : {&U, &Z})
+    for (auto& c : *cs) {
+      const char* name = cs == &U ? "U" : "Z";
+      TORCH_CHECK(c.device().is_cpu() && c.dim() == 4 && c.scalar_type() == t, name,
+                  ": expected 4-D CPU cores (batch, r, n, r') of one dtype");
+      TORCH_CHECK(c.size(0) == 1 || c.size(0) == B, name, ": batch size ", c.size(0),
+                  " is neither 1 nor ", B);
+      if (c.size(0) > 0 && !c.select(0, 0).is_contiguous()) c = c.contiguous();
+    }
   const size_t d = U.size();
   int64_t size = 0;
   for (size_t k = 0; k < d; ++k) {

@@ -218,7 +218,13 @@ def project_batch_small(mod, U: Sequence[torch.Tensor], V: Optional[Sequence[Opt
     if V is not None:
         raise ValueError("project_batch_small computes the right cores itself: V must be None")
     bs = _batch_shape(U, Z)
-    out = mod.project_batch_small(_batched(U, bs), _batched(Z, bs), bool(gauge), bs.numel())
+    B = bs.numel()
+
+    def views(cores):  # (B or 1, r, n, r'): views where the batch dimensions allow
+        return [c.reshape((1,) + c.shape[-3:]) if c.shape[:-3].numel() == 1 else
+                c.expand(bs + c.shape[-3:]).reshape((B,) + c.shape[-3:]) for c in cores]
+
+    out = mod.project_batch_small(views(U), views(Z), bool(gauge), B)
     out = out.reshape(bs + out.shape[1:])
     if packed:
         return out
