@@ -1440,8 +1440,38 @@ template <typename T, int L>
 inline void mm_il(int M, int N, int K, const T* __restrict A, int sam, int sak,
                   const T* __restrict Bm, int sbk, int sbn, T* __restrict C, int scm, int scn,
                   T alpha, bool acc) {
-  for (int m = 0; m < M; ++m)
-    for (int n = 0; n < N; ++n) {
+  for (int m = 0; m < M; ++m) {
+    int n = 0;
+    // four outputs at a time: each A entry loaded once for four products (the loads, not
+    // the multiply-adds, bound these short products)
+    for (; n + 4 <= N; n += 4) {
+      T s0[L], s1[L], s2[L], s3[L];
+      for (int l = 0; l < L; ++l) s0[l] = s1[l] = s2[l] = s3[l] = T(0);
+      for (int k = 0; k < K; ++k) {
+        const T* a = A + static_cast<size_t>(m * sam + k * sak) * L;
+        const T* b = Bm + static_cast<size_t>(k * sbk + n * sbn) * L;
+        const size_t st = static_cast<size_t>(sbn) * L;
+        for (int l = 0; l < L; ++l) {
+          s0[l] += a[l] * b[l];
+          s1[l] += a[l] * b[st + l];
+          s2[l] += a[l] * b[2 * st + l];
+          s3[l] += a[l] * b[3 * st + l];
+        }
+      }
+      T* c = C + static_cast<size_t>(m * scm + n * scn) * L;
+      const size_t sc = static_cast<size_t>(scn) * L;
+      if (acc)
+        for (int l = 0; l < L; ++l) {
+          c[l] += alpha * s0[l]; c[sc + l] += alpha * s1[l];
+          c[2 * sc + l] += alpha * s2[l]; c[3 * sc + l] += alpha * s3[l];
+        }
+      else
+        for (int l = 0; l < L; ++l) {
+          c[l] = alpha * s0[l]; c[sc + l] = alpha * s1[l];
+          c[2 * sc + l] = alpha * s2[l]; c[3 * sc + l] = alpha * s3[l];
+        }
+    }
+    for (; n < N; ++n) {
       T s[L];
       for (int l = 0; l < L; ++l) s[l] = T(0);
       for (int k = 0; k < K; ++k) {
@@ -1455,11 +1485,12 @@ inline void mm_il(int M, int N, int K, const T* __restrict A, int sam, int sak,
       else
         for (int l = 0; l < L; ++l) c[l] = alpha * s[l];
     }
+  }
 }
 
-// The LQ of one interleaved core c (a x m row-major, m = n b): CT (m x a) = c^T is
-// factored (house_qr), V' = Q'^T written into v (a x m), R (a x a) into R, diag signs
-// into sg (a x L).
+// The LQ c = R^T Q'^T of one interleaved core c (a x m row-major, m = n b) as the QR of
+// CT = c^T (m x a, overwritten by house_qr): Q' (m x a) into Qt, R (a x a) into R, the
+// signs of diag R into sg (a x L).
 template <typename T, int a>
 struct Lq {
   static void run(int& m, T*& CT, T*& vd, T*& cf, T*& beta, T*& Qt, T*& R, T*& sg) {
