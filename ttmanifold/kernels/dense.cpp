@@ -1488,6 +1488,20 @@ inline void mm_il(int M, int N, int K, const T* __restrict A, int sam, int sak,
   }
 }
 
+// The interleaved block of the cores b0.. of c (B or 1, r, n, r'; each (r, n, r') block
+// contiguous): dst[e L + l] = core b0 + l's entry e, lanes past the batch repeating its
+// last core (their results are never written out). One strided load per lane (a gather
+// across the points), the entries' loop outside.
+template <typename T, int L>
+void gather_core(const torch::Tensor& c, int64_t b0, int64_t B, T* __restrict dst) {
+  const T* base = c.data_ptr<T>();
+  const int64_t E = c.numel() / c.size(0), sb = c.size(0) == 1 ? 0 : c.stride(0);
+  int64_t idx[L];
+  for (int l = 0; l < L; ++l) idx[l] = std::min<int64_t>(b0 + l, B - 1) * sb;
+  for (int64_t e = 0; e < E; ++e)
+    for (int l = 0; l < L; ++l) dst[e * L + l] = base[e + idx[l]];
+}
+
 // The LQ c = R^T Q'^T of one interleaved core c (a x m row-major, m = n b) as the QR of
 // CT = c^T (m x a, overwritten by house_qr): Q' (m x a) into Qt, R (a x a) into R, the
 // signs of diag R into sg (a x L).
@@ -1530,11 +1544,9 @@ void project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
       Tb(mx * L), Db(mx * L), Rb(bf::kMaxCols * bf::kMaxCols * L), C2(mx * L),
       P(bf::kMaxCols * bf::kMaxCols * L), Pn(P.size()), vd(bf::kMaxCols * L), cf(vd.size()),
       beta(vd.size()), sg(static_cast<size_t>(d + 1) * bf::kMaxCols * L);
-  std::vector<torch::Tensor> Uv(d), Zv(d), Ov(d);
+  std::vector<torch::Tensor> Ov(d);
   int64_t off = 0;
-  for (int k = 0; k < d; ++k) {  // (B, rows, cols) views: broadcast cores with stride 0
-    Uv[k] = U[k].expand({B, r[k], n[k], r[k + 1]}).reshape({B, r[k] * n[k], r[k + 1]});
-    Zv[k] = Z[k].expand({B, R[k], n[k], R[k + 1]}).reshape({B, R[k] * n[k], R[k + 1]});
+  for (int k = 0; k < d; ++k) {  // the deltas' (B, rows, cols) views of out
     const int64_t sz = static_cast<int64_t>(r[k]) * n[k] * r[k + 1];
     Ov[k] = out.narrow(1, off, sz).view({B, r[k] * n[k], r[k + 1]});
     off += sz;
@@ -1542,8 +1554,8 @@ void project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
   T sc[L];
   for (int64_t b0 = 0; b0 < B; b0 += L) {
     for (int k = 0; k < d; ++k) {
-      bf::gather<T, L>(Uv[k], b0, r[k] * n[k], r[k + 1], Ug.data() + uo[k]);
-      bf::gather<T, L>(Zv[k], b0, R[k] * n[k], R[k + 1], Zg.data() + zo[k]);
+      gather_core<T, L>(U[k], b0, B, Ug.data() + uo[k]);
+      gather_core<T, L>(Z[k], b0, B, Zg.data() + zo[k]);
     }
     // right to left: c_k (a x m) starts as U_{d-1} (scaled: the Q factors, all that is
     // used, do not change; keeps squares of huge entries in range)
