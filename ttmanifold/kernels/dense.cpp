@@ -1502,6 +1502,17 @@ void gather_core(const torch::Tensor& c, int64_t b0, int64_t B, T* __restrict ds
     for (int l = 0; l < L; ++l) dst[e * L + l] = base[e + idx[l]];
 }
 
+// v = a q b and d = x over the L lanes (restrict: vectorized without alias checks)
+template <typename T, int L>
+inline void mul3(T* __restrict v, const T* __restrict a, const T* __restrict q,
+                 const T* __restrict b) {
+  for (int l = 0; l < L; ++l) v[l] = a[l] * q[l] * b[l];
+}
+template <typename T, int L>
+inline void copy_lanes(T* __restrict d, const T* __restrict x) {
+  for (int l = 0; l < L; ++l) d[l] = x[l];
+}
+
 // The LQ c = R^T Q'^T of one interleaved core c (a x m row-major, m = n b) as the QR of
 // CT = c^T (m x a, overwritten by house_qr): Q' (m x a) into Qt, R (a x a) into R, the
 // signs of diag R into sg (a x L).
@@ -1568,7 +1579,8 @@ void project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
       const int a = r[k], nb = n[k] * r[k + 1], b = r[k + 1];
       for (int i = 0; i < a; ++i)  // CT = c^T (m x a)
         for (int j = 0; j < nb; ++j)
-          for (int l = 0; l < L; ++l) CT[(static_cast<size_t>(j) * a + i) * L + l] = C2[(static_cast<size_t>(i) * nb + j) * L + l];
+          copy_lanes<T, L>(CT.data() + (static_cast<size_t>(j) * a + i) * L,
+                           C2.data() + (static_cast<size_t>(i) * nb + j) * L);
       int m = nb;
       T *ct = CT.data(), *pvd = vd.data(), *pcf = cf.data(), *pb = beta.data(), *pq = Qt.data(),
         *pr = Rb.data(), *ps = sgn + static_cast<size_t>(k) * bf::kMaxCols * L;
@@ -1579,11 +1591,8 @@ void project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
         for (int i = 0; i < n[k]; ++i)
           for (int be = 0; be < b; ++be) {
             const size_t row = static_cast<size_t>(i) * b + be;
-            T* v = V.data() + (static_cast<size_t>(al) * nb + row) * L;
-            const T* q = Qt.data() + (row * a + al) * L;
-            const T* sa = ps + al * L;
-            const T* sb = s1 + (k + 1 < d ? be * L : 0);
-            for (int l = 0; l < L; ++l) v[l] = sa[l] * q[l] * sb[l];
+            mul3<T, L>(V.data() + (static_cast<size_t>(al) * nb + row) * L, ps + al * L,
+                       Qt.data() + (row * a + al) * L, s1 + (k + 1 < d ? be * L : 0));
           }
       // s (R_k n x b) = Z_k (R_k n x R_{k+1}) Q_k (R_{k+1} x b); Q_{k-1} (R_k x a) = s V^T
       const int Rk = R[k], R2 = R[k + 1];
