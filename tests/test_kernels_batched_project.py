@@ -114,7 +114,8 @@ def test_matches_dense_reference_and_torch_path(spy, monkeypatch, shape, r, R, B
         warnings.simplefilter("ignore", UserWarning)
         M = FixedTTRank(shape, r)
         Z = TT.random(M.shape, R, dtype=dtype, generator=g, batch=(B,))
-    p = torch.Tensor(M.random(B, dtype=dtype, generator=g))
+    # (B, size): M.random(B) alone is one point where B happens to equal the size
+    p = torch.Tensor(M.random(B, M.size, dtype=dtype, generator=g))
     u = M.project(p, Z)
     assert spy.calls == ["project_batch_small"]
     full = M.tangent_to_tt(p, u).full()
