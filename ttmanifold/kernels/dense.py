@@ -213,8 +213,11 @@ def project_batch_small(mod, U: Sequence[torch.Tensor], V: Optional[Sequence[Opt
     ``<= 8`` in one call that runs blocks of points together, SIMD across the points
     (``dense.cpp``'s ``project_batch_small``: the LQ sweep of each point, both interface
     sweeps and the deltas). ``V`` must be None (computed inside); cores broadcast over the
-    leading batch dimensions (one ``Z`` for all points is not copied per point). Returns
-    ``(*batch, size)`` (``packed``) or the list of ``(*batch, r, n, r')`` cores."""
+    leading batch dimensions (one ``Z`` for all points is not copied per point).
+
+    Args: as the torch ``project_tt`` (``mod``: the loaded dense module).
+    Returns: ``(*batch, size)`` (``packed``) or the list of ``(*batch, r, n, r')`` cores.
+    Cost: O(B d n r R (r + R) + B d n r^3), one call."""
     if V is not None:
         raise ValueError("project_batch_small computes the right cores itself: V must be None")
     bs = _batch_shape(U, Z)
