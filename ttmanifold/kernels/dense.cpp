@@ -1424,6 +1424,251 @@ std::vector<torch::Tensor> batched_svd(torch::Tensor a) {
 
 
 
+// ---------------------------------------------------------------------------------------
+// The batched projection for small ranks in the interleaved layout of bf (blocks of L points,
+// the point index innermost): for each block, the LQ sweep of the points' cores (the
+// canonical right-orthogonal cores of right_cores_impl, V_k = S_k V'_k (I (x) S_{k+1})),
+// interleaved with the right interfaces Q_{k-1} = (Z_k x_3 Q_k) V_k^T, then the left
+// sweep T_k = P_k Z_k, P_{k+1} = U_k^T T_k (gauge: T_k -= U_k P_{k+1}) and D_k = T_k Q_k,
+// written out core by core (project_impl's formulas, every statement over the L lanes).
+namespace pbs {
+
+// C[m, n] = alpha sum_k A[m, k] B[k, n] (+ C[m, n] if acc) for interleaved matrices with
+// element strides (sam, sak), (sbk, sbn), (scm, scn); one accumulator of L lanes per
+// output (registers), the lane loop innermost (vectorized).
+template <typename T, int L>
+inline void mm_il(int M, int N, int K, const T* __restrict A, int sam, int sak,
+                  const T* __restrict Bm, int sbk, int sbn, T* __restrict C, int scm, int scn,
+                  T alpha, bool acc) {
+  for (int m = 0; m < M; ++m) {
+    int n = 0;
+    // four outputs at a time: each A entry loaded once for four products (the loads, not
+    // the multiply-adds, bound these short products)
+    for (; n + 4 <= N; n += 4) {
+      T s0[L], s1[L], s2[L], s3[L];
+      for (int l = 0; l < L; ++l) s0[l] = s1[l] = s2[l] = s3[l] = T(0);
+      for (int k = 0; k < K; ++k) {
+        const T* a = A + static_cast<size_t>(m * sam + k * sak) * L;
+        const T* b = Bm + static_cast<size_t>(k * sbk + n * sbn) * L;
+        const size_t st = static_cast<size_t>(sbn) * L;
+        for (int l = 0; l < L; ++l) {
+          s0[l] += a[l] * b[l];
+          s1[l] += a[l] * b[st + l];
+          s2[l] += a[l] * b[2 * st + l];
+          s3[l] += a[l] * b[3 * st + l];
+        }
+      }
+      T* c = C + static_cast<size_t>(m * scm + n * scn) * L;
+      const size_t sc = static_cast<size_t>(scn) * L;
+      if (acc)
+        for (int l = 0; l < L; ++l) {
+          c[l] += alpha * s0[l]; c[sc + l] += alpha * s1[l];
+          c[2 * sc + l] += alpha * s2[l]; c[3 * sc + l] += alpha * s3[l];
+        }
+      else
+        for (int l = 0; l < L; ++l) {
+          c[l] = alpha * s0[l]; c[sc + l] = alpha * s1[l];
+          c[2 * sc + l] = alpha * s2[l]; c[3 * sc + l] = alpha * s3[l];
+        }
+    }
+    for (; n < N; ++n) {
+      T s[L];
+      for (int l = 0; l < L; ++l) s[l] = T(0);
+      for (int k = 0; k < K; ++k) {
+        const T* a = A + static_cast<size_t>(m * sam + k * sak) * L;
+        const T* b = Bm + static_cast<size_t>(k * sbk + n * sbn) * L;
+        for (int l = 0; l < L; ++l) s[l] += a[l] * b[l];
+      }
+      T* c = C + static_cast<size_t>(m * scm + n * scn) * L;
+      if (acc)
+        for (int l = 0; l < L; ++l) c[l] += alpha * s[l];
+      else
+        for (int l = 0; l < L; ++l) c[l] = alpha * s[l];
+    }
+  }
+}
+
+// The interleaved block of the cores b0.. of c (B or 1, r, n, r'; each (r, n, r') block
+// contiguous): dst[e L + l] = core b0 + l's entry e, lanes past the batch repeating its
+// last core (their results are never written out). One strided load per lane (a gather
+// across the points), the entries' loop outside.
+template <typename T, int L>
+void gather_core(const torch::Tensor& c, int64_t b0, int64_t B, T* __restrict dst) {
+  const T* base = c.data_ptr<T>();
+  const int64_t E = c.numel() / c.size(0), sb = c.size(0) == 1 ? 0 : c.stride(0);
+  int64_t idx[L];
+  for (int l = 0; l < L; ++l) idx[l] = std::min<int64_t>(b0 + l, B - 1) * sb;
+  for (int64_t e = 0; e < E; ++e)
+    for (int l = 0; l < L; ++l) dst[e * L + l] = base[e + idx[l]];
+}
+
+// v = a q b and d = x over the L lanes (restrict: vectorized without alias checks)
+template <typename T, int L>
+inline void mul3(T* __restrict v, const T* __restrict a, const T* __restrict q,
+                 const T* __restrict b) {
+  for (int l = 0; l < L; ++l) v[l] = a[l] * q[l] * b[l];
+}
+template <typename T, int L>
+inline void copy_lanes(T* __restrict d, const T* __restrict x) {
+  for (int l = 0; l < L; ++l) d[l] = x[l];
+}
+
+// The LQ c = R^T Q'^T of one interleaved core c (a x m row-major, m = n b) as the QR of
+// CT = c^T (m x a, overwritten by house_qr): Q' (m x a) into Qt, R (a x a) into R, the
+// signs of diag R into sg (a x L).
+template <typename T, int a>
+struct Lq {
+  static void run(int& m, T*& CT, T*& vd, T*& cf, T*& beta, T*& Qt, T*& R, T*& sg) {
+    constexpr int L = bf::lanes<T>();
+    bf::house_qr<T, L, a>(m, CT, vd, cf, beta);
+    bf::upper<T, L>(a, CT, beta, R);
+    for (int j = 0; j < a; ++j)
+      for (int l = 0; l < L; ++l) sg[j * L + l] = std::copysign(T(1), beta[j * L + l]);
+    bf::eye<T, L>(m, a, Qt);
+    bf::apply_q<T, L, a>(m, CT, vd, cf, Qt, true);
+  }
+};
+
+template <typename T>
+void project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::Tensor>& Z,
+                        bool gauge, int64_t B, torch::Tensor& out) {
+  constexpr int L = bf::lanes<T>();
+  const int d = static_cast<int>(U.size());
+  std::vector<int> r(d + 1), R(d + 1), n(d);
+  for (int k = 0; k < d; ++k) {
+    r[k] = static_cast<int>(U[k].size(1)); n[k] = static_cast<int>(U[k].size(2));
+    R[k] = static_cast<int>(Z[k].size(1));
+  }
+  r[d] = 1; R[d] = 1;
+  // interleaved copies of the block's cores, and per-core workspaces at their largest
+  std::vector<size_t> uo(d + 1, 0), zo(d + 1, 0);
+  size_t mx = 0, qo = 0;
+  std::vector<size_t> qoff(d);
+  for (int k = 0; k < d; ++k) {
+    const size_t un = static_cast<size_t>(r[k]) * n[k] * r[k + 1], zn = static_cast<size_t>(R[k]) * n[k] * R[k + 1];
+    uo[k + 1] = uo[k] + un * L; zo[k + 1] = zo[k] + zn * L;
+    mx = std::max({mx, un, zn, static_cast<size_t>(R[k]) * n[k] * r[k + 1],
+                   static_cast<size_t>(r[k]) * n[k] * R[k + 1]});
+    qoff[k] = qo; qo += static_cast<size_t>(R[k + 1]) * r[k + 1] * L;
+  }
+  std::vector<T> Ug(uo[d]), Zg(zo[d]), Qs(qo), CT(mx * L), Qt(mx * L), V(mx * L), s(mx * L),
+      Tb(mx * L), Db(mx * L), Rb(bf::kMaxCols * bf::kMaxCols * L), C2(mx * L),
+      P(bf::kMaxCols * bf::kMaxCols * L), Pn(P.size()), vd(bf::kMaxCols * L), cf(vd.size()),
+      beta(vd.size()), sg(static_cast<size_t>(d + 1) * bf::kMaxCols * L);
+  std::vector<torch::Tensor> Ov(d);
+  int64_t off = 0;
+  for (int k = 0; k < d; ++k) {  // the deltas' (B, rows, cols) views of out
+    const int64_t sz = static_cast<int64_t>(r[k]) * n[k] * r[k + 1];
+    Ov[k] = out.narrow(1, off, sz).view({B, r[k] * n[k], r[k + 1]});
+    off += sz;
+  }
+  T sc[L];
+  for (int64_t b0 = 0; b0 < B; b0 += L) {
+    for (int k = 0; k < d; ++k) {
+      gather_core<T, L>(U[k], b0, B, Ug.data() + uo[k]);
+      gather_core<T, L>(Z[k], b0, B, Zg.data() + zo[k]);
+    }
+    // right to left: c_k (a x m) starts as U_{d-1} (scaled: the Q factors, all that is
+    // used, do not change; keeps squares of huge entries in range)
+    T* sgn = sg.data();
+    for (int l = 0; l < L; ++l) sgn[d * bf::kMaxCols * L + l] = T(1);  // S_d = 1
+    std::copy(Ug.data() + uo[d - 1], Ug.data() + uo[d], C2.data());
+    bf::scale_down<T, L>(C2.data(), r[d - 1] * n[d - 1], sc);
+    for (int l = 0; l < L; ++l) Qs[qoff[d - 1] + l] = T(1);  // Q_{d-1} = 1 (1 x 1)
+    for (int k = d - 1; k >= 1; --k) {
+      const int a = r[k], nb = n[k] * r[k + 1], b = r[k + 1];
+      for (int i = 0; i < a; ++i)  // CT = c^T (m x a)
+        for (int j = 0; j < nb; ++j)
+          copy_lanes<T, L>(CT.data() + (static_cast<size_t>(j) * a + i) * L,
+                           C2.data() + (static_cast<size_t>(i) * nb + j) * L);
+      int m = nb;
+      T *ct = CT.data(), *pvd = vd.data(), *pcf = cf.data(), *pb = beta.data(), *pq = Qt.data(),
+        *pr = Rb.data(), *ps = sgn + static_cast<size_t>(k) * bf::kMaxCols * L;
+      bf::for_cols<T, Lq>(a, m, ct, pvd, pcf, pb, pq, pr, ps);
+      // V_k[al, i, be] = S_k[al] Q'[(i, be), al] S_{k+1}[be]
+      const T* s1 = sgn + static_cast<size_t>(k + 1) * bf::kMaxCols * L;
+      for (int al = 0; al < a; ++al)
+        for (int i = 0; i < n[k]; ++i)
+          for (int be = 0; be < b; ++be) {
+            const size_t row = static_cast<size_t>(i) * b + be;
+            mul3<T, L>(V.data() + (static_cast<size_t>(al) * nb + row) * L, ps + al * L,
+                       Qt.data() + (row * a + al) * L, s1 + (k + 1 < d ? be * L : 0));
+          }
+      // s (R_k n x b) = Z_k (R_k n x R_{k+1}) Q_k (R_{k+1} x b); Q_{k-1} (R_k x a) = s V^T
+      const int Rk = R[k], R2 = R[k + 1];
+      mm_il<T, L>(Rk * n[k], b, R2, Zg.data() + zo[k], R2, 1, Qs.data() + qoff[k], b, 1,
+                  s.data(), b, 1, T(1), false);
+      mm_il<T, L>(Rk, a, nb, s.data(), nb, 1, V.data(), 1, nb, Qs.data() + qoff[k - 1], a, 1,
+                  T(1), false);
+      // c_{k-1} (r_{k-1} n x a) = U_{k-1} (r_{k-1} n x a) R^T (unsigned L'_k)
+      const int rows = r[k - 1] * n[k - 1];
+      mm_il<T, L>(rows, a, a, Ug.data() + uo[k - 1], a, 1, Rb.data(), 1, a, C2.data(), a, 1,
+                  T(1), false);
+    }
+    // left to right: T_k = P_k Z_k, P_{k+1} = U_k^T T_k, gauge, D_k = T_k Q_k
+    for (int l = 0; l < L; ++l) P[l] = T(1);  // P_0 = 1 (1 x 1)
+    for (int k = 0; k < d; ++k) {
+      const int a = r[k], b = r[k + 1], Rk = R[k], R2 = R[k + 1], nR2 = n[k] * R2;
+      mm_il<T, L>(a, nR2, Rk, P.data(), Rk, 1, Zg.data() + zo[k], nR2, 1, Tb.data(), nR2, 1,
+                  T(1), false);
+      const T* u = Ug.data() + uo[k];
+      if (k < d - 1) {  // P_{k+1} (b x R2) = U^T (b x a n) T (a n x R2)
+        mm_il<T, L>(b, R2, a * n[k], u, 1, b, Tb.data(), R2, 1, Pn.data(), R2, 1, T(1), false);
+        if (gauge)  // T -= U P_{k+1}
+          mm_il<T, L>(a * n[k], R2, b, u, b, 1, Pn.data(), R2, 1, Tb.data(), R2, 1, T(-1), true);
+        std::swap(P, Pn);
+      }
+      // D (a n x b) = T (a n x R2) Q_k (R2 x b)
+      mm_il<T, L>(a * n[k], b, R2, Tb.data(), R2, 1, Qs.data() + qoff[k], b, 1, Db.data(), b, 1,
+                  T(1), false);
+      bf::scatter<T, L>(Db.data(), b0, a * n[k], b, nullptr, Ov[k]);
+    }
+  }
+}
+
+}  // namespace pbs
+
+// project (V computed, canonical gauge) for B points and/or B TTs with TT-ranks <= 8,
+// SIMD across the points: U, Z cores (1 or B, r, n, r'); (B, size of U's point)
+torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torch::Tensor> Z,
+                                  bool gauge, int64_t B) {
+  TORCH_CHECK(U.size() >= 2 && U.size() == Z.size(), "project_batch_small: inconsistent lengths");
+  const auto t = U[0].scalar_type();
+  TORCH_CHECK(t == torch::kFloat || t == torch::kDouble, "U: float32 or float64 only");
+  // cores (B or 1, r, n, r') with any batch stride (slices of packed points are read in
+  // place); a core whose (r, n, r') block is not contiguous is copied
+  for (auto* cs : {&U, &Z})
+    for (auto& c : *cs) {
+      const char* name = cs == &U ? "U" : "Z";
+      TORCH_CHECK(c.device().is_cpu() && c.dim() == 4 && c.scalar_type() == t, name,
+                  ": expected 4-D CPU cores (batch, r, n, r') of one dtype");
+      TORCH_CHECK(c.size(0) == 1 || c.size(0) == B, name, ": batch size ", c.size(0),
+                  " is neither 1 nor ", B);
+      if (c.size(0) > 0 && !c.select(0, 0).is_contiguous()) c = c.contiguous();
+    }
+  const size_t d = U.size();
+  int64_t size = 0;
+  for (size_t k = 0; k < d; ++k) {
+    TORCH_CHECK(Z[k].size(2) == U[k].size(2), "Z: mode sizes differ from U's");
+    TORCH_CHECK(U[k].size(1) <= bf::kMaxCols && U[k].size(3) <= bf::kMaxCols &&
+                Z[k].size(1) <= bf::kMaxCols && Z[k].size(3) <= bf::kMaxCols,
+                "project_batch_small: TT-ranks above ", bf::kMaxCols);
+    TORCH_CHECK(k == 0 || U[k].size(2) * U[k].size(3) >= U[k].size(1),
+                "U: core ", k, " has fewer columns n r' than rows r (no LQ)");
+    TORCH_CHECK(k + 1 == d || (U[k].size(3) == U[k + 1].size(1) && Z[k].size(3) == Z[k + 1].size(1)),
+                "U, Z: ranks of consecutive cores differ");
+    size += U[k].size(1) * U[k].size(2) * U[k].size(3);
+  }
+  TORCH_CHECK(U[0].size(1) == 1 && U[d - 1].size(3) == 1 && Z[0].size(1) == 1 && Z[d - 1].size(3) == 1,
+              "U, Z: boundary ranks must be 1");
+  auto out = torch::empty({B, size}, U[0].options());
+  if (B == 0) return out;
+  if (t == torch::kDouble) pbs::project_small_impl<double>(U, Z, gauge, B, out);
+  else pbs::project_small_impl<float>(U, Z, gauge, B, out);
+  return out;
+}
+
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("retract", &retract, "packed TT-SVD of X + xi (structured rank-2r rounding)");
   m.def("retract_point", &retract_point, "retract, V computed from U");
@@ -1447,4 +1692,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the same for tangent block cores x: the packed gradient of the deltas only");
   m.def("batched_qr", &batched_qr, "thin QR of a batch of small matrices (interleaved)");
   m.def("batched_svd", &batched_svd, "thin SVD of a batch of small matrices (interleaved)");
+  m.def("project_batch_small", &project_batch_small,
+        "project of a batch of points of TT-ranks <= 8, SIMD across the points (interleaved)");
 }

@@ -205,3 +205,31 @@ def batched_svd(mod, a: torch.Tensor):
         return tuple(mod.batched_svd(a))
     u, s, vh = mod.batched_svd(a.reshape(-1, m, n))
     return u.reshape(a.shape), s.reshape(bs + (n,)), vh.reshape(bs + (n, n))
+
+
+def project_batch_small(mod, U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Tensor]]],
+                        Z: Sequence[torch.Tensor], *, packed: bool, gauge: bool):
+    """The batched ``project_tt(U, None, Z, packed=packed, gauge=gauge)`` for TT-ranks
+    ``<= 8`` in one call that runs blocks of points together, SIMD across the points
+    (``dense.cpp``'s ``project_batch_small``: the LQ sweep of each point, both interface
+    sweeps and the deltas). ``V`` must be None (computed inside); cores broadcast over the
+    leading batch dimensions (one ``Z`` for all points is not copied per point).
+
+    Args: as the torch ``project_tt`` (``mod``: the loaded dense module).
+    Returns: ``(*batch, size)`` (``packed``) or the list of ``(*batch, r, n, r')`` cores.
+    Cost: O(B d n r R (r + R) + B d n r^3), one call."""
+    if V is not None:
+        raise ValueError("project_batch_small computes the right cores itself: V must be None")
+    bs = _batch_shape(U, Z)
+    B = bs.numel()
+
+    def views(cores):  # (B or 1, r, n, r'): views where the batch dimensions allow
+        return [c.reshape((1,) + c.shape[-3:]) if c.shape[:-3].numel() == 1 else
+                c.expand(bs + c.shape[-3:]).reshape((B,) + c.shape[-3:]) for c in cores]
+
+    out = mod.project_batch_small(views(U), views(Z), bool(gauge), B)
+    out = out.reshape(bs + out.shape[1:])
+    if packed:
+        return out
+    sizes = [u.shape[-3:].numel() for u in U]
+    return [c.unflatten(-1, u.shape[-3:]) for c, u in zip(out.split(sizes, -1), U)]

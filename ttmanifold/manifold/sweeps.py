@@ -405,7 +405,9 @@ def batched_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _packed(U, V, Z, *, packed: bool = False, gauge: bool = False) -> bool:
-    return packed and (unbatched(U, V, Z) or compiled_batch(U, V, Z))
+    # a batch of small ranks goes on to the batch path's own kernel (SIMD across points)
+    return packed and (unbatched(U, V, Z) or (compiled_batch(U, V, Z) and not _small_project(
+        U, V, Z, packed=packed, gauge=gauge)))
 
 
 # The paired interface sweeps (:func:`_paired_interfaces`: 2 batched products per middle
@@ -655,9 +657,43 @@ def _sequential_interfaces_batched(U, V, Z, bs):
     return T, Ps, Q, sweep, dg
 
 
+#: The compiled batched projection for small ranks (``dense.cpp``'s ``project_batch_small``:
+#: blocks of points through the whole computation, SIMD across the points) takes a batch
+#: of at least ``SMALL_PROJECT_MIN_BATCH`` points whose TT-ranks (of the point and of ``Z``)
+#: are at most ``SMALL_PROJECT_MAX_RANK``, with ``V`` None and the points batched (one point
+#: shared by the batch keeps the torch path, whose products run the batch in their matrix
+#: dimensions). Measured: see docs/kernels.md.
+SMALL_PROJECT_MIN_BATCH = 16
+SMALL_PROJECT_MAX_RANK = 8
+
+
+def _small_project(U, V, Z, *, packed: bool, gauge: bool) -> bool:
+    """Whether the compiled small-rank batched projection takes the call (shapes only)."""
+    if V is not None or len(U) < 2 or len(Z) != len(U):
+        return False
+    if any(c.dim() < 3 for c in U) or any(c.dim() < 3 for c in Z):
+        return False
+    try:
+        bs = torch.broadcast_shapes(*[c.shape[:-3] for c in list(U) + list(Z)])
+    except RuntimeError:
+        return False
+    B = bs.numel()
+    if B < SMALL_PROJECT_MIN_BATCH or any(c.shape[:-3].numel() != B for c in U):
+        return False
+    mr = SMALL_PROJECT_MAX_RANK
+    for k, (u, z) in enumerate(zip(U, Z)):
+        a, n, b = u.shape[-3:]
+        if (max(a, b, z.shape[-3], z.shape[-1]) > mr or z.shape[-2] != n
+                or (k > 0 and n * b < a)):
+            return False
+    return True
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.project_batch_small, when=_small_project)
 def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
     """:func:`project_tt` with leading batch dimensions: the batch shape is the broadcast
-    of those of ``U`` and ``Z`` (and ``V``); the same sweeps, batched."""
+    of those of ``U`` and ``Z`` (and ``V``); the same sweeps, batched (compiled, SIMD across
+    the points, for batches of small ranks: :data:`SMALL_PROJECT_MAX_RANK`)."""
     d = len(U)
     bs = torch.broadcast_shapes(*[c.shape[:-3] for c in (U[0], Z[0])
                                   + (() if V is None else (V[-1],))])

@@ -1,0 +1,205 @@
+"""The compiled batched projection for small TT-ranks (``dense.cpp``'s
+``project_batch_small`` behind the batch path of ``manifold.sweeps.project_tt``): the tangent
+vectors of ``M.project(p, Z)`` for batches of points against a dense float64 reference and
+the torch path (full tensors), float64 and float32, broadcast ``Z``, the fallbacks, and that
+the compiled call actually runs."""
+import math
+import shutil
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ttmanifold import TT, FixedTTRank, kernels
+from ttmanifold.manifold import sweeps
+
+F64, F32 = torch.float64, torch.float32
+TOL = {F64: 1e-11, F32: 3e-5}
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+class Spy:
+    """The loaded module, recording the names of its batched projection calls."""
+
+    def __init__(self, mod):
+        self._mod = mod
+        self.calls = []
+
+    def __getattr__(self, attr):
+        f = getattr(self._mod, attr)
+        if attr not in ("project_batch_small", "project_batch"):
+            return f
+
+        def call(*a, **k):
+            self.calls.append(attr)
+            return f(*a, **k)
+
+        return call
+
+
+@pytest.fixture(scope="module")
+def dense_module():
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: the compiled kernels cannot be built here")
+    was = kernels.enabled()
+    kernels.set_enabled(True)
+    kernels.build(["dense"], verbose=False)
+    mod = kernels.module("dense")
+    assert mod is not None, "the compiled dense kernels failed to build"
+    yield mod
+    kernels.set_enabled(was)
+
+
+@pytest.fixture
+def spy(dense_module, monkeypatch):
+    s = Spy(dense_module)
+    monkeypatch.setattr(kernels._SETS["dense"], "module", s)
+    monkeypatch.setitem(kernels._config, "enabled", True)
+    return s
+
+
+def _torch_path(monkeypatch, fn):
+    """fn() with the compiled kernels off (the torch batch path)."""
+    with monkeypatch.context() as m:
+        m.setitem(kernels._config, "enabled", False)
+        return fn()
+
+
+def _dense_projection(X, Z, ranks):
+    """The tangent projection of the dense Z at the dense point X of TT-ranks ``ranks``
+    (float64), from orthogonal projectors onto the unfoldings' column and row spaces:
+    sum_k P_{<k} (x) P_{>k} Z - sum_{k<d-1} P_{<=k} (x) P_{>k} Z."""
+    shape, d = X.shape, X.dim()
+
+    def left(k):  # projector onto the column space of the unfolding (modes 0..k, rest)
+        if k < 0:
+            return None
+        u = torch.linalg.svd(X.reshape(math.prod(shape[:k + 1]), -1))[0][:, :ranks[k + 1]]
+        return u @ u.T
+
+    def right(m):  # projector onto the row space of the unfolding (modes < m, modes m..)
+        if m >= d:
+            return None
+        v = torch.linalg.svd(X.reshape(-1, math.prod(shape[m:])))[2][:ranks[m]].T
+        return v @ v.T
+
+    def apply(j, PL, m, PR):
+        Y = Z.reshape(math.prod(shape[:j + 1]), -1)
+        if PL is not None:
+            Y = PL @ Y
+        Y = Y.reshape(-1, math.prod(shape[m:]))
+        if PR is not None:
+            Y = Y @ PR
+        return Y.reshape(shape)
+
+    out = sum(apply(k - 1, left(k - 1), k + 1, right(k + 1)) for k in range(d))
+    return out - sum(apply(k, left(k), k + 1, right(k + 1)) for k in range(d - 1))
+
+
+def _err(x, ref):
+    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.lists(st.integers(1, 4), min_size=2, max_size=4), r=st.integers(1, 4),
+       R=st.integers(1, 4), B=st.integers(16, 37), dtype=st.sampled_from([F64, F32]),
+       seed=st.integers(0, 2**31 - 1))
+def test_matches_dense_reference_and_torch_path(spy, monkeypatch, shape, r, R, B, dtype, seed):
+    spy.calls.clear()  # (one fixture for all examples)
+    g = torch.Generator().manual_seed(seed)
+    with warnings.catch_warnings():  # ranks clipped to the feasible bound: expected
+        warnings.simplefilter("ignore", UserWarning)
+        M = FixedTTRank(shape, r)
+        Z = TT.random(M.shape, R, dtype=dtype, generator=g, batch=(B,))
+    # (B, size): M.random(B) alone is one point where B happens to equal the size
+    p = torch.Tensor(M.random(B, M.size, dtype=dtype, generator=g))
+    u = M.project(p, Z)
+    assert spy.calls == ["project_batch_small"]
+    full = M.tangent_to_tt(p, u).full()
+    ref_torch = _torch_path(monkeypatch, lambda: M.tangent_to_tt(p, M.project(p, Z)).full())
+    assert _err(full, ref_torch) < TOL[dtype] * 10
+    X, Zf = M.to_tt(p).full().to(F64), Z.full().to(F64)
+    for b in range(0, B, 7):
+        ref = _dense_projection(X[b], Zf[b], M.ranks)
+        assert _err(full[b].to(F64), ref) < TOL[dtype] * 10
+    # the gauge: every delta but the last is orthogonal to its core, <x, u> = <P x, z>
+    cores = M._split(u, "u")
+    for k, c in enumerate(M._split(p, "p")[:-1]):
+        a, n, b2 = c.shape[-3:]
+        gram = c.reshape(B, a * n, b2).mT @ cores[k].reshape(B, a * n, b2)
+        assert float(gram.abs().max()) < TOL[dtype] * 10 * (1 + float(cores[k].abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_realistic_sizes_and_rank_8(spy, monkeypatch, dtype):
+    """d = 5, n = 8 at ranks 4 and 8 (8: the batch leaves the per-point compiled loop for
+    the SIMD kernel), a batch over two dimensions with a partial last block (B = 2 x 9)."""
+    g = torch.Generator().manual_seed(3)
+    for r in (4, 8):
+        M = FixedTTRank((8,) * 5, r)
+        p = torch.Tensor(M.random(18, dtype=dtype, generator=g)).reshape(2, 9, -1)
+        Z = TT.random(M.shape, r, dtype=dtype, generator=g, batch=(2, 9))
+        spy.calls.clear()
+        u = M.project(p, Z)
+        assert spy.calls == ["project_batch_small"] and u.shape == p.shape
+        ref = _torch_path(monkeypatch, lambda: M.tangent_to_tt(p, M.project(p, Z)).full())
+        assert _err(M.tangent_to_tt(p, u).full(), ref) < TOL[dtype] * 10
+
+
+def test_broadcast_z_and_point_batch(spy, monkeypatch):
+    """One Z for a batch of points (not copied per point), and a packed list output."""
+    g = torch.Generator().manual_seed(4)
+    M = FixedTTRank((3, 4, 2, 3), 3)
+    p = torch.Tensor(M.random(20, dtype=F64, generator=g))
+    Z = TT.random(M.shape, 2, dtype=F64, generator=g)
+    u = M.project(p, Z)
+    assert spy.calls == ["project_batch_small"] and u.shape == p.shape
+    ref = _torch_path(monkeypatch, lambda: M.project(p, Z))
+    assert _err(M.tangent_to_tt(p, u).full(), M.tangent_to_tt(p, ref).full()) < 1e-11
+    U = M._split(p, "p")
+    spy.calls.clear()
+    D = sweeps.project_tt(U, None, Z.cores, gauge=True)  # list of cores
+    assert spy.calls == ["project_batch_small"]
+    assert torch.allclose(torch.cat([c.flatten(1) for c in D], 1), u, atol=1e-12)
+    # cores whose (r, n, r') blocks are not contiguous (copied by the kernel), batched Z
+    Zb = TT.random(M.shape, 2, dtype=F64, generator=g, batch=(20,)).cores
+    Zt = [c.transpose(-1, -3).contiguous().transpose(-1, -3) for c in Zb]
+    spy.calls.clear()
+    out = sweeps.project_tt(U, None, Zt, packed=True, gauge=True)
+    assert spy.calls == ["project_batch_small"]
+    ref = _torch_path(monkeypatch, lambda: sweeps.project_tt(U, None, Zb, packed=True, gauge=True))
+    assert _err(M.tangent_to_tt(p, out).full(), M.tangent_to_tt(p, ref).full()) < 1e-11
+
+
+def test_falls_back(spy, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    M = FixedTTRank((3, 4, 3), 2)
+    Z = TT.random(M.shape, 2, dtype=F64, generator=g, batch=(15,))
+    p = torch.Tensor(M.random(15, dtype=F64, generator=g))
+    M.project(p, Z)  # a batch below SMALL_PROJECT_MIN_BATCH
+    p1 = torch.Tensor(M.random(dtype=F64, generator=g))
+    Z1 = TT.random(M.shape, 2, dtype=F64, generator=g, batch=(20,))
+    M.project(p1, Z1)  # one point shared by the batch: the torch products at the point
+    M9 = FixedTTRank((10, 10, 10), 9)  # ranks above 8
+    M9.project(torch.Tensor(M9.random(16, dtype=F64, generator=g)),
+               TT.random(M9.shape, 2, dtype=F64, generator=g, batch=(16,)))
+    U = M._split(torch.Tensor(M.random(16, dtype=F64, generator=g)), "p")
+    Z16 = TT.random(M.shape, 2, dtype=F64, generator=g, batch=(16,)).cores
+    sweeps.project_tt(U, sweeps.right_cores(U), Z16, gauge=True)  # V given
+    Ug = [c.clone().requires_grad_() for c in U]
+    sweeps.project_tt(Ug, None, Z16, packed=True, gauge=True)  # autograd: torch's
+    assert "project_batch_small" not in spy.calls
+
+
+def test_compiled_function_checks_its_input(dense_module):
+    U = [torch.randn(16, 1, 3, 9, dtype=F64), torch.randn(16, 9, 3, 1, dtype=F64)]
+    Z = [torch.randn(16, 1, 3, 2, dtype=F64), torch.randn(16, 2, 3, 1, dtype=F64)]
+    with pytest.raises(RuntimeError, match="TT-ranks above 8"):
+        dense_module.project_batch_small(U, Z, True, 16)
+    with pytest.raises(RuntimeError, match="inconsistent lengths"):
+        dense_module.project_batch_small(U, Z[:1], True, 16)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        dense_module.project_batch_small([u.float() for u in U], Z, True, 16)
