@@ -203,3 +203,24 @@ def test_compiled_function_checks_its_input(dense_module):
         dense_module.project_batch_small(U, Z[:1], True, 16)
     with pytest.raises(RuntimeError, match="one dtype"):
         dense_module.project_batch_small([u.float() for u in U], Z, True, 16)
+
+
+def test_one_call_for_a_large_batch_and_an_ordinary_result(spy, monkeypatch):
+    """M.project of a large batch of small ranks: the kernel takes the whole batch in one
+    call (the CPU chunking is skipped: it only added calls and a concatenation) and its
+    result is returned as it is, an ordinary tensor (allocated outside inference mode, so
+    not copied out of it); the same deltas as the torch path in chunks."""
+    from ttmanifold.manifold import fixed_rank
+
+    monkeypatch.setattr(fixed_rank, "CPU_BATCH_CHUNK_BYTES", 4096)  # would make 8+ chunks
+    M = FixedTTRank((6,) * 5, 3)
+    g = torch.Generator().manual_seed(5)
+    p = torch.Tensor(M.random(40, dtype=F64, generator=g))
+    Z = TT.random(M.shape, 2, dtype=F64, generator=g, batch=(40,))
+    spy.calls.clear()
+    u = M.project(p, Z)
+    assert spy.calls == ["project_batch_small"]
+    assert not u.is_inference() and u.shape == p.shape
+    u.add_(0.0)  # an ordinary tensor: writable outside inference mode
+    ref = _torch_path(monkeypatch, lambda: M.project(p, Z))
+    assert _err(M.tangent_to_tt(p, u).full(), M.tangent_to_tt(p, ref).full()) < 1e-12

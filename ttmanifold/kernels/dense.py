@@ -8,6 +8,8 @@ tensors (left-orthogonal cores concatenated).
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import List, Optional, Sequence
 
 import torch
@@ -227,9 +229,21 @@ def project_batch_small(mod, U: Sequence[torch.Tensor], V: Optional[Sequence[Opt
         return [c.reshape((1,) + c.shape[-3:]) if c.shape[:-3].numel() == 1 else
                 c.expand(bs + c.shape[-3:]).reshape((B,) + c.shape[-3:]) for c in cores]
 
-    out = mod.project_batch_small(views(U), views(Z), bool(gauge), B)
+    u, z = views(U), views(Z)
+    # under the manifold's inference fast path the result is allocated as an ordinary
+    # tensor, which the caller returns without a copy (the kernel only reads the inputs)
+    with _ordinary_outputs():
+        out = mod.project_batch_small(u, z, bool(gauge), B)
     out = out.reshape(bs + out.shape[1:])
     if packed:
         return out
     sizes = [u.shape[-3:].numel() for u in U]
     return [c.unflatten(-1, u.shape[-3:]) for c, u in zip(out.split(sizes, -1), U)]
+
+
+def _ordinary_outputs():
+    """Outside ``torch.inference_mode`` for the body when it is on (not while tracing), so
+    that tensors a kernel allocates are ordinary tensors."""
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        return torch.inference_mode(False)
+    return contextlib.nullcontext()

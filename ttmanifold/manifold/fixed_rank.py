@@ -32,6 +32,7 @@ from .sampled_batch import project_sampled_batch
 from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect,
                      prefer_fewer_launches, project_dense, project_sampled, project_tt,
                      project_tt_at_point, right_cores, right_sweep)
+from . import sweeps
 from .tangent import TangentTT
 
 __all__ = ["FixedTTRank"]
@@ -173,7 +174,7 @@ def _chunked_on_cpu(fn):
         if B is None or ref is None:
             return fn(self, *args)
         step = max(1, budget // (self.size * ref.element_size()))
-        if B <= step:
+        if B <= step or self._one_small_call(*args):
             return fn(self, *args)
         outs = [fn(self, *[a[i:i + step] if k != "one" else a for a, k in zip(args, kinds)])
                 for i in range(0, B, step)]
@@ -273,6 +274,19 @@ class FixedTTRank(geoopt.Manifold):
         self._check_flat(p, "p")
         # one zero padding (one kernel) instead of zeros plus a copy into a slice
         return torch.nn.functional.pad(p[..., -self._sizes[-1]:], (self.size - self._sizes[-1], 0))
+
+    def _one_small_call(self, *args) -> bool:
+        """Whether a chunked method's arguments are a batch of points and a batch of TTs of
+        small ranks that the compiled small-rank projection takes in one call (SIMD across
+        the points, its intermediates per block of points: chunks would only add calls and
+        a concatenation)."""
+        if len(args) != 2 or not isinstance(args[1], TT):
+            return False
+        p, Z = args
+        mr = sweeps.SMALL_PROJECT_MAX_RANK
+        return (p.dim() == 2 and p.shape[0] >= sweeps.SMALL_PROJECT_MIN_BATCH
+                and max(self.ranks) <= mr and max(Z.ranks) <= mr
+                and kernels.usable("dense", p))
 
     def _split(self, x: torch.Tensor, name: str = "x", batch: bool = True) -> List[torch.Tensor]:
         self._check_flat(x, name, batch)
@@ -584,7 +598,7 @@ class FixedTTRank(geoopt.Manifold):
         raise TypeError(f"Z: expected a dense tensor, a TT or a sparse COO tensor, got "
                         f"{type(Z).__name__}")
 
-    @_no_autograd_fast_path
+    @_no_autograd_fast_path(fresh_outputs=True)
     @_chunked_on_cpu
     def _project_nonsparse(self, p: torch.Tensor, Z) -> torch.Tensor:
         U = self._split(p, "p")
