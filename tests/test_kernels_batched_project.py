@@ -224,3 +224,29 @@ def test_one_call_for_a_large_batch_and_an_ordinary_result(spy, monkeypatch):
     u.add_(0.0)  # an ordinary tensor: writable outside inference mode
     ref = _torch_path(monkeypatch, lambda: M.project(p, Z))
     assert _err(M.tangent_to_tt(p, u).full(), M.tangent_to_tt(p, ref).full()) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_nonfinite_point_or_z_is_caught_in_the_kernel(spy, dtype):
+    """The small-rank batch skips the separate finiteness pass over p and Z: the kernel
+    tests the deltas as it writes them (a NaN or Inf of a point or of Z reaches them), also
+    in the last, partial block of points (its padding lanes are not tested)."""
+    M = FixedTTRank((5,) * 4, 3)
+    g = torch.Generator().manual_seed(6)
+    B = 2 * (16 if dtype == F64 else 32) + 3  # a partial last block
+    p = torch.Tensor(M.random(B, dtype=dtype, generator=g))
+    Z = TT.random(M.shape, 2, dtype=dtype, generator=g, batch=(B,))
+    spy.calls.clear()
+    M.project(p, Z)  # finite: no error
+    assert spy.calls == ["project_batch_small"]
+    for which, b, bad in (("p", B - 1, float("nan")), ("p", 0, float("inf")),
+                          ("Z", B - 2, float("nan")), ("Z", 17, -float("inf"))):
+        q, cores = p.clone(), [c.clone() for c in Z.cores]
+        if which == "p":
+            q[b, 7] = bad
+        else:
+            cores[2][b, 1, 2, 0] = bad
+        spy.calls.clear()
+        with pytest.raises(RuntimeError, match=r"Z: contains NaN or Inf \(or the point p does\)"):
+            M.project(q, TT(cores, check=False))
+        assert spy.calls == ["project_batch_small"], (which, b)

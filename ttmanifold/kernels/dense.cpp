@@ -1529,9 +1529,12 @@ struct Lq {
   }
 };
 
+// returns whether every delta is finite (tested when check, in cache as they are written;
+// a non-finite entry of a point or of Z reaches the deltas)
 template <typename T>
-void project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::Tensor>& Z,
-                        bool gauge, int64_t B, torch::Tensor& out) {
+bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::Tensor>& Z,
+                        bool gauge, int64_t B, torch::Tensor& out, bool check) {
+  bool finite_all = true;
   constexpr int L = bf::lanes<T>();
   const int d = static_cast<int>(U.size());
   std::vector<int> r(d + 1), R(d + 1), n(d);
@@ -1564,6 +1567,8 @@ void project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
   }
   T sc[L];
   for (int64_t b0 = 0; b0 < B; b0 += L) {
+    T acc[L];  // sum of 0 * delta per lane: 0, or NaN once a delta is NaN or infinite
+    for (int l = 0; l < L; ++l) acc[l] = T(0);
     for (int k = 0; k < d; ++k) {
       gather_core<T, L>(U[k], b0, B, Ug.data() + uo[k]);
       gather_core<T, L>(Z[k], b0, B, Zg.data() + zo[k]);
@@ -1621,9 +1626,15 @@ void project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
       // D (a n x b) = T (a n x R2) Q_k (R2 x b)
       mm_il<T, L>(a * n[k], b, R2, Tb.data(), R2, 1, Qs.data() + qoff[k], b, 1, Db.data(), b, 1,
                   T(1), false);
+      if (check)
+        for (int e = 0; e < a * n[k] * b; ++e)
+          for (int l = 0; l < L; ++l) acc[l] += Db[static_cast<size_t>(e) * L + l] * T(0);
       bf::scatter<T, L>(Db.data(), b0, a * n[k], b, nullptr, Ov[k]);
     }
+    const int64_t valid = std::min<int64_t>(L, B - b0);  // lanes past B are padding
+    for (int l = 0; l < valid; ++l) finite_all = finite_all && acc[l] == T(0);
   }
+  return finite_all;
 }
 
 }  // namespace pbs
@@ -1631,7 +1642,7 @@ void project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
 // project (V computed, canonical gauge) for B points and/or B TTs with TT-ranks <= 8,
 // SIMD across the points: U, Z cores (1 or B, r, n, r'); (B, size of U's point)
 torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torch::Tensor> Z,
-                                  bool gauge, int64_t B) {
+                                  bool gauge, int64_t B, std::string check) {
   TORCH_CHECK(U.size() >= 2 && U.size() == Z.size(), "project_batch_small: inconsistent lengths");
   const auto t = U[0].scalar_type();
   TORCH_CHECK(t == torch::kFloat || t == torch::kDouble, "U: float32 or float64 only");
@@ -1663,8 +1674,10 @@ torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torc
               "U, Z: boundary ranks must be 1");
   auto out = torch::empty({B, size}, U[0].options());
   if (B == 0) return out;
-  if (t == torch::kDouble) pbs::project_small_impl<double>(U, Z, gauge, B, out);
-  else pbs::project_small_impl<float>(U, Z, gauge, B, out);
+  const bool ok = t == torch::kDouble
+                      ? pbs::project_small_impl<double>(U, Z, gauge, B, out, !check.empty())
+                      : pbs::project_small_impl<float>(U, Z, gauge, B, out, !check.empty());
+  TORCH_CHECK(ok, check);  // check: the message for a non-finite result ("": not tested)
   return out;
 }
 
@@ -1693,5 +1706,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batched_qr", &batched_qr, "thin QR of a batch of small matrices (interleaved)");
   m.def("batched_svd", &batched_svd, "thin SVD of a batch of small matrices (interleaved)");
   m.def("project_batch_small", &project_batch_small,
-        "project of a batch of points of TT-ranks <= 8, SIMD across the points (interleaved)");
+        "project of a batch of points of TT-ranks <= 8, SIMD across the points (interleaved); "
+        "check: the error message for a non-finite result (\"\": not tested)",
+        pybind11::arg("U"), pybind11::arg("Z"), pybind11::arg("gauge"), pybind11::arg("B"),
+        pybind11::arg("check") = "");
 }

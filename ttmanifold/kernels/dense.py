@@ -210,14 +210,17 @@ def batched_svd(mod, a: torch.Tensor):
 
 
 def project_batch_small(mod, U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Tensor]]],
-                        Z: Sequence[torch.Tensor], *, packed: bool, gauge: bool):
+                        Z: Sequence[torch.Tensor], *, packed: bool, gauge: bool,
+                        check: Optional[str] = None):
     """The batched ``project_tt(U, None, Z, packed=packed, gauge=gauge)`` for TT-ranks
     ``<= 8`` in one call that runs blocks of points together, SIMD across the points
     (``dense.cpp``'s ``project_batch_small``: the LQ sweep of each point, both interface
     sweeps and the deltas). ``V`` must be None (computed inside); cores broadcast over the
     leading batch dimensions (one ``Z`` for all points is not copied per point).
 
-    Args: as the torch ``project_tt`` (``mod``: the loaded dense module).
+    Args: as the torch ``project_tt`` (``mod``: the loaded dense module); ``check``: if
+        given, the message of the ``RuntimeError`` raised when a delta is NaN or infinite
+        (tested in cache while they are written; a non-finite point or ``Z`` reaches them).
     Returns: ``(*batch, size)`` (``packed``) or the list of ``(*batch, r, n, r')`` cores.
     Cost: O(B d n r R (r + R) + B d n r^3), one call."""
     if V is not None:
@@ -233,7 +236,7 @@ def project_batch_small(mod, U: Sequence[torch.Tensor], V: Optional[Sequence[Opt
     # under the manifold's inference fast path the result is allocated as an ordinary
     # tensor, which the caller returns without a copy (the kernel only reads the inputs)
     with _ordinary_outputs():
-        out = mod.project_batch_small(u, z, bool(gauge), B)
+        out = mod.project_batch_small(u, z, bool(gauge), B, check or "")
     out = out.reshape(bs + out.shape[1:])
     if packed:
         return out

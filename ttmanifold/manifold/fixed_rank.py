@@ -174,7 +174,7 @@ def _chunked_on_cpu(fn):
         if B is None or ref is None:
             return fn(self, *args)
         step = max(1, budget // (self.size * ref.element_size()))
-        if B <= step or self._one_small_call(*args):
+        if B <= step:
             return fn(self, *args)
         outs = [fn(self, *[a[i:i + step] if k != "one" else a for a, k in zip(args, kinds)])
                 for i in range(0, B, step)]
@@ -275,18 +275,22 @@ class FixedTTRank(geoopt.Manifold):
         # one zero padding (one kernel) instead of zeros plus a copy into a slice
         return torch.nn.functional.pad(p[..., -self._sizes[-1]:], (self.size - self._sizes[-1], 0))
 
-    def _one_small_call(self, *args) -> bool:
-        """Whether a chunked method's arguments are a batch of points and a batch of TTs of
-        small ranks that the compiled small-rank projection takes in one call (SIMD across
-        the points, its intermediates per block of points: chunks would only add calls and
-        a concatenation)."""
-        if len(args) != 2 or not isinstance(args[1], TT):
-            return False
-        p, Z = args
+    def _small_batch(self, p: torch.Tensor, Z: TT) -> bool:
+        """A cheap first test for the compiled small-rank batched projection: points in a
+        batch of at least ``sweeps.SMALL_PROJECT_MIN_BATCH`` on the CPU, TT-ranks of the
+        manifold and of ``Z`` at most ``sweeps.SMALL_PROJECT_MAX_RANK``, plain tensors
+        (the dispatch decides the rest)."""
         mr = sweeps.SMALL_PROJECT_MAX_RANK
-        return (p.dim() == 2 and p.shape[0] >= sweeps.SMALL_PROJECT_MIN_BATCH
-                and max(self.ranks) <= mr and max(Z.ranks) <= mr
-                and kernels.usable("dense", p))
+        return (p.dim() >= 2 and p.device.type == "cpu" and not torch.compiler.is_compiling()
+                and math.prod(p.shape[:-1]) >= sweeps.SMALL_PROJECT_MIN_BATCH
+                and max(self.ranks) <= mr and max(Z.ranks) <= mr)
+
+    @_no_autograd_fast_path(fresh_outputs=True)
+    def _project_small(self, mod, p: torch.Tensor, Z: TT) -> torch.Tensor:
+        """:meth:`project` of a batch by the compiled small-rank kernel in one call (no CPU
+        chunks: its intermediates live per block of points), a non-finite point or ``Z``
+        detected in its result as it is written (no pass over the inputs)."""
+        return sweeps.project_small(mod, self._split(p, "p"), Z.cores, check=_NONFINITE_Z)
 
     def _split(self, x: torch.Tensor, name: str = "x", batch: bool = True) -> List[torch.Tensor]:
         self._check_flat(x, name, batch)
@@ -560,6 +564,10 @@ class FixedTTRank(geoopt.Manifold):
         if isinstance(Z, TT):
             self._check_ambient(Z, p, "Z")
             self._check_batches(p.shape[:-1], Z.batch_shape, "Z")
+            if self._small_batch(p, Z):
+                mod = sweeps.small_project_module(self._split(p, "p"), Z.cores)
+                if mod is not None:  # the SIMD kernel: one call, the result tested in it
+                    return self._project_small(mod, p, Z)
             # all cores and the point at once (a fixed number of operations)
             assert_finite_async(Z.cores + [p], "Z", _NONFINITE_Z)
             if p.dim() == 1 and math.prod(Z.batch_shape) > 1 and not prefer_fewer_launches(

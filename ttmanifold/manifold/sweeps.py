@@ -21,12 +21,13 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import kernels
+from .._checks import assert_finite_async
 from ..kernels import dense as compiled_dense
 from ..tt import IndexSet
 
 __all__ = ["compiled_batch", "has_bonds", "unbatched", "core_runs", "contiguous_runs",
            "right_sweep", "right_cores", "project_tt", "project_dense",
-           "project_tt_at_point",
+           "project_tt_at_point", "small_project_module", "project_small",
            "prefer_fewer_launches", "stack_pays", "one_point_batch", "squeeze_cores", "batched_mm",
            "batched_dot", "batched_qr", "batched_svd",
            "project_sampled", "gauge_project_flat", "gauge_deltas", "orth_defect"]
@@ -667,7 +668,7 @@ SMALL_PROJECT_MIN_BATCH = 16
 SMALL_PROJECT_MAX_RANK = 8
 
 
-def _small_project(U, V, Z, *, packed: bool, gauge: bool) -> bool:
+def _small_project(U, V, Z, *, packed: bool, gauge: bool, check=None) -> bool:
     """Whether the compiled small-rank batched projection takes the call (shapes only)."""
     if V is not None or len(U) < 2 or len(Z) != len(U):
         return False
@@ -689,8 +690,28 @@ def _small_project(U, V, Z, *, packed: bool, gauge: bool) -> bool:
     return True
 
 
+def small_project_module(U, Z):
+    """The loaded dense module when the compiled small-rank batched projection takes
+    ``project_tt(U, None, Z, packed=True, gauge=True)`` (shapes, dtypes, grad and device
+    as its dispatch decides), else None. A caller that routes such a call itself passes the
+    module to :func:`project_small`."""
+    return _project_tt_batched.module_for(U, None, Z, packed=True, gauge=True)
+
+
+def project_small(mod, U, Z, *, check: str) -> torch.Tensor:
+    """``project_tt(U, None, Z, packed=True, gauge=True)`` of a batch by the compiled
+    small-rank kernel ``mod`` (from :func:`small_project_module`), raising
+    ``RuntimeError(check)`` when a delta is NaN or infinite (tested while they are
+    written: no separate pass over the inputs). Cost: that of :func:`project_tt`."""
+    if mod is None:  # the torch path: one check of the result
+        out = _project_tt_batched(U, None, Z, packed=True, gauge=True)
+        assert_finite_async(out, "Z", check)
+        return out
+    return _project_tt_batched.call_with(mod, U, None, Z, packed=True, gauge=True, check=check)
+
+
 @kernels.dispatch("dense", compiled=compiled_dense.project_batch_small, when=_small_project)
-def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool):
+def _project_tt_batched(U, V, Z, *, packed: bool, gauge: bool, check=None):
     """:func:`project_tt` with leading batch dimensions: the batch shape is the broadcast
     of those of ``U`` and ``Z`` (and ``V``); the same sweeps, batched (compiled, SIMD across
     the points, for batches of small ranks: :data:`SMALL_PROJECT_MAX_RANK`)."""
