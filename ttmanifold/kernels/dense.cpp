@@ -1682,6 +1682,279 @@ torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torc
 }
 
 
+// ---------------------------------------------------------------------------------------
+// The batched retraction for small ranks in the interleaved layout of bf (blocks of L
+// points, the point index innermost): per block, the LQ sweep of the points' cores (the
+// canonical right cores V, as project_small_impl), the structured right-to-left
+// orthogonalization of the rank-2r TT of X + xi (retract_impl's formulas: remove the V
+// part, QR of the rest) and the left-to-right truncated SVDs (Householder QR and one-sided
+// Jacobi of bf), every statement over the L lanes. The SVDs have 2 r' columns: r' <= 4.
+namespace rbs {
+
+// thin QR of the interleaved W^T (m x a): Q (m x a) into Q, R (a x a) into R
+template <typename T, int a>
+struct Qr {
+  static void run(int& m, T*& WT, T*& vd, T*& cf, T*& beta, T*& Q, T*& R) {
+    constexpr int L = bf::lanes<T>();
+    bf::house_qr<T, L, a>(m, WT, vd, cf, beta);
+    bf::upper<T, L>(a, WT, beta, R);
+    bf::eye<T, L>(m, a, Q);
+    bf::apply_q<T, L, a>(m, WT, vd, cf, Q, true);
+  }
+};
+
+// SVD c = U S Vh of the interleaved c (m x n, m >= n; overwritten): U (m x n) into Uo and
+// S Vh (n x n, descending) into SV. c = Q R (house_qr), Jacobi on R^T: R^T V_x = W_x, so
+// c = (Q V_x) W_x^T: U = Q V_x, S Vh = W_x^T (no normalization needed).
+template <typename T, int n>
+struct Svd {
+  static void run(int& m, T*& A, T*& vd, T*& cf, T*& beta, T*& W, T*& V, T*& S, T*& Uo,
+                  T*& SV) {
+    constexpr int L = bf::lanes<T>();
+    T sc[L];
+    bf::scale_down<T, L>(A, m * n, sc);
+    bf::house_qr<T, L, n>(m, A, vd, cf, beta);
+    for (int i = 0; i < n; ++i)  // W = R^T
+      for (int c = 0; c < n; ++c)
+        for (int l = 0; l < L; ++l)
+          W[(i * n + c) * L + l] = i < c ? T(0) : (i == c ? beta[i * L + l] : A[(c * n + i) * L + l]);
+    bf::jacobi<T, L, n>(W, V, std::numeric_limits<T>::epsilon() * n, bf::kMaxSweeps);
+    for (int e = 0; e < n * L; ++e) S[e] = T(0);
+    for (int i = 0; i < n; ++i)
+      for (int c = 0; c < n; ++c)
+        for (int l = 0; l < L; ++l) { const T w = W[(i * n + c) * L + l]; S[c * L + l] += w * w; }
+    // descending order (squared norms): compare-exchange of adjacent columns, per lane
+    for (int i = 0; i < n - 1; ++i)
+      for (int j = n - 1; j > i; --j) {
+        bool sw[L];
+        for (int l = 0; l < L; ++l) {
+          const T x = S[j * L + l], y = S[(j - 1) * L + l];
+          sw[l] = x > y;
+          S[j * L + l] = sw[l] ? y : x; S[(j - 1) * L + l] = sw[l] ? x : y;
+        }
+        for (int r = 0; r < n; ++r)
+          for (int l = 0; l < L; ++l) {
+            T* wj = &W[(r * n + j) * L + l]; T* wk = &W[(r * n + j - 1) * L + l];
+            const T x = *wj, y = *wk; *wj = sw[l] ? y : x; *wk = sw[l] ? x : y;
+            T* vj = &V[(r * n + j) * L + l]; T* vk = &V[(r * n + j - 1) * L + l];
+            const T x2 = *vj, y2 = *vk; *vj = sw[l] ? y2 : x2; *vk = sw[l] ? x2 : y2;
+          }
+      }
+    for (int j = 0; j < n; ++j)  // SV = W^T, scaled back
+      for (int c = 0; c < n; ++c)
+        for (int l = 0; l < L; ++l) SV[(j * n + c) * L + l] = W[(c * n + j) * L + l] * sc[l];
+    for (int i = 0; i < m; ++i)  // U = Q [V_x; 0]
+      for (int c = 0; c < n; ++c)
+        for (int l = 0; l < L; ++l) Uo[(i * n + c) * L + l] = i < n ? V[(i * n + c) * L + l] : T(0);
+    bf::apply_q<T, L, n>(m, A, vd, cf, Uo, false);
+  }
+};
+
+// returns whether every output is finite
+template <typename T>
+bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::Tensor>& D,
+                        int64_t B, torch::Tensor& out) {
+  using pbs::mm_il;
+  constexpr int L = bf::lanes<T>();
+  constexpr int MC = bf::kMaxCols;
+  const int d = static_cast<int>(U.size());
+  std::vector<int> r(d + 1), n(d);
+  for (int k = 0; k < d; ++k) {
+    r[k] = static_cast<int>(U[k].size(1)); n[k] = static_cast<int>(U[k].size(2));
+  }
+  r[d] = 1;
+  // interleaved cores and deltas; V_k (r_k x n_k r_{k+1}) and Q_k (N_k x r_k, N_k the
+  // columns of [left | right] at step k) kept for the truncation sweep
+  std::vector<size_t> uo(d + 1, 0), vo(d + 1, 0), qo(d + 1, 0);
+  size_t mx = 1;
+  for (int k = 0; k < d; ++k) {
+    const size_t un = static_cast<size_t>(r[k]) * n[k] * r[k + 1];
+    const size_t N = static_cast<size_t>(n[k]) * r[k + 1] * (k + 1 < d ? 2 : 1);
+    uo[k + 1] = uo[k] + un * L;
+    vo[k + 1] = vo[k] + un * L;
+    qo[k + 1] = qo[k] + N * r[k] * L;
+    mx = std::max({mx, un, N * r[k], static_cast<size_t>(r[k]) * n[k] * 2 * r[k + 1]});
+  }
+  std::vector<T> Ug(uo[d]), Dg(uo[d]), Vs(vo[d]), Qw(qo[d]), CT(mx * L), Qt(mx * L), C2(mx * L),
+      left(mx * L), right(mx * L), nleft(mx * L), nright(mx * L), c(mx * L), Uo(mx * L),
+      top(mx * L), W2(mx * L), tmp(mx * L), Rb(MC * MC * L), Cm(MC * MC * L), Wj(MC * MC * L),
+      Vj(MC * MC * L), SV(MC * MC * L), S(MC * L), vd(MC * L), cf(MC * L), beta(MC * L),
+      sg(static_cast<size_t>(d + 1) * MC * L);
+  std::vector<torch::Tensor> Ov(d);
+  int64_t off = 0;
+  for (int k = 0; k < d; ++k) {
+    const int64_t sz = static_cast<int64_t>(r[k]) * n[k] * r[k + 1];
+    Ov[k] = out.narrow(1, off, sz).view({B, r[k] * n[k], r[k + 1]});
+    off += sz;
+  }
+  bool finite_all = true;
+  T sc[L];
+  for (int64_t b0 = 0; b0 < B; b0 += L) {
+    T acc[L];  // sum of 0 * output per lane: NaN once an output is NaN or infinite
+    for (int l = 0; l < L; ++l) acc[l] = T(0);
+    for (int k = 0; k < d; ++k) {
+      pbs::gather_core<T, L>(U[k], b0, B, Ug.data() + uo[k]);
+      pbs::gather_core<T, L>(D[k], b0, B, Dg.data() + uo[k]);
+    }
+    // the LQ sweep (project_small_impl's): V_k = S_k V'_k (I (x) S_{k+1})
+    T* sgn = sg.data();
+    for (int l = 0; l < L; ++l) sgn[static_cast<size_t>(d) * MC * L + l] = T(1);
+    std::copy(Ug.data() + uo[d - 1], Ug.data() + uo[d], C2.data());
+    bf::scale_down<T, L>(C2.data(), r[d - 1] * n[d - 1], sc);
+    for (int k = d - 1; k >= 1; --k) {
+      const int a = r[k], nb = n[k] * r[k + 1], b = r[k + 1];
+      for (int i = 0; i < a; ++i)
+        for (int j = 0; j < nb; ++j)
+          pbs::copy_lanes<T, L>(CT.data() + (static_cast<size_t>(j) * a + i) * L,
+                                C2.data() + (static_cast<size_t>(i) * nb + j) * L);
+      int m = nb;
+      T *ct = CT.data(), *pvd = vd.data(), *pcf = cf.data(), *pb = beta.data(), *pq = Qt.data(),
+        *pr = Rb.data(), *ps = sgn + static_cast<size_t>(k) * MC * L;
+      bf::for_cols<T, pbs::Lq>(a, m, ct, pvd, pcf, pb, pq, pr, ps);
+      const T* s1 = sgn + static_cast<size_t>(k + 1) * MC * L;
+      T* V = Vs.data() + vo[k];
+      for (int al = 0; al < a; ++al)
+        for (int i = 0; i < n[k]; ++i)
+          for (int be = 0; be < b; ++be) {
+            const size_t row = static_cast<size_t>(i) * b + be;
+            pbs::mul3<T, L>(V + (static_cast<size_t>(al) * nb + row) * L, ps + al * L,
+                            Qt.data() + (row * a + al) * L, s1 + (k + 1 < d ? be * L : 0));
+          }
+      const int rows = r[k - 1] * n[k - 1];
+      mm_il<T, L>(rows, a, a, Ug.data() + uo[k - 1], a, 1, Rb.data(), 1, a, C2.data(), a, 1,
+                  T(1), false);
+    }
+    // structured right-to-left sweep: left = U_{d-1} + du_{d-1}, no right part
+    for (size_t e = 0; e < uo[d] - uo[d - 1]; ++e) left[e] = Ug[uo[d - 1] + e] + Dg[uo[d - 1] + e];
+    int nbr = 0;
+    for (int k = d - 1; k >= 1; --k) {
+      const int a = r[k], nb = n[k] * r[k + 1];
+      const T* V = Vs.data() + vo[k];
+      // C = left V^T (a x a); left -= C V
+      mm_il<T, L>(a, a, nb, left.data(), nb, 1, V, 1, nb, Cm.data(), a, 1, T(1), false);
+      mm_il<T, L>(a, nb, a, Cm.data(), a, 1, V, nb, 1, left.data(), nb, 1, T(-1), true);
+      int N = nb + nbr;
+      for (int al = 0; al < a; ++al) {  // CT = [left | right]^T (N x a)
+        for (int j = 0; j < nb; ++j)
+          pbs::copy_lanes<T, L>(CT.data() + (static_cast<size_t>(j) * a + al) * L,
+                                left.data() + (static_cast<size_t>(al) * nb + j) * L);
+        for (int j = 0; j < nbr; ++j)
+          pbs::copy_lanes<T, L>(CT.data() + (static_cast<size_t>(nb + j) * a + al) * L,
+                                right.data() + (static_cast<size_t>(al) * nbr + j) * L);
+      }
+      T *ct = CT.data(), *pvd = vd.data(), *pcf = cf.data(), *pb = beta.data(),
+        *pq = Qw.data() + qo[k], *pr = Rb.data();
+      bf::for_cols<T, Qr>(a, N, ct, pvd, pcf, pb, pq, pr);
+      // core k-1: left = du_{k-1} + U_{k-1} C, right = U_{k-1} R^T ((r_{k-1} n) x a each)
+      const int rows = r[k - 1] * n[k - 1];
+      const T* ul = Ug.data() + uo[k - 1];
+      std::copy(Dg.data() + uo[k - 1], Dg.data() + uo[k], nleft.data());
+      mm_il<T, L>(rows, a, a, ul, a, 1, Cm.data(), a, 1, nleft.data(), a, 1, T(1), true);
+      mm_il<T, L>(rows, a, a, ul, a, 1, Rb.data(), 1, a, nright.data(), a, 1, T(1), false);
+      std::swap(left, nleft);
+      std::swap(right, nright);
+      nbr = n[k - 1] * a;
+    }
+    // first core: c = [left | right] (n_0 x 2 r_1)
+    int m = n[0], K = 2 * r[1];
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < r[1]; ++j) {
+        pbs::copy_lanes<T, L>(c.data() + (static_cast<size_t>(i) * K + j) * L,
+                              left.data() + (static_cast<size_t>(i) * r[1] + j) * L);
+        pbs::copy_lanes<T, L>(c.data() + (static_cast<size_t>(i) * K + r[1] + j) * L,
+                              right.data() + (static_cast<size_t>(i) * r[1] + j) * L);
+      }
+    for (int k = 0; k + 1 < d; ++k) {
+      const int rk = r[k + 1];
+      T *pa = c.data(), *pvd = vd.data(), *pcf = cf.data(), *pb = beta.data(), *pw = Wj.data(),
+        *pv = Vj.data(), *ps = S.data(), *pu = Uo.data(), *psv = SV.data();
+      bf::for_cols<T, Svd>(K, m, pa, pvd, pcf, pb, pw, pv, ps, pu, psv);
+      for (int i = 0; i < m; ++i)  // core k = U[:, :rk]
+        for (int j = 0; j < rk; ++j)
+          pbs::copy_lanes<T, L>(tmp.data() + (static_cast<size_t>(i) * rk + j) * L,
+                                Uo.data() + (static_cast<size_t>(i) * K + j) * L);
+      for (int e = 0; e < m * rk; ++e)
+        for (int l = 0; l < L; ++l) acc[l] += tmp[static_cast<size_t>(e) * L + l] * T(0);
+      bf::scatter<T, L>(tmp.data(), b0, m, rk, nullptr, Ov[k]);
+      // top (rk x nb) = SV[:, a:] Q_V^T + SV[:, :a] V_{k+1}; Q = [Q_V; Q_W] (N x ap)
+      const int a = rk, nk = n[k + 1], b = r[k + 2], nb = nk * b, ap = K - a;
+      const T* q = Qw.data() + qo[k + 1];
+      mm_il<T, L>(rk, nb, ap, SV.data() + static_cast<size_t>(a) * L, K, 1, q, 1, ap, top.data(),
+                  nb, 1, T(1), false);
+      mm_il<T, L>(rk, nb, a, SV.data(), K, 1, Vs.data() + vo[k + 1], nb, 1, top.data(), nb, 1,
+                  T(1), true);
+      if (k + 2 == d) {  // the last core (rk x n x 1)
+        for (int e = 0; e < rk * nb; ++e)
+          for (int l = 0; l < L; ++l) acc[l] += top[static_cast<size_t>(e) * L + l] * T(0);
+        bf::scatter<T, L>(top.data(), b0, rk * nb, 1, nullptr, Ov[k + 1]);
+        break;
+      }
+      const int nbp = nb, bp = b;  // Q_W's rows: n_{k+1} r_{k+2} (the right part's columns)
+      mm_il<T, L>(rk, nbp, ap, SV.data() + static_cast<size_t>(a) * L, K, 1,
+                  q + static_cast<size_t>(nb) * ap * L, 1, ap, W2.data(), nbp, 1, T(1), false);
+      const int m2 = rk * nk, K2 = b + bp;
+      for (int al = 0; al < rk; ++al)
+        for (int i = 0; i < nk; ++i) {
+          const size_t row = static_cast<size_t>(al) * nk + i;
+          for (int be = 0; be < b; ++be)
+            pbs::copy_lanes<T, L>(c.data() + (row * K2 + be) * L,
+                                  top.data() + (static_cast<size_t>(al) * nb + i * b + be) * L);
+          for (int be = 0; be < bp; ++be)
+            pbs::copy_lanes<T, L>(c.data() + (row * K2 + b + be) * L,
+                                  W2.data() + (static_cast<size_t>(al) * nbp + i * bp + be) * L);
+        }
+      m = m2;
+      K = K2;
+    }
+    const int64_t valid = std::min<int64_t>(L, B - b0);
+    for (int l = 0; l < valid; ++l) finite_all = finite_all && acc[l] == T(0);
+  }
+  return finite_all;
+}
+
+}  // namespace rbs
+
+// retract_point (V computed, the canonical right cores) for B points and/or B steps with
+// TT-ranks <= 4, SIMD across the points: U, du cores (1 or B, r, n, r'), every unfolding
+// r n >= 2 r' (n_0 >= 2 r_1); (B, size of U's point), left-orthogonal cores
+torch::Tensor retract_batch_small(std::vector<torch::Tensor> U, std::vector<torch::Tensor> du,
+                                  int64_t B) {
+  TORCH_CHECK(U.size() >= 2 && U.size() == du.size(), "retract_batch_small: inconsistent lengths");
+  const auto t = U[0].scalar_type();
+  TORCH_CHECK(t == torch::kFloat || t == torch::kDouble, "U: float32 or float64 only");
+  for (auto* cs : {&U, &du})
+    for (auto& c : *cs) {
+      const char* name = cs == &U ? "U" : "du";
+      TORCH_CHECK(c.device().is_cpu() && c.dim() == 4 && c.scalar_type() == t, name,
+                  ": expected 4-D CPU cores (batch, r, n, r') of one dtype");
+      TORCH_CHECK(c.size(0) == 1 || c.size(0) == B, name, ": batch size ", c.size(0),
+                  " is neither 1 nor ", B);
+      if (c.size(0) > 0 && !c.select(0, 0).is_contiguous()) c = c.contiguous();
+    }
+  const size_t d = U.size();
+  int64_t size = 0;
+  for (size_t k = 0; k < d; ++k) {
+    TORCH_CHECK(du[k].sizes().slice(1) == U[k].sizes().slice(1), "du: core ", k,
+                " differs in shape from U's");
+    TORCH_CHECK(U[k].size(1) <= bf::kMaxCols / 2 && U[k].size(3) <= bf::kMaxCols / 2,
+                "retract_batch_small: TT-ranks above ", bf::kMaxCols / 2);
+    TORCH_CHECK(k == 0 || U[k].size(2) * U[k].size(3) >= U[k].size(1),
+                "U: core ", k, " has fewer columns n r' than rows r (no LQ)");
+    TORCH_CHECK(k + 1 == d || U[k].size(1) * U[k].size(2) >= 2 * U[k].size(3),
+                "U: core ", k, " has fewer rows r n than 2 r' (the rank-2r unfolding is wide)");
+    TORCH_CHECK(k + 1 == d || U[k].size(3) == U[k + 1].size(1), "U: ranks of consecutive cores differ");
+    size += U[k].size(1) * U[k].size(2) * U[k].size(3);
+  }
+  TORCH_CHECK(U[0].size(1) == 1 && U[d - 1].size(3) == 1, "U: boundary ranks must be 1");
+  auto out = torch::empty({B, size}, U[0].options());
+  if (B == 0) return out;
+  const bool ok = t == torch::kDouble ? rbs::retract_small_impl<double>(U, du, B, out)
+                                      : rbs::retract_small_impl<float>(U, du, B, out);
+  TORCH_CHECK(ok, "retr: X + u is not finite (X or u contains NaN or Inf)");
+  return out;
+}
+
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("retract", &retract, "packed TT-SVD of X + xi (structured rank-2r rounding)");
   m.def("retract_point", &retract_point, "retract, V computed from U");
@@ -1710,4 +1983,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "check: the error message for a non-finite result (\"\": not tested)",
         pybind11::arg("U"), pybind11::arg("Z"), pybind11::arg("gauge"), pybind11::arg("B"),
         pybind11::arg("check") = "");
+  m.def("retract_batch_small", &retract_batch_small,
+        "retract_point of a batch of points of TT-ranks <= 4, SIMD across the points (interleaved)");
 }
