@@ -1763,23 +1763,33 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
     r[k] = static_cast<int>(U[k].size(1)); n[k] = static_cast<int>(U[k].size(2));
   }
   r[d] = 1;
-  // interleaved cores and deltas; V_k (r_k x n_k r_{k+1}) and Q_k (N_k x r_k, N_k the
-  // columns of [left | right] at step k) kept for the truncation sweep
-  std::vector<size_t> uo(d + 1, 0), vo(d + 1, 0), qo(d + 1, 0);
+  // V_k (r_k x n_k r_{k+1}) and Q_k (N_k x r_k, N_k the columns of [left | right] at step
+  // k) of the block's points, kept for the truncation sweep; the cores and deltas are
+  // gathered one at a time (a smaller working set)
+  std::vector<size_t> vo(d + 1, 0), qo(d + 1, 0);
   size_t mx = 1;
   for (int k = 0; k < d; ++k) {
     const size_t un = static_cast<size_t>(r[k]) * n[k] * r[k + 1];
     const size_t N = static_cast<size_t>(n[k]) * r[k + 1] * (k + 1 < d ? 2 : 1);
-    uo[k + 1] = uo[k] + un * L;
     vo[k + 1] = vo[k] + un * L;
     qo[k + 1] = qo[k] + N * r[k] * L;
     mx = std::max({mx, un, N * r[k], static_cast<size_t>(r[k]) * n[k] * 2 * r[k + 1]});
   }
-  std::vector<T> Ug(uo[d]), Dg(uo[d]), Vs(vo[d]), Qw(qo[d]), CT(mx * L), Qt(mx * L), C2(mx * L),
-      left(mx * L), right(mx * L), nleft(mx * L), nright(mx * L), c(mx * L), Uo(mx * L),
-      top(mx * L), W2(mx * L), tmp(mx * L), Rb(MC * MC * L), Cm(MC * MC * L), Wj(MC * MC * L),
-      Vj(MC * MC * L), SV(MC * MC * L), S(MC * L), vd(MC * L), cf(MC * L), beta(MC * L),
-      sg(static_cast<size_t>(d + 1) * MC * L);
+  // one workspace per thread, kept between calls (no allocation and no page faults per call)
+  static thread_local std::vector<T> ws;
+  const size_t small = static_cast<size_t>(MC) * MC * L;
+  const size_t need = vo[d] + qo[d] + 16 * mx * L + 6 * small + static_cast<size_t>(d + 5) * MC * L;
+  if (ws.size() < need) ws.resize(need);
+  T* wp = ws.data();
+  auto take = [&](size_t cnt) { T* q = wp; wp += cnt; return q; };
+  T *Vs = take(vo[d]), *Qw = take(qo[d]), *Ua = take(mx * L), *Ub = take(mx * L),
+    *Dk = take(mx * L), *CT = take(mx * L), *Qt = take(mx * L), *C2 = take(mx * L),
+    *left = take(mx * L), *right = take(mx * L), *nleft = take(mx * L), *nright = take(mx * L),
+    *c = take(mx * L), *Uo = take(mx * L), *top = take(mx * L), *W2 = take(mx * L),
+    *tmp = take(mx * L), *Rb = take(small), *Rl = take(small), *Cm = take(small),
+    *Wj = take(small), *Vj = take(small), *SV = take(small), *S = take(MC * L),
+    *vd = take(MC * L), *cf = take(MC * L), *beta = take(MC * L),
+    *sg = take(static_cast<size_t>(d + 1) * MC * L);
   std::vector<torch::Tensor> Ov(d);
   int64_t off = 0;
   for (int k = 0; k < d; ++k) {
@@ -1792,118 +1802,113 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
   for (int64_t b0 = 0; b0 < B; b0 += L) {
     T acc[L];  // sum of 0 * output per lane: NaN once an output is NaN or infinite
     for (int l = 0; l < L; ++l) acc[l] = T(0);
-    for (int k = 0; k < d; ++k) {
-      pbs::gather_core<T, L>(U[k], b0, B, Ug.data() + uo[k]);
-      pbs::gather_core<T, L>(D[k], b0, B, Dg.data() + uo[k]);
-    }
-    // the LQ sweep (project_small_impl's): V_k = S_k V'_k (I (x) S_{k+1})
-    T* sgn = sg.data();
+    T* uk = Ua;  // U_k of the step (gathered), U_{k-1} into un
+    T* un = Ub;
+    pbs::gather_core<T, L>(U[d - 1], b0, B, uk);
+    pbs::gather_core<T, L>(D[d - 1], b0, B, Dk);
+    const int last = r[d - 1] * n[d - 1];
+    // the LQ sweep starts from U_{d-1} (scaled: its Q factors do not change); the
+    // structured sweep from left = U_{d-1} + du_{d-1}, no right part
+    std::copy(uk, uk + static_cast<size_t>(last) * L, C2);
+    bf::scale_down<T, L>(C2, last, sc);
+    for (int e = 0; e < last * L; ++e) left[e] = uk[e] + Dk[e];
+    T* sgn = sg;
     for (int l = 0; l < L; ++l) sgn[static_cast<size_t>(d) * MC * L + l] = T(1);
-    std::copy(Ug.data() + uo[d - 1], Ug.data() + uo[d], C2.data());
-    bf::scale_down<T, L>(C2.data(), r[d - 1] * n[d - 1], sc);
-    for (int k = d - 1; k >= 1; --k) {
-      const int a = r[k], nb = n[k] * r[k + 1], b = r[k + 1];
-      for (int i = 0; i < a; ++i)
-        for (int j = 0; j < nb; ++j)
-          pbs::copy_lanes<T, L>(CT.data() + (static_cast<size_t>(j) * a + i) * L,
-                                C2.data() + (static_cast<size_t>(i) * nb + j) * L);
-      int m = nb;
-      T *ct = CT.data(), *pvd = vd.data(), *pcf = cf.data(), *pb = beta.data(), *pq = Qt.data(),
-        *pr = Rb.data(), *ps = sgn + static_cast<size_t>(k) * MC * L;
-      bf::for_cols<T, pbs::Lq>(a, m, ct, pvd, pcf, pb, pq, pr, ps);
-      const T* s1 = sgn + static_cast<size_t>(k + 1) * MC * L;
-      T* V = Vs.data() + vo[k];
-      for (int al = 0; al < a; ++al)
-        for (int i = 0; i < n[k]; ++i)
-          for (int be = 0; be < b; ++be) {
-            const size_t row = static_cast<size_t>(i) * b + be;
-            pbs::mul3<T, L>(V + (static_cast<size_t>(al) * nb + row) * L, ps + al * L,
-                            Qt.data() + (row * a + al) * L, s1 + (k + 1 < d ? be * L : 0));
-          }
-      const int rows = r[k - 1] * n[k - 1];
-      mm_il<T, L>(rows, a, a, Ug.data() + uo[k - 1], a, 1, Rb.data(), 1, a, C2.data(), a, 1,
-                  T(1), false);
-    }
-    // structured right-to-left sweep: left = U_{d-1} + du_{d-1}, no right part
-    for (size_t e = 0; e < uo[d] - uo[d - 1]; ++e) left[e] = Ug[uo[d - 1] + e] + Dg[uo[d - 1] + e];
     int nbr = 0;
     for (int k = d - 1; k >= 1; --k) {
-      const int a = r[k], nb = n[k] * r[k + 1];
-      const T* V = Vs.data() + vo[k];
-      // C = left V^T (a x a); left -= C V
-      mm_il<T, L>(a, a, nb, left.data(), nb, 1, V, 1, nb, Cm.data(), a, 1, T(1), false);
-      mm_il<T, L>(a, nb, a, Cm.data(), a, 1, V, nb, 1, left.data(), nb, 1, T(-1), true);
-      int N = nb + nbr;
-      for (int al = 0; al < a; ++al) {  // CT = [left | right]^T (N x a)
-        for (int j = 0; j < nb; ++j)
-          pbs::copy_lanes<T, L>(CT.data() + (static_cast<size_t>(j) * a + al) * L,
-                                left.data() + (static_cast<size_t>(al) * nb + j) * L);
-        for (int j = 0; j < nbr; ++j)
-          pbs::copy_lanes<T, L>(CT.data() + (static_cast<size_t>(nb + j) * a + al) * L,
-                                right.data() + (static_cast<size_t>(al) * nbr + j) * L);
+      const int a = r[k], nb = n[k] * r[k + 1], b = r[k + 1];
+      const int rows = r[k - 1] * n[k - 1];
+      pbs::gather_core<T, L>(U[k - 1], b0, B, un);
+      pbs::gather_core<T, L>(D[k - 1], b0, B, Dk);
+      {  // LQ step (project_small_impl's): V_k = S_k V'_k (I (x) S_{k+1})
+        for (int i = 0; i < a; ++i)
+          for (int j = 0; j < nb; ++j)
+            pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(j) * a + i) * L,
+                                  C2 + (static_cast<size_t>(i) * nb + j) * L);
+        int m = nb;
+        T *ct = CT, *pvd = vd, *pcf = cf, *pb = beta, *pq = Qt, *pr = Rl,
+          *ps = sgn + static_cast<size_t>(k) * MC * L;
+        bf::for_cols<T, pbs::Lq>(a, m, ct, pvd, pcf, pb, pq, pr, ps);
+        const T* s1 = sgn + static_cast<size_t>(k + 1) * MC * L;
+        T* V = Vs + vo[k];
+        for (int al = 0; al < a; ++al)
+          for (int i = 0; i < n[k]; ++i)
+            for (int be = 0; be < b; ++be) {
+              const size_t row = static_cast<size_t>(i) * b + be;
+              pbs::mul3<T, L>(V + (static_cast<size_t>(al) * nb + row) * L, ps + al * L,
+                              Qt + (row * a + al) * L, s1 + (k + 1 < d ? be * L : 0));
+            }
+        mm_il<T, L>(rows, a, a, un, a, 1, Rl, 1, a, C2, a, 1, T(1), false);
       }
-      T *ct = CT.data(), *pvd = vd.data(), *pcf = cf.data(), *pb = beta.data(),
-        *pq = Qw.data() + qo[k], *pr = Rb.data();
+      const T* V = Vs + vo[k];
+      // structured step: C = left V^T (a x a); left -= C V; QR of [left | right]^T
+      mm_il<T, L>(a, a, nb, left, nb, 1, V, 1, nb, Cm, a, 1, T(1), false);
+      mm_il<T, L>(a, nb, a, Cm, a, 1, V, nb, 1, left, nb, 1, T(-1), true);
+      int N = nb + nbr;
+      for (int al = 0; al < a; ++al) {
+        for (int j = 0; j < nb; ++j)
+          pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(j) * a + al) * L,
+                                left + (static_cast<size_t>(al) * nb + j) * L);
+        for (int j = 0; j < nbr; ++j)
+          pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(nb + j) * a + al) * L,
+                                right + (static_cast<size_t>(al) * nbr + j) * L);
+      }
+      T *ct = CT, *pvd = vd, *pcf = cf, *pb = beta, *pq = Qw + qo[k], *pr = Rb;
       bf::for_cols<T, Qr>(a, N, ct, pvd, pcf, pb, pq, pr);
       // core k-1: left = du_{k-1} + U_{k-1} C, right = U_{k-1} R^T ((r_{k-1} n) x a each)
-      const int rows = r[k - 1] * n[k - 1];
-      const T* ul = Ug.data() + uo[k - 1];
-      std::copy(Dg.data() + uo[k - 1], Dg.data() + uo[k], nleft.data());
-      mm_il<T, L>(rows, a, a, ul, a, 1, Cm.data(), a, 1, nleft.data(), a, 1, T(1), true);
-      mm_il<T, L>(rows, a, a, ul, a, 1, Rb.data(), 1, a, nright.data(), a, 1, T(1), false);
+      std::copy(Dk, Dk + static_cast<size_t>(rows) * a * L, nleft);
+      mm_il<T, L>(rows, a, a, un, a, 1, Cm, a, 1, nleft, a, 1, T(1), true);
+      mm_il<T, L>(rows, a, a, un, a, 1, Rb, 1, a, nright, a, 1, T(1), false);
       std::swap(left, nleft);
       std::swap(right, nright);
+      std::swap(uk, un);
       nbr = n[k - 1] * a;
     }
     // first core: c = [left | right] (n_0 x 2 r_1)
     int m = n[0], K = 2 * r[1];
     for (int i = 0; i < m; ++i)
       for (int j = 0; j < r[1]; ++j) {
-        pbs::copy_lanes<T, L>(c.data() + (static_cast<size_t>(i) * K + j) * L,
-                              left.data() + (static_cast<size_t>(i) * r[1] + j) * L);
-        pbs::copy_lanes<T, L>(c.data() + (static_cast<size_t>(i) * K + r[1] + j) * L,
-                              right.data() + (static_cast<size_t>(i) * r[1] + j) * L);
+        pbs::copy_lanes<T, L>(c + (static_cast<size_t>(i) * K + j) * L,
+                              left + (static_cast<size_t>(i) * r[1] + j) * L);
+        pbs::copy_lanes<T, L>(c + (static_cast<size_t>(i) * K + r[1] + j) * L,
+                              right + (static_cast<size_t>(i) * r[1] + j) * L);
       }
     for (int k = 0; k + 1 < d; ++k) {
       const int rk = r[k + 1];
-      T *pa = c.data(), *pvd = vd.data(), *pcf = cf.data(), *pb = beta.data(), *pw = Wj.data(),
-        *pv = Vj.data(), *ps = S.data(), *pu = Uo.data(), *psv = SV.data();
+      T *pa = c, *pvd = vd, *pcf = cf, *pb = beta, *pw = Wj, *pv = Vj, *ps = S, *pu = Uo,
+        *psv = SV;
       bf::for_cols<T, Svd>(K, m, pa, pvd, pcf, pb, pw, pv, ps, pu, psv);
       for (int i = 0; i < m; ++i)  // core k = U[:, :rk]
         for (int j = 0; j < rk; ++j)
-          pbs::copy_lanes<T, L>(tmp.data() + (static_cast<size_t>(i) * rk + j) * L,
-                                Uo.data() + (static_cast<size_t>(i) * K + j) * L);
+          pbs::copy_lanes<T, L>(tmp + (static_cast<size_t>(i) * rk + j) * L,
+                                Uo + (static_cast<size_t>(i) * K + j) * L);
       for (int e = 0; e < m * rk; ++e)
         for (int l = 0; l < L; ++l) acc[l] += tmp[static_cast<size_t>(e) * L + l] * T(0);
-      bf::scatter<T, L>(tmp.data(), b0, m, rk, nullptr, Ov[k]);
+      bf::scatter<T, L>(tmp, b0, m, rk, nullptr, Ov[k]);
       // top (rk x nb) = SV[:, a:] Q_V^T + SV[:, :a] V_{k+1}; Q = [Q_V; Q_W] (N x ap)
       const int a = rk, nk = n[k + 1], b = r[k + 2], nb = nk * b, ap = K - a;
-      const T* q = Qw.data() + qo[k + 1];
-      mm_il<T, L>(rk, nb, ap, SV.data() + static_cast<size_t>(a) * L, K, 1, q, 1, ap, top.data(),
-                  nb, 1, T(1), false);
-      mm_il<T, L>(rk, nb, a, SV.data(), K, 1, Vs.data() + vo[k + 1], nb, 1, top.data(), nb, 1,
-                  T(1), true);
+      const T* q = Qw + qo[k + 1];
+      mm_il<T, L>(rk, nb, ap, SV + static_cast<size_t>(a) * L, K, 1, q, 1, ap, top, nb, 1,
+                  T(1), false);
+      mm_il<T, L>(rk, nb, a, SV, K, 1, Vs + vo[k + 1], nb, 1, top, nb, 1, T(1), true);
       if (k + 2 == d) {  // the last core (rk x n x 1)
         for (int e = 0; e < rk * nb; ++e)
           for (int l = 0; l < L; ++l) acc[l] += top[static_cast<size_t>(e) * L + l] * T(0);
-        bf::scatter<T, L>(top.data(), b0, rk * nb, 1, nullptr, Ov[k + 1]);
+        bf::scatter<T, L>(top, b0, rk * nb, 1, nullptr, Ov[k + 1]);
         break;
       }
-      const int nbp = nb, bp = b;  // Q_W's rows: n_{k+1} r_{k+2} (the right part's columns)
-      mm_il<T, L>(rk, nbp, ap, SV.data() + static_cast<size_t>(a) * L, K, 1,
-                  q + static_cast<size_t>(nb) * ap * L, 1, ap, W2.data(), nbp, 1, T(1), false);
-      const int m2 = rk * nk, K2 = b + bp;
+      // W2 (rk x n_{k+1} r_{k+2}) = SV[:, a:] Q_W^T (Q_W: the right part's columns)
+      mm_il<T, L>(rk, nb, ap, SV + static_cast<size_t>(a) * L, K, 1,
+                  q + static_cast<size_t>(nb) * ap * L, 1, ap, W2, nb, 1, T(1), false);
+      const int K2 = 2 * b;  // next c: rows (al, i), columns [top (b) | W2 (b)]
       for (int al = 0; al < rk; ++al)
         for (int i = 0; i < nk; ++i) {
           const size_t row = static_cast<size_t>(al) * nk + i;
-          for (int be = 0; be < b; ++be)
-            pbs::copy_lanes<T, L>(c.data() + (row * K2 + be) * L,
-                                  top.data() + (static_cast<size_t>(al) * nb + i * b + be) * L);
-          for (int be = 0; be < bp; ++be)
-            pbs::copy_lanes<T, L>(c.data() + (row * K2 + b + be) * L,
-                                  W2.data() + (static_cast<size_t>(al) * nbp + i * bp + be) * L);
+          const size_t src = (static_cast<size_t>(al) * nb + static_cast<size_t>(i) * b) * L;
+          std::copy(top + src, top + src + static_cast<size_t>(b) * L, c + row * K2 * L);
+          std::copy(W2 + src, W2 + src + static_cast<size_t>(b) * L, c + (row * K2 + b) * L);
         }
-      m = m2;
+      m = rk * nk;
       K = K2;
     }
     const int64_t valid = std::min<int64_t>(L, B - b0);
