@@ -1703,9 +1703,34 @@ struct Qr {
   }
 };
 
-// SVD c = U S Vh of the interleaved c (m x n, m >= n; overwritten): U (m x n) into Uo and
-// S Vh (n x n, descending) into SV. c = Q R (house_qr), Jacobi on R^T: R^T V_x = W_x, so
-// c = (Q V_x) W_x^T: U = Q V_x, S Vh = W_x^T (no normalization needed).
+// X (m x w, interleaved) := H_0 ... H_{n-1} X for the reflectors of house_qr (A, vd, cf):
+// bf::apply_q for the first w < n columns only
+template <typename T, int L, int n, int w, int j>
+void apply_cols(int m, const T* __restrict A, const T* __restrict vd, const T* __restrict cf,
+                T* __restrict X) {
+  T dot[w * L];
+  for (int e = 0; e < w * L; ++e) dot[e] = T(0);
+  for (int i = j; i < m; ++i) {
+    const T* v = i == j ? vd + j * L : A + (i * n + j) * L;
+    const T* row = X + i * w * L;
+    for (int c = 0; c < w; ++c)
+      for (int l = 0; l < L; ++l) dot[c * L + l] += v[l] * row[c * L + l];
+  }
+  for (int c = 0; c < w; ++c)
+    for (int l = 0; l < L; ++l) dot[c * L + l] *= cf[j * L + l];
+  for (int i = j; i < m; ++i) {
+    const T* v = i == j ? vd + j * L : A + (i * n + j) * L;
+    T* row = X + i * w * L;
+    for (int c = 0; c < w; ++c)
+      for (int l = 0; l < L; ++l) row[c * L + l] -= dot[c * L + l] * v[l];
+  }
+  if constexpr (j > 0) apply_cols<T, L, n, w, j - 1>(m, A, vd, cf, X);
+}
+
+// Truncated SVD of the interleaved c (m x n, m >= n, n = 2 r'; overwritten): the first
+// n / 2 left singular vectors (m x n/2) into Uo and S Vh (n x n, descending) into SV.
+// c = Q R (house_qr), Jacobi on R^T: R^T V_x = W_x, so c = (Q V_x) W_x^T: U = Q V_x,
+// S Vh = W_x^T (no normalization needed).
 template <typename T, int n>
 struct Svd {
   static void run(int& m, T*& A, T*& vd, T*& cf, T*& beta, T*& W, T*& V, T*& S, T*& Uo,
@@ -1743,10 +1768,11 @@ struct Svd {
     for (int j = 0; j < n; ++j)  // SV = W^T, scaled back
       for (int c = 0; c < n; ++c)
         for (int l = 0; l < L; ++l) SV[(j * n + c) * L + l] = W[(c * n + j) * L + l] * sc[l];
-    for (int i = 0; i < m; ++i)  // U = Q [V_x; 0]
-      for (int c = 0; c < n; ++c)
-        for (int l = 0; l < L; ++l) Uo[(i * n + c) * L + l] = i < n ? V[(i * n + c) * L + l] : T(0);
-    bf::apply_q<T, L, n>(m, A, vd, cf, Uo, false);
+    constexpr int h = (n + 1) / 2;  // U[:, :h] = Q [V_x[:, :h]; 0]
+    for (int i = 0; i < m; ++i)
+      for (int c = 0; c < h; ++c)
+        for (int l = 0; l < L; ++l) Uo[(i * h + c) * L + l] = i < n ? V[(i * n + c) * L + l] : T(0);
+    apply_cols<T, L, n, h, n - 1>(m, A, vd, cf, Uo);
   }
 };
 
@@ -1778,15 +1804,14 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
   // one workspace per thread, kept between calls (no allocation and no page faults per call)
   static thread_local std::vector<T> ws;
   const size_t small = static_cast<size_t>(MC) * MC * L;
-  const size_t need = vo[d] + qo[d] + 16 * mx * L + 6 * small + static_cast<size_t>(d + 5) * MC * L;
+  const size_t need = vo[d] + qo[d] + 15 * mx * L + 6 * small + static_cast<size_t>(d + 5) * MC * L;
   if (ws.size() < need) ws.resize(need);
   T* wp = ws.data();
   auto take = [&](size_t cnt) { T* q = wp; wp += cnt; return q; };
   T *Vs = take(vo[d]), *Qw = take(qo[d]), *Ua = take(mx * L), *Ub = take(mx * L),
     *Dk = take(mx * L), *CT = take(mx * L), *Qt = take(mx * L), *C2 = take(mx * L),
     *left = take(mx * L), *right = take(mx * L), *nleft = take(mx * L), *nright = take(mx * L),
-    *c = take(mx * L), *Uo = take(mx * L), *top = take(mx * L), *W2 = take(mx * L),
-    *tmp = take(mx * L), *Rb = take(small), *Rl = take(small), *Cm = take(small),
+    *c = take(mx * L), *Uo = take(mx * L), *top = take(mx * L), *W2 = take(mx * L), *Rb = take(small), *Rl = take(small), *Cm = take(small),
     *Wj = take(small), *Vj = take(small), *SV = take(small), *S = take(MC * L),
     *vd = take(MC * L), *cf = take(MC * L), *beta = take(MC * L),
     *sg = take(static_cast<size_t>(d + 1) * MC * L);
@@ -1877,14 +1902,10 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
       const int rk = r[k + 1];
       T *pa = c, *pvd = vd, *pcf = cf, *pb = beta, *pw = Wj, *pv = Vj, *ps = S, *pu = Uo,
         *psv = SV;
-      bf::for_cols<T, Svd>(K, m, pa, pvd, pcf, pb, pw, pv, ps, pu, psv);
-      for (int i = 0; i < m; ++i)  // core k = U[:, :rk]
-        for (int j = 0; j < rk; ++j)
-          pbs::copy_lanes<T, L>(tmp + (static_cast<size_t>(i) * rk + j) * L,
-                                Uo + (static_cast<size_t>(i) * K + j) * L);
-      for (int e = 0; e < m * rk; ++e)
-        for (int l = 0; l < L; ++l) acc[l] += tmp[static_cast<size_t>(e) * L + l] * T(0);
-      bf::scatter<T, L>(tmp, b0, m, rk, nullptr, Ov[k]);
+      bf::for_cols<T, Svd>(K, m, pa, pvd, pcf, pb, pw, pv, ps, pu, psv);  // (K = 2 rk)
+      for (int e = 0; e < m * rk; ++e)  // core k = U[:, :rk]
+        for (int l = 0; l < L; ++l) acc[l] += Uo[static_cast<size_t>(e) * L + l] * T(0);
+      bf::scatter<T, L>(Uo, b0, m, rk, nullptr, Ov[k]);
       // top (rk x nb) = SV[:, a:] Q_V^T + SV[:, :a] V_{k+1}; Q = [Q_V; Q_W] (N x ap)
       const int a = rk, nk = n[k + 1], b = r[k + 2], nb = nk * b, ap = K - a;
       const T* q = Qw + qo[k + 1];
