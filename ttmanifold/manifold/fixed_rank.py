@@ -27,7 +27,8 @@ from ..tt import TT, BatchIndexSet, IndexSet, orthogonalize
 from ..tt import round as tt_round
 from ..tt.tensor_train import fro_norm
 from . import autodiff, hessian
-from .retraction import block_cores, retract, retract_point, retract_transport_cores
+from .retraction import (block_cores, retract, retract_point, retract_small,
+                         retract_transport_cores, small_retract_module)
 from .sampled_batch import project_sampled_batch
 from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect,
                      prefer_fewer_launches, project_dense, project_sampled, project_tt,
@@ -811,9 +812,9 @@ class FixedTTRank(geoopt.Manifold):
         """
         if (x.dim() > 1 or u.dim() > 1) and self._kept_right_cores(x) is None:
             U, du = self._split(x, "x"), self._check_vector(u, x)
-            mod = retract_point.module_for(U, du, self.ranks)
+            mod = small_retract_module(U, du, self.ranks)
             if mod is not None:  # the small-rank SIMD kernel: the whole batch, one call
-                return retract_point.call_with(mod, U, du, self.ranks)
+                return retract_small(mod, U, du, self.ranks)
         return self._retr(x, u)
 
     @_chunked_on_cpu

@@ -18,7 +18,7 @@ from .sweeps import (batched_qr, batched_svd, core_runs, has_bonds,
                      squeeze_cores, stack_pays)
 
 __all__ = ["retract", "retract_point", "block_cores", "scattered_block_cores",
-           "retract_transport_cores"]
+           "retract_transport_cores", "small_retract_module", "retract_small"]
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.retract, when=has_bonds)
@@ -138,6 +138,21 @@ def retract_point(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
     on the CPU; a batch of small TT-ranks runs SIMD across the points,
     :data:`SMALL_RETRACT_MAX_RANK`). Same arguments without ``V``; cost O(d n r^3)."""
     return _retract_point(U, du, ranks)
+
+
+def small_retract_module(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
+                         ranks: Sequence[int]):
+    """The loaded dense module when the compiled small-rank batched retraction takes
+    ``retract_point(U, du, ranks)`` (shapes, dtypes, grad and device as its dispatch
+    decides), else None; :func:`retract_small` then runs it. Cost: shapes only."""
+    return retract_point.module_for(U, du, ranks)
+
+
+def retract_small(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
+                  ranks: Sequence[int]) -> torch.Tensor:
+    """``retract_point(U, du, ranks)`` of a batch by the compiled small-rank kernel ``mod``
+    (from :func:`small_retract_module`; None: the usual dispatch). Cost: O(B d n r^3)."""
+    return retract_point.call_with(mod, U, du, ranks)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.retract_point, when=has_bonds)
