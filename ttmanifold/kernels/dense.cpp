@@ -1682,6 +1682,305 @@ torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torc
 }
 
 
+// ---------------------------------------------------------------------------------------
+// The batched retraction for small ranks in the interleaved layout of bf (blocks of L
+// points, the point index innermost): per block, the LQ sweep of the points' cores (the
+// canonical right cores V, as project_small_impl), the structured right-to-left
+// orthogonalization of the rank-2r TT of X + xi (retract_impl's formulas: remove the V
+// part, QR of the rest) and the left-to-right truncated SVDs (Householder QR and one-sided
+// Jacobi of bf), every statement over the L lanes. The SVDs have 2 r' columns: r' <= 4.
+namespace rbs {
+
+// thin QR of the interleaved W^T (m x a): Q (m x a) into Q, R (a x a) into R
+template <typename T, int a>
+struct Qr {
+  static void run(int& m, T*& WT, T*& vd, T*& cf, T*& beta, T*& Q, T*& R) {
+    constexpr int L = bf::lanes<T>();
+    bf::house_qr<T, L, a>(m, WT, vd, cf, beta);
+    bf::upper<T, L>(a, WT, beta, R);
+    bf::eye<T, L>(m, a, Q);
+    bf::apply_q<T, L, a>(m, WT, vd, cf, Q, true);
+  }
+};
+
+// X (m x w, interleaved) := H_0 ... H_{n-1} X for the reflectors of house_qr (A, vd, cf):
+// bf::apply_q for the first w < n columns only
+template <typename T, int L, int n, int w, int j>
+void apply_cols(int m, const T* __restrict A, const T* __restrict vd, const T* __restrict cf,
+                T* __restrict X) {
+  T dot[w * L];
+  for (int e = 0; e < w * L; ++e) dot[e] = T(0);
+  for (int i = j; i < m; ++i) {
+    const T* v = i == j ? vd + j * L : A + (i * n + j) * L;
+    const T* row = X + i * w * L;
+    for (int c = 0; c < w; ++c)
+      for (int l = 0; l < L; ++l) dot[c * L + l] += v[l] * row[c * L + l];
+  }
+  for (int c = 0; c < w; ++c)
+    for (int l = 0; l < L; ++l) dot[c * L + l] *= cf[j * L + l];
+  for (int i = j; i < m; ++i) {
+    const T* v = i == j ? vd + j * L : A + (i * n + j) * L;
+    T* row = X + i * w * L;
+    for (int c = 0; c < w; ++c)
+      for (int l = 0; l < L; ++l) row[c * L + l] -= dot[c * L + l] * v[l];
+  }
+  if constexpr (j > 0) apply_cols<T, L, n, w, j - 1>(m, A, vd, cf, X);
+}
+
+// Truncated SVD of the interleaved c (m x n, m >= n, n = 2 r'; overwritten): the first
+// n / 2 left singular vectors (m x n/2) into Uo and S Vh (n x n, descending) into SV.
+// c = Q R (house_qr), Jacobi on R^T: R^T V_x = W_x, so c = (Q V_x) W_x^T: U = Q V_x,
+// S Vh = W_x^T (no normalization needed).
+template <typename T, int n>
+struct Svd {
+  static void run(int& m, T*& A, T*& vd, T*& cf, T*& beta, T*& W, T*& V, T*& S, T*& Uo,
+                  T*& SV) {
+    constexpr int L = bf::lanes<T>();
+    T sc[L];
+    bf::scale_down<T, L>(A, m * n, sc);
+    bf::house_qr<T, L, n>(m, A, vd, cf, beta);
+    for (int i = 0; i < n; ++i)  // W = R^T
+      for (int c = 0; c < n; ++c)
+        for (int l = 0; l < L; ++l)
+          W[(i * n + c) * L + l] = i < c ? T(0) : (i == c ? beta[i * L + l] : A[(c * n + i) * L + l]);
+    bf::jacobi<T, L, n>(W, V, std::numeric_limits<T>::epsilon() * n, bf::kMaxSweeps);
+    for (int e = 0; e < n * L; ++e) S[e] = T(0);
+    for (int i = 0; i < n; ++i)
+      for (int c = 0; c < n; ++c)
+        for (int l = 0; l < L; ++l) { const T w = W[(i * n + c) * L + l]; S[c * L + l] += w * w; }
+    // descending order (squared norms): compare-exchange of adjacent columns, per lane
+    for (int i = 0; i < n - 1; ++i)
+      for (int j = n - 1; j > i; --j) {
+        bool sw[L];
+        for (int l = 0; l < L; ++l) {
+          const T x = S[j * L + l], y = S[(j - 1) * L + l];
+          sw[l] = x > y;
+          S[j * L + l] = sw[l] ? y : x; S[(j - 1) * L + l] = sw[l] ? x : y;
+        }
+        for (int r = 0; r < n; ++r)
+          for (int l = 0; l < L; ++l) {
+            T* wj = &W[(r * n + j) * L + l]; T* wk = &W[(r * n + j - 1) * L + l];
+            const T x = *wj, y = *wk; *wj = sw[l] ? y : x; *wk = sw[l] ? x : y;
+            T* vj = &V[(r * n + j) * L + l]; T* vk = &V[(r * n + j - 1) * L + l];
+            const T x2 = *vj, y2 = *vk; *vj = sw[l] ? y2 : x2; *vk = sw[l] ? x2 : y2;
+          }
+      }
+    for (int j = 0; j < n; ++j)  // SV = W^T, scaled back
+      for (int c = 0; c < n; ++c)
+        for (int l = 0; l < L; ++l) SV[(j * n + c) * L + l] = W[(c * n + j) * L + l] * sc[l];
+    constexpr int h = (n + 1) / 2;  // U[:, :h] = Q [V_x[:, :h]; 0]
+    for (int i = 0; i < m; ++i)
+      for (int c = 0; c < h; ++c)
+        for (int l = 0; l < L; ++l) Uo[(i * h + c) * L + l] = i < n ? V[(i * n + c) * L + l] : T(0);
+    apply_cols<T, L, n, h, n - 1>(m, A, vd, cf, Uo);
+  }
+};
+
+// returns whether every output is finite
+template <typename T>
+bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::Tensor>& D,
+                        int64_t B, torch::Tensor& out) {
+  using pbs::mm_il;
+  constexpr int L = bf::lanes<T>();
+  constexpr int MC = bf::kMaxCols;
+  const int d = static_cast<int>(U.size());
+  std::vector<int> r(d + 1), n(d);
+  for (int k = 0; k < d; ++k) {
+    r[k] = static_cast<int>(U[k].size(1)); n[k] = static_cast<int>(U[k].size(2));
+  }
+  r[d] = 1;
+  // V_k (r_k x n_k r_{k+1}) and Q_k (N_k x r_k, N_k the columns of [left | right] at step
+  // k) of the block's points, kept for the truncation sweep; the cores and deltas are
+  // gathered one at a time (a smaller working set)
+  std::vector<size_t> vo(d + 1, 0), qo(d + 1, 0);
+  size_t mx = 1;
+  for (int k = 0; k < d; ++k) {
+    const size_t un = static_cast<size_t>(r[k]) * n[k] * r[k + 1];
+    const size_t N = static_cast<size_t>(n[k]) * r[k + 1] * (k + 1 < d ? 2 : 1);
+    vo[k + 1] = vo[k] + un * L;
+    qo[k + 1] = qo[k] + N * r[k] * L;
+    mx = std::max({mx, un, N * r[k], static_cast<size_t>(r[k]) * n[k] * 2 * r[k + 1]});
+  }
+  // one workspace per thread, kept between calls (no allocation and no page faults per call)
+  static thread_local std::vector<T> ws;
+  const size_t small = static_cast<size_t>(MC) * MC * L;
+  const size_t need = vo[d] + qo[d] + 15 * mx * L + 6 * small + static_cast<size_t>(d + 5) * MC * L;
+  if (ws.size() < need) ws.resize(need);
+  T* wp = ws.data();
+  auto take = [&](size_t cnt) { T* q = wp; wp += cnt; return q; };
+  T *Vs = take(vo[d]), *Qw = take(qo[d]), *Ua = take(mx * L), *Ub = take(mx * L),
+    *Dk = take(mx * L), *CT = take(mx * L), *Qt = take(mx * L), *C2 = take(mx * L),
+    *left = take(mx * L), *right = take(mx * L), *nleft = take(mx * L), *nright = take(mx * L),
+    *c = take(mx * L), *Uo = take(mx * L), *top = take(mx * L), *W2 = take(mx * L), *Rb = take(small), *Rl = take(small), *Cm = take(small),
+    *Wj = take(small), *Vj = take(small), *SV = take(small), *S = take(MC * L),
+    *vd = take(MC * L), *cf = take(MC * L), *beta = take(MC * L),
+    *sg = take(static_cast<size_t>(d + 1) * MC * L);
+  std::vector<torch::Tensor> Ov(d);
+  int64_t off = 0;
+  for (int k = 0; k < d; ++k) {
+    const int64_t sz = static_cast<int64_t>(r[k]) * n[k] * r[k + 1];
+    Ov[k] = out.narrow(1, off, sz).view({B, r[k] * n[k], r[k + 1]});
+    off += sz;
+  }
+  bool finite_all = true;
+  T sc[L];
+  for (int64_t b0 = 0; b0 < B; b0 += L) {
+    T acc[L];  // sum of 0 * output per lane: NaN once an output is NaN or infinite
+    for (int l = 0; l < L; ++l) acc[l] = T(0);
+    T* uk = Ua;  // U_k of the step (gathered), U_{k-1} into un
+    T* un = Ub;
+    pbs::gather_core<T, L>(U[d - 1], b0, B, uk);
+    pbs::gather_core<T, L>(D[d - 1], b0, B, Dk);
+    const int last = r[d - 1] * n[d - 1];
+    // the LQ sweep starts from U_{d-1} (scaled: its Q factors do not change); the
+    // structured sweep from left = U_{d-1} + du_{d-1}, no right part
+    std::copy(uk, uk + static_cast<size_t>(last) * L, C2);
+    bf::scale_down<T, L>(C2, last, sc);
+    for (int e = 0; e < last * L; ++e) left[e] = uk[e] + Dk[e];
+    T* sgn = sg;
+    for (int l = 0; l < L; ++l) sgn[static_cast<size_t>(d) * MC * L + l] = T(1);
+    int nbr = 0;
+    for (int k = d - 1; k >= 1; --k) {
+      const int a = r[k], nb = n[k] * r[k + 1], b = r[k + 1];
+      const int rows = r[k - 1] * n[k - 1];
+      pbs::gather_core<T, L>(U[k - 1], b0, B, un);
+      pbs::gather_core<T, L>(D[k - 1], b0, B, Dk);
+      {  // LQ step (project_small_impl's): V_k = S_k V'_k (I (x) S_{k+1})
+        for (int i = 0; i < a; ++i)
+          for (int j = 0; j < nb; ++j)
+            pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(j) * a + i) * L,
+                                  C2 + (static_cast<size_t>(i) * nb + j) * L);
+        int m = nb;
+        T *ct = CT, *pvd = vd, *pcf = cf, *pb = beta, *pq = Qt, *pr = Rl,
+          *ps = sgn + static_cast<size_t>(k) * MC * L;
+        bf::for_cols<T, pbs::Lq>(a, m, ct, pvd, pcf, pb, pq, pr, ps);
+        const T* s1 = sgn + static_cast<size_t>(k + 1) * MC * L;
+        T* V = Vs + vo[k];
+        for (int al = 0; al < a; ++al)
+          for (int i = 0; i < n[k]; ++i)
+            for (int be = 0; be < b; ++be) {
+              const size_t row = static_cast<size_t>(i) * b + be;
+              pbs::mul3<T, L>(V + (static_cast<size_t>(al) * nb + row) * L, ps + al * L,
+                              Qt + (row * a + al) * L, s1 + (k + 1 < d ? be * L : 0));
+            }
+        mm_il<T, L>(rows, a, a, un, a, 1, Rl, 1, a, C2, a, 1, T(1), false);
+      }
+      const T* V = Vs + vo[k];
+      // structured step: C = left V^T (a x a); left -= C V; QR of [left | right]^T
+      mm_il<T, L>(a, a, nb, left, nb, 1, V, 1, nb, Cm, a, 1, T(1), false);
+      mm_il<T, L>(a, nb, a, Cm, a, 1, V, nb, 1, left, nb, 1, T(-1), true);
+      int N = nb + nbr;
+      for (int al = 0; al < a; ++al) {
+        for (int j = 0; j < nb; ++j)
+          pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(j) * a + al) * L,
+                                left + (static_cast<size_t>(al) * nb + j) * L);
+        for (int j = 0; j < nbr; ++j)
+          pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(nb + j) * a + al) * L,
+                                right + (static_cast<size_t>(al) * nbr + j) * L);
+      }
+      T *ct = CT, *pvd = vd, *pcf = cf, *pb = beta, *pq = Qw + qo[k], *pr = Rb;
+      bf::for_cols<T, Qr>(a, N, ct, pvd, pcf, pb, pq, pr);
+      // core k-1: left = du_{k-1} + U_{k-1} C, right = U_{k-1} R^T ((r_{k-1} n) x a each)
+      std::copy(Dk, Dk + static_cast<size_t>(rows) * a * L, nleft);
+      mm_il<T, L>(rows, a, a, un, a, 1, Cm, a, 1, nleft, a, 1, T(1), true);
+      mm_il<T, L>(rows, a, a, un, a, 1, Rb, 1, a, nright, a, 1, T(1), false);
+      std::swap(left, nleft);
+      std::swap(right, nright);
+      std::swap(uk, un);
+      nbr = n[k - 1] * a;
+    }
+    // first core: c = [left | right] (n_0 x 2 r_1)
+    int m = n[0], K = 2 * r[1];
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < r[1]; ++j) {
+        pbs::copy_lanes<T, L>(c + (static_cast<size_t>(i) * K + j) * L,
+                              left + (static_cast<size_t>(i) * r[1] + j) * L);
+        pbs::copy_lanes<T, L>(c + (static_cast<size_t>(i) * K + r[1] + j) * L,
+                              right + (static_cast<size_t>(i) * r[1] + j) * L);
+      }
+    for (int k = 0; k + 1 < d; ++k) {
+      const int rk = r[k + 1];
+      T *pa = c, *pvd = vd, *pcf = cf, *pb = beta, *pw = Wj, *pv = Vj, *ps = S, *pu = Uo,
+        *psv = SV;
+      bf::for_cols<T, Svd>(K, m, pa, pvd, pcf, pb, pw, pv, ps, pu, psv);  // (K = 2 rk)
+      for (int e = 0; e < m * rk; ++e)  // core k = U[:, :rk]
+        for (int l = 0; l < L; ++l) acc[l] += Uo[static_cast<size_t>(e) * L + l] * T(0);
+      bf::scatter<T, L>(Uo, b0, m, rk, nullptr, Ov[k]);
+      // top (rk x nb) = SV[:, a:] Q_V^T + SV[:, :a] V_{k+1}; Q = [Q_V; Q_W] (N x ap)
+      const int a = rk, nk = n[k + 1], b = r[k + 2], nb = nk * b, ap = K - a;
+      const T* q = Qw + qo[k + 1];
+      mm_il<T, L>(rk, nb, ap, SV + static_cast<size_t>(a) * L, K, 1, q, 1, ap, top, nb, 1,
+                  T(1), false);
+      mm_il<T, L>(rk, nb, a, SV, K, 1, Vs + vo[k + 1], nb, 1, top, nb, 1, T(1), true);
+      if (k + 2 == d) {  // the last core (rk x n x 1)
+        for (int e = 0; e < rk * nb; ++e)
+          for (int l = 0; l < L; ++l) acc[l] += top[static_cast<size_t>(e) * L + l] * T(0);
+        bf::scatter<T, L>(top, b0, rk * nb, 1, nullptr, Ov[k + 1]);
+        break;
+      }
+      // W2 (rk x n_{k+1} r_{k+2}) = SV[:, a:] Q_W^T (Q_W: the right part's columns)
+      mm_il<T, L>(rk, nb, ap, SV + static_cast<size_t>(a) * L, K, 1,
+                  q + static_cast<size_t>(nb) * ap * L, 1, ap, W2, nb, 1, T(1), false);
+      const int K2 = 2 * b;  // next c: rows (al, i), columns [top (b) | W2 (b)]
+      for (int al = 0; al < rk; ++al)
+        for (int i = 0; i < nk; ++i) {
+          const size_t row = static_cast<size_t>(al) * nk + i;
+          const size_t src = (static_cast<size_t>(al) * nb + static_cast<size_t>(i) * b) * L;
+          std::copy(top + src, top + src + static_cast<size_t>(b) * L, c + row * K2 * L);
+          std::copy(W2 + src, W2 + src + static_cast<size_t>(b) * L, c + (row * K2 + b) * L);
+        }
+      m = rk * nk;
+      K = K2;
+    }
+    const int64_t valid = std::min<int64_t>(L, B - b0);
+    for (int l = 0; l < valid; ++l) finite_all = finite_all && acc[l] == T(0);
+  }
+  return finite_all;
+}
+
+}  // namespace rbs
+
+// retract_point (V computed, the canonical right cores) for B points and/or B steps with
+// TT-ranks <= 4, SIMD across the points: U, du cores (1 or B, r, n, r'), every unfolding
+// r n >= 2 r' (n_0 >= 2 r_1); (B, size of U's point), left-orthogonal cores
+torch::Tensor retract_batch_small(std::vector<torch::Tensor> U, std::vector<torch::Tensor> du,
+                                  int64_t B) {
+  TORCH_CHECK(U.size() >= 2 && U.size() == du.size(), "retract_batch_small: inconsistent lengths");
+  const auto t = U[0].scalar_type();
+  TORCH_CHECK(t == torch::kFloat || t == torch::kDouble, "U: float32 or float64 only");
+  for (auto* cs : {&U, &du})
+    for (auto& c : *cs) {
+      const char* name = cs == &U ? "U" : "du";
+      TORCH_CHECK(c.device().is_cpu() && c.dim() == 4 && c.scalar_type() == t, name,
+                  ": expected 4-D CPU cores (batch, r, n, r') of one dtype");
+      TORCH_CHECK(c.size(0) == 1 || c.size(0) == B, name, ": batch size ", c.size(0),
+                  " is neither 1 nor ", B);
+      if (c.size(0) > 0 && !c.select(0, 0).is_contiguous()) c = c.contiguous();
+    }
+  const size_t d = U.size();
+  int64_t size = 0;
+  for (size_t k = 0; k < d; ++k) {
+    TORCH_CHECK(du[k].sizes().slice(1) == U[k].sizes().slice(1), "du: core ", k,
+                " differs in shape from U's");
+    TORCH_CHECK(U[k].size(1) <= bf::kMaxCols / 2 && U[k].size(3) <= bf::kMaxCols / 2,
+                "retract_batch_small: TT-ranks above ", bf::kMaxCols / 2);
+    TORCH_CHECK(k == 0 || U[k].size(2) * U[k].size(3) >= U[k].size(1),
+                "U: core ", k, " has fewer columns n r' than rows r (no LQ)");
+    TORCH_CHECK(k + 1 == d || U[k].size(1) * U[k].size(2) >= 2 * U[k].size(3),
+                "U: core ", k, " has fewer rows r n than 2 r' (the rank-2r unfolding is wide)");
+    TORCH_CHECK(k + 1 == d || U[k].size(3) == U[k + 1].size(1), "U: ranks of consecutive cores differ");
+    size += U[k].size(1) * U[k].size(2) * U[k].size(3);
+  }
+  TORCH_CHECK(U[0].size(1) == 1 && U[d - 1].size(3) == 1, "U: boundary ranks must be 1");
+  auto out = torch::empty({B, size}, U[0].options());
+  if (B == 0) return out;
+  const bool ok = t == torch::kDouble ? rbs::retract_small_impl<double>(U, du, B, out)
+                                      : rbs::retract_small_impl<float>(U, du, B, out);
+  TORCH_CHECK(ok, "retr: X + u is not finite (X or u contains NaN or Inf)");
+  return out;
+}
+
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("retract", &retract, "packed TT-SVD of X + xi (structured rank-2r rounding)");
   m.def("retract_point", &retract_point, "retract, V computed from U");
@@ -1710,4 +2009,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "check: the error message for a non-finite result (\"\": not tested)",
         pybind11::arg("U"), pybind11::arg("Z"), pybind11::arg("gauge"), pybind11::arg("B"),
         pybind11::arg("check") = "");
+  m.def("retract_batch_small", &retract_batch_small,
+        "retract_point of a batch of points of TT-ranks <= 4, SIMD across the points (interleaved)");
 }

@@ -250,3 +250,27 @@ def _ordinary_outputs():
     if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
         return torch.inference_mode(False)
     return contextlib.nullcontext()
+
+
+def retract_batch_small(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
+                        ranks: Sequence[int]) -> torch.Tensor:
+    """The batched ``retract_point(U, du, ranks)`` for TT-ranks ``<= 4`` in one call that
+    runs blocks of points together, SIMD across the points (``dense.cpp``'s
+    ``retract_batch_small``: the LQ sweep of each point, the structured orthogonalization
+    of the rank-2r TT and the truncated SVDs). Cores broadcast over the leading batch
+    dimensions (one ``du`` or one point for all is not copied per point).
+
+    Args: as the torch ``retract_point`` (``mod``: the loaded dense module).
+    Returns: ``(*batch, size)``, the packed left-orthogonal cores of each result.
+    Raises: ``RuntimeError`` when a result is NaN or infinite (a non-finite point or step).
+    Cost: O(B d n r^3), one call."""
+    bs = _batch_shape(U, du)
+    B = bs.numel()
+
+    def views(cores):  # (B or 1, r, n, r'): views where the batch dimensions allow
+        return [c.reshape((1,) + c.shape[-3:]) if c.shape[:-3].numel() == 1 else
+                c.expand(bs + c.shape[-3:]).reshape((B,) + c.shape[-3:]) for c in cores]
+
+    with _ordinary_outputs():
+        out = mod.retract_batch_small(views(U), views(du), B)
+    return out.reshape(bs + out.shape[1:])

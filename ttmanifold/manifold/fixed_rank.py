@@ -27,7 +27,8 @@ from ..tt import TT, BatchIndexSet, IndexSet, orthogonalize
 from ..tt import round as tt_round
 from ..tt.tensor_train import fro_norm
 from . import autodiff, hessian
-from .retraction import block_cores, retract, retract_point, retract_transport_cores
+from .retraction import (block_cores, retract, retract_point, retract_small,
+                         retract_transport_cores, small_retract_module)
 from .sampled_batch import project_sampled_batch
 from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect,
                      prefer_fewer_launches, project_dense, project_sampled, project_tt,
@@ -804,12 +805,20 @@ class FixedTTRank(geoopt.Manifold):
     # retraction and transport
     # ------------------------------------------------------------------------------------
     @_no_autograd_fast_path(fresh_outputs=True)
-    @_chunked_on_cpu
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Retraction ``R_X(xi) = round_r(X + xi)`` (TT-SVD of the rank-2r TT). O(d n r^3).
 
         ``u`` may be non-gauged deltas. The result is left-orthogonal.
         """
+        if (x.dim() > 1 or u.dim() > 1) and self._kept_right_cores(x) is None:
+            U, du = self._split(x, "x"), self._check_vector(u, x)
+            mod = small_retract_module(U, du, self.ranks)
+            if mod is not None:  # the small-rank SIMD kernel: the whole batch, one call
+                return retract_small(mod, U, du, self.ranks)
+        return self._retr(x, u)
+
+    @_chunked_on_cpu
+    def _retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         U = self._split(x, "x")
         du = self._check_vector(u, x)
         V = self._kept_right_cores(x, consume=True)

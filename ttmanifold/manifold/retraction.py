@@ -18,7 +18,7 @@ from .sweeps import (batched_qr, batched_svd, core_runs, has_bonds,
                      squeeze_cores, stack_pays)
 
 __all__ = ["retract", "retract_point", "block_cores", "scattered_block_cores",
-           "retract_transport_cores"]
+           "retract_transport_cores", "small_retract_module", "retract_small"]
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.retract, when=has_bonds)
@@ -101,11 +101,64 @@ def retract(U: Sequence[torch.Tensor], V: Sequence[Optional[torch.Tensor]],
     return _packed(lefts, c, 0, group)
 
 
-@kernels.dispatch("dense", compiled=compiled_dense.retract_point, when=has_bonds)
+#: The compiled batched retraction for small ranks (``dense.cpp``'s ``retract_batch_small``:
+#: blocks of points through the whole computation, SIMD across the points) takes a batch of
+#: at least ``SMALL_RETRACT_MIN_BATCH`` points or steps whose TT-ranks are at most
+#: ``SMALL_RETRACT_MAX_RANK`` (its SVDs have ``2 r`` columns, at most 8) and whose unfoldings
+#: ``r_k n_k x 2 r_{k+1}`` are not wide. Measured: see docs/kernels.md.
+SMALL_RETRACT_MIN_BATCH = 16
+SMALL_RETRACT_MAX_RANK = 4
+
+
+def _small_retract(U, du, ranks) -> bool:
+    """Whether the compiled small-rank batched retraction takes the call (shapes only)."""
+    d = len(U)
+    if d < 2 or len(du) != d or any(c.dim() < 3 for c in list(U) + list(du)):
+        return False
+    if U[0].dim() == 3 and du[0].dim() == 3:  # one point: the single-point kernels
+        return False
+    try:
+        bs = torch.broadcast_shapes(*[c.shape[:-3] for c in list(U) + list(du)])
+    except RuntimeError:
+        return False
+    if bs.numel() < SMALL_RETRACT_MIN_BATCH:
+        return False
+    for k, (u, e) in enumerate(zip(U, du)):
+        a, n, b = u.shape[-3:]
+        if (tuple(e.shape[-3:]) != (a, n, b) or max(a, b) > SMALL_RETRACT_MAX_RANK
+                or (k > 0 and n * b < a) or (k < d - 1 and a * n < 2 * b)):
+            return False
+    return True
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.retract_batch_small, when=_small_retract)
 def retract_point(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
                   ranks: Sequence[int]) -> torch.Tensor:
     """:func:`retract` that computes the right-orthogonal cores itself (one compiled call
-    on the CPU). Same arguments without ``V``; cost O(d n r^3)."""
+    on the CPU; a batch of small TT-ranks runs SIMD across the points,
+    :data:`SMALL_RETRACT_MAX_RANK`). Same arguments without ``V``; cost O(d n r^3)."""
+    return _retract_point(U, du, ranks)
+
+
+def small_retract_module(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
+                         ranks: Sequence[int]):
+    """The loaded dense module when the compiled small-rank batched retraction takes
+    ``retract_point(U, du, ranks)`` (shapes, dtypes, grad and device as its dispatch
+    decides), else None; :func:`retract_small` then runs it. Cost: shapes only."""
+    return retract_point.module_for(U, du, ranks)
+
+
+def retract_small(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
+                  ranks: Sequence[int]) -> torch.Tensor:
+    """``retract_point(U, du, ranks)`` of a batch by the compiled small-rank kernel ``mod``
+    (from :func:`small_retract_module`; None: the usual dispatch). Cost: O(B d n r^3)."""
+    return retract_point.call_with(mod, U, du, ranks)
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.retract_point, when=has_bonds)
+def _retract_point(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
+                   ranks: Sequence[int]) -> torch.Tensor:
+    """:func:`retract_point` outside the small-rank batched kernel."""
     if U[0].dim() > 3 or du[0].dim() > 3:
         bs = one_point_batch(U, du)
         if bs is not None:  # one point: the single-point path (one compiled call)

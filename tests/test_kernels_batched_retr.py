@@ -1,0 +1,201 @@
+"""The compiled batched retraction for small TT-ranks (``dense.cpp``'s
+``retract_batch_small`` behind ``retract_point`` and ``M.retr`` on batches): results against
+a dense float64 TT-SVD of ``X + xi`` and the torch batch path (full tensors or TT norms of
+differences: the retraction is defined up to the gauge), float64 and float32, a shared
+point, the left-orthogonal gauge, non-finite input, the fallbacks, and that the compiled
+call actually runs."""
+import shutil
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ttmanifold import FixedTTRank, kernels
+from ttmanifold.manifold import retraction
+
+F64, F32 = torch.float64, torch.float32
+TOL = {F64: 1e-11, F32: 3e-5}
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+class Spy:
+    """The loaded module, recording the names of its batched retraction calls."""
+
+    def __init__(self, mod):
+        self._mod = mod
+        self.calls = []
+
+    def __getattr__(self, attr):
+        f = getattr(self._mod, attr)
+        if attr not in ("retract_batch_small", "retract_batch"):
+            return f
+
+        def call(*a, **k):
+            self.calls.append(attr)
+            return f(*a, **k)
+
+        return call
+
+
+@pytest.fixture(scope="module")
+def dense_module():
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: the compiled kernels cannot be built here")
+    was = kernels.enabled()
+    kernels.set_enabled(True)
+    kernels.build(["dense"], verbose=False)
+    mod = kernels.module("dense")
+    assert mod is not None, "the compiled dense kernels failed to build"
+    yield mod
+    kernels.set_enabled(was)
+
+
+@pytest.fixture
+def spy(dense_module, monkeypatch):
+    s = Spy(dense_module)
+    monkeypatch.setattr(kernels._SETS["dense"], "module", s)
+    monkeypatch.setitem(kernels._config, "enabled", True)
+    return s
+
+
+def _torch_path(monkeypatch, fn):
+    """fn() with the compiled kernels off (the torch batch path)."""
+    with monkeypatch.context() as m:
+        m.setitem(kernels._config, "enabled", False)
+        return fn()
+
+
+def _dense_ttsvd(A, ranks):
+    """The full tensor of the TT-SVD of the dense float64 ``A`` at TT-ranks ``ranks``
+    (sequential truncated SVDs of the unfoldings): round_r(A), the retraction's result."""
+    shape, d = A.shape, A.dim()
+    cores, rest, r = [], A.reshape(1, -1), 1
+    for k in range(d - 1):
+        u, s, vh = torch.linalg.svd(rest.reshape(r * shape[k], -1), full_matrices=False)
+        r = ranks[k + 1]
+        cores.append(u[:, :r])
+        rest = s[:r, None] * vh[:r]
+    out = rest.reshape(r, -1)
+    for c in reversed(cores):
+        out = (c @ out.reshape(c.shape[1], -1)).reshape(c.shape[0], -1)
+    return out.reshape(shape)
+
+
+def _err(x, ref):
+    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+
+
+def _left_orthogonal(M, y, tol):
+    for c in M._split(y, "y")[:-1]:
+        a, n, b = c.shape[-3:]
+        m = c.reshape(c.shape[:-3] + (a * n, b)).double()
+        eye = torch.eye(b, dtype=F64)
+        assert float((m.mT @ m - eye).abs().max()) < tol
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.lists(st.integers(2, 7), min_size=2, max_size=4), r=st.integers(1, 4),
+       B=st.integers(16, 37), dtype=st.sampled_from([F64, F32]), gauged=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_matches_dense_reference_and_torch_path(spy, monkeypatch, shape, r, B, dtype, gauged, seed):
+    spy.calls.clear()  # (one fixture for all examples)
+    g = torch.Generator().manual_seed(seed)
+    with warnings.catch_warnings():  # ranks clipped to the feasible bound: expected
+        warnings.simplefilter("ignore", UserWarning)
+        M = FixedTTRank(shape, r)
+    p = torch.Tensor(M.random(B, M.size, dtype=dtype, generator=g))
+    u = torch.randn(B, M.size, dtype=dtype, generator=g)
+    if gauged:
+        u = M.proju(p, u)
+    takes = all(a * n >= 2 * b for a, n, b in zip(M.ranks, shape, M.ranks[1:-1]))
+    y = M.retr(p, u)
+    assert y.shape == p.shape
+    if not takes:  # a wide unfolding (r_k n_k < 2 r_{k+1}): the kernel's check refuses it
+        assert "retract_batch_small" not in spy.calls
+        return
+    assert spy.calls == ["retract_batch_small"]
+    full = M.to_tt(y).full()
+    ref = _torch_path(monkeypatch, lambda: M.to_tt(M.retr(p, u)).full())
+    assert _err(full, ref) < TOL[dtype] * 10
+    A = (M.to_tt(p).full() + M.tangent_to_tt(p, u).full()).to(F64)
+    for b in range(0, B, 9):
+        assert _err(full[b].to(F64), _dense_ttsvd(A[b], M.ranks)) < TOL[dtype] * 10
+    _left_orthogonal(M, y, TOL[dtype] * 10)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_realistic_sizes(spy, monkeypatch, dtype):
+    """d = 6, n = 8 at ranks 4 and 2 over two batch dimensions with a partial last block
+    (B = 2 x 9), against the torch path by the TT norm of the difference."""
+    g = torch.Generator().manual_seed(3)
+    for r in (4, 2):
+        M = FixedTTRank((8,) * 6, r)
+        p = torch.Tensor(M.random(18, dtype=dtype, generator=g)).reshape(2, 9, -1)
+        u = M.proju(p, torch.randn(2, 9, M.size, dtype=dtype, generator=g))
+        spy.calls.clear()
+        y = M.retr(p, u)
+        assert spy.calls == ["retract_batch_small"] and y.shape == p.shape
+        ref = _torch_path(monkeypatch, lambda: M.retr(p, u))
+        a, b = M.to_tt(y.double()), M.to_tt(ref.double())
+        assert float(((a - b).norm() / b.norm()).max()) < TOL[dtype] * 10
+        _left_orthogonal(M, y, TOL[dtype] * 10)
+
+
+def test_shared_point_and_zero_step(spy, monkeypatch):
+    """One point for a batch of steps (not copied per point); a zero step returns the
+    point's tensor."""
+    g = torch.Generator().manual_seed(4)
+    M = FixedTTRank((6, 3, 5, 6), 3)
+    p1 = torch.Tensor(M.random(dtype=F64, generator=g))
+    u = torch.randn(20, M.size, dtype=F64, generator=g)
+    y = M.retr(p1, u)
+    assert spy.calls == ["retract_batch_small"] and y.shape == u.shape
+    ref = _torch_path(monkeypatch, lambda: M.retr(p1.expand(20, -1), u))
+    assert _err(M.to_tt(y).full(), M.to_tt(ref).full()) < 1e-11
+    spy.calls.clear()
+    p = torch.Tensor(M.random(16, dtype=F64, generator=g))
+    y0 = M.retr(p, torch.zeros_like(p))
+    assert spy.calls == ["retract_batch_small"]
+    assert _err(M.to_tt(y0).full(), M.to_tt(p).full()) < 1e-12
+
+
+def test_non_finite_raises(spy):
+    g = torch.Generator().manual_seed(5)
+    M = FixedTTRank((4, 4, 4), 2)
+    p = torch.Tensor(M.random(16, dtype=F32, generator=g))
+    u = torch.randn(16, M.size, dtype=F32, generator=g)
+    u[7, 3] = float("inf")
+    with pytest.raises(RuntimeError, match="not finite"):
+        M.retr(p, u)
+    assert spy.calls == ["retract_batch_small"]
+
+
+def test_falls_back(spy, monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    M = FixedTTRank((4, 4, 4), 2)
+    p = torch.Tensor(M.random(15, dtype=F64, generator=g))
+    M.retr(p, torch.randn(15, M.size, dtype=F64, generator=g))  # a batch below 16
+    M5 = FixedTTRank((10, 10, 10), 5)  # ranks above 4
+    p5 = torch.Tensor(M5.random(16, dtype=F64, generator=g))
+    M5.retr(p5, torch.randn(16, M5.size, dtype=F64, generator=g))
+    M3 = FixedTTRank((3, 4, 3), 2)  # n_0 = 3 < 2 r_1: a wide first unfolding
+    p3 = torch.Tensor(M3.random(16, dtype=F64, generator=g))
+    M3.retr(p3, torch.randn(16, M3.size, dtype=F64, generator=g))
+    p16 = torch.Tensor(M.random(16, dtype=F64, generator=g)).requires_grad_()
+    M.retr(p16, torch.randn(16, M.size, dtype=F64, generator=g))  # autograd: torch's
+    assert "retract_batch_small" not in spy.calls
+    assert retraction.SMALL_RETRACT_MAX_RANK == 4
+
+
+def test_compiled_function_checks_its_input(dense_module):
+    U = [torch.randn(16, 1, 3, 5, dtype=F64), torch.randn(16, 5, 3, 1, dtype=F64)]
+    with pytest.raises(RuntimeError, match="TT-ranks above 4"):
+        dense_module.retract_batch_small(U, U, 16)
+    U = [torch.randn(16, 1, 3, 2, dtype=F64), torch.randn(16, 2, 3, 1, dtype=F64)]
+    with pytest.raises(RuntimeError, match="wide"):
+        dense_module.retract_batch_small(U, U, 16)
+    with pytest.raises(RuntimeError, match="batch size"):
+        dense_module.retract_batch_small(U, [c[:5] for c in U], 16)
