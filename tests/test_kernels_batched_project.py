@@ -153,9 +153,11 @@ def test_realistic_sizes_and_rank_8(spy, monkeypatch, dtype):
 @pytest.mark.parametrize("shape,r,R", [((10, 10, 10), 10, 12), ((5, 4, 4, 5), 16, 16),
                                        ((4, 3, 4, 3, 4), 11, 9), ((12, 12), 12, 16)])
 def test_ranks_9_to_16(spy, monkeypatch, shape, r, R, dtype):
-    """TT-ranks 9..16 (the point's, Z's or both; beyond the batched QR/SVD's 8 columns):
-    the SIMD kernel against the dense float64 reference and the torch path, with a partial
-    last block (B = 19)."""
+    """TT-ranks 9..16 (the point's, Z's or both; beyond the batched QR/SVD's 8 columns; the
+    kernel takes up to 16, M.project routes up to SMALL_PROJECT_MAX_RANK, raised here): the
+    SIMD kernel against the dense float64 reference and the torch path, with a partial last
+    block (B = 19)."""
+    monkeypatch.setattr(sweeps, "SMALL_PROJECT_MAX_RANK", 16)
     g = torch.Generator().manual_seed(7)
     M = FixedTTRank(shape, r)
     assert max(M.ranks) == r  # the rank is reached, not clipped
@@ -209,7 +211,11 @@ def test_falls_back(spy, monkeypatch):
     p1 = torch.Tensor(M.random(dtype=F64, generator=g))
     Z1 = TT.random(M.shape, 2, dtype=F64, generator=g, batch=(20,))
     M.project(p1, Z1)  # one point shared by the batch: the torch products at the point
-    M17 = FixedTTRank((18, 18, 18), 17)  # ranks above 16
+    M13 = FixedTTRank((14, 14, 14), 13)  # ranks above SMALL_PROJECT_MAX_RANK (12)
+    M13.project(torch.Tensor(M13.random(16, dtype=F64, generator=g)),
+                TT.random(M13.shape, 2, dtype=F64, generator=g, batch=(16,)))
+    monkeypatch.setattr(sweeps, "SMALL_PROJECT_MAX_RANK", 16)
+    M17 = FixedTTRank((18, 18, 18), 17)  # ranks above the kernel's 16
     M17.project(torch.Tensor(M17.random(16, dtype=F64, generator=g)),
                 TT.random(M17.shape, 2, dtype=F64, generator=g, batch=(16,)))
     M4 = FixedTTRank((18, 18), 3)  # a Z of rank above 16 at a point of small rank
