@@ -1520,9 +1520,9 @@ inline void copy_lanes(T* __restrict d, const T* __restrict x) {
 
 // The LQ c = R^T Q'^T of one interleaved core c (a x m row-major, m = n b) as the QR of
 // CT = c^T (m x a, overwritten by house_qr): Q' (m x a) into Qt, R (a x a) into R, the
-// signs of diag R into sg (a x L).
+// signs of diag R into sg (a x L). LqAt<L>::F for blocks of L points, Lq for bf::lanes.
 template <int L>
-struct Lq {
+struct LqAt {
   template <typename T, int a>
   struct F {
     static void run(int& m, T*& CT, T*& vd, T*& cf, T*& beta, T*& Qt, T*& R, T*& sg) {
@@ -1535,6 +1535,8 @@ struct Lq {
     }
   };
 };
+template <typename T, int a>
+struct Lq : LqAt<bf::lanes<T>()>::template F<T, a> {};
 
 // returns whether every delta is finite (tested when check, in cache as they are written;
 // a non-finite entry of a point or of Z reaches the deltas)
@@ -1596,7 +1598,7 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
       int m = nb;
       T *ct = CT.data(), *pvd = vd.data(), *pcf = cf.data(), *pb = beta.data(), *pq = Qt.data(),
         *pr = Rb.data(), *ps = sgn + static_cast<size_t>(k) * kMaxRank * L;
-      bf::for_cols<T, Lq<L>::template F, kMaxRank>(a, m, ct, pvd, pcf, pb, pq, pr, ps);
+      bf::for_cols<T, LqAt<L>::template F, kMaxRank>(a, m, ct, pvd, pcf, pb, pq, pr, ps);
       // V_k[al, i, be] = S_k[al] Q'[(i, be), al] S_{k+1}[be]
       const T* s1 = sgn + static_cast<size_t>(k + 1) * kMaxRank * L;
       for (int al = 0; al < a; ++al)
