@@ -149,6 +149,34 @@ def test_realistic_sizes_and_rank_8(spy, monkeypatch, dtype):
         assert _err(M.tangent_to_tt(p, u).full(), ref) < TOL[dtype] * 10
 
 
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("shape,r,R", [((10, 10, 10), 10, 12), ((5, 4, 4, 5), 16, 16),
+                                       ((4, 3, 4, 3, 4), 11, 9), ((12, 12), 12, 16)])
+def test_ranks_9_to_16(spy, monkeypatch, shape, r, R, dtype):
+    """TT-ranks 9..16 (the point's, Z's or both; beyond the batched QR/SVD's 8 columns; the
+    kernel takes up to 16, M.project routes up to SMALL_PROJECT_MAX_RANK, raised here): the
+    SIMD kernel against the dense float64 reference and the torch path, with a partial last
+    block (B = 19)."""
+    monkeypatch.setattr(sweeps, "SMALL_PROJECT_MAX_RANK", 16)
+    g = torch.Generator().manual_seed(7)
+    M = FixedTTRank(shape, r)
+    assert max(M.ranks) == r  # the rank is reached, not clipped
+    B = 19
+    p = torch.Tensor(M.random(B, dtype=dtype, generator=g))
+    with warnings.catch_warnings():  # Z's ranks clipped to the feasible bound: expected
+        warnings.simplefilter("ignore", UserWarning)
+        Z = TT.random(M.shape, R, dtype=dtype, generator=g, batch=(B,))
+    spy.calls.clear()
+    u = M.project(p, Z)
+    assert spy.calls == ["project_batch_small"]
+    full = M.tangent_to_tt(p, u).full()
+    ref = _torch_path(monkeypatch, lambda: M.tangent_to_tt(p, M.project(p, Z)).full())
+    assert _err(full, ref) < TOL[dtype] * 10
+    X, Zf = M.to_tt(p).full().to(F64), Z.full().to(F64)
+    for b in (0, B - 1):
+        assert _err(full[b].to(F64), _dense_projection(X[b], Zf[b], M.ranks)) < TOL[dtype] * 10
+
+
 def test_broadcast_z_and_point_batch(spy, monkeypatch):
     """One Z for a batch of points (not copied per point), and a packed list output."""
     g = torch.Generator().manual_seed(4)
@@ -183,9 +211,16 @@ def test_falls_back(spy, monkeypatch):
     p1 = torch.Tensor(M.random(dtype=F64, generator=g))
     Z1 = TT.random(M.shape, 2, dtype=F64, generator=g, batch=(20,))
     M.project(p1, Z1)  # one point shared by the batch: the torch products at the point
-    M9 = FixedTTRank((10, 10, 10), 9)  # ranks above 8
-    M9.project(torch.Tensor(M9.random(16, dtype=F64, generator=g)),
-               TT.random(M9.shape, 2, dtype=F64, generator=g, batch=(16,)))
+    M13 = FixedTTRank((14, 14, 14), 13)  # ranks above SMALL_PROJECT_MAX_RANK (12)
+    M13.project(torch.Tensor(M13.random(16, dtype=F64, generator=g)),
+                TT.random(M13.shape, 2, dtype=F64, generator=g, batch=(16,)))
+    monkeypatch.setattr(sweeps, "SMALL_PROJECT_MAX_RANK", 16)
+    M17 = FixedTTRank((18, 18, 18), 17)  # ranks above the kernel's 16
+    M17.project(torch.Tensor(M17.random(16, dtype=F64, generator=g)),
+                TT.random(M17.shape, 2, dtype=F64, generator=g, batch=(16,)))
+    M4 = FixedTTRank((18, 18), 3)  # a Z of rank above 16 at a point of small rank
+    M4.project(torch.Tensor(M4.random(16, dtype=F64, generator=g)),
+               TT.random(M4.shape, 17, dtype=F64, generator=g, batch=(16,)))
     U = M._split(torch.Tensor(M.random(16, dtype=F64, generator=g)), "p")
     Z16 = TT.random(M.shape, 2, dtype=F64, generator=g, batch=(16,)).cores
     sweeps.project_tt(U, sweeps.right_cores(U), Z16, gauge=True)  # V given
@@ -195,9 +230,9 @@ def test_falls_back(spy, monkeypatch):
 
 
 def test_compiled_function_checks_its_input(dense_module):
-    U = [torch.randn(16, 1, 3, 9, dtype=F64), torch.randn(16, 9, 3, 1, dtype=F64)]
-    Z = [torch.randn(16, 1, 3, 2, dtype=F64), torch.randn(16, 2, 3, 1, dtype=F64)]
-    with pytest.raises(RuntimeError, match="TT-ranks above 8"):
+    U = [torch.randn(16, 1, 18, 17, dtype=F64), torch.randn(16, 17, 18, 1, dtype=F64)]
+    Z = [torch.randn(16, 1, 18, 2, dtype=F64), torch.randn(16, 2, 18, 1, dtype=F64)]
+    with pytest.raises(RuntimeError, match="TT-ranks above 16"):
         dense_module.project_batch_small(U, Z, True, 16)
     with pytest.raises(RuntimeError, match="inconsistent lengths"):
         dense_module.project_batch_small(U, Z[:1], True, 16)

@@ -1365,12 +1365,13 @@ void svd_impl(const torch::Tensor& a, torch::Tensor& u, torch::Tensor& s, torch:
   }
 }
 
-// f<T, n>(args...) for the runtime column count n in 1..kMaxCols
-template <typename T, template <typename, int> class F, int n = 1, typename... A>
+// f<T, n>(args...) for the runtime column count n in 1..hi (the QR/SVD: kMaxCols)
+template <typename T, template <typename, int> class F, int hi = kMaxCols, int n = 1,
+          typename... A>
 void for_cols(int cols, A&... args) {
-  if constexpr (n <= kMaxCols) {
+  if constexpr (n <= hi) {
     if (cols == n) return F<T, n>::run(args...);
-    for_cols<T, F, n + 1>(cols, args...);
+    for_cols<T, F, hi, n + 1>(cols, args...);
   }
 }
 template <typename T, int n>
@@ -1432,6 +1433,10 @@ std::vector<torch::Tensor> batched_svd(torch::Tensor a) {
 // sweep T_k = P_k Z_k, P_{k+1} = U_k^T T_k (gauge: T_k -= U_k P_{k+1}) and D_k = T_k Q_k,
 // written out core by core (project_impl's formulas, every statement over the L lanes).
 namespace pbs {
+
+// the largest TT-rank (of the points and of Z): the LQ of a core is instantiated per rank
+// (its own bound, not bf::kMaxCols: the batched QR/SVD stop at 8)
+constexpr int kMaxRank = 16;
 
 // C[m, n] = alpha sum_k A[m, k] B[k, n] (+ C[m, n] if acc) for interleaved matrices with
 // element strides (sam, sak), (sbk, sbn), (scm, scn); one accumulator of L lanes per
@@ -1515,27 +1520,31 @@ inline void copy_lanes(T* __restrict d, const T* __restrict x) {
 
 // The LQ c = R^T Q'^T of one interleaved core c (a x m row-major, m = n b) as the QR of
 // CT = c^T (m x a, overwritten by house_qr): Q' (m x a) into Qt, R (a x a) into R, the
-// signs of diag R into sg (a x L).
-template <typename T, int a>
-struct Lq {
-  static void run(int& m, T*& CT, T*& vd, T*& cf, T*& beta, T*& Qt, T*& R, T*& sg) {
-    constexpr int L = bf::lanes<T>();
-    bf::house_qr<T, L, a>(m, CT, vd, cf, beta);
-    bf::upper<T, L>(a, CT, beta, R);
-    for (int j = 0; j < a; ++j)
-      for (int l = 0; l < L; ++l) sg[j * L + l] = std::copysign(T(1), beta[j * L + l]);
-    bf::eye<T, L>(m, a, Qt);
-    bf::apply_q<T, L, a>(m, CT, vd, cf, Qt, true);
-  }
+// signs of diag R into sg (a x L). LqAt<L>::F for blocks of L points, Lq for bf::lanes.
+template <int L>
+struct LqAt {
+  template <typename T, int a>
+  struct F {
+    static void run(int& m, T*& CT, T*& vd, T*& cf, T*& beta, T*& Qt, T*& R, T*& sg) {
+      bf::house_qr<T, L, a>(m, CT, vd, cf, beta);
+      bf::upper<T, L>(a, CT, beta, R);
+      for (int j = 0; j < a; ++j)
+        for (int l = 0; l < L; ++l) sg[j * L + l] = std::copysign(T(1), beta[j * L + l]);
+      bf::eye<T, L>(m, a, Qt);
+      bf::apply_q<T, L, a>(m, CT, vd, cf, Qt, true);
+    }
+  };
 };
+template <typename T, int a>
+struct Lq : LqAt<bf::lanes<T>()>::template F<T, a> {};
 
 // returns whether every delta is finite (tested when check, in cache as they are written;
 // a non-finite entry of a point or of Z reaches the deltas)
-template <typename T>
+// L: points per block (bf::lanes, or half of it: see project_batch_small)
+template <typename T, int L>
 bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::Tensor>& Z,
                         bool gauge, int64_t B, torch::Tensor& out, bool check) {
   bool finite_all = true;
-  constexpr int L = bf::lanes<T>();
   const int d = static_cast<int>(U.size());
   std::vector<int> r(d + 1), R(d + 1), n(d);
   for (int k = 0; k < d; ++k) {
@@ -1555,9 +1564,9 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
     qoff[k] = qo; qo += static_cast<size_t>(R[k + 1]) * r[k + 1] * L;
   }
   std::vector<T> Ug(uo[d]), Zg(zo[d]), Qs(qo), CT(mx * L), Qt(mx * L), V(mx * L), s(mx * L),
-      Tb(mx * L), Db(mx * L), Rb(bf::kMaxCols * bf::kMaxCols * L), C2(mx * L),
-      P(bf::kMaxCols * bf::kMaxCols * L), Pn(P.size()), vd(bf::kMaxCols * L), cf(vd.size()),
-      beta(vd.size()), sg(static_cast<size_t>(d + 1) * bf::kMaxCols * L);
+      Tb(mx * L), Db(mx * L), Rb(kMaxRank * kMaxRank * L), C2(mx * L),
+      P(kMaxRank * kMaxRank * L), Pn(P.size()), vd(kMaxRank * L), cf(vd.size()),
+      beta(vd.size()), sg(static_cast<size_t>(d + 1) * kMaxRank * L);
   std::vector<torch::Tensor> Ov(d);
   int64_t off = 0;
   for (int k = 0; k < d; ++k) {  // the deltas' (B, rows, cols) views of out
@@ -1576,7 +1585,7 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
     // right to left: c_k (a x m) starts as U_{d-1} (scaled: the Q factors, all that is
     // used, do not change; keeps squares of huge entries in range)
     T* sgn = sg.data();
-    for (int l = 0; l < L; ++l) sgn[d * bf::kMaxCols * L + l] = T(1);  // S_d = 1
+    for (int l = 0; l < L; ++l) sgn[d * kMaxRank * L + l] = T(1);  // S_d = 1
     std::copy(Ug.data() + uo[d - 1], Ug.data() + uo[d], C2.data());
     bf::scale_down<T, L>(C2.data(), r[d - 1] * n[d - 1], sc);
     for (int l = 0; l < L; ++l) Qs[qoff[d - 1] + l] = T(1);  // Q_{d-1} = 1 (1 x 1)
@@ -1588,10 +1597,10 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
                            C2.data() + (static_cast<size_t>(i) * nb + j) * L);
       int m = nb;
       T *ct = CT.data(), *pvd = vd.data(), *pcf = cf.data(), *pb = beta.data(), *pq = Qt.data(),
-        *pr = Rb.data(), *ps = sgn + static_cast<size_t>(k) * bf::kMaxCols * L;
-      bf::for_cols<T, Lq>(a, m, ct, pvd, pcf, pb, pq, pr, ps);
+        *pr = Rb.data(), *ps = sgn + static_cast<size_t>(k) * kMaxRank * L;
+      bf::for_cols<T, LqAt<L>::template F, kMaxRank>(a, m, ct, pvd, pcf, pb, pq, pr, ps);
       // V_k[al, i, be] = S_k[al] Q'[(i, be), al] S_{k+1}[be]
-      const T* s1 = sgn + static_cast<size_t>(k + 1) * bf::kMaxCols * L;
+      const T* s1 = sgn + static_cast<size_t>(k + 1) * kMaxRank * L;
       for (int al = 0; al < a; ++al)
         for (int i = 0; i < n[k]; ++i)
           for (int be = 0; be < b; ++be) {
@@ -1639,7 +1648,7 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
 
 }  // namespace pbs
 
-// project (V computed, canonical gauge) for B points and/or B TTs with TT-ranks <= 8,
+// project (V computed, canonical gauge) for B points and/or B TTs with TT-ranks <= 16,
 // SIMD across the points: U, Z cores (1 or B, r, n, r'); (B, size of U's point)
 torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torch::Tensor> Z,
                                   bool gauge, int64_t B, std::string check) {
@@ -1661,9 +1670,9 @@ torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torc
   int64_t size = 0;
   for (size_t k = 0; k < d; ++k) {
     TORCH_CHECK(Z[k].size(2) == U[k].size(2), "Z: mode sizes differ from U's");
-    TORCH_CHECK(U[k].size(1) <= bf::kMaxCols && U[k].size(3) <= bf::kMaxCols &&
-                Z[k].size(1) <= bf::kMaxCols && Z[k].size(3) <= bf::kMaxCols,
-                "project_batch_small: TT-ranks above ", bf::kMaxCols);
+    TORCH_CHECK(U[k].size(1) <= pbs::kMaxRank && U[k].size(3) <= pbs::kMaxRank &&
+                Z[k].size(1) <= pbs::kMaxRank && Z[k].size(3) <= pbs::kMaxRank,
+                "project_batch_small: TT-ranks above ", pbs::kMaxRank);
     TORCH_CHECK(k == 0 || U[k].size(2) * U[k].size(3) >= U[k].size(1),
                 "U: core ", k, " has fewer columns n r' than rows r (no LQ)");
     TORCH_CHECK(k + 1 == d || (U[k].size(3) == U[k + 1].size(1) && Z[k].size(3) == Z[k + 1].size(1)),
@@ -1674,9 +1683,17 @@ torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torc
               "U, Z: boundary ranks must be 1");
   auto out = torch::empty({B, size}, U[0].options());
   if (B == 0) return out;
+  int64_t mr = 0;
+  for (size_t k = 0; k < d; ++k) mr = std::max({mr, U[k].size(1), Z[k].size(1)});
+  // float32 above rank 8: blocks of 16 points, half the lanes (the interleaved cores and
+  // workspaces, r n r' L numbers each, half as large: 7-14 % faster at r = 10-16, n = 20);
+  // float64 keeps 16 (8, one register, leaves too few independent chains: 35 % slower)
+  const bool c = !check.empty();
+  constexpr int Lf = bf::lanes<float>();
   const bool ok = t == torch::kDouble
-                      ? pbs::project_small_impl<double>(U, Z, gauge, B, out, !check.empty())
-                      : pbs::project_small_impl<float>(U, Z, gauge, B, out, !check.empty());
+                      ? pbs::project_small_impl<double, bf::lanes<double>()>(U, Z, gauge, B, out, c)
+                      : (mr > 8 ? pbs::project_small_impl<float, Lf / 2>(U, Z, gauge, B, out, c)
+                                : pbs::project_small_impl<float, Lf>(U, Z, gauge, B, out, c));
   TORCH_CHECK(ok, check);  // check: the message for a non-finite result ("": not tested)
   return out;
 }
@@ -2005,7 +2022,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batched_qr", &batched_qr, "thin QR of a batch of small matrices (interleaved)");
   m.def("batched_svd", &batched_svd, "thin SVD of a batch of small matrices (interleaved)");
   m.def("project_batch_small", &project_batch_small,
-        "project of a batch of points of TT-ranks <= 8, SIMD across the points (interleaved); "
+        "project of a batch of points of TT-ranks <= 16, SIMD across the points (interleaved); "
         "check: the error message for a non-finite result (\"\": not tested)",
         pybind11::arg("U"), pybind11::arg("Z"), pybind11::arg("gauge"), pybind11::arg("B"),
         pybind11::arg("check") = "");

@@ -213,7 +213,7 @@ def project_batch_small(mod, U: Sequence[torch.Tensor], V: Optional[Sequence[Opt
                         Z: Sequence[torch.Tensor], *, packed: bool, gauge: bool,
                         check: Optional[str] = None):
     """The batched ``project_tt(U, None, Z, packed=packed, gauge=gauge)`` for TT-ranks
-    ``<= 8`` in one call that runs blocks of points together, SIMD across the points
+    ``<= 16`` in one call that runs blocks of points together, SIMD across the points
     (``dense.cpp``'s ``project_batch_small``: the LQ sweep of each point, both interface
     sweeps and the deltas). ``V`` must be None (computed inside); cores broadcast over the
     leading batch dimensions (one ``Z`` for all points is not copied per point).
