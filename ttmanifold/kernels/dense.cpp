@@ -1648,6 +1648,20 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
 
 }  // namespace pbs
 
+// The cores of a SIMD batch kernel, checked: 4-D CPU cores (B or 1, r, n, r') of dtype t
+// with any batch stride (slices of packed points are read in place); a core whose
+// (r, n, r') block is not contiguous is copied
+void batch_cores(std::vector<torch::Tensor>& cs, const char* name, torch::ScalarType t,
+                 int64_t B) {
+  for (auto& c : cs) {
+    TORCH_CHECK(c.device().is_cpu() && c.dim() == 4 && c.scalar_type() == t, name,
+                ": expected 4-D CPU cores (batch, r, n, r') of one dtype");
+    TORCH_CHECK(c.size(0) == 1 || c.size(0) == B, name, ": batch size ", c.size(0),
+                " is neither 1 nor ", B);
+    if (c.size(0) > 0 && !c.select(0, 0).is_contiguous()) c = c.contiguous();
+  }
+}
+
 // project (V computed, canonical gauge) for B points and/or B TTs with TT-ranks <= 16,
 // SIMD across the points: U, Z cores (1 or B, r, n, r'); (B, size of U's point)
 torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torch::Tensor> Z,
@@ -1655,17 +1669,8 @@ torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torc
   TORCH_CHECK(U.size() >= 2 && U.size() == Z.size(), "project_batch_small: inconsistent lengths");
   const auto t = U[0].scalar_type();
   TORCH_CHECK(t == torch::kFloat || t == torch::kDouble, "U: float32 or float64 only");
-  // cores (B or 1, r, n, r') with any batch stride (slices of packed points are read in
-  // place); a core whose (r, n, r') block is not contiguous is copied
-  for (auto* cs : {&U, &Z})
-    for (auto& c : *cs) {
-      const char* name = cs == &U ? "U" : "Z";
-      TORCH_CHECK(c.device().is_cpu() && c.dim() == 4 && c.scalar_type() == t, name,
-                  ": expected 4-D CPU cores (batch, r, n, r') of one dtype");
-      TORCH_CHECK(c.size(0) == 1 || c.size(0) == B, name, ": batch size ", c.size(0),
-                  " is neither 1 nor ", B);
-      if (c.size(0) > 0 && !c.select(0, 0).is_contiguous()) c = c.contiguous();
-    }
+  batch_cores(U, "U", t, B);
+  batch_cores(Z, "Z", t, B);
   const size_t d = U.size();
   int64_t size = 0;
   for (size_t k = 0; k < d; ++k) {
@@ -1965,15 +1970,8 @@ torch::Tensor retract_batch_small(std::vector<torch::Tensor> U, std::vector<torc
   TORCH_CHECK(U.size() >= 2 && U.size() == du.size(), "retract_batch_small: inconsistent lengths");
   const auto t = U[0].scalar_type();
   TORCH_CHECK(t == torch::kFloat || t == torch::kDouble, "U: float32 or float64 only");
-  for (auto* cs : {&U, &du})
-    for (auto& c : *cs) {
-      const char* name = cs == &U ? "U" : "du";
-      TORCH_CHECK(c.device().is_cpu() && c.dim() == 4 && c.scalar_type() == t, name,
-                  ": expected 4-D CPU cores (batch, r, n, r') of one dtype");
-      TORCH_CHECK(c.size(0) == 1 || c.size(0) == B, name, ": batch size ", c.size(0),
-                  " is neither 1 nor ", B);
-      if (c.size(0) > 0 && !c.select(0, 0).is_contiguous()) c = c.contiguous();
-    }
+  batch_cores(U, "U", t, B);
+  batch_cores(du, "du", t, B);
   const size_t d = U.size();
   int64_t size = 0;
   for (size_t k = 0; k < d; ++k) {
