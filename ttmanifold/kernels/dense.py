@@ -235,7 +235,7 @@ def project_batch_small(mod, U: Sequence[torch.Tensor], V: Optional[Sequence[Opt
     u, z = views(U), views(Z)
     # under the manifold's inference fast path the result is allocated as an ordinary
     # tensor, which the caller returns without a copy (the kernel only reads the inputs)
-    with _ordinary_outputs():
+    with ordinary_outputs():
         out = mod.project_batch_small(u, z, bool(gauge), B, check or "")
     out = out.reshape(bs + out.shape[1:])
     if packed:
@@ -244,9 +244,11 @@ def project_batch_small(mod, U: Sequence[torch.Tensor], V: Optional[Sequence[Opt
     return [c.unflatten(-1, u.shape[-3:]) for c, u in zip(out.split(sizes, -1), U)]
 
 
-def _ordinary_outputs():
-    """Outside ``torch.inference_mode`` for the body when it is on (not while tracing), so
-    that tensors a kernel allocates are ordinary tensors."""
+def ordinary_outputs():
+    """Context: outside ``torch.inference_mode`` for the body when it is on (not while
+    tracing), so that the tensors the body allocates (a kernel's result, a packed
+    concatenation) are ordinary tensors the manifold's inference fast path returns without
+    copying them out."""
     if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
         return torch.inference_mode(False)
     return contextlib.nullcontext()
@@ -271,6 +273,6 @@ def retract_batch_small(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tenso
         return [c.reshape((1,) + c.shape[-3:]) if c.shape[:-3].numel() == 1 else
                 c.expand(bs + c.shape[-3:]).reshape((B,) + c.shape[-3:]) for c in cores]
 
-    with _ordinary_outputs():
+    with ordinary_outputs():
         out = mod.retract_batch_small(views(U), views(du), B)
     return out.reshape(bs + out.shape[1:])

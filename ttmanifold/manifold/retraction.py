@@ -4,7 +4,6 @@ block structure. The mathematics: ``docs/manifold.md#retraction``.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import List, Optional, Sequence
 
@@ -521,17 +520,10 @@ def _packed(lefts, last, nb: int, group: bool) -> torch.Tensor:
     with ``group``, ``lefts`` are views of the SVDs' factors ``(*B, rows, r_k)`` and those
     of one width in a row are copied out by one concatenation along their rows (row-major,
     their packed layout) instead of one copy each; else they are flat copies already."""
-    with _ordinary_result():
+    # inside the inference fast path, concatenated as an ordinary tensor the caller returns
+    # as is (instead of copying an inference tensor out: one operation per call)
+    with compiled_dense.ordinary_outputs():
         return _packed_cat(lefts, last, nb, group)
-
-
-def _ordinary_result():
-    """Inside ``torch.inference_mode`` (the manifold's no-autograd fast path) the packed
-    result is concatenated outside it: an ordinary tensor the caller returns as is, instead
-    of copying an inference tensor out (one operation per call)."""
-    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
-        return torch.inference_mode(False)
-    return contextlib.nullcontext()
 
 
 def _packed_cat(lefts, last, nb: int, group: bool) -> torch.Tensor:

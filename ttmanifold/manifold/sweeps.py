@@ -21,7 +21,6 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import kernels
-from .._checks import assert_finite_async
 from ..kernels import dense as compiled_dense
 from ..tt import IndexSet
 
@@ -703,10 +702,6 @@ def project_small(mod, U, Z, *, check: str) -> torch.Tensor:
     small-rank kernel ``mod`` (from :func:`small_project_module`), raising
     ``RuntimeError(check)`` when a delta is NaN or infinite (tested while they are
     written: no separate pass over the inputs). Cost: that of :func:`project_tt`."""
-    if mod is None:  # the torch path: one check of the result
-        out = _project_tt_batched(U, None, Z, packed=True, gauge=True)
-        assert_finite_async(out, "Z", check)
-        return out
     return _project_tt_batched.call_with(mod, U, None, Z, packed=True, gauge=True, check=check)
 
 
