@@ -1,5 +1,6 @@
 """Shared pytest configuration for the ttmanifold test suite."""
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -52,3 +53,55 @@ def read_only_dir(tmp_path):
             subprocess.run(["chattr", "-i", str(d)], capture_output=True)
         d.chmod(0o700)
 
+
+
+@pytest.fixture(scope="module")
+def dense_module():
+    """The compiled dense kernel set, built (in the foreground) and loaded for the module;
+    skipped without a C++ compiler."""
+    from ttmanifold import kernels
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: the compiled kernels cannot be built here")
+    was = kernels.enabled()
+    kernels.set_enabled(True)
+    kernels.build(["dense"], verbose=False)
+    mod = kernels.module("dense")
+    assert mod is not None, "the compiled dense kernels failed to build"
+    yield mod
+    kernels.set_enabled(was)
+
+
+class _Recorder:
+    """A loaded kernel module that records its calls of the functions ``names``: the name,
+    or with ``shapes`` the name and the first argument's shape."""
+
+    def __init__(self, mod, names, shapes):
+        self._mod, self._names, self._shapes = mod, tuple(names), shapes
+        self.calls = []
+
+    def __getattr__(self, attr):
+        f = getattr(self._mod, attr)
+        if attr not in self._names:
+            return f
+
+        def call(*a, **k):
+            self.calls.append((attr, tuple(a[0].shape)) if self._shapes else attr)
+            return f(*a, **k)
+
+        return call
+
+
+@pytest.fixture
+def record_dense(dense_module, monkeypatch):
+    """``record_dense(names, shapes=False)``: for this test the dense set's module is a
+    recorder of the calls of ``names`` (its ``calls`` list), with the kernels enabled."""
+    from ttmanifold import kernels
+
+    def install(names, shapes=False):
+        rec = _Recorder(dense_module, names, shapes)
+        monkeypatch.setattr(kernels._SETS["dense"], "module", rec)
+        monkeypatch.setitem(kernels._config, "enabled", True)
+        return rec
+
+    return install

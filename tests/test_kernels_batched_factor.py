@@ -3,7 +3,6 @@
 agreement with ``torch.linalg`` in float64 and float32, edge inputs, the dispatch (the
 compiled call must actually run), and the batch manifold operations at r = 4 on both paths
 compared on full tensors."""
-import shutil
 
 import geoopt
 import pytest
@@ -20,45 +19,10 @@ TOL = {F64: 1e-12, F32: 2e-5}
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-class Spy:
-    """The loaded module, recording the calls of its batched factorizations."""
-
-    def __init__(self, mod):
-        self._mod = mod
-        self.calls = []
-
-    def __getattr__(self, attr):
-        f = getattr(self._mod, attr)
-        if attr not in ("batched_qr", "batched_svd"):
-            return f
-
-        def call(*a, **k):
-            self.calls.append((attr, tuple(a[0].shape)))
-            return f(*a, **k)
-
-        return call
-
-
-@pytest.fixture(scope="module")
-def dense_module():
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler: the compiled kernels cannot be built here")
-    was = kernels.enabled()
-    kernels.set_enabled(True)
-    kernels.build(["dense"], verbose=False)
-    mod = kernels.module("dense")
-    assert mod is not None, "the compiled dense kernels failed to build"
-    yield mod
-    kernels.set_enabled(was)
-
-
 @pytest.fixture
-def spy(dense_module, monkeypatch):
-    """The dense set's module replaced by a recording wrapper for one test."""
-    s = Spy(dense_module)
-    monkeypatch.setattr(kernels._SETS["dense"], "module", s)
-    monkeypatch.setitem(kernels._config, "enabled", True)
-    return s
+def spy(record_dense):
+    """The dense set's module recording its batched factorizations (name, input shape)."""
+    return record_dense(("batched_qr", "batched_svd"), shapes=True)
 
 
 def _err(x, ref):

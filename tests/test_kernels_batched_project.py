@@ -4,7 +4,6 @@ vectors of ``M.project(p, Z)`` for batches of points against a dense float64 ref
 the torch path (full tensors), float64 and float32, broadcast ``Z``, the fallbacks, and that
 the compiled call actually runs."""
 import math
-import shutil
 import warnings
 
 import pytest
@@ -21,44 +20,10 @@ TOL = {F64: 1e-11, F32: 3e-5}
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-class Spy:
-    """The loaded module, recording the names of its batched projection calls."""
-
-    def __init__(self, mod):
-        self._mod = mod
-        self.calls = []
-
-    def __getattr__(self, attr):
-        f = getattr(self._mod, attr)
-        if attr not in ("project_batch_small", "project_batch"):
-            return f
-
-        def call(*a, **k):
-            self.calls.append(attr)
-            return f(*a, **k)
-
-        return call
-
-
-@pytest.fixture(scope="module")
-def dense_module():
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler: the compiled kernels cannot be built here")
-    was = kernels.enabled()
-    kernels.set_enabled(True)
-    kernels.build(["dense"], verbose=False)
-    mod = kernels.module("dense")
-    assert mod is not None, "the compiled dense kernels failed to build"
-    yield mod
-    kernels.set_enabled(was)
-
-
 @pytest.fixture
-def spy(dense_module, monkeypatch):
-    s = Spy(dense_module)
-    monkeypatch.setattr(kernels._SETS["dense"], "module", s)
-    monkeypatch.setitem(kernels._config, "enabled", True)
-    return s
+def spy(record_dense):
+    """The dense set's module recording its batched projection calls."""
+    return record_dense(("project_batch_small", "project_batch"))
 
 
 def _torch_path(monkeypatch, fn):

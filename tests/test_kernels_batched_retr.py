@@ -4,7 +4,6 @@ a dense float64 TT-SVD of ``X + xi`` and the torch batch path (full tensors or T
 differences: the retraction is defined up to the gauge), float64 and float32, a shared
 point, the left-orthogonal gauge, non-finite input, the fallbacks, and that the compiled
 call actually runs."""
-import shutil
 import warnings
 
 import pytest
@@ -21,44 +20,10 @@ TOL = {F64: 1e-11, F32: 3e-5}
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-class Spy:
-    """The loaded module, recording the names of its batched retraction calls."""
-
-    def __init__(self, mod):
-        self._mod = mod
-        self.calls = []
-
-    def __getattr__(self, attr):
-        f = getattr(self._mod, attr)
-        if attr not in ("retract_batch_small", "retract_batch"):
-            return f
-
-        def call(*a, **k):
-            self.calls.append(attr)
-            return f(*a, **k)
-
-        return call
-
-
-@pytest.fixture(scope="module")
-def dense_module():
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler: the compiled kernels cannot be built here")
-    was = kernels.enabled()
-    kernels.set_enabled(True)
-    kernels.build(["dense"], verbose=False)
-    mod = kernels.module("dense")
-    assert mod is not None, "the compiled dense kernels failed to build"
-    yield mod
-    kernels.set_enabled(was)
-
-
 @pytest.fixture
-def spy(dense_module, monkeypatch):
-    s = Spy(dense_module)
-    monkeypatch.setattr(kernels._SETS["dense"], "module", s)
-    monkeypatch.setitem(kernels._config, "enabled", True)
-    return s
+def spy(record_dense):
+    """The dense set's module recording its batched retraction calls."""
+    return record_dense(("retract_batch_small", "retract_batch"))
 
 
 def _torch_path(monkeypatch, fn):
