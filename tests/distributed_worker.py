@@ -246,6 +246,8 @@ def scenario_bad_shard(rank, world, out):
     cases += [
         lambda: distributed_cg(S, x0, iters=8 if one else 5),
         lambda: distributed_cg(S, S.local.initial_point(rank), iters=5),
+        # (a spectral start's all-reduce met the other's broadcast: a wait for the timeout)
+        lambda: S.initial_point(0, kind="spectral" if one else "random"),
         lambda: distributed_rank_adaptive(S, max_rank=3 if one else 4),
     ]
     lines = []

@@ -285,6 +285,7 @@ def test_a_bad_shard_or_a_dead_peer_stops_the_others_with_a_clear_error(tmp_path
                 "ValueError: dtype: 'float64' on rank 0, 'float32' on rank 1",
                 "ValueError: iters: 5 on rank 0, 8 on rank 1; every process must call",
                 "ValueError: x0: 'bits ",
+                "ValueError: kind: 'random' on rank 0, 'spectral' on rank 1",
                 "ValueError: max_rank: 4 on rank 0, 3 on rank 1"]
     for r in (0, 1):
         lines = (out / f"bad_shard{r}.txt").read_text().splitlines()

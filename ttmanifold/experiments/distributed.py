@@ -555,8 +555,17 @@ class ShardedCompletion:
           2e7 entries); each process fills its samples, one all-reduce of the dense tensor,
           rank 0 decomposes and broadcasts.
 
-        Returns a packed point (rank 0's, broadcast).
+        Returns a packed point (rank 0's, broadcast). Raises ``ValueError`` on every process
+        when the processes ask for different kinds (a spectral start's all-reduce would
+        meet the other's broadcast: a wait for the group's timeout).
+        Cost: one all-gather of ``kind``, the start, one broadcast of ``M.size`` numbers.
         """
+        error = None if kind in ("random", "spectral") else \
+            f"kind: expected 'random' or 'spectral', got {kind!r}"
+        if self.comm.distributed:
+            _raise_disagreement(self.comm.gather_objects((error, {"kind": kind}),
+                                                         "the check of the start's kind"),
+                                "call initial_point with the same kind")
         if kind == "random":
             p = self.local.initial_point(seed)
         elif kind == "spectral":
@@ -573,7 +582,7 @@ class ShardedCompletion:
                 p = torch.empty(self.manifold.size, dtype=self.dtype, device=self.device)
             del Z
         else:
-            raise ValueError(f"kind: expected 'random' or 'spectral', got {kind!r}")
+            raise ValueError(error)
         p = torch.as_tensor(p).detach().clone().contiguous()
         return self.comm.broadcast(p, "the broadcast of the start")
 
