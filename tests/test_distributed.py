@@ -220,6 +220,14 @@ def test_errors_name_the_argument(tmp_path):
         ShardedCompletion(P.train.indices.double(), P.a_train, W.SHAPE, 3)
     with pytest.raises(ValueError, match="no training samples"):
         ShardedCompletion(P.train.indices[:0], P.a_train[:0], W.SHAPE, 3)
+    # held-out samples: a NaN value gave a NaN val_err silently (a stop on it never fired)
+    idx, a = P.train.indices, P.a_train
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"validation\[1\] \(values\): contains NaN"):
+            ShardedCompletion(idx[5:], a[5:], W.SHAPE, W.RANK,
+                              validation=(idx[:5], torch.cat([a[:4], a.new_full((1,), bad)])))
+    with pytest.raises(ValueError, match=r"validation\[0\] \(indices\): .*out of range"):
+        ShardedCompletion(idx[5:], a[5:], W.SHAPE, W.RANK, validation=(idx[:5] + 9, a[:5]))
     S = ShardedCompletion(P.train.indices, P.a_train, W.SHAPE, W.RANK)
     x0 = S.initial_point(0)
     with pytest.raises(ValueError, match="lr"):

@@ -350,7 +350,8 @@ class ShardedCompletion:
         values: ``(N_local,)`` finite values.
         shape: the tensor's shape (required: a shard does not know the global maximum).
         ranks: TT-ranks, as in :meth:`Completion.from_data` (an int is clipped).
-        validation: optional ``(indices, values)`` of this process's held-out samples.
+        validation: optional ``(indices, values)`` of this process's held-out samples
+            (in range, finite values).
         dtype, device: of the tensors (default float64, CPU).
         group: the process group (default: the default group when initialized, else one
             process).
@@ -424,8 +425,13 @@ class ShardedCompletion:
             if vv.shape[0] != vi.shape[0]:
                 raise ValueError(f"validation[1] (values): {vv.shape[0]} values for "
                                  f"{vi.shape[0]} indices")
+            if not bool(torch.isfinite(vv).all()):  # (a NaN val_err, silently)
+                raise ValueError("validation[1] (values): contains NaN or Inf")
             if vi.shape[0]:
-                self.val = IndexSet(vi.to(self.device), self.manifold.shape)
+                try:
+                    self.val = IndexSet(vi.to(self.device), self.manifold.shape)
+                except ValueError as exc:
+                    raise ValueError(f"validation[0] (indices): {exc}") from None
                 self.a_val = vv.to(self.device)
         return idx
 
