@@ -187,6 +187,12 @@ def test_checkpoint_resume_is_exact_and_records_the_run(tmp_path):
         distributed_cg(S2, S2.initial_point(0), iters=9, checkpoint=str(ck), resume=True)
     with pytest.raises(ValueError, match="method"):
         distributed_rsgd(S, x0, lr=0.1, iters=9, checkpoint=str(ck), resume=True)
+    # fewer iterations than the checkpoint holds: it returned the checkpoint's iterate 4
+    # (with status "ok") for iters=3
+    with pytest.raises(ValueError, match=r"iters: 3 is below the checkpoint's iteration 4"):
+        distributed_cg(S, x0, iters=3, checkpoint=str(ck), resume=True)
+    assert distributed_cg(S, x0, iters=4, checkpoint=str(ck), resume=True).iters == \
+        list(range(5))
     bad = tmp_path / "bad.pt"
     torch.save({"x": 1}, bad)
     with pytest.raises(ValueError, match="not a ttmanifold distributed checkpoint"):

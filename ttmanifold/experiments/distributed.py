@@ -1078,8 +1078,11 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
     if resume:
         ck = _shared_checkpoint(comm, checkpoint,
                                 lambda c: _check_resume(c, problem, stepper.method, checkpoint))
-        stepper.load_state_dict(ck["state"])
         start = int(ck["iteration"])
+        if start > iters:  # (the same on every process: ck is rank 0's, iters agreed)
+            raise ValueError(f"iters: {iters} is below the checkpoint's iteration {start} "
+                             f"({checkpoint!r}); give iters >= {start} to resume from it")
+        stepper.load_state_dict(ck["state"])
         for row in ck["history"]:
             hist.record(row["iter"], row["loss"], row["time"], row["metrics"])
         elapsed = float(ck["elapsed"])
@@ -1159,7 +1162,8 @@ def distributed_cg(problem: ShardedCompletion, x0: torch.Tensor, *, iters: int =
         problem: this process's :class:`ShardedCompletion` (every process of the group
             calls with its own shard and the same other arguments).
         x0: the start, the same on every process (:meth:`ShardedCompletion.initial_point`).
-        iters: number of iterations (counting from 0, also when resuming).
+        iters: number of iterations (counting from 0, also when resuming: at least the
+            checkpoint's iteration, else ``ValueError``).
         beta, restart_tol, restart_every: as in ``riemannian_cg``.
         metrics_every: global metrics every k iterations (0: never; one extra all-reduce).
         checkpoint: a file path; rank 0 writes it atomically every ``checkpoint_every``
