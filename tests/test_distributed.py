@@ -242,6 +242,15 @@ def test_errors_name_the_argument(tmp_path):
         distributed_cg(S, x0, checkpoint_every=3)
     with pytest.raises(ValueError, match="x0"):
         distributed_cg(S, x0[:-1])
+    # a batch of starts is not one point (the error named index_set, from the sampled
+    # kernels, or the ALS sweep's cores); a bool is not a number of iterations
+    for solver, kw in ((distributed_cg, {}), (distributed_rsgd, {"lr": 0.1}),
+                       (distributed_lbfgs, {}), (distributed_trust_region, {}),
+                       (distributed_als, {})):
+        with pytest.raises(ValueError, match=r"x0: expected one packed point of shape"):
+            solver(S, torch.stack([x0, x0]), iters=1, **kw)
+        with pytest.raises(ValueError, match=r"iters: expected a non-negative int"):
+            solver(S, x0, iters=True, **kw)
     with pytest.raises(ValueError, match="x0: .*not left-orthogonal"):  # (it ran)
         distributed_lbfgs(S, torch.randn_like(x0), iters=2)
     # a stopping rule that can never fire (it ran to the end) or without a tolerance (a

@@ -1048,13 +1048,27 @@ def _check_checkpoint_args(checkpoint, checkpoint_every, resume) -> None:
         raise ValueError("checkpoint: give the path to resume from")
 
 
+def _start(problem: ShardedCompletion, x0) -> torch.Tensor:
+    """A solver's start: a copy of ``x0`` in the problem's dtype and device; ``ValueError``
+    naming ``x0`` unless it is one packed point (a batch failed deep in the sampled
+    kernels, naming their ``index_set``)."""
+    if not isinstance(problem, ShardedCompletion):
+        raise TypeError(f"problem: expected a ShardedCompletion, got {type(problem).__name__}")
+    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
+    size = problem.manifold.size
+    if x0.shape != (size,):
+        raise ValueError(f"x0: expected one packed point of shape ({size},), got shape "
+                         f"{tuple(x0.shape)}")
+    return x0
+
+
 def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
          checkpoint: Optional[str], checkpoint_every: int, resume: bool,
          callback: Optional[Callable], stop_metric: Optional[str],
          stop_tol: Optional[float], options: dict) -> History:
     if not isinstance(problem, ShardedCompletion):
         raise TypeError(f"problem: expected a ShardedCompletion, got {type(problem).__name__}")
-    if not isinstance(iters, int) or iters < 0:
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
     _check_checkpoint_args(checkpoint, checkpoint_every, resume)
     check_stop_options(metrics_every, stop_metric, stop_tol)
@@ -1187,8 +1201,7 @@ def distributed_cg(problem: ShardedCompletion, x0: torch.Tensor, *, iters: int =
     evaluation on the shard (O(N_local d r^2)), the retraction and two transports
     (O(d n r^3), replicated), and two all-reduces (``dim M + 1`` numbers and 1 number).
     """
-    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
-    problem.manifold.split(x0, "x0")
+    x0 = _start(problem, x0)
     stepper = _CG(problem, x0, beta, restart_tol, restart_every)
     return _run(problem, stepper, iters=iters, metrics_every=metrics_every,
                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
@@ -1208,8 +1221,7 @@ def distributed_rsgd(problem: ShardedCompletion, x0: torch.Tensor, *, lr: float,
     with the gradient summed over the processes. Arguments and result as in
     :func:`distributed_cg`. Cost per iteration: one ``cg_grad`` on the shard, one
     retraction, one all-reduce of ``dim M + 1`` numbers."""
-    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
-    problem.manifold.split(x0, "x0")
+    x0 = _start(problem, x0)
     stepper = _SGD(problem, x0, lr)
     return _run(problem, stepper, iters=iters, metrics_every=metrics_every,
                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
@@ -1248,8 +1260,7 @@ def distributed_lbfgs(problem: ShardedCompletion, x0: torch.Tensor, *, iters: in
     an all-reduce of 1 number; replicated: the retraction per trial and ``2 memory + 2``
     transports (O(d n r^3) each).
     """
-    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
-    problem.manifold.split(x0, "x0")
+    x0 = _start(problem, x0)
     stepper = _LBFGS(problem, x0, memory, c1)
     return _run(problem, stepper, iters=iters, metrics_every=metrics_every,
                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
@@ -1299,8 +1310,7 @@ def distributed_trust_region(problem: ShardedCompletion, x0: torch.Tensor, *,
     and one all-reduce of ``S`` numbers; replicated: one retraction and O(S) vector work
     per inner iteration; per backtrack one loss on the shard and an all-reduce of 1 number.
     """
-    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
-    problem.manifold.split(x0, "x0")
+    x0 = _start(problem, x0)
     stepper = _TR(problem, x0, radius, max_radius, max_inner, theta, kappa, max_backtracks)
     return _run(problem, stepper, iters=iters, metrics_every=metrics_every,
                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
@@ -1334,7 +1344,7 @@ def distributed_als(problem: ShardedCompletion, x0: torch.Tensor, *, iters: int 
     ``n_k r_{k-1} r_k (r_{k-1} r_k + 1)`` numbers (the normal matrices and right-hand
     sides of core ``k``), plus the loss (one all-reduce of one number).
     """
-    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
+    x0 = _start(problem, x0)
     stepper = _ALS(problem, x0, ridge)
     return _run(problem, stepper, iters=iters, metrics_every=metrics_every,
                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
