@@ -248,6 +248,9 @@ def scenario_bad_shard(rank, world, out):
         lambda: distributed_cg(S, S.local.initial_point(rank), iters=5),
         # (a spectral start's all-reduce met the other's broadcast: a wait for the timeout)
         lambda: S.initial_point(0, kind="spectral" if one else "random"),
+        # rank 0 failed at its first save, rank 1 waited for it
+        lambda: distributed_cg(S, x0, iters=2, checkpoint=os.path.join(out, "no", "ck.pt"),
+                               checkpoint_every=1),
         lambda: distributed_rank_adaptive(S, max_rank=3 if one else 4),
     ]
     lines = []

@@ -18,7 +18,7 @@ from ttmanifold import TT
 from ttmanifold import round as tt_round
 from ttmanifold.experiments.distributed import (ShardedCompletion, distributed_cg,
                                                 distributed_als, distributed_lbfgs,
-                                                distributed_rsgd,
+                                                distributed_rank_adaptive, distributed_rsgd,
                                                 distributed_trust_region, load_checkpoint,
                                                 row_hash, shard_mask, validation_mask)
 from ttmanifold.experiments.problems import Completion, sample_distinct_indices
@@ -193,6 +193,18 @@ def test_checkpoint_resume_is_exact_and_records_the_run(tmp_path):
         distributed_cg(S, x0, iters=3, checkpoint=str(ck), resume=True)
     assert distributed_cg(S, x0, iters=4, checkpoint=str(ck), resume=True).iters == \
         list(range(5))
+    # a checkpoint that cannot be written: refused before the first iteration (it failed at
+    # the first save, with torch's error, leaving a temporary file beside a directory)
+    d = tmp_path / "sub"
+    d.mkdir()
+    for path, why in ((d / "no" / "ck.pt", "checkpoint: the directory .* does not exist"),
+                      (d, "checkpoint: .* is a directory")):
+        with pytest.raises(ValueError, match=why):
+            distributed_cg(S, x0, iters=3, checkpoint=str(path), checkpoint_every=2,
+                           metrics_every=0)
+        with pytest.raises(ValueError, match=why):
+            distributed_rank_adaptive(S, max_rank=2, checkpoint=str(path), checkpoint_every=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt", "sub"] and not list(d.iterdir())
     bad = tmp_path / "bad.pt"
     torch.save({"x": 1}, bad)
     with pytest.raises(ValueError, match="not a ttmanifold distributed checkpoint"):
@@ -309,6 +321,7 @@ def test_a_bad_shard_or_a_dead_peer_stops_the_others_with_a_clear_error(tmp_path
                 "ValueError: iters: 5 on rank 0, 8 on rank 1; every process must call",
                 "ValueError: x0: 'bits ",
                 "ValueError: kind: 'random' on rank 0, 'spectral' on rank 1",
+                "ValueError: (rank 0) checkpoint: the directory",
                 "ValueError: max_rank: 4 on rank 0, 3 on rank 1"]
     for r in (0, 1):
         lines = (out / f"bad_shard{r}.txt").read_text().splitlines()

@@ -211,18 +211,22 @@ def _raise_disagreement(gathered, what: str) -> None:
                                  f"rank {r}; every process must {what}")
 
 
-def _check_same_call(comm: Communicator, args: dict, x0: Optional[torch.Tensor]) -> None:
+def _check_same_call(comm: Communicator, args: dict, x0: Optional[torch.Tensor],
+                     error: Optional[str] = None) -> None:
     """Raise ``ValueError`` on every process when the processes called a solver with
     different arguments or starts (they would wait for each other's collectives, or
-    drift apart silently). No-op in one process. Cost: one all-gather of ``args`` and a
-    digest of ``x0``'s bits (one host copy of ``x0``)."""
+    drift apart silently), or when a process reports an ``error`` (e.g. rank 0's
+    checkpoint path). Cost: one all-gather of ``args`` and a digest of ``x0``'s bits (one
+    host copy of ``x0``); in one process none (only ``error`` is raised)."""
     if not comm.distributed:
+        if error:
+            raise ValueError(error)
         return
     mine = dict(args)
     if x0 is not None:
         bits = x0.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
         mine["x0"] = "bits " + hashlib.blake2b(bits, digest_size=16).hexdigest()
-    _raise_disagreement(comm.gather_objects((None, mine), "the check of the arguments"),
+    _raise_disagreement(comm.gather_objects((error, mine), "the check of the arguments"),
                         "call with the same arguments and the same x0 (e.g. "
                         "ShardedCompletion.initial_point, which broadcasts rank 0's)")
 
@@ -623,8 +627,27 @@ def load_checkpoint(path) -> dict:
 
 def _save_checkpoint(path: str, data: dict) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(data, tmp)
-    os.replace(tmp, path)  # atomic: a reader sees the old or the new checkpoint
+    try:
+        torch.save(data, tmp)
+        os.replace(tmp, path)  # atomic: a reader sees the old or the new checkpoint
+    finally:
+        if os.path.exists(tmp):  # (a failed write or replace leaves no stray file)
+            os.remove(tmp)
+
+
+def _checkpoint_error(comm: Communicator, checkpoint, checkpoint_every: int) -> Optional[str]:
+    """On rank 0 (the writer), why the file ``checkpoint`` cannot be written (a directory,
+    or a missing parent directory), else None: found before the first iteration instead
+    of at the first save, where rank 0 failed while the others waited for it. O(1)."""
+    if comm.rank != 0 or not checkpoint_every:
+        return None
+    path = os.fspath(checkpoint)
+    if os.path.isdir(path):
+        return f"checkpoint: {path!r} is a directory; give the path of a file"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"checkpoint: the directory {parent!r} of {path!r} does not exist"
+    return None
 
 
 def _check_resume(ck: dict, problem: ShardedCompletion, method: str, path: str) -> None:
@@ -1077,7 +1100,7 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
                             "metrics_every": metrics_every, "checkpoint": checkpoint is not None,
                             "checkpoint_every": checkpoint_every, "resume": resume,
                             "stop_metric": stop_metric, "stop_tol": stop_tol, **options},
-                     stepper.p)
+                     stepper.p, _checkpoint_error(comm, checkpoint, checkpoint_every))
     if not resume:  # the steps assume a valid point (the same on every process: checked)
         try:
             problem.manifold.check_point(stepper.p, rtol=0.0)
@@ -1414,7 +1437,8 @@ def distributed_rank_adaptive(problem: ShardedCompletion, *, max_rank: int,
             **{k: v for k, v in options.items() if k not in skip}}
     _check_same_call(comm, {"method": "rank_adaptive", **kept,
                             "checkpoint": checkpoint is not None,
-                            "checkpoint_every": checkpoint_every, "resume": resume}, None)
+                            "checkpoint_every": checkpoint_every, "resume": resume}, None,
+                     _checkpoint_error(comm, checkpoint, checkpoint_every))
     state = None
     if resume:
         want = {"method": "rank_adaptive", "shape": list(problem.shape),
