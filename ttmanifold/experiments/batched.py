@@ -21,6 +21,7 @@ import torch
 from .._checks import check_float_dtype
 from ..manifold import FixedTTRank, right_cores
 from ..tt import BatchIndexSet
+from ..tt.tensor_train import fro_norm
 from .problems import Completion, check_distinct
 from .solvers import cg_direction, check_solver_options
 
@@ -29,6 +30,18 @@ __all__ = ["BatchedCompletion", "BatchedCGResult", "batched_cg_direction",
 
 #: status codes of :class:`BatchedCGResult` (per problem)
 STATUS = ("running", "converged", "max_iters", "diverged")
+
+
+def _norm_per_problem(x: torch.Tensor, problem: torch.Tensor, B: int) -> torch.Tensor:
+    """Per problem the 2-norm of ``x`` (one entry per sample or layout slot; ``problem``
+    the problem of each entry, ``B`` for entries of none), ``(B,)``, scaled by the
+    problem's largest entry: a sum of squares underflowed below ~1e-154 in float64
+    (~1e-19 in float32), so the relative errors were 0 / 0 = NaN. O(N)."""
+    a = x.abs()
+    m = a.new_zeros(B + 1).scatter_reduce_(0, problem, a, "amax")
+    m = m.clamp_min(torch.finfo(x.dtype).tiny)
+    sq = a.new_zeros(B + 1).index_add_(0, problem, (x / m[problem]) ** 2)
+    return (sq.sqrt() * m)[:B]
 
 
 class BatchedCompletion:
@@ -144,7 +157,7 @@ class BatchedCompletion:
         self._sw = torch.cat(list(sw))  # sqrt of the per-sample weights, sample order
         self.reg = torch.tensor(reg, dtype=self.dtype, device=self.device)
         self._has_reg = any(r != 0 for r in reg)
-        self.a_train_norm = self.train.sum_per_problem(self.a_train ** 2).sqrt()
+        self.a_train_norm = _norm_per_problem(self.a_train, self.train.problem, B)
         self.test = self.a_test = self.a_test_norm = None
         if tests is not None:
             if len(tests[0]) != B or len(tests[1]) != B:
@@ -153,7 +166,7 @@ class BatchedCompletion:
             self.a_test = torch.cat(list(tests[1]))
             if self.a_test.shape != (len(self.test),):
                 raise ValueError("test: the test values do not match the test indices")
-            self.a_test_norm = self.test.sum_per_problem(self.a_test ** 2).sqrt()
+            self.a_test_norm = _norm_per_problem(self.a_test, self.test.problem, B)
         self._layout_cache: Dict[int, tuple] = {}
 
     def __repr__(self) -> str:
@@ -201,8 +214,8 @@ class BatchedCompletion:
             if self.test is not None:
                 sets.append(("test", self.test, self.a_test, self.a_test_norm))
             for name, bset, a, a_norm in sets:
-                sq = bset.sum_per_problem((bset.gather(cores) - a) ** 2)
-                out[f"{name}_err"] = sq.sqrt() / a_norm
+                res = _norm_per_problem(bset.gather(cores) - a, bset.problem, bset.batch_size)
+                out[f"{name}_err"] = res / a_norm
         return out
 
     # -- CG pieces ------------------------------------------------------------------------
@@ -231,7 +244,7 @@ class BatchedCompletion:
             D = point.project(z * sw)
             grad = M.proju(p, torch.cat([c.reshape(B, -1) for c in D], -1))
             loss = 0.5 * I.layout_sum(point, z * z)
-            train_err = I.layout_sum(point, r * r).sqrt() / self.a_train_norm
+            train_err = _norm_per_problem(r, I.layout_problem(point), B) / self.a_train_norm
             xt = None
             if self._has_reg:
                 xt = M.point_as_tangent(p)
@@ -374,7 +387,7 @@ def batched_riemannian_cg(problem: BatchedCompletion, x0: Optional[torch.Tensor]
         loss, g, ctx = problem.cg_grad(p)
 
         def done(loss_, g_, err_):
-            gn = torch.linalg.vector_norm(g_, dim=-1)
+            gn = fro_norm(g_, 1)  # (scaled: a tiny gradient's norm underflowed to 0)
             out = gn == 0
             if gtol is not None:
                 out = out | (gn <= gtol)
