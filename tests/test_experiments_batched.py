@@ -257,3 +257,18 @@ def test_errors_and_zero_gradient_rule_of_tiny_data(dtype, scale):
     res = batched_riemannian_cg(tiny, xs, iters=2, metrics=False)
     assert res.status == ["max_iters"] * 2 and res.iterations.tolist() == [2, 2]
     assert bool(torch.isfinite(res.train_err).all())
+
+
+def test_problems_without_a_test_set_keep_the_others_test_errors():
+    """One problem without a test set dropped every problem's test_err silently; now it
+    has an empty one (NaN, as for an empty training set) and the others keep theirs."""
+    probs = problems()
+    probs[1] = Completion(SHAPE, RANK, train_size=80, test_size=0, seed=5)
+    bp = BatchedCompletion(probs)
+    x = torch.stack([pr.initial_point(b) for b, pr in enumerate(probs)])
+    m = bp.metrics(x)
+    assert bool(m["test_err"][1].isnan())
+    for b in (0, 2):
+        assert abs(float(m["test_err"][b]) - probs[b].metrics(x[b])["test_err"]) <= \
+            1e-12 * float(m["test_err"][b])
+    assert "test_err" not in BatchedCompletion([probs[1]]).metrics(x[1:2])

@@ -53,7 +53,8 @@ class BatchedCompletion:
             device (their samples, data, weights and ``reg`` are taken as they are now).
 
     Problem ``b`` has the loss of ``problems[b]`` (``(w_b/2) ||P_Omega_b(X_b - A_b)||^2``,
-    plus ``(reg_b/2) ||X_b||^2``); the batch's points are ``(B, size)`` tensors of
+    plus ``(reg_b/2) ||X_b||^2``) and its test set (an empty one, test error NaN, for a
+    problem without one, when some problem has one); the batch's points are ``(B, size)`` tensors of
     :attr:`manifold`. :meth:`cg_grad` and :meth:`exact_step` give what
     :func:`batched_riemannian_cg` needs, one value (or gradient) per problem, from one
     sweep of the sampled kernels over all problems. :meth:`from_data` builds a batch from
@@ -84,8 +85,13 @@ class BatchedCompletion:
                          device=first.device) if pr.weights is None
               else (pr.weight * pr.weights).sqrt() for pr in problems]
         tests = None
-        if all(pr.test is not None for pr in problems):
-            tests = ([pr.test.indices for pr in problems], [pr.a_test for pr in problems])
+        if any(pr.test is not None for pr in problems):
+            # a problem without a test set gets an empty one (test_err NaN), the others
+            # keep theirs
+            none = (torch.zeros(0, len(first.manifold.shape), dtype=torch.long,
+                                device=first.device), first.a_train[:0])
+            tests = ([none[0] if pr.test is None else pr.test.indices for pr in problems],
+                     [none[1] if pr.test is None else pr.a_test for pr in problems])
         self._setup(first.manifold.shape, first.manifold.ranks,
                     [pr.train.indices for pr in problems], [pr.a_train for pr in problems],
                     sw, tests, [float(pr.reg) for pr in problems])
