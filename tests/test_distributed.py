@@ -322,7 +322,8 @@ def test_a_bad_shard_or_a_dead_peer_stops_the_others_with_a_clear_error(tmp_path
                 "ValueError: x0: 'bits ",
                 "ValueError: kind: 'random' on rank 0, 'spectral' on rank 1",
                 "ValueError: (rank 0) checkpoint: the directory",
-                "ValueError: max_rank: 4 on rank 0, 3 on rank 1"]
+                "ValueError: max_rank: 4 on rank 0, 3 on rank 1",
+                "ValueError: time_budget (set): True on rank 0, False on rank 1"]
     for r in (0, 1):
         lines = (out / f"bad_shard{r}.txt").read_text().splitlines()
         assert len(lines) == len(expected), lines

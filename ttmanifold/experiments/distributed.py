@@ -1435,7 +1435,10 @@ def distributed_rank_adaptive(problem: ShardedCompletion, *, max_rank: int,
             **{k: p.default for k, p in inspect.signature(
                 rank_adaptive_completion).parameters.items() if k not in skip},
             **{k: v for k, v in options.items() if k not in skip}}
+    # (a budget's value may differ; whether one is set may not: rank 0's clock is then
+    # broadcast every CG iteration, and a process without one waited elsewhere)
     _check_same_call(comm, {"method": "rank_adaptive", **kept,
+                            "time_budget (set)": options.get("time_budget") is not None,
                             "checkpoint": checkpoint is not None,
                             "checkpoint_every": checkpoint_every, "resume": resume}, None,
                      _checkpoint_error(comm, checkpoint, checkpoint_every))
