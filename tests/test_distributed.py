@@ -4,6 +4,7 @@ checkpoints, the deterministic sharding; and two gloo processes on 127.0.0.1 (in
 subprocess with a hard timeout, tests/distributed_worker.py): iterates equal to the
 single-process run, replicas identical, resume, a dead or silent peer stops the other
 with a clear error."""
+import math
 import os
 import pathlib
 import socket
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ttmanifold import TT
+from ttmanifold import TT, FixedTTRank
 from ttmanifold import round as tt_round
 from ttmanifold.experiments.distributed import (ShardedCompletion, distributed_cg,
                                                 distributed_als, distributed_lbfgs,
@@ -22,8 +23,8 @@ from ttmanifold.experiments.distributed import (ShardedCompletion, distributed_c
                                                 distributed_trust_region, load_checkpoint,
                                                 row_hash, shard_mask, validation_mask)
 from ttmanifold.experiments.problems import Completion, sample_distinct_indices
-from ttmanifold.experiments.solvers import (als_completion, riemannian_cg, riemannian_lbfgs,
-                                            riemannian_trust_region, run)
+from ttmanifold.experiments.solvers import (als_completion, cg_direction, riemannian_cg,
+                                            riemannian_lbfgs, riemannian_trust_region, run)
 from ttmanifold.manifold import hessian_operator
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -398,3 +399,29 @@ def test_single_process_als_equals_the_solver_and_resumes(tmp_path):
     assert torch.equal(again.x, full.x) and again.loss == full.loss
     with pytest.raises(ValueError, match="ridge"):
         distributed_als(S, x0, ridge=-1.0)
+
+
+def test_cg_from_an_exact_fit_stays_there():
+    """A start whose residual is exactly 0 (data gathered from the start itself): the
+    gradient is 0, the next one rounding-small, and the Polak-Ribiere / Fletcher-Reeves
+    ratio divided by ``<g, g> = 0`` (beta = inf, a NaN direction): riemannian_cg said
+    "diverged", distributed_cg failed in the retraction's SVD. The rule restarts instead."""
+    shape = (4, 5, 3, 4)
+    gen = torch.Generator().manual_seed(0)
+    M = FixedTTRank(shape, 2)
+    x0 = torch.Tensor(M.random(dtype=torch.float64, generator=gen))
+    idx = torch.stack(torch.unravel_index(torch.randperm(240, generator=gen)[:150], shape), 1)
+    vals = M.to_tt(x0).gather(idx)
+    exact = Completion.from_data(idx, vals, shape, 2)
+    assert float(exact.cg_grad(x0)[0]) == 0.0  # (else the case is not exercised)
+    S = ShardedCompletion(idx, vals, shape, 2)
+    for h in (riemannian_cg(exact, x0, iters=3, metrics_every=0),
+              distributed_cg(S, x0, iters=3, metrics_every=0)):
+        assert h.status == "ok" and all(math.isfinite(v) and v < 1e-25 for v in h.loss)
+        assert _tensor_dist(M, h.x, x0) < 1e-12
+    g = torch.zeros(5, dtype=torch.float64)
+    gn = torch.tensor([1e-20, 0.0, -2e-20, 0.0, 1e-20], dtype=torch.float64)
+    for rule in ("pr+", "fr"):
+        eta, restarted = cg_direction(g, gn, g, g, 1, beta_rule=rule, restart_tol=0.1,
+                                      restart_every=None)
+        assert restarted and torch.equal(eta, -gn)
