@@ -20,7 +20,8 @@ from ttmanifold import round as tt_round
 from ttmanifold.experiments.distributed import (ShardedCompletion, distributed_cg,
                                                 distributed_als, distributed_lbfgs,
                                                 distributed_rank_adaptive, distributed_rsgd,
-                                                distributed_trust_region, load_checkpoint,
+                                                distributed_trust_region, init_from_env,
+                                                load_checkpoint,
                                                 row_hash, shard_mask, validation_mask)
 from ttmanifold.experiments.problems import Completion, sample_distinct_indices
 from ttmanifold.experiments.solvers import (als_completion, cg_direction, riemannian_cg,
@@ -425,3 +426,25 @@ def test_cg_from_an_exact_fit_stays_there():
         eta, restarted = cg_direction(g, gn, g, g, 1, beta_rule=rule, restart_tol=0.1,
                                       restart_every=None)
         assert restarted and torch.equal(eta, -gn)
+
+
+def test_init_from_env_serves_cpu_tensors(monkeypatch):
+    """Collectives of this module send CPU tensors (the metrics, counts, control error),
+    and ``ttmanifold complete`` builds its problem on the CPU; the default backend with
+    CUDA available was "nccl" alone, which serves CUDA tensors only ("No backend type
+    associated with device type cpu", reported as a PeerFailure). Now CPU tensors go to
+    gloo and CUDA tensors to nccl."""
+    import torch.distributed as dist
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, timeout: seen.update(backend=backend))
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert init_from_env(timeout=5.0)
+        devices = dist.distributed_c10d.BackendConfig(
+            dist.Backend(seen["backend"])).get_device_backend_map()
+        assert devices["cpu"] == "gloo", seen
+        assert devices.get("cuda") == ("nccl" if cuda else "gloo"), seen

@@ -238,7 +238,9 @@ def init_from_env(timeout: float = 300.0, backend: Optional[str] = None) -> bool
 
     Args:
         timeout: seconds after which a collective waiting for a silent peer fails.
-        backend: default ``"nccl"`` when CUDA is available, else ``"gloo"``.
+        backend: default ``"cpu:gloo,cuda:nccl"`` when CUDA is available (this module's
+            metrics, counts and control errors are CPU tensors, which nccl does not
+            serve), else ``"gloo"``.
 
     Returns True when this call initialized a group (destroy it with
     ``torch.distributed.destroy_process_group()``). Cost: one rendezvous.
@@ -250,7 +252,7 @@ def init_from_env(timeout: float = 300.0, backend: Optional[str] = None) -> bool
     if not (timeout > 0 and math.isfinite(timeout)):  # inf overflows the timedelta
         raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout)))
     return True
 
