@@ -272,3 +272,18 @@ def test_problems_without_a_test_set_keep_the_others_test_errors():
         assert abs(float(m["test_err"][b]) - probs[b].metrics(x[b])["test_err"]) <= \
             1e-12 * float(m["test_err"][b])
     assert "test_err" not in BatchedCompletion([probs[1]]).metrics(x[1:2])
+
+
+def test_from_data_takes_index_lists_and_names_a_bad_index_shape():
+    """Lists of multi-indices, as Completion.from_data takes them (an AttributeError from
+    inside); indices of the wrong shape are named (the error blamed ``values[0]``)."""
+    idx = [[[0, 1, 2, 3], [1, 1, 1, 1]], [[2, 2, 2, 2]], []]
+    vals = [[1.0, 2.0], [3.0], []]
+    a = BatchedCompletion.from_data(idx, vals, SHAPE, 2)
+    b = BatchedCompletion.from_data([torch.tensor(i).reshape(-1, 4) for i in idx],
+                                    [torch.tensor(v, dtype=F64) for v in vals], SHAPE, 2)
+    assert a.train.counts == (2, 1, 0)
+    assert all(torch.equal(x, y) for x, y in zip(a.train.indices, b.train.indices))
+    assert torch.equal(a.a_train, b.a_train)
+    with pytest.raises(ValueError, match=r"indices\[0\]: expected shape \(N_0, 4\), got \(4,\)"):
+        BatchedCompletion.from_data([torch.tensor([0, 1, 2, 3])], [[1.0]], SHAPE, 2)

@@ -103,9 +103,10 @@ class BatchedCompletion:
         """``B`` problems from raw samples.
 
         Args:
-            indices: ``B`` integer tensors ``(N_b, d)`` (``N_b`` may be 0), distinct
-                multi-indices within each problem (a repeated one raises ``ValueError``
-                naming ``indices[b]``, as :meth:`Completion.from_data` does).
+            indices: ``B`` integer tensors ``(N_b, d)`` or nested lists (``N_b`` may be 0:
+                an empty list too), distinct multi-indices within each problem (a repeated
+                one raises ``ValueError`` naming ``indices[b]``, as
+                :meth:`Completion.from_data` does).
             values: ``B`` tensors ``(N_b,)``, the observed entries.
             shape, ranks: the tensors' shape and the TT-ranks (a tuple of ``d + 1`` values,
                 boundary ones included; or an int, every inner rank).
@@ -128,7 +129,13 @@ class BatchedCompletion:
                 or len(values) != len(indices):
             raise ValueError("values: expected a list of one tensor per index set")
         vals = []
+        # (lists of multi-indices too, as Completion.from_data takes them)
+        indices = [torch.as_tensor(i) for i in indices]
+        indices = [i.reshape(0, len(M.shape)).long() if i.numel() == 0 else i for i in indices]
         for b, (i, v) in enumerate(zip(indices, values)):
+            if i.dim() != 2 or i.shape[1] != len(M.shape):
+                raise ValueError(f"indices[{b}]: expected shape (N_{b}, {len(M.shape)}), got "
+                                 f"{tuple(i.shape)}")
             v = torch.as_tensor(v, dtype=dtype, device=device)
             if v.shape != (int(i.shape[0]),):
                 raise ValueError(f"values[{b}]: expected shape ({int(i.shape[0])},), got "
