@@ -213,6 +213,27 @@ def test_checkpoint_resume_is_exact_and_records_the_run(tmp_path):
         load_checkpoint(bad)
 
 
+def test_an_interrupt_after_a_step_returns_the_iterate_of_the_last_row():
+    """Ctrl-C in the callback (e.g. the progress bar of ``ttmanifold complete``) after
+    step t: the point was iterate t + 1 but the history ended at row t, so the written
+    tensor and the report's final metrics disagreed. In one process the row of the
+    newer iterate is recorded (the two-process case: test_two_processes_equal_one)."""
+    P = _full_problem()
+    S = ShardedCompletion(P.train.indices, P.a_train, W.SHAPE, W.RANK)
+    x0 = S.initial_point(0)
+    full = distributed_cg(S, x0, iters=5)
+
+    def stop(t, hist):
+        if t == 3:
+            raise KeyboardInterrupt
+        return False
+
+    h = distributed_cg(S, x0, iters=5, callback=stop)
+    assert h.status == "interrupted" and h.iters == [0, 1, 2, 3, 4]
+    assert torch.equal(h.x, distributed_cg(S, x0, iters=4).x)
+    assert h.loss == full.loss[:5] and h.metrics[-1] == full.metrics[4]
+
+
 def test_sharding_is_a_partition_independent_of_the_world_size():
     idx = sample_distinct_indices((9, 8, 7, 6), 3000, generator=3)
     for world in (1, 2, 3, 5):
@@ -304,6 +325,12 @@ def test_two_processes_equal_one(tmp_path):
     # the resumed run (checkpoint at 12, written by rank 0, read and broadcast) is exact
     assert torch.equal(r0["c"], r0["a"]) and r0["loss_c"] == r0["loss_a"]
     assert r0["iters_c"] == list(range(21))
+    # interrupted after step 3 on both: the point of the history's last row, iterate 3 (it
+    # was iterate 4); no row is added, since that would need the peers
+    for r in (r0, r1):
+        status, iters, x = r["interrupted"]
+        assert status == "interrupted" and iters == [0, 1, 2, 3]
+        assert torch.equal(x, r0["x3"])
 
 
 def test_a_bad_shard_or_a_dead_peer_stops_the_others_with_a_clear_error(tmp_path):

@@ -1141,8 +1141,11 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
         })
 
     t = start
+    # the iterate t (stepper.p before step t) and the iterate of the history's last row
+    p_t = x_row = stepper.p
     try:
         for t in range(start, iters + 1):
+            p_t = stepper.p
             want = metrics_every and (t % metrics_every == 0 or t == iters)
             m = problem.metrics(stepper.p) if want else {}
             if t == start:  # (the same dict on every process: a collective's result)
@@ -1150,6 +1153,7 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
             reached = stop_metric is not None and m.get(stop_metric, math.inf) <= stop_tol
             if t == iters or reached:
                 hist.record(t, stepper.loss_now(), elapsed, m)
+                x_row = p_t
                 if reached:  # (also when met by the last iterate)
                     hist.status = "converged"
                 if callback is not None:
@@ -1158,6 +1162,7 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
             t0 = time.perf_counter()
             loss = stepper.step()
             hist.record(t, loss, elapsed, m)  # time: seconds spent reaching iterate t
+            x_row = p_t
             elapsed += time.perf_counter() - t0
             if not math.isfinite(loss):
                 hist.status = "diverged"
@@ -1172,13 +1177,20 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
     except KeyboardInterrupt:
         hist.status = "interrupted"
         hist.info["interrupted_at"] = t
-        if not comm.distributed and (not hist.iters or hist.iters[-1] < t):
-            # the row of the last finished iterate (in one process: no peer to wait for)
+        # the last finished iterate: t + 1 once step t has replaced the point (an
+        # interrupt in the callback or the checkpoint), else t
+        at = t + (stepper.p is not p_t)
+        if not comm.distributed and (not hist.iters or hist.iters[-1] < at):
+            # its row (in one process: no peer to wait for)
             try:
                 m = problem.metrics(stepper.p) if metrics_every else {}
-                hist.record(t, stepper.loss_now(), elapsed, m)
+                hist.record(at, stepper.loss_now(), elapsed, m)
             except KeyboardInterrupt:
                 pass
+        if hist.iters and hist.iters[-1] < at:
+            # no row of it (the peers are not there for its metrics): the point of the
+            # last row, so that the point and the history agree
+            stepper.p = x_row
     hist.info["restarts"] = getattr(stepper, "restarts", 0)
     hist.info.update(getattr(stepper, "info", {}))
     hist.x = stepper.p
@@ -1216,7 +1228,8 @@ def distributed_cg(problem: ShardedCompletion, x0: torch.Tensor, *, iters: int =
 
     Returns a :class:`~ttmanifold.experiments.solvers.History` (``x`` the final packed
     point; ``status`` ``"ok"``, ``"converged"``, ``"stopped"``, ``"diverged"`` or
-    ``"interrupted"`` (Ctrl-C: ``x`` is the last finished iterate)). Raises
+    ``"interrupted"`` (Ctrl-C: ``x`` is the iterate of the history's last row; in one
+    process the last finished iterate, its row added)). Raises
     :class:`PeerFailure` when a peer process dies, and ``ValueError`` on every process
     when the processes were called with different arguments or ``x0`` (checked at the
     start by one all-gather of the arguments and a digest of ``x0``; the other solvers
