@@ -213,7 +213,7 @@ def test_checkpoint_resume_is_exact_and_records_the_run(tmp_path):
         load_checkpoint(bad)
 
 
-def test_an_interrupt_after_a_step_returns_the_iterate_of_the_last_row():
+def test_an_interrupt_or_a_stop_after_a_step_returns_the_iterate_of_the_last_row():
     """Ctrl-C in the callback (e.g. the progress bar of ``ttmanifold complete``) after
     step t: the point was iterate t + 1 but the history ended at row t, so the written
     tensor and the report's final metrics disagreed. In one process the row of the
@@ -232,6 +232,12 @@ def test_an_interrupt_after_a_step_returns_the_iterate_of_the_last_row():
     assert h.status == "interrupted" and h.iters == [0, 1, 2, 3, 4]
     assert torch.equal(h.x, distributed_cg(S, x0, iters=4).x)
     assert h.loss == full.loss[:5] and h.metrics[-1] == full.metrics[4]
+    # a callback that stops the run after step 2 likewise (the row of iterate 3 was
+    # missing; run() records it)
+    h = distributed_cg(S, x0, iters=5, callback=lambda t, hist: t == 2)
+    assert h.status == "stopped" and h.iters == [0, 1, 2, 3]
+    assert torch.equal(h.x, distributed_cg(S, x0, iters=3).x)
+    assert h.loss == full.loss[:4] and h.metrics[-1] == full.metrics[3]
 
 
 def test_sharding_is_a_partition_independent_of_the_world_size():

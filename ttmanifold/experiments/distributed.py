@@ -1169,6 +1169,11 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
                 break
             if callback is not None and callback(t, hist):
                 hist.status = "stopped"
+                # the row of the point returned, iterate t + 1, as run() records it (every
+                # process stops here: the callback returns the same value on all of them)
+                m = problem.metrics(stepper.p) if metrics_every else {}
+                hist.record(t + 1, stepper.loss_now(), elapsed, m)
+                x_row = stepper.p
                 break
             if checkpoint_every and (t + 1) % checkpoint_every == 0:
                 # the rows so far plus the iterate t + 1, so that a resumed run continues
@@ -1223,7 +1228,8 @@ def distributed_cg(problem: ShardedCompletion, x0: torch.Tensor, *, iters: int =
             reads it and broadcasts). A resumed run continues to the same iterates as an
             uninterrupted one (bitwise with the same number of processes).
         callback: ``callback(t, history) -> bool`` on every process after each iteration
-            (True stops the run on that process: return the same value on all of them).
+            (True stops the run after recording the row of the point it returns, which
+            takes the metrics' all-reduce: return the same value on every process).
         stop_metric, stop_tol: stop when ``metrics[stop_metric] <= stop_tol``.
 
     Returns a :class:`~ttmanifold.experiments.solvers.History` (``x`` the final packed
