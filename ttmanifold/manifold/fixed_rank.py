@@ -961,7 +961,10 @@ class FixedTTRank(geoopt.Manifold):
 
     def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
         U = self._split(x, "x")
-        du = self._split(u, "u")
+        try:  # a vector of another batch, dtype or device is not tangent at x: say why
+            du = self._check_vector(u, x)
+        except (TypeError, ValueError) as exc:
+            return False, str(exc)
         if u.device.type == "meta":
             return True, None
         def at(bad):  # which point of a batch fails first (per-point mask ``bad``)
