@@ -318,14 +318,36 @@ class FixedTTRank(geoopt.Manifold):
             return torch.cat([c.expand(bs + c.shape[-3:]).flatten(-3) for c in cores], -1)
         return torch.cat([c.reshape(-1) for c in cores])
 
-    def pack_point(self, *tensors) -> torch.Tensor:
+    def pack_point(self, *tensors, check_rank: bool = True, rtol: Optional[float] = None) -> torch.Tensor:
         """Pack a :class:`TT` (or its cores) into a point.
 
         The TT is brought to left-orthogonal form (QR sweep, ``diag(R) >= 0``). A TT of
         higher ranks is first rounded to the manifold's ranks; lower ranks or another
         shape raise ``ValueError``, non-finite cores ``RuntimeError`` (an on-device assert).
-        Cost O(d n r^3).
+
+        Args:
+            tensors: a :class:`TT`, a list of its cores, or the cores as arguments (plain
+                or batched: a batched TT packs into ``(*batch, size)``).
+            check_rank: check that the TT-rank is the manifold's: a TT whose nominal ranks
+                match but whose true rank is lower (zero cores, the zero tensor, linearly
+                dependent slices) represents a tensor *outside* the fixed-rank manifold; its
+                packed cores would look like a point but the tangent space, projection and
+                retraction are not defined there. ``ValueError`` naming the first deficient
+                bond. ``False`` packs it anyway (no check, no host synchronisation).
+            rtol: a bond ``k`` is deficient when the smallest singular value of the
+                unfolding ``X^{<k>}`` is ``<= rtol`` times its largest; ``None`` means
+                ``100 * eps(dtype)`` (numerically deficient, to rounding).
+
+        Returns:
+            the packed point ``(M.size,)`` (or ``(*batch, M.size)``), dtype/device of the cores.
+
+        Cost: O(d n r^3); the rank check (:meth:`check_point`'s) adds an LQ sweep, ``d - 1``
+        ``r x r`` singular value decompositions (O(d n r^3)) and host synchronisations
+        (skipped on ``meta``).
         """
+        if rtol is not None and (not isinstance(rtol, numbers.Real) or isinstance(rtol, bool)
+                                 or not 0 <= rtol < 1):
+            raise ValueError(f"rtol: expected a float in [0, 1) or None, got {rtol!r}")
         if len(tensors) == 1 and isinstance(tensors[0], TT):
             x = tensors[0]
         elif len(tensors) == 1 and isinstance(tensors[0], (list, tuple)):
@@ -345,7 +367,20 @@ class FixedTTRank(geoopt.Manifold):
                 )
             x = tt_round(x, ranks=self.ranks)
         x = orthogonalize(x, "left")
-        return self._cat(x.cores)
+        p = self._cat(x.cores)
+        if check_rank:
+            if rtol is None:
+                rtol = 100 * torch.finfo(p.dtype).eps
+            ok, why = self._check_point_on_manifold(p, atol=0.0, rtol=rtol)
+            if not ok:  # (one host synchronisation per bond when it passes)
+                raise ValueError(
+                    f"tt: not a point of the fixed-rank manifold: {why} (an unfolding's "
+                    f"smallest singular value <= rtol={rtol:.3g} times its largest; zero "
+                    f"cores and the zero tensor have rank 0). Round it to lower ranks "
+                    f"(ttmanifold.round) for a smaller manifold, perturb it, or pass "
+                    f"check_rank=False to pack it anyway (the manifold's operations are not "
+                    f"defined at it)")
+        return p
 
     def to_tt(self, p: torch.Tensor) -> TT:
         """The rank-r TT of a point (a view of its cores; no copy); for a batch of points
