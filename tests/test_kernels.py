@@ -641,6 +641,37 @@ def test_a_killed_build_process_leaves_no_compiler_running(tmp_path, monkeypatch
         _end_processes(p, pid)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG (Linux)")
+def test_a_killed_background_builder_leaves_no_compiler_and_a_reclaimable_lock(tmp_path,
+                                                                              monkeypatch):
+    """The detached background build (started at import, watched by no one) killed with
+    SIGKILL: its ninja and compiler end too (they kept running, orphaned, in the build
+    directory before), and the next build takes over its stale lock."""
+    cxx, marker = _slow_compiler(tmp_path)
+    monkeypatch.setenv("CXX", str(cxx))  # (in the build name)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TTMANIFOLD_NATIVE", raising=False)
+    s = _cache.spec("dense")
+    cmd, env = kernels._child_cmd(s, background=True)  # what the import starts
+    p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    pid = None
+    try:
+        pid = _wait_for_compiler(p, marker)
+        assert _cache.read_lock(s.lock_path)["pid"] == p.pid
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        t = time.monotonic() + 5
+        while _running(pid) and time.monotonic() < t:
+            time.sleep(0.05)
+        assert not _running(pid)
+        assert _cache.try_lock(s.lock_path) is None  # stale: reclaimed
+        _cache.release_lock(s.lock_path)
+        assert not os.path.exists(s.lock_path)
+    finally:
+        _end_processes(p, pid)
+
+
 BUILD_WITH_STALE_LOCKS = """
     import json, os, socket, subprocess, sys
     from ttmanifold import kernels
