@@ -282,6 +282,39 @@ def test_pack_point_rejects_rank_deficient_tt():
     assert torch.allclose(M.to_tt(M.pack_point(x)).full(), x.full(), atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_metric_rejects_non_finite_vectors(dtype):
+    """inner, norm and component_inner returned NaN/Inf for a non-finite vector where
+    project, proju and transp raise (README: non-finite data is rejected); now the same
+    RuntimeError naming the vectors, checked on the per-point results (no host sync)."""
+    M = FixedTTRank((3, 4, 5), (2, 3))
+    g = torch.Generator().manual_seed(0)
+    p = M.random(dtype=dtype, generator=g)
+    u = M.proju(p, torch.randn(M.size, dtype=F64, generator=g).to(dtype))
+    v = M.proju(p, torch.randn(M.size, dtype=F64, generator=g).to(dtype))
+    ub = torch.stack([u, v, u])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        b = u.clone()
+        b[7] = bad
+        bb = ub.clone()
+        bb[1, 3] = bad
+        for call, who in ((lambda: M.inner(p, b), "u"), (lambda: M.inner(p, u, b), "u, v"),
+                          (lambda: M.inner(p, b, v), "u, v"), (lambda: M.norm(p, b), "u"),
+                          (lambda: M.component_inner(p, b), "u"),
+                          (lambda: M.component_inner(p, v, b), "u, v"),
+                          (lambda: M.inner(p, bb), "u"), (lambda: M.norm(p, bb, keepdim=True), "u"),
+                          (lambda: M.component_inner(p, bb, ub), "u, v")):
+            with pytest.raises(RuntimeError, match=f"^{who}: contains? NaN or Inf"):
+                call()
+    # finite vectors: the float64 reference values, also for norms beyond sqrt(max float)
+    ref = float((u.double() * v.double()).sum())
+    assert abs(float(M.inner(p, u, v)) - ref) <= 1e-5 * abs(ref) + 1e-6
+    assert torch.allclose(M.component_inner(p, u, v).double(), torch.full((M.size,), ref, dtype=F64),
+                          rtol=1e-5)
+    huge = u * (1e30 if dtype == torch.float32 else 1e200)
+    assert torch.isfinite(M.norm(p, huge)) and torch.isfinite(M.norm(p, ub, keepdim=True)).all()
+
+
 def test_egrad2rgrad_at_a_non_finite_point_says_so():
     """The first egrad2rgrad at a NaN point failed with "not left-orthogonal" only."""
     M = FixedTTRank((3, 4, 5), (2, 3))

@@ -186,6 +186,24 @@ def _chunked_on_cpu(fn):
     return wrapper
 
 
+_NONFINITE_METRIC = {"u": "u: contains NaN or Inf (or the metric overflows)",
+                     "u, v": "u, v: contain NaN or Inf (or the metric overflows)"}
+
+
+def _assert_finite_result(out: torch.Tensor, name: str) -> None:
+    """The metric's check of its vectors, on its per-point result: a sum of products (or a
+    scaled norm) is NaN or Inf whenever an entry is (NaN propagates, Inf times anything is
+    Inf or NaN), and so is the sum over a batch, so one scalar tells what a pass over the
+    vectors would: O(batch), two operations and an on-device assert (no host sync;
+    ``assert_finite_async``'s four would double the cost of ``inner``)."""
+    if out.device.type == "meta" or functorch_wrapped(out):
+        return
+    d = out.detach()
+    if d.dim():
+        d = d.sum()
+    torch._assert_async(d * 0 == 0, _NONFINITE_METRIC[name])
+
+
 class FixedTTRank(geoopt.Manifold):
     """The manifold of tensors of shape ``shape`` with TT-rank exactly ``ranks``.
 
@@ -758,11 +776,18 @@ class FixedTTRank(geoopt.Manifold):
         """Riemannian metric: Euclidean inner product of packed gauged deltas; one value
         per point for batches (shape ``batch``, or ``(*batch, 1)`` with ``keepdim``). As in
         geoopt's manifolds, ``batch`` broadcasts the batch shapes of ``x``, ``u`` and
-        ``v`` (a batch of points and one vector: one value per point)."""
+        ``v`` (a batch of points and one vector: one value per point).
+
+        A non-finite ``u`` or ``v`` raises ``RuntimeError`` (an on-device assert on the
+        per-point results, which are non-finite exactly then: O(batch), no pass over the
+        vectors, no host sync; also when a finite product overflows). The point is not read.
+        Cost O(size) per point."""
+        name = "u" if v is None else "u, v"
         if v is None:
             v = u
         shape = self._metric_shape(x, u, v)
         out = (u * v).sum(-1, keepdim=keepdim)
+        _assert_finite_result(out, name)
         shape = shape[:-1] + (1,) * keepdim
         return out if out.shape == shape else out.expand(shape)
 
@@ -820,19 +845,26 @@ class FixedTTRank(geoopt.Manifold):
         a rank-4 approximation). A single value per point is gauge invariant; for a batch,
         one value per point (never pooled over the batch), so every point's Adam step is
         the one it takes alone.
+
+        A non-finite ``u`` or ``v`` raises ``RuntimeError`` as in :meth:`inner` (checked on
+        the per-point values). Cost O(size) per point.
         """
+        name = "u" if v is None else "u, v"
         if v is None:
             v = u
         shape = self._metric_shape(x, u, v)
         val = (u * v).sum(-1, keepdim=True)
+        _assert_finite_result(val, name)
         return val.expand(shape).clone()
 
     def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
         """Riemannian norm ``sqrt(<u, u>)``, one per point for batches; scaled, so it neither
         overflows nor underflows where ``<u, u>`` would (``||u||`` beyond ~1e154 or below
-        ~1e-154 in float64, 1e19 and 1e-19 in float32). O(size)."""
+        ~1e-154 in float64, 1e19 and 1e-19 in float32). A non-finite ``u`` raises
+        ``RuntimeError`` as in :meth:`inner`. O(size)."""
         shape = self._metric_shape(x, u, u)[:-1] + (1,) * keepdim
         out = fro_norm(u, u.dim() - 1)
+        _assert_finite_result(out, "u")
         out = out.unsqueeze(-1) if keepdim else out
         return out if out.shape == shape else out.expand(shape)
 
