@@ -672,6 +672,26 @@ def test_a_killed_background_builder_leaves_no_compiler_and_a_reclaimable_lock(t
         _end_processes(p, pid)
 
 
+def test_status_write_interrupted_keeps_the_old_record_and_no_temporary(tmp_path, monkeypatch):
+    """Ctrl-C while build.json is written: the old record stays whole and the temporary
+    file is removed (it was left in the build directory)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    s = _cache.spec("dense")
+    os.makedirs(s.build_dir)
+    _cache.write_status(s, status="failed", reason="before")
+
+    def interrupted(obj, fh, *args, **kwargs):
+        fh.write('{"status": "o')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_cache.json, "dump", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _cache.write_status(s, status="ok")
+    monkeypatch.undo()
+    assert _cache.read_status(s)["reason"] == "before"
+    assert os.listdir(s.build_dir) == [_cache.STATUS]
+
+
 BUILD_WITH_STALE_LOCKS = """
     import json, os, socket, subprocess, sys
     from ttmanifold import kernels
