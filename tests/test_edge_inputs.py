@@ -309,8 +309,8 @@ def test_metric_rejects_non_finite_vectors(dtype):
     # finite vectors: the float64 reference values, also for norms beyond sqrt(max float)
     ref = float((u.double() * v.double()).sum())
     assert abs(float(M.inner(p, u, v)) - ref) <= 1e-5 * abs(ref) + 1e-6
-    assert torch.allclose(M.component_inner(p, u, v).double(), torch.full((M.size,), ref, dtype=F64),
-                          rtol=1e-5)
+    want = torch.full((M.size,), ref, dtype=F64)
+    assert torch.allclose(M.component_inner(p, u, v).double(), want, rtol=1e-5)
     huge = u * (1e30 if dtype == torch.float32 else 1e200)
     assert torch.isfinite(M.norm(p, huge)) and torch.isfinite(M.norm(p, ub, keepdim=True)).all()
 

@@ -683,7 +683,8 @@ def test_wy_extreme_parameters_match_dense_reference(m, r, form):
                 Q = _forward(form)(p, m, r, backend="wy")
                 assert Q.dtype == dtype and bool(torch.isfinite(Q).all()), big
                 for b in range(3):
-                    assert err(Q[b].to(F64), reference_frame(p[b], m, r, form == "reduced")) < tol, big
+                    ref = reference_frame(p[b], m, r, form == "reduced")
+                    assert err(Q[b].to(F64), ref) < tol, big
 
 
 def test_torch_backend_extreme_parameters_nan_not_identity():

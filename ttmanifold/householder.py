@@ -153,7 +153,9 @@ def _column_scales(W: torch.Tensor) -> torch.Tensor:
 def _norm(x: torch.Tensor) -> torch.Tensor:
     """``|x|`` over the last dimension without overflow/underflow of ``sum x_i^2`` (scaled
     by ``max |x_i|`` first, as LAPACK's dnrm2). Differentiable; 0 for ``x = 0``."""
-    s = x.detach().abs().amax(dim=-1, keepdim=True) if x.shape[-1] else x.new_ones(x.shape[:-1] + (1,))
+    if x.shape[-1] == 0:
+        return x.new_zeros(x.shape[:-1])
+    s = x.detach().abs().amax(dim=-1, keepdim=True)
     s = torch.where(s > 0, s, torch.ones_like(s))  # norm = s |x / s| for any s > 0: detached
     return s.squeeze(-1) * torch.linalg.vector_norm(x / s, dim=-1)
 

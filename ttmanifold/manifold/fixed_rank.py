@@ -336,7 +336,8 @@ class FixedTTRank(geoopt.Manifold):
             return torch.cat([c.expand(bs + c.shape[-3:]).flatten(-3) for c in cores], -1)
         return torch.cat([c.reshape(-1) for c in cores])
 
-    def pack_point(self, *tensors, check_rank: bool = True, rtol: Optional[float] = None) -> torch.Tensor:
+    def pack_point(self, *tensors, check_rank: bool = True,
+                   rtol: Optional[float] = None) -> torch.Tensor:
         """Pack a :class:`TT` (or its cores) into a point.
 
         The TT is brought to left-orthogonal form (QR sweep, ``diag(R) >= 0``). A TT of
