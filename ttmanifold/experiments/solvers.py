@@ -2367,7 +2367,9 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
                               vals_tr, w_tr, apply=True, counts=bonds, data=red,
                               start=sweep_start(sub_old, x_old), generator=gen)[0]
             start_of[:] = [None, None]  # not kept through the CG: O(N d r) memory
-            x_new = sub_new.manifold.pack_point(y)
+            # unchecked: with no sample sharing the raised bond's columns the greedy
+            # direction can be zero, a rank-deficient trial point (packed as before)
+            x_new = sub_new.manifold.pack_point(y, check_rank=False)
         _sync(device)
         elapsed[0] += time.perf_counter() - t0
         return trial, sub_new, x_new
@@ -2425,7 +2427,9 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
                 x0 = sub.manifold.pack_point(_slice_means_point(idx_tr, vals_tr, w_tr,
                                                                 shape, data=red))
             elif name == "spectral":
-                x0 = sub.manifold.pack_point(_rank1_spectral_point(data))
+                # zero where no two samples share a column (arbitrary bases): packed
+                # unchecked, its fit (control error 1) then loses against the means
+                x0 = sub.manifold.pack_point(_rank1_spectral_point(data), check_rank=False)
             else:
                 x0 = data.random_point(sub, gen)
             elapsed[0] += time.perf_counter() - t0

@@ -186,6 +186,24 @@ def _chunked_on_cpu(fn):
     return wrapper
 
 
+_NONFINITE_METRIC = {"u": "u: contains NaN or Inf (or the metric overflows)",
+                     "u, v": "u, v: contain NaN or Inf (or the metric overflows)"}
+
+
+def _assert_finite_result(out: torch.Tensor, name: str) -> None:
+    """The metric's check of its vectors, on its per-point result: a sum of products (or a
+    scaled norm) is NaN or Inf whenever an entry is (NaN propagates, Inf times anything is
+    Inf or NaN), and so is the sum over a batch, so one scalar tells what a pass over the
+    vectors would: O(batch), two operations and an on-device assert (no host sync;
+    ``assert_finite_async``'s four would double the cost of ``inner``)."""
+    if out.device.type == "meta" or functorch_wrapped(out):
+        return
+    d = out.detach()
+    if d.dim():
+        d = d.sum()
+    torch._assert_async(d * 0 == 0, _NONFINITE_METRIC[name])
+
+
 class FixedTTRank(geoopt.Manifold):
     """The manifold of tensors of shape ``shape`` with TT-rank exactly ``ranks``.
 
@@ -318,14 +336,37 @@ class FixedTTRank(geoopt.Manifold):
             return torch.cat([c.expand(bs + c.shape[-3:]).flatten(-3) for c in cores], -1)
         return torch.cat([c.reshape(-1) for c in cores])
 
-    def pack_point(self, *tensors) -> torch.Tensor:
+    def pack_point(self, *tensors, check_rank: bool = True,
+                   rtol: Optional[float] = None) -> torch.Tensor:
         """Pack a :class:`TT` (or its cores) into a point.
 
         The TT is brought to left-orthogonal form (QR sweep, ``diag(R) >= 0``). A TT of
         higher ranks is first rounded to the manifold's ranks; lower ranks or another
         shape raise ``ValueError``, non-finite cores ``RuntimeError`` (an on-device assert).
-        Cost O(d n r^3).
+
+        Args:
+            tensors: a :class:`TT`, a list of its cores, or the cores as arguments (plain
+                or batched: a batched TT packs into ``(*batch, size)``).
+            check_rank: check that the TT-rank is the manifold's: a TT whose nominal ranks
+                match but whose true rank is lower (zero cores, the zero tensor, linearly
+                dependent slices) represents a tensor *outside* the fixed-rank manifold; its
+                packed cores would look like a point but the tangent space, projection and
+                retraction are not defined there. ``ValueError`` naming the first deficient
+                bond. ``False`` packs it anyway (no check, no host synchronisation).
+            rtol: a bond ``k`` is deficient when the smallest singular value of the
+                unfolding ``X^{<k>}`` is ``<= rtol`` times its largest; ``None`` means
+                ``100 * eps(dtype)`` (numerically deficient, to rounding).
+
+        Returns:
+            the packed point ``(M.size,)`` (or ``(*batch, M.size)``), dtype/device of the cores.
+
+        Cost: O(d n r^3); the rank check (:meth:`check_point`'s) adds an LQ sweep, ``d - 1``
+        ``r x r`` singular value decompositions (O(d n r^3)) and host synchronisations
+        (skipped on ``meta``).
         """
+        if rtol is not None and (not isinstance(rtol, numbers.Real) or isinstance(rtol, bool)
+                                 or not 0 <= rtol < 1):
+            raise ValueError(f"rtol: expected a float in [0, 1) or None, got {rtol!r}")
         if len(tensors) == 1 and isinstance(tensors[0], TT):
             x = tensors[0]
         elif len(tensors) == 1 and isinstance(tensors[0], (list, tuple)):
@@ -345,7 +386,20 @@ class FixedTTRank(geoopt.Manifold):
                 )
             x = tt_round(x, ranks=self.ranks)
         x = orthogonalize(x, "left")
-        return self._cat(x.cores)
+        p = self._cat(x.cores)
+        if check_rank:
+            if rtol is None:
+                rtol = 100 * torch.finfo(p.dtype).eps
+            ok, why = self._check_point_on_manifold(p, atol=0.0, rtol=rtol)
+            if not ok:  # (one host synchronisation per bond when it passes)
+                raise ValueError(
+                    f"tt: not a point of the fixed-rank manifold: {why} (an unfolding's "
+                    f"smallest singular value <= rtol={rtol:.3g} times its largest; zero "
+                    f"cores and the zero tensor have rank 0). Round it to lower ranks "
+                    f"(ttmanifold.round) for a smaller manifold, perturb it, or pass "
+                    f"check_rank=False to pack it anyway (the manifold's operations are not "
+                    f"defined at it)")
+        return p
 
     def to_tt(self, p: torch.Tensor) -> TT:
         """The rank-r TT of a point (a view of its cores; no copy); for a batch of points
@@ -723,11 +777,18 @@ class FixedTTRank(geoopt.Manifold):
         """Riemannian metric: Euclidean inner product of packed gauged deltas; one value
         per point for batches (shape ``batch``, or ``(*batch, 1)`` with ``keepdim``). As in
         geoopt's manifolds, ``batch`` broadcasts the batch shapes of ``x``, ``u`` and
-        ``v`` (a batch of points and one vector: one value per point)."""
+        ``v`` (a batch of points and one vector: one value per point).
+
+        A non-finite ``u`` or ``v`` raises ``RuntimeError`` (an on-device assert on the
+        per-point results, which are non-finite exactly then: O(batch), no pass over the
+        vectors, no host sync; also when a finite product overflows). The point is not read.
+        Cost O(size) per point."""
+        name = "u" if v is None else "u, v"
         if v is None:
             v = u
         shape = self._metric_shape(x, u, v)
         out = (u * v).sum(-1, keepdim=keepdim)
+        _assert_finite_result(out, name)
         shape = shape[:-1] + (1,) * keepdim
         return out if out.shape == shape else out.expand(shape)
 
@@ -785,19 +846,26 @@ class FixedTTRank(geoopt.Manifold):
         a rank-4 approximation). A single value per point is gauge invariant; for a batch,
         one value per point (never pooled over the batch), so every point's Adam step is
         the one it takes alone.
+
+        A non-finite ``u`` or ``v`` raises ``RuntimeError`` as in :meth:`inner` (checked on
+        the per-point values). Cost O(size) per point.
         """
+        name = "u" if v is None else "u, v"
         if v is None:
             v = u
         shape = self._metric_shape(x, u, v)
         val = (u * v).sum(-1, keepdim=True)
+        _assert_finite_result(val, name)
         return val.expand(shape).clone()
 
     def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
         """Riemannian norm ``sqrt(<u, u>)``, one per point for batches; scaled, so it neither
         overflows nor underflows where ``<u, u>`` would (``||u||`` beyond ~1e154 or below
-        ~1e-154 in float64, 1e19 and 1e-19 in float32). O(size)."""
+        ~1e-154 in float64, 1e19 and 1e-19 in float32). A non-finite ``u`` raises
+        ``RuntimeError`` as in :meth:`inner`. O(size)."""
         shape = self._metric_shape(x, u, u)[:-1] + (1,) * keepdim
         out = fro_norm(u, u.dim() - 1)
+        _assert_finite_result(out, "u")
         out = out.unsqueeze(-1) if keepdim else out
         return out if out.shape == shape else out.expand(shape)
 
