@@ -120,6 +120,7 @@ def _no_autograd_fast_path(fn=None, *, fresh_outputs: bool = False):
 
 # a NaN point would spread into every delta of a projection as silently as a NaN Z
 _NONFINITE_Z = "Z: contains NaN or Inf (or the point p does)"
+_NONFINITE_V = "v: contains NaN or Inf (or the points x, y do)"
 
 #: Large CPU batches of the per-step methods (``retr``, ``transp``, ``retr_transp``,
 #: ``proju``, ``gauge``, ``project`` of a TT or dense ``Z``) run in chunks of about this many
@@ -832,29 +833,57 @@ class FixedTTRank(geoopt.Manifold):
             "FixedTTRank has no closed-form exponential map; use retr (a second-order "
             "retraction), as geoopt's optimizers do")
 
-    @_no_autograd_fast_path
-    @_chunked_on_cpu
+    @_no_autograd_fast_path(fresh_outputs=True)
     def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Vector transport by projection ``P_Y(xi)`` of ``v`` at ``x`` to ``y``.
         ``v`` may be non-gauged. Non-finite ``v`` (or points) raise ``RuntimeError`` (an
-        on-device assert, no host sync). O(d n r^3)."""
+        on-device assert, no host sync). O(d n r^3). A CPU batch of small TT-ranks
+        projects in one compiled call (:meth:`retr_transp`)."""
+        if x.dim() > 1 or y.dim() > 1 or v.dim() > 1:
+            Ux, dv = self._split(x, "x"), self._check_vector(v, x, "v")
+            Uy = self._check_vector(y, x, "y")
+            out = self._transport_small(x, Ux, None, v, dv, Uy)
+            if out is not None:
+                return out
+        return self._transp(x, y, v)
+
+    @_chunked_on_cpu
+    def _transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         Ux = self._split(x, "x")
         dv = self._check_vector(v, x, "v")
         Uy = self._check_vector(y, x, "y")  # (shape, batch, dtype and device)
         # one fused check (a fixed number of operations)
-        assert_finite_async([v, x, y], "v", "v: contains NaN or Inf (or the points x, y do)")
+        assert_finite_async([v, x, y], "v", _NONFINITE_V)
         if self.d == 1:
             return v.expand(torch.broadcast_shapes(x.shape, v.shape, y.shape)).clone()
         xi = self._transport_cores(x, Ux, self._right_cores(x, Ux), v, dv)
         return project_tt(Uy, None, xi, packed=True, gauge=True)  # its LQ sweep inside
 
     @_no_autograd_fast_path(fresh_outputs=True)
-    @_chunked_on_cpu
     def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
-        """``(retr(x, u), transp(x, retr(x, u), v))`` sharing the work at ``x``."""
+        """``(retr(x, u), transp(x, retr(x, u), v))`` sharing the work at ``x``.
+
+        A CPU batch of TT-rank at most 4 (``retraction.SMALL_RETRACT_MAX_RANK``; the
+        rank-2r TT of ``v`` at most ``sweeps.SMALL_PROJECT_MAX_RANK``) runs as two compiled
+        calls over the whole batch, SIMD across the points: the retraction
+        (:func:`~.retraction.retract_small`) and the projection of ``v``'s block cores at
+        the new points (:func:`~.sweeps.project_small`); other batches run in CPU chunks.
+        Non-finite ``v`` raise ``RuntimeError`` ("v: contains NaN or Inf"), as do a
+        non-finite point or ``u`` on every path but the chunked batch one (where, as in
+        :meth:`retr`, they give NaN). O(d n r^3)."""
+        if x.dim() > 1 or u.dim() > 1 or v.dim() > 1:
+            out = self._retr_transp_small(x, u, v)
+            if out is not None:
+                return out
+        return self._retr_transp(x, u, v)
+
+    @_chunked_on_cpu
+    def _retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
         U = self._split(x, "x")
         du = self._check_vector(u, x)
         dv = self._check_vector(v, x, "v")
+        # (a non-finite x or u fails the single-point retraction's SVD)
+        assert_finite_async(v, "v", _NONFINITE_V)
         V = self._right_cores(x, U, consume=True)
         if self.d > 2 and self._fewer_launches(x, u, v):  # both block-core sets at once
             y, xi = retract_transport_cores(U, V, du, dv, self.ranks)
@@ -865,6 +894,48 @@ class FixedTTRank(geoopt.Manifold):
             return y, v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
         xi = self._transport_cores(x, U, V, v, dv)
         return y, project_tt(ycores, None, xi, packed=True, gauge=True)
+
+    def _retr_transp_small(self, x, u, v):
+        """:meth:`retr_transp` of a batch by the compiled small-rank kernels, or None (before
+        any work) when the retraction's kernel does not take it (its dispatch decides on
+        shapes, dtype, device and grad)."""
+        U = self._split(x, "x")
+        du = self._check_vector(u, x)
+        dv = self._check_vector(v, x, "v")
+        mod = small_retract_module(U, du, self.ranks)  # (None for d = 1)
+        if mod is None:
+            return None
+        y = retract_small(mod, U, du, self.ranks)  # raises on a non-finite x or u
+        # the right cores kept by the loss (unpack_tensor), else one LQ sweep
+        V = self._right_cores(x, U, consume=True)
+        Uy = self._split(y, "y")
+        t = self._transport_small(x, U, V, v, dv, Uy)
+        if t is None:  # the projection's kernel declines (its limits): the torch sweeps
+            assert_finite_async(v, "v", _NONFINITE_V)
+            t = project_tt(Uy, None, self._transport_cores(x, U, V, v, dv), packed=True,
+                           gauge=True)
+        return y, t
+
+    def _transport_small(self, x, U, V, v, dv, Uy) -> Optional[torch.Tensor]:
+        """``P_Y`` of the tangent vector ``v`` at ``x`` (cores ``U``; right cores ``V``, or
+        None: computed here) at the points ``Uy``: its rank-2r block cores projected by the
+        compiled small-rank batched projection, one call for the batch, which detects a
+        non-finite ``v`` or point in the result as it writes it. None (before any work)
+        unless the points ``Uy`` hold the whole batch (at least
+        ``sweeps.SMALL_PROJECT_MIN_BATCH`` of them) on the CPU with ``2 r`` within
+        ``sweeps.SMALL_PROJECT_MAX_RANK``."""
+        bs = Uy[0].shape[:-3]
+        if (self.d < 2 or Uy[0].device.type != "cpu" or torch.compiler.is_compiling()
+                or bs.numel() < sweeps.SMALL_PROJECT_MIN_BATCH
+                or 2 * max(self.ranks) > sweeps.SMALL_PROJECT_MAX_RANK
+                or torch.broadcast_shapes(bs, x.shape[:-1], v.shape[:-1]) != bs):
+            return None
+        xi = self._transport_cores(x, U, self._right_cores(x, U) if V is None else V, v, dv)
+        mod = sweeps.small_project_module(Uy, xi)
+        if mod is None:  # (grad, dtype: the dispatch's other conditions) the torch sweeps
+            assert_finite_async([v, x], "v", _NONFINITE_V)
+            return project_tt(Uy, None, xi, packed=True, gauge=True)
+        return sweeps.project_small(mod, Uy, xi, check=_NONFINITE_V)
 
     def transp_follow_retr(self, x, u, v):
         return self.retr_transp(x, u, v)[1]
