@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ttmanifold import TT, FixedTTRank, inner, kernels
+from ttmanifold.manifold.tangent import TangentTT
 from test_manifold_batch import dense_point, dense_tangent, tangent_projector, tt_svd
 
 F64, F32 = torch.float64, torch.float32
@@ -119,8 +120,9 @@ def test_non_finite_v_raises(spy, monkeypatch, where, bad):
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 def test_adam_on_a_small_rank_batch_equals_independent_runs(spy, dtype):
     """geoopt's RiemannianAdam on one ManifoldParameter holding B points (the kernels'
-    path: the loss's right cores kept for the step) gives the iterates of B independent
-    single-point runs, to rounding."""
+    path: the loss's inner product with a batch of TTs projected by the small-rank kernel,
+    its right cores kept for the step) gives the iterates of B independent single-point
+    runs, to rounding."""
     M, p, _, _ = case(dtype, seed=4)
     g = torch.Generator().manual_seed(5)
     A = TT.random(SHAPE, 3, dtype=F64, generator=g, batch=(B,))
@@ -137,6 +139,8 @@ def test_adam_on_a_small_rank_batch_equals_independent_runs(spy, dtype):
         spy.calls.clear()
         opt_b.zero_grad()
         loss(pb.unpack_tensor(), A).sum().backward()
+        assert spy.calls == ["project_batch_small"]  # <T, A>: the kernel recomputes V
+        spy.calls.clear()
         opt_b.step()
         assert spy.calls == ["retract_batch_small", "project_batch_small"]
         for b in range(B):
@@ -147,3 +151,54 @@ def test_adam_on_a_small_rank_batch_equals_independent_runs(spy, dtype):
     for b in range(B):
         assert rel(dense_point(M, pb[b]), dense_point(M, singles[b])) < tol, b
     assert M.check_point_on_manifold(pb.detach())
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_loss_inner_on_the_kernel_value_and_gradient(spy, monkeypatch, dtype):
+    """``inner(T, A)`` of the loss's tangent TT (``unpack_tensor`` of a batch) with a batch
+    of TTs runs on the small-rank projection kernel: values against the dense float64
+    ``<X, A>``, ``p.grad`` against the torch path. A TangentTT whose right cores are not
+    the canonical ones (signs flipped) keeps the torch projection (the kernel would
+    recompute the canonical ones)."""
+    M, p, _, _ = case(dtype, seed=6)
+    g = torch.Generator().manual_seed(7)
+    A = TT.random(SHAPE, 3, dtype=F64, generator=g, batch=(B,))
+    A = TT([c.to(dtype) for c in A.cores])
+
+    def run():
+        q = p.clone().requires_grad_()
+        val = inner(M.unpack_tensor(q), A)
+        val.sum().backward()
+        return val.detach(), q.grad
+
+    spy.calls.clear()
+    val, grad = run()
+    assert spy.calls == ["project_batch_small"]
+    val0, grad0 = torch_path(monkeypatch, run)
+    ref = torch.stack([(dense_point(M, p[b]) * A[b].full().double()).sum() for b in range(B)])
+    assert rel(val.double(), ref) < TOL[dtype] and rel(grad, grad0) < TOL[dtype]
+    # non-canonical right cores: the same tangent vector, the torch projection
+    T = M.unpack_tensor(p.clone().requires_grad_())
+    (U, V), flat = T.point_cores, T._flat.detach()
+    flip = [None] + [-v for v in V[1:]]  # V_>k -> (-1)^(d-k) V_>k: deltas follow
+    sign = torch.cat([torch.full((c.shape[-3] * c.shape[-2] * c.shape[-1],),
+                                 float((-1) ** (M.d - 1 - k)), dtype=dtype)
+                      for k, c in enumerate(U)])
+    Tf = TangentTT(U, flip, None, flat=flat * sign, gauged=True)
+    spy.calls.clear()
+    assert rel(inner(Tf, A).double(), ref) < TOL[dtype] and spy.calls == []
+
+
+def test_egrad2rgrad_of_a_batch_is_a_plain_new_tensor(monkeypatch):
+    """Under geoopt's no_grad the gradient of a ManifoldParameter batch comes back as an
+    ordinary tensor without a graph (not an inference tensor, never an alias of ``u``),
+    equal to the torch path's."""
+    M, p, _, _ = case(F64, seed=8)
+    par = geoopt.ManifoldParameter(p.clone(), manifold=M)
+    u = torch.randn(p.shape, dtype=F64, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        r = M.egrad2rgrad(par, u)
+        r0 = torch_path(monkeypatch, lambda: M.egrad2rgrad(par, u))
+    assert not r.requires_grad and r.grad_fn is None and not r.is_inference()
+    assert r.data_ptr() != u.data_ptr() and rel(r, r0) < 1e-13
+    r.add_(1.0)  # writable

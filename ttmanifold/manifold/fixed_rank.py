@@ -486,7 +486,7 @@ class FixedTTRank(geoopt.Manifold):
         assert_finite_async([u, x], "u", "u: contains NaN or Inf (or the point x does)")
         return self._gauge_packed(x, u)
 
-    @_no_autograd_fast_path
+    @_no_autograd_fast_path(fresh_outputs=True)
     def egrad2rgrad(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Riemannian gradient from ``p.grad`` as produced through :meth:`unpack_tensor`
         (the gauge projection :meth:`proju`; never an alias of ``u``).
@@ -497,6 +497,12 @@ class FixedTTRank(geoopt.Manifold):
         self._check_vector(u, x)
         assert_finite_async(u, "u", "u: gradient contains NaN or Inf")
         self._verify_once(x)
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+            # the fast path (no gradient wanted): the result allocated as an ordinary
+            # tensor, returned without the fast path's copy (for a batch the copy cost as
+            # much as the projection's kernel); no_grad, as inference mode was
+            with torch.inference_mode(False), torch.no_grad():
+                return self._gauge_packed(x, u)
         return self._gauge_packed(x, u)  # (proju would check and assert u again)
 
     def _verify_once(self, x: torch.Tensor) -> None:
