@@ -202,3 +202,32 @@ def test_egrad2rgrad_of_a_batch_is_a_plain_new_tensor(monkeypatch):
     assert not r.requires_grad and r.grad_fn is None and not r.is_inference()
     assert r.data_ptr() != u.data_ptr() and rel(r, r0) < 1e-13
     r.add_(1.0)  # writable
+
+
+def test_chunked_retr_transp_takes_the_loss_right_cores(monkeypatch):
+    """Above the small-rank kernels (here TT-rank 4 with a bond of 5, B = 7) a CPU batch runs
+    ``retr_transp`` in chunks: the right cores the loss computed (``unpack_tensor``) serve
+    every chunk (no LQ sweep per chunk), the results are the unchunked ones and ordinary
+    tensors (no copy out of inference mode needed)."""
+    from ttmanifold.manifold import fixed_rank as FR
+
+    M = FixedTTRank(SHAPE, (1, 4, 5, 4, 1))
+    g = torch.Generator().manual_seed(10)
+    p = torch.Tensor(M.random(7, dtype=F64, generator=g))
+    u = M.project(p, TT.random(SHAPE, 2, dtype=F64, generator=g, batch=(7,)))
+    v = M.proju(p, torch.randn(p.shape, dtype=F64, generator=g))
+    monkeypatch.setattr(FR, "CPU_BATCH_CHUNK_BYTES", None)
+    y0, t0 = M.retr_transp(p, u, v)
+    sweeps_seen = []
+    real = FR.right_cores
+    monkeypatch.setattr(FR, "right_cores", lambda U: sweeps_seen.append(1) or real(U))
+    monkeypatch.setattr(FR, "CPU_BATCH_CHUNK_BYTES", 3 * M.size * p.element_size())
+    par = geoopt.ManifoldParameter(p.clone(), manifold=M)
+    par.unpack_tensor()  # keeps the point's right cores for the step
+    with torch.no_grad():
+        y, t = M.retr_transp(par, u, v)
+    assert sweeps_seen == [] and not M._right_memo
+    assert not y.is_inference() and not t.is_inference() and not y.requires_grad
+    assert rel(M.to_tt(y).full(), M.to_tt(y0).full()) < 1e-12 and rel(t, t0) < 1e-12
+    y, t = M.retr_transp(p, u, v)  # nothing kept: one LQ sweep per chunk
+    assert len(sweeps_seen) == 3 and rel(t, t0) < 1e-12

@@ -21,6 +21,7 @@ import geoopt
 import torch
 
 from .. import kernels
+from ..kernels import dense as compiled_dense
 from .._checks import (assert_finite_async, check_float_dtype, check_right_cores, check_shape,
                        functorch_wrapped, normalize_ranks)
 from ..tt import TT, BatchIndexSet, IndexSet, orthogonalize
@@ -143,7 +144,10 @@ def _chunked_on_cpu(fn):
     concatenate the results. Only on the inference fast path of
     :func:`_no_autograd_fast_path` (no autograd graph to keep), only for one batch
     dimension, and only when every argument is recognisably batched (``(B, size)``
-    packed, ``(B, *shape)`` dense, a TT of batch shape ``(B,)``) or unbatched."""
+    packed, ``(B, *shape)`` dense, a TT of batch shape ``(B,)``, a list of cores
+    ``(B, r, n, r')`` with None entries) or unbatched (None too). The concatenations are
+    ordinary tensors (built outside inference mode), which the fast path of a method with
+    ``fresh_outputs`` returns without copying them out."""
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
@@ -154,10 +158,17 @@ def _chunked_on_cpu(fn):
             return fn(self, *args, **kwargs)
         B, kinds = None, []
         for a in args:
-            if isinstance(a, TT):
+            if a is None:
+                kind, n = "one", None
+            elif isinstance(a, TT):
                 bs = a.batch_shape
                 kind = "tt" if len(bs) == 1 else ("one" if not bs else None)
                 n = bs[0] if len(bs) == 1 else None
+            elif isinstance(a, list):  # cores (the point's right cores): one dimension each
+                cs = [c for c in a if c is not None]
+                lead = {c.shape[0] if c.dim() == 4 else None if c.dim() == 3 else -1 for c in cs}
+                kind, n = (("one", None) if lead == {None} else ("cores", lead.pop())
+                           if len(lead) == 1 and -1 not in lead else (None, None))
             elif isinstance(a, torch.Tensor) and a.device.type == "cpu" and not a.is_sparse:
                 # packed (last dimension: size; for d >= 2 no n_d equals size) or dense
                 # (trailing dimensions: the shape); the leading ones are its batch
@@ -178,11 +189,17 @@ def _chunked_on_cpu(fn):
         step = max(1, budget // (self.size * ref.element_size()))
         if B <= step:
             return fn(self, *args)
-        outs = [fn(self, *[a[i:i + step] if k != "one" else a for a, k in zip(args, kinds)])
+        def part(a, k, i):
+            if k == "cores":
+                return [None if c is None else c[i:i + step] for c in a]
+            return a if k == "one" else a[i:i + step]
+
+        outs = [fn(self, *[part(a, k, i) for a, k in zip(args, kinds)])
                 for i in range(0, B, step)]
-        if isinstance(outs[0], tuple):
-            return tuple(torch.cat(parts) for parts in zip(*outs))
-        return torch.cat(outs)
+        with compiled_dense.ordinary_outputs():
+            if isinstance(outs[0], tuple):
+                return tuple(torch.cat(parts) for parts in zip(*outs))
+            return torch.cat(outs)
 
     return wrapper
 
@@ -881,16 +898,18 @@ class FixedTTRank(geoopt.Manifold):
             out = self._retr_transp_small(x, u, v)
             if out is not None:
                 return out
-        return self._retr_transp(x, u, v)
+        # the right cores kept by the loss, taken here: the CPU chunks below are slices
+        # of x, which the memo does not know (each chunk ran the LQ sweep again)
+        return self._retr_transp(x, u, v, self._kept_right_cores(x, consume=True))
 
     @_chunked_on_cpu
-    def _retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
+    def _retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, V):
         U = self._split(x, "x")
         du = self._check_vector(u, x)
         dv = self._check_vector(v, x, "v")
         # (a non-finite x or u fails the single-point retraction's SVD)
         assert_finite_async(v, "v", _NONFINITE_V)
-        V = self._right_cores(x, U, consume=True)
+        V = right_cores(U) if V is None else V
         if self.d > 2 and self._fewer_launches(x, u, v):  # both block-core sets at once
             y, xi = retract_transport_cores(U, V, du, dv, self.ranks)
             return y, project_tt(self._split(y, "y"), None, xi, packed=True, gauge=True)
