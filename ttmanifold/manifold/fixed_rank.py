@@ -514,10 +514,11 @@ class FixedTTRank(geoopt.Manifold):
         self._check_vector(u, x)
         assert_finite_async(u, "u", "u: gradient contains NaN or Inf")
         self._verify_once(x)
-        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
-            # the fast path (no gradient wanted): the result allocated as an ordinary
-            # tensor, returned without the fast path's copy (for a batch the copy cost as
-            # much as the projection's kernel); no_grad, as inference mode was
+        if (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+                and (x.dim() > 1 or u.dim() > 1)):
+            # the fast path (no gradient wanted) of a batch: the result allocated as an
+            # ordinary tensor, returned without the fast path's copy (which cost as much as
+            # the projection's kernel); no_grad, as inference mode was
             with torch.inference_mode(False), torch.no_grad():
                 return self._gauge_packed(x, u)
         return self._gauge_packed(x, u)  # (proju would check and assert u again)
