@@ -231,3 +231,26 @@ def test_chunked_retr_transp_takes_the_loss_right_cores(monkeypatch):
     assert rel(M.to_tt(y).full(), M.to_tt(y0).full()) < 1e-12 and rel(t, t0) < 1e-12
     y, t = M.retr_transp(p, u, v)  # nothing kept: one LQ sweep per chunk
     assert len(sweeps_seen) == 3 and rel(t, t0) < 1e-12
+    # retr (RiemannianSGD's step) likewise
+    sweeps_seen.clear()
+    par.unpack_tensor()
+    with torch.no_grad():
+        y = M.retr(par, u)
+    assert sweeps_seen == [] and not M._right_memo and not y.is_inference()
+    assert rel(M.to_tt(y).full(), M.to_tt(y0).full()) < 1e-12
+
+
+def test_retr_of_a_small_rank_batch_after_the_loss_takes_the_kernel(spy):
+    """With right cores kept by the loss, ``retr`` of a small-rank batch still runs the
+    small-rank kernel (its own LQ sweep is cheaper than torch's sweeps given them) and
+    forgets them."""
+    M, p, u, _ = case(F64, seed=11)
+    y0 = M.retr(p, u)
+    par = geoopt.ManifoldParameter(p.clone(), manifold=M)
+    par.unpack_tensor()
+    assert M._right_memo
+    spy.calls.clear()
+    with torch.no_grad():
+        y = M.retr(par, u)
+    assert spy.calls == ["retract_batch_small"] and not M._right_memo
+    assert rel(M.to_tt(y).full(), M.to_tt(y0).full()) < 1e-12
