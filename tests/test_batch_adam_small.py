@@ -90,11 +90,12 @@ def test_transp_small_and_broadcast_vector(spy, monkeypatch):
         assert rel(t, torch_path(monkeypatch, lambda: M.transp(p, y, w))) < 1e-12
 
 
-@pytest.mark.parametrize("where", ["kernels", "torch", "one point"])
+@pytest.mark.parametrize("where", ["kernels", "torch", "one point", "grad"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_v_raises(spy, monkeypatch, where, bad):
     """A NaN or Inf anywhere in ``v`` (first, middle, last core) raises in ``retr_transp``
-    and ``transp`` on the kernels' path, the torch batch path and for one point; it used
+    and ``transp`` on the kernels' path, the torch batch path, for one point and for a
+    ``v`` that requires grad (the projection's kernel declines it: torch's sweeps); it used
     to give a NaN transported vector silently in ``retr_transp``."""
     M, p, u, v = case(F64, seed=3)
     if where == "one point":
@@ -103,6 +104,7 @@ def test_non_finite_v_raises(spy, monkeypatch, where, bad):
     for i in (0, M.size // 2, M.size - 1):
         w = v.clone()
         w[..., i] = bad
+        w.requires_grad_(where == "grad")
         for call in (lambda: M.retr_transp(p, u, w), lambda: M.transp(p, y, w)):
             with pytest.raises(RuntimeError, match="^v: contains NaN or Inf"):
                 if where == "torch":

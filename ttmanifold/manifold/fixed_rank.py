@@ -167,7 +167,7 @@ def _chunked_on_cpu(fn):
             elif isinstance(a, list):  # cores (the point's right cores): one dimension each
                 cs = [c for c in a if c is not None]
                 lead = {c.shape[0] if c.dim() == 4 else None if c.dim() == 3 else -1 for c in cs}
-                kind, n = (("one", None) if lead == {None} else ("cores", lead.pop())
+                kind, n = (("one", None) if lead <= {None} else ("cores", lead.pop())
                            if len(lead) == 1 and -1 not in lead else (None, None))
             elif isinstance(a, torch.Tensor) and a.device.type == "cpu" and not a.is_sparse:
                 # packed (last dimension: size; for d >= 2 no n_d equals size) or dense
@@ -962,7 +962,7 @@ class FixedTTRank(geoopt.Manifold):
         xi = self._transport_cores(x, U, self._right_cores(x, U) if V is None else V, v, dv)
         mod = sweeps.small_project_module(Uy, xi)
         if mod is None:  # (grad, dtype: the dispatch's other conditions) the torch sweeps
-            assert_finite_async([v, x], "v", _NONFINITE_V)
+            assert_finite_async([v, x] + list(Uy), "v", _NONFINITE_V)
             return project_tt(Uy, None, xi, packed=True, gauge=True)
         return sweeps.project_small(mod, Uy, xi, check=_NONFINITE_V)
 
