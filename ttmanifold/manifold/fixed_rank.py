@@ -28,7 +28,8 @@ from ..tt import round as tt_round
 from ..tt.tensor_train import fro_norm
 from . import autodiff, hessian
 from .retraction import (block_cores, retract, retract_point, retract_small,
-                         retract_transport_cores, small_retract_module)
+                         retract_transport_cores, retract_wide, small_retract_module,
+                         wide_retract_module)
 from .sampled_batch import project_sampled_batch
 from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect,
                      prefer_fewer_launches, project_dense, project_sampled, project_tt,
@@ -815,6 +816,9 @@ class FixedTTRank(geoopt.Manifold):
             mod = small_retract_module(U, du, self.ranks)
             if mod is not None:  # the small-rank SIMD kernel: the whole batch, one call
                 return retract_small(mod, U, du, self.ranks)
+            mod = wide_retract_module(U, du, self.ranks)
+            if mod is not None:  # ranks up to 12: the SIMD kernel of runtime width
+                return retract_wide(mod, U, du, self.ranks)
         return self._retr(x, u)
 
     @_chunked_on_cpu
