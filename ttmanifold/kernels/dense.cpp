@@ -1997,6 +1997,10 @@ torch::Tensor retract_batch_small(std::vector<torch::Tensor> U, std::vector<torc
 
 
 // ---------------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+#include <immintrin.h>  // sqrt over lanes (rbw::sqrt_lanes)
+#endif
+
 // The batched retraction for TT-ranks up to 12 (SVDs of up to 24 columns): rbs's algorithm
 // (retract_small_impl: the LQ sweep, the structured right-to-left orthogonalization, the
 // truncated SVDs by Householder QR and one-sided Jacobi of R^T) in the interleaved layout
@@ -2009,6 +2013,22 @@ namespace rbw {
 constexpr int kMaxRank = 12;
 constexpr int kMaxCols = 2 * kMaxRank;
 constexpr int kChunk = 8;
+
+// x = sqrt(x) over L lanes with AVX-512 where the compiler has it: GCC keeps std::sqrt in a
+// lane loop scalar (errno), which made the Jacobi rotations' parameters a third of its time
+template <typename T, int L>
+inline void sqrt_lanes(T* x) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, double> && L % 8 == 0) {
+    for (int l = 0; l < L; l += 8) _mm512_storeu_pd(x + l, _mm512_sqrt_pd(_mm512_loadu_pd(x + l)));
+    return;
+  } else if constexpr (std::is_same_v<T, float> && L % 16 == 0) {
+    for (int l = 0; l < L; l += 16) _mm512_storeu_ps(x + l, _mm512_sqrt_ps(_mm512_loadu_ps(x + l)));
+    return;
+  }
+#endif
+  for (int l = 0; l < L; ++l) x[l] = std::sqrt(x[l]);
+}
 
 // X[i, c] -= cf (sum_{i' >= j} v_i' X[i', c]) v_i for c < CW, rows i >= j; v_i the
 // reflector j of a house_qr factor A (row stride lda): its head vdj at i == j, A[i, j]
@@ -2058,40 +2078,142 @@ void reflect(int m, int j, const T* A, int lda, const T* vdj, const T* cfj, T* X
   }
 }
 
-// Householder QR of the interleaved m x n block A (m >= n), bf::house_qr with a runtime n:
-// R above the diagonal (its diagonal in beta), the reflectors' tails below, heads in vd,
-// 2 / v^T v in cf (LAPACK's sign convention)
-template <typename T, int L>
-void house_qr(int m, int n, T* A, T* vd, T* cf, T* beta) {
-  for (int j = 0; j < n; ++j) {
-    T nrm2[L];
-    for (int l = 0; l < L; ++l) nrm2[l] = T(0);
-    for (int i = j; i < m; ++i) {
-      const T* a = A + (static_cast<size_t>(i) * n + j) * L;
-      for (int l = 0; l < L; ++l) nrm2[l] += a[l] * a[l];
-    }
+// Two reflectors at once (half the passes over X): X := H_B H_A X for the pair (j, j + 1) of
+// a house_qr factor A (row stride lda; heads vd, factors cf at j and j + 1), A = j and
+// B = j + 1 when low_first (the QR's order), else A = j + 1, B = j (apply_q's order).
+// With d = v^T X and s = v_j^T v_{j+1}: e_A = cf_A d_A, e_B = cf_B (d_B - s e_A),
+// X -= v_A e_A^T + v_B e_B^T. Rows from j (where v_{j+1} is zero); CW columns of X.
+template <typename T, int L, int CW>
+void reflect2_chunk(int m, int j, const T* A, int lda, const T* vd, const T* cf, const T* s,
+                    bool low_first, T* X, int ldx) {
+  T d0[CW * L], d1[CW * L];
+  for (int e = 0; e < CW * L; ++e) d0[e] = d1[e] = T(0);
+  {  // row j: v_j's head, v_{j+1} = 0
+    const T* row = X + static_cast<size_t>(j) * ldx * L;
+    for (int c = 0; c < CW; ++c)
+      for (int l = 0; l < L; ++l) d0[c * L + l] += vd[j * L + l] * row[c * L + l];
+  }
+  for (int i = j + 1; i < m; ++i) {
+    const T* a0 = A + (static_cast<size_t>(i) * lda + j) * L;
+    const T* a1 = i == j + 1 ? vd + (j + 1) * L : a0 + L;
+    T v0[L], v1[L];
+    for (int l = 0; l < L; ++l) { v0[l] = a0[l]; v1[l] = a1[l]; }
+    const T* row = X + static_cast<size_t>(i) * ldx * L;
+    for (int c = 0; c < CW; ++c)
+      for (int l = 0; l < L; ++l) {
+        d0[c * L + l] += v0[l] * row[c * L + l];
+        d1[c * L + l] += v1[l] * row[c * L + l];
+      }
+  }
+  const T* c0 = cf + j * L;
+  const T* c1 = cf + (j + 1) * L;
+  for (int c = 0; c < CW; ++c)
     for (int l = 0; l < L; ++l) {
-      const T alpha = A[(static_cast<size_t>(j) * n + j) * L + l];
-      const T nr = std::sqrt(nrm2[l]);
-      const T b = alpha >= T(0) ? -nr : nr;
-      beta[j * L + l] = b;
-      const T vtv = T(2) * nr * (nr + std::abs(alpha));
-      cf[j * L + l] = vtv > T(0) ? T(2) / vtv : T(0);
-      vd[j * L + l] = alpha - b;
+      if (low_first) {
+        d0[c * L + l] *= c0[l];
+        d1[c * L + l] = c1[l] * (d1[c * L + l] - s[l] * d0[c * L + l]);
+      } else {
+        d1[c * L + l] *= c1[l];
+        d0[c * L + l] = c0[l] * (d0[c * L + l] - s[l] * d1[c * L + l]);
+      }
     }
-    if (j + 1 < n)
-      reflect<T, L>(m, j, A, n, vd + j * L, cf + j * L, A + (j + 1) * L, n, n - j - 1);
+  {
+    T* row = X + static_cast<size_t>(j) * ldx * L;
+    for (int c = 0; c < CW; ++c)
+      for (int l = 0; l < L; ++l) row[c * L + l] -= vd[j * L + l] * d0[c * L + l];
+  }
+  for (int i = j + 1; i < m; ++i) {
+    const T* a0 = A + (static_cast<size_t>(i) * lda + j) * L;
+    const T* a1 = i == j + 1 ? vd + (j + 1) * L : a0 + L;
+    T v0[L], v1[L];
+    for (int l = 0; l < L; ++l) { v0[l] = a0[l]; v1[l] = a1[l]; }
+    T* row = X + static_cast<size_t>(i) * ldx * L;
+    for (int c = 0; c < CW; ++c)
+      for (int l = 0; l < L; ++l)
+        row[c * L + l] -= v0[l] * d0[c * L + l] + v1[l] * d1[c * L + l];
   }
 }
 
-// X (m x w, row stride ldx) := H_0 ... H_{n-1} X for house_qr's reflectors (A m x n);
-// lower: X starts as [I; 0] (rows >= j of its columns < j stay zero: skipped)
+// columns per block of reflect2_chunk: 2 CW L numbers of accumulators, 16 AVX-512 registers
+template <typename T, int L>
+constexpr int chunk2() { return 512 / (L * static_cast<int>(sizeof(T))) > 1 ? 512 / (L * static_cast<int>(sizeof(T))) : 1; }
+
+template <typename T, int L, int C>
+void reflect2_rest(int w, int m, int j, const T* A, int lda, const T* vd, const T* cf,
+                   const T* s, bool low_first, T* X, int ldx) {
+  if constexpr (C >= 1) {
+    if (w == C) return reflect2_chunk<T, L, C>(m, j, A, lda, vd, cf, s, low_first, X, ldx);
+    reflect2_rest<T, L, C - 1>(w, m, j, A, lda, vd, cf, s, low_first, X, ldx);
+  }
+}
+
+// reflect2_chunk over w columns of X (starting at X); s[l] = v_j^T v_{j+1} computed here
+template <typename T, int L>
+void reflect2(int m, int j, const T* A, int lda, const T* vd, const T* cf, bool low_first,
+              T* X, int ldx, int w) {
+  T s[L];
+  for (int l = 0; l < L; ++l) s[l] = A[(static_cast<size_t>(j + 1) * lda + j) * L + l] * vd[(j + 1) * L + l];
+  for (int i = j + 2; i < m; ++i)
+    for (int l = 0; l < L; ++l)
+      s[l] += A[(static_cast<size_t>(i) * lda + j) * L + l] * A[(static_cast<size_t>(i) * lda + j + 1) * L + l];
+  constexpr int CW = chunk2<T, L>();
+  int c = 0;
+  for (; c + CW <= w; c += CW)
+    reflect2_chunk<T, L, CW>(m, j, A, lda, vd, cf, s, low_first, X + c * L, ldx);
+  if (c < w) reflect2_rest<T, L, CW - 1>(w - c, m, j, A, lda, vd, cf, s, low_first, X + c * L, ldx);
+}
+
+// the reflector j of house_qr from column j (rows >= j): beta, cf, vd
+template <typename T, int L>
+void make_reflector(int m, int n, int j, const T* A, T* vd, T* cf, T* beta) {
+  T nrm2[L];
+  for (int l = 0; l < L; ++l) nrm2[l] = T(0);
+  for (int i = j; i < m; ++i) {
+    const T* a = A + (static_cast<size_t>(i) * n + j) * L;
+    for (int l = 0; l < L; ++l) nrm2[l] += a[l] * a[l];
+  }
+  sqrt_lanes<T, L>(nrm2);  // now the column's norm
+  for (int l = 0; l < L; ++l) {
+    const T alpha = A[(static_cast<size_t>(j) * n + j) * L + l];
+    const T nr = nrm2[l];
+    const T b = alpha >= T(0) ? -nr : nr;
+    beta[j * L + l] = b;
+    const T vtv = T(2) * nr * (nr + std::abs(alpha));
+    cf[j * L + l] = vtv > T(0) ? T(2) / vtv : T(0);
+    vd[j * L + l] = alpha - b;
+  }
+}
+
+// Householder QR of the interleaved m x n block A (m >= n), bf::house_qr with a runtime n:
+// R above the diagonal (its diagonal in beta), the reflectors' tails below, heads in vd,
+// 2 / v^T v in cf (LAPACK's sign convention). Reflectors in pairs: H_j updates column
+// j + 1 alone, then H_{j+1} H_j the rest in one pass (reflect2).
+template <typename T, int L>
+void house_qr(int m, int n, T* A, T* vd, T* cf, T* beta) {
+  for (int j = 0; j < n; j += 2) {
+    make_reflector<T, L>(m, n, j, A, vd, cf, beta);
+    if (j + 1 == n) break;
+    reflect<T, L>(m, j, A, n, vd + j * L, cf + j * L, A + (j + 1) * L, n, 1);
+    make_reflector<T, L>(m, n, j + 1, A, vd, cf, beta);
+    if (j + 2 < n) reflect2<T, L>(m, j, A, n, vd, cf, true, A + (j + 2) * L, n, n - j - 2);
+  }
+}
+
+// X (m x w, row stride ldx) := H_0 ... H_{n-1} X for house_qr's reflectors (A m x n), in
+// pairs H_{j-1} H_j; lower: X starts as [I; 0] (rows >= j of its columns < j stay zero:
+// skipped)
 template <typename T, int L>
 void apply_q(int m, int n, const T* A, const T* vd, const T* cf, T* X, int ldx, int w,
              bool lower) {
-  for (int j = n - 1; j >= 0; --j) {
+  int j = n - 1;
+  if (n & 1) {  // the last reflector alone
     const int c0 = lower ? std::min(j, w) : 0;
     if (c0 < w) reflect<T, L>(m, j, A, n, vd + j * L, cf + j * L, X + c0 * L, ldx, w - c0);
+    --j;
+  }
+  for (; j >= 1; j -= 2) {
+    const int c0 = lower ? std::min(j - 1, w) : 0;
+    if (c0 < w) reflect2<T, L>(m, j - 1, A, n, vd, cf, false, X + c0 * L, ldx, w - c0);
   }
 }
 
@@ -2170,19 +2292,26 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
           gk[l] = (g0[l] + g1[l]) + (g2[l] + g3[l]);
         }
         int any = 0;
+        T zeta[L], root[L];
         for (int l = 0; l < L; ++l) {
           const T ab2 = na[l] * nb[l], gg = gk[l];
           const bool rot = gg * gg > tol2 * ab2 && ab2 > floor[l] * floor[l];  // false for NaN
-          const T zeta = (nb[l] - na[l]) / (T(2) * gg);
-          const T t0 = std::copysign(T(1), zeta) / (std::abs(zeta) + std::sqrt(T(1) + zeta * zeta));
-          t[l] = rot ? t0 : T(0);
           rf[l] = rot ? T(1) : T(0);
           any |= rot ? 1 : 0;
+          zeta[l] = (nb[l] - na[l]) / (T(2) * gg);
+          root[l] = T(1) + zeta[l] * zeta[l];
         }
         if (!any) continue;  // converged in every lane: no rotation work
         live[k] = true;
+        sqrt_lanes<T, L>(root);
         for (int l = 0; l < L; ++l) {
-          const T c = T(1) / std::sqrt(T(1) + t[l] * t[l]);
+          const T t0 = std::copysign(T(1), zeta[l]) / (std::abs(zeta[l]) + root[l]);
+          t[l] = rf[l] != T(0) ? t0 : T(0);
+          root[l] = T(1) + t[l] * t[l];
+        }
+        sqrt_lanes<T, L>(root);
+        for (int l = 0; l < L; ++l) {
+          const T c = T(1) / root[l];
           cs[k * L + l] = c;
           sn[k * L + l] = c * t[l];
           na[l] -= t[l] * gk[l];
@@ -2421,7 +2550,7 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
 // retract_point (V computed, the canonical right cores) for B points and/or B steps with
 // TT-ranks <= 12, SIMD across the points: U, du cores (1 or B, r, n, r'), every unfolding
 // r n >= 2 r' (n_0 >= 2 r_1); (B, size of U's point), left-orthogonal cores. lanes: points
-// per block (0: the default, 8 float64 / 16 float32)
+// per block (0: the default, 16; 8 float64 / 32 float32 the alternative)
 torch::Tensor retract_batch_wide(std::vector<torch::Tensor> U, std::vector<torch::Tensor> du,
                                  int64_t B, int64_t lanes) {
   TORCH_CHECK(U.size() >= 2 && U.size() == du.size(), "retract_batch_wide: inconsistent lengths");
@@ -2448,8 +2577,8 @@ torch::Tensor retract_batch_wide(std::vector<torch::Tensor> U, std::vector<torch
   if (B == 0) return out;
   bool ok = true;
   if (t == torch::kDouble) {
-    if (lanes == 16) ok = rbw::retract_wide_impl<double, 16>(U, du, B, out);
-    else ok = rbw::retract_wide_impl<double, 8>(U, du, B, out);
+    if (lanes == 8) ok = rbw::retract_wide_impl<double, 8>(U, du, B, out);
+    else ok = rbw::retract_wide_impl<double, 16>(U, du, B, out);
   } else {
     if (lanes == 32) ok = rbw::retract_wide_impl<float, 32>(U, du, B, out);
     else ok = rbw::retract_wide_impl<float, 16>(U, du, B, out);
