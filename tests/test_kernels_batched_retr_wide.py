@@ -130,6 +130,22 @@ def test_shared_point_and_zero_step(spy, monkeypatch):
     assert _err(M.to_tt(y0).full(), M.to_tt(p).full()) < 1e-12
 
 
+@pytest.mark.parametrize("dtype,scale", [(F64, 1e160), (F64, 1e-160), (F32, 1e25), (F32, 1e-25)])
+def test_huge_and_tiny_points(spy, monkeypatch, dtype, scale):
+    """Points and steps whose squares overflow or underflow (the norm in the last core):
+    the factorizations scale their inputs, so the result is the torch path's."""
+    g = torch.Generator().manual_seed(7)
+    M = FixedTTRank((12, 12, 12), 6)
+    p = torch.Tensor(M.random(17, dtype=dtype, generator=g))
+    a, n, b = M.core_shapes[-1]
+    p[:, -a * n * b:] *= scale
+    u = M.proju(p, torch.randn(17, M.size, dtype=dtype, generator=g) * scale)
+    y = M.retr(p, u)
+    assert spy.calls == ["retract_batch_wide"]
+    ref = _torch_path(monkeypatch, lambda: M.retr(p, u))
+    assert _err(M.to_tt(y).full(), M.to_tt(ref).full()) < TOL[dtype] * 10
+
+
 @pytest.mark.parametrize("dtype", [F64, F32])
 def test_non_finite_raises(spy, dtype):
     """The same error as the small-rank kernel (and the per-point SVD's NaN/Inf message)."""

@@ -2488,7 +2488,13 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
           pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(nb + j) * a + al) * L,
                                 right + (static_cast<size_t>(al) * nbr + j) * L);
       }
+      // scaled to a largest entry in [1, 2) (exact): a huge point or step (a float32 entry
+      // above ~1e19) would overflow the reflectors' squared norms; R scaled back
+      T scq[L];
+      bf::scale_down<T, L>(CT, N * a, scq);
       qr<T, L>(N, a, CT, vd, cf, beta, Qw + qo[k], Rb);
+      for (int e = 0; e < a * a; ++e)
+        for (int l = 0; l < L; ++l) Rb[static_cast<size_t>(e) * L + l] *= scq[l];
       // core k-1: left = du_{k-1} + U_{k-1} C, right = U_{k-1} R^T ((r_{k-1} n) x a each)
       std::copy(Dk, Dk + static_cast<size_t>(rows) * a * L, nleft);
       mm_il<T, L>(rows, a, a, un, a, 1, Cm, a, 1, nleft, a, 1, T(1), true);
