@@ -43,6 +43,14 @@ arithmetically possible, and ``1 / (bound / target)`` is the fraction of the GEM
 batched implementation must sustain to meet it.
 
     python benchmarks/bench_batch.py --flop-bound              # seconds
+
+``--targets`` prints issue 12's per-point table: for float64 and float32, r = 4 and 10, the
+single-point call (median CPU time of ``--single-rounds`` calls) and the batch of 256 (median
+of ``--batch-rounds`` calls, per point) of ``retr``, ``project`` and one Adam step (as
+above), measured in one process and alternated three times; the middle of the three
+``batch / single`` ratios is reported against the target (1/10 at r = 4, 1/3 at r = 10).
+
+    python benchmarks/bench_batch.py --targets                 # about two minutes
 """
 from __future__ import annotations
 
@@ -253,6 +261,17 @@ class FactorFlops(TorchDispatchMode):
         return out
 
 
+def cpu_median(fn, rounds: int) -> float:
+    """Median CPU time of ``rounds`` calls after one warmup call (seconds)."""
+    fn()
+    ts = []
+    for _ in range(rounds):
+        t = time.process_time()
+        fn()
+        ts.append(time.process_time() - t)
+    return statistics.median(ts)
+
+
 def flop_bound(d=10, n=20, rounds=31, ranks=(4, 10)):
     """The per-point targets against the arithmetic of one point (see the module doc)."""
     torch.set_num_threads(1)
@@ -277,13 +296,7 @@ def flop_bound(d=10, n=20, rounds=31, ranks=(4, 10)):
             calls = {"retr": lambda: M.retr(p, u), "project": lambda: M.project(p, Z),
                      "adam step": adam}
             for name, fn in calls.items():
-                fn()
-                ts = []
-                for _ in range(rounds):
-                    t = time.process_time()
-                    fn()
-                    ts.append(time.process_time() - t)
-                single = statistics.median(ts)
+                single = cpu_median(fn, rounds)
                 kernels.set_enabled(False)  # the torch path: every product is visible
                 try:
                     fc, ff = FlopCounterMode(display=False), FactorFlops()
@@ -296,6 +309,43 @@ def flop_bound(d=10, n=20, rounds=31, ranks=(4, 10)):
                 print(f"| {str(dtype)[6:]} | {r} | {name} | {single * 1e3:.3f} | "
                       f"{target * 1e3:.4f} | {mm / 1e6:.2f} | {fact / 1e6:.2f} | {rate / 1e9:.0f} | "
                       f"{bound * 1e3:.4f} | {bound / target:.2f} |", flush=True)
+
+
+def targets(d=10, n=20, B=256, ranks=(4, 10), single_rounds=41, batch_rounds=11, alternations=3):
+    """Issue 12's per-point targets at B = 256 (see the module doc)."""
+    torch.set_num_threads(1)
+    kernels.build("dense", verbose=False)
+    print(f"# bench_batch --targets {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+          f"{cpu_model()}, torch {torch.__version__}, 1 thread, d={d}, n={n}, B={B}, CPU time, "
+          f"compiled kernels {'loaded' if kernels.module('dense') is not None else 'not loaded'}")
+    print("| dtype | r | op | single ms | batch ms/pt | batch / single (each alternation) "
+          "| middle | target | met |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dtype in (torch.float64, torch.float32):
+        for r, share in zip(ranks, (10, 3)):
+            gen = torch.Generator().manual_seed(0)
+            M = FixedTTRank((n,) * d, r)
+            p, Z, u, A = (x.to(dtype) if isinstance(x, torch.Tensor) else x.to(dtype=dtype)
+                          for x in setup(M, B, r, gen))
+            calls = {
+                "retr": (lambda: M.retr(p[0], u[0]), lambda: M.retr(p, u)),
+                "project": (lambda: M.project(p[0], Z[0]), lambda: M.project(p, Z)),
+                "adam step": (adam_loop(M, p[:1], A[:1]), adam_batched(M, p, A)),
+            }
+            for name, (one, many) in calls.items():
+                singles, batches, ratios = [], [], []
+                for _ in range(alternations):
+                    s1 = cpu_median(one, single_rounds)
+                    sb = cpu_median(many, batch_rounds) / B
+                    singles.append(s1)
+                    batches.append(sb)
+                    ratios.append(sb / s1)
+                mid = sorted(ratios)[len(ratios) // 2]
+                k = ratios.index(mid)
+                goal = 1 / share
+                print(f"| {str(dtype)[6:]} | {r} | {name} | {singles[k] * 1e3:.4f} | "
+                      f"{batches[k] * 1e3:.4f} | {', '.join(f'{x:.3f}' for x in ratios)} | "
+                      f"{mid:.3f} | {goal:.3f} | {'yes' if mid <= goal else 'no'} |", flush=True)
 
 
 def main_counts_only(d=10, n=20, r=10, B=256):
@@ -313,7 +363,11 @@ def main():
     ap.add_argument("--d", type=int, default=10, help="order d for --counts-only")
     ap.add_argument("--flop-bound", action="store_true",
                     help="the per-point targets against the arithmetic of one point")
+    ap.add_argument("--targets", action="store_true",
+                    help="issue 12's per-point targets at B = 256: batch / single-point call")
     args = ap.parse_args()
+    if args.targets:
+        return targets(*((4, 5, 8, (2, 3), 3, 2, 1) if args.quick else ()))
     if args.flop_bound:
         return flop_bound(*((4, 5, 3, (2, 3)) if args.quick else ()))
     if args.counts_only:

@@ -53,7 +53,16 @@ def scenario_equal(rank, world, out):
     c = distributed_cg(S, x0, iters=20, checkpoint=ck, resume=True)
     s = distributed_rsgd(S, x0, lr=0.3, iters=10, metrics_every=0)
     als = distributed_als(S, x0, iters=4, metrics_every=0)
+
+    def stop(t, hist):  # Ctrl-C on every process after step 3
+        if t == 3:
+            raise KeyboardInterrupt
+        return False
+
+    i = distributed_cg(S, x0, iters=8, callback=stop)
     torch.save({"a": a.x, "b": b.x, "c": c.x, "sgd": s.x, "als": als.x, "loss_als": als.loss,
+                "interrupted": (i.status, i.iters, i.x),
+                "x3": distributed_cg(S, x0, iters=3, metrics_every=0).x,
                 "loss_a": a.loss,
                 "loss_c": c.loss, "metrics_a": a.metrics[-1], "n_local": S.n_local,
                 "n_train": S.n_train, "n_val": S.n_val, "iters_c": c.iters},
@@ -246,7 +255,14 @@ def scenario_bad_shard(rank, world, out):
     cases += [
         lambda: distributed_cg(S, x0, iters=8 if one else 5),
         lambda: distributed_cg(S, S.local.initial_point(rank), iters=5),
+        # (a spectral start's all-reduce met the other's broadcast: a wait for the timeout)
+        lambda: S.initial_point(0, kind="spectral" if one else "random"),
+        # rank 0 failed at its first save, rank 1 waited for it
+        lambda: distributed_cg(S, x0, iters=2, checkpoint=os.path.join(out, "no", "ck.pt"),
+                               checkpoint_every=1),
         lambda: distributed_rank_adaptive(S, max_rank=3 if one else 4),
+        # (rank 0's clock is broadcast when a budget is set: the others waited elsewhere)
+        lambda: distributed_rank_adaptive(S, max_rank=4, time_budget=None if one else 1e6),
     ]
     lines = []
     for case in cases:

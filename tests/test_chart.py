@@ -202,6 +202,26 @@ def test_roundtrip_float32():
         assert rel(ch(th).full(), x.full()) < 1e-5
 
 
+@pytest.mark.parametrize("scale", [1e160, 1e-160])
+def test_extreme_theta_and_points_roundtrip(scale):
+    # Householder parameters beyond ~1e154 overflowed |w|^2 (NaN cores); points scaled by
+    # 1e+-160 keep their chart coordinates (a spectrum scaled alike)
+    M = FixedTTRank((3, 4, 2, 3), (1, 3, 4, 3, 1))
+    ch = STTPChart(M)
+    th = ch.random_theta(dtype=F64, generator=gen(5))
+    spec = ch._by_name["s"]
+    big = th.clone()
+    big[:spec.start] *= scale
+    big[spec.start + spec.size:] *= scale
+    x = ch(big)
+    for k, g in enumerate(x.cores):
+        assert bool(torch.isfinite(g).all()), k
+    assert rel(ch(ch.inverse(x)).full(), x.full()) < 1e-12
+    y = ch(th)
+    ys = TT([g * scale if k == 0 else g for k, g in enumerate(y.cores)])
+    assert rel(ch(ch.inverse(ys)).full() / scale, y.full()) < 1e-12  # (norms of 1e160 overflow)
+
+
 def test_point_is_packed_forward():
     M = FixedTTRank((3, 4, 2), (1, 3, 2, 1))
     ch = STTPChart(M)

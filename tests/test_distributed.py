@@ -4,6 +4,7 @@ checkpoints, the deterministic sharding; and two gloo processes on 127.0.0.1 (in
 subprocess with a hard timeout, tests/distributed_worker.py): iterates equal to the
 single-process run, replicas identical, resume, a dead or silent peer stops the other
 with a clear error."""
+import math
 import os
 import pathlib
 import socket
@@ -14,16 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from ttmanifold import TT
+from ttmanifold import TT, FixedTTRank
 from ttmanifold import round as tt_round
 from ttmanifold.experiments.distributed import (ShardedCompletion, distributed_cg,
                                                 distributed_als, distributed_lbfgs,
-                                                distributed_rsgd,
-                                                distributed_trust_region, load_checkpoint,
+                                                distributed_rank_adaptive, distributed_rsgd,
+                                                distributed_trust_region, init_from_env,
+                                                load_checkpoint,
                                                 row_hash, shard_mask, validation_mask)
 from ttmanifold.experiments.problems import Completion, sample_distinct_indices
-from ttmanifold.experiments.solvers import (als_completion, riemannian_cg, riemannian_lbfgs,
-                                            riemannian_trust_region, run)
+from ttmanifold.experiments.solvers import (als_completion, cg_direction, riemannian_cg,
+                                            riemannian_lbfgs, riemannian_trust_region, run)
 from ttmanifold.manifold import hessian_operator
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -187,10 +189,55 @@ def test_checkpoint_resume_is_exact_and_records_the_run(tmp_path):
         distributed_cg(S2, S2.initial_point(0), iters=9, checkpoint=str(ck), resume=True)
     with pytest.raises(ValueError, match="method"):
         distributed_rsgd(S, x0, lr=0.1, iters=9, checkpoint=str(ck), resume=True)
+    # fewer iterations than the checkpoint holds: it returned the checkpoint's iterate 4
+    # (with status "ok") for iters=3
+    with pytest.raises(ValueError, match=r"iters: 3 is below the checkpoint's iteration 4"):
+        distributed_cg(S, x0, iters=3, checkpoint=str(ck), resume=True)
+    assert distributed_cg(S, x0, iters=4, checkpoint=str(ck), resume=True).iters == \
+        list(range(5))
+    # a checkpoint that cannot be written: refused before the first iteration (it failed at
+    # the first save, with torch's error, leaving a temporary file beside a directory)
+    d = tmp_path / "sub"
+    d.mkdir()
+    for path, why in ((d / "no" / "ck.pt", "checkpoint: the directory .* does not exist"),
+                      (d, "checkpoint: .* is a directory")):
+        with pytest.raises(ValueError, match=why):
+            distributed_cg(S, x0, iters=3, checkpoint=str(path), checkpoint_every=2,
+                           metrics_every=0)
+        with pytest.raises(ValueError, match=why):
+            distributed_rank_adaptive(S, max_rank=2, checkpoint=str(path), checkpoint_every=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt", "sub"] and not list(d.iterdir())
     bad = tmp_path / "bad.pt"
     torch.save({"x": 1}, bad)
     with pytest.raises(ValueError, match="not a ttmanifold distributed checkpoint"):
         load_checkpoint(bad)
+
+
+def test_an_interrupt_or_a_stop_after_a_step_returns_the_iterate_of_the_last_row():
+    """Ctrl-C in the callback (e.g. the progress bar of ``ttmanifold complete``) after
+    step t: the point was iterate t + 1 but the history ended at row t, so the written
+    tensor and the report's final metrics disagreed. In one process the row of the
+    newer iterate is recorded (the two-process case: test_two_processes_equal_one)."""
+    P = _full_problem()
+    S = ShardedCompletion(P.train.indices, P.a_train, W.SHAPE, W.RANK)
+    x0 = S.initial_point(0)
+    full = distributed_cg(S, x0, iters=5)
+
+    def stop(t, hist):
+        if t == 3:
+            raise KeyboardInterrupt
+        return False
+
+    h = distributed_cg(S, x0, iters=5, callback=stop)
+    assert h.status == "interrupted" and h.iters == [0, 1, 2, 3, 4]
+    assert torch.equal(h.x, distributed_cg(S, x0, iters=4).x)
+    assert h.loss == full.loss[:5] and h.metrics[-1] == full.metrics[4]
+    # a callback that stops the run after step 2 likewise (the row of iterate 3 was
+    # missing; run() records it)
+    h = distributed_cg(S, x0, iters=5, callback=lambda t, hist: t == 2)
+    assert h.status == "stopped" and h.iters == [0, 1, 2, 3]
+    assert torch.equal(h.x, distributed_cg(S, x0, iters=3).x)
+    assert h.loss == full.loss[:4] and h.metrics[-1] == full.metrics[3]
 
 
 def test_sharding_is_a_partition_independent_of_the_world_size():
@@ -220,6 +267,14 @@ def test_errors_name_the_argument(tmp_path):
         ShardedCompletion(P.train.indices.double(), P.a_train, W.SHAPE, 3)
     with pytest.raises(ValueError, match="no training samples"):
         ShardedCompletion(P.train.indices[:0], P.a_train[:0], W.SHAPE, 3)
+    # held-out samples: a NaN value gave a NaN val_err silently (a stop on it never fired)
+    idx, a = P.train.indices, P.a_train
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"validation\[1\] \(values\): contains NaN"):
+            ShardedCompletion(idx[5:], a[5:], W.SHAPE, W.RANK,
+                              validation=(idx[:5], torch.cat([a[:4], a.new_full((1,), bad)])))
+    with pytest.raises(ValueError, match=r"validation\[0\] \(indices\): .*out of range"):
+        ShardedCompletion(idx[5:], a[5:], W.SHAPE, W.RANK, validation=(idx[:5] + 9, a[:5]))
     S = ShardedCompletion(P.train.indices, P.a_train, W.SHAPE, W.RANK)
     x0 = S.initial_point(0)
     with pytest.raises(ValueError, match="lr"):
@@ -228,6 +283,15 @@ def test_errors_name_the_argument(tmp_path):
         distributed_cg(S, x0, checkpoint_every=3)
     with pytest.raises(ValueError, match="x0"):
         distributed_cg(S, x0[:-1])
+    # a batch of starts is not one point (the error named index_set, from the sampled
+    # kernels, or the ALS sweep's cores); a bool is not a number of iterations
+    for solver, kw in ((distributed_cg, {}), (distributed_rsgd, {"lr": 0.1}),
+                       (distributed_lbfgs, {}), (distributed_trust_region, {}),
+                       (distributed_als, {})):
+        with pytest.raises(ValueError, match=r"x0: expected one packed point of shape"):
+            solver(S, torch.stack([x0, x0]), iters=1, **kw)
+        with pytest.raises(ValueError, match=r"iters: expected a non-negative int"):
+            solver(S, x0, iters=True, **kw)
     with pytest.raises(ValueError, match="x0: .*not left-orthogonal"):  # (it ran)
         distributed_lbfgs(S, torch.randn_like(x0), iters=2)
     # a stopping rule that can never fire (it ran to the end) or without a tolerance (a
@@ -267,6 +331,12 @@ def test_two_processes_equal_one(tmp_path):
     # the resumed run (checkpoint at 12, written by rank 0, read and broadcast) is exact
     assert torch.equal(r0["c"], r0["a"]) and r0["loss_c"] == r0["loss_a"]
     assert r0["iters_c"] == list(range(21))
+    # interrupted after step 3 on both: the point of the history's last row, iterate 3 (it
+    # was iterate 4); no row is added, since that would need the peers
+    for r in (r0, r1):
+        status, iters, x = r["interrupted"]
+        assert status == "interrupted" and iters == [0, 1, 2, 3]
+        assert torch.equal(x, r0["x3"])
 
 
 def test_a_bad_shard_or_a_dead_peer_stops_the_others_with_a_clear_error(tmp_path):
@@ -285,7 +355,10 @@ def test_a_bad_shard_or_a_dead_peer_stops_the_others_with_a_clear_error(tmp_path
                 "ValueError: dtype: 'float64' on rank 0, 'float32' on rank 1",
                 "ValueError: iters: 5 on rank 0, 8 on rank 1; every process must call",
                 "ValueError: x0: 'bits ",
-                "ValueError: max_rank: 4 on rank 0, 3 on rank 1"]
+                "ValueError: kind: 'random' on rank 0, 'spectral' on rank 1",
+                "ValueError: (rank 0) checkpoint: the directory",
+                "ValueError: max_rank: 4 on rank 0, 3 on rank 1",
+                "ValueError: time_budget (set): True on rank 0, False on rank 1"]
     for r in (0, 1):
         lines = (out / f"bad_shard{r}.txt").read_text().splitlines()
         assert len(lines) == len(expected), lines
@@ -360,3 +433,51 @@ def test_single_process_als_equals_the_solver_and_resumes(tmp_path):
     assert torch.equal(again.x, full.x) and again.loss == full.loss
     with pytest.raises(ValueError, match="ridge"):
         distributed_als(S, x0, ridge=-1.0)
+
+
+def test_cg_from_an_exact_fit_stays_there():
+    """A start whose residual is exactly 0 (data gathered from the start itself): the
+    gradient is 0, the next one rounding-small, and the Polak-Ribiere / Fletcher-Reeves
+    ratio divided by ``<g, g> = 0`` (beta = inf, a NaN direction): riemannian_cg said
+    "diverged", distributed_cg failed in the retraction's SVD. The rule restarts instead."""
+    shape = (4, 5, 3, 4)
+    gen = torch.Generator().manual_seed(0)
+    M = FixedTTRank(shape, 2)
+    x0 = torch.Tensor(M.random(dtype=torch.float64, generator=gen))
+    idx = torch.stack(torch.unravel_index(torch.randperm(240, generator=gen)[:150], shape), 1)
+    vals = M.to_tt(x0).gather(idx)
+    exact = Completion.from_data(idx, vals, shape, 2)
+    assert float(exact.cg_grad(x0)[0]) == 0.0  # (else the case is not exercised)
+    S = ShardedCompletion(idx, vals, shape, 2)
+    for h in (riemannian_cg(exact, x0, iters=3, metrics_every=0),
+              distributed_cg(S, x0, iters=3, metrics_every=0)):
+        assert h.status == "ok" and all(math.isfinite(v) and v < 1e-25 for v in h.loss)
+        assert _tensor_dist(M, h.x, x0) < 1e-12
+    g = torch.zeros(5, dtype=torch.float64)
+    gn = torch.tensor([1e-20, 0.0, -2e-20, 0.0, 1e-20], dtype=torch.float64)
+    for rule in ("pr+", "fr"):
+        eta, restarted = cg_direction(g, gn, g, g, 1, beta_rule=rule, restart_tol=0.1,
+                                      restart_every=None)
+        assert restarted and torch.equal(eta, -gn)
+
+
+def test_init_from_env_serves_cpu_tensors(monkeypatch):
+    """Collectives of this module send CPU tensors (the metrics, counts, control error),
+    and ``ttmanifold complete`` builds its problem on the CPU; the default backend with
+    CUDA available was "nccl" alone, which serves CUDA tensors only ("No backend type
+    associated with device type cpu", reported as a PeerFailure). Now CPU tensors go to
+    gloo and CUDA tensors to nccl."""
+    import torch.distributed as dist
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, timeout: seen.update(backend=backend))
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert init_from_env(timeout=5.0)
+        devices = dist.distributed_c10d.BackendConfig(
+            dist.Backend(seen["backend"])).get_device_backend_map()
+        assert devices["cpu"] == "gloo", seen
+        assert devices.get("cuda") == ("nccl" if cuda else "gloo"), seen

@@ -241,6 +241,80 @@ def test_pack_point_rejects_non_finite_tt():
     assert torch.isfinite(M.pack_point(x)).all()
 
 
+def test_pack_point_rejects_rank_deficient_tt():
+    """pack_point of a TT with the manifold's nominal ranks but a lower true TT-rank (a zero
+    core, the zero tensor, dependent slices, a higher-rank TT that rounds to a deficient
+    one) returned a packed "point" outside the fixed-rank manifold, silently; now a
+    ValueError naming tt and the bond, unless check_rank=False."""
+    M = FixedTTRank((3, 4, 5), (1, 2, 3, 1))
+    g = torch.Generator().manual_seed(0)
+    x = TT.random(M.shape, M.ranks, dtype=F64, generator=g)
+    a, b, c = x.cores
+    dup = torch.cat([b[..., :1], b[..., :1] * 2.0, b[..., 2:]], -1)  # rank 2 at bond 2
+    low = TT.random(M.shape, 1, dtype=F64, generator=g)
+    l0, l1, l2 = low.cores  # true rank 1, nominal ranks (1, 3, 3, 1)
+    padded = TT([torch.cat([l0] * 3, -1), torch.cat([torch.cat([l1] * 3, -1)] * 3, 0) / 3,
+                 torch.cat([l2] * 3, 0) / 3])
+    cases = {"zero core": ([a, b * 0, c], r"\d"), "zero tensor": ([a * 0, b, c], r"\d"),
+             "dependent": ([a, dup, c], 2), "dependent, scaled": ([a * 1e-150, dup, c], 2)}
+    for name, (cores, bond) in cases.items():
+        with pytest.raises(ValueError, match=rf"^tt: not a point .*TT-rank at bond {bond} "):
+            M.pack_point(cores)
+        # check_rank=False packs it anyway: the same dense tensor (float64 reference)
+        p = M.pack_point(cores, check_rank=False)
+        ref = TT(cores).full()
+        assert torch.allclose(M.to_tt(p).full(), ref, atol=1e-14 * float(ref.abs().max()))
+    M2 = FixedTTRank(M.shape, (1, 2, 2, 1))  # a higher-rank TT rounded to a deficient one
+    with pytest.raises(ValueError, match=r"^tt: not a point .*TT-rank at bond \d "):
+        M2.pack_point(padded)
+    # a batch: the deficient point is named
+    xb = TT([t.expand(3, *t.shape).clone() for t in x.cores])
+    xb.cores[1][1] = 0
+    with pytest.raises(ValueError, match=r"TT-rank at bond 2 is below 3 at point \(1,\)"):
+        M.pack_point(xb)
+    # full rank but ill-conditioned (1e-10 relative): still a point; rtol is adjustable
+    ill = [a, torch.cat([b[..., :2], b[..., :2].sum(-1, keepdim=True) + 1e-10 * b[..., 2:]], -1), c]
+    assert M.pack_point(ill).shape == (M.size,)
+    with pytest.raises(ValueError, match="TT-rank at bond 2"):
+        M.pack_point(ill, rtol=1e-6)
+    with pytest.raises(ValueError, match="^rtol: expected"):
+        M.pack_point(x, rtol=-1.0)
+    assert torch.allclose(M.to_tt(M.pack_point(x)).full(), x.full(), atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_metric_rejects_non_finite_vectors(dtype):
+    """inner, norm and component_inner returned NaN/Inf for a non-finite vector where
+    project, proju and transp raise (README: non-finite data is rejected); now the same
+    RuntimeError naming the vectors, checked on the per-point results (no host sync)."""
+    M = FixedTTRank((3, 4, 5), (2, 3))
+    g = torch.Generator().manual_seed(0)
+    p = M.random(dtype=dtype, generator=g)
+    u = M.proju(p, torch.randn(M.size, dtype=F64, generator=g).to(dtype))
+    v = M.proju(p, torch.randn(M.size, dtype=F64, generator=g).to(dtype))
+    ub = torch.stack([u, v, u])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        b = u.clone()
+        b[7] = bad
+        bb = ub.clone()
+        bb[1, 3] = bad
+        for call, who in ((lambda: M.inner(p, b), "u"), (lambda: M.inner(p, u, b), "u, v"),
+                          (lambda: M.inner(p, b, v), "u, v"), (lambda: M.norm(p, b), "u"),
+                          (lambda: M.component_inner(p, b), "u"),
+                          (lambda: M.component_inner(p, v, b), "u, v"),
+                          (lambda: M.inner(p, bb), "u"), (lambda: M.norm(p, bb, keepdim=True), "u"),
+                          (lambda: M.component_inner(p, bb, ub), "u, v")):
+            with pytest.raises(RuntimeError, match=f"^{who}: contains? NaN or Inf"):
+                call()
+    # finite vectors: the float64 reference values, also for norms beyond sqrt(max float)
+    ref = float((u.double() * v.double()).sum())
+    assert abs(float(M.inner(p, u, v)) - ref) <= 1e-5 * abs(ref) + 1e-6
+    want = torch.full((M.size,), ref, dtype=F64)
+    assert torch.allclose(M.component_inner(p, u, v).double(), want, rtol=1e-5)
+    huge = u * (1e30 if dtype == torch.float32 else 1e200)
+    assert torch.isfinite(M.norm(p, huge)) and torch.isfinite(M.norm(p, ub, keepdim=True)).all()
+
+
 def test_egrad2rgrad_at_a_non_finite_point_says_so():
     """The first egrad2rgrad at a NaN point failed with "not left-orthogonal" only."""
     M = FixedTTRank((3, 4, 5), (2, 3))

@@ -222,3 +222,68 @@ def test_weighted_and_regularized_problems_match_single_problems():
         h = riemannian_cg(pr, x0[b], iters=4, metrics_every=0)
         ref = full_of(M, h.x)
         assert (full_of(M, res.x[b]) - ref).abs().max() <= 1e-9
+
+
+@pytest.mark.parametrize("dtype,scale", [(F64, 1e-170), (F32, 1e-25)])
+def test_errors_and_zero_gradient_rule_of_tiny_data(dtype, scale):
+    """The relative errors are scale invariant (they were sums of squares: 0 / 0 = NaN
+    below ~1e-154 in float64, ~1e-19 in float32), and a tiny gradient is not a zero one
+    (its norm underflowed to 0: "converged" at iteration 0), as for a single problem."""
+    gen = torch.Generator().manual_seed(3)
+    M = FixedTTRank(SHAPE, (1, 2, 2, 2, 1))
+    truth = M.random(2, dtype=F64, generator=gen)
+    idx = [torch.stack(torch.unravel_index(torch.randperm(240, generator=gen)[:c], SHAPE), 1)
+           for c in (120, 160)]
+    vals = [M.to_tt(truth[b]).full()[tuple(i.t())] for b, i in enumerate(idx)]
+    test = (idx[::-1], vals[::-1])  # (other entries, other values)
+    unit = BatchedCompletion.from_data(idx, vals, SHAPE, (1, 2, 2, 2, 1), test=test,
+                                       dtype=dtype)
+    tiny = BatchedCompletion.from_data(idx, [v * scale for v in vals], SHAPE,
+                                       (1, 2, 2, 2, 1), dtype=dtype,
+                                       test=(test[0], [v * scale for v in test[1]]))
+    x0 = unit.initial_point(1)
+    xs = x0.clone()
+    xs[:, -M.core_sizes[-1]:] *= scale  # the same tensors times scale
+    m1, ms = unit.metrics(x0), tiny.metrics(xs)
+    for k in ("train_err", "test_err"):
+        assert torch.allclose(ms[k], m1[k], rtol=1e-5), (k, ms[k], m1[k])
+    # against a dense float64 reference of the relative training error
+    for b in range(2):
+        X = M.to_tt(x0[b].to(F64)).full()
+        ref = (X[tuple(idx[b].t())] - vals[b]).norm() / vals[b].norm()
+        assert abs(float(m1["train_err"][b]) - float(ref)) <= 1e-5 * float(ref)
+    assert torch.allclose(tiny.cg_grad(xs)[2].train_err, unit.cg_grad(x0)[2].train_err,
+                          rtol=1e-5)
+    res = batched_riemannian_cg(tiny, xs, iters=2, metrics=False)
+    assert res.status == ["max_iters"] * 2 and res.iterations.tolist() == [2, 2]
+    assert bool(torch.isfinite(res.train_err).all())
+
+
+def test_problems_without_a_test_set_keep_the_others_test_errors():
+    """One problem without a test set dropped every problem's test_err silently; now it
+    has an empty one (NaN, as for an empty training set) and the others keep theirs."""
+    probs = problems()
+    probs[1] = Completion(SHAPE, RANK, train_size=80, test_size=0, seed=5)
+    bp = BatchedCompletion(probs)
+    x = torch.stack([pr.initial_point(b) for b, pr in enumerate(probs)])
+    m = bp.metrics(x)
+    assert bool(m["test_err"][1].isnan())
+    for b in (0, 2):
+        assert abs(float(m["test_err"][b]) - probs[b].metrics(x[b])["test_err"]) <= \
+            1e-12 * float(m["test_err"][b])
+    assert "test_err" not in BatchedCompletion([probs[1]]).metrics(x[1:2])
+
+
+def test_from_data_takes_index_lists_and_names_a_bad_index_shape():
+    """Lists of multi-indices, as Completion.from_data takes them (an AttributeError from
+    inside); indices of the wrong shape are named (the error blamed ``values[0]``)."""
+    idx = [[[0, 1, 2, 3], [1, 1, 1, 1]], [[2, 2, 2, 2]], []]
+    vals = [[1.0, 2.0], [3.0], []]
+    a = BatchedCompletion.from_data(idx, vals, SHAPE, 2)
+    b = BatchedCompletion.from_data([torch.tensor(i).reshape(-1, 4) for i in idx],
+                                    [torch.tensor(v, dtype=F64) for v in vals], SHAPE, 2)
+    assert a.train.counts == (2, 1, 0)
+    assert all(torch.equal(x, y) for x, y in zip(a.train.indices, b.train.indices))
+    assert torch.equal(a.a_train, b.a_train)
+    with pytest.raises(ValueError, match=r"indices\[0\]: expected shape \(N_0, 4\), got \(4,\)"):
+        BatchedCompletion.from_data([torch.tensor([0, 1, 2, 3])], [[1.0]], SHAPE, 2)

@@ -69,6 +69,7 @@ def reference_frame(params, m, r, reduced):
     H = torch.eye(m, dtype=F64)
     for j in range(r):
         v = V[:, j : j + 1]
+        v = v / v.abs().max()  # same reflection; |v|^2 stays finite for |w| ~ 1e300
         H = H @ (torch.eye(m, dtype=F64) - 2.0 * (v @ v.T) / (v.T @ v))
     return H[:, :r]
 
@@ -659,6 +660,73 @@ def test_wy_float32_near_square_large_params(m, r):
     q = randn(8, reduced_dim(m, r), seed=3) * 100.0
     wy, ref = (frame_from_reduced(q, m, r, backend=b) for b in ("wy", "torch"))
     assert err(wy, ref) < 1e-13
+
+
+# ----------------------------------------------------------------------------- extreme magnitudes
+def _mixed_magnitude_params(form, m, r, big, seed, dtype):
+    """Parameters whose entries are N(0,1) times ``big``, ``1`` or ``1/big`` at random, so a
+    column block mixes huge, ordinary and tiny entries."""
+    n = full_dim(m, r) if form == "full" else reduced_dim(m, r)
+    g = gen(seed)
+    e = torch.randint(-1, 2, (3, n), generator=g).to(F64)
+    return (torch.randn(3, n, generator=g, dtype=F64) * big**e).to(dtype)
+
+
+@pytest.mark.parametrize("form", ["full", "reduced"])
+@pytest.mark.parametrize("m,r", [(5, 1), (6, 3), (7, 5)])
+def test_wy_extreme_parameters_match_dense_reference(m, r, form):
+    # |w|^2 overflowed beyond ~1e154 (float64) / ~1e19 (float32): the frame was NaN
+    for dtype, bigs, tol in ((F64, (1e160, 1e300), 1e-13), (F32, (1e25, 1e35), 2e-6)):
+        for k, big in enumerate(bigs):
+            for p in (_params(form, m, r, (3,), seed=k, scale=big, dtype=dtype),
+                      _mixed_magnitude_params(form, m, r, big, seed=k, dtype=dtype)):
+                Q = _forward(form)(p, m, r, backend="wy")
+                assert Q.dtype == dtype and bool(torch.isfinite(Q).all()), big
+                for b in range(3):
+                    ref = reference_frame(p[b], m, r, form == "reduced")
+                    assert err(Q[b].to(F64), ref) < tol, big
+
+
+def test_torch_backend_extreme_parameters_nan_not_identity():
+    # LAPACK's unit-diagonal reflectors cannot hold |v|^2 > max float: NaN, not tau = 0 (= I)
+    m, r = 6, 3
+    p = randn(full_dim(m, r), seed=3) * 1e150  # in range: scaled tau is exact
+    assert err(frame_from_full(p, m, r, backend="torch"), reference_frame(p, m, r, False)) < 1e-13
+    Q = frame_from_full(p * 1e10, m, r, backend="torch")
+    assert bool(torch.isnan(Q).all())
+    assert bool(torch.isfinite(frame_from_full(p * 1e10, m, r, backend="wy")).all())
+
+
+def test_inverses_extreme_magnitudes():
+    m, r = 6, 3
+    p = randn(2, full_dim(m, r), seed=4) * 1e170
+    Q = frame_from_full(p, m, r)
+    for Qin in (Q, Q.clone().requires_grad_()):  # geqrf and differentiable paths
+        pp, sg = full_from_frame(Qin)
+        assert err(frame_from_full(pp.detach(), m, r) * sg.unsqueeze(-2), Q) < 1e-14
+    # a non-orthonormal Q: the differentiable path's column norms overflowed at 1e200
+    A = randn(m, r, seed=5)
+    ref = full_from_frame(A)
+    for s in (1e200, 1e-200):
+        got = full_from_frame((A * s).requires_grad_())
+        assert err(got[0].detach(), ref[0]) < 1e-13 and err(got[1], ref[1]) == 0.0
+
+
+def test_unsigned_inverse_column_near_plus_e():
+    # a column within 1e-170 of +e_0 has finite parameters ~1e170: |x_rest|^2 underflowed to 0
+    m = 5
+    y = randn(m - 1, seed=6)
+    y = y / y.norm()
+    for t in (1e-3, 1e-170):
+        Q = torch.cat([torch.tensor([math.cos(t)], dtype=F64), math.sin(t) * y]).reshape(m, 1)
+        p, ok = hh.full_from_frame_unsigned(Q)
+        assert bool(ok) and bool(torch.isfinite(p).all()), t
+        assert err(reference_frame(p, m, 1, False), Q) < 1e-15, t
+        assert err(frame_from_full(p, m, 1), Q) < 1e-15, t
+    p = randn(full_dim(m, 2), seed=7) * 1e170
+    p[m - 1:] /= 1e170  # column 0 huge, column 1 ordinary
+    pu, ok = hh.full_from_frame_unsigned(frame_from_full(p, m, 2))
+    assert bool(ok) and err(pu / p, torch.ones_like(p)) < 1e-12
 
 
 @pytest.mark.parametrize("backend", ["wy", "torch"])

@@ -190,3 +190,27 @@ def test_threads_saving_one_path_do_not_collide(tmp_path):
     z = tm.load(path)
     assert any(torch.allclose(z.full(), t.full(), rtol=0, atol=0) for t in (x, y))
     assert [f for f in os.listdir(tmp_path) if f != "t.pt"] == []
+
+
+@pytest.mark.parametrize("name", ["x.npz", "x.pt"])
+def test_save_interrupted_midway_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch, name):
+    """Ctrl-C (KeyboardInterrupt) while the data are being written: the file saved before is
+    intact and no half-written or temporary file is left in the directory."""
+    x = tm.TT.random((3, 4, 5), 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    tm.save(x, tmp_path / name)
+    before = (tmp_path / name).read_bytes()
+    y = tm.TT.random((3, 4, 5), 3, dtype=torch.float64)
+
+    def interrupted(*args, **kwargs):  # np.savez(f, ...) / torch.save(obj, f)
+        args[-1 if len(args) > 1 else 0].write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", interrupted)
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tm.save(y, tmp_path / name)
+    assert (tmp_path / name).read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == [name]
+    monkeypatch.undo()
+    z = tm.load(tmp_path / name)
+    assert torch.equal(z.full(), x.full())

@@ -641,6 +641,64 @@ def test_a_killed_build_process_leaves_no_compiler_running(tmp_path, monkeypatch
         _end_processes(p, pid)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG (Linux)")
+def test_a_killed_background_builder_leaves_no_compiler_and_a_reclaimable_lock(tmp_path,
+                                                                              monkeypatch):
+    """The detached background build (started at import, watched by no one) killed with
+    SIGKILL: its ninja and compiler end too (they kept running, orphaned, in the build
+    directory before), and the next build takes over its stale lock. The fake compiler
+    answers torch's compiler checks (``-v``, ``-dumpversion``) with the real one, so the
+    build reaches ninja: the killed builder's ninja ends and takes the compiler with it."""
+    cxx, marker = _slow_compiler(tmp_path)
+    real = shutil.which("c++") or shutil.which("g++")
+    if real is None or shutil.which("ninja") is None:
+        pytest.skip("no C++ compiler or ninja")
+    cxx.write_text('#!/bin/sh\ncase "$1" in -v|--version|-dumpversion|-dumpfullversion) '
+                   f'exec "{real}" "$@";; esac\necho $$ > "{marker}"\nexec sleep 120\n')
+    monkeypatch.setenv("CXX", str(cxx))  # (in the build name)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TTMANIFOLD_NATIVE", raising=False)
+    s = _cache.spec("dense")
+    cmd, env = kernels._child_cmd(s, background=True)  # what the import starts
+    p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    pid = None
+    try:
+        pid = _wait_for_compiler(p, marker)
+        assert _cache.read_lock(s.lock_path)["pid"] == p.pid
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        t = time.monotonic() + 5
+        while _running(pid) and time.monotonic() < t:
+            time.sleep(0.05)
+        assert not _running(pid)
+        assert _cache.try_lock(s.lock_path) is None  # stale: reclaimed
+        _cache.release_lock(s.lock_path)
+        assert not os.path.exists(s.lock_path)
+    finally:
+        _end_processes(p, pid)
+
+
+def test_status_write_interrupted_keeps_the_old_record_and_no_temporary(tmp_path, monkeypatch):
+    """Ctrl-C while build.json is written: the old record stays whole and the temporary
+    file is removed (it was left in the build directory)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    s = _cache.spec("dense")
+    os.makedirs(s.build_dir)
+    _cache.write_status(s, status="failed", reason="before")
+
+    def interrupted(obj, fh, *args, **kwargs):
+        fh.write('{"status": "o')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_cache.json, "dump", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _cache.write_status(s, status="ok")
+    monkeypatch.undo()
+    assert _cache.read_status(s)["reason"] == "before"
+    assert os.listdir(s.build_dir) == [_cache.STATUS]
+
+
 BUILD_WITH_STALE_LOCKS = """
     import json, os, socket, subprocess, sys
     from ttmanifold import kernels

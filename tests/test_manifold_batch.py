@@ -10,6 +10,8 @@ products). Hypothesis tests vary shapes, ranks and batch shapes; geoopt optimize
 """
 from __future__ import annotations
 
+import re
+
 import geoopt
 import pytest
 import torch
@@ -775,3 +777,21 @@ def test_chunks_only_for_one_batch_dimension_of_packed_and_dense_arguments(monke
     for f, ref in zip(calls, whole):
         out = f()
         assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-12)
+
+
+def test_check_vector_on_tangent_names_a_mismatched_vector():
+    """A vector whose batch shape, dtype or device does not match the point's is not
+    tangent there: check_vector_on_tangent says so, naming ``u`` (it raised torch's
+    broadcasting or dtype error from inside, and passed a vector on another device)."""
+    M, p, _, _ = batch_case(batch=(3,), seed=9)
+    u = M.proju(p, torch.randn(3, M.size, dtype=F64))
+    many = M.proju(p[0], torch.randn(3, M.size, dtype=F64))  # many vectors at one point
+    assert M.check_vector_on_tangent(p, u) and M.check_vector_on_tangent(p[0], many)
+    for bad, why in ((u[:2], r"u: batch shape \(2,\) does not broadcast with the point's "
+                              r"\(3,\)"),
+                     (u.float(), "u: dtype torch.float32 differs"),
+                     (u.to("meta"), "u: device meta differs")):
+        ok, reason = M.check_vector_on_tangent(p, bad, explain=True)
+        assert not ok and re.match(why, reason), reason
+        with pytest.raises(ValueError, match=why):
+            M.assert_check_vector_on_tangent(p, bad)

@@ -140,24 +140,49 @@ def _strict_part(params: torch.Tensor, m: int, r: int, reduced: bool) -> torch.T
     return flat.reshape(params.shape[:-1] + (m, r))
 
 
+def _column_scales(W: torch.Tensor) -> torch.Tensor:
+    """``d_j = 1 / max(1, max_i |W_ij|)`` (shape ``(..., r)``): scaling reflector ``j`` by
+    ``d_j`` leaves ``H_j`` unchanged and keeps ``|v_j|^2`` finite for any finite ``W``
+    (LAPACK's dnrm2 scales for the same reason). Exactly 1 for ``|w| <= 1``, so the usual
+    parameters round exactly as without it. Detached: the product does not depend on it."""
+    if W.shape[-2] == 0:
+        return W.new_ones(W.shape[:-2] + W.shape[-1:])
+    return W.detach().abs().amax(dim=-2).clamp_min_(1.0).reciprocal_()
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """``|x|`` over the last dimension without overflow/underflow of ``sum x_i^2`` (scaled
+    by ``max |x_i|`` first, as LAPACK's dnrm2). Differentiable; 0 for ``x = 0``."""
+    if x.shape[-1] == 0:
+        return x.new_zeros(x.shape[:-1])
+    s = x.detach().abs().amax(dim=-1, keepdim=True)
+    s = torch.where(s > 0, s, torch.ones_like(s))  # norm = s |x / s| for any s > 0: detached
+    return s.squeeze(-1) * torch.linalg.vector_norm(x / s, dim=-1)
+
+
 def _wy_product(W: torch.Tensor) -> torch.Tensor:
     """``H_1 ... H_r I_{m x r}`` in compact-WY form from the strictly-lower part ``W``.
 
-    With ``V = W + I_{m x r}``: ``H_1 ... H_r = I - V T V^T``, ``T`` upper triangular with
-    ``T^{-1} = diag(|v_i|^2 / 2) + striu(V^T V)``, hence
-    ``Q = I_{m x r} - V X`` with ``X = T V_top^T`` obtained from the triangular solve
-    ``T^{-1} X = V_top^T`` (``V_top = V[:r]``, unit lower triangular; no explicit inverse).
-    ``V^T V`` is assembled from ``W^T W + W_top + W_top^T + I`` so that ``|v_i|^2 = 1 + |w_i|^2``
-    is summed without the unit entry (which would swallow small ``|w_i|^2`` in the
-    accumulation over ``m`` rows).  Only matmuls and one ``r x r`` triangular solve: their
-    backward is fast (unlike ``householder_product``'s), and they have meta kernels.
+    Reflector ``i`` is ``v_i = d_i (w_i + e_i)``, ``d`` from :func:`_column_scales` (the
+    reflection does not depend on the length of ``v_i``; the scaling keeps ``|v_i|^2`` from
+    overflowing for ``|w_i|`` beyond ``sqrt(max float)``). With ``V = W' + E D``,
+    ``W' = W D``: ``H_1 ... H_r = I - V T V^T``, ``T`` upper triangular with
+    ``T^{-1} = diag(|v_i|^2 / 2) + striu(V^T V)``, hence ``Q = I_{m x r} - V X`` with
+    ``X = T V_top^T`` from the triangular solve ``T^{-1} X = V_top^T`` (``V_top = V[:r]``,
+    lower triangular; no explicit inverse). ``G = W'^T V`` has the strictly upper part of
+    ``V^T V`` and the diagonal ``|w'_i|^2``, so ``|v_i|^2 = d_i^2 + |w'_i|^2`` is summed
+    without the ``d_i^2`` entry (which would swallow small ``|w_i|^2`` in the accumulation
+    over ``m`` rows).  Only matmuls and one ``r x r`` triangular solve: their backward is
+    fast (unlike ``householder_product``'s), and they have meta kernels.
     """
     m, r = W.shape[-2], W.shape[-1]
     E = torch.eye(m, r, dtype=W.dtype, device=W.device)
-    V = W + E
-    G = W.mT @ W  # (..., r, r)
-    half_norms = 0.5 + 0.5 * G.diagonal(dim1=-2, dim2=-1)  # |v_i|^2 / 2 = 1 / tau_i >= 1/2
-    Tinv = torch.triu(G, 1) + W[..., :r, :].mT + torch.diag_embed(half_norms)
+    d = _column_scales(W).unsqueeze(-2)  # (..., 1, r)
+    Ws = W * d
+    V = Ws + E * d
+    G = Ws.mT @ V  # (..., r, r)
+    half_norms = 0.5 * torch.addcmul(G.diagonal(dim1=-2, dim2=-1), d.squeeze(-2), d.squeeze(-2))
+    Tinv = torch.triu(G, 1) + torch.diag_embed(half_norms)
     X = torch.linalg.solve_triangular(Tinv, V[..., :r, :].mT, upper=True)  # = T V_top^T
     return E - V @ X
 
@@ -181,7 +206,12 @@ def _orgqr(W: torch.Tensor, backend: str) -> torch.Tensor:
         # the same reflection as tau = 2 / |v|^2.
         out = _th_orgqr(V.reshape((-1, m, r)))
         return out.reshape(batch + (m, r))
-    tau = 2.0 / (V * V).sum(dim=-2)
+    # tau = 2 / |v|^2 = 2 d^2 / |d v|^2 (scaled: no overflow of |v|^2). LAPACK's storage
+    # keeps v's unit diagonal, so a reflector with |v|^2 beyond the float range has no
+    # normal tau: NaN there rather than the identity that tau = 0 would silently give.
+    d = _column_scales(W)
+    tau = 2.0 * (d * d) / ((V * d.unsqueeze(-2)) ** 2).sum(dim=-2)
+    tau = torch.where(tau >= torch.finfo(V.dtype).tiny, tau, torch.full_like(tau, float("nan")))
     return torch.linalg.householder_product(V, tau)
 
 
@@ -195,9 +225,11 @@ def frame_from_full(params: torch.Tensor, m: int, r: int, *, backend: str = "aut
             column (column ``j`` contributes rows ``j+1 .. m-1``, in order).
         m, r: frame size, ``m >= r >= 1``.
         backend: ``"auto"`` (= ``"wy"``), ``"wy"`` (compact WY: matmuls and one ``r x r``
-            triangular solve, fast backward), ``"torch"``
-            (:func:`torch.linalg.householder_product`) or ``"torch_householder"``
-            (``ImportError`` if unavailable); see ``docs/sttp.md``, section 1.
+            triangular solve, fast backward; each reflector scaled, so any finite ``params``
+            works), ``"torch"`` (:func:`torch.linalg.householder_product`; NaN for a column
+            with ``|w|`` beyond ~1e154 in float64, ~1e19 in float32, whose ``tau`` is not a
+            normal float) or ``"torch_householder"`` (``ImportError`` if unavailable); see
+            ``docs/sttp.md``, section 1.
 
     Returns:
         ``Q`` of shape ``(..., m, r)``, same dtype/device as ``params``, ``Q^T Q = I`` to
@@ -249,7 +281,7 @@ def _householder_qr_differentiable(Q: torch.Tensor) -> Tuple[torch.Tensor, torch
         x = Y[..., :, 0]
         alpha = x[..., 0]
         positive = alpha >= 0
-        norm = torch.linalg.vector_norm(x, dim=-1)
+        norm = _norm(x)
         beta = torch.where(positive, -norm, norm)  # -sign(alpha) |x|
         w = x[..., 1:] / (alpha - beta).unsqueeze(-1)  # |alpha - beta| = |alpha| + |x| > 0
         ws.append(w)
@@ -408,16 +440,18 @@ def full_from_frame_unsigned(Q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
         x = Y[..., :, 0]
         alpha = x[..., 0]
         xr = x[..., 1:]
-        nr2 = (xr * xr).sum(dim=-1)
-        nrm = torch.sqrt(alpha * alpha + nr2)
+        # scaled norms: for alpha > 0 the tiny |x_rest| of a column near +e_j (~1e-160)
+        # gives huge but finite parameters; its square would underflow to 0.
+        nr = _norm(xr)
+        nrm = _norm(x)
         neg = alpha <= 0
         one = torch.ones_like(alpha)
         den = torch.where(neg, alpha - nrm, -one)
-        safe_nr2 = torch.where(neg, one, nr2)
+        safe_nr = torch.where(neg, one, nr)
         w = torch.where(
             neg.unsqueeze(-1),
             xr / den.unsqueeze(-1),
-            -xr * ((alpha + nrm) / safe_nr2).unsqueeze(-1),
+            -(xr / safe_nr.unsqueeze(-1)) * ((alpha + nrm) / safe_nr).unsqueeze(-1),
         )
         ws.append(w)
         if j == r - 1:
@@ -426,9 +460,9 @@ def full_from_frame_unsigned(Q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
                 ok = ok & neg
             break
         v = torch.cat([one.unsqueeze(-1), w], dim=-1)
-        tau = 2.0 / (v * v).sum(dim=-1)
+        u = v / _norm(v).unsqueeze(-1)  # unit reflector: |v|^2 overflows for |w| > ~1e154
         rest = Y[..., :, 1:]
-        proj = (v.unsqueeze(-2) @ rest) * tau[..., None, None]
-        Y = (rest - v.unsqueeze(-1) * proj)[..., 1:, :]
+        proj = 2.0 * (u.unsqueeze(-2) @ rest)
+        Y = (rest - u.unsqueeze(-1) * proj)[..., 1:, :]
     params = torch.cat(ws, dim=-1)
     return params, ok & torch.isfinite(params).all(dim=-1)

@@ -21,6 +21,7 @@ import torch
 from .._checks import check_float_dtype
 from ..manifold import FixedTTRank, right_cores
 from ..tt import BatchIndexSet
+from ..tt.tensor_train import fro_norm
 from .problems import Completion, check_distinct
 from .solvers import cg_direction, check_solver_options
 
@@ -29,6 +30,18 @@ __all__ = ["BatchedCompletion", "BatchedCGResult", "batched_cg_direction",
 
 #: status codes of :class:`BatchedCGResult` (per problem)
 STATUS = ("running", "converged", "max_iters", "diverged")
+
+
+def _norm_per_problem(x: torch.Tensor, problem: torch.Tensor, B: int) -> torch.Tensor:
+    """Per problem the 2-norm of ``x`` (one entry per sample or layout slot; ``problem``
+    the problem of each entry, ``B`` for entries of none), ``(B,)``, scaled by the
+    problem's largest entry: a sum of squares underflowed below ~1e-154 in float64
+    (~1e-19 in float32), so the relative errors were 0 / 0 = NaN. O(N)."""
+    a = x.abs()
+    m = a.new_zeros(B + 1).scatter_reduce_(0, problem, a, "amax")
+    m = m.clamp_min(torch.finfo(x.dtype).tiny)
+    sq = a.new_zeros(B + 1).index_add_(0, problem, (x / m[problem]) ** 2)
+    return (sq.sqrt() * m)[:B]
 
 
 class BatchedCompletion:
@@ -40,7 +53,8 @@ class BatchedCompletion:
             device (their samples, data, weights and ``reg`` are taken as they are now).
 
     Problem ``b`` has the loss of ``problems[b]`` (``(w_b/2) ||P_Omega_b(X_b - A_b)||^2``,
-    plus ``(reg_b/2) ||X_b||^2``); the batch's points are ``(B, size)`` tensors of
+    plus ``(reg_b/2) ||X_b||^2``) and its test set (an empty one, test error NaN, for a
+    problem without one, when some problem has one); the batch's points are ``(B, size)`` tensors of
     :attr:`manifold`. :meth:`cg_grad` and :meth:`exact_step` give what
     :func:`batched_riemannian_cg` needs, one value (or gradient) per problem, from one
     sweep of the sampled kernels over all problems. :meth:`from_data` builds a batch from
@@ -71,8 +85,13 @@ class BatchedCompletion:
                          device=first.device) if pr.weights is None
               else (pr.weight * pr.weights).sqrt() for pr in problems]
         tests = None
-        if all(pr.test is not None for pr in problems):
-            tests = ([pr.test.indices for pr in problems], [pr.a_test for pr in problems])
+        if any(pr.test is not None for pr in problems):
+            # a problem without a test set gets an empty one (test_err NaN), the others
+            # keep theirs
+            none = (torch.zeros(0, len(first.manifold.shape), dtype=torch.long,
+                                device=first.device), first.a_train[:0])
+            tests = ([none[0] if pr.test is None else pr.test.indices for pr in problems],
+                     [none[1] if pr.test is None else pr.a_test for pr in problems])
         self._setup(first.manifold.shape, first.manifold.ranks,
                     [pr.train.indices for pr in problems], [pr.a_train for pr in problems],
                     sw, tests, [float(pr.reg) for pr in problems])
@@ -84,9 +103,10 @@ class BatchedCompletion:
         """``B`` problems from raw samples.
 
         Args:
-            indices: ``B`` integer tensors ``(N_b, d)`` (``N_b`` may be 0), distinct
-                multi-indices within each problem (a repeated one raises ``ValueError``
-                naming ``indices[b]``, as :meth:`Completion.from_data` does).
+            indices: ``B`` integer tensors ``(N_b, d)`` or nested lists (``N_b`` may be 0:
+                an empty list too), distinct multi-indices within each problem (a repeated
+                one raises ``ValueError`` naming ``indices[b]``, as
+                :meth:`Completion.from_data` does).
             values: ``B`` tensors ``(N_b,)``, the observed entries.
             shape, ranks: the tensors' shape and the TT-ranks (a tuple of ``d + 1`` values,
                 boundary ones included; or an int, every inner rank).
@@ -109,7 +129,13 @@ class BatchedCompletion:
                 or len(values) != len(indices):
             raise ValueError("values: expected a list of one tensor per index set")
         vals = []
+        # (lists of multi-indices too, as Completion.from_data takes them)
+        indices = [torch.as_tensor(i) for i in indices]
+        indices = [i.reshape(0, len(M.shape)).long() if i.numel() == 0 else i for i in indices]
         for b, (i, v) in enumerate(zip(indices, values)):
+            if i.dim() != 2 or i.shape[1] != len(M.shape):
+                raise ValueError(f"indices[{b}]: expected shape (N_{b}, {len(M.shape)}), got "
+                                 f"{tuple(i.shape)}")
             v = torch.as_tensor(v, dtype=dtype, device=device)
             if v.shape != (int(i.shape[0]),):
                 raise ValueError(f"values[{b}]: expected shape ({int(i.shape[0])},), got "
@@ -144,7 +170,7 @@ class BatchedCompletion:
         self._sw = torch.cat(list(sw))  # sqrt of the per-sample weights, sample order
         self.reg = torch.tensor(reg, dtype=self.dtype, device=self.device)
         self._has_reg = any(r != 0 for r in reg)
-        self.a_train_norm = self.train.sum_per_problem(self.a_train ** 2).sqrt()
+        self.a_train_norm = _norm_per_problem(self.a_train, self.train.problem, B)
         self.test = self.a_test = self.a_test_norm = None
         if tests is not None:
             if len(tests[0]) != B or len(tests[1]) != B:
@@ -153,7 +179,7 @@ class BatchedCompletion:
             self.a_test = torch.cat(list(tests[1]))
             if self.a_test.shape != (len(self.test),):
                 raise ValueError("test: the test values do not match the test indices")
-            self.a_test_norm = self.test.sum_per_problem(self.a_test ** 2).sqrt()
+            self.a_test_norm = _norm_per_problem(self.a_test, self.test.problem, B)
         self._layout_cache: Dict[int, tuple] = {}
 
     def __repr__(self) -> str:
@@ -201,8 +227,8 @@ class BatchedCompletion:
             if self.test is not None:
                 sets.append(("test", self.test, self.a_test, self.a_test_norm))
             for name, bset, a, a_norm in sets:
-                sq = bset.sum_per_problem((bset.gather(cores) - a) ** 2)
-                out[f"{name}_err"] = sq.sqrt() / a_norm
+                res = _norm_per_problem(bset.gather(cores) - a, bset.problem, bset.batch_size)
+                out[f"{name}_err"] = res / a_norm
         return out
 
     # -- CG pieces ------------------------------------------------------------------------
@@ -231,7 +257,7 @@ class BatchedCompletion:
             D = point.project(z * sw)
             grad = M.proju(p, torch.cat([c.reshape(B, -1) for c in D], -1))
             loss = 0.5 * I.layout_sum(point, z * z)
-            train_err = I.layout_sum(point, r * r).sqrt() / self.a_train_norm
+            train_err = _norm_per_problem(r, I.layout_problem(point), B) / self.a_train_norm
             xt = None
             if self._has_reg:
                 xt = M.point_as_tangent(p)
@@ -374,7 +400,7 @@ def batched_riemannian_cg(problem: BatchedCompletion, x0: Optional[torch.Tensor]
         loss, g, ctx = problem.cg_grad(p)
 
         def done(loss_, g_, err_):
-            gn = torch.linalg.vector_norm(g_, dim=-1)
+            gn = fro_norm(g_, 1)  # (scaled: a tiny gradient's norm underflowed to 0)
             out = gn == 0
             if gtol is not None:
                 out = out | (gn <= gtol)

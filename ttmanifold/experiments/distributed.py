@@ -211,18 +211,22 @@ def _raise_disagreement(gathered, what: str) -> None:
                                  f"rank {r}; every process must {what}")
 
 
-def _check_same_call(comm: Communicator, args: dict, x0: Optional[torch.Tensor]) -> None:
+def _check_same_call(comm: Communicator, args: dict, x0: Optional[torch.Tensor],
+                     error: Optional[str] = None) -> None:
     """Raise ``ValueError`` on every process when the processes called a solver with
     different arguments or starts (they would wait for each other's collectives, or
-    drift apart silently). No-op in one process. Cost: one all-gather of ``args`` and a
-    digest of ``x0``'s bits (one host copy of ``x0``)."""
+    drift apart silently), or when a process reports an ``error`` (e.g. rank 0's
+    checkpoint path). Cost: one all-gather of ``args`` and a digest of ``x0``'s bits (one
+    host copy of ``x0``); in one process none (only ``error`` is raised)."""
     if not comm.distributed:
+        if error:
+            raise ValueError(error)
         return
     mine = dict(args)
     if x0 is not None:
         bits = x0.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
         mine["x0"] = "bits " + hashlib.blake2b(bits, digest_size=16).hexdigest()
-    _raise_disagreement(comm.gather_objects((None, mine), "the check of the arguments"),
+    _raise_disagreement(comm.gather_objects((error, mine), "the check of the arguments"),
                         "call with the same arguments and the same x0 (e.g. "
                         "ShardedCompletion.initial_point, which broadcasts rank 0's)")
 
@@ -234,7 +238,9 @@ def init_from_env(timeout: float = 300.0, backend: Optional[str] = None) -> bool
 
     Args:
         timeout: seconds after which a collective waiting for a silent peer fails.
-        backend: default ``"nccl"`` when CUDA is available, else ``"gloo"``.
+        backend: default ``"cpu:gloo,cuda:nccl"`` when CUDA is available (this module's
+            metrics, counts and control errors are CPU tensors, which nccl does not
+            serve), else ``"gloo"``.
 
     Returns True when this call initialized a group (destroy it with
     ``torch.distributed.destroy_process_group()``). Cost: one rendezvous.
@@ -246,7 +252,7 @@ def init_from_env(timeout: float = 300.0, backend: Optional[str] = None) -> bool
     if not (timeout > 0 and math.isfinite(timeout)):  # inf overflows the timedelta
         raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout)))
     return True
 
@@ -350,7 +356,8 @@ class ShardedCompletion:
         values: ``(N_local,)`` finite values.
         shape: the tensor's shape (required: a shard does not know the global maximum).
         ranks: TT-ranks, as in :meth:`Completion.from_data` (an int is clipped).
-        validation: optional ``(indices, values)`` of this process's held-out samples.
+        validation: optional ``(indices, values)`` of this process's held-out samples
+            (in range, finite values).
         dtype, device: of the tensors (default float64, CPU).
         group: the process group (default: the default group when initialized, else one
             process).
@@ -424,8 +431,13 @@ class ShardedCompletion:
             if vv.shape[0] != vi.shape[0]:
                 raise ValueError(f"validation[1] (values): {vv.shape[0]} values for "
                                  f"{vi.shape[0]} indices")
+            if not bool(torch.isfinite(vv).all()):  # (a NaN val_err, silently)
+                raise ValueError("validation[1] (values): contains NaN or Inf")
             if vi.shape[0]:
-                self.val = IndexSet(vi.to(self.device), self.manifold.shape)
+                try:
+                    self.val = IndexSet(vi.to(self.device), self.manifold.shape)
+                except ValueError as exc:
+                    raise ValueError(f"validation[0] (indices): {exc}") from None
                 self.a_val = vv.to(self.device)
         return idx
 
@@ -555,8 +567,17 @@ class ShardedCompletion:
           2e7 entries); each process fills its samples, one all-reduce of the dense tensor,
           rank 0 decomposes and broadcasts.
 
-        Returns a packed point (rank 0's, broadcast).
+        Returns a packed point (rank 0's, broadcast). Raises ``ValueError`` on every process
+        when the processes ask for different kinds (a spectral start's all-reduce would
+        meet the other's broadcast: a wait for the group's timeout).
+        Cost: one all-gather of ``kind``, the start, one broadcast of ``M.size`` numbers.
         """
+        error = None if kind in ("random", "spectral") else \
+            f"kind: expected 'random' or 'spectral', got {kind!r}"
+        if self.comm.distributed:
+            _raise_disagreement(self.comm.gather_objects((error, {"kind": kind}),
+                                                         "the check of the start's kind"),
+                                "call initial_point with the same kind")
         if kind == "random":
             p = self.local.initial_point(seed)
         elif kind == "spectral":
@@ -573,7 +594,7 @@ class ShardedCompletion:
                 p = torch.empty(self.manifold.size, dtype=self.dtype, device=self.device)
             del Z
         else:
-            raise ValueError(f"kind: expected 'random' or 'spectral', got {kind!r}")
+            raise ValueError(error)
         p = torch.as_tensor(p).detach().clone().contiguous()
         return self.comm.broadcast(p, "the broadcast of the start")
 
@@ -608,8 +629,27 @@ def load_checkpoint(path) -> dict:
 
 def _save_checkpoint(path: str, data: dict) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(data, tmp)
-    os.replace(tmp, path)  # atomic: a reader sees the old or the new checkpoint
+    try:
+        torch.save(data, tmp)
+        os.replace(tmp, path)  # atomic: a reader sees the old or the new checkpoint
+    finally:
+        if os.path.exists(tmp):  # (a failed write or replace leaves no stray file)
+            os.remove(tmp)
+
+
+def _checkpoint_error(comm: Communicator, checkpoint, checkpoint_every: int) -> Optional[str]:
+    """On rank 0 (the writer), why the file ``checkpoint`` cannot be written (a directory,
+    or a missing parent directory), else None: found before the first iteration instead
+    of at the first save, where rank 0 failed while the others waited for it. O(1)."""
+    if comm.rank != 0 or not checkpoint_every:
+        return None
+    path = os.fspath(checkpoint)
+    if os.path.isdir(path):
+        return f"checkpoint: {path!r} is a directory; give the path of a file"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"checkpoint: the directory {parent!r} of {path!r} does not exist"
+    return None
 
 
 def _check_resume(ck: dict, problem: ShardedCompletion, method: str, path: str) -> None:
@@ -1033,13 +1073,27 @@ def _check_checkpoint_args(checkpoint, checkpoint_every, resume) -> None:
         raise ValueError("checkpoint: give the path to resume from")
 
 
+def _start(problem: ShardedCompletion, x0) -> torch.Tensor:
+    """A solver's start: a copy of ``x0`` in the problem's dtype and device; ``ValueError``
+    naming ``x0`` unless it is one packed point (a batch failed deep in the sampled
+    kernels, naming their ``index_set``)."""
+    if not isinstance(problem, ShardedCompletion):
+        raise TypeError(f"problem: expected a ShardedCompletion, got {type(problem).__name__}")
+    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
+    size = problem.manifold.size
+    if x0.shape != (size,):
+        raise ValueError(f"x0: expected one packed point of shape ({size},), got shape "
+                         f"{tuple(x0.shape)}")
+    return x0
+
+
 def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
          checkpoint: Optional[str], checkpoint_every: int, resume: bool,
          callback: Optional[Callable], stop_metric: Optional[str],
          stop_tol: Optional[float], options: dict) -> History:
     if not isinstance(problem, ShardedCompletion):
         raise TypeError(f"problem: expected a ShardedCompletion, got {type(problem).__name__}")
-    if not isinstance(iters, int) or iters < 0:
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
     _check_checkpoint_args(checkpoint, checkpoint_every, resume)
     check_stop_options(metrics_every, stop_metric, stop_tol)
@@ -1048,7 +1102,7 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
                             "metrics_every": metrics_every, "checkpoint": checkpoint is not None,
                             "checkpoint_every": checkpoint_every, "resume": resume,
                             "stop_metric": stop_metric, "stop_tol": stop_tol, **options},
-                     stepper.p)
+                     stepper.p, _checkpoint_error(comm, checkpoint, checkpoint_every))
     if not resume:  # the steps assume a valid point (the same on every process: checked)
         try:
             problem.manifold.check_point(stepper.p, rtol=0.0)
@@ -1063,8 +1117,11 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
     if resume:
         ck = _shared_checkpoint(comm, checkpoint,
                                 lambda c: _check_resume(c, problem, stepper.method, checkpoint))
-        stepper.load_state_dict(ck["state"])
         start = int(ck["iteration"])
+        if start > iters:  # (the same on every process: ck is rank 0's, iters agreed)
+            raise ValueError(f"iters: {iters} is below the checkpoint's iteration {start} "
+                             f"({checkpoint!r}); give iters >= {start} to resume from it")
+        stepper.load_state_dict(ck["state"])
         for row in ck["history"]:
             hist.record(row["iter"], row["loss"], row["time"], row["metrics"])
         elapsed = float(ck["elapsed"])
@@ -1084,8 +1141,11 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
         })
 
     t = start
+    # the iterate t (stepper.p before step t) and the iterate of the history's last row
+    p_t = x_row = stepper.p
     try:
         for t in range(start, iters + 1):
+            p_t = stepper.p
             want = metrics_every and (t % metrics_every == 0 or t == iters)
             m = problem.metrics(stepper.p) if want else {}
             if t == start:  # (the same dict on every process: a collective's result)
@@ -1093,6 +1153,7 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
             reached = stop_metric is not None and m.get(stop_metric, math.inf) <= stop_tol
             if t == iters or reached:
                 hist.record(t, stepper.loss_now(), elapsed, m)
+                x_row = p_t
                 if reached:  # (also when met by the last iterate)
                     hist.status = "converged"
                 if callback is not None:
@@ -1101,12 +1162,18 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
             t0 = time.perf_counter()
             loss = stepper.step()
             hist.record(t, loss, elapsed, m)  # time: seconds spent reaching iterate t
+            x_row = p_t
             elapsed += time.perf_counter() - t0
             if not math.isfinite(loss):
                 hist.status = "diverged"
                 break
             if callback is not None and callback(t, hist):
                 hist.status = "stopped"
+                # the row of the point returned, iterate t + 1, as run() records it (every
+                # process stops here: the callback returns the same value on all of them)
+                m = problem.metrics(stepper.p) if metrics_every else {}
+                hist.record(t + 1, stepper.loss_now(), elapsed, m)
+                x_row = stepper.p
                 break
             if checkpoint_every and (t + 1) % checkpoint_every == 0:
                 # the rows so far plus the iterate t + 1, so that a resumed run continues
@@ -1115,13 +1182,20 @@ def _run(problem: ShardedCompletion, stepper, *, iters: int, metrics_every: int,
     except KeyboardInterrupt:
         hist.status = "interrupted"
         hist.info["interrupted_at"] = t
-        if not comm.distributed and (not hist.iters or hist.iters[-1] < t):
-            # the row of the last finished iterate (in one process: no peer to wait for)
+        # the last finished iterate: t + 1 once step t has replaced the point (an
+        # interrupt in the callback or the checkpoint), else t
+        at = t + (stepper.p is not p_t)
+        if not comm.distributed and (not hist.iters or hist.iters[-1] < at):
+            # its row (in one process: no peer to wait for)
             try:
                 m = problem.metrics(stepper.p) if metrics_every else {}
-                hist.record(t, stepper.loss_now(), elapsed, m)
+                hist.record(at, stepper.loss_now(), elapsed, m)
             except KeyboardInterrupt:
                 pass
+        if hist.iters and hist.iters[-1] < at:
+            # no row of it (the peers are not there for its metrics): the point of the
+            # last row, so that the point and the history agree
+            stepper.p = x_row
     hist.info["restarts"] = getattr(stepper, "restarts", 0)
     hist.info.update(getattr(stepper, "info", {}))
     hist.x = stepper.p
@@ -1144,7 +1218,8 @@ def distributed_cg(problem: ShardedCompletion, x0: torch.Tensor, *, iters: int =
         problem: this process's :class:`ShardedCompletion` (every process of the group
             calls with its own shard and the same other arguments).
         x0: the start, the same on every process (:meth:`ShardedCompletion.initial_point`).
-        iters: number of iterations (counting from 0, also when resuming).
+        iters: number of iterations (counting from 0, also when resuming: at least the
+            checkpoint's iteration, else ``ValueError``).
         beta, restart_tol, restart_every: as in ``riemannian_cg``.
         metrics_every: global metrics every k iterations (0: never; one extra all-reduce).
         checkpoint: a file path; rank 0 writes it atomically every ``checkpoint_every``
@@ -1153,12 +1228,14 @@ def distributed_cg(problem: ShardedCompletion, x0: torch.Tensor, *, iters: int =
             reads it and broadcasts). A resumed run continues to the same iterates as an
             uninterrupted one (bitwise with the same number of processes).
         callback: ``callback(t, history) -> bool`` on every process after each iteration
-            (True stops the run on that process: return the same value on all of them).
+            (True stops the run after recording the row of the point it returns, which
+            takes the metrics' all-reduce: return the same value on every process).
         stop_metric, stop_tol: stop when ``metrics[stop_metric] <= stop_tol``.
 
     Returns a :class:`~ttmanifold.experiments.solvers.History` (``x`` the final packed
     point; ``status`` ``"ok"``, ``"converged"``, ``"stopped"``, ``"diverged"`` or
-    ``"interrupted"`` (Ctrl-C: ``x`` is the last finished iterate)). Raises
+    ``"interrupted"`` (Ctrl-C: ``x`` is the iterate of the history's last row; in one
+    process the last finished iterate, its row added)). Raises
     :class:`PeerFailure` when a peer process dies, and ``ValueError`` on every process
     when the processes were called with different arguments or ``x0`` (checked at the
     start by one all-gather of the arguments and a digest of ``x0``; the other solvers
@@ -1168,8 +1245,7 @@ def distributed_cg(problem: ShardedCompletion, x0: torch.Tensor, *, iters: int =
     evaluation on the shard (O(N_local d r^2)), the retraction and two transports
     (O(d n r^3), replicated), and two all-reduces (``dim M + 1`` numbers and 1 number).
     """
-    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
-    problem.manifold.split(x0, "x0")
+    x0 = _start(problem, x0)
     stepper = _CG(problem, x0, beta, restart_tol, restart_every)
     return _run(problem, stepper, iters=iters, metrics_every=metrics_every,
                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
@@ -1189,8 +1265,7 @@ def distributed_rsgd(problem: ShardedCompletion, x0: torch.Tensor, *, lr: float,
     with the gradient summed over the processes. Arguments and result as in
     :func:`distributed_cg`. Cost per iteration: one ``cg_grad`` on the shard, one
     retraction, one all-reduce of ``dim M + 1`` numbers."""
-    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
-    problem.manifold.split(x0, "x0")
+    x0 = _start(problem, x0)
     stepper = _SGD(problem, x0, lr)
     return _run(problem, stepper, iters=iters, metrics_every=metrics_every,
                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
@@ -1229,8 +1304,7 @@ def distributed_lbfgs(problem: ShardedCompletion, x0: torch.Tensor, *, iters: in
     an all-reduce of 1 number; replicated: the retraction per trial and ``2 memory + 2``
     transports (O(d n r^3) each).
     """
-    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
-    problem.manifold.split(x0, "x0")
+    x0 = _start(problem, x0)
     stepper = _LBFGS(problem, x0, memory, c1)
     return _run(problem, stepper, iters=iters, metrics_every=metrics_every,
                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
@@ -1280,8 +1354,7 @@ def distributed_trust_region(problem: ShardedCompletion, x0: torch.Tensor, *,
     and one all-reduce of ``S`` numbers; replicated: one retraction and O(S) vector work
     per inner iteration; per backtrack one loss on the shard and an all-reduce of 1 number.
     """
-    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
-    problem.manifold.split(x0, "x0")
+    x0 = _start(problem, x0)
     stepper = _TR(problem, x0, radius, max_radius, max_inner, theta, kappa, max_backtracks)
     return _run(problem, stepper, iters=iters, metrics_every=metrics_every,
                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
@@ -1315,7 +1388,7 @@ def distributed_als(problem: ShardedCompletion, x0: torch.Tensor, *, iters: int 
     ``n_k r_{k-1} r_k (r_{k-1} r_k + 1)`` numbers (the normal matrices and right-hand
     sides of core ``k``), plus the loss (one all-reduce of one number).
     """
-    x0 = torch.as_tensor(x0).detach().clone().to(dtype=problem.dtype, device=problem.device)
+    x0 = _start(problem, x0)
     stepper = _ALS(problem, x0, ridge)
     return _run(problem, stepper, iters=iters, metrics_every=metrics_every,
                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
@@ -1383,9 +1456,13 @@ def distributed_rank_adaptive(problem: ShardedCompletion, *, max_rank: int,
             **{k: p.default for k, p in inspect.signature(
                 rank_adaptive_completion).parameters.items() if k not in skip},
             **{k: v for k, v in options.items() if k not in skip}}
+    # (a budget's value may differ; whether one is set may not: rank 0's clock is then
+    # broadcast every CG iteration, and a process without one waited elsewhere)
     _check_same_call(comm, {"method": "rank_adaptive", **kept,
+                            "time_budget (set)": options.get("time_budget") is not None,
                             "checkpoint": checkpoint is not None,
-                            "checkpoint_every": checkpoint_every, "resume": resume}, None)
+                            "checkpoint_every": checkpoint_every, "resume": resume}, None,
+                     _checkpoint_error(comm, checkpoint, checkpoint_every))
     state = None
     if resume:
         want = {"method": "rank_adaptive", "shape": list(problem.shape),

@@ -611,7 +611,8 @@ def cg_direction(g, g_new, g_tr, eta_tr, k, *, beta_rule: str, restart_tol: floa
             restart (already counting this one; an int, or ``(B,)``); beta_rule: ``"pr+"``
             (Polak-Ribiere+, clamped at 0) or ``"fr"`` (Fletcher-Reeves); restart_tol:
             Powell's restart when ``|<g_new, g_tr>| >= restart_tol ||g_new||^2``;
-            restart_every: restart after this many iterations (None: never).
+            restart_every: restart after this many iterations (None: never). A zero old
+            gradient ``g`` (an exact fit) restarts too.
     Returns:
         ``(eta_new, restarted)``; a direction that is not a descent direction is replaced by
         ``-g_new``. ``restarted`` is a bool for flat inputs (one host read) and a ``(B,)``
@@ -627,8 +628,10 @@ def cg_direction(g, g_new, g_tr, eta_tr, k, *, beta_rule: str, restart_tol: floa
         beta = gg / gg_old
     else:
         beta = torch.clamp((g_new * (g_new - g_tr)).sum(-1) / gg_old, min=0.0)
-    # Powell-type restart: consecutive gradients far from orthogonal
-    restart = (g_new * g_tr).sum(-1).abs() >= restart_tol * gg
+    # Powell-type restart: consecutive gradients far from orthogonal; also after an exactly
+    # zero gradient (an exact fit), whose beta divides by 0 (inf times a zero direction:
+    # a NaN direction)
+    restart = ((g_new * g_tr).sum(-1).abs() >= restart_tol * gg) | (gg_old == 0)
     if restart_every:
         restart = restart | (torch.as_tensor(k, device=restart.device) >= restart_every)
     beta = torch.where(restart, torch.zeros_like(beta), beta)
@@ -2364,7 +2367,9 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
                               vals_tr, w_tr, apply=True, counts=bonds, data=red,
                               start=sweep_start(sub_old, x_old), generator=gen)[0]
             start_of[:] = [None, None]  # not kept through the CG: O(N d r) memory
-            x_new = sub_new.manifold.pack_point(y)
+            # unchecked: with no sample sharing the raised bond's columns the greedy
+            # direction can be zero, a rank-deficient trial point (packed as before)
+            x_new = sub_new.manifold.pack_point(y, check_rank=False)
         _sync(device)
         elapsed[0] += time.perf_counter() - t0
         return trial, sub_new, x_new
@@ -2422,7 +2427,9 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
                 x0 = sub.manifold.pack_point(_slice_means_point(idx_tr, vals_tr, w_tr,
                                                                 shape, data=red))
             elif name == "spectral":
-                x0 = sub.manifold.pack_point(_rank1_spectral_point(data))
+                # zero where no two samples share a column (arbitrary bases): packed
+                # unchecked, its fit (control error 1) then loses against the means
+                x0 = sub.manifold.pack_point(_rank1_spectral_point(data), check_rank=False)
             else:
                 x0 = data.random_point(sub, gen)
             elapsed[0] += time.perf_counter() - t0

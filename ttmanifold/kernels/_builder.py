@@ -8,6 +8,10 @@ fails). ``--background``: lowest CPU priority and one compile job, so the proces
 asked for the build does not slow down.
 
 Exit status: 0 built (or already built), 1 failed, 3 another live process holds the lock.
+
+On Linux every process the build starts (ninja, which runs the compiler) gets SIGTERM when
+the build process dies, even killed outright (:func:`die_with_this_process`); its lock is
+then stale and the next build reclaims it (:func:`ttmanifold.kernels._cache.try_lock`).
 """
 from __future__ import annotations
 
@@ -17,6 +21,44 @@ import time
 import traceback
 
 BUSY = 3
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_this_process() -> bool:
+    """Make the subprocesses this process starts from now on (``subprocess.Popen``, which
+    ``torch.utils.cpp_extension`` runs ninja with) receive SIGTERM when it dies: Linux's
+    ``prctl(PR_SET_PDEATHSIG)``, set in the child between fork and exec. ninja then ends
+    the compiler (it runs each command in a process group of its own and passes the signal
+    on), so a builder killed outright (SIGKILL, the OOM killer) leaves no orphaned compiler
+    running, nor writing into a build directory whose lock the next build reclaims. For
+    this build process only (it runs nothing else). Returns whether it is in effect (False
+    off Linux: there a foreground build's parent still ends the build's process group)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    import signal
+    import subprocess
+
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the builder died before the prctl: nobody signals
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    class Popen(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            if kwargs.get("preexec_fn") is None:
+                kwargs["preexec_fn"] = preexec
+            super().__init__(*args, **kwargs)
+
+    subprocess.Popen = Popen  # type: ignore[misc]
+    return True
 
 
 def main(argv=None) -> int:
@@ -59,6 +101,7 @@ def main(argv=None) -> int:
             except OSError:
                 pass
         print(f"building {s.build_name} from {s.source} in {s.build_dir}", flush=True)
+        die_with_this_process()
         try:
             from torch.utils import cpp_extension
 

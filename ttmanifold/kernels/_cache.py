@@ -157,10 +157,19 @@ def read_status(s: Spec) -> Optional[dict]:
 
 
 def write_status(s: Spec, **fields) -> None:
+    """Replace ``build.json`` atomically (a temporary file renamed over it): an interrupt
+    (Ctrl-C, an error) leaves the old record whole and no temporary file behind."""
     tmp = f"{s.status_path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(dict(fields, time=time.time(), pid=os.getpid(), host=socket.gethostname()), fh)
-    os.replace(tmp, s.status_path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(dict(fields, time=time.time(), pid=os.getpid(), host=socket.gethostname()),
+                      fh)
+        os.replace(tmp, s.status_path)
+    finally:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass  # renamed (the usual case)
 
 
 def is_built(s: Spec) -> bool:

@@ -61,7 +61,7 @@ def tangent_at_point(M, p: torch.Tensor) -> TangentTT:
     U = [c.detach() for c in M.split(p, "p")]
     V = right_cores(U)
     flat = _DeltaFromPoint.apply(p, M.gauge_runs)
-    return TangentTT(U, V, None, flat=flat, gauged=True, check=False)
+    return TangentTT(U, V, None, flat=flat, gauged=True, check=False, canonical=True)
 
 
 def _delta_tt(M, p, U, V):
@@ -72,7 +72,7 @@ def _delta_tt(M, p, U, V):
     flat = leaf.view_as(leaf)
     if M.d == 1:
         return flat, TT(M.split(flat, "p"), check=False)
-    return flat, TangentTT(U, V, None, flat=flat, gauged=True, check=False)
+    return flat, TangentTT(U, V, None, flat=flat, gauged=True, check=False, canonical=True)
 
 
 def _func_loss(M, p, U, V, f):

@@ -21,6 +21,7 @@ import geoopt
 import torch
 
 from .. import kernels
+from ..kernels import dense as compiled_dense
 from .._checks import (assert_finite_async, check_float_dtype, check_right_cores, check_shape,
                        functorch_wrapped, normalize_ranks)
 from ..tt import TT, BatchIndexSet, IndexSet, orthogonalize
@@ -121,6 +122,7 @@ def _no_autograd_fast_path(fn=None, *, fresh_outputs: bool = False):
 
 # a NaN point would spread into every delta of a projection as silently as a NaN Z
 _NONFINITE_Z = "Z: contains NaN or Inf (or the point p does)"
+_NONFINITE_V = "v: contains NaN or Inf (or the points x, y do)"
 
 #: Large CPU batches of the per-step methods (``retr``, ``transp``, ``retr_transp``,
 #: ``proju``, ``gauge``, ``project`` of a TT or dense ``Z``) run in chunks of about this many
@@ -143,7 +145,10 @@ def _chunked_on_cpu(fn):
     concatenate the results. Only on the inference fast path of
     :func:`_no_autograd_fast_path` (no autograd graph to keep), only for one batch
     dimension, and only when every argument is recognisably batched (``(B, size)``
-    packed, ``(B, *shape)`` dense, a TT of batch shape ``(B,)``) or unbatched."""
+    packed, ``(B, *shape)`` dense, a TT of batch shape ``(B,)``, a list of cores
+    ``(B, r, n, r')`` with None entries) or unbatched (None too). The concatenations are
+    ordinary tensors (built outside inference mode), which the fast path of a method with
+    ``fresh_outputs`` returns without copying them out."""
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
@@ -154,10 +159,17 @@ def _chunked_on_cpu(fn):
             return fn(self, *args, **kwargs)
         B, kinds = None, []
         for a in args:
-            if isinstance(a, TT):
+            if a is None:
+                kind, n = "one", None
+            elif isinstance(a, TT):
                 bs = a.batch_shape
                 kind = "tt" if len(bs) == 1 else ("one" if not bs else None)
                 n = bs[0] if len(bs) == 1 else None
+            elif isinstance(a, list):  # cores (the point's right cores): one dimension each
+                cs = [c for c in a if c is not None]
+                lead = {c.shape[0] if c.dim() == 4 else None if c.dim() == 3 else -1 for c in cs}
+                kind, n = (("one", None) if lead <= {None} else ("cores", lead.pop())
+                           if len(lead) == 1 and -1 not in lead else (None, None))
             elif isinstance(a, torch.Tensor) and a.device.type == "cpu" and not a.is_sparse:
                 # packed (last dimension: size; for d >= 2 no n_d equals size) or dense
                 # (trailing dimensions: the shape); the leading ones are its batch
@@ -178,13 +190,37 @@ def _chunked_on_cpu(fn):
         step = max(1, budget // (self.size * ref.element_size()))
         if B <= step:
             return fn(self, *args)
-        outs = [fn(self, *[a[i:i + step] if k != "one" else a for a, k in zip(args, kinds)])
+        def part(a, k, i):
+            if k == "cores":
+                return [None if c is None else c[i:i + step] for c in a]
+            return a if k == "one" else a[i:i + step]
+
+        outs = [fn(self, *[part(a, k, i) for a, k in zip(args, kinds)])
                 for i in range(0, B, step)]
-        if isinstance(outs[0], tuple):
-            return tuple(torch.cat(parts) for parts in zip(*outs))
-        return torch.cat(outs)
+        with compiled_dense.ordinary_outputs():
+            if isinstance(outs[0], tuple):
+                return tuple(torch.cat(parts) for parts in zip(*outs))
+            return torch.cat(outs)
 
     return wrapper
+
+
+_NONFINITE_METRIC = {"u": "u: contains NaN or Inf (or the metric overflows)",
+                     "u, v": "u, v: contain NaN or Inf (or the metric overflows)"}
+
+
+def _assert_finite_result(out: torch.Tensor, name: str) -> None:
+    """The metric's check of its vectors, on its per-point result: a sum of products (or a
+    scaled norm) is NaN or Inf whenever an entry is (NaN propagates, Inf times anything is
+    Inf or NaN), and so is the sum over a batch, so one scalar tells what a pass over the
+    vectors would: O(batch), two operations and an on-device assert (no host sync;
+    ``assert_finite_async``'s four would double the cost of ``inner``)."""
+    if out.device.type == "meta" or functorch_wrapped(out):
+        return
+    d = out.detach()
+    if d.dim():
+        d = d.sum()
+    torch._assert_async(d * 0 == 0, _NONFINITE_METRIC[name])
 
 
 class FixedTTRank(geoopt.Manifold):
@@ -319,14 +355,37 @@ class FixedTTRank(geoopt.Manifold):
             return torch.cat([c.expand(bs + c.shape[-3:]).flatten(-3) for c in cores], -1)
         return torch.cat([c.reshape(-1) for c in cores])
 
-    def pack_point(self, *tensors) -> torch.Tensor:
+    def pack_point(self, *tensors, check_rank: bool = True,
+                   rtol: Optional[float] = None) -> torch.Tensor:
         """Pack a :class:`TT` (or its cores) into a point.
 
         The TT is brought to left-orthogonal form (QR sweep, ``diag(R) >= 0``). A TT of
         higher ranks is first rounded to the manifold's ranks; lower ranks or another
         shape raise ``ValueError``, non-finite cores ``RuntimeError`` (an on-device assert).
-        Cost O(d n r^3).
+
+        Args:
+            tensors: a :class:`TT`, a list of its cores, or the cores as arguments (plain
+                or batched: a batched TT packs into ``(*batch, size)``).
+            check_rank: check that the TT-rank is the manifold's: a TT whose nominal ranks
+                match but whose true rank is lower (zero cores, the zero tensor, linearly
+                dependent slices) represents a tensor *outside* the fixed-rank manifold; its
+                packed cores would look like a point but the tangent space, projection and
+                retraction are not defined there. ``ValueError`` naming the first deficient
+                bond. ``False`` packs it anyway (no check, no host synchronisation).
+            rtol: a bond ``k`` is deficient when the smallest singular value of the
+                unfolding ``X^{<k>}`` is ``<= rtol`` times its largest; ``None`` means
+                ``100 * eps(dtype)`` (numerically deficient, to rounding).
+
+        Returns:
+            the packed point ``(M.size,)`` (or ``(*batch, M.size)``), dtype/device of the cores.
+
+        Cost: O(d n r^3); the rank check (:meth:`check_point`'s) adds an LQ sweep, ``d - 1``
+        ``r x r`` singular value decompositions (O(d n r^3)) and host synchronisations
+        (skipped on ``meta``).
         """
+        if rtol is not None and (not isinstance(rtol, numbers.Real) or isinstance(rtol, bool)
+                                 or not 0 <= rtol < 1):
+            raise ValueError(f"rtol: expected a float in [0, 1) or None, got {rtol!r}")
         if len(tensors) == 1 and isinstance(tensors[0], TT):
             x = tensors[0]
         elif len(tensors) == 1 and isinstance(tensors[0], (list, tuple)):
@@ -346,7 +405,20 @@ class FixedTTRank(geoopt.Manifold):
                 )
             x = tt_round(x, ranks=self.ranks)
         x = orthogonalize(x, "left")
-        return self._cat(x.cores)
+        p = self._cat(x.cores)
+        if check_rank:
+            if rtol is None:
+                rtol = 100 * torch.finfo(p.dtype).eps
+            ok, why = self._check_point_on_manifold(p, atol=0.0, rtol=rtol)
+            if not ok:  # (one host synchronisation per bond when it passes)
+                raise ValueError(
+                    f"tt: not a point of the fixed-rank manifold: {why} (an unfolding's "
+                    f"smallest singular value <= rtol={rtol:.3g} times its largest; zero "
+                    f"cores and the zero tensor have rank 0). Round it to lower ranks "
+                    f"(ttmanifold.round) for a smaller manifold, perturb it, or pass "
+                    f"check_rank=False to pack it anyway (the manifold's operations are not "
+                    f"defined at it)")
+        return p
 
     def to_tt(self, p: torch.Tensor) -> TT:
         """The rank-r TT of a point (a view of its cores; no copy); for a batch of points
@@ -486,7 +558,7 @@ class FixedTTRank(geoopt.Manifold):
         assert_finite_async([u, x], "u", "u: contains NaN or Inf (or the point x does)")
         return self._gauge_packed(x, u)
 
-    @_no_autograd_fast_path
+    @_no_autograd_fast_path(fresh_outputs=True)
     def egrad2rgrad(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Riemannian gradient from ``p.grad`` as produced through :meth:`unpack_tensor`
         (the gauge projection :meth:`proju`; never an alias of ``u``).
@@ -497,6 +569,13 @@ class FixedTTRank(geoopt.Manifold):
         self._check_vector(u, x)
         assert_finite_async(u, "u", "u: gradient contains NaN or Inf")
         self._verify_once(x)
+        if (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+                and (x.dim() > 1 or u.dim() > 1)):
+            # the fast path (no gradient wanted) of a batch: the result allocated as an
+            # ordinary tensor, returned without the fast path's copy (which cost as much as
+            # the projection's kernel); no_grad, as inference mode was
+            with torch.inference_mode(False), torch.no_grad():
+                return self._gauge_packed(x, u)
         return self._gauge_packed(x, u)  # (proju would check and assert u again)
 
     def _verify_once(self, x: torch.Tensor) -> None:
@@ -724,11 +803,18 @@ class FixedTTRank(geoopt.Manifold):
         """Riemannian metric: Euclidean inner product of packed gauged deltas; one value
         per point for batches (shape ``batch``, or ``(*batch, 1)`` with ``keepdim``). As in
         geoopt's manifolds, ``batch`` broadcasts the batch shapes of ``x``, ``u`` and
-        ``v`` (a batch of points and one vector: one value per point)."""
+        ``v`` (a batch of points and one vector: one value per point).
+
+        A non-finite ``u`` or ``v`` raises ``RuntimeError`` (an on-device assert on the
+        per-point results, which are non-finite exactly then: O(batch), no pass over the
+        vectors, no host sync; also when a finite product overflows). The point is not read.
+        Cost O(size) per point."""
+        name = "u" if v is None else "u, v"
         if v is None:
             v = u
         shape = self._metric_shape(x, u, v)
         out = (u * v).sum(-1, keepdim=keepdim)
+        _assert_finite_result(out, name)
         shape = shape[:-1] + (1,) * keepdim
         return out if out.shape == shape else out.expand(shape)
 
@@ -786,19 +872,26 @@ class FixedTTRank(geoopt.Manifold):
         a rank-4 approximation). A single value per point is gauge invariant; for a batch,
         one value per point (never pooled over the batch), so every point's Adam step is
         the one it takes alone.
+
+        A non-finite ``u`` or ``v`` raises ``RuntimeError`` as in :meth:`inner` (checked on
+        the per-point values). Cost O(size) per point.
         """
+        name = "u" if v is None else "u, v"
         if v is None:
             v = u
         shape = self._metric_shape(x, u, v)
         val = (u * v).sum(-1, keepdim=True)
+        _assert_finite_result(val, name)
         return val.expand(shape).clone()
 
     def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
         """Riemannian norm ``sqrt(<u, u>)``, one per point for batches; scaled, so it neither
         overflows nor underflows where ``<u, u>`` would (``||u||`` beyond ~1e154 or below
-        ~1e-154 in float64, 1e19 and 1e-19 in float32). O(size)."""
+        ~1e-154 in float64, 1e19 and 1e-19 in float32). A non-finite ``u`` raises
+        ``RuntimeError`` as in :meth:`inner`. O(size)."""
         shape = self._metric_shape(x, u, u)[:-1] + (1,) * keepdim
         out = fro_norm(u, u.dim() - 1)
+        _assert_finite_result(out, "u")
         out = out.unsqueeze(-1) if keepdim else out
         return out if out.shape == shape else out.expand(shape)
 
@@ -811,21 +904,26 @@ class FixedTTRank(geoopt.Manifold):
 
         ``u`` may be non-gauged deltas. The result is left-orthogonal.
         """
-        if (x.dim() > 1 or u.dim() > 1) and self._kept_right_cores(x) is None:
+        if x.dim() > 1 or u.dim() > 1:
             U, du = self._split(x, "x"), self._check_vector(u, x)
             mod = small_retract_module(U, du, self.ranks)
             if mod is not None:  # the small-rank SIMD kernel: the whole batch, one call
+                # (its own LQ sweep is cheaper than the torch sweeps given the kept right
+                # cores: 2x at d = 10, n = 20, r = 4, 256 points; those are forgotten)
+                self._kept_right_cores(x, consume=True)
                 return retract_small(mod, U, du, self.ranks)
             mod = wide_retract_module(U, du, self.ranks)
-            if mod is not None:  # ranks up to 12: the SIMD kernel of runtime width
+            if mod is not None:  # ranks up to 12: the SIMD kernel of runtime width (as
+                # above, its own LQ sweep beats the per-point loop given the kept cores)
+                self._kept_right_cores(x, consume=True)
                 return retract_wide(mod, U, du, self.ranks)
-        return self._retr(x, u)
+        # the kept right cores taken here: the CPU chunks are slices the memo does not know
+        return self._retr(x, u, self._kept_right_cores(x, consume=True))
 
     @_chunked_on_cpu
-    def _retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def _retr(self, x: torch.Tensor, u: torch.Tensor, V) -> torch.Tensor:
         U = self._split(x, "x")
         du = self._check_vector(u, x)
-        V = self._kept_right_cores(x, consume=True)
         return retract_point(U, du, self.ranks) if V is None else retract(U, V, du, self.ranks)
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -836,30 +934,60 @@ class FixedTTRank(geoopt.Manifold):
             "FixedTTRank has no closed-form exponential map; use retr (a second-order "
             "retraction), as geoopt's optimizers do")
 
-    @_no_autograd_fast_path
-    @_chunked_on_cpu
+    @_no_autograd_fast_path(fresh_outputs=True)
     def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Vector transport by projection ``P_Y(xi)`` of ``v`` at ``x`` to ``y``.
         ``v`` may be non-gauged. Non-finite ``v`` (or points) raise ``RuntimeError`` (an
-        on-device assert, no host sync). O(d n r^3)."""
+        on-device assert, no host sync). O(d n r^3). A CPU batch of small TT-ranks
+        projects in one compiled call (:meth:`retr_transp`)."""
+        if x.dim() > 1 or y.dim() > 1 or v.dim() > 1:
+            Ux, dv = self._split(x, "x"), self._check_vector(v, x, "v")
+            Uy = self._check_vector(y, x, "y")
+            out = self._transport_small(x, Ux, None, v, dv, Uy)
+            if out is not None:
+                return out
+        return self._transp(x, y, v)
+
+    @_chunked_on_cpu
+    def _transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         Ux = self._split(x, "x")
         dv = self._check_vector(v, x, "v")
         Uy = self._check_vector(y, x, "y")  # (shape, batch, dtype and device)
         # one fused check (a fixed number of operations)
-        assert_finite_async([v, x, y], "v", "v: contains NaN or Inf (or the points x, y do)")
+        assert_finite_async([v, x, y], "v", _NONFINITE_V)
         if self.d == 1:
             return v.expand(torch.broadcast_shapes(x.shape, v.shape, y.shape)).clone()
         xi = self._transport_cores(x, Ux, self._right_cores(x, Ux), v, dv)
         return project_tt(Uy, None, xi, packed=True, gauge=True)  # its LQ sweep inside
 
     @_no_autograd_fast_path(fresh_outputs=True)
-    @_chunked_on_cpu
     def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
-        """``(retr(x, u), transp(x, retr(x, u), v))`` sharing the work at ``x``."""
+        """``(retr(x, u), transp(x, retr(x, u), v))`` sharing the work at ``x``.
+
+        A CPU batch of TT-rank at most 4 (``retraction.SMALL_RETRACT_MAX_RANK``; the
+        rank-2r TT of ``v`` at most ``sweeps.SMALL_PROJECT_MAX_RANK``) runs as two compiled
+        calls over the whole batch, SIMD across the points: the retraction
+        (:func:`~.retraction.retract_small`) and the projection of ``v``'s block cores at
+        the new points (:func:`~.sweeps.project_small`); other batches run in CPU chunks.
+        Non-finite ``v`` raise ``RuntimeError`` ("v: contains NaN or Inf"), as do a
+        non-finite point or ``u`` on every path but the chunked batch one (where, as in
+        :meth:`retr`, they give NaN). O(d n r^3)."""
+        if x.dim() > 1 or u.dim() > 1 or v.dim() > 1:
+            out = self._retr_transp_small(x, u, v)
+            if out is not None:
+                return out
+        # the right cores kept by the loss, taken here: the CPU chunks below are slices
+        # of x, which the memo does not know (each chunk ran the LQ sweep again)
+        return self._retr_transp(x, u, v, self._kept_right_cores(x, consume=True))
+
+    @_chunked_on_cpu
+    def _retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, V):
         U = self._split(x, "x")
         du = self._check_vector(u, x)
         dv = self._check_vector(v, x, "v")
-        V = self._right_cores(x, U, consume=True)
+        # (a non-finite x or u fails the single-point retraction's SVD)
+        assert_finite_async(v, "v", _NONFINITE_V)
+        V = right_cores(U) if V is None else V
         if self.d > 2 and self._fewer_launches(x, u, v):  # both block-core sets at once
             y, xi = retract_transport_cores(U, V, du, dv, self.ranks)
             return y, project_tt(self._split(y, "y"), None, xi, packed=True, gauge=True)
@@ -869,6 +997,48 @@ class FixedTTRank(geoopt.Manifold):
             return y, v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
         xi = self._transport_cores(x, U, V, v, dv)
         return y, project_tt(ycores, None, xi, packed=True, gauge=True)
+
+    def _retr_transp_small(self, x, u, v):
+        """:meth:`retr_transp` of a batch by the compiled small-rank kernels, or None (before
+        any work) when the retraction's kernel does not take it (its dispatch decides on
+        shapes, dtype, device and grad)."""
+        U = self._split(x, "x")
+        du = self._check_vector(u, x)
+        dv = self._check_vector(v, x, "v")
+        mod = small_retract_module(U, du, self.ranks)  # (None for d = 1)
+        if mod is None:
+            return None
+        y = retract_small(mod, U, du, self.ranks)  # raises on a non-finite x or u
+        # the right cores kept by the loss (unpack_tensor), else one LQ sweep
+        V = self._right_cores(x, U, consume=True)
+        Uy = self._split(y, "y")
+        t = self._transport_small(x, U, V, v, dv, Uy)
+        if t is None:  # the projection's kernel declines (its limits): the torch sweeps
+            assert_finite_async(v, "v", _NONFINITE_V)
+            t = project_tt(Uy, None, self._transport_cores(x, U, V, v, dv), packed=True,
+                           gauge=True)
+        return y, t
+
+    def _transport_small(self, x, U, V, v, dv, Uy) -> Optional[torch.Tensor]:
+        """``P_Y`` of the tangent vector ``v`` at ``x`` (cores ``U``; right cores ``V``, or
+        None: computed here) at the points ``Uy``: its rank-2r block cores projected by the
+        compiled small-rank batched projection, one call for the batch, which detects a
+        non-finite ``v`` or point in the result as it writes it. None (before any work)
+        unless the points ``Uy`` hold the whole batch (at least
+        ``sweeps.SMALL_PROJECT_MIN_BATCH`` of them) on the CPU with ``2 r`` within
+        ``sweeps.SMALL_PROJECT_MAX_RANK``."""
+        bs = Uy[0].shape[:-3]
+        if (self.d < 2 or Uy[0].device.type != "cpu" or torch.compiler.is_compiling()
+                or bs.numel() < sweeps.SMALL_PROJECT_MIN_BATCH
+                or 2 * max(self.ranks) > sweeps.SMALL_PROJECT_MAX_RANK
+                or torch.broadcast_shapes(bs, x.shape[:-1], v.shape[:-1]) != bs):
+            return None
+        xi = self._transport_cores(x, U, self._right_cores(x, U) if V is None else V, v, dv)
+        mod = sweeps.small_project_module(Uy, xi)
+        if mod is None:  # (grad, dtype: the dispatch's other conditions) the torch sweeps
+            assert_finite_async([v, x] + list(Uy), "v", _NONFINITE_V)
+            return project_tt(Uy, None, xi, packed=True, gauge=True)
+        return sweeps.project_small(mod, Uy, xi, check=_NONFINITE_V)
 
     def transp_follow_retr(self, x, u, v):
         return self.retr_transp(x, u, v)[1]
@@ -965,7 +1135,10 @@ class FixedTTRank(geoopt.Manifold):
 
     def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
         U = self._split(x, "x")
-        du = self._split(u, "u")
+        try:  # a vector of another batch, dtype or device is not tangent at x: say why
+            du = self._check_vector(u, x)
+        except (TypeError, ValueError) as exc:
+            return False, str(exc)
         if u.device.type == "meta":
             return True, None
         def at(bad):  # which point of a batch fails first (per-point mask ``bad``)

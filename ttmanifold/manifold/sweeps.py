@@ -689,20 +689,21 @@ def _small_project(U, V, Z, *, packed: bool, gauge: bool, check=None) -> bool:
     return True
 
 
-def small_project_module(U, Z):
+def small_project_module(U, Z, *, gauge: bool = True):
     """The loaded dense module when the compiled small-rank batched projection takes
-    ``project_tt(U, None, Z, packed=True, gauge=True)`` (shapes, dtypes, grad and device
+    ``project_tt(U, None, Z, packed=True, gauge=gauge)`` (shapes, dtypes, grad and device
     as its dispatch decides), else None. A caller that routes such a call itself passes the
     module to :func:`project_small`."""
-    return _project_tt_batched.module_for(U, None, Z, packed=True, gauge=True)
+    return _project_tt_batched.module_for(U, None, Z, packed=True, gauge=gauge)
 
 
-def project_small(mod, U, Z, *, check: str) -> torch.Tensor:
-    """``project_tt(U, None, Z, packed=True, gauge=True)`` of a batch by the compiled
+def project_small(mod, U, Z, *, check: str, gauge: bool = True) -> torch.Tensor:
+    """``project_tt(U, None, Z, packed=True, gauge=gauge)`` of a batch by the compiled
     small-rank kernel ``mod`` (from :func:`small_project_module`), raising
     ``RuntimeError(check)`` when a delta is NaN or infinite (tested while they are
-    written: no separate pass over the inputs). Cost: that of :func:`project_tt`."""
-    return _project_tt_batched.call_with(mod, U, None, Z, packed=True, gauge=True, check=check)
+    written: no separate pass over the inputs; ``check=""``: not tested, a NaN result as
+    on the torch path). Cost: that of :func:`project_tt`."""
+    return _project_tt_batched.call_with(mod, U, None, Z, packed=True, gauge=gauge, check=check)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.project_batch_small, when=_small_project)

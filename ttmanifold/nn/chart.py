@@ -285,10 +285,13 @@ class STTPChart(torch.nn.Module):
             U[-1] = U[-1] * s
         return TT(U + V, check=False)
 
-    def point(self, theta: Tensor) -> Tensor:
-        """``manifold.pack_point(self(theta))``: the packed (left-orthogonal) point of the
-        manifold. Differentiable. Cost ``O(d n r^3)``."""
-        return self.manifold.pack_point(self(theta))
+    def point(self, theta: Tensor, *, check_rank: bool = True) -> Tensor:
+        """``manifold.pack_point(self(theta), check_rank=check_rank)``: the packed
+        (left-orthogonal) point of the manifold. ``ValueError`` when the TT of ``theta`` has
+        a lower TT-rank than the chart's ranks (a zero entry of the spectrum; the
+        :meth:`orthogonal_init` of most layouts, whose identity frames meet in a smaller
+        rank), unless ``check_rank=False``. Differentiable. Cost ``O(d n r^3)``."""
+        return self.manifold.pack_point(self(theta), check_rank=check_rank)
 
     # -- initializations ------------------------------------------------------------------
     def random_theta(self, *, dtype=None, device=None,

@@ -252,7 +252,7 @@ class STTPWeight(_OwnedParams):
             if self.param == "chart":
                 self.theta.copy_(theta)
             else:
-                self.point.copy_(self.manifold.pack_point(self.chart(theta)))
+                self.point.copy_(self.manifold.pack_point(self.chart(theta), check_rank=False))
 
     # -- cores -----------------------------------------------------------------------------
     def _point_tt(self) -> TT:
@@ -312,7 +312,9 @@ class STTPWeight(_OwnedParams):
 
         theta = self.theta
         with torch.no_grad():
-            point = self.manifold.pack_point(self.chart(theta.detach()))
+            # unchecked: the default (orthogonal) init and exactly low-rank weights are
+            # rank-deficient points, packed as before
+            point = self.manifold.pack_point(self.chart(theta.detach()), check_rank=False)
         self.theta = None
         self.point = geoopt.ManifoldParameter(point, manifold=self.manifold,
                                               requires_grad=theta.requires_grad)
@@ -354,7 +356,7 @@ class STTPWeight(_OwnedParams):
             if self.param == "chart":
                 self.theta.copy_(theta)
             else:
-                self.point.copy_(self.manifold.pack_point(self.chart(theta)))
+                self.point.copy_(self.manifold.pack_point(self.chart(theta), check_rank=False))
 
 
 class SVDPWeight(_OwnedParams):
