@@ -130,6 +130,22 @@ def test_shared_point_and_zero_step(spy, monkeypatch):
     assert _err(M.to_tt(y0).full(), M.to_tt(p).full()) < 1e-12
 
 
+def test_kept_right_cores(spy, monkeypatch):
+    """A batch whose right cores the loss kept (``unpack_tensor`` with grad) still goes to
+    the kernel (its own LQ sweep: faster than the per-point loop given them)."""
+    g = torch.Generator().manual_seed(8)
+    M = FixedTTRank((12, 14, 12), 6)
+    p = torch.Tensor(M.random(16, dtype=F64, generator=g)).requires_grad_()
+    M.unpack_tensor(p)  # keeps the point's right cores for the step
+    u = M.proju(p.detach(), torch.randn(16, M.size, dtype=F64, generator=g))
+    with torch.no_grad():
+        spy.calls.clear()
+        y = M.retr(p, u)
+        assert spy.calls == ["retract_batch_wide"]
+        ref = _torch_path(monkeypatch, lambda: M.retr(p.detach().clone(), u))
+    assert _err(M.to_tt(y).full(), M.to_tt(ref).full()) < 1e-11
+
+
 @pytest.mark.parametrize("dtype,scale", [(F64, 1e160), (F64, 1e-160), (F32, 1e25), (F32, 1e-25)])
 def test_huge_and_tiny_points(spy, monkeypatch, dtype, scale):
     """Points and steps whose squares overflow or underflow (the norm in the last core):
