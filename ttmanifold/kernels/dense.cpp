@@ -2006,8 +2006,9 @@ torch::Tensor retract_batch_small(std::vector<torch::Tensor> U, std::vector<torc
 // truncated SVDs by Householder QR and one-sided Jacobi of R^T) in the interleaved layout
 // of bf, with factorizations of runtime width (bf's are instantiated per column count and
 // column, too many functions at 24 columns). A reflector's products run over blocks of up
-// to kChunk columns whose accumulators are compile-time arrays (registers). Blocks of L
-// points: fewer lanes than bf (a 200 x 20 unfolding in 16 float64 lanes is 512 KB).
+// to kChunk columns whose accumulators are compile-time arrays (registers). Blocks of 16
+// points in both precisions (float64: 8 were slower; float32: 32, bf's count, no faster at
+// twice the working set: a 200 x 20 unfolding in 16 float64 lanes is already 512 KB).
 namespace rbw {
 
 constexpr int kMaxRank = 12;
