@@ -1996,6 +1996,605 @@ torch::Tensor retract_batch_small(std::vector<torch::Tensor> U, std::vector<torc
 }
 
 
+// ---------------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+#include <immintrin.h>  // sqrt over lanes (rbw::sqrt_lanes)
+#endif
+
+// The batched retraction for TT-ranks up to 12 (SVDs of up to 24 columns): rbs's algorithm
+// (retract_small_impl: the LQ sweep, the structured right-to-left orthogonalization, the
+// truncated SVDs by Householder QR and one-sided Jacobi of R^T) in the interleaved layout
+// of bf, with factorizations of runtime width (bf's are instantiated per column count and
+// column, too many functions at 24 columns). A reflector's products run over blocks of up
+// to kChunk columns whose accumulators are compile-time arrays (registers). Blocks of 16
+// points in both precisions (float64: 8 were slower; float32: 32, bf's count, no faster at
+// twice the working set: a 200 x 20 unfolding in 16 float64 lanes is already 512 KB).
+namespace rbw {
+
+constexpr int kMaxRank = 12;
+constexpr int kMaxCols = 2 * kMaxRank;
+constexpr int kChunk = 8;
+
+// x = sqrt(x) over L lanes with AVX-512 where the compiler has it: GCC keeps std::sqrt in a
+// lane loop scalar (errno), which made the Jacobi rotations' parameters a third of its time
+template <typename T, int L>
+inline void sqrt_lanes(T* x) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, double> && L % 8 == 0) {
+    for (int l = 0; l < L; l += 8) _mm512_storeu_pd(x + l, _mm512_sqrt_pd(_mm512_loadu_pd(x + l)));
+    return;
+  } else if constexpr (std::is_same_v<T, float> && L % 16 == 0) {
+    for (int l = 0; l < L; l += 16) _mm512_storeu_ps(x + l, _mm512_sqrt_ps(_mm512_loadu_ps(x + l)));
+    return;
+  }
+#endif
+  for (int l = 0; l < L; ++l) x[l] = std::sqrt(x[l]);
+}
+
+// X[i, c] -= cf (sum_{i' >= j} v_i' X[i', c]) v_i for c < CW, rows i >= j; v_i the
+// reflector j of a house_qr factor A (row stride lda): its head vdj at i == j, A[i, j]
+// below. X: row stride ldx (may be A's later columns: v is read into a local first).
+template <typename T, int L, int CW>
+void reflect_chunk(int m, int j, const T* A, int lda, const T* vdj, const T* cfj, T* X,
+                   int ldx) {
+  T dot[CW * L];
+  for (int e = 0; e < CW * L; ++e) dot[e] = T(0);
+  for (int i = j; i < m; ++i) {
+    const T* v = i == j ? vdj : A + (static_cast<size_t>(i) * lda + j) * L;
+    T vv[L];
+    for (int l = 0; l < L; ++l) vv[l] = v[l];
+    const T* row = X + static_cast<size_t>(i) * ldx * L;
+    for (int c = 0; c < CW; ++c)
+      for (int l = 0; l < L; ++l) dot[c * L + l] += vv[l] * row[c * L + l];
+  }
+  for (int c = 0; c < CW; ++c)
+    for (int l = 0; l < L; ++l) dot[c * L + l] *= cfj[l];
+  for (int i = j; i < m; ++i) {
+    const T* v = i == j ? vdj : A + (static_cast<size_t>(i) * lda + j) * L;
+    T vv[L];
+    for (int l = 0; l < L; ++l) vv[l] = v[l];
+    T* row = X + static_cast<size_t>(i) * ldx * L;
+    for (int c = 0; c < CW; ++c)
+      for (int l = 0; l < L; ++l) row[c * L + l] -= dot[c * L + l] * vv[l];
+  }
+}
+
+// reflect_chunk over w columns of X (starting at X), in blocks of kChunk
+template <typename T, int L>
+void reflect(int m, int j, const T* A, int lda, const T* vdj, const T* cfj, T* X, int ldx,
+             int w) {
+  int c = 0;
+  for (; c + kChunk <= w; c += kChunk)
+    reflect_chunk<T, L, kChunk>(m, j, A, lda, vdj, cfj, X + c * L, ldx);
+  T* x = X + c * L;
+  switch (w - c) {
+    case 1: reflect_chunk<T, L, 1>(m, j, A, lda, vdj, cfj, x, ldx); break;
+    case 2: reflect_chunk<T, L, 2>(m, j, A, lda, vdj, cfj, x, ldx); break;
+    case 3: reflect_chunk<T, L, 3>(m, j, A, lda, vdj, cfj, x, ldx); break;
+    case 4: reflect_chunk<T, L, 4>(m, j, A, lda, vdj, cfj, x, ldx); break;
+    case 5: reflect_chunk<T, L, 5>(m, j, A, lda, vdj, cfj, x, ldx); break;
+    case 6: reflect_chunk<T, L, 6>(m, j, A, lda, vdj, cfj, x, ldx); break;
+    case 7: reflect_chunk<T, L, 7>(m, j, A, lda, vdj, cfj, x, ldx); break;
+    default: break;
+  }
+}
+
+// Two reflectors at once (half the passes over X): X := H_B H_A X for the pair (j, j + 1) of
+// a house_qr factor A (row stride lda; heads vd, factors cf at j and j + 1), A = j and
+// B = j + 1 when low_first (the QR's order), else A = j + 1, B = j (apply_q's order).
+// With d = v^T X and s = v_j^T v_{j+1}: e_A = cf_A d_A, e_B = cf_B (d_B - s e_A),
+// X -= v_A e_A^T + v_B e_B^T. Rows from j (where v_{j+1} is zero); CW columns of X.
+template <typename T, int L, int CW>
+void reflect2_chunk(int m, int j, const T* A, int lda, const T* vd, const T* cf, const T* s,
+                    bool low_first, T* X, int ldx) {
+  T d0[CW * L], d1[CW * L];
+  for (int e = 0; e < CW * L; ++e) d0[e] = d1[e] = T(0);
+  {  // row j: v_j's head, v_{j+1} = 0
+    const T* row = X + static_cast<size_t>(j) * ldx * L;
+    for (int c = 0; c < CW; ++c)
+      for (int l = 0; l < L; ++l) d0[c * L + l] += vd[j * L + l] * row[c * L + l];
+  }
+  for (int i = j + 1; i < m; ++i) {
+    const T* a0 = A + (static_cast<size_t>(i) * lda + j) * L;
+    const T* a1 = i == j + 1 ? vd + (j + 1) * L : a0 + L;
+    T v0[L], v1[L];
+    for (int l = 0; l < L; ++l) { v0[l] = a0[l]; v1[l] = a1[l]; }
+    const T* row = X + static_cast<size_t>(i) * ldx * L;
+    for (int c = 0; c < CW; ++c)
+      for (int l = 0; l < L; ++l) {
+        d0[c * L + l] += v0[l] * row[c * L + l];
+        d1[c * L + l] += v1[l] * row[c * L + l];
+      }
+  }
+  const T* c0 = cf + j * L;
+  const T* c1 = cf + (j + 1) * L;
+  for (int c = 0; c < CW; ++c)
+    for (int l = 0; l < L; ++l) {
+      if (low_first) {
+        d0[c * L + l] *= c0[l];
+        d1[c * L + l] = c1[l] * (d1[c * L + l] - s[l] * d0[c * L + l]);
+      } else {
+        d1[c * L + l] *= c1[l];
+        d0[c * L + l] = c0[l] * (d0[c * L + l] - s[l] * d1[c * L + l]);
+      }
+    }
+  {
+    T* row = X + static_cast<size_t>(j) * ldx * L;
+    for (int c = 0; c < CW; ++c)
+      for (int l = 0; l < L; ++l) row[c * L + l] -= vd[j * L + l] * d0[c * L + l];
+  }
+  for (int i = j + 1; i < m; ++i) {
+    const T* a0 = A + (static_cast<size_t>(i) * lda + j) * L;
+    const T* a1 = i == j + 1 ? vd + (j + 1) * L : a0 + L;
+    T v0[L], v1[L];
+    for (int l = 0; l < L; ++l) { v0[l] = a0[l]; v1[l] = a1[l]; }
+    T* row = X + static_cast<size_t>(i) * ldx * L;
+    for (int c = 0; c < CW; ++c)
+      for (int l = 0; l < L; ++l)
+        row[c * L + l] -= v0[l] * d0[c * L + l] + v1[l] * d1[c * L + l];
+  }
+}
+
+// columns per block of reflect2_chunk: 2 CW L numbers of accumulators, 16 AVX-512 registers
+template <typename T, int L>
+constexpr int chunk2() { return 512 / (L * static_cast<int>(sizeof(T))) > 1 ? 512 / (L * static_cast<int>(sizeof(T))) : 1; }
+
+template <typename T, int L, int C>
+void reflect2_rest(int w, int m, int j, const T* A, int lda, const T* vd, const T* cf,
+                   const T* s, bool low_first, T* X, int ldx) {
+  if constexpr (C >= 1) {
+    if (w == C) return reflect2_chunk<T, L, C>(m, j, A, lda, vd, cf, s, low_first, X, ldx);
+    reflect2_rest<T, L, C - 1>(w, m, j, A, lda, vd, cf, s, low_first, X, ldx);
+  }
+}
+
+// reflect2_chunk over w columns of X (starting at X); s[l] = v_j^T v_{j+1} computed here
+template <typename T, int L>
+void reflect2(int m, int j, const T* A, int lda, const T* vd, const T* cf, bool low_first,
+              T* X, int ldx, int w) {
+  T s[L];
+  for (int l = 0; l < L; ++l) s[l] = A[(static_cast<size_t>(j + 1) * lda + j) * L + l] * vd[(j + 1) * L + l];
+  for (int i = j + 2; i < m; ++i)
+    for (int l = 0; l < L; ++l)
+      s[l] += A[(static_cast<size_t>(i) * lda + j) * L + l] * A[(static_cast<size_t>(i) * lda + j + 1) * L + l];
+  constexpr int CW = chunk2<T, L>();
+  int c = 0;
+  for (; c + CW <= w; c += CW)
+    reflect2_chunk<T, L, CW>(m, j, A, lda, vd, cf, s, low_first, X + c * L, ldx);
+  if (c < w) reflect2_rest<T, L, CW - 1>(w - c, m, j, A, lda, vd, cf, s, low_first, X + c * L, ldx);
+}
+
+// the reflector j of house_qr from column j (rows >= j): beta, cf, vd
+template <typename T, int L>
+void make_reflector(int m, int n, int j, const T* A, T* vd, T* cf, T* beta) {
+  T nrm2[L];
+  for (int l = 0; l < L; ++l) nrm2[l] = T(0);
+  for (int i = j; i < m; ++i) {
+    const T* a = A + (static_cast<size_t>(i) * n + j) * L;
+    for (int l = 0; l < L; ++l) nrm2[l] += a[l] * a[l];
+  }
+  sqrt_lanes<T, L>(nrm2);  // now the column's norm
+  for (int l = 0; l < L; ++l) {
+    const T alpha = A[(static_cast<size_t>(j) * n + j) * L + l];
+    const T nr = nrm2[l];
+    const T b = alpha >= T(0) ? -nr : nr;
+    beta[j * L + l] = b;
+    const T vtv = T(2) * nr * (nr + std::abs(alpha));
+    cf[j * L + l] = vtv > T(0) ? T(2) / vtv : T(0);
+    vd[j * L + l] = alpha - b;
+  }
+}
+
+// Householder QR of the interleaved m x n block A (m >= n), bf::house_qr with a runtime n:
+// R above the diagonal (its diagonal in beta), the reflectors' tails below, heads in vd,
+// 2 / v^T v in cf (LAPACK's sign convention). Reflectors in pairs: H_j updates column
+// j + 1 alone, then H_{j+1} H_j the rest in one pass (reflect2).
+template <typename T, int L>
+void house_qr(int m, int n, T* A, T* vd, T* cf, T* beta) {
+  for (int j = 0; j < n; j += 2) {
+    make_reflector<T, L>(m, n, j, A, vd, cf, beta);
+    if (j + 1 == n) break;
+    reflect<T, L>(m, j, A, n, vd + j * L, cf + j * L, A + (j + 1) * L, n, 1);
+    make_reflector<T, L>(m, n, j + 1, A, vd, cf, beta);
+    if (j + 2 < n) reflect2<T, L>(m, j, A, n, vd, cf, true, A + (j + 2) * L, n, n - j - 2);
+  }
+}
+
+// X (m x w, row stride ldx) := H_0 ... H_{n-1} X for house_qr's reflectors (A m x n), in
+// pairs H_{j-1} H_j; lower: X starts as [I; 0] (rows >= j of its columns < j stay zero:
+// skipped)
+template <typename T, int L>
+void apply_q(int m, int n, const T* A, const T* vd, const T* cf, T* X, int ldx, int w,
+             bool lower) {
+  int j = n - 1;
+  if (n & 1) {  // the last reflector alone
+    const int c0 = lower ? std::min(j, w) : 0;
+    if (c0 < w) reflect<T, L>(m, j, A, n, vd + j * L, cf + j * L, X + c0 * L, ldx, w - c0);
+    --j;
+  }
+  for (; j >= 1; j -= 2) {
+    const int c0 = lower ? std::min(j - 1, w) : 0;
+    if (c0 < w) reflect2<T, L>(m, j - 1, A, n, vd, cf, false, X + c0 * L, ldx, w - c0);
+  }
+}
+
+// thin QR of the interleaved m x a block CT: Q (m x a) into Q, R (a x a) into R
+template <typename T, int L>
+void qr(int m, int a, T* CT, T* vd, T* cf, T* beta, T* Q, T* R) {
+  house_qr<T, L>(m, a, CT, vd, cf, beta);
+  bf::upper<T, L>(a, CT, beta, R);
+  bf::eye<T, L>(m, a, Q);
+  apply_q<T, L>(m, a, CT, vd, cf, Q, a, a, true);
+}
+
+// bf::jacobi with a runtime n <= kMaxCols: one-sided Jacobi on the columns of the
+// interleaved n x n block W, rotations accumulated in V (from I), round-robin order
+template <typename T, int L>
+int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
+  bf::eye<T, L>(n, n, V);
+  const int N = n + (n & 1), K = N / 2;
+  int P[kMaxCols][kMaxCols / 2], Qc[kMaxCols][kMaxCols / 2];
+  {
+    int idx[kMaxCols];
+    for (int i = 0; i < N; ++i) idx[i] = i;
+    for (int r = 0; r < N - 1; ++r) {
+      for (int k = 0; k < K; ++k) {
+        const int x = idx[k], y = idx[N - 1 - k];
+        P[r][k] = std::min(x, y);
+        Qc[r][k] = std::max(x, y);
+      }
+      const int last = idx[N - 1];
+      for (int i = N - 1; i > 1; --i) idx[i] = idx[i - 1];
+      idx[1] = last;
+    }
+  }
+  const size_t rs = static_cast<size_t>(n) * L;  // row stride
+  const T tol2 = tol * tol;
+  T nrm[kMaxCols * L];
+  int sweep = 0;
+  while (sweep < max_sweeps && n > 1) {
+    ++sweep;
+    for (int e = 0; e < n * L; ++e) nrm[e] = T(0);
+    for (int i = 0; i < n; ++i)
+      for (int c = 0; c < n; ++c)
+        for (int l = 0; l < L; ++l) { const T w = W[i * rs + c * L + l]; nrm[c * L + l] += w * w; }
+    // pairs of two columns both below eps |W|_F are noise: not rotated (as bf::jacobi)
+    T floor[L], off[L];
+    for (int l = 0; l < L; ++l) floor[l] = off[l] = T(0);
+    for (int c = 0; c < n; ++c)
+      for (int l = 0; l < L; ++l) floor[l] += nrm[c * L + l];
+    for (int l = 0; l < L; ++l) floor[l] *= std::numeric_limits<T>::epsilon() * std::numeric_limits<T>::epsilon();
+    for (int r = 0; r < N - 1; ++r) {
+      // the round's K disjoint pairs: every dot product first (independent chains; four
+      // partial sums each), then the rotations' parameters, then the rotations
+      T cs[kMaxCols / 2 * L], sn[kMaxCols / 2 * L];
+      bool live[kMaxCols / 2];
+      for (int k = 0; k < K; ++k) {
+        const int p = P[r][k], q = Qc[r][k];
+        live[k] = false;
+        if (q >= n) continue;
+        T g0[L], g1[L], g2[L], g3[L];
+        for (int l = 0; l < L; ++l) g0[l] = g1[l] = g2[l] = g3[l] = T(0);
+        int i = 0;
+        for (; i + 4 <= n; i += 4)
+          for (int l = 0; l < L; ++l) {
+            g0[l] += W[i * rs + p * L + l] * W[i * rs + q * L + l];
+            g1[l] += W[(i + 1) * rs + p * L + l] * W[(i + 1) * rs + q * L + l];
+            g2[l] += W[(i + 2) * rs + p * L + l] * W[(i + 2) * rs + q * L + l];
+            g3[l] += W[(i + 3) * rs + p * L + l] * W[(i + 3) * rs + q * L + l];
+          }
+        for (; i < n; ++i)
+          for (int l = 0; l < L; ++l) g0[l] += W[i * rs + p * L + l] * W[i * rs + q * L + l];
+        // the rotation per lane, in local arrays (no aliasing between the norms of p and q:
+        // the lane loops vectorize); t = 0 where the pair is converged (or NaN)
+        T na[L], nb[L], gk[L], t[L], rf[L];
+        for (int l = 0; l < L; ++l) {
+          na[l] = nrm[p * L + l]; nb[l] = nrm[q * L + l];
+          gk[l] = (g0[l] + g1[l]) + (g2[l] + g3[l]);
+        }
+        int any = 0;
+        T zeta[L], root[L];
+        for (int l = 0; l < L; ++l) {
+          const T ab2 = na[l] * nb[l], gg = gk[l];
+          const bool rot = gg * gg > tol2 * ab2 && ab2 > floor[l] * floor[l];  // false for NaN
+          rf[l] = rot ? T(1) : T(0);
+          any |= rot ? 1 : 0;
+          zeta[l] = (nb[l] - na[l]) / (T(2) * gg);
+          root[l] = T(1) + zeta[l] * zeta[l];
+        }
+        if (!any) continue;  // converged in every lane: no rotation work
+        live[k] = true;
+        sqrt_lanes<T, L>(root);
+        for (int l = 0; l < L; ++l) {
+          const T t0 = std::copysign(T(1), zeta[l]) / (std::abs(zeta[l]) + root[l]);
+          t[l] = rf[l] != T(0) ? t0 : T(0);
+          root[l] = T(1) + t[l] * t[l];
+        }
+        sqrt_lanes<T, L>(root);
+        for (int l = 0; l < L; ++l) {
+          const T c = T(1) / root[l];
+          cs[k * L + l] = c;
+          sn[k * L + l] = c * t[l];
+          na[l] -= t[l] * gk[l];
+          nb[l] += t[l] * gk[l];
+          off[l] = off[l] > rf[l] ? off[l] : rf[l];
+        }
+        for (int l = 0; l < L; ++l) { nrm[p * L + l] = na[l]; nrm[q * L + l] = nb[l]; }
+      }
+      for (int k = 0; k < K; ++k) {
+        if (!live[k]) continue;
+        const int p = P[r][k], q = Qc[r][k];
+        const T* c = cs + k * L;
+        const T* sg = sn + k * L;
+        for (int i = 0; i < n; ++i) {
+          T* wr = W + i * rs;
+          T* vr = V + i * rs;
+          for (int l = 0; l < L; ++l) {
+            const T wp = wr[p * L + l], wq = wr[q * L + l];
+            wr[p * L + l] = c[l] * wp - sg[l] * wq;
+            wr[q * L + l] = sg[l] * wp + c[l] * wq;
+            const T vp = vr[p * L + l], vq = vr[q * L + l];
+            vr[p * L + l] = c[l] * vp - sg[l] * vq;
+            vr[q * L + l] = sg[l] * vp + c[l] * vq;
+          }
+        }
+      }
+    }
+    bool done = true;
+    for (int l = 0; l < L; ++l) done = done && off[l] == T(0);
+    if (done) break;
+  }
+  return sweep;
+}
+
+// Truncated SVD of the interleaved A (m x n, m >= n = 2 h; overwritten), rbs::Svd with a
+// runtime n: the h leading left singular vectors (m x h) into Uo and the first h rows of
+// S Vh (row stride n) into SV. A = Q R, Jacobi on R^T: R^T V_x = W_x, A = (Q V_x) W_x^T.
+template <typename T, int L>
+void svd_top(int m, int n, T* A, T* vd, T* cf, T* beta, T* W, T* V, T* S, T* Uo, T* SV) {
+  T sc[L];
+  bf::scale_down<T, L>(A, m * n, sc);
+  house_qr<T, L>(m, n, A, vd, cf, beta);
+  for (int i = 0; i < n; ++i)  // W = R^T
+    for (int c = 0; c < n; ++c)
+      for (int l = 0; l < L; ++l)
+        W[(i * n + c) * L + l] = i < c ? T(0) : (i == c ? beta[i * L + l] : A[(static_cast<size_t>(c) * n + i) * L + l]);
+  jacobi<T, L>(n, W, V, std::numeric_limits<T>::epsilon() * n, bf::kMaxSweeps);
+  for (int e = 0; e < n * L; ++e) S[e] = T(0);
+  for (int i = 0; i < n; ++i)
+    for (int c = 0; c < n; ++c)
+      for (int l = 0; l < L; ++l) { const T w = W[(i * n + c) * L + l]; S[c * L + l] += w * w; }
+  const int h = n / 2;
+  // the h largest (squared) norms to the front, descending: passes of compare-exchanges
+  // of adjacent columns from the back, per lane (the order of the rest does not matter)
+  for (int i = 0; i < h; ++i)
+    for (int j = n - 1; j > i; --j) {
+      bool sw[L];
+      for (int l = 0; l < L; ++l) {
+        const T x = S[j * L + l], y = S[(j - 1) * L + l];
+        sw[l] = x > y;
+        S[j * L + l] = sw[l] ? y : x; S[(j - 1) * L + l] = sw[l] ? x : y;
+      }
+      for (int r = 0; r < n; ++r)
+        for (int l = 0; l < L; ++l) {
+          T* wj = &W[(r * n + j) * L + l]; T* wk = &W[(r * n + j - 1) * L + l];
+          const T x = *wj, y = *wk; *wj = sw[l] ? y : x; *wk = sw[l] ? x : y;
+          T* vj = &V[(r * n + j) * L + l]; T* vk = &V[(r * n + j - 1) * L + l];
+          const T x2 = *vj, y2 = *vk; *vj = sw[l] ? y2 : x2; *vk = sw[l] ? x2 : y2;
+        }
+    }
+  for (int j = 0; j < h; ++j)  // SV[:h] = W[:, :h]^T, scaled back
+    for (int c = 0; c < n; ++c)
+      for (int l = 0; l < L; ++l) SV[(j * n + c) * L + l] = W[(c * n + j) * L + l] * sc[l];
+  for (int i = 0; i < m; ++i)  // Uo = Q [V_x[:, :h]; 0]
+    for (int c = 0; c < h; ++c)
+      for (int l = 0; l < L; ++l)
+        Uo[(static_cast<size_t>(i) * h + c) * L + l] = i < n ? V[(i * n + c) * L + l] : T(0);
+  apply_q<T, L>(m, n, A, vd, cf, Uo, h, h, false);
+}
+
+// returns whether every output is finite; retract_small_impl's sweeps with the runtime
+// factorizations above
+template <typename T, int L>
+bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::Tensor>& D,
+                       int64_t B, torch::Tensor& out) {
+  using pbs::mm_il;
+  constexpr int MC = kMaxCols;
+  const int d = static_cast<int>(U.size());
+  std::vector<int> r(d + 1), n(d);
+  for (int k = 0; k < d; ++k) {
+    r[k] = static_cast<int>(U[k].size(1)); n[k] = static_cast<int>(U[k].size(2));
+  }
+  r[d] = 1;
+  std::vector<size_t> vo(d + 1, 0), qo(d + 1, 0);
+  size_t mx = 1;
+  for (int k = 0; k < d; ++k) {
+    const size_t un = static_cast<size_t>(r[k]) * n[k] * r[k + 1];
+    const size_t N = static_cast<size_t>(n[k]) * r[k + 1] * (k + 1 < d ? 2 : 1);
+    vo[k + 1] = vo[k] + un * L;
+    qo[k + 1] = qo[k] + N * r[k] * L;
+    mx = std::max({mx, un, N * r[k], static_cast<size_t>(r[k]) * n[k] * 2 * r[k + 1]});
+  }
+  static thread_local std::vector<T> ws;
+  const size_t small = static_cast<size_t>(MC) * MC * L;
+  const size_t need = vo[d] + qo[d] + 14 * mx * L + 6 * small + static_cast<size_t>(d + 5) * MC * L;
+  if (ws.size() < need) ws.resize(need);
+  T* wp = ws.data();
+  auto take = [&](size_t cnt) { T* q = wp; wp += cnt; return q; };
+  T *Vs = take(vo[d]), *Qw = take(qo[d]), *Ua = take(mx * L), *Ub = take(mx * L),
+    *Dk = take(mx * L), *CT = take(mx * L), *Qt = take(mx * L), *C2 = take(mx * L),
+    *left = take(mx * L), *right = take(mx * L), *nleft = take(mx * L), *nright = take(mx * L),
+    *c = take(mx * L), *Uo = take(mx * L), *top = take(mx * L), *W2 = take(mx * L),
+    *Rb = take(small), *Rl = take(small), *Cm = take(small), *Wj = take(small),
+    *Vj = take(small), *SV = take(small), *S = take(MC * L), *vd = take(MC * L),
+    *cf = take(MC * L), *beta = take(MC * L), *sg = take(static_cast<size_t>(d + 1) * MC * L);
+  std::vector<torch::Tensor> Ov(d);
+  int64_t off = 0;
+  for (int k = 0; k < d; ++k) {
+    const int64_t sz = static_cast<int64_t>(r[k]) * n[k] * r[k + 1];
+    Ov[k] = out.narrow(1, off, sz).view({B, r[k] * n[k], r[k + 1]});
+    off += sz;
+  }
+  bool finite_all = true;
+  T sc[L];
+  for (int64_t b0 = 0; b0 < B; b0 += L) {
+    T acc[L];  // sum of 0 * output per lane: NaN once an output is NaN or infinite
+    for (int l = 0; l < L; ++l) acc[l] = T(0);
+    T* uk = Ua;
+    T* un = Ub;
+    pbs::gather_core<T, L>(U[d - 1], b0, B, uk);
+    pbs::gather_core<T, L>(D[d - 1], b0, B, Dk);
+    const int last = r[d - 1] * n[d - 1];
+    std::copy(uk, uk + static_cast<size_t>(last) * L, C2);
+    bf::scale_down<T, L>(C2, last, sc);
+    for (int e = 0; e < last * L; ++e) left[e] = uk[e] + Dk[e];
+    T* sgn = sg;
+    for (int l = 0; l < L; ++l) sgn[static_cast<size_t>(d) * MC * L + l] = T(1);
+    int nbr = 0;
+    for (int k = d - 1; k >= 1; --k) {
+      const int a = r[k], nb = n[k] * r[k + 1], b = r[k + 1];
+      const int rows = r[k - 1] * n[k - 1];
+      pbs::gather_core<T, L>(U[k - 1], b0, B, un);
+      pbs::gather_core<T, L>(D[k - 1], b0, B, Dk);
+      {  // LQ step: V_k = S_k V'_k (I (x) S_{k+1}), c_{k-1} = U_{k-1} R^T
+        for (int i = 0; i < a; ++i)
+          for (int j = 0; j < nb; ++j)
+            pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(j) * a + i) * L,
+                                  C2 + (static_cast<size_t>(i) * nb + j) * L);
+        T* ps = sgn + static_cast<size_t>(k) * MC * L;
+        qr<T, L>(nb, a, CT, vd, cf, beta, Qt, Rl);
+        for (int j = 0; j < a; ++j)
+          for (int l = 0; l < L; ++l) ps[j * L + l] = std::copysign(T(1), beta[j * L + l]);
+        const T* s1 = sgn + static_cast<size_t>(k + 1) * MC * L;
+        T* V = Vs + vo[k];
+        for (int al = 0; al < a; ++al)
+          for (int i = 0; i < n[k]; ++i)
+            for (int be = 0; be < b; ++be) {
+              const size_t row = static_cast<size_t>(i) * b + be;
+              pbs::mul3<T, L>(V + (static_cast<size_t>(al) * nb + row) * L, ps + al * L,
+                              Qt + (row * a + al) * L, s1 + (k + 1 < d ? be * L : 0));
+            }
+        mm_il<T, L>(rows, a, a, un, a, 1, Rl, 1, a, C2, a, 1, T(1), false);
+      }
+      const T* V = Vs + vo[k];
+      // structured step: C = left V^T (a x a); left -= C V; QR of [left | right]^T
+      mm_il<T, L>(a, a, nb, left, nb, 1, V, 1, nb, Cm, a, 1, T(1), false);
+      mm_il<T, L>(a, nb, a, Cm, a, 1, V, nb, 1, left, nb, 1, T(-1), true);
+      const int N = nb + nbr;
+      for (int al = 0; al < a; ++al) {
+        for (int j = 0; j < nb; ++j)
+          pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(j) * a + al) * L,
+                                left + (static_cast<size_t>(al) * nb + j) * L);
+        for (int j = 0; j < nbr; ++j)
+          pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(nb + j) * a + al) * L,
+                                right + (static_cast<size_t>(al) * nbr + j) * L);
+      }
+      // scaled to a largest entry in [1, 2) (exact): a huge point or step (a float32 entry
+      // above ~1e19) would overflow the reflectors' squared norms; R scaled back
+      T scq[L];
+      bf::scale_down<T, L>(CT, N * a, scq);
+      qr<T, L>(N, a, CT, vd, cf, beta, Qw + qo[k], Rb);
+      for (int e = 0; e < a * a; ++e)
+        for (int l = 0; l < L; ++l) Rb[static_cast<size_t>(e) * L + l] *= scq[l];
+      // core k-1: left = du_{k-1} + U_{k-1} C, right = U_{k-1} R^T ((r_{k-1} n) x a each)
+      std::copy(Dk, Dk + static_cast<size_t>(rows) * a * L, nleft);
+      mm_il<T, L>(rows, a, a, un, a, 1, Cm, a, 1, nleft, a, 1, T(1), true);
+      mm_il<T, L>(rows, a, a, un, a, 1, Rb, 1, a, nright, a, 1, T(1), false);
+      std::swap(left, nleft);
+      std::swap(right, nright);
+      std::swap(uk, un);
+      nbr = n[k - 1] * a;
+    }
+    // first core: c = [left | right] (n_0 x 2 r_1)
+    int m = n[0], K = 2 * r[1];
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < r[1]; ++j) {
+        pbs::copy_lanes<T, L>(c + (static_cast<size_t>(i) * K + j) * L,
+                              left + (static_cast<size_t>(i) * r[1] + j) * L);
+        pbs::copy_lanes<T, L>(c + (static_cast<size_t>(i) * K + r[1] + j) * L,
+                              right + (static_cast<size_t>(i) * r[1] + j) * L);
+      }
+    for (int k = 0; k + 1 < d; ++k) {
+      const int rk = r[k + 1];
+      svd_top<T, L>(m, K, c, vd, cf, beta, Wj, Vj, S, Uo, SV);  // (K = 2 rk)
+      for (int e = 0; e < m * rk; ++e)  // core k = U[:, :rk]
+        for (int l = 0; l < L; ++l) acc[l] += Uo[static_cast<size_t>(e) * L + l] * T(0);
+      bf::scatter<T, L>(Uo, b0, m, rk, nullptr, Ov[k]);
+      // top (rk x nb) = SV[:, a:] Q_V^T + SV[:, :a] V_{k+1}; Q = [Q_V; Q_W] (N x ap)
+      const int a = rk, nk = n[k + 1], b = r[k + 2], nb = nk * b, ap = K - a;
+      const T* q = Qw + qo[k + 1];
+      mm_il<T, L>(rk, nb, ap, SV + static_cast<size_t>(a) * L, K, 1, q, 1, ap, top, nb, 1,
+                  T(1), false);
+      mm_il<T, L>(rk, nb, a, SV, K, 1, Vs + vo[k + 1], nb, 1, top, nb, 1, T(1), true);
+      if (k + 2 == d) {  // the last core (rk x n x 1)
+        for (int e = 0; e < rk * nb; ++e)
+          for (int l = 0; l < L; ++l) acc[l] += top[static_cast<size_t>(e) * L + l] * T(0);
+        bf::scatter<T, L>(top, b0, rk * nb, 1, nullptr, Ov[k + 1]);
+        break;
+      }
+      // W2 (rk x n_{k+1} r_{k+2}) = SV[:, a:] Q_W^T (Q_W: the right part's columns)
+      mm_il<T, L>(rk, nb, ap, SV + static_cast<size_t>(a) * L, K, 1,
+                  q + static_cast<size_t>(nb) * ap * L, 1, ap, W2, nb, 1, T(1), false);
+      const int K2 = 2 * b;  // next c: rows (al, i), columns [top (b) | W2 (b)]
+      for (int al = 0; al < rk; ++al)
+        for (int i = 0; i < nk; ++i) {
+          const size_t row = static_cast<size_t>(al) * nk + i;
+          const size_t src = (static_cast<size_t>(al) * nb + static_cast<size_t>(i) * b) * L;
+          std::copy(top + src, top + src + static_cast<size_t>(b) * L, c + row * K2 * L);
+          std::copy(W2 + src, W2 + src + static_cast<size_t>(b) * L, c + (row * K2 + b) * L);
+        }
+      m = rk * nk;
+      K = K2;
+    }
+    const int64_t valid = std::min<int64_t>(L, B - b0);
+    for (int l = 0; l < valid; ++l) finite_all = finite_all && acc[l] == T(0);
+  }
+  return finite_all;
+}
+
+}  // namespace rbw
+
+// retract_point (V computed, the canonical right cores) for B points and/or B steps with
+// TT-ranks <= 12, SIMD across the points: U, du cores (1 or B, r, n, r'), every unfolding
+// r n >= 2 r' (n_0 >= 2 r_1); (B, size of U's point), left-orthogonal cores. lanes: points
+// per block (0: the default, 16; 8 float64 / 32 float32 the alternative)
+torch::Tensor retract_batch_wide(std::vector<torch::Tensor> U, std::vector<torch::Tensor> du,
+                                 int64_t B, int64_t lanes) {
+  TORCH_CHECK(U.size() >= 2 && U.size() == du.size(), "retract_batch_wide: inconsistent lengths");
+  const auto t = U[0].scalar_type();
+  TORCH_CHECK(t == torch::kFloat || t == torch::kDouble, "U: float32 or float64 only");
+  batch_cores(U, "U", t, B);
+  batch_cores(du, "du", t, B);
+  const size_t d = U.size();
+  int64_t size = 0;
+  for (size_t k = 0; k < d; ++k) {
+    TORCH_CHECK(du[k].sizes().slice(1) == U[k].sizes().slice(1), "du: core ", k,
+                " differs in shape from U's");
+    TORCH_CHECK(U[k].size(1) <= rbw::kMaxRank && U[k].size(3) <= rbw::kMaxRank,
+                "retract_batch_wide: TT-ranks above ", rbw::kMaxRank);
+    TORCH_CHECK(k == 0 || U[k].size(2) * U[k].size(3) >= U[k].size(1),
+                "U: core ", k, " has fewer columns n r' than rows r (no LQ)");
+    TORCH_CHECK(k + 1 == d || U[k].size(1) * U[k].size(2) >= 2 * U[k].size(3),
+                "U: core ", k, " has fewer rows r n than 2 r' (the rank-2r unfolding is wide)");
+    TORCH_CHECK(k + 1 == d || U[k].size(3) == U[k + 1].size(1), "U: ranks of consecutive cores differ");
+    size += U[k].size(1) * U[k].size(2) * U[k].size(3);
+  }
+  TORCH_CHECK(U[0].size(1) == 1 && U[d - 1].size(3) == 1, "U: boundary ranks must be 1");
+  auto out = torch::empty({B, size}, U[0].options());
+  if (B == 0) return out;
+  bool ok = true;
+  if (t == torch::kDouble) {
+    if (lanes == 8) ok = rbw::retract_wide_impl<double, 8>(U, du, B, out);
+    else ok = rbw::retract_wide_impl<double, 16>(U, du, B, out);
+  } else {
+    if (lanes == 32) ok = rbw::retract_wide_impl<float, 32>(U, du, B, out);
+    else ok = rbw::retract_wide_impl<float, 16>(U, du, B, out);
+  }
+  TORCH_CHECK(ok, "retr: X + u is not finite (X or u contains NaN or Inf)");
+  return out;
+}
+
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("retract", &retract, "packed TT-SVD of X + xi (structured rank-2r rounding)");
   m.def("retract_point", &retract_point, "retract, V computed from U");
@@ -2026,4 +2625,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("check") = "");
   m.def("retract_batch_small", &retract_batch_small,
         "retract_point of a batch of points of TT-ranks <= 4, SIMD across the points (interleaved)");
+  m.def("retract_batch_wide", &retract_batch_wide, "retract_point of a batch of points of TT-ranks <= 12, SIMD across the points (runtime widths)", pybind11::arg("U"), pybind11::arg("du"), pybind11::arg("B"), pybind11::arg("lanes") = 0);
 }

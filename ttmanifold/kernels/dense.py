@@ -266,6 +266,13 @@ def retract_batch_small(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tenso
     Returns: ``(*batch, size)``, the packed left-orthogonal cores of each result.
     Raises: ``RuntimeError`` when a result is NaN or infinite (a non-finite point or step).
     Cost: O(B d n r^3), one call."""
+    return _simd_retract(mod.retract_batch_small, U, du)
+
+
+def _simd_retract(fn, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor], *args) -> torch.Tensor:
+    """``fn(U, du, B, *args)`` of a SIMD batch retraction on ``(B or 1, r, n, r')`` views
+    of the cores (one point or one step for all is not copied per point), reshaped to the
+    batch; the result allocated outside inference mode (see :func:`ordinary_outputs`)."""
     bs = _batch_shape(U, du)
     B = bs.numel()
 
@@ -274,5 +281,19 @@ def retract_batch_small(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tenso
                 c.expand(bs + c.shape[-3:]).reshape((B,) + c.shape[-3:]) for c in cores]
 
     with ordinary_outputs():
-        out = mod.retract_batch_small(views(U), views(du), B)
+        out = fn(views(U), views(du), B, *args)
     return out.reshape(bs + out.shape[1:])
+
+
+def retract_batch_wide(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
+                       ranks: Sequence[int]) -> torch.Tensor:
+    """The batched ``retract_point(U, du, ranks)`` for TT-ranks ``<= 12`` in one call,
+    SIMD across blocks of points (``dense.cpp``'s ``retract_batch_wide``:
+    :func:`retract_batch_small`'s algorithm with factorizations of runtime width, for the
+    ``2 r``-column SVDs of ranks 5 to 12). Cores broadcast over the leading batch dimensions.
+
+    Args: as the torch ``retract_point`` (``mod``: the loaded dense module).
+    Returns: ``(*batch, size)``, the packed left-orthogonal cores of each result.
+    Raises: ``RuntimeError`` when a result is NaN or infinite (a non-finite point or step).
+    Cost: O(B d n r^3), one call."""
+    return _simd_retract(mod.retract_batch_wide, U, du)

@@ -29,7 +29,8 @@ from ..tt import round as tt_round
 from ..tt.tensor_train import fro_norm
 from . import autodiff, hessian
 from .retraction import (block_cores, retract, retract_point, retract_small,
-                         retract_transport_cores, small_retract_module)
+                         retract_transport_cores, retract_wide, small_retract_module,
+                         wide_retract_module)
 from .sampled_batch import project_sampled_batch
 from .sweeps import (core_runs, gauge_deltas, gauge_project_flat, orth_defect,
                      prefer_fewer_launches, project_dense, project_sampled, project_tt,
@@ -911,6 +912,11 @@ class FixedTTRank(geoopt.Manifold):
                 # cores: 2x at d = 10, n = 20, r = 4, 256 points; those are forgotten)
                 self._kept_right_cores(x, consume=True)
                 return retract_small(mod, U, du, self.ranks)
+            mod = wide_retract_module(U, du, self.ranks)
+            if mod is not None:  # ranks up to 12: the SIMD kernel of runtime width (as
+                # above, its own LQ sweep beats the per-point loop given the kept cores)
+                self._kept_right_cores(x, consume=True)
+                return retract_wide(mod, U, du, self.ranks)
         # the kept right cores taken here: the CPU chunks are slices the memo does not know
         return self._retr(x, u, self._kept_right_cores(x, consume=True))
 

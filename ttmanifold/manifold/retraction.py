@@ -17,7 +17,8 @@ from .sweeps import (batched_qr, batched_svd, core_runs, has_bonds,
                      squeeze_cores, stack_pays)
 
 __all__ = ["retract", "retract_point", "block_cores", "scattered_block_cores",
-           "retract_transport_cores", "small_retract_module", "retract_small"]
+           "retract_transport_cores", "small_retract_module", "retract_small",
+           "wide_retract_module", "retract_wide"]
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.retract, when=has_bonds)
@@ -111,6 +112,13 @@ SMALL_RETRACT_MAX_RANK = 4
 
 def _small_retract(U, du, ranks) -> bool:
     """Whether the compiled small-rank batched retraction takes the call (shapes only)."""
+    return _simd_retract_takes(U, du, SMALL_RETRACT_MIN_BATCH, SMALL_RETRACT_MAX_RANK)
+
+
+def _simd_retract_takes(U, du, min_batch: int, max_rank: int) -> bool:
+    """Whether a SIMD batch retraction kernel takes ``retract_point(U, du, ranks)``: a batch
+    of at least ``min_batch`` points or steps, TT-ranks at most ``max_rank``, cores with an
+    LQ (``n_k r_{k+1} >= r_k``) and rank-2r unfoldings that are not wide."""
     d = len(U)
     if d < 2 or len(du) != d or any(c.dim() < 3 for c in list(U) + list(du)):
         return False
@@ -120,11 +128,11 @@ def _small_retract(U, du, ranks) -> bool:
         bs = torch.broadcast_shapes(*[c.shape[:-3] for c in list(U) + list(du)])
     except RuntimeError:
         return False
-    if bs.numel() < SMALL_RETRACT_MIN_BATCH:
+    if bs.numel() < min_batch:
         return False
     for k, (u, e) in enumerate(zip(U, du)):
         a, n, b = u.shape[-3:]
-        if (tuple(e.shape[-3:]) != (a, n, b) or max(a, b) > SMALL_RETRACT_MAX_RANK
+        if (tuple(e.shape[-3:]) != (a, n, b) or max(a, b) > max_rank
                 or (k > 0 and n * b < a) or (k < d - 1 and a * n < 2 * b)):
             return False
     return True
@@ -135,8 +143,9 @@ def retract_point(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
                   ranks: Sequence[int]) -> torch.Tensor:
     """:func:`retract` that computes the right-orthogonal cores itself (one compiled call
     on the CPU; a batch of small TT-ranks runs SIMD across the points,
-    :data:`SMALL_RETRACT_MAX_RANK`). Same arguments without ``V``; cost O(d n r^3)."""
-    return _retract_point(U, du, ranks)
+    :data:`SMALL_RETRACT_MAX_RANK`, and up to :data:`WIDE_RETRACT_MAX_RANK` another
+    kernel). Same arguments without ``V``; cost O(d n r^3)."""
+    return _retract_point_wide(U, du, ranks)
 
 
 def small_retract_module(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
@@ -152,6 +161,50 @@ def retract_small(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
     """``retract_point(U, du, ranks)`` of a batch by the compiled small-rank kernel ``mod``
     (from :func:`small_retract_module`; None: the usual dispatch). Cost: O(B d n r^3)."""
     return retract_point.call_with(mod, U, du, ranks)
+
+
+#: The compiled batched retraction for ranks above :data:`SMALL_RETRACT_MAX_RANK`
+#: (``dense.cpp``'s ``retract_batch_wide``: the small-rank kernel's algorithm with
+#: factorizations of runtime width) takes what that one does not: a batch of at least
+#: ``WIDE_RETRACT_MIN_BATCH`` points or steps, TT-ranks at most ``WIDE_RETRACT_MAX_RANK``,
+#: unfoldings ``r_k n_k x 2 r_{k+1}`` that are not wide. Measured: see docs/kernels.md.
+WIDE_RETRACT_MIN_BATCH = 16
+WIDE_RETRACT_MAX_RANK = 12
+
+
+def _wide_retract(U, du, ranks) -> bool:
+    """Whether the compiled batched retraction of runtime width takes the call."""
+    return _simd_retract_takes(U, du, WIDE_RETRACT_MIN_BATCH, WIDE_RETRACT_MAX_RANK)
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.retract_batch_wide, when=_wide_retract)
+def _retract_point_wide(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
+                        ranks: Sequence[int]) -> torch.Tensor:
+    """:func:`retract_point` outside the small-rank batched kernel: a batch of TT-ranks up
+    to :data:`WIDE_RETRACT_MAX_RANK` runs SIMD across the points."""
+    return _retract_point(U, du, ranks)
+
+
+def wide_retract_module(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
+                        ranks: Sequence[int]):
+    """The loaded dense module when the compiled batched retraction of runtime width takes
+    ``retract_point(U, du, ranks)`` (:data:`WIDE_RETRACT_MAX_RANK`; shapes, dtypes, grad and
+    device as its dispatch decides), else None; :func:`retract_wide` then runs it.
+
+    Args: as :func:`retract_point`.
+    Returns: the module or None. Cost: shapes only."""
+    return _retract_point_wide.module_for(U, du, ranks)
+
+
+def retract_wide(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
+                 ranks: Sequence[int]) -> torch.Tensor:
+    """``retract_point(U, du, ranks)`` of a batch by the compiled kernel of runtime width
+    ``mod`` (from :func:`wide_retract_module`; None: the usual dispatch).
+
+    Args: ``mod`` and the arguments of :func:`retract_point`.
+    Returns: ``(*batch, size)``, the packed left-orthogonal cores of each result.
+    Cost: O(B d n r^3), one call."""
+    return _retract_point_wide.call_with(mod, U, du, ranks)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.retract_point, when=has_bonds)
