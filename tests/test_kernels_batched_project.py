@@ -250,3 +250,26 @@ def test_nonfinite_point_or_z_is_caught_in_the_kernel(spy, dtype):
         with pytest.raises(RuntimeError, match=r"Z: contains NaN or Inf \(or the point p does\)"):
             M.project(q, TT(cores, check=False))
         assert spy.calls == ["project_batch_small"], (which, b)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_rank_10_and_a_large_output(spy, monkeypatch, dtype):
+    """n = 20 at rank 10 (the register-tiled products: edge tiles and k in several chunks,
+    K = r n = 200) and, in float64, an output above 4 MB (B = 224: the kernel asks for huge
+    pages for it, which must not change a value) against the torch path and the dense
+    float64 reference, with a partial last block."""
+    g = torch.Generator().manual_seed(8)
+    M = FixedTTRank((20,) * 3, 10)
+    B = 224 + 3 if dtype == F64 else 35
+    p = torch.Tensor(M.random(B, dtype=dtype, generator=g))
+    Z = TT.random(M.shape, 10, dtype=dtype, generator=g, batch=(B,))
+    spy.calls.clear()
+    u = M.project(p, Z)
+    assert spy.calls == ["project_batch_small"]
+    assert u.numel() * u.element_size() > (4 << 20) or dtype == F32
+    ref = _torch_path(monkeypatch, lambda: M.project(p, Z))
+    full = M.tangent_to_tt(p, u).full()
+    assert _err(full, M.tangent_to_tt(p, ref).full()) < TOL[dtype] * 10
+    X, Zf = M.to_tt(p).full().to(F64), Z.full().to(F64)
+    for b in (0, B - 1):
+        assert _err(full[b].to(F64), _dense_projection(X[b], Zf[b], M.ranks)) < TOL[dtype] * 10

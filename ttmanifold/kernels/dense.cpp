@@ -1518,8 +1518,8 @@ inline void mm_il_loops(int M, int N, int K, const T* __restrict A, int sam, int
 
 // The register tile of mm_il: MR x NR outputs of L lanes (NV registers each) accumulated
 // in registers over kc steps of k; per step MR + NR lane vectors are loaded for MR NR
-// multiply-adds (GCC's own code of the loops reloads the shared operand per row). Strides
-// here are in numbers (already times L).
+// multiply-adds (GCC's own code of the loops reloads the shared operand per row; so does
+// this one unless told otherwise: the asm below). Strides here are in numbers (times L).
 template <typename T, int L, int MR, int NR>
 inline void mm_tile(int kc, const T* __restrict A, size_t sam, size_t sak,
                     const T* __restrict Bm, size_t sbk, size_t sbn, T* __restrict C, size_t scm,
@@ -1544,7 +1544,10 @@ inline void mm_tile(int kc, const T* __restrict A, size_t sam, size_t sak,
     for (int j = 0; j < NR; ++j)
 #pragma GCC unroll 64
       for (int v = 0; v < NV; ++v) {
-        const V b = S::load(Bm + j * sbn + v * S::W);
+        V b = S::load(Bm + j * sbn + v * S::W);
+#if defined(__GNUC__)
+        asm("" : "+v"(b));  // b in a register: GCC would fold its load into each of the MR FMAs
+#endif
 #pragma GCC unroll 64
         for (int i = 0; i < MR; ++i) c[i][j][v] = S::fma(a[i][v], b, c[i][j][v]);
       }
