@@ -1712,18 +1712,22 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
     qoff[k] = qo; qo += static_cast<size_t>(R[k + 1]) * r[k + 1] * L;
   }
   // one grow-only arena per thread (no allocation and no page faults per call; a block of
-  // 16 float64 points at r = 10 needs about 7 MB), every buffer 64-byte aligned
+  // 16 float64 points at d = 10, n = 20, r = 10 needs about 6 MB), every buffer 64-byte
+  // aligned; a larger need (high n, d or rank) is allocated for the call and not kept
   const size_t rr = static_cast<size_t>(kMaxRank) * kMaxRank * L, rl = static_cast<size_t>(kMaxRank) * L;
   const size_t sizes[] = {uo[d], zo[d], qo, mx * L, mx * L, mx * L, mx * L, mx * L, rr, rr, rr,
                           rl, rl, rl, static_cast<size_t>(d + 1) * rl};
   constexpr size_t kAl = 64 / sizeof(T);
   size_t total = 0;
   for (size_t z : sizes) total += (z + kAl - 1) / kAl * kAl + kAl;
+  constexpr size_t kKeep = (size_t(16) << 20) / sizeof(T);
   thread_local std::vector<T> arena;
-  if (arena.size() < total) arena.resize(total);
+  std::vector<T> once;
+  std::vector<T>& ws = total <= kKeep ? arena : once;
+  if (ws.size() < total) ws.resize(total);
   T* bufs[sizeof(sizes) / sizeof(sizes[0])];
   {
-    T* q = arena.data();
+    T* q = ws.data();
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
       const uintptr_t a = reinterpret_cast<uintptr_t>(q);
       q += ((64 - a % 64) % 64) / sizeof(T);
@@ -1885,8 +1889,9 @@ torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torc
   int64_t mr = 0;
   for (size_t k = 0; k < d; ++k) mr = std::max({mr, U[k].size(1), Z[k].size(1)});
   // float32 above rank 8: blocks of 16 points, half the lanes (the interleaved cores and
-  // workspaces, r n r' L numbers each, half as large: 7-14 % faster at r = 10-16, n = 20);
-  // float64 keeps 16 (8, one register, leaves too few independent chains: 35 % slower)
+  // workspaces, r n r' L numbers each, half as large: 7-14 % faster at r = 10-16, n = 20;
+  // 32 lanes are still 20 % slower with the register tiles); float64 keeps 16 (blocks of 8:
+  // 23 % slower at r = 10, the Householder QR's one chain per register)
   const bool c = !check.empty();
   constexpr int Lf = bf::lanes<float>();
   const bool ok = t == torch::kDouble
