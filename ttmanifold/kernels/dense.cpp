@@ -1576,8 +1576,9 @@ inline void mm_tile_at(int mr, int nr, A... args) {
   mm_tile<T, L, MR, NR>(args...);
 }
 
-// The tile shape: about half the registers accumulate (MR NR NV), MR NV hold the A column
-// and one the B entry; NR = 5 splits the usual widths 10, 5 (r = 10, n r = ...) evenly.
+// The tile shape: about two thirds of the registers accumulate (MR NR NV), MR NV hold the
+// A column and one the B entry; NR = 5 splits a width of 10 (r = 10) evenly (the blocks of
+// mm_il are balanced: 12 = 4 + 4 + 4).
 template <typename T, int L>
 struct TileShape {
   static constexpr int NV = Simd<T>::W > 0 ? L / Simd<T>::W : 1;
@@ -1585,7 +1586,7 @@ struct TileShape {
   static constexpr int MR = std::max(1, (Simd<T>::kRegs >= 32 ? 20 : 8) / (NR * NV));
 };
 
-// n blocks of at most bs (near-equal sizes): the start of block i
+// total split into nblk blocks of near-equal sizes: the start of block i
 inline int block_start(int i, int nblk, int total) {
   return static_cast<int>(static_cast<int64_t>(total) * i / nblk);
 }
