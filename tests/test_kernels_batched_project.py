@@ -119,10 +119,9 @@ def test_realistic_sizes_and_rank_8(spy, monkeypatch, dtype):
                                        ((4, 3, 4, 3, 4), 11, 9), ((12, 12), 12, 16)])
 def test_ranks_9_to_16(spy, monkeypatch, shape, r, R, dtype):
     """TT-ranks 9..16 (the point's, Z's or both; beyond the batched QR/SVD's 8 columns; the
-    kernel takes up to 16, M.project routes up to SMALL_PROJECT_MAX_RANK, raised here): the
-    SIMD kernel against the dense float64 reference and the torch path, with a partial last
-    block (B = 19)."""
-    monkeypatch.setattr(sweeps, "SMALL_PROJECT_MAX_RANK", 16)
+    kernel and M.project's routing, SMALL_PROJECT_MAX_RANK, stop at 16): the SIMD kernel
+    against the dense float64 reference and the torch path, with a partial last block
+    (B = 19)."""
     g = torch.Generator().manual_seed(7)
     M = FixedTTRank(shape, r)
     assert max(M.ranks) == r  # the rank is reached, not clipped
@@ -176,7 +175,8 @@ def test_falls_back(spy, monkeypatch):
     p1 = torch.Tensor(M.random(dtype=F64, generator=g))
     Z1 = TT.random(M.shape, 2, dtype=F64, generator=g, batch=(20,))
     M.project(p1, Z1)  # one point shared by the batch: the torch products at the point
-    M13 = FixedTTRank((14, 14, 14), 13)  # ranks above SMALL_PROJECT_MAX_RANK (12)
+    monkeypatch.setattr(sweeps, "SMALL_PROJECT_MAX_RANK", 12)
+    M13 = FixedTTRank((14, 14, 14), 13)  # ranks above SMALL_PROJECT_MAX_RANK (lowered)
     M13.project(torch.Tensor(M13.random(16, dtype=F64, generator=g)),
                 TT.random(M13.shape, 2, dtype=F64, generator=g, batch=(16,)))
     monkeypatch.setattr(sweeps, "SMALL_PROJECT_MAX_RANK", 16)
@@ -250,3 +250,41 @@ def test_nonfinite_point_or_z_is_caught_in_the_kernel(spy, dtype):
         with pytest.raises(RuntimeError, match=r"Z: contains NaN or Inf \(or the point p does\)"):
             M.project(q, TT(cores, check=False))
         assert spy.calls == ["project_batch_small"], (which, b)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_rank_10_and_a_large_output(spy, monkeypatch, dtype):
+    """n = 20 at rank 10 (the register-tiled products: edge tiles and k in several chunks,
+    K = r n = 200) and, in float64, an output above 4 MB (B = 224: the kernel asks for huge
+    pages for it, which must not change a value) against the torch path and the dense
+    float64 reference, with a partial last block."""
+    g = torch.Generator().manual_seed(8)
+    M = FixedTTRank((20,) * 3, 10)
+    B = 224 + 3 if dtype == F64 else 35
+    p = torch.Tensor(M.random(B, dtype=dtype, generator=g))
+    Z = TT.random(M.shape, 10, dtype=dtype, generator=g, batch=(B,))
+    spy.calls.clear()
+    u = M.project(p, Z)
+    assert spy.calls == ["project_batch_small"]
+    assert u.numel() * u.element_size() > (4 << 20) or dtype == F32
+    ref = _torch_path(monkeypatch, lambda: M.project(p, Z))
+    full = M.tangent_to_tt(p, u).full()
+    assert _err(full, M.tangent_to_tt(p, ref).full()) < TOL[dtype] * 10
+    X, Zf = M.to_tt(p).full().to(F64), Z.full().to(F64)
+    for b in (0, B - 1):
+        assert _err(full[b].to(F64), _dense_projection(X[b], Zf[b], M.ranks)) < TOL[dtype] * 10
+
+
+def test_large_workspace_not_kept(spy, monkeypatch):
+    """Rank 16 at n = 100 in float64: the block's interleaved cores and workspaces (about
+    23 MB) exceed what the kernel keeps per thread (16 MB), so they are allocated for the
+    call; the gauged deltas (unique) against the torch path."""
+    g = torch.Generator().manual_seed(9)
+    M = FixedTTRank((100,) * 3, 16)
+    p = torch.Tensor(M.random(16, dtype=F64, generator=g))
+    Z = TT.random(M.shape, 16, dtype=F64, generator=g, batch=(16,))
+    spy.calls.clear()
+    u = M.project(p, Z)
+    assert spy.calls == ["project_batch_small"]
+    ref = _torch_path(monkeypatch, lambda: M.project(p, Z))
+    assert _err(u, ref) < 1e-10

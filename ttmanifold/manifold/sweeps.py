@@ -664,7 +664,7 @@ def _sequential_interfaces_batched(U, V, Z, bs):
 #: shared by the batch keeps the torch path, whose products run the batch in their matrix
 #: dimensions). Measured: see docs/kernels.md.
 SMALL_PROJECT_MIN_BATCH = 16
-SMALL_PROJECT_MAX_RANK = 12
+SMALL_PROJECT_MAX_RANK = 16
 
 
 def _small_project(U, V, Z, *, packed: bool, gauge: bool, check=None) -> bool:
