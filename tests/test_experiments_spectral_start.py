@@ -245,3 +245,16 @@ def test_column_ids_are_the_lexicographic_ranks_of_the_suffixes(d, n, N):
     assert len(ids) == d - 1
     for k in range(d - 1):
         assert torch.equal(ids[k], torch.unique(idx[:, k + 1:], dim=0, return_inverse=True)[1])
+
+
+def test_a_spectral_start_of_lower_rank_than_the_manifold_packs():
+    """Two samples give zero-filled data of TT-rank 2: the dense spectral start of a rank-3
+    problem is a rank-deficient TT. It packs as before (solver-internal points skip
+    ``pack_point``'s rank test), and equals the data's TT-SVD as a full tensor."""
+    idx = torch.tensor([[0, 0, 0], [1, 1, 1]])
+    vals = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    pb = P.Completion.from_data(idx, vals, shape=(6, 6, 6), ranks=3)
+    full = pb.manifold.to_tt(pb.initial_point(kind="spectral")).full()
+    ref = torch.zeros(6, 6, 6, dtype=torch.float64)
+    ref[0, 0, 0], ref[1, 1, 1] = vals * pb.weight
+    assert torch.allclose(full, ref, atol=1e-12)

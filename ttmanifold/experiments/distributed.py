@@ -589,7 +589,9 @@ class ShardedCompletion:
             Z[tuple(self.local.train.indices.t())] = self.local.a_train * self.weight
             self.comm.all_reduce(Z, "the all-reduce of the spectral start")
             if self.comm.rank == 0:
-                p = self.manifold.pack_point(TT.from_dense(Z, ranks=self.ranks))
+                # unchecked: sparse data can give a spectral start of lower rank
+                p = self.manifold.pack_point(TT.from_dense(Z, ranks=self.ranks),
+                                             check_rank=False)
             else:
                 p = torch.empty(self.manifold.size, dtype=self.dtype, device=self.device)
             del Z

@@ -785,7 +785,8 @@ class Completion(QuadraticProblem):
             Z = torch.zeros(self.manifold.shape, dtype=self.dtype, device=self.device)
             Z[tuple(self.train.indices.t())] = self.a_train * self.weight
             x = TT.from_dense(Z, ranks=self.manifold.ranks)
-            return self.manifold.pack_point(x)
+            # unchecked: sparse data can give a spectral start of lower rank
+            return self.manifold.pack_point(x, check_rank=False)
         if kind == "homotopy":
             raise ValueError(
                 "kind='homotopy' runs a solver: use "

@@ -1211,7 +1211,8 @@ class _ALSStepper(_Stepper):
 
     def step(self):
         with torch.no_grad():
-            fx = _loss_at(self.problem, self.M.pack_point(TT(self.cores, check=False)))
+            fx = _loss_at(self.problem, self.M.pack_point(TT(self.cores, check=False),
+                                                          check_rank=False))
             als_sweep(self.cores, self.idx, self.values, self.w, ridge=self.ridge)
         return fx
 
@@ -1219,7 +1220,9 @@ class _ALSStepper(_Stepper):
         return TT(self.cores, check=False)
 
     def final(self):
-        return self.M.pack_point(TT(self.cores, check=False))
+        # unchecked, as every solver-internal point: an ALS iterate may lose rank, and a
+        # run must not fail at its end
+        return self.M.pack_point(TT(self.cores, check=False), check_rank=False)
 
     def loss_now(self):
         return float(_loss_at(self.problem, self.final()))
@@ -1645,7 +1648,8 @@ def _padded_point(M_new: FixedTTRank, cores, bonds, eps: float, generator):
     cores = [c.clone() for c in cores]
     for bond in ([bonds] if isinstance(bonds, int) else bonds):
         cores = _pad_bond(cores, bond, eps, generator)
-    return M_new.pack_point(TT(cores, check=False))
+    # unchecked: the new directions are O(eps), possibly below the rank test's tolerance
+    return M_new.pack_point(TT(cores, check=False), check_rank=False)
 
 
 def _pad_bond(cores, bond: int, eps: float, generator):
@@ -2510,7 +2514,7 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
         if tuple(y.ranks) != tuple(ranks):
             ranks = list(y.ranks)
             sub = make(ranks)
-            x = sub.manifold.pack_point(y)
+            x = sub.manifold.pack_point(y, check_rank=False)  # kept values may be tiny
             attempts.append(dict(bond=None, ranks=tuple(ranks), control_err=err,
                                  accepted=True, seconds=elapsed[0], truncated=True))
         record(x, sub.manifold, err, loss)
@@ -2574,7 +2578,7 @@ def rank_adaptive_completion(problem, *, max_rank: int, control_fraction: float 
         if tuple(y.ranks) != tuple(ranks):
             ranks = list(y.ranks)
             sub = make(ranks)
-            x, err, loss = inner(sub, sub.manifold.pack_point(y))
+            x, err, loss = inner(sub, sub.manifold.pack_point(y, check_rank=False))
             attempts.append(dict(bond=None, ranks=tuple(ranks), control_err=err,
                                  accepted=True, seconds=elapsed[0], truncated=True))
             record(x, sub.manifold, err, loss)
