@@ -1919,33 +1919,38 @@ int jacobi(T* __restrict W, T* __restrict Vr, T tol, int max_sweeps) {
     fl *= e2;
     const V fl2 = fl * fl;
     for (int r = 0; r < N - 1; ++r) {
-      V cs[K], sn[K];
+      // the round's K disjoint pairs: their dot products, then their rotations'
+      // parameters (independent chains, no branch between them), then the rotations
+      V g[K], cs[K], sn[K];
+      for (int k = 0; k < K; ++k) {
+        const int p = P[r][k], q = Qc[r][k];
+        g[k] = zero;
+        if (q >= n) continue;
+        for (int i = 0; i < n; ++i) g[k] += ld<T, L>(W + (i * n + p) * L) * ld<T, L>(W + (i * n + q) * L);
+      }
       bool live[K];
       for (int k = 0; k < K; ++k) {
         const int p = P[r][k], q = Qc[r][k];
         live[k] = false;
         if (q >= n) continue;
-        V g = zero;
-        for (int i = 0; i < n; ++i) g += ld<T, L>(W + (i * n + p) * L) * ld<T, L>(W + (i * n + q) * L);
         // as bf::jacobi: rotate where |g| > tol |w_p| |w_q| and |w_p| |w_q| > floor
         // (squared; false for NaN), Rutishauser's t, t = 0 elsewhere
-        const V a = nrm[p], b = nrm[q], ab2 = a * b, dd = b - a, g2 = T(2) * g;
-        const auto rot = (g * g > tol2 * ab2) & (ab2 > fl2);
+        const V a = nrm[p], b = nrm[q], ab2 = a * b, dd = b - a, g2 = T(2) * g[k];
+        const auto rot = (g[k] * g[k] > tol2 * ab2) & (ab2 > fl2);
         const V h = vsqrt<T, L>(dd * dd + g2 * g2);
         const V t0 = (dd >= zero ? g2 : -g2) / ((dd >= zero ? dd : -dd) + h);
         const V t = rot ? t0 : zero;  // (t0 is NaN for g = b - a = 0: not rotated)
         off = rot ? one : off;
+        nrm[p] = a - t * g[k];
+        nrm[q] = b + t * g[k];
+        const V c = one / vsqrt<T, L>(one + t * t);
+        cs[k] = c;
+        sn[k] = c * t;
         alignas(64) T any[L];
         st<T, L>(any, rot ? one : zero);
         T cnt = T(0);
         for (int l = 0; l < L; ++l) cnt += any[l];
-        if (cnt == T(0)) continue;  // converged pair in every lane: no rotation work
-        live[k] = true;
-        nrm[p] = a - t * g;
-        nrm[q] = b + t * g;
-        const V c = one / vsqrt<T, L>(one + t * t);
-        cs[k] = c;
-        sn[k] = c * t;
+        live[k] = cnt > T(0);  // else converged in every lane: no rotation work
       }
       for (int k = 0; k < K; ++k) {
         if (!live[k]) continue;
@@ -1971,59 +1976,81 @@ int jacobi(T* __restrict W, T* __restrict Vr, T tol, int max_sweeps) {
 }
 
 // pbs::mm_il's product on lane vectors: C[m, n] = alpha sum_k A[m, k] B[k, n] (+ C[m, n] if
-// acc), element strides as mm_il's; four outputs at a time, each with two partial sums
-// (even and odd k: the long sums over n r' have two chains each)
+// acc), element strides as mm_il's. 4 x 4 tiles of outputs (16 accumulators, 8 loads for 16
+// multiply-adds: loads bound these short products), then rows of 4, then single outputs.
 template <typename T, int L>
 void mm(int M, int N, int K, const T* __restrict A, int sam, int sak, const T* __restrict Bm,
         int sbk, int sbn, T* __restrict C, int scm, int scn, T alpha, bool acc) {
   using V = Vec<T, L>;
-  const size_t sb = static_cast<size_t>(sbn) * L, sc = static_cast<size_t>(scn) * L;
-  for (int m = 0; m < M; ++m) {
+  auto a_at = [&](int m, int k) { return ld<T, L>(A + static_cast<size_t>(m * sam + k * sak) * L); };
+  auto b_at = [&](int k, int n) { return ld<T, L>(Bm + static_cast<size_t>(k * sbk + n * sbn) * L); };
+  auto put = [&](int m, int n, const V& x) {
+    T* c = C + static_cast<size_t>(m * scm + n * scn) * L;
+    st<T, L>(c, acc ? ld<T, L>(c) + alpha * x : alpha * x);
+  };
+  int m = 0;
+  for (; m + 4 <= M; m += 4) {
     int n = 0;
     for (; n + 4 <= N; n += 4) {
-      V s[8];
-      for (int e = 0; e < 8; ++e) s[e] = V{};
-      int k = 0;
-      for (; k + 2 <= K; k += 2) {
-        const V a0 = ld<T, L>(A + static_cast<size_t>(m * sam + k * sak) * L);
-        const V a1 = ld<T, L>(A + static_cast<size_t>(m * sam + (k + 1) * sak) * L);
-        const T* b0 = Bm + static_cast<size_t>(k * sbk + n * sbn) * L;
-        const T* b1 = Bm + static_cast<size_t>((k + 1) * sbk + n * sbn) * L;
-        for (int e = 0; e < 4; ++e) {
-          s[e] += a0 * ld<T, L>(b0 + e * sb);
-          s[4 + e] += a1 * ld<T, L>(b1 + e * sb);
-        }
+      V s[16];
+      for (int e = 0; e < 16; ++e) s[e] = V{};
+      for (int k = 0; k < K; ++k) {
+        V av[4], bv[4];
+        for (int i = 0; i < 4; ++i) { av[i] = a_at(m + i, k); bv[i] = b_at(k, n + i); }
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) s[i * 4 + j] += av[i] * bv[j];
       }
-      if (k < K) {
-        const V a0 = ld<T, L>(A + static_cast<size_t>(m * sam + k * sak) * L);
-        const T* b0 = Bm + static_cast<size_t>(k * sbk + n * sbn) * L;
-        for (int e = 0; e < 4; ++e) s[e] += a0 * ld<T, L>(b0 + e * sb);
-      }
-      T* c = C + static_cast<size_t>(m * scm + n * scn) * L;
-      for (int e = 0; e < 4; ++e) {
-        const V x = alpha * (s[e] + s[4 + e]);
-        st<T, L>(c + e * sc, acc ? ld<T, L>(c + e * sc) + x : x);
-      }
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) put(m + i, n + j, s[i * 4 + j]);
     }
     for (; n < N; ++n) {
-      V s0 = V{}, s1 = V{};
-      int k = 0;
-      for (; k + 2 <= K; k += 2) {
-        s0 += ld<T, L>(A + static_cast<size_t>(m * sam + k * sak) * L) *
-              ld<T, L>(Bm + static_cast<size_t>(k * sbk + n * sbn) * L);
-        s1 += ld<T, L>(A + static_cast<size_t>(m * sam + (k + 1) * sak) * L) *
-              ld<T, L>(Bm + static_cast<size_t>((k + 1) * sbk + n * sbn) * L);
+      V s[4];
+      for (int i = 0; i < 4; ++i) s[i] = V{};
+      for (int k = 0; k < K; ++k) {
+        const V bv = b_at(k, n);
+        for (int i = 0; i < 4; ++i) s[i] += a_at(m + i, k) * bv;
       }
-      if (k < K)
-        s0 += ld<T, L>(A + static_cast<size_t>(m * sam + k * sak) * L) *
-              ld<T, L>(Bm + static_cast<size_t>(k * sbk + n * sbn) * L);
-      T* c = C + static_cast<size_t>(m * scm + n * scn) * L;
-      const V x = alpha * (s0 + s1);
-      st<T, L>(c, acc ? ld<T, L>(c) + x : x);
+      for (int i = 0; i < 4; ++i) put(m + i, n, s[i]);
+    }
+  }
+  for (; m < M; ++m) {
+    int n = 0;
+    for (; n + 4 <= N; n += 4) {
+      V s[4];
+      for (int j = 0; j < 4; ++j) s[j] = V{};
+      for (int k = 0; k < K; ++k) {
+        const V av = a_at(m, k);
+        for (int j = 0; j < 4; ++j) s[j] += av * b_at(k, n + j);
+      }
+      for (int j = 0; j < 4; ++j) put(m, n + j, s[j]);
+    }
+    for (; n < N; ++n) {
+      V s = V{};
+      for (int k = 0; k < K; ++k) s += a_at(m, k) * b_at(k, n);
+      put(m, n, s);
     }
   }
 }
+
+// acc[l] += sum_e 0 * x[e L + l] over cnt entries: stays 0 unless an entry is NaN or
+// infinite (four partial sums: no long dependency chain)
+template <typename T, int L>
+void add_zero_times(const T* x, int cnt, T* acc) {
+  using V = Vec<T, L>;
+  V s[4];
+  for (int i = 0; i < 4; ++i) s[i] = V{};
+  int e = 0;
+  for (; e + 4 <= cnt; e += 4)
+    for (int i = 0; i < 4; ++i) s[i] += ld<T, L>(x + static_cast<size_t>(e + i) * L) * T(0);
+  for (; e < cnt; ++e) s[0] += ld<T, L>(x + static_cast<size_t>(e) * L) * T(0);
+  st<T, L>(acc, ld<T, L>(acc) + ((s[0] + s[1]) + (s[2] + s[3])));
+}
 #else
+template <typename T, int L>
+void add_zero_times(const T* x, int cnt, T* acc) {
+  for (int e = 0; e < cnt; ++e)
+    for (int l = 0; l < L; ++l) acc[l] += x[static_cast<size_t>(e) * L + l] * T(0);
+}
 template <typename T, int L>
 void mm(int M, int N, int K, const T* A, int sam, int sak, const T* Bm, int sbk, int sbn, T* C,
         int scm, int scn, T alpha, bool acc) {
@@ -2091,13 +2118,49 @@ struct At {
   struct Svd {
     static void run(int& m, T*& A, T*& vd, T*& cf, T*& beta, T*& W, T*& V, T*& S, T*& Uo,
                     T*& SV) {
-      T sc[L];
+      alignas(64) T sc[L];
       bf::scale_down<T, L>(A, m * n, sc);
       house_qr<T, L, n>(m, A, vd, cf, beta);
       for (int i = 0; i < n; ++i)  // W = R^T
         for (int c = 0; c < n; ++c)
           for (int l = 0; l < L; ++l)
             W[(i * n + c) * L + l] = i < c ? T(0) : (i == c ? beta[i * L + l] : A[(c * n + i) * L + l]);
+#if defined(TTM_RBS_VEC)
+      using X = Vec<T, L>;
+      jacobi<T, L, n>(W, V, std::numeric_limits<T>::epsilon() * n, bf::kMaxSweeps);
+      X sv[n];  // squared column norms of W, then descending (compare-exchange, per lane)
+      for (int c = 0; c < n; ++c) sv[c] = X{};
+      for (int i = 0; i < n; ++i)
+        for (int c = 0; c < n; ++c) {
+          const X x = ld<T, L>(W + (i * n + c) * L);
+          sv[c] += x * x;
+        }
+      for (int i = 0; i < n - 1; ++i)
+        for (int j = n - 1; j > i; --j) {
+          const auto sw = sv[j] > sv[j - 1];
+          const X x = sv[j], y = sv[j - 1];
+          sv[j] = sw ? y : x;
+          sv[j - 1] = sw ? x : y;
+          for (int r = 0; r < n; ++r) {
+            T* wj = W + (r * n + j) * L;
+            const X a = ld<T, L>(wj), b = ld<T, L>(wj - L);
+            st<T, L>(wj, sw ? b : a);
+            st<T, L>(wj - L, sw ? a : b);
+            T* vj = V + (r * n + j) * L;
+            const X a2 = ld<T, L>(vj), b2 = ld<T, L>(vj - L);
+            st<T, L>(vj, sw ? b2 : a2);
+            st<T, L>(vj - L, sw ? a2 : b2);
+          }
+        }
+      for (int c = 0; c < n; ++c) st<T, L>(S + c * L, sv[c]);
+      const X scv = ld<T, L>(sc);
+      for (int j = 0; j < n; ++j)  // SV = W^T, scaled back
+        for (int c = 0; c < n; ++c) st<T, L>(SV + (j * n + c) * L, ld<T, L>(W + (c * n + j) * L) * scv);
+      constexpr int h = (n + 1) / 2;  // U[:, :h] = Q [V_x[:, :h]; 0]
+      for (int i = 0; i < m; ++i)
+        for (int c = 0; c < h; ++c) st<T, L>(Uo + (i * h + c) * L, i < n ? ld<T, L>(V + (i * n + c) * L) : X{});
+      apply_q<T, L, n, h, false>(m, A, vd, cf, Uo);
+#else
       jacobi<T, L, n>(W, V, std::numeric_limits<T>::epsilon() * n, bf::kMaxSweeps);
       for (int e = 0; e < n * L; ++e) S[e] = T(0);
       for (int i = 0; i < n; ++i)
@@ -2128,6 +2191,7 @@ struct At {
         for (int c = 0; c < h; ++c)
           for (int l = 0; l < L; ++l) Uo[(i * h + c) * L + l] = i < n ? V[(i * n + c) * L + l] : T(0);
       apply_q<T, L, n, h, false>(m, A, vd, cf, Uo);
+#endif
     }
   };
 };
@@ -2180,7 +2244,7 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
   bool finite_all = true;
   T sc[L];
   for (int64_t b0 = 0; b0 < B; b0 += L) {
-    T acc[L];  // sum of 0 * output per lane: NaN once an output is NaN or infinite
+    alignas(64) T acc[L];  // sum of 0 * output per lane: NaN once an output is NaN or infinite
     for (int l = 0; l < L; ++l) acc[l] = T(0);
     T* uk = Ua;  // U_k of the step (gathered), U_{k-1} into un
     T* un = Ub;
@@ -2258,8 +2322,7 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
       T *pa = c, *pvd = vd, *pcf = cf, *pb = beta, *pw = Wj, *pv = Vj, *ps = S, *pu = Uo,
         *psv = SV;
       bf::for_cols<T, At<L>::template Svd>(K, m, pa, pvd, pcf, pb, pw, pv, ps, pu, psv);  // (K = 2 rk)
-      for (int e = 0; e < m * rk; ++e)  // core k = U[:, :rk]
-        for (int l = 0; l < L; ++l) acc[l] += Uo[static_cast<size_t>(e) * L + l] * T(0);
+      add_zero_times<T, L>(Uo, m * rk, acc);  // core k = U[:, :rk]
       bf::scatter<T, L>(Uo, b0, m, rk, nullptr, Ov[k]);
       // top (rk x nb) = SV[:, a:] Q_V^T + SV[:, :a] V_{k+1}; Q = [Q_V; Q_W] (N x ap)
       const int a = rk, nk = n[k + 1], b = r[k + 2], nb = nk * b, ap = K - a;
@@ -2268,8 +2331,7 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
                   T(1), false);
       mm<T, L>(rk, nb, a, SV, K, 1, Vs + vo[k + 1], nb, 1, top, nb, 1, T(1), true);
       if (k + 2 == d) {  // the last core (rk x n x 1)
-        for (int e = 0; e < rk * nb; ++e)
-          for (int l = 0; l < L; ++l) acc[l] += top[static_cast<size_t>(e) * L + l] * T(0);
+        add_zero_times<T, L>(top, rk * nb, acc);
         bf::scatter<T, L>(top, b0, rk * nb, 1, nullptr, Ov[k + 1]);
         break;
       }
