@@ -2197,6 +2197,23 @@ struct At {
 };
 
 // returns whether every output is finite
+// The block's core (cnt entries, interleaved) into the rows of its nl points in the packed
+// output (dst: the first point's core, rows size apart; each core contiguous). A full
+// block's lane loop has a constant count (unrolled stores; bf::scatter loops over a
+// runtime count and strides per entry)
+template <typename T, int L>
+void put_core(const T* __restrict src, int cnt, T* __restrict dst, int64_t size, int nl) {
+  T* d[L];
+  for (int l = 0; l < L; ++l) d[l] = dst + (l < nl ? l : 0) * size;
+  if (nl == L) {
+    for (int e = 0; e < cnt; ++e)
+      for (int l = 0; l < L; ++l) d[l][e] = src[static_cast<size_t>(e) * L + l];
+    return;
+  }
+  for (int e = 0; e < cnt; ++e)
+    for (int l = 0; l < nl; ++l) d[l][e] = src[static_cast<size_t>(e) * L + l];
+}
+
 // L: points per block (see retract_batch_small)
 template <typename T, int L>
 bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::Tensor>& D,
@@ -2234,16 +2251,14 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
     *Wj = take(small), *Vj = take(small), *SV = take(small), *S = take(MC * L),
     *vd = take(MC * L), *cf = take(MC * L), *beta = take(MC * L),
     *sg = take(static_cast<size_t>(d + 1) * MC * L);
-  std::vector<torch::Tensor> Ov(d);
-  int64_t off = 0;
-  for (int k = 0; k < d; ++k) {
-    const int64_t sz = static_cast<int64_t>(r[k]) * n[k] * r[k + 1];
-    Ov[k] = out.narrow(1, off, sz).view({B, r[k] * n[k], r[k + 1]});
-    off += sz;
-  }
+  std::vector<int64_t> offk(d + 1, 0);  // core k's entries in a packed row of out
+  for (int k = 0; k < d; ++k) offk[k + 1] = offk[k] + static_cast<int64_t>(r[k]) * n[k] * r[k + 1];
+  const int64_t size = offk[d];
+  T* const outp = out.data_ptr<T>();
   bool finite_all = true;
   T sc[L];
   for (int64_t b0 = 0; b0 < B; b0 += L) {
+    const int nl = static_cast<int>(std::min<int64_t>(L, B - b0));
     alignas(64) T acc[L];  // sum of 0 * output per lane: NaN once an output is NaN or infinite
     for (int l = 0; l < L; ++l) acc[l] = T(0);
     T* uk = Ua;  // U_k of the step (gathered), U_{k-1} into un
@@ -2323,7 +2338,7 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
         *psv = SV;
       bf::for_cols<T, At<L>::template Svd>(K, m, pa, pvd, pcf, pb, pw, pv, ps, pu, psv);  // (K = 2 rk)
       add_zero_times<T, L>(Uo, m * rk, acc);  // core k = U[:, :rk]
-      bf::scatter<T, L>(Uo, b0, m, rk, nullptr, Ov[k]);
+      put_core<T, L>(Uo, m * rk, outp + b0 * size + offk[k], size, nl);
       // top (rk x nb) = SV[:, a:] Q_V^T + SV[:, :a] V_{k+1}; Q = [Q_V; Q_W] (N x ap)
       const int a = rk, nk = n[k + 1], b = r[k + 2], nb = nk * b, ap = K - a;
       const T* q = Qw + qo[k + 1];
@@ -2332,7 +2347,7 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
       mm<T, L>(rk, nb, a, SV, K, 1, Vs + vo[k + 1], nb, 1, top, nb, 1, T(1), true);
       if (k + 2 == d) {  // the last core (rk x n x 1)
         add_zero_times<T, L>(top, rk * nb, acc);
-        bf::scatter<T, L>(top, b0, rk * nb, 1, nullptr, Ov[k + 1]);
+        put_core<T, L>(top, rk * nb, outp + b0 * size + offk[k + 1], size, nl);
         break;
       }
       // W2 (rk x n_{k+1} r_{k+2}) = SV[:, a:] Q_W^T (Q_W: the right part's columns)
