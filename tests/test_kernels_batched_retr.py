@@ -109,6 +109,30 @@ def test_realistic_sizes(spy, monkeypatch, dtype):
         _left_orthogonal(M, y, TOL[dtype] * 10)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_rank_deficient_steps(spy, dtype):
+    """Zero steps and steps in one core's delta only (exactly rank-deficient unfoldings:
+    zero columns in the Householder QRs, zero singular values in the Jacobi SVDs) beside
+    full steps, over blocks of 8 (float64) / 16 (float32) lanes with a partial last block,
+    against the dense float64 TT-SVD."""
+    g = torch.Generator().manual_seed(7)
+    M = FixedTTRank((6, 5, 4, 6), 3)
+    B = 21
+    p = torch.Tensor(M.random(B, dtype=dtype, generator=g))
+    u = M.proju(p, torch.randn(B, M.size, dtype=dtype, generator=g))
+    sizes = [c.shape[-3:].numel() for c in M._split(p[0], "p")]
+    u[:7] = 0
+    u[7:14, :sizes[0]] = 0  # only the deltas of cores 1.. (core 1 alone: the rest zeroed)
+    u[7:14, sizes[0] + sizes[1]:] = 0
+    y = M.retr(p, u)
+    assert spy.calls == ["retract_batch_small"]
+    full = M.to_tt(y).full().to(F64)
+    A = (M.to_tt(p).full() + M.tangent_to_tt(p, u).full()).to(F64)
+    for b in range(B):
+        assert _err(full[b], _dense_ttsvd(A[b], M.ranks)) < TOL[dtype] * 10, b
+    _left_orthogonal(M, y, TOL[dtype] * 10)
+
+
 def test_shared_point_and_zero_step(spy, monkeypatch):
     """One point for a batch of steps (not copied per point); a zero step returns the
     point's tensor."""

@@ -124,8 +124,9 @@ def _simd_retract_takes(U, du, min_batch: int, max_rank: int) -> bool:
         return False
     if U[0].dim() == 3 and du[0].dim() == 3:  # one point: the single-point kernels
         return False
-    try:
-        bs = torch.broadcast_shapes(*[c.shape[:-3] for c in list(U) + list(du)])
+    shapes = {c.shape[:-3] for c in list(U) + list(du)}
+    try:  # (one shape: no torch.broadcast_shapes, ~0.3 ms of Python a call)
+        bs = next(iter(shapes)) if len(shapes) == 1 else torch.broadcast_shapes(*shapes)
     except RuntimeError:
         return False
     if bs.numel() < min_batch:
