@@ -256,3 +256,30 @@ def test_retr_of_a_small_rank_batch_after_the_loss_takes_the_kernel(spy):
         y = M.retr(par, u)
     assert spy.calls == ["retract_batch_small"] and not M._right_memo
     assert rel(M.to_tt(y).full(), M.to_tt(y0).full()) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_retr_transp_wide_rank_batch(record_dense, monkeypatch, dtype):
+    """Ranks 5-12: ``retr_transp`` of a batch runs the retraction of runtime width and the
+    projection of the rank-2r block cores (2r above the points' 16-rank bound of the
+    projection is within its bound for Z), each one call, against the torch path and the
+    dense float64 references as full tensors."""
+    spy = record_dense(("retract_batch_wide", "project_batch_small"))
+    M = FixedTTRank((10, 10, 10), 5)
+    g = torch.Generator().manual_seed(3)
+    p = torch.Tensor(M.random(B, dtype=F64, generator=g))
+    u = M.project(p, TT.random(M.shape, 2, dtype=F64, generator=g, batch=(B,)))
+    u = 0.3 * u / M.norm(p, u, keepdim=True)
+    v = M.proju(p, torch.randn(p.shape, dtype=F64, generator=g))
+    p, u, v = p.to(dtype), u.to(dtype), v.to(dtype)
+    spy.calls.clear()
+    y, t = M.retr_transp(p, u, v)
+    assert spy.calls == ["retract_batch_wide", "project_batch_small"]
+    y0, t0 = torch_path(monkeypatch, lambda: M.retr_transp(p, u, v))
+    for b in (0, B - 1):
+        Y = dense_point(M, y[b])
+        assert rel(Y, dense_point(M, y0[b])) < TOL[dtype]
+        assert rel(dense_tangent(M, y[b], t[b]), dense_tangent(M, y0[b], t0[b])) < TOL[dtype]
+        P = tangent_projector(Y, M.ranks)
+        tv = (P @ dense_tangent(M, p[b], v[b]).reshape(-1)).reshape(M.shape)
+        assert rel(dense_tangent(M, y[b], t[b]), tv) < 10 * TOL[dtype]

@@ -183,9 +183,9 @@ def test_falls_back(spy, monkeypatch):
     M17 = FixedTTRank((18, 18, 18), 17)  # ranks above the kernel's 16
     M17.project(torch.Tensor(M17.random(16, dtype=F64, generator=g)),
                 TT.random(M17.shape, 2, dtype=F64, generator=g, batch=(16,)))
-    M4 = FixedTTRank((18, 18), 3)  # a Z of rank above 16 at a point of small rank
+    M4 = FixedTTRank((34, 34), 3)  # a Z of rank above 32 at a point of small rank
     M4.project(torch.Tensor(M4.random(16, dtype=F64, generator=g)),
-               TT.random(M4.shape, 17, dtype=F64, generator=g, batch=(16,)))
+               TT.random(M4.shape, 33, dtype=F64, generator=g, batch=(16,)))
     U = M._split(torch.Tensor(M.random(16, dtype=F64, generator=g)), "p")
     Z16 = TT.random(M.shape, 2, dtype=F64, generator=g, batch=(16,)).cores
     sweeps.project_tt(U, sweeps.right_cores(U), Z16, gauge=True)  # V given
@@ -288,3 +288,21 @@ def test_large_workspace_not_kept(spy, monkeypatch):
     assert spy.calls == ["project_batch_small"]
     ref = _torch_path(monkeypatch, lambda: M.project(p, Z))
     assert _err(u, ref) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_z_of_rank_above_the_points_bound(spy, dtype):
+    """Z's TT-ranks up to 32 at points of rank <= 16 (the rank-2r block cores of a
+    transported vector at r = 10): the kernel against the dense float64 reference."""
+    g = torch.Generator().manual_seed(11)
+    M = FixedTTRank((6, 5, 6), 3)
+    B = 17
+    p = torch.Tensor(M.random(B, dtype=dtype, generator=g))
+    Z = TT.random(M.shape, (1, 6, 20, 1), dtype=dtype, generator=g, batch=(B,))
+    spy.calls.clear()
+    u = M.project(p, Z)
+    assert spy.calls == ["project_batch_small"]
+    full = M.tangent_to_tt(p, u).full().to(F64)
+    X, Zf = M.to_tt(p).full().to(F64), Z.full().to(F64)
+    for b in (0, 9, B - 1):
+        assert _err(full[b], _dense_projection(X[b], Zf[b], M.ranks)) < TOL[dtype] * 10

@@ -1482,6 +1482,9 @@ namespace pbs {
 // the largest TT-rank (of the points and of Z): the LQ of a core is instantiated per rank
 // (its own bound, not bf::kMaxCols: the batched QR/SVD stop at 8)
 constexpr int kMaxRank = 16;
+// Z's ranks only size products and the interface matrices: the transport of a tangent
+// vector projects its rank-2r block cores
+constexpr int kMaxZRank = 2 * kMaxRank;
 
 // SIMD registers for the products: Simd<T>::W lanes of T per register (0: no intrinsics,
 // the portable loops below). AVX-512 or AVX2 + FMA when the build targets them
@@ -1755,7 +1758,9 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
   // 16 float64 points at d = 10, n = 20, r = 10 needs about 6 MB), every buffer 64-byte
   // aligned; a larger need (high n, d or rank) is allocated for the call and not kept
   const size_t rr = static_cast<size_t>(kMaxRank) * kMaxRank * L, rl = static_cast<size_t>(kMaxRank) * L;
-  const size_t sizes[] = {uo[d], zo[d], qo, mx * L, mx * L, mx * L, mx * L, mx * L, rr, rr, rr,
+  // P, P' (r x R) and Q_k S_{k+1} (R x r): Z's ranks may exceed the point's bound
+  const size_t rR = static_cast<size_t>(kMaxRank) * std::max(kMaxRank, *std::max_element(R.begin(), R.end())) * L;
+  const size_t sizes[] = {uo[d], zo[d], qo, mx * L, mx * L, mx * L, mx * L, mx * L, rr, rR, rR,
                           rl, rl, rl, static_cast<size_t>(d + 1) * rl};
   constexpr size_t kAl = 64 / sizeof(T);
   size_t total = 0;
@@ -1913,8 +1918,9 @@ torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torc
   for (size_t k = 0; k < d; ++k) {
     TORCH_CHECK(Z[k].size(2) == U[k].size(2), "Z: mode sizes differ from U's");
     TORCH_CHECK(U[k].size(1) <= pbs::kMaxRank && U[k].size(3) <= pbs::kMaxRank &&
-                Z[k].size(1) <= pbs::kMaxRank && Z[k].size(3) <= pbs::kMaxRank,
-                "project_batch_small: TT-ranks above ", pbs::kMaxRank);
+                Z[k].size(1) <= pbs::kMaxZRank && Z[k].size(3) <= pbs::kMaxZRank,
+                "project_batch_small: TT-ranks above ", pbs::kMaxRank, " (points) or ",
+                pbs::kMaxZRank, " (Z)");
     TORCH_CHECK(k == 0 || U[k].size(2) * U[k].size(3) >= U[k].size(1),
                 "U: core ", k, " has fewer columns n r' than rows r (no LQ)");
     TORCH_CHECK(k + 1 == d || (U[k].size(3) == U[k + 1].size(1) && Z[k].size(3) == Z[k + 1].size(1)),

@@ -316,12 +316,12 @@ class FixedTTRank(geoopt.Manifold):
     def _small_batch(self, p: torch.Tensor, Z: TT) -> bool:
         """A cheap first test for the compiled small-rank batched projection: points in a
         batch of at least ``sweeps.SMALL_PROJECT_MIN_BATCH`` on the CPU, TT-ranks of the
-        manifold and of ``Z`` at most ``sweeps.SMALL_PROJECT_MAX_RANK``, plain tensors
-        (the dispatch decides the rest)."""
-        mr = sweeps.SMALL_PROJECT_MAX_RANK
+        manifold at most ``sweeps.SMALL_PROJECT_MAX_RANK`` and of ``Z`` at most
+        ``sweeps.SMALL_PROJECT_MAX_Z_RANK``, plain tensors (the dispatch decides the rest)."""
+        mr, mz = sweeps.SMALL_PROJECT_MAX_RANK, sweeps.SMALL_PROJECT_MAX_Z_RANK
         return (p.dim() >= 2 and p.device.type == "cpu" and not torch.compiler.is_compiling()
                 and math.prod(p.shape[:-1]) >= sweeps.SMALL_PROJECT_MIN_BATCH
-                and max(self.ranks) <= mr and max(Z.ranks) <= mr)
+                and max(self.ranks) <= mr and max(Z.ranks) <= mz)
 
     @_no_autograd_fast_path(fresh_outputs=True)
     def _project_small(self, mod, p: torch.Tensor, Z: TT) -> torch.Tensor:
@@ -964,10 +964,11 @@ class FixedTTRank(geoopt.Manifold):
     def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
         """``(retr(x, u), transp(x, retr(x, u), v))`` sharing the work at ``x``.
 
-        A CPU batch of TT-rank at most 4 (``retraction.SMALL_RETRACT_MAX_RANK``; the
-        rank-2r TT of ``v`` at most ``sweeps.SMALL_PROJECT_MAX_RANK``) runs as two compiled
+        A CPU batch of TT-rank at most 12 (``retraction.WIDE_RETRACT_MAX_RANK``; the
+        rank-2r TT of ``v`` at most ``sweeps.SMALL_PROJECT_MAX_Z_RANK``) runs as two compiled
         calls over the whole batch, SIMD across the points: the retraction
-        (:func:`~.retraction.retract_small`) and the projection of ``v``'s block cores at
+        (:func:`~.retraction.retract_small`, above rank 4
+        :func:`~.retraction.retract_wide`) and the projection of ``v``'s block cores at
         the new points (:func:`~.sweeps.project_small`); other batches run in CPU chunks.
         Non-finite ``v`` raise ``RuntimeError`` ("v: contains NaN or Inf"), as do a
         non-finite point or ``u`` on every path but the chunked batch one (where, as in
@@ -1006,9 +1007,13 @@ class FixedTTRank(geoopt.Manifold):
         du = self._check_vector(u, x)
         dv = self._check_vector(v, x, "v")
         mod = small_retract_module(U, du, self.ranks)  # (None for d = 1)
-        if mod is None:
-            return None
-        y = retract_small(mod, U, du, self.ranks)  # raises on a non-finite x or u
+        if mod is not None:
+            y = retract_small(mod, U, du, self.ranks)  # raises on a non-finite x or u
+        else:  # ranks 5-12: the kernel of runtime width
+            mod = wide_retract_module(U, du, self.ranks)
+            if mod is None:
+                return None
+            y = retract_wide(mod, U, du, self.ranks)  # raises on a non-finite x or u
         # the right cores kept by the loss (unpack_tensor), else one LQ sweep
         V = self._right_cores(x, U, consume=True)
         Uy = self._split(y, "y")
@@ -1025,12 +1030,13 @@ class FixedTTRank(geoopt.Manifold):
         compiled small-rank batched projection, one call for the batch, which detects a
         non-finite ``v`` or point in the result as it writes it. None (before any work)
         unless the points ``Uy`` hold the whole batch (at least
-        ``sweeps.SMALL_PROJECT_MIN_BATCH`` of them) on the CPU with ``2 r`` within
-        ``sweeps.SMALL_PROJECT_MAX_RANK``."""
+        ``sweeps.SMALL_PROJECT_MIN_BATCH`` of them) on the CPU with ``r`` within
+        ``sweeps.SMALL_PROJECT_MAX_RANK`` and ``2 r`` within ``SMALL_PROJECT_MAX_Z_RANK``."""
         bs = Uy[0].shape[:-3]
         if (self.d < 2 or Uy[0].device.type != "cpu" or torch.compiler.is_compiling()
                 or bs.numel() < sweeps.SMALL_PROJECT_MIN_BATCH
-                or 2 * max(self.ranks) > sweeps.SMALL_PROJECT_MAX_RANK
+                or max(self.ranks) > sweeps.SMALL_PROJECT_MAX_RANK
+                or 2 * max(self.ranks) > sweeps.SMALL_PROJECT_MAX_Z_RANK
                 or torch.broadcast_shapes(bs, x.shape[:-1], v.shape[:-1]) != bs):
             return None
         xi = self._transport_cores(x, U, self._right_cores(x, U) if V is None else V, v, dv)

@@ -659,12 +659,14 @@ def _sequential_interfaces_batched(U, V, Z, bs):
 
 #: The compiled batched projection for small ranks (``dense.cpp``'s ``project_batch_small``:
 #: blocks of points through the whole computation, SIMD across the points) takes a batch
-#: of at least ``SMALL_PROJECT_MIN_BATCH`` points whose TT-ranks (of the point and of ``Z``)
-#: are at most ``SMALL_PROJECT_MAX_RANK``, with ``V`` None and the points batched (one point
+#: of at least ``SMALL_PROJECT_MIN_BATCH`` points whose TT-ranks are at most
+#: ``SMALL_PROJECT_MAX_RANK`` and those of ``Z`` at most ``SMALL_PROJECT_MAX_Z_RANK`` (the
+#: rank-2r block cores of a transported tangent vector), with ``V`` None and the points batched (one point
 #: shared by the batch keeps the torch path, whose products run the batch in their matrix
 #: dimensions). Measured: see docs/kernels.md.
 SMALL_PROJECT_MIN_BATCH = 16
 SMALL_PROJECT_MAX_RANK = 16
+SMALL_PROJECT_MAX_Z_RANK = 32
 
 
 def _small_project(U, V, Z, *, packed: bool, gauge: bool, check=None) -> bool:
@@ -680,10 +682,10 @@ def _small_project(U, V, Z, *, packed: bool, gauge: bool, check=None) -> bool:
     B = bs.numel()
     if B < SMALL_PROJECT_MIN_BATCH or any(c.shape[:-3].numel() != B for c in U):
         return False
-    mr = SMALL_PROJECT_MAX_RANK
+    mr, mz = SMALL_PROJECT_MAX_RANK, SMALL_PROJECT_MAX_Z_RANK
     for k, (u, z) in enumerate(zip(U, Z)):
         a, n, b = u.shape[-3:]
-        if (max(a, b, z.shape[-3], z.shape[-1]) > mr or z.shape[-2] != n
+        if (max(a, b) > mr or max(z.shape[-3], z.shape[-1]) > mz or z.shape[-2] != n
                 or (k > 0 and n * b < a)):
             return False
     return True
