@@ -327,9 +327,11 @@ def targets(d=10, n=20, B=256, ranks=(4, 10), single_rounds=41, batch_rounds=11,
             M = FixedTTRank((n,) * d, r)
             p, Z, u, A = (x.to(dtype) if isinstance(x, torch.Tensor) else x.to(dtype=dtype)
                           for x in setup(M, B, r, gen))
+            # the single point's inputs taken once (indexing a batched TT builds a TT)
+            p1, u1, Z1 = p[0].clone(), u[0].clone(), TT([c[0].clone() for c in Z.cores])
             calls = {
-                "retr": (lambda: M.retr(p[0], u[0]), lambda: M.retr(p, u)),
-                "project": (lambda: M.project(p[0], Z[0]), lambda: M.project(p, Z)),
+                "retr": (lambda: M.retr(p1, u1), lambda: M.retr(p, u)),
+                "project": (lambda: M.project(p1, Z1), lambda: M.project(p, Z)),
                 "adam step": (adam_loop(M, p[:1], A[:1]), adam_batched(M, p, A)),
             }
             for name, (one, many) in calls.items():
