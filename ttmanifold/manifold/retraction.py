@@ -124,9 +124,12 @@ def _simd_retract_takes(U, du, min_batch: int, max_rank: int) -> bool:
         return False
     if U[0].dim() == 3 and du[0].dim() == 3:  # one point: the single-point kernels
         return False
-    shapes = {c.shape[:-3] for c in list(U) + list(du)}
-    try:  # (one shape: no torch.broadcast_shapes, ~0.3 ms of Python a call)
-        bs = next(iter(shapes)) if len(shapes) == 1 else torch.broadcast_shapes(*shapes)
+    shapes = [c.shape[:-3] for c in list(U) + list(du)]
+    # one shape: no torch.broadcast_shapes (~0.3 ms of Python a call); compared, not
+    # hashed: hashing a traced symbolic size would specialize it under torch.compile
+    try:
+        one = all(s == shapes[0] for s in shapes[1:])
+        bs = shapes[0] if one else torch.broadcast_shapes(*shapes)
     except RuntimeError:
         return False
     if bs.numel() < min_batch:
