@@ -181,3 +181,20 @@ def test_compiled_function_checks_its_input(dense_module):
         dense_module.right_cores_batch_small(U, 16)
     V = dense_module.right_cores_batch_small([torch.zeros(0, 1, 3, 2), torch.zeros(0, 2, 3, 1)], 0)
     assert V[1].shape == (0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_both_lq_variants_agree(dense_module, dtype):
+    """Up to rank 8 the kernel runs rbs's LQ in 64-byte blocks (variant 2, the default
+    there), above it pbs's in 128-byte blocks (variant 1): the same cores up to rounding,
+    with partial blocks of either size (B = 21); variant 2 refuses ranks above 8."""
+    M = FixedTTRank((6, 5, 7, 6), 5)
+    U = [c.contiguous() for c in M.split(_points(M, 21, dtype, 7), "p")]
+    a = dense_module.right_cores_batch_small(U, 21, 1)
+    b = dense_module.right_cores_batch_small(U, 21, 2)
+    c = dense_module.right_cores_batch_small(U, 21)
+    assert all(float((x - y).abs().max()) < TOL[dtype] * 10 for x, y in zip(a[1:], b[1:]))
+    assert all(torch.equal(x, y) for x, y in zip(b[1:], c[1:]))
+    M9 = FixedTTRank((10, 10, 10), 9)
+    with pytest.raises(RuntimeError, match="variant 2 needs TT-ranks <= 8"):
+        dense_module.right_cores_batch_small(M9.split(_points(M9, 16, dtype, 7), "p"), 16, 2)
