@@ -312,9 +312,9 @@ def _point_views(cores: Sequence[torch.Tensor], bs: torch.Size) -> List[torch.Te
 def right_cores_batch_small(mod, U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     """The batched ``right_cores(U)`` for TT-ranks ``<= 16`` in one call that runs blocks of
     points together, SIMD across the points (``dense.cpp``'s ``right_cores_batch_small``:
-    the LQ sweep of :func:`project_batch_small`, Householder in the interleaved layout, the
-    canonical signs applied as each core is written). Cores broadcast over the leading
-    batch dimensions.
+    the LQ sweep of :func:`retract_batch_small` up to rank 8, of :func:`project_batch_small`
+    above, Householder in the interleaved layout, the canonical signs applied as each core
+    is written). Cores broadcast over the leading batch dimensions.
 
     Args: as the torch ``right_cores`` (``mod``: the loaded dense module).
     Returns: ``[None, V_1, ..., V_{d-1}]``, ``V_k`` ``(*batch, r_k, n_k, r_{k+1})``; NaN or

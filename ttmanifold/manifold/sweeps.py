@@ -258,7 +258,7 @@ def batched_svd(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 #: The compiled SIMD right-core sweep (``dense.cpp``'s ``right_cores_batch_small``: blocks of
-#: 16 float64 / 16-32 float32 points through the LQ sweep together, SIMD across the points)
+#: 8-16 float64 / 16 float32 points through the LQ sweep together, SIMD across the points)
 #: takes a batch of at least ``SMALL_RIGHT_MIN_BATCH`` points whose TT-ranks are at most
 #: ``SMALL_RIGHT_MAX_RANK``; other batches keep the per-point compiled loop (ranks from
 #: :data:`COMPILED_BATCH_MIN_RANK`) or torch's batched QRs. Measured: see docs/kernels.md.
