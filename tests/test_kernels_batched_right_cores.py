@@ -5,9 +5,12 @@ right unfolding with a nonnegative diagonal), their orthonormality and the tenso
 the torch path's cores (the canonical gauge makes them unique), partial blocks, non-finite
 points, the fallbacks, and that the compiled call actually runs."""
 import math
+import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ttmanifold import FixedTTRank, kernels
 from ttmanifold.manifold import sweeps
@@ -92,6 +95,25 @@ def test_matches_dense_reference_and_torch_path(spy, monkeypatch, shape, r, B, d
         assert float((v - w).abs().max()) < TOL[dtype] * 10
     for b in sorted({0, B // 2, B - 1}):
         _check_point(U, V, b, dtype)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.lists(st.integers(1, 5), min_size=2, max_size=5), r=st.integers(1, 12),
+       B=st.integers(16, 40), dtype=st.sampled_from([F64, F32]), seed=st.integers(0, 2**31 - 1))
+def test_random_shapes(spy, monkeypatch, shape, r, B, dtype, seed):
+    """Any mode sizes (ones included), ranks clipped to the feasible bound, any batch from
+    16: the kernel's cores equal the torch path's and the dense reference's."""
+    spy.calls.clear()  # (one fixture for all examples)
+    with warnings.catch_warnings():  # ranks clipped to the feasible bound: expected
+        warnings.simplefilter("ignore", UserWarning)
+        M = FixedTTRank(shape, r)
+    U = M.split(_points(M, B, dtype, seed), "p")
+    V = sweeps.right_cores(U)
+    assert spy.calls == ["right_cores_batch_small"]
+    ref = _torch_path(monkeypatch, lambda: sweeps.right_cores(U))
+    for v, w in zip(V[1:], ref[1:]):
+        assert float((v - w).abs().max()) < TOL[dtype] * 10
+    _check_point(U, V, B - 1, dtype)
 
 
 def test_batch_shapes_strides_and_broadcast(spy, monkeypatch):
