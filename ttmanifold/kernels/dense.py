@@ -302,3 +302,27 @@ def retract_batch_wide(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor
     Raises: ``RuntimeError`` when a result is NaN or infinite (a non-finite point or step).
     Cost: O(B d n r^3), one call."""
     return _simd_retract(mod.retract_batch_wide, U, du)
+
+
+def _point_views(cores: Sequence[torch.Tensor], bs: torch.Size) -> List[torch.Tensor]:
+    """The cores as ``(B or 1, r, n, r')`` for the SIMD batch kernels: views where the batch
+    dimensions allow (a core shared by the batch is not copied per point)."""
+    B = bs.numel()
+    return [c.reshape((1,) + c.shape[-3:]) if c.shape[:-3].numel() == 1 else
+            c.expand(bs + c.shape[-3:]).reshape((B,) + c.shape[-3:]) for c in cores]
+
+
+def right_cores_batch_small(mod, U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """The batched ``right_cores(U)`` for TT-ranks ``<= 16`` in one call that runs blocks of
+    points together, SIMD across the points (``dense.cpp``'s ``right_cores_batch_small``:
+    the LQ sweep of :func:`retract_batch_small` up to rank 8, of :func:`project_batch_small`
+    above, Householder in the interleaved layout, the canonical signs applied as each core
+    is written). Cores broadcast over the leading batch dimensions.
+
+    Args: as the torch ``right_cores`` (``mod``: the loaded dense module).
+    Returns: ``[None, V_1, ..., V_{d-1}]``, ``V_k`` ``(*batch, r_k, n_k, r_{k+1})``; NaN or
+        infinite entries of a point give NaN in its own cores only.
+    Cost: O(B d n r^3), one call."""
+    bs = _batch_shape(U)
+    V = mod.right_cores_batch_small(_point_views(U, bs), bs.numel())
+    return [None] + [v.reshape(bs + v.shape[1:]) for v in V[1:]]

@@ -257,7 +257,37 @@ def batched_svd(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
     return torch.linalg.svd(a, full_matrices=False)
 
 
-@kernels.dispatch("dense", compiled=compiled_dense.right_cores, when=has_bonds)
+#: The compiled SIMD right-core sweep (``dense.cpp``'s ``right_cores_batch_small``: blocks of
+#: 8-16 float64 / 16 float32 points through the LQ sweep together, SIMD across the points)
+#: takes a batch of at least ``SMALL_RIGHT_MIN_BATCH`` points whose TT-ranks are at most
+#: ``SMALL_RIGHT_MAX_RANK``; other batches keep the per-point compiled loop (ranks from
+#: :data:`COMPILED_BATCH_MIN_RANK`) or torch's batched QRs. Measured: see docs/kernels.md.
+SMALL_RIGHT_MIN_BATCH = 16
+SMALL_RIGHT_MAX_RANK = 16
+
+
+def _small_right(U) -> bool:
+    """Whether the compiled SIMD right-core sweep takes the batch with cores ``U`` (shapes
+    only): every core batched over the same number of points, at least
+    :data:`SMALL_RIGHT_MIN_BATCH` of them, ranks at most :data:`SMALL_RIGHT_MAX_RANK` and
+    ``n_k r_{k+1} >= r_k`` (an LQ per core)."""
+    if len(U) < 2 or any(c.dim() < 4 for c in U):
+        return False
+    B = U[0].shape[:-3].numel()
+    if B < SMALL_RIGHT_MIN_BATCH or any(c.shape[:-3].numel() != B for c in U):
+        return False
+    mr = SMALL_RIGHT_MAX_RANK
+    return all(a <= mr and b <= mr and (k == 0 or n * b >= a)
+               for k, (a, n, b) in enumerate(c.shape[-3:] for c in U))
+
+
+def _per_point_right(U) -> bool:
+    """The ``when=`` of :func:`right_cores`' dispatch: :func:`has_bonds`, except batches
+    that the SIMD sweep takes (:func:`_small_right`, dispatched by the batch path)."""
+    return has_bonds(U) and not _small_right(U)
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.right_cores, when=_per_point_right)
 def right_cores(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     """The right-orthogonal cores of the TT with left-orthogonal cores ``U``.
 
@@ -270,7 +300,8 @@ def right_cores(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         ``diag(L_k) >= 0`` (an unsigned LQ sweep, :func:`right_sweep`, then one batched
         sign fix per run of equal core shapes).
     Cost: O(d n r^3); no inversion. Compiled CPU version (bitwise equal) via
-    :mod:`ttmanifold.kernels`.
+    :mod:`ttmanifold.kernels`; a batch of at least :data:`SMALL_RIGHT_MIN_BATCH` points of
+    ranks at most :data:`SMALL_RIGHT_MAX_RANK` runs the SIMD sweep (equal up to rounding).
     """
     d = len(U)
     V: List[Optional[torch.Tensor]] = [None] * d
@@ -317,10 +348,12 @@ def _run_signs(sgn: torch.Tensor, off: int, m: int, a: int) -> torch.Tensor:
     return (rows.unsqueeze(-2) * cols.unsqueeze(-1)).unsqueeze(-3)
 
 
+@kernels.dispatch("dense", compiled=compiled_dense.right_cores_batch_small, when=_small_right)
 def _right_cores_batched(U: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     """:func:`right_cores` of cores with leading batch dimensions ``B``: the same sweep and
     sign fix, every operation batched over ``B`` (runs of equal core shapes stacked on a
-    new dimension after ``B``)."""
+    new dimension after ``B``); compiled, SIMD across the points, for batches of small
+    ranks (:func:`_small_right`)."""
     d = len(U)
     bs = tuple(U[0].shape[:-3])
     nb = len(bs)
