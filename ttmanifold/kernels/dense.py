@@ -232,12 +232,7 @@ def project_batch_small(mod, U: Sequence[torch.Tensor], V: Optional[Sequence[Opt
         raise ValueError("project_batch_small computes the right cores itself: V must be None")
     bs = _batch_shape(U, Z)
     B = bs.numel()
-
-    def views(cores):  # (B or 1, r, n, r'): views where the batch dimensions allow
-        return [c.reshape((1,) + c.shape[-3:]) if c.shape[:-3].numel() == 1 else
-                c.expand(bs + c.shape[-3:]).reshape((B,) + c.shape[-3:]) for c in cores]
-
-    u, z = views(U), views(Z)
+    u, z = _point_views(U, bs), _point_views(Z, bs)
     # under the manifold's inference fast path the result is allocated as an ordinary
     # tensor, which the caller returns without a copy (the kernel only reads the inputs)
     with ordinary_outputs():
@@ -279,14 +274,8 @@ def _simd_retract(fn, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor], *ar
     of the cores (one point or one step for all is not copied per point), reshaped to the
     batch; the result allocated outside inference mode (see :func:`ordinary_outputs`)."""
     bs = _batch_shape(U, du)
-    B = bs.numel()
-
-    def views(cores):  # (B or 1, r, n, r'): views where the batch dimensions allow
-        return [c.reshape((1,) + c.shape[-3:]) if c.shape[:-3].numel() == 1 else
-                c.expand(bs + c.shape[-3:]).reshape((B,) + c.shape[-3:]) for c in cores]
-
     with ordinary_outputs():
-        out = fn(views(U), views(du), B, *args)
+        out = fn(_point_views(U, bs), _point_views(du, bs), bs.numel(), *args)
     return out.reshape(bs + out.shape[1:])
 
 
