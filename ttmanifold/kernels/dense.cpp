@@ -2636,21 +2636,31 @@ constexpr int kMaxRank = 12;
 constexpr int kMaxCols = 2 * kMaxRank;
 constexpr int kChunk = 8;
 
-// x = sqrt(x) over L lanes with AVX-512 where the compiler has it: GCC keeps std::sqrt in a
-// lane loop scalar (errno), which made the Jacobi rotations' parameters a third of its time
+// Lv: L lanes as one value (rbs's GCC/clang vector-extension type: the loops below become
+// vector code with their accumulators in registers; as lane arrays GCC kept the dot
+// products in memory). Other compilers: an array with the few operators used here.
+#if defined(TTM_RBS_VEC)
 template <typename T, int L>
-inline void sqrt_lanes(T* x) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, double> && L % 8 == 0) {
-    for (int l = 0; l < L; l += 8) _mm512_storeu_pd(x + l, _mm512_sqrt_pd(_mm512_loadu_pd(x + l)));
-    return;
-  } else if constexpr (std::is_same_v<T, float> && L % 16 == 0) {
-    for (int l = 0; l < L; l += 16) _mm512_storeu_ps(x + l, _mm512_sqrt_ps(_mm512_loadu_ps(x + l)));
-    return;
-  }
+using Lv = rbs::Vec<T, L>;
+using rbs::ld;
+using rbs::st;
+#else
+template <typename T, int L>
+struct Lv {
+  T x[L];
+  Lv() : x{} {}
+  Lv operator+(const Lv& o) const { Lv r; for (int l = 0; l < L; ++l) r.x[l] = x[l] + o.x[l]; return r; }
+  Lv operator-(const Lv& o) const { Lv r; for (int l = 0; l < L; ++l) r.x[l] = x[l] - o.x[l]; return r; }
+  Lv operator*(const Lv& o) const { Lv r; for (int l = 0; l < L; ++l) r.x[l] = x[l] * o.x[l]; return r; }
+  Lv& operator+=(const Lv& o) { return *this = *this + o; }
+  Lv& operator-=(const Lv& o) { return *this = *this - o; }
+  Lv& operator*=(const Lv& o) { return *this = *this * o; }
+};
+template <typename T, int L>
+inline Lv<T, L> ld(const T* p) { Lv<T, L> r; std::copy(p, p + L, r.x); return r; }
+template <typename T, int L>
+inline void st(T* p, const Lv<T, L>& v) { std::copy(v.x, v.x + L, p); }
 #endif
-  for (int l = 0; l < L; ++l) x[l] = std::sqrt(x[l]);
-}
 
 // X[i, c] -= cf (sum_{i' >= j} v_i' X[i', c]) v_i for c < CW, rows i >= j; v_i the
 // reflector j of a house_qr factor A (row stride lda): its head vdj at i == j, A[i, j]
@@ -2658,25 +2668,20 @@ inline void sqrt_lanes(T* x) {
 template <typename T, int L, int CW>
 void reflect_chunk(int m, int j, const T* A, int lda, const T* vdj, const T* cfj, T* X,
                    int ldx) {
-  T dot[CW * L];
-  for (int e = 0; e < CW * L; ++e) dot[e] = T(0);
+  using V = Lv<T, L>;
+  V dot[CW];
+  for (int c = 0; c < CW; ++c) dot[c] = V{};
   for (int i = j; i < m; ++i) {
-    const T* v = i == j ? vdj : A + (static_cast<size_t>(i) * lda + j) * L;
-    T vv[L];
-    for (int l = 0; l < L; ++l) vv[l] = v[l];
+    const V v = ld<T, L>(i == j ? vdj : A + (static_cast<size_t>(i) * lda + j) * L);
     const T* row = X + static_cast<size_t>(i) * ldx * L;
-    for (int c = 0; c < CW; ++c)
-      for (int l = 0; l < L; ++l) dot[c * L + l] += vv[l] * row[c * L + l];
+    for (int c = 0; c < CW; ++c) dot[c] += v * ld<T, L>(row + c * L);
   }
-  for (int c = 0; c < CW; ++c)
-    for (int l = 0; l < L; ++l) dot[c * L + l] *= cfj[l];
+  const V cj = ld<T, L>(cfj);
+  for (int c = 0; c < CW; ++c) dot[c] *= cj;
   for (int i = j; i < m; ++i) {
-    const T* v = i == j ? vdj : A + (static_cast<size_t>(i) * lda + j) * L;
-    T vv[L];
-    for (int l = 0; l < L; ++l) vv[l] = v[l];
+    const V v = ld<T, L>(i == j ? vdj : A + (static_cast<size_t>(i) * lda + j) * L);
     T* row = X + static_cast<size_t>(i) * ldx * L;
-    for (int c = 0; c < CW; ++c)
-      for (int l = 0; l < L; ++l) row[c * L + l] -= dot[c * L + l] * vv[l];
+    for (int c = 0; c < CW; ++c) st<T, L>(row + c * L, ld<T, L>(row + c * L) - dot[c] * v);
   }
 }
 
@@ -2708,51 +2713,43 @@ void reflect(int m, int j, const T* A, int lda, const T* vdj, const T* cfj, T* X
 template <typename T, int L, int CW>
 void reflect2_chunk(int m, int j, const T* A, int lda, const T* vd, const T* cf, const T* s,
                     bool low_first, T* X, int ldx) {
-  T d0[CW * L], d1[CW * L];
-  for (int e = 0; e < CW * L; ++e) d0[e] = d1[e] = T(0);
+  using V = Lv<T, L>;
+  V d0[CW], d1[CW];
+  const V h0 = ld<T, L>(vd + j * L);
   {  // row j: v_j's head, v_{j+1} = 0
     const T* row = X + static_cast<size_t>(j) * ldx * L;
-    for (int c = 0; c < CW; ++c)
-      for (int l = 0; l < L; ++l) d0[c * L + l] += vd[j * L + l] * row[c * L + l];
+    for (int c = 0; c < CW; ++c) { d0[c] = h0 * ld<T, L>(row + c * L); d1[c] = V{}; }
   }
   for (int i = j + 1; i < m; ++i) {
     const T* a0 = A + (static_cast<size_t>(i) * lda + j) * L;
-    const T* a1 = i == j + 1 ? vd + (j + 1) * L : a0 + L;
-    T v0[L], v1[L];
-    for (int l = 0; l < L; ++l) { v0[l] = a0[l]; v1[l] = a1[l]; }
+    const V v0 = ld<T, L>(a0), v1 = ld<T, L>(i == j + 1 ? vd + (j + 1) * L : a0 + L);
     const T* row = X + static_cast<size_t>(i) * ldx * L;
-    for (int c = 0; c < CW; ++c)
-      for (int l = 0; l < L; ++l) {
-        d0[c * L + l] += v0[l] * row[c * L + l];
-        d1[c * L + l] += v1[l] * row[c * L + l];
-      }
-  }
-  const T* c0 = cf + j * L;
-  const T* c1 = cf + (j + 1) * L;
-  for (int c = 0; c < CW; ++c)
-    for (int l = 0; l < L; ++l) {
-      if (low_first) {
-        d0[c * L + l] *= c0[l];
-        d1[c * L + l] = c1[l] * (d1[c * L + l] - s[l] * d0[c * L + l]);
-      } else {
-        d1[c * L + l] *= c1[l];
-        d0[c * L + l] = c0[l] * (d0[c * L + l] - s[l] * d1[c * L + l]);
-      }
+    for (int c = 0; c < CW; ++c) {
+      const V x = ld<T, L>(row + c * L);
+      d0[c] += v0 * x;
+      d1[c] += v1 * x;
     }
+  }
+  const V c0 = ld<T, L>(cf + j * L), c1 = ld<T, L>(cf + (j + 1) * L), sv = ld<T, L>(s);
+  for (int c = 0; c < CW; ++c) {
+    if (low_first) {
+      d0[c] *= c0;
+      d1[c] = c1 * (d1[c] - sv * d0[c]);
+    } else {
+      d1[c] *= c1;
+      d0[c] = c0 * (d0[c] - sv * d1[c]);
+    }
+  }
   {
     T* row = X + static_cast<size_t>(j) * ldx * L;
-    for (int c = 0; c < CW; ++c)
-      for (int l = 0; l < L; ++l) row[c * L + l] -= vd[j * L + l] * d0[c * L + l];
+    for (int c = 0; c < CW; ++c) st<T, L>(row + c * L, ld<T, L>(row + c * L) - h0 * d0[c]);
   }
   for (int i = j + 1; i < m; ++i) {
     const T* a0 = A + (static_cast<size_t>(i) * lda + j) * L;
-    const T* a1 = i == j + 1 ? vd + (j + 1) * L : a0 + L;
-    T v0[L], v1[L];
-    for (int l = 0; l < L; ++l) { v0[l] = a0[l]; v1[l] = a1[l]; }
+    const V v0 = ld<T, L>(a0), v1 = ld<T, L>(i == j + 1 ? vd + (j + 1) * L : a0 + L);
     T* row = X + static_cast<size_t>(i) * ldx * L;
     for (int c = 0; c < CW; ++c)
-      for (int l = 0; l < L; ++l)
-        row[c * L + l] -= v0[l] * d0[c * L + l] + v1[l] * d1[c * L + l];
+      st<T, L>(row + c * L, ld<T, L>(row + c * L) - (v0 * d0[c] + v1 * d1[c]));
   }
 }
 
@@ -2788,13 +2785,14 @@ void reflect2(int m, int j, const T* A, int lda, const T* vd, const T* cf, bool 
 // the reflector j of house_qr from column j (rows >= j): beta, cf, vd
 template <typename T, int L>
 void make_reflector(int m, int n, int j, const T* A, T* vd, T* cf, T* beta) {
-  T nrm2[L];
-  for (int l = 0; l < L; ++l) nrm2[l] = T(0);
+  Lv<T, L> s2{};
   for (int i = j; i < m; ++i) {
-    const T* a = A + (static_cast<size_t>(i) * n + j) * L;
-    for (int l = 0; l < L; ++l) nrm2[l] += a[l] * a[l];
+    const Lv<T, L> a = ld<T, L>(A + (static_cast<size_t>(i) * n + j) * L);
+    s2 += a * a;
   }
-  sqrt_lanes<T, L>(nrm2);  // now the column's norm
+  alignas(64) T nrm2[L];
+  st<T, L>(nrm2, s2);
+  bf::sqrt_lanes<T, L>(nrm2);  // now the column's norm
   for (int l = 0; l < L; ++l) {
     const T alpha = A[(static_cast<size_t>(j) * n + j) * L + l];
     const T nr = nrm2[l];
@@ -2871,14 +2869,15 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
   }
   const size_t rs = static_cast<size_t>(n) * L;  // row stride
   const T tol2 = tol * tol;
-  T nrm[kMaxCols * L];
+  alignas(64) T nrm[kMaxCols * L];
   int sweep = 0;
   while (sweep < max_sweeps && n > 1) {
     ++sweep;
-    for (int e = 0; e < n * L; ++e) nrm[e] = T(0);
-    for (int i = 0; i < n; ++i)
-      for (int c = 0; c < n; ++c)
-        for (int l = 0; l < L; ++l) { const T w = W[i * rs + c * L + l]; nrm[c * L + l] += w * w; }
+    for (int c = 0; c < n; ++c) {
+      Lv<T, L> s2{};
+      for (int i = 0; i < n; ++i) { const Lv<T, L> x = ld<T, L>(W + i * rs + c * L); s2 += x * x; }
+      st<T, L>(nrm + c * L, s2);
+    }
     // pairs of two columns both below eps |W|_F are noise: not rotated (as bf::jacobi)
     T floor[L], off[L];
     for (int l = 0; l < L; ++l) floor[l] = off[l] = T(0);
@@ -2888,30 +2887,28 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
     for (int r = 0; r < N - 1; ++r) {
       // the round's K disjoint pairs: every dot product first (independent chains; four
       // partial sums each), then the rotations' parameters, then the rotations
-      T cs[kMaxCols / 2 * L], sn[kMaxCols / 2 * L];
+      alignas(64) T cs[kMaxCols / 2 * L], sn[kMaxCols / 2 * L];
       bool live[kMaxCols / 2];
       for (int k = 0; k < K; ++k) {
         const int p = P[r][k], q = Qc[r][k];
         live[k] = false;
         if (q >= n) continue;
-        T g0[L], g1[L], g2[L], g3[L];
-        for (int l = 0; l < L; ++l) g0[l] = g1[l] = g2[l] = g3[l] = T(0);
+        using LV = Lv<T, L>;
+        LV g[4] = {};
+        const T* wp = W + p * L;
+        const T* wq = W + q * L;
         int i = 0;
         for (; i + 4 <= n; i += 4)
-          for (int l = 0; l < L; ++l) {
-            g0[l] += W[i * rs + p * L + l] * W[i * rs + q * L + l];
-            g1[l] += W[(i + 1) * rs + p * L + l] * W[(i + 1) * rs + q * L + l];
-            g2[l] += W[(i + 2) * rs + p * L + l] * W[(i + 2) * rs + q * L + l];
-            g3[l] += W[(i + 3) * rs + p * L + l] * W[(i + 3) * rs + q * L + l];
-          }
-        for (; i < n; ++i)
-          for (int l = 0; l < L; ++l) g0[l] += W[i * rs + p * L + l] * W[i * rs + q * L + l];
+          for (int u = 0; u < 4; ++u) g[u] += ld<T, L>(wp + (i + u) * rs) * ld<T, L>(wq + (i + u) * rs);
+        for (; i < n; ++i) g[0] += ld<T, L>(wp + i * rs) * ld<T, L>(wq + i * rs);
+        alignas(64) T gs[L];
+        st<T, L>(gs, (g[0] + g[1]) + (g[2] + g[3]));
         // the rotation per lane, in local arrays (no aliasing between the norms of p and q:
         // the lane loops vectorize); t = 0 where the pair is converged (or NaN)
         T na[L], nb[L], gk[L], t[L], rf[L];
         for (int l = 0; l < L; ++l) {
           na[l] = nrm[p * L + l]; nb[l] = nrm[q * L + l];
-          gk[l] = (g0[l] + g1[l]) + (g2[l] + g3[l]);
+          gk[l] = gs[l];
         }
         int any = 0;
         T zeta[L], root[L];
@@ -2925,13 +2922,13 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
         }
         if (!any) continue;  // converged in every lane: no rotation work
         live[k] = true;
-        sqrt_lanes<T, L>(root);
+        bf::sqrt_lanes<T, L>(root);
         for (int l = 0; l < L; ++l) {
           const T t0 = std::copysign(T(1), zeta[l]) / (std::abs(zeta[l]) + root[l]);
           t[l] = rf[l] != T(0) ? t0 : T(0);
           root[l] = T(1) + t[l] * t[l];
         }
-        sqrt_lanes<T, L>(root);
+        bf::sqrt_lanes<T, L>(root);
         for (int l = 0; l < L; ++l) {
           const T c = T(1) / root[l];
           cs[k * L + l] = c;
@@ -2945,19 +2942,17 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
       for (int k = 0; k < K; ++k) {
         if (!live[k]) continue;
         const int p = P[r][k], q = Qc[r][k];
-        const T* c = cs + k * L;
-        const T* sg = sn + k * L;
+        using LV = Lv<T, L>;
+        const LV c = ld<T, L>(cs + k * L), sg = ld<T, L>(sn + k * L);
         for (int i = 0; i < n; ++i) {
           T* wr = W + i * rs;
           T* vr = V + i * rs;
-          for (int l = 0; l < L; ++l) {
-            const T wp = wr[p * L + l], wq = wr[q * L + l];
-            wr[p * L + l] = c[l] * wp - sg[l] * wq;
-            wr[q * L + l] = sg[l] * wp + c[l] * wq;
-            const T vp = vr[p * L + l], vq = vr[q * L + l];
-            vr[p * L + l] = c[l] * vp - sg[l] * vq;
-            vr[q * L + l] = sg[l] * vp + c[l] * vq;
-          }
+          const LV wp = ld<T, L>(wr + p * L), wq = ld<T, L>(wr + q * L);
+          st<T, L>(wr + p * L, c * wp - sg * wq);
+          st<T, L>(wr + q * L, sg * wp + c * wq);
+          const LV vp = ld<T, L>(vr + p * L), vq = ld<T, L>(vr + q * L);
+          st<T, L>(vr + p * L, c * vp - sg * vq);
+          st<T, L>(vr + q * L, sg * vp + c * vq);
         }
       }
     }
@@ -3039,8 +3034,11 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
   static thread_local std::vector<T> ws;
   const size_t small = static_cast<size_t>(MC) * MC * L;
   const size_t need = vo[d] + qo[d] + 14 * mx * L + 6 * small + static_cast<size_t>(d + 5) * MC * L;
-  if (ws.size() < need) ws.resize(need);
-  T* wp = ws.data();
+  if (ws.size() < need + 64 / sizeof(T)) ws.resize(need + 64 / sizeof(T));
+  // every buffer on a 64-byte boundary (sizes are multiples of L numbers, 64 bytes or
+  // more): a lane vector never straddles two cache lines (as rbs's workspace)
+  T* wp = reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(ws.data()) + 63) &
+                               ~static_cast<std::uintptr_t>(63));
   auto take = [&](size_t cnt) { T* q = wp; wp += cnt; return q; };
   T *Vs = take(vo[d]), *Qw = take(qo[d]), *Ua = take(mx * L), *Ub = take(mx * L),
     *Dk = take(mx * L), *CT = take(mx * L), *Qt = take(mx * L), *C2 = take(mx * L),
