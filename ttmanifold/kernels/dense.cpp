@@ -2618,18 +2618,15 @@ torch::Tensor retract_batch_small(std::vector<torch::Tensor> U, std::vector<torc
 
 
 // ---------------------------------------------------------------------------------------
-#if defined(__AVX512F__)
-#include <immintrin.h>  // sqrt over lanes (rbw::sqrt_lanes)
-#endif
-
 // The batched retraction for TT-ranks up to 12 (SVDs of up to 24 columns): rbs's algorithm
 // (retract_small_impl: the LQ sweep, the structured right-to-left orthogonalization, the
 // truncated SVDs by Householder QR and one-sided Jacobi of R^T) in the interleaved layout
 // of bf, with factorizations of runtime width (bf's are instantiated per column count and
 // column, too many functions at 24 columns). A reflector's products run over blocks of up
-// to kChunk columns whose accumulators are compile-time arrays (registers). Blocks of 16
-// points in both precisions (float64: 8 were slower; float32: 32, bf's count, no faster at
-// twice the working set: a 200 x 20 unfolding in 16 float64 lanes is already 512 KB).
+// to kChunk columns whose accumulators are lane vectors (rbs's Vec: registers). Blocks of
+// 8 doubles / 16 floats (64 bytes; with the lane-vector code 16 doubles were ~1.2x slower
+// at r = 10, 32 floats ~1.3x: twice the working set, a 200 x 20 unfolding in 8 float64
+// lanes is already 256 KB).
 namespace rbw {
 
 constexpr int kMaxRank = 12;
@@ -2879,7 +2876,7 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
       st<T, L>(nrm + c * L, s2);
     }
     // pairs of two columns both below eps |W|_F are noise: not rotated (as bf::jacobi)
-    T floor[L], off[L];
+    alignas(64) T floor[L], off[L];
     for (int l = 0; l < L; ++l) floor[l] = off[l] = T(0);
     for (int c = 0; c < n; ++c)
       for (int l = 0; l < L; ++l) floor[l] += nrm[c * L + l];
@@ -2901,6 +2898,31 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
         for (; i + 4 <= n; i += 4)
           for (int u = 0; u < 4; ++u) g[u] += ld<T, L>(wp + (i + u) * rs) * ld<T, L>(wq + (i + u) * rs);
         for (; i < n; ++i) g[0] += ld<T, L>(wp + i * rs) * ld<T, L>(wq + i * rs);
+#if defined(TTM_RBS_VEC)
+        // the rotation on lane vectors (as lane loops GCC left the divisions and the
+        // compares scalar: a third of the sweeps' time); t = 0 where the pair is converged
+        // (or NaN); zeta's sign by a compare (copysign's -0 case: the other 45-degree turn)
+        const LV gk = (g[0] + g[1]) + (g[2] + g[3]);
+        LV na = ld<T, L>(nrm + p * L), nb = ld<T, L>(nrm + q * L);
+        const LV ab2 = na * nb, fl = ld<T, L>(floor), one = LV{} + T(1), zero = LV{};
+        const auto rot = (gk * gk > tol2 * ab2) & (ab2 > fl * fl);  // false for NaN
+        int any = 0;
+        for (int l = 0; l < L; ++l) any |= rot[l] != 0;
+        if (!any) continue;  // converged in every lane: no rotation work
+        live[k] = true;
+        const LV zeta = (nb - na) / (T(2) * gk);
+        const LV root = rbs::vsqrt<T, L>(one + zeta * zeta);
+        const LV t0 = (zeta >= zero ? one : -one) / ((zeta >= zero ? zeta : -zeta) + root);
+        const LV t = rot ? t0 : zero;
+        const LV c = one / rbs::vsqrt<T, L>(one + t * t);
+        st<T, L>(cs + k * L, c);
+        st<T, L>(sn + k * L, c * t);
+        na -= t * gk;
+        nb += t * gk;
+        st<T, L>(nrm + p * L, na);
+        st<T, L>(nrm + q * L, nb);
+        st<T, L>(off, rot ? one : ld<T, L>(off));
+#else
         alignas(64) T gs[L];
         st<T, L>(gs, (g[0] + g[1]) + (g[2] + g[3]));
         // the rotation per lane, in local arrays (no aliasing between the norms of p and q:
@@ -2938,6 +2960,7 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
           off[l] = off[l] > rf[l] ? off[l] : rf[l];
         }
         for (int l = 0; l < L; ++l) { nrm[p * L + l] = na[l]; nrm[q * L + l] = nb[l]; }
+#endif
       }
       for (int k = 0; k < K; ++k) {
         if (!live[k]) continue;
@@ -3176,7 +3199,7 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
 // retract_point (V computed, the canonical right cores) for B points and/or B steps with
 // TT-ranks <= 12, SIMD across the points: U, du cores (1 or B, r, n, r'), every unfolding
 // r n >= 2 r' (n_0 >= 2 r_1); (B, size of U's point), left-orthogonal cores. lanes: points
-// per block (0: the default, 16; 8 float64 / 32 float32 the alternative)
+// per block (0: the default, 8 float64 / 16 float32; 16 float64 / 32 float32 the alternative)
 torch::Tensor retract_batch_wide(std::vector<torch::Tensor> U, std::vector<torch::Tensor> du,
                                  int64_t B, int64_t lanes) {
   TORCH_CHECK(U.size() >= 2 && U.size() == du.size(), "retract_batch_wide: inconsistent lengths");
@@ -3203,8 +3226,8 @@ torch::Tensor retract_batch_wide(std::vector<torch::Tensor> U, std::vector<torch
   if (B == 0) return out;
   bool ok = true;
   if (t == torch::kDouble) {
-    if (lanes == 8) ok = rbw::retract_wide_impl<double, 8>(U, du, B, out);
-    else ok = rbw::retract_wide_impl<double, 16>(U, du, B, out);
+    if (lanes == 16) ok = rbw::retract_wide_impl<double, 16>(U, du, B, out);
+    else ok = rbw::retract_wide_impl<double, 8>(U, du, B, out);
   } else {
     if (lanes == 32) ok = rbw::retract_wide_impl<float, 32>(U, du, B, out);
     else ok = rbw::retract_wide_impl<float, 16>(U, du, B, out);
