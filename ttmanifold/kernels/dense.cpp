@@ -2994,20 +2994,40 @@ void svd_top(int m, int n, T* A, T* vd, T* cf, T* beta, T* W, T* V, T* S, T* Uo,
   T sc[L];
   bf::scale_down<T, L>(A, m * n, sc);
   house_qr<T, L>(m, n, A, vd, cf, beta);
-  for (int i = 0; i < n; ++i)  // W = R^T
-    for (int c = 0; c < n; ++c)
-      for (int l = 0; l < L; ++l)
-        W[(i * n + c) * L + l] = i < c ? T(0) : (i == c ? beta[i * L + l] : A[(static_cast<size_t>(c) * n + i) * L + l]);
+  for (int i = 0; i < n; ++i)  // W = R^T (whole lane vectors: no per-lane branch)
+    for (int c = 0; c < n; ++c) {
+      T* wc = W + (i * n + c) * L;
+      if (i < c) st<T, L>(wc, Lv<T, L>{});
+      else st<T, L>(wc, ld<T, L>(i == c ? beta + i * L : A + (static_cast<size_t>(c) * n + i) * L));
+    }
   jacobi<T, L>(n, W, V, std::numeric_limits<T>::epsilon() * n, bf::kMaxSweeps);
-  for (int e = 0; e < n * L; ++e) S[e] = T(0);
-  for (int i = 0; i < n; ++i)
-    for (int c = 0; c < n; ++c)
-      for (int l = 0; l < L; ++l) { const T w = W[(i * n + c) * L + l]; S[c * L + l] += w * w; }
+  for (int c = 0; c < n; ++c) {
+    Lv<T, L> s2{};
+    for (int i = 0; i < n; ++i) { const Lv<T, L> x = ld<T, L>(W + (i * n + c) * L); s2 += x * x; }
+    st<T, L>(S + c * L, s2);
+  }
   const int h = n / 2;
   // the h largest (squared) norms to the front, descending: passes of compare-exchanges
   // of adjacent columns from the back, per lane (the order of the rest does not matter)
   for (int i = 0; i < h; ++i)
     for (int j = n - 1; j > i; --j) {
+#if defined(TTM_RBS_VEC)
+      // selects on lane vectors (as lane loops GCC swapped one number at a time)
+      using LV = Lv<T, L>;
+      const LV x = ld<T, L>(S + j * L), y = ld<T, L>(S + (j - 1) * L);
+      const auto sw = x > y;
+      st<T, L>(S + j * L, sw ? y : x);
+      st<T, L>(S + (j - 1) * L, sw ? x : y);
+      for (int r = 0; r < n; ++r) {
+        T* wj = W + (r * n + j) * L;
+        T* vj = V + (r * n + j) * L;
+        const LV w1 = ld<T, L>(wj), w0 = ld<T, L>(wj - L), v1 = ld<T, L>(vj), v0 = ld<T, L>(vj - L);
+        st<T, L>(wj, sw ? w0 : w1);
+        st<T, L>(wj - L, sw ? w1 : w0);
+        st<T, L>(vj, sw ? v0 : v1);
+        st<T, L>(vj - L, sw ? v1 : v0);
+      }
+#else
       bool sw[L];
       for (int l = 0; l < L; ++l) {
         const T x = S[j * L + l], y = S[(j - 1) * L + l];
@@ -3021,6 +3041,7 @@ void svd_top(int m, int n, T* A, T* vd, T* cf, T* beta, T* W, T* V, T* S, T* Uo,
           T* vj = &V[(r * n + j) * L + l]; T* vk = &V[(r * n + j - 1) * L + l];
           const T x2 = *vj, y2 = *vk; *vj = sw[l] ? y2 : x2; *vk = sw[l] ? x2 : y2;
         }
+#endif
     }
   for (int j = 0; j < h; ++j)  // SV[:h] = W[:, :h]^T, scaled back
     for (int c = 0; c < n; ++c)
@@ -3080,7 +3101,7 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
   bool finite_all = true;
   T sc[L];
   for (int64_t b0 = 0; b0 < B; b0 += L) {
-    T acc[L];  // sum of 0 * output per lane: NaN once an output is NaN or infinite
+    alignas(64) T acc[L];  // sum of 0 * output per lane: NaN once an output is NaN or infinite
     for (int l = 0; l < L; ++l) acc[l] = T(0);
     T* uk = Ua;
     T* un = Ub;
@@ -3159,8 +3180,7 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
     for (int k = 0; k + 1 < d; ++k) {
       const int rk = r[k + 1];
       svd_top<T, L>(m, K, c, vd, cf, beta, Wj, Vj, S, Uo, SV);  // (K = 2 rk)
-      for (int e = 0; e < m * rk; ++e)  // core k = U[:, :rk]
-        for (int l = 0; l < L; ++l) acc[l] += Uo[static_cast<size_t>(e) * L + l] * T(0);
+      rbs::add_zero_times<T, L>(Uo, m * rk, acc);  // core k = U[:, :rk]
       bf::scatter<T, L>(Uo, b0, m, rk, nullptr, Ov[k]);
       // top (rk x nb) = SV[:, a:] Q_V^T + SV[:, :a] V_{k+1}; Q = [Q_V; Q_W] (N x ap)
       const int a = rk, nk = n[k + 1], b = r[k + 2], nb = nk * b, ap = K - a;
@@ -3169,8 +3189,7 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
                   T(1), false);
       mm_il<T, L>(rk, nb, a, SV, K, 1, Vs + vo[k + 1], nb, 1, top, nb, 1, T(1), true);
       if (k + 2 == d) {  // the last core (rk x n x 1)
-        for (int e = 0; e < rk * nb; ++e)
-          for (int l = 0; l < L; ++l) acc[l] += top[static_cast<size_t>(e) * L + l] * T(0);
+        rbs::add_zero_times<T, L>(top, rk * nb, acc);
         bf::scatter<T, L>(top, b0, rk * nb, 1, nullptr, Ov[k + 1]);
         break;
       }
