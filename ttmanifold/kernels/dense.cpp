@@ -2750,9 +2750,10 @@ void reflect2_chunk(int m, int j, const T* A, int lda, const T* vd, const T* cf,
   }
 }
 
-// columns per block of reflect2_chunk: 2 CW L numbers of accumulators, 16 AVX-512 registers
+// columns per block of reflect2_chunk: 2 CW L numbers of accumulators, 24 AVX-512 registers
+// (fewer blocks per pass: the two reflectors are loaded once per block and row)
 template <typename T, int L>
-constexpr int chunk2() { return 512 / (L * static_cast<int>(sizeof(T))) > 1 ? 512 / (L * static_cast<int>(sizeof(T))) : 1; }
+constexpr int chunk2() { return 768 / (L * static_cast<int>(sizeof(T))) > 1 ? 768 / (L * static_cast<int>(sizeof(T))) : 1; }
 
 template <typename T, int L, int C>
 void reflect2_rest(int w, int m, int j, const T* A, int lda, const T* vd, const T* cf,
