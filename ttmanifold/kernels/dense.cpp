@@ -2707,9 +2707,9 @@ void reflect(int m, int j, const T* A, int lda, const T* vdj, const T* cfj, T* X
 // B = j + 1 when low_first (the QR's order), else A = j + 1, B = j (apply_q's order).
 // With d = v^T X and s = v_j^T v_{j+1}: e_A = cf_A d_A, e_B = cf_B (d_B - s e_A),
 // X -= v_A e_A^T + v_B e_B^T. Rows from j (where v_{j+1} is zero); CW columns of X.
-template <typename T, int L, int CW>
+template <typename T, int L, int CW, bool NRM = false>
 void reflect2_chunk(int m, int j, const T* A, int lda, const T* vd, const T* cf, const T* s,
-                    bool low_first, T* X, int ldx) {
+                    bool low_first, T* X, int ldx, T* nrm = nullptr) {
   using V = Lv<T, L>;
   V d0[CW], d1[CW];
   const V h0 = ld<T, L>(vd + j * L);
@@ -2741,13 +2741,19 @@ void reflect2_chunk(int m, int j, const T* A, int lda, const T* vd, const T* cf,
     T* row = X + static_cast<size_t>(j) * ldx * L;
     for (int c = 0; c < CW; ++c) st<T, L>(row + c * L, ld<T, L>(row + c * L) - h0 * d0[c]);
   }
+  V n2{};
   for (int i = j + 1; i < m; ++i) {
     const T* a0 = A + (static_cast<size_t>(i) * lda + j) * L;
     const V v0 = ld<T, L>(a0), v1 = ld<T, L>(i == j + 1 ? vd + (j + 1) * L : a0 + L);
     T* row = X + static_cast<size_t>(i) * ldx * L;
     for (int c = 0; c < CW; ++c)
       st<T, L>(row + c * L, ld<T, L>(row + c * L) - (v0 * d0[c] + v1 * d1[c]));
+    if constexpr (NRM) {  // X's column 0 is A's j + 2: its squared norm from row j + 2 on
+      const V x0 = ld<T, L>(row);
+      if (i > j + 1) n2 += x0 * x0;
+    }
   }
+  if constexpr (NRM) st<T, L>(nrm, n2);
 }
 
 // columns per block of reflect2_chunk: 2 CW L numbers of accumulators, 24 AVX-512 registers
@@ -2755,30 +2761,46 @@ void reflect2_chunk(int m, int j, const T* A, int lda, const T* vd, const T* cf,
 template <typename T, int L>
 constexpr int chunk2() { return 768 / (L * static_cast<int>(sizeof(T))) > 1 ? 768 / (L * static_cast<int>(sizeof(T))) : 1; }
 
-template <typename T, int L, int C>
+template <typename T, int L, int C, bool NRM>
 void reflect2_rest(int w, int m, int j, const T* A, int lda, const T* vd, const T* cf,
-                   const T* s, bool low_first, T* X, int ldx) {
+                   const T* s, bool low_first, T* X, int ldx, T* nrm) {
   if constexpr (C >= 1) {
-    if (w == C) return reflect2_chunk<T, L, C>(m, j, A, lda, vd, cf, s, low_first, X, ldx);
-    reflect2_rest<T, L, C - 1>(w, m, j, A, lda, vd, cf, s, low_first, X, ldx);
+    if (w == C)
+      return reflect2_chunk<T, L, C, NRM>(m, j, A, lda, vd, cf, s, low_first, X, ldx, nrm);
+    reflect2_rest<T, L, C - 1, NRM>(w, m, j, A, lda, vd, cf, s, low_first, X, ldx, nrm);
   }
 }
 
-// reflect2_chunk over w columns of X (starting at X); s[l] = v_j^T v_{j+1} computed here
+// reflect2_chunk over w columns of X (starting at X); s[l] = v_j^T v_{j+1} given (sv) or
+// computed here; nrm: when given, the squared norm of X's column 0 from row j + 2 on after
+// the update (the QR's next reflector, accumulated in the first block's pass)
 template <typename T, int L>
 void reflect2(int m, int j, const T* A, int lda, const T* vd, const T* cf, bool low_first,
-              T* X, int ldx, int w) {
-  T s[L];
-  for (int l = 0; l < L; ++l) s[l] = A[(static_cast<size_t>(j + 1) * lda + j) * L + l] * vd[(j + 1) * L + l];
-  for (int i = j + 2; i < m; ++i)
-    for (int l = 0; l < L; ++l)
-      s[l] += A[(static_cast<size_t>(i) * lda + j) * L + l] * A[(static_cast<size_t>(i) * lda + j + 1) * L + l];
+              T* X, int ldx, int w, const T* sv = nullptr, T* nrm = nullptr) {
+  alignas(64) T s[L];
+  if (sv) {
+    std::copy(sv, sv + L, s);
+  } else {
+    for (int l = 0; l < L; ++l) s[l] = A[(static_cast<size_t>(j + 1) * lda + j) * L + l] * vd[(j + 1) * L + l];
+    for (int i = j + 2; i < m; ++i)
+      for (int l = 0; l < L; ++l)
+        s[l] += A[(static_cast<size_t>(i) * lda + j) * L + l] * A[(static_cast<size_t>(i) * lda + j + 1) * L + l];
+  }
   constexpr int CW = chunk2<T, L>();
   int c = 0;
+  if (nrm && w > 0) {  // the first block also accumulates the norm
+    if (w >= CW) reflect2_chunk<T, L, CW, true>(m, j, A, lda, vd, cf, s, low_first, X, ldx, nrm);
+    else reflect2_rest<T, L, CW - 1, true>(w, m, j, A, lda, vd, cf, s, low_first, X, ldx, nrm);
+    c = std::min(w, CW);
+  }
   for (; c + CW <= w; c += CW)
     reflect2_chunk<T, L, CW>(m, j, A, lda, vd, cf, s, low_first, X + c * L, ldx);
-  if (c < w) reflect2_rest<T, L, CW - 1>(w - c, m, j, A, lda, vd, cf, s, low_first, X + c * L, ldx);
+  if (c < w)
+    reflect2_rest<T, L, CW - 1, false>(w - c, m, j, A, lda, vd, cf, s, low_first, X + c * L, ldx, nullptr);
 }
+
+template <typename T, int L>
+void set_reflector(int n, int j, const T* A, T* nrm2, T* vd, T* cf, T* beta);
 
 // the reflector j of house_qr from column j (rows >= j): beta, cf, vd
 template <typename T, int L>
@@ -2790,6 +2812,13 @@ void make_reflector(int m, int n, int j, const T* A, T* vd, T* cf, T* beta) {
   }
   alignas(64) T nrm2[L];
   st<T, L>(nrm2, s2);
+  set_reflector<T, L>(n, j, A, nrm2, vd, cf, beta);
+}
+
+// the reflector j of house_qr from nrm2, the squared norm of column j's rows >= j (its norm
+// on return): beta, cf, vd
+template <typename T, int L>
+void set_reflector(int n, int j, const T* A, T* nrm2, T* vd, T* cf, T* beta) {
   bf::sqrt_lanes<T, L>(nrm2);  // now the column's norm
   for (int l = 0; l < L; ++l) {
     const T alpha = A[(static_cast<size_t>(j) * n + j) * L + l];
@@ -2802,18 +2831,50 @@ void make_reflector(int m, int n, int j, const T* A, T* vd, T* cf, T* beta) {
   }
 }
 
+// H_j on column j + 1 of the house_qr factor A (m x n) alone, the reflector j + 1 from the
+// squared norm accumulated in its update pass, and s = v_j^T v_{j+1} (reflect2's) from the
+// same pass: two passes over the column instead of four
+template <typename T, int L>
+void reflect_next(int m, int n, int j, T* A, T* vd, T* cf, T* beta, T* s) {
+  using V = Lv<T, L>;
+  const V hj = ld<T, L>(vd + j * L);
+  T* aj = A + (static_cast<size_t>(j) * n + j + 1) * L;
+  V dot = hj * ld<T, L>(aj);
+  for (int i = j + 1; i < m; ++i)
+    dot += ld<T, L>(A + (static_cast<size_t>(i) * n + j) * L) * ld<T, L>(A + (static_cast<size_t>(i) * n + j + 1) * L);
+  dot *= ld<T, L>(cf + j * L);
+  st<T, L>(aj, ld<T, L>(aj) - dot * hj);
+  V n2{}, st2{};
+  for (int i = j + 1; i < m; ++i) {
+    const V v = ld<T, L>(A + (static_cast<size_t>(i) * n + j) * L);
+    T* a = A + (static_cast<size_t>(i) * n + j + 1) * L;
+    const V x = ld<T, L>(a) - dot * v;
+    st<T, L>(a, x);
+    n2 += x * x;
+    if (i > j + 1) st2 += v * x;
+  }
+  alignas(64) T nrm2[L];
+  st<T, L>(nrm2, n2);
+  set_reflector<T, L>(n, j + 1, A, nrm2, vd, cf, beta);
+  st<T, L>(s, ld<T, L>(A + (static_cast<size_t>(j + 1) * n + j) * L) * ld<T, L>(vd + (j + 1) * L) + st2);
+}
+
 // Householder QR of the interleaved m x n block A (m >= n), bf::house_qr with a runtime n:
 // R above the diagonal (its diagonal in beta), the reflectors' tails below, heads in vd,
 // 2 / v^T v in cf (LAPACK's sign convention). Reflectors in pairs: H_j updates column
-// j + 1 alone, then H_{j+1} H_j the rest in one pass (reflect2).
+// j + 1 alone, then H_{j+1} H_j the rest in one pass (reflect2); each column's norm is
+// accumulated in the pass that last updates it (no pass of its own).
 template <typename T, int L>
 void house_qr(int m, int n, T* A, T* vd, T* cf, T* beta) {
-  for (int j = 0; j < n; j += 2) {
-    make_reflector<T, L>(m, n, j, A, vd, cf, beta);
-    if (j + 1 == n) break;
-    reflect<T, L>(m, j, A, n, vd + j * L, cf + j * L, A + (j + 1) * L, n, 1);
-    make_reflector<T, L>(m, n, j + 1, A, vd, cf, beta);
-    if (j + 2 < n) reflect2<T, L>(m, j, A, n, vd, cf, true, A + (j + 2) * L, n, n - j - 2);
+  make_reflector<T, L>(m, n, 0, A, vd, cf, beta);
+  for (int j = 0; j + 1 < n; j += 2) {  // reflector j made
+    alignas(64) T s[L];
+    reflect_next<T, L>(m, n, j, A, vd, cf, beta, s);
+    if (j + 2 < n) {
+      alignas(64) T n2[L];
+      reflect2<T, L>(m, j, A, n, vd, cf, true, A + (j + 2) * L, n, n - j - 2, s, n2);
+      set_reflector<T, L>(n, j + 2, A, n2, vd, cf, beta);
+    }
   }
 }
 
