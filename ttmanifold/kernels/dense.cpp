@@ -2863,12 +2863,13 @@ void reflect_next(int m, int n, int j, T* A, T* vd, T* cf, T* beta, T* s) {
 // R above the diagonal (its diagonal in beta), the reflectors' tails below, heads in vd,
 // 2 / v^T v in cf (LAPACK's sign convention). Reflectors in pairs: H_j updates column
 // j + 1 alone, then H_{j+1} H_j the rest in one pass (reflect2); each column's norm is
-// accumulated in the pass that last updates it (no pass of its own).
+// accumulated in the pass that last updates it (no pass of its own). sp: v_j^T v_{j+1} of
+// the pairs (j even), for apply_q.
 template <typename T, int L>
-void house_qr(int m, int n, T* A, T* vd, T* cf, T* beta) {
+void house_qr(int m, int n, T* A, T* vd, T* cf, T* beta, T* sp) {
   make_reflector<T, L>(m, n, 0, A, vd, cf, beta);
   for (int j = 0; j + 1 < n; j += 2) {  // reflector j made
-    alignas(64) T s[L];
+    T* s = sp + (j / 2) * L;  // kept for apply_q
     reflect_next<T, L>(m, n, j, A, vd, cf, beta, s);
     if (j + 2 < n) {
       alignas(64) T n2[L];
@@ -2882,7 +2883,7 @@ void house_qr(int m, int n, T* A, T* vd, T* cf, T* beta) {
 // pairs H_{j-1} H_j; lower: X starts as [I; 0] (rows >= j of its columns < j stay zero:
 // skipped)
 template <typename T, int L>
-void apply_q(int m, int n, const T* A, const T* vd, const T* cf, T* X, int ldx, int w,
+void apply_q(int m, int n, const T* A, const T* vd, const T* cf, const T* sp, T* X, int ldx, int w,
              bool lower) {
   int j = n - 1;
   if (n & 1) {  // the last reflector alone
@@ -2892,17 +2893,18 @@ void apply_q(int m, int n, const T* A, const T* vd, const T* cf, T* X, int ldx, 
   }
   for (; j >= 1; j -= 2) {
     const int c0 = lower ? std::min(j - 1, w) : 0;
-    if (c0 < w) reflect2<T, L>(m, j - 1, A, n, vd, cf, false, X + c0 * L, ldx, w - c0);
+    if (c0 < w)
+      reflect2<T, L>(m, j - 1, A, n, vd, cf, false, X + c0 * L, ldx, w - c0, sp + ((j - 1) / 2) * L);
   }
 }
 
 // thin QR of the interleaved m x a block CT: Q (m x a) into Q, R (a x a) into R
 template <typename T, int L>
-void qr(int m, int a, T* CT, T* vd, T* cf, T* beta, T* Q, T* R) {
-  house_qr<T, L>(m, a, CT, vd, cf, beta);
+void qr(int m, int a, T* CT, T* vd, T* cf, T* beta, T* sp, T* Q, T* R) {
+  house_qr<T, L>(m, a, CT, vd, cf, beta, sp);
   bf::upper<T, L>(a, CT, beta, R);
   bf::eye<T, L>(m, a, Q);
-  apply_q<T, L>(m, a, CT, vd, cf, Q, a, a, true);
+  apply_q<T, L>(m, a, CT, vd, cf, sp, Q, a, a, true);
 }
 
 // bf::jacobi with a runtime n <= kMaxCols: one-sided Jacobi on the columns of the
@@ -3052,10 +3054,10 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
 // runtime n: the h leading left singular vectors (m x h) into Uo and the first h rows of
 // S Vh (row stride n) into SV. A = Q R, Jacobi on R^T: R^T V_x = W_x, A = (Q V_x) W_x^T.
 template <typename T, int L>
-void svd_top(int m, int n, T* A, T* vd, T* cf, T* beta, T* W, T* V, T* S, T* Uo, T* SV) {
+void svd_top(int m, int n, T* A, T* vd, T* cf, T* beta, T* sp, T* W, T* V, T* S, T* Uo, T* SV) {
   T sc[L];
   bf::scale_down<T, L>(A, m * n, sc);
-  house_qr<T, L>(m, n, A, vd, cf, beta);
+  house_qr<T, L>(m, n, A, vd, cf, beta, sp);
   for (int i = 0; i < n; ++i)  // W = R^T (whole lane vectors: no per-lane branch)
     for (int c = 0; c < n; ++c) {
       T* wc = W + (i * n + c) * L;
@@ -3112,7 +3114,7 @@ void svd_top(int m, int n, T* A, T* vd, T* cf, T* beta, T* W, T* V, T* S, T* Uo,
     for (int c = 0; c < h; ++c)
       for (int l = 0; l < L; ++l)
         Uo[(static_cast<size_t>(i) * h + c) * L + l] = i < n ? V[(i * n + c) * L + l] : T(0);
-  apply_q<T, L>(m, n, A, vd, cf, Uo, h, h, false);
+  apply_q<T, L>(m, n, A, vd, cf, sp, Uo, h, h, false);
 }
 
 // returns whether every output is finite; retract_small_impl's sweeps with the runtime
@@ -3139,7 +3141,7 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
   }
   static thread_local std::vector<T> ws;
   const size_t small = static_cast<size_t>(MC) * MC * L;
-  const size_t need = vo[d] + qo[d] + 14 * mx * L + 6 * small + static_cast<size_t>(d + 5) * MC * L;
+  const size_t need = vo[d] + qo[d] + 14 * mx * L + 6 * small + static_cast<size_t>(d + 6) * MC * L;
   if (ws.size() < need + 64 / sizeof(T)) ws.resize(need + 64 / sizeof(T));
   // every buffer on a 64-byte boundary (sizes are multiples of L numbers, 64 bytes or
   // more): a lane vector never straddles two cache lines (as rbs's workspace)
@@ -3152,7 +3154,7 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
     *c = take(mx * L), *Uo = take(mx * L), *top = take(mx * L), *W2 = take(mx * L),
     *Rb = take(small), *Rl = take(small), *Cm = take(small), *Wj = take(small),
     *Vj = take(small), *SV = take(small), *S = take(MC * L), *vd = take(MC * L),
-    *cf = take(MC * L), *beta = take(MC * L), *sg = take(static_cast<size_t>(d + 1) * MC * L);
+    *cf = take(MC * L), *beta = take(MC * L), *sp = take(MC * L), *sg = take(static_cast<size_t>(d + 1) * MC * L);
   std::vector<torch::Tensor> Ov(d);
   int64_t off = 0;
   for (int k = 0; k < d; ++k) {
@@ -3187,7 +3189,7 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
             pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(j) * a + i) * L,
                                   C2 + (static_cast<size_t>(i) * nb + j) * L);
         T* ps = sgn + static_cast<size_t>(k) * MC * L;
-        qr<T, L>(nb, a, CT, vd, cf, beta, Qt, Rl);
+        qr<T, L>(nb, a, CT, vd, cf, beta, sp, Qt, Rl);
         for (int j = 0; j < a; ++j)
           for (int l = 0; l < L; ++l) ps[j * L + l] = std::copysign(T(1), beta[j * L + l]);
         const T* s1 = sgn + static_cast<size_t>(k + 1) * MC * L;
@@ -3218,7 +3220,7 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
       // above ~1e19) would overflow the reflectors' squared norms; R scaled back
       T scq[L];
       bf::scale_down<T, L>(CT, N * a, scq);
-      qr<T, L>(N, a, CT, vd, cf, beta, Qw + qo[k], Rb);
+      qr<T, L>(N, a, CT, vd, cf, beta, sp, Qw + qo[k], Rb);
       for (int e = 0; e < a * a; ++e)
         for (int l = 0; l < L; ++l) Rb[static_cast<size_t>(e) * L + l] *= scq[l];
       // core k-1: left = du_{k-1} + U_{k-1} C, right = U_{k-1} R^T ((r_{k-1} n) x a each)
@@ -3241,7 +3243,7 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
       }
     for (int k = 0; k + 1 < d; ++k) {
       const int rk = r[k + 1];
-      svd_top<T, L>(m, K, c, vd, cf, beta, Wj, Vj, S, Uo, SV);  // (K = 2 rk)
+      svd_top<T, L>(m, K, c, vd, cf, beta, sp, Wj, Vj, S, Uo, SV);  // (K = 2 rk)
       rbs::add_zero_times<T, L>(Uo, m * rk, acc);  // core k = U[:, :rk]
       bf::scatter<T, L>(Uo, b0, m, rk, nullptr, Ov[k]);
       // top (rk x nb) = SV[:, a:] Q_V^T + SV[:, :a] V_{k+1}; Q = [Q_V; Q_W] (N x ap)
