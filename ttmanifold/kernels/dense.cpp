@@ -2618,39 +2618,46 @@ torch::Tensor retract_batch_small(std::vector<torch::Tensor> U, std::vector<torc
 
 
 // ---------------------------------------------------------------------------------------
-#if defined(__AVX512F__)
-#include <immintrin.h>  // sqrt over lanes (rbw::sqrt_lanes)
-#endif
-
 // The batched retraction for TT-ranks up to 12 (SVDs of up to 24 columns): rbs's algorithm
 // (retract_small_impl: the LQ sweep, the structured right-to-left orthogonalization, the
 // truncated SVDs by Householder QR and one-sided Jacobi of R^T) in the interleaved layout
 // of bf, with factorizations of runtime width (bf's are instantiated per column count and
 // column, too many functions at 24 columns). A reflector's products run over blocks of up
-// to kChunk columns whose accumulators are compile-time arrays (registers). Blocks of 16
-// points in both precisions (float64: 8 were slower; float32: 32, bf's count, no faster at
-// twice the working set: a 200 x 20 unfolding in 16 float64 lanes is already 512 KB).
+// to kChunk columns whose accumulators are lane vectors (rbs's Vec: registers). Blocks of
+// 8 doubles / 16 floats (64 bytes; with the lane-vector code 16 doubles were ~1.2x slower
+// at r = 10, 32 floats ~1.3x: twice the working set, a 200 x 20 unfolding in 8 float64
+// lanes is already 256 KB).
 namespace rbw {
 
 constexpr int kMaxRank = 12;
 constexpr int kMaxCols = 2 * kMaxRank;
 constexpr int kChunk = 8;
 
-// x = sqrt(x) over L lanes with AVX-512 where the compiler has it: GCC keeps std::sqrt in a
-// lane loop scalar (errno), which made the Jacobi rotations' parameters a third of its time
+// Lv: L lanes as one value (rbs's GCC/clang vector-extension type: the loops below become
+// vector code with their accumulators in registers; as lane arrays GCC kept the dot
+// products in memory). Other compilers: an array with the few operators used here.
+#if defined(TTM_RBS_VEC)
 template <typename T, int L>
-inline void sqrt_lanes(T* x) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, double> && L % 8 == 0) {
-    for (int l = 0; l < L; l += 8) _mm512_storeu_pd(x + l, _mm512_sqrt_pd(_mm512_loadu_pd(x + l)));
-    return;
-  } else if constexpr (std::is_same_v<T, float> && L % 16 == 0) {
-    for (int l = 0; l < L; l += 16) _mm512_storeu_ps(x + l, _mm512_sqrt_ps(_mm512_loadu_ps(x + l)));
-    return;
-  }
+using Lv = rbs::Vec<T, L>;
+using rbs::ld;
+using rbs::st;
+#else
+template <typename T, int L>
+struct Lv {
+  T x[L];
+  Lv() : x{} {}
+  Lv operator+(const Lv& o) const { Lv r; for (int l = 0; l < L; ++l) r.x[l] = x[l] + o.x[l]; return r; }
+  Lv operator-(const Lv& o) const { Lv r; for (int l = 0; l < L; ++l) r.x[l] = x[l] - o.x[l]; return r; }
+  Lv operator*(const Lv& o) const { Lv r; for (int l = 0; l < L; ++l) r.x[l] = x[l] * o.x[l]; return r; }
+  Lv& operator+=(const Lv& o) { return *this = *this + o; }
+  Lv& operator-=(const Lv& o) { return *this = *this - o; }
+  Lv& operator*=(const Lv& o) { return *this = *this * o; }
+};
+template <typename T, int L>
+inline Lv<T, L> ld(const T* p) { Lv<T, L> r; std::copy(p, p + L, r.x); return r; }
+template <typename T, int L>
+inline void st(T* p, const Lv<T, L>& v) { std::copy(v.x, v.x + L, p); }
 #endif
-  for (int l = 0; l < L; ++l) x[l] = std::sqrt(x[l]);
-}
 
 // X[i, c] -= cf (sum_{i' >= j} v_i' X[i', c]) v_i for c < CW, rows i >= j; v_i the
 // reflector j of a house_qr factor A (row stride lda): its head vdj at i == j, A[i, j]
@@ -2658,25 +2665,20 @@ inline void sqrt_lanes(T* x) {
 template <typename T, int L, int CW>
 void reflect_chunk(int m, int j, const T* A, int lda, const T* vdj, const T* cfj, T* X,
                    int ldx) {
-  T dot[CW * L];
-  for (int e = 0; e < CW * L; ++e) dot[e] = T(0);
+  using V = Lv<T, L>;
+  V dot[CW];
+  for (int c = 0; c < CW; ++c) dot[c] = V{};
   for (int i = j; i < m; ++i) {
-    const T* v = i == j ? vdj : A + (static_cast<size_t>(i) * lda + j) * L;
-    T vv[L];
-    for (int l = 0; l < L; ++l) vv[l] = v[l];
+    const V v = ld<T, L>(i == j ? vdj : A + (static_cast<size_t>(i) * lda + j) * L);
     const T* row = X + static_cast<size_t>(i) * ldx * L;
-    for (int c = 0; c < CW; ++c)
-      for (int l = 0; l < L; ++l) dot[c * L + l] += vv[l] * row[c * L + l];
+    for (int c = 0; c < CW; ++c) dot[c] += v * ld<T, L>(row + c * L);
   }
-  for (int c = 0; c < CW; ++c)
-    for (int l = 0; l < L; ++l) dot[c * L + l] *= cfj[l];
+  const V cj = ld<T, L>(cfj);
+  for (int c = 0; c < CW; ++c) dot[c] *= cj;
   for (int i = j; i < m; ++i) {
-    const T* v = i == j ? vdj : A + (static_cast<size_t>(i) * lda + j) * L;
-    T vv[L];
-    for (int l = 0; l < L; ++l) vv[l] = v[l];
+    const V v = ld<T, L>(i == j ? vdj : A + (static_cast<size_t>(i) * lda + j) * L);
     T* row = X + static_cast<size_t>(i) * ldx * L;
-    for (int c = 0; c < CW; ++c)
-      for (int l = 0; l < L; ++l) row[c * L + l] -= dot[c * L + l] * vv[l];
+    for (int c = 0; c < CW; ++c) st<T, L>(row + c * L, ld<T, L>(row + c * L) - dot[c] * v);
   }
 }
 
@@ -2705,96 +2707,119 @@ void reflect(int m, int j, const T* A, int lda, const T* vdj, const T* cfj, T* X
 // B = j + 1 when low_first (the QR's order), else A = j + 1, B = j (apply_q's order).
 // With d = v^T X and s = v_j^T v_{j+1}: e_A = cf_A d_A, e_B = cf_B (d_B - s e_A),
 // X -= v_A e_A^T + v_B e_B^T. Rows from j (where v_{j+1} is zero); CW columns of X.
-template <typename T, int L, int CW>
+template <typename T, int L, int CW, bool NRM = false>
 void reflect2_chunk(int m, int j, const T* A, int lda, const T* vd, const T* cf, const T* s,
-                    bool low_first, T* X, int ldx) {
-  T d0[CW * L], d1[CW * L];
-  for (int e = 0; e < CW * L; ++e) d0[e] = d1[e] = T(0);
+                    bool low_first, T* X, int ldx, T* nrm = nullptr) {
+  using V = Lv<T, L>;
+  V d0[CW], d1[CW];
+  const V h0 = ld<T, L>(vd + j * L);
   {  // row j: v_j's head, v_{j+1} = 0
     const T* row = X + static_cast<size_t>(j) * ldx * L;
-    for (int c = 0; c < CW; ++c)
-      for (int l = 0; l < L; ++l) d0[c * L + l] += vd[j * L + l] * row[c * L + l];
+    for (int c = 0; c < CW; ++c) { d0[c] = h0 * ld<T, L>(row + c * L); d1[c] = V{}; }
   }
   for (int i = j + 1; i < m; ++i) {
     const T* a0 = A + (static_cast<size_t>(i) * lda + j) * L;
-    const T* a1 = i == j + 1 ? vd + (j + 1) * L : a0 + L;
-    T v0[L], v1[L];
-    for (int l = 0; l < L; ++l) { v0[l] = a0[l]; v1[l] = a1[l]; }
+    const V v0 = ld<T, L>(a0), v1 = ld<T, L>(i == j + 1 ? vd + (j + 1) * L : a0 + L);
     const T* row = X + static_cast<size_t>(i) * ldx * L;
-    for (int c = 0; c < CW; ++c)
-      for (int l = 0; l < L; ++l) {
-        d0[c * L + l] += v0[l] * row[c * L + l];
-        d1[c * L + l] += v1[l] * row[c * L + l];
-      }
-  }
-  const T* c0 = cf + j * L;
-  const T* c1 = cf + (j + 1) * L;
-  for (int c = 0; c < CW; ++c)
-    for (int l = 0; l < L; ++l) {
-      if (low_first) {
-        d0[c * L + l] *= c0[l];
-        d1[c * L + l] = c1[l] * (d1[c * L + l] - s[l] * d0[c * L + l]);
-      } else {
-        d1[c * L + l] *= c1[l];
-        d0[c * L + l] = c0[l] * (d0[c * L + l] - s[l] * d1[c * L + l]);
-      }
+    for (int c = 0; c < CW; ++c) {
+      const V x = ld<T, L>(row + c * L);
+      d0[c] += v0 * x;
+      d1[c] += v1 * x;
     }
+  }
+  const V c0 = ld<T, L>(cf + j * L), c1 = ld<T, L>(cf + (j + 1) * L), sv = ld<T, L>(s);
+  for (int c = 0; c < CW; ++c) {
+    if (low_first) {
+      d0[c] *= c0;
+      d1[c] = c1 * (d1[c] - sv * d0[c]);
+    } else {
+      d1[c] *= c1;
+      d0[c] = c0 * (d0[c] - sv * d1[c]);
+    }
+  }
   {
     T* row = X + static_cast<size_t>(j) * ldx * L;
-    for (int c = 0; c < CW; ++c)
-      for (int l = 0; l < L; ++l) row[c * L + l] -= vd[j * L + l] * d0[c * L + l];
+    for (int c = 0; c < CW; ++c) st<T, L>(row + c * L, ld<T, L>(row + c * L) - h0 * d0[c]);
   }
+  V n2{};
   for (int i = j + 1; i < m; ++i) {
     const T* a0 = A + (static_cast<size_t>(i) * lda + j) * L;
-    const T* a1 = i == j + 1 ? vd + (j + 1) * L : a0 + L;
-    T v0[L], v1[L];
-    for (int l = 0; l < L; ++l) { v0[l] = a0[l]; v1[l] = a1[l]; }
+    const V v0 = ld<T, L>(a0), v1 = ld<T, L>(i == j + 1 ? vd + (j + 1) * L : a0 + L);
     T* row = X + static_cast<size_t>(i) * ldx * L;
     for (int c = 0; c < CW; ++c)
-      for (int l = 0; l < L; ++l)
-        row[c * L + l] -= v0[l] * d0[c * L + l] + v1[l] * d1[c * L + l];
+      st<T, L>(row + c * L, ld<T, L>(row + c * L) - (v0 * d0[c] + v1 * d1[c]));
+    if constexpr (NRM) {  // X's column 0 is A's j + 2: its squared norm from row j + 2 on
+      const V x0 = ld<T, L>(row);
+      if (i > j + 1) n2 += x0 * x0;
+    }
   }
+  if constexpr (NRM) st<T, L>(nrm, n2);
 }
 
-// columns per block of reflect2_chunk: 2 CW L numbers of accumulators, 16 AVX-512 registers
+// columns per block of reflect2_chunk: 2 CW L numbers of accumulators, 24 AVX-512 registers
+// (fewer blocks per pass: the two reflectors are loaded once per block and row)
 template <typename T, int L>
-constexpr int chunk2() { return 512 / (L * static_cast<int>(sizeof(T))) > 1 ? 512 / (L * static_cast<int>(sizeof(T))) : 1; }
+constexpr int chunk2() { return 768 / (L * static_cast<int>(sizeof(T))) > 1 ? 768 / (L * static_cast<int>(sizeof(T))) : 1; }
 
-template <typename T, int L, int C>
+template <typename T, int L, int C, bool NRM>
 void reflect2_rest(int w, int m, int j, const T* A, int lda, const T* vd, const T* cf,
-                   const T* s, bool low_first, T* X, int ldx) {
+                   const T* s, bool low_first, T* X, int ldx, T* nrm) {
   if constexpr (C >= 1) {
-    if (w == C) return reflect2_chunk<T, L, C>(m, j, A, lda, vd, cf, s, low_first, X, ldx);
-    reflect2_rest<T, L, C - 1>(w, m, j, A, lda, vd, cf, s, low_first, X, ldx);
+    if (w == C)
+      return reflect2_chunk<T, L, C, NRM>(m, j, A, lda, vd, cf, s, low_first, X, ldx, nrm);
+    reflect2_rest<T, L, C - 1, NRM>(w, m, j, A, lda, vd, cf, s, low_first, X, ldx, nrm);
   }
 }
 
-// reflect2_chunk over w columns of X (starting at X); s[l] = v_j^T v_{j+1} computed here
+// reflect2_chunk over w columns of X (starting at X); s[l] = v_j^T v_{j+1} given (sv) or
+// computed here; nrm: when given, the squared norm of X's column 0 from row j + 2 on after
+// the update (the QR's next reflector, accumulated in the first block's pass)
 template <typename T, int L>
 void reflect2(int m, int j, const T* A, int lda, const T* vd, const T* cf, bool low_first,
-              T* X, int ldx, int w) {
-  T s[L];
-  for (int l = 0; l < L; ++l) s[l] = A[(static_cast<size_t>(j + 1) * lda + j) * L + l] * vd[(j + 1) * L + l];
-  for (int i = j + 2; i < m; ++i)
-    for (int l = 0; l < L; ++l)
-      s[l] += A[(static_cast<size_t>(i) * lda + j) * L + l] * A[(static_cast<size_t>(i) * lda + j + 1) * L + l];
+              T* X, int ldx, int w, const T* sv = nullptr, T* nrm = nullptr) {
+  alignas(64) T s[L];
+  if (sv) {
+    std::copy(sv, sv + L, s);
+  } else {
+    for (int l = 0; l < L; ++l) s[l] = A[(static_cast<size_t>(j + 1) * lda + j) * L + l] * vd[(j + 1) * L + l];
+    for (int i = j + 2; i < m; ++i)
+      for (int l = 0; l < L; ++l)
+        s[l] += A[(static_cast<size_t>(i) * lda + j) * L + l] * A[(static_cast<size_t>(i) * lda + j + 1) * L + l];
+  }
   constexpr int CW = chunk2<T, L>();
   int c = 0;
+  if (nrm && w > 0) {  // the first block also accumulates the norm
+    if (w >= CW) reflect2_chunk<T, L, CW, true>(m, j, A, lda, vd, cf, s, low_first, X, ldx, nrm);
+    else reflect2_rest<T, L, CW - 1, true>(w, m, j, A, lda, vd, cf, s, low_first, X, ldx, nrm);
+    c = std::min(w, CW);
+  }
   for (; c + CW <= w; c += CW)
     reflect2_chunk<T, L, CW>(m, j, A, lda, vd, cf, s, low_first, X + c * L, ldx);
-  if (c < w) reflect2_rest<T, L, CW - 1>(w - c, m, j, A, lda, vd, cf, s, low_first, X + c * L, ldx);
+  if (c < w)
+    reflect2_rest<T, L, CW - 1, false>(w - c, m, j, A, lda, vd, cf, s, low_first, X + c * L, ldx, nullptr);
 }
+
+template <typename T, int L>
+void set_reflector(int n, int j, const T* A, T* nrm2, T* vd, T* cf, T* beta);
 
 // the reflector j of house_qr from column j (rows >= j): beta, cf, vd
 template <typename T, int L>
 void make_reflector(int m, int n, int j, const T* A, T* vd, T* cf, T* beta) {
-  T nrm2[L];
-  for (int l = 0; l < L; ++l) nrm2[l] = T(0);
+  Lv<T, L> s2{};
   for (int i = j; i < m; ++i) {
-    const T* a = A + (static_cast<size_t>(i) * n + j) * L;
-    for (int l = 0; l < L; ++l) nrm2[l] += a[l] * a[l];
+    const Lv<T, L> a = ld<T, L>(A + (static_cast<size_t>(i) * n + j) * L);
+    s2 += a * a;
   }
-  sqrt_lanes<T, L>(nrm2);  // now the column's norm
+  alignas(64) T nrm2[L];
+  st<T, L>(nrm2, s2);
+  set_reflector<T, L>(n, j, A, nrm2, vd, cf, beta);
+}
+
+// the reflector j of house_qr from nrm2, the squared norm of column j's rows >= j (its norm
+// on return): beta, cf, vd
+template <typename T, int L>
+void set_reflector(int n, int j, const T* A, T* nrm2, T* vd, T* cf, T* beta) {
+  bf::sqrt_lanes<T, L>(nrm2);  // now the column's norm
   for (int l = 0; l < L; ++l) {
     const T alpha = A[(static_cast<size_t>(j) * n + j) * L + l];
     const T nr = nrm2[l];
@@ -2806,18 +2831,51 @@ void make_reflector(int m, int n, int j, const T* A, T* vd, T* cf, T* beta) {
   }
 }
 
+// H_j on column j + 1 of the house_qr factor A (m x n) alone, the reflector j + 1 from the
+// squared norm accumulated in its update pass, and s = v_j^T v_{j+1} (reflect2's) from the
+// same pass: two passes over the column instead of four
+template <typename T, int L>
+void reflect_next(int m, int n, int j, T* A, T* vd, T* cf, T* beta, T* s) {
+  using V = Lv<T, L>;
+  const V hj = ld<T, L>(vd + j * L);
+  T* aj = A + (static_cast<size_t>(j) * n + j + 1) * L;
+  V dot = hj * ld<T, L>(aj);
+  for (int i = j + 1; i < m; ++i)
+    dot += ld<T, L>(A + (static_cast<size_t>(i) * n + j) * L) * ld<T, L>(A + (static_cast<size_t>(i) * n + j + 1) * L);
+  dot *= ld<T, L>(cf + j * L);
+  st<T, L>(aj, ld<T, L>(aj) - dot * hj);
+  V n2{}, st2{};
+  for (int i = j + 1; i < m; ++i) {
+    const V v = ld<T, L>(A + (static_cast<size_t>(i) * n + j) * L);
+    T* a = A + (static_cast<size_t>(i) * n + j + 1) * L;
+    const V x = ld<T, L>(a) - dot * v;
+    st<T, L>(a, x);
+    n2 += x * x;
+    if (i > j + 1) st2 += v * x;
+  }
+  alignas(64) T nrm2[L];
+  st<T, L>(nrm2, n2);
+  set_reflector<T, L>(n, j + 1, A, nrm2, vd, cf, beta);
+  st<T, L>(s, ld<T, L>(A + (static_cast<size_t>(j + 1) * n + j) * L) * ld<T, L>(vd + (j + 1) * L) + st2);
+}
+
 // Householder QR of the interleaved m x n block A (m >= n), bf::house_qr with a runtime n:
 // R above the diagonal (its diagonal in beta), the reflectors' tails below, heads in vd,
 // 2 / v^T v in cf (LAPACK's sign convention). Reflectors in pairs: H_j updates column
-// j + 1 alone, then H_{j+1} H_j the rest in one pass (reflect2).
+// j + 1 alone, then H_{j+1} H_j the rest in one pass (reflect2); each column's norm is
+// accumulated in the pass that last updates it (no pass of its own). sp: v_j^T v_{j+1} of
+// the pairs (j even), for apply_q.
 template <typename T, int L>
-void house_qr(int m, int n, T* A, T* vd, T* cf, T* beta) {
-  for (int j = 0; j < n; j += 2) {
-    make_reflector<T, L>(m, n, j, A, vd, cf, beta);
-    if (j + 1 == n) break;
-    reflect<T, L>(m, j, A, n, vd + j * L, cf + j * L, A + (j + 1) * L, n, 1);
-    make_reflector<T, L>(m, n, j + 1, A, vd, cf, beta);
-    if (j + 2 < n) reflect2<T, L>(m, j, A, n, vd, cf, true, A + (j + 2) * L, n, n - j - 2);
+void house_qr(int m, int n, T* A, T* vd, T* cf, T* beta, T* sp) {
+  make_reflector<T, L>(m, n, 0, A, vd, cf, beta);
+  for (int j = 0; j + 1 < n; j += 2) {  // reflector j made
+    T* s = sp + (j / 2) * L;  // kept for apply_q
+    reflect_next<T, L>(m, n, j, A, vd, cf, beta, s);
+    if (j + 2 < n) {
+      alignas(64) T n2[L];
+      reflect2<T, L>(m, j, A, n, vd, cf, true, A + (j + 2) * L, n, n - j - 2, s, n2);
+      set_reflector<T, L>(n, j + 2, A, n2, vd, cf, beta);
+    }
   }
 }
 
@@ -2825,7 +2883,7 @@ void house_qr(int m, int n, T* A, T* vd, T* cf, T* beta) {
 // pairs H_{j-1} H_j; lower: X starts as [I; 0] (rows >= j of its columns < j stay zero:
 // skipped)
 template <typename T, int L>
-void apply_q(int m, int n, const T* A, const T* vd, const T* cf, T* X, int ldx, int w,
+void apply_q(int m, int n, const T* A, const T* vd, const T* cf, const T* sp, T* X, int ldx, int w,
              bool lower) {
   int j = n - 1;
   if (n & 1) {  // the last reflector alone
@@ -2835,17 +2893,18 @@ void apply_q(int m, int n, const T* A, const T* vd, const T* cf, T* X, int ldx, 
   }
   for (; j >= 1; j -= 2) {
     const int c0 = lower ? std::min(j - 1, w) : 0;
-    if (c0 < w) reflect2<T, L>(m, j - 1, A, n, vd, cf, false, X + c0 * L, ldx, w - c0);
+    if (c0 < w)
+      reflect2<T, L>(m, j - 1, A, n, vd, cf, false, X + c0 * L, ldx, w - c0, sp + ((j - 1) / 2) * L);
   }
 }
 
 // thin QR of the interleaved m x a block CT: Q (m x a) into Q, R (a x a) into R
 template <typename T, int L>
-void qr(int m, int a, T* CT, T* vd, T* cf, T* beta, T* Q, T* R) {
-  house_qr<T, L>(m, a, CT, vd, cf, beta);
+void qr(int m, int a, T* CT, T* vd, T* cf, T* beta, T* sp, T* Q, T* R) {
+  house_qr<T, L>(m, a, CT, vd, cf, beta, sp);
   bf::upper<T, L>(a, CT, beta, R);
   bf::eye<T, L>(m, a, Q);
-  apply_q<T, L>(m, a, CT, vd, cf, Q, a, a, true);
+  apply_q<T, L>(m, a, CT, vd, cf, sp, Q, a, a, true);
 }
 
 // bf::jacobi with a runtime n <= kMaxCols: one-sided Jacobi on the columns of the
@@ -2871,16 +2930,17 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
   }
   const size_t rs = static_cast<size_t>(n) * L;  // row stride
   const T tol2 = tol * tol;
-  T nrm[kMaxCols * L];
+  alignas(64) T nrm[kMaxCols * L];
   int sweep = 0;
   while (sweep < max_sweeps && n > 1) {
     ++sweep;
-    for (int e = 0; e < n * L; ++e) nrm[e] = T(0);
-    for (int i = 0; i < n; ++i)
-      for (int c = 0; c < n; ++c)
-        for (int l = 0; l < L; ++l) { const T w = W[i * rs + c * L + l]; nrm[c * L + l] += w * w; }
+    for (int c = 0; c < n; ++c) {
+      Lv<T, L> s2{};
+      for (int i = 0; i < n; ++i) { const Lv<T, L> x = ld<T, L>(W + i * rs + c * L); s2 += x * x; }
+      st<T, L>(nrm + c * L, s2);
+    }
     // pairs of two columns both below eps |W|_F are noise: not rotated (as bf::jacobi)
-    T floor[L], off[L];
+    alignas(64) T floor[L], off[L];
     for (int l = 0; l < L; ++l) floor[l] = off[l] = T(0);
     for (int c = 0; c < n; ++c)
       for (int l = 0; l < L; ++l) floor[l] += nrm[c * L + l];
@@ -2888,30 +2948,53 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
     for (int r = 0; r < N - 1; ++r) {
       // the round's K disjoint pairs: every dot product first (independent chains; four
       // partial sums each), then the rotations' parameters, then the rotations
-      T cs[kMaxCols / 2 * L], sn[kMaxCols / 2 * L];
+      alignas(64) T cs[kMaxCols / 2 * L], sn[kMaxCols / 2 * L];
       bool live[kMaxCols / 2];
       for (int k = 0; k < K; ++k) {
         const int p = P[r][k], q = Qc[r][k];
         live[k] = false;
         if (q >= n) continue;
-        T g0[L], g1[L], g2[L], g3[L];
-        for (int l = 0; l < L; ++l) g0[l] = g1[l] = g2[l] = g3[l] = T(0);
+        using LV = Lv<T, L>;
+        LV g[4] = {};
+        const T* wp = W + p * L;
+        const T* wq = W + q * L;
         int i = 0;
         for (; i + 4 <= n; i += 4)
-          for (int l = 0; l < L; ++l) {
-            g0[l] += W[i * rs + p * L + l] * W[i * rs + q * L + l];
-            g1[l] += W[(i + 1) * rs + p * L + l] * W[(i + 1) * rs + q * L + l];
-            g2[l] += W[(i + 2) * rs + p * L + l] * W[(i + 2) * rs + q * L + l];
-            g3[l] += W[(i + 3) * rs + p * L + l] * W[(i + 3) * rs + q * L + l];
-          }
-        for (; i < n; ++i)
-          for (int l = 0; l < L; ++l) g0[l] += W[i * rs + p * L + l] * W[i * rs + q * L + l];
+          for (int u = 0; u < 4; ++u) g[u] += ld<T, L>(wp + (i + u) * rs) * ld<T, L>(wq + (i + u) * rs);
+        for (; i < n; ++i) g[0] += ld<T, L>(wp + i * rs) * ld<T, L>(wq + i * rs);
+#if defined(TTM_RBS_VEC)
+        // the rotation on lane vectors (as lane loops GCC left the divisions and the
+        // compares scalar: a third of the sweeps' time); t = 0 where the pair is converged
+        // (or NaN); zeta's sign by a compare (copysign's -0 case: the other 45-degree turn)
+        const LV gk = (g[0] + g[1]) + (g[2] + g[3]);
+        LV na = ld<T, L>(nrm + p * L), nb = ld<T, L>(nrm + q * L);
+        const LV ab2 = na * nb, fl = ld<T, L>(floor), one = LV{} + T(1), zero = LV{};
+        const auto rot = (gk * gk > tol2 * ab2) & (ab2 > fl * fl);  // false for NaN
+        int any = 0;
+        for (int l = 0; l < L; ++l) any |= rot[l] != 0;
+        if (!any) continue;  // converged in every lane: no rotation work
+        live[k] = true;
+        const LV zeta = (nb - na) / (T(2) * gk);
+        const LV root = rbs::vsqrt<T, L>(one + zeta * zeta);
+        const LV t0 = (zeta >= zero ? one : -one) / ((zeta >= zero ? zeta : -zeta) + root);
+        const LV t = rot ? t0 : zero;
+        const LV c = one / rbs::vsqrt<T, L>(one + t * t);
+        st<T, L>(cs + k * L, c);
+        st<T, L>(sn + k * L, c * t);
+        na -= t * gk;
+        nb += t * gk;
+        st<T, L>(nrm + p * L, na);
+        st<T, L>(nrm + q * L, nb);
+        st<T, L>(off, rot ? one : ld<T, L>(off));
+#else
+        alignas(64) T gs[L];
+        st<T, L>(gs, (g[0] + g[1]) + (g[2] + g[3]));
         // the rotation per lane, in local arrays (no aliasing between the norms of p and q:
         // the lane loops vectorize); t = 0 where the pair is converged (or NaN)
         T na[L], nb[L], gk[L], t[L], rf[L];
         for (int l = 0; l < L; ++l) {
           na[l] = nrm[p * L + l]; nb[l] = nrm[q * L + l];
-          gk[l] = (g0[l] + g1[l]) + (g2[l] + g3[l]);
+          gk[l] = gs[l];
         }
         int any = 0;
         T zeta[L], root[L];
@@ -2925,13 +3008,13 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
         }
         if (!any) continue;  // converged in every lane: no rotation work
         live[k] = true;
-        sqrt_lanes<T, L>(root);
+        bf::sqrt_lanes<T, L>(root);
         for (int l = 0; l < L; ++l) {
           const T t0 = std::copysign(T(1), zeta[l]) / (std::abs(zeta[l]) + root[l]);
           t[l] = rf[l] != T(0) ? t0 : T(0);
           root[l] = T(1) + t[l] * t[l];
         }
-        sqrt_lanes<T, L>(root);
+        bf::sqrt_lanes<T, L>(root);
         for (int l = 0; l < L; ++l) {
           const T c = T(1) / root[l];
           cs[k * L + l] = c;
@@ -2941,23 +3024,22 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
           off[l] = off[l] > rf[l] ? off[l] : rf[l];
         }
         for (int l = 0; l < L; ++l) { nrm[p * L + l] = na[l]; nrm[q * L + l] = nb[l]; }
+#endif
       }
       for (int k = 0; k < K; ++k) {
         if (!live[k]) continue;
         const int p = P[r][k], q = Qc[r][k];
-        const T* c = cs + k * L;
-        const T* sg = sn + k * L;
+        using LV = Lv<T, L>;
+        const LV c = ld<T, L>(cs + k * L), sg = ld<T, L>(sn + k * L);
         for (int i = 0; i < n; ++i) {
           T* wr = W + i * rs;
           T* vr = V + i * rs;
-          for (int l = 0; l < L; ++l) {
-            const T wp = wr[p * L + l], wq = wr[q * L + l];
-            wr[p * L + l] = c[l] * wp - sg[l] * wq;
-            wr[q * L + l] = sg[l] * wp + c[l] * wq;
-            const T vp = vr[p * L + l], vq = vr[q * L + l];
-            vr[p * L + l] = c[l] * vp - sg[l] * vq;
-            vr[q * L + l] = sg[l] * vp + c[l] * vq;
-          }
+          const LV wp = ld<T, L>(wr + p * L), wq = ld<T, L>(wr + q * L);
+          st<T, L>(wr + p * L, c * wp - sg * wq);
+          st<T, L>(wr + q * L, sg * wp + c * wq);
+          const LV vp = ld<T, L>(vr + p * L), vq = ld<T, L>(vr + q * L);
+          st<T, L>(vr + p * L, c * vp - sg * vq);
+          st<T, L>(vr + q * L, sg * vp + c * vq);
         }
       }
     }
@@ -2972,24 +3054,44 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
 // runtime n: the h leading left singular vectors (m x h) into Uo and the first h rows of
 // S Vh (row stride n) into SV. A = Q R, Jacobi on R^T: R^T V_x = W_x, A = (Q V_x) W_x^T.
 template <typename T, int L>
-void svd_top(int m, int n, T* A, T* vd, T* cf, T* beta, T* W, T* V, T* S, T* Uo, T* SV) {
+void svd_top(int m, int n, T* A, T* vd, T* cf, T* beta, T* sp, T* W, T* V, T* S, T* Uo, T* SV) {
   T sc[L];
   bf::scale_down<T, L>(A, m * n, sc);
-  house_qr<T, L>(m, n, A, vd, cf, beta);
-  for (int i = 0; i < n; ++i)  // W = R^T
-    for (int c = 0; c < n; ++c)
-      for (int l = 0; l < L; ++l)
-        W[(i * n + c) * L + l] = i < c ? T(0) : (i == c ? beta[i * L + l] : A[(static_cast<size_t>(c) * n + i) * L + l]);
+  house_qr<T, L>(m, n, A, vd, cf, beta, sp);
+  for (int i = 0; i < n; ++i)  // W = R^T (whole lane vectors: no per-lane branch)
+    for (int c = 0; c < n; ++c) {
+      T* wc = W + (i * n + c) * L;
+      if (i < c) st<T, L>(wc, Lv<T, L>{});
+      else st<T, L>(wc, ld<T, L>(i == c ? beta + i * L : A + (static_cast<size_t>(c) * n + i) * L));
+    }
   jacobi<T, L>(n, W, V, std::numeric_limits<T>::epsilon() * n, bf::kMaxSweeps);
-  for (int e = 0; e < n * L; ++e) S[e] = T(0);
-  for (int i = 0; i < n; ++i)
-    for (int c = 0; c < n; ++c)
-      for (int l = 0; l < L; ++l) { const T w = W[(i * n + c) * L + l]; S[c * L + l] += w * w; }
+  for (int c = 0; c < n; ++c) {
+    Lv<T, L> s2{};
+    for (int i = 0; i < n; ++i) { const Lv<T, L> x = ld<T, L>(W + (i * n + c) * L); s2 += x * x; }
+    st<T, L>(S + c * L, s2);
+  }
   const int h = n / 2;
   // the h largest (squared) norms to the front, descending: passes of compare-exchanges
   // of adjacent columns from the back, per lane (the order of the rest does not matter)
   for (int i = 0; i < h; ++i)
     for (int j = n - 1; j > i; --j) {
+#if defined(TTM_RBS_VEC)
+      // selects on lane vectors (as lane loops GCC swapped one number at a time)
+      using LV = Lv<T, L>;
+      const LV x = ld<T, L>(S + j * L), y = ld<T, L>(S + (j - 1) * L);
+      const auto sw = x > y;
+      st<T, L>(S + j * L, sw ? y : x);
+      st<T, L>(S + (j - 1) * L, sw ? x : y);
+      for (int r = 0; r < n; ++r) {
+        T* wj = W + (r * n + j) * L;
+        T* vj = V + (r * n + j) * L;
+        const LV w1 = ld<T, L>(wj), w0 = ld<T, L>(wj - L), v1 = ld<T, L>(vj), v0 = ld<T, L>(vj - L);
+        st<T, L>(wj, sw ? w0 : w1);
+        st<T, L>(wj - L, sw ? w1 : w0);
+        st<T, L>(vj, sw ? v0 : v1);
+        st<T, L>(vj - L, sw ? v1 : v0);
+      }
+#else
       bool sw[L];
       for (int l = 0; l < L; ++l) {
         const T x = S[j * L + l], y = S[(j - 1) * L + l];
@@ -3003,6 +3105,7 @@ void svd_top(int m, int n, T* A, T* vd, T* cf, T* beta, T* W, T* V, T* S, T* Uo,
           T* vj = &V[(r * n + j) * L + l]; T* vk = &V[(r * n + j - 1) * L + l];
           const T x2 = *vj, y2 = *vk; *vj = sw[l] ? y2 : x2; *vk = sw[l] ? x2 : y2;
         }
+#endif
     }
   for (int j = 0; j < h; ++j)  // SV[:h] = W[:, :h]^T, scaled back
     for (int c = 0; c < n; ++c)
@@ -3011,7 +3114,7 @@ void svd_top(int m, int n, T* A, T* vd, T* cf, T* beta, T* W, T* V, T* S, T* Uo,
     for (int c = 0; c < h; ++c)
       for (int l = 0; l < L; ++l)
         Uo[(static_cast<size_t>(i) * h + c) * L + l] = i < n ? V[(i * n + c) * L + l] : T(0);
-  apply_q<T, L>(m, n, A, vd, cf, Uo, h, h, false);
+  apply_q<T, L>(m, n, A, vd, cf, sp, Uo, h, h, false);
 }
 
 // returns whether every output is finite; retract_small_impl's sweeps with the runtime
@@ -3038,9 +3141,12 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
   }
   static thread_local std::vector<T> ws;
   const size_t small = static_cast<size_t>(MC) * MC * L;
-  const size_t need = vo[d] + qo[d] + 14 * mx * L + 6 * small + static_cast<size_t>(d + 5) * MC * L;
-  if (ws.size() < need) ws.resize(need);
-  T* wp = ws.data();
+  const size_t need = vo[d] + qo[d] + 14 * mx * L + 6 * small + static_cast<size_t>(d + 6) * MC * L;
+  if (ws.size() < need + 64 / sizeof(T)) ws.resize(need + 64 / sizeof(T));
+  // every buffer on a 64-byte boundary (sizes are multiples of L numbers, 64 bytes or
+  // more): a lane vector never straddles two cache lines (as rbs's workspace)
+  T* wp = reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(ws.data()) + 63) &
+                               ~static_cast<std::uintptr_t>(63));
   auto take = [&](size_t cnt) { T* q = wp; wp += cnt; return q; };
   T *Vs = take(vo[d]), *Qw = take(qo[d]), *Ua = take(mx * L), *Ub = take(mx * L),
     *Dk = take(mx * L), *CT = take(mx * L), *Qt = take(mx * L), *C2 = take(mx * L),
@@ -3048,7 +3154,7 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
     *c = take(mx * L), *Uo = take(mx * L), *top = take(mx * L), *W2 = take(mx * L),
     *Rb = take(small), *Rl = take(small), *Cm = take(small), *Wj = take(small),
     *Vj = take(small), *SV = take(small), *S = take(MC * L), *vd = take(MC * L),
-    *cf = take(MC * L), *beta = take(MC * L), *sg = take(static_cast<size_t>(d + 1) * MC * L);
+    *cf = take(MC * L), *beta = take(MC * L), *sp = take(MC * L), *sg = take(static_cast<size_t>(d + 1) * MC * L);
   std::vector<torch::Tensor> Ov(d);
   int64_t off = 0;
   for (int k = 0; k < d; ++k) {
@@ -3059,7 +3165,7 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
   bool finite_all = true;
   T sc[L];
   for (int64_t b0 = 0; b0 < B; b0 += L) {
-    T acc[L];  // sum of 0 * output per lane: NaN once an output is NaN or infinite
+    alignas(64) T acc[L];  // sum of 0 * output per lane: NaN once an output is NaN or infinite
     for (int l = 0; l < L; ++l) acc[l] = T(0);
     T* uk = Ua;
     T* un = Ub;
@@ -3083,7 +3189,7 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
             pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(j) * a + i) * L,
                                   C2 + (static_cast<size_t>(i) * nb + j) * L);
         T* ps = sgn + static_cast<size_t>(k) * MC * L;
-        qr<T, L>(nb, a, CT, vd, cf, beta, Qt, Rl);
+        qr<T, L>(nb, a, CT, vd, cf, beta, sp, Qt, Rl);
         for (int j = 0; j < a; ++j)
           for (int l = 0; l < L; ++l) ps[j * L + l] = std::copysign(T(1), beta[j * L + l]);
         const T* s1 = sgn + static_cast<size_t>(k + 1) * MC * L;
@@ -3114,7 +3220,7 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
       // above ~1e19) would overflow the reflectors' squared norms; R scaled back
       T scq[L];
       bf::scale_down<T, L>(CT, N * a, scq);
-      qr<T, L>(N, a, CT, vd, cf, beta, Qw + qo[k], Rb);
+      qr<T, L>(N, a, CT, vd, cf, beta, sp, Qw + qo[k], Rb);
       for (int e = 0; e < a * a; ++e)
         for (int l = 0; l < L; ++l) Rb[static_cast<size_t>(e) * L + l] *= scq[l];
       // core k-1: left = du_{k-1} + U_{k-1} C, right = U_{k-1} R^T ((r_{k-1} n) x a each)
@@ -3137,9 +3243,8 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
       }
     for (int k = 0; k + 1 < d; ++k) {
       const int rk = r[k + 1];
-      svd_top<T, L>(m, K, c, vd, cf, beta, Wj, Vj, S, Uo, SV);  // (K = 2 rk)
-      for (int e = 0; e < m * rk; ++e)  // core k = U[:, :rk]
-        for (int l = 0; l < L; ++l) acc[l] += Uo[static_cast<size_t>(e) * L + l] * T(0);
+      svd_top<T, L>(m, K, c, vd, cf, beta, sp, Wj, Vj, S, Uo, SV);  // (K = 2 rk)
+      rbs::add_zero_times<T, L>(Uo, m * rk, acc);  // core k = U[:, :rk]
       bf::scatter<T, L>(Uo, b0, m, rk, nullptr, Ov[k]);
       // top (rk x nb) = SV[:, a:] Q_V^T + SV[:, :a] V_{k+1}; Q = [Q_V; Q_W] (N x ap)
       const int a = rk, nk = n[k + 1], b = r[k + 2], nb = nk * b, ap = K - a;
@@ -3148,8 +3253,7 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
                   T(1), false);
       mm_il<T, L>(rk, nb, a, SV, K, 1, Vs + vo[k + 1], nb, 1, top, nb, 1, T(1), true);
       if (k + 2 == d) {  // the last core (rk x n x 1)
-        for (int e = 0; e < rk * nb; ++e)
-          for (int l = 0; l < L; ++l) acc[l] += top[static_cast<size_t>(e) * L + l] * T(0);
+        rbs::add_zero_times<T, L>(top, rk * nb, acc);
         bf::scatter<T, L>(top, b0, rk * nb, 1, nullptr, Ov[k + 1]);
         break;
       }
@@ -3178,7 +3282,7 @@ bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<to
 // retract_point (V computed, the canonical right cores) for B points and/or B steps with
 // TT-ranks <= 12, SIMD across the points: U, du cores (1 or B, r, n, r'), every unfolding
 // r n >= 2 r' (n_0 >= 2 r_1); (B, size of U's point), left-orthogonal cores. lanes: points
-// per block (0: the default, 16; 8 float64 / 32 float32 the alternative)
+// per block (0: the default, 8 float64 / 16 float32; 16 float64 / 32 float32 the alternative)
 torch::Tensor retract_batch_wide(std::vector<torch::Tensor> U, std::vector<torch::Tensor> du,
                                  int64_t B, int64_t lanes) {
   TORCH_CHECK(U.size() >= 2 && U.size() == du.size(), "retract_batch_wide: inconsistent lengths");
@@ -3205,8 +3309,8 @@ torch::Tensor retract_batch_wide(std::vector<torch::Tensor> U, std::vector<torch
   if (B == 0) return out;
   bool ok = true;
   if (t == torch::kDouble) {
-    if (lanes == 8) ok = rbw::retract_wide_impl<double, 8>(U, du, B, out);
-    else ok = rbw::retract_wide_impl<double, 16>(U, du, B, out);
+    if (lanes == 16) ok = rbw::retract_wide_impl<double, 16>(U, du, B, out);
+    else ok = rbw::retract_wide_impl<double, 8>(U, du, B, out);
   } else {
     if (lanes == 32) ok = rbw::retract_wide_impl<float, 32>(U, du, B, out);
     else ok = rbw::retract_wide_impl<float, 16>(U, du, B, out);
