@@ -188,3 +188,22 @@ def test_compiled_function_checks_its_input(dense_module):
         dense_module.retract_batch_small(U, U, 16)
     with pytest.raises(RuntimeError, match="batch size"):
         dense_module.retract_batch_small(U, [c[:5] for c in U], 16)
+
+
+@pytest.mark.parametrize("dtype,scale", [(F64, 1e160), (F64, 1e-160), (F32, 1e25), (F32, 1e-25)])
+def test_huge_and_tiny_points(spy, monkeypatch, dtype, scale):
+    """Points and steps whose squares overflow or underflow: the structured QR scales its
+    input (it raised "not finite" where the single-point call works), so the result is the
+    torch path's."""
+    g = torch.Generator().manual_seed(7)
+    M = FixedTTRank((6, 6, 6), 3)
+    p = torch.Tensor(M.random(17, dtype=dtype, generator=g))
+    a, n, b = M.core_shapes[-1]
+    p[:, -a * n * b:] *= scale
+    u = M.proju(p, torch.randn(17, M.size, dtype=dtype, generator=g) * scale)
+    spy.calls.clear()
+    y = M.retr(p, u)
+    assert spy.calls == ["retract_batch_small"]
+    ref = _torch_path(monkeypatch, lambda: M.retr(p, u))
+    tol = 1e-10 if dtype == F64 else 1e-4
+    assert _err(M.to_tt(y).full(), M.to_tt(ref).full()) < tol

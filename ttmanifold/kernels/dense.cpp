@@ -2520,8 +2520,14 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
           pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(nb + j) * a + al) * L,
                                 right + (static_cast<size_t>(al) * nbr + j) * L);
       }
+      // scaled to a largest entry in [1, 2) (exact), as the wide kernel does: a huge point
+      // or step (a float32 entry above ~1e19) would overflow the reflectors' squared norms
+      T scq[L];
+      bf::scale_down<T, L>(CT, N * a, scq);
       T *ct = CT, *pvd = vd, *pcf = cf, *pb = beta, *pq = Qw + qo[k], *pr = Rb;
       bf::for_cols<T, At<L>::template Qr>(a, N, ct, pvd, pcf, pb, pq, pr);
+      for (int e = 0; e < a * a; ++e)
+        for (int l = 0; l < L; ++l) Rb[static_cast<size_t>(e) * L + l] *= scq[l];
       // core k-1: left = du_{k-1} + U_{k-1} C, right = U_{k-1} R^T ((r_{k-1} n) x a each)
       std::copy(Dk, Dk + static_cast<size_t>(rows) * a * L, nleft);
       mm<T, L>(rows, a, a, un, a, 1, Cm, a, 1, nleft, a, 1, T(1), true);
