@@ -447,3 +447,21 @@ def test_project_of_a_sparse_z_is_differentiable_in_its_values():
     ref = torch.stack([(M.project_sampled(p, IndexSet(idx[e:e + 1], M.shape),
                                           torch.ones(1, dtype=F64)) * c).sum() for e in range(3)])
     assert torch.allclose(gz, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [(), (4,)])
+@pytest.mark.parametrize("where", ["x", "u"])
+def test_torch_path_retraction_of_nonfinite_input_says_so(monkeypatch, batch, where):
+    """On the torch path torch's SVD of a NaN matrix fails with "failed to converge"; the
+    retraction (and retr_transp) says what happened, as the compiled kernels do."""
+    from ttmanifold import kernels
+    monkeypatch.setitem(kernels._config, "enabled", False)
+    M = FixedTTRank((5, 4, 5, 4), 2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.Tensor(M.random(*batch, dtype=torch.float64, generator=g))
+    u = M.proju(x, torch.randn(x.shape, dtype=torch.float64, generator=g))
+    (x if where == "x" else u)[..., 3] = float("nan")
+    with pytest.raises(RuntimeError, match="X \\+ u is not finite"):
+        M.retr(x, u)
+    with pytest.raises(RuntimeError, match="X \\+ u is not finite"):
+        M.retr_transp(x, u, u.nan_to_num())

@@ -223,6 +223,24 @@ def _assert_finite_result(out: torch.Tensor, name: str) -> None:
     torch._assert_async(d * 0 == 0, _NONFINITE_METRIC[name])
 
 
+def _svd_of_nonfinite_named(fn, x: torch.Tensor, u: torch.Tensor):
+    """``fn()``, a retraction on the torch path. torch's SVD of a NaN/Inf matrix on the CPU
+    fails with "failed to converge"; that error is said as what it is, the compiled
+    kernels' message. Checked only on that error (no cost on the normal path; on a GPU the
+    SVD returns NaN instead of raising); traced as ``fn()`` alone."""
+    if torch.compiler.is_compiling():
+        return fn()
+    try:
+        return fn()
+    except torch.linalg.LinAlgError:
+        if bool(torch.isfinite(x).all()) and bool(torch.isfinite(u).all()):
+            raise
+        raise RuntimeError(_NONFINITE_RETR) from None
+
+
+_NONFINITE_RETR = "retr: X + u is not finite (X or u contains NaN or Inf)"
+
+
 class FixedTTRank(geoopt.Manifold):
     """The manifold of tensors of shape ``shape`` with TT-rank exactly ``ranks``.
 
@@ -924,7 +942,9 @@ class FixedTTRank(geoopt.Manifold):
     def _retr(self, x: torch.Tensor, u: torch.Tensor, V) -> torch.Tensor:
         U = self._split(x, "x")
         du = self._check_vector(u, x)
-        return retract_point(U, du, self.ranks) if V is None else retract(U, V, du, self.ranks)
+        if V is None:
+            return _svd_of_nonfinite_named(lambda: retract_point(U, du, self.ranks), x, u)
+        return _svd_of_nonfinite_named(lambda: retract(U, V, du, self.ranks), x, u)
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Not available: the fixed-TT-rank manifold has no closed-form exponential map
@@ -986,13 +1006,14 @@ class FixedTTRank(geoopt.Manifold):
         U = self._split(x, "x")
         du = self._check_vector(u, x)
         dv = self._check_vector(v, x, "v")
-        # (a non-finite x or u fails the single-point retraction's SVD)
+        # (a non-finite x or u fails the retraction's SVD: said by _svd_of_nonfinite_named)
         assert_finite_async(v, "v", _NONFINITE_V)
         V = right_cores(U) if V is None else V
         if self.d > 2 and self._fewer_launches(x, u, v):  # both block-core sets at once
-            y, xi = retract_transport_cores(U, V, du, dv, self.ranks)
+            y, xi = _svd_of_nonfinite_named(
+                lambda: retract_transport_cores(U, V, du, dv, self.ranks), x, u)
             return y, project_tt(self._split(y, "y"), None, xi, packed=True, gauge=True)
-        y = retract(U, V, du, self.ranks)
+        y = _svd_of_nonfinite_named(lambda: retract(U, V, du, self.ranks), x, u)
         ycores = self._split(y, "y")
         if self.d == 1:
             return y, v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
