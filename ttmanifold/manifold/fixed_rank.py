@@ -990,9 +990,9 @@ class FixedTTRank(geoopt.Manifold):
         (:func:`~.retraction.retract_small`, above rank 4
         :func:`~.retraction.retract_wide`) and the projection of ``v``'s block cores at
         the new points (:func:`~.sweeps.project_small`); other batches run in CPU chunks.
-        Non-finite ``v`` raise ``RuntimeError`` ("v: contains NaN or Inf"), as do a
-        non-finite point or ``u`` on every path but the chunked batch one (where, as in
-        :meth:`retr`, they give NaN). O(d n r^3)."""
+        Non-finite ``v`` raise ``RuntimeError`` ("v: contains NaN or Inf"); a non-finite
+        point or ``u`` raises ``RuntimeError`` ("retr: X + u is not finite") on the CPU (on
+        a GPU's torch path, as in :meth:`retr`, they give NaN). O(d n r^3)."""
         if x.dim() > 1 or u.dim() > 1 or v.dim() > 1:
             out = self._retr_transp_small(x, u, v)
             if out is not None:
