@@ -11,9 +11,10 @@ import geoopt
 import pytest
 import torch
 
-from ttmanifold import TT, FixedTTRank, inner, kernels
+from ttmanifold import TT, FixedTTRank, inner
 from ttmanifold.manifold.tangent import TangentTT
 from test_manifold_batch import dense_point, dense_tangent, tangent_projector, tt_svd
+from kernel_checks import torch_path
 
 F64, F32 = torch.float64, torch.float32
 # uneven ranks and modes, every unfolding tall enough for the small-rank retraction
@@ -44,12 +45,6 @@ def case(dtype, seed=0, gauged_v=True):
 
 def rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
-
-
-def torch_path(monkeypatch, fn):
-    with monkeypatch.context() as m:
-        m.setitem(kernels._config, "enabled", False)
-        return fn()
 
 
 @pytest.mark.parametrize("gauged_v", [True, False], ids=["gauged", "non-gauged"])

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from ttmanifold import TT, FixedTTRank, inner, kernels
 from ttmanifold.manifold import sweeps
+from kernel_checks import rel_err as _err
 
 F64, F32 = torch.float64, torch.float32
 TOL = {F64: 1e-12, F32: 2e-5}
@@ -23,10 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 def spy(record_dense):
     """The dense set's module recording its batched factorizations (name, input shape)."""
     return record_dense(("batched_qr", "batched_svd"), shapes=True)
-
-
-def _err(x, ref):
-    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
 
 
 def _check_qr(a, q, r, tol):

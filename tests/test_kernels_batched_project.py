@@ -11,8 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ttmanifold import TT, FixedTTRank, kernels
+from ttmanifold import TT, FixedTTRank
 from ttmanifold.manifold import sweeps
+from kernel_checks import torch_path as _torch_path, rel_err as _err
 
 F64, F32 = torch.float64, torch.float32
 TOL = {F64: 1e-11, F32: 3e-5}
@@ -24,13 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 def spy(record_dense):
     """The dense set's module recording its batched projection calls."""
     return record_dense(("project_batch_small", "project_batch"))
-
-
-def _torch_path(monkeypatch, fn):
-    """fn() with the compiled kernels off (the torch batch path)."""
-    with monkeypatch.context() as m:
-        m.setitem(kernels._config, "enabled", False)
-        return fn()
 
 
 def _dense_projection(X, Z, ranks):
@@ -62,10 +56,6 @@ def _dense_projection(X, Z, ranks):
 
     out = sum(apply(k - 1, left(k - 1), k + 1, right(k + 1)) for k in range(d))
     return out - sum(apply(k, left(k), k + 1, right(k + 1)) for k in range(d - 1))
-
-
-def _err(x, ref):
-    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -11,8 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ttmanifold import FixedTTRank, kernels
+from ttmanifold import FixedTTRank
 from ttmanifold.manifold import retraction
+from kernel_checks import torch_path as _torch_path, rel_err as _err, dense_ttsvd as _dense_ttsvd
 
 F64, F32 = torch.float64, torch.float32
 TOL = {F64: 1e-11, F32: 3e-5}
@@ -24,33 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 def spy(record_dense):
     """The dense set's module recording its batched retraction calls."""
     return record_dense(("retract_batch_small", "retract_batch"))
-
-
-def _torch_path(monkeypatch, fn):
-    """fn() with the compiled kernels off (the torch batch path)."""
-    with monkeypatch.context() as m:
-        m.setitem(kernels._config, "enabled", False)
-        return fn()
-
-
-def _dense_ttsvd(A, ranks):
-    """The full tensor of the TT-SVD of the dense float64 ``A`` at TT-ranks ``ranks``
-    (sequential truncated SVDs of the unfoldings): round_r(A), the retraction's result."""
-    shape, d = A.shape, A.dim()
-    cores, rest, r = [], A.reshape(1, -1), 1
-    for k in range(d - 1):
-        u, s, vh = torch.linalg.svd(rest.reshape(r * shape[k], -1), full_matrices=False)
-        r = ranks[k + 1]
-        cores.append(u[:, :r])
-        rest = s[:r, None] * vh[:r]
-    out = rest.reshape(r, -1)
-    for c in reversed(cores):
-        out = (c @ out.reshape(c.shape[1], -1)).reshape(c.shape[0], -1)
-    return out.reshape(shape)
-
-
-def _err(x, ref):
-    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
 
 
 def _left_orthogonal(M, y, tol):

@@ -12,8 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ttmanifold import FixedTTRank, kernels
+from ttmanifold import FixedTTRank
 from ttmanifold.manifold import sweeps
+from kernel_checks import torch_path as _torch_path
 
 F64, F32 = torch.float64, torch.float32
 TOL = {F64: 1e-12, F32: 2e-5}
@@ -25,13 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 def spy(record_dense):
     """The dense set's module recording its right-core calls."""
     return record_dense(("right_cores_batch_small", "right_cores_batch", "right_cores"))
-
-
-def _torch_path(monkeypatch, fn):
-    """fn() with the compiled kernels off (the torch batch path)."""
-    with monkeypatch.context() as m:
-        m.setitem(kernels._config, "enabled", False)
-        return fn()
 
 
 def _merged(cores):
