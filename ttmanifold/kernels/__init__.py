@@ -40,7 +40,7 @@ __all__ = ["enabled", "set_enabled", "set_auto_build", "set_serial_small_ops",
            "serial_small_ops", "module", "usable", "dispatch", "build", "status"]
 
 PROBE_INTERVAL = 1.0  # seconds between two cache checks while a set is not loaded
-USUAL_TIME = "usually 20-60 s"
+USUAL_TIME = "usually 0.5-2 minutes"
 _BUSY = 3  # _builder's exit status when another process holds the lock
 
 
