@@ -355,7 +355,7 @@ class STTPChart(torch.nn.Module):
         """``manifold.pack_point(self(theta), check_rank=check_rank)``: the packed
         (left-orthogonal) point of the manifold. ``ValueError`` when the TT of ``theta`` has
         a lower TT-rank than the chart's ranks (a zero entry of the spectrum; the
-        :meth:`orthogonal_init` of most layouts, whose identity frames meet in a smaller
+        :meth:`identity_init` of most layouts, whose identity frames meet in a smaller
         rank), unless ``check_rank=False``. Differentiable. Cost ``O(d n r^3)``."""
         return self.manifold.pack_point(self(theta), check_rank=check_rank)
 
