@@ -19,7 +19,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._checks import assert_finite_async
+from .._checks import assert_finite_async, check_float_dtype
 from ..householder import (
     frame_from_full,
     frame_from_reduced,
@@ -91,8 +91,7 @@ def _check_spectrum(s) -> None:
 
 def _check_dtype(dtype):
     dtype = dtype or torch.get_default_dtype()
-    if dtype not in _DTYPES:
-        raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
+    check_float_dtype(dtype, "dtype")
     return dtype
 
 
