@@ -12,6 +12,7 @@ and inverse ``O(d n r^3)`` with ``n = max n_k``, ``r = max r_k``.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -98,24 +99,31 @@ def _check_dtype(dtype):
 def covering_frame(p: int, n: int, r: int, *, outer_slow: bool, dtype=None,
                    device=None) -> Tensor:
     """An exactly orthonormal ``(p n) x r`` frame whose rows, grouped by an index ``a`` of
-    size ``p`` (the core's outer bond), all take part: the ``p x (n r)`` matrix
-    ``G[a, (i, j)] = Q[row(a, i), j]`` has full row rank ``p``.
+    size ``p`` (the core's outer bond, away from the spectrum), all take part: the
+    ``p x (n r)`` matrix ``G[a, (i, j)] = Q[row(a, i), j]`` has full row rank ``p``.
 
-    ``row(a, i) = a n + i`` (``outer_slow=True``: a left-orthogonal core's left unfolding,
-    ``a = r_k``) or ``i p + a`` (``False``: a right-orthogonal core's transposed right
-    unfolding, ``a = r_{k+1}``). Requires ``r <= p n`` and ``p <= n r`` (the ranks are
-    attainable), else ``ValueError``.
+    Construction (``docs/sttp.md``, section 7): ``I_{(p n) x r}``; every index ``a``
+    without a row among the first ``r`` gets one entry 1 at a row ``row(a, i)`` and a
+    column ``j``, the pairs ``(i, j)`` distinct and outside the positions of ``G`` the
+    identity occupies (while there are such positions; then outside each covered index's
+    first position), columns cycling fastest; finally every column is normalized. The
+    columns have disjoint supports, so ``Q^T Q = I`` (up to the rounding of
+    ``1/sqrt(k)``); the leading ``r x r`` block is a positive diagonal (inside the reduced
+    Householder chart); ``G`` is block triangular with nonzero pivots. Where the identity
+    covers every ``a`` the result is ``I_{(p n) x r}``. Deterministic.
 
-    Construction: ``I_{(p n) x r}``; every index ``a`` without a row among the first ``r``
-    gets one entry 1 at a row ``row(a, i)`` and a column ``j``, the pairs ``(i, j)``
-    distinct, outside the positions of ``G`` the identity occupies (while there are such
-    positions; then outside each covered index's first position) and spread over the
-    columns; finally every column is normalized. The columns have disjoint supports (so
-    ``Q^T Q = I`` exactly, up to the rounding of ``1/sqrt(k)``); the leading ``r x r``
-    block is a positive diagonal; ``G`` is block triangular with nonzero pivots. Where the
-    identity covers every ``a`` the result is ``I_{(p n) x r}``.
+    Args:
+        p, n, r: outer bond size, mode size, number of columns (the inner bond); positive
+            ints with ``r <= p n`` and ``p <= n r`` (attainable ranks), else ``ValueError``.
+        outer_slow: ``True``: ``row(a, i) = a n + i`` (a left-orthogonal core's left
+            unfolding, ``a`` its left bond); ``False``: ``row(a, i) = i p + a`` (a
+            right-orthogonal core's transposed right unfolding, ``a`` its right bond).
+        dtype, device: of the result (``dtype`` float32/float64, default torch's).
 
-    Returns ``(p n, r)`` of ``dtype`` (default: torch's) on ``device``. Cost ``O(p n r)``.
+    Returns:
+        ``Q`` of shape ``(p n, r)``.
+
+    Cost: ``O(p n r)`` memory and time (Python work ``O(r + p)``).
     """
     for name, v in (("p", p), ("n", n), ("r", r)):
         if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
@@ -134,9 +142,11 @@ def covering_frame(p: int, n: int, r: int, *, outer_slow: bool, dtype=None,
         used.add((i, j))
         first.setdefault(a, (i, j))
     todo = [a for a in range(p) if a not in first]
-    free = [(i, j) for i in range(n) for j in range(r) if (i, j) not in used]
     pivots = set(first.values())
-    free += [pos for pos in sorted(used) if pos not in pivots]
+    # lazily: only len(todo) <= p positions are taken
+    free = itertools.chain(
+        ((i, j) for i in range(n) for j in range(r) if (i, j) not in used),
+        (pos for pos in sorted(used) if pos not in pivots))
     rows = list(range(r))
     cols = list(range(r))
     for a, (i, j) in zip(todo, free):
