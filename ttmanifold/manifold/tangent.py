@@ -120,7 +120,9 @@ class TangentTT(TT):
             dU = [c.expand(bs + c.shape[-3:]) for c in dU]
             if (U[1].device.type == "cpu" and not torch.compiler.is_compiling()
                     and 4 * U[1].numel() * U[1].element_size() >= WRITTEN_CORES_MIN_BYTES
-                    and not (torch.is_grad_enabled() and self.requires_grad)):
+                    and (torch.is_inference_mode_enabled()  # (no graph: _cores enables grad)
+                         or not (torch.is_grad_enabled() and self.requires_grad))
+                    and not functorch_wrapped(dU)):
                 return _written_block_cores(U, V, dU)
             cores = [torch.cat([dU[0], U[0]], dim=-1)]
             for k in range(1, d - 1):
