@@ -136,3 +136,39 @@ def test_adam_step_with_large_batch_paths_forced_matches_per_point_loop(monkeypa
     Mt = M.to_tt
     for b in range(B):  # gauge invariant: the full tensors
         assert torch.allclose(Mt(batched[b]).full(), Mt(loop[b]).full(), rtol=0, atol=tol)
+
+
+def test_batched_hvp_and_grad_with_large_batch_paths_forced_match_default(monkeypatch):
+    """The packed-dot function under ``create_graph`` (Hessian-vector products) and the
+    written delta vector give what the default (small-batch) paths give."""
+    M = FixedTTRank((3, 4, 3), 2)
+    g = torch.Generator().manual_seed(4)
+    p = M.random(3, dtype=F64, generator=g)
+    u = M.proju(p, torch.randn(3, M.size, dtype=F64, generator=g))
+    A = TT.random(M.shape, 2, dtype=F64, generator=g, batch=(3,))
+
+    def f(T):
+        return inner(T, T) ** 2 - inner(T, A)
+
+    ref = (M.riemannian_grad(p, f), M.riemannian_hvp(p, f, u))
+    monkeypatch.setattr(memory, "HUGE_PAGE_MIN_BYTES", 0)
+    monkeypatch.setattr(memory, "DOT_CHUNK_BYTES", 16)
+    got = (M.riemannian_grad(p, f), M.riemannian_hvp(p, f, u))
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_egrad2rgrad_batch_flags_nonfinite_not_overflow():
+    M = FixedTTRank((4, 5, 4), 3)
+    g = torch.Generator().manual_seed(5)
+    p = M.random(20, dtype=F64, generator=g)
+    u = torch.randn(20, M.size, dtype=F64, generator=g)
+    ref = M.proju(p, u)
+    assert torch.allclose(M.egrad2rgrad(p, u), ref, rtol=0, atol=1e-14)
+    for val in (float("nan"), float("inf")):
+        bad = u.clone()
+        bad[7, 5] = val
+        with pytest.raises(RuntimeError, match="u: gradient contains NaN or Inf"):
+            M.egrad2rgrad(p, bad)
+    huge = torch.full_like(u, torch.finfo(F64).max)  # finite, its projection overflows
+    M.egrad2rgrad(p, huge)

@@ -306,19 +306,19 @@ class _PackedDot(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         a, b = ctx.saved_tensors
-        ga = gb = None
         gl = g.unsqueeze(-1)
+        # differentiable products under create_graph or for batched g (vectorized
+        # jacobians), otherwise written into fresh outputs
+        plain = torch.is_grad_enabled() or functorch_wrapped(g)
+
+        def times(x, s):
+            return s * x if plain else torch.mul(x, s, out=empty_for_output(x.shape, x.dtype,
+                                                                             x.device))
+
         if b is None:  # <a, a>: d/da = 2 g a (as the two products added: 2 (g a) exactly)
-            if torch.is_grad_enabled():
-                return (gl * 2) * a, None
-            return torch.mul(a, gl * 2, out=empty_for_output(a.shape, a.dtype, a.device)), None
-        if ctx.needs_input_grad[0]:
-            ga = gl * b if torch.is_grad_enabled() else torch.mul(
-                b, gl, out=empty_for_output(b.shape, b.dtype, b.device))
-        if ctx.needs_input_grad[1]:
-            gb = gl * a if torch.is_grad_enabled() else torch.mul(
-                a, gl, out=empty_for_output(a.shape, a.dtype, a.device))
-        return ga, gb
+            return times(a, gl * 2), None
+        return (times(b, gl) if ctx.needs_input_grad[0] else None,
+                times(a, gl) if ctx.needs_input_grad[1] else None)
 
 
 def _rebuild_tangent(U, V, deltas, flat, gauged, canonical=False):
