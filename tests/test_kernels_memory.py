@@ -5,6 +5,7 @@ block cores written in place, and one batched RiemannianAdam step with every lar
 path forced on small sizes (against the per-point loop)."""
 from __future__ import annotations
 
+import os
 import sys
 
 import geoopt
@@ -16,7 +17,9 @@ from ttmanifold.kernels import memory
 from ttmanifold.manifold import tangent
 
 F64 = torch.float64
-linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise: Linux only")
+linux = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not os.path.exists("/sys/kernel/mm/transparent_hugepage"),
+    reason="madvise(MADV_HUGEPAGE): Linux with transparent huge pages only")
 
 
 @linux
@@ -172,3 +175,18 @@ def test_egrad2rgrad_batch_flags_nonfinite_not_overflow():
             M.egrad2rgrad(p, bad)
     huge = torch.full_like(u, torch.finfo(F64).max)  # finite, its projection overflows
     M.egrad2rgrad(p, huge)
+
+
+@pytest.mark.parametrize("floor", [0, None])
+def test_clone_for_output_is_a_contiguous_copy(monkeypatch, floor):
+    if floor is not None:
+        monkeypatch.setattr(memory, "HUGE_PAGE_MIN_BYTES", floor)
+    base = torch.arange(6, dtype=F64).view(6, 1)
+    wide = base.expand(6, 5)
+    out = memory.clone_for_output(wide)
+    assert out.is_contiguous() and torch.equal(out, wide)
+    out[0, 0] = -1.0  # its own memory
+    assert base[0, 0] == 0
+    x = torch.ones(3, requires_grad=True)
+    (memory.clone_for_output(x) * 2).sum().backward()  # differentiable as clone
+    assert torch.equal(x.grad, torch.full((3,), 2.0))
