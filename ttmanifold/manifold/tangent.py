@@ -30,7 +30,7 @@ __all__ = ["TangentTT", "WRITTEN_CORES_MIN_BYTES"]
 
 #: A CPU batch whose rank-2r middle block core holds at least this many bytes builds its
 #: block cores by writing each block into one fresh output per core (no graph needed):
-#: at d = 10, n = 20, 256 points, 73 -> 20 ms (r = 10, float64), 11 -> 10 ms (r = 4)
+#: at d = 10, n = 20, 256 points, 52-73 -> 17-20 ms (r = 10, float64), 11 -> 10 ms (r = 4)
 #: against the concatenations. Smaller batches keep the concatenations (fewer launches).
 WRITTEN_CORES_MIN_BYTES = 1 << 20
 
