@@ -22,7 +22,7 @@
 #include <immintrin.h>  // pbs::Simd (the batched products' registers), rbs's lane vectors
 #endif
 #if defined(__linux__)
-#include <sys/mman.h>  // pbs::advise_huge_pages
+#include <sys/mman.h>  // advise_huge_pages
 #endif
 
 extern "C" {
@@ -42,6 +42,30 @@ void dgesdd_(const char*, const int*, const int*, double*, const int*, double*, 
              const int*, double*, const int*, double*, const int*, int*, int*);
 void sgesdd_(const char*, const int*, const int*, float*, const int*, float*, float*,
              const int*, float*, const int*, float*, const int*, int*, int*);
+}
+
+// Every kernel's output: transparent huge pages for a large fresh one (Linux, advice only:
+// errors ignored; ttmanifold/kernels/memory.py's empty_for_output on the Python side).
+// Above 32 MB glibc maps every allocation afresh, and faulting it in 4 KB pages cost
+// 0.05 ms per point of a float64 projection at r = 10 (B = 256), against 0.01 in 2 MB pages.
+inline void advise_huge_pages(const torch::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
+  constexpr uintptr_t h = uintptr_t(2) << 20;
+  if (bytes < 2 * h || !t.device().is_cpu()) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t s = (a + h - 1) & ~(h - 1), e = (a + bytes) & ~(h - 1);
+  if (e > s) madvise(reinterpret_cast<void*>(s), e - s, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+// torch::empty(sizes, opts), advised huge pages before the kernel's first write
+inline torch::Tensor empty_for_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  auto out = torch::empty(sizes, opts);
+  advise_huge_pages(out);
+  return out;
 }
 
 namespace {
@@ -554,7 +578,7 @@ bool finite(const T* p, int64_t n) {
 torch::Tensor packed_like(const std::vector<torch::Tensor>& U) {
   int64_t total = 0;
   for (const auto& u : U) total += u.numel();
-  return torch::empty({total}, U[0].options());
+  return empty_for_output({total}, U[0].options());
 }
 
 }  // namespace
@@ -747,7 +771,7 @@ std::tuple<torch::Tensor, bool> gauge_project_batch(torch::Tensor p, torch::Tens
               "g: expected packed tensors (B, size) of p's size and dtype");
   const int64_t n = g.size(1), B = g.size(0), step = p.size(0) == 1 ? 0 : n;
   check_runs(runs, n);
-  auto out = torch::empty_like(g);
+  auto out = empty_for_output(g.sizes(), g.options());
   bool ok = true;
   AT_DISPATCH_FLOATING_TYPES(t, "ttm_gauge_project_batch", [&] {
     std::vector<scalar_t> P;
@@ -953,7 +977,7 @@ torch::Tensor for_points(const char* what, const std::vector<torch::Tensor>& U,
   if (!V.empty()) check_batch(V, "V", t, B, 1);
   int64_t size = 0;
   for (const auto& u : U) size += u.numel() / u.size(0);
-  auto out = torch::empty({B, size}, U[0].options());
+  auto out = empty_for_output({B, size}, U[0].options());
   AT_DISPATCH_FLOATING_TYPES(t, "ttm_for_points", [&] {
     std::vector<torch::Tensor> Vb = V.empty() ? right_buffers(U) : V;
     for (int64_t b = 0; b < B; ++b) {
@@ -1872,22 +1896,6 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
   return finite_all;
 }
 
-// Transparent huge pages for a large fresh output (Linux, advice only: errors ignored).
-// Above 32 MB glibc maps every allocation afresh, and faulting it in 4 KB pages cost
-// 0.05 ms per point of a float64 projection at r = 10 (B = 256), against 0.01 in 2 MB pages.
-inline void advise_huge_pages(const torch::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
-  constexpr uintptr_t h = uintptr_t(2) << 20;
-  if (bytes < 2 * h) return;
-  const uintptr_t a = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t s = (a + h - 1) & ~(h - 1), e = (a + bytes) & ~(h - 1);
-  if (e > s) madvise(reinterpret_cast<void*>(s), e - s, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 }  // namespace pbs
 
 // The cores of a SIMD batch kernel, checked: 4-D CPU cores (B or 1, r, n, r') of dtype t
@@ -1929,9 +1937,8 @@ torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torc
   }
   TORCH_CHECK(U[0].size(1) == 1 && U[d - 1].size(3) == 1 && Z[0].size(1) == 1 && Z[d - 1].size(3) == 1,
               "U, Z: boundary ranks must be 1");
-  auto out = torch::empty({B, size}, U[0].options());
+  auto out = empty_for_output({B, size}, U[0].options());
   if (B == 0) return out;
-  pbs::advise_huge_pages(out);
   int64_t mr = 0;
   for (size_t k = 0; k < d; ++k) mr = std::max({mr, U[k].size(1), Z[k].size(1)});
   // float32 above rank 8: blocks of 16 points, half the lanes (the interleaved cores and
@@ -2611,7 +2618,7 @@ torch::Tensor retract_batch_small(std::vector<torch::Tensor> U, std::vector<torc
     size += U[k].size(1) * U[k].size(2) * U[k].size(3);
   }
   TORCH_CHECK(U[0].size(1) == 1 && U[d - 1].size(3) == 1, "U: boundary ranks must be 1");
-  auto out = torch::empty({B, size}, U[0].options());
+  auto out = empty_for_output({B, size}, U[0].options());
   if (B == 0) return out;
   // blocks of 8 doubles / 16 floats (64 bytes: one AVX-512 register): an 80 x 8 unfolding
   // of a block (40 KB) stays in the L1 cache; with the lane-vector steps of rbs this is
@@ -3311,7 +3318,7 @@ torch::Tensor retract_batch_wide(std::vector<torch::Tensor> U, std::vector<torch
     size += U[k].size(1) * U[k].size(2) * U[k].size(3);
   }
   TORCH_CHECK(U[0].size(1) == 1 && U[d - 1].size(3) == 1, "U: boundary ranks must be 1");
-  auto out = torch::empty({B, size}, U[0].options());
+  auto out = empty_for_output({B, size}, U[0].options());
   if (B == 0) return out;
   bool ok = true;
   if (t == torch::kDouble) {
@@ -3436,8 +3443,7 @@ std::vector<torch::Tensor> right_cores_batch_small(std::vector<torch::Tensor> U,
   std::vector<torch::Tensor> V(d);
   V[0] = torch::empty({0}, U[0].options());
   for (size_t k = 1; k < d; ++k) {
-    V[k] = torch::empty({B, U[k].size(1), U[k].size(2), U[k].size(3)}, U[k].options());
-    pbs::advise_huge_pages(V[k]);
+    V[k] = empty_for_output({B, U[k].size(1), U[k].size(2), U[k].size(3)}, U[k].options());
   }
   if (B == 0) return V;
   TORCH_CHECK(variant != 2 || mr <= bf::kMaxCols, "right_cores_batch_small: variant 2 needs TT-ranks <= ",

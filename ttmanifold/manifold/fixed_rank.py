@@ -22,6 +22,7 @@ import torch
 
 from .. import kernels
 from ..kernels import dense as compiled_dense
+from ..kernels.memory import clone_for_output, packed_dot
 from .._checks import (assert_finite_async, check_float_dtype, check_right_cores, check_shape,
                        functorch_wrapped, normalize_ranks)
 from ..tt import TT, BatchIndexSet, IndexSet, orthogonalize
@@ -123,6 +124,7 @@ def _no_autograd_fast_path(fn=None, *, fresh_outputs: bool = False):
 # a NaN point would spread into every delta of a projection as silently as a NaN Z
 _NONFINITE_Z = "Z: contains NaN or Inf (or the point p does)"
 _NONFINITE_V = "v: contains NaN or Inf (or the points x, y do)"
+_NONFINITE_EGRAD = "u: gradient contains NaN or Inf"
 
 #: Large CPU batches of the per-step methods (``retr``, ``transp``, ``retr_transp``,
 #: ``proju``, ``gauge``, ``project`` of a TT or dense ``Z``) run in chunks of about this many
@@ -585,7 +587,6 @@ class FixedTTRank(geoopt.Manifold):
         through ``torch._assert_async``: no host sync, asynchronous on CUDA."""
         self._check_flat(x, "x")
         self._check_vector(u, x)
-        assert_finite_async(u, "u", "u: gradient contains NaN or Inf")
         self._verify_once(x)
         if (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
                 and (x.dim() > 1 or u.dim() > 1)):
@@ -593,8 +594,21 @@ class FixedTTRank(geoopt.Manifold):
             # ordinary tensor, returned without the fast path's copy (which cost as much as
             # the projection's kernel); no_grad, as inference mode was
             with torch.inference_mode(False), torch.no_grad():
-                return self._gauge_packed(x, u)
-        return self._gauge_packed(x, u)  # (proju would check and assert u again)
+                return self._egrad_gauged(x, u)
+        return self._egrad_gauged(x, u)
+
+    def _egrad_gauged(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """:meth:`egrad2rgrad`'s projection and check of ``u`` (proju would check again):
+        on the compiled kernel its test of the result (finite whenever ``u`` is, unless it
+        overflows: no pass over ``u`` on the normal path), else an assert on ``u``."""
+        if self.d == 1:
+            assert_finite_async(u, "u", _NONFINITE_EGRAD)
+            return self._gauge_packed(x, u)
+        G, finite = autodiff.gauge_project_checked(self.gauge_runs, x, u)
+        if not finite:  # the torch path, or a non-finite result: then the pass over u
+            # (a finite u whose projection overflows is returned as before, unflagged)
+            assert_finite_async(u, "u", _NONFINITE_EGRAD)
+        return G
 
     def _verify_once(self, x: torch.Tensor) -> None:
         """On the first Riemannian gradient at a given point tensor (an optimizer's first
@@ -898,9 +912,10 @@ class FixedTTRank(geoopt.Manifold):
         if v is None:
             v = u
         shape = self._metric_shape(x, u, v)
-        val = (u * v).sum(-1, keepdim=True)
+        # (a large CPU batch: products in cache-sized slices, the result in huge pages)
+        val = packed_dot(u, v).unsqueeze(-1)
         _assert_finite_result(val, name)
-        return val.expand(shape).clone()
+        return clone_for_output(val.expand(shape))
 
     def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
         """Riemannian norm ``sqrt(<u, u>)``, one per point for batches; scaled, so it neither
