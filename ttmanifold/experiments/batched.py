@@ -22,7 +22,7 @@ from .._checks import check_float_dtype
 from ..manifold import FixedTTRank, right_cores
 from ..tt import BatchIndexSet
 from ..tt.tensor_train import fro_norm
-from .problems import Completion, check_distinct
+from .problems import Completion, check_distinct, check_train_and_test
 from .solvers import cg_direction, check_solver_options
 
 __all__ = ["BatchedCompletion", "BatchedCGResult", "batched_cg_direction",
@@ -110,15 +110,18 @@ class BatchedCompletion:
             values: ``B`` tensors ``(N_b,)``, the observed entries.
             shape, ranks: the tensors' shape and the TT-ranks (a tuple of ``d + 1`` values,
                 boundary ones included; or an int, every inner rank).
-            test: optional held-out sets ``(test_indices, test_values)``, two lists of ``B``.
+            test: optional held-out sets ``(test_indices, test_values)``, two lists of ``B``
+                (test samples of problem ``b`` that are also its training samples warn
+                naming ``test[0][b]``: its ``test_err`` would measure the fit there, as
+                :meth:`Completion.from_data` warns).
             dtype, device: of the problems' tensors (default float64, CPU).
         Returns:
             a :class:`BatchedCompletion`; problem ``b`` has the loss
             ``(w_b/2) sum_i (X_b[i] - values_b[i])^2``, ``w_b = n_1...n_d / N_b`` (as
             :meth:`Completion.from_data <ttmanifold.experiments.problems.Completion.from_data>`
             without weights).
-        Cost: O(N d) checks, O(N log N) for the duplicate check (on the host), and the
-        layouts of the stacked index set.
+        Cost: O(N d) checks, O((N + M) log(N + M)) for the duplicate and overlap checks (on
+        the host), and the layouts of the stacked index set.
         """
         dtype = torch.float64 if dtype is None else dtype
         check_float_dtype(dtype, "dtype")  # (an int dtype truncated the values silently)
@@ -157,8 +160,12 @@ class BatchedCompletion:
                     raise ValueError(f"test[1][{b}]: contains NaN or Inf")
         self._setup(M.shape, M.ranks, [torch.as_tensor(i).to(device) for i in indices], vals,
                     sw, tests, [0.0] * len(vals))
-        for b, idx in enumerate(self.train.indices):  # (in range: checked by the set)
-            check_distinct(idx, M.shape, f"indices[{b}]")
+        for b, idx in enumerate(self.train.indices):  # (in range: checked by the sets)
+            if tests is None:
+                check_distinct(idx, M.shape, f"indices[{b}]")
+            else:  # (test samples that are training samples warn, as Completion.from_data)
+                check_train_and_test(idx, self.test.indices[b], M.shape,
+                                     (f"indices[{b}]", f"test[0][{b}]"))
         return self
 
     def _setup(self, shape, ranks, indices, values, sw, tests, reg) -> None:

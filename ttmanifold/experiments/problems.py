@@ -182,21 +182,32 @@ def check_distinct(idx: torch.Tensor, shape: Tuple[int, ...], name: str = "indic
                          "of each entry first")
 
 
-def _check_train_and_test(train: torch.Tensor, test: torch.Tensor,
-                          shape: Tuple[int, ...]) -> None:
+def check_train_and_test(train: torch.Tensor, test: torch.Tensor, shape: Tuple[int, ...],
+                         names: Tuple[str, str] = ("indices", "test")) -> None:
     """:func:`check_distinct` of the training samples, and a warning when test samples are
     also training samples (a held-out set given by hand that leaks into the training set:
-    ``test_err`` would measure the fit there). One sort of all samples when both hold, as
-    the duplicate check alone. O((N + M) log(N + M)) on the host."""
+    ``test_err`` would measure the fit there).
+
+    Args:
+        train: ``(N, d)`` training multi-indices (in range).
+        test: ``(M, d)`` test multi-indices (in range).
+        shape: the tensor's shape.
+        names: how the error and the warning name the two sets (one problem of a batch:
+            ``("indices[b]", "test[0][b]")``).
+    Raises ``ValueError`` naming ``names[0]`` for repeated training samples; warns
+    (``UserWarning``, naming ``names[1]`` and the caller of the caller) for test samples
+    that are training samples.
+    Cost: one sort of all samples when both hold, as the duplicate check alone;
+    O((N + M) log(N + M)) on the host."""
     train, test = train.to("cpu", torch.int64), test.to("cpu", torch.int64)
     n_test = _dedupe(test, shape).shape[0]
     both = _dedupe(torch.cat([train, test]), shape).shape[0]
     if both == train.shape[0] + n_test:
         return  # distinct training samples, disjoint from the test samples
-    check_distinct(train, shape, "indices")
-    warnings.warn(f"test: {train.shape[0] + n_test - both} of the {test.shape[0]} test samples "
-                  f"are also training samples, so test_err measures the fit there, not "
-                  f"generalization", UserWarning, stacklevel=3)
+    check_distinct(train, shape, names[0])
+    warnings.warn(f"{names[1]}: {train.shape[0] + n_test - both} of the {test.shape[0]} test "
+                  f"samples are also training samples, so test_err measures the fit there, "
+                  f"not generalization", UserWarning, stacklevel=3)
 
 
 def _dedupe(idx: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
@@ -680,7 +691,7 @@ class Completion(QuadraticProblem):
         if idx.shape[0] == 0:
             raise ValueError("indices: no training samples")
         if isinstance(test, (tuple, list)):
-            _check_train_and_test(idx, test_idx, shape)
+            check_train_and_test(idx, test_idx, shape)
         else:
             check_distinct(idx, shape, "indices")
         if ranks is None:
