@@ -50,3 +50,53 @@ def test_batched_from_data_warns_on_a_test_set_that_overlaps_the_training_set():
     with pytest.raises(ValueError, match=r"indices\[1\]: repeated multi-indices"):
         BatchedCompletion.from_data(dup, [vals[0], torch.zeros(5, dtype=F64)], shape, 2,
                                     test=overlap)
+
+
+# ---------------------------------------------------------------------------------------
+# CG with the exact step on data far from unit scale
+# ---------------------------------------------------------------------------------------
+
+def _scaled_start(M, x0, s):
+    x = x0.clone()
+    x[..., -M.core_sizes[-1]:] *= s  # the same tensor times s (the last core holds the norm)
+    return x
+
+
+@pytest.mark.parametrize("s", [1e-170, 1e-150, 1e150])
+def test_cg_iterates_are_those_of_the_unit_scale_problem_times_the_scale(s):
+    """Completion (plain and regularized), approximation and the batched CG: the problem
+    times s from the start times s takes the iterates of the unit problem times s (at
+    1e-170 the exact step's products underflowed: alpha = 0 and no progress at all; the CG
+    coefficients' squares too). Compared as full tensors against the unit run's."""
+    from ttmanifold.experiments.batched import batched_riemannian_cg
+    from ttmanifold.experiments.problems import Approximation
+    from ttmanifold.experiments.solvers import riemannian_cg
+
+    P1 = Completion((5, 6, 5, 4), 2, oversampling=3, seed=1, test_size=0)
+    M = P1.manifold
+    idx, vals = P1.train.indices, P1.a_train
+    x0 = P1.initial_point(0)
+    runs = []
+    for reg in (0.0, 0.05):
+        unit = Completion.from_data(idx, vals, M.shape, M.ranks)
+        scaled = Completion.from_data(idx, vals * s, M.shape, M.ranks)
+        unit.reg = scaled.reg = reg  # (its term scales with the data as the misfit)
+        runs.append((M, unit, scaled, x0))
+    T = Approximation.random((4, 5, 6), 3, 2, seed=0)
+    Ts = Approximation(T.target * s, T.manifold.ranks)
+    runs.append((T.manifold, T, Ts, T.initial_point(0)))
+    for M_, unit, scaled, start in runs:
+        ref = M_.to_tt(riemannian_cg(unit, start, iters=5, metrics_every=0).x).full()
+        got = M_.to_tt(riemannian_cg(scaled, _scaled_start(M_, start, s), iters=5,
+                                     metrics_every=0).x).full() / s
+        assert float((got - ref).norm() / ref.norm()) < 1e-10
+        assert float((ref - M_.to_tt(start).full()).norm()) > 1e-2  # it moved
+    xb = torch.stack([x0, P1.initial_point(1)])
+    bu = BatchedCompletion.from_data([idx, idx[:150]], [vals, vals[:150]], M.shape, M.ranks)
+    bs = BatchedCompletion.from_data([idx, idx[:150]], [vals * s, vals[:150] * s], M.shape,
+                                     M.ranks)
+    ref = batched_riemannian_cg(bu, xb, iters=5, metrics=False).x
+    got = batched_riemannian_cg(bs, _scaled_start(M, xb, s), iters=5, metrics=False).x
+    for b in range(2):
+        R, G = M.to_tt(ref[b]).full(), M.to_tt(got[b]).full() / s
+        assert float((G - R).norm() / R.norm()) < 1e-10, b

@@ -34,6 +34,7 @@ __all__ = [
     "Completion",
     "LayerTraining",
     "sample_distinct_indices",
+    "power_of_two_scale",
     "inverse_sum_tt",
     "random_tt",
 ]
@@ -163,6 +164,31 @@ def _hash_rows(idx: torch.Tensor) -> torch.Tensor:
         h1 = (h1 * _B1 + idx[:, k] + 1) % _P1
         h2 = (h2 * _B2 + idx[:, k] + 1) % _P2
     return h1 * (1 << 31) + h2
+
+
+def power_of_two_scale(*ts: torch.Tensor, dim=None) -> torch.Tensor:
+    """The power of two at or just above the largest magnitude of the tensors ``ts`` (1 where
+    they are all zero), to divide them by before sums of products: a product of entries
+    of data scaled by ~1e-170 underflows to 0 in float64 (by ~1e+170 overflows), and the
+    line searches and CG coefficients of such data were 0 (no progress) or NaN. Dividing by
+    a power of two is exact, so ratios of the rescaled sums are bitwise those of the
+    unscaled ones wherever those did not underflow or overflow.
+
+    Args:
+        ts: tensors of one dtype and device (broadcast over ``dim``'s complement).
+        dim: None (one scale for all) or the dimension reduced (``-1``: one scale per row,
+            kept as a trailing dimension of size 1).
+    Returns:
+        a tensor, 0-dim for ``dim=None``, else each tensor's shape with ``dim`` of size 1.
+    Cost: one pass over each tensor; no host sync."""
+    if dim is None:
+        m = torch.stack([t.detach().abs().amax() for t in ts]).amax()
+    else:
+        m = torch.stack(torch.broadcast_tensors(
+            *[t.detach().abs().amax(dim, keepdim=True) for t in ts])).amax(0)
+    _, e = torch.frexp(m)  # m = f 2^e, f in [0.5, 1) (0 for m = 0: e = 0, the scale 1)
+    e = e.clamp_max(int(math.log2(torch.finfo(m.dtype).max)))  # (2^1024 is inf in float64)
+    return torch.ldexp(torch.ones_like(m), e)
 
 
 def check_distinct(idx: torch.Tensor, shape: Tuple[int, ...], name: str = "indices") -> None:
@@ -509,7 +535,11 @@ class Approximation(QuadraticProblem):
         """``alpha = -<X - A, eta> / ||eta||^2 = -<grad, eta> / ||eta||^2`` (eta tangent; the
         gauged deltas are an isometry, so both inner products are of packed vectors)."""
         grad = ctx
-        return -(grad * eta).sum() / (eta * eta).sum().clamp_min(torch.finfo(eta.dtype).tiny)
+        # on rescaled vectors: the products underflowed for data far below unit scale
+        cg, ce = power_of_two_scale(grad), power_of_two_scale(eta)
+        e = eta / ce
+        den = (e * e).sum().clamp_min(torch.finfo(eta.dtype).tiny)
+        return -((grad / cg) * e).sum() / den * (cg / ce)
 
 
 # ---------------------------------------------------------------------------------------
@@ -908,12 +938,18 @@ class Completion(QuadraticProblem):
             else:
                 e = self.eval_tangent(p, eta, ctx)
             z, xt = ctx[2], ctx[3]
-            num = (z * e).sum()
-            den = (e * e).sum()
+            # the sums on vectors rescaled by powers of two (exact): their products
+            # underflowed for data far below unit scale (alpha = 0: no progress at 1e-170)
+            vec, res = (e,) if xt is None else (e, eta), (z,) if xt is None else (z, xt)
+            ce, cz = power_of_two_scale(*vec), power_of_two_scale(*res)
+            es = e / ce
+            num = ((z / cz) * es).sum()
+            den = (es * es).sum()
             if xt is not None:  # regularized: + lam <X, eta>, + lam ||eta||^2
-                num = num + self.reg * (xt * eta).sum()
-                den = den + self.reg * (eta * eta).sum()
-            return -num / den.clamp_min(torch.finfo(e.dtype).tiny)
+                etas = eta / ce
+                num = num + self.reg * ((xt / cz) * etas).sum()
+                den = den + self.reg * (etas * etas).sum()
+            return -num / den.clamp_min(torch.finfo(e.dtype).tiny) * (cz / ce)
 
 
 class _CompletionContext:

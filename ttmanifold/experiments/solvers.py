@@ -32,7 +32,7 @@ from ..tt import orthogonalize
 from ..tt.layout import ModePlan
 from ..tt import round as tt_round
 from ..tt.tensor_train import fro_norm
-from .problems import Problem
+from .problems import Problem, power_of_two_scale
 
 __all__ = [
     "METHODS",
@@ -622,22 +622,27 @@ def cg_direction(g, g_new, g_tr, eta_tr, k, *, beta_rule: str, restart_tol: floa
     rows = g_new.dim() > 1
     if not rows:
         g, g_new, g_tr, eta_tr = (t.unsqueeze(0) for t in (g, g_new, g_tr, eta_tr))
-    gg_old = (g * g).sum(-1)
-    gg = (g_new * g_new).sum(-1)
+    # the inner products on the gradients divided by one power of two per row (exact: the
+    # same coefficients): for data far from unit scale their squares underflowed (beta
+    # 0 / 0, every direction "not descent": no progress at 1e-170) or overflowed
+    c = power_of_two_scale(g, g_new, g_tr, dim=-1)
+    gs, gns, gts = g / c, g_new / c, g_tr / c
+    gg_old = (gs * gs).sum(-1)
+    gg = (gns * gns).sum(-1)
     if beta_rule == "fr":
         beta = gg / gg_old
     else:
-        beta = torch.clamp((g_new * (g_new - g_tr)).sum(-1) / gg_old, min=0.0)
+        beta = torch.clamp((gns * (gns - gts)).sum(-1) / gg_old, min=0.0)
     # Powell-type restart: consecutive gradients far from orthogonal; also after an exactly
     # zero gradient (an exact fit), whose beta divides by 0 (inf times a zero direction:
     # a NaN direction)
-    restart = ((g_new * g_tr).sum(-1).abs() >= restart_tol * gg) | (gg_old == 0)
+    restart = ((gns * gts).sum(-1).abs() >= restart_tol * gg) | (gg_old == 0)
     if restart_every:
         restart = restart | (torch.as_tensor(k, device=restart.device) >= restart_every)
     beta = torch.where(restart, torch.zeros_like(beta), beta)
     eta_new = -g_new + beta.unsqueeze(-1) * eta_tr
-    # not a descent direction: restart with the gradient
-    bad = (eta_new * g_new).sum(-1) >= 0
+    # not a descent direction: restart with the gradient (the sign, rescaled likewise)
+    bad = ((eta_new / power_of_two_scale(eta_new, dim=-1)) * gns).sum(-1) >= 0
     eta_new = torch.where(bad.unsqueeze(-1), -g_new, eta_new)
     if rows:
         return eta_new, restart
