@@ -100,3 +100,32 @@ def test_cg_iterates_are_those_of_the_unit_scale_problem_times_the_scale(s):
     for b in range(2):
         R, G = M.to_tt(ref[b]).full(), M.to_tt(got[b]).full() / s
         assert float((G - R).norm() / R.norm()) < 1e-10, b
+
+
+@pytest.mark.parametrize("s", [1.0, 1e-150])
+def test_radam_with_the_automatic_lr_stays_at_an_exact_fit(s):
+    """From an exact fit the automatic lr (a grid in units of the distance to the data) is
+    at the rounding level and radam stays there, at any scale: at 1e-150 the loss
+    underflowed to 0, the grid fell back to unit lrs and Adam left the fit by ~1e23 times
+    the data's scale squared. (A fixed lr moves: Adam steps by about lr along its
+    normalized rounding-noise gradient, see docs/comparison.md.)"""
+    from ttmanifold import FixedTTRank
+    from ttmanifold.experiments.solvers import run
+
+    M = FixedTTRank((5, 6, 5, 4), 2)
+    truth = M.random(dtype=F64, generator=torch.Generator().manual_seed(3))
+    perm = torch.randperm(600, generator=torch.Generator().manual_seed(1))[:300]
+    idx = torch.stack(torch.unravel_index(perm, M.shape), 1)
+    vals = M.to_tt(truth).full()[tuple(idx.t())]
+    P = Completion.from_data(idx, vals * s, M.shape, M.ranks)
+    x0 = _scaled_start(M, truth, s)
+    h = run(P, "radam", x0, iters=6, lr="auto", grid_size=3, tune_iters=3, metrics_every=0)
+    assert h.lr < 1e-15 * s
+    dist = P.distance_to_data(M.to_tt(h.x))
+    assert dist <= 1e-13 * s * float(vals.norm()), dist
+    # distance_to_data is sqrt(2 loss), without the underflow of the squares
+    y = M.random(dtype=F64, generator=torch.Generator().manual_seed(4))
+    P1 = Completion.from_data(idx, vals, M.shape, M.ranks)
+    d1 = P1.distance_to_data(M.to_tt(y))
+    assert abs(d1 - float(2 * P1.loss(M.to_tt(y))) ** 0.5) <= 1e-12 * d1
+    assert abs(P.distance_to_data(M.to_tt(_scaled_start(M, y, s))) / s - d1) <= 1e-12 * d1

@@ -510,6 +510,12 @@ class Approximation(QuadraticProblem):
         x = self._tt(x)
         return 0.5 * (inner(x, x) - 2.0 * inner(x, self.target) + self.target_sq)
 
+    def distance_to_data(self, x) -> float:
+        """``sqrt(2 loss(x)) = ||X - A||`` without squaring (a TT norm: no underflow for
+        data far below unit scale, where the loss is 0). O(d n (r + R)^3)."""
+        with torch.no_grad():
+            return float((self._tt(x).detach() - self.target).norm())
+
     def dense_loss(self, full: torch.Tensor) -> torch.Tensor:
         return 0.5 * ((full - self.target.full()) ** 2).sum()
 
@@ -770,6 +776,18 @@ class Completion(QuadraticProblem):
         if self.reg:
             out = out + 0.5 * self.reg * inner(x, x)
         return out
+
+    def distance_to_data(self, x) -> float:
+        """``sqrt(2 loss(x))`` (the weighted residual's norm, with the ``reg`` term) without
+        squaring: no underflow for data far below unit scale, where the loss is 0.
+        O(N d r^2)."""
+        x = self._tt(x).detach()
+        with torch.no_grad():
+            z = (self.train.gather(x) - self.a_train) * self._sw
+            out = fro_norm(z) if z.numel() else z.new_zeros(())
+            if self.reg:
+                out = torch.hypot(out, math.sqrt(self.reg) * x.norm())
+        return float(out)
 
     def dense_loss(self, full: torch.Tensor) -> torch.Tensor:
         idx = self.train.indices

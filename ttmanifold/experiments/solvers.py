@@ -753,6 +753,15 @@ def _loss_at(problem, p) -> torch.Tensor:
         return problem.loss(problem.manifold.to_tt(p)).reshape(())
 
 
+def _distance_to_data(problem, p) -> float:
+    """``sqrt(2 f(X))`` at the packed point ``p``: the problem's ``distance_to_data`` (no
+    squares) where it has one, else from the loss."""
+    fn = getattr(problem, "distance_to_data", None)
+    if fn is not None:
+        return fn(problem.manifold.to_tt(p))
+    return math.sqrt(max(2.0 * float(_loss_at(problem, p)), 0.0))
+
+
 def problem_scale(M: FixedTTRank, p: torch.Tensor, fx) -> float:
     """The larger of ``||X||`` and ``sqrt(2 f(X))`` (for a least-squares loss, the distance
     to the data) at the packed point ``p`` with loss ``fx``: the length scale of the trust
@@ -1457,9 +1466,10 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
             if grid is None and method == "radam" and not model_problem:
                 # Adam moves every coordinate by about lr per step: a grid in units of the
                 # per-coordinate distance to the data, sqrt(2 f(X_0) / dim M) (for a
-                # least-squares loss), not of a unit-norm start
-                scale = math.sqrt(max(2.0 * float(_loss_at(problem, x0)), 0.0)
-                                  / problem.manifold.dim)
+                # least-squares loss), not of a unit-norm start; without squaring where the
+                # problem can (its loss underflows to 0 for data far below unit scale, and
+                # the unit grid then made Adam leave an exact fit by far)
+                scale = _distance_to_data(problem, x0) / math.sqrt(problem.manifold.dim)
                 if math.isfinite(scale) and scale > 0:
                     grid = [g * scale for g in lr_grid(grid_size, 1e-2, 10.0)]
                     hist.info["lr_scale"] = scale
