@@ -4,15 +4,139 @@ or step where its SVD returns NaN instead of raising (a GPU); completion solvers
 same iterates on data scaled far from 1."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
 import torch
 
+import ttmanifold.manifold.fixed_rank as fixed_rank_mod
+from ttmanifold import FixedTTRank, kernels
 from ttmanifold.experiments.batched import BatchedCompletion
 from ttmanifold.experiments.problems import Completion
+from ttmanifold.manifold import sweeps
 
 F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------
+# the torch path's retraction where the SVD returns NaN instead of raising (a GPU)
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def gpu_like_svd(monkeypatch):
+    """The torch path (kernels off) with a GPU's SVD: NaN factors for a non-finite matrix
+    instead of LAPACK's "failed to converge", and the device treated as one whose SVD
+    may do so (the check on)."""
+    svd = torch.linalg.svd
+
+    def nan_svd(a, *args, **kwargs):
+        if bool(torch.isfinite(a).all()):
+            return svd(a, *args, **kwargs)
+        u, s, vh = svd(torch.zeros_like(a), *args, **kwargs)
+        return u * math.nan, s * math.nan, vh * math.nan
+
+    monkeypatch.setattr(torch.linalg, "svd", nan_svd)
+    monkeypatch.setitem(kernels._config, "enabled", False)
+    monkeypatch.setattr(fixed_rank_mod, "_svd_may_pass_nonfinite", lambda x, u: True)
+
+
+def _case(shape, r, batch, seed=0):
+    M = FixedTTRank(shape, r)
+    g = torch.Generator().manual_seed(seed)
+    p = M.random(*batch, dtype=F64, generator=g)
+    u = M.proju(p, torch.randn(p.shape, dtype=F64, generator=g))
+    v = M.proju(p, torch.randn(p.shape, dtype=F64, generator=g))
+    return M, p, u, v
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["sequential", "paired"])
+@pytest.mark.parametrize("batch", [(), (3,)], ids=["one", "batch"])
+def test_retr_names_a_nonfinite_point_or_step_where_the_svd_returns_nan(
+        gpu_like_svd, monkeypatch, paired, batch):
+    """retr and retr_transp on the torch path with an SVD that returns NaN (a GPU's) for a
+    NaN or Inf in the point or the step: RuntimeError "retr: X + u is not finite", the
+    CPU's message (they returned a NaN point silently); a NaN v with a finite point and
+    step still names v; finite inputs give the LAPACK path's results."""
+    monkeypatch.setattr(sweeps, "PAIRED_SWEEPS", paired)
+    M, p, u, v = _case((3, 4, 5, 3), 2, batch)
+    y0, t0 = M.retr_transp(p, u, v)
+    assert torch.equal(M.retr(p, u), y0) and bool(torch.isfinite(t0).all())
+    for bad in (math.nan, math.inf):
+        for where, i in (("x", 2), ("u", 7), ("u", M.size - 1)):
+            pp, uu = p.clone(), u.clone()
+            (pp if where == "x" else uu)[..., i] = bad
+            for call in (lambda: M.retr(pp, uu), lambda: M.retr_transp(pp, uu, v),
+                         lambda: M.retr_transp(pp, uu, v * math.nan)):
+                with pytest.raises(RuntimeError, match=r"^retr: X \+ u is not finite"):
+                    call()
+        w = v.clone()
+        w[..., 5] = bad
+        with pytest.raises(RuntimeError, match="^v: contains NaN or Inf"):
+            M.retr_transp(p, u, w)
+
+
+def test_retr_on_a_cpu_batch_of_the_compiled_batched_svd_names_a_nan_step(record_dense):
+    """A real CPU case: a batch the retraction kernels decline (a wide first unfolding)
+    whose SVDs the compiled batched SVD factors (NaN in, NaN out) returned a NaN point
+    silently; now it raises as the other paths do."""
+    record_dense(())
+    M, p, u, v = _case((4, 4, 4, 4, 4), 3, (sweeps.BATCHED_SVD_MIN_BATCH + 4,))
+    y0 = M.retr(p, u)
+    assert bool(torch.isfinite(y0).all())
+    uu = u.clone()
+    uu[2, 3] = math.nan
+    with pytest.raises(RuntimeError, match=r"^retr: X \+ u is not finite"):
+        M.retr(p, uu)
+    with pytest.raises(RuntimeError, match=r"^retr: X \+ u is not finite"):
+        M.retr_transp(p, uu, v)
+
+
+def test_retr_of_order_one_names_a_nan_step():
+    """d = 1 (no SVD: the retraction is X + u) returned NaN on every device."""
+    M, p, u, v = _case((5,), 1, ())
+    uu = u.clone()
+    uu[2] = math.nan
+    for pp in (p, p.expand(3, -1)):
+        with pytest.raises(RuntimeError, match=r"^retr: X \+ u is not finite"):
+            M.retr(pp, uu)
+        with pytest.raises(RuntimeError, match=r"^retr: X \+ u is not finite"):
+            M.retr_transp(pp, uu, v)
+    assert torch.equal(M.retr(p, u), p + u)
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["sequential", "paired"])
+def test_retr_with_the_check_traces_on_meta(monkeypatch, paired):
+    """On the meta device (the check's device predicate says yes off the CPU) retr and
+    retr_transp still trace: shapes only, no check reads a value."""
+    monkeypatch.setattr(sweeps, "PAIRED_SWEEPS", paired)
+    monkeypatch.setitem(kernels._config, "enabled", False)
+    M, p, u, v = _case((3, 4, 5, 3), 2, (2,))
+    pm, um, vm = p.to("meta"), u.to("meta"), v.to("meta")
+    assert fixed_rank_mod._svd_may_pass_nonfinite(pm, um)
+    y = M.retr(pm, um)
+    assert y.device.type == "meta" and y.shape == p.shape
+    y, t = M.retr_transp(pm, um, vm)
+    assert y.shape == t.shape == p.shape and t.device.type == "meta"
+
+
+def test_op_counts_with_the_check_on(monkeypatch):
+    """The torch path's operation counts where the check runs (a GPU; on the CPU LAPACK's
+    SVD raises by itself and ``test_manifold_opcount``'s counts are unchanged): retr costs
+    the check's 3 operations more, RiemannianAdam's step 1 more (the check of y fused with
+    v's), both within issue 12's target of half its baseline at d = 10 (144 and 419)."""
+    from test_manifold_opcount import counts
+
+    monkeypatch.setitem(kernels._config, "enabled", False)
+    monkeypatch.setattr(sweeps, "PAIRED_SWEEPS", True)
+    cpu = counts(10)
+    monkeypatch.setattr(fixed_rank_mod, "_svd_may_pass_nonfinite", lambda x, u: True)
+    gpu = counts(10)
+    assert gpu["retr"] == (cpu["retr"][0] + 3, cpu["retr"][1]) and gpu["retr"][0] <= 144 // 2
+    for name in ("adam", "tm_adam"):
+        assert gpu[name] == (cpu[name][0] + 1, cpu[name][1]), (name, gpu[name], cpu[name])
+    assert gpu["adam"][0] <= 419 // 2
+
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,7 +233,6 @@ def test_radam_with_the_automatic_lr_stays_at_an_exact_fit(s):
     underflowed to 0, the grid fell back to unit lrs and Adam left the fit by ~1e23 times
     the data's scale squared. (A fixed lr moves: Adam steps by about lr along its
     normalized rounding-noise gradient, see docs/comparison.md.)"""
-    from ttmanifold import FixedTTRank
     from ttmanifold.experiments.solvers import run
 
     M = FixedTTRank((5, 6, 5, 4), 2)

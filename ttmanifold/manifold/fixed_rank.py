@@ -22,8 +22,8 @@ import torch
 
 from .. import kernels
 from ..kernels import dense as compiled_dense
-from .._checks import (assert_finite_async, check_float_dtype, check_right_cores, check_shape,
-                       functorch_wrapped, normalize_ranks)
+from .._checks import (assert_each_finite_async, assert_finite_async, check_float_dtype,
+                       check_right_cores, check_shape, functorch_wrapped, normalize_ranks)
 from ..tt import TT, BatchIndexSet, IndexSet, orthogonalize
 from ..tt import round as tt_round
 from ..tt.tensor_train import fro_norm
@@ -239,6 +239,31 @@ def _svd_of_nonfinite_named(fn, x: torch.Tensor, u: torch.Tensor):
 
 
 _NONFINITE_RETR = "retr: X + u is not finite (X or u contains NaN or Inf)"
+
+
+def _svd_may_pass_nonfinite(x: torch.Tensor, u: torch.Tensor) -> bool:
+    """Whether the torch path's SVDs may return NaN for a non-finite ``X + u`` instead of
+    raising: off the CPU (a GPU's batched SVD returns NaN) and, on the CPU, for a batch the
+    compiled batched SVD may factor (NaN in, NaN out: ``sweeps.batched_svd``). LAPACK's SVD
+    on the CPU raises (said by :func:`_svd_of_nonfinite_named`), so no check runs there."""
+    if x.device.type != "cpu":
+        return True
+    batch = math.prod(torch.broadcast_shapes(x.shape[:-1], u.shape[:-1]))
+    return kernels.enabled() and batch >= sweeps.BATCHED_SVD_MIN_BATCH
+
+
+def _assert_retr_finite(x, u, y, v=None, *, d: int) -> None:
+    """The torch path's checks after a retraction ``y = R_x(u)`` (and of the vector ``v`` it
+    transports): where the SVDs may return NaN (:func:`_svd_may_pass_nonfinite`; for
+    ``d = 1`` no SVD runs, ``y = x + u``), the result ``y`` says a non-finite ``X + u`` with
+    the CPU's message, before ``v``'s (as the kernels check, and as the CPU's SVD raises
+    before); one fused on-device check, no host sync (``y`` alone: 3 operations; with
+    ``v``: 5, one more than ``v`` alone)."""
+    if d == 1 or _svd_may_pass_nonfinite(x, u):
+        assert_each_finite_async([y] if v is None else [y, v],
+                                 [_NONFINITE_RETR] if v is None else [_NONFINITE_RETR, _NONFINITE_V])
+    elif v is not None:
+        assert_finite_async(v, "v", _NONFINITE_V)
 
 
 class FixedTTRank(geoopt.Manifold):
@@ -920,7 +945,11 @@ class FixedTTRank(geoopt.Manifold):
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Retraction ``R_X(xi) = round_r(X + xi)`` (TT-SVD of the rank-2r TT). O(d n r^3).
 
-        ``u`` may be non-gauged deltas. The result is left-orthogonal.
+        ``u`` may be non-gauged deltas. The result is left-orthogonal. A NaN or Inf in
+        ``x`` or ``u`` raises ``RuntimeError`` ("retr: X + u is not finite ...") on every
+        device: the compiled kernels test their results and the CPU's SVD fails on them;
+        where the SVD returns NaN instead (a GPU's, the compiled batched SVD of a CPU
+        batch) one on-device assert tests the result (no host sync; 3 operations).
         """
         if x.dim() > 1 or u.dim() > 1:
             U, du = self._split(x, "x"), self._check_vector(u, x)
@@ -943,8 +972,11 @@ class FixedTTRank(geoopt.Manifold):
         U = self._split(x, "x")
         du = self._check_vector(u, x)
         if V is None:
-            return _svd_of_nonfinite_named(lambda: retract_point(U, du, self.ranks), x, u)
-        return _svd_of_nonfinite_named(lambda: retract(U, V, du, self.ranks), x, u)
+            y = _svd_of_nonfinite_named(lambda: retract_point(U, du, self.ranks), x, u)
+        else:
+            y = _svd_of_nonfinite_named(lambda: retract(U, V, du, self.ranks), x, u)
+        _assert_retr_finite(x, u, y, d=self.d)
+        return y
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Not available: the fixed-TT-rank manifold has no closed-form exponential map
@@ -991,8 +1023,8 @@ class FixedTTRank(geoopt.Manifold):
         :func:`~.retraction.retract_wide`) and the projection of ``v``'s block cores at
         the new points (:func:`~.sweeps.project_small`); other batches run in CPU chunks.
         Non-finite ``v`` raise ``RuntimeError`` ("v: contains NaN or Inf"); a non-finite
-        point or ``u`` raises ``RuntimeError`` ("retr: X + u is not finite") on the CPU (on
-        a GPU's torch path, as in :meth:`retr`, they give NaN). O(d n r^3)."""
+        point or ``u`` raises ``RuntimeError`` ("retr: X + u is not finite") on every
+        device, as in :meth:`retr` (checked before ``v``). O(d n r^3)."""
         if x.dim() > 1 or u.dim() > 1 or v.dim() > 1:
             out = self._retr_transp_small(x, u, v)
             if out is not None:
@@ -1006,14 +1038,16 @@ class FixedTTRank(geoopt.Manifold):
         U = self._split(x, "x")
         du = self._check_vector(u, x)
         dv = self._check_vector(v, x, "v")
-        # (a non-finite x or u fails the retraction's SVD: said by _svd_of_nonfinite_named)
-        assert_finite_async(v, "v", _NONFINITE_V)
+        # (a non-finite x or u fails the retraction's SVD, said by _svd_of_nonfinite_named,
+        # or gives a non-finite y: both checked with v's after the retraction)
         V = right_cores(U) if V is None else V
         if self.d > 2 and self._fewer_launches(x, u, v):  # both block-core sets at once
             y, xi = _svd_of_nonfinite_named(
                 lambda: retract_transport_cores(U, V, du, dv, self.ranks), x, u)
+            _assert_retr_finite(x, u, y, v, d=self.d)
             return y, project_tt(self._split(y, "y"), None, xi, packed=True, gauge=True)
         y = _svd_of_nonfinite_named(lambda: retract(U, V, du, self.ranks), x, u)
+        _assert_retr_finite(x, u, y, v, d=self.d)
         ycores = self._split(y, "y")
         if self.d == 1:
             return y, v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
