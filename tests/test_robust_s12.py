@@ -5,6 +5,7 @@ same iterates on data scaled far from 1."""
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -252,3 +253,74 @@ def test_radam_with_the_automatic_lr_stays_at_an_exact_fit(s):
     d1 = P1.distance_to_data(M.to_tt(y))
     assert abs(d1 - float(2 * P1.loss(M.to_tt(y))) ** 0.5) <= 1e-12 * d1
     assert abs(P.distance_to_data(M.to_tt(_scaled_start(M, y, s))) / s - d1) <= 1e-12 * d1
+
+
+# ---------------------------------------------------------------------------------------
+# audit of last session's public error paths over batch shapes
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bs", [(), (3,), (2, 3), (0,)], ids=str)
+def test_error_paths_name_the_argument_for_every_batch_shape(bs):
+    """pack_point(check_rank=...), inner/norm and check_vector_on_tangent (and geoopt's
+    other checks) on one point, a batch, a 2-D batch and an empty batch: a wrong dtype,
+    device (meta), size, batch or type gives an early error naming the argument, a NaN the
+    on-device error. Found: check_rank="no"/None read as true/false silently; a list
+    reached geoopt's checks (AttributeError: .shape); norm named "u, v"."""
+    from ttmanifold import TT
+
+    M = FixedTTRank((3, 4, 3), 2)
+    g = torch.Generator().manual_seed(0)
+    p = M.random(bs + (M.size,), dtype=F64, generator=g)
+    u = M.proju(p, torch.randn(p.shape, dtype=F64, generator=g))
+    T = TT.random(M.shape, 2, dtype=F64, batch=bs, generator=g)
+    assert torch.allclose(M.to_tt(M.pack_point(T)).full(), T.full())
+    for bad in ("no", None, 1):
+        with pytest.raises(TypeError, match="^check_rank: expected True or False"):
+            M.pack_point(T, check_rank=bad)
+    with pytest.raises(ValueError, match="^rtol"):
+        M.pack_point(T, rtol=2.0)
+    with pytest.raises(TypeError, match=r"^cores\[1\]: dtype"):
+        M.pack_point([T.cores[0].float()] + T.cores[1:])
+    assert M.pack_point(TT([c.to("meta") for c in T.cores], check=False)).shape == p.shape
+    if len(bs) and bs[0] == 0:
+        assert M.inner(p, u).shape == M.norm(p, u).shape == bs
+    else:
+        nan = u.clone()
+        nan[..., 4] = math.nan
+        with pytest.raises(RuntimeError, match="^u, v: contain NaN or Inf"):
+            M.inner(p, nan, u)
+        with pytest.raises(RuntimeError, match="^u: contains NaN or Inf"):
+            M.norm(p, nan)
+        Z = TT([0 * c for c in T.cores], check=False)
+        with pytest.raises(ValueError, match="^tt: not a point"):
+            M.pack_point(Z)
+    for metric in (lambda a: M.inner(p, a), lambda a: M.norm(p, a)):
+        with pytest.raises(TypeError, match="^u: dtype torch.float32 differs"):
+            metric(u.float())
+        with pytest.raises(ValueError, match="^u: device meta differs"):
+            metric(u.to("meta"))
+        with pytest.raises(ValueError, match="^u: expected a flat tensor of size 28"):
+            metric(u[..., :-1])
+        with pytest.raises(TypeError, match="^u: expected a packed torch.Tensor"):
+            metric(u.tolist())
+    with pytest.raises(TypeError, match="^u, v: "):
+        M.inner(p, u, u.float())
+    if bs:
+        with pytest.raises(ValueError, match=r"^x: batch shape .* does not broadcast"):
+            M.inner(p, torch.zeros(5, M.size, dtype=F64))
+    ok = M.check_vector_on_tangent
+    assert ok(p, u) and ok(p.to("meta"), u.to("meta"))
+    for v, why in ((u.float(), "^u: dtype"), (u.to("meta"), "^u: device meta"),
+                   (u.long(), "^u: expected a real floating dtype"),
+                   (torch.zeros(5, M.size, dtype=F64), r"^u: batch shape \(5,\)"),
+                   (u[..., :-1], "size 28")):
+        if not bs and why.startswith(r"^u: batch"):
+            continue  # (one point: any batch of vectors broadcasts)
+        res, reason = ok(p, v, explain=True)
+        assert not res and re.search(why, reason), reason
+    for call in (lambda: ok(p, u.tolist()), lambda: ok(p.tolist(), u),
+                 lambda: M.check_point_on_manifold(p.tolist()),
+                 lambda: M.assert_check_vector_on_tangent(p, u.tolist()),
+                 lambda: M.check_vector(u.tolist()), lambda: M.check_point(p.tolist())):
+        with pytest.raises(TypeError, match="^[xup]: expected a packed torch.Tensor"):
+            call()

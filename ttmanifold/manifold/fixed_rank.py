@@ -429,6 +429,8 @@ class FixedTTRank(geoopt.Manifold):
         if rtol is not None and (not isinstance(rtol, numbers.Real) or isinstance(rtol, bool)
                                  or not 0 <= rtol < 1):
             raise ValueError(f"rtol: expected a float in [0, 1) or None, got {rtol!r}")
+        if not isinstance(check_rank, bool):  # ("no", None: read as true / false silently)
+            raise TypeError(f"check_rank: expected True or False, got {check_rank!r}")
         if len(tensors) == 1 and isinstance(tensors[0], TT):
             x = tensors[0]
         elif len(tensors) == 1 and isinstance(tensors[0], (list, tuple)):
@@ -654,7 +656,7 @@ class FixedTTRank(geoopt.Manifold):
         ``ok`` / ``(ok, reason)`` instead of raising (geoopt's own ``check_point`` checks
         the shape only; this one checks the point). Reads values on the host: call it on
         data you bring, not in a loop. O(d n r^3)."""
-        ok, why = self._check_point_on_manifold(p, atol=atol, rtol=rtol)
+        ok, why = self._check_point_on_manifold(p, atol=atol, rtol=rtol, name="p")
         if explain is not None:
             return (ok, why) if explain else ok
         if not ok:
@@ -885,6 +887,9 @@ class FixedTTRank(geoopt.Manifold):
     def _check_pair(self, u, v) -> None:
         """Raise naming ``u, v`` unless both are packed tensors of one dtype and device
         whose batches broadcast."""
+        if v is u and not (isinstance(u, torch.Tensor) and u.shape[-1:] == (self.size,)):
+            # one vector (norm, inner(x, u)): named alone
+            self._check_flat(u, "u")
         if not isinstance(u, torch.Tensor) or not isinstance(v, torch.Tensor):
             raise TypeError(f"u, v: expected packed tangent vectors (tensors), got "
                             f"{type(u).__name__} and {type(v).__name__}")
@@ -1169,9 +1174,10 @@ class FixedTTRank(geoopt.Manifold):
             )
         return True, None
 
-    def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
+    def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5, name: str = "x"):
+        self._check_flat(x, name)  # (a list read .detach: AttributeError)
         x = x.detach()
-        U = self._split(x, "x")
+        U = self._split(x, name)
         if x.device.type == "meta":
             return True, None
         def at(bad):  # which point of a batch fails first (per-point mask ``bad``)
@@ -1193,6 +1199,50 @@ class FixedTTRank(geoopt.Manifold):
             if bool(bad.any()):
                 return False, f"TT-rank at bond {k} is below {self.ranks[k]}{at(bad)}"
         return True, None
+
+    # geoopt's checks read the arguments' ``.shape`` first: a list gave an AttributeError;
+    # these say which argument is not a tensor (TypeError), then run geoopt's check
+    def _require_tensors(self, **args) -> None:
+        for name, t in args.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a packed torch.Tensor of size {self.size}, "
+                                f"got {type(t).__name__}")
+
+    def assert_check_point(self, x):
+        """geoopt's shape check of a point; ``TypeError`` naming ``x`` if not a tensor."""
+        self._require_tensors(x=x)
+        return super().assert_check_point(x)
+
+    def check_vector(self, u, *, explain=False):
+        """geoopt's shape check of a vector; ``TypeError`` naming ``u`` if not a tensor."""
+        self._require_tensors(u=u)
+        return super().check_vector(u, explain=explain)
+
+    def assert_check_vector(self, u):
+        """geoopt's shape check of a vector; ``TypeError`` naming ``u`` if not a tensor."""
+        self._require_tensors(u=u)
+        return super().assert_check_vector(u)
+
+    def check_point_on_manifold(self, x, *, explain=False, atol=1e-5, rtol=1e-5):
+        """geoopt's check of a point (:meth:`check_point` says what is checked);
+        ``TypeError`` naming ``x`` if not a tensor."""
+        self._require_tensors(x=x)
+        return super().check_point_on_manifold(x, explain=explain, atol=atol, rtol=rtol)
+
+    def check_vector_on_tangent(self, x, u, *, ok_point=False, explain=False, atol=1e-5,
+                                rtol=1e-5):
+        """geoopt's check of a tangent vector ``u`` at ``x`` (the gauge condition, finite
+        entries, the point's batch, dtype and device); ``TypeError`` naming ``x`` or ``u``
+        if not a tensor."""
+        self._require_tensors(x=x, u=u)
+        return super().check_vector_on_tangent(x, u, ok_point=ok_point, explain=explain,
+                                               atol=atol, rtol=rtol)
+
+    def assert_check_vector_on_tangent(self, x, u, *, ok_point=False, atol=1e-5, rtol=1e-5):
+        """As :meth:`check_vector_on_tangent`, raising ``ValueError`` with the reason."""
+        self._require_tensors(x=x, u=u)
+        return super().assert_check_vector_on_tangent(x, u, ok_point=ok_point, atol=atol,
+                                                      rtol=rtol)
 
     def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
         U = self._split(x, "x")
