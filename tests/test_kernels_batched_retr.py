@@ -4,6 +4,7 @@ a dense float64 TT-SVD of ``X + xi`` and the torch batch path (full tensors or T
 differences: the retraction is defined up to the gauge), float64 and float32, a shared
 point, the left-orthogonal gauge, non-finite input, the fallbacks, and that the compiled
 call actually runs."""
+import os
 import warnings
 
 import pytest
@@ -181,3 +182,41 @@ def test_huge_and_tiny_points(spy, monkeypatch, dtype, scale):
     ref = _torch_path(monkeypatch, lambda: M.retr(p, u))
     tol = 1e-10 if dtype == F64 else 1e-4
     assert _err(M.to_tt(y).full(), M.to_tt(ref).full()) < tol
+
+
+def _resident_bytes():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="resident size: Linux only")
+@pytest.mark.parametrize("kernel,r,n", [("retract_batch_small", 4, 1500), ("retract_batch_wide", 6, 800)])
+def test_workspace_freed_after_a_huge_call(record_dense, monkeypatch, kernel, r, n):
+    """Both kernels' sweep keeps a per-thread workspace: a call with a huge mode size n (a
+    workspace of ~50 MB) gives the torch path's result, and the small calls after it give
+    the same tensors as before it, while the workspace is freed (the resident size drops by
+    most of it) once a few calls in a row needed far less."""
+    spy = record_dense(("retract_batch_small", "retract_batch_wide", "retract_batch"))
+    g = torch.Generator().manual_seed(9)
+    M = FixedTTRank((12, 12, 12), r)
+    p = torch.Tensor(M.random(16, dtype=F64, generator=g))
+    u = M.proju(p, torch.randn(16, M.size, dtype=F64, generator=g))
+    y0 = M.retr(p, u)
+    ref = _torch_path(monkeypatch, lambda: M.retr(p, u))
+    assert _err(M.to_tt(y0).full(), M.to_tt(ref).full()) < 1e-11
+    Mh = FixedTTRank((2 * r, n, 2 * r), r)
+    ph = torch.Tensor(Mh.random(16, dtype=F64, generator=g))
+    uh = Mh.proju(ph, torch.randn(16, Mh.size, dtype=F64, generator=g))
+    before = _resident_bytes()
+    yh = Mh.retr(ph, uh)
+    held = _resident_bytes() - before
+    refh = _torch_path(monkeypatch, lambda: Mh.retr(ph, uh))
+    a, b = Mh.to_tt(yh), Mh.to_tt(refh)
+    assert float(((a - b).norm() / b.norm()).max()) < 1e-11
+    del ph, uh, yh, refh, a, b
+    assert held > 30e6  # the huge call's workspace (touched: resident)
+    after = _resident_bytes()
+    for _ in range(4):
+        assert torch.equal(M.retr(p, u), y0)
+    assert after - _resident_bytes() > 0.7 * held
+    assert set(spy.calls) == {kernel}
