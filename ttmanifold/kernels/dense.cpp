@@ -2292,6 +2292,43 @@ template <typename T, int L, int n>
 int jacobi(T* W, T* V, T tol, int max_sweeps) { return bf::jacobi<T, L, n>(W, V, tol, max_sweeps); }
 #endif
 
+// One compare-exchange of the SVDs' descending sort: where S[j] > S[j - 1] (per lane),
+// exchange those entries of S and the columns j - 1 and j of the n x n blocks W and V
+template <typename T, int L>
+void exchange_down(int n, int j, T* __restrict S, T* __restrict W, T* __restrict V) {
+#if defined(TTM_RBS_VEC)
+  // selects on lane vectors (as lane loops GCC swapped one number at a time)
+  using X = Vec<T, L>;
+  const X x = ld<T, L>(S + j * L), y = ld<T, L>(S + (j - 1) * L);
+  const auto sw = x > y;
+  st<T, L>(S + j * L, sw ? y : x);
+  st<T, L>(S + (j - 1) * L, sw ? x : y);
+  for (int r = 0; r < n; ++r) {
+    T* wj = W + (r * n + j) * L;
+    T* vj = V + (r * n + j) * L;
+    const X w1 = ld<T, L>(wj), w0 = ld<T, L>(wj - L), v1 = ld<T, L>(vj), v0 = ld<T, L>(vj - L);
+    st<T, L>(wj, sw ? w0 : w1);
+    st<T, L>(wj - L, sw ? w1 : w0);
+    st<T, L>(vj, sw ? v0 : v1);
+    st<T, L>(vj - L, sw ? v1 : v0);
+  }
+#else
+  bool sw[L];
+  for (int l = 0; l < L; ++l) {
+    const T x = S[j * L + l], y = S[(j - 1) * L + l];
+    sw[l] = x > y;
+    S[j * L + l] = sw[l] ? y : x; S[(j - 1) * L + l] = sw[l] ? x : y;
+  }
+  for (int r = 0; r < n; ++r)
+    for (int l = 0; l < L; ++l) {
+      T* wj = &W[(r * n + j) * L + l]; T* wk = &W[(r * n + j - 1) * L + l];
+      const T x = *wj, y = *wk; *wj = sw[l] ? y : x; *wk = sw[l] ? x : y;
+      T* vj = &V[(r * n + j) * L + l]; T* vk = &V[(r * n + j - 1) * L + l];
+      const T x2 = *vj, y2 = *vk; *vj = sw[l] ? y2 : x2; *vk = sw[l] ? x2 : y2;
+    }
+#endif
+}
+
 // The steps for blocks of L points (bf::for_cols instantiates them per column count)
 template <int L>
 struct At {
@@ -2372,21 +2409,7 @@ struct At {
           for (int l = 0; l < L; ++l) { const T w = W[(i * n + c) * L + l]; S[c * L + l] += w * w; }
       // descending order (squared norms): compare-exchange of adjacent columns, per lane
       for (int i = 0; i < n - 1; ++i)
-        for (int j = n - 1; j > i; --j) {
-          bool sw[L];
-          for (int l = 0; l < L; ++l) {
-            const T x = S[j * L + l], y = S[(j - 1) * L + l];
-            sw[l] = x > y;
-            S[j * L + l] = sw[l] ? y : x; S[(j - 1) * L + l] = sw[l] ? x : y;
-          }
-          for (int r = 0; r < n; ++r)
-            for (int l = 0; l < L; ++l) {
-              T* wj = &W[(r * n + j) * L + l]; T* wk = &W[(r * n + j - 1) * L + l];
-              const T x = *wj, y = *wk; *wj = sw[l] ? y : x; *wk = sw[l] ? x : y;
-              T* vj = &V[(r * n + j) * L + l]; T* vk = &V[(r * n + j - 1) * L + l];
-              const T x2 = *vj, y2 = *vk; *vj = sw[l] ? y2 : x2; *vk = sw[l] ? x2 : y2;
-            }
-        }
+        for (int j = n - 1; j > i; --j) exchange_down<T, L>(n, j, S, W, V);
       for (int j = 0; j < n; ++j)  // SV = W^T, scaled back
         for (int c = 0; c < n; ++c)
           for (int l = 0; l < L; ++l) SV[(j * n + c) * L + l] = W[(c * n + j) * L + l] * sc[l];
@@ -2513,8 +2536,8 @@ bool retract_sweep(const std::vector<torch::Tensor>& U, const std::vector<torch:
     *c = take(mx * L), *Uo = take(mx * L), *top = take(mx * L), *W2 = take(mx * L),
     *Rb = take(small), *Rl = take(small), *Cm = take(small), *Wj = take(small),
     *Vj = take(small), *SV = take(small), *S = take(MC * L), *vd = take(MC * L),
-    *cf = take(MC * L), *beta = take(MC * L), *sp = take(MC * L),
-    *sg = take(static_cast<size_t>(d + 1) * MC * L);
+    *cf = take(MC * L), *beta = take(MC * L), *sg = take(static_cast<size_t>(d + 1) * MC * L),
+    *sp = take(MC * L);
   std::vector<int64_t> offk(d + 1, 0);  // core k's entries in a packed row of out
   for (int k = 0; k < d; ++k) offk[k + 1] = offk[k] + static_cast<int64_t>(r[k]) * n[k] * r[k + 1];
   const int64_t size = offk[d];
@@ -3130,39 +3153,7 @@ void svd_top(int m, int n, T* A, T* vd, T* cf, T* beta, T* sp, T* W, T* V, T* S,
   // the h largest (squared) norms to the front, descending: passes of compare-exchanges
   // of adjacent columns from the back, per lane (the order of the rest does not matter)
   for (int i = 0; i < h; ++i)
-    for (int j = n - 1; j > i; --j) {
-#if defined(TTM_RBS_VEC)
-      // selects on lane vectors (as lane loops GCC swapped one number at a time)
-      using LV = Lv<T, L>;
-      const LV x = ld<T, L>(S + j * L), y = ld<T, L>(S + (j - 1) * L);
-      const auto sw = x > y;
-      st<T, L>(S + j * L, sw ? y : x);
-      st<T, L>(S + (j - 1) * L, sw ? x : y);
-      for (int r = 0; r < n; ++r) {
-        T* wj = W + (r * n + j) * L;
-        T* vj = V + (r * n + j) * L;
-        const LV w1 = ld<T, L>(wj), w0 = ld<T, L>(wj - L), v1 = ld<T, L>(vj), v0 = ld<T, L>(vj - L);
-        st<T, L>(wj, sw ? w0 : w1);
-        st<T, L>(wj - L, sw ? w1 : w0);
-        st<T, L>(vj, sw ? v0 : v1);
-        st<T, L>(vj - L, sw ? v1 : v0);
-      }
-#else
-      bool sw[L];
-      for (int l = 0; l < L; ++l) {
-        const T x = S[j * L + l], y = S[(j - 1) * L + l];
-        sw[l] = x > y;
-        S[j * L + l] = sw[l] ? y : x; S[(j - 1) * L + l] = sw[l] ? x : y;
-      }
-      for (int r = 0; r < n; ++r)
-        for (int l = 0; l < L; ++l) {
-          T* wj = &W[(r * n + j) * L + l]; T* wk = &W[(r * n + j - 1) * L + l];
-          const T x = *wj, y = *wk; *wj = sw[l] ? y : x; *wk = sw[l] ? x : y;
-          T* vj = &V[(r * n + j) * L + l]; T* vk = &V[(r * n + j - 1) * L + l];
-          const T x2 = *vj, y2 = *vk; *vj = sw[l] ? y2 : x2; *vk = sw[l] ? x2 : y2;
-        }
-#endif
-    }
+    for (int j = n - 1; j > i; --j) rbs::exchange_down<T, L>(n, j, S, W, V);
   for (int j = 0; j < h; ++j)  // SV[:h] = W[:, :h]^T, scaled back
     for (int c = 0; c < n; ++c)
       for (int l = 0; l < L; ++l) SV[(j * n + c) * L + l] = W[(c * n + j) * L + l] * sc[l];
