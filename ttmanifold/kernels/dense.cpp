@@ -1339,6 +1339,26 @@ void qr_impl(const torch::Tensor& a, torch::Tensor& q, torch::Tensor& r) {  // (
   }
 }
 
+// One compare-exchange of an SVD's descending sort: where S[j] > S[j - 1] (per lane,
+// branch-free), exchange those entries of S and the columns j - 1 and j of the n x n blocks
+// W and V
+template <typename T, int L>
+void exchange_down(int n, int j, T* __restrict S, T* __restrict W, T* __restrict V) {
+  bool sw[L];
+  for (int l = 0; l < L; ++l) {
+    const T x = S[j * L + l], y = S[(j - 1) * L + l];
+    sw[l] = x > y;
+    S[j * L + l] = sw[l] ? y : x; S[(j - 1) * L + l] = sw[l] ? x : y;
+  }
+  for (int r = 0; r < n; ++r)
+    for (int l = 0; l < L; ++l) {
+      T* wj = &W[(r * n + j) * L + l]; T* wk = &W[(r * n + j - 1) * L + l];
+      const T x = *wj, y = *wk; *wj = sw[l] ? y : x; *wk = sw[l] ? x : y;
+      T* vj = &V[(r * n + j) * L + l]; T* vk = &V[(r * n + j - 1) * L + l];
+      const T x2 = *vj, y2 = *vk; *vj = sw[l] ? y2 : x2; *vk = sw[l] ? x2 : y2;
+    }
+}
+
 // Thin SVD of the interleaved blocks: A = Q R (house_qr), one-sided Jacobi on X = R^T
 // (X V_x = W_x, columns of norms S), so R = V_x S Ux^T with Ux = W_x / S: U = Q V_x (the
 // rotations: orthonormal whatever the rank), Vh = Ux^T, whose zero columns (rank
@@ -1369,21 +1389,7 @@ void svd_impl(const torch::Tensor& a, torch::Tensor& u, torch::Tensor& s, torch:
     for (int e = 0; e < n * L; ++e) S[e] = std::sqrt(S[e]);
     // descending order: compare-exchange of adjacent columns (per lane, branch-free)
     for (int i = 0; i < n - 1; ++i)
-      for (int j = n - 1; j > i; --j) {
-        bool sw[L];
-        for (int l = 0; l < L; ++l) {
-          const T x = S[j * L + l], y = S[(j - 1) * L + l];
-          sw[l] = x > y;
-          S[j * L + l] = sw[l] ? y : x; S[(j - 1) * L + l] = sw[l] ? x : y;
-        }
-        for (int r = 0; r < n; ++r)
-          for (int l = 0; l < L; ++l) {
-            T* wj = &W[(r * n + j) * L + l]; T* wk = &W[(r * n + j - 1) * L + l];
-            const T x = *wj, y = *wk; *wj = sw[l] ? y : x; *wk = sw[l] ? x : y;
-            T* vj = &V[(r * n + j) * L + l]; T* vk = &V[(r * n + j - 1) * L + l];
-            const T x2 = *vj, y2 = *vk; *vj = sw[l] ? y2 : x2; *vk = sw[l] ? x2 : y2;
-          }
-      }
+      for (int j = n - 1; j > i; --j) exchange_down<T, L>(n, j, S.data(), W.data(), V.data());
     // Ux: normalized columns of W (zero ones stay zero), then Q2 sign(diag R2) of its QR:
     // the normalized columns themselves where S > 0, an orthonormal completion elsewhere
     for (int c = 0; c < n; ++c)
@@ -2292,12 +2298,11 @@ template <typename T, int L, int n>
 int jacobi(T* W, T* V, T tol, int max_sweeps) { return bf::jacobi<T, L, n>(W, V, tol, max_sweeps); }
 #endif
 
-// One compare-exchange of the SVDs' descending sort: where S[j] > S[j - 1] (per lane),
-// exchange those entries of S and the columns j - 1 and j of the n x n blocks W and V
+// bf::exchange_down (one step of the SVDs' descending sort) on lane vectors: selects (as
+// lane loops GCC swapped one number at a time)
 template <typename T, int L>
 void exchange_down(int n, int j, T* __restrict S, T* __restrict W, T* __restrict V) {
 #if defined(TTM_RBS_VEC)
-  // selects on lane vectors (as lane loops GCC swapped one number at a time)
   using X = Vec<T, L>;
   const X x = ld<T, L>(S + j * L), y = ld<T, L>(S + (j - 1) * L);
   const auto sw = x > y;
@@ -2313,19 +2318,7 @@ void exchange_down(int n, int j, T* __restrict S, T* __restrict W, T* __restrict
     st<T, L>(vj - L, sw ? v1 : v0);
   }
 #else
-  bool sw[L];
-  for (int l = 0; l < L; ++l) {
-    const T x = S[j * L + l], y = S[(j - 1) * L + l];
-    sw[l] = x > y;
-    S[j * L + l] = sw[l] ? y : x; S[(j - 1) * L + l] = sw[l] ? x : y;
-  }
-  for (int r = 0; r < n; ++r)
-    for (int l = 0; l < L; ++l) {
-      T* wj = &W[(r * n + j) * L + l]; T* wk = &W[(r * n + j - 1) * L + l];
-      const T x = *wj, y = *wk; *wj = sw[l] ? y : x; *wk = sw[l] ? x : y;
-      T* vj = &V[(r * n + j) * L + l]; T* vk = &V[(r * n + j - 1) * L + l];
-      const T x2 = *vj, y2 = *vk; *vj = sw[l] ? y2 : x2; *vk = sw[l] ? x2 : y2;
-    }
+  bf::exchange_down<T, L>(n, j, S, W, V);
 #endif
 }
 
