@@ -1147,6 +1147,33 @@ void eye(int m, int n, T* X) {
       for (int l = 0; l < L; ++l) X[(i * n + c) * L + l] = i == c ? T(1) : T(0);
 }
 
+// The round-robin order of the one-sided Jacobi sweeps over N columns (N even, at most
+// 2 K): round r < N - 1 rotates the N / 2 disjoint pairs (P[r][k], Q[r][k]), P < Q, whose
+// computations are independent; every pair comes once in the N - 1 rounds
+template <int K>
+constexpr void round_robin(int N, int (*P)[K], int (*Q)[K]) {
+  int idx[2 * K] = {};
+  for (int i = 0; i < N; ++i) idx[i] = i;
+  for (int r = 0; r < N - 1; ++r) {
+    for (int k = 0; k < N / 2; ++k) {
+      const int x = idx[k], y = idx[N - 1 - k];
+      P[r][k] = std::min(x, y);
+      Q[r][k] = std::max(x, y);
+    }
+    const int last = idx[N - 1];
+    for (int i = N - 1; i > 1; --i) idx[i] = idx[i - 1];
+    idx[1] = last;
+  }
+}
+
+// round_robin's table for a column count known at compile time (a static constant: no
+// work per call, the indices folded into the unrolled rounds), R = N - 1 rounds
+template <int K, int R>
+struct PairOrder {
+  int P[R][K] = {}, Q[R][K] = {};
+  constexpr explicit PairOrder(int N) { round_robin<K>(N, P, Q); }
+};
+
 // One-sided Jacobi on the columns of the interleaved n x n block W, accumulating the
 // rotations in V (from I): afterwards W = W_0 V has orthogonal columns. Each sweep rotates
 // every pair whose |<w_p, w_q>| exceeds tol |w_p| |w_q| in some lane; sweeps run until none
@@ -1159,21 +1186,9 @@ int jacobi(T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
   // round-robin order: each round rotates N / 2 disjoint pairs, whose computations are
   // independent (their long latency chains overlap); an odd n has a dummy column n
   constexpr int N = n + (n & 1), K = N / 2;
-  int P[N > 1 ? N - 1 : 1][K], Qc[N > 1 ? N - 1 : 1][K];
-  {
-    int idx[N];
-    for (int i = 0; i < N; ++i) idx[i] = i;
-    for (int r = 0; r < N - 1; ++r) {
-      for (int k = 0; k < K; ++k) {
-        const int x = idx[k], y = idx[N - 1 - k];
-        P[r][k] = std::min(x, y);
-        Qc[r][k] = std::max(x, y);
-      }
-      const int last = idx[N - 1];
-      for (int i = N - 1; i > 1; --i) idx[i] = idx[i - 1];
-      idx[1] = last;
-    }
-  }
+  static constexpr PairOrder<K, N - 1> order(N);
+  const auto& P = order.P;
+  const auto& Qc = order.Q;
   T nrm[n * L];
   int sweep = 0;
   while (sweep < max_sweeps && n > 1) {
@@ -2097,21 +2112,9 @@ int jacobi(T* __restrict W, T* __restrict Vr, T tol, int max_sweeps) {
   using V = Vec<T, L>;
   bf::eye<T, L>(n, n, Vr);
   constexpr int N = n + (n & 1), K = N / 2;
-  int P[N > 1 ? N - 1 : 1][K], Qc[N > 1 ? N - 1 : 1][K];
-  {
-    int idx[N];
-    for (int i = 0; i < N; ++i) idx[i] = i;
-    for (int r = 0; r < N - 1; ++r) {
-      for (int k = 0; k < K; ++k) {
-        const int x = idx[k], y = idx[N - 1 - k];
-        P[r][k] = std::min(x, y);
-        Qc[r][k] = std::max(x, y);
-      }
-      const int last = idx[N - 1];
-      for (int i = N - 1; i > 1; --i) idx[i] = idx[i - 1];
-      idx[1] = last;
-    }
-  }
+  static constexpr bf::PairOrder<K, N - 1> order(N);
+  const auto& P = order.P;
+  const auto& Qc = order.Q;
   const V zero = V{}, one = zero + T(1);
   const T tol2 = tol * tol, e2 = std::numeric_limits<T>::epsilon() * std::numeric_limits<T>::epsilon();
   V nrm[n];
@@ -2986,20 +2989,7 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
   bf::eye<T, L>(n, n, V);
   const int N = n + (n & 1), K = N / 2;
   int P[kMaxCols][kMaxCols / 2], Qc[kMaxCols][kMaxCols / 2];
-  {
-    int idx[kMaxCols];
-    for (int i = 0; i < N; ++i) idx[i] = i;
-    for (int r = 0; r < N - 1; ++r) {
-      for (int k = 0; k < K; ++k) {
-        const int x = idx[k], y = idx[N - 1 - k];
-        P[r][k] = std::min(x, y);
-        Qc[r][k] = std::max(x, y);
-      }
-      const int last = idx[N - 1];
-      for (int i = N - 1; i > 1; --i) idx[i] = idx[i - 1];
-      idx[1] = last;
-    }
-  }
+  bf::round_robin<kMaxCols / 2>(N, P, Qc);
   const size_t rs = static_cast<size_t>(n) * L;  // row stride
   const T tol2 = tol * tol;
   alignas(64) T nrm[kMaxCols * L];
