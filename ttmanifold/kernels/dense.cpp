@@ -1149,9 +1149,16 @@ void eye(int m, int n, T* X) {
 
 // The round-robin order of the one-sided Jacobi sweeps over N columns (N even, at most
 // 2 K): round r < N - 1 rotates the N / 2 disjoint pairs (P[r][k], Q[r][k]), P < Q, whose
-// computations are independent; every pair comes once in the N - 1 rounds
+// computations are independent; every pair comes once in the N - 1 rounds. Forced inline
+// (GCC/clang): the fixed-width sweeps then compile to the same code as with the table
+// computed in place (a call, or a static constexpr table, changed their Jacobi's code)
+#if defined(__GNUC__)
+#define TTM_FORCE_INLINE inline __attribute__((always_inline))
+#else
+#define TTM_FORCE_INLINE inline
+#endif
 template <int K>
-constexpr void round_robin(int N, int (*P)[K], int (*Q)[K]) {
+TTM_FORCE_INLINE void round_robin(int N, int (*P)[K], int (*Q)[K]) {
   int idx[2 * K] = {};
   for (int i = 0; i < N; ++i) idx[i] = i;
   for (int r = 0; r < N - 1; ++r) {
@@ -1166,14 +1173,6 @@ constexpr void round_robin(int N, int (*P)[K], int (*Q)[K]) {
   }
 }
 
-// round_robin's table for a column count known at compile time (a static constant: no
-// work per call, the indices folded into the unrolled rounds), R = N - 1 rounds
-template <int K, int R>
-struct PairOrder {
-  int P[R][K] = {}, Q[R][K] = {};
-  constexpr explicit PairOrder(int N) { round_robin<K>(N, P, Q); }
-};
-
 // One-sided Jacobi on the columns of the interleaved n x n block W, accumulating the
 // rotations in V (from I): afterwards W = W_0 V has orthogonal columns. Each sweep rotates
 // every pair whose |<w_p, w_q>| exceeds tol |w_p| |w_q| in some lane; sweeps run until none
@@ -1186,9 +1185,8 @@ int jacobi(T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
   // round-robin order: each round rotates N / 2 disjoint pairs, whose computations are
   // independent (their long latency chains overlap); an odd n has a dummy column n
   constexpr int N = n + (n & 1), K = N / 2;
-  static constexpr PairOrder<K, N - 1> order(N);
-  const auto& P = order.P;
-  const auto& Qc = order.Q;
+  int P[N > 1 ? N - 1 : 1][K], Qc[N > 1 ? N - 1 : 1][K];
+  round_robin<K>(N, P, Qc);
   T nrm[n * L];
   int sweep = 0;
   while (sweep < max_sweeps && n > 1) {
@@ -2112,9 +2110,8 @@ int jacobi(T* __restrict W, T* __restrict Vr, T tol, int max_sweeps) {
   using V = Vec<T, L>;
   bf::eye<T, L>(n, n, Vr);
   constexpr int N = n + (n & 1), K = N / 2;
-  static constexpr bf::PairOrder<K, N - 1> order(N);
-  const auto& P = order.P;
-  const auto& Qc = order.Q;
+  int P[N > 1 ? N - 1 : 1][K], Qc[N > 1 ? N - 1 : 1][K];
+  bf::round_robin<K>(N, P, Qc);
   const V zero = V{}, one = zero + T(1);
   const T tol2 = tol * tol, e2 = std::numeric_limits<T>::epsilon() * std::numeric_limits<T>::epsilon();
   V nrm[n];
