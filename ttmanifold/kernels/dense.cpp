@@ -1729,18 +1729,33 @@ struct LqAt {
 template <typename T, int a>
 struct Lq : LqAt<bf::lanes<T>()>::template F<T, a> {};
 
+// The TT Z to project, as project_small_impl reads it: dense cores Z (1 or B, R, n, R').
+// A source gives Z's ranks (rank(k): R_k), prepares its interleaved buffer once per call
+// (init) and writes the block of points b0.. of core k into it (gather; layout of
+// gather_core). The transport's source (the tangent block cores assembled in cache from
+// the point's cores and the deltas) is tbs::TangentZ.
+template <typename T, int L>
+struct DenseZ {
+  const std::vector<torch::Tensor>& Z;
+  int64_t B;
+  int rank(int k) const { return static_cast<int>(Z[k].size(1)); }
+  void init(T*, const std::vector<size_t>&) const {}
+  void gather(int k, int64_t b0, T* dst) const { gather_core<T, L>(Z[k], b0, B, dst); }
+};
+
 // returns whether every delta is finite (tested when check, in cache as they are written;
 // a non-finite entry of a point or of Z reaches the deltas)
-// L: points per block (bf::lanes, or half of it: see project_batch_small)
-template <typename T, int L>
-bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::Tensor>& Z,
+// L: points per block (bf::lanes, or half of it: see project_batch_small); Src: the source
+// of Z's cores (DenseZ, tbs::TangentZ)
+template <typename T, int L, typename Src>
+bool project_small_impl(const std::vector<torch::Tensor>& U, const Src& Z,
                         bool gauge, int64_t B, torch::Tensor& out, bool check) {
   bool finite_all = true;
   const int d = static_cast<int>(U.size());
   std::vector<int> r(d + 1), R(d + 1), n(d);
   for (int k = 0; k < d; ++k) {
     r[k] = static_cast<int>(U[k].size(1)); n[k] = static_cast<int>(U[k].size(2));
-    R[k] = static_cast<int>(Z[k].size(1));
+    R[k] = Z.rank(k);
   }
   r[d] = 1; R[d] = 1;
   // interleaved copies of the block's cores, and per-core workspaces at their largest
@@ -1783,6 +1798,7 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
   T *Ug = bufs[0], *Zg = bufs[1], *Qs = bufs[2], *CT = bufs[3], *Qt = bufs[4], *s = bufs[5],
     *Tb = bufs[6], *Db = bufs[7], *Rb = bufs[8], *P = bufs[9], *Pn = bufs[10], *vd = bufs[11],
     *cf = bufs[12], *beta = bufs[13], *sg = bufs[14];
+  Z.init(Zg, zo);
   std::vector<torch::Tensor> Ov(d);
   int64_t off = 0;
   for (int k = 0; k < d; ++k) {  // the deltas' (B, rows, cols) views of out
@@ -1796,7 +1812,7 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
     for (int l = 0; l < L; ++l) acc[l] = T(0);
     for (int k = 0; k < d; ++k) {
       gather_core<T, L>(U[k], b0, B, Ug + uo[k]);
-      gather_core<T, L>(Z[k], b0, B, Zg + zo[k]);
+      Z.gather(k, b0, Zg + zo[k]);
     }
     // right to left: CT = c_k^T (n r_{k+1} x r_k), c_k starting as U_{d-1} (scaled: the
     // Q factors, all that is used, do not change; keeps squares of huge entries in range)
@@ -1872,6 +1888,22 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
   return finite_all;
 }
 
+// project_small_impl with the source Src<T, L>{args...} at the lanes of dtype t: float64
+// 16 (blocks of 8: 23 % slower at r = 10, the Householder QR's one chain per register);
+// float32 above rank 8 (mr: the largest rank of the points and of Z) half the lanes (the
+// interleaved cores and workspaces, r n r' L numbers each, half as large: 7-14 % faster at
+// r = 10-16, n = 20; 32 lanes are still 20 % slower with the register tiles)
+template <template <typename, int> class Src, typename... A>
+bool project_small_lanes(torch::ScalarType t, int64_t mr, const std::vector<torch::Tensor>& U,
+                         bool gauge, int64_t B, torch::Tensor& out, bool check, const A&... args) {
+  constexpr int Ld = bf::lanes<double>(), Lf = bf::lanes<float>();
+  if (t == torch::kDouble)
+    return project_small_impl<double, Ld>(U, Src<double, Ld>{args...}, gauge, B, out, check);
+  if (mr > 8)
+    return project_small_impl<float, Lf / 2>(U, Src<float, Lf / 2>{args...}, gauge, B, out, check);
+  return project_small_impl<float, Lf>(U, Src<float, Lf>{args...}, gauge, B, out, check);
+}
+
 // Transparent huge pages for a large fresh output (Linux, advice only: errors ignored).
 // Above 32 MB glibc maps every allocation afresh, and faulting it in 4 KB pages cost
 // 0.05 ms per point of a float64 projection at r = 10 (B = 256), against 0.01 in 2 MB pages.
@@ -1934,20 +1966,115 @@ torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torc
   pbs::advise_huge_pages(out);
   int64_t mr = 0;
   for (size_t k = 0; k < d; ++k) mr = std::max({mr, U[k].size(1), Z[k].size(1)});
-  // float32 above rank 8: blocks of 16 points, half the lanes (the interleaved cores and
-  // workspaces, r n r' L numbers each, half as large: 7-14 % faster at r = 10-16, n = 20;
-  // 32 lanes are still 20 % slower with the register tiles); float64 keeps 16 (blocks of 8:
-  // 23 % slower at r = 10, the Householder QR's one chain per register)
-  const bool c = !check.empty();
-  constexpr int Lf = bf::lanes<float>();
-  const bool ok = t == torch::kDouble
-                      ? pbs::project_small_impl<double, bf::lanes<double>()>(U, Z, gauge, B, out, c)
-                      : (mr > 8 ? pbs::project_small_impl<float, Lf / 2>(U, Z, gauge, B, out, c)
-                                : pbs::project_small_impl<float, Lf>(U, Z, gauge, B, out, c));
+  const bool ok = pbs::project_small_lanes<pbs::DenseZ>(t, mr, U, gauge, B, out, !check.empty(), Z, B);
   TORCH_CHECK(ok, check);  // check: the message for a non-finite result ("": not tested)
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------
+// The batched vector transport by projection for small ranks: P_Y(xi) at B new points Y of
+// the tangent vectors xi = sum_k U_<k dU_k V_>k given at the points X by their left cores
+// U, right cores V and deltas dU. project_small_impl's sweeps with Z = xi's rank-2r block
+// cores [U_0, dU_0], [[U_k, dU_k], [0, V_k]], [[dU_{d-1}], [V_{d-1}]] assembled per block
+// of points in the interleaved buffer (in cache) from U, V and dU: the block cores are
+// never written to memory (building them there and reading them back cost about a quarter
+// of the projection at r = 4).
+namespace tbs {
+
+// rows x cols row-major entries of each point b0.. of c (B or 1, r, n, r'; each point's
+// block contiguous) into the interleaved dst with row stride ldd (in entries); lanes past
+// the batch repeat its last point (as gather_core)
+template <typename T, int L>
+void gather_rows(const torch::Tensor& c, int64_t b0, int64_t B, int rows, int cols, T* __restrict dst,
+                 int ldd) {
+  const T* base = c.data_ptr<T>();
+  const int64_t sb = c.size(0) == 1 ? 0 : c.stride(0);
+  int64_t idx[L];
+  for (int l = 0; l < L; ++l) idx[l] = std::min<int64_t>(b0 + l, B - 1) * sb;
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) {
+      const int64_t e = static_cast<int64_t>(i) * cols + j;
+      T* o = dst + (static_cast<size_t>(i) * ldd + j) * L;
+      for (int l = 0; l < L; ++l) o[l] = base[e + idx[l]];
+    }
+}
+
+// The source of project_small_impl for xi: U, dU (d cores), V (d - 1 cores: V_1..V_{d-1})
+template <typename T, int L>
+struct TangentZ {
+  const std::vector<torch::Tensor>& U;
+  const std::vector<torch::Tensor>& V;
+  const std::vector<torch::Tensor>& D;
+  int64_t B;
+  int d() const { return static_cast<int>(U.size()); }
+  int rank(int k) const { return k == 0 ? 1 : 2 * static_cast<int>(U[k].size(1)); }
+  int cols(int k) const { return k + 1 == d() ? 1 : 2 * static_cast<int>(U[k].size(3)); }
+  // the zero blocks (bottom left of the middle cores) once: gather never writes them
+  void init(T* Zg, const std::vector<size_t>& zo) const {
+    for (int k = 1; k + 1 < d(); ++k) {
+      const int r = static_cast<int>(U[k].size(1)), n = static_cast<int>(U[k].size(2)),
+                rp = static_cast<int>(U[k].size(3));
+      for (int i = r; i < 2 * r; ++i)
+        for (int j = 0; j < n; ++j)
+          std::fill_n(Zg + zo[k] + (static_cast<size_t>(i * n + j) * 2 * rp) * L,
+                      static_cast<size_t>(rp) * L, T(0));
+    }
+  }
+  void gather(int k, int64_t b0, T* dst) const {
+    const int r = static_cast<int>(U[k].size(1)), n = static_cast<int>(U[k].size(2)),
+              rp = static_cast<int>(U[k].size(3)), w = cols(k);
+    const int co = k + 1 == d() ? 0 : rp;  // dU's column offset
+    if (k + 1 < d()) gather_rows<T, L>(U[k], b0, B, r * n, rp, dst, w);
+    gather_rows<T, L>(D[k], b0, B, r * n, rp, dst + static_cast<size_t>(co) * L, w);
+    if (k > 0)
+      gather_rows<T, L>(V[k - 1], b0, B, r * n, rp,
+                        dst + (static_cast<size_t>(r) * n * w + co) * L, w);
+  }
+};
+
+}  // namespace tbs
+
+// P_Y of the tangent vectors of U (points X), V (their right cores V_1..V_{d-1}) and dU at
+// the points Uy, canonical gauge at Y, for B points of TT-ranks <= 16 (2 r <= kMaxZRank),
+// SIMD across the points: cores (1 or B, r, n, r'); (B, size) packed deltas at Y. check:
+// the message of the error raised when a delta is NaN or infinite ("": not tested).
+torch::Tensor transport_batch_small(std::vector<torch::Tensor> Uy, std::vector<torch::Tensor> U,
+                                    std::vector<torch::Tensor> V, std::vector<torch::Tensor> dU,
+                                    int64_t B, std::string check) {
+  const size_t d = Uy.size();
+  TORCH_CHECK(d >= 2 && U.size() == d && dU.size() == d && V.size() + 1 == d,
+              "transport_batch_small: inconsistent lengths (V: the d - 1 cores V_1..V_{d-1})");
+  const auto t = Uy[0].scalar_type();
+  TORCH_CHECK(t == torch::kFloat || t == torch::kDouble, "Uy: float32 or float64 only");
+  batch_cores(Uy, "Uy", t, B);
+  batch_cores(U, "U", t, B);
+  batch_cores(V, "V", t, B);
+  batch_cores(dU, "dU", t, B);
+  int64_t size = 0, mr = 0;
+  for (size_t k = 0; k < d; ++k) {
+    const auto s = U[k].sizes().slice(1);
+    TORCH_CHECK(Uy[k].sizes().slice(1) == s && dU[k].sizes().slice(1) == s &&
+                (k == 0 || V[k - 1].sizes().slice(1) == s),
+                "Uy, V, dU: core ", k, " differs in shape from U's");
+    TORCH_CHECK(U[k].size(1) <= pbs::kMaxRank && U[k].size(3) <= pbs::kMaxRank,
+                "transport_batch_small: TT-ranks above ", pbs::kMaxRank);
+    TORCH_CHECK(k == 0 || U[k].size(2) * U[k].size(3) >= U[k].size(1),
+                "Uy: core ", k, " has fewer columns n r' than rows r (no LQ)");
+    TORCH_CHECK(k + 1 == d || U[k].size(3) == U[k + 1].size(1),
+                "U: ranks of consecutive cores differ");
+    size += U[k].size(1) * U[k].size(2) * U[k].size(3);
+    mr = std::max<int64_t>(mr, k == 0 ? 1 : 2 * U[k].size(1));
+  }
+  TORCH_CHECK(U[0].size(1) == 1 && U[d - 1].size(3) == 1, "U: boundary ranks must be 1");
+  auto out = torch::empty({B, size}, Uy[0].options());
+  if (B == 0) return out;
+  pbs::advise_huge_pages(out);
+  const bool ok =
+      pbs::project_small_lanes<tbs::TangentZ>(t, mr, Uy, true, B, out, !check.empty(), U, V, dU, B);
+  TORCH_CHECK(ok, check);
+  return out;
+}
 
 // ---------------------------------------------------------------------------------------
 // The batched retraction for small ranks in the interleaved layout of bf (blocks of L
@@ -3488,6 +3615,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "check: the error message for a non-finite result (\"\": not tested)",
         pybind11::arg("U"), pybind11::arg("Z"), pybind11::arg("gauge"), pybind11::arg("B"),
         pybind11::arg("check") = "");
+  m.def("transport_batch_small", &transport_batch_small,
+        "P_Y of tangent vectors (U, V_1..V_{d-1}, dU) at points Uy for a batch of TT-ranks <= 16, "
+        "SIMD across the points (interleaved); check: the message for a non-finite result",
+        pybind11::arg("Uy"), pybind11::arg("U"), pybind11::arg("V"), pybind11::arg("dU"),
+        pybind11::arg("B"), pybind11::arg("check") = "");
   m.def("retract_batch_small", &retract_batch_small,
         "retract_point of a batch of points of TT-ranks <= 4, SIMD across the points (interleaved)");
   m.def("retract_batch_wide", &retract_batch_wide, "retract_point of a batch of points of TT-ranks <= 12, SIMD across the points (runtime widths)", pybind11::arg("U"), pybind11::arg("du"), pybind11::arg("B"), pybind11::arg("lanes") = 0);

@@ -315,3 +315,28 @@ def right_cores_batch_small(mod, U: Sequence[torch.Tensor]) -> List[Optional[tor
     bs = _batch_shape(U)
     V = mod.right_cores_batch_small(_point_views(U, bs), bs.numel())
     return [None] + [v.reshape(bs + v.shape[1:]) for v in V[1:]]
+
+
+def transport_batch_small(mod, Uy: Sequence[torch.Tensor], U: Sequence[torch.Tensor],
+                          V: Sequence[Optional[torch.Tensor]], dU: Sequence[torch.Tensor], *,
+                          check: Optional[str] = None) -> torch.Tensor:
+    """The vector transport by projection of a batch: ``P_Y(xi)`` packed and gauged at the
+    points ``Uy`` of the tangent vectors ``xi = sum_k U_<k dU_k V_>k`` given at the points
+    ``U`` (right cores ``V``, ``V[0]`` unused) by their deltas ``dU``, for TT-ranks
+    ``<= 16``, in one call SIMD across the points (``dense.cpp``'s ``transport_batch_small``:
+    :func:`project_batch_small`'s sweeps with ``xi``'s rank-2r block cores assembled per
+    block of points in cache, never in memory). Cores broadcast over the leading batch
+    dimensions (a point or deltas shared by the batch are not copied per point).
+
+    Args: ``mod``: the loaded dense module; ``Uy``, ``U``, ``dU``: ``d >= 2`` cores of one
+        shape per core; ``V``: ``d`` right cores, ``V[0]`` None; ``check``: if given, the
+        message of the ``RuntimeError`` raised when a delta is NaN or infinite (a
+        non-finite point or ``dU`` reaches them).
+    Returns: ``(*batch, size)``, the packed gauged deltas at ``Uy``.
+    Cost: O(B d n r^3), one call."""
+    bs = _batch_shape(Uy, U, V[1:], dU)
+    with ordinary_outputs():
+        out = mod.transport_batch_small(_point_views(Uy, bs), _point_views(U, bs),
+                                        _point_views(V[1:], bs), _point_views(dU, bs),
+                                        bs.numel(), check or "")
+    return out.reshape(bs + out.shape[1:])

@@ -27,6 +27,7 @@ from ..tt import IndexSet
 __all__ = ["compiled_batch", "has_bonds", "unbatched", "core_runs", "contiguous_runs",
            "right_sweep", "right_cores", "project_tt", "project_dense",
            "project_tt_at_point", "small_project_module", "project_small",
+           "small_transport_module", "transport_small",
            "prefer_fewer_launches", "stack_pays", "one_point_batch", "squeeze_cores", "batched_mm",
            "batched_dot", "batched_qr", "batched_svd",
            "project_sampled", "gauge_project_flat", "gauge_deltas", "orth_defect"]
@@ -739,6 +740,47 @@ def project_small(mod, U, Z, *, check: str, gauge: bool = True) -> torch.Tensor:
     written: no separate pass over the inputs; ``check=""``: not tested, a NaN result as
     on the torch path). Cost: that of :func:`project_tt`."""
     return _project_tt_batched.call_with(mod, U, None, Z, packed=True, gauge=gauge, check=check)
+
+
+def small_transport_module(Uy, U, V, dU):
+    """The loaded dense module when the compiled batched transport (:func:`transport_small`)
+    takes ``(Uy, U, V, dU)``, else None (before any work; a build may start, as for every
+    dispatched call): at least :data:`SMALL_PROJECT_MIN_BATCH` points ``Uy``, each its own
+    (``U``, ``V``, ``dU`` broadcast to their batch), TT-ranks within
+    :data:`SMALL_PROJECT_MAX_RANK` (``2 r`` within :data:`SMALL_PROJECT_MAX_Z_RANK`), and
+    the compiled kernels usable on all of them (:func:`ttmanifold.kernels.usable`: CPU,
+    one float dtype, no grad)."""
+    d = len(Uy)
+    if d < 2 or not (len(U) == len(V) == len(dU) == d) or any(c.dim() < 3 for c in Uy):
+        return None
+    bs = Uy[0].shape[:-3]
+    if bs.numel() < SMALL_PROJECT_MIN_BATCH or any(c.shape[:-3] != bs for c in Uy):
+        return None
+    for k in range(d):
+        a, n, b = Uy[k].shape[-3:]
+        if max(a, b) > SMALL_PROJECT_MAX_RANK or 2 * max(a, b) > SMALL_PROJECT_MAX_Z_RANK or (
+                k > 0 and n * b < a):
+            return None
+        for c in (U[k], dU[k]) + ((V[k],) if k > 0 else ()):
+            if c.dim() < 3 or c.shape[-3:] != Uy[k].shape[-3:] or c.shape[:-3].numel() not in (1, bs.numel()):
+                return None
+    if not kernels.usable("dense", Uy, U, V[1:], dU):
+        return None
+    return kernels.module("dense")
+
+
+def transport_small(mod, Uy, U, V, dU, *, check: str) -> torch.Tensor:
+    """The vector transport by projection of a batch, ``P_Y(xi)`` packed and gauged at the
+    points ``Uy``, of the tangent vectors ``xi = sum_k U_<k dU_k V_>k`` at the points ``U``
+    (right cores ``V``, ``V[0]`` unused), by the compiled kernel ``mod`` (from
+    :func:`small_transport_module`): :func:`project_tt` of ``xi``'s rank-2r block cores
+    without building them (assembled per block of points in cache).
+
+    Args: as above; ``check``: the message of the ``RuntimeError`` raised when a delta is
+        NaN or infinite (a non-finite ``dU`` or point reaches them; ``""``: not tested).
+    Returns: ``(*batch, size)``, ``batch`` that of ``Uy``.
+    Cost: O(B d n r^3), one call (that of :func:`project_tt` on the block cores)."""
+    return compiled_dense.transport_batch_small(mod, Uy, U, V, dU, check=check)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.project_batch_small, when=_small_project)

@@ -1,0 +1,172 @@
+"""The compiled batched vector transport (``dense.cpp``'s ``transport_batch_small`` behind
+``retr_transp`` and ``transp`` of a CPU batch): ``P_Y`` of tangent vectors given at points
+X by (U, V, dU), the rank-2r block cores assembled in cache. Against the torch path (full
+tensors, gauge-invariant), a dense float64 projector reference, for uneven ranks and modes,
+batch shapes (3,), (2, 3) (the kernel called directly: below the dispatch's batch bound)
+and (2, 8), broadcast points and vectors; non-finite inputs raise."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ttmanifold import TT, FixedTTRank
+from ttmanifold.kernels import dense as compiled_dense
+from ttmanifold.manifold import sweeps
+from kernel_checks import rel_err, torch_path
+from test_manifold_batch import dense_point, dense_tangent, tangent_projector
+
+F64, F32 = torch.float64, torch.float32
+TOL = {F64: 1e-11, F32: 3e-5}
+NONFINITE = r"^v: contains NaN or Inf"
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+@pytest.fixture
+def spy(record_dense):
+    """The dense set's module recording the transport's and the projection's calls."""
+    return record_dense(("transport_batch_small", "project_batch_small"))
+
+
+def case(shape, ranks, bs, dtype, seed, vector_bs=None):
+    """A manifold, points x (batch bs), steps to y = retr(x, u), vectors v (batch
+    vector_bs, default bs), all float64 made then cast."""
+    M = FixedTTRank(shape, ranks)
+    g = torch.Generator().manual_seed(seed)
+    B = torch.Size(bs).numel()
+    x = torch.Tensor(M.random(B, M.size, dtype=F64, generator=g)).reshape(bs + (M.size,))
+    u = M.project(x, TT.random(shape, 2, dtype=F64, generator=g, batch=tuple(bs)))
+    u = 0.3 * u / M.norm(x, u, keepdim=True)
+    y = M.retr(x, u)
+    vb = tuple(bs) if vector_bs is None else tuple(vector_bs)
+    v = torch.randn(vb + (M.size,), dtype=F64, generator=g)  # non-gauged: any deltas
+    return M, x.to(dtype), y.to(dtype), v.to(dtype)
+
+
+def cores_of(M, p):
+    """The cores of the packed p (..., size) as (..., r, n, r') views."""
+    sizes = [M.ranks[k] * n * M.ranks[k + 1] for k, n in enumerate(M.shape)]
+    return [c.unflatten(-1, (M.ranks[k], n, M.ranks[k + 1]))
+            for k, (c, n) in enumerate(zip(p.split(sizes, -1), M.shape))]
+
+
+def kernel_transport(mod, M, x, y, v):
+    """The compiled transport called directly (any batch size)."""
+    U = cores_of(M, x)
+    return compiled_dense.transport_batch_small(mod, cores_of(M, y), U, sweeps.right_cores(U),
+                                                cores_of(M, v), check="v: bad")
+
+
+def full_tangent(M, y, t):
+    """Dense float64 tensors of the tangent vectors t at y (any batch shape), stacked."""
+    y, t = y.reshape(-1, M.size), t.reshape(-1, M.size)
+    return torch.stack([M.tangent_to_tt(y[b].double(), t[b].double()).full()
+                        for b in range(y.shape[0])])
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape,ranks", [((4, 5, 3, 4), (1, 2, 3, 2, 1)), ((3, 6), 3),
+                                         ((2, 3, 4, 3, 2), (1, 2, 4, 3, 2, 1)),
+                                         ((3, 3, 3), 3)])
+@pytest.mark.parametrize("bs", [(3,), (2, 3)])
+def test_kernel_against_torch_path(dense_module, monkeypatch, dtype, shape, ranks, bs):
+    """The kernel against ``transp`` on the torch path, as full tensors (uneven ranks,
+    d = 2 to 5, a rank equal to the mode size: a square LQ)."""
+    M, x, y, v = case(shape, ranks, bs, dtype, seed=len(shape) + len(bs))
+    t = kernel_transport(dense_module, M, x, y, v)
+    assert t.shape == y.shape
+    t0 = torch_path(monkeypatch, lambda: M.transp(x, y, v))
+    assert rel_err(full_tangent(M, y, t), full_tangent(M, y, t0)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_routed_transport_against_dense_reference(spy, dtype):
+    """``transp`` and ``retr_transp`` of a (2, 8) batch run the transport kernel (one call
+    each); the transported vectors against the dense float64 ``P_Y v`` (the orthogonal
+    projector onto the tangent space at Y)."""
+    M, x, y, v = case((4, 5, 3, 4), (1, 2, 3, 2, 1), (2, 8), dtype, seed=3)
+    spy.calls.clear()
+    t = M.transp(x, y, v)
+    assert spy.calls == ["transport_batch_small"] and t.shape == v.shape
+    for i, j in ((0, 0), (1, 5), (1, 7)):
+        Y = dense_point(M, y[i, j])
+        P = tangent_projector(Y, M.ranks)
+        ref = (P @ dense_tangent(M, x[i, j], v[i, j]).reshape(-1)).reshape(M.shape)
+        assert rel_err(dense_tangent(M, y[i, j], t[i, j]), ref) < 10 * TOL[dtype]
+    spy.calls.clear()
+    y2, t2 = M.retr_transp(x, 0.1 * M.proju(x, v), v)
+    assert spy.calls == ["transport_batch_small"]  # (the retraction is not recorded here)
+    assert rel_err(t2, M.transp(x, y2, v)) < TOL[dtype]
+
+
+def test_broadcast_point_and_vector(spy, monkeypatch):
+    """One point x for the batch of y (its cores not copied per point) and one vector v for
+    the batch: as the torch path."""
+    M, x, y, v = case((4, 5, 3, 4), (1, 2, 3, 2, 1), (16,), F64, seed=4)
+    for xx, vv in ((x[3], v), (x, v[5]), (x[2], v[1])):
+        spy.calls.clear()
+        t = M.transp(xx, y, vv)
+        assert spy.calls == ["transport_batch_small"] and t.shape == y.shape
+        t0 = torch_path(monkeypatch, lambda: M.transp(xx, y, vv))
+        assert rel_err(t, t0) < 1e-12  # same points y: the same canonical gauge
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_rank_10_float_lanes_and_partial_block(spy, monkeypatch, dtype):
+    """n = 20 at rank 10 (2r = 20: float32 at half the lanes, register tiles with edges)
+    and a partial last block (B = 19), against the torch path (same y: deltas compared)."""
+    M, x, y, v = case((20, 20, 20), 10, (19,), dtype, seed=5)
+    spy.calls.clear()
+    t = M.transp(x, y, v)
+    assert spy.calls == ["transport_batch_small"]
+    t0 = torch_path(monkeypatch, lambda: M.transp(x, y, v))
+    assert rel_err(t, t0) < 10 * TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_nonfinite_inputs_raise(spy, dtype):
+    """A NaN or Inf in v, in x or in y (first, middle, last core; first and last point of
+    a batch with a partial last block) raises from the kernel, as on the torch path."""
+    B = 16 + 16 + 3
+    M, x, y, v = case((4, 5, 3, 4), (1, 2, 3, 2, 1), (B,), dtype, seed=6)
+    for which in ("v", "x", "y"):
+        for b, i, bad in ((0, 0, float("nan")), (B - 1, M.size // 2, float("inf")),
+                          (B - 2, M.size - 1, -float("inf"))):
+            a = {"v": v, "x": x, "y": y}
+            a[which] = a[which].clone()
+            a[which][b, i] = bad
+            spy.calls.clear()
+            with pytest.raises(RuntimeError, match=NONFINITE):
+                M.transp(a["x"], a["y"], a["v"])
+            assert spy.calls == ["transport_batch_small"], (which, b, i)
+
+
+def test_kernel_checks_its_arguments(dense_module):
+    M, x, y, v = case((4, 5, 3, 4), (1, 2, 3, 2, 1), (3,), F64, seed=7)
+    U, Uy, dU = cores_of(M, x), cores_of(M, y), cores_of(M, v)
+    V = sweeps.right_cores(U)
+    tb = dense_module.transport_batch_small
+    with pytest.raises(RuntimeError, match="inconsistent lengths"):
+        tb(Uy, U, [U[0]] + V[1:], dU, 3, "")  # d cores for V: V_1..V_{d-1} expected
+    with pytest.raises(RuntimeError, match="differs in shape"):
+        tb(Uy[:2] + [Uy[3], Uy[2]], U, V[1:], dU, 3, "")
+    with pytest.raises(RuntimeError, match="one dtype"):
+        tb(Uy, U, V[1:], [c.float() for c in dU], 3, "")
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.lists(st.integers(2, 5), min_size=2, max_size=5), r=st.integers(1, 5),
+       B=st.integers(1, 20), dtype=st.sampled_from([F64, F32]), seed=st.integers(0, 2**31 - 1))
+def test_property_kernel_against_torch_path(dense_module, monkeypatch, shape, r, B, dtype, seed):
+    """Random modes, ranks (clipped to the feasible ones) and batch sizes: the kernel
+    against the torch path, full tensors."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # ranks clipped to the feasible bound
+        M, x, y, v = case(tuple(shape), r, (B,), dtype, seed=seed)
+    t = kernel_transport(dense_module, M, x, y, v)
+    t0 = torch_path(monkeypatch, lambda: M.transp(x, y, v))
+    assert rel_err(full_tangent(M, y, t), full_tangent(M, y, t0)) < 10 * TOL[dtype]
