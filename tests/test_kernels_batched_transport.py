@@ -3,7 +3,9 @@
 X by (U, V, dU), the rank-2r block cores assembled in cache. Against the torch path (full
 tensors, gauge-invariant), a dense float64 projector reference, for uneven ranks and modes,
 batch shapes (3,), (2, 3) (the kernel called directly: below the dispatch's batch bound)
-and (2, 8), broadcast points and vectors; non-finite inputs raise."""
+and (2, 8), broadcast points and vectors; non-finite inputs raise. And the gauge
+projection of a batch SIMD across the points (``gauge_project_batch_small``, behind
+``egrad2rgrad``/``proju`` and the loss's backward) against a float64 per-point reference."""
 from __future__ import annotations
 
 import pytest
@@ -170,3 +172,62 @@ def test_property_kernel_against_torch_path(dense_module, monkeypatch, shape, r,
     t = kernel_transport(dense_module, M, x, y, v)
     t0 = torch_path(monkeypatch, lambda: M.transp(x, y, v))
     assert rel_err(full_tangent(M, y, t), full_tangent(M, y, t0)) < 10 * TOL[dtype]
+
+
+# --- the gauge projection of a batch SIMD across the points (gauge_project_batch_small) ---
+
+def dense_gauge(M, p, g):
+    """float64 reference: g_k - U_k (U_k^T g_k) on the left unfoldings of the cores k < d-1
+    of each point, the last core unchanged (plain matrix products per point)."""
+    p, g = p.double().reshape(-1, M.size), g.double().reshape(-1, M.size)
+    out = g.clone()
+    for b in range(g.shape[0]):
+        pb = p[b if p.shape[0] > 1 else 0]
+        for k, (U, G, O) in enumerate(zip(cores_of(M, pb), cores_of(M, g[b]), cores_of(M, out[b]))):
+            if k < M.d - 1:
+                U2, G2 = U.reshape(-1, U.shape[-1]), G.reshape(-1, G.shape[-1])
+                O.copy_((G2 - U2 @ (U2.T @ G2)).reshape(O.shape))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape,ranks,B", [((4, 5, 3, 4), (1, 2, 3, 2, 1), 37),
+                                           ((20, 20, 20), 10, 19), ((3, 6), 3, 16),
+                                           ((6, 6, 6, 6), (1, 6, 9, 6, 1), 33)])
+def test_gauge_kernel_against_dense_reference(record_dense, monkeypatch, dtype, shape, ranks, B):
+    """``egrad2rgrad`` and ``proju`` of a batch run the SIMD gauge kernel (partial last
+    blocks, ranks 2 to 10, float32 at half the lanes above 8), against the float64
+    per-point reference and the torch path; one point for the batch broadcasts."""
+    spy = record_dense(("gauge_project_batch_small", "gauge_project_batch"))
+    M = FixedTTRank(shape, ranks)
+    g0 = torch.Generator().manual_seed(B)
+    p = torch.Tensor(M.random(B, M.size, dtype=F64, generator=g0)).to(dtype)
+    g = torch.randn(p.shape, dtype=F64, generator=g0).to(dtype)
+    with torch.no_grad():
+        out = M.egrad2rgrad(p, g)
+    assert spy.calls == ["gauge_project_batch_small"]
+    assert rel_err(out.double(), dense_gauge(M, p, g)) < TOL[dtype]
+    assert rel_err(out, torch_path(monkeypatch, lambda: M.proju(p, g))) < TOL[dtype]
+    spy.calls.clear()
+    one = M.proju(p[4], g)  # one point for the batch of vectors
+    assert spy.calls == ["gauge_project_batch_small"]
+    assert rel_err(one.double(), dense_gauge(M, p[4:5], g)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_gauge_kernel_reports_nonfinite(dense_module, dtype):
+    """The kernel's finiteness flag: a NaN or Inf in a gauged core or in the copied last
+    core, of the first or the last point (a partial block), of g or of the points."""
+    M = FixedTTRank((4, 5, 3, 4), (1, 2, 3, 2, 1))
+    B = 35
+    p = torch.Tensor(M.random(B, M.size, dtype=dtype, generator=torch.Generator().manual_seed(1)))
+    g = torch.randn(p.shape, dtype=dtype)
+    runs = compiled_dense._flat_runs(M.gauge_runs)
+    assert dense_module.gauge_project_batch_small(p, g, runs)[1]
+    for which, b, i in (("g", 0, 3), ("g", B - 1, M.size - 1), ("p", B - 1, 5), ("g", 20, 30)):
+        q, h = p.clone(), g.clone()
+        (q if which == "p" else h)[b, i] = float("nan") if b else float("inf")
+        out, ok = dense_module.gauge_project_batch_small(q, h, runs)
+        assert not ok, (which, b, i)
+        ref, ok0 = dense_module.gauge_project_batch(q, h, runs)
+        assert not ok0 and torch.equal(out.isfinite(), ref.isfinite())

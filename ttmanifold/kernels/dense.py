@@ -168,15 +168,24 @@ def _flat_runs(runs) -> List[int]:
     return [int(v) for run in runs[0] for v in run]
 
 
+#: Batches of at least this many points run the gauge projection SIMD across blocks of
+#: points (``gauge_project_batch_small``; per-point BLAS calls below: a partial block's
+#: padding lanes cost as much as points).
+GAUGE_SIMD_MIN_BATCH = 16
+
+
 def gauge_project_flat(mod, runs, U_flat: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The torch ``gauge_project_flat(runs, U_flat, g)`` for leading batch dimensions
-    (broadcast; a single point for the whole batch is not copied per point): one call."""
+    (broadcast; a single point for the whole batch is not copied per point): one call,
+    SIMD across blocks of points from :data:`GAUGE_SIMD_MIN_BATCH` points."""
     bs = torch.broadcast_shapes(U_flat.shape[:-1], g.shape[:-1])
     n = g.shape[-1]
     one = U_flat.shape[:-1].numel() == 1
     p2 = (U_flat.reshape(1, n) if one else U_flat.expand(bs + (n,)).reshape(-1, n)).contiguous()
     g2 = g.expand(bs + (n,)).reshape(-1, n).contiguous()
-    out, _ = mod.gauge_project_batch(p2, g2, _flat_runs(runs))
+    fn = (mod.gauge_project_batch_small if g2.shape[0] >= GAUGE_SIMD_MIN_BATCH
+          else mod.gauge_project_batch)
+    out, _ = fn(p2, g2, _flat_runs(runs))
     return out.reshape(bs + (n,))
 
 
