@@ -178,7 +178,9 @@ def gauge_project_flat(mod, runs, U_flat: torch.Tensor, g: torch.Tensor) -> torc
     """The torch ``gauge_project_flat(runs, U_flat, g)`` for leading batch dimensions
     (broadcast; a single point for the whole batch is not copied per point): one call,
     SIMD across blocks of points from :data:`GAUGE_SIMD_MIN_BATCH` points."""
-    bs = torch.broadcast_shapes(U_flat.shape[:-1], g.shape[:-1])
+    bs = g.shape[:-1]  # (one batch shape for both, the step's case: no broadcast_shapes)
+    if U_flat.shape[:-1] != bs:
+        bs = torch.broadcast_shapes(U_flat.shape[:-1], bs)
     n = g.shape[-1]
     one = U_flat.shape[:-1].numel() == 1
     p2 = (U_flat.reshape(1, n) if one else U_flat.expand(bs + (n,)).reshape(-1, n)).contiguous()
@@ -306,6 +308,8 @@ def _point_views(cores: Sequence[torch.Tensor], bs: torch.Size) -> List[torch.Te
     """The cores as ``(B or 1, r, n, r')`` for the SIMD batch kernels: views where the batch
     dimensions allow (a core shared by the batch is not copied per point)."""
     B = bs.numel()
+    if len(bs) == 1 and all(c.dim() == 4 and c.shape[0] == B for c in cores):
+        return list(cores)  # (the optimizer step's case: no view per core, ~5 us each)
     return [c.reshape((1,) + c.shape[-3:]) if c.shape[:-3].numel() == 1 else
             c.expand(bs + c.shape[-3:]).reshape((B,) + c.shape[-3:]) for c in cores]
 

@@ -1061,7 +1061,8 @@ class FixedTTRank(geoopt.Manifold):
                 or bs.numel() < sweeps.SMALL_PROJECT_MIN_BATCH
                 or max(self.ranks) > sweeps.SMALL_PROJECT_MAX_RANK
                 or 2 * max(self.ranks) > sweeps.SMALL_PROJECT_MAX_Z_RANK
-                or torch.broadcast_shapes(bs, x.shape[:-1], v.shape[:-1]) != bs):
+                or ((x.shape[:-1] != bs or v.shape[:-1] != bs)
+                    and torch.broadcast_shapes(bs, x.shape[:-1], v.shape[:-1]) != bs)):
             return None
         V = self._right_cores(x, U) if V is None else V
         mod = sweeps.small_transport_module(Uy, U, V, dv)

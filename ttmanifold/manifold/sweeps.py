@@ -709,8 +709,9 @@ def _small_project(U, V, Z, *, packed: bool, gauge: bool, check=None) -> bool:
         return False
     if any(c.dim() < 3 for c in U) or any(c.dim() < 3 for c in Z):
         return False
-    try:
-        bs = torch.broadcast_shapes(*[c.shape[:-3] for c in list(U) + list(Z)])
+    shapes = [c.shape[:-3] for c in list(U) + list(Z)]
+    try:  # (one batch shape for all, the usual case: no torch.broadcast_shapes, ~50 us)
+        bs = shapes[0] if all(s == shapes[0] for s in shapes) else torch.broadcast_shapes(*shapes)
     except RuntimeError:
         return False
     B = bs.numel()
