@@ -231,3 +231,22 @@ def test_gauge_kernel_reports_nonfinite(dense_module, dtype):
         assert not ok, (which, b, i)
         ref, ok0 = dense_module.gauge_project_batch(q, h, runs)
         assert not ok0 and torch.equal(out.isfinite(), ref.isfinite())
+
+
+def test_transport_module_declines_what_it_does_not_take(dense_module):
+    """``sweeps.small_transport_module``: None for fewer than 16 points, a batch shape that
+    only broadcasts (not one point), ranks above 16, a mismatch of core shapes; the module
+    otherwise."""
+    M, x, y, v = case((4, 5, 3, 4), (1, 2, 3, 2, 1), (2, 8), F64, seed=9)
+    U, Uy, dU = cores_of(M, x), cores_of(M, y), cores_of(M, v)
+    V = sweeps.right_cores(U)
+    assert sweeps.small_transport_module(Uy, U, V, dU) is dense_module
+    assert sweeps.small_transport_module(Uy, [c[0, 0] for c in U], V, [c[1, 2] for c in dU]) \
+        is dense_module  # one point and one vector for the batch
+    assert sweeps.small_transport_module([c[0] for c in Uy], U, V, dU) is None  # 8 points
+    assert sweeps.small_transport_module(Uy, [c[1] for c in U], V, dU) is None  # (8,) vs (2, 8)
+    assert sweeps.small_transport_module(Uy, U, V, dU[:3] + [dU[3][..., :1, :]]) is None
+    M2 = FixedTTRank((20, 20, 20), 17)
+    p2 = torch.Tensor(M2.random(16, M2.size, dtype=F64, generator=torch.Generator().manual_seed(0)))
+    c2 = cores_of(M2, p2)
+    assert sweeps.small_transport_module(c2, c2, sweeps.right_cores(c2), c2) is None

@@ -747,7 +747,7 @@ def small_transport_module(Uy, U, V, dU):
     """The loaded dense module when the compiled batched transport (:func:`transport_small`)
     takes ``(Uy, U, V, dU)``, else None (before any work; a build may start, as for every
     dispatched call): at least :data:`SMALL_PROJECT_MIN_BATCH` points ``Uy``, each its own
-    (``U``, ``V``, ``dU`` broadcast to their batch), TT-ranks within
+    (``U``, ``V``, ``dU`` of their batch shape or one for all), TT-ranks within
     :data:`SMALL_PROJECT_MAX_RANK` (``2 r`` within :data:`SMALL_PROJECT_MAX_Z_RANK`), and
     the compiled kernels usable on all of them (:func:`ttmanifold.kernels.usable`: CPU,
     one float dtype, no grad)."""
@@ -763,7 +763,8 @@ def small_transport_module(Uy, U, V, dU):
                 k > 0 and n * b < a):
             return None
         for c in (U[k], dU[k]) + ((V[k],) if k > 0 else ()):
-            if c.dim() < 3 or c.shape[-3:] != Uy[k].shape[-3:] or c.shape[:-3].numel() not in (1, bs.numel()):
+            if c.dim() < 3 or c.shape[-3:] != Uy[k].shape[-3:] or (
+                    c.shape[:-3] != bs and c.shape[:-3].numel() != 1):
                 return None
     if not kernels.usable("dense", Uy, U, V[1:], dU):
         return None
