@@ -250,3 +250,67 @@ def test_transport_module_declines_what_it_does_not_take(dense_module):
     p2 = torch.Tensor(M2.random(16, M2.size, dtype=F64, generator=torch.Generator().manual_seed(0)))
     c2 = cores_of(M2, p2)
     assert sweeps.small_transport_module(c2, c2, sweeps.right_cores(c2), c2) is None
+
+
+# --- the projection given the points' right cores (the loss's inner(T, A)) ---
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape,ranks,R", [((4, 5, 3, 4), (1, 2, 3, 2, 1), 3), ((3, 6), 3, 2),
+                                           ((20, 20, 20), 10, 7)])
+def test_projection_with_given_right_cores(dense_module, monkeypatch, dtype, shape, ranks, R):
+    """``project_batch_small`` given the canonical right cores (no LQ sweep) equals the
+    kernel's own sweep and the torch path (same points: the deltas compared), for a
+    batch of Z and for one Z for all points; a V of another shape is refused."""
+    M, x, _, _ = case(shape, ranks, (19,), dtype, seed=11)
+    U = cores_of(M, x)
+    V = sweeps.right_cores(U)
+    g = torch.Generator().manual_seed(12)
+    for zb in ((19,), ()):
+        Z = TT.random(shape, R, dtype=F64, generator=g, batch=zb).cores
+        Z = [z.to(dtype) for z in Z]
+        got = compiled_dense.project_batch_small(dense_module, U, V, Z, packed=True, gauge=True)
+        own = compiled_dense.project_batch_small(dense_module, U, None, Z, packed=True, gauge=True)
+        ref = torch_path(monkeypatch, lambda: sweeps.project_tt(U, V, Z, packed=True, gauge=True))
+        assert rel_err(got, own) < TOL[dtype] and rel_err(got, ref) < 10 * TOL[dtype]
+    with pytest.raises(RuntimeError, match="V: core 1 differs"):
+        dense_module.project_batch_small(U, [z.expand((19,) + z.shape) for z in Z], True, 19,
+                                         "", [V[1][..., :1, :].contiguous()] + V[2:])
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_loss_projection_takes_the_kept_right_cores(dense_module, monkeypatch, dtype):
+    """The loss's ``inner(T, A)`` of ``unpack_tensor`` of a batch passes the tangent TT's
+    right cores to the kernel (its LQ sweep skipped; float32 at these ranks keeps the
+    sweep: ``SMALL_PROJECT_V_MIN_RANK_F32``); value and gradient as the torch path."""
+    from ttmanifold import inner, kernels
+
+    seen = []
+
+    class Rec:
+        def __getattr__(self, name):
+            fn = getattr(dense_module, name)
+            if name != "project_batch_small":
+                return fn
+
+            def call(*a, **k):
+                seen.append(len(a[5]) if len(a) > 5 else 0)
+                return fn(*a, **k)
+            return call
+
+    M, x, _, _ = case((4, 5, 3, 4), (1, 2, 3, 2, 1), (16,), dtype, seed=13)
+    A = TT.random(M.shape, 3, dtype=F64, generator=torch.Generator().manual_seed(14), batch=(16,))
+    A = TT([c.to(dtype) for c in A.cores])
+
+    def run():
+        q = x.clone().requires_grad_()
+        val = inner(M.unpack_tensor(q), A)
+        val.sum().backward()
+        return val.detach(), q.grad
+
+    with monkeypatch.context() as m:
+        m.setattr(kernels._SETS["dense"], "module", Rec())
+        m.setitem(kernels._config, "enabled", True)
+        val, grad = run()
+    assert seen == [M.d - 1 if dtype == F64 else 0]
+    val0, grad0 = torch_path(monkeypatch, run)
+    assert rel_err(val, val0) < TOL[dtype] and rel_err(grad, grad0) < TOL[dtype]

@@ -1746,10 +1746,13 @@ struct DenseZ {
 // returns whether every delta is finite (tested when check, in cache as they are written;
 // a non-finite entry of a point or of Z reaches the deltas)
 // L: points per block (bf::lanes, or half of it: see project_batch_small); Src: the source
-// of Z's cores (DenseZ, tbs::TangentZ)
+// of Z's cores (DenseZ, tbs::TangentZ); V: the points' canonical right cores V_1..V_{d-1}
+// (1 or B, r, n, r'), or null: computed by the LQ sweep (given, the right sweep is
+// Q_{k-1} = (Z_k Q_k) V_k^T alone: no QR)
 template <typename T, int L, typename Src>
 bool project_small_impl(const std::vector<torch::Tensor>& U, const Src& Z,
-                        bool gauge, int64_t B, torch::Tensor& out, bool check) {
+                        bool gauge, int64_t B, torch::Tensor& out, bool check,
+                        const std::vector<torch::Tensor>* V = nullptr) {
   bool finite_all = true;
   const int d = static_cast<int>(U.size());
   std::vector<int> r(d + 1), R(d + 1), n(d);
@@ -1818,7 +1821,16 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const Src& Z,
     // Q factors, all that is used, do not change; keeps squares of huge entries in range)
     T* sgn = sg;
     for (int l = 0; l < L; ++l) sgn[d * kMaxRank * L + l] = T(1);  // S_d = 1
-    {
+    for (int l = 0; l < L; ++l) Qs[qoff[d - 1] + l] = T(1);  // Q_{d-1} = 1 (1 x 1)
+    if (V) {  // the right cores given: Q_{k-1} (R_k x a) = s V_k^T, s = Z_k Q_k (R_k n x b)
+      for (int k = d - 1; k >= 1; --k) {
+        const int a = r[k], nb = n[k] * r[k + 1], b = r[k + 1], Rk = R[k], R2 = R[k + 1];
+        gather_core<T, L>((*V)[k - 1], b0, B, Qt);  // V_k (a x n b; Qt is free here)
+        mm_il<T, L>(Rk * n[k], b, R2, Zg + zo[k], R2, 1, Qs + qoff[k], b, 1, s, b, 1, T(1), false);
+        mm_il<T, L>(Rk, a, nb, s, nb, 1, Qt, 1, nb, Qs + qoff[k - 1], a, 1, T(1), false);
+      }
+    }
+    if (!V) {
       const int a = r[d - 1], nb = n[d - 1];
       for (int i = 0; i < a; ++i)
         for (int j = 0; j < nb; ++j)
@@ -1826,8 +1838,7 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const Src& Z,
                            Ug + uo[d - 1] + (static_cast<size_t>(i) * nb + j) * L);
       bf::scale_down<T, L>(CT, a * nb, sc);
     }
-    for (int l = 0; l < L; ++l) Qs[qoff[d - 1] + l] = T(1);  // Q_{d-1} = 1 (1 x 1)
-    for (int k = d - 1; k >= 1; --k) {
+    for (int k = d - 1; k >= 1 && !V; --k) {
       const int a = r[k], nb = n[k] * r[k + 1], b = r[k + 1];
       int m = nb;
       T *ct = CT, *pvd = vd, *pcf = cf, *pb = beta, *pq = Qt,
@@ -1893,15 +1904,17 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const Src& Z,
 // float32 above rank 8 (mr: the largest rank of the points and of Z) half the lanes (the
 // interleaved cores and workspaces, r n r' L numbers each, half as large: 7-14 % faster at
 // r = 10-16, n = 20; 32 lanes are still 20 % slower with the register tiles)
+// (V: the points' right cores V_1..V_{d-1}, or null: computed)
 template <template <typename, int> class Src, typename... A>
 bool project_small_lanes(torch::ScalarType t, int64_t mr, const std::vector<torch::Tensor>& U,
-                         bool gauge, int64_t B, torch::Tensor& out, bool check, const A&... args) {
+                         const std::vector<torch::Tensor>* V, bool gauge, int64_t B,
+                         torch::Tensor& out, bool check, const A&... args) {
   constexpr int Ld = bf::lanes<double>(), Lf = bf::lanes<float>();
   if (t == torch::kDouble)
-    return project_small_impl<double, Ld>(U, Src<double, Ld>{args...}, gauge, B, out, check);
+    return project_small_impl<double, Ld>(U, Src<double, Ld>{args...}, gauge, B, out, check, V);
   if (mr > 8)
-    return project_small_impl<float, Lf / 2>(U, Src<float, Lf / 2>{args...}, gauge, B, out, check);
-  return project_small_impl<float, Lf>(U, Src<float, Lf>{args...}, gauge, B, out, check);
+    return project_small_impl<float, Lf / 2>(U, Src<float, Lf / 2>{args...}, gauge, B, out, check, V);
+  return project_small_impl<float, Lf>(U, Src<float, Lf>{args...}, gauge, B, out, check, V);
 }
 
 // Transparent huge pages for a large fresh output (Linux, advice only: errors ignored).
@@ -1936,15 +1949,23 @@ void batch_cores(std::vector<torch::Tensor>& cs, const char* name, torch::Scalar
   }
 }
 
-// project (V computed, canonical gauge) for B points and/or B TTs with TT-ranks <= 16,
-// SIMD across the points: U, Z cores (1 or B, r, n, r'); (B, size of U's point)
+// project (canonical gauge) for B points and/or B TTs with TT-ranks <= 16, SIMD across
+// the points: U, Z cores (1 or B, r, n, r'); (B, size of U's point). V: the points'
+// canonical right cores V_1..V_{d-1} (the LQ sweep skipped), or empty: computed
 torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torch::Tensor> Z,
-                                  bool gauge, int64_t B, std::string check) {
+                                  bool gauge, int64_t B, std::string check,
+                                  std::vector<torch::Tensor> V) {
   TORCH_CHECK(U.size() >= 2 && U.size() == Z.size(), "project_batch_small: inconsistent lengths");
+  TORCH_CHECK(V.empty() || V.size() + 1 == U.size(),
+              "V: the d - 1 right cores V_1..V_{d-1} of the points, or none");
   const auto t = U[0].scalar_type();
   TORCH_CHECK(t == torch::kFloat || t == torch::kDouble, "U: float32 or float64 only");
   batch_cores(U, "U", t, B);
   batch_cores(Z, "Z", t, B);
+  batch_cores(V, "V", t, B);
+  for (size_t k = 1; k < U.size() && !V.empty(); ++k)
+    TORCH_CHECK(V[k - 1].sizes().slice(1) == U[k].sizes().slice(1), "V: core ", k,
+                " differs in shape from U's");
   const size_t d = U.size();
   int64_t size = 0;
   for (size_t k = 0; k < d; ++k) {
@@ -1966,7 +1987,8 @@ torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torc
   pbs::advise_huge_pages(out);
   int64_t mr = 0;
   for (size_t k = 0; k < d; ++k) mr = std::max({mr, U[k].size(1), Z[k].size(1)});
-  const bool ok = pbs::project_small_lanes<pbs::DenseZ>(t, mr, U, gauge, B, out, !check.empty(), Z, B);
+  const bool ok = pbs::project_small_lanes<pbs::DenseZ>(t, mr, U, V.empty() ? nullptr : &V, gauge,
+                                                        B, out, !check.empty(), Z, B);
   TORCH_CHECK(ok, check);  // check: the message for a non-finite result ("": not tested)
   return out;
 }
@@ -2071,7 +2093,7 @@ torch::Tensor transport_batch_small(std::vector<torch::Tensor> Uy, std::vector<t
   if (B == 0) return out;
   pbs::advise_huge_pages(out);
   const bool ok =
-      pbs::project_small_lanes<tbs::TangentZ>(t, mr, Uy, true, B, out, !check.empty(), U, V, dU, B);
+      pbs::project_small_lanes<tbs::TangentZ>(t, mr, Uy, nullptr, true, B, out, !check.empty(), U, V, dU, B);
   TORCH_CHECK(ok, check);
   return out;
 }
@@ -3742,7 +3764,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "project of a batch of points of TT-ranks <= 16, SIMD across the points (interleaved); "
         "check: the error message for a non-finite result (\"\": not tested)",
         pybind11::arg("U"), pybind11::arg("Z"), pybind11::arg("gauge"), pybind11::arg("B"),
-        pybind11::arg("check") = "");
+        pybind11::arg("check") = "", pybind11::arg("V") = std::vector<torch::Tensor>());
   m.def("transport_batch_small", &transport_batch_small,
         "P_Y of tangent vectors (U, V_1..V_{d-1}, dU) at points Uy for a batch of TT-ranks <= 16, "
         "SIMD across the points (interleaved); check: the message for a non-finite result",

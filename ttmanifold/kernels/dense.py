@@ -228,26 +228,27 @@ def batched_svd(mod, a: torch.Tensor):
 def project_batch_small(mod, U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Tensor]]],
                         Z: Sequence[torch.Tensor], *, packed: bool, gauge: bool,
                         check: Optional[str] = None):
-    """The batched ``project_tt(U, None, Z, packed=packed, gauge=gauge)`` for TT-ranks
+    """The batched ``project_tt(U, V, Z, packed=packed, gauge=gauge)`` for TT-ranks
     ``<= 16`` in one call that runs blocks of points together, SIMD across the points
     (``dense.cpp``'s ``project_batch_small``: the LQ sweep of each point, both interface
-    sweeps and the deltas). ``V`` must be None (computed inside); cores broadcast over the
-    leading batch dimensions (one ``Z`` for all points is not copied per point).
+    sweeps and the deltas). ``V``: None (computed inside), or the points' canonical right
+    cores (``V[0]`` unused; the LQ sweep is skipped: other right cores would give other
+    deltas); cores broadcast over the leading batch dimensions (one ``Z`` for all points
+    is not copied per point).
 
     Args: as the torch ``project_tt`` (``mod``: the loaded dense module); ``check``: if
         given, the message of the ``RuntimeError`` raised when a delta is NaN or infinite
         (tested in cache while they are written; a non-finite point or ``Z`` reaches them).
     Returns: ``(*batch, size)`` (``packed``) or the list of ``(*batch, r, n, r')`` cores.
     Cost: O(B d n r R (r + R) + B d n r^3), one call."""
-    if V is not None:
-        raise ValueError("project_batch_small computes the right cores itself: V must be None")
-    bs = _batch_shape(U, Z)
+    bs = _batch_shape(U, Z) if V is None else _batch_shape(U, V[1:], Z)
     B = bs.numel()
     u, z = _point_views(U, bs), _point_views(Z, bs)
+    v = [] if V is None else _point_views(V[1:], bs)
     # under the manifold's inference fast path the result is allocated as an ordinary
     # tensor, which the caller returns without a copy (the kernel only reads the inputs)
     with ordinary_outputs():
-        out = mod.project_batch_small(u, z, bool(gauge), B, check or "")
+        out = mod.project_batch_small(u, z, bool(gauge), B, check or "", v)
     out = out.reshape(bs + out.shape[1:])
     if packed:
         return out
