@@ -755,12 +755,22 @@ def project_small(mod, U, Z, *, check: str, gauge: bool = True, V=None) -> torch
     return _project_tt_batched.call_with(mod, U, V, Z, packed=True, gauge=gauge, check=check)
 
 
+#: The compiled transport takes TT-ranks up to this (above: the block cores built and
+#: projected by :func:`project_small`). At d = 10, n = 20, r = 10, 256 float64 points the
+#: kernel is faster (``retr_transp`` 0.63 -> 0.43 ms per point), yet geoopt's Adam step in
+#: a fresh process with glibc's default malloc got slower (1.1-1.4 -> 1.4-1.6 ms per
+#: point): without the block cores' 16 MB temporaries the step's 34 MB tensors took
+#: ~110k page faults per step instead of 20-90k. With the allocator's thresholds raised
+#: (see docs/manifold.md, Batches) the kernel is 17 % faster there; raise this then.
+SMALL_TRANSPORT_MAX_RANK = 8
+
+
 def small_transport_module(Uy, U, V, dU):
     """The loaded dense module when the compiled batched transport (:func:`transport_small`)
     takes ``(Uy, U, V, dU)``, else None (before any work; a build may start, as for every
     dispatched call): at least :data:`SMALL_PROJECT_MIN_BATCH` points ``Uy``, each its own
     (``U``, ``V``, ``dU`` of their batch shape or one for all), TT-ranks within
-    :data:`SMALL_PROJECT_MAX_RANK` (``2 r`` within :data:`SMALL_PROJECT_MAX_Z_RANK`), and
+    :data:`SMALL_TRANSPORT_MAX_RANK` (the kernel takes up to 16), and
     the compiled kernels usable on all of them (:func:`ttmanifold.kernels.usable`: CPU,
     one float dtype, no grad)."""
     d = len(Uy)
@@ -771,7 +781,7 @@ def small_transport_module(Uy, U, V, dU):
         return None
     for k in range(d):
         a, n, b = Uy[k].shape[-3:]
-        if max(a, b) > SMALL_PROJECT_MAX_RANK or 2 * max(a, b) > SMALL_PROJECT_MAX_Z_RANK or (
+        if max(a, b) > SMALL_TRANSPORT_MAX_RANK or 2 * max(a, b) > SMALL_PROJECT_MAX_Z_RANK or (
                 k > 0 and n * b < a):
             return None
         for c in (U[k], dU[k]) + ((V[k],) if k > 0 else ()):
