@@ -308,8 +308,8 @@ print(f"\nthis run of the notebook took {(time.perf_counter() - NB_START) / 60:.
 # ## Summary
 #
 # Numbers from the committed full run (3 seeds, 540 test images per seed, so one percentage
-# point is about 5 images; it took 3.7 minutes while another notebook ran on the second
-# core); the comparisons are the ones printed at the end of sections 3 and 4.
+# point is about 5 images; it took 6 minutes on a loaded machine, other jobs on both
+# cores); the comparisons are the ones printed at the end of sections 3 and 4.
 #
 # * **Parameters.** At equal rank an STTP weight is a rank-$r$ matrix like the SVDP one, but
 #   its frames are tensor trains: the whole model needs $Z$ = 3.76 % to 8.44 % of the dense
@@ -318,16 +318,17 @@ print(f"\nthis run of the notebook took {(time.perf_counter() - NB_START) / 60:.
 #   same counts.
 # * **Accuracy against compression** (left plot, the shape of the paper's Fig. 7 at toy
 #   scale): the STTP curves lie to the left of the SVDP curves, with either recipe. At
-#   $Z \approx$ 5 % STTP (rank 8) reaches 0.957 against 0.723 for SVDP (rank 2, $Z$ = 5.57 %)
-#   with the paper's recipe; at $Z \approx$ 8 %, 0.972 (STTP rank 16) against 0.914 (SVDP
+#   $Z \approx$ 5 % STTP (rank 8) reaches 0.959 against 0.725 for SVDP (rank 2, $Z$ = 5.57 %)
+#   with the paper's recipe; at $Z \approx$ 8 %, 0.972 (STTP rank 16) against 0.919 (SVDP
 #   rank 4, 7.50 %). STTP comes within one point of the dense network (0.969) at
-#   $Z$ = 8.44 % with both recipes, SVDP at 11.31 % (defaults) or 18.68 % (paper's recipe).
+#   $Z$ = 5.13 % (paper's recipe) or 8.44 % (defaults), SVDP at 11.31 % (defaults) or
+#   18.68 % (paper's recipe).
 # * **The paper's recipe against the defaults** (same budget: 300 full-batch Adam steps at
-#   lr $3 \cdot 10^{-3}$). For STTP it helps where compression is strongest: rank 2, 0.602
-#   against 0.453 (+0.149, larger than the spread over seeds); from rank 4 on the two are
-#   within half a point (+0.004 to +0.005), i.e. within noise. For SVDP it is slightly
-#   *worse* at every rank: $-0.051$ at rank 2, $-0.021$, $-0.015$ and $-0.004$ at ranks 4,
-#   8 and 16. So on this problem the recipe is not a uniform gain; the compression
+#   lr $3 \cdot 10^{-3}$). For STTP it helps where compression is strongest: rank 2, 0.594
+#   against 0.457 (+0.137, larger than the spread over seeds); from rank 4 on the two are
+#   within two points ($-0.015$ to +0.004), i.e. within the spread over seeds. For SVDP it is
+#   slightly *worse* at every rank: $-0.049$ at rank 2, $-0.017$, $-0.015$ and $-0.004$ at
+#   ranks 4, 8 and 16. So on this problem the recipe is not a uniform gain; the compression
 #   advantage of STTP over SVDP does not depend on it.
 # * **What the recipe does to the spectrum** (right plot): with the normalized spectrum, the near-identity
 #   start ($s = 1$) and the D-optimal penalty, the trained layer's singular values stay
@@ -336,9 +337,9 @@ print(f"\nthis run of the notebook took {(time.perf_counter() - NB_START) / 60:.
 #   start from the TT-SVD or SVD of the dense initialization, no penalty) the spectrum
 #   spreads, down to about 0.8 (SVDP) and 0.5 (STTP) of the largest singular value.
 # * **Chart and manifold** (section 4, defaults at rank 8): trained on the manifold with
-#   `RiemannianAdam` the same layers reach 0.931 (lr 0.1) and 0.930 (lr 1) against 0.953 for
+#   `RiemannianAdam` the same layers reach 0.931 (lr 0.1) and 0.931 (lr 1) against 0.955 for
 #   the chart route with Adam, about two points behind with overlapping seed ranges; at the
-#   chart's learning rate (3e-3) the manifold route hardly trains in this budget (0.675).
+#   chart's learning rate (3e-3) the manifold route hardly trains in this budget (0.672).
 #   During training the manifold layers store the gauge-redundant TT cores (2640 numbers
 #   for the two weights instead of 1280); `to_chart()` converts the trained layers to the
 #   chart form with the logits unchanged to about $10^{-4}$ (float32).

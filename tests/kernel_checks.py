@@ -33,3 +33,13 @@ def dense_ttsvd(A, ranks):
     for c in reversed(cores):
         out = (c @ out.reshape(c.shape[1], -1)).reshape(c.shape[0], -1)
     return out.reshape(shape)
+
+
+def assert_left_orthogonal(M, y, tol):
+    """Every core but the last of the packed points ``y`` of ``M`` is left-orthogonal (its
+    ``r n x r'`` unfolding has orthonormal columns, within ``tol``)."""
+    for c in M._split(y, "y")[:-1]:
+        a, n, b = c.shape[-3:]
+        m = c.reshape(c.shape[:-3] + (a * n, b)).double()
+        eye = torch.eye(b, dtype=torch.float64)
+        assert float((m.mT @ m - eye).abs().max()) < tol

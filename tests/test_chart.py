@@ -329,22 +329,29 @@ def test_forward_cores_batched():
         assert torch.allclose(a[1, 2], b, atol=1e-14)
 
 
-def test_orthogonal_init_and_random_theta():
+def test_identity_orthogonal_init_and_random_theta():
     M = FixedTTRank((3, 4, 2, 2), (1, 3, 4, 2, 1))
     for spec in SPECTRA:
         ch = STTPChart(M, spectrum=spec)
-        th = ch.orthogonal_init(dtype=F64)
-        assert th.shape == (ch.dim,)
+        for th in (ch.identity_init(dtype=F64), ch.orthogonal_init(dtype=F64)):
+            assert th.shape == (ch.dim,)
+            U, s, V = ch.forward_cores(th)
+            assert torch.equal(s, torch.ones(4, dtype=F64))
+            assert ch.center == 2
+            sv = torch.linalg.svdvals(unfolding(ch(th).full(), ch.center))[:4]
+            assert torch.allclose(sv, torch.ones(4, dtype=F64))
+            assert rel(ch(ch.inverse(ch(th))).full(), ch(th).full()) < 1e-12
+        th = ch.identity_init(dtype=F64)
         U, s, V = ch.forward_cores(th)
-        assert torch.equal(s, torch.ones(4, dtype=F64))
-        assert ch.center == 2
         frames = [u.reshape(-1, u.shape[2]) for u in U] + \
             [v.reshape(v.shape[0], -1).T for v in V]
         for F in frames:  # zero Householder parameters: -I_{m x r}
             assert torch.equal(F, -torch.eye(*F.shape, dtype=F64))
-        sv = torch.linalg.svdvals(unfolding(ch(th).full(), ch.center))[:4]
-        assert torch.allclose(sv, torch.ones(4, dtype=F64))
-        assert rel(ch(ch.inverse(ch(th))).full(), ch(th).full()) < 1e-12
+        # the identity frames meet in rank 1 at bond 1 (declared 3): outside the manifold
+        assert torch.linalg.matrix_rank(unfolding(ch(th).full(), 1)).item() == 1
+        with pytest.raises(ValueError, match="TT-rank at bond 1"):
+            ch.point(th)
+        ch.point(ch.orthogonal_init(dtype=F64))  # full rank: packs with the rank check
         a = ch.random_theta(dtype=F32, generator=gen(7))
         b = ch.random_theta(dtype=F32, generator=gen(7))
         assert a.dtype == F32 and torch.equal(a, b)
@@ -529,6 +536,7 @@ def test_meta_device():
         X = ch(th)
         assert X.device.type == "meta" and X.ranks == M.ranks
         assert ch.orthogonal_init(device="meta").device.type == "meta"
+        assert ch.identity_init(device="meta").device.type == "meta"
         assert ch.point(th).shape == (M.size,)
         x = TT.random(M.shape, M.ranks, device="meta")
         t = ch.inverse(x)

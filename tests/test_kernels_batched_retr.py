@@ -1,9 +1,12 @@
 """The compiled batched retraction for small TT-ranks (``dense.cpp``'s
 ``retract_batch_small`` behind ``retract_point`` and ``M.retr`` on batches): results against
 a dense float64 TT-SVD of ``X + xi`` and the torch batch path (full tensors or TT norms of
-differences: the retraction is defined up to the gauge), float64 and float32, a shared
-point, the left-orthogonal gauge, non-finite input, the fallbacks, and that the compiled
-call actually runs."""
+differences: the retraction is defined up to the gauge), float64 and float32, the
+left-orthogonal gauge, rank-deficient steps, the fallbacks, and that the compiled call
+actually runs. For it and the wide kernel (``retract_batch_wide``, the same sweep): a shared
+point, non-finite input, huge and tiny entries, the compiled functions' input checks, and
+their per-thread workspace after a huge call."""
+import os
 import warnings
 
 import pytest
@@ -14,6 +17,7 @@ from hypothesis import strategies as st
 from ttmanifold import FixedTTRank
 from ttmanifold.manifold import retraction
 from kernel_checks import torch_path as _torch_path, rel_err as _err, dense_ttsvd as _dense_ttsvd
+from kernel_checks import assert_left_orthogonal as _left_orthogonal
 
 F64, F32 = torch.float64, torch.float32
 TOL = {F64: 1e-11, F32: 3e-5}
@@ -24,15 +28,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 @pytest.fixture
 def spy(record_dense):
     """The dense set's module recording its batched retraction calls."""
-    return record_dense(("retract_batch_small", "retract_batch"))
+    return record_dense(("retract_batch_small", "retract_batch_wide", "retract_batch"))
 
 
-def _left_orthogonal(M, y, tol):
-    for c in M._split(y, "y")[:-1]:
-        a, n, b = c.shape[-3:]
-        m = c.reshape(c.shape[:-3] + (a * n, b)).double()
-        eye = torch.eye(b, dtype=F64)
-        assert float((m.mT @ m - eye).abs().max()) < tol
+# the two SIMD batch kernels for the tests both take: (the compiled function, a manifold's
+# shape and rank it takes, its rank bound)
+KERNELS = {"small": ("retract_batch_small", (6, 3, 5, 6), 3, 4),
+           "wide": ("retract_batch_wide", (12, 14, 12), 6, 12)}
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -107,35 +109,6 @@ def test_rank_deficient_steps(spy, dtype):
     _left_orthogonal(M, y, TOL[dtype] * 10)
 
 
-def test_shared_point_and_zero_step(spy, monkeypatch):
-    """One point for a batch of steps (not copied per point); a zero step returns the
-    point's tensor."""
-    g = torch.Generator().manual_seed(4)
-    M = FixedTTRank((6, 3, 5, 6), 3)
-    p1 = torch.Tensor(M.random(dtype=F64, generator=g))
-    u = torch.randn(20, M.size, dtype=F64, generator=g)
-    y = M.retr(p1, u)
-    assert spy.calls == ["retract_batch_small"] and y.shape == u.shape
-    ref = _torch_path(monkeypatch, lambda: M.retr(p1.expand(20, -1), u))
-    assert _err(M.to_tt(y).full(), M.to_tt(ref).full()) < 1e-11
-    spy.calls.clear()
-    p = torch.Tensor(M.random(16, dtype=F64, generator=g))
-    y0 = M.retr(p, torch.zeros_like(p))
-    assert spy.calls == ["retract_batch_small"]
-    assert _err(M.to_tt(y0).full(), M.to_tt(p).full()) < 1e-12
-
-
-def test_non_finite_raises(spy):
-    g = torch.Generator().manual_seed(5)
-    M = FixedTTRank((4, 4, 4), 2)
-    p = torch.Tensor(M.random(16, dtype=F32, generator=g))
-    u = torch.randn(16, M.size, dtype=F32, generator=g)
-    u[7, 3] = float("inf")
-    with pytest.raises(RuntimeError, match="not finite"):
-        M.retr(p, u)
-    assert spy.calls == ["retract_batch_small"]
-
-
 def test_falls_back(spy, monkeypatch):
     g = torch.Generator().manual_seed(6)
     M = FixedTTRank((4, 4, 4), 2)
@@ -153,31 +126,119 @@ def test_falls_back(spy, monkeypatch):
     assert retraction.SMALL_RETRACT_MAX_RANK == 4
 
 
-def test_compiled_function_checks_its_input(dense_module):
-    U = [torch.randn(16, 1, 3, 5, dtype=F64), torch.randn(16, 5, 3, 1, dtype=F64)]
-    with pytest.raises(RuntimeError, match="TT-ranks above 4"):
-        dense_module.retract_batch_small(U, U, 16)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_shared_point_and_zero_step(spy, monkeypatch, kernel):
+    """One point for a batch of steps (not copied per point); a zero step returns the
+    point's tensor."""
+    name, shape, r, _ = KERNELS[kernel]
+    g = torch.Generator().manual_seed(4)
+    M = FixedTTRank(shape, r)
+    p1 = torch.Tensor(M.random(dtype=F64, generator=g))
+    u = torch.randn(20, M.size, dtype=F64, generator=g)
+    y = M.retr(p1, u)
+    assert spy.calls == [name] and y.shape == u.shape
+    ref = _torch_path(monkeypatch, lambda: M.retr(p1.expand(20, -1), u))
+    assert _err(M.to_tt(y).full(), M.to_tt(ref).full()) < 1e-11
+    spy.calls.clear()
+    p = torch.Tensor(M.random(16, dtype=F64, generator=g))
+    y0 = M.retr(p, torch.zeros_like(p))
+    assert spy.calls == [name]
+    assert _err(M.to_tt(y0).full(), M.to_tt(p).full()) < 1e-12
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_non_finite_raises(spy, kernel, dtype):
+    """An infinite step in a full block or a NaN in the last point, alone in its block: the
+    error of the single-point retraction."""
+    name, shape, r, _ = KERNELS[kernel]
+    g = torch.Generator().manual_seed(5)
+    M = FixedTTRank(shape, r)
+    p = torch.Tensor(M.random(17, dtype=dtype, generator=g))
+    for b, bad in ((7, float("inf")), (16, float("nan"))):
+        u = torch.randn(17, M.size, dtype=dtype, generator=g)
+        u[b, 3] = bad
+        spy.calls.clear()
+        with pytest.raises(RuntimeError, match="retr: X \\+ u is not finite"):
+            M.retr(p, u)
+        assert spy.calls == [name]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_compiled_function_checks_its_input(dense_module, kernel):
+    name, _, _, R = KERNELS[kernel]
+    fn = getattr(dense_module, name)
+    U = [torch.randn(16, 1, 2 * R + 2, R + 1, dtype=F64), torch.randn(16, R + 1, 2 * R + 2, 1, dtype=F64)]
+    with pytest.raises(RuntimeError, match=f"TT-ranks above {R}"):
+        fn(U, U, 16)
     U = [torch.randn(16, 1, 3, 2, dtype=F64), torch.randn(16, 2, 3, 1, dtype=F64)]
     with pytest.raises(RuntimeError, match="wide"):
-        dense_module.retract_batch_small(U, U, 16)
+        fn(U, U, 16)
     with pytest.raises(RuntimeError, match="batch size"):
-        dense_module.retract_batch_small(U, [c[:5] for c in U], 16)
+        fn(U, [c[:5] for c in U], 16)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype,scale", [(F64, 1e160), (F64, 1e-160), (F32, 1e25), (F32, 1e-25)])
-def test_huge_and_tiny_points(spy, monkeypatch, dtype, scale):
-    """Points and steps whose squares overflow or underflow: the structured QR scales its
-    input (it raised "not finite" where the single-point call works), so the result is the
-    torch path's."""
+def test_huge_and_tiny_points(spy, monkeypatch, kernel, dtype, scale):
+    """Points and steps whose squares overflow or underflow (the norm in the last core):
+    the structured QR and the SVDs scale their inputs (the small-rank kernel raised "not
+    finite" where the single-point call works), so the result is the torch path's."""
+    name, shape, r, _ = KERNELS[kernel]
     g = torch.Generator().manual_seed(7)
-    M = FixedTTRank((6, 6, 6), 3)
+    M = FixedTTRank(shape, r)
     p = torch.Tensor(M.random(17, dtype=dtype, generator=g))
     a, n, b = M.core_shapes[-1]
     p[:, -a * n * b:] *= scale
     u = M.proju(p, torch.randn(17, M.size, dtype=dtype, generator=g) * scale)
     spy.calls.clear()
     y = M.retr(p, u)
-    assert spy.calls == ["retract_batch_small"]
+    assert spy.calls == [name]
     ref = _torch_path(monkeypatch, lambda: M.retr(p, u))
     tol = 1e-10 if dtype == F64 else 1e-4
     assert _err(M.to_tt(y).full(), M.to_tt(ref).full()) < tol
+
+
+def _resident_bytes():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _huge_call(monkeypatch, r, n, g):
+    """M.retr of 16 points of shape (2r, n, 2r), rank r, against the torch path; returns the
+    growth of the resident size over the compiled call (its inputs and outputs are freed
+    on return)."""
+    M = FixedTTRank((2 * r, n, 2 * r), r)
+    p = torch.Tensor(M.random(16, dtype=F64, generator=g))
+    u = M.proju(p, torch.randn(16, M.size, dtype=F64, generator=g))
+    before = _resident_bytes()
+    y = M.retr(p, u)
+    held = _resident_bytes() - before
+    a, b = M.to_tt(y), M.to_tt(_torch_path(monkeypatch, lambda: M.retr(p, u)))
+    assert float(((a - b).norm() / b.norm()).max()) < 1e-11
+    return held
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="resident size: Linux only")
+@pytest.mark.parametrize("kernel,r,n", [("retract_batch_small", 4, 1500), ("retract_batch_wide", 6, 800)])
+def test_workspace_freed_after_a_huge_call(spy, monkeypatch, kernel, r, n):
+    """Both kernels' sweep keeps a per-thread workspace: a call with a huge mode size n (a
+    workspace of ~50 MB) gives the torch path's result, and the small calls after it give
+    the same tensors as before it, while the workspace is freed (the resident size drops by
+    most of it) once a few calls in a row needed far less."""
+    g = torch.Generator().manual_seed(9)
+    M = FixedTTRank((12, 12, 12), r)
+    p = torch.Tensor(M.random(16, dtype=F64, generator=g))
+    u = M.proju(p, torch.randn(16, M.size, dtype=F64, generator=g))
+    y0 = M.retr(p, u)
+    ref = _torch_path(monkeypatch, lambda: M.retr(p, u))
+    assert _err(M.to_tt(y0).full(), M.to_tt(ref).full()) < 1e-11
+    for _ in range(4):  # (a larger workspace of an earlier test freed first)
+        M.retr(p, u)
+    held = _huge_call(monkeypatch, r, n, g)
+    assert held > 30e6  # the huge call's workspace (touched: resident)
+    after = _resident_bytes()
+    for _ in range(4):
+        assert torch.equal(M.retr(p, u), y0)
+    assert after - _resident_bytes() > 0.7 * held
+    assert set(spy.calls) == {kernel}

@@ -2,8 +2,10 @@
 ``retract_batch_wide`` behind ``retract_point`` and ``M.retr`` on batches): results against a
 dense float64 TT-SVD of ``X + xi`` and the torch batch path (full tensors or TT norms of
 differences: the retraction is defined up to the gauge), float64 and float32, both lane
-counts with partial blocks, a shared point, the left-orthogonal gauge, non-finite input,
-the fallbacks, and that the compiled call actually runs."""
+counts with partial blocks, the left-orthogonal gauge, kept right cores, the fallbacks, and
+that the compiled call actually runs. What it shares with the small-rank kernel (a shared
+point, non-finite input, huge and tiny entries, the input checks, the workspace) is tested
+for both in test_kernels_batched_retr.py."""
 import warnings
 
 import pytest
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from ttmanifold import FixedTTRank
 from ttmanifold.manifold import retraction
 from kernel_checks import torch_path as _torch_path, rel_err as _err, dense_ttsvd as _dense_ttsvd
+from kernel_checks import assert_left_orthogonal as _left_orthogonal
 
 F64, F32 = torch.float64, torch.float32
 TOL = {F64: 1e-11, F32: 3e-5}
@@ -31,13 +34,6 @@ def _tt_err(M, y, ref):
     """max over the batch of |Y - Ref| / |Ref| (TT norms, float64)."""
     a, b = M.to_tt(y.double()), M.to_tt(ref.double())
     return float(((a - b).norm() / b.norm()).max())
-
-
-def _left_orthogonal(M, y, tol):
-    for c in M._split(y, "y")[:-1]:
-        a, n, b = c.shape[-3:]
-        m = c.reshape(c.shape[:-3] + (a * n, b)).double()
-        assert float((m.mT @ m - torch.eye(b, dtype=F64)).abs().max()) < tol
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -86,24 +82,6 @@ def test_ranks_up_to_12_and_partial_blocks(spy, monkeypatch, dtype, dense_module
             assert _tt_err(M, y2, ref) < TOL[dtype] * 10
 
 
-def test_shared_point_and_zero_step(spy, monkeypatch):
-    """One point for a batch of steps (not copied per point); a zero step returns the
-    point's tensor."""
-    g = torch.Generator().manual_seed(4)
-    M = FixedTTRank((12, 14, 12), 6)
-    p1 = torch.Tensor(M.random(dtype=F64, generator=g))
-    u = torch.randn(20, M.size, dtype=F64, generator=g)
-    y = M.retr(p1, u)
-    assert spy.calls == ["retract_batch_wide"] and y.shape == u.shape
-    ref = _torch_path(monkeypatch, lambda: M.retr(p1.expand(20, -1), u))
-    assert _err(M.to_tt(y).full(), M.to_tt(ref).full()) < 1e-11
-    spy.calls.clear()
-    p = torch.Tensor(M.random(16, dtype=F64, generator=g))
-    y0 = M.retr(p, torch.zeros_like(p))
-    assert spy.calls == ["retract_batch_wide"]
-    assert _err(M.to_tt(y0).full(), M.to_tt(p).full()) < 1e-12
-
-
 def test_kept_right_cores(spy, monkeypatch):
     """A batch whose right cores the loss kept (``unpack_tensor`` with grad) still goes to
     the kernel (its own LQ sweep: faster than the per-point loop given them)."""
@@ -118,35 +96,6 @@ def test_kept_right_cores(spy, monkeypatch):
         assert spy.calls == ["retract_batch_wide"]
         ref = _torch_path(monkeypatch, lambda: M.retr(p.detach().clone(), u))
     assert _err(M.to_tt(y).full(), M.to_tt(ref).full()) < 1e-11
-
-
-@pytest.mark.parametrize("dtype,scale", [(F64, 1e160), (F64, 1e-160), (F32, 1e25), (F32, 1e-25)])
-def test_huge_and_tiny_points(spy, monkeypatch, dtype, scale):
-    """Points and steps whose squares overflow or underflow (the norm in the last core):
-    the factorizations scale their inputs, so the result is the torch path's."""
-    g = torch.Generator().manual_seed(7)
-    M = FixedTTRank((12, 12, 12), 6)
-    p = torch.Tensor(M.random(17, dtype=dtype, generator=g))
-    a, n, b = M.core_shapes[-1]
-    p[:, -a * n * b:] *= scale
-    u = M.proju(p, torch.randn(17, M.size, dtype=dtype, generator=g) * scale)
-    y = M.retr(p, u)
-    assert spy.calls == ["retract_batch_wide"]
-    ref = _torch_path(monkeypatch, lambda: M.retr(p, u))
-    assert _err(M.to_tt(y).full(), M.to_tt(ref).full()) < TOL[dtype] * 10
-
-
-@pytest.mark.parametrize("dtype", [F64, F32])
-def test_non_finite_raises(spy, dtype):
-    """The same error as the small-rank kernel (and the per-point SVD's NaN/Inf message)."""
-    g = torch.Generator().manual_seed(5)
-    M = FixedTTRank((10, 10, 10), 5)
-    p = torch.Tensor(M.random(17, dtype=dtype, generator=g))
-    u = torch.randn(17, M.size, dtype=dtype, generator=g)
-    u[16, 3] = float("nan")  # the last point, alone in its block
-    with pytest.raises(RuntimeError, match="retr: X \\+ u is not finite"):
-        M.retr(p, u)
-    assert spy.calls == ["retract_batch_wide"]
 
 
 def test_falls_back(spy):
@@ -172,12 +121,3 @@ def test_falls_back(spy):
     assert retraction.WIDE_RETRACT_MAX_RANK == 12
 
 
-def test_compiled_function_checks_its_input(dense_module):
-    U = [torch.randn(16, 1, 30, 13, dtype=F64), torch.randn(16, 13, 30, 1, dtype=F64)]
-    with pytest.raises(RuntimeError, match="TT-ranks above 12"):
-        dense_module.retract_batch_wide(U, U, 16)
-    U = [torch.randn(16, 1, 9, 5, dtype=F64), torch.randn(16, 5, 9, 1, dtype=F64)]
-    with pytest.raises(RuntimeError, match="wide"):
-        dense_module.retract_batch_wide(U, U, 16)
-    with pytest.raises(RuntimeError, match="batch size"):
-        dense_module.retract_batch_wide(U, [c[:5] for c in U], 16)

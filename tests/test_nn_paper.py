@@ -158,8 +158,8 @@ def test_lipschitz_normalize_is_clamped():
 
 @pytest.mark.parametrize("cls", [STTPLinear, SVDPLinear])
 def test_near_identity_init(cls):
-    """Frames QR(I + 1e-4 noise): W within ~1e-3 of the signed partial identity, orthonormal
-    frames, spectrum 1 for "lipschitz"."""
+    """Frames QR(F + 1e-4 noise), F the orthogonal init's (I for SVDP): W within ~1e-3 of
+    the orthogonal init up to signs, orthonormal frames, spectrum 1 for "lipschitz"."""
     torch.manual_seed(2)
     layer = cls(24, 16, rank=4, spectrum="lipschitz", init="near_identity", dtype=DT)
     ortho = cls(24, 16, rank=4, spectrum="lipschitz", init="orthogonal", dtype=DT)

@@ -6,6 +6,7 @@ deep inside torch.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import tempfile
@@ -181,6 +182,25 @@ def assert_finite_async(x, name: str, message: Optional[str] = None) -> None:
     if x.device.type == "meta" or functorch_wrapped(x) or x.numel() == 0:
         return
     torch._assert_async((x * 0).sum() == 0, message or f"{name}: contains NaN or Inf")
+
+
+def assert_each_finite_async(xs: Sequence[torch.Tensor], messages: Sequence[str]) -> None:
+    """:func:`assert_finite_async` of each tensor of ``xs`` with its own message, in order:
+    the first non-finite one raises ``RuntimeError(messages[i])`` (no host sync). One
+    fused 1-norm call for all (NaN propagates, Inf stays Inf), then a comparison and an
+    assert per tensor: ``1 + 2 k`` operations for ``k`` tensors (separate calls: ``4 k``).
+    As for a sequence in :func:`assert_finite_async`, a 1-norm above the dtype's largest
+    value (float32: 3e38) also fails. Skipped as :func:`assert_finite_async` is (meta,
+    functorch); empty tensors pass."""
+    xs = list(xs)
+    if any(t.device.type == "meta" or functorch_wrapped(t) for t in xs):
+        return
+    keep = [(t.detach(), m) for t, m in zip(xs, messages) if t.numel()]
+    if not keep:
+        return
+    norms = torch._foreach_norm([t for t, _ in keep], 1)
+    for n, (_, m) in zip(norms, keep):
+        torch._assert_async(n < math.inf, m)
 
 
 def functorch_wrapped(t) -> bool:

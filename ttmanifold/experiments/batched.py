@@ -22,7 +22,8 @@ from .._checks import check_float_dtype
 from ..manifold import FixedTTRank, right_cores
 from ..tt import BatchIndexSet
 from ..tt.tensor_train import fro_norm
-from .problems import Completion, check_distinct
+from .problems import (Completion, check_distinct, check_train_and_test,
+                       power_of_two_scale)
 from .solvers import cg_direction, check_solver_options
 
 __all__ = ["BatchedCompletion", "BatchedCGResult", "batched_cg_direction",
@@ -42,6 +43,13 @@ def _norm_per_problem(x: torch.Tensor, problem: torch.Tensor, B: int) -> torch.T
     m = m.clamp_min(torch.finfo(x.dtype).tiny)
     sq = a.new_zeros(B + 1).index_add_(0, problem, (x / m[problem]) ** 2)
     return (sq.sqrt() * m)[:B]
+
+
+def _per_problem_scale(x: torch.Tensor, problem: torch.Tensor, B: int) -> torch.Tensor:
+    """Per problem the power of two at or above its entries' largest magnitude (1 for none
+    or all zero), ``(B,)``: :func:`~.problems.power_of_two_scale` per problem. O(N)."""
+    m = x.abs().new_zeros(B + 1).scatter_reduce_(0, problem, x.detach().abs(), "amax")[:B]
+    return power_of_two_scale(m.unsqueeze(-1), dim=-1).squeeze(-1)
 
 
 class BatchedCompletion:
@@ -110,15 +118,18 @@ class BatchedCompletion:
             values: ``B`` tensors ``(N_b,)``, the observed entries.
             shape, ranks: the tensors' shape and the TT-ranks (a tuple of ``d + 1`` values,
                 boundary ones included; or an int, every inner rank).
-            test: optional held-out sets ``(test_indices, test_values)``, two lists of ``B``.
+            test: optional held-out sets ``(test_indices, test_values)``, two lists of ``B``
+                (test samples of problem ``b`` that are also its training samples warn
+                naming ``test[0][b]``: its ``test_err`` would measure the fit there, as
+                :meth:`Completion.from_data` warns).
             dtype, device: of the problems' tensors (default float64, CPU).
         Returns:
             a :class:`BatchedCompletion`; problem ``b`` has the loss
             ``(w_b/2) sum_i (X_b[i] - values_b[i])^2``, ``w_b = n_1...n_d / N_b`` (as
             :meth:`Completion.from_data <ttmanifold.experiments.problems.Completion.from_data>`
             without weights).
-        Cost: O(N d) checks, O(N log N) for the duplicate check (on the host), and the
-        layouts of the stacked index set.
+        Cost: O(N d) checks, O((N + M) log(N + M)) for the duplicate and overlap checks (on
+        the host), and the layouts of the stacked index set.
         """
         dtype = torch.float64 if dtype is None else dtype
         check_float_dtype(dtype, "dtype")  # (an int dtype truncated the values silently)
@@ -157,8 +168,12 @@ class BatchedCompletion:
                     raise ValueError(f"test[1][{b}]: contains NaN or Inf")
         self._setup(M.shape, M.ranks, [torch.as_tensor(i).to(device) for i in indices], vals,
                     sw, tests, [0.0] * len(vals))
-        for b, idx in enumerate(self.train.indices):  # (in range: checked by the set)
-            check_distinct(idx, M.shape, f"indices[{b}]")
+        for b, idx in enumerate(self.train.indices):  # (in range: checked by the sets)
+            if tests is None:
+                check_distinct(idx, M.shape, f"indices[{b}]")
+            else:  # (test samples that are training samples warn, as Completion.from_data)
+                check_train_and_test(idx, self.test.indices[b], M.shape,
+                                     (f"indices[{b}]", f"test[0][{b}]"))
         return self
 
     def _setup(self, shape, ranks, indices, values, sw, tests, reg) -> None:
@@ -274,12 +289,23 @@ class BatchedCompletion:
             point = ctx.point
             _, sw = self._layout(point)
             e = point.tangent(self.manifold.split(eta, "eta")) * sw
-            num = I.layout_sum(point, ctx.z * e)
-            den = I.layout_sum(point, e * e)
+            # per problem on vectors rescaled by powers of two (exact; see
+            # problems.power_of_two_scale): the products underflowed for tiny data
+            prob = I.layout_problem(point)
+            B = self.batch_size
+            ce = _per_problem_scale(e, prob, B)
+            cz = _per_problem_scale(ctx.z, prob, B)
             if ctx.xt is not None:
-                num = num + self.reg * (ctx.xt * eta).sum(-1)
-                den = den + self.reg * (eta * eta).sum(-1)
-            return -num / den.clamp_min(torch.finfo(e.dtype).tiny)
+                ce = torch.maximum(ce, power_of_two_scale(eta, dim=-1).squeeze(-1))
+                cz = torch.maximum(cz, power_of_two_scale(ctx.xt, dim=-1).squeeze(-1))
+            es = e / torch.cat([ce, ce.new_ones(1)])[prob]
+            num = I.layout_sum(point, ctx.z / torch.cat([cz, cz.new_ones(1)])[prob] * es)
+            den = I.layout_sum(point, es * es)
+            if ctx.xt is not None:
+                etas = eta / ce.unsqueeze(-1)
+                num = num + self.reg * (ctx.xt / cz.unsqueeze(-1) * etas).sum(-1)
+                den = den + self.reg * (etas * etas).sum(-1)
+            return -num / den.clamp_min(torch.finfo(e.dtype).tiny) * (cz / ce)
 
 
 class BatchedCompletionContext:

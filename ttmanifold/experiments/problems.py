@@ -34,6 +34,7 @@ __all__ = [
     "Completion",
     "LayerTraining",
     "sample_distinct_indices",
+    "power_of_two_scale",
     "inverse_sum_tt",
     "random_tt",
 ]
@@ -165,6 +166,31 @@ def _hash_rows(idx: torch.Tensor) -> torch.Tensor:
     return h1 * (1 << 31) + h2
 
 
+def power_of_two_scale(*ts: torch.Tensor, dim=None) -> torch.Tensor:
+    """The power of two at or just above the largest magnitude of the tensors ``ts`` (1 where
+    they are all zero), to divide them by before sums of products: a product of entries
+    of data scaled by ~1e-170 underflows to 0 in float64 (by ~1e+170 overflows), and the
+    line searches and CG coefficients of such data were 0 (no progress) or NaN. Dividing by
+    a power of two is exact, so ratios of the rescaled sums are bitwise those of the
+    unscaled ones wherever those did not underflow or overflow.
+
+    Args:
+        ts: tensors of one dtype and device (broadcast over ``dim``'s complement).
+        dim: None (one scale for all) or the dimension reduced (``-1``: one scale per row,
+            kept as a trailing dimension of size 1).
+    Returns:
+        a tensor, 0-dim for ``dim=None``, else each tensor's shape with ``dim`` of size 1.
+    Cost: one pass over each tensor; no host sync."""
+    if dim is None:
+        m = torch.stack([t.detach().abs().amax() for t in ts]).amax()
+    else:
+        m = torch.stack(torch.broadcast_tensors(
+            *[t.detach().abs().amax(dim, keepdim=True) for t in ts])).amax(0)
+    _, e = torch.frexp(m)  # m = f 2^e, f in [0.5, 1) (0 for m = 0: e = 0, the scale 1)
+    e = e.clamp_max(int(math.log2(torch.finfo(m.dtype).max)))  # (2^1024 is inf in float64)
+    return torch.ldexp(torch.ones_like(m), e)
+
+
 def check_distinct(idx: torch.Tensor, shape: Tuple[int, ...], name: str = "indices") -> None:
     """Refuse repeated samples: a completion loss counts every sample once.
 
@@ -182,21 +208,32 @@ def check_distinct(idx: torch.Tensor, shape: Tuple[int, ...], name: str = "indic
                          "of each entry first")
 
 
-def _check_train_and_test(train: torch.Tensor, test: torch.Tensor,
-                          shape: Tuple[int, ...]) -> None:
+def check_train_and_test(train: torch.Tensor, test: torch.Tensor, shape: Tuple[int, ...],
+                         names: Tuple[str, str] = ("indices", "test")) -> None:
     """:func:`check_distinct` of the training samples, and a warning when test samples are
     also training samples (a held-out set given by hand that leaks into the training set:
-    ``test_err`` would measure the fit there). One sort of all samples when both hold, as
-    the duplicate check alone. O((N + M) log(N + M)) on the host."""
+    ``test_err`` would measure the fit there).
+
+    Args:
+        train: ``(N, d)`` training multi-indices (in range).
+        test: ``(M, d)`` test multi-indices (in range).
+        shape: the tensor's shape.
+        names: how the error and the warning name the two sets (one problem of a batch:
+            ``("indices[b]", "test[0][b]")``).
+    Raises ``ValueError`` naming ``names[0]`` for repeated training samples; warns
+    (``UserWarning``, naming ``names[1]`` and the caller of the caller) for test samples
+    that are training samples.
+    Cost: one sort of all samples when both hold, as the duplicate check alone;
+    O((N + M) log(N + M)) on the host."""
     train, test = train.to("cpu", torch.int64), test.to("cpu", torch.int64)
     n_test = _dedupe(test, shape).shape[0]
     both = _dedupe(torch.cat([train, test]), shape).shape[0]
     if both == train.shape[0] + n_test:
         return  # distinct training samples, disjoint from the test samples
-    check_distinct(train, shape, "indices")
-    warnings.warn(f"test: {train.shape[0] + n_test - both} of the {test.shape[0]} test samples "
-                  f"are also training samples, so test_err measures the fit there, not "
-                  f"generalization", UserWarning, stacklevel=3)
+    check_distinct(train, shape, names[0])
+    warnings.warn(f"{names[1]}: {train.shape[0] + n_test - both} of the {test.shape[0]} test "
+                  f"samples are also training samples, so test_err measures the fit there, "
+                  f"not generalization", UserWarning, stacklevel=3)
 
 
 def _dedupe(idx: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
@@ -473,6 +510,12 @@ class Approximation(QuadraticProblem):
         x = self._tt(x)
         return 0.5 * (inner(x, x) - 2.0 * inner(x, self.target) + self.target_sq)
 
+    def distance_to_data(self, x) -> float:
+        """``sqrt(2 loss(x)) = ||X - A||`` without squaring (a TT norm: no underflow for
+        data far below unit scale, where the loss is 0). O(d n (r + R)^3)."""
+        with torch.no_grad():
+            return float((self._tt(x).detach() - self.target).norm())
+
     def dense_loss(self, full: torch.Tensor) -> torch.Tensor:
         return 0.5 * ((full - self.target.full()) ** 2).sum()
 
@@ -498,7 +541,11 @@ class Approximation(QuadraticProblem):
         """``alpha = -<X - A, eta> / ||eta||^2 = -<grad, eta> / ||eta||^2`` (eta tangent; the
         gauged deltas are an isometry, so both inner products are of packed vectors)."""
         grad = ctx
-        return -(grad * eta).sum() / (eta * eta).sum().clamp_min(torch.finfo(eta.dtype).tiny)
+        # on rescaled vectors: the products underflowed for data far below unit scale
+        cg, ce = power_of_two_scale(grad), power_of_two_scale(eta)
+        e = eta / ce
+        den = (e * e).sum().clamp_min(torch.finfo(eta.dtype).tiny)
+        return -((grad / cg) * e).sum() / den * (cg / ce)
 
 
 # ---------------------------------------------------------------------------------------
@@ -680,7 +727,7 @@ class Completion(QuadraticProblem):
         if idx.shape[0] == 0:
             raise ValueError("indices: no training samples")
         if isinstance(test, (tuple, list)):
-            _check_train_and_test(idx, test_idx, shape)
+            check_train_and_test(idx, test_idx, shape)
         else:
             check_distinct(idx, shape, "indices")
         if ranks is None:
@@ -729,6 +776,18 @@ class Completion(QuadraticProblem):
         if self.reg:
             out = out + 0.5 * self.reg * inner(x, x)
         return out
+
+    def distance_to_data(self, x) -> float:
+        """``sqrt(2 loss(x))`` (the weighted residual's norm, with the ``reg`` term) without
+        squaring: no underflow for data far below unit scale, where the loss is 0.
+        O(N d r^2)."""
+        x = self._tt(x).detach()
+        with torch.no_grad():
+            z = (self.train.gather(x) - self.a_train) * self._sw
+            out = fro_norm(z) if z.numel() else z.new_zeros(())
+            if self.reg:
+                out = torch.hypot(out, math.sqrt(self.reg) * x.norm())
+        return float(out)
 
     def dense_loss(self, full: torch.Tensor) -> torch.Tensor:
         idx = self.train.indices
@@ -897,12 +956,18 @@ class Completion(QuadraticProblem):
             else:
                 e = self.eval_tangent(p, eta, ctx)
             z, xt = ctx[2], ctx[3]
-            num = (z * e).sum()
-            den = (e * e).sum()
+            # the sums on vectors rescaled by powers of two (exact): their products
+            # underflowed for data far below unit scale (alpha = 0: no progress at 1e-170)
+            vec, res = (e,) if xt is None else (e, eta), (z,) if xt is None else (z, xt)
+            ce, cz = power_of_two_scale(*vec), power_of_two_scale(*res)
+            es = e / ce
+            num = ((z / cz) * es).sum()
+            den = (es * es).sum()
             if xt is not None:  # regularized: + lam <X, eta>, + lam ||eta||^2
-                num = num + self.reg * (xt * eta).sum()
-                den = den + self.reg * (eta * eta).sum()
-            return -num / den.clamp_min(torch.finfo(e.dtype).tiny)
+                etas = eta / ce
+                num = num + self.reg * ((xt / cz) * etas).sum()
+                den = den + self.reg * (etas * etas).sum()
+            return -num / den.clamp_min(torch.finfo(e.dtype).tiny) * (cz / ce)
 
 
 class _CompletionContext:

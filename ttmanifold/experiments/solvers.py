@@ -32,7 +32,7 @@ from ..tt import orthogonalize
 from ..tt.layout import ModePlan
 from ..tt import round as tt_round
 from ..tt.tensor_train import fro_norm
-from .problems import Problem
+from .problems import Problem, power_of_two_scale
 
 __all__ = [
     "METHODS",
@@ -622,22 +622,27 @@ def cg_direction(g, g_new, g_tr, eta_tr, k, *, beta_rule: str, restart_tol: floa
     rows = g_new.dim() > 1
     if not rows:
         g, g_new, g_tr, eta_tr = (t.unsqueeze(0) for t in (g, g_new, g_tr, eta_tr))
-    gg_old = (g * g).sum(-1)
-    gg = (g_new * g_new).sum(-1)
+    # the inner products on the gradients divided by one power of two per row (exact: the
+    # same coefficients): for data far from unit scale their squares underflowed (beta
+    # 0 / 0, every direction "not descent": no progress at 1e-170) or overflowed
+    c = power_of_two_scale(g, g_new, g_tr, dim=-1)
+    gs, gns, gts = g / c, g_new / c, g_tr / c
+    gg_old = (gs * gs).sum(-1)
+    gg = (gns * gns).sum(-1)
     if beta_rule == "fr":
         beta = gg / gg_old
     else:
-        beta = torch.clamp((g_new * (g_new - g_tr)).sum(-1) / gg_old, min=0.0)
+        beta = torch.clamp((gns * (gns - gts)).sum(-1) / gg_old, min=0.0)
     # Powell-type restart: consecutive gradients far from orthogonal; also after an exactly
     # zero gradient (an exact fit), whose beta divides by 0 (inf times a zero direction:
     # a NaN direction)
-    restart = ((g_new * g_tr).sum(-1).abs() >= restart_tol * gg) | (gg_old == 0)
+    restart = ((gns * gts).sum(-1).abs() >= restart_tol * gg) | (gg_old == 0)
     if restart_every:
         restart = restart | (torch.as_tensor(k, device=restart.device) >= restart_every)
     beta = torch.where(restart, torch.zeros_like(beta), beta)
     eta_new = -g_new + beta.unsqueeze(-1) * eta_tr
-    # not a descent direction: restart with the gradient
-    bad = (eta_new * g_new).sum(-1) >= 0
+    # not a descent direction: restart with the gradient (the sign, rescaled likewise)
+    bad = ((eta_new / power_of_two_scale(eta_new, dim=-1)) * gns).sum(-1) >= 0
     eta_new = torch.where(bad.unsqueeze(-1), -g_new, eta_new)
     if rows:
         return eta_new, restart
@@ -746,6 +751,15 @@ class _ModelStepper(_Stepper):
 def _loss_at(problem, p) -> torch.Tensor:
     with torch.no_grad():
         return problem.loss(problem.manifold.to_tt(p)).reshape(())
+
+
+def _distance_to_data(problem, p) -> float:
+    """``sqrt(2 f(X))`` at the packed point ``p``: the problem's ``distance_to_data`` (no
+    squares) where it has one, else from the loss."""
+    fn = getattr(problem, "distance_to_data", None)
+    if fn is not None:
+        return fn(problem.manifold.to_tt(p))
+    return math.sqrt(max(2.0 * float(_loss_at(problem, p)), 0.0))
 
 
 def problem_scale(M: FixedTTRank, p: torch.Tensor, fx) -> float:
@@ -1452,9 +1466,10 @@ def run(problem: Problem, method: str, x0: Optional[torch.Tensor] = None, *, ite
             if grid is None and method == "radam" and not model_problem:
                 # Adam moves every coordinate by about lr per step: a grid in units of the
                 # per-coordinate distance to the data, sqrt(2 f(X_0) / dim M) (for a
-                # least-squares loss), not of a unit-norm start
-                scale = math.sqrt(max(2.0 * float(_loss_at(problem, x0)), 0.0)
-                                  / problem.manifold.dim)
+                # least-squares loss), not of a unit-norm start; without squaring where the
+                # problem can (its loss underflows to 0 for data far below unit scale, and
+                # the unit grid then made Adam leave an exact fit by far)
+                scale = _distance_to_data(problem, x0) / math.sqrt(problem.manifold.dim)
                 if math.isfinite(scale) and scale > 0:
                     grid = [g * scale for g in lr_grid(grid_size, 1e-2, 10.0)]
                     hist.info["lr_scale"] = scale

@@ -22,7 +22,7 @@
 #include <immintrin.h>  // pbs::Simd (the batched products' registers), rbs's lane vectors
 #endif
 #if defined(__linux__)
-#include <sys/mman.h>  // pbs::advise_huge_pages
+#include <sys/mman.h>  // advise_huge_pages
 #endif
 
 extern "C" {
@@ -42,6 +42,30 @@ void dgesdd_(const char*, const int*, const int*, double*, const int*, double*, 
              const int*, double*, const int*, double*, const int*, int*, int*);
 void sgesdd_(const char*, const int*, const int*, float*, const int*, float*, float*,
              const int*, float*, const int*, float*, const int*, int*, int*);
+}
+
+// Every kernel's output: transparent huge pages for a large fresh one (Linux, advice only:
+// errors ignored; ttmanifold/kernels/memory.py's empty_for_output on the Python side).
+// Above 32 MB glibc maps every allocation afresh, and faulting it in 4 KB pages cost
+// 0.05 ms per point of a float64 projection at r = 10 (B = 256), against 0.01 in 2 MB pages.
+inline void advise_huge_pages(const torch::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
+  constexpr uintptr_t h = uintptr_t(2) << 20;
+  if (bytes < 2 * h || !t.device().is_cpu()) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t s = (a + h - 1) & ~(h - 1), e = (a + bytes) & ~(h - 1);
+  if (e > s) madvise(reinterpret_cast<void*>(s), e - s, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+// torch::empty(sizes, opts), advised huge pages before the kernel's first write
+inline torch::Tensor empty_for_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  auto out = torch::empty(sizes, opts);
+  advise_huge_pages(out);
+  return out;
 }
 
 namespace {
@@ -554,7 +578,7 @@ bool finite(const T* p, int64_t n) {
 torch::Tensor packed_like(const std::vector<torch::Tensor>& U) {
   int64_t total = 0;
   for (const auto& u : U) total += u.numel();
-  return torch::empty({total}, U[0].options());
+  return empty_for_output({total}, U[0].options());
 }
 
 }  // namespace
@@ -747,7 +771,7 @@ std::tuple<torch::Tensor, bool> gauge_project_batch(torch::Tensor p, torch::Tens
               "g: expected packed tensors (B, size) of p's size and dtype");
   const int64_t n = g.size(1), B = g.size(0), step = p.size(0) == 1 ? 0 : n;
   check_runs(runs, n);
-  auto out = torch::empty_like(g);
+  auto out = empty_for_output(g.sizes(), g.options());
   bool ok = true;
   AT_DISPATCH_FLOATING_TYPES(t, "ttm_gauge_project_batch", [&] {
     std::vector<scalar_t> P;
@@ -953,7 +977,7 @@ torch::Tensor for_points(const char* what, const std::vector<torch::Tensor>& U,
   if (!V.empty()) check_batch(V, "V", t, B, 1);
   int64_t size = 0;
   for (const auto& u : U) size += u.numel() / u.size(0);
-  auto out = torch::empty({B, size}, U[0].options());
+  auto out = empty_for_output({B, size}, U[0].options());
   AT_DISPATCH_FLOATING_TYPES(t, "ttm_for_points", [&] {
     std::vector<torch::Tensor> Vb = V.empty() ? right_buffers(U) : V;
     for (int64_t b = 0; b < B; ++b) {
@@ -1147,6 +1171,32 @@ void eye(int m, int n, T* X) {
       for (int l = 0; l < L; ++l) X[(i * n + c) * L + l] = i == c ? T(1) : T(0);
 }
 
+// The round-robin order of the one-sided Jacobi sweeps over N columns (N even, at most
+// 2 K): round r < N - 1 rotates the N / 2 disjoint pairs (P[r][k], Q[r][k]), P < Q, whose
+// computations are independent; every pair comes once in the N - 1 rounds. Forced inline
+// (GCC/clang): the fixed-width sweeps then compile to the same code as with the table
+// computed in place (a call, or a static constexpr table, changed their Jacobi's code)
+#if defined(__GNUC__)
+#define TTM_FORCE_INLINE inline __attribute__((always_inline))
+#else
+#define TTM_FORCE_INLINE inline
+#endif
+template <int K>
+TTM_FORCE_INLINE void round_robin(int N, int (*P)[K], int (*Q)[K]) {
+  int idx[2 * K] = {};
+  for (int i = 0; i < N; ++i) idx[i] = i;
+  for (int r = 0; r < N - 1; ++r) {
+    for (int k = 0; k < N / 2; ++k) {
+      const int x = idx[k], y = idx[N - 1 - k];
+      P[r][k] = std::min(x, y);
+      Q[r][k] = std::max(x, y);
+    }
+    const int last = idx[N - 1];
+    for (int i = N - 1; i > 1; --i) idx[i] = idx[i - 1];
+    idx[1] = last;
+  }
+}
+
 // One-sided Jacobi on the columns of the interleaved n x n block W, accumulating the
 // rotations in V (from I): afterwards W = W_0 V has orthogonal columns. Each sweep rotates
 // every pair whose |<w_p, w_q>| exceeds tol |w_p| |w_q| in some lane; sweeps run until none
@@ -1160,20 +1210,7 @@ int jacobi(T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
   // independent (their long latency chains overlap); an odd n has a dummy column n
   constexpr int N = n + (n & 1), K = N / 2;
   int P[N > 1 ? N - 1 : 1][K], Qc[N > 1 ? N - 1 : 1][K];
-  {
-    int idx[N];
-    for (int i = 0; i < N; ++i) idx[i] = i;
-    for (int r = 0; r < N - 1; ++r) {
-      for (int k = 0; k < K; ++k) {
-        const int x = idx[k], y = idx[N - 1 - k];
-        P[r][k] = std::min(x, y);
-        Qc[r][k] = std::max(x, y);
-      }
-      const int last = idx[N - 1];
-      for (int i = N - 1; i > 1; --i) idx[i] = idx[i - 1];
-      idx[1] = last;
-    }
-  }
+  round_robin<K>(N, P, Qc);
   T nrm[n * L];
   int sweep = 0;
   while (sweep < max_sweeps && n > 1) {
@@ -1339,6 +1376,26 @@ void qr_impl(const torch::Tensor& a, torch::Tensor& q, torch::Tensor& r) {  // (
   }
 }
 
+// One compare-exchange of an SVD's descending sort: where S[j] > S[j - 1] (per lane,
+// branch-free), exchange those entries of S and the columns j - 1 and j of the n x n blocks
+// W and V
+template <typename T, int L>
+void exchange_down(int n, int j, T* __restrict S, T* __restrict W, T* __restrict V) {
+  bool sw[L];
+  for (int l = 0; l < L; ++l) {
+    const T x = S[j * L + l], y = S[(j - 1) * L + l];
+    sw[l] = x > y;
+    S[j * L + l] = sw[l] ? y : x; S[(j - 1) * L + l] = sw[l] ? x : y;
+  }
+  for (int r = 0; r < n; ++r)
+    for (int l = 0; l < L; ++l) {
+      T* wj = &W[(r * n + j) * L + l]; T* wk = &W[(r * n + j - 1) * L + l];
+      const T x = *wj, y = *wk; *wj = sw[l] ? y : x; *wk = sw[l] ? x : y;
+      T* vj = &V[(r * n + j) * L + l]; T* vk = &V[(r * n + j - 1) * L + l];
+      const T x2 = *vj, y2 = *vk; *vj = sw[l] ? y2 : x2; *vk = sw[l] ? x2 : y2;
+    }
+}
+
 // Thin SVD of the interleaved blocks: A = Q R (house_qr), one-sided Jacobi on X = R^T
 // (X V_x = W_x, columns of norms S), so R = V_x S Ux^T with Ux = W_x / S: U = Q V_x (the
 // rotations: orthonormal whatever the rank), Vh = Ux^T, whose zero columns (rank
@@ -1369,21 +1426,7 @@ void svd_impl(const torch::Tensor& a, torch::Tensor& u, torch::Tensor& s, torch:
     for (int e = 0; e < n * L; ++e) S[e] = std::sqrt(S[e]);
     // descending order: compare-exchange of adjacent columns (per lane, branch-free)
     for (int i = 0; i < n - 1; ++i)
-      for (int j = n - 1; j > i; --j) {
-        bool sw[L];
-        for (int l = 0; l < L; ++l) {
-          const T x = S[j * L + l], y = S[(j - 1) * L + l];
-          sw[l] = x > y;
-          S[j * L + l] = sw[l] ? y : x; S[(j - 1) * L + l] = sw[l] ? x : y;
-        }
-        for (int r = 0; r < n; ++r)
-          for (int l = 0; l < L; ++l) {
-            T* wj = &W[(r * n + j) * L + l]; T* wk = &W[(r * n + j - 1) * L + l];
-            const T x = *wj, y = *wk; *wj = sw[l] ? y : x; *wk = sw[l] ? x : y;
-            T* vj = &V[(r * n + j) * L + l]; T* vk = &V[(r * n + j - 1) * L + l];
-            const T x2 = *vj, y2 = *vk; *vj = sw[l] ? y2 : x2; *vk = sw[l] ? x2 : y2;
-          }
-      }
+      for (int j = n - 1; j > i; --j) exchange_down<T, L>(n, j, S.data(), W.data(), V.data());
     // Ux: normalized columns of W (zero ones stay zero), then Q2 sign(diag R2) of its QR:
     // the normalized columns themselves where S > 0, an orthonormal completion elsewhere
     for (int c = 0; c < n; ++c)
@@ -1917,22 +1960,6 @@ bool project_small_lanes(torch::ScalarType t, int64_t mr, const std::vector<torc
   return project_small_impl<float, Lf>(U, Src<float, Lf>{args...}, gauge, B, out, check, V);
 }
 
-// Transparent huge pages for a large fresh output (Linux, advice only: errors ignored).
-// Above 32 MB glibc maps every allocation afresh, and faulting it in 4 KB pages cost
-// 0.05 ms per point of a float64 projection at r = 10 (B = 256), against 0.01 in 2 MB pages.
-inline void advise_huge_pages(const torch::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
-  constexpr uintptr_t h = uintptr_t(2) << 20;
-  if (bytes < 2 * h) return;
-  const uintptr_t a = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t s = (a + h - 1) & ~(h - 1), e = (a + bytes) & ~(h - 1);
-  if (e > s) madvise(reinterpret_cast<void*>(s), e - s, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 }  // namespace pbs
 
 // The cores of a SIMD batch kernel, checked: 4-D CPU cores (B or 1, r, n, r') of dtype t
@@ -1982,9 +2009,8 @@ torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torc
   }
   TORCH_CHECK(U[0].size(1) == 1 && U[d - 1].size(3) == 1 && Z[0].size(1) == 1 && Z[d - 1].size(3) == 1,
               "U, Z: boundary ranks must be 1");
-  auto out = torch::empty({B, size}, U[0].options());
+  auto out = empty_for_output({B, size}, U[0].options());
   if (B == 0) return out;
-  pbs::advise_huge_pages(out);
   int64_t mr = 0;
   for (size_t k = 0; k < d; ++k) mr = std::max({mr, U[k].size(1), Z[k].size(1)});
   const bool ok = pbs::project_small_lanes<pbs::DenseZ>(t, mr, U, V.empty() ? nullptr : &V, gauge,
@@ -2091,7 +2117,7 @@ torch::Tensor transport_batch_small(std::vector<torch::Tensor> Uy, std::vector<t
   TORCH_CHECK(U[0].size(1) == 1 && U[d - 1].size(3) == 1, "U: boundary ranks must be 1");
   auto out = torch::empty({B, size}, Uy[0].options());
   if (B == 0) return out;
-  pbs::advise_huge_pages(out);
+  advise_huge_pages(out);
   const bool ok =
       pbs::project_small_lanes<tbs::TangentZ>(t, mr, Uy, nullptr, true, B, out, !check.empty(), U, V, dU, B);
   TORCH_CHECK(ok, check);
@@ -2209,7 +2235,7 @@ std::tuple<torch::Tensor, bool> gauge_project_batch_small(torch::Tensor p, torch
   check_runs(runs, n);
   auto out = torch::empty_like(g);
   if (B == 0) return {out, true};
-  pbs::advise_huge_pages(out);
+  advise_huge_pages(out);
   int64_t cm = 0;
   for (size_t i = 0; i < runs.size(); i += 4) cm = std::max(cm, runs[i + 3]);
   constexpr int Ld = bf::lanes<double>(), Lf = bf::lanes<float>();
@@ -2369,20 +2395,7 @@ int jacobi(T* __restrict W, T* __restrict Vr, T tol, int max_sweeps) {
   bf::eye<T, L>(n, n, Vr);
   constexpr int N = n + (n & 1), K = N / 2;
   int P[N > 1 ? N - 1 : 1][K], Qc[N > 1 ? N - 1 : 1][K];
-  {
-    int idx[N];
-    for (int i = 0; i < N; ++i) idx[i] = i;
-    for (int r = 0; r < N - 1; ++r) {
-      for (int k = 0; k < K; ++k) {
-        const int x = idx[k], y = idx[N - 1 - k];
-        P[r][k] = std::min(x, y);
-        Qc[r][k] = std::max(x, y);
-      }
-      const int last = idx[N - 1];
-      for (int i = N - 1; i > 1; --i) idx[i] = idx[i - 1];
-      idx[1] = last;
-    }
-  }
+  bf::round_robin<K>(N, P, Qc);
   const V zero = V{}, one = zero + T(1);
   const T tol2 = tol * tol, e2 = std::numeric_limits<T>::epsilon() * std::numeric_limits<T>::epsilon();
   V nrm[n];
@@ -2569,6 +2582,30 @@ template <typename T, int L, int n>
 int jacobi(T* W, T* V, T tol, int max_sweeps) { return bf::jacobi<T, L, n>(W, V, tol, max_sweeps); }
 #endif
 
+// bf::exchange_down (one step of the SVDs' descending sort) on lane vectors: selects (as
+// lane loops GCC swapped one number at a time)
+template <typename T, int L>
+void exchange_down(int n, int j, T* __restrict S, T* __restrict W, T* __restrict V) {
+#if defined(TTM_RBS_VEC)
+  using X = Vec<T, L>;
+  const X x = ld<T, L>(S + j * L), y = ld<T, L>(S + (j - 1) * L);
+  const auto sw = x > y;
+  st<T, L>(S + j * L, sw ? y : x);
+  st<T, L>(S + (j - 1) * L, sw ? x : y);
+  for (int r = 0; r < n; ++r) {
+    T* wj = W + (r * n + j) * L;
+    T* vj = V + (r * n + j) * L;
+    const X w1 = ld<T, L>(wj), w0 = ld<T, L>(wj - L), v1 = ld<T, L>(vj), v0 = ld<T, L>(vj - L);
+    st<T, L>(wj, sw ? w0 : w1);
+    st<T, L>(wj - L, sw ? w1 : w0);
+    st<T, L>(vj, sw ? v0 : v1);
+    st<T, L>(vj - L, sw ? v1 : v0);
+  }
+#else
+  bf::exchange_down<T, L>(n, j, S, W, V);
+#endif
+}
+
 // The steps for blocks of L points (bf::for_cols instantiates them per column count)
 template <int L>
 struct At {
@@ -2649,21 +2686,7 @@ struct At {
           for (int l = 0; l < L; ++l) { const T w = W[(i * n + c) * L + l]; S[c * L + l] += w * w; }
       // descending order (squared norms): compare-exchange of adjacent columns, per lane
       for (int i = 0; i < n - 1; ++i)
-        for (int j = n - 1; j > i; --j) {
-          bool sw[L];
-          for (int l = 0; l < L; ++l) {
-            const T x = S[j * L + l], y = S[(j - 1) * L + l];
-            sw[l] = x > y;
-            S[j * L + l] = sw[l] ? y : x; S[(j - 1) * L + l] = sw[l] ? x : y;
-          }
-          for (int r = 0; r < n; ++r)
-            for (int l = 0; l < L; ++l) {
-              T* wj = &W[(r * n + j) * L + l]; T* wk = &W[(r * n + j - 1) * L + l];
-              const T x = *wj, y = *wk; *wj = sw[l] ? y : x; *wk = sw[l] ? x : y;
-              T* vj = &V[(r * n + j) * L + l]; T* vk = &V[(r * n + j - 1) * L + l];
-              const T x2 = *vj, y2 = *vk; *vj = sw[l] ? y2 : x2; *vk = sw[l] ? x2 : y2;
-            }
-        }
+        for (int j = n - 1; j > i; --j) exchange_down<T, L>(n, j, S, W, V);
       for (int j = 0; j < n; ++j)  // SV = W^T, scaled back
         for (int c = 0; c < n; ++c)
           for (int l = 0; l < L; ++l) SV[(j * n + c) * L + l] = W[(c * n + j) * L + l] * sc[l];
@@ -2677,7 +2700,6 @@ struct At {
   };
 };
 
-// returns whether every output is finite
 // The block's core (cnt entries, interleaved) into the rows of its nl points in the packed
 // output (dst: the first point's core, rows size apart; each core contiguous). A full
 // block's lane loop has a constant count (unrolled stores; bf::scatter loops over a
@@ -2695,11 +2717,70 @@ void put_core(const T* __restrict src, int cnt, T* __restrict dst, int64_t size,
     for (int l = 0; l < nl; ++l) d[l][e] = src[static_cast<size_t>(e) * L + l];
 }
 
-// L: points per block (see retract_batch_small)
-template <typename T, int L>
-bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::Tensor>& D,
-                        int64_t B, torch::Tensor& out) {
-  constexpr int MC = bf::kMaxCols;
+// The per-thread workspace of the retraction sweep: grown to the largest need and kept (no
+// allocation and no page faults per call), but freed down to the need once kShrinkAfter
+// calls in a row used under a quarter of it: one huge call (a large mode size or rank) does
+// not hold its memory forever, and a mix of large and small calls reallocates at most once
+// per kShrinkAfter calls. take(n): the call's n numbers, on a 64-byte boundary.
+template <typename T>
+class Workspace {
+ public:
+  T* take(size_t n) {
+    const size_t want = n + 64 / sizeof(T);
+    const bool grow = buf_.size() < want;
+    small_ = !grow && want < buf_.size() / 4 ? small_ + 1 : 0;
+    if (grow || small_ >= kShrinkAfter) {
+      std::vector<T>().swap(buf_);  // freed first: the old and new buffers never coexist
+      buf_.resize(want);
+      small_ = 0;
+    }
+    return reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(buf_.data()) + 63) &
+                                ~static_cast<std::uintptr_t>(63));
+  }
+
+ private:
+  static constexpr int kShrinkAfter = 4;
+  std::vector<T> buf_;
+  int small_ = 0;  // consecutive calls that needed under a quarter of buf_
+};
+
+// retract_sweep's factorizations for TT-ranks <= bf::kMaxCols / 2 (SVDs of up to 8
+// columns): widths fixed at compile time (bf::for_cols instantiates At's steps per column
+// count), rbs::mm's products. (sp: the runtime QR's pair products, unused here.)
+template <int L>
+struct FixedWidth {
+  static constexpr int kMaxCols = bf::kMaxCols;
+  // thin QR of the interleaved m x a block A: Q (m x a), R (a x a)
+  template <typename T>
+  static void qr(int m, int a, T* A, T* vd, T* cf, T* beta, T* sp, T* Q, T* R) {
+    bf::for_cols<T, At<L>::template Qr>(a, m, A, vd, cf, beta, Q, R);
+  }
+  // qr, and the signs of R's diagonal into sg
+  template <typename T>
+  static void lq(int m, int a, T* A, T* vd, T* cf, T* beta, T* sp, T* Q, T* R, T* sg) {
+    bf::for_cols<T, At<L>::template Lq>(a, m, A, vd, cf, beta, Q, R, sg);
+  }
+  // At::Svd on the m x n block A (n = 2 r'): U[:, :n/2] into Uo, S Vh into SV (row stride n)
+  template <typename T>
+  static void svd_top(int m, int n, T* A, T* vd, T* cf, T* beta, T* sp, T* W, T* V, T* S,
+                      T* Uo, T* SV) {
+    bf::for_cols<T, At<L>::template Svd>(n, m, A, vd, cf, beta, W, V, S, Uo, SV);
+  }
+  template <typename T>
+  static void mm(int M, int N, int K, const T* A, int sam, int sak, const T* Bm, int sbk,
+                 int sbn, T* C, int scm, int scn, T alpha, bool acc) {
+    rbs::mm<T, L>(M, N, K, A, sam, sak, Bm, sbk, sbn, C, scm, scn, alpha, acc);
+  }
+};
+
+// The batched retraction's sweep over blocks of L points (see retract_batch_small and
+// retract_batch_wide): F, the factorizations and products for the ranks (FixedWidth above,
+// rbw::RuntimeWidth: qr, lq, svd_top, mm, and kMaxCols, the widest SVD). Returns whether
+// every output is finite.
+template <typename T, int L, class F>
+bool retract_sweep(const std::vector<torch::Tensor>& U, const std::vector<torch::Tensor>& D,
+                   int64_t B, torch::Tensor& out) {
+  constexpr int MC = F::kMaxCols;
   const int d = static_cast<int>(U.size());
   std::vector<int> r(d + 1), n(d);
   for (int k = 0; k < d; ++k) {
@@ -2718,24 +2799,22 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
     qo[k + 1] = qo[k] + N * r[k] * L;
     mx = std::max({mx, un, N * r[k], static_cast<size_t>(r[k]) * n[k] * 2 * r[k + 1]});
   }
-  // one workspace per thread, kept between calls (no allocation and no page faults per call)
-  static thread_local std::vector<T> ws;
+  static thread_local Workspace<T> ws;
   const size_t small = static_cast<size_t>(MC) * MC * L;
-  const size_t need = vo[d] + qo[d] + 15 * mx * L + 6 * small + static_cast<size_t>(d + 5) * MC * L;
-  if (ws.size() < need + 64 / sizeof(T)) ws.resize(need + 64 / sizeof(T));
+  const size_t need = vo[d] + qo[d] + 14 * mx * L + 6 * small + static_cast<size_t>(d + 6) * MC * L;
   // every buffer on a 64-byte boundary (their sizes are multiples of L numbers, 64 bytes):
   // a lane vector of 8 doubles / 16 floats then never straddles two cache lines (the
   // vector's 16-byte alignment made the kernel ~25 % slower in some processes)
-  T* wp = reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(ws.data()) + 63) &
-                               ~static_cast<std::uintptr_t>(63));
+  T* wp = ws.take(need);
   auto take = [&](size_t cnt) { T* q = wp; wp += cnt; return q; };
   T *Vs = take(vo[d]), *Qw = take(qo[d]), *Ua = take(mx * L), *Ub = take(mx * L),
     *Dk = take(mx * L), *CT = take(mx * L), *Qt = take(mx * L), *C2 = take(mx * L),
     *left = take(mx * L), *right = take(mx * L), *nleft = take(mx * L), *nright = take(mx * L),
-    *c = take(mx * L), *Uo = take(mx * L), *top = take(mx * L), *W2 = take(mx * L), *Rb = take(small), *Rl = take(small), *Cm = take(small),
-    *Wj = take(small), *Vj = take(small), *SV = take(small), *S = take(MC * L),
-    *vd = take(MC * L), *cf = take(MC * L), *beta = take(MC * L),
-    *sg = take(static_cast<size_t>(d + 1) * MC * L);
+    *c = take(mx * L), *Uo = take(mx * L), *top = take(mx * L), *W2 = take(mx * L),
+    *Rb = take(small), *Rl = take(small), *Cm = take(small), *Wj = take(small),
+    *Vj = take(small), *SV = take(small), *S = take(MC * L), *vd = take(MC * L),
+    *cf = take(MC * L), *beta = take(MC * L), *sg = take(static_cast<size_t>(d + 1) * MC * L),
+    *sp = take(MC * L);
   std::vector<int64_t> offk(d + 1, 0);  // core k's entries in a packed row of out
   for (int k = 0; k < d; ++k) offk[k + 1] = offk[k] + static_cast<int64_t>(r[k]) * n[k] * r[k + 1];
   const int64_t size = offk[d];
@@ -2764,15 +2843,13 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
       const int rows = r[k - 1] * n[k - 1];
       pbs::gather_core<T, L>(U[k - 1], b0, B, un);
       pbs::gather_core<T, L>(D[k - 1], b0, B, Dk);
-      {  // LQ step (project_small_impl's): V_k = S_k V'_k (I (x) S_{k+1})
+      {  // LQ step (project_small_impl's): V_k = S_k V'_k (I (x) S_{k+1}), c_{k-1} = U_{k-1} R^T
         for (int i = 0; i < a; ++i)
           for (int j = 0; j < nb; ++j)
             pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(j) * a + i) * L,
                                   C2 + (static_cast<size_t>(i) * nb + j) * L);
-        int m = nb;
-        T *ct = CT, *pvd = vd, *pcf = cf, *pb = beta, *pq = Qt, *pr = Rl,
-          *ps = sgn + static_cast<size_t>(k) * MC * L;
-        bf::for_cols<T, At<L>::template Lq>(a, m, ct, pvd, pcf, pb, pq, pr, ps);
+        T* ps = sgn + static_cast<size_t>(k) * MC * L;
+        F::lq(nb, a, CT, vd, cf, beta, sp, Qt, Rl, ps);
         const T* s1 = sgn + static_cast<size_t>(k + 1) * MC * L;
         T* V = Vs + vo[k];
         for (int al = 0; al < a; ++al)
@@ -2782,13 +2859,13 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
               pbs::mul3<T, L>(V + (static_cast<size_t>(al) * nb + row) * L, ps + al * L,
                               Qt + (row * a + al) * L, s1 + (k + 1 < d ? be * L : 0));
             }
-        mm<T, L>(rows, a, a, un, a, 1, Rl, 1, a, C2, a, 1, T(1), false);
+        F::mm(rows, a, a, un, a, 1, Rl, 1, a, C2, a, 1, T(1), false);
       }
       const T* V = Vs + vo[k];
       // structured step: C = left V^T (a x a); left -= C V; QR of [left | right]^T
-      mm<T, L>(a, a, nb, left, nb, 1, V, 1, nb, Cm, a, 1, T(1), false);
-      mm<T, L>(a, nb, a, Cm, a, 1, V, nb, 1, left, nb, 1, T(-1), true);
-      int N = nb + nbr;
+      F::mm(a, a, nb, left, nb, 1, V, 1, nb, Cm, a, 1, T(1), false);
+      F::mm(a, nb, a, Cm, a, 1, V, nb, 1, left, nb, 1, T(-1), true);
+      const int N = nb + nbr;
       for (int al = 0; al < a; ++al) {
         for (int j = 0; j < nb; ++j)
           pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(j) * a + al) * L,
@@ -2797,18 +2874,17 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
           pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(nb + j) * a + al) * L,
                                 right + (static_cast<size_t>(al) * nbr + j) * L);
       }
-      // scaled to a largest entry in [1, 2) (exact), as the wide kernel does: a huge point
-      // or step (a float32 entry above ~1e19) would overflow the reflectors' squared norms
+      // scaled to a largest entry in [1, 2) (exact): a huge point or step (a float32 entry
+      // above ~1e19) would overflow the reflectors' squared norms; R scaled back
       T scq[L];
       bf::scale_down<T, L>(CT, N * a, scq);
-      T *ct = CT, *pvd = vd, *pcf = cf, *pb = beta, *pq = Qw + qo[k], *pr = Rb;
-      bf::for_cols<T, At<L>::template Qr>(a, N, ct, pvd, pcf, pb, pq, pr);
+      F::qr(N, a, CT, vd, cf, beta, sp, Qw + qo[k], Rb);
       for (int e = 0; e < a * a; ++e)
         for (int l = 0; l < L; ++l) Rb[static_cast<size_t>(e) * L + l] *= scq[l];
       // core k-1: left = du_{k-1} + U_{k-1} C, right = U_{k-1} R^T ((r_{k-1} n) x a each)
       std::copy(Dk, Dk + static_cast<size_t>(rows) * a * L, nleft);
-      mm<T, L>(rows, a, a, un, a, 1, Cm, a, 1, nleft, a, 1, T(1), true);
-      mm<T, L>(rows, a, a, un, a, 1, Rb, 1, a, nright, a, 1, T(1), false);
+      F::mm(rows, a, a, un, a, 1, Cm, a, 1, nleft, a, 1, T(1), true);
+      F::mm(rows, a, a, un, a, 1, Rb, 1, a, nright, a, 1, T(1), false);
       std::swap(left, nleft);
       std::swap(right, nright);
       std::swap(uk, un);
@@ -2825,25 +2901,22 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
       }
     for (int k = 0; k + 1 < d; ++k) {
       const int rk = r[k + 1];
-      T *pa = c, *pvd = vd, *pcf = cf, *pb = beta, *pw = Wj, *pv = Vj, *ps = S, *pu = Uo,
-        *psv = SV;
-      bf::for_cols<T, At<L>::template Svd>(K, m, pa, pvd, pcf, pb, pw, pv, ps, pu, psv);  // (K = 2 rk)
+      F::svd_top(m, K, c, vd, cf, beta, sp, Wj, Vj, S, Uo, SV);  // (K = 2 rk)
       add_zero_times<T, L>(Uo, m * rk, acc);  // core k = U[:, :rk]
       put_core<T, L>(Uo, m * rk, outp + b0 * size + offk[k], size, nl);
       // top (rk x nb) = SV[:, a:] Q_V^T + SV[:, :a] V_{k+1}; Q = [Q_V; Q_W] (N x ap)
       const int a = rk, nk = n[k + 1], b = r[k + 2], nb = nk * b, ap = K - a;
       const T* q = Qw + qo[k + 1];
-      mm<T, L>(rk, nb, ap, SV + static_cast<size_t>(a) * L, K, 1, q, 1, ap, top, nb, 1,
-                  T(1), false);
-      mm<T, L>(rk, nb, a, SV, K, 1, Vs + vo[k + 1], nb, 1, top, nb, 1, T(1), true);
+      F::mm(rk, nb, ap, SV + static_cast<size_t>(a) * L, K, 1, q, 1, ap, top, nb, 1, T(1), false);
+      F::mm(rk, nb, a, SV, K, 1, Vs + vo[k + 1], nb, 1, top, nb, 1, T(1), true);
       if (k + 2 == d) {  // the last core (rk x n x 1)
         add_zero_times<T, L>(top, rk * nb, acc);
         put_core<T, L>(top, rk * nb, outp + b0 * size + offk[k + 1], size, nl);
         break;
       }
       // W2 (rk x n_{k+1} r_{k+2}) = SV[:, a:] Q_W^T (Q_W: the right part's columns)
-      mm<T, L>(rk, nb, ap, SV + static_cast<size_t>(a) * L, K, 1,
-                  q + static_cast<size_t>(nb) * ap * L, 1, ap, W2, nb, 1, T(1), false);
+      F::mm(rk, nb, ap, SV + static_cast<size_t>(a) * L, K, 1,
+            q + static_cast<size_t>(nb) * ap * L, 1, ap, W2, nb, 1, T(1), false);
       const int K2 = 2 * b;  // next c: rows (al, i), columns [top (b) | W2 (b)]
       for (int al = 0; al < rk; ++al)
         for (int i = 0; i < nk; ++i) {
@@ -2855,8 +2928,7 @@ bool retract_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
       m = rk * nk;
       K = K2;
     }
-    const int64_t valid = std::min<int64_t>(L, B - b0);
-    for (int l = 0; l < valid; ++l) finite_all = finite_all && acc[l] == T(0);
+    for (int l = 0; l < nl; ++l) finite_all = finite_all && acc[l] == T(0);
   }
   return finite_all;
 }
@@ -2888,23 +2960,24 @@ torch::Tensor retract_batch_small(std::vector<torch::Tensor> U, std::vector<torc
     size += U[k].size(1) * U[k].size(2) * U[k].size(3);
   }
   TORCH_CHECK(U[0].size(1) == 1 && U[d - 1].size(3) == 1, "U: boundary ranks must be 1");
-  auto out = torch::empty({B, size}, U[0].options());
+  auto out = empty_for_output({B, size}, U[0].options());
   if (B == 0) return out;
   // blocks of 8 doubles / 16 floats (64 bytes: one AVX-512 register): an 80 x 8 unfolding
   // of a block (40 KB) stays in the L1 cache; with the lane-vector steps of rbs this is
   // faster than bf's 128-byte blocks (QR + Q of 80 x 8: 0.52 vs 0.64 us a matrix, float64)
-  const bool ok = t == torch::kDouble ? rbs::retract_small_impl<double, 8>(U, du, B, out)
-                                      : rbs::retract_small_impl<float, 16>(U, du, B, out);
+  const bool ok = t == torch::kDouble
+                      ? rbs::retract_sweep<double, 8, rbs::FixedWidth<8>>(U, du, B, out)
+                      : rbs::retract_sweep<float, 16, rbs::FixedWidth<16>>(U, du, B, out);
   TORCH_CHECK(ok, "retr: X + u is not finite (X or u contains NaN or Inf)");
   return out;
 }
 
 
 // ---------------------------------------------------------------------------------------
-// The batched retraction for TT-ranks up to 12 (SVDs of up to 24 columns): rbs's algorithm
-// (retract_small_impl: the LQ sweep, the structured right-to-left orthogonalization, the
+// The batched retraction for TT-ranks up to 12 (SVDs of up to 24 columns): rbs's sweep
+// (rbs::retract_sweep: the LQ sweep, the structured right-to-left orthogonalization, the
 // truncated SVDs by Householder QR and one-sided Jacobi of R^T) in the interleaved layout
-// of bf, with factorizations of runtime width (bf's are instantiated per column count and
+// of bf, with the factorizations of runtime width below (RuntimeWidth) (bf's are instantiated per column count and
 // column, too many functions at 24 columns). A reflector's products run over blocks of up
 // to kChunk columns whose accumulators are lane vectors (rbs's Vec: registers). Blocks of
 // 8 doubles / 16 floats (64 bytes; with the lane-vector code 16 doubles were ~1.2x slower
@@ -3197,20 +3270,7 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
   bf::eye<T, L>(n, n, V);
   const int N = n + (n & 1), K = N / 2;
   int P[kMaxCols][kMaxCols / 2], Qc[kMaxCols][kMaxCols / 2];
-  {
-    int idx[kMaxCols];
-    for (int i = 0; i < N; ++i) idx[i] = i;
-    for (int r = 0; r < N - 1; ++r) {
-      for (int k = 0; k < K; ++k) {
-        const int x = idx[k], y = idx[N - 1 - k];
-        P[r][k] = std::min(x, y);
-        Qc[r][k] = std::max(x, y);
-      }
-      const int last = idx[N - 1];
-      for (int i = N - 1; i > 1; --i) idx[i] = idx[i - 1];
-      idx[1] = last;
-    }
-  }
+  bf::round_robin<kMaxCols / 2>(N, P, Qc);
   const size_t rs = static_cast<size_t>(n) * L;  // row stride
   const T tol2 = tol * tol;
   alignas(64) T nrm[kMaxCols * L];
@@ -3357,39 +3417,7 @@ void svd_top(int m, int n, T* A, T* vd, T* cf, T* beta, T* sp, T* W, T* V, T* S,
   // the h largest (squared) norms to the front, descending: passes of compare-exchanges
   // of adjacent columns from the back, per lane (the order of the rest does not matter)
   for (int i = 0; i < h; ++i)
-    for (int j = n - 1; j > i; --j) {
-#if defined(TTM_RBS_VEC)
-      // selects on lane vectors (as lane loops GCC swapped one number at a time)
-      using LV = Lv<T, L>;
-      const LV x = ld<T, L>(S + j * L), y = ld<T, L>(S + (j - 1) * L);
-      const auto sw = x > y;
-      st<T, L>(S + j * L, sw ? y : x);
-      st<T, L>(S + (j - 1) * L, sw ? x : y);
-      for (int r = 0; r < n; ++r) {
-        T* wj = W + (r * n + j) * L;
-        T* vj = V + (r * n + j) * L;
-        const LV w1 = ld<T, L>(wj), w0 = ld<T, L>(wj - L), v1 = ld<T, L>(vj), v0 = ld<T, L>(vj - L);
-        st<T, L>(wj, sw ? w0 : w1);
-        st<T, L>(wj - L, sw ? w1 : w0);
-        st<T, L>(vj, sw ? v0 : v1);
-        st<T, L>(vj - L, sw ? v1 : v0);
-      }
-#else
-      bool sw[L];
-      for (int l = 0; l < L; ++l) {
-        const T x = S[j * L + l], y = S[(j - 1) * L + l];
-        sw[l] = x > y;
-        S[j * L + l] = sw[l] ? y : x; S[(j - 1) * L + l] = sw[l] ? x : y;
-      }
-      for (int r = 0; r < n; ++r)
-        for (int l = 0; l < L; ++l) {
-          T* wj = &W[(r * n + j) * L + l]; T* wk = &W[(r * n + j - 1) * L + l];
-          const T x = *wj, y = *wk; *wj = sw[l] ? y : x; *wk = sw[l] ? x : y;
-          T* vj = &V[(r * n + j) * L + l]; T* vk = &V[(r * n + j - 1) * L + l];
-          const T x2 = *vj, y2 = *vk; *vj = sw[l] ? y2 : x2; *vk = sw[l] ? x2 : y2;
-        }
-#endif
-    }
+    for (int j = n - 1; j > i; --j) rbs::exchange_down<T, L>(n, j, S, W, V);
   for (int j = 0; j < h; ++j)  // SV[:h] = W[:, :h]^T, scaled back
     for (int c = 0; c < n; ++c)
       for (int l = 0; l < L; ++l) SV[(j * n + c) * L + l] = W[(c * n + j) * L + l] * sc[l];
@@ -3400,165 +3428,32 @@ void svd_top(int m, int n, T* A, T* vd, T* cf, T* beta, T* sp, T* W, T* V, T* S,
   apply_q<T, L>(m, n, A, vd, cf, sp, Uo, h, h, false);
 }
 
-// returns whether every output is finite; retract_small_impl's sweeps with the runtime
-// factorizations above
-template <typename T, int L>
-bool retract_wide_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::Tensor>& D,
-                       int64_t B, torch::Tensor& out) {
-  using pbs::mm_il;
-  constexpr int MC = kMaxCols;
-  const int d = static_cast<int>(U.size());
-  std::vector<int> r(d + 1), n(d);
-  for (int k = 0; k < d; ++k) {
-    r[k] = static_cast<int>(U[k].size(1)); n[k] = static_cast<int>(U[k].size(2));
+// rbs::retract_sweep's factorizations for TT-ranks up to kMaxRank: the runtime-width QR and
+// truncated SVD above, pbs::mm_il's products
+template <int L>
+struct RuntimeWidth {
+  static constexpr int kMaxCols = rbw::kMaxCols;
+  template <typename T>
+  static void qr(int m, int a, T* A, T* vd, T* cf, T* beta, T* sp, T* Q, T* R) {
+    rbw::qr<T, L>(m, a, A, vd, cf, beta, sp, Q, R);
   }
-  r[d] = 1;
-  std::vector<size_t> vo(d + 1, 0), qo(d + 1, 0);
-  size_t mx = 1;
-  for (int k = 0; k < d; ++k) {
-    const size_t un = static_cast<size_t>(r[k]) * n[k] * r[k + 1];
-    const size_t N = static_cast<size_t>(n[k]) * r[k + 1] * (k + 1 < d ? 2 : 1);
-    vo[k + 1] = vo[k] + un * L;
-    qo[k + 1] = qo[k] + N * r[k] * L;
-    mx = std::max({mx, un, N * r[k], static_cast<size_t>(r[k]) * n[k] * 2 * r[k + 1]});
+  template <typename T>
+  static void lq(int m, int a, T* A, T* vd, T* cf, T* beta, T* sp, T* Q, T* R, T* sg) {
+    rbw::qr<T, L>(m, a, A, vd, cf, beta, sp, Q, R);
+    for (int j = 0; j < a; ++j)
+      for (int l = 0; l < L; ++l) sg[j * L + l] = std::copysign(T(1), beta[j * L + l]);
   }
-  static thread_local std::vector<T> ws;
-  const size_t small = static_cast<size_t>(MC) * MC * L;
-  const size_t need = vo[d] + qo[d] + 14 * mx * L + 6 * small + static_cast<size_t>(d + 6) * MC * L;
-  if (ws.size() < need + 64 / sizeof(T)) ws.resize(need + 64 / sizeof(T));
-  // every buffer on a 64-byte boundary (sizes are multiples of L numbers, 64 bytes or
-  // more): a lane vector never straddles two cache lines (as rbs's workspace)
-  T* wp = reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(ws.data()) + 63) &
-                               ~static_cast<std::uintptr_t>(63));
-  auto take = [&](size_t cnt) { T* q = wp; wp += cnt; return q; };
-  T *Vs = take(vo[d]), *Qw = take(qo[d]), *Ua = take(mx * L), *Ub = take(mx * L),
-    *Dk = take(mx * L), *CT = take(mx * L), *Qt = take(mx * L), *C2 = take(mx * L),
-    *left = take(mx * L), *right = take(mx * L), *nleft = take(mx * L), *nright = take(mx * L),
-    *c = take(mx * L), *Uo = take(mx * L), *top = take(mx * L), *W2 = take(mx * L),
-    *Rb = take(small), *Rl = take(small), *Cm = take(small), *Wj = take(small),
-    *Vj = take(small), *SV = take(small), *S = take(MC * L), *vd = take(MC * L),
-    *cf = take(MC * L), *beta = take(MC * L), *sp = take(MC * L), *sg = take(static_cast<size_t>(d + 1) * MC * L);
-  std::vector<torch::Tensor> Ov(d);
-  int64_t off = 0;
-  for (int k = 0; k < d; ++k) {
-    const int64_t sz = static_cast<int64_t>(r[k]) * n[k] * r[k + 1];
-    Ov[k] = out.narrow(1, off, sz).view({B, r[k] * n[k], r[k + 1]});
-    off += sz;
+  template <typename T>
+  static void svd_top(int m, int n, T* A, T* vd, T* cf, T* beta, T* sp, T* W, T* V, T* S,
+                      T* Uo, T* SV) {
+    rbw::svd_top<T, L>(m, n, A, vd, cf, beta, sp, W, V, S, Uo, SV);
   }
-  bool finite_all = true;
-  T sc[L];
-  for (int64_t b0 = 0; b0 < B; b0 += L) {
-    alignas(64) T acc[L];  // sum of 0 * output per lane: NaN once an output is NaN or infinite
-    for (int l = 0; l < L; ++l) acc[l] = T(0);
-    T* uk = Ua;
-    T* un = Ub;
-    pbs::gather_core<T, L>(U[d - 1], b0, B, uk);
-    pbs::gather_core<T, L>(D[d - 1], b0, B, Dk);
-    const int last = r[d - 1] * n[d - 1];
-    std::copy(uk, uk + static_cast<size_t>(last) * L, C2);
-    bf::scale_down<T, L>(C2, last, sc);
-    for (int e = 0; e < last * L; ++e) left[e] = uk[e] + Dk[e];
-    T* sgn = sg;
-    for (int l = 0; l < L; ++l) sgn[static_cast<size_t>(d) * MC * L + l] = T(1);
-    int nbr = 0;
-    for (int k = d - 1; k >= 1; --k) {
-      const int a = r[k], nb = n[k] * r[k + 1], b = r[k + 1];
-      const int rows = r[k - 1] * n[k - 1];
-      pbs::gather_core<T, L>(U[k - 1], b0, B, un);
-      pbs::gather_core<T, L>(D[k - 1], b0, B, Dk);
-      {  // LQ step: V_k = S_k V'_k (I (x) S_{k+1}), c_{k-1} = U_{k-1} R^T
-        for (int i = 0; i < a; ++i)
-          for (int j = 0; j < nb; ++j)
-            pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(j) * a + i) * L,
-                                  C2 + (static_cast<size_t>(i) * nb + j) * L);
-        T* ps = sgn + static_cast<size_t>(k) * MC * L;
-        qr<T, L>(nb, a, CT, vd, cf, beta, sp, Qt, Rl);
-        for (int j = 0; j < a; ++j)
-          for (int l = 0; l < L; ++l) ps[j * L + l] = std::copysign(T(1), beta[j * L + l]);
-        const T* s1 = sgn + static_cast<size_t>(k + 1) * MC * L;
-        T* V = Vs + vo[k];
-        for (int al = 0; al < a; ++al)
-          for (int i = 0; i < n[k]; ++i)
-            for (int be = 0; be < b; ++be) {
-              const size_t row = static_cast<size_t>(i) * b + be;
-              pbs::mul3<T, L>(V + (static_cast<size_t>(al) * nb + row) * L, ps + al * L,
-                              Qt + (row * a + al) * L, s1 + (k + 1 < d ? be * L : 0));
-            }
-        mm_il<T, L>(rows, a, a, un, a, 1, Rl, 1, a, C2, a, 1, T(1), false);
-      }
-      const T* V = Vs + vo[k];
-      // structured step: C = left V^T (a x a); left -= C V; QR of [left | right]^T
-      mm_il<T, L>(a, a, nb, left, nb, 1, V, 1, nb, Cm, a, 1, T(1), false);
-      mm_il<T, L>(a, nb, a, Cm, a, 1, V, nb, 1, left, nb, 1, T(-1), true);
-      const int N = nb + nbr;
-      for (int al = 0; al < a; ++al) {
-        for (int j = 0; j < nb; ++j)
-          pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(j) * a + al) * L,
-                                left + (static_cast<size_t>(al) * nb + j) * L);
-        for (int j = 0; j < nbr; ++j)
-          pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(nb + j) * a + al) * L,
-                                right + (static_cast<size_t>(al) * nbr + j) * L);
-      }
-      // scaled to a largest entry in [1, 2) (exact): a huge point or step (a float32 entry
-      // above ~1e19) would overflow the reflectors' squared norms; R scaled back
-      T scq[L];
-      bf::scale_down<T, L>(CT, N * a, scq);
-      qr<T, L>(N, a, CT, vd, cf, beta, sp, Qw + qo[k], Rb);
-      for (int e = 0; e < a * a; ++e)
-        for (int l = 0; l < L; ++l) Rb[static_cast<size_t>(e) * L + l] *= scq[l];
-      // core k-1: left = du_{k-1} + U_{k-1} C, right = U_{k-1} R^T ((r_{k-1} n) x a each)
-      std::copy(Dk, Dk + static_cast<size_t>(rows) * a * L, nleft);
-      mm_il<T, L>(rows, a, a, un, a, 1, Cm, a, 1, nleft, a, 1, T(1), true);
-      mm_il<T, L>(rows, a, a, un, a, 1, Rb, 1, a, nright, a, 1, T(1), false);
-      std::swap(left, nleft);
-      std::swap(right, nright);
-      std::swap(uk, un);
-      nbr = n[k - 1] * a;
-    }
-    // first core: c = [left | right] (n_0 x 2 r_1)
-    int m = n[0], K = 2 * r[1];
-    for (int i = 0; i < m; ++i)
-      for (int j = 0; j < r[1]; ++j) {
-        pbs::copy_lanes<T, L>(c + (static_cast<size_t>(i) * K + j) * L,
-                              left + (static_cast<size_t>(i) * r[1] + j) * L);
-        pbs::copy_lanes<T, L>(c + (static_cast<size_t>(i) * K + r[1] + j) * L,
-                              right + (static_cast<size_t>(i) * r[1] + j) * L);
-      }
-    for (int k = 0; k + 1 < d; ++k) {
-      const int rk = r[k + 1];
-      svd_top<T, L>(m, K, c, vd, cf, beta, sp, Wj, Vj, S, Uo, SV);  // (K = 2 rk)
-      rbs::add_zero_times<T, L>(Uo, m * rk, acc);  // core k = U[:, :rk]
-      bf::scatter<T, L>(Uo, b0, m, rk, nullptr, Ov[k]);
-      // top (rk x nb) = SV[:, a:] Q_V^T + SV[:, :a] V_{k+1}; Q = [Q_V; Q_W] (N x ap)
-      const int a = rk, nk = n[k + 1], b = r[k + 2], nb = nk * b, ap = K - a;
-      const T* q = Qw + qo[k + 1];
-      mm_il<T, L>(rk, nb, ap, SV + static_cast<size_t>(a) * L, K, 1, q, 1, ap, top, nb, 1,
-                  T(1), false);
-      mm_il<T, L>(rk, nb, a, SV, K, 1, Vs + vo[k + 1], nb, 1, top, nb, 1, T(1), true);
-      if (k + 2 == d) {  // the last core (rk x n x 1)
-        rbs::add_zero_times<T, L>(top, rk * nb, acc);
-        bf::scatter<T, L>(top, b0, rk * nb, 1, nullptr, Ov[k + 1]);
-        break;
-      }
-      // W2 (rk x n_{k+1} r_{k+2}) = SV[:, a:] Q_W^T (Q_W: the right part's columns)
-      mm_il<T, L>(rk, nb, ap, SV + static_cast<size_t>(a) * L, K, 1,
-                  q + static_cast<size_t>(nb) * ap * L, 1, ap, W2, nb, 1, T(1), false);
-      const int K2 = 2 * b;  // next c: rows (al, i), columns [top (b) | W2 (b)]
-      for (int al = 0; al < rk; ++al)
-        for (int i = 0; i < nk; ++i) {
-          const size_t row = static_cast<size_t>(al) * nk + i;
-          const size_t src = (static_cast<size_t>(al) * nb + static_cast<size_t>(i) * b) * L;
-          std::copy(top + src, top + src + static_cast<size_t>(b) * L, c + row * K2 * L);
-          std::copy(W2 + src, W2 + src + static_cast<size_t>(b) * L, c + (row * K2 + b) * L);
-        }
-      m = rk * nk;
-      K = K2;
-    }
-    const int64_t valid = std::min<int64_t>(L, B - b0);
-    for (int l = 0; l < valid; ++l) finite_all = finite_all && acc[l] == T(0);
+  template <typename T>
+  static void mm(int M, int N, int K, const T* A, int sam, int sak, const T* Bm, int sbk,
+                 int sbn, T* C, int scm, int scn, T alpha, bool acc) {
+    pbs::mm_il<T, L>(M, N, K, A, sam, sak, Bm, sbk, sbn, C, scm, scn, alpha, acc);
   }
-  return finite_all;
-}
+};
 
 }  // namespace rbw
 
@@ -3588,15 +3483,15 @@ torch::Tensor retract_batch_wide(std::vector<torch::Tensor> U, std::vector<torch
     size += U[k].size(1) * U[k].size(2) * U[k].size(3);
   }
   TORCH_CHECK(U[0].size(1) == 1 && U[d - 1].size(3) == 1, "U: boundary ranks must be 1");
-  auto out = torch::empty({B, size}, U[0].options());
+  auto out = empty_for_output({B, size}, U[0].options());
   if (B == 0) return out;
   bool ok = true;
   if (t == torch::kDouble) {
-    if (lanes == 16) ok = rbw::retract_wide_impl<double, 16>(U, du, B, out);
-    else ok = rbw::retract_wide_impl<double, 8>(U, du, B, out);
+    if (lanes == 16) ok = rbs::retract_sweep<double, 16, rbw::RuntimeWidth<16>>(U, du, B, out);
+    else ok = rbs::retract_sweep<double, 8, rbw::RuntimeWidth<8>>(U, du, B, out);
   } else {
-    if (lanes == 32) ok = rbw::retract_wide_impl<float, 32>(U, du, B, out);
-    else ok = rbw::retract_wide_impl<float, 16>(U, du, B, out);
+    if (lanes == 32) ok = rbs::retract_sweep<float, 32, rbw::RuntimeWidth<32>>(U, du, B, out);
+    else ok = rbs::retract_sweep<float, 16, rbw::RuntimeWidth<16>>(U, du, B, out);
   }
   TORCH_CHECK(ok, "retr: X + u is not finite (X or u contains NaN or Inf)");
   return out;
@@ -3713,8 +3608,7 @@ std::vector<torch::Tensor> right_cores_batch_small(std::vector<torch::Tensor> U,
   std::vector<torch::Tensor> V(d);
   V[0] = torch::empty({0}, U[0].options());
   for (size_t k = 1; k < d; ++k) {
-    V[k] = torch::empty({B, U[k].size(1), U[k].size(2), U[k].size(3)}, U[k].options());
-    pbs::advise_huge_pages(V[k]);
+    V[k] = empty_for_output({B, U[k].size(1), U[k].size(2), U[k].size(3)}, U[k].options());
   }
   if (B == 0) return V;
   TORCH_CHECK(variant != 2 || mr <= bf::kMaxCols, "right_cores_batch_small: variant 2 needs TT-ranks <= ",

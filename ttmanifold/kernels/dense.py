@@ -162,6 +162,17 @@ def gauge_project(mod, runs, U_flat: torch.Tensor, g: torch.Tensor):
     return mod.gauge_project(U_flat.contiguous(), g.contiguous(), _flat_runs(runs))
 
 
+def gauge_project_checked(mod, runs, U_flat: torch.Tensor, g: torch.Tensor):
+    """:func:`gauge_project` for one point or a batch ``(B, size)`` of points and tensors of
+    one shape: the projection and whether it is all finite, one call (the finiteness is
+    tested in cache as the result is written: no pass of its own)."""
+    if g.dim() == 1:
+        return gauge_project(mod, runs, U_flat, g)
+    fn = (mod.gauge_project_batch_small if g.shape[0] >= GAUGE_SIMD_MIN_BATCH
+          else mod.gauge_project_batch)
+    return fn(U_flat.contiguous(), g.contiguous(), _flat_runs(runs))
+
+
 def _flat_runs(runs) -> List[int]:
     """The manifold's ``gauge_runs`` as the compiled kernels take them: (offset, count,
     rows, cols) of every run, flattened."""

@@ -18,12 +18,13 @@ import torch
 from .. import kernels
 from .._checks import assert_finite_async, functorch_wrapped
 from ..kernels import dense as compiled_dense
+from ..kernels.memory import big_cpu_output, empty_for_output
 from ..tt import TT
 from ..tt.tensor_train import packed_grads_only
 from .sweeps import gauge_project_flat, right_cores
 from .tangent import TangentTT
 
-__all__ = ["riemannian_grad", "riemannian_hvp", "tangent_at_point"]
+__all__ = ["gauge_project_checked", "riemannian_grad", "riemannian_hvp", "tangent_at_point"]
 
 
 class _DeltaFromPoint(torch.autograd.Function):
@@ -37,6 +38,12 @@ class _DeltaFromPoint(torch.autograd.Function):
     @staticmethod
     def forward(p, runs):
         last = runs[1]
+        if big_cpu_output(p) and not functorch_wrapped(p):
+            # written in place into one fresh output (huge pages): no zeros to concatenate
+            out = empty_for_output(p.shape, p.dtype, p.device)
+            out[..., :last].zero_()
+            out[..., last:].copy_(p[..., last:])
+            return out
         if p.dim() > 1:  # a batch of points (*batch, size)
             return torch.cat([p.new_zeros(p.shape[:-1] + (last,)), p[..., last:]], -1)
         return torch.cat([p.new_zeros(last), p[last:]])
@@ -109,12 +116,24 @@ _NONFINITE_G = "f: gradient contains NaN or Inf (or the point p does)"
 _NONFINITE_HVP = "f: Hessian-vector product contains NaN or Inf"
 
 
-@kernels.dispatch("dense", compiled=compiled_dense.gauge_project,
-                  when=lambda runs, p, D: p.dim() == 1 and D.dim() == 1)
-def _gauge_checked(runs, p, D):
-    """The gauge projection of the packed ``D`` at ``p`` (``runs``: the manifold's
-    ``gauge_runs``; ``d >= 2``) and whether it is finite: None here (the caller checks
-    asynchronously); compiled on the CPU, one call that also tests the result."""
+def _checkable(runs, p, D) -> bool:
+    return p.dim() == D.dim() and p.dim() <= 2 and p.shape == D.shape
+
+
+@kernels.dispatch("dense", compiled=compiled_dense.gauge_project_checked, when=_checkable)
+def gauge_project_checked(runs, p: torch.Tensor, D: torch.Tensor):
+    """The gauge projection of the packed ``D`` at the packed point ``p`` and whether it is
+    finite: compiled on the CPU, one call that tests the result as it writes it (a
+    non-finite ``D`` or point makes it non-finite: no pass over ``D`` of its own).
+
+    Args:
+        runs: the manifold's ``gauge_runs`` (``d >= 2``); p, D: one point and tensor
+            ``(size,)``, or a batch ``(B, size)`` of each (other shapes: the torch path).
+    Returns:
+        ``(G, finite)``: ``finite`` a bool from the compiled kernel, None from the torch
+        path (the caller then checks ``G`` itself, e.g. asynchronously).
+    Cost: O(size r) per point, one call.
+    """
     return gauge_project_flat(runs, p, D), None
 
 
@@ -182,7 +201,7 @@ def riemannian_grad(M, p: torch.Tensor, f: Callable[[TT], torch.Tensor]) -> torc
         return D.clone()
     # G, not only D: a non-finite point reaches G through the gauge projection even where D
     # is finite (0.5 <X, X> has D = (0, .., 0, U_d)); one pass, no host sync
-    G, finite = _gauge_checked(M.gauge_runs, p, D)
+    G, finite = gauge_project_checked(M.gauge_runs, p, D)
     if finite is None:
         assert_finite_async(G, "f", _NONFINITE_G)
     elif not finite:  # the compiled path tested G

@@ -22,8 +22,9 @@ import torch
 
 from .. import kernels
 from ..kernels import dense as compiled_dense
-from .._checks import (assert_finite_async, check_float_dtype, check_right_cores, check_shape,
-                       functorch_wrapped, normalize_ranks)
+from ..kernels.memory import clone_for_output, packed_dot
+from .._checks import (assert_each_finite_async, assert_finite_async, check_float_dtype,
+                       check_right_cores, check_shape, functorch_wrapped, normalize_ranks)
 from ..tt import TT, BatchIndexSet, IndexSet, orthogonalize
 from ..tt import round as tt_round
 from ..tt.tensor_train import fro_norm
@@ -123,6 +124,7 @@ def _no_autograd_fast_path(fn=None, *, fresh_outputs: bool = False):
 # a NaN point would spread into every delta of a projection as silently as a NaN Z
 _NONFINITE_Z = "Z: contains NaN or Inf (or the point p does)"
 _NONFINITE_V = "v: contains NaN or Inf (or the points x, y do)"
+_NONFINITE_EGRAD = "u: gradient contains NaN or Inf"
 
 #: Large CPU batches of the per-step methods (``retr``, ``transp``, ``retr_transp``,
 #: ``proju``, ``gauge``, ``project`` of a TT or dense ``Z``) run in chunks of about this many
@@ -239,6 +241,31 @@ def _svd_of_nonfinite_named(fn, x: torch.Tensor, u: torch.Tensor):
 
 
 _NONFINITE_RETR = "retr: X + u is not finite (X or u contains NaN or Inf)"
+
+
+def _svd_may_pass_nonfinite(x: torch.Tensor, u: torch.Tensor) -> bool:
+    """Whether the torch path's SVDs may return NaN for a non-finite ``X + u`` instead of
+    raising: off the CPU (a GPU's batched SVD returns NaN) and, on the CPU, for a batch the
+    compiled batched SVD may factor (NaN in, NaN out: ``sweeps.batched_svd``). LAPACK's SVD
+    on the CPU raises (said by :func:`_svd_of_nonfinite_named`), so no check runs there."""
+    if x.device.type != "cpu":
+        return True
+    batch = math.prod(torch.broadcast_shapes(x.shape[:-1], u.shape[:-1]))
+    return kernels.enabled() and batch >= sweeps.BATCHED_SVD_MIN_BATCH
+
+
+def _assert_retr_finite(x, u, y, v=None, *, d: int) -> None:
+    """The torch path's checks after a retraction ``y = R_x(u)`` (and of the vector ``v`` it
+    transports): where the SVDs may return NaN (:func:`_svd_may_pass_nonfinite`; for
+    ``d = 1`` no SVD runs, ``y = x + u``), the result ``y`` says a non-finite ``X + u`` with
+    the CPU's message, before ``v``'s (as the kernels check, and as the CPU's SVD raises
+    before); one fused on-device check, no host sync (``y`` alone: 3 operations; with
+    ``v``: 5, one more than ``v`` alone)."""
+    if d == 1 or _svd_may_pass_nonfinite(x, u):
+        assert_each_finite_async([y] if v is None else [y, v],
+                                 [_NONFINITE_RETR] if v is None else [_NONFINITE_RETR, _NONFINITE_V])
+    elif v is not None:
+        assert_finite_async(v, "v", _NONFINITE_V)
 
 
 class FixedTTRank(geoopt.Manifold):
@@ -404,6 +431,8 @@ class FixedTTRank(geoopt.Manifold):
         if rtol is not None and (not isinstance(rtol, numbers.Real) or isinstance(rtol, bool)
                                  or not 0 <= rtol < 1):
             raise ValueError(f"rtol: expected a float in [0, 1) or None, got {rtol!r}")
+        if not isinstance(check_rank, bool):  # ("no", None: read as true / false silently)
+            raise TypeError(f"check_rank: expected True or False, got {check_rank!r}")
         if len(tensors) == 1 and isinstance(tensors[0], TT):
             x = tensors[0]
         elif len(tensors) == 1 and isinstance(tensors[0], (list, tuple)):
@@ -585,7 +614,6 @@ class FixedTTRank(geoopt.Manifold):
         through ``torch._assert_async``: no host sync, asynchronous on CUDA."""
         self._check_flat(x, "x")
         self._check_vector(u, x)
-        assert_finite_async(u, "u", "u: gradient contains NaN or Inf")
         self._verify_once(x)
         if (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
                 and (x.dim() > 1 or u.dim() > 1)):
@@ -593,8 +621,21 @@ class FixedTTRank(geoopt.Manifold):
             # ordinary tensor, returned without the fast path's copy (which cost as much as
             # the projection's kernel); no_grad, as inference mode was
             with torch.inference_mode(False), torch.no_grad():
-                return self._gauge_packed(x, u)
-        return self._gauge_packed(x, u)  # (proju would check and assert u again)
+                return self._egrad_gauged(x, u)
+        return self._egrad_gauged(x, u)
+
+    def _egrad_gauged(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """:meth:`egrad2rgrad`'s projection and check of ``u`` (proju would check again):
+        on the compiled kernel its test of the result (finite whenever ``u`` is, unless it
+        overflows: no pass over ``u`` on the normal path), else an assert on ``u``."""
+        if self.d == 1:
+            assert_finite_async(u, "u", _NONFINITE_EGRAD)
+            return self._gauge_packed(x, u)
+        G, finite = autodiff.gauge_project_checked(self.gauge_runs, x, u)
+        if not finite:  # the torch path, or a non-finite result: then the pass over u
+            # (a finite u whose projection overflows is returned as before, unflagged)
+            assert_finite_async(u, "u", _NONFINITE_EGRAD)
+        return G
 
     def _verify_once(self, x: torch.Tensor) -> None:
         """On the first Riemannian gradient at a given point tensor (an optimizer's first
@@ -629,7 +670,7 @@ class FixedTTRank(geoopt.Manifold):
         ``ok`` / ``(ok, reason)`` instead of raising (geoopt's own ``check_point`` checks
         the shape only; this one checks the point). Reads values on the host: call it on
         data you bring, not in a loop. O(d n r^3)."""
-        ok, why = self._check_point_on_manifold(p, atol=atol, rtol=rtol)
+        ok, why = self._check_point_on_manifold(p, atol=atol, rtol=rtol, name="p")
         if explain is not None:
             return (ok, why) if explain else ok
         if not ok:
@@ -860,6 +901,9 @@ class FixedTTRank(geoopt.Manifold):
     def _check_pair(self, u, v) -> None:
         """Raise naming ``u, v`` unless both are packed tensors of one dtype and device
         whose batches broadcast."""
+        if v is u and not (isinstance(u, torch.Tensor) and u.shape[-1:] == (self.size,)):
+            # one vector (norm, inner(x, u)): named alone
+            self._check_flat(u, "u")
         if not isinstance(u, torch.Tensor) or not isinstance(v, torch.Tensor):
             raise TypeError(f"u, v: expected packed tangent vectors (tensors), got "
                             f"{type(u).__name__} and {type(v).__name__}")
@@ -898,9 +942,10 @@ class FixedTTRank(geoopt.Manifold):
         if v is None:
             v = u
         shape = self._metric_shape(x, u, v)
-        val = (u * v).sum(-1, keepdim=True)
+        # (a large CPU batch: products in cache-sized slices, the result in huge pages)
+        val = packed_dot(u, v).unsqueeze(-1)
         _assert_finite_result(val, name)
-        return val.expand(shape).clone()
+        return clone_for_output(val.expand(shape))
 
     def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
         """Riemannian norm ``sqrt(<u, u>)``, one per point for batches; scaled, so it neither
@@ -920,7 +965,11 @@ class FixedTTRank(geoopt.Manifold):
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Retraction ``R_X(xi) = round_r(X + xi)`` (TT-SVD of the rank-2r TT). O(d n r^3).
 
-        ``u`` may be non-gauged deltas. The result is left-orthogonal.
+        ``u`` may be non-gauged deltas. The result is left-orthogonal. A NaN or Inf in
+        ``x`` or ``u`` raises ``RuntimeError`` ("retr: X + u is not finite ...") on every
+        device: the compiled kernels test their results and the CPU's SVD fails on them;
+        where the SVD returns NaN instead (a GPU's, the compiled batched SVD of a CPU
+        batch) one on-device assert tests the result (no host sync; 3 operations).
         """
         if x.dim() > 1 or u.dim() > 1:
             U, du = self._split(x, "x"), self._check_vector(u, x)
@@ -943,8 +992,11 @@ class FixedTTRank(geoopt.Manifold):
         U = self._split(x, "x")
         du = self._check_vector(u, x)
         if V is None:
-            return _svd_of_nonfinite_named(lambda: retract_point(U, du, self.ranks), x, u)
-        return _svd_of_nonfinite_named(lambda: retract(U, V, du, self.ranks), x, u)
+            y = _svd_of_nonfinite_named(lambda: retract_point(U, du, self.ranks), x, u)
+        else:
+            y = _svd_of_nonfinite_named(lambda: retract(U, V, du, self.ranks), x, u)
+        _assert_retr_finite(x, u, y, d=self.d)
+        return y
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Not available: the fixed-TT-rank manifold has no closed-form exponential map
@@ -992,8 +1044,8 @@ class FixedTTRank(geoopt.Manifold):
         (:func:`~.sweeps.transport_small`, ``v``'s rank-2r block cores assembled in cache);
         other batches run in CPU chunks.
         Non-finite ``v`` raise ``RuntimeError`` ("v: contains NaN or Inf"); a non-finite
-        point or ``u`` raises ``RuntimeError`` ("retr: X + u is not finite") on the CPU (on
-        a GPU's torch path, as in :meth:`retr`, they give NaN). O(d n r^3)."""
+        point or ``u`` raises ``RuntimeError`` ("retr: X + u is not finite") on every
+        device, as in :meth:`retr` (checked before ``v``). O(d n r^3)."""
         if x.dim() > 1 or u.dim() > 1 or v.dim() > 1:
             out = self._retr_transp_small(x, u, v)
             if out is not None:
@@ -1007,14 +1059,16 @@ class FixedTTRank(geoopt.Manifold):
         U = self._split(x, "x")
         du = self._check_vector(u, x)
         dv = self._check_vector(v, x, "v")
-        # (a non-finite x or u fails the retraction's SVD: said by _svd_of_nonfinite_named)
-        assert_finite_async(v, "v", _NONFINITE_V)
+        # (a non-finite x or u fails the retraction's SVD, said by _svd_of_nonfinite_named,
+        # or gives a non-finite y: both checked with v's after the retraction)
         V = right_cores(U) if V is None else V
         if self.d > 2 and self._fewer_launches(x, u, v):  # both block-core sets at once
             y, xi = _svd_of_nonfinite_named(
                 lambda: retract_transport_cores(U, V, du, dv, self.ranks), x, u)
+            _assert_retr_finite(x, u, y, v, d=self.d)
             return y, project_tt(self._split(y, "y"), None, xi, packed=True, gauge=True)
         y = _svd_of_nonfinite_named(lambda: retract(U, V, du, self.ranks), x, u)
+        _assert_retr_finite(x, u, y, v, d=self.d)
         ycores = self._split(y, "y")
         if self.d == 1:
             return y, v.expand(torch.broadcast_shapes(v.shape, y.shape)).clone()
@@ -1143,9 +1197,10 @@ class FixedTTRank(geoopt.Manifold):
             )
         return True, None
 
-    def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
+    def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5, name: str = "x"):
+        self._check_flat(x, name)  # (a list read .detach: AttributeError)
         x = x.detach()
-        U = self._split(x, "x")
+        U = self._split(x, name)
         if x.device.type == "meta":
             return True, None
         def at(bad):  # which point of a batch fails first (per-point mask ``bad``)
@@ -1167,6 +1222,50 @@ class FixedTTRank(geoopt.Manifold):
             if bool(bad.any()):
                 return False, f"TT-rank at bond {k} is below {self.ranks[k]}{at(bad)}"
         return True, None
+
+    # geoopt's checks read the arguments' ``.shape`` first: a list gave an AttributeError;
+    # these say which argument is not a tensor (TypeError), then run geoopt's check
+    def _require_tensors(self, **args) -> None:
+        for name, t in args.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a packed torch.Tensor of size {self.size}, "
+                                f"got {type(t).__name__}")
+
+    def assert_check_point(self, x):
+        """geoopt's shape check of a point; ``TypeError`` naming ``x`` if not a tensor."""
+        self._require_tensors(x=x)
+        return super().assert_check_point(x)
+
+    def check_vector(self, u, *, explain=False):
+        """geoopt's shape check of a vector; ``TypeError`` naming ``u`` if not a tensor."""
+        self._require_tensors(u=u)
+        return super().check_vector(u, explain=explain)
+
+    def assert_check_vector(self, u):
+        """geoopt's shape check of a vector; ``TypeError`` naming ``u`` if not a tensor."""
+        self._require_tensors(u=u)
+        return super().assert_check_vector(u)
+
+    def check_point_on_manifold(self, x, *, explain=False, atol=1e-5, rtol=1e-5):
+        """geoopt's check of a point (:meth:`check_point` says what is checked);
+        ``TypeError`` naming ``x`` if not a tensor."""
+        self._require_tensors(x=x)
+        return super().check_point_on_manifold(x, explain=explain, atol=atol, rtol=rtol)
+
+    def check_vector_on_tangent(self, x, u, *, ok_point=False, explain=False, atol=1e-5,
+                                rtol=1e-5):
+        """geoopt's check of a tangent vector ``u`` at ``x`` (the gauge condition, finite
+        entries, the point's batch, dtype and device); ``TypeError`` naming ``x`` or ``u``
+        if not a tensor."""
+        self._require_tensors(x=x, u=u)
+        return super().check_vector_on_tangent(x, u, ok_point=ok_point, explain=explain,
+                                               atol=atol, rtol=rtol)
+
+    def assert_check_vector_on_tangent(self, x, u, *, ok_point=False, atol=1e-5, rtol=1e-5):
+        """As :meth:`check_vector_on_tangent`, raising ``ValueError`` with the reason."""
+        self._require_tensors(x=x, u=u)
+        return super().assert_check_vector_on_tangent(x, u, ok_point=ok_point, atol=atol,
+                                                      rtol=rtol)
 
     def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
         U = self._split(x, "x")

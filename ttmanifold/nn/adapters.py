@@ -30,7 +30,8 @@ class SpectralAdapter(nn.Module):
             exactly, and the first gradient reaches ``s`` only, as in LoRA) or
             ``"manifold"`` (STTP only: ``dW = scale * X``, ``X`` a point of the manifold,
             ``scale`` a scalar parameter starting at 0).
-        init: frames of ``dW`` (``"orthogonal"``, ``"near_identity"``, ``"random"``).
+        init: frames of ``dW`` (``"random"``, ``"orthogonal"``, ``"near_identity"``; see
+            :data:`~ttmanifold.nn.parametrization.INITS`).
         freeze_base: set ``requires_grad=False`` on the base layer's parameters.
         **kw: further keyword arguments of the factorized layer (``tensorization``,
             ``contraction``, ...).

@@ -12,6 +12,7 @@ and inverse ``O(d n r^3)`` with ``n = max n_k``, ``r = max r_k``.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -19,7 +20,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._checks import assert_finite_async
+from .._checks import assert_finite_async, check_float_dtype
 from ..householder import (
     frame_from_full,
     frame_from_reduced,
@@ -38,6 +39,7 @@ __all__ = [
     "d_optimal_penalty",
     "lipschitz_normalize",
     "Block",
+    "covering_frame",
 ]
 
 SPECTRA = ("learned", "identity", "lipschitz")
@@ -86,6 +88,79 @@ def _check_spectrum(s) -> None:
         raise TypeError(f"s: expected a real floating tensor, got dtype {s.dtype}")
     if s.dim() == 0:
         raise ValueError("s: expected a tensor with at least one dimension")
+
+
+def _check_dtype(dtype):
+    dtype = dtype or torch.get_default_dtype()
+    check_float_dtype(dtype, "dtype")
+    return dtype
+
+
+def covering_frame(p: int, n: int, r: int, *, outer_slow: bool, dtype=None,
+                   device=None) -> Tensor:
+    """An exactly orthonormal ``(p n) x r`` frame whose rows, grouped by an index ``a`` of
+    size ``p`` (the core's outer bond, away from the spectrum), all take part: the
+    ``p x (n r)`` matrix ``G[a, (i, j)] = Q[row(a, i), j]`` has full row rank ``p``.
+
+    Construction (``docs/sttp.md``, section 7): ``I_{(p n) x r}``; every index ``a``
+    without a row among the first ``r`` gets one entry 1 at a row ``row(a, i)`` and a
+    column ``j``, the pairs ``(i, j)`` distinct and outside the positions of ``G`` the
+    identity occupies (while there are such positions; then outside each covered index's
+    first position), columns cycling fastest; finally every column is normalized. The
+    columns have disjoint supports, so ``Q^T Q = I`` (up to the rounding of
+    ``1/sqrt(k)``); the leading ``r x r`` block is a positive diagonal (inside the reduced
+    Householder chart); ``G`` is block triangular with nonzero pivots. Where the identity
+    covers every ``a`` the result is ``I_{(p n) x r}``. Deterministic.
+
+    Args:
+        p, n, r: outer bond size, mode size, number of columns (the inner bond); positive
+            ints with ``r <= p n`` and ``p <= n r`` (attainable ranks), else ``ValueError``.
+        outer_slow: ``True``: ``row(a, i) = a n + i`` (a left-orthogonal core's left
+            unfolding, ``a`` its left bond); ``False``: ``row(a, i) = i p + a`` (a
+            right-orthogonal core's transposed right unfolding, ``a`` its right bond).
+        dtype, device: of the result (``dtype`` float32/float64, default torch's).
+
+    Returns:
+        ``Q`` of shape ``(p n, r)``.
+
+    Cost: ``O(p n r)`` memory and time (Python work ``O(r + p)``).
+    """
+    for name, v in (("p", p), ("n", n), ("r", r)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    if r > p * n or p > n * r:
+        raise ValueError(f"r: a ({p} x {n}) x {r} frame cannot use every outer index "
+                         f"(needs r <= p n and p <= n r)")
+    dtype = _check_dtype(dtype)
+
+    def split(row):  # row -> (a, i)
+        return divmod(row, n) if outer_slow else (row % p, row // p)
+
+    first, used = {}, set()
+    for j in range(r):  # the identity's entry of column j is row j
+        a, i = split(j)
+        used.add((i, j))
+        first.setdefault(a, (i, j))
+    todo = [a for a in range(p) if a not in first]
+    pivots = set(first.values())
+    # lazily: only len(todo) <= p positions are taken
+    free = itertools.chain(
+        ((i, j) for i in range(n) for j in range(r) if (i, j) not in used),
+        (pos for pos in sorted(used) if pos not in pivots))
+    rows = list(range(r))
+    cols = list(range(r))
+    for a, (i, j) in zip(todo, free):
+        rows.append(a * n + i if outer_slow else i * p + a)
+        cols.append(j)
+    Q = torch.zeros(p * n, r, dtype=dtype, device=device)
+    ri = torch.tensor(rows, dtype=torch.long, device=device)
+    ci = torch.tensor(cols, dtype=torch.long, device=device)
+    Q[ri, ci] = 1.0
+    # disjoint column supports: normalizing the columns makes the frame orthonormal
+    count = [0] * r
+    for j in cols:
+        count[j] += 1
+    return Q / torch.tensor(count, dtype=dtype, device=device).sqrt()
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,7 +364,7 @@ class STTPChart(torch.nn.Module):
         """``manifold.pack_point(self(theta), check_rank=check_rank)``: the packed
         (left-orthogonal) point of the manifold. ``ValueError`` when the TT of ``theta`` has
         a lower TT-rank than the chart's ranks (a zero entry of the spectrum; the
-        :meth:`orthogonal_init` of most layouts, whose identity frames meet in a smaller
+        :meth:`identity_init` of most layouts, whose identity frames meet in a smaller
         rank), unless ``check_rank=False``. Differentiable. Cost ``O(d n r^3)``."""
         return self.manifold.pack_point(self(theta), check_rank=check_rank)
 
@@ -299,9 +374,7 @@ class STTPChart(torch.nn.Module):
         """A random ``theta`` (shape ``(dim,)``): Householder parameters iid ``N(0, 1)``,
         ``s`` iid uniform in ``[0.5, 1.5)`` (well away from 0). ``dtype`` defaults to
         ``torch.get_default_dtype()``; ``generator`` must live on ``device``."""
-        dtype = dtype or torch.get_default_dtype()
-        if dtype not in _DTYPES:
-            raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
+        dtype = _check_dtype(dtype)
         theta = torch.randn(self.dim, dtype=dtype, device=device, generator=generator)
         if "s" in self._by_name:
             b = self._by_name["s"]
@@ -309,12 +382,71 @@ class STTPChart(torch.nn.Module):
             theta = torch.cat([theta[:b.start], u + 0.5, theta[b.start + b.size:]])
         return theta
 
+    def orthogonal_frames(self, *, dtype=None, device=None) -> Dict[str, Tensor]:
+        """The frames of :meth:`orthogonal_init`: ``{block name: (m, r) frame}`` for every
+        ``"reduced"``/``"full"`` block of :attr:`layout` (empty for d == 1).
+
+        Each frame is ``I_{m x r}`` plus one entry in a row of every index of the core's
+        outer bond (towards the train's end) that the identity leaves unused, columns
+        normalized: its columns have disjoint supports, so it is exactly orthonormal, its
+        leading ``r x r`` block is a positive diagonal (the reduced chart's domain), and
+        the core's unfolding on the outer bond has full rank, so the frames together give
+        a TT of exactly the chart's ranks (``docs/sttp.md``, section 7). Where the
+        identity already uses every outer index the frame is ``I_{m x r}``. Deterministic.
+        Cost ``O(d n r^2)``.
+        """
+        dtype = _check_dtype(dtype)
+        n, r = self.shape, self.ranks
+        frames = {}
+        for b in self.layout:
+            if b.kind not in ("reduced", "full"):
+                continue
+            k = b.core
+            if b.name[0] == "U":  # rows (a, i) of the left unfolding: outer bond r_k slow
+                frames[b.name] = covering_frame(r[k], n[k], b.r, outer_slow=True,
+                                                dtype=dtype, device=device)
+            else:  # rows (i, a) of the transposed right unfolding: outer bond r_{k+1} fast
+                frames[b.name] = covering_frame(r[k + 1], n[k], b.r, outer_slow=False,
+                                                dtype=dtype, device=device)
+        return frames
+
     def orthogonal_init(self, *, dtype=None, device=None) -> Tensor:
+        """``theta`` of a point of the manifold built from orthonormal frames, ``s = 1``.
+
+        The frames are :meth:`orthogonal_frames` (up to the rotations and column signs of
+        :func:`~ttmanifold.householder.reduced_from_frame` /
+        :func:`~ttmanifold.householder.full_from_frame`, which change neither their span
+        nor the ranks), so ``forward(theta)`` has exactly the chart's TT-ranks and its
+        ``c``-th unfolding has all singular values 1 (a partial isometry). For d == 1 the
+        vector ``e_0``. The paper's all-zero parameters are :meth:`identity_init`.
+        Cost ``O(d n r^3)``.
+        """
+        dtype = _check_dtype(dtype)
+        if self.d == 1:
+            return self.identity_init(dtype=dtype, device=device)
+        frames = self.orthogonal_frames(dtype=dtype, device=device)
+        parts = []
+        for b in self.layout:
+            if b.kind == "spectrum":
+                parts.append(torch.ones(b.size, dtype=dtype, device=device))
+            elif b.kind == "full":
+                parts.append(full_from_frame(frames[b.name])[0])
+            else:  # exactly positive-diagonal leading block: no singularity check needed
+                parts.append(reduced_from_frame(frames[b.name], tol=0)[0])
+        return torch.cat(parts)
+
+    def identity_init(self, *, dtype=None, device=None) -> Tensor:
         """``theta`` with all Householder parameters 0 (every frame is ``-I_{m x r}``, the
-        leading identity frame up to sign) and ``s = 1``. For d == 1 the vector ``e_0``."""
-        dtype = dtype or torch.get_default_dtype()
-        if dtype not in _DTYPES:
-            raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
+        leading identity frame up to sign) and ``s = 1`` (the paper-literal frames). For
+        d == 1 the vector ``e_0``.
+
+        Rank-deficient for most layouts: neighbouring identity frames meet only in the
+        first indices of their bond, so the TT's true ranks are often below the chart's
+        (e.g. ``(1, 1, 2, 4, ..)`` for declared ``(1, 2, 4, 4, ..)``), a point outside the
+        manifold that :meth:`point` rejects; :meth:`orthogonal_init` is the full-rank
+        counterpart. Cost ``O(dim)``.
+        """
+        dtype = _check_dtype(dtype)
         theta = torch.zeros(self.dim, dtype=dtype, device=device)
         if self.d == 1:
             theta[0] = 1.0

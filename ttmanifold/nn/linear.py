@@ -134,7 +134,10 @@ class STTPLinear(FactorizedLinear):
             ``"reversed"``) override it. ``docs/sttp.md``, "Tensorization".
         param: ``"chart"`` (``theta``, any torch optimizer) or ``"manifold"`` (``point``, a
             geoopt ManifoldParameter).
-        init: ``"orthogonal"`` | ``"near_identity"`` (the paper's) | ``"random"``.
+        init: ``"orthogonal"`` (full-rank orthonormal frames) | ``"near_identity"`` (the
+            paper's, around them) | ``"random"`` | ``"identity"`` (the paper-literal zero
+            Householder parameters: rank-deficient for most layouts, chart mode only);
+            ``docs/sttp.md``, "Initialization".
         contraction: ``"auto"`` | ``"dense"`` | ``"tt"``, changeable at any time.
 
     Weight parameters: ``chart.dim`` = :func:`sttp_dof` (chart mode).

@@ -42,21 +42,40 @@ __all__ = [
     "near_identity_frame",
 ]
 
-#: ``"orthogonal"``: every Householder parameter 0 (frames ``-I``); ``"near_identity"``:
-#: the paper's frames, Householder parameters of ``QR(I + 1e-4 * noise)``; ``"random"``:
-#: Householder parameters N(0, 1).
-INITS = ("orthogonal", "near_identity", "random")
+#: ``"orthogonal"``: orthonormal frames that give the declared TT-ranks
+#: (:meth:`STTPChart.orthogonal_init`); ``"near_identity"``: the paper's recipe around
+#: them, frames ``QR(F + 1e-4 * noise)``; ``"random"``: Householder parameters N(0, 1);
+#: ``"identity"``: the paper-literal frames (every Householder parameter 0, frames ``-I``),
+#: rank-deficient for most STTP layouts (chart mode only). For SVDP ``"identity"`` and
+#: ``"orthogonal"`` coincide (frames ``-I``, full rank). ``docs/sttp.md``, section 7.
+INITS = ("orthogonal", "near_identity", "random", "identity")
 _DTYPES = (torch.float32, torch.float64)
 #: Standard deviation of the near-identity noise (clamped to [-1, 1]) of the reference.
 NEAR_IDENTITY_STD = 1e-4
 
 
 def near_identity_frame(m: int, r: int, *, std: float = NEAR_IDENTITY_STD, dtype=None,
-                        device=None, generator: Optional[torch.Generator] = None) -> Tensor:
-    """The Q factor of ``I_{m x r} + std * clamp(N(0, 1), -1, 1)`` (an ``m x r`` frame near
-    the identity, the paper's initialization). Cost ``O(m r^2)``."""
-    noise = torch.randn(m, r, dtype=dtype, device=device, generator=generator).clamp(-1, 1)
-    return torch.linalg.qr(torch.eye(m, r, dtype=dtype, device=device) + std * noise)[0]
+                        device=None, generator: Optional[torch.Generator] = None,
+                        base: Optional[Tensor] = None) -> Tensor:
+    """The Q factor of ``B + std * clamp(N(0, 1), -1, 1)``: an ``m x r`` frame near ``B``
+    up to column signs (the paper's initialization perturbs ``B = I_{m x r}``, the
+    default; the STTP layers perturb the frames of :meth:`STTPChart.orthogonal_frames`).
+
+    Args:
+        m, r: frame size, ``m >= r``.
+        std: noise scale.
+        dtype, device, generator: of the noise (``dtype``/``device`` default to ``base``'s).
+        base: ``(m, r)`` orthonormal frame, default ``I_{m x r}``.
+
+    Returns: ``(m, r)`` orthonormal frame. Cost ``O(m r^2)``.
+    """
+    if base is None:
+        base = torch.eye(m, r, dtype=dtype, device=device)
+    elif tuple(base.shape) != (m, r):
+        raise ValueError(f"base: expected shape ({m}, {r}), got {tuple(base.shape)}")
+    noise = torch.randn(m, r, dtype=base.dtype, device=base.device,
+                        generator=generator).clamp(-1, 1)
+    return torch.linalg.qr(base + std * noise)[0]
 
 
 def interface_singular_values(tt: TT, point_tt: TT, c: int) -> Tensor:
@@ -185,6 +204,7 @@ class STTPWeight(_OwnedParams):
         owner.register_parameter("point", None)
         self.reset_parameters()
         if param == "manifold":
+            self._check_manifold_init()
             self.to_manifold()
 
     @property
@@ -217,10 +237,12 @@ class STTPWeight(_OwnedParams):
         ch = self.chart
         if self.init == "random":
             theta = ch.random_theta(dtype=dtype, device=device, generator=generator)
+        elif self.init == "identity":
+            theta = ch.identity_init(dtype=dtype, device=device)
+        elif self.init == "near_identity" and ch.d > 1:
+            theta = self._near_identity_theta(dtype, device, generator)
         else:
             theta = ch.orthogonal_init(dtype=dtype, device=device)
-            if self.init == "near_identity":
-                theta = self._near_identity_theta(dtype, device, generator)
         if self.spectrum == "learned" and torch.device(device or "cpu").type != "meta":
             b = next(blk for blk in ch.layout if blk.name == "s")
             s = theta[b.start:b.start + b.size]
@@ -229,14 +251,17 @@ class STTPWeight(_OwnedParams):
         return theta
 
     def _near_identity_theta(self, dtype, device, generator) -> Tensor:
-        # each block: the Householder parameters of a frame QR(I + small noise); like the
-        # reference, frames are drawn independently, so W is near a partial identity
+        # each block: the Householder parameters of a frame QR(F + small noise), F the
+        # orthogonal init's frame; as in the reference the noise is drawn per frame, so W
+        # is near the full-rank partial isometry of init="orthogonal" (the paper's F = I
+        # is near a rank-deficient point for most layouts)
+        frames = self.chart.orthogonal_frames(dtype=dtype, device=device)
         parts = []
         for b in self.chart.layout:
             if b.kind == "spectrum":
                 parts.append(torch.ones(b.size, dtype=dtype, device=device))
                 continue
-            Q = near_identity_frame(b.m, b.r, dtype=dtype, device=device, generator=generator)
+            Q = near_identity_frame(b.m, b.r, generator=generator, base=frames[b.name])
             if b.kind == "full":
                 p = full_from_frame(Q)[0]
             else:
@@ -244,15 +269,36 @@ class STTPWeight(_OwnedParams):
             parts.append(p.reshape(-1))
         return torch.cat(parts)
 
-    def reset_parameters(self) -> None:
-        """Re-initialize in the current mode (a no-op for the values on ``meta``)."""
+    def _check_manifold_init(self) -> None:
+        """``ValueError`` naming ``init`` when the manifold mode would start at a
+        rank-deficient point (``init="identity"`` for most layouts)."""
+        if self.init != "identity":
+            return
         ref = self.ref()
+        with torch.no_grad():
+            try:
+                self.manifold.pack_point(self.chart(self.init_theta(ref.dtype, ref.device)))
+            except ValueError as e:
+                raise ValueError(
+                    f"init: 'identity' (the paper-literal frames) gives a TT whose true ranks "
+                    f"are below the declared {self.ranks} for this layout, a point outside "
+                    f"the fixed-rank manifold that param='manifold' cannot train from; use "
+                    f"init='orthogonal' (full-rank orthonormal frames) or param='chart' "
+                    f"({e})") from None
+
+    def reset_parameters(self) -> None:
+        """Re-initialize in the current mode (a no-op for the values on ``meta``).
+        Manifold mode: ``ValueError`` for ``init="identity"`` where its TT is
+        rank-deficient."""
+        ref = self.ref()
+        if self.param == "manifold":
+            self._check_manifold_init()
         theta = self.init_theta(ref.dtype, ref.device)
         with torch.no_grad():
             if self.param == "chart":
                 self.theta.copy_(theta)
             else:
-                self.point.copy_(self.manifold.pack_point(self.chart(theta), check_rank=False))
+                self.point.copy_(self.manifold.pack_point(self.chart(theta)))
 
     # -- cores -----------------------------------------------------------------------------
     def _point_tt(self) -> TT:
@@ -301,7 +347,9 @@ class STTPWeight(_OwnedParams):
 
     # -- modes -----------------------------------------------------------------------------
     def to_manifold(self) -> "STTPWeight":
-        """Switch to manifold mode in place (same weight); ``ValueError`` for "identity"."""
+        """Switch to manifold mode in place (same weight). ``ValueError`` for the
+        "identity" spectrum and for a weight whose TT-rank is below :attr:`ranks` (not a
+        point of the manifold, e.g. ``init="identity"`` or a zero spectrum entry)."""
         if self.param == "manifold":
             return self
         if self.spectrum == "identity":
@@ -312,9 +360,12 @@ class STTPWeight(_OwnedParams):
 
         theta = self.theta
         with torch.no_grad():
-            # unchecked: the default (orthogonal) init and exactly low-rank weights are
-            # rank-deficient points, packed as before
-            point = self.manifold.pack_point(self.chart(theta.detach()), check_rank=False)
+            try:
+                point = self.manifold.pack_point(self.chart(theta.detach()))
+            except ValueError as e:
+                raise ValueError(f"to_manifold: the layer's weight has TT-ranks below "
+                                 f"{self.ranks}, so it is not a point of the fixed-rank "
+                                 f"manifold ({e})") from None
         self.theta = None
         self.point = geoopt.ManifoldParameter(point, manifold=self.manifold,
                                               requires_grad=theta.requires_grad)
@@ -356,6 +407,8 @@ class STTPWeight(_OwnedParams):
             if self.param == "chart":
                 self.theta.copy_(theta)
             else:
+                # unchecked: the projection of an exactly lower-rank W (a zero weight, a
+                # low-rank product) is rank-deficient; the user's weight is kept as loaded
                 self.point.copy_(self.manifold.pack_point(self.chart(theta), check_rank=False))
 
 
@@ -416,14 +469,15 @@ class SVDPWeight(_OwnedParams):
         return sum(p.numel() for p in self.parameters())
 
     def reset_parameters(self) -> None:
-        """``"orthogonal"``: parameters 0 (frames ``-I``); ``"near_identity"``: frames
+        """``"orthogonal"``/``"identity"``: parameters 0 (frames ``-I``, full rank ``r``:
+        an SVDP weight has no inner bond to lose); ``"near_identity"``: frames
         ``QR(I + 1e-4 noise)``; ``"random"``: N(0, 1). ``s = 1`` (``"random"``: uniform in
         [0.5, 1.5)), rescaled to ``||s|| = sqrt(d_out / 3)`` for the learned spectrum."""
         if self.u_params.device.type == "meta":
             return
         r, ident = self.r, self.spectrum == "identity"
         with torch.no_grad():
-            if self.init == "orthogonal":
+            if self.init in ("orthogonal", "identity"):
                 self.u_params.zero_()
                 self.v_params.zero_()
             elif self.init == "random":

@@ -19,6 +19,7 @@ from .conv import (
 )
 from .embedding import STTPEmbedding, SVDPEmbedding
 from .linear import STTPLinear, SVDPLinear
+from .parametrization import INITS
 
 __all__ = [
     "KINDS",
@@ -119,7 +120,8 @@ def convert_model(model: nn.Module, rank: int, *, method: str = "sttp",
             first convolution, as the paper's generators do.
         names: convert exactly these (``ValueError`` for unknown or unconvertible ones).
         init: ``"from_dense"`` (TT-SVD / SVD of the current weight) or a layer ``init``
-            (``"orthogonal"``, ``"near_identity"``, ``"random"``: a fresh weight; biases are
+            (:data:`~ttmanifold.nn.parametrization.INITS`: ``"orthogonal"``,
+            ``"near_identity"``, ``"random"``, ``"identity"``; a fresh weight; biases are
             copied in every case).
         **kw: keyword arguments of the new layers (``spectrum``, ``param``,
             ``tensorization``, ``contraction``, ...).
@@ -139,9 +141,8 @@ def convert_model(model: nn.Module, rank: int, *, method: str = "sttp",
         raise ValueError(f"kinds: expected a subset of {KINDS}, got {kinds!r}")
     if method not in ("sttp", "svdp"):
         raise ValueError(f"method: expected 'sttp' or 'svdp', got {method!r}")
-    if init not in ("from_dense", "orthogonal", "near_identity", "random"):
-        raise ValueError(f"init: expected 'from_dense', 'orthogonal', 'near_identity' or "
-                         f"'random', got {init!r}")
+    if init != "from_dense" and init not in INITS:
+        raise ValueError(f"init: expected 'from_dense' or one of {INITS}, got {init!r}")
     ignore = tuple(ignore)
     # every name, also the second name of a shared module (converted once, kept shared)
     modules = dict(model.named_modules(remove_duplicate=False))
