@@ -119,19 +119,19 @@ def test_broadcast_point_and_vector(spy, monkeypatch):
 def test_rank_10_float_lanes_and_partial_block(spy, dense_module, monkeypatch, dtype):
     """n = 20 at rank 10 (2r = 20: float32 at half the lanes, register tiles with edges)
     and a partial last block (B = 19): the kernel against the torch path (same y: deltas
-    compared). ``transp`` routes rank 10 to it only with ``SMALL_TRANSPORT_MAX_RANK``
-    raised (default 8: the block cores and the projection kernel)."""
+    compared). ``transp`` routes rank 10 to it unless ``SMALL_TRANSPORT_MAX_RANK`` is
+    lowered (then the block cores and the projection kernel)."""
     M, x, y, v = case((20, 20, 20), 10, (19,), dtype, seed=5)
     t = kernel_transport(dense_module, M, x, y, v)
     t0 = torch_path(monkeypatch, lambda: M.transp(x, y, v))
     assert rel_err(t, t0) < 10 * TOL[dtype]
     spy.calls.clear()
     assert rel_err(M.transp(x, y, v), t0) < 10 * TOL[dtype]
-    assert spy.calls == ["project_batch_small"]
-    monkeypatch.setattr(sweeps, "SMALL_TRANSPORT_MAX_RANK", 16)
+    assert spy.calls == ["transport_batch_small"]
+    monkeypatch.setattr(sweeps, "SMALL_TRANSPORT_MAX_RANK", 8)
     spy.calls.clear()
     assert rel_err(M.transp(x, y, v), t0) < 10 * TOL[dtype]
-    assert spy.calls == ["transport_batch_small"]
+    assert spy.calls == ["project_batch_small"]
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])

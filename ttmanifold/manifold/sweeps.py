@@ -756,13 +756,14 @@ def project_small(mod, U, Z, *, check: str, gauge: bool = True, V=None) -> torch
 
 
 #: The compiled transport takes TT-ranks up to this (above: the block cores built and
-#: projected by :func:`project_small`). At d = 10, n = 20, r = 10, 256 float64 points the
-#: kernel is faster (``retr_transp`` 0.63 -> 0.43 ms per point), yet geoopt's Adam step in
-#: a fresh process with glibc's default malloc got slower (1.1-1.4 -> 1.4-1.6 ms per
-#: point): without the block cores' 16 MB temporaries the step's 34 MB tensors took
-#: ~110k page faults per step instead of 20-90k. With the allocator's thresholds raised
-#: (see docs/manifold.md, Batches) the kernel is 17 % faster there; raise this then.
-SMALL_TRANSPORT_MAX_RANK = 8
+#: projected by :func:`project_small`; the kernel's own bound is 16). Measured at d = 10,
+#: n = 20, r = 10, 256 points, fresh processes: geoopt's Adam step 0.92-1.05 ms per point
+#: in float64 with the kernel against 0.88-1.02 without it, 0.35-0.37 against 0.40-0.46 in
+#: float32. Before the optimizer step's large outputs were given huge pages (main's
+#: ``kernels.memory``) the float64 step was slower with the kernel (1.4-1.6 against
+#: 1.1-1.4: without the block cores' 16 MB temporaries glibc left more of the step's 34 MB
+#: tensors to fresh 4 KB pages); lower this if that comes back.
+SMALL_TRANSPORT_MAX_RANK = 16
 
 
 def small_transport_module(Uy, U, V, dU):
