@@ -1,7 +1,7 @@
 """The batched optimizer step at small TT-ranks (issue 12): ``retr_transp`` and ``transp``
 of a CPU batch of TT-rank <= 4 run the compiled small-rank kernels over the whole batch
-(``retract_batch_small``, then ``project_batch_small`` of the transported vector's rank-2r
-block cores at the new points). Checked against the torch batch path and against dense
+(``retract_batch_small``, then ``transport_batch_small``: the projection of the transported
+vector's rank-2r block cores at the new points, assembled in cache). Checked against the torch batch path and against dense
 float64 references (the TT-SVD of ``X + xi``, the orthogonal projector of the tangent space
 at the new point) as full tensors; non-finite vectors raise on every path; geoopt's
 RiemannianAdam on one ManifoldParameter holding a batch follows B independent runs."""
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 @pytest.fixture
 def spy(record_dense):
     """The dense set's module recording its small-rank batch kernels' calls."""
-    return record_dense(("retract_batch_small", "project_batch_small"))
+    return record_dense(("retract_batch_small", "project_batch_small", "transport_batch_small"))
 
 
 def case(dtype, seed=0, gauged_v=True):
@@ -53,10 +53,10 @@ def test_retr_transp_small_against_torch_path_and_dense(spy, monkeypatch, dtype,
     M, p, u, v = case(dtype, seed=1, gauged_v=gauged_v)
     spy.calls.clear()
     y, t = M.retr_transp(p, u, v)
-    assert spy.calls == ["retract_batch_small", "project_batch_small"]
+    assert spy.calls == ["retract_batch_small", "transport_batch_small"]
     assert not y.is_inference() and not t.is_inference()
     y0, t0 = torch_path(monkeypatch, lambda: M.retr_transp(p, u, v))
-    assert spy.calls == ["retract_batch_small", "project_batch_small"]  # (none on torch's)
+    assert spy.calls == ["retract_batch_small", "transport_batch_small"]  # (none on torch's)
     # the transport at the same point by the plain transp (kernels too)
     assert rel(M.transp(p, y, v), t) < TOL[dtype]
     for b in (0, 7, B - 1):
@@ -80,7 +80,7 @@ def test_transp_small_and_broadcast_vector(spy, monkeypatch):
     spy.calls.clear()
     for w in (v, v[3]):
         t = M.transp(p, y, w)
-        assert spy.calls == ["project_batch_small"] and t.shape == p.shape
+        assert spy.calls == ["transport_batch_small"] and t.shape == p.shape
         spy.calls.clear()
         assert rel(t, torch_path(monkeypatch, lambda: M.transp(p, y, w))) < 1e-12
 
@@ -139,7 +139,7 @@ def test_adam_on_a_small_rank_batch_equals_independent_runs(spy, dtype):
         assert spy.calls == ["project_batch_small"]  # <T, A>: the kernel recomputes V
         spy.calls.clear()
         opt_b.step()
-        assert spy.calls == ["retract_batch_small", "project_batch_small"]
+        assert spy.calls == ["retract_batch_small", "transport_batch_small"]
         for b in range(B):
             opts[b].zero_grad()
             loss(singles[b].unpack_tensor(), A[b]).backward()
@@ -256,10 +256,10 @@ def test_retr_of_a_small_rank_batch_after_the_loss_takes_the_kernel(spy):
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 def test_retr_transp_wide_rank_batch(record_dense, monkeypatch, dtype):
     """Ranks 5-12: ``retr_transp`` of a batch runs the retraction of runtime width and the
-    projection of the rank-2r block cores (2r above the points' 16-rank bound of the
-    projection is within its bound for Z), each one call, against the torch path and the
+    transport (the projection of the rank-2r block cores, 2r within the projection's bound
+    for Z), each one call, against the torch path and the
     dense float64 references as full tensors."""
-    spy = record_dense(("retract_batch_wide", "project_batch_small"))
+    spy = record_dense(("retract_batch_wide", "project_batch_small", "transport_batch_small"))
     M = FixedTTRank((10, 10, 10), 5)
     g = torch.Generator().manual_seed(3)
     p = torch.Tensor(M.random(B, dtype=F64, generator=g))
@@ -269,7 +269,7 @@ def test_retr_transp_wide_rank_batch(record_dense, monkeypatch, dtype):
     p, u, v = p.to(dtype), u.to(dtype), v.to(dtype)
     spy.calls.clear()
     y, t = M.retr_transp(p, u, v)
-    assert spy.calls == ["retract_batch_wide", "project_batch_small"]
+    assert spy.calls == ["retract_batch_wide", "transport_batch_small"]
     y0, t0 = torch_path(monkeypatch, lambda: M.retr_transp(p, u, v))
     for b in (0, B - 1):
         Y = dense_point(M, y[b])

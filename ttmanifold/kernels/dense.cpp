@@ -1772,18 +1772,36 @@ struct LqAt {
 template <typename T, int a>
 struct Lq : LqAt<bf::lanes<T>()>::template F<T, a> {};
 
+// The TT Z to project, as project_small_impl reads it: dense cores Z (1 or B, R, n, R').
+// A source gives Z's ranks (rank(k): R_k), prepares its interleaved buffer once per call
+// (init) and writes the block of points b0.. of core k into it (gather; layout of
+// gather_core). The transport's source (the tangent block cores assembled in cache from
+// the point's cores and the deltas) is tbs::TangentZ.
+template <typename T, int L>
+struct DenseZ {
+  const std::vector<torch::Tensor>& Z;
+  int64_t B;
+  int rank(int k) const { return static_cast<int>(Z[k].size(1)); }
+  void init(T*, const std::vector<size_t>&) const {}
+  void gather(int k, int64_t b0, T* dst) const { gather_core<T, L>(Z[k], b0, B, dst); }
+};
+
 // returns whether every delta is finite (tested when check, in cache as they are written;
 // a non-finite entry of a point or of Z reaches the deltas)
-// L: points per block (bf::lanes, or half of it: see project_batch_small)
-template <typename T, int L>
-bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<torch::Tensor>& Z,
-                        bool gauge, int64_t B, torch::Tensor& out, bool check) {
+// L: points per block (bf::lanes, or half of it: see project_batch_small); Src: the source
+// of Z's cores (DenseZ, tbs::TangentZ); V: the points' canonical right cores V_1..V_{d-1}
+// (1 or B, r, n, r'), or null: computed by the LQ sweep (given, the right sweep is
+// Q_{k-1} = (Z_k Q_k) V_k^T alone: no QR)
+template <typename T, int L, typename Src>
+bool project_small_impl(const std::vector<torch::Tensor>& U, const Src& Z,
+                        bool gauge, int64_t B, torch::Tensor& out, bool check,
+                        const std::vector<torch::Tensor>* V = nullptr) {
   bool finite_all = true;
   const int d = static_cast<int>(U.size());
   std::vector<int> r(d + 1), R(d + 1), n(d);
   for (int k = 0; k < d; ++k) {
     r[k] = static_cast<int>(U[k].size(1)); n[k] = static_cast<int>(U[k].size(2));
-    R[k] = static_cast<int>(Z[k].size(1));
+    R[k] = Z.rank(k);
   }
   r[d] = 1; R[d] = 1;
   // interleaved copies of the block's cores, and per-core workspaces at their largest
@@ -1826,6 +1844,7 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
   T *Ug = bufs[0], *Zg = bufs[1], *Qs = bufs[2], *CT = bufs[3], *Qt = bufs[4], *s = bufs[5],
     *Tb = bufs[6], *Db = bufs[7], *Rb = bufs[8], *P = bufs[9], *Pn = bufs[10], *vd = bufs[11],
     *cf = bufs[12], *beta = bufs[13], *sg = bufs[14];
+  Z.init(Zg, zo);
   std::vector<torch::Tensor> Ov(d);
   int64_t off = 0;
   for (int k = 0; k < d; ++k) {  // the deltas' (B, rows, cols) views of out
@@ -1839,13 +1858,22 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
     for (int l = 0; l < L; ++l) acc[l] = T(0);
     for (int k = 0; k < d; ++k) {
       gather_core<T, L>(U[k], b0, B, Ug + uo[k]);
-      gather_core<T, L>(Z[k], b0, B, Zg + zo[k]);
+      Z.gather(k, b0, Zg + zo[k]);
     }
     // right to left: CT = c_k^T (n r_{k+1} x r_k), c_k starting as U_{d-1} (scaled: the
     // Q factors, all that is used, do not change; keeps squares of huge entries in range)
     T* sgn = sg;
     for (int l = 0; l < L; ++l) sgn[d * kMaxRank * L + l] = T(1);  // S_d = 1
-    {
+    for (int l = 0; l < L; ++l) Qs[qoff[d - 1] + l] = T(1);  // Q_{d-1} = 1 (1 x 1)
+    if (V) {  // the right cores given: Q_{k-1} (R_k x a) = s V_k^T, s = Z_k Q_k (R_k n x b)
+      for (int k = d - 1; k >= 1; --k) {
+        const int a = r[k], nb = n[k] * r[k + 1], b = r[k + 1], Rk = R[k], R2 = R[k + 1];
+        gather_core<T, L>((*V)[k - 1], b0, B, Qt);  // V_k (a x n b; Qt is free here)
+        mm_il<T, L>(Rk * n[k], b, R2, Zg + zo[k], R2, 1, Qs + qoff[k], b, 1, s, b, 1, T(1), false);
+        mm_il<T, L>(Rk, a, nb, s, nb, 1, Qt, 1, nb, Qs + qoff[k - 1], a, 1, T(1), false);
+      }
+    }
+    if (!V) {
       const int a = r[d - 1], nb = n[d - 1];
       for (int i = 0; i < a; ++i)
         for (int j = 0; j < nb; ++j)
@@ -1853,8 +1881,7 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
                            Ug + uo[d - 1] + (static_cast<size_t>(i) * nb + j) * L);
       bf::scale_down<T, L>(CT, a * nb, sc);
     }
-    for (int l = 0; l < L; ++l) Qs[qoff[d - 1] + l] = T(1);  // Q_{d-1} = 1 (1 x 1)
-    for (int k = d - 1; k >= 1; --k) {
+    for (int k = d - 1; k >= 1 && !V; --k) {
       const int a = r[k], nb = n[k] * r[k + 1], b = r[k + 1];
       int m = nb;
       T *ct = CT, *pvd = vd, *pcf = cf, *pb = beta, *pq = Qt,
@@ -1915,6 +1942,24 @@ bool project_small_impl(const std::vector<torch::Tensor>& U, const std::vector<t
   return finite_all;
 }
 
+// project_small_impl with the source Src<T, L>{args...} at the lanes of dtype t: float64
+// 16 (blocks of 8: 23 % slower at r = 10, the Householder QR's one chain per register);
+// float32 above rank 8 (mr: the largest rank of the points and of Z) half the lanes (the
+// interleaved cores and workspaces, r n r' L numbers each, half as large: 7-14 % faster at
+// r = 10-16, n = 20; 32 lanes are still 20 % slower with the register tiles)
+// (V: the points' right cores V_1..V_{d-1}, or null: computed)
+template <template <typename, int> class Src, typename... A>
+bool project_small_lanes(torch::ScalarType t, int64_t mr, const std::vector<torch::Tensor>& U,
+                         const std::vector<torch::Tensor>* V, bool gauge, int64_t B,
+                         torch::Tensor& out, bool check, const A&... args) {
+  constexpr int Ld = bf::lanes<double>(), Lf = bf::lanes<float>();
+  if (t == torch::kDouble)
+    return project_small_impl<double, Ld>(U, Src<double, Ld>{args...}, gauge, B, out, check, V);
+  if (mr > 8)
+    return project_small_impl<float, Lf / 2>(U, Src<float, Lf / 2>{args...}, gauge, B, out, check, V);
+  return project_small_impl<float, Lf>(U, Src<float, Lf>{args...}, gauge, B, out, check, V);
+}
+
 }  // namespace pbs
 
 // The cores of a SIMD batch kernel, checked: 4-D CPU cores (B or 1, r, n, r') of dtype t
@@ -1931,15 +1976,23 @@ void batch_cores(std::vector<torch::Tensor>& cs, const char* name, torch::Scalar
   }
 }
 
-// project (V computed, canonical gauge) for B points and/or B TTs with TT-ranks <= 16,
-// SIMD across the points: U, Z cores (1 or B, r, n, r'); (B, size of U's point)
+// project (canonical gauge) for B points and/or B TTs with TT-ranks <= 16, SIMD across
+// the points: U, Z cores (1 or B, r, n, r'); (B, size of U's point). V: the points'
+// canonical right cores V_1..V_{d-1} (the LQ sweep skipped), or empty: computed
 torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torch::Tensor> Z,
-                                  bool gauge, int64_t B, std::string check) {
+                                  bool gauge, int64_t B, std::string check,
+                                  std::vector<torch::Tensor> V) {
   TORCH_CHECK(U.size() >= 2 && U.size() == Z.size(), "project_batch_small: inconsistent lengths");
+  TORCH_CHECK(V.empty() || V.size() + 1 == U.size(),
+              "V: the d - 1 right cores V_1..V_{d-1} of the points, or none");
   const auto t = U[0].scalar_type();
   TORCH_CHECK(t == torch::kFloat || t == torch::kDouble, "U: float32 or float64 only");
   batch_cores(U, "U", t, B);
   batch_cores(Z, "Z", t, B);
+  batch_cores(V, "V", t, B);
+  for (size_t k = 1; k < U.size() && !V.empty(); ++k)
+    TORCH_CHECK(V[k - 1].sizes().slice(1) == U[k].sizes().slice(1), "V: core ", k,
+                " differs in shape from U's");
   const size_t d = U.size();
   int64_t size = 0;
   for (size_t k = 0; k < d; ++k) {
@@ -1960,20 +2013,244 @@ torch::Tensor project_batch_small(std::vector<torch::Tensor> U, std::vector<torc
   if (B == 0) return out;
   int64_t mr = 0;
   for (size_t k = 0; k < d; ++k) mr = std::max({mr, U[k].size(1), Z[k].size(1)});
-  // float32 above rank 8: blocks of 16 points, half the lanes (the interleaved cores and
-  // workspaces, r n r' L numbers each, half as large: 7-14 % faster at r = 10-16, n = 20;
-  // 32 lanes are still 20 % slower with the register tiles); float64 keeps 16 (blocks of 8:
-  // 23 % slower at r = 10, the Householder QR's one chain per register)
-  const bool c = !check.empty();
-  constexpr int Lf = bf::lanes<float>();
-  const bool ok = t == torch::kDouble
-                      ? pbs::project_small_impl<double, bf::lanes<double>()>(U, Z, gauge, B, out, c)
-                      : (mr > 8 ? pbs::project_small_impl<float, Lf / 2>(U, Z, gauge, B, out, c)
-                                : pbs::project_small_impl<float, Lf>(U, Z, gauge, B, out, c));
+  const bool ok = pbs::project_small_lanes<pbs::DenseZ>(t, mr, U, V.empty() ? nullptr : &V, gauge,
+                                                        B, out, !check.empty(), Z, B);
   TORCH_CHECK(ok, check);  // check: the message for a non-finite result ("": not tested)
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------
+// The batched vector transport by projection for small ranks: P_Y(xi) at B new points Y of
+// the tangent vectors xi = sum_k U_<k dU_k V_>k given at the points X by their left cores
+// U, right cores V and deltas dU. project_small_impl's sweeps with Z = xi's rank-2r block
+// cores [U_0, dU_0], [[U_k, dU_k], [0, V_k]], [[dU_{d-1}], [V_{d-1}]] assembled per block
+// of points in the interleaved buffer (in cache) from U, V and dU: the block cores are
+// never written to memory (building them there and reading them back cost about a quarter
+// of the projection at r = 4).
+namespace tbs {
+
+// rows x cols row-major entries of each point b0.. of c (B or 1, r, n, r'; each point's
+// block contiguous) into the interleaved dst with row stride ldd (in entries); lanes past
+// the batch repeat its last point (as gather_core)
+template <typename T, int L>
+void gather_rows(const torch::Tensor& c, int64_t b0, int64_t B, int rows, int cols, T* __restrict dst,
+                 int ldd) {
+  const T* base = c.data_ptr<T>();
+  const int64_t sb = c.size(0) == 1 ? 0 : c.stride(0);
+  int64_t idx[L];
+  for (int l = 0; l < L; ++l) idx[l] = std::min<int64_t>(b0 + l, B - 1) * sb;
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) {
+      const int64_t e = static_cast<int64_t>(i) * cols + j;
+      T* o = dst + (static_cast<size_t>(i) * ldd + j) * L;
+      for (int l = 0; l < L; ++l) o[l] = base[e + idx[l]];
+    }
+}
+
+// The source of project_small_impl for xi: U, dU (d cores), V (d - 1 cores: V_1..V_{d-1})
+template <typename T, int L>
+struct TangentZ {
+  const std::vector<torch::Tensor>& U;
+  const std::vector<torch::Tensor>& V;
+  const std::vector<torch::Tensor>& D;
+  int64_t B;
+  int d() const { return static_cast<int>(U.size()); }
+  int rank(int k) const { return k == 0 ? 1 : 2 * static_cast<int>(U[k].size(1)); }
+  int cols(int k) const { return k + 1 == d() ? 1 : 2 * static_cast<int>(U[k].size(3)); }
+  // the zero blocks (bottom left of the middle cores) once: gather never writes them
+  void init(T* Zg, const std::vector<size_t>& zo) const {
+    for (int k = 1; k + 1 < d(); ++k) {
+      const int r = static_cast<int>(U[k].size(1)), n = static_cast<int>(U[k].size(2)),
+                rp = static_cast<int>(U[k].size(3));
+      for (int i = r; i < 2 * r; ++i)
+        for (int j = 0; j < n; ++j)
+          std::fill_n(Zg + zo[k] + (static_cast<size_t>(i * n + j) * 2 * rp) * L,
+                      static_cast<size_t>(rp) * L, T(0));
+    }
+  }
+  void gather(int k, int64_t b0, T* dst) const {
+    const int r = static_cast<int>(U[k].size(1)), n = static_cast<int>(U[k].size(2)),
+              rp = static_cast<int>(U[k].size(3)), w = cols(k);
+    const int co = k + 1 == d() ? 0 : rp;  // dU's column offset
+    if (k + 1 < d()) gather_rows<T, L>(U[k], b0, B, r * n, rp, dst, w);
+    gather_rows<T, L>(D[k], b0, B, r * n, rp, dst + static_cast<size_t>(co) * L, w);
+    if (k > 0)
+      gather_rows<T, L>(V[k - 1], b0, B, r * n, rp,
+                        dst + (static_cast<size_t>(r) * n * w + co) * L, w);
+  }
+};
+
+}  // namespace tbs
+
+// P_Y of the tangent vectors of U (points X), V (their right cores V_1..V_{d-1}) and dU at
+// the points Uy, canonical gauge at Y, for B points of TT-ranks <= 16 (2 r <= kMaxZRank),
+// SIMD across the points: cores (1 or B, r, n, r'); (B, size) packed deltas at Y. check:
+// the message of the error raised when a delta is NaN or infinite ("": not tested).
+torch::Tensor transport_batch_small(std::vector<torch::Tensor> Uy, std::vector<torch::Tensor> U,
+                                    std::vector<torch::Tensor> V, std::vector<torch::Tensor> dU,
+                                    int64_t B, std::string check) {
+  const size_t d = Uy.size();
+  TORCH_CHECK(d >= 2 && U.size() == d && dU.size() == d && V.size() + 1 == d,
+              "transport_batch_small: inconsistent lengths (V: the d - 1 cores V_1..V_{d-1})");
+  const auto t = Uy[0].scalar_type();
+  TORCH_CHECK(t == torch::kFloat || t == torch::kDouble, "Uy: float32 or float64 only");
+  batch_cores(Uy, "Uy", t, B);
+  batch_cores(U, "U", t, B);
+  batch_cores(V, "V", t, B);
+  batch_cores(dU, "dU", t, B);
+  int64_t size = 0, mr = 0;
+  for (size_t k = 0; k < d; ++k) {
+    const auto s = U[k].sizes().slice(1);
+    TORCH_CHECK(Uy[k].sizes().slice(1) == s && dU[k].sizes().slice(1) == s &&
+                (k == 0 || V[k - 1].sizes().slice(1) == s),
+                "Uy, V, dU: core ", k, " differs in shape from U's");
+    TORCH_CHECK(U[k].size(1) <= pbs::kMaxRank && U[k].size(3) <= pbs::kMaxRank,
+                "transport_batch_small: TT-ranks above ", pbs::kMaxRank);
+    TORCH_CHECK(k == 0 || U[k].size(2) * U[k].size(3) >= U[k].size(1),
+                "Uy: core ", k, " has fewer columns n r' than rows r (no LQ)");
+    TORCH_CHECK(k + 1 == d || U[k].size(3) == U[k + 1].size(1),
+                "U: ranks of consecutive cores differ");
+    size += U[k].size(1) * U[k].size(2) * U[k].size(3);
+    mr = std::max<int64_t>(mr, k == 0 ? 1 : 2 * U[k].size(1));
+  }
+  TORCH_CHECK(U[0].size(1) == 1 && U[d - 1].size(3) == 1, "U: boundary ranks must be 1");
+  auto out = torch::empty({B, size}, Uy[0].options());
+  if (B == 0) return out;
+  advise_huge_pages(out);
+  const bool ok =
+      pbs::project_small_lanes<tbs::TangentZ>(t, mr, Uy, nullptr, true, B, out, !check.empty(), U, V, dU, B);
+  TORCH_CHECK(ok, check);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// The gauge projection of a batch (gauge_project_batch's result) SIMD across the points:
+// per block of L points and per core of a run, the interleaved U and g (gathered from the
+// packed rows), P = U^T g and g - U P by the register-tiled products of pbs, in cache.
+// gauge_project_batch's per-point BLAS calls on 80 x 4 matrices (r = 4) cost several
+// times the arithmetic.
+namespace gbs {
+
+// cnt entries from offset off of the packed rows b0.. of base (row stride sb; 0: one row
+// for all) into the interleaved dst; lanes past the batch repeat its last row
+template <typename T, int L>
+inline void gather_packed(const T* base, int64_t sb, int64_t b0, int64_t B, int64_t off, int cnt,
+                          T* __restrict dst) {
+  const T* src[L];
+  for (int l = 0; l < L; ++l) src[l] = base + std::min<int64_t>(b0 + l, B - 1) * sb + off;
+  for (int e = 0; e < cnt; ++e)
+    for (int l = 0; l < L; ++l) dst[static_cast<size_t>(e) * L + l] = src[l][e];
+}
+
+// the first nl lanes of the interleaved src back into the packed rows b0.. (stride sb)
+template <typename T, int L>
+inline void scatter_packed(const T* __restrict src, T* base, int64_t sb, int64_t b0, int nl,
+                           int64_t off, int cnt) {
+  T* dst[L];
+  for (int l = 0; l < nl; ++l) dst[l] = base + (b0 + l) * sb + off;
+  for (int e = 0; e < cnt; ++e)
+    for (int l = 0; l < nl; ++l) dst[l][e] = src[static_cast<size_t>(e) * L + l];
+}
+
+// o (B, n) = the gauge projection of g (B, n) at the points pp (row stride sp: n, or 0 for
+// one point); whether o is finite (as gauge_impl)
+template <typename T, int L>
+bool gauge_small_impl(const T* pp, int64_t sp, const T* gp, T* o, int64_t n, int64_t B,
+                      const std::vector<int64_t>& runs) {
+  // the entries no run covers (the last core): copied row by row
+  std::vector<std::pair<int64_t, int64_t>> cov, gaps;
+  size_t mx = 0, cm = 0;
+  for (size_t i = 0; i < runs.size(); i += 4) {
+    cov.emplace_back(runs[i], runs[i] + runs[i + 1] * runs[i + 2] * runs[i + 3]);
+    mx = std::max(mx, static_cast<size_t>(runs[i + 2] * runs[i + 3]));
+    cm = std::max(cm, static_cast<size_t>(runs[i + 3]));
+  }
+  std::sort(cov.begin(), cov.end());
+  int64_t at = 0;
+  for (const auto& c : cov) {
+    if (c.first > at) gaps.emplace_back(at, c.first);
+    at = std::max(at, c.second);
+  }
+  if (at < n) gaps.emplace_back(at, n);
+  constexpr size_t kAl = 64 / sizeof(T);
+  const size_t sizes[] = {mx * L, mx * L, cm * cm * L};
+  thread_local std::vector<T> arena;  // grow-only (r = 16, n = 20: 0.9 MB in float64)
+  size_t total = 0;
+  for (size_t z : sizes) total += (z + kAl - 1) / kAl * kAl + kAl;
+  if (arena.size() < total) arena.resize(total);
+  T* bufs[3];
+  {
+    T* q = arena.data();
+    for (int i = 0; i < 3; ++i) {
+      q += ((64 - reinterpret_cast<uintptr_t>(q) % 64) % 64) / sizeof(T);
+      bufs[i] = q;
+      q += (sizes[i] + kAl - 1) / kAl * kAl;
+    }
+  }
+  T *Ub = bufs[0], *Gb = bufs[1], *P = bufs[2];
+  bool ok = true;
+  for (int64_t b0 = 0; b0 < B; b0 += L) {
+    const int nl = static_cast<int>(std::min<int64_t>(L, B - b0));
+    T acc[L];  // sum of 0 * result per lane: 0, or NaN once an entry is NaN or infinite
+    for (int l = 0; l < L; ++l) acc[l] = T(0);
+    for (size_t i = 0; i < runs.size(); i += 4) {
+      const int rn = static_cast<int>(runs[i + 2]), c = static_cast<int>(runs[i + 3]);
+      for (int64_t j = 0; j < runs[i + 1]; ++j) {
+        const int64_t off = runs[i] + j * rn * c;
+        gather_packed<T, L>(pp, sp, b0, B, off, rn * c, Ub);
+        gather_packed<T, L>(gp, n, b0, B, off, rn * c, Gb);
+        // P (c x c) = U^T G; G -= U P
+        pbs::mm_il<T, L>(c, c, rn, Ub, 1, c, Gb, c, 1, P, c, 1, T(1), false);
+        pbs::mm_il<T, L>(rn, c, c, Ub, c, 1, P, c, 1, Gb, c, 1, T(-1), true);
+        for (int e = 0; e < rn * c; ++e)
+          for (int l = 0; l < L; ++l) acc[l] += Gb[static_cast<size_t>(e) * L + l] * T(0);
+        scatter_packed<T, L>(Gb, o, n, b0, nl, off, rn * c);
+      }
+    }
+    for (int l = 0; l < nl; ++l) ok = ok && acc[l] == T(0);
+  }
+  for (int64_t b = 0; b < B; ++b)
+    for (const auto& gp2 : gaps) {
+      std::copy(gp + b * n + gp2.first, gp + b * n + gp2.second, o + b * n + gp2.first);
+      ok = finite<T>(o + b * n + gp2.first, gp2.second - gp2.first) && ok;
+    }
+  return ok;
+}
+
+}  // namespace gbs
+
+// gauge_project_batch SIMD across blocks of points (for batches; any ranks): p (1 or B,
+// size), g (B, size) -> ((B, size), all finite)
+std::tuple<torch::Tensor, bool> gauge_project_batch_small(torch::Tensor p, torch::Tensor g,
+                                                          std::vector<int64_t> runs) {
+  const auto t = p.scalar_type();
+  TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.dim() == 2 &&
+              (t == torch::kFloat || t == torch::kDouble), "p: expected packed CPU points (B, size)");
+  TORCH_CHECK(g.device().is_cpu() && g.is_contiguous() && g.dim() == 2 &&
+              g.size(1) == p.size(1) && g.scalar_type() == t &&
+              (p.size(0) == 1 || p.size(0) == g.size(0)),
+              "g: expected packed tensors (B, size) of p's size and dtype");
+  const int64_t n = g.size(1), B = g.size(0), sp = p.size(0) == 1 ? 0 : n;
+  check_runs(runs, n);
+  auto out = torch::empty_like(g);
+  if (B == 0) return {out, true};
+  advise_huge_pages(out);
+  int64_t cm = 0;
+  for (size_t i = 0; i < runs.size(); i += 4) cm = std::max(cm, runs[i + 3]);
+  constexpr int Ld = bf::lanes<double>(), Lf = bf::lanes<float>();
+  bool ok;
+  if (t == torch::kDouble)
+    ok = gbs::gauge_small_impl<double, Ld>(p.data_ptr<double>(), sp, g.data_ptr<double>(),
+                                           out.data_ptr<double>(), n, B, runs);
+  else if (cm > 8)  // (half the lanes above rank 8, as the projection)
+    ok = gbs::gauge_small_impl<float, Lf / 2>(p.data_ptr<float>(), sp, g.data_ptr<float>(),
+                                              out.data_ptr<float>(), n, B, runs);
+  else
+    ok = gbs::gauge_small_impl<float, Lf>(p.data_ptr<float>(), sp, g.data_ptr<float>(),
+                                          out.data_ptr<float>(), n, B, runs);
+  return {out, ok};
+}
 
 // ---------------------------------------------------------------------------------------
 // The batched retraction for small ranks in the interleaved layout of bf (blocks of L
@@ -3381,7 +3658,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "project of a batch of points of TT-ranks <= 16, SIMD across the points (interleaved); "
         "check: the error message for a non-finite result (\"\": not tested)",
         pybind11::arg("U"), pybind11::arg("Z"), pybind11::arg("gauge"), pybind11::arg("B"),
-        pybind11::arg("check") = "");
+        pybind11::arg("check") = "", pybind11::arg("V") = std::vector<torch::Tensor>());
+  m.def("transport_batch_small", &transport_batch_small,
+        "P_Y of tangent vectors (U, V_1..V_{d-1}, dU) at points Uy for a batch of TT-ranks <= 16, "
+        "SIMD across the points (interleaved); check: the message for a non-finite result",
+        pybind11::arg("Uy"), pybind11::arg("U"), pybind11::arg("V"), pybind11::arg("dU"),
+        pybind11::arg("B"), pybind11::arg("check") = "");
+  m.def("gauge_project_batch_small", &gauge_project_batch_small,
+        "gauge_project_batch SIMD across blocks of points (interleaved), and the finiteness");
   m.def("retract_batch_small", &retract_batch_small,
         "retract_point of a batch of points of TT-ranks <= 4, SIMD across the points (interleaved)");
   m.def("retract_batch_wide", &retract_batch_wide, "retract_point of a batch of points of TT-ranks <= 12, SIMD across the points (runtime widths)", pybind11::arg("U"), pybind11::arg("du"), pybind11::arg("B"), pybind11::arg("lanes") = 0);

@@ -168,7 +168,9 @@ def gauge_project_checked(mod, runs, U_flat: torch.Tensor, g: torch.Tensor):
     tested in cache as the result is written: no pass of its own)."""
     if g.dim() == 1:
         return gauge_project(mod, runs, U_flat, g)
-    return mod.gauge_project_batch(U_flat.contiguous(), g.contiguous(), _flat_runs(runs))
+    fn = (mod.gauge_project_batch_small if g.shape[0] >= GAUGE_SIMD_MIN_BATCH
+          else mod.gauge_project_batch)
+    return fn(U_flat.contiguous(), g.contiguous(), _flat_runs(runs))
 
 
 def _flat_runs(runs) -> List[int]:
@@ -177,15 +179,26 @@ def _flat_runs(runs) -> List[int]:
     return [int(v) for run in runs[0] for v in run]
 
 
+#: Batches of at least this many points run the gauge projection SIMD across blocks of
+#: points (``gauge_project_batch_small``; per-point BLAS calls below: a partial block's
+#: padding lanes cost as much as points).
+GAUGE_SIMD_MIN_BATCH = 16
+
+
 def gauge_project_flat(mod, runs, U_flat: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The torch ``gauge_project_flat(runs, U_flat, g)`` for leading batch dimensions
-    (broadcast; a single point for the whole batch is not copied per point): one call."""
-    bs = torch.broadcast_shapes(U_flat.shape[:-1], g.shape[:-1])
+    (broadcast; a single point for the whole batch is not copied per point): one call,
+    SIMD across blocks of points from :data:`GAUGE_SIMD_MIN_BATCH` points."""
+    bs = g.shape[:-1]  # (one batch shape for both, the step's case: no broadcast_shapes)
+    if U_flat.shape[:-1] != bs:
+        bs = torch.broadcast_shapes(U_flat.shape[:-1], bs)
     n = g.shape[-1]
     one = U_flat.shape[:-1].numel() == 1
     p2 = (U_flat.reshape(1, n) if one else U_flat.expand(bs + (n,)).reshape(-1, n)).contiguous()
     g2 = g.expand(bs + (n,)).reshape(-1, n).contiguous()
-    out, _ = mod.gauge_project_batch(p2, g2, _flat_runs(runs))
+    fn = (mod.gauge_project_batch_small if g2.shape[0] >= GAUGE_SIMD_MIN_BATCH
+          else mod.gauge_project_batch)
+    out, _ = fn(p2, g2, _flat_runs(runs))
     return out.reshape(bs + (n,))
 
 
@@ -226,26 +239,27 @@ def batched_svd(mod, a: torch.Tensor):
 def project_batch_small(mod, U: Sequence[torch.Tensor], V: Optional[Sequence[Optional[torch.Tensor]]],
                         Z: Sequence[torch.Tensor], *, packed: bool, gauge: bool,
                         check: Optional[str] = None):
-    """The batched ``project_tt(U, None, Z, packed=packed, gauge=gauge)`` for TT-ranks
+    """The batched ``project_tt(U, V, Z, packed=packed, gauge=gauge)`` for TT-ranks
     ``<= 16`` in one call that runs blocks of points together, SIMD across the points
     (``dense.cpp``'s ``project_batch_small``: the LQ sweep of each point, both interface
-    sweeps and the deltas). ``V`` must be None (computed inside); cores broadcast over the
-    leading batch dimensions (one ``Z`` for all points is not copied per point).
+    sweeps and the deltas). ``V``: None (computed inside), or the points' canonical right
+    cores (``V[0]`` unused; the LQ sweep is skipped: other right cores would give other
+    deltas); cores broadcast over the leading batch dimensions (one ``Z`` for all points
+    is not copied per point).
 
     Args: as the torch ``project_tt`` (``mod``: the loaded dense module); ``check``: if
         given, the message of the ``RuntimeError`` raised when a delta is NaN or infinite
         (tested in cache while they are written; a non-finite point or ``Z`` reaches them).
     Returns: ``(*batch, size)`` (``packed``) or the list of ``(*batch, r, n, r')`` cores.
     Cost: O(B d n r R (r + R) + B d n r^3), one call."""
-    if V is not None:
-        raise ValueError("project_batch_small computes the right cores itself: V must be None")
-    bs = _batch_shape(U, Z)
+    bs = _batch_shape(U, Z) if V is None else _batch_shape(U, V[1:], Z)
     B = bs.numel()
     u, z = _point_views(U, bs), _point_views(Z, bs)
+    v = [] if V is None else _point_views(V[1:], bs)
     # under the manifold's inference fast path the result is allocated as an ordinary
     # tensor, which the caller returns without a copy (the kernel only reads the inputs)
     with ordinary_outputs():
-        out = mod.project_batch_small(u, z, bool(gauge), B, check or "")
+        out = mod.project_batch_small(u, z, bool(gauge), B, check or "", v)
     out = out.reshape(bs + out.shape[1:])
     if packed:
         return out
@@ -306,6 +320,8 @@ def _point_views(cores: Sequence[torch.Tensor], bs: torch.Size) -> List[torch.Te
     """The cores as ``(B or 1, r, n, r')`` for the SIMD batch kernels: views where the batch
     dimensions allow (a core shared by the batch is not copied per point)."""
     B = bs.numel()
+    if len(bs) == 1 and all(c.dim() == 4 and c.shape[0] == B for c in cores):
+        return list(cores)  # (the optimizer step's case: no view per core, ~5 us each)
     return [c.reshape((1,) + c.shape[-3:]) if c.shape[:-3].numel() == 1 else
             c.expand(bs + c.shape[-3:]).reshape((B,) + c.shape[-3:]) for c in cores]
 
@@ -324,3 +340,28 @@ def right_cores_batch_small(mod, U: Sequence[torch.Tensor]) -> List[Optional[tor
     bs = _batch_shape(U)
     V = mod.right_cores_batch_small(_point_views(U, bs), bs.numel())
     return [None] + [v.reshape(bs + v.shape[1:]) for v in V[1:]]
+
+
+def transport_batch_small(mod, Uy: Sequence[torch.Tensor], U: Sequence[torch.Tensor],
+                          V: Sequence[Optional[torch.Tensor]], dU: Sequence[torch.Tensor], *,
+                          check: Optional[str] = None) -> torch.Tensor:
+    """The vector transport by projection of a batch: ``P_Y(xi)`` packed and gauged at the
+    points ``Uy`` of the tangent vectors ``xi = sum_k U_<k dU_k V_>k`` given at the points
+    ``U`` (right cores ``V``, ``V[0]`` unused) by their deltas ``dU``, for TT-ranks
+    ``<= 16``, in one call SIMD across the points (``dense.cpp``'s ``transport_batch_small``:
+    :func:`project_batch_small`'s sweeps with ``xi``'s rank-2r block cores assembled per
+    block of points in cache, never in memory). Cores broadcast over the leading batch
+    dimensions (a point or deltas shared by the batch are not copied per point).
+
+    Args: ``mod``: the loaded dense module; ``Uy``, ``U``, ``dU``: ``d >= 2`` cores of one
+        shape per core; ``V``: ``d`` right cores, ``V[0]`` None; ``check``: if given, the
+        message of the ``RuntimeError`` raised when a delta is NaN or infinite (a
+        non-finite point or ``dU`` reaches them).
+    Returns: ``(*batch, size)``, the packed gauged deltas at ``Uy``.
+    Cost: O(B d n r^3), one call."""
+    bs = _batch_shape(Uy, U, V[1:], dU)
+    with ordinary_outputs():
+        out = mod.transport_batch_small(_point_views(Uy, bs), _point_views(U, bs),
+                                        _point_views(V[1:], bs), _point_views(dU, bs),
+                                        bs.numel(), check or "")
+    return out.reshape(bs + out.shape[1:])

@@ -1040,8 +1040,9 @@ class FixedTTRank(geoopt.Manifold):
         rank-2r TT of ``v`` at most ``sweeps.SMALL_PROJECT_MAX_Z_RANK``) runs as two compiled
         calls over the whole batch, SIMD across the points: the retraction
         (:func:`~.retraction.retract_small`, above rank 4
-        :func:`~.retraction.retract_wide`) and the projection of ``v``'s block cores at
-        the new points (:func:`~.sweeps.project_small`); other batches run in CPU chunks.
+        :func:`~.retraction.retract_wide`) and the projection of ``v`` at the new points
+        (:func:`~.sweeps.transport_small`, ``v``'s rank-2r block cores assembled in cache);
+        other batches run in CPU chunks.
         Non-finite ``v`` raise ``RuntimeError`` ("v: contains NaN or Inf"); a non-finite
         point or ``u`` raises ``RuntimeError`` ("retr: X + u is not finite") on every
         device, as in :meth:`retr` (checked before ``v``). O(d n r^3)."""
@@ -1101,9 +1102,11 @@ class FixedTTRank(geoopt.Manifold):
 
     def _transport_small(self, x, U, V, v, dv, Uy) -> Optional[torch.Tensor]:
         """``P_Y`` of the tangent vector ``v`` at ``x`` (cores ``U``; right cores ``V``, or
-        None: computed here) at the points ``Uy``: its rank-2r block cores projected by the
-        compiled small-rank batched projection, one call for the batch, which detects a
-        non-finite ``v`` or point in the result as it writes it. None (before any work)
+        None: computed here) at the points ``Uy``: the compiled batched transport
+        (:func:`~.sweeps.transport_small`: its rank-2r block cores assembled in cache, never
+        in memory), else those block cores built and projected by the compiled small-rank
+        batched projection; one call for the batch, which detects a non-finite ``v`` or
+        point in the result as it writes it. None (before any work)
         unless the points ``Uy`` hold the whole batch (at least
         ``sweeps.SMALL_PROJECT_MIN_BATCH`` of them) on the CPU with ``r`` within
         ``sweeps.SMALL_PROJECT_MAX_RANK`` and ``2 r`` within ``SMALL_PROJECT_MAX_Z_RANK``."""
@@ -1112,9 +1115,14 @@ class FixedTTRank(geoopt.Manifold):
                 or bs.numel() < sweeps.SMALL_PROJECT_MIN_BATCH
                 or max(self.ranks) > sweeps.SMALL_PROJECT_MAX_RANK
                 or 2 * max(self.ranks) > sweeps.SMALL_PROJECT_MAX_Z_RANK
-                or torch.broadcast_shapes(bs, x.shape[:-1], v.shape[:-1]) != bs):
+                or ((x.shape[:-1] != bs or v.shape[:-1] != bs)
+                    and torch.broadcast_shapes(bs, x.shape[:-1], v.shape[:-1]) != bs)):
             return None
-        xi = self._transport_cores(x, U, self._right_cores(x, U) if V is None else V, v, dv)
+        V = self._right_cores(x, U) if V is None else V
+        mod = sweeps.small_transport_module(Uy, U, V, dv)
+        if mod is not None:  # xi's block cores assembled inside, never in memory
+            return sweeps.transport_small(mod, Uy, U, V, dv, check=_NONFINITE_V)
+        xi = self._transport_cores(x, U, V, v, dv)
         mod = sweeps.small_project_module(Uy, xi)
         if mod is None:  # (grad, dtype: the dispatch's other conditions) the torch sweeps
             assert_finite_async([v, x] + list(Uy), "v", _NONFINITE_V)

@@ -27,6 +27,7 @@ from ..tt import IndexSet
 __all__ = ["compiled_batch", "has_bonds", "unbatched", "core_runs", "contiguous_runs",
            "right_sweep", "right_cores", "project_tt", "project_dense",
            "project_tt_at_point", "small_project_module", "project_small",
+           "small_transport_module", "transport_small",
            "prefer_fewer_launches", "stack_pays", "one_point_batch", "squeeze_cores", "batched_mm",
            "batched_dot", "batched_qr", "batched_svd",
            "project_sampled", "gauge_project_flat", "gauge_deltas", "orth_defect"]
@@ -708,8 +709,9 @@ def _small_project(U, V, Z, *, packed: bool, gauge: bool, check=None) -> bool:
         return False
     if any(c.dim() < 3 for c in U) or any(c.dim() < 3 for c in Z):
         return False
-    try:
-        bs = torch.broadcast_shapes(*[c.shape[:-3] for c in list(U) + list(Z)])
+    shapes = [c.shape[:-3] for c in list(U) + list(Z)]
+    try:  # (one batch shape for all, the usual case: no torch.broadcast_shapes, ~50 us)
+        bs = shapes[0] if all(s == shapes[0] for s in shapes) else torch.broadcast_shapes(*shapes)
     except RuntimeError:
         return False
     B = bs.numel()
@@ -732,13 +734,78 @@ def small_project_module(U, Z, *, gauge: bool = True):
     return _project_tt_batched.module_for(U, None, Z, packed=True, gauge=gauge)
 
 
-def project_small(mod, U, Z, *, check: str, gauge: bool = True) -> torch.Tensor:
-    """``project_tt(U, None, Z, packed=True, gauge=gauge)`` of a batch by the compiled
+#: float32 below this TT-rank: :func:`project_small` ignores given right cores (the
+#: kernel's own LQ sweep at 32 lanes costs less than reading ``V`` from memory: 1.0-1.1x
+#: at r = 2-4; given ``V`` is 1.02-2.1x faster at r = 5-10 in float32, 1.2-1.6x at every
+#: rank in float64; d = 10, n = 20, 256 points).
+SMALL_PROJECT_V_MIN_RANK_F32 = 5
+
+
+def project_small(mod, U, Z, *, check: str, gauge: bool = True, V=None) -> torch.Tensor:
+    """``project_tt(U, V, Z, packed=True, gauge=gauge)`` of a batch by the compiled
     small-rank kernel ``mod`` (from :func:`small_project_module`), raising
     ``RuntimeError(check)`` when a delta is NaN or infinite (tested while they are
     written: no separate pass over the inputs; ``check=""``: not tested, a NaN result as
-    on the torch path). Cost: that of :func:`project_tt`."""
-    return _project_tt_batched.call_with(mod, U, None, Z, packed=True, gauge=gauge, check=check)
+    on the torch path). ``V``: None, or the points' canonical right cores (of ``U``'s batch
+    shape or one point's), which the kernel then uses instead of its own LQ sweep (not in
+    float32 below :data:`SMALL_PROJECT_V_MIN_RANK_F32`). Cost: that of :func:`project_tt`."""
+    if (V is not None and mod is not None and U[0].dtype == torch.float32
+            and max(c.shape[-1] for c in U) < SMALL_PROJECT_V_MIN_RANK_F32):
+        V = None
+    return _project_tt_batched.call_with(mod, U, V, Z, packed=True, gauge=gauge, check=check)
+
+
+#: The compiled transport takes TT-ranks up to this (above: the block cores built and
+#: projected by :func:`project_small`; the kernel's own bound is 16). Measured at d = 10,
+#: n = 20, r = 10, 256 points, fresh processes: geoopt's Adam step 0.92-1.05 ms per point
+#: in float64 with the kernel against 0.88-1.02 without it, 0.35-0.37 against 0.40-0.46 in
+#: float32. Before the optimizer step's large outputs were given huge pages (main's
+#: ``kernels.memory``) the float64 step was slower with the kernel (1.4-1.6 against
+#: 1.1-1.4: without the block cores' 16 MB temporaries glibc left more of the step's 34 MB
+#: tensors to fresh 4 KB pages); lower this if that comes back.
+SMALL_TRANSPORT_MAX_RANK = 16
+
+
+def small_transport_module(Uy, U, V, dU):
+    """The loaded dense module when the compiled batched transport (:func:`transport_small`)
+    takes ``(Uy, U, V, dU)``, else None (before any work; a build may start, as for every
+    dispatched call): at least :data:`SMALL_PROJECT_MIN_BATCH` points ``Uy``, each its own
+    (``U``, ``V``, ``dU`` of their batch shape or one for all), TT-ranks within
+    :data:`SMALL_TRANSPORT_MAX_RANK` (the kernel takes up to 16), and
+    the compiled kernels usable on all of them (:func:`ttmanifold.kernels.usable`: CPU,
+    one float dtype, no grad)."""
+    d = len(Uy)
+    if d < 2 or not (len(U) == len(V) == len(dU) == d) or any(c.dim() < 3 for c in Uy):
+        return None
+    bs = Uy[0].shape[:-3]
+    if bs.numel() < SMALL_PROJECT_MIN_BATCH or any(c.shape[:-3] != bs for c in Uy):
+        return None
+    for k in range(d):
+        a, n, b = Uy[k].shape[-3:]
+        if max(a, b) > SMALL_TRANSPORT_MAX_RANK or 2 * max(a, b) > SMALL_PROJECT_MAX_Z_RANK or (
+                k > 0 and n * b < a):
+            return None
+        for c in (U[k], dU[k]) + ((V[k],) if k > 0 else ()):
+            if c.dim() < 3 or c.shape[-3:] != Uy[k].shape[-3:] or (
+                    c.shape[:-3] != bs and c.shape[:-3].numel() != 1):
+                return None
+    if not kernels.usable("dense", Uy, U, V[1:], dU):
+        return None
+    return kernels.module("dense")
+
+
+def transport_small(mod, Uy, U, V, dU, *, check: str) -> torch.Tensor:
+    """The vector transport by projection of a batch, ``P_Y(xi)`` packed and gauged at the
+    points ``Uy``, of the tangent vectors ``xi = sum_k U_<k dU_k V_>k`` at the points ``U``
+    (right cores ``V``, ``V[0]`` unused), by the compiled kernel ``mod`` (from
+    :func:`small_transport_module`): :func:`project_tt` of ``xi``'s rank-2r block cores
+    without building them (assembled per block of points in cache).
+
+    Args: as above; ``check``: the message of the ``RuntimeError`` raised when a delta is
+        NaN or infinite (a non-finite ``dU`` or point reaches them; ``""``: not tested).
+    Returns: ``(*batch, size)``, ``batch`` that of ``Uy``.
+    Cost: O(B d n r^3), one call (that of :func:`project_tt` on the block cores)."""
+    return compiled_dense.transport_batch_small(mod, Uy, U, V, dU, check=check)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.project_batch_small, when=_small_project)
