@@ -242,7 +242,7 @@ print(f"\nthis run of the notebook took {(time.perf_counter() - NB_START) / 60:.
 # ## Summary
 #
 # Numbers from the committed full run (3 seeds, 2500 generator steps with 5 discriminator
-# steps each; 8.7 minutes, part of it with another notebook on the second core), as printed
+# steps each; 6.0 minutes, with other jobs on the machine), as printed
 # in sections 2 and 3.
 #
 # * **No constraint: mode collapse.** With the paper's schedule of 5 discriminator steps per
@@ -255,12 +255,13 @@ print(f"\nthis run of the notebook took {(time.perf_counter() - NB_START) / 60:.
 #   (with some dips) to 0.78 at step 2500.
 # * **STTP "lipschitz": avoids the early collapse, but slower and not stable.** The STTP
 #   discriminator (rank 16, 1-Lipschitz by construction, 2433 trainable numbers against
-#   17025) covers hardly any mode until step 800 (0.7 on average), then reaches 7.0 modes
-#   ([6, 8]) at step 1600, later than spectral norm; after that it degrades again in two
-#   of the three seeds: 3.7 modes ([0, 8]) and a good share of 0.15 at step 2500. Its good share stays well below spectral
-#   norm's throughout (at most about 0.35 on average). The scatter plot of seed 0 shows
-#   why the metric is harsh on it there: eight clusters near the eight modes, but broader
-#   than the data and off centre, so that few samples lie within 0.15 of a mode.
+#   17025) covers hardly any mode until step 800 (0.3 on average), then climbs unevenly:
+#   3.0 modes ([0, 7]) at step 1200, 4.0 ([1, 8]) at 2000 and 5.7 ([4, 8]) at 2400, and
+#   falls back to 3.0 ([1, 6]) with a good share of 0.07 at step 2500: later than spectral
+#   norm and not stable. Its good share stays well below spectral norm's throughout (at most
+#   about 0.2 on average). The scatter plot of seed 0 shows why the metric is harsh on it
+#   there: the samples spread along the whole circle, denser near six of the modes but
+#   broader than the data, so that few samples lie within 0.15 of a mode.
 # * **The claim at toy scale.** A norm-constrained discriminator does prevent the collapse
 #   that the unconstrained one suffers in this setting, and the STTP "-L" discriminator
 #   shares that much; it does **not** match torch's spectral normalization here, neither
