@@ -2811,11 +2811,13 @@ struct FixedWidth {
 
 // The batched retraction's sweep over blocks of L points (see retract_batch_small and
 // retract_batch_wide): F, the factorizations and products for the ranks (FixedWidth above,
-// rbw::RuntimeWidth: qr, lq, svd_top, mm, and kMaxCols, the widest SVD). Returns whether
-// every output is finite.
+// rbw::RuntimeWidth: qr, lq, svd_top, mm, and kMaxCols, the widest SVD). Vin: the points'
+// canonical right cores V_1..V_{d-1} (right_cores' gauge: the LQ sweep skipped, each V_k
+// gathered), or empty: computed. Returns whether every output is finite.
 template <typename T, int L, class F>
 bool retract_sweep(const std::vector<torch::Tensor>& U, const std::vector<torch::Tensor>& D,
-                   int64_t B, torch::Tensor& out) {
+                   int64_t B, torch::Tensor& out, const std::vector<torch::Tensor>& Vin) {
+  const bool have_v = !Vin.empty();
   constexpr int MC = F::kMaxCols;
   const int d = static_cast<int>(U.size());
   std::vector<int> r(d + 1), n(d);
@@ -2868,8 +2870,10 @@ bool retract_sweep(const std::vector<torch::Tensor>& U, const std::vector<torch:
     const int last = r[d - 1] * n[d - 1];
     // the LQ sweep starts from U_{d-1} (scaled: its Q factors do not change); the
     // structured sweep from left = U_{d-1} + du_{d-1}, no right part
-    std::copy(uk, uk + static_cast<size_t>(last) * L, C2);
-    rbs::scale_down<T, L>(C2, last, sc);
+    if (!have_v) {
+      std::copy(uk, uk + static_cast<size_t>(last) * L, C2);
+      rbs::scale_down<T, L>(C2, last, sc);
+    }
     for (int e = 0; e < last * L; ++e) left[e] = uk[e] + Dk[e];
     T* sgn = sg;
     for (int l = 0; l < L; ++l) sgn[static_cast<size_t>(d) * MC * L + l] = T(1);
@@ -2879,7 +2883,9 @@ bool retract_sweep(const std::vector<torch::Tensor>& U, const std::vector<torch:
       const int rows = r[k - 1] * n[k - 1];
       pbs::gather_core<T, L>(U[k - 1], b0, B, un);
       pbs::gather_core<T, L>(D[k - 1], b0, B, Dk);
-      {  // LQ step (project_small_impl's): V_k = S_k V'_k (I (x) S_{k+1}), c_{k-1} = U_{k-1} R^T
+      if (have_v) {
+        pbs::gather_core<T, L>(Vin[k - 1], b0, B, Vs + vo[k]);
+      } else {  // LQ step (project_small_impl's): V_k = S_k V'_k (I (x) S_{k+1}), c_{k-1} = U_{k-1} R^T
         for (int i = 0; i < a; ++i)
           for (int j = 0; j < nb; ++j)
             pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(j) * a + i) * L,
@@ -2971,16 +2977,30 @@ bool retract_sweep(const std::vector<torch::Tensor>& U, const std::vector<torch:
 
 }  // namespace rbs
 
-// retract_point (V computed, the canonical right cores) for B points and/or B steps with
-// TT-ranks <= 4, SIMD across the points: U, du cores (1 or B, r, n, r'), every unfolding
-// r n >= 2 r' (n_0 >= 2 r_1); (B, size of U's point), left-orthogonal cores
+// The right cores V_1..V_{d-1} given to a batched retraction: none, or one per core k >= 1
+// of U's shape (1 or B points)
+void check_right_cores(std::vector<torch::Tensor>& V, const std::vector<torch::Tensor>& U,
+                       torch::ScalarType t, int64_t B) {
+  TORCH_CHECK(V.empty() || V.size() + 1 == U.size(),
+              "V: the d - 1 right cores V_1..V_{d-1} of the points, or none");
+  batch_cores(V, "V", t, B);
+  for (size_t k = 1; k < U.size() && !V.empty(); ++k)
+    TORCH_CHECK(V[k - 1].sizes().slice(1) == U[k].sizes().slice(1), "V: core ", k,
+                " differs in shape from U's");
+}
+
+// retract_point for B points and/or B steps with TT-ranks <= 4, SIMD across the points:
+// U, du cores (1 or B, r, n, r'), every unfolding r n >= 2 r' (n_0 >= 2 r_1); V: the
+// points' canonical right cores V_1..V_{d-1} (right_cores_batch_small's: the same result),
+// or empty: computed; (B, size of U's point), left-orthogonal cores
 torch::Tensor retract_batch_small(std::vector<torch::Tensor> U, std::vector<torch::Tensor> du,
-                                  int64_t B) {
+                                  int64_t B, std::vector<torch::Tensor> V) {
   TORCH_CHECK(U.size() >= 2 && U.size() == du.size(), "retract_batch_small: inconsistent lengths");
   const auto t = U[0].scalar_type();
   TORCH_CHECK(t == torch::kFloat || t == torch::kDouble, "U: float32 or float64 only");
   batch_cores(U, "U", t, B);
   batch_cores(du, "du", t, B);
+  check_right_cores(V, U, t, B);
   const size_t d = U.size();
   int64_t size = 0;
   for (size_t k = 0; k < d; ++k) {
@@ -3002,8 +3022,8 @@ torch::Tensor retract_batch_small(std::vector<torch::Tensor> U, std::vector<torc
   // of a block (40 KB) stays in the L1 cache; with the lane-vector steps of rbs this is
   // faster than bf's 128-byte blocks (QR + Q of 80 x 8: 0.52 vs 0.64 us a matrix, float64)
   const bool ok = t == torch::kDouble
-                      ? rbs::retract_sweep<double, 8, rbs::FixedWidth<8>>(U, du, B, out)
-                      : rbs::retract_sweep<float, 16, rbs::FixedWidth<16>>(U, du, B, out);
+                      ? rbs::retract_sweep<double, 8, rbs::FixedWidth<8>>(U, du, B, out, V)
+                      : rbs::retract_sweep<float, 16, rbs::FixedWidth<16>>(U, du, B, out, V);
   TORCH_CHECK(ok, "retr: X + u is not finite (X or u contains NaN or Inf)");
   return out;
 }
@@ -3498,12 +3518,13 @@ struct RuntimeWidth {
 // r n >= 2 r' (n_0 >= 2 r_1); (B, size of U's point), left-orthogonal cores. lanes: points
 // per block (0: the default, 8 float64 / 16 float32; 16 float64 / 32 float32 the alternative)
 torch::Tensor retract_batch_wide(std::vector<torch::Tensor> U, std::vector<torch::Tensor> du,
-                                 int64_t B, int64_t lanes) {
+                                 int64_t B, int64_t lanes, std::vector<torch::Tensor> V) {
   TORCH_CHECK(U.size() >= 2 && U.size() == du.size(), "retract_batch_wide: inconsistent lengths");
   const auto t = U[0].scalar_type();
   TORCH_CHECK(t == torch::kFloat || t == torch::kDouble, "U: float32 or float64 only");
   batch_cores(U, "U", t, B);
   batch_cores(du, "du", t, B);
+  check_right_cores(V, U, t, B);
   const size_t d = U.size();
   int64_t size = 0;
   for (size_t k = 0; k < d; ++k) {
@@ -3523,11 +3544,11 @@ torch::Tensor retract_batch_wide(std::vector<torch::Tensor> U, std::vector<torch
   if (B == 0) return out;
   bool ok = true;
   if (t == torch::kDouble) {
-    if (lanes == 16) ok = rbs::retract_sweep<double, 16, rbw::RuntimeWidth<16>>(U, du, B, out);
-    else ok = rbs::retract_sweep<double, 8, rbw::RuntimeWidth<8>>(U, du, B, out);
+    if (lanes == 16) ok = rbs::retract_sweep<double, 16, rbw::RuntimeWidth<16>>(U, du, B, out, V);
+    else ok = rbs::retract_sweep<double, 8, rbw::RuntimeWidth<8>>(U, du, B, out, V);
   } else {
-    if (lanes == 32) ok = rbs::retract_sweep<float, 32, rbw::RuntimeWidth<32>>(U, du, B, out);
-    else ok = rbs::retract_sweep<float, 16, rbw::RuntimeWidth<16>>(U, du, B, out);
+    if (lanes == 32) ok = rbs::retract_sweep<float, 32, rbw::RuntimeWidth<32>>(U, du, B, out, V);
+    else ok = rbs::retract_sweep<float, 16, rbw::RuntimeWidth<16>>(U, du, B, out, V);
   }
   TORCH_CHECK(ok, "retr: X + u is not finite (X or u contains NaN or Inf)");
   return out;
@@ -3703,6 +3724,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gauge_project_batch_small", &gauge_project_batch_small,
         "gauge_project_batch SIMD across blocks of points (interleaved), and the finiteness");
   m.def("retract_batch_small", &retract_batch_small,
-        "retract_point of a batch of points of TT-ranks <= 4, SIMD across the points (interleaved)");
-  m.def("retract_batch_wide", &retract_batch_wide, "retract_point of a batch of points of TT-ranks <= 12, SIMD across the points (runtime widths)", pybind11::arg("U"), pybind11::arg("du"), pybind11::arg("B"), pybind11::arg("lanes") = 0);
+        "retract_point of a batch of points of TT-ranks <= 4, SIMD across the points (interleaved)",
+        pybind11::arg("U"), pybind11::arg("du"), pybind11::arg("B"),
+        pybind11::arg("V") = std::vector<torch::Tensor>());
+  m.def("retract_batch_wide", &retract_batch_wide, "retract_point of a batch of points of TT-ranks <= 12, SIMD across the points (runtime widths)", pybind11::arg("U"), pybind11::arg("du"), pybind11::arg("B"), pybind11::arg("lanes") = 0, pybind11::arg("V") = std::vector<torch::Tensor>());
 }
