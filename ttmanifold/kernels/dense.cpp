@@ -2736,16 +2736,79 @@ struct At {
   };
 };
 
+// 8 x 8 transposes of float64 lane vectors (rows r[0..7] become columns) for the copies
+// between the interleaved blocks and the points' cores: 8 vector loads, 24 shuffles and 8
+// vector stores for 64 numbers (the lane loops moved one number per load and store)
+#if defined(TTM_RBS_VEC) && defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define TTM_RBS_T8 1
+inline void transpose8(Vec<double, 8>* r) {
+  using V = Vec<double, 8>;
+  V t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 2, 10, 4, 12, 6, 14);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int h = 0; h < 2; ++h) {
+      u[i + h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + h + 2] = __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+#endif
+#endif
+
+// pbs::gather_core (core c's entries of the points b0.. into the interleaved block dst;
+// past B the last point again), float64 blocks of 8 by 8 x 8 transposes
+template <typename T, int L>
+void gather_core(const torch::Tensor& c, int64_t b0, int64_t B, T* __restrict dst) {
+#if defined(TTM_RBS_T8)
+  if constexpr (std::is_same<T, double>::value && L == 8) {
+    using V = Vec<double, 8>;
+    const double* base = c.data_ptr<double>();
+    const int64_t E = c.numel() / c.size(0), sb = c.size(0) == 1 ? 0 : c.stride(0);
+    const double* q[8];
+    for (int l = 0; l < 8; ++l) q[l] = base + std::min<int64_t>(b0 + l, B - 1) * sb;
+    int64_t e = 0;
+    for (; e + 8 <= E; e += 8) {
+      V r[8];
+      for (int l = 0; l < 8; ++l) r[l] = ld<double, 8>(q[l] + e);
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) st<double, 8>(dst + (e + i) * 8, r[i]);
+    }
+    for (; e < E; ++e)
+      for (int l = 0; l < 8; ++l) dst[e * 8 + l] = q[l][e];
+    return;
+  }
+#endif
+  pbs::gather_core<T, L>(c, b0, B, dst);
+}
+
 // The block's core (cnt entries, interleaved) into the rows of its nl points in the packed
 // output (dst: the first point's core, rows size apart; each core contiguous). A full
 // block's lane loop has a constant count (unrolled stores; bf::scatter loops over a
-// runtime count and strides per entry)
+// runtime count and strides per entry); float64 blocks of 8 by 8 x 8 transposes
 template <typename T, int L>
 void put_core(const T* __restrict src, int cnt, T* __restrict dst, int64_t size, int nl) {
   T* d[L];
   for (int l = 0; l < L; ++l) d[l] = dst + (l < nl ? l : 0) * size;
   if (nl == L) {
-    for (int e = 0; e < cnt; ++e)
+    int e = 0;
+#if defined(TTM_RBS_T8)
+    if constexpr (std::is_same<T, double>::value && L == 8) {
+      for (; e + 8 <= cnt; e += 8) {
+        Vec<double, 8> r[8];
+        for (int i = 0; i < 8; ++i) r[i] = ld<double, 8>(src + static_cast<size_t>(e + i) * 8);
+        transpose8(r);
+        for (int l = 0; l < 8; ++l) st<double, 8>(d[l] + e, r[l]);
+      }
+    }
+#endif
+    for (; e < cnt; ++e)
       for (int l = 0; l < L; ++l) d[l][e] = src[static_cast<size_t>(e) * L + l];
     return;
   }
@@ -2865,8 +2928,8 @@ bool retract_sweep(const std::vector<torch::Tensor>& U, const std::vector<torch:
     for (int l = 0; l < L; ++l) acc[l] = T(0);
     T* uk = Ua;  // U_k of the step (gathered), U_{k-1} into un
     T* un = Ub;
-    pbs::gather_core<T, L>(U[d - 1], b0, B, uk);
-    pbs::gather_core<T, L>(D[d - 1], b0, B, Dk);
+    rbs::gather_core<T, L>(U[d - 1], b0, B, uk);
+    rbs::gather_core<T, L>(D[d - 1], b0, B, Dk);
     const int last = r[d - 1] * n[d - 1];
     // the LQ sweep starts from U_{d-1} (scaled: its Q factors do not change); the
     // structured sweep from left = U_{d-1} + du_{d-1}, no right part
@@ -2881,10 +2944,10 @@ bool retract_sweep(const std::vector<torch::Tensor>& U, const std::vector<torch:
     for (int k = d - 1; k >= 1; --k) {
       const int a = r[k], nb = n[k] * r[k + 1], b = r[k + 1];
       const int rows = r[k - 1] * n[k - 1];
-      pbs::gather_core<T, L>(U[k - 1], b0, B, un);
-      pbs::gather_core<T, L>(D[k - 1], b0, B, Dk);
+      rbs::gather_core<T, L>(U[k - 1], b0, B, un);
+      rbs::gather_core<T, L>(D[k - 1], b0, B, Dk);
       if (have_v) {
-        pbs::gather_core<T, L>(Vin[k - 1], b0, B, Vs + vo[k]);
+        rbs::gather_core<T, L>(Vin[k - 1], b0, B, Vs + vo[k]);
       } else {  // LQ step (project_small_impl's): V_k = S_k V'_k (I (x) S_{k+1}), c_{k-1} = U_{k-1} R^T
         for (int i = 0; i < a; ++i)
           for (int j = 0; j < nb; ++j)
