@@ -242,3 +242,86 @@ def test_workspace_freed_after_a_huge_call(spy, monkeypatch, kernel, r, n):
         assert torch.equal(M.retr(p, u), y0)
     assert after - _resident_bytes() > 0.7 * held
     assert set(spy.calls) == {kernel}
+
+
+class _RightCoresSpy:
+    """The dense module recording, per batched retraction call, whether right cores were
+    given (``V`` non-empty)."""
+
+    def __init__(self, mod):
+        self._mod, self.calls = mod, []
+
+    def __getattr__(self, attr):
+        f = getattr(self._mod, attr)
+        if not attr.startswith("retract_batch_"):
+            return f
+
+        def call(*a, **k):
+            self.calls.append((attr, len(k.get("V", ())) > 0))
+            return f(*a, **k)
+        return call
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_given_right_cores_skip_the_lq_sweep(dense_module, kernel, dtype):
+    """The canonical right cores given (the batched right_cores', as the loss keeps them)
+    give the kernel's own result (the same LQ steps: equal to rounding) and the dense
+    TT-SVD; per point (a partial last block) and shared by the batch (one point)."""
+    from ttmanifold.manifold.sweeps import right_cores
+    name, shape, r, _ = KERNELS[kernel]
+    fn = getattr(dense_module, name)
+    g = torch.Generator().manual_seed(11)
+    M = FixedTTRank(shape, r)
+    p = torch.Tensor(M.random(19, dtype=dtype, generator=g))
+    u = M.proju(p, torch.randn(19, M.size, dtype=dtype, generator=g))
+    U, du = M._split(p, "x"), M._split(u, "u")
+    V = right_cores(U)
+    own = fn(U, du, 19)
+    given = fn(U, du, 19, V=V[1:])
+    assert _err(M.to_tt(given).full(), M.to_tt(own).full()) < TOL[dtype]
+    A = (M.to_tt(p).full() + M.tangent_to_tt(p, u).full()).to(F64)
+    for b in (0, 18):
+        assert _err(M.to_tt(given[b]).full().to(F64), _dense_ttsvd(A[b], M.ranks)) < TOL[dtype] * 10
+    one = fn([c[:1] for c in U], du, 19, V=[c[:1] for c in V[1:]])  # one point, 19 steps
+    ref = fn([c[:1].expand_as(c) for c in U], du, 19)
+    assert _err(M.to_tt(one).full(), M.to_tt(ref).full()) < TOL[dtype]
+    bad = [c.clone() for c in V[1:]]  # a wrong right core changes the result: it is used
+    bad[0][:, 0] *= -1
+    assert _err(M.to_tt(fn(U, du, 19, V=bad)).full(), M.to_tt(own).full()) > 1e-3
+    with pytest.raises(RuntimeError, match="V: the d - 1 right cores"):
+        fn(U, du, 19, V=V[2:])
+    with pytest.raises(RuntimeError, match="V: core 1 differs in shape"):
+        fn(U, du, 19, V=[V[1][:, :, :-1]] + V[2:])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_step_passes_right_cores(dense_module, monkeypatch, kernel):
+    """retr_transp runs one LQ sweep for its retraction and transport (right cores given to
+    the retraction kernel), and retr takes the loss's kept right cores; both give the
+    torch path's results."""
+    from ttmanifold import kernels
+    name, shape, r, _ = KERNELS[kernel]
+    g = torch.Generator().manual_seed(12)
+    M = FixedTTRank(shape, r)
+    p = torch.Tensor(M.random(17, dtype=F64, generator=g))
+    u = M.proju(p, torch.randn(17, M.size, dtype=F64, generator=g))
+    v = M.proju(p, torch.randn(17, M.size, dtype=F64, generator=g))
+    ref_y, ref_t = _torch_path(monkeypatch, lambda: M.retr_transp(p, u, v))
+    spy = _RightCoresSpy(dense_module)
+    monkeypatch.setattr(kernels._SETS["dense"], "module", spy)
+    monkeypatch.setitem(kernels._config, "enabled", True)
+    y, t = M.retr_transp(p, u, v)
+    assert spy.calls == [(name, True)]
+    assert _err(M.to_tt(y).full(), M.to_tt(ref_y).full()) < 1e-11
+    assert _err(M.tangent_to_tt(y, t).full(), M.tangent_to_tt(ref_y, ref_t).full()) < 1e-10
+    spy.calls.clear()
+    par = p.clone().requires_grad_()
+    M.unpack_tensor(par)  # the loss's evaluation keeps par's right cores for the step
+    with torch.no_grad():
+        y2 = M.retr(par, u)
+        assert spy.calls == [(name, True)]
+        assert _err(M.to_tt(y2).full(), M.to_tt(ref_y).full()) < 1e-11
+        spy.calls.clear()
+        M.retr(par, u)  # (consumed: the kernel's own LQ sweep)
+        assert spy.calls == [(name, False)]

@@ -2526,6 +2526,40 @@ void mm(int M, int N, int K, const T* __restrict A, int sam, int sak, const T* _
   }
 }
 
+// bf::scale_down on lane vectors (the same factors and products: equal results): the
+// lane loops' max and product passes ran scalar, ~9 % of the r = 4 float64 retraction
+template <typename T, int L>
+void scale_down(T* __restrict a, int cnt, T* __restrict sc) {
+  using V = Vec<T, L>;
+  const V zero = V{};
+  // two running maxima in registers (NaN never taken: compares false)
+  auto absmax = [&](int e, const V& m) {
+    const V x = ld<T, L>(a + static_cast<size_t>(e) * L), ax = x >= zero ? x : -x;
+    return ax > m ? ax : m;
+  };
+  V m0 = zero, m1 = zero;
+  int e = 0;
+  for (; e + 2 <= cnt; e += 2) {
+    m0 = absmax(e, m0);
+    m1 = absmax(e + 1, m1);
+  }
+  if (e < cnt) m0 = absmax(e, m0);
+  alignas(64) T mx[L], f1[L], f2[L];
+  st<T, L>(mx, m0 > m1 ? m0 : m1);
+  for (int l = 0; l < L; ++l) {
+    int x = 0;
+    if (mx[l] > T(0) && std::isfinite(mx[l])) x = std::ilogb(mx[l]);
+    sc[l] = std::ldexp(T(1), x);
+    f1[l] = std::ldexp(T(1), -x / 2);
+    f2[l] = std::ldexp(T(1), -x - (-x / 2));
+  }
+  const V g1 = ld<T, L>(f1), g2 = ld<T, L>(f2);
+  for (e = 0; e < cnt; ++e) {
+    T* q = a + static_cast<size_t>(e) * L;
+    st<T, L>(q, ld<T, L>(q) * g1 * g2);
+  }
+}
+
 // acc[l] += sum_e 0 * x[e L + l] over cnt entries: stays 0 unless an entry is NaN or
 // infinite (four partial sums: no long dependency chain)
 template <typename T, int L>
@@ -2540,6 +2574,8 @@ void add_zero_times(const T* x, int cnt, T* acc) {
   st<T, L>(acc, ld<T, L>(acc) + ((s[0] + s[1]) + (s[2] + s[3])));
 }
 #else
+template <typename T, int L>
+void scale_down(T* a, int cnt, T* sc) { bf::scale_down<T, L>(a, cnt, sc); }
 template <typename T, int L>
 void add_zero_times(const T* x, int cnt, T* acc) {
   for (int e = 0; e < cnt; ++e)
@@ -2637,7 +2673,7 @@ struct At {
     static void run(int& m, T*& A, T*& vd, T*& cf, T*& beta, T*& W, T*& V, T*& S, T*& Uo,
                     T*& SV) {
       alignas(64) T sc[L];
-      bf::scale_down<T, L>(A, m * n, sc);
+      rbs::scale_down<T, L>(A, m * n, sc);
       house_qr<T, L, n>(m, A, vd, cf, beta);
       for (int i = 0; i < n; ++i)  // W = R^T
         for (int c = 0; c < n; ++c)
@@ -2700,16 +2736,79 @@ struct At {
   };
 };
 
+// 8 x 8 transposes of float64 lane vectors (rows r[0..7] become columns) for the copies
+// between the interleaved blocks and the points' cores: 8 vector loads, 24 shuffles and 8
+// vector stores for 64 numbers (the lane loops moved one number per load and store)
+#if defined(TTM_RBS_VEC) && defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define TTM_RBS_T8 1
+inline void transpose8(Vec<double, 8>* r) {
+  using V = Vec<double, 8>;
+  V t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 2, 10, 4, 12, 6, 14);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int h = 0; h < 2; ++h) {
+      u[i + h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + h + 2] = __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+#endif
+#endif
+
+// pbs::gather_core (core c's entries of the points b0.. into the interleaved block dst;
+// past B the last point again), float64 blocks of 8 by 8 x 8 transposes
+template <typename T, int L>
+void gather_core(const torch::Tensor& c, int64_t b0, int64_t B, T* __restrict dst) {
+#if defined(TTM_RBS_T8)
+  if constexpr (std::is_same<T, double>::value && L == 8) {
+    using V = Vec<double, 8>;
+    const double* base = c.data_ptr<double>();
+    const int64_t E = c.numel() / c.size(0), sb = c.size(0) == 1 ? 0 : c.stride(0);
+    const double* q[8];
+    for (int l = 0; l < 8; ++l) q[l] = base + std::min<int64_t>(b0 + l, B - 1) * sb;
+    int64_t e = 0;
+    for (; e + 8 <= E; e += 8) {
+      V r[8];
+      for (int l = 0; l < 8; ++l) r[l] = ld<double, 8>(q[l] + e);
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) st<double, 8>(dst + (e + i) * 8, r[i]);
+    }
+    for (; e < E; ++e)
+      for (int l = 0; l < 8; ++l) dst[e * 8 + l] = q[l][e];
+    return;
+  }
+#endif
+  pbs::gather_core<T, L>(c, b0, B, dst);
+}
+
 // The block's core (cnt entries, interleaved) into the rows of its nl points in the packed
 // output (dst: the first point's core, rows size apart; each core contiguous). A full
 // block's lane loop has a constant count (unrolled stores; bf::scatter loops over a
-// runtime count and strides per entry)
+// runtime count and strides per entry); float64 blocks of 8 by 8 x 8 transposes
 template <typename T, int L>
 void put_core(const T* __restrict src, int cnt, T* __restrict dst, int64_t size, int nl) {
   T* d[L];
   for (int l = 0; l < L; ++l) d[l] = dst + (l < nl ? l : 0) * size;
   if (nl == L) {
-    for (int e = 0; e < cnt; ++e)
+    int e = 0;
+#if defined(TTM_RBS_T8)
+    if constexpr (std::is_same<T, double>::value && L == 8) {
+      for (; e + 8 <= cnt; e += 8) {
+        Vec<double, 8> r[8];
+        for (int i = 0; i < 8; ++i) r[i] = ld<double, 8>(src + static_cast<size_t>(e + i) * 8);
+        transpose8(r);
+        for (int l = 0; l < 8; ++l) st<double, 8>(d[l] + e, r[l]);
+      }
+    }
+#endif
+    for (; e < cnt; ++e)
       for (int l = 0; l < L; ++l) d[l][e] = src[static_cast<size_t>(e) * L + l];
     return;
   }
@@ -2775,11 +2874,13 @@ struct FixedWidth {
 
 // The batched retraction's sweep over blocks of L points (see retract_batch_small and
 // retract_batch_wide): F, the factorizations and products for the ranks (FixedWidth above,
-// rbw::RuntimeWidth: qr, lq, svd_top, mm, and kMaxCols, the widest SVD). Returns whether
-// every output is finite.
+// rbw::RuntimeWidth: qr, lq, svd_top, mm, and kMaxCols, the widest SVD). Vin: the points'
+// canonical right cores V_1..V_{d-1} (right_cores' gauge: the LQ sweep skipped, each V_k
+// gathered), or empty: computed. Returns whether every output is finite.
 template <typename T, int L, class F>
 bool retract_sweep(const std::vector<torch::Tensor>& U, const std::vector<torch::Tensor>& D,
-                   int64_t B, torch::Tensor& out) {
+                   int64_t B, torch::Tensor& out, const std::vector<torch::Tensor>& Vin) {
+  const bool have_v = !Vin.empty();
   constexpr int MC = F::kMaxCols;
   const int d = static_cast<int>(U.size());
   std::vector<int> r(d + 1), n(d);
@@ -2827,13 +2928,15 @@ bool retract_sweep(const std::vector<torch::Tensor>& U, const std::vector<torch:
     for (int l = 0; l < L; ++l) acc[l] = T(0);
     T* uk = Ua;  // U_k of the step (gathered), U_{k-1} into un
     T* un = Ub;
-    pbs::gather_core<T, L>(U[d - 1], b0, B, uk);
-    pbs::gather_core<T, L>(D[d - 1], b0, B, Dk);
+    rbs::gather_core<T, L>(U[d - 1], b0, B, uk);
+    rbs::gather_core<T, L>(D[d - 1], b0, B, Dk);
     const int last = r[d - 1] * n[d - 1];
     // the LQ sweep starts from U_{d-1} (scaled: its Q factors do not change); the
     // structured sweep from left = U_{d-1} + du_{d-1}, no right part
-    std::copy(uk, uk + static_cast<size_t>(last) * L, C2);
-    bf::scale_down<T, L>(C2, last, sc);
+    if (!have_v) {
+      std::copy(uk, uk + static_cast<size_t>(last) * L, C2);
+      rbs::scale_down<T, L>(C2, last, sc);
+    }
     for (int e = 0; e < last * L; ++e) left[e] = uk[e] + Dk[e];
     T* sgn = sg;
     for (int l = 0; l < L; ++l) sgn[static_cast<size_t>(d) * MC * L + l] = T(1);
@@ -2841,9 +2944,11 @@ bool retract_sweep(const std::vector<torch::Tensor>& U, const std::vector<torch:
     for (int k = d - 1; k >= 1; --k) {
       const int a = r[k], nb = n[k] * r[k + 1], b = r[k + 1];
       const int rows = r[k - 1] * n[k - 1];
-      pbs::gather_core<T, L>(U[k - 1], b0, B, un);
-      pbs::gather_core<T, L>(D[k - 1], b0, B, Dk);
-      {  // LQ step (project_small_impl's): V_k = S_k V'_k (I (x) S_{k+1}), c_{k-1} = U_{k-1} R^T
+      rbs::gather_core<T, L>(U[k - 1], b0, B, un);
+      rbs::gather_core<T, L>(D[k - 1], b0, B, Dk);
+      if (have_v) {
+        rbs::gather_core<T, L>(Vin[k - 1], b0, B, Vs + vo[k]);
+      } else {  // LQ step (project_small_impl's): V_k = S_k V'_k (I (x) S_{k+1}), c_{k-1} = U_{k-1} R^T
         for (int i = 0; i < a; ++i)
           for (int j = 0; j < nb; ++j)
             pbs::copy_lanes<T, L>(CT + (static_cast<size_t>(j) * a + i) * L,
@@ -2877,7 +2982,7 @@ bool retract_sweep(const std::vector<torch::Tensor>& U, const std::vector<torch:
       // scaled to a largest entry in [1, 2) (exact): a huge point or step (a float32 entry
       // above ~1e19) would overflow the reflectors' squared norms; R scaled back
       T scq[L];
-      bf::scale_down<T, L>(CT, N * a, scq);
+      rbs::scale_down<T, L>(CT, N * a, scq);
       F::qr(N, a, CT, vd, cf, beta, sp, Qw + qo[k], Rb);
       for (int e = 0; e < a * a; ++e)
         for (int l = 0; l < L; ++l) Rb[static_cast<size_t>(e) * L + l] *= scq[l];
@@ -2935,16 +3040,30 @@ bool retract_sweep(const std::vector<torch::Tensor>& U, const std::vector<torch:
 
 }  // namespace rbs
 
-// retract_point (V computed, the canonical right cores) for B points and/or B steps with
-// TT-ranks <= 4, SIMD across the points: U, du cores (1 or B, r, n, r'), every unfolding
-// r n >= 2 r' (n_0 >= 2 r_1); (B, size of U's point), left-orthogonal cores
+// The right cores V_1..V_{d-1} given to a batched retraction: none, or one per core k >= 1
+// of U's shape (1 or B points)
+void check_right_cores(std::vector<torch::Tensor>& V, const std::vector<torch::Tensor>& U,
+                       torch::ScalarType t, int64_t B) {
+  TORCH_CHECK(V.empty() || V.size() + 1 == U.size(),
+              "V: the d - 1 right cores V_1..V_{d-1} of the points, or none");
+  batch_cores(V, "V", t, B);
+  for (size_t k = 1; k < U.size() && !V.empty(); ++k)
+    TORCH_CHECK(V[k - 1].sizes().slice(1) == U[k].sizes().slice(1), "V: core ", k,
+                " differs in shape from U's");
+}
+
+// retract_point for B points and/or B steps with TT-ranks <= 4, SIMD across the points:
+// U, du cores (1 or B, r, n, r'), every unfolding r n >= 2 r' (n_0 >= 2 r_1); V: the
+// points' canonical right cores V_1..V_{d-1} (right_cores_batch_small's: the same result),
+// or empty: computed; (B, size of U's point), left-orthogonal cores
 torch::Tensor retract_batch_small(std::vector<torch::Tensor> U, std::vector<torch::Tensor> du,
-                                  int64_t B) {
+                                  int64_t B, std::vector<torch::Tensor> V) {
   TORCH_CHECK(U.size() >= 2 && U.size() == du.size(), "retract_batch_small: inconsistent lengths");
   const auto t = U[0].scalar_type();
   TORCH_CHECK(t == torch::kFloat || t == torch::kDouble, "U: float32 or float64 only");
   batch_cores(U, "U", t, B);
   batch_cores(du, "du", t, B);
+  check_right_cores(V, U, t, B);
   const size_t d = U.size();
   int64_t size = 0;
   for (size_t k = 0; k < d; ++k) {
@@ -2966,8 +3085,8 @@ torch::Tensor retract_batch_small(std::vector<torch::Tensor> U, std::vector<torc
   // of a block (40 KB) stays in the L1 cache; with the lane-vector steps of rbs this is
   // faster than bf's 128-byte blocks (QR + Q of 80 x 8: 0.52 vs 0.64 us a matrix, float64)
   const bool ok = t == torch::kDouble
-                      ? rbs::retract_sweep<double, 8, rbs::FixedWidth<8>>(U, du, B, out)
-                      : rbs::retract_sweep<float, 16, rbs::FixedWidth<16>>(U, du, B, out);
+                      ? rbs::retract_sweep<double, 8, rbs::FixedWidth<8>>(U, du, B, out, V)
+                      : rbs::retract_sweep<float, 16, rbs::FixedWidth<16>>(U, du, B, out, V);
   TORCH_CHECK(ok, "retr: X + u is not finite (X or u contains NaN or Inf)");
   return out;
 }
@@ -3399,7 +3518,7 @@ int jacobi(int n, T* __restrict W, T* __restrict V, T tol, int max_sweeps) {
 template <typename T, int L>
 void svd_top(int m, int n, T* A, T* vd, T* cf, T* beta, T* sp, T* W, T* V, T* S, T* Uo, T* SV) {
   T sc[L];
-  bf::scale_down<T, L>(A, m * n, sc);
+  rbs::scale_down<T, L>(A, m * n, sc);
   house_qr<T, L>(m, n, A, vd, cf, beta, sp);
   for (int i = 0; i < n; ++i)  // W = R^T (whole lane vectors: no per-lane branch)
     for (int c = 0; c < n; ++c) {
@@ -3462,12 +3581,13 @@ struct RuntimeWidth {
 // r n >= 2 r' (n_0 >= 2 r_1); (B, size of U's point), left-orthogonal cores. lanes: points
 // per block (0: the default, 8 float64 / 16 float32; 16 float64 / 32 float32 the alternative)
 torch::Tensor retract_batch_wide(std::vector<torch::Tensor> U, std::vector<torch::Tensor> du,
-                                 int64_t B, int64_t lanes) {
+                                 int64_t B, int64_t lanes, std::vector<torch::Tensor> V) {
   TORCH_CHECK(U.size() >= 2 && U.size() == du.size(), "retract_batch_wide: inconsistent lengths");
   const auto t = U[0].scalar_type();
   TORCH_CHECK(t == torch::kFloat || t == torch::kDouble, "U: float32 or float64 only");
   batch_cores(U, "U", t, B);
   batch_cores(du, "du", t, B);
+  check_right_cores(V, U, t, B);
   const size_t d = U.size();
   int64_t size = 0;
   for (size_t k = 0; k < d; ++k) {
@@ -3487,11 +3607,11 @@ torch::Tensor retract_batch_wide(std::vector<torch::Tensor> U, std::vector<torch
   if (B == 0) return out;
   bool ok = true;
   if (t == torch::kDouble) {
-    if (lanes == 16) ok = rbs::retract_sweep<double, 16, rbw::RuntimeWidth<16>>(U, du, B, out);
-    else ok = rbs::retract_sweep<double, 8, rbw::RuntimeWidth<8>>(U, du, B, out);
+    if (lanes == 16) ok = rbs::retract_sweep<double, 16, rbw::RuntimeWidth<16>>(U, du, B, out, V);
+    else ok = rbs::retract_sweep<double, 8, rbw::RuntimeWidth<8>>(U, du, B, out, V);
   } else {
-    if (lanes == 32) ok = rbs::retract_sweep<float, 32, rbw::RuntimeWidth<32>>(U, du, B, out);
-    else ok = rbs::retract_sweep<float, 16, rbw::RuntimeWidth<16>>(U, du, B, out);
+    if (lanes == 32) ok = rbs::retract_sweep<float, 32, rbw::RuntimeWidth<32>>(U, du, B, out, V);
+    else ok = rbs::retract_sweep<float, 16, rbw::RuntimeWidth<16>>(U, du, B, out, V);
   }
   TORCH_CHECK(ok, "retr: X + u is not finite (X or u contains NaN or Inf)");
   return out;
@@ -3667,6 +3787,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gauge_project_batch_small", &gauge_project_batch_small,
         "gauge_project_batch SIMD across blocks of points (interleaved), and the finiteness");
   m.def("retract_batch_small", &retract_batch_small,
-        "retract_point of a batch of points of TT-ranks <= 4, SIMD across the points (interleaved)");
-  m.def("retract_batch_wide", &retract_batch_wide, "retract_point of a batch of points of TT-ranks <= 12, SIMD across the points (runtime widths)", pybind11::arg("U"), pybind11::arg("du"), pybind11::arg("B"), pybind11::arg("lanes") = 0);
+        "retract_point of a batch of points of TT-ranks <= 4, SIMD across the points (interleaved)",
+        pybind11::arg("U"), pybind11::arg("du"), pybind11::arg("B"),
+        pybind11::arg("V") = std::vector<torch::Tensor>());
+  m.def("retract_batch_wide", &retract_batch_wide, "retract_point of a batch of points of TT-ranks <= 12, SIMD across the points (runtime widths)", pybind11::arg("U"), pybind11::arg("du"), pybind11::arg("B"), pybind11::arg("lanes") = 0, pybind11::arg("V") = std::vector<torch::Tensor>());
 }

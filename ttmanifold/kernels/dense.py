@@ -278,42 +278,53 @@ def ordinary_outputs():
 
 
 def retract_batch_small(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
-                        ranks: Sequence[int]) -> torch.Tensor:
+                        ranks: Sequence[int],
+                        V: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
     """The batched ``retract_point(U, du, ranks)`` for TT-ranks ``<= 4`` in one call that
     runs blocks of points together, SIMD across the points (``dense.cpp``'s
     ``retract_batch_small``: the LQ sweep of each point, the structured orthogonalization
     of the rank-2r TT and the truncated SVDs). Cores broadcast over the leading batch
     dimensions (one ``du`` or one point for all is not copied per point).
 
-    Args: as the torch ``retract_point`` (``mod``: the loaded dense module).
+    Args: as the torch ``retract_point`` (``mod``: the loaded dense module); ``V``: the
+        points' canonical right cores (``right_cores(U)``, ``V[0]`` unused) when the caller
+        has them: the kernel's LQ sweep is skipped (the same result), else None.
     Returns: ``(*batch, size)``, the packed left-orthogonal cores of each result.
     Raises: ``RuntimeError`` when a result is NaN or infinite (a non-finite point or step).
     Cost: O(B d n r^3), one call."""
-    return _simd_retract(mod.retract_batch_small, U, du)
+    return _simd_retract(mod.retract_batch_small, U, du, V)
 
 
-def _simd_retract(fn, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor], *args) -> torch.Tensor:
-    """``fn(U, du, B, *args)`` of a SIMD batch retraction on ``(B or 1, r, n, r')`` views
-    of the cores (one point or one step for all is not copied per point), reshaped to the
-    batch; the result allocated outside inference mode (see :func:`ordinary_outputs`)."""
-    bs = _batch_shape(U, du)
+def _simd_retract(fn, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
+                  V: Optional[Sequence[Optional[torch.Tensor]]]) -> torch.Tensor:
+    """``fn(U, du, B, V=V[1:])`` of a SIMD batch retraction on ``(B or 1, r, n, r')`` views
+    of the cores (one point or one step for all is not copied per point; ``V`` None: no
+    right cores given), reshaped to the batch; the result allocated outside inference mode
+    (see :func:`ordinary_outputs`)."""
+    if V is None:
+        bs = _batch_shape(U, du)
+        Vv = []
+    else:
+        bs = _batch_shape(U, du, V[1:])
+        Vv = _point_views(V[1:], bs)
     with ordinary_outputs():
-        out = fn(_point_views(U, bs), _point_views(du, bs), bs.numel(), *args)
+        out = fn(_point_views(U, bs), _point_views(du, bs), bs.numel(), V=Vv)
     return out.reshape(bs + out.shape[1:])
 
 
 def retract_batch_wide(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
-                       ranks: Sequence[int]) -> torch.Tensor:
+                       ranks: Sequence[int],
+                       V: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
     """The batched ``retract_point(U, du, ranks)`` for TT-ranks ``<= 12`` in one call,
     SIMD across blocks of points (``dense.cpp``'s ``retract_batch_wide``:
     :func:`retract_batch_small`'s algorithm with factorizations of runtime width, for the
     ``2 r``-column SVDs of ranks 5 to 12). Cores broadcast over the leading batch dimensions.
 
-    Args: as the torch ``retract_point`` (``mod``: the loaded dense module).
+    Args: as :func:`retract_batch_small` (``V``: the right cores, or None).
     Returns: ``(*batch, size)``, the packed left-orthogonal cores of each result.
     Raises: ``RuntimeError`` when a result is NaN or infinite (a non-finite point or step).
     Cost: O(B d n r^3), one call."""
-    return _simd_retract(mod.retract_batch_wide, U, du)
+    return _simd_retract(mod.retract_batch_wide, U, du, V)
 
 
 def _point_views(cores: Sequence[torch.Tensor], bs: torch.Size) -> List[torch.Tensor]:

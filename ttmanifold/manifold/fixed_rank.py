@@ -975,15 +975,13 @@ class FixedTTRank(geoopt.Manifold):
             U, du = self._split(x, "x"), self._check_vector(u, x)
             mod = small_retract_module(U, du, self.ranks)
             if mod is not None:  # the small-rank SIMD kernel: the whole batch, one call
-                # (its own LQ sweep is cheaper than the torch sweeps given the kept right
-                # cores: 2x at d = 10, n = 20, r = 4, 256 points; those are forgotten)
-                self._kept_right_cores(x, consume=True)
-                return retract_small(mod, U, du, self.ranks)
+                # (the kept right cores skip its LQ sweep; else it runs its own)
+                return retract_small(mod, U, du, self.ranks,
+                                     self._kept_right_cores(x, consume=True))
             mod = wide_retract_module(U, du, self.ranks)
-            if mod is not None:  # ranks up to 12: the SIMD kernel of runtime width (as
-                # above, its own LQ sweep beats the per-point loop given the kept cores)
-                self._kept_right_cores(x, consume=True)
-                return retract_wide(mod, U, du, self.ranks)
+            if mod is not None:  # ranks up to 12: the SIMD kernel of runtime width (as above)
+                return retract_wide(mod, U, du, self.ranks,
+                                    self._kept_right_cores(x, consume=True))
         # the kept right cores taken here: the CPU chunks are slices the memo does not know
         return self._retr(x, u, self._kept_right_cores(x, consume=True))
 
@@ -1083,15 +1081,17 @@ class FixedTTRank(geoopt.Manifold):
         du = self._check_vector(u, x)
         dv = self._check_vector(v, x, "v")
         mod = small_retract_module(U, du, self.ranks)  # (None for d = 1)
-        if mod is not None:
-            y = retract_small(mod, U, du, self.ranks)  # raises on a non-finite x or u
-        else:  # ranks 5-12: the kernel of runtime width
+        wide = mod is None
+        if wide:  # ranks 5-12: the kernel of runtime width
             mod = wide_retract_module(U, du, self.ranks)
             if mod is None:
                 return None
-            y = retract_wide(mod, U, du, self.ranks)  # raises on a non-finite x or u
-        # the right cores kept by the loss (unpack_tensor), else one LQ sweep
+        # the right cores kept by the loss (unpack_tensor), else one LQ sweep: the
+        # retraction's and the transport's (the kernel skips its own; a non-finite point
+        # gives non-finite cores, and the retraction raises)
         V = self._right_cores(x, U, consume=True)
+        # (raises on a non-finite x or u)
+        y = (retract_wide if wide else retract_small)(mod, U, du, self.ranks, V)
         Uy = self._split(y, "y")
         t = self._transport_small(x, U, V, v, dv, Uy)
         if t is None:  # the projection's kernel declines (its limits): the torch sweeps

@@ -161,10 +161,19 @@ def small_retract_module(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
 
 
 def retract_small(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
-                  ranks: Sequence[int]) -> torch.Tensor:
+                  ranks: Sequence[int],
+                  V: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
     """``retract_point(U, du, ranks)`` of a batch by the compiled small-rank kernel ``mod``
-    (from :func:`small_retract_module`; None: the usual dispatch). Cost: O(B d n r^3)."""
-    return retract_point.call_with(mod, U, du, ranks)
+    (from :func:`small_retract_module`; None: the usual dispatch).
+
+    Args: ``mod`` and the arguments of :func:`retract_point`; ``V``: the points' canonical
+        right cores (``right_cores(U)``, ``V[0]`` unused) when the caller has them (the
+        kernel's LQ sweep skipped: the same result), else None.
+    Returns: ``(*batch, size)``, the packed left-orthogonal cores of each result.
+    Cost: O(B d n r^3), one call."""
+    if V is None or mod is None:
+        return retract_point.call_with(mod, U, du, ranks)
+    return retract_point.call_with(mod, U, du, ranks, V=V)
 
 
 #: The compiled batched retraction for ranks above :data:`SMALL_RETRACT_MAX_RANK`
@@ -201,14 +210,18 @@ def wide_retract_module(U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
 
 
 def retract_wide(mod, U: Sequence[torch.Tensor], du: Sequence[torch.Tensor],
-                 ranks: Sequence[int]) -> torch.Tensor:
+                 ranks: Sequence[int],
+                 V: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
     """``retract_point(U, du, ranks)`` of a batch by the compiled kernel of runtime width
     ``mod`` (from :func:`wide_retract_module`; None: the usual dispatch).
 
-    Args: ``mod`` and the arguments of :func:`retract_point`.
+    Args: ``mod`` and the arguments of :func:`retract_point`; ``V``: as
+        :func:`retract_small`'s.
     Returns: ``(*batch, size)``, the packed left-orthogonal cores of each result.
     Cost: O(B d n r^3), one call."""
-    return _retract_point_wide.call_with(mod, U, du, ranks)
+    if V is None or mod is None:
+        return _retract_point_wide.call_with(mod, U, du, ranks)
+    return _retract_point_wide.call_with(mod, U, du, ranks, V=V)
 
 
 @kernels.dispatch("dense", compiled=compiled_dense.retract_point, when=has_bonds)
