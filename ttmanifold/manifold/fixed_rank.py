@@ -379,8 +379,11 @@ class FixedTTRank(geoopt.Manifold):
         self._check_flat(x, name, batch)
         if x.dim() == 1:
             return [c.view(s) for c, s in zip(torch.split(x, self._sizes), self.core_shapes)]
-        return [c.unflatten(-1, s) for c, s in zip(torch.split(x, self._sizes, -1),
-                                                   self.core_shapes)]
+        # view, not unflatten: the same views, without unflatten's Python wrapper (~4 us a
+        # core, 70 cores a batched Adam step at d = 10)
+        lead = x.shape[:-1]
+        return [c.view(lead + s) for c, s in zip(torch.split(x, self._sizes, -1),
+                                                 self.core_shapes)]
 
     def _check_flat(self, x: torch.Tensor, name: str, batch: bool = True) -> None:
         if not isinstance(x, torch.Tensor):
@@ -574,8 +577,10 @@ class FixedTTRank(geoopt.Manifold):
             return D.expand(torch.broadcast_shapes(x.shape, D.shape)).clone()
         return gauge_project_flat(self.gauge_runs, x, D)
 
-    def _check_vector(self, u: torch.Tensor, p: torch.Tensor, name: str = "u") -> List[torch.Tensor]:
-        parts = self._split(u, name)
+    def _check_vector(self, u: torch.Tensor, p: torch.Tensor, name: str = "u",
+                      split: bool = True) -> Optional[List[torch.Tensor]]:
+        # split=False: the checks only (callers that use the packed u)
+        parts = self._split(u, name) if split else self._check_flat(u, name)
         if (u.dim() > 1 or p.dim() > 1) and u.shape[:-1] != p.shape[:-1]:
             try:
                 torch.broadcast_shapes(u.shape[:-1], p.shape[:-1])
@@ -600,8 +605,8 @@ class FixedTTRank(geoopt.Manifold):
         gradient), it returns the Riemannian gradient; on a gauged tangent vector it is the
         identity. Returns a new tensor.
         """
-        self._split(x, "x")
-        self._check_vector(u, x)
+        self._check_flat(x, "x")
+        self._check_vector(u, x, split=False)
         assert_finite_async([u, x], "u", "u: contains NaN or Inf (or the point x does)")
         return self._gauge_packed(x, u)
 
@@ -613,7 +618,7 @@ class FixedTTRank(geoopt.Manifold):
         Non-finite gradients raise ``RuntimeError`` ("u: gradient contains NaN or Inf")
         through ``torch._assert_async``: no host sync, asynchronous on CUDA."""
         self._check_flat(x, "x")
-        self._check_vector(u, x)
+        self._check_vector(u, x, split=False)
         self._verify_once(x)
         if (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
                 and (x.dim() > 1 or u.dim() > 1)):
