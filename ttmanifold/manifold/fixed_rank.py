@@ -22,7 +22,7 @@ import torch
 
 from .. import kernels
 from ..kernels import dense as compiled_dense
-from ..kernels.memory import clone_for_output, packed_dot
+from ..kernels.memory import packed_dot
 from .._checks import (assert_each_finite_async, assert_finite_async, check_float_dtype,
                        check_right_cores, check_shape, functorch_wrapped, normalize_ranks)
 from ..tt import TT, BatchIndexSet, IndexSet, orthogonalize
@@ -941,16 +941,19 @@ class FixedTTRank(geoopt.Manifold):
         the one it takes alone.
 
         A non-finite ``u`` or ``v`` raises ``RuntimeError`` as in :meth:`inner` (checked on
-        the per-point values). Cost O(size) per point.
+        the per-point values). Returns a broadcast view of the per-point values (shape
+        ``(*batch, size)``, stride 0 along the packed vector): read-only, as the optimizers
+        use it (``clone`` it to write into it). Cost O(size) per point.
         """
         name = "u" if v is None else "u, v"
         if v is None:
             v = u
         shape = self._metric_shape(x, u, v)
-        # (a large CPU batch: products in cache-sized slices, the result in huge pages)
+        # (a large CPU batch: products in cache-sized slices). Not materialized: Adam's
+        # add_ reads the view, where a (B, size) copy cost a write and a read of ~3 MB/256 pts
         val = packed_dot(u, v).unsqueeze(-1)
         _assert_finite_result(val, name)
-        return clone_for_output(val.expand(shape))
+        return val.expand(shape)
 
     def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
         """Riemannian norm ``sqrt(<u, u>)``, one per point for batches; scaled, so it neither
