@@ -379,11 +379,9 @@ class FixedTTRank(geoopt.Manifold):
         self._check_flat(x, name, batch)
         if x.dim() == 1:
             return [c.view(s) for c, s in zip(torch.split(x, self._sizes), self.core_shapes)]
-        # view, not unflatten: the same views, without unflatten's Python wrapper (~4 us a
-        # core, 70 cores a batched Adam step at d = 10)
-        lead = x.shape[:-1]
-        return [c.view(lead + s) for c, s in zip(torch.split(x, self._sizes, -1),
-                                                 self.core_shapes)]
+        # (split_with_sizes: torch.split's Python wrapper skipped, ~1.5 us a call)
+        return [c.unflatten(-1, s) for c, s in zip(x.split_with_sizes(self._sizes, -1),
+                                                   self.core_shapes)]
 
     def _check_flat(self, x: torch.Tensor, name: str, batch: bool = True) -> None:
         if not isinstance(x, torch.Tensor):
@@ -495,7 +493,7 @@ class FixedTTRank(geoopt.Manifold):
         cores = self._split(p, "p")
         if not (torch.is_grad_enabled() and p.requires_grad) or self.d == 1:
             return TT(cores, check=False)
-        T = autodiff.tangent_at_point(self, p)
+        T = autodiff.tangent_at_point(self, p, cores)
         self._remember_right_cores(p, T.point_cores[1])
         return T
 
