@@ -3,11 +3,15 @@ TangentTT.batch_shape without broadcast_shapes, unpack_tensor's single split."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from ttmanifold import FixedTTRank, inner
+from ttmanifold.kernels.memory import keep_freed_memory
 from ttmanifold.manifold.sweeps import right_cores
 from ttmanifold.manifold.tangent import TangentTT
 
@@ -86,3 +90,35 @@ def test_unpack_tensor_gradient_matches_dense_projection():
         want = Q @ (Q.T @ (X[b] - A[b]).reshape(-1))
         got = M.tangent_to_tt(p.detach()[b], G[b]).full().reshape(-1)
         assert torch.allclose(got, want, atol=1e-10)
+
+
+_FAULTS = """
+import resource, sys, torch
+from ttmanifold.kernels.memory import keep_freed_memory
+if sys.argv[1] == "1":
+    assert keep_freed_memory()
+def cycle():
+    t = torch.empty(40 << 20, dtype=torch.uint8)
+    t.fill_(1)  # first write: faults the pages in unless reused
+    del t
+cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(6):
+    cycle()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt (Linux)")
+def test_keep_freed_memory_reuses_large_blocks():
+    """A 40 MB temporary allocated and freed again and again: faulted in afresh every time
+    by default (~10^4 faults of 4 KB pages each), reused after keep_freed_memory (run in
+    a child process: the setting is process-wide)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    counts = [int(subprocess.run([sys.executable, "-c", _FAULTS, arg], env=env, check=True,
+                                 capture_output=True, text=True).stdout.split()[-1])
+              for arg in ("0", "1")]
+    # (with it, at most the first reuse faults: glibc may place it anew once)
+    assert counts[0] > 50000 and counts[1] < counts[0] / 3, counts
+    with pytest.raises(ValueError, match="limit_bytes"):
+        keep_freed_memory(0)
