@@ -948,7 +948,7 @@ class FixedTTRank(geoopt.Manifold):
             v = u
         shape = self._metric_shape(x, u, v)
         # (a large CPU batch: products in cache-sized slices). Not materialized: Adam's
-        # add_ reads the view, where a (B, size) copy cost a write and a read of ~3 MB/256 pts
+        # add_ reads the view; a (B, size) copy cost a fresh write and a read every step
         val = packed_dot(u, v).unsqueeze(-1)
         _assert_finite_result(val, name)
         return val.expand(shape)
