@@ -60,12 +60,14 @@ class _DeltaFromPoint(torch.autograd.Function):
         return gauge_project_flat(ctx.runs, p.detach(), g), None
 
 
-def tangent_at_point(M, p: torch.Tensor) -> TangentTT:
+def tangent_at_point(M, p: torch.Tensor, cores=None) -> TangentTT:
     """The rank-2r tangent TT whose value is X, its deltas tied to ``p`` (which requires
     grad): backpropagating a loss of it gives ``p.grad`` = the Riemannian gradient in
     packed gauged form (what :meth:`FixedTTRank.unpack_tensor
-    <ttmanifold.FixedTTRank.unpack_tensor>` returns under autograd). O(d n r^3)."""
-    U = [c.detach() for c in M.split(p, "p")]
+    <ttmanifold.FixedTTRank.unpack_tensor>` returns under autograd). ``cores``: ``p``'s
+    cores as ``M.split(p)`` returns them, if the caller has them (spares a second split).
+    O(d n r^3)."""
+    U = [c.detach() for c in (M.split(p, "p") if cores is None else cores)]
     V = right_cores(U)
     flat = _DeltaFromPoint.apply(p, M.gauge_runs)
     return TangentTT(U, V, None, flat=flat, gauged=True, check=False, canonical=True)

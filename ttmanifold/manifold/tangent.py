@@ -149,7 +149,12 @@ class TangentTT(TT):
         cb = self._flat.shape[:-1] if self._dl is None else self._dl[0].shape[:-3]
         if u.dim() == 3 and not cb:
             return ()
-        return tuple(torch.broadcast_shapes(u.shape[:-3], cb))
+        ub = u.shape[:-3]
+        if ub == cb or not ub:  # the usual cases, without broadcast_shapes (~5 us a call)
+            return tuple(cb)
+        if not cb:
+            return tuple(ub)
+        return tuple(torch.broadcast_shapes(ub, cb))
 
     @property
     def ndim(self) -> int:
