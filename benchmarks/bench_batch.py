@@ -50,7 +50,12 @@ of ``--batch-rounds`` calls, per point) of ``retr``, ``project`` and one Adam st
 above), measured in one process and alternated three times; the middle of the three
 ``batch / single`` ratios is reported against the target (1/10 at r = 4, 1/3 at r = 10).
 
-    python benchmarks/bench_batch.py --targets                 # about two minutes
+    python benchmarks/bench_batch.py --targets                 # under a minute
+    python benchmarks/bench_batch.py --targets --keep-freed-memory
+
+``--keep-freed-memory`` first calls ``ttmanifold.kernels.memory.keep_freed_memory()`` (the
+opt-in, process-wide glibc setting that reuses large freed blocks instead of faulting
+them in afresh; see its docstring), and says so in the header line.
 """
 from __future__ import annotations
 
@@ -68,6 +73,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ttmanifold import TT, FixedTTRank, inner, kernels
+from ttmanifold.kernels.memory import keep_freed_memory
 from ttmanifold.manifold import fixed_rank, sweeps
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -367,7 +373,14 @@ def main():
                     help="the per-point targets against the arithmetic of one point")
     ap.add_argument("--targets", action="store_true",
                     help="issue 12's per-point targets at B = 256: batch / single-point call")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="with --targets: call ttmanifold.kernels.memory.keep_freed_memory() first")
     args = ap.parse_args()
+    if args.keep_freed_memory:
+        if not args.targets:
+            ap.error("--keep-freed-memory: only with --targets")
+        applied = keep_freed_memory()
+        print(f"# keep_freed_memory(): {'applied' if applied else 'not available here'}")
     if args.targets:
         return targets(*((4, 5, 8, (2, 3), 3, 2, 1) if args.quick else ()))
     if args.flop_bound:
