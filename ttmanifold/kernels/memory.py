@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import enabled as kernels_enabled
+
 __all__ = ["advise_huge_pages", "big_cpu_output", "clone_for_output", "empty_for_output",
            "keep_freed_memory", "packed_dot", "HUGE_PAGE_MIN_BYTES",
            "DOT_CHUNK_BYTES"]
@@ -114,10 +116,11 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
 
 def big_cpu_output(t: torch.Tensor) -> bool:
     """Whether an output of ``t``'s size, dtype and device is worth :func:`empty_for_output`:
-    on the CPU, at least :data:`HUGE_PAGE_MIN_BYTES`, not while tracing. Smaller tensors
-    and other devices keep their single operation (fewer launches)."""
+    on the CPU with the compiled kernels enabled, at least :data:`HUGE_PAGE_MIN_BYTES`, not
+    while tracing. Smaller tensors, other devices and the torch path (kernels off: what a
+    GPU runs, and what the operation counts measure) keep their single operation."""
     return (t.device.type == "cpu" and t.numel() * t.element_size() >= HUGE_PAGE_MIN_BYTES
-            and not torch.compiler.is_compiling())
+            and kernels_enabled() and not torch.compiler.is_compiling())
 
 
 def clone_for_output(t: torch.Tensor) -> torch.Tensor:
@@ -161,7 +164,9 @@ def packed_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     float64 numbers (1 thread).
     """
     nbytes = a.numel() * a.element_size()
-    if (a.dim() != 2 or a.shape != b.shape or a.device.type != "cpu"
+    # the slices are a CPU-kernel choice: with the kernels off (the torch path, what a GPU
+    # runs, and what the operation counts measure) one product and one sum
+    if (a.dim() != 2 or a.shape != b.shape or a.device.type != "cpu" or not kernels_enabled()
             or nbytes < 4 * DOT_CHUNK_BYTES or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
         return (a * b).sum(-1)

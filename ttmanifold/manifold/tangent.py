@@ -118,7 +118,9 @@ class TangentTT(TT):
             U = [u.expand(bs + u.shape[-3:]) for u in U]
             V = [None] + [v.expand(bs + v.shape[-3:]) for v in V[1:]]
             dU = [c.expand(bs + c.shape[-3:]) for c in dU]
-            if (U[1].device.type == "cpu" and not torch.compiler.is_compiling()
+            # a CPU-kernel-path choice (with the kernels off: the torch path a GPU runs)
+            if (U[1].device.type == "cpu" and kernels.enabled()
+                    and not torch.compiler.is_compiling()
                     and 4 * U[1].numel() * U[1].element_size() >= WRITTEN_CORES_MIN_BYTES
                     and (torch.is_inference_mode_enabled()  # (no graph: _cores enables grad)
                          or not (torch.is_grad_enabled() and self.requires_grad))
@@ -318,8 +320,9 @@ class _PackedDot(torch.autograd.Function):
         plain = torch.is_grad_enabled() or functorch_wrapped(g)
 
         def times(x, s):
-            return s * x if plain else torch.mul(x, s, out=empty_for_output(x.shape, x.dtype,
-                                                                             x.device))
+            if plain or not memory.big_cpu_output(x):  # (small, off the CPU or kernels off)
+                return s * x
+            return torch.mul(x, s, out=empty_for_output(x.shape, x.dtype, x.device))
 
         if b is None:  # <a, a>: d/da = 2 g a (as the two products added: 2 (g a) exactly)
             return times(a, gl * 2), None
