@@ -289,9 +289,9 @@ class TangentTT(TT):
 
 def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The per-point inner products of two packed batches (``batched_dot``); large CPU
-    batches without functorch or tracing through :class:`_PackedDot` (no full-size
+    batches (kernels enabled) without functorch or tracing through :class:`_PackedDot` (no full-size
     temporary forward, each gradient written in one pass backward)."""
-    if (a.device.type != "cpu" or a.dim() != 2 or a.shape != b.shape
+    if (a.device.type != "cpu" or not kernels.enabled() or a.dim() != 2 or a.shape != b.shape
             or a.numel() * a.element_size() < 4 * memory.DOT_CHUNK_BYTES
             or torch.compiler.is_compiling() or functorch_wrapped(a) or functorch_wrapped(b)):
         return batched_dot(a, b)
