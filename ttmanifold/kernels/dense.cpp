@@ -759,9 +759,10 @@ bool gauge_impl(const T* pp, const T* gp, T* o, int64_t n, const std::vector<int
 
 }  // namespace
 
-// gauge_project for a batch: p (1 or B, size), g (B, size) -> (B, size), all finite
-std::tuple<torch::Tensor, bool> gauge_project_batch(torch::Tensor p, torch::Tensor g,
-                                                    std::vector<int64_t> runs) {
+// The inputs of both batched gauge projections: packed CPU points p (1 or B, size) and
+// tensors g (B, size) of p's size and dtype, and runs that tile the size.
+static void check_gauge_batch_inputs(const torch::Tensor& p, const torch::Tensor& g,
+                                     const std::vector<int64_t>& runs) {
   const auto t = p.scalar_type();
   TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.dim() == 2 &&
               (t == torch::kFloat || t == torch::kDouble), "p: expected packed CPU points (B, size)");
@@ -769,8 +770,15 @@ std::tuple<torch::Tensor, bool> gauge_project_batch(torch::Tensor p, torch::Tens
               g.size(1) == p.size(1) && g.scalar_type() == t &&
               (p.size(0) == 1 || p.size(0) == g.size(0)),
               "g: expected packed tensors (B, size) of p's size and dtype");
+  check_runs(runs, g.size(1));
+}
+
+// gauge_project for a batch: p (1 or B, size), g (B, size) -> (B, size), all finite
+std::tuple<torch::Tensor, bool> gauge_project_batch(torch::Tensor p, torch::Tensor g,
+                                                    std::vector<int64_t> runs) {
+  check_gauge_batch_inputs(p, g, runs);
+  const auto t = p.scalar_type();
   const int64_t n = g.size(1), B = g.size(0), step = p.size(0) == 1 ? 0 : n;
-  check_runs(runs, n);
   auto out = empty_for_output(g.sizes(), g.options());
   bool ok = true;
   AT_DISPATCH_FLOATING_TYPES(t, "ttm_gauge_project_batch", [&] {
@@ -2224,18 +2232,11 @@ bool gauge_small_impl(const T* pp, int64_t sp, const T* gp, T* o, int64_t n, int
 // size), g (B, size) -> ((B, size), all finite)
 std::tuple<torch::Tensor, bool> gauge_project_batch_small(torch::Tensor p, torch::Tensor g,
                                                           std::vector<int64_t> runs) {
+  check_gauge_batch_inputs(p, g, runs);
   const auto t = p.scalar_type();
-  TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.dim() == 2 &&
-              (t == torch::kFloat || t == torch::kDouble), "p: expected packed CPU points (B, size)");
-  TORCH_CHECK(g.device().is_cpu() && g.is_contiguous() && g.dim() == 2 &&
-              g.size(1) == p.size(1) && g.scalar_type() == t &&
-              (p.size(0) == 1 || p.size(0) == g.size(0)),
-              "g: expected packed tensors (B, size) of p's size and dtype");
   const int64_t n = g.size(1), B = g.size(0), sp = p.size(0) == 1 ? 0 : n;
-  check_runs(runs, n);
-  auto out = torch::empty_like(g);
+  auto out = empty_for_output(g.sizes(), g.options());
   if (B == 0) return {out, true};
-  advise_huge_pages(out);
   int64_t cm = 0;
   for (size_t i = 0; i < runs.size(); i += 4) cm = std::max(cm, runs[i + 3]);
   constexpr int Ld = bf::lanes<double>(), Lf = bf::lanes<float>();
