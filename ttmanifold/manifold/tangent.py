@@ -288,12 +288,11 @@ class TangentTT(TT):
 
 
 def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The per-point inner products of two packed batches (``batched_dot``); large CPU
-    batches (kernels enabled) without functorch or tracing through :class:`_PackedDot` (no full-size
-    temporary forward, each gradient written in one pass backward)."""
-    if (a.device.type != "cpu" or not kernels.enabled() or a.dim() != 2 or a.shape != b.shape
-            or a.numel() * a.element_size() < 4 * memory.DOT_CHUNK_BYTES
-            or torch.compiler.is_compiling() or functorch_wrapped(a) or functorch_wrapped(b)):
+    """The per-point inner products of two packed batches (``batched_dot``); where
+    :func:`~ttmanifold.kernels.memory.dot_in_slices` (large CPU batches) and not under
+    functorch through :class:`_PackedDot` (no full-size temporary forward, each gradient
+    written in one pass backward)."""
+    if not memory.dot_in_slices(a, b) or functorch_wrapped(a) or functorch_wrapped(b):
         return batched_dot(a, b)
     return _PackedDot.apply(a, None if b is a else b)
 
